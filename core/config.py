@@ -1,0 +1,435 @@
+"""Site configuration: one TOML file naming regions, replication pairs, policies, intervals.
+
+Every validation error names the file, the key and what is wrong::
+
+    site.toml: regions."local:east".root: missing (the local provider needs it)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regionvault.core.errors import ConfigError
+from regionvault.core.types import RegionId
+
+if TYPE_CHECKING:
+    from regionvault.core.plugins import ProviderRegistry
+
+__all__ = [
+    "SERVICES",
+    "RegionConfig",
+    "Replication",
+    "ServiceConfig",
+    "SiteConfig",
+    "find_site_file",
+    "format_duration",
+    "load_site",
+    "parse_duration",
+    "parse_site",
+]
+
+SERVICES = ("compute", "keys", "vault")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
+#: nothing a policy or an interval means is longer than this (guards against huge values)
+MAX_DURATION = timedelta(days=100 * 366)
+
+
+def parse_duration(text: str, *, bare_unit: str = "d") -> timedelta:
+    """``"30m"``, ``"12h"``, ``"7d"``, ``"4w"``, ``"90s"``; a bare number is ``bare_unit``s."""
+    m = _DURATION.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration like 30m, 12h, 7d or 4w")
+    number, unit = int(m.group(1)), m.group(2) or bare_unit
+    if number <= 0:
+        raise ValueError(f"{text!r}: a duration must be greater than zero")
+    seconds = number * _UNITS[unit]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than 100 years")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        size = _UNITS[unit]
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Which provider serves one of a region's services, with that provider's settings."""
+
+    provider: str
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """One region: its id, its provider settings, and the provider of each service."""
+
+    id: RegionId
+    settings: Mapping[str, Any]
+    services: Mapping[str, ServiceConfig]
+    #: directory that relative paths in settings are resolved against
+    base_dir: Path
+    #: the file this came from, for error messages
+    source: str = "<memory>"
+
+    @property
+    def name(self) -> str:
+        return str(self.id)
+
+    @property
+    def provider(self) -> str:
+        return self.id.provider
+
+    def key(self, *parts: str) -> str:
+        """The TOML key path of a setting, for error messages."""
+        return ".".join([f'regions."{self.id}"', *parts])
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.source, key=self.key(key), region=self.name)
+
+    def for_service(self, service: str) -> RegionConfig:
+        """This region as seen by the provider of ``service``: settings are that service's."""
+        svc = self.services[service]
+        return replace(self, settings=svc.settings)
+
+    def path(self, key: str) -> Path:
+        """A path setting, resolved against the site file's directory."""
+        value = self.settings.get(key)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "missing or not a string path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def get_str(self, key: str, default: str | None = None) -> str:
+        value = self.settings.get(key, default)
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True)
+class Replication:
+    source: RegionId
+    destinations: tuple[RegionId, ...]
+    #: how long copies are kept; None keeps them as long as the source policy says
+    copy_retention: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    regions: Mapping[str, RegionConfig]
+    replication: tuple[Replication, ...] = ()
+    default_policy: str = "1-7"
+    policies: Mapping[str, str] = field(default_factory=dict)
+    tag_key: str = "backup"
+    copy_to_tag_key: str = "backup-copy-to"
+    copy_retention_tag_key: str = "backup-copy-keep"
+    overwrite_tags: bool = False
+    tag_interval: timedelta = timedelta(minutes=5)
+    schedule_interval: timedelta = timedelta(minutes=5)
+    #: where the engine keeps its own run state (job records, drill results)
+    state_dir: Path = Path(".regionvault")
+    source: str = "<memory>"
+
+    def region(self, ref: str) -> RegionConfig:
+        """A region by full id (``local:east``) or by its unique short name (``east``)."""
+        if ref in self.regions:
+            return self.regions[ref]
+        matches = [r for r in self.regions.values() if r.id.name == ref]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(sorted(self.regions)) or "none"
+        if matches:
+            raise ConfigError(
+                f"region {ref!r} is ambiguous: {', '.join(r.name for r in matches)}",
+                file=self.source,
+            )
+        raise ConfigError(f"unknown region {ref!r} (regions: {known})", file=self.source)
+
+    def destinations_of(self, source: RegionId) -> tuple[RegionId, ...]:
+        out: list[RegionId] = []
+        for rep in self.replication:
+            if rep.source == source:
+                out.extend(d for d in rep.destinations if d not in out)
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SITE_KEYS = {
+    "name": str,
+    "default_policy": str,
+    "tag_key": str,
+    "copy_to_tag_key": str,
+    "copy_retention_tag_key": str,
+    "overwrite_tags": bool,
+    "tag_interval": str,
+    "schedule_interval": str,
+    "state_dir": str,
+}
+_TOP_KEYS = {"site", "regions", "replication", "policies"}
+
+
+def _type_name(value: object) -> str:
+    return {
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        list: "array",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, kind: type, file: str, key: str) -> None:
+    # bool is an int subclass in Python; TOML keeps them apart, and so do we
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"must be a {_type_name(kind())}, got {_type_name(value)} {value!r}",
+            file=file,
+            key=key,
+        )
+
+
+def _region_ref(text: Any, regions: Mapping[str, RegionConfig], file: str, key: str) -> RegionId:
+    _expect(text, str, file, key)
+    if text in regions:
+        return regions[text].id
+    matches = [r.id for r in regions.values() if r.id.name == text]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(sorted(regions)) or "none"
+    raise ConfigError(f"unknown region {text!r} (regions: {known})", file=file, key=key)
+
+
+def _duration(value: Any, file: str, key: str) -> timedelta:
+    _expect(value, str, file, key)
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=file, key=key) from None
+
+
+def parse_site(
+    data: Mapping[str, Any],
+    *,
+    source: str = "<memory>",
+    base_dir: Path | None = None,
+    registry: ProviderRegistry | None = None,
+) -> SiteConfig:
+    """Validate parsed TOML into a :class:`SiteConfig`. With a ``registry``, each region's
+    provider must be registered and its settings are checked against the provider."""
+    base = base_dir if base_dir is not None else Path.cwd()
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"unknown key (expected one of: {', '.join(sorted(_TOP_KEYS))})",
+                file=source,
+                key=key,
+            )
+
+    site_table = data.get("site", {})
+    _expect(site_table, dict, source, "site")
+    site_values: dict[str, Any] = {}
+    for key, value in site_table.items():
+        kind = _SITE_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(
+                f"unknown key (expected one of: {', '.join(sorted(_SITE_KEYS))})",
+                file=source,
+                key=f"site.{key}",
+            )
+        _expect(value, kind, source, f"site.{key}")
+        site_values[key] = value
+
+    policies_table = data.get("policies", {})
+    _expect(policies_table, dict, source, "policies")
+    policies: dict[str, str] = {}
+    for name, value in policies_table.items():
+        _expect(value, str, source, f"policies.{name}")
+        policies[name] = value
+
+    regions_table = data.get("regions", {})
+    _expect(regions_table, dict, source, "regions")
+    if not regions_table:
+        raise ConfigError("no regions defined", file=source, key="regions")
+    regions: dict[str, RegionConfig] = {}
+    for rid_text, table in regions_table.items():
+        rkey = f'regions."{rid_text}"'
+        try:
+            rid = RegionId.parse(rid_text)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=source, key=rkey) from None
+        _expect(table, dict, source, rkey)
+        settings = {k: v for k, v in table.items() if k not in SERVICES}
+        services: dict[str, ServiceConfig] = {}
+        for svc in SERVICES:
+            override = table.get(svc)
+            if override is None:
+                services[svc] = ServiceConfig(rid.provider, settings)
+                continue
+            _expect(override, dict, source, f"{rkey}.{svc}")
+            provider = override.get("provider", rid.provider)
+            _expect(provider, str, source, f"{rkey}.{svc}.provider")
+            svc_settings = {k: v for k, v in override.items() if k != "provider"}
+            if provider == rid.provider:
+                svc_settings = {**settings, **svc_settings}
+            services[svc] = ServiceConfig(provider, svc_settings)
+        regions[str(rid)] = RegionConfig(
+            id=rid, settings=settings, services=services, base_dir=base, source=source
+        )
+
+    short_names: dict[str, int] = {}
+    for rid_text in regions:
+        short = RegionId.parse(rid_text).name
+        short_names[short] = short_names.get(short, 0) + 1
+
+    replication_list = data.get("replication", [])
+    _expect(replication_list, list, source, "replication")
+    replication: list[Replication] = []
+    for i, item in enumerate(replication_list):
+        key = f"replication[{i}]"
+        _expect(item, dict, source, key)
+        for k in item:
+            if k not in {"from", "to", "copy_retention"}:
+                raise ConfigError(
+                    "unknown key (expected from, to, copy_retention)",
+                    file=source,
+                    key=f"{key}.{k}",
+                )
+        if "from" not in item:
+            raise ConfigError("missing (the source region)", file=source, key=f"{key}.from")
+        src = _region_ref(item["from"], regions, source, f"{key}.from")
+        to = item.get("to")
+        if isinstance(to, str):
+            to = [to]
+        if not isinstance(to, list) or not to:
+            raise ConfigError(
+                "must name one region or a non-empty array of regions", file=source, key=f"{key}.to"
+            )
+        dests = tuple(_region_ref(t, regions, source, f"{key}.to") for t in to)
+        if src in dests:
+            raise ConfigError(
+                f"a region cannot replicate to itself ({src})", file=source, key=f"{key}.to"
+            )
+        keep = item.get("copy_retention")
+        replication.append(
+            Replication(
+                source=src,
+                destinations=dests,
+                copy_retention=None
+                if keep is None
+                else _duration(keep, source, f"{key}.copy_retention"),
+            )
+        )
+
+    kwargs: dict[str, Any] = {}
+    for key in ("tag_interval", "schedule_interval"):
+        if key in site_values:
+            kwargs[key] = _duration(site_values.pop(key), source, f"site.{key}")
+    if "state_dir" in site_values:
+        state = Path(site_values.pop("state_dir")).expanduser()
+        kwargs["state_dir"] = state if state.is_absolute() else base / state
+    else:
+        kwargs["state_dir"] = base / ".regionvault"
+    for key in ("tag_key", "copy_to_tag_key", "copy_retention_tag_key", "default_policy"):
+        if key in site_values and not site_values[key].strip():
+            raise ConfigError("must not be empty", file=source, key=f"site.{key}")
+    site = SiteConfig(
+        name=site_values.pop("name", "regionvault"),
+        regions=regions,
+        replication=tuple(replication),
+        policies=policies,
+        source=source,
+        **site_values,
+        **kwargs,
+    )
+    if registry is not None:
+        validate_providers(site, registry)
+    return site
+
+
+def validate_providers(site: SiteConfig, registry: ProviderRegistry) -> None:
+    """Each service's provider is registered and its settings are the ones it knows."""
+    for region in site.regions.values():
+        for svc, cfg in region.services.items():
+            key_prefix = region.key() if cfg.provider == region.provider else region.key(svc)
+            if cfg.provider not in registry:
+                known = ", ".join(registry.names()) or "none"
+                from regionvault.core.errors import ProviderNotFound
+
+                raise ProviderNotFound(
+                    f"unknown provider {cfg.provider!r} (registered: {known}; "
+                    "is its plugin installed?)",
+                    file=site.source,
+                    key=key_prefix if cfg.provider == region.provider else f"{key_prefix}.provider",
+                    region=region.name,
+                )
+            cls = registry.cls(cfg.provider)
+            allowed = cls.required_settings | cls.optional_settings
+            for req in sorted(cls.required_settings):
+                if req not in cfg.settings:
+                    raise ConfigError(
+                        f"missing (the {cfg.provider} provider needs it for {svc})",
+                        file=site.source,
+                        key=f"{key_prefix}.{req}",
+                        region=region.name,
+                    )
+            for have in cfg.settings:
+                if have not in allowed:
+                    raise ConfigError(
+                        f"unknown setting for the {cfg.provider} provider "
+                        f"(known: {', '.join(sorted(allowed)) or 'none'})",
+                        file=site.source,
+                        key=f"{key_prefix}.{have}",
+                        region=region.name,
+                    )
+            registry.get(cfg.provider).validate(region.for_service(svc))
+
+
+def find_site_file(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--site``, then ``$REGIONVAULT_SITE``, then ``./site.toml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("REGIONVAULT_SITE")
+    if env:
+        return Path(env)
+    return Path("site.toml")
+
+
+def load_site(
+    path: str | os.PathLike[str] | None = None, *, registry: ProviderRegistry | None = None
+) -> SiteConfig:
+    """Read and validate a site file (see :func:`find_site_file` for which one)."""
+    file = find_site_file(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            "site file not found (give --site, set REGIONVAULT_SITE, or run `regionvault init`)",
+            file=str(file),
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(file)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", file=str(file)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", file=str(file)) from None
+    return parse_site(data, source=str(file), base_dir=file.resolve().parent, registry=registry)

@@ -1,0 +1,177 @@
+"""One error tree for the whole framework.
+
+Every error a provider or the engine raises on purpose derives from :class:`RegionVaultError`
+and carries, where known, the provider and region that raised it, so a message read in a log
+says where the trouble is. Expected errors are printed by the CLI as one line, without a
+traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousName",
+    "ComputeError",
+    "ConfigError",
+    "InstanceNotFound",
+    "IntegrityError",
+    "KeyAccessDenied",
+    "KeyServiceError",
+    "LockedError",
+    "ObjectExists",
+    "ObjectNotFound",
+    "PolicyError",
+    "ProviderNotFound",
+    "RegionVaultError",
+    "RetentionLocked",
+    "TransitError",
+    "UnsupportedOperation",
+    "VaultError",
+]
+
+
+class RegionVaultError(Exception):
+    """Base of every error the framework raises on purpose."""
+
+    def __init__(
+        self, message: str, *, provider: str | None = None, region: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.region = region
+
+    def __str__(self) -> str:
+        where = self.region or self.provider
+        if where and self.provider and not where.startswith(f"{self.provider}:"):
+            where = f"{self.provider}:{where}"
+        return f"[{where}] {self.message}" if where else self.message
+
+
+class ConfigError(RegionVaultError):
+    """The site configuration is wrong: names the file and the key."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        key: str | None = None,
+        provider: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, region=region)
+        self.file = file
+        self.key = key
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.file, self.key) if p]
+        where = ": ".join(parts)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class ProviderNotFound(ConfigError):
+    """No registered provider has the requested name."""
+
+
+class UnsupportedOperation(RegionVaultError):
+    """The provider does not offer this operation (see its declared capabilities)."""
+
+    def __init__(
+        self, operation: str, *, provider: str | None = None, region: str | None = None
+    ) -> None:
+        super().__init__(
+            f"{operation} is not supported by provider {provider or '?'}",
+            provider=provider,
+            region=region,
+        )
+        self.operation = operation
+
+
+class KeyServiceError(RegionVaultError):
+    """A key-management operation failed."""
+
+
+class KeyAccessDenied(KeyServiceError):
+    """This KeyService cannot open the material: another region's, another context, or forged."""
+
+
+class VaultError(RegionVaultError):
+    """An object-store operation failed."""
+
+
+class ObjectNotFound(VaultError):
+    def __init__(
+        self, name: str, *, provider: str | None = None, region: str | None = None
+    ) -> None:
+        super().__init__(f"object {name!r} not found", provider=provider, region=region)
+        self.name = name
+
+
+class ObjectExists(VaultError):
+    """An if-absent put found the name already taken."""
+
+    def __init__(
+        self, name: str, *, provider: str | None = None, region: str | None = None
+    ) -> None:
+        super().__init__(f"object {name!r} already exists", provider=provider, region=region)
+        self.name = name
+
+
+class RetentionLocked(VaultError):
+    """A delete or retention change was refused: WORM lock or legal hold."""
+
+    def __init__(
+        self,
+        name: str,
+        reason: str,
+        *,
+        provider: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"object {name!r} is protected: {reason}", provider=provider, region=region
+        )
+        self.name = name
+        self.reason = reason
+
+
+class LockedError(VaultError):
+    """Another writer holds the repository lock and it has not expired."""
+
+
+class IntegrityError(RegionVaultError):
+    """Stored data failed authentication or does not match its references: names the object."""
+
+    def __init__(
+        self,
+        object_name: str,
+        reason: str,
+        *,
+        provider: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        super().__init__(f"{object_name}: {reason}", provider=provider, region=region)
+        self.object_name = object_name
+        self.reason = reason
+
+
+class ComputeError(RegionVaultError):
+    """A compute operation failed."""
+
+
+class InstanceNotFound(ComputeError):
+    def __init__(self, ref: str, *, provider: str | None = None, region: str | None = None) -> None:
+        super().__init__(f"no instance {ref!r}", provider=provider, region=region)
+        self.ref = ref
+
+
+class AmbiguousName(ComputeError):
+    """A name given where an id or a unique name was expected matches several things."""
+
+
+class TransitError(RegionVaultError):
+    """Moving a payload between regions failed."""
+
+
+class PolicyError(RegionVaultError):
+    """A policy tag or policy definition is malformed: names the value and why."""

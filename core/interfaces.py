@@ -1,0 +1,417 @@
+"""The four service interfaces a provider implements, and the Provider that builds them.
+
+Providers implement primitives, never formats: the data plane (chunking, packing, encryption,
+manifests) lives in the core and works on any Vault + KeyService. See docs/interfaces.md.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
+
+from regionvault.core.errors import UnsupportedOperation
+from regionvault.core.types import (
+    Capabilities,
+    CaptureKind,
+    DataKey,
+    FileEntry,
+    Instance,
+    InstancePage,
+    LaunchSpec,
+    ObjectInfo,
+    RetentionMode,
+    Tags,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from regionvault.core.config import RegionConfig
+
+__all__ = [
+    "BlockCapture",
+    "BlockSink",
+    "Capture",
+    "Compute",
+    "FileCapture",
+    "FileSink",
+    "KeyService",
+    "Provider",
+    "RestoreSink",
+    "Sealer",
+    "Service",
+    "Transit",
+    "Vault",
+]
+
+EncryptionContext = Mapping[str, str]
+
+
+class Service(abc.ABC):
+    """Common ground of the four services: who they are, what they can do."""
+
+    def __init__(self, *, provider: str, region: str, capabilities: Capabilities) -> None:
+        self.provider = provider
+        self.region = region
+        self.capabilities = capabilities
+
+    def unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(operation, provider=self.provider, region=self.region)
+
+    def close(self) -> None:
+        """Release connections and processes held by this service."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.region}>"
+
+
+# --------------------------------------------------------------------------- captures
+
+
+class Capture(abc.ABC):
+    """A consistent, point-in-time view of an instance's data; close it when done."""
+
+    kind: ClassVar[CaptureKind]
+
+    def __init__(self, instance: Instance, taken_at: datetime) -> None:
+        self.instance = instance
+        self.taken_at = taken_at
+
+    def close(self) -> None:
+        """Release the snapshot (temporary copies, cloud snapshots) behind this capture."""
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FileCapture(Capture):
+    """A file tree: directories, regular files and symlinks with their metadata."""
+
+    kind = CaptureKind.FILES
+
+    @abc.abstractmethod
+    def entries(self) -> Iterator[FileEntry]:
+        """Yield every entry, parents before children, in a stable (sorted) order."""
+
+    @abc.abstractmethod
+    def open(self, entry: FileEntry) -> BinaryIO:
+        """Open a regular file entry for reading its bytes as captured."""
+
+
+class BlockCapture(Capture):
+    """A disk image: ``size`` bytes in blocks of ``block_size``."""
+
+    kind = CaptureKind.BLOCKS
+
+    def __init__(
+        self, instance: Instance, taken_at: datetime, *, size: int, block_size: int
+    ) -> None:
+        super().__init__(instance, taken_at)
+        self.size = size
+        self.block_size = block_size
+
+    @abc.abstractmethod
+    def blocks(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(offset, data)`` in ascending offset; ranges never written may be left out
+        (they restore as zeros)."""
+
+
+class RestoreSink(abc.ABC):
+    """Where restored data goes before a launch; made by the Compute that will launch it."""
+
+    kind: ClassVar[CaptureKind]
+
+
+class FileSink(RestoreSink):
+    """A directory the engine restores a file tree into."""
+
+    kind = CaptureKind.FILES
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+
+class BlockSink(RestoreSink):
+    """A block device or cloud snapshot the engine writes restored blocks into."""
+
+    kind = CaptureKind.BLOCKS
+
+    def __init__(self, size: int, block_size: int) -> None:
+        self.size = size
+        self.block_size = block_size
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (a multiple of ``block_size``)."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Make everything written durable; the sink is then ready to launch from."""
+
+
+# --------------------------------------------------------------------------- services
+
+
+class Compute(Service):
+    """A region's instances: list and tag them, capture their data, launch from restored data."""
+
+    @abc.abstractmethod
+    def list_instances_page(
+        self,
+        *,
+        tag_filters: Mapping[str, str | None] | None = None,
+        page_token: str | None = None,
+        page_size: int = 100,
+    ) -> InstancePage:
+        """One page of instances that are not terminated. ``tag_filters`` maps a key to the
+        value it must have, or to None for "has this key with any value"."""
+
+    def list_instances(
+        self, *, tag_filters: Mapping[str, str | None] | None = None, page_size: int = 100
+    ) -> Iterator[Instance]:
+        token: str | None = None
+        while True:
+            page = self.list_instances_page(
+                tag_filters=tag_filters, page_token=token, page_size=page_size
+            )
+            yield from page.instances
+            token = page.next_token
+            if token is None:
+                return
+
+    @abc.abstractmethod
+    def get_instance(self, instance_id: str) -> Instance:
+        """The instance with this id; :class:`InstanceNotFound` otherwise."""
+
+    @abc.abstractmethod
+    def set_tags(self, instance_id: str, tags: Mapping[str, str]) -> Tags:
+        """Add or overwrite these tags; return the instance's tags afterwards."""
+
+    @abc.abstractmethod
+    def remove_tags(self, instance_id: str, keys: list[str]) -> Tags:
+        """Remove these tag keys (absent keys are ignored); return the tags afterwards."""
+
+    @abc.abstractmethod
+    def capture(self, instance_id: str, *, kind: CaptureKind | None = None) -> Capture:
+        """A consistent capture of the instance's data (the instance's own kind by default)."""
+
+    @abc.abstractmethod
+    def open_restore_sink(
+        self, spec: LaunchSpec, kind: CaptureKind, *, size: int | None = None
+    ) -> RestoreSink:
+        """A place to restore data of ``kind`` into, ready for :meth:`launch`."""
+
+    @abc.abstractmethod
+    def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:
+        """Start a new instance performing ``spec.function`` from the data in ``sink``."""
+
+    @abc.abstractmethod
+    def terminate(self, instance_id: str) -> None:
+        """Stop the instance for good; it no longer appears in listings."""
+
+    def register_instance(
+        self,
+        name: str,
+        data: Path,
+        *,
+        function: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Instance:
+        """Adopt existing data as an instance (local and on-prem providers)."""
+        raise self.unsupported("register_instance")
+
+
+class Sealer(abc.ABC):
+    """Seals small secrets so that only one region's KeyService can unseal them.
+
+    Another region holds a Sealer for region B, never B's KeyService: it may seal, never
+    unseal. A Sealer is built from configuration alone (a public key, an Encrypt-only grant).
+    """
+
+    def __init__(self, *, region: str) -> None:
+        self.region = region
+
+    @abc.abstractmethod
+    def seal(self, secret: bytes, context: EncryptionContext) -> bytes:
+        """Seal ``secret`` (at most 1 KiB) bound to ``context``."""
+
+
+class KeyService(Service):
+    """One region's key management: envelope data keys, sealing, rotation."""
+
+    @property
+    @abc.abstractmethod
+    def key_id(self) -> str:
+        """The id of the current master key (new data keys are wrapped under it)."""
+
+    @abc.abstractmethod
+    def generate_data_key(self, context: EncryptionContext) -> DataKey:
+        """A fresh 256-bit data key, plaintext and wrapped under the current master key,
+        the wrap bound to ``context``."""
+
+    @abc.abstractmethod
+    def unwrap(self, wrapped: bytes, context: EncryptionContext) -> bytes:
+        """The plaintext of a data key this KeyService wrapped with the same ``context``;
+        :class:`KeyAccessDenied` for anything else."""
+
+    @abc.abstractmethod
+    def sealer(self) -> Sealer:
+        """A seal-only handle for this region, safe to give to other regions."""
+
+    def seal(self, secret: bytes, context: EncryptionContext) -> bytes:
+        return self.sealer().seal(secret, context)
+
+    @abc.abstractmethod
+    def unseal(self, sealed: bytes, context: EncryptionContext) -> bytes:
+        """Open what a Sealer of this region sealed with the same ``context``;
+        :class:`KeyAccessDenied` for anything else."""
+
+    @abc.abstractmethod
+    def rotate(self) -> str:
+        """Make a new master key current and return its id; older keys still unwrap."""
+
+
+class Vault(Service):
+    """One region's object store. Names are '/'-separated, without leading '/'."""
+
+    @property
+    @abc.abstractmethod
+    def vault_id(self) -> str:
+        """A stable id for this vault, bound into every object's AAD by the data plane."""
+
+    @abc.abstractmethod
+    def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
+        """Store ``data`` atomically: readers see the old object or the whole new one, never
+        part. With ``if_absent``, :class:`ObjectExists` if the name is taken."""
+
+    @abc.abstractmethod
+    def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or the range ``[offset, offset+length)``."""
+
+    @abc.abstractmethod
+    def head(self, name: str) -> ObjectInfo:
+        """Facts about the object; :class:`ObjectNotFound` if absent."""
+
+    def exists(self, name: str) -> bool:
+        from regionvault.core.errors import ObjectNotFound
+
+        try:
+            self.head(name)
+        except ObjectNotFound:
+            return False
+        return True
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose names start with ``prefix``, in name order."""
+
+    @abc.abstractmethod
+    def delete(self, name: str, *, bypass_governance: bool = False) -> None:
+        """Remove the object (absent is not an error). :class:`RetentionLocked` while a
+        retain-until date is in the future (governance mode may be bypassed) or a legal
+        hold is on."""
+
+    def set_retention(
+        self,
+        name: str,
+        until: datetime,
+        mode: RetentionMode = RetentionMode.COMPLIANCE,
+        *,
+        bypass_governance: bool = False,
+    ) -> ObjectInfo:
+        """Lock the object until ``until`` (WORM). A lock may be extended, never shortened,
+        except a governance lock with ``bypass_governance``."""
+        raise self.unsupported("set_retention")
+
+    def set_legal_hold(self, name: str, on: bool) -> ObjectInfo:
+        """Place or lift a legal hold; while on, the object cannot be deleted."""
+        raise self.unsupported("set_legal_hold")
+
+
+class Transit(Service):
+    """A one-way link from a source region into a destination region's inbox.
+
+    Payloads are opaque and already sealed for the destination; Transit only moves them.
+    ``region`` is the destination's name, ``source`` the source's.
+    """
+
+    def __init__(
+        self, *, provider: str, source: str, region: str, capabilities: Capabilities
+    ) -> None:
+        super().__init__(provider=provider, region=region, capabilities=capabilities)
+        self.source = source
+
+    @abc.abstractmethod
+    def send(self, name: str, payload: bytes | memoryview) -> None:
+        """Deliver ``payload`` under ``name`` to the destination's inbox, atomically."""
+
+    @abc.abstractmethod
+    def has(self, name: str) -> bool:
+        """True when ``name`` already sits in the inbox (lets an interrupted copy resume)."""
+
+    @abc.abstractmethod
+    def inbox(self, prefix: str = "") -> Iterator[str]:
+        """Names waiting in the destination's inbox, in name order."""
+
+    @abc.abstractmethod
+    def receive(self, name: str) -> bytes:
+        """Read a payload from the inbox (destination side)."""
+
+    @abc.abstractmethod
+    def discard(self, name: str) -> None:
+        """Remove an ingested payload from the inbox (destination side)."""
+
+    @property
+    @abc.abstractmethod
+    def bytes_sent(self) -> int:
+        """Payload bytes this Transit has delivered since it was made."""
+
+
+# --------------------------------------------------------------------------- provider
+
+
+class Provider(abc.ABC):
+    """Builds one region's services from its configuration, and Transit between regions.
+
+    Register a Provider class through the ``regionvault_register_providers`` hook.
+    """
+
+    #: the name used in region ids and in site.toml (``local``, ``aws``)
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    #: settings keys a region of this provider must have / may have (for validation)
+    required_settings: ClassVar[frozenset[str]] = frozenset()
+    optional_settings: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self, region: RegionConfig) -> None:
+        """Raise :class:`ConfigError` naming the key if ``region``'s settings are wrong.
+
+        The engine has already checked required and unknown keys by the class variables.
+        """
+
+    @abc.abstractmethod
+    def compute(self, region: RegionConfig) -> Compute: ...
+
+    @abc.abstractmethod
+    def key_service(self, region: RegionConfig) -> KeyService: ...
+
+    @abc.abstractmethod
+    def vault(self, region: RegionConfig) -> Vault: ...
+
+    @abc.abstractmethod
+    def sealer(self, region: RegionConfig) -> Sealer:
+        """A seal-only handle for ``region`` built from configuration alone."""
+
+    @abc.abstractmethod
+    def transit(self, source: RegionConfig, destination: RegionConfig) -> Transit: ...

@@ -1,0 +1,180 @@
+"""The plugin manager: hook specifications, markers and the provider registry.
+
+Built-in providers and plugins load through the ``regionvault`` entry-point group, exactly as
+an outside distribution's do. Every hook is documented in docs/hooks.md (a test checks it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from regionvault.core.errors import ProviderNotFound, RegionVaultError
+
+if TYPE_CHECKING:
+    from regionvault.core.interfaces import Capture, Provider
+    from regionvault.core.types import Instance, RecoveryPoint
+
+__all__ = [
+    "PROJECT",
+    "HookSpecs",
+    "ProviderRegistry",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "make_plugin_manager",
+]
+
+PROJECT = "regionvault"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class HookSpecs:
+    """Hook specifications. Each body is only its documentation."""
+
+    @hookspec
+    def regionvault_register_providers(self, registry: ProviderRegistry) -> None:
+        """Called once when the plugin manager is built. Add Provider classes with
+        ``registry.add(MyProvider)``. Returns nothing."""
+
+    @hookspec
+    def regionvault_before_capture(self, region: str, instance: Instance) -> None:
+        """Called before an instance's data is captured for a backup, in the instance's home
+        region: quiesce the workload here (flush, freeze). An exception aborts the backup,
+        which is reported as a job failure. Returns nothing."""
+
+    @hookspec
+    def regionvault_after_capture(
+        self, region: str, instance: Instance, capture: Capture, error: BaseException | None
+    ) -> None:
+        """Called after a capture was read (or failed, then ``error`` is set), always paired
+        with ``regionvault_before_capture``: thaw the workload here. Returns nothing."""
+
+    @hookspec
+    def regionvault_after_backup(self, region: str, recovery_point: RecoveryPoint) -> None:
+        """Called after a recovery point was committed to ``region``'s vault. Returns
+        nothing."""
+
+    @hookspec
+    def regionvault_after_copy(
+        self, source_region: str, region: str, source: RecoveryPoint, copy: RecoveryPoint
+    ) -> None:
+        """Called after ``source`` was copied from ``source_region`` and committed in
+        ``region`` as ``copy`` (re-encrypted under ``region``'s keys). Returns nothing."""
+
+    @hookspec(firstresult=True)
+    def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
+        """Called after a launch from a recovery point, repeatedly until it returns True or
+        the launch's health timeout passes. Return True when ``instance`` serves, False when
+        not yet, None when this plugin does not know the instance (the next plugin is
+        asked; with no answer at all, a running instance counts as healthy)."""
+
+    @hookspec
+    def regionvault_after_launch(
+        self,
+        region: str,
+        instance: Instance,
+        recovery_point: RecoveryPoint,
+        seconds_to_healthy: float | None,
+    ) -> None:
+        """Called after an instance was launched from ``recovery_point`` and health-checked;
+        ``seconds_to_healthy`` is the measured RTO, None when it never became healthy.
+        Returns nothing."""
+
+    @hookspec
+    def regionvault_on_job_failure(
+        self, job: str, region: str | None, error: BaseException
+    ) -> None:
+        """Called when a job (tag, backup, copy, retention, verify, drill) fails; ``job`` is
+        the job's stable key. Notify or count here; the error is still reported. Returns
+        nothing."""
+
+
+class ProviderRegistry:
+    """Provider classes by name; filled through ``regionvault_register_providers``."""
+
+    def __init__(self) -> None:
+        self._providers: dict[str, type[Provider]] = {}
+        self._instances: dict[str, Provider] = {}
+        self._lock = threading.Lock()
+
+    def add(self, provider: type[Provider]) -> None:
+        name = getattr(provider, "name", None)
+        if not isinstance(name, str) or not name:
+            raise RegionVaultError(f"provider class {provider!r} has no name")
+        existing = self._providers.get(name)
+        if existing is not None and existing is not provider:
+            raise RegionVaultError(
+                f"provider name {name!r} registered twice: {existing!r} and {provider!r}"
+            )
+        self._providers[name] = provider
+
+    def names(self) -> list[str]:
+        return sorted(self._providers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._providers
+
+    def cls(self, name: str) -> type[Provider]:
+        try:
+            return self._providers[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "none"
+            raise ProviderNotFound(
+                f"unknown provider {name!r} (registered: {known}; is its plugin installed?)"
+            ) from None
+
+    def get(self, name: str) -> Provider:
+        """The shared Provider object for ``name`` (made on first use)."""
+        with self._lock:
+            found = self._instances.get(name)
+            if found is None:
+                found = self._instances[name] = self.cls(name)()
+            return found
+
+
+def make_plugin_manager(
+    *, load_entry_points: bool = True, plugins: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """A fresh plugin manager with the specs, entry-point plugins and ``plugins`` loaded."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(HookSpecs)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(PROJECT)
+    for plugin in plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+def registry_from(pm: pluggy.PluginManager) -> ProviderRegistry:
+    registry = ProviderRegistry()
+    pm.hook.regionvault_register_providers(registry=registry)
+    return registry
+
+
+_default: tuple[pluggy.PluginManager, ProviderRegistry] | None = None
+_default_lock = threading.Lock()
+
+
+def get_plugin_manager() -> tuple[pluggy.PluginManager, ProviderRegistry]:
+    """The process-wide plugin manager and provider registry, built on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            pm = make_plugin_manager()
+            _default = (pm, registry_from(pm))
+        return _default
+
+
+def _reset_for_tests() -> None:
+    global _default
+    with _default_lock:
+        _default = None
+
+
+def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
+    return getattr(pm.hook, name)(**kwargs)

@@ -1,0 +1,233 @@
+"""Value types shared by the engine and the providers: frozen, comparable, free of I/O."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Capabilities",
+    "CaptureKind",
+    "DataKey",
+    "FileEntry",
+    "FileKind",
+    "Instance",
+    "InstancePage",
+    "LaunchSpec",
+    "Lineage",
+    "ObjectInfo",
+    "RecoveryPoint",
+    "RegionId",
+    "RetentionMode",
+    "Tags",
+]
+
+_REGION_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True, order=True)
+class RegionId:
+    """A region's full name, ``provider:name`` (``aws:us-east-1``, ``local:east``)."""
+
+    provider: str
+    name: str
+
+    def __post_init__(self) -> None:
+        for part, what in ((self.provider, "provider"), (self.name, "name")):
+            if not _REGION_PART.match(part):
+                raise ValueError(f"bad region {what} {part!r}: letters, digits, '_', '.', '-' only")
+
+    @classmethod
+    def parse(cls, text: str) -> RegionId:
+        provider, sep, name = text.partition(":")
+        if not sep or not provider or not name:
+            raise ValueError(f"region {text!r} is not of the form provider:name")
+        return cls(provider, name)
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.name}"
+
+
+class Tags(Mapping[str, str]):
+    """An immutable, hashable mapping of tag keys to values."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        data: dict[str, str] = {}
+        for key, value in pairs:
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"tag {key!r}={value!r}: keys and values must be strings")
+            data[key] = value
+        self._items: tuple[tuple[str, str], ...] = tuple(sorted(data.items()))
+
+    def __getitem__(self, key: str) -> str:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Tags):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Tags({dict(self._items)!r})"
+
+    def merged(self, updates: Mapping[str, str]) -> Tags:
+        return Tags({**dict(self._items), **dict(updates)})
+
+    def without(self, keys: Iterable[str]) -> Tags:
+        drop = set(keys)
+        return Tags((k, v) for k, v in self._items if k not in drop)
+
+    def matches(self, filters: Mapping[str, str | None]) -> bool:
+        """True when every filter key is present and, where a value is given, equal."""
+        mine = dict(self._items)
+        return all(
+            key in mine and (want is None or mine[key] == want) for key, want in filters.items()
+        )
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A compute resource performing a function, as its region's Compute reports it."""
+
+    id: str
+    name: str
+    region: str
+    tags: Tags = field(default_factory=Tags)
+    state: str = "running"
+    #: what the instance runs: a command line (local), an image or instance type (clouds)
+    function: str | None = None
+    capture_kinds: frozenset[CaptureKind] = frozenset()
+    #: provider-specific facts (instance type, volume ids, data directory, ...)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class InstancePage:
+    instances: tuple[Instance, ...]
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to launch from restored data: the same function, under a name, with tags."""
+
+    name: str
+    tags: Tags = field(default_factory=Tags)
+    function: str | None = None
+    #: the instance this launch replaces or copies, when known
+    source: Instance | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class CaptureKind(enum.StrEnum):
+    FILES = "files"
+    BLOCKS = "blocks"
+
+
+class FileKind(enum.StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One entry of a file capture. ``path`` is relative, '/'-separated, never '..'."""
+
+    path: str
+    kind: FileKind
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    target: str | None = None
+    #: where the capture can read the bytes from, when it is a local file
+    source: Path | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A data key from a KeyService: the plaintext half never leaves memory."""
+
+    plaintext: bytes = field(repr=False)
+    wrapped: bytes
+    key_id: str
+
+
+class RetentionMode(enum.StrEnum):
+    #: may be shortened or removed by a privileged caller (``bypass_governance``)
+    GOVERNANCE = "governance"
+    #: may only be extended, by anyone, until it passes
+    COMPLIANCE = "compliance"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    modified: datetime
+    retain_until: datetime | None = None
+    retention_mode: RetentionMode | None = None
+    legal_hold: bool = False
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider's services can do; the engine and the conformance suite read this."""
+
+    worm_lock: bool = False
+    legal_hold: bool = False
+    server_side_copy: bool = False
+    conditional_put: bool = False
+    ranged_get: bool = True
+    capture_kinds: frozenset[CaptureKind] = frozenset()
+    launch: bool = False
+    register_instance: bool = False
+    key_rotation: bool = True
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a copy came from."""
+
+    source_region: str
+    source_recovery_point: str
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    """One backup of one instance in one region's vault, as the engine reports it."""
+
+    id: str
+    region: str
+    instance_id: str
+    instance_name: str
+    kind: CaptureKind
+    created_at: datetime
+    expires_at: datetime | None
+    size: int
+    policy: str | None = None
+    lineage: Lineage | None = None
+    tags: Tags = field(default_factory=Tags)

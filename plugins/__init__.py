@@ -1,0 +1,1 @@
+"""Built-in plugins that are not clouds: lifecycle hooks, notifications, metrics."""

@@ -1,0 +1,1 @@
+"""The local provider: every service on one machine, each region under its own root."""
