@@ -359,6 +359,10 @@ def parse_site(
         **site_values,
         **kwargs,
     )
+    # Imported here: regionvault.core.policy imports this module.
+    from regionvault.core.policy import check_site_policies
+
+    check_site_policies(site)
     if registry is not None:
         validate_providers(site, registry)
     return site

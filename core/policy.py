@@ -1,0 +1,495 @@
+"""The policy tag grammar: what an instance's tags say about its backups.
+
+A policy tag (key ``backup`` by default, :attr:`SiteConfig.tag_key`) holds one of:
+
+``F-R``
+    back up every ``F``, keep each recovery point for ``R``. Each side is a whole number with
+    an optional unit ``m`` (minutes), ``h`` (hours), ``d`` (days) or ``w`` (weeks); a bare
+    number is days, so the classic ``1-7`` is "daily, keep 7 days". ``12h-2d``, ``30m-6h``,
+    ``1d-4w``.
+a policy name
+    a name from site.toml ``[policies]`` (``gold = "4h-30d"``); a named policy is itself an
+    ``F-R`` string, checked when the site is loaded.
+``none``
+    opt out: the instance is never backed up.
+
+Two optional tags refine where copies go (keys configurable, see :class:`SiteConfig`):
+``backup-copy-to=west,local:south`` names the regions that receive copies (short or full
+region names, or ``none`` for no copies); ``backup-copy-keep=14d`` how long those copies are
+kept. Without them, copies go where the site's replication pairs say, kept for the pair's
+``copy_retention``, else for the policy's own ``R``. An instance without a policy tag gets the
+site's default policy.
+
+Bad values raise :class:`PolicyError` with the value quoted (long values truncated) and the
+reason; the tagger and scheduler report it per instance and carry on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from regionvault.core.config import MAX_DURATION, format_duration
+from regionvault.core.errors import ConfigError, PolicyError
+from regionvault.core.types import RegionId
+
+if TYPE_CHECKING:
+    from regionvault.core.config import SiteConfig
+    from regionvault.core.types import Instance
+
+__all__ = [
+    "MIN_FREQUENCY",
+    "NONE",
+    "UNITS",
+    "CopyTarget",
+    "Policy",
+    "check_site_policies",
+    "parse_copy_retention",
+    "parse_copy_to",
+    "parse_duration_part",
+    "parse_policy",
+    "parse_spec",
+    "quote_value",
+    "resolve_policy",
+]
+
+#: the opt-out value of the policy tag (and of the copy-to tag: no copies)
+NONE = "none"
+
+#: Policy units, in seconds. No seconds unit: nothing a backup policy means is that short.
+UNITS: Mapping[str, int] = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+#: The shortest frequency a policy may ask for. The scheduler looks every ``schedule_interval``
+#: (5 minutes by default), so a shorter frequency could not be honoured anyway; and each backup
+#: is a capture, a handful of KMS calls, a manifest commit and then copies over transit, which
+#: for a real instance take minutes. An RPO below minutes is a job for replication, not backup.
+MIN_FREQUENCY = timedelta(minutes=5)
+
+#: how much of a bad value an error message quotes
+_QUOTE_LIMIT = 40
+#: more significant digits than this is beyond 100 years in any unit (100y = 52,704,000 min)
+_MAX_DIGITS = 9
+_PART = re.compile(r"([0-9]+)([A-Za-z]*)")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
+_REGION_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+_FORMS = "F-R like 1-7 or 12h-2d, a named policy, or none"
+
+
+def quote_value(value: object, limit: int = _QUOTE_LIMIT) -> str:
+    """``repr`` of a value for an error message, cut to ``limit`` characters (control
+    characters escaped, so a hostile tag cannot forge log lines)."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+class _Invalid(Exception):
+    """Why a value is wrong, before the caller adds where the value came from."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _duration(text: str, what: str) -> timedelta:
+    if not text:
+        raise _Invalid(f"{what} is missing")
+    if not text.isascii():
+        raise _Invalid(f"{what} {quote_value(text)} has non-ASCII characters (use digits 0-9)")
+    m = _PART.fullmatch(text)
+    if m is None:
+        raise _Invalid(
+            f"{what} {quote_value(text)} is not a duration (a whole number with an optional "
+            "unit m, h, d or w; a bare number is days)"
+        )
+    digits, unit = m.group(1), m.group(2)
+    if unit and unit not in UNITS:
+        if unit.lower() in UNITS:
+            hint = f"units are lower case: {unit.lower()}"
+        elif unit.lower() in {"s", "sec", "secs", "second", "seconds"}:
+            hint = "seconds are too short for a policy; use m, h, d or w"
+        else:
+            hint = "use m, h, d or w; a bare number is days"
+        raise _Invalid(f"{what} {quote_value(text)} has unknown unit {unit!r} ({hint})")
+    significant = digits.lstrip("0")
+    if not significant:
+        raise _Invalid(f"{what} {quote_value(text)} is zero")
+    # Checked before int(): a thousand-digit number is rejected without big-int arithmetic.
+    seconds = int(significant) * UNITS[unit or "d"] if len(significant) <= _MAX_DIGITS else None
+    if seconds is None or seconds > MAX_DURATION.total_seconds():
+        raise _Invalid(f"{what} {quote_value(text)} is longer than 100 years")
+    return timedelta(seconds=seconds)
+
+
+def _check_spec(frequency: timedelta, retention: timedelta) -> None:
+    if frequency < MIN_FREQUENCY:
+        raise _Invalid(
+            f"frequency {format_duration(frequency)} is shorter than the minimum "
+            f"{format_duration(MIN_FREQUENCY)}"
+        )
+    if retention < frequency:
+        raise _Invalid(
+            f"retention {format_duration(retention)} is shorter than the frequency "
+            f"{format_duration(frequency)} (each recovery point would expire before the next)"
+        )
+    if retention > MAX_DURATION:
+        raise _Invalid(f"retention {format_duration(retention)} is longer than 100 years")
+
+
+def _spec(text: str) -> tuple[timedelta, timedelta]:
+    if not isinstance(text, str):
+        raise _Invalid(f"must be a string, got {type(text).__name__}")
+    if not text:
+        raise _Invalid(f"is empty (expected {_FORMS})")
+    if any(ch.isspace() for ch in text):
+        raise _Invalid("contains whitespace")
+    if not text.isascii():
+        raise _Invalid("has non-ASCII characters (write digits as 0-9)")
+    if "-" not in text:
+        raise _Invalid(f"has no '-' between frequency and retention (expected {_FORMS})")
+    parts = text.split("-")
+    if len(parts) != 2:
+        raise _Invalid(
+            f"has {len(parts) - 1} '-' (expected exactly one, between frequency and retention)"
+        )
+    frequency = _duration(parts[0], "frequency")
+    retention = _duration(parts[1], "retention")
+    _check_spec(frequency, retention)
+    return frequency, retention
+
+
+def parse_duration_part(text: str, *, what: str = "duration") -> timedelta:
+    """One side of ``F-R`` (``30m``, ``12h``, ``7``, ``4w``) as a timedelta; a bare number is
+    days. :class:`PolicyError` when malformed, zero or longer than 100 years."""
+    try:
+        if not isinstance(text, str):
+            raise _Invalid(f"must be a string, got {type(text).__name__}")
+        if any(ch.isspace() for ch in text):
+            raise _Invalid(f"{what} {quote_value(text)} contains whitespace")
+        return _duration(text, what)
+    except _Invalid as exc:
+        raise PolicyError(exc.reason) from None
+
+
+def parse_spec(text: str) -> tuple[timedelta, timedelta]:
+    """``F-R`` as ``(frequency, retention)``; :class:`PolicyError` naming what is wrong."""
+    try:
+        return _spec(text)
+    except _Invalid as exc:
+        raise PolicyError(f"policy {quote_value(text)}{_join(exc.reason)}") from None
+
+
+def _join(reason: str) -> str:
+    # "policy '' is empty", but "policy '1-x': retention 'x' is not a duration"
+    first = reason.split(" ", 1)[0]
+    return f" {reason}" if first in {"is", "has", "contains", "must", "names"} else f": {reason}"
+
+
+@dataclass(frozen=True)
+class CopyTarget:
+    """A region that receives copies of an instance's recovery points, and how long it keeps
+    them."""
+
+    region: RegionId
+    retention: timedelta
+
+    def __str__(self) -> str:
+        return f"{self.region} (keep {format_duration(self.retention)})"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An instance's effective backup policy.
+
+    ``source`` is the value as written (``"1-7"``, ``"gold"``); ``name`` is the named policy it
+    came from, if any; ``copies`` the regions that receive copies, each with its retention.
+    """
+
+    frequency: timedelta
+    retention: timedelta
+    source: str = ""
+    name: str | None = None
+    copies: tuple[CopyTarget, ...] = ()
+    #: True when the instance had no policy tag and the site's default applied
+    from_default: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            _check_spec(self.frequency, self.retention)
+        except _Invalid as exc:
+            raise PolicyError(f"policy {quote_value(self.source)}{_join(exc.reason)}") from None
+        seen: set[RegionId] = set()
+        for target in self.copies:
+            if target.region in seen:
+                raise PolicyError(f"policy {quote_value(self.source)}: {target.region} twice")
+            seen.add(target.region)
+
+    @property
+    def spec(self) -> str:
+        """The canonical ``F-R`` form (``1d-1w``), whatever form it was written in."""
+        return f"{format_duration(self.frequency)}-{format_duration(self.retention)}"
+
+    @property
+    def copy_to(self) -> tuple[RegionId, ...]:
+        return tuple(t.region for t in self.copies)
+
+    def copy_retention(self, region: RegionId | str) -> timedelta:
+        """How long the copy in ``region`` is kept; :class:`PolicyError` if ``region`` gets no
+        copies under this policy."""
+        for target in self.copies:
+            if target.region == region or str(target.region) == region:
+                return target.retention
+        raise PolicyError(f"policy {quote_value(self.source)} sends no copies to {region}")
+
+    def __str__(self) -> str:
+        label = self.source if self.source == self.spec else f"{self.source} ({self.spec})"
+        if self.copies:
+            label += "; copies: " + ", ".join(str(t) for t in self.copies)
+        return label
+
+
+def _named(value: str, policies: Mapping[str, str]) -> Policy:
+    if value not in policies:
+        known = ", ".join(sorted(policies)) or "none defined"
+        raise _Invalid(
+            f"is not a known policy name (site.toml [policies]: {known}); expected {_FORMS}"
+        )
+    spec = policies[value]
+    try:
+        frequency, retention = _spec(spec)
+    except _Invalid as exc:
+        raise _Invalid(
+            f"names policy {value!r} whose value {quote_value(spec)} in site.toml is invalid: "
+            f"{exc.reason}"
+        ) from None
+    return Policy(frequency, retention, source=value, name=value)
+
+
+def _policy(value: str, policies: Mapping[str, str]) -> Policy | None:
+    if value == NONE:
+        return None
+    if isinstance(value, str) and value.lower() == NONE:
+        raise _Invalid(f"write {NONE!r} in lower case to opt out")
+    if isinstance(value, str) and _NAME.fullmatch(value):
+        return _named(value, policies)
+    frequency, retention = _spec(value)
+    return Policy(frequency, retention, source=value)
+
+
+def parse_policy(value: str, *, policies: Mapping[str, str] | None = None) -> Policy | None:
+    """A policy tag value as a :class:`Policy` without copies, ``None`` for ``none``.
+
+    ``policies`` are the site's named policies. :class:`PolicyError` quotes the value and
+    says what is wrong.
+    """
+    try:
+        return _policy(value, policies or {})
+    except _Invalid as exc:
+        raise PolicyError(f"policy {quote_value(value)}{_join(exc.reason)}") from None
+
+
+def _region(ref: str, site: SiteConfig) -> RegionId | str:
+    """The region ``ref`` names, or why it names none."""
+    if ref in site.regions:
+        return site.regions[ref].id
+    matches = [r.id for r in site.regions.values() if r.id.name == ref]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        return f"{quote_value(ref)} is ambiguous ({', '.join(str(m) for m in sorted(matches))})"
+    return f"{quote_value(ref)} is not a region of this site"
+
+
+def _copy_to(value: str, home: RegionId, site: SiteConfig) -> tuple[RegionId, ...]:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {type(value).__name__}")
+    if value == NONE:
+        return ()
+    if not value.strip():
+        raise _Invalid(f"is empty (name regions, or write {NONE!r} for no copies)")
+    out: list[RegionId] = []
+    problems: list[str] = []
+    for i, raw in enumerate(value.split(",")):
+        ref = raw.strip()
+        if not ref:
+            problems.append(f"item {i + 1} is empty")
+            continue
+        if not _REGION_REF.fullmatch(ref):
+            problems.append(f"{quote_value(ref)} is not a region name")
+            continue
+        found = _region(ref, site)
+        if isinstance(found, str):
+            problems.append(found)
+        elif found == home:
+            problems.append(f"{found} is the instance's own region")
+        elif found not in out:
+            out.append(found)
+    if problems:
+        known = ", ".join(sorted(site.regions)) or "none"
+        raise _Invalid("; ".join(problems) + f" (regions: {known})")
+    return tuple(out)
+
+
+def parse_copy_to(value: str, *, home: RegionId | str, site: SiteConfig) -> tuple[RegionId, ...]:
+    """A copy-to tag value (``west,local:south``) as region ids, validated against ``site``:
+    every unknown, ambiguous or home region is reported at once. ``none`` means no copies."""
+    home_id = RegionId.parse(home) if isinstance(home, str) else home
+    try:
+        return _copy_to(value, home_id, site)
+    except _Invalid as exc:
+        raise PolicyError(f"copy-to {quote_value(value)}{_join(exc.reason)}") from None
+
+
+def _copy_keep(value: str, frequency: timedelta | None) -> timedelta:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {type(value).__name__}")
+    if any(ch.isspace() for ch in value):
+        raise _Invalid("contains whitespace")
+    keep = _duration(value, "retention")
+    if frequency is not None and keep < frequency:
+        raise _Invalid(
+            f"is shorter than the frequency {format_duration(frequency)} (each copy would "
+            "expire before the next arrives)"
+        )
+    return keep
+
+
+def parse_copy_retention(value: str, *, frequency: timedelta | None = None) -> timedelta:
+    """A copy-keep tag value (``14d``): a duration at least ``frequency`` long (a copy that
+    expires before the next one arrives leaves the other region without a copy)."""
+    try:
+        return _copy_keep(value, frequency)
+    except _Invalid as exc:
+        raise PolicyError(f"copy-keep {quote_value(value)}{_join(exc.reason)}") from None
+
+
+def _pair_retention(site: SiteConfig, home: RegionId, dest: RegionId) -> timedelta | None:
+    for rep in site.replication:
+        if rep.source == home and dest in rep.destinations and rep.copy_retention is not None:
+            return rep.copy_retention
+    return None
+
+
+def resolve_policy(instance: Instance, site: SiteConfig) -> Policy | None:
+    """The effective policy of ``instance`` under ``site``, ``None`` if it opted out.
+
+    Missing parts come from the site: no policy tag means ``site.default_policy``; no copy-to
+    tag means the destinations of the site's replication pairs from the instance's region; no
+    copy-keep tag means the pair's ``copy_retention``, else the policy's own retention.
+    :class:`PolicyError` names the instance, the tag and what is wrong.
+    """
+    tags = instance.tags
+    where = f"instance {instance.id}" + (
+        f" ({instance.name})" if instance.name and instance.name != instance.id else ""
+    )
+    key = site.tag_key
+    value = tags.get(key)
+    from_default = value is None
+    if value is None:
+        value = site.default_policy
+    try:
+        base = _policy(value, site.policies)
+    except _Invalid as exc:
+        if from_default:
+            raise PolicyError(
+                f"{where}: site default_policy {quote_value(value)}{_join(exc.reason)}",
+                region=instance.region,
+            ) from None
+        raise PolicyError(
+            f"{where}: tag {key}={quote_value(value)}{_join(exc.reason)}", region=instance.region
+        ) from None
+    if base is None:
+        return None
+    try:
+        home = RegionId.parse(instance.region)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}", region=instance.region) from None
+
+    to_key, keep_key = site.copy_to_tag_key, site.copy_retention_tag_key
+    try:
+        if to_key in tags:
+            copy_to = _copy_to(tags[to_key], home, site)
+        else:
+            copy_to = site.destinations_of(home)
+    except _Invalid as exc:
+        raise PolicyError(
+            f"{where}: tag {to_key}={quote_value(tags[to_key])}{_join(exc.reason)}",
+            region=instance.region,
+        ) from None
+    keep: timedelta | None = None
+    if keep_key in tags:
+        try:
+            keep = _copy_keep(tags[keep_key], base.frequency)
+        except _Invalid as exc:
+            raise PolicyError(
+                f"{where}: tag {keep_key}={quote_value(tags[keep_key])}{_join(exc.reason)}",
+                region=instance.region,
+            ) from None
+    copies = tuple(
+        CopyTarget(dest, keep or _pair_retention(site, home, dest) or base.retention)
+        for dest in copy_to
+    )
+    return Policy(
+        base.frequency,
+        base.retention,
+        source=base.source,
+        name=base.name,
+        copies=copies,
+        from_default=from_default,
+    )
+
+
+def check_site_policies(site: SiteConfig) -> None:
+    """Check a site's named policies, default policy and policy tag keys.
+
+    Named policies must be named like ``gold`` (a letter, then letters, digits, ``_ . -``; not
+    ``none``) and be ``F-R`` strings; the default policy must parse. :class:`ConfigError` names
+    the file and the key. :func:`parse_site` calls this.
+    """
+    for name, value in site.policies.items():
+        key = f"policies.{name}"
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(
+                "a policy name starts with a letter and has only letters, digits, '_', '.' "
+                "and '-' (at most 63 characters)",
+                file=site.source,
+                key=key,
+            )
+        if name.lower() == NONE:
+            raise ConfigError(f"{NONE!r} is reserved (it opts out)", file=site.source, key=key)
+        try:
+            _spec(value)
+        except _Invalid as exc:
+            raise ConfigError(
+                f"{quote_value(value)}{_join(exc.reason)} (a named policy is an F-R string "
+                "like 4h-30d)",
+                file=site.source,
+                key=key,
+            ) from None
+    try:
+        _policy(site.default_policy, site.policies)
+    except _Invalid as exc:
+        raise ConfigError(
+            f"{quote_value(site.default_policy)}{_join(exc.reason)}",
+            file=site.source,
+            key="site.default_policy",
+        ) from None
+    keys = {
+        "tag_key": site.tag_key,
+        "copy_to_tag_key": site.copy_to_tag_key,
+        "copy_retention_tag_key": site.copy_retention_tag_key,
+    }
+    seen: dict[str, str] = {}
+    for setting, tag in keys.items():
+        if tag in seen:
+            raise ConfigError(
+                f"tag key {tag!r} is also {seen[tag]}; the policy tags need distinct keys",
+                file=site.source,
+                key=f"site.{setting}",
+            )
+        seen[tag] = f"site.{setting}"

@@ -1,0 +1,140 @@
+"""The tagger: gives a region's untagged instances the site's default policy tag.
+
+One pass over a region (:func:`tag_region`):
+
+- an instance without the policy tag gets ``site.default_policy`` written as its tag;
+- an explicit tag is never overwritten, unless ``site.overwrite_tags`` is set, and then only
+  with the default policy (an instance tagged ``none`` is always left alone: opting out wins);
+- every instance's resulting tags are checked with :func:`resolve_policy`, and a malformed
+  value is reported with the instance and the reason, never raised;
+- a failure to write one instance's tags is reported and the pass goes on.
+
+A second pass over an unchanged region tags nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from regionvault.core.errors import PolicyError, RegionVaultError
+from regionvault.core.policy import NONE, check_site_policies, quote_value, resolve_policy
+
+if TYPE_CHECKING:
+    from regionvault.core.config import SiteConfig
+    from regionvault.core.interfaces import Compute
+    from regionvault.core.types import Instance
+
+__all__ = ["InstanceNote", "TagReport", "Tagged", "tag_region"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceNote:
+    """Why an instance was skipped, or what is wrong with it."""
+
+    instance_id: str
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.instance_id} ({self.name}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """An instance whose policy tag the tagger wrote."""
+
+    instance_id: str
+    name: str
+    value: str
+    #: the value it replaced (with ``overwrite_tags``), None when the tag was absent
+    previous: str | None = None
+
+    def __str__(self) -> str:
+        change = f"{self.previous!r} -> " if self.previous is not None else ""
+        return f"{self.instance_id} ({self.name}): {change}{self.value!r}"
+
+
+@dataclass(frozen=True)
+class TagReport:
+    """What one pass of the tagger did in one region.
+
+    An instance appears in exactly one of ``tagged`` and ``skipped`` unless writing its tag
+    failed (then in ``failed``); it appears in ``malformed`` too when its tags, after the pass,
+    do not make a valid policy (for example a bad ``backup-copy-to`` next to a tag the tagger
+    just wrote).
+    """
+
+    region: str
+    tag_key: str
+    tagged: tuple[Tagged, ...] = ()
+    skipped: tuple[InstanceNote, ...] = ()
+    malformed: tuple[InstanceNote, ...] = ()
+    failed: tuple[InstanceNote, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.malformed and not self.failed
+
+    def summary(self) -> str:
+        return (
+            f"{self.region}: tagged {len(self.tagged)}, skipped {len(self.skipped)}, "
+            f"malformed {len(self.malformed)}, failed {len(self.failed)}"
+        )
+
+
+def _label(instance: Instance) -> str:
+    return instance.name or instance.id
+
+
+def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> TagReport:
+    """Tag every instance of ``compute``'s region that has no policy tag with the site's
+    default policy; see the module documentation for the rules.
+
+    A site whose own default policy is invalid raises :class:`ConfigError` before anything is
+    tagged: that is the site's error, not an instance's.
+    """
+    check_site_policies(site)
+    key, default = site.tag_key, site.default_policy
+    tagged: list[Tagged] = []
+    skipped: list[InstanceNote] = []
+    malformed: list[InstanceNote] = []
+    failed: list[InstanceNote] = []
+
+    # Listed in full before any tag is written, so that writes cannot disturb pagination.
+    instances = list(compute.list_instances(page_size=page_size))
+    for instance in instances:
+        current = instance.tags.get(key)
+        label = _label(instance)
+        if current == NONE:
+            skipped.append(InstanceNote(instance.id, label, f"opted out ({key}={NONE})"))
+        elif current == default:
+            skipped.append(InstanceNote(instance.id, label, "has the default policy"))
+        elif current is not None and not site.overwrite_tags:
+            skipped.append(
+                InstanceNote(instance.id, label, f"explicit {key}={quote_value(current)}")
+            )
+        else:
+            try:
+                tags = compute.set_tags(instance.id, {key: default})
+            except RegionVaultError as exc:
+                log.warning("tagging %s in %s failed: %s", instance.id, compute.region, exc)
+                failed.append(InstanceNote(instance.id, label, f"setting {key} failed: {exc}"))
+                continue
+            instance = replace(instance, tags=tags)
+            tagged.append(Tagged(instance.id, label, default, current))
+        try:
+            resolve_policy(instance, site)
+        except PolicyError as exc:
+            malformed.append(InstanceNote(instance.id, label, exc.message))
+    return TagReport(
+        region=compute.region,
+        tag_key=key,
+        tagged=tuple(tagged),
+        skipped=tuple(skipped),
+        malformed=tuple(malformed),
+        failed=tuple(failed),
+    )

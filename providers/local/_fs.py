@@ -1,0 +1,263 @@
+"""Crash-safe file primitives shared by the local services.
+
+Every durable write goes the same way: the bytes land in a temporary file in the target's own
+directory, are fsynced, and the temporary file is renamed over the target (``os.replace``) or
+hard-linked to it (``os.link``, which fails if the target exists, so check-and-create is one
+atomic step); then the directory is fsynced so the new name survives a power cut. A reader
+therefore sees the old file or the whole new one, never part of either, whatever kills the
+writer. A killed writer can leave a temporary file behind; its name starts with
+:data:`TEMP_PREFIX`, listings skip it and :func:`remove_stale_temp` clears it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "TEMP_PREFIX",
+    "FileLock",
+    "atomic_write",
+    "ensure_dir",
+    "fsync_dir",
+    "is_temp",
+    "name_problem",
+    "prefix_problem",
+    "publish",
+    "remove_empty_parents",
+    "remove_stale_temp",
+    "walk_files",
+    "write_temp",
+]
+
+#: names of in-flight temporary files; never a valid object or inbox name segment
+TEMP_PREFIX = ".rv-tmp-"
+#: at most this many bytes go to one write(2) call, so a large put is many bounded writes
+WRITE_CHUNK = 8 << 20
+
+
+#: longest object or inbox name, in UTF-8 bytes (S3's limit), and longest '/'-separated part
+MAX_NAME_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be an object or inbox name, or None when it can.
+
+    Names map one-to-one onto relative paths, so anything that could climb out of the store,
+    collapse onto another name or collide with a temporary file is refused.
+    """
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains NUL"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "contains a control character"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    if name.startswith("/"):
+        return "starts with '/'"
+    for segment in name.split("/"):
+        if not segment:
+            return "has an empty segment ('//' or a trailing '/')"
+        if segment in (".", ".."):
+            return f"has a {segment!r} segment"
+        if is_temp(segment):
+            return f"has a segment starting with the reserved prefix {TEMP_PREFIX!r}"
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def prefix_problem(prefix: object) -> str | None:
+    """Why ``prefix`` cannot select names in a listing, or None when it can. Every complete
+    segment (before the last '/') must be a valid name segment; the rest is free."""
+    if not isinstance(prefix, str):
+        return f"must be a string, not {type(prefix).__name__}"
+    if prefix.startswith("/") or "\x00" in prefix:
+        return "starts with '/' or contains NUL"
+    folder = prefix.rpartition("/")[0]
+    return name_problem(folder) if folder else None
+
+
+def walk_files(top: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """``(name, entry)`` of every regular file under ``top`` whose '/'-separated name
+    relative to ``top`` starts with ``prefix`` (checked by :func:`prefix_problem`); only the
+    directory the prefix names is walked; temporary files are skipped; any order."""
+    stack = [prefix.rpartition("/")[0]]
+    while stack:
+        rel = stack.pop()
+        try:
+            scan = os.scandir(top / rel if rel else top)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with scan:
+            for entry in scan:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if name.startswith(prefix) or prefix.startswith(name + "/"):
+                        stack.append(name)
+                elif (
+                    name.startswith(prefix)
+                    and not is_temp(entry.name)
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    yield name, entry
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, *, mode: int = 0o755) -> None:
+    """Create ``path`` and its missing parents, fsyncing each parent that gained an entry."""
+    if path.is_dir():
+        return
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue
+        fsync_dir(directory.parent)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view[:WRITE_CHUNK])
+        view = view[written:]
+
+
+def write_temp(directory: Path, data: bytes | memoryview, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to a new fsynced temporary file in ``directory`` (created if needed)."""
+    for attempt in range(3):
+        tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileNotFoundError:
+            # the directory is missing, or a concurrent delete just removed it as empty
+            if attempt == 2:
+                raise
+            ensure_dir(directory)
+            continue
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        return tmp
+    raise AssertionError("unreachable")
+
+
+def publish(tmp: Path, final: Path, *, if_absent: bool = False, sync_dir: bool = True) -> bool:
+    """Move ``tmp`` to ``final`` atomically and durably. With ``if_absent``, leave an existing
+    ``final`` alone and return False. ``tmp`` is gone afterwards either way. With
+    ``sync_dir=False`` the caller fsyncs ``final.parent`` itself (to do it outside a lock)."""
+    try:
+        if if_absent:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        else:
+            tmp.replace(final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync_dir:
+        fsync_dir(final.parent)
+    return True
+
+
+def atomic_write(
+    final: Path, data: bytes | memoryview, *, if_absent: bool = False, mode: int = 0o644
+) -> bool:
+    """Write ``final`` atomically (see the module docstring); False if ``if_absent`` found it
+    taken."""
+    tmp = write_temp(final.parent, data, mode=mode)
+    return publish(tmp, final, if_absent=if_absent)
+
+
+def remove_empty_parents(path: Path, stop: Path) -> None:
+    """Remove ``path``'s parent directories up to (not including) ``stop`` while empty."""
+    parent = path.parent
+    while parent != stop and stop in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                return
+            raise
+        parent = parent.parent
+
+
+def remove_stale_temp(top: Path, older_than: float) -> int:
+    """Delete temporary files under ``top`` last modified more than ``older_than`` seconds
+    ago (left by killed writers); return how many were removed."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            if not is_temp(name):
+                continue
+            path = Path(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+class FileLock:
+    """An exclusive lock between threads and processes: ``flock`` on a descriptor opened
+    for each hold (separate open files exclude each other even within one process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        ensure_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock

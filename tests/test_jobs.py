@@ -1,0 +1,452 @@
+"""Jobs: plain data with stable keys; a finished key never runs again; two runners at once
+(threads or processes) never both run one key; stale locks are broken; failures reach the
+``regionvault_on_job_failure`` hook and are retried by the next run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.jobs import (
+    Executor,
+    Job,
+    JobHandlers,
+    JobLedger,
+    JobOutcome,
+    JobStatus,
+    ThreadExecutor,
+    backup_job,
+    copy_job,
+    execute_job,
+    job_key,
+    parse_slot,
+    retention_job,
+    split_key,
+    tag_job,
+)
+from regionvault.core.plugins import hookimpl, make_plugin_manager
+
+SLOT = datetime(2026, 11, 25, tzinfo=UTC)
+KEY = "backup/local:east/i-abc/2026-11-25T00:00Z"
+
+
+class Counter:
+    """A handler that counts its runs (thread-safe) and returns a result."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        with self.lock:
+            self.runs.append(job.key)
+        return {"recovery_point": "rp-1", "instance": job.payload.get("instance_id")}
+
+
+def job() -> Job:
+    return backup_job("local:east", "i-abc", SLOT)
+
+
+# --------------------------------------------------------------------------- jobs as data
+
+
+def test_keys_are_stable_and_readable() -> None:
+    assert job().key == KEY
+    assert job() == backup_job("local:east", "i-abc", SLOT + timedelta(0))
+    assert tag_job("local:east", SLOT).key == "tag/local:east/2026-11-25T00:00Z"
+    assert retention_job("local:west", SLOT).key == "retention/local:west/2026-11-25T00:00Z"
+    copy = copy_job("local:east", "rp-1", "local:west")
+    assert copy.key == "copy/local:east/rp-1/local:west"
+    assert copy.region == "local:east"
+    assert parse_slot("2026-11-25T00:00Z") == SLOT
+
+
+def test_key_parts_are_escaped() -> None:
+    azure_id = "/subscriptions/s/vm/x y"
+    key = job_key("backup", "azure:westeurope", azure_id, "2026-11-25T00:00Z")
+    assert key.count("/") == 3
+    assert split_key(key) == ["backup", "azure:westeurope", azure_id, "2026-11-25T00:00Z"]
+
+
+def test_jobs_are_plain_json_data() -> None:
+    original = backup_job("local:east", "i-abc", SLOT, {"copies": [{"region": "local:west"}]})
+    again = Job.from_json(original.to_json())
+    assert again == original
+    assert again.payload["copies"] == [{"region": "local:west"}]
+    with pytest.raises(TypeError):
+        original.payload["x"] = 1  # type: ignore[index]
+    with pytest.raises(RegionVaultError, match="not plain JSON"):
+        Job(KEY, "backup", "local:east", {"when": datetime.now(UTC)})
+    with pytest.raises(RegionVaultError, match="printable ASCII"):
+        Job("backup job", "backup")
+    with pytest.raises(RegionVaultError, match="kind"):
+        Job(KEY, "Backup!")
+    with pytest.raises(RegionVaultError, match="no time zone"):
+        backup_job("local:east", "i-abc", datetime(2026, 11, 25))
+
+
+def test_thread_executor_is_an_executor(tmp_path: Path) -> None:
+    with ThreadExecutor(JobHandlers(), JobLedger(tmp_path)) as executor:
+        assert isinstance(executor, Executor)
+
+
+# --------------------------------------------------------------------------- idempotence
+
+
+def test_running_a_key_twice_runs_it_once(tmp_path: Path) -> None:
+    handler = Counter()
+    with ThreadExecutor(JobHandlers({"backup": handler}), JobLedger(tmp_path)) as executor:
+        first = executor.run([job()])[0]
+        second = executor.run([job()])[0]
+    assert first.status is JobStatus.DONE
+    assert second.status is JobStatus.REPLAYED
+    assert second.result == first.result == {"recovery_point": "rp-1", "instance": "i-abc"}
+    assert handler.runs == [KEY]
+
+
+def test_the_record_survives_the_runner(tmp_path: Path) -> None:
+    handler = Counter()
+    for _ in range(2):  # a new process would see the same files
+        ledger = JobLedger(tmp_path)
+        with ThreadExecutor(JobHandlers({"backup": handler}), ledger) as executor:
+            executor.run([job()])
+    assert handler.runs == [KEY]
+    recorded = JobLedger(tmp_path).record(KEY)
+    assert recorded is not None and recorded.status is JobStatus.DONE
+    # nothing but JSON under the state dir, one record, no lock left behind
+    assert [p.name for p in (tmp_path / "jobs" / "locks").iterdir() if p.suffix == ".lock"] == []
+    (record,) = (tmp_path / "jobs" / "done").iterdir()
+    assert json.loads(record.read_text())["key"] == KEY
+
+
+def test_same_key_in_flight_shares_one_run(tmp_path: Path) -> None:
+    release = threading.Event()
+    runs: list[str] = []
+
+    def slow(job: Job) -> str:
+        runs.append(job.key)
+        assert release.wait(10)
+        return "ok"
+
+    with ThreadExecutor(JobHandlers({"backup": slow}), JobLedger(tmp_path)) as executor:
+        futures = [executor.submit(job()) for _ in range(5)]
+        release.set()
+        outcomes = [f.result(timeout=10) for f in futures]
+    assert len({id(f) for f in futures}) == 1
+    assert runs == [KEY]
+    assert {o.status for o in outcomes} == {JobStatus.DONE}
+
+
+def test_distinct_keys_run_in_parallel_up_to_the_bound(tmp_path: Path) -> None:
+    handler = Counter()
+    jobs = [backup_job("local:east", f"i-{n}", SLOT) for n in range(10)]
+    with ThreadExecutor(
+        JobHandlers({"backup": handler}), JobLedger(tmp_path), max_workers=3
+    ) as executor:
+        outcomes = executor.run(jobs)
+    assert [o.key for o in outcomes] == [j.key for j in jobs]
+    assert sorted(handler.runs) == sorted(j.key for j in jobs)
+
+
+def test_two_executors_at_once_run_a_key_once(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def slow(job: Job) -> str:
+        runs.append(job.key)
+        started.set()
+        assert release.wait(10)
+        return "ok"
+
+    a = ThreadExecutor(JobHandlers({"backup": slow}), JobLedger(tmp_path))
+    b = ThreadExecutor(JobHandlers({"backup": slow}), JobLedger(tmp_path))
+    with a, b:
+        running = a.submit(job())
+        assert started.wait(10)
+        busy = b.submit(job()).result(timeout=10)
+        release.set()
+        done = running.result(timeout=10)
+        later = b.submit(job()).result(timeout=10)
+    assert busy.status is JobStatus.BUSY
+    assert busy.runner == f"{os.uname().nodename}:{os.getpid()}"
+    assert done.status is JobStatus.DONE
+    assert later.status is JobStatus.REPLAYED
+    assert runs == [KEY]
+
+
+RACER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from regionvault.core.jobs import Job, JobHandlers, JobLedger, ThreadExecutor
+
+    state, count, go = (Path(a) for a in sys.argv[1:4])
+
+    def handler(job):
+        with count.open("a") as fh:
+            fh.write(f"{os.getpid()}\\n")
+        time.sleep(0.3)
+        return os.getpid()
+
+    for _ in range(1000):
+        if go.exists():
+            break
+        time.sleep(0.01)
+    job = Job("backup/local:east/i-abc/2026-11-25T00:00Z", "backup", "local:east")
+    with ThreadExecutor(JobHandlers({"backup": handler}), JobLedger(state)) as executor:
+        print(executor.run([job])[0].status)
+    """
+)
+
+
+def test_processes_racing_on_one_key_run_it_once(tmp_path: Path) -> None:
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    count, go = tmp_path / "count", tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "state"), str(count), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    go.touch()
+    statuses = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=60)
+        assert racer.returncode == 0, err
+        statuses.append(out.strip())
+    assert len(count.read_text().splitlines()) == 1
+    assert statuses.count("done") == 1
+    assert set(statuses) <= {"done", "busy", "replayed"}
+
+
+# --------------------------------------------------------------------------- stale locks
+
+
+def write_lock(ledger: JobLedger, key: str, **fields: Any) -> Path:
+    body = {
+        "key": key,
+        "token": "theirs",
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+        "process_start": None,
+        "expires_at": time.time() + 3600,
+    }
+    body.update(fields)
+    path = ledger._path("locks", key, ".lock")
+    path.write_text(json.dumps(body))
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    return proc.pid
+
+
+def test_a_live_holder_makes_the_key_busy(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path)
+    write_lock(ledger, KEY)  # this very process, alive, not expired
+    handler = Counter()
+    outcome = execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    assert outcome.status is JobStatus.BUSY
+    assert handler.runs == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"pid": "a process that has exited"}, id="dead-pid"),
+        pytest.param({"expires_at": time.time() - 1, "host": "elsewhere"}, id="expired"),
+        pytest.param({"process_start": "1"}, id="reused-pid"),
+    ],
+)
+def test_stale_locks_are_broken(tmp_path: Path, fields: dict[str, Any]) -> None:
+    ledger = JobLedger(tmp_path)
+    if isinstance(fields.get("pid"), str):
+        fields = {"pid": dead_pid()}
+    write_lock(ledger, KEY, **fields)
+    handler = Counter()
+    outcome = execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    assert outcome.status is JobStatus.DONE
+    assert handler.runs == [KEY]
+
+
+def test_another_hosts_unexpired_lock_is_respected(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path)
+    write_lock(ledger, KEY, host="elsewhere", pid=1)
+    assert execute_job(job(), JobHandlers({"backup": Counter()}), ledger).status is JobStatus.BUSY
+
+
+def test_an_unreadable_lock_is_broken_only_once_old(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path, lock_ttl=timedelta(minutes=5))
+    path = ledger._path("locks", KEY, ".lock")
+    path.write_bytes(b"")  # its creator is between O_EXCL and write, or died there
+    assert ledger.acquire(KEY) is None
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    lock = ledger.acquire(KEY)
+    assert lock is not None
+    lock.release()
+
+
+def test_a_runner_killed_while_holding_a_key(tmp_path: Path) -> None:
+    holder = textwrap.dedent(
+        f"""
+        import os
+        from regionvault.core.jobs import JobLedger
+        assert JobLedger({str(tmp_path)!r}).acquire({KEY!r}) is not None
+        os._exit(0)  # dies without releasing
+        """
+    )
+    subprocess.run([sys.executable, "-c", holder], check=True, timeout=60)
+    ledger = JobLedger(tmp_path)
+    assert ledger.holder(KEY) is not None
+    handler = Counter()
+    assert execute_job(job(), JobHandlers({"backup": handler}), ledger).status is JobStatus.DONE
+    assert handler.runs == [KEY]
+
+
+def test_locks_are_renewed_while_held_and_lost_locks_say_so(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path, lock_ttl=timedelta(seconds=0.3))
+    lock = ledger.acquire(KEY)
+    assert lock is not None
+    first = ledger.holder(KEY)
+    assert first is not None
+    for _ in range(500):  # bounded: the renewer rewrites the expiry every 0.1 s
+        now = ledger.holder(KEY)
+        if now is not None and now["expires_at"] > first["expires_at"]:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the lock was never renewed")
+    assert JobLedger(tmp_path).acquire(KEY) is None
+    # someone breaks it (as if it had expired): renewing then reports the loss
+    ledger._path("locks", KEY, ".lock").unlink()
+    assert lock.renew() is False
+    lock.release()
+    assert ledger.holder(KEY) is None
+
+
+def test_release_never_removes_someone_elses_lock(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path)
+    mine = ledger.acquire(KEY)
+    assert mine is not None
+    write_lock(ledger, KEY, token="someone-else")
+    mine.release()
+    holder = ledger.holder(KEY)
+    assert holder is not None and holder["token"] == "someone-else"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class FailureSpy:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None, BaseException]] = []
+
+    @hookimpl
+    def regionvault_on_job_failure(
+        self, job: str, region: str | None, error: BaseException
+    ) -> None:
+        self.calls.append((job, region, error))
+
+
+def test_failure_calls_the_hook_and_is_retried(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
+    attempts: list[int] = []
+
+    def flaky(job: Job) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("vault unreachable")
+        return "ok"
+
+    ledger = JobLedger(tmp_path)
+    with ThreadExecutor(JobHandlers({"backup": flaky}), ledger, plugin_manager=pm) as executor:
+        failed = executor.run([job()])[0]
+        assert failed.status is JobStatus.FAILED and not failed.ok
+        assert failed.error == "OSError: vault unreachable"
+        assert ledger.record(KEY) is None
+        last = ledger.last_failure(KEY)
+        assert last is not None and last.error == failed.error
+        (call,) = spy.calls
+        assert call[0] == KEY and call[1] == "local:east"
+        assert isinstance(call[2], OSError)
+
+        retried = executor.run([job()])[0]
+    assert retried.status is JobStatus.DONE
+    assert len(attempts) == 2
+    assert ledger.last_failure(KEY) is None
+    assert len(spy.calls) == 1
+
+
+def test_unknown_kind_and_bad_results_are_failures(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
+    handlers = JobHandlers({"backup": lambda job: {"when": datetime.now(UTC)}})
+    with ThreadExecutor(handlers, JobLedger(tmp_path), plugin_manager=pm) as executor:
+        unknown, bad = executor.run([Job("drill/local:west/x", "drill", "local:west"), job()])
+    assert unknown.status is JobStatus.FAILED
+    assert unknown.error is not None and "no handler for job kind 'drill'" in unknown.error
+    assert bad.status is JobStatus.FAILED
+    assert bad.error is not None and "not plain JSON" in bad.error
+    assert sorted(c[0] for c in spy.calls) == sorted(["drill/local:west/x", KEY])
+
+
+def test_a_broken_hook_does_not_hide_the_failure(tmp_path: Path) -> None:
+    class Broken:
+        @hookimpl
+        def regionvault_on_job_failure(
+            self, job: str, region: str | None, error: BaseException
+        ) -> None:
+            raise RuntimeError("notifier down")
+
+    def boom(job: Job) -> None:
+        raise ValueError("disk full")
+
+    pm = make_plugin_manager(load_entry_points=False, plugins=[Broken()])
+    outcome = execute_job(
+        job(), JobHandlers({"backup": boom}), JobLedger(tmp_path), plugin_manager=pm
+    )
+    assert outcome.status is JobStatus.FAILED
+    assert outcome.error == "ValueError: disk full"
+
+
+def test_handlers_are_looked_up_by_kind() -> None:
+    handlers = JobHandlers()
+    handlers.register("backup", Counter())
+    assert handlers.kinds() == ["backup"] and "backup" in handlers
+    with pytest.raises(RegionVaultError, match="already registered"):
+        handlers.register("backup", Counter())
+    with pytest.raises(RegionVaultError, match="known: backup"):
+        handlers.get("copy")
+
+
+def test_prune_drops_old_records(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path)
+    handler = Counter()
+    execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    assert ledger.prune(datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    assert ledger.prune(datetime.now(UTC) + timedelta(days=1)) == 1
+    execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    assert len(handler.runs) == 2
+
+
+def test_outcomes_round_trip() -> None:
+    outcome = JobOutcome(KEY, "backup", "local:east", JobStatus.DONE, result=[1], runner="h:1")
+    assert JobOutcome.from_dict(json.loads(json.dumps(outcome.to_dict()))) == outcome

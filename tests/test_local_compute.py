@@ -1,0 +1,356 @@
+"""The local Compute against the Compute contract: registering, listing with tag filters and
+pages, tags, file capture, restore sinks, launching a command and terminating it."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from regionvault.core import (
+    AmbiguousName,
+    CaptureKind,
+    ComputeError,
+    FileCapture,
+    FileKind,
+    Instance,
+    InstanceNotFound,
+    LaunchSpec,
+    Region,
+    Tags,
+    UnsupportedOperation,
+)
+from regionvault.providers.local import LocalCompute, LocalFileSink, LocalProvider
+
+
+def make_data(path: Path) -> Path:
+    (path / "etc").mkdir(parents=True)
+    (path / "etc" / "config").write_text("mode = vcu\n")
+    (path / "state.db").write_bytes(b"\x00\x01" * 1000)
+    return path
+
+
+def wait_for(condition: object, what: str, limit: float = 15.0) -> None:
+    """Poll ``condition`` (a callable) until true; bounded, never asserts on time taken."""
+    deadline = time.monotonic() + limit
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat_line = Path(f"/proc/{pid}/stat").read_text()
+    return stat_line[stat_line.rfind(")") + 2] != "Z"
+
+
+# --------------------------------------------------------------------------- registering
+
+
+def test_register_adopts_a_directory_in_place(east: Region, tmp_path: Path) -> None:
+    data = make_data(tmp_path / "vcu-data")
+    inst = east.compute.register_instance(
+        "vcu-1", data, function="run-vcu --config etc/config", tags={"backup": "1-7"}
+    )
+    assert re.fullmatch(r"i-[0-9a-f]{16}", inst.id)
+    assert (inst.name, inst.region, inst.state) == ("vcu-1", "local:east", "running")
+    assert inst.function == "run-vcu --config etc/config"
+    assert inst.tags == {"backup": "1-7"}
+    assert inst.capture_kinds == {CaptureKind.FILES}
+    assert inst.extra["data_dir"] == str(data.resolve())
+    assert inst.extra["pid"] is None
+    assert east.compute.get_instance(inst.id) == inst
+    assert (data / "etc" / "config").read_text() == "mode = vcu\n"  # data stays put
+
+
+def test_register_refuses_duplicates_and_bad_input(east: Region, tmp_path: Path) -> None:
+    data = make_data(tmp_path / "d")
+    first = east.compute.register_instance("core", data)
+    with pytest.raises(AmbiguousName, match=f"'core' already exists \\({first.id}\\)"):
+        east.compute.register_instance("core", data)
+    with pytest.raises(ComputeError, match="not a directory"):
+        east.compute.register_instance("other", tmp_path / "missing")
+    for bad_name in ("", "  ", "a\nb", "x" * 256, "i-0123456789abcdef"):
+        with pytest.raises(ComputeError, match="instance name"):
+            east.compute.register_instance(bad_name, data)
+    with pytest.raises(ComputeError, match="function"):
+        east.compute.register_instance("ims", data, function="  ")
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"": "x"}, "tag key '' is empty"),
+        ({"k" * 129: "x"}, "longer than 128"),
+        ({"backup": "v" * 257}, "'backup': value is longer than 256"),
+        ({"bad\tkey": "x"}, "non-printable"),
+        ({"backup": "1-7\n"}, "non-printable"),
+        ({"backup": 7}, "must be strings"),
+        ({f"k{i}": "v" for i in range(51)}, "at most 50"),
+    ],
+)
+def test_bad_tags_are_refused_by_name(
+    east: Region, tmp_path: Path, tags: dict[str, str], message: str
+) -> None:
+    data = make_data(tmp_path / "d")
+    with pytest.raises(ComputeError, match=re.escape(message)):
+        east.compute.register_instance("x", data, tags=tags)
+    inst = east.compute.register_instance("y", data)
+    with pytest.raises(ComputeError, match=re.escape(message)):
+        east.compute.set_tags(inst.id, tags)
+    assert east.compute.get_instance(inst.id).tags == {}
+
+
+def test_unknown_instances(east: Region) -> None:
+    for ref in ("i-0000000000000000", "../../etc", "vcu"):
+        with pytest.raises(InstanceNotFound):
+            east.compute.get_instance(ref)
+    with pytest.raises(InstanceNotFound):
+        east.compute.terminate("i-0000000000000000")
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_tag_filters(east: Region, tmp_path: Path) -> None:
+    data = make_data(tmp_path / "d")
+    reg = east.compute.register_instance
+    a = reg("a", data, tags={"backup": "1-7", "env": "prod"})
+    b = reg("b", data, tags={"backup": "none"})
+    c = reg("c", data, tags={"env": "prod"})
+    reg("d", data)
+
+    def names(filters: dict[str, str | None] | None) -> list[str]:
+        return [i.name for i in east.compute.list_instances(tag_filters=filters)]
+
+    assert names(None) == ["a", "b", "c", "d"]
+    assert names({"backup": None}) == ["a", "b"]
+    assert names({"backup": "1-7"}) == ["a"]
+    assert names({"env": "prod", "backup": None}) == ["a"]
+    assert names({"env": "prod"}) == ["a", "c"]
+    assert names({"missing": None}) == []
+    east.compute.remove_tags(a.id, ["backup"])
+    assert names({"backup": None}) == ["b"]
+    assert {b.id, c.id} < {i.id for i in east.compute.list_instances()}
+
+
+def test_pagination_is_stable_and_complete(east: Region, tmp_path: Path) -> None:
+    data = make_data(tmp_path / "d")
+    for i in range(7):
+        east.compute.register_instance(f"node-{i}", data, tags={"backup": "1-7"})
+    first = east.compute.list_instances_page(page_size=3)
+    assert [i.name for i in first.instances] == ["node-0", "node-1", "node-2"]
+    assert isinstance(first.next_token, str)
+    # an instance added between pages does not shift what comes next
+    east.compute.register_instance("node-00", data)
+    second = east.compute.list_instances_page(page_size=3, page_token=first.next_token)
+    assert [i.name for i in second.instances] == ["node-3", "node-4", "node-5"]
+    third = east.compute.list_instances_page(page_size=3, page_token=second.next_token)
+    assert [i.name for i in third.instances] == ["node-6"]
+    assert third.next_token is None
+    everything = [i.name for i in east.compute.list_instances(page_size=2)]
+    assert everything == sorted(everything) and len(everything) == 8
+    filtered = east.compute.list_instances_page(tag_filters={"backup": None}, page_size=7)
+    assert len(filtered.instances) == 7 and filtered.next_token is None
+    with pytest.raises(ComputeError, match="bad page token"):
+        east.compute.list_instances_page(page_token="garbage!")
+    with pytest.raises(ComputeError, match="page_size"):
+        east.compute.list_instances_page(page_size=0)
+
+
+def test_set_and_remove_tags(east: Region, tmp_path: Path) -> None:
+    inst = east.compute.register_instance("x", make_data(tmp_path / "d"), tags={"a": "1"})
+    assert east.compute.set_tags(inst.id, {"b": "2", "a": "3"}) == {"a": "3", "b": "2"}
+    assert east.compute.remove_tags(inst.id, ["a", "absent"]) == {"b": "2"}
+    assert east.compute.get_instance(inst.id).tags == {"b": "2"}
+    with pytest.raises(ComputeError, match="list of tag keys"):
+        east.compute.remove_tags(inst.id, "b")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def test_capture_lists_the_tree_parents_first(east: Region, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    (data / "b" / "inner").mkdir(parents=True)
+    (data / "a.txt").write_text("alpha")
+    (data / "b" / "inner" / "deep").write_bytes(b"\x00" * 10)
+    (data / "b" / "z").write_text("zz")
+    os.chmod(data / "b" / "z", 0o600)  # noqa: PTH101
+    (data / "link").symlink_to("b/z")
+    (data / "dangling").symlink_to("nowhere")
+    os.mkfifo(data / "pipe")
+    inst = east.compute.register_instance("x", data)
+
+    with east.compute.capture(inst.id) as capture:
+        assert isinstance(capture, FileCapture)
+        assert capture.instance.id == inst.id
+        entries = list(capture.entries())
+        assert [e.path for e in entries] == [
+            "a.txt",
+            "b",
+            "b/inner",
+            "b/inner/deep",
+            "b/z",
+            "dangling",
+            "link",
+        ]
+        by_path = {e.path: e for e in entries}
+        assert by_path["b"].kind is FileKind.DIR
+        assert by_path["b/z"].kind is FileKind.FILE
+        assert by_path["b/z"].mode == 0o600
+        assert by_path["b/z"].size == 2
+        assert by_path["b/z"].mtime_ns == (data / "b" / "z").stat().st_mtime_ns
+        assert (by_path["link"].kind, by_path["link"].target) == (FileKind.SYMLINK, "b/z")
+        assert by_path["dangling"].target == "nowhere"
+        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+        with capture.open(by_path["a.txt"]) as f:
+            assert f.read() == b"alpha"
+        with pytest.raises(ComputeError, match="not a regular file"):
+            capture.open(by_path["link"])
+
+
+def test_capture_reads_files_as_captured(east: Region, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "app.log").write_text("line 1\n")
+    (data / "db").write_text("v1")
+    inst = east.compute.register_instance("x", data)
+    capture = east.compute.capture(inst.id)
+    assert isinstance(capture, FileCapture)
+    entries = {e.path: e for e in capture.entries()}
+    with (data / "app.log").open("a") as f:
+        f.write("line 2, after the capture\n")
+    with capture.open(entries["app.log"]) as f:
+        assert f.read() == b"line 1\n"  # the size the capture listed
+    (data / "db").unlink()
+    (data / "db").write_text("v")  # replaced by a shorter file
+    with pytest.raises(ComputeError, match="replaced or shrank"):
+        capture.open(entries["db"])
+    capture.close()
+
+
+def test_capture_of_blocks_is_unsupported(east: Region, tmp_path: Path) -> None:
+    inst = east.compute.register_instance("x", make_data(tmp_path / "d"))
+    with pytest.raises(UnsupportedOperation, match="blocks"):
+        east.compute.capture(inst.id, kind=CaptureKind.BLOCKS)
+    with pytest.raises(UnsupportedOperation):
+        east.compute.open_restore_sink(LaunchSpec("y"), CaptureKind.BLOCKS, size=4096)
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def restore(region: Region, spec: LaunchSpec, files: dict[str, str]) -> LocalFileSink:
+    sink = region.compute.open_restore_sink(spec, CaptureKind.FILES)
+    assert isinstance(sink, LocalFileSink)
+    for name, text in files.items():
+        (sink.root / name).write_text(text)
+    return sink
+
+
+def test_launch_runs_the_function_in_the_data_directory(west: Region) -> None:
+    spec = LaunchSpec(
+        "vcu-restored",
+        tags=Tags({"restored-from": "local:east"}),
+        function='cat input > output; echo "$REGIONVAULT_DATA_DIR" > where; exec sleep 60',
+    )
+    sink = restore(west, spec, {"input": "restored bytes"})
+    assert sink.root.is_dir()
+    # a sink not launched yet is no instance
+    assert [i.name for i in west.compute.list_instances()] == []
+
+    inst = west.compute.launch(spec, sink)
+    assert (inst.name, inst.state, inst.function) == ("vcu-restored", "running", spec.function)
+    assert inst.tags == {"restored-from": "local:east"}
+    assert inst.extra["data_dir"] == str(sink.root)
+    pid = inst.extra["pid"]
+    assert isinstance(pid, int)
+    wait_for(lambda: (sink.root / "where").exists() and (sink.root / "output").exists(), "output")
+    wait_for(lambda: (sink.root / "where").read_text().strip() != "", "where")
+    assert (sink.root / "output").read_text() == "restored bytes"
+    assert (sink.root / "where").read_text().strip() == str(sink.root)
+    assert [i.id for i in west.compute.list_instances()] == [inst.id]
+
+    west.compute.terminate(inst.id)
+    assert not pid_alive(pid)
+    assert west.compute.get_instance(inst.id).state == "terminated"
+    assert list(west.compute.list_instances()) == []
+    assert not sink.root.exists()  # restored data goes with the instance
+    west.compute.terminate(inst.id)  # terminating twice is harmless
+
+
+def test_terminate_kills_a_process_that_ignores_sigterm(west: Region) -> None:
+    compute = LocalCompute(
+        root=west.config.path("root"),
+        provider="local",
+        region=west.name,
+        capabilities=LocalProvider.capabilities,
+        terminate_timeout=0.3,
+    )
+    spec = LaunchSpec("stubborn", function="trap '' TERM; touch ready; while :; do sleep 1; done")
+    sink = restore(west, spec, {})
+    inst = compute.launch(spec, sink)
+    wait_for(lambda: (sink.root / "ready").exists(), "the trap to be set")
+    compute.terminate(inst.id)
+    assert not pid_alive(inst.extra["pid"])
+    assert compute.get_instance(inst.id).state == "terminated"
+
+
+def test_an_exited_process_shows_as_stopped(west: Region) -> None:
+    spec = LaunchSpec("oneshot", function="echo done; exit 0")
+    inst = west.compute.launch(spec, restore(west, spec, {}))
+
+    def stopped() -> bool:
+        return west.compute.get_instance(inst.id).state == "stopped"
+
+    wait_for(stopped, "the process to exit")
+    assert Path(inst.extra["log"]).read_text() == "done\n"
+    assert [i.state for i in west.compute.list_instances()] == ["stopped"]
+    west.compute.terminate(inst.id)
+
+
+def test_launch_without_function_and_launch_errors(west: Region, tmp_path: Path) -> None:
+    spec = LaunchSpec("data-only")
+    sink = restore(west, spec, {"f": "x"})
+    inst = west.compute.launch(spec, sink)
+    assert (inst.state, inst.extra["pid"]) == ("running", None)
+    with pytest.raises(ComputeError, match="already launched"):
+        west.compute.launch(spec, sink)
+    with pytest.raises(AmbiguousName, match="data-only"):
+        west.compute.launch(spec, restore(west, spec, {}))
+    with pytest.raises(ComputeError, match="sink from this Compute"):
+        west.compute.launch(LaunchSpec("other"), LocalFileSink(tmp_path, "i-0000000000000000"))
+    west.compute.terminate(inst.id)
+
+
+def test_terminating_a_registered_instance_keeps_its_data(east: Region, tmp_path: Path) -> None:
+    data = make_data(tmp_path / "d")
+    inst = east.compute.register_instance("x", data)
+    east.compute.terminate(inst.id)
+    assert (data / "etc" / "config").exists()
+    with pytest.raises(ComputeError, match="terminated"):
+        east.compute.set_tags(inst.id, {"a": "b"})
+    # the name is free again
+    assert east.compute.register_instance("x", data).id != inst.id
+
+
+def test_instance_records_survive_a_new_compute(east: Region, tmp_path: Path) -> None:
+    inst = east.compute.register_instance("x", make_data(tmp_path / "d"), tags={"k": "v"})
+    fresh = LocalCompute(
+        root=east.config.path("root"),
+        provider="local",
+        region=east.name,
+        capabilities=LocalProvider.capabilities,
+    )
+    again: Instance = fresh.get_instance(inst.id)
+    assert again == inst
+    record = east.config.path("root") / "compute" / "instances" / inst.id / "instance.json"
+    assert stat.S_ISREG(record.stat().st_mode)
