@@ -85,6 +85,10 @@ class RegionConfig:
     base_dir: Path
     #: the file this came from, for error messages
     source: str = "<memory>"
+    #: services with a table of their own (``[regions."x".vault]``)
+    overridden: frozenset[str] = frozenset()
+    #: set on the view :meth:`for_service` gives a provider, when that service is overridden
+    service: str | None = None
 
     @property
     def name(self) -> str:
@@ -96,7 +100,8 @@ class RegionConfig:
 
     def key(self, *parts: str) -> str:
         """The TOML key path of a setting, for error messages."""
-        return ".".join([f'regions."{self.id}"', *parts])
+        head = [f'regions."{self.id}"'] + ([self.service] if self.service else [])
+        return ".".join([*head, *parts])
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, file=self.source, key=self.key(key), region=self.name)
@@ -104,7 +109,11 @@ class RegionConfig:
     def for_service(self, service: str) -> RegionConfig:
         """This region as seen by the provider of ``service``: settings are that service's."""
         svc = self.services[service]
-        return replace(self, settings=svc.settings)
+        return replace(
+            self,
+            settings=svc.settings,
+            service=service if service in self.overridden else None,
+        )
 
     def path(self, key: str) -> Path:
         """A path setting, resolved against the site file's directory."""
@@ -186,21 +195,22 @@ _TOP_KEYS = {"site", "regions", "replication", "policies"}
 
 
 def _type_name(value: object) -> str:
+    """The TOML name of a value's type, with its article ("a string", "an array")."""
     return {
-        str: "string",
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        list: "array",
-        dict: "table",
-    }.get(type(value), type(value).__name__)
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), f"a {type(value).__name__}")
 
 
 def _expect(value: Any, kind: type, file: str, key: str) -> None:
     # bool is an int subclass in Python; TOML keeps them apart, and so do we
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(
-            f"must be a {_type_name(kind())}, got {_type_name(value)} {value!r}",
+            f"must be {_type_name(kind())}, got {_type_name(value)} {value!r}",
             file=file,
             key=key,
         )
@@ -290,8 +300,21 @@ def parse_site(
             if provider == rid.provider:
                 svc_settings = {**settings, **svc_settings}
             services[svc] = ServiceConfig(provider, svc_settings)
+        overridden = frozenset(svc for svc in SERVICES if svc in table)
+        if settings and all(services[svc].provider != rid.provider for svc in SERVICES):
+            raise ConfigError(
+                f"every service is overridden with another provider, so these settings "
+                f"are unused: {', '.join(sorted(settings))}",
+                file=source,
+                key=rkey,
+            )
         regions[str(rid)] = RegionConfig(
-            id=rid, settings=settings, services=services, base_dir=base, source=source
+            id=rid,
+            settings=settings,
+            services=services,
+            base_dir=base,
+            source=source,
+            overridden=overridden,
         )
 
     short_names: dict[str, int] = {}

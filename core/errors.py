@@ -42,8 +42,8 @@ class RegionVaultError(Exception):
 
     def __str__(self) -> str:
         where = self.region or self.provider
-        if where and self.provider and not where.startswith(f"{self.provider}:"):
-            where = f"{self.provider}:{where}"
+        if self.region and self.provider and not self.region.startswith(f"{self.provider}:"):
+            where = f"{self.provider}:{self.region}"
         return f"[{where}] {self.message}" if where else self.message
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote, unquote
 
 from regionvault.core.errors import RegionVaultError
+from regionvault.core.fsutil import write_atomic
 
 if TYPE_CHECKING:
     import pluggy
@@ -394,29 +395,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class JobLock:
     """A held lock on one job key (see :meth:`JobLedger.acquire`). While held, a background
     thread renews its expiry every third of the ledger's ``lock_ttl``."""
@@ -520,12 +498,12 @@ class JobLedger:
 
     def mark_done(self, outcome: JobOutcome) -> None:
         data = json.dumps(outcome.to_dict(), sort_keys=True, allow_nan=False).encode()
-        _write_atomic(self._path("done", outcome.key), data)
+        write_atomic(self._path("done", outcome.key), data)
         self._path("failed", outcome.key).unlink(missing_ok=True)
 
     def mark_failed(self, outcome: JobOutcome) -> None:
         data = json.dumps(outcome.to_dict(), sort_keys=True, default=str).encode()
-        _write_atomic(self._path("failed", outcome.key), data)
+        write_atomic(self._path("failed", outcome.key), data)
 
     def forget(self, key: str) -> None:
         """Drop a key's records, so that it runs again."""
@@ -641,7 +619,7 @@ class JobLedger:
         with self._breaker():
             if not self._owns(lock):
                 return False
-            _write_atomic(lock.path, self._lock_body(lock.key, lock.token))
+            write_atomic(lock.path, self._lock_body(lock.key, lock.token))
             return True
 
     def _release(self, lock: JobLock) -> None:
