@@ -14,6 +14,7 @@ import pluggy
 from regionvault.core.errors import ProviderNotFound, RegionVaultError
 
 if TYPE_CHECKING:
+    from regionvault.core.conformance.support import ConformanceSupport
     from regionvault.core.interfaces import Capture, Provider
     from regionvault.core.types import Instance, RecoveryPoint
 
@@ -91,6 +92,14 @@ class HookSpecs:
         """Called when a job (tag, backup, copy, retention, verify, drill) fails; ``job`` is
         the job's stable key. Notify or count here; the error is still reported. Returns
         nothing."""
+
+    @hookspec(firstresult=True)
+    def regionvault_conformance_support(self, provider: str) -> ConformanceSupport | None:
+        """Called once per run of the conformance suite (``pytest --pyargs
+        regionvault.core.conformance --regionvault-provider=NAME``) with the provider's name.
+        Return a :class:`~regionvault.core.conformance.ConformanceSupport` (a throwaway
+        two-region test site, test instances) when this plugin supports ``provider``, else
+        None; the first answer that is not None is taken."""
 
 
 class ProviderRegistry:

@@ -1,0 +1,28 @@
+"""Entry point of the AWS provider (group ``regionvault``); imports nothing from boto3."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from regionvault.core.plugins import hookimpl
+
+if TYPE_CHECKING:
+    from regionvault.core.conformance.support import ConformanceSupport
+    from regionvault.core.plugins import ProviderRegistry
+
+
+@hookimpl
+def regionvault_register_providers(registry: ProviderRegistry) -> None:
+    from regionvault.providers.aws.provider import AwsProvider
+
+    registry.add(AwsProvider)
+
+
+# optional: a core without the conformance suite's hookspec still loads this plugin
+@hookimpl(optionalhook=True)
+def regionvault_conformance_support(provider: str) -> ConformanceSupport | None:
+    if provider != "aws":
+        return None
+    from regionvault.providers.aws.conformance import AwsConformanceSupport
+
+    return AwsConformanceSupport()

@@ -1,0 +1,805 @@
+"""Vault and Transit on S3: one bucket per region, an inbox bucket or prefix for transit.
+
+Puts are single PUTs up to ``multipart_threshold`` and multipart uploads with parallel parts
+above it; both are atomic by S3's semantics (an object appears whole, or not at all).
+``if_absent`` is S3's conditional write (``If-None-Match: *``) on PutObject and on
+CompleteMultipartUpload.
+
+WORM: with ``object_lock = true`` the bucket is created with Object Lock, which turns on
+versioning. In a versioned bucket a plain DELETE only adds a delete marker and leaves every
+version in place, so :meth:`AwsVault.delete` removes an object by deleting each of its
+versions by id, after checking every version's retention and legal hold, so that "delete
+refused while locked" holds whatever S3 itself would have allowed (moto, for one, lets a
+COMPLIANCE lock be shortened; the vault does not).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from regionvault.core.errors import (
+    ConfigError,
+    ObjectExists,
+    ObjectNotFound,
+    RegionVaultError,
+    RetentionLocked,
+    TransitError,
+    VaultError,
+)
+from regionvault.core.interfaces import Transit, Vault
+from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
+from regionvault.providers.aws.clients import error_code, error_message, error_status
+
+if TYPE_CHECKING:
+    from regionvault.core.config import RegionConfig
+    from regionvault.providers.aws.clients import ClientFactory
+    from regionvault.providers.aws.settings import AwsSettings
+
+__all__ = ["AwsTransit", "AwsVault", "S3Bucket"]
+
+#: keys under this prefix belong to the provider (the vault id), never to vault names
+RESERVED_PREFIX = ".regionvault/"
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
+_CONFLICT_RETRIES = 3
+_MAX_PAGES = 10_000_000  # a bound for pagination loops, far above any real listing
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a vault or inbox name, or None when it can. S3 would take
+    almost any key, but '.'/'..' segments and empty segments are collapsed by some HTTP
+    layers and tools, and control characters break listings, so they are refused."""
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "contains a control character"
+    if name.startswith("/"):
+        return "starts with '/'"
+    for segment in name.split("/"):
+        if not segment:
+            return "has an empty segment ('//' or a trailing '/')"
+        if segment in (".", ".."):
+            return f"has a {segment!r} segment"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    return None
+
+
+def _etag(value: Any) -> str | None:
+    return str(value).strip('"') if value else None
+
+
+class S3Bucket:
+    """The S3 primitives the vault and the transit share, for one bucket through one client.
+
+    ``error`` is the error class raised for failures (VaultError or TransitError).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: Any,
+        bucket: str,
+        settings: AwsSettings,
+        region: str,
+        error: type[RegionVaultError],
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.settings = settings
+        self.region = region
+        self.error_class = error
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._versioned: bool | None = None
+        self._object_lock: bool | None = None
+        self._ensured = False
+
+    # ------------------------------------------------------------------ errors
+
+    def error(self, exc: BaseException, what: str) -> RegionVaultError:
+        code = error_code(exc)
+        if code in ("NoSuchBucket",):
+            message = (
+                f"bucket {self.bucket!r} does not exist in {self.settings.aws_region} "
+                "(create it, or set create = true)"
+            )
+        else:
+            message = f"{what} in bucket {self.bucket!r}: {error_message(exc)}"
+        return self.error_class(message, provider="aws", region=self.region)
+
+    # ------------------------------------------------------------------ bucket set-up
+
+    def ensure(self, *, create: bool, object_lock: bool) -> None:
+        """With ``create``, make the bucket (private, Object Lock if asked); then learn
+        whether it is versioned. Done once."""
+        if self._ensured:
+            return
+        with self._lock:
+            if not self._ensured:
+                self._ensure(create=create, object_lock=object_lock)
+
+    def _ensure(self, *, create: bool, object_lock: bool) -> None:
+        if create:
+            self._create(object_lock)
+        try:
+            status = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, "cannot read versioning") from None
+        self._versioned = status in ("Enabled", "Suspended")
+        if object_lock:
+            self._object_lock = self._lock_enabled()
+            if not self._object_lock:
+                raise ConfigError(
+                    f"object_lock = true but bucket {self.bucket!r} has no Object Lock "
+                    "(it can only be turned on when a bucket is created)",
+                    key=f'regions."{self.region}".object_lock',
+                    region=self.region,
+                )
+        self._ensured = True
+
+    def _create(self, object_lock: bool) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.settings.aws_region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.aws_region}
+        if object_lock:
+            kwargs["ObjectLockEnabledForBucket"] = True
+        try:
+            self.client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise self.error(exc, "cannot create the bucket") from None
+            return
+        except BotoCoreError as exc:
+            raise self.error(exc, "cannot create the bucket") from None
+        try:
+            self.client.put_public_access_block(
+                Bucket=self.bucket,
+                PublicAccessBlockConfiguration={
+                    "BlockPublicAcls": True,
+                    "IgnorePublicAcls": True,
+                    "BlockPublicPolicy": True,
+                    "RestrictPublicBuckets": True,
+                },
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, "cannot block public access") from None
+
+    def _lock_enabled(self) -> bool:
+        try:
+            conf = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            if error_code(exc) == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise self.error(exc, "cannot read the Object Lock configuration") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, "cannot read the Object Lock configuration") from None
+        return bool(conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
+
+    @property
+    def versioned(self) -> bool:
+        return bool(self._versioned)
+
+    # ------------------------------------------------------------------ objects
+
+    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool) -> dict[str, Any]:
+        """Store ``data`` at ``key`` atomically (one PUT, or a multipart upload above the
+        threshold); :class:`ObjectExists` when ``if_absent`` finds the key taken."""
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                if size > self.settings.multipart_threshold:
+                    return self._put_multipart(key, data, size, if_absent=if_absent)
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": bytes(data)}
+                if if_absent:
+                    kwargs["IfNoneMatch"] = "*"
+                return dict(self.client.put_object(**kwargs))
+            except ClientError as exc:
+                code = error_code(exc)
+                if code == "ConditionalRequestConflict" and attempt < _CONFLICT_RETRIES:
+                    # another conditional write on this key is in flight: ask again shortly
+                    time.sleep(0.1 * (attempt + 1))
+                    continue
+                if if_absent and (code == "PreconditionFailed" or error_status(exc) == 412):
+                    raise ObjectExists(key, provider="aws", region=self.region) from None
+                raise self.error(exc, f"cannot put {key!r}") from None
+            except BotoCoreError as exc:
+                raise self.error(exc, f"cannot put {key!r}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _put_multipart(
+        self, key: str, data: bytes | memoryview, size: int, *, if_absent: bool
+    ) -> dict[str, Any]:
+        view = memoryview(data).cast("B")
+        part = self.settings.multipart_part_size
+        ranges = [
+            (n + 1, start, min(start + part, size)) for n, start in enumerate(range(0, size, part))
+        ]
+        upload_id = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32"
+        )["UploadId"]
+
+        def upload(item: tuple[int, int, int]) -> dict[str, Any]:
+            number, start, end = item
+            answer = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=bytes(view[start:end]),
+                ChecksumAlgorithm="CRC32",
+            )
+            done: dict[str, Any] = {"PartNumber": number, "ETag": answer["ETag"]}
+            if answer.get("ChecksumCRC32"):
+                done["ChecksumCRC32"] = answer["ChecksumCRC32"]
+            return done
+
+        try:
+            if self._pool is not None and len(ranges) > 1:
+                parts = list(self._pool.map(upload, ranges))
+            else:
+                parts = [upload(r) for r in ranges]
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts},
+            }
+            if if_absent:
+                kwargs["IfNoneMatch"] = "*"
+            return dict(self.client.complete_multipart_upload(**kwargs))
+        except BaseException:
+            # nothing became visible; do not leave the parts behind (they are billed)
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def get(self, key: str, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if length is not None:
+            kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
+        elif offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        try:
+            answer = self.client.get_object(**kwargs)
+            with answer["Body"] as body:
+                return bytes(body.read())
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in _NOT_FOUND:
+                raise ObjectNotFound(name, provider="aws", region=self.region) from None
+            if code == "InvalidRange":
+                return b""  # the range starts at or past the end
+            raise self.error(exc, f"cannot get {key!r}") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, f"cannot get {key!r}") from None
+
+    def head(self, key: str, name: str, *, version_id: str | None = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id is not None:
+            kwargs["VersionId"] = version_id
+        try:
+            return dict(self.client.head_object(**kwargs))
+        except ClientError as exc:
+            if error_code(exc) in _NOT_FOUND or error_status(exc) == 404:
+                raise ObjectNotFound(name, provider="aws", region=self.region) from None
+            raise self.error(exc, f"cannot head {key!r}") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, f"cannot head {key!r}") from None
+
+    def list(self, prefix: str) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=prefix,
+            PaginationConfig={"PageSize": self.settings.list_page_size},
+        )
+        try:
+            for page in pages:
+                yield from page.get("Contents", [])
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, f"cannot list {prefix!r}") from None
+
+    def first_key(self, key: str) -> bool:
+        """True when ``key`` exists, asked with a one-key listing (s3:ListBucket), not a read."""
+        try:
+            answer = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, f"cannot list {key!r}") from None
+        contents = answer.get("Contents", [])
+        return bool(contents) and contents[0].get("Key") == key
+
+    def versions(self, key: str) -> builtins.list[dict[str, Any]]:
+        """Every version and delete marker of exactly ``key``, newest first."""
+        found: builtins.list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}
+        try:
+            for _page in range(_MAX_PAGES):
+                answer = self.client.list_object_versions(**kwargs)
+                for item in answer.get("Versions", []):
+                    if item["Key"] == key:
+                        found.append({**item, "marker": False})
+                for item in answer.get("DeleteMarkers", []):
+                    if item["Key"] == key:
+                        found.append({**item, "marker": True})
+                if not answer.get("IsTruncated"):
+                    break
+                if answer.get("NextKeyMarker", key) != key:
+                    break  # the listing has moved past our key
+                kwargs["KeyMarker"] = answer["NextKeyMarker"]
+                kwargs["VersionIdMarker"] = answer.get("NextVersionIdMarker", "")
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, f"cannot list versions of {key!r}") from None
+        found.sort(key=lambda v: _utc(v["LastModified"]), reverse=True)
+        return found
+
+    def delete(self, key: str, name: str, *, bypass_governance: bool, check_locks: bool) -> None:
+        """Remove ``key`` for good: in a versioned bucket every version by id, after checking
+        (with ``check_locks``) that none is under retention or legal hold."""
+        if not self.versioned:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                if error_code(exc) in _NOT_FOUND:
+                    return
+                raise self.error(exc, f"cannot delete {key!r}") from None
+            return
+        versions = self.versions(key)
+        if check_locks:
+            for version in versions:
+                if not version["marker"]:
+                    self._refuse_if_locked(key, name, version["VersionId"], bypass_governance)
+        # oldest first: if a delete fails half-way, the newest version still stands whole
+        for version in reversed(versions):
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "VersionId": version["VersionId"],
+            }
+            if bypass_governance:
+                kwargs["BypassGovernanceRetention"] = True
+            try:
+                self.client.delete_object(**kwargs)
+            except ClientError as exc:
+                if error_code(exc) in _NOT_FOUND:
+                    continue
+                if error_code(exc) == "AccessDenied" and check_locks and not version["marker"]:
+                    # locked since we looked? say so; otherwise it is a permission problem
+                    self._refuse_if_locked(key, name, version["VersionId"], bypass_governance)
+                raise self.error(
+                    exc, f"cannot delete {key!r} version {version['VersionId']}"
+                ) from None
+            except BotoCoreError as exc:
+                raise self.error(exc, f"cannot delete {key!r}") from None
+
+    def _refuse_if_locked(self, key: str, name: str, version_id: str, bypass: bool) -> None:
+        try:
+            facts = self.head(key, name, version_id=version_id)
+        except ObjectNotFound:
+            return
+        refusal = _refusal(_info(name, facts), bypass_governance=bypass)
+        if refusal is not None:
+            raise RetentionLocked(
+                name, f"{refusal}; it cannot be deleted", provider="aws", region=self.region
+            )
+
+
+def _refusal(info: ObjectInfo, *, bypass_governance: bool) -> str | None:
+    """Why the object behind ``info`` may not be removed or replaced now, or None."""
+    if info.legal_hold:
+        return "legal hold is on"
+    until = info.retain_until
+    locked = until is not None and until > _now()
+    if locked and (info.retention_mode is RetentionMode.COMPLIANCE or not bypass_governance):
+        mode = info.retention_mode.value if info.retention_mode else "object lock"
+        return f"{mode} retention until {until.isoformat() if until else '?'}"
+    return None
+
+
+def _info(name: str, facts: dict[str, Any], size_key: str = "ContentLength") -> ObjectInfo:
+    until = facts.get("ObjectLockRetainUntilDate")
+    mode = facts.get("ObjectLockMode")
+    return ObjectInfo(
+        name=name,
+        size=int(facts.get(size_key, 0)),
+        modified=_utc(facts["LastModified"]) if facts.get("LastModified") else _now(),
+        retain_until=_utc(until) if until is not None else None,
+        retention_mode=RetentionMode(str(mode).lower()) if mode else None,
+        legal_hold=facts.get("ObjectLockLegalHoldStatus") == "ON",
+        etag=_etag(facts.get("ETag")),
+    )
+
+
+class AwsVault(Vault):
+    """One region's S3 bucket (under an optional key prefix)."""
+
+    def __init__(
+        self,
+        *,
+        region: RegionConfig,
+        settings: AwsSettings,
+        clients: ClientFactory,
+        capabilities: Capabilities,
+    ) -> None:
+        super().__init__(provider="aws", region=region.name, capabilities=capabilities)
+        self.bucket_name = settings.need(region, "bucket", "vault")
+        self.prefix = settings.prefix
+        self._settings = settings
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.multipart_concurrency, thread_name_prefix="rv-s3-part"
+        )
+        self._s3 = S3Bucket(
+            client=clients.client(settings, "s3"),
+            bucket=self.bucket_name,
+            settings=settings,
+            region=region.name,
+            error=VaultError,
+            pool=self._pool,
+        )
+        reserved = [RESERVED_PREFIX]
+        if settings.inbox_bucket_name == self.bucket_name:
+            reserved.append(settings.inbox_prefix)
+        self._reserved = tuple(reserved)
+        self._vault_id: str | None = None
+        self._id_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ready(self) -> S3Bucket:
+        self._s3.ensure(create=self._settings.create, object_lock=self._settings.object_lock)
+        return self._s3
+
+    def _key(self, name: str) -> str:
+        problem = name_problem(name)
+        if problem is not None:
+            raise VaultError(
+                f"bad object name {name!r}: {problem}", provider="aws", region=self.region
+            )
+        key = self.prefix + name
+        if len(key.encode("utf-8")) > 1024:
+            raise VaultError(
+                f"object name {name[:60]!r}... is longer than S3's 1024-byte key limit",
+                provider="aws",
+                region=self.region,
+            )
+        if key.startswith(self._reserved):
+            raise VaultError(
+                f"object name {name!r} lies in a key space the aws provider reserves "
+                f"({', '.join(self._reserved)})",
+                provider="aws",
+                region=self.region,
+            )
+        return key
+
+    # ------------------------------------------------------------------ Vault
+
+    @property
+    def vault_id(self) -> str:
+        """A random id made once per bucket and prefix and kept in the bucket (if-absent),
+        so every process and every later run sees the same one."""
+        if self._vault_id is None:
+            with self._id_lock:
+                if self._vault_id is None:
+                    self._vault_id = self._load_vault_id()
+        return self._vault_id
+
+    def _load_vault_id(self) -> str:
+        s3 = self._ready()
+        key = f"{RESERVED_PREFIX}{self.prefix}vault-id"
+        for _attempt in range(3):
+            try:
+                return s3.get(key, key).decode("ascii").strip()
+            except ObjectNotFound:
+                pass
+            made = f"aws-{uuid.uuid4().hex}"
+            try:
+                s3.put(key, made.encode("ascii"), if_absent=True)
+                return made
+            except ObjectExists:
+                continue  # another process made it between our get and put: read theirs
+        raise VaultError("cannot establish the vault id", provider="aws", region=self.region)
+
+    def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
+        key = self._key(name)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise VaultError(
+                f"put {name!r}: data must be bytes, got {type(data).__name__}",
+                provider="aws",
+                region=self.region,
+            )
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        s3 = self._ready()
+        if self._settings.object_lock and not if_absent:
+            # S3 would keep the locked version and put a new one in front of it; the framework
+            # promises more: a locked object is not replaced either
+            try:
+                current = s3.head(key, name)
+            except ObjectNotFound:
+                pass
+            else:
+                refusal = _refusal(_info(name, current), bypass_governance=False)
+                if refusal is not None:
+                    raise RetentionLocked(
+                        name,
+                        f"{refusal}; it cannot be overwritten",
+                        provider="aws",
+                        region=self.region,
+                    )
+        try:
+            answer = s3.put(key, data, if_absent=if_absent)
+        except ObjectExists:
+            raise ObjectExists(name, provider="aws", region=self.region) from None
+        return ObjectInfo(name=name, size=size, modified=_now(), etag=_etag(answer.get("ETag")))
+
+    def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        key = self._key(name)
+        if not isinstance(offset, int) or offset < 0:
+            raise VaultError(
+                f"get {name!r}: bad offset {offset!r}", provider="aws", region=self.region
+            )
+        if length is not None and (not isinstance(length, int) or length < 0):
+            raise VaultError(
+                f"get {name!r}: bad length {length!r}", provider="aws", region=self.region
+            )
+        if length == 0:
+            self.head(name)
+            return b""
+        return self._ready().get(key, name, offset=offset, length=length)
+
+    def head(self, name: str) -> ObjectInfo:
+        return _info(name, self._ready().head(self._key(name), name))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not isinstance(prefix, str) or prefix.startswith("/") or "\0" in prefix:
+            raise VaultError(f"bad list prefix {prefix!r}", provider="aws", region=self.region)
+        s3 = self._ready()
+        cut = len(self.prefix)
+        for item in s3.list(self.prefix + prefix):
+            key = item["Key"]
+            if key.startswith(self._reserved):
+                continue
+            yield _info(key[cut:], item, size_key="Size")
+
+    def delete(self, name: str, *, bypass_governance: bool = False) -> None:
+        key = self._key(name)
+        self._ready().delete(
+            key, name, bypass_governance=bypass_governance, check_locks=self._settings.object_lock
+        )
+
+    def _locking(self, operation: str) -> S3Bucket:
+        if not self._settings.object_lock:
+            raise self.unsupported(f"{operation} (set object_lock = true for this region)")
+        return self._ready()
+
+    def set_retention(
+        self,
+        name: str,
+        until: datetime,
+        mode: RetentionMode = RetentionMode.COMPLIANCE,
+        *,
+        bypass_governance: bool = False,
+    ) -> ObjectInfo:
+        s3 = self._locking("set_retention")
+        key = self._key(name)
+        if not isinstance(until, datetime) or until.tzinfo is None:
+            raise VaultError(
+                f"set_retention {name!r}: until must be a timezone-aware datetime, got {until!r}",
+                provider="aws",
+                region=self.region,
+            )
+        mode = RetentionMode(mode)
+        facts = s3.head(key, name)
+        current = _info(name, facts)
+        if current.retain_until is not None and current.retain_until > _now():
+            held = current.retention_mode
+            if held is RetentionMode.COMPLIANCE and (
+                until < current.retain_until or mode is RetentionMode.GOVERNANCE
+            ):
+                raise RetentionLocked(
+                    name,
+                    f"compliance retention until {current.retain_until.isoformat()} can only "
+                    "be extended",
+                    provider="aws",
+                    region=self.region,
+                )
+            if (
+                held is RetentionMode.GOVERNANCE
+                and until < current.retain_until
+                and not (bypass_governance)
+            ):
+                raise RetentionLocked(
+                    name,
+                    f"governance retention until {current.retain_until.isoformat()} can be "
+                    "shortened only with bypass_governance",
+                    provider="aws",
+                    region=self.region,
+                )
+        kwargs: dict[str, Any] = {
+            "Bucket": s3.bucket,
+            "Key": key,
+            "Retention": {"Mode": mode.value.upper(), "RetainUntilDate": until},
+        }
+        if facts.get("VersionId"):
+            kwargs["VersionId"] = facts["VersionId"]
+        if bypass_governance:
+            kwargs["BypassGovernanceRetention"] = True
+        try:
+            s3.client.put_object_retention(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) == "AccessDenied":
+                raise RetentionLocked(
+                    name,
+                    f"S3 refused the retention change ({error_message(exc)})",
+                    provider="aws",
+                    region=self.region,
+                ) from None
+            raise s3.error(exc, f"cannot set retention on {key!r}") from None
+        except BotoCoreError as exc:
+            raise s3.error(exc, f"cannot set retention on {key!r}") from None
+        return ObjectInfo(
+            name=name,
+            size=current.size,
+            modified=current.modified,
+            retain_until=_utc(until),
+            retention_mode=mode,
+            legal_hold=current.legal_hold,
+            etag=current.etag,
+        )
+
+    def set_legal_hold(self, name: str, on: bool) -> ObjectInfo:
+        s3 = self._locking("set_legal_hold")
+        key = self._key(name)
+        facts = s3.head(key, name)
+        kwargs: dict[str, Any] = {
+            "Bucket": s3.bucket,
+            "Key": key,
+            "LegalHold": {"Status": "ON" if on else "OFF"},
+        }
+        if facts.get("VersionId"):
+            kwargs["VersionId"] = facts["VersionId"]
+        try:
+            s3.client.put_object_legal_hold(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise s3.error(exc, f"cannot set the legal hold on {key!r}") from None
+        current = _info(name, facts)
+        return ObjectInfo(
+            name=name,
+            size=current.size,
+            modified=current.modified,
+            retain_until=current.retain_until,
+            retention_mode=current.retention_mode,
+            legal_hold=bool(on),
+            etag=current.etag,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class AwsTransit(Transit):
+    """Payloads from a source region into the destination's S3 inbox.
+
+    The source writes ``<inbox_prefix><source provider>/<source name>/<name>`` in the
+    destination's inbox bucket with its own credentials (s3:PutObject there, plus a
+    ListBucket limited to its prefix for :meth:`has`); the destination lists, reads and
+    deletes with its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: RegionConfig,
+        source_settings: AwsSettings | None,
+        destination: RegionConfig,
+        settings: AwsSettings,
+        clients: ClientFactory,
+        capabilities: Capabilities,
+    ) -> None:
+        super().__init__(
+            provider="aws", source=source.name, region=destination.name, capabilities=capabilities
+        )
+        settings.need(destination, "bucket", "transit inbox")
+        bucket = settings.inbox_bucket_name
+        assert bucket is not None
+        self.bucket_name = bucket
+        self.prefix = f"{settings.inbox_prefix}{source.id.provider}/{source.id.name}/"
+        self._settings = settings
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.multipart_concurrency, thread_name_prefix="rv-inbox-part"
+        )
+        # the sending side uses the source's credentials (profile), aimed at the destination
+        sender = source_settings or settings
+        self._send = S3Bucket(
+            client=clients.client(sender, "s3", aws_region=settings.aws_region),
+            bucket=bucket,
+            settings=settings,
+            region=destination.name,
+            error=TransitError,
+            pool=self._pool,
+        )
+        self._recv = S3Bucket(
+            client=clients.client(settings, "s3"),
+            bucket=bucket,
+            settings=settings,
+            region=destination.name,
+            error=TransitError,
+        )
+        self._same_bucket = bucket == settings.bucket
+        self._sent = 0
+        self._sent_lock = threading.Lock()
+
+    def _ready_recv(self) -> S3Bucket:
+        lock = self._settings.object_lock and self._same_bucket
+        self._recv.ensure(create=self._settings.create, object_lock=lock)
+        return self._recv
+
+    def _key(self, name: str) -> str:
+        problem = name_problem(name)
+        if problem is not None:
+            raise TransitError(
+                f"bad payload name {name!r}: {problem}", provider="aws", region=self.region
+            )
+        return self.prefix + name
+
+    def send(self, name: str, payload: bytes | memoryview) -> None:
+        key = self._key(name)
+        if self._settings.create:
+            self._ready_recv()  # test/dev set-ups make the inbox on first use
+        self._send.put(key, payload, if_absent=False)
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        with self._sent_lock:
+            self._sent += size
+
+    def has(self, name: str) -> bool:
+        key = self._key(name)
+        if self._settings.create:
+            self._ready_recv()  # test/dev set-ups make the inbox on first use
+        return self._send.first_key(key)
+
+    def inbox(self, prefix: str = "") -> Iterator[str]:
+        cut = len(self.prefix)
+        for item in self._ready_recv().list(self.prefix + prefix):
+            yield str(item["Key"])[cut:]
+
+    def receive(self, name: str) -> bytes:
+        key = self._key(name)
+        try:
+            return self._ready_recv().get(key, name)
+        except ObjectNotFound:
+            raise TransitError(
+                f"payload {name!r} is not in the inbox from {self.source}",
+                provider="aws",
+                region=self.region,
+            ) from None
+
+    def discard(self, name: str) -> None:
+        recv = self._ready_recv()
+        recv.delete(self._key(name), name, bypass_governance=False, check_locks=False)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,211 @@
+"""The AWS provider's site.toml settings for one region, checked without touching AWS."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from regionvault.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from regionvault.core.config import RegionConfig
+
+__all__ = ["OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "AwsSettings"]
+
+MiB = 1024 * 1024
+
+#: None is required of every service: ``kms_key`` is needed by keys (and sealing), ``bucket``
+#: by the vault and transit; each service checks its own when it is built.
+REQUIRED_SETTINGS: frozenset[str] = frozenset()
+OPTIONAL_SETTINGS = frozenset(
+    {
+        "aws_region",
+        "profile",
+        "endpoint_url",
+        "create",
+        "kms_key",
+        "bucket",
+        "prefix",
+        "object_lock",
+        "inbox_bucket",
+        "inbox_prefix",
+        "list_page_size",
+        "multipart_threshold",
+        "multipart_part_size",
+        "multipart_concurrency",
+        "instance_type",
+        "subnet_id",
+        "security_group_ids",
+        "snapshot_timeout",
+        "ebs_concurrency",
+        "capture_launched_from_snapshot",
+    }
+)
+
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+# S3 bucket names: 3-63 of lower-case letters, digits, '.', '-', starting and ending alnum
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_KMS_ARN = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/.+$")
+_KMS_ID = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$|^mrk-[0-9a-f]{32}$"
+)
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """One region's settings for the AWS provider (see docs/aws.md for each key)."""
+
+    region: str
+    aws_region: str
+    profile: str | None = None
+    endpoint_url: str | None = None
+    create: bool = False
+    kms_key: str | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    object_lock: bool = False
+    inbox_bucket: str | None = None
+    inbox_prefix: str = "inbox/"
+    list_page_size: int = 1000
+    multipart_threshold: int = 16 * MiB
+    multipart_part_size: int = 8 * MiB
+    multipart_concurrency: int = 4
+    instance_type: str | None = None
+    subnet_id: str | None = None
+    security_group_ids: tuple[str, ...] = ()
+    snapshot_timeout: int = 1800
+    ebs_concurrency: int = 8
+    #: test/dev only: a launched instance is captured from the snapshot it was restored
+    #: from (moto does not tie a volume's contents to snapshots; real AWS must not use this)
+    capture_launched_from_snapshot: bool = False
+
+    @property
+    def inbox_bucket_name(self) -> str | None:
+        return self.inbox_bucket or self.bucket
+
+    @classmethod
+    def from_region(cls, region: RegionConfig) -> AwsSettings:
+        """Parse and check ``region.settings``; :class:`ConfigError` names the bad key."""
+        s = region.settings
+
+        def string(key: str) -> str | None:
+            value = s.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise region.error(key, f"must be a non-empty string, got {value!r}")
+            return value
+
+        def boolean(key: str, default: bool) -> bool:
+            value = s.get(key, default)
+            if not isinstance(value, bool):
+                raise region.error(key, f"must be true or false, got {value!r}")
+            return value
+
+        def integer(key: str, default: int, low: int, high: int) -> int:
+            value = s.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise region.error(key, f"must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise region.error(key, f"must be between {low} and {high}, got {value}")
+            return value
+
+        aws_region = string("aws_region")
+        if aws_region is None:
+            if region.id.provider != "aws":
+                raise region.error(
+                    "aws_region", "missing (needed when the region id is not aws:<aws region>)"
+                )
+            aws_region = region.id.name
+        if not _AWS_REGION.match(aws_region):
+            message = f"{aws_region!r} is not an AWS region name like us-east-1"
+            if "aws_region" in s:
+                raise region.error("aws_region", message)
+            raise ConfigError(
+                f"{message} (set aws_region)",
+                file=region.source,
+                key=region.key(),
+                region=region.name,
+            )
+
+        endpoint_url = string("endpoint_url")
+        if endpoint_url is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint_url):
+            raise region.error(
+                "endpoint_url", f"{endpoint_url!r} is not an http(s)://host:port URL"
+            )
+
+        kms_key = string("kms_key")
+        if kms_key is not None:
+            arn = _KMS_ARN.match(kms_key)
+            if arn is not None and arn.group(1) != aws_region:
+                raise region.error(
+                    "kms_key", f"the key's ARN is in {arn.group(1)}, the region is in {aws_region}"
+                )
+            if arn is None and not kms_key.startswith("alias/") and not _KMS_ID.match(kms_key):
+                raise region.error(
+                    "kms_key", f"{kms_key!r} is not a key ARN, key id or alias/<name>"
+                )
+
+        buckets: dict[str, str | None] = {}
+        for key in ("bucket", "inbox_bucket"):
+            name = string(key)
+            if name is not None and (not _BUCKET.match(name) or ".." in name):
+                raise region.error(key, f"{name!r} is not a valid S3 bucket name")
+            buckets[key] = name
+
+        prefixes: dict[str, str] = {}
+        for key, default in (("prefix", ""), ("inbox_prefix", "inbox/")):
+            value = s.get(key, default)
+            if not isinstance(value, str) or value.startswith("/"):
+                raise region.error(
+                    key, f"must be a key prefix without a leading '/', got {value!r}"
+                )
+            if value and not value.endswith("/"):
+                value += "/"
+            prefixes[key] = value
+        if prefixes["inbox_prefix"] == "":
+            raise region.error("inbox_prefix", "must not be empty")
+
+        groups = s.get("security_group_ids", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise region.error("security_group_ids", "must be an array of security group ids")
+
+        part = integer("multipart_part_size", 8 * MiB, 5 * MiB, 5 * 1024 * MiB)
+        threshold = integer("multipart_threshold", 16 * MiB, 5 * MiB, 5 * 1024 * MiB)
+        if threshold < part:
+            raise region.error("multipart_threshold", "must be at least multipart_part_size")
+        return cls(
+            region=region.name,
+            aws_region=aws_region,
+            profile=string("profile"),
+            endpoint_url=endpoint_url.rstrip("/") if endpoint_url else None,
+            create=boolean("create", False),
+            kms_key=kms_key,
+            bucket=buckets["bucket"],
+            prefix=prefixes["prefix"],
+            object_lock=boolean("object_lock", False),
+            inbox_bucket=buckets["inbox_bucket"],
+            inbox_prefix=prefixes["inbox_prefix"],
+            list_page_size=integer("list_page_size", 1000, 1, 1000),
+            multipart_threshold=threshold,
+            multipart_part_size=part,
+            multipart_concurrency=integer("multipart_concurrency", 4, 1, 64),
+            instance_type=string("instance_type"),
+            subnet_id=string("subnet_id"),
+            security_group_ids=tuple(groups),
+            snapshot_timeout=integer("snapshot_timeout", 1800, 1, 24 * 3600),
+            ebs_concurrency=integer("ebs_concurrency", 8, 1, 64),
+            capture_launched_from_snapshot=boolean("capture_launched_from_snapshot", False),
+        )
+
+    def need(self, region: RegionConfig, key: str, service: str) -> str:
+        value: Any = getattr(self, key)
+        if not value:
+            raise ConfigError(
+                f"missing (the aws provider needs it for the {service})",
+                file=region.source,
+                key=region.key(key),
+                region=region.name,
+            )
+        return str(value)
