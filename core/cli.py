@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from regionvault.core.config import SERVICES, find_site_file
 from regionvault.core.errors import (
-    AmbiguousName,
     ConfigError,
-    InstanceNotFound,
     RegionVaultError,
 )
 from regionvault.core.types import Capabilities, Instance, Tags
@@ -61,7 +59,7 @@ __all__ = [
 ]
 
 #: modules that add commands to :data:`cli`, imported on first use of the group
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("regionvault.core.commands", "regionvault.core.demo")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -251,34 +249,8 @@ def _tag_callback(ctx: click.Context, param: click.Parameter, value: tuple[str, 
 
 
 def resolve_instance(site: Site, ref: str, region: str | None = None) -> Instance:
-    """The instance ``ref`` names: an instance id, or a name unique in ``region`` (or across
-    all regions when no region is given). An id wins over a name.
-
-    Raises :class:`InstanceNotFound` when nothing matches and :class:`AmbiguousName`, listing
-    the candidates, when a name matches several instances.
-    """
-    regions: list[Region] = [site.region(region)] if region else site.regions
-    by_id: list[Instance] = []
-    for r in regions:
-        try:
-            by_id.append(r.compute.get_instance(ref))
-        except InstanceNotFound:
-            continue
-    if len(by_id) == 1:
-        return by_id[0]
-    candidates = by_id or [
-        inst for r in regions for inst in r.compute.list_instances() if inst.name == ref
-    ]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        listed = ", ".join(f"{i.id} ({i.region})" for i in candidates)
-        hint = "give the id" if region else "give the id or --region"
-        raise AmbiguousName(
-            f"{ref!r} matches {len(candidates)} instances: {listed}; {hint}",
-            region=regions[0].name if region else None,
-        )
-    raise InstanceNotFound(ref, region=regions[0].name if region else None)
+    """The instance ``ref`` names (an id or a unique name); see :meth:`Site.find_instance`."""
+    return site.find_instance(ref, region=region)
 
 
 # --------------------------------------------------------------------------- init

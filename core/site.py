@@ -11,11 +11,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.config import RegionConfig, SiteConfig, load_site, validate_providers
+from regionvault.core.errors import AmbiguousName, InstanceNotFound
 from regionvault.core.plugins import ProviderRegistry, get_plugin_manager
 
 if TYPE_CHECKING:
     import pluggy
     from regionvault.core.interfaces import Compute, KeyService, Sealer, Transit, Vault
+    from regionvault.core.types import Instance
 
 __all__ = ["Region", "Site"]
 
@@ -113,6 +115,36 @@ class Site:
     @property
     def regions(self) -> list[Region]:
         return [self._regions[name] for name in sorted(self._regions)]
+
+    def find_instance(self, ref: str, *, region: str | None = None) -> Instance:
+        """The instance ``ref`` names: an instance id, or a name unique in ``region`` (or across
+        all regions when no region is given). An id wins over a name.
+
+        Raises :class:`InstanceNotFound` when nothing matches and :class:`AmbiguousName`, listing
+        the candidates, when a name matches several instances.
+        """
+        regions: list[Region] = [self.region(region)] if region else self.regions
+        by_id: list[Instance] = []
+        for r in regions:
+            try:
+                by_id.append(r.compute.get_instance(ref))
+            except InstanceNotFound:
+                continue
+        if len(by_id) == 1:
+            return by_id[0]
+        candidates = by_id or [
+            inst for r in regions for inst in r.compute.list_instances() if inst.name == ref
+        ]
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            listed = ", ".join(f"{i.id} ({i.region})" for i in candidates)
+            hint = "give the id" if region else "give the id or --region"
+            raise AmbiguousName(
+                f"{ref!r} matches {len(candidates)} instances: {listed}; {hint}",
+                region=regions[0].name if region else None,
+            )
+        raise InstanceNotFound(ref, region=regions[0].name if region else None)
 
     def transit(self, source: str, destination: str) -> Transit:
         """The link from ``source`` into ``destination``'s inbox (the destination's vault

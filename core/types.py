@@ -231,3 +231,5 @@ class RecoveryPoint:
     policy: str | None = None
     lineage: Lineage | None = None
     tags: Tags = field(default_factory=Tags)
+    #: what the instance ran (its command or image), so a launch performs the same function
+    function: str | None = None

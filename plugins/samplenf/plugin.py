@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,22 @@ def endpoint(instance: Instance) -> str | None:
     except (OSError, ValueError):
         return None
     # a restored data directory carries the original's port file until the new process
-    # rewrites it: only trust a file written by this instance's own process
-    if info.get("pid") != instance.extra.get("pid"):
+    # rewrites it: only trust a file written by this instance's own process, or by one in the
+    # session it leads (a launch through a shell)
+    if not _same_process(info.get("pid"), instance.extra.get("pid")):
         return None
     return f"http://127.0.0.1:{int(info['port'])}"
+
+
+def _same_process(writer: object, launched: object) -> bool:
+    if not isinstance(writer, int) or not isinstance(launched, int):
+        return False
+    if writer == launched:
+        return True
+    try:
+        return os.getsid(writer) == launched
+    except OSError:
+        return False
 
 
 @hookimpl

@@ -1,0 +1,485 @@
+"""CLI commands of the data plane and the pipeline: backup, restore, points, verify, prune,
+copy, tag, tick, run, status (``demo`` lives in core/demo.py)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from regionvault.core.cli import (
+    CliState,
+    ExpectedError,
+    cli,
+    json_option,
+    pass_state,
+    print_json,
+    print_table,
+)
+from regionvault.core.config import parse_duration
+
+if TYPE_CHECKING:
+    from regionvault.core.pipeline import Engine, TickReport
+    from regionvault.core.repository import Progress
+    from regionvault.core.types import RecoveryPoint
+
+__all__: list[str] = []
+
+
+def _engine(state: CliState) -> Engine:
+    from regionvault.core.pipeline import Engine
+
+    return Engine(state.site())
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[Progress], None] | None]:
+    """A rich progress bar on a terminal (standard error); nothing when not on one."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(p: Any) -> None:
+            bar.update(task, completed=p.bytes_done, total=p.bytes_total)
+
+        yield update
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _point_row(p: RecoveryPoint, now: datetime) -> list[str]:
+    return [
+        p.id,
+        p.region,
+        p.instance_name,
+        p.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        human_age(max(0.0, (now - p.created_at).total_seconds())),
+        p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
+        f"{p.size:,}",
+        f"{p.lineage.source_region}/{p.lineage.source_recovery_point[:8]}" if p.lineage else "",
+    ]
+
+
+def point_json(p: RecoveryPoint) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "region": p.region,
+        "instance_id": p.instance_id,
+        "instance_name": p.instance_name,
+        "kind": p.kind.value,
+        "created_at": p.created_at.isoformat(),
+        "expires_at": p.expires_at.isoformat() if p.expires_at else None,
+        "size": p.size,
+        "policy": p.policy,
+        "function": p.function,
+        "tags": dict(p.tags),
+        "lineage": None
+        if p.lineage is None
+        else {
+            "source_region": p.lineage.source_region,
+            "source_recovery_point": p.lineage.source_recovery_point,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- data plane
+
+
+@cli.command()
+@click.argument("instance")
+@click.option(
+    "--region", "-r", metavar="REGION", help="The instance's region (if the name is not unique)."
+)
+@pass_state
+def backup(state: CliState, instance: str, region: str | None) -> None:
+    """Back up INSTANCE (id or unique name) into its home region's vault now.
+
+    Prints the new recovery point's id alone on the last line of standard output."""
+    engine = _engine(state)
+    inst = state.site().find_instance(instance, region=region)
+    with progress_bar(f"backup {inst.name}") as progress:
+        point = engine.backup(inst, progress=progress)
+    _err(f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes")
+    click.echo(point.id)
+
+
+@cli.command()
+@click.argument("point")
+@click.option(
+    "--region", "-r", required=True, metavar="REGION", help="Region whose vault holds POINT."
+)
+@click.option(
+    "--target",
+    "-t",
+    type=click.Path(path_type=Path),
+    help="Restore into this directory (or image file).",
+)
+@click.option("--launch", is_flag=True, help="Launch a new instance from the restored data.")
+@click.option("--name", help="Name of the launched instance.")
+@click.option(
+    "--path", "paths", multiple=True, metavar="PATH", help="Restore only this path (repeat)."
+)
+@json_option
+@pass_state
+def restore(
+    state: CliState,
+    point: str,
+    region: str,
+    target: Path | None,
+    launch: bool,
+    name: str | None,
+    paths: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Restore recovery point POINT with REGION's keys alone, into --target or, with
+    --launch, into a new instance performing the same function (health-checked, RTO
+    recorded)."""
+    if not launch and target is None:
+        raise click.UsageError("give --target PATH, or --launch")
+    if target is not None and target.is_dir() and any(target.iterdir()):
+        raise ExpectedError(f"target {target} is not empty: restore into a new or empty directory")
+    engine = _engine(state)
+    with progress_bar(f"restore {point[:8]}") as progress:
+        result = engine.restore(
+            point,
+            region=region,
+            target=target,
+            launch=launch,
+            name=name,
+            paths=list(paths) or None,
+            progress=progress,
+        )
+    out: dict[str, Any] = {
+        "point": result.point.id,
+        "region": result.region,
+        "target": str(result.target) if result.target else None,
+        "seconds_to_restore": round(result.seconds_to_restore, 3),
+    }
+    if result.instance is not None:
+        out.update(
+            instance=result.instance.id,
+            name=result.instance.name,
+            healthy=result.healthy,
+            rto_seconds=None
+            if result.seconds_to_healthy is None
+            else round(result.seconds_to_healthy, 3),
+        )
+    if as_json:
+        print_json(out)
+        return
+    if result.instance is None:
+        click.echo(f"restored {result.point.id} into {result.target}")
+    else:
+        rto = f"healthy after {result.seconds_to_healthy:.2f}s" if result.healthy else "NOT healthy"
+        click.echo(
+            f"launched {result.instance.name} ({result.instance.id}) in {result.region}: {rto}"
+        )
+        click.echo(result.instance.id)
+        if not result.healthy:
+            raise ExpectedError(f"instance {result.instance.id} did not become healthy")
+
+
+@cli.command()
+@click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@click.option("--instance", "-i", metavar="INSTANCE", help="Only this instance's points (id).")
+@json_option
+@pass_state
+def points(state: CliState, region: str | None, instance: str | None, as_json: bool) -> None:
+    """List recovery points, oldest first."""
+    engine = _engine(state)
+    site = state.site()
+    regions = [site.region(region)] if region else site.regions
+    found = [p for r in regions for p in engine.repository(r.name).points(instance)]
+    if as_json:
+        print_json([point_json(p) for p in found])
+        return
+    now = datetime.now(UTC)
+    print_table(
+        ["id", "region", "instance", "created (UTC)", "age", "expires", "bytes", "copy of"],
+        [_point_row(p, now) for p in found],
+    )
+
+
+@cli.command()
+@click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@click.option("--read-data", is_flag=True, help="Also read and authenticate every stored byte.")
+@json_option
+@pass_state
+def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) -> None:
+    """Check each region's vault: structure, or with --read-data every byte."""
+    engine = _engine(state)
+    site = state.site()
+    regions = [site.region(region)] if region else site.regions
+    reports = []
+    for r in regions:
+        with progress_bar(f"verify {r.name}") as progress:
+            report = engine.repository(r.name).verify(read_data=read_data, progress=progress)
+        reports.append((r.name, report))
+    if as_json:
+        print_json(
+            [
+                {
+                    "region": name,
+                    "ok": rep.ok,
+                    "read_data": rep.read_data,
+                    "points": rep.points,
+                    "packs": rep.packs,
+                    "blobs": rep.blobs,
+                    "bytes_read": rep.bytes_read,
+                    "errors": [str(e) for e in rep.errors],
+                    "warnings": [str(w) for w in rep.warnings],
+                }
+                for name, rep in reports
+            ]
+        )
+    else:
+        for name, rep in reports:
+            verdict = "ok" if rep.ok else f"{len(rep.errors)} error(s)"
+            click.echo(
+                f"{name}: {verdict}: {rep.points} points, {rep.packs} packs, {rep.blobs} blobs"
+                + (f", {rep.bytes_read:,} bytes read" if read_data else "")
+            )
+            for e in rep.errors:
+                click.echo(f"  error: {e}")
+            for w in rep.warnings:
+                click.echo(f"  note: {w}")
+    bad = [name for name, rep in reports if not rep.ok]
+    if bad:
+        raise ExpectedError(f"verify found errors in {', '.join(bad)}")
+
+
+@cli.command()
+@click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@json_option
+@pass_state
+def prune(state: CliState, region: str | None, as_json: bool) -> None:
+    """Collect data no recovery point references (never what a WORM lock or legal hold
+    protects)."""
+    engine = _engine(state)
+    site = state.site()
+    regions = [site.region(region)] if region else site.regions
+    out = []
+    for r in regions:
+        with progress_bar(f"prune {r.name}") as progress:
+            rep = engine.repository(r.name).prune(progress=progress)
+        out.append(
+            {
+                "region": r.name,
+                "packs_deleted": rep.packs_deleted,
+                "packs_rewritten": rep.packs_rewritten,
+                "bytes_freed": rep.bytes_freed,
+                "skipped": [str(s) for s in rep.skipped],
+            }
+        )
+    if as_json:
+        print_json(out)
+        return
+    for row in out:
+        click.echo(
+            f"{row['region']}: deleted {row['packs_deleted']} packs, rewrote "
+            f"{row['packs_rewritten']}, freed {row['bytes_freed']:,} bytes"
+            + (f", {len(row['skipped'])} protected objects kept" if row["skipped"] else "")
+        )
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@cli.command()
+@click.argument("point")
+@click.option("--to", "to", required=True, metavar="REGION", help="Destination region.")
+@click.option("--from", "source", metavar="REGION", help="Region holding POINT (default: found).")
+@pass_state
+def copy(state: CliState, point: str, to: str, source: str | None) -> None:
+    """Copy recovery point POINT to region --to, re-encrypted under its keys.
+
+    Prints the copy's recovery point id alone on the last line of standard output."""
+    engine = _engine(state)
+    result = engine.copy(point, source=source, to=to)
+    if result.existing:
+        _err(f"{to} already holds a copy of {point}: {result.point.id}")
+    else:
+        _err(
+            f"copied {result.chunks_sent} of {result.chunks_total} chunks, "
+            f"{result.bytes_moved:,} bytes over transit"
+        )
+    click.echo(result.point.id)
+
+
+@cli.command()
+@click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@json_option
+@pass_state
+def tag(state: CliState, region: str | None, as_json: bool) -> None:
+    """Give untagged instances the site's default policy tag (never overwriting one)."""
+    engine = _engine(state)
+    site = state.site()
+    regions = [site.region(region)] if region else site.regions
+    reports = [engine.tag(r.name) for r in regions]
+    if as_json:
+        print_json(
+            [
+                {
+                    "region": rep.region,
+                    "tagged": [
+                        {"id": t.instance_id, "name": t.name, "value": t.value} for t in rep.tagged
+                    ],
+                    "skipped": [str(n) for n in rep.skipped],
+                    "malformed": [str(n) for n in rep.malformed],
+                    "failed": [str(n) for n in rep.failed],
+                }
+                for rep in reports
+            ]
+        )
+        return
+    for rep in reports:
+        click.echo(rep.summary())
+        for t in rep.tagged:
+            click.echo(f"  tagged {t}")
+        for n in rep.malformed:
+            click.echo(f"  malformed: {n}")
+        for n in rep.failed:
+            click.echo(f"  failed: {n}")
+
+
+def _tick_json(report: TickReport) -> dict[str, Any]:
+    return {
+        "at": report.at.isoformat(),
+        "ok": report.ok,
+        "tagged": [t.instance_id for rep in report.tagged for t in rep.tagged],
+        "schedule": [s.summary() for s in report.schedule],
+        "jobs": [o.to_dict() for o in report.jobs],
+        "problems": report.problems,
+    }
+
+
+def _print_tick(report: TickReport) -> None:
+    for s in report.schedule:
+        click.echo(s.summary())
+        for m in s.malformed:
+            click.echo(f"  malformed: {m}")
+    for o in report.jobs:
+        if o.status.value == "replayed":
+            continue
+        line = f"{o.status.value:8} {o.key}"
+        if o.error:
+            line += f": {o.error}"
+        click.echo(line)
+    for p in report.problems:
+        click.echo(f"problem: {p}")
+
+
+@cli.command()
+@json_option
+@pass_state
+def tick(state: CliState, as_json: bool) -> None:
+    """One pass: tag, back up what is due, copy, apply retention (for cron)."""
+    report = _engine(state).tick()
+    if as_json:
+        print_json(_tick_json(report))
+    else:
+        _print_tick(report)
+    if not report.ok:
+        raise ExpectedError(f"{len(report.failures()) + len(report.problems)} step(s) failed")
+
+
+@cli.command()
+@click.option(
+    "--interval", metavar="DURATION", help="Time between ticks (default: the site's intervals)."
+)
+@click.option("--max-ticks", type=click.IntRange(min=1), help="Stop after this many ticks.")
+@pass_state
+def run(state: CliState, interval: str | None, max_ticks: int | None) -> None:
+    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish."""
+    every = None
+    if interval is not None:
+        try:
+            every = parse_duration(interval, bare_unit="s")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--interval") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        _err(f"regionvault: {signal.Signals(signum).name}: stopping after the current step")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine = _engine(state)
+
+    def on_tick(report: TickReport) -> None:
+        _print_tick(report)
+        sys.stdout.flush()
+
+    ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks)
+    _err(f"regionvault: stopped after {ticks} tick(s)")
+
+
+@cli.command()
+@json_option
+@pass_state
+def status(state: CliState, as_json: bool) -> None:
+    """Per instance and region: newest recovery point and its age (RPO), last copy, last
+    restore drill and its RTO."""
+    rows = _engine(state).status()
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+
+    print_table(
+        ["instance", "region", "role", "points", "newest", "RPO", "last copy", "last drill RTO"],
+        [
+            [
+                f"{r.instance_name} ({r.instance_id})",
+                r.region,
+                r.role,
+                str(r.points),
+                (r.newest_point or "-")[:12],
+                human_age(r.rpo_seconds),
+                r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
+                "-"
+                if r.last_drill_at is None
+                else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
+            ]
+            for r in rows
+        ],
+    )

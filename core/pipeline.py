@@ -1,0 +1,627 @@
+"""The regional pipeline: tag, schedule, back up, copy, restore and launch, retain.
+
+:class:`Engine` is the embedding API. Every step is also an idempotent job with a stable key
+(core/jobs.py); :meth:`Engine.tick` runs one pass of all of them through an executor, and
+:meth:`Engine.run` ticks until stopped. See docs/embedding.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regionvault.core.copy import CopyProgress, CopyResult, copy_point
+from regionvault.core.errors import (
+    InstanceNotFound,
+    ObjectNotFound,
+    PolicyError,
+    RegionVaultError,
+    RetentionLocked,
+)
+from regionvault.core.interfaces import BlockSink, FileSink
+from regionvault.core.jobs import (
+    BACKUP,
+    COPY,
+    RETENTION,
+    TAG,
+    Job,
+    JobHandlers,
+    JobLedger,
+    JobOutcome,
+    ThreadExecutor,
+    copy_job,
+    format_slot,
+    parse_slot,
+    retention_job,
+    slot_of,
+    tag_job,
+)
+from regionvault.core.policy import resolve_policy
+from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.scheduler import ScheduleReport, due_instances
+from regionvault.core.state import DrillRecord, StateStore
+from regionvault.core.tagger import TagReport, tag_region
+from regionvault.core.types import Instance, LaunchSpec, RecoveryPoint, Tags
+
+if TYPE_CHECKING:
+    from regionvault.core.repository import ProgressCallback
+    from regionvault.core.site import Region, Site
+
+__all__ = [
+    "SLOT_TAG",
+    "Engine",
+    "RestoreResult",
+    "RetentionReport",
+    "StatusRow",
+    "TickReport",
+]
+
+log = logging.getLogger(__name__)
+
+#: recorded in a recovery point's tags: the schedule slot it was made for
+SLOT_TAG = "regionvault:slot"
+#: how long a launch may take to become healthy before the restore reports it unhealthy
+DEFAULT_HEALTH_TIMEOUT = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    point: RecoveryPoint
+    region: str
+    #: where the data was restored (a directory or image file), None for a cloud sink
+    target: Path | None
+    instance: Instance | None = None
+    #: the RTO: from the restore request to a healthy instance; None if it never was healthy
+    seconds_to_healthy: float | None = None
+    seconds_to_restore: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.seconds_to_healthy is not None
+
+
+@dataclass
+class RetentionReport:
+    region: str
+    forgotten: list[str] = field(default_factory=list)
+    #: expired points that a WORM lock or legal hold keeps
+    protected: list[str] = field(default_factory=list)
+    prune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TickReport:
+    at: datetime
+    tagged: list[TagReport] = field(default_factory=list)
+    schedule: list[ScheduleReport] = field(default_factory=list)
+    jobs: list[JobOutcome] = field(default_factory=list)
+    #: problems met outside any job (a region that could not be listed, ...)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(o.ok for o in self.jobs)
+
+    def failures(self) -> list[JobOutcome]:
+        return [o for o in self.jobs if not o.ok]
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """Where one instance stands in one region."""
+
+    instance_id: str
+    instance_name: str
+    region: str
+    #: home region (backups) or a copy destination
+    role: str
+    newest_point: str | None
+    newest_at: datetime | None
+    #: the RPO right now: age of the newest recovery point
+    rpo_seconds: float | None
+    points: int
+    last_copy_at: datetime | None = None
+    last_drill_at: datetime | None = None
+    last_drill_rto: float | None = None
+    last_drill_healthy: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "instance_id": self.instance_id,
+            "instance_name": self.instance_name,
+            "region": self.region,
+            "role": self.role,
+            "newest_point": self.newest_point,
+            "newest_at": iso(self.newest_at),
+            "rpo_seconds": self.rpo_seconds,
+            "points": self.points,
+            "last_copy_at": iso(self.last_copy_at),
+            "last_drill_at": iso(self.last_drill_at),
+            "last_drill_rto": self.last_drill_rto,
+            "last_drill_healthy": self.last_drill_healthy,
+        }
+
+
+class Engine:
+    """The pipeline over a :class:`Site`.
+
+    >>> engine = Engine(Site.load("site.toml"))              # doctest: +SKIP
+    >>> point = engine.backup("vcu-1")                        # doctest: +SKIP
+    >>> copy = engine.copy(point.id, to="west").point        # doctest: +SKIP
+    >>> result = engine.restore(copy.id, region="west", launch=True)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        settings: RepositorySettings | None = None,
+        workers: int = 2,
+        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+    ) -> None:
+        self.site = site
+        self.clock = clock
+        self.settings = settings
+        self.workers = workers
+        self.health_timeout = health_timeout
+        self.state = StateStore(site.config.state_dir)
+        self._repos: dict[str, Repository] = {}
+        self._repo_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def region(self, ref: str) -> Region:
+        return self.site.region(ref)
+
+    def repository(self, region: str) -> Repository:
+        """The recovery-point repository in ``region``'s vault, under its own KeyService."""
+        r = self.region(region)
+        with self._repo_lock:
+            repo = self._repos.get(r.name)
+            if repo is None:
+                repo = Repository.init_or_open(
+                    r.vault, r.keys, region=r.name, settings=self.settings
+                )
+                self._repos[r.name] = repo
+            return repo
+
+    def find_point(self, point_id: str, region: str | None = None) -> RecoveryPoint:
+        """A recovery point by id (a unique prefix of at least 6 characters is enough), in
+        ``region`` or, when None, in whichever region holds it."""
+        regions = [self.region(region)] if region else self.site.regions
+        found: list[RecoveryPoint] = []
+        for r in regions:
+            for point in self.repository(r.name).points():
+                if point.id == point_id or (len(point_id) >= 6 and point.id.startswith(point_id)):
+                    found.append(point)
+        if len(found) == 1:
+            return found[0]
+        where = f" in {regions[0].name}" if region else ""
+        if not found:
+            raise RegionVaultError(f"no recovery point {point_id!r}{where}")
+        listed = ", ".join(f"{p.id} ({p.region})" for p in found[:5])
+        raise RegionVaultError(f"recovery point {point_id!r} is ambiguous{where}: {listed}")
+
+    def _hook(self, name: str, **kwargs: Any) -> Any:
+        return getattr(self.site.plugin_manager.hook, name)(**kwargs)
+
+    # ------------------------------------------------------------------ tag
+
+    def tag(self, region: str) -> TagReport:
+        """Give the untagged instances of ``region`` the site's default policy tag."""
+        return tag_region(self.region(region).compute, self.site.config)
+
+    # ------------------------------------------------------------------ backup
+
+    def newest_point(self, instance: Instance) -> RecoveryPoint | None:
+        """The instance's newest recovery point in its home region (copies excluded)."""
+        points = [
+            p for p in self.repository(instance.region).points(instance.id) if p.lineage is None
+        ]
+        return points[-1] if points else None
+
+    def _newest_slot(self, instance: Instance) -> datetime | None:
+        point = self.newest_point(instance)
+        if point is None:
+            return None
+        slot = point.tags.get(SLOT_TAG)
+        return parse_slot(slot) if slot else point.created_at
+
+    def backup(
+        self,
+        instance: str | Instance,
+        *,
+        region: str | None = None,
+        slot: datetime | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RecoveryPoint:
+        """Back up an instance (id, unique name or :class:`Instance`) in its home region.
+
+        With ``slot``, the backup belongs to that schedule slot: when a recovery point for
+        the slot exists already (a job run twice, two runners), that point is returned and
+        nothing new is written.
+        """
+        inst = (
+            instance
+            if isinstance(instance, Instance)
+            else self.site.find_instance(instance, region=region)
+        )
+        home = self.region(inst.region)
+        policy = resolve_policy(inst, self.site.config)
+        repo = self.repository(home.name)
+        tags = dict(inst.tags)
+        if slot is not None:
+            slot_text = format_slot(slot)
+            for point in repo.points(inst.id):
+                if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
+                    return point
+            tags[SLOT_TAG] = slot_text
+        now = self.clock()
+        expires = now + policy.retention if policy is not None else None
+        self._hook("regionvault_before_capture", region=home.name, instance=inst)
+        capture = home.compute.capture(inst.id)
+        error: BaseException | None = None
+        try:
+            point = repo.backup(
+                capture,
+                instance=replace(inst, tags=Tags(tags)),
+                policy=policy.spec if policy is not None else None,
+                expires_at=expires,
+                progress=progress,
+            )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                self._hook(
+                    "regionvault_after_capture",
+                    region=home.name,
+                    instance=inst,
+                    capture=capture,
+                    error=error,
+                )
+            finally:
+                capture.close()
+        self._hook("regionvault_after_backup", region=home.name, recovery_point=point)
+        return point
+
+    # ------------------------------------------------------------------ copy
+
+    def copy(
+        self,
+        point_id: str,
+        *,
+        source: str | None = None,
+        to: str,
+        retention: timedelta | None = None,
+        progress: Callable[[CopyProgress], None] | None = None,
+    ) -> CopyResult:
+        """Copy a recovery point into region ``to``, re-encrypted under ``to``'s keys.
+
+        Only chunks ``to`` does not hold yet cross the link, sealed for ``to``; the copy is
+        committed with its lineage, and kept for ``retention`` (default: the instance's copy
+        retention for ``to``, else the source point's own). Copying a point again returns the
+        existing copy; running an interrupted copy again resumes it.
+        """
+        point = self.find_point(point_id, source)
+        src = self.region(point.region)
+        dst = self.region(to)
+        if src.name == dst.name:
+            raise RegionVaultError(f"cannot copy {point.id} from {src.name} to itself")
+        result = copy_point(
+            source=self.repository(src.name),
+            destination=self.repository(dst.name),
+            forward=self.site.transit(src.name, dst.name),
+            backward=self.site.transit(dst.name, src.name),
+            seal_to_destination=dst.sealer(),
+            seal_to_source=src.sealer(),
+            point_id=point.id,
+            expires_at=self._copy_expiry(point, dst.name, retention),
+            progress=progress,
+        )
+        if not result.existing:
+            self._hook(
+                "regionvault_after_copy",
+                source_region=src.name,
+                region=dst.name,
+                source=point,
+                copy=result.point,
+            )
+        return result
+
+    def _copy_expiry(
+        self, point: RecoveryPoint, destination: str, retention: timedelta | None
+    ) -> datetime | None:
+        if retention is not None:
+            return self.clock() + retention
+        try:
+            instance = self.region(point.region).compute.get_instance(point.instance_id)
+            policy = resolve_policy(instance, self.site.config)
+        except (InstanceNotFound, PolicyError):
+            policy = None
+        if policy is not None:
+            return point.created_at + policy.copy_retention(destination)
+        return point.expires_at
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(
+        self,
+        point_id: str,
+        *,
+        region: str,
+        target: Path | str | None = None,
+        paths: Iterable[str] | None = None,
+        launch: bool = False,
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreResult:
+        """Restore a recovery point held in ``region`` with ``region``'s keys alone.
+
+        With ``target``, the data is restored there. With ``launch``, the region's Compute
+        makes a restore sink, the data is restored into it and a new instance performing the
+        same function is started, health-checked through ``regionvault_health_check``; the
+        time from this call to a healthy instance is the RTO, recorded as a drill.
+        """
+        started = time.monotonic()
+        r = self.region(region)
+        point = self.find_point(point_id, r.name)
+        repo = self.repository(r.name)
+        if not launch:
+            if target is None:
+                raise RegionVaultError("restore needs a target path, or launch")
+            repo.restore(point.id, Path(target), paths=paths, progress=progress)
+            return RestoreResult(
+                point, r.name, Path(target), seconds_to_restore=time.monotonic() - started
+            )
+        manifest = repo.load_manifest(point.id)
+        spec = LaunchSpec(
+            name=name or f"{point.instance_name}-{point.id[:8]}",
+            tags=point.tags.without([SLOT_TAG]),
+            function=point.function,
+            extra={"source_point": point.id, "source_instance": point.instance_id},
+        )
+        sink = r.compute.open_restore_sink(spec, point.kind, size=manifest.image_size)
+        if not isinstance(sink, FileSink | BlockSink):
+            raise RegionVaultError(
+                f"{r.name}: compute gave a {type(sink).__name__}, not a FileSink or BlockSink"
+            )
+        repo.restore(point.id, sink, paths=paths, progress=progress)
+        if isinstance(sink, BlockSink):
+            sink.commit()
+        restored = time.monotonic() - started
+        instance = r.compute.launch(spec, sink)
+        rto = self._await_healthy(r, instance, started)
+        instance = r.compute.get_instance(instance.id)
+        self._hook(
+            "regionvault_after_launch",
+            region=r.name,
+            instance=instance,
+            recovery_point=point,
+            seconds_to_healthy=rto,
+        )
+        self.state.record_drill(
+            DrillRecord(
+                region=r.name,
+                instance_id=point.instance_id,
+                point_id=point.id,
+                launched_id=instance.id,
+                at=self.clock(),
+                healthy=rto is not None,
+                rto_seconds=rto,
+            )
+        )
+        target_path = sink.root if isinstance(sink, FileSink) else None
+        return RestoreResult(point, r.name, target_path, instance, rto, restored)
+
+    def _await_healthy(self, region: Region, instance: Instance, started: float) -> float | None:
+        deadline = time.monotonic() + self.health_timeout
+        while True:
+            current = region.compute.get_instance(instance.id)
+            answer = self._hook("regionvault_health_check", region=region.name, instance=current)
+            if answer is None:
+                answer = current.state == "running"
+            if answer:
+                return time.monotonic() - started
+            if time.monotonic() >= deadline or current.state == "terminated":
+                return None
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ retention
+
+    def retain(self, region: str) -> RetentionReport:
+        """Forget ``region``'s recovery points past their retention, then collect their
+        data. WORM locks and legal holds win: a protected point stays, and is reported."""
+        r = self.region(region)
+        repo = self.repository(r.name)
+        report = RetentionReport(r.name)
+        now = self.clock()
+        for point in repo.points():
+            if point.expires_at is None or point.expires_at > now:
+                continue
+            try:
+                repo.forget([point.id])
+                report.forgotten.append(point.id)
+            except RetentionLocked:
+                report.protected.append(point.id)
+        if report.forgotten:
+            pruned = repo.prune()
+            report.prune = {
+                "packs_deleted": pruned.packs_deleted,
+                "packs_rewritten": pruned.packs_rewritten,
+                "bytes_freed": pruned.bytes_freed,
+                "skipped": [str(p) for p in pruned.skipped],
+            }
+        return report
+
+    # ------------------------------------------------------------------ jobs and ticks
+
+    def handlers(self) -> JobHandlers:
+        """The function that runs each kind of job; a distributed executor uses the same."""
+
+        def run_tag(job: Job) -> Any:
+            report = self.tag(job.region or "")
+            return {
+                "tagged": [t.instance_id for t in report.tagged],
+                "malformed": [str(m) for m in report.malformed],
+            }
+
+        def run_backup(job: Job) -> Any:
+            instance = self.region(job.region or "").compute.get_instance(
+                job.payload["instance_id"]
+            )
+            point = self.backup(instance, slot=parse_slot(job.payload["slot"]))
+            return {"point": point.id}
+
+        def run_copy(job: Job) -> Any:
+            copy = self.copy(
+                job.payload["recovery_point"], source=job.region, to=job.payload["destination"]
+            )
+            return {"copy": copy.id}
+
+        def run_retention(job: Job) -> Any:
+            report = self.retain(job.region or "")
+            return {"forgotten": report.forgotten, "protected": report.protected}
+
+        return JobHandlers(
+            {TAG: run_tag, BACKUP: run_backup, COPY: run_copy, RETENTION: run_retention}
+        )
+
+    def ledger(self) -> JobLedger:
+        return JobLedger(self.site.config.state_dir / "jobs")
+
+    def tick(self) -> TickReport:
+        """One pass: tag every region, back up what is due, copy new points where their
+        policies say, apply retention. Each step is a job: a step already done for its
+        slot is not done again."""
+        now = self.clock()
+        report = TickReport(at=now)
+        cfg = self.site.config
+        with ThreadExecutor(
+            self.handlers(),
+            self.ledger(),
+            max_workers=self.workers,
+            plugin_manager=self.site.plugin_manager,
+        ) as executor:
+            tag_slot = slot_of(now, cfg.tag_interval)
+            for outcome in executor.run([tag_job(r.name, tag_slot) for r in self.site.regions]):
+                report.jobs.append(outcome)
+            backups: list[Job] = []
+            for r in self.site.regions:
+                try:
+                    schedule = due_instances(r.compute, self._newest_slot, cfg, now)
+                except RegionVaultError as exc:
+                    report.problems.append(f"{r.name}: schedule: {exc}")
+                    continue
+                report.schedule.append(schedule)
+                backups.extend(schedule.jobs())
+            outcomes = executor.run(backups)
+            report.jobs.extend(outcomes)
+            copies = self._copy_jobs(report)
+            report.jobs.extend(executor.run(copies))
+            retain_slot = slot_of(now, cfg.schedule_interval)
+            report.jobs.extend(
+                executor.run([retention_job(r.name, retain_slot) for r in self.site.regions])
+            )
+        return report
+
+    def _copy_jobs(self, report: TickReport) -> list[Job]:
+        """A copy job for every destination of every instance's newest point that the
+        destination does not hold yet (new points, and copies an earlier tick did not
+        finish)."""
+        jobs: list[Job] = []
+        for schedule in report.schedule:
+            instances = [d.instance for d in schedule.due] + [n.instance for n in schedule.not_due]
+            for instance in instances:
+                try:
+                    policy = resolve_policy(instance, self.site.config)
+                    point = self.newest_point(instance)
+                except RegionVaultError as exc:
+                    report.problems.append(f"{instance.id}: copy: {exc}")
+                    continue
+                if policy is None or point is None:
+                    continue
+                for dest in policy.copy_to:
+                    held = {
+                        p.lineage.source_recovery_point
+                        for p in self.repository(str(dest)).points(instance.id)
+                        if p.lineage is not None
+                    }
+                    if point.id not in held:
+                        jobs.append(copy_job(instance.region, point.id, str(dest)))
+        return jobs
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        interval: timedelta | None = None,
+        on_tick: Callable[[TickReport], None] | None = None,
+        max_ticks: int | None = None,
+    ) -> int:
+        """Tick every ``interval`` (default: the shorter of the site's tag and schedule
+        intervals) until ``stop`` is set; a tick in progress finishes first. Returns the
+        number of ticks run."""
+        cfg = self.site.config
+        every = interval or min(cfg.tag_interval, cfg.schedule_interval)
+        ticks = 0
+        while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
+            report = self.tick()
+            ticks += 1
+            if on_tick is not None:
+                on_tick(report)
+            if stop.wait(every.total_seconds()):
+                break
+        return ticks
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> list[StatusRow]:
+        """Per instance and region: newest recovery point and its age (RPO), last copy, last
+        restore drill and its RTO."""
+        now = self.clock()
+        rows: list[StatusRow] = []
+        for r in self.site.regions:
+            try:
+                points = self.repository(r.name).points()
+            except ObjectNotFound:
+                continue
+            by_instance: dict[str, list[RecoveryPoint]] = {}
+            for p in points:
+                by_instance.setdefault(p.instance_id, []).append(p)
+            for instance_id, pts in sorted(by_instance.items()):
+                newest = pts[-1]
+                copies = [p for p in pts if p.lineage is not None]
+                drill = self.state.last_drill(r.name, instance_id)
+                rows.append(
+                    StatusRow(
+                        instance_id=instance_id,
+                        instance_name=newest.instance_name,
+                        region=r.name,
+                        role="copy" if copies and len(copies) == len(pts) else "home",
+                        newest_point=newest.id,
+                        newest_at=newest.created_at,
+                        rpo_seconds=(now - newest.created_at).total_seconds(),
+                        points=len(pts),
+                        last_copy_at=copies[-1].created_at if copies else None,
+                        last_drill_at=drill.at if drill else None,
+                        last_drill_rto=drill.rto_seconds if drill else None,
+                        last_drill_healthy=drill.healthy if drill else None,
+                    )
+                )
+        return rows
