@@ -118,9 +118,8 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
             Repository.open(west.vault, east.keys, region=west.name).points()
             raise RegionVaultError("east's keys read west's vault: key isolation is broken")
         except KeyAccessDenied as exc:
-            say(
-                f"6. east's keys on west's copy: refused ({type(exc).__name__} on {exc.message.split(':')[0]})"
-            )
+            refused_on = exc.message.split(":")[0]
+            say(f"6. east's keys on west's copy: refused ({type(exc).__name__} on {refused_on})")
 
         restored = engine.restore(copy.id, region=west.name, launch=True, name="vcore-1-west")
         if restored.instance is None or not restored.healthy:
