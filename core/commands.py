@@ -177,17 +177,25 @@ def restore(
         raise click.UsageError("give --target PATH, or --launch")
     if target is not None and target.is_dir() and any(target.iterdir()):
         raise ExpectedError(f"target {target} is not empty: restore into a new or empty directory")
-    engine = _engine(state)
-    with progress_bar(f"restore {point[:8]}") as progress:
-        result = engine.restore(
-            point,
-            region=region,
-            target=target,
-            launch=launch,
-            name=name,
-            paths=list(paths) or None,
-            progress=progress,
+    if target is not None and target.exists() and not target.is_dir():
+        raise ExpectedError(
+            f"target {target} is an existing file: restore into a new path or an empty directory"
         )
+    engine = _engine(state)
+    try:
+        with progress_bar(f"restore {point[:8]}") as progress:
+            result = engine.restore(
+                point,
+                region=region,
+                target=target,
+                launch=launch,
+                name=name,
+                paths=list(paths) or None,
+                progress=progress,
+            )
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else target
+        raise ExpectedError(f"restore into {where}: {exc.strerror or exc}") from None
     out: dict[str, Any] = {
         "point": result.point.id,
         "region": result.region,
@@ -297,7 +305,7 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
     engine = _engine(state)
     site = state.site()
     regions = [site.region(region)] if region else site.regions
-    out = []
+    out: list[dict[str, Any]] = []
     for r in regions:
         with progress_bar(f"prune {r.name}") as progress:
             rep = engine.repository(r.name).prune(progress=progress)

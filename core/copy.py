@@ -13,13 +13,18 @@ The protocol, between source region A and destination region B:
 
 Each payload carries a fresh 256-bit transfer key sealed with the receiver's Sealer (the
 sender may seal, never unseal) and is AES-256-GCM encrypted under it, bound to its name and
-direction. Nothing in an inbox is plaintext. An interrupted copy is resumed by running it
-again: B first ingests any batches still in its inbox, so its request leaves out whatever
-already arrived; a half copy is never visible, since the manifest comes last.
+direction, and ends with a BLAKE3 checksum, so damage anywhere is an :class:`IntegrityError`
+naming the payload before any KeyService is asked. Nothing in an inbox is plaintext. An
+interrupted copy is resumed by running it again: B first ingests any batches still in its
+inbox (a damaged one is discarded, its chunks are asked for again), so its request leaves out
+whatever already arrived; a half copy is never visible, since the manifest comes last. Both
+repositories are held under a shared lock for the whole copy, so a prune in either region
+cannot collect what the copy is reading or has written but not yet committed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import struct
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from regionvault.core.errors import IntegrityError
@@ -36,6 +42,7 @@ from regionvault.core.repository._copy import (
     CopyOffer,
     LinkTable,
     commit_copy,
+    copy_lock,
     decode_chunks,
     encode_chunks,
     export_chunks,
@@ -51,8 +58,12 @@ if TYPE_CHECKING:
 
 __all__ = ["CopyProgress", "CopyResult", "copy_point", "open_payload", "seal_payload"]
 
+log = logging.getLogger(__name__)
+
 _MAGIC = b"RVT1"
 _LEN = struct.Struct(">H")
+#: the trailing BLAKE3 checksum of everything before it
+_SUM = 32
 #: a batch of chunks is sent once it holds this many payload bytes
 BATCH_BYTES = 16 << 20
 
@@ -75,30 +86,31 @@ def seal_payload(
     sealed_key = sealer.seal(key, _context(name, kind, source, destination))
     nonce = os.urandom(12)
     aad = _MAGIC + name.encode()
-    return b"".join(
-        (
-            _MAGIC,
-            _LEN.pack(len(sealed_key)),
-            sealed_key,
-            nonce,
-            AESGCM(key).encrypt(nonce, body, aad),
-        )
-    )
+    head = _MAGIC + _LEN.pack(len(sealed_key)) + sealed_key + nonce
+    sealed_body = AESGCM(key).encrypt(nonce, body, aad)
+    checksum = blake3.blake3(head)
+    checksum.update(sealed_body)
+    return b"".join((head, sealed_body, checksum.digest()))
 
 
 def open_payload(
     keys: KeyService, name: str, data: bytes, *, kind: str, source: str, destination: str
 ) -> bytes:
     """Open a payload sealed for ``keys``' region; :class:`KeyAccessDenied` if it was sealed
-    for another region, :class:`IntegrityError` if it was altered."""
-    if data[:4] != _MAGIC or len(data) < 6:
+    for another region, :class:`IntegrityError` naming it if it was damaged or altered."""
+    if data[:4] != _MAGIC:
         raise IntegrityError(name, "not a sealed transit payload")
+    view = memoryview(data)
+    if len(data) < 6 + 12 + 16 + _SUM or blake3.blake3(view[:-_SUM]).digest() != data[-_SUM:]:
+        raise IntegrityError(name, "transit payload is damaged (checksum mismatch)")
     (n,) = _LEN.unpack_from(data, 4)
+    if len(data) < 6 + n + 12 + 16 + _SUM:
+        raise IntegrityError(name, "transit payload is truncated")
     sealed_key = data[6 : 6 + n]
     nonce = data[6 + n : 18 + n]
     key = keys.unseal(sealed_key, _context(name, kind, source, destination))
     try:
-        return AESGCM(key).decrypt(nonce, data[18 + n :], _MAGIC + name.encode())
+        return AESGCM(key).decrypt(nonce, view[18 + n : -_SUM], _MAGIC + name.encode())
     except InvalidTag:
         raise IntegrityError(name, "transit payload failed authentication (altered)") from None
 
@@ -159,10 +171,47 @@ def copy_point(
     Running it again after an interruption resumes; running it after it finished returns the
     existing copy.
     """
-    a, b = source.region, destination.region
+    a = source.region
     existing = _existing_copy(destination, a, point_id)
     if existing is not None:
         return CopyResult(existing, 0, 0, 0, 0, existing=True)
+    # shared locks: a prune in either region waits until the copy is committed, so it can
+    # neither pull packs from under the export nor collect chunks ingested but not yet
+    # referenced by the copy's manifest
+    with (
+        copy_lock(destination, "copy-in") as held,
+        copy_lock(source, "copy-out"),
+    ):
+        return _copy_locked(
+            source=source,
+            destination=destination,
+            forward=forward,
+            backward=backward,
+            seal_to_destination=seal_to_destination,
+            seal_to_source=seal_to_source,
+            point_id=point_id,
+            expires_at=expires_at,
+            batch_bytes=batch_bytes,
+            progress=progress,
+            before_commit=held.check,
+        )
+
+
+def _copy_locked(
+    *,
+    source: Repository,
+    destination: Repository,
+    forward: Transit,
+    backward: Transit,
+    seal_to_destination: Sealer,
+    seal_to_source: Sealer,
+    point_id: str,
+    expires_at: datetime | None,
+    batch_bytes: int,
+    progress: Callable[[CopyProgress], None] | None,
+    before_commit: Callable[[], None],
+) -> CopyResult:
+    a, b = source.region, destination.region
     sent_before = forward.bytes_sent, backward.bytes_sent
     base = f"copy/{point_id}/"
     links = LinkTable(destination, a)
@@ -174,9 +223,15 @@ def copy_point(
         ingest_chunks(destination, links, decode_chunks(name, body), name)
         forward.discard(name)
 
-    # B: whatever an interrupted run left in the inbox arrived; take it in first
+    # B: whatever an interrupted run left in the inbox arrived; take it in first. A damaged
+    # leftover must not block every later attempt: it is dropped, and its chunks are simply
+    # asked for again below.
     for name in list(forward.inbox(base + "batch-")):
-        ingest(name)
+        try:
+            ingest(name)
+        except IntegrityError as exc:
+            log.warning("copy %s: discarding a damaged payload from %s: %s", point_id, a, exc)
+            forward.discard(name)
 
     # A: the offer
     offer_name = base + "offer"
@@ -282,6 +337,7 @@ def copy_point(
     backward.discard(request_name)
 
     # B: the manifest, last
+    before_commit()
     copy = commit_copy(
         destination, links, received, offer_name, source_region=a, expires_at=expires_at
     )

@@ -122,9 +122,10 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
             say(f"6. east's keys on west's copy: refused ({type(exc).__name__} on {refused_on})")
 
         restored = engine.restore(copy.id, region=west.name, launch=True, name="vcore-1-west")
+        if restored.instance is not None:
+            launched.append((west, restored.instance.id))  # terminated below, healthy or not
         if restored.instance is None or not restored.healthy:
             raise RegionVaultError("the restored network function did not become healthy in west")
-        launched.append((west, restored.instance.id))
         west_base = endpoint(restored.instance)
         if west_base is None:
             raise RegionVaultError("the restored network function has no endpoint")
@@ -142,8 +143,9 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
         rpo = rows[(nf.id, west.name)].rpo_seconds
         rto = restored.seconds_to_healthy
         say(
-            f"8. RPO in west: {rpo:.1f}s (age of the newest copy); RTO in west: {rto:.2f}s "
-            f"(restore request to healthy); transit: {result.bytes_moved:,} bytes"
+            f"8. RPO in west: {rpo:.1f}s (age of the data in the newest copy); "
+            f"RTO in west: {rto:.2f}s (restore request to healthy); "
+            f"transit: {result.bytes_moved:,} bytes"
         )
         return {
             "point": point.id,

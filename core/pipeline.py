@@ -34,6 +34,7 @@ from regionvault.core.jobs import (
     JobHandlers,
     JobLedger,
     JobOutcome,
+    JobStatus,
     ThreadExecutor,
     copy_job,
     format_slot,
@@ -110,10 +111,11 @@ class TickReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(o.ok for o in self.jobs)
+        return not self.problems and not self.failures()
 
     def failures(self) -> list[JobOutcome]:
-        return [o for o in self.jobs if not o.ok]
+        # a BUSY job is not a failure: another runner is doing it right now
+        return [o for o in self.jobs if o.status is JobStatus.FAILED]
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class StatusRow:
     role: str
     newest_point: str | None
     newest_at: datetime | None
-    #: the RPO right now: age of the newest recovery point
+    #: the RPO right now: age of the data in the newest recovery point (since its capture;
+    #: for a copy, since the source was captured, not since the copy was made)
     rpo_seconds: float | None
     points: int
     last_copy_at: datetime | None = None
@@ -391,7 +394,7 @@ class Engine:
             )
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
-            name=name or f"{point.instance_name}-{point.id[:8]}",
+            name=self._launch_name(r, point, name),
             tags=point.tags.without([SLOT_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
@@ -429,6 +432,29 @@ class Engine:
         target_path = sink.root if isinstance(sink, FileSink) else None
         return RestoreResult(point, r.name, target_path, instance, rto, restored)
 
+    @staticmethod
+    def _launch_name(region: Region, point: RecoveryPoint, name: str | None) -> str:
+        """``name``, refused before any data is restored when a live instance has it; else
+        ``<instance>-<point id[:8]>``, with ``-2``, ``-3``... when a drill of the same point
+        is still running."""
+        taken = {
+            i.name
+            for i in region.compute.list_instances()
+            if i.state not in ("terminated", "pending")
+        }
+        if name is not None:
+            if name in taken:
+                raise RegionVaultError(
+                    f"{region.name} already has an instance named {name!r}", region=region.name
+                )
+            return name
+        base = f"{point.instance_name}-{point.id[:8]}"
+        candidate, n = base, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
     def _await_healthy(self, region: Region, instance: Instance, started: float) -> float | None:
         deadline = time.monotonic() + self.health_timeout
         while True:
@@ -459,6 +485,8 @@ class Engine:
                 report.forgotten.append(point.id)
             except RetentionLocked:
                 report.protected.append(point.id)
+            except ObjectNotFound:
+                continue  # another runner forgot it meanwhile
         if report.forgotten:
             pruned = repo.prune()
             report.prune = {
@@ -489,10 +517,14 @@ class Engine:
             return {"point": point.id}
 
         def run_copy(job: Job) -> Any:
-            copy = self.copy(
+            result = self.copy(
                 job.payload["recovery_point"], source=job.region, to=job.payload["destination"]
             )
-            return {"copy": copy.id}
+            return {
+                "copy": result.point.id,
+                "existing": result.existing,
+                "bytes_moved": result.bytes_moved,
+            }
 
         def run_retention(job: Job) -> Any:
             report = self.retain(job.region or "")
@@ -503,7 +535,9 @@ class Engine:
         )
 
     def ledger(self) -> JobLedger:
-        return JobLedger(self.site.config.state_dir / "jobs")
+        # JobLedger keeps its files under <state_dir>/jobs, the same ledger docs/jobs.md's
+        # workers use, so their runs and this engine's see each other's locks and records
+        return JobLedger(self.site.config.state_dir)
 
     def tick(self) -> TickReport:
         """One pass: tag every region, back up what is due, copy new points where their
@@ -592,8 +626,8 @@ class Engine:
     # ------------------------------------------------------------------ status
 
     def status(self) -> list[StatusRow]:
-        """Per instance and region: newest recovery point and its age (RPO), last copy, last
-        restore drill and its RTO."""
+        """Per instance and region: newest recovery point and the age of its data (RPO),
+        last copy, last restore drill and its RTO."""
         now = self.clock()
         rows: list[StatusRow] = []
         for r in self.site.regions:
@@ -606,6 +640,10 @@ class Engine:
                 by_instance.setdefault(p.instance_id, []).append(p)
             for instance_id, pts in sorted(by_instance.items()):
                 newest = pts[-1]
+                try:
+                    captured = self.repository(r.name).load_manifest(newest.id).taken_at
+                except RegionVaultError:
+                    captured = newest.created_at
                 copies = [p for p in pts if p.lineage is not None]
                 drill = self.state.last_drill(r.name, instance_id)
                 rows.append(
@@ -616,7 +654,7 @@ class Engine:
                         role="copy" if copies and len(copies) == len(pts) else "home",
                         newest_point=newest.id,
                         newest_at=newest.created_at,
-                        rpo_seconds=(now - newest.created_at).total_seconds(),
+                        rpo_seconds=(now - captured).total_seconds(),
                         points=len(pts),
                         last_copy_at=copies[-1].created_at if copies else None,
                         last_drill_at=drill.at if drill else None,

@@ -1,0 +1,604 @@
+"""Cross-region copy (core/copy.py, core/repository/_copy.py): key isolation, incremental
+transfer, resume after an interruption, nothing plaintext in an inbox, sealed payloads."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from regionvault.core.copy import CopyResult, copy_point, open_payload, seal_payload
+from regionvault.core.errors import (
+    IntegrityError,
+    KeyAccessDenied,
+    RegionVaultError,
+    TransitError,
+)
+from regionvault.core.interfaces import Transit
+from regionvault.core.pipeline import Engine
+from regionvault.core.repository import Repository, RepositorySettings, TreeEntry, _crypto
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._copy import decode_chunks
+from regionvault.core.repository._store import config_context
+from regionvault.core.site import Region, Site
+from regionvault.core.types import Instance
+from repository_support import snapshot
+
+MiB = 1 << 20
+#: small packs, so that a few MiB of data make several packs on each side
+SETTINGS = RepositorySettings(pack_size=2 * MiB, workers=2)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_mixed(root: Path, *, files: int, file_size: int, seed: int) -> None:
+    """Half incompressible random files, half compressible text."""
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
+        for _ in range(3000)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        if i % 2 == 0:
+            (root / f"random-{i:02d}.bin").write_bytes(rng.randbytes(file_size))
+        else:
+            text = bytearray()
+            while len(text) < file_size:
+                text += (" ".join(rng.choices(words, k=200)) + "\n").encode()
+            (root / f"text-{i:02d}.txt").write_bytes(bytes(text[:file_size]))
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "small.cfg").write_text("subscribers = 40\n")
+
+
+def fragments(root: Path, *, every: int = 256 << 10, size: int = 48) -> list[bytes]:
+    """Pieces of the plaintext to look for: ``size`` bytes every ``every`` bytes of each file."""
+    out: list[bytes] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        out.extend(data[i : i + size] for i in range(0, max(1, len(data) - size), every))
+    return [f for f in out if len(f) >= 16]
+
+
+def files_under(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        if root.exists():
+            yield from (p for p in root.rglob("*") if p.is_file())
+
+
+def found_in(needles: dict[bytes, str], *roots: Path) -> list[str]:
+    """Which needles (by label) appear as bytes in any file under ``roots``."""
+    hits = []
+    for path in files_under(*roots):
+        data = path.read_bytes()
+        hits.extend(f"{label} in {path}" for needle, label in needles.items() if needle in data)
+    return hits
+
+
+def region_root(region: Region) -> Path:
+    return Path(region.config.path("root")).resolve()
+
+
+def vault_dir(region: Region) -> Path:
+    return region_root(region) / "vault"
+
+
+def inbox_dir(region: Region) -> Path:
+    return region_root(region) / "inbox"
+
+
+def pack_headers(repo: Repository) -> list[tuple[str, fmt.PackHeader]]:
+    out = []
+    for info in repo.vault.list(fmt.PACK_PREFIX):
+        data = repo.vault.get(info.name, length=4096)
+        out.append((info.name, fmt.PackHeader.parse(info.name, data)))
+    return out
+
+
+def data_keys(repo: Repository) -> dict[bytes, bytes]:
+    """``{wrapped: plaintext}`` of every pack's data key, unwrapped with the repo's own keys."""
+    store = repo._ensure_open()
+    return {
+        header.wrapped_key: repo.keys.unwrap(
+            header.wrapped_key, store.data_key_context(header.run_id)
+        )
+        for _, header in pack_headers(repo)
+    }
+
+
+def chunk_ids(repo: Repository, point_id: str) -> set[bytes]:
+    """Every chunk id a point uses: its tree chunks and its files' data chunks."""
+    manifest = repo.load_manifest(point_id)
+    ids = set(manifest.tree_chunks)
+    for entry in repo.entries(manifest):
+        assert isinstance(entry, TreeEntry)
+        ids.update(entry.chunks)
+    return ids
+
+
+def data_chunk_ids(repo: Repository, point_id: str) -> set[bytes]:
+    ids: set[bytes] = set()
+    for entry in repo.entries(point_id):
+        assert isinstance(entry, TreeEntry)
+        ids.update(entry.chunks)
+    return ids
+
+
+def stored_size(repo: Repository, ids: set[bytes]) -> int:
+    """Bytes these chunks take in the repository's packs (compressed, encrypted)."""
+    index = repo._ensure_open().load_index().index
+    total = 0
+    for chunk_id in ids:
+        loc = index.get(chunk_id)
+        assert loc is not None
+        total += loc.length
+    return total
+
+
+class FlakyTransit(Transit):
+    """A Transit that delivers through ``inner`` and breaks on the ``fail_at``-th batch.
+
+    ``delivered_then_fail``: that batch lands in the inbox, then the sender sees an error (a
+    lost acknowledgement); otherwise it never lands. ``opened`` opens each delivered batch
+    (the test holds the destination's keys) so the test knows which chunks crossed."""
+
+    def __init__(
+        self,
+        inner: Transit,
+        *,
+        fail_at: int | None,
+        delivered_then_fail: bool = False,
+        opened: Callable[[str, bytes], None] | None = None,
+        pause: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(
+            provider=inner.provider,
+            source=inner.source,
+            region=inner.region,
+            capabilities=inner.capabilities,
+        )
+        self.inner = inner
+        self.fail_at = fail_at
+        self.delivered_then_fail = delivered_then_fail
+        self.opened = opened
+        self.pause = pause
+        self.batches = 0
+
+    def send(self, name: str, payload: bytes | memoryview) -> None:
+        if "/batch-" in name:
+            self.batches += 1
+            if self.pause is not None:
+                self.pause(self.batches)
+            if self.batches == self.fail_at and not self.delivered_then_fail:
+                raise TransitError(f"link down while sending {name}")
+            self.inner.send(name, payload)
+            if self.opened is not None:
+                self.opened(name, bytes(payload))
+            if self.batches == self.fail_at:
+                raise TransitError(f"lost the acknowledgement of {name}")
+            return
+        self.inner.send(name, payload)
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(name)
+
+    def inbox(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.inbox(prefix)
+
+    def receive(self, name: str) -> bytes:
+        return self.inner.receive(name)
+
+    def discard(self, name: str) -> None:
+        self.inner.discard(name)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent
+
+
+@pytest.fixture
+def engine(site: Site) -> Engine:
+    return Engine(site, settings=SETTINGS)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "nf-data"
+    write_mixed(root, files=6, file_size=512 << 10, seed=7)
+    return root
+
+
+@pytest.fixture
+def instance(east: Region, dataset: Path) -> Instance:
+    return east.compute.register_instance("nf-1", dataset, tags={"backup": "1-7"})
+
+
+def direct_copy(
+    engine: Engine,
+    point_id: str,
+    *,
+    forward: Transit | None = None,
+    batch_bytes: int = 256 << 10,
+) -> CopyResult:
+    """core.copy.copy_point between east and west, with a Transit the test may wrap."""
+    site = engine.site
+    east, west = site.region("east"), site.region("west")
+    return copy_point(
+        source=engine.repository(east.name),
+        destination=engine.repository(west.name),
+        forward=forward or site.transit(east.name, west.name),
+        backward=site.transit(west.name, east.name),
+        seal_to_destination=west.sealer(),
+        seal_to_source=east.sealer(),
+        point_id=point_id,
+        expires_at=None,
+        batch_bytes=batch_bytes,
+    )
+
+
+def restore_in(region: Region, point_id: str, target: Path) -> None:
+    """Restore with a repository opened afresh on ``region``'s own vault and keys."""
+    Repository.open(region.vault, region.keys, region=region.name).restore(point_id, target)
+
+
+# --------------------------------------------------------------------------- key isolation
+
+
+def test_copy_re_encrypts_under_the_destinations_keys(
+    engine: Engine, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = engine.backup(instance.id)
+    result = engine.copy(point.id, to="west")
+    copy = result.point
+    assert copy.region == west.name and copy.id != point.id
+    assert copy.lineage is not None
+    assert (copy.lineage.source_region, copy.lineage.source_recovery_point) == (
+        east.name,
+        point.id,
+    )
+    assert result.chunks_sent == result.chunks_total > 0
+
+    east_repo, west_repo = engine.repository("east"), engine.repository("west")
+    east_store = east_repo._ensure_open()
+    east_keys = data_keys(east_repo)
+    assert east_keys, "east wrote no packs?"
+    secrets: dict[bytes, str] = {}
+    for wrapped, plain in east_keys.items():
+        secrets[wrapped] = "an east wrapped data key"
+        secrets[plain] = "an east data key"
+    for chunk_id in chunk_ids(east_repo, point.id):
+        secrets[chunk_id] = f"east chunk id {chunk_id.hex()[:12]}"
+    secrets[east_store.config.chunk_id_key] = "east's chunk-id key"
+    secrets[east_store.config.master_key] = "east's master key"
+    assert len(secrets) > 20
+
+    # nothing of east's key or id material in any file of west's vault or inbox
+    assert found_in(secrets, vault_dir(west), inbox_dir(west)) == []
+    # ... while the scan does find what is there (it is not blind)
+    west_keys = data_keys(west_repo)
+    west_needles = {plain: "west data key" for plain in west_keys.values()}
+    west_needles.update({w: "west wrapped key" for w in west_keys})
+    assert found_in(west_needles, vault_dir(west))
+    # the copy uses data keys east never saw, and chunk ids of its own
+    assert not set(west_keys.values()) & set(east_keys.values())
+    assert not chunk_ids(west_repo, copy.id) & chunk_ids(east_repo, point.id)
+
+    # east's KeyService fails on every object of west's vault
+    with pytest.raises(KeyAccessDenied, match="config"):
+        Repository.open(west.vault, east.keys, region=west.name).points()
+    west_store = west_repo._ensure_open()
+    config = fmt.EnvelopeHeader.parse("config", west.vault.get("config"), fmt.ObjectKind.CONFIG)
+    with pytest.raises(KeyAccessDenied):
+        east.keys.unwrap(config.wrapped_key, config_context(west.vault.vault_id))
+    headers = pack_headers(west_repo)
+    assert headers
+    for _name, header in headers:
+        context = west_store.data_key_context(header.run_id)
+        assert west.keys.unwrap(header.wrapped_key, context)  # the right context
+        with pytest.raises(KeyAccessDenied):
+            east.keys.unwrap(header.wrapped_key, context)
+    kinds = {
+        fmt.INDEX_PREFIX: fmt.ObjectKind.INDEX,
+        fmt.POINT_PREFIX: fmt.ObjectKind.MANIFEST,
+        "links/": fmt.ObjectKind.LINKS,
+    }
+    opened = 0
+    for prefix, kind in kinds.items():
+        for info in west.vault.list(prefix):
+            data = west.vault.get(info.name)
+            header = fmt.EnvelopeHeader.parse(info.name, data, kind)
+            # west's own master key opens it, east's does not
+            west_store.open_sealed(kind, info.name, data)
+            with pytest.raises(IntegrityError, match="wrong key"):
+                _crypto.open_sealed(
+                    vault_id=west.vault.vault_id,
+                    name=info.name,
+                    data=data,
+                    header=header,
+                    secret=east_store.config.master_key,
+                )
+            opened += 1
+    assert opened >= 3  # at least an index, the manifest and a link table
+
+    # west's keys alone restore it, byte-exact, with east gone entirely
+    engine.site.close()
+    shutil.rmtree(region_root(east))
+    out = tmp_path / "restored"
+    restore_in(west, copy.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
+def test_a_payload_sealed_for_west_opens_only_in_west(east: Region, west: Region) -> None:
+    body = b"the payload body " * 100
+    name = "copy/abc/offer"
+    sealed = seal_payload(
+        west.sealer(), name, body, kind="offer", source=east.name, destination=west.name
+    )
+    assert body[:32] not in sealed
+    ctx = {"kind": "offer", "source": east.name, "destination": west.name}
+    assert open_payload(west.keys, name, sealed, **ctx) == body
+    with pytest.raises(KeyAccessDenied):
+        open_payload(east.keys, name, sealed, **ctx)
+    # bound to its name, kind and direction
+    with pytest.raises((KeyAccessDenied, IntegrityError)):
+        open_payload(west.keys, "copy/abc/other", sealed, **ctx)
+    with pytest.raises(KeyAccessDenied):
+        open_payload(west.keys, name, sealed, kind="batch", source=east.name, destination=west.name)
+    with pytest.raises(KeyAccessDenied):
+        open_payload(west.keys, name, sealed, kind="offer", source=west.name, destination=east.name)
+
+
+@pytest.mark.parametrize("where", [0, 5, 40, 0.5, -40, -1])
+def test_a_flipped_bit_in_an_inbox_payload_is_an_integrity_error_naming_it(
+    site: Site, east: Region, west: Region, where: float
+) -> None:
+    name = "copy/abc/batch-00-000001"
+    transit = site.transit(east.name, west.name)
+    payload = seal_payload(
+        west.sealer(), name, b"x" * 5000, kind="batch", source=east.name, destination=west.name
+    )
+    transit.send(name, payload)
+    path = inbox_dir(west) / east.name / name
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * where) if isinstance(where, float) else where
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=name) as err:
+        open_payload(
+            west.keys,
+            name,
+            transit.receive(name),
+            kind="batch",
+            source=east.name,
+            destination=west.name,
+        )
+    assert err.value.object_name == name
+
+
+# --------------------------------------------------------------------------- incremental
+
+
+@pytest.mark.slow
+def test_an_incremental_copy_moves_little_more_than_the_new_chunks(
+    engine: Engine, east: Region, west: Region, tmp_path: Path
+) -> None:
+    data = tmp_path / "big"
+    write_mixed(data, files=10, file_size=2 * MiB, seed=11)  # 20 MiB, half of it text
+    instance = east.compute.register_instance("nf-big", data, tags={"backup": "1-7"})
+    first = engine.backup(instance.id)
+    full = engine.copy(first.id, to="west")
+    assert full.chunks_sent == full.chunks_total
+
+    # change about 5%: a few in-place overwrites in random and text files, one new file
+    rng = random.Random(3)
+    changed = 0
+    for path in sorted(data.glob("*-0[0-5].*")):
+        with path.open("r+b") as f:
+            f.seek(rng.randrange(0, 2 * MiB - 64 << 10))
+            f.write(rng.randbytes(16 << 10))
+        changed += 16 << 10
+    (data / "new.bin").write_bytes(rng.randbytes(MiB))
+    changed += MiB
+    assert 0.04 < changed / (20 * MiB) < 0.08
+
+    second = engine.backup(instance.id)
+    east_repo = engine.repository("east")
+    new_ids = data_chunk_ids(east_repo, second.id) - data_chunk_ids(east_repo, first.id)
+    new_bytes = stored_size(east_repo, new_ids)
+    assert 0 < new_bytes < 0.25 * full.bytes_forward
+
+    incremental = engine.copy(second.id, to="west")
+    assert incremental.chunks_sent == len(new_ids)
+    assert incremental.bytes_forward <= 1.2 * new_bytes, (incremental, new_bytes)
+    out = tmp_path / "out"
+    restore_in(west, incremental.point.id, out)
+    assert snapshot(out) == snapshot(data)
+
+
+def test_copying_twice_returns_the_existing_copy(
+    engine: Engine, west: Region, instance: Instance
+) -> None:
+    point = engine.backup(instance.id)
+    first = engine.copy(point.id, to="west")
+    again = engine.copy(point.id, to="west")
+    assert again.existing and not first.existing
+    assert again.point.id == first.point.id
+    assert (again.bytes_forward, again.bytes_backward, again.chunks_sent) == (0, 0, 0)
+    assert len(engine.repository("west").points()) == 1
+
+
+def test_copying_to_the_same_region_is_refused(engine: Engine, instance: Instance) -> None:
+    point = engine.backup(instance.id)
+    with pytest.raises(RegionVaultError, match="itself"):
+        engine.copy(point.id, to="east")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("delivered_then_fail", [False, True], ids=["lost", "unacknowledged"])
+def test_an_interrupted_copy_resumes_without_sending_again(
+    engine: Engine,
+    east: Region,
+    west: Region,
+    instance: Instance,
+    dataset: Path,
+    tmp_path: Path,
+    delivered_then_fail: bool,
+) -> None:
+    point = engine.backup(instance.id)
+    arrived: dict[bytes, int] = {}
+    batch_names: list[str] = []
+
+    def opened(name: str, payload: bytes) -> None:
+        body = open_payload(
+            west.keys, name, payload, kind="batch", source=east.name, destination=west.name
+        )
+        batch_names.append(name)
+        for chunk_id, _, _, _, stored in decode_chunks(name, body):
+            assert chunk_id not in arrived, "a chunk crossed twice"
+            arrived[chunk_id] = len(stored)
+
+    inner = engine.site.transit(east.name, west.name)
+    flaky = FlakyTransit(inner, fail_at=3, delivered_then_fail=delivered_then_fail, opened=opened)
+    with pytest.raises(TransitError):
+        direct_copy(engine, point.id, forward=flaky)
+    first_run = dict(arrived)
+    assert len(batch_names) == (3 if delivered_then_fail else 2)
+
+    # no half copy is visible in west, and west's vault is sound
+    west_repo = engine.repository("west")
+    assert west_repo.points() == []
+    assert west_repo.verify().ok
+
+    # nothing in the inboxes is plaintext (or east's chunk ids, or data keys)
+    needles = {f: "plaintext" for f in fragments(dataset)}
+    needles.update({c: "east chunk id" for c in chunk_ids(engine.repository("east"), point.id)})
+    for plain in data_keys(engine.repository("east")).values():
+        needles[plain] = "east data key"
+    inbox_files = list(files_under(inbox_dir(west), inbox_dir(east)))
+    assert any("offer" in p.name for p in inbox_files)
+    if delivered_then_fail:
+        assert any("batch-" in p.name for p in inbox_files)  # the unacknowledged batch
+    assert found_in(needles, inbox_dir(west), inbox_dir(east)) == []
+
+    # the second run sends only what had not arrived
+    total_chunks = len(data_chunk_ids(engine.repository("east"), point.id))
+    arrived.clear()
+    resumed = direct_copy(
+        engine, point.id, forward=FlakyTransit(inner, fail_at=None, opened=opened)
+    )
+    assert not set(arrived) & set(first_run)
+    assert set(arrived) | set(first_run) == data_chunk_ids(engine.repository("east"), point.id)
+    assert resumed.chunks_total == total_chunks
+    assert resumed.chunks_sent == total_chunks - len(first_run)
+    assert resumed.chunks_sent == len(arrived)
+    first_bytes = sum(first_run.values())
+    assert first_bytes > 0
+    # what crossed again: the offer and the rest of the chunks (plus framing), not the rest
+    offer_and_framing = resumed.bytes_forward - sum(arrived.values())
+    assert 0 < offer_and_framing < first_bytes
+    assert list(files_under(inbox_dir(west))) == []  # every payload was taken in
+
+    copies = west_repo.points()
+    assert [c.id for c in copies] == [resumed.point.id]
+    out = tmp_path / "out"
+    restore_in(west, resumed.point.id, out)
+    assert snapshot(out) == snapshot(dataset)
+    assert west_repo.verify(read_data=True).ok
+
+
+def test_a_damaged_leftover_batch_is_dropped_and_sent_again(
+    engine: Engine, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = engine.backup(instance.id)
+    inner = engine.site.transit(east.name, west.name)
+    flaky = FlakyTransit(inner, fail_at=1, delivered_then_fail=True)
+    with pytest.raises(TransitError):
+        direct_copy(engine, point.id, forward=flaky)
+    (leftover,) = [p for p in files_under(inbox_dir(west)) if "batch-" in p.name]
+    data = bytearray(leftover.read_bytes())
+    data[len(data) // 2] ^= 1
+    leftover.write_bytes(bytes(data))
+
+    resumed = direct_copy(engine, point.id)
+    assert resumed.chunks_sent == resumed.chunks_total  # the damaged batch's chunks again
+    assert not leftover.exists()
+    out = tmp_path / "out"
+    restore_in(west, resumed.point.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
+def test_a_prune_in_west_between_two_runs_loses_nothing(
+    engine: Engine, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = engine.backup(instance.id)
+    inner = engine.site.transit(east.name, west.name)
+    with pytest.raises(TransitError):
+        direct_copy(engine, point.id, forward=FlakyTransit(inner, fail_at=3))
+    # the chunks that arrived belong to no point yet: prune collects them ...
+    engine.repository("west").prune()
+    # ... and the copy asks for them again instead of trusting its links
+    resumed = direct_copy(engine, point.id)
+    assert resumed.chunks_sent == resumed.chunks_total
+    out = tmp_path / "out"
+    restore_in(west, resumed.point.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
+def test_a_prune_in_west_waits_for_a_running_copy(
+    engine: Engine, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = engine.backup(instance.id)
+    pruning = threading.Event()
+    pruned = threading.Event()
+    errors: list[BaseException] = []
+
+    def prune_in_west() -> None:
+        try:
+            # its own Repository object, as another process would have
+            Repository.open(west.vault, west.keys, region=west.name).prune()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            pruned.set()
+
+    def pause(batch: int) -> None:
+        if batch == 3:  # two batches are ingested and not yet referenced by any manifest
+            threading.Thread(target=prune_in_west, daemon=True).start()
+            pruning.set()
+            pruned.wait(timeout=1.0)  # without a lock it would be done by now
+
+    inner = engine.site.transit(east.name, west.name)
+    result = direct_copy(engine, point.id, forward=FlakyTransit(inner, fail_at=None, pause=pause))
+    assert pruning.is_set()
+    assert pruned.wait(timeout=60)
+    assert errors == []
+    west_repo = Repository.open(west.vault, west.keys, region=west.name)
+    assert west_repo.verify(read_data=True).ok
+    out = tmp_path / "out"
+    west_repo.restore(result.point.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
+def test_the_copy_records_lineage_and_policy(
+    engine: Engine, east: Region, instance: Instance
+) -> None:
+    point = engine.backup(instance.id)
+    copy = engine.copy(point.id, to="west").point
+    listed = engine.repository("west").points()
+    assert [p.id for p in listed] == [copy.id]
+    (stored,) = listed
+    assert stored.lineage == copy.lineage
+    assert (stored.instance_id, stored.instance_name) == (instance.id, "nf-1")
+    assert stored.policy == point.policy
+    assert stored.size == point.size
+    # the copy's own manifest keeps the source's capture time
+    east_manifest = engine.repository("east").load_manifest(point.id)
+    west_manifest = engine.repository("west").load_manifest(copy.id)
+    assert west_manifest.taken_at == east_manifest.taken_at
+    assert west_manifest.root_hash != east_manifest.root_hash
