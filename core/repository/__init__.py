@@ -1,0 +1,45 @@
+"""The data plane: an encrypted, deduplicating repository of recovery points that works on any
+Vault + KeyService. The on-vault format is specified in docs/format.md.
+
+Typical use::
+
+    repo = Repository.init_or_open(region.vault, region.keys, region=region.name)
+    point = repo.backup(capture, policy="1-7", expires_at=...)
+    repo.restore(point.id, Path("/restore/here"))
+"""
+
+from __future__ import annotations
+
+from regionvault.core.repository._format import FORMAT_VERSION
+from regionvault.core.repository.model import (
+    ChunkerParams,
+    Extent,
+    Manifest,
+    Problem,
+    Progress,
+    ProgressCallback,
+    ProtectReport,
+    PruneReport,
+    RepositorySettings,
+    RestoreReport,
+    TreeEntry,
+    VerifyReport,
+)
+from regionvault.core.repository.repository import Repository
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ChunkerParams",
+    "Extent",
+    "Manifest",
+    "Problem",
+    "Progress",
+    "ProgressCallback",
+    "ProtectReport",
+    "PruneReport",
+    "Repository",
+    "RepositorySettings",
+    "RestoreReport",
+    "TreeEntry",
+    "VerifyReport",
+]

@@ -1,0 +1,426 @@
+"""The data-plane half of a cross-region copy (docs/format.md, "Copies").
+
+The source reads one of its recovery points and hands out its tree and the stored payloads
+of the chunks the destination lacks, each verified on the way out. The destination keeps a
+*link table*, sealed in its own vault, from the source's chunk ids (opaque keyed hashes) to
+its own; it re-identifies every arriving chunk with its own chunk-id key, writes it into its
+own packs under its own fresh data key, and commits a manifest whose tree names only its own
+chunk ids, with the copy's lineage.
+
+Nothing here seals or moves bytes between regions: core/copy.py does that over Transit.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from regionvault.core.errors import IntegrityError, ObjectNotFound, RegionVaultError
+from regionvault.core.repository import _crypto
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._chunking import Rechunker
+from regionvault.core.repository._maintenance import tree_records
+from regionvault.core.repository._manifest import encode_manifest
+from regionvault.core.repository._pipeline import Failure, PackWriter
+from regionvault.core.repository._tree import iter_records
+from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, Tags
+
+if TYPE_CHECKING:
+    from regionvault.core.repository._index import ChunkIndex, Location
+    from regionvault.core.repository._locks import RepositoryLock
+    from regionvault.core.repository._store import Store
+    from regionvault.core.repository.repository import Repository
+
+__all__ = [
+    "CopyOffer",
+    "ExportedChunk",
+    "LinkTable",
+    "commit_copy",
+    "copy_lock",
+    "export_chunks",
+    "ingest_chunks",
+    "make_offer",
+]
+
+#: a chunk on its way: source id, blob type, flags, raw length, stored payload
+ExportedChunk = tuple[bytes, int, int, int, bytes]
+_CHUNK_HEAD = struct.Struct(">32sBBII")
+_OFFER_MAGIC = b"RVOF"
+#: where a destination keeps its links from one source region's chunk ids
+LINK_PREFIX = "links/"
+
+
+@dataclass(frozen=True)
+class CopyOffer:
+    """What the destination needs to know of a source point, besides its chunks."""
+
+    point: dict[str, Any]
+    #: the point's tree records, concatenated, naming the source's chunk ids
+    tree: bytes
+
+    def encode(self) -> bytes:
+        head = json.dumps(self.point, sort_keys=True).encode()
+        body = struct.pack(">I", len(head)) + head + self.tree
+        return _OFFER_MAGIC + _crypto.compress(body, 3)
+
+    @classmethod
+    def decode(cls, name: str, data: bytes) -> CopyOffer:
+        if data[:4] != _OFFER_MAGIC:
+            raise IntegrityError(name, "not a copy offer")
+        body = _crypto.zstd_d().decompress(data[4:], max_output_size=1 << 34)
+        (n,) = struct.unpack_from(">I", body)
+        try:
+            point = json.loads(body[4 : 4 + n])
+        except ValueError as exc:
+            raise IntegrityError(name, f"copy offer header is malformed ({exc})") from None
+        return cls(point, bytes(body[4 + n :]))
+
+    def records(self, name: str) -> Iterator[fmt.RawRecord]:
+        return iter_records([self.tree], name)
+
+    def chunk_ids(self, name: str) -> list[bytes]:
+        """Every distinct data chunk the tree names, in first-use order."""
+        seen: dict[bytes, None] = {}
+        for record in self.records(name):
+            for chunk_id in record.chunk_ids():
+                seen.setdefault(chunk_id)
+        return list(seen)
+
+
+def copy_lock(repo: Repository, operation: str) -> RepositoryLock:
+    """A shared lock on ``repo`` for one side of a copy (use as a context manager): prune
+    takes the exclusive lock, so it waits while a copy reads from or writes into ``repo``."""
+    return repo._lock(exclusive=False, operation=operation)
+
+
+def make_offer(repo: Repository, point_id: str) -> CopyOffer:
+    """The source side: a point's metadata and tree, read and verified with its own keys."""
+    store = repo._ensure_open()
+    manifest = repo.load_manifest(point_id)
+    p = manifest.point
+    if p.kind is CaptureKind.BLOCKS and manifest.image_size is None:
+        raise IntegrityError(fmt.point_name(point_id), "block point without an image size")
+    state = store.load_index()
+    parts: list[bytes] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for record in tree_records(store, state.index, pool, manifest):
+            parts.append(_encode_record(record))
+    point = {
+        "id": p.id,
+        "region": p.region,
+        "instance": {"id": p.instance_id, "name": p.instance_name},
+        "kind": p.kind.value,
+        "tags": dict(p.tags),
+        "policy": p.policy,
+        "function": p.function,
+        "created_at": p.created_at.isoformat(),
+        "taken_at": manifest.taken_at.isoformat(),
+        "size": p.size,
+        "image": None
+        if manifest.image_size is None
+        else {"size": manifest.image_size, "block_size": manifest.block_size},
+        "entries": manifest.entry_count,
+        "stats": dict(manifest.stats),
+    }
+    return CopyOffer(point, b"".join(parts))
+
+
+def _encode_record(record: fmt.RawRecord) -> bytes:
+    if record.tag == fmt.TAG_EXTENT:
+        return fmt.encode_extent(record.offset, record.size, record.ids)
+    return fmt.encode_entry(
+        record.tag,
+        record.mode,
+        record.mtime_ns,
+        record.size,
+        record.path,
+        record.target,
+        record.ids,
+    )
+
+
+def export_chunks(repo: Repository, chunk_ids: Iterable[bytes]) -> Iterator[ExportedChunk]:
+    """The source side: the stored payloads of these chunks (still compressed where they
+    were), each authenticated and checked against its id before it leaves."""
+    store = repo._ensure_open()
+    state = store.load_index()
+    index = state.index
+    by_pack: dict[str, list[tuple[bytes, Location]]] = {}
+    for chunk_id in chunk_ids:
+        loc = index.get(chunk_id)
+        if loc is None:
+            raise IntegrityError(
+                f"chunk {chunk_id.hex()[:16]}", "is not in any index of the source (data lost)"
+            )
+        by_pack.setdefault(loc.pack_id, []).append((chunk_id, loc))
+    for pack_id, blobs in by_pack.items():
+        blobs.sort(key=lambda item: item[1].offset)
+        yield from _read_pack_blobs(store, index, pack_id, blobs)
+
+
+def _read_pack_blobs(
+    store: Store, index: ChunkIndex, pack_id: str, blobs: list[tuple[bytes, Location]]
+) -> Iterator[ExportedChunk]:
+    name = fmt.pack_name(pack_id)
+    key = store.pack_key(pack_id, index.packs[pack_id].header)
+    # ranged gets of at most 8 MiB over runs of nearby blobs
+    i = 0
+    while i < len(blobs):
+        start = blobs[i][1].offset
+        j = i
+        end = start
+        while j < len(blobs) and blobs[j][1].offset + blobs[j][1].length - start <= 8 << 20:
+            end = max(end, blobs[j][1].offset + blobs[j][1].length)
+            j += 1
+        if j == i:  # one blob larger than the window
+            end = blobs[i][1].offset + blobs[i][1].length
+            j = i + 1
+        try:
+            data = store.vault.get(name, offset=start, length=end - start)
+        except ObjectNotFound:
+            raise IntegrityError(name, "pack is missing, yet an index lists it") from None
+        if len(data) != end - start:
+            raise IntegrityError(name, "pack is shorter than its index says")
+        view = memoryview(data)
+        for chunk_id, loc in blobs[i:j]:
+            rel = loc.offset - start
+            payload, _ = store.open_blob(
+                key,
+                chunk_id,
+                loc.blob_type,
+                loc.flags,
+                loc.offset,
+                loc.raw_length,
+                view[rel : rel + loc.length],
+            )
+            yield chunk_id, loc.blob_type, loc.flags, loc.raw_length, payload
+        i = j
+
+
+def encode_chunks(chunks: Iterable[ExportedChunk]) -> bytes:
+    out = bytearray()
+    for chunk_id, blob_type, flags, raw_length, payload in chunks:
+        out += _CHUNK_HEAD.pack(chunk_id, blob_type, flags, raw_length, len(payload))
+        out += payload
+    return bytes(out)
+
+
+def decode_chunks(name: str, data: bytes | memoryview) -> Iterator[ExportedChunk]:
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        if pos + _CHUNK_HEAD.size > len(view):
+            raise IntegrityError(name, "chunk batch ends inside a chunk header")
+        chunk_id, blob_type, flags, raw_length, n = _CHUNK_HEAD.unpack_from(view, pos)
+        pos += _CHUNK_HEAD.size
+        if pos + n > len(view):
+            raise IntegrityError(name, "chunk batch ends inside a chunk")
+        yield chunk_id, blob_type, flags, raw_length, bytes(view[pos : pos + n])
+        pos += n
+
+
+# --------------------------------------------------------------------------- destination
+
+
+class LinkTable:
+    """The destination's map from one source region's chunk ids to its own, sealed in its
+    vault as ``links/<source-tag>/<id>`` objects (each a batch of 64-byte pairs). A link is
+    trusted only while its own chunk is still in the index (prune may have collected it)."""
+
+    def __init__(self, repo: Repository, source_region: str) -> None:
+        self.repo = repo
+        self.store = repo._ensure_open()
+        # the source's name goes into object names only as a keyed hash
+        tag = _crypto_tag(self.store, source_region)
+        self.prefix = f"{LINK_PREFIX}{tag}/"
+        self.links: dict[bytes, bytes] = {}
+        self._load()
+
+    def _load(self) -> None:
+        for info in self.store.vault.list(self.prefix):
+            body = self.store.get_sealed(fmt.ObjectKind.LINKS, info.name)
+            if len(body) % 64:
+                raise IntegrityError(info.name, "link table has a torn entry")
+            for i in range(0, len(body), 64):
+                self.links[body[i : i + 32]] = body[i + 32 : i + 64]
+
+    def resolve(self, index: ChunkIndex, source_id: bytes) -> bytes | None:
+        mine = self.links.get(source_id)
+        return mine if mine is not None and mine in index else None
+
+    def save(self, pairs: dict[bytes, bytes]) -> None:
+        """Record new links, after the chunks they point at are durable and indexed."""
+        if not pairs:
+            return
+        body = b"".join(a + b for a, b in pairs.items())
+        self.store.put_sealed(
+            fmt.ObjectKind.LINKS, f"{self.prefix}{fmt.new_id()}", body, if_absent=True
+        )
+        self.links.update(pairs)
+
+
+def _crypto_tag(store: Store, text: str) -> str:
+    import blake3
+
+    return blake3.blake3(b"links:" + text.encode(), key=store.config.chunk_id_key).hexdigest()[:32]
+
+
+def missing_chunks(repo: Repository, links: LinkTable, offer: CopyOffer, name: str) -> list[bytes]:
+    """The destination side: which of the offer's chunks it must be sent."""
+    index = repo._ensure_open().load_index().index
+    return [cid for cid in offer.chunk_ids(name) if links.resolve(index, cid) is None]
+
+
+def ingest_chunks(
+    repo: Repository, links: LinkTable, chunks: Iterable[ExportedChunk], name: str
+) -> tuple[int, int]:
+    """The destination side: store arriving chunks under its own ids and keys; returns
+    ``(chunks, new chunks written)``. Links are recorded only once the packs are durable."""
+    store = repo._ensure_open()
+    index = store.load_index().index
+    failure = Failure()
+    writer = PackWriter(store, failure)
+    pairs: dict[bytes, bytes] = {}
+    written: set[bytes] = set()
+    count = 0
+    try:
+        for source_id, blob_type, flags, raw_length, payload in chunks:
+            count += 1
+            if flags & fmt.FLAG_ZSTD:
+                plain = _crypto.decompress(name, payload, raw_length)
+            else:
+                plain = payload
+            if len(plain) != raw_length:
+                raise IntegrityError(name, f"chunk {source_id.hex()[:16]} has the wrong length")
+            mine = store.chunk_id(plain)
+            if mine not in index and mine not in written:
+                writer.add(mine, blob_type, flags, raw_length, payload)
+                written.add(mine)
+            pairs[source_id] = mine
+        writer.close()
+    except BaseException:
+        failure.set(RegionVaultError("copy ingest aborted"))
+        writer.abort()
+        raise
+    links.save(pairs)
+    return count, len(written)
+
+
+def commit_copy(
+    repo: Repository,
+    links: LinkTable,
+    offer: CopyOffer,
+    name: str,
+    *,
+    source_region: str,
+    expires_at: datetime | None,
+) -> RecoveryPoint:
+    """The destination side: write the translated tree and the copy's manifest."""
+    store = repo._ensure_open()
+    index = store.load_index().index
+    failure = Failure()
+    writer = PackWriter(store, failure)
+    level = store.settings.compression_level
+    new: set[bytes] = set()
+
+    def store_chunk(chunk: memoryview) -> bytes:
+        chunk_id = store.chunk_id(chunk)
+        if chunk_id not in index and chunk_id not in new:
+            new.add(chunk_id)
+            payload: bytes | memoryview = bytes(chunk)
+            flags = 0
+            if level > 0:
+                packed = _crypto.compress(chunk, level)
+                if len(packed) < len(chunk):
+                    payload, flags = packed, fmt.FLAG_ZSTD
+            writer.add(chunk_id, fmt.BlobType.TREE, flags, len(chunk), payload)
+        return chunk_id
+
+    from regionvault.core.repository._tree import TreeWriter
+
+    p = offer.point
+    try:
+        tree = TreeWriter(Rechunker(store.new_chunker()), store_chunk)
+        for record in offer.records(name):
+            ids = bytearray()
+            for source_id in record.chunk_ids():
+                mine = links.resolve(index, source_id)
+                if mine is None:
+                    raise RegionVaultError(
+                        f"copy of {p['id']}: chunk {source_id.hex()[:16]} has not arrived",
+                        region=repo.region,
+                    )
+                ids += mine
+            tree.add(_encode_record(_with_ids(record, bytes(ids))))
+        tree_chunks = tree.finish()
+        writer.close()
+    except BaseException:
+        failure.set(RegionVaultError("copy commit aborted"))
+        writer.abort()
+        raise
+    point_id = fmt.new_id()
+    created = datetime.now(UTC)
+    kind = CaptureKind(p["kind"])
+    image = p["image"]
+    lineage = Lineage(source_region, p["id"])
+    instance = Instance(
+        id=p["instance"]["id"],
+        name=p["instance"]["name"],
+        region=p["region"],
+        tags=Tags(p["tags"]),
+        function=p.get("function"),
+    )
+    body = encode_manifest(
+        store,
+        point_id=point_id,
+        kind=kind,
+        instance_id=instance.id,
+        instance_name=instance.name,
+        tags=instance.tags,
+        function=instance.function,
+        policy=p["policy"],
+        created_at=created,
+        taken_at=datetime.fromisoformat(p["taken_at"]),
+        expires_at=expires_at,
+        lineage=lineage,
+        parent=None,
+        size=int(p["size"]),
+        image=None if image is None else (int(image["size"]), int(image["block_size"])),
+        tree_chunks=tree_chunks,
+        tree_bytes=tree.bytes,
+        entries=tree.entries,
+        stats={str(k): int(v) for k, v in p["stats"].items()},
+    )
+    store.put_sealed(fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True)
+    return RecoveryPoint(
+        id=point_id,
+        region=repo.region,
+        instance_id=instance.id,
+        instance_name=instance.name,
+        kind=kind,
+        created_at=created,
+        expires_at=expires_at,
+        size=int(p["size"]),
+        policy=p["policy"],
+        lineage=lineage,
+        tags=instance.tags,
+        function=instance.function,
+    )
+
+
+def _with_ids(record: fmt.RawRecord, ids: bytes) -> fmt.RawRecord:
+    return fmt.RawRecord(
+        record.tag,
+        record.mode,
+        record.mtime_ns,
+        record.size,
+        record.path,
+        record.target,
+        record.offset,
+        ids,
+    )

@@ -1,0 +1,592 @@
+"""The repository's on-vault format, version 1: names, binary layouts, AAD (docs/format.md).
+
+Everything here is pure encoding and decoding: no I/O, no threads. All integers are
+big-endian. Every decode that meets something it cannot trust raises
+:class:`~regionvault.core.errors.IntegrityError` naming the object.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from regionvault.core.errors import IntegrityError
+
+__all__ = [
+    "BLOB_ENTRY",
+    "CHUNK_ID_SIZE",
+    "CONFIG_NAME",
+    "ENVELOPE_FLAG_ZSTD",
+    "ENVELOPE_HEADER",
+    "FLAG_ZSTD",
+    "FORMAT_VERSION",
+    "GCM_TAG",
+    "ID_SIZE",
+    "INDEX_PACK",
+    "INDEX_PREFIX",
+    "KEY_SOURCE_MASTER",
+    "KEY_SOURCE_WRAPPED",
+    "LOCK_PREFIX",
+    "MAX_BLOB_SIZE",
+    "OBJECT_MAGIC",
+    "PACK_END_MAGIC",
+    "PACK_FOOTER",
+    "PACK_HEADER",
+    "PACK_MAGIC",
+    "PACK_PREFIX",
+    "POINT_PREFIX",
+    "TAG_DIR",
+    "TAG_EXTENT",
+    "TAG_FILE",
+    "TAG_SYMLINK",
+    "BlobEntry",
+    "BlobType",
+    "EnvelopeHeader",
+    "IndexPack",
+    "ObjectKind",
+    "PackHeader",
+    "RawIndexPack",
+    "RawRecord",
+    "blob_aad",
+    "check_version",
+    "decode_blob_table",
+    "decode_index",
+    "decode_records",
+    "encode_blob_table",
+    "encode_entry",
+    "encode_extent",
+    "encode_index",
+    "envelope_aad",
+    "index_name",
+    "lock_name",
+    "new_id",
+    "nonce_at",
+    "pack_aad_prefix",
+    "pack_name",
+    "parse_hex_id",
+    "parse_index",
+    "point_name",
+    "table_aad",
+]
+
+#: the newest format this code writes and reads; readers refuse anything newer
+FORMAT_VERSION = 1
+CHUNK_ID_SIZE = 32
+ID_SIZE = 16
+#: largest plaintext blob (chunk) a pack may hold; chunker maxima stay far below it
+MAX_BLOB_SIZE = 16 << 20
+
+CONFIG_NAME = "config"
+PACK_PREFIX = "packs/"
+INDEX_PREFIX = "index/"
+POINT_PREFIX = "points/"
+LOCK_PREFIX = "locks/"
+
+_HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ObjectKind(enum.IntEnum):
+    """The kind byte of a sealed (non-pack) object; also bound into its AAD by name."""
+
+    CONFIG = 1
+    INDEX = 2
+    MANIFEST = 3
+    LOCK = 4
+    #: a copy destination's table from a source region's chunk ids to its own
+    LINKS = 5
+
+
+class BlobType(enum.IntEnum):
+    DATA = 0
+    TREE = 1
+
+
+#: blob flag: the stored payload is a zstd frame of the chunk
+FLAG_ZSTD = 0x01
+_KNOWN_FLAGS = FLAG_ZSTD
+
+
+def new_id() -> str:
+    import secrets
+
+    return secrets.token_hex(ID_SIZE)
+
+
+def parse_hex_id(text: str, what: str) -> str:
+    if not isinstance(text, str) or not _HEX_ID.match(text):
+        raise ValueError(f"{what} {text!r} is not 32 lowercase hex digits")
+    return text
+
+
+def pack_name(pack_id: str) -> str:
+    return f"{PACK_PREFIX}{pack_id[:2]}/{pack_id}"
+
+
+def index_name(index_id: str) -> str:
+    return f"{INDEX_PREFIX}{index_id}"
+
+
+def point_name(point_id: str) -> str:
+    return f"{POINT_PREFIX}{point_id}"
+
+
+def lock_name(lock_id: str) -> str:
+    return f"{LOCK_PREFIX}{lock_id}"
+
+
+def check_version(name: str, version: int) -> None:
+    if version > FORMAT_VERSION:
+        raise IntegrityError(
+            name,
+            f"format version {version} is newer than this regionvault reads "
+            f"(up to {FORMAT_VERSION}); upgrade regionvault to read it",
+        )
+    if version < 1:
+        raise IntegrityError(name, f"format version {version} is not valid")
+
+
+# --------------------------------------------------------------------------- sealed objects
+
+OBJECT_MAGIC = b"RVLT"
+#: magic, version, kind, key source, flags, salt, commitment, wrapped-key length
+ENVELOPE_HEADER = struct.Struct(">4sBBBB32s32sH")
+
+KEY_SOURCE_MASTER = 0
+KEY_SOURCE_WRAPPED = 1
+ENVELOPE_FLAG_ZSTD = 0x01
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    version: int
+    kind: ObjectKind
+    key_source: int
+    flags: int
+    salt: bytes
+    commitment: bytes
+    wrapped_key: bytes
+    #: the header's exact bytes (bound into the AAD)
+    raw: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @classmethod
+    def build(
+        cls,
+        kind: ObjectKind,
+        *,
+        key_source: int,
+        flags: int,
+        salt: bytes,
+        commitment: bytes,
+        wrapped_key: bytes = b"",
+    ) -> EnvelopeHeader:
+        raw = (
+            ENVELOPE_HEADER.pack(
+                OBJECT_MAGIC,
+                FORMAT_VERSION,
+                int(kind),
+                key_source,
+                flags,
+                salt,
+                commitment,
+                len(wrapped_key),
+            )
+            + wrapped_key
+        )
+        return cls(FORMAT_VERSION, kind, key_source, flags, salt, commitment, wrapped_key, raw)
+
+    @classmethod
+    def parse(cls, name: str, data: bytes, expect: ObjectKind) -> EnvelopeHeader:
+        if len(data) < ENVELOPE_HEADER.size:
+            raise IntegrityError(name, f"object is {len(data)} bytes, too short to be sealed")
+        magic, version, kind, key_source, flags, salt, commitment, wlen = (
+            ENVELOPE_HEADER.unpack_from(data)
+        )
+        if magic != OBJECT_MAGIC:
+            raise IntegrityError(name, "not a regionvault object (bad magic)")
+        check_version(name, version)
+        if kind != expect:
+            raise IntegrityError(name, f"object kind {kind} where {expect.name.lower()} expected")
+        if key_source not in (KEY_SOURCE_MASTER, KEY_SOURCE_WRAPPED):
+            raise IntegrityError(name, f"unknown key source {key_source}")
+        if flags & ~ENVELOPE_FLAG_ZSTD:
+            raise IntegrityError(name, f"unknown flags {flags:#x}")
+        end = ENVELOPE_HEADER.size + wlen
+        if len(data) < end + 16:
+            raise IntegrityError(name, "object is truncated")
+        wrapped = bytes(data[ENVELOPE_HEADER.size : end])
+        return cls(
+            version, ObjectKind(kind), key_source, flags, salt, commitment, wrapped,
+            bytes(data[:end]),
+        )  # fmt: skip
+
+
+def envelope_aad(vault_id: str, kind: ObjectKind, name: str, header: bytes) -> bytes:
+    return b"".join(
+        (
+            b"regionvault/v1\x00",
+            _lp(vault_id.encode()),
+            _lp(kind.name.lower().encode()),
+            _lp(name.encode()),
+            header,
+        )
+    )
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+# --------------------------------------------------------------------------- packs
+
+PACK_MAGIC = b"RVPK"
+PACK_END_MAGIC = b"RVPE"
+#: magic, version, reserved (3 bytes), run id, salt, commitment, wrapped-key length
+PACK_HEADER = struct.Struct(">4sB3s16s32s32sH")
+#: trailer (blob table) ciphertext length, end magic
+PACK_FOOTER = struct.Struct(">I4s")
+#: chunk id, blob type, flags, offset, stored length (ciphertext incl. tag), raw length
+BLOB_ENTRY = struct.Struct(">32sBBIII")
+GCM_TAG = 16
+
+
+@dataclass(frozen=True)
+class PackHeader:
+    version: int
+    run_id: bytes
+    salt: bytes
+    commitment: bytes
+    wrapped_key: bytes
+    raw: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @classmethod
+    def build(
+        cls, *, run_id: bytes, salt: bytes, commitment: bytes, wrapped_key: bytes
+    ) -> PackHeader:
+        raw = (
+            PACK_HEADER.pack(
+                PACK_MAGIC, FORMAT_VERSION, b"\0\0\0", run_id, salt, commitment, len(wrapped_key)
+            )
+            + wrapped_key
+        )
+        return cls(FORMAT_VERSION, run_id, salt, commitment, wrapped_key, raw)
+
+    @classmethod
+    def parse(cls, name: str, data: bytes) -> PackHeader:
+        """Parse the header at the start of ``data`` (which may hold more than the header)."""
+        if len(data) < PACK_HEADER.size:
+            raise IntegrityError(name, "pack is too short to hold a header")
+        magic, version, reserved, run_id, salt, commitment, wlen = PACK_HEADER.unpack_from(data)
+        if magic != PACK_MAGIC:
+            raise IntegrityError(name, "not a regionvault pack (bad magic)")
+        check_version(name, version)
+        if reserved != b"\0\0\0":
+            raise IntegrityError(name, "reserved header bytes are not zero")
+        end = PACK_HEADER.size + wlen
+        if len(data) < end:
+            raise IntegrityError(name, "pack header is truncated")
+        return cls(
+            version, run_id, salt, commitment, bytes(data[PACK_HEADER.size : end]),
+            bytes(data[:end]),
+        )  # fmt: skip
+
+
+def pack_aad_prefix(vault_id: str, name: str, header: bytes) -> bytes:
+    """What every blob's and the table's AAD starts with in the pack ``name``."""
+    return b"".join(
+        (b"regionvault/v1\x00", _lp(vault_id.encode()), _lp(b"pack"), _lp(name.encode()), header)
+    )
+
+
+def blob_aad(prefix: bytes, chunk_id: bytes, blob_type: int, flags: int, raw_length: int) -> bytes:
+    return prefix + b"B" + chunk_id + bytes((blob_type, flags)) + raw_length.to_bytes(4, "big")
+
+
+def table_aad(prefix: bytes) -> bytes:
+    return prefix + b"T"
+
+
+def nonce_at(offset: int) -> bytes:
+    """Every encrypted item in a pack uses its own byte offset as its nonce (unique per key)."""
+    return offset.to_bytes(12, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    chunk_id: bytes
+    blob_type: int
+    flags: int
+    offset: int
+    length: int
+    raw_length: int
+
+    def encode(self) -> bytes:
+        return BLOB_ENTRY.pack(
+            self.chunk_id, self.blob_type, self.flags, self.offset, self.length, self.raw_length
+        )
+
+
+def encode_blob_table(entries: list[BlobEntry]) -> bytes:
+    return len(entries).to_bytes(4, "big") + b"".join(e.encode() for e in entries)
+
+
+def decode_blob_table(name: str, data: bytes, *, pack_size: int | None = None) -> list[BlobEntry]:
+    if len(data) < 4:
+        raise IntegrityError(name, "blob table is truncated")
+    count = int.from_bytes(data[:4], "big")
+    if len(data) != 4 + count * BLOB_ENTRY.size:
+        raise IntegrityError(name, "blob table length does not match its count")
+    return [
+        _checked_entry(name, BlobEntry(*fields), pack_size)
+        for fields in BLOB_ENTRY.iter_unpack(memoryview(data)[4:])
+    ]
+
+
+def _checked_entry(name: str, entry: BlobEntry, pack_size: int | None) -> BlobEntry:
+    if entry.blob_type not in (BlobType.DATA, BlobType.TREE):
+        raise IntegrityError(name, f"blob of unknown type {entry.blob_type}")
+    if entry.flags & ~_KNOWN_FLAGS:
+        raise IntegrityError(name, f"blob with unknown flags {entry.flags:#x}")
+    if entry.length < GCM_TAG or entry.raw_length > MAX_BLOB_SIZE:
+        raise IntegrityError(name, "blob with impossible length")
+    if not entry.flags & FLAG_ZSTD and entry.length != entry.raw_length + GCM_TAG:
+        raise IntegrityError(name, "uncompressed blob whose lengths disagree")
+    if pack_size is not None and entry.offset + entry.length > pack_size:
+        raise IntegrityError(name, "blob reaches past the end of its pack")
+    return entry
+
+
+# --------------------------------------------------------------------------- index objects
+
+#: pack id, pack size, blob count, pack header length (the header's bytes follow)
+INDEX_PACK = struct.Struct(">16sQIH")
+
+
+@dataclass(frozen=True)
+class IndexPack:
+    pack_id: str
+    size: int
+    #: the pack's plaintext header, copied here so a reader needs no extra request for it
+    header: bytes
+    blobs: list[BlobEntry]
+
+
+def encode_index(packs: list[IndexPack], supersedes: list[str]) -> bytes:
+    parts = [len(supersedes).to_bytes(4, "big")]
+    parts.extend(bytes.fromhex(i) for i in supersedes)
+    parts.append(len(packs).to_bytes(4, "big"))
+    for pack in packs:
+        parts.append(
+            INDEX_PACK.pack(
+                bytes.fromhex(pack.pack_id), pack.size, len(pack.blobs), len(pack.header)
+            )
+        )
+        parts.append(pack.header)
+        parts.extend(e.encode() for e in pack.blobs)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class RawIndexPack:
+    """An index entry for one pack with its blob entries still encoded (46 bytes each):
+    the compact form the in-memory index is built from."""
+
+    pack_id: str
+    size: int
+    header: bytes
+    entries: bytes
+
+    def blobs(self, name: str) -> Iterator[BlobEntry]:
+        for fields in BLOB_ENTRY.iter_unpack(self.entries):
+            yield _checked_entry(f"{name} (pack {self.pack_id})", BlobEntry(*fields), self.size)
+
+
+def parse_index(name: str, data: bytes) -> tuple[list[RawIndexPack], list[str]]:
+    """``(packs, superseded index ids)`` of an index body, blob entries left encoded."""
+    view = memoryview(data)
+    try:
+        pos = 0
+        n_sup = int.from_bytes(view[pos : pos + 4], "big")
+        pos += 4
+        if pos + n_sup * ID_SIZE > len(view):
+            raise IndexError
+        supersedes = [
+            bytes(view[pos + i * ID_SIZE : pos + (i + 1) * ID_SIZE]).hex() for i in range(n_sup)
+        ]
+        pos += n_sup * ID_SIZE
+        n_packs = int.from_bytes(view[pos : pos + 4], "big")
+        pos += 4
+        packs = []
+        for _ in range(n_packs):
+            pid, size, count, hlen = INDEX_PACK.unpack_from(view, pos)
+            pos += INDEX_PACK.size
+            header = bytes(view[pos : pos + hlen])
+            pos += hlen
+            end = pos + count * BLOB_ENTRY.size
+            if len(header) != hlen or end > len(view):
+                raise IndexError
+            packs.append(RawIndexPack(pid.hex(), size, header, bytes(view[pos:end])))
+            pos = end
+    except (IndexError, struct.error):
+        raise IntegrityError(name, "index is truncated or malformed") from None
+    if pos != len(view):
+        raise IntegrityError(name, "index has trailing bytes")
+    return packs, supersedes
+
+
+def decode_index(name: str, data: bytes) -> tuple[list[IndexPack], list[str]]:
+    view = memoryview(data)
+    try:
+        pos = 0
+        n_sup = int.from_bytes(view[pos : pos + 4], "big")
+        pos += 4
+        supersedes = []
+        for _ in range(n_sup):
+            raw = bytes(view[pos : pos + ID_SIZE])
+            if len(raw) != ID_SIZE:
+                raise IndexError
+            supersedes.append(raw.hex())
+            pos += ID_SIZE
+        n_packs = int.from_bytes(view[pos : pos + 4], "big")
+        pos += 4
+        packs = []
+        for _ in range(n_packs):
+            pid, size, count, hlen = INDEX_PACK.unpack_from(view, pos)
+            pos += INDEX_PACK.size
+            header = bytes(view[pos : pos + hlen])
+            if len(header) != hlen:
+                raise IndexError
+            pos += hlen
+            end = pos + count * BLOB_ENTRY.size
+            if end > len(view):
+                raise IndexError
+            pack = pid.hex()
+            blobs = [
+                _checked_entry(f"{name} (pack {pack})", BlobEntry(*fields), size)
+                for fields in BLOB_ENTRY.iter_unpack(view[pos:end])
+            ]
+            pos = end
+            packs.append(IndexPack(pack, size, header, blobs))
+    except (IndexError, struct.error):
+        raise IntegrityError(name, "index is truncated or malformed") from None
+    if pos != len(view):
+        raise IntegrityError(name, "index has trailing bytes")
+    return packs, supersedes
+
+
+# --------------------------------------------------------------------------- tree records
+
+TAG_FILE = 1
+TAG_DIR = 2
+TAG_SYMLINK = 3
+TAG_EXTENT = 4
+#: tag, mode, mtime_ns, size, path length
+ENTRY_HEAD = struct.Struct(">BIqQH")
+#: tag, offset, length, chunk count
+EXTENT_HEAD = struct.Struct(">BQQI")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+
+
+def encode_entry(
+    tag: int, mode: int, mtime_ns: int, size: int, path: bytes, target: bytes, ids: bytes
+) -> bytes:
+    return b"".join(
+        (
+            ENTRY_HEAD.pack(tag, mode, mtime_ns, size, len(path)),
+            path,
+            U16.pack(len(target)),
+            target,
+            U32.pack(len(ids) // CHUNK_ID_SIZE),
+            ids,
+        )
+    )
+
+
+def encode_extent(offset: int, length: int, ids: bytes) -> bytes:
+    return EXTENT_HEAD.pack(TAG_EXTENT, offset, length, len(ids) // CHUNK_ID_SIZE) + ids
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One decoded tree record; ``ids`` is the concatenation of 32-byte chunk ids."""
+
+    tag: int
+    mode: int
+    mtime_ns: int
+    size: int
+    path: bytes
+    target: bytes
+    offset: int
+    ids: bytes
+
+    def chunk_ids(self) -> Iterator[bytes]:
+        ids = self.ids
+        for i in range(0, len(ids), CHUNK_ID_SIZE):
+            yield ids[i : i + CHUNK_ID_SIZE]
+
+
+def decode_records(buf: bytearray, name: str, *, final: bool) -> tuple[list[RawRecord], int]:
+    """Decode the complete records at the start of ``buf``; return them and the bytes used.
+
+    With ``final``, leftover bytes are an error (the stream ended inside a record).
+    """
+    out: list[RawRecord] = []
+    with memoryview(buf) as view:
+        pos = _decode_into(view, name, out)
+    if final and pos != len(buf):
+        raise IntegrityError(name, "tree ends inside a record")
+    return out, pos
+
+
+def _decode_into(view: memoryview, name: str, out: list[RawRecord]) -> int:
+    pos = 0
+    end = len(view)
+    while pos < end:
+        tag = view[pos]
+        if tag in (TAG_FILE, TAG_DIR, TAG_SYMLINK):
+            if pos + ENTRY_HEAD.size > end:
+                break
+            _, mode, mtime_ns, size, plen = ENTRY_HEAD.unpack_from(view, pos)
+            p = pos + ENTRY_HEAD.size
+            if p + plen + 2 > end:
+                break
+            path = bytes(view[p : p + plen])
+            p += plen
+            (tlen,) = U16.unpack_from(view, p)
+            p += 2
+            if p + tlen + 4 > end:
+                break
+            target = bytes(view[p : p + tlen])
+            p += tlen
+            (count,) = U32.unpack_from(view, p)
+            p += 4
+            if p + count * CHUNK_ID_SIZE > end:
+                break
+            ids = bytes(view[p : p + count * CHUNK_ID_SIZE])
+            p += count * CHUNK_ID_SIZE
+            out.append(RawRecord(tag, mode, mtime_ns, size, path, target, 0, ids))
+        elif tag == TAG_EXTENT:
+            if pos + EXTENT_HEAD.size > end:
+                break
+            _, offset, length, count = EXTENT_HEAD.unpack_from(view, pos)
+            p = pos + EXTENT_HEAD.size
+            if p + count * CHUNK_ID_SIZE > end:
+                break
+            ids = bytes(view[p : p + count * CHUNK_ID_SIZE])
+            p += count * CHUNK_ID_SIZE
+            out.append(RawRecord(tag, 0, 0, length, b"", b"", offset, ids))
+        else:
+            raise IntegrityError(name, f"tree record of unknown kind {tag}")
+        pos = p
+    return pos

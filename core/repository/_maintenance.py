@@ -1,0 +1,480 @@
+"""Verify, prune, protect (WORM) and index rebuilding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from regionvault.core.errors import (
+    IntegrityError,
+    KeyAccessDenied,
+    ObjectNotFound,
+    RegionVaultError,
+    RetentionLocked,
+)
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._index import ChunkIndex
+from regionvault.core.repository._locks import RepositoryLock
+from regionvault.core.repository._manifest import decode_manifest
+from regionvault.core.repository._pipeline import Failure, Fetcher, PackWriter
+from regionvault.core.repository._store import Store
+from regionvault.core.repository._tree import iter_records
+from regionvault.core.repository.model import (
+    Manifest,
+    Problem,
+    Progress,
+    ProgressCallback,
+    ProtectReport,
+    PruneReport,
+    VerifyReport,
+)
+from regionvault.core.types import ObjectInfo, RetentionMode
+
+__all__ = [
+    "load_manifests",
+    "protect",
+    "prune",
+    "read_pack",
+    "rebuild_index",
+    "tree_records",
+    "verify",
+]
+
+#: index objects written by prune and rebuild hold at most this many blobs each
+_INDEX_BLOBS = 100_000
+_MAX_PROBLEMS_PER_PACK = 10
+
+
+def tree_records(
+    store: Store, index: ChunkIndex, pool: Executor, manifest: Manifest
+) -> Iterator[fmt.RawRecord]:
+    name = fmt.point_name(manifest.point.id)
+    fetcher = Fetcher(store, index, pool, what=name, window_bytes=4 << 20, ahead=2)
+    return iter_records(fetcher.chunks(manifest.tree_chunks), name)
+
+
+def load_manifests(store: Store, *, tolerant: bool = False) -> tuple[list[Manifest], list[Problem]]:
+    """Every manifest in the vault, oldest first. With ``tolerant``, unreadable ones are
+    returned as problems instead of raising."""
+    names = [info.name for info in store.vault.list(fmt.POINT_PREFIX)]
+
+    def read(name: str) -> Manifest | Problem | None:
+        try:
+            body = store.get_sealed(fmt.ObjectKind.MANIFEST, name)
+            return decode_manifest(store, name, body)
+        except ObjectNotFound:
+            return None  # forgotten while listing
+        except IntegrityError as exc:
+            if not tolerant:
+                raise
+            return Problem(exc.object_name, exc.reason)
+
+    manifests: list[Manifest] = []
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for result in pool.map(read, names):
+            if isinstance(result, Manifest):
+                manifests.append(result)
+            elif isinstance(result, Problem):
+                problems.append(result)
+    manifests.sort(key=lambda m: (m.point.created_at, m.point.id))
+    return manifests, problems
+
+
+def _protected(info: ObjectInfo, now: datetime) -> str | None:
+    if info.legal_hold:
+        return "a legal hold is on"
+    if info.retain_until is not None and info.retain_until > now:
+        return f"retained until {info.retain_until.isoformat(timespec='seconds')}"
+    return None
+
+
+# --------------------------------------------------------------------------- packs
+
+
+def read_pack(
+    store: Store, pack_id: str, data: bytes
+) -> tuple[fmt.PackHeader, list[fmt.BlobEntry]]:
+    """Parse a whole pack's header and authenticated blob table."""
+    name = fmt.pack_name(pack_id)
+    header = fmt.PackHeader.parse(name, data)
+    if len(data) < header.size + fmt.PACK_FOOTER.size + fmt.GCM_TAG:
+        raise IntegrityError(name, "pack is too short")
+    table_len, magic = fmt.PACK_FOOTER.unpack_from(data, len(data) - fmt.PACK_FOOTER.size)
+    if magic != fmt.PACK_END_MAGIC:
+        raise IntegrityError(name, "pack has no end marker (truncated?)")
+    table_at = len(data) - fmt.PACK_FOOTER.size - table_len
+    if table_at < header.size:
+        raise IntegrityError(name, "blob table length is impossible")
+    key = store.pack_key(pack_id, header.raw)
+    table = key.decrypt_table(table_at, memoryview(data)[table_at : len(data) - 8])
+    entries = fmt.decode_blob_table(name, table, pack_size=table_at)
+    return header, entries
+
+
+def _check_pack(
+    store: Store, pack_id: str, size: int, header_copy: bytes, indexed: list[fmt.BlobEntry]
+) -> tuple[list[Problem], int, int]:
+    """Read a whole pack and authenticate every byte: ``(problems, bytes read, blobs)``."""
+    name = fmt.pack_name(pack_id)
+    problems: list[Problem] = []
+    try:
+        data = store.vault.get(name)
+    except ObjectNotFound:
+        return [Problem(name, "pack is missing")], 0, 0
+    if len(data) != size:
+        problems.append(Problem(name, f"pack is {len(data)} bytes, its index says {size}"))
+    try:
+        header, entries = read_pack(store, pack_id, data)
+    except IntegrityError as exc:
+        return [*problems, Problem(exc.object_name, exc.reason)], len(data), 0
+    if header.raw != header_copy:
+        problems.append(Problem(name, "pack header differs from the index's copy"))
+    if {e.encode() for e in entries} != {e.encode() for e in indexed}:
+        problems.append(Problem(name, "blob table differs from the index"))
+    key = store.pack_key(pack_id, header.raw)
+    view = memoryview(data)
+    for e in entries:
+        try:
+            store.decode_blob(
+                key, e.chunk_id, e.blob_type, e.flags, e.offset, e.raw_length,
+                view[e.offset : e.offset + e.length],
+            )  # fmt: skip
+        except IntegrityError as exc:
+            problems.append(Problem(exc.object_name, exc.reason))
+            if len(problems) >= _MAX_PROBLEMS_PER_PACK:
+                break
+    return problems, len(data), len(entries)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(
+    store: Store, *, read_data: bool, progress: ProgressCallback | None, lock: RepositoryLock
+) -> VerifyReport:
+    report = VerifyReport(read_data=read_data)
+    err = report.errors.append
+    try:
+        config = store.read_config()
+        if config.repository_id != store.config.repository_id:
+            err(Problem(fmt.CONFIG_NAME, "config was replaced since the repository was opened"))
+    except (IntegrityError, KeyAccessDenied, ObjectNotFound) as exc:
+        err(Problem(fmt.CONFIG_NAME, str(exc)))
+    state = store.load_index(keep_blobs=True, tolerant=True)
+    for name, reason in state.problems:
+        err(Problem(name, reason))
+    report.indexes = len(state.objects)
+    index = state.index
+    listing = {info.name: info for info in store.vault.list(fmt.PACK_PREFIX)}
+    for pack_id, info in sorted(index.packs.items()):
+        name = fmt.pack_name(pack_id)
+        found = listing.get(name)
+        if found is None:
+            err(Problem(name, f"pack is missing (listed by index {sorted(info.index_ids)})"))
+        elif found.size != info.size:
+            err(Problem(name, f"pack is {found.size} bytes, its index says {info.size}"))
+    indexed_names = {fmt.pack_name(p) for p in index.packs}
+    leftovers = sorted(set(listing) - indexed_names)
+    if leftovers:
+        report.warnings.append(
+            Problem(
+                leftovers[0],
+                f"{len(leftovers)} pack(s) no index lists (left by an interrupted run; "
+                "prune removes them)",
+            )
+        )
+    report.packs = len(listing)
+
+    manifests, problems = load_manifests(store, tolerant=True)
+    report.errors.extend(problems)
+    report.points = len(manifests) + len(problems)
+    used: set[bytes] = set()
+    workers = store.settings.worker_count()
+    with ThreadPoolExecutor(max_workers=workers + 1) as pool:
+        for manifest in manifests:
+            point = fmt.point_name(manifest.point.id)
+            used.update(manifest.tree_chunks)
+            missing = 0
+            try:
+                for record in tree_records(store, index, pool, manifest):
+                    for chunk_id in record.chunk_ids():
+                        used.add(chunk_id)
+                        if chunk_id not in index:
+                            missing += 1
+            except IntegrityError as exc:
+                err(Problem(exc.object_name, f"{exc.reason} (tree of {point})"))
+            if missing:
+                err(Problem(point, f"{missing} chunk(s) of this point are in no index"))
+        if progress is not None:
+            progress(Progress(operation="verify", files_done=0, files_total=len(index.packs)))
+        if read_data:
+            blobs = index.pack_blobs or {}
+            futures = [
+                pool.submit(_check_pack, store, pid, info.size, info.header, blobs.get(pid, []))
+                for pid, info in sorted(index.packs.items())
+                if fmt.pack_name(pid) in listing
+            ]
+            total = sum(info.size for info in index.packs.values())
+            for done, future in enumerate(futures, 1):
+                problems_found, nbytes, nblobs = future.result()
+                report.errors.extend(problems_found)
+                report.bytes_read += nbytes
+                report.blobs += nblobs
+                if progress is not None:
+                    progress(
+                        Progress(
+                            operation="verify",
+                            files_done=done,
+                            files_total=len(futures),
+                            bytes_done=report.bytes_read,
+                            bytes_total=total,
+                        )
+                    )
+        else:
+            report.blobs = len(index)
+    unused = sum(1 for c in index.chunk_ids() if c not in used)
+    if unused:
+        report.warnings.append(
+            Problem("index", f"{unused} blob(s) no recovery point references (prune removes them)")
+        )
+    lock.check()
+    if progress is not None:
+        progress(Progress(operation="verify", bytes_done=report.bytes_read, done=True))
+    return report
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def prune(
+    store: Store,
+    *,
+    lock: RepositoryLock,
+    max_unused: float,
+    progress: ProgressCallback | None,
+) -> PruneReport:
+    report = PruneReport(stale_locks_removed=lock.stale_removed)
+    now = datetime.now(UTC)
+    state = store.load_index(keep_blobs=True)
+    index = state.index
+    blobs_of = index.pack_blobs or {}
+    manifests, _ = load_manifests(store)
+    report.points = len(manifests)
+    used: set[bytes] = set()
+    workers = store.settings.worker_count()
+    with ThreadPoolExecutor(max_workers=workers + 1) as pool:
+        for manifest in manifests:
+            used.update(manifest.tree_chunks)
+            for record in tree_records(store, index, pool, manifest):
+                used.update(record.chunk_ids())
+    missing = [c for c in used if c not in index]
+    if missing:
+        raise IntegrityError(
+            "index",
+            f"{len(missing)} chunk(s) that recovery points use are in no index; prune refuses "
+            "to delete anything (run rebuild_index, then verify)",
+        )
+    listing = {info.name: info for info in store.vault.list(fmt.PACK_PREFIX)}
+    report.packs_before = len(listing)
+    for pack_id in index.packs:
+        if fmt.pack_name(pack_id) not in listing and any(
+            b.chunk_id in used for b in blobs_of.get(pack_id, [])
+        ):
+            raise IntegrityError(fmt.pack_name(pack_id), "pack is missing, yet points use it")
+
+    def locked(pack_id: str) -> str | None:
+        info = listing.get(fmt.pack_name(pack_id))
+        return None if info is None else _protected(info, now)
+
+    # claim each used chunk once: first from packs that are wholly used, then the rest
+    claimed: set[bytes] = set()
+    live: dict[str, list[fmt.BlobEntry]] = {}
+    present = [p for p in sorted(index.packs) if fmt.pack_name(p) in listing]
+    whole = [p for p in present if all(b.chunk_id in used for b in blobs_of.get(p, []))]
+    for pack_id in whole:
+        live[pack_id] = list(blobs_of.get(pack_id, []))
+        claimed.update(b.chunk_id for b in live[pack_id])
+    keep: list[str] = list(whole)
+    rewrite: list[str] = []
+    drop: list[str] = []
+    for pack_id in present:
+        if pack_id in live:
+            continue
+        blobs = blobs_of.get(pack_id, [])
+        mine = []
+        for b in blobs:
+            if b.chunk_id in used and b.chunk_id not in claimed:
+                claimed.add(b.chunk_id)
+                mine.append(b)
+        live[pack_id] = mine
+        unused_bytes = sum(b.length for b in blobs) - sum(b.length for b in mine)
+        total_bytes = sum(b.length for b in blobs) or 1
+        if locked(pack_id) is not None:
+            if mine:
+                keep.append(pack_id)
+            else:
+                drop.append(pack_id)  # skipped below, and reported
+        elif not mine:
+            drop.append(pack_id)
+        elif unused_bytes / total_bytes > max_unused:
+            rewrite.append(pack_id)
+        else:
+            keep.append(pack_id)
+
+    # copy the live blobs of packs being rewritten into new packs
+    failure = Failure()
+    writer = PackWriter(store, failure, write_index=False, keep_packs=True)
+    try:
+        for done, pack_id in enumerate(rewrite, 1):
+            name = fmt.pack_name(pack_id)
+            data = store.vault.get(name)
+            key = store.pack_key(pack_id, index.packs[pack_id].header)
+            view = memoryview(data)
+            for b in live[pack_id]:
+                payload, _ = store.open_blob(
+                    key, b.chunk_id, b.blob_type, b.flags, b.offset, b.raw_length,
+                    view[b.offset : b.offset + b.length],
+                )  # fmt: skip
+                writer.add(b.chunk_id, b.blob_type, b.flags, b.raw_length, payload)
+            report.blobs_removed += len(index.pack_blobs[pack_id]) - len(live[pack_id])  # type: ignore[index]
+            if progress is not None:
+                progress(Progress(operation="prune", files_done=done, files_total=len(rewrite)))
+        new_packs = writer.close()
+    except BaseException as exc:
+        failure.set(exc)
+        writer.abort()
+        raise
+    report.packs_rewritten = len(rewrite)
+    report.packs_written = len(new_packs)
+    report.blobs_removed += sum(len(blobs_of.get(p, [])) for p in drop if locked(p) is None)
+
+    # a new index: every kept pack and every new one; its last object supersedes the old
+    entries = [
+        fmt.IndexPack(p, index.packs[p].size, index.packs[p].header, blobs_of.get(p, []))
+        for p in keep
+    ] + new_packs
+    vanished = len(index.packs) - len(present)  # indexed packs no longer in the vault
+    changed = bool(rewrite or drop or vanished or len(state.objects) != len(state.live))
+    leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
+    if changed or len(state.live) > 1 or leftovers:
+        lock.check()
+        groups: list[list[fmt.IndexPack]] = [[]]
+        count = 0
+        for pack in entries:
+            if count >= _INDEX_BLOBS:
+                groups.append([])
+                count = 0
+            groups[-1].append(pack)
+            count += len(pack.blobs)
+        for group in groups[:-1]:
+            store.write_index(group)
+        store.write_index(groups[-1], supersedes=state.objects)
+        report.indexes_written = len(groups)
+        for index_id in sorted(state.objects):
+            name = fmt.index_name(index_id)
+            reason = _protected(state.objects[index_id], now)
+            if reason is None:
+                reason = _delete(store, name)
+            if reason is None:
+                report.indexes_deleted += 1
+            else:
+                report.skipped.append(Problem(name, reason))
+
+    # delete what nothing uses any more: rewritten, unused and unindexed packs
+    freed = 0
+    for name in [fmt.pack_name(p) for p in rewrite + drop] + leftovers:
+        info = listing[name]
+        reason = _protected(info, now) or _delete(store, name)
+        if reason is None:
+            report.packs_deleted += 1
+            freed += info.size
+        else:
+            report.skipped.append(Problem(name, reason))
+    report.bytes_freed = freed - sum(p.size for p in new_packs)
+    if progress is not None:
+        progress(Progress(operation="prune", done=True))
+    return report
+
+
+def _delete(store: Store, name: str) -> str | None:
+    """Delete ``name``; the reason when a lock or hold refused it."""
+    try:
+        store.vault.delete(name)
+    except RetentionLocked as exc:
+        return exc.reason
+    return None
+
+
+# --------------------------------------------------------------------------- protect
+
+
+def protect(
+    store: Store,
+    manifest: Manifest,
+    *,
+    until: datetime | None,
+    mode: RetentionMode,
+    legal_hold: bool,
+) -> ProtectReport:
+    report = ProtectReport(manifest.point.id, until, legal_hold)
+    state = store.load_index()
+    index = state.index
+    packs: set[str] = set()
+    chunk_ids = set(manifest.tree_chunks)
+    with ThreadPoolExecutor(max_workers=store.settings.worker_count() + 1) as pool:
+        for record in tree_records(store, index, pool, manifest):
+            chunk_ids.update(record.chunk_ids())
+    for chunk_id in chunk_ids:
+        loc = index.get(chunk_id)
+        if loc is None:
+            raise IntegrityError(
+                fmt.point_name(manifest.point.id), f"chunk {chunk_id.hex()[:16]} is in no index"
+            )
+        packs.add(loc.pack_id)
+    index_ids = {i for p in packs for i in index.packs[p].index_ids}
+    names = (
+        [fmt.pack_name(p) for p in sorted(packs)]
+        + [fmt.index_name(i) for i in sorted(index_ids)]
+        + [fmt.point_name(manifest.point.id)]
+    )
+    for name in names:
+        info = store.vault.head(name)
+        changed = False
+        if until is not None and (info.retain_until is None or info.retain_until < until):
+            store.vault.set_retention(name, until, mode)
+            changed = True
+        if legal_hold and not info.legal_hold:
+            store.vault.set_legal_hold(name, True)
+            changed = True
+        if changed:
+            report.locked.append(name)
+        else:
+            report.unchanged += 1
+    return report
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def rebuild_index(store: Store) -> int:
+    """Write a fresh index from the packs' own blob tables, superseding every index object
+    (recovers from lost or damaged index objects). Returns the number of packs indexed."""
+    state = store.load_index(tolerant=True)
+    packs: list[fmt.IndexPack] = []
+    for info in store.vault.list(fmt.PACK_PREFIX):
+        pack_id = info.name.rsplit("/", 1)[-1]
+        try:
+            fmt.parse_hex_id(pack_id, "pack id")
+            data = store.vault.get(info.name)
+            header, entries = read_pack(store, pack_id, data)
+        except (ValueError, RegionVaultError):
+            continue  # unreadable packs stay out of the index (verify names them)
+        packs.append(fmt.IndexPack(pack_id, len(data), header.raw, entries))
+    store.write_index(packs, supersedes=state.objects)
+    for index_id in state.objects:
+        with contextlib.suppress(RetentionLocked):
+            store.vault.delete(fmt.index_name(index_id))
+    return len(packs)

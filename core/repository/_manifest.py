@@ -1,0 +1,140 @@
+"""Manifests: one sealed JSON document per recovery point (docs/format.md, "Manifests")."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import blake3
+from regionvault.core.errors import IntegrityError
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._store import Store, canonical_json
+from regionvault.core.repository.model import Manifest
+from regionvault.core.types import CaptureKind, Lineage, RecoveryPoint, Tags
+
+__all__ = ["decode_manifest", "encode_manifest", "root_hash"]
+
+
+def root_hash(store: Store, doc: Mapping[str, Any]) -> str:
+    """BLAKE3, keyed with the chunk-id key, over the canonical manifest without its root hash.
+    The tree enters through its chunk ids, themselves keyed hashes of the tree's bytes."""
+    body = canonical_json({k: v for k, v in doc.items() if k != "root_hash"})
+    return blake3.blake3(body, key=store.config.chunk_id_key).hexdigest()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def encode_manifest(
+    store: Store,
+    *,
+    point_id: str,
+    kind: CaptureKind,
+    instance_id: str,
+    instance_name: str,
+    tags: Mapping[str, str],
+    function: str | None = None,
+    policy: str | None,
+    created_at: datetime,
+    taken_at: datetime,
+    expires_at: datetime | None,
+    lineage: Lineage | None,
+    parent: str | None,
+    size: int,
+    image: tuple[int, int] | None,
+    tree_chunks: list[bytes],
+    tree_bytes: int,
+    entries: int,
+    stats: Mapping[str, int],
+) -> bytes:
+    doc: dict[str, Any] = {
+        "format": fmt.FORMAT_VERSION,
+        "id": point_id,
+        "vault": store.vault_id,
+        "repository": store.config.repository_id,
+        "region": store.region,
+        "kind": kind.value,
+        "instance": {"id": instance_id, "name": instance_name},
+        "tags": dict(tags),
+        "function": function,
+        "policy": policy,
+        "created_at": _iso(created_at),
+        "taken_at": _iso(taken_at),
+        "expires_at": _iso(expires_at),
+        "lineage": None
+        if lineage is None
+        else {
+            "source_region": lineage.source_region,
+            "source_recovery_point": lineage.source_recovery_point,
+        },
+        "parent": parent,
+        "size": size,
+        "image": None if image is None else {"size": image[0], "block_size": image[1]},
+        "tree": {"chunks": [c.hex() for c in tree_chunks], "bytes": tree_bytes, "entries": entries},
+        "stats": dict(stats),
+    }
+    doc["root_hash"] = root_hash(store, doc)
+    return canonical_json(doc)
+
+
+def _dt(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
+    try:
+        doc: dict[str, Any] = json.loads(body)
+        fmt.check_version(name, int(doc["format"]))
+        expected = root_hash(store, doc)
+        if not hmac.compare_digest(expected, str(doc["root_hash"])):
+            raise IntegrityError(name, "root hash does not match the manifest's content")
+        point_id = doc["id"]
+        if fmt.point_name(point_id) != name:
+            raise IntegrityError(name, f"manifest of point {point_id} stored under another name")
+        if doc["vault"] != store.vault_id or doc["repository"] != store.config.repository_id:
+            raise IntegrityError(name, "manifest belongs to another vault or repository")
+        lineage = doc["lineage"]
+        image = doc["image"]
+        created = _dt(doc["created_at"])
+        taken = _dt(doc["taken_at"])
+        assert created is not None and taken is not None
+        point = RecoveryPoint(
+            id=point_id,
+            region=doc["region"],
+            instance_id=doc["instance"]["id"],
+            instance_name=doc["instance"]["name"],
+            kind=CaptureKind(doc["kind"]),
+            created_at=created,
+            expires_at=_dt(doc["expires_at"]),
+            size=int(doc["size"]),
+            policy=doc["policy"],
+            lineage=None
+            if lineage is None
+            else Lineage(lineage["source_region"], lineage["source_recovery_point"]),
+            tags=Tags(doc["tags"]),
+            function=doc.get("function"),
+        )
+        tree = doc["tree"]
+        chunks = tuple(bytes.fromhex(c) for c in tree["chunks"])
+        if any(len(c) != fmt.CHUNK_ID_SIZE for c in chunks):
+            raise ValueError("tree chunk id of the wrong length")
+        return Manifest(
+            point=point,
+            format_version=int(doc["format"]),
+            vault_id=doc["vault"],
+            taken_at=taken,
+            parent=doc["parent"],
+            root_hash=doc["root_hash"],
+            tree_chunks=chunks,
+            tree_bytes=int(tree["bytes"]),
+            entry_count=int(tree["entries"]),
+            image_size=None if image is None else int(image["size"]),
+            block_size=None if image is None else int(image["block_size"]),
+            stats={str(k): int(v) for k, v in doc["stats"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        raise IntegrityError(name, f"manifest is malformed ({exc!r})") from None

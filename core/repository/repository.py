@@ -1,0 +1,506 @@
+"""The repository: an encrypted, deduplicating store of recovery points in one region's Vault,
+under that region's KeyService. The format is written down in docs/format.md."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from regionvault.core.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    RegionVaultError,
+    RetentionLocked,
+)
+from regionvault.core.interfaces import (
+    BlockCapture,
+    BlockSink,
+    Capture,
+    FileCapture,
+    FileSink,
+    KeyService,
+    Vault,
+)
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository import _maintenance
+from regionvault.core.repository._backup import BackupRun, ParentLookup
+from regionvault.core.repository._index import ChunkIndex
+from regionvault.core.repository._locks import RepositoryLock
+from regionvault.core.repository._manifest import decode_manifest, encode_manifest
+from regionvault.core.repository._pipeline import Fetcher
+from regionvault.core.repository._restore import (
+    BlockRestorer,
+    FileRestorer,
+    ParallelWriter,
+    Reporter,
+    Selection,
+)
+from regionvault.core.repository._store import Store
+from regionvault.core.repository._tree import to_public
+from regionvault.core.repository.model import (
+    ChunkerParams,
+    Extent,
+    Manifest,
+    ProgressCallback,
+    ProtectReport,
+    PruneReport,
+    RepositorySettings,
+    RestoreReport,
+    TreeEntry,
+    VerifyReport,
+)
+from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, RetentionMode
+
+__all__ = ["Repository"]
+
+log = logging.getLogger(__name__)
+
+
+class Repository:
+    """A recovery-point repository in ``vault``, encrypted under ``keys`` (the same region's).
+
+    Build one with :meth:`init_or_open` (creates the repository on first use) or
+    :meth:`open`. Every method is safe to call from several threads and several processes
+    at once: writers take a shared lock object in the vault, prune an exclusive one.
+    """
+
+    def __init__(
+        self,
+        vault: Vault,
+        keys: KeyService,
+        *,
+        region: str,
+        settings: RepositorySettings | None = None,
+    ) -> None:
+        self.vault = vault
+        self.keys = keys
+        self.region = region
+        self.settings = settings or RepositorySettings()
+        self._store = Store(vault, keys, region=region, settings=self.settings)
+        self._opened = False
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def init_or_open(
+        cls,
+        vault: Vault,
+        keys: KeyService,
+        *,
+        region: str,
+        chunker: ChunkerParams | None = None,
+        settings: RepositorySettings | None = None,
+    ) -> Repository:
+        """Open the repository in ``vault``, creating it first when the vault has none.
+
+        ``chunker`` applies only when this call creates the repository (the parameters are
+        stored in its config). Raises :class:`KeyAccessDenied` naming ``config`` when
+        ``keys`` is not the KeyService the repository was created under.
+        """
+        repo = cls(vault, keys, region=region, settings=settings)
+        repo._store.init_or_open(chunker)
+        repo._opened = True
+        return repo
+
+    @classmethod
+    def open(
+        cls,
+        vault: Vault,
+        keys: KeyService,
+        *,
+        region: str,
+        settings: RepositorySettings | None = None,
+    ) -> Repository:
+        """Open an existing repository; :class:`ObjectNotFound` (``config``) if there is
+        none."""
+        repo = cls(vault, keys, region=region, settings=settings)
+        repo._ensure_open()
+        return repo
+
+    def _ensure_open(self) -> Store:
+        if not self._opened:
+            self._store.open()
+            self._opened = True
+        return self._store
+
+    @property
+    def repository_id(self) -> str:
+        return self._ensure_open().config.repository_id
+
+    @property
+    def chunker(self) -> ChunkerParams:
+        return self._ensure_open().config.chunker
+
+    def _lock(self, *, exclusive: bool, operation: str) -> RepositoryLock:
+        return RepositoryLock(self._ensure_open(), exclusive=exclusive, operation=operation)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
+            max_workers=self.settings.worker_count() + 1, thread_name_prefix="regionvault-read"
+        )
+
+    # ------------------------------------------------------------------ backup
+
+    def backup(
+        self,
+        capture: Capture,
+        *,
+        instance: Instance | None = None,
+        policy: str | None = None,
+        expires_at: datetime | None = None,
+        parent: str | Literal[False] | None = None,
+        lineage: Lineage | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RecoveryPoint:
+        """Back up ``capture`` (a :class:`FileCapture` or :class:`BlockCapture`) as a new
+        recovery point and return it once it is committed.
+
+        Only chunks the repository lacks are written. For a file capture, a file whose size,
+        mtime and mode equal its entry in the parent recovery point is not read again; the
+        parent is ``parent`` (a point id), or by default (None) the newest point of the same
+        instance and kind; ``False`` reads every file. ``instance`` defaults to
+        ``capture.instance``; ``policy``, ``expires_at`` and ``lineage`` are recorded in the
+        manifest. ``progress`` is called from this thread a few times a second.
+
+        Packs, then index objects, then the manifest (if-absent) are written; the point is
+        visible only once everything it references is durable.
+        """
+        store = self._ensure_open()
+        if not isinstance(capture, FileCapture | BlockCapture):
+            raise TypeError(f"cannot back up a {type(capture).__name__}")
+        instance = instance or capture.instance
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        with self._lock(exclusive=False, operation="backup") as lock:
+            # a damaged index object costs only dedup (its chunks are stored again), never
+            # the backup; verify names it, and prune refuses to run until it is fixed
+            state = store.load_index(tolerant=True)
+            for name, reason in state.problems:
+                log.warning("backup in %s ignores %s: %s", self.region, name, reason)
+            parent_manifest = self._parent(capture, instance, parent)
+            with self._pool() as pool:
+                lookup = None
+                if parent_manifest is not None and isinstance(capture, FileCapture):
+                    records = _tolerant(
+                        _maintenance.tree_records(store, state.index, pool, parent_manifest)
+                    )
+                    lookup = ParentLookup(records)
+                run = BackupRun(store, state.index, progress=progress)
+                result = run.run(capture, lookup)
+            point_id = fmt.new_id()
+            created = datetime.now(UTC)
+            image = (
+                (capture.size, capture.block_size) if isinstance(capture, BlockCapture) else None
+            )
+            body = encode_manifest(
+                store,
+                point_id=point_id,
+                kind=capture.kind,
+                instance_id=instance.id,
+                instance_name=instance.name,
+                tags=instance.tags,
+                function=instance.function,
+                policy=policy,
+                created_at=created,
+                taken_at=capture.taken_at,
+                expires_at=expires_at,
+                lineage=lineage,
+                parent=None if parent_manifest is None else parent_manifest.point.id,
+                size=result.size,
+                image=image,
+                tree_chunks=result.tree_chunks,
+                tree_bytes=result.tree_bytes,
+                entries=result.entries,
+                stats=result.stats,
+            )
+            lock.check()
+            store.put_sealed(
+                fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True
+            )
+        return RecoveryPoint(
+            id=point_id,
+            region=self.region,
+            instance_id=instance.id,
+            instance_name=instance.name,
+            kind=capture.kind,
+            created_at=created,
+            expires_at=expires_at,
+            size=result.size,
+            policy=policy,
+            lineage=lineage,
+            tags=instance.tags,
+            function=instance.function,
+        )
+
+    def _parent(
+        self, capture: Capture, instance: Instance, parent: str | Literal[False] | None
+    ) -> Manifest | None:
+        if parent is False or not isinstance(capture, FileCapture):
+            return None
+        if parent is not None:
+            manifest = self.load_manifest(parent)
+            if manifest.point.kind is not capture.kind:
+                raise ValueError(f"parent {parent} is a {manifest.point.kind} point")
+            return manifest
+        candidates = [
+            m
+            for m in _maintenance.load_manifests(self._store, tolerant=True)[0]
+            if m.point.instance_id == instance.id and m.point.kind is capture.kind
+        ]
+        return candidates[-1] if candidates else None
+
+    # ------------------------------------------------------------------ reading
+
+    def points(self, instance_id: str | None = None) -> list[RecoveryPoint]:
+        """Every recovery point (of ``instance_id``, if given), oldest first. Listing
+        decrypts each manifest: nothing about a point is readable without the keys."""
+        manifests, _ = _maintenance.load_manifests(self._ensure_open())
+        return [
+            m.point for m in manifests if instance_id is None or m.point.instance_id == instance_id
+        ]
+
+    def load_manifest(self, point_id: str) -> Manifest:
+        """The manifest of ``point_id``, authenticated; :class:`ObjectNotFound` if absent."""
+        store = self._ensure_open()
+        name = self._point_name(point_id)
+        return decode_manifest(store, name, store.get_sealed(fmt.ObjectKind.MANIFEST, name))
+
+    def _point_name(self, point_id: str) -> str:
+        """The manifest's object name; a malformed id is simply not found."""
+        try:
+            return fmt.point_name(fmt.parse_hex_id(point_id, "recovery point id"))
+        except ValueError:
+            raise ObjectNotFound(
+                f"{fmt.POINT_PREFIX}{point_id}",
+                provider=self.vault.provider,
+                region=self.vault.region,
+            ) from None
+
+    def entries(self, point: str | Manifest) -> Iterator[TreeEntry | Extent]:
+        """The entries (file captures) or extents (block captures) of a point, in order,
+        streamed from the vault."""
+        manifest = point if isinstance(point, Manifest) else self.load_manifest(point)
+        store = self._ensure_open()
+        name = fmt.point_name(manifest.point.id)
+        state = store.load_index()
+        with self._pool() as pool:
+            for record in _maintenance.tree_records(store, state.index, pool, manifest):
+                yield to_public(record, name)
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(
+        self,
+        point_id: str,
+        target: Path | str | FileSink | BlockSink,
+        *,
+        paths: Iterable[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreReport:
+        """Restore a recovery point byte-exact: a file tree into a directory (a path or a
+        :class:`FileSink`), with modes, mtimes, symlinks, empty and sparse files; a block
+        image into a file (holes stay holes, fsynced) or a :class:`BlockSink` (written in
+        block-aligned pieces; committing the sink is left to its owner).
+
+        ``paths`` (file trees only) restores those entries, what lies under them, and the
+        directories above them. Every chunk is authenticated and checked against its id
+        before it is written; files are written under temporary names and renamed when
+        complete, so nothing unverified ever appears under a restored name. Raises
+        :class:`IntegrityError` naming the damaged object.
+        """
+        store = self._ensure_open()
+        manifest = self.load_manifest(point_id)
+        name = fmt.point_name(point_id)
+        zero = bytes(store.config.chunker.max_size)
+        kind = manifest.point.kind
+        with self._lock(exclusive=False, operation="restore") as lock:
+            # a damaged index object fails the restore only if it lists a needed chunk
+            state = store.load_index(tolerant=True)
+            with self._pool() as pool:
+
+                def records() -> Iterator[fmt.RawRecord]:
+                    return _maintenance.tree_records(store, state.index, pool, manifest)
+
+                fetcher = Fetcher(
+                    store,
+                    state.index,
+                    pool,
+                    what=name,
+                    window_bytes=self.settings.restore_window,
+                    ahead=self.settings.read_ahead,
+                    max_read=self.settings.max_read,
+                )
+                if kind is CaptureKind.FILES:
+                    if isinstance(target, BlockSink):
+                        raise ValueError(f"{point_id} is a file tree; it cannot go to a BlockSink")
+                    root = Path(target.root if isinstance(target, FileSink) else target)
+                    selection = None if paths is None else Selection(paths)
+                    if selection is not None:
+                        self._check_selection(selection, records(), name)
+                    report = Reporter(
+                        progress,
+                        manifest.stats.get("files"),
+                        manifest.point.size if selection is None else None,
+                    )
+                    writer = self._writer(store, state.index, pool, name, zero, report)
+                    FileRestorer(writer, root, what=name).run(records(), selection)
+                    files, size, read = report.files_done, report.bytes_done, writer.bytes_read
+                else:
+                    if paths is not None:
+                        raise RegionVaultError(
+                            f"{point_id} is a block image: paths apply to file trees only"
+                        )
+                    if isinstance(target, FileSink):
+                        raise ValueError(f"{point_id} is a block image; it needs a BlockSink")
+                    assert manifest.image_size is not None
+                    report = Reporter(progress, None, manifest.image_size)
+                    blocks = BlockRestorer(what=name, image_size=manifest.image_size, report=report)
+                    if isinstance(target, BlockSink):
+                        blocks.to_sink(records(), target, fetcher)
+                        read = fetcher.bytes_read
+                    else:
+                        writer = self._writer(store, state.index, pool, name, zero, report)
+                        blocks.to_file(records(), Path(target), writer)
+                        read = writer.bytes_read
+                    files, size = 1, manifest.image_size
+            lock.check()
+        return RestoreReport(point_id, files, size, read)
+
+    def _writer(
+        self,
+        store: Store,
+        index: ChunkIndex,
+        pool: ThreadPoolExecutor,
+        name: str,
+        zero: bytes,
+        report: Reporter,
+    ) -> ParallelWriter:
+        return ParallelWriter(
+            store,
+            index,
+            pool,
+            what=name,
+            zero=zero,
+            report=report,
+            batch_bytes=self.settings.restore_window,
+            ahead=self.settings.read_ahead,
+            max_read=self.settings.max_read,
+        )
+
+    @staticmethod
+    def _check_selection(selection: Selection, records: Iterator[fmt.RawRecord], name: str) -> None:
+        wanted = set(selection.paths)
+        for record in records:
+            path = record.path.decode("utf-8", "surrogateescape")
+            for sel in list(wanted):
+                if path == sel or path.startswith(sel + "/"):
+                    wanted.discard(sel)
+            if not wanted:
+                return
+        raise ObjectNotFound(f"{name}: {', '.join(sorted(wanted))}")
+
+    # ------------------------------------------------------------------ retention
+
+    def forget(self, point_ids: Iterable[str]) -> list[str]:
+        """Delete these recovery points' manifests (their data stays until :meth:`prune`).
+        Refuses, deleting nothing, with :class:`RetentionLocked` if any manifest is under a
+        WORM lock or legal hold; :class:`ObjectNotFound` if any is absent."""
+        store = self._ensure_open()
+        names = [self._point_name(p) for p in point_ids]
+        now = datetime.now(UTC)
+        for name in names:
+            info = store.vault.head(name)
+            reason = _maintenance._protected(info, now)
+            if reason is not None:
+                raise RetentionLocked(
+                    name, reason, provider=store.vault.provider, region=store.vault.region
+                )
+        for name in names:
+            store.vault.delete(name)
+        return [name[len(fmt.POINT_PREFIX) :] for name in names]
+
+    def forget_expired(
+        self, *, now: datetime | None = None, instance_id: str | None = None
+    ) -> list[str]:
+        """Forget every point whose ``expires_at`` has passed, except those a WORM lock or
+        legal hold still protects (they go once it ends). Returns the forgotten ids."""
+        now = now or datetime.now(UTC)
+        forgotten = []
+        for point in self.points(instance_id):
+            if point.expires_at is None or point.expires_at > now:
+                continue
+            with contextlib.suppress(RetentionLocked, ObjectNotFound):
+                forgotten.extend(self.forget([point.id]))
+        return forgotten
+
+    def protect(
+        self,
+        point_id: str,
+        *,
+        until: datetime | None = None,
+        mode: RetentionMode = RetentionMode.COMPLIANCE,
+        legal_hold: bool = False,
+    ) -> ProtectReport:
+        """Put a WORM lock (``until``, ``mode``) and/or a legal hold on a recovery point: on
+        every pack and index object it uses, then on its manifest. Locks only ever grow: an
+        object already locked longer is left alone, so protecting a newer point extends the
+        locks of packs it shares with older ones. Needs a vault with ``worm_lock`` /
+        ``legal_hold`` (otherwise :class:`UnsupportedOperation`)."""
+        if until is None and not legal_hold:
+            raise ValueError("protect needs until, legal_hold, or both")
+        if until is not None and until.tzinfo is None:
+            raise ValueError("until must be timezone-aware")
+        store = self._ensure_open()
+        manifest = self.load_manifest(point_id)
+        with self._lock(exclusive=False, operation="protect"):
+            return _maintenance.protect(
+                store, manifest, until=until, mode=mode, legal_hold=legal_hold
+            )
+
+    # ------------------------------------------------------------------ maintenance
+
+    def verify(
+        self, read_data: bool = False, progress: ProgressCallback | None = None
+    ) -> VerifyReport:
+        """Check the repository. Structure: the config, every index and manifest decrypts
+        and authenticates, every chunk a point uses is indexed, every indexed pack exists
+        with its indexed size. With ``read_data``, every pack is read whole, every byte
+        authenticated and every chunk checked against its id. Problems are reported (each
+        naming its object), not raised."""
+        store = self._ensure_open()
+        with self._lock(exclusive=False, operation="verify") as lock:
+            return _maintenance.verify(store, read_data=read_data, progress=progress, lock=lock)
+
+    def prune(
+        self, progress: ProgressCallback | None = None, *, max_unused: float = 0.0
+    ) -> PruneReport:
+        """Remove data no recovery point uses: packs wholly unused are deleted, packs partly
+        unused (more than ``max_unused`` of their bytes) are rewritten, leftovers of killed
+        runs removed. Order: new packs, new index (superseding the old), then deletions, so
+        a crash at any point loses nothing. Objects under a WORM lock or legal hold are
+        never deleted: they are skipped and listed in the report. Takes the exclusive lock
+        (waits up to ``settings.lock_wait`` for running backups)."""
+        if not 0.0 <= max_unused < 1.0:
+            raise ValueError("max_unused is a fraction from 0 up to 1")
+        store = self._ensure_open()
+        with self._lock(exclusive=True, operation="prune") as lock:
+            return _maintenance.prune(store, lock=lock, max_unused=max_unused, progress=progress)
+
+    def rebuild_index(self) -> int:
+        """Index every readable pack again from its own blob table, superseding all index
+        objects (after index objects were lost or damaged). Returns the packs indexed."""
+        store = self._ensure_open()
+        with self._lock(exclusive=True, operation="rebuild-index"):
+            return _maintenance.rebuild_index(store)
+
+
+def _tolerant(records: Iterator[fmt.RawRecord]) -> Iterator[fmt.RawRecord]:
+    """The parent's records until one cannot be read: a damaged parent only costs the
+    skipping of unchanged files (everything is read again), never the backup."""
+    with contextlib.suppress(IntegrityError, RegionVaultError):
+        yield from records
