@@ -480,3 +480,27 @@ def test_damaged_retention_record_locks_rather_than_unlocks(east: Region) -> Non
     with pytest.raises(VaultError, match="malformed"):
         east.vault.delete("rp")
     assert (east.config.path("root") / "vault" / "objects" / "rp").read_bytes() == b"x"
+
+
+def test_concurrent_put_and_delete_in_one_directory_raise_nothing(east: Region) -> None:
+    """Deletes empty their parent directory and remove it; a racing put or delete in the same
+    directory must neither fail nor lose an object (the repository's lock objects do this)."""
+    vault = east.vault
+    errors: list[BaseException] = []
+
+    def churn(worker: int) -> None:
+        try:
+            for i in range(60):
+                name = f"locks/{worker}-{i}"
+                vault.put(name, b"x")
+                vault.delete(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert list(vault.list("locks/")) == []

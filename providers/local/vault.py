@@ -200,7 +200,8 @@ class LocalVault(Vault):
                 tmp.unlink()
         if not published:
             raise ObjectExists(name, provider=self.provider, region=self.region)
-        _fs.fsync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):  # deleted again at once, with its parent
+            _fs.fsync_dir(path.parent)
         return self._info(name, path.stat(), None)
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
@@ -260,7 +261,10 @@ class LocalVault(Vault):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._drop_protection(name)
-        _fs.fsync_dir(path.parent)
+        # outside the lock, a concurrent delete may already have removed the emptied parent:
+        # then there is no entry left to make durable
+        with contextlib.suppress(FileNotFoundError):
+            _fs.fsync_dir(path.parent)
         _fs.remove_empty_parents(path, self.objects_dir)
 
     def set_retention(
