@@ -73,6 +73,9 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _MAX_PAGES = 10_000_000
+#: an EC2 instance type: family, generation and options, a dot, a size (m5.large,
+#: c7gn.16xlarge, u-6tb1.metal, mac2-m2pro.metal)
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 
 
 def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
@@ -453,15 +456,24 @@ class AwsCompute(Compute):
             )
         source = spec.source
         source_extra: Mapping[str, Any] = source.extra if source is not None else {}
+        # a recovery point made by this provider records the instance type as its function
+        # (Instance.function), so a restore from the point alone launches the same type
+        function_type = (
+            spec.function
+            if spec.function is not None and _INSTANCE_TYPE.match(spec.function)
+            else None
+        )
         instance_type = (
             spec.extra.get("instance_type")
             or source_extra.get("instance_type")
+            or function_type
             or self.settings.instance_type
         )
         if not instance_type:
             raise ComputeError(
                 f"launch {spec.name!r}: no instance type (give spec.extra['instance_type'], a "
-                "source instance, or the region's instance_type setting)",
+                "source instance, a function naming an EC2 instance type, or the region's "
+                "instance_type setting)",
                 provider="aws",
                 region=self.region,
             )
@@ -471,7 +483,9 @@ class AwsCompute(Compute):
             or "/dev/xvda"
         )
         architecture = (
-            spec.extra.get("architecture") or source_extra.get("architecture") or "x86_64"
+            spec.extra.get("architecture")
+            or source_extra.get("architecture")
+            or self._architecture_of(str(instance_type))
         )
         base = dict(spec.tags) if spec.tags else (dict(source.tags) if source is not None else {})
         tags = {
@@ -542,6 +556,19 @@ class AwsCompute(Compute):
         if not raw.get("Tags"):
             raw["Tags"] = _tag_list({**tags, **internal})
         return self._instance(raw)
+
+    def _architecture_of(self, instance_type: str) -> str:
+        """The image architecture an instance type runs (DescribeInstanceTypes): arm64 for
+        Graviton types, else x86_64, which is also the answer when EC2 cannot say."""
+        try:
+            answer = self.ec2.describe_instance_types(InstanceTypes=[instance_type])
+            found = answer.get("InstanceTypes") or [{}]
+            supported = (found[0].get("ProcessorInfo") or {}).get("SupportedArchitectures") or []
+        except (ClientError, BotoCoreError):
+            return "x86_64"
+        if "x86_64" not in supported and "arm64" in supported:
+            return "arm64"
+        return "x86_64"
 
     def terminate(self, instance_id: str) -> None:
         """Terminate the instance; an image (and its snapshot) that :meth:`launch` made for

@@ -50,6 +50,7 @@ __all__ = ["AwsTransit", "AwsVault", "S3Bucket"]
 RESERVED_PREFIX = ".regionvault/"
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 _CONFLICT_RETRIES = 3
+_MAX_PART = 5 * 1024**3  # S3's largest part
 _MAX_PAGES = 10_000_000  # a bound for pagination loops, far above any real listing
 
 
@@ -233,8 +234,14 @@ class S3Bucket:
     ) -> dict[str, Any]:
         view = memoryview(data).cast("B")
         part = self.settings.multipart_part_size
+        starts = list(range(0, size, part))
+        if len(starts) > 1 and size - starts[-1] < part // 2 and size - starts[-2] <= _MAX_PART:
+            # a short tail rides with the part before it: a pack just over 16 MiB is two
+            # parts, not three (parts may be up to 5 GiB; only the last may be under 5 MiB)
+            starts.pop()
+        ends = [*starts[1:], size]
         ranges = [
-            (n + 1, start, min(start + part, size)) for n, start in enumerate(range(0, size, part))
+            (n + 1, start, end) for n, (start, end) in enumerate(zip(starts, ends, strict=True))
         ]
         upload_id = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32"

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ __all__ = [
     "dummy_credentials",
     "free_port",
     "live_mode",
+    "mixed_disk_blocks",
     "region_settings",
     "seed_snapshot",
 ]
@@ -233,3 +235,46 @@ def seed_snapshot(
         )
     ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=len(blocks))
     return snapshot_id
+
+
+def mixed_disk_blocks(size: int, *, seed: int = 0) -> dict[int, bytes]:
+    """A synthetic disk of ``size`` bytes (a multiple of 512 KiB) with the content mix of a
+    small server's root volume, as EBS blocks (block index -> 512 KiB; holes left out), made
+    deterministically from ``seed``. Blocks cycle through eight kinds: three of random
+    (incompressible) bytes, two of log-like text (compresses about 4:1), one never written
+    (a hole), one half random and half zeros, one repeating an earlier random block (dedup):
+    about 44% random, 25% text, 19% zeros and 12% duplicate data."""
+    if size <= 0 or size % EBS_BLOCK_SIZE:
+        raise ValueError(f"disk size {size} is not a positive multiple of {EBS_BLOCK_SIZE}")
+    rng = random.Random(seed)
+    blocks: dict[int, bytes] = {}
+    earlier: list[int] = []
+    for index in range(size // EBS_BLOCK_SIZE):
+        kind = index % 8
+        if kind in (0, 1, 2):
+            blocks[index] = rng.randbytes(EBS_BLOCK_SIZE)
+            earlier.append(index)
+        elif kind in (3, 4):
+            blocks[index] = _log_text(rng, index)
+        elif kind == 6:
+            blocks[index] = rng.randbytes(EBS_BLOCK_SIZE // 2).ljust(EBS_BLOCK_SIZE, b"\0")
+        elif kind == 7:
+            blocks[index] = blocks[earlier[rng.randrange(len(earlier))]]
+    return blocks
+
+
+def _log_text(rng: random.Random, index: int) -> bytes:
+    """512 KiB of log lines, unique to ``index`` (so text blocks do not dedup)."""
+    words = ("attach", "detach", "handover", "paging", "bearer", "release", "setup", "modify")
+    lines: list[bytes] = []
+    length = 0
+    line_no = 0
+    while length < EBS_BLOCK_SIZE:
+        line = (
+            f"{index:06d}.{line_no:05d} vcu[{rng.randrange(1, 64)}]: ue {rng.getrandbits(40):010x} "
+            f"{rng.choice(words)} cell {rng.randrange(4096)} rsrp -{rng.randrange(70, 120)}dBm\n"
+        ).encode("ascii")
+        lines.append(line)
+        length += len(line)
+        line_no += 1
+    return b"".join(lines)[:EBS_BLOCK_SIZE]

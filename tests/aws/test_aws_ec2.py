@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from typing import Any
 
 import pytest
 from aws_world import EAST, WEST, AwsWorld
@@ -270,3 +271,29 @@ def test_launch_keeps_exactly_the_spec_tags_and_name(aws: AwsWorld) -> None:
     assert again.tags == spec.tags and again.name == "restored-core"
     with west.capture(launched.id) as capture:
         assert b"".join(data for _, data in capture.blocks()) == image
+
+
+def test_launch_from_a_point_alone_uses_the_recorded_instance_type(aws: AwsWorld) -> None:
+    """Engine.restore gives no source instance, only the point's function, which this
+    provider records as the instance type: that type is launched, with an image of the
+    architecture it runs; a function that is no instance type falls back to the setting."""
+    west = aws.track(aws.provider.compute(aws.region(WEST, instance_type="t3.small")))
+    registered: list[str] = []
+
+    def seen(params: dict[str, Any], **_: Any) -> None:
+        registered.append(params["Architecture"])  # moto does not keep it on the image
+
+    west.ec2.meta.events.register("provide-client-params.ec2.RegisterImage", seen)
+    for function, instance_type, architecture in (
+        ("t4g.medium", "t4g.medium", "arm64"),
+        ("m5.large", "m5.large", "x86_64"),
+        ("vcu", "t3.small", "x86_64"),
+    ):
+        spec = LaunchSpec(name=f"from-point-{function}", function=function)
+        sink = west.open_restore_sink(spec, CaptureKind.BLOCKS, size=EBS_BLOCK_SIZE)
+        sink.write(0, b"boot")
+        sink.commit()
+        launched = west.launch(spec, sink)
+        assert launched.extra["instance_type"] == instance_type
+        assert registered[-1] == architecture
+    assert len(registered) == 3

@@ -109,6 +109,20 @@ def test_multipart_round_trip_with_parallel_parts(aws: AwsWorld) -> None:
     assert uploads.get("Uploads", []) == []
 
 
+def test_a_short_tail_rides_with_the_last_full_part(aws: AwsWorld) -> None:
+    """A pack just over the threshold (the data plane closes packs at 16 MiB and a bit) is
+    two parts, the second one slightly longer, not two full parts and a sliver."""
+    vault = aws.track(aws.provider.vault(aws.region(EAST, object_lock=False)))
+    vault.vault_id  # noqa: B018 - creates the bucket before counting
+    data = os.urandom(16 * MiB + 300 * 1024)
+    before = aws.provider.metrics.snapshot()
+    vault.put("packs/just-over", data, if_absent=True)
+    used = aws.provider.metrics.since(before)
+    assert used.count(operation="UploadPart") == 2
+    assert used.bytes_sent(operation="UploadPart") == len(data)
+    assert vault.get("packs/just-over") == data
+
+
 def test_small_put_is_one_request(aws: AwsWorld) -> None:
     vault = aws.track(aws.provider.vault(aws.region(EAST, object_lock=False)))
     vault.vault_id  # noqa: B018
