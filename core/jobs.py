@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKUP",
     "COPY",
+    "COPY_COMMIT",
+    "COPY_OFFER",
+    "COPY_PHASES",
+    "COPY_REQUEST",
+    "COPY_SEND",
     "RETENTION",
     "TAG",
     "Executor",
@@ -60,6 +65,8 @@ __all__ = [
     "ThreadExecutor",
     "backup_job",
     "copy_job",
+    "copy_jobs_for",
+    "copy_phase_job",
     "execute_job",
     "format_slot",
     "job_key",
@@ -77,6 +84,16 @@ TAG = "tag"
 BACKUP = "backup"
 COPY = "copy"
 RETENTION = "retention"
+#: a copy in four phases, each run in one region with that region's credentials alone
+#: (docs/jobs.md): the source offers, the destination requests, the source sends, the
+#: destination commits
+COPY_OFFER = "copy-offer"
+COPY_REQUEST = "copy-request"
+COPY_SEND = "copy-send"
+COPY_COMMIT = "copy-commit"
+COPY_PHASES = (COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT)
+#: the phases that run in the source region (the others run in the destination)
+_SOURCE_PHASES = frozenset({COPY_OFFER, COPY_SEND})
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _KEY = re.compile(r"[\x21-\x7e]{1,512}")  # printable ASCII, no spaces
@@ -223,6 +240,70 @@ def copy_job(
     source region, which reads its own recovery point and may only seal for the destination."""
     data = {"recovery_point": recovery_point, "destination": destination, **(payload or {})}
     return Job(job_key(COPY, source_region, recovery_point, destination), COPY, source_region, data)
+
+
+def copy_phase_job(
+    phase: str,
+    region: str,
+    recovery_point: str,
+    peer: str,
+    *,
+    slot: datetime | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> Job:
+    """One phase of copying ``recovery_point``, run in ``region``, with ``peer`` the other
+    region: for ``copy-offer`` and ``copy-send`` ``region`` is the source and ``peer`` the
+    destination, for ``copy-request`` and ``copy-commit`` the reverse. ``phase`` may be
+    given with or without its ``copy-`` prefix. With ``slot``, the key names that schedule
+    slot, so that a chain stuck in one slot starts afresh in the next.
+
+    The key is ``copy-<phase>/<region>/<recovery point>/<peer>[/<slot>]``; the payload
+    names ``recovery_point``, ``source`` and ``destination``.
+    """
+    kind = phase if phase.startswith("copy-") else f"copy-{phase}"
+    if kind not in COPY_PHASES:
+        known = ", ".join(p.removeprefix("copy-") for p in COPY_PHASES)
+        raise RegionVaultError(f"{phase!r} is not a copy phase (known: {known})")
+    if region == peer:
+        raise RegionVaultError(f"cannot copy {recovery_point} from {region} to itself")
+    source, destination = (region, peer) if kind in _SOURCE_PHASES else (peer, region)
+    parts = [recovery_point, peer] + ([format_slot(slot)] if slot is not None else [])
+    data = {
+        "recovery_point": recovery_point,
+        "source": source,
+        "destination": destination,
+        **({"slot": format_slot(slot)} if slot is not None else {}),
+        **(payload or {}),
+    }
+    return Job(job_key(kind, region, *parts), kind, region, data)
+
+
+def copy_jobs_for(
+    source_region: str,
+    recovery_point: str,
+    destination: str,
+    *,
+    expires_at: datetime | None,
+    slot: datetime | None = None,
+) -> list[Job]:
+    """The four jobs that copy ``recovery_point`` from ``source_region`` to ``destination``,
+    in the order they must run, each only once the one before it has succeeded: offer
+    (source), request (destination), send (source), commit (destination). ``expires_at``
+    (None: kept until forgotten by hand) travels in the commit's payload."""
+    expiry = None if expires_at is None else _utc(expires_at, "expires_at").isoformat()
+    return [
+        copy_phase_job(COPY_OFFER, source_region, recovery_point, destination, slot=slot),
+        copy_phase_job(COPY_REQUEST, destination, recovery_point, source_region, slot=slot),
+        copy_phase_job(COPY_SEND, source_region, recovery_point, destination, slot=slot),
+        copy_phase_job(
+            COPY_COMMIT,
+            destination,
+            recovery_point,
+            source_region,
+            slot=slot,
+            payload={"expires_at": expiry},
+        ),
+    ]
 
 
 def retention_job(region: str, slot: datetime) -> Job:

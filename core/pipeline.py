@@ -7,16 +7,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from regionvault.core.copy import CopyProgress, CopyResult, copy_point
+from regionvault.core.copy import (
+    CopyProgress,
+    CopyReceiver,
+    CopyResult,
+    CopySender,
+    copy_point,
+    offer_name,
+)
 from regionvault.core.errors import (
     InstanceNotFound,
     ObjectNotFound,
@@ -28,6 +36,10 @@ from regionvault.core.interfaces import BlockSink, FileSink
 from regionvault.core.jobs import (
     BACKUP,
     COPY,
+    COPY_COMMIT,
+    COPY_OFFER,
+    COPY_REQUEST,
+    COPY_SEND,
     RETENTION,
     TAG,
     Job,
@@ -37,6 +49,7 @@ from regionvault.core.jobs import (
     JobStatus,
     ThreadExecutor,
     copy_job,
+    copy_jobs_for,
     format_slot,
     parse_slot,
     retention_job,
@@ -51,6 +64,7 @@ from regionvault.core.tagger import TagReport, tag_region
 from regionvault.core.types import Instance, LaunchSpec, RecoveryPoint, Tags
 
 if TYPE_CHECKING:
+    from regionvault.core.jobs import Executor
     from regionvault.core.repository import ProgressCallback
     from regionvault.core.site import Region, Site
 
@@ -61,9 +75,12 @@ __all__ = [
     "RetentionReport",
     "StatusRow",
     "TickReport",
+    "run_chains",
 ]
 
 log = logging.getLogger(__name__)
+
+_Half = TypeVar("_Half", CopySender, CopyReceiver)
 
 #: recorded in a recovery point's tags: the schedule slot it was made for
 SLOT_TAG = "regionvault:slot"
@@ -165,6 +182,10 @@ class Engine:
     >>> point = engine.backup("vcu-1")                        # doctest: +SKIP
     >>> copy = engine.copy(point.id, to="west").point        # doctest: +SKIP
     >>> result = engine.restore(copy.id, region="west", launch=True)  # doctest: +SKIP
+
+    With ``split_copies``, :meth:`tick` copies through the four phase jobs (``copy-offer``,
+    ``copy-request``, ``copy-send``, ``copy-commit``), each of which needs only one region's
+    credentials, instead of one ``copy`` job that needs both (docs/jobs.md).
     """
 
     def __init__(
@@ -175,8 +196,10 @@ class Engine:
         settings: RepositorySettings | None = None,
         workers: int = 2,
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        split_copies: bool = False,
     ) -> None:
         self.site = site
+        self.split_copies = split_copies
         self.clock = clock
         self.settings = settings
         self.workers = workers
@@ -361,6 +384,54 @@ class Engine:
             return point.created_at + policy.copy_retention(destination)
         return point.expires_at
 
+    def copy_jobs(
+        self,
+        point_id: str,
+        *,
+        source: str | None = None,
+        to: str,
+        retention: timedelta | None = None,
+        slot: datetime | None = None,
+    ) -> list[Job]:
+        """The four phase jobs that copy a recovery point into ``to``, in the order they
+        must run (each once the one before has succeeded): ``copy-offer`` and ``copy-send``
+        run in the source region, ``copy-request`` and ``copy-commit`` in ``to``, each with
+        that region's credentials alone. The copy's expiry is worked out here, as
+        :meth:`copy` does, and travels in the commit's payload."""
+        point = self.find_point(point_id, source)
+        dst = self.region(to)
+        if point.region == dst.name:
+            raise RegionVaultError(f"cannot copy {point.id} from {dst.name} to itself")
+        return copy_jobs_for(
+            point.region,
+            point.id,
+            dst.name,
+            expires_at=self._copy_expiry(point, dst.name, retention),
+            slot=slot,
+        )
+
+    def copy_sender(self, source: str, destination: str) -> CopySender:
+        """The source's half of a copy into ``destination``: the source's own repository,
+        the destination's Sealer and the two Transits; nothing of the destination's keys."""
+        src, dst = self.region(source), self.region(destination)
+        return CopySender(
+            self.repository(src.name),
+            forward=self.site.transit(src.name, dst.name),
+            backward=self.site.transit(dst.name, src.name),
+            seal_to_destination=dst.sealer(),
+        )
+
+    def copy_receiver(self, source: str, destination: str) -> CopyReceiver:
+        """The destination's half of a copy from ``source``: the destination's own
+        repository, the source's Sealer and the two Transits; nothing of the source's keys."""
+        src, dst = self.region(source), self.region(destination)
+        return CopyReceiver(
+            self.repository(dst.name),
+            forward=self.site.transit(src.name, dst.name),
+            backward=self.site.transit(dst.name, src.name),
+            seal_to_source=src.sealer(),
+        )
+
     # ------------------------------------------------------------------ restore
 
     def restore(
@@ -531,8 +602,107 @@ class Engine:
             return {"forgotten": report.forgotten, "protected": report.protected}
 
         return JobHandlers(
-            {TAG: run_tag, BACKUP: run_backup, COPY: run_copy, RETENTION: run_retention}
+            {
+                TAG: run_tag,
+                BACKUP: run_backup,
+                COPY: run_copy,
+                RETENTION: run_retention,
+                COPY_OFFER: self._run_copy_offer,
+                COPY_REQUEST: self._run_copy_request,
+                COPY_SEND: self._run_copy_send,
+                COPY_COMMIT: self._run_copy_commit,
+            }
         )
+
+    # The copy phases: each builds only its own region's repository (vault and keys), plus
+    # the other region's Sealer and the Transits, all from configuration.
+
+    def _copy_phase(self, job: Job, *, source_side: bool) -> tuple[str, str, str]:
+        """``(point id, source, destination)`` of a copy-phase job, whose region must be
+        the side that runs it."""
+        try:
+            point_id = str(job.payload["recovery_point"])
+            source = self.region(str(job.payload["source"])).name
+            destination = self.region(str(job.payload["destination"])).name
+        except KeyError as exc:
+            raise RegionVaultError(f"job {job.key}: payload lacks {exc.args[0]!r}") from None
+        runs_in = source if source_side else destination
+        if job.region is None or self.region(job.region).name != runs_in:
+            raise RegionVaultError(
+                f"job {job.key}: a {job.kind} job runs in {runs_in}, not in {job.region}"
+            )
+        return point_id, source, destination
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _links_closed(half: _Half) -> Iterator[_Half]:
+        """Use ``half``, then close the Transits built for it (a job builds its own)."""
+        try:
+            yield half
+        finally:
+            for transit in (half.forward, half.backward):
+                try:
+                    transit.close()
+                except Exception as exc:
+                    log.warning("closing %r failed: %s", transit, exc)
+
+    def _run_copy_offer(self, job: Job) -> Any:
+        point_id, source, destination = self._copy_phase(job, source_side=True)
+        with self._links_closed(self.copy_sender(source, destination)) as sender:
+            sent = sender.offer(point_id)
+        return {"offer": offer_name(point_id), "bytes_sent": sent}
+
+    def _run_copy_request(self, job: Job) -> Any:
+        point_id, source, destination = self._copy_phase(job, source_side=False)
+        with self._links_closed(self.copy_receiver(source, destination)) as receiver:
+            report = receiver.request(point_id, source)
+        return {
+            "existing": report.existing.id if report.existing is not None else None,
+            "chunks_total": report.chunks_total,
+            "chunks_requested": report.chunks_requested,
+            "leftovers": report.leftovers,
+            "bytes_sent": report.bytes_sent,
+        }
+
+    def _run_copy_send(self, job: Job) -> Any:
+        point_id, source, destination = self._copy_phase(job, source_side=True)
+        with self._links_closed(self.copy_sender(source, destination)) as sender:
+            report = sender.send(point_id)
+        return {
+            "requested": report.requested,
+            "chunks_sent": report.chunks_sent,
+            "batches": report.batches,
+            "bytes_sent": report.bytes_sent,
+        }
+
+    def _run_copy_commit(self, job: Job) -> Any:
+        point_id, source, destination = self._copy_phase(job, source_side=False)
+        if "expires_at" not in job.payload:
+            raise RegionVaultError(f"job {job.key}: payload lacks 'expires_at' (null: keep)")
+        expiry = job.payload["expires_at"]
+        try:
+            expires_at = None if expiry is None else datetime.fromisoformat(str(expiry))
+        except ValueError:
+            raise RegionVaultError(
+                f"job {job.key}: expires_at {expiry!r} is not an ISO 8601 time"
+            ) from None
+        if expires_at is not None and expires_at.utcoffset() is None:
+            raise RegionVaultError(f"job {job.key}: expires_at {expiry!r} has no time zone")
+        with self._links_closed(self.copy_receiver(source, destination)) as receiver:
+            report = receiver.commit(point_id, source, expires_at)
+        if not report.existing and report.source is not None:
+            self._hook(
+                "regionvault_after_copy",
+                source_region=source,
+                region=destination,
+                source=report.source,
+                copy=report.point,
+            )
+        return {
+            "copy": report.point.id,
+            "existing": report.existing,
+            "batches_ingested": report.batches_ingested,
+        }
 
     def ledger(self) -> JobLedger:
         # JobLedger keeps its files under <state_dir>/jobs, the same ledger docs/jobs.md's
@@ -566,19 +736,33 @@ class Engine:
                 backups.extend(schedule.jobs())
             outcomes = executor.run(backups)
             report.jobs.extend(outcomes)
-            copies = self._copy_jobs(report)
-            report.jobs.extend(executor.run(copies))
             retain_slot = slot_of(now, cfg.schedule_interval)
+            copies = self._copies_due(report)
+            if self.split_copies:
+                chains = [
+                    copy_jobs_for(
+                        point.region,
+                        point.id,
+                        dest,
+                        expires_at=self._copy_expiry(point, dest, None),
+                        slot=retain_slot,
+                    )
+                    for point, dest in copies
+                ]
+                report.jobs.extend(run_chains(executor, chains))
+            else:
+                jobs = [copy_job(point.region, point.id, dest) for point, dest in copies]
+                report.jobs.extend(executor.run(jobs))
             report.jobs.extend(
                 executor.run([retention_job(r.name, retain_slot) for r in self.site.regions])
             )
         return report
 
-    def _copy_jobs(self, report: TickReport) -> list[Job]:
-        """A copy job for every destination of every instance's newest point that the
-        destination does not hold yet (new points, and copies an earlier tick did not
-        finish)."""
-        jobs: list[Job] = []
+    def _copies_due(self, report: TickReport) -> list[tuple[RecoveryPoint, str]]:
+        """``(point, destination)`` for every destination of every instance's newest point
+        that the destination does not hold yet (new points, and copies an earlier tick did
+        not finish)."""
+        due: list[tuple[RecoveryPoint, str]] = []
         for schedule in report.schedule:
             instances = [d.instance for d in schedule.due] + [n.instance for n in schedule.not_due]
             for instance in instances:
@@ -597,8 +781,8 @@ class Engine:
                         if p.lineage is not None
                     }
                     if point.id not in held:
-                        jobs.append(copy_job(instance.region, point.id, str(dest)))
-        return jobs
+                        due.append((point, self.region(str(dest)).name))
+        return due
 
     def run(
         self,
@@ -663,3 +847,21 @@ class Engine:
                     )
                 )
         return rows
+
+
+def run_chains(executor: Executor, chains: Iterable[list[Job]]) -> list[JobOutcome]:
+    """Run chains of jobs (such as :func:`~regionvault.core.jobs.copy_jobs_for`'s) through
+    ``executor``, one step of every chain at a time: a chain goes on only while its jobs
+    succeed (a failed or busy step stops it until the next run). Returns every outcome."""
+    live = [list(chain) for chain in chains]
+    outcomes: list[JobOutcome] = []
+    step = 0
+    while live:
+        current = [chain for chain in live if step < len(chain)]
+        if not current:
+            break
+        results = executor.run([chain[step] for chain in current])
+        outcomes.extend(results)
+        live = [chain for chain, outcome in zip(current, results, strict=True) if outcome.ok]
+        step += 1
+    return outcomes

@@ -3,14 +3,26 @@ transfer, resume after an interruption, nothing plaintext in an inbox, sealed pa
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from regionvault.core.copy import CopyResult, copy_point, open_payload, seal_payload
+from regionvault.core.config import load_site
+from regionvault.core.copy import (
+    CopyReceiver,
+    CopyResult,
+    CopySender,
+    copy_point,
+    open_payload,
+    seal_payload,
+)
 from regionvault.core.errors import (
     IntegrityError,
     KeyAccessDenied,
@@ -18,13 +30,27 @@ from regionvault.core.errors import (
     TransitError,
 )
 from regionvault.core.interfaces import Transit
+from regionvault.core.jobs import (
+    COPY_COMMIT,
+    COPY_OFFER,
+    COPY_REQUEST,
+    COPY_SEND,
+    Job,
+    JobStatus,
+    copy_jobs_for,
+    copy_phase_job,
+    execute_job,
+)
 from regionvault.core.pipeline import Engine
+from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.repository import Repository, RepositorySettings, TreeEntry, _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._copy import decode_chunks
 from regionvault.core.repository._store import config_context
 from regionvault.core.site import Region, Site
-from regionvault.core.types import Instance
+from regionvault.core.types import Instance, RecoveryPoint
+from regionvault.providers.local import plugin as local_plugin
+from regionvault.providers.local.keys import LocalKeyService
 from repository_support import snapshot
 
 MiB = 1 << 20
@@ -72,7 +98,7 @@ def files_under(*roots: Path) -> Iterator[Path]:
 
 def found_in(needles: dict[bytes, str], *roots: Path) -> list[str]:
     """Which needles (by label) appear as bytes in any file under ``roots``."""
-    hits = []
+    hits: list[str] = []
     for path in files_under(*roots):
         data = path.read_bytes()
         hits.extend(f"{label} in {path}" for needle, label in needles.items() if needle in data)
@@ -310,7 +336,7 @@ def test_copy_re_encrypts_under_the_destinations_keys(
     for prefix, kind in kinds.items():
         for info in west.vault.list(prefix):
             data = west.vault.get(info.name)
-            header = fmt.EnvelopeHeader.parse(info.name, data, kind)
+            envelope = fmt.EnvelopeHeader.parse(info.name, data, kind)
             # west's own master key opens it, east's does not
             west_store.open_sealed(kind, info.name, data)
             with pytest.raises(IntegrityError, match="wrong key"):
@@ -318,7 +344,7 @@ def test_copy_re_encrypts_under_the_destinations_keys(
                     vault_id=west.vault.vault_id,
                     name=info.name,
                     data=data,
-                    header=header,
+                    header=envelope,
                     secret=east_store.config.master_key,
                 )
             opened += 1
@@ -602,3 +628,381 @@ def test_the_copy_records_lineage_and_policy(
     west_manifest = engine.repository("west").load_manifest(copy.id)
     assert west_manifest.taken_at == east_manifest.taken_at
     assert west_manifest.root_hash != east_manifest.root_hash
+
+
+# --------------------------------------------------------------------------- one region per half
+
+PHASE_REGION = {
+    COPY_OFFER: "local:east",
+    COPY_REQUEST: "local:west",
+    COPY_SEND: "local:east",
+    COPY_COMMIT: "local:west",
+}
+
+
+class KeyGuard:
+    """Watches every LocalKeyService call that needs a region's secrets (unwrap, unseal,
+    generate_data_key), whichever site or engine makes it: records the region, and fails
+    the call when that region is forbidden right now."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.forbidden: set[str] = set()
+        self.used: set[str] = set()
+        for method in ("unwrap", "unseal", "generate_data_key"):
+            original = getattr(LocalKeyService, method)
+
+            def guarded(
+                keys: LocalKeyService,
+                *args: Any,
+                _original: Callable[..., Any] = original,
+                _method: str = method,
+                **kwargs: Any,
+            ) -> Any:
+                self.used.add(keys.region)
+                if keys.region in self.forbidden:
+                    raise AssertionError(f"{_method} on {keys.region}'s KeyService")
+                return _original(keys, *args, **kwargs)
+
+            monkeypatch.setattr(LocalKeyService, method, guarded)
+
+    @contextlib.contextmanager
+    def only(self, region: str, *others: str) -> Iterator[set[str]]:
+        """Forbid every region but ``region`` (yields the regions used meanwhile)."""
+        self.forbidden, self.used = {r for r in others if r != region}, set()
+        try:
+            yield self.used
+        finally:
+            self.forbidden = set()
+
+
+class CopyRecorder:
+    def __init__(self) -> None:
+        self.copies: list[tuple[str, str, RecoveryPoint, RecoveryPoint]] = []
+
+    @hookimpl
+    def regionvault_after_copy(
+        self, source_region: str, region: str, source: RecoveryPoint, copy: RecoveryPoint
+    ) -> None:
+        self.copies.append((source_region, region, source, copy))
+
+
+def worker_site_file(tmp_path: Path, own: Region, other: Region) -> Path:
+    """A site file for a worker of ``own``: ``own``'s services in full; of ``other`` only
+    its vault's configuration (for the Transits) and a keys directory holding nothing but
+    ``other``'s sealing public key."""
+    short = own.name.split(":")[1]
+    public = tmp_path / f"public-of-{other.name.split(':')[1]}"
+    (public / "keys").mkdir(parents=True, exist_ok=True)
+    shutil.copy(region_root(other) / "keys" / "sealing.pub", public / "keys" / "sealing.pub")
+    path = tmp_path / f"worker-{short}" / "site.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    q = json.dumps  # TOML basic strings quote like JSON
+    path.write_text(
+        f"[site]\nname = {q('worker-' + short)}\nstate_dir = {q(str(path.parent / 'state'))}\n\n"
+        f'[regions."{own.name}"]\nroot = {q(str(region_root(own)))}\n\n'
+        f'[regions."{other.name}"]\nroot = {q(str(region_root(other)))}\n\n'
+        f'[regions."{other.name}".keys]\nroot = {q(str(public))}\n'
+    )
+    return path
+
+
+@contextlib.contextmanager
+def worker(path: Path, *plugins: object) -> Iterator[Engine]:
+    """A fresh engine on a worker's own site, as a new worker process would have."""
+    pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin, *plugins])
+    registry = registry_from(pm)
+    with Site(load_site(path, registry=registry), registry=registry, plugin_manager=pm) as s:
+        yield Engine(s, settings=SETTINGS)
+
+
+def run_phase(engine: Engine, job: Job) -> Any:
+    """The job's handler, run directly (no ledger), as a re-run after a lost record would."""
+    return engine.handlers().get(job.kind)(job)
+
+
+def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
+    engine: Engine,
+    east: Region,
+    west: Region,
+    instance: Instance,
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    point = engine.backup(instance.id)
+    west.sealer()  # west's keys exist (its KeyService made them on first use)
+    east_site = worker_site_file(tmp_path, east, west)
+    west_site = worker_site_file(tmp_path, west, east)
+    recorder = CopyRecorder()
+    guard = KeyGuard(monkeypatch)
+    expires = datetime(2031, 1, 2, 3, 4, tzinfo=UTC)
+
+    jobs = copy_jobs_for(east.name, point.id, west.name, expires_at=expires)
+    assert [(j.kind, j.region) for j in jobs] == list(PHASE_REGION.items())
+    results = {}
+    for job in jobs:
+        job = Job.from_json(job.to_json())  # it crosses a queue as JSON
+        own = east if job.region == east.name else west
+        path = east_site if own is east else west_site
+        with (
+            worker(path, recorder) as phase_engine,
+            guard.only(own.name, east.name, west.name) as used,
+        ):
+            outcome = execute_job(job, phase_engine.handlers(), phase_engine.ledger())
+        assert outcome.status is JobStatus.DONE, outcome.error
+        assert used == {own.name}, (job.kind, used)
+        results[job.kind] = outcome.result
+
+    assert results[COPY_REQUEST]["chunks_requested"] == results[COPY_REQUEST]["chunks_total"] > 0
+    assert results[COPY_SEND]["chunks_sent"] == results[COPY_REQUEST]["chunks_requested"]
+    assert results[COPY_COMMIT]["existing"] is False
+    # neither worker ever held, or made, the other region's secret keys
+    for public in tmp_path.glob("public-of-*"):
+        assert sorted(p.name for p in (public / "keys").iterdir()) == ["sealing.pub"]
+    # the hook ran in west's worker, with east's point as the offer described it
+    ((src_region, region, source, copy),) = recorder.copies
+    assert (src_region, region) == (east.name, west.name)
+    assert (source.id, source.region, source.created_at) == (point.id, east.name, point.created_at)
+    assert copy.id == results[COPY_COMMIT]["copy"]
+    assert copy.lineage is not None and copy.lineage.source_recovery_point == point.id
+    assert copy.expires_at == expires
+    assert list(files_under(inbox_dir(west), inbox_dir(east))) == []
+
+    # the same jobs again: every key replays, nothing runs
+    for job in jobs:
+        path = east_site if job.region == east.name else west_site
+        with worker(path) as phase_engine:
+            again = execute_job(job, phase_engine.handlers(), phase_engine.ledger())
+        assert again.status is JobStatus.REPLAYED
+    # west's keys alone restore it, byte-exact, with east gone
+    engine.site.close()
+    shutil.rmtree(region_root(east))
+    out = tmp_path / "restored"
+    restore_in(west, copy.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
+def test_rerunning_any_phase_is_harmless(
+    site: Site, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = Engine(site, settings=SETTINGS).backup(instance.id)
+    jobs = copy_jobs_for("local:east", point.id, "local:west", expires_at=None)
+    offer, request, send, commit = jobs
+
+    def run(job: Job) -> Any:
+        return run_phase(Engine(site, settings=SETTINGS), job)  # a fresh engine each time
+
+    run(offer)
+    run(offer)  # replaces the offer
+    first = run(request)
+    again = run(request)  # asks again for the same chunks: nothing arrived meanwhile
+    assert again["chunks_requested"] == first["chunks_requested"] == first["chunks_total"]
+    sent = run(send)
+    assert sent["requested"] and sent["chunks_sent"] == first["chunks_total"]
+    assert run(send) == {"requested": False, "chunks_sent": 0, "batches": 0, "bytes_sent": 0}
+    committed = run(commit)
+    assert committed["existing"] is False and committed["batches_ingested"] == sent["batches"]
+    assert run(commit) == {"copy": committed["copy"], "existing": True, "batches_ingested": 0}
+    # the whole chain once more: the offer is dropped, nothing is requested or sent
+    run(offer)
+    assert run(request)["existing"] == committed["copy"]
+    assert run(send)["requested"] is False
+    assert run(commit)["existing"] is True
+    assert [p.id for p in Engine(site).repository("west").points()] == [committed["copy"]]
+    assert list(files_under(inbox_dir(west), inbox_dir(site.region("east")))) == []
+    restore_in(west, committed["copy"], tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
+
+
+def halves(engine: Engine, *, forward: Transit | None = None) -> tuple[CopySender, CopyReceiver]:
+    site = engine.site
+    east, west = site.region("east"), site.region("west")
+    forward = forward or site.transit(east.name, west.name)
+    backward = site.transit(west.name, east.name)
+    sender = CopySender(
+        engine.repository(east.name),
+        forward=forward,
+        backward=backward,
+        seal_to_destination=west.sealer(),
+        batch_bytes=256 << 10,
+    )
+    receiver = CopyReceiver(
+        engine.repository(west.name),
+        forward=forward,
+        backward=backward,
+        seal_to_source=east.sealer(),
+    )
+    return sender, receiver
+
+
+def test_a_send_that_crashed_resumes_with_the_next_request(
+    site: Site, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    point = Engine(site, settings=SETTINGS).backup(instance.id)
+    crossed: list[set[bytes]] = [set(), set()]
+    run = 0
+
+    def opened(name: str, payload: bytes) -> None:
+        body = open_payload(
+            west.keys, name, payload, kind="batch", source=east.name, destination=west.name
+        )
+        crossed[run].update(chunk_id for chunk_id, *_ in decode_chunks(name, body))
+
+    inner = site.transit(east.name, west.name)
+    # run 1: the source dies while sending its third batch; the receiver ran nothing since
+    # its request (each half in its own engine, as in its own process)
+    sender, _ = halves(
+        Engine(site, settings=SETTINGS), forward=FlakyTransit(inner, fail_at=3, opened=opened)
+    )
+    _, receiver = halves(Engine(site, settings=SETTINGS))
+    sender.offer(point.id)
+    asked = receiver.request(point.id, east.name)
+    with pytest.raises(TransitError):
+        sender.send(point.id)
+    assert crossed[0] and len(crossed[0]) < asked.chunks_requested
+    assert list(inner.inbox(f"copy/{point.id}/batch-"))  # two batches wait, not yet ingested
+    with pytest.raises(RegionVaultError, match="has not arrived"):
+        halves(Engine(site, settings=SETTINGS))[1].commit(point.id, east.name)
+
+    # run 2, fresh halves: the request takes in what landed and asks for the rest only
+    run = 1
+    sender, _ = halves(
+        Engine(site, settings=SETTINGS), forward=FlakyTransit(inner, fail_at=None, opened=opened)
+    )
+    _, receiver = halves(Engine(site, settings=SETTINGS))
+    again = receiver.request(point.id, east.name)
+    assert again.leftovers == 0  # the failed commit above took them in already
+    assert again.chunks_requested == asked.chunks_requested - len(crossed[0])
+    report = sender.send(point.id)
+    assert report.chunks_sent == again.chunks_requested
+    assert not crossed[0] & crossed[1]
+    done = halves(Engine(site, settings=SETTINGS))[1].commit(point.id, east.name)
+    assert not done.existing
+    restore_in(west, done.point.id, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
+
+
+def test_a_prune_in_west_between_phases_is_healed_by_requesting_again(
+    site: Site, east: Region, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    engine = Engine(site, settings=SETTINGS)
+    point = engine.backup(instance.id)
+    offer, request, send, commit = copy_jobs_for(east.name, point.id, west.name, expires_at=None)
+    for job in (offer, request, send):
+        run_phase(Engine(site, settings=SETTINGS), job)
+    # the worker of west dies before its commit; the batches wait in its inbox, and a prune
+    # of west meanwhile has nothing of them to collect
+    Repository.open(west.vault, west.keys, region=west.name).prune()
+    result = run_phase(Engine(site, settings=SETTINGS), commit)
+    assert result["existing"] is False and result["batches_ingested"] > 0
+
+    # a second point: this time the chunks are taken in (a commit that failed) and then
+    # collected by a prune before the commit runs again
+    (dataset / "extra.bin").write_bytes(random.Random(5).randbytes(300 << 10))
+    second = engine.backup(instance.id)
+    jobs = copy_jobs_for(east.name, second.id, west.name, expires_at=None)
+    for job in jobs[:3]:
+        run_phase(Engine(site, settings=SETTINGS), job)
+    west_repo = Repository.open(west.vault, west.keys, region=west.name)
+    receiver = halves(Engine(site, settings=SETTINGS))[1]
+    receiver._take_leftovers(second.id)  # ingested, referenced by no manifest yet
+    west_repo.prune()
+    with pytest.raises(RegionVaultError, match="has not arrived"):
+        run_phase(Engine(site, settings=SETTINGS), jobs[3])
+    # the offer stays in west's inbox: request, send and commit again complete the copy
+    asked = run_phase(Engine(site, settings=SETTINGS), jobs[1])
+    assert asked["chunks_requested"] > 0
+    run_phase(Engine(site, settings=SETTINGS), jobs[2])
+    copy = run_phase(Engine(site, settings=SETTINGS), jobs[3])["copy"]
+    restore_in(west, copy, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
+    assert west_repo.verify(read_data=True).ok
+
+
+def test_a_tick_with_split_copies_runs_the_four_phases(
+    site: Site, west: Region, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    engine = Engine(site, settings=SETTINGS, split_copies=True)
+    report = engine.tick()
+    assert report.ok, [o.error for o in report.failures()] + report.problems
+    phases = [o.kind for o in report.jobs if o.kind.startswith("copy")]
+    assert phases == [COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT]
+    (point,) = [p for p in engine.repository("east").points() if p.lineage is None]
+    (copy,) = engine.repository("west").points()
+    assert copy.lineage is not None and copy.lineage.source_recovery_point == point.id
+    # the expiry the engine worked out (the policy's 7 days, from the source point)
+    assert copy.expires_at == point.created_at + timedelta(days=7)
+    # the next tick finds the copy held: no copy job at all
+    again = engine.tick()
+    assert not [o for o in again.jobs if o.kind.startswith("copy")]
+    restore_in(west, copy.id, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
+
+
+def test_copy_phase_jobs_name_their_region_and_peer() -> None:
+    expires = datetime(2030, 5, 6, 7, 8, tzinfo=UTC)
+    slot = datetime(2030, 5, 1, tzinfo=UTC)
+    jobs = copy_jobs_for("aws:us-east-1", "rp/1", "aws:eu-west-1", expires_at=expires, slot=slot)
+    assert [j.key for j in jobs] == [
+        "copy-offer/aws:us-east-1/rp%2F1/aws:eu-west-1/2030-05-01T00:00Z",
+        "copy-request/aws:eu-west-1/rp%2F1/aws:us-east-1/2030-05-01T00:00Z",
+        "copy-send/aws:us-east-1/rp%2F1/aws:eu-west-1/2030-05-01T00:00Z",
+        "copy-commit/aws:eu-west-1/rp%2F1/aws:us-east-1/2030-05-01T00:00Z",
+    ]
+    for job in jobs:
+        assert job.payload["source"] == "aws:us-east-1"
+        assert job.payload["destination"] == "aws:eu-west-1"
+        assert job.payload["recovery_point"] == "rp/1"
+        assert Job.from_json(job.to_json()) == job
+    assert jobs[3].payload["expires_at"] == expires.isoformat()
+    assert copy_phase_job("send", "aws:us-east-1", "rp/1", "aws:eu-west-1").key == (
+        "copy-send/aws:us-east-1/rp%2F1/aws:eu-west-1"
+    )
+    with pytest.raises(RegionVaultError, match="not a copy phase"):
+        copy_phase_job("ingest", "aws:us-east-1", "rp-1", "aws:eu-west-1")
+    with pytest.raises(RegionVaultError, match="itself"):
+        copy_phase_job("offer", "aws:us-east-1", "rp-1", "aws:us-east-1")
+
+
+def test_a_phase_job_runs_only_in_its_own_region(engine: Engine, instance: Instance) -> None:
+    point = engine.backup(instance.id)
+    offer = copy_phase_job("offer", "local:east", point.id, "local:west")
+    misrouted = Job(offer.key, offer.kind, "local:west", offer.payload)
+    with pytest.raises(RegionVaultError, match="runs in local:east"):
+        run_phase(engine, misrouted)
+    commit = copy_phase_job("commit", "local:west", point.id, "local:east")
+    with pytest.raises(RegionVaultError, match="expires_at"):
+        run_phase(engine, commit)
+    with pytest.raises(RegionVaultError, match="no offer"):
+        engine.copy_receiver("east", "west").request(point.id)
+    # the engine's jobs carry the copy's expiry as Engine.copy works it out (the 1-7
+    # policy's copy retention, from the source point's creation)
+    jobs = engine.copy_jobs(point.id[:8], to="west")
+    assert [j.payload["recovery_point"] for j in jobs] == [point.id] * 4
+    assert jobs[3].payload["expires_at"] == (point.created_at + timedelta(days=7)).isoformat()
+    with pytest.raises(RegionVaultError, match="itself"):
+        engine.copy_jobs(point.id, to="east")
+
+
+def test_each_half_refuses_transits_that_do_not_run_through_its_region(
+    engine: Engine, east: Region, west: Region
+) -> None:
+    site = engine.site
+    forward, backward = site.transit(east.name, west.name), site.transit(west.name, east.name)
+    with pytest.raises(RegionVaultError, match="expected"):
+        CopySender(
+            engine.repository(west.name),
+            forward=forward,
+            backward=backward,
+            seal_to_destination=west.sealer(),
+        )
+    with pytest.raises(RegionVaultError, match="expected"):
+        CopyReceiver(
+            engine.repository(west.name),
+            forward=backward,
+            backward=forward,
+            seal_to_source=east.sealer(),
+        )
+    receiver = engine.copy_receiver(east.name, west.name)
+    with pytest.raises(RegionVaultError, match="not from local:south"):
+        receiver.request("rp-1", "local:south")

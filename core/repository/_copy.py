@@ -83,6 +83,29 @@ class CopyOffer:
     def records(self, name: str) -> Iterator[fmt.RawRecord]:
         return iter_records([self.tree], name)
 
+    def source_point(self) -> RecoveryPoint:
+        """The source's recovery point as the offer describes it (for the destination, which
+        cannot read the source's vault)."""
+        p = self.point
+        expires = p.get("expires_at")
+        lineage = p.get("lineage")
+        return RecoveryPoint(
+            id=p["id"],
+            region=p["region"],
+            instance_id=p["instance"]["id"],
+            instance_name=p["instance"]["name"],
+            kind=CaptureKind(p["kind"]),
+            created_at=datetime.fromisoformat(p["created_at"]),
+            expires_at=None if expires is None else datetime.fromisoformat(expires),
+            size=int(p["size"]),
+            policy=p["policy"],
+            lineage=None
+            if lineage is None
+            else Lineage(lineage["source_region"], lineage["source_recovery_point"]),
+            tags=Tags(p["tags"]),
+            function=p.get("function"),
+        )
+
     def chunk_ids(self, name: str) -> list[bytes]:
         """Every distinct data chunk the tree names, in first-use order."""
         seen: dict[bytes, None] = {}
@@ -119,6 +142,13 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
         "policy": p.policy,
         "function": p.function,
         "created_at": p.created_at.isoformat(),
+        "expires_at": None if p.expires_at is None else p.expires_at.isoformat(),
+        "lineage": None
+        if p.lineage is None
+        else {
+            "source_region": p.lineage.source_region,
+            "source_recovery_point": p.lineage.source_recovery_point,
+        },
         "taken_at": manifest.taken_at.isoformat(),
         "size": p.size,
         "image": None
