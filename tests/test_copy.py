@@ -457,6 +457,37 @@ def test_copying_twice_returns_the_existing_copy(
     assert len(engine.repository("west").points()) == 1
 
 
+def test_two_copies_of_one_point_at_once_commit_one_copy(
+    site: Site, west: Region, instance: Instance, tmp_path: Path
+) -> None:
+    """Two runners copying the same point at the same moment (each past the "already
+    copied?" check) race on one manifest name: exactly one copy exists afterwards."""
+    point = Engine(site).backup(instance.id)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            engine = Engine(site)
+            start.wait(timeout=30)
+            results.append(engine.copy(point.id, to="west"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len({r.point.id for r in results}) == 1
+    copies = Repository.open(west.vault, west.keys, region=west.name).points()
+    assert [c.id for c in copies] == [results[0].point.id]
+    out = tmp_path / "out"
+    restore_in(west, copies[0].id, out)
+
+
 def test_copying_to_the_same_region_is_refused(engine: Engine, instance: Instance) -> None:
     point = engine.backup(instance.id)
     with pytest.raises(RegionVaultError, match="itself"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from regionvault.core.errors import IntegrityError, ObjectNotFound, RegionVaultError
+from regionvault.core.errors import IntegrityError, ObjectExists, ObjectNotFound, RegionVaultError
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
@@ -294,6 +294,11 @@ class LinkTable:
         self.links.update(pairs)
 
 
+def copy_point_id(store: Store, source_region: str, source_point: str) -> str:
+    """The id a copy of ``source_point`` from ``source_region`` has in this repository."""
+    return _crypto_tag(store, f"copy:{source_region}:{source_point}")
+
+
 def _crypto_tag(store: Store, text: str) -> str:
     import blake3
 
@@ -393,7 +398,9 @@ def commit_copy(
         failure.set(RegionVaultError("copy commit aborted"))
         writer.abort()
         raise
-    point_id = fmt.new_id()
+    # The copy's id is a keyed hash of its lineage, so two commits of the same source point
+    # (two runners at once) race on one if-absent name: exactly one copy can ever exist.
+    point_id = copy_point_id(store, source_region, p["id"])
     created = datetime.now(UTC)
     kind = CaptureKind(p["kind"])
     image = p["image"]
@@ -426,7 +433,10 @@ def commit_copy(
         entries=tree.entries,
         stats={str(k): int(v) for k, v in p["stats"].items()},
     )
-    store.put_sealed(fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True)
+    try:
+        store.put_sealed(fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True)
+    except ObjectExists:
+        return repo.load_manifest(point_id).point  # another runner committed it first
     return RecoveryPoint(
         id=point_id,
         region=repo.region,
