@@ -24,6 +24,7 @@ __all__ = [
     "TEMP_PREFIX",
     "FileLock",
     "atomic_write",
+    "create_temp",
     "ensure_dir",
     "fsync_dir",
     "is_temp",
@@ -157,29 +158,41 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def write_temp(directory: Path, data: bytes | memoryview, *, mode: int = 0o644) -> Path:
-    """Write ``data`` to a new fsynced temporary file in ``directory`` (created if needed)."""
+def create_temp(directory: Path, *, mode: int = 0o644) -> tuple[int, Path]:
+    """Create a new empty temporary file in ``directory`` (made if needed): its descriptor
+    and path. Callers that race deletes emptying ``directory`` create it under their lock."""
     for attempt in range(3):
         tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
         except FileNotFoundError:
             # the directory is missing, or a concurrent delete just removed it as empty
             if attempt == 2:
                 raise
             ensure_dir(directory)
-            continue
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
-        return tmp
     raise AssertionError("unreachable")
+
+
+def write_temp(
+    directory: Path,
+    data: bytes | memoryview,
+    *,
+    mode: int = 0o644,
+    created: tuple[int, Path] | None = None,
+) -> Path:
+    """Write ``data`` to a new fsynced temporary file in ``directory`` (created if needed),
+    or into the one :func:`create_temp` gave (``created``)."""
+    fd, tmp = created if created is not None else create_temp(directory, mode=mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    return tmp
 
 
 def publish(tmp: Path, final: Path, *, if_absent: bool = False, sync_dir: bool = True) -> bool:

@@ -177,7 +177,11 @@ class LocalVault(Vault):
         if path.is_dir():
             raise self._error(f"put {name!r}: other objects' names start with {name + '/'!r}")
         try:
-            tmp = _fs.write_temp(path.parent, data)
+            # created under the lock, so a delete cannot remove its emptied directory between
+            # making the directory and creating the file; written outside it
+            with self._lock.hold():
+                created = _fs.create_temp(path.parent)
+            tmp = _fs.write_temp(path.parent, data, created=created)
         except (NotADirectoryError, FileExistsError):
             raise self._error(
                 f"put {name!r}: a leading part of the name is itself an object"
@@ -261,11 +265,10 @@ class LocalVault(Vault):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._drop_protection(name)
-        # outside the lock, a concurrent delete may already have removed the emptied parent:
-        # then there is no entry left to make durable
-        with contextlib.suppress(FileNotFoundError):
+            # under the lock: a put creates its temporary file under it too, so an emptied
+            # directory is never removed from under a put about to write into it
             _fs.fsync_dir(path.parent)
-        _fs.remove_empty_parents(path, self.objects_dir)
+            _fs.remove_empty_parents(path, self.objects_dir)
 
     def set_retention(
         self,
