@@ -1,36 +1,44 @@
 """The backup pipeline.
 
-    reader (calling thread)              workers (N threads)             uploader thread
-    read 8 MiB -> FastCDC -> BLAKE3 id   zstd each chunk, then           vault.put(pack);
-    new chunks copied into 1 MiB    -->  AES-GCM it straight into   -->  an index object
-    batches; tree records -> tree        the open pack buffer            every K packs
-    chunks (same path)
+    reader threads                      workers (N threads)              uploader threads
+    read files back to back into    ->  BLAKE3 each chunk's id, claim   ->  vault.put(pack);
+    shared staging blocks, FastCDC      the ones the repository lacks,      an index object
+    cuts them in place; each piece      zstd them and AES-GCM them          every K packs
+    of chunk spans goes to a worker     straight into the open pack
+    calling thread: walks the capture, skips unchanged files, writes the tree in capture
+    order (each record once its chunk ids are all known) and stores the tree chunks
 
-The reader owns every decision (dedup, file skipping, tree order), so the workers only
-transform bytes. Read buffers are reused (chunks leave them by copy, only when new), the
-batch queue and the two pack buffers are bounded, so memory stays constant however much data
-flows. Every blocking wait polls the run's Failure: one failing thread stops them all.
+Bytes are copied once on their way in (the read into a staging block) and once on their way
+out (encryption into the pack buffer): chunks are hashed and compressed where they were read.
+Staging blocks return to a bounded pool once the reader has moved on and every piece cut from
+them is done, and the pack buffers are bounded too, so memory stays constant however much
+data flows. Every blocking wait polls the run's Failure: one failing thread stops them all.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, repeat
 
 import blake3
 from regionvault.core.errors import ComputeError
 from regionvault.core.interfaces import BlockCapture, Capture, FileCapture
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._chunking import READ_BLOCK, ReadBuffers, Rechunker, chunk_file
-from regionvault.core.repository._index import ChunkIndex
-from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter, qget, qput
+from regionvault.core.repository._chunking import (
+    PIECE,
+    Block,
+    Cutter,
+    Rechunker,
+    StagingPool,
+)
+from regionvault.core.repository._index import ChunkIdSet, ChunkIndex
+from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import KIND_TAGS, TreeWriter, encode_path, path_problem
 from regionvault.core.repository.model import Progress, ProgressCallback
@@ -45,6 +53,9 @@ _LOOKAHEAD = 100_000
 #: files read ahead of the one the tree waits for
 _MAX_PENDING = 64
 _PROGRESS_EVERY = 0.2
+_POLL = 0.05
+#: bytes of a chunk compressed first to see whether the rest is worth compressing
+_SAMPLE = 4096
 
 
 class ParentLookup:
@@ -97,20 +108,24 @@ class BackupResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-class _Batch:
-    """New chunks on their way to a worker, copied out of the read buffers into one
-    buffer (so read buffers are reused at once and memory is bounded by the queue)."""
+class _Record:
+    """A tree record (a file, or an extent of an image) whose chunk ids the workers fill
+    in; complete once its reader closed it and every batch of its spans is done."""
 
-    __slots__ = ("buf", "items")
+    __slots__ = ("closed", "ids", "incompressible", "left", "offset", "size")
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        #: chunk id, blob type, start in ``buf``, length
-        self.items: list[tuple[bytes, int, int, int]] = []
+    def __init__(self, offset: int = 0) -> None:
+        self.ids: list[bytes] = []
+        self.left = 0
+        self.closed = False
+        self.size = 0
+        self.offset = offset
+        #: the last new chunk of this record did not compress (a hint, not a promise)
+        self.incompressible = False
 
 
-#: a batch is handed to the workers once it holds this many bytes
-_BATCH_BYTES = 1 << 20
+#: spans of one record cut from one staging block: (block, record, first id slot, spans)
+_Batch = tuple[Block, _Record, int, list[tuple[int, int]]]
 
 
 class BackupRun:
@@ -130,15 +145,25 @@ class BackupRun:
         self.failure = Failure()
         self.workers = self.settings.worker_count()
         self.readers = max(1, self.settings.read_threads)
-        self._jobs = _BoundedJobs(self.workers * 4, self.failure)
         self.writer = PackWriter(store, self.failure)
         self._key = store.config.chunk_id_key
-        #: guards the dedup set, the open batch and the counters (reader threads share them)
-        self._lock = threading.Lock()
+        self._level = self.settings.compression_level
+        self._staging = StagingPool(
+            self.readers + self.workers + 2,
+            Cutter.block_size(store.config.chunker.max_size),
+            self.failure.check,
+        )
+        self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        #: guards the dedup set, the records' ids and counts, and the counters; notified
+        #: when the record the calling thread waits for becomes complete
+        self._cond = threading.Condition()
         self._open_lock = threading.Lock()
-        self._local = threading.local()
-        self._new: set[bytes] = set()
-        self._batch = _Batch()
+        #: files for the reader threads: (entry, its record)
+        self._files_q: queue.SimpleQueue[tuple[FileEntry, _Record] | None] = queue.SimpleQueue()
+        #: the record the calling thread waits for (only its completion is notified)
+        self._awaited: _Record | None = None
+        #: chunks this run stores (compact: it grows with the data)
+        self._new = ChunkIdSet()
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -156,43 +181,76 @@ class BackupRun:
             "bytes_new": 0,
         }
 
-    # -- reader side -----------------------------------------------------------------------
+    # -- records ---------------------------------------------------------------------------
 
-    def _submit(self, chunk: memoryview, blob_type: int, *, progress: bool = False) -> bytes:
-        """Id a chunk; copy it into the open batch if the repository lacks it. Any reader
-        thread may call this."""
+    def _ship(self, block: Block, record: _Record, spans: list[tuple[int, int]]) -> None:
+        """Hand spans of ``record`` cut from ``block`` to the workers."""
+        with self._cond:
+            first = len(record.ids)
+            record.ids.extend(repeat(b"", len(spans)))
+            record.left += 1
+        self._staging.retain(block)
+        self._batches.put((block, record, first, spans))
+
+    def _close(self, record: _Record) -> None:
+        with self._cond:
+            record.closed = True
+            if not record.left and record is self._awaited:
+                self._cond.notify()
+
+    def _complete(self, record: _Record) -> bool:
+        with self._cond:
+            return record.closed and not record.left
+
+    def _wait(self, record: _Record) -> bytes:
+        """The record's chunk ids, once the workers have computed them all."""
+        while True:
+            with self._cond:
+                if record.closed and not record.left:
+                    self._awaited = None
+                    return b"".join(record.ids)
+                self._awaited = record
+                self._cond.wait(_PROGRESS_EVERY)
+            self.failure.check()
+            self._report()
+
+    def _blob(
+        self, chunk_id: bytes, blob_type: int, data: memoryview, record: _Record | None = None
+    ) -> tuple[bytes, int, int, int, bytes | memoryview]:
+        """A new chunk as the pack writer takes it: compressed when that makes it smaller.
+        After a chunk of the same record that did not compress, a sample of the chunk is
+        tried first (random data, such as already compressed files, rarely changes its
+        nature mid-file), and the chunk is stored as it is when the sample does not shrink."""
+        n = len(data)
+        if self._level > 0:
+            if (
+                record is not None
+                and record.incompressible
+                and n > 2 * _SAMPLE
+                and len(_crypto.compress(data[:_SAMPLE], self._level)) >= _SAMPLE
+            ):
+                return chunk_id, blob_type, 0, n, data
+            packed = _crypto.compress(data, self._level)
+            if len(packed) < n:
+                if record is not None:
+                    record.incompressible = False
+                return chunk_id, blob_type, fmt.FLAG_ZSTD, n, packed
+            if record is not None:
+                record.incompressible = True
+        return chunk_id, blob_type, 0, n, data
+
+    def _tree_chunk(self, chunk: memoryview) -> bytes:
+        """Store one tree chunk (on the calling thread: trees are small); its id."""
         chunk_id: bytes = blake3.blake3(chunk, key=self._key).digest()
-        full = None
-        with self._lock:
+        with self._cond:
             self.chunks += 1
-            if progress:
-                self.bytes_done += len(chunk)
-            if chunk_id not in self.index and chunk_id not in self._new:
-                self._new.add(chunk_id)
-                batch = self._batch
-                start = len(batch.buf)
-                batch.buf += chunk
-                batch.items.append((chunk_id, blob_type, start, len(chunk)))
-                if len(batch.buf) >= _BATCH_BYTES:
-                    full = self._take_batch()
-        if full is not None:
-            self._jobs.put(full)
+            new = chunk_id not in self.index and self._new.add(chunk_id)
+            if new:
+                self.stats["chunks_new"] += 1
+                self.stats["bytes_new"] += len(chunk)
+        if new:
+            self.writer.add_many([self._blob(chunk_id, fmt.BlobType.TREE, chunk)])
         return chunk_id
-
-    def _take_batch(self) -> _Batch | None:
-        batch = self._batch
-        if not batch.items:
-            return None
-        self.stats["chunks_new"] += len(batch.items)
-        self.stats["bytes_new"] += len(batch.buf)
-        self._batch = _Batch()
-        return batch
-
-    def _flush_batch(self) -> None:
-        with self._lock:
-            batch = self._take_batch()
-        if batch is not None:
-            self._jobs.put(batch)
 
     def _report(self, *, done: bool = False) -> None:
         if self._progress is None:
@@ -213,6 +271,8 @@ class BackupRun:
             )
         )
 
+    # -- files -----------------------------------------------------------------------------
+
     def _entries(self, capture: FileCapture) -> Iterator[FileEntry]:
         it = capture.entries()
         head = list(islice(it, _LOOKAHEAD))
@@ -223,28 +283,64 @@ class BackupRun:
         del head
         yield from it
 
-    def _read_file(self, capture: FileCapture, entry: FileEntry) -> tuple[bytes, int]:
-        """A file's chunk ids and size (runs on a reader thread)."""
-        tools = getattr(self._local, "tools", None)
-        if tools is None:
-            buffers = ReadBuffers(READ_BLOCK, self.store.config.chunker.max_size)
-            tools = self._local.tools = (self.store.new_chunker(), buffers)
-        cdc, buffers = tools
-        parts: list[bytes] = []
-        size = 0
+    def _read_files(self, capture: FileCapture) -> None:
+        """A reader thread: reads the files queued for it, each with its own record."""
+        cutter = Cutter(self._staging, self.store.new_chunker())
+        try:
+            while True:
+                try:
+                    item = self._files_q.get(timeout=_POLL)
+                except queue.Empty:
+                    self.failure.check()
+                    continue
+                if item is None:
+                    return
+                self.failure.check()
+                self._read_file(capture, cutter, *item)
+        except Aborted:
+            return
+        except BaseException as exc:  # reported through the run's Failure
+            self.failure.set(exc)
+        finally:
+            cutter.close()
+
+    def _read_file(
+        self, capture: FileCapture, cutter: Cutter, entry: FileEntry, record: _Record
+    ) -> None:
+        """Read and cut one file, handing its chunks to the workers."""
         with self._open_lock:
             f = capture.open(entry)
         with f:
-            for chunk in chunk_file(f, cdc, buffers, size_hint=entry.size):
-                parts.append(self._submit(chunk, fmt.BlobType.DATA, progress=True))
-                size += len(chunk)
-        return b"".join(parts), size
+            cutter.begin()
+            left = entry.size
+            while True:
+                # one byte more than the file should still hold finds its end in one read
+                n, asked = cutter.fill(f, min(PIECE, left + 1) if left >= 0 else PIECE)
+                left -= n
+                record.size += n
+                end = n < asked
+                spans = cutter.cut(final=end)
+                if spans:
+                    assert cutter.block is not None
+                    self._ship(cutter.block, record, spans)
+                with self._cond:
+                    self.bytes_done += n
+                if end:
+                    break
+        self._close(record)
 
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
-        # records in capture order: ready bytes, or a file being read on a reader thread
-        pending: deque[bytes | tuple[FileEntry, bytes, Future[tuple[bytes, int]]]] = deque()
-        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="regionvault-read")
+        # records in capture order: ready bytes, or a file being read and hashed
+        pending: deque[bytes | tuple[FileEntry, bytes, _Record]] = deque()
+        readers = [
+            threading.Thread(
+                target=self._read_files, args=(capture,), name=f"regionvault-read-{i}", daemon=True
+            )
+            for i in range(self.readers)
+        ]
+        for t in readers:
+            t.start()
         total = 0
 
         def drain(limit: int) -> None:
@@ -255,18 +351,14 @@ class BackupRun:
                     pending.popleft()
                     tree.add(head)
                     continue
-                entry, path, future = head
-                if not future.done() and len(pending) <= limit:
+                entry, path, record = head
+                if len(pending) <= limit and not self._complete(record):
                     return
-                try:
-                    ids, size = future.result(timeout=_PROGRESS_EVERY)
-                except FutureTimeout:
-                    self._report()
-                    continue
+                ids = self._wait(record)
                 pending.popleft()
-                total += size
+                total += record.size
                 tree.add(fmt.encode_entry(
-                    fmt.TAG_FILE, entry.mode, entry.mtime_ns, size, path, b"", ids
+                    fmt.TAG_FILE, entry.mode, entry.mtime_ns, record.size, path, b"", ids
                 ))  # fmt: skip
                 self.files_done += 1
                 self._report()
@@ -298,7 +390,7 @@ class BackupRun:
                     before = parent.find(path) if parent is not None else None
                     if before is not None and self._unchanged(before, entry):
                         self.stats["files_unchanged"] += 1
-                        with self._lock:
+                        with self._cond:
                             self.bytes_done += before.size
                         total += before.size
                         self.files_done += 1
@@ -306,91 +398,143 @@ class BackupRun:
                             tag, entry.mode, entry.mtime_ns, before.size, path, b"", before.ids
                         ))  # fmt: skip
                     else:
-                        future = pool.submit(self._read_file, capture, entry)
-                        pending.append((entry, path, future))
+                        record = _Record()
+                        self._files_q.put((entry, record))
+                        pending.append((entry, path, record))
                 drain(_MAX_PENDING)
             drain(0)
         except BaseException:
-            for item in pending:
-                if not isinstance(item, bytes):
-                    item[2].cancel()
             self.failure.set(Aborted())
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for _ in readers:
+                self._files_q.put(None)
+            for t in readers:
+                while t.is_alive():
+                    t.join(_POLL)
         return total
 
     def _unchanged(self, before: fmt.RawRecord, entry: FileEntry) -> bool:
         if (before.size, before.mtime_ns, before.mode) != (entry.size, entry.mtime_ns, entry.mode):
             return False
         index, new = self.index, self._new
-        return all(chunk_id in index or chunk_id in new for chunk_id in before.chunk_ids())
+        with self._cond:
+            return all(chunk_id in index or chunk_id in new for chunk_id in before.chunk_ids())
+
+    # -- block images ----------------------------------------------------------------------
 
     def _blocks(self, capture: BlockCapture, tree: TreeWriter) -> int:
+        """Cut the image's written ranges on this thread; extent records go to the tree in
+        order as their ids complete."""
         label = capture.instance.id
         self.bytes_total = capture.size
-        rechunker: Rechunker | None = None
+        cutter = Cutter(self._staging, self.store.new_chunker())
+        extents: deque[_Record] = deque()
+        record: _Record | None = None
         end = 0
-        ext_start = ext_len = 0
-        ids: list[bytes] = []
 
-        def take(chunks: Iterator[memoryview]) -> None:
-            nonlocal ext_start, ext_len, ids
-            for chunk in chunks:
-                ids.append(self._submit(chunk, fmt.BlobType.DATA))
-                ext_len += len(chunk)
-                if ext_len >= MAX_EXTENT:
-                    tree.add(fmt.encode_extent(ext_start, ext_len, b"".join(ids)))
-                    ext_start, ext_len, ids = ext_start + ext_len, 0, []
+        def emit(wait: bool) -> None:
+            while extents and (wait or self._complete(extents[0])):
+                done = extents.popleft()
+                ids = self._wait(done)
+                if done.size:
+                    tree.add(fmt.encode_extent(done.offset, done.size, ids))
+
+        def take(spans: list[tuple[int, int]]) -> None:
+            nonlocal record
+            assert record is not None and cutter.block is not None
+            group: list[tuple[int, int]] = []
+            for span in spans:
+                group.append(span)
+                record.size += span[1]
+                if record.size >= MAX_EXTENT:
+                    self._ship(cutter.block, record, group)
+                    group = []
+                    self._close(record)
+                    record = _Record(record.offset + record.size)
+                    extents.append(record)
+            if group:
+                self._ship(cutter.block, record, group)
 
         def close() -> None:
-            nonlocal ext_len, ids
-            if rechunker is not None:
-                take(rechunker.finish())
-            if ext_len:
-                tree.add(fmt.encode_extent(ext_start, ext_len, b"".join(ids)))
-            ext_len, ids = 0, []
+            if record is not None:
+                take(cutter.cut(final=True))
+                self._close(record)
 
-        for offset, data in capture.blocks():
-            if offset < end or offset < 0 or offset + len(data) > capture.size:
-                raise ComputeError(
-                    f"capture of {label}: block at offset {offset} ({len(data)} bytes) overlaps "
-                    f"the previous one or lies outside the {capture.size}-byte image"
-                )
-            if not data:
-                continue
-            if offset != end or rechunker is None:
-                close()
-                rechunker = Rechunker(self.store.new_chunker())
-                ext_start = offset
-            take(rechunker.feed(data))
-            end = offset + len(data)
-            self.bytes_done = end
-            self._report()
-        close()
+        try:
+            for offset, data in capture.blocks():
+                if offset < end or offset < 0 or offset + len(data) > capture.size:
+                    raise ComputeError(
+                        f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
+                        "overlaps the previous one or lies outside the "
+                        f"{capture.size}-byte image"
+                    )
+                if not data:
+                    continue
+                if offset != end or record is None:
+                    close()
+                    cutter.begin()
+                    record = _Record(offset)
+                    extents.append(record)
+                with memoryview(data) as view:
+                    done = 0
+                    while done < len(view):
+                        done += cutter.fill_from(view[done:])
+                        take(cutter.cut(final=False))
+                end = offset + len(data)
+                self.bytes_done = end
+                emit(wait=False)
+                self._report()
+            close()
+            emit(wait=True)
+        finally:
+            cutter.close()
         return capture.size
 
     # -- workers -------------------------------------------------------------------------
 
+    def _next_batch(self) -> _Batch | None:
+        while True:
+            try:
+                return self._batches.get(timeout=_POLL)
+            except queue.Empty:
+                self.failure.check()
+
     def _work(self) -> None:
-        level = self.settings.compression_level
+        key = self._key
+        index, new = self.index, self._new
         try:
             while True:
-                batch = self._jobs.get()
+                batch = self._next_batch()
                 if batch is None:
                     return
-                view = memoryview(batch.buf)
-                blobs = []
-                for chunk_id, blob_type, start, length in batch.items:
-                    data = view[start : start + length]
-                    payload: bytes | memoryview = data
-                    flags = 0
-                    if level > 0:
-                        packed = _crypto.compress(data, level)
-                        if len(packed) < length:
-                            payload, flags = packed, fmt.FLAG_ZSTD
-                    blobs.append((chunk_id, blob_type, flags, length, payload))
-                self.writer.add_many(blobs)
+                block, record, first, spans = batch
+                view = block.view
+                ids = [blake3.blake3(view[o : o + n], key=key).digest() for o, n in spans]
+                unknown = [
+                    (chunk_id, o, n)
+                    for chunk_id, (o, n) in zip(ids, spans, strict=True)
+                    if chunk_id not in index
+                ]
+                with self._cond:
+                    record.ids[first : first + len(ids)] = ids
+                    self.chunks += len(ids)
+                    fresh = [item for item in unknown if new.add(item[0])]
+                    self.stats["chunks_new"] += len(fresh)
+                    self.stats["bytes_new"] += sum(n for _, _, n in fresh)
+                if fresh:
+                    self.writer.add_many(
+                        [
+                            self._blob(c, fmt.BlobType.DATA, view[o : o + n], record)
+                            for c, o, n in fresh
+                        ]
+                    )
+                del fresh, unknown
+                self._staging.release(block)
+                with self._cond:
+                    record.left -= 1
+                    if not record.left and record.closed and record is self._awaited:
+                        self._cond.notify()
         except Aborted:
             return
         except BaseException as exc:  # reported through the run's Failure
@@ -407,8 +551,7 @@ class BackupRun:
             t.start()
         try:
             tree = TreeWriter(
-                Rechunker(self.store.new_chunker(), threshold=1 << 20),
-                lambda chunk: self._submit(chunk, fmt.BlobType.TREE),
+                Rechunker(self.store.new_chunker(), threshold=1 << 20), self._tree_chunk
             )
             if isinstance(capture, FileCapture):
                 size = self._files(capture, tree, parent)
@@ -417,12 +560,11 @@ class BackupRun:
             else:
                 raise TypeError(f"cannot back up a {type(capture).__name__}")
             tree_ids = tree.finish()
-            self._flush_batch()
             for _ in threads:
-                self._jobs.put(None)
+                self._batches.put(None)
             for t in threads:
                 while t.is_alive():
-                    t.join(0.05)
+                    t.join(_POLL)
             self.failure.check()
             self.writer.close()
         except BaseException as exc:
@@ -438,19 +580,3 @@ class BackupRun:
         self.stats["bytes_stored"] = self.writer.bytes_written
         self.stats["packs"] = self.writer.packs_written
         return BackupResult(tree_ids, tree.bytes, tree.entries, size, dict(self.stats))
-
-
-class _BoundedJobs:
-    """The reader-to-workers queue of batches; waits poll the run's Failure."""
-
-    def __init__(self, size: int, failure: Failure) -> None:
-        import queue
-
-        self._q: queue.Queue[_Batch | None] = queue.Queue(size)
-        self._failure = failure
-
-    def put(self, item: _Batch | None) -> None:
-        qput(self._q, item, self._failure)
-
-    def get(self) -> _Batch | None:
-        return qget(self._q, self._failure)

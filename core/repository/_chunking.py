@@ -3,24 +3,34 @@
 FastCDC decides a cut from the bytes after the chunk's start only, so cutting a stream piece
 by piece gives exactly the chunks of one cut over the whole stream, provided the last chunk
 of each piece (which may have been cut short by the piece's end) is carried over and cut
-again with the next piece. Chunks are memoryviews into reused read buffers: a consumer copies
-what it keeps (the backup copies only new chunks, into the batch it hands to a worker).
+again with the next piece.
+
+A backup reads its streams into *staging blocks* (:class:`StagingPool`) and cuts them in
+place (:class:`Cutter`): chunks are handed on as ``(offset, length)`` spans of a block, and
+the block is reused only once every holder has released it, so a chunk's bytes are never
+copied between the read and their compression or encryption.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import pyfastcdc
 
-__all__ = ["ReadBuffers", "Rechunker", "chunk_file"]
+__all__ = ["PIECE", "Block", "Cutter", "Rechunker", "StagingPool", "read_full"]
 
-#: bytes read from a file at once (a file smaller than this is read in one call)
-READ_BLOCK = 8 << 20
+#: bytes read (or copied) into a staging block at once; each such piece's final chunks go
+#: to a worker together
+PIECE = 1 << 20
+#: a block holds this many pieces (plus one carried-over chunk)
+_PIECES_PER_BLOCK = 4
+_POLL = 0.05
 
 
-def _read_full(f: BinaryIO, view: memoryview) -> int:
+def read_full(f: BinaryIO, view: memoryview) -> int:
     """Fill ``view`` from ``f``; fewer bytes only at end of file."""
     done = 0
     total = len(view)
@@ -38,51 +48,147 @@ def _read_full(f: BinaryIO, view: memoryview) -> int:
     return done
 
 
-class ReadBuffers:
-    """Two read buffers used in turn: a block is read into one while the carried-over tail
-    of the previous block still sits in the other. Chunks read through them are only valid
-    until the next block is read, so consumers copy what they keep."""
+class Block:
+    """One staging buffer: streams are appended at ``pos``; ``refs`` counts its holders
+    (the cutter filling it, and every batch of spans cut from it not yet done)."""
 
-    def __init__(self, block: int, carry: int) -> None:
-        self.block = block
-        self._bufs = (bytearray(block + carry), bytearray(block + carry))
-        self._turn = 0
+    __slots__ = ("buf", "pos", "refs", "view")
 
-    def next(self) -> bytearray:
-        self._turn ^= 1
-        return self._bufs[self._turn]
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.pos = 0
+        self.refs = 0
 
 
-def chunk_file(
-    f: BinaryIO, cdc: pyfastcdc.FastCDC, buffers: ReadBuffers, *, size_hint: int
-) -> Iterator[memoryview]:
-    """The chunks of everything ``f`` yields, read a block at a time into ``buffers``
-    (each chunk is valid only until the next one is asked for)."""
-    carry: memoryview | None = None
-    want = min(buffers.block, max(size_hint, 0) + 1)
-    while True:
-        buf = buffers.next()
-        keep = 0
-        if carry is not None:
-            keep = len(carry)
-            buf[:keep] = carry
-            carry = None
-        got = _read_full(f, memoryview(buf)[keep : keep + want])
-        total = keep + got
-        if total == 0:
-            return
-        eof = got < want
+class StagingPool:
+    """At most ``count`` staging blocks of ``size`` bytes, made on demand and reused.
+    :meth:`take` waits for a free block (calling ``check`` between polls, which raises to
+    stop the wait), so the blocks bound the data in flight."""
+
+    def __init__(self, count: int, size: int, check: Callable[[], None]) -> None:
+        self.size = size
+        self._count = count
+        self._made = 0
+        self._check = check
+        self._free: queue.SimpleQueue[Block] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def take(self) -> Block:
+        try:
+            block = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._count
+                if make:
+                    self._made += 1
+            if make:
+                block = Block(self.size)
+            else:
+                while True:
+                    try:
+                        block = self._free.get(timeout=_POLL)
+                        break
+                    except queue.Empty:
+                        self._check()
+        block.pos = 0
+        block.refs = 1
+        return block
+
+    def retain(self, block: Block) -> None:
+        with self._lock:
+            block.refs += 1
+
+    def release(self, block: Block) -> None:
+        with self._lock:
+            block.refs -= 1
+            free = block.refs == 0
+        if free:
+            self._free.put(block)
+
+
+class Cutter:
+    """Cuts streams into chunks inside staging blocks (one cutter per thread).
+
+    A stream starts with :meth:`begin`; :meth:`fill` appends its bytes at the block's end,
+    and :meth:`cut` returns the spans of the chunks that are now final, keeping the last,
+    possibly short, chunk to be cut again with the next bytes (``final`` cuts it too). When
+    a block is full, the bytes not yet cut (at most one chunk) move to a fresh block; spans
+    already returned stay valid as long as their holder retains the block.
+    """
+
+    def __init__(self, pool: StagingPool, cdc: pyfastcdc.FastCDC) -> None:
+        self._pool = pool
+        self._cdc = cdc
+        self.block: Block | None = None
+        self._start = 0
+
+    @staticmethod
+    def block_size(max_chunk: int) -> int:
+        return _PIECES_PER_BLOCK * PIECE + max_chunk
+
+    def begin(self) -> None:
+        if self.block is None:
+            self.block = self._pool.take()
+        self._start = self.block.pos
+
+    def _room(self, want: int) -> Block:
+        block = self.block
+        assert block is not None
+        room = len(block.buf) - block.pos
+        if room < want and room < PIECE // 2:
+            fresh = self._pool.take()
+            kept = block.pos - self._start
+            fresh.view[:kept] = block.view[self._start : block.pos]
+            fresh.pos = kept
+            self._start = 0
+            self.block = fresh
+            self._pool.release(block)
+            block = fresh
+        return block
+
+    def fill(self, f: BinaryIO, want: int) -> tuple[int, int]:
+        """Read up to ``want`` bytes of ``f``: ``(bytes read, bytes asked)``; fewer read
+        than asked means the end of the file."""
+        block = self._room(want)
+        asked = min(want, len(block.buf) - block.pos)
+        n = read_full(f, block.view[block.pos : block.pos + asked])
+        block.pos += n
+        return n, asked
+
+    def fill_from(self, data: memoryview) -> int:
+        """Copy as much of ``data`` as fits (at most a piece); the bytes copied."""
+        block = self._room(min(len(data), PIECE))
+        n = min(len(data), PIECE, len(block.buf) - block.pos)
+        block.view[block.pos : block.pos + n] = data[:n]
+        block.pos += n
+        return n
+
+    def cut(self, *, final: bool) -> list[tuple[int, int]]:
+        """``(offset, length)`` in :attr:`block` of each chunk now final."""
+        block = self.block
+        assert block is not None
+        start = self._start
+        if start == block.pos:
+            return []
+        spans = []
         last: Any = None
-        for chunk in cdc.cut_buf(memoryview(buf)[:total]):
+        for chunk in self._cdc.cut_buf(block.view[start : block.pos]):
             if last is not None:
-                yield last.data
+                spans.append((start + last.offset, last.length))
             last = chunk
-        if eof:
-            if last is not None:
-                yield last.data
-            return
-        carry = last.data
-        want = buffers.block
+        if final:
+            spans.append((start + last.offset, last.length))
+            self._start = block.pos
+        else:
+            self._start = start + last.offset
+        return spans
+
+    def close(self) -> None:
+        """Give the block back (spans other holders retain stay valid)."""
+        if self.block is not None:
+            self._pool.release(self.block)
+            self.block = None
 
 
 class Rechunker:

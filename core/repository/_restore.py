@@ -1,7 +1,12 @@
 """Restore: a recovery point's tree is streamed in order and planned in batches; the pool
 fetches each batch's chunks with ranged gets grouped by pack, verifies them, and writes them
-into temporary files at their offsets, in parallel; a file is renamed into place only once
-every one of its chunks is written (see :class:`ParallelWriter`).
+into the files at their offsets, in parallel (see :class:`ParallelWriter`).
+
+Into a new or empty directory, the whole tree is restored inside a hidden staging directory
+in it, its entries moved to their names once every file is complete, and the staging
+directory removed on failure; into a directory that already holds something, each file is
+written under a temporary name and renamed into place once complete. Either way nothing
+unverified ever appears under a restored name.
 
 Directories are created as met (owner-only until the end), symlinks are made after every
 file (so no restored file is written through a restored link) and directory metadata is
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -37,6 +43,13 @@ TEMP_PREFIX = ".rv-tmp-"
 _PROGRESS_EVERY = 0.2
 #: a BlockSink gets writes of about this size
 _SINK_WRITE = 4 << 20
+#: consecutive chunks of one file are written with one call, up to this many bytes ...
+_COALESCE_BYTES = 2 << 20
+#: ... or this many pieces (well below IOV_MAX)
+_COALESCE_PIECES = 512
+#: writes queued for a file beyond this many bytes wait for its writer (bounds memory)
+_QUEUE_BYTES = 8 << 20
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Selection:
@@ -97,29 +110,41 @@ class Reporter:
 
 
 class _Target:
-    """A file being restored: written under a temporary name in ``directory``, renamed to
-    ``final`` once complete. The temporary file is created by the first thread that needs
-    it, so file creation (slow on many filesystems) runs in parallel too."""
+    """A file being restored at ``path``: created by the first thread that needs it (file
+    creation is slow on many filesystems, so it runs in parallel too). With ``final`` set,
+    ``path`` is a temporary name renamed to ``final`` once the file is complete.
+
+    One thread writes a file at a time (the kernel serializes writes to one file anyway, and
+    a thread waiting for that only spins): a thread that finds the file busy queues its
+    writes, and the writing thread does them before it lets go, so no thread waits unless
+    the queue is full."""
 
     __slots__ = (
-        "directory", "fd", "final", "lock", "mode", "mtime_ns", "name", "pending", "size", "tmp",
+        "fd", "final", "hole", "lock", "mode", "mtime_ns", "path", "pending", "planned",
+        "queue", "queued", "size", "writing",
     )  # fmt: skip
 
     def __init__(
-        self, name: str, directory: Path, final: Path, size: int, mode: int | None,
-        mtime_ns: int | None,
-    ) -> None:  # fmt: skip
-        self.name = name
-        self.directory = directory
+        self, path: str, final: str | None, size: int, mode: int | None, mtime_ns: int | None
+    ) -> None:
+        self.path = path
         self.final = final
         self.size = size
         self.mode = mode
         self.mtime_ns = mtime_ns
-        self.tmp: Path | None = None
         self.fd = -1
-        self.lock = threading.Lock()
-        #: chunk writes still to do, plus one while the planner still adds to it
+        self.lock = threading.Condition(threading.Lock())
+        #: chunk writes handed to the pool and not yet done, plus one while the planner
+        #: still adds to it
         self.pending = 1
+        #: chunk writes planned but not yet counted in ``pending`` (planner thread only)
+        self.planned = 0
+        #: a zero chunk was left as a hole (the file's length must then be set)
+        self.hole = False
+        #: a thread is writing the file; writes queued for it: (pieces, offset, chunks)
+        self.writing = False
+        self.queue: deque[tuple[list[bytes], int, int]] = deque()
+        self.queued = 0
 
 
 class ParallelWriter:
@@ -128,10 +153,12 @@ class ParallelWriter:
     The planner (the calling thread) creates targets and adds ``(chunk id, offset)`` to
     them; every ``batch_bytes`` the planned chunks are grouped into ranged gets that run on
     the pool, each task decrypting and verifying its chunks and writing them (zero chunks
-    are left as holes) into every target that needs them. The thread that makes a target's
-    last write finishes it: length, mode and mtime set, then renamed into place. At most
-    ``ahead`` batches are in flight; a failure stops the rest and every unfinished
-    temporary file is removed, so no unverified byte ever appears under a restored name.
+    are left as holes, consecutive chunks of a file go out in one call) into every target
+    that needs them. The thread that makes a target's last write finishes it: length, mode
+    and mtime set, then (for a temporary name) renamed into place. At most ``ahead``
+    batches are in flight; a failure stops the rest, closes every unfinished file and
+    removes the temporary ones (a staging directory is its :class:`FileRestorer`'s to
+    remove), so no unverified byte ever appears under a restored name.
     """
 
     def __init__(
@@ -161,6 +188,7 @@ class ParallelWriter:
         self._lock = threading.Lock()
         self._plan: dict[bytes, tuple[Location, list[tuple[_Target, int]]]] = {}
         self._planned = 0
+        self._touched: list[_Target] = []
         self._inflight: deque[list[Future[None]]] = deque()
         self._open: set[_Target] = set()
         self._failed = False
@@ -169,10 +197,11 @@ class ParallelWriter:
     # -- planning (calling thread) -------------------------------------------------------
 
     def target(
-        self, name: str, directory: Path, final: Path, size: int, mode: int | None = None,
+        self, path: str, final: str | None, size: int, mode: int | None = None,
         mtime_ns: int | None = None,
     ) -> _Target:  # fmt: skip
-        return _Target(name, directory, final, size, mode, mtime_ns)
+        """A file to restore at ``path`` (renamed to ``final`` once complete, if given)."""
+        return _Target(path, final, size, mode, mtime_ns)
 
     def add(self, target: _Target, chunk_id: bytes, offset: int) -> int:
         """Plan writing chunk ``chunk_id`` at ``offset`` of ``target``; its length."""
@@ -183,8 +212,9 @@ class ParallelWriter:
                 raise self.index.missing(chunk_id, self.what)
             planned = self._plan[chunk_id] = (loc, [])
             self._planned += loc.raw_length
-        with self._lock:
-            target.pending += 1
+        if not target.planned:
+            self._touched.append(target)
+        target.planned += 1
         planned[1].append((target, offset))
         if self._planned >= self._batch_bytes:
             self.flush()
@@ -194,7 +224,8 @@ class ParallelWriter:
         """The planner is done with ``target``: it finishes once its writes are done (one
         without chunks, such as an empty file, is finished by the pool)."""
         with self._lock:
-            target.pending -= 1
+            target.pending += target.planned - 1
+            target.planned = 0
             last = target.pending == 0
         if last:
             future = self.pool.submit(self._finish, target)
@@ -207,6 +238,11 @@ class ParallelWriter:
         plan, self._plan, self._planned = self._plan, {}, 0
         if not plan:
             return
+        with self._lock:  # count the planned writes before any of them can run
+            for target in self._touched:
+                target.pending += target.planned
+                target.planned = 0
+        self._touched = []
         wanted = {chunk_id: loc for chunk_id, (loc, _) in plan.items()}
         futures = [
             self.pool.submit(self._task, pack_id, start, end, run, plan)
@@ -235,7 +271,8 @@ class ParallelWriter:
             self._inflight.popleft()
 
     def abort(self) -> None:
-        """After a failure: stop queued work, wait for running work, remove temp files."""
+        """After a failure: stop queued work, wait for running work, close every file and
+        remove every temporary one."""
         self._failed = True
         for futures in self._inflight:
             for future in futures:
@@ -248,9 +285,9 @@ class ParallelWriter:
         for target in targets:
             with contextlib.suppress(OSError):
                 os.close(target.fd)
-            if target.tmp is not None:
+            if target.final is not None:
                 with contextlib.suppress(OSError):
-                    target.tmp.unlink()
+                    Path(target.path).unlink()
 
     # -- work (pool threads) ---------------------------------------------------------------
 
@@ -264,41 +301,93 @@ class ParallelWriter:
     ) -> None:
         if self._failed:
             return
-        with self._lock:
-            self.bytes_read += end - start
         zero = self._zero
+        holes: dict[_Target, int] = {}
+        nbytes = 0
+        # a run of consecutive chunks of one file, written with one call
+        seq: _Target | None = None
+        seq_start = seq_end = count = 0
+        pieces: list[bytes] = []
         for chunk_id, data in read_blobs(self.store, self.index, pack_id, start, end, run):
             targets = plan[chunk_id][1]
             n = len(data)
-            if not (n <= len(zero) and zero.startswith(data)):
-                view = memoryview(data)
-                for target, offset in targets:
-                    fd = target.fd if target.fd >= 0 else self._create(target)
-                    done = 0
-                    while done < n:
-                        done += os.pwrite(fd, view[done:], offset + done)
-            self._done_with([t for t, _ in targets], n * len(targets))
-
-    def _done_with(self, targets: list[_Target], nbytes: int = 0) -> None:
+            nbytes += n * len(targets)
+            hole = n <= len(zero) and zero.startswith(data)
+            for target, offset in targets:
+                if hole:
+                    target.hole = True
+                    holes[target] = holes.get(target, 0) + 1
+                    continue
+                if (
+                    target is seq
+                    and offset == seq_end
+                    and len(pieces) < _COALESCE_PIECES
+                    and seq_end - seq_start < _COALESCE_BYTES
+                ):
+                    pieces.append(data)
+                    seq_end += n
+                    count += 1
+                    continue
+                if seq is not None:
+                    self._write(seq, pieces, seq_start, count)
+                seq, seq_start, seq_end, pieces, count = target, offset, offset + n, [data], 1
+        if seq is not None:
+            self._write(seq, pieces, seq_start, count)
+        del pieces
         finished = []
         with self._lock:
+            self.bytes_read += end - start
             self.report.bytes_done += nbytes
-            for target in targets:
-                target.pending -= 1
+            for target, skipped in holes.items():
+                target.pending -= skipped
                 if target.pending == 0:
                     finished.append(target)
         for target in finished:
             self._finish(target)
 
+    def _write(self, target: _Target, pieces: list[bytes], offset: int, chunks: int) -> None:
+        """Write ``pieces`` (``chunks`` planned writes) at ``offset``, or queue them for the
+        thread writing the file now."""
+        total = sum(len(p) for p in pieces)
+        with target.lock:
+            while target.writing and target.queued >= _QUEUE_BYTES:
+                target.lock.wait()
+            if target.writing:
+                target.queue.append((pieces, offset, chunks))
+                target.queued += total
+                return
+            target.writing = True
+        while True:
+            fd = target.fd if target.fd >= 0 else self._create(target)
+            written = os.pwritev(fd, pieces, offset)
+            if written < total:  # a short write: finish it piece by piece
+                data = memoryview(b"".join(pieces))
+                while written < total:
+                    written += os.pwrite(fd, data[written:], offset + written)
+            with self._lock:
+                target.pending -= chunks
+                last = target.pending == 0
+            if last:
+                self._finish(target)
+            with target.lock:
+                target.lock.notify_all()
+                if not target.queue:
+                    target.writing = False
+                    return
+                pieces, offset, chunks = target.queue.popleft()
+                total = sum(len(p) for p in pieces)
+                target.queued -= total
+
     def _create(self, target: _Target) -> int:
         with target.lock:
             if target.fd < 0:
-                tmp = target.directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 with self._lock:  # registered first, so abort() can always clean it up
                     self._open.add(target)
-                    target.tmp = tmp
-                target.fd = os.open(tmp, flags, 0o600)
+                try:
+                    target.fd = os.open(target.path, _CREATE_FLAGS, 0o600)
+                except OSError as exc:
+                    name = target.final if target.final is not None else target.path
+                    raise RegionVaultError(f"cannot restore {name}: {exc.strerror}") from None
             return target.fd
 
     def _finish(self, target: _Target) -> None:
@@ -306,9 +395,9 @@ class ParallelWriter:
             return
         if target.fd < 0:
             self._create(target)
-        assert target.tmp is not None
         try:
-            os.ftruncate(target.fd, target.size)  # trailing holes
+            if target.hole or target.mode is None:
+                os.ftruncate(target.fd, target.size)  # trailing holes
             if target.mode is not None:
                 os.fchmod(target.fd, stat.S_IMODE(target.mode))
             if target.mtime_ns is not None:
@@ -319,17 +408,26 @@ class ParallelWriter:
             with self._lock:
                 self._open.discard(target)
             os.close(target.fd)
-        try:
-            target.tmp.replace(target.final)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                target.tmp.unlink()
-            raise RegionVaultError(f"cannot restore {target.final}: {exc.strerror}") from None
+        if target.final is not None:
+            tmp = Path(target.path)
+            try:
+                tmp.replace(target.final)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise RegionVaultError(f"cannot restore {target.final}: {exc.strerror}") from None
         with self._lock:
             self.report.files_done += 1
 
 
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
 class FileRestorer:
+    """Restores a file tree into ``root`` (see the module docstring for how)."""
+
     def __init__(
         self,
         writer: ParallelWriter,
@@ -340,34 +438,36 @@ class FileRestorer:
         self.writer = writer
         self.root = root
         self.what = what
+        #: where entries are made: a staging directory inside ``root``, or ``root`` itself
+        self._base = str(root)
+        self._staging: str | None = None
         self._dirs_ok: set[str] = {""}
         self._dir_meta: list[tuple[str, int, int]] = []
         self._symlinks: list[fmt.RawRecord] = []
 
     # -- paths ---------------------------------------------------------------------------
 
-    def _ensure_dir(self, rel: str) -> Path:
-        """Make sure ``root/rel`` is a real directory (never through a symlink)."""
-        path = self.root / rel if rel else self.root
+    def _ensure_dir(self, rel: str) -> str:
+        """Make sure ``base/rel`` is a real directory (never through a symlink); its path."""
         if rel in self._dirs_ok:
-            return path
+            return f"{self._base}/{rel}" if rel else self._base
         probe = ""
         for part in rel.split("/"):
             probe = f"{probe}/{part}" if probe else part
             if probe in self._dirs_ok:
                 continue
-            p = self.root / probe
+            p = Path(self._base, probe)
             try:
                 p.mkdir(0o700)
             except FileExistsError:
                 st = p.lstat()
                 if not stat.S_ISDIR(st.st_mode):
                     raise RegionVaultError(
-                        f"restore target {p} exists and is not a directory; restore into an "
-                        "empty directory"
+                        f"restore target {self.root / probe} exists and is not a directory; "
+                        "restore into an empty directory"
                     ) from None
             self._dirs_ok.add(probe)
-        return path
+        return f"{self._base}/{rel}"
 
     def _entry_path(self, record: fmt.RawRecord) -> str:
         path = decode_path(record.path)
@@ -381,10 +481,13 @@ class FileRestorer:
     def _file(self, path: str, record: fmt.RawRecord) -> None:
         parent, _, name = path.rpartition("/")
         directory = self._ensure_dir(parent)
+        final = f"{directory}/{name}"
         writer = self.writer
-        target = writer.target(
-            path, directory, directory / name, record.size, record.mode, record.mtime_ns
-        )
+        if self._staging is not None:
+            target = writer.target(final, None, record.size, record.mode, record.mtime_ns)
+        else:
+            tmp = f"{directory}/{TEMP_PREFIX}{secrets.token_hex(8)}"
+            target = writer.target(tmp, final, record.size, record.mode, record.mtime_ns)
         offset = 0
         for chunk_id in record.chunk_ids():
             offset += writer.add(target, chunk_id, offset)
@@ -395,32 +498,64 @@ class FileRestorer:
             )
         writer.release(target)
 
-    def run(self, records: Iterator[fmt.RawRecord], selection: Selection | None) -> None:
+    def _begin(self) -> None:
+        """Restore into a staging directory when ``root`` is new or empty."""
+        existed = self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
+        if existed and not _is_empty_dir(self.root):
+            return
+        staging = self.root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        staging.mkdir(0o700)
+        self._staging = self._base = str(staging)
+
+    def _publish(self) -> None:
+        """Move every entry of the staging directory to its name in ``root``."""
+        assert self._staging is not None
+        staging = Path(self._staging)
+        for entry in sorted(staging.iterdir()):
+            try:
+                entry.rename(self.root / entry.name)
+            except OSError as exc:
+                raise RegionVaultError(
+                    f"cannot restore {self.root / entry.name}: {exc.strerror}"
+                ) from None
+        staging.rmdir()
+        self._staging = None
+        self._base = str(self.root)
+
+    def run(self, records: Iterator[fmt.RawRecord], selection: Selection | None) -> None:
+        self._begin()
         try:
-            for record in records:
-                if record.tag == fmt.TAG_EXTENT:
-                    raise IntegrityError(self.what, "file tree holds a block extent")
-                path = self._entry_path(record)
-                if selection is not None:
-                    if path not in selection:
-                        continue
-                    if record.tag != fmt.TAG_DIR and selection.ancestor(path):
-                        continue
-                if record.tag == fmt.TAG_DIR:
-                    self._ensure_dir(path)
-                    self._dir_meta.append((path, record.mode, record.mtime_ns))
-                elif record.tag == fmt.TAG_SYMLINK:
-                    self._symlinks.append(record)
-                else:
-                    self._file(path, record)
-                self.writer.report.tick()
-            self.writer.close()
+            try:
+                for record in records:
+                    if record.tag == fmt.TAG_EXTENT:
+                        raise IntegrityError(self.what, "file tree holds a block extent")
+                    path = self._entry_path(record)
+                    if selection is not None:
+                        if path not in selection:
+                            continue
+                        if record.tag != fmt.TAG_DIR and selection.ancestor(path):
+                            continue
+                    if record.tag == fmt.TAG_DIR:
+                        self._ensure_dir(path)
+                        self._dir_meta.append((path, record.mode, record.mtime_ns))
+                    elif record.tag == fmt.TAG_SYMLINK:
+                        self._symlinks.append(record)
+                    else:
+                        self._file(path, record)
+                    self.writer.report.tick()
+                self.writer.close()
+            except BaseException:
+                self.writer.abort()
+                raise
+            for record in self._symlinks:
+                self._symlink(record)
+            if self._staging is not None:
+                self._publish()
         except BaseException:
-            self.writer.abort()
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
             raise
-        for record in self._symlinks:
-            self._symlink(record)
         for path, mode, mtime_ns in reversed(self._dir_meta):
             p = self.root / path
             p.chmod(stat.S_IMODE(mode))
@@ -431,16 +566,20 @@ class FileRestorer:
         path = self._entry_path(record)
         parent, _, name = path.rpartition("/")
         directory = self._ensure_dir(parent)
-        tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        tmp.symlink_to(decode_path(record.target))
+        final = Path(directory, name)
+        staged = self._staging is not None
+        link = final if staged else Path(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         try:
+            link.symlink_to(decode_path(record.target))
             with contextlib.suppress(NotImplementedError, OSError):
-                os.utime(tmp, ns=(record.mtime_ns, record.mtime_ns), follow_symlinks=False)
-            tmp.replace(directory / name)
+                os.utime(link, ns=(record.mtime_ns, record.mtime_ns), follow_symlinks=False)
+            if not staged:
+                link.replace(final)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise RegionVaultError(f"cannot restore {directory / name}: {exc.strerror}") from None
+            if not staged:
+                with contextlib.suppress(OSError):
+                    link.unlink()
+            raise RegionVaultError(f"cannot restore {self.root / path}: {exc.strerror}") from None
 
 
 class BlockRestorer:
@@ -465,7 +604,8 @@ class BlockRestorer:
         self, records: Iterator[fmt.RawRecord], target: Path, writer: ParallelWriter
     ) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        image = writer.target(str(target), target.parent, target, self.size)
+        tmp = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        image = writer.target(str(tmp), str(target), self.size)
         try:
             for record in self._checked(records):
                 offset = record.offset

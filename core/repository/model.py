@@ -54,11 +54,11 @@ class ChunkerParams:
 class RepositorySettings:
     """How this process works on a repository; nothing here is stored in the vault."""
 
-    #: hash/compress workers in a backup, fetch/decrypt workers in a restore (0: one per CPU,
-    #: at least 2, at most 4)
+    #: hash/compress/encrypt workers in a backup, fetch/decrypt/write threads in a restore
+    #: (0: one per CPU, at least 2, at most 4)
     workers: int = 0
-    #: files a backup reads at once (reading, chunking and hashing run on these threads;
-    #: more than one pays off only with more than two cores)
+    #: files a backup reads at once (reading and chunking run on these threads, hashing on
+    #: the workers; more than one pays off only with more than two cores)
     read_threads: int = 1
     #: a pack is closed once it holds this many bytes (tens of MiB: few, large puts)
     pack_size: int = 16 * MiB

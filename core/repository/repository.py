@@ -140,8 +140,10 @@ class Repository:
         return RepositoryLock(self._ensure_open(), exclusive=exclusive, operation=operation)
 
     def _pool(self) -> ThreadPoolExecutor:
+        # one thread per worker: with more threads than cores, the GIL hand-offs between
+        # them cost more than the overlap of their waits gains
         return ThreadPoolExecutor(
-            max_workers=self.settings.worker_count() + 1, thread_name_prefix="regionvault-read"
+            max_workers=self.settings.worker_count(), thread_name_prefix="regionvault-read"
         )
 
     # ------------------------------------------------------------------ backup
