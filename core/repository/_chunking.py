@@ -7,8 +7,9 @@ again with the next piece.
 
 A backup reads its streams into *staging blocks* (:class:`StagingPool`) and cuts them in
 place (:class:`Cutter`): chunks are handed on as ``(offset, length)`` spans of a block, and
-the block is reused only once every holder has released it, so a chunk's bytes are never
-copied between the read and their compression or encryption.
+the block is reused only once every holder has released it, so a chunk's bytes are not
+copied between the read and their compression or encryption (only the one unfinished chunk
+moves, when a block fills up).
 """
 
 from __future__ import annotations
