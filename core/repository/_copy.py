@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from regionvault.core.errors import IntegrityError, ObjectExists, ObjectNotFound, RegionVaultError
+from regionvault.core.errors import IntegrityError, ObjectExists, RegionVaultError
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
 from regionvault.core.repository._maintenance import tree_records
 from regionvault.core.repository._manifest import encode_manifest
-from regionvault.core.repository._pipeline import Failure, PackWriter
+from regionvault.core.repository._pipeline import Failure, PackWriter, plan_reads, read_blobs
 from regionvault.core.repository._tree import iter_records
 from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, Tags
 
@@ -176,60 +176,22 @@ def _encode_record(record: fmt.RawRecord) -> bytes:
 
 def export_chunks(repo: Repository, chunk_ids: Iterable[bytes]) -> Iterator[ExportedChunk]:
     """The source side: the stored payloads of these chunks (still compressed where they
-    were), each authenticated and checked against its id before it leaves."""
+    were), each authenticated and checked against its id before it leaves; grouped into
+    ranged gets by pack."""
     store = repo._ensure_open()
-    state = store.load_index()
-    index = state.index
-    by_pack: dict[str, list[tuple[bytes, Location]]] = {}
+    index = store.load_index().index
+    wanted: dict[bytes, Location] = {}
     for chunk_id in chunk_ids:
         loc = index.get(chunk_id)
         if loc is None:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()[:16]}", "is not in any index of the source (data lost)"
             )
-        by_pack.setdefault(loc.pack_id, []).append((chunk_id, loc))
-    for pack_id, blobs in by_pack.items():
-        blobs.sort(key=lambda item: item[1].offset)
-        yield from _read_pack_blobs(store, index, pack_id, blobs)
-
-
-def _read_pack_blobs(
-    store: Store, index: ChunkIndex, pack_id: str, blobs: list[tuple[bytes, Location]]
-) -> Iterator[ExportedChunk]:
-    name = fmt.pack_name(pack_id)
-    key = store.pack_key(pack_id, index.packs[pack_id].header)
-    # ranged gets of at most 8 MiB over runs of nearby blobs
-    i = 0
-    while i < len(blobs):
-        start = blobs[i][1].offset
-        j = i
-        end = start
-        while j < len(blobs) and blobs[j][1].offset + blobs[j][1].length - start <= 8 << 20:
-            end = max(end, blobs[j][1].offset + blobs[j][1].length)
-            j += 1
-        if j == i:  # one blob larger than the window
-            end = blobs[i][1].offset + blobs[i][1].length
-            j = i + 1
-        try:
-            data = store.vault.get(name, offset=start, length=end - start)
-        except ObjectNotFound:
-            raise IntegrityError(name, "pack is missing, yet an index lists it") from None
-        if len(data) != end - start:
-            raise IntegrityError(name, "pack is shorter than its index says")
-        view = memoryview(data)
-        for chunk_id, loc in blobs[i:j]:
-            rel = loc.offset - start
-            payload, _ = store.open_blob(
-                key,
-                chunk_id,
-                loc.blob_type,
-                loc.flags,
-                loc.offset,
-                loc.raw_length,
-                view[rel : rel + loc.length],
-            )
+        wanted[chunk_id] = loc
+    for pack_id, start, end, run in plan_reads(wanted, gap=256 << 10, max_read=8 << 20):
+        for chunk_id, payload in read_blobs(store, index, pack_id, start, end, run, stored=True):
+            loc = wanted[chunk_id]
             yield chunk_id, loc.blob_type, loc.flags, loc.raw_length, payload
-        i = j
 
 
 def encode_chunks(chunks: Iterable[ExportedChunk]) -> bytes:

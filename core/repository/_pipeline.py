@@ -343,9 +343,11 @@ def plan_reads(
 
 def read_blobs(
     store: Store, index: ChunkIndex, pack_id: str, start: int, end: int,
-    blobs: list[tuple[bytes, Location]],
+    blobs: list[tuple[bytes, Location]], *, stored: bool = False,
 ) -> Iterator[tuple[bytes, bytes]]:  # fmt: skip
-    """``(chunk id, verified chunk)`` of ``blobs``, read from the pack with one ranged get."""
+    """``(chunk id, verified chunk)`` of ``blobs``, read from the pack with one ranged get;
+    with ``stored``, the blob's stored payload (still compressed where it was) instead of the
+    chunk, verified all the same."""
     name = fmt.pack_name(pack_id)
     info = index.packs[pack_id]
     try:
@@ -358,10 +360,11 @@ def read_blobs(
     with memoryview(data) as view:
         for chunk_id, loc in blobs:
             rel = loc.offset - start
-            yield chunk_id, store.decode_blob(
+            payload, chunk = store.open_blob(
                 key, chunk_id, loc.blob_type, loc.flags, loc.offset, loc.raw_length,
                 view[rel : rel + loc.length],
             )  # fmt: skip
+            yield chunk_id, payload if stored else chunk
 
 
 # --------------------------------------------------------------------------- fetcher
