@@ -93,3 +93,28 @@ def test_bad_payload_names(site: Site, name: str) -> None:
         with pytest.raises(TransitError, match="bad payload name"):
             call()
     assert link.bytes_sent == 0
+
+
+def test_sends_racing_discards_in_one_directory_raise_nothing(site: Site) -> None:
+    """A discard removes its emptied directory; a send into that directory at the same moment
+    must neither fail nor lose its payload (a copy's receiver discards while its sender sends)."""
+    errors: list[BaseException] = []
+
+    def churn(worker: int) -> None:
+        transit = site.transit("east", "west")
+        try:
+            for i in range(60):
+                name = f"copy/p/batch-{worker}-{i}"
+                transit.send(name, b"sealed")
+                assert transit.receive(name) == b"sealed"
+                transit.discard(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert list(site.transit("east", "west").inbox()) == []

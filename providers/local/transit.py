@@ -36,6 +36,8 @@ class LocalTransit(Transit):
         self.inbox_dir = destination_root / "inbox" / source
         self._sent = 0
         self._sent_lock = threading.Lock()
+        # orders a send's temporary file against a discard removing an emptied directory
+        self._dir_lock = _fs.FileLock(destination_root / "inbox" / f".{source}.lock")
 
     def _error(self, message: str) -> TransitError:
         return TransitError(message, provider=self.provider, region=self.region)
@@ -51,7 +53,9 @@ class LocalTransit(Transit):
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise self._error(f"send {name!r}: payload must be bytes, not {type(payload).__name__}")
         try:
-            _fs.atomic_write(path, payload)
+            with self._dir_lock.hold():
+                created = _fs.create_temp(path.parent)
+            _fs.publish(_fs.write_temp(path.parent, payload, created=created), path)
         except (NotADirectoryError, IsADirectoryError, FileExistsError):
             raise self._error(f"send {name!r}: the name conflicts with another payload") from None
         except OSError as exc:
@@ -77,7 +81,7 @@ class LocalTransit(Transit):
 
     def discard(self, name: str) -> None:
         path = self._path(name)
-        with contextlib.suppress(*_NOT_THERE):
+        with self._dir_lock.hold(), contextlib.suppress(*_NOT_THERE):
             path.unlink()
             _fs.remove_empty_parents(path, self.inbox_dir)
 
