@@ -37,7 +37,7 @@ class LocalTransit(Transit):
         self._sent = 0
         self._sent_lock = threading.Lock()
         # orders a send's temporary file against a discard removing an emptied directory
-        self._dir_lock = _fs.FileLock(destination_root / "inbox" / f".{source}.lock")
+        self._dir_lock = _fs.FileLock(destination_root / f".inbox-{source}.lock")
 
     def _error(self, message: str) -> TransitError:
         return TransitError(message, provider=self.provider, region=self.region)
