@@ -228,3 +228,49 @@ def test_a_file_that_grew_since_its_capture_is_stored_whole(east: Region, tmp_pa
     assert point.size == len(cap.data)
     repo.restore(point.id, tmp_path / "out")
     assert (tmp_path / "out" / "log").read_bytes() == cap.data
+
+
+def test_a_failing_write_stops_the_restore_without_a_hang(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+    import threading
+    from dataclasses import replace
+
+    from regionvault.core.repository import _restore
+    from repository_support import SMALL
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(2).randbytes(3 << 20))
+    point = repo_for(east).backup(capture(src))
+    # many small reads of one file: threads queue their writes for each other, and wait
+    repo = repo_for(east, replace(SMALL, max_read=64 << 10, restore_window=256 << 10))
+    monkeypatch.setattr(_restore, "_QUEUE_BYTES", 1)
+    real_pwritev = os.pwritev
+    calls = []
+
+    def failing_pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(_restore.os, "pwritev", failing_pwritev)
+    out = tmp_path / "out"
+    errors: list[BaseException] = []
+
+    def restore() -> None:
+        try:
+            repo.restore(point.id, out)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=restore, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the restore hung after a failed write"
+    assert len(errors) == 1 and isinstance(errors[0], OSError), errors
+    assert errors[0].errno == errno.ENOSPC
+    assert list(out.iterdir()) == []

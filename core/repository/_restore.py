@@ -351,32 +351,42 @@ class ParallelWriter:
         total = sum(len(p) for p in pieces)
         with target.lock:
             while target.writing and target.queued >= _QUEUE_BYTES:
-                target.lock.wait()
+                if self._failed:
+                    return  # the restore is being aborted: its files are removed anyway
+                target.lock.wait(_PROGRESS_EVERY)
             if target.writing:
                 target.queue.append((pieces, offset, chunks))
                 target.queued += total
                 return
             target.writing = True
-        while True:
-            fd = target.fd if target.fd >= 0 else self._create(target)
-            written = os.pwritev(fd, pieces, offset)
-            if written < total:  # a short write: finish it piece by piece
-                data = memoryview(b"".join(pieces))
-                while written < total:
-                    written += os.pwrite(fd, data[written:], offset + written)
-            with self._lock:
-                target.pending -= chunks
-                last = target.pending == 0
-            if last:
-                self._finish(target)
-            with target.lock:
+        try:
+            while True:
+                fd = target.fd if target.fd >= 0 else self._create(target)
+                written = os.pwritev(fd, pieces, offset)
+                if written < total:  # a short write: finish it piece by piece
+                    data = memoryview(b"".join(pieces))
+                    while written < total:
+                        written += os.pwrite(fd, data[written:], offset + written)
+                with self._lock:
+                    target.pending -= chunks
+                    last = target.pending == 0
+                if last:
+                    self._finish(target)
+                with target.lock:
+                    target.lock.notify_all()
+                    if not target.queue:
+                        target.writing = False
+                        return
+                    pieces, offset, chunks = target.queue.popleft()
+                    total = sum(len(p) for p in pieces)
+                    target.queued -= total
+        except BaseException:
+            with target.lock:  # let no thread wait for a writer that is gone
+                target.writing = False
+                target.queue.clear()
+                target.queued = 0
                 target.lock.notify_all()
-                if not target.queue:
-                    target.writing = False
-                    return
-                pieces, offset, chunks = target.queue.popleft()
-                total = sum(len(p) for p in pieces)
-                target.queued -= total
+            raise
 
     def _create(self, target: _Target) -> int:
         with target.lock:
