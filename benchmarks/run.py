@@ -14,10 +14,11 @@ growth after the incremental one. Results are medians over cycles, written as a 
 docs/benchmarks.md and as JSON into benchmarks/results/<date>.json.
 
 Equal conditions, since caches cannot be dropped without privileges on a shared machine: before
-every timed phase the harness calls sync(), and before every timed backup it reads the whole
-dataset once, so each tool starts with the data in the page cache. The tool order rotates from
-cycle to cycle. A tool whose command is missing is skipped with a note; one that fails is
-reported as failed, and the others go on.
+every timed phase the harness calls sync(), before every timed backup it reads the whole
+dataset once, so each tool starts with the data in the page cache, and just before the timed
+command it writes and deletes a scratch file (see :func:`warm_memory`). Restore targets stay
+until the cycle ends. The tool order rotates from cycle to cycle. A tool whose command is
+missing is skipped with a note; one that fails is reported as failed, and the others go on.
 """
 
 from __future__ import annotations
@@ -574,11 +575,34 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def settle(data: Data | None) -> None:
-    """Same starting state for every tool: no dirty pages pending, the dataset in cache."""
+def warm_memory(work: Path, nbytes: int) -> None:
+    """Write ``nbytes`` to a scratch file and delete it: the page-cache pages just freed are
+    what the timed tool's writes get next.
+
+    In this VM, free memory is handed back to the hypervisor, and the first write into such a
+    page is slow: 1 GiB of fresh page cache costs ~2.4 s of kernel time, against ~0.2 s for
+    pages freed a moment ago (`dd` of 1 GiB, measured either way). Which one a tool gets
+    depends on what ran before it; without this step that difference, the same for every
+    tool, swamps the tools' own work in the restore and backup timings.
+    """
+    scratch = work / ".warm"
+    block = bytes(8 * MiB)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(-(-nbytes // len(block))):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        scratch.unlink()
+
+
+def settle(data: Data | None, work: Path, warm: int) -> None:
+    """Same starting state for every tool: no dirty pages pending, the dataset in cache, and
+    ``warm`` bytes of recently freed memory ready for its writes (see :func:`warm_memory`)."""
     os.sync()
     if data is not None:
         read_all(data.root)
+    warm_memory(work, warm)
 
 
 def run_cycle(
@@ -626,14 +650,17 @@ def run_cycle(
     def prepare(tool: Tool, result: ToolCycle) -> None:
         tool.prepare(cycle_dir / tool.name, data.root)
 
+    # every phase writes at most about the dataset's size (a repository, or a restore)
+    warm = data.base_bytes + data.base_bytes // 4 + 64 * MiB
+
     def full(tool: Tool, result: ToolCycle) -> None:
-        settle(data)
+        settle(data, work, warm)
         timed(tool, "full", tool.backup("full"), data.base_bytes)
         tool.backup_done("full", logs / f"{tool.name}-full")
         result.repo_after_full = tool.repo_size()
 
     def incremental(tool: Tool, result: ToolCycle) -> None:
-        settle(data)
+        settle(data, work, warm)
         timed(tool, "incremental", tool.backup("incremental"), data.changed_bytes)
         tool.backup_done("incremental", logs / f"{tool.name}-incremental")
         result.repo_after_incremental = tool.repo_size()
@@ -641,19 +668,19 @@ def run_cycle(
     def restore(tool: Tool, result: ToolCycle) -> None:
         target = cycle_dir / f"restore-{tool.name}"
         target.mkdir()
-        settle(None)
-        try:
-            timed(tool, "restore", tool.restore(target), data.changed_bytes)
-            assert data.changed is not None
-            result.differences = compare_trees(data.changed, tree_manifest(target))
-            result.restore_verified = not result.differences
-            if result.differences:
-                say(
-                    f"  {tool.name}: restore DIFFERS from the dataset: "
-                    f"{len(result.differences)} problems, first: {result.differences[0]}"
-                )
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        settle(None, work, warm)
+        # the target is kept until the cycle ends: deleting it here would slow the next
+        # tool's restore (ext4 without a journal skips the inodes of files deleted in the
+        # last seconds when it places new ones, one buffer lookup each, for every file)
+        timed(tool, "restore", tool.restore(target), data.changed_bytes)
+        assert data.changed is not None
+        result.differences = compare_trees(data.changed, tree_manifest(target))
+        result.restore_verified = not result.differences
+        if result.differences:
+            say(
+                f"  {tool.name}: restore DIFFERS from the dataset: "
+                f"{len(result.differences)} problems, first: {result.differences[0]}"
+            )
 
     say(f"cycle {number + 1}: order {', '.join(t.name for t in order)}")
     each("prepare", prepare)
@@ -873,6 +900,19 @@ How it measures:
 - page caches cannot be dropped here, so every timed phase starts after `sync`, and every timed
   backup after one read of the whole dataset: each tool starts with the data in the page cache;
   the tool order rotates between cycles;
+- this VM hands free memory back to its hypervisor, and the first write into such a page is
+  slow: writing 1 GiB of new page cache takes ~2.4 s of kernel time, against ~0.2 s right after
+  other files were deleted (`dd if=/dev/zero bs=1M count=1024`, measured both ways). So just
+  before every timed phase the harness writes and deletes a scratch file of 1.25× the dataset:
+  every tool's writes then start from the same recently freed memory, instead of a cost of
+  0.2 to 2.4 s per GiB that depends on what ran before it;
+- restore targets stay until the cycle ends: on ext4 without a journal, files created within
+  seconds of deleting thousands of others are slowed by the kernel stepping over the deleted
+  inodes (seen in `perf`: `recently_deleted` under `ext4_create`), which would tax whichever
+  tool restores right after another's restore was removed;
+- `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
+  installed package (the project's editable install does not); restic is one binary and
+  Debian's borg is byte-compiled at install;
 - MB = 10^6 bytes; MB/s is the dataset size the phase covered divided by its wall time;
   "× restic" is the tool's wall time over restic's (below 1 is faster).
 
@@ -890,13 +930,14 @@ How it measures:
 
 
 def check_disk(work: Path, size: int, tools: int) -> str | None:
-    # the dataset and its undo log, one repository per tool, one restore at a time
-    need = int(size * (2.1 + 1.3 * tools)) + 512 * MiB
+    # the dataset and its undo log, and per tool a repository and a restore (kept until the
+    # cycle ends), plus the scratch file of warm_memory()
+    need = int(size * (3.4 + 2.3 * tools)) + 512 * MiB
     free = shutil.disk_usage(work).free
     if free < need:
         return (
             f"needs about {need / 1e9:.1f} GB free in {work} for a {dataset.format_size(size)} run "
-            f"of {tools} tool(s) (dataset, one repository per tool, one restore at a time), but "
+            f"of {tools} tool(s) (dataset, a repository and a restore per tool), but "
             f"only {free / 1e9:.1f} GB is free; free some space or pass --workdir on a bigger disk"
         )
     return None
