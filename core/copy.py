@@ -8,7 +8,8 @@ The protocol, between source region A and destination region B:
    missing ids) into A's inbox, sealed for A.
 3. A streams the stored payloads of exactly those chunks, verified, in sealed *batches*;
    B opens each batch, re-identifies every chunk under its own chunk-id key, writes it into
-   its own packs under its own fresh data key, records the links, then discards the batch.
+   its own packs under its own fresh data key (one per run of the receiver, however many
+   batches it takes in), records the links, then discards the batch.
 4. B writes the translated tree and commits the copy's manifest with its lineage.
 
 Each payload carries a fresh 256-bit transfer key sealed with the receiver's Sealer (the
@@ -49,6 +50,7 @@ from regionvault.core.repository._copy import (
     CopyOffer,
     ExportedChunk,
     LinkTable,
+    RunKey,
     commit_copy,
     copy_lock,
     decode_chunks,
@@ -400,6 +402,7 @@ class CopyReceiver(_Half):
         self.seal_to_source = seal_to_source
         self._links: LinkTable | None = None
         self._links_lock = threading.Lock()
+        self._run: RunKey | None = None
         self._offers: dict[str, CopyOffer] = {}
 
     def _source(self, source_region: str | None) -> str:
@@ -419,6 +422,16 @@ class CopyReceiver(_Half):
                 self._links = LinkTable(self.repository, self.source)
             return self._links
 
+    @property
+    def run(self) -> RunKey:
+        """This receiver's copy run: every pack it writes (each batch it ingests, the tree of
+        each commit) is encrypted under one data key from its KeyService, asked for on the
+        first pack, so a run costs one data-key call however many batches it takes in."""
+        with self._links_lock:
+            if self._run is None:
+                self._run = RunKey(self.repository._ensure_open())
+            return self._run
+
     def existing(self, point_id: str) -> RecoveryPoint | None:
         """The copy of the source's ``point_id`` this destination already holds, if any."""
         for p in self.repository.points():
@@ -432,7 +445,7 @@ class CopyReceiver(_Half):
 
     def ingest(self, name: str) -> None:
         """Take one batch from the inbox: open it, store its chunks under this region's own
-        ids and fresh data keys, record the links, then discard it."""
+        ids and its run's data key (:attr:`run`), record the links, then discard it."""
         body = open_payload(
             self.repository.keys,
             name,
@@ -442,7 +455,9 @@ class CopyReceiver(_Half):
             destination=self.region,
         )
         with self.locked():
-            ingest_chunks(self.repository, self.links, decode_chunks(name, body), name)
+            ingest_chunks(
+                self.repository, self.links, decode_chunks(name, body), name, run=self.run
+            )
         self.forward.discard(name)
 
     def _take_leftovers(self, point_id: str) -> int:
@@ -552,6 +567,7 @@ class CopyReceiver(_Half):
                 name,
                 source_region=self.source,
                 expires_at=expires_at,
+                run=self.run,
             )
         self.forward.discard(name)
         self._offers.pop(point_id, None)

@@ -13,39 +13,61 @@ Nothing here seals or moves bytes between regions: core/copy.py does that over T
 from __future__ import annotations
 
 import json
+import logging
+import os
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from regionvault.core.errors import IntegrityError, ObjectExists, RegionVaultError
+from regionvault.core.errors import (
+    IntegrityError,
+    ObjectExists,
+    ObjectNotFound,
+    RegionVaultError,
+    RetentionLocked,
+)
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
-from regionvault.core.repository._maintenance import tree_records
+from regionvault.core.repository._maintenance import _protected, tree_records
 from regionvault.core.repository._manifest import encode_manifest
 from regionvault.core.repository._pipeline import Failure, PackWriter, plan_reads, read_blobs
 from regionvault.core.repository._tree import iter_records
-from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, Tags
+from regionvault.core.repository.model import Problem
+from regionvault.core.types import (
+    CaptureKind,
+    Instance,
+    Lineage,
+    ObjectInfo,
+    RecoveryPoint,
+    Tags,
+)
 
 if TYPE_CHECKING:
     from regionvault.core.repository._index import ChunkIndex, Location
     from regionvault.core.repository._locks import RepositoryLock
     from regionvault.core.repository._store import Store
     from regionvault.core.repository.repository import Repository
+    from regionvault.core.types import DataKey
 
 __all__ = [
     "CopyOffer",
     "ExportedChunk",
     "LinkTable",
+    "RunKey",
     "commit_copy",
     "copy_lock",
     "export_chunks",
     "ingest_chunks",
     "make_offer",
+    "prune_links",
 ]
+
+log = logging.getLogger(__name__)
 
 #: a chunk on its way: source id, blob type, flags, raw length, stored payload
 ExportedChunk = tuple[bytes, int, int, int, bytes]
@@ -53,6 +75,11 @@ _CHUNK_HEAD = struct.Struct(">32sBBII")
 _OFFER_MAGIC = b"RVOF"
 #: where a destination keeps its links from one source region's chunk ids
 LINK_PREFIX = "links/"
+#: prune writes a link table's live links back in objects of at most this many pairs
+LINKS_PER_OBJECT = 1 << 18
+#: ... and merges a table's objects into few once it has more than this many, even when
+#: none of them holds a stale link (each ingested batch writes one; a copy reads them all)
+LINK_OBJECTS_MERGED_AT = 64
 
 
 @dataclass(frozen=True)
@@ -235,11 +262,11 @@ class LinkTable:
 
     def _load(self) -> None:
         for info in self.store.vault.list(self.prefix):
-            body = self.store.get_sealed(fmt.ObjectKind.LINKS, info.name)
-            if len(body) % 64:
-                raise IntegrityError(info.name, "link table has a torn entry")
-            for i in range(0, len(body), 64):
-                self.links[body[i : i + 32]] = body[i + 32 : i + 64]
+            try:
+                body = self.store.get_sealed(fmt.ObjectKind.LINKS, info.name)
+            except ObjectNotFound:
+                continue  # merged into another object by a prune since the listing
+            self.links.update(_decode_links(info.name, body))
 
     def resolve(self, index: ChunkIndex, source_id: bytes) -> bytes | None:
         mine = self.links.get(source_id)
@@ -256,6 +283,90 @@ class LinkTable:
         self.links.update(pairs)
 
 
+def _decode_links(name: str, body: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if len(body) % 64:
+        raise IntegrityError(name, "link table has a torn entry")
+    for i in range(0, len(body), 64):
+        yield body[i : i + 32], body[i + 32 : i + 64]
+
+
+@dataclass
+class LinkPruneReport:
+    """What :func:`prune_links` did."""
+
+    #: links dropped (their own chunk is in no live index any more)
+    links_dropped: int = 0
+    objects_written: int = 0
+    objects_deleted: int = 0
+    #: link objects a WORM lock or legal hold kept although they hold stale links
+    skipped: list[Problem] = field(default_factory=list)
+    #: link objects that do not authenticate (left alone, and logged)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def prune_links(store: Store, live: Container[bytes], now: datetime) -> LinkPruneReport:
+    """Drop the links whose own chunk is not in ``live`` (the chunk ids of the index a prune
+    just made), called by prune under its exclusive lock.
+
+    Per link table (``links/<tag>/``), when any of its objects holds a stale link (or it has
+    more than :data:`LINK_OBJECTS_MERGED_AT` objects), the live links of all its objects are
+    written into new objects first, and only then are the old objects deleted: a crash in
+    between leaves each live link in two objects, which readers merge, never one lost. A
+    table left with no live link is simply deleted. Objects under a WORM lock or legal hold
+    are neither read into the new objects nor deleted (their stale links are harmless: a link
+    counts only while its chunk is indexed); those with stale links are reported. An object
+    that does not authenticate is left alone, with a logged warning."""
+    report = LinkPruneReport()
+    tables: dict[str, list[ObjectInfo]] = {}
+    for info in store.vault.list(LINK_PREFIX):
+        tag, _, object_id = info.name[len(LINK_PREFIX) :].partition("/")
+        if object_id:
+            tables.setdefault(tag, []).append(info)
+    for tag, infos in sorted(tables.items()):
+        kept: dict[bytes, bytes] = {}
+        merged: list[str] = []  # unprotected objects whose live links go into ``kept``
+        stale = 0
+        for info in infos:
+            try:
+                pairs = list(
+                    _decode_links(info.name, store.get_sealed(fmt.ObjectKind.LINKS, info.name))
+                )
+            except ObjectNotFound:
+                continue
+            except IntegrityError as exc:
+                log.warning("prune: leaving an unreadable link object alone: %s", exc)
+                report.unreadable.append(info.name)
+                continue
+            dead = sum(1 for _, mine in pairs if mine not in live)
+            reason = _protected(info, now)
+            if reason is not None:
+                if dead:
+                    report.skipped.append(Problem(info.name, reason))
+                continue
+            stale += dead
+            merged.append(info.name)
+            kept.update((theirs, mine) for theirs, mine in pairs if mine in live)
+        needed = -(-len(kept) // LINKS_PER_OBJECT)
+        if not stale and len(merged) <= needed + LINK_OBJECTS_MERGED_AT:
+            continue
+        report.links_dropped += stale
+        # new objects first, then the old ones go
+        pairs_kept = list(kept.items())
+        for start in range(0, len(pairs_kept), LINKS_PER_OBJECT):
+            body = b"".join(a + b for a, b in pairs_kept[start : start + LINKS_PER_OBJECT])
+            name = f"{LINK_PREFIX}{tag}/{fmt.new_id()}"
+            store.put_sealed(fmt.ObjectKind.LINKS, name, body, if_absent=True)
+            report.objects_written += 1
+        for name in merged:
+            try:
+                store.vault.delete(name)
+            except RetentionLocked as exc:  # locked since it was listed
+                report.skipped.append(Problem(name, exc.reason))
+            else:
+                report.objects_deleted += 1
+    return report
+
+
 def copy_point_id(store: Store, source_region: str, source_point: str) -> str:
     """The id a copy of ``source_point`` from ``source_region`` has in this repository."""
     return _crypto_tag(store, f"copy:{source_region}:{source_point}")
@@ -267,6 +378,43 @@ def _crypto_tag(store: Store, text: str) -> str:
     return blake3.blake3(b"links:" + text.encode(), key=store.config.chunk_id_key).hexdigest()[:32]
 
 
+class RunKey:
+    """The data key of one copy run in the destination: every pack the run writes (each
+    ingested batch's, and the tree blobs of its commit) is encrypted under this one key, so
+    a run asks its KeyService for one data key however many batches it takes in, and a
+    restore of the copy unwraps one. The key is generated on the first pack (a run that
+    writes none asks for none); it lives in memory only, with this object.
+
+    Reusing one data key across packs is what a backup run does too, and it is sound for
+    the same reason: every pack has a fresh random 256-bit salt, from which its own AES key
+    is derived (docs/format.md, "Keys"), so nonces (byte offsets) repeat across packs but
+    never under one AES key. Thread-safe (batches are ingested on another thread than the
+    commit's)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        #: the run id: in every pack header, and the KeyService context of the data key
+        self.run_id = os.urandom(16)
+        self._key: DataKey | None = None
+        self._lock = threading.Lock()
+
+    def data_key(self) -> DataKey:
+        with self._lock:
+            if self._key is None:
+                self._key = self.store.new_data_key(self.run_id)
+            return self._key
+
+    def writer(self, store: Store, failure: Failure) -> PackWriter:
+        """A pack writer whose packs carry this run's id and data key."""
+        if store is not self.store:
+            raise RegionVaultError("a copy run's data key belongs to another repository")
+        writer = PackWriter(store, failure)
+        # PackWriter asks for a data key of its own on its first pack unless it holds one
+        writer.run_id = self.run_id
+        writer._data_key = self.data_key()
+        return writer
+
+
 def missing_chunks(repo: Repository, links: LinkTable, offer: CopyOffer, name: str) -> list[bytes]:
     """The destination side: which of the offer's chunks it must be sent."""
     index = repo._ensure_open().load_index().index
@@ -274,14 +422,23 @@ def missing_chunks(repo: Repository, links: LinkTable, offer: CopyOffer, name: s
 
 
 def ingest_chunks(
-    repo: Repository, links: LinkTable, chunks: Iterable[ExportedChunk], name: str
+    repo: Repository,
+    links: LinkTable,
+    chunks: Iterable[ExportedChunk],
+    name: str,
+    *,
+    run: RunKey | None = None,
 ) -> tuple[int, int]:
     """The destination side: store arriving chunks under its own ids and keys; returns
-    ``(chunks, new chunks written)``. Links are recorded only once the packs are durable."""
+    ``(chunks, new chunks written)``. Links are recorded only once the packs are durable.
+
+    The packs are encrypted under ``run``'s data key (one per copy run, however many
+    batches it ingests); without it, under a data key of this call's own."""
     store = repo._ensure_open()
+    run = run or RunKey(store)
     index = store.load_index().index
     failure = Failure()
-    writer = PackWriter(store, failure)
+    writer: PackWriter | None = None  # made at the first new chunk
     pairs: dict[bytes, bytes] = {}
     written: set[bytes] = set()
     count = 0
@@ -296,13 +453,17 @@ def ingest_chunks(
                 raise IntegrityError(name, f"chunk {source_id.hex()[:16]} has the wrong length")
             mine = store.chunk_id(plain)
             if mine not in index and mine not in written:
+                if writer is None:
+                    writer = run.writer(store, failure)
                 writer.add(mine, blob_type, flags, raw_length, payload)
                 written.add(mine)
             pairs[source_id] = mine
-        writer.close()
+        if writer is not None:
+            writer.close()
     except BaseException:
         failure.set(RegionVaultError("copy ingest aborted"))
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     links.save(pairs)
     return count, len(written)
@@ -316,12 +477,15 @@ def commit_copy(
     *,
     source_region: str,
     expires_at: datetime | None,
+    run: RunKey | None = None,
 ) -> RecoveryPoint:
-    """The destination side: write the translated tree and the copy's manifest."""
+    """The destination side: write the translated tree and the copy's manifest. The tree's
+    packs are encrypted under ``run``'s data key (else under one of this call's own)."""
     store = repo._ensure_open()
+    run = run or RunKey(store)
     index = store.load_index().index
     failure = Failure()
-    writer = PackWriter(store, failure)
+    writers: list[PackWriter] = []  # the one writer, made at the first new tree chunk
     level = store.settings.compression_level
     new: set[bytes] = set()
 
@@ -335,7 +499,9 @@ def commit_copy(
                 packed = _crypto.compress(chunk, level)
                 if len(packed) < len(chunk):
                     payload, flags = packed, fmt.FLAG_ZSTD
-            writer.add(chunk_id, fmt.BlobType.TREE, flags, len(chunk), payload)
+            if not writers:
+                writers.append(run.writer(store, failure))
+            writers[0].add(chunk_id, fmt.BlobType.TREE, flags, len(chunk), payload)
         return chunk_id
 
     from regionvault.core.repository._tree import TreeWriter
@@ -355,10 +521,12 @@ def commit_copy(
                 ids += mine
             tree.add(_encode_record(_with_ids(record, bytes(ids))))
         tree_chunks = tree.finish()
-        writer.close()
+        for writer in writers:
+            writer.close()
     except BaseException:
         failure.set(RegionVaultError("copy commit aborted"))
-        writer.abort()
+        for writer in writers:
+            writer.abort()
         raise
     # The copy's id is a keyed hash of its lineage, so two commits of the same source point
     # (two runners at once) race on one if-absent name: exactly one copy can ever exist.

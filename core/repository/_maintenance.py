@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ __all__ = [
     "tree_records",
     "verify",
 ]
+
+log = logging.getLogger(__name__)
 
 #: index objects written by prune and rebuild hold at most this many blobs each
 _INDEX_BLOBS = 100_000
@@ -394,6 +397,20 @@ def prune(
         else:
             report.skipped.append(Problem(name, reason))
     report.bytes_freed = freed - sum(p.size for p in new_packs)
+
+    # a copy destination's links to chunks no longer indexed go, once the new index is
+    # written (a link counts only while its chunk is indexed, so this only tidies)
+    from regionvault.core.repository._copy import prune_links  # _copy imports this module
+
+    links = prune_links(store, {b.chunk_id for pack in entries for b in pack.blobs}, now)
+    report.skipped.extend(links.skipped)
+    if links.objects_written or links.objects_deleted:
+        log.info(
+            "prune: %d stale link(s) dropped, %d link object(s) written, %d deleted",
+            links.links_dropped,
+            links.objects_written,
+            links.objects_deleted,
+        )
     if progress is not None:
         progress(Progress(operation="prune", done=True))
     return report
