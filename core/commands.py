@@ -23,10 +23,12 @@ from regionvault.core.cli import (
     print_table,
 )
 from regionvault.core.config import parse_duration
+from regionvault.core.errors import RepositoryNotFound
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline import Engine, TickReport
-    from regionvault.core.repository import Progress
+    from regionvault.core.pipeline import Engine, StatusRow, TickReport
+    from regionvault.core.repository import Progress, Repository
+    from regionvault.core.site import Region
     from regionvault.core.types import RecoveryPoint
 
 __all__: list[str] = []
@@ -38,8 +40,35 @@ def _engine(state: CliState) -> Engine:
     return Engine(state.site())
 
 
+#: how verify, prune and status show a region whose vault holds no repository yet
+NO_REPOSITORY = "no repository yet (nothing backed up or copied there)"
+
+
 def _err(text: str) -> None:
     click.echo(text, err=True)
+
+
+def _existing_repositories(
+    engine: Engine, regions: list[Region], *, explicit: bool, doing: str
+) -> tuple[list[tuple[str, Repository]], list[str]]:
+    """``([(region, repository)], [regions without one])`` for a command that only works
+    on what exists (verify, prune): it never creates a repository. With ``explicit`` (one
+    region asked for by name), a region without a repository is an error; otherwise it is
+    skipped, and an error only when no region has one, so there is nothing to ``doing``."""
+    found: list[tuple[str, Repository]] = []
+    missing: list[str] = []
+    for r in regions:
+        try:
+            found.append((r.name, engine.repository(r.name, create=False)))
+        except RepositoryNotFound as exc:
+            if explicit:
+                raise ExpectedError(f"{exc}, so there is nothing to {doing}") from None
+            missing.append(r.name)
+    if not found:
+        raise ExpectedError(
+            f"no region holds a repository yet ({', '.join(missing)}): nothing to {doing}"
+        )
+    return found, missing
 
 
 @contextmanager
@@ -210,11 +239,11 @@ def restore(
             rto_seconds=None
             if result.seconds_to_healthy is None
             else round(result.seconds_to_healthy, 3),
+            health_error=result.health_error,
         )
     if as_json:
         print_json(out)
-        return
-    if result.instance is None:
+    elif result.instance is None:
         click.echo(f"restored {result.point.id} into {result.target}")
     else:
         rto = f"healthy after {result.seconds_to_healthy:.2f}s" if result.healthy else "NOT healthy"
@@ -222,8 +251,13 @@ def restore(
             f"launched {result.instance.name} ({result.instance.id}) in {result.region}: {rto}"
         )
         click.echo(result.instance.id)
-        if not result.healthy:
-            raise ExpectedError(f"instance {result.instance.id} did not become healthy")
+    if result.instance is not None and not result.healthy:
+        # the engine never removes an instance that exists: say which one is left
+        why = f" ({result.health_error})" if result.health_error else ""
+        raise ExpectedError(
+            f"instance {result.instance.id} did not become healthy{why}; it is left in "
+            f"{result.region} for inspection: terminate it when done"
+        )
 
 
 @cli.command()
@@ -232,11 +266,17 @@ def restore(
 @json_option
 @pass_state
 def points(state: CliState, region: str | None, instance: str | None, as_json: bool) -> None:
-    """List recovery points, oldest first."""
+    """List recovery points, oldest first (a region with no repository yet has none)."""
     engine = _engine(state)
     site = state.site()
     regions = [site.region(region)] if region else site.regions
-    found = [p for r in regions for p in engine.repository(r.name).points(instance)]
+    found: list[RecoveryPoint] = []
+    for r in regions:
+        try:
+            repo = engine.repository(r.name, create=False)
+        except RepositoryNotFound:
+            continue  # nothing backed up or copied here yet; and listing creates nothing
+        found.extend(repo.points(instance))
     if as_json:
         print_json([point_json(p) for p in found])
         return
@@ -253,32 +293,39 @@ def points(state: CliState, region: str | None, instance: str | None, as_json: b
 @json_option
 @pass_state
 def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) -> None:
-    """Check each region's vault: structure, or with --read-data every byte."""
+    """Check each region's vault: structure, or with --read-data every byte.
+
+    A region with no repository yet is skipped (and said so); exit 1 when the region asked
+    for, or every region, has none: there is nothing to verify."""
     engine = _engine(state)
     site = state.site()
     regions = [site.region(region)] if region else site.regions
+    repos, missing = _existing_repositories(
+        engine, regions, explicit=region is not None, doing="verify"
+    )
     reports = []
-    for r in regions:
-        with progress_bar(f"verify {r.name}") as progress:
-            report = engine.repository(r.name).verify(read_data=read_data, progress=progress)
-        reports.append((r.name, report))
+    for name, repo in repos:
+        with progress_bar(f"verify {name}") as progress:
+            report = repo.verify(read_data=read_data, progress=progress)
+        reports.append((name, report))
     if as_json:
-        print_json(
-            [
-                {
-                    "region": name,
-                    "ok": rep.ok,
-                    "read_data": rep.read_data,
-                    "points": rep.points,
-                    "packs": rep.packs,
-                    "blobs": rep.blobs,
-                    "bytes_read": rep.bytes_read,
-                    "errors": [str(e) for e in rep.errors],
-                    "warnings": [str(w) for w in rep.warnings],
-                }
-                for name, rep in reports
-            ]
-        )
+        rows = [
+            {
+                "region": name,
+                "repository": True,
+                "ok": rep.ok,
+                "read_data": rep.read_data,
+                "points": rep.points,
+                "packs": rep.packs,
+                "blobs": rep.blobs,
+                "bytes_read": rep.bytes_read,
+                "errors": [str(e) for e in rep.errors],
+                "warnings": [str(w) for w in rep.warnings],
+            }
+            for name, rep in reports
+        ]
+        rows.extend(_no_repository(name, read_data=read_data) for name in missing)
+        print_json(_in_site_order(rows, regions))
     else:
         for name, rep in reports:
             verdict = "ok" if rep.ok else f"{len(rep.errors)} error(s)"
@@ -290,9 +337,33 @@ def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) 
                 click.echo(f"  error: {e}")
             for w in rep.warnings:
                 click.echo(f"  note: {w}")
+        for name in missing:
+            click.echo(f"{name}: {NO_REPOSITORY}")
     bad = [name for name, rep in reports if not rep.ok]
     if bad:
         raise ExpectedError(f"verify found errors in {', '.join(bad)}")
+
+
+def _in_site_order(rows: list[dict[str, Any]], regions: list[Region]) -> list[dict[str, Any]]:
+    order = {r.name: i for i, r in enumerate(regions)}
+    return sorted(rows, key=lambda row: order[row["region"]])
+
+
+def _no_repository(name: str, *, read_data: bool) -> dict[str, Any]:
+    """verify --json's entry for a region with no repository: nothing checked, nothing
+    wrong."""
+    return {
+        "region": name,
+        "repository": False,
+        "ok": True,
+        "read_data": read_data,
+        "points": 0,
+        "packs": 0,
+        "blobs": 0,
+        "bytes_read": 0,
+        "errors": [],
+        "warnings": [],
+    }
 
 
 @cli.command()
@@ -301,27 +372,40 @@ def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) 
 @pass_state
 def prune(state: CliState, region: str | None, as_json: bool) -> None:
     """Collect data no recovery point references (never what a WORM lock or legal hold
-    protects)."""
+    protects).
+
+    A region with no repository yet is skipped (and said so); exit 1 when the region asked
+    for, or every region, has none: there is nothing to prune."""
     engine = _engine(state)
     site = state.site()
     regions = [site.region(region)] if region else site.regions
+    repos, missing = _existing_repositories(
+        engine, regions, explicit=region is not None, doing="prune"
+    )
     out: list[dict[str, Any]] = []
-    for r in regions:
-        with progress_bar(f"prune {r.name}") as progress:
-            rep = engine.repository(r.name).prune(progress=progress)
+    for name, repo in repos:
+        with progress_bar(f"prune {name}") as progress:
+            rep = repo.prune(progress=progress)
         out.append(
             {
-                "region": r.name,
+                "region": name,
+                "repository": True,
                 "packs_deleted": rep.packs_deleted,
                 "packs_rewritten": rep.packs_rewritten,
                 "bytes_freed": rep.bytes_freed,
                 "skipped": [str(s) for s in rep.skipped],
             }
         )
+    empty = {"packs_deleted": 0, "packs_rewritten": 0, "bytes_freed": 0, "skipped": []}
+    out.extend({"region": name, "repository": False, **empty} for name in missing)
+    out = _in_site_order(out, regions)
     if as_json:
         print_json(out)
         return
     for row in out:
+        if not row["repository"]:
+            click.echo(f"{row['region']}: {NO_REPOSITORY}")
+            continue
         click.echo(
             f"{row['region']}: deleted {row['packs_deleted']} packs, rewrote "
             f"{row['packs_rewritten']}, freed {row['bytes_freed']:,} bytes"
@@ -467,16 +551,25 @@ def run(state: CliState, interval: str | None, max_ticks: int | None) -> None:
 @pass_state
 def status(state: CliState, as_json: bool) -> None:
     """Per instance and region: newest recovery point and its age (RPO), last copy, last
-    restore drill and its RTO."""
+    restore drill and its RTO. A region with no recovery points (or no repository yet, which
+    status does not create) is shown once, with 0 points."""
+    regions = state.site().regions
     rows = _engine(state).status()
+    held = {r.region for r in rows}
+    order = {r.name: i for i, r in enumerate(regions)}
+    entries: list[tuple[str, StatusRow | None]] = [(r.region, r) for r in rows]
+    entries.extend((r.name, None) for r in regions if r.name not in held)
+    entries.sort(key=lambda entry: order.get(entry[0], len(order)))
     if as_json:
-        print_json([r.to_dict() for r in rows])
+        print_json([_empty_status(name) if r is None else r.to_dict() for name, r in entries])
         return
 
     print_table(
         ["instance", "region", "role", "points", "newest", "RPO", "last copy", "last drill RTO"],
         [
-            [
+            ["-", name, "-", "0", "-", "-", "-", "-"]
+            if r is None
+            else [
                 f"{r.instance_name} ({r.instance_id})",
                 r.region,
                 r.role,
@@ -488,6 +581,25 @@ def status(state: CliState, as_json: bool) -> None:
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
             ]
-            for r in rows
+            for name, r in entries
         ],
     )
+
+
+def _empty_status(region: str) -> dict[str, Any]:
+    """status --json's row for a region that holds no recovery points: the keys of
+    ``StatusRow.to_dict()``, ``points`` 0, the instance and everything else null."""
+    return {
+        "instance_id": None,
+        "instance_name": None,
+        "region": region,
+        "role": None,
+        "newest_point": None,
+        "newest_at": None,
+        "rpo_seconds": None,
+        "points": 0,
+        "last_copy_at": None,
+        "last_drill_at": None,
+        "last_drill_rto": None,
+        "last_drill_healthy": None,
+    }

@@ -22,6 +22,7 @@ __all__ = [
     "PolicyError",
     "ProviderNotFound",
     "RegionVaultError",
+    "RepositoryNotFound",
     "RetentionLocked",
     "TransitError",
     "UnsupportedOperation",
@@ -133,6 +134,30 @@ class RetentionLocked(VaultError):
         )
         self.name = name
         self.reason = reason
+
+
+class RepositoryNotFound(ObjectNotFound):
+    """A region's vault holds no repository yet (no ``config`` object): nothing has been
+    backed up or copied into it. Reading operations raise it; they never create one.
+
+    ``str()`` names the region itself (no ``[region]`` prefix); ``.name`` is ``config``.
+    """
+
+    def __init__(
+        self,
+        region: str,
+        *,
+        provider: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        super().__init__("config", provider=provider, region=region)
+        self.message = (
+            message or f"no repository in {region} yet: nothing has been backed up or copied there"
+        )
+        self.args = (self.message,)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class LockedError(VaultError):

@@ -132,6 +132,17 @@ class RestoreSink(abc.ABC):
 
     kind: ClassVar[CaptureKind]
 
+    def discard(self) -> None:
+        """Remove whatever this sink holds (restored data, an unfinished snapshot), because
+        the restore or the launch from it failed; the engine calls it before re-raising.
+
+        Safe to call more than once and after a partial restore. A sink that was launched
+        from is left alone: its data belongs to the instance, which ``Compute.terminate``
+        removes. After a discard the sink cannot be launched from. The default does
+        nothing (for a sink that keeps nothing of its own); a provider whose sinks hold
+        data or cloud resources overrides it.
+        """
+
 
 class FileSink(RestoreSink):
     """A directory the engine restores a file tree into."""

@@ -30,9 +30,10 @@ from regionvault.core.errors import (
     ObjectNotFound,
     PolicyError,
     RegionVaultError,
+    RepositoryNotFound,
     RetentionLocked,
 )
-from regionvault.core.interfaces import BlockSink, FileSink
+from regionvault.core.interfaces import BlockSink, FileSink, RestoreSink
 from regionvault.core.jobs import (
     BACKUP,
     COPY,
@@ -102,6 +103,9 @@ class RestoreResult:
     #: the RTO: from the restore request to a healthy instance; None if it never was healthy
     seconds_to_healthy: float | None = None
     seconds_to_restore: float = 0.0
+    #: why a launched instance is not healthy (timed out, terminated, health check raised);
+    #: the instance is left as it is, never removed by the engine
+    health_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -213,17 +217,36 @@ class Engine:
     def region(self, ref: str) -> Region:
         return self.site.region(ref)
 
-    def repository(self, region: str) -> Repository:
-        """The recovery-point repository in ``region``'s vault, under its own KeyService."""
+    def repository(self, region: str, *, create: bool = True) -> Repository:
+        """The recovery-point repository in ``region``'s vault, under its own KeyService.
+
+        With ``create`` (the default, for writers: backup, the receiving end of a copy) it is
+        created on first use. With ``create=False`` nothing is written to the vault, and
+        :class:`RepositoryNotFound` is raised when it holds no repository yet: every
+        reading path of the engine (listing, status, restore, retention, verify) opens it
+        so, and never creates one.
+        """
         r = self.region(region)
         with self._repo_lock:
             repo = self._repos.get(r.name)
             if repo is None:
-                repo = Repository.init_or_open(
-                    r.vault, r.keys, region=r.name, settings=self.settings
-                )
+                if create:
+                    repo = Repository.init_or_open(
+                        r.vault, r.keys, region=r.name, settings=self.settings
+                    )
+                else:
+                    repo = Repository.open(r.vault, r.keys, region=r.name, settings=self.settings)
                 self._repos[r.name] = repo
             return repo
+
+    def _points(self, region: str, instance_id: str | None = None) -> list[RecoveryPoint]:
+        """The recovery points in ``region`` (of ``instance_id``), none when it holds no
+        repository yet (which is not created)."""
+        try:
+            repo = self.repository(region, create=False)
+        except RepositoryNotFound:
+            return []
+        return repo.points(instance_id)
 
     def find_point(self, point_id: str, region: str | None = None) -> RecoveryPoint:
         """A recovery point by id (a unique prefix of at least 6 characters is enough), in
@@ -231,7 +254,18 @@ class Engine:
         regions = [self.region(region)] if region else self.site.regions
         found: list[RecoveryPoint] = []
         for r in regions:
-            for point in self.repository(r.name).points():
+            try:
+                points = self.repository(r.name, create=False).points()
+            except RepositoryNotFound as exc:
+                if region is None:
+                    continue  # a region nothing was backed up or copied into yet
+                raise RepositoryNotFound(
+                    r.name,
+                    provider=exc.provider,
+                    message=f"no recovery point {point_id!r} in {r.name}: it holds no "
+                    "repository yet (nothing has been backed up or copied there)",
+                ) from None
+            for point in points:
                 if point.id == point_id or (len(point_id) >= 6 and point.id.startswith(point_id)):
                     found.append(point)
         if len(found) == 1:
@@ -255,9 +289,7 @@ class Engine:
 
     def newest_point(self, instance: Instance) -> RecoveryPoint | None:
         """The instance's newest recovery point in its home region (copies excluded)."""
-        points = [
-            p for p in self.repository(instance.region).points(instance.id) if p.lineage is None
-        ]
+        points = [p for p in self._points(instance.region, instance.id) if p.lineage is None]
         return points[-1] if points else None
 
     def _newest_slot(self, instance: Instance) -> datetime | None:
@@ -350,7 +382,7 @@ class Engine:
         if src.name == dst.name:
             raise RegionVaultError(f"cannot copy {point.id} from {src.name} to itself")
         result = copy_point(
-            source=self.repository(src.name),
+            source=self.repository(src.name, create=False),
             destination=self.repository(dst.name),
             forward=self.site.transit(src.name, dst.name),
             backward=self.site.transit(dst.name, src.name),
@@ -415,7 +447,7 @@ class Engine:
         the destination's Sealer and the two Transits; nothing of the destination's keys."""
         src, dst = self.region(source), self.region(destination)
         return CopySender(
-            self.repository(src.name),
+            self.repository(src.name, create=False),
             forward=self.site.transit(src.name, dst.name),
             backward=self.site.transit(dst.name, src.name),
             seal_to_destination=dst.sealer(),
@@ -451,11 +483,19 @@ class Engine:
         makes a restore sink, the data is restored into it and a new instance performing the
         same function is started, health-checked through ``regionvault_health_check``; the
         time from this call to a healthy instance is the RTO, recorded as a drill.
+
+        Nothing is created in ``region``'s vault: with no repository there,
+        :class:`RepositoryNotFound` is raised. When the restore or the launch fails before
+        an instance exists, the sink is discarded (``RestoreSink.discard``: no restored
+        data stays behind) and the error is raised. An instance that was launched but does
+        not become healthy (or whose health check raised) is never removed: the result has
+        ``healthy`` false and ``health_error`` saying why, the drill is recorded unhealthy,
+        and the instance stays for inspection until it is terminated.
         """
         started = time.monotonic()
         r = self.region(region)
         point = self.find_point(point_id, r.name)
-        repo = self.repository(r.name)
+        repo = self.repository(r.name, create=False)
         if not launch:
             if target is None:
                 raise RegionVaultError("restore needs a target path, or launch")
@@ -471,17 +511,35 @@ class Engine:
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
         sink = r.compute.open_restore_sink(spec, point.kind, size=manifest.image_size)
-        if not isinstance(sink, FileSink | BlockSink):
-            raise RegionVaultError(
-                f"{r.name}: compute gave a {type(sink).__name__}, not a FileSink or BlockSink"
+        try:
+            if not isinstance(sink, FileSink | BlockSink):
+                raise RegionVaultError(
+                    f"{r.name}: compute gave a {type(sink).__name__}, not a FileSink or BlockSink"
+                )
+            repo.restore(point.id, sink, paths=paths, progress=progress)
+            if isinstance(sink, BlockSink):
+                sink.commit()
+            restored = time.monotonic() - started
+            instance = r.compute.launch(spec, sink)
+        except BaseException as exc:
+            # no instance holds the restored data: it must not stay behind
+            self._discard(r, sink, exc)
+            raise
+        rto, health_error = self._await_healthy(r, instance, started)
+        try:
+            instance = r.compute.get_instance(instance.id)
+        except RegionVaultError as exc:
+            health_error = health_error or f"cannot read the launched instance back: {exc}"
+        if rto is None:
+            log.warning(
+                "instance %s (%s) launched in %s from %s did not become healthy%s; it is "
+                "left as it is for inspection: terminate it when done",
+                instance.id,
+                instance.name,
+                r.name,
+                point.id,
+                f" ({health_error})" if health_error else "",
             )
-        repo.restore(point.id, sink, paths=paths, progress=progress)
-        if isinstance(sink, BlockSink):
-            sink.commit()
-        restored = time.monotonic() - started
-        instance = r.compute.launch(spec, sink)
-        rto = self._await_healthy(r, instance, started)
-        instance = r.compute.get_instance(instance.id)
         self._hook(
             "regionvault_after_launch",
             region=r.name,
@@ -501,7 +559,24 @@ class Engine:
             )
         )
         target_path = sink.root if isinstance(sink, FileSink) else None
-        return RestoreResult(point, r.name, target_path, instance, rto, restored)
+        return RestoreResult(
+            point, r.name, target_path, instance, rto, restored, health_error=health_error
+        )
+
+    @staticmethod
+    def _discard(region: Region, sink: RestoreSink, error: BaseException) -> None:
+        """Discard the sink of a restore or launch that failed with ``error``. If that fails
+        too, ``error`` (what the caller sees) still wins: the leftover is logged and noted
+        on it."""
+        try:
+            sink.discard()
+        except Exception as exc:
+            log.error(
+                "the restored data of a failed launch in %s stays behind: %s", region.name, exc
+            )
+            error.add_note(f"the restored data in {region.name} could not be discarded: {exc}")
+        else:
+            log.info("discarded the restored data of a failed launch in %s", region.name)
 
     @staticmethod
     def _launch_name(region: Region, point: RecoveryPoint, name: str | None) -> str:
@@ -526,17 +601,30 @@ class Engine:
             candidate = f"{base}-{n}"
         return candidate
 
-    def _await_healthy(self, region: Region, instance: Instance, started: float) -> float | None:
+    def _await_healthy(
+        self, region: Region, instance: Instance, started: float
+    ) -> tuple[float | None, str | None]:
+        """``(seconds from started to healthy, None)``, or ``(None, why)`` when the instance
+        did not become healthy in time or its health check raised (the instance exists
+        either way: this is reported, never raised)."""
         deadline = time.monotonic() + self.health_timeout
         while True:
-            current = region.compute.get_instance(instance.id)
-            answer = self._hook("regionvault_health_check", region=region.name, instance=current)
+            try:
+                current = region.compute.get_instance(instance.id)
+                answer = self._hook(
+                    "regionvault_health_check", region=region.name, instance=current
+                )
+            except Exception as exc:
+                log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
+                return None, f"health check raised {type(exc).__name__}: {exc}"
             if answer is None:
                 answer = current.state == "running"
             if answer:
-                return time.monotonic() - started
-            if time.monotonic() >= deadline or current.state == "terminated":
-                return None
+                return time.monotonic() - started, None
+            if current.state == "terminated":
+                return None, "the instance terminated"
+            if time.monotonic() >= deadline:
+                return None, f"not healthy after {self.health_timeout:g}s (state {current.state})"
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ retention
@@ -545,8 +633,11 @@ class Engine:
         """Forget ``region``'s recovery points past their retention, then collect their
         data. WORM locks and legal holds win: a protected point stays, and is reported."""
         r = self.region(region)
-        repo = self.repository(r.name)
         report = RetentionReport(r.name)
+        try:
+            repo = self.repository(r.name, create=False)
+        except RepositoryNotFound:
+            return report  # nothing was ever kept here: nothing to forget
         now = self.clock()
         for point in repo.points():
             if point.expires_at is None or point.expires_at > now:
@@ -777,7 +868,7 @@ class Engine:
                 for dest in policy.copy_to:
                     held = {
                         p.lineage.source_recovery_point
-                        for p in self.repository(str(dest)).points(instance.id)
+                        for p in self._points(str(dest), instance.id)
                         if p.lineage is not None
                     }
                     if point.id not in held:
@@ -816,7 +907,11 @@ class Engine:
         rows: list[StatusRow] = []
         for r in self.site.regions:
             try:
-                points = self.repository(r.name).points()
+                repo = self.repository(r.name, create=False)
+            except RepositoryNotFound:
+                continue  # nothing backed up or copied here yet
+            try:
+                points = repo.points()
             except ObjectNotFound:
                 continue
             by_instance: dict[str, list[RecoveryPoint]] = {}
@@ -825,7 +920,7 @@ class Engine:
             for instance_id, pts in sorted(by_instance.items()):
                 newest = pts[-1]
                 try:
-                    captured = self.repository(r.name).load_manifest(newest.id).taken_at
+                    captured = repo.load_manifest(newest.id).taken_at
                 except RegionVaultError:
                     captured = newest.created_at
                 copies = [p for p in pts if p.lineage is not None]

@@ -322,6 +322,125 @@ def test_run_stops_on_sigterm_after_finishing_its_tick(workdir: Path, big_instan
     assert not any((workdir / ".regionvault" / "jobs" / "locks").glob("*.lock"))
 
 
+# --------------------------------------------------------------------------- no repository yet
+
+
+def vault_objects(workdir: Path) -> dict[str, list[str]]:
+    """Every object in every region's vault, read through the Vault interface."""
+    site = site_of(workdir)
+    try:
+        return {r.name: [o.name for o in r.vault.list()] for r in site.regions}
+    finally:
+        site.close()
+
+
+def test_reading_commands_create_no_repository(workdir: Path) -> None:
+    """points, status, verify, prune and restore on regions whose vaults hold no repository
+    yet: listings are empty (exit 0), the rest say so in one line (exit 1), and not one
+    object is written to any vault."""
+    empty = {"local:east": [], "local:west": []}
+    assert vault_objects(workdir) == empty
+
+    assert ok("points").stdout == ""
+    assert as_json(ok("points", "--json")) == []
+    assert as_json(ok("points", "--region", "west", "--json")) == []
+
+    rows = as_json(ok("status", "--json"))
+    assert [(r["region"], r["points"], r["instance_id"]) for r in rows] == [
+        ("local:east", 0, None),
+        ("local:west", 0, None),
+    ]
+    assert all(r["newest_point"] is None and r["rpo_seconds"] is None for r in rows)
+    table = ok("status").stdout.splitlines()
+    assert [line.split("\t")[1:4] for line in table] == [
+        ["local:east", "-", "0"],
+        ["local:west", "-", "0"],
+    ]
+
+    fails(run("verify"), "no region holds a repository yet", "nothing to verify")
+    fails(run("verify", "--json", "--read-data"), "nothing to verify")
+    fails(run("verify", "--region", "west"), "no repository in local:west yet", "verify")
+    fails(run("prune"), "no region holds a repository yet", "nothing to prune")
+    fails(run("prune", "--region", "east", "--json"), "no repository in local:east yet")
+    fp = "f" * 32
+    fails(run("restore", fp, "--region", "west", "--target", workdir / "out"), "no repository")
+    fails(run("restore", fp, "--region", "west", "--launch"), fp, "no repository yet")
+    assert not (workdir / "out").exists()
+
+    assert vault_objects(workdir) == empty
+    assert not list((workdir / "regions").glob("*/compute/instances/*"))  # no sink was made
+
+
+def test_commands_skip_a_region_without_a_repository(workdir: Path, point: str) -> None:
+    """With a repository in east only: verify and prune work on east and say that west has
+    none (exit 0); status shows west with no points; west's vault stays empty."""
+    verified = ok("verify")
+    assert "local:east: ok" in verified.stdout
+    assert "local:west: no repository yet" in verified.stdout
+    report = {r["region"]: r for r in as_json(ok("verify", "--json"))}
+    assert report["local:east"]["repository"] is True and report["local:east"]["points"] == 1
+    assert report["local:west"]["repository"] is False and report["local:west"]["ok"] is True
+    pruned = as_json(ok("prune", "--json"))
+    assert [(r["region"], r["repository"]) for r in pruned] == [
+        ("local:east", True),
+        ("local:west", False),
+    ]
+    assert "local:west: no repository yet" in ok("prune").stdout
+    fails(run("verify", "--region", "west"), "no repository in local:west yet")
+    rows = as_json(ok("status", "--json"))
+    assert [(r["region"], r["points"]) for r in rows] == [("local:east", 1), ("local:west", 0)]
+    assert [p["region"] for p in as_json(ok("points", "--json"))] == ["local:east"]
+    objects = vault_objects(workdir)
+    assert "config" in objects["local:east"] and objects["local:west"] == []
+
+
+def test_a_failed_launch_through_the_cli_leaves_nothing_in_the_region(
+    workdir: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launched function cannot be started: the restore fails with one line, and no
+    restored data or pending sink stays behind."""
+    from regionvault.providers.local.compute import LocalCompute
+
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data,
+       "--command", "exec sleep 60")  # fmt: skip
+    rp = last_line(ok("backup", "nf1"))
+
+    def no_start(self: LocalCompute, record: Any) -> Any:
+        raise self._error(f"cannot start {record['function']!r}: no such interpreter")
+
+    instances = workdir / "regions" / "east" / "compute" / "instances"
+    before = {p.name for p in instances.iterdir()}
+    monkeypatch.setattr(LocalCompute, "_start", no_start)
+    fails(run("restore", rp, "--region", "east", "--launch"), "no such interpreter")
+    assert {p.name for p in instances.iterdir()} == before
+    assert len(before) == 1  # nf1 alone
+
+
+def test_an_unhealthy_launch_is_kept_and_named(
+    workdir: Path, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launched instance does not become healthy: restore exits 1 naming it, and the
+    instance stays (the engine never removes an instance that exists)."""
+    from regionvault.core.pipeline import Engine
+
+    def never_healthy(self: Engine, region: Any, instance: Any, started: float) -> Any:
+        return None, "not healthy after 0.1s (state running)"
+
+    monkeypatch.setattr(Engine, "_await_healthy", never_healthy)
+    result = run("restore", point, "--region", "east", "--launch", "--json")
+    line = fails(result, "did not become healthy", "not healthy after 0.1s", "local:east")
+    report = as_json(result)
+    assert report["healthy"] is False and report["health_error"].startswith("not healthy")
+    assert report["instance"] in line
+    site = site_of(workdir)
+    try:
+        kept = site.region("east").compute.get_instance(report["instance"])
+        assert kept.state == "running"
+        site.region("east").compute.terminate(kept.id)
+    finally:
+        site.close()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -352,6 +471,7 @@ def test_errors_through_the_console_script(workdir: Path) -> None:
     result = script("restore", "f" * 32, "--region", "west", "--target", "x", cwd=workdir)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"regionvault: error: no recovery point '{'f' * 32}' in local:west"
+        f"regionvault: error: no recovery point '{'f' * 32}' in local:west: it holds no "
+        "repository yet (nothing has been backed up or copied there)"
     ]
     assert result.stdout == ""

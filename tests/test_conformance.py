@@ -181,6 +181,7 @@ def test_suite_passes_against_the_local_provider(tmp_path: Path) -> None:
     # the local provider declares WORM and legal holds: those tests ran
     assert "TestVault::test_compliance_retention_refuses_delete_and_shortening" not in skipped
     assert "TestVault::test_legal_hold_refuses_delete_until_lifted" not in skipped
+    assert "TestCompute::test_a_discarded_sink_cannot_be_launched[files]" in run.having("passed")
     blocks = skipped["TestCompute::test_capture_holds_the_instance_data[blocks]"]
     assert "provider local does not declare capture kind 'blocks'" in blocks
     assert "regionvault conformance: tested provider local, regions A=local:east B=local:west" in (

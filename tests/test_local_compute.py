@@ -331,6 +331,47 @@ def test_launch_without_function_and_launch_errors(west: Region, tmp_path: Path)
     west.compute.terminate(inst.id)
 
 
+def test_discarding_a_sink_removes_its_data_and_record(west: Region) -> None:
+    """A failed restore or launch discards its sink: the restored data and the pending
+    record go, the sink cannot be launched from, and discarding again is harmless."""
+    compute = west.compute
+    assert isinstance(compute, LocalCompute)
+    spec = LaunchSpec("never-launched", function="exec sleep 60")
+    sink = restore(west, spec, {"restored.bin": "half a restore"})
+    (sink.root / "sub").mkdir()
+    (sink.root / "sub" / "more").write_text("x")
+    instance_dir = compute.instances_dir / sink.instance_id
+    assert instance_dir.is_dir()
+    sink.discard()
+    assert not instance_dir.exists()
+    assert sorted(p.name for p in compute.instances_dir.iterdir()) == []
+    with pytest.raises(ComputeError, match="discarded"):
+        compute.launch(spec, sink)
+    sink.discard()  # twice is harmless
+    assert list(compute.list_instances()) == []
+
+
+def test_discarding_a_launched_sink_keeps_the_instance_data(west: Region) -> None:
+    """Once launched from, a sink's data belongs to the instance: discard leaves it, and
+    terminate removes it."""
+    spec = LaunchSpec("launched")
+    sink = restore(west, spec, {"f": "kept"})
+    inst = west.compute.launch(spec, sink)
+    sink.discard()
+    assert (sink.root / "f").read_text() == "kept"
+    with pytest.raises(ComputeError, match="already launched"):
+        west.compute.launch(spec, sink)
+    assert west.compute.get_instance(inst.id).state == "running"
+    west.compute.terminate(inst.id)
+    assert not sink.root.exists()
+
+
+def test_a_sink_made_by_hand_discards_nothing(west: Region, tmp_path: Path) -> None:
+    (tmp_path / "mine").write_text("not the provider's")
+    LocalFileSink(tmp_path, "i-0000000000000000").discard()
+    assert (tmp_path / "mine").read_text() == "not the provider's"
+
+
 def test_terminating_a_registered_instance_keeps_its_data(east: Region, tmp_path: Path) -> None:
     data = make_data(tmp_path / "d")
     inst = east.compute.register_instance("x", data)

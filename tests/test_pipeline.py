@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 from regionvault.core.config import load_site
-from regionvault.core.errors import RegionVaultError, RetentionLocked
+from regionvault.core.errors import (
+    ComputeError,
+    IntegrityError,
+    ObjectNotFound,
+    RegionVaultError,
+    RepositoryNotFound,
+    RetentionLocked,
+)
 from regionvault.core.interfaces import FileSink
 from regionvault.core.jobs import JobStatus, format_slot, slot_of
 from regionvault.core.pipeline import SLOT_TAG, Engine
@@ -30,8 +37,9 @@ from regionvault.core.site import Region, Site
 from regionvault.core.types import CaptureKind, Instance, LaunchSpec, RecoveryPoint
 from regionvault.plugins.samplenf import plugin as samplenf_plugin
 from regionvault.plugins.samplenf.plugin import endpoint
+from regionvault.providers.local import LocalCompute, LocalFileSink, LocalVault
 from regionvault.providers.local import plugin as local_plugin
-from repository_support import snapshot
+from repository_support import flip_bit, snapshot
 
 SITE_TOML = """\
 [site]
@@ -513,6 +521,153 @@ def test_restore_needs_a_target_or_launch(engine: Engine, east: Region, tmp_path
     assert snapshot(out) == snapshot(tmp_path / "data" / "vcu-1")
 
 
+# --------------------------------------------------------------------------- failed launches
+
+
+def instance_dirs(region: Region) -> set[str]:
+    """What the local Compute holds on disk: one directory per instance or pending sink."""
+    compute = region.compute
+    assert isinstance(compute, LocalCompute)
+    if not compute.instances_dir.exists():
+        return set()
+    return {p.name for p in compute.instances_dir.iterdir()}
+
+
+@pytest.fixture
+def opened(east: Region, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every restore sink east's Compute makes during the test."""
+    sinks: list[Any] = []
+    open_sink = east.compute.open_restore_sink
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        sink = open_sink(*args, **kwargs)
+        sinks.append(sink)
+        return sink
+
+    monkeypatch.setattr(east.compute, "open_restore_sink", recording_open)
+    return sinks
+
+
+def test_a_launch_that_raises_leaves_no_restored_data_behind(
+    engine: Engine,
+    east: Region,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    opened: list[Any],
+) -> None:
+    inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
+    point = engine.backup(inst.id)
+    before = instance_dirs(east)
+
+    def failing_launch(spec: LaunchSpec, sink: Any) -> Instance:
+        assert any(p.is_file() for p in sink.root.iterdir())  # the data was restored
+        raise ComputeError("the hypervisor said no", provider="local", region=east.name)
+
+    monkeypatch.setattr(east.compute, "launch", failing_launch)
+    with pytest.raises(ComputeError, match="the hypervisor said no"):
+        engine.restore(point.id, region="east", launch=True)
+    (sink,) = opened
+    assert not sink.root.exists()
+    assert instance_dirs(east) == before
+    assert engine.state.last_drill(east.name, inst.id) is None  # no drill happened
+    assert [i.id for i in east.compute.list_instances()] == [inst.id]
+
+
+def test_a_restore_that_fails_half_way_leaves_no_restored_data_behind(
+    engine: Engine, east: Region, tmp_path: Path, opened: list[Any]
+) -> None:
+    inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
+    point = engine.backup(inst.id)
+    before = instance_dirs(east)
+    vault = east.vault
+    assert isinstance(vault, LocalVault)
+    packs = sorted(p for p in (vault.objects_dir / "packs").rglob("*") if p.is_file())
+    assert packs
+    flip_bit(packs[-1], packs[-1].stat().st_size // 2)
+    with pytest.raises(IntegrityError):
+        engine.restore(point.id, region="east", launch=True)
+    (sink,) = opened  # the failure came while restoring into it
+    assert not sink.root.exists()
+    assert instance_dirs(east) == before
+    assert [i.id for i in east.compute.list_instances()] == [inst.id]
+
+
+def test_a_sink_that_cannot_be_discarded_does_not_hide_the_launch_error(
+    engine: Engine, east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
+    point = engine.backup(inst.id)
+
+    def failing_launch(spec: LaunchSpec, sink: Any) -> Instance:
+        raise ComputeError("launch failed", provider="local", region=east.name)
+
+    def failing_discard(self: LocalFileSink) -> None:
+        raise ComputeError("disk is read-only", provider="local", region=east.name)
+
+    monkeypatch.setattr(east.compute, "launch", failing_launch)
+    monkeypatch.setattr(LocalFileSink, "discard", failing_discard)
+    with pytest.raises(ComputeError, match="launch failed") as raised:
+        engine.restore(point.id, region="east", launch=True)
+    notes = getattr(raised.value, "__notes__", [])
+    assert any("could not be discarded" in n and "disk is read-only" in n for n in notes)
+
+
+class HealthAnswer:
+    """A health-check plugin with a fixed answer, or one that raises."""
+
+    def __init__(self, answer: bool | None = False, error: Exception | None = None) -> None:
+        self.answer = answer
+        self.error = error
+        self.asked = 0
+
+    @hookimpl
+    def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("plugin", "why"),
+    [
+        (HealthAnswer(False), "not healthy after 0.2s"),
+        (HealthAnswer(error=RuntimeError("probe crashed")), "health check raised RuntimeError"),
+    ],
+    ids=["unhealthy", "health-check-raises"],
+)
+def test_an_unhealthy_launch_is_kept_and_reported(
+    site: Site,
+    clock: Clock,
+    east: Region,
+    tmp_path: Path,
+    recorder: Recorder,
+    plugin: HealthAnswer,
+    why: str,
+) -> None:
+    """An instance that exists is never removed by the engine: a failed health check is
+    reported (result, drill, hook) and the instance stays for inspection."""
+    engine = Engine(site, clock=clock, settings=SETTINGS, health_timeout=0.2)
+    inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
+    point = engine.backup(inst.id)
+    site.plugin_manager.register(plugin)
+    try:
+        result = engine.restore(point.id, region="east", launch=True)
+    finally:
+        site.plugin_manager.unregister(plugin)
+    assert plugin.asked >= 1
+    assert result.instance is not None and not result.healthy
+    assert result.health_error is not None and why in result.health_error
+    kept = east.compute.get_instance(result.instance.id)
+    assert kept.state == "running"
+    assert result.target is not None and result.target.is_dir() and any(result.target.iterdir())
+    drill = engine.state.last_drill(east.name, inst.id)
+    assert drill is not None and drill.healthy is False and drill.launched_id == kept.id
+    assert recorder.launches == [(east.name, None)]
+    east.compute.terminate(kept.id)
+    assert not result.target.exists()
+
+
 # --------------------------------------------------------------------------- retention
 
 
@@ -638,3 +793,41 @@ def test_status_shows_rpo_last_copy_and_last_drill(
     data = after.to_dict()
     assert data["rpo_seconds"] == home.rpo_seconds and data["last_drill_rto"] is not None
     json.dumps(data)
+
+
+# --------------------------------------------------------------------------- reading only
+
+
+def test_reading_never_creates_a_repository(
+    engine: Engine, east: Region, west: Region, south: Region, tmp_path: Path
+) -> None:
+    """Listing, status, retention, restore and the scheduler only open repositories; backup
+    and the receiving end of a copy create them."""
+    vaults = {r.name: r.vault for r in (east, west, south)}
+    with pytest.raises(RepositoryNotFound) as missing:
+        Repository.open(south.vault, south.keys, region=south.name)
+    assert isinstance(missing.value, ObjectNotFound) and missing.value.name == "config"
+    assert missing.value.region == south.name and missing.value.provider == "local"
+    assert str(missing.value).startswith("no repository in local:south yet")
+    assert engine.status() == []
+    assert engine.retain("south").forgotten == []
+    with pytest.raises(RepositoryNotFound, match=r"no repository in local:south yet"):
+        engine.repository("south", create=False)
+    with pytest.raises(RepositoryNotFound, match=r"no recovery point 'abcdef12' in local:south"):
+        engine.restore("abcdef12", region="south", launch=True)
+    with pytest.raises(RepositoryNotFound):
+        engine.restore("abcdef12", region="south", target=tmp_path / "out")
+    with pytest.raises(RegionVaultError, match=r"no recovery point 'abcdef12'$"):
+        engine.find_point("abcdef12")
+    assert instance_dirs(south) == set()
+    assert {name: list(v.list()) for name, v in vaults.items()} == {n: [] for n in vaults}
+
+    # a tick backs up in east and copies to west: south, with nothing of its own and no
+    # copies coming in, still holds no repository afterwards
+    inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
+    report = engine.tick()
+    assert report.ok, (report.problems, report.failures())
+    assert len(home_points(engine, "east", inst.id)) == 1
+    assert len(copies_of(engine, "west", inst.id)) == 1
+    assert list(south.vault.list()) == []
+    assert [r.region for r in engine.status()] == [east.name, west.name]

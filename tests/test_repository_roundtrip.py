@@ -16,6 +16,7 @@ from regionvault.core import (
     ObjectNotFound,
     Region,
     RegionVaultError,
+    RepositoryNotFound,
 )
 from regionvault.core.repository import (
     ChunkerParams,
@@ -311,8 +312,10 @@ def test_init_or_open_is_idempotent_and_racing_initialisers_agree(east: Region) 
 
 
 def test_open_without_a_repository_names_the_config(west: Region) -> None:
-    with pytest.raises(ObjectNotFound, match="'config'"):
+    with pytest.raises(RepositoryNotFound, match="no repository in local:west yet") as raised:
         Repository.open(west.vault, west.keys, region=west.name)
+    assert isinstance(raised.value, ObjectNotFound) and raised.value.name == "config"
+    assert list(west.vault.list()) == []  # opening writes nothing
 
 
 def test_any_vault_will_do(east: Region, tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ from regionvault.core.conformance.checks import (
 )
 from regionvault.core.conformance.fixtures import InstanceFactory, SuiteBase
 from regionvault.core.conformance.support import RUN_TAG
-from regionvault.core.errors import InstanceNotFound
-from regionvault.core.interfaces import Compute
-from regionvault.core.types import CaptureKind, LaunchSpec, Tags
+from regionvault.core.errors import InstanceNotFound, RegionVaultError
+from regionvault.core.interfaces import Compute, RestoreSink
+from regionvault.core.types import CaptureKind, Instance, LaunchSpec, Tags
 
 __all__ = ["ComputeSuite"]
 
@@ -219,6 +219,45 @@ class ComputeSuite(SuiteBase):
             check_capture_holds(
                 capture, data, f"the instance {launched.id} launched from restored data"
             )
+
+    @KINDS
+    def test_a_discarded_sink_cannot_be_launched(
+        self, compute_a: Compute, make_instance: InstanceFactory, uid: str, kind: CaptureKind
+    ) -> None:
+        """The engine discards the sink of a failed restore or launch
+        (``RestoreSink.discard``): discarding twice is harmless, and the sink is then refused
+        by launch with a RegionVaultError, making no instance. Skipped for sinks that keep
+        the default discard (they hold nothing of their own)."""
+        require(compute_a, "launch")
+        require_kind(compute_a, kind)
+        data = payload(f"discard-{kind.value}")
+        tags = Tags({RUN_TAG: uid, "discarded": "yes"})
+        spec = LaunchSpec(name=f"{uid}-discarded-{kind.value}", tags=tags)
+        sink = compute_a.open_restore_sink(spec, kind, size=sink_size(kind, data))
+        if type(sink).discard is RestoreSink.discard:
+            sink.discard()
+            pytest.skip(
+                f"{who(compute_a)}: {type(sink).__name__} keeps the default discard (nothing "
+                "of its own to remove)"
+            )
+        write_sink(sink, data)
+        sink.discard()
+        sink.discard()
+        launched: list[Instance] = []
+        try:
+            expect_refusal(
+                lambda: launched.append(compute_a.launch(spec, sink)),
+                RegionVaultError,
+                broken=f"{who(compute_a)}.launch started an instance from a discarded sink",
+                asked=f"{who(compute_a)}, asked to launch from a discarded sink,",
+            )
+        finally:
+            for instance in launched:
+                make_instance.adopt(instance)
+        listed = _ids(compute_a, {RUN_TAG: uid, "discarded": "yes"})
+        assert listed == set(), (
+            f"{who(compute_a)} lists {sorted(listed)} after a launch from a discarded sink"
+        )
 
     def test_undeclared_launch_is_refused(self, compute_a: Compute, uid: str) -> None:
         require_not(compute_a, "launch")

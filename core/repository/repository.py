@@ -15,6 +15,7 @@ from regionvault.core.errors import (
     IntegrityError,
     ObjectNotFound,
     RegionVaultError,
+    RepositoryNotFound,
     RetentionLocked,
 )
 from regionvault.core.interfaces import (
@@ -64,9 +65,10 @@ log = logging.getLogger(__name__)
 class Repository:
     """A recovery-point repository in ``vault``, encrypted under ``keys`` (the same region's).
 
-    Build one with :meth:`init_or_open` (creates the repository on first use) or
-    :meth:`open`. Every method is safe to call from several threads and several processes
-    at once: writers take a shared lock object in the vault, prune an exclusive one.
+    Build one with :meth:`init_or_open` (creates the repository on first use: writers) or
+    :meth:`open` (never writes; :class:`RepositoryNotFound` when there is none: readers).
+    Every method is safe to call from several threads and several processes at once:
+    writers take a shared lock object in the vault, prune an exclusive one.
     """
 
     def __init__(
@@ -116,15 +118,23 @@ class Repository:
         region: str,
         settings: RepositorySettings | None = None,
     ) -> Repository:
-        """Open an existing repository; :class:`ObjectNotFound` (``config``) if there is
-        none."""
+        """Open an existing repository, writing nothing to the vault: reading operations
+        use this, so that they never create a repository. Raises
+        :class:`RepositoryNotFound` (an :class:`ObjectNotFound` named ``config``) when the
+        vault holds none yet, and :class:`KeyAccessDenied` naming ``config`` when ``keys``
+        is not the KeyService the repository was created under."""
         repo = cls(vault, keys, region=region, settings=settings)
         repo._ensure_open()
         return repo
 
     def _ensure_open(self) -> Store:
         if not self._opened:
-            self._store.open()
+            try:
+                self._store.open()
+            except ObjectNotFound as exc:
+                if exc.name != fmt.CONFIG_NAME:
+                    raise
+                raise RepositoryNotFound(self.region, provider=self.vault.provider) from None
             self._opened = True
         return self._store
 

@@ -448,6 +448,12 @@ class AwsCompute(Compute):
                 provider="aws",
                 region=self.region,
             )
+        if sink.discarded:
+            raise ComputeError(
+                f"snapshot {sink.snapshot_id} was discarded: restore again to launch",
+                provider="aws",
+                region=self.region,
+            )
         if not sink.committed:
             raise ComputeError(
                 f"snapshot {sink.snapshot_id} is not committed yet",
@@ -524,6 +530,7 @@ class AwsCompute(Compute):
             image_id = str(self.ec2.register_image(**image_kwargs)["ImageId"])
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"cannot register an image from {sink.snapshot_id}") from None
+        sink.image_id = image_id  # a failed launch's discard deregisters it
         try:
             # tagged apart from RegisterImage: moto ignores RegisterImage's TagSpecifications
             self.ec2.create_tags(
@@ -553,6 +560,8 @@ class AwsCompute(Compute):
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"cannot run an instance from image {image_id}") from None
         raw = dict(answer["Instances"][0])
+        # from here the image and snapshot belong to the instance: terminate removes them
+        sink.launched_instance_id = str(raw.get("InstanceId") or "") or None
         if not raw.get("Tags"):
             raw["Tags"] = _tag_list({**tags, **internal})
         return self._instance(raw)
@@ -725,14 +734,22 @@ class AwsBlockCapture(BlockCapture):
 
 
 class AwsBlockSink(BlockSink):
-    """A new EBS snapshot in this region, written through the EBS direct APIs."""
+    """A new EBS snapshot in this region, written through the EBS direct APIs.
+
+    :meth:`discard` (a failed restore or launch) stops the writes, deregisters the image a
+    failed launch registered from the snapshot, and deletes the snapshot, completed or not.
+    """
 
     def __init__(self, compute: AwsCompute, spec: LaunchSpec, size: int) -> None:
         super().__init__(size=size, block_size=EBS_BLOCK_SIZE)
         self.compute = compute
         self.spec = spec
         self.committed = False
+        self.discarded = False
         self.blocks_written = 0
+        #: the image a launch registered from this snapshot, and the instance it ran
+        self.image_id: str | None = None
+        self.launched_instance_id: str | None = None
         self._lock = threading.Lock()
         self._in_flight: deque[Future[None]] = deque()
         self._window = max(1, compute.settings.ebs_concurrency * 2)
@@ -777,6 +794,7 @@ class AwsBlockSink(BlockSink):
     def write(self, offset: int, data: bytes) -> None:
         """Queue ``data`` (split into 512 KiB blocks, the last one zero-padded) for writing;
         a failed earlier write is raised here or by :meth:`commit`."""
+        self._check_live()
         if self.committed:
             raise ComputeError(
                 f"snapshot {self.snapshot_id} is already committed",
@@ -808,6 +826,7 @@ class AwsBlockSink(BlockSink):
     def commit(self) -> None:
         """Wait for every block, complete the snapshot and wait until EC2 calls it
         completed (ready to register an image from)."""
+        self._check_live()
         if self.committed:
             return
         with self._lock:
@@ -827,8 +846,36 @@ class AwsBlockSink(BlockSink):
         self.compute.wait_for_snapshot(self.snapshot_id)
         self.committed = True
 
-    def abort(self) -> None:
-        """Give up on this restore: stop writing and delete the unfinished snapshot."""
+    def _check_live(self) -> None:
+        if self.discarded:
+            raise ComputeError(
+                f"snapshot {self.snapshot_id} was discarded",
+                provider="aws",
+                region=self.compute.region,
+            )
+
+    def discard(self) -> None:
+        """Give up on this restore: stop writing, deregister the image a failed launch
+        registered, delete the snapshot (an unfinished one too). Nothing is removed once
+        :meth:`AwsCompute.launch` ran an instance from it: terminating that instance does."""
+        if self.launched_instance_id is not None:
+            return
+        self.discarded = True
         with contextlib.suppress(Exception):
             self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._in_flight.clear()
+        if self.image_id is not None:
+            try:
+                self.compute.ec2.deregister_image(ImageId=self.image_id)
+            except ClientError as exc:
+                if not error_code(exc).startswith("InvalidAMIID"):
+                    raise self.compute._error(
+                        exc, f"cannot deregister image {self.image_id}"
+                    ) from None
+            self.image_id = None
         self.compute._delete_snapshot(self.snapshot_id)
+
+    def abort(self) -> None:
+        """Give up on this restore: :meth:`discard`."""
+        self.discard()

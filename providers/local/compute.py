@@ -14,7 +14,8 @@ On disk, under ``<root>/compute/``:
     serialises record changes (unique names, tags, state) between threads and processes.
 
 States: ``pending`` (a restore sink not launched yet; not listed), ``running``, ``stopped``
-(its process has exited; still listed), ``terminated`` (not listed, record kept).
+(its process has exited; still listed), ``terminated`` (not listed, record kept). A pending
+sink that is discarded (its restore or launch failed) goes entirely: record and data.
 """
 
 from __future__ import annotations
@@ -313,11 +314,23 @@ class LocalFileCapture(FileCapture):
 
 
 class LocalFileSink(FileSink):
-    """A new instance's data directory, to restore a file tree into before launch."""
+    """A new instance's data directory, to restore a file tree into before launch.
 
-    def __init__(self, root: Path, instance_id: str) -> None:
+    :meth:`discard` (a failed restore or launch) removes the directory and the pending
+    instance record with it; made by hand, without ``compute``, it removes nothing.
+    """
+
+    def __init__(
+        self, root: Path, instance_id: str, *, compute: LocalCompute | None = None
+    ) -> None:
         super().__init__(root)
         self.instance_id = instance_id
+        self.discarded = False
+        self._compute = compute
+
+    def discard(self) -> None:
+        if self._compute is None or self._compute._discard_sink(self):
+            self.discarded = True
 
 
 # --------------------------------------------------------------------------- the service
@@ -594,11 +607,40 @@ class LocalCompute(Compute):
             state="pending",
         )
         self._write(record)
-        return LocalFileSink(data_dir, instance_id)
+        return LocalFileSink(data_dir, instance_id, compute=self)
+
+    def _discard_sink(self, sink: LocalFileSink) -> bool:
+        """Remove a sink's pending record and restored data (True); a launched sink's data
+        belongs to its instance now and is left alone (False; ``terminate`` removes it)."""
+        instance_dir = self.instances_dir / sink.instance_id
+        if not _ID.match(sink.instance_id) or sink.root != instance_dir / DATA:
+            raise self._error(f"cannot discard {sink.root}: not a sink of this Compute")
+        with self._lock.hold():
+            try:
+                record: dict[str, Any] | None = self._read(sink.instance_id)
+            except InstanceNotFound:
+                record = None  # discarded already, or a removal that failed half-way
+            if record is not None and record["state"] != "pending":
+                log.info("sink %s was launched from: its data stays", sink.instance_id)
+                return False
+            try:
+                # the record first: a directory without one is never listed, even half-removed
+                (instance_dir / RECORD).unlink(missing_ok=True)
+                shutil.rmtree(instance_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._error(
+                    f"cannot remove the restored data of {sink.instance_id} in {instance_dir}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        return True
 
     def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:
         if not isinstance(sink, LocalFileSink):
             raise self._error(f"launch needs a sink from this Compute, got {type(sink).__name__}")
+        if sink.discarded:
+            raise self._error(f"sink {sink.instance_id} was discarded: restore again to launch")
         tags = self._tags(spec.tags)
         self._check_function(spec.function)
         with self._lock.hold():

@@ -33,10 +33,11 @@ MIN_PASSED = 40
 SUITE_TIMEOUT = 240
 REGIONS = ("aws:us-east-1", "aws:eu-west-1")
 #: tests that must be among the passed ones: the pipeline across the two regions, the
-#: block launch, and the key isolation between them
+#: block launch (and the discard of a failed one), and the key isolation between them
 MUST_PASS = (
     "test_pipeline.py::TestPipeline::test_backup_copy_restore_launch_and_retain",
     "test_compute.py::TestCompute::test_launch_from_restored_data[blocks]",
+    "test_compute.py::TestCompute::test_a_discarded_sink_cannot_be_launched[blocks]",
     "test_keys.py::TestKeyService::test_isolation_no_region_unwraps_another_regions_data_key[A-to-B]",
     "test_keys.py::TestKeyService::test_isolation_no_region_unwraps_another_regions_data_key[B-to-A]",
 )

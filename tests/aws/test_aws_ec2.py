@@ -297,3 +297,69 @@ def test_launch_from_a_point_alone_uses_the_recorded_instance_type(aws: AwsWorld
         assert launched.extra["instance_type"] == instance_type
         assert registered[-1] == architecture
     assert len(registered) == 3
+
+
+def _snapshot_gone(aws: AwsWorld, aws_region: str, snapshot_id: str) -> bool:
+    try:
+        found = aws.client("ec2", aws_region).describe_snapshots(SnapshotIds=[snapshot_id])
+    except Exception as exc:
+        if "InvalidSnapshot.NotFound" in str(exc):
+            return True
+        raise
+    return not found["Snapshots"]
+
+
+def test_discarding_an_unfinished_restore_deletes_its_snapshot(aws: AwsWorld) -> None:
+    """A restore that fails half-way: the sink is discarded, its snapshot (never completed)
+    is deleted, and the sink can be neither written nor launched from any more."""
+    west = aws.track(aws.provider.compute(aws.region(WEST, instance_type="t3.small")))
+    spec = LaunchSpec(name="half-restored")
+    sink = west.open_restore_sink(spec, CaptureKind.BLOCKS, size=4 * EBS_BLOCK_SIZE)
+    snapshot = sink.snapshot_id  # type: ignore[attr-defined]
+    sink.write(0, b"the first block of a restore that will fail")
+    assert not _snapshot_gone(aws, WEST, snapshot)
+    sink.discard()
+    assert _snapshot_gone(aws, WEST, snapshot)
+    with pytest.raises(ComputeError, match="discarded"):
+        sink.write(EBS_BLOCK_SIZE, b"more")
+    with pytest.raises(ComputeError, match="discarded"):
+        west.launch(spec, sink)
+    sink.discard()  # twice is harmless
+
+
+def test_a_failed_launch_is_discarded_with_its_image_and_snapshot(aws: AwsWorld) -> None:
+    """run_instances fails after the image was registered: discarding the sink deregisters
+    that image and deletes the snapshot; nothing the launch made stays behind."""
+    cfg = aws.region(WEST, instance_type="t3.small", subnet_id="subnet-0badc0ffee0000000")
+    west = aws.track(aws.provider.compute(cfg))
+    spec = LaunchSpec(name="never-runs", tags=Tags({"rv-run": aws.tag}))
+    sink = west.open_restore_sink(spec, CaptureKind.BLOCKS, size=EBS_BLOCK_SIZE)
+    sink.write(0, b"boot")
+    sink.commit()
+    snapshot = sink.snapshot_id  # type: ignore[attr-defined]
+    with pytest.raises(ComputeError, match="cannot run an instance"):
+        west.launch(spec, sink)
+    image = sink.image_id  # type: ignore[attr-defined]
+    assert image is not None
+    ec2 = aws.client("ec2", WEST)
+    assert len(ec2.describe_images(ImageIds=[image])["Images"]) == 1
+    sink.discard()
+    assert ec2.describe_images(ImageIds=[image])["Images"] == []
+    assert _snapshot_gone(aws, WEST, snapshot)
+    assert [i.id for i in west.list_instances(tag_filters={"rv-run": aws.tag})] == []
+
+
+def test_discarding_a_launched_sink_leaves_the_instance_its_disk(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST, instance_type="t3.small")))
+    spec = LaunchSpec(name="launched")
+    sink = west.open_restore_sink(spec, CaptureKind.BLOCKS, size=EBS_BLOCK_SIZE)
+    sink.write(0, b"boot")
+    sink.commit()
+    launched = west.launch(spec, sink)
+    sink.discard()
+    snapshot = sink.snapshot_id  # type: ignore[attr-defined]
+    assert not _snapshot_gone(aws, WEST, snapshot)
+    image = launched.extra["image_id"]
+    assert len(aws.client("ec2", WEST).describe_images(ImageIds=[image])["Images"]) == 1
+    west.terminate(launched.id)  # terminating is what removes them
+    assert _snapshot_gone(aws, WEST, snapshot)
