@@ -34,10 +34,37 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-def _engine(state: CliState) -> Engine:
+def _engine(state: CliState, **options: Any) -> Engine:
     from regionvault.core.pipeline import Engine
 
-    return Engine(state.site())
+    return Engine(state.site(), **options)
+
+
+def _region_tick_options(state: CliState, region: str | None, copy_grace: str | None) -> Any:
+    """The region (its full name) and the Engine options of ``--region`` / ``--copy-grace``."""
+    options: dict[str, Any] = {}
+    if copy_grace is not None:
+        if region is None:
+            raise click.UsageError("--copy-grace needs --region")
+        try:
+            options["copy_grace"] = parse_duration(copy_grace, bare_unit="s")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--copy-grace") from None
+    name = state.site().region(region).name if region is not None else None
+    return name, options
+
+
+_REGION_TICK = click.option(
+    "--region",
+    "-r",
+    metavar="REGION",
+    help="This region's own tick, with its credentials alone (one service per region).",
+)
+_COPY_GRACE = click.option(
+    "--copy-grace",
+    metavar="DURATION",
+    help="With --region: offer a point again when no receipt came this long after (1h).",
+)
 
 
 #: how verify, prune and status show a region whose vault holds no repository yet
@@ -474,7 +501,9 @@ def tag(state: CliState, region: str | None, as_json: bool) -> None:
 
 
 def _tick_json(report: TickReport) -> dict[str, Any]:
+    region = {"region": report.region} if report.region is not None else {}
     return {
+        **region,
         "at": report.at.isoformat(),
         "ok": report.ok,
         "tagged": [t.instance_id for rep in report.tagged for t in rep.tagged],
@@ -501,11 +530,14 @@ def _print_tick(report: TickReport) -> None:
 
 
 @cli.command()
+@_REGION_TICK
+@_COPY_GRACE
 @json_option
 @pass_state
-def tick(state: CliState, as_json: bool) -> None:
+def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: bool) -> None:
     """One pass: tag, back up what is due, copy, apply retention (for cron)."""
-    report = _engine(state).tick()
+    name, options = _region_tick_options(state, region, copy_grace)
+    report = _engine(state, **options).tick(name)
     if as_json:
         print_json(_tick_json(report))
     else:
@@ -519,9 +551,18 @@ def tick(state: CliState, as_json: bool) -> None:
     "--interval", metavar="DURATION", help="Time between ticks (default: the site's intervals)."
 )
 @click.option("--max-ticks", type=click.IntRange(min=1), help="Stop after this many ticks.")
+@_REGION_TICK
+@_COPY_GRACE
 @pass_state
-def run(state: CliState, interval: str | None, max_ticks: int | None) -> None:
+def run(
+    state: CliState,
+    interval: str | None,
+    max_ticks: int | None,
+    region: str | None,
+    copy_grace: str | None,
+) -> None:
     """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish."""
+    name, options = _region_tick_options(state, region, copy_grace)
     every = None
     if interval is not None:
         try:
@@ -536,13 +577,13 @@ def run(state: CliState, interval: str | None, max_ticks: int | None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    engine = _engine(state)
+    engine = _engine(state, **options)
 
     def on_tick(report: TickReport) -> None:
         _print_tick(report)
         sys.stdout.flush()
 
-    ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks)
+    ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     _err(f"regionvault: stopped after {ticks} tick(s)")
 
 

@@ -12,13 +12,15 @@ The protocol, between source region A and destination region B:
    batches it takes in), records the links, then discards the batch.
 4. B writes the translated tree and commits the copy's manifest with its lineage.
 
-Each payload carries a fresh 256-bit transfer key sealed with the receiver's Sealer (the
-sender may seal, never unseal) and is AES-256-GCM encrypted under it, bound to its name and
-direction, and ends with a BLAKE3 checksum, so damage anywhere is an :class:`IntegrityError`
-naming the payload before any KeyService is asked. Nothing in an inbox is plaintext. An
-interrupted copy is resumed by running it again: B first ingests any batches still in its
-inbox (a damaged one is discarded, its chunks are asked for again), so its request leaves out
-whatever already arrived; a half copy is never visible, since the manifest comes last.
+Each payload carries its session's 256-bit transfer key sealed with the receiver's Sealer
+(the sender may seal, never unseal; a send run's batches share one session, so one seal and
+one unseal), is AES-256-GCM encrypted under a key derived from it and the payload's name,
+bound to its kind and direction, and ends with a BLAKE3 checksum, so damage anywhere is an
+:class:`IntegrityError` naming the payload before any KeyService is asked. Nothing in an inbox
+is plaintext. An interrupted copy is resumed by running it again: B first ingests any batches
+still in its inbox (a damaged one is discarded, its chunks are asked for again), so its request
+leaves out whatever already arrived; a half copy is never visible, since the manifest comes
+last.
 
 The two halves are separate objects, so that each can run in its own region with only that
 region's keys: :class:`CopySender` (A: ``offer``, ``send``) and :class:`CopyReceiver` (B:
@@ -32,6 +34,7 @@ one phase at a time, each in its own region (docs/jobs.md).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -40,12 +43,20 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from regionvault.core.errors import IntegrityError, RegionVaultError, TransitError
+from regionvault.core.errors import (
+    IntegrityError,
+    ObjectExists,
+    ObjectNotFound,
+    RegionVaultError,
+    RetentionLocked,
+    TransitError,
+)
+from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._copy import (
     CopyOffer,
     ExportedChunk,
@@ -57,6 +68,7 @@ from regionvault.core.repository._copy import (
     encode_chunks,
     export_chunks,
     ingest_chunks,
+    keyed_tag,
     make_offer,
     missing_chunks,
 )
@@ -76,6 +88,8 @@ __all__ = [
     "CopySender",
     "RequestReport",
     "SendReport",
+    "TransitSession",
+    "UnsealedKeys",
     "batch_prefix",
     "copy_point",
     "offer_name",
@@ -86,8 +100,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"RVT1"
+#: a payload sealed under a transfer key of its own, its name in the sealing context
+_MAGIC_V1 = b"RVT1"
+#: a payload of a session: one transfer key sealed once per session (a send run), each
+#: payload under a key derived from it and the payload's name
+_MAGIC = b"RVT2"
 _LEN = struct.Struct(">H")
+_SESSION_ID = 16
 #: the trailing BLAKE3 checksum of everything before it
 _SUM = 32
 #: a batch of chunks is sent once it holds this many payload bytes
@@ -104,39 +123,116 @@ def _context(name: str, kind: str, source: str, destination: str) -> dict[str, s
     }
 
 
+def _session_context(session: bytes, kind: str, source: str, destination: str) -> dict[str, str]:
+    return {
+        "purpose": "regionvault-transit",
+        "kind": kind,
+        "session": session.hex(),
+        "source": source,
+        "destination": destination,
+    }
+
+
+def _payload_key(transfer_key: bytes, name: str) -> bytes:
+    """The AES key of payload ``name`` in a session: BLAKE3 keyed by the transfer key."""
+    return blake3.blake3(_MAGIC + name.encode(), key=transfer_key).digest()
+
+
+class TransitSession:
+    """Payloads of one kind, from one region to another, under one transfer key: it is
+    sealed for the receiver (one :meth:`Sealer.seal` call, at the first payload) and each
+    payload is encrypted under a key derived from it and the payload's name (docs/copy.md,
+    "Payloads"). A send run uses one session for all its batches."""
+
+    def __init__(self, sealer: Sealer, *, kind: str, source: str, destination: str) -> None:
+        self.sealer = sealer
+        self.kind = kind
+        self.source = source
+        self.destination = destination
+        self.id = os.urandom(_SESSION_ID)
+        self._key: bytes | None = None
+        self._sealed_key = b""
+        self._lock = threading.Lock()
+
+    def _transfer_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                key = AESGCM.generate_key(bit_length=256)
+                context = _session_context(self.id, self.kind, self.source, self.destination)
+                self._sealed_key = self.sealer.seal(key, context)
+                self._key = key
+            return self._key
+
+    def seal(self, name: str, body: bytes) -> bytes:
+        """``body`` encrypted for the receiver, bound to ``name``."""
+        key = self._transfer_key()
+        nonce = os.urandom(12)
+        head = b"".join(
+            (_MAGIC, _LEN.pack(len(self._sealed_key)), self._sealed_key, self.id, nonce)
+        )
+        sealed_body = AESGCM(_payload_key(key, name)).encrypt(nonce, body, _MAGIC + name.encode())
+        checksum = blake3.blake3(head)
+        checksum.update(sealed_body)
+        return b"".join((head, sealed_body, checksum.digest()))
+
+
+#: transfer keys a receiver has unsealed, by (sealed key, session, kind, source, destination)
+UnsealedKeys = dict[tuple[bytes, bytes, str, str, str], bytes]
+
+
 def seal_payload(
     sealer: Sealer, name: str, body: bytes, *, kind: str, source: str, destination: str
 ) -> bytes:
-    """Encrypt ``body`` under a fresh key sealed for ``sealer``'s region."""
-    key = AESGCM.generate_key(bit_length=256)
-    sealed_key = sealer.seal(key, _context(name, kind, source, destination))
-    nonce = os.urandom(12)
-    aad = _MAGIC + name.encode()
-    head = _MAGIC + _LEN.pack(len(sealed_key)) + sealed_key + nonce
-    sealed_body = AESGCM(key).encrypt(nonce, body, aad)
-    checksum = blake3.blake3(head)
-    checksum.update(sealed_body)
-    return b"".join((head, sealed_body, checksum.digest()))
+    """Encrypt ``body`` for ``sealer``'s region in a session of its own (one seal)."""
+    session = TransitSession(sealer, kind=kind, source=source, destination=destination)
+    return session.seal(name, body)
 
 
 def open_payload(
-    keys: KeyService, name: str, data: bytes, *, kind: str, source: str, destination: str
+    keys: KeyService,
+    name: str,
+    data: bytes,
+    *,
+    kind: str,
+    source: str,
+    destination: str,
+    unsealed: UnsealedKeys | None = None,
 ) -> bytes:
     """Open a payload sealed for ``keys``' region; :class:`KeyAccessDenied` if it was sealed
-    for another region, :class:`IntegrityError` naming it if it was damaged or altered."""
-    if data[:4] != _MAGIC:
+    for another region, :class:`IntegrityError` naming it if it was damaged or altered.
+
+    ``unsealed``, kept by a receiver across the payloads of one run, saves unsealing a
+    session's transfer key again for each of its payloads (the key is cached under the
+    sealed key and the exact context it was unsealed with)."""
+    magic = data[:4]
+    if magic not in (_MAGIC, _MAGIC_V1):
         raise IntegrityError(name, "not a sealed transit payload")
+    session_len = _SESSION_ID if magic == _MAGIC else 0
     view = memoryview(data)
-    if len(data) < 6 + 12 + 16 + _SUM or blake3.blake3(view[:-_SUM]).digest() != data[-_SUM:]:
+    least = 6 + session_len + 12 + 16 + _SUM
+    if len(data) < least or blake3.blake3(view[:-_SUM]).digest() != data[-_SUM:]:
         raise IntegrityError(name, "transit payload is damaged (checksum mismatch)")
     (n,) = _LEN.unpack_from(data, 4)
-    if len(data) < 6 + n + 12 + 16 + _SUM:
+    if len(data) < least + n:
         raise IntegrityError(name, "transit payload is truncated")
     sealed_key = data[6 : 6 + n]
-    nonce = data[6 + n : 18 + n]
-    key = keys.unseal(sealed_key, _context(name, kind, source, destination))
+    at = 6 + n
+    if magic == _MAGIC_V1:
+        key = keys.unseal(sealed_key, _context(name, kind, source, destination))
+    else:
+        session = data[at : at + _SESSION_ID]
+        at += _SESSION_ID
+        cache_key = (sealed_key, session, kind, source, destination)
+        transfer = unsealed.get(cache_key) if unsealed is not None else None
+        if transfer is None:
+            context = _session_context(session, kind, source, destination)
+            transfer = keys.unseal(sealed_key, context)
+            if unsealed is not None:
+                unsealed[cache_key] = transfer
+        key = _payload_key(transfer, name)
+    nonce = data[at : at + 12]
     try:
-        return AESGCM(key).decrypt(nonce, view[18 + n : -_SUM], _MAGIC + name.encode())
+        return AESGCM(key).decrypt(nonce, view[at + 12 : -_SUM], magic + name.encode())
     except InvalidTag:
         raise IntegrityError(name, "transit payload failed authentication (altered)") from None
 
@@ -216,6 +312,16 @@ def request_name(point_id: str) -> str:
 
 def batch_prefix(point_id: str) -> str:
     return f"copy/{point_id}/batch-"
+
+
+def sent_name(point_id: str) -> str:
+    """The source's notice, in the destination's inbox, that it sent every batch asked for."""
+    return f"copy/{point_id}/sent"
+
+
+def receipt_name(point_id: str) -> str:
+    """The destination's receipt, in the source's inbox, for a copy it holds."""
+    return f"copy/{point_id}/receipt"
 
 
 def _link_error(role: str, here: str, transit: Transit, expected: str) -> RegionVaultError:
@@ -339,20 +445,15 @@ class CopySender(_Half):
         base = batch_prefix(point_id)
         batch: list[ExportedChunk] = []
         size = sent = seq = nbytes = 0
+        # one transfer key for every batch of this run: one seal, not one per batch
+        session = TransitSession(self.seal_to_destination, kind="batch", source=a, destination=b)
 
         def flush() -> None:
             nonlocal batch, size, seq, nbytes
             if not batch:
                 return
             name = f"{base}{run}-{seq:06d}"
-            payload = seal_payload(
-                self.seal_to_destination,
-                name,
-                encode_chunks(batch),
-                kind="batch",
-                source=a,
-                destination=b,
-            )
+            payload = session.seal(name, encode_chunks(batch))
             self.forward.send(name, payload)
             seq += 1
             nbytes += len(payload)
@@ -404,6 +505,8 @@ class CopyReceiver(_Half):
         self._links_lock = threading.Lock()
         self._run: RunKey | None = None
         self._offers: dict[str, CopyOffer] = {}
+        # the transfer keys of the sessions this run has opened (a send run's batches share one)
+        self._unsealed: UnsealedKeys = {}
 
     def _source(self, source_region: str | None) -> str:
         if source_region is not None and source_region != self.source:
@@ -453,6 +556,7 @@ class CopyReceiver(_Half):
             kind="batch",
             source=self.source,
             destination=self.region,
+            unsealed=self._unsealed,
         )
         with self.locked():
             ingest_chunks(
@@ -503,6 +607,11 @@ class CopyReceiver(_Half):
         """Drop what is left in the inbox for a point already copied."""
         for name in list(self.forward.inbox(f"copy/{point_id}/")):
             self.forward.discard(name)
+
+    def tidy(self, point_id: str) -> None:
+        """Drop everything left in this destination's inbox for ``point_id`` (offer,
+        batches, the source's sent notice): for a point it holds a copy of already."""
+        self._tidy(point_id)
 
     def request(self, point_id: str, source_region: str | None = None) -> RequestReport:
         """Take in the leftovers of an interrupted run, open the offer, and send the source
@@ -677,3 +786,271 @@ def _send_and_ingest(
     if failure:
         raise failure[0]
     return sent
+
+
+# --------------------------------------------------------------------------- notices and receipts
+#
+# Two small sealed payloads let each region run its own tick with its own keys alone
+# (docs/copy.md, "Receipts"): the source's *sent notice* tells the destination that every
+# batch it asked for has landed (and how long to keep the copy); the destination's *receipt*
+# tells the source that it holds the copy, so the source stops offering the point.
+
+_SENT_MAGIC = b"RVSN"
+_RECEIPT_MAGIC = b"RVRC"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _time(value: Any, name: str, field: str, *, optional: bool) -> datetime | None:
+    if value is None and optional:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise IntegrityError(name, f"{field} {value!r} is not an ISO 8601 time") from None
+    if moment.utcoffset() is None:
+        raise IntegrityError(name, f"{field} {value!r} has no time zone")
+    return moment
+
+
+def _json_body(magic: bytes, doc: dict[str, Any]) -> bytes:
+    return magic + json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _read_body(magic: bytes, name: str, body: bytes, expect: dict[str, str]) -> dict[str, Any]:
+    if body[:4] != magic:
+        raise IntegrityError(name, f"not a {magic.decode()} body")
+    try:
+        doc = json.loads(body[4:])
+    except ValueError:
+        raise IntegrityError(name, "body is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != 1:
+        raise IntegrityError(name, "unknown format (expected 1)")
+    for field, value in expect.items():
+        if doc.get(field) != value:
+            raise IntegrityError(name, f"{field} is {doc.get(field)!r}, expected {value!r}")
+    return doc
+
+
+@dataclass(frozen=True)
+class SentNotice:
+    """The source's word, sealed for the destination, that every batch the destination asked
+    for has landed in its inbox: the destination may commit. It carries the copy's expiry,
+    which the source's policy decides."""
+
+    recovery_point: str
+    source: str
+    destination: str
+    expires_at: datetime | None
+    batches: int = 0
+    chunks_sent: int = 0
+
+
+def seal_sent_notice(sealer: Sealer, notice: SentNotice) -> bytes:
+    """``notice`` as a payload for ``copy/<point>/sent``, sealed for the destination."""
+    body = _json_body(
+        _SENT_MAGIC,
+        {
+            "format": 1,
+            "recovery_point": notice.recovery_point,
+            "source": notice.source,
+            "destination": notice.destination,
+            "expires_at": _iso(notice.expires_at),
+            "batches": notice.batches,
+            "chunks_sent": notice.chunks_sent,
+        },
+    )
+    return seal_payload(
+        sealer,
+        sent_name(notice.recovery_point),
+        body,
+        kind="sent",
+        source=notice.source,
+        destination=notice.destination,
+    )
+
+
+def open_sent_notice(
+    keys: KeyService, point_id: str, data: bytes, *, source: str, destination: str
+) -> SentNotice:
+    """Open the sent notice for ``point_id`` that ``source`` sealed for ``destination``
+    (``keys``, the destination's); :class:`IntegrityError` naming it if it does not say what
+    its name and seal say."""
+    name = sent_name(point_id)
+    body = open_payload(keys, name, data, kind="sent", source=source, destination=destination)
+    expect = {"recovery_point": point_id, "source": source, "destination": destination}
+    doc = _read_body(_SENT_MAGIC, name, body, expect)
+    try:
+        batches, chunks = int(doc.get("batches", 0)), int(doc.get("chunks_sent", 0))
+    except (TypeError, ValueError):
+        raise IntegrityError(name, "batch or chunk count is not a number") from None
+    return SentNotice(
+        point_id,
+        source,
+        destination,
+        _time(doc.get("expires_at"), name, "expires_at", optional=True),
+        batches,
+        chunks,
+    )
+
+
+@dataclass(frozen=True)
+class CopyReceipt:
+    """The destination's word, sealed for the source, that it holds a committed copy of the
+    source's point. The source records it in its own vault (:class:`CopyTracker`) and stops
+    offering the point."""
+
+    #: the source's point, its region, and the region holding the copy
+    recovery_point: str
+    source: str
+    destination: str
+    #: the copy's id in the destination, when it was committed and when it expires
+    copy: str
+    committed_at: datetime
+    expires_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "recovery_point": self.recovery_point,
+            "source": self.source,
+            "destination": self.destination,
+            "copy": self.copy,
+            "committed_at": self.committed_at.isoformat(),
+            "expires_at": _iso(self.expires_at),
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, doc: dict[str, Any]) -> CopyReceipt:
+        for field in ("recovery_point", "source", "destination", "copy"):
+            if not isinstance(doc.get(field), str) or not doc[field]:
+                raise IntegrityError(name, f"receipt lacks {field!r}")
+        committed = _time(doc.get("committed_at"), name, "committed_at", optional=False)
+        assert committed is not None
+        return cls(
+            doc["recovery_point"],
+            doc["source"],
+            doc["destination"],
+            doc["copy"],
+            committed,
+            _time(doc.get("expires_at"), name, "expires_at", optional=True),
+        )
+
+    @classmethod
+    def of(cls, source: str, recovery_point: str, copy: RecoveryPoint) -> CopyReceipt:
+        """The receipt for ``copy`` (in its own region) of ``source``'s ``recovery_point``."""
+        return cls(recovery_point, source, copy.region, copy.id, copy.created_at, copy.expires_at)
+
+
+def seal_receipt(sealer: Sealer, receipt: CopyReceipt) -> bytes:
+    """``receipt`` as a payload for ``copy/<point>/receipt`` in the source's inbox, sealed
+    with the source's Sealer (the destination sends it)."""
+    return seal_payload(
+        sealer,
+        receipt_name(receipt.recovery_point),
+        _json_body(_RECEIPT_MAGIC, receipt.to_dict()),
+        kind="receipt",
+        source=receipt.destination,
+        destination=receipt.source,
+    )
+
+
+def open_receipt(
+    keys: KeyService, point_id: str, data: bytes, *, source: str, destination: str
+) -> CopyReceipt:
+    """Open the receipt for ``point_id`` that the copy's ``destination`` sealed for its
+    ``source`` (``keys``, the source's: the receipt travels destination to source)."""
+    name = receipt_name(point_id)
+    body = open_payload(keys, name, data, kind="receipt", source=destination, destination=source)
+    expect = {"recovery_point": point_id, "source": source, "destination": destination}
+    return CopyReceipt.from_dict(name, _read_body(_RECEIPT_MAGIC, name, body, expect))
+
+
+class CopyTracker:
+    """What a source region knows about its copies, kept in its own vault under its own
+    keys: per destination and point, when it last offered the point (``offered``) and the
+    destination's receipt (``receipt``). Nothing of it is plaintext.
+
+    Objects are ``copies/<destination tag>/<point id>/offered`` (replaced by every offer) and
+    ``.../receipt`` (written once, if absent): sealed objects of kind ``COPIES`` (docs/format.md,
+    the envelope under the repository's master key) holding JSON. The tag is a keyed hash of
+    the destination's name (:func:`~regionvault.core.repository._copy.keyed_tag`), so names
+    do not say which region a copy went to.
+    """
+
+    PREFIX = "copies/"
+
+    def __init__(self, repository: Repository) -> None:
+        self.repository = repository
+        self._store = repository._ensure_open()
+
+    def _name(self, destination: str, point_id: str, what: str) -> str:
+        return f"{self.PREFIX}{keyed_tag(self._store, f'tracker:{destination}')}/{point_id}/{what}"
+
+    def _put(self, name: str, doc: dict[str, Any], *, if_absent: bool = False) -> None:
+        body = json.dumps(doc, sort_keys=True).encode()
+        self._store.put_sealed(fmt.ObjectKind.COPIES, name, body, if_absent=if_absent)
+
+    def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            body = self._store.get_sealed(fmt.ObjectKind.COPIES, name)
+        except ObjectNotFound:
+            return None
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise IntegrityError(name, "copy tracker object is not a JSON object")
+        return doc
+
+    def offered_at(self, destination: str, point_id: str) -> datetime | None:
+        """When ``point_id`` was last offered to ``destination`` (None: never)."""
+        name = self._name(destination, point_id, "offered")
+        doc = self._get(name)
+        return None if doc is None else _time(doc.get("at"), name, "at", optional=False)
+
+    def mark_offered(self, destination: str, point_id: str, at: datetime) -> None:
+        self._put(
+            self._name(destination, point_id, "offered"),
+            {"point": point_id, "destination": destination, "at": at.isoformat()},
+        )
+
+    def receipt(self, destination: str, point_id: str) -> CopyReceipt | None:
+        """``destination``'s receipt for ``point_id``, if one was recorded."""
+        name = self._name(destination, point_id, "receipt")
+        doc = self._get(name)
+        return None if doc is None else CopyReceipt.from_dict(name, doc)
+
+    def record(self, receipt: CopyReceipt) -> bool:
+        """Record ``receipt`` (once: True when it was new, False when one was there)."""
+        if receipt.source != self.repository.region:
+            raise RegionVaultError(
+                f"a receipt for {receipt.source}'s point cannot be kept in "
+                f"{self.repository.region}",
+                region=self.repository.region,
+            )
+        name = self._name(receipt.destination, receipt.recovery_point, "receipt")
+        if self._get(name) is not None:
+            return False
+        try:
+            self._put(name, receipt.to_dict(), if_absent=True)
+        except ObjectExists:
+            return False  # another runner recorded it meanwhile
+        return True
+
+    def tidy(self, live_points: set[str]) -> int:
+        """Delete what is kept for points no longer in the repository; returns how many
+        objects went."""
+        gone = 0
+        for info in list(self.repository.vault.list(self.PREFIX)):
+            parts = info.name[len(self.PREFIX) :].split("/")
+            if len(parts) == 3 and parts[1] not in live_points:
+                try:
+                    self.repository.vault.delete(info.name)
+                except RetentionLocked:
+                    continue  # a vault-wide lock: it goes when the lock ends
+                gone += 1
+        return gone

@@ -48,6 +48,7 @@ __all__ = [
     "COPY_COMMIT",
     "COPY_OFFER",
     "COPY_PHASES",
+    "COPY_RECEIPT",
     "COPY_REQUEST",
     "COPY_SEND",
     "RETENTION",
@@ -67,6 +68,7 @@ __all__ = [
     "copy_job",
     "copy_jobs_for",
     "copy_phase_job",
+    "copy_receipt_job",
     "execute_job",
     "format_slot",
     "job_key",
@@ -92,6 +94,8 @@ COPY_REQUEST = "copy-request"
 COPY_SEND = "copy-send"
 COPY_COMMIT = "copy-commit"
 COPY_PHASES = (COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT)
+#: the source takes in the destination's receipt for a copy (a region's own tick: docs/jobs.md)
+COPY_RECEIPT = "copy-receipt"
 #: the phases that run in the source region (the others run in the destination)
 _SOURCE_PHASES = frozenset({COPY_OFFER, COPY_SEND})
 
@@ -304,6 +308,25 @@ def copy_jobs_for(
             payload={"expires_at": expiry},
         ),
     ]
+
+
+def copy_receipt_job(
+    source_region: str, recovery_point: str, destination: str, *, slot: datetime
+) -> Job:
+    """Take in ``destination``'s receipt for its copy of ``recovery_point`` from the source's
+    inbox and record it in the source's vault; runs in ``source_region``, once per slot.
+
+    The key is ``copy-receipt/<source>/<recovery point>/<destination>/<slot>``."""
+    if source_region == destination:
+        raise RegionVaultError(f"cannot copy {recovery_point} from {source_region} to itself")
+    data = {
+        "recovery_point": recovery_point,
+        "source": source_region,
+        "destination": destination,
+        "slot": format_slot(slot),
+    }
+    key = job_key(COPY_RECEIPT, source_region, recovery_point, destination, format_slot(slot))
+    return Job(key, COPY_RECEIPT, source_region, data)
 
 
 def retention_job(region: str, slot: datetime) -> Job:

@@ -18,20 +18,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from regionvault.core.copy import (
+    CommitReport,
     CopyProgress,
+    CopyReceipt,
     CopyReceiver,
     CopyResult,
     CopySender,
+    CopyTracker,
+    SentNotice,
     copy_point,
     offer_name,
+    open_receipt,
+    open_sent_notice,
+    receipt_name,
+    seal_receipt,
+    seal_sent_notice,
+    sent_name,
 )
 from regionvault.core.errors import (
     InstanceNotFound,
+    IntegrityError,
     ObjectNotFound,
     PolicyError,
     RegionVaultError,
     RepositoryNotFound,
     RetentionLocked,
+    TransitError,
 )
 from regionvault.core.interfaces import BlockSink, FileSink, RestoreSink
 from regionvault.core.jobs import (
@@ -39,6 +51,7 @@ from regionvault.core.jobs import (
     COPY,
     COPY_COMMIT,
     COPY_OFFER,
+    COPY_RECEIPT,
     COPY_REQUEST,
     COPY_SEND,
     RETENTION,
@@ -51,6 +64,8 @@ from regionvault.core.jobs import (
     ThreadExecutor,
     copy_job,
     copy_jobs_for,
+    copy_phase_job,
+    copy_receipt_job,
     format_slot,
     parse_slot,
     retention_job,
@@ -70,6 +85,7 @@ if TYPE_CHECKING:
     from regionvault.core.site import Region, Site
 
 __all__ = [
+    "DEFAULT_COPY_GRACE",
     "SLOT_TAG",
     "Engine",
     "RestoreResult",
@@ -87,6 +103,8 @@ _Half = TypeVar("_Half", CopySender, CopyReceiver)
 SLOT_TAG = "regionvault:slot"
 #: how long a launch may take to become healthy before the restore reports it unhealthy
 DEFAULT_HEALTH_TIMEOUT = 60.0
+#: a region's own tick offers a point again when no receipt came this long after its offer
+DEFAULT_COPY_GRACE = timedelta(hours=1)
 
 
 def utcnow() -> datetime:
@@ -129,6 +147,8 @@ class TickReport:
     jobs: list[JobOutcome] = field(default_factory=list)
     #: problems met outside any job (a region that could not be listed, ...)
     problems: list[str] = field(default_factory=list)
+    #: the region of a region's own tick (``tick(region=...)``); None for a whole-site tick
+    region: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -190,6 +210,11 @@ class Engine:
     With ``split_copies``, :meth:`tick` copies through the four phase jobs (``copy-offer``,
     ``copy-request``, ``copy-send``, ``copy-commit``), each of which needs only one region's
     credentials, instead of one ``copy`` job that needs both (docs/jobs.md).
+
+    ``tick(region=R)`` is region R's own tick: it needs R's credentials alone (the other
+    regions' Sealers and inboxes aside), and drives R's side of every copy from what its
+    inbox holds; ``copy_grace`` is how long it waits for a destination's receipt before it
+    offers a point again (docs/jobs.md, "One service per region").
     """
 
     def __init__(
@@ -201,9 +226,13 @@ class Engine:
         workers: int = 2,
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
         split_copies: bool = False,
+        copy_grace: timedelta = DEFAULT_COPY_GRACE,
     ) -> None:
+        if copy_grace <= timedelta(0):
+            raise RegionVaultError(f"copy_grace must be positive, got {copy_grace}")
         self.site = site
         self.split_copies = split_copies
+        self.copy_grace = copy_grace
         self.clock = clock
         self.settings = settings
         self.workers = workers
@@ -650,6 +679,11 @@ class Engine:
             except ObjectNotFound:
                 continue  # another runner forgot it meanwhile
         if report.forgotten:
+            # what a region's own tick kept about copies of the forgotten points goes too
+            try:
+                CopyTracker(repo).tidy({p.id for p in repo.points()})
+            except RegionVaultError as exc:
+                log.warning("%s: tidying copy receipts failed: %s", r.name, exc)
             pruned = repo.prune()
             report.prune = {
                 "packs_deleted": pruned.packs_deleted,
@@ -702,6 +736,7 @@ class Engine:
                 COPY_REQUEST: self._run_copy_request,
                 COPY_SEND: self._run_copy_send,
                 COPY_COMMIT: self._run_copy_commit,
+                COPY_RECEIPT: self._run_copy_receipt,
             }
         )
 
@@ -741,11 +776,25 @@ class Engine:
         point_id, source, destination = self._copy_phase(job, source_side=True)
         with self._links_closed(self.copy_sender(source, destination)) as sender:
             sent = sender.offer(point_id)
+            if job.payload.get("track"):
+                # a region's own tick: remember when, so that it waits for the receipt
+                CopyTracker(sender.repository).mark_offered(destination, point_id, self.clock())
         return {"offer": offer_name(point_id), "bytes_sent": sent}
 
     def _run_copy_request(self, job: Job) -> Any:
         point_id, source, destination = self._copy_phase(job, source_side=False)
         with self._links_closed(self.copy_receiver(source, destination)) as receiver:
+            if job.payload.get("receipt"):
+                found = self._answer_with_receipt(receiver, point_id)
+                if found is not None:
+                    return {
+                        "existing": found.id,
+                        "chunks_total": 0,
+                        "chunks_requested": 0,
+                        "leftovers": 0,
+                        "bytes_sent": 0,
+                        "receipt": True,
+                    }
             report = receiver.request(point_id, source)
         return {
             "existing": report.existing.id if report.existing is not None else None,
@@ -757,17 +806,39 @@ class Engine:
 
     def _run_copy_send(self, job: Job) -> Any:
         point_id, source, destination = self._copy_phase(job, source_side=True)
+        notified = False
         with self._links_closed(self.copy_sender(source, destination)) as sender:
             report = sender.send(point_id)
-        return {
+            if job.payload.get("notify") and report.requested:
+                # a region's own tick: tell the destination every batch has landed, and how
+                # long to keep the copy (the source's policy says)
+                point = self.find_point(point_id, source)
+                notice = SentNotice(
+                    point_id,
+                    source,
+                    destination,
+                    self._copy_expiry(point, destination, None),
+                    report.batches,
+                    report.chunks_sent,
+                )
+                sender.forward.send(
+                    sent_name(point_id), seal_sent_notice(sender.seal_to_destination, notice)
+                )
+                notified = True
+        result = {
             "requested": report.requested,
             "chunks_sent": report.chunks_sent,
             "batches": report.batches,
             "bytes_sent": report.bytes_sent,
         }
+        if job.payload.get("notify"):
+            result["notified"] = notified
+        return result
 
     def _run_copy_commit(self, job: Job) -> Any:
         point_id, source, destination = self._copy_phase(job, source_side=False)
+        if job.payload.get("notice"):
+            return self._commit_on_notice(job, point_id, source, destination)
         if "expires_at" not in job.payload:
             raise RegionVaultError(f"job {job.key}: payload lacks 'expires_at' (null: keep)")
         expiry = job.payload["expires_at"]
@@ -781,6 +852,14 @@ class Engine:
             raise RegionVaultError(f"job {job.key}: expires_at {expiry!r} has no time zone")
         with self._links_closed(self.copy_receiver(source, destination)) as receiver:
             report = receiver.commit(point_id, source, expires_at)
+        self._after_commit(source, destination, report)
+        return {
+            "copy": report.point.id,
+            "existing": report.existing,
+            "batches_ingested": report.batches_ingested,
+        }
+
+    def _after_commit(self, source: str, destination: str, report: CommitReport) -> None:
         if not report.existing and report.source is not None:
             self._hook(
                 "regionvault_after_copy",
@@ -789,21 +868,126 @@ class Engine:
                 source=report.source,
                 copy=report.point,
             )
+
+    # A region's own tick adds three small steps to the phases (docs/copy.md, "Receipts"):
+    # the source's copy-send ends with a sealed *sent notice*; the destination commits on it
+    # and answers with a sealed *receipt*, as it does an offer for a point it holds already;
+    # the source's copy-receipt takes the receipt in and records it in its own vault.
+
+    def _answer_with_receipt(self, receiver: CopyReceiver, point_id: str) -> RecoveryPoint | None:
+        """When the destination holds the copy already: send the source a receipt, then drop
+        what is left in the inbox for the point (a crash in between leaves the offer or the
+        notice, and the next tick answers again). Returns the copy, or None."""
+        found = receiver.existing(point_id)
+        if found is None:
+            return None
+        receipt = CopyReceipt.of(receiver.source, point_id, found)
+        receiver.backward.send(
+            receipt_name(point_id), seal_receipt(receiver.seal_to_source, receipt)
+        )
+        receiver.tidy(point_id)
+        return found
+
+    def _commit_on_notice(self, job: Job, point_id: str, source: str, destination: str) -> Any:
+        with self._links_closed(self.copy_receiver(source, destination)) as receiver:
+            found = self._answer_with_receipt(receiver, point_id)
+            if found is not None:
+                return {"copy": found.id, "existing": True, "batches_ingested": 0, "receipt": True}
+            inbox = receiver.forward
+            notice_name = sent_name(point_id)
+            try:
+                sealed = inbox.receive(notice_name)
+            except TransitError:
+                if inbox.has(notice_name):
+                    raise
+                raise RegionVaultError(
+                    f"job {job.key}: no sent notice for {point_id} in {destination}'s inbox",
+                    region=destination,
+                ) from None
+            try:
+                notice = open_sent_notice(
+                    receiver.repository.keys,
+                    point_id,
+                    sealed,
+                    source=source,
+                    destination=destination,
+                )
+            except IntegrityError:
+                inbox.discard(notice_name)  # damaged: the next tick asks again
+                raise
+            if not inbox.has(offer_name(point_id)):
+                inbox.discard(notice_name)
+                raise RegionVaultError(
+                    f"job {job.key}: a sent notice for {point_id} but no offer in "
+                    f"{destination}'s inbox; the notice is dropped (the source offers again)",
+                    region=destination,
+                )
+            try:
+                report = receiver.commit(point_id, source, notice.expires_at)
+            except RegionVaultError as exc:
+                if "has not arrived" in str(exc):
+                    # a chunk was collected, or a damaged batch dropped, since the request:
+                    # without the notice, the next tick requests what is missing again
+                    inbox.discard(notice_name)
+                raise
+            receipt = CopyReceipt.of(source, point_id, report.point)
+            receiver.backward.send(
+                receipt_name(point_id), seal_receipt(receiver.seal_to_source, receipt)
+            )
+            inbox.discard(notice_name)
+        self._after_commit(source, destination, report)
         return {
             "copy": report.point.id,
             "existing": report.existing,
             "batches_ingested": report.batches_ingested,
+            "receipt": True,
         }
+
+    def _run_copy_receipt(self, job: Job) -> Any:
+        point_id, source, destination = self._copy_phase(job, source_side=True)
+        repo = self.repository(source, create=False)
+        name = receipt_name(point_id)
+        transit = self.site.transit(destination, source)
+        try:
+            try:
+                sealed = transit.receive(name)
+            except TransitError:
+                if transit.has(name):
+                    raise
+                return {"copy": None, "recorded": False}  # taken in already
+            try:
+                receipt = open_receipt(
+                    repo.keys, point_id, sealed, source=source, destination=destination
+                )
+            except IntegrityError as exc:
+                # a damaged receipt: the point is offered again after the grace period, and
+                # the destination, holding the copy, answers with a new receipt
+                log.warning("discarding a damaged receipt from %s: %s", destination, exc)
+                transit.discard(name)
+                return {"copy": None, "recorded": False, "discarded": str(exc)}
+            recorded = CopyTracker(repo).record(receipt)
+            transit.discard(name)
+        finally:
+            try:
+                transit.close()
+            except Exception as exc:
+                log.warning("closing %r failed: %s", transit, exc)
+        return {"copy": receipt.copy, "recorded": recorded}
 
     def ledger(self) -> JobLedger:
         # JobLedger keeps its files under <state_dir>/jobs, the same ledger docs/jobs.md's
         # workers use, so their runs and this engine's see each other's locks and records
         return JobLedger(self.site.config.state_dir)
 
-    def tick(self) -> TickReport:
+    def tick(self, region: str | None = None) -> TickReport:
         """One pass: tag every region, back up what is due, copy new points where their
         policies say, apply retention. Each step is a job: a step already done for its
-        slot is not done again."""
+        slot is not done again.
+
+        With ``region``, region's own tick (:meth:`region_tick`): the same for that region
+        alone, with its credentials alone."""
+        if region is not None:
+            return self.region_tick(region)
         now = self.clock()
         report = TickReport(at=now)
         cfg = self.site.config
@@ -849,6 +1033,146 @@ class Engine:
             )
         return report
 
+    def region_tick(self, region: str) -> TickReport:
+        """Region ``region``'s own tick, for a backup service running in that region with
+        its own credentials alone (of the other regions: their Sealers, and write access to
+        their inboxes). Each step is a job with a stable key (the schedule slot's):
+
+        1. tag its untagged instances; back up its due instances;
+        2. take in what its inbox holds from each other region: a destination's receipt
+           (``copy-receipt``: recorded in its own vault), a sent notice (``copy-commit``:
+           commit the copy, answer with a receipt), a request (``copy-send``: send the
+           chunks, then a sent notice), an offer (``copy-request``; or a receipt when it
+           holds the copy already);
+        3. offer the newest point of each of its instances to every region its policy copies
+           to (``copy-offer``), unless a receipt says the destination holds it, or it was
+           offered less than ``copy_grace`` ago;
+        4. apply retention to its vault.
+
+        The other regions' ticks do their sides of each copy; one round of alternating
+        ticks moves a copy one phase on (docs/jobs.md, "One service per region")."""
+        here = self.region(region)
+        r_name = here.name
+        now = self.clock()
+        report = TickReport(at=now, region=r_name)
+        cfg = self.site.config
+        slot = slot_of(now, cfg.schedule_interval)
+        with ThreadExecutor(
+            self.handlers(),
+            self.ledger(),
+            max_workers=self.workers,
+            plugin_manager=self.site.plugin_manager,
+        ) as executor:
+            report.jobs.extend(executor.run([tag_job(r_name, slot_of(now, cfg.tag_interval))]))
+            try:
+                schedule = due_instances(here.compute, self._newest_slot, cfg, now)
+            except RegionVaultError as exc:
+                report.problems.append(f"{r_name}: schedule: {exc}")
+            else:
+                report.schedule.append(schedule)
+                report.jobs.extend(executor.run(schedule.jobs()))
+            first: list[Job] = []
+            then: list[Job] = []
+            for peer, points in self._inbox(r_name, report).items():
+                for point_id, what in sorted(points.items()):
+                    if "receipt" in what:
+                        first.append(copy_receipt_job(r_name, point_id, peer, slot=slot))
+                    if "sent" in what:
+                        first.append(
+                            copy_phase_job(
+                                COPY_COMMIT,
+                                r_name,
+                                point_id,
+                                peer,
+                                slot=slot,
+                                payload={"notice": True, "receipt": True},
+                            )
+                        )
+                    elif "offer" in what:
+                        then.append(
+                            copy_phase_job(
+                                COPY_REQUEST,
+                                r_name,
+                                point_id,
+                                peer,
+                                slot=slot,
+                                payload={"receipt": True},
+                            )
+                        )
+                    if "request" in what:
+                        then.append(
+                            copy_phase_job(
+                                COPY_SEND,
+                                r_name,
+                                point_id,
+                                peer,
+                                slot=slot,
+                                payload={"notify": True},
+                            )
+                        )
+            report.jobs.extend(executor.run(first))
+            report.jobs.extend(executor.run(then))
+            offers = [
+                copy_phase_job(
+                    COPY_OFFER, r_name, point.id, dest, slot=slot, payload={"track": True}
+                )
+                for point, dest in self._offers_due(report, now)
+            ]
+            report.jobs.extend(executor.run(offers))
+            report.jobs.extend(executor.run([retention_job(r_name, slot)]))
+        return report
+
+    def _inbox(self, region: str, report: TickReport) -> dict[str, dict[str, set[str]]]:
+        """What ``region``'s inbox holds from each other region: ``{peer: {point id:
+        {"offer", "request", "sent", "receipt", "batch"}}}`` (names only: nothing opened)."""
+        found: dict[str, dict[str, set[str]]] = {}
+        for peer in self.site.regions:
+            if peer.name == region:
+                continue
+            try:
+                transit = self.site.transit(peer.name, region)
+                try:
+                    names = list(transit.inbox("copy/"))
+                finally:
+                    transit.close()
+            except RegionVaultError as exc:
+                report.problems.append(f"{region}: inbox from {peer.name}: {exc}")
+                continue
+            for name in names:
+                parts = name.split("/")
+                if len(parts) != 3 or not parts[1]:
+                    continue
+                what = "batch" if parts[2].startswith("batch-") else parts[2]
+                found.setdefault(peer.name, {}).setdefault(parts[1], set()).add(what)
+        return found
+
+    def _offers_due(self, report: TickReport, now: datetime) -> list[tuple[RecoveryPoint, str]]:
+        """``(point, destination)`` for the newest point of each instance of the tick's
+        region and each region its policy copies to, unless the region's vault holds a
+        receipt for it or it was offered less than ``copy_grace`` ago."""
+        due: list[tuple[RecoveryPoint, str]] = []
+        tracker: CopyTracker | None = None
+        for schedule in report.schedule:
+            instances = [d.instance for d in schedule.due] + [n.instance for n in schedule.not_due]
+            for instance in instances:
+                try:
+                    policy = resolve_policy(instance, self.site.config)
+                    point = self.newest_point(instance)
+                    if policy is None or point is None:
+                        continue
+                    if tracker is None:
+                        tracker = CopyTracker(self.repository(point.region, create=False))
+                    for ref in policy.copy_to:
+                        dest = self.region(str(ref)).name
+                        if dest == point.region or tracker.receipt(dest, point.id) is not None:
+                            continue
+                        offered = tracker.offered_at(dest, point.id)
+                        if offered is None or now - offered >= self.copy_grace:
+                            due.append((point, dest))
+                except RegionVaultError as exc:
+                    report.problems.append(f"{instance.id}: copy: {exc}")
+        return due
+
     def _copies_due(self, report: TickReport) -> list[tuple[RecoveryPoint, str]]:
         """``(point, destination)`` for every destination of every instance's newest point
         that the destination does not hold yet (new points, and copies an earlier tick did
@@ -882,15 +1206,16 @@ class Engine:
         interval: timedelta | None = None,
         on_tick: Callable[[TickReport], None] | None = None,
         max_ticks: int | None = None,
+        region: str | None = None,
     ) -> int:
         """Tick every ``interval`` (default: the shorter of the site's tag and schedule
         intervals) until ``stop`` is set; a tick in progress finishes first. Returns the
-        number of ticks run."""
+        number of ticks run. With ``region``, each tick is that region's own tick."""
         cfg = self.site.config
         every = interval or min(cfg.tag_interval, cfg.schedule_interval)
         ticks = 0
         while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
-            report = self.tick()
+            report = self.tick(region)
             ticks += 1
             if on_tick is not None:
                 on_tick(report)

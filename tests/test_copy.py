@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import blake3
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from regionvault.core.config import load_site
 from regionvault.core.copy import (
     CopyReceiver,
     CopyResult,
     CopySender,
+    TransitSession,
+    UnsealedKeys,
     copy_point,
     open_payload,
     seal_payload,
@@ -29,7 +34,7 @@ from regionvault.core.errors import (
     RegionVaultError,
     TransitError,
 )
-from regionvault.core.interfaces import Transit
+from regionvault.core.interfaces import KeyService, Sealer, Transit
 from regionvault.core.jobs import (
     COPY_COMMIT,
     COPY_OFFER,
@@ -365,7 +370,7 @@ def test_a_payload_sealed_for_west_opens_only_in_west(east: Region, west: Region
         west.sealer(), name, body, kind="offer", source=east.name, destination=west.name
     )
     assert body[:32] not in sealed
-    ctx = {"kind": "offer", "source": east.name, "destination": west.name}
+    ctx: dict[str, Any] = {"kind": "offer", "source": east.name, "destination": west.name}
     assert open_payload(west.keys, name, sealed, **ctx) == body
     with pytest.raises(KeyAccessDenied):
         open_payload(east.keys, name, sealed, **ctx)
@@ -376,6 +381,76 @@ def test_a_payload_sealed_for_west_opens_only_in_west(east: Region, west: Region
         open_payload(west.keys, name, sealed, kind="batch", source=east.name, destination=west.name)
     with pytest.raises(KeyAccessDenied):
         open_payload(west.keys, name, sealed, kind="offer", source=west.name, destination=east.name)
+
+
+class _CountingSealer:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seals = 0
+
+    def seal(self, secret: bytes, context: dict[str, str]) -> bytes:
+        self.seals += 1
+        sealed: bytes = self.inner.seal(secret, context)
+        return sealed
+
+
+class _CountingKeys:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.unseals = 0
+
+    def unseal(self, sealed: bytes, context: dict[str, str]) -> bytes:
+        self.unseals += 1
+        secret: bytes = self.inner.unseal(sealed, context)
+        return secret
+
+
+def test_a_session_seals_its_transfer_key_once_and_binds_every_payload_to_its_name(
+    east: Region, west: Region
+) -> None:
+    sealer = _CountingSealer(west.sealer())
+    session = TransitSession(
+        cast(Sealer, sealer), kind="batch", source=east.name, destination=west.name
+    )
+    bodies = {f"copy/abc/batch-{i:06d}": f"batch {i} ".encode() * 500 for i in range(6)}
+    sealed = {name: session.seal(name, body) for name, body in bodies.items()}
+    assert sealer.seals == 1
+    assert all(body[:40] not in sealed[name] for name, body in bodies.items())
+    keys = _CountingKeys(west.keys)
+    unsealed: UnsealedKeys = {}
+    ctx: dict[str, Any] = {"kind": "batch", "source": east.name, "destination": west.name}
+    for name, body in bodies.items():
+        got = open_payload(cast(KeyService, keys), name, sealed[name], unsealed=unsealed, **ctx)
+        assert got == body
+    assert keys.unseals == 1  # the receiver unsealed the session's key once
+    first, second = list(bodies)[:2]
+    # one session key, but each payload is bound to its own name: swapping two fails
+    with pytest.raises(IntegrityError, match=second):
+        open_payload(west.keys, second, sealed[first], unsealed=unsealed, **ctx)
+    # the cached key is not handed out for another kind or direction, nor to another region
+    with pytest.raises(KeyAccessDenied):
+        open_payload(west.keys, first, sealed[first], unsealed=unsealed, kind="offer",
+                     source=east.name, destination=west.name)  # fmt: skip
+    with pytest.raises(KeyAccessDenied):
+        open_payload(east.keys, first, sealed[first], **ctx)
+
+
+def test_a_payload_sealed_by_an_older_version_still_opens(east: Region, west: Region) -> None:
+    """Format RVT1 (a transfer key per payload, its name in the seal context), as a batch
+    left in an inbox by an older version would be."""
+    name, body = "copy/abc/batch-old-000000", b"old batch " * 300
+    key = AESGCM.generate_key(bit_length=256)
+    context = {"purpose": "regionvault-transit", "kind": "batch", "name": name,
+               "source": east.name, "destination": west.name}  # fmt: skip
+    sealed_key = west.sealer().seal(key, context)
+    nonce = os.urandom(12)
+    head = b"RVT1" + len(sealed_key).to_bytes(2, "big") + sealed_key + nonce
+    blob = head + AESGCM(key).encrypt(nonce, body, b"RVT1" + name.encode())
+    payload = blob + blake3.blake3(blob).digest()
+    ctx: dict[str, Any] = {"kind": "batch", "source": east.name, "destination": west.name}
+    assert open_payload(west.keys, name, payload, **ctx) == body
+    with pytest.raises(KeyAccessDenied):
+        open_payload(west.keys, "copy/abc/other", payload, **ctx)
 
 
 @pytest.mark.parametrize("where", [0, 5, 40, 0.5, -40, -1])

@@ -63,6 +63,7 @@ __all__ = [
     "copy_lock",
     "export_chunks",
     "ingest_chunks",
+    "keyed_tag",
     "make_offer",
     "prune_links",
 ]
@@ -255,7 +256,7 @@ class LinkTable:
         self.repo = repo
         self.store = repo._ensure_open()
         # the source's name goes into object names only as a keyed hash
-        tag = _crypto_tag(self.store, source_region)
+        tag = keyed_tag(self.store, source_region)
         self.prefix = f"{LINK_PREFIX}{tag}/"
         self.links: dict[bytes, bytes] = {}
         self._load()
@@ -369,10 +370,12 @@ def prune_links(store: Store, live: Container[bytes], now: datetime) -> LinkPrun
 
 def copy_point_id(store: Store, source_region: str, source_point: str) -> str:
     """The id a copy of ``source_point`` from ``source_region`` has in this repository."""
-    return _crypto_tag(store, f"copy:{source_region}:{source_point}")
+    return keyed_tag(store, f"copy:{source_region}:{source_point}")
 
 
-def _crypto_tag(store: Store, text: str) -> str:
+def keyed_tag(store: Store, text: str) -> str:
+    """A name part for ``text`` that does not reveal it: BLAKE3 keyed with the vault's
+    chunk-id key, 128 bits in hex."""
     import blake3
 
     return blake3.blake3(b"links:" + text.encode(), key=store.config.chunk_id_key).hexdigest()[:32]

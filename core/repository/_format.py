@@ -97,6 +97,8 @@ class ObjectKind(enum.IntEnum):
     LOCK = 4
     #: a copy destination's table from a source region's chunk ids to its own
     LINKS = 5
+    #: a copy source's record of a point offered to, or received by, a destination
+    COPIES = 6
 
 
 class BlobType(enum.IntEnum):
