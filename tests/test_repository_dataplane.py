@@ -1,13 +1,15 @@
 """The data plane's moving parts: a stream cut in staging blocks gives exactly the chunks of
 one cut over the whole stream; a restore into a new, an empty or a non-empty directory, and
 a failed one into each; image extents split at their limit; a file that grew since its
-capture."""
+capture; and the compact structures that keep memory flat as data grows (the chunk index,
+the set of chunks a backup wrote, the parent lookup, the fetcher's windows)."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -274,3 +276,129 @@ def test_a_failing_write_stops_the_restore_without_a_hang(
     assert len(errors) == 1 and isinstance(errors[0], OSError), errors
     assert errors[0].errno == errno.ENOSPC
     assert list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _raw_pack(rng: random.Random, ids: list[bytes], *, size: int = 1 << 24) -> fmt.RawIndexPack:
+    entries = b"".join(
+        fmt.BLOB_ENTRY.pack(chunk_id, fmt.BlobType.DATA, 0, 1000 * i, 116, 100)
+        for i, chunk_id in enumerate(ids)
+    )
+    return fmt.RawIndexPack(rng.randbytes(16).hex(), size, b"header", entries)
+
+
+def test_chunk_index_finds_every_chunk_at_its_first_listed_place() -> None:
+    from regionvault.core.repository._index import ChunkIndex
+
+    rng = random.Random(5)
+    packs = [_raw_pack(rng, [rng.randbytes(32) for _ in range(500)]) for _ in range(40)]
+    again = [fmt.BLOB_ENTRY.unpack_from(packs[0].entries, 46 * i)[0] for i in (0, 7)]
+    packs.append(_raw_pack(rng, [*again, rng.randbytes(32)]))  # two chunks listed before
+    index = ChunkIndex()
+    for pack in packs:
+        index.add_pack(pack, "i1", keep_blobs=False)
+    index.add_pack(packs[3], "i2", keep_blobs=False)  # a pack listed twice counts once
+    assert len(index) == 40 * 500 + 1
+    assert index.packs[packs[3].pack_id].index_ids == {"i1", "i2"}
+    for pack in packs[:40]:
+        for i, fields in enumerate(fmt.BLOB_ENTRY.iter_unpack(pack.entries)):
+            loc = index.get(fields[0])
+            assert fields[0] in index and loc is not None
+            assert (loc.pack_id, loc.offset, loc.length, loc.raw_length) == (
+                pack.pack_id, 1000 * i, 116, 100,
+            )  # fmt: skip
+    assert {index.get(c).pack_id for c in again} == {packs[0].pack_id}  # type: ignore[union-attr]
+    assert sorted(index.chunk_ids()) == sorted(
+        {f[0] for p in packs for f in fmt.BLOB_ENTRY.iter_unpack(p.entries)}
+    )
+    assert index.get(rng.randbytes(32)) is None and rng.randbytes(32) not in index
+    assert index.get(b"short") is None and b"short" not in index
+
+
+def test_chunk_index_refuses_a_bad_blob_entry_by_name() -> None:
+    from regionvault.core.repository._index import ChunkIndex
+
+    rng = random.Random(6)
+    good = _raw_pack(rng, [rng.randbytes(32) for _ in range(3)])
+    for fields, problem in [
+        ((7, 0, 0, 116, 100), "unknown type 7"),
+        ((0, 0x80, 0, 116, 100), "unknown flags"),
+        ((0, 0, 0, 117, 100), "lengths disagree"),
+        ((0, 0, (1 << 24) - 50, 116, 100), "past the end of its pack"),
+    ]:
+        bad = fmt.BLOB_ENTRY.pack(rng.randbytes(32), *fields)
+        pack = fmt.RawIndexPack(good.pack_id, good.size, good.header, good.entries + bad)
+        with pytest.raises(IntegrityError, match=rf"index/x \(pack {pack.pack_id}\).*{problem}"):
+            ChunkIndex().add_pack(pack, "x", keep_blobs=False, name="index/x")
+    index = ChunkIndex()
+    index.add_pack(good, "x", keep_blobs=True)  # maintenance keeps every entry
+    assert index.pack_blobs is not None
+    assert [b.encode() for b in index.pack_blobs[good.pack_id]] == [
+        good.entries[i : i + 46] for i in range(0, len(good.entries), 46)
+    ]
+
+
+def test_chunk_id_set_is_exact() -> None:
+    from regionvault.core.repository._index import ChunkIdSet
+
+    rng = random.Random(7)
+    ids = [rng.randbytes(32) for _ in range(20_000)]
+    seen = ChunkIdSet()
+    assert all(seen.add(c) for c in ids) and not any(seen.add(c) for c in ids[::7])
+    assert len(seen) == len(ids) and all(c in seen for c in ids)
+    assert sorted(seen) == sorted(ids)
+    # ids sharing their leading bytes share a bucket: a match that spans two of them (the
+    # tail of one and the head of the next) is not a member
+    prefix = b"\xab\xcd\xef"
+    first = prefix + rng.randbytes(13) + prefix + rng.randbytes(13)
+    second = prefix + rng.randbytes(29)
+    both = ChunkIdSet()
+    both.add(first)
+    both.add(second)
+    assert first[16:] + second[:16] not in both
+    assert both.add(first[16:] + second[:16]) and len(both) == 3
+
+
+def test_parent_lookup_reads_little_ahead_for_new_files_in_order() -> None:
+    def rec(path: str) -> fmt.RawRecord:
+        return fmt.RawRecord(fmt.TAG_FILE, 0o644, 1, 1, path.encode(), b"", 0, b"")
+
+    # depth-first name order, as a capture that walks its directories sorted gives
+    paths = [f"d{i:02d}/f{j:03d}" for i in range(20) for j in range(0, 100, 2)]
+    read = 0
+
+    def records() -> Iterator[fmt.RawRecord]:
+        nonlocal read
+        for path in paths:
+            read += 1
+            yield rec(path)
+
+    lookup = _backup.ParentLookup(records(), window=50_000)
+    for i in range(20):
+        for j in range(100):  # odd j: a new file between two old ones
+            found = lookup.find(f"d{i:02d}/f{j:03d}".encode())
+            assert (found is not None) == (j % 2 == 0)
+            # never more than a few records ahead (those read while its order was learnt)
+            assert read <= i * 50 + (j + 1) // 2 + 1 + _backup.ParentLookup._ORDERED
+    # a parent out of that order: every record is found through the look-ahead window
+    shuffled = [rec(p) for p in paths]
+    random.Random(8).shuffle(shuffled)
+    lookup = _backup.ParentLookup(iter(shuffled), window=50_000)
+    found = sum(lookup.find(p.encode()) is not None for p in paths)
+    assert found == len(paths)
+
+
+def test_a_window_of_repeated_chunks_restores_to_a_block_sink(east: Region) -> None:
+    from repository_support import MemorySink
+
+    rng = random.Random(9)
+    pattern = rng.randbytes(40_000)
+    size = 4 << 20
+    cap = ImageCapture(size, {0: pattern * 30, 2 << 20: pattern * 10})
+    repo = repo_for(east)
+    point = repo.backup(cap)
+    sink = MemorySink(size)
+    repo.restore(point.id, sink)
+    assert bytes(sink.data) == cap.image()

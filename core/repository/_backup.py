@@ -62,10 +62,23 @@ class ParentLookup:
     """Finds the parent recovery point's record of a path, reading the parent's tree
     alongside the new one. Both come in capture order, so a window of read-ahead records
     (bounded in count and bytes, oldest dropped first) finds nearly every unchanged file
-    without holding the parent's whole tree."""
+    without holding the parent's whole tree.
+
+    While the parent's files come in depth-first name order (the order of every capture
+    that walks its directories sorted, such as the local provider's), a path not found
+    stops the read-ahead at the first record ordered after it: a new file then costs one
+    record read ahead, not a window's worth held for the rest of the backup. That starts
+    once a few files came in that order, and a parent seen out of it turns it off for the
+    rest of the run (a record missed all the same only costs reading that file again)."""
+
+    #: parent files seen in order before a miss may stop the read-ahead early
+    _ORDERED = 4
+
+    #: what a held record costs besides its path and chunk ids (the objects around them)
+    _OVERHEAD = 256
 
     def __init__(
-        self, records: Iterator[fmt.RawRecord], *, window: int = 50_000, max_bytes: int = 32 << 20
+        self, records: Iterator[fmt.RawRecord], *, window: int = 50_000, max_bytes: int = 16 << 20
     ) -> None:
         self._records = records
         self._window = window
@@ -73,26 +86,44 @@ class ParentLookup:
         self._bytes = 0
         self._pending: OrderedDict[bytes, fmt.RawRecord] = OrderedDict()
         self._exhausted = False
+        #: the last parent file's path, split at "/", while the parent's files are in order
+        self._last: list[bytes] | None = []
+        self._in_order = 0
+
+    def _cost(self, record: fmt.RawRecord) -> int:
+        return len(record.ids) + len(record.path) + self._OVERHEAD
 
     def _take(self, path: bytes) -> fmt.RawRecord | None:
         found = self._pending.pop(path, None)
         if found is not None:
-            self._bytes -= len(found.ids) + len(found.path)
+            self._bytes -= self._cost(found)
         return found
 
     def find(self, path: bytes) -> fmt.RawRecord | None:
         found = self._take(path)
         if found is not None or self._exhausted:
             return found
+        key = path.split(b"/")
         for read, record in enumerate(self._records, 1):
             if record.tag == fmt.TAG_FILE:
+                past = False
+                if self._last is not None:
+                    parts = record.path.split(b"/")
+                    if parts > self._last:
+                        self._last = parts
+                        self._in_order += 1
+                        past = self._in_order > self._ORDERED and parts > key
+                    else:
+                        self._last = None  # not in depth-first name order
                 if record.path == path:
                     return record
                 self._pending[record.path] = record
-                self._bytes += len(record.ids) + len(record.path)
+                self._bytes += self._cost(record)
                 while len(self._pending) > self._window or self._bytes > self._max_bytes:
                     _, dropped = self._pending.popitem(last=False)
-                    self._bytes -= len(dropped.ids) + len(dropped.path)
+                    self._bytes -= self._cost(dropped)
+                if past:
+                    return None  # ordered after ``path``: the parent has no such file
             if read >= self._window:
                 return None  # a new file, most likely; the window keeps what was read
         self._exhausted = True
@@ -148,9 +179,10 @@ class BackupRun:
         self.writer = PackWriter(store, self.failure)
         self._key = store.config.chunk_id_key
         self._level = self.settings.compression_level
+        self._max_chunk = store.config.chunker.max_size
         self._staging = StagingPool(
             self.readers + self.workers + 2,
-            Cutter.block_size(store.config.chunker.max_size),
+            Cutter.block_size(self._max_chunk),
             self.failure.check,
         )
         self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
@@ -275,12 +307,12 @@ class BackupRun:
 
     def _entries(self, capture: FileCapture) -> Iterator[FileEntry]:
         it = capture.entries()
-        head = list(islice(it, _LOOKAHEAD))
+        head = deque(islice(it, _LOOKAHEAD))
         if len(head) < _LOOKAHEAD:
             self.files_total = sum(1 for e in head if e.kind is FileKind.FILE)
             self.bytes_total = sum(e.size for e in head if e.kind is FileKind.FILE)
-        yield from head
-        del head
+        while head:  # each entry let go once taken, not when the look-ahead is through
+            yield head.popleft()
         yield from it
 
     def _read_files(self, capture: FileCapture) -> None:
@@ -550,9 +582,9 @@ class BackupRun:
         for t in threads:
             t.start()
         try:
-            tree = TreeWriter(
-                Rechunker(self.store.new_chunker(), threshold=1 << 20), self._tree_chunk
-            )
+            # a small threshold: the tree's pending bytes stay well below a MiB
+            cut = Rechunker(self.store.new_chunker(), threshold=2 * self._max_chunk)
+            tree = TreeWriter(cut, self._tree_chunk)
             if isinstance(capture, FileCapture):
                 size = self._files(capture, tree, parent)
             elif isinstance(capture, BlockCapture):

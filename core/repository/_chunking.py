@@ -27,7 +27,7 @@ __all__ = ["PIECE", "Block", "Cutter", "Rechunker", "StagingPool", "read_full"]
 #: to a worker together
 PIECE = 1 << 20
 #: a block holds this many pieces (plus one carried-over chunk)
-_PIECES_PER_BLOCK = 4
+_PIECES_PER_BLOCK = 2
 _POLL = 0.05
 
 

@@ -429,12 +429,16 @@ class Fetcher:
                 found: dict[bytes, bytes] = {}
                 for future in futures:
                     found.update(future.result())
-                for item in window:
+                # a chunk is let go at its last use, so a window drains as it is consumed
+                last = {item[0]: i for i, item in enumerate(window) if not isinstance(item, Marker)}
+                for i, item in enumerate(window):
                     if isinstance(item, Marker):
                         yield item
+                    elif last[item[0]] == i:
+                        yield item[0], found.pop(item[0])
                     else:
                         yield item[0], found[item[0]]
-                del found
+                del found, window
         finally:
             for _, futures in pending:
                 for future in futures:
