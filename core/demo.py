@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +45,16 @@ SUBSCRIBERS = 40
 
 
 def _get(url: str) -> dict[str, Any]:
+    import urllib.request  # here, not at the top: every command imports this module
+
     with urllib.request.urlopen(url, timeout=2.0) as resp:
         data: dict[str, Any] = json.loads(resp.read())
         return data
 
 
 def _post(url: str) -> dict[str, Any]:
+    import urllib.request
+
     req = urllib.request.Request(url, data=b"", method="POST")
     with urllib.request.urlopen(req, timeout=2.0) as resp:
         data: dict[str, Any] = json.loads(resp.read())

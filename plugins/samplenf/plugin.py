@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,8 @@ def regionvault_health_check(region: str, instance: Instance) -> bool | None:
     base = endpoint(instance)
     if base is None:
         return False
+    import urllib.request  # here: every process that loads the plugins imports this module
+
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=1.0) as resp:
             return bool(resp.status == 200)
