@@ -108,6 +108,13 @@ class FileCapture(Capture):
     def open(self, entry: FileEntry) -> BinaryIO:
         """Open a regular file entry for reading its bytes as captured."""
 
+    def totals(self) -> tuple[int, int] | None:
+        """``(regular files, their bytes)``, for progress reports, when the capture can count
+        them without holding its entries (a second cheap listing, a snapshot's metadata);
+        None, the default, when it cannot. A backup then learns them only for a capture
+        small enough to list ahead, and streams a larger one without totals."""
+        return None
+
 
 class BlockCapture(Capture):
     """A disk image: ``size`` bytes in blocks of ``block_size``."""

@@ -217,6 +217,32 @@ def test_capture_lists_the_tree_parents_first(east: Region, tmp_path: Path) -> N
             capture.open(by_path["link"])
 
 
+def test_capture_walks_anew_counts_totals_and_goes_deep(east: Region, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    deep = data
+    for _ in range(1200):  # deeper than the interpreter's recursion limit
+        deep = deep / "n"
+        deep.mkdir(parents=deep.parent == data)
+    (deep / "bottom").write_bytes(b"b" * 7)
+    (data / "top").write_bytes(b"t" * 100)
+    os.mkfifo(data / "pipe")
+    inst = east.compute.register_instance("x", data)
+
+    with east.compute.capture(inst.id) as capture:
+        assert isinstance(capture, FileCapture)
+        assert capture.totals() == (2, 107)
+        assert capture.skipped == []  # type: ignore[attr-defined]  # counting reports nothing
+        entries = list(capture.entries())
+        assert len(entries) == 1200 + 2  # the directories and two files; the FIFO left out
+        assert entries[-2].path.endswith("/n/bottom") and entries[-2].size == 7
+        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+        # every call lists the tree anew: nothing is held between walks
+        (data / "top2").write_bytes(b"u")
+        assert [e.path for e in capture.entries()][-2:] == ["top", "top2"]
+        assert capture.totals() == (3, 108)
+        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+
+
 def test_capture_reads_files_as_captured(east: Region, tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.mkdir()

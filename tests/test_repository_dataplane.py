@@ -17,7 +17,7 @@ from typing import BinaryIO
 import pyfastcdc
 import pytest
 from regionvault.core import FileCapture, IntegrityError, Region
-from regionvault.core.repository import Extent, Repository, _backup, _chunking
+from regionvault.core.repository import Extent, Progress, Repository, _backup, _chunking
 from regionvault.core.repository import _format as fmt
 from regionvault.core.types import FileEntry, FileKind
 from repository_support import (
@@ -402,3 +402,62 @@ def test_a_window_of_repeated_chunks_restores_to_a_block_sink(east: Region) -> N
     sink = MemorySink(size)
     repo.restore(point.id, sink)
     assert bytes(sink.data) == cap.image()
+
+
+class _Synthetic(FileCapture):
+    """``count`` small files made up as they are listed; records how far the listing ran
+    ahead of the files opened. With ``counts``, it also tells its totals up front."""
+
+    def __init__(self, count: int, *, counts: bool) -> None:
+        super().__init__(INSTANCE, datetime.now(UTC))
+        self.count = count
+        self.counts = counts
+        self.listed = self.opened = self.lead = 0
+
+    @staticmethod
+    def content(i: int) -> bytes:
+        return f"file {i}\n".encode() * (1 + i % 7)
+
+    def entries(self) -> Iterator[FileEntry]:
+        self.listed = 0
+        for i in range(self.count):
+            self.listed += 1
+            self.lead = max(self.lead, self.listed - self.opened)
+            size = len(self.content(i))
+            yield FileEntry(f"d{i // 1000:03d}/f{i:05d}", FileKind.FILE, 0o644, 1, size)
+
+    def open(self, entry: FileEntry) -> BinaryIO:
+        self.opened += 1
+        return io.BytesIO(self.content(int(entry.path[-5:])))
+
+    def totals(self) -> tuple[int, int] | None:
+        if not self.counts:
+            return None
+        return self.count, sum(len(self.content(i)) for i in range(self.count))
+
+
+def test_a_backup_streams_the_capture_and_learns_totals_without_holding_entries(
+    east: Region,
+) -> None:
+    count = _backup._LOOKAHEAD + 2000
+    size = sum(len(_Synthetic.content(i)) for i in range(count))
+    repo = repo_for(east)
+    # a capture that counts itself: streamed, a bounded number of entries ahead
+    counted = _Synthetic(count, counts=True)
+    seen: list[Progress] = []
+    point = repo.backup(counted, progress=seen.append)
+    assert point.size == size and counted.opened == count
+    assert counted.lead <= 2 * _backup._MAX_PENDING, counted.lead
+    assert all(p.files_total == count and p.bytes_total == size for p in seen)
+    # one that cannot count: held ahead only up to the look-ahead, then streamed untold
+    untold = _Synthetic(count, counts=False)
+    seen.clear()
+    repo.backup(untold, progress=seen.append, parent=False)
+    assert _backup._LOOKAHEAD <= untold.lead <= _backup._LOOKAHEAD + 2 * _backup._MAX_PENDING
+    assert all(p.files_total is None and p.bytes_total is None for p in seen)
+    assert seen[-1].done and seen[-1].files_done == count
+    # a small one that cannot count: the look-ahead holds all of it and learns the totals
+    small = _Synthetic(50, counts=False)
+    seen.clear()
+    repo.backup(small, progress=seen.append, parent=False)
+    assert seen[-1].files_total == 50

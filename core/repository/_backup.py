@@ -48,8 +48,9 @@ __all__ = ["BackupResult", "BackupRun", "ParentLookup"]
 
 #: a block-image extent record is closed at this length (bounds its chunk list in memory)
 MAX_EXTENT = 1 << 30
-#: entries looked at ahead of time to learn the totals for progress reports
-_LOOKAHEAD = 100_000
+#: entries held ahead of time to learn the totals for progress reports, for a capture that
+#: cannot count them itself (``FileCapture.totals``): a few MiB at most
+_LOOKAHEAD = 10_000
 #: files read ahead of the one the tree waits for
 _MAX_PENDING = 64
 _PROGRESS_EVERY = 0.2
@@ -306,6 +307,11 @@ class BackupRun:
     # -- files -----------------------------------------------------------------------------
 
     def _entries(self, capture: FileCapture) -> Iterator[FileEntry]:
+        totals = capture.totals()
+        if totals is not None:
+            self.files_total, self.bytes_total = totals
+            yield from capture.entries()
+            return
         it = capture.entries()
         head = deque(islice(it, _LOOKAHEAD))
         if len(head) < _LOOKAHEAD:

@@ -200,12 +200,13 @@ class _Window(io.RawIOBase):
 class LocalFileCapture(FileCapture):
     """The instance's data directory read in place.
 
-    Entries are listed when the capture is made (parents first, siblings sorted by name):
-    directories, regular files and symlinks. Sockets, FIFOs, devices and names that are not
-    valid UTF-8 are left out and listed in :attr:`skipped`. A local directory has no
-    snapshot, so the capture is as consistent as the workload leaves its files: quiesce it
+    :meth:`entries` walks it anew on each call (parents first, siblings sorted by name),
+    holding one sorted listing per directory level, never the whole tree: directories,
+    regular files and symlinks. Sockets, FIFOs, devices and names that are not valid UTF-8
+    are left out and listed in :attr:`skipped` (as of the latest walk). A local directory has
+    no snapshot, so the capture is as consistent as the workload leaves its files: quiesce it
     in a ``regionvault_before_capture`` hook for a true point-in-time copy. Without one,
-    :meth:`open` returns exactly the bytes of the captured size of a file that grew since
+    :meth:`open` returns exactly the bytes of the listed size of a file that grew since
     (an appended log reads as it was), and raises :class:`ComputeError` naming a file that
     was replaced or shrank.
     """
@@ -213,33 +214,40 @@ class LocalFileCapture(FileCapture):
     def __init__(self, instance: Instance, taken_at: datetime, root: Path) -> None:
         super().__init__(instance, taken_at)
         self.root = root
-        #: ``(path, why)`` of every entry left out of the capture
+        #: ``(path, why)`` of every entry the latest walk left out
         self.skipped: list[tuple[str, str]] = []
-        self._entries = self._scan()
+        self._listing(root)  # an unreadable data directory fails the capture, not the backup
 
-    def _scan(self) -> list[FileEntry]:
-        out: list[FileEntry] = []
-        self._walk(self.root, "", out)
-        return out
-
-    def _skip(self, path: str, why: str) -> None:
-        self.skipped.append((path, why))
-        log.info("capture of %s skips %r: %s", self.instance.id, path, why)
-
-    def _walk(self, directory: Path, rel: str, out: list[FileEntry]) -> None:
+    def _listing(self, directory: Path | str) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(directory) as scan:
-                children = sorted(scan, key=lambda e: e.name)
+                return sorted(scan, key=lambda e: e.name)
         except OSError as exc:
             raise ComputeError(
                 f"capture of {self.instance.id}: cannot read directory {directory}: {exc.strerror}"
             ) from None
-        for entry in children:
+
+    def _skip(self, path: str, why: str, *, report: bool) -> None:
+        if report:
+            self.skipped.append((path, why))
+            log.info("capture of %s skips %r: %s", self.instance.id, path, why)
+
+    def _walk(self, *, report: bool) -> Iterator[FileEntry]:
+        """Every entry, depth first; ``report`` records what is left out in ``skipped``."""
+        # a stack of (relative path, the rest of its sorted listing): no recursion, so a deep
+        # tree cannot exhaust the interpreter's stack
+        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(self._listing(self.root)))]
+        while stack:
+            rel, children = stack[-1]
+            entry = next(children, None)
+            if entry is None:
+                stack.pop()
+                continue
             path = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 path.encode("utf-8")
             except UnicodeEncodeError:
-                self._skip(path, "name is not valid UTF-8")
+                self._skip(path, "name is not valid UTF-8", report=report)
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -247,32 +255,24 @@ class LocalFileCapture(FileCapture):
                 continue  # removed since the directory was read
             mode, perms, mtime_ns = st.st_mode, stat.S_IMODE(st.st_mode), st.st_mtime_ns
             if stat.S_ISDIR(mode):
-                out.append(FileEntry(path=path, kind=FileKind.DIR, mode=perms, mtime_ns=mtime_ns))
-                self._walk(Path(entry.path), path, out)
+                yield FileEntry(path=path, kind=FileKind.DIR, mode=perms, mtime_ns=mtime_ns)
+                stack.append((path, iter(self._listing(entry.path))))
             elif stat.S_ISREG(mode):
-                out.append(
-                    FileEntry(
-                        path=path,
-                        kind=FileKind.FILE,
-                        mode=perms,
-                        mtime_ns=mtime_ns,
-                        size=st.st_size,
-                        source=Path(entry.path),
-                    )
+                yield FileEntry(
+                    path=path,
+                    kind=FileKind.FILE,
+                    mode=perms,
+                    mtime_ns=mtime_ns,
+                    size=st.st_size,
+                    source=Path(entry.path),
                 )
             elif stat.S_ISLNK(mode):
                 try:
                     target = str(Path(entry.path).readlink())
                 except FileNotFoundError:
                     continue
-                out.append(
-                    FileEntry(
-                        path=path,
-                        kind=FileKind.SYMLINK,
-                        mode=perms,
-                        mtime_ns=mtime_ns,
-                        target=target,
-                    )
+                yield FileEntry(
+                    path=path, kind=FileKind.SYMLINK, mode=perms, mtime_ns=mtime_ns, target=target
                 )
             else:
                 what = (
@@ -284,10 +284,21 @@ class LocalFileCapture(FileCapture):
                     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                     else "special file"
                 )
-                self._skip(path, f"{what}: not captured")
+                self._skip(path, f"{what}: not captured", report=report)
 
     def entries(self) -> Iterator[FileEntry]:
-        return iter(self._entries)
+        self.skipped = []
+        return self._walk(report=True)
+
+    def totals(self) -> tuple[int, int]:
+        """A stat-only walk (the listings are in the kernel's cache): cheap next to reading
+        the files, and it holds nothing."""
+        files = size = 0
+        for entry in self._walk(report=False):
+            if entry.kind is FileKind.FILE:
+                files += 1
+                size += entry.size
+        return files, size
 
     def open(self, entry: FileEntry) -> BinaryIO:
         label = f"{self.instance.id}: {entry.path!r}"
