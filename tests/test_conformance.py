@@ -77,7 +77,8 @@ def run_pytest(
     env: dict[str, str] | None = None,
 ) -> Run:
     """``pytest ARGS`` in a child process, in ``cwd``, with warnings as errors, strict
-    markers, no REGIONVAULT_* or PYTEST_* variables from this process, and a JUnit report."""
+    markers, its own base temporary directory, no REGIONVAULT_* or PYTEST_* variables from
+    this process, and a JUnit report."""
     report = cwd / f"report-{len(list(cwd.glob('report-*.xml')))}.xml"
     child_env = {
         k: v for k, v in os.environ.items() if not k.startswith(("REGIONVAULT_", "PYTEST_"))
@@ -95,6 +96,9 @@ def run_pytest(
         "error",
         "--strict-markers",
         f"--junitxml={report}",
+        # a private base directory: pytest's clean-up of the shared numbered ones under
+        # /tmp/pytest-of-USER can leave a scandir iterator open, which -W error fails on
+        f"--basetemp={report.with_suffix('.tmp')}",
         *args,
     ]
     result = subprocess.run(
