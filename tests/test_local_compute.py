@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -241,6 +242,23 @@ def test_capture_walks_anew_counts_totals_and_goes_deep(east: Region, tmp_path: 
         assert [e.path for e in capture.entries()][-2:] == ["top", "top2"]
         assert capture.totals() == (3, 108)
         assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+
+
+def test_capture_walk_passes_over_a_directory_removed_meanwhile(
+    east: Region, tmp_path: Path
+) -> None:
+    data = tmp_path / "d"
+    (data / "a" / "inner").mkdir(parents=True)
+    (data / "a" / "inner" / "f").write_text("f")
+    (data / "b").write_text("b")
+    inst = east.compute.register_instance("x", data)
+    with east.compute.capture(inst.id) as capture:
+        assert isinstance(capture, FileCapture)
+        walk = capture.entries()
+        first = next(walk)
+        assert (first.path, first.kind) == ("a", FileKind.DIR)
+        shutil.rmtree(data / "a")  # a workload removes it before the walk goes in
+        assert [e.path for e in walk] == ["b"]
 
 
 def test_capture_reads_files_as_captured(east: Region, tmp_path: Path) -> None:

@@ -218,10 +218,16 @@ class LocalFileCapture(FileCapture):
         self.skipped: list[tuple[str, str]] = []
         self._listing(root)  # an unreadable data directory fails the capture, not the backup
 
-    def _listing(self, directory: Path | str) -> list[os.DirEntry[str]]:
+    def _listing(self, directory: Path | str, *, gone_ok: bool = False) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(directory) as scan:
                 return sorted(scan, key=lambda e: e.name)
+        except FileNotFoundError:
+            if gone_ok:  # removed since its parent was read: it is listed, empty
+                return []
+            raise ComputeError(
+                f"capture of {self.instance.id}: directory {directory} is missing"
+            ) from None
         except OSError as exc:
             raise ComputeError(
                 f"capture of {self.instance.id}: cannot read directory {directory}: {exc.strerror}"
@@ -256,7 +262,7 @@ class LocalFileCapture(FileCapture):
             mode, perms, mtime_ns = st.st_mode, stat.S_IMODE(st.st_mode), st.st_mtime_ns
             if stat.S_ISDIR(mode):
                 yield FileEntry(path=path, kind=FileKind.DIR, mode=perms, mtime_ns=mtime_ns)
-                stack.append((path, iter(self._listing(entry.path))))
+                stack.append((path, iter(self._listing(entry.path, gone_ok=True))))
             elif stat.S_ISREG(mode):
                 yield FileEntry(
                     path=path,
