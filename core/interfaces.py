@@ -112,7 +112,8 @@ class FileCapture(Capture):
         """``(regular files, their bytes)``, for progress reports, when the capture can count
         them without holding its entries (a second cheap listing, a snapshot's metadata);
         None, the default, when it cannot. A backup then learns them only for a capture
-        small enough to list ahead, and streams a larger one without totals."""
+        small enough to list ahead, and streams a larger one without totals. A backup with
+        no progress callback never asks."""
         return None
 
 

@@ -461,3 +461,8 @@ def test_a_backup_streams_the_capture_and_learns_totals_without_holding_entries(
     seen.clear()
     repo.backup(small, progress=seen.append, parent=False)
     assert seen[-1].files_total == 50
+    # without a progress callback nothing is counted or held ahead, whatever the capture
+    for quiet in (_Synthetic(count, counts=True), _Synthetic(count, counts=False)):
+        quiet.totals = None  # type: ignore[method-assign,assignment]  # must not be called
+        repo.backup(quiet, parent=False)
+        assert quiet.opened == count and quiet.lead <= 2 * _backup._MAX_PENDING, quiet.lead

@@ -307,6 +307,9 @@ class BackupRun:
     # -- files -----------------------------------------------------------------------------
 
     def _entries(self, capture: FileCapture) -> Iterator[FileEntry]:
+        if self._progress is None:  # nobody reads totals: no second walk, no look-ahead
+            yield from capture.entries()
+            return
         totals = capture.totals()
         if totals is not None:
             self.files_total, self.bytes_total = totals
