@@ -229,19 +229,27 @@ def test_capture_walks_anew_counts_totals_and_goes_deep(east: Region, tmp_path: 
     os.mkfifo(data / "pipe")
     inst = east.compute.register_instance("x", data)
 
-    with east.compute.capture(inst.id) as capture:
-        assert isinstance(capture, FileCapture)
-        assert capture.totals() == (2, 107)
-        assert capture.skipped == []  # type: ignore[attr-defined]  # counting reports nothing
-        entries = list(capture.entries())
-        assert len(entries) == 1200 + 2  # the directories and two files; the FIFO left out
-        assert entries[-2].path.endswith("/n/bottom") and entries[-2].size == 7
-        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
-        # every call lists the tree anew: nothing is held between walks
-        (data / "top2").write_bytes(b"u")
-        assert [e.path for e in capture.entries()][-2:] == ["top", "top2"]
-        assert capture.totals() == (3, 108)
-        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+    try:
+        with east.compute.capture(inst.id) as capture:
+            assert isinstance(capture, FileCapture)
+            assert capture.totals() == (2, 107)
+            assert capture.skipped == []  # type: ignore[attr-defined]  # counting reports none
+            entries = list(capture.entries())
+            assert len(entries) == 1200 + 2  # the directories and two files; no FIFO
+            assert entries[-2].path.endswith("/n/bottom") and entries[-2].size == 7
+            assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+            # every call lists the tree anew: nothing is held between walks
+            (data / "top2").write_bytes(b"u")
+            assert [e.path for e in capture.entries()][-2:] == ["top", "top2"]
+            assert capture.totals() == (3, 108)
+            assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+    finally:
+        # bottom up, without recursion: shutil.rmtree (and so pytest's clean-up of old base
+        # directories) recurses once per level and would fail on this tree
+        (deep / "bottom").unlink(missing_ok=True)
+        while deep != data:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_capture_walk_passes_over_a_directory_removed_meanwhile(
