@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from regionvault.core import (
+    Capture,
+    CaptureKind,
     InstancePage,
     KeyAccessDenied,
     ObjectInfo,
@@ -22,6 +24,7 @@ from regionvault.core import (
     hookimpl,
 )
 from regionvault.providers.local import LocalCompute, LocalKeyService, LocalProvider, LocalVault
+from regionvault.providers.local.compute import LocalFileCapture
 
 #: a torn put writes this many bytes at a time
 PIECE = 64 * 1024
@@ -79,6 +82,21 @@ class FilterBlindCompute(LocalCompute):
         return super().list_instances_page(page_token=page_token, page_size=page_size)
 
 
+class MiscountingCapture(LocalFileCapture):
+    """Counts one file too many for progress reports."""
+
+    def totals(self) -> tuple[int, int]:
+        files, size = super().totals()
+        return files + 1, size
+
+
+class MiscountingCompute(LocalCompute):
+    def capture(self, instance_id: str, *, kind: CaptureKind | None = None) -> Capture:
+        capture = super().capture(instance_id, kind=kind)
+        assert isinstance(capture, LocalFileCapture)
+        return MiscountingCapture(capture.instance, capture.taken_at, capture.root)
+
+
 class LeakyKeysProvider(LocalProvider):
     name: ClassVar[str] = "leakykeys"
 
@@ -115,7 +133,19 @@ class FilterBlindProvider(LocalProvider):
         )
 
 
+class MiscountProvider(LocalProvider):
+    name: ClassVar[str] = "miscount"
+
+    def compute(self, region: RegionConfig) -> LocalCompute:
+        return MiscountingCompute(
+            root=self._root(region),
+            provider=self.name,
+            region=region.name,
+            capabilities=self.capabilities,
+        )
+
+
 @hookimpl
 def regionvault_register_providers(registry: ProviderRegistry) -> None:
-    for provider in (LeakyKeysProvider, TornVaultProvider, FilterBlindProvider):
+    for provider in (LeakyKeysProvider, TornVaultProvider, FilterBlindProvider, MiscountProvider):
         registry.add(provider)

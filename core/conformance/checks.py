@@ -185,6 +185,13 @@ def _file_contents(capture: FileCapture, label: str) -> dict[str, bytes]:
                     f"{entry.size}"
                 )
             out[entry.path] = content
+    totals = capture.totals()
+    files = [e for e in entries if e.kind is FileKind.FILE]
+    if totals is not None and tuple(totals) != (len(files), sum(e.size for e in files)):
+        fail(
+            f"{label} (region {capture.instance.region}): totals() says {tuple(totals)}, its "
+            f"entries hold {len(files)} regular files of {sum(e.size for e in files)} bytes"
+        )
     return out
 
 
