@@ -515,19 +515,6 @@ def instances_add(
 # --------------------------------------------------------------------------- entry point
 
 
-#: the command's GIL switch interval (Python's default is 5 ms); see :func:`main`
-SWITCH_INTERVAL = 0.0005
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); always exits.
-
-    The command is its own process, so it sets the interpreter's GIL switch interval to
-    :data:`SWITCH_INTERVAL`: a data-plane thread that comes back from native work (AES,
-    BLAKE3, zstd, a write) waits for the GIL until the thread holding it lets go, for up to
-    the whole interval when that thread is busy in Python (a restore's planner, a backup's
-    tree walk). A shorter interval keeps both cores fed; measured on the benchmark's restore
-    (2 cores, alternating runs) it saved 4 to 10% of the wall time. Code that embeds
-    regionvault keeps its own setting (``sys.setswitchinterval``)."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); always exits."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="regionvault")

@@ -4,7 +4,6 @@ its regions."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,12 +53,3 @@ def east(site: Site) -> Region:
 @pytest.fixture
 def west(site: Site) -> Region:
     return site.region("west")
-
-
-@pytest.fixture(autouse=True)
-def _keep_the_switch_interval() -> Iterator[None]:
-    """The CLI's ``main`` sets the process's GIL switch interval; tests that call it in
-    process leave the rest of the session as they found it."""
-    before = sys.getswitchinterval()
-    yield
-    sys.setswitchinterval(before)

@@ -445,14 +445,3 @@ def test_installed_console_script_end_to_end(tmp_path: Path, data_dir: Path) -> 
     usage = script("instances", "add", "--name", "x")
     assert usage.returncode == 2
     assert "Usage:" in usage.stderr
-
-
-def test_the_command_shortens_the_gil_switch_interval_for_its_process() -> None:
-    from regionvault.core import cli as cli_module
-
-    sys.setswitchinterval(0.005)  # Python's default (conftest restores the real one after)
-    with pytest.raises(SystemExit) as exited:
-        cli_module.main(["--help"])
-    assert exited.value.code == 0
-    assert sys.getswitchinterval() == pytest.approx(cli_module.SWITCH_INTERVAL)
-    assert cli_module.SWITCH_INTERVAL < 0.005 / 5
