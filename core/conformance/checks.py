@@ -186,11 +186,11 @@ def _file_contents(capture: FileCapture, label: str) -> dict[str, bytes]:
                 )
             out[entry.path] = content
     totals = capture.totals()
-    files = [e for e in entries if e.kind is FileKind.FILE]
-    if totals is not None and tuple(totals) != (len(files), sum(e.size for e in files)):
+    counted = (len(out), sum(len(content) for content in out.values()))
+    if totals is not None and tuple(totals) != counted:
         fail(
             f"{label} (region {capture.instance.region}): totals() says {tuple(totals)}, its "
-            f"entries hold {len(files)} regular files of {sum(e.size for e in files)} bytes"
+            f"entries hold {counted[0]} regular files of {counted[1]} bytes"
         )
     return out
 

@@ -73,11 +73,7 @@ class _IdTable:
     def __contains__(self, chunk_id: object) -> bool:
         if not isinstance(chunk_id, bytes) or len(chunk_id) != _ID:
             return False
-        bucket = self._buckets[int.from_bytes(chunk_id[:3], "big") >> self._shift]
-        at = bucket.find(chunk_id)
-        while at % self._stride and at >= 0:
-            at = bucket.find(chunk_id, at + 1)
-        return at >= 0
+        return self._locate(chunk_id)[1] >= 0
 
     def _insert(self, chunk_id: bytes, extra: bytes) -> bool:
         """Add ``chunk_id`` with its ``extra`` bytes; False (nothing changed) if it is there

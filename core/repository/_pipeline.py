@@ -17,7 +17,6 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import blake3
 from regionvault.core.errors import IntegrityError, ObjectNotFound
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
@@ -358,34 +357,13 @@ def read_blobs(
     if len(data) != end - start:
         raise IntegrityError(name, "pack is shorter than its index says")
     key = store.pack_key(pack_id, info.header)
-    # Store.open_blob, inlined: this loop runs once per chunk restored or copied, and its
-    # calls, not the native work they wrap, were a fifth of a restore's Python time. Any
-    # failure goes to open_blob, which raises the error that names it.
-    decrypt, prefix = key.aead.decrypt, key.aad_prefix
-    decompressor = _crypto.zstd_d()
-    hash_key = store.config.chunk_id_key
-    zstd, blob_hash, blob_aad, nonce_at = fmt.FLAG_ZSTD, blake3.blake3, fmt.blob_aad, fmt.nonce_at
     with memoryview(data) as view:
         for chunk_id, loc in blobs:
             rel = loc.offset - start
-            blob_type, flags, raw_length = loc.blob_type, loc.flags, loc.raw_length
-            ciphertext = view[rel : rel + loc.length]
-            aad = blob_aad(prefix, chunk_id, blob_type, flags, raw_length)
-            try:
-                payload = decrypt(nonce_at(loc.offset), ciphertext, aad)
-                if flags & zstd:
-                    chunk = decompressor.decompress(payload, max_output_size=raw_length)
-                else:
-                    chunk = payload
-                ok = (
-                    len(chunk) == raw_length and blob_hash(chunk, key=hash_key).digest() == chunk_id
-                )
-            except Exception:
-                ok = False
-            if not ok:  # raises the error naming what is wrong
-                payload, chunk = store.open_blob(
-                    key, chunk_id, blob_type, flags, loc.offset, raw_length, ciphertext
-                )
+            payload, chunk = store.open_blob(
+                key, chunk_id, loc.blob_type, loc.flags, loc.offset, loc.raw_length,
+                view[rel : rel + loc.length],
+            )  # fmt: skip
             yield chunk_id, payload if stored else chunk
 
 
