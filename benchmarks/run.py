@@ -81,6 +81,8 @@ class Command:
 @dataclass(frozen=True)
 class Measurement:
     wall_s: float
+    user_s: float  # CPU time of the tool (and its waited-for children) in user space
+    sys_s: float  # ... and in the kernel on its behalf
     tree_rss_peak: int  # bytes: highest sampled sum of RSS over the tool's process tree
     max_rss: int  # bytes: the kernel's ru_maxrss for the tool (its largest single process)
     samples: int
@@ -157,7 +159,7 @@ _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - started
 code = os.waitstatus_to_exitcode(status)
 with open(report, "w") as f:
-    f.write(f"{wall!r} {usage.ru_maxrss} {code}")
+    f.write(f"{wall!r} {usage.ru_maxrss} {code} {usage.ru_utime!r} {usage.ru_stime!r}")
 sys.exit(code if code >= 0 else 128 - code)
 """
 
@@ -186,13 +188,16 @@ def measure(cmd: Command, log: Path, timeout: float) -> Measurement:
         sampler.stopped.set()
         sampler.join()
     try:
-        wall_text, maxrss_kib, code = report.read_text().split()
+        wall_text, maxrss_kib, code, user_text, sys_text = report.read_text().split()
         wall, max_rss, returncode = float(wall_text), int(maxrss_kib) * 1024, int(code)
+        user, system = float(user_text), float(sys_text)
     except (FileNotFoundError, ValueError):  # the launcher could not start the tool
-        wall, max_rss = outer_wall, 0
+        wall, max_rss, user, system = outer_wall, 0, 0.0, 0.0
         returncode = returncode or 127
     return Measurement(
         wall_s=wall,
+        user_s=user,
+        sys_s=system,
         tree_rss_peak=sampler.peak,
         max_rss=max_rss,
         samples=sampler.samples,
@@ -533,6 +538,8 @@ def read_all(root: Path) -> None:
 @dataclass
 class PhaseResult:
     wall_s: float
+    user_s: float
+    sys_s: float
     peak_rss: int
     tree_rss_peak: int
     max_rss: int
@@ -628,6 +635,8 @@ def run_cycle(
             )
         results[tool.name].phases[phase] = PhaseResult(
             wall_s=m.wall_s,
+            user_s=m.user_s,
+            sys_s=m.sys_s,
             peak_rss=m.peak_rss,
             tree_rss_peak=m.tree_rss_peak,
             max_rss=m.max_rss,
@@ -726,6 +735,8 @@ def summarize(tool: str, cycles: Sequence[ToolCycle]) -> dict[str, Any]:
                 "wall_s": wall,
                 "mb_per_s": covered / 1e6 / wall if wall else None,
                 "peak_rss_mib": _median(r.peak_rss / MiB for r in runs),
+                "user_s": _median(r.user_s for r in runs),
+                "sys_s": _median(r.sys_s for r in runs),
             }
         )
     out["repo_after_full_mb"] = _median(
@@ -746,13 +757,13 @@ def _fmt(value: float | None, spec: str) -> str:
 def comparison_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     restic = next((s for s in summaries if s["tool"] == "restic"), None)
     rows = [
-        "| tool | phase | wall s | MB/s | × restic | peak RSS MiB | repo after full MB "
-        "| growth MB | restore check |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| tool | phase | wall s | MB/s | × restic | CPU user s | CPU sys s | peak RSS MiB "
+        "| repo after full MB | growth MB | restore check |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in summaries:
         if s["cycles_ok"] == 0:
-            rows.append(f"| {s['tool']} | failed | | | | | | | {s['errors'][0]} |")
+            rows.append(f"| {s['tool']} | failed | | | | | | | | | {s['errors'][0]} |")
             continue
         for phase in PHASES:
             p = s[phase]
@@ -765,7 +776,8 @@ def comparison_table(summaries: Sequence[Mapping[str, Any]]) -> str:
                 check = "byte-exact" if s["restore_verified"] else "**DIFFERS**"
             rows.append(
                 f"| {s['tool']} | {phase} | {p['wall_s']:.2f} | {_fmt(p['mb_per_s'], '.0f')} "
-                f"| {_fmt(ratio, '.2f')} | {_fmt(p['peak_rss_mib'], '.0f')} "
+                f"| {_fmt(ratio, '.2f')} | {_fmt(p.get('user_s'), '.2f')} "
+                f"| {_fmt(p.get('sys_s'), '.2f')} | {_fmt(p['peak_rss_mib'], '.0f')} "
                 f"| {_fmt(s['repo_after_full_mb'], ',.0f') if phase == 'full' else ''} "
                 f"| {_fmt(s['growth_mb'], '+,.0f') if phase == 'incremental' else ''} "
                 f"| {check} |"
@@ -913,6 +925,10 @@ How it measures:
 - `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
   installed package (the project's editable install does not); restic is one binary and
   Debian's borg is byte-compiled at install;
+- CPU user s and CPU sys s are the tool's CPU time (`wait4`'s rusage) in user space and in the
+  kernel on its behalf: copying into the page cache, creating files. The kernel part is about
+  the same work for every tool, and in this VM its cost swings between runs (see "Reading these
+  figures");
 - MB = 10^6 bytes; MB/s is the dataset size the phase covered divided by its wall time;
   "× restic" is the tool's wall time over restic's (below 1 is faster).
 
