@@ -297,8 +297,8 @@ class LocalFileCapture(FileCapture):
         return self._walk(report=True)
 
     def totals(self) -> tuple[int, int]:
-        """A stat-only walk (the listings are in the kernel's cache): cheap next to reading
-        the files, and it holds nothing."""
+        """The same walk as :meth:`entries`, reading no file (its listings are then in the
+        kernel's cache): cheap next to reading the files, and it holds nothing."""
         files = size = 0
         for entry in self._walk(report=False):
             if entry.kind is FileKind.FILE:
