@@ -612,13 +612,46 @@ def settle(data: Data | None, work: Path, warm: int) -> None:
     warm_memory(work, warm)
 
 
+#: how long ext4 without a journal steps over a freed inode when it places a new one: a
+#: minute, six while that part of the inode table is dirty (``recently_deleted`` in
+#: fs/ext4/ialloc.c), plus a margin
+INODE_RECENCY_S = 6 * 60 + 10
+
+
+def remove_trees(work: Path, paths: Iterable[Path]) -> None:
+    """Delete ``paths`` (those that exist), and note when, for :func:`wait_for_inodes`."""
+    removed = False
+    for path in paths:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed = True
+    if removed:
+        (work / ".removed").touch()
+
+
+def wait_for_inodes(work: Path) -> None:
+    """Before the restores: wait until the files this harness removed in ``work`` no longer
+    slow the creation of new ones (see METHOD). Only a run started within minutes of another
+    run's end waits; within a run, nothing is removed before its restores."""
+    try:
+        age = time.time() - (work / ".removed").stat().st_mtime
+    except FileNotFoundError:
+        return
+    if 0 <= age < INODE_RECENCY_S:
+        pause = INODE_RECENCY_S - age
+        say(
+            f"  waiting {pause:.0f} s before the restores: files were removed in {work} "
+            f"{age:.0f} s ago, and every new file would step over their inodes"
+        )
+        time.sleep(pause)
+
+
 def run_cycle(
     number: int, tools: Sequence[Tool], data: Data, work: Path, timeout: float
 ) -> dict[str, ToolCycle]:
     """Full backups, the change, incremental backups, restores: each phase for every tool."""
     cycle_dir = work / f"cycle-{number}"
-    if cycle_dir.exists():
-        shutil.rmtree(cycle_dir)
+    remove_trees(work, [cycle_dir])
     order = list(tools[number % len(tools) :]) + list(tools[: number % len(tools)])
     results = {t.name: ToolCycle(t.name) for t in tools}
     logs = work / "logs" / f"cycle-{number + 1}"  # kept after the run, for a failure's details
@@ -678,9 +711,7 @@ def run_cycle(
         target = cycle_dir / f"restore-{tool.name}"
         target.mkdir()
         settle(None, work, warm)
-        # the target is kept until the cycle ends: deleting it here would slow the next
-        # tool's restore (ext4 without a journal skips the inodes of files deleted in the
-        # last seconds when it places new ones, one buffer lookup each, for every file)
+        # the target is kept until the run ends (see run_size)
         timed(tool, "restore", tool.restore(target), data.changed_bytes)
         assert data.changed is not None
         result.differences = compare_trees(data.changed, tree_manifest(target))
@@ -699,9 +730,9 @@ def run_cycle(
     if data.changed is None:  # the change is deterministic: hash the changed tree once
         data.changed = tree_manifest(data.root)
     each("incremental backup", incremental)
+    wait_for_inodes(work)
     each("restore", restore)
     dataset.revert(data.root)
-    shutil.rmtree(cycle_dir, ignore_errors=True)
     return results
 
 
@@ -861,7 +892,8 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def write_docs_section(name: str, body: str) -> None:
-    """Replace one marked section of docs/benchmarks.md, keeping the others."""
+    """Replace one marked section of docs/benchmarks.md (``method``, ``compare``, ``sizes``),
+    keeping the others."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     text = DOCS.read_text() if DOCS.exists() else DOC_TEMPLATE
     if begin not in text:
@@ -872,26 +904,7 @@ def write_docs_section(name: str, body: str) -> None:
     DOCS.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
 
 
-DOC_TEMPLATE = """\
-# Benchmarks
-
-regionvault against restic and borg (Debian's packages) on one fixed-seed dataset shaped like
-`shared/research/baselines.md`. The harness is `benchmarks/` (not part of the package, not run by
-the tests); one command sets up the tools and runs it:
-
-```
-./scripts/bench --size 1GiB              # add --cycles 3 for medians of three
-./scripts/bench --sizes 1GiB,4GiB        # regionvault's peak memory at both sizes
-```
-
-`./scripts/bench` installs restic and borg (`apt-get`) if they are missing and numpy/psutil
-(`benchmarks/requirements.txt`) into `.venv`, then runs `python benchmarks/run.py` with the same
-arguments: `--cycles N`, `--tools regionvault,restic,borg` (also `borg-lz4`), `--seed`,
-`--workdir` (default `benchmarks/.work`, checked for free space first), `--keep`, `--no-write`
-(print only). A tool whose command is missing is skipped with a note. The dataset generator
-also works alone: `python benchmarks/dataset.py generate|mutate|revert|describe`.
-
-How it measures:
+METHOD = """\
 - the dataset comes from `benchmarks/dataset.py` (`generate`, `mutate`, `revert`), a pure function
   of size and seed; the change is 1% of the bytes overwritten in place in scattered runs across
   ~100 files, plus 5 new files;
@@ -918,10 +931,13 @@ How it measures:
   before every timed phase the harness writes and deletes a scratch file of 1.25× the dataset:
   every tool's writes then start from the same recently freed memory, instead of a cost of
   0.2 to 2.4 s per GiB that depends on what ran before it;
-- restore targets stay until the cycle ends: on ext4 without a journal, files created within
-  seconds of deleting thousands of others are slowed by the kernel stepping over the deleted
-  inodes (seen in `perf`: `recently_deleted` under `ext4_create`), which would tax whichever
-  tool restores right after another's restore was removed;
+- repositories and restore targets stay until the run ends: on ext4 without a journal (as
+  here), the kernel places a new file's inode past every inode of its block group freed in the
+  last minute (six, once that part of the inode table is dirty), one buffer lookup each
+  (`recently_deleted` under `ext4_create` in `perf`); removing a cycle's thousands of files
+  would tax every restore of the next cycle with a cost of the harness's making, the same for
+  each tool and so weighing most on the fastest. For the same reason a run started within six
+  minutes of another run's end waits out the rest of those minutes before its restores;
 - `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
   installed package (the project's editable install does not); restic is one binary and
   Debian's borg is byte-compiled at install;
@@ -931,6 +947,32 @@ How it measures:
   figures");
 - MB = 10^6 bytes; MB/s is the dataset size the phase covered divided by its wall time;
   "× restic" is the tool's wall time over restic's (below 1 is faster).
+"""
+
+DOC_TEMPLATE = """\
+# Benchmarks
+
+regionvault against restic and borg (Debian's packages) on one fixed-seed dataset shaped like
+`shared/research/baselines.md`. The harness is `benchmarks/` (not part of the package, not run by
+the tests); one command sets up the tools and runs it:
+
+```
+./scripts/bench --size 1GiB              # add --cycles 3 for medians of three
+./scripts/bench --sizes 1GiB,4GiB        # regionvault's peak memory at both sizes
+```
+
+`./scripts/bench` installs restic and borg (`apt-get`) if they are missing and numpy/psutil
+(`benchmarks/requirements.txt`) into `.venv`, then runs `python benchmarks/run.py` with the same
+arguments: `--cycles N`, `--tools regionvault,restic,borg` (also `borg-lz4`), `--seed`,
+`--workdir` (default `benchmarks/.work`, checked for free space first), `--keep`, `--no-write`
+(print only). A tool whose command is missing is skipped with a note. The dataset generator
+also works alone: `python benchmarks/dataset.py generate|mutate|revert|describe`.
+
+How it measures:
+
+<!-- BEGIN method -->
+{method}
+<!-- END method -->
 
 <!-- BEGIN compare -->
 (not run yet: `./scripts/bench --size 1GiB` fills this in)
@@ -939,21 +981,22 @@ How it measures:
 <!-- BEGIN sizes -->
 (not run yet: `./scripts/bench --sizes 1GiB,4GiB` fills this in)
 <!-- END sizes -->
-"""
+""".replace("{method}", METHOD.strip())
 
 
 # -- the two modes ----------------------------------------------------------------------------
 
 
-def check_disk(work: Path, size: int, tools: int) -> str | None:
-    # the dataset and its undo log, and per tool a repository and a restore (kept until the
-    # cycle ends), plus the scratch file of warm_memory()
-    need = int(size * (3.4 + 2.3 * tools)) + 512 * MiB
+def check_disk(work: Path, size: int, tools: int, cycles: int) -> str | None:
+    # the dataset and its undo log, the scratch file of warm_memory(), and per tool and cycle
+    # a repository and a restore (all kept until the run ends, see run_size)
+    need = int(size * (3.4 + 2.3 * tools * cycles)) + 512 * MiB
     free = shutil.disk_usage(work).free
     if free < need:
         return (
             f"needs about {need / 1e9:.1f} GB free in {work} for a {dataset.format_size(size)} run "
-            f"of {tools} tool(s) (dataset, a repository and a restore per tool), but "
+            f"of {tools} tool(s) and {cycles} cycle(s) (dataset, and a repository and a restore "
+            "per tool and cycle), but "
             f"only {free / 1e9:.1f} GB is free; free some space or pass --workdir on a bigger disk"
         )
     return None
@@ -961,8 +1004,7 @@ def check_disk(work: Path, size: int, tools: int) -> str | None:
 
 def prepare_data(work: Path, size: int, seed: int) -> Data:
     root = work / f"data-{dataset.format_size(size)}-seed{seed}"
-    if root.exists():
-        shutil.rmtree(root)
+    remove_trees(work, [root])
     dataset.undo_path(root).unlink(missing_ok=True)
     plan = dataset.plan_dataset(size, seed)
     say(f"generating {dataset.summary_line(plan)}")
@@ -1007,9 +1049,15 @@ def run_size(
             for name, result in run_cycle(number, tools, data, work, timeout).items():
                 per_tool[name].append(result)
     finally:
+        # Every cycle's repositories and restores are removed only now. On ext4 without a
+        # journal (as here), creating a file steps over the inodes freed in the last minutes
+        # of its block group (`recently_deleted` under `ext4_create` in `perf`), one buffer
+        # lookup each: removing one cycle's thousands of files would tax every restore of the
+        # next cycle with a cost that belongs to the harness, not to the tool measured.
+        remove_trees(work, work.glob("cycle-*"))
         dataset.revert(data.root)
         if not keep:
-            shutil.rmtree(data.root, ignore_errors=True)
+            remove_trees(work, [data.root])
     return data, per_tool
 
 
@@ -1025,7 +1073,7 @@ def compare_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not tools:
         say("run.py: nothing to measure: every requested tool is skipped")
         return 1
-    problem = check_disk(work, args.size, len(tools))
+    problem = check_disk(work, args.size, len(tools), args.cycles)
     if problem:
         say(f"run.py: {problem}")
         return 2
@@ -1083,6 +1131,7 @@ def compare_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     print(body)
     if not args.no_write:
+        write_docs_section("method", METHOD)
         write_docs_section("compare", body)
         out = RESULTS / f"{record['date']}.json"
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1117,7 +1166,7 @@ def sizes_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not tools:
         say("run.py: nothing to measure: every requested tool is skipped")
         return 1
-    problem = check_disk(work, max(sizes), len(tools))
+    problem = check_disk(work, max(sizes), len(tools), args.cycles)
     if problem:
         say(f"run.py: {problem}")
         return 2
@@ -1206,6 +1255,7 @@ def sizes_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     print(body)
     if not args.no_write:
+        write_docs_section("method", METHOD)
         write_docs_section("sizes", body)
         out = RESULTS / f"{record['date']}-sizes.json"
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1272,8 +1322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cycles must be at least 1")
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for leftover in [*args.workdir.glob("cycle-*"), args.workdir / "logs"]:  # a previous run
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), args.workdir / "logs"])
     if args.sizes:
         return sizes_mode(args, argv)
     args.tools = args.tools or "regionvault,restic,borg"
