@@ -1322,7 +1322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cycles must be at least 1")
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), args.workdir / "logs"])
+    remove_trees(args.workdir, args.workdir.glob("cycle-*"))  # a previous run's leftovers
+    shutil.rmtree(args.workdir / "logs", ignore_errors=True)  # a few dozen files: no wait
     if args.sizes:
         return sizes_mode(args, argv)
     args.tools = args.tools or "regionvault,restic,borg"

@@ -19,6 +19,7 @@ __all__ = [
     "LockedError",
     "ObjectExists",
     "ObjectNotFound",
+    "PathNotFound",
     "PolicyError",
     "ProviderNotFound",
     "RegionVaultError",
@@ -106,6 +107,17 @@ class ObjectNotFound(VaultError):
     ) -> None:
         super().__init__(f"object {name!r} not found", provider=provider, region=region)
         self.name = name
+
+
+class PathNotFound(RegionVaultError):
+    """A restore asked for paths the recovery point does not hold; ``.paths`` lists them."""
+
+    def __init__(self, point: str, paths: list[str]) -> None:
+        names = ", ".join(repr(p) for p in paths)
+        noun = "path" if len(paths) == 1 else "paths"
+        super().__init__(f"recovery point {point} holds no {noun} {names}")
+        self.point = point
+        self.paths = paths
 
 
 class ObjectExists(VaultError):

@@ -162,6 +162,11 @@ def test_restore_selected_paths_and_json(workdir: Path, data: Path, point: str) 
     ).read_bytes()
     assert not (out / "conf.txt").exists()
 
+    missing = workdir / "missing"
+    line = fails(run("restore", point, "--region", "east", "--target", missing, "--path", "dbx"))
+    assert line.endswith(f"recovery point {point} holds no path 'dbx'")
+    assert not missing.exists()
+
 
 def test_restore_with_launch_starts_the_function_in_west(workdir: Path) -> None:
     data = workdir / "nf-data"

@@ -14,6 +14,7 @@ from regionvault.core import (
     FileKind,
     FileSink,
     ObjectNotFound,
+    PathNotFound,
     Region,
     RegionVaultError,
     RepositoryNotFound,
@@ -122,8 +123,12 @@ def test_restore_into_a_file_sink_and_selected_paths(east: Region, tmp_path: Pat
     full = snapshot(src)
     for path in ("etc/nf/deep/deeper/small", "var/log/nf.log", "etc/nf/deep", "var/log"):
         assert got[path] == full[path]
-    with pytest.raises(ObjectNotFound, match="no/such"):
+    with pytest.raises(PathNotFound, match=f"recovery point {point.id} holds no path 'no/such'"):
         repo.restore(point.id, tmp_path / "none", paths=["no/such"])
+    with pytest.raises(PathNotFound, match=r"holds no paths 'no/such', 'var/lo'$") as caught:
+        repo.restore(point.id, tmp_path / "none", paths=["var/log", "var/lo", "no/such"])
+    assert caught.value.paths == ["no/such", "var/lo"]
+    assert not (tmp_path / "none").exists()
     with pytest.raises(RegionVaultError, match=r"'\.\.' part"):
         repo.restore(point.id, tmp_path / "none", paths=["../etc"])
 

@@ -14,6 +14,7 @@ from typing import Literal
 from regionvault.core.errors import (
     IntegrityError,
     ObjectNotFound,
+    PathNotFound,
     RegionVaultError,
     RepositoryNotFound,
     RetentionLocked,
@@ -330,7 +331,7 @@ class Repository:
         name = fmt.point_name(point_id)
         zero = bytes(store.config.chunker.max_size)
         kind = manifest.point.kind
-        with self._lock(exclusive=False, operation="restore") as lock:
+        with self._lock(exclusive=False, operation="restore"):
             # a damaged index object fails the restore only if it lists a needed chunk
             state = store.load_index(tolerant=True)
             with self._pool() as pool:
@@ -353,7 +354,7 @@ class Repository:
                     root = Path(target.root if isinstance(target, FileSink) else target)
                     selection = None if paths is None else Selection(paths)
                     if selection is not None:
-                        self._check_selection(selection, records(), name)
+                        self._check_selection(selection, records(), point_id)
                     report = Reporter(
                         progress,
                         manifest.stats.get("files"),
@@ -380,7 +381,9 @@ class Repository:
                         blocks.to_file(records(), Path(target), writer)
                         read = writer.bytes_read
                     files, size = 1, manifest.image_size
-            lock.check()
+            # no lock.check() here, unlike the writers: a restore commits nothing to the
+            # vault and verified every chunk it wrote, so a lock lost midway cannot have made
+            # it wrong (a pack pruned meanwhile fails the read instead)
         return RestoreReport(point_id, files, size, read)
 
     def _writer(
@@ -405,7 +408,9 @@ class Repository:
         )
 
     @staticmethod
-    def _check_selection(selection: Selection, records: Iterator[fmt.RawRecord], name: str) -> None:
+    def _check_selection(
+        selection: Selection, records: Iterator[fmt.RawRecord], point_id: str
+    ) -> None:
         wanted = set(selection.paths)
         for record in records:
             path = record.path.decode("utf-8", "surrogateescape")
@@ -414,7 +419,7 @@ class Repository:
                     wanted.discard(sel)
             if not wanted:
                 return
-        raise ObjectNotFound(f"{name}: {', '.join(sorted(wanted))}")
+        raise PathNotFound(point_id, sorted(wanted))
 
     # ------------------------------------------------------------------ retention
 

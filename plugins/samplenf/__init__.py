@@ -14,6 +14,23 @@ directory defaults to ``$REGIONVAULT_DATA_DIR``, then the current directory. It 
 
 from __future__ import annotations
 
-from regionvault.plugins.samplenf.nf import PORT_FILE, NetworkFunction, read_state, state_digest
+from typing import TYPE_CHECKING
+
+from regionvault.plugins.samplenf.layout import PORT_FILE
+
+if TYPE_CHECKING:
+    from regionvault.plugins.samplenf.nf import NetworkFunction, read_state, state_digest
 
 __all__ = ["PORT_FILE", "NetworkFunction", "read_state", "state_digest"]
+
+_LAZY = frozenset({"NetworkFunction", "read_state", "state_digest"})
+
+
+def __getattr__(name: str) -> object:
+    # the server (and http.server with it) loads on first use: every regionvault command
+    # imports this package for the plugin's health check, which needs only PORT_FILE
+    if name in _LAZY:
+        from regionvault.plugins.samplenf import nf
+
+        return getattr(nf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

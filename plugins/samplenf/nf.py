@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from regionvault.plugins.samplenf.layout import PORT_FILE
+
 __all__ = ["PORT_FILE", "NetworkFunction", "read_state", "state_digest"]
 
-#: ``{"port": N, "pid": P}``, relative to the data directory; rewritten at every start
-PORT_FILE = Path("run") / "port"
 _SUBSCRIBERS = Path("db") / "subscribers.json"
 _SESSIONS = Path("db") / "sessions.jsonl"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.plugins import hookimpl
-from regionvault.plugins.samplenf.nf import PORT_FILE
+from regionvault.plugins.samplenf.layout import PORT_FILE
 
 if TYPE_CHECKING:
     from regionvault.core.types import Instance
