@@ -618,6 +618,21 @@ def settle(data: Data | None, work: Path, warm: int) -> None:
 INODE_RECENCY_S = 6 * 60 + 10
 
 
+def empty_files(root: Path) -> None:
+    """Truncate every regular file under ``root`` to zero, keeping the files: their disk space
+    and page cache are freed at once, but no inode is (see :data:`INODE_RECENCY_S`)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                continue
+            try:
+                os.truncate(path, 0)
+            except PermissionError:  # a read-only file (a restored one, a tool's own)
+                path.chmod(0o600)
+                os.truncate(path, 0)
+
+
 def remove_trees(work: Path, paths: Iterable[Path]) -> None:
     """Delete ``paths`` (those that exist), and note when, for :func:`wait_for_inodes`."""
     removed = False
@@ -716,6 +731,7 @@ def run_cycle(
         assert data.changed is not None
         result.differences = compare_trees(data.changed, tree_manifest(target))
         result.restore_verified = not result.differences
+        empty_files(target)  # the next restore gets the same free memory and disk
         if result.differences:
             say(
                 f"  {tool.name}: restore DIFFERS from the dataset: "
@@ -733,6 +749,7 @@ def run_cycle(
     wait_for_inodes(work)
     each("restore", restore)
     dataset.revert(data.root)
+    empty_files(cycle_dir)  # the repositories: removed, with the restores, when the run ends
     return results
 
 
@@ -931,13 +948,16 @@ METHOD = """\
   before every timed phase the harness writes and deletes a scratch file of 1.25× the dataset:
   every tool's writes then start from the same recently freed memory, instead of a cost of
   0.2 to 2.4 s per GiB that depends on what ran before it;
-- repositories and restore targets stay until the run ends: on ext4 without a journal (as
-  here), the kernel places a new file's inode past every inode of its block group freed in the
-  last minute (six, once that part of the inode table is dirty), one buffer lookup each
-  (`recently_deleted` under `ext4_create` in `perf`); removing a cycle's thousands of files
-  would tax every restore of the next cycle with a cost of the harness's making, the same for
-  each tool and so weighing most on the fastest. For the same reason a run started within six
-  minutes of another run's end waits out the rest of those minutes before its restores;
+- the harness removes no file until the run ends: each restore is emptied once checked, and
+  each cycle's repositories when it ends (every file truncated to zero, which frees the disk
+  and the page cache but no inode). On ext4 without a journal (as here), the kernel places a
+  new file's inode past every inode of its block group freed in the last minute (six, once that
+  part of the inode table is dirty), one buffer lookup each (`recently_deleted` under
+  `ext4_create` in `perf`): removing a cycle's thousands of files would tax every restore of
+  the next cycle with a cost of the harness's making, the same for each tool and so weighing
+  most on the fastest; keeping them whole would fill memory and tax later cycles with page
+  reclaim. A run started within six minutes of another run's end waits out the rest of those
+  minutes before its restores;
 - `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
   installed package (the project's editable install does not); restic is one binary and
   Debian's borg is byte-compiled at install;
@@ -987,16 +1007,15 @@ How it measures:
 # -- the two modes ----------------------------------------------------------------------------
 
 
-def check_disk(work: Path, size: int, tools: int, cycles: int) -> str | None:
-    # the dataset and its undo log, the scratch file of warm_memory(), and per tool and cycle
-    # a repository and a restore (all kept until the run ends, see run_size)
-    need = int(size * (3.4 + 2.3 * tools * cycles)) + 512 * MiB
+def check_disk(work: Path, size: int, tools: int) -> str | None:
+    # the dataset and its undo log, the scratch file of warm_memory(), and per tool a
+    # repository and a restore (emptied when the restore is checked and the cycle ends)
+    need = int(size * (3.4 + 2.3 * tools)) + 512 * MiB
     free = shutil.disk_usage(work).free
     if free < need:
         return (
             f"needs about {need / 1e9:.1f} GB free in {work} for a {dataset.format_size(size)} run "
-            f"of {tools} tool(s) and {cycles} cycle(s) (dataset, and a repository and a restore "
-            "per tool and cycle), but "
+            f"of {tools} tool(s) (dataset, a repository and a restore per tool), but "
             f"only {free / 1e9:.1f} GB is free; free some space or pass --workdir on a bigger disk"
         )
     return None
@@ -1049,11 +1068,11 @@ def run_size(
             for name, result in run_cycle(number, tools, data, work, timeout).items():
                 per_tool[name].append(result)
     finally:
-        # Every cycle's repositories and restores are removed only now. On ext4 without a
-        # journal (as here), creating a file steps over the inodes freed in the last minutes
-        # of its block group (`recently_deleted` under `ext4_create` in `perf`), one buffer
-        # lookup each: removing one cycle's thousands of files would tax every restore of the
-        # next cycle with a cost that belongs to the harness, not to the tool measured.
+        # Every cycle's repositories and restores are removed only now (emptied before, see
+        # empty_files). On ext4 without a journal (as here), creating a file steps over the
+        # inodes freed in the last minutes of its block group (`recently_deleted` under
+        # `ext4_create` in `perf`), one buffer lookup each: removing one cycle's thousands of
+        # files would tax every restore of the next cycle with a cost of the harness's making.
         remove_trees(work, work.glob("cycle-*"))
         dataset.revert(data.root)
         if not keep:
@@ -1073,7 +1092,7 @@ def compare_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not tools:
         say("run.py: nothing to measure: every requested tool is skipped")
         return 1
-    problem = check_disk(work, args.size, len(tools), args.cycles)
+    problem = check_disk(work, args.size, len(tools))
     if problem:
         say(f"run.py: {problem}")
         return 2
@@ -1166,7 +1185,7 @@ def sizes_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not tools:
         say("run.py: nothing to measure: every requested tool is skipped")
         return 1
-    problem = check_disk(work, max(sizes), len(tools), args.cycles)
+    problem = check_disk(work, max(sizes), len(tools))
     if problem:
         say(f"run.py: {problem}")
         return 2
