@@ -289,7 +289,8 @@ def _raw_pack(rng: random.Random, ids: list[bytes], *, size: int = 1 << 24) -> f
     return fmt.RawIndexPack(rng.randbytes(16).hex(), size, b"header", entries)
 
 
-def test_chunk_index_finds_every_chunk_at_its_first_listed_place() -> None:
+@pytest.mark.parametrize("reserve", [None, 0, 1000, 20_003, 10**6])
+def test_chunk_index_finds_every_chunk_at_its_first_listed_place(reserve: int | None) -> None:
     from regionvault.core.repository._index import ChunkIndex
 
     rng = random.Random(5)
@@ -297,8 +298,16 @@ def test_chunk_index_finds_every_chunk_at_its_first_listed_place() -> None:
     again = [fmt.BLOB_ENTRY.unpack_from(packs[0].entries, 46 * i)[0] for i in (0, 7)]
     packs.append(_raw_pack(rng, [*again, rng.randbytes(32)]))  # two chunks listed before
     index = ChunkIndex()
+    if reserve is not None:  # sized up front (as load_index does) or not, however well
+        index.reserve(reserve)
+        sized = index._bits
     for pack in packs:
         index.add_pack(pack, "i1", keep_blobs=False)
+    if reserve == 20_003:  # sized for every entry: no growing on the way
+        assert index._bits == sized
+    bits = index._bits
+    index.reserve(10**6)  # too late: a table holding ids keeps its size
+    assert index._bits == bits
     index.add_pack(packs[3], "i2", keep_blobs=False)  # a pack listed twice counts once
     assert len(index) == 40 * 500 + 1
     assert index.packs[packs[3].pack_id].index_ids == {"i1", "i2"}

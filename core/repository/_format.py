@@ -408,6 +408,11 @@ class RawIndexPack:
     header: bytes
     entries: bytes
 
+    @property
+    def count(self) -> int:
+        """How many blob entries it holds."""
+        return len(self.entries) // BLOB_ENTRY.size
+
     def blobs(self, name: str) -> Iterator[BlobEntry]:
         for fields in BLOB_ENTRY.iter_unpack(self.entries):
             yield _checked_entry(f"{name} (pack {self.pack_id})", BlobEntry(*fields), self.size)

@@ -373,6 +373,14 @@ class Store:
                     decoded[index_id] = result
         superseded = {old for _, sup in decoded.values() for old in sup}
         index = ChunkIndex()
+        index.reserve(
+            sum(
+                pack.count
+                for index_id, (packs, _) in decoded.items()
+                if index_id not in superseded
+                for pack in packs
+            )
+        )
         live = []
         for index_id in sorted(decoded):
             if index_id in superseded:
