@@ -665,7 +665,7 @@ def run_cycle(
     number: int, tools: Sequence[Tool], data: Data, work: Path, timeout: float
 ) -> dict[str, ToolCycle]:
     """Full backups, the change, incremental backups, restores: each phase for every tool."""
-    cycle_dir = work / f"cycle-{number}"
+    cycle_dir = work / f"cycle-{number}-{data.root.name}"
     remove_trees(work, [cycle_dir])
     order = list(tools[number % len(tools) :]) + list(tools[: number % len(tools)])
     results = {t.name: ToolCycle(t.name) for t in tools}
@@ -948,16 +948,16 @@ METHOD = """\
   before every timed phase the harness writes and deletes a scratch file of 1.25× the dataset:
   every tool's writes then start from the same recently freed memory, instead of a cost of
   0.2 to 2.4 s per GiB that depends on what ran before it;
-- the harness removes no file until the run ends: each restore is emptied once checked, and
-  each cycle's repositories when it ends (every file truncated to zero, which frees the disk
-  and the page cache but no inode). On ext4 without a journal (as here), the kernel places a
-  new file's inode past every inode of its block group freed in the last minute (six, once that
-  part of the inode table is dirty), one buffer lookup each (`recently_deleted` under
-  `ext4_create` in `perf`): removing a cycle's thousands of files would tax every restore of
-  the next cycle with a cost of the harness's making, the same for each tool and so weighing
-  most on the fastest; keeping them whole would fill memory and tax later cycles with page
-  reclaim. A run started within six minutes of another run's end waits out the rest of those
-  minutes before its restores;
+- the harness removes no file until the run ends: each restore is emptied once checked,
+  each cycle's repositories when it ends, and the dataset when its size is done (every file
+  truncated to zero, which frees the disk and the page cache but no inode). On ext4 without
+  a journal (as here), the kernel places a new file's inode past every inode of its block
+  group freed in the last minute (six, once that part of the inode table is dirty), one
+  buffer lookup each (`recently_deleted` under `ext4_create` in `perf`): removing a cycle's
+  thousands of files would tax every restore of the next cycle with a cost of the harness's
+  making, the same for each tool and so weighing most on the fastest; keeping them whole
+  would fill memory and tax later cycles with page reclaim. A run started within six
+  minutes of another run's end waits out the rest of those minutes before its restores;
 - `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
   installed package (the project's editable install does not); restic is one binary and
   Debian's borg is byte-compiled at install;
@@ -1068,15 +1068,9 @@ def run_size(
             for name, result in run_cycle(number, tools, data, work, timeout).items():
                 per_tool[name].append(result)
     finally:
-        # Every cycle's repositories and restores are removed only now (emptied before, see
-        # empty_files). On ext4 without a journal (as here), creating a file steps over the
-        # inodes freed in the last minutes of its block group (`recently_deleted` under
-        # `ext4_create` in `perf`), one buffer lookup each: removing one cycle's thousands of
-        # files would tax every restore of the next cycle with a cost of the harness's making.
-        remove_trees(work, work.glob("cycle-*"))
         dataset.revert(data.root)
         if not keep:
-            remove_trees(work, [data.root])
+            empty_files(data.root)  # removed with the cycles' files when the run ends (main)
     return data, per_tool
 
 
@@ -1343,10 +1337,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     remove_trees(args.workdir, args.workdir.glob("cycle-*"))  # a previous run's leftovers
     shutil.rmtree(args.workdir / "logs", ignore_errors=True)  # a few dozen files: no wait
-    if args.sizes:
-        return sizes_mode(args, argv)
-    args.tools = args.tools or "regionvault,restic,borg"
-    return compare_mode(args, argv)
+    try:
+        if args.sizes:
+            return sizes_mode(args, argv)
+        args.tools = args.tools or "regionvault,restic,borg"
+        return compare_mode(args, argv)
+    finally:
+        # Every cycle's repositories and restores (and the datasets, unless kept) are removed
+        # only now, emptied before (see empty_files). On ext4 without a journal (as here),
+        # creating a file steps over the inodes freed in the last minutes of its block group
+        # (`recently_deleted` under `ext4_create` in `perf`), one buffer lookup each: removing
+        # one cycle's thousands of files would tax every restore of the next cycle (or of the
+        # next size) with a cost of the harness's making.
+        kept = [] if args.keep else [p for p in args.workdir.glob("data-*") if p.is_dir()]
+        remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), *kept])
+        for root in kept:
+            dataset.undo_path(root).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
