@@ -633,30 +633,44 @@ def empty_files(root: Path) -> None:
                 os.truncate(path, 0)
 
 
+#: fewer removed files than this cost the next restores too little to wait for
+INODE_WAIT_FILES = 1000
+
+
 def remove_trees(work: Path, paths: Iterable[Path]) -> None:
-    """Delete ``paths`` (those that exist), and note when, for :func:`wait_for_inodes`."""
-    removed = False
+    """Delete ``paths`` (those that exist), and note when and how many entries, for
+    :func:`wait_for_inodes`."""
+    count = 0
     for path in paths:
         if path.exists():
+            count += sum(len(dirs) + len(files) for _, dirs, files in os.walk(path)) + 1
             shutil.rmtree(path, ignore_errors=True)
-            removed = True
-    if removed:
-        (work / ".removed").touch()
+    if count:
+        stamp = work / ".removed"
+        try:  # removals within the window add up
+            if time.time() - stamp.stat().st_mtime < INODE_RECENCY_S:
+                count += int(stamp.read_text() or 0)
+        except (OSError, ValueError):
+            pass
+        stamp.write_text(str(count))
 
 
 def wait_for_inodes(work: Path) -> None:
     """Before the restores: wait until the files this harness removed in ``work`` no longer
     slow the creation of new ones (see METHOD). Only a run started within minutes of another
-    run's end waits; within a run, nothing is removed before its restores."""
+    run's end waits, and only after a removal of thousands of files; within a run, nothing
+    is removed before its restores."""
+    stamp = work / ".removed"
     try:
-        age = time.time() - (work / ".removed").stat().st_mtime
-    except FileNotFoundError:
+        age = time.time() - stamp.stat().st_mtime
+        count = int(stamp.read_text() or 0)
+    except (OSError, ValueError):
         return
-    if 0 <= age < INODE_RECENCY_S:
+    if 0 <= age < INODE_RECENCY_S and count >= INODE_WAIT_FILES:
         pause = INODE_RECENCY_S - age
         say(
-            f"  waiting {pause:.0f} s before the restores: files were removed in {work} "
-            f"{age:.0f} s ago, and every new file would step over their inodes"
+            f"  waiting {pause:.0f} s before the restores: {count:,} files were removed in "
+            f"{work} {age:.0f} s ago, and every new file would step over their inodes"
         )
         time.sleep(pause)
 
@@ -957,7 +971,8 @@ METHOD = """\
   thousands of files would tax every restore of the next cycle with a cost of the harness's
   making, the same for each tool and so weighing most on the fastest; keeping them whole
   would fill memory and tax later cycles with page reclaim. A run started within six
-  minutes of another run's end waits out the rest of those minutes before its restores;
+  minutes of another run's end (one that removed thousands of files) waits out the rest of
+  those minutes before its restores;
 - `./scripts/bench` byte-compiles regionvault before the run, as `pip install` does for an
   installed package (the project's editable install does not); restic is one binary and
   Debian's borg is byte-compiled at install;
@@ -1021,8 +1036,12 @@ def check_disk(work: Path, size: int, tools: int) -> str | None:
     return None
 
 
+def data_root(work: Path, size: int, seed: int) -> Path:
+    return work / f"data-{dataset.format_size(size)}-seed{seed}"
+
+
 def prepare_data(work: Path, size: int, seed: int) -> Data:
-    root = work / f"data-{dataset.format_size(size)}-seed{seed}"
+    root = data_root(work, size, seed)
     remove_trees(work, [root])
     dataset.undo_path(root).unlink(missing_ok=True)
     plan = dataset.plan_dataset(size, seed)
@@ -1174,7 +1193,7 @@ def _facts_lines(
 
 def sizes_mode(args: argparse.Namespace, argv: Sequence[str]) -> int:
     work: Path = args.workdir
-    sizes = [dataset.parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    sizes: list[int] = args.size_list
     tools, skipped = select_tools(args.tools or "regionvault")
     if not tools:
         say("run.py: nothing to measure: every requested tool is skipped")
@@ -1333,6 +1352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cycles < 1:
         parser.error("--cycles must be at least 1")
+    try:
+        args.size_list = [dataset.parse_size(s) for s in (args.sizes or "").split(",") if s.strip()]
+    except ValueError as exc:
+        parser.error(f"--sizes: {exc}")
+    if args.sizes is not None and not args.size_list:
+        parser.error("--sizes needs at least one size, e.g. 1GiB,4GiB")
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     remove_trees(args.workdir, args.workdir.glob("cycle-*"))  # a previous run's leftovers
@@ -1349,7 +1374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (`recently_deleted` under `ext4_create` in `perf`), one buffer lookup each: removing
         # one cycle's thousands of files would tax every restore of the next cycle (or of the
         # next size) with a cost of the harness's making.
-        kept = [] if args.keep else [p for p in args.workdir.glob("data-*") if p.is_dir()]
+        sizes = args.size_list or [args.size]
+        kept = [] if args.keep else [data_root(args.workdir, n, args.seed) for n in sizes]
         remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), *kept])
         for root in kept:
             dataset.undo_path(root).unlink(missing_ok=True)
