@@ -740,7 +740,7 @@ def run_cycle(
         target = cycle_dir / f"restore-{tool.name}"
         target.mkdir()
         settle(None, work, warm)
-        # the target is kept until the run ends (see run_size)
+        # the target is kept (emptied) until the run ends: see main()
         timed(tool, "restore", tool.restore(target), data.changed_bytes)
         assert data.changed is not None
         result.differences = compare_trees(data.changed, tree_manifest(target))
@@ -1089,7 +1089,7 @@ def run_size(
     finally:
         dataset.revert(data.root)
         if not keep:
-            empty_files(data.root)  # removed with the cycles' files when the run ends (main)
+            empty_files(data.root)  # removed with the cycles' files when the run ends: main()
     return data, per_tool
 
 
@@ -1375,9 +1375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one cycle's thousands of files would tax every restore of the next cycle (or of the
         # next size) with a cost of the harness's making.
         sizes = args.size_list or [args.size]
-        kept = [] if args.keep else [data_root(args.workdir, n, args.seed) for n in sizes]
-        remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), *kept])
-        for root in kept:
+        datasets = [] if args.keep else [data_root(args.workdir, n, args.seed) for n in sizes]
+        remove_trees(args.workdir, [*args.workdir.glob("cycle-*"), *datasets])
+        for root in datasets:
             dataset.undo_path(root).unlink(missing_ok=True)
 
 
