@@ -657,9 +657,9 @@ def remove_trees(work: Path, paths: Iterable[Path]) -> None:
 
 def wait_for_inodes(work: Path) -> None:
     """Before the restores: wait until the files this harness removed in ``work`` no longer
-    slow the creation of new ones (see METHOD). Only a run started within minutes of another
-    run's end waits, and only after a removal of thousands of files; within a run, nothing
-    is removed before its restores."""
+    slow the creation of new ones (see METHOD). That is only after thousands of files were
+    removed minutes before: at another run's end, or by this run's start (a previous run's
+    leftovers, a kept dataset); between its start and its end a run removes nothing."""
     stamp = work / ".removed"
     try:
         age = time.time() - stamp.stat().st_mtime
