@@ -2,8 +2,8 @@
 change, incremental backup and restore of a ~200 MiB dataset through the Python API on the
 local provider. Not a test and not the side-by-side benchmark (that is ``run.py``).
 
-    .venv/bin/python benchmarks/repository_quick.py [--size 200MiB] [--avg 65536]
-        [--min 16384] [--max 262144] [--workers 0] [--work DIR]
+    .venv/bin/python benchmarks/repository_quick.py [--size 200MiB] [--avg 131072]
+        [--min 32768] [--max 524288] [--workers 0] [--work DIR]
 
 The dataset comes from ``dataset.py`` (same shape as the benchmark's, smaller). Each phase
 starts after ``sync()`` with the dataset read once, so the data is in the page cache.

@@ -35,9 +35,9 @@ class ChunkerParams:
     skipping implies, the mean chunk of long inputs comes out near ``avg_size + min_size``.
     """
 
-    min_size: int = 16 * KiB
-    avg_size: int = 64 * KiB
-    max_size: int = 256 * KiB
+    min_size: int = 32 * KiB
+    avg_size: int = 128 * KiB
+    max_size: int = 512 * KiB
 
     def problem(self) -> str | None:
         """Why these parameters cannot be used, or None."""
