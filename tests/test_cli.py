@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -386,6 +387,28 @@ def test_main_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert info.value.code == 0
     assert "Usage: regionvault" in capsys.readouterr().out
+
+
+def test_only_the_process_entry_point_freezes_start_up_objects(
+    site_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main() (the console script) freezes what start-up made once the site is loaded; a
+    command run inside another program (CliRunner here) leaves that program's objects to
+    its collector, even after main() ran in the same process."""
+    gc.unfreeze()
+    try:
+        ok("--site", site_file, "regions")
+        assert gc.get_freeze_count() == 0
+        with pytest.raises(SystemExit) as info:
+            main(["--site", str(site_file), "regions"])
+        assert info.value.code == 0
+        assert "local:east" in capsys.readouterr().out
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        ok("--site", site_file, "regions")
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
 
 
 def test_unknown_command_is_a_usage_error() -> None:
