@@ -372,20 +372,10 @@ class Store:
                 elif result is not None:
                     decoded[index_id] = result
         superseded = {old for _, sup in decoded.values() for old in sup}
+        live = sorted(index_id for index_id in decoded if index_id not in superseded)
         index = ChunkIndex()
-        index.reserve(
-            sum(
-                pack.count
-                for index_id, (packs, _) in decoded.items()
-                if index_id not in superseded
-                for pack in packs
-            )
-        )
-        live = []
-        for index_id in sorted(decoded):
-            if index_id in superseded:
-                continue
-            live.append(index_id)
+        index.reserve(sum(pack.count for index_id in live for pack in decoded[index_id][0]))
+        for index_id in live:
             packs = decoded.pop(index_id)[0]
             name = fmt.index_name(index_id)
             try:
