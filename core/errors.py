@@ -12,6 +12,7 @@ __all__ = [
     "AmbiguousName",
     "ComputeError",
     "ConfigError",
+    "EntryProblem",
     "InstanceNotFound",
     "IntegrityError",
     "KeyAccessDenied",
@@ -194,6 +195,27 @@ class IntegrityError(RegionVaultError):
 
 class ComputeError(RegionVaultError):
     """A compute operation failed."""
+
+
+class EntryProblem(ComputeError):
+    """One entry of a file capture cannot be taken whole: it is unreadable, vanished, or is
+    not (or no longer) the file that was walked. Raised by ``FileCapture.open`` and while
+    reading; the backup records it in the recovery point and goes on with the rest."""
+
+    def __init__(
+        self,
+        path: str,
+        issue: str,
+        message: str,
+        *,
+        provider: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        super().__init__(f"{path!r}: {message}", provider=provider, region=region)
+        self.path = path
+        #: an :class:`~regionvault.core.types.IssueKind` value
+        self.issue = issue
+        self.reason = message
 
 
 class InstanceNotFound(ComputeError):

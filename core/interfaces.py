@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, BinaryIO, ClassVar
 from regionvault.core.errors import UnsupportedOperation
 from regionvault.core.types import (
     Capabilities,
+    CaptureIssue,
     CaptureKind,
     DataKey,
     FileEntry,
@@ -96,17 +97,39 @@ class Capture(abc.ABC):
 
 
 class FileCapture(Capture):
-    """A file tree: directories, regular files and symlinks with their metadata."""
+    """A file tree: every entry (files, directories, symlinks, hard links, FIFOs, sockets,
+    devices) with its metadata.
+
+    A capture that is not a snapshot (a live directory) can change under the engine: its
+    entries then carry an ``identity``; :meth:`open` refuses a file that is no longer the
+    one walked, and :meth:`restat` tells the engine what an entry is now, so it can re-read
+    a file that changed while it was read and check every entry once more at the end.
+    """
 
     kind = CaptureKind.FILES
 
+    def __init__(self, instance: Instance, taken_at: datetime) -> None:
+        super().__init__(instance, taken_at)
+        #: what the latest walk could not take (an unreadable directory, an entry that
+        #: vanished while it was listed), appended while :meth:`entries` runs
+        self.issues: list[CaptureIssue] = []
+
     @abc.abstractmethod
     def entries(self) -> Iterator[FileEntry]:
-        """Yield every entry, parents before children, in a stable (sorted) order."""
+        """Yield every entry, parents before children, in a stable (sorted) order; each
+        call walks anew and starts :attr:`issues` afresh."""
 
     @abc.abstractmethod
     def open(self, entry: FileEntry) -> BinaryIO:
-        """Open a regular file entry for reading its bytes as captured."""
+        """Open a regular file entry for reading its bytes as captured.
+
+        :class:`~regionvault.core.errors.EntryProblem` when it cannot: unreadable,
+        vanished, or (``issue`` "changed") not the file that was walked."""
+
+    def restat(self, entry: FileEntry) -> FileEntry | None:
+        """The entry at ``entry.path`` as it is now (None if it is gone), with a fresh
+        ``identity``. The default, for a capture that cannot change, returns ``entry``."""
+        return entry
 
     def totals(self) -> tuple[int, int] | None:
         """``(regular files, their bytes)``, for progress reports, when the capture can count

@@ -12,12 +12,14 @@ from typing import Any
 
 __all__ = [
     "Capabilities",
+    "CaptureIssue",
     "CaptureKind",
     "DataKey",
     "FileEntry",
     "FileKind",
     "Instance",
     "InstancePage",
+    "IssueKind",
     "LaunchSpec",
     "Lineage",
     "ObjectInfo",
@@ -150,20 +152,71 @@ class FileKind(enum.StrEnum):
     FILE = "file"
     DIR = "dir"
     SYMLINK = "symlink"
+    FIFO = "fifo"
+    SOCKET = "socket"
+    CHARDEV = "chardev"
+    BLOCKDEV = "blockdev"
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One entry of a file capture. ``path`` is relative, '/'-separated, never '..'."""
+    """One entry of a file capture.
+
+    ``path`` is relative, '/'-separated, never '..'. It is the name's bytes as
+    :func:`os.fsdecode` gives them: bytes that are not UTF-8 are surrogate-escaped, so
+    ``path.encode("utf-8", "surrogateescape")`` is the raw name, whatever it is.
+    """
 
     path: str
     kind: FileKind
+    #: permission bits with set-user-id, set-group-id and sticky (``stat.S_IMODE``)
     mode: int
     mtime_ns: int
     size: int = 0
+    #: a symlink's target (surrogate-escaped like ``path``)
     target: str | None = None
+    #: owner and group, by number and, where the capture can tell, by name
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    #: a character or block device's number (``st_rdev``)
+    rdev: int = 0
+    #: an earlier entry of this capture that is the same file (a hard link): this entry
+    #: carries no data of its own and restores as a link to that one
+    link: str | None = None
+    #: extended attributes, POSIX ACLs included (``system.posix_acl_access`` and
+    #: ``system.posix_acl_default``), as (name, value) in name order
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    #: what must stay the same for the entry to be the one that was walked (the local
+    #: capture: device, inode, size, mtime, ctime); None for a capture that cannot change
+    #: under the engine (a snapshot)
+    identity: tuple[int, ...] | None = field(default=None, compare=False)
     #: where the capture can read the bytes from, when it is a local file
     source: Path | None = field(default=None, compare=False)
+
+
+class IssueKind(enum.StrEnum):
+    """Why a capture did not take an entry whole."""
+
+    #: could not be listed, opened or read (permission denied, I/O error)
+    UNREADABLE = "unreadable"
+    #: removed between the walk and the read
+    VANISHED = "vanished"
+    #: still changing after the bounded re-reads, or changed after it was read
+    CHANGED = "changed"
+    #: a hook that makes the capture consistent failed after the capture (``after``)
+    HOOK = "hook"
+
+
+@dataclass(frozen=True)
+class CaptureIssue:
+    """An entry a backup could not take whole: recorded in the recovery point, named on
+    standard error, and the reason for exit status 3 ("incomplete")."""
+
+    path: str
+    kind: IssueKind
+    message: str
 
 
 @dataclass(frozen=True)
@@ -233,3 +286,5 @@ class RecoveryPoint:
     tags: Tags = field(default_factory=Tags)
     #: what the instance ran (its command or image), so a launch performs the same function
     function: str | None = None
+    #: entries the capture could not take whole (named in the manifest); 0 when complete
+    issues: int = 0

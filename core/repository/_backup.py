@@ -42,7 +42,7 @@ from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import KIND_TAGS, TreeWriter, encode_path, path_problem
 from regionvault.core.repository.model import Progress, ProgressCallback
-from regionvault.core.types import FileEntry, FileKind
+from regionvault.core.types import CaptureIssue, FileEntry, FileKind
 
 __all__ = ["BackupResult", "BackupRun", "ParentLookup"]
 
@@ -138,6 +138,8 @@ class BackupResult:
     entries: int
     size: int
     stats: dict[str, int] = field(default_factory=dict)
+    #: entries the capture did not take whole, in capture order
+    issues: list[CaptureIssue] = field(default_factory=list)
 
 
 class _Record:
@@ -620,4 +622,5 @@ class BackupRun:
         self.stats["chunks"] = self.chunks
         self.stats["bytes_stored"] = self.writer.bytes_written
         self.stats["packs"] = self.writer.packs_written
-        return BackupResult(tree_ids, tree.bytes, tree.entries, size, dict(self.stats))
+        issues = list(capture.issues) if isinstance(capture, FileCapture) else []
+        return BackupResult(tree_ids, tree.bytes, tree.entries, size, dict(self.stats), issues)

@@ -39,8 +39,10 @@ from regionvault.core.repository._pipeline import Failure, PackWriter, plan_read
 from regionvault.core.repository._tree import iter_records
 from regionvault.core.repository.model import Problem
 from regionvault.core.types import (
+    CaptureIssue,
     CaptureKind,
     Instance,
+    IssueKind,
     Lineage,
     ObjectInfo,
     RecoveryPoint,
@@ -538,6 +540,7 @@ def commit_copy(
     kind = CaptureKind(p["kind"])
     image = p["image"]
     lineage = Lineage(source_region, p["id"])
+    issues = p.get("issues") or {"total": 0, "listed": []}
     instance = Instance(
         id=p["instance"]["id"],
         name=p["instance"]["name"],
@@ -565,6 +568,12 @@ def commit_copy(
         tree_bytes=tree.bytes,
         entries=tree.entries,
         stats={str(k): int(v) for k, v in p["stats"].items()},
+        # a copy is as complete as its source, and says so
+        issues=[
+            CaptureIssue(str(i["path"]), IssueKind(i["kind"]), str(i["message"]))
+            for i in issues["listed"]
+        ],
+        issues_total=int(issues["total"]),
     )
     try:
         store.put_sealed(fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True)
@@ -583,6 +592,7 @@ def commit_copy(
         lineage=lineage,
         tags=instance.tags,
         function=instance.function,
+        issues=int(issues["total"]),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,9 +13,19 @@ from regionvault.core.errors import IntegrityError
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._store import Store, canonical_json
 from regionvault.core.repository.model import Manifest
-from regionvault.core.types import CaptureKind, Lineage, RecoveryPoint, Tags
+from regionvault.core.types import (
+    CaptureIssue,
+    CaptureKind,
+    IssueKind,
+    Lineage,
+    RecoveryPoint,
+    Tags,
+)
 
-__all__ = ["decode_manifest", "encode_manifest", "root_hash"]
+__all__ = ["MAX_LISTED_ISSUES", "decode_manifest", "encode_manifest", "root_hash"]
+
+#: a manifest names at most this many issues (the total is always recorded)
+MAX_LISTED_ISSUES = 1000
 
 
 def root_hash(store: Store, doc: Mapping[str, Any]) -> str:
@@ -50,7 +60,13 @@ def encode_manifest(
     tree_bytes: int,
     entries: int,
     stats: Mapping[str, int],
+    issues: Sequence[CaptureIssue] = (),
+    issues_total: int | None = None,
 ) -> bytes:
+    """The manifest's canonical body. ``issues`` (what the capture did not take whole) are
+    recorded only when there are some, so a complete point's manifest is as version 1 wrote
+    it; at most :data:`MAX_LISTED_ISSUES` are named, ``issues_total`` (default: how many
+    were given) counts them all."""
     doc: dict[str, Any] = {
         "format": fmt.FORMAT_VERSION,
         "id": point_id,
@@ -77,6 +93,15 @@ def encode_manifest(
         "tree": {"chunks": [c.hex() for c in tree_chunks], "bytes": tree_bytes, "entries": entries},
         "stats": dict(stats),
     }
+    total = len(issues) if issues_total is None else issues_total
+    if total:
+        doc["issues"] = {
+            "total": total,
+            "listed": [
+                {"path": i.path, "kind": i.kind.value, "message": i.message}
+                for i in issues[:MAX_LISTED_ISSUES]
+            ],
+        }
     doc["root_hash"] = root_hash(store, doc)
     return canonical_json(doc)
 
@@ -102,6 +127,11 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
         created = _dt(doc["created_at"])
         taken = _dt(doc["taken_at"])
         assert created is not None and taken is not None
+        issues = doc.get("issues") or {"total": 0, "listed": []}
+        listed = tuple(
+            CaptureIssue(str(i["path"]), IssueKind(i["kind"]), str(i["message"]))
+            for i in issues["listed"]
+        )
         point = RecoveryPoint(
             id=point_id,
             region=doc["region"],
@@ -117,6 +147,7 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
             else Lineage(lineage["source_region"], lineage["source_recovery_point"]),
             tags=Tags(doc["tags"]),
             function=doc.get("function"),
+            issues=int(issues["total"]),
         )
         tree = doc["tree"]
         chunks = tuple(bytes.fromhex(c) for c in tree["chunks"])
@@ -135,6 +166,7 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
             image_size=None if image is None else int(image["size"]),
             block_size=None if image is None else int(image["block_size"]),
             stats={str(k): int(v) for k, v in doc["stats"].items()},
+            issues=listed,
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise IntegrityError(name, f"manifest is malformed ({exc!r})") from None

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from regionvault.core.types import FileKind, RecoveryPoint
+from regionvault.core.types import CaptureIssue, FileKind, RecoveryPoint
 
 __all__ = [
     "ChunkerParams",
@@ -147,6 +147,8 @@ class Manifest:
     image_size: int | None = None
     block_size: int | None = None
     stats: Mapping[str, int] = field(default_factory=dict)
+    #: the entries the capture did not take whole, as named (``point.issues`` counts all)
+    issues: tuple[CaptureIssue, ...] = ()
 
 
 @dataclass(frozen=True)

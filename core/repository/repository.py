@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +56,14 @@ from regionvault.core.repository.model import (
     TreeEntry,
     VerifyReport,
 )
-from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, RetentionMode
+from regionvault.core.types import (
+    CaptureIssue,
+    CaptureKind,
+    Instance,
+    Lineage,
+    RecoveryPoint,
+    RetentionMode,
+)
 
 __all__ = ["Repository"]
 
@@ -169,6 +176,7 @@ class Repository:
         parent: str | Literal[False] | None = None,
         lineage: Lineage | None = None,
         progress: ProgressCallback | None = None,
+        before_commit: Callable[[], Iterable[CaptureIssue]] | None = None,
     ) -> RecoveryPoint:
         """Back up ``capture`` (a :class:`FileCapture` or :class:`BlockCapture`) as a new
         recovery point and return it once it is committed.
@@ -181,7 +189,10 @@ class Repository:
         manifest. ``progress`` is called from this thread a few times a second.
 
         Packs, then index objects, then the manifest (if-absent) are written; the point is
-        visible only once everything it references is durable.
+        visible only once everything it references is durable. ``before_commit`` is called
+        once every byte has been read and stored, before the manifest is written (where a
+        hook's ``after`` step runs); the issues it returns are recorded in the point with the
+        capture's own (:class:`~regionvault.core.types.CaptureIssue`).
         """
         store = self._ensure_open()
         if not isinstance(capture, FileCapture | BlockCapture):
@@ -205,6 +216,9 @@ class Repository:
                     lookup = ParentLookup(records)
                 run = BackupRun(store, state.index, progress=progress)
                 result = run.run(capture, lookup)
+            issues = list(result.issues)
+            if before_commit is not None:
+                issues.extend(before_commit())
             point_id = fmt.new_id()
             created = datetime.now(UTC)
             image = (
@@ -230,6 +244,7 @@ class Repository:
                 tree_bytes=result.tree_bytes,
                 entries=result.entries,
                 stats=result.stats,
+                issues=issues,
             )
             lock.check()
             store.put_sealed(
@@ -248,6 +263,7 @@ class Repository:
             lineage=lineage,
             tags=instance.tags,
             function=instance.function,
+            issues=len(issues),
         )
 
     def _parent(
