@@ -12,6 +12,7 @@ Nothing here seals or moves bytes between regions: core/copy.py does that over T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -597,13 +598,4 @@ def commit_copy(
 
 
 def _with_ids(record: fmt.RawRecord, ids: bytes) -> fmt.RawRecord:
-    return fmt.RawRecord(
-        record.tag,
-        record.mode,
-        record.mtime_ns,
-        record.size,
-        record.path,
-        record.target,
-        record.offset,
-        ids,
-    )
+    return dataclasses.replace(record, ids=ids)

@@ -38,9 +38,13 @@ __all__ = [
     "PACK_MAGIC",
     "PACK_PREFIX",
     "POINT_PREFIX",
+    "TAG_BLOCKDEV",
+    "TAG_CHARDEV",
     "TAG_DIR",
     "TAG_EXTENT",
+    "TAG_FIFO",
     "TAG_FILE",
+    "TAG_SOCKET",
     "TAG_SYMLINK",
     "BlobEntry",
     "BlobType",
@@ -497,6 +501,11 @@ TAG_FILE = 1
 TAG_DIR = 2
 TAG_SYMLINK = 3
 TAG_EXTENT = 4
+#: entry kinds of format version 2
+TAG_FIFO = 5
+TAG_SOCKET = 6
+TAG_CHARDEV = 7
+TAG_BLOCKDEV = 8
 #: tag, mode, mtime_ns, size, path length
 ENTRY_HEAD = struct.Struct(">BIqQH")
 #: tag, offset, length, chunk count
@@ -526,7 +535,10 @@ def encode_extent(offset: int, length: int, ids: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
-    """One decoded tree record; ``ids`` is the concatenation of 32-byte chunk ids."""
+    """One decoded tree record; ``ids`` is the concatenation of 32-byte chunk ids.
+
+    The fields after ``ids`` exist from format version 2 on; a version 1 record decodes with
+    their defaults (owner unknown, no link, no extended attributes)."""
 
     tag: int
     mode: int
@@ -536,6 +548,18 @@ class RawRecord:
     target: bytes
     offset: int
     ids: bytes
+    #: owner and group numbers (-1: not recorded) and names (empty: not recorded)
+    uid: int = -1
+    gid: int = -1
+    user: bytes = b""
+    group: bytes = b""
+    #: a device's number (TAG_CHARDEV, TAG_BLOCKDEV)
+    rdev: int = 0
+    #: an earlier path of the same tree this entry is a hard link to (empty: none); such a
+    #: record holds no chunk ids of its own
+    link: bytes = b""
+    #: extended attributes (POSIX ACLs included) as (name, value), in name order
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
     def chunk_ids(self) -> Iterator[bytes]:
         ids = self.ids

@@ -25,6 +25,10 @@ KIND_TAGS = {
     FileKind.FILE: fmt.TAG_FILE,
     FileKind.DIR: fmt.TAG_DIR,
     FileKind.SYMLINK: fmt.TAG_SYMLINK,
+    FileKind.FIFO: fmt.TAG_FIFO,
+    FileKind.SOCKET: fmt.TAG_SOCKET,
+    FileKind.CHARDEV: fmt.TAG_CHARDEV,
+    FileKind.BLOCKDEV: fmt.TAG_BLOCKDEV,
 }
 TAG_KINDS = {tag: kind for kind, tag in KIND_TAGS.items()}
 MAX_PATH_BYTES = 0xFFFF
