@@ -1,5 +1,5 @@
 """CLI commands of the data plane and the pipeline: backup, restore, points, verify, prune,
-copy, tag, tick, run, status (``demo`` lives in core/demo.py)."""
+rebuild-index, copy, tag, tick, run, status (``demo`` lives in core/demo.py)."""
 
 from __future__ import annotations
 
@@ -317,9 +317,17 @@ def points(state: CliState, region: str | None, instance: str | None, as_json: b
 @cli.command()
 @click.option("--region", "-r", metavar="REGION", help="Only this region.")
 @click.option("--read-data", is_flag=True, help="Also read and authenticate every stored byte.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild a damaged or lost index, remove damaged link objects and copy records and "
+    "what killed runs left (temporaries in vaults and inboxes); then check again.",
+)
 @json_option
 @pass_state
-def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) -> None:
+def verify(
+    state: CliState, region: str | None, read_data: bool, repair: bool, as_json: bool
+) -> None:
     """Check each region's vault: structure, or with --read-data every byte.
 
     A region with no repository yet is skipped (and said so); exit 1 when the region asked
@@ -331,10 +339,13 @@ def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) 
         engine, regions, explicit=region is not None, doing="verify"
     )
     reports = []
+    swept: dict[str, list[str]] = {}
     for name, repo in repos:
         with progress_bar(f"verify {name}") as progress:
-            report = repo.verify(read_data=read_data, progress=progress)
+            report = repo.verify(read_data=read_data, progress=progress, repair=repair)
         reports.append((name, report))
+        if repair:
+            swept[name] = engine.sweep_inboxes(name)
     if as_json:
         rows = [
             {
@@ -348,6 +359,7 @@ def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) 
                 "bytes_read": rep.bytes_read,
                 "errors": [str(e) for e in rep.errors],
                 "warnings": [str(w) for w in rep.warnings],
+                "repaired": [str(r) for r in rep.repaired] + swept.get(name, []),
             }
             for name, rep in reports
         ]
@@ -364,6 +376,10 @@ def verify(state: CliState, region: str | None, read_data: bool, as_json: bool) 
                 click.echo(f"  error: {e}")
             for w in rep.warnings:
                 click.echo(f"  note: {w}")
+            for r in rep.repaired:
+                click.echo(f"  repaired: {r}")
+            for line in swept.get(name, []):
+                click.echo(f"  repaired: {line}")
         for name in missing:
             click.echo(f"{name}: {NO_REPOSITORY}")
     bad = [name for name, rep in reports if not rep.ok]
@@ -390,6 +406,7 @@ def _no_repository(name: str, *, read_data: bool) -> dict[str, Any]:
         "bytes_read": 0,
         "errors": [],
         "warnings": [],
+        "repaired": [],
     }
 
 
@@ -413,6 +430,7 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
     for name, repo in repos:
         with progress_bar(f"prune {name}") as progress:
             rep = repo.prune(progress=progress)
+        inbox = engine.sweep_inboxes(name)
         out.append(
             {
                 "region": name,
@@ -420,10 +438,17 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
                 "packs_deleted": rep.packs_deleted,
                 "packs_rewritten": rep.packs_rewritten,
                 "bytes_freed": rep.bytes_freed,
+                "temporaries_removed": rep.temporaries_removed + len(inbox),
                 "skipped": [str(s) for s in rep.skipped],
             }
         )
-    empty = {"packs_deleted": 0, "packs_rewritten": 0, "bytes_freed": 0, "skipped": []}
+    empty = {
+        "packs_deleted": 0,
+        "packs_rewritten": 0,
+        "bytes_freed": 0,
+        "temporaries_removed": 0,
+        "skipped": [],
+    }
     out.extend({"region": name, "repository": False, **empty} for name in missing)
     out = _in_site_order(out, regions)
     if as_json:
@@ -436,8 +461,28 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
         click.echo(
             f"{row['region']}: deleted {row['packs_deleted']} packs, rewrote "
             f"{row['packs_rewritten']}, freed {row['bytes_freed']:,} bytes"
+            + (
+                f", removed {row['temporaries_removed']} temporaries of killed runs"
+                if row["temporaries_removed"]
+                else ""
+            )
             + (f", {len(row['skipped'])} protected objects kept" if row["skipped"] else "")
         )
+
+
+@cli.command("rebuild-index")
+@click.option("--region", "-r", metavar="REGION", required=True, help="The region to mend.")
+@pass_state
+def rebuild_index(state: CliState, region: str) -> None:
+    """Rebuild REGION's index from its packs' own authenticated blob tables (after an index
+    object was lost or damaged); takes the exclusive lock, like prune. Run verify after."""
+    engine = _engine(state)
+    found, _ = _existing_repositories(
+        engine, [state.site().region(region)], explicit=True, doing="rebuild"
+    )
+    name, repo = found[0]
+    packs = repo.rebuild_index()
+    click.echo(f"{name}: index rebuilt from {packs} pack(s)")
 
 
 # --------------------------------------------------------------------------- pipeline

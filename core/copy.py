@@ -980,7 +980,7 @@ class CopyTracker:
     do not say which region a copy went to.
     """
 
-    PREFIX = "copies/"
+    PREFIX = fmt.COPIES_PREFIX
 
     def __init__(self, repository: Repository) -> None:
         self.repository = repository

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
@@ -25,6 +25,7 @@ from regionvault.core.types import (
     ObjectInfo,
     RetentionMode,
     Tags,
+    Temporary,
 )
 
 if TYPE_CHECKING:
@@ -380,6 +381,17 @@ class Vault(Service):
         """Place or lift a legal hold; while on, the object cannot be deleted."""
         raise self.unsupported("set_legal_hold")
 
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """What killed writers left behind and nobody can still be writing: temporary files
+        or incomplete multipart uploads whose writer is known to be gone, or that were last
+        written more than ``older_than`` ago (the engine passes its lock expiry). The
+        default: a vault whose puts leave nothing behind reports none."""
+        return iter(())
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        """Remove one of :meth:`stale_temporaries` (gone already is not an error)."""
+        raise self.unsupported("remove_temporary")
+
 
 class Transit(Service):
     """A one-way link from a source region into a destination region's inbox.
@@ -418,6 +430,17 @@ class Transit(Service):
     @abc.abstractmethod
     def bytes_sent(self) -> int:
         """Payload bytes this Transit has delivered since it was made."""
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """Partial payloads in the destination's inbox from this link that no sender can
+        still be writing (its writer is known to be gone, or it was last written more than
+        ``older_than`` ago). The default: a Transit whose sends leave nothing behind
+        reports none."""
+        return iter(())
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        """Remove one of :meth:`stale_temporaries` (gone already is not an error)."""
+        raise self.unsupported("remove_temporary")
 
 
 # --------------------------------------------------------------------------- provider

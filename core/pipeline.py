@@ -658,6 +658,33 @@ class Engine:
 
     # ------------------------------------------------------------------ retention
 
+    def sweep_inboxes(self, region: str) -> list[str]:
+        """Remove the partial payloads killed copies left in ``region``'s inboxes (one per
+        other region of the site) that no sender can still be writing: those whose writer is
+        gone, or older than the lock expiry (``settings.lock_ttl``). Whole payloads stay:
+        a re-run of their copy takes them in. Returns a line per removal, naming it."""
+        r = self.region(region)
+        ttl = (self.settings or RepositorySettings()).lock_ttl
+        removed: list[str] = []
+        for peer in self.site.regions:
+            if peer.name == r.name:
+                continue
+            try:
+                transit = self.site.transit(peer.name, r.name)
+                try:
+                    for temporary in list(transit.stale_temporaries(ttl)):
+                        transit.remove_temporary(temporary)
+                        removed.append(
+                            f"{r.name}: inbox from {peer.name}: {temporary.handle}: partial "
+                            f"payload removed ({temporary.reason})"
+                        )
+                finally:
+                    transit.close()
+            except RegionVaultError as exc:
+                # one unreachable inbox does not stop the sweep of the others
+                log.warning("%s: inbox from %s not swept: %s", r.name, peer.name, exc)
+        return removed
+
     def retain(self, region: str) -> RetentionReport:
         """Forget ``region``'s recovery points past their retention, then collect their
         data. WORM locks and legal holds win: a protected point stays, and is reported."""

@@ -27,6 +27,7 @@ __all__ = [
     "RegionId",
     "RetentionMode",
     "Tags",
+    "Temporary",
 ]
 
 _REGION_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -244,6 +245,24 @@ class ObjectInfo:
     retention_mode: RetentionMode | None = None
     legal_hold: bool = False
     etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """What an interrupted write left in a vault or an inbox: a temporary file, an
+    incomplete multipart upload. Never an object: listings do not show it, and nothing reads
+    it. ``handle`` is the provider's own (give it back to ``remove_temporary``)."""
+
+    handle: str
+    #: the object or payload name it was on its way to, where the provider knows it
+    name: str | None
+    #: bytes it holds (None: unknown, as for a multipart upload's parts)
+    size: int | None
+    modified: datetime
+    #: ``host:pid`` of the writer, where the provider records it
+    owner: str | None = None
+    #: why it counts as stale: "its writer ... is gone" or "older than ..."
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -497,13 +497,18 @@ def test_an_incremental_copy_moves_little_more_than_the_new_chunks(
     # change about 5%: a few in-place overwrites in random and text files, one new file
     rng = random.Random(3)
     changed = 0
-    for path in sorted(data.glob("*-0[0-5].*")):
+    overwritten = sorted(data.glob("*-0[0-5].*"))
+    for path in overwritten:
         with path.open("r+b") as f:
-            f.seek(rng.randrange(0, 2 * MiB - 64 << 10))
+            # inside the file: 16 KiB written at most 64 KiB before its end
+            f.seek(rng.randrange(0, 2 * MiB - (64 << 10)))
             f.write(rng.randbytes(16 << 10))
         changed += 16 << 10
     (data / "new.bin").write_bytes(rng.randbytes(MiB))
     changed += MiB
+    assert len(overwritten) == 6
+    assert all(p.stat().st_size == 2 * MiB for p in overwritten)  # overwritten, not grown
+    assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) < 22 * MiB
     assert 0.04 < changed / (20 * MiB) < 0.08
 
     second = engine.backup(instance.id)

@@ -64,6 +64,7 @@ __all__ = [
     "RunKey",
     "commit_copy",
     "copy_lock",
+    "decode_links",
     "export_chunks",
     "ingest_chunks",
     "keyed_tag",
@@ -268,9 +269,15 @@ class LinkTable:
         for info in self.store.vault.list(self.prefix):
             try:
                 body = self.store.get_sealed(fmt.ObjectKind.LINKS, info.name)
+                self.links.update(decode_links(info.name, body))
             except ObjectNotFound:
                 continue  # merged into another object by a prune since the listing
-            self.links.update(_decode_links(info.name, body))
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    exc.object_name,
+                    f"{exc.reason} (`regionvault verify --repair` removes it; the chunks it "
+                    "linked are then sent again)",
+                ) from None
 
     def resolve(self, index: ChunkIndex, source_id: bytes) -> bytes | None:
         mine = self.links.get(source_id)
@@ -287,7 +294,7 @@ class LinkTable:
         self.links.update(pairs)
 
 
-def _decode_links(name: str, body: bytes) -> Iterator[tuple[bytes, bytes]]:
+def decode_links(name: str, body: bytes) -> Iterator[tuple[bytes, bytes]]:
     if len(body) % 64:
         raise IntegrityError(name, "link table has a torn entry")
     for i in range(0, len(body), 64):
@@ -333,7 +340,7 @@ def prune_links(store: Store, live: Container[bytes], now: datetime) -> LinkPrun
         for info in infos:
             try:
                 pairs = list(
-                    _decode_links(info.name, store.get_sealed(fmt.ObjectKind.LINKS, info.name))
+                    decode_links(info.name, store.get_sealed(fmt.ObjectKind.LINKS, info.name))
                 )
             except ObjectNotFound:
                 continue

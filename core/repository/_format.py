@@ -88,6 +88,8 @@ PACK_PREFIX = "packs/"
 INDEX_PREFIX = "index/"
 POINT_PREFIX = "points/"
 LOCK_PREFIX = "locks/"
+#: a copy source's records of points offered to, and received by, destinations
+COPIES_PREFIX = "copies/"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 

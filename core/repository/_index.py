@@ -172,7 +172,11 @@ class ChunkIndex(_IdTable):
             return IntegrityError(
                 name, f"{reason} (and chunk {chunk_id.hex()[:16]} of {what} is in no other index)"
             )
-        return IntegrityError(what, f"chunk {chunk_id.hex()[:16]} is not in any index (data lost)")
+        return IntegrityError(
+            what,
+            f"chunk {chunk_id.hex()[:16]} is in no index (if an index object was lost, "
+            "`regionvault verify --repair` rebuilds it from the packs)",
+        )
 
     def add_pack(
         self,

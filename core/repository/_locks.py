@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from regionvault.core.errors import (
@@ -28,40 +27,13 @@ from regionvault.core.errors import (
     ObjectNotFound,
     RegionVaultError,
 )
+from regionvault.core.procs import process_alive, start_ticks
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._store import Store
 
 __all__ = ["LockInfo", "RepositoryLock", "read_locks", "remove_stale_locks"]
 
 log = logging.getLogger(__name__)
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat.rsplit(b")", 1)[-1].split()
-    try:
-        if fields[0] == b"Z":
-            return -1
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _process_alive(pid: int, ticks: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now_ticks = _start_ticks(pid)
-    if now_ticks == -1:
-        return False  # a zombie: it has exited
-    return ticks is None or now_ticks is None or now_ticks == ticks
 
 
 @dataclass(frozen=True)
@@ -78,7 +50,7 @@ class LockInfo:
     def stale(self, now: datetime) -> bool:
         if self.expires_at <= now:
             return True
-        return self.host == socket.gethostname() and not _process_alive(self.pid, self.pid_ticks)
+        return self.host == socket.gethostname() and not process_alive(self.pid, self.pid_ticks)
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
@@ -187,7 +159,7 @@ class RepositoryLock:
             operation=self.operation,
             host=socket.gethostname(),
             pid=os.getpid(),
-            pid_ticks=_start_ticks(os.getpid()),
+            pid_ticks=start_ticks(os.getpid()),
             created_at=self._created,
             expires_at=now + self._ttl,
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from regionvault.core.errors import (
@@ -39,6 +41,7 @@ __all__ = [
     "prune",
     "read_pack",
     "rebuild_index",
+    "remove_stale_temporaries",
     "tree_records",
     "verify",
 ]
@@ -155,10 +158,50 @@ def _check_pack(
 # --------------------------------------------------------------------------- verify
 
 
+@dataclass
+class _Damage:
+    """What a verify pass found that :func:`repair` can mend."""
+
+    #: index objects that do not authenticate or parse
+    indexes: list[str] = field(default_factory=list)
+    #: recovery points use chunks no index lists, while packs no index lists are present
+    #: (an index object was lost: the packs still hold the chunks)
+    unindexed: bool = False
+    #: link and copy-record objects that do not authenticate or parse
+    links: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.indexes or self.unindexed or self.links or self.copies)
+
+
 def verify(
-    store: Store, *, read_data: bool, progress: ProgressCallback | None, lock: RepositoryLock
+    store: Store,
+    *,
+    read_data: bool,
+    progress: ProgressCallback | None,
+    lock: RepositoryLock,
+    repair: bool = False,
 ) -> VerifyReport:
+    """Check the repository (see :meth:`Repository.verify`). With ``repair`` (under the
+    exclusive lock), mend what the check found that can be mended, remove what killed
+    writers left, then check again: the report is the second check's, with ``repaired``."""
+    report, damage = _verify(store, read_data=read_data, progress=progress, lock=lock)
+    if not repair:
+        return report
+    repaired, skipped = _repair(store, damage)
+    if repaired:
+        report, _ = _verify(store, read_data=read_data, progress=progress, lock=lock)
+    report.repaired = repaired
+    report.warnings.extend(skipped)
+    return report
+
+
+def _verify(
+    store: Store, *, read_data: bool, progress: ProgressCallback | None, lock: RepositoryLock
+) -> tuple[VerifyReport, _Damage]:
     report = VerifyReport(read_data=read_data)
+    damage = _Damage()
     err = report.errors.append
     try:
         config = store.read_config()
@@ -169,6 +212,7 @@ def verify(
     state = store.load_index(keep_blobs=True, tolerant=True)
     for name, reason in state.problems:
         err(Problem(name, reason))
+        damage.indexes.append(name)
     report.indexes = len(state.objects)
     index = state.index
     listing = {info.name: info for info in store.vault.list(fmt.PACK_PREFIX)}
@@ -211,6 +255,7 @@ def verify(
                 err(Problem(exc.object_name, f"{exc.reason} (tree of {point})"))
             if missing:
                 err(Problem(point, f"{missing} chunk(s) of this point are in no index"))
+                damage.unindexed = damage.unindexed or bool(leftovers)
         if progress is not None:
             progress(Progress(operation="verify", files_done=0, files_total=len(index.packs)))
         if read_data:
@@ -238,6 +283,7 @@ def verify(
                     )
         else:
             report.blobs = len(index)
+    _check_copy_objects(store, report, damage)
     unused = sum(1 for c in index.chunk_ids() if c not in used)
     if unused:
         report.warnings.append(
@@ -246,7 +292,101 @@ def verify(
     lock.check()
     if progress is not None:
         progress(Progress(operation="verify", bytes_done=report.bytes_read, done=True))
-    return report
+    return report, damage
+
+
+def _check_copy_objects(store: Store, report: VerifyReport, damage: _Damage) -> None:
+    """Authenticate the copy protocol's objects: a destination's link tables (``links/``)
+    and a source's copy records (``copies/``). Each is read whole (they are small: 64 bytes
+    per linked chunk, a line of JSON per record)."""
+    from regionvault.core.repository._copy import LINK_PREFIX, decode_links
+
+    for prefix, kind, found in (
+        (LINK_PREFIX, fmt.ObjectKind.LINKS, damage.links),
+        (fmt.COPIES_PREFIX, fmt.ObjectKind.COPIES, damage.copies),
+    ):
+        for info in store.vault.list(prefix):
+            try:
+                body = store.get_sealed(kind, info.name)
+                if kind is fmt.ObjectKind.LINKS:
+                    report.links += sum(1 for _ in decode_links(info.name, body))
+                else:
+                    _check_copy_record(info.name, body)
+                    report.copy_records += 1
+            except ObjectNotFound:
+                continue  # merged or tidied away since the listing
+            except IntegrityError as exc:
+                report.errors.append(
+                    Problem(exc.object_name, f"{exc.reason} (verify --repair removes it)")
+                )
+                found.append(info.name)
+
+
+def _check_copy_record(name: str, body: bytes) -> None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise IntegrityError(name, "copy record is not a JSON object")
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def _repair(store: Store, damage: _Damage) -> tuple[list[Problem], list[Problem]]:
+    """Mend what :func:`_verify` found and remove stale temporaries, under the exclusive
+    lock: ``(what was done, what a WORM lock or legal hold kept)``. Only what is provably
+    bad or unreferenced goes: a damaged manifest or pack is reported, never removed."""
+    repaired: list[Problem] = []
+    skipped: list[Problem] = []
+    if damage.indexes or damage.unindexed:
+        why = (
+            f"{len(damage.indexes)} damaged index object(s)"
+            if damage.indexes
+            else "chunks in no index, packs no index lists"
+        )
+        packs = rebuild_index(store)
+        repaired.append(
+            Problem("index", f"rebuilt from the blob tables of {packs} pack(s) ({why})")
+        )
+    for names, done in (
+        (
+            damage.links,
+            "damaged link object removed (the next copy from its source region sends the "
+            "chunks it linked again)",
+        ),
+        (
+            damage.copies,
+            "damaged copy record removed (the point is offered to its destination again, "
+            "which answers with a receipt)",
+        ),
+    ):
+        for name in names:
+            reason = _delete(store, name)
+            if reason is None:
+                repaired.append(Problem(name, done))
+            else:
+                skipped.append(Problem(name, f"damaged, but kept: {reason}"))
+    repaired.extend(remove_stale_temporaries(store))
+    return repaired, skipped
+
+
+def remove_stale_temporaries(store: Store) -> list[Problem]:
+    """Remove what killed writers left in the vault (temporary files, incomplete multipart
+    uploads) that no live process can still be writing: the vault reports those whose
+    writer is gone or that are older than the lock expiry. One Problem per removal."""
+    removed: list[Problem] = []
+    for temporary in list(store.vault.stale_temporaries(store.settings.lock_ttl)):
+        store.vault.remove_temporary(temporary)
+        size = "" if temporary.size is None else f", {temporary.size:,} bytes"
+        removed.append(
+            Problem(
+                temporary.handle,
+                f"temporary of an interrupted write removed ({temporary.reason}{size})",
+            )
+        )
+    return removed
 
 
 # --------------------------------------------------------------------------- prune
@@ -411,6 +551,7 @@ def prune(
             links.objects_written,
             links.objects_deleted,
         )
+    report.temporaries_removed = len(remove_stale_temporaries(store))
     if progress is not None:
         progress(Progress(operation="prune", done=True))
     return report

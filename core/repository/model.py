@@ -173,6 +173,11 @@ class VerifyReport:
     errors: list[Problem] = field(default_factory=list)
     #: harmless findings: leftovers of killed runs, unreferenced data (prune collects them)
     warnings: list[Problem] = field(default_factory=list)
+    #: link entries and copy records read and authenticated
+    links: int = 0
+    copy_records: int = 0
+    #: what ``verify(repair=True)`` removed or rebuilt, each naming its object
+    repaired: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -202,6 +207,8 @@ class PruneReport:
     indexes_written: int = 0
     indexes_deleted: int = 0
     stale_locks_removed: int = 0
+    #: temporaries killed writers left in the vault, removed (see Vault.stale_temporaries)
+    temporaries_removed: int = 0
     #: objects prune would have deleted but a WORM lock or legal hold protects
     skipped: list[Problem] = field(default_factory=list)
 

@@ -498,16 +498,30 @@ class Repository:
     # ------------------------------------------------------------------ maintenance
 
     def verify(
-        self, read_data: bool = False, progress: ProgressCallback | None = None
+        self,
+        read_data: bool = False,
+        progress: ProgressCallback | None = None,
+        *,
+        repair: bool = False,
     ) -> VerifyReport:
-        """Check the repository. Structure: the config, every index and manifest decrypts
-        and authenticates, every chunk a point uses is indexed, every indexed pack exists
-        with its indexed size. With ``read_data``, every pack is read whole, every byte
-        authenticated and every chunk checked against its id. Problems are reported (each
-        naming its object), not raised."""
+        """Check the repository. Structure: the config, every index, manifest, link object
+        and copy record decrypts and authenticates, every chunk a point uses is indexed,
+        every indexed pack exists with its indexed size. With ``read_data``, every pack is
+        read whole, every byte authenticated and every chunk checked against its id.
+        Problems are reported (each naming its object), not raised.
+
+        With ``repair`` (takes the exclusive lock, like prune): rebuild the index from the
+        packs when an index object is damaged or lost, remove damaged link objects and copy
+        records (losing one costs a re-send, never data), and remove the temporaries killed
+        writers left in the vault (:meth:`Vault.stale_temporaries`); then check again. What
+        was done is in ``report.repaired``; a damaged manifest or pack is reported, never
+        removed."""
         store = self._ensure_open()
-        with self._lock(exclusive=False, operation="verify") as lock:
-            return _maintenance.verify(store, read_data=read_data, progress=progress, lock=lock)
+        operation = "verify --repair" if repair else "verify"
+        with self._lock(exclusive=repair, operation=operation) as lock:
+            return _maintenance.verify(
+                store, read_data=read_data, progress=progress, lock=lock, repair=repair
+            )
 
     def prune(
         self, progress: ProgressCallback | None = None, *, max_unused: float = 0.0
@@ -525,8 +539,10 @@ class Repository:
             return _maintenance.prune(store, lock=lock, max_unused=max_unused, progress=progress)
 
     def rebuild_index(self) -> int:
-        """Index every readable pack again from its own blob table, superseding all index
-        objects (after index objects were lost or damaged). Returns the packs indexed."""
+        """Index every readable pack again from its own header and authenticated blob table,
+        superseding all index objects (after index objects were lost or damaged); packs that
+        do not authenticate stay out (verify names them). Takes the exclusive lock. Returns
+        the packs indexed."""
         store = self._ensure_open()
         with self._lock(exclusive=True, operation="rebuild-index"):
             return _maintenance.rebuild_index(store)

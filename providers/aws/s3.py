@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -36,7 +36,7 @@ from regionvault.core.errors import (
     VaultError,
 )
 from regionvault.core.interfaces import Transit, Vault
-from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
+from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
 from regionvault.providers.aws.clients import error_code, error_message, error_status
 
 if TYPE_CHECKING:
@@ -328,6 +328,49 @@ class S3Bucket:
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc, f"cannot list {prefix!r}") from None
 
+    def stale_uploads(self, prefix: str, older_than: timedelta, cut: int) -> Iterator[Temporary]:
+        """Incomplete multipart uploads under ``prefix`` begun more than ``older_than`` ago
+        (a killed put's parts: invisible, yet billed). S3 does not say who began one, so age
+        alone decides; a live put finishes or aborts its upload well within a lock's expiry.
+        ``handle`` is ``<upload id> <key>``; ``name`` the key less its first ``cut``
+        characters."""
+        cutoff = _now() - older_than
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    begun = _utc(upload["Initiated"])
+                    if begun >= cutoff:
+                        continue
+                    key = str(upload["Key"])
+                    yield Temporary(
+                        handle=f"{upload['UploadId']} {key}",
+                        name=key[cut:],
+                        size=None,
+                        modified=begun,
+                        reason=f"a multipart upload begun more than {older_than} ago",
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, f"cannot list the multipart uploads under {prefix!r}") from None
+
+    def abort_upload(self, handle: str, prefix: str) -> None:
+        """Abort the multipart upload ``handle`` (from :meth:`stale_uploads`) whose key
+        starts with ``prefix``; already gone is fine."""
+        upload_id, _, key = handle.partition(" ")
+        if not upload_id or not key.startswith(prefix):
+            raise self.error_class(
+                f"{handle!r} is not an upload of this vault or inbox",
+                provider="aws",
+                region=self.region,
+            )
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchUpload":
+                raise self.error(exc, f"cannot abort the upload of {key!r}") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, f"cannot abort the upload of {key!r}") from None
+
     def first_key(self, key: str) -> bool:
         """True when ``key`` exists, asked with a one-key listing (s3:ListBucket), not a read."""
         try:
@@ -594,6 +637,23 @@ class AwsVault(Vault):
             key, name, bypass_governance=bypass_governance, check_locks=self._settings.object_lock
         )
 
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """Incomplete multipart uploads of this vault's puts begun more than ``older_than``
+        ago (a killed process's pack uploads); not those of an inbox sharing the bucket."""
+        for upload in self._ready().stale_uploads(self.prefix, older_than, len(self.prefix)):
+            if not (self.prefix + (upload.name or "")).startswith(self._reserved):
+                yield upload
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        key = temporary.handle.partition(" ")[2]
+        if key.startswith(self._reserved):
+            raise VaultError(
+                f"{temporary.handle!r} is not an upload of this vault",
+                provider="aws",
+                region=self.region,
+            )
+        self._ready().abort_upload(temporary.handle, self.prefix)
+
     def _locking(self, operation: str) -> S3Bucket:
         if not self._settings.object_lock:
             raise self.unsupported(f"{operation} (set object_lock = true for this region)")
@@ -803,6 +863,15 @@ class AwsTransit(Transit):
     def discard(self, name: str) -> None:
         recv = self._ready_recv()
         recv.delete(self._key(name), name, bypass_governance=False, check_locks=False)
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """Incomplete multipart uploads of payloads from this source begun more than
+        ``older_than`` ago (a killed sender's), listed and aborted with the destination's
+        credentials."""
+        return self._ready_recv().stale_uploads(self.prefix, older_than, len(self.prefix))
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        self._ready_recv().abort_upload(temporary.handle, self.prefix)
 
     @property
     def bytes_sent(self) -> int:

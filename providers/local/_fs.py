@@ -18,7 +18,11 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from regionvault.core.procs import ProcessIdentity
+from regionvault.core.types import Temporary
 
 __all__ = [
     "TEMP_PREFIX",
@@ -33,9 +37,24 @@ __all__ = [
     "publish",
     "remove_empty_parents",
     "remove_stale_temp",
+    "remove_temp",
+    "stale_temps",
+    "temp_owner",
     "walk_files",
     "write_temp",
 ]
+
+#: (pid, token) of this process, as named in the temporary files it creates
+_owner: tuple[int, str] | None = None
+
+
+def _owner_token() -> str:
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:  # first use, or a forked child
+        _owner = (pid, ProcessIdentity.current().token())
+    return _owner[1]
+
 
 #: names of in-flight temporary files; never a valid object or inbox name segment
 TEMP_PREFIX = ".rv-tmp-"
@@ -162,7 +181,8 @@ def create_temp(directory: Path, *, mode: int = 0o644) -> tuple[int, Path]:
     """Create a new empty temporary file in ``directory`` (made if needed): its descriptor
     and path. Callers that race deletes emptying ``directory`` create it under their lock."""
     for attempt in range(3):
-        tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        # the writer's identity is in the name, so a sweep can tell a live writer's file
+        tmp = directory / f"{TEMP_PREFIX}{_owner_token()}-{secrets.token_hex(8)}"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), tmp
         except FileNotFoundError:
@@ -239,6 +259,57 @@ def remove_empty_parents(path: Path, stop: Path) -> None:
                 return
             raise
         parent = parent.parent
+
+
+def temp_owner(name: str) -> ProcessIdentity | None:
+    """The process that created temporary file ``name`` (None: not recorded, as in the
+    names of releases before the owner went into them)."""
+    token, sep, _ = name[len(TEMP_PREFIX) :].rpartition("-")
+    return ProcessIdentity.from_token(token) if sep else None
+
+
+def stale_temps(top: Path, older_than: timedelta) -> Iterator[Temporary]:
+    """The temporary files under ``top`` that no live writer can still be writing: their
+    writer (named in the file name) has exited on this host, or they were last written more
+    than ``older_than`` ago. ``handle`` is the path relative to ``top``."""
+    now = time.time()
+    cutoff = now - older_than.total_seconds()
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            if not is_temp(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            owner = temp_owner(name)
+            alive = None if owner is None else owner.alive()
+            if alive is False:
+                reason = f"its writer (pid {owner.pid}) is gone"  # type: ignore[union-attr]
+            elif st.st_mtime < cutoff:
+                reason = f"not written for more than {older_than}"
+            else:
+                continue
+            rel = path.relative_to(top).as_posix()
+            yield Temporary(
+                handle=rel,
+                name=path.parent.relative_to(top).as_posix(),
+                size=st.st_size,
+                modified=datetime.fromtimestamp(st.st_mtime, UTC),
+                owner=None if owner is None else f"{owner.host}:{owner.pid}",
+                reason=reason,
+            )
+
+
+def remove_temp(top: Path, handle: str) -> None:
+    """Remove the temporary file ``handle`` (relative to ``top``) found by
+    :func:`stale_temps`; gone already is fine. Refuses anything but a temporary file."""
+    path = top / handle
+    if not is_temp(path.name) or ".." in Path(handle).parts:
+        raise ValueError(f"{handle!r} is not a temporary file")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def remove_stale_temp(top: Path, older_than: float) -> int:

@@ -170,8 +170,18 @@ class _Keystore:
                 kid: X25519PrivateKey.from_private_bytes(_unb64(entry["private"]))
                 for kid, entry in data["sealing_keys"].items()
             }
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise KeyServiceError(f"keystore {path} is malformed ({type(exc).__name__})") from None
+        except KeyError as exc:
+            raise KeyServiceError(
+                f"keystore {path} is malformed: it has no {exc.args[0]!r} entry"
+            ) from None
+        except (TypeError, AttributeError):
+            raise KeyServiceError(
+                f"keystore {path} is malformed: an entry is not of the expected shape"
+            ) from None
+        except ValueError:
+            raise KeyServiceError(
+                f"keystore {path} is malformed: a key is not valid base64 of the right length"
+            ) from None
         if self.current_master not in self.master or self.current_sealing not in self.sealing:
             raise KeyServiceError(f"keystore {path} names a current key it does not hold")
         if any(len(key) != 32 for key in self.master.values()):

@@ -1,6 +1,8 @@
 """The local Transit: payloads land in ``<destination root>/inbox/<source region>/<name>``,
 each written atomically (temporary file, fsync, rename, fsync of the directory), so an
 interrupted copy leaves whole payloads only and resumes by asking :meth:`LocalTransit.has`.
+The temporary file of a killed send is found by :meth:`LocalTransit.stale_temporaries` and
+removed by ``verify --repair``.
 """
 
 from __future__ import annotations
@@ -8,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 from regionvault.core.errors import TransitError
 from regionvault.core.interfaces import Transit
-from regionvault.core.types import Capabilities
+from regionvault.core.types import Capabilities, Temporary
 from regionvault.providers.local import _fs
 
 __all__ = ["LocalTransit"]
@@ -84,6 +87,20 @@ class LocalTransit(Transit):
         with self._dir_lock.hold(), contextlib.suppress(*_NOT_THERE):
             path.unlink()
             _fs.remove_empty_parents(path, self.inbox_dir)
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """Partial payloads (temporary files) of sends whose process is gone or that were
+        last written more than ``older_than`` ago; ``handle`` is the path under the inbox."""
+        if not self.inbox_dir.exists():
+            return iter(())
+        return _fs.stale_temps(self.inbox_dir, older_than)
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        try:
+            with self._dir_lock.hold():
+                _fs.remove_temp(self.inbox_dir, temporary.handle)
+        except ValueError as exc:
+            raise self._error(f"remove_temporary: {exc}") from None
 
     @property
     def bytes_sent(self) -> int:

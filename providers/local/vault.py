@@ -13,7 +13,9 @@ On disk, under ``<root>/vault/``:
     retention changes) between threads and processes.
 
 Temporary files of in-flight writes (``.rv-tmp-*``) live next to their target; listings skip
-them and :meth:`LocalVault.ex_remove_stale_temp` clears those a killed writer left.
+them; :meth:`LocalVault.stale_temporaries` finds those a killed writer left (each name
+carries its writer's host, pid and start time, so a live writer's file is never taken for
+one) and :meth:`LocalVault.remove_temporary` removes them (``verify --repair`` and prune do).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from regionvault.core.errors import ObjectExists, ObjectNotFound, RetentionLocked, VaultError
 from regionvault.core.interfaces import Vault
-from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
+from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
 from regionvault.providers.local import _fs
 
 __all__ = ["LocalVault"]
@@ -186,6 +188,10 @@ class LocalVault(Vault):
             raise self._error(
                 f"put {name!r}: a leading part of the name is itself an object"
             ) from None
+        except OSError as exc:
+            # disk full, quota, read-only: one line naming the object and the vault's path;
+            # the temporary file is gone already (write_temp removes it), so nothing is torn
+            raise self._error(f"put {name!r} into {self.objects_dir}: {exc.strerror}") from None
         try:
             with self._lock.hold():
                 exists = path.exists()
@@ -321,6 +327,20 @@ class LocalVault(Vault):
             )
             self._write_protection(name, updated)
             return self._info(name, self._stat(name, path), updated)
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        """Temporary files of puts whose process is gone (their names carry its identity)
+        or that were last written more than ``older_than`` ago; ``handle`` is the path under
+        ``vault/``, ``name`` the object's directory."""
+        if not self.vault_dir.exists():
+            return iter(())
+        return _fs.stale_temps(self.vault_dir, older_than)
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        try:
+            _fs.remove_temp(self.vault_dir, temporary.handle)
+        except ValueError as exc:
+            raise self._error(f"remove_temporary: {exc}") from None
 
     # provider-only -----------------------------------------------------------------
 

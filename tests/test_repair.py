@@ -1,0 +1,312 @@
+"""verify authenticates every object kind (links and copy records too); verify --repair
+mends what it can prove bad or unreferenced (damaged links and copy records, a damaged or
+lost index, temporaries killed writers left in vaults and inboxes) and nothing a live writer
+may still be writing; rebuild-index; prune removes killed runs' temporaries too."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from regionvault.core.cli import cli
+from regionvault.core.errors import LockedError
+from regionvault.core.procs import ProcessIdentity
+from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.site import Site
+from regionvault.providers.local import _fs
+from repository_support import flip_bit, snapshot
+
+POINT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.fixture(autouse=True)
+def _no_site_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    ok("init")
+    return tmp_path
+
+
+def run(*args: str | os.PathLike[str]) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: str | os.PathLike[str]) -> Result:
+    result = run(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def fails(result: Result, *words: str) -> str:
+    """Exit 1, one ``regionvault: error:`` line naming ``words``, no traceback."""
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("regionvault: error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def last_line(result: Result) -> str:
+    return result.stdout.splitlines()[-1]
+
+
+def verify_json(*args: str) -> dict[str, Any]:
+    result = run("verify", "--json", *args)
+    return {r["region"]: r for r in json.loads(result.stdout)}
+
+
+def make_data(root: Path, *, seed: int = 1, size: int = 300_000) -> Path:
+    rng = random.Random(seed)
+    (root / "db").mkdir(parents=True, exist_ok=True)
+    (root / "db" / "subscribers.bin").write_bytes(rng.randbytes(size))
+    (root / "conf.txt").write_text("apn = internet\n")
+    return root
+
+
+def vault_objects(workdir: Path, region: str) -> Path:
+    return workdir / "regions" / region / "vault" / "objects"
+
+
+def temporaries(top: Path) -> list[Path]:
+    return sorted(p for p in top.rglob(f"{_fs.TEMP_PREFIX}*") if p.is_file())
+
+
+@pytest.fixture
+def copied(workdir: Path) -> tuple[Path, str, str]:
+    """An instance in east with one point, copied to west: ``(data, point, copy)``."""
+    data = make_data(workdir / "nf-data")
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    point = last_line(ok("backup", "nf1"))
+    copy = last_line(ok("copy", point, "--to", "west"))
+    assert POINT_ID.fullmatch(point) and POINT_ID.fullmatch(copy)
+    return data, point, copy
+
+
+# --------------------------------------------------------------------------- links, copy records
+
+
+def test_a_flipped_bit_in_a_links_object_is_named_and_repaired(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    data, _, _ = copied
+    links = sorted(p for p in (vault_objects(workdir, "west") / "links").rglob("*") if p.is_file())
+    assert links, "a copy destination keeps link objects"
+    link = links[0]
+    flip_bit(link, link.stat().st_size // 2)
+    name = link.relative_to(vault_objects(workdir, "west")).as_posix()
+
+    for args in ((), ("--read-data",)):
+        report = verify_json("--region", "west", *args)["local:west"]
+        assert not report["ok"]
+        assert any(name in e and "--repair" in e for e in report["errors"]), report["errors"]
+    # the damage stops the next copy into west, naming the object
+    (data / "conf.txt").write_text("apn = ims\n")
+    second = last_line(ok("backup", "nf1"))
+    fails(run("copy", second, "--to", "west"), name)
+
+    repaired = ok("verify", "--repair", "--region", "west")
+    assert name in repaired.stdout and "sends the chunks it linked again" in repaired.stdout
+    assert not link.exists()
+    assert verify_json("--region", "west", "--read-data")["local:west"]["ok"]
+    # the next copy sends again what the lost links had mapped, and restores byte-exact
+    copy2 = last_line(ok("copy", second, "--to", "west"))
+    out = workdir / "out"
+    ok("restore", copy2, "--region", "west", "--target", out)
+    assert snapshot(out) == snapshot(data)
+    assert verify_json("--read-data")["local:west"]["ok"]
+
+
+def test_a_flipped_bit_in_a_copy_record_is_named_and_repaired(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    ok("tick", "--region", "east")  # the source records its offers and receipts
+    records = sorted(
+        p for p in (vault_objects(workdir, "east") / "copies").rglob("*") if p.is_file()
+    )
+    assert records, "a copy source keeps copy records"
+    record = records[0]
+    flip_bit(record, record.stat().st_size - 3)
+    name = record.relative_to(vault_objects(workdir, "east")).as_posix()
+    report = verify_json("--region", "east")["local:east"]
+    assert not report["ok"] and any(name in e for e in report["errors"])
+    repaired = verify_json("--region", "east", "--repair")["local:east"]
+    assert repaired["ok"] and any(name in r for r in repaired["repaired"])
+    assert verify_json("--region", "east", "--read-data")["local:east"]["ok"]
+    ok("tick", "--region", "east")  # and the tick goes on
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def test_rebuild_index_after_an_index_object_is_lost(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    data, point, _ = copied
+    index_dir = vault_objects(workdir, "east") / "index"
+    for path in [p for p in index_dir.rglob("*") if p.is_file()]:
+        path.unlink()
+    assert not verify_json("--region", "east")["local:east"]["ok"]
+    fails(run("prune", "--region", "east"), "no index")  # deletes nothing on partial knowledge
+    rebuilt = ok("rebuild-index", "--region", "east")
+    assert "local:east: index rebuilt from" in rebuilt.stdout
+    assert verify_json("--region", "east", "--read-data")["local:east"]["ok"]
+    out = workdir / "out"
+    ok("restore", point, "--region", "east", "--target", out)
+    assert snapshot(out) == snapshot(data)
+
+
+def test_verify_repair_rebuilds_a_damaged_index(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    data, point, _ = copied
+    index = next(p for p in (vault_objects(workdir, "east") / "index").rglob("*") if p.is_file())
+    flip_bit(index, index.stat().st_size // 2)
+    name = index.relative_to(vault_objects(workdir, "east")).as_posix()
+    report = verify_json("--region", "east")["local:east"]
+    assert not report["ok"] and any(name in e for e in report["errors"])
+    repaired = verify_json("--region", "east", "--repair", "--read-data")["local:east"]
+    assert repaired["ok"], repaired["errors"]
+    assert any(r.startswith("index: rebuilt") for r in repaired["repaired"])
+    assert not index.exists()
+    out = workdir / "out"
+    ok("restore", point, "--region", "east", "--target", out)
+    assert snapshot(out) == snapshot(data)
+
+
+# --------------------------------------------------------------------------- temporaries
+
+# A child that starts a put into ``vault`` (or a send into ``inbox``) and is killed with
+# SIGKILL once the temporary file holds data: what a kill -9 at that moment leaves.
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from regionvault.providers.local import _fs
+    fd, tmp = _fs.create_temp(Path(sys.argv[1]))
+    os.write(fd, os.urandom(int(sys.argv[2])))
+    os.fsync(fd)
+    print(tmp, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def killed_writer(directory: Path, size: int) -> Path:
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(directory), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    tmp = Path(child.stdout.strip())
+    assert tmp.is_file() and tmp.stat().st_size == size
+    return tmp
+
+
+def test_temporary_names_carry_their_writer_and_only_dead_or_old_ones_are_stale(
+    tmp_path: Path,
+) -> None:
+    top = tmp_path / "vault"
+    dead = killed_writer(top / "packs" / "ab", 4096)
+    fd, live = _fs.create_temp(top / "packs" / "cd")  # this process: alive
+    os.close(fd)
+    legacy = top / "index" / f"{_fs.TEMP_PREFIX}{os.urandom(8).hex()}"  # no owner recorded
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"x")
+    owner = _fs.temp_owner(live.name)
+    assert owner == ProcessIdentity.current()
+    assert _fs.temp_owner(legacy.name) is None
+
+    stale = {t.handle: t for t in _fs.stale_temps(top, timedelta(minutes=30))}
+    assert list(stale) == [dead.relative_to(top).as_posix()]
+    assert "is gone" in stale[dead.relative_to(top).as_posix()].reason
+    old = time.time() - 3600
+    os.utime(legacy, (old, old))
+    os.utime(live, (old, old))
+    stale = {t.handle for t in _fs.stale_temps(top, timedelta(minutes=30))}
+    assert stale == {p.relative_to(top).as_posix() for p in (dead, legacy, live)}
+
+
+def test_verify_repair_and_prune_remove_what_a_killed_copy_left(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    data, point, _ = copied
+    west = workdir / "regions" / "west"
+    inbox = west / "inbox" / "local:east"
+    # what a copy killed mid-put and mid-send leaves: a pack's temporary in west's vault,
+    # a partial payload in west's inbox from east (the sizes of a pack and a batch)
+    pack_tmp = killed_writer(vault_objects(workdir, "west") / "packs" / "7f", 1 << 20)
+    inbox_tmp = killed_writer(inbox / "copy" / point, 256 << 10)
+    # one that a live writer is writing now is never taken
+    fd, live_tmp = _fs.create_temp(vault_objects(workdir, "west") / "packs" / "7e")
+    os.close(fd)
+
+    # the leftovers trip nothing: listings skip them, a re-run of a copy goes through
+    (data / "conf.txt").write_text("apn = ims\n")
+    second = last_line(ok("backup", "nf1"))
+    ok("copy", second, "--to", "west")
+    assert pack_tmp.exists() and inbox_tmp.exists()
+    assert verify_json("--region", "west")["local:west"]["ok"]
+
+    report = verify_json("--region", "west", "--repair")["local:west"]
+    assert report["ok"]
+    repaired = "\n".join(report["repaired"])
+    assert pack_tmp.name in repaired and inbox_tmp.name in repaired
+    assert not pack_tmp.exists() and not inbox_tmp.exists()
+    assert live_tmp.exists()
+    live_tmp.unlink()
+    assert temporaries(west) == []
+
+    # prune removes them too
+    pack_tmp = killed_writer(vault_objects(workdir, "west") / "packs" / "7f", 1 << 20)
+    inbox_tmp = killed_writer(inbox / "copy" / second, 1 << 10)
+    pruned = json.loads(ok("prune", "--region", "west", "--json").stdout)
+    assert pruned[0]["temporaries_removed"] == 2
+    assert temporaries(west) == []
+    assert verify_json("--read-data")["local:west"]["ok"]
+
+
+def test_verify_repair_takes_the_exclusive_lock_and_changes_nothing_on_a_sound_vault(
+    workdir: Path, copied: tuple[Path, str, str]
+) -> None:
+    before = sorted(p.relative_to(workdir) for p in (workdir / "regions").rglob("*"))
+    report = verify_json("--repair", "--read-data")
+    assert all(r["ok"] and r["repaired"] == [] for r in report.values())
+    after = sorted(p.relative_to(workdir) for p in (workdir / "regions").rglob("*"))
+    assert [p for p in after if "locks" not in p.parts] == [
+        p for p in before if "locks" not in p.parts
+    ]
+    site = Site.load(workdir / "site.toml")
+    try:
+        west = site.region("west")
+        repo = Repository.open(
+            west.vault,
+            west.keys,
+            region=west.name,
+            settings=RepositorySettings(lock_wait=timedelta(seconds=0.2)),
+        )
+        with repo._lock(exclusive=False, operation="backup"), pytest.raises(LockedError):
+            repo.verify(repair=True)  # waits for writers, like prune
+        assert repo.verify().ok  # a plain verify runs beside them
+    finally:
+        site.close()
