@@ -109,6 +109,13 @@ class RegionVaultGroup(click.Group):
             return super().invoke(ctx)
         except RegionVaultError as exc:
             raise ExpectedError(str(exc)) from exc
+        except OSError as exc:
+            # the machine said no (disk full, quota, read-only, permissions) somewhere no
+            # service turned it into a RegionVaultError: still one line naming the path
+            if exc.strerror is None:
+                raise
+            paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+            raise ExpectedError(": ".join([*paths, exc.strerror])) from exc
 
 
 @dataclass

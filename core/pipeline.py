@@ -675,7 +675,8 @@ class Engine:
                     for temporary in list(transit.stale_temporaries(ttl)):
                         transit.remove_temporary(temporary)
                         removed.append(
-                            f"{r.name}: inbox from {peer.name}: {temporary.handle}: partial "
+                            f"{r.name}: inbox from {peer.name}: "
+                            f"{temporary.name or temporary.handle}: partial "
                             f"payload removed ({temporary.reason})"
                         )
                 finally:

@@ -310,3 +310,193 @@ def test_verify_repair_takes_the_exclusive_lock_and_changes_nothing_on_a_sound_v
         assert repo.verify().ok  # a plain verify runs beside them
     finally:
         site.close()
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+PYTHON_CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|Errno")
+
+
+def one_line_failure(result: Result, *words: str) -> str:
+    line = fails(result, *words)
+    assert not PYTHON_CLASS_NAME.search(result.stderr), result.stderr
+    return line
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A function mounting a tmpfs of ``size`` at a directory (unmounted after the test)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "16m") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs for a real disk-full ({done.stderr.strip()})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A ballast file leaving about ``leave`` bytes free on ``disk``."""
+    ballast = disk / "ballast"
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    with ballast.open("wb") as f:
+        remaining = max(0, free - leave)
+        while remaining:
+            n = min(remaining, 1 << 20)
+            try:
+                f.write(b"\0" * n)
+                f.flush()
+            except OSError:
+                break
+            remaining -= n
+    return ballast
+
+
+def test_disk_full_is_one_line_and_loses_nothing(workdir: Path, small_disk: Any) -> None:
+    disk = small_disk(workdir / "regions", "24m")
+    data = make_data(workdir / "nf-data", size=4 << 20)
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    first = last_line(ok("backup", "nf1"))
+
+    # backup: the packs do not fit
+    (data / "db" / "more.bin").write_bytes(random.Random(2).randbytes(3 << 20))
+    ballast = fill(disk, 1 << 20)
+    one_line_failure(run("backup", "nf1"), "No space left on device", "local:east")
+    ballast.unlink()
+    assert verify_json("--region", "east", "--read-data")["local:east"]["ok"]
+    assert temporaries(disk) == []
+    second = last_line(ok("backup", "nf1"))
+
+    # copy: west's vault fills up
+    ballast = fill(disk, 1 << 20)
+    one_line_failure(run("copy", second, "--to", "west"), "No space left on device")
+    ballast.unlink()
+    ok("verify", "--repair")  # whatever the failed copy left in the inbox goes
+    assert all(r["ok"] for r in verify_json("--read-data").values())
+    copy = last_line(ok("copy", second, "--to", "west"))
+
+    # prune: rewriting a partly used pack does not fit
+    site = Site.load(workdir / "site.toml")
+    try:
+        east = site.region("east")
+        Repository.open(east.vault, east.keys, region=east.name).forget([first])
+    finally:
+        site.close()
+    ballast = fill(disk, 64 << 10)
+    one_line_failure(run("prune", "--region", "east"), "No space left on device")
+    ballast.unlink()
+    assert verify_json("--region", "east", "--read-data")["local:east"]["ok"]
+    ok("prune", "--region", "east")
+    assert temporaries(disk) == []
+
+    # restore: the target's disk is too small
+    target_disk = small_disk(workdir / "small-target", "2m")
+    target = target_disk / "out"
+    one_line_failure(
+        run("restore", copy, "--region", "west", "--target", target), "No space left on device"
+    )
+    out = workdir / "out"
+    ok("restore", copy, "--region", "west", "--target", out)
+    assert snapshot(out) == snapshot(data)
+    assert all(r["ok"] for r in verify_json("--read-data").values())
+
+
+# The console script with the AWS SDK hidden, as after a plain `pip install .`
+_WITHOUT_SDK = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("boto3", "botocore", "s3transfer"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+    sys.meta_path.insert(0, Hide())
+    from regionvault.core.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_a_missing_aws_sdk_is_one_line_in_every_command(workdir: Path) -> None:
+    site = workdir / "site.toml"
+    site.write_text(
+        site.read_text()
+        + textwrap.dedent(
+            """
+            [regions."aws:us-east-1"]
+            bucket = "rv-east"
+            kms_key = "alias/rv"
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "REGIONVAULT_SITE"}
+    commands = [
+        ["points"],
+        ["verify"],
+        ["verify", "--repair", "--region", "aws:us-east-1"],
+        ["prune"],
+        ["rebuild-index", "--region", "aws:us-east-1"],
+        ["status"],
+        ["instances", "--region", "aws:us-east-1"],
+        ["restore", "0" * 32, "--region", "aws:us-east-1", "--target", "out"],
+    ]
+    for args in commands:
+        done = subprocess.run(
+            [sys.executable, "-c", _WITHOUT_SDK, *args],
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 1, (args, done.stdout, done.stderr)
+        assert done.stderr.splitlines() == [
+            "regionvault: error: [aws:us-east-1] the aws provider needs boto3: "
+            "pip install 'regionvault[aws]'"
+        ], (args, done.stderr)
+    regions = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_SDK, "regions"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=120,
+    )
+    assert regions.returncode == 0 and "aws:us-east-1" in regions.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "emptied", "a key removed"])
+def test_a_damaged_keystore_is_one_line_naming_the_file(workdir: Path, damage: str) -> None:
+    data = make_data(workdir / "nf-data")
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    point = last_line(ok("backup", "nf1"))
+    keystore = workdir / "regions" / "east" / "keys" / "keystore.json"
+    text = keystore.read_bytes()
+    if damage == "truncated":
+        keystore.write_bytes(text[: len(text) // 2])
+    elif damage == "garbled":
+        keystore.write_bytes(bytes(b ^ 0x5A for b in text[:64]) + text[64:])
+    elif damage == "emptied":
+        keystore.write_bytes(b"")
+    else:
+        doc = json.loads(text)
+        del doc["master_keys"]
+        keystore.write_text(json.dumps(doc))
+    for args in (
+        ("backup", "nf1"),
+        ("verify", "--region", "east"),
+        ("restore", point, "--region", "east", "--target", workdir / "out"),
+        ("copy", point, "--to", "west"),
+    ):
+        one_line_failure(run(*args), str(keystore))

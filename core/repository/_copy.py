@@ -36,7 +36,13 @@ from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
 from regionvault.core.repository._maintenance import _protected, tree_records
 from regionvault.core.repository._manifest import encode_manifest
-from regionvault.core.repository._pipeline import Failure, PackWriter, plan_reads, read_blobs
+from regionvault.core.repository._pipeline import (
+    Aborted,
+    Failure,
+    PackWriter,
+    plan_reads,
+    read_blobs,
+)
 from regionvault.core.repository._tree import iter_records
 from regionvault.core.repository.model import Problem
 from regionvault.core.types import (
@@ -473,10 +479,12 @@ def ingest_chunks(
             pairs[source_id] = mine
         if writer is not None:
             writer.close()
-    except BaseException:
+    except BaseException as exc:
         failure.set(RegionVaultError("copy ingest aborted"))
         if writer is not None:
             writer.abort()
+        if isinstance(exc, Aborted) and failure.error is not None:
+            raise failure.error from None  # the writer thread's error (disk full ...)
         raise
     links.save(pairs)
     return count, len(written)
@@ -536,10 +544,12 @@ def commit_copy(
         tree_chunks = tree.finish()
         for writer in writers:
             writer.close()
-    except BaseException:
+    except BaseException as exc:
         failure.set(RegionVaultError("copy commit aborted"))
         for writer in writers:
             writer.abort()
+        if isinstance(exc, Aborted) and failure.error is not None:
+            raise failure.error from None  # the writer thread's error (disk full ...)
         raise
     # The copy's id is a keyed hash of its lineage, so two commits of the same source point
     # (two runners at once) race on one if-absent name: exactly one copy can ever exist.

@@ -21,7 +21,7 @@ from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import decode_manifest
-from regionvault.core.repository._pipeline import Failure, Fetcher, PackWriter
+from regionvault.core.repository._pipeline import Aborted, Failure, Fetcher, PackWriter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import iter_records
 from regionvault.core.repository.model import (
@@ -382,7 +382,7 @@ def remove_stale_temporaries(store: Store) -> list[Problem]:
         size = "" if temporary.size is None else f", {temporary.size:,} bytes"
         removed.append(
             Problem(
-                temporary.handle,
+                temporary.name or temporary.handle,
                 f"temporary of an interrupted write removed ({temporary.reason}{size})",
             )
         )
@@ -489,6 +489,8 @@ def prune(
     except BaseException as exc:
         failure.set(exc)
         writer.abort()
+        if isinstance(exc, Aborted) and failure.error is not None:
+            raise failure.error from None  # the writer thread's error (disk full ...)
         raise
     report.packs_rewritten = len(rewrite)
     report.packs_written = len(new_packs)

@@ -7,8 +7,12 @@ first built, so the provider registers and validates settings without the SDK in
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
+from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import Provider
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.aws.metrics import AwsMetrics
@@ -22,6 +26,25 @@ if TYPE_CHECKING:
     from regionvault.providers.aws.s3 import AwsTransit, AwsVault
 
 __all__ = ["AwsProvider"]
+
+
+#: the one line every command prints when the aws extra is not installed
+NEEDS_SDK = "the aws provider needs boto3: pip install 'regionvault[aws]'"
+_SDK_MODULES = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
+_MISSING = re.compile(r"No module named '([^']+)'")
+
+
+@contextlib.contextmanager
+def _needs_sdk(region: RegionConfig) -> Iterator[None]:
+    """Around the import of a service module (which imports botocore): without the SDK, an
+    error naming the region and the extra to install, not an import traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
+        if missing.partition(".")[0] not in _SDK_MODULES:
+            raise
+        raise RegionVaultError(NEEDS_SDK, provider="aws", region=region.name) from None
 
 
 class AwsProvider(Provider):
@@ -79,7 +102,8 @@ class AwsProvider(Provider):
         )
 
     def compute(self, region: RegionConfig) -> AwsCompute:
-        from regionvault.providers.aws.ec2 import AwsCompute
+        with _needs_sdk(region):
+            from regionvault.providers.aws.ec2 import AwsCompute
 
         return AwsCompute(
             region=region,
@@ -89,7 +113,8 @@ class AwsProvider(Provider):
         )
 
     def key_service(self, region: RegionConfig) -> AwsKeyService:
-        from regionvault.providers.aws.kms import AwsKeyService
+        with _needs_sdk(region):
+            from regionvault.providers.aws.kms import AwsKeyService
 
         return AwsKeyService(
             region=region,
@@ -99,7 +124,8 @@ class AwsProvider(Provider):
         )
 
     def vault(self, region: RegionConfig) -> AwsVault:
-        from regionvault.providers.aws.s3 import AwsVault
+        with _needs_sdk(region):
+            from regionvault.providers.aws.s3 import AwsVault
 
         settings = self.settings(region)
         return AwsVault(
@@ -111,7 +137,8 @@ class AwsProvider(Provider):
 
     def sealer(self, region: RegionConfig) -> AwsSealer:
         """KMS Encrypt on ``region``'s key with the caller's credentials: kms:Encrypt only."""
-        from regionvault.providers.aws.kms import AwsSealer
+        with _needs_sdk(region):
+            from regionvault.providers.aws.kms import AwsSealer
 
         settings = self.settings(region)
         settings.need(region, "kms_key", "sealer")
@@ -122,7 +149,8 @@ class AwsProvider(Provider):
         return AwsSealer(settings=settings, clients=self.clients)
 
     def transit(self, source: RegionConfig, destination: RegionConfig) -> AwsTransit:
-        from regionvault.providers.aws.s3 import AwsTransit
+        with _needs_sdk(destination):
+            from regionvault.providers.aws.s3 import AwsTransit
 
         settings = self.settings(destination)
         source_settings = None

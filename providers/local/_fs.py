@@ -294,7 +294,7 @@ def stale_temps(top: Path, older_than: timedelta) -> Iterator[Temporary]:
             rel = path.relative_to(top).as_posix()
             yield Temporary(
                 handle=rel,
-                name=path.parent.relative_to(top).as_posix(),
+                name=None,  # a temporary file does not say which object it was to be
                 size=st.st_size,
                 modified=datetime.fromtimestamp(st.st_mtime, UTC),
                 owner=None if owner is None else f"{owner.host}:{owner.pid}",
