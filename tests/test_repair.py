@@ -500,3 +500,64 @@ def test_a_damaged_keystore_is_one_line_naming_the_file(workdir: Path, damage: s
         ("copy", point, "--to", "west"),
     ):
         one_line_failure(run(*args), str(keystore))
+
+
+# ``regionvault ARGS`` killed with SIGKILL right after it fsyncs its first temporary file
+# under KILL_UNDER: a put or send cut off between writing its bytes and publishing them
+_KILLED_COMMAND = textwrap.dedent(
+    """
+    import os, signal, sys
+    kill_under = sys.argv[1]
+    real_fsync = os.fsync
+    def fsync(fd):
+        real_fsync(fd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return
+        if path.startswith(kill_under) and "/.rv-tmp-" in path:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.fsync = fsync
+    from regionvault.core.cli import main
+    main(sys.argv[2:])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("cut_off", "cleaner"),
+    [("vault", "verify --repair"), ("inbox", "verify --repair"), ("vault", "prune")],
+)
+def test_a_copy_killed_mid_write_is_rerun_and_its_leftovers_removed(
+    workdir: Path, cut_off: str, cleaner: str
+) -> None:
+    data = make_data(workdir / "nf-data", size=3 << 20)
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    point = last_line(ok("backup", "nf1"))
+    west = (workdir / "regions" / "west").resolve()
+    under = west / ("vault/objects/packs" if cut_off == "vault" else "inbox")
+    env = {k: v for k, v in os.environ.items() if k != "REGIONVAULT_SITE"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_COMMAND, str(under), "copy", point, "--to", "west"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = temporaries(west)
+    assert left and all(under in p.parents for p in left)
+
+    copy = last_line(ok("copy", point, "--to", "west"))  # the re-run does not trip over them
+    if cleaner == "prune":
+        pruned = json.loads(ok("prune", "--region", "west", "--json").stdout)
+        assert pruned[0]["temporaries_removed"] == len(left)
+    else:
+        report = verify_json("--region", "west", "--repair")["local:west"]
+        assert report["ok"] and len(report["repaired"]) == len(left)
+    assert temporaries(west) == []
+    assert verify_json("--region", "west", "--read-data")["local:west"]["ok"]
+    out = workdir / "out"
+    ok("restore", copy, "--region", "west", "--target", out)
+    assert snapshot(out) == snapshot(data)
