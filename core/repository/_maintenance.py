@@ -284,6 +284,16 @@ def _verify(
         else:
             report.blobs = len(index)
     _check_copy_objects(store, report, damage)
+    stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
+    if stale:
+        first = stale[0].name or stale[0].handle
+        report.warnings.append(
+            Problem(
+                first,
+                f"{len(stale)} temporar{'y' if len(stale) == 1 else 'ies'} of interrupted "
+                "writes (verify --repair or prune removes them)",
+            )
+        )
     unused = sum(1 for c in index.chunk_ids() if c not in used)
     if unused:
         report.warnings.append(
