@@ -70,6 +70,7 @@ from regionvault.core.types import (
     RegionId,
     RetentionMode,
     Tags,
+    Temporary,
 )
 
 __all__ = [
@@ -124,6 +125,7 @@ __all__ = [
     "Site",
     "SiteConfig",
     "Tags",
+    "Temporary",
     "Transit",
     "TransitError",
     "UnsupportedOperation",

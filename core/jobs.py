@@ -708,6 +708,9 @@ class JobLedger:
             try:
                 os.write(fd, self._lock_body(key, token))
                 os.fsync(fd)
+            except OSError as exc:
+                path.unlink(missing_ok=True)  # a lock its taker could not write is nobody's
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             finally:
                 os.close(fd)
             return JobLock(self, key, path, token)

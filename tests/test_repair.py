@@ -417,6 +417,18 @@ def test_disk_full_is_one_line_and_loses_nothing(workdir: Path, small_disk: Any)
     assert all(r["ok"] for r in verify_json("--read-data").values())
 
 
+def test_a_full_state_directory_is_one_line_naming_the_file(workdir: Path, small_disk: Any) -> None:
+    data = make_data(workdir / "nf-data")
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    state = small_disk(workdir / ".regionvault", "1m")  # the site's state_dir
+    ballast = fill(state, 0)
+    line = one_line_failure(run("tick"), "No space left on device")
+    assert str(state) in line  # names the file it could not write
+    ballast.unlink()
+    ticked = ok("tick")
+    assert "failed 0" in ticked.stdout
+
+
 # The console script with the AWS SDK hidden, as after a plain `pip install .`
 _WITHOUT_SDK = textwrap.dedent(
     """
