@@ -284,7 +284,11 @@ def _verify(
         else:
             report.blobs = len(index)
     _check_copy_objects(store, report, damage)
-    stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
+    try:
+        stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
+    except RegionVaultError as exc:  # e.g. no permission to list uploads: only a note
+        stale = []
+        report.warnings.append(Problem("temporaries", f"cannot be listed: {exc}"))
     if stale:
         first = stale[0].name or stale[0].handle
         report.warnings.append(

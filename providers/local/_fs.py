@@ -206,10 +206,13 @@ def write_temp(
     try:
         _write_all(fd, data)
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None and exc.strerror is not None:
+            # a failed write(2) names no file: name the directory written into (disk full)
+            raise OSError(exc.errno, exc.strerror, str(directory)) from None
         raise
     os.close(fd)
     return tmp
