@@ -225,7 +225,7 @@ def test_entries_and_manifest_describe_the_point(east: Region, tmp_path: Path) -
     point = repo.backup(capture(src))
     manifest = repo.load_manifest(point.id)
     assert manifest.point == point
-    assert manifest.format_version == 1
+    assert manifest.format_version == 2
     assert manifest.vault_id == east.vault.vault_id
     assert len(manifest.root_hash) == 64
     assert manifest.stats["files"] == 9

@@ -40,7 +40,12 @@ from regionvault.core.repository._chunking import (
 from regionvault.core.repository._index import ChunkIdSet, ChunkIndex
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._store import Store
-from regionvault.core.repository._tree import KIND_TAGS, TreeWriter, encode_path, path_problem
+from regionvault.core.repository._tree import (
+    TreeWriter,
+    encode_file_entry,
+    encode_path,
+    path_problem,
+)
 from regionvault.core.repository.model import Progress, ProgressCallback
 from regionvault.core.types import CaptureIssue, FileEntry, FileKind
 
@@ -57,6 +62,15 @@ _PROGRESS_EVERY = 0.2
 _POLL = 0.05
 #: bytes of a chunk compressed first to see whether the rest is worth compressing
 _SAMPLE = 4096
+#: the stats counter of each kind of entry that holds no data
+_KIND_STATS = {
+    FileKind.DIR: "dirs",
+    FileKind.SYMLINK: "symlinks",
+    FileKind.FIFO: "specials",
+    FileKind.SOCKET: "specials",
+    FileKind.CHARDEV: "specials",
+    FileKind.BLOCKDEV: "specials",
+}
 
 
 class ParentLookup:
@@ -210,6 +224,8 @@ class BackupRun:
             "files": 0,
             "dirs": 0,
             "symlinks": 0,
+            "hardlinks": 0,
+            "specials": 0,
             "files_unchanged": 0,
             "chunks": 0,
             "chunks_new": 0,
@@ -386,6 +402,12 @@ class BackupRun:
             t.start()
         total = 0
 
+        def encode(entry: FileEntry, size: int = 0, ids: bytes = b"") -> bytes:
+            try:
+                return encode_file_entry(entry, size, ids)
+            except ValueError as exc:
+                raise ComputeError(f"capture of {label}: {exc}") from None
+
         def drain(limit: int) -> None:
             nonlocal total
             while pending:
@@ -394,15 +416,13 @@ class BackupRun:
                     pending.popleft()
                     tree.add(head)
                     continue
-                entry, path, record = head
+                entry, _path, record = head
                 if len(pending) <= limit and not self._complete(record):
                     return
                 ids = self._wait(record)
                 pending.popleft()
                 total += record.size
-                tree.add(fmt.encode_entry(
-                    fmt.TAG_FILE, entry.mode, entry.mtime_ns, record.size, path, b"", ids
-                ))  # fmt: skip
+                tree.add(encode(entry, record.size, ids))
                 self.files_done += 1
                 self._report()
 
@@ -412,22 +432,12 @@ class BackupRun:
                 if problem is not None:
                     raise ComputeError(f"capture of {label}: entry path {entry.path!r} {problem}")
                 path = encode_path(entry.path)
-                tag = KIND_TAGS[FileKind(entry.kind)]
-                if entry.kind is FileKind.DIR:
-                    self.stats["dirs"] += 1
-                    pending.append(
-                        fmt.encode_entry(tag, entry.mode, entry.mtime_ns, 0, path, b"", b"")
-                    )
-                elif entry.kind is FileKind.SYMLINK:
-                    if entry.target is None:
-                        raise ComputeError(
-                            f"capture of {label}: symlink {entry.path!r} has no target"
-                        )
-                    self.stats["symlinks"] += 1
-                    target = encode_path(entry.target)
-                    pending.append(
-                        fmt.encode_entry(tag, entry.mode, entry.mtime_ns, 0, path, target, b"")
-                    )
+                kind = FileKind(entry.kind)
+                if kind is not FileKind.FILE or entry.link is not None:
+                    # no data of its own: a directory, symlink, FIFO, socket, device, or a
+                    # hard link to a file recorded before it
+                    self.stats[_KIND_STATS[kind] if entry.link is None else "hardlinks"] += 1
+                    pending.append(encode(entry, entry.size if kind is FileKind.FILE else 0))
                 else:
                     self.stats["files"] += 1
                     before = parent.find(path) if parent is not None else None
@@ -437,9 +447,7 @@ class BackupRun:
                             self.bytes_done += before.size
                         total += before.size
                         self.files_done += 1
-                        pending.append(fmt.encode_entry(
-                            tag, entry.mode, entry.mtime_ns, before.size, path, b"", before.ids
-                        ))  # fmt: skip
+                        pending.append(encode(entry, before.size, before.ids))
                     else:
                         record = _Record()
                         self._files_q.put((entry, record))
@@ -458,6 +466,11 @@ class BackupRun:
         return total
 
     def _unchanged(self, before: fmt.RawRecord, entry: FileEntry) -> bool:
+        """Whether the parent's chunks of this file can stand for its data. Only the data
+        is taken from the parent: the new record's metadata (mode, owners, xattrs) is the
+        capture's, so a chmod, chown or xattr change shows in the new point all the same."""
+        if before.link:
+            return False  # a hard link in the parent: its record holds no chunks
         if (before.size, before.mtime_ns, before.mode) != (entry.size, entry.mtime_ns, entry.mode):
             return False
         index, new = self.index, self._new

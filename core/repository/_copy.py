@@ -114,8 +114,10 @@ class CopyOffer:
         (n,) = struct.unpack_from(">I", body)
         try:
             point = json.loads(body[4 : 4 + n])
-        except ValueError as exc:
+            version = int(point.get("format", 1))
+        except (ValueError, TypeError, AttributeError) as exc:
             raise IntegrityError(name, f"copy offer header is malformed ({exc})") from None
+        fmt.check_version(name, version)  # its tree records are of that version
         return cls(point, bytes(body[4 + n :]))
 
     def records(self, name: str) -> Iterator[fmt.RawRecord]:
@@ -172,6 +174,7 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
         for record in tree_records(store, state.index, pool, manifest):
             parts.append(_encode_record(record))
     point = {
+        "format": fmt.FORMAT_VERSION,
         "id": p.id,
         "region": p.region,
         "instance": {"id": p.instance_id, "name": p.instance_name},
@@ -199,17 +202,9 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
 
 
 def _encode_record(record: fmt.RawRecord) -> bytes:
-    if record.tag == fmt.TAG_EXTENT:
-        return fmt.encode_extent(record.offset, record.size, record.ids)
-    return fmt.encode_entry(
-        record.tag,
-        record.mode,
-        record.mtime_ns,
-        record.size,
-        record.path,
-        record.target,
-        record.ids,
-    )
+    """Every field of a record, as the current format writes it (a record of a version 1
+    point is written as version 2: it holds the same, with the new fields unrecorded)."""
+    return fmt.encode_record(record)
 
 
 def export_chunks(repo: Repository, chunk_ids: Iterable[bytes]) -> Iterator[ExportedChunk]:

@@ -1,4 +1,4 @@
-"""The repository's on-vault format, version 1: names, binary layouts, AAD (docs/format.md).
+"""The repository's on-vault format, version 2: names, binary layouts, AAD (docs/format.md).
 
 Everything here is pure encoding and decoding: no I/O, no threads. All integers are
 big-endian. Every decode that meets something it cannot trust raises
@@ -19,6 +19,7 @@ __all__ = [
     "BLOB_ENTRY",
     "CHUNK_ID_SIZE",
     "CONFIG_NAME",
+    "ENTRY2_FLAG",
     "ENVELOPE_FLAG_ZSTD",
     "ENVELOPE_HEADER",
     "FLAG_ZSTD",
@@ -29,8 +30,16 @@ __all__ = [
     "INDEX_PREFIX",
     "KEY_SOURCE_MASTER",
     "KEY_SOURCE_WRAPPED",
+    "LAYOUT_VERSION",
     "LOCK_PREFIX",
     "MAX_BLOB_SIZE",
+    "MAX_ENTRY_HEAD",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "MAX_XATTR_BYTES",
+    "MAX_XATTR_NAME",
+    "MAX_XATTR_VALUE",
+    "NO_ID",
     "OBJECT_MAGIC",
     "PACK_END_MAGIC",
     "PACK_FOOTER",
@@ -63,6 +72,7 @@ __all__ = [
     "encode_entry",
     "encode_extent",
     "encode_index",
+    "encode_record",
     "envelope_aad",
     "index_name",
     "lock_name",
@@ -73,11 +83,17 @@ __all__ = [
     "parse_hex_id",
     "parse_index",
     "point_name",
+    "record_problem",
     "table_aad",
 ]
 
-#: the newest format this code writes and reads; readers refuse anything newer
-FORMAT_VERSION = 1
+#: the newest format this code writes and reads; readers refuse anything newer. Version 2
+#: changed only the tree records (a point's manifest says which version wrote it); sealed
+#: objects and packs keep their version 1 layout and say so (:data:`LAYOUT_VERSION`)
+FORMAT_VERSION = 2
+#: the version byte of sealed objects and packs: their layout is the same in formats 1 and 2,
+#: so a version 1 reader still opens them, and refuses a version 2 point at its manifest
+LAYOUT_VERSION = 1
 CHUNK_ID_SIZE = 32
 ID_SIZE = 16
 #: largest plaintext blob (chunk) a pack may hold; chunker maxima stay far below it
@@ -197,7 +213,7 @@ class EnvelopeHeader:
         raw = (
             ENVELOPE_HEADER.pack(
                 OBJECT_MAGIC,
-                FORMAT_VERSION,
+                LAYOUT_VERSION,
                 int(kind),
                 key_source,
                 flags,
@@ -207,7 +223,7 @@ class EnvelopeHeader:
             )
             + wrapped_key
         )
-        return cls(FORMAT_VERSION, kind, key_source, flags, salt, commitment, wrapped_key, raw)
+        return cls(LAYOUT_VERSION, kind, key_source, flags, salt, commitment, wrapped_key, raw)
 
     @classmethod
     def parse(cls, name: str, data: bytes, expect: ObjectKind) -> EnvelopeHeader:
@@ -283,11 +299,11 @@ class PackHeader:
     ) -> PackHeader:
         raw = (
             PACK_HEADER.pack(
-                PACK_MAGIC, FORMAT_VERSION, b"\0\0\0", run_id, salt, commitment, len(wrapped_key)
+                PACK_MAGIC, LAYOUT_VERSION, b"\0\0\0", run_id, salt, commitment, len(wrapped_key)
             )
             + wrapped_key
         )
-        return cls(FORMAT_VERSION, run_id, salt, commitment, wrapped_key, raw)
+        return cls(LAYOUT_VERSION, run_id, salt, commitment, wrapped_key, raw)
 
     @classmethod
     def parse(cls, name: str, data: bytes) -> PackHeader:
@@ -508,17 +524,41 @@ TAG_FIFO = 5
 TAG_SOCKET = 6
 TAG_CHARDEV = 7
 TAG_BLOCKDEV = 8
-#: tag, mode, mtime_ns, size, path length
+_ENTRY_TAGS = frozenset((TAG_FILE, TAG_DIR, TAG_SYMLINK, TAG_FIFO, TAG_SOCKET, TAG_CHARDEV,
+                         TAG_BLOCKDEV))  # fmt: skip
+#: a version 2 entry record's first byte is this flag or'ed with its kind's tag
+ENTRY2_FLAG = 0x80
+#: version 1 entry record: tag, mode, mtime_ns, size, path length
 ENTRY_HEAD = struct.Struct(">BIqQH")
+#: version 2 entry record: first byte, then the length of its head (everything up to the
+#: chunk count)
+ENTRY2_START = struct.Struct(">BI")
+#: the fixed start of a version 2 head: mode, mtime_ns, size, uid, gid, rdev
+ENTRY2_FIXED = struct.Struct(">IqQIIQ")
 #: tag, offset, length, chunk count
 EXTENT_HEAD = struct.Struct(">BQQI")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
+#: a uid or gid that was not recorded (``(uid_t) -1`` is no valid owner on POSIX either)
+NO_ID = 0xFFFFFFFF
+#: bounds of a version 2 record's fields: what Linux allows, or far beyond what any
+#: real tree holds; a record beyond them is damaged, and is refused before it is buffered
+MAX_PATH_BYTES = 1 << 20
+MAX_NAME_BYTES = 1024
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 1 << 16
+MAX_XATTR_BYTES = 1 << 20
+MAX_ENTRY_HEAD = (
+    ENTRY2_FIXED.size + 3 * (4 + MAX_PATH_BYTES) + 2 * (2 + MAX_NAME_BYTES) + (4 + MAX_XATTR_BYTES)
+)
+_MODE_BITS = 0o7777
 
 
 def encode_entry(
     tag: int, mode: int, mtime_ns: int, size: int, path: bytes, target: bytes, ids: bytes
 ) -> bytes:
+    """A version 1 entry record. Nothing writes these any more (:func:`encode_record` writes
+    version 2); kept for tests and tools that build version 1 trees."""
     return b"".join(
         (
             ENTRY_HEAD.pack(tag, mode, mtime_ns, size, len(path)),
@@ -569,6 +609,87 @@ class RawRecord:
             yield ids[i : i + CHUNK_ID_SIZE]
 
 
+def record_problem(record: RawRecord) -> str | None:
+    """Why ``record`` cannot be a version 2 entry record, or None; the decoder refuses the
+    same things the encoder does."""
+    if record.tag not in _ENTRY_TAGS:
+        return f"kind {record.tag} is not an entry kind"
+    if record.mode & ~_MODE_BITS or record.mode < 0:
+        return f"mode {record.mode:#o} has bits beyond the permission bits"
+    if not -(1 << 63) <= record.mtime_ns < 1 << 63:
+        return "mtime out of range"
+    if not 0 <= record.size < 1 << 64 or not 0 <= record.rdev < 1 << 64:
+        return "size or device number out of range"
+    for what, number in (("uid", record.uid), ("gid", record.gid)):
+        if not -1 <= number < NO_ID:
+            return f"{what} {number} out of range"
+    if len(record.path) > MAX_PATH_BYTES or len(record.link) > MAX_PATH_BYTES:
+        return "path longer than its bound"
+    if len(record.target) > MAX_PATH_BYTES:
+        return "symlink target longer than its bound"
+    if len(record.user) > MAX_NAME_BYTES or len(record.group) > MAX_NAME_BYTES:
+        return "user or group name longer than its bound"
+    if len(record.ids) % CHUNK_ID_SIZE:
+        return "chunk ids of the wrong length"
+    count = len(record.ids) // CHUNK_ID_SIZE
+    if count and (record.tag != TAG_FILE or record.link):
+        return "chunk ids on an entry that holds no data"
+    if count > record.size:
+        return f"{count} chunks for {record.size} bytes"
+    total = 0
+    previous = None
+    for name, value in record.xattrs:
+        if not name or len(name) > MAX_XATTR_NAME or b"\0" in name:
+            return f"extended attribute name {name[:40]!r} is empty, too long or holds NUL"
+        if len(value) > MAX_XATTR_VALUE:
+            return f"extended attribute {name!r} is longer than {MAX_XATTR_VALUE} bytes"
+        if previous is not None and name <= previous:
+            return "extended attributes are not in strict name order"
+        previous = name
+        total += 2 + len(name) + 4 + len(value)
+    if total > MAX_XATTR_BYTES:
+        return f"extended attributes hold more than {MAX_XATTR_BYTES} bytes"
+    return None
+
+
+def encode_record(record: RawRecord) -> bytes:
+    """A tree record as format version 2 writes it: extents as in version 1, entries with
+    every field of :class:`RawRecord`. ``ValueError`` names what cannot be encoded."""
+    if record.tag == TAG_EXTENT:
+        return encode_extent(record.offset, record.size, record.ids)
+    problem = record_problem(record)
+    if problem is not None:
+        raise ValueError(f"tree record {record.path[:200]!r}: {problem}")
+    parts = [
+        b"",
+        ENTRY2_FIXED.pack(
+            record.mode,
+            record.mtime_ns,
+            record.size,
+            NO_ID if record.uid < 0 else record.uid,
+            NO_ID if record.gid < 0 else record.gid,
+            record.rdev,
+        ),
+        U32.pack(len(record.path)),
+        record.path,
+        U32.pack(len(record.target)),
+        record.target,
+        U32.pack(len(record.link)),
+        record.link,
+        U16.pack(len(record.user)),
+        record.user,
+        U16.pack(len(record.group)),
+        record.group,
+        U32.pack(len(record.xattrs)),
+    ]
+    for name, value in record.xattrs:
+        parts += (U16.pack(len(name)), name, U32.pack(len(value)), value)
+    head = sum(len(p) for p in parts)
+    parts[0] = ENTRY2_START.pack(ENTRY2_FLAG | record.tag, head)
+    parts += (U32.pack(len(record.ids) // CHUNK_ID_SIZE), record.ids)
+    return b"".join(parts)
+
+
 def decode_records(buf: bytearray, name: str, *, final: bool) -> tuple[list[RawRecord], int]:
     """Decode the complete records at the start of ``buf``; return them and the bytes used.
 
@@ -582,12 +703,98 @@ def decode_records(buf: bytearray, name: str, *, final: bool) -> tuple[list[RawR
     return out, pos
 
 
+class _Head:
+    """Reads the fields of a version 2 record's head, each bounded by what is left of it."""
+
+    __slots__ = ("end", "name", "pos", "view")
+
+    def __init__(self, view: memoryview, pos: int, end: int, name: str) -> None:
+        self.view, self.pos, self.end, self.name = view, pos, end, name
+
+    def fail(self, what: str) -> IntegrityError:
+        return IntegrityError(self.name, f"tree record is malformed: {what}")
+
+    def number(self, form: struct.Struct) -> int:
+        if self.pos + form.size > self.end:
+            raise self.fail("its head is shorter than its fields")
+        (value,) = form.unpack_from(self.view, self.pos)
+        self.pos += form.size
+        return int(value)
+
+    def field(self, form: struct.Struct, limit: int, what: str) -> bytes:
+        n = self.number(form)
+        if n > limit:
+            raise self.fail(f"{what} of {n} bytes (at most {limit})")
+        if self.pos + n > self.end:
+            raise self.fail(f"{what} reaches past the record's head")
+        value = bytes(self.view[self.pos : self.pos + n])
+        self.pos += n
+        return value
+
+
+def _decode_entry2(view: memoryview, pos: int, end: int, name: str) -> tuple[RawRecord, int] | None:
+    """The version 2 entry record at ``pos`` and the position after it; None when the
+    buffer ends inside it."""
+    if pos + ENTRY2_START.size > end:
+        return None
+    first, head_len = ENTRY2_START.unpack_from(view, pos)
+    tag = first & ~ENTRY2_FLAG
+    if tag not in _ENTRY_TAGS:
+        raise IntegrityError(name, f"tree record of unknown kind {first:#x}")
+    if head_len > MAX_ENTRY_HEAD:
+        raise IntegrityError(name, f"tree record head of {head_len} bytes is beyond its bound")
+    p = pos + ENTRY2_START.size
+    ids_at = p + head_len + 4
+    if ids_at > end:
+        return None
+    head = _Head(view, p, p + head_len, name)
+    if head_len < ENTRY2_FIXED.size:
+        raise head.fail("its head is shorter than its fields")
+    mode, mtime_ns, size, uid, gid, rdev = ENTRY2_FIXED.unpack_from(view, p)
+    head.pos += ENTRY2_FIXED.size
+    path = head.field(U32, MAX_PATH_BYTES, "path")
+    target = head.field(U32, MAX_PATH_BYTES, "symlink target")
+    link = head.field(U32, MAX_PATH_BYTES, "hard link path")
+    user = head.field(U16, MAX_NAME_BYTES, "user name")
+    group = head.field(U16, MAX_NAME_BYTES, "group name")
+    count = head.number(U32)
+    xattrs = []
+    for _ in range(count):
+        if head.pos >= head.end:
+            raise head.fail(f"{count} extended attributes in a shorter head")
+        xname = head.field(U16, MAX_XATTR_NAME, "extended attribute name")
+        xattrs.append((xname, head.field(U32, MAX_XATTR_VALUE, "extended attribute value")))
+    if head.pos != head.end:
+        raise head.fail("its head holds bytes after its fields")
+    (n_ids,) = U32.unpack_from(view, ids_at - 4)
+    if n_ids > size:
+        raise IntegrityError(name, f"tree record is malformed: {n_ids} chunks for {size} bytes")
+    stop = ids_at + n_ids * CHUNK_ID_SIZE
+    if stop > end:
+        return None
+    record = RawRecord(
+        tag, mode, mtime_ns, size, path, target, 0, bytes(view[ids_at:stop]),
+        -1 if uid == NO_ID else uid, -1 if gid == NO_ID else gid, user, group, rdev, link,
+        tuple(xattrs),
+    )  # fmt: skip
+    problem = record_problem(record)
+    if problem is not None:
+        raise IntegrityError(name, f"tree record {path[:200]!r} is malformed: {problem}")
+    return record, stop
+
+
 def _decode_into(view: memoryview, name: str, out: list[RawRecord]) -> int:
     pos = 0
     end = len(view)
     while pos < end:
         tag = view[pos]
-        if tag in (TAG_FILE, TAG_DIR, TAG_SYMLINK):
+        if tag & ENTRY2_FLAG:
+            found = _decode_entry2(view, pos, end, name)
+            if found is None:
+                break
+            record, p = found
+            out.append(record)
+        elif tag in (TAG_FILE, TAG_DIR, TAG_SYMLINK):
             if pos + ENTRY_HEAD.size > end:
                 break
             _, mode, mtime_ns, size, plen = ENTRY_HEAD.unpack_from(view, pos)

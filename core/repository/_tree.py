@@ -9,13 +9,15 @@ from collections.abc import Callable, Iterable, Iterator
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
 from regionvault.core.repository.model import Extent, TreeEntry
-from regionvault.core.types import FileKind
+from regionvault.core.types import FileEntry, FileKind
 
 __all__ = [
     "KIND_TAGS",
     "TreeWriter",
     "decode_path",
+    "encode_file_entry",
     "encode_path",
+    "entry_record",
     "iter_records",
     "path_problem",
     "to_public",
@@ -31,7 +33,7 @@ KIND_TAGS = {
     FileKind.BLOCKDEV: fmt.TAG_BLOCKDEV,
 }
 TAG_KINDS = {tag: kind for kind, tag in KIND_TAGS.items()}
-MAX_PATH_BYTES = 0xFFFF
+MAX_PATH_BYTES = fmt.MAX_PATH_BYTES
 
 
 def encode_path(path: str) -> bytes:
@@ -55,6 +57,53 @@ def path_problem(path: str) -> str | None:
     if len(encode_path(path)) > MAX_PATH_BYTES:
         return "is too long"
     return None
+
+
+def _name(value: str | None) -> bytes:
+    """A user or group name as recorded: empty when there is none, or when it is longer
+    than the format keeps (such a name is not a name any system resolves)."""
+    raw = b"" if value is None else encode_path(value)
+    return raw if len(raw) <= fmt.MAX_NAME_BYTES else b""
+
+
+def entry_record(entry: FileEntry, size: int, ids: bytes) -> fmt.RawRecord:
+    """The tree record of a captured entry: its metadata from the capture, and for a regular
+    file the ``size`` and chunk ``ids`` its data was stored as. ``ValueError`` says why an
+    entry cannot be recorded."""
+    kind = FileKind(entry.kind)
+    target = b""
+    if kind is FileKind.SYMLINK:
+        if entry.target is None:
+            raise ValueError(f"symlink {entry.path!r} has no target")
+        target = encode_path(entry.target)
+    link = b""
+    if entry.link is not None:
+        problem = path_problem(entry.link)
+        if problem is not None or kind is FileKind.DIR:
+            raise ValueError(f"hard link {entry.path!r} to {entry.link!r}: not a link")
+        link = encode_path(entry.link)
+    return fmt.RawRecord(
+        tag=KIND_TAGS[kind],
+        mode=entry.mode,
+        mtime_ns=entry.mtime_ns,
+        size=size,
+        path=encode_path(entry.path),
+        target=target,
+        offset=0,
+        ids=ids,
+        uid=-1 if entry.uid is None else entry.uid,
+        gid=-1 if entry.gid is None else entry.gid,
+        user=_name(entry.user),
+        group=_name(entry.group),
+        rdev=entry.rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
+        link=link,
+        xattrs=tuple(sorted(entry.xattrs)),
+    )
+
+
+def encode_file_entry(entry: FileEntry, size: int = 0, ids: bytes = b"") -> bytes:
+    """:func:`entry_record` encoded as the tree stores it (format version 2)."""
+    return fmt.encode_record(entry_record(entry, size, ids))
 
 
 class TreeWriter:
@@ -101,6 +150,12 @@ def to_public(record: fmt.RawRecord, name: str) -> TreeEntry | Extent:
     problem = path_problem(path)
     if problem is not None:
         raise IntegrityError(name, f"tree entry path {path!r} {problem}")
+    link = None
+    if record.link:
+        link = decode_path(record.link)
+        problem = path_problem(link)
+        if problem is not None:
+            raise IntegrityError(name, f"tree entry {path!r} links to {link!r}, which {problem}")
     return TreeEntry(
         path=path,
         kind=TAG_KINDS[record.tag],
@@ -109,4 +164,11 @@ def to_public(record: fmt.RawRecord, name: str) -> TreeEntry | Extent:
         size=record.size,
         target=decode_path(record.target) if record.tag == fmt.TAG_SYMLINK else None,
         chunks=tuple(record.chunk_ids()),
+        uid=None if record.uid < 0 else record.uid,
+        gid=None if record.gid < 0 else record.gid,
+        user=decode_path(record.user) if record.user else None,
+        group=decode_path(record.group) if record.group else None,
+        rdev=record.rdev,
+        link=link,
+        xattrs=record.xattrs,
     )

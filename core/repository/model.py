@@ -111,15 +111,32 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class TreeEntry:
-    """One file, directory or symlink of a recovery point."""
+    """One entry of a recovery point's file tree: a file, directory, symlink, FIFO, socket
+    or device. ``path``, ``target``, ``link``, ``user`` and ``group`` are surrogate-escaped
+    like :attr:`FileEntry.path <regionvault.core.types.FileEntry.path>`. A point of format
+    version 1 recorded no owners, device numbers, hard links or extended attributes: its
+    entries have the defaults (None, 0, None, ())."""
 
     path: str
     kind: FileKind
+    #: permission bits with set-user-id, set-group-id and sticky
     mode: int
     mtime_ns: int
+    #: a regular file's size (a hard link's too: the size of the file it links to)
     size: int = 0
     target: str | None = None
     chunks: tuple[bytes, ...] = ()
+    #: owner and group by number and by name (None: not recorded)
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    #: a character or block device's number
+    rdev: int = 0
+    #: the earlier path of the same tree this entry is a hard link to (no chunks of its own)
+    link: str | None = None
+    #: extended attributes, POSIX ACLs included, as (name, value) in name order
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
