@@ -15,10 +15,12 @@ from regionvault.core import (
     AmbiguousName,
     CaptureKind,
     ComputeError,
+    EntryProblem,
     FileCapture,
     FileKind,
     Instance,
     InstanceNotFound,
+    IssueKind,
     LaunchSpec,
     Region,
     Tags,
@@ -202,6 +204,7 @@ def test_capture_lists_the_tree_parents_first(east: Region, tmp_path: Path) -> N
             "b/z",
             "dangling",
             "link",
+            "pipe",
         ]
         by_path = {e.path: e for e in entries}
         assert by_path["b"].kind is FileKind.DIR
@@ -211,7 +214,8 @@ def test_capture_lists_the_tree_parents_first(east: Region, tmp_path: Path) -> N
         assert by_path["b/z"].mtime_ns == (data / "b" / "z").stat().st_mtime_ns
         assert (by_path["link"].kind, by_path["link"].target) == (FileKind.SYMLINK, "b/z")
         assert by_path["dangling"].target == "nowhere"
-        assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+        assert by_path["pipe"].kind is FileKind.FIFO
+        assert capture.issues == []
         with capture.open(by_path["a.txt"]) as f:
             assert f.read() == b"alpha"
         with pytest.raises(ComputeError, match="not a regular file"):
@@ -233,16 +237,14 @@ def test_capture_walks_anew_counts_totals_and_goes_deep(east: Region, tmp_path: 
         with east.compute.capture(inst.id) as capture:
             assert isinstance(capture, FileCapture)
             assert capture.totals() == (2, 107)
-            assert capture.skipped == []  # type: ignore[attr-defined]  # counting reports none
             entries = list(capture.entries())
-            assert len(entries) == 1200 + 2  # the directories and two files; no FIFO
-            assert entries[-2].path.endswith("/n/bottom") and entries[-2].size == 7
-            assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
+            assert len(entries) == 1200 + 3  # the directories, two files and the FIFO
+            assert entries[-3].path.endswith("/n/bottom") and entries[-3].size == 7
+            assert capture.issues == []
             # every call lists the tree anew: nothing is held between walks
             (data / "top2").write_bytes(b"u")
             assert [e.path for e in capture.entries()][-2:] == ["top", "top2"]
             assert capture.totals() == (3, 108)
-            assert capture.skipped == [("pipe", "FIFO: not captured")]  # type: ignore[attr-defined]
     finally:
         # bottom up, without recursion: shutil.rmtree (and so pytest's clean-up of old base
         # directories) recurses once per level and would fail on this tree
@@ -269,23 +271,43 @@ def test_capture_walk_passes_over_a_directory_removed_meanwhile(
         assert [e.path for e in walk] == ["b"]
 
 
-def test_capture_reads_files_as_captured(east: Region, tmp_path: Path) -> None:
+def test_capture_opens_only_the_file_it_walked(east: Region, tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.mkdir()
     (data / "app.log").write_text("line 1\n")
     (data / "db").write_text("v1")
+    (data / "gone").write_text("g")
+    (data / "same").write_text("s")
     inst = east.compute.register_instance("x", data)
     capture = east.compute.capture(inst.id)
     assert isinstance(capture, FileCapture)
     entries = {e.path: e for e in capture.entries()}
+    with capture.open(entries["same"]) as f:
+        assert f.read() == b"s"
     with (data / "app.log").open("a") as f:
         f.write("line 2, after the capture\n")
-    with capture.open(entries["app.log"]) as f:
-        assert f.read() == b"line 1\n"  # the size the capture listed
-    (data / "db").unlink()
-    (data / "db").write_text("v")  # replaced by a shorter file
-    with pytest.raises(ComputeError, match="replaced or shrank"):
+    # a grown file is not cut to its old size (a version that never existed): it changed
+    with pytest.raises(EntryProblem, match="changed since it was walked") as grown:
+        capture.open(entries["app.log"])
+    assert grown.value.issue == IssueKind.CHANGED
+    new = data / "db.tmp"
+    new.write_text("v2")
+    new.replace(data / "db")  # how editors and config tools save: same size, new file
+    with pytest.raises(EntryProblem, match="another inode") as replaced:
         capture.open(entries["db"])
+    assert replaced.value.issue == IssueKind.CHANGED
+    (data / "gone").unlink()
+    with pytest.raises(EntryProblem, match="removed") as vanished:
+        capture.open(entries["gone"])
+    assert vanished.value.issue == IssueKind.VANISHED
+    (data / "same").unlink()
+    os.mkfifo(data / "same")  # a FIFO in its place: refused at once, not waited on
+    with pytest.raises(EntryProblem, match="no longer a regular file"):
+        capture.open(entries["same"])
+    now = capture.restat(entries["app.log"])
+    assert now is not None and now.size == len("line 1\nline 2, after the capture\n")
+    assert now.identity is not None and now.identity[:2] == (entries["app.log"].identity or ())[:2]
+    assert capture.restat(entries["gone"]) is None
     capture.close()
 
 

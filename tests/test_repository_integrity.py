@@ -177,7 +177,9 @@ def test_a_newer_format_version_is_refused_by_name(east: Region, tmp_path: Path)
     data = bytearray(path.read_bytes())
     data[4] = fmt.FORMAT_VERSION + 1
     path.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"format version {fmt.FORMAT_VERSION + 1} is newer.*upgrade"):
+    with pytest.raises(
+        IntegrityError, match=rf"format version {fmt.FORMAT_VERSION + 1} is newer.*upgrade"
+    ):
         repo.load_manifest(point_id)
 
 

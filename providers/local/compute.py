@@ -23,10 +23,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
+import errno
+import grp
 import io
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -40,21 +44,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from regionvault.core.errors import AmbiguousName, ComputeError, InstanceNotFound
+from regionvault.core.errors import AmbiguousName, ComputeError, EntryProblem, InstanceNotFound
 from regionvault.core.interfaces import Capture, Compute, FileCapture, FileSink, RestoreSink
 from regionvault.core.types import (
     Capabilities,
+    CaptureIssue,
     CaptureKind,
     FileEntry,
     FileKind,
     Instance,
     InstancePage,
+    IssueKind,
     LaunchSpec,
     Tags,
 )
 from regionvault.providers.local import _fs
 
 __all__ = [
+    "MAX_DIR_FDS",
     "MAX_TAGS",
     "MAX_TAG_KEY",
     "MAX_TAG_VALUE",
@@ -170,164 +177,507 @@ def _reap(pid: int) -> None:
 # --------------------------------------------------------------------------- captures
 
 
-class _Window(io.RawIOBase):
-    """Reads the first ``size`` bytes of a file that has grown since it was captured."""
+#: how a walk opens a directory below the data directory: never through a symlink
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: directory descriptors one walk keeps open at most (one per level of the tree it is in):
+#: deeper, it closes the shallowest and comes back up through "..", checked by inode
+MAX_DIR_FDS = 64
+#: errors that are the machine's, not an entry's: they fail the whole capture
+_FATAL = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+#: errors opening an entry that mean it is no longer what was walked
+_REPLACED = frozenset((errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK))
+#: what the repository format keeps of one entry's extended attributes (names, values and
+#: their lengths); far beyond what Linux filesystems hold
+MAX_XATTR_BYTES = 1 << 20
+_NO_XATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
+_PROC_FD = "/proc/self/fd"
 
-    def __init__(self, f: io.BufferedReader, size: int, label: str) -> None:
-        self._f = f
-        self._left = size
-        self._label = label
+_KINDS = {
+    stat.S_IFREG: FileKind.FILE,
+    stat.S_IFDIR: FileKind.DIR,
+    stat.S_IFLNK: FileKind.SYMLINK,
+    stat.S_IFIFO: FileKind.FIFO,
+    stat.S_IFSOCK: FileKind.SOCKET,
+    stat.S_IFCHR: FileKind.CHARDEV,
+    stat.S_IFBLK: FileKind.BLOCKDEV,
+}
 
-    def readable(self) -> bool:
-        return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = min(len(view), self._left)
-        if want == 0:
-            return 0
-        got = self._f.readinto(view[:want])
-        if not got:
-            raise ComputeError(f"{self._label} shrank while it was being read")
-        self._left -= got
-        return got
+def _raw(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
-    def close(self) -> None:
-        self._f.close()
-        super().close()
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Dir:
+    """A directory the walk is in: its descriptor (None while closed to bound them), its
+    inode, to know it again, and the rest of its listing."""
+
+    __slots__ = ("dev", "fd", "ino", "names", "rel")
+
+    def __init__(self, rel: str, fd: int, st: os.stat_result, names: list[str]) -> None:
+        self.rel = rel
+        self.fd: int | None = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.names: Iterator[str] = iter(names)
+
+
+class _EntryFile(io.FileIO):
+    """A captured file open for reading: an error while reading names the entry."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        super().__init__(fd, "rb", closefd=True)
+        self.entry_path = path
+
+    def _problem(self, exc: OSError) -> EntryProblem:
+        return EntryProblem(
+            self.entry_path, IssueKind.UNREADABLE, f"cannot be read: {exc.strerror or exc}"
+        )
+
+    def readinto(self, buffer: Any) -> int | None:
+        try:
+            return super().readinto(buffer)
+        except OSError as exc:
+            raise self._problem(exc) from None
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            data = super().read(size)
+        except OSError as exc:
+            raise self._problem(exc) from None
+        return b"" if data is None else data  # None only when non-blocking: it is not
 
 
 class LocalFileCapture(FileCapture):
     """The instance's data directory read in place.
 
-    :meth:`entries` walks it anew on each call (parents first, siblings sorted by name),
-    holding one sorted listing per directory level, never the whole tree: directories,
-    regular files and symlinks. Sockets, FIFOs, devices and names that are not valid UTF-8
-    are left out and listed in :attr:`skipped` (as of the latest walk). A local directory has
-    no snapshot, so the capture is as consistent as the workload leaves its files: quiesce it
-    in a ``regionvault_before_capture`` hook for a true point-in-time copy. Without one,
-    :meth:`open` returns exactly the bytes of the listed size of a file that grew since
-    (an appended log reads as it was), and raises :class:`ComputeError` naming a file that
-    was replaced or shrank.
+    What is captured: every entry below the data directory, whatever its name (names are
+    bytes; one that is not UTF-8 is kept, surrogate-escaped in :attr:`FileEntry.path`) and
+    whatever its path's length: directories, regular files, symlinks (their targets),
+    hard links (a file with more than one link is recorded once with its data, and every
+    later path of it as a link to the first), FIFOs, sockets and character and block
+    devices (their device numbers). Each entry carries its permission bits (set-user-id,
+    set-group-id and sticky included), mtime, owner and group by number and by name (None
+    when the number has no name here), and its extended attributes, POSIX ACLs included
+    (``system.posix_acl_access``/``default``); a filesystem without extended attributes
+    gives none. Its ``identity`` is (device, inode, size, mtime, ctime).
+
+    :meth:`entries` walks it anew on each call (parents first, siblings sorted by the bytes
+    of their names) through directory descriptors, never paths, so no path is too long and
+    no symlink is followed; it holds one sorted listing per level, never the whole tree,
+    and at most :data:`MAX_DIR_FDS` descriptors, however deep the tree. A directory that
+    cannot be listed (permission denied, I/O error) is recorded in :attr:`issues` and its
+    entry still yielded; an entry removed while the walk passes is not there. The data
+    directory itself unreadable fails the capture (:class:`ComputeError`).
+
+    A local directory has no snapshot: the capture is not even crash-consistent, because
+    files are read one after another while the workload runs. :meth:`open` refuses a file
+    that is not the one walked, or that changed since (:class:`EntryProblem`, issue
+    "changed"), and the engine re-reads it and checks every entry once more at the end,
+    recording what it could not take whole. Hooks make a workload application-consistent
+    (docs/hooks.md).
     """
 
     def __init__(self, instance: Instance, taken_at: datetime, root: Path) -> None:
         super().__init__(instance, taken_at)
         self.root = root
-        #: ``(path, why)`` of every entry the latest walk left out
-        self.skipped: list[tuple[str, str]] = []
-        self._listing(root)  # an unreadable data directory fails the capture, not the backup
-
-    def _listing(self, directory: Path | str, *, gone_ok: bool = False) -> list[os.DirEntry[str]]:
+        self._users: dict[int, str | None] = {}
+        self._groups: dict[int, str | None] = {}
+        #: guards the directory descriptor kept for :meth:`open` and :meth:`restat`
+        self._dir_lock = threading.Lock()
+        self._dir_parts: tuple[str, ...] | None = None
+        self._dir_fd: int | None = None
+        fd = self._open_root()  # an unreadable data directory fails the capture, not the backup
         try:
-            with os.scandir(directory) as scan:
-                return sorted(scan, key=lambda e: e.name)
-        except FileNotFoundError:
-            if gone_ok:  # removed since its parent was read: it is listed, empty
-                return []
-            raise ComputeError(
-                f"capture of {self.instance.id}: directory {directory} is missing"
-            ) from None
+            self._names(fd, "")
+        finally:
+            os.close(fd)
+
+    # -- the walk ----------------------------------------------------------------------------
+
+    def _error(self, message: str) -> ComputeError:
+        return ComputeError(f"capture of {self.instance.id}: {message}")
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise ComputeError(
-                f"capture of {self.instance.id}: cannot read directory {directory}: {exc.strerror}"
+            raise self._error(
+                f"cannot read data directory {self.root}: {exc.strerror or exc}"
             ) from None
 
-    def _skip(self, path: str, why: str, *, report: bool) -> None:
-        if report:
-            self.skipped.append((path, why))
-            log.info("capture of %s skips %r: %s", self.instance.id, path, why)
+    def _names(self, fd: int, rel: str) -> list[str]:
+        """A directory's names sorted by their bytes (the data directory's failing fails
+        the capture)."""
+        try:
+            names = os.listdir(fd)
+        except OSError as exc:
+            if rel and exc.errno not in _FATAL:
+                raise
+            where = self.root if not rel else f"{self.root}/{rel}"
+            raise self._error(f"cannot read directory {where}: {exc.strerror or exc}") from None
+        names.sort(key=_raw)
+        return names
 
-    def _walk(self, *, report: bool) -> Iterator[FileEntry]:
-        """Every entry, depth first; ``report`` records what is left out in ``skipped``."""
-        # a stack of (relative path, the rest of its sorted listing): no recursion, so a deep
-        # tree cannot exhaust the interpreter's stack
-        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", iter(self._listing(self.root)))]
-        while stack:
-            rel, children = stack[-1]
-            entry = next(children, None)
-            if entry is None:
-                stack.pop()
-                continue
-            path = f"{rel}/{entry.name}" if rel else entry.name
+    def _user(self, uid: int) -> str | None:
+        if uid not in self._users:
             try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                self._skip(path, "name is not valid UTF-8", report=report)
-                continue
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = None
+        return self._users[uid]
+
+    def _group(self, gid: int) -> str | None:
+        if gid not in self._groups:
             try:
-                st = entry.stat(follow_symlinks=False)
+                self._groups[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._groups[gid] = None
+        return self._groups[gid]
+
+    def _xattrs(
+        self, dir_fd: int, name: str, path: str, issues: list[CaptureIssue] | None
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """The entry's extended attributes, not following a symlink. The entry is reached
+        through its directory's descriptor under /proc (Linux has no *xattrat call)."""
+        where = f"{_PROC_FD}/{dir_fd}/{name}"
+        problems: list[str] = []
+        found: list[tuple[bytes, bytes]] = []
+        try:
+            names = os.listxattr(where, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_XATTRS and exc.errno != errno.ENOENT:
+                problems.append(f"its extended attributes cannot be listed: {exc.strerror}")
+            names = []
+        total = 0
+        for xname in sorted(names, key=_raw):
+            try:
+                value = os.getxattr(where, xname, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOENT):  # removed meanwhile
+                    problems.append(f"extended attribute {xname} cannot be read: {exc.strerror}")
+                continue
+            raw = _raw(xname)
+            total += 6 + len(raw) + len(value)
+            if total > MAX_XATTR_BYTES:
+                problems.append(
+                    f"extended attributes beyond {MAX_XATTR_BYTES} bytes are not recorded"
+                )
+                break
+            found.append((raw, value))
+        if issues is not None:
+            issues.extend(CaptureIssue(path, IssueKind.UNREADABLE, p) for p in problems)
+        return tuple(found)
+
+    def _entry(
+        self,
+        dir_fd: int,
+        name: str,
+        path: str,
+        st: os.stat_result,
+        issues: list[CaptureIssue] | None,
+        *,
+        full: bool = True,
+    ) -> FileEntry | None:
+        """The entry ``name`` of the directory ``dir_fd`` as ``st`` (its lstat) describes
+        it; None when it is gone or of a kind no tree records. ``full`` False (counting)
+        leaves out names and extended attributes."""
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+        if kind is None:
+            if issues is not None:
+                issues.append(
+                    CaptureIssue(path, IssueKind.UNREADABLE, "of a kind no backup records")
+                )
+            return None
+        target = None
+        if kind is FileKind.SYMLINK:
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
             except FileNotFoundError:
-                continue  # removed since the directory was read
-            mode, perms, mtime_ns = st.st_mode, stat.S_IMODE(st.st_mode), st.st_mtime_ns
-            if stat.S_ISDIR(mode):
-                yield FileEntry(path=path, kind=FileKind.DIR, mode=perms, mtime_ns=mtime_ns)
-                stack.append((path, iter(self._listing(entry.path, gone_ok=True))))
-            elif stat.S_ISREG(mode):
-                yield FileEntry(
-                    path=path,
-                    kind=FileKind.FILE,
-                    mode=perms,
-                    mtime_ns=mtime_ns,
-                    size=st.st_size,
-                    source=Path(entry.path),
-                )
-            elif stat.S_ISLNK(mode):
-                try:
-                    target = str(Path(entry.path).readlink())
-                except FileNotFoundError:
-                    continue
-                yield FileEntry(
-                    path=path, kind=FileKind.SYMLINK, mode=perms, mtime_ns=mtime_ns, target=target
-                )
+                return None
+            except OSError as exc:
+                if exc.errno in _FATAL:
+                    raise self._error(f"{path!r}: {exc.strerror}") from None
+                if issues is not None:
+                    issues.append(
+                        CaptureIssue(
+                            path, IssueKind.UNREADABLE, f"symlink cannot be read: {exc.strerror}"
+                        )
+                    )
+                return None
+        return FileEntry(
+            path=path,
+            kind=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            mtime_ns=st.st_mtime_ns,
+            size=st.st_size if kind is FileKind.FILE else 0,
+            target=target,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            user=self._user(st.st_uid) if full else None,
+            group=self._group(st.st_gid) if full else None,
+            rdev=st.st_rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
+            xattrs=self._xattrs(dir_fd, name, path, issues) if full else (),
+            identity=_identity(st),
+            source=self.root / path if kind is FileKind.FILE else None,
+        )
+
+    def _enter(
+        self, parent: int, name: str, path: str, st: os.stat_result, issues: list[CaptureIssue]
+    ) -> _Dir | None:
+        """The directory just yielded, open to walk; None (and why, in ``issues``) when it
+        cannot be listed: an entry without its contents."""
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            return None  # removed since it was examined: listed, empty
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{path!r}: {exc.strerror}") from None
+            if exc.errno in _REPLACED:
+                issues.append(CaptureIssue(path, IssueKind.CHANGED, "replaced while walked"))
             else:
-                what = (
-                    "socket"
-                    if stat.S_ISSOCK(mode)
-                    else "FIFO"
-                    if stat.S_ISFIFO(mode)
-                    else "device"
-                    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                    else "special file"
+                issues.append(
+                    CaptureIssue(path, IssueKind.UNREADABLE, f"cannot be listed: {exc.strerror}")
                 )
-                self._skip(path, f"{what}: not captured", report=report)
+            return None
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                issues.append(CaptureIssue(path, IssueKind.CHANGED, "replaced while walked"))
+                os.close(fd)
+                return None
+            return _Dir(path, fd, now, self._names(fd, path))
+        except OSError as exc:
+            os.close(fd)
+            issues.append(
+                CaptureIssue(path, IssueKind.UNREADABLE, f"cannot be listed: {exc.strerror}")
+            )
+            return None
+
+    def _reopen(self, frame: _Dir, child: int | None, issues: list[CaptureIssue]) -> None:
+        """Open again a directory whose descriptor was closed to bound them: through ".."
+        of the child just finished, or else down from the data directory by name; either
+        must be the same directory (inode), or the rest of it is not walked."""
+        fd = None
+        if child is not None:
+            with contextlib.suppress(OSError):
+                fd = self._same(os.open("..", _DIR_FLAGS, dir_fd=child), frame)
+        if fd is None:
+            fd = self._open_down(tuple(frame.rel.split("/")) if frame.rel else ())
+            if fd is not None:
+                fd = self._same(fd, frame)
+        if fd is None:
+            frame.names = iter(())
+            issues.append(
+                CaptureIssue(
+                    frame.rel or ".",
+                    IssueKind.CHANGED,
+                    "moved while walked: the rest of the directory is not in the point",
+                )
+            )
+        frame.fd = fd
+
+    @staticmethod
+    def _same(fd: int, frame: _Dir) -> int | None:
+        """``fd`` if it is the directory ``frame`` (closed and None if not)."""
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (frame.dev, frame.ino):
+            return fd
+        os.close(fd)
+        return None
+
+    def _open_down(self, parts: tuple[str, ...]) -> int | None:
+        """A descriptor of the directory ``parts`` below the data directory, opened one name
+        at a time (no path length limit, no symlink followed); None if it is not there."""
+        try:
+            return self._descend(parts)
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{'/'.join(parts)!r}: {exc.strerror}") from None
+            return None
+
+    def _descend(self, parts: tuple[str, ...]) -> int:
+        """A descriptor of the directory ``parts`` below the data directory, opened one
+        name at a time; ``OSError`` of the first that cannot be opened."""
+        fd = self._open_root()
+        try:
+            for part in parts:
+                below = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = below
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _walk(self, issues: list[CaptureIssue] | None, *, full: bool = True) -> Iterator[FileEntry]:
+        """Every entry, depth first; what it cannot take goes to ``issues`` (if given)."""
+        found: list[CaptureIssue] = [] if issues is None else issues
+        #: (device, inode) -> first path, of the entries with more than one link
+        links: dict[tuple[int, int], str] = {}
+        root = self._open_root()
+        try:
+            stack = [_Dir("", root, os.fstat(root), self._names(root, ""))]
+        except BaseException:
+            os.close(root)
+            raise
+        # the directories at stack[first_open:] have a descriptor, the shallower ones not
+        first_open = 0
+        try:
+            while stack:
+                top = stack[-1]
+                name = next(top.names, None)
+                if name is None:
+                    stack.pop()
+                    if stack and first_open == len(stack):
+                        self._reopen(stack[-1], top.fd, found)
+                        first_open -= 1
+                    if top.fd is not None:
+                        os.close(top.fd)
+                    continue
+                assert top.fd is not None
+                path = f"{top.rel}/{name}" if top.rel else name
+                try:
+                    st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since the directory was listed
+                except OSError as exc:
+                    if exc.errno in _FATAL:
+                        raise self._error(f"{path!r}: {exc.strerror}") from None
+                    found.append(
+                        CaptureIssue(
+                            path, IssueKind.UNREADABLE, f"cannot be examined: {exc.strerror}"
+                        )
+                    )
+                    continue
+                entry = self._entry(top.fd, name, path, st, issues, full=full)
+                if entry is None:
+                    continue
+                if entry.kind is not FileKind.DIR and st.st_nlink > 1:
+                    first = links.setdefault((st.st_dev, st.st_ino), path)
+                    if first != path:
+                        entry = dataclasses.replace(entry, link=first)
+                yield entry
+                if entry.kind is FileKind.DIR:
+                    below = self._enter(top.fd, name, path, st, found)
+                    if below is not None:
+                        stack.append(below)
+                        if len(stack) - first_open > MAX_DIR_FDS:
+                            shallow = stack[first_open]
+                            if shallow.fd is not None:
+                                os.close(shallow.fd)
+                            shallow.fd = None
+                            first_open += 1
+        finally:
+            for frame in stack:
+                if frame.fd is not None:
+                    os.close(frame.fd)
 
     def entries(self) -> Iterator[FileEntry]:
-        self.skipped = []
-        return self._walk(report=True)
+        self.issues = []
+        return self._walk(self.issues)
 
     def totals(self) -> tuple[int, int]:
         """The same walk as :meth:`entries`, reading no file (its listings are then in the
         kernel's cache): cheap next to reading the files, and it holds nothing."""
         files = size = 0
-        for entry in self._walk(report=False):
-            if entry.kind is FileKind.FILE:
+        for entry in self._walk(None, full=False):
+            if entry.kind is FileKind.FILE and entry.link is None:
                 files += 1
                 size += entry.size
         return files, size
 
-    def open(self, entry: FileEntry) -> BinaryIO:
-        label = f"{self.instance.id}: {entry.path!r}"
-        if entry.kind is not FileKind.FILE:
-            raise ComputeError(f"{label} is a {entry.kind.value}, not a regular file")
+    # -- reading -------------------------------------------------------------------------------
+
+    def _parts(self, entry: FileEntry) -> list[str]:
         parts = entry.path.split("/")
         if entry.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise ComputeError(f"{label}: not a path inside the capture")
+            raise self._error(f"{entry.path!r}: not a path inside the capture")
+        return parts
+
+    def _parent_fd(self, parts: tuple[str, ...]) -> int:
+        """Under ``_dir_lock``: the descriptor of the directory ``parts``, kept for the next
+        call (files are opened in walk order, so mostly one directory after another).
+        ``OSError`` of the first name that cannot be opened."""
+        fd = self._dir_fd
+        if fd is None or self._dir_parts != parts:
+            self._drop_dir()
+            fd = self._descend(parts)
+            self._dir_parts, self._dir_fd = parts, fd
+        return fd
+
+    def _drop_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+        self._dir_parts = self._dir_fd = None
+
+    def _problem(self, entry: FileEntry, exc: OSError) -> ComputeError:
+        if exc.errno in _FATAL:
+            return self._error(f"{entry.path!r}: {exc.strerror}")
+        if exc.errno == errno.ENOENT:
+            return EntryProblem(entry.path, IssueKind.VANISHED, "removed since it was walked")
+        if exc.errno in _REPLACED:
+            return EntryProblem(entry.path, IssueKind.CHANGED, "replaced since it was walked")
+        return EntryProblem(entry.path, IssueKind.UNREADABLE, f"cannot be read: {exc.strerror}")
+
+    def open(self, entry: FileEntry) -> BinaryIO:
+        if entry.kind is not FileKind.FILE:
+            raise self._error(f"{entry.path!r} is a {entry.kind.value}, not a regular file")
+        parts = self._parts(entry)
         try:
-            fd = os.open(self.root / entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with self._dir_lock:
+                # non-blocking: a FIFO put in the file's place must not hang the backup
+                fd = os.open(
+                    parts[-1],
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                    dir_fd=self._parent_fd(tuple(parts[:-1])),
+                )
         except OSError as exc:
-            raise ComputeError(f"{label} cannot be opened: {exc.strerror}") from None
-        f = os.fdopen(fd, "rb")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < entry.size:
-            f.close()
-            raise ComputeError(
-                f"{label} was replaced or shrank since the capture; quiesce the instance "
-                "(regionvault_before_capture hook) and back it up again"
-            )
-        if st.st_size == entry.size:
-            return f
-        return io.BufferedReader(_Window(f, entry.size, label))
+            raise self._problem(entry, exc) from None
+        try:
+            st = os.fstat(fd)
+            problem = None
+            if not stat.S_ISREG(st.st_mode):
+                problem = "replaced since it was walked (no longer a regular file)"
+            elif entry.identity is not None and (st.st_dev, st.st_ino) != entry.identity[:2]:
+                problem = "replaced since it was walked (another inode)"
+            elif (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                problem = (
+                    f"changed since it was walked ({entry.size} bytes then, {st.st_size} now)"
+                    if st.st_size != entry.size
+                    else "changed since it was walked (modified)"
+                )
+            if problem is not None:
+                raise EntryProblem(entry.path, IssueKind.CHANGED, problem)
+            os.set_blocking(fd, True)
+            return _EntryFile(fd, entry.path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def restat(self, entry: FileEntry) -> FileEntry | None:
+        parts = self._parts(entry)
+        try:
+            with self._dir_lock:
+                dir_fd = self._parent_fd(tuple(parts[:-1]))
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                now = self._entry(dir_fd, parts[-1], entry.path, st, None)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._problem(entry, exc) from None
+        if now is None:
+            return None
+        return dataclasses.replace(now, link=entry.link) if entry.link is not None else now
+
+    def close(self) -> None:
+        with self._dir_lock:
+            self._drop_dir()
+        super().close()
 
 
 class LocalFileSink(FileSink):
