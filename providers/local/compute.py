@@ -422,7 +422,6 @@ class LocalFileCapture(FileCapture):
             rdev=st.st_rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
             xattrs=self._xattrs(dir_fd, name, path, issues) if full else (),
             identity=_identity(st),
-            source=self.root / path if kind is FileKind.FILE else None,
         )
 
     def _enter(
