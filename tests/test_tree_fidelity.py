@@ -554,9 +554,16 @@ def test_version1_records_still_decode_with_nothing_recorded_of_the_rest() -> No
         (),
     )
     # a copy of a version 1 point writes its records as version 2, keeping what they hold
-    again = decode(b"".join(_encode_record(r) for r in records))
+    again = decode(b"".join(_encode_record(r, "points/old") for r in records))
     assert again == records
-    assert _encode_record(records[1])[0] == fmt.ENTRY2_FLAG | fmt.TAG_FILE
+    assert _encode_record(records[1], "points/old")[0] == fmt.ENTRY2_FLAG | fmt.TAG_FILE
+    # version 1 wrote a capture's mode as it came: only its permission bits are kept
+    (typed,) = decode(fmt.encode_entry(fmt.TAG_FILE, 0o100644, 1, 0, b"t", b"", b""))
+    assert decode(_encode_record(typed, "points/old"))[0].mode == 0o644
+    # a record that cannot be written is a damaged tree, named
+    (lying,) = decode(fmt.encode_entry(fmt.TAG_DIR, 0o755, 1, 9, b"d", b"", ids))
+    with pytest.raises(IntegrityError, match=r"points/old.*no data"):
+        _encode_record(lying, "points/old")
 
 
 def lie(record: bytes, at: int, form: str, value: int) -> bytes:

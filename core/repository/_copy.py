@@ -172,7 +172,7 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
     parts: list[bytes] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for record in tree_records(store, state.index, pool, manifest):
-            parts.append(_encode_record(record))
+            parts.append(_encode_record(record, fmt.point_name(point_id)))
     point = {
         "format": fmt.FORMAT_VERSION,
         "id": p.id,
@@ -201,10 +201,14 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
     return CopyOffer(point, b"".join(parts))
 
 
-def _encode_record(record: fmt.RawRecord) -> bytes:
-    """Every field of a record, as the current format writes it (a record of a version 1
-    point is written as version 2: it holds the same, with the new fields unrecorded)."""
-    return fmt.encode_record(record)
+def _encode_record(record: fmt.RawRecord, name: str) -> bytes:
+    """Every field of a record of the tree ``name`` (a point, or an offer), as the current
+    format writes it: a record of a version 1 point is written as version 2, holding the
+    same, with the new fields not recorded."""
+    try:
+        return fmt.encode_record(record)
+    except ValueError as exc:
+        raise IntegrityError(name, str(exc)) from None
 
 
 def export_chunks(repo: Repository, chunk_ids: Iterable[bytes]) -> Iterator[ExportedChunk]:
@@ -535,7 +539,7 @@ def commit_copy(
                         region=repo.region,
                     )
                 ids += mine
-            tree.add(_encode_record(_with_ids(record, bytes(ids))))
+            tree.add(_encode_record(_with_ids(record, bytes(ids)), name))
         tree_chunks = tree.finish()
         for writer in writers:
             writer.close()

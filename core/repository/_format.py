@@ -7,6 +7,7 @@ big-endian. Every decode that meets something it cannot trust raises
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import struct
@@ -657,6 +658,9 @@ def encode_record(record: RawRecord) -> bytes:
     every field of :class:`RawRecord`. ``ValueError`` names what cannot be encoded."""
     if record.tag == TAG_EXTENT:
         return encode_extent(record.offset, record.size, record.ids)
+    if record.mode & ~_MODE_BITS:
+        # only the permission bits are a mode here (a version 1 record may hold the type's)
+        record = dataclasses.replace(record, mode=record.mode & _MODE_BITS)
     problem = record_problem(record)
     if problem is not None:
         raise ValueError(f"tree record {record.path[:200]!r}: {problem}")
