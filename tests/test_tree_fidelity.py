@@ -204,8 +204,11 @@ def test_capture_records_xattrs_and_acls(tmp_path: Path) -> None:
         acl = [(b"system.posix_acl_access", ACL)]
     except OSError:
         acl = []  # a filesystem without POSIX ACLs: the user.* attributes are still taken
-    (entry,) = capture(root).entries()
+    cap = capture(root)
+    (entry,) = cap.entries()
     assert list(entry.xattrs) == sorted([(b"user.a", b"1"), (b"user.b", b"2"), *acl])
+    cap._proc = False  # where /proc is not mounted: by path from the data directory
+    assert [e.xattrs for e in cap.entries()] == [entry.xattrs]
 
 
 def listdir_failing(

@@ -290,6 +290,7 @@ class LocalFileCapture(FileCapture):
         self._dir_lock = threading.Lock()
         self._dir_parts: tuple[str, ...] | None = None
         self._dir_fd: int | None = None
+        self._proc = Path(_PROC_FD).is_dir()
         fd = self._open_root()  # an unreadable data directory fails the capture, not the backup
         try:
             self._names(fd, "")
@@ -342,8 +343,9 @@ class LocalFileCapture(FileCapture):
         self, dir_fd: int, name: str, path: str, issues: list[CaptureIssue] | None
     ) -> tuple[tuple[bytes, bytes], ...]:
         """The entry's extended attributes, not following a symlink. The entry is reached
-        through its directory's descriptor under /proc (Linux has no *xattrat call)."""
-        where = f"{_PROC_FD}/{dir_fd}/{name}"
+        through its directory's descriptor under /proc (Linux has no *xattrat call), or by
+        its path where /proc is not mounted."""
+        where = f"{_PROC_FD}/{dir_fd}/{name}" if self._proc else f"{self.root}/{path}"
         problems: list[str] = []
         found: list[tuple[bytes, bytes]] = []
         try:
