@@ -106,7 +106,10 @@ class ParentLookup:
         self._in_order = 0
 
     def _cost(self, record: fmt.RawRecord) -> int:
-        return len(record.ids) + len(record.path) + self._OVERHEAD
+        cost = len(record.ids) + len(record.path) + self._OVERHEAD
+        if record.xattrs:  # a version 2 record's attributes are held with it
+            cost += sum(len(name) + len(value) for name, value in record.xattrs)
+        return cost
 
     def _take(self, path: bytes) -> fmt.RawRecord | None:
         found = self._pending.pop(path, None)
