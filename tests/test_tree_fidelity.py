@@ -18,6 +18,7 @@ import pytest
 from regionvault.core import (
     CaptureIssue,
     ComputeError,
+    EntryProblem,
     FileEntry,
     FileKind,
     IntegrityError,
@@ -382,6 +383,33 @@ def test_a_directory_moved_away_while_closed_is_an_issue_not_a_wrong_walk(
             "moved while walked: the rest of the directory is not in the point",
         )
     ]
+
+
+def test_a_directory_swapped_for_a_symlink_is_never_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not in the data directory")
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"inside")
+    (root / "b").mkdir()
+    (root / "b" / "secret").write_bytes(b"walked")
+    cap = capture(root)
+    walked = {e.path: e for e in cap.entries()}
+    paths = []
+    for entry in cap.entries():
+        paths.append(entry.path)
+        if entry.path == "a":  # walked, not entered yet: a symlink takes its place
+            (root / "a").rename(tmp_path / "a-away")
+            (root / "a").symlink_to(outside)
+    assert paths == ["a", "b", "b/secret"]
+    assert cap.issues == [CaptureIssue("a", IssueKind.CHANGED, "replaced while walked")]
+    # the same after the walk: open() goes down by name and follows no symlink either
+    (root / "b").rename(tmp_path / "b-away")
+    (root / "b").symlink_to(outside)
+    with pytest.raises(EntryProblem, match="replaced since it was walked") as caught:
+        cap.open(walked["b/secret"])
+    assert caught.value.issue == IssueKind.CHANGED
 
 
 # --------------------------------------------------------------------------- the backup
