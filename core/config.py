@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from regionvault.core.plugins import ProviderRegistry
 
 __all__ = [
+    "BUILTIN_HOOKS",
+    "DEFAULT_HOOK_TIMEOUT",
     "SERVICES",
+    "HookConfig",
     "RegionConfig",
     "Replication",
     "ServiceConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "format_duration",
     "load_site",
     "parse_duration",
+    "parse_hooks",
     "parse_site",
 ]
 
@@ -138,6 +142,28 @@ class Replication:
     copy_retention: timedelta | None = None
 
 
+#: hooks regionvault itself provides; a site may not define a hook of the same name
+BUILTIN_HOOKS = frozenset({"sqlite"})
+#: how long one hook command may run when its table sets no ``timeout``
+DEFAULT_HOOK_TIMEOUT = timedelta(minutes=5)
+_HOOK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
+_HOOK_KEYS = ("before", "after", "timeout")
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """A named hook from site.toml (``[hooks.NAME]``): commands run around a capture.
+
+    A command is an argv: a TOML array is run as it is, a TOML string through ``/bin/sh -c``.
+    """
+
+    name: str
+    before: tuple[str, ...] | None = None
+    after: tuple[str, ...] | None = None
+    timeout: timedelta = DEFAULT_HOOK_TIMEOUT
+    source: str = "<memory>"
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     name: str
@@ -148,11 +174,15 @@ class SiteConfig:
     tag_key: str = "backup"
     copy_to_tag_key: str = "backup-copy-to"
     copy_retention_tag_key: str = "backup-copy-keep"
+    #: the tag naming the hooks run around an instance's capture (``backup-hook=sqlite``)
+    hook_tag_key: str = "backup-hook"
     overwrite_tags: bool = False
     tag_interval: timedelta = timedelta(minutes=5)
     schedule_interval: timedelta = timedelta(minutes=5)
     #: where the engine keeps its own run state (job records, drill results)
     state_dir: Path = Path(".regionvault")
+    #: the named hooks of ``[hooks.NAME]`` tables (the built-in ``sqlite`` is not listed)
+    hooks: Mapping[str, HookConfig] = field(default_factory=dict)
     source: str = "<memory>"
 
     def region(self, ref: str) -> RegionConfig:
@@ -186,12 +216,13 @@ _SITE_KEYS = {
     "tag_key": str,
     "copy_to_tag_key": str,
     "copy_retention_tag_key": str,
+    "hook_tag_key": str,
     "overwrite_tags": bool,
     "tag_interval": str,
     "schedule_interval": str,
     "state_dir": str,
 }
-_TOP_KEYS = {"site", "regions", "replication", "policies"}
+_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks"}
 
 
 def _type_name(value: object) -> str:
@@ -235,6 +266,78 @@ def _duration(value: Any, file: str, key: str) -> timedelta:
         raise ConfigError(str(exc), file=file, key=key) from None
 
 
+def _hook_command(value: Any, file: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError("must not be empty", file=file, key=key)
+        return ("/bin/sh", "-c", value)
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError("must not be an empty array", file=file, key=key)
+        for i, arg in enumerate(value):
+            if not isinstance(arg, str):
+                raise ConfigError(
+                    f"must be an array of strings, got {_type_name(arg)} {arg!r} at [{i}]",
+                    file=file,
+                    key=key,
+                )
+        if not value[0]:
+            raise ConfigError("the program (first element) must not be empty", file=file, key=key)
+        return tuple(value)
+    raise ConfigError(
+        f"must be a string (run by /bin/sh) or an array (an argv), got {_type_name(value)}",
+        file=file,
+        key=key,
+    )
+
+
+def parse_hooks(table: Any, file: str) -> dict[str, HookConfig]:
+    """The ``[hooks.NAME]`` tables of a site file; :class:`ConfigError` names the key."""
+    _expect(table, dict, file, "hooks")
+    hooks: dict[str, HookConfig] = {}
+    for name, body in table.items():
+        key = f"hooks.{name}"
+        if not _HOOK_NAME.fullmatch(name):
+            raise ConfigError(
+                "a hook name starts with a letter and has only letters, digits, '_', '.' and "
+                "'-' (at most 63 characters)",
+                file=file,
+                key=key,
+            )
+        if name in BUILTIN_HOOKS or name.lower() == "none":
+            raise ConfigError(
+                f"{name!r} is {'a built-in hook' if name in BUILTIN_HOOKS else 'reserved'}; "
+                "give yours another name",
+                file=file,
+                key=key,
+            )
+        _expect(body, dict, file, key)
+        for k in body:
+            if k not in _HOOK_KEYS:
+                raise ConfigError(
+                    f"unknown key (expected {', '.join(_HOOK_KEYS)})", file=file, key=f"{key}.{k}"
+                )
+        if "before" not in body and "after" not in body:
+            raise ConfigError("needs a before or an after command (or both)", file=file, key=key)
+        timeout = DEFAULT_HOOK_TIMEOUT
+        if "timeout" in body:
+            _expect(body["timeout"], str, file, f"{key}.timeout")
+            try:
+                timeout = parse_duration(body["timeout"], bare_unit="s")
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, key=f"{key}.timeout") from None
+        hooks[name] = HookConfig(
+            name=name,
+            before=_hook_command(body["before"], file, f"{key}.before")
+            if "before" in body
+            else None,
+            after=_hook_command(body["after"], file, f"{key}.after") if "after" in body else None,
+            timeout=timeout,
+            source=file,
+        )
+    return hooks
+
+
 def parse_site(
     data: Mapping[str, Any],
     *,
@@ -273,6 +376,8 @@ def parse_site(
     for name, value in policies_table.items():
         _expect(value, str, source, f"policies.{name}")
         policies[name] = value
+
+    hooks = parse_hooks(data.get("hooks", {}), source)
 
     regions_table = data.get("regions", {})
     _expect(regions_table, dict, source, "regions")
@@ -370,7 +475,13 @@ def parse_site(
         kwargs["state_dir"] = state if state.is_absolute() else base / state
     else:
         kwargs["state_dir"] = base / ".regionvault"
-    for key in ("tag_key", "copy_to_tag_key", "copy_retention_tag_key", "default_policy"):
+    for key in (
+        "tag_key",
+        "copy_to_tag_key",
+        "copy_retention_tag_key",
+        "hook_tag_key",
+        "default_policy",
+    ):
         if key in site_values and not site_values[key].strip():
             raise ConfigError("must not be empty", file=source, key=f"site.{key}")
     site = SiteConfig(
@@ -378,6 +489,7 @@ def parse_site(
         regions=regions,
         replication=tuple(replication),
         policies=policies,
+        hooks=hooks,
         source=source,
         **site_values,
         **kwargs,

@@ -45,6 +45,7 @@ from regionvault.core.errors import (
     RetentionLocked,
     TransitError,
 )
+from regionvault.core.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.interfaces import BlockSink, FileSink, RestoreSink
 from regionvault.core.jobs import (
     BACKUP,
@@ -72,7 +73,7 @@ from regionvault.core.jobs import (
     slot_of,
     tag_job,
 )
-from regionvault.core.policy import resolve_policy
+from regionvault.core.policy import instance_hooks, resolve_policy
 from regionvault.core.repository import Repository, RepositorySettings
 from regionvault.core.scheduler import ScheduleReport, due_instances
 from regionvault.core.state import DrillRecord, StateStore
@@ -359,31 +360,45 @@ class Engine:
             tags[SLOT_TAG] = slot_text
         now = self.clock()
         expires = now + policy.retention if policy is not None else None
+        hooks = HookRun(
+            instance_hooks(inst, self.site.config),
+            self.site.config.hooks,
+            inst,
+            region=home.name,
+            work_root=self.site.config.state_dir / HOOK_WORK_DIR,
+        )
         self._hook("regionvault_before_capture", region=home.name, instance=inst)
-        capture = home.compute.capture(inst.id)
-        error: BaseException | None = None
-        try:
-            point = repo.backup(
-                capture,
-                instance=replace(inst, tags=Tags(tags)),
-                policy=policy.spec if policy is not None else None,
-                expires_at=expires,
-                progress=progress,
-            )
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
+        with hooks:
+            # the site's hooks nest inside the plugins' before/after_capture: their befores
+            # run after the plugins', their afters before the plugins' (docs/hooks.md)
+            hooks.before()
+            capture = home.compute.capture(inst.id)
+            error: BaseException | None = None
             try:
-                self._hook(
-                    "regionvault_after_capture",
-                    region=home.name,
-                    instance=inst,
-                    capture=capture,
-                    error=error,
+                hooks.captured(capture)
+                point = repo.backup(
+                    hooks.wrap(capture),
+                    instance=replace(inst, tags=Tags(tags)),
+                    policy=policy.spec if policy is not None else None,
+                    expires_at=expires,
+                    progress=progress,
+                    before_commit=hooks.before_commit,
                 )
+            except BaseException as exc:
+                error = exc
+                hooks.after(failed=True)  # still inside the plugins' after_capture
+                raise
             finally:
-                capture.close()
+                try:
+                    self._hook(
+                        "regionvault_after_capture",
+                        region=home.name,
+                        instance=inst,
+                        capture=capture,
+                        error=error,
+                    )
+                finally:
+                    capture.close()
         self._hook("regionvault_after_backup", region=home.name, recovery_point=point)
         return point
 

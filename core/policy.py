@@ -20,6 +20,11 @@ kept. Without them, copies go where the site's replication pairs say, kept for t
 ``copy_retention``, else for the policy's own ``R``. An instance without a policy tag gets the
 site's default policy.
 
+``backup-hook=sqlite,postgres`` (key :attr:`SiteConfig.hook_tag_key`) names the hooks run
+around the instance's capture, in that order: the built-in ``sqlite``, or ``[hooks.NAME]``
+tables of site.toml (docs/hooks.md); ``none`` is none. An unknown name fails that
+instance's backup.
+
 Bad values raise :class:`PolicyError` with the value quoted (long values truncated) and the
 reason; the tagger and scheduler report it per instance and carry on.
 """
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from regionvault.core.config import MAX_DURATION, format_duration
+from regionvault.core.config import BUILTIN_HOOKS, MAX_DURATION, format_duration
 from regionvault.core.errors import ConfigError, PolicyError
 from regionvault.core.types import RegionId
 
@@ -47,9 +52,11 @@ __all__ = [
     "CopyTarget",
     "Policy",
     "check_site_policies",
+    "instance_hooks",
     "parse_copy_retention",
     "parse_copy_to",
     "parse_duration_part",
+    "parse_hook_names",
     "parse_policy",
     "parse_spec",
     "quote_value",
@@ -444,6 +451,55 @@ def resolve_policy(instance: Instance, site: SiteConfig) -> Policy | None:
     )
 
 
+def _hook_names(value: str, site: SiteConfig) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {type(value).__name__}")
+    if value.strip().lower() == NONE:
+        return ()
+    names: list[str] = []
+    for part in value.split(","):
+        name = part.strip()
+        if not name:
+            raise _Invalid("has an empty hook name (names are comma-separated)")
+        if name not in BUILTIN_HOOKS and name not in site.hooks:
+            known = ", ".join(sorted(BUILTIN_HOOKS | set(site.hooks)))
+            raise _Invalid(
+                f"names unknown hook {quote_value(name)} (known: {known}; define it as "
+                f"[hooks.{name}] in {site.source})"
+            )
+        if name in names:
+            raise _Invalid(f"names hook {quote_value(name)} twice")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_hook_names(value: str, *, site: SiteConfig) -> tuple[str, ...]:
+    """The hook names of a ``backup-hook`` tag value (``sqlite,postgres``), each built in or
+    defined in ``site``; ``none`` is none. :class:`PolicyError` naming what is wrong."""
+    try:
+        return _hook_names(value, site)
+    except _Invalid as exc:
+        raise PolicyError(f"hooks {quote_value(value)}{_join(exc.reason)}") from None
+
+
+def instance_hooks(instance: Instance, site: SiteConfig) -> tuple[str, ...]:
+    """The hooks the instance's hook tag names, in order; none without the tag.
+    :class:`PolicyError` names the instance, the tag, its value and what is wrong."""
+    value = instance.tags.get(site.hook_tag_key)
+    if value is None:
+        return ()
+    try:
+        return _hook_names(value, site)
+    except _Invalid as exc:
+        where = f"instance {instance.id}" + (
+            f" ({instance.name})" if instance.name and instance.name != instance.id else ""
+        )
+        raise PolicyError(
+            f"{where}: tag {site.hook_tag_key}={quote_value(value)}{_join(exc.reason)}",
+            region=instance.region,
+        ) from None
+
+
 def check_site_policies(site: SiteConfig) -> None:
     """Check a site's named policies, default policy and policy tag keys.
 
@@ -483,6 +539,7 @@ def check_site_policies(site: SiteConfig) -> None:
         "tag_key": site.tag_key,
         "copy_to_tag_key": site.copy_to_tag_key,
         "copy_retention_tag_key": site.copy_retention_tag_key,
+        "hook_tag_key": site.hook_tag_key,
     }
     seen: dict[str, str] = {}
     for setting, tag in keys.items():

@@ -1,0 +1,535 @@
+"""Site hooks around a capture: ``[hooks.NAME]`` in site.toml, the ``backup-hook`` tag, the
+built-in ``sqlite`` hook (docs/hooks.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, load_site, parse_site
+from regionvault.core.errors import ConfigError, PolicyError
+from regionvault.core.hooks import (
+    HOOK_WORK_DIR,
+    SQLITE_HEADER,
+    HookFailed,
+    HookRun,
+    remove_stale_runs,
+)
+from regionvault.core.pipeline import Engine
+from regionvault.core.plugins import make_plugin_manager, registry_from
+from regionvault.core.policy import parse_hook_names
+from regionvault.core.repository import RepositorySettings
+from regionvault.core.site import Region, Site
+from regionvault.core.types import Instance, IssueKind, Tags
+from regionvault.providers.local import plugin as local_plugin
+
+SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
+
+SITE_HEAD = """\
+[site]
+name = "hooks"
+
+[regions."local:east"]
+root = "east"
+"""
+
+
+def write_site(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "site" / "site.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(SITE_HEAD + extra)
+    return path
+
+
+def open_site(path: Path) -> Site:
+    pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin])
+    registry = registry_from(pm)
+    return Site(load_site(path, registry=registry), registry=registry, plugin_manager=pm)
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Iterator[Any]:
+    """``make_engine(extra_toml) -> (engine, east)`` over a one-region local site."""
+    sites: list[Site] = []
+
+    def make(extra: str = "") -> tuple[Engine, Region]:
+        site = open_site(write_site(tmp_path, extra))
+        sites.append(site)
+        return Engine(site, settings=SETTINGS), site.region("east")
+
+    yield make
+    for site in sites:
+        site.close()
+
+
+def add(region: Region, tmp_path: Path, name: str = "db-1", **tags: str) -> Instance:
+    data = tmp_path / "data" / name
+    data.mkdir(parents=True)
+    (data / "conf.txt").write_text("state\n")
+    return region.compute.register_instance(name, data, tags=tags)
+
+
+def work_dir(engine: Engine) -> Path:
+    return engine.site.config.state_dir / HOOK_WORK_DIR
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_hook_tables_parse_strings_through_sh_and_arrays_as_argv() -> None:
+    site = parse_site(
+        {
+            "regions": {"local:east": {"root": "east"}},
+            "hooks": {
+                "pg": {"before": "psql -c 'select 1'", "after": ["/bin/true", "x"]},
+                "quick": {"after": "sync", "timeout": "30"},
+            },
+        },
+        source="site.toml",
+    )
+    pg, quick = site.hooks["pg"], site.hooks["quick"]
+    assert pg.before == ("/bin/sh", "-c", "psql -c 'select 1'")
+    assert pg.after == ("/bin/true", "x")
+    assert pg.timeout == DEFAULT_HOOK_TIMEOUT == timedelta(minutes=5)
+    assert quick.before is None and quick.timeout == timedelta(seconds=30)  # bare = seconds
+    assert site.hook_tag_key == "backup-hook"
+
+
+@pytest.mark.parametrize(
+    ("hooks", "key", "words"),
+    [
+        ({"pg": {"before": "x", "stop": "y"}}, "hooks.pg.stop", "unknown key"),
+        ({"pg": {"timeout": "5m"}}, "hooks.pg", "needs a before or an after"),
+        ({"pg": {"before": ""}}, "hooks.pg.before", "must not be empty"),
+        ({"pg": {"before": []}}, "hooks.pg.before", "empty array"),
+        ({"pg": {"before": ["ok", 3]}}, "hooks.pg.before", "array of strings"),
+        ({"pg": {"before": 3}}, "hooks.pg.before", "must be a string"),
+        ({"pg": {"before": "x", "timeout": "soon"}}, "hooks.pg.timeout", "not a duration"),
+        ({"pg": {"before": "x", "timeout": 5}}, "hooks.pg.timeout", "must be a string"),
+        ({"pg": "pg_ctl"}, "hooks.pg", "must be a table"),
+        ({"sqlite": {"before": "x"}}, "hooks.sqlite", "built-in hook"),
+        ({"none": {"before": "x"}}, "hooks.none", "reserved"),
+        ({"1pg": {"before": "x"}}, "hooks.1pg", "starts with a letter"),
+    ],
+)
+def test_bad_hook_tables_are_refused_naming_file_and_key(
+    hooks: dict[str, Any], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_site({"regions": {"local:east": {"root": "e"}}, "hooks": hooks}, source="site.toml")
+    message = str(info.value)
+    assert message.startswith(f"site.toml: {key}: "), message
+    assert words in message
+
+
+def test_hook_tag_names_are_checked_against_the_site() -> None:
+    site = parse_site(
+        {"regions": {"local:east": {"root": "e"}}, "hooks": {"pg": {"before": "x"}}},
+        source="site.toml",
+    )
+    assert parse_hook_names("sqlite, pg", site=site) == ("sqlite", "pg")
+    assert parse_hook_names("none", site=site) == ()
+    for value, words in [
+        ("pg,mysql", "unknown hook 'mysql' (known: pg, sqlite"),
+        ("pg,,sqlite", "empty hook name"),
+        ("pg,pg", "names hook 'pg' twice"),
+    ]:
+        with pytest.raises(PolicyError) as info:
+            parse_hook_names(value, site=site)
+        assert words in str(info.value)
+
+
+def test_an_unknown_hook_in_the_tag_fails_that_backup_naming_tag_and_value(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite,mysql"})
+    with pytest.raises(PolicyError) as info:
+        engine.backup(inst.id)
+    message = str(info.value)
+    assert "tag backup-hook='sqlite,mysql'" in message and inst.id in message
+    assert "unknown hook 'mysql'" in message and "\n" not in message
+    assert engine.repository("east").points() == []
+
+
+# --------------------------------------------------------------------------- running
+
+
+def logging_hooks(log: Path, *names: str, fail_before: str = "", fail_after: str = "") -> str:
+    """[hooks.NAME] tables whose steps append "before NAME" / "after NAME" to ``log``."""
+    out = []
+    for name in names:
+        before = f"echo before {name} >> {log}" + (
+            "; echo 'no quorum' >&2; exit 3" if name == fail_before else ""
+        )
+        after = f"echo after {name} $REGIONVAULT_BACKUP_STATUS >> {log}" + (
+            "; echo 'thaw refused' >&2; exit 4" if name == fail_after else ""
+        )
+        out.append(f'[hooks.{name}]\nbefore = "{before}"\nafter = "{after}"\ntimeout = "20s"\n')
+    return "\n".join(out)
+
+
+def test_befores_run_in_order_and_afters_in_reverse_before_the_commit(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "order.log"
+    engine, east = make_engine(logging_hooks(log, "a", "b", "c"))
+    inst = add(east, tmp_path, **{"backup-hook": "c,a,b"})
+    point = engine.backup(inst.id)
+    assert log.read_text().splitlines() == [
+        "before c",
+        "before a",
+        "before b",
+        "after b ok",
+        "after a ok",
+        "after c ok",
+    ]
+    assert point.issues == 0
+    assert list(work_dir(engine).iterdir()) == []  # the run's private directory is gone
+
+
+def test_a_failing_before_fails_the_backup_in_one_line_and_commits_nothing(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "order.log"
+    engine, east = make_engine(logging_hooks(log, "a", "b", "c", fail_before="b"))
+    inst = add(east, tmp_path, **{"backup-hook": "a,b,c"})
+    with pytest.raises(HookFailed) as info:
+        engine.backup(inst.id)
+    message = str(info.value)
+    assert message == (f"hook 'b' before for instance {inst.id} (db-1): exit status 3: no quorum")
+    # a's before ran, so its after did (the backup failed); b failed, c never started
+    assert log.read_text().splitlines() == ["before a", "before b", "after a failed"]
+    assert engine.repository("east").points() == []
+
+
+def test_a_failing_after_gives_a_point_with_a_hook_issue(make_engine: Any, tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    engine, east = make_engine(logging_hooks(log, "a", "b", fail_after="b"))
+    inst = add(east, tmp_path, **{"backup-hook": "a,b"})
+    point = engine.backup(inst.id)
+    # the data was taken: the point is committed, and says what went wrong
+    assert point.issues == 1
+    assert log.read_text().splitlines() == ["before a", "before b", "after b ok", "after a ok"]
+    manifest = engine.repository("east").load_manifest(point.id)
+    (issue,) = manifest.issues
+    assert issue.kind is IssueKind.HOOK
+    assert issue.message == (
+        f"hook 'b' after for instance {inst.id} (db-1): exit status 4: thaw refused"
+    )
+    assert [p.issues for p in engine.repository("east").points(inst.id)] == [1]
+
+
+def test_afters_run_when_the_backup_fails_after_the_befores(
+    make_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "order.log"
+    engine, east = make_engine(logging_hooks(log, "a"))
+    inst = add(east, tmp_path, **{"backup-hook": "a"})
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.repository("east"), "backup", broken)
+    with pytest.raises(OSError, match="No space"):
+        engine.backup(inst.id)
+    assert log.read_text().splitlines() == ["before a", "after a failed"]
+
+
+def test_hooks_get_the_documented_environment(make_engine: Any, tmp_path: Path) -> None:
+    dump = tmp_path / "env"
+    dump.mkdir()
+    # an argv (a TOML array), not run through a shell
+    code = (
+        "import json, os, sys; phase = os.environ['REGIONVAULT_HOOK_PHASE']; "
+        "json.dump(dict(os.environ), open(os.path.join(sys.argv[1], phase), 'w')); "
+        "open(os.path.join(os.environ['REGIONVAULT_HOOK_DIR'], phase), 'w').close()"
+    )
+    argv = json.dumps([sys.executable, "-c", code, str(dump)])
+    engine, east = make_engine(f"[hooks.envdump]\nbefore = {argv}\nafter = {argv}\n")
+    inst = add(east, tmp_path, **{"backup-hook": "envdump", "role": "hlr"})
+    engine.backup(inst.id)
+    before = json.loads((dump / "before").read_text())
+    after = json.loads((dump / "after").read_text())
+    for env in (before, after):
+        assert env["REGIONVAULT_INSTANCE_ID"] == inst.id
+        assert env["REGIONVAULT_INSTANCE_NAME"] == "db-1"
+        assert env["REGIONVAULT_REGION"] == "local:east"
+        assert env["REGIONVAULT_DATA_DIR"] == str((tmp_path / "data" / "db-1").resolve())
+        assert env["REGIONVAULT_HOOK_NAME"] == "envdump"
+        assert json.loads(env["REGIONVAULT_INSTANCE_TAGS"])["role"] == "hlr"
+        assert "PATH" in env  # the service's own environment is passed on
+    assert (before["REGIONVAULT_HOOK_PHASE"], after["REGIONVAULT_HOOK_PHASE"]) == (
+        "before",
+        "after",
+    )
+    assert "REGIONVAULT_BACKUP_STATUS" not in before
+    assert after["REGIONVAULT_BACKUP_STATUS"] == "ok"
+    # one private directory shared by a hook's before and after, removed after the backup
+    hook_dir = Path(before["REGIONVAULT_HOOK_DIR"])
+    assert after["REGIONVAULT_HOOK_DIR"] == str(hook_dir)
+    assert hook_dir.is_relative_to(work_dir(engine)) and not hook_dir.exists()
+
+
+def test_a_cloud_instance_gets_an_empty_data_dir_and_the_sqlite_hook_refuses_it(
+    tmp_path: Path,
+) -> None:
+    dump = tmp_path / "env.json"
+    site = parse_site(
+        {
+            "regions": {"aws:us-east-1": {}},
+            "hooks": {"dump": {"before": f"env > {dump}"}},
+        },
+        source="site.toml",
+    )
+    vm = Instance(id="i-0abc", name="vm", region="aws:us-east-1", tags=Tags())
+    with HookRun(["dump"], site.hooks, vm, region="aws:us-east-1", work_root=tmp_path / "w") as run:
+        run.before()
+    assert "REGIONVAULT_DATA_DIR=\n" in dump.read_text()
+    with (
+        pytest.raises(HookFailed, match=r"'sqlite' before .* no local data directory"),
+        HookRun(["sqlite"], {}, vm, region="aws:us-east-1", work_root=tmp_path / "w") as run,
+    ):
+        run.before()
+
+
+def test_a_hook_past_its_timeout_is_killed_with_its_whole_process_group(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "child.pid"
+    before = f"sleep 300 & echo $! > {pid_file}; echo 'still waiting' >&2; wait"
+    engine, east = make_engine(f'[hooks.slow]\nbefore = "{before}"\ntimeout = "1s"\n')
+    inst = add(east, tmp_path, **{"backup-hook": "slow"})
+    with pytest.raises(HookFailed) as info:
+        engine.backup(inst.id)
+    assert str(info.value) == (
+        f"hook 'slow' before for instance {inst.id} (db-1): timed out after 1s (killed): "
+        "still waiting"
+    )
+    child = int(pid_file.read_text())
+    for _ in range(200):  # bounded: the kill is sent before backup() returns
+        if not _running(child):
+            break
+        time.sleep(0.05)
+    assert not _running(child)
+    assert engine.repository("east").points() == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_stale_run_directories_of_a_killed_backup_are_removed(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    root = work_dir(engine)
+    root.mkdir(parents=True)
+    # a run killed with -9: its directory and lock file stay, and nobody holds the lock
+    stale = root / "999-dead"
+    (stale / "sqlite").mkdir(parents=True)
+    (stale / "sqlite" / "0.db").write_bytes(b"x" * 1000)
+    (root / "999-dead.lock").touch()
+    # a live run's lock is held: its directory stays
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.mkdir(sys.argv[2]); print(flush=True); "
+            "time.sleep(60)",
+            str(root / "1-live.lock"),
+            str(root / "1-live"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert live.stdout is not None
+        live.stdout.readline()
+        inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+        engine.backup(inst.id)
+        assert sorted(p.name for p in root.iterdir()) == ["1-live", "1-live.lock"]
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.communicate()
+    assert remove_stale_runs(root) == [root / "1-live"]
+    assert list(root.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- sqlite
+
+
+WRITER = r"""
+import sqlite3, sys, time, os
+path, stop, ready = sys.argv[1], sys.argv[2], sys.argv[3]
+db = sqlite3.connect(path, isolation_level=None, timeout=30)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS counter (n INTEGER PRIMARY KEY, pad BLOB)")
+db.execute("CREATE TABLE IF NOT EXISTS total (k INTEGER PRIMARY KEY, n INTEGER)")
+db.execute("INSERT OR IGNORE INTO total VALUES (1, 0)")
+n = start = db.execute("SELECT n FROM total").fetchone()[0]
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline and n < 200000:
+    n += 1
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO counter VALUES (?, randomblob(3000))", (n,))
+    db.execute("UPDATE total SET n = ?", (n,))
+    if n % 7 == 0:  # rewrite old pages too, so the database is not only appended
+        db.execute("UPDATE counter SET pad = randomblob(3000) WHERE n = ?", (n // 2,))
+    db.execute("COMMIT")
+    if n - start == 300:
+        open(ready, "w").close()
+db.close()
+"""
+
+
+def _check_restored(db_path: Path) -> int:
+    db = sqlite3.connect(db_path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        rows = [n for (n,) in db.execute("SELECT n FROM counter ORDER BY n")]
+        (total,) = db.execute("SELECT n FROM total").fetchone()
+    finally:
+        db.close()
+    # a committed state: rows 1..total, each transaction whole
+    assert rows == list(range(1, total + 1))
+    return total
+
+
+def test_a_live_sqlite_writer_backs_up_consistent_with_the_sqlite_hook(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    (data / "state").mkdir()
+    db_path = data / "state" / "hlr.db"
+    totals = []
+    for trial in range(5):
+        stop, ready = tmp_path / f"stop-{trial}", tmp_path / f"ready-{trial}"
+        argv = [sys.executable, "-c", WRITER, str(db_path), str(stop), str(ready)]
+        writer = subprocess.Popen(argv)
+        try:
+            for _ in range(600):  # bounded: at most 30 s for 300 transactions
+                if ready.exists() or writer.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert ready.exists(), "the writer did not start"
+            point = engine.backup(inst.id)
+            assert writer.poll() is None, "the writer must still be writing after the backup"
+        finally:
+            stop.touch()
+            writer.wait(timeout=60)
+        assert point.issues == 0
+        target = tmp_path / f"restore-{trial}"
+        engine.restore(point.id, region="east", target=target)
+        restored = target / "state"
+        # the copy holds what the WAL held: no side files are taken
+        assert sorted(p.name for p in restored.iterdir()) == ["hlr.db"]
+        totals.append(_check_restored(restored / "hlr.db"))
+        assert (target / "conf.txt").read_text() == "state\n"
+    assert all(t >= 300 for t in totals) and totals == sorted(totals)
+    assert list(work_dir(engine).iterdir()) == []  # every copy removed
+
+
+@pytest.mark.parametrize("page_size", [512, 65536])
+def test_sqlite_hook_copies_rollback_journal_databases_of_any_page_size(
+    make_engine: Any, tmp_path: Path, page_size: int
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "app.sqlite")
+    db.execute(f"PRAGMA page_size={page_size}")
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("CREATE TABLE t (x)")
+    db.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+    db.commit()
+    # a transaction in flight: its hot journal must not be taken, nor its changes
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("DELETE FROM t")
+    point = engine.backup(inst.id)
+    db.rollback()
+    db.close()
+    target = tmp_path / "restore"
+    engine.restore(point.id, region="east", target=target)
+    assert sorted(p.name for p in target.iterdir()) == ["app.sqlite", "conf.txt"]
+    restored = sqlite3.connect(target / "app.sqlite")
+    assert restored.execute("PRAGMA page_size").fetchone() == (page_size,)
+    assert restored.execute("SELECT count(*) FROM t").fetchone() == (1000,)
+    restored.close()
+
+
+def test_a_file_with_sqlites_header_that_is_no_database_is_taken_and_named(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    fake = SQLITE_HEADER + bytes(range(256)) * 16
+    (data / "sealed.db").write_bytes(fake)
+    point = engine.backup(inst.id)
+    assert point.issues == 1
+    (issue,) = engine.repository("east").load_manifest(point.id).issues
+    assert issue.path == "sealed.db" and issue.kind is IssueKind.HOOK
+    assert "hook 'sqlite' could not copy it" in issue.message
+    target = tmp_path / "restore"
+    engine.restore(point.id, region="east", target=target)
+    assert (target / "sealed.db").read_bytes() == fake
+
+
+def test_an_incremental_backup_takes_a_database_changed_only_in_its_wal(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "hlr.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")  # changes stay in the WAL
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    engine.backup(inst.id)
+    db.execute("INSERT INTO t VALUES (2)")
+    second = engine.backup(inst.id)
+    db.close()
+    target = tmp_path / "restore"
+    engine.restore(second.id, region="east", target=target)
+    restored = sqlite3.connect(target / "hlr.db")
+    assert restored.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (2,)]
+    restored.close()
+
+
+def test_the_sqlite_hook_runs_with_named_hooks_in_the_tags_order(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "order.log"
+    engine, east = make_engine(logging_hooks(log, "flush"))
+    inst = add(east, tmp_path, **{"backup-hook": "flush,sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "a.db")
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    point = engine.backup(inst.id)
+    assert point.issues == 0
+    assert log.read_text().splitlines() == ["before flush", "after flush ok"]
+
+
+def test_env_of_the_process_is_not_changed_by_hooks() -> None:
+    # hooks get their variables in their own environment, never in the service's
+    assert not any(k.startswith("REGIONVAULT_HOOK") for k in os.environ)
