@@ -378,6 +378,8 @@ import sqlite3, sys, time, os
 path, stop, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 db = sqlite3.connect(path, isolation_level=None, timeout=30)
 db.execute("PRAGMA journal_mode=WAL")
+# frequent checkpoints: a file-by-file copy then tears the database in most trials
+db.execute("PRAGMA wal_autocheckpoint=100")
 db.execute("CREATE TABLE IF NOT EXISTS counter (n INTEGER PRIMARY KEY, pad BLOB)")
 db.execute("CREATE TABLE IF NOT EXISTS total (k INTEGER PRIMARY KEY, n INTEGER)")
 db.execute("INSERT OR IGNORE INTO total VALUES (1, 0)")
@@ -386,10 +388,10 @@ deadline = time.monotonic() + 60
 while not os.path.exists(stop) and time.monotonic() < deadline and n < 200000:
     n += 1
     db.execute("BEGIN IMMEDIATE")
-    db.execute("INSERT INTO counter VALUES (?, randomblob(3000))", (n,))
+    db.execute("INSERT INTO counter VALUES (?, randomblob(20000))", (n,))
     db.execute("UPDATE total SET n = ?", (n,))
     if n % 7 == 0:  # rewrite old pages too, so the database is not only appended
-        db.execute("UPDATE counter SET pad = randomblob(3000) WHERE n = ?", (n // 2,))
+        db.execute("UPDATE counter SET pad = randomblob(20000) WHERE n = ?", (n // 2,))
     db.execute("COMMIT")
     if n - start == 300:
         open(ready, "w").close()
