@@ -535,3 +535,37 @@ def test_the_sqlite_hook_runs_with_named_hooks_in_the_tags_order(
 def test_env_of_the_process_is_not_changed_by_hooks() -> None:
     # hooks get their variables in their own environment, never in the service's
     assert not any(k.startswith("REGIONVAULT_HOOK") for k in os.environ)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_the_backup_command_fails_in_one_line_when_a_before_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+    from regionvault.core.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    assert run("init").exit_code == 0
+    with (tmp_path / "site.toml").open("a") as site:
+        site.write("\n[hooks.quiesce]\nbefore = \"echo frozen; echo 'lock held' >&2; exit 7\"\n")
+    data = tmp_path / "nf-data"
+    data.mkdir()
+    (data / "state").write_text("x")
+    added = run(
+        "instances", "add", "--region", "east", "--name", "nf-1", "--data", str(data),
+        "--tag", "backup-hook=quiesce",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.stderr
+    result = run("backup", "nf-1")
+    assert result.exit_code == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("regionvault: error: hook 'quiesce' before for instance i-")
+    assert line.endswith("(nf-1): exit status 7: lock held")
+    assert run("points").stdout == ""  # nothing committed
