@@ -339,9 +339,11 @@ class SqliteCopies:
             if time.monotonic() >= deadline:
                 raise sqlite3.OperationalError("deadline passed")
 
-        # read-only: the copy never writes the live database (no checkpoint, no recovery)
-        uri = f"file:{_uri_path(db)}?mode=ro"
-        source = sqlite3.connect(uri, uri=True, timeout=_SQLITE_BUSY_WAIT)
+        # an ordinary connection, as any reader of the application's: it takes part in
+        # SQLite's locking (and would recover a crashed writer's hot journal first, as the
+        # application's next reader must); a read-only one would leave -wal and -shm files
+        # behind beside a database no one has open
+        source = sqlite3.connect(f"file:{_uri_path(db)}", uri=True, timeout=_SQLITE_BUSY_WAIT)
         try:
             target = sqlite3.connect(copy)
             try:

@@ -569,3 +569,20 @@ def test_the_backup_command_fails_in_one_line_when_a_before_fails(
     assert line.startswith("regionvault: error: hook 'quiesce' before for instance i-")
     assert line.endswith("(nf-1): exit status 7: lock held")
     assert run("points").stdout == ""  # nothing committed
+
+
+def test_the_sqlite_hook_leaves_the_data_directory_as_it_was(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "closed.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.iterdir())
+    engine.backup(inst.id)
+    after = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.iterdir())
+    assert after == before  # no -wal or -shm left beside a database nobody has open
