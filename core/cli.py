@@ -288,6 +288,9 @@ tag_key = "backup"
 copy_to_tag_key = "backup-copy-to"
 # The tag key saying how long copies are kept.
 copy_retention_tag_key = "backup-copy-keep"
+# The tag key naming the hooks run around an instance's capture: "sqlite" (built in), or
+# [hooks.NAME] tables below, comma-separated.
+hook_tag_key = "backup-hook"
 # true: the tagger replaces explicit policy tags with the default; false: never.
 overwrite_tags = false
 # How often the tagger and the scheduler run: a number with a unit s, m, h, d or w
@@ -300,6 +303,13 @@ state_dir = ".regionvault"
 # Named policies an instance's policy tag may use instead of "F-R":
 # [policies]
 # gold = "12h-30d"
+
+# Commands run around the capture of the instances whose hook tag names them; a string is
+# run by /bin/sh, an array is an argv (docs/hooks.md). The built-in "sqlite" needs none.
+# [hooks.quiesce]
+# before = "my-nf freeze"
+# after = "my-nf thaw"
+# timeout = "5m"
 
 # Regions are named "provider:name". A local region keeps its instances, keys and vault
 # under its root directory.

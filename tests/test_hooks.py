@@ -586,3 +586,32 @@ def test_the_sqlite_hook_leaves_the_data_directory_as_it_was(
     engine.backup(inst.id)
     after = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in data.iterdir())
     assert after == before  # no -wal or -shm left beside a database nobody has open
+
+
+def test_for_a_block_capture_the_afters_run_right_after_the_snapshot(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from regionvault.core.interfaces import BlockCapture
+
+    class Snapshot(BlockCapture):
+        def blocks(self) -> Iterator[tuple[int, bytes]]:
+            return iter(())
+
+    log = tmp_path / "order.log"
+    site = parse_site(
+        {
+            "regions": {"aws:us-east-1": {}},
+            "hooks": {
+                "fs": {"before": f"echo freeze >> {log}", "after": f"echo thaw >> {log}; exit 1"}
+            },
+        },
+        source="site.toml",
+    )
+    vm = Instance(id="i-0abc", name="vm", region="aws:us-east-1")
+    with HookRun(["fs"], site.hooks, vm, region="aws:us-east-1", work_root=tmp_path / "w") as run:
+        run.before()
+        run.captured(Snapshot(vm, datetime.now(UTC), size=0, block_size=512))
+        assert log.read_text().splitlines() == ["freeze", "thaw"]  # held only for the snapshot
+        (issue,) = run.before_commit()  # the failed after still reaches the point
+        assert issue.kind is IssueKind.HOOK and "exit status 1" in issue.message
+    assert log.read_text().splitlines() == ["freeze", "thaw"]  # once only
