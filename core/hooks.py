@@ -77,6 +77,8 @@ _OUTPUT_TAIL = 8192
 _KILL_WAIT = 10.0
 #: a lock file without its run directory is someone's run starting, unless this old
 _ORPHAN_LOCK_AGE = 3600.0
+#: what SQLite says of a file that has its header but is not a database it can read
+_NOT_A_DATABASE = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 #: SQLite's own busy wait per attempt, in seconds; attempts repeat until the deadline
 _SQLITE_BUSY_WAIT = 1.0
 
@@ -303,7 +305,8 @@ class SqliteCopies:
     #: databases that could not be copied: captured as they are, and named in the point
     issues: list[CaptureIssue] = field(default_factory=list)
 
-    def make(self, deadline: float) -> None:
+    def make(self, deadline: float, label: str) -> None:
+        """Copy every database; ``label`` starts the line of a :class:`HookFailed`."""
         self.work_dir.mkdir(mode=0o700, exist_ok=True)
         for number, db in enumerate(_find_databases(self.data_dir)):
             rel = os.path.relpath(db, self.data_dir).replace(os.sep, "/")
@@ -313,11 +316,16 @@ class SqliteCopies:
                 self._copy(db, copy, deadline)
             except sqlite3.DatabaseError as exc:
                 copy.unlink(missing_ok=True)
-                if time.monotonic() >= deadline:
-                    raise HookFailed(
-                        f"hook 'sqlite' before: timed out copying {rel!r} (the database "
-                        f"stayed locked by a writer): {exc}"
-                    ) from None
+                code = getattr(exc, "sqlite_errorcode", None)
+                if code is None or (code & 0xFF) not in _NOT_A_DATABASE:
+                    # the copy's own side (a full disk, an I/O error) or a lock held past
+                    # the deadline: the backup fails rather than take a torn database
+                    why = (
+                        "timed out (a writer kept the database locked)"
+                        if time.monotonic() >= deadline
+                        else str(exc)
+                    )
+                    raise HookFailed(f"{label}: cannot copy {rel!r}: {why}") from None
                 # a file with SQLite's header that SQLite cannot read (damaged, encrypted
                 # past its header): taken as it is, and said so
                 self.issues.append(
@@ -540,7 +548,10 @@ class HookRun:
                 "backup inside the VM from a [hooks.NAME] command)"
             )
         copies = SqliteCopies(self.data_dir, self._dir("sqlite"))
-        copies.make(time.monotonic() + DEFAULT_HOOK_TIMEOUT.total_seconds())
+        copies.make(
+            time.monotonic() + DEFAULT_HOOK_TIMEOUT.total_seconds(),
+            self._label("sqlite", "before"),
+        )
         self.sqlite = copies
         self._early_issues.extend(copies.issues)
         log.info(

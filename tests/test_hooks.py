@@ -615,3 +615,30 @@ def test_for_a_block_capture_the_afters_run_right_after_the_snapshot(tmp_path: P
         (issue,) = run.before_commit()  # the failed after still reaches the point
         assert issue.kind is IssueKind.HOOK and "exit status 1" in issue.message
     assert log.read_text().splitlines() == ["freeze", "thaw"]  # once only
+
+
+def test_a_database_locked_past_the_sqlite_hooks_limit_fails_the_backup(
+    make_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import regionvault.core.hooks as hooks_module
+
+    monkeypatch.setattr(hooks_module, "DEFAULT_HOOK_TIMEOUT", timedelta(seconds=1))
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "busy.db", isolation_level=None)
+    db.execute("CREATE TABLE t (x)")
+    db.execute("BEGIN EXCLUSIVE")  # a rollback-journal writer that keeps its lock
+    db.execute("INSERT INTO t VALUES (1)")
+    try:
+        with pytest.raises(HookFailed) as info:
+            engine.backup(inst.id)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert str(info.value) == (
+        f"hook 'sqlite' before for instance {inst.id} (db-1): cannot copy 'busy.db': "
+        "timed out (a writer kept the database locked)"
+    )
+    assert engine.repository("east").points() == []
+    assert list(work_dir(engine).iterdir()) == []
