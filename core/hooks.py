@@ -37,10 +37,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, HookConfig
+from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, HookConfig, format_duration
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import BlockCapture, Capture, FileCapture
 from regionvault.core.types import CaptureIssue, FileEntry, FileKind, IssueKind
@@ -141,7 +142,7 @@ def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float, 
             _kill_group(proc)
             last = _last_line(_tail(err)) or _last_line(_tail(out))
             raise HookFailed(
-                f"{label}: timed out after {_seconds(timeout)} (killed)"
+                f"{label}: timed out after {format_duration(timedelta(seconds=timeout))} (killed)"
                 + (f": {last}" if last else "")
             ) from None
         except BaseException:
@@ -155,10 +156,6 @@ def run_command(argv: Sequence[str], *, env: Mapping[str, str], timeout: float, 
             how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
             last = _last_line(err_tail) or _last_line(out_tail)
             raise HookFailed(f"{label}: {how}" + (f": {last}" if last else ""))
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
 
 
 # --------------------------------------------------------------------------- work directories
