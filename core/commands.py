@@ -231,7 +231,16 @@ def restore(
     recorded)."""
     if not launch and target is None:
         raise click.UsageError("give --target PATH, or --launch")
-    if target is not None and target.is_dir() and any(target.iterdir()):
+    from regionvault.core.repository import RESTORE_MARKER
+
+    # a target holding a restore's marker is left to the engine: the same restore, run
+    # again after a kill, finishes; any other is refused there, naming the one it holds
+    if (
+        target is not None
+        and target.is_dir()
+        and any(target.iterdir())
+        and not (target / RESTORE_MARKER).is_file()
+    ):
         raise ExpectedError(f"target {target} is not empty: restore into a new or empty directory")
     if target is not None and target.exists() and not target.is_dir():
         raise ExpectedError(
@@ -268,6 +277,10 @@ def restore(
             else round(result.seconds_to_healthy, 3),
             health_error=result.health_error,
         )
+    out["notes"] = list(result.notes)
+    for note in result.notes:
+        # the data is whole: what this machine could not apply is a warning, not a failure
+        _err(f"warning: {note}")
     if as_json:
         print_json(out)
     elif result.instance is None:

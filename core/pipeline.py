@@ -125,6 +125,9 @@ class RestoreResult:
     #: why a launched instance is not healthy (timed out, terminated, health check raised);
     #: the instance is left as it is, never removed by the engine
     health_error: str | None = None
+    #: what the restore could not apply (owners and device nodes when not root, sockets,
+    #: extended attributes the target refuses), one line per kind; the data is whole
+    notes: tuple[str, ...] = ()
 
     @property
     def healthy(self) -> bool:
@@ -543,9 +546,13 @@ class Engine:
         if not launch:
             if target is None:
                 raise RegionVaultError("restore needs a target path, or launch")
-            repo.restore(point.id, Path(target), paths=paths, progress=progress)
+            report = repo.restore(point.id, Path(target), paths=paths, progress=progress)
             return RestoreResult(
-                point, r.name, Path(target), seconds_to_restore=time.monotonic() - started
+                point,
+                r.name,
+                Path(target),
+                seconds_to_restore=time.monotonic() - started,
+                notes=report.notes,
             )
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
@@ -560,7 +567,7 @@ class Engine:
                 raise RegionVaultError(
                     f"{r.name}: compute gave a {type(sink).__name__}, not a FileSink or BlockSink"
                 )
-            repo.restore(point.id, sink, paths=paths, progress=progress)
+            report = repo.restore(point.id, sink, paths=paths, progress=progress)
             if isinstance(sink, BlockSink):
                 sink.commit()
             restored = time.monotonic() - started
@@ -604,7 +611,14 @@ class Engine:
         )
         target_path = sink.root if isinstance(sink, FileSink) else None
         return RestoreResult(
-            point, r.name, target_path, instance, rto, restored, health_error=health_error
+            point,
+            r.name,
+            target_path,
+            instance,
+            rto,
+            restored,
+            health_error=health_error,
+            notes=report.notes,
         )
 
     @staticmethod

@@ -11,6 +11,7 @@ Typical use::
 from __future__ import annotations
 
 from regionvault.core.repository._format import FORMAT_VERSION
+from regionvault.core.repository._restore import MARKER_NAME as RESTORE_MARKER
 from regionvault.core.repository.model import (
     ChunkerParams,
     Extent,
@@ -29,6 +30,7 @@ from regionvault.core.repository.repository import Repository
 
 __all__ = [
     "FORMAT_VERSION",
+    "RESTORE_MARKER",
     "ChunkerParams",
     "Extent",
     "Manifest",

@@ -17,16 +17,21 @@ a :class:`~regionvault.core.repository._pipeline.Fetcher` to a :class:`BlockSink
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import grp
+import json
 import os
+import pwd
 import secrets
-import shutil
 import stat
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from pathlib import Path
+from typing import Any
 
 from regionvault.core.errors import IntegrityError, RegionVaultError
 from regionvault.core.interfaces import BlockSink
@@ -37,9 +42,20 @@ from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import decode_path, path_problem
 from regionvault.core.repository.model import Progress, ProgressCallback
 
-__all__ = ["BlockRestorer", "FileRestorer", "ParallelWriter", "Reporter", "Selection"]
+__all__ = [
+    "MARKER_NAME",
+    "BlockRestorer",
+    "FileRestorer",
+    "Notes",
+    "ParallelWriter",
+    "Reporter",
+    "Selection",
+    "remove_tree",
+]
 
 TEMP_PREFIX = ".rv-tmp-"
+#: a restore into a new or empty directory keeps this file in it until it is complete
+MARKER_NAME = ".rv-restore"
 _PROGRESS_EVERY = 0.2
 #: a BlockSink gets writes of about this size
 _SINK_WRITE = 4 << 20
@@ -50,6 +66,9 @@ _COALESCE_PIECES = 512
 #: writes queued for a file beyond this many bytes wait for its writer (bounds memory)
 _QUEUE_BYTES = 8 << 20
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: directories of the tree kept open at once (each file is made relative to its own)
+_DIR_CACHE = 128
 
 
 class Selection:
@@ -110,9 +129,11 @@ class Reporter:
 
 
 class _Target:
-    """A file being restored at ``path``: created by the first thread that needs it (file
+    """A file being restored as ``path`` in the open directory ``directory`` (a path of
+    its own when ``directory`` is None): created by the first thread that needs it (file
     creation is slow on many filesystems, so it runs in parallel too). With ``final`` set,
-    ``path`` is a temporary name renamed to ``final`` once the file is complete.
+    ``path`` is a temporary name renamed to ``final`` once the file is complete. ``shown``
+    names it in errors and notes.
 
     One thread writes a file at a time (the kernel serializes writes to one file anyway, and
     a thread waiting for that only spins): a thread that finds the file busy queues its
@@ -120,18 +141,30 @@ class _Target:
     the queue is full."""
 
     __slots__ = (
-        "fd", "final", "hole", "lock", "mode", "mtime_ns", "path", "pending", "planned",
-        "queue", "queued", "size", "writing",
+        "directory", "fd", "final", "hole", "lock", "mode", "mtime_ns", "owner", "path",
+        "pending", "planned", "queue", "queued", "shown", "size", "writing", "xattrs",
     )  # fmt: skip
 
     def __init__(
-        self, path: str, final: str | None, size: int, mode: int | None, mtime_ns: int | None
+        self,
+        path: str,
+        final: str | None,
+        size: int,
+        mode: int | None,
+        mtime_ns: int | None,
+        directory: _Dir | None = None,
+        shown: str | None = None,
     ) -> None:
         self.path = path
         self.final = final
         self.size = size
         self.mode = mode
         self.mtime_ns = mtime_ns
+        self.directory = directory
+        self.shown = shown if shown is not None else (final if final is not None else path)
+        #: (uid, gid) to give the file, or None to leave it
+        self.owner: tuple[int, int] | None = None
+        self.xattrs: tuple[tuple[bytes, bytes], ...] = ()
         self.fd = -1
         self.lock = threading.Condition(threading.Lock())
         #: chunk writes handed to the pool and not yet done, plus one while the planner
@@ -193,15 +226,18 @@ class ParallelWriter:
         self._open: set[_Target] = set()
         self._failed = False
         self.bytes_read = 0
+        #: what could not be applied (owners, extended attributes), for the report
+        self.notes = Notes()
 
     # -- planning (calling thread) -------------------------------------------------------
 
     def target(
         self, path: str, final: str | None, size: int, mode: int | None = None,
-        mtime_ns: int | None = None,
+        mtime_ns: int | None = None, directory: _Dir | None = None, shown: str | None = None,
     ) -> _Target:  # fmt: skip
-        """A file to restore at ``path`` (renamed to ``final`` once complete, if given)."""
-        return _Target(path, final, size, mode, mtime_ns)
+        """A file to restore at ``path`` (in ``directory``, renamed to ``final`` once
+        complete, if given); the writer releases ``directory`` when the file is done."""
+        return _Target(path, final, size, mode, mtime_ns, directory, shown)
 
     def add(self, target: _Target, chunk_id: bytes, offset: int) -> int:
         """Plan writing chunk ``chunk_id`` at ``offset`` of ``target``; its length."""
@@ -286,8 +322,9 @@ class ParallelWriter:
             with contextlib.suppress(OSError):
                 os.close(target.fd)
             if target.final is not None:
+                directory = target.directory
                 with contextlib.suppress(OSError):
-                    Path(target.path).unlink()
+                    os.unlink(target.path, dir_fd=None if directory is None else directory.fd)
 
     # -- work (pool threads) ---------------------------------------------------------------
 
@@ -393,11 +430,18 @@ class ParallelWriter:
             if target.fd < 0:
                 with self._lock:  # registered first, so abort() can always clean it up
                     self._open.add(target)
+                directory = target.directory
                 try:
-                    target.fd = os.open(target.path, _CREATE_FLAGS, 0o600)
+                    target.fd = os.open(
+                        target.path,
+                        _CREATE_FLAGS,
+                        0o600,
+                        dir_fd=None if directory is None else directory.fd,
+                    )
                 except OSError as exc:
-                    name = target.final if target.final is not None else target.path
-                    raise RegionVaultError(f"cannot restore {name}: {exc.strerror}") from None
+                    raise RegionVaultError(
+                        f"cannot restore {target.shown}: {exc.strerror}"
+                    ) from None
             return target.fd
 
     def _finish(self, target: _Target) -> None:
@@ -405,38 +449,301 @@ class ParallelWriter:
             return
         if target.fd < 0:
             self._create(target)
+        fd = target.fd
         try:
             if target.hole or target.mode is None:
-                os.ftruncate(target.fd, target.size)  # trailing holes
+                os.ftruncate(fd, target.size)  # trailing holes
+            if target.owner is not None:
+                # before the mode: chown clears the setuid and setgid bits
+                set_owner(self.notes, target.shown, fd, *target.owner)
+            if target.xattrs:
+                # after the last write and the chown, which clear security.capability
+                set_xattrs(self.notes, target.shown, fd, target.xattrs)
             if target.mode is not None:
-                os.fchmod(target.fd, stat.S_IMODE(target.mode))
+                os.fchmod(fd, stat.S_IMODE(target.mode))
             if target.mtime_ns is not None:
-                os.utime(target.fd, ns=(target.mtime_ns, target.mtime_ns))
+                os.utime(fd, ns=(target.mtime_ns, target.mtime_ns))
             if target.mode is None:
-                os.fsync(target.fd)  # an image: durable before it is in place
+                os.fsync(fd)  # an image: durable before it is in place
         finally:
             with self._lock:
                 self._open.discard(target)
-            os.close(target.fd)
+            os.close(fd)
+        directory = target.directory
+        dir_fd = None if directory is None else directory.fd
         if target.final is not None:
-            tmp = Path(target.path)
             try:
-                tmp.replace(target.final)
+                os.replace(target.path, target.final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except OSError as exc:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise RegionVaultError(f"cannot restore {target.final}: {exc.strerror}") from None
+                    os.unlink(target.path, dir_fd=dir_fd)
+                raise RegionVaultError(f"cannot restore {target.shown}: {exc.strerror}") from None
+        if directory is not None:
+            directory.release()
         with self._lock:
             self.report.files_done += 1
 
 
-def _is_empty_dir(path: Path) -> bool:
-    with os.scandir(path) as entries:
-        return next(entries, None) is None
+_NOTE_SOCKETS = "sockets not recreated (the program that listens on one makes it)"
+_NOTE_DEVICES = "device nodes not created: not running as root"
+_NOTE_OWNERS = "owners not restored: not running as root"
+#: an extended attribute failing with one of these is noted, not fatal: the target
+#: filesystem lacks them (ENOTSUP), or this process may not set that namespace (EPERM)
+_XATTR_NOTED = frozenset(
+    {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.E2BIG, errno.ERANGE,
+     errno.EINVAL}
+)  # fmt: skip
+
+
+class Notes:
+    """What a restore could not apply, one note per kind of thing, with how many entries it
+    concerns and the first of them (thread-safe: the pool's threads add to it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._notes: dict[str, list[Any]] = {}
+
+    def add(self, message: str, shown: str) -> None:
+        with self._lock:
+            note = self._notes.get(message)
+            if note is None:
+                self._notes[message] = [1, shown]
+            else:
+                note[0] += 1
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return [
+                f"{message}: {first}" + (f" and {count - 1} more" if count > 1 else "")
+                for message, (count, first) in self._notes.items()
+            ]
+
+
+def set_owner(
+    notes: Notes, shown: str, where: int | str, uid: int, gid: int, dir_fd: int | None = None
+) -> None:
+    """Give ``where`` (a file descriptor, or a name in ``dir_fd``, never followed) an owner;
+    a refusal (no CAP_CHOWN, an id this system cannot map) is noted."""
+    try:
+        if isinstance(where, int):
+            os.fchown(where, uid, gid)
+        else:
+            os.chown(where, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise RegionVaultError(f"cannot set the owner of {shown}: {exc.strerror}") from None
+        notes.add(f"owners not restored ({exc.strerror})", shown)
+
+
+def set_xattrs(
+    notes: Notes, shown: str, where: int | str, xattrs: Iterable[tuple[bytes, bytes]]
+) -> None:
+    """Set extended attributes (POSIX ACLs among them) on ``where``: a file descriptor, or a
+    path whose last part is not followed."""
+    for name, value in xattrs:
+        try:
+            if isinstance(where, int):
+                os.setxattr(where, name, value)
+            else:
+                os.setxattr(where, name, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _XATTR_NOTED:
+                raise RegionVaultError(
+                    f"cannot set extended attribute {os.fsdecode(name)} of {shown}: {exc.strerror}"
+                ) from None
+            notes.add(
+                f"extended attributes not restored ({exc.strerror})",
+                f"{shown} ({os.fsdecode(name)})",
+            )
+
+
+def _names(dir_fd: int) -> list[str]:
+    """The names in the open directory ``dir_fd``."""
+    with os.scandir(dir_fd) as entries:
+        return [entry.name for entry in entries]
+
+
+def _in_dir(dir_fd: int, name: str) -> str:
+    """A short path to ``name`` in the open directory ``dir_fd`` for the calls that take no
+    dir_fd (setxattr): the /proc link is followed, ``name`` itself need not be."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove ``name`` in the open directory ``parent_fd`` and everything under it, through
+    directory descriptors (so no path length limits it), making each directory writable
+    first (a restore may have made it read-only)."""
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        pass
+    stack: list[tuple[int, str, int]] = []
+
+    def enter(at: int, child: str) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(child, 0o700, dir_fd=at)
+        stack.append((at, child, os.open(child, _DIR_FLAGS, dir_fd=at)))
+
+    enter(parent_fd, name)
+    try:
+        while stack:
+            at, child, fd = stack[-1]
+            subdir = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdir = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if subdir is not None:
+                enter(fd, subdir)
+                continue
+            stack.pop()
+            os.close(fd)
+            os.rmdir(child, dir_fd=at)
+    finally:
+        for _, _, fd in stack:
+            os.close(fd)
+
+
+class _Dir:
+    """A directory of the tree being restored, open; ``users`` counts who holds it (its
+    cache entry is one of them)."""
+
+    __slots__ = ("cached", "dirs", "fd", "rel", "users")
+
+    def __init__(self, dirs: _Dirs, fd: int, rel: str) -> None:
+        self.dirs = dirs
+        self.fd = fd
+        self.rel = rel
+        self.users = 1
+        self.cached = True
+
+    def release(self) -> None:
+        self.dirs.release(self)
+
+
+class _Dirs:
+    """The open directories of the tree being restored, by tree path ("" is the base).
+
+    Each is opened once with O_DIRECTORY|O_NOFOLLOW relative to its parent (made owner-only
+    first where missing), so no call is given more than one name and no path length limits
+    a restore, and nothing is ever made through a symlink. At most ``limit`` stay open:
+    the least recently used is closed first (one still held is closed when let go), and is
+    opened again, walking down from its nearest open ancestor, when needed again."""
+
+    def __init__(self, base_fd: int, shown: str, limit: int = _DIR_CACHE) -> None:
+        self._lock = threading.Lock()
+        self.base = _Dir(self, base_fd, "")
+        self.shown = shown
+        self._limit = limit
+        self._cache: OrderedDict[str, _Dir] = OrderedDict()
+        #: directories made or found by this restore: no mkdir for them again
+        self._known: set[str] = set()
+        self._held: set[_Dir] = set()
+
+    def get(self, rel: str) -> _Dir:
+        """The directory ``rel``, made where missing; :meth:`_Dir.release` it when done."""
+        with self._lock:
+            directory = self._lookup(rel)
+            directory.users += 1
+            return directory
+
+    def release(self, directory: _Dir) -> None:
+        with self._lock:
+            directory.users -= 1
+            if directory.users == 0:
+                self._held.discard(directory)
+                os.close(directory.fd)
+
+    def rebase(self, base_fd: int) -> None:
+        """The tree now lies in ``base_fd`` (a staging directory's entries were moved
+        there); the directories open under it stay valid."""
+        with self._lock:
+            self.base = _Dir(self, base_fd, "")
+
+    def close(self) -> None:
+        with self._lock:
+            for directory in list(self._cache.values()) + list(self._held):
+                with contextlib.suppress(OSError):
+                    os.close(directory.fd)
+            self._cache.clear()
+            self._held.clear()
+
+    def _lookup(self, rel: str) -> _Dir:
+        if not rel:
+            return self.base
+        directory = self._cache.get(rel)
+        if directory is not None:
+            self._cache.move_to_end(rel)
+            return directory
+        # walk down from the nearest open ancestor
+        parent, start, cut = self.base, 0, len(rel)
+        while (cut := rel.rfind("/", 0, cut)) > 0:
+            ancestor = self._cache.get(rel[:cut])
+            if ancestor is not None:
+                parent, start = ancestor, cut + 1
+                break
+        while True:
+            slash = rel.find("/", start)
+            sub = rel if slash < 0 else rel[:slash]
+            parent = self._open(parent, sub, sub[start:])
+            if slash < 0:
+                return parent
+            start = slash + 1
+
+    def _open(self, parent: _Dir, rel: str, name: str) -> _Dir:
+        if rel not in self._known:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent.fd)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise RegionVaultError(
+                    f"restore target {self.shown}/{rel} exists and is not a directory; "
+                    "restore into an empty directory"
+                ) from None
+            raise RegionVaultError(f"cannot restore {self.shown}/{rel}: {exc.strerror}") from None
+        self._known.add(rel)
+        directory = self._cache[rel] = _Dir(self, fd, rel)
+        self._held.add(directory)
+        while len(self._cache) > self._limit:
+            _, old = self._cache.popitem(last=False)
+            old.cached = False
+            old.users -= 1
+            if old.users == 0:
+                self._held.discard(old)
+                os.close(old.fd)
+        return directory
+
+
+def _owner_id(lookup: Any, name: bytes, number: int) -> int:
+    """The id of ``name`` on this system, else ``number`` (-1: leave it)."""
+    if name:
+        try:
+            return int(lookup(os.fsdecode(name))[2])
+        except (KeyError, UnicodeError):
+            pass
+    return number
 
 
 class FileRestorer:
-    """Restores a file tree into ``root`` (see the module docstring for how)."""
+    """Restores a file tree into ``root`` (see the module docstring for how) and says what it
+    could not apply (:meth:`run` returns the notes).
+
+    Owners are restored when running as root: by name when that user or group exists on
+    this system, else by number. Device nodes are made only as root, sockets never (the
+    program that listens on one makes it); FIFOs always. Each of these, and an extended
+    attribute the target filesystem or this process cannot set, is a note, not an error.
+
+    Into a new or empty directory the restore keeps a marker (:data:`MARKER_NAME`) in it
+    from before its staging directory exists until everything is in place: a re-run of the
+    same restore (same ``point_id``, same selection) after a kill at any moment clears what
+    the killed one left and restores again; any other restore refuses that target."""
 
     def __init__(
         self,
@@ -444,60 +751,82 @@ class FileRestorer:
         root: Path,
         *,
         what: str,
+        point_id: str = "",
     ) -> None:
         self.writer = writer
         self.root = root
         self.what = what
-        #: where entries are made: a staging directory inside ``root``, or ``root`` itself
-        self._base = str(root)
+        self.point_id = point_id
+        self.notes = writer.notes
+        self.is_root = os.geteuid() == 0
+        self._euid = os.geteuid()
+        self._egid = os.getegid()
+        self._root_fd = -1
+        self._marker_fd = -1
         self._staging: str | None = None
-        self._dirs_ok: set[str] = {""}
-        self._dir_meta: list[tuple[str, int, int]] = []
-        self._symlinks: list[fmt.RawRecord] = []
+        self._dirs: _Dirs | None = None
+        self._dir_meta: list[tuple[str, fmt.RawRecord]] = []
+        self._symlinks: list[tuple[str, fmt.RawRecord]] = []
+        #: hard links: (path, the earlier path it links to)
+        self._links: list[tuple[str, str]] = []
+        #: entries deliberately not made (sockets; devices when not root): the note said why
+        self._absent: dict[str, str] = {}
+        self._owner_ids: dict[tuple[int, int, bytes, bytes], tuple[int, int]] = {}
 
-    # -- paths ---------------------------------------------------------------------------
+    @property
+    def dirs(self) -> _Dirs:
+        assert self._dirs is not None
+        return self._dirs
 
-    def _ensure_dir(self, rel: str) -> str:
-        """Make sure ``base/rel`` is a real directory (never through a symlink); its path."""
-        if rel in self._dirs_ok:
-            return f"{self._base}/{rel}" if rel else self._base
-        probe = ""
-        for part in rel.split("/"):
-            probe = f"{probe}/{part}" if probe else part
-            if probe in self._dirs_ok:
-                continue
-            p = Path(self._base, probe)
-            try:
-                p.mkdir(0o700)
-            except FileExistsError:
-                st = p.lstat()
-                if not stat.S_ISDIR(st.st_mode):
-                    raise RegionVaultError(
-                        f"restore target {self.root / probe} exists and is not a directory; "
-                        "restore into an empty directory"
-                    ) from None
-            self._dirs_ok.add(probe)
-        return f"{self._base}/{rel}"
+    # -- entries -------------------------------------------------------------------------
 
-    def _entry_path(self, record: fmt.RawRecord) -> str:
-        path = decode_path(record.path)
+    def _entry_path(self, raw: bytes) -> str:
+        path = decode_path(raw)
         problem = path_problem(path)
         if problem is not None:
             raise IntegrityError(self.what, f"tree entry path {path!r} {problem}")
         return path
 
-    # -- the run -------------------------------------------------------------------------
+    def _shown(self, path: str) -> str:
+        return f"{self.root}/{path}"
+
+    def _owner(self, record: fmt.RawRecord, shown: str) -> tuple[int, int] | None:
+        """(uid, gid) to give an entry, None to leave it (not recorded, or not root)."""
+        if record.uid < 0 and record.gid < 0 and not record.user and not record.group:
+            return None
+        key = (record.uid, record.gid, record.user, record.group)
+        ids = self._owner_ids.get(key)
+        if ids is None:
+            ids = self._owner_ids[key] = (
+                _owner_id(pwd.getpwnam, record.user, record.uid),
+                _owner_id(grp.getgrnam, record.group, record.gid),
+            )
+        if self.is_root:
+            return ids
+        uid, gid = ids
+        if (uid >= 0 and uid != self._euid) or (gid >= 0 and gid != self._egid):
+            self.notes.add(_NOTE_OWNERS, shown)
+        return None
+
+    def _temp_name(self) -> str:
+        return f"{TEMP_PREFIX}{secrets.token_hex(8)}"
 
     def _file(self, path: str, record: fmt.RawRecord) -> None:
         parent, _, name = path.rpartition("/")
-        directory = self._ensure_dir(parent)
-        final = f"{directory}/{name}"
+        directory = self.dirs.get(parent)
+        shown = self._shown(path)
         writer = self.writer
         if self._staging is not None:
-            target = writer.target(final, None, record.size, record.mode, record.mtime_ns)
+            target = writer.target(
+                name, None, record.size, record.mode, record.mtime_ns, directory, shown
+            )
         else:
-            tmp = f"{directory}/{TEMP_PREFIX}{secrets.token_hex(8)}"
-            target = writer.target(tmp, final, record.size, record.mode, record.mtime_ns)
+            target = writer.target(
+                self._temp_name(), name, record.size, record.mode, record.mtime_ns,
+                directory, shown,
+            )  # fmt: skip
+        target.owner = self._owner(record, shown)
+        target.xattrs = record.xattrs
         offset = 0
         for chunk_id in record.chunk_ids():
             offset += writer.add(target, chunk_id, offset)
@@ -508,88 +837,404 @@ class FileRestorer:
             )
         writer.release(target)
 
-    def _begin(self) -> None:
-        """Restore into a staging directory when ``root`` is new or empty."""
-        existed = self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if existed and not _is_empty_dir(self.root):
+    def _metadata(self, dir_fd: int, name: str, shown: str, record: fmt.RawRecord) -> None:
+        """Owner, extended attributes, mode (not of a symlink) and mtime of an entry made
+        by name: a FIFO, a device node or a symlink."""
+        owner = self._owner(record, shown)
+        if owner is not None:
+            set_owner(self.notes, shown, name, *owner, dir_fd=dir_fd)
+        if record.xattrs:
+            set_xattrs(self.notes, shown, _in_dir(dir_fd, name), record.xattrs)
+        if record.tag != fmt.TAG_SYMLINK:
+            os.chmod(name, stat.S_IMODE(record.mode), dir_fd=dir_fd)
+        os.utime(name, ns=(record.mtime_ns, record.mtime_ns), dir_fd=dir_fd,
+                 follow_symlinks=False)  # fmt: skip
+
+    def _made(self, path: str, record: fmt.RawRecord, make: Any) -> None:
+        """Make the entry ``path`` with ``make(name, dir_fd)`` and give it its metadata:
+        under its name in a staging directory, else under a temporary name renamed to it."""
+        parent, _, name = path.rpartition("/")
+        directory = self.dirs.get(parent)
+        shown = self._shown(path)
+        made = name if self._staging is not None else self._temp_name()
+        try:
+            make(made, directory.fd)
+            self._metadata(directory.fd, made, shown, record)
+            if made != name:
+                os.replace(made, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+        except OSError as exc:
+            if made != name:
+                with contextlib.suppress(OSError):
+                    os.unlink(made, dir_fd=directory.fd)
+            raise RegionVaultError(f"cannot restore {shown}: {exc.strerror}") from None
+        finally:
+            directory.release()
+
+    def _node(self, path: str, record: fmt.RawRecord) -> None:
+        """A FIFO or a device node (made), or a socket (noted)."""
+        tag = record.tag
+        if tag == fmt.TAG_SOCKET:
+            self.notes.add(_NOTE_SOCKETS, self._shown(path))
+            self._absent[path] = _NOTE_SOCKETS
             return
-        staging = self.root / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        staging.mkdir(0o700)
-        self._staging = self._base = str(staging)
+        if tag != fmt.TAG_FIFO and not self.is_root:
+            self.notes.add(_NOTE_DEVICES, self._shown(path))
+            self._absent[path] = _NOTE_DEVICES
+            return
 
-    def _publish(self) -> None:
-        """Move every entry of the staging directory to its name in ``root``."""
-        assert self._staging is not None
-        staging = Path(self._staging)
-        for entry in sorted(staging.iterdir()):
+        denied = []
+
+        def make(name: str, dir_fd: int) -> None:
+            if tag == fmt.TAG_FIFO:
+                os.mkfifo(name, 0o600, dir_fd=dir_fd)
+                return
+            kind = stat.S_IFCHR if tag == fmt.TAG_CHARDEV else stat.S_IFBLK
             try:
-                entry.rename(self.root / entry.name)
-            except OSError as exc:
-                raise RegionVaultError(
-                    f"cannot restore {self.root / entry.name}: {exc.strerror}"
-                ) from None
-        staging.rmdir()
-        self._staging = None
-        self._base = str(self.root)
+                os.mknod(name, kind | 0o600, record.rdev, dir_fd=dir_fd)
+            except PermissionError:
+                denied.append(True)
+                raise
 
-    def run(self, records: Iterator[fmt.RawRecord], selection: Selection | None) -> None:
-        self._begin()
+        try:
+            self._made(path, record, make)
+        except RegionVaultError:
+            if not denied:
+                raise
+            # root without CAP_MKNOD (a container): noted like not being root
+            note = "device nodes not created: not permitted here"
+            self.notes.add(note, self._shown(path))
+            self._absent[path] = note
+
+    def _symlink(self, path: str, record: fmt.RawRecord) -> None:
+        target = decode_path(record.target)
+
+        def make(name: str, dir_fd: int) -> None:
+            os.symlink(target, name, dir_fd=dir_fd)
+
+        self._made(path, record, make)
+
+    def _hard_link(self, path: str, source: str) -> None:
+        if source in self._absent:
+            self.notes.add(self._absent[source], self._shown(path))
+            return
+        src_parent, _, src_name = source.rpartition("/")
+        parent, _, name = path.rpartition("/")
+        src_dir = self.dirs.get(src_parent)
+        directory = self.dirs.get(parent)
+        made = name if self._staging is not None else self._temp_name()
+        try:
+            os.link(
+                src_name, made, src_dir_fd=src_dir.fd, dst_dir_fd=directory.fd,
+                follow_symlinks=False,
+            )  # fmt: skip
+            if made != name:
+                os.replace(made, name, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+        except OSError as exc:
+            if made != name:
+                with contextlib.suppress(OSError):
+                    os.unlink(made, dir_fd=directory.fd)
+            raise RegionVaultError(
+                f"cannot restore {self._shown(path)} (a hard link to {source}): {exc.strerror}"
+            ) from None
+        finally:
+            directory.release()
+            src_dir.release()
+
+    def _entry(self, path: str, record: fmt.RawRecord) -> None:
+        """Restore a non-directory entry (a file now; a symlink after every file)."""
+        tag = record.tag
+        if tag == fmt.TAG_FILE:
+            self._file(path, record)
+        elif tag == fmt.TAG_SYMLINK:
+            self._symlinks.append((path, record))
+        elif tag in (fmt.TAG_FIFO, fmt.TAG_SOCKET, fmt.TAG_CHARDEV, fmt.TAG_BLOCKDEV):
+            self._node(path, record)
+        else:
+            raise IntegrityError(self.what, f"tree entry {path!r} has unknown tag {tag}")
+
+    @staticmethod
+    def _selected(path: str, selection: Selection | None) -> bool:
+        return selection is None or (path in selection and not selection.ancestor(path))
+
+    def _tree(self, records: Iterator[fmt.RawRecord], selection: Selection | None) -> None:
+        report = self.writer.report
+        for record in records:
+            if record.tag == fmt.TAG_EXTENT:
+                raise IntegrityError(self.what, "file tree holds a block extent")
+            path = self._entry_path(record.path)
+            if selection is not None:
+                if path not in selection:
+                    continue
+                if record.tag != fmt.TAG_DIR and selection.ancestor(path):
+                    continue
+            if record.tag == fmt.TAG_DIR:
+                self.dirs.get(path).release()
+                self._dir_meta.append((path, record))
+            elif record.link:
+                self._links.append((path, self._entry_path(record.link)))
+            else:
+                self._entry(path, record)
+            report.tick()
+
+    def _link_sources(self, records: Iterator[fmt.RawRecord], selection: Selection | None) -> None:
+        """Hard links whose earlier path the selection left out: that entry is restored at
+        the first such link, and the others link to it (a second pass over the tree)."""
+        if selection is None:
+            return
+        wanted: dict[str, list[str]] = {}
+        for path, source in self._links:
+            if not self._selected(source, selection):
+                wanted.setdefault(source, []).append(path)
+        if not wanted:
+            return
+        moved: dict[str, str] = {}
+        for record in records:
+            path = decode_path(record.path)
+            paths = wanted.pop(path, None)
+            if paths is None:
+                continue
+            if record.link or record.tag == fmt.TAG_DIR:
+                raise IntegrityError(
+                    self.what, f"hard link to {path!r}, which is a directory or a link"
+                )
+            self._entry(paths[0], record)
+            moved[path] = paths[0]
+            if not wanted:
+                break
+        if wanted:
+            source = next(iter(wanted))
+            raise IntegrityError(
+                self.what, f"hard link {wanted[source][0]!r} to {source!r}: no such entry"
+            )
+        self._links = [
+            (path, moved.get(source, source))
+            for path, source in self._links
+            if path != moved.get(source)
+        ]
+
+    def _apply_dir_meta(self) -> None:
+        """Directory owners, extended attributes, modes and mtimes: last (nothing is made in
+        them afterwards), deepest first (a read-only parent stays writable until then)."""
+        for path, record in reversed(self._dir_meta):
+            directory = self.dirs.get(path)
+            shown = self._shown(path)
+            try:
+                owner = self._owner(record, shown)
+                if owner is not None:
+                    set_owner(self.notes, shown, directory.fd, *owner)
+                if record.xattrs:
+                    set_xattrs(self.notes, shown, directory.fd, record.xattrs)
+                os.fchmod(directory.fd, stat.S_IMODE(record.mode))
+                os.utime(directory.fd, ns=(record.mtime_ns, record.mtime_ns))
+            except OSError as exc:
+                raise RegionVaultError(f"cannot restore {shown}: {exc.strerror}") from None
+            finally:
+                directory.release()
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(
+        self,
+        records: Callable[[], Iterator[fmt.RawRecord]],
+        selection: Selection | None,
+    ) -> list[str]:
+        """Restore the tree ``records()`` streams (called again only when a hard link's
+        earlier path lies outside ``selection``); the notes of what was not applied."""
+        self._begin(selection)
         try:
             try:
-                for record in records:
-                    if record.tag == fmt.TAG_EXTENT:
-                        raise IntegrityError(self.what, "file tree holds a block extent")
-                    path = self._entry_path(record)
-                    if selection is not None:
-                        if path not in selection:
-                            continue
-                        if record.tag != fmt.TAG_DIR and selection.ancestor(path):
-                            continue
-                    if record.tag == fmt.TAG_DIR:
-                        self._ensure_dir(path)
-                        self._dir_meta.append((path, record.mode, record.mtime_ns))
-                    elif record.tag == fmt.TAG_SYMLINK:
-                        self._symlinks.append(record)
-                    else:
-                        self._file(path, record)
-                    self.writer.report.tick()
+                self._tree(records(), selection)
+                self._link_sources(records(), selection)
                 self.writer.close()
             except BaseException:
                 self.writer.abort()
                 raise
-            for record in self._symlinks:
-                self._symlink(record)
+            for path, record in self._symlinks:
+                self._symlink(path, record)
+            for path, source in self._links:
+                self._hard_link(path, source)
             if self._staging is not None:
                 self._publish()
+            self._apply_dir_meta()
+            self._end()
         except BaseException:
-            if self._staging is not None:
-                shutil.rmtree(self._staging, ignore_errors=True)
+            self._discard()
             raise
-        for path, mode, mtime_ns in reversed(self._dir_meta):
-            p = self.root / path
-            p.chmod(stat.S_IMODE(mode))
-            os.utime(p, ns=(mtime_ns, mtime_ns))
+        finally:
+            self._close()
         self.writer.report.tick(done=True)
+        return self.notes.lines()
 
-    def _symlink(self, record: fmt.RawRecord) -> None:
-        path = self._entry_path(record)
-        parent, _, name = path.rpartition("/")
-        directory = self._ensure_dir(parent)
-        final = Path(directory, name)
-        staged = self._staging is not None
-        link = final if staged else Path(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+    def _begin(self, selection: Selection | None) -> None:
+        """Open ``root`` (made if missing). Restore into a staging directory, under a
+        marker, when it is new, empty, or holds this same restore's marker; in place (each
+        entry under a temporary name first) when it holds anything else."""
+        root = self.root
+        root.mkdir(parents=True, exist_ok=True)
         try:
-            link.symlink_to(decode_path(record.target))
-            with contextlib.suppress(NotImplementedError, OSError):
-                os.utime(link, ns=(record.mtime_ns, record.mtime_ns), follow_symlinks=False)
-            if not staged:
-                link.replace(final)
+            self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            if not staged:
+            raise RegionVaultError(f"cannot restore into {root}: {exc.strerror}") from None
+        paths = None if selection is None else selection.paths
+        marker = self._take_marker()
+        if marker is None and _names(self._root_fd):
+            self._dirs = _Dirs(self._root_fd, str(root))
+            return
+        if marker is not None:
+            staging = self._resume(marker, paths)
+        else:
+            staging = self._temp_name()
+            self._write_marker(staging, paths)
+        os.mkdir(staging, 0o700, dir_fd=self._root_fd)
+        self._staging = staging
+        staging_fd = os.open(staging, _DIR_FLAGS, dir_fd=self._root_fd)
+        self._dirs = _Dirs(staging_fd, str(root))
+
+    def _take_marker(self) -> dict[str, Any] | None:
+        """Another restore's marker in ``root``, locked for this one, as it says (an empty
+        dict for one cut short while it was written); None when there is none."""
+        try:
+            fd = os.open(MARKER_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self._root_fd)  # fmt: skip
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RegionVaultError(
+                f"cannot read {self.root / MARKER_NAME}: {exc.strerror}"
+            ) from None
+        self._marker_fd = fd
+        self._lock_marker()
+        raw = b""
+        while chunk := os.read(fd, 1 << 16):
+            raw += chunk
+        try:
+            marker = json.loads(raw)
+        except ValueError:
+            return {}
+        return marker if isinstance(marker, dict) else {}
+
+    def _lock_marker(self) -> None:
+        try:
+            fcntl.flock(self._marker_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RegionVaultError(
+                f"restore target {self.root} is in use: another restore into it is running"
+            ) from None
+
+    def _write_marker(self, staging: str, paths: list[str] | None) -> None:
+        """Write the marker durably before anything else is made in ``root``."""
+        data = json.dumps(
+            {"restore": self.point_id, "paths": paths, "staging": staging}, sort_keys=True
+        ).encode()
+        if self._marker_fd < 0:
+            try:
+                self._marker_fd = os.open(
+                    MARKER_NAME,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=self._root_fd,
+                )
+            except FileExistsError:
+                raise RegionVaultError(
+                    f"restore target {self.root} is in use: another restore into it is running"
+                ) from None
+            self._lock_marker()
+        fd = self._marker_fd
+        os.ftruncate(fd, 0)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        os.fsync(fd)
+        os.fsync(self._root_fd)
+
+    def _resume(self, marker: dict[str, Any], paths: list[str] | None) -> str:
+        """A killed restore's marker: if it is this same restore's, clear what it left and
+        return its staging name; else refuse."""
+        if not marker:
+            # cut short while being written, so before anything else was made
+            if [n for n in _names(self._root_fd) if n != MARKER_NAME]:
+                raise RegionVaultError(
+                    f"restore target {self.root} holds an unreadable restore marker "
+                    f"{MARKER_NAME} and other entries: empty it, or restore elsewhere"
+                )
+            fresh = self._temp_name()
+            self._write_marker(fresh, paths)
+            return fresh
+        staging = marker.get("staging")
+        if marker.get("restore") != self.point_id or marker.get("paths") != paths:
+            what = f"{marker.get('restore')}"
+            if marker.get("paths"):
+                what += f" (paths {', '.join(map(str, marker['paths']))})"
+            raise RegionVaultError(
+                f"restore target {self.root} holds an unfinished restore of point {what}: "
+                "re-run that restore to finish it, or empty the directory"
+            )
+        if not (
+            isinstance(staging, str)
+            and staging.startswith(TEMP_PREFIX)
+            and path_problem(staging) is None
+            and "/" not in staging
+        ):
+            raise RegionVaultError(f"restore marker {self.root / MARKER_NAME} is damaged")
+        self._clear_root()
+        return staging
+
+    def _clear_root(self) -> None:
+        """Remove everything in ``root`` but the marker: a restore under a marker began with
+        ``root`` empty, so all of it is that restore's."""
+        for name in _names(self._root_fd):
+            if name != MARKER_NAME:
+                remove_tree(self._root_fd, name)
+
+    def _publish(self) -> None:
+        """Move every entry of the staging directory to its name in ``root``."""
+        assert self._staging is not None
+        staging_fd = self.dirs.base.fd
+        for name in sorted(_names(staging_fd)):
+            if name == MARKER_NAME:
+                raise RegionVaultError(
+                    f"cannot restore {self.root / name}: the name of the restore marker"
+                )
+            try:
+                os.rename(name, name, src_dir_fd=staging_fd, dst_dir_fd=self._root_fd)
+            except OSError as exc:
+                raise RegionVaultError(
+                    f"cannot restore {self.root / name}: {exc.strerror}"
+                ) from None
+        os.rmdir(self._staging, dir_fd=self._root_fd)
+        self._staging = None
+        self.dirs.rebase(self._root_fd)
+        os.close(staging_fd)
+
+    def _end(self) -> None:
+        """The restore is complete: its marker goes last."""
+        if self._marker_fd >= 0:
+            os.unlink(MARKER_NAME, dir_fd=self._root_fd)
+            os.fsync(self._root_fd)
+
+    def _discard(self) -> None:
+        """After a failure: under a marker, leave ``root`` as empty as it was (the marker
+        last, and only if the rest went); else the writer removed its temporary files."""
+        if self._marker_fd < 0 or self._root_fd < 0:
+            return
+        try:
+            self._clear_root()
+            os.unlink(MARKER_NAME, dir_fd=self._root_fd)
+        except OSError:
+            pass  # the marker stays: a re-run of this restore clears the rest
+
+    def _close(self) -> None:
+        if self._dirs is not None:
+            base = self._dirs.base
+            self._dirs.close()
+            if base.fd != self._root_fd:
                 with contextlib.suppress(OSError):
-                    link.unlink()
-            raise RegionVaultError(f"cannot restore {self.root / path}: {exc.strerror}") from None
+                    os.close(base.fd)
+        for fd in (self._marker_fd, self._root_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._marker_fd = self._root_fd = -1
 
 
 class BlockRestorer:

@@ -209,6 +209,9 @@ class RestoreReport:
     bytes: int
     #: bytes read from the vault
     bytes_read: int
+    #: what could not be applied, one line per kind of thing (owners when not root, device
+    #: nodes, sockets, extended attributes the target filesystem lacks); the data is whole
+    notes: tuple[str, ...] = ()
 
 
 @dataclass

@@ -332,15 +332,22 @@ class Repository:
         progress: ProgressCallback | None = None,
     ) -> RestoreReport:
         """Restore a recovery point byte-exact: a file tree into a directory (a path or a
-        :class:`FileSink`), with modes, mtimes, symlinks, empty and sparse files; a block
-        image into a file (holes stay holes, fsynced) or a :class:`BlockSink` (written in
-        block-aligned pieces; committing the sink is left to its owner).
+        :class:`FileSink`), with modes, mtimes, symlinks, hard links, FIFOs, device nodes,
+        owners, extended attributes, empty and sparse files; a block image into a file
+        (holes stay holes, fsynced) or a :class:`BlockSink` (written in block-aligned
+        pieces; committing the sink is left to its owner).
 
         ``paths`` (file trees only) restores those entries, what lies under them, and the
         directories above them. Every chunk is authenticated and checked against its id
         before it is written; files are written under temporary names and renamed when
         complete, so nothing unverified ever appears under a restored name. Raises
         :class:`IntegrityError` naming the damaged object.
+
+        What could not be applied (owners and device nodes when not root, sockets, extended
+        attributes the target filesystem refuses) is in the report's ``notes``: the restore
+        still succeeds. Into a new or empty directory a marker (``.rv-restore``) stays until
+        the restore is complete: the same restore run again after a kill finishes it, and
+        any other restore into that directory is refused.
         """
         store = self._ensure_open()
         manifest = self.load_manifest(point_id)
@@ -377,7 +384,9 @@ class Repository:
                         manifest.point.size if selection is None else None,
                     )
                     writer = self._writer(store, state.index, pool, name, zero, report)
-                    FileRestorer(writer, root, what=name).run(records(), selection)
+                    notes = FileRestorer(writer, root, what=name, point_id=point_id).run(
+                        records, selection
+                    )
                     files, size, read = report.files_done, report.bytes_done, writer.bytes_read
                 else:
                     if paths is not None:
@@ -396,11 +405,11 @@ class Repository:
                         writer = self._writer(store, state.index, pool, name, zero, report)
                         blocks.to_file(records(), Path(target), writer)
                         read = writer.bytes_read
-                    files, size = 1, manifest.image_size
+                    files, size, notes = 1, manifest.image_size, []
             # no lock.check() here, unlike the writers: a restore commits nothing to the
             # vault and verified every chunk it wrote, so a lock lost midway cannot have made
             # it wrong (a pack pruned meanwhile fails the read instead)
-        return RestoreReport(point_id, files, size, read)
+        return RestoreReport(point_id, files, size, read, tuple(notes))
 
     def _writer(
         self,
