@@ -631,15 +631,15 @@ class _Dirs:
 
     Each is opened once with O_DIRECTORY|O_NOFOLLOW relative to its parent (made owner-only
     first where missing), so no call is given more than one name and no path length limits
-    a restore, and nothing is ever made through a symlink. At most ``limit`` stay open:
+    a restore, and nothing is ever made through a symlink. At most :data:`_DIR_CACHE` stay open:
     the least recently used is closed first (one still held is closed when let go), and is
     opened again, walking down from its nearest open ancestor, when needed again."""
 
-    def __init__(self, base_fd: int, shown: str, limit: int = _DIR_CACHE) -> None:
+    def __init__(self, base_fd: int, shown: str) -> None:
         self._lock = threading.Lock()
         self.base = _Dir(self, base_fd, "")
         self.shown = shown
-        self._limit = limit
+        self._limit = max(2, _DIR_CACHE)
         self._cache: OrderedDict[str, _Dir] = OrderedDict()
         #: directories made or found by this restore: no mkdir for them again
         self._known: set[str] = set()
@@ -763,6 +763,8 @@ class FileRestorer:
         self._egid = os.getegid()
         self._root_fd = -1
         self._marker_fd = -1
+        #: the marker in ``root`` is this restore's (written, or taken over from a killed one)
+        self._marked = False
         self._staging: str | None = None
         self._dirs: _Dirs | None = None
         self._dir_meta: list[tuple[str, fmt.RawRecord]] = []
@@ -1040,8 +1042,8 @@ class FileRestorer:
     ) -> list[str]:
         """Restore the tree ``records()`` streams (called again only when a hard link's
         earlier path lies outside ``selection``); the notes of what was not applied."""
-        self._begin(selection)
         try:
+            self._begin(selection)
             try:
                 self._tree(records(), selection)
                 self._link_sources(records(), selection)
@@ -1085,6 +1087,7 @@ class FileRestorer:
         else:
             staging = self._temp_name()
             self._write_marker(staging, paths)
+        self._marked = True
         os.mkdir(staging, 0o700, dir_fd=self._root_fd)
         self._staging = staging
         staging_fd = os.open(staging, _DIR_FLAGS, dir_fd=self._root_fd)
@@ -1215,7 +1218,7 @@ class FileRestorer:
     def _discard(self) -> None:
         """After a failure: under a marker, leave ``root`` as empty as it was (the marker
         last, and only if the rest went); else the writer removed its temporary files."""
-        if self._marker_fd < 0 or self._root_fd < 0:
+        if not self._marked:
             return
         try:
             self._clear_root()
