@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import itertools
+import json
 import os
 import random
 import signal
@@ -22,10 +24,13 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 from regionvault.core import Region, RegionVaultError
+from regionvault.core.cli import cli as main
 from regionvault.core.repository import Repository, _maintenance, _restore
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._restore import (
@@ -510,3 +515,71 @@ def test_restores_killed_at_random_moments_finish_when_run_again(
         assert_restored(out, src)
         assert tree_digest(out) == tree_digest(src)
     assert killed, "no trial was killed before it finished"
+
+
+# -- through the CLI ---------------------------------------------------------------------
+
+
+def cli(*args: str | os.PathLike[str]) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def cli_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    from test_repository_roundtrip import build_tree
+
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli("init").exit_code == 0
+    build_tree(tmp_path / "data")
+    added = cli("instances", "add", "--region", "east", "--name", "nf1", "--data", "data")
+    assert added.exit_code == 0, added.stderr
+    backup = cli("backup", "nf1")
+    assert backup.exit_code == 0, backup.stderr
+    return backup.stdout.splitlines()[-1], tmp_path / "data"
+
+
+def test_the_cli_prints_what_it_could_not_apply_as_warnings_and_exits_0(
+    cli_point: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_id, src = cli_point
+    real_tree = FileRestorer._tree
+    socket = fmt.RawRecord(fmt.TAG_SOCKET, stat.S_IFSOCK | 0o755, MTIME, 0, b"run.sock", b"",
+                           0, b"")  # fmt: skip
+
+    def with_a_socket(self: FileRestorer, records: Iterator[fmt.RawRecord], sel: object) -> None:
+        real_tree(self, itertools.chain(records, [socket]), sel)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FileRestorer, "_tree", with_a_socket)
+    out = tmp_path / "out"
+    result = cli("restore", point_id, "--region", "east", "--target", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {SOCKETS}: {out}/run.sock"]
+    assert json.loads(result.stdout)["notes"] == [f"{SOCKETS}: {out}/run.sock"]
+    assert snapshot(out) == snapshot(src)
+
+
+def test_the_cli_runs_a_killed_restore_again_and_refuses_any_other(
+    cli_point: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_id, src = cli_point
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(FileRestorer, "_discard", lambda self: None)
+        kill_at(m, "rename", 2)
+        with pytest.raises(Killed):
+            cli("restore", point_id, "--region", "east", "--target", out)
+    assert MARKER_NAME in names(out)
+    other = cli("restore", point_id, "--region", "east", "--target", out, "--path", "var")
+    assert other.exit_code == 1 and "Traceback" not in other.stderr
+    assert other.stderr.splitlines() == [
+        f"regionvault: error: restore target {out} holds an unfinished restore of point "
+        f"{point_id}: re-run that restore to finish it, or empty the directory"
+    ]
+    again = cli("restore", point_id[:8], "--region", "east", "--target", out)
+    assert again.exit_code == 0, again.stderr
+    assert_restored(out, src)
+    # a directory that holds something and no marker is still refused
+    refused = cli("restore", point_id, "--region", "east", "--target", out)
+    assert refused.exit_code == 1
+    assert "is not empty: restore into a new or empty directory" in refused.stderr
