@@ -583,3 +583,80 @@ def test_the_cli_runs_a_killed_restore_again_and_refuses_any_other(
     refused = cli("restore", point_id, "--region", "east", "--target", out)
     assert refused.exit_code == 1
     assert "is not empty: restore into a new or empty directory" in refused.stderr
+
+
+# -- the whole round trip: capture, backup, restore --------------------------------------
+
+
+def lstat_tree(root: Path) -> dict[bytes, tuple[object, ...]]:
+    """Every entry under ``root`` by raw name: kind, mode, owner, device number, size,
+    mtime, content digest or link target, extended attributes, and which earlier entry it
+    shares its inode with."""
+    out: dict[bytes, tuple[object, ...]] = {}
+    first_of: dict[int, bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath, name)
+            rel = os.fsencode(path.relative_to(root))
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                content: object = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.fsencode(path.readlink())
+            else:
+                content = None
+            same = first_of.setdefault(st.st_ino, rel) if not stat.S_ISDIR(st.st_mode) else rel
+            attrs = {n: os.getxattr(path, n, follow_symlinks=False)
+                     for n in os.listxattr(path, follow_symlinks=False)}  # fmt: skip
+            out[rel] = (
+                stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                st.st_rdev, st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_mtime_ns,
+                content, attrs, same, st.st_nlink if not stat.S_ISDIR(st.st_mode) else 0,
+            )  # fmt: skip
+    return out
+
+
+def every_kind_on_disk(src: Path) -> None:
+    rng = random.Random(3)
+    raw = os.fsencode(src)
+    (src / "dir").mkdir(parents=True)
+    (src / "a.bin").write_bytes(rng.randbytes(70_000))
+    with open(raw + b"/dir/caf\xe9-\xff.bin", "wb") as f:  # noqa: PTH123
+        f.write(b"not UTF-8\n")
+    os.link(src / "a.bin", src / "dir" / "hard")
+    os.mkfifo(src / "fifo", 0o640)
+    os.link(src / "fifo", src / "dir" / "fifo-too")
+    if ROOT:
+        os.mknod(src / "null", stat.S_IFCHR | 0o666, NULL_DEV)
+        os.chown(src / "a.bin", 1234, 2345)
+        os.chown(src / "dir", 1234, 2345)
+        os.chown(src / "fifo", 4321, 4321)
+    os.setxattr(src / "a.bin", "user.color", b"blue")
+    os.setxattr(src / "dir" / "hard", "user.more", b"\x00\x01")
+    os.setxattr(src / "dir", "system.posix_acl_access", acl(os.geteuid() + 1))
+    os.setxattr(src / "dir", "system.posix_acl_default", acl(os.geteuid() + 1))
+    with (src / "sparse.bin").open("wb") as f:
+        f.seek(2 << 20)
+        f.write(rng.randbytes(3000))
+        f.truncate(5 << 20)
+    (src / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(src / "suid", 0o4755)  # noqa: PTH101
+    (src / "link").symlink_to(os.fsdecode(b"dir/caf\xe9-\xff.bin"))
+    for i, path in enumerate(sorted(src.iterdir(), reverse=True)):
+        os.utime(path, ns=(MTIME + i, MTIME + i), follow_symlinks=False)
+    os.utime(src / "dir", ns=(MTIME, MTIME))
+
+
+@pytest.mark.skipif(fmt.FORMAT_VERSION < 2, reason="needs format version 2 tree records")
+def test_a_tree_of_every_kind_round_trips_through_the_local_provider(
+    east: Region, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    every_kind_on_disk(src)
+    repo = repo_for(east)
+    point = repo.backup(capture(src))
+    out = tmp_path / "out"
+    report = repo.restore(point.id, out)
+    assert report.notes == ()
+    assert lstat_tree(out) == lstat_tree(src)
+    assert (out / "sparse.bin").lstat().st_blocks * 512 <= 64 << 10
