@@ -151,11 +151,15 @@ def xattrs(path: Path) -> dict[str, bytes]:
 
 
 @needs_root
-def test_every_kind_of_entry_restores_as_root(east: Region, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["new", "holds-a-file"])
+def test_every_kind_of_entry_restores_as_root(east: Region, tmp_path: Path, target: str) -> None:
     src = tmp_path / "src"
     source_tree(src)
     point = Point(east, src)
     out = tmp_path / "out"
+    if target == "holds-a-file":  # each entry made under a temporary name, then renamed
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
     notes = point.restore(every_kind(point), out)
 
     a = (out / "a.bin").lstat()
@@ -195,9 +199,9 @@ def test_every_kind_of_entry_restores_as_root(east: Region, tmp_path: Path) -> N
     assert notes == [
         f"sockets not recreated (the program that listens on one makes it): {out}/sock"
     ]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "a.bin", "dir", "fifo", "link", "null", "sparse.bin", "suid",
-    ]  # fmt: skip
+    made = ["a.bin", "dir", "fifo", "link", "null", "sparse.bin", "suid"]
+    assert names(out) == sorted(made + (["keep.txt"] if target == "holds-a-file" else []))
+    assert names(out / "dir") == sorted(["b.txt", "caf\udce9.bin", "fifo-too", "hard"])
 
 
 def test_not_root_notes_each_kind_once_and_restores_the_rest(
