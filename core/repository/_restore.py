@@ -667,7 +667,7 @@ class _Dirs:
 
     def close(self) -> None:
         with self._lock:
-            for directory in list(self._cache.values()) + list(self._held):
+            for directory in self._held:  # every directory still open (the cached ones too)
                 with contextlib.suppress(OSError):
                     os.close(directory.fd)
             self._cache.clear()
