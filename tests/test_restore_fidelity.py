@@ -673,3 +673,66 @@ def test_a_tree_of_every_kind_round_trips_through_the_local_provider(
     assert report.notes == ()
     assert lstat_tree(out) == lstat_tree(src)
     assert (out / "sparse.bin").lstat().st_blocks * 512 <= 64 << 10
+
+
+NOT_ROOT = """
+import json, os, stat, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._restore import FileRestorer, ParallelWriter, Reporter
+
+M = 1_600_000_000_000_000_000
+def rec(tag, mode, path, **kw):
+    return fmt.RawRecord(tag, mode, M, 0, path, b"", 0, b"", **kw)
+root = {"uid": 0, "gid": 0, "user": b"root", "group": b"root"}
+records = [
+    rec(fmt.TAG_DIR, stat.S_IFDIR | 0o755, b"d", **root),
+    rec(fmt.TAG_FILE, stat.S_IFREG | 0o2644, b"d/empty", **root,
+        xattrs=((b"trusted.secret", b"1"), (b"user.plain", b"2"))),
+    rec(fmt.TAG_FIFO, stat.S_IFIFO | 0o640, b"d/fifo", **root),
+    rec(fmt.TAG_CHARDEV, stat.S_IFCHR | 0o666, b"d/null", rdev=os.makedev(1, 3), **root),
+    fmt.RawRecord(fmt.TAG_SYMLINK, stat.S_IFLNK | 0o777, M, 0, b"d/link", b"empty", 0, b"",
+                  **root),
+]
+with ThreadPoolExecutor(2) as pool:
+    writer = ParallelWriter(None, None, pool, what="t", zero=b"", report=Reporter(None, None, None),
+                            batch_bytes=1 << 20, ahead=2, max_read=1 << 20)
+    notes = FileRestorer(writer, Path(sys.argv[1]), what="t", point_id="p").run(
+        lambda: iter(records), None)
+print(json.dumps(notes))
+"""
+
+
+@needs_root
+@pytest.mark.skipif(not Path("/usr/bin/setpriv").exists(), reason="needs setpriv")
+def test_a_restore_run_by_nobody_notes_what_it_cannot_apply() -> None:
+    import tempfile
+
+    # pytest's own temporary directories are owner-only: nobody works in one of its own
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch).chmod(0o777)
+        script = Path(scratch) / "not_root.py"
+        script.write_text(NOT_ROOT)
+        script.chmod(0o644)
+        out = Path(scratch) / "out"
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        done = subprocess.run(
+            [*nobody, sys.executable, str(script), str(out)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        notes = json.loads(done.stdout)
+        assert sorted(notes) == [
+            f"device nodes not created: not running as root: {out}/d/null",
+            f"extended attributes not restored (Operation not permitted): {out}/d/empty "
+            "(trusted.secret)",
+            f"owners not restored: not running as root: {out}/d/empty and 3 more",
+        ]
+        empty = (out / "d" / "empty").lstat()
+        assert (empty.st_uid, empty.st_mtime_ns) == (65534, 1_600_000_000_000_000_000)
+        assert xattrs(out / "d" / "empty") == {"user.plain": b"2"}
+        assert stat.S_ISFIFO((out / "d" / "fifo").lstat().st_mode)
+        assert (out / "d" / "link").readlink() == Path("empty")
+        assert stat.S_IMODE((out / "d").lstat().st_mode) == 0o755
+        assert not (out / "d" / "null").exists()
