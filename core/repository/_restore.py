@@ -3,15 +3,22 @@ fetches each batch's chunks with ranged gets grouped by pack, verifies them, and
 into the files at their offsets, in parallel (see :class:`ParallelWriter`).
 
 Into a new or empty directory, the whole tree is restored inside a hidden staging directory
-in it, its entries moved to their names once every file is complete, and the staging
-directory removed on failure; into a directory that already holds something, each file is
-written under a temporary name and renamed into place once complete. Either way nothing
-unverified ever appears under a restored name.
+in it, under a marker (:data:`MARKER_NAME`) written before anything else and removed last,
+its entries moved to their names once every file is complete, and the staging directory
+removed on failure; a restore killed at any moment is finished by running it again. Into a
+directory that already holds something, each entry is made under a temporary name and
+renamed into place once complete. Either way nothing unverified ever appears under a
+restored name.
 
-Directories are created as met (owner-only until the end), symlinks are made after every
-file (so no restored file is written through a restored link) and directory metadata is
-applied last, deepest first. A block image goes to a file the same way, or in order through
-a :class:`~regionvault.core.repository._pipeline.Fetcher` to a :class:`BlockSink`.
+Every entry is made relative to its open parent directory (:class:`_Dirs`), so no path
+length limits a restore. Directories are created as met (owner-only until the end), files
+completed (owner, extended attributes, mode, mtime) by the thread that writes them last,
+FIFOs and device nodes made as met, symlinks after every file (so no restored file is
+written through a restored link), then hard links, and directory metadata applied last,
+deepest first. What this process cannot apply (owners and device nodes when not root,
+sockets, extended attributes the target refuses) becomes a :class:`Notes` line, not an
+error. A block image goes to a file the same way, or in order through a
+:class:`~regionvault.core.repository._pipeline.Fetcher` to a :class:`BlockSink`.
 """
 
 from __future__ import annotations
