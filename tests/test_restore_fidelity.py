@@ -255,6 +255,32 @@ def test_extended_attributes_the_target_refuses_are_noted_once(
     assert xattrs(out / "a.bin") == {"user.ok": b"1"}
 
 
+@needs_root
+@pytest.mark.parametrize("proc", [True, False])
+def test_extended_attributes_of_fifos_devices_and_symlinks(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    monkeypatch.setattr(_restore, "_PROC_FD", proc)  # without /proc: set by whole path
+    src = tmp_path / "src"
+    source_tree(src)
+    point = Point(east, src)
+    attrs = ((b"trusted.rv", b"\x00kept"),)
+    records = [
+        point.records[b"dir"],
+        *(dataclasses.replace(r, path=b"dir/" + r.path, xattrs=attrs) for r in every_kind(point)
+          if r.tag in (fmt.TAG_FIFO, fmt.TAG_CHARDEV, fmt.TAG_SYMLINK) and not r.link),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    for target in ("new", "holds-a-file"):
+        if target == "holds-a-file":
+            out = tmp_path / "out2"
+            out.mkdir()
+            (out / "keep.txt").write_text("mine")
+        assert point.restore(records, out) == []
+        for name in ("fifo", "null", "link"):
+            assert xattrs(out / "dir" / name) == {"trusted.rv": b"\x00kept"}, (target, name)
+
+
 def long_tree(point: Point, depth: int) -> tuple[list[fmt.RawRecord], bytes]:
     """Directories ``depth`` deep, each name 200 bytes: a file, a symlink, a FIFO and a hard
     link at the bottom."""

@@ -495,10 +495,11 @@ _NOTE_SOCKETS = "sockets not recreated (the program that listens on one makes it
 _NOTE_DEVICES = "device nodes not created: not running as root"
 _NOTE_OWNERS = "owners not restored: not running as root"
 #: an extended attribute failing with one of these is noted, not fatal: the target
-#: filesystem lacks them (ENOTSUP), or this process may not set that namespace (EPERM)
+#: filesystem lacks them (ENOTSUP), this process may not set that namespace (EPERM), or
+#: (without /proc) the path to a FIFO, device or symlink is too long for setxattr
 _XATTR_NOTED = frozenset(
     {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.E2BIG, errno.ERANGE,
-     errno.EINVAL}
+     errno.EINVAL, errno.ENAMETOOLONG}
 )  # fmt: skip
 
 
@@ -570,10 +571,8 @@ def _names(dir_fd: int) -> list[str]:
         return [entry.name for entry in entries]
 
 
-def _in_dir(dir_fd: int, name: str) -> str:
-    """A short path to ``name`` in the open directory ``dir_fd`` for the calls that take no
-    dir_fd (setxattr): the /proc link is followed, ``name`` itself need not be."""
-    return f"/proc/self/fd/{dir_fd}/{name}"
+#: /proc/self/fd/N names an open directory for the calls that take no dir_fd (setxattr)
+_PROC_FD = Path("/proc/self/fd").is_dir()
 
 
 def remove_tree(parent_fd: int, name: str) -> None:
@@ -853,11 +852,21 @@ class FileRestorer:
         if owner is not None:
             set_owner(self.notes, shown, name, *owner, dir_fd=dir_fd)
         if record.xattrs:
-            set_xattrs(self.notes, shown, _in_dir(dir_fd, name), record.xattrs)
+            set_xattrs(self.notes, shown, self._xattr_path(dir_fd, name, shown), record.xattrs)
         if record.tag != fmt.TAG_SYMLINK:
             os.chmod(name, stat.S_IMODE(record.mode), dir_fd=dir_fd)
         os.utime(name, ns=(record.mtime_ns, record.mtime_ns), dir_fd=dir_fd,
                  follow_symlinks=False)  # fmt: skip
+
+    def _xattr_path(self, dir_fd: int, name: str, shown: str) -> str:
+        """A path to ``name`` in the open directory ``dir_fd`` for setxattr, which takes no
+        dir_fd: through /proc (short whatever the depth; the /proc link is followed, ``name``
+        is not), else the whole path (then limited by PATH_MAX: a longer one is noted)."""
+        if _PROC_FD:
+            return f"/proc/self/fd/{dir_fd}/{name}"
+        base = self.root if self._staging is None else self.root / self._staging
+        parent = shown[len(str(self.root)) + 1 :].rpartition("/")[0]
+        return f"{base}/{parent}/{name}" if parent else f"{base}/{name}"
 
     def _made(self, path: str, record: fmt.RawRecord, make: Any) -> None:
         """Make the entry ``path`` with ``make(name, dir_fd)`` and give it its metadata:
