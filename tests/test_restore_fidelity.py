@@ -630,23 +630,25 @@ def test_the_cli_runs_a_killed_restore_again_and_refuses_any_other(
 def lstat_tree(root: Path) -> dict[bytes, tuple[object, ...]]:
     """Every entry under ``root`` by raw name: kind, mode, owner, device number, size,
     mtime, content digest or link target, extended attributes, and which earlier entry it
-    shares its inode with."""
+    shares its inode with. Read through directory descriptors: paths may pass PATH_MAX."""
     out: dict[bytes, tuple[object, ...]] = {}
     first_of: dict[int, bytes] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(os.fsencode(root)):
         for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            rel = os.fsencode(path.relative_to(root))
-            st = path.lstat()
+            rel = os.path.relpath(os.path.join(dirpath, name), os.fsencode(root))  # noqa: PTH118
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode):
-                content: object = hashlib.sha256(path.read_bytes()).hexdigest()
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                with os.fdopen(fd, "rb") as f:
+                    content: object = hashlib.sha256(f.read()).hexdigest()
             elif stat.S_ISLNK(st.st_mode):
-                content = os.fsencode(path.readlink())
+                content = os.readlink(name, dir_fd=dir_fd)
             else:
                 content = None
             same = first_of.setdefault(st.st_ino, rel) if not stat.S_ISDIR(st.st_mode) else rel
-            attrs = {n: os.getxattr(path, n, follow_symlinks=False)
-                     for n in os.listxattr(path, follow_symlinks=False)}  # fmt: skip
+            where = b"/proc/self/fd/%d/%s" % (dir_fd, name)
+            attrs = {n: os.getxattr(where, n, follow_symlinks=False)
+                     for n in os.listxattr(where, follow_symlinks=False)}  # fmt: skip
             out[rel] = (
                 stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                 st.st_rdev, st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_mtime_ns,
@@ -655,7 +657,29 @@ def lstat_tree(root: Path) -> dict[bytes, tuple[object, ...]]:
     return out
 
 
-def every_kind_on_disk(src: Path) -> None:
+def deep_path(src: Path) -> bytes:
+    """Directories 24 deep under ``src``, 220-byte names (5,300 bytes in all), made through
+    directory descriptors; a file, a FIFO and a hard link to a file above at the bottom."""
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    parts = []
+    try:
+        for i in range(24):
+            part = b"%02d" % i + b"x" * 218
+            os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, parts = child, [*parts, part]
+        out = os.open(b"deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(out, b"at the bottom\n" * 100)
+        os.close(out)
+        os.mkfifo(b"deep-fifo", 0o600, dir_fd=fd)
+        os.link(os.fsencode(src / "a.bin"), b"deep-hard", dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    return b"/".join(parts)
+
+
+def every_kind_on_disk(src: Path) -> bytes:
     rng = random.Random(3)
     raw = os.fsencode(src)
     (src / "dir").mkdir(parents=True)
@@ -684,6 +708,7 @@ def every_kind_on_disk(src: Path) -> None:
     for i, path in enumerate(sorted(src.iterdir(), reverse=True)):
         os.utime(path, ns=(MTIME + i, MTIME + i), follow_symlinks=False)
     os.utime(src / "dir", ns=(MTIME, MTIME))
+    return deep_path(src)
 
 
 @pytest.mark.skipif(fmt.FORMAT_VERSION < 2, reason="needs format version 2 tree records")
@@ -691,13 +716,16 @@ def test_a_tree_of_every_kind_round_trips_through_the_local_provider(
     east: Region, tmp_path: Path
 ) -> None:
     src = tmp_path / "src"
-    every_kind_on_disk(src)
+    deep = every_kind_on_disk(src)
+    assert len(os.fsencode(src)) + len(deep) > os.pathconf("/", "PC_PATH_MAX")
     repo = repo_for(east)
     point = repo.backup(capture(src))
     out = tmp_path / "out"
     report = repo.restore(point.id, out)
     assert report.notes == ()
-    assert lstat_tree(out) == lstat_tree(src)
+    restored = lstat_tree(out)
+    assert restored == lstat_tree(src)
+    assert restored[deep + b"/deep-hard"][9] == b"a.bin"  # the same inode as a.bin
     assert (out / "sparse.bin").lstat().st_blocks * 512 <= 64 << 10
 
 
