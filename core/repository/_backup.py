@@ -13,10 +13,25 @@ out (encryption into the pack buffer): chunks are hashed and compressed where th
 Staging blocks return to a bounded pool once the reader has moved on and every piece cut from
 them is done, and the pack buffers are bounded too, so memory stays constant however much
 data flows. Every blocking wait polls the run's Failure: one failing thread stops them all.
+
+A file capture that can change under the backup (its entries carry an ``identity``) is
+taken honestly. A reader that cannot open or read a file (``EntryProblem``) leaves it out of
+the tree and records why; one that finds the file is not the one walked reads it again as it
+is now. Once a file is read, it is looked at once more (``FileCapture.restat``): a file that
+changed while it was read is read again, :data:`MAX_READS` times in all, and then kept as
+last read and named. A read that is abandoned gives its record back empty before the next
+read fills it, so no chunk id of it reaches the tree (its chunks stay stored, garbage that
+prune collects). When every file is read, every entry taken is looked at once more
+(:class:`_Taken`), so a file that changed after it was read while another was being read
+(a database and its write-ahead log) is named too. Each issue is recorded in the recovery
+point, in capture order.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import queue
 import threading
 import time
@@ -26,7 +41,7 @@ from dataclasses import dataclass, field
 from itertools import islice, repeat
 
 import blake3
-from regionvault.core.errors import ComputeError
+from regionvault.core.errors import ComputeError, EntryProblem
 from regionvault.core.interfaces import BlockCapture, Capture, FileCapture
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
@@ -47,9 +62,15 @@ from regionvault.core.repository._tree import (
     path_problem,
 )
 from regionvault.core.repository.model import Progress, ProgressCallback
-from regionvault.core.types import CaptureIssue, FileEntry, FileKind
+from regionvault.core.types import CaptureIssue, FileEntry, FileKind, IssueKind
 
-__all__ = ["BackupResult", "BackupRun", "ParentLookup"]
+__all__ = ["MAX_READS", "BackupResult", "BackupRun", "ParentLookup"]
+
+log = logging.getLogger(__name__)
+
+#: reads of a file that keeps changing while it is read, in all: the last read is kept, and
+#: the file named as changed
+MAX_READS = 3
 
 #: a block-image extent record is closed at this length (bounds its chunk list in memory)
 MAX_EXTENT = 1 << 30
@@ -71,6 +92,13 @@ _KIND_STATS = {
     FileKind.CHARDEV: "specials",
     FileKind.BLOCKDEV: "specials",
 }
+
+
+def _issue_kind(problem: EntryProblem) -> IssueKind:
+    try:
+        return IssueKind(problem.issue)
+    except ValueError:
+        return IssueKind.UNREADABLE
 
 
 class ParentLookup:
@@ -163,7 +191,18 @@ class _Record:
     """A tree record (a file, or an extent of an image) whose chunk ids the workers fill
     in; complete once its reader closed it and every batch of its spans is done."""
 
-    __slots__ = ("closed", "ids", "incompressible", "left", "offset", "size")
+    __slots__ = (
+        "closed",
+        "draining",
+        "entry",
+        "ids",
+        "incompressible",
+        "issue",
+        "left",
+        "offset",
+        "size",
+        "taken",
+    )
 
     def __init__(self, offset: int = 0) -> None:
         self.ids: list[bytes] = []
@@ -173,6 +212,94 @@ class _Record:
         self.offset = offset
         #: the last new chunk of this record did not compress (a hint, not a promise)
         self.incompressible = False
+        #: a file's entry as it was when the bytes of the record were read (a re-read reads
+        #: the file as it is then: its size, mtime and identity go into the tree)
+        self.entry: FileEntry | None = None
+        #: why the file was not taken whole (recorded in the point, in capture order)
+        self.issue: CaptureIssue | None = None
+        #: False: the file is left out of the tree (it vanished, or could not be read)
+        self.taken = True
+        #: its reader waits for the workers to finish the batches of an abandoned read
+        self.draining = False
+
+
+def _digest(identity: tuple[int, ...]) -> bytes:
+    return hashlib.blake2b(repr(identity).encode(), digest_size=8).digest()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _Taken:
+    """Every entry a backup took that can still change (it has an identity), in capture
+    order, for the check once the capture ends: its path, kind and a digest of its identity
+    as taken. Paths are front-coded (the bytes shared with the previous path are counted,
+    not stored), so an entry costs about the length of its own name plus ten bytes, and no
+    Python object is held per entry."""
+
+    _KINDS = tuple(FileKind)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._last = b""
+        self.count = 0
+
+    def add(self, path: bytes, kind: FileKind, identity: tuple[int, ...]) -> None:
+        last = self._last
+        # a walk lists siblings one after another: they share their directory's prefix
+        cut = path.rfind(b"/") + 1
+        if cut and last[:cut] == path[:cut]:
+            shared = cut
+        else:
+            # entering or leaving a directory: the longest shared prefix, by bisection
+            shared, high = 0, min(len(last), len(path))
+            while shared < high:
+                mid = (shared + high + 1) // 2
+                if last[:mid] == path[:mid]:
+                    shared = mid
+                else:
+                    high = mid - 1
+        suffix = path[shared:]
+        buf = self._buf
+        buf += _varint(shared)
+        buf += _varint(len(suffix))
+        buf += suffix
+        buf.append(self._KINDS.index(kind))
+        buf += _digest(identity)
+        self._last = path
+        self.count += 1
+
+    def __iter__(self) -> Iterator[tuple[bytes, FileKind, bytes]]:
+        buf = memoryview(self._buf)
+        pos = 0
+        path = b""
+
+        def varint() -> int:
+            nonlocal pos
+            n = shift = 0
+            while True:
+                byte = buf[pos]
+                pos += 1
+                n |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    return n
+                shift += 7
+
+        while pos < len(buf):
+            shared = varint()
+            length = varint()
+            path = path[:shared] + bytes(buf[pos : pos + length])
+            pos += length
+            kind = self._KINDS[buf[pos]]
+            digest = bytes(buf[pos + 1 : pos + 9])
+            pos += 9
+            yield path, kind, digest
 
 
 #: spans of one record cut from one staging block: (block, record, first id slot, spans)
@@ -216,6 +343,10 @@ class BackupRun:
         self._awaited: _Record | None = None
         #: chunks this run stores (compact: it grows with the data)
         self._new = ChunkIdSet()
+        #: what the capture did not take whole, in capture order
+        self.issues: list[CaptureIssue] = []
+        #: the entries taken that can still change, for the check once the capture ends
+        self._taken = _Taken()
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -250,7 +381,7 @@ class BackupRun:
         with self._cond:
             record.closed = True
             if not record.left and record is self._awaited:
-                self._cond.notify()
+                self._cond.notify_all()
 
     def _complete(self, record: _Record) -> bool:
         with self._cond:
@@ -369,32 +500,124 @@ class BackupRun:
     def _read_file(
         self, capture: FileCapture, cutter: Cutter, entry: FileEntry, record: _Record
     ) -> None:
-        """Read and cut one file, handing its chunks to the workers."""
+        """Read and cut one file, handing its chunks to the workers; read it again while it
+        changes under the read (at most :data:`MAX_READS` reads), and leave it out of the
+        tree, with the reason in ``record.issue``, when it cannot be read at all."""
+        reads = 0
+        while True:
+            reads += 1
+            record.entry = entry
+            try:
+                self._read_once(capture, cutter, entry, record)
+            except EntryProblem as problem:
+                self._discard(record)
+                kind = _issue_kind(problem)
+                if kind is IssueKind.CHANGED and reads < MAX_READS:
+                    # not the file walked: read the one there now
+                    fresh = self._restat(capture, entry)
+                    if fresh is not None:
+                        entry = fresh
+                        continue
+                    kind, reason = IssueKind.VANISHED, "was removed while it was being read"
+                elif kind is IssueKind.CHANGED:
+                    reason = f"changed while it was read, {reads} times; not taken"
+                else:
+                    reason = problem.reason
+                self._leave_out(record, entry, kind, reason)
+                break
+            if entry.identity is None:
+                break  # a capture that cannot change (a snapshot)
+            now = self._restat(capture, entry)
+            if now is not None and now.identity == entry.identity:
+                break  # the file as read is the file as it is: the common case
+            if now is not None and reads >= MAX_READS:
+                record.issue = CaptureIssue(
+                    entry.path,
+                    IssueKind.CHANGED,
+                    f"changed while it was read, {reads} times; the last read is kept",
+                )
+                break
+            self._discard(record)
+            if now is None:
+                self._leave_out(
+                    record, entry, IssueKind.VANISHED, "was removed while it was being read"
+                )
+                break
+            entry = now
+        self._close(record)
+
+    def _read_once(
+        self, capture: FileCapture, cutter: Cutter, entry: FileEntry, record: _Record
+    ) -> None:
+        """One read of ``entry`` into ``record``; :class:`EntryProblem` when the capture
+        cannot open or read it (an error reading the file is one too)."""
         with self._open_lock:
             f = capture.open(entry)
-        with f:
-            cutter.begin()
-            left = entry.size
-            while True:
-                # one byte more than the file should still hold finds its end in one read
-                n, asked = cutter.fill(f, min(PIECE, left + 1) if left >= 0 else PIECE)
-                left -= n
-                record.size += n
-                end = n < asked
-                spans = cutter.cut(final=end)
-                if spans:
-                    assert cutter.block is not None
-                    self._ship(cutter.block, record, spans)
-                with self._cond:
-                    self.bytes_done += n
-                if end:
-                    break
-        self._close(record)
+        try:
+            with f:
+                cutter.begin()
+                left = entry.size
+                while True:
+                    # one byte more than the file should still hold finds its end in one read
+                    n, asked = cutter.fill(f, min(PIECE, left + 1) if left >= 0 else PIECE)
+                    left -= n
+                    record.size += n
+                    end = n < asked
+                    spans = cutter.cut(final=end)
+                    if spans:
+                        assert cutter.block is not None
+                        self._ship(cutter.block, record, spans)
+                    with self._cond:
+                        self.bytes_done += n
+                    if end:
+                        break
+        except OSError as exc:  # the source file's own read (nothing else here does I/O)
+            if exc.errno in (errno.ENOENT, errno.ESTALE):
+                kind, reason = IssueKind.VANISHED, "was removed while it was being read"
+            else:
+                kind, reason = IssueKind.UNREADABLE, f"cannot be read: {exc.strerror or exc}"
+            raise EntryProblem(entry.path, kind.value, reason) from None
+
+    def _restat(self, capture: FileCapture, entry: FileEntry) -> FileEntry | None:
+        """The regular file at ``entry.path`` as it is now; None when it is gone, or no
+        longer a regular file, or the capture cannot tell."""
+        try:
+            with self._open_lock:  # the capture is asked one thing at a time
+                now = capture.restat(entry)
+        except EntryProblem as problem:
+            log.info("capture of %s: %s", capture.instance.id, problem)
+            return None
+        if now is None or now.kind is not FileKind.FILE:
+            return None
+        return now
+
+    def _discard(self, record: _Record) -> None:
+        """Give ``record`` back empty, once the workers are done with every batch of the
+        read being abandoned (so none of its chunk ids lands in the next read's)."""
+        while True:
+            with self._cond:
+                if not record.left:
+                    record.draining = False
+                    self.bytes_done -= record.size
+                    record.ids = []
+                    record.size = 0
+                    record.incompressible = False
+                    return
+                record.draining = True
+                self._cond.wait(_POLL)
+            self.failure.check()
+
+    @staticmethod
+    def _leave_out(record: _Record, entry: FileEntry, kind: IssueKind, reason: str) -> None:
+        record.taken = False
+        record.issue = CaptureIssue(entry.path, kind, reason)
 
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
-        # records in capture order: ready bytes, or a file being read and hashed
-        pending: deque[bytes | tuple[FileEntry, bytes, _Record]] = deque()
+        # records in capture order: ready bytes, a file being read and hashed, or an issue
+        # the walk met (so issues are recorded in capture order too)
+        pending: deque[bytes | CaptureIssue | tuple[FileEntry, bytes, _Record]] = deque()
+        walk_issues = 0
         readers = [
             threading.Thread(
                 target=self._read_files, args=(capture,), name=f"regionvault-read-{i}", daemon=True
@@ -419,11 +642,24 @@ class BackupRun:
                     pending.popleft()
                     tree.add(head)
                     continue
-                entry, _path, record = head
+                if isinstance(head, CaptureIssue):
+                    pending.popleft()
+                    self.issues.append(head)
+                    continue
+                entry, path, record = head
                 if len(pending) <= limit and not self._complete(record):
                     return
                 ids = self._wait(record)
                 pending.popleft()
+                if record.issue is not None:
+                    self.issues.append(record.issue)
+                if not record.taken:
+                    self.files_done += 1
+                    continue
+                assert record.entry is not None
+                entry = record.entry  # as it was read
+                if entry.identity is not None and record.issue is None:
+                    self._taken.add(path, FileKind.FILE, entry.identity)
                 total += record.size
                 tree.add(encode(entry, record.size, ids))
                 self.files_done += 1
@@ -431,6 +667,9 @@ class BackupRun:
 
         try:
             for entry in self._entries(capture):
+                if len(capture.issues) > walk_issues:  # met by the walk on its way here
+                    pending.extend(capture.issues[walk_issues:])
+                    walk_issues = len(capture.issues)
                 problem = path_problem(entry.path)
                 if problem is not None:
                     raise ComputeError(f"capture of {label}: entry path {entry.path!r} {problem}")
@@ -441,6 +680,8 @@ class BackupRun:
                     # hard link to a file recorded before it
                     self.stats[_KIND_STATS[kind] if entry.link is None else "hardlinks"] += 1
                     pending.append(encode(entry, entry.size if kind is FileKind.FILE else 0))
+                    if kind is FileKind.SYMLINK and entry.identity is not None:
+                        self._taken.add(path, FileKind.SYMLINK, entry.identity)
                 else:
                     self.stats["files"] += 1
                     before = parent.find(path) if parent is not None else None
@@ -451,11 +692,14 @@ class BackupRun:
                         total += before.size
                         self.files_done += 1
                         pending.append(encode(entry, before.size, before.ids))
+                        if entry.identity is not None:  # the parent's bytes, as walked
+                            self._taken.add(path, FileKind.FILE, entry.identity)
                     else:
                         record = _Record()
                         self._files_q.put((entry, record))
                         pending.append((entry, path, record))
                 drain(_MAX_PENDING)
+            pending.extend(capture.issues[walk_issues:])
             drain(0)
         except BaseException:
             self.failure.set(Aborted())
@@ -466,7 +710,36 @@ class BackupRun:
             for t in readers:
                 while t.is_alive():
                     t.join(_POLL)
+        self.issues.extend(self._recheck(capture))
         return total
+
+    def _recheck(self, capture: FileCapture) -> list[CaptureIssue]:
+        """Every entry taken, looked at once more now that the capture has ended: one that
+        changed since it was read (a database whose write-ahead log was read after it) is
+        named. One removed since was taken whole as it was, and one created since the walk
+        is not part of this point: neither is an issue. A restat costs what a second walk
+        costs (a stat per entry) without listing any directory."""
+        changed: list[CaptureIssue] = []
+        for raw, kind, digest in self._taken:
+            self.failure.check()
+            path = raw.decode("utf-8", "surrogateescape")
+            try:
+                now = capture.restat(FileEntry(path=path, kind=kind, mode=0, mtime_ns=0))
+            except EntryProblem as problem:
+                log.info("capture of %s: %s", capture.instance.id, problem)
+                continue
+            if now is None or now.identity is None:
+                continue
+            if now.kind is not kind or _digest(now.identity) != digest:
+                changed.append(
+                    CaptureIssue(
+                        path,
+                        IssueKind.CHANGED,
+                        "changed after it was read, before the capture ended; "
+                        "the point holds it as read",
+                    )
+                )
+        return changed
 
     def _unchanged(self, before: fmt.RawRecord, entry: FileEntry) -> bool:
         """Whether the parent's chunks of this file can stand for its data. Only the data
@@ -592,8 +865,10 @@ class BackupRun:
                 self._staging.release(block)
                 with self._cond:
                     record.left -= 1
-                    if not record.left and record.closed and record is self._awaited:
-                        self._cond.notify()
+                    if not record.left and (
+                        record.draining or (record.closed and record is self._awaited)
+                    ):
+                        self._cond.notify_all()
         except Aborted:
             return
         except BaseException as exc:  # reported through the run's Failure
@@ -638,5 +913,6 @@ class BackupRun:
         self.stats["chunks"] = self.chunks
         self.stats["bytes_stored"] = self.writer.bytes_written
         self.stats["packs"] = self.writer.packs_written
-        issues = list(capture.issues) if isinstance(capture, FileCapture) else []
-        return BackupResult(tree_ids, tree.bytes, tree.entries, size, dict(self.stats), issues)
+        return BackupResult(
+            tree_ids, tree.bytes, tree.entries, size, dict(self.stats), list(self.issues)
+        )
