@@ -17,7 +17,13 @@ and its module name is added to :data:`COMMAND_MODULES`, which the root group im
 first time it is asked for its commands (so ``--help`` and ``CliRunner`` see them too).
 
 Exit codes: 0 ok; 1 for an expected error (any :class:`RegionVaultError`, printed as one line
-``regionvault: error: ...`` on standard error, without a traceback); 2 for a usage error.
+``regionvault: error: ...`` on standard error, without a traceback; nothing is committed); 2
+for a usage error; 3 (:data:`EXIT_INCOMPLETE`) when the command did its work but not whole: a
+recovery point was committed that names entries the capture could not take whole (unreadable,
+vanished, or changed while it was read), each named on standard error as
+``regionvault: warning: <path>: <message>`` (the first few, then ``... and N more``), and
+recorded in the point (``backup``; ``tick`` and ``run`` when one of their backups was, and no
+step failed).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMMAND_MODULES",
+    "EXIT_INCOMPLETE",
     "CliState",
     "ExpectedError",
     "cli",
@@ -63,6 +70,9 @@ __all__ = [
 COMMAND_MODULES: tuple[str, ...] = ("regionvault.core.commands", "regionvault.core.demo")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: the exit status of a command that did its work but not whole (see the module docstring)
+EXIT_INCOMPLETE = 3
 
 
 # --------------------------------------------------------------------------- errors

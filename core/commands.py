@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from regionvault.core.cli import (
+    EXIT_INCOMPLETE,
     CliState,
     ExpectedError,
     cli,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from regionvault.core.pipeline import Engine, StatusRow, TickReport
     from regionvault.core.repository import Progress, Repository
     from regionvault.core.site import Region
-    from regionvault.core.types import RecoveryPoint
+    from regionvault.core.types import CaptureIssue, RecoveryPoint
 
 __all__: list[str] = []
 
@@ -73,6 +74,31 @@ NO_REPOSITORY = "no repository yet (nothing backed up or copied there)"
 
 def _err(text: str) -> None:
     click.echo(text, err=True)
+
+
+#: issues named on standard error by ``backup`` and ``tick``; the rest are counted
+SHOWN_ISSUES = 5
+
+
+def shown_path(path: str) -> str:
+    """A captured path as one printable line: bytes that are not UTF-8 as ``\\xNN``, line
+    breaks and tabs escaped."""
+    try:
+        raw = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def warn_issues(issues: Sequence[CaptureIssue], total: int) -> None:
+    """Name the first few entries a point did not take whole on standard error, one line
+    each (``regionvault: warning: <path>: <message>``), then count the rest."""
+    for issue in issues[:SHOWN_ISSUES]:
+        _err(f"regionvault: warning: {shown_path(issue.path)}: {issue.message}")
+    more = total - min(len(issues), SHOWN_ISSUES)
+    if more > 0:
+        _err(f"regionvault: warning: ... and {more} more")
 
 
 def _existing_repositories(
@@ -152,6 +178,7 @@ def _point_row(p: RecoveryPoint, now: datetime) -> list[str]:
         p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
         f"{p.size:,}",
         f"{p.lineage.source_region}/{p.lineage.source_recovery_point[:8]}" if p.lineage else "",
+        f"{p.issues:,}" if p.issues else "-",
     ]
 
 
@@ -168,6 +195,9 @@ def point_json(p: RecoveryPoint) -> dict[str, Any]:
         "policy": p.policy,
         "function": p.function,
         "tags": dict(p.tags),
+        # entries the point names as not taken whole (0: complete)
+        "issues": p.issues,
+        "incomplete": p.issues > 0,
         "lineage": None
         if p.lineage is None
         else {
@@ -189,13 +219,22 @@ def point_json(p: RecoveryPoint) -> dict[str, Any]:
 def backup(state: CliState, instance: str, region: str | None) -> None:
     """Back up INSTANCE (id or unique name) into its home region's vault now.
 
-    Prints the new recovery point's id alone on the last line of standard output."""
+    Prints the new recovery point's id alone on the last line of standard output. Exits 3
+    (incomplete) when the point names entries it could not take whole (each is named on
+    standard error: the first few, then a count); the point is committed all the same."""
     engine = _engine(state)
     inst = state.site().find_instance(instance, region=region)
     with progress_bar(f"backup {inst.name}") as progress:
         point = engine.backup(inst, progress=progress)
-    _err(f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes")
+    done = f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes"
+    if not point.issues:
+        _err(done)
+        click.echo(point.id)
+        return
+    _err(f"{done}; incomplete: {point.issues:,} entries not taken whole")
+    warn_issues(engine.point_issues(point), point.issues)
     click.echo(point.id)
+    raise click.exceptions.Exit(EXIT_INCOMPLETE)
 
 
 @cli.command()
@@ -322,7 +361,17 @@ def points(state: CliState, region: str | None, instance: str | None, as_json: b
         return
     now = datetime.now(UTC)
     print_table(
-        ["id", "region", "instance", "created (UTC)", "age", "expires", "bytes", "copy of"],
+        [
+            "id",
+            "region",
+            "instance",
+            "created (UTC)",
+            "age",
+            "expires",
+            "bytes",
+            "copy of",
+            "issues",
+        ],
         [_point_row(p, now) for p in found],
     )
 
@@ -564,6 +613,7 @@ def _tick_json(report: TickReport) -> dict[str, Any]:
         **region,
         "at": report.at.isoformat(),
         "ok": report.ok,
+        "outcome": report.outcome,
         "tagged": [t.instance_id for rep in report.tagged for t in rep.tagged],
         "schedule": [s.summary() for s in report.schedule],
         "jobs": [o.to_dict() for o in report.jobs],
@@ -579,6 +629,15 @@ def _print_tick(report: TickReport) -> None:
     for o in report.jobs:
         if o.status.value == "replayed":
             continue
+        if o.incomplete:
+            point = o.result.get("point") if isinstance(o.result, dict) else None
+            of = f" (point {point})" if point else ""
+            click.echo(f"incomplete {o.key}: {o.issues_total:,} entries not taken whole{of}")
+            for issue in o.issues[:SHOWN_ISSUES]:
+                click.echo(f"  {shown_path(issue.path)}: {issue.message}")
+            if o.issues_total > SHOWN_ISSUES:
+                click.echo(f"  ... and {o.issues_total - SHOWN_ISSUES:,} more")
+            continue
         line = f"{o.status.value:8} {o.key}"
         if o.error:
             line += f": {o.error}"
@@ -587,21 +646,32 @@ def _print_tick(report: TickReport) -> None:
         click.echo(f"problem: {p}")
 
 
+def _exit_for(failed: int, incomplete: int) -> None:
+    """Exit 1 when a step failed, else 3 when a job did its work but not whole."""
+    if failed:
+        raise ExpectedError(f"{failed} step(s) failed")
+    if incomplete:
+        _err(f"regionvault: warning: {incomplete} job(s) incomplete: see their issues above")
+        raise click.exceptions.Exit(EXIT_INCOMPLETE)
+
+
 @cli.command()
 @_REGION_TICK
 @_COPY_GRACE
 @json_option
 @pass_state
 def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: bool) -> None:
-    """One pass: tag, back up what is due, copy, apply retention (for cron)."""
+    """One pass: tag, back up what is due, copy, apply retention (for cron).
+
+    Exits 1 when a step failed, else 3 when a backup was incomplete (its point names
+    entries it could not take whole), else 0."""
     name, options = _region_tick_options(state, region, copy_grace)
     report = _engine(state, **options).tick(name)
     if as_json:
         print_json(_tick_json(report))
     else:
         _print_tick(report)
-    if not report.ok:
-        raise ExpectedError(f"{len(report.failures()) + len(report.problems)} step(s) failed")
+    _exit_for(len(report.failures()) + len(report.problems), len(report.incomplete()))
 
 
 @cli.command()
@@ -619,7 +689,10 @@ def run(
     region: str | None,
     copy_grace: str | None,
 ) -> None:
-    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish."""
+    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish.
+
+    Exits as one tick over all the ticks it ran: 1 when a step failed, else 3 when a backup
+    was incomplete, else 0."""
     name, options = _region_tick_options(state, region, copy_grace)
     every = None
     if interval is not None:
@@ -636,13 +709,18 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     engine = _engine(state, **options)
+    failed = incomplete = 0
 
     def on_tick(report: TickReport) -> None:
+        nonlocal failed, incomplete
         _print_tick(report)
         sys.stdout.flush()
+        failed += len(report.failures()) + len(report.problems)
+        incomplete += len(report.incomplete())
 
     ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     _err(f"regionvault: stopped after {ticks} tick(s)")
+    _exit_for(failed, incomplete)
 
 
 @cli.command()
@@ -664,9 +742,19 @@ def status(state: CliState, as_json: bool) -> None:
         return
 
     print_table(
-        ["instance", "region", "role", "points", "newest", "RPO", "last copy", "last drill RTO"],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-"]
+            "instance",
+            "region",
+            "role",
+            "points",
+            "newest",
+            "RPO",
+            "last copy",
+            "last drill RTO",
+            "newest issues",
+        ],
+        [
+            ["-", name, "-", "0", "-", "-", "-", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
@@ -679,6 +767,7 @@ def status(state: CliState, as_json: bool) -> None:
                 "-"
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
+                f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
             ]
             for name, r in entries
         ],
@@ -697,6 +786,7 @@ def _empty_status(region: str) -> dict[str, Any]:
         "newest_at": None,
         "rpo_seconds": None,
         "points": 0,
+        "newest_issues": None,
         "last_copy_at": None,
         "last_drill_at": None,
         "last_drill_rto": None,

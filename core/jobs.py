@@ -38,6 +38,7 @@ from urllib.parse import quote, unquote
 
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.fsutil import write_atomic
+from regionvault.core.types import CaptureIssue, IssueKind
 
 if TYPE_CHECKING:
     import pluggy
@@ -51,10 +52,12 @@ __all__ = [
     "COPY_RECEIPT",
     "COPY_REQUEST",
     "COPY_SEND",
+    "LISTED_ISSUES",
     "RETENTION",
     "TAG",
     "Executor",
     "Handler",
+    "Incomplete",
     "Job",
     "JobHandlers",
     "JobLedger",
@@ -341,9 +344,13 @@ def retention_job(region: str, slot: datetime) -> Job:
 
 # --------------------------------------------------------------------------- outcomes
 
+#: a job's outcome names at most this many of its issues (it counts them all)
+LISTED_ISSUES = 20
+
 
 class JobStatus(enum.StrEnum):
-    #: the job ran now and succeeded
+    #: the job ran now and succeeded (or did its work but not whole: see
+    #: :attr:`JobOutcome.incomplete`)
     DONE = "done"
     #: the key had finished before: nothing ran, the recorded result is returned
     REPLAYED = "replayed"
@@ -365,10 +372,31 @@ class JobOutcome:
     finished_at: datetime | None = None
     #: ``host:pid`` of the runner that ran (or holds) the job
     runner: str | None = None
+    #: what the job could not do whole (a backup's entries it did not take), the first
+    #: :data:`LISTED_ISSUES` of :attr:`issues_total`
+    issues: tuple[CaptureIssue, ...] = ()
+    issues_total: int = 0
 
     @property
     def ok(self) -> bool:
+        """The job's work is done (it may be :attr:`incomplete`, and is done all the same:
+        its key is not run again)."""
         return self.status in (JobStatus.DONE, JobStatus.REPLAYED)
+
+    @property
+    def incomplete(self) -> bool:
+        """Done, but not whole: a backup whose recovery point names entries it could not
+        take. The ledger records it as done (the point exists), with its issues."""
+        return self.ok and self.issues_total > 0
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``incomplete``, ``failed``, or ``busy`` (another runner has it)."""
+        if self.status is JobStatus.FAILED:
+            return "failed"
+        if self.status is JobStatus.BUSY:
+            return "busy"
+        return "incomplete" if self.incomplete else "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -376,8 +404,18 @@ class JobOutcome:
             "kind": self.kind,
             "region": self.region,
             "status": str(self.status),
+            "outcome": self.outcome,
             "result": self.result,
             "error": self.error,
+            "issues": None
+            if not self.issues_total
+            else {
+                "total": self.issues_total,
+                "listed": [
+                    {"path": i.path, "kind": i.kind.value, "message": i.message}
+                    for i in self.issues
+                ],
+            },
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "runner": self.runner,
@@ -388,6 +426,7 @@ class JobOutcome:
         def when(value: Any) -> datetime | None:
             return datetime.fromisoformat(value) if isinstance(value, str) else None
 
+        issues = data.get("issues") or {"total": 0, "listed": []}
         return cls(
             key=data["key"],
             kind=data["kind"],
@@ -398,12 +437,29 @@ class JobOutcome:
             started_at=when(data.get("started_at")),
             finished_at=when(data.get("finished_at")),
             runner=data.get("runner"),
+            issues=tuple(
+                CaptureIssue(str(i["path"]), IssueKind(i["kind"]), str(i["message"]))
+                for i in issues["listed"]
+            ),
+            issues_total=int(issues["total"]),
         )
 
 
 # --------------------------------------------------------------------------- handlers
 
 Handler = Callable[[Job], Any]
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """What a handler returns for work it did, but not whole: a backup whose recovery point
+    names entries the capture could not take. The job is done for its key (it is not run
+    again: the point exists), and its outcome says what was not taken: ``result`` is the
+    job's result as usual, ``issues`` the first few of ``total``."""
+
+    result: Any
+    issues: tuple[CaptureIssue, ...]
+    total: int
 
 
 class JobHandlers:
@@ -799,6 +855,11 @@ def execute_job(
             result = handlers.get(job.kind)(job)
         except Exception as exc:
             return _failed(job, exc, started, ledger, plugin_manager)
+        issues: tuple[CaptureIssue, ...] = ()
+        issues_total = 0
+        if isinstance(result, Incomplete):
+            issues, issues_total = result.issues[:LISTED_ISSUES], max(0, result.total)
+            result = result.result
         try:
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -813,6 +874,8 @@ def execute_job(
             started_at=started,
             finished_at=_now(),
             runner=_runner(),
+            issues=issues,
+            issues_total=issues_total,
         )
         try:
             ledger.mark_done(outcome)
@@ -859,6 +922,8 @@ def _replayed(recorded: JobOutcome) -> JobOutcome:
         started_at=recorded.started_at,
         finished_at=recorded.finished_at,
         runner=recorded.runner,
+        issues=recorded.issues,
+        issues_total=recorded.issues_total,
     )
 
 

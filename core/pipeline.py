@@ -55,8 +55,10 @@ from regionvault.core.jobs import (
     COPY_RECEIPT,
     COPY_REQUEST,
     COPY_SEND,
+    LISTED_ISSUES,
     RETENTION,
     TAG,
+    Incomplete,
     Job,
     JobHandlers,
     JobLedger,
@@ -78,7 +80,7 @@ from regionvault.core.repository import Repository, RepositorySettings
 from regionvault.core.scheduler import ScheduleReport, due_instances
 from regionvault.core.state import DrillRecord, StateStore
 from regionvault.core.tagger import TagReport, tag_region
-from regionvault.core.types import Instance, LaunchSpec, RecoveryPoint, Tags
+from regionvault.core.types import CaptureIssue, Instance, LaunchSpec, RecoveryPoint, Tags
 
 if TYPE_CHECKING:
     from regionvault.core.jobs import Executor
@@ -162,6 +164,20 @@ class TickReport:
         # a BUSY job is not a failure: another runner is doing it right now
         return [o for o in self.jobs if o.status is JobStatus.FAILED]
 
+    def incomplete(self) -> list[JobOutcome]:
+        """The jobs this tick ran that did their work but not whole (a backup whose point
+        names entries it could not take); one replayed from an earlier tick is not counted
+        again."""
+        return [o for o in self.jobs if o.status is JobStatus.DONE and o.incomplete]
+
+    @property
+    def outcome(self) -> str:
+        """``failed`` (a job failed, or a problem outside any job), else ``incomplete`` (a
+        job ran but did not do its work whole), else ``ok``."""
+        if not self.ok:
+            return "failed"
+        return "incomplete" if self.incomplete() else "ok"
+
 
 @dataclass(frozen=True)
 class StatusRow:
@@ -179,6 +195,8 @@ class StatusRow:
     rpo_seconds: float | None
     points: int
     last_copy_at: datetime | None = None
+    #: entries the newest point names as not taken whole (0: it is complete)
+    newest_issues: int = 0
     last_drill_at: datetime | None = None
     last_drill_rto: float | None = None
     last_drill_healthy: bool | None = None
@@ -196,6 +214,7 @@ class StatusRow:
             "newest_at": iso(self.newest_at),
             "rpo_seconds": self.rpo_seconds,
             "points": self.points,
+            "newest_issues": self.newest_issues,
             "last_copy_at": iso(self.last_copy_at),
             "last_drill_at": iso(self.last_drill_at),
             "last_drill_rto": self.last_drill_rto,
@@ -345,6 +364,11 @@ class Engine:
         With ``slot``, the backup belongs to that schedule slot: when a recovery point for
         the slot exists already (a job run twice, two runners), that point is returned and
         nothing new is written.
+
+        A point whose capture could not take every entry whole (an entry that vanished, could
+        not be read, or kept changing while it was read) is committed with what was taken,
+        and its ``issues`` count what it names (:meth:`point_issues`); a failure of the whole
+        backup raises and commits nothing.
         """
         inst = (
             instance
@@ -404,6 +428,13 @@ class Engine:
                     capture.close()
         self._hook("regionvault_after_backup", region=home.name, recovery_point=point)
         return point
+
+    def point_issues(self, point: RecoveryPoint) -> tuple[CaptureIssue, ...]:
+        """What ``point`` names as not taken whole, in capture order (its manifest lists the
+        first 1000 of ``point.issues``); empty for a complete point."""
+        if not point.issues:
+            return ()
+        return self.repository(point.region, create=False).load_manifest(point.id).issues
 
     # ------------------------------------------------------------------ copy
 
@@ -767,7 +798,12 @@ class Engine:
                 job.payload["instance_id"]
             )
             point = self.backup(instance, slot=parse_slot(job.payload["slot"]))
-            return {"point": point.id}
+            result = {"point": point.id}
+            if point.issues:
+                # done for its slot all the same (the point exists), and saying so
+                listed = self.point_issues(point)[:LISTED_ISSUES]
+                return Incomplete({**result, "issues": point.issues}, listed, point.issues)
+            return result
 
         def run_copy(job: Job) -> Any:
             result = self.copy(
@@ -1318,6 +1354,7 @@ class Engine:
                         rpo_seconds=(now - captured).total_seconds(),
                         points=len(pts),
                         last_copy_at=copies[-1].created_at if copies else None,
+                        newest_issues=newest.issues,
                         last_drill_at=drill.at if drill else None,
                         last_drill_rto=drill.rto_seconds if drill else None,
                         last_drill_healthy=drill.healthy if drill else None,

@@ -16,7 +16,13 @@ import io
 import json
 import os
 import random
+import shutil
+import sqlite3
 import stat
+import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -25,14 +31,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from click.testing import CliRunner, Result
 from regionvault.core import FileCapture, Instance
+from regionvault.core.cli import cli
 from regionvault.core.errors import EntryProblem
+from regionvault.core.jobs import JobLedger
+from regionvault.core.pipeline import Engine
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._backup import MAX_READS
-from regionvault.core.site import Region
+from regionvault.core.site import Region, Site
 from regionvault.core.types import CaptureIssue, FileEntry, FileKind, IssueKind
-from regionvault.providers.local.compute import LocalFileCapture
+from regionvault.providers.local.compute import LocalCompute, LocalFileCapture
 from repository_support import INSTANCE, repo_for, snapshot
 
 #: a read of a hooked file returns at most this many bytes, so hooks run between reads
@@ -202,7 +212,12 @@ def test_a_file_replaced_between_walk_and_open_is_taken_as_replaced(
 ) -> None:
     new = b"rewritten by an editor\n" * 3000  # another size than the walked file's
     cap = HookedCapture(src)
-    cap.before_open["var/db/app.db"] = lambda n: n == 1 and replace_file(src / "var/db/app.db", new)
+
+    def editor(opened: int) -> None:
+        if opened == 1:
+            replace_file(src / "var/db/app.db", new)
+
+    cap.before_open["var/db/app.db"] = editor
     point = repo.backup(cap)
     assert point.issues == 0  # the file read is whole: nothing to name
     assert repo.load_manifest(point.id).issues == ()
@@ -274,7 +289,11 @@ def test_vanished_and_unreadable_files_are_named_and_the_rest_committed(
     repo: Repository, src: Path, tmp_path: Path
 ) -> None:
     cap = HookedCapture(src)
-    cap.before_open["var/db/app.db-wal"] = lambda n: (src / "var/db/app.db-wal").unlink()
+
+    def remove(opened: int) -> None:
+        (src / "var/db/app.db-wal").unlink()
+
+    cap.before_open["var/db/app.db-wal"] = remove
     cap.open_problems["etc/nf.conf"] = EntryProblem(
         "etc/nf.conf", "unreadable", "cannot be opened: Permission denied"
     )
@@ -378,3 +397,347 @@ def test_a_complete_backup_records_no_issues(repo: Repository, src: Path) -> Non
     point = repo.backup(HookedCapture(src))
     assert point.issues == 0
     assert "issues" not in manifest_doc(repo, point.id)
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+class Injected:
+    """What every capture the local provider makes in a test is hooked with (see
+    :class:`HookedCapture`)."""
+
+    def __init__(self) -> None:
+        self.before_open: dict[str, Callable[[int], None]] = {}
+        self.after_read: dict[str, Callable[[int, int], None]] = {}
+        self.open_problems: dict[str, EntryProblem] = {}
+        self.captures: list[HookedCapture] = []
+
+
+@pytest.fixture
+def injected(monkeypatch: pytest.MonkeyPatch) -> Injected:
+    injected = Injected()
+    local_capture = LocalCompute.capture
+
+    def capture(self: LocalCompute, instance_id: str, **kwargs: Any) -> HookedCapture:
+        plain = local_capture(self, instance_id, **kwargs)
+        assert isinstance(plain, LocalFileCapture)
+        hooked = HookedCapture(plain.root, plain.instance)
+        hooked.before_open = injected.before_open
+        hooked.after_read = injected.after_read
+        hooked.open_problems = injected.open_problems
+        injected.captures.append(hooked)
+        return hooked
+
+    monkeypatch.setattr(LocalCompute, "capture", capture)
+    return injected
+
+
+def run(*args: str | os.PathLike[str]) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: str | os.PathLike[str]) -> Result:
+    result = run(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ok("init")
+    return tmp_path
+
+
+@pytest.fixture
+def nf_data(workdir: Path) -> Path:
+    root = workdir / "nf-data"
+    root.mkdir()
+    make_tree(root)
+    for i in range(7):
+        (root / f"sessions/s{i}.bin").parent.mkdir(exist_ok=True)
+        (root / f"sessions/s{i}.bin").write_bytes(random.Random(i).randbytes(4096))
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", root)
+    return root
+
+
+def unreadable(path: str) -> EntryProblem:
+    return EntryProblem(path, "unreadable", "cannot be opened: Permission denied")
+
+
+def assert_incomplete(result: Result, *named: str) -> str:
+    """Exit 3, the point id alone on the last line of standard output, the entries named
+    on standard error as warnings, no traceback; the point id."""
+    assert result.exit_code == 3, (result.stdout, result.stderr)
+    point = result.stdout.splitlines()[-1]
+    assert len(point) == 32 and int(point, 16) >= 0
+    assert "Traceback" not in result.stderr + result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert all(line.startswith("regionvault: warning: ") for line in warnings), warnings
+    for path in named:
+        assert any(f"regionvault: warning: {path}: " in line for line in warnings), path
+    return point
+
+
+def test_backup_names_what_it_did_not_take_and_exits_3(
+    injected: Injected, nf_data: Path, workdir: Path
+) -> None:
+    log = nf_data / "var/log/nf.log"
+
+    def append(opened: int, offset: int) -> None:
+        if offset == READ_STEP:
+            with log.open("ab") as f:
+                f.write(b"still logging\n")
+
+    injected.after_read["var/log/nf.log"] = append
+    for i in range(7):
+        injected.open_problems[f"sessions/s{i}.bin"] = unreadable(f"sessions/s{i}.bin")
+    result = run("backup", "nf1")
+    point = assert_incomplete(result, "sessions/s0.bin", "sessions/s4.bin")
+    lines = result.stderr.splitlines()
+    assert "incomplete: 8 entries not taken whole" in lines[0]
+    # the first few are named, in capture order, then counted
+    assert lines[1:] == [
+        *(
+            f"regionvault: warning: sessions/s{i}.bin: cannot be opened: Permission denied"
+            for i in range(5)
+        ),
+        "regionvault: warning: ... and 3 more",
+    ]
+    # what was taken is committed, and restores as it was
+    out = workdir / "out"
+    ok("restore", point, "--region", "east", "--target", out)
+    want = files(nf_data)
+    for i in range(7):
+        del want[f"sessions/s{i}.bin"]
+    del want["var/log/nf.log"]
+    got = files(out)
+    assert got.pop("var/log/nf.log")[0] == "file"  # kept as last read
+    assert got == want
+    # points and status say the point is incomplete
+    (listed,) = json.loads(ok("points", "--json").stdout)
+    assert (listed["id"], listed["issues"], listed["incomplete"]) == (point, 8, True)
+    assert ok("points").stdout.rstrip("\n").endswith("\t8")
+    rows = {r["region"]: r for r in json.loads(ok("status", "--json").stdout)}
+    assert rows["local:east"]["newest_issues"] == 8
+    assert "8 (incomplete)" in ok("status").stdout
+    engine = Engine(Site.load(workdir / "site.toml"))
+    issues = engine.point_issues(engine.find_point(point))
+    assert [(i.path, i.kind) for i in issues] == [
+        *((f"sessions/s{i}.bin", IssueKind.UNREADABLE) for i in range(7)),
+        ("var/log/nf.log", IssueKind.CHANGED),
+    ]
+
+
+#: a real ``regionvault`` process whose local captures are hooked: one file cannot be opened
+HOOKED_MAIN = """
+import sys
+from regionvault.core.cli import main
+from regionvault.core.errors import EntryProblem
+from regionvault.providers.local.compute import LocalCompute
+from test_honest_capture import HookedCapture
+
+local_capture = LocalCompute.capture
+
+def capture(self, instance_id, **kwargs):
+    plain = local_capture(self, instance_id, **kwargs)
+    hooked = HookedCapture(plain.root, plain.instance)
+    hooked.open_problems["etc/nf.conf"] = EntryProblem(
+        "etc/nf.conf", "unreadable", "cannot be opened: Permission denied"
+    )
+    return hooked
+
+LocalCompute.capture = capture
+main(sys.argv[1:])
+"""
+
+
+def test_a_backup_process_exits_3_with_the_point_id_last(workdir: Path, nf_data: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REGIONVAULT_SITE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", HOOKED_MAIN, "backup", "nf1"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    point = done.stdout.splitlines()[-1]
+    assert done.stdout == point + "\n" and len(point) == 32
+    assert done.stderr.splitlines()[1:] == [
+        "regionvault: warning: etc/nf.conf: cannot be opened: Permission denied"
+    ]
+    # without the hook, the same backup is complete: exit 0, no warning
+    again = subprocess.run(
+        [str(Path(sys.executable).parent / "regionvault"), "backup", "nf1"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "warning" not in again.stderr
+
+
+def test_a_failure_of_the_whole_backup_commits_nothing_and_exits_1(
+    workdir: Path, nf_data: Path
+) -> None:
+    shutil.rmtree(nf_data)  # the data root itself is gone
+    result = run("backup", "nf1")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("regionvault: error: ") and "nf-data" in line
+    assert json.loads(ok("points", "--json").stdout) == []
+
+
+def test_a_copy_keeps_the_issues_of_its_point(
+    injected: Injected, nf_data: Path, workdir: Path
+) -> None:
+    injected.open_problems["etc/nf.conf"] = unreadable("etc/nf.conf")
+    point = assert_incomplete(run("backup", "nf1"), "etc/nf.conf")
+    copy = ok("copy", point, "--to", "west").stdout.splitlines()[-1]
+    engine = Engine(Site.load(workdir / "site.toml"))
+    copied = engine.find_point(copy, "west")
+    assert copied.issues == 1 and copied.lineage is not None
+    assert engine.point_issues(copied) == engine.point_issues(engine.find_point(point))
+    assert [(i.path, i.kind) for i in engine.point_issues(copied)] == [
+        ("etc/nf.conf", IssueKind.UNREADABLE)
+    ]
+
+
+def test_tick_and_run_report_incomplete_backups_and_exit_3(
+    injected: Injected, nf_data: Path, workdir: Path
+) -> None:
+    injected.open_problems["etc/nf.conf"] = unreadable("etc/nf.conf")
+    result = run("tick", "--json")
+    assert result.exit_code == 3, (result.stdout, result.stderr)
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["outcome"] == "incomplete"
+    (backup,) = [j for j in report["jobs"] if j["kind"] == "backup"]
+    assert (backup["status"], backup["outcome"]) == ("done", "incomplete")
+    assert backup["issues"] == {
+        "total": 1,
+        "listed": [
+            {
+                "path": "etc/nf.conf",
+                "kind": "unreadable",
+                "message": "cannot be opened: Permission denied",
+            }
+        ],
+    }
+    # the incomplete point is copied like any other (and its copy says it is incomplete)
+    (copy,) = [j for j in report["jobs"] if j["kind"] == "copy"]
+    assert copy["outcome"] == "ok"
+    assert all(j["outcome"] == "ok" for j in report["jobs"] if j is not backup)
+    # the ledger has the slot done (the point exists), and says it is incomplete
+    recorded = JobLedger(workdir / ".regionvault").record(backup["key"])
+    assert recorded is not None and recorded.incomplete and recorded.issues_total == 1
+    # the next tick does not back it up again for the same slot: nothing incomplete ran
+    again = run("tick")
+    assert again.exit_code == 0, (again.stdout, again.stderr)
+
+    # the text form names the job and its entries
+    ok("points")  # (a listing of both points)
+    engine = Engine(Site.load(workdir / "site.toml"))
+    engine.ledger().forget(backup["key"])
+    east = engine.repository("east")
+    east.forget([point.id for point in east.points()])
+    text = run("tick")
+    assert text.exit_code == 3, (text.stdout, text.stderr)
+    assert any(
+        line.startswith("incomplete backup/local:east/") and "1 entries not taken whole" in line
+        for line in text.stdout.splitlines()
+    ), text.stdout
+    assert "  etc/nf.conf: cannot be opened: Permission denied" in text.stdout.splitlines()
+    assert text.stderr.splitlines()[-1] == (
+        "regionvault: warning: 1 job(s) incomplete: see their issues above"
+    )
+
+
+# --------------------------------------------------------------------------- a real workload
+
+#: accounts in the test database; every transaction moves one unit between two of them, so
+#: their sum is the same in every state the database was ever in
+ACCOUNTS = 3000
+TRIALS = 5
+
+
+def _create_db(path: Path) -> None:
+    rng = random.Random(13)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER, note BLOB)")
+        conn.executemany(
+            "INSERT INTO account VALUES (?, 100, ?)",
+            ((i, rng.randbytes(700)) for i in range(ACCOUNTS)),
+        )
+    conn.close()
+
+
+def _write_until(path: Path, stop: threading.Event, seed: int) -> None:
+    """Transfers until ``stop`` (at most 200,000 transactions or 60 seconds)."""
+    rng = random.Random(seed)
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        for _ in range(200_000):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            a, b = rng.randrange(ACCOUNTS), rng.randrange(ACCOUNTS)
+            with conn:
+                conn.execute("UPDATE account SET balance = balance - 1 WHERE id = ?", (a,))
+                conn.execute(
+                    "UPDATE account SET balance = balance + 1, note = ? WHERE id = ?",
+                    (rng.randbytes(700), b),
+                )
+    finally:
+        conn.close()
+
+
+def _consistent(path: Path) -> bool:
+    """``PRAGMA integrity_check`` passes and the balances add up."""
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            (check,) = conn.execute("PRAGMA integrity_check").fetchone()
+            (total,) = conn.execute("SELECT sum(balance) FROM account").fetchone()
+            return bool(check == "ok" and total == 100 * ACCOUNTS)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
+def test_a_live_sqlite_database_never_backs_up_torn_with_exit_0(workdir: Path) -> None:
+    """A database in WAL mode under a writer, backed up through the local provider without
+    a hook: either the backup names changed entries (exit 3), or the restored database is
+    consistent. Never exit 0 over a torn database."""
+    data = workdir / "db-data"
+    data.mkdir()
+    db = data / "app.db"
+    _create_db(db)
+    walked = LocalFileCapture(INSTANCE, datetime.now(UTC), data).entries()
+    assert all(e.identity is not None for e in walked), "the local capture gives no identity"
+    ok("instances", "add", "--region", "east", "--name", "db1", "--data", data)
+    for trial in range(TRIALS):
+        stop = threading.Event()
+        writer = threading.Thread(target=_write_until, args=(db, stop, trial), daemon=True)
+        writer.start()
+        try:
+            result = run("backup", "db1")
+        finally:
+            stop.set()
+            writer.join(90)
+        assert result.exit_code in (0, 3), (result.stdout, result.stderr)
+        point = result.stdout.splitlines()[-1]
+        out = workdir / f"restored-{trial}"
+        ok("restore", point, "--region", "east", "--target", out)
+        if result.exit_code == 0:
+            assert _consistent(out / "app.db"), f"trial {trial}: exit 0 over a torn database"
+        else:
+            assert "app.db" in result.stderr, result.stderr

@@ -173,7 +173,7 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
     with ThreadPoolExecutor(max_workers=2) as pool:
         for record in tree_records(store, state.index, pool, manifest):
             parts.append(_encode_record(record, fmt.point_name(point_id)))
-    point = {
+    point: dict[str, Any] = {
         "format": fmt.FORMAT_VERSION,
         "id": p.id,
         "region": p.region,
@@ -198,6 +198,14 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
         "entries": manifest.entry_count,
         "stats": dict(manifest.stats),
     }
+    if p.issues:  # a copy is as complete as its source, and says so
+        point["issues"] = {
+            "total": p.issues,
+            "listed": [
+                {"path": i.path, "kind": i.kind.value, "message": i.message}
+                for i in manifest.issues
+            ],
+        }
     return CopyOffer(point, b"".join(parts))
 
 

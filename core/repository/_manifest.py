@@ -28,6 +28,16 @@ __all__ = ["MAX_LISTED_ISSUES", "decode_manifest", "encode_manifest", "root_hash
 MAX_LISTED_ISSUES = 1000
 
 
+def _text(name: str) -> str:
+    """``name`` as UTF-8 can hold it: a path's bytes that are not UTF-8 (surrogate-escaped)
+    are written as ``\\xNN``, for the reader of an issue, not for finding the entry."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no raw byte gave
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def root_hash(store: Store, doc: Mapping[str, Any]) -> str:
     """BLAKE3, keyed with the chunk-id key, over the canonical manifest without its root hash.
     The tree enters through its chunk ids, themselves keyed hashes of the tree's bytes."""
@@ -98,7 +108,7 @@ def encode_manifest(
         doc["issues"] = {
             "total": total,
             "listed": [
-                {"path": i.path, "kind": i.kind.value, "message": i.message}
+                {"path": _text(i.path), "kind": i.kind.value, "message": _text(i.message)}
                 for i in issues[:MAX_LISTED_ISSUES]
             ],
         }
