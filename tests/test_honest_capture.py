@@ -658,6 +658,36 @@ def test_tick_and_run_report_incomplete_backups_and_exit_3(
         "regionvault: warning: 1 job(s) incomplete: see their issues above"
     )
 
+    # run: the same outcomes, and the same exit status over all its ticks
+    engine.ledger().forget(backup["key"])
+    east.forget([point.id for point in east.points()])
+    ran = run("run", "--max-ticks", "1", "--interval", "1s")
+    assert ran.exit_code == 3, (ran.stdout, ran.stderr)
+    assert "incomplete backup/local:east/" in ran.stdout
+    assert "regionvault: stopped after 1 tick(s)" in ran.stderr
+
+
+def test_a_job_outcome_keeps_its_issues_through_json() -> None:
+    from regionvault.core.jobs import JobOutcome, JobStatus
+
+    issue = CaptureIssue("db/app.db", IssueKind.CHANGED, "changed after it was read")
+    outcome = JobOutcome(
+        "backup/local:east/i-1/2026-12-07T00:00Z",
+        "backup",
+        "local:east",
+        JobStatus.DONE,
+        result={"point": "ab" * 16, "issues": 2},
+        issues=(issue,),
+        issues_total=2,
+    )
+    assert outcome.ok and outcome.incomplete and outcome.outcome == "incomplete"
+    data = json.loads(json.dumps(outcome.to_dict()))
+    assert data["outcome"] == "incomplete"
+    assert data["issues"]["total"] == 2
+    assert JobOutcome.from_dict(data) == outcome
+    complete = replace(outcome, issues=(), issues_total=0)
+    assert complete.outcome == "ok" and complete.to_dict()["issues"] is None
+
 
 # --------------------------------------------------------------------------- a real workload
 

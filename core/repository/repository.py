@@ -193,6 +193,13 @@ class Repository:
         once every byte has been read and stored, before the manifest is written (where a
         hook's ``after`` step runs); the issues it returns are recorded in the point with the
         capture's own (:class:`~regionvault.core.types.CaptureIssue`).
+
+        A file capture that can change (entries with an ``identity``) is taken honestly: an
+        entry that cannot be read or vanished is left out, one that changed while it was
+        read is read again (at most three reads, then kept as last read), every entry is
+        checked once more when the capture ends, and each of these is recorded in the point
+        (``RecoveryPoint.issues`` counts them; the manifest names them). The point is
+        committed with what was taken; only a failure of the whole run commits nothing.
         """
         store = self._ensure_open()
         if not isinstance(capture, FileCapture | BlockCapture):
