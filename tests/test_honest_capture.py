@@ -313,6 +313,25 @@ def test_vanished_and_unreadable_files_are_named_and_the_rest_committed(
     assert restored(repo, point.id, tmp_path / "out") == want
 
 
+def test_a_file_removed_as_it_is_read_is_kept_as_read_and_named(
+    repo: Repository, src: Path, tmp_path: Path
+) -> None:
+    wal = src / "var/db/app.db-wal"
+    data = wal.read_bytes()
+    cap = HookedCapture(src)
+
+    def remove(opened: int, offset: int) -> None:
+        if offset == len(data):  # the last bytes are read: nothing can look at it again
+            wal.unlink()
+
+    cap.after_read["var/db/app.db-wal"] = remove
+    point = repo.backup(cap)
+    (issue,) = repo.load_manifest(point.id).issues
+    assert (issue.path, issue.kind) == ("var/db/app.db-wal", IssueKind.VANISHED)
+    repo.restore(point.id, tmp_path / "out")
+    assert (tmp_path / "out/var/db/app.db-wal").read_bytes() == data
+
+
 def test_walk_issues_join_the_points_issues(repo: Repository, src: Path) -> None:
     cap = HookedCapture(src)
     walked = CaptureIssue("var/private", IssueKind.UNREADABLE, "cannot list: Permission denied")

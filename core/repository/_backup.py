@@ -530,7 +530,15 @@ class BackupRun:
             now = self._restat(capture, entry)
             if now is not None and now.identity == entry.identity:
                 break  # the file as read is the file as it is: the common case
-            if now is not None and reads >= MAX_READS:
+            if now is None:
+                # gone before it could be looked at again: whole as read, or not
+                record.issue = CaptureIssue(
+                    entry.path,
+                    IssueKind.VANISHED,
+                    "was removed as it was read; kept as read, which may not be whole",
+                )
+                break
+            if reads >= MAX_READS:
                 record.issue = CaptureIssue(
                     entry.path,
                     IssueKind.CHANGED,
@@ -538,11 +546,6 @@ class BackupRun:
                 )
                 break
             self._discard(record)
-            if now is None:
-                self._leave_out(
-                    record, entry, IssueKind.VANISHED, "was removed while it was being read"
-                )
-                break
             entry = now
         self._close(record)
 
