@@ -30,7 +30,6 @@ point, in capture order.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import queue
 import threading
@@ -39,6 +38,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice, repeat
+from typing import ClassVar
 
 import blake3
 from regionvault.core.errors import ComputeError, EntryProblem
@@ -224,7 +224,9 @@ class _Record:
 
 
 def _digest(identity: tuple[int, ...]) -> bytes:
-    return hashlib.blake2b(repr(identity).encode(), digest_size=8).digest()
+    # compared within this process only, against the same entry's identity: the tuple's own
+    # 64-bit hash tells a change apart (a cryptographic digest costs ten times as much)
+    return (hash(identity) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
 
 
 def _varint(n: int) -> bytes:
@@ -243,7 +245,8 @@ class _Taken:
     not stored), so an entry costs about the length of its own name plus ten bytes, and no
     Python object is held per entry."""
 
-    _KINDS = tuple(FileKind)
+    _KINDS: ClassVar[tuple[FileKind, ...]] = tuple(FileKind)
+    _CODES: ClassVar[dict[FileKind, int]] = {kind: code for code, kind in enumerate(_KINDS)}
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -267,10 +270,14 @@ class _Taken:
                     high = mid - 1
         suffix = path[shared:]
         buf = self._buf
-        buf += _varint(shared)
-        buf += _varint(len(suffix))
+        if shared < 0x80 and len(suffix) < 0x80:  # nearly always: one byte each
+            buf.append(shared)
+            buf.append(len(suffix))
+        else:
+            buf += _varint(shared)
+            buf += _varint(len(suffix))
         buf += suffix
-        buf.append(self._KINDS.index(kind))
+        buf.append(self._CODES[kind])
         buf += _digest(identity)
         self._last = path
         self.count += 1
