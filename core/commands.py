@@ -91,6 +91,10 @@ def shown_path(path: str) -> str:
     return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
+def _entries(count: int) -> str:
+    return f"{count:,} entry" if count == 1 else f"{count:,} entries"
+
+
 def warn_issues(issues: Sequence[CaptureIssue], total: int) -> None:
     """Name the first few entries a point did not take whole on standard error, one line
     each (``regionvault: warning: <path>: <message>``), then count the rest."""
@@ -231,7 +235,7 @@ def backup(state: CliState, instance: str, region: str | None) -> None:
         _err(done)
         click.echo(point.id)
         return
-    _err(f"{done}; incomplete: {point.issues:,} entries not taken whole")
+    _err(f"{done}; incomplete: {_entries(point.issues)} not taken whole")
     warn_issues(engine.point_issues(point), point.issues)
     click.echo(point.id)
     raise click.exceptions.Exit(EXIT_INCOMPLETE)
@@ -632,7 +636,7 @@ def _print_tick(report: TickReport) -> None:
         if o.incomplete:
             point = o.result.get("point") if isinstance(o.result, dict) else None
             of = f" (point {point})" if point else ""
-            click.echo(f"incomplete {o.key}: {o.issues_total:,} entries not taken whole{of}")
+            click.echo(f"incomplete {o.key}: {_entries(o.issues_total)} not taken whole{of}")
             for issue in o.issues[:SHOWN_ISSUES]:
                 click.echo(f"  {shown_path(issue.path)}: {issue.message}")
             if o.issues_total > SHOWN_ISSUES:

@@ -669,7 +669,7 @@ def test_tick_and_run_report_incomplete_backups_and_exit_3(
     text = run("tick")
     assert text.exit_code == 3, (text.stdout, text.stderr)
     assert any(
-        line.startswith("incomplete backup/local:east/") and "1 entries not taken whole" in line
+        line.startswith("incomplete backup/local:east/") and "1 entry not taken whole" in line
         for line in text.stdout.splitlines()
     ), text.stdout
     assert "  etc/nf.conf: cannot be opened: Permission denied" in text.stdout.splitlines()
