@@ -132,6 +132,15 @@ class FileCapture(Capture):
         ``identity``. The default, for a capture that cannot change, returns ``entry``."""
         return entry
 
+    def current_identity(self, entry: FileEntry) -> tuple[int, ...] | None:
+        """The ``identity`` the entry at ``entry.path`` has now (None if it is gone): what
+        :meth:`restat` would give, which a capture may tell more cheaply (one ``stat``,
+        without owners or xattrs). The engine asks once after reading each file, and once
+        for every entry when the capture ends; it calls :meth:`restat` only for a file it
+        reads again. The default asks :meth:`restat`."""
+        now = self.restat(entry)
+        return None if now is None else now.identity
+
     def totals(self) -> tuple[int, int] | None:
         """``(regular files, their bytes)``, for progress reports, when the capture can count
         them without holding its entries (a second cheap listing, a snapshot's metadata);

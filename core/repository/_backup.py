@@ -17,14 +17,14 @@ data flows. Every blocking wait polls the run's Failure: one failing thread stop
 A file capture that can change under the backup (its entries carry an ``identity``) is
 taken honestly. A reader that cannot open or read a file (``EntryProblem``) leaves it out of
 the tree and records why; one that finds the file is not the one walked reads it again as it
-is now. Once a file is read, it is looked at once more (``FileCapture.restat``): a file that
-changed while it was read is read again, :data:`MAX_READS` times in all, and then kept as
-last read and named. A read that is abandoned gives its record back empty before the next
-read fills it, so no chunk id of it reaches the tree (its chunks stay stored, garbage that
-prune collects). When every file is read, every entry taken is looked at once more
-(:class:`_Taken`), so a file that changed after it was read while another was being read
-(a database and its write-ahead log) is named too. Each issue is recorded in the recovery
-point, in capture order.
+is now (``FileCapture.restat``). Once a file is read, its identity is looked at once more
+(``FileCapture.current_identity``): a file that changed while it was read is read again,
+:data:`MAX_READS` times in all, and then kept as last read and named. A read that is
+abandoned gives its record back empty before the next read fills it, so no chunk id of it
+reaches the tree (its chunks stay stored, garbage that prune collects). When every file is
+read, every entry taken is looked at once more (:class:`_Taken`), so a file that changed
+after it was read while another was being read (a database and its write-ahead log) is
+named too. Each issue is recorded in the recovery point, in capture order.
 """
 
 from __future__ import annotations
@@ -534,22 +534,25 @@ class BackupRun:
                 break
             if entry.identity is None:
                 break  # a capture that cannot change (a snapshot)
-            now = self._restat(capture, entry)
-            if now is not None and now.identity == entry.identity:
+            current = self._identity_now(capture, entry)
+            if current == entry.identity:
                 break  # the file as read is the file as it is: the common case
+            now = None
+            if current is not None and reads < MAX_READS:
+                now = self._restat(capture, entry)  # what to read again
+            elif current is not None:
+                record.issue = CaptureIssue(
+                    entry.path,
+                    IssueKind.CHANGED,
+                    f"changed while it was read, {reads} times; the last read is kept",
+                )
+                break
             if now is None:
                 # gone before it could be looked at again: whole as read, or not
                 record.issue = CaptureIssue(
                     entry.path,
                     IssueKind.VANISHED,
                     "was removed as it was read; kept as read, which may not be whole",
-                )
-                break
-            if reads >= MAX_READS:
-                record.issue = CaptureIssue(
-                    entry.path,
-                    IssueKind.CHANGED,
-                    f"changed while it was read, {reads} times; the last read is kept",
                 )
                 break
             self._discard(record)
@@ -587,6 +590,14 @@ class BackupRun:
             else:
                 kind, reason = IssueKind.UNREADABLE, f"cannot be read: {exc.strerror or exc}"
             raise EntryProblem(entry.path, kind.value, reason) from None
+
+    def _identity_now(self, capture: FileCapture, entry: FileEntry) -> tuple[int, ...] | None:
+        try:
+            with self._open_lock:
+                return capture.current_identity(entry)
+        except EntryProblem as problem:
+            log.info("capture of %s: %s", capture.instance.id, problem)
+            return None
 
     def _restat(self, capture: FileCapture, entry: FileEntry) -> FileEntry | None:
         """The regular file at ``entry.path`` as it is now; None when it is gone, or no
@@ -727,20 +738,22 @@ class BackupRun:
         """Every entry taken, looked at once more now that the capture has ended: one that
         changed since it was read (a database whose write-ahead log was read after it) is
         named. One removed since was taken whole as it was, and one created since the walk
-        is not part of this point: neither is an issue. A restat costs what a second walk
-        costs (a stat per entry) without listing any directory."""
+        is not part of this point: neither is an issue. One ``current_identity`` per entry
+        (the local capture: a stat) costs less than a second walk, and lists no
+        directory."""
         changed: list[CaptureIssue] = []
         for raw, kind, digest in self._taken:
             self.failure.check()
             path = raw.decode("utf-8", "surrogateescape")
+            entry = FileEntry(path=path, kind=kind, mode=0, mtime_ns=0)
             try:
-                now = capture.restat(FileEntry(path=path, kind=kind, mode=0, mtime_ns=0))
+                now = capture.current_identity(entry)
             except EntryProblem as problem:
                 log.info("capture of %s: %s", capture.instance.id, problem)
                 continue
-            if now is None or now.identity is None:
+            if now is None:
                 continue
-            if now.kind is not kind or _digest(now.identity) != digest:
+            if _digest(now) != digest:
                 changed.append(
                     CaptureIssue(
                         path,
