@@ -177,7 +177,8 @@ def cli(ctx: click.Context, site_option: Path | None) -> None:
     Every command reads one site file (regions, replication pairs, policies):
     --site PATH, else $REGIONVAULT_SITE, else ./site.toml. Start with `regionvault init`.
 
-    Exit status: 0 ok, 1 error (one line on standard error), 2 usage error.
+    Exit status: 0 ok, 1 error (one line on standard error), 2 usage error, 3 incomplete
+    (a recovery point was committed that names entries it could not take whole).
     """
     ctx.obj = CliState(site_option=site_option)
 
