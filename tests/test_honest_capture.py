@@ -341,6 +341,39 @@ def test_a_file_removed_as_it_is_read_is_kept_as_read_and_named(
     assert (tmp_path / "out/var/db/app.db-wal").read_bytes() == data
 
 
+def test_a_hard_link_to_a_file_left_out_is_left_out_and_named(
+    repo: Repository, src: Path, tmp_path: Path
+) -> None:
+    os.link(src / "var/big.bin", src / "var/db/big-link.bin")
+    cap = HookedCapture(src)
+    links = [e for e in cap.entries() if e.link is not None]
+    assert [(e.path, e.link) for e in links] == [("var/db/big-link.bin", "var/big.bin")]
+    cap.open_problems["var/big.bin"] = unreadable("var/big.bin")
+    point = repo.backup(cap)
+    issues = repo.load_manifest(point.id).issues
+    assert [(i.path, i.kind) for i in issues] == [
+        ("var/big.bin", IssueKind.UNREADABLE),
+        ("var/db/big-link.bin", IssueKind.UNREADABLE),
+    ]
+    assert "a hard link to 'var/big.bin'" in issues[1].message
+    got = restored(repo, point.id, tmp_path / "out")
+    assert "var/big.bin" not in got and "var/db/big-link.bin" not in got
+    assert repo.backup(HookedCapture(src)).issues == 0  # taken whole, the link is kept
+
+
+def test_the_local_capture_tells_an_identity_with_one_stat(src: Path) -> None:
+    cap = LocalFileCapture(INSTANCE, datetime.now(UTC), src)
+    entries = {e.path: e for e in cap.entries()}
+    wal = entries["var/db/app.db-wal"]
+    assert cap.current_identity(wal) == wal.identity
+    (src / "var/db/app.db-wal").write_bytes(b"checkpointed")
+    restatted = cap.restat(wal)
+    assert restatted is not None and cap.current_identity(wal) == restatted.identity
+    assert cap.current_identity(wal) != wal.identity
+    (src / "var/db/app.db-wal").unlink()
+    assert cap.current_identity(wal) is None
+
+
 def test_walk_issues_join_the_points_issues(repo: Repository, src: Path) -> None:
     cap = HookedCapture(src)
     walked = CaptureIssue("var/private", IssueKind.UNREADABLE, "cannot list: Permission denied")

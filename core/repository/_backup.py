@@ -38,7 +38,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice, repeat
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import blake3
 from regionvault.core.errors import ComputeError, EntryProblem
@@ -309,6 +309,14 @@ class _Taken:
             yield path, kind, digest
 
 
+class _HardLink(NamedTuple):
+    """A hard link's record, held in capture order until the file it links to is done: a
+    link to a file left out of the tree is left out too."""
+
+    entry: FileEntry
+    record: bytes
+
+
 #: spans of one record cut from one staging block: (block, record, first id slot, spans)
 _Batch = tuple[Block, _Record, int, list[tuple[int, int]]]
 
@@ -354,6 +362,8 @@ class BackupRun:
         self.issues: list[CaptureIssue] = []
         #: the entries taken that can still change, for the check once the capture ends
         self._taken = _Taken()
+        #: the files left out of the tree, and why (few: a hard link to one is left out)
+        self._left_out: dict[str, CaptureIssue] = {}
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -637,7 +647,8 @@ class BackupRun:
         label = capture.instance.id
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
-        pending: deque[bytes | CaptureIssue | tuple[FileEntry, bytes, _Record]] = deque()
+        pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
+        pending = deque()
         walk_issues = 0
         readers = [
             threading.Thread(
@@ -667,6 +678,20 @@ class BackupRun:
                     pending.popleft()
                     self.issues.append(head)
                     continue
+                if isinstance(head, _HardLink):
+                    pending.popleft()
+                    gone = self._left_out.get(head.entry.link or "")
+                    if gone is None:
+                        tree.add(head.record)
+                    else:
+                        self.issues.append(
+                            CaptureIssue(
+                                head.entry.path,
+                                gone.kind,
+                                f"a hard link to {gone.path!r}, which was not taken",
+                            )
+                        )
+                    continue
                 entry, path, record = head
                 if len(pending) <= limit and not self._complete(record):
                     return
@@ -675,6 +700,8 @@ class BackupRun:
                 if record.issue is not None:
                     self.issues.append(record.issue)
                 if not record.taken:
+                    assert record.issue is not None
+                    self._left_out[entry.path] = record.issue
                     self.files_done += 1
                     continue
                 assert record.entry is not None
@@ -700,7 +727,8 @@ class BackupRun:
                     # no data of its own: a directory, symlink, FIFO, socket, device, or a
                     # hard link to a file recorded before it
                     self.stats[_KIND_STATS[kind] if entry.link is None else "hardlinks"] += 1
-                    pending.append(encode(entry, entry.size if kind is FileKind.FILE else 0))
+                    encoded = encode(entry, entry.size if kind is FileKind.FILE else 0)
+                    pending.append(_HardLink(entry, encoded) if entry.link else encoded)
                     if kind is FileKind.SYMLINK and entry.identity is not None:
                         self._taken.add(path, FileKind.SYMLINK, entry.identity)
                 else:

@@ -675,6 +675,20 @@ class LocalFileCapture(FileCapture):
             return None
         return dataclasses.replace(now, link=entry.link) if entry.link is not None else now
 
+    def current_identity(self, entry: FileEntry) -> tuple[int, ...] | None:
+        """One ``stat``, without the owners and xattrs :meth:`restat` reads: what the
+        engine asks after reading each file and for every entry once the capture ends."""
+        parts = self._parts(entry)
+        try:
+            with self._dir_lock:
+                dir_fd = self._parent_fd(tuple(parts[:-1]))
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._problem(entry, exc) from None
+        return _identity(st)
+
     def close(self) -> None:
         with self._dir_lock:
             self._drop_dir()
