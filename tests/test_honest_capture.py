@@ -358,7 +358,12 @@ def test_a_hard_link_to_a_file_left_out_is_left_out_and_named(
     assert "a hard link to 'var/big.bin'" in issues[1].message
     got = restored(repo, point.id, tmp_path / "out")
     assert "var/big.bin" not in got and "var/db/big-link.bin" not in got
-    assert repo.backup(HookedCapture(src)).issues == 0  # taken whole, the link is kept
+    # taken whole, the link is kept, and restores as a link
+    point = repo.backup(HookedCapture(src))
+    assert point.issues == 0
+    repo.restore(point.id, tmp_path / "whole")
+    a, b = (tmp_path / "whole/var/big.bin").stat(), (tmp_path / "whole/var/db/big-link.bin").stat()
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
 
 
 def test_the_local_capture_tells_an_identity_with_one_stat(src: Path) -> None:
