@@ -376,7 +376,7 @@ class SubstitutedCapture(FileCapture):
     file's; its mtime the newest of the database and its side files) and the side files
     (``-wal``, ``-shm``, ``-journal``) left out; :meth:`open` of a substituted database opens
     its copy; :meth:`restat` gives a substituted entry as it is (a copy does not change)
-    and asks the wrapped capture about every other."""
+    and asks the wrapped capture about every other, as :meth:`current_identity` does."""
 
     def __init__(self, inner: FileCapture, copies: SqliteCopies) -> None:
         super().__init__(inner.instance, inner.taken_at)
@@ -423,6 +423,12 @@ class SubstitutedCapture(FileCapture):
         if sub is not None and entry.source == sub.copy:
             return entry
         return self.inner.restat(entry)
+
+    def current_identity(self, entry: FileEntry) -> tuple[int, ...] | None:
+        sub = self._substitute(entry)
+        if sub is not None and entry.source == sub.copy:
+            return None
+        return self.inner.current_identity(entry)  # the wrapped capture's cheaper look
 
     def totals(self) -> tuple[int, int] | None:
         return self.inner.totals()
