@@ -298,9 +298,14 @@ class _Taken:
                     return n
                 shift += 7
 
-        while pos < len(buf):
-            shared = varint()
-            length = varint()
+        end = len(buf)
+        while pos < end:
+            shared, length = buf[pos], buf[pos + 1]
+            if shared < 0x80 and length < 0x80:  # nearly always: one byte each
+                pos += 2
+            else:
+                shared = varint()
+                length = varint()
             path = path[:shared] + bytes(buf[pos : pos + length])
             pos += length
             kind = self._KINDS[buf[pos]]
