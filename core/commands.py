@@ -99,7 +99,9 @@ def warn_issues(issues: Sequence[CaptureIssue], total: int) -> None:
     """Name the first few entries a point did not take whole on standard error, one line
     each (``regionvault: warning: <path>: <message>``), then count the rest."""
     for issue in issues[:SHOWN_ISSUES]:
-        _err(f"regionvault: warning: {shown_path(issue.path)}: {issue.message}")
+        # a hook's issue is about the whole capture: it names no path
+        where = f"{shown_path(issue.path)}: " if issue.path else ""
+        _err(f"regionvault: warning: {where}{issue.message}")
     more = total - min(len(issues), SHOWN_ISSUES)
     if more > 0:
         _err(f"regionvault: warning: ... and {more} more")
@@ -323,7 +325,14 @@ def restore(
     out["notes"] = list(result.notes)
     for note in result.notes:
         # the data is whole: what this machine could not apply is a warning, not a failure
-        _err(f"warning: {note}")
+        _err(f"regionvault: warning: {note}")
+    if result.point.issues:
+        # restored as it was taken: say that the point itself is not whole
+        _err(
+            f"regionvault: warning: point {result.point.id} is incomplete: "
+            f"{_entries(result.point.issues)} not taken whole when it was backed up"
+        )
+        warn_issues(engine.point_issues(result.point), result.point.issues)
     if as_json:
         print_json(out)
     elif result.instance is None:

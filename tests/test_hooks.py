@@ -571,6 +571,40 @@ def test_the_backup_command_fails_in_one_line_when_a_before_fails(
     assert run("points").stdout == ""  # nothing committed
 
 
+def test_the_backup_command_exits_3_naming_a_failed_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+    from regionvault.core.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    assert run("init").exit_code == 0
+    with (tmp_path / "site.toml").open("a") as site:
+        site.write("\n[hooks.thaw]\nafter = \"echo 'thaw refused' >&2; exit 4\"\n")
+    data = tmp_path / "nf-data"
+    data.mkdir()
+    (data / "state").write_text("x")
+    added = run(
+        "instances", "add", "--region", "east", "--name", "nf-1", "--data", str(data),
+        "--tag", "backup-hook=thaw",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.stderr
+    result = run("backup", "nf-1")
+    # the data is all there, but the workload was not put back as it should: incomplete
+    assert result.exit_code == 3, result.stderr
+    point_id = result.stdout.splitlines()[-1]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("regionvault: warning: hook 'thaw' after for instance i-")
+    assert warnings[0].endswith("(nf-1): exit status 4: thaw refused")
+    assert point_id in run("points").stdout
+
+
 def test_the_sqlite_hook_leaves_the_data_directory_as_it_was(
     make_engine: Any, tmp_path: Path
 ) -> None:

@@ -593,7 +593,7 @@ def test_the_cli_prints_what_it_could_not_apply_as_warnings_and_exits_0(
     out = tmp_path / "out"
     result = cli("restore", point_id, "--region", "east", "--target", out, "--json")
     assert result.exit_code == 0, result.stderr
-    assert result.stderr.splitlines() == [f"warning: {SOCKETS}: {out}/run.sock"]
+    assert result.stderr.splitlines() == [f"regionvault: warning: {SOCKETS}: {out}/run.sock"]
     assert json.loads(result.stdout)["notes"] == [f"{SOCKETS}: {out}/run.sock"]
     assert snapshot(out) == snapshot(src)
 
