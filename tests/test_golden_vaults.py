@@ -1,0 +1,208 @@
+"""Every golden vault under tests/golden/ (the local-provider state an older commit wrote,
+made by scripts/make-golden-vault) is read, verified and restored byte-exact by today's
+code, and today's code backs up and copies into it.
+
+golden.json names the points and, for each, the tree it must restore: every path with its
+type, permission bits, mtime (ns), size and SHA-256, symlink target, hard-link partner, and
+from format version 2 on its owner and xattrs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from regionvault.core.cli import cli
+
+GOLDEN = Path(__file__).parent / "golden"
+VAULTS = sorted(p for p in GOLDEN.iterdir() if (p / "golden.json").is_file())
+
+#: the site a golden vault is opened with: its regions' roots are the copied directories
+SITE_TOML = """\
+[site]
+name = "golden"
+
+[regions."local:east"]
+root = "regions/east"
+
+[regions."local:west"]
+root = "regions/west"
+
+[[replication]]
+from = "local:east"
+to = ["local:west"]
+"""
+
+
+@dataclass(frozen=True)
+class Golden:
+    root: Path
+    site: Path
+    spec: dict[str, Any]
+
+    @property
+    def version(self) -> int:
+        return int(self.spec["format_version"])
+
+    def tree(self, name: str) -> list[dict[str, Any]]:
+        return list(self.spec["trees"][name])
+
+
+def test_there_is_a_golden_vault_of_format_version_1() -> None:
+    versions = {json.loads((p / "golden.json").read_text())["format_version"] for p in VAULTS}
+    assert 1 in versions, f"no golden vault of format version 1 under {GOLDEN}"
+
+
+@pytest.fixture(params=VAULTS, ids=[p.name for p in VAULTS])
+def golden(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Golden:
+    """A copy of one golden vault (the committed one is never written), opened by a
+    site.toml next to it."""
+    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+    source: Path = request.param
+    root = tmp_path / "golden"
+    shutil.copytree(source, root, symlinks=True)
+    for keystore in root.glob("regions/*/keys/keystore.json"):
+        keystore.chmod(0o600)  # as the local provider makes it (git keeps no such mode)
+    site = root / "site.toml"
+    site.write_text(SITE_TOML)
+    return Golden(root, site, json.loads((source / "golden.json").read_text()))
+
+
+def rv(golden: Golden, *args: str | Path) -> Result:
+    result = CliRunner().invoke(
+        cli, ["--site", str(golden.site), *map(str, args)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+def describe(root: Path, *, owners_and_xattrs: bool) -> list[dict[str, Any]]:
+    """The tree below ``root`` in golden.json's form (see scripts/make-golden-vault)."""
+    found = [Path(d, n) for d, dirs, files in os.walk(root) for n in dirs + files]
+    inodes: dict[tuple[int, int], str] = {}
+    out: list[dict[str, Any]] = []
+    for path in sorted(found, key=os.fsencode):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        entry: dict[str, Any] = {
+            "path": rel,
+            "type": file_type(st.st_mode),
+            "mode": stat.S_IMODE(st.st_mode),
+            "mtime_ns": st.st_mtime_ns,
+        }
+        if stat.S_ISREG(st.st_mode):
+            entry["size"] = st.st_size
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if st.st_nlink > 1:
+                first = inodes.setdefault((st.st_dev, st.st_ino), rel)
+                if first != rel:
+                    entry["hardlink_to"] = first
+        elif stat.S_ISLNK(st.st_mode):
+            # as stored: Path.readlink would normalise it ("./x" -> "x")
+            entry["target"] = os.readlink(path)  # noqa: PTH115
+        if owners_and_xattrs:
+            entry["uid"], entry["gid"] = st.st_uid, st.st_gid
+            names = sorted(os.listxattr(path, follow_symlinks=False))
+            if names:
+                entry["xattrs"] = {
+                    n: os.getxattr(path, n, follow_symlinks=False).hex() for n in names
+                }
+        out.append(entry)
+    return out
+
+
+def file_type(mode: int) -> str:
+    kinds = {
+        stat.S_IFREG: "file",
+        stat.S_IFDIR: "dir",
+        stat.S_IFLNK: "symlink",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFSOCK: "socket",
+        stat.S_IFCHR: "chardev",
+        stat.S_IFBLK: "blockdev",
+    }
+    return kinds[stat.S_IFMT(mode)]
+
+
+def comparable(tree: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``tree`` without what a restore can only give back as root: owners."""
+    if os.geteuid() == 0:
+        return tree
+    return [{k: v for k, v in e.items() if k not in ("uid", "gid")} for e in tree]
+
+
+def assert_restores(golden: Golden, point: str, region: str, tree: str, target: Path) -> None:
+    rv(golden, "restore", point, "--region", region, "--target", target)
+    restored = describe(target, owners_and_xattrs=golden.version >= 2)
+    assert comparable(restored) == comparable(golden.tree(tree)), f"{point} in {region}"
+
+
+def points_by_id(golden: Golden) -> dict[str, dict[str, Any]]:
+    return {p["id"]: p for p in json.loads(rv(golden, "points", "--json").stdout)}
+
+
+def test_verify_reads_every_byte(golden: Golden) -> None:
+    report = json.loads(rv(golden, "verify", "--read-data", "--json").stdout)
+    expected_points = {r: 0 for r in golden.spec["regions"]}
+    for p in golden.spec["points"]:
+        expected_points[p["region"]] += 1
+    assert {r["region"]: r["points"] for r in report} == expected_points
+    for row in report:
+        assert row["ok"] and row["errors"] == [] and row["warnings"] == [], row
+        assert row["read_data"] and row["bytes_read"] > 0
+
+
+def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
+    listed = points_by_id(golden)
+    assert {i: p["region"] for i, p in listed.items()} == {
+        p["id"]: p["region"] for p in golden.spec["points"]
+    }
+    first, _, copy = golden.spec["points"]
+    assert listed[first["id"]]["lineage"] is None
+    assert listed[copy["id"]]["lineage"] == {
+        "source_region": first["region"],
+        "source_recovery_point": first["id"],
+    }
+
+
+def test_every_point_restores_byte_exact(golden: Golden, tmp_path: Path) -> None:
+    for n, point in enumerate(golden.spec["points"]):
+        target = tmp_path / f"restored-{n}"
+        assert_restores(golden, point["id"], point["region"], point["tree"], target)
+
+
+def test_todays_code_backs_up_and_copies_into_an_old_vault(golden: Golden, tmp_path: Path) -> None:
+    # the instance's data: the newest old point as restored, and one file more
+    newest = golden.spec["points"][1]
+    data = tmp_path / "data"
+    assert_restores(golden, newest["id"], newest["region"], newest["tree"], data)
+    (data / "written-today.txt").write_bytes(b"a point of today's format\n")
+    expected = describe(data, owners_and_xattrs=golden.version >= 2)
+
+    instance = rv(golden, "instances", "add", "-r", "local:east", "-n", "today", "--data", data)
+    point = rv(golden, "backup", instance.stdout.splitlines()[-1]).stdout.splitlines()[-1]
+    copy = rv(golden, "copy", point, "--to", "local:west").stdout.splitlines()[-1]
+
+    listed = points_by_id(golden)
+    assert set(listed) == {p["id"] for p in golden.spec["points"]} | {point, copy}
+    report = json.loads(rv(golden, "verify", "--read-data", "--json").stdout)
+    assert all(row["ok"] and row["errors"] == [] for row in report), report
+
+    restored = tmp_path / "restored-copy"
+    rv(golden, "restore", copy, "--region", "local:west", "--target", restored)
+    assert comparable(describe(restored, owners_and_xattrs=golden.version >= 2)) == comparable(
+        expected
+    )
+    # the old points are untouched by the new ones
+    first = golden.spec["points"][0]
+    assert_restores(golden, first["id"], first["region"], first["tree"], tmp_path / "old-first")
