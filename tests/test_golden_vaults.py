@@ -167,12 +167,15 @@ def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
     assert {i: p["region"] for i, p in listed.items()} == {
         p["id"]: p["region"] for p in golden.spec["points"]
     }
-    first, _, copy = golden.spec["points"]
-    assert listed[first["id"]]["lineage"] is None
-    assert listed[copy["id"]]["lineage"] == {
-        "source_region": first["region"],
-        "source_recovery_point": first["id"],
-    }
+    by_id = {p["id"]: p for p in golden.spec["points"]}
+    for point in golden.spec["points"]:
+        source = by_id.get(point.get("copy_of", ""))
+        lineage = (
+            None
+            if source is None
+            else {"source_region": source["region"], "source_recovery_point": source["id"]}
+        )
+        assert listed[point["id"]]["lineage"] == lineage, point
 
 
 def test_every_point_restores_byte_exact(golden: Golden, tmp_path: Path) -> None:
