@@ -266,6 +266,12 @@ def test_backup_killed_at_random_moments(rig: Rig) -> None:
         point = rig.run("backup", "nf")
         rig.trees[point] = snapshot(rig.data)
         rig.assert_restores(point, "east", rig.root / f"restored-{trial}")
+        # a point the killed run committed (it was killed late) is of the same data: it is
+        # whole, restored below with every other
+        listed = {p["id"] for p in json.loads(rig.cli("points", "-r", "east", "--json"))}
+        for committed in listed - set(rig.trees):
+            rig.trees[committed] = rig.trees[point]
+        assert set(rig.trees) == listed
     # every killed run's leftovers are garbage that prune collects; no lock outlives its run
     rig.cli("prune", "-r", "east")
     rig.verify(clean=True)
