@@ -217,6 +217,17 @@ class Rig:
         self.trees[point] = snapshot(self.data)
         return point
 
+    def work_for_prune(self) -> None:
+        """A point forgotten whose packs hold chunks a kept point shares: a prune deletes
+        and rewrites packs."""
+        self.new_data(FILES, changed=CHANGED)
+        gone = self.backup()
+        self.new_data(FILES, changed=CHANGED // 2)
+        self.backup()
+        with Site.load(self.site) as site:  # the CLI has no forget: retention does it
+            Engine(site).repository("local:east").forget([gone])
+        del self.trees[gone]
+
     def temporaries(self) -> list[Path]:
         return list(self.regions.rglob(f"{TEMP_PREFIX}*"))
 
@@ -306,24 +317,10 @@ def test_copy_killed_at_random_moments(rig: Rig) -> None:
 
 
 def test_prune_killed_at_random_moments(rig: Rig) -> None:
-    def forget(point: str) -> None:
-        with Site.load(rig.site) as site:
-            Engine(site).repository("local:east").forget([point])
-        del rig.trees[point]
-
-    def round_of_work() -> None:
-        """A point to forget whose packs hold chunks a kept point shares: prune deletes
-        and rewrites packs."""
-        rig.new_data(FILES, changed=CHANGED)
-        gone = rig.backup()
-        rig.new_data(FILES, changed=CHANGED // 2)
-        rig.backup()
-        forget(gone)
-
-    round_of_work()
+    rig.work_for_prune()
     _, measured = rig.measure("prune", "-r", "east", watch=rig.regions)
     for trial in range(TRIALS):
-        round_of_work()
+        rig.work_for_prune()
         rig.kill(trial, "prune", "-r", "east", watch=rig.regions, measured=measured)
         rig.verify()
         rig.run("prune", "-r", "east")
@@ -353,8 +350,8 @@ def test_restore_killed_at_random_moments_is_run_again(rig: Rig) -> None:
 
 @NEEDS_VERIFY_REPAIR
 def test_verify_repair_clears_what_killed_writers_left(rig: Rig) -> None:
-    """A backup and a copy killed while they write leave temporary objects (and a copy a
-    partial inbox payload); after the re-runs, verify --repair removes every one."""
+    """A backup, a copy and a prune killed while they write leave temporary objects (and a
+    copy a partial inbox payload); after the re-runs, verify --repair removes every one."""
     unused = Measured(seconds=60.0, changes=0)
     rig.kill(0, "backup", "nf", watch=rig.regions, measured=unused, until=rig.new_temporary())
     point = rig.run("backup", "nf")
@@ -363,8 +360,14 @@ def test_verify_repair_clears_what_killed_writers_left(rig: Rig) -> None:
     rig.kill(0, "copy", point, "--to", "west", watch=rig.regions, measured=unused, until=until)
     copy = rig.run("copy", point, "--to", "west")
     rig.trees[copy] = rig.trees[point]
+    rig.work_for_prune()
+    until = rig.new_temporary()
+    rig.kill(0, "prune", "-r", "east", watch=rig.regions, measured=unused, until=until)
+    rig.run("prune", "-r", "east")
     rig.cli("verify", "--repair")
     assert rig.temporaries() == []
     assert rig.inbox_files() == []
     rig.verify()
-    rig.assert_restores(copy, "west", rig.root / "restored")
+    rig.assert_restores(copy, "west", rig.root / "restored-copy")
+    for n, kept in enumerate(p for p in rig.trees if p != copy):
+        rig.assert_restores(kept, "east", rig.root / f"restored-{n}")
