@@ -49,16 +49,11 @@ POLL = 0.002
 
 pytestmark = pytest.mark.slow
 
-#: why the cases that need another engineer's part of issue 13 fail until it is merged
+#: why the case that needs another engineer's part of issue 13 fails until it is merged
 NEEDS_RESTORE_MARKER = pytest.mark.xfail(
     strict=True,
     reason="a restore killed mid-way cannot be re-run until restores keep a marker in their "
     "target (issue 13, 'restore'); the re-run refuses the target as not empty",
-)
-NEEDS_VERIFY_REPAIR = pytest.mark.xfail(
-    strict=True,
-    reason="verify --repair, which removes stale temporaries of killed writers from vaults and "
-    "inboxes (issue 13, 'repair'), is not on main yet",
 )
 
 
@@ -348,7 +343,6 @@ def test_restore_killed_at_random_moments_is_run_again(rig: Rig) -> None:
     rig.verify()
 
 
-@NEEDS_VERIFY_REPAIR
 def test_verify_repair_clears_what_killed_writers_left(rig: Rig) -> None:
     """A backup, a copy and a prune killed while they write leave temporary objects (and a
     copy a partial inbox payload); after the re-runs, verify --repair removes every one."""
