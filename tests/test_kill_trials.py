@@ -6,12 +6,15 @@ succeeds, and the data is all there (the point it made restores byte-exact).
 tests/test_repository_crash.py kills backups and prunes made through the Python API; these
 trials take the evidence to the CLI and to copy and restore.
 
-A kill moment is a delay drawn from a seeded RNG within the operation's own span: from the
-start-up of a command that only opens the site (a kill before it changes nothing) to a bit
-past the duration of one run of the operation, both measured in the test; some trials kill
-when a file appears instead (a temporary object, a restore's staging directory), so a kill
-in the middle of writing is certain. Each trial prints its seed and moment (shown with a
-failure); REGIONVAULT_KILL_SEED picks another seed.
+Kill moments come from a seeded RNG and one measured, unkilled run of the same kind of
+command: the first trial of each operation kills after a delay within that run's duration
+(start-up included); the others kill once the command has made the k-th of the changes the
+measured run made under the regions' roots (a name appearing or vanishing: a temporary file,
+a pack, an index, a manifest, a lock, a staging directory), k drawn at random, plus up to
+5 ms, so the kills fall across the writing rather than in the interpreter's start-up. A
+last test kills a backup, a copy and a prune the moment they have a temporary file and
+checks that ``verify --repair`` leaves none. Each trial prints its seed and moment (shown
+with a failure); REGIONVAULT_KILL_SEED picks another seed.
 """
 
 from __future__ import annotations
