@@ -9,8 +9,9 @@ trials take the evidence to the CLI and to copy and restore.
 Kill moments come from a seeded RNG and one measured, unkilled run of the same kind of
 command: the first trial of each operation kills after a delay within that run's duration
 (start-up included); the others kill once the command has made the k-th of the changes the
-measured run made under the regions' roots (a name appearing or vanishing: a temporary file,
-a pack, an index, a manifest, a lock, a staging directory), k drawn at random, plus up to
+measured run made under the regions' roots, or a restore's target (a name appearing or
+vanishing: a temporary file, a pack, an index, a manifest, a lock, a staging directory, a
+restored file), k drawn at random, plus up to
 5 ms, so the kills fall across the writing rather than in the interpreter's start-up. A
 last test kills a backup, a copy and a prune the moment they have a temporary file and
 checks that ``verify --repair`` leaves none. Each trial prints its seed and moment (shown
