@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from regionvault.core import repository
 from regionvault.core.cli import cli
 from regionvault.core.repository import FORMAT_VERSION
 
@@ -42,22 +41,6 @@ root = "regions/west"
 from = "local:east"
 to = ["local:west"]
 """
-
-
-#: whether restores recreate every kind of entry format version 2 records (hard links, FIFOs,
-#: owners, xattrs); issue 13's "restore" part, which also brings the restore marker
-RESTORES_EVERY_KIND = hasattr(repository, "RESTORE_MARKER")
-
-
-def needs_restore_of_every_kind(request: pytest.FixtureRequest, golden: Golden) -> None:
-    if golden.version >= 2 and not RESTORES_EVERY_KIND:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="restoring hard links, FIFOs, owners and xattrs (issue 13, 'restore') "
-                "is not on main yet",
-            )
-        )
 
 
 @dataclass(frozen=True)
@@ -201,19 +184,13 @@ def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
         assert listed[point["id"]]["lineage"] == lineage, point
 
 
-def test_every_point_restores_byte_exact(
-    golden: Golden, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    needs_restore_of_every_kind(request, golden)
+def test_every_point_restores_byte_exact(golden: Golden, tmp_path: Path) -> None:
     for n, point in enumerate(golden.spec["points"]):
         target = tmp_path / f"restored-{n}"
         assert_restores(golden, point["id"], point["region"], point["tree"], target)
 
 
-def test_todays_code_backs_up_and_copies_into_an_old_vault(
-    golden: Golden, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    needs_restore_of_every_kind(request, golden)
+def test_todays_code_backs_up_and_copies_into_an_old_vault(golden: Golden, tmp_path: Path) -> None:
     # the instance's data: the newest old point as restored, and one file more
     newest = golden.spec["points"][1]
     data = tmp_path / "data"

@@ -34,7 +34,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from regionvault.core import repository
 from regionvault.core.cli import cli
 from regionvault.core.pipeline import Engine
 from regionvault.core.site import Site
@@ -53,15 +52,6 @@ TEMP_PREFIX = ".rv-tmp-"
 POLL = 0.002
 
 pytestmark = pytest.mark.slow
-
-#: why the case that needs another engineer's part of issue 13 fails until it is merged
-NEEDS_RESTORE_MARKER = pytest.mark.xfail(
-    # the restore's marker (issue 13, "restore") brings RESTORE_MARKER into the repository
-    not hasattr(repository, "RESTORE_MARKER"),
-    strict=True,
-    reason="a restore killed mid-way cannot be re-run until restores keep a marker in their "
-    "target (issue 13, 'restore'); the re-run refuses the target as not empty",
-)
 
 
 class Changes:
@@ -332,7 +322,6 @@ def test_prune_killed_at_random_moments(rig: Rig) -> None:
     assert rig.vault_files("east", "locks") == []
 
 
-@NEEDS_RESTORE_MARKER
 def test_restore_killed_at_random_moments_is_run_again(rig: Rig) -> None:
     point = rig.backup()
     measuring = rig.root / "measured"
