@@ -875,3 +875,32 @@ def test_the_entries_taken_are_held_compactly_and_read_back_in_order() -> None:
     ]
     assert len({digest for _, _, digest in got}) == len(paths)
     assert len(taken._buf) < 21 * 2000 + 5000  # the long paths cost their unshared bytes
+
+
+# --------------------------------------------------------------------------- in-place edits
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_read_again(
+    repo: Repository, src: Path, tmp_path: Path
+) -> None:
+    """Size, mtime and mode say nothing of a file rewritten in place whose mtime was put
+    back (a tool that preserves timestamps, or two writes within the mtime's granularity):
+    the record keeps a digest of the file's identity (its ctime moves with every write), so
+    the next backup reads it again instead of taking the parent's stale chunks."""
+    conf = src / "etc/nf.conf"
+    repo.backup(HookedCapture(src))
+    st = conf.stat()
+    with conf.open("r+b") as f:  # same size, same mtime: only the ctime moves
+        f.write(b"mode = test")
+    os.utime(conf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (conf.stat().st_size, conf.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    cap = HookedCapture(src)
+    second = repo.backup(cap)
+    assert cap.opens["etc/nf.conf"] == 1  # read again ...
+    assert all(cap.opens[p] == 0 for p in files(src) if p != "etc/nf.conf")  # ... alone
+    assert restored(repo, second.id, tmp_path / "out") == files(src)
+    assert (tmp_path / "out/etc/nf.conf").read_bytes().startswith(b"mode = test")
+    # and once taken, it is taken from the parent again
+    cap = HookedCapture(src)
+    repo.backup(cap)
+    assert sum(cap.opens.values()) == 0

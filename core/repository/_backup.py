@@ -665,9 +665,9 @@ class BackupRun:
             t.start()
         total = 0
 
-        def encode(entry: FileEntry, size: int = 0, ids: bytes = b"") -> bytes:
+        def encode(entry: FileEntry, size: int = 0, ids: bytes = b"", change: bytes = b"") -> bytes:
             try:
-                return encode_file_entry(entry, size, ids)
+                return encode_file_entry(entry, size, ids, change)
             except ValueError as exc:
                 raise ComputeError(f"capture of {label}: {exc}") from None
 
@@ -714,7 +714,9 @@ class BackupRun:
                 if entry.identity is not None and record.issue is None:
                     self._taken.add(path, FileKind.FILE, entry.identity)
                 total += record.size
-                tree.add(encode(entry, record.size, ids))
+                # a file that changed while it was read is read again next time: no token
+                change = self._change_token(entry) if record.issue is None else b""
+                tree.add(encode(entry, record.size, ids, change))
                 self.files_done += 1
                 self._report()
 
@@ -745,7 +747,7 @@ class BackupRun:
                             self.bytes_done += before.size
                         total += before.size
                         self.files_done += 1
-                        pending.append(encode(entry, before.size, before.ids))
+                        pending.append(encode(entry, before.size, before.ids, before.change))
                         if entry.identity is not None:  # the parent's bytes, as walked
                             self._taken.add(path, FileKind.FILE, entry.identity)
                     else:
@@ -805,9 +807,22 @@ class BackupRun:
             return False  # a hard link in the parent: its record holds no chunks
         if (before.size, before.mtime_ns, before.mode) != (entry.size, entry.mtime_ns, entry.mode):
             return False
+        if entry.identity is not None and before.change != self._change_token(entry):
+            # size and mtime say nothing of a file rewritten in place with its mtime put
+            # back (or within the mtime's granularity): its ctime or inode does
+            return False
         index, new = self.index, self._new
         with self._cond:
             return all(chunk_id in index or chunk_id in new for chunk_id in before.chunk_ids())
+
+    def _change_token(self, entry: FileEntry) -> bytes:
+        """A keyed digest of the entry's identity, recorded with the file's data (empty for
+        a capture without identities, a snapshot, where size and mtime must do)."""
+        if entry.identity is None:
+            return b""
+        ident = repr(tuple(int(n) for n in entry.identity)).encode()
+        digest: bytes = blake3.blake3(b"change\x00" + ident, key=self._key).digest(length=16)
+        return digest
 
     # -- block images ----------------------------------------------------------------------
 

@@ -538,6 +538,7 @@ ENTRY2_START = struct.Struct(">BI")
 ENTRY2_FIXED = struct.Struct(">IqQIIQ")
 #: tag, offset, length, chunk count
 EXTENT_HEAD = struct.Struct(">BQQI")
+U8 = struct.Struct(">B")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 #: a uid or gid that was not recorded (``(uid_t) -1`` is no valid owner on POSIX either)
@@ -549,8 +550,13 @@ MAX_NAME_BYTES = 1024
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 1 << 16
 MAX_XATTR_BYTES = 1 << 20
+MAX_CHANGE_BYTES = 32
 MAX_ENTRY_HEAD = (
-    ENTRY2_FIXED.size + 3 * (4 + MAX_PATH_BYTES) + 2 * (2 + MAX_NAME_BYTES) + (4 + MAX_XATTR_BYTES)
+    ENTRY2_FIXED.size
+    + 3 * (4 + MAX_PATH_BYTES)
+    + 2 * (2 + MAX_NAME_BYTES)
+    + (4 + MAX_XATTR_BYTES)
+    + (1 + MAX_CHANGE_BYTES)
 )
 _MODE_BITS = 0o7777
 
@@ -603,6 +609,10 @@ class RawRecord:
     link: bytes = b""
     #: extended attributes (POSIX ACLs included) as (name, value), in name order
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    #: a keyed digest of the file's identity when it was read (device, inode, size, mtime,
+    #: ctime), so the next backup reads again a file changed in place with its size and
+    #: mtime put back; empty: not recorded (then the next backup reads the file again)
+    change: bytes = b""
 
     def chunk_ids(self) -> Iterator[bytes]:
         ids = self.ids
@@ -630,6 +640,8 @@ def record_problem(record: RawRecord) -> str | None:
         return "symlink target longer than its bound"
     if len(record.user) > MAX_NAME_BYTES or len(record.group) > MAX_NAME_BYTES:
         return "user or group name longer than its bound"
+    if len(record.change) > MAX_CHANGE_BYTES:
+        return "change token longer than its bound"
     if len(record.ids) % CHUNK_ID_SIZE:
         return "chunk ids of the wrong length"
     count = len(record.ids) // CHUNK_ID_SIZE
@@ -688,6 +700,8 @@ def encode_record(record: RawRecord) -> bytes:
     ]
     for name, value in record.xattrs:
         parts += (U16.pack(len(name)), name, U32.pack(len(value)), value)
+    if record.change:  # the one optional field: last in the head, absent when empty
+        parts += (U8.pack(len(record.change)), record.change)
     head = sum(len(p) for p in parts)
     parts[0] = ENTRY2_START.pack(ENTRY2_FLAG | record.tag, head)
     parts += (U32.pack(len(record.ids) // CHUNK_ID_SIZE), record.ids)
@@ -768,6 +782,11 @@ def _decode_entry2(view: memoryview, pos: int, end: int, name: str) -> tuple[Raw
             raise head.fail(f"{count} extended attributes in a shorter head")
         xname = head.field(U16, MAX_XATTR_NAME, "extended attribute name")
         xattrs.append((xname, head.field(U32, MAX_XATTR_VALUE, "extended attribute value")))
+    change = b""
+    if head.pos < head.end:
+        change = head.field(U8, MAX_CHANGE_BYTES, "change token")
+        if not change:
+            raise head.fail("an empty change token (an absent one is left out)")
     if head.pos != head.end:
         raise head.fail("its head holds bytes after its fields")
     (n_ids,) = U32.unpack_from(view, ids_at - 4)
@@ -779,7 +798,7 @@ def _decode_entry2(view: memoryview, pos: int, end: int, name: str) -> tuple[Raw
     record = RawRecord(
         tag, mode, mtime_ns, size, path, target, 0, bytes(view[ids_at:stop]),
         -1 if uid == NO_ID else uid, -1 if gid == NO_ID else gid, user, group, rdev, link,
-        tuple(xattrs),
+        tuple(xattrs), change,
     )  # fmt: skip
     problem = record_problem(record)
     if problem is not None:

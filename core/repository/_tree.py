@@ -66,7 +66,7 @@ def _name(value: str | None) -> bytes:
     return raw if len(raw) <= fmt.MAX_NAME_BYTES else b""
 
 
-def entry_record(entry: FileEntry, size: int, ids: bytes) -> fmt.RawRecord:
+def entry_record(entry: FileEntry, size: int, ids: bytes, change: bytes = b"") -> fmt.RawRecord:
     """The tree record of a captured entry: its metadata from the capture, and for a regular
     file the ``size`` and chunk ``ids`` its data was stored as. ``ValueError`` says why an
     entry cannot be recorded."""
@@ -98,12 +98,15 @@ def entry_record(entry: FileEntry, size: int, ids: bytes) -> fmt.RawRecord:
         rdev=entry.rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
         link=link,
         xattrs=tuple(sorted(entry.xattrs)),
+        change=change,
     )
 
 
-def encode_file_entry(entry: FileEntry, size: int = 0, ids: bytes = b"") -> bytes:
+def encode_file_entry(
+    entry: FileEntry, size: int = 0, ids: bytes = b"", change: bytes = b""
+) -> bytes:
     """:func:`entry_record` encoded as the tree stores it (format version 2)."""
-    return fmt.encode_record(entry_record(entry, size, ids))
+    return fmt.encode_record(entry_record(entry, size, ids, change))
 
 
 class TreeWriter:

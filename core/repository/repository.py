@@ -182,7 +182,8 @@ class Repository:
         recovery point and return it once it is committed.
 
         Only chunks the repository lacks are written. For a file capture, a file whose size,
-        mtime and mode equal its entry in the parent recovery point is not read again; the
+        mtime, mode and identity (inode, ctime: where the capture gives one) equal its entry
+        in the parent recovery point is not read again; the
         parent is ``parent`` (a point id), or by default (None) the newest point of the same
         instance and kind; ``False`` reads every file. ``instance`` defaults to
         ``capture.instance``; ``policy``, ``expires_at`` and ``lineage`` are recorded in the
