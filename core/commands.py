@@ -95,13 +95,16 @@ def _entries(count: int) -> str:
     return f"{count:,} entry" if count == 1 else f"{count:,} entries"
 
 
+def issue_line(issue: CaptureIssue) -> str:
+    """``<path>: <message>``; a hook's issue, about the whole capture, is its message."""
+    return f"{shown_path(issue.path)}: {issue.message}" if issue.path else issue.message
+
+
 def warn_issues(issues: Sequence[CaptureIssue], total: int) -> None:
     """Name the first few entries a point did not take whole on standard error, one line
     each (``regionvault: warning: <path>: <message>``), then count the rest."""
     for issue in issues[:SHOWN_ISSUES]:
-        # a hook's issue is about the whole capture: it names no path
-        where = f"{shown_path(issue.path)}: " if issue.path else ""
-        _err(f"regionvault: warning: {where}{issue.message}")
+        _err(f"regionvault: warning: {issue_line(issue)}")
     more = total - min(len(issues), SHOWN_ISSUES)
     if more > 0:
         _err(f"regionvault: warning: ... and {more} more")
@@ -647,7 +650,7 @@ def _print_tick(report: TickReport) -> None:
             of = f" (point {point})" if point else ""
             click.echo(f"incomplete {o.key}: {_entries(o.issues_total)} not taken whole{of}")
             for issue in o.issues[:SHOWN_ISSUES]:
-                click.echo(f"  {shown_path(issue.path)}: {issue.message}")
+                click.echo(f"  {issue_line(issue)}")
             if o.issues_total > SHOWN_ISSUES:
                 click.echo(f"  ... and {o.issues_total - SHOWN_ISSUES:,} more")
             continue

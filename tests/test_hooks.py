@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -540,9 +540,11 @@ def test_env_of_the_process_is_not_changed_by_hooks() -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def test_the_backup_command_fails_in_one_line_when_a_before_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def cli_with_hooked_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hook_toml: str, hook: str
+) -> Callable[..., Any]:
+    """A CLI site (``regionvault init``) with ``hook_toml`` appended and an instance nf-1
+    tagged ``backup-hook=<hook>``; returns a function running the CLI in it."""
     from click.testing import CliRunner
     from regionvault.core.cli import cli
 
@@ -554,15 +556,27 @@ def test_the_backup_command_fails_in_one_line_when_a_before_fails(
 
     assert run("init").exit_code == 0
     with (tmp_path / "site.toml").open("a") as site:
-        site.write("\n[hooks.quiesce]\nbefore = \"echo frozen; echo 'lock held' >&2; exit 7\"\n")
+        site.write("\n" + hook_toml)
     data = tmp_path / "nf-data"
     data.mkdir()
     (data / "state").write_text("x")
     added = run(
         "instances", "add", "--region", "east", "--name", "nf-1", "--data", str(data),
-        "--tag", "backup-hook=quiesce",
+        "--tag", f"backup-hook={hook}",
     )  # fmt: skip
     assert added.exit_code == 0, added.stderr
+    return run
+
+
+def test_the_backup_command_fails_in_one_line_when_a_before_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cli_with_hooked_instance(
+        tmp_path,
+        monkeypatch,
+        "[hooks.quiesce]\nbefore = \"echo frozen; echo 'lock held' >&2; exit 7\"\n",
+        "quiesce",
+    )
     result = run("backup", "nf-1")
     assert result.exit_code == 1 and result.stdout == ""
     (line,) = result.stderr.splitlines()
@@ -574,26 +588,9 @@ def test_the_backup_command_fails_in_one_line_when_a_before_fails(
 def test_the_backup_command_exits_3_naming_a_failed_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from click.testing import CliRunner
-    from regionvault.core.cli import cli
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-
-    def run(*args: str) -> Any:
-        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-    assert run("init").exit_code == 0
-    with (tmp_path / "site.toml").open("a") as site:
-        site.write("\n[hooks.thaw]\nafter = \"echo 'thaw refused' >&2; exit 4\"\n")
-    data = tmp_path / "nf-data"
-    data.mkdir()
-    (data / "state").write_text("x")
-    added = run(
-        "instances", "add", "--region", "east", "--name", "nf-1", "--data", str(data),
-        "--tag", "backup-hook=thaw",
-    )  # fmt: skip
-    assert added.exit_code == 0, added.stderr
+    run = cli_with_hooked_instance(
+        tmp_path, monkeypatch, "[hooks.thaw]\nafter = \"echo 'thaw refused' >&2; exit 4\"\n", "thaw"
+    )
     result = run("backup", "nf-1")
     # the data is all there, but the workload was not put back as it should: incomplete
     assert result.exit_code == 3, result.stderr
