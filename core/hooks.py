@@ -23,6 +23,7 @@ Order and failures (one :class:`HookRun` per backup):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -238,53 +239,125 @@ def remove_stale_runs(root: Path) -> list[Path]:
 class _Substitute:
     #: the consistent copy the capture reads instead of the live file
     copy: Path
-    #: the newest mtime of the database and its side files: whatever changed the data
-    #: changed one of them, so an incremental backup never takes an unchanged-looking copy
-    #: from its parent while its content moved on
+    #: the newest mtime of the database and its side files (the entry's mtime: what a
+    #: restore gives the database back)
     mtime_ns: int
+    #: the copy's identity for the backup: a nonce of this run, so its change token never
+    #: matches a parent point's and every backup reads the copy again (a commit that keeps
+    #: the size and the newest mtime, in the same clock tick, must reach the next point);
+    #: it stays the same for the whole run (a copy does not change)
+    identity: tuple[int, ...]
 
 
-def _is_sqlite(path: Path) -> bool:
+#: how the hook opens a file it looks at: never through a symlink, never waiting on a FIFO
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _read_head(name: str, dir_fd: int, size: int) -> tuple[bytes, os.stat_result] | None:
+    """The first ``size`` bytes of the regular file ``name`` in ``dir_fd`` and its stat;
+    None for anything else (a symlink, a FIFO, a device) or what cannot be opened."""
     try:
-        with path.open("rb") as f:
-            head = f.read(len(SQLITE_HEADER))
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
     except OSError:
-        return False
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return os.pread(fd, size, 0), st
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _is_sqlite(name: str, dir_fd: int) -> os.stat_result | None:
+    """The stat of ``name`` (in ``dir_fd``) when it is a regular file holding an SQLite
+    database, by its header, as read from the descriptor the stat is of."""
+    found = _read_head(name, dir_fd, len(SQLITE_HEADER))
+    if found is None:
+        return None
+    head, st = found
     if head == SQLITE_HEADER:
-        return True
+        return st
     if head:
-        return False
+        return None
     # an empty file whose write-ahead log holds its pages (a WAL database never checkpointed)
-    try:
-        with Path(f"{path}-wal").open("rb") as f:
-            return f.read(4) in _WAL_MAGIC
-    except OSError:
-        return False
+    wal = _read_head(f"{name}-wal", dir_fd, 4)
+    return st if wal is not None and wal[0] in _WAL_MAGIC else None
 
 
-def _find_databases(data_dir: Path) -> Iterator[Path]:
-    """Every regular file under ``data_dir`` that is an SQLite database, by its header;
-    symlinks are not followed, side files (``-wal``, ``-shm``, ``-journal``) not opened."""
-    for top, dirs, files in os.walk(data_dir):
+@dataclass(frozen=True)
+class _Found:
+    path: Path
+    #: (device, inode) of the file found: the one SQLite must open
+    inode: tuple[int, int]
+
+
+def _find_databases(data_dir: Path, issues: list[CaptureIssue]) -> Iterator[_Found]:
+    """Every regular file under ``data_dir`` that is an SQLite database, by its header,
+    walked with directory descriptors (no path length limit, no symlink followed); side
+    files (``-wal``, ``-shm``, ``-journal``) are not looked at as databases. A directory the
+    walk cannot enter is named in ``issues``: databases under it are captured live."""
+
+    def unreachable(exc: OSError) -> None:
+        if exc.errno == errno.ENOENT:
+            return  # removed since listed: the capture does not find it either
+        where = os.fsdecode(exc.filename) if exc.filename is not None else str(data_dir)
+        rel = os.path.relpath(where, data_dir).replace(os.sep, "/")
+        issues.append(
+            CaptureIssue(
+                "" if rel == "." else rel,
+                IssueKind.HOOK,
+                f"hook 'sqlite' could not look into it ({exc.strerror}); databases under it "
+                "are taken as they are, possibly inconsistent",
+            )
+        )
+        log.warning("hook 'sqlite': cannot look into %s: %s", where, exc.strerror)
+
+    for top, dirs, files, top_fd in os.fwalk(data_dir, onerror=unreachable):
         dirs.sort()
         for name in sorted(files):
             if name.endswith(_SIDE_SUFFIXES):
                 continue
-            path = Path(top, name)
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and _is_sqlite(path):
-                yield path
+            st = _is_sqlite(name, top_fd)
+            if st is not None:
+                yield _Found(Path(top, name), (st.st_dev, st.st_ino))
 
 
 def _newest_mtime(db: Path) -> int:
     newest = 0
     for candidate in (db, *(Path(f"{db}{s}") for s in _SIDE_SUFFIXES)):
         with contextlib.suppress(OSError):
-            newest = max(newest, candidate.stat().st_mtime_ns)
+            newest = max(newest, candidate.lstat().st_mtime_ns)
     return newest
+
+
+def _open_files() -> dict[int, tuple[int, int]]:
+    """This process's descriptors: each one's (device, inode)."""
+    found: dict[int, tuple[int, int]] = {}
+    for link in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            st = os.fstat(int(link.name))
+            found[int(link.name)] = (st.st_dev, st.st_ino)
+    return found
+
+
+class _Replaced(Exception):
+    """The database's name led SQLite to another file than the one the hook found."""
+
+
+def _check_name(db: Path, inode: tuple[int, int]) -> None:
+    """:class:`_Replaced` unless ``db`` names the regular file ``inode`` (not following a
+    symlink)."""
+    try:
+        st = db.lstat()
+    except OSError as exc:
+        raise _Replaced(f"its name leads nowhere now: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Replaced("its name leads to something else than a regular file")
+    if (st.st_dev, st.st_ino) != inode:
+        raise _Replaced("its name leads to another file")
 
 
 @dataclass
@@ -305,15 +378,26 @@ class SqliteCopies:
     def make(self, deadline: float, label: str) -> None:
         """Copy every database; ``label`` starts the line of a :class:`HookFailed`."""
         self.work_dir.mkdir(mode=0o700, exist_ok=True)
-        for number, db in enumerate(_find_databases(self.data_dir)):
+        run = secrets.randbits(63)
+        for number, found in enumerate(_find_databases(self.data_dir, self.issues)):
+            db = found.path
             rel = os.path.relpath(db, self.data_dir).replace(os.sep, "/")
             copy = self.work_dir / f"{number}.db"
             mtime = _newest_mtime(db)
             try:
-                self._copy(db, copy, deadline)
+                self._copy(db, found.inode, copy, deadline)
+            except _Replaced as exc:
+                copy.unlink(missing_ok=True)
+                self._taken_as_is(db, rel, f"it was replaced while the hook copied it ({exc})")
+                continue
             except sqlite3.DatabaseError as exc:
                 copy.unlink(missing_ok=True)
                 code = getattr(exc, "sqlite_errorcode", None)
+                if code is not None and (code & 0xFF) == sqlite3.SQLITE_CANTOPEN:
+                    # SQLite cannot open it by its name (a path longer than SQLite's own
+                    # limit, or gone): the capture still reaches it through its directories
+                    self._taken_as_is(db, rel, f"SQLite cannot open it ({exc})")
+                    continue
                 if code is None or (code & 0xFF) not in _NOT_A_DATABASE:
                     # the copy's own side (a full disk, an I/O error) or a lock held past
                     # the deadline: the backup fails rather than take a torn database
@@ -325,31 +409,54 @@ class SqliteCopies:
                     raise HookFailed(f"{label}: cannot copy {rel!r}: {why}") from None
                 # a file with SQLite's header that SQLite cannot read (damaged, encrypted
                 # past its header): taken as it is, and said so
-                self.issues.append(
-                    CaptureIssue(
-                        rel,
-                        IssueKind.HOOK,
-                        f"hook 'sqlite' could not copy it ({exc}); taken as it is, "
-                        "possibly inconsistent",
-                    )
-                )
-                log.warning("hook 'sqlite': %s: %s; taken as it is", db, exc)
+                self._taken_as_is(db, rel, f"could not copy it ({exc})")
                 continue
-            self.substitutes[rel] = _Substitute(copy, mtime)
+            self.substitutes[rel] = _Substitute(copy, mtime, (run, number))
             self.omitted.update(f"{rel}{s}" for s in _SIDE_SUFFIXES)
 
+    def _taken_as_is(self, db: Path, rel: str, why: str) -> None:
+        self.issues.append(
+            CaptureIssue(
+                rel,
+                IssueKind.HOOK,
+                f"hook 'sqlite' {why}; taken as it is, possibly inconsistent",
+            )
+        )
+        log.warning("hook 'sqlite': %s: %s; taken as it is", db, why)
+
     @staticmethod
-    def _copy(db: Path, copy: Path, deadline: float) -> None:
+    def _copy(db: Path, inode: tuple[int, int], copy: Path, deadline: float) -> None:
         def check(status: int, remaining: int, total: int) -> None:
             if time.monotonic() >= deadline:
                 raise sqlite3.OperationalError("deadline passed")
 
+        # SQLite opens the database by its name, which the instance's users can point at
+        # another file (a symlink to a database they may not read) after the walk looked at
+        # it: the file SQLite holds open must be the one found, before anything is read
+        try:
+            before: dict[int, tuple[int, int]] | None = _open_files()
+        except OSError:
+            before = None  # no /proc: the name is looked at again instead
         # an ordinary connection, as any reader of the application's: it takes part in
         # SQLite's locking (and would recover a crashed writer's hot journal first, as the
         # application's next reader must); a read-only one would leave -wal and -shm files
-        # behind beside a database no one has open
-        source = sqlite3.connect(f"file:{_uri_path(db)}", uri=True, timeout=_SQLITE_BUSY_WAIT)
+        # behind beside a database no one has open. mode=rw: one removed since the walk is
+        # not created again
         try:
+            source = sqlite3.connect(
+                f"file:{_uri_path(db)}?mode=rw", uri=True, timeout=_SQLITE_BUSY_WAIT
+            )
+        except sqlite3.DatabaseError:
+            _check_name(db, inode)  # a FIFO put in its place fails SQLite's open
+            raise
+        try:
+            opened = set() if before is None else set(_open_files().items()) - set(before.items())
+            if not opened:
+                # no /proc, or SQLite took a descriptor it kept of this inode (this process
+                # has the database open elsewhere: closing one would drop its locks)
+                _check_name(db, inode)
+            elif all(ino != inode for _, ino in opened):
+                raise _Replaced("SQLite opened another file by its name")
             target = sqlite3.connect(copy)
             try:
                 # pages=-1: the whole database in one step, under one read transaction;
@@ -373,10 +480,13 @@ class SubstitutedCapture(FileCapture):
 
     Wraps whatever capture the provider made: :meth:`entries` yields its entries, with each
     substituted database's size that of its copy (its path, mode, owner and xattrs the live
-    file's; its mtime the newest of the database and its side files) and the side files
-    (``-wal``, ``-shm``, ``-journal``) left out; :meth:`open` of a substituted database opens
-    its copy; :meth:`restat` gives a substituted entry as it is (a copy does not change)
-    and asks the wrapped capture about every other, as :meth:`current_identity` does."""
+    file's; its mtime the newest of the database and its side files; its identity the
+    copy's, new in every run, so every backup reads it again) and the side files (``-wal``,
+    ``-shm``, ``-journal``) left out. A hard link to a side file left out is not a link to
+    nothing: the first such name becomes a file of its own (read live, as without the hook)
+    and the others link to it. :meth:`open` of a substituted database opens its copy;
+    :meth:`restat` gives a substituted entry as it is (a copy does not change) and asks the
+    wrapped capture about every other, as :meth:`current_identity` does."""
 
     def __init__(self, inner: FileCapture, copies: SqliteCopies) -> None:
         super().__init__(inner.instance, inner.taken_at)
@@ -397,8 +507,15 @@ class SubstitutedCapture(FileCapture):
         return self._copies.substitutes.get(entry.path)
 
     def entries(self) -> Iterator[FileEntry]:
+        omitted = self._copies.omitted
+        #: a side file left out -> the later name of it that now holds its data
+        holder: dict[str, str] = {}
         for entry in self.inner.entries():
-            if entry.path in self._copies.omitted:
+            if entry.path in omitted:
+                continue
+            if entry.link is not None and entry.link in omitted:
+                first = holder.setdefault(entry.link, entry.path)
+                yield replace(entry, link=None if first == entry.path else first)
                 continue
             sub = self._substitute(entry)
             if sub is None:
@@ -408,7 +525,7 @@ class SubstitutedCapture(FileCapture):
                 entry,
                 size=sub.copy.stat().st_size,
                 mtime_ns=sub.mtime_ns,
-                identity=None,
+                identity=sub.identity,
                 source=sub.copy,
             )
 
@@ -425,9 +542,10 @@ class SubstitutedCapture(FileCapture):
         return self.inner.restat(entry)
 
     def current_identity(self, entry: FileEntry) -> tuple[int, ...] | None:
+        # by path: the engine's final check names an entry by its path alone
         sub = self._substitute(entry)
-        if sub is not None and entry.source == sub.copy:
-            return None
+        if sub is not None:
+            return sub.identity
         return self.inner.current_identity(entry)  # the wrapped capture's cheaper look
 
     def totals(self) -> tuple[int, int] | None:

@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
+from regionvault.core import FileCapture
 from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, load_site, parse_site
 from regionvault.core.errors import ConfigError, PolicyError
 from regionvault.core.hooks import (
@@ -28,10 +29,12 @@ from regionvault.core.hooks import (
 from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.policy import parse_hook_names
-from regionvault.core.repository import RepositorySettings
+from regionvault.core.repository import RepositorySettings, TreeEntry
 from regionvault.core.site import Region, Site
-from regionvault.core.types import Instance, IssueKind, Tags
+from regionvault.core.types import FileEntry, Instance, IssueKind, Tags
 from regionvault.providers.local import plugin as local_plugin
+from regionvault.providers.local.compute import LocalFileCapture
+from repository_support import INSTANCE, repo_for
 
 SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
 
@@ -673,3 +676,109 @@ def test_a_database_locked_past_the_sqlite_hooks_limit_fails_the_backup(
     )
     assert engine.repository("east").points() == []
     assert list(work_dir(engine).iterdir()) == []
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_a_wal_commit_keeping_the_copys_size_and_the_newest_mtime_reaches_the_next_point(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    # a commit in the same clock tick as the hook's look: the copy's size and the newest
+    # mtime of the database and its side files are as the parent point recorded them
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "hlr.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES ('before')")
+    stamp = 1_700_000_000_123_456_789
+
+    def same_tick() -> None:
+        for name in ("hlr.db", "hlr.db-wal", "hlr.db-shm"):
+            os.utime(data / name, ns=(stamp, stamp))
+
+    same_tick()
+    first = engine.backup(inst.id)
+    db.execute("UPDATE t SET x = 'after!'")  # as long: the copy keeps its page count
+    same_tick()
+    second = engine.backup(inst.id)
+    db.close()
+    repo = engine.repository("east")
+    sizes = [
+        {e.path: e.size for e in repo.entries(p.id) if isinstance(e, TreeEntry)}["hlr.db"]
+        for p in (first, second)
+    ]
+    assert sizes[0] == sizes[1]
+    target = tmp_path / "restore"
+    engine.restore(second.id, region="east", target=target)
+    restored = sqlite3.connect(target / "hlr.db")
+    assert restored.execute("SELECT x FROM t").fetchall() == [("after!",)]
+    restored.close()
+
+
+def test_hard_links_to_a_wal_the_hook_leaves_out_are_restored_as_a_file_and_its_links(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    db = sqlite3.connect(data / "app.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    # walked after app.db-wal, so recorded as hard links to it
+    os.link(data / "app.db-wal", data / "wal-keep")
+    os.link(data / "app.db-wal", data / "wal-keep2")
+    wal = (data / "app.db-wal").read_bytes()
+    point = engine.backup(inst.id)
+    db.close()
+    assert point.issues == 0
+    target = tmp_path / "restore"
+    engine.restore(point.id, region="east", target=target)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "app.db",
+        "conf.txt",
+        "wal-keep",
+        "wal-keep2",
+    ]
+    assert (target / "wal-keep").read_bytes() == wal
+    assert (target / "wal-keep").stat().st_ino == (target / "wal-keep2").stat().st_ino
+    restored = sqlite3.connect(target / "app.db")
+    assert restored.execute("SELECT x FROM t").fetchall() == [(1,)]
+    restored.close()
+
+
+class _LeavingOut(FileCapture):
+    """A capture of a directory without the entries named ``left_out``: what the sqlite hook
+    gave before it made a hard link to a side file it left out a file of its own."""
+
+    def __init__(self, root: Path, left_out: set[str]) -> None:
+        self.inner = LocalFileCapture(INSTANCE, datetime.now(UTC), root)
+        super().__init__(self.inner.instance, self.inner.taken_at)
+        self.left_out = left_out
+
+    def entries(self) -> Iterator[FileEntry]:
+        return (e for e in self.inner.entries() if e.path not in self.left_out)
+
+    def open(self, entry: FileEntry) -> BinaryIO:
+        return self.inner.open(entry)
+
+
+def test_a_point_with_a_hard_link_to_a_name_it_lacks_restores_with_a_note(
+    east: Region, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.db-wal").write_bytes(b"wal frames")
+    os.link(src / "a.db-wal", src / "b")
+    (src / "c").write_text("kept\n")
+    repo = repo_for(east)
+    point = repo.backup(_LeavingOut(src, {"a.db-wal"}))
+    report = repo.restore(point.id, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
+    assert (tmp_path / "out" / "c").read_text() == "kept\n"
+    assert any("hard links not restored" in note and "b" in note for note in report.notes)

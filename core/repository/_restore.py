@@ -494,6 +494,7 @@ class ParallelWriter:
 _NOTE_SOCKETS = "sockets not recreated (the program that listens on one makes it)"
 _NOTE_DEVICES = "device nodes not created: not running as root"
 _NOTE_OWNERS = "owners not restored: not running as root"
+_NOTE_NO_LINK_SOURCE = "hard links not restored: the name they link to is not in the point"
 #: an extended attribute failing with one of these is noted, not fatal: the target
 #: filesystem lacks them (ENOTSUP), this process may not set that namespace (EPERM), or
 #: (without /proc) the path to a FIFO, device or symlink is too long for setxattr
@@ -563,6 +564,14 @@ def set_xattrs(
                 f"extended attributes not restored ({exc.strerror})",
                 f"{shown} ({os.fsdecode(name)})",
             )
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _names(dir_fd: int) -> list[str]:
@@ -951,6 +960,11 @@ class FileRestorer:
             if made != name:
                 with contextlib.suppress(OSError):
                     os.unlink(made, dir_fd=directory.fd)
+            if exc.errno == errno.ENOENT and not _exists(src_name, src_dir.fd):
+                # a point whose backup left the first name out (an older point of the sqlite
+                # hook, which omitted a -wal with a second name): the rest is still restored
+                self.notes.add(_NOTE_NO_LINK_SOURCE, self._shown(path))
+                return
             raise RegionVaultError(
                 f"cannot restore {self._shown(path)} (a hard link to {source}): {exc.strerror}"
             ) from None
