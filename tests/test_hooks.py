@@ -3,12 +3,15 @@ built-in ``sqlite`` hook (docs/hooks.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +27,7 @@ from regionvault.core.hooks import (
     SQLITE_HEADER,
     HookFailed,
     HookRun,
+    SqliteCopies,
     remove_stale_runs,
 )
 from regionvault.core.pipeline import Engine
@@ -782,3 +786,119 @@ def test_a_point_with_a_hard_link_to_a_name_it_lacks_restores_with_a_note(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
     assert (tmp_path / "out" / "c").read_text() == "kept\n"
     assert any("hard links not restored" in note and "b" in note for note in report.notes)
+
+
+def _small_database(path: Path, value: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES (?)", (value,))
+    db.commit()
+    db.close()
+
+
+def test_a_database_swapped_for_a_symlink_before_sqlite_opens_it_is_not_followed(
+    make_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a user of the instance points a database's name at one they may not read, after the
+    # hook looked at the file and before SQLite opens it by name
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    _small_database(data / "app.db", "mine")
+    _small_database(tmp_path / "foreign.db", "someone else's secret")
+    real_connect = sqlite3.connect
+    swapped: list[str] = []
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if "app.db" in str(database) and not swapped:
+            swapped.append(str(database))
+            (data / "app.db").replace(tmp_path / "app.db.moved")
+            (data / "app.db").symlink_to(tmp_path / "foreign.db")
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    point = engine.backup(inst.id)
+    monkeypatch.undo()
+    assert swapped
+    (issue,) = engine.repository("east").load_manifest(point.id).issues
+    assert issue.path == "app.db" and issue.kind is IssueKind.HOOK
+    assert "replaced while the hook copied it" in issue.message
+    target = tmp_path / "restore"
+    engine.restore(point.id, region="east", target=target)
+    assert (target / "app.db").is_symlink()  # taken as the capture found it: a symlink
+    for path in target.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert b"secret" not in path.read_bytes(), path
+
+
+def test_a_fifo_put_in_a_databases_place_does_not_hang_the_sqlite_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    _small_database(data / "app.db", "mine")
+    real_isreg = stat.S_ISREG
+    swapped: list[bool] = []
+
+    def s_isreg(mode: int) -> bool:
+        # the hook has just seen a regular file: a FIFO takes its place now
+        regular = real_isreg(mode)
+        if regular and not swapped:
+            swapped.append(True)
+            (data / "app.db").replace(tmp_path / "app.db.moved")
+            os.mkfifo(data / "app.db")
+        return regular
+
+    copies = SqliteCopies(data, tmp_path / "work")
+    # bounded: should the hook wait on the FIFO for a writer, one comes after 10 s
+    done = threading.Event()
+    unblocked: list[bool] = []
+
+    def watchdog() -> None:
+        if not done.wait(10):
+            unblocked.append(True)
+            with contextlib.suppress(OSError):
+                os.close(os.open(data / "app.db", os.O_WRONLY | os.O_NONBLOCK))
+
+    guard = threading.Thread(target=watchdog, daemon=True)
+    guard.start()
+    monkeypatch.setattr(stat, "S_ISREG", s_isreg)
+    try:
+        copies.make(time.monotonic() + 60, "hook 'sqlite' before")
+    finally:
+        monkeypatch.undo()
+        done.set()
+        guard.join(15)
+    assert swapped and not unblocked, "the hook waited on a FIFO"
+    assert copies.substitutes == {}
+    (issue,) = copies.issues
+    assert issue.path == "app.db" and issue.kind is IssueKind.HOOK
+
+
+def test_a_database_deeper_than_path_max_is_named_not_taken_live_in_silence(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    _small_database(tmp_path / "deep.db", "deep")
+    content = (tmp_path / "deep.db").read_bytes()
+    level = "d" * 200
+    depth = 5000 // len(level)  # the path is longer than PATH_MAX (4096)
+    fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(level, dir_fd=fd)
+            below = os.open(level, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        out = os.open("deep.db", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, content)
+        os.close(out)
+    finally:
+        os.close(fd)
+    rel = "/".join([level] * depth + ["deep.db"])
+    point = engine.backup(inst.id)
+    issues = engine.repository("east").load_manifest(point.id).issues
+    assert [(i.path, i.kind) for i in issues] == [(rel, IssueKind.HOOK)]
+    assert "taken as it is, possibly inconsistent" in issues[0].message
