@@ -294,35 +294,88 @@ class _Found:
     inode: tuple[int, int]
 
 
+#: a directory that is gone or no longer a directory when the walk opens it: not an issue
+#: (the capture finds what is there now, and no database under it)
+_NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+#: how the walk opens a directory: never through a symlink
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _listing(fd: int) -> tuple[list[str], list[str]]:
+    """The names in the directory ``fd``, sorted: (subdirectories, regular files)."""
+    dirs: list[str] = []
+    files: list[str] = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                dirs.append(entry.name)
+            elif entry.is_file(follow_symlinks=False):
+                files.append(entry.name)
+    return sorted(dirs), sorted(files)
+
+
 def _find_databases(data_dir: Path, issues: list[CaptureIssue]) -> Iterator[_Found]:
     """Every regular file under ``data_dir`` that is an SQLite database, by its header,
-    walked with directory descriptors (no path length limit, no symlink followed); side
-    files (``-wal``, ``-shm``, ``-journal``) are not looked at as databases. A directory the
-    walk cannot enter is named in ``issues``: databases under it are captured live."""
+    walked with directory descriptors (no path length limit, no symlink followed, one
+    descriptor per level); side files (``-wal``, ``-shm``, ``-journal``) are not looked at as
+    databases. A directory the walk cannot look into is named in ``issues``: the databases
+    under it are captured live."""
+    #: the directories being walked: (relative path, descriptor, subdirectories left)
+    stack: list[tuple[str, int, Iterator[str]]] = []
 
-    def unreachable(exc: OSError) -> None:
-        if exc.errno == errno.ENOENT:
-            return  # removed since listed: the capture does not find it either
-        where = os.fsdecode(exc.filename) if exc.filename is not None else str(data_dir)
-        rel = os.path.relpath(where, data_dir).replace(os.sep, "/")
-        issues.append(
-            CaptureIssue(
-                "" if rel == "." else rel,
-                IssueKind.HOOK,
-                f"hook 'sqlite' could not look into it ({exc.strerror}); databases under it "
-                "are taken as they are, possibly inconsistent",
-            )
+    def enter(rel: str, name: str, parent: int | None) -> list[str]:
+        """Open and list one directory (pushed on ``stack``); its regular files."""
+        try:
+            # the data directory itself as the capture opens it; below it, no symlink
+            fd = os.open(name, _DIR_FLAGS if parent is not None else _ROOT_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if parent is None or exc.errno not in _NOT_THERE:
+                _unreachable(issues, data_dir, rel, exc)
+            return []
+        try:
+            dirs, files = _listing(fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NOT_THERE:
+                _unreachable(issues, data_dir, rel, exc)
+            return []
+        stack.append((rel, fd, iter(dirs)))
+        return files
+
+    try:
+        files = enter("", os.fspath(data_dir), None)
+        while stack:
+            rel, fd, below = stack[-1]
+            for name in files:
+                if name.endswith(_SIDE_SUFFIXES):
+                    continue
+                st = _is_sqlite(name, fd)
+                if st is not None:
+                    path = data_dir / f"{rel}/{name}" if rel else data_dir / name
+                    yield _Found(path, (st.st_dev, st.st_ino))
+            files = []
+            subdir = next(below, None)
+            if subdir is None:
+                stack.pop()
+                os.close(fd)
+            else:  # its files are looked at next, then its own subdirectories
+                files = enter(f"{rel}/{subdir}" if rel else subdir, subdir, fd)
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+
+
+def _unreachable(issues: list[CaptureIssue], data_dir: Path, rel: str, exc: OSError) -> None:
+    issues.append(
+        CaptureIssue(
+            rel,
+            IssueKind.HOOK,
+            f"hook 'sqlite' could not look into it ({exc.strerror}); databases under it "
+            "are taken as they are, possibly inconsistent",
         )
-        log.warning("hook 'sqlite': cannot look into %s: %s", where, exc.strerror)
-
-    for top, dirs, files, top_fd in os.fwalk(data_dir, onerror=unreachable):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith(_SIDE_SUFFIXES):
-                continue
-            st = _is_sqlite(name, top_fd)
-            if st is not None:
-                yield _Found(Path(top, name), (st.st_dev, st.st_ino))
+    )
+    log.warning("hook 'sqlite': cannot look into %s: %s", data_dir / rel, exc.strerror)
 
 
 def _newest_mtime(db: Path) -> int:

@@ -902,3 +902,28 @@ def test_a_database_deeper_than_path_max_is_named_not_taken_live_in_silence(
     issues = engine.repository("east").load_manifest(point.id).issues
     assert [(i.path, i.kind) for i in issues] == [(rel, IssueKind.HOOK)]
     assert "taken as it is, possibly inconsistent" in issues[0].message
+
+
+def test_a_directory_the_sqlite_hook_cannot_list_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    (data / "locked").mkdir(parents=True)
+    _small_database(data / "top.db", "reached")
+    _small_database(data / "locked" / "app.db", "out of reach")
+    real_scandir = os.scandir
+
+    def scandir(where: Any) -> Any:
+        # what EACCES or EIO gives an unprivileged or failing walk (root passes EACCES)
+        shown = str(Path(f"/proc/self/fd/{where}").readlink() if isinstance(where, int) else where)
+        if shown.endswith("/locked"):
+            raise PermissionError(13, "Permission denied", shown)
+        return real_scandir(where)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    copies = SqliteCopies(data, tmp_path / "work")
+    copies.make(time.monotonic() + 60, "hook 'sqlite' before")
+    monkeypatch.undo()
+    assert sorted(copies.substitutes) == ["top.db"]
+    assert [(i.path, i.kind) for i in copies.issues] == [("locked", IssueKind.HOOK)]
+    assert "could not look into it (Permission denied)" in copies.issues[0].message
