@@ -786,6 +786,10 @@ def test_a_point_with_a_hard_link_to_a_name_it_lacks_restores_with_a_note(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
     assert (tmp_path / "out" / "c").read_text() == "kept\n"
     assert any("hard links not restored" in note and "b" in note for note in report.notes)
+    # and when a selection names the link alone
+    report = repo.restore(point.id, tmp_path / "picked", paths=["b"])
+    assert list((tmp_path / "picked").iterdir()) == []
+    assert any("hard links not restored" in note and "b" in note for note in report.notes)
 
 
 def _small_database(path: Path, value: str) -> None:

@@ -1033,15 +1033,13 @@ class FileRestorer:
             moved[path] = paths[0]
             if not wanted:
                 break
-        if wanted:
-            source = next(iter(wanted))
-            raise IntegrityError(
-                self.what, f"hard link {wanted[source][0]!r} to {source!r}: no such entry"
-            )
+        for paths in wanted.values():  # no such entry: noted, as in a whole restore
+            for path in paths:
+                self.notes.add(_NOTE_NO_LINK_SOURCE, self._shown(path))
         self._links = [
             (path, moved.get(source, source))
             for path, source in self._links
-            if path != moved.get(source)
+            if path != moved.get(source) and source not in wanted
         ]
 
     def _apply_dir_meta(self) -> None:
