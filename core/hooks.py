@@ -290,6 +290,8 @@ def _is_sqlite(name: str, dir_fd: int) -> os.stat_result | None:
 @dataclass(frozen=True)
 class _Found:
     path: Path
+    #: its path below the data directory, as a capture names it
+    rel: str
     #: (device, inode) of the file found: the one SQLite must open
     inode: tuple[int, int]
 
@@ -352,8 +354,8 @@ def _find_databases(data_dir: Path, issues: list[CaptureIssue]) -> Iterator[_Fou
                     continue
                 st = _is_sqlite(name, fd)
                 if st is not None:
-                    path = data_dir / f"{rel}/{name}" if rel else data_dir / name
-                    yield _Found(path, (st.st_dev, st.st_ino))
+                    below_data = f"{rel}/{name}" if rel else name
+                    yield _Found(data_dir / below_data, below_data, (st.st_dev, st.st_ino))
             files = []
             subdir = next(below, None)
             if subdir is None:
@@ -425,7 +427,8 @@ class SqliteCopies:
     substitutes: dict[str, _Substitute] = field(default_factory=dict)
     #: relative paths of side files the copies fold in, left out of the capture
     omitted: set[str] = field(default_factory=set)
-    #: databases that could not be copied: captured as they are, and named in the point
+    #: databases that could not be copied and directories the walk could not look into:
+    #: captured as they are, and named in the point
     issues: list[CaptureIssue] = field(default_factory=list)
 
     def make(self, deadline: float, label: str) -> None:
@@ -433,8 +436,7 @@ class SqliteCopies:
         self.work_dir.mkdir(mode=0o700, exist_ok=True)
         run = secrets.randbits(63)
         for number, found in enumerate(_find_databases(self.data_dir, self.issues)):
-            db = found.path
-            rel = os.path.relpath(db, self.data_dir).replace(os.sep, "/")
+            db, rel = found.path, found.rel
             copy = self.work_dir / f"{number}.db"
             mtime = _newest_mtime(db)
             try:
