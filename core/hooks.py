@@ -574,6 +574,11 @@ class SubstitutedCapture(FileCapture):
                 continue
             sub = self._substitute(entry)
             if sub is None:
+                second = self._copies.substitutes.get(entry.path)
+                if second is not None and entry.link is not None:
+                    # a second name of a database: a link to the first name's copy; as the
+                    # copy's, its identity holds for the whole run (as current_identity says)
+                    entry = replace(entry, identity=second.identity)
                 yield entry
                 continue
             yield replace(

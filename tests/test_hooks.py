@@ -931,3 +931,21 @@ def test_a_directory_the_sqlite_hook_cannot_list_is_named(
     assert sorted(copies.substitutes) == ["top.db"]
     assert [(i.path, i.kind) for i in copies.issues] == [("locked", IssueKind.HOOK)]
     assert "could not look into it (Permission denied)" in copies.issues[0].message
+
+
+def test_a_database_with_two_names_is_restored_as_one_file_with_two_links(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    engine, east = make_engine()
+    inst = add(east, tmp_path, **{"backup-hook": "sqlite"})
+    data = tmp_path / "data" / "db-1"
+    _small_database(data / "a.db", "both names")
+    os.link(data / "a.db", data / "b.db")
+    point = engine.backup(inst.id)
+    assert point.issues == 0
+    target = tmp_path / "restore"
+    engine.restore(point.id, region="east", target=target)
+    assert (target / "a.db").stat().st_ino == (target / "b.db").stat().st_ino
+    restored = sqlite3.connect(target / "b.db")
+    assert restored.execute("SELECT x FROM t").fetchall() == [("both names",)]
+    restored.close()
