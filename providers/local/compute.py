@@ -424,6 +424,7 @@ class LocalFileCapture(FileCapture):
             rdev=st.st_rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
             xattrs=self._xattrs(dir_fd, name, path, issues) if full else (),
             identity=_identity(st),
+            changed_ns=st.st_ctime_ns,
         )
 
     def _enter(
