@@ -109,6 +109,7 @@ class HookedCapture(FileCapture):
         self.opens: Counter[str] = Counter()
         self.restats: Counter[str] = Counter()
         self.looks: Counter[str] = Counter()
+        self.listed: Counter[str] = Counter()
 
     def entries(self) -> Iterator[FileEntry]:
         self.issues = []
@@ -140,6 +141,13 @@ class HookedCapture(FileCapture):
         self.looks[entry.path] += 1
         try:
             return identity(os.lstat(self.root / entry.path))
+        except FileNotFoundError:
+            return None
+
+    def names(self, entry: FileEntry) -> list[str] | None:
+        self.listed[entry.path] += 1
+        try:
+            return [p.name for p in (self.root / entry.path).iterdir()]
         except FileNotFoundError:
             return None
 
@@ -1107,3 +1115,56 @@ def test_an_entry_that_cannot_be_looked_at_again_is_named(repo: Repository, src:
     issues = repo.load_manifest(point.id).issues
     assert [(i.path, i.kind) for i in issues] == [("etc/nf.conf", IssueKind.CHANGED)]
     assert "replaced since it was walked" in issues[0].message
+
+
+def test_an_entry_moved_into_a_directory_already_listed_is_named(
+    repo: Repository, src: Path
+) -> None:
+    """A maildir: cur/ is listed, then a message moves from new/ (not listed yet) to cur/;
+    the point holds it in neither. cur/ changed since it was listed: it is listed again at
+    the end, and a name it did not hold, older than the capture, is named."""
+    for box in ("cur", "new"):
+        (src / "mail" / box).mkdir(parents=True)
+    (src / "mail/cur/1.seen").write_bytes(b"read message")
+    (src / "mail/new/2.unseen").write_bytes(b"delivered before the backup")
+    settle()
+    cap = HookedCapture(src)
+    walk = cap.entries
+
+    def entries() -> Iterator[FileEntry]:
+        for entry in walk():
+            yield entry
+            if entry.path == "mail/cur/1.seen":  # cur/ is listed; new/ is not yet
+                (src / "mail/new/2.unseen").rename(src / "mail/cur/2.unseen:2,S")
+
+    cap.entries = entries  # type: ignore[method-assign]
+    point = repo.backup(cap)
+    issues = repo.load_manifest(point.id).issues
+    assert [(i.path, i.kind) for i in issues] == [("mail/cur/2.unseen:2,S", IssueKind.CHANGED)]
+    assert "moved here while the capture ran" in issues[0].message
+
+
+def test_directories_that_did_not_change_are_not_listed_again(repo: Repository, src: Path) -> None:
+    """An editor's save (a rename over the same name) and a file created after the walk
+    move their directory's identity: listed again, neither is named; the other directories
+    are looked at once, never listed."""
+    cap = HookedCapture(src)
+
+    def churn(opened: int, offset: int) -> None:
+        if opened == 1 and offset == READ_STEP:
+            replace_file(src / "etc/nf.conf", b"saved after it was read")
+            (src / "var/db/new.tmp").write_bytes(b"created after the walk")
+
+    cap.after_read["var/log/nf.log"] = churn
+    point = repo.backup(cap)
+    issues = repo.load_manifest(point.id).issues
+    assert [(i.path, i.kind) for i in issues] == [("etc/nf.conf", IssueKind.CHANGED)]
+    assert set(cap.listed) == {"etc", "var/db"}
+
+
+def test_the_local_capture_lists_a_directory_again(src: Path) -> None:
+    cap = LocalFileCapture(INSTANCE, datetime.now(UTC), src)
+    entries = {e.path: e for e in cap.entries()}
+    assert sorted(cap.names(entries["var/db"]) or ()) == ["app.db", "app.db-wal"]
+    shutil.rmtree(src / "var/db")
+    assert cap.names(entries["var/db"]) is None

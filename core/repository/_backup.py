@@ -24,7 +24,12 @@ abandoned gives its record back empty before the next read fills it, so no chunk
 reaches the tree (its chunks stay stored, garbage that prune collects). When every file is
 read, every entry taken is looked at once more (:class:`_Taken`), so a file that changed
 after it was read while another was being read (a database and its write-ahead log) is
-named too. Each issue is recorded in the recovery point, in capture order.
+named too. A read begun within :data:`SETTLE_NS` of the file's last change could miss a
+write in the same clock tick: it is read again once settled, and only a settled read gets a
+change token. A hard link whose file was read as another entry than walked is read on its
+own. A directory that changed while the capture ran is listed again, to name an entry moved
+into it after it was listed. An entry the format cannot record is left out and named. Each
+issue is recorded in the recovery point, in capture order.
 """
 
 from __future__ import annotations
@@ -240,6 +245,10 @@ def _digest(identity: tuple[int, ...]) -> bytes:
     return (hash(identity) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
 
 
+#: the kinds of entry the check at the end compares with their identity as taken
+_CHECKED = frozenset((FileKind.FILE, FileKind.SYMLINK, FileKind.DIR))
+
+
 def _last_change(entry: FileEntry) -> int:
     """When ``entry`` last changed as the file system stamped it: its ctime where the capture
     tells it (every write moves it, and no one can set it), else its mtime."""
@@ -404,6 +413,8 @@ class BackupRun:
         #: the directories left out with everything below them ("dir/"), and why (rare: a
         #: directory the format cannot record)
         self._left_out_dirs: dict[str, CaptureIssue] = {}
+        #: when the capture began (ns since the epoch), to tell an entry moved during it
+        self._started_ns = 0
         #: the files read as another entry than the one walked (few: replaced or changed
         #: as they were read); a hard link to one is read on its own
         self._reread: set[str] = set()
@@ -702,6 +713,7 @@ class BackupRun:
 
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
+        self._started_ns = time.time_ns()
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -830,8 +842,11 @@ class BackupRun:
                     self.stats[_KIND_STATS[kind] if entry.link is None else "hardlinks"] += 1
                     encoded = encode(entry, entry.size if kind is FileKind.FILE else 0)
                     pending.append(_HardLink(entry, encoded) if entry.link else encoded)
-                    if kind is FileKind.SYMLINK and entry.identity is not None:
-                        self._taken.add(path, FileKind.SYMLINK, entry.identity)
+                    if entry.identity is not None and entry.link is None:
+                        # a symlink is checked at the end; a directory too, for entries
+                        # moved into it after it was listed; a FIFO, socket or device only
+                        # counts among its directory's names then
+                        self._taken.add(path, kind, entry.identity)
                 else:
                     self.stats["files"] += 1
                     before = parent.find(path) if parent is not None else None
@@ -883,8 +898,12 @@ class BackupRun:
         (the local capture: a stat) costs less than a second walk, and lists no
         directory."""
         changed: list[CaptureIssue] = []
+        #: directories whose identity moved since they were listed
+        moved: list[bytes] = []
         for raw, kind, digest in self._taken:
             self.failure.check()
+            if kind not in _CHECKED:
+                continue  # a FIFO, socket or device: only a name in its directory
             path = raw.decode("utf-8", "surrogateescape")
             entry = FileEntry(path=path, kind=kind, mode=0, mtime_ns=0)
             try:
@@ -906,7 +925,9 @@ class BackupRun:
                 continue
             if now is None:
                 continue
-            if _digest(now) != digest:
+            if _digest(now) != digest and kind is FileKind.DIR:
+                moved.append(raw)
+            elif _digest(now) != digest:
                 changed.append(
                     CaptureIssue(
                         path,
@@ -915,7 +936,55 @@ class BackupRun:
                         "the point holds it as read",
                     )
                 )
+        if moved:
+            changed.extend(self._moved_in(capture, moved))
         return changed
+
+    def _moved_in(self, capture: FileCapture, moved: list[bytes]) -> list[CaptureIssue]:
+        """Entries moved into a directory after it was listed (from one not listed yet: a
+        maildir's message from new/ to cur/), which the point then holds nowhere. Each
+        directory whose identity moved is listed again: a name the point does not hold
+        whose mtime is older than the capture is such an entry. One made since the capture
+        began is not part of this point, like one created after the walk; a name replaced
+        by a rename (an editor's save) is held, and costs nothing. Only such directories are
+        listed, and one more pass over what was taken finds the names they held."""
+        held: dict[bytes, set[bytes]] = {raw: set() for raw in moved}
+        for raw, _kind, _digest in self._taken:
+            cut = raw.rfind(b"/")
+            names = held.get(raw[:cut] if cut >= 0 else b"")
+            if names is not None:
+                names.add(raw[cut + 1 :])
+        named = {issue.path for issue in self.issues}
+        found: list[CaptureIssue] = []
+        for raw in moved:
+            self.failure.check()
+            path = raw.decode("utf-8", "surrogateescape")
+            try:
+                with self._open_lock:
+                    now = capture.names(FileEntry(path=path, kind=FileKind.DIR, mode=0, mtime_ns=0))
+            except EntryProblem:
+                continue  # itself replaced: not the directory walked
+            for name in sorted(now or (), key=encode_path):
+                inner = f"{path}/{name}"
+                if encode_path(name) in held[raw] or inner in named:
+                    continue
+                entry = FileEntry(path=inner, kind=FileKind.FILE, mode=0, mtime_ns=0)
+                try:
+                    with self._open_lock:
+                        there = capture.restat(entry)
+                except EntryProblem:
+                    continue
+                if there is None or there.mtime_ns >= self._started_ns - SETTLE_NS:
+                    continue  # made while the capture ran: not part of this point
+                found.append(
+                    CaptureIssue(
+                        inner,
+                        IssueKind.CHANGED,
+                        "moved here while the capture ran, after its directory was listed; "
+                        "the point does not hold it",
+                    )
+                )
+        return found
 
     def _unchanged(self, before: fmt.RawRecord, entry: FileEntry) -> bool:
         """Whether the parent's chunks of this file can stand for its data. Only the data

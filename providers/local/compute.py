@@ -690,6 +690,24 @@ class LocalFileCapture(FileCapture):
             raise self._problem(entry, exc) from None
         return _identity(st)
 
+    def names(self, entry: FileEntry) -> list[str] | None:
+        """The directory's names now, reached through directory descriptors as the walk
+        does (no symlink followed); None when it is gone or cannot be listed."""
+        try:
+            fd: int = self._descend(tuple(self._parts(entry)))
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{entry.path!r}: {exc.strerror}") from None
+            return None
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{entry.path!r}: {exc.strerror}") from None
+            return None
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         with self._dir_lock:
             self._drop_dir()
