@@ -1168,3 +1168,25 @@ def test_the_local_capture_lists_a_directory_again(src: Path) -> None:
     assert sorted(cap.names(entries["var/db"]) or ()) == ["app.db", "app.db-wal"]
     shutil.rmtree(src / "var/db")
     assert cap.names(entries["var/db"]) is None
+
+
+def test_a_file_changed_under_every_read_and_just_before_the_last_is_named(
+    repo: Repository, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appended to during the first two reads, whole in the third, which began just after
+    the last append: a write in that tick would not show, and no read is left: named."""
+    monkeypatch.setattr("regionvault.core.repository._backup.SETTLE_NS", 500_000_000)
+    path = src / "var/log/nf.log"
+    cap = HookedCapture(src)
+
+    def append(opened: int, offset: int) -> None:
+        if offset == READ_STEP and opened < MAX_READS:
+            with path.open("ab") as f:
+                f.write(f"line written during read {opened}\n".encode())
+
+    cap.after_read["var/log/nf.log"] = append
+    point = repo.backup(cap)
+    assert cap.opens["var/log/nf.log"] == MAX_READS
+    (issue,) = repo.load_manifest(point.id).issues
+    assert (issue.path, issue.kind) == ("var/log/nf.log", IssueKind.CHANGED)
+    assert "just before the last read" in issue.message

@@ -607,9 +607,19 @@ class BackupRun:
                 if changed < began - SETTLE_NS:
                     break  # settled: the common case
                 wait = changed + SETTLE_NS - time.time_ns()
-                if reads >= MAX_READS or wait > SETTLE_NS:
+                if wait > SETTLE_NS:
                     # a change stamped in the future (a clock set back): no wait settles it
                     record.unsettled = True
+                    break
+                if reads >= MAX_READS:
+                    # changed under every read, the last one just after a change: a write
+                    # in its tick would not show
+                    record.issue = CaptureIssue(
+                        entry.path,
+                        IssueKind.CHANGED,
+                        f"changed while it was read, {reads} times, and just before the "
+                        "last read; the last read is kept",
+                    )
                     break
                 if wait > 0:
                     time.sleep(wait / 1e9)  # at most SETTLE_NS: the tick is then past
