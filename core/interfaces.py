@@ -141,6 +141,13 @@ class FileCapture(Capture):
         now = self.restat(entry)
         return None if now is None else now.identity
 
+    def names(self, entry: FileEntry) -> list[str] | None:
+        """The names in the directory ``entry`` (a directory of this capture) as it is now;
+        None when it is gone, or the capture cannot list it again (the default). The engine
+        asks only of a directory whose identity moved while the capture ran, to find an
+        entry moved into it after it was listed (it is then in no directory the walk saw)."""
+        return None
+
     def totals(self) -> tuple[int, int] | None:
         """``(regular files, their bytes)``, for progress reports, when the capture can count
         them without holding its entries (a second cheap listing, a snapshot's metadata);

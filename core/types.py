@@ -193,6 +193,11 @@ class FileEntry:
     #: capture: device, inode, size, mtime, ctime); None for a capture that cannot change
     #: under the engine (a snapshot)
     identity: tuple[int, ...] | None = field(default=None, compare=False)
+    #: when the entry last changed, in ns since the epoch as the file system stamps it (the
+    #: local capture: its ctime, which every write and metadata change moves); None when
+    #: the capture cannot tell. A backup re-reads a file that changed too recently before
+    #: its read began for a same-tick write to show in its timestamps
+    changed_ns: int | None = field(default=None, compare=False)
     #: where the capture can read the bytes from, when it is a local file
     source: Path | None = field(default=None, compare=False)
 

@@ -24,11 +24,17 @@ abandoned gives its record back empty before the next read fills it, so no chunk
 reaches the tree (its chunks stay stored, garbage that prune collects). When every file is
 read, every entry taken is looked at once more (:class:`_Taken`), so a file that changed
 after it was read while another was being read (a database and its write-ahead log) is
-named too. Each issue is recorded in the recovery point, in capture order.
+named too. A read begun within :data:`SETTLE_NS` of the file's last change could miss a
+write in the same clock tick: it is read again once settled, and only a settled read gets a
+change token. A hard link whose file was read as another entry than walked is read on its
+own. A directory that changed while the capture ran is listed again, to name an entry moved
+into it after it was listed. An entry the format cannot record is left out and named. Each
+issue is recorded in the recovery point, in capture order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import queue
@@ -71,6 +77,12 @@ log = logging.getLogger(__name__)
 #: reads of a file that keeps changing while it is read, in all: the last read is kept, and
 #: the file named as changed
 MAX_READS = 3
+
+#: a read is settled once the file's last change (its ctime) is older than the moment the
+#: read began by more than this: more than a tick of the coarse clock file systems stamp
+#: times with (1 to 4 ms on Linux), so a write landing during the read stamps a time the
+#: look after the read tells apart. A read that is not settled is read again once it is
+SETTLE_NS = 20_000_000
 
 #: a block-image extent record is closed at this length (bounds its chunk list in memory)
 MAX_EXTENT = 1 << 30
@@ -202,6 +214,7 @@ class _Record:
         "offset",
         "size",
         "taken",
+        "unsettled",
     )
 
     def __init__(self, offset: int = 0) -> None:
@@ -221,12 +234,40 @@ class _Record:
         self.taken = True
         #: its reader waits for the workers to finish the batches of an abandoned read
         self.draining = False
+        #: the file changed too recently before its last read began to vouch for it (a
+        #: write within the same clock tick would not show): recorded with no change token
+        self.unsettled = False
 
 
 def _digest(identity: tuple[int, ...]) -> bytes:
     # compared within this process only, against the same entry's identity: the tuple's own
     # 64-bit hash tells a change apart (a cryptographic digest costs ten times as much)
     return (hash(identity) & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+
+
+#: the kinds of entry the check at the end compares with their identity as taken
+_CHECKED = frozenset((FileKind.FILE, FileKind.SYMLINK, FileKind.DIR))
+
+
+def _last_change(entry: FileEntry) -> int:
+    """When ``entry`` last changed as the file system stamped it: its ctime where the capture
+    tells it (every write moves it, and no one can set it), else its mtime."""
+    return entry.mtime_ns if entry.changed_ns is None else entry.changed_ns
+
+
+def _unrecordable(entry: FileEntry, path: bytes) -> str | None:
+    """Why the format cannot record ``entry`` (``path``: its encoded path), or None: such an
+    entry is left out and named, never a reason to fail the whole backup."""
+    if not -(1 << 63) <= entry.mtime_ns < 1 << 63:
+        return (
+            f"cannot be recorded: its mtime ({entry.mtime_ns} ns from 1970) is out of the "
+            "format's range (years 1677 to 2262)"
+        )
+    if len(path) > fmt.MAX_PATH_BYTES:
+        return f"cannot be recorded: its path is longer than {fmt.MAX_PATH_BYTES} bytes"
+    if entry.target is not None and len(encode_path(entry.target)) > fmt.MAX_PATH_BYTES:
+        return f"cannot be recorded: its symlink target is longer than {fmt.MAX_PATH_BYTES} bytes"
+    return None
 
 
 def _varint(n: int) -> bytes:
@@ -369,6 +410,14 @@ class BackupRun:
         self._taken = _Taken()
         #: the files left out of the tree, and why (few: a hard link to one is left out)
         self._left_out: dict[str, CaptureIssue] = {}
+        #: the directories left out with everything below them ("dir/"), and why (rare: a
+        #: directory the format cannot record)
+        self._left_out_dirs: dict[str, CaptureIssue] = {}
+        #: when the capture began (ns since the epoch), to tell an entry moved during it
+        self._started_ns = 0
+        #: the files read as another entry than the one walked (few: replaced or changed
+        #: as they were read); a hard link to one is read on its own
+        self._reread: set[str] = set()
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -529,6 +578,7 @@ class BackupRun:
         while True:
             reads += 1
             record.entry = entry
+            began = time.time_ns()
             try:
                 self._read_once(capture, cutter, entry, record)
             except EntryProblem as problem:
@@ -551,7 +601,30 @@ class BackupRun:
                 break  # a capture that cannot change (a snapshot)
             current = self._identity_now(capture, entry)
             if current == entry.identity:
-                break  # the file as read is the file as it is: the common case
+                # the file as read is the file as it is, unless a write landed in the tick
+                # of its last change (its timestamps would not show it)
+                changed = _last_change(entry)
+                if changed < began - SETTLE_NS:
+                    break  # settled: the common case
+                wait = changed + SETTLE_NS - time.time_ns()
+                if wait > SETTLE_NS:
+                    # a change stamped in the future (a clock set back): no wait settles it
+                    record.unsettled = True
+                    break
+                if reads >= MAX_READS:
+                    # changed under every read, the last one just after a change: a write
+                    # in its tick would not show
+                    record.issue = CaptureIssue(
+                        entry.path,
+                        IssueKind.CHANGED,
+                        f"changed while it was read, {reads} times, and just before the "
+                        "last read; the last read is kept",
+                    )
+                    break
+                if wait > 0:
+                    time.sleep(wait / 1e9)  # at most SETTLE_NS: the tick is then past
+                self._discard(record)
+                continue  # read again: that read begins after the tick
             now = None
             if current is not None and reads < MAX_READS:
                 now = self._restat(capture, entry)  # what to read again
@@ -650,6 +723,7 @@ class BackupRun:
 
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
+        self._started_ns = time.time_ns()
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -684,10 +758,26 @@ class BackupRun:
                     self.issues.append(head)
                     continue
                 if isinstance(head, _HardLink):
+                    link = head.entry.link or ""
+                    if link in self._reread:
+                        # the file it links to is no longer the one walked (an editor
+                        # saved it by renaming a new file over it): this path may still
+                        # hold the old one, so it is read on its own
+                        own = dataclasses.replace(head.entry, link=None)
+                        record = _Record()
+                        self._files_q.put((own, record))
+                        pending[0] = (own, encode_path(own.path), record)
+                        self.stats["hardlinks"] -= 1
+                        self.stats["files"] += 1
+                        continue
                     pending.popleft()
-                    gone = self._left_out.get(head.entry.link or "")
+                    gone = self._gone(link)
                     if gone is None:
                         tree.add(head.record)
+                        if head.entry.identity is not None:  # the final check covers it too
+                            self._taken.add(
+                                encode_path(head.entry.path), FileKind.FILE, head.entry.identity
+                            )
                     else:
                         self.issues.append(
                             CaptureIssue(
@@ -710,12 +800,23 @@ class BackupRun:
                     self.files_done += 1
                     continue
                 assert record.entry is not None
+                if record.entry.identity != entry.identity:
+                    self._reread.add(entry.path)
                 entry = record.entry  # as it was read
+                problem = _unrecordable(entry, path)  # its mtime set out of range meanwhile
+                if problem is not None:
+                    issue = CaptureIssue(entry.path, IssueKind.UNREADABLE, problem)
+                    self.issues.append(issue)
+                    self._left_out[entry.path] = issue
+                    self.files_done += 1
+                    continue
                 if entry.identity is not None and record.issue is None:
                     self._taken.add(path, FileKind.FILE, entry.identity)
                 total += record.size
-                # a file that changed while it was read is read again next time: no token
-                change = self._change_token(entry) if record.issue is None else b""
+                # a file that changed while it was read (or too recently before its read to
+                # tell) is read again next time: no token
+                unsure = record.issue is not None or record.unsettled
+                change = b"" if unsure else self._change_token(entry)
                 tree.add(encode(entry, record.size, ids, change))
                 self.files_done += 1
                 self._report()
@@ -725,19 +826,37 @@ class BackupRun:
                 if len(capture.issues) > walk_issues:  # met by the walk on its way here
                     pending.extend(capture.issues[walk_issues:])
                     walk_issues = len(capture.issues)
+                if self._left_out_dirs and self._below_left_out(entry.path):
+                    continue  # named once, with the directory
+                path = encode_path(entry.path)
+                kind = FileKind(entry.kind)
+                unrecordable = _unrecordable(entry, path)
+                if unrecordable is not None:
+                    issue = CaptureIssue(entry.path, IssueKind.UNREADABLE, unrecordable)
+                    pending.append(issue)
+                    if kind is FileKind.DIR:
+                        issue = dataclasses.replace(
+                            issue, message=unrecordable + " (with all below it)"
+                        )
+                        pending[-1] = issue
+                        self._left_out_dirs[entry.path + "/"] = issue
+                    elif entry.link is None:
+                        self._left_out[entry.path] = issue
+                    continue
                 problem = path_problem(entry.path)
                 if problem is not None:
                     raise ComputeError(f"capture of {label}: entry path {entry.path!r} {problem}")
-                path = encode_path(entry.path)
-                kind = FileKind(entry.kind)
                 if kind is not FileKind.FILE or entry.link is not None:
                     # no data of its own: a directory, symlink, FIFO, socket, device, or a
                     # hard link to a file recorded before it
                     self.stats[_KIND_STATS[kind] if entry.link is None else "hardlinks"] += 1
                     encoded = encode(entry, entry.size if kind is FileKind.FILE else 0)
                     pending.append(_HardLink(entry, encoded) if entry.link else encoded)
-                    if kind is FileKind.SYMLINK and entry.identity is not None:
-                        self._taken.add(path, FileKind.SYMLINK, entry.identity)
+                    if entry.identity is not None and entry.link is None:
+                        # a symlink is checked at the end; a directory too, for entries
+                        # moved into it after it was listed; a FIFO, socket or device only
+                        # counts among its directory's names then
+                        self._taken.add(path, kind, entry.identity)
                 else:
                     self.stats["files"] += 1
                     before = parent.find(path) if parent is not None else None
@@ -769,6 +888,18 @@ class BackupRun:
         self.issues.extend(self._recheck(capture))
         return total
 
+    def _below_left_out(self, path: str) -> bool:
+        return path.startswith(tuple(self._left_out_dirs))
+
+    def _gone(self, path: str) -> CaptureIssue | None:
+        """Why the file at ``path`` was left out of the tree, or None if it was taken."""
+        gone = self._left_out.get(path)
+        if gone is None and self._left_out_dirs:
+            for prefix, issue in self._left_out_dirs.items():
+                if path.startswith(prefix):
+                    return issue
+        return gone
+
     def _recheck(self, capture: FileCapture) -> list[CaptureIssue]:
         """Every entry taken, looked at once more now that the capture has ended: one that
         changed since it was read (a database whose write-ahead log was read after it) is
@@ -777,18 +908,36 @@ class BackupRun:
         (the local capture: a stat) costs less than a second walk, and lists no
         directory."""
         changed: list[CaptureIssue] = []
+        #: directories whose identity moved since they were listed
+        moved: list[bytes] = []
         for raw, kind, digest in self._taken:
             self.failure.check()
+            if kind not in _CHECKED:
+                continue  # a FIFO, socket or device: only a name in its directory
             path = raw.decode("utf-8", "surrogateescape")
             entry = FileEntry(path=path, kind=kind, mode=0, mtime_ns=0)
             try:
                 now = capture.current_identity(entry)
             except EntryProblem as problem:
-                log.info("capture of %s: %s", capture.instance.id, problem)
+                problem_kind = _issue_kind(problem)
+                if problem_kind is IssueKind.VANISHED:
+                    continue  # removed since: taken whole as it was
+                # replaced on its way (a parent directory swapped for a symlink), or no
+                # longer reachable: what the point holds cannot be vouched for
+                changed.append(
+                    CaptureIssue(
+                        path,
+                        problem_kind,
+                        f"could not be looked at again before the capture ended "
+                        f"({problem.reason}); the point holds it as read",
+                    )
+                )
                 continue
             if now is None:
                 continue
-            if _digest(now) != digest:
+            if _digest(now) != digest and kind is FileKind.DIR:
+                moved.append(raw)
+            elif _digest(now) != digest:
                 changed.append(
                     CaptureIssue(
                         path,
@@ -797,7 +946,55 @@ class BackupRun:
                         "the point holds it as read",
                     )
                 )
+        if moved:
+            changed.extend(self._moved_in(capture, moved))
         return changed
+
+    def _moved_in(self, capture: FileCapture, moved: list[bytes]) -> list[CaptureIssue]:
+        """Entries moved into a directory after it was listed (from one not listed yet: a
+        maildir's message from new/ to cur/), which the point then holds nowhere. Each
+        directory whose identity moved is listed again: a name the point does not hold
+        whose mtime is older than the capture is such an entry. One made since the capture
+        began is not part of this point, like one created after the walk; a name replaced
+        by a rename (an editor's save) is held, and costs nothing. Only such directories are
+        listed, and one more pass over what was taken finds the names they held."""
+        held: dict[bytes, set[bytes]] = {raw: set() for raw in moved}
+        for raw, _kind, _digest in self._taken:
+            cut = raw.rfind(b"/")
+            names = held.get(raw[:cut] if cut >= 0 else b"")
+            if names is not None:
+                names.add(raw[cut + 1 :])
+        named = {issue.path for issue in self.issues}
+        found: list[CaptureIssue] = []
+        for raw in moved:
+            self.failure.check()
+            path = raw.decode("utf-8", "surrogateescape")
+            try:
+                with self._open_lock:
+                    now = capture.names(FileEntry(path=path, kind=FileKind.DIR, mode=0, mtime_ns=0))
+            except EntryProblem:
+                continue  # itself replaced: not the directory walked
+            for name in sorted(now or (), key=encode_path):
+                inner = f"{path}/{name}"
+                if encode_path(name) in held[raw] or inner in named:
+                    continue
+                entry = FileEntry(path=inner, kind=FileKind.FILE, mode=0, mtime_ns=0)
+                try:
+                    with self._open_lock:
+                        there = capture.restat(entry)
+                except EntryProblem:
+                    continue
+                if there is None or there.mtime_ns >= self._started_ns - SETTLE_NS:
+                    continue  # made while the capture ran: not part of this point
+                found.append(
+                    CaptureIssue(
+                        inner,
+                        IssueKind.CHANGED,
+                        "moved here while the capture ran, after its directory was listed; "
+                        "the point does not hold it",
+                    )
+                )
+        return found
 
     def _unchanged(self, before: fmt.RawRecord, entry: FileEntry) -> bool:
         """Whether the parent's chunks of this file can stand for its data. Only the data

@@ -424,6 +424,7 @@ class LocalFileCapture(FileCapture):
             rdev=st.st_rdev if kind in (FileKind.CHARDEV, FileKind.BLOCKDEV) else 0,
             xattrs=self._xattrs(dir_fd, name, path, issues) if full else (),
             identity=_identity(st),
+            changed_ns=st.st_ctime_ns,
         )
 
     def _enter(
@@ -688,6 +689,24 @@ class LocalFileCapture(FileCapture):
         except OSError as exc:
             raise self._problem(entry, exc) from None
         return _identity(st)
+
+    def names(self, entry: FileEntry) -> list[str] | None:
+        """The directory's names now, reached through directory descriptors as the walk
+        does (no symlink followed); None when it is gone or cannot be listed."""
+        try:
+            fd: int = self._descend(tuple(self._parts(entry)))
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{entry.path!r}: {exc.strerror}") from None
+            return None
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            if exc.errno in _FATAL:
+                raise self._error(f"{entry.path!r}: {exc.strerror}") from None
+            return None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._dir_lock:
