@@ -581,11 +581,15 @@ class SubstitutedCapture(FileCapture):
                     entry = replace(entry, identity=second.identity)
                 yield entry
                 continue
+            copied = sub.copy.stat()
             yield replace(
                 entry,
-                size=sub.copy.stat().st_size,
+                size=copied.st_size,
                 mtime_ns=sub.mtime_ns,
                 identity=sub.identity,
+                # the copy is what is read, and nothing writes it: its own last change
+                # (not the live database's) says when a read of it is settled
+                changed_ns=copied.st_ctime_ns,
                 source=sub.copy,
             )
 
