@@ -493,6 +493,79 @@ def test_a_failed_restore_leaves_its_target_empty_and_unmarked(
     assert_restored(out, src)
 
 
+def test_restored_data_is_made_durable_before_the_marker_is_removed(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss after the marker is gone must find every file whole: the target's
+    filesystem is synced while the marker is still there, with everything in place."""
+    repo, point_id, src = backed_up(east, tmp_path)
+    out = tmp_path / "out"
+    synced: list[tuple[int, bool, bool]] = []
+
+    def sync(fd: int) -> None:
+        restored = snapshot(out)
+        marked = restored.pop(MARKER_NAME, None) is not None
+        synced.append((os.fstat(fd).st_dev, marked, restored == snapshot(src)))
+
+    monkeypatch.setattr(_restore, "sync_filesystem", sync)
+    repo.restore(point_id, out)
+    assert synced == [(out.stat().st_dev, True, True)]
+    assert_restored(out, src)
+
+
+def test_the_filesystem_sync_really_runs(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _restore.sync_filesystem(fd)  # syncfs through the C library (or sync): no error
+    finally:
+        os.close(fd)
+    if _restore._SYNCFS is not None:  # syncfs reports errors (sync cannot)
+        with pytest.raises(OSError):
+            _restore.sync_filesystem(987_654)  # a descriptor that is not open: EBADF
+
+
+def test_a_top_level_entry_named_like_the_marker_is_refused_before_anything_is_written(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    source_tree(src)
+    point = Point(east, src)
+    r = point.records
+    # capture order: ".cache" and its file come before ".rv-restore", the rest after it
+    records = [
+        dataclasses.replace(r[b"dir"], path=b".cache"),
+        dataclasses.replace(r[b"a.bin"], path=b".cache/a.bin"),
+        dataclasses.replace(r[b"suid"], path=MARKER_NAME.encode()),
+        r[b"a.bin"],
+        r[b"dir"],
+        r[b"dir/b.txt"],
+    ]
+    writes = 0
+    real_pwritev = os.pwritev
+
+    def counted(*args: object, **kwargs: object) -> int:
+        nonlocal writes
+        writes += 1
+        return real_pwritev(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwritev", counted)
+    refused = f"cannot restore {tmp_path / 'out'}/{MARKER_NAME} into a new or empty directory"
+    for selection in (None, Selection([MARKER_NAME]), Selection(["a.bin", MARKER_NAME])):
+        out = tmp_path / "out"
+        with pytest.raises(RegionVaultError, match=refused):
+            point.restore(records, out, selection)
+        assert writes == 0 and names(out) == []  # refused up front, the target left empty
+    # its other paths restore
+    assert point.restore(records, out, Selection(["a.bin", ".cache"])) == []
+    assert names(out) == [".cache", "a.bin"]
+    assert (out / ".cache" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+    # out of capture order, it is still refused when met (and nothing is left behind)
+    shuffled = tmp_path / "shuffled"
+    with pytest.raises(RegionVaultError, match="the name of the restore marker"):
+        point.restore([*records[3:], records[2]], shuffled)
+    assert names(shuffled) == []
+
+
 WORKER = """
 import sys
 from pathlib import Path
