@@ -3,6 +3,7 @@ pages, tags, file capture, restore sinks, launching a command and terminating it
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -308,6 +309,70 @@ def test_capture_opens_only_the_file_it_walked(east: Region, tmp_path: Path) -> 
     assert now is not None and now.size == len("line 1\nline 2, after the capture\n")
     assert now.identity is not None and now.identity[:2] == (entries["app.log"].identity or ())[:2]
     assert capture.restat(entries["gone"]) is None
+    capture.close()
+
+
+def test_a_walk_failing_in_a_directory_leaks_no_descriptor(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "d"
+    (data / "a").mkdir(parents=True)
+    (data / "a" / "f").write_text("f")
+    inst = east.compute.register_instance("x", data)
+    capture = east.compute.capture(inst.id)
+    assert isinstance(capture, FileCapture)
+    inner = (data / "a").stat().st_ino
+    real_listdir = os.listdir
+
+    def listdir(path: object = ".") -> list[str]:
+        if isinstance(path, int) and os.fstat(path).st_ino == inner:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))  # fatal: the run fails
+        return real_listdir(path)  # type: ignore[call-overload, no-any-return]
+
+    before = sorted(real_listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(ComputeError, match="Too many open files"):
+        list(capture.entries())
+    monkeypatch.undo()
+    assert sorted(real_listdir("/proc/self/fd")) == before
+    capture.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_capture_never_opens_for_reading_what_is_put_in_a_files_place(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A tape rewinds when it is opened, a FIFO's writer wakes: a node put in a file's place
+    is examined without being opened for reading."""
+    if kind == "device" and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "f").write_text("f")
+    inst = east.compute.register_instance("x", data)
+    capture = east.compute.capture(inst.id)
+    assert isinstance(capture, FileCapture)
+    (entry,) = capture.entries()
+    (data / "f").unlink()
+    if kind == "fifo":
+        os.mkfifo(data / "f")
+    else:
+        os.mknod(data / "f", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    opened_for_reading: list[int] = []
+    real_open = os.open
+
+    def recording_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+        if not flags & getattr(os, "O_PATH", 0):
+            opened_for_reading.append(stat.S_IFMT(os.fstat(fd).st_mode))
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    with pytest.raises(EntryProblem, match="no longer a regular file") as replaced:
+        capture.open(entry)
+    assert replaced.value.issue == IssueKind.CHANGED
+    assert [m for m in opened_for_reading if m != stat.S_IFDIR] == []
+    monkeypatch.undo()
     capture.close()
 
 

@@ -191,6 +191,8 @@ _REPLACED = frozenset((errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, er
 MAX_XATTR_BYTES = 1 << 20
 _NO_XATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP))
 _PROC_FD = "/proc/self/fd"
+#: Linux's open flag for a descriptor that only names an inode (0 where there is none)
+_O_PATH: int = getattr(os, "O_PATH", 0)
 
 _KINDS = {
     stat.S_IFREG: FileKind.FILE,
@@ -276,7 +278,8 @@ class LocalFileCapture(FileCapture):
     A local directory has no snapshot: the capture is not even crash-consistent, because
     files are read one after another while the workload runs. :meth:`open` refuses a file
     that is not the one walked, or that changed since (:class:`EntryProblem`, issue
-    "changed"), and the engine re-reads it and checks every entry once more at the end,
+    "changed"), examined before it is opened for reading (a device node put in its place
+    is never opened), and the engine re-reads it and checks every entry once more at the end,
     recording what it could not take whole. Hooks make a workload application-consistent
     (docs/hooks.md).
     """
@@ -459,6 +462,9 @@ class LocalFileCapture(FileCapture):
                 CaptureIssue(path, IssueKind.UNREADABLE, f"cannot be listed: {exc.strerror}")
             )
             return None
+        except BaseException:
+            os.close(fd)  # a failure of the whole capture (out of descriptors) leaks none
+            raise
 
     def _reopen(self, frame: _Dir, child: int | None, issues: list[CaptureIssue]) -> None:
         """Open again a directory whose descriptor was closed to bound them: through ".."
@@ -630,14 +636,20 @@ class LocalFileCapture(FileCapture):
         if entry.kind is not FileKind.FILE:
             raise self._error(f"{entry.path!r} is a {entry.kind.value}, not a regular file")
         parts = self._parts(entry)
+        # Examined before it is opened for reading: a device node put in the file's place
+        # acts on open (a tape rewinds), a FIFO's writer wakes. An O_PATH descriptor opens
+        # nothing; once it is known to be the file walked, the same inode is opened for
+        # reading through /proc. Without both, a non-blocking open (a FIFO does not hang
+        # the backup) then fstat.
+        by_path = bool(_O_PATH) and self._proc
+        flags = (
+            _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+            if by_path
+            else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
         try:
             with self._dir_lock:
-                # non-blocking: a FIFO put in the file's place must not hang the backup
-                fd = os.open(
-                    parts[-1],
-                    os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                    dir_fd=self._parent_fd(tuple(parts[:-1])),
-                )
+                fd = os.open(parts[-1], flags, dir_fd=self._parent_fd(tuple(parts[:-1])))
         except OSError as exc:
             raise self._problem(entry, exc) from None
         try:
@@ -655,11 +667,18 @@ class LocalFileCapture(FileCapture):
                 )
             if problem is not None:
                 raise EntryProblem(entry.path, IssueKind.CHANGED, problem)
-            os.set_blocking(fd, True)
-            return _EntryFile(fd, entry.path)
+            if not by_path:
+                os.set_blocking(fd, True)
+                return _EntryFile(fd, entry.path)
+            try:
+                readable = os.open(f"{_PROC_FD}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise self._problem(entry, exc) from None
         except BaseException:
             os.close(fd)
             raise
+        os.close(fd)  # the O_PATH descriptor: ``readable`` holds the same inode
+        return _EntryFile(readable, entry.path)
 
     def restat(self, entry: FileEntry) -> FileEntry | None:
         parts = self._parts(entry)
