@@ -48,9 +48,15 @@ from regionvault.core.jobs import (
 )
 from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
-from regionvault.core.repository import Repository, RepositorySettings, TreeEntry, _crypto
+from regionvault.core.repository import (
+    Repository,
+    RepositorySettings,
+    TreeEntry,
+    _crypto,
+    _maintenance,
+)
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._copy import decode_chunks
+from regionvault.core.repository._copy import decode_chunks, make_offer
 from regionvault.core.repository._store import config_context
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RecoveryPoint
@@ -361,6 +367,33 @@ def test_copy_re_encrypts_under_the_destinations_keys(
     out = tmp_path / "restored"
     restore_in(west, copy.id, out)
     assert snapshot(out) == snapshot(dataset)
+
+
+def raw_records(repo: Repository, point_id: str) -> list[fmt.RawRecord]:
+    store = repo._ensure_open()
+    manifest = repo.load_manifest(point_id)
+    with repo._pool() as pool:
+        return list(_maintenance.tree_records(store, store.load_index().index, pool, manifest))
+
+
+def test_a_copy_carries_no_change_token_of_its_source(
+    engine: Engine, instance: Instance, dataset: Path, tmp_path: Path
+) -> None:
+    """A change token is keyed by the source vault: meaningless in another, so it is
+    neither sent nor stored there."""
+    point = engine.backup(instance.id)
+    east_repo, west_repo = engine.repository("east"), engine.repository("west")
+    files = [r for r in raw_records(east_repo, point.id) if r.tag == fmt.TAG_FILE]
+    assert files and all(r.change for r in files)  # the source keeps its own
+    offer = make_offer(east_repo, point.id)
+    sent = list(offer.records(fmt.point_name(point.id)))
+    assert [r.path for r in sent] == [r.path for r in raw_records(east_repo, point.id)]
+    assert not [r.path for r in sent if r.change]
+    copy = engine.copy(point.id, to="west").point
+    copied = raw_records(west_repo, copy.id)
+    assert len(copied) == len(sent) and not [r.path for r in copied if r.change]
+    restore_in(engine.site.region("west"), copy.id, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
 
 
 def test_a_payload_sealed_for_west_opens_only_in_west(east: Region, west: Region) -> None:

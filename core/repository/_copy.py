@@ -212,7 +212,10 @@ def make_offer(repo: Repository, point_id: str) -> CopyOffer:
 def _encode_record(record: fmt.RawRecord, name: str) -> bytes:
     """Every field of a record of the tree ``name`` (a point, or an offer), as the current
     format writes it: a record of a version 1 point is written as version 2, holding the
-    same, with the new fields not recorded."""
+    same, with the new fields not recorded. The change token is left out: it is keyed by
+    the source vault and means nothing in another (so it never crosses the link either)."""
+    if record.change:
+        record = dataclasses.replace(record, change=b"")
     try:
         return fmt.encode_record(record)
     except ValueError as exc:
