@@ -566,6 +566,34 @@ def test_a_top_level_entry_named_like_the_marker_is_refused_before_anything_is_w
     assert names(shuffled) == []
 
 
+@needs_root
+def test_an_entry_named_like_the_marker_that_is_no_file_is_never_opened(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device (or FIFO) of the marker's name is something the target holds, not a
+    marker: opened, a device would act and a FIFO hang the read."""
+    repo, point_id, src = backed_up(east, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mknod(out / MARKER_NAME, stat.S_IFCHR | 0o600, NULL_DEV)
+    opened: list[object] = []
+    real_open = os.open
+
+    def recording_open(path: object, *args: object, **kwargs: object) -> int:
+        if path == MARKER_NAME:
+            opened.append(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", recording_open)
+    repo.restore(point_id, out)  # a target holding something: restored in place
+    monkeypatch.undo()
+    assert opened == []
+    assert stat.S_ISCHR((out / MARKER_NAME).lstat().st_mode)
+    restored = snapshot(out)
+    del restored[MARKER_NAME]
+    assert restored == snapshot(src)
+
+
 WORKER = """
 import sys
 from pathlib import Path

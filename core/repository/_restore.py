@@ -1208,9 +1208,14 @@ class FileRestorer:
 
     def _take_marker(self) -> dict[str, Any] | None:
         """Another restore's marker in ``root``, locked for this one, as it says (an empty
-        dict for one cut short while it was written); None when there is none."""
+        dict for one cut short while it was written); None when there is none. An entry of
+        that name that is not a regular file is no marker, and is never opened (a FIFO
+        would hang the read, a device act on the open)."""
         try:
-            fd = os.open(MARKER_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+            st = os.stat(MARKER_NAME, dir_fd=self._root_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            fd = os.open(MARKER_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                          dir_fd=self._root_fd)  # fmt: skip
         except FileNotFoundError:
             return None
@@ -1218,6 +1223,9 @@ class FileRestorer:
             raise RegionVaultError(
                 f"cannot read {self.root / MARKER_NAME}: {exc.strerror}"
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+            os.close(fd)
+            return None
         self._marker_fd = fd
         self._lock_marker()
         raw = b""
