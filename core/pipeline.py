@@ -554,8 +554,11 @@ class Engine:
         launch: bool = False,
         name: str | None = None,
         progress: ProgressCallback | None = None,
+        sync: bool = True,
     ) -> RestoreResult:
         """Restore a recovery point held in ``region`` with ``region``'s keys alone.
+        ``sync=False`` does not wait for a restored file tree to reach the disk
+        (:meth:`Repository.restore`).
 
         With ``target``, the data is restored there. With ``launch``, the region's Compute
         makes a restore sink, the data is restored into it and a new instance performing the
@@ -577,7 +580,7 @@ class Engine:
         if not launch:
             if target is None:
                 raise RegionVaultError("restore needs a target path, or launch")
-            report = repo.restore(point.id, Path(target), paths=paths, progress=progress)
+            report = repo.restore(point.id, Path(target), paths=paths, progress=progress, sync=sync)
             return RestoreResult(
                 point,
                 r.name,
@@ -598,7 +601,7 @@ class Engine:
                 raise RegionVaultError(
                     f"{r.name}: compute gave a {type(sink).__name__}, not a FileSink or BlockSink"
                 )
-            report = repo.restore(point.id, sink, paths=paths, progress=progress)
+            report = repo.restore(point.id, sink, paths=paths, progress=progress, sync=sync)
             if isinstance(sink, BlockSink):
                 sink.commit()
             restored = time.monotonic() - started

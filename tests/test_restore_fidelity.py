@@ -513,6 +513,23 @@ def test_restored_data_is_made_durable_before_the_marker_is_removed(
     assert_restored(out, src)
 
 
+def test_a_restore_told_not_to_sync_leaves_the_data_to_the_kernel(
+    east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sync=False`` (``restore --no-sync``): neither the sync at the end nor the writeback
+    started per file; the restore is whole all the same, and its marker gone."""
+    repo, point_id, src = backed_up(east, tmp_path)
+    calls: list[str] = []
+    monkeypatch.setattr(_restore, "sync_filesystem", lambda fd: calls.append("sync"))
+    monkeypatch.setattr(_restore, "start_writeback", lambda fd: calls.append("writeback"))
+    repo.restore(point_id, tmp_path / "fast", sync=False)
+    assert calls == []
+    assert_restored(tmp_path / "fast", src)
+    assert not (tmp_path / "fast" / MARKER_NAME).exists()
+    repo.restore(point_id, tmp_path / "durable")  # the default syncs
+    assert calls.count("sync") == 1 and "writeback" in calls
+
+
 def test_the_filesystem_sync_really_runs(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -280,6 +280,8 @@ class ParallelWriter:
         self._open: set[_Target] = set()
         self._failed = False
         self.bytes_read = 0
+        #: start each finished file's writeback (a restore that syncs at its end waits less)
+        self.writeback = True
         #: what could not be applied (owners, extended attributes), for the report
         self.notes = Notes()
 
@@ -519,7 +521,7 @@ class ParallelWriter:
                 os.utime(fd, ns=(target.mtime_ns, target.mtime_ns))
             if target.mode is None:
                 os.fsync(fd)  # an image: durable before it is in place
-            else:
+            elif self.writeback:
                 start_writeback(fd)
         finally:
             with self._lock:
@@ -816,11 +818,14 @@ class FileRestorer:
         *,
         what: str,
         point_id: str = "",
+        sync: bool = True,
     ) -> None:
         self.writer = writer
         self.root = root
         self.what = what
         self.point_id = point_id
+        #: make the restore durable before it ends (one syncfs); off: the kernel's writeback
+        self.sync = sync
         self.notes = writer.notes
         self.is_root = os.geteuid() == 0
         self._euid = os.geteuid()
@@ -1335,7 +1340,8 @@ class FileRestorer:
         filesystem, which holds all of a restore under a marker), then its marker goes
         last, so a power loss before then leaves a marker and a re-run restores again."""
         try:
-            sync_filesystem(self._root_fd)
+            if self.sync:
+                sync_filesystem(self._root_fd)
         except OSError as exc:
             raise RegionVaultError(
                 f"cannot restore into {self.root}: {exc.strerror} (writing the data back)"
