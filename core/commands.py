@@ -594,6 +594,12 @@ def copy(state: CliState, point: str, to: str, source: str | None) -> None:
             f"copied {result.chunks_sent} of {result.chunks_total} chunks, "
             f"{result.bytes_moved:,} bytes over transit"
         )
+    if result.point.issues:
+        # a copy is as complete as its source: say so, as the backup did
+        _err(
+            f"regionvault: warning: point {result.point.id} is incomplete: "
+            f"{_entries(result.point.issues)} not taken whole when its source was backed up"
+        )
     click.echo(result.point.id)
 
 

@@ -633,6 +633,13 @@ def test_backup_names_what_it_did_not_take_and_exits_3(
         *((f"sessions/s{i}.bin", IssueKind.UNREADABLE) for i in range(7)),
         ("var/log/nf.log", IssueKind.CHANGED),
     ]
+    # a copy is as incomplete as its source, and the copy command says so too
+    copied = ok("copy", point, "--to", "west")
+    copy_id = copied.stdout.splitlines()[-1]
+    assert (
+        f"regionvault: warning: point {copy_id} is incomplete: 8 entries not taken whole "
+        "when its source was backed up"
+    ) in copied.stderr.splitlines()
 
 
 #: a real ``regionvault`` process whose local captures are hooked: one file cannot be opened
