@@ -263,11 +263,11 @@ def backup(state: CliState, instance: str, region: str | None) -> None:
     "--path", "paths", multiple=True, metavar="PATH", help="Restore only this path (repeat)."
 )
 @click.option(
-    "--no-sync",
-    "no_sync",
+    "--sync",
+    "sync",
     is_flag=True,
-    help="Do not wait for the restored files to reach the disk (as restic and borg do): "
-    "faster, but a power loss soon after may leave them empty or partial, unannounced.",
+    help="Wait for the restored files to reach the disk before exiting (restic and borg do "
+    "not): a power loss soon after cannot leave them empty or partial. Slower.",
 )
 @json_option
 @pass_state
@@ -279,13 +279,12 @@ def restore(
     launch: bool,
     name: str | None,
     paths: tuple[str, ...],
-    no_sync: bool,
+    sync: bool,
     as_json: bool,
 ) -> None:
     """Restore recovery point POINT with REGION's keys alone, into --target or, with
     --launch, into a new instance performing the same function (health-checked, RTO
-    recorded). The restored files are on disk (synced) before it exits, unless
-    --no-sync."""
+    recorded). With --sync, the restored files are on disk before it exits."""
     if not launch and target is None:
         raise click.UsageError("give --target PATH, or --launch")
     from regionvault.core.repository import RESTORE_MARKER
@@ -314,7 +313,7 @@ def restore(
                 name=name,
                 paths=list(paths) or None,
                 progress=progress,
-                sync=not no_sync,
+                sync=sync,
             )
     except OSError as exc:
         where = exc.filename if exc.filename is not None else target

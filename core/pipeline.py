@@ -554,10 +554,10 @@ class Engine:
         launch: bool = False,
         name: str | None = None,
         progress: ProgressCallback | None = None,
-        sync: bool = True,
+        sync: bool = False,
     ) -> RestoreResult:
         """Restore a recovery point held in ``region`` with ``region``'s keys alone.
-        ``sync=False`` does not wait for a restored file tree to reach the disk
+        ``sync=True`` waits for a restored file tree to reach the disk
         (:meth:`Repository.restore`).
 
         With ``target``, the data is restored there. With ``launch``, the region's Compute

@@ -508,26 +508,28 @@ def test_restored_data_is_made_durable_before_the_marker_is_removed(
         synced.append((os.fstat(fd).st_dev, marked, restored == snapshot(src)))
 
     monkeypatch.setattr(_restore, "sync_filesystem", sync)
-    repo.restore(point_id, out)
+    repo.restore(point_id, out, sync=True)
     assert synced == [(out.stat().st_dev, True, True)]
     assert_restored(out, src)
 
 
-def test_a_restore_told_not_to_sync_leaves_the_data_to_the_kernel(
+def test_a_restore_syncs_only_when_told(
     east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``sync=False`` (``restore --no-sync``): neither the sync at the end nor the writeback
-    started per file; the restore is whole all the same, and its marker gone."""
+    """By default (as restic and borg) neither the sync at the end nor the writeback started
+    per file; the restore is whole all the same, and its marker gone. ``sync=True``
+    (``restore --sync``) does both."""
     repo, point_id, src = backed_up(east, tmp_path)
     calls: list[str] = []
     monkeypatch.setattr(_restore, "sync_filesystem", lambda fd: calls.append("sync"))
     monkeypatch.setattr(_restore, "start_writeback", lambda fd: calls.append("writeback"))
-    repo.restore(point_id, tmp_path / "fast", sync=False)
+    repo.restore(point_id, tmp_path / "fast")
     assert calls == []
     assert_restored(tmp_path / "fast", src)
     assert not (tmp_path / "fast" / MARKER_NAME).exists()
-    repo.restore(point_id, tmp_path / "durable")  # the default syncs
+    repo.restore(point_id, tmp_path / "durable", sync=True)
     assert calls.count("sync") == 1 and "writeback" in calls
+    assert_restored(tmp_path / "durable", src)
 
 
 def test_the_filesystem_sync_really_runs(tmp_path: Path) -> None:
@@ -714,6 +716,20 @@ def test_the_cli_prints_what_it_could_not_apply_as_warnings_and_exits_0(
     assert result.stderr.splitlines() == [f"regionvault: warning: {SOCKETS}: {out}/run.sock"]
     assert json.loads(result.stdout)["notes"] == [f"{SOCKETS}: {out}/run.sock"]
     assert snapshot(out) == snapshot(src)
+
+
+def test_the_cli_syncs_with_sync_only(
+    cli_point: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_id, src = cli_point
+    synced: list[int] = []
+    monkeypatch.setattr(_restore, "sync_filesystem", lambda fd: synced.append(fd))
+    assert cli("restore", point_id, "--region", "east", "--target", tmp_path / "a").exit_code == 0
+    assert synced == []
+    result = cli("restore", point_id, "--region", "east", "--target", tmp_path / "b", "--sync")
+    assert result.exit_code == 0, result.stderr
+    assert len(synced) == 1
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b") == snapshot(src)
 
 
 def test_the_cli_runs_a_killed_restore_again_and_refuses_any_other(

@@ -8,8 +8,9 @@ its entries moved to their names once every file is complete, and the staging di
 removed on failure; a restore killed at any moment is finished by running it again. Into a
 directory that already holds something, each entry is made under a temporary name and
 renamed into place once complete. Either way nothing unverified ever appears under a
-restored name, and the restore ends by making it durable (each file's writeback started as
-it completes, then one :func:`sync_filesystem`), before the marker is removed.
+restored name. With ``sync``, the restore ends by making it durable (each file's writeback
+started as it completes, then one :func:`sync_filesystem`) before the marker is removed;
+without (the default, as restic and borg), the kernel writes it back in its own time.
 
 Every entry is made relative to its open parent directory (:class:`_Dirs`), so no path
 length limits a restore. Directories are created as met (owner-only until the end), files
@@ -281,7 +282,7 @@ class ParallelWriter:
         self._failed = False
         self.bytes_read = 0
         #: start each finished file's writeback (a restore that syncs at its end waits less)
-        self.writeback = True
+        self.writeback = False
         #: what could not be applied (owners, extended attributes), for the report
         self.notes = Notes()
 
@@ -818,13 +819,14 @@ class FileRestorer:
         *,
         what: str,
         point_id: str = "",
-        sync: bool = True,
+        sync: bool = False,
     ) -> None:
         self.writer = writer
         self.root = root
         self.what = what
         self.point_id = point_id
-        #: make the restore durable before it ends (one syncfs); off: the kernel's writeback
+        #: make the restore durable before it ends (one syncfs); off (the default, as restic
+        #: and borg): the kernel's writeback
         self.sync = sync
         self.notes = writer.notes
         self.is_root = os.geteuid() == 0
@@ -1336,9 +1338,10 @@ class FileRestorer:
         os.close(staging_fd)
 
     def _end(self) -> None:
-        """The restore is complete: made durable (one ``syncfs`` of the target's
-        filesystem, which holds all of a restore under a marker), then its marker goes
-        last, so a power loss before then leaves a marker and a re-run restores again."""
+        """The restore is complete: with ``sync``, made durable (one ``syncfs`` of the
+        target's filesystem, which holds all of a restore under a marker), then its marker
+        goes last, so a power loss before then leaves a marker and a re-run restores
+        again."""
         try:
             if self.sync:
                 sync_filesystem(self._root_fd)
