@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from cli_support import ok, run
+from click.testing import Result
 from regionvault.core.cli import cli, main, one_line, print_table, resolve_instance, site_template
 from regionvault.core.config import load_site, parse_site
 from regionvault.core.errors import AmbiguousName, ConfigError, InstanceNotFound
@@ -34,16 +35,6 @@ def _no_site_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> Result:
-    result = run(*args, env=env)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
 
 
 def assert_one_line_error(result: Result, *words: str) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-from regionvault.core.cli import cli
+from cli_support import ok, run
+from click.testing import Result
 from regionvault.core.repository import Repository
 from regionvault.core.site import Site
 from repository_support import flip_bit, snapshot
@@ -36,16 +36,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     ok("init")
     return tmp_path
-
-
-def run(*args: str | os.PathLike[str]) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str]) -> Result:
-    result = run(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
 
 
 def last_line(result: Result | subprocess.CompletedProcess[str]) -> str:

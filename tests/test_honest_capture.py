@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_support import ok, run
+from click.testing import Result
 from regionvault.core import FileCapture, Instance
-from regionvault.core.cli import cli
 from regionvault.core.errors import EntryProblem
 from regionvault.core.jobs import JobLedger
 from regionvault.core.pipeline import Engine
@@ -529,16 +529,6 @@ def injected(monkeypatch: pytest.MonkeyPatch) -> Injected:
 
     monkeypatch.setattr(LocalCompute, "capture", capture)
     return injected
-
-
-def run(*args: str | os.PathLike[str]) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str]) -> Result:
-    result = run(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-from regionvault.core.cli import cli
+from cli_support import ok, run
+from click.testing import Result
 from regionvault.core.errors import LockedError
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import Repository, RepositorySettings
@@ -41,16 +41,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     ok("init")
     return tmp_path
-
-
-def run(*args: str | os.PathLike[str]) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str]) -> Result:
-    result = run(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
 
 
 def fails(result: Result, *words: str) -> str:
