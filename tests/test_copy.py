@@ -1,4 +1,4 @@
-"""Cross-region copy (core/copy.py, core/repository/_copy.py): key isolation, incremental
+"""Cross-region copy (core/repository/copy.py, core/repository/_copy.py): key isolation, incremental
 transfer, resume after an interruption, nothing plaintext in an inbox, sealed payloads."""
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ import blake3
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from regionvault.core.config import load_site
-from regionvault.core.copy import (
-    CopyReceiver,
-    CopyResult,
-    CopySender,
-    TransitSession,
-    UnsealedKeys,
-    copy_point,
-    open_payload,
-    seal_payload,
-)
 from regionvault.core.errors import (
     IntegrityError,
     KeyAccessDenied,
@@ -35,7 +25,8 @@ from regionvault.core.errors import (
     TransitError,
 )
 from regionvault.core.interfaces import KeyService, Sealer, Transit
-from regionvault.core.jobs import (
+from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.jobs import (
     COPY_COMMIT,
     COPY_OFFER,
     COPY_REQUEST,
@@ -46,7 +37,6 @@ from regionvault.core.jobs import (
     copy_phase_job,
     execute_job,
 )
-from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.repository import (
     Repository,
@@ -58,6 +48,16 @@ from regionvault.core.repository import (
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._copy import decode_chunks, make_offer
 from regionvault.core.repository._store import config_context
+from regionvault.core.repository.copy import (
+    CopyReceiver,
+    CopyResult,
+    CopySender,
+    TransitSession,
+    UnsealedKeys,
+    copy_point,
+    open_payload,
+    seal_payload,
+)
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RecoveryPoint
 from regionvault.providers.local import plugin as local_plugin

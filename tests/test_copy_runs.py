@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 from regionvault.core.errors import TransitError
-from regionvault.core.jobs import copy_jobs_for
 from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.jobs import copy_jobs_for
 from regionvault.core.repository import Repository, _copy
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._copy import LINK_PREFIX, LinkTable

@@ -36,8 +36,8 @@ from cli_support import ok, run
 from click.testing import Result
 from regionvault.core import FileCapture, Instance
 from regionvault.core.errors import EntryProblem
-from regionvault.core.jobs import JobLedger
 from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.jobs import JobLedger
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._backup import MAX_READS, SETTLE_NS
@@ -770,7 +770,7 @@ def test_tick_and_run_report_incomplete_backups_and_exit_3(
 
 
 def test_a_job_outcome_keeps_its_issues_through_json() -> None:
-    from regionvault.core.jobs import JobOutcome, JobStatus
+    from regionvault.core.pipeline.jobs import JobOutcome, JobStatus
 
     issue = CaptureIssue("db/app.db", IssueKind.CHANGED, "changed after it was read")
     outcome = JobOutcome(

@@ -22,7 +22,8 @@ import pytest
 from regionvault.core import FileCapture
 from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, load_site, parse_site
 from regionvault.core.errors import ConfigError, PolicyError
-from regionvault.core.hooks import (
+from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.hooks import (
     HOOK_WORK_DIR,
     SQLITE_HEADER,
     HookFailed,
@@ -30,7 +31,6 @@ from regionvault.core.hooks import (
     SqliteCopies,
     remove_stale_runs,
 )
-from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.policy import parse_hook_names
 from regionvault.core.repository import RepositorySettings, TreeEntry
@@ -658,7 +658,7 @@ def test_for_a_block_capture_the_afters_run_right_after_the_snapshot(tmp_path: P
 def test_a_database_locked_past_the_sqlite_hooks_limit_fails_the_backup(
     make_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import regionvault.core.hooks as hooks_module
+    import regionvault.core.pipeline.hooks as hooks_module
 
     monkeypatch.setattr(hooks_module, "DEFAULT_HOOK_TIMEOUT", timedelta(seconds=1))
     engine, east = make_engine()

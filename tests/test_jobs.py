@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from regionvault.core.errors import RegionVaultError
-from regionvault.core.jobs import (
+from regionvault.core.pipeline.jobs import (
     Executor,
     Job,
     JobHandlers,
@@ -188,7 +188,7 @@ RACER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from regionvault.core.jobs import Job, JobHandlers, JobLedger, ThreadExecutor
+    from regionvault.core.pipeline.jobs import Job, JobHandlers, JobLedger, ThreadExecutor
 
     state, count, go = (Path(a) for a in sys.argv[1:4])
 
@@ -307,7 +307,7 @@ def test_a_runner_killed_while_holding_a_key(tmp_path: Path) -> None:
     holder = textwrap.dedent(
         f"""
         import os
-        from regionvault.core.jobs import JobLedger
+        from regionvault.core.pipeline.jobs import JobLedger
         assert JobLedger({str(tmp_path)!r}).acquire({KEY!r}) is not None
         os._exit(0)  # dies without releasing
         """

@@ -145,7 +145,7 @@ def test_wheel_holds_every_package_entry_point_and_type_marker(tmp_path: Path) -
         metadata_text = zf.read(metadata).decode()
     for module in (
         "regionvault/core/__init__.py",
-        "regionvault/core/cli.py",
+        "regionvault/core/cli/__init__.py",
         "regionvault/core/plugins.py",
         "regionvault/providers/local/plugin.py",
         "regionvault/providers/local/provider.py",

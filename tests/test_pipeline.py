@@ -1,4 +1,4 @@
-"""The regional pipeline (core/pipeline.py): idempotent backups per slot, concurrent runners,
+"""The regional pipeline (core/pipeline/engine.py): idempotent backups per slot, concurrent runners,
 ticks with an injected clock, malformed tags, copy destinations, restore-and-launch in another
 region, retention with WORM locks, status, and the failure hook."""
 
@@ -29,8 +29,8 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.interfaces import FileSink
-from regionvault.core.jobs import JobStatus, format_slot, slot_of
 from regionvault.core.pipeline import SLOT_TAG, Engine
+from regionvault.core.pipeline.jobs import JobStatus, format_slot, slot_of
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.repository import Repository, RepositorySettings, TreeEntry
 from regionvault.core.site import Region, Site

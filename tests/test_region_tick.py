@@ -17,16 +17,9 @@ import pytest
 from click.testing import CliRunner
 from regionvault.core.cli import cli
 from regionvault.core.config import load_site
-from regionvault.core.copy import (
-    CopyReceipt,
-    CopySender,
-    CopyTracker,
-    open_receipt,
-    receipt_name,
-    seal_receipt,
-)
 from regionvault.core.errors import IntegrityError, KeyAccessDenied, RegionVaultError
-from regionvault.core.jobs import (
+from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, TickReport
+from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY_COMMIT,
     COPY_OFFER,
@@ -37,9 +30,16 @@ from regionvault.core.jobs import (
     TAG,
     JobStatus,
 )
-from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, TickReport
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.repository import Repository
+from regionvault.core.repository.copy import (
+    CopyReceipt,
+    CopySender,
+    CopyTracker,
+    open_receipt,
+    receipt_name,
+    seal_receipt,
+)
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance
 from regionvault.providers.local import plugin as local_plugin

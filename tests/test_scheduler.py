@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from regionvault.core import Region, Site
 from regionvault.core.errors import RegionVaultError, VaultError
-from regionvault.core.jobs import format_slot, slot_of
-from regionvault.core.scheduler import due_instances, is_due
+from regionvault.core.pipeline.jobs import format_slot, slot_of
+from regionvault.core.pipeline.scheduler import due_instances, is_due
 from regionvault.core.types import Instance, RegionId
 
 NOW = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from regionvault.core import Region, Site
 from regionvault.core.errors import ComputeError, ConfigError
-from regionvault.core.tagger import tag_region
+from regionvault.core.pipeline.tagger import tag_region
 from regionvault.core.types import Instance, Tags
 
 

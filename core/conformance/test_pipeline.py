@@ -2,14 +2,14 @@
 
 Every call into the pipeline goes through the adapter functions below, so that an API change
 is one edit here. Skipped with the
-reason "pipeline not built yet" only while ``regionvault.core.pipeline`` does not exist: any
+reason "pipeline not built yet" only while ``regionvault.core.pipeline.engine`` does not exist: any
 other import error fails the tests.
 
-The API (core/pipeline.py)::
+The API (core/pipeline/engine.py)::
 
     from regionvault.core.pipeline import Engine
     engine = Engine(site)
-    engine.tag(region) -> TagReport                                 (core/tagger.py)
+    engine.tag(region) -> TagReport                                 (core/pipeline/tagger.py)
     engine.backup(instance_id, region=...) -> RecoveryPoint
     engine.copy(point_id, source=region_a, to=region_b) -> CopyResult
         (.point: the copy, lineage set; .bytes_forward: payload bytes sent over Transit)
@@ -34,7 +34,7 @@ __all__ = ["PipelineSuite"]
 
 pytestmark = pytest.mark.regionvault_conformance
 
-PIPELINE_MODULE = "regionvault.core.pipeline"
+PIPELINE_MODULE = "regionvault.core.pipeline.engine"
 NOT_BUILT = "pipeline not built yet"
 
 

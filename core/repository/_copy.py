@@ -7,7 +7,7 @@ its own; it re-identifies every arriving chunk with its own chunk-id key, writes
 own packs under its own fresh data key, and commits a manifest whose tree names only its own
 chunk ids, with the copy's lineage.
 
-Nothing here seals or moves bytes between regions: core/copy.py does that over Transit.
+Nothing here seals or moves bytes between regions: core/repository/copy.py does that over Transit.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from regionvault.core.fsutil import write_atomic
-from regionvault.core.jobs import job_key
+from regionvault.core.pipeline.jobs import job_key
 
 __all__ = ["DrillRecord", "StateStore"]
 

@@ -1,5 +1,5 @@
 """CLI commands of the data plane and the pipeline: backup, restore, points, verify, prune,
-rebuild-index, copy, tag, tick, run, status (``demo`` lives in core/demo.py)."""
+rebuild-index, copy, tag, tick, run, status (``demo`` lives in plugins/samplenf/demo.py)."""
 
 from __future__ import annotations
 

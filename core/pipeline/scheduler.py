@@ -24,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import PolicyError, RegionVaultError
-from regionvault.core.jobs import Job, backup_job, format_slot, slot_of
+from regionvault.core.pipeline.jobs import Job, backup_job, format_slot, slot_of
+from regionvault.core.pipeline.tagger import InstanceNote
 from regionvault.core.policy import resolve_policy
-from regionvault.core.tagger import InstanceNote
 
 if TYPE_CHECKING:
     from regionvault.core.config import SiteConfig

@@ -1,7 +1,7 @@
 """The regional pipeline: tag, schedule, back up, copy, restore and launch, retain.
 
 :class:`Engine` is the embedding API. Every step is also an idempotent job with a stable key
-(core/jobs.py); :meth:`Engine.tick` runs one pass of all of them through an executor, and
+(core/pipeline/jobs.py); :meth:`Engine.tick` runs one pass of all of them through an executor, and
 :meth:`Engine.run` ticks until stopped. See docs/embedding.md.
 """
 
@@ -17,24 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from regionvault.core.copy import (
-    CommitReport,
-    CopyProgress,
-    CopyReceipt,
-    CopyReceiver,
-    CopyResult,
-    CopySender,
-    CopyTracker,
-    SentNotice,
-    copy_point,
-    offer_name,
-    open_receipt,
-    open_sent_notice,
-    receipt_name,
-    seal_receipt,
-    seal_sent_notice,
-    sent_name,
-)
 from regionvault.core.errors import (
     InstanceNotFound,
     IntegrityError,
@@ -45,9 +27,9 @@ from regionvault.core.errors import (
     RetentionLocked,
     TransitError,
 )
-from regionvault.core.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.interfaces import BlockSink, FileSink, RestoreSink
-from regionvault.core.jobs import (
+from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
+from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
     COPY_COMMIT,
@@ -75,15 +57,33 @@ from regionvault.core.jobs import (
     slot_of,
     tag_job,
 )
+from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
+from regionvault.core.pipeline.state import DrillRecord, StateStore
+from regionvault.core.pipeline.tagger import TagReport, tag_region
 from regionvault.core.policy import instance_hooks, resolve_policy
 from regionvault.core.repository import Repository, RepositorySettings
-from regionvault.core.scheduler import ScheduleReport, due_instances
-from regionvault.core.state import DrillRecord, StateStore
-from regionvault.core.tagger import TagReport, tag_region
+from regionvault.core.repository.copy import (
+    CommitReport,
+    CopyProgress,
+    CopyReceipt,
+    CopyReceiver,
+    CopyResult,
+    CopySender,
+    CopyTracker,
+    SentNotice,
+    copy_point,
+    offer_name,
+    open_receipt,
+    open_sent_notice,
+    receipt_name,
+    seal_receipt,
+    seal_sent_notice,
+    sent_name,
+)
 from regionvault.core.types import CaptureIssue, Instance, LaunchSpec, RecoveryPoint, Tags
 
 if TYPE_CHECKING:
-    from regionvault.core.jobs import Executor
+    from regionvault.core.pipeline.jobs import Executor
     from regionvault.core.repository import ProgressCallback
     from regionvault.core.site import Region, Site
 
@@ -1367,7 +1367,7 @@ class Engine:
 
 
 def run_chains(executor: Executor, chains: Iterable[list[Job]]) -> list[JobOutcome]:
-    """Run chains of jobs (such as :func:`~regionvault.core.jobs.copy_jobs_for`'s) through
+    """Run chains of jobs (such as :func:`~regionvault.core.pipeline.jobs.copy_jobs_for`'s) through
     ``executor``, one step of every chain at a time: a chain goes on only while its jobs
     succeed (a failed or busy step stops it until the next run). Returns every outcome."""
     live = [list(chain) for chain in chains]

@@ -67,7 +67,10 @@ __all__ = [
 ]
 
 #: modules that add commands to :data:`cli`, imported on first use of the group
-COMMAND_MODULES: tuple[str, ...] = ("regionvault.core.commands", "regionvault.core.demo")
+COMMAND_MODULES: tuple[str, ...] = (
+    "regionvault.core.cli.commands",
+    "regionvault.plugins.samplenf.demo",
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
