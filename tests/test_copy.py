@@ -26,6 +26,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import KeyService, Sealer, Transit
 from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.executor import execute_job
 from regionvault.core.pipeline.jobs import (
     COPY_COMMIT,
     COPY_OFFER,
@@ -35,7 +36,6 @@ from regionvault.core.pipeline.jobs import (
     JobStatus,
     copy_jobs_for,
     copy_phase_job,
-    execute_job,
 )
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.repository import (

@@ -37,7 +37,7 @@ from click.testing import Result
 from regionvault.core import FileCapture, Instance
 from regionvault.core.errors import EntryProblem
 from regionvault.core.pipeline import Engine
-from regionvault.core.pipeline.jobs import JobLedger
+from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._backup import MAX_READS, SETTLE_NS

@@ -17,23 +17,21 @@ from typing import Any
 
 import pytest
 from regionvault.core.errors import RegionVaultError
+from regionvault.core.pipeline.executor import Executor, ThreadExecutor, execute_job
 from regionvault.core.pipeline.jobs import (
-    Executor,
     Job,
     JobHandlers,
-    JobLedger,
     JobOutcome,
     JobStatus,
-    ThreadExecutor,
     backup_job,
     copy_job,
-    execute_job,
     job_key,
     parse_slot,
     retention_job,
     split_key,
     tag_job,
 )
+from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.plugins import hookimpl, make_plugin_manager
 
 SLOT = datetime(2026, 11, 25, tzinfo=UTC)
@@ -188,7 +186,9 @@ RACER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from regionvault.core.pipeline.jobs import Job, JobHandlers, JobLedger, ThreadExecutor
+    from regionvault.core.pipeline.jobs import Job, JobHandlers
+    from regionvault.core.pipeline.ledger import JobLedger
+    from regionvault.core.pipeline.executor import ThreadExecutor
 
     state, count, go = (Path(a) for a in sys.argv[1:4])
 
@@ -307,7 +307,7 @@ def test_a_runner_killed_while_holding_a_key(tmp_path: Path) -> None:
     holder = textwrap.dedent(
         f"""
         import os
-        from regionvault.core.pipeline.jobs import JobLedger
+        from regionvault.core.pipeline.ledger import JobLedger
         assert JobLedger({str(tmp_path)!r}).acquire({KEY!r}) is not None
         os._exit(0)  # dies without releasing
         """

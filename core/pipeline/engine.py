@@ -28,6 +28,7 @@ from regionvault.core.errors import (
     TransitError,
 )
 from regionvault.core.interfaces import BlockSink, FileSink, RestoreSink
+from regionvault.core.pipeline.executor import ThreadExecutor
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import (
     BACKUP,
@@ -43,10 +44,8 @@ from regionvault.core.pipeline.jobs import (
     Incomplete,
     Job,
     JobHandlers,
-    JobLedger,
     JobOutcome,
     JobStatus,
-    ThreadExecutor,
     copy_job,
     copy_jobs_for,
     copy_phase_job,
@@ -57,6 +56,7 @@ from regionvault.core.pipeline.jobs import (
     slot_of,
     tag_job,
 )
+from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 from regionvault.core.pipeline.state import DrillRecord, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
@@ -83,7 +83,7 @@ from regionvault.core.repository.copy import (
 from regionvault.core.types import CaptureIssue, Instance, LaunchSpec, RecoveryPoint, Tags
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline.jobs import Executor
+    from regionvault.core.pipeline.executor import Executor
     from regionvault.core.repository import ProgressCallback
     from regionvault.core.site import Region, Site
 

@@ -1,0 +1,335 @@
+"""The job ledger: finished keys recorded as files in the site's ``state_dir``, and an
+exclusive lock file per key, so that a finished key is never run again and two runners never
+run one key at once (docs/jobs.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.fsutil import write_atomic
+
+if TYPE_CHECKING:
+    pass
+
+from regionvault.core.pipeline.jobs import JobOutcome, _utc
+
+__all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock"]
+
+log = logging.getLogger(__name__)
+
+
+class LedgerLock(Protocol):
+    """A held lock on one key."""
+
+    def release(self) -> None: ...
+
+
+class Ledger(Protocol):
+    """What :func:`execute_job` needs from a ledger: finished keys and one lock per key.
+
+    :class:`JobLedger` keeps both in files; a distributed runner may keep them elsewhere (see
+    docs/jobs.md), as long as ``acquire`` is exclusive across all runners of a key.
+    """
+
+    def record(self, key: str) -> JobOutcome | None:
+        """The recorded outcome of a finished key, None if it has not finished."""
+        ...
+
+    def acquire(self, key: str) -> LedgerLock | None:
+        """Take the key's lock; None while another live runner holds it."""
+        ...
+
+    def holder(self, key: str) -> Mapping[str, Any] | None:
+        """Who holds the key's lock (``host``, ``pid``, ...), None if nobody."""
+        ...
+
+    def mark_done(self, outcome: JobOutcome) -> None: ...
+
+    def mark_failed(self, outcome: JobOutcome) -> None: ...
+
+
+_HOST = socket.gethostname()
+
+
+def runner_name() -> str:
+    return f"{_HOST}:{os.getpid()}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), to tell a live holder from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 22; the command name (field 2) may contain spaces, so count from its ')'
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobLock:
+    """A held lock on one job key (see :meth:`JobLedger.acquire`). While held, a background
+    thread renews its expiry every third of the ledger's ``lock_ttl``."""
+
+    def __init__(self, ledger: JobLedger, key: str, path: Path, token: str) -> None:
+        self.ledger = ledger
+        self.key = key
+        self.path = path
+        self.token = token
+        self._released = threading.Event()
+        self._renewer = threading.Thread(
+            target=self._renew_loop, name=f"regionvault-lock-{key[:40]}", daemon=True
+        )
+        self._renewer.start()
+
+    @property
+    def released(self) -> bool:
+        return self._released.is_set()
+
+    def _renew_loop(self) -> None:
+        interval = self.ledger.lock_ttl.total_seconds() / 3
+        while not self._released.wait(interval):
+            try:
+                if not self.renew():
+                    if not self.released:
+                        log.error("lost the lock of job %s (it expired and was broken)", self.key)
+                    return
+            except OSError as exc:
+                log.warning("renewing the lock of job %s failed: %s", self.key, exc)
+
+    def renew(self) -> bool:
+        """Push the expiry forward; False if the lock is no longer ours."""
+        return self.ledger._renew(self)
+
+    def release(self) -> None:
+        if self._released.is_set():
+            return
+        self._released.set()
+        if self._renewer is not threading.current_thread():
+            self._renewer.join()
+        self.ledger._release(self)
+
+    def __enter__(self) -> JobLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class JobLedger:
+    """Finished jobs and job locks, as small files under ``state_dir/jobs``.
+
+    - ``done/<h>.json``: a finished key's outcome, written atomically (temporary file, fsync,
+      rename), so it is either absent or complete;
+    - ``failed/<h>.json``: the last failure of a key not yet done (for status reports);
+    - ``locks/<h>.lock``: created with ``O_CREAT|O_EXCL`` by the runner of the key, holding its
+      host, pid, process start time and expiry. It is stale, and broken, when its expiry has
+      passed (a runner renews it while the job runs) or when its holder on this host is dead.
+
+    ``<h>`` is a hash of the key (keys hold ``/`` and ``:``); each file holds the key itself.
+    Breaking a stale lock, renewing and releasing are serialised by an ``flock`` on
+    ``locks/.breaker``, so a runner can never remove a lock that another runner has just
+    taken; ``flock`` is released by the kernel if its holder dies. POSIX only.
+    """
+
+    def __init__(self, state_dir: Path | str, *, lock_ttl: timedelta = timedelta(minutes=5)):
+        if lock_ttl <= timedelta(0):
+            raise RegionVaultError(f"lock_ttl must be positive, got {lock_ttl}")
+        self.root = Path(state_dir) / "jobs"
+        self.lock_ttl = lock_ttl
+        for sub in ("done", "failed", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # ---- records
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def _path(self, sub: str, key: str, suffix: str = ".json") -> Path:
+        return self.root / sub / (self._name(key) + suffix)
+
+    def _read(self, path: Path, key: str) -> JobOutcome | None:
+        try:
+            data = json.loads(path.read_bytes())
+            outcome = JobOutcome.from_dict(data)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            # Written atomically, so this is outside damage; running the job again is safe.
+            log.warning("ignoring unreadable job record %s: %s", path, exc)
+            return None
+        return outcome if outcome.key == key else None
+
+    def record(self, key: str) -> JobOutcome | None:
+        """The recorded outcome of a finished key, None if it has not finished."""
+        return self._read(self._path("done", key), key)
+
+    def last_failure(self, key: str) -> JobOutcome | None:
+        return self._read(self._path("failed", key), key)
+
+    def mark_done(self, outcome: JobOutcome) -> None:
+        data = json.dumps(outcome.to_dict(), sort_keys=True, allow_nan=False).encode()
+        write_atomic(self._path("done", outcome.key), data)
+        self._path("failed", outcome.key).unlink(missing_ok=True)
+
+    def mark_failed(self, outcome: JobOutcome) -> None:
+        data = json.dumps(outcome.to_dict(), sort_keys=True, default=str).encode()
+        write_atomic(self._path("failed", outcome.key), data)
+
+    def forget(self, key: str) -> None:
+        """Drop a key's records, so that it runs again."""
+        self._path("done", key).unlink(missing_ok=True)
+        self._path("failed", key).unlink(missing_ok=True)
+
+    def prune(self, older_than: datetime) -> int:
+        """Drop records of jobs finished before ``older_than`` (their slots are long past, so
+        the scheduler will not make those keys again); returns how many."""
+        cutoff = _utc(older_than, "older_than")
+        removed = 0
+        for sub in ("done", "failed"):
+            for path in (self.root / sub).glob("*.json"):
+                outcome = self._read(path, _peek_key(path))
+                if outcome and outcome.finished_at and outcome.finished_at < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # ---- locks
+
+    @contextlib.contextmanager
+    def _breaker(self) -> Iterator[None]:
+        fd = os.open(self.root / "locks" / ".breaker", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _lock_body(self, key: str, token: str) -> bytes:
+        pid = os.getpid()
+        return json.dumps(
+            {
+                "key": key,
+                "token": token,
+                "host": _HOST,
+                "pid": pid,
+                "process_start": _process_start(pid),
+                "expires_at": time.time() + self.lock_ttl.total_seconds(),
+            },
+            sort_keys=True,
+        ).encode()
+
+    def _is_stale(self, path: Path, body: bytes) -> bool:
+        try:
+            holder = json.loads(body)
+            expires = float(holder["expires_at"])
+            host, pid = str(holder["host"]), int(holder["pid"])
+            start = holder.get("process_start")
+        except (ValueError, KeyError, TypeError):
+            # Empty or partial: its creator is between O_EXCL and write, or died there.
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            return age > self.lock_ttl.total_seconds()
+        if expires < time.time():
+            return True
+        if host != _HOST:
+            return False
+        if not _pid_alive(pid):
+            return True
+        return start is not None and _process_start(pid) not in (None, start)
+
+    def holder(self, key: str) -> dict[str, Any] | None:
+        """Who holds ``key``'s lock (host, pid, expiry), None if nobody."""
+        try:
+            data: dict[str, Any] = json.loads(self._path("locks", key, ".lock").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def acquire(self, key: str) -> JobLock | None:
+        """Take the exclusive lock on ``key``; None while a live runner holds it."""
+        path = self._path("locks", key, ".lock")
+        for _ in range(3):
+            token = secrets.token_hex(16)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                try:
+                    seen = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if not self._is_stale(path, seen):
+                    return None
+                with self._breaker():
+                    try:
+                        now = path.read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    # Only the very lock judged stale is removed, never a fresh one.
+                    if now == seen and self._is_stale(path, now):
+                        log.warning("breaking stale lock of job %s: %s", key, seen[:200])
+                        path.unlink()
+                continue
+            try:
+                os.write(fd, self._lock_body(key, token))
+                os.fsync(fd)
+            except OSError as exc:
+                path.unlink(missing_ok=True)  # a lock its taker could not write is nobody's
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            finally:
+                os.close(fd)
+            return JobLock(self, key, path, token)
+        return None
+
+    def _owns(self, lock: JobLock) -> bool:
+        try:
+            return bool(json.loads(lock.path.read_bytes()).get("token") == lock.token)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _renew(self, lock: JobLock) -> bool:
+        with self._breaker():
+            if not self._owns(lock):
+                return False
+            write_atomic(lock.path, self._lock_body(lock.key, lock.token))
+            return True
+
+    def _release(self, lock: JobLock) -> None:
+        with self._breaker():
+            if self._owns(lock):
+                lock.path.unlink(missing_ok=True)
+
+
+def _peek_key(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_bytes()).get("key", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
