@@ -39,25 +39,23 @@ from regionvault.core.pipeline.jobs import (
 )
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.repository import (
-    Repository,
-    RepositorySettings,
-    TreeEntry,
-    _crypto,
-    _maintenance,
-)
-from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._copy import decode_chunks, make_offer
-from regionvault.core.repository._store import config_context
-from regionvault.core.repository.copy import (
     CopyReceiver,
     CopyResult,
     CopySender,
+    Repository,
+    RepositorySettings,
     TransitSession,
+    TreeEntry,
     UnsealedKeys,
+    _crypto,
+    _maintenance,
     copy_point,
     open_payload,
     seal_payload,
 )
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._copy import decode_chunks, make_offer
+from regionvault.core.repository._store import config_context
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RecoveryPoint
 from regionvault.providers.local import plugin as local_plugin

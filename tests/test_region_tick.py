@@ -31,11 +31,11 @@ from regionvault.core.pipeline.jobs import (
     JobStatus,
 )
 from regionvault.core.plugins import make_plugin_manager, registry_from
-from regionvault.core.repository import Repository
-from regionvault.core.repository.copy import (
+from regionvault.core.repository import (
     CopyReceipt,
     CopySender,
     CopyTracker,
+    Repository,
     open_receipt,
     receipt_name,
     seal_receipt,

@@ -61,8 +61,7 @@ from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 from regionvault.core.pipeline.state import DrillRecord, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
 from regionvault.core.policy import instance_hooks, resolve_policy
-from regionvault.core.repository import Repository, RepositorySettings
-from regionvault.core.repository.copy import (
+from regionvault.core.repository import (
     CommitReport,
     CopyProgress,
     CopyReceipt,
@@ -70,6 +69,8 @@ from regionvault.core.repository.copy import (
     CopyResult,
     CopySender,
     CopyTracker,
+    Repository,
+    RepositorySettings,
     SentNotice,
     copy_point,
     offer_name,

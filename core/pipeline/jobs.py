@@ -7,10 +7,10 @@ here, Celery workers with one queue per region later; see docs/jobs.md) runs the
 
 Keys name the work, not the attempt: ``backup/local:east/i-abc/2026-11-25T00:00Z`` is "back up
 i-abc in local:east for the slot starting 2026-11-25 00:00 UTC", whoever runs it and however
-often. The :class:`~regionvault.core.pipeline.ledger.JobLedger` records finished keys in the site's ``state_dir``, so running a
-finished key again returns the recorded result without running anything; and an exclusive
-lock file per key makes sure that two runners at once (threads or processes, on one machine
-or sharing the directory) never both run it.
+often. The ledger (:mod:`regionvault.core.pipeline.ledger`) records finished keys in the site's
+``state_dir``, so running a finished key again returns the recorded result without running
+anything; and an exclusive lock file per key makes sure that two runners at once (threads or
+processes, on one machine or sharing the directory) never both run it.
 """
 
 from __future__ import annotations

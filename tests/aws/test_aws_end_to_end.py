@@ -35,8 +35,7 @@ from regionvault.core.interfaces import KeyService
 from regionvault.core.pipeline import Engine
 from regionvault.core.pipeline.jobs import BACKUP, COPY, RETENTION, TAG
 from regionvault.core.plugins import make_plugin_manager, registry_from
-from regionvault.core.repository import Repository
-from regionvault.core.repository.copy import open_payload
+from regionvault.core.repository import Repository, open_payload
 from regionvault.core.site import Site
 from regionvault.core.types import DataKey
 from regionvault.providers.aws.clients import error_code
