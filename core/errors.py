@@ -13,6 +13,7 @@ __all__ = [
     "ComputeError",
     "ConfigError",
     "EntryProblem",
+    "HookFailed",
     "InstanceNotFound",
     "IntegrityError",
     "KeyAccessDenied",
@@ -230,6 +231,10 @@ class AmbiguousName(ComputeError):
 
 class TransitError(RegionVaultError):
     """Moving a payload between regions failed."""
+
+
+class HookFailed(RegionVaultError):
+    """A hook's ``before`` failed (the backup fails), or a hook could not run at all."""
 
 
 class PolicyError(RegionVaultError):

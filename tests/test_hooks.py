@@ -21,16 +21,10 @@ from typing import Any, BinaryIO
 import pytest
 from regionvault.core import FileCapture
 from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, load_site, parse_site
-from regionvault.core.errors import ConfigError, PolicyError
+from regionvault.core.errors import ConfigError, HookFailed, PolicyError
 from regionvault.core.pipeline import Engine
-from regionvault.core.pipeline.hooks import (
-    HOOK_WORK_DIR,
-    SQLITE_HEADER,
-    HookFailed,
-    HookRun,
-    SqliteCopies,
-    remove_stale_runs,
-)
+from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun, remove_stale_runs
+from regionvault.core.pipeline.sqlite_hook import SQLITE_HEADER, SqliteCopies
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.policy import parse_hook_names
 from regionvault.core.repository import RepositorySettings, TreeEntry
