@@ -15,7 +15,8 @@ import click
 import pytest
 from cli_support import ok, run
 from click.testing import Result
-from regionvault.core.cli import cli, main, one_line, print_table, resolve_instance, site_template
+from regionvault.core.cli import cli, main, one_line, print_table, resolve_instance
+from regionvault.core.cli.site import site_template
 from regionvault.core.config import load_site, parse_site
 from regionvault.core.errors import AmbiguousName, ConfigError, InstanceNotFound
 from regionvault.core.plugins import get_plugin_manager

@@ -5,6 +5,9 @@ disk, a health check on loopback) launched in east; the tagger tags it; east bac
 under east's keys; the copy crosses to west under west's keys; east's keys fail on west's
 copy; west restores and launches the function, which serves the same state; then RPO, RTO and
 the bytes moved over transit, and everything is cleaned up.
+
+The command registers like any plugin's, through the ``regionvault.cli`` entry-point group
+(``demo = "regionvault.plugins.samplenf.demo:demo"``): the core never names it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from regionvault.core.cli import ExpectedError, cli
+from regionvault.core.cli import ExpectedError
 
 __all__ = ["run_demo"]
 
@@ -45,7 +48,7 @@ SUBSCRIBERS = 40
 
 
 def _get(url: str) -> dict[str, Any]:
-    import urllib.request  # here, not at the top: every command imports this module
+    import urllib.request  # here, not at the top: `regionvault --help` imports this module
 
     with urllib.request.urlopen(url, timeout=2.0) as resp:
         data: dict[str, Any] = json.loads(resp.read())
@@ -165,7 +168,7 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
         site.close()
 
 
-@cli.command()
+@click.command()
 @click.option("--keep", is_flag=True, help="Keep the demo's directory instead of deleting it.")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), help="Run in this directory.")
 def demo(keep: bool, directory: Path | None) -> None:

@@ -1,0 +1,123 @@
+"""Where the ``regionvault`` command finds its commands: the ``regionvault.cli`` entry-point
+group. Every command, the built-in ones included, is one entry point whose name is the
+command's name and whose object is a :class:`click.Command` (or group)::
+
+    [project.entry-points."regionvault.cli"]
+    backup = "regionvault.core.cli.backup:backup"
+
+Finding the names reads the installed distributions' metadata and imports nothing; a
+command's module is imported only when that command is used or listed. A command that cannot
+be loaded, or a name that two entry points claim, is an error naming the entry points, never
+a traceback or a silent choice of one of them."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+
+import click
+
+__all__ = [
+    "GROUP",
+    "CommandLoadError",
+    "CommandSource",
+    "clash_message",
+    "find_command_sources",
+]
+
+#: the entry-point group the ``regionvault`` command takes its commands from
+GROUP = "regionvault.cli"
+
+
+class CommandLoadError(Exception):
+    """A command's entry point did not give a click command; the message is one line that
+    names the command, the entry point and its distribution, ``summary`` a few words for
+    the ``--help`` listing."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class CommandSource:
+    """One claim on a command name: an entry point, or a command an embedder added to the
+    root group in code."""
+
+    name: str
+    #: how the messages name this claim, e.g. ``backup = pkg.cli:backup (pkg 1.0)``
+    origin: str
+    #: who makes it, e.g. ``pkg`` (a distribution's name)
+    owner: str
+    entry_point: importlib.metadata.EntryPoint | None = None
+    command: click.Command | None = None
+
+    @classmethod
+    def of(cls, entry_point: importlib.metadata.EntryPoint) -> CommandSource:
+        dist = entry_point.dist
+        owner = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+        return cls(
+            name=entry_point.name,
+            origin=f"{entry_point.name} = {entry_point.value} ({owner})",
+            owner=dist.name if dist is not None else "unknown distribution",
+            entry_point=entry_point,
+        )
+
+    @classmethod
+    def added(cls, name: str, command: click.Command) -> CommandSource:
+        callback = command.callback
+        where = (
+            f"{callback.__module__}.{callback.__qualname__}"
+            if callback is not None
+            else type(command).__name__
+        )
+        return cls(
+            name=name, origin=f"{where} (added with add_command)", owner=where, command=command
+        )
+
+    def load(self) -> click.Command:
+        """The command; :class:`CommandLoadError` when its module or object cannot be had or
+        is not a click command."""
+        if self.command is not None:
+            return self.command
+        assert self.entry_point is not None
+        problem = f"command {self.name!r} cannot be loaded from entry point {self.origin}"
+        try:
+            loaded = self.entry_point.load()
+        except Exception as exc:
+            # whatever the plugin's import raised: the user needs the entry point and the
+            # reason, not a traceback from inside someone else's package
+            raise CommandLoadError(
+                _folded(f"{problem} in group {GROUP}: {type(exc).__name__}: {exc}"),
+                f"{type(exc).__name__} loading {self.entry_point.value}",
+            ) from exc
+        if not isinstance(loaded, click.Command):
+            raise CommandLoadError(
+                f"{problem} in group {GROUP}: {self.entry_point.value} is a "
+                f"{type(loaded).__name__}, not a click command (decorate it with "
+                f"@click.command())",
+                f"{self.entry_point.value} is not a click command",
+            )
+        return loaded
+
+
+def find_command_sources() -> dict[str, list[CommandSource]]:
+    """Every name in the entry-point group, with every claim on it (more than one is a
+    clash), from the installed distributions' metadata alone."""
+    found: dict[str, list[CommandSource]] = {}
+    for entry_point in importlib.metadata.entry_points(group=GROUP):
+        found.setdefault(entry_point.name, []).append(CommandSource.of(entry_point))
+    return found
+
+
+def clash_message(name: str, claims: list[CommandSource]) -> str:
+    """One line naming every claim on ``name``."""
+    listed = " and ".join(claim.origin for claim in claims)
+    return (
+        f"command {name!r} is claimed {len(claims)} times in entry-point group {GROUP}: "
+        f"{listed}; uninstall or rename all but one"
+    )

@@ -1,0 +1,372 @@
+"""The site's commands: ``init`` (a starter site.toml), ``regions``, ``instances`` (and
+``instances add``) and ``status`` (per instance and region: newest point, RPO, last copy and
+drill)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from regionvault.core.cli.options import json_option, tags_callback
+from regionvault.core.cli.output import (
+    format_tags,
+    human_age,
+    instance_json,
+    print_json,
+    print_table,
+)
+from regionvault.core.cli.root import CliState, pass_state
+from regionvault.core.config import SERVICES
+from regionvault.core.errors import ConfigError
+from regionvault.core.types import Capabilities, Tags
+
+if TYPE_CHECKING:
+    from regionvault.core.pipeline import StatusRow
+    from regionvault.core.site import Region, Site
+
+__all__ = ["init", "instances", "regions", "site_template", "status"]
+
+
+# --------------------------------------------------------------------------- init
+
+_SITE_TEMPLATE = """\
+# regionvault site configuration, written by `regionvault init`.
+# Every key is described in docs/configuration.md. Relative paths are resolved against
+# the directory that holds this file.
+
+[site]
+# A name for this site, shown in reports.
+name = "{name}"
+# The policy tag given to instances that have none: "F-R" backs up every F and keeps each
+# recovery point for R. Bare numbers are days, so "1-7" is daily, kept 7 days; the units
+# m, h, d and w are allowed ("12h-2d"), or a name from [policies]. On an instance, the tag
+# value "none" opts it out.
+default_policy = "1-7"
+# The tag key holding an instance's policy.
+tag_key = "backup"
+# The tag key naming the regions an instance's recovery points are copied to
+# (overrides the replication pairs below for that instance).
+copy_to_tag_key = "backup-copy-to"
+# The tag key saying how long copies are kept.
+copy_retention_tag_key = "backup-copy-keep"
+# The tag key naming the hooks run around an instance's capture: "sqlite" (built in), or
+# [hooks.NAME] tables below, comma-separated.
+hook_tag_key = "backup-hook"
+# true: the tagger replaces explicit policy tags with the default; false: never.
+overwrite_tags = false
+# How often the tagger and the scheduler run: a number with a unit s, m, h, d or w
+# (a bare number is days).
+tag_interval = "5m"
+schedule_interval = "5m"
+# Where regionvault keeps its own run state (job records, drill results).
+state_dir = ".regionvault"
+
+# Named policies an instance's policy tag may use instead of "F-R":
+# [policies]
+# gold = "12h-30d"
+
+# Commands run around the capture of the instances whose hook tag names them; a string is
+# run by /bin/sh, an array is an argv (docs/hooks.md). The built-in "sqlite" needs none.
+# [hooks.quiesce]
+# before = "my-nf freeze"
+# after = "my-nf thaw"
+# timeout = "5m"
+
+# Regions are named "provider:name". A local region keeps its instances, keys and vault
+# under its root directory.
+[regions."local:east"]
+root = "regions/east"
+
+[regions."local:west"]
+root = "regions/west"
+
+# One service of a region can come from another provider (see docs/configuration.md):
+# [regions."local:west".vault]
+# provider = "local"
+# root = "/mnt/other-disk/west-vault"
+
+# Replication pairs: every recovery point made in "from" is copied to each region in "to",
+# re-encrypted there under that region's own keys.
+[[replication]]
+from = "local:east"
+to = ["local:west"]
+# How long copies are kept (default: as long as the source policy keeps the original).
+# copy_retention = "30d"
+"""
+
+
+def site_template(name: str = "regionvault") -> str:
+    """The starter site.toml that ``regionvault init`` writes."""
+    return _SITE_TEMPLATE.format(name=name.replace("\\", "\\\\").replace('"', '\\"'))
+
+
+@click.command()
+@click.argument(
+    "path",
+    required=False,
+    type=click.Path(path_type=Path),
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@pass_state
+def init(state: CliState, path: Path | None, force: bool) -> None:
+    """Write a starter site.toml with two local regions.
+
+    The regions are local:east and local:west, with a replication pair east -> west. PATH
+    defaults to --site, then $REGIONVAULT_SITE, then ./site.toml; a directory gets a
+    site.toml inside it. The regions' roots are regions/east and regions/west next to the
+    file. An existing file is left alone unless --force is given.
+    """
+    target = path if path is not None else state.site_path
+    if target.is_dir():
+        target = target / "site.toml"
+    text = site_template()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w" if force else "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise ConfigError(
+            "already exists (pass --force to overwrite it)", file=str(target)
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write: {exc.strerror or exc}", file=str(target)) from None
+    click.echo(f"wrote {target} with regions local:east and local:west (east -> west)")
+    hint = "" if target == Path("site.toml") else f"--site {target} "
+    click.echo(f"next: regionvault {hint}regions", err=True)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def _region_capabilities(site: Site, region: Region) -> Capabilities:
+    """The region's capabilities, each taken from the provider of the service it belongs to."""
+    caps = {
+        svc: site.registry.cls(region.config.services[svc].provider).capabilities
+        for svc in SERVICES
+    }
+    vault, compute, keys = caps["vault"], caps["compute"], caps["keys"]
+    return Capabilities(
+        worm_lock=vault.worm_lock,
+        legal_hold=vault.legal_hold,
+        server_side_copy=vault.server_side_copy,
+        conditional_put=vault.conditional_put,
+        ranged_get=vault.ranged_get,
+        capture_kinds=compute.capture_kinds,
+        launch=compute.launch,
+        register_instance=compute.register_instance,
+        key_rotation=keys.key_rotation,
+    )
+
+
+def _capabilities_json(caps: Capabilities) -> dict[str, Any]:
+    data = asdict(caps)
+    data["capture_kinds"] = sorted(str(k) for k in caps.capture_kinds)
+    return data
+
+
+def _capabilities_summary(caps: Capabilities) -> str:
+    words = [
+        name for name, value in asdict(caps).items() if value is True and name != "capture_kinds"
+    ]
+    if caps.capture_kinds:
+        words.append("capture=" + "+".join(sorted(str(k) for k in caps.capture_kinds)))
+    return " ".join(words) or "-"
+
+
+@click.command()
+@json_option
+@pass_state
+def regions(state: CliState, as_json: bool) -> None:
+    """List regions with their providers and capabilities.
+
+    For each region: the provider of each service (compute, keys, vault), the capabilities
+    that are on, and the regions its recovery points are copied to.
+
+    Columns without a terminal (tab-separated): id, compute, keys, vault, capabilities,
+    copies-to.
+    """
+    site = state.site()
+    listed = [(region, _region_capabilities(site, region)) for region in site.regions]
+    if as_json:
+        print_json(
+            [
+                {
+                    "id": region.name,
+                    "provider": region.config.provider,
+                    "services": {s: region.config.services[s].provider for s in SERVICES},
+                    "capabilities": _capabilities_json(caps),
+                    "copies_to": [str(d) for d in site.config.destinations_of(region.config.id)],
+                }
+                for region, caps in listed
+            ]
+        )
+        return
+    print_table(
+        ["REGION", "COMPUTE", "KEYS", "VAULT", "CAPABILITIES", "COPIES TO"],
+        (
+            [
+                region.name,
+                *(region.config.services[s].provider for s in SERVICES),
+                _capabilities_summary(caps),
+                ",".join(str(d) for d in site.config.destinations_of(region.config.id)) or "-",
+            ]
+            for region, caps in listed
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- instances
+
+
+@click.group(invoke_without_command=True)
+@click.option("--region", "-r", metavar="REGION", help="Only this region (id or short name).")
+@json_option
+@pass_state
+@click.pass_context
+def instances(ctx: click.Context, state: CliState, region: str | None, as_json: bool) -> None:
+    """List instances, or add one with `instances add`.
+
+    Lists the instances of every region, or of one with --region.
+
+    Columns without a terminal (tab-separated): id, name, region, state, tags (k=v,...).
+    """
+    if ctx.invoked_subcommand is not None:
+        if region is not None or as_json:
+            raise click.UsageError(
+                f"--region and --json before {ctx.invoked_subcommand!r} belong to the listing;"
+                f" give them after {ctx.invoked_subcommand!r}"
+            )
+        return
+    site = state.site()
+    chosen = [site.region(region)] if region else site.regions
+    found = [inst for r in chosen for inst in r.compute.list_instances()]
+    if as_json:
+        print_json([instance_json(i) for i in found])
+        return
+    print_table(
+        ["ID", "NAME", "REGION", "STATE", "TAGS"],
+        ([i.id, i.name, i.region, i.state, format_tags(i.tags)] for i in found),
+    )
+
+
+@instances.command("add")
+@click.option(
+    "--region", "-r", required=True, metavar="REGION", help="Region to add it to (id or name)."
+)
+@click.option("--name", "-n", required=True, help="The instance's name.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="PATH",
+    help="Existing directory holding the instance's data.",
+)
+@click.option(
+    "--command", "command", metavar="CMD", help="Command line the instance runs (its function)."
+)
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=tags_callback,
+    help="A tag for the instance; repeat for several.",
+)
+@pass_state
+def instances_add(
+    state: CliState,
+    region: str,
+    name: str,
+    data: Path,
+    command: str | None,
+    tags: Tags,
+) -> None:
+    """Adopt an existing data directory as an instance.
+
+    Prints the new instance's id alone on the last line of standard output.
+    """
+    if not name.strip():
+        raise click.BadParameter("must not be empty", param_hint="--name")
+    site = state.site()
+    target = site.region(region)
+    instance = target.compute.register_instance(
+        name, data.resolve(), function=command, tags=dict(tags)
+    )
+    click.echo(f"added instance {instance.name!r} to {instance.region}", err=True)
+    click.echo(instance.id)
+
+
+# --------------------------------------------------------------------------- status
+
+
+@click.command()
+@json_option
+@pass_state
+def status(state: CliState, as_json: bool) -> None:
+    """Per instance and region: newest recovery point and its age (RPO), last copy, last
+    restore drill and its RTO. A region with no recovery points (or no repository yet, which
+    status does not create) is shown once, with 0 points."""
+    regions = state.site().regions
+    rows = state.engine().status()
+    held = {r.region for r in rows}
+    order = {r.name: i for i, r in enumerate(regions)}
+    entries: list[tuple[str, StatusRow | None]] = [(r.region, r) for r in rows]
+    entries.extend((r.name, None) for r in regions if r.name not in held)
+    entries.sort(key=lambda entry: order.get(entry[0], len(order)))
+    if as_json:
+        print_json([_empty_status(name) if r is None else r.to_dict() for name, r in entries])
+        return
+
+    print_table(
+        [
+            "instance",
+            "region",
+            "role",
+            "points",
+            "newest",
+            "RPO",
+            "last copy",
+            "last drill RTO",
+            "newest issues",
+        ],
+        [
+            ["-", name, "-", "0", "-", "-", "-", "-", "-"]
+            if r is None
+            else [
+                f"{r.instance_name} ({r.instance_id})",
+                r.region,
+                r.role,
+                str(r.points),
+                (r.newest_point or "-")[:12],
+                human_age(r.rpo_seconds),
+                r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
+                "-"
+                if r.last_drill_at is None
+                else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
+                f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
+            ]
+            for name, r in entries
+        ],
+    )
+
+
+def _empty_status(region: str) -> dict[str, Any]:
+    """status --json's row for a region that holds no recovery points: the keys of
+    ``StatusRow.to_dict()``, ``points`` 0, the instance and everything else null."""
+    return {
+        "instance_id": None,
+        "instance_name": None,
+        "region": region,
+        "role": None,
+        "newest_point": None,
+        "newest_at": None,
+        "rpo_seconds": None,
+        "points": 0,
+        "newest_issues": None,
+        "last_copy_at": None,
+        "last_drill_at": None,
+        "last_drill_rto": None,
+        "last_drill_healthy": None,
+    }

@@ -1,0 +1,206 @@
+"""The pipeline's commands: ``tag`` (the tagger alone), ``tick`` (one pass: tag, back up
+what is due, copy, apply retention; for cron) and ``run`` (tick every interval until
+stopped), over every region or, with ``--region``, as that region's own service."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import click
+from regionvault.core.cli.options import json_option
+from regionvault.core.cli.output import (
+    SHOWN_ISSUES,
+    count_entries,
+    echo_err,
+    issue_line,
+    print_json,
+)
+from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
+from regionvault.core.config import parse_duration
+
+if TYPE_CHECKING:
+    from regionvault.core.pipeline import TickReport
+
+__all__ = ["run", "tag", "tick"]
+
+
+def _region_tick_options(state: CliState, region: str | None, copy_grace: str | None) -> Any:
+    """The region (its full name) and the Engine options of ``--region`` / ``--copy-grace``."""
+    options: dict[str, Any] = {}
+    if copy_grace is not None:
+        if region is None:
+            raise click.UsageError("--copy-grace needs --region")
+        try:
+            options["copy_grace"] = parse_duration(copy_grace, bare_unit="s")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--copy-grace") from None
+    name = state.site().region(region).name if region is not None else None
+    return name, options
+
+
+_REGION_TICK = click.option(
+    "--region",
+    "-r",
+    metavar="REGION",
+    help="This region's own tick, with its credentials alone (one service per region).",
+)
+_COPY_GRACE = click.option(
+    "--copy-grace",
+    metavar="DURATION",
+    help="With --region: offer a point again when no receipt came this long after (1h).",
+)
+
+
+@click.command()
+@click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@json_option
+@pass_state
+def tag(state: CliState, region: str | None, as_json: bool) -> None:
+    """Give untagged instances the site's default policy tag (never overwriting one)."""
+    engine = state.engine()
+    site = state.site()
+    regions = [site.region(region)] if region else site.regions
+    reports = [engine.tag(r.name) for r in regions]
+    if as_json:
+        print_json(
+            [
+                {
+                    "region": rep.region,
+                    "tagged": [
+                        {"id": t.instance_id, "name": t.name, "value": t.value} for t in rep.tagged
+                    ],
+                    "skipped": [str(n) for n in rep.skipped],
+                    "malformed": [str(n) for n in rep.malformed],
+                    "failed": [str(n) for n in rep.failed],
+                }
+                for rep in reports
+            ]
+        )
+        return
+    for rep in reports:
+        click.echo(rep.summary())
+        for t in rep.tagged:
+            click.echo(f"  tagged {t}")
+        for n in rep.malformed:
+            click.echo(f"  malformed: {n}")
+        for n in rep.failed:
+            click.echo(f"  failed: {n}")
+
+
+def _tick_json(report: TickReport) -> dict[str, Any]:
+    region = {"region": report.region} if report.region is not None else {}
+    return {
+        **region,
+        "at": report.at.isoformat(),
+        "ok": report.ok,
+        "outcome": report.outcome,
+        "tagged": [t.instance_id for rep in report.tagged for t in rep.tagged],
+        "schedule": [s.summary() for s in report.schedule],
+        "jobs": [o.to_dict() for o in report.jobs],
+        "problems": report.problems,
+    }
+
+
+def _print_tick(report: TickReport) -> None:
+    for s in report.schedule:
+        click.echo(s.summary())
+        for m in s.malformed:
+            click.echo(f"  malformed: {m}")
+    for o in report.jobs:
+        if o.status.value == "replayed":
+            continue
+        if o.incomplete:
+            point = o.result.get("point") if isinstance(o.result, dict) else None
+            of = f" (point {point})" if point else ""
+            click.echo(f"incomplete {o.key}: {count_entries(o.issues_total)} not taken whole{of}")
+            for issue in o.issues[:SHOWN_ISSUES]:
+                click.echo(f"  {issue_line(issue)}")
+            if o.issues_total > SHOWN_ISSUES:
+                click.echo(f"  ... and {o.issues_total - SHOWN_ISSUES:,} more")
+            continue
+        line = f"{o.status.value:8} {o.key}"
+        if o.error:
+            line += f": {o.error}"
+        click.echo(line)
+    for p in report.problems:
+        click.echo(f"problem: {p}")
+
+
+def _exit_for(failed: int, incomplete: int) -> None:
+    """Exit 1 when a step failed, else 3 when a job did its work but not whole."""
+    if failed:
+        raise ExpectedError(f"{failed} step(s) failed")
+    if incomplete:
+        echo_err(f"regionvault: warning: {incomplete} job(s) incomplete: see their issues above")
+        raise click.exceptions.Exit(EXIT_INCOMPLETE)
+
+
+@click.command()
+@_REGION_TICK
+@_COPY_GRACE
+@json_option
+@pass_state
+def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: bool) -> None:
+    """One pass: tag, back up what is due, copy, apply retention (for cron).
+
+    Exits 1 when a step failed, else 3 when a backup was incomplete (its point names
+    entries it could not take whole), else 0."""
+    name, options = _region_tick_options(state, region, copy_grace)
+    report = state.engine(**options).tick(name)
+    if as_json:
+        print_json(_tick_json(report))
+    else:
+        _print_tick(report)
+    _exit_for(len(report.failures()) + len(report.problems), len(report.incomplete()))
+
+
+@click.command()
+@click.option(
+    "--interval", metavar="DURATION", help="Time between ticks (default: the site's intervals)."
+)
+@click.option("--max-ticks", type=click.IntRange(min=1), help="Stop after this many ticks.")
+@_REGION_TICK
+@_COPY_GRACE
+@pass_state
+def run(
+    state: CliState,
+    interval: str | None,
+    max_ticks: int | None,
+    region: str | None,
+    copy_grace: str | None,
+) -> None:
+    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish.
+
+    Exits as one tick over all the ticks it ran: 1 when a step failed, else 3 when a backup
+    was incomplete, else 0."""
+    name, options = _region_tick_options(state, region, copy_grace)
+    every = None
+    if interval is not None:
+        try:
+            every = parse_duration(interval, bare_unit="s")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--interval") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        echo_err(f"regionvault: {signal.Signals(signum).name}: stopping after the current step")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine = state.engine(**options)
+    failed = incomplete = 0
+
+    def on_tick(report: TickReport) -> None:
+        nonlocal failed, incomplete
+        _print_tick(report)
+        sys.stdout.flush()
+        failed += len(report.failures()) + len(report.problems)
+        incomplete += len(report.incomplete())
+
+    ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
+    echo_err(f"regionvault: stopped after {ticks} tick(s)")
+    _exit_for(failed, incomplete)
