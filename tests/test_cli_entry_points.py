@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -147,6 +148,17 @@ def test_every_built_in_command_is_an_entry_point_of_regionvault() -> None:
         assert isinstance(command, click.Command) and command.name == name
 
 
+def test_the_commands_doc_names_every_built_in_command_and_its_module() -> None:
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[2]
+        for line in (ROOT / "docs" / "commands.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `regionvault.")
+    }
+    for name, target in BUILT_IN.items():
+        module = target.partition(":")[0]
+        assert f"`{name}`" in rows.get(module, ""), (name, module)
+
+
 def test_the_core_never_names_a_plugin() -> None:
     """Not in an import, not in a string: plugins reach the core through entry points."""
     mentions = [
@@ -236,6 +248,26 @@ def test_the_console_script_runs_a_plugin_command(install: Install, site_file: P
     ran = script("hello")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines() == ["hello from local:east", "hello from local:west"]
+
+
+def test_the_documented_plugin_command_works_as_written(install: Install, site_file: Path) -> None:
+    """docs/commands.md's example module and entry point, installed as they are written."""
+    text = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    section = text.split("## A command of your own", 1)[1]
+    module = section.split("```python\n", 1)[1].split("```", 1)[0]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    commands = tomllib.loads(toml)["project"]["entry-points"][GROUP]
+    assert commands == {"greet": "rv_greet:greet"}
+    install("rv-greet", {"rv_greet": module}, commands)
+    assert help_rows(ok("--help"))["greet"] == "Greet every region of the site."
+    assert json.loads(ok("greet", "--json", "--greeting", "hi").stdout) == [
+        {"region": "local:east", "says": "hi from local:east"},
+        {"region": "local:west", "says": "hi from local:west"},
+    ]
+    assert ok("greet").stdout.splitlines() == [
+        "local:east\thello from local:east",
+        "local:west\thello from local:west",
+    ]
 
 
 # --------------------------------------------------------------------------- failures to load

@@ -146,6 +146,7 @@ def test_wheel_holds_every_package_entry_point_and_type_marker(tmp_path: Path) -
     for module in (
         "regionvault/core/__init__.py",
         "regionvault/core/cli/__init__.py",
+        "regionvault/core/cli/backup.py",
         "regionvault/core/plugins.py",
         "regionvault/providers/local/plugin.py",
         "regionvault/providers/local/provider.py",
@@ -157,6 +158,10 @@ def test_wheel_holds_every_package_entry_point_and_type_marker(tmp_path: Path) -
     assert not any(n.startswith(("tests/", "docs/")) for n in names)
     assert "regionvault = regionvault.core.cli:main" in entry_text
     assert "local = regionvault.providers.local.plugin" in entry_text
+    # the commands, the demo's included, come through their entry-point group
+    assert "[regionvault.cli]" in entry_text
+    assert "backup = regionvault.core.cli.backup:backup" in entry_text
+    assert "demo = regionvault.plugins.samplenf.demo:demo" in entry_text
     # cloud SDKs are extras only, never plain requirements
     for line in metadata_text.splitlines():
         if line.startswith("Requires-Dist:") and any(

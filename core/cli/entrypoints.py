@@ -49,35 +49,40 @@ class CommandSource:
     root group in code."""
 
     name: str
-    #: how the messages name this claim, e.g. ``backup = pkg.cli:backup (pkg 1.0)``
-    origin: str
-    #: who makes it, e.g. ``pkg`` (a distribution's name)
-    owner: str
     entry_point: importlib.metadata.EntryPoint | None = None
     command: click.Command | None = None
 
     @classmethod
     def of(cls, entry_point: importlib.metadata.EntryPoint) -> CommandSource:
-        dist = entry_point.dist
-        owner = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
-        return cls(
-            name=entry_point.name,
-            origin=f"{entry_point.name} = {entry_point.value} ({owner})",
-            owner=dist.name if dist is not None else "unknown distribution",
-            entry_point=entry_point,
-        )
+        return cls(name=entry_point.name, entry_point=entry_point)
 
     @classmethod
     def added(cls, name: str, command: click.Command) -> CommandSource:
-        callback = command.callback
-        where = (
-            f"{callback.__module__}.{callback.__qualname__}"
-            if callback is not None
-            else type(command).__name__
-        )
-        return cls(
-            name=name, origin=f"{where} (added with add_command)", owner=where, command=command
-        )
+        return cls(name=name, command=command)
+
+    @property
+    def owner(self) -> str:
+        """Who makes the claim: a distribution's name, or the function added in code.
+        (Only messages ask: reading a distribution's name parses its metadata, which a
+        command line that works has no need to pay for.)"""
+        if self.entry_point is not None:
+            dist = self.entry_point.dist
+            return dist.name if dist is not None else "unknown distribution"
+        assert self.command is not None
+        callback = self.command.callback
+        if callback is None:
+            return type(self.command).__name__
+        return f"{callback.__module__}.{callback.__qualname__}"
+
+    @property
+    def origin(self) -> str:
+        """How messages name the claim: ``backup = pkg.cli:backup (pkg 1.0)``, or
+        ``pkg.cli.backup (added with add_command)``."""
+        if self.entry_point is None:
+            return f"{self.owner} (added with add_command)"
+        dist = self.entry_point.dist
+        version = f" {dist.version}" if dist is not None else ""
+        return f"{self.name} = {self.entry_point.value} ({self.owner}{version})"
 
     def load(self) -> click.Command:
         """The command; :class:`CommandLoadError` when its module or object cannot be had or

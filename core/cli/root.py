@@ -99,7 +99,8 @@ class RegionVaultGroup(click.Group):
             for name, command in self.commands.items():
                 sources.setdefault(name, []).append(CommandSource.added(name, command))
             for claims in sources.values():
-                claims.sort(key=lambda claim: claim.origin)  # the same message whatever sys.path
+                if len(claims) > 1:  # a clash: the same message whatever the order of sys.path
+                    claims.sort(key=lambda claim: claim.origin)
             meta[_SOURCES_KEY] = sources
         found: dict[str, list[CommandSource]] = meta[_SOURCES_KEY]
         return found
