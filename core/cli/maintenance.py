@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["prune", "rebuild_index", "verify"]
 
-#: how verify, prune and status show a region whose vault holds no repository yet
+#: how verify and prune show a region whose vault holds no repository yet
 NO_REPOSITORY = "no repository yet (nothing backed up or copied there)"
 
 

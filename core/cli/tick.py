@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["run", "tag", "tick"]
 
 
-def _region_tick_options(state: CliState, region: str | None, copy_grace: str | None) -> Any:
+def _region_tick_options(
+    state: CliState, region: str | None, copy_grace: str | None
+) -> tuple[str | None, dict[str, Any]]:
     """The region (its full name) and the Engine options of ``--region`` / ``--copy-grace``."""
     options: dict[str, Any] = {}
     if copy_grace is not None:
