@@ -1,4 +1,4 @@
-"""Cross-region copy (core/repository/copy.py, core/repository/_copy.py): key isolation, incremental
+"""Cross-region copy (core/repository/copy/): key isolation, incremental
 transfer, resume after an interruption, nothing plaintext in an inbox, sealed payloads."""
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ from regionvault.core.repository import (
     TreeEntry,
     UnsealedKeys,
     _crypto,
-    _maintenance,
+    _manifest,
     copy_point,
     open_payload,
     seal_payload,
 )
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._copy import decode_chunks, make_offer
 from regionvault.core.repository._store import config_context
+from regionvault.core.repository.copy.batches import decode_chunks
+from regionvault.core.repository.copy.offer import make_offer
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RecoveryPoint
 from regionvault.providers.local import plugin as local_plugin
@@ -371,7 +372,7 @@ def raw_records(repo: Repository, point_id: str) -> list[fmt.RawRecord]:
     store = repo._ensure_open()
     manifest = repo.load_manifest(point_id)
     with repo._pool() as pool:
-        return list(_maintenance.tree_records(store, store.load_index().index, pool, manifest))
+        return list(_manifest.tree_records(store, store.load_index().index, pool, manifest))
 
 
 def test_a_copy_carries_no_change_token_of_its_source(
@@ -383,7 +384,7 @@ def test_a_copy_carries_no_change_token_of_its_source(
     east_repo, west_repo = engine.repository("east"), engine.repository("west")
     files = [r for r in raw_records(east_repo, point.id) if r.tag == fmt.TAG_FILE]
     assert files and all(r.change for r in files)  # the source keeps its own
-    offer = make_offer(east_repo, point.id)
+    offer = make_offer(east_repo._ensure_open(), east_repo.load_manifest(point.id))
     sent = list(offer.records(fmt.point_name(point.id)))
     assert [r.path for r in sent] == [r.path for r in raw_records(east_repo, point.id)]
     assert not [r.path for r in sent if r.change]

@@ -16,9 +16,10 @@ import pytest
 from regionvault.core.errors import TransitError
 from regionvault.core.pipeline import Engine
 from regionvault.core.pipeline.jobs import copy_jobs_for
-from regionvault.core.repository import Repository, _copy
+from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._copy import LINK_PREFIX, LinkTable
+from regionvault.core.repository.copy import links as copy_links
+from regionvault.core.repository.copy.links import LINK_PREFIX, LinkTable
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RetentionMode
 from regionvault.providers.local.keys import LocalKeyService
@@ -197,9 +198,8 @@ def link_objects(region: Region) -> dict[str, list[tuple[bytes, bytes]]]:
 
 
 def links_of(region: Region, source: Region) -> dict[bytes, bytes]:
-    return LinkTable(
-        Repository.open(region.vault, region.keys, region=region.name), source.name
-    ).links
+    repo = Repository.open(region.vault, region.keys, region=region.name)
+    return LinkTable(repo._ensure_open(), source.name).links
 
 
 def indexed(region: Region) -> set[bytes]:
@@ -363,8 +363,8 @@ def test_prune_merges_a_link_table_of_many_objects(
     assert len(before) > 3
     west_repo.prune()
     assert link_objects(west) == before  # nothing stale, not many objects: left alone
-    monkeypatch.setattr(_copy, "LINK_OBJECTS_MERGED_AT", 2)
-    monkeypatch.setattr(_copy, "LINKS_PER_OBJECT", 1000)
+    monkeypatch.setattr(copy_links, "LINK_OBJECTS_MERGED_AT", 2)
+    monkeypatch.setattr(copy_links, "LINKS_PER_OBJECT", 1000)
     west_repo.prune()
     after = link_objects(west)
     assert not set(after) & set(before)

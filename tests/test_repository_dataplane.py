@@ -240,7 +240,7 @@ def test_a_failing_write_stops_the_restore_without_a_hang(
     import threading
     from dataclasses import replace
 
-    from regionvault.core.repository import _restore
+    from regionvault.core.repository import _restore_writer
     from repository_support import SMALL
 
     src = tmp_path / "src"
@@ -249,7 +249,7 @@ def test_a_failing_write_stops_the_restore_without_a_hang(
     point = repo_for(east).backup(capture(src))
     # many small reads of one file: threads queue their writes for each other, and wait
     repo = repo_for(east, replace(SMALL, max_read=64 << 10, restore_window=256 << 10))
-    monkeypatch.setattr(_restore, "_QUEUE_BYTES", 1)
+    monkeypatch.setattr(_restore_writer, "_QUEUE_BYTES", 1)
     real_pwritev = os.pwritev
     calls = []
 
@@ -259,7 +259,7 @@ def test_a_failing_write_stops_the_restore_without_a_hang(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(_restore.os, "pwritev", failing_pwritev)
+    monkeypatch.setattr(_restore_writer.os, "pwritev", failing_pwritev)
     out = tmp_path / "out"
     errors: list[BaseException] = []
 

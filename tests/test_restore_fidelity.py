@@ -31,15 +31,17 @@ import pytest
 from click.testing import CliRunner, Result
 from regionvault.core import Region, RegionVaultError
 from regionvault.core.cli import cli as main
-from regionvault.core.repository import Repository, _maintenance, _restore
-from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._restore import (
-    MARKER_NAME,
-    TEMP_PREFIX,
-    FileRestorer,
-    Reporter,
-    Selection,
+from regionvault.core.repository import (
+    Repository,
+    _manifest,
+    _restore,
+    _restore_fs,
+    _restore_writer,
 )
+from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._restore import MARKER_NAME, FileRestorer, Selection
+from regionvault.core.repository._restore_fs import TEMP_PREFIX
+from regionvault.core.repository._restore_writer import Reporter
 from repository_support import capture, repo_for, snapshot
 
 ROOT = os.geteuid() == 0
@@ -78,7 +80,7 @@ class Point:
         store = self.repo._ensure_open()
         manifest = self.repo.load_manifest(self.id)
         with self.repo._pool() as pool:
-            return list(_maintenance.tree_records(store, store.load_index().index, pool, manifest))
+            return list(_manifest.tree_records(store, store.load_index().index, pool, manifest))
 
     def restore(
         self,
@@ -317,7 +319,7 @@ def open_deep(root: Path, deep: bytes) -> int:
 def test_paths_longer_than_path_max_restore(
     east: Region, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: int
 ) -> None:
-    monkeypatch.setattr(_restore, "_DIR_CACHE", cache)  # 2: directories closed and re-opened
+    monkeypatch.setattr(_restore_fs, "_DIR_CACHE", cache)  # 2: directories closed and re-opened
     src = tmp_path / "src"
     source_tree(src)
     point = Point(east, src)
@@ -522,7 +524,7 @@ def test_a_restore_syncs_only_when_told(
     repo, point_id, src = backed_up(east, tmp_path)
     calls: list[str] = []
     monkeypatch.setattr(_restore, "sync_filesystem", lambda fd: calls.append("sync"))
-    monkeypatch.setattr(_restore, "start_writeback", lambda fd: calls.append("writeback"))
+    monkeypatch.setattr(_restore_writer, "start_writeback", lambda fd: calls.append("writeback"))
     repo.restore(point_id, tmp_path / "fast")
     assert calls == []
     assert_restored(tmp_path / "fast", src)
@@ -535,12 +537,12 @@ def test_a_restore_syncs_only_when_told(
 def test_the_filesystem_sync_really_runs(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        _restore.sync_filesystem(fd)  # syncfs through the C library (or sync): no error
+        _restore_fs.sync_filesystem(fd)  # syncfs through the C library (or sync): no error
     finally:
         os.close(fd)
-    if _restore._SYNCFS is not None:  # syncfs reports errors (sync cannot)
+    if _restore_fs._SYNCFS is not None:  # syncfs reports errors (sync cannot)
         with pytest.raises(OSError):
-            _restore.sync_filesystem(987_654)  # a descriptor that is not open: EBADF
+            _restore_fs.sync_filesystem(987_654)  # a descriptor that is not open: EBADF
 
 
 def test_a_top_level_entry_named_like_the_marker_is_refused_before_anything_is_written(
@@ -868,7 +870,8 @@ import json, os, stat, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._restore import FileRestorer, ParallelWriter, Reporter
+from regionvault.core.repository._restore import FileRestorer
+from regionvault.core.repository._restore_writer import ParallelWriter, Reporter
 
 M = 1_600_000_000_000_000_000
 def rec(tag, mode, path, **kw):

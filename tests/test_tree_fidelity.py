@@ -26,8 +26,8 @@ from regionvault.core import (
     Region,
 )
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._copy import CopyOffer, _encode_record
 from regionvault.core.repository._tree import iter_records, to_public
+from regionvault.core.repository.copy.offer import CopyOffer, encode_copied_record
 from regionvault.core.repository.model import TreeEntry
 from regionvault.providers.local import compute as local_compute
 from repository_support import capture, repo_for
@@ -589,16 +589,16 @@ def test_version1_records_still_decode_with_nothing_recorded_of_the_rest() -> No
         (),
     )
     # a copy of a version 1 point writes its records as version 2, keeping what they hold
-    again = decode(b"".join(_encode_record(r, "points/old") for r in records))
+    again = decode(b"".join(encode_copied_record(r, "points/old") for r in records))
     assert again == records
-    assert _encode_record(records[1], "points/old")[0] == fmt.ENTRY2_FLAG | fmt.TAG_FILE
+    assert encode_copied_record(records[1], "points/old")[0] == fmt.ENTRY2_FLAG | fmt.TAG_FILE
     # version 1 wrote a capture's mode as it came: only its permission bits are kept
     (typed,) = decode(fmt.encode_entry(fmt.TAG_FILE, 0o100644, 1, 0, b"t", b"", b""))
-    assert decode(_encode_record(typed, "points/old"))[0].mode == 0o644
+    assert decode(encode_copied_record(typed, "points/old"))[0].mode == 0o644
     # a record that cannot be written is a damaged tree, named
     (lying,) = decode(fmt.encode_entry(fmt.TAG_DIR, 0o755, 1, 9, b"d", b"", ids))
     with pytest.raises(IntegrityError, match=r"points/old.*no data"):
-        _encode_record(lying, "points/old")
+        encode_copied_record(lying, "points/old")
 
 
 def lie(record: bytes, at: int, form: str, value: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,8 +136,6 @@ _KNOWN_FLAGS = FLAG_ZSTD
 
 
 def new_id() -> str:
-    import secrets
-
     return secrets.token_hex(ID_SIZE)
 
 

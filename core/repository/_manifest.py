@@ -1,18 +1,23 @@
-"""Manifests: one sealed JSON document per recovery point (docs/format.md, "Manifests")."""
+"""Manifests: one sealed JSON document per recovery point (docs/format.md, "Manifests"):
+writing one, reading one, reading them all, and streaming a point's tree records."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
 import blake3
-from regionvault.core.errors import IntegrityError
+from regionvault.core.errors import IntegrityError, ObjectNotFound
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._index import ChunkIndex
+from regionvault.core.repository._pipeline import Fetcher
 from regionvault.core.repository._store import Store, canonical_json
-from regionvault.core.repository.model import Manifest
+from regionvault.core.repository._tree import iter_records
+from regionvault.core.repository.model import Manifest, Problem
 from regionvault.core.types import (
     CaptureIssue,
     CaptureKind,
@@ -22,7 +27,14 @@ from regionvault.core.types import (
     Tags,
 )
 
-__all__ = ["MAX_LISTED_ISSUES", "decode_manifest", "encode_manifest", "root_hash"]
+__all__ = [
+    "MAX_LISTED_ISSUES",
+    "decode_manifest",
+    "encode_manifest",
+    "load_manifests",
+    "root_hash",
+    "tree_records",
+]
 
 #: a manifest names at most this many issues (the total is always recorded)
 MAX_LISTED_ISSUES = 1000
@@ -180,3 +192,40 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise IntegrityError(name, f"manifest is malformed ({exc!r})") from None
+
+
+def tree_records(
+    store: Store, index: ChunkIndex, pool: Executor, manifest: Manifest
+) -> Iterator[fmt.RawRecord]:
+    """The tree records of ``manifest``'s point, in order, streamed from the vault."""
+    name = fmt.point_name(manifest.point.id)
+    fetcher = Fetcher(store, index, pool, what=name, window_bytes=4 << 20, ahead=2)
+    return iter_records(fetcher.chunks(manifest.tree_chunks), name)
+
+
+def load_manifests(store: Store, *, tolerant: bool = False) -> tuple[list[Manifest], list[Problem]]:
+    """Every manifest in the vault, oldest first. With ``tolerant``, unreadable ones are
+    returned as problems instead of raising."""
+    names = [info.name for info in store.vault.list(fmt.POINT_PREFIX)]
+
+    def read(name: str) -> Manifest | Problem | None:
+        try:
+            body = store.get_sealed(fmt.ObjectKind.MANIFEST, name)
+            return decode_manifest(store, name, body)
+        except ObjectNotFound:
+            return None  # forgotten while listing
+        except IntegrityError as exc:
+            if not tolerant:
+                raise
+            return Problem(exc.object_name, exc.reason)
+
+    manifests: list[Manifest] = []
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for result in pool.map(read, names):
+            if isinstance(result, Manifest):
+                manifests.append(result)
+            elif isinstance(result, Problem):
+                problems.append(result)
+    manifests.sort(key=lambda m: (m.point.created_at, m.point.id))
+    return manifests, problems

@@ -115,7 +115,8 @@ class PackWriter:
     memory.
 
     ``add`` is thread-safe. The run's data key is generated on the first blob (one KeyService
-    call per run) and its wrapped form goes into every pack header. An index object is
+    call per run), unless the caller hands one in with its ``run_id`` (a copy run's packs
+    share one across writers), and its wrapped form goes into every pack header. An index object is
     written after every ``index_every_packs`` durable packs and by :meth:`close`.
     """
 
@@ -126,10 +127,12 @@ class PackWriter:
         *,
         write_index: bool = True,
         keep_packs: bool = False,
+        run_id: bytes | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
         self.store = store
         self.failure = failure
-        self.run_id = os.urandom(16)
+        self.run_id = os.urandom(16) if run_id is None else run_id
         self._target = store.settings.pack_size
         self._max_blob = store.config.chunker.max_size + fmt.GCM_TAG
         self._write_index = write_index
@@ -146,7 +149,7 @@ class PackWriter:
         )
         self._threads: list[threading.Thread] = []
         self._upload_lock = threading.Lock()
-        self._data_key: DataKey | None = None
+        self._data_key = data_key
         self._unindexed: list[fmt.IndexPack] = []
         self._closed = False
         self._keep_packs = keep_packs

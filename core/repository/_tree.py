@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from regionvault.core.errors import IntegrityError
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
 from regionvault.core.repository.model import Extent, TreeEntry
@@ -145,8 +146,6 @@ def iter_records(chunks: Iterable[bytes], name: str) -> Iterator[fmt.RawRecord]:
 
 
 def to_public(record: fmt.RawRecord, name: str) -> TreeEntry | Extent:
-    from regionvault.core.errors import IntegrityError
-
     if record.tag == fmt.TAG_EXTENT:
         return Extent(record.offset, record.size, tuple(record.chunk_ids()))
     path = decode_path(record.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -82,8 +83,6 @@ class RepositorySettings:
     max_read: int = 8 * MiB
 
     def worker_count(self) -> int:
-        import os
-
         if self.workers > 0:
             return self.workers
         return max(2, min(4, os.cpu_count() or 2))

@@ -29,19 +29,20 @@ from regionvault.core.interfaces import (
     Vault,
 )
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository import _maintenance
+from regionvault.core.repository import _prune, _retention, _verify
 from regionvault.core.repository._backup import BackupRun, ParentLookup
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
-from regionvault.core.repository._manifest import decode_manifest, encode_manifest
-from regionvault.core.repository._pipeline import Fetcher
-from regionvault.core.repository._restore import (
-    BlockRestorer,
-    FileRestorer,
-    ParallelWriter,
-    Reporter,
-    Selection,
+from regionvault.core.repository._manifest import (
+    decode_manifest,
+    encode_manifest,
+    load_manifests,
+    tree_records,
 )
+from regionvault.core.repository._pipeline import Fetcher
+from regionvault.core.repository._restore import FileRestorer, Selection
+from regionvault.core.repository._restore_blocks import BlockRestorer
+from regionvault.core.repository._restore_writer import ParallelWriter, Reporter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import to_public
 from regionvault.core.repository.model import (
@@ -218,9 +219,7 @@ class Repository:
             with self._pool() as pool:
                 lookup = None
                 if parent_manifest is not None and isinstance(capture, FileCapture):
-                    records = _tolerant(
-                        _maintenance.tree_records(store, state.index, pool, parent_manifest)
-                    )
+                    records = _tolerant(tree_records(store, state.index, pool, parent_manifest))
                     lookup = ParentLookup(records)
                 run = BackupRun(store, state.index, progress=progress)
                 result = run.run(capture, lookup)
@@ -286,7 +285,7 @@ class Repository:
             return manifest
         candidates = [
             m
-            for m in _maintenance.load_manifests(self._store, tolerant=True)[0]
+            for m in load_manifests(self._store, tolerant=True)[0]
             if m.point.instance_id == instance.id and m.point.kind is capture.kind
         ]
         return candidates[-1] if candidates else None
@@ -296,7 +295,7 @@ class Repository:
     def points(self, instance_id: str | None = None) -> list[RecoveryPoint]:
         """Every recovery point (of ``instance_id``, if given), oldest first. Listing
         decrypts each manifest: nothing about a point is readable without the keys."""
-        manifests, _ = _maintenance.load_manifests(self._ensure_open())
+        manifests, _ = load_manifests(self._ensure_open())
         return [
             m.point for m in manifests if instance_id is None or m.point.instance_id == instance_id
         ]
@@ -326,7 +325,7 @@ class Repository:
         name = fmt.point_name(manifest.point.id)
         state = store.load_index()
         with self._pool() as pool:
-            for record in _maintenance.tree_records(store, state.index, pool, manifest):
+            for record in tree_records(store, state.index, pool, manifest):
                 yield to_public(record, name)
 
     # ------------------------------------------------------------------ restore
@@ -376,7 +375,7 @@ class Repository:
             with self._pool() as pool:
 
                 def records() -> Iterator[fmt.RawRecord]:
-                    return _maintenance.tree_records(store, state.index, pool, manifest)
+                    return tree_records(store, state.index, pool, manifest)
 
                 fetcher = Fetcher(
                     store,
@@ -474,7 +473,7 @@ class Repository:
         now = datetime.now(UTC)
         for name in names:
             info = store.vault.head(name)
-            reason = _maintenance._protected(info, now)
+            reason = _retention.retention_hold(info, now)
             if reason is not None:
                 raise RetentionLocked(
                     name, reason, provider=store.vault.provider, region=store.vault.region
@@ -517,7 +516,7 @@ class Repository:
         store = self._ensure_open()
         manifest = self.load_manifest(point_id)
         with self._lock(exclusive=False, operation="protect"):
-            return _maintenance.protect(
+            return _retention.protect(
                 store, manifest, until=until, mode=mode, legal_hold=legal_hold
             )
 
@@ -545,7 +544,7 @@ class Repository:
         store = self._ensure_open()
         operation = "verify --repair" if repair else "verify"
         with self._lock(exclusive=repair, operation=operation) as lock:
-            return _maintenance.verify(
+            return _verify.verify(
                 store, read_data=read_data, progress=progress, lock=lock, repair=repair
             )
 
@@ -562,7 +561,7 @@ class Repository:
             raise ValueError("max_unused is a fraction from 0 up to 1")
         store = self._ensure_open()
         with self._lock(exclusive=True, operation="prune") as lock:
-            return _maintenance.prune(store, lock=lock, max_unused=max_unused, progress=progress)
+            return _prune.prune(store, lock=lock, max_unused=max_unused, progress=progress)
 
     def rebuild_index(self) -> int:
         """Index every readable pack again from its own header and authenticated blob table,
@@ -571,7 +570,7 @@ class Repository:
         the packs indexed."""
         store = self._ensure_open()
         with self._lock(exclusive=True, operation="rebuild-index"):
-            return _maintenance.rebuild_index(store)
+            return _verify.rebuild_index(store)
 
 
 def _tolerant(records: Iterator[fmt.RawRecord]) -> Iterator[fmt.RawRecord]:

@@ -1,14 +1,14 @@
-"""Verify, prune, protect (WORM) and index rebuilding."""
+"""Verify and repair: authenticate what a repository holds (its config, index, manifests,
+trees, packs, link tables and copy records), and mend what can be mended without losing
+data (rebuild the index from the packs, remove damaged link objects and copy records, and
+the temporaries killed writers left)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
-from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from regionvault.core.errors import (
     IntegrityError,
@@ -18,86 +18,21 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
-from regionvault.core.repository._manifest import decode_manifest
-from regionvault.core.repository._pipeline import Aborted, Failure, Fetcher, PackWriter
+from regionvault.core.repository._manifest import load_manifests, tree_records
+from regionvault.core.repository._retention import delete_unless_held
 from regionvault.core.repository._store import Store
-from regionvault.core.repository._tree import iter_records
+from regionvault.core.repository.copy.links import LINK_PREFIX, decode_links
 from regionvault.core.repository.model import (
-    Manifest,
     Problem,
     Progress,
     ProgressCallback,
-    ProtectReport,
-    PruneReport,
     VerifyReport,
 )
-from regionvault.core.types import ObjectInfo, RetentionMode
 
-__all__ = [
-    "load_manifests",
-    "protect",
-    "prune",
-    "read_pack",
-    "rebuild_index",
-    "remove_stale_temporaries",
-    "tree_records",
-    "verify",
-]
+__all__ = ["read_pack", "rebuild_index", "remove_stale_temporaries", "verify"]
 
-log = logging.getLogger(__name__)
-
-#: index objects written by prune and rebuild hold at most this many blobs each
-_INDEX_BLOBS = 100_000
 _MAX_PROBLEMS_PER_PACK = 10
-
-
-def tree_records(
-    store: Store, index: ChunkIndex, pool: Executor, manifest: Manifest
-) -> Iterator[fmt.RawRecord]:
-    name = fmt.point_name(manifest.point.id)
-    fetcher = Fetcher(store, index, pool, what=name, window_bytes=4 << 20, ahead=2)
-    return iter_records(fetcher.chunks(manifest.tree_chunks), name)
-
-
-def load_manifests(store: Store, *, tolerant: bool = False) -> tuple[list[Manifest], list[Problem]]:
-    """Every manifest in the vault, oldest first. With ``tolerant``, unreadable ones are
-    returned as problems instead of raising."""
-    names = [info.name for info in store.vault.list(fmt.POINT_PREFIX)]
-
-    def read(name: str) -> Manifest | Problem | None:
-        try:
-            body = store.get_sealed(fmt.ObjectKind.MANIFEST, name)
-            return decode_manifest(store, name, body)
-        except ObjectNotFound:
-            return None  # forgotten while listing
-        except IntegrityError as exc:
-            if not tolerant:
-                raise
-            return Problem(exc.object_name, exc.reason)
-
-    manifests: list[Manifest] = []
-    problems: list[Problem] = []
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for result in pool.map(read, names):
-            if isinstance(result, Manifest):
-                manifests.append(result)
-            elif isinstance(result, Problem):
-                problems.append(result)
-    manifests.sort(key=lambda m: (m.point.created_at, m.point.id))
-    return manifests, problems
-
-
-def _protected(info: ObjectInfo, now: datetime) -> str | None:
-    if info.legal_hold:
-        return "a legal hold is on"
-    if info.retain_until is not None and info.retain_until > now:
-        return f"retained until {info.retain_until.isoformat(timespec='seconds')}"
-    return None
-
-
-# --------------------------------------------------------------------------- packs
 
 
 def read_pack(
@@ -313,8 +248,6 @@ def _check_copy_objects(store: Store, report: VerifyReport, damage: _Damage) -> 
     """Authenticate the copy protocol's objects: a destination's link tables (``links/``)
     and a source's copy records (``copies/``). Each is read whole (they are small: 64 bytes
     per linked chunk, a line of JSON per record)."""
-    from regionvault.core.repository._copy import LINK_PREFIX, decode_links
-
     for prefix, kind, found in (
         (LINK_PREFIX, fmt.ObjectKind.LINKS, damage.links),
         (fmt.COPIES_PREFIX, fmt.ObjectKind.COPIES, damage.copies),
@@ -377,7 +310,7 @@ def _repair(store: Store, damage: _Damage) -> tuple[list[Problem], list[Problem]
         ),
     ):
         for name in names:
-            reason = _delete(store, name)
+            reason = delete_unless_held(store, name)
             if reason is None:
                 repaired.append(Problem(name, done))
             else:
@@ -401,236 +334,6 @@ def remove_stale_temporaries(store: Store) -> list[Problem]:
             )
         )
     return removed
-
-
-# --------------------------------------------------------------------------- prune
-
-
-def prune(
-    store: Store,
-    *,
-    lock: RepositoryLock,
-    max_unused: float,
-    progress: ProgressCallback | None,
-) -> PruneReport:
-    report = PruneReport(stale_locks_removed=lock.stale_removed)
-    now = datetime.now(UTC)
-    state = store.load_index(keep_blobs=True)
-    index = state.index
-    blobs_of = index.pack_blobs or {}
-    manifests, _ = load_manifests(store)
-    report.points = len(manifests)
-    used: set[bytes] = set()
-    workers = store.settings.worker_count()
-    with ThreadPoolExecutor(max_workers=workers + 1) as pool:
-        for manifest in manifests:
-            used.update(manifest.tree_chunks)
-            for record in tree_records(store, index, pool, manifest):
-                used.update(record.chunk_ids())
-    missing = [c for c in used if c not in index]
-    if missing:
-        raise IntegrityError(
-            "index",
-            f"{len(missing)} chunk(s) that recovery points use are in no index; prune refuses "
-            "to delete anything (run rebuild_index, then verify)",
-        )
-    listing = {info.name: info for info in store.vault.list(fmt.PACK_PREFIX)}
-    report.packs_before = len(listing)
-    for pack_id in index.packs:
-        if fmt.pack_name(pack_id) not in listing and any(
-            b.chunk_id in used for b in blobs_of.get(pack_id, [])
-        ):
-            raise IntegrityError(fmt.pack_name(pack_id), "pack is missing, yet points use it")
-
-    def locked(pack_id: str) -> str | None:
-        info = listing.get(fmt.pack_name(pack_id))
-        return None if info is None else _protected(info, now)
-
-    # claim each used chunk once: first from packs that are wholly used, then the rest
-    claimed: set[bytes] = set()
-    live: dict[str, list[fmt.BlobEntry]] = {}
-    present = [p for p in sorted(index.packs) if fmt.pack_name(p) in listing]
-    whole = [p for p in present if all(b.chunk_id in used for b in blobs_of.get(p, []))]
-    for pack_id in whole:
-        live[pack_id] = list(blobs_of.get(pack_id, []))
-        claimed.update(b.chunk_id for b in live[pack_id])
-    keep: list[str] = list(whole)
-    rewrite: list[str] = []
-    drop: list[str] = []
-    for pack_id in present:
-        if pack_id in live:
-            continue
-        blobs = blobs_of.get(pack_id, [])
-        mine = []
-        for b in blobs:
-            if b.chunk_id in used and b.chunk_id not in claimed:
-                claimed.add(b.chunk_id)
-                mine.append(b)
-        live[pack_id] = mine
-        unused_bytes = sum(b.length for b in blobs) - sum(b.length for b in mine)
-        total_bytes = sum(b.length for b in blobs) or 1
-        if locked(pack_id) is not None:
-            if mine:
-                keep.append(pack_id)
-            else:
-                drop.append(pack_id)  # skipped below, and reported
-        elif not mine:
-            drop.append(pack_id)
-        elif unused_bytes / total_bytes > max_unused:
-            rewrite.append(pack_id)
-        else:
-            keep.append(pack_id)
-
-    # copy the live blobs of packs being rewritten into new packs
-    failure = Failure()
-    writer = PackWriter(store, failure, write_index=False, keep_packs=True)
-    try:
-        for done, pack_id in enumerate(rewrite, 1):
-            name = fmt.pack_name(pack_id)
-            data = store.vault.get(name)
-            key = store.pack_key(pack_id, index.packs[pack_id].header)
-            view = memoryview(data)
-            for b in live[pack_id]:
-                payload, _ = store.open_blob(
-                    key, b.chunk_id, b.blob_type, b.flags, b.offset, b.raw_length,
-                    view[b.offset : b.offset + b.length],
-                )  # fmt: skip
-                writer.add(b.chunk_id, b.blob_type, b.flags, b.raw_length, payload)
-            report.blobs_removed += len(index.pack_blobs[pack_id]) - len(live[pack_id])  # type: ignore[index]
-            if progress is not None:
-                progress(Progress(operation="prune", files_done=done, files_total=len(rewrite)))
-        new_packs = writer.close()
-    except BaseException as exc:
-        failure.set(exc)
-        writer.abort()
-        if isinstance(exc, Aborted) and failure.error is not None:
-            raise failure.error from None  # the writer thread's error (disk full ...)
-        raise
-    report.packs_rewritten = len(rewrite)
-    report.packs_written = len(new_packs)
-    report.blobs_removed += sum(len(blobs_of.get(p, [])) for p in drop if locked(p) is None)
-
-    # a new index: every kept pack and every new one; its last object supersedes the old
-    entries = [
-        fmt.IndexPack(p, index.packs[p].size, index.packs[p].header, blobs_of.get(p, []))
-        for p in keep
-    ] + new_packs
-    vanished = len(index.packs) - len(present)  # indexed packs no longer in the vault
-    changed = bool(rewrite or drop or vanished or len(state.objects) != len(state.live))
-    leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
-    if changed or len(state.live) > 1 or leftovers:
-        lock.check()
-        groups: list[list[fmt.IndexPack]] = [[]]
-        count = 0
-        for pack in entries:
-            if count >= _INDEX_BLOBS:
-                groups.append([])
-                count = 0
-            groups[-1].append(pack)
-            count += len(pack.blobs)
-        for group in groups[:-1]:
-            store.write_index(group)
-        store.write_index(groups[-1], supersedes=state.objects)
-        report.indexes_written = len(groups)
-        for index_id in sorted(state.objects):
-            name = fmt.index_name(index_id)
-            reason = _protected(state.objects[index_id], now)
-            if reason is None:
-                reason = _delete(store, name)
-            if reason is None:
-                report.indexes_deleted += 1
-            else:
-                report.skipped.append(Problem(name, reason))
-
-    # delete what nothing uses any more: rewritten, unused and unindexed packs
-    freed = 0
-    for name in [fmt.pack_name(p) for p in rewrite + drop] + leftovers:
-        info = listing[name]
-        reason = _protected(info, now) or _delete(store, name)
-        if reason is None:
-            report.packs_deleted += 1
-            freed += info.size
-        else:
-            report.skipped.append(Problem(name, reason))
-    report.bytes_freed = freed - sum(p.size for p in new_packs)
-
-    # a copy destination's links to chunks no longer indexed go, once the new index is
-    # written (a link counts only while its chunk is indexed, so this only tidies)
-    from regionvault.core.repository._copy import prune_links  # _copy imports this module
-
-    links = prune_links(store, {b.chunk_id for pack in entries for b in pack.blobs}, now)
-    report.skipped.extend(links.skipped)
-    if links.objects_written or links.objects_deleted:
-        log.info(
-            "prune: %d stale link(s) dropped, %d link object(s) written, %d deleted",
-            links.links_dropped,
-            links.objects_written,
-            links.objects_deleted,
-        )
-    report.temporaries_removed = len(remove_stale_temporaries(store))
-    if progress is not None:
-        progress(Progress(operation="prune", done=True))
-    return report
-
-
-def _delete(store: Store, name: str) -> str | None:
-    """Delete ``name``; the reason when a lock or hold refused it."""
-    try:
-        store.vault.delete(name)
-    except RetentionLocked as exc:
-        return exc.reason
-    return None
-
-
-# --------------------------------------------------------------------------- protect
-
-
-def protect(
-    store: Store,
-    manifest: Manifest,
-    *,
-    until: datetime | None,
-    mode: RetentionMode,
-    legal_hold: bool,
-) -> ProtectReport:
-    report = ProtectReport(manifest.point.id, until, legal_hold)
-    state = store.load_index()
-    index = state.index
-    packs: set[str] = set()
-    chunk_ids = set(manifest.tree_chunks)
-    with ThreadPoolExecutor(max_workers=store.settings.worker_count() + 1) as pool:
-        for record in tree_records(store, index, pool, manifest):
-            chunk_ids.update(record.chunk_ids())
-    for chunk_id in chunk_ids:
-        loc = index.get(chunk_id)
-        if loc is None:
-            raise IntegrityError(
-                fmt.point_name(manifest.point.id), f"chunk {chunk_id.hex()[:16]} is in no index"
-            )
-        packs.add(loc.pack_id)
-    index_ids = {i for p in packs for i in index.packs[p].index_ids}
-    names = (
-        [fmt.pack_name(p) for p in sorted(packs)]
-        + [fmt.index_name(i) for i in sorted(index_ids)]
-        + [fmt.point_name(manifest.point.id)]
-    )
-    for name in names:
-        info = store.vault.head(name)
-        changed = False
-        if until is not None and (info.retain_until is None or info.retain_until < until):
-            store.vault.set_retention(name, until, mode)
-            changed = True
-        if legal_hold and not info.legal_hold:
-            store.vault.set_legal_hold(name, True)
-            changed = True
-        if changed:
-            report.locked.append(name)
-        else:
-            report.unchanged += 1
-    return report
-
-
-# --------------------------------------------------------------------------- rebuild
 
 
 def rebuild_index(store: Store) -> int:
