@@ -878,11 +878,11 @@ def test_a_live_sqlite_database_never_backs_up_torn_with_exit_0(workdir: Path) -
 def test_the_entries_taken_are_held_compactly_and_read_back_in_order() -> None:
     """The final check's record of what was taken: front-coded paths (any bytes, any
     length), a kind byte and an 8-byte identity digest; about 20 bytes for a short name."""
-    from regionvault.core.repository._backup import _Taken
+    from regionvault.core.repository._backup_walk import TakenEntries
 
     paths = [f"var/spool/d{d:02}/msg-{f:05}".encode() for d in range(20) for f in range(100)]
     paths += [b"x" * 300 + b"/" + b"\xff\xfe" * 200, b"x" * 300 + b"/z" * 2000, b"top"]
-    taken = _Taken()
+    taken = TakenEntries()
     for i, path in enumerate(paths):
         taken.add(path, FileKind.SYMLINK if i % 2 else FileKind.FILE, (1, i, 2, 3, 4))
     got = list(taken)

@@ -17,7 +17,14 @@ from typing import BinaryIO
 import pyfastcdc
 import pytest
 from regionvault.core import FileCapture, IntegrityError, Region
-from regionvault.core.repository import Extent, Progress, Repository, _backup, _chunking
+from regionvault.core.repository import (
+    Extent,
+    Progress,
+    Repository,
+    _backup,
+    _backup_walk,
+    _chunking,
+)
 from regionvault.core.repository import _format as fmt
 from regionvault.core.types import FileEntry, FileKind
 from repository_support import (
@@ -384,17 +391,17 @@ def test_parent_lookup_reads_little_ahead_for_new_files_in_order() -> None:
             read += 1
             yield rec(path)
 
-    lookup = _backup.ParentLookup(records(), window=50_000)
+    lookup = _backup_walk.ParentLookup(records(), window=50_000)
     for i in range(20):
         for j in range(100):  # odd j: a new file between two old ones
             found = lookup.find(f"d{i:02d}/f{j:03d}".encode())
             assert (found is not None) == (j % 2 == 0)
             # never more than a few records ahead (those read while its order was learnt)
-            assert read <= i * 50 + (j + 1) // 2 + 1 + _backup.ParentLookup._ORDERED
+            assert read <= i * 50 + (j + 1) // 2 + 1 + _backup_walk.ParentLookup._ORDERED
     # a parent out of that order: every record is found through the look-ahead window
     shuffled = [rec(p) for p in paths]
     random.Random(8).shuffle(shuffled)
-    lookup = _backup.ParentLookup(iter(shuffled), window=50_000)
+    lookup = _backup_walk.ParentLookup(iter(shuffled), window=50_000)
     found = sum(lookup.find(p.encode()) is not None for p in paths)
     assert found == len(paths)
 

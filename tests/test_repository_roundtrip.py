@@ -344,7 +344,7 @@ def test_any_vault_will_do(east: Region, tmp_path: Path) -> None:
 
 def test_parent_lookup_survives_reordering_and_changes() -> None:
     from regionvault.core.repository import _format as fmt
-    from regionvault.core.repository._backup import ParentLookup
+    from regionvault.core.repository._backup_walk import ParentLookup
 
     def rec(path: str) -> fmt.RawRecord:
         return fmt.RawRecord(fmt.TAG_FILE, 0o644, 1, 1, path.encode(), b"", 0, b"")

@@ -30,7 +30,8 @@ from regionvault.core.interfaces import (
 )
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository import _prune, _retention, _verify
-from regionvault.core.repository._backup import BackupRun, ParentLookup
+from regionvault.core.repository._backup import BackupRun
+from regionvault.core.repository._backup_walk import ParentLookup
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import (
