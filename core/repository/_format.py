@@ -3,6 +3,12 @@
 Everything here is pure encoding and decoding: no I/O, no threads. All integers are
 big-endian. Every decode that meets something it cannot trust raises
 :class:`~regionvault.core.errors.IntegrityError` naming the object.
+
+Why this module is longer than the others: it is the format itself, one section per section
+of docs/format.md (names, sealed objects, packs, index objects, tree records), so that a
+format change is reviewed in one place against one document, and the golden vaults and the
+known-answer vectors check one module. What only uses the format (the store, the tree
+writer, manifests, the copy protocol's payloads) lives elsewhere.
 """
 
 from __future__ import annotations
