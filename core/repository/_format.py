@@ -138,7 +138,8 @@ class BlobType(enum.IntEnum):
 
 #: blob flag: the stored payload is a zstd frame of the chunk
 FLAG_ZSTD = 0x01
-_KNOWN_FLAGS = FLAG_ZSTD
+#: every blob flag this version knows (a blob with another is refused)
+KNOWN_FLAGS = FLAG_ZSTD
 
 
 def new_id() -> str:
@@ -385,7 +386,7 @@ def decode_blob_table(name: str, data: bytes, *, pack_size: int | None = None) -
 def _checked_entry(name: str, entry: BlobEntry, pack_size: int | None) -> BlobEntry:
     if entry.blob_type not in (BlobType.DATA, BlobType.TREE):
         raise IntegrityError(name, f"blob of unknown type {entry.blob_type}")
-    if entry.flags & ~_KNOWN_FLAGS:
+    if entry.flags & ~KNOWN_FLAGS:
         raise IntegrityError(name, f"blob with unknown flags {entry.flags:#x}")
     if entry.length < GCM_TAG or entry.raw_length > MAX_BLOB_SIZE:
         raise IntegrityError(name, "blob with impossible length")

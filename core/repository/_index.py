@@ -130,7 +130,7 @@ def _plausible(pack: fmt.RawIndexPack) -> bool:
     (``_format._checked_entry``), tested on the plain tuples: building a ``BlobEntry`` per
     blob would cost more than the rest of loading the index. On False the caller takes the
     slow path, which raises the error naming the entry (or accepts what this refused)."""
-    zstd, known, tag = fmt.FLAG_ZSTD, fmt._KNOWN_FLAGS, fmt.GCM_TAG
+    zstd, known, tag = fmt.FLAG_ZSTD, fmt.KNOWN_FLAGS, fmt.GCM_TAG
     types = (fmt.BlobType.DATA, fmt.BlobType.TREE)
     size, largest = pack.size, fmt.MAX_BLOB_SIZE
     return all(
