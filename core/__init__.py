@@ -6,14 +6,12 @@ The public API is what this module re-exports; providers import only from here.
 from __future__ import annotations
 
 from regionvault.core.config import (
-    RegionConfig,
     Replication,
-    ServiceConfig,
     SiteConfig,
     load_site,
-    parse_duration,
     parse_site,
 )
+from regionvault.core.durations import parse_duration
 from regionvault.core.errors import (
     AmbiguousName,
     ComputeError,
@@ -67,8 +65,10 @@ from regionvault.core.types import (
     Lineage,
     ObjectInfo,
     RecoveryPoint,
+    RegionConfig,
     RegionId,
     RetentionMode,
+    ServiceConfig,
     Tags,
     Temporary,
 )

@@ -11,127 +11,32 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from regionvault.core.errors import ConfigError
-from regionvault.core.types import RegionId
+from regionvault.core.durations import parse_duration
+from regionvault.core.errors import ConfigError, ProviderNotFound
+from regionvault.core.policy import BUILTIN_HOOKS, check_site_policies
+from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 
 if TYPE_CHECKING:
     from regionvault.core.plugins import ProviderRegistry
 
 __all__ = [
-    "BUILTIN_HOOKS",
     "DEFAULT_HOOK_TIMEOUT",
     "SERVICES",
     "HookConfig",
-    "RegionConfig",
     "Replication",
-    "ServiceConfig",
     "SiteConfig",
     "find_site_file",
-    "format_duration",
     "load_site",
-    "parse_duration",
     "parse_hooks",
     "parse_site",
 ]
 
 SERVICES = ("compute", "keys", "vault")
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
-#: nothing a policy or an interval means is longer than this (guards against huge values)
-MAX_DURATION = timedelta(days=100 * 366)
-
-
-def parse_duration(text: str, *, bare_unit: str = "d") -> timedelta:
-    """``"30m"``, ``"12h"``, ``"7d"``, ``"4w"``, ``"90s"``; a bare number is ``bare_unit``s."""
-    m = _DURATION.match(text) if isinstance(text, str) else None
-    if m is None:
-        raise ValueError(f"{text!r} is not a duration like 30m, 12h, 7d or 4w")
-    number, unit = int(m.group(1)), m.group(2) or bare_unit
-    if number <= 0:
-        raise ValueError(f"{text!r}: a duration must be greater than zero")
-    seconds = number * _UNITS[unit]
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"{text!r} is longer than 100 years")
-    return timedelta(seconds=seconds)
-
-
-def format_duration(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for unit in ("w", "d", "h", "m"):
-        size = _UNITS[unit]
-        if seconds % size == 0 and seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Which provider serves one of a region's services, with that provider's settings."""
-
-    provider: str
-    settings: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class RegionConfig:
-    """One region: its id, its provider settings, and the provider of each service."""
-
-    id: RegionId
-    settings: Mapping[str, Any]
-    services: Mapping[str, ServiceConfig]
-    #: directory that relative paths in settings are resolved against
-    base_dir: Path
-    #: the file this came from, for error messages
-    source: str = "<memory>"
-    #: services with a table of their own (``[regions."x".vault]``)
-    overridden: frozenset[str] = frozenset()
-    #: set on the view :meth:`for_service` gives a provider, when that service is overridden
-    service: str | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.id)
-
-    @property
-    def provider(self) -> str:
-        return self.id.provider
-
-    def key(self, *parts: str) -> str:
-        """The TOML key path of a setting, for error messages."""
-        head = [f'regions."{self.id}"'] + ([self.service] if self.service else [])
-        return ".".join([*head, *parts])
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(message, file=self.source, key=self.key(key), region=self.name)
-
-    def for_service(self, service: str) -> RegionConfig:
-        """This region as seen by the provider of ``service``: settings are that service's."""
-        svc = self.services[service]
-        return replace(
-            self,
-            settings=svc.settings,
-            service=service if service in self.overridden else None,
-        )
-
-    def path(self, key: str) -> Path:
-        """A path setting, resolved against the site file's directory."""
-        value = self.settings.get(key)
-        if not isinstance(value, str) or not value:
-            raise self.error(key, "missing or not a string path")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path)
-
-    def get_str(self, key: str, default: str | None = None) -> str:
-        value = self.settings.get(key, default)
-        if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {type(value).__name__}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -142,8 +47,6 @@ class Replication:
     copy_retention: timedelta | None = None
 
 
-#: hooks regionvault itself provides; a site may not define a hook of the same name
-BUILTIN_HOOKS = frozenset({"sqlite"})
 #: how long one hook command may run when its table sets no ``timeout``
 DEFAULT_HOOK_TIMEOUT = timedelta(minutes=5)
 _HOOK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
@@ -206,6 +109,17 @@ class SiteConfig:
             if rep.source == source:
                 out.extend(d for d in rep.destinations if d not in out)
         return tuple(out)
+
+    def copy_retention_of(self, source: RegionId, destination: RegionId) -> timedelta | None:
+        """How long the pair from ``source`` to ``destination`` keeps copies, when it says."""
+        for rep in self.replication:
+            if (
+                rep.source == source
+                and destination in rep.destinations
+                and rep.copy_retention is not None
+            ):
+                return rep.copy_retention
+        return None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -494,9 +408,6 @@ def parse_site(
         **site_values,
         **kwargs,
     )
-    # Imported here: regionvault.core.policy imports this module.
-    from regionvault.core.policy import check_site_policies
-
     check_site_policies(site)
     if registry is not None:
         validate_providers(site, registry)
@@ -510,8 +421,6 @@ def validate_providers(site: SiteConfig, registry: ProviderRegistry) -> None:
             key_prefix = region.key() if cfg.provider == region.provider else region.key(svc)
             if cfg.provider not in registry:
                 known = ", ".join(registry.names()) or "none"
-                from regionvault.core.errors import ProviderNotFound
-
                 raise ProviderNotFound(
                     f"unknown provider {cfg.provider!r} (registered: {known}; "
                     "is its plugin installed?)",

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
-from regionvault.core.errors import UnsupportedOperation
+from regionvault.core.errors import ObjectNotFound, UnsupportedOperation
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -23,6 +23,7 @@ from regionvault.core.types import (
     InstancePage,
     LaunchSpec,
     ObjectInfo,
+    RegionConfig,
     RetentionMode,
     Tags,
     Temporary,
@@ -30,8 +31,6 @@ from regionvault.core.types import (
 
 if TYPE_CHECKING:
     from types import TracebackType
-
-    from regionvault.core.config import RegionConfig
 
 __all__ = [
     "BlockCapture",
@@ -363,8 +362,6 @@ class Vault(Service):
         """Facts about the object; :class:`ObjectNotFound` if absent."""
 
     def exists(self, name: str) -> bool:
-        from regionvault.core.errors import ObjectNotFound
-
         try:
             self.head(name)
         except ObjectNotFound:

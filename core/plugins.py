@@ -14,7 +14,6 @@ import pluggy
 from regionvault.core.errors import ProviderNotFound, RegionVaultError
 
 if TYPE_CHECKING:
-    from regionvault.core.conformance.support import ConformanceSupport
     from regionvault.core.interfaces import Capture, Provider
     from regionvault.core.types import Instance, RecoveryPoint
 
@@ -34,7 +33,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class HookSpecs:
-    """Hook specifications. Each body is only its documentation."""
+    """Hook specifications of the core. Each body is only its documentation. The
+    conformance suite specifies its own hook (regionvault.core.conformance.support)."""
 
     @hookspec
     def regionvault_register_providers(self, registry: ProviderRegistry) -> None:
@@ -93,14 +93,6 @@ class HookSpecs:
         the job's stable key. Notify or count here; the error is still reported. Returns
         nothing."""
 
-    @hookspec(firstresult=True)
-    def regionvault_conformance_support(self, provider: str) -> ConformanceSupport | None:
-        """Called once per run of the conformance suite (``pytest --pyargs
-        regionvault.core.conformance --regionvault-provider=NAME``) with the provider's name.
-        Return a :class:`~regionvault.core.conformance.ConformanceSupport` (a throwaway
-        two-region test site, test instances) when this plugin supports ``provider``, else
-        None; the first answer that is not None is taken."""
-
 
 class ProviderRegistry:
     """Provider classes by name; filled through ``regionvault_register_providers``."""
@@ -146,16 +138,32 @@ class ProviderRegistry:
 
 
 def make_plugin_manager(
-    *, load_entry_points: bool = True, plugins: Iterable[object] = ()
+    *,
+    load_entry_points: bool = True,
+    plugins: Iterable[object] = (),
+    hookspecs: Iterable[type] = (),
 ) -> pluggy.PluginManager:
-    """A fresh plugin manager with the specs, entry-point plugins and ``plugins`` loaded."""
+    """A fresh plugin manager with the core's specs and ``hookspecs`` (a part above the core,
+    such as the conformance suite, brings its own), entry-point plugins and ``plugins``
+    loaded. A hook implementation no specification knows is a :class:`RegionVaultError`
+    naming the hook and the plugin, unless marked ``@hookimpl(optionalhook=True)``."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(HookSpecs)
+    for specs in hookspecs:
+        pm.add_hookspecs(specs)
     if load_entry_points:
         pm.load_setuptools_entrypoints(PROJECT)
     for plugin in plugins:
         pm.register(plugin)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        hint = (
+            " (the conformance suite's hook: mark it @hookimpl(optionalhook=True))"
+            if "'regionvault_conformance_support'" in str(exc)
+            else ""
+        )
+        raise RegionVaultError(f"{exc}{hint}") from None
     return pm
 
 

@@ -35,22 +35,28 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from regionvault.core.config import BUILTIN_HOOKS, MAX_DURATION, format_duration
+from regionvault.core.durations import (
+    MAX_DURATION,
+    DurationError,
+    format_duration,
+    parse_tag_duration,
+    quote_value,
+)
 from regionvault.core.errors import ConfigError, PolicyError
 from regionvault.core.types import RegionId
 
 if TYPE_CHECKING:
-    from regionvault.core.config import SiteConfig
     from regionvault.core.types import Instance
 
 __all__ = [
+    "BUILTIN_HOOKS",
     "MIN_FREQUENCY",
     "NONE",
-    "UNITS",
     "CopyTarget",
     "Policy",
+    "PolicySite",
     "check_site_policies",
     "instance_hooks",
     "parse_copy_retention",
@@ -59,15 +65,15 @@ __all__ = [
     "parse_hook_names",
     "parse_policy",
     "parse_spec",
-    "quote_value",
     "resolve_policy",
 ]
 
 #: the opt-out value of the policy tag (and of the copy-to tag: no copies)
 NONE = "none"
 
-#: Policy units, in seconds. No seconds unit: nothing a backup policy means is that short.
-UNITS: Mapping[str, int] = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: hooks regionvault itself provides (the hook tag may name them; a site may not define a hook
+#: of the same name)
+BUILTIN_HOOKS = frozenset({"sqlite"})
 
 #: The shortest frequency a policy may ask for. The scheduler looks every ``schedule_interval``
 #: (5 minutes by default), so a shorter frequency could not be honoured anyway; and each backup
@@ -75,24 +81,47 @@ UNITS: Mapping[str, int] = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 #: for a real instance take minutes. An RPO below minutes is a job for replication, not backup.
 MIN_FREQUENCY = timedelta(minutes=5)
 
-#: how much of a bad value an error message quotes
-_QUOTE_LIMIT = 40
-#: more significant digits than this is beyond 100 years in any unit (100y = 52,704,000 min)
-_MAX_DIGITS = 9
-_PART = re.compile(r"([0-9]+)([A-Za-z]*)")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
 _REGION_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _FORMS = "F-R like 1-7 or 12h-2d, a named policy, or none"
 
 
-def quote_value(value: object, limit: int = _QUOTE_LIMIT) -> str:
-    """``repr`` of a value for an error message, cut to ``limit`` characters (control
-    characters escaped, so a hostile tag cannot forge log lines)."""
-    if not isinstance(value, str):
-        return f"<{type(value).__name__}>"
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}… ({len(value)} characters)"
+class _Region(Protocol):
+    @property
+    def id(self) -> RegionId: ...
+
+
+class PolicySite(Protocol):
+    """What the policy grammar reads of a site. :class:`~regionvault.core.config.SiteConfig`
+    is one; the grammar names this protocol rather than the class, because parsing a site
+    file checks its policies with this module (config imports policy, never the reverse)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def regions(self) -> Mapping[str, _Region]: ...
+    @property
+    def default_policy(self) -> str: ...
+    @property
+    def policies(self) -> Mapping[str, str]: ...
+    @property
+    def tag_key(self) -> str: ...
+    @property
+    def copy_to_tag_key(self) -> str: ...
+    @property
+    def copy_retention_tag_key(self) -> str: ...
+    @property
+    def hook_tag_key(self) -> str: ...
+    @property
+    def hooks(self) -> Mapping[str, object]: ...
+
+    def destinations_of(self, source: RegionId) -> tuple[RegionId, ...]:
+        """The regions the site's replication pairs send ``source``'s copies to."""
+        ...
+
+    def copy_retention_of(self, source: RegionId, destination: RegionId) -> timedelta | None:
+        """The ``copy_retention`` of the pair from ``source`` to ``destination``, if set."""
+        ...
 
 
 class _Invalid(Exception):
@@ -104,33 +133,10 @@ class _Invalid(Exception):
 
 
 def _duration(text: str, what: str) -> timedelta:
-    if not text:
-        raise _Invalid(f"{what} is missing")
-    if not text.isascii():
-        raise _Invalid(f"{what} {quote_value(text)} has non-ASCII characters (use digits 0-9)")
-    m = _PART.fullmatch(text)
-    if m is None:
-        raise _Invalid(
-            f"{what} {quote_value(text)} is not a duration (a whole number with an optional "
-            "unit m, h, d or w; a bare number is days)"
-        )
-    digits, unit = m.group(1), m.group(2)
-    if unit and unit not in UNITS:
-        if unit.lower() in UNITS:
-            hint = f"units are lower case: {unit.lower()}"
-        elif unit.lower() in {"s", "sec", "secs", "second", "seconds"}:
-            hint = "seconds are too short for a policy; use m, h, d or w"
-        else:
-            hint = "use m, h, d or w; a bare number is days"
-        raise _Invalid(f"{what} {quote_value(text)} has unknown unit {unit!r} ({hint})")
-    significant = digits.lstrip("0")
-    if not significant:
-        raise _Invalid(f"{what} {quote_value(text)} is zero")
-    # Checked before int(): a thousand-digit number is rejected without big-int arithmetic.
-    seconds = int(significant) * UNITS[unit or "d"] if len(significant) <= _MAX_DIGITS else None
-    if seconds is None or seconds > MAX_DURATION.total_seconds():
-        raise _Invalid(f"{what} {quote_value(text)} is longer than 100 years")
-    return timedelta(seconds=seconds)
+    try:
+        return parse_tag_duration(text, what)
+    except DurationError as exc:
+        raise _Invalid(exc.reason) from None
 
 
 def _check_spec(frequency: timedelta, retention: timedelta) -> None:
@@ -300,7 +306,7 @@ def parse_policy(value: str, *, policies: Mapping[str, str] | None = None) -> Po
         raise PolicyError(f"policy {quote_value(value)}{_join(exc.reason)}") from None
 
 
-def _region(ref: str, site: SiteConfig) -> RegionId | str:
+def _region(ref: str, site: PolicySite) -> RegionId | str:
     """The region ``ref`` names, or why it names none."""
     if ref in site.regions:
         return site.regions[ref].id
@@ -312,7 +318,7 @@ def _region(ref: str, site: SiteConfig) -> RegionId | str:
     return f"{quote_value(ref)} is not a region of this site"
 
 
-def _copy_to(value: str, home: RegionId, site: SiteConfig) -> tuple[RegionId, ...]:
+def _copy_to(value: str, home: RegionId, site: PolicySite) -> tuple[RegionId, ...]:
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, got {type(value).__name__}")
     if value == NONE:
@@ -342,7 +348,7 @@ def _copy_to(value: str, home: RegionId, site: SiteConfig) -> tuple[RegionId, ..
     return tuple(out)
 
 
-def parse_copy_to(value: str, *, home: RegionId | str, site: SiteConfig) -> tuple[RegionId, ...]:
+def parse_copy_to(value: str, *, home: RegionId | str, site: PolicySite) -> tuple[RegionId, ...]:
     """A copy-to tag value (``west,local:south``) as region ids, validated against ``site``:
     every unknown, ambiguous or home region is reported at once. ``none`` means no copies."""
     home_id = RegionId.parse(home) if isinstance(home, str) else home
@@ -375,14 +381,7 @@ def parse_copy_retention(value: str, *, frequency: timedelta | None = None) -> t
         raise PolicyError(f"copy-keep {quote_value(value)}{_join(exc.reason)}") from None
 
 
-def _pair_retention(site: SiteConfig, home: RegionId, dest: RegionId) -> timedelta | None:
-    for rep in site.replication:
-        if rep.source == home and dest in rep.destinations and rep.copy_retention is not None:
-            return rep.copy_retention
-    return None
-
-
-def resolve_policy(instance: Instance, site: SiteConfig) -> Policy | None:
+def resolve_policy(instance: Instance, site: PolicySite) -> Policy | None:
     """The effective policy of ``instance`` under ``site``, ``None`` if it opted out.
 
     Missing parts come from the site: no policy tag means ``site.default_policy``; no copy-to
@@ -438,7 +437,7 @@ def resolve_policy(instance: Instance, site: SiteConfig) -> Policy | None:
                 region=instance.region,
             ) from None
     copies = tuple(
-        CopyTarget(dest, keep or _pair_retention(site, home, dest) or base.retention)
+        CopyTarget(dest, keep or site.copy_retention_of(home, dest) or base.retention)
         for dest in copy_to
     )
     return Policy(
@@ -451,7 +450,7 @@ def resolve_policy(instance: Instance, site: SiteConfig) -> Policy | None:
     )
 
 
-def _hook_names(value: str, site: SiteConfig) -> tuple[str, ...]:
+def _hook_names(value: str, site: PolicySite) -> tuple[str, ...]:
     if not isinstance(value, str):
         raise _Invalid(f"must be a string, got {type(value).__name__}")
     if value.strip().lower() == NONE:
@@ -473,7 +472,7 @@ def _hook_names(value: str, site: SiteConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_hook_names(value: str, *, site: SiteConfig) -> tuple[str, ...]:
+def parse_hook_names(value: str, *, site: PolicySite) -> tuple[str, ...]:
     """The hook names of a ``backup-hook`` tag value (``sqlite,postgres``), each built in or
     defined in ``site``; ``none`` is none. :class:`PolicyError` naming what is wrong."""
     try:
@@ -482,7 +481,7 @@ def parse_hook_names(value: str, *, site: SiteConfig) -> tuple[str, ...]:
         raise PolicyError(f"hooks {quote_value(value)}{_join(exc.reason)}") from None
 
 
-def instance_hooks(instance: Instance, site: SiteConfig) -> tuple[str, ...]:
+def instance_hooks(instance: Instance, site: PolicySite) -> tuple[str, ...]:
     """The hooks the instance's hook tag names, in order; none without the tag.
     :class:`PolicyError` names the instance, the tag, its value and what is wrong."""
     value = instance.tags.get(site.hook_tag_key)
@@ -500,7 +499,7 @@ def instance_hooks(instance: Instance, site: SiteConfig) -> tuple[str, ...]:
         ) from None
 
 
-def check_site_policies(site: SiteConfig) -> None:
+def check_site_policies(site: PolicySite) -> None:
     """Check a site's named policies, default policy and policy tag keys.
 
     Named policies must be named like ``gold`` (a letter, then letters, digits, ``_ . -``; not

@@ -10,14 +10,14 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from regionvault.core.config import RegionConfig, SiteConfig, load_site, validate_providers
+from regionvault.core.config import SiteConfig, load_site, validate_providers
 from regionvault.core.errors import AmbiguousName, InstanceNotFound
 from regionvault.core.plugins import ProviderRegistry, get_plugin_manager
 
 if TYPE_CHECKING:
     import pluggy
     from regionvault.core.interfaces import Compute, KeyService, Sealer, Transit, Vault
-    from regionvault.core.types import Instance
+    from regionvault.core.types import Instance, RegionConfig
 
 __all__ = ["Region", "Site"]
 

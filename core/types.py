@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from regionvault.core.errors import ConfigError
 
 __all__ = [
     "Capabilities",
@@ -24,8 +26,10 @@ __all__ = [
     "Lineage",
     "ObjectInfo",
     "RecoveryPoint",
+    "RegionConfig",
     "RegionId",
     "RetentionMode",
+    "ServiceConfig",
     "Tags",
     "Temporary",
 ]
@@ -54,6 +58,71 @@ class RegionId:
 
     def __str__(self) -> str:
         return f"{self.provider}:{self.name}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Which provider serves one of a region's services, with that provider's settings."""
+
+    provider: str
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """One region as site.toml configures it: its id, its provider settings, and the provider
+    of each service. What a provider is handed to build a region's services from."""
+
+    id: RegionId
+    settings: Mapping[str, Any]
+    services: Mapping[str, ServiceConfig]
+    #: directory that relative paths in settings are resolved against
+    base_dir: Path
+    #: the file this came from, for error messages
+    source: str = "<memory>"
+    #: services with a table of their own (``[regions."x".vault]``)
+    overridden: frozenset[str] = frozenset()
+    #: set on the view :meth:`for_service` gives a provider, when that service is overridden
+    service: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.id)
+
+    @property
+    def provider(self) -> str:
+        return self.id.provider
+
+    def key(self, *parts: str) -> str:
+        """The TOML key path of a setting, for error messages."""
+        head = [f'regions."{self.id}"'] + ([self.service] if self.service else [])
+        return ".".join([*head, *parts])
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.source, key=self.key(key), region=self.name)
+
+    def for_service(self, service: str) -> RegionConfig:
+        """This region as seen by the provider of ``service``: settings are that service's."""
+        svc = self.services[service]
+        return replace(
+            self,
+            settings=svc.settings,
+            service=service if service in self.overridden else None,
+        )
+
+    def path(self, key: str) -> Path:
+        """A path setting, resolved against the site file's directory."""
+        value = self.settings.get(key)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "missing or not a string path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def get_str(self, key: str, default: str | None = None) -> str:
+        value = self.settings.get(key, default)
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {type(value).__name__}")
+        return value
 
 
 class Tags(Mapping[str, str]):

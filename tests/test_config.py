@@ -12,15 +12,8 @@ from typing import Any, ClassVar
 
 import pytest
 import regionvault.providers.local.plugin as local_plugin
-from regionvault.core.config import (
-    RegionConfig,
-    SiteConfig,
-    find_site_file,
-    format_duration,
-    load_site,
-    parse_duration,
-    parse_site,
-)
+from regionvault.core.config import SiteConfig, find_site_file, load_site, parse_site
+from regionvault.core.durations import format_duration, parse_duration
 from regionvault.core.errors import ConfigError, ProviderNotFound
 from regionvault.core.interfaces import Compute, KeyService, Provider, Sealer, Transit, Vault
 from regionvault.core.plugins import (
@@ -29,7 +22,7 @@ from regionvault.core.plugins import (
     make_plugin_manager,
     registry_from,
 )
-from regionvault.core.types import Capabilities, RegionId
+from regionvault.core.types import Capabilities, RegionConfig, RegionId
 
 
 class FakeStoreProvider(Provider):

@@ -359,7 +359,7 @@ def test_site_and_regions_from_the_environment(tmp_path: Path) -> None:
 
 LIMITS_PLUGIN = """
 from regionvault.core import hookimpl
-from regionvault.core.conformance import LocalConformanceSupport
+from regionvault.providers.local.conformance import LocalConformanceSupport
 
 
 class EmulatedLocal(LocalConformanceSupport):

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pluggy
 import pytest
-from regionvault.core.config import RegionConfig
+from regionvault.core.conformance.support import ConformanceHookSpecs
 from regionvault.core.errors import ProviderNotFound, RegionVaultError
 from regionvault.core.interfaces import Compute, KeyService, Provider, Sealer, Transit, Vault
 from regionvault.core.plugins import (
@@ -24,7 +24,7 @@ from regionvault.core.plugins import (
     make_plugin_manager,
     registry_from,
 )
-from regionvault.core.types import Capabilities
+from regionvault.core.types import Capabilities, RegionConfig
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -258,8 +258,16 @@ def test_lifecycle_hooks_reach_every_plugin_and_health_check_takes_the_first_ans
     assert call_hook(empty, "regionvault_health_check", region="r", instance=None) is None
 
 
+#: the core's hook specifications and the conformance suite's own
+SPECS = (HookSpecs, ConformanceHookSpecs)
+
+
 def _hook_names() -> list[str]:
-    return sorted(name for name in vars(HookSpecs) if name.startswith(f"{PROJECT}_"))
+    return sorted(name for specs in SPECS for name in vars(specs) if name.startswith(f"{PROJECT}_"))
+
+
+def _spec(hook: str) -> object:
+    return next(getattr(specs, hook) for specs in SPECS if hook in vars(specs))
 
 
 def _doc_sections(text: str) -> dict[str, str]:
@@ -283,7 +291,7 @@ def test_every_hook_is_documented_with_its_arguments(hook: str) -> None:
     sections = _doc_sections((DOCS / "hooks.md").read_text(encoding="utf-8"))
     assert hook in sections, f"docs/hooks.md has no section for {hook}"
     section = sections[hook]
-    args = [p for p in inspect.signature(getattr(HookSpecs, hook)).parameters if p != "self"]
+    args = [p for p in inspect.signature(_spec(hook)).parameters if p != "self"]
     heading = section.splitlines()[0]
     assert f"{hook}({', '.join(args)})" in heading, f"heading should list {args}: {heading}"
     for arg in args:

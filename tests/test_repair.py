@@ -22,6 +22,7 @@ import pytest
 from cli_support import ok, run
 from click.testing import Result
 from regionvault.core.errors import LockedError
+from regionvault.core.names import TEMP_PREFIX
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import Repository, RepositorySettings
 from regionvault.core.site import Site
@@ -77,7 +78,7 @@ def vault_objects(workdir: Path, region: str) -> Path:
 
 
 def temporaries(top: Path) -> list[Path]:
-    return sorted(p for p in top.rglob(f"{_fs.TEMP_PREFIX}*") if p.is_file())
+    return sorted(p for p in top.rglob(f"{TEMP_PREFIX}*") if p.is_file())
 
 
 @pytest.fixture
@@ -220,7 +221,7 @@ def test_temporary_names_carry_their_writer_and_only_dead_or_old_ones_are_stale(
     dead = killed_writer(top / "packs" / "ab", 4096)
     fd, live = _fs.create_temp(top / "packs" / "cd")  # this process: alive
     os.close(fd)
-    legacy = top / "index" / f"{_fs.TEMP_PREFIX}{os.urandom(8).hex()}"  # no owner recorded
+    legacy = top / "index" / f"{TEMP_PREFIX}{os.urandom(8).hex()}"  # no owner recorded
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(b"x")
     owner = _fs.temp_owner(live.name)

@@ -19,7 +19,7 @@ from regionvault.core.cli.output import (
     print_json,
 )
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
-from regionvault.core.config import parse_duration
+from regionvault.core.durations import parse_duration
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline import TickReport

@@ -27,14 +27,14 @@ import re
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from regionvault.core.errors import ConfigError, ProviderNotFound, UnsupportedOperation
-from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
+from regionvault.core.plugins import hookspec, make_plugin_manager, registry_from
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Tags
 
@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_ALIGNMENT",
     "RUN_TAG",
+    "ConformanceHookSpecs",
     "ConformanceSupport",
     "ConformanceTarget",
-    "LocalConformanceSupport",
     "env_name",
     "open_target",
     "seal_in_subprocess",
@@ -155,32 +155,20 @@ class ConformanceSupport:
         region.compute.terminate(instance.id)
 
 
-class LocalConformanceSupport(ConformanceSupport):
-    """The built-in local provider's support: two regions, ``local:east`` replicating to
-    ``local:west``, under the run's temporary directory or ``$REGIONVAULT_LOCAL_ROOT``."""
+class ConformanceHookSpecs:
+    """The conformance suite's own hook specification: the suite, not the core, specifies
+    it, and adds it to the plugin manager it builds (:func:`make_suite_plugin_manager`).
+    The core never calls the hook, so a plugin implements it with
+    ``@hookimpl(optionalhook=True)`` and still loads where the suite is not running (every
+    ``regionvault`` command)."""
 
-    SITE = (
-        '[site]\nname = "conformance"\n\n'
-        '[regions."local:east"]\nroot = "{root}/east"\n\n'
-        '[regions."local:west"]\nroot = "{root}/west"\n\n'
-        '[[replication]]\nfrom = "local:east"\nto = "local:west"\n'
-    )
-
-    @contextlib.contextmanager
-    def test_site(self, workdir: Path) -> Iterator[Path]:
-        root = Path(os.environ.get(env_name("local", "ROOT")) or workdir).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        path = workdir / "site.toml"
-        path.write_text(self.SITE.format(root=root.as_posix()), encoding="utf-8")
-        yield path
-
-
-class _BuiltinSupport:
-    """Conformance support of the built-in providers, asked after every other plugin."""
-
-    @hookimpl(trylast=True)
+    @hookspec(firstresult=True)
     def regionvault_conformance_support(self, provider: str) -> ConformanceSupport | None:
-        return LocalConformanceSupport() if provider == "local" else None
+        """Called once per run of the conformance suite (``pytest --pyargs
+        regionvault.core.conformance --regionvault-provider=NAME``) with the provider's name.
+        Return a :class:`~regionvault.core.conformance.ConformanceSupport` (a throwaway
+        two-region test site, test instances) when this plugin supports ``provider``, else
+        None; the first answer that is not None is taken."""
 
 
 # --------------------------------------------------------------------------- the target
@@ -222,9 +210,12 @@ def load_plugin_modules(names: Sequence[str]) -> list[ModuleType]:
 
 
 def make_suite_plugin_manager(plugins: Sequence[str] = ()) -> pluggy.PluginManager:
-    """The plugin manager the suite uses: entry points, then ``plugins`` (module names), then
-    the built-in conformance support."""
-    return make_plugin_manager(plugins=[*load_plugin_modules(plugins), _BuiltinSupport()])
+    """The plugin manager the suite uses: the suite's hook specification, the entry points,
+    then ``plugins`` (module names). Built-in providers bring their support the way outside
+    ones do, through ``regionvault_conformance_support``."""
+    return make_plugin_manager(
+        plugins=load_plugin_modules(plugins), hookspecs=[ConformanceHookSpecs]
+    )
 
 
 def _split(text: str) -> list[str]:
@@ -324,11 +315,12 @@ def open_target(
 # --------------------------------------------------------------------------- sealing elsewhere
 
 _SEAL_SCRIPT = """
-import importlib, json, sys
-from regionvault.core.plugins import make_plugin_manager, registry_from
+import json, sys
+from regionvault.core.conformance.support import make_suite_plugin_manager
+from regionvault.core.plugins import registry_from
 from regionvault.core.site import Site
 site_file, region, plugins, secret, context = sys.argv[1:]
-pm = make_plugin_manager(plugins=[importlib.import_module(m) for m in json.loads(plugins)])
+pm = make_suite_plugin_manager(json.loads(plugins))
 registry = registry_from(pm)
 with Site.load(site_file, registry=registry, plugin_manager=pm) as site:
     sealer = site.region(region).sealer()

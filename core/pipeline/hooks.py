@@ -40,7 +40,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, HookConfig, format_duration
+from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, HookConfig
+from regionvault.core.durations import format_duration
 from regionvault.core.errors import HookFailed
 from regionvault.core.interfaces import BlockCapture, Capture, FileCapture
 from regionvault.core.pipeline.sqlite_hook import SqliteCopies, SubstitutedCapture

@@ -18,8 +18,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from regionvault.core.durations import quote_value
 from regionvault.core.errors import PolicyError, RegionVaultError
-from regionvault.core.policy import NONE, check_site_policies, quote_value, resolve_policy
+from regionvault.core.policy import NONE, check_site_policies, resolve_policy
 
 if TYPE_CHECKING:
     from regionvault.core.config import SiteConfig

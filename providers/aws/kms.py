@@ -20,7 +20,7 @@ from regionvault.core.types import Capabilities, DataKey
 from regionvault.providers.aws.clients import error_code, error_message
 
 if TYPE_CHECKING:
-    from regionvault.core.config import RegionConfig
+    from regionvault.core.types import RegionConfig
     from regionvault.providers.aws.clients import ClientFactory
     from regionvault.providers.aws.settings import AwsSettings
 

@@ -18,7 +18,7 @@ def regionvault_register_providers(registry: ProviderRegistry) -> None:
     registry.add(AwsProvider)
 
 
-# optional: a core without the conformance suite's hookspec still loads this plugin
+# optional: the conformance suite specifies this hook, and adds it only when it runs
 @hookimpl(optionalhook=True)
 def regionvault_conformance_support(provider: str) -> ConformanceSupport | None:
     if provider != "aws":

@@ -19,7 +19,7 @@ from regionvault.providers.aws.metrics import AwsMetrics
 from regionvault.providers.aws.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, AwsSettings
 
 if TYPE_CHECKING:
-    from regionvault.core.config import RegionConfig
+    from regionvault.core.types import RegionConfig
     from regionvault.providers.aws.clients import ClientFactory
     from regionvault.providers.aws.ec2 import AwsCompute
     from regionvault.providers.aws.kms import AwsKeyService, AwsSealer

@@ -36,11 +36,12 @@ from regionvault.core.errors import (
     VaultError,
 )
 from regionvault.core.interfaces import Transit, Vault
+from regionvault.core.names import name_problem, prefix_problem
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
 from regionvault.providers.aws.clients import error_code, error_message, error_status
 
 if TYPE_CHECKING:
-    from regionvault.core.config import RegionConfig
+    from regionvault.core.types import RegionConfig
     from regionvault.providers.aws.clients import ClientFactory
     from regionvault.providers.aws.settings import AwsSettings
 
@@ -60,30 +61,6 @@ def _utc(value: datetime) -> datetime:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a vault or inbox name, or None when it can. S3 would take
-    almost any key, but '.'/'..' segments and empty segments are collapsed by some HTTP
-    layers and tools, and control characters break listings, so they are refused."""
-    if not isinstance(name, str):
-        return f"must be a string, not {type(name).__name__}"
-    if not name:
-        return "is empty"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "contains a control character"
-    if name.startswith("/"):
-        return "starts with '/'"
-    for segment in name.split("/"):
-        if not segment:
-            return "has an empty segment ('//' or a trailing '/')"
-        if segment in (".", ".."):
-            return f"has a {segment!r} segment"
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode text"
-    return None
 
 
 def _etag(value: Any) -> str | None:
@@ -621,8 +598,11 @@ class AwsVault(Vault):
         return _info(name, self._ready().head(self._key(name), name))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        if not isinstance(prefix, str) or prefix.startswith("/") or "\0" in prefix:
-            raise VaultError(f"bad list prefix {prefix!r}", provider="aws", region=self.region)
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise VaultError(
+                f"bad list prefix {prefix!r}: {problem}", provider="aws", region=self.region
+            )
         s3 = self._ready()
         cut = len(self.prefix)
         for item in s3.list(self.prefix + prefix):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from regionvault.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from regionvault.core.config import RegionConfig
+    from regionvault.core.types import RegionConfig
 
 __all__ = ["OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "AwsSettings"]
 

@@ -21,19 +21,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from regionvault.core.names import TEMP_PREFIX
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.types import Temporary
 
 __all__ = [
-    "TEMP_PREFIX",
     "FileLock",
     "atomic_write",
     "create_temp",
     "ensure_dir",
     "fsync_dir",
     "is_temp",
-    "name_problem",
-    "prefix_problem",
     "publish",
     "remove_empty_parents",
     "remove_stale_temp",
@@ -56,70 +54,18 @@ def _owner_token() -> str:
     return _owner[1]
 
 
-#: names of in-flight temporary files; never a valid object or inbox name segment
-TEMP_PREFIX = ".rv-tmp-"
 #: at most this many bytes go to one write(2) call, so a large put is many bounded writes
 WRITE_CHUNK = 8 << 20
-
-
-#: longest object or inbox name, in UTF-8 bytes (S3's limit), and longest '/'-separated part
-MAX_NAME_BYTES = 1024
-MAX_SEGMENT_BYTES = 255
 
 
 def is_temp(name: str) -> bool:
     return name.startswith(TEMP_PREFIX)
 
 
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be an object or inbox name, or None when it can.
-
-    Names map one-to-one onto relative paths, so anything that could climb out of the store,
-    collapse onto another name or collide with a temporary file is refused.
-    """
-    if not isinstance(name, str):
-        return f"must be a string, not {type(name).__name__}"
-    if not name:
-        return "is empty"
-    if "\x00" in name:
-        return "contains NUL"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "contains a control character"
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode text"
-    if len(encoded) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes"
-    if name.startswith("/"):
-        return "starts with '/'"
-    for segment in name.split("/"):
-        if not segment:
-            return "has an empty segment ('//' or a trailing '/')"
-        if segment in (".", ".."):
-            return f"has a {segment!r} segment"
-        if is_temp(segment):
-            return f"has a segment starting with the reserved prefix {TEMP_PREFIX!r}"
-        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
-    return None
-
-
-def prefix_problem(prefix: object) -> str | None:
-    """Why ``prefix`` cannot select names in a listing, or None when it can. Every complete
-    segment (before the last '/') must be a valid name segment; the rest is free."""
-    if not isinstance(prefix, str):
-        return f"must be a string, not {type(prefix).__name__}"
-    if prefix.startswith("/") or "\x00" in prefix:
-        return "starts with '/' or contains NUL"
-    folder = prefix.rpartition("/")[0]
-    return name_problem(folder) if folder else None
-
-
 def walk_files(top: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """``(name, entry)`` of every regular file under ``top`` whose '/'-separated name
-    relative to ``top`` starts with ``prefix`` (checked by :func:`prefix_problem`); only the
-    directory the prefix names is walked; temporary files are skipped; any order."""
+    relative to ``top`` starts with ``prefix`` (checked by ``names.prefix_problem``); only
+    the directory the prefix names is walked; temporary files are skipped; any order."""
     stack = [prefix.rpartition("/")[0]]
     while stack:
         rel = stack.pop()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from regionvault.core.plugins import hookimpl
 
 if TYPE_CHECKING:
+    from regionvault.core.conformance.support import ConformanceSupport
     from regionvault.core.plugins import ProviderRegistry
 
 
@@ -15,3 +16,13 @@ def regionvault_register_providers(registry: ProviderRegistry) -> None:
     from regionvault.providers.local.provider import LocalProvider
 
     registry.add(LocalProvider)
+
+
+# optional: the conformance suite specifies this hook, and adds it only when it runs
+@hookimpl(optionalhook=True)
+def regionvault_conformance_support(provider: str) -> ConformanceSupport | None:
+    if provider != "local":
+        return None
+    from regionvault.providers.local.conformance import LocalConformanceSupport
+
+    return LocalConformanceSupport()

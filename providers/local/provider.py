@@ -27,7 +27,7 @@ from regionvault.providers.local.vault import LocalVault
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from regionvault.core.config import RegionConfig
+    from regionvault.core.types import RegionConfig
 
 __all__ = ["LocalProvider"]
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+from regionvault.core import names
 from regionvault.core.errors import TransitError
 from regionvault.core.interfaces import Transit
 from regionvault.core.types import Capabilities, Temporary
@@ -46,7 +47,7 @@ class LocalTransit(Transit):
         return TransitError(message, provider=self.provider, region=self.region)
 
     def _path(self, name: str) -> Path:
-        problem = _fs.name_problem(name)
+        problem = names.name_problem(name)
         if problem is not None:
             raise self._error(f"bad payload name {name!r}: {problem}")
         return self.inbox_dir / name
@@ -70,7 +71,7 @@ class LocalTransit(Transit):
         return self._path(name).is_file()
 
     def inbox(self, prefix: str = "") -> Iterator[str]:
-        problem = _fs.prefix_problem(prefix)
+        problem = names.prefix_problem(prefix)
         if problem is not None:
             raise self._error(f"bad inbox prefix {prefix!r}: {problem}")
         return iter(sorted(name for name, _ in _fs.walk_files(self.inbox_dir, prefix)))

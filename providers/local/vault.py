@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from regionvault.core import names
 from regionvault.core.errors import ObjectExists, ObjectNotFound, RetentionLocked, VaultError
 from regionvault.core.interfaces import Vault
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
@@ -98,7 +99,7 @@ class LocalVault(Vault):
         return RetentionLocked(name, reason, provider=self.provider, region=self.region)
 
     def _path(self, name: str) -> Path:
-        problem = _fs.name_problem(name)
+        problem = names.name_problem(name)
         if problem is not None:
             raise self._error(f"bad object name {name!r}: {problem}")
         return self.objects_dir / name
@@ -237,7 +238,7 @@ class LocalVault(Vault):
         return self._info(name, st, self._read_protection(name))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        problem = _fs.prefix_problem(prefix)
+        problem = names.prefix_problem(prefix)
         if problem is not None:
             raise self._error(f"bad list prefix {prefix!r}: {problem}")
         return self._list(prefix)

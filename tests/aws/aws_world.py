@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from regionvault.core.config import SERVICES, RegionConfig, ServiceConfig
-from regionvault.core.types import RegionId
+from regionvault.core.config import SERVICES
+from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 from regionvault.providers.aws.provider import AwsProvider
 from regionvault.providers.aws.testing import region_settings
 

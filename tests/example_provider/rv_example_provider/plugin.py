@@ -18,7 +18,8 @@ def regionvault_register_providers(registry: ProviderRegistry) -> None:
     registry.add(FlatDirProvider)
 
 
-@hookimpl
+# optional: the conformance suite specifies this hook, and adds it only when it runs
+@hookimpl(optionalhook=True)
 def regionvault_conformance_support(provider: str) -> ConformanceSupport | None:
     if provider != "flatdir":
         return None
