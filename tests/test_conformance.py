@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from regionvault.core import ConfigError, Region, Site, Vault
 from regionvault.core.conformance import VaultSuite, env_name, open_target
-from regionvault.core.conformance.support import choose_regions
+from regionvault.core.conformance.support import choose_regions, make_suite_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -355,6 +355,18 @@ def test_site_and_regions_from_the_environment(tmp_path: Path) -> None:
     assert (
         f"tested provider local, regions A=local:c B=local:a (site: $REGIONVAULT_LOCAL_SITE={site})"
     ) in run.output
+
+
+def test_the_built_in_providers_bring_their_support_through_the_hook() -> None:
+    # the suite knows no provider by name: each one's plugin answers the suite's hook
+    pm = make_suite_plugin_manager()
+    for provider, module in [
+        ("local", "regionvault.providers.local.conformance"),
+        ("aws", "regionvault.providers.aws.conformance"),
+    ]:
+        support = pm.hook.regionvault_conformance_support(provider=provider)
+        assert type(support).__module__ == module
+    assert pm.hook.regionvault_conformance_support(provider="nosuch") is None
 
 
 LIMITS_PLUGIN = """

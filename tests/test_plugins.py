@@ -213,6 +213,25 @@ def test_unknown_provider_error_lists_the_registered_ones() -> None:
 # --------------------------------------------------------------------------- hooks
 
 
+def test_the_conformance_hook_needs_optionalhook_outside_the_suite() -> None:
+    class Plain:
+        @hookimpl
+        def regionvault_conformance_support(self, provider: str) -> None:
+            return None
+
+    # the core does not specify the suite's hook: a plain implementation is refused, saying how
+    with pytest.raises(RegionVaultError) as refused:
+        make_plugin_manager(load_entry_points=False, plugins=[Plain()])
+    message = str(refused.value)
+    assert "'regionvault_conformance_support'" in message and "optionalhook=True" in message
+    assert "\n" not in message
+    # the suite's plugin manager, which brings the specification, takes it
+    pm = make_plugin_manager(
+        load_entry_points=False, plugins=[Plain()], hookspecs=[ConformanceHookSpecs]
+    )
+    assert pm.hook.regionvault_conformance_support(provider="local") is None
+
+
 def test_hook_implementation_with_a_misspelt_argument_is_refused() -> None:
     class Bad:
         @hookimpl

@@ -23,6 +23,7 @@ from regionvault.core import (
     Vault,
     VaultError,
 )
+from regionvault.core.names import name_problem
 
 
 def file_name(name: str) -> str:
@@ -37,9 +38,10 @@ class FlatVault(Vault):
         self.directory = directory
 
     def _path(self, name: str) -> Path:
-        if not isinstance(name, str) or not name or name.startswith("/"):
+        problem = name_problem(name)  # the one rule for names, the same in every vault
+        if problem is not None:
             raise VaultError(
-                f"bad object name {name!r}", provider=self.provider, region=self.region
+                f"bad object name {name!r}: {problem}", provider=self.provider, region=self.region
             )
         encoded = file_name(name)
         if len(encoded.encode()) > 255:
