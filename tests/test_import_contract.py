@@ -64,6 +64,13 @@ BREAKS = {
         r"No cycles are allowed in regionvault\.core\.\n.*\n\n- \.(policy -> \.durations|"
         r"durations -> \.policy) ",
     ),
+    "a provider's service imports the conformance suite": Break(
+        "providers/local/vault.py",
+        LATE.format("from regionvault.core.conformance import support"),
+        "conformance-for-test-support",
+        r"regionvault\.providers\.local\.vault -> regionvault\.core\.conformance\.support "
+        r"\(l\.{line}\)",
+    ),
     "a provider imports another": Break(
         "providers/local/_fs.py",
         LATE.format("from regionvault.providers.aws import s3"),

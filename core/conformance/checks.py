@@ -24,10 +24,12 @@ from regionvault.core.interfaces import (
     Transit,
     Vault,
 )
+from regionvault.core.names import MAX_NAME_BYTES, MAX_SEGMENT_BYTES, TEMP_PREFIX
 from regionvault.core.types import CaptureKind, FileKind, Instance
 
 __all__ = [
     "IMAGE_ALIGNMENT",
+    "bad_names",
     "check_capture_holds",
     "check_listing_matches",
     "expect_refusal",
@@ -39,6 +41,7 @@ __all__ = [
     "require_not",
     "sink_size",
     "tar_image",
+    "unusual_names",
     "who",
     "write_sink",
 ]
@@ -249,3 +252,27 @@ def check_listing_matches(
                 f"{who(compute)} ignored tag filter {dict(filters)}: it listed {instance.id} "
                 f"({instance.name}) whose tags are {dict(instance.tags)}"
             )
+
+
+# --------------------------------------------------------------------------- names
+
+
+def bad_names(prefix: str) -> list[str]:
+    """Names :func:`regionvault.core.names.name_problem` refuses, one per clause of the rule."""
+    return [
+        f"{prefix}a//b",
+        f"{prefix}a/../b",
+        f"{prefix}./a",
+        f"{prefix}trailing/",
+        f"/{prefix}absolute",
+        f"{prefix}tab\there",
+        f"{prefix}nul\0",
+        f"{prefix}" + "s" * (MAX_SEGMENT_BYTES + 1),
+        f"{prefix}" + "d/" * (MAX_NAME_BYTES // 2) + "x",
+        f"{prefix}x/{TEMP_PREFIX}y",
+    ]
+
+
+def unusual_names(prefix: str) -> list[str]:
+    """Valid names a careless backend might mangle: blanks, non-ASCII, dots inside segments."""
+    return [f"{prefix}with blanks", f"{prefix}ünïcødé/ø", f"{prefix}dots/.hidden/a..b"]

@@ -4,14 +4,16 @@ moved are counted, and an interrupted copy can resume by asking what already arr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
-from regionvault.core.conformance.checks import expect_refusal, who
+from regionvault.core.conformance.checks import bad_names, expect_refusal, who
 from regionvault.core.conformance.fixtures import SuiteBase
-from regionvault.core.errors import KeyAccessDenied, RegionVaultError
+from regionvault.core.errors import KeyAccessDenied, RegionVaultError, TransitError
 from regionvault.core.interfaces import KeyService, Sealer, Transit
+from regionvault.core.names import name_problem
 
 __all__ = ["TransitSuite"]
 
@@ -68,6 +70,19 @@ class TransitSuite(SuiteBase):
         transit_ab.discard(name)
         assert not transit_ab.has(name), f"{who(transit_ab)}: {name!r} is still there after discard"
         assert name not in list(transit_ab.inbox(inbox_prefix))
+
+    def test_payload_names_follow_the_one_rule(
+        self, transit_ab: Transit, inbox_prefix: str
+    ) -> None:
+        # regionvault.core.names is the rule for payload names as for vault objects
+        for bad in bad_names(inbox_prefix):
+            problem = name_problem(bad)
+            expect_refusal(
+                functools.partial(transit_ab.send, bad, b"x"),
+                TransitError,
+                broken=f"{who(transit_ab)} delivered a payload {bad!r}, a name that {problem}",
+                asked=f"{who(transit_ab)}, asked to send {bad!r} (a name that {problem}),",
+            )
 
     def test_large_payload_arrives_whole(self, transit_ab: Transit, inbox_prefix: str) -> None:
         name, payload = f"{inbox_prefix}pack", os.urandom(3 << 20)

@@ -12,11 +12,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from regionvault.core.conformance.checks import (
+    bad_names,
     expect_refusal,
     expect_unsupported,
     fail,
     require,
     require_not,
+    unusual_names,
     who,
 )
 from regionvault.core.conformance.fixtures import SuiteBase
@@ -25,8 +27,10 @@ from regionvault.core.errors import (
     ObjectNotFound,
     RegionVaultError,
     RetentionLocked,
+    VaultError,
 )
 from regionvault.core.interfaces import Vault
+from regionvault.core.names import name_problem
 from regionvault.core.types import RetentionMode
 
 __all__ = ["VaultSuite"]
@@ -167,6 +171,30 @@ class VaultSuite(SuiteBase):
                 f"partial object ({torn[0]})"
             )
         assert vault_a.get(name) == versions[-1], f"{who(vault_a)} lost the last overwrite"
+
+    # names ---------------------------------------------------------------------------
+
+    def test_names_follow_the_one_rule(self, vault_a: Vault, prefix: str) -> None:
+        # regionvault.core.names is the rule for every vault: what it refuses is refused with
+        # VaultError, and unusual names it accepts are stored as they are
+        for bad in bad_names(prefix):
+            problem = name_problem(bad)
+            assert problem is not None, f"the suite's bad name {bad!r} is valid"
+            expect_refusal(
+                functools.partial(vault_a.put, bad, b"x"),
+                VaultError,
+                broken=f"{who(vault_a)} stored an object under {bad!r}, a name that {problem}",
+                asked=f"{who(vault_a)}, asked to put {bad!r} (a name that {problem}),",
+            )
+        for good in unusual_names(prefix):
+            assert name_problem(good) is None, f"the suite's unusual name {good!r} is invalid"
+            vault_a.put(good, good.encode())
+            assert vault_a.get(good) == good.encode(), (
+                f"{who(vault_a)}: the object {good!r} did not read back as written"
+            )
+        listed = {info.name for info in vault_a.list(prefix)}
+        missing = [n for n in unusual_names(prefix) if n not in listed]
+        assert not missing, f"{who(vault_a)}.list({prefix!r}) does not show {missing}"
 
     # if-absent -----------------------------------------------------------------------
 
