@@ -58,7 +58,7 @@ class TornVault(LocalVault):
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
         if if_absent:
             return super().put(name, data, if_absent=True)
-        path = self.objects_dir / name
+        path = self._path(name)  # a valid name; only the write is torn
         path.parent.mkdir(parents=True, exist_ok=True)
         view = memoryview(data)
         with path.open("wb") as f:
