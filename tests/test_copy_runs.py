@@ -18,8 +18,8 @@ from regionvault.core.pipeline import Engine
 from regionvault.core.pipeline.jobs import copy_jobs_for
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository.copy import links as copy_links
-from regionvault.core.repository.copy.links import LINK_PREFIX, LinkTable
+from regionvault.core.repository import _links as copy_links
+from regionvault.core.repository._links import LINK_PREFIX, LinkTable
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RetentionMode
 from regionvault.providers.local.keys import LocalKeyService

@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._links import prune_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._retention import delete_unless_held, retention_hold
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._verify import remove_stale_temporaries
-from regionvault.core.repository.copy.links import prune_links
 from regionvault.core.repository.model import Problem, Progress, ProgressCallback, PruneReport
 
 __all__ = ["prune"]

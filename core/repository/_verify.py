@@ -18,11 +18,11 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._links import LINK_PREFIX, decode_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
 from regionvault.core.repository._retention import delete_unless_held
 from regionvault.core.repository._store import Store
-from regionvault.core.repository.copy.links import LINK_PREFIX, decode_links
 from regionvault.core.repository.model import (
     Problem,
     Progress,

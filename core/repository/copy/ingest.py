@@ -16,12 +16,12 @@ from regionvault.core.errors import IntegrityError, ObjectExists, RegionVaultErr
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
+from regionvault.core.repository._links import LinkTable
 from regionvault.core.repository._manifest import decode_manifest, encode_manifest
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import TreeWriter
 from regionvault.core.repository.copy.batches import ExportedChunk
-from regionvault.core.repository.copy.links import LinkTable
 from regionvault.core.repository.copy.names import copy_point_id
 from regionvault.core.repository.copy.offer import CopyOffer, encode_copied_record
 from regionvault.core.types import (

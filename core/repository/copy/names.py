@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import blake3
+from regionvault.core.repository._links import keyed_tag
 
 if TYPE_CHECKING:
     from regionvault.core.repository._store import Store
@@ -43,12 +43,6 @@ def sent_name(point_id: str) -> str:
 def receipt_name(point_id: str) -> str:
     """The destination's receipt, in the source's inbox, for a copy it holds."""
     return f"copy/{point_id}/receipt"
-
-
-def keyed_tag(store: Store, text: str) -> str:
-    """A name part for ``text`` that does not reveal it: BLAKE3 keyed with the vault's
-    chunk-id key, 128 bits in hex."""
-    return blake3.blake3(b"links:" + text.encode(), key=store.config.chunk_id_key).hexdigest()[:32]
 
 
 def copy_point_id(store: Store, source_region: str, source_point: str) -> str:

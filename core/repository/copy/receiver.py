@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from regionvault.core.errors import IntegrityError, RegionVaultError, TransitError
+from regionvault.core.repository._links import LinkTable
 from regionvault.core.repository.copy.batches import decode_chunks
 from regionvault.core.repository.copy.half import CopyHalf, in_inbox, link_error
 from regionvault.core.repository.copy.ingest import (
@@ -24,7 +25,6 @@ from regionvault.core.repository.copy.ingest import (
     ingest_chunks,
     missing_chunks,
 )
-from regionvault.core.repository.copy.links import LinkTable
 from regionvault.core.repository.copy.names import batch_prefix, offer_name, request_name
 from regionvault.core.repository.copy.offer import CopyOffer
 from regionvault.core.repository.copy.payloads import UnsealedKeys, open_payload, seal_payload

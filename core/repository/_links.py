@@ -10,18 +10,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import blake3
 from regionvault.core.errors import IntegrityError, ObjectNotFound, RetentionLocked
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._retention import retention_hold
 from regionvault.core.repository._store import Store
-from regionvault.core.repository.copy.names import keyed_tag
 from regionvault.core.repository.model import Problem
 
 if TYPE_CHECKING:
     from regionvault.core.repository._index import ChunkIndex
     from regionvault.core.types import ObjectInfo
 
-__all__ = ["LINK_PREFIX", "LinkPruneReport", "LinkTable", "decode_links", "prune_links"]
+__all__ = [
+    "LINK_PREFIX",
+    "LinkPruneReport",
+    "LinkTable",
+    "decode_links",
+    "keyed_tag",
+    "prune_links",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,12 @@ def decode_links(name: str, body: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise IntegrityError(name, "link table has a torn entry")
     for i in range(0, len(body), 64):
         yield body[i : i + 32], body[i + 32 : i + 64]
+
+
+def keyed_tag(store: Store, text: str) -> str:
+    """A name part for ``text`` that does not reveal it: BLAKE3 keyed with the vault's
+    chunk-id key, 128 bits in hex."""
+    return blake3.blake3(b"links:" + text.encode(), key=store.config.chunk_id_key).hexdigest()[:32]
 
 
 @dataclass
