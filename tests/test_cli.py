@@ -27,15 +27,10 @@ from regionvault.core.types import RegionId
 CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
 
 
-@pytest.fixture(autouse=True)
-def _no_site_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-
-
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def workdir(empty_workdir: Path) -> Path:
+    """Before ``regionvault init``: these tests run it themselves (tests/conftest.py)."""
+    return empty_workdir
 
 
 def assert_one_line_error(result: Result, *words: str) -> str:

@@ -26,18 +26,6 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
 POINT_ID = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.fixture(autouse=True)
-def _no_site_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    ok("init")
-    return tmp_path
-
-
 def last_line(result: Result | subprocess.CompletedProcess[str]) -> str:
     return result.stdout.splitlines()[-1]
 

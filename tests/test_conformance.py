@@ -26,6 +26,7 @@ import pytest
 from regionvault.core import ConfigError, Region, Site, Vault
 from regionvault.core.conformance import VaultSuite, env_name, open_target
 from regionvault.core.conformance.support import choose_regions, make_suite_plugin_manager
+from site_support import site_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -108,13 +109,12 @@ def run_pytest(
 
 
 def two_region_site(path: Path, provider: str, names: Sequence[str] = ("east", "west")) -> Path:
-    lines = []
-    for name in names:
-        lines += [f'[regions."{provider}:{name}"]', f'root = "{name}"', ""]
-    if len(names) >= 2:
-        lines += ["[[replication]]", f'from = "{provider}:{names[0]}"']
-        lines += [f'to = "{provider}:{names[1]}"', ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    """The test site (tests/site_support.py) with regions ``names`` of ``provider``, the
+    first replicating to the second."""
+    regions = {f"{provider}:{name}": name for name in names}
+    ids = list(regions)
+    pair = (ids[0], ids[1]) if len(ids) >= 2 else None
+    path.write_text(site_toml(regions, name=None, replicate=pair), encoding="utf-8")
     return path
 
 

@@ -4,7 +4,6 @@ transfer, resume after an interruption, nothing plaintext in an inbox, sealed pa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -17,7 +16,6 @@ from typing import Any, cast
 import blake3
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from regionvault.core.config import load_site
 from regionvault.core.errors import (
     IntegrityError,
     KeyAccessDenied,
@@ -37,7 +35,7 @@ from regionvault.core.pipeline.jobs import (
     copy_jobs_for,
     copy_phase_job,
 )
-from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
+from regionvault.core.plugins import hookimpl
 from regionvault.core.repository import (
     CopyReceiver,
     CopyResult,
@@ -59,9 +57,9 @@ from regionvault.core.repository.copy.batches import decode_chunks
 from regionvault.core.repository.copy.offer import make_offer
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance, RecoveryPoint
-from regionvault.providers.local import plugin as local_plugin
 from regionvault.providers.local.keys import LocalKeyService
 from repository_support import snapshot
+from site_support import open_site, region_root, worker_site
 
 MiB = 1 << 20
 #: small packs, so that a few MiB of data make several packs on each side
@@ -113,10 +111,6 @@ def found_in(needles: dict[bytes, str], *roots: Path) -> list[str]:
         data = path.read_bytes()
         hits.extend(f"{label} in {path}" for needle, label in needles.items() if needle in data)
     return hits
-
-
-def region_root(region: Region) -> Path:
-    return Path(region.config.path("root")).resolve()
 
 
 def vault_dir(region: Region) -> Path:
@@ -829,32 +823,10 @@ class CopyRecorder:
         self.copies.append((source_region, region, source, copy))
 
 
-def worker_site_file(tmp_path: Path, own: Region, other: Region) -> Path:
-    """A site file for a worker of ``own``: ``own``'s services in full; of ``other`` only
-    its vault's configuration (for the Transits) and a keys directory holding nothing but
-    ``other``'s sealing public key."""
-    short = own.name.split(":")[1]
-    public = tmp_path / f"public-of-{other.name.split(':')[1]}"
-    (public / "keys").mkdir(parents=True, exist_ok=True)
-    shutil.copy(region_root(other) / "keys" / "sealing.pub", public / "keys" / "sealing.pub")
-    path = tmp_path / f"worker-{short}" / "site.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    q = json.dumps  # TOML basic strings quote like JSON
-    path.write_text(
-        f"[site]\nname = {q('worker-' + short)}\nstate_dir = {q(str(path.parent / 'state'))}\n\n"
-        f'[regions."{own.name}"]\nroot = {q(str(region_root(own)))}\n\n'
-        f'[regions."{other.name}"]\nroot = {q(str(region_root(other)))}\n\n'
-        f'[regions."{other.name}".keys]\nroot = {q(str(public))}\n'
-    )
-    return path
-
-
 @contextlib.contextmanager
 def worker(path: Path, *plugins: object) -> Iterator[Engine]:
     """A fresh engine on a worker's own site, as a new worker process would have."""
-    pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin, *plugins])
-    registry = registry_from(pm)
-    with Site(load_site(path, registry=registry), registry=registry, plugin_manager=pm) as s:
+    with open_site(path, *plugins) as s:
         yield Engine(s, settings=SETTINGS)
 
 
@@ -874,8 +846,8 @@ def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
 ) -> None:
     point = engine.backup(instance.id)
     west.sealer()  # west's keys exist (its KeyService made them on first use)
-    east_site = worker_site_file(tmp_path, east, west)
-    west_site = worker_site_file(tmp_path, west, east)
+    east_site = worker_site(tmp_path / "worker-east", east, west)
+    west_site = worker_site(tmp_path / "worker-west", west, east)
     recorder = CopyRecorder()
     guard = KeyGuard(monkeypatch)
     expires = datetime(2031, 1, 2, 3, 4, tzinfo=UTC)

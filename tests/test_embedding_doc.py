@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from regionvault.core import RegionVaultError, Site
+from site_support import enter_workdir
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
 
@@ -22,8 +23,7 @@ def test_the_embedding_guide_runs_as_written(
 ) -> None:
     blocks = python_blocks(DOC.read_text(encoding="utf-8"))
     assert len(blocks) >= 10
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
+    enter_workdir(tmp_path, monkeypatch, init=False)  # the guide writes its own site.toml
     namespace: dict[str, object] = {"__name__": "embedding_doc"}
     try:
         for number, block in enumerate(blocks, 1):

@@ -22,25 +22,13 @@ import pytest
 from click.testing import CliRunner, Result
 from regionvault.core.cli import cli
 from regionvault.core.repository import FORMAT_VERSION
+from site_support import site_toml
 
 GOLDEN = Path(__file__).parent / "golden"
 VAULTS = sorted(p for p in GOLDEN.iterdir() if (p / "golden.json").is_file())
 
 #: the site a golden vault is opened with: its regions' roots are the copied directories
-SITE_TOML = """\
-[site]
-name = "golden"
-
-[regions."local:east"]
-root = "regions/east"
-
-[regions."local:west"]
-root = "regions/west"
-
-[[replication]]
-from = "local:east"
-to = ["local:west"]
-"""
+SITE_TOML = site_toml({"local:east": "regions/east", "local:west": "regions/west"}, name="golden")
 
 
 @dataclass(frozen=True)
@@ -68,12 +56,9 @@ def test_every_format_version_written_has_a_golden_vault() -> None:
 
 
 @pytest.fixture(params=VAULTS, ids=[p.name for p in VAULTS])
-def golden(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Golden:
+def golden(request: pytest.FixtureRequest, tmp_path: Path) -> Golden:
     """A copy of one golden vault (the committed one is never written), opened by a
     site.toml next to it."""
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
     source: Path = request.param
     root = tmp_path / "golden"
     shutil.copytree(source, root, symlinks=True)

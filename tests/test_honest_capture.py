@@ -532,14 +532,6 @@ def injected(monkeypatch: pytest.MonkeyPatch) -> Injected:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    ok("init")
-    return tmp_path
-
-
-@pytest.fixture
 def nf_data(workdir: Path) -> Path:
     root = workdir / "nf-data"
     root.mkdir()

@@ -20,42 +20,28 @@ from typing import Any, BinaryIO
 
 import pytest
 from regionvault.core import FileCapture
-from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, load_site, parse_site
+from regionvault.core.config import DEFAULT_HOOK_TIMEOUT, parse_site
 from regionvault.core.errors import ConfigError, HookFailed, PolicyError
 from regionvault.core.pipeline import Engine
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun, remove_stale_runs
 from regionvault.core.pipeline.sqlite_hook import SQLITE_HEADER, SqliteCopies
-from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.policy import parse_hook_names
 from regionvault.core.repository import RepositorySettings, TreeEntry
 from regionvault.core.site import Region, Site
 from regionvault.core.types import FileEntry, Instance, IssueKind, Tags
-from regionvault.providers.local import plugin as local_plugin
 from regionvault.providers.local.compute import LocalFileCapture
 from repository_support import INSTANCE, repo_for
+from site_support import enter_workdir, open_site, site_toml
 
 SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
 
-SITE_HEAD = """\
-[site]
-name = "hooks"
-
-[regions."local:east"]
-root = "east"
-"""
-
 
 def write_site(tmp_path: Path, extra: str = "") -> Path:
+    """A one-region test site (tests/site_support.py) with ``extra`` TOML after it."""
     path = tmp_path / "site" / "site.toml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(SITE_HEAD + extra)
+    path.write_text(site_toml({"local:east": "east"}, name="hooks", extra=extra))
     return path
-
-
-def open_site(path: Path) -> Site:
-    pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin])
-    registry = registry_from(pm)
-    return Site(load_site(path, registry=registry), registry=registry, plugin_manager=pm)
 
 
 @pytest.fixture
@@ -549,13 +535,10 @@ def cli_with_hooked_instance(
     from click.testing import CliRunner
     from regionvault.core.cli import cli
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-
     def run(*args: str) -> Any:
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
-    assert run("init").exit_code == 0
+    enter_workdir(tmp_path, monkeypatch)
     with (tmp_path / "site.toml").open("a") as site:
         site.write("\n" + hook_toml)
     data = tmp_path / "nf-data"

@@ -19,12 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from regionvault.core.config import load_site
 from regionvault.core.pipeline import Engine
-from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.repository import RepositorySettings
-from regionvault.core.site import Site
-from regionvault.providers.local import plugin as local_plugin
+from site_support import open_site, site_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the recipe, between these markers in docs/hooks.md, is the one tested
@@ -161,17 +158,11 @@ def test_the_postgres_recipe_backs_up_a_cluster_under_writes_consistent(
         site_dir = base / "site"
         site_dir.mkdir()
         (site_dir / "site.toml").write_text(
-            '[regions."local:east"]\nroot = "east"\n\n' + recipe.group(1)
+            site_toml({"local:east": "east"}, name=None, extra=recipe.group(1))
         )
         stage = base / "stage"
         stage.mkdir()
-        pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin])
-        registry = registry_from(pm)
-        with Site(
-            load_site(site_dir / "site.toml", registry=registry),
-            registry=registry,
-            plugin_manager=pm,
-        ) as site:
+        with open_site(site_dir / "site.toml") as site:
             engine = Engine(site, settings=RepositorySettings(pack_size=4 << 20, workers=2))
             east = site.region("east")
             inst = east.compute.register_instance("pg-1", stage, tags={"backup-hook": "postgres"})

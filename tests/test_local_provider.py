@@ -5,18 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from regionvault.core import CaptureKind, ConfigError, Site, load_site
-from regionvault.core.plugins import make_plugin_manager, registry_from
+from regionvault.core import CaptureKind, ConfigError, Site
 from regionvault.providers.local import LocalProvider
-from regionvault.providers.local import plugin as local_plugin
+from site_support import open_site
 
 
 def load(tmp_path: Path, region_table: str) -> Site:
     path = tmp_path / "site.toml"
     path.write_text(f'[regions."local:east"]\n{region_table}\n')
-    pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin])
-    registry = registry_from(pm)
-    return Site(load_site(path, registry=registry), registry=registry, plugin_manager=pm)
+    return open_site(path)
 
 
 def test_capabilities_are_declared() -> None:

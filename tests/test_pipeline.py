@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from regionvault.core.config import load_site
 from regionvault.core.errors import (
     ComputeError,
     IntegrityError,
@@ -31,35 +30,21 @@ from regionvault.core.errors import (
 from regionvault.core.interfaces import FileSink
 from regionvault.core.pipeline import SLOT_TAG, Engine
 from regionvault.core.pipeline.jobs import JobStatus, format_slot, slot_of
-from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
+from regionvault.core.plugins import hookimpl
 from regionvault.core.repository import Repository, RepositorySettings, TreeEntry
 from regionvault.core.site import Region, Site
 from regionvault.core.types import CaptureKind, Instance, LaunchSpec, RecoveryPoint
 from regionvault.plugins.samplenf import plugin as samplenf_plugin
 from regionvault.plugins.samplenf.plugin import endpoint
 from regionvault.providers.local import LocalCompute, LocalFileSink, LocalVault
-from regionvault.providers.local import plugin as local_plugin
 from repository_support import flip_bit, snapshot
+from site_support import open_site, site_toml
 
-SITE_TOML = """\
-[site]
-name = "pipeline"
-default_policy = "1-7"
-state_dir = "state"
-
-[regions."local:east"]
-root = "east"
-
-[regions."local:west"]
-root = "west"
-
-[regions."local:south"]
-root = "south"
-
-[[replication]]
-from = "local:east"
-to = ["local:west"]
-"""
+SITE_TOML = site_toml(
+    {"local:east": "east", "local:west": "west", "local:south": "south"},
+    name="pipeline",
+    settings={"default_policy": "1-7", "state_dir": "state"},
+)
 
 SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
 CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
@@ -126,11 +111,7 @@ def site_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def site(site_file: Path, recorder: Recorder) -> Iterator[Site]:
-    pm = make_plugin_manager(
-        load_entry_points=False, plugins=[local_plugin, samplenf_plugin, recorder]
-    )
-    registry = registry_from(pm)
-    with Site(load_site(site_file, registry=registry), registry=registry, plugin_manager=pm) as s:
+    with open_site(site_file, samplenf_plugin, recorder) as s:
         yield s
 
 

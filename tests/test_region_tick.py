@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from regionvault.core.cli import cli
-from regionvault.core.config import load_site
 from regionvault.core.errors import IntegrityError, KeyAccessDenied, RegionVaultError
 from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, TickReport
 from regionvault.core.pipeline.jobs import (
@@ -30,7 +29,6 @@ from regionvault.core.pipeline.jobs import (
     TAG,
     JobStatus,
 )
-from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.repository import (
     CopyReceipt,
     CopySender,
@@ -42,9 +40,9 @@ from regionvault.core.repository import (
 )
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance
-from regionvault.providers.local import plugin as local_plugin
 from regionvault.providers.local.keys import LocalKeyService
 from repository_support import snapshot
+from site_support import open_site, region_root, worker_site
 
 EAST, WEST = "local:east", "local:west"
 #: all ticks of a test happen at this moment unless a test moves the clock on
@@ -54,33 +52,9 @@ T0 = datetime(2026, 11, 25, 0, 1, tzinfo=UTC)
 # --------------------------------------------------------------------------- sites
 
 
-def region_root(region: Region) -> Path:
-    return Path(region.config.path("root")).resolve()
-
-
 def inbox_names(region: Region) -> list[str]:
     inbox = region_root(region) / "inbox"
     return sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file())
-
-
-def worker_site_file(tmp_path: Path, own: Region, other: Region) -> Path:
-    """The site file of ``own``'s service: ``own`` in full; of ``other`` its vault (for the
-    inboxes) and a keys directory holding nothing but ``other``'s sealing public key."""
-    short = own.name.split(":")[1]
-    public = tmp_path / f"public-of-{other.name.split(':')[1]}"
-    (public / "keys").mkdir(parents=True, exist_ok=True)
-    shutil.copy(region_root(other) / "keys" / "sealing.pub", public / "keys" / "sealing.pub")
-    path = tmp_path / f"service-{short}" / "site.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    q = json.dumps  # TOML basic strings quote like JSON
-    path.write_text(
-        f"[site]\nname = {q('service-' + short)}\nstate_dir = {q(str(path.parent / 'state'))}\n\n"
-        f'[regions."{own.name}"]\nroot = {q(str(region_root(own)))}\n\n'
-        f'[regions."{other.name}"]\nroot = {q(str(region_root(other)))}\n\n'
-        f'[regions."{other.name}".keys]\nroot = {q(str(public))}\n\n'
-        '[[replication]]\nfrom = "east"\nto = "west"\n'
-    )
-    return path
 
 
 class Services:
@@ -90,8 +64,8 @@ class Services:
 
     def __init__(self, tmp_path: Path, east: Region, west: Region, monkeypatch: Any) -> None:
         self.files = {
-            EAST: worker_site_file(tmp_path, east, west),
-            WEST: worker_site_file(tmp_path, west, east),
+            EAST: worker_site(tmp_path / "service-east", east, west, replicate=True),
+            WEST: worker_site(tmp_path / "service-west", west, east, replicate=True),
         }
         self.public = sorted(tmp_path.glob("public-of-*"))
         self.now = T0
@@ -108,10 +82,7 @@ class Services:
 
     @contextlib.contextmanager
     def engine(self, region: str) -> Iterator[Engine]:
-        pm = make_plugin_manager(load_entry_points=False, plugins=[local_plugin])
-        registry = registry_from(pm)
-        config = load_site(self.files[region], registry=registry)
-        with Site(config, registry=registry, plugin_manager=pm) as s:
+        with open_site(self.files[region]) as s:
             yield Engine(s, clock=lambda: self.now, copy_grace=self.grace)
 
     def tick(self, region: str) -> TickReport:

@@ -32,18 +32,6 @@ from repository_support import flip_bit, snapshot
 POINT_ID = re.compile(r"[0-9a-f]{32}")
 
 
-@pytest.fixture(autouse=True)
-def _no_site_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    ok("init")
-    return tmp_path
-
-
 def fails(result: Result, *words: str) -> str:
     """Exit 1, one ``regionvault: error:`` line naming ``words``, no traceback."""
     assert result.exit_code == 1, (result.stdout, result.stderr)

@@ -686,18 +686,15 @@ def cli(*args: str | os.PathLike[str]) -> Result:
 
 
 @pytest.fixture
-def cli_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+def cli_point(workdir: Path) -> tuple[str, Path]:
     from test_repository_roundtrip import build_tree
 
-    monkeypatch.delenv("REGIONVAULT_SITE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert cli("init").exit_code == 0
-    build_tree(tmp_path / "data")
+    build_tree(workdir / "data")
     added = cli("instances", "add", "--region", "east", "--name", "nf1", "--data", "data")
     assert added.exit_code == 0, added.stderr
     backup = cli("backup", "nf1")
     assert backup.exit_code == 0, backup.stderr
-    return backup.stdout.splitlines()[-1], tmp_path / "data"
+    return backup.stdout.splitlines()[-1], workdir / "data"
 
 
 def test_the_cli_prints_what_it_could_not_apply_as_warnings_and_exits_0(
