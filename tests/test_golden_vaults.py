@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from regionvault.core import Site
 from regionvault.core.cli import cli
-from regionvault.core.repository import FORMAT_VERSION
+from regionvault.core.repository import FORMAT_VERSION, Repository
 from site_support import site_toml
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -151,6 +152,16 @@ def test_verify_reads_every_byte(golden: Golden) -> None:
     for row in report:
         assert row["ok"] and row["errors"] == [] and row["warnings"] == [], row
         assert row["read_data"] and row["bytes_read"] > 0
+
+
+def test_its_points_are_of_the_format_version_it_stands_for(golden: Golden) -> None:
+    """golden.json's ``format_version`` is what the vault's manifests say, so the check that
+    every version has a golden vault cannot be met by a mislabelled one."""
+    with Site.load(golden.site) as site:
+        for point in golden.spec["points"]:
+            region = site.region(point["region"])
+            repo = Repository.init_or_open(region.vault, region.keys, region=region.name)
+            assert repo.load_manifest(point["id"]).format_version == golden.version, point
 
 
 def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
