@@ -29,6 +29,7 @@ VECTOR_NAMES = {
     "key-derivation",
     "index-body",
     "sealed-object",
+    "pack",
     "canonical-json",
     "chunking",
     "gear",
@@ -207,6 +208,52 @@ def test_sealed_object(monkeypatch: pytest.MonkeyPatch) -> None:
         secret=keys.bytes("secret"),
     )  # fmt: skip
     assert opened == body
+
+
+def test_pack() -> None:
+    """A pack of one blob, written as the pack writer does (blob at the header's end, then
+    the sealed blob table at its offset, then the footer), and read back."""
+    v = VECTORS["pack"]
+    index, keys = VECTORS["index-body"], VECTORS["key-derivation"]
+    vault_id, name = VECTORS["sealed-object"].bytes("vault_id").decode(), v.bytes("name").decode()
+    assert name == fmt.pack_name(index.bytes("pack_id").hex())
+    header = fmt.PackHeader.parse(name, index.bytes("pack_header"))
+    data_key = index.bytes("data_key")
+    assert _crypto.derive(data_key, index.bytes("pack_salt"))[0] == v.bytes("enc_key")
+    key = _crypto.PackKey.make(vault_id=vault_id, name=name, header=header, data_key=data_key)
+    chunk, chunk_id = keys.bytes("chunk"), keys.bytes("chunk_id")
+    entry = blob_entries(index)[0]
+    assert (entry.chunk_id, entry.offset, entry.raw_length) == (chunk_id, header.size, len(chunk))
+    assert fmt.nonce_at(entry.offset) == v.bytes("blob_nonce")
+    blob_aad = fmt.blob_aad(key.aad_prefix, chunk_id, entry.blob_type, entry.flags, len(chunk))
+    assert blob_aad == v.bytes("blob_aad")
+
+    pack = bytearray(header.raw) + bytearray(entry.length)
+    view = memoryview(pack)
+    key.encrypt_blob_into(
+        view[entry.offset :], entry.offset, chunk_id, entry.blob_type, entry.flags,
+        len(chunk), chunk,
+    )  # fmt: skip
+    view.release()
+    table = fmt.encode_blob_table([entry])
+    assert table == v.bytes("table")
+    assert fmt.nonce_at(len(pack)) == v.bytes("table_nonce")
+    sealed_table = key.encrypt_table(len(pack), table)
+    pack += sealed_table + fmt.PACK_FOOTER.pack(len(sealed_table), fmt.PACK_END_MAGIC)
+    assert bytes(pack) == v.bytes("pack")
+
+    # read back from the stated bytes: footer, table, blob, chunk id
+    stated = v.bytes("pack")
+    table_length, end_magic = fmt.PACK_FOOTER.unpack_from(stated, len(stated) - 8)
+    table_at = len(stated) - 8 - table_length
+    assert end_magic == fmt.PACK_END_MAGIC
+    (read,) = fmt.decode_blob_table(
+        name, key.decrypt_table(table_at, stated[table_at:-8]), pack_size=len(stated)
+    )
+    assert read == entry
+    ciphertext = stated[read.offset : read.offset + read.length]
+    blob = key.decrypt_blob(ciphertext, read.offset, chunk_id, 0, 0, read.raw_length)
+    assert blob == chunk and vector_store().chunk_id(blob) == chunk_id
 
 
 def test_canonical_json_and_root_hash() -> None:
