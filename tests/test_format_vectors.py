@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import blake3
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pyfastcdc.py.constants import GEAR, GEAR_LS, MASKS
-from regionvault.core import Region
-from regionvault.core.repository import ChunkerParams, CopyTracker, Repository, _crypto
+from regionvault.core import KeyService, Region
+from regionvault.core.repository import (
+    ChunkerParams,
+    CopyTracker,
+    Repository,
+    _crypto,
+    open_payload,
+)
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
 from regionvault.core.repository._copy import copy_point_id, keyed_tag
@@ -30,6 +39,7 @@ VECTOR_NAMES = {
     "index-body",
     "sealed-object",
     "pack",
+    "transit-payload",
     "canonical-json",
     "chunking",
     "gear",
@@ -254,6 +264,44 @@ def test_pack() -> None:
     ciphertext = stated[read.offset : read.offset + read.length]
     blob = key.decrypt_blob(ciphertext, read.offset, chunk_id, 0, 0, read.raw_length)
     assert blob == chunk and vector_store().chunk_id(blob) == chunk_id
+
+
+class TransitKeys:
+    """The destination's KeyService as far as opening a payload goes: it unseals the
+    vector's sealed transfer key, and only under the vector's context."""
+
+    def __init__(self, v: Vector) -> None:
+        self.vector = v
+
+    def unseal(self, sealed: bytes, context: dict[str, str]) -> bytes:
+        assert sealed == self.vector.bytes("sealed_key")
+        assert context == json.loads(self.vector.text("context"))
+        return self.vector.bytes("transfer_key")
+
+
+def test_transit_payload() -> None:
+    """Written by the rules of docs/copy.md "Payloads" (transcribed here), the stated
+    payload is what the code opens, with the stated context, to the stated body."""
+    v = VECTORS["transit-payload"]
+    keys = VECTORS["key-derivation"]
+    name = v.bytes("name").decode()
+    chunk = keys.bytes("chunk")
+    body = keys.bytes("chunk_id") + bytes((0, 0)) + struct.pack(">II", len(chunk), len(chunk))
+    assert body + chunk == v.bytes("body")
+    aad = b"RVT2" + name.encode()
+    payload_key = blake3.blake3(aad, key=v.bytes("transfer_key")).digest()
+    assert payload_key == v.bytes("payload_key")
+    sealed_key = v.bytes("sealed_key")
+    head = b"RVT2" + struct.pack(">H", len(sealed_key)) + sealed_key + v.bytes("session")
+    head += v.bytes("nonce")
+    sealed = head + AESGCM(payload_key).encrypt(v.bytes("nonce"), v.bytes("body"), aad)
+    assert sealed + blake3.blake3(sealed).digest() == v.bytes("payload")
+    opened = open_payload(
+        cast(KeyService, TransitKeys(v)), name, v.bytes("payload"),
+        kind=v.bytes("kind").decode(), source=v.bytes("source").decode(),
+        destination=v.bytes("destination").decode(),
+    )  # fmt: skip
+    assert opened == v.bytes("body")
 
 
 def test_canonical_json_and_root_hash() -> None:
