@@ -29,9 +29,10 @@ from regionvault.core.repository import (
 )
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
+from regionvault.core.repository._links import keyed_tag
 from regionvault.core.repository._manifest import root_hash
 from regionvault.core.repository._store import RepoConfig, Store, canonical_json
-from regionvault.core.repository.copy.names import copy_point_id, keyed_tag
+from regionvault.core.repository.copy.names import copy_point_id
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "format.md"
 VECTOR_NAMES = {
