@@ -27,6 +27,7 @@ __all__ = [
     "RegionVaultError",
     "RepositoryNotFound",
     "RetentionLocked",
+    "TransientError",
     "TransitError",
     "UnsupportedOperation",
     "VaultError",
@@ -235,6 +236,30 @@ class TransitError(RegionVaultError):
 
 class HookFailed(RegionVaultError):
     """A hook's ``before`` failed (the backup fails), or a hook could not run at all."""
+
+
+class TransientError(RegionVaultError):
+    """A cloud call failed in a way that may pass if it is made again a little later: the
+    service throttled it, answered with a server error (HTTP 5xx), or did not answer in time
+    (a connect or read timeout, a dropped connection).
+
+    The one error for every such failure, whatever the service (vault, keys, compute,
+    transit): a provider maps its SDK's errors onto it (docs/writing-a-provider.md) and the
+    executor retries a job that raises it, with backoff (docs/jobs.md). Anything else (denied,
+    not found, invalid) is not transient and is never retried. ``retry_after`` is how many
+    seconds the service asked the caller to wait, when it said (a ``Retry-After`` header).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        region: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, region=region)
+        self.retry_after = retry_after
 
 
 class PolicyError(RegionVaultError):

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from regionvault.core.errors import RegionVaultError
-from regionvault.core.pipeline.executor import Executor, ThreadExecutor, execute_job
+from regionvault.core.errors import RegionVaultError, TransientError
+from regionvault.core.pipeline.executor import (
+    NO_RETRY,
+    Executor,
+    RetryPolicy,
+    ThreadExecutor,
+    execute_job,
+)
 from regionvault.core.pipeline.jobs import (
     Job,
     JobHandlers,
@@ -272,15 +278,30 @@ def test_a_live_holder_makes_the_key_busy(tmp_path: Path) -> None:
         pytest.param({"pid": "a process that has exited"}, id="dead-pid"),
         pytest.param({"expires_at": time.time() - 1, "host": "elsewhere"}, id="expired"),
         pytest.param({"process_start": "1"}, id="reused-pid"),
+        pytest.param({"pid": "a process that has exited, not yet reaped"}, id="zombie"),
     ],
 )
 def test_stale_locks_are_broken(tmp_path: Path, fields: dict[str, Any]) -> None:
     ledger = JobLedger(tmp_path)
-    if isinstance(fields.get("pid"), str):
+    zombie = None
+    if "not yet reaped" in str(fields.get("pid")):
+        # exited, but its parent (this process) has not waited for it: the pid still answers
+        # kill(pid, 0), yet its holder is gone (core/procs.py tells)
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        for _ in range(600):  # bounded: at most a minute for it to exit
+            if Path(f"/proc/{zombie.pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                break
+            time.sleep(0.1)
+        fields = {"pid": zombie.pid}
+    elif isinstance(fields.get("pid"), str):
         fields = {"pid": dead_pid()}
-    write_lock(ledger, KEY, **fields)
-    handler = Counter()
-    outcome = execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    try:
+        write_lock(ledger, KEY, **fields)
+        handler = Counter()
+        outcome = execute_job(job(), JobHandlers({"backup": handler}), ledger)
+    finally:
+        if zombie is not None:
+            zombie.wait(timeout=30)
     assert outcome.status is JobStatus.DONE
     assert handler.runs == [KEY]
 
@@ -448,5 +469,173 @@ def test_prune_drops_old_records(tmp_path: Path) -> None:
 
 
 def test_outcomes_round_trip() -> None:
-    outcome = JobOutcome(KEY, "backup", "local:east", JobStatus.DONE, result=[1], runner="h:1")
-    assert JobOutcome.from_dict(json.loads(json.dumps(outcome.to_dict()))) == outcome
+    outcome = JobOutcome(
+        KEY, "backup", "local:east", JobStatus.DONE, result=[1], runner="h:1", attempts=3
+    )
+    data = json.loads(json.dumps(outcome.to_dict()))
+    assert data["attempts"] == 3
+    assert JobOutcome.from_dict(data) == outcome
+    del data["attempts"]  # a record written before attempts were counted
+    assert JobOutcome.from_dict(data).attempts == 1
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class Throttled:
+    """A handler that raises :class:`TransientError` ``times`` times, then succeeds;
+    ``other`` makes it raise that (not transient) instead."""
+
+    def __init__(self, times: int, *, other: Exception | None = None) -> None:
+        self.times = times
+        self.other = other
+        self.runs = 0
+
+    def __call__(self, job: Job) -> str:
+        self.runs += 1
+        if self.other is not None:
+            raise self.other
+        if self.runs <= self.times:
+            raise TransientError("SlowDown: reduce your request rate", region="aws:us-east-1")
+        return "done"
+
+
+def test_a_transient_failure_is_retried_with_growing_waits(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
+    handler = Throttled(3)
+    waits: list[float] = []
+    retry = RetryPolicy(attempts=5, first_delay=1.0, sleep=waits.append, jitter=lambda: 1.0)
+    ledger = JobLedger(tmp_path)
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), ledger, plugin_manager=pm, retry=retry
+    )
+    assert outcome.status is JobStatus.DONE and outcome.result == "done"
+    assert outcome.attempts == 4 and handler.runs == 4
+    assert waits == [1.0, 2.0, 4.0]
+    recorded = ledger.record(KEY)
+    assert recorded is not None and recorded.attempts == 4
+    assert spy.calls == []  # it succeeded: no failure to report
+
+
+def test_retries_stop_after_the_last_attempt(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
+    handler = Throttled(100)
+    waits: list[float] = []
+    ledger = JobLedger(tmp_path)
+    outcome = execute_job(
+        job(),
+        JobHandlers({"backup": handler}),
+        ledger,
+        plugin_manager=pm,
+        retry=RetryPolicy(attempts=3, sleep=waits.append),
+    )
+    assert outcome.status is JobStatus.FAILED
+    assert outcome.attempts == 3 and handler.runs == 3 and len(waits) == 2
+    assert outcome.error == "TransientError: [aws:us-east-1] SlowDown: reduce your request rate"
+    assert ledger.record(KEY) is None
+    failure = ledger.last_failure(KEY)
+    assert failure is not None and failure.attempts == 3
+    assert len(spy.calls) == 1 and isinstance(spy.calls[0][2], TransientError)
+    assert ledger.holder(KEY) is None  # released
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(RegionVaultError("access denied"), id="RegionVaultError"),
+        pytest.param(OSError("disk full"), id="OSError"),
+    ],
+)
+def test_other_errors_are_never_retried(tmp_path: Path, error: Exception) -> None:
+    handler = Throttled(0, other=error)
+    waits: list[float] = []
+    outcome = execute_job(
+        job(),
+        JobHandlers({"backup": handler}),
+        JobLedger(tmp_path),
+        retry=RetryPolicy(sleep=waits.append),
+    )
+    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1
+    assert handler.runs == 1 and waits == []
+
+
+def test_no_retry_runs_once(tmp_path: Path) -> None:
+    handler = Throttled(1)
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), JobLedger(tmp_path), retry=NO_RETRY
+    )
+    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1 and handler.runs == 1
+
+
+def test_the_key_stays_locked_while_a_retry_waits(tmp_path: Path) -> None:
+    handler = Throttled(1)
+    seen: list[JobOutcome] = []
+
+    def sleep(seconds: float) -> None:
+        # another runner, sharing the state directory, comes for the key during the wait
+        seen.append(execute_job(job(), JobHandlers({"backup": handler}), JobLedger(tmp_path)))
+
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), JobLedger(tmp_path), retry=RetryPolicy(sleep=sleep)
+    )
+    assert [o.status for o in seen] == [JobStatus.BUSY] and seen[0].attempts == 0
+    assert outcome.status is JobStatus.DONE and outcome.attempts == 2
+    assert handler.runs == 2  # both runs were the first runner's
+
+
+def test_a_lock_lost_during_the_wait_ends_the_retries(tmp_path: Path) -> None:
+    handler = Throttled(5)
+    ledger = JobLedger(tmp_path)
+
+    def sleep(seconds: float) -> None:
+        # the lock expired and another runner broke it and took the key
+        ledger._path("locks", KEY, ".lock").unlink()
+        write_lock(ledger, KEY, token="another-runner")
+
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), ledger, retry=RetryPolicy(sleep=sleep)
+    )
+    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1
+    assert outcome.error is not None and "lost its lock while waiting to retry" in outcome.error
+    assert handler.runs == 1
+    holder = ledger.holder(KEY)
+    assert holder is not None and holder["token"] == "another-runner"  # not released by us
+
+
+def test_the_thread_executor_retries_as_told(tmp_path: Path) -> None:
+    handler = Throttled(2)
+    waits: list[float] = []
+    retry = RetryPolicy(sleep=waits.append)
+    with ThreadExecutor(JobHandlers({"backup": handler}), JobLedger(tmp_path), retry=retry) as ex:
+        (outcome,) = ex.run([job()])
+    assert outcome.status is JobStatus.DONE and outcome.attempts == 3 and len(waits) == 2
+
+
+def test_waits_are_jittered_and_bounded() -> None:
+    error = TransientError("throttled")
+    low = RetryPolicy(first_delay=2.0, max_delay=10.0, jitter=lambda: 0.0)
+    high = RetryPolicy(first_delay=2.0, max_delay=10.0, jitter=lambda: 0.999)
+    for retry, delay in [(1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (19, 10.0)]:
+        assert low.wait(retry, error) == delay / 2  # never less than half the delay
+        assert delay / 2 < high.wait(retry, error) < delay  # never more than all of it
+    asked = TransientError("throttled", retry_after=7.0)
+    assert low.wait(1, asked) == 7.0  # the service's Retry-After, when longer
+    assert low.wait(1, TransientError("throttled", retry_after=3600)) == 10.0  # but bounded
+    assert RetryPolicy().wait(1, error) <= 2.0  # the defaults: about 2, 4, 8, 16 seconds
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"attempts": 0},
+        {"attempts": 1000},
+        {"first_delay": -1.0},
+        {"first_delay": 5.0, "max_delay": 1.0},
+        {"multiplier": 0.5},
+    ],
+)
+def test_bad_retry_policies_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(RegionVaultError, match="retry"):
+        RetryPolicy(**bad)

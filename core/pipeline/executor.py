@@ -1,18 +1,22 @@
-"""Running jobs: :func:`execute_job` (one job through the ledger, its outcome recorded), the
-:class:`Executor` protocol that any runner implements, and the default :class:`ThreadExecutor`."""
+"""Running jobs: :func:`execute_job` (one job through the ledger, its outcome recorded, a
+transient failure retried with backoff under :class:`RetryPolicy`), the :class:`Executor`
+protocol that any runner implements, and the default :class:`ThreadExecutor`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import random
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from regionvault.core.errors import RegionVaultError
+from regionvault.core.errors import RegionVaultError, TransientError
 from regionvault.core.types import CaptureIssue
 
 if TYPE_CHECKING:
@@ -26,15 +30,69 @@ from regionvault.core.pipeline.jobs import (
     JobOutcome,
     JobStatus,
 )
-from regionvault.core.pipeline.ledger import Ledger, runner_name
+from regionvault.core.pipeline.ledger import Ledger, LedgerLock, runner_name
 
-__all__ = ["Executor", "ThreadExecutor", "execute_job"]
+__all__ = ["DEFAULT_RETRY", "NO_RETRY", "Executor", "RetryPolicy", "ThreadExecutor", "execute_job"]
 
 log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+#: the most runs a :class:`RetryPolicy` may allow: retries are for failures that pass soon
+MAX_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :func:`execute_job` retries a job whose handler raised
+    :class:`~regionvault.core.errors.TransientError`: at most ``attempts`` runs in all.
+
+    Before run ``n + 1`` it waits a delay that starts at ``first_delay`` seconds and grows by
+    ``multiplier`` each time, never past ``max_delay``; the wait is drawn uniformly between
+    half that delay and all of it, so runners throttled together do not all come back at the
+    same moment. A service that said how long to wait (``retry_after``) is waited for at
+    least that long, still at most ``max_delay``. Any other error is never retried here.
+    ``sleep`` and ``jitter`` (a number in [0, 1)) are injectable, so tests need not wait.
+    """
+
+    attempts: int = 5
+    first_delay: float = 2.0
+    max_delay: float = 60.0
+    multiplier: float = 2.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    jitter: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.attempts <= MAX_ATTEMPTS:
+            raise RegionVaultError(
+                f"retry attempts must be 1 to {MAX_ATTEMPTS}, got {self.attempts}"
+            )
+        if not 0 <= self.first_delay <= self.max_delay:
+            raise RegionVaultError(
+                f"retry delays must be 0 <= first_delay <= max_delay, got {self.first_delay} "
+                f"and {self.max_delay}"
+            )
+        if self.multiplier < 1:
+            raise RegionVaultError(f"retry multiplier must be at least 1, got {self.multiplier}")
+
+    def wait(self, retry: int, error: TransientError) -> float:
+        """Seconds to wait before retry number ``retry`` (1 before the second run)."""
+        delay = self.first_delay
+        for _ in range(min(retry, MAX_ATTEMPTS) - 1):
+            delay = min(self.max_delay, delay * self.multiplier)
+        wait = delay / 2 + self.jitter() * delay / 2
+        if error.retry_after is not None and error.retry_after > 0:
+            wait = max(wait, min(error.retry_after, self.max_delay))
+        return wait
+
+
+#: what executors use unless told otherwise: 5 runs, waits of about 2, 4, 8 and 16 seconds
+DEFAULT_RETRY = RetryPolicy()
+#: one run, no retry
+NO_RETRY = RetryPolicy(attempts=1)
 
 
 def _report_failure(
@@ -55,12 +113,15 @@ def execute_job(
     ledger: Ledger,
     *,
     plugin_manager: pluggy.PluginManager | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> JobOutcome:
     """Run ``job`` once, whatever else runs: the core of every executor.
 
     A key already done returns its recorded result (``REPLAYED``); a key another runner holds
     returns ``BUSY``; otherwise the handler runs under the key's lock and its result is
-    recorded before the lock is released. A handler's exception becomes a ``FAILED`` outcome
+    recorded before the lock is released. A :class:`TransientError` runs the handler again,
+    still under the lock, as ``retry`` says; the outcome's ``attempts`` counts the runs. Any
+    other exception, or a transient one on the last attempt, becomes a ``FAILED`` outcome
     (and a call of the ``regionvault_on_job_failure`` hook); it is not recorded as done, so
     the next run retries. Never raises for a failing job.
     """
@@ -76,6 +137,7 @@ def execute_job(
             job.region,
             JobStatus.BUSY,
             runner=f"{holder.get('host', '?')}:{holder.get('pid', '?')}",
+            attempts=0,
         )
     try:
         # It may have finished between the first look and taking the lock.
@@ -83,10 +145,9 @@ def execute_job(
         if recorded is not None:
             return _replayed(recorded)
         started = _now()
-        try:
-            result = handlers.get(job.kind)(job)
-        except Exception as exc:
-            return _failed(job, exc, started, ledger, plugin_manager)
+        attempts, result, error = _run_with_retries(job, handlers, lock, retry)
+        if error is not None:
+            return _failed(job, error, started, ledger, plugin_manager, attempts)
         issues: tuple[CaptureIssue, ...] = ()
         issues_total = 0
         if isinstance(result, Incomplete):
@@ -96,7 +157,7 @@ def execute_job(
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as exc:
             error = RegionVaultError(f"job {job.key}: result is not plain JSON data: {exc}")
-            return _failed(job, error, started, ledger, plugin_manager)
+            return _failed(job, error, started, ledger, plugin_manager, attempts)
         outcome = JobOutcome(
             job.key,
             job.kind,
@@ -108,16 +169,56 @@ def execute_job(
             runner=runner_name(),
             issues=issues,
             issues_total=issues_total,
+            attempts=attempts,
         )
         try:
             ledger.mark_done(outcome)
         except (OSError, RegionVaultError) as exc:
             # The work is done but unrecorded: a later run repeats it (jobs are idempotent).
             error = RegionVaultError(f"job {job.key}: recording its result failed: {exc}")
-            return _failed(job, error, started, ledger, plugin_manager)
+            return _failed(job, error, started, ledger, plugin_manager, attempts)
         return outcome
     finally:
         lock.release()
+
+
+def _run_with_retries(
+    job: Job, handlers: JobHandlers, lock: LedgerLock, retry: RetryPolicy
+) -> tuple[int, object, Exception | None]:
+    """``(attempts, result, None)``, or ``(attempts, None, error)`` for the error that ends
+    the job. Runs only while ``lock`` is held: the lock's renewer keeps it through the
+    waits, and a lock lost meanwhile (it expired and another runner broke it) ends the
+    retries, so two runners never run the key at once."""
+    attempt = 1
+    while True:
+        try:
+            return attempt, handlers.get(job.kind)(job), None
+        except TransientError as exc:
+            if attempt >= retry.attempts:
+                return attempt, None, exc
+            wait = retry.wait(attempt, exc)
+            log.warning(
+                "job %s: transient failure on attempt %d of %d, retrying in %.1fs: %s",
+                job.key,
+                attempt,
+                retry.attempts,
+                wait,
+                exc,
+            )
+            retry.sleep(wait)
+            try:
+                held = lock.renew()
+            except OSError:
+                held = False
+            if not held:
+                lost = RegionVaultError(
+                    f"job {job.key}: lost its lock while waiting to retry after {exc}; "
+                    "not run again here (another runner may hold the key)"
+                )
+                return attempt, None, lost
+            attempt += 1
+        except Exception as exc:
+            return attempt, None, exc
 
 
 def _failed(
@@ -126,6 +227,7 @@ def _failed(
     started: datetime,
     ledger: Ledger,
     plugin_manager: pluggy.PluginManager | None,
+    attempts: int,
 ) -> JobOutcome:
     outcome = JobOutcome(
         job.key,
@@ -136,8 +238,9 @@ def _failed(
         started_at=started,
         finished_at=_now(),
         runner=runner_name(),
+        attempts=attempts,
     )
-    log.error("job %s failed: %s", job.key, outcome.error)
+    log.error("job %s failed after %d attempt(s): %s", job.key, attempts, outcome.error)
     with contextlib.suppress(OSError, RegionVaultError):
         ledger.mark_failed(outcome)
     _report_failure(plugin_manager, job, error)
@@ -156,6 +259,7 @@ def _replayed(recorded: JobOutcome) -> JobOutcome:
         runner=recorded.runner,
         issues=recorded.issues,
         issues_total=recorded.issues_total,
+        attempts=recorded.attempts,
     )
 
 
@@ -181,7 +285,8 @@ class ThreadExecutor:
 
     A key submitted while it is already in flight here shares the first submission's future,
     so at most one job per key runs at a time in this process; the ledger's lock extends
-    that to other processes and machines sharing ``state_dir``.
+    that to other processes and machines sharing ``state_dir``. A job that fails transiently
+    is retried as ``retry`` says, on its thread, which it keeps while it waits.
     """
 
     def __init__(
@@ -191,12 +296,14 @@ class ThreadExecutor:
         *,
         max_workers: int = 4,
         plugin_manager: pluggy.PluginManager | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if max_workers < 1:
             raise RegionVaultError(f"max_workers must be at least 1, got {max_workers}")
         self.handlers = handlers
         self.ledger = ledger
         self.plugin_manager = plugin_manager
+        self.retry = retry
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regionvault")
         self._inflight: dict[str, Future[JobOutcome]] = {}
         self._lock = threading.RLock()
@@ -207,7 +314,12 @@ class ThreadExecutor:
             if running is not None:
                 return running
             future = self._pool.submit(
-                execute_job, job, self.handlers, self.ledger, plugin_manager=self.plugin_manager
+                execute_job,
+                job,
+                self.handlers,
+                self.ledger,
+                plugin_manager=self.plugin_manager,
+                retry=self.retry,
             )
             self._inflight[job.key] = future
 

@@ -358,6 +358,9 @@ class JobOutcome:
     #: :data:`LISTED_ISSUES` of :attr:`issues_total`
     issues: tuple[CaptureIssue, ...] = ()
     issues_total: int = 0
+    #: how many times the handler ran for this outcome: more than 1 when transient failures
+    #: were retried (docs/jobs.md, "Retries"); 0 when nothing ran here (``BUSY``)
+    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -401,6 +404,7 @@ class JobOutcome:
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "runner": self.runner,
+            "attempts": self.attempts,
         }
 
     @classmethod
@@ -424,6 +428,8 @@ class JobOutcome:
                 for i in issues["listed"]
             ),
             issues_total=int(issues["total"]),
+            # records written before attempts were counted: one run
+            attempts=int(data.get("attempts", 1)),
         )
 
 

@@ -17,15 +17,12 @@ import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.fsutil import write_atomic
-
-if TYPE_CHECKING:
-    pass
-
 from regionvault.core.pipeline.jobs import JobOutcome, _utc
+from regionvault.core.procs import ProcessIdentity
 
 __all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock"]
 
@@ -36,6 +33,11 @@ class LedgerLock(Protocol):
     """A held lock on one key."""
 
     def release(self) -> None: ...
+
+    def renew(self) -> bool:
+        """Push the lock's expiry forward; False if it is no longer held (it expired and
+        another runner broke it). The executor asks before each retry of a job."""
+        ...
 
 
 class Ledger(Protocol):
@@ -69,27 +71,12 @@ def runner_name() -> str:
     return f"{_HOST}:{os.getpid()}"
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux), to tell a live holder from a reused pid."""
+def _ticks(value: Any) -> int | None:
+    # locks written by earlier versions hold the start time as a string of digits
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
         return None
-    # field 22; the command name (field 2) may contain spaces, so count from its ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class JobLock:
@@ -232,14 +219,14 @@ class JobLedger:
             os.close(fd)  # closing releases the flock
 
     def _lock_body(self, key: str, token: str) -> bytes:
-        pid = os.getpid()
+        me = ProcessIdentity.current()
         return json.dumps(
             {
                 "key": key,
                 "token": token,
-                "host": _HOST,
-                "pid": pid,
-                "process_start": _process_start(pid),
+                "host": me.host,
+                "pid": me.pid,
+                "process_start": me.ticks,
                 "expires_at": time.time() + self.lock_ttl.total_seconds(),
             },
             sort_keys=True,
@@ -260,11 +247,8 @@ class JobLedger:
             return age > self.lock_ttl.total_seconds()
         if expires < time.time():
             return True
-        if host != _HOST:
-            return False
-        if not _pid_alive(pid):
-            return True
-        return start is not None and _process_start(pid) not in (None, start)
+        # a holder on another host is judged by its expiry alone (alive() is None)
+        return ProcessIdentity(host, pid, _ticks(start)).alive() is False
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """Who holds ``key``'s lock (host, pid, expiry), None if nobody."""

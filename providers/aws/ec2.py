@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from regionvault.core.errors import ComputeError, InstanceNotFound, IntegrityError
+from regionvault.core.errors import ComputeError, InstanceNotFound, IntegrityError, RegionVaultError
 from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Compute, RestoreSink
 from regionvault.core.types import (
     Capabilities,
@@ -37,7 +37,7 @@ from regionvault.core.types import (
     LaunchSpec,
     Tags,
 )
-from regionvault.providers.aws.clients import error_code, error_message
+from regionvault.providers.aws.errors import aws_error, error_code, error_message
 
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
@@ -130,10 +130,12 @@ class AwsCompute(Compute):
     def ebs(self) -> Any:
         return self._clients.client(self.settings, "ebs")
 
-    def _error(self, exc: BaseException, what: str, instance_id: str | None = None) -> ComputeError:
+    def _error(
+        self, exc: BaseException, what: str, instance_id: str | None = None
+    ) -> RegionVaultError:
         if instance_id is not None and error_code(exc) in _NOT_FOUND:
             return InstanceNotFound(instance_id, provider="aws", region=self.region)
-        return ComputeError(f"{what}: {error_message(exc)}", provider="aws", region=self.region)
+        return aws_error(exc, f"{what}: {error_message(exc)}", ComputeError, region=self.region)
 
     def _instance(self, raw: Mapping[str, Any]) -> Instance:
         every = {t["Key"]: t["Value"] for t in raw.get("Tags", []) or []}
@@ -425,6 +427,8 @@ class AwsCompute(Compute):
         except ClientError as exc:
             if error_code(exc) != "InvalidSnapshot.NotFound":
                 raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
 
     # ------------------------------------------------------------------ restore and launch
 
@@ -596,6 +600,8 @@ class AwsCompute(Compute):
             if error_code(exc).startswith("InvalidAMIID"):
                 return
             raise self._error(exc, f"cannot describe image {image_id}") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, f"cannot describe image {image_id}") from None
         for image in images:
             tags = {t["Key"]: t["Value"] for t in image.get("Tags", []) or []}
             if RESTORE_TAG not in tags:
@@ -605,6 +611,8 @@ class AwsCompute(Compute):
             except ClientError as exc:
                 if not error_code(exc).startswith("InvalidAMIID"):
                     raise self._error(exc, f"cannot deregister image {image_id}") from None
+            except BotoCoreError as exc:
+                raise self._error(exc, f"cannot deregister image {image_id}") from None
             snapshot = tags.get(RESTORE_SNAPSHOT_TAG)
             if snapshot:
                 self._delete_snapshot(snapshot)
@@ -634,11 +642,12 @@ class AwsBlockCapture(BlockCapture):
         )
         self._closed = False
 
-    def _error(self, exc: BaseException, what: str) -> ComputeError:
-        return ComputeError(
+    def _error(self, exc: BaseException, what: str) -> RegionVaultError:
+        return aws_error(
+            exc,
             f"{what} of snapshot {self.snapshot_id} through the EBS direct APIs: "
             f"{error_message(exc)}",
-            provider="aws",
+            ComputeError,
             region=self.compute.region,
         )
 
@@ -767,9 +776,10 @@ class AwsBlockSink(BlockSink):
             )
         except (ClientError, BotoCoreError) as exc:
             self._pool.shutdown(wait=False)
-            raise ComputeError(
+            raise aws_error(
+                exc,
                 f"cannot start a snapshot for restoring {spec.name!r}: {error_message(exc)}",
-                provider="aws",
+                ComputeError,
                 region=compute.region,
             ) from None
         self.snapshot_id = str(answer["SnapshotId"])
@@ -785,9 +795,10 @@ class AwsBlockSink(BlockSink):
                 ChecksumAlgorithm="SHA256",
             )
         except (ClientError, BotoCoreError) as exc:
-            raise ComputeError(
+            raise aws_error(
+                exc,
                 f"cannot write block {index} of snapshot {self.snapshot_id}: {error_message(exc)}",
-                provider="aws",
+                ComputeError,
                 region=self.compute.region,
             ) from None
 
@@ -838,9 +849,10 @@ class AwsBlockSink(BlockSink):
                 SnapshotId=self.snapshot_id, ChangedBlocksCount=self.blocks_written
             )
         except (ClientError, BotoCoreError) as exc:
-            raise ComputeError(
+            raise aws_error(
+                exc,
                 f"cannot complete snapshot {self.snapshot_id}: {error_message(exc)}",
-                provider="aws",
+                ComputeError,
                 region=self.compute.region,
             ) from None
         self.compute.wait_for_snapshot(self.snapshot_id)
@@ -873,6 +885,8 @@ class AwsBlockSink(BlockSink):
                     raise self.compute._error(
                         exc, f"cannot deregister image {self.image_id}"
                     ) from None
+            except BotoCoreError as exc:
+                raise self.compute._error(exc, f"cannot deregister image {self.image_id}") from None
             self.image_id = None
         self.compute._delete_snapshot(self.snapshot_id)
 

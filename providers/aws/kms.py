@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError
+from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError, RegionVaultError
 from regionvault.core.interfaces import KeyService, Sealer
 from regionvault.core.types import Capabilities, DataKey
-from regionvault.providers.aws.clients import error_code, error_message
+from regionvault.providers.aws.errors import aws_error, error_code, error_message
 
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
@@ -98,15 +98,15 @@ class AwsSealer(Sealer):
         except ClientError as exc:
             code = error_code(exc)
             err = KeyAccessDenied if code in _DENIED else KeyServiceError
-            raise err(
+            raise aws_error(
+                exc,
                 f"cannot seal for this region with KMS key {self._key}: {error_message(exc)}",
-                provider="aws",
+                err,
                 region=self.region,
             ) from None
         except BotoCoreError as exc:
-            raise KeyServiceError(
-                f"KMS Encrypt failed: {error_message(exc)}", provider="aws", region=self.region
-            ) from None
+            message = f"KMS Encrypt failed: {error_message(exc)}"
+            raise aws_error(exc, message, KeyServiceError, region=self.region) from None
         return bytes(answer["CiphertextBlob"])
 
 
@@ -136,12 +136,13 @@ class AwsKeyService(KeyService):
     def _kms(self) -> Any:
         return self._clients.client(self._settings, "kms")
 
-    def _error(self, exc: BaseException, what: str) -> KeyServiceError:
+    def _error(self, exc: BaseException, what: str) -> RegionVaultError:
         code = error_code(exc)
         err = KeyAccessDenied if code in _DENIED else KeyServiceError
-        return err(
+        return aws_error(
+            exc,
             f"{what} with KMS key {self._arn or self._key}: {error_message(exc)}",
-            provider="aws",
+            err,
             region=self.region,
         )
 

@@ -38,7 +38,7 @@ from regionvault.core.errors import (
 from regionvault.core.interfaces import Transit, Vault
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
-from regionvault.providers.aws.clients import error_code, error_message, error_status
+from regionvault.providers.aws.errors import aws_error, error_code, error_message, error_status
 
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
@@ -105,7 +105,7 @@ class S3Bucket:
             )
         else:
             message = f"{what} in bucket {self.bucket!r}: {error_message(exc)}"
-        return self.error_class(message, provider="aws", region=self.region)
+        return aws_error(exc, message, self.error_class, region=self.region)
 
     # ------------------------------------------------------------------ bucket set-up
 

@@ -40,6 +40,9 @@ OPTIONAL_SETTINGS = frozenset(
         "snapshot_timeout",
         "ebs_concurrency",
         "capture_launched_from_snapshot",
+        "sdk_retries",
+        "connect_timeout",
+        "read_timeout",
     }
 )
 
@@ -79,6 +82,12 @@ class AwsSettings:
     #: test/dev only: a launched instance is captured from the snapshot it was restored
     #: from (moto does not tie a volume's contents to snapshots; real AWS must not use this)
     capture_launched_from_snapshot: bool = False
+    #: botocore's own retries of one call (standard retry mode) before it fails; a failure
+    #: still transient then fails the job as transient, and the executor retries the job
+    sdk_retries: int = 5
+    #: seconds to wait for a connection, and for each read of an answer
+    connect_timeout: int = 10
+    read_timeout: int = 120
 
     @property
     def inbox_bucket_name(self) -> str | None:
@@ -197,6 +206,9 @@ class AwsSettings:
             snapshot_timeout=integer("snapshot_timeout", 1800, 1, 24 * 3600),
             ebs_concurrency=integer("ebs_concurrency", 8, 1, 64),
             capture_launched_from_snapshot=boolean("capture_launched_from_snapshot", False),
+            sdk_retries=integer("sdk_retries", 5, 0, 20),
+            connect_timeout=integer("connect_timeout", 10, 1, 600),
+            read_timeout=integer("read_timeout", 120, 1, 3600),
         )
 
     def need(self, region: RegionConfig, key: str, service: str) -> str:

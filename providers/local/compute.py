@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 
 from regionvault.core.errors import AmbiguousName, ComputeError, EntryProblem, InstanceNotFound
 from regionvault.core.interfaces import Capture, Compute, FileCapture, FileSink, RestoreSink
+from regionvault.core.procs import process_alive, start_ticks
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -112,41 +113,13 @@ def validate_tags(tags: Mapping[str, str], error: type[ComputeError] = ComputeEr
 # --------------------------------------------------------------------------- processes
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks (Linux), to tell it from a reused pid."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
-    except (IndexError, ValueError):
-        return None
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return raw[raw.rfind(b")") + 2 :].startswith(b"Z")
-
-
 def _alive(pid: int, ticks: int | None) -> bool:
+    # a child of this interpreter is asked directly: poll() also reaps it
     with _children_lock:
         child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if _is_zombie(pid):
-        return False
-    return ticks is None or _start_ticks(pid) in (None, ticks)
+    return process_alive(pid, ticks)
 
 
 def _stop(pid: int, ticks: int | None, timeout: float) -> None:
@@ -1109,7 +1082,7 @@ class LocalCompute(Compute):
                 ) from None
         with _children_lock:
             _children[child.pid] = child
-        return child.pid, _start_ticks(child.pid)
+        return child.pid, start_ticks(child.pid)
 
     def terminate(self, instance_id: str) -> None:
         """Stop the process (SIGTERM to its group, SIGKILL after ``terminate_timeout``),

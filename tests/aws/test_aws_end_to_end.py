@@ -38,8 +38,8 @@ from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.repository import Repository, open_payload
 from regionvault.core.site import Site
 from regionvault.core.types import DataKey
-from regionvault.providers.aws.clients import error_code
 from regionvault.providers.aws.ec2 import CAPTURE_SNAPSHOT_TAG, INTERNAL_PREFIX
+from regionvault.providers.aws.errors import error_code
 from regionvault.providers.aws.kms import AwsKeyService, AwsSealer
 from regionvault.providers.aws.s3 import AwsTransit
 from regionvault.providers.aws.testing import (
