@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from regionvault.core.errors import (
     ObjectNotFound,
     RegionVaultError,
 )
-from regionvault.core.procs import process_alive, start_ticks
+from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._store import Store
 
@@ -50,7 +48,8 @@ class LockInfo:
     def stale(self, now: datetime) -> bool:
         if self.expires_at <= now:
             return True
-        return self.host == socket.gethostname() and not process_alive(self.pid, self.pid_ticks)
+        # a holder on another host is judged by its expiry alone (alive() is None)
+        return ProcessIdentity(self.host, self.pid, self.pid_ticks).alive() is False
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
@@ -153,13 +152,14 @@ class RepositoryLock:
 
     def _info(self, now: datetime) -> LockInfo:
         assert self.name is not None
+        me = ProcessIdentity.current()
         return LockInfo(
             name=self.name,
             exclusive=self.exclusive,
             operation=self.operation,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            pid_ticks=start_ticks(os.getpid()),
+            host=me.host,
+            pid=me.pid,
+            pid_ticks=me.ticks,
             created_at=self._created,
             expires_at=now + self._ttl,
         )
