@@ -1,8 +1,10 @@
 """Process identity: which process on which host wrote something (a lock, a temporary file),
 and whether that process still runs, told apart from a later process that reused its pid.
 
-Repository locks (core/repository/_locks.py) and the local provider's temporary files use
-it; it imports nothing of the engine, so providers may use it too (core SPI).
+The one definition of "is this pid still that process": the job ledger's locks
+(core/pipeline/ledger.py), the repository locks (core/repository/_locks.py), the local
+vault's temporary files and the local compute's launched processes all ask here. It imports
+nothing of the engine, so providers may use it too (core SPI).
 """
 
 from __future__ import annotations
