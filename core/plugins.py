@@ -59,12 +59,26 @@ class HookSpecs:
         """Called after a recovery point was committed to ``region``'s vault. Returns
         nothing."""
 
+    # ``result``, ``outcome`` and ``report`` are values of the repository and the pipeline,
+    # which sit above this module: the SPI imports nothing above it, so they are typed Any
+    # here, and each docstring names the class.
+
     @hookspec
     def regionvault_after_copy(
-        self, source_region: str, region: str, source: RecoveryPoint, copy: RecoveryPoint
+        self,
+        source_region: str,
+        region: str,
+        source: RecoveryPoint,
+        copy: RecoveryPoint,
+        result: Any,
     ) -> None:
         """Called after ``source`` was copied from ``source_region`` and committed in
-        ``region`` as ``copy`` (re-encrypted under ``region``'s keys). Returns nothing."""
+        ``region`` as ``copy`` (re-encrypted under ``region``'s keys), not for a copy that
+        was there already. ``result`` is what the copy did: a
+        :class:`~regionvault.core.repository.CopyResult` (bytes and chunks moved) for a copy
+        in one call or one ``copy`` job, a :class:`~regionvault.core.repository.CommitReport`
+        (batches taken in) for a ``copy-commit`` job, whose bytes crossed in the jobs before
+        it. Returns nothing."""
 
     @hookspec(firstresult=True)
     def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
@@ -92,6 +106,22 @@ class HookSpecs:
         """Called when a job (tag, backup, copy, retention, verify, drill) fails; ``job`` is
         the job's stable key. Notify or count here; the error is still reported. Returns
         nothing."""
+
+    @hookspec
+    def regionvault_after_job(self, outcome: Any) -> None:
+        """Called by the service once for each job of a tick, in the service's process, as
+        the executor hands its outcome back: ``outcome`` is the
+        :class:`~regionvault.core.pipeline.jobs.JobOutcome` (``key``, ``kind``, ``region``,
+        ``status``: done, replayed, busy or failed; ``result``, ``error``, ``started_at``,
+        ``finished_at``). Count or audit here. An exception is logged and becomes a problem
+        of the tick; the tick's other jobs still run. Returns nothing."""
+
+    @hookspec
+    def regionvault_after_tick(self, report: Any) -> None:
+        """Called by the service at the end of each tick (a whole-site tick, or a region's
+        own) with its :class:`~regionvault.core.pipeline.reports.TickReport`: every job's
+        outcome, the schedules, the problems, ``outcome``. An exception is logged and added
+        to the report's problems. Returns nothing."""
 
 
 class ProviderRegistry:

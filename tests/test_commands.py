@@ -404,12 +404,12 @@ def test_an_unhealthy_launch_is_kept_and_named(
 ) -> None:
     """The launched instance does not become healthy: restore exits 1 naming it, and the
     instance stays (the engine never removes an instance that exists)."""
-    from regionvault.core.pipeline import Engine
+    from regionvault.core.pipeline import engine
 
-    def never_healthy(self: Engine, region: Any, instance: Any, started: float) -> Any:
+    def never_healthy(region: Any, instance: Any, started: float, **options: Any) -> Any:
         return None, "not healthy after 0.1s (state running)"
 
-    monkeypatch.setattr(Engine, "_await_healthy", never_healthy)
+    monkeypatch.setattr(engine, "await_healthy", never_healthy)
     result = run("restore", point, "--region", "east", "--launch", "--json")
     line = fails(result, "did not become healthy", "not healthy after 0.1s", "local:east")
     report = as_json(result)

@@ -23,7 +23,7 @@ from regionvault.core.errors import (
     TransitError,
 )
 from regionvault.core.interfaces import KeyService, Sealer, Transit
-from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline import Engine, Service, job_handlers
 from regionvault.core.pipeline.executor import execute_job
 from regionvault.core.pipeline.jobs import (
     COPY_COMMIT,
@@ -832,7 +832,7 @@ def worker(path: Path, *plugins: object) -> Iterator[Engine]:
 
 def run_phase(engine: Engine, job: Job) -> Any:
     """The job's handler, run directly (no ledger), as a re-run after a lost record would."""
-    return engine.handlers().get(job.kind)(job)
+    return job_handlers(engine).get(job.kind)(job)
 
 
 def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
@@ -863,7 +863,7 @@ def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
             worker(path, recorder) as phase_engine,
             guard.only(own.name, east.name, west.name) as used,
         ):
-            outcome = execute_job(job, phase_engine.handlers(), phase_engine.ledger())
+            outcome = execute_job(job, job_handlers(phase_engine), phase_engine.ledger())
         assert outcome.status is JobStatus.DONE, outcome.error
         assert used == {own.name}, (job.kind, used)
         results[job.kind] = outcome.result
@@ -887,7 +887,7 @@ def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
     for job in jobs:
         path = east_site if job.region == east.name else west_site
         with worker(path) as phase_engine:
-            again = execute_job(job, phase_engine.handlers(), phase_engine.ledger())
+            again = execute_job(job, job_handlers(phase_engine), phase_engine.ledger())
         assert again.status is JobStatus.REPLAYED
     # west's keys alone restore it, byte-exact, with east gone
     engine.site.close()
@@ -1038,7 +1038,7 @@ def test_a_tick_with_split_copies_runs_the_four_phases(
     site: Site, west: Region, instance: Instance, dataset: Path, tmp_path: Path
 ) -> None:
     engine = Engine(site, settings=SETTINGS, split_copies=True)
-    report = engine.tick()
+    report = Service(engine).tick()
     assert report.ok, [o.error for o in report.failures()] + report.problems
     phases = [o.kind for o in report.jobs if o.kind.startswith("copy")]
     assert phases == [COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT]
@@ -1048,7 +1048,7 @@ def test_a_tick_with_split_copies_runs_the_four_phases(
     # the expiry the engine worked out (the policy's 7 days, from the source point)
     assert copy.expires_at == point.created_at + timedelta(days=7)
     # the next tick finds the copy held: no copy job at all
-    again = engine.tick()
+    again = Service(engine).tick()
     assert not [o for o in again.jobs if o.kind.startswith("copy")]
     restore_in(west, copy.id, tmp_path / "out")
     assert snapshot(tmp_path / "out") == snapshot(dataset)

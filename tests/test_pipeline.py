@@ -28,7 +28,7 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.interfaces import FileSink
-from regionvault.core.pipeline import SLOT_TAG, Engine
+from regionvault.core.pipeline import SLOT_TAG, Engine, Service
 from regionvault.core.pipeline.jobs import JobStatus, format_slot, slot_of
 from regionvault.core.plugins import hookimpl
 from regionvault.core.repository import Repository, RepositorySettings, TreeEntry
@@ -195,7 +195,7 @@ def test_two_runners_in_threads_make_one_point_per_slot(
     def runner(engine: Engine) -> None:
         try:
             barrier.wait(timeout=10)
-            reports.append(engine.tick())
+            reports.append(Service(engine).tick())
         except BaseException as exc:
             errors.append(exc)
 
@@ -256,7 +256,7 @@ def test_ticks_follow_the_policy_with_an_injected_clock(
     untagged = add(east, "vcu-1", tmp_path, 1)  # the tagger gives it the default 1-7
     hourly = add(east, "core-1", tmp_path, 2, backup="1h-1d")
 
-    first = engine.tick()
+    first = Service(engine).tick()
     assert first.ok, first.failures()
     (tag_east,) = [o for o in first.jobs if o.kind == "tag" and o.region == east.name]
     assert tag_east.result["tagged"] == [untagged.id]
@@ -270,7 +270,7 @@ def test_ticks_follow_the_policy_with_an_injected_clock(
 
     # an hour later: the daily instance is not due, the hourly one is
     clock.advance(hours=1)
-    second = engine.tick()
+    second = Service(engine).tick()
     assert second.ok, second.failures()
     assert len(home_points(engine, "east", untagged.id)) == 1
     assert len(copies_of(engine, "west", untagged.id)) == 1
@@ -278,13 +278,13 @@ def test_ticks_follow_the_policy_with_an_injected_clock(
     assert len(copies_of(engine, "west", hourly.id)) == 2
 
     # the same tick again (a second runner, a retried cron job) does nothing new
-    again = engine.tick()
+    again = Service(engine).tick()
     assert all(o.status is JobStatus.REPLAYED for o in again.jobs if o.kind == "backup")
     assert len(home_points(engine, "east")) == 3
 
     # a day later both are due again, and their new points are copied
     clock.advance(days=1)
-    third = engine.tick()
+    third = Service(engine).tick()
     assert third.ok, third.failures()
     assert len(home_points(engine, "east", untagged.id)) == 2
     assert len(copies_of(engine, "west", untagged.id)) == 2
@@ -301,7 +301,7 @@ def test_malformed_tags_are_reported_per_instance_and_the_run_goes_on(
     bad_copy = add(east, "bad-copy", tmp_path, 4, **{"backup": "1-7", "backup-copy-to": "mars"})
     opted_out = add(east, "opted-out", tmp_path, 5, backup="none")
 
-    report = engine.tick()
+    report = Service(engine).tick()
     assert report.ok, report.failures()
     (schedule,) = [s for s in report.schedule if s.region == east.name]
     malformed = {note.instance_id: note.reason for note in schedule.malformed}
@@ -329,7 +329,7 @@ def test_the_copy_to_tag_sends_copies_where_it_says(
         east, "to-both", tmp_path, 3, **{"backup": "1-7", "backup-copy-to": "west,local:south"}
     )
     nowhere = add(east, "nowhere", tmp_path, 4, **{"backup": "1-7", "backup-copy-to": "none"})
-    report = engine.tick()
+    report = Service(engine).tick()
     assert report.ok, report.failures()
 
     def held(instance: Instance) -> set[str]:
@@ -350,7 +350,7 @@ def test_a_failing_job_calls_the_failure_hook_and_the_run_goes_on(
     broken = add(east, "broken", tmp_path, 2, backup="1-7")
     shutil.rmtree(tmp_path / "data" / "broken")  # its capture fails
 
-    report = engine.tick()
+    report = Service(engine).tick()
     assert not report.ok
     (failed,) = report.failures()
     assert failed.kind == "backup" and broken.id in failed.key
@@ -362,7 +362,7 @@ def test_a_failing_job_calls_the_failure_hook_and_the_run_goes_on(
 
     # the failure is not recorded as done: once the data is back, the next tick retries
     make_data(tmp_path / "data" / "broken", 2)
-    retry = engine.tick()
+    retry = Service(engine).tick()
     assert retry.ok, retry.failures()
     assert len(home_points(engine, "east", broken.id)) == 1
 
@@ -371,16 +371,16 @@ def test_run_ticks_until_stopped(engine: Engine, east: Region, tmp_path: Path) -
     add(east, "vcu-1", tmp_path, 1, backup="1-7")
     stop = threading.Event()
     seen: list[Any] = []
-    assert engine.run(stop, interval=timedelta(milliseconds=10), max_ticks=2) == 2
+    assert Service(engine).run(stop, interval=timedelta(milliseconds=10), max_ticks=2) == 2
 
     def on_tick(report: Any) -> None:
         seen.append(report)
         stop.set()
 
-    assert engine.run(stop, interval=timedelta(seconds=30), on_tick=on_tick) == 1
+    assert Service(engine).run(stop, interval=timedelta(seconds=30), on_tick=on_tick) == 1
     assert len(seen) == 1 and seen[0].ok
     stop.set()
-    assert engine.run(stop) == 0  # already stopped: no tick at all
+    assert Service(engine).run(stop) == 0  # already stopped: no tick at all
     assert len(home_points(engine, "east")) == 1
 
 
@@ -727,10 +727,10 @@ def test_retention_forgets_exactly_the_expired_points_and_keeps_worm_locked_ones
 
 def test_tick_applies_retention(engine: Engine, clock: Clock, east: Region, tmp_path: Path) -> None:
     inst = add(east, "vcu-1", tmp_path, 1, backup="1d-2d")
-    engine.tick()
+    Service(engine).tick()
     (first,) = home_points(engine, "east", inst.id)
     clock.advance(days=3)
-    report = engine.tick()
+    report = Service(engine).tick()
     assert report.ok, report.failures()
     (retained,) = [o for o in report.jobs if o.kind == "retention" and o.region == east.name]
     assert retained.result["forgotten"] == [first.id]
@@ -806,7 +806,7 @@ def test_reading_never_creates_a_repository(
     # a tick backs up in east and copies to west: south, with nothing of its own and no
     # copies coming in, still holds no repository afterwards
     inst = add(east, "vcu-1", tmp_path, 1, backup="1-7")
-    report = engine.tick()
+    report = Service(engine).tick()
     assert report.ok, (report.problems, report.failures())
     assert len(home_points(engine, "east", inst.id)) == 1
     assert len(copies_of(engine, "west", inst.id)) == 1

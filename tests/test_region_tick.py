@@ -1,4 +1,4 @@
-"""A region's own tick (``Engine.tick(region=...)``, ``regionvault tick --region``): two
+"""A region's own tick (``Service.tick(region=...)``, ``regionvault tick --region``): two
 services, one per region, each holding only its own region's keys, copy east's backups into
 west through their inboxes alone, with a sealed receipt back to east."""
 
@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 from regionvault.core.cli import cli
 from regionvault.core.errors import IntegrityError, KeyAccessDenied, RegionVaultError
-from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, TickReport
+from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, Service, TickReport
+from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY_COMMIT,
@@ -87,7 +88,7 @@ class Services:
 
     def tick(self, region: str) -> TickReport:
         with self.engine(region) as engine:
-            report = engine.tick(region=region)
+            report = Service(engine).tick(region=region)
         assert report.region == region
         return report
 
@@ -251,16 +252,16 @@ def test_a_failed_phase_is_retried_by_the_next_tick(
             raise RegionVaultError("the link dropped (injected)")
         return original_send(self, point_id, *args, **kwargs)
 
-    original_commit = Engine._commit_on_notice
+    original_commit = CopyFlow._commit_on_notice
 
-    def flaky_commit(self: Engine, *args: Any) -> Any:
+    def flaky_commit(self: CopyFlow, *args: Any) -> Any:
         if failures["commit"]:
             failures["commit"] -= 1
             raise RegionVaultError("the process died (injected)")
         return original_commit(self, *args)
 
     monkeypatch.setattr(CopySender, "send", flaky_send)
-    monkeypatch.setattr(Engine, "_commit_on_notice", flaky_commit)
+    monkeypatch.setattr(CopyFlow, "_commit_on_notice", flaky_commit)
 
     services.tick(EAST)
     services.tick(WEST)
@@ -362,7 +363,7 @@ def test_receipts_are_sealed_for_the_source_alone(site: Site, east: Region, west
 
 def test_a_whole_site_tick_is_unchanged(site: Site, instance: Instance) -> None:
     """tick() with no region still copies with one ``copy`` job, and leaves no receipt."""
-    report = Engine(site).tick()
+    report = Service(Engine(site)).tick()
     assert report.region is None and report.ok
     assert {o.kind for o in report.jobs} == {TAG, BACKUP, "copy", "retention"}
     assert inbox_names(site.region("east")) == inbox_names(site.region("west")) == []

@@ -22,9 +22,17 @@ from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, 
 from regionvault.core.durations import parse_duration
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline import TickReport
+    from regionvault.core.pipeline import Service, TickReport
 
 __all__ = ["run", "tag", "tick"]
+
+
+def _service(state: CliState, **options: Any) -> Service:
+    """The service that ticks over the site's engine (``options`` go to the Engine), on
+    its default executor: this process's threads."""
+    from regionvault.core.pipeline import Service
+
+    return Service(state.engine(**options))
 
 
 def _region_tick_options(
@@ -151,7 +159,7 @@ def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: b
     Exits 1 when a step failed, else 3 when a backup was incomplete (its point names
     entries it could not take whole), else 0."""
     name, options = _region_tick_options(state, region, copy_grace)
-    report = state.engine(**options).tick(name)
+    report = _service(state, **options).tick(name)
     if as_json:
         print_json(_tick_json(report))
     else:
@@ -193,7 +201,7 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    engine = state.engine(**options)
+    service = _service(state, **options)
     failed = incomplete = 0
 
     def on_tick(report: TickReport) -> None:
@@ -203,6 +211,6 @@ def run(
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
 
-    ticks = engine.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
+    ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     echo_err(f"regionvault: stopped after {ticks} tick(s)")
     _exit_for(failed, incomplete)

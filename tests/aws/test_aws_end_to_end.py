@@ -32,7 +32,7 @@ from aws_world import EAST, WEST, AwsWorld
 from botocore.exceptions import ClientError
 from regionvault.core.errors import KeyAccessDenied
 from regionvault.core.interfaces import KeyService
-from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.jobs import BACKUP, COPY, RETENTION, TAG
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.repository import Repository, open_payload
@@ -287,7 +287,7 @@ def test_tag_schedule_backup_copy_restore_launch_across_regions(
         engine = Engine(site, clock=lambda: now)
 
         # ---- tag and schedule: the instance is found, backed up, copied, in one tick
-        report = engine.tick()
+        report = Service(engine).tick()
         assert report.ok, (report.problems, [(o.key, o.error) for o in report.failures()])
         schedule = {s.region: s for s in report.schedule}
         assert [d.instance.id for d in schedule[A].due] == [instance_id]
@@ -311,7 +311,7 @@ def test_tag_schedule_backup_copy_restore_launch_across_regions(
         assert after.tags == tags
 
         # ---- a second tick in the same slot: nothing is due, nothing is copied again
-        again = engine.tick()
+        again = Service(engine).tick()
         assert again.ok
         assert [o.kind for o in again.jobs if o.kind in (BACKUP, COPY)] == []
         assert [n.instance.id for s in again.schedule for n in s.not_due] == [instance_id]

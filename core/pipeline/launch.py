@@ -1,0 +1,86 @@
+"""Launching an instance from restored data: its name, waiting for it to be healthy, and
+what a launch that failed before an instance existed leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.interfaces import RestoreSink
+from regionvault.core.types import Instance, RecoveryPoint
+
+if TYPE_CHECKING:
+    import pluggy
+    from regionvault.core.site import Region
+
+__all__ = ["await_healthy", "discard_sink", "launch_name"]
+
+log = logging.getLogger(__name__)
+
+
+def discard_sink(region: Region, sink: RestoreSink, error: BaseException) -> None:
+    """Discard the sink of a restore or launch that failed with ``error``. If that fails
+    too, ``error`` (what the caller sees) still wins: the leftover is logged and noted
+    on it."""
+    try:
+        sink.discard()
+    except Exception as exc:
+        log.error("the restored data of a failed launch in %s stays behind: %s", region.name, exc)
+        error.add_note(f"the restored data in {region.name} could not be discarded: {exc}")
+    else:
+        log.info("discarded the restored data of a failed launch in %s", region.name)
+
+
+def launch_name(region: Region, point: RecoveryPoint, name: str | None) -> str:
+    """``name``, refused before any data is restored when a live instance has it; else
+    ``<instance>-<point id[:8]>``, with ``-2``, ``-3``... when a drill of the same point
+    is still running."""
+    taken = {
+        i.name for i in region.compute.list_instances() if i.state not in ("terminated", "pending")
+    }
+    if name is not None:
+        if name in taken:
+            raise RegionVaultError(
+                f"{region.name} already has an instance named {name!r}", region=region.name
+            )
+        return name
+    base = f"{point.instance_name}-{point.id[:8]}"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def await_healthy(
+    region: Region,
+    instance: Instance,
+    started: float,
+    *,
+    timeout: float,
+    plugin_manager: pluggy.PluginManager,
+) -> tuple[float | None, str | None]:
+    """``(seconds from started to healthy, None)``, or ``(None, why)`` when the instance
+    did not become healthy in time or its health check raised (the instance exists
+    either way: this is reported, never raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            current = region.compute.get_instance(instance.id)
+            answer = plugin_manager.hook.regionvault_health_check(
+                region=region.name, instance=current
+            )
+        except Exception as exc:
+            log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
+            return None, f"health check raised {type(exc).__name__}: {exc}"
+        if answer is None:
+            answer = current.state == "running"
+        if answer:
+            return time.monotonic() - started, None
+        if current.state == "terminated":
+            return None, "the instance terminated"
+        if time.monotonic() >= deadline:
+            return None, f"not healthy after {timeout:g}s (state {current.state})"
+        time.sleep(0.05)

@@ -1,0 +1,125 @@
+"""What the pipeline's steps report: a tick (:class:`TickReport`), a restore
+(:class:`RestoreResult`), retention (:class:`RetentionReport`) and where an instance stands in a
+region (:class:`StatusRow`). Plain values: the engine, the service and the CLI share them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from regionvault.core.pipeline.jobs import JobOutcome, JobStatus
+from regionvault.core.pipeline.scheduler import ScheduleReport
+from regionvault.core.pipeline.tagger import TagReport
+from regionvault.core.types import Instance, RecoveryPoint
+
+__all__ = ["RestoreResult", "RetentionReport", "StatusRow", "TickReport"]
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    point: RecoveryPoint
+    region: str
+    #: where the data was restored (a directory or image file), None for a cloud sink
+    target: Path | None
+    instance: Instance | None = None
+    #: the RTO: from the restore request to a healthy instance; None if it never was healthy
+    seconds_to_healthy: float | None = None
+    seconds_to_restore: float = 0.0
+    #: why a launched instance is not healthy (timed out, terminated, health check raised);
+    #: the instance is left as it is, never removed by the engine
+    health_error: str | None = None
+    #: what the restore could not apply (owners and device nodes when not root, sockets,
+    #: extended attributes the target refuses), one line per kind; the data is whole
+    notes: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return self.seconds_to_healthy is not None
+
+
+@dataclass
+class RetentionReport:
+    region: str
+    forgotten: list[str] = field(default_factory=list)
+    #: expired points that a WORM lock or legal hold keeps
+    protected: list[str] = field(default_factory=list)
+    prune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TickReport:
+    at: datetime
+    tagged: list[TagReport] = field(default_factory=list)
+    schedule: list[ScheduleReport] = field(default_factory=list)
+    jobs: list[JobOutcome] = field(default_factory=list)
+    #: problems met outside any job (a region that could not be listed, ...)
+    problems: list[str] = field(default_factory=list)
+    #: the region of a region's own tick (``tick(region=...)``); None for a whole-site tick
+    region: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.failures()
+
+    def failures(self) -> list[JobOutcome]:
+        # a BUSY job is not a failure: another runner is doing it right now
+        return [o for o in self.jobs if o.status is JobStatus.FAILED]
+
+    def incomplete(self) -> list[JobOutcome]:
+        """The jobs this tick ran that did their work but not whole (a backup whose point
+        names entries it could not take); one replayed from an earlier tick is not counted
+        again."""
+        return [o for o in self.jobs if o.status is JobStatus.DONE and o.incomplete]
+
+    @property
+    def outcome(self) -> str:
+        """``failed`` (a job failed, or a problem outside any job), else ``incomplete`` (a
+        job ran but did not do its work whole), else ``ok``."""
+        if not self.ok:
+            return "failed"
+        return "incomplete" if self.incomplete() else "ok"
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """Where one instance stands in one region."""
+
+    instance_id: str
+    instance_name: str
+    region: str
+    #: home region (backups) or a copy destination
+    role: str
+    newest_point: str | None
+    newest_at: datetime | None
+    #: the RPO right now: age of the data in the newest recovery point (since its capture;
+    #: for a copy, since the source was captured, not since the copy was made)
+    rpo_seconds: float | None
+    points: int
+    last_copy_at: datetime | None = None
+    #: entries the newest point names as not taken whole (0: it is complete)
+    newest_issues: int = 0
+    last_drill_at: datetime | None = None
+    last_drill_rto: float | None = None
+    last_drill_healthy: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "instance_id": self.instance_id,
+            "instance_name": self.instance_name,
+            "region": self.region,
+            "role": self.role,
+            "newest_point": self.newest_point,
+            "newest_at": iso(self.newest_at),
+            "rpo_seconds": self.rpo_seconds,
+            "points": self.points,
+            "newest_issues": self.newest_issues,
+            "last_copy_at": iso(self.last_copy_at),
+            "last_drill_at": iso(self.last_drill_at),
+            "last_drill_rto": self.last_drill_rto,
+            "last_drill_healthy": self.last_drill_healthy,
+        }

@@ -1,0 +1,293 @@
+"""The backup service: ticks that find what is due and run it as jobs on any executor.
+
+:class:`Service` runs a whole-site tick (:meth:`Service.tick`), one region's own tick
+(:meth:`Service.region_tick`) and the loop of ticks (:meth:`Service.run`). Every step is an
+idempotent job (core/pipeline/jobs.py) handed to an :class:`Executor`: by default a
+:class:`ThreadExecutor` in this process, or any other (a distributed one) given to it;
+:func:`job_handlers` is the function each job kind runs, the same wherever it runs. After each
+job the service calls ``regionvault_after_job(outcome)``, after each tick
+``regionvault_after_tick(report)``. See docs/jobs.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.pipeline.copyflow import CopyFlow
+from regionvault.core.pipeline.engine import SLOT_TAG
+from regionvault.core.pipeline.executor import Executor, ThreadExecutor
+from regionvault.core.pipeline.jobs import (
+    BACKUP,
+    COPY,
+    LISTED_ISSUES,
+    RETENTION,
+    TAG,
+    Incomplete,
+    Job,
+    JobHandlers,
+    JobOutcome,
+    copy_job,
+    copy_jobs_for,
+    parse_slot,
+    retention_job,
+    slot_of,
+    tag_job,
+)
+from regionvault.core.pipeline.reports import TickReport
+from regionvault.core.pipeline.scheduler import due_instances
+
+if TYPE_CHECKING:
+    from regionvault.core.pipeline.engine import Engine
+    from regionvault.core.types import Instance
+
+__all__ = ["Service", "job_handlers", "run_chains"]
+
+log = logging.getLogger(__name__)
+
+
+def job_handlers(engine: Engine) -> JobHandlers:
+    """The function that runs each kind of job over ``engine``: the thread executor uses
+    these, and so does any other executor's worker (docs/jobs.md)."""
+
+    def run_tag(job: Job) -> Any:
+        report = engine.tag(job.region or "")
+        return {
+            "tagged": [t.instance_id for t in report.tagged],
+            "malformed": [str(m) for m in report.malformed],
+        }
+
+    def run_backup(job: Job) -> Any:
+        instance = engine.region(job.region or "").compute.get_instance(job.payload["instance_id"])
+        point = engine.backup(instance, slot=parse_slot(job.payload["slot"]))
+        result = {"point": point.id}
+        if point.issues:
+            # done for its slot all the same (the point exists), and saying so
+            listed = engine.point_issues(point)[:LISTED_ISSUES]
+            return Incomplete({**result, "issues": point.issues}, listed, point.issues)
+        return result
+
+    def run_copy(job: Job) -> Any:
+        result = engine.copy(
+            job.payload["recovery_point"], source=job.region, to=job.payload["destination"]
+        )
+        return {
+            "copy": result.point.id,
+            "existing": result.existing,
+            "bytes_moved": result.bytes_moved,
+        }
+
+    def run_retention(job: Job) -> Any:
+        report = engine.retain(job.region or "")
+        return {"forgotten": report.forgotten, "protected": report.protected}
+
+    return JobHandlers(
+        {
+            TAG: run_tag,
+            BACKUP: run_backup,
+            COPY: run_copy,
+            RETENTION: run_retention,
+            **CopyFlow(engine).handlers(),
+        }
+    )
+
+
+def run_chains(executor: Executor, chains: Iterable[list[Job]]) -> list[JobOutcome]:
+    """Run chains of jobs (such as :func:`~regionvault.core.pipeline.jobs.copy_jobs_for`'s) through
+    ``executor``, one step of every chain at a time: a chain goes on only while its jobs
+    succeed (a failed or busy step stops it until the next run). Returns every outcome."""
+    live = [list(chain) for chain in chains]
+    outcomes: list[JobOutcome] = []
+    step = 0
+    while live:
+        current = [chain for chain in live if step < len(chain)]
+        if not current:
+            break
+        results = executor.run([chain[step] for chain in current])
+        outcomes.extend(results)
+        live = [chain for chain, outcome in zip(current, results, strict=True) if outcome.ok]
+        step += 1
+    return outcomes
+
+
+class Service:
+    """Ticks over ``engine``'s site, every job run by ``executor``.
+
+    >>> service = Service(Engine(site))                      # doctest: +SKIP
+    >>> report = service.tick()                              # doctest: +SKIP
+    >>> east = Service(Engine(site), executor=my_executor).region_tick("east")  # doctest: +SKIP
+
+    With no ``executor``, each tick runs its jobs in a :class:`ThreadExecutor` of
+    ``engine.workers`` threads, made for the tick and closed at its end. A given executor is
+    used for every tick as it is, and never closed here: whoever made it closes it. Whatever
+    the executor, every job of a tick goes through its :meth:`Executor.run`.
+
+    The engine's ``split_copies`` and ``copy_grace`` say how a tick copies (docs/jobs.md).
+    """
+
+    def __init__(self, engine: Engine, *, executor: Executor | None = None) -> None:
+        self.engine = engine
+        self.executor = executor
+        self.copyflow = CopyFlow(engine)
+
+    def handlers(self) -> JobHandlers:
+        """:func:`job_handlers` of this service's engine."""
+        return job_handlers(self.engine)
+
+    @contextmanager
+    def _executor(self) -> Iterator[Executor]:
+        if self.executor is not None:
+            yield self.executor
+            return
+        with ThreadExecutor(
+            self.handlers(),
+            self.engine.ledger(),
+            max_workers=self.engine.workers,
+            plugin_manager=self.engine.site.plugin_manager,
+        ) as executor:
+            yield executor
+
+    def _hook(self, tick: TickReport, name: str, about: str, **kwargs: Any) -> None:
+        """Call the plugin hook ``name``. A hook that raises does not stop the tick (its
+        other jobs still run), and does not go unseen: it is a problem of the tick."""
+        try:
+            getattr(self.engine.site.plugin_manager.hook, name)(**kwargs)
+        except Exception as exc:
+            log.exception("%s hook failed for %s", name, about)
+            tick.problems.append(f"{name} hook failed for {about}: {type(exc).__name__}: {exc}")
+
+    def _ran(self, report: TickReport, outcomes: Iterable[JobOutcome]) -> None:
+        for outcome in outcomes:
+            report.jobs.append(outcome)
+            self._hook(report, "regionvault_after_job", f"job {outcome.key}", outcome=outcome)
+
+    def _finish(self, report: TickReport) -> TickReport:
+        where = f"the tick of {report.region}" if report.region else "the tick"
+        self._hook(report, "regionvault_after_tick", where, report=report)
+        return report
+
+    def _newest_slot(self, instance: Instance) -> datetime | None:
+        """The schedule slot of ``instance``'s newest recovery point in its home region (its
+        creation time when it has none), None when it has no point there."""
+        point = self.engine.newest_point(instance)
+        if point is None:
+            return None
+        slot = point.tags.get(SLOT_TAG)
+        return parse_slot(slot) if slot else point.created_at
+
+    def tick(self, region: str | None = None) -> TickReport:
+        """One pass: tag every region, back up what is due, copy new points where their
+        policies say, apply retention. Each step is a job: a step already done for its
+        slot is not done again.
+
+        With ``region``, region's own tick (:meth:`region_tick`): the same for that region
+        alone, with its credentials alone."""
+        if region is not None:
+            return self.region_tick(region)
+        engine = self.engine
+        now = engine.clock()
+        report = TickReport(at=now)
+        cfg = engine.site.config
+        with self._executor() as executor:
+            tag_slot = slot_of(now, cfg.tag_interval)
+            self._ran(
+                report, executor.run([tag_job(r.name, tag_slot) for r in engine.site.regions])
+            )
+            backups: list[Job] = []
+            for r in engine.site.regions:
+                try:
+                    schedule = due_instances(r.compute, self._newest_slot, cfg, now)
+                except RegionVaultError as exc:
+                    report.problems.append(f"{r.name}: schedule: {exc}")
+                    continue
+                report.schedule.append(schedule)
+                backups.extend(schedule.jobs())
+            self._ran(report, executor.run(backups))
+            retain_slot = slot_of(now, cfg.schedule_interval)
+            copies = self.copyflow.copies_due(report)
+            if engine.split_copies:
+                chains = [
+                    copy_jobs_for(
+                        point.region,
+                        point.id,
+                        dest,
+                        expires_at=engine.copy_expiry(point, dest),
+                        slot=retain_slot,
+                    )
+                    for point, dest in copies
+                ]
+                self._ran(report, run_chains(executor, chains))
+            else:
+                jobs = [copy_job(point.region, point.id, dest) for point, dest in copies]
+                self._ran(report, executor.run(jobs))
+            retention = [retention_job(r.name, retain_slot) for r in engine.site.regions]
+            self._ran(report, executor.run(retention))
+        return self._finish(report)
+
+    def region_tick(self, region: str) -> TickReport:
+        """Region ``region``'s own tick, for a backup service running in that region with
+        its own credentials alone (of the other regions: their Sealers, and write access to
+        their inboxes). Each step is a job with a stable key (the schedule slot's):
+
+        1. tag its untagged instances; back up its due instances;
+        2. take in what its inbox holds from each other region: a destination's receipt
+           (``copy-receipt``: recorded in its own vault), a sent notice (``copy-commit``:
+           commit the copy, answer with a receipt), a request (``copy-send``: send the
+           chunks, then a sent notice), an offer (``copy-request``; or a receipt when it
+           holds the copy already);
+        3. offer the newest point of each of its instances to every region its policy copies
+           to (``copy-offer``), unless a receipt says the destination holds it, or it was
+           offered less than ``copy_grace`` ago;
+        4. apply retention to its vault.
+
+        The other regions' ticks do their sides of each copy; one round of alternating
+        ticks moves a copy one phase on (docs/jobs.md, "One service per region")."""
+        here = self.engine.region(region)
+        now = self.engine.clock()
+        report = TickReport(at=now, region=here.name)
+        cfg = self.engine.site.config
+        slot = slot_of(now, cfg.schedule_interval)
+        with self._executor() as executor:
+            self._ran(report, executor.run([tag_job(here.name, slot_of(now, cfg.tag_interval))]))
+            try:
+                schedule = due_instances(here.compute, self._newest_slot, cfg, now)
+            except RegionVaultError as exc:
+                report.problems.append(f"{here.name}: schedule: {exc}")
+            else:
+                report.schedule.append(schedule)
+                self._ran(report, executor.run(schedule.jobs()))
+            first, then = self.copyflow.inbox_jobs(here.name, slot, report)
+            self._ran(report, executor.run(first))
+            self._ran(report, executor.run(then))
+            self._ran(report, executor.run(self.copyflow.offer_jobs(here.name, slot, report)))
+            self._ran(report, executor.run([retention_job(here.name, slot)]))
+        return self._finish(report)
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        interval: timedelta | None = None,
+        on_tick: Callable[[TickReport], None] | None = None,
+        max_ticks: int | None = None,
+        region: str | None = None,
+    ) -> int:
+        """Tick every ``interval`` (default: the shorter of the site's tag and schedule
+        intervals) until ``stop`` is set; a tick in progress finishes first. Returns the
+        number of ticks run. With ``region``, each tick is that region's own tick."""
+        cfg = self.engine.site.config
+        every = interval or min(cfg.tag_interval, cfg.schedule_interval)
+        ticks = 0
+        while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
+            report = self.tick(region)
+            ticks += 1
+            if on_tick is not None:
+                on_tick(report)
+            if stop.wait(every.total_seconds()):
+                break
+        return ticks
