@@ -312,6 +312,9 @@ class CopyFlow:
                 log.warning("closing %r failed: %s", transit, exc)
         return {"copy": receipt.copy, "recorded": recorded}
 
+    # What a tick copies: for a region's own tick, from what its inbox holds and the offers
+    # due; for a whole-site tick, every copy a destination does not hold yet.
+
     def inbox(self, region: str, report: TickReport) -> dict[str, dict[str, set[str]]]:
         """What ``region``'s inbox holds from each other region: ``{peer: {point id:
         {"offer", "request", "sent", "receipt", "batch"}}}`` (names only: nothing opened)."""
