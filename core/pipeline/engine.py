@@ -4,6 +4,11 @@ each over a :class:`Site`.
 :class:`Engine` does each step now, in this process. The service (core/pipeline/service.py)
 runs the same steps as idempotent jobs on an executor, tick after tick; the copy handshake of
 those jobs is core/pipeline/copyflow.py. See docs/embedding.md.
+
+Why this module is longer than the others: it is the whole embedding API, a method per step
+an embedder calls (backup, copy and its phase halves, restore and launch, retain, sweep,
+status), each with the documentation an embedder reads; what each step does beneath it is
+the data plane's (core/repository) or a module of its own (launch.py, hooks.py).
 """
 
 from __future__ import annotations
