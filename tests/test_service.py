@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from regionvault.core.errors import RegionVaultError, TransientError
 from regionvault.core.pipeline import Engine, Service, TickReport, job_handlers
-from regionvault.core.pipeline.executor import Executor, execute_job
+from regionvault.core.pipeline.executor import NO_RETRY, Executor, RetryPolicy, execute_job
 from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
@@ -252,3 +253,50 @@ def test_a_failing_hook_is_a_problem_of_the_tick_and_the_tick_goes_on(
         "regionvault_after_tick hook failed for the tick: RuntimeError: audit log full",
     ]
     assert not report.ok and report.outcome == "failed"
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class Throttled:
+    """Wraps ``Engine.tag``: its first ``times`` calls for local:east fail as a throttled
+    cloud would (the tick tags both regions at once, in two threads)."""
+
+    def __init__(self, engine: Engine, times: int) -> None:
+        self.tag = engine.tag
+        self.left = times
+
+    def __call__(self, region: str) -> Any:
+        if region == "local:east" and self.left > 0:
+            self.left -= 1
+            raise TransientError("throttled (test)", region=region, retry_after=0.5)
+        return self.tag(region)
+
+
+def test_the_default_executor_retries_with_the_policy_given(site: Site) -> None:
+    engine = Engine(site, settings=SETTINGS)
+    waits: list[float] = []
+    engine.tag = Throttled(engine, times=2)  # type: ignore[method-assign]
+    policy = RetryPolicy(attempts=3, first_delay=0.1, max_delay=1.0, sleep=waits.append)
+    report = Service(engine, retry=policy).tick()
+    tags = [o for o in report.jobs if o.kind == TAG]
+    assert [o.status for o in tags] == [JobStatus.DONE, JobStatus.DONE]
+    # east's tag job was throttled twice and done on its third run, the service's own
+    # Retry-After honoured; west's ran once
+    assert {o.region: o.attempts for o in tags} == {"local:east": 3, "local:west": 1}
+    assert waits == [0.5, 0.5]
+
+
+def test_without_retries_a_throttled_job_fails_once_and_names_the_error(site: Site) -> None:
+    engine = Engine(site, settings=SETTINGS)
+    engine.tag = Throttled(engine, times=1)  # type: ignore[method-assign]
+    report = Service(engine, retry=NO_RETRY).tick()
+    (failed,) = report.failures()
+    assert failed.kind == TAG and failed.attempts == 1
+    assert "throttled (test)" in (failed.error or "")
+
+
+def test_an_executor_and_a_retry_policy_together_are_refused(site: Site) -> None:
+    engine = Engine(site, settings=SETTINGS)
+    with pytest.raises(RegionVaultError, match="an executor or a retry policy, not both"):
+        Service(engine, executor=SerialExecutor(engine), retry=NO_RETRY)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.engine import SLOT_TAG
-from regionvault.core.pipeline.executor import Executor, ThreadExecutor
+from regionvault.core.pipeline.executor import DEFAULT_RETRY, Executor, RetryPolicy, ThreadExecutor
 from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
@@ -127,12 +127,28 @@ class Service:
     used for every tick as it is, and never closed here: whoever made it closes it. Whatever
     the executor, every job of a tick goes through its :meth:`Executor.run`.
 
+    ``retry`` is how that default executor retries a job that failed transiently (throttled,
+    a server error, a timeout: :class:`~regionvault.core.pipeline.executor.RetryPolicy`); a
+    given executor has its own, so the two are not taken together.
+
     The engine's ``split_copies`` and ``copy_grace`` say how a tick copies (docs/jobs.md).
     """
 
-    def __init__(self, engine: Engine, *, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        executor: Executor | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if executor is not None and retry is not None:
+            raise RegionVaultError(
+                "Service takes an executor or a retry policy, not both: the executor given "
+                "retries as it was made to"
+            )
         self.engine = engine
         self.executor = executor
+        self.retry = retry if retry is not None else DEFAULT_RETRY
         self.copyflow = CopyFlow(engine)
 
     def handlers(self) -> JobHandlers:
@@ -149,6 +165,7 @@ class Service:
             self.engine.ledger(),
             max_workers=self.engine.workers,
             plugin_manager=self.engine.site.plugin_manager,
+            retry=self.retry,
         ) as executor:
             yield executor
 
