@@ -51,6 +51,12 @@ BREAKS = {
         "layers",
         r"regionvault\.core\.names -> regionvault\.core\.pipeline\.engine \(l\.{line}\)",
     ),
+    "the core's own __init__ imports the CLI": Break(
+        "core/__init__.py",
+        "\nfrom regionvault.core.cli import root  # noqa\n",
+        "core-init-spi",
+        r"regionvault\.core -> regionvault\.core\.cli\.root \(l\.{line}\)",
+    ),
     "the plugin manager imports the conformance suite for a type": Break(
         "core/plugins.py",
         TYPING_ONLY.format("from regionvault.core.conformance import support"),

@@ -7,26 +7,32 @@ command's name and whose object is a :class:`click.Command` (or group)::
 
 Finding the names reads the installed distributions' metadata and imports nothing; a
 command's module is imported only when that command is used or listed. A command that cannot
-be loaded, or a name that two entry points claim, is an error naming the entry points, never
-a traceback or a silent choice of one of them."""
+be loaded, or a name that two plugins claim, is an error naming the entry points, never a
+traceback or a silent choice of one of them; a plugin claiming a built-in command's name is
+ignored, with a warning naming it, so no installed package can take ``restore`` away."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from dataclasses import dataclass
 
 import click
 
 __all__ = [
+    "DISTRIBUTION",
     "GROUP",
     "CommandLoadError",
     "CommandSource",
     "clash_message",
     "find_command_sources",
+    "shadowed_message",
 ]
 
 #: the entry-point group the ``regionvault`` command takes its commands from
 GROUP = "regionvault.cli"
+#: the distribution whose commands are the built-in ones
+DISTRIBUTION = "regionvault"
 
 
 class CommandLoadError(Exception):
@@ -37,6 +43,11 @@ class CommandLoadError(Exception):
     def __init__(self, message: str, summary: str) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+def _normalized(name: str) -> str:
+    # distribution names compare as PEP 503 normalizes them
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _folded(text: str) -> str:
@@ -75,6 +86,13 @@ class CommandSource:
         return f"{callback.__module__}.{callback.__qualname__}"
 
     @property
+    def built_in(self) -> bool:
+        """Whether this claim is one of regionvault's own commands."""
+        if self.entry_point is None or self.entry_point.dist is None:
+            return False
+        return _normalized(self.entry_point.dist.name) == DISTRIBUTION
+
+    @property
     def origin(self) -> str:
         """How messages name the claim: ``backup = pkg.cli:backup (pkg 1.0)``, or
         ``pkg.cli.backup (added with add_command)``."""
@@ -93,7 +111,9 @@ class CommandSource:
         problem = f"command {self.name!r} cannot be loaded from entry point {self.origin}"
         try:
             loaded = self.entry_point.load()
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin must not end the command
             # whatever the plugin's import raised: the user needs the entry point and the
             # reason, not a traceback from inside someone else's package
             raise CommandLoadError(
@@ -117,6 +137,15 @@ def find_command_sources() -> dict[str, list[CommandSource]]:
     for entry_point in importlib.metadata.entry_points(group=GROUP):
         found.setdefault(entry_point.name, []).append(CommandSource.of(entry_point))
     return found
+
+
+def shadowed_message(name: str, ignored: list[CommandSource]) -> str:
+    """One line for a built-in command's name that plugins claim too: theirs are ignored."""
+    listed = " and ".join(claim.origin for claim in ignored)
+    return (
+        f"command {name!r} of {listed} is ignored: regionvault's own command of that name "
+        f"runs; uninstall or rename the plugin's"
+    )
 
 
 def clash_message(name: str, claims: list[CommandSource]) -> str:

@@ -21,6 +21,7 @@ from regionvault.core.cli.entrypoints import (
     CommandSource,
     clash_message,
     find_command_sources,
+    shadowed_message,
 )
 from regionvault.core.config import find_site_file
 from regionvault.core.errors import RegionVaultError
@@ -84,6 +85,8 @@ class UnavailableCommand(click.Command):
 
 #: where the root context keeps the command sources it found (one look-up per command line)
 _SOURCES_KEY = "regionvault.cli.sources"
+#: the command names whose ignored plugin claims were already named in this command line
+_WARNED_KEY = "regionvault.cli.warned"
 
 
 class RegionVaultGroup(click.Group):
@@ -112,8 +115,18 @@ class RegionVaultGroup(click.Group):
         claims = self._sources(ctx).get(cmd_name)
         if not claims:
             return None
+        built_in = [claim for claim in claims if claim.built_in]
+        if len(claims) > 1 and len(built_in) == 1:
+            # a plugin claiming a built-in's name: the built-in runs (no installed package
+            # can take restore away mid-incident), and the plugin's claim is named once
+            warned = ctx.find_root().meta.setdefault(_WARNED_KEY, set())
+            if cmd_name not in warned:
+                warned.add(cmd_name)
+                ignored = [claim for claim in claims if not claim.built_in]
+                click.echo(f"regionvault: warning: {shadowed_message(cmd_name, ignored)}", err=True)
+            claims = built_in
         if len(claims) > 1:
-            # two distributions claim the name: neither wins silently
+            # two plugins claim the name: neither wins silently
             owners = " and ".join(claim.owner for claim in claims)
             return UnavailableCommand(
                 cmd_name, clash_message(cmd_name, claims), f"claimed by {owners}"
