@@ -10,8 +10,9 @@ Snapshotting a running instance's volume is covered by the live suite
 
 Shown here: the tagger and the scheduler (``Service.tick`` over an engine with an injected
 clock) find the instance, back it up and copy the point to eu-west-1 under eu-west-1's KMS
-key; a restore there writes a new snapshot whose blocks equal the original's (read back with the EBS direct
-APIs), registers an image and launches an instance of the original's type with its tags.
+key; a restore there writes a new snapshot whose blocks equal the original's (read back with
+the EBS direct APIs), registers an image and launches an instance of the original's type with
+its tags.
 us-east-1's key opens nothing in eu-west-1's bucket or inbox, and no object in any bucket,
 no version and no inbox payload holds plaintext disk content or key material.
 """
