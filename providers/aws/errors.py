@@ -6,11 +6,15 @@ the job with backoff, docs/jobs.md), once botocore's own retries (standard mode,
 clients.py) have given up:
 
 - a service answer whose error code is a throttling code (:data:`THROTTLING_CODES`: the
-  codes botocore's standard retry mode treats as throttling, S3's ``SlowDown`` among them)
-  or a transient one (:data:`TRANSIENT_CODES`), or whose HTTP status is 429 or 5xx;
+  codes botocore's standard retry mode treats as throttling, S3's ``SlowDown`` among them,
+  except those a service uses for a quota, :data:`QUOTA_CODES`: KMS's
+  ``LimitExceededException``) or a transient one (:data:`TRANSIENT_CODES`), or whose HTTP
+  status is one of :data:`TRANSIENT_STATUSES` (429, 500, 502, 503, 504: botocore's; never
+  501 or 505, which an S3-compatible endpoint sends for what it does not implement);
 - no answer: a connect or read timeout, a refused or dropped connection, a response stream
   broken off (botocore's ``ConnectionError`` and ``HTTPClientError`` families), except a TLS
-  failure (``SSLError``), which is a configuration problem and does not pass by waiting.
+  failure (``SSLError``) and a host name that does not resolve (a mistyped region, endpoint
+  or proxy), which are configuration problems and do not pass by waiting.
 
 Everything else (denied, not found, invalid, a missing bucket) is the caller's error class
 (``VaultError``, ``KeyServiceError``, ``ComputeError``, ``TransitError``) and is not retried.
@@ -18,6 +22,7 @@ Everything else (denied, not found, invalid, a missing bucket) is the caller's e
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -25,8 +30,10 @@ from botocore.exceptions import HTTPClientError, SSLError
 from regionvault.core.errors import RegionVaultError, TransientError
 
 __all__ = [
+    "QUOTA_CODES",
     "THROTTLING_CODES",
     "TRANSIENT_CODES",
+    "TRANSIENT_STATUSES",
     "aws_error",
     "error_code",
     "error_message",
@@ -68,8 +75,20 @@ TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
         "ServiceUnavailable",
         "Unavailable",
+        # EC2 CreateSnapshot (400): snapshots of one volume asked for too fast
+        "SnapshotCreationPerVolumeRateExceeded",
+        # S3 (409): a conflicting conditional operation on the bucket is in progress
+        "OperationAborted",
     }
 )
+
+#: HTTP statuses of a throttled (429) or failed (500, 502, 503, 504) call: botocore's
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+#: per service, the codes of :data:`THROTTLING_CODES` it uses for a quota, which waiting does
+#: not clear: KMS's ``LimitExceededException`` is a resource quota (keys, aliases, grants);
+#: its throttling is ``ThrottlingException``
+QUOTA_CODES: dict[str, frozenset[str]] = {"kms": frozenset({"LimitExceededException"})}
 
 
 def error_code(exc: BaseException) -> str:
@@ -98,17 +117,41 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (from a boto3 call) may pass if the call is made again later."""
+def _unresolved(exc: BaseException) -> bool:
+    """Whether a host name did not resolve somewhere in ``exc``'s causes (urllib3's
+    ``NameResolutionError``, or the ``socket.gaierror`` under it)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo and len(seen) < 32:  # bounded: a chain of causes, not a graph to walk
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, socket.gaierror) or type(item).__name__ == "NameResolutionError":
+            return True
+        kwargs = getattr(item, "kwargs", None)
+        if isinstance(kwargs, dict):
+            todo.append(kwargs.get("error"))
+        todo.extend(getattr(item, name, None) for name in ("original_error", "reason", "__cause__"))
+        todo.append(item.__context__)
+        todo.extend(item.args)
+    return False
+
+
+def is_transient(exc: BaseException, *, service: str = "") -> bool:
+    """Whether ``exc`` (from a boto3 call to ``service``: ``s3``, ``kms``, ``ec2``, ...) may
+    pass if the call is made again later."""
     if isinstance(exc, SSLError):
         return False
     if isinstance(exc, BotoConnectionError | HTTPClientError):
-        return True
+        # botocore has retried it already (standard mode), a name that does not resolve too
+        return not _unresolved(exc)
     code = error_code(exc)
+    if code in QUOTA_CODES.get(service, frozenset()):
+        return False
     if code in THROTTLING_CODES or code in TRANSIENT_CODES:
         return True
-    status = error_status(exc)
-    return status is not None and (status == 429 or 500 <= status <= 599)
+    return error_status(exc) in TRANSIENT_STATUSES
 
 
 def retry_after(exc: BaseException) -> float | None:
@@ -130,10 +173,12 @@ def aws_error(
     category: Callable[..., RegionVaultError],
     *,
     region: str,
+    service: str = "",
 ) -> RegionVaultError:
-    """The error to raise for ``exc``: :class:`TransientError` when it is transient, else
-    ``category(message, provider="aws", region=region)``. ``message`` names the operation
-    and the object, and ends with :func:`error_message` of ``exc``."""
-    if is_transient(exc):
+    """The error to raise for ``exc``: :class:`TransientError` when it is transient (a call
+    to ``service``, see :func:`is_transient`), else ``category(message, provider="aws",
+    region=region)``. ``message`` names the operation and the object, and ends with
+    :func:`error_message` of ``exc``."""
+    if is_transient(exc, service=service):
         return TransientError(message, provider="aws", region=region, retry_after=retry_after(exc))
     return category(message, provider="aws", region=region)

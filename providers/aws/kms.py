@@ -103,10 +103,13 @@ class AwsSealer(Sealer):
                 f"cannot seal for this region with KMS key {self._key}: {error_message(exc)}",
                 err,
                 region=self.region,
+                service="kms",
             ) from None
         except BotoCoreError as exc:
             message = f"KMS Encrypt failed: {error_message(exc)}"
-            raise aws_error(exc, message, KeyServiceError, region=self.region) from None
+            raise aws_error(
+                exc, message, KeyServiceError, region=self.region, service="kms"
+            ) from None
         return bytes(answer["CiphertextBlob"])
 
 
@@ -144,6 +147,7 @@ class AwsKeyService(KeyService):
             f"{what} with KMS key {self._arn or self._key}: {error_message(exc)}",
             err,
             region=self.region,
+            service="kms",
         )
 
     def _resolve(self) -> str:

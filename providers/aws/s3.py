@@ -825,6 +825,16 @@ class AwsTransit(Transit):
         return self._send.first_key(key)
 
     def inbox(self, prefix: str = "") -> Iterator[str]:
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise TransitError(
+                f"bad inbox prefix {prefix!r} from {self.source}: {problem}",
+                provider="aws",
+                region=self.region,
+            )
+        return self._inbox(prefix)
+
+    def _inbox(self, prefix: str) -> Iterator[str]:
         cut = len(self.prefix)
         for item in self._ready_recv().list(self.prefix + prefix):
             yield str(item["Key"])[cut:]

@@ -9,6 +9,7 @@ two, not botocore's back-off.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ def s3_answer(object_reply: Callable[[], Reply]) -> Callable[[Request], Reply]:
         pytest.param(s3_error(500, "InternalError", "We encountered an internal error."), id="500"),
         pytest.param(s3_error(429, "TooManyRequests", "Too many requests."), id="429"),
         pytest.param(Reply(502), id="502-no-body"),
+        pytest.param(Reply(504), id="504-no-body"),
+        pytest.param(
+            s3_error(409, "OperationAborted", "A conflicting conditional operation is ..."),
+            id="409-OperationAborted",
+        ),
     ],
 )
 def test_s3_throttling_and_5xx_are_transient(
@@ -253,6 +259,14 @@ def test_ec2_request_limit_is_transient(fake_aws: FakeAws, tmp_path: Path) -> No
     [
         pytest.param(s3_error(403, "AccessDenied", "Access Denied"), VaultError, id="403"),
         pytest.param(s3_error(400, "InvalidArgument", "bad"), VaultError, id="400"),
+        # what an S3-compatible endpoint answers for a feature it lacks: waiting never helps
+        pytest.param(
+            s3_error(501, "NotImplemented", "A header you provided implies functionality ..."),
+            VaultError,
+            id="501",
+        ),
+        pytest.param(Reply(501), VaultError, id="501-no-body"),
+        pytest.param(Reply(505), VaultError, id="505-no-body"),
     ],
 )
 def test_s3_refusals_are_not_transient(
@@ -264,6 +278,34 @@ def test_s3_refusals_are_not_transient(
     with pytest.raises(expected) as raised:
         vault.get("config")
     assert not isinstance(raised.value, TransientError)
+
+
+def test_a_kms_quota_is_not_transient(fake_aws: FakeAws, tmp_path: Path) -> None:
+    # KMS's LimitExceededException is a resource quota (keys, aliases, grants), which
+    # waiting does not clear; its throttling is ThrottlingException
+    aws, region = world(fake_aws.endpoint, tmp_path)
+    keys = aws.track(aws.provider.key_service(region))
+    fake_aws.answer = lambda request: kms_error(400, "LimitExceededException", "too many aliases")
+    with pytest.raises(KeyServiceError, match="LimitExceededException") as raised:
+        keys.key_id  # noqa: B018
+    assert not isinstance(raised.value, TransientError)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # botocore's standard retry mode throttles on it for every service but KMS's quota
+        "LimitExceededException",
+        # CreateSnapshot of one volume asked for too fast
+        "SnapshotCreationPerVolumeRateExceeded",
+    ],
+)
+def test_ec2_rate_limits_are_transient(fake_aws: FakeAws, tmp_path: Path, code: str) -> None:
+    aws, region = world(fake_aws.endpoint, tmp_path)
+    compute = aws.track(aws.provider.compute(region))
+    fake_aws.answer = lambda request: ec2_error(400, code, "slow down")
+    with pytest.raises(TransientError, match=f"cannot list instances: {code}"):
+        compute.list_instances_page()
 
 
 def test_a_read_timeout_is_transient(fake_aws: FakeAws, tmp_path: Path) -> None:
@@ -285,6 +327,27 @@ def test_no_listener_is_transient(fake_aws: FakeAws, tmp_path: Path) -> None:
     vault = aws.track(aws.provider.vault(region))
     with pytest.raises(TransientError, match="EndpointConnectionError"):
         vault.get("config")
+
+
+def test_a_host_name_that_does_not_resolve_is_not_transient(
+    fake_aws: FakeAws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a mistyped region or endpoint: configuration, which waiting does not mend (and
+    # botocore has retried it already); no DNS query leaves this machine
+    host = "rv-nowhere.invalid"
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == host:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    aws, region = world(f"http://{host}:9", tmp_path, connect_timeout=2)
+    vault = aws.track(aws.provider.vault(region))
+    with pytest.raises(VaultError, match="EndpointConnectionError") as raised:
+        vault.get("config")
+    assert not isinstance(raised.value, TransientError)
 
 
 def test_key_service_errors_keep_their_class_when_not_transient(

@@ -73,3 +73,13 @@ def test_separate_inbox_bucket(aws: AwsWorld) -> None:
     assert transit.bucket_name == inbox
     assert aws.client("s3", WEST).get_bucket_location(Bucket=inbox)["LocationConstraint"] == WEST
     assert transit.receive("rp/x") == b"1"
+
+
+@pytest.mark.parametrize("prefix", ["../rp1/", "/rp1", "rp1//x", "rp1/../"])
+def test_inbox_refuses_a_bad_prefix(aws: AwsWorld, prefix: str) -> None:
+    # the same rule as the local transit and the vaults' listings (core.names.prefix_problem)
+    transit = aws.track(aws.provider.transit(aws.region(EAST), aws.region(WEST)))
+    before = aws.provider.metrics.snapshot()
+    with pytest.raises(TransitError, match="bad inbox prefix"):
+        transit.inbox(prefix)
+    assert aws.provider.metrics.since(before).by_operation() == {}  # refused before asking
