@@ -5,10 +5,17 @@ The one definition of "is this pid still that process": the job ledger's locks
 (core/pipeline/ledger.py), the repository locks (core/repository/_locks.py), the local
 vault's temporary files and the local compute's launched processes all ask here. It imports
 nothing of the engine, so providers may use it too (core SPI).
+
+A process is named by its host name, pid and start time, and (where Linux says) the boot it
+ran in (``/proc/sys/kernel/random/boot_id``), its pid namespace (the inode of
+``/proc/self/ns/pid``) and a hash of its machine's id (``/etc/machine-id``). The pid means
+something here only in the same boot and the same pid namespace; see
+:meth:`ProcessIdentity.alive` for the rule.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -16,9 +23,18 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessIdentity", "process_alive", "start_ticks"]
+__all__ = [
+    "ProcessIdentity",
+    "boot_id",
+    "machine_tag",
+    "pid_namespace",
+    "process_alive",
+    "start_ticks",
+]
 
-_TOKEN = re.compile(r"^h([0-9a-f]{8})p([0-9]+)t([0-9]+|x)$")
+_TOKEN = re.compile(
+    r"^h([0-9a-f]{8})p([0-9]+)t([0-9]+|x)(?:b([0-9a-f]{8}|x)n([0-9]+|x)m([0-9a-f]{8}|x))?$"
+)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -38,9 +54,43 @@ def start_ticks(pid: int) -> int | None:
         return None
 
 
+@functools.cache
+def boot_id() -> str | None:
+    """This boot's id (Linux: a new random one at every boot), None when it cannot be read."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: pids mean the same only within one; None
+    when it cannot be read. (Not cached: a forked child may be in another namespace.)"""
+    try:
+        return Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        return None
+
+
+@functools.cache
+def machine_tag() -> str | None:
+    """A hash of this machine's id (``/etc/machine-id``, which stays the same across
+    reboots), None when there is none. Hashed with a purpose of its own, as systemd advises,
+    so what lock files hold does not give away the id itself."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw:
+            return hashlib.blake2s(raw.encode(), digest_size=8, person=b"rv-host").hexdigest()
+    return None
+
+
 def process_alive(pid: int, ticks: int | None) -> bool:
-    """Whether process ``pid`` of this host runs and, when ``ticks`` is known, is the one
-    that started at ``ticks`` (not a later one that reused the pid)."""
+    """Whether process ``pid`` of this host (this boot, this pid namespace) runs and, when
+    ``ticks`` is known, is the one that started at ``ticks`` (not a later one that reused the
+    pid)."""
     if pid <= 0:
         return False
     try:
@@ -55,43 +105,93 @@ def process_alive(pid: int, ticks: int | None) -> bool:
     return ticks is None or now_ticks is None or now_ticks == ticks
 
 
-def _host_tag(host: str) -> str:
-    return hashlib.blake2s(host.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+def _tag(value: str) -> str:
+    return hashlib.blake2s(value.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+
+
+def _differ(a: object, b: object) -> bool:
+    """Both known, and not the same."""
+    return a is not None and b is not None and a != b
 
 
 @dataclass(frozen=True)
 class ProcessIdentity:
-    """A process: its host, pid and start time (clock ticks since boot, None if unknown)."""
+    """A process: its host, pid and start time (clock ticks since boot), and the boot, pid
+    namespace and machine it ran in; each of the last four None if unknown (as in what
+    earlier versions wrote)."""
 
     host: str
     pid: int
     ticks: int | None
+    boot: str | None = None
+    pid_ns: int | None = None
+    machine: str | None = None
 
     @classmethod
     def current(cls) -> ProcessIdentity:
         pid = os.getpid()
-        return cls(socket.gethostname(), pid, start_ticks(pid))
+        return cls(
+            socket.gethostname(), pid, start_ticks(pid), boot_id(), pid_namespace(), machine_tag()
+        )
 
     def alive(self) -> bool | None:
-        """Whether it still runs; None when it ran on another host (nobody here can tell)."""
+        """Whether it still runs; None when nobody here can tell. The rule:
+
+        - another host name: None (judge it by an expiry);
+        - another boot (both boot ids known, and not the same): False when both machine ids
+          are known and the same, so this is the very machine, rebooted since (no process of
+          an earlier boot runs any more); else None, as it may be another machine that
+          carries the same host name;
+        - the same boot, another pid namespace (a container sharing the host name): None,
+          its pid means another process here, or none;
+        - otherwise the pid decides, with the start time telling a reused pid.
+
+        Anything unknown (an older record, no /proc) is no mismatch."""
         if self.host != socket.gethostname():
+            return None
+        if _differ(self.boot, boot_id()):
+            here = machine_tag()
+            return False if here is not None and self.machine == here else None
+        if _differ(self.pid_ns, pid_namespace()):
             return None
         return process_alive(self.pid, self.ticks)
 
     def token(self) -> str:
-        """A short form for file names (``h<host hash>p<pid>t<ticks>``): letters and digits
-        only. The host goes in as a hash: enough to tell this host from another."""
-        ticks = "x" if self.ticks is None else str(self.ticks)
-        return f"h{_host_tag(self.host)}p{self.pid}t{ticks}"
+        """A short form for file names (``h<host>p<pid>t<ticks>b<boot>n<pid ns>m<machine>``,
+        ``x`` for unknown): letters and digits only. The host, boot and machine go in as
+        short hashes: enough to tell this one from another."""
+
+        def known(value: object, form: str) -> str:
+            return "x" if value is None else form
+
+        return (
+            f"h{_tag(self.host)}p{self.pid}t{known(self.ticks, str(self.ticks))}"
+            f"b{known(self.boot, _tag(self.boot or ''))}"
+            f"n{known(self.pid_ns, str(self.pid_ns))}"
+            f"m{known(self.machine, _tag(self.machine or ''))}"
+        )
 
     @classmethod
     def from_token(cls, token: str) -> ProcessIdentity | None:
-        """The identity a :meth:`token` names, with ``host`` set to this host's name when the
-        hash is this host's (else to the hash); None when ``token`` is not one."""
+        """The identity a :meth:`token` names (also the shorter one of earlier versions,
+        without boot, namespace and machine), with ``host``, ``boot`` and ``machine`` set to
+        this host's, boot's and machine's when the hash is theirs (else to ``#<hash>``); None
+        when ``token`` is not one."""
         match = _TOKEN.match(token)
         if match is None:
             return None
-        host_hash, pid, ticks = match.groups()
-        here = socket.gethostname()
-        host = here if _host_tag(here) == host_hash else f"#{host_hash}"
-        return cls(host, int(pid), None if ticks == "x" else int(ticks))
+        host_hash, pid, ticks, boot_hash, ns, machine_hash = match.groups()
+
+        def resolve(hashed: str | None, here: str | None) -> str | None:
+            if hashed is None or hashed == "x":
+                return None
+            return here if here is not None and _tag(here) == hashed else f"#{hashed}"
+
+        return cls(
+            resolve(host_hash, socket.gethostname()) or "",
+            int(pid),
+            None if ticks == "x" else int(ticks),
+            resolve(boot_hash, boot_id()),
+            None if ns in (None, "x") else int(ns),
+            resolve(machine_hash, machine_tag()),
+        )

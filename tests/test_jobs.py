@@ -39,6 +39,7 @@ from regionvault.core.pipeline.jobs import (
 )
 from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.plugins import hookimpl, make_plugin_manager
+from regionvault.core.procs import machine_tag
 
 SLOT = datetime(2026, 11, 25, tzinfo=UTC)
 KEY = "backup/local:east/i-abc/2026-11-25T00:00Z"
@@ -304,6 +305,80 @@ def test_stale_locks_are_broken(tmp_path: Path, fields: dict[str, Any]) -> None:
             zombie.wait(timeout=30)
     assert outcome.status is JobStatus.DONE
     assert handler.runs == [KEY]
+
+
+def test_the_lock_body_keeps_the_form_every_version_reads(tmp_path: Path) -> None:
+    # Runners of different versions share state_dir during an upgrade: each field keeps the
+    # name and type earlier versions read, and new fields are ones they ignore.
+    ledger = JobLedger(tmp_path)
+    lock = ledger.acquire(KEY)
+    assert lock is not None
+    try:
+        body = json.loads(ledger._path("locks", KEY, ".lock").read_bytes())
+    finally:
+        lock.release()
+    types = {name: type(value).__name__ for name, value in body.items()}
+    assert types == {
+        "key": "str",
+        "token": "str",
+        "host": "str",
+        "pid": "int",
+        "process_start": "str",  # earlier versions compare it with a string from /proc
+        "expires_at": "float",
+        "boot_id": "str",
+        "pid_ns": "str",
+        "machine": "str" if machine_tag() is not None else "NoneType",
+    }
+    assert body["process_start"].isdigit()
+
+    # the check of a runner before 257f77e..288bf75, as it was: stale when the holder's
+    # start time, read from /proc as a string, is not the one the lock holds
+    def old_is_stale(holder: dict[str, Any]) -> bool:
+        stat = Path(f"/proc/{holder['pid']}/stat").read_bytes()
+        start = stat.rsplit(b")", 1)[-1].split()[19].decode()
+        return holder.get("process_start") is not None and start not in (
+            None,
+            holder["process_start"],
+        )
+
+    assert not old_is_stale(body)  # our live lock is live to an older runner too
+
+
+@pytest.mark.parametrize("form", [str, int], ids=["string", "number"])
+def test_a_live_holders_start_time_reads_in_either_form(tmp_path: Path, form: Any) -> None:
+    ledger = JobLedger(tmp_path)
+    ticks = int(Path(f"/proc/{os.getpid()}/stat").read_bytes().rsplit(b")", 1)[-1].split()[19])
+    write_lock(ledger, KEY, process_start=form(ticks))
+    assert execute_job(job(), JobHandlers({"backup": Counter()}), ledger).status is JobStatus.BUSY
+
+
+def test_a_holder_in_another_pid_namespace_is_judged_by_expiry_alone(tmp_path: Path) -> None:
+    # a runner in a container sharing this host name: its pid means nothing here, so its
+    # lock is never broken for a pid that is dead here; only its expiry counts
+    ledger = JobLedger(tmp_path)
+    me = json.loads(_own_lock_body(ledger))
+    write_lock(ledger, KEY, pid=dead_pid(), boot_id=me["boot_id"], pid_ns="1")
+    assert execute_job(job(), JobHandlers({"backup": Counter()}), ledger).status is JobStatus.BUSY
+
+
+def test_a_holder_of_an_earlier_boot_of_this_machine_is_dead(tmp_path: Path) -> None:
+    ledger = JobLedger(tmp_path)
+    me = json.loads(_own_lock_body(ledger))
+    if me["machine"] is None:
+        pytest.skip("this machine has no machine id")
+    earlier = "00000000-0000-4000-8000-000000000000"
+    # the same pid and start time as this process: only the boot tells them apart
+    write_lock(ledger, KEY, process_start=me["process_start"], boot_id=earlier,
+               pid_ns=me["pid_ns"], machine=me["machine"])  # fmt: skip
+    assert execute_job(job(), JobHandlers({"backup": Counter()}), ledger).status is JobStatus.DONE
+    # another machine that has this host name: cannot tell, so the expiry decides
+    other = JobLedger(tmp_path / "other")
+    write_lock(other, KEY, boot_id=earlier, machine="0" * 16)
+    assert execute_job(job(), JobHandlers({"backup": Counter()}), other).status is JobStatus.BUSY
+
+
+def _own_lock_body(ledger: JobLedger) -> bytes:
+    return ledger._lock_body(KEY, "mine")
 
 
 def test_another_hosts_unexpired_lock_is_respected(tmp_path: Path) -> None:
@@ -585,23 +660,126 @@ def test_the_key_stays_locked_while_a_retry_waits(tmp_path: Path) -> None:
     assert handler.runs == 2  # both runs were the first runner's
 
 
-def test_a_lock_lost_during_the_wait_ends_the_retries(tmp_path: Path) -> None:
+def test_a_lock_lost_during_the_wait_makes_the_key_busy(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
     handler = Throttled(5)
     ledger = JobLedger(tmp_path)
 
     def sleep(seconds: float) -> None:
         # the lock expired and another runner broke it and took the key
         ledger._path("locks", KEY, ".lock").unlink()
-        write_lock(ledger, KEY, token="another-runner")
+        write_lock(ledger, KEY, token="another-runner", host="elsewhere", pid=4242)
 
     outcome = execute_job(
-        job(), JobHandlers({"backup": handler}), ledger, retry=RetryPolicy(sleep=sleep)
-    )
-    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1
-    assert outcome.error is not None and "lost its lock while waiting to retry" in outcome.error
+        job(), JobHandlers({"backup": handler}), ledger, plugin_manager=pm,
+        retry=RetryPolicy(sleep=sleep),
+    )  # fmt: skip
+    # the key is another runner's now, which may well finish it: nothing failed here
+    assert outcome.status is JobStatus.BUSY and outcome.attempts == 1
+    assert outcome.runner == "elsewhere:4242" and outcome.error is None
     assert handler.runs == 1
+    assert ledger.last_failure(KEY) is None and spy.calls == []
     holder = ledger.holder(KEY)
     assert holder is not None and holder["token"] == "another-runner"  # not released by us
+
+
+class PlainLock:
+    """A lock of the Ledger protocol as it was before renew(): release only."""
+
+    def __init__(self, released: list[str]) -> None:
+        self.released = released
+
+    def release(self) -> None:
+        self.released.append("released")
+
+
+class PlainLedger:
+    """A minimal in-memory Ledger whose locks are :class:`PlainLock` (or ``lock_factory``'s)."""
+
+    def __init__(self, lock_factory: Any = None) -> None:
+        self.done: dict[str, JobOutcome] = {}
+        self.failed: dict[str, JobOutcome] = {}
+        self.released: list[str] = []
+        self.lock_factory = lock_factory or (lambda: PlainLock(self.released))
+
+    def record(self, key: str) -> JobOutcome | None:
+        return self.done.get(key)
+
+    def acquire(self, key: str) -> Any:
+        return self.lock_factory()
+
+    def holder(self, key: str) -> None:
+        return None
+
+    def mark_done(self, outcome: JobOutcome) -> None:
+        self.done[outcome.key] = outcome
+
+    def mark_failed(self, outcome: JobOutcome) -> None:
+        self.failed[outcome.key] = outcome
+
+
+def test_a_lock_without_renew_counts_as_held(tmp_path: Path) -> None:
+    ledger = PlainLedger()
+    handler = Throttled(2)
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), ledger, retry=RetryPolicy(sleep=lambda s: None)
+    )
+    assert outcome.status is JobStatus.DONE and outcome.attempts == 3
+    assert KEY in ledger.done and ledger.released == ["released"]
+
+
+def test_a_renew_that_raises_ends_the_job_and_never_escapes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenLock(PlainLock):
+        def renew(self) -> bool:
+            raise RuntimeError("lock service down")
+
+    ledger = PlainLedger()
+    ledger.lock_factory = lambda: BrokenLock(ledger.released)
+    handler = Throttled(2)
+    outcome = execute_job(
+        job(), JobHandlers({"backup": handler}), ledger, retry=RetryPolicy(sleep=lambda s: None)
+    )
+    # whether the lock is still held cannot be told: not run again here
+    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1 and handler.runs == 1
+    assert outcome.error is not None and "could not renew its lock" in outcome.error
+    assert KEY in ledger.failed and ledger.released == ["released"]
+    assert "lock service down" in caplog.text  # logged, with its traceback
+
+
+def test_a_stop_ends_a_retry_wait_at_once(tmp_path: Path) -> None:
+    spy = FailureSpy()
+    pm = make_plugin_manager(load_entry_points=False, plugins=[spy])
+    stop = threading.Event()
+
+    class StopsDuringTheWait(Throttled):
+        def __call__(self, job: Job) -> str:
+            # SIGTERM arrives a moment after the failure, while the job waits to retry
+            threading.Timer(0.05, stop.set).start()
+            return super().__call__(job)
+
+    handler = StopsDuringTheWait(5)
+    ledger = JobLedger(tmp_path)
+    # an hour's wait (time.sleep, the default), which only the stop can cut short
+    retry = RetryPolicy(first_delay=3600.0, max_delay=3600.0)
+    outcomes: list[JobOutcome] = []
+    with ThreadExecutor(
+        JobHandlers({"backup": handler}), ledger, plugin_manager=pm, retry=retry, stop=stop
+    ) as executor:
+        runner = threading.Thread(target=lambda: outcomes.extend(executor.run([job()])))
+        runner.daemon = True
+        runner.start()
+        runner.join(timeout=60)  # bounded; without the stop it would wait for an hour
+        assert not runner.is_alive(), "the retry wait did not end when stop was set"
+    (outcome,) = outcomes
+    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1 and handler.runs == 1
+    assert outcome.error is not None and outcome.error.startswith("stopped while waiting")
+    assert "SlowDown" in outcome.error  # the failure it was waiting to retry
+    # the runner stopped; the job did not fail: no failure record, no alert
+    assert ledger.last_failure(KEY) is None and spy.calls == []
+    assert ledger.record(KEY) is None and ledger.holder(KEY) is None
 
 
 def test_the_thread_executor_retries_as_told(tmp_path: Path) -> None:

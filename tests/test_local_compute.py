@@ -534,3 +534,34 @@ def test_instance_records_survive_a_new_compute(east: Region, tmp_path: Path) ->
     assert again == inst
     record = east.config.path("root") / "compute" / "instances" / inst.id / "instance.json"
     assert stat.S_ISREG(record.stat().st_mode)
+
+
+def test_a_process_of_another_boot_or_pid_namespace_is_never_signalled() -> None:
+    import subprocess
+    import sys
+
+    from regionvault.core.errors import ComputeError
+    from regionvault.core.procs import boot_id, pid_namespace, start_ticks
+    from regionvault.providers.local import compute
+
+    if boot_id() is None or pid_namespace() is None:
+        pytest.skip("needs Linux's boot id and pid namespace")
+    # a live process standing for "the pid a record names": not launched by this provider
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        ticks = start_ticks(other.pid)
+        here = {"pid_boot": boot_id(), "pid_ns": pid_namespace()}
+        assert compute._alive(other.pid, ticks, here) is True
+        # launched in an earlier boot: that process ended with the boot, whoever has the pid now
+        assert compute._alive(other.pid, ticks, {**here, "pid_boot": "an-earlier-boot"}) is False
+        # launched in another pid namespace: this pid is not that process, and is not touched
+        elsewhere = {**here, "pid_ns": (pid_namespace() or 0) + 1}
+        assert compute._alive(other.pid, ticks, elsewhere) is None
+        with pytest.raises(ComputeError, match="another pid namespace"):
+            compute._stop(other.pid, ticks, 1.0, elsewhere)
+        assert other.poll() is None  # still running: no signal reached it
+    finally:
+        other.kill()
+        other.wait(timeout=30)

@@ -8,10 +8,18 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from regionvault.core.procs import ProcessIdentity, process_alive, start_ticks
+from regionvault.core.procs import (
+    ProcessIdentity,
+    boot_id,
+    machine_tag,
+    pid_namespace,
+    process_alive,
+    start_ticks,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +58,67 @@ def test_an_exited_child_is_dead_before_and_after_it_is_reaped() -> None:
 
 def test_another_hosts_process_is_unknown() -> None:
     assert ProcessIdentity("another-host", 1, None).alive() is None
+
+
+needs_linux_ids = pytest.mark.skipif(
+    boot_id() is None or pid_namespace() is None, reason="needs Linux's boot id and pid namespace"
+)
+
+
+@needs_linux_ids
+def test_the_identity_names_the_boot_and_the_pid_namespace() -> None:
+    me = ProcessIdentity.current()
+    assert me.boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert me.pid_ns == Path("/proc/self/ns/pid").stat().st_ino
+    assert me.machine == machine_tag()
+
+
+@needs_linux_ids
+def test_another_pid_namespace_cannot_tell() -> None:
+    # a container sharing this host name (docker --uts=host): its pid is not a pid here
+    me = ProcessIdentity.current()
+    assert me.ticks is not None
+    elsewhere = replace(me, pid_ns=(me.pid_ns or 0) + 1)
+    assert elsewhere.alive() is None  # not True, though this pid and start time run here
+    assert replace(elsewhere, pid=dead_pid()).alive() is None  # and never dead
+
+
+@needs_linux_ids
+def test_another_boot_of_this_machine_is_dead_of_another_machine_unknown() -> None:
+    me = ProcessIdentity.current()
+    earlier_boot = replace(me, boot="00000000-0000-4000-8000-000000000000")
+    if me.machine is not None:
+        # this very machine, rebooted since: nothing of that boot runs, even at the same
+        # pid and start time (a deterministic boot starts the same units the same way)
+        assert earlier_boot.alive() is False
+    # the same host name on another machine (or one whose id is not known): cannot tell
+    assert replace(earlier_boot, machine="0" * 16).alive() is None
+    assert replace(earlier_boot, machine=None).alive() is None
+
+
+def test_what_earlier_versions_recorded_is_judged_as_before() -> None:
+    # no boot, namespace or machine: the pid and start time decide
+    me = ProcessIdentity.current()
+    assert ProcessIdentity(me.host, me.pid, me.ticks).alive() is True
+    assert ProcessIdentity(me.host, dead_pid(), None).alive() is False
+
+
+def test_tokens_round_trip_and_old_tokens_still_read() -> None:
+    me = ProcessIdentity.current()
+    assert ProcessIdentity.from_token(me.token()) == me
+    assert me.token().isalnum()
+    old = f"h{me.token()[1:9]}p{me.pid}t{me.ticks}"  # the form of earlier versions
+    assert ProcessIdentity.from_token(old) == ProcessIdentity(me.host, me.pid, me.ticks)
+    other = ProcessIdentity("other-host", 7, None, "another-boot", 9, "0" * 16)
+    back = ProcessIdentity.from_token(other.token())
+    assert back is not None and back.host.startswith("#") and back.boot != me.boot
+    assert back.alive() is None
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    return proc.pid
 
 
 def test_process_identity_is_defined_once() -> None:

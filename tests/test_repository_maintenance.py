@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from regionvault.core import (
@@ -20,6 +22,7 @@ from regionvault.core import (
     RetentionLocked,
     RetentionMode,
 )
+from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._locks import LockInfo
@@ -166,12 +169,12 @@ def test_forget_expired(east: Region, tmp_path: Path) -> None:
 
 
 def foreign_lock(repo: Repository, *, exclusive: bool, expires_in: float, host: str = "elsewhere",
-                 pid: int = 4242) -> str:  # fmt: skip
+                 pid: int = 4242, **identity: Any) -> str:  # fmt: skip
     store = repo._store
     name = fmt.lock_name(fmt.new_id())
     now = datetime.now(UTC)
     info = LockInfo(name, exclusive, "prune" if exclusive else "backup", host, pid, None, now,
-                    now + timedelta(seconds=expires_in))  # fmt: skip
+                    now + timedelta(seconds=expires_in), **identity)  # fmt: skip
     store.put_sealed(fmt.ObjectKind.LOCK, name, info.encode(), if_absent=True)
     return name
 
@@ -221,6 +224,40 @@ def test_a_dead_processes_lock_is_stale_at_once(east: Region, tmp_path: Path) ->
     assert report.stale_locks_removed == 1
     assert name not in listing(east, "locks/")
     repo.backup(capture(src))
+
+
+def test_a_dead_pid_of_another_pid_namespace_is_not_stale(east: Region, tmp_path: Path) -> None:
+    # a holder in a container that shares this host name: its pid says nothing here
+    import socket
+
+    repo = quick(east)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    me = ProcessIdentity.current()
+    foreign_lock(repo, exclusive=True, expires_in=3600, host=socket.gethostname(),
+                 pid=child.pid, boot_id=me.boot, pid_ns=(me.pid_ns or 0) + 1)  # fmt: skip
+    with pytest.raises(LockedError, match="exclusive lock"):
+        repo.prune()
+
+
+def test_lock_objects_carry_the_identity_and_read_without_it() -> None:
+    me = ProcessIdentity.current()
+    now = datetime.now(UTC)
+    info = LockInfo("locks/x", True, "prune", me.host, me.pid, me.ticks, now, now,
+                    boot_id=me.boot, pid_ns=me.pid_ns, machine=me.machine)  # fmt: skip
+    assert LockInfo.decode("locks/x", info.encode()) == info
+    # a lock object of an earlier version: no boot, namespace or machine
+    old = json.loads(info.encode())
+    for field in ("boot_id", "pid_ns", "machine"):
+        del old[field]
+    decoded = LockInfo.decode("locks/x", json.dumps(old).encode())
+    assert (decoded.boot_id, decoded.pid_ns, decoded.machine) == (None, None, None)
+    # and one of this version keeps every field an earlier version requires, as it was
+    types = {k: type(v).__name__ for k, v in json.loads(info.encode()).items()}
+    assert types.items() >= {
+        "exclusive": "bool", "operation": "str", "host": "str", "pid": "int",
+        "pid_ticks": "int", "created_at": "str", "expires_at": "str",
+    }.items()  # fmt: skip
 
 
 def test_unreadable_lock_counts_until_ttl(east: Region, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ given, whatever that executor is; after each job and each tick it calls the plug
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -84,6 +85,10 @@ class Recorder:
         result: CopyResult | CommitReport,
     ) -> None:
         self.events.append(("copy", (source_region, region, source, copy, result)))
+
+    @hookimpl
+    def regionvault_on_job_failure(self, job: str, region: str | None, error: Exception) -> None:
+        self.events.append(("failure", job))
 
     def of(self, kind: str) -> list[Any]:
         return [value for what, value in self.events if what == kind]
@@ -294,6 +299,36 @@ def test_without_retries_a_throttled_job_fails_once_and_names_the_error(site: Si
     (failed,) = report.failures()
     assert failed.kind == TAG and failed.attempts == 1
     assert "throttled (test)" in (failed.error or "")
+
+
+def test_a_stop_ends_the_default_executors_retry_waits(site: Site, recorder: Recorder) -> None:
+    engine = Engine(site, settings=SETTINGS)
+    stop = threading.Event()
+    throttled = Throttled(engine, times=100)
+
+    def tag(region: str) -> Any:
+        if region == "local:east":
+            stop.set()  # SIGTERM arrives while east's tag job is throttled
+        return throttled(region)
+
+    engine.tag = tag  # type: ignore[method-assign]
+    # waits of an hour (time.sleep, the default), which only the stop can cut short
+    policy = RetryPolicy(first_delay=3600.0, max_delay=3600.0)
+    reports: list[TickReport] = []
+    service = Service(engine, retry=policy)
+    runner = threading.Thread(
+        target=service.run, args=(stop,), kwargs={"on_tick": reports.append}, daemon=True
+    )
+    runner.start()
+    runner.join(timeout=60)  # bounded; without the stop reaching the job: an hour
+    assert not runner.is_alive(), "the service's stop did not reach the retry wait"
+    (report,) = reports
+    (east,) = [o for o in report.jobs if o.kind == TAG and o.region == "local:east"]
+    assert east.status is JobStatus.FAILED and east.attempts == 1
+    assert (east.error or "").startswith("stopped while waiting to retry")
+    # the runner stopped; the job did not fail: no failure record, no alert
+    assert engine.ledger().last_failure(east.key) is None
+    assert east.key not in recorder.of("failure")
 
 
 def test_an_executor_and_a_retry_policy_together_are_refused(site: Site) -> None:

@@ -114,6 +114,7 @@ def execute_job(
     *,
     plugin_manager: pluggy.PluginManager | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    stop: threading.Event | None = None,
 ) -> JobOutcome:
     """Run ``job`` once, whatever else runs: the core of every executor.
 
@@ -123,29 +124,30 @@ def execute_job(
     still under the lock, as ``retry`` says; the outcome's ``attempts`` counts the runs. Any
     other exception, or a transient one on the last attempt, becomes a ``FAILED`` outcome
     (and a call of the ``regionvault_on_job_failure`` hook); it is not recorded as done, so
-    the next run retries. Never raises for a failing job.
+    the next run retries it. Never raises for a failing job.
+
+    ``stop`` ends a wait before a retry at once: the outcome is ``FAILED`` with an error that
+    starts with ``stopped``, and neither a failure record nor the hook (the runner stopped;
+    the job did not fail). A lock lost during a wait gives ``BUSY`` (docs/jobs.md, Retries).
     """
     recorded = ledger.record(job.key)
     if recorded is not None:
         return _replayed(recorded)
     lock = ledger.acquire(job.key)
     if lock is None:
-        holder = ledger.holder(job.key) or {}
-        return JobOutcome(
-            job.key,
-            job.kind,
-            job.region,
-            JobStatus.BUSY,
-            runner=f"{holder.get('host', '?')}:{holder.get('pid', '?')}",
-            attempts=0,
-        )
+        return _busy(job, ledger, attempts=0)
     try:
         # It may have finished between the first look and taking the lock.
         recorded = ledger.record(job.key)
         if recorded is not None:
             return _replayed(recorded)
         started = _now()
-        attempts, result, error = _run_with_retries(job, handlers, lock, retry)
+        ran = _run_with_retries(job, handlers, lock, retry, stop)
+        attempts, result, error = ran.attempts, ran.result, ran.error
+        if ran.lost:
+            return _busy(job, ledger, attempts=attempts)
+        if ran.stopped:
+            return _stopped(job, started, attempts, error)
         if error is not None:
             return _failed(job, error, started, ledger, plugin_manager, attempts)
         issues: tuple[CaptureIssue, ...] = ()
@@ -182,20 +184,72 @@ def execute_job(
         lock.release()
 
 
+def _busy(job: Job, ledger: Ledger, *, attempts: int) -> JobOutcome:
+    holder = ledger.holder(job.key) or {}
+    return JobOutcome(
+        job.key,
+        job.kind,
+        job.region,
+        JobStatus.BUSY,
+        runner=f"{holder.get('host', '?')}:{holder.get('pid', '?')}",
+        attempts=attempts,
+    )
+
+
+@dataclass(frozen=True)
+class _Ran:
+    attempts: int
+    result: object = None
+    #: the error that ends the job (None: it succeeded)
+    error: Exception | None = None
+    #: the lock was lost while waiting to retry: another runner may hold the key now
+    lost: bool = False
+    #: ``stop`` was set while waiting to retry
+    stopped: bool = False
+
+
+def _held(job: Job, lock: LedgerLock) -> bool | None:
+    """Whether ``lock`` is still held, renewing it; None when renewing it failed (whether it
+    is held cannot be told). A lock without ``renew`` (a ledger written against the protocol
+    of earlier versions, release only) counts as held, as it did then."""
+    renew = getattr(lock, "renew", None)
+    if renew is None:
+        return True
+    try:
+        return bool(renew())
+    except Exception:
+        log.exception("job %s: renewing its lock failed", job.key)
+        return None
+
+
+def _wait(retry: RetryPolicy, stop: threading.Event | None, seconds: float) -> bool:
+    """Wait before a retry; True when ``stop`` was set (before or during the wait)."""
+    if stop is None:
+        retry.sleep(seconds)
+        return False
+    if retry.sleep is time.sleep:
+        return stop.wait(seconds)
+    retry.sleep(seconds)  # an injected sleep (tests): asked, then the event looked at
+    return stop.is_set()
+
+
 def _run_with_retries(
-    job: Job, handlers: JobHandlers, lock: LedgerLock, retry: RetryPolicy
-) -> tuple[int, object, Exception | None]:
-    """``(attempts, result, None)``, or ``(attempts, None, error)`` for the error that ends
-    the job. Runs only while ``lock`` is held: the lock's renewer keeps it through the
+    job: Job,
+    handlers: JobHandlers,
+    lock: LedgerLock,
+    retry: RetryPolicy,
+    stop: threading.Event | None,
+) -> _Ran:
+    """Runs the handler while ``lock`` is held: the lock's renewer keeps it through the
     waits, and a lock lost meanwhile (it expired and another runner broke it) ends the
-    retries, so two runners never run the key at once."""
+    retries, so two runners never start the key at once."""
     attempt = 1
     while True:
         try:
-            return attempt, handlers.get(job.kind)(job), None
+            return _Ran(attempt, handlers.get(job.kind)(job))
         except TransientError as exc:
             if attempt >= retry.attempts:
-                return attempt, None, exc
+                return _Ran(attempt, error=exc)
             wait = retry.wait(attempt, exc)
             log.warning(
                 "job %s: transient failure on attempt %d of %d, retrying in %.1fs: %s",
@@ -205,20 +259,41 @@ def _run_with_retries(
                 wait,
                 exc,
             )
-            retry.sleep(wait)
-            try:
-                held = lock.renew()
-            except OSError:
-                held = False
-            if not held:
-                lost = RegionVaultError(
-                    f"job {job.key}: lost its lock while waiting to retry after {exc}; "
-                    "not run again here (another runner may hold the key)"
+            if _wait(retry, stop, wait):
+                return _Ran(attempt, error=exc, stopped=True)
+            held = _held(job, lock)
+            if held is False:
+                log.warning(
+                    "job %s: lost its lock while waiting to retry; not run again here "
+                    "(another runner may hold the key)",
+                    job.key,
                 )
-                return attempt, None, lost
+                return _Ran(attempt, error=exc, lost=True)
+            if held is None:
+                error = RegionVaultError(
+                    f"job {job.key}: could not renew its lock to retry after {exc}"
+                )
+                return _Ran(attempt, error=error)
             attempt += 1
         except Exception as exc:
-            return attempt, None, exc
+            return _Ran(attempt, error=exc)
+
+
+def _stopped(job: Job, started: datetime, attempts: int, error: Exception | None) -> JobOutcome:
+    last = "" if error is None else f" (last: {type(error).__name__}: {error})"
+    outcome = JobOutcome(
+        job.key,
+        job.kind,
+        job.region,
+        JobStatus.FAILED,
+        error=f"stopped while waiting to retry{last}",
+        started_at=started,
+        finished_at=_now(),
+        runner=runner_name(),
+        attempts=attempts,
+    )
+    log.warning("job %s: %s", job.key, outcome.error)
+    return outcome
 
 
 def _failed(
@@ -286,7 +361,8 @@ class ThreadExecutor:
     A key submitted while it is already in flight here shares the first submission's future,
     so at most one job per key runs at a time in this process; the ledger's lock extends
     that to other processes and machines sharing ``state_dir``. A job that fails transiently
-    is retried as ``retry`` says, on its thread, which it keeps while it waits.
+    is retried as ``retry`` says, on its thread, which it keeps while it waits; setting
+    ``stop`` ends such waits at once (:func:`execute_job`).
     """
 
     def __init__(
@@ -297,6 +373,7 @@ class ThreadExecutor:
         max_workers: int = 4,
         plugin_manager: pluggy.PluginManager | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        stop: threading.Event | None = None,
     ) -> None:
         if max_workers < 1:
             raise RegionVaultError(f"max_workers must be at least 1, got {max_workers}")
@@ -304,6 +381,7 @@ class ThreadExecutor:
         self.ledger = ledger
         self.plugin_manager = plugin_manager
         self.retry = retry
+        self.stop = stop
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regionvault")
         self._inflight: dict[str, Future[JobOutcome]] = {}
         self._lock = threading.RLock()
@@ -320,6 +398,7 @@ class ThreadExecutor:
                 self.ledger,
                 plugin_manager=self.plugin_manager,
                 retry=self.retry,
+                stop=self.stop,
             )
             self._inflight[job.key] = future
 

@@ -359,7 +359,8 @@ class JobOutcome:
     issues: tuple[CaptureIssue, ...] = ()
     issues_total: int = 0
     #: how many times the handler ran for this outcome: more than 1 when transient failures
-    #: were retried (docs/jobs.md, "Retries"); 0 when nothing ran here (``BUSY``)
+    #: were retried (docs/jobs.md, "Retries"); 0 when nothing ran here (``BUSY``), or the runs
+    #: made here before the lock was lost while waiting to retry (``BUSY`` too)
     attempts: int = 1
 
     @property

@@ -72,11 +72,15 @@ def runner_name() -> str:
 
 
 def _ticks(value: Any) -> int | None:
-    # locks written by earlier versions hold the start time as a string of digits
+    # written as a string of digits (what every version compares), read either way
     try:
         return None if value is None else int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 class JobLock:
@@ -219,6 +223,11 @@ class JobLedger:
             os.close(fd)  # closing releases the flock
 
     def _lock_body(self, key: str, token: str) -> bytes:
+        """The lock file's content. Its form is read by every runner sharing ``state_dir``,
+        older versions too (in a rolling upgrade both run at once), so it only grows: the
+        fields of earlier versions keep their names and types (``process_start`` is a
+        string: earlier versions compare it with one, and an int would make them judge
+        every live lock stale), and a new field is one they ignore."""
         me = ProcessIdentity.current()
         return json.dumps(
             {
@@ -226,7 +235,10 @@ class JobLedger:
                 "token": token,
                 "host": me.host,
                 "pid": me.pid,
-                "process_start": me.ticks,
+                "process_start": None if me.ticks is None else str(me.ticks),
+                "boot_id": me.boot,
+                "pid_ns": None if me.pid_ns is None else str(me.pid_ns),
+                "machine": me.machine,
                 "expires_at": time.time() + self.lock_ttl.total_seconds(),
             },
             sort_keys=True,
@@ -237,7 +249,14 @@ class JobLedger:
             holder = json.loads(body)
             expires = float(holder["expires_at"])
             host, pid = str(holder["host"]), int(holder["pid"])
-            start = holder.get("process_start")
+            identity = ProcessIdentity(
+                host,
+                pid,
+                _ticks(holder.get("process_start")),
+                _text(holder.get("boot_id")),
+                _ticks(holder.get("pid_ns")),
+                _text(holder.get("machine")),
+            )
         except (ValueError, KeyError, TypeError):
             # Empty or partial: its creator is between O_EXCL and write, or died there.
             try:
@@ -247,8 +266,9 @@ class JobLedger:
             return age > self.lock_ttl.total_seconds()
         if expires < time.time():
             return True
-        # a holder on another host is judged by its expiry alone (alive() is None)
-        return ProcessIdentity(host, pid, _ticks(start)).alive() is False
+        # a holder nobody here can judge (another host, another pid namespace) is judged by
+        # its expiry alone (alive() is None)
+        return identity.alive() is False
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """Who holds ``key``'s lock (host, pid, expiry), None if nobody."""

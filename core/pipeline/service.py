@@ -156,7 +156,7 @@ class Service:
         return job_handlers(self.engine)
 
     @contextmanager
-    def _executor(self) -> Iterator[Executor]:
+    def _executor(self, stop: threading.Event | None) -> Iterator[Executor]:
         if self.executor is not None:
             yield self.executor
             return
@@ -166,6 +166,7 @@ class Service:
             max_workers=self.engine.workers,
             plugin_manager=self.engine.site.plugin_manager,
             retry=self.retry,
+            stop=stop,
         ) as executor:
             yield executor
 
@@ -197,20 +198,22 @@ class Service:
         slot = point.tags.get(SLOT_TAG)
         return parse_slot(slot) if slot else point.created_at
 
-    def tick(self, region: str | None = None) -> TickReport:
+    def tick(self, region: str | None = None, *, stop: threading.Event | None = None) -> TickReport:
         """One pass: tag every region, back up what is due, copy new points where their
         policies say, apply retention. Each step is a job: a step already done for its
         slot is not done again.
 
         With ``region``, region's own tick (:meth:`region_tick`): the same for that region
-        alone, with its credentials alone."""
+        alone, with its credentials alone. ``stop`` set ends the default executor's waits
+        before retries at once (:func:`~regionvault.core.pipeline.executor.execute_job`);
+        an executor given has its own."""
         if region is not None:
-            return self.region_tick(region)
+            return self.region_tick(region, stop=stop)
         engine = self.engine
         now = engine.clock()
         report = TickReport(at=now)
         cfg = engine.site.config
-        with self._executor() as executor:
+        with self._executor(stop) as executor:
             tag_slot = slot_of(now, cfg.tag_interval)
             self._ran(
                 report, executor.run([tag_job(r.name, tag_slot) for r in engine.site.regions])
@@ -246,7 +249,7 @@ class Service:
             self._ran(report, executor.run(retention))
         return self._finish(report)
 
-    def region_tick(self, region: str) -> TickReport:
+    def region_tick(self, region: str, *, stop: threading.Event | None = None) -> TickReport:
         """Region ``region``'s own tick, for a backup service running in that region with
         its own credentials alone (of the other regions: their Sealers, and write access to
         their inboxes). Each step is a job with a stable key (the schedule slot's):
@@ -269,7 +272,7 @@ class Service:
         report = TickReport(at=now, region=here.name)
         cfg = self.engine.site.config
         slot = slot_of(now, cfg.schedule_interval)
-        with self._executor() as executor:
+        with self._executor(stop) as executor:
             self._ran(report, executor.run([tag_job(here.name, slot_of(now, cfg.tag_interval))]))
             try:
                 schedule = due_instances(here.compute, self._newest_slot, cfg, now)
@@ -295,13 +298,14 @@ class Service:
         region: str | None = None,
     ) -> int:
         """Tick every ``interval`` (default: the shorter of the site's tag and schedule
-        intervals) until ``stop`` is set; a tick in progress finishes first. Returns the
-        number of ticks run. With ``region``, each tick is that region's own tick."""
+        intervals) until ``stop`` is set; a tick in progress finishes first, except that a
+        job waiting to retry stops waiting at once (its outcome says ``stopped``). Returns
+        the number of ticks run. With ``region``, each tick is that region's own tick."""
         cfg = self.engine.site.config
         every = interval or min(cfg.tag_interval, cfg.schedule_interval)
         ticks = 0
         while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
-            report = self.tick(region)
+            report = self.tick(region, stop=stop)
             ticks += 1
             if on_tick is not None:
                 on_tick(report)

@@ -44,12 +44,21 @@ class LockInfo:
     pid_ticks: int | None
     created_at: datetime
     expires_at: datetime
+    #: the holder's boot, pid namespace and machine (core/procs.py); None in locks of
+    #: earlier versions, which ignore these fields when they read a lock of this one
+    boot_id: str | None = None
+    pid_ns: int | None = None
+    machine: str | None = None
 
     def stale(self, now: datetime) -> bool:
         if self.expires_at <= now:
             return True
-        # a holder on another host is judged by its expiry alone (alive() is None)
-        return ProcessIdentity(self.host, self.pid, self.pid_ticks).alive() is False
+        # a holder nobody here can judge (another host, another pid namespace) is judged by
+        # its expiry alone (alive() is None)
+        holder = ProcessIdentity(
+            self.host, self.pid, self.pid_ticks, self.boot_id, self.pid_ns, self.machine
+        )
+        return holder.alive() is False
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
@@ -66,6 +75,9 @@ class LockInfo:
                 "host": self.host,
                 "pid": self.pid,
                 "pid_ticks": self.pid_ticks,
+                "boot_id": self.boot_id,
+                "pid_ns": self.pid_ns,
+                "machine": self.machine,
                 "created_at": self.created_at.isoformat(),
                 "expires_at": self.expires_at.isoformat(),
             },
@@ -85,9 +97,16 @@ class LockInfo:
                 pid_ticks=None if doc["pid_ticks"] is None else int(doc["pid_ticks"]),
                 created_at=datetime.fromisoformat(doc["created_at"]),
                 expires_at=datetime.fromisoformat(doc["expires_at"]),
+                boot_id=_text(doc.get("boot_id")),
+                pid_ns=None if doc.get("pid_ns") is None else int(doc["pid_ns"]),
+                machine=_text(doc.get("machine")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(name, f"lock is malformed ({exc})") from None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def read_locks(store: Store, now: datetime) -> tuple[list[LockInfo], list[str]]:
@@ -162,6 +181,9 @@ class RepositoryLock:
             pid_ticks=me.ticks,
             created_at=self._created,
             expires_at=now + self._ttl,
+            boot_id=me.boot,
+            pid_ns=me.pid_ns,
+            machine=me.machine,
         )
 
     def _conflicts(self, live: list[LockInfo]) -> list[LockInfo]:

@@ -46,7 +46,7 @@ from typing import Any, BinaryIO
 
 from regionvault.core.errors import AmbiguousName, ComputeError, EntryProblem, InstanceNotFound
 from regionvault.core.interfaces import Capture, Compute, FileCapture, FileSink, RestoreSink
-from regionvault.core.procs import process_alive, start_ticks
+from regionvault.core.procs import boot_id, pid_namespace, process_alive, start_ticks
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -113,18 +113,34 @@ def validate_tags(tags: Mapping[str, str], error: type[ComputeError] = ComputeEr
 # --------------------------------------------------------------------------- processes
 
 
-def _alive(pid: int, ticks: int | None) -> bool:
+def _alive(pid: int, ticks: int | None, record: Mapping[str, Any] | None = None) -> bool | None:
+    """Whether the process ``record`` launched still runs; None when it was launched in
+    another pid namespace (its pid means another process here, or none). One launched in an
+    earlier boot (records of earlier versions do not say) has ended with that boot."""
     # a child of this interpreter is asked directly: poll() also reaps it
     with _children_lock:
         child = _children.get(pid)
     if child is not None:
         return child.poll() is None
+    if record is not None:
+        boot, here = record.get("pid_boot"), boot_id()
+        if boot is not None and here is not None and boot != here:
+            return False
+        ns, here_ns = record.get("pid_ns"), pid_namespace()
+        if ns is not None and here_ns is not None and ns != here_ns:
+            return None
     return process_alive(pid, ticks)
 
 
-def _stop(pid: int, ticks: int | None, timeout: float) -> None:
-    """SIGTERM the process group, then SIGKILL it if still there after ``timeout``."""
-    if not _alive(pid, ticks):
+def _stop(pid: int, ticks: int | None, timeout: float, record: Mapping[str, Any]) -> None:
+    """SIGTERM the process group, then SIGKILL it if still there after ``timeout``. A process
+    of another pid namespace is never signalled: its pid names another process here."""
+    alive = _alive(pid, ticks, record)
+    if alive is None:
+        raise ComputeError(
+            f"process {pid} was launched in another pid namespace: stop it from there"
+        )
+    if not alive:
         _reap(pid)
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -789,7 +805,11 @@ class LocalCompute(Compute):
     def _instance(self, record: Mapping[str, Any]) -> Instance:
         state = record["state"]
         pid = record.get("pid")
-        if state == "running" and pid is not None and not _alive(pid, record.get("pid_ticks")):
+        if (
+            state == "running"
+            and pid is not None
+            and _alive(pid, record.get("pid_ticks"), record) is False
+        ):
             _reap(pid)
             state = "stopped"
         return Instance(
@@ -1052,6 +1072,7 @@ class LocalCompute(Compute):
             record["state"] = "running"
             if spec.function:
                 record["pid"], record["pid_ticks"] = self._start(record)
+                record["pid_boot"], record["pid_ns"] = boot_id(), pid_namespace()
             self._write(record)
         return self._instance(record)
 
@@ -1093,7 +1114,7 @@ class LocalCompute(Compute):
             if record["state"] == "terminated":
                 return
             if record.get("pid") is not None:
-                _stop(record["pid"], record.get("pid_ticks"), self.terminate_timeout)
+                _stop(record["pid"], record.get("pid_ticks"), self.terminate_timeout, record)
             if record["owned_data"]:
                 shutil.rmtree(record["data_dir"], ignore_errors=True)
             record["state"] = "terminated"
