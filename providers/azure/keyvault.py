@@ -1,0 +1,624 @@
+"""KeyService and Sealer on Azure Key Vault: one RSA key (or Managed HSM RSA-HSM key) per
+region, through azure-keyvault-keys.
+
+Key Vault's RSA-OAEP-256 has no label or additional data, so the encryption context is bound
+the way envelope formats do it (JWE's key wrap + AEAD): every wrap makes a fresh 256-bit key
+``K``, wraps ``K`` with RSA-OAEP-256 under the region's key version, and encrypts the payload
+(a data key, or a sealed secret) with AES-256-GCM under ``K`` with the envelope's header and
+the canonical context as additional data. Opening asks Key Vault to unwrap ``K``
+(``keys/unwrapKey``, the only call that needs the private key) and fails with
+:class:`KeyAccessDenied` unless the context, the purpose and every byte are the ones that
+were wrapped.
+
+The envelope, all lengths big-endian::
+
+    b"RVAZK1" | u8 n | key version (n ASCII bytes) | u16 m | RSA-OAEP-256(K) (m bytes)
+              | nonce (12 bytes) | AES-256-GCM(K, nonce, payload, aad) (payload + 16 bytes)
+    aad = everything before the nonce | b"\\0" | canonical JSON of context + purpose
+
+Wrapping needs only the public key: the KeyService and every Sealer wrap locally through
+``CryptographyClient.from_jwk`` with the key that ``keys/get`` returned, so another region
+that seals for this one needs the Key Vault role "get" on this key and nothing else, and no
+wrap is ever a Key Vault call. A reserved context entry, ``regionvault:purpose``, keeps data
+keys and sealed secrets apart. Rotation makes a new key version (``keys/rotate``); the
+envelope names its version, so material wrapped before still opens.
+
+What binds the context is this provider's check after unwrapKey, not Key Vault: an identity
+allowed unwrapKey on the key can recover ``K`` itself. Key isolation between regions holds
+because each region's envelope can be opened only by its own key (another region's vault has
+no such key version and answers 404, or RSA fails and it answers 400).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from regionvault.core.errors import (
+    ConfigError,
+    KeyAccessDenied,
+    KeyServiceError,
+    RegionVaultError,
+    TransientError,
+)
+from regionvault.core.interfaces import KeyService, Sealer
+from regionvault.core.types import Capabilities, DataKey
+from regionvault.providers.azure.identity import CredentialSettings, CredentialSource
+
+if TYPE_CHECKING:
+    from azure.keyvault.keys import KeyClient, KeyVaultKey
+    from regionvault.core.types import RegionConfig
+
+__all__ = [
+    "KEY_VAULT_SETTINGS",
+    "MAGIC",
+    "PURPOSE_KEY",
+    "AzureKeyService",
+    "AzureSealer",
+    "KeyVaultSettings",
+    "key_vault_error",
+]
+
+MAGIC = b"RVAZK1"
+#: reserved encryption-context key; callers' contexts may not use it
+PURPOSE_KEY = "regionvault:purpose"
+_DATA_KEY = "data-key"
+_SEAL = "seal"
+MAX_SECRET = 1024
+_NONCE = 12
+_TAG = 16
+_ALGORITHM = "RSA-OAEP-256"
+_KEY_OPS = ["wrapKey", "unwrapKey"]
+
+#: the site.toml keys this module reads, besides identity.py's
+KEY_VAULT_SETTINGS = frozenset(
+    {
+        "key_vault_url",
+        "key_name",
+        "key_size",
+        "create",
+        "verify_challenge_resource",
+        "sdk_retries",
+        "connect_timeout",
+        "read_timeout",
+    }
+)
+
+# vault.azure.net, vault.azure.cn, managedhsm.azure.net, ...: one host, no path
+_VAULT_URL = re.compile(r"^https://[^/\s?#]+/?$")
+_KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+_VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return int(status) if isinstance(status, int) else None
+
+
+def _code(exc: BaseException) -> str:
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None)
+    return str(code) if code else ""
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _depth in range(10):
+        if current is None:
+            return False
+        name = type(current).__name__
+        if "SSL" in name or "Certificate" in name:
+            return True
+        inner = getattr(current, "inner_exception", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__
+    return False
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        seconds = float(headers.get("Retry-After", "") or "")
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about ``exc`` without the SDK's message, which repeats the request."""
+    status, code = _status(exc), _code(exc)
+    if status is not None:
+        return f"{code or 'error'} (HTTP {status})"
+    if isinstance(exc, ClientAuthenticationError):
+        return f"login failed: {type(exc).__name__}"
+    if isinstance(exc, ServiceRequestError):
+        return "no connection to Key Vault" + (" (TLS failure)" if _tls_failure(exc) else "")
+    if isinstance(exc, ServiceResponseError):
+        return "no complete answer from Key Vault (timeout or dropped connection)"
+    return type(exc).__name__
+
+
+def key_vault_error(
+    exc: BaseException,
+    message: str,
+    *,
+    region: str,
+    denied: Callable[..., RegionVaultError] = KeyAccessDenied,
+    other: Callable[..., RegionVaultError] = KeyServiceError,
+) -> RegionVaultError:
+    """The error to raise for an azure-core/azure-identity error ``exc``:
+
+    - :class:`TransientError` for 429 and 5xx answers (but 501, 505) and for no answer
+      (connection refused or dropped, connect or read timeout), except a TLS failure;
+    - ``denied`` (:class:`KeyAccessDenied`) for 401 and 403 and a failed login;
+    - ``other`` (:class:`KeyServiceError`) for everything else.
+
+    ``message`` names the operation, the vault and the key; :func:`_describe` of ``exc`` is
+    appended, never the SDK's own text.
+    """
+    full = f"{message}: {_describe(exc)}"
+    status = _status(exc)
+    transient = False
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        transient = not _tls_failure(exc)
+    elif status is not None:
+        transient = status == 429 or (500 <= status <= 599 and status not in (501, 505))
+    if transient:
+        return TransientError(full, provider="azure", region=region, retry_after=_retry_after(exc))
+    if status in (401, 403) or (status is None and isinstance(exc, ClientAuthenticationError)):
+        return denied(full, provider="azure", region=region)
+    return other(full, provider="azure", region=region)
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class KeyVaultSettings:
+    """One region's Key Vault settings (see docs/azure.md), checked without touching Azure."""
+
+    region: str
+    key_vault_url: str
+    key_name: str
+    identity: CredentialSettings
+    key_size: int = 3072
+    create: bool = False
+    verify_challenge_resource: bool = True
+    sdk_retries: int = 5
+    connect_timeout: int = 10
+    read_timeout: int = 60
+
+    @property
+    def key_path(self) -> str:
+        """``<vault URL>/keys/<name>``, naming the key in errors."""
+        return f"{self.key_vault_url}/keys/{self.key_name}"
+
+    @classmethod
+    def from_region(cls, region: RegionConfig) -> KeyVaultSettings:
+        s = region.settings
+
+        def integer(key: str, default: int, low: int, high: int) -> int:
+            value = s.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise region.error(key, f"must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise region.error(key, f"must be between {low} and {high}, got {value}")
+            return value
+
+        def boolean(key: str, default: bool) -> bool:
+            value = s.get(key, default)
+            if not isinstance(value, bool):
+                raise region.error(key, f"must be true or false, got {value!r}")
+            return value
+
+        url = s.get("key_vault_url")
+        if url is None:
+            raise region.error("key_vault_url", "missing (the azure provider needs it for keys)")
+        if not isinstance(url, str) or not _VAULT_URL.match(url):
+            raise region.error(
+                "key_vault_url",
+                f"{url!r} is not a vault URL like https://<vault>.vault.azure.net",
+            )
+        name = s.get("key_name", "regionvault")
+        if not isinstance(name, str) or not _KEY_NAME.match(name):
+            raise region.error(
+                "key_name", f"{name!r} is not a key name (1-127 letters, digits and '-')"
+            )
+        size = integer("key_size", 3072, 2048, 4096)
+        if size not in (2048, 3072, 4096):
+            raise region.error("key_size", f"must be 2048, 3072 or 4096, got {size}")
+        return cls(
+            region=region.name,
+            key_vault_url=url.rstrip("/"),
+            key_name=name,
+            identity=CredentialSettings.from_region(region),
+            key_size=size,
+            create=boolean("create", False),
+            verify_challenge_resource=boolean("verify_challenge_resource", True),
+            sdk_retries=integer("sdk_retries", 5, 0, 20),
+            connect_timeout=integer("connect_timeout", 10, 1, 600),
+            read_timeout=integer("read_timeout", 60, 1, 3600),
+        )
+
+    def key_client(self, credentials: CredentialSource, **options: Any) -> KeyClient:
+        """A KeyClient of this vault with the region's credential; ``options`` (a test's
+        transport, say) go to azure-core."""
+        from azure.keyvault.keys import KeyClient
+
+        return KeyClient(
+            self.key_vault_url,
+            credentials.credential(self.identity),
+            verify_challenge_resource=self.verify_challenge_resource,
+            connection_verify=self.identity.connection_verify,
+            retry_total=self.sdk_retries,
+            connection_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            **options,
+        )
+
+
+# ---------------------------------------------------------------------- the envelope
+
+
+def _context(context: Mapping[str, str], purpose: str, region: str) -> bytes:
+    if not isinstance(context, Mapping):
+        raise KeyServiceError(
+            f"encryption context must be a mapping, got {type(context).__name__}",
+            provider="azure",
+            region=region,
+        )
+    out: dict[str, str] = {}
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise KeyServiceError(
+                f"encryption context entry {key!r}={value!r}: keys and values must be strings",
+                provider="azure",
+                region=region,
+            )
+        if key == PURPOSE_KEY:
+            raise KeyServiceError(
+                f"encryption context key {PURPOSE_KEY!r} is reserved by the azure provider",
+                provider="azure",
+                region=region,
+            )
+        out[key] = value
+    out[PURPOSE_KEY] = purpose
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    version: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+    def header(self) -> bytes:
+        version = self.version.encode("ascii")
+        return (
+            MAGIC
+            + struct.pack(">B", len(version))
+            + version
+            + struct.pack(">H", len(self.wrapped_key))
+            + self.wrapped_key
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.header() + self.nonce + self.ciphertext
+
+    @classmethod
+    def parse(cls, blob: bytes) -> _Envelope | None:
+        """The envelope in ``blob``, or None when it is not one."""
+        try:
+            if not blob.startswith(MAGIC):
+                return None
+            at = len(MAGIC)
+            (n,) = struct.unpack_from(">B", blob, at)
+            version = blob[at + 1 : at + 1 + n].decode("ascii")
+            at += 1 + n
+            (m,) = struct.unpack_from(">H", blob, at)
+            wrapped = blob[at + 2 : at + 2 + m]
+            at += 2 + m
+            nonce, ciphertext = blob[at : at + _NONCE], blob[at + _NONCE :]
+        except (struct.error, UnicodeDecodeError):
+            return None
+        if (
+            not _VERSION.match(version)
+            or len(wrapped) != m
+            or len(nonce) != _NONCE
+            or len(ciphertext) < _TAG
+        ):
+            return None
+        return cls(version, wrapped, nonce, ciphertext)
+
+
+def _seal_with(key: KeyVaultKey, payload: bytes, context: bytes) -> bytes:
+    """The envelope of ``payload`` under ``key``'s public half (no Key Vault call)."""
+    inner = AESGCM.generate_key(bit_length=256)
+    wrapped = CryptographyClient.from_jwk(key.key).wrap_key(KeyWrapAlgorithm.rsa_oaep_256, inner)
+    version = str(key.properties.version)
+    envelope = _Envelope(version, wrapped.encrypted_key, os.urandom(_NONCE), b"")
+    aad = envelope.header() + b"\0" + context
+    sealed = AESGCM(inner).encrypt(envelope.nonce, payload, aad)
+    return envelope.header() + envelope.nonce + sealed
+
+
+def _secret(secret: bytes, region: str) -> bytes:
+    if not isinstance(secret, bytes | bytearray | memoryview):
+        raise KeyServiceError("a sealed secret must be bytes", provider="azure", region=region)
+    if len(secret) > MAX_SECRET:
+        raise KeyServiceError(
+            f"secret of {len(secret)} bytes is over the {MAX_SECRET}-byte seal limit",
+            provider="azure",
+            region=region,
+        )
+    return bytes(secret)
+
+
+def _check_key(key: KeyVaultKey, settings: KeyVaultSettings) -> None:
+    """A key this provider can wrap with: RSA, enabled, allowing wrapKey and unwrapKey."""
+    kty = str(getattr(key.key_type, "value", key.key_type))
+    if kty not in ("RSA", "RSA-HSM"):
+        raise ConfigError(
+            f"key {settings.key_path} is {kty}, the azure provider needs an RSA key (RSA-OAEP-256)",
+            key=f'regions."{settings.region}".key_name',
+            region=settings.region,
+        )
+    ops = {str(getattr(op, "value", op)) for op in (key.key_operations or [])}
+    missing = [op for op in _KEY_OPS if op not in ops]
+    if missing:
+        raise ConfigError(
+            f"key {settings.key_path} does not permit {', '.join(missing)}",
+            key=f'regions."{settings.region}".key_name',
+            region=settings.region,
+        )
+    if not key.properties.version or not _VERSION.match(key.properties.version):
+        raise KeyServiceError(
+            f"Key Vault answered key {key.id!r} without a usable version",
+            provider="azure",
+            region=settings.region,
+        )
+    if key.properties.enabled is False:
+        raise KeyServiceError(f"key {key.id} is disabled", provider="azure", region=settings.region)
+
+
+def _get_or_create(client: KeyClient, settings: KeyVaultSettings) -> KeyVaultKey:
+    """The key's current version; with ``create = true`` made first when it is missing
+    (two processes racing make two versions, both valid: the later one is current)."""
+    try:
+        return client.get_key(settings.key_name)
+    except ResourceNotFoundError:
+        if not settings.create:
+            raise KeyServiceError(
+                f"key {settings.key_path} does not exist (create it, or set create = true "
+                "for a test region)",
+                provider="azure",
+                region=settings.region,
+            ) from None
+    return client.create_rsa_key(
+        settings.key_name,
+        size=settings.key_size,
+        key_operations=list(_KEY_OPS),
+        tags={"regionvault-region": settings.region},
+    )
+
+
+# ---------------------------------------------------------------------- services
+
+
+class AzureSealer(Sealer):
+    """Seals for one region with the public half of that region's Key Vault key: needs the
+    role "get" on the key (``keys/get``, once), nothing else. With ``create = true`` (tests,
+    dev) a key not made yet is made, as the region's own KeyService would."""
+
+    def __init__(
+        self,
+        *,
+        settings: KeyVaultSettings,
+        credentials: CredentialSource,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(region=settings.region)
+        self._settings = settings
+        self._credentials = credentials
+        self._options = dict(client_options or {})
+        self._lock = threading.Lock()
+        self._key: KeyVaultKey | None = None
+
+    def _public_key(self) -> KeyVaultKey:
+        with self._lock:
+            if self._key is None:
+                client = self._settings.key_client(self._credentials, **self._options)
+                try:
+                    key = _get_or_create(client, self._settings)
+                except AzureError as exc:
+                    raise key_vault_error(
+                        exc,
+                        f"cannot get the public key {self._settings.key_path} to seal for "
+                        "this region",
+                        region=self.region,
+                    ) from None
+                finally:
+                    client.close()
+                _check_key(key, self._settings)
+                self._key = key
+            return self._key
+
+    def seal(self, secret: bytes, context: Mapping[str, str]) -> bytes:
+        aad = _context(context, _SEAL, self.region)
+        return _seal_with(self._public_key(), _secret(secret, self.region), aad)
+
+
+class AzureKeyService(KeyService):
+    """One region's Key Vault key: envelope data keys, unsealing, rotation by versions."""
+
+    def __init__(
+        self,
+        *,
+        region: RegionConfig,
+        credentials: CredentialSource,
+        capabilities: Capabilities,
+        settings: KeyVaultSettings | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(provider="azure", region=region.name, capabilities=capabilities)
+        self.settings = settings or KeyVaultSettings.from_region(region)
+        self._credentials = credentials
+        self._options = dict(client_options or {})
+        self._lock = threading.Lock()
+        self._client: KeyClient | None = None
+        self._current: KeyVaultKey | None = None
+        self._crypto: dict[str, CryptographyClient] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def client(self) -> KeyClient:
+        with self._lock:
+            if self._client is None:
+                self._client = self.settings.key_client(self._credentials, **self._options)
+            return self._client
+
+    def _error(self, exc: AzureError, what: str) -> RegionVaultError:
+        return key_vault_error(exc, f"{what} with key {self.settings.key_path}", region=self.region)
+
+    def _current_key(self) -> KeyVaultKey:
+        """The key's current version (its public half); with ``create = true`` the key is
+        made when the vault has none of that name."""
+        with self._lock:
+            current = self._current
+        if current is not None:
+            return current
+        try:
+            key = _get_or_create(self.client, self.settings)
+        except AzureError as exc:
+            raise self._error(exc, "cannot get or create the region's key") from None
+        _check_key(key, self.settings)
+        with self._lock:
+            if self._current is None:
+                self._current = key
+            return self._current
+
+    def _crypto_client(self, version: str) -> CryptographyClient:
+        with self._lock:
+            crypto = self._crypto.get(version)
+        if crypto is None:
+            crypto = self.client.get_cryptography_client(
+                self.settings.key_name, key_version=version
+            )
+            with self._lock:
+                crypto = self._crypto.setdefault(version, crypto)
+        return crypto
+
+    def _open(self, blob: bytes, context: bytes, what: str) -> bytes:
+        if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
+            raise KeyAccessDenied(
+                f"cannot {what} with key {self.settings.key_path}: empty or not bytes",
+                provider="azure",
+                region=self.region,
+            )
+        envelope = _Envelope.parse(bytes(blob))
+        if envelope is None:
+            raise KeyAccessDenied(
+                f"cannot {what} with key {self.settings.key_path}: not an envelope of the "
+                "azure provider",
+                provider="azure",
+                region=self.region,
+            )
+        try:
+            inner = (
+                self._crypto_client(envelope.version)
+                .unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, envelope.wrapped_key)
+                .key
+            )
+        except AzureError as exc:
+            # 404: no such version of this key (another region's material); 400: RSA-OAEP
+            # failed (another key's, or altered): this key cannot open it
+            status = _status(exc)
+            err = key_vault_error(
+                exc,
+                f"cannot {what} with key {self.settings.key_path}/{envelope.version}",
+                region=self.region,
+                other=KeyAccessDenied if status in (400, 404) else KeyServiceError,
+            )
+            raise err from None
+        aad = envelope.header() + b"\0" + context
+        try:
+            if len(inner) != 32:
+                raise InvalidTag
+            return AESGCM(inner).decrypt(envelope.nonce, envelope.ciphertext, aad)
+        except InvalidTag:
+            raise KeyAccessDenied(
+                f"cannot {what} with key {self.settings.key_path}/{envelope.version}: the "
+                "encryption context differs or the bytes were altered",
+                provider="azure",
+                region=self.region,
+            ) from None
+
+    # ------------------------------------------------------------------ KeyService
+
+    @property
+    def key_id(self) -> str:
+        """The current key version's id, ``<vault URL>/keys/<name>/<version>``."""
+        return str(self._current_key().id)
+
+    def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
+        aad = _context(context, _DATA_KEY, self.region)
+        key = self._current_key()
+        plaintext = AESGCM.generate_key(bit_length=256)
+        wrapped = _seal_with(key, plaintext, aad)
+        return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=str(key.id))
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        return self._open(wrapped, _context(context, _DATA_KEY, self.region), "unwrap")
+
+    def sealer(self) -> AzureSealer:
+        return AzureSealer(
+            settings=self.settings, credentials=self._credentials, client_options=self._options
+        )
+
+    def seal(self, secret: bytes, context: Mapping[str, str]) -> bytes:
+        aad = _context(context, _SEAL, self.region)
+        return _seal_with(self._current_key(), _secret(secret, self.region), aad)
+
+    def unseal(self, sealed: bytes, context: Mapping[str, str]) -> bytes:
+        return self._open(sealed, _context(context, _SEAL, self.region), "unseal")
+
+    def rotate(self) -> str:
+        """A new version of the key (``keys/rotate``); older versions still unwrap."""
+        self._current_key()
+        try:
+            key = self.client.rotate_key(self.settings.key_name)
+        except AzureError as exc:
+            raise self._error(exc, "cannot rotate") from None
+        _check_key(key, self.settings)
+        with self._lock:
+            self._current = key
+        return str(key.id)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            self._crypto.clear()
+        if client is not None:
+            client.close()
