@@ -54,6 +54,7 @@ __all__ = [
     "CREDENTIAL_SETTINGS",
     "CredentialSettings",
     "CredentialSource",
+    "WatchedCredential",
 ]
 
 CREDENTIAL_KINDS = (
@@ -206,8 +207,14 @@ class CredentialSettings:
             )
         return secret
 
-    def build(self) -> TokenCredential:
-        """The azure-identity credential these settings name (``embedder`` has none)."""
+    def build(self, **options: Any) -> TokenCredential:
+        """The azure-identity credential these settings name (``embedder`` has none),
+        wrapped in a :class:`WatchedCredential`; ``options`` go to its azure-core pipeline
+        (``retry_total``, a test's ``transport``)."""
+        watch = _LoginWatch()
+        return WatchedCredential(self._build(watch, options), watch)
+
+    def _build(self, watch: _LoginWatch, options: Mapping[str, Any]) -> TokenCredential:
         from azure.identity import (
             AzureCliCredential,
             ClientSecretCredential,
@@ -215,7 +222,11 @@ class CredentialSettings:
             WorkloadIdentityCredential,
         )
 
-        login: dict[str, Any] = {"connection_verify": self.connection_verify}
+        login: dict[str, Any] = {
+            "connection_verify": self.connection_verify,
+            "raw_response_hook": watch,
+            **options,
+        }
         if self.authority is not None:
             login["authority"] = self.authority
         login["disable_instance_discovery"] = not self.instance_discovery
@@ -233,9 +244,10 @@ class CredentialSettings:
                 **login,
             )
         if self.kind == "managed-identity":
+            extra = {"raw_response_hook": watch, **options}
             if self.client_id is not None:
-                return ManagedIdentityCredential(client_id=self.client_id)
-            return ManagedIdentityCredential()
+                return ManagedIdentityCredential(client_id=self.client_id, **extra)
+            return ManagedIdentityCredential(**extra)
         if self.kind == "azure-cli":
             return AzureCliCredential(tenant_id=self.tenant_id or "")
         raise self.error(
@@ -245,11 +257,86 @@ class CredentialSettings:
         )
 
 
+class _LoginWatch:
+    """azure-core's ``raw_response_hook`` on a credential's own pipeline: remembers the
+    status and ``Retry-After`` of the login endpoint's answers, the latest one this thread
+    saw during the current call, and the latest failure of any thread."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._failure: tuple[int, str | None] | None = None
+
+    def __call__(self, response: Any) -> None:
+        http = response.http_response
+        answer = (int(http.status_code), http.headers.get("Retry-After"))
+        self._local.seen = answer
+        if answer[0] >= 400:
+            self._failure = answer
+
+    def reset(self) -> None:
+        self._local.seen = None
+
+    def failure(self) -> tuple[int, str | None] | None:
+        """Why the current call failed: the answer it got or, when it got none because MSAL
+        replayed a throttled answer (it does so for 429 and 5xx until their Retry-After,
+        5 s by default, has passed), the latest failure."""
+        seen: tuple[int, str | None] | None = getattr(self._local, "seen", None)
+        if seen is not None:
+            return seen if seen[0] >= 400 else None
+        return self._failure
+
+
+class WatchedCredential:
+    """A ``TokenCredential`` that tells a login endpoint's outage from a refusal.
+
+    azure-identity raises ``ClientAuthenticationError`` without a status for every failed
+    login, a wrong secret as much as a throttled or failing Entra ID. This wrapper gives
+    that error the HTTP status of the login endpoint's last answer (``status_code``) and its
+    ``Retry-After`` (``retry_after``), so that the provider's error mapping retries a 429 or
+    5xx and refuses a 400 or 401 (keyvault.key_vault_error).
+    """
+
+    def __init__(self, inner: TokenCredential, watch: _LoginWatch) -> None:
+        self.inner = inner
+        self._watch = watch
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        self._watch.reset()
+        try:
+            return getattr(self.inner, method)(*args, **kwargs)
+        except ClientAuthenticationError as exc:
+            failure = self._watch.failure()
+            if exc.status_code is None and failure is not None:
+                exc.status_code = failure[0]
+                exc.retry_after = failure[1]  # type: ignore[attr-defined]
+            raise
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return self._call("get_token", *scopes, **kwargs)
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        return self._call("get_token_info", *scopes, options=options)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> WatchedCredential:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class CredentialSource:
     """Hands out each region's ``TokenCredential``: the embedder's when one was given
     (``credential`` for every region, ``per_region`` by region name, which wins), else one
     built from the region's settings, made once and shared by every client that asks with
-    the same settings. :meth:`close` closes the credentials it built, never the embedder's.
+    the same settings (``options`` go to the pipelines of those it builds). :meth:`close`
+    closes the credentials it built, never the embedder's.
     """
 
     def __init__(
@@ -257,7 +344,9 @@ class CredentialSource:
         credential: TokenCredential | None = None,
         *,
         per_region: Mapping[str, TokenCredential] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
+        self._options = dict(options or {})
         self._default = credential
         self._per_region = dict(per_region or {})
         self._built: dict[tuple[Any, ...], TokenCredential] = {}
@@ -282,7 +371,7 @@ class CredentialSource:
         with self._lock:
             made = self._built.get(identity)
             if made is None:
-                made = self._built[identity] = settings.build()
+                made = self._built[identity] = settings.build(**self._options)
             return made
 
     def close(self) -> None:

@@ -135,22 +135,40 @@ def _tls_failure(exc: BaseException) -> bool:
 
 def _retry_after(exc: BaseException) -> float | None:
     headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
+    # a login error carries its endpoint's header itself (identity.WatchedCredential)
+    value = getattr(exc, "retry_after", None)
+    if value is None and headers is not None:
+        value = headers.get("Retry-After")
     try:
-        seconds = float(headers.get("Retry-After", "") or "")
+        seconds = float(value or "")
     except (TypeError, ValueError):
         return None
     return seconds if seconds >= 0 else None
 
 
+def _no_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a request that got no answer (a
+    login wraps its transport's error in ClientAuthenticationError)."""
+    current: BaseException | None = exc
+    for _depth in range(10):
+        if current is None:
+            return False
+        if isinstance(current, ServiceRequestError | ServiceResponseError):
+            return not _tls_failure(current)
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _describe(exc: BaseException) -> str:
     """One line about ``exc`` without the SDK's message, which repeats the request."""
     status, code = _status(exc), _code(exc)
+    login = isinstance(exc, ClientAuthenticationError) and getattr(exc, "response", None) is None
+    if login:
+        if _no_answer(exc):
+            return "login failed: no answer from the login endpoint"
+        return "login failed" + (f" (HTTP {status})" if status is not None else "")
     if status is not None:
         return f"{code or 'error'} (HTTP {status})"
-    if isinstance(exc, ClientAuthenticationError):
-        return f"login failed: {type(exc).__name__}"
     if isinstance(exc, ServiceRequestError):
         return "no connection to Key Vault" + (" (TLS failure)" if _tls_failure(exc) else "")
     if isinstance(exc, ServiceResponseError):
@@ -170,7 +188,9 @@ def key_vault_error(
 
     - :class:`TransientError` for 429 and 5xx answers (but 501, 505) and for no answer
       (connection refused or dropped, connect or read timeout), except a TLS failure;
-    - ``denied`` (:class:`KeyAccessDenied`) for 401 and 403 and a failed login;
+    - ``denied`` (:class:`KeyAccessDenied`) for 401 and 403 and a refused login (a login's
+      status comes from identity.WatchedCredential: a throttled or failing login endpoint
+      is transient like any other);
     - ``other`` (:class:`KeyServiceError`) for everything else.
 
     ``message`` names the operation, the vault and the key; :func:`_describe` of ``exc`` is
@@ -179,13 +199,13 @@ def key_vault_error(
     full = f"{message}: {_describe(exc)}"
     status = _status(exc)
     transient = False
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        transient = not _tls_failure(exc)
-    elif status is not None:
+    if isinstance(exc, ServiceRequestError | ServiceResponseError | ClientAuthenticationError):
+        transient = _no_answer(exc)
+    if status is not None and not transient:
         transient = status == 429 or (500 <= status <= 599 and status not in (501, 505))
     if transient:
         return TransientError(full, provider="azure", region=region, retry_after=_retry_after(exc))
-    if status in (401, 403) or (status is None and isinstance(exc, ClientAuthenticationError)):
+    if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
         return denied(full, provider="azure", region=region)
     return other(full, provider="azure", region=region)
 
@@ -500,7 +520,7 @@ class AzureKeyService(KeyService):
             return self._client
 
     def _error(self, exc: AzureError, what: str) -> RegionVaultError:
-        return key_vault_error(exc, f"{what} with key {self.settings.key_path}", region=self.region)
+        return key_vault_error(exc, f"{what} {self.settings.key_path}", region=self.region)
 
     def _current_key(self) -> KeyVaultKey:
         """The key's current version (its public half); with ``create = true`` the key is
@@ -512,7 +532,7 @@ class AzureKeyService(KeyService):
         try:
             key = _get_or_create(self.client, self.settings)
         except AzureError as exc:
-            raise self._error(exc, "cannot get or create the region's key") from None
+            raise self._error(exc, "cannot get or create key") from None
         _check_key(key, self.settings)
         with self._lock:
             if self._current is None:
@@ -610,7 +630,7 @@ class AzureKeyService(KeyService):
         try:
             key = self.client.rotate_key(self.settings.key_name)
         except AzureError as exc:
-            raise self._error(exc, "cannot rotate") from None
+            raise self._error(exc, "cannot rotate key") from None
         _check_key(key, self.settings)
         with self._lock:
             self._current = key

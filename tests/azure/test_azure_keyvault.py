@@ -81,7 +81,8 @@ class World:
         self.fakes = fakes
         self.base_dir = base_dir
         self.key_name = f"rv-{uuid.uuid4().hex[:12]}"
-        self.credentials = CredentialSource()
+        # no retries of a failed login, so that tests of failures do not wait out backoffs
+        self.credentials = CredentialSource(options={"retry_total": 0})
         self._services: list[AzureKeyService] = []
 
     def settings(self, name: str, **extra: Any) -> dict[str, Any]:
@@ -111,6 +112,8 @@ class World:
         )
 
     def close(self) -> None:
+        for fake in self.fakes.values():
+            fake.clear_failures()
         for service in self._services:
             service.close()
         self.credentials.close()
@@ -409,6 +412,69 @@ def test_no_answer_is_transient_and_tls_failure_is_not(world: World, tmp_path: P
         assert not isinstance(err.value, TransientError)
     finally:
         other_ca.stop()
+
+
+def test_a_read_timeout_is_transient(world: World) -> None:
+    fake = world.fakes["east"]
+    keys = world.keys("east", read_timeout=1)
+    dk = keys.generate_data_key(CTX)
+    keys.unwrap(dk.wrapped, CTX)
+    fake.fail(200, operation="keys/unwrapKey", stall=3)
+    with pytest.raises(TransientError, match="no complete answer"):
+        keys.unwrap(dk.wrapped, CTX)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, TransientError), (429, TransientError), (500, TransientError), (400, KeyAccessDenied)],
+)
+def test_a_failing_login_is_transient_and_a_refused_one_denied(
+    world: World, status: int, error: type[Exception]
+) -> None:
+    """azure-identity raises one error, without a status, for every failed login: the
+    provider's WatchedCredential tells the login endpoint's outage from a refusal."""
+    fake = world.fakes["east"]
+    # a new identity: no token cached, so the next Key Vault call logs in
+    client = fake.add_client()
+    keys = world.keys("east", client_id=client, client_secret_file=str(fake.secret_file(client)))
+    fake.fail(status, operation="token", times=10, retry_after=2)
+    # the second time MSAL replays a throttled answer without asking: the same error
+    for _attempt in range(2):
+        with pytest.raises(
+            error, match=rf"keys/{world.key_name}: login failed \(HTTP {status}\)"
+        ) as err:
+            keys.generate_data_key(CTX)
+        if error is TransientError:
+            assert err.value.retry_after == 2.0  # type: ignore[attr-defined]
+
+
+def test_a_login_failing_once_is_ridden_out(world: World) -> None:
+    fake = world.fakes["east"]
+    client = fake.add_client()
+    patient = CredentialSource()  # azure-identity's own retries of a login: 3 by default
+    try:
+        keys = world.keys(
+            "east",
+            credentials=patient,
+            client_id=client,
+            client_secret_file=str(fake.secret_file(client)),
+        )
+        fake.fail(503, operation="token", retry_after=0)
+        keys.generate_data_key(CTX)
+        assert fake.operations(client).count("token") == 1  # the one that succeeded
+    finally:
+        patient.close()
+
+
+def test_a_login_endpoint_that_does_not_answer_is_transient(world: World) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    keys = world.keys("east", authority=f"https://127.0.0.1:{port}")
+    with pytest.raises(TransientError, match="no answer from the login endpoint"):
+        keys.generate_data_key(CTX)
 
 
 def test_a_wrong_secret_is_denied_without_showing_it(world: World, tmp_path: Path) -> None:

@@ -115,6 +115,7 @@ class _Failure:
     operation: str | None
     remaining: int
     retry_after: int | None
+    stall: float
 
 
 class _Answer(Exception):
@@ -183,7 +184,7 @@ class FakeKeyVault:
         if self._server is not None:
             return self
         self.ca = LocalCA.create(self.directory, name="regionvault fake Key Vault")
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler(self))
+        server = _QuietServer(("127.0.0.1", self._port), _handler(self))
         server.daemon_threads = True
         server.socket = self.ca.server_context().wrap_socket(server.socket, server_side=True)
         self._server = server
@@ -245,11 +246,18 @@ class FakeKeyVault:
         times: int = 1,
         operation: str | None = None,
         retry_after: int | None = None,
+        stall: float = 0.0,
     ) -> None:
         """Answer the next ``times`` requests (of ``operation`` only, e.g. ``keys/unwrapKey``
-        or ``token``, when given) with ``status``, and ``Retry-After`` when given."""
+        or ``token``, when given) with ``status``, and ``Retry-After`` when given; after
+        ``stall`` seconds when given (longer than the client's read timeout: no answer)."""
         with self._lock:
-            self._failures.append(_Failure(status, operation, times, retry_after))
+            self._failures.append(_Failure(status, operation, times, retry_after, stall))
+
+    def clear_failures(self) -> None:
+        """Forget the failures :meth:`fail` asked for that have not happened yet."""
+        with self._lock:
+            self._failures.clear()
 
     def operations(self, client_id: str | None = None) -> list[str]:
         """The operations recorded so far (of one client's token, when given)."""
@@ -504,6 +512,12 @@ class FakeKeyVault:
         raise _Answer(400, "BadParameter", f"the fake does not serve {method} /keys/{served}")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a read timeout, a test's refused TLS handshake) is not
+        the fake's error: nothing to print."""
+
+
 def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -609,6 +623,8 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
             failure = fake._take_failure(operation)
             if failure is None:
                 return
+            if failure.stall > 0:
+                time.sleep(failure.stall)
             headers = {}
             if failure.retry_after is not None:
                 headers["Retry-After"] = str(failure.retry_after)
