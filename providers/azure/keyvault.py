@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     AzureError,
@@ -92,6 +93,7 @@ KEY_VAULT_SETTINGS = frozenset(
         "key_vault_url",
         "key_name",
         "key_size",
+        "hardware_protected",
         "create",
         "verify_challenge_resource",
         "sdk_retries",
@@ -222,6 +224,9 @@ class KeyVaultSettings:
     key_name: str
     identity: CredentialSettings
     key_size: int = 3072
+    #: a key made with ``create = true`` is an RSA-HSM key (Key Vault Premium; always on a
+    #: Managed HSM, whose URL turns it on by default)
+    hardware_protected: bool = False
     create: bool = False
     verify_challenge_resource: bool = True
     sdk_retries: int = 5
@@ -267,12 +272,14 @@ class KeyVaultSettings:
         size = integer("key_size", 3072, 2048, 4096)
         if size not in (2048, 3072, 4096):
             raise region.error("key_size", f"must be 2048, 3072 or 4096, got {size}")
+        managed_hsm = urlsplit(url).hostname or ""
         return cls(
             region=region.name,
             key_vault_url=url.rstrip("/"),
             key_name=name,
             identity=CredentialSettings.from_region(region),
             key_size=size,
+            hardware_protected=boolean("hardware_protected", ".managedhsm." in f".{managed_hsm}"),
             create=boolean("create", False),
             verify_challenge_resource=boolean("verify_challenge_resource", True),
             sdk_retries=integer("sdk_retries", 5, 0, 20),
@@ -439,6 +446,7 @@ def _get_or_create(client: KeyClient, settings: KeyVaultSettings) -> KeyVaultKey
         settings.key_name,
         size=settings.key_size,
         key_operations=list(_KEY_OPS),
+        hardware_protected=settings.hardware_protected,
         tags={"regionvault-region": settings.region},
     )
 

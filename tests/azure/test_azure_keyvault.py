@@ -246,6 +246,17 @@ def test_key_is_made_with_wrap_and_unwrap_only_and_default_size(world: World) ->
     assert len(key.key.n) * 8 == 3072
 
 
+def test_a_hardware_protected_key(world: World) -> None:
+    keys = world.keys("east", hardware_protected=True)
+    dk = keys.generate_data_key(CTX)
+    key = keys.client.get_key(world.key_name)
+    assert getattr(key.key_type, "value", key.key_type) == "RSA-HSM"
+    assert keys.unwrap(dk.wrapped, CTX) == dk.plaintext
+    hsm = {"key_vault_url": "https://rv-east.managedhsm.azure.net"}
+    assert KeyVaultSettings.from_region(world.region("east", **hsm)).hardware_protected
+    assert not KeyVaultSettings.from_region(world.region("east")).hardware_protected
+
+
 def test_a_missing_key_without_create_is_named(world: World) -> None:
     keys = world.keys("east", create=False)
     with pytest.raises(KeyServiceError, match=f"keys/{world.key_name} does not exist"):

@@ -106,6 +106,7 @@ class _KeyVersion:
     private: rsa.RSAPrivateKey = field(repr=False)
     key_ops: tuple[str, ...]
     created: int
+    kty: str = "RSA"
     enabled: bool = True
 
 
@@ -390,7 +391,7 @@ class FakeKeyVault:
         return {
             "key": {
                 "kid": f"{self.url}/keys/{name}/{version.version}",
-                "kty": "RSA",
+                "kty": version.kty,
                 "key_ops": list(version.key_ops),
                 "n": _b64u(_int_bytes(public.n)),
                 "e": _b64u(_int_bytes(public.e)),
@@ -420,6 +421,7 @@ class FakeKeyVault:
             private=rsa.generate_private_key(public_exponent=65537, key_size=int(size)),
             key_ops=tuple(ops),
             created=int(time.time()),
+            kty=str(kty),
         )
 
     def _find(self, name: str, version: str | None) -> _KeyVersion:
@@ -480,6 +482,7 @@ class FakeKeyVault:
             current = self._find(name, None)
             version = self._new_version(
                 {
+                    "kty": current.kty,
                     "key_size": current.private.key_size,
                     "key_ops": list(current.key_ops),
                 }
