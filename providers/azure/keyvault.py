@@ -473,6 +473,20 @@ class AzureSealer(Sealer):
         self._lock = threading.Lock()
         self._key: KeyVaultKey | None = None
 
+    @classmethod
+    def for_region(
+        cls,
+        region: RegionConfig,
+        credentials: CredentialSource,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> AzureSealer:
+        """The Sealer of ``region``, from its settings alone (``Provider.sealer``)."""
+        return cls(
+            settings=KeyVaultSettings.from_region(region),
+            credentials=credentials,
+            client_options=client_options,
+        )
+
     def _public_key(self) -> KeyVaultKey:
         with self._lock:
             if self._key is None:

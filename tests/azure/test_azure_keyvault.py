@@ -7,6 +7,7 @@ own tenant, CA, client and keys. The KeyService suite of core/conformance runs a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -106,10 +107,7 @@ class World:
         return service
 
     def sealer(self, name: str, **extra: Any) -> AzureSealer:
-        return AzureSealer(
-            settings=KeyVaultSettings.from_region(self.region(name, **extra)),
-            credentials=self.credentials,
-        )
+        return AzureSealer.for_region(self.region(name, **extra), self.credentials)
 
     def close(self) -> None:
         for fake in self.fakes.values():
@@ -205,6 +203,53 @@ class TestKeyVaultKeyService(KeyServiceSuite):
         the regions' keys exist before anyone seals for them."""
         keys_a.key_id  # noqa: B018
         keys_b.key_id  # noqa: B018
+
+
+#: ``REGIONVAULT_AZURE_LIVE=1`` with two vaults runs the suite against real Key Vault too:
+#: ``REGIONVAULT_AZURE_KEY_VAULT_A`` and ``_B`` (vault URLs), logging in as the service
+#: principal of AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET when they are set,
+#: else as whoever ``az login`` signed in. The key ``regionvault-conformance`` is made in
+#: each vault on first use and gains a version per run (the rotation test).
+LIVE_ENV = "REGIONVAULT_AZURE_LIVE"
+
+
+class LiveWorld(World):
+    def __init__(self, base_dir: Path) -> None:
+        super().__init__({}, base_dir)
+        self.credentials = CredentialSource()
+        self.key_name = "regionvault-conformance"
+
+    def settings(self, name: str, **extra: Any) -> dict[str, Any]:
+        url = os.environ.get(f"REGIONVAULT_AZURE_KEY_VAULT_{'A' if name == 'east' else 'B'}")
+        settings: dict[str, Any] = {"key_vault_url": url, "key_name": self.key_name, "create": True}
+        if os.environ.get("AZURE_CLIENT_ID") and os.environ.get("AZURE_TENANT_ID"):
+            settings.update(
+                credential="client-secret",
+                tenant_id=os.environ["AZURE_TENANT_ID"],
+                client_id=os.environ["AZURE_CLIENT_ID"],
+            )
+        else:
+            settings["credential"] = "azure-cli"
+        settings.update(extra)
+        return {k: v for k, v in settings.items() if v is not None}
+
+
+@pytest.mark.skipif(
+    os.environ.get(LIVE_ENV) != "1"
+    or not os.environ.get("REGIONVAULT_AZURE_KEY_VAULT_A")
+    or not os.environ.get("REGIONVAULT_AZURE_KEY_VAULT_B"),
+    reason=f"live Key Vault: set {LIVE_ENV}=1, REGIONVAULT_AZURE_KEY_VAULT_A and _B",
+)
+class TestLiveKeyVaultKeyService(TestKeyVaultKeyService):
+    """The same suite against two real vaults."""
+
+    @pytest.fixture
+    def world(self, tmp_path: Path) -> Iterator[World]:
+        w = LiveWorld(tmp_path)
+        try:
+            yield w
+        finally:
+            w.close()
 
 
 # ---------------------------------------------------------------------- data keys
