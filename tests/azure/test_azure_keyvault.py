@@ -38,7 +38,7 @@ from regionvault.core.types import (
     RegionId,
     ServiceConfig,
 )
-from regionvault.providers.azure.fakes.keyvault import FakeKeyVault
+from regionvault.providers.azure.fakes.keyvault import FakeKeyVault, fake_key_vaults
 from regionvault.providers.azure.identity import (
     CredentialSettings,
     CredentialSource,
@@ -55,13 +55,13 @@ CAPS = Capabilities(key_rotation=True)
 
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FakeKeyVault]]:
-    """Two fake Key Vaults (regions east and west), 2048-bit keys to keep key making quick."""
+    """Two fake Key Vaults (regions east and west), 2048-bit keys to keep key making quick,
+    from the launcher the provider's conformance support uses."""
     base = tmp_path_factory.mktemp("keyvault")
-    with (
-        FakeKeyVault(base / "east", key_size=2048) as east,
-        FakeKeyVault(base / "west", key_size=2048) as west,
-    ):
-        yield {"east": east, "west": west}
+    with fake_key_vaults(base, ["east", "west"], key_size=2048) as fakes:
+        assert fakes["east"].tenant_id != fakes["west"].tenant_id
+        assert fakes["east"].ca_file != fakes["west"].ca_file
+        yield fakes
 
 
 def region_config(settings: Mapping[str, Any], name: str, base_dir: Path) -> RegionConfig:

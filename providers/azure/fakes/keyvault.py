@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from regionvault.providers.azure.fakes.tls import LocalCA
 
-__all__ = ["KEY_VAULT_RESOURCE", "FakeKeyVault", "Recorded"]
+__all__ = ["KEY_VAULT_RESOURCE", "FakeKeyVault", "Recorded", "fake_key_vaults"]
 
 #: the resource Key Vault names in its challenge; the SDK asks for ``<resource>/.default``
 KEY_VAULT_RESOURCE = "https://vault.azure.net"
@@ -635,6 +635,22 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
             raise _Answer(failure.status, phrase, f"injected {failure.status}", headers)
 
     return Handler
+
+
+@contextlib.contextmanager
+def fake_key_vaults(
+    directory: Path, regions: Iterable[str], *, key_size: int = 3072
+) -> Iterator[dict[str, FakeKeyVault]]:
+    """The launcher for tests and conformance support: one started :class:`FakeKeyVault`
+    per region name (each its own tenant, client, CA and keys, in ``directory/<region>``),
+    all stopped on exit. A region's site.toml key settings are
+    ``fakes[region].region_settings(key_name=...)``."""
+    with contextlib.ExitStack() as stack:
+        fakes: dict[str, FakeKeyVault] = {}
+        for region in regions:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in region)
+            fakes[region] = stack.enter_context(FakeKeyVault(directory / safe, key_size=key_size))
+        yield fakes
 
 
 def _operation_of(method: str, parts: list[str]) -> str:
