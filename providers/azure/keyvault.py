@@ -123,15 +123,20 @@ def _code(exc: BaseException) -> str:
 
 
 def _tls_failure(exc: BaseException) -> bool:
+    """Whether a TLS handshake failed somewhere under ``exc`` (azure-core keeps the
+    transport's error as ``inner_exception``; a login wraps it as the context)."""
     current: BaseException | None = exc
-    for _depth in range(10):
+    for _depth in range(20):
         if current is None:
             return False
         name = type(current).__name__
         if "SSL" in name or "Certificate" in name:
             return True
         inner = getattr(current, "inner_exception", None)
-        current = inner if isinstance(inner, BaseException) else current.__cause__
+        if isinstance(inner, BaseException):
+            current = inner
+        else:
+            current = current.__cause__ or current.__context__
     return False
 
 
@@ -166,13 +171,17 @@ def _describe(exc: BaseException) -> str:
     status, code = _status(exc), _code(exc)
     login = isinstance(exc, ClientAuthenticationError) and getattr(exc, "response", None) is None
     if login:
+        if _tls_failure(exc):
+            return "login failed: TLS failure (check ca_file)"
         if _no_answer(exc):
             return "login failed: no answer from the login endpoint"
         return "login failed" + (f" (HTTP {status})" if status is not None else "")
     if status is not None:
         return f"{code or 'error'} (HTTP {status})"
     if isinstance(exc, ServiceRequestError):
-        return "no connection to Key Vault" + (" (TLS failure)" if _tls_failure(exc) else "")
+        return "no connection to Key Vault" + (
+            " (TLS failure: check ca_file)" if _tls_failure(exc) else ""
+        )
     if isinstance(exc, ServiceResponseError):
         return "no complete answer from Key Vault (timeout or dropped connection)"
     return type(exc).__name__
@@ -207,7 +216,9 @@ def key_vault_error(
         transient = status == 429 or (500 <= status <= 599 and status not in (501, 505))
     if transient:
         return TransientError(full, provider="azure", region=region, retry_after=_retry_after(exc))
-    if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
+    if status in (401, 403) or (
+        isinstance(exc, ClientAuthenticationError) and not _tls_failure(exc)
+    ):
         return denied(full, provider="azure", region=region)
     return other(full, provider="azure", region=region)
 
