@@ -572,16 +572,22 @@ class AzureKeyService(KeyService):
                 self._current = key
             return self._current
 
-    def _crypto_client(self, version: str) -> CryptographyClient:
+    def _unwrap_key(self, version: str, wrapped: bytes) -> bytes:
+        """``keys/unwrapKey`` on one version of the key. A version's CryptographyClient (its
+        first use also gets the version's public half) is kept once it has unwrapped, so
+        versions named by foreign or forged envelopes are never kept."""
         with self._lock:
             crypto = self._crypto.get(version)
+        fresh = crypto is None
         if crypto is None:
             crypto = self.client.get_cryptography_client(
                 self.settings.key_name, key_version=version
             )
+        inner = crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key
+        if fresh:
             with self._lock:
-                crypto = self._crypto.setdefault(version, crypto)
-        return crypto
+                self._crypto.setdefault(version, crypto)
+        return inner
 
     def _open(self, blob: bytes, context: bytes, what: str) -> bytes:
         if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
@@ -599,11 +605,7 @@ class AzureKeyService(KeyService):
                 region=self.region,
             )
         try:
-            inner = (
-                self._crypto_client(envelope.version)
-                .unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, envelope.wrapped_key)
-                .key
-            )
+            inner = self._unwrap_key(envelope.version, envelope.wrapped_key)
         except AzureError as exc:
             # 404: no such version of this key (another region's material); 400: RSA-OAEP
             # failed (another key's, or altered): this key cannot open it

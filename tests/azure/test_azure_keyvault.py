@@ -347,6 +347,8 @@ def test_regions_and_keys_cannot_open_each_others_material(world: World) -> None
         with pytest.raises(KeyAccessDenied) as denied:
             other.unwrap(east_key.wrapped, CTX)
         assert other.region in str(denied.value) and other.settings.key_name in str(denied.value)
+    # a version named by foreign material is not kept
+    assert set(west._crypto) <= {west.key_id.rsplit("/", 1)[1]}
     sealed_for_west = world.sealer("west").seal(b"chunk-id key", CTX)
     assert west.unseal(sealed_for_west, CTX) == b"chunk-id key"
     with pytest.raises(KeyAccessDenied):
@@ -632,6 +634,42 @@ def test_secrets_come_from_a_file_or_the_environment_never_site_toml(
     missing = world.keys("east", client_secret_file="no-such.secret")
     with pytest.raises(ConfigError, match=r"cannot read .*no-such\.secret"):
         missing.generate_data_key(CTX)
+
+
+def test_the_fake_runs_alone_and_stops_on_interrupt(tmp_path: Path) -> None:
+    """``python -m regionvault.providers.azure.fakes.keyvault DIR`` prints a region's
+    settings as one JSON line and serves until SIGINT."""
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "regionvault.providers.azure.fakes.keyvault", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        settings = json.loads(process.stdout.readline())
+        settings.update(key_size=2048, sdk_retries=0)
+        credentials = CredentialSource()
+        keys = AzureKeyService(
+            region=region_config(settings, "alone", tmp_path),
+            credentials=credentials,
+            capabilities=CAPS,
+        )
+        try:
+            dk = keys.generate_data_key(CTX)
+            assert keys.unwrap(dk.wrapped, CTX) == dk.plaintext
+        finally:
+            keys.close()
+            credentials.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def test_instance_discovery_is_off_with_an_authority_unless_asked() -> None:
