@@ -539,6 +539,7 @@ class AzureKeyService(KeyService):
         self._credentials = credentials
         self._options = dict(client_options or {})
         self._lock = threading.Lock()
+        self._resolving = threading.Lock()
         self._client: KeyClient | None = None
         self._current: KeyVaultKey | None = None
         self._crypto: dict[str, CryptographyClient] = {}
@@ -562,15 +563,20 @@ class AzureKeyService(KeyService):
             current = self._current
         if current is not None:
             return current
-        try:
-            key = _get_or_create(self.client, self.settings)
-        except AzureError as exc:
-            raise self._error(exc, "cannot get or create key") from None
-        _check_key(key, self.settings)
-        with self._lock:
-            if self._current is None:
+        # one first use at a time: threads racing to a missing key would each make a version
+        with self._resolving:
+            with self._lock:
+                current = self._current
+            if current is not None:
+                return current
+            try:
+                key = _get_or_create(self.client, self.settings)
+            except AzureError as exc:
+                raise self._error(exc, "cannot get or create key") from None
+            _check_key(key, self.settings)
+            with self._lock:
                 self._current = key
-            return self._current
+            return key
 
     def _unwrap_key(self, version: str, wrapped: bytes) -> bytes:
         """``keys/unwrapKey`` on one version of the key. A version's CryptographyClient (its

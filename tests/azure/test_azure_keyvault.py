@@ -282,6 +282,25 @@ def test_data_key_round_trip_key_id_and_calls(world: World) -> None:
     assert len(fake.key_versions(world.key_name)) == 1
 
 
+def test_one_key_service_from_many_threads(world: World) -> None:
+    """The engine's workers share a region's KeyService: first use, wraps and unwraps from
+    eight threads at once make one key and one version's client, and every key opens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = world.fakes["east"]
+    keys = world.keys("east")
+
+    def work(n: int) -> bool:
+        context = {**CTX, "name": f"packs/{n}"}
+        dk = keys.generate_data_key(context)
+        return all(keys.unwrap(dk.wrapped, context) == dk.plaintext for _ in range(5))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(40)))
+    assert len(fake.key_versions(world.key_name)) == 1
+    assert len(keys._crypto) == 1
+
+
 def test_key_is_made_with_wrap_and_unwrap_only_and_default_size(world: World) -> None:
     keys = world.keys("east", key_size=None)  # the default, 3072 bits
     keys.key_id  # noqa: B018 - makes the key
