@@ -655,6 +655,54 @@ def test_secrets_come_from_a_file_or_the_environment_never_site_toml(
         missing.generate_data_key(CTX)
 
 
+def test_fakes_of_one_process_can_share_a_tenant(tmp_path: Path) -> None:
+    """An ARM fake (or a second vault) shares a FakeTenant: one application logs in once and
+    its token opens each service only for the resource it was issued for."""
+    from regionvault.providers.azure.fakes.entra import FakeAnswer, FakeTenant
+
+    tenant = FakeTenant(tmp_path / "tenant")
+    with (
+        FakeKeyVault(tmp_path / "a", tenant=tenant, key_size=2048) as a,
+        FakeKeyVault(tmp_path / "b", tenant=tenant, key_size=2048) as b,
+    ):
+        assert a.tenant_id == b.tenant_id and a.client_id == b.client_id == tenant.client_id
+        credentials = CredentialSource()
+        try:
+            for fake, name in ((a, "a"), (b, "b")):
+                settings = fake.region_settings(key_name="shared")
+                settings.update(authority=a.url, ca_file=str(a.ca_file), key_size=2048)
+                if fake is b:  # b's own certificate: trust both CAs
+                    bundle = tmp_path / "both.pem"
+                    bundle.write_bytes(a.ca_file.read_bytes() + b.ca_file.read_bytes())
+                    settings["ca_file"] = str(bundle)
+                keys = AzureKeyService(
+                    region=region_config(settings, name, tmp_path),
+                    credentials=credentials,
+                    capabilities=CAPS,
+                )
+                try:
+                    dk = keys.generate_data_key(CTX)
+                    assert keys.unwrap(dk.wrapped, CTX) == dk.plaintext
+                finally:
+                    keys.close()
+        finally:
+            credentials.close()
+        assert "token" not in b.operations()  # b never served a login: a's token opened it
+        token = tenant.serve(
+            "POST",
+            [tenant.tenant_id, "oauth2", "v2.0", "token"],
+            (
+                f"grant_type=client_credentials&client_id={tenant.client_id}&client_secret="
+                f"{tenant.secret_file().read_text().strip()}"
+                "&scope=https%3A%2F%2Fmanagement.azure.com%2F.default"
+            ).encode(),
+            a.url,
+        )[2]["access_token"]
+        with pytest.raises(FakeAnswer, match="Invalid audience"):
+            tenant.client_of(f"Bearer {token}", "https://vault.azure.net")
+        assert tenant.client_of(f"Bearer {token}", "https://management.azure.com")
+
+
 def test_the_fake_runs_alone_and_stops_on_interrupt(tmp_path: Path) -> None:
     """``python -m regionvault.providers.azure.fakes.keyvault DIR`` prints a region's
     settings as one JSON line and serves until SIGINT."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import secrets
 import sys
 import threading
 import time
@@ -44,17 +43,17 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from regionvault.providers.azure.fakes.entra import FakeAnswer, FakeTenant
 from regionvault.providers.azure.fakes.tls import LocalCA
 
 __all__ = ["KEY_VAULT_RESOURCE", "FakeKeyVault", "Recorded", "fake_key_vaults"]
 
 #: the resource Key Vault names in its challenge; the SDK asks for ``<resource>/.default``
 KEY_VAULT_RESOURCE = "https://vault.azure.net"
-_TOKEN_LIFETIME = 3600
 _MAX_BODY = 1 << 20
 
 _OAEP = {
@@ -119,44 +118,29 @@ class _Failure:
     stall: float
 
 
-class _Answer(Exception):
-    """Raised inside a handler to answer with an error."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-
-
 class FakeKeyVault:
     """One tenant's token endpoint and one Key Vault, on ``https://127.0.0.1:<port>``.
 
-    ``directory`` receives the CA certificate (``ca.pem``, for ``connection_verify``), the
-    server's certificate and key, and one file per registered client holding its secret
-    (``client-<id>.secret``, mode 0600). A client is registered at start
-    (:attr:`client_id`); :meth:`add_client` registers more. ``key_size`` is what a create
-    without ``key_size`` gets.
+    ``directory`` receives the CA certificate (``ca.pem``, for ``connection_verify``) and the
+    server's certificate and key; ``tenant`` (a :class:`FakeTenant` other fakes of this
+    process may share, by default one of its own in ``directory``) holds the applications,
+    one file per application with its secret. Its first application is :attr:`client_id`;
+    :meth:`add_client` registers more. ``key_size`` is what a create without one gets.
     """
 
     def __init__(
         self,
         directory: Path,
         *,
-        tenant_id: str | None = None,
+        tenant: FakeTenant | None = None,
         port: int = 0,
         key_size: int = 3072,
     ) -> None:
         self.directory = directory
-        self.tenant_id = tenant_id or str(uuid.uuid4())
+        self.tenant = tenant or FakeTenant(directory)
         self.key_size = key_size
         self._port = port
         self._lock = threading.Lock()
-        self._clients: dict[str, str] = {}
-        self._tokens: dict[str, tuple[str, str, float]] = {}
         self._keys: dict[str, list[_KeyVersion]] = {}
         self._denied: dict[str, set[str]] = {}
         self._failures: list[_Failure] = []
@@ -164,7 +148,15 @@ class FakeKeyVault:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.ca: LocalCA | None = None
-        self.client_id = ""
+
+    @property
+    def tenant_id(self) -> str:
+        return self.tenant.tenant_id
+
+    @property
+    def client_id(self) -> str:
+        """The tenant's first application."""
+        return self.tenant.client_id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,8 +188,6 @@ class FakeKeyVault:
             daemon=True,
         )
         self._thread.start()
-        if not self.client_id:
-            self.client_id = self.add_client()
         return self
 
     def stop(self) -> None:
@@ -218,20 +208,11 @@ class FakeKeyVault:
     # ------------------------------------------------------------------ test controls
 
     def add_client(self, client_id: str | None = None) -> str:
-        """Register an application (service principal) with a new secret, written to
-        :meth:`secret_file`; returns its client id."""
-        client_id = client_id or str(uuid.uuid4())
-        secret = secrets.token_urlsafe(32)
-        with self._lock:
-            self._clients[client_id] = secret
-        path = self.secret_file(client_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secret + "\n", encoding="utf-8")
-        return client_id
+        """Register an application in the tenant (:meth:`FakeTenant.add_client`)."""
+        return self.tenant.add_client(client_id)
 
     def secret_file(self, client_id: str | None = None) -> Path:
-        return self.directory / f"client-{client_id or self.client_id}.secret"
+        return self.tenant.secret_file(client_id)
 
     def deny(self, client_id: str, operations: Iterable[str]) -> None:
         """Answer 403 Forbidden (as Key Vault's RBAC does) to ``client_id`` for these key
@@ -306,79 +287,22 @@ class FakeKeyVault:
         with self._lock:
             self.requests.append(recorded)
 
-    def _openid_configuration(self, tenant: str) -> dict[str, Any]:
-        base = f"{self.url}/{tenant}"
-        return {
-            "token_endpoint": f"{base}/oauth2/v2.0/token",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-            "issuer": f"{base}/v2.0",
-            "jwks_uri": f"{base}/discovery/v2.0/keys",
-            "token_endpoint_auth_methods_supported": ["client_secret_post"],
-            "response_types_supported": ["code", "id_token", "token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "tenant_region_scope": "EU",
-        }
-
-    def _issue_token(self, form: Mapping[str, str]) -> dict[str, Any]:
-        if form.get("grant_type") != "client_credentials":
-            raise _Answer(400, "unsupported_grant_type", "AADSTS70003: only client_credentials")
-        client_id = form.get("client_id", "")
-        with self._lock:
-            expected = self._clients.get(client_id)
-        if expected is None:
-            raise _Answer(
-                400,
-                "unauthorized_client",
-                f"AADSTS700016: Application with identifier '{client_id}' was not found in "
-                f"the directory '{self.tenant_id}'.",
-            )
-        if not secrets.compare_digest(form.get("client_secret", ""), expected):
-            raise _Answer(
-                401,
-                "invalid_client",
-                f"AADSTS7000215: Invalid client secret provided for '{client_id}'.",
-            )
-        scope = form.get("scope", "")
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._tokens[token] = (client_id, scope, time.monotonic() + _TOKEN_LIFETIME)
-        return {
-            "token_type": "Bearer",
-            "expires_in": _TOKEN_LIFETIME,
-            "ext_expires_in": _TOKEN_LIFETIME,
-            "access_token": token,
-        }
-
     def _authenticate(self, header: str | None) -> str:
-        """The client id behind a request's bearer token; a 401 challenge otherwise."""
+        """The client id behind a request's bearer token; Key Vault's 401 challenge, naming
+        this tenant, otherwise."""
         challenge = {
             "WWW-Authenticate": (
                 f'Bearer authorization="{self.url}/{self.tenant_id}", '
                 f'resource="{KEY_VAULT_RESOURCE}"'
             )
         }
-        if not header or not header.startswith("Bearer "):
-            raise _Answer(
-                401,
-                "Unauthorized",
-                "AKV10000: Request is missing a Bearer or PoP token.",
-                challenge,
-            )
-        with self._lock:
-            known = self._tokens.get(header[len("Bearer ") :])
-        if known is None or known[2] < time.monotonic():
-            raise _Answer(401, "Unauthorized", "AKV10022: Invalid audience or token.", challenge)
-        client_id, scope, _expiry = known
-        if scope.split("/.default")[0].rstrip("/") != KEY_VAULT_RESOURCE:
-            raise _Answer(401, "Unauthorized", f"AKV10022: Invalid audience {scope!r}.", challenge)
-        return client_id
+        return self.tenant.client_of(header, KEY_VAULT_RESOURCE, challenge)
 
     def _authorize(self, client_id: str, operation: str, name: str) -> None:
         with self._lock:
             denied = operation in self._denied.get(client_id, set())
         if denied:
-            raise _Answer(
+            raise FakeAnswer(
                 403,
                 "Forbidden",
                 f"Caller is not authorized to perform action on resource. Caller: "
@@ -409,13 +333,13 @@ class FakeKeyVault:
     def _new_version(self, body: Mapping[str, Any]) -> _KeyVersion:
         kty = body.get("kty", "RSA")
         if kty not in ("RSA", "RSA-HSM"):
-            raise _Answer(400, "BadParameter", f"the fake makes RSA keys only, not {kty!r}")
+            raise FakeAnswer(400, "BadParameter", f"the fake makes RSA keys only, not {kty!r}")
         size = body.get("key_size") or self.key_size
         if size not in (2048, 3072, 4096):
-            raise _Answer(400, "BadParameter", f"key_size {size!r} is not 2048, 3072 or 4096")
+            raise FakeAnswer(400, "BadParameter", f"key_size {size!r} is not 2048, 3072 or 4096")
         ops = body.get("key_ops") or list(_ALL_OPS)
         if not isinstance(ops, list) or not all(op in _ALL_OPS for op in ops):
-            raise _Answer(400, "BadParameter", f"invalid key_ops {ops!r}")
+            raise FakeAnswer(400, "BadParameter", f"invalid key_ops {ops!r}")
         return _KeyVersion(
             version=uuid.uuid4().hex,
             private=rsa.generate_private_key(public_exponent=65537, key_size=int(size)),
@@ -434,7 +358,7 @@ class FakeKeyVault:
                     if candidate.version == version:
                         return candidate
         what = f"{name}/{version}" if version else name
-        raise _Answer(
+        raise FakeAnswer(
             404,
             "KeyNotFound",
             f"A key with (name/id) {what} was not found in this key vault. If you recently "
@@ -445,14 +369,14 @@ class FakeKeyVault:
     def _crypto(self, name: str, version: str, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
         key = self._find(name, version)
         if op not in key.key_ops:
-            raise _Answer(403, "Forbidden", f"Operation {op} is not permitted on this key.")
+            raise FakeAnswer(403, "Forbidden", f"Operation {op} is not permitted on this key.")
         alg = body.get("alg")
         if alg not in _OAEP:
-            raise _Answer(400, "BadParameter", f"the fake supports {sorted(_OAEP)}, not {alg!r}")
+            raise FakeAnswer(400, "BadParameter", f"the fake supports {sorted(_OAEP)}, not {alg!r}")
         try:
             value = _unb64u(str(body.get("value", "")))
         except (ValueError, TypeError):
-            raise _Answer(400, "BadParameter", "value is not base64url") from None
+            raise FakeAnswer(400, "BadParameter", "value is not base64url") from None
         try:
             if op in ("wrapKey", "encrypt"):
                 out = key.private.public_key().encrypt(value, _OAEP[alg]())
@@ -460,7 +384,7 @@ class FakeKeyVault:
                 out = key.private.decrypt(value, _OAEP[alg]())
         except ValueError:
             # Key Vault answers a ciphertext that does not decrypt under the key this way
-            raise _Answer(400, "BadParameter", "The parameter is incorrect.") from None
+            raise FakeAnswer(400, "BadParameter", "The parameter is incorrect.") from None
         return {"kid": f"{self.url}/keys/{name}/{key.version}", "value": _b64u(out)}
 
     def _keys_request(
@@ -468,7 +392,7 @@ class FakeKeyVault:
     ) -> tuple[str, str | None, str | None, dict[str, Any]]:
         """Route ``/keys/...``: returns (operation, key, version, answer)."""
         if len(parts) < 2 or not parts[1]:
-            raise _Answer(400, "BadParameter", "a key name is needed")
+            raise FakeAnswer(400, "BadParameter", "a key name is needed")
         name = parts[1]
         rest = parts[2:]
         if method == "POST" and rest == ["create"]:
@@ -512,7 +436,7 @@ class FakeKeyVault:
             self._authorize(client_id, op, name)
             return f"keys/{op}", name, rest[0], self._crypto(name, rest[0], op, body)
         served = "/".join(rest)
-        raise _Answer(400, "BadParameter", f"the fake does not serve {method} /keys/{served}")
+        raise FakeAnswer(400, "BadParameter", f"the fake does not serve {method} /keys/{served}")
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -549,7 +473,7 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
         def _body(self) -> bytes:
             length = int(self.headers.get("Content-Length") or 0)
             if length > _MAX_BODY:
-                raise _Answer(413, "BadParameter", "request too large")
+                raise FakeAnswer(413, "BadParameter", "request too large")
             return self.rfile.read(length) if length else b""
 
         def _send(self, status: int, payload: Any, headers: Mapping[str, str]) -> None:
@@ -566,31 +490,19 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
         def _serve(self, method: str) -> None:
             split = urlsplit(self.path)
             parts = split.path.split("/")[1:]
-            operation, key, version, client_id = "unknown", None, None, None
-            status, payload, headers = 200, {}, {}
+            operation, key, version = "unknown", None, None
+            client_id: str | None = None
+            status = 200
+            payload: dict[str, Any] = {}
+            headers: dict[str, str] = {}
             is_token = False
             try:
                 raw = self._body()
-                if len(parts) >= 2 and parts[1] in ("v2.0", "oauth2"):
+                if FakeTenant.is_login_path(parts):
                     is_token = True
-                    tenant = parts[0]
-                    if parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
-                        operation = "openid-configuration"
-                    elif parts[1:] == ["oauth2", "v2.0", "token"] and method == "POST":
-                        operation = "token"
-                    if tenant != fake.tenant_id:
-                        raise _Answer(
-                            400, "invalid_tenant", f"AADSTS90002: Tenant '{tenant}' not found."
-                        )
+                    operation = fake.tenant.operation_of(method, parts)
                     self._maybe_fail(operation)
-                    if operation == "openid-configuration":
-                        payload = fake._openid_configuration(tenant)
-                    elif operation == "token":
-                        form = {k: v[0] for k, v in parse_qs(raw.decode("utf-8")).items()}
-                        client_id = form.get("client_id")
-                        payload = fake._issue_token(form)
-                    else:
-                        raise _Answer(404, "not_found", f"no endpoint {split.path}")
+                    operation, client_id, payload = fake.tenant.serve(method, parts, raw, fake.url)
                 elif parts and parts[0] == "keys":
                     operation = _operation_of(method, parts)
                     key = parts[1] if len(parts) > 1 and parts[1] else None
@@ -598,17 +510,17 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
                     try:
                         body = json.loads(raw) if raw else {}
                     except json.JSONDecodeError:
-                        raise _Answer(400, "BadParameter", "body is not JSON") from None
+                        raise FakeAnswer(400, "BadParameter", "body is not JSON") from None
                     if not isinstance(body, dict):
-                        raise _Answer(400, "BadParameter", "body is not a JSON object")
+                        raise FakeAnswer(400, "BadParameter", "body is not a JSON object")
                     self._maybe_fail(operation)
                     operation, key, version, payload = fake._keys_request(
                         method, parts, body, client_id
                     )
                 else:
                     fake._authenticate(self.headers.get("Authorization"))
-                    raise _Answer(404, "NotFound", f"no endpoint {split.path}")
-            except _Answer as answer:
+                    raise FakeAnswer(404, "NotFound", f"no endpoint {split.path}")
+            except FakeAnswer as answer:
                 status, headers = answer.status, answer.headers
                 if is_token:
                     payload = {
@@ -632,7 +544,7 @@ def _handler(fake: FakeKeyVault) -> type[BaseHTTPRequestHandler]:
             if failure.retry_after is not None:
                 headers["Retry-After"] = str(failure.retry_after)
             phrase = HTTPStatus(failure.status).phrase.replace(" ", "")
-            raise _Answer(failure.status, phrase, f"injected {failure.status}", headers)
+            raise FakeAnswer(failure.status, phrase, f"injected {failure.status}", headers)
 
     return Handler
 
