@@ -6,7 +6,8 @@ instance discovery off), ``KeyClient`` and ``CryptographyClient`` run against it
 
 - the token endpoint of one tenant: ``GET /<tenant>/v2.0/.well-known/openid-configuration``
   and ``POST /<tenant>/oauth2/v2.0/token`` (client-credentials grant, checked against the
-  registered clients' secrets);
+  registered clients' secrets), served for a :class:`~.entra.FakeTenant` that other fakes of
+  the process (an ARM fake) may share;
 - one vault's keys (api-version 7.x): create, get (latest or a version), list versions,
   rotate, and wrapKey/unwrapKey/encrypt/decrypt with RSA-OAEP-256 and RSA-OAEP, on RSA keys
   whose private halves never leave this process. A request without a bearer token gets
