@@ -45,13 +45,16 @@ class SerialExecutor:
     def __init__(self, engine: Engine) -> None:
         self.handlers = job_handlers(engine)
         self.ledger = engine.ledger()
+        self.plugin_manager = engine.site.plugin_manager
         self.ran: list[str] = []
         self.closed = False
 
     def submit(self, job: Job) -> Future[JobOutcome]:
         self.ran.append(job.key)
         future: Future[JobOutcome] = Future()
-        future.set_result(execute_job(job, self.handlers, self.ledger))
+        future.set_result(
+            execute_job(job, self.handlers, self.ledger, plugin_manager=self.plugin_manager)
+        )
         return future
 
     def run(self, jobs: Iterable[Job]) -> list[JobOutcome]:
@@ -258,6 +261,73 @@ def test_a_failing_hook_is_a_problem_of_the_tick_and_the_tick_goes_on(
         "regionvault_after_tick hook failed for the tick: RuntimeError: audit log full",
     ]
     assert not report.ok and report.outcome == "failed"
+
+
+class BrokenAfterWork:
+    """The notifications of done work raise: after_backup, after_copy; after_job always."""
+
+    @hookimpl
+    def regionvault_after_backup(self, region: str, recovery_point: RecoveryPoint) -> None:
+        raise RuntimeError("backup counter down")
+
+    @hookimpl
+    def regionvault_after_copy(
+        self, source_region: str, region: str, source: RecoveryPoint, copy: RecoveryPoint
+    ) -> None:
+        raise RuntimeError("copy counter down")
+
+    @hookimpl
+    def regionvault_after_job(self, outcome: JobOutcome) -> None:
+        raise RuntimeError("job counter down")
+
+
+def test_a_raising_notification_never_fails_the_work_it_reports(
+    site: Site, instance: Instance
+) -> None:
+    # the point and the copy are committed: failing their jobs would fail them for good
+    # (nothing runs them again); the tick names each hook once, and is not ok
+    site.plugin_manager.register(BrokenAfterWork())
+    engine = Engine(site, settings=SETTINGS)
+    report = Service(engine).tick()
+    assert not report.failures(), [o.error for o in report.failures()]
+    assert len(copies_in(engine, "west")) == 1
+    (backup,) = [o for o in report.jobs if o.kind == BACKUP]
+    (copy_job,) = [o for o in report.jobs if o.kind == COPY]
+    (point,) = engine.points("local:east")
+    (tag, *_) = [o for o in report.jobs if o.kind == TAG]
+    assert report.problems == [
+        f"regionvault_after_job hook failed for job {tag.key} and 1 more job(s): "
+        "RuntimeError: job counter down",
+        f"regionvault_after_job hook failed for job {backup.key}: RuntimeError: job counter down",
+        f"regionvault_after_backup hook failed for recovery point {point.id} of {instance.id} "
+        "in local:east: RuntimeError: backup counter down",
+        f"regionvault_after_job hook failed for job {copy_job.key}: RuntimeError: job counter down",
+        f"regionvault_after_copy hook failed for the copy of {point.id} from local:east to "
+        "local:west: RuntimeError: copy counter down",
+        f"regionvault_after_job hook failed for job {report.jobs[-2].key} and 1 more job(s): "
+        "RuntimeError: job counter down",
+    ]
+    assert report.outcome == "failed"
+    # the next tick has nothing left to do for them: no job fails, none is redone
+    again = Service(engine).tick()
+    assert not again.failures()
+    assert [o.status for o in again.jobs if o.kind in (BACKUP, COPY)] == []
+
+
+def test_a_raising_after_copy_in_a_regions_own_tick_keeps_the_commit_and_its_receipt(
+    site: Site, instance: Instance
+) -> None:
+    site.plugin_manager.register(BrokenAfterWork())
+    engine = Engine(site, settings=SETTINGS)
+    service = Service(engine)
+    reports = [service.tick(region) for region in ("east", "west", "east", "west", "east")]
+    ran = [o for r in reports for o in r.jobs]
+    assert not [o for o in ran if o.status is JobStatus.FAILED]
+    done = [o.kind for o in ran if o.kind.startswith("copy")]
+    assert done == [COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT, COPY_RECEIPT]
+    assert len(copies_in(engine, "west")) == 1
+    (west_commit,) = [r for r in reports if any(o.kind == COPY_COMMIT for o in r.jobs)]
+    assert any("regionvault_after_copy hook failed" in p for p in west_commit.problems)
 
 
 # --------------------------------------------------------------------------- retries

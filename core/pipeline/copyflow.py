@@ -199,7 +199,9 @@ class CopyFlow:
         # a phased copy's result is its commit's report: the bytes crossed in other jobs
         # (copy-request, copy-send), whose outcomes carry them
         if not report.existing and report.source is not None:
-            self.engine.site.plugin_manager.hook.regionvault_after_copy(
+            self.engine.notify(
+                "regionvault_after_copy",
+                f"the copy of {report.source.id} from {source} to {destination}",
                 source_region=source,
                 region=destination,
                 source=report.source,

@@ -110,6 +110,8 @@ class Engine:
         self.state = StateStore(site.config.state_dir)
         self._repos: dict[str, Repository] = {}
         self._repo_lock = threading.Lock()
+        self._hook_problems: list[str] = []
+        self._hook_problems_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -177,6 +179,28 @@ class Engine:
 
     def _hook(self, name: str, **kwargs: Any) -> Any:
         return getattr(self.site.plugin_manager.hook, name)(**kwargs)
+
+    def notify(self, name: str, about: str, **kwargs: Any) -> None:
+        """Call the plugin hook ``name`` about work that is done and cannot be undone (a
+        point committed, a copy committed, an instance launched): a hook that raises does not
+        turn that work into a failure (its job would fail for good, since the work is there
+        and never runs again). The error is logged and kept for :meth:`take_hook_problems`,
+        which the service makes problems of its tick."""
+        try:
+            getattr(self.site.plugin_manager.hook, name)(**kwargs)
+        except Exception as exc:
+            log.exception("%s hook failed for %s", name, about)
+            with self._hook_problems_lock:
+                self._hook_problems.append(
+                    f"{name} hook failed for {about}: {type(exc).__name__}: {exc}"
+                )
+
+    def take_hook_problems(self) -> list[str]:
+        """The :meth:`notify` hook failures since the last call, oldest first (and forgets
+        them)."""
+        with self._hook_problems_lock:
+            taken, self._hook_problems = self._hook_problems, []
+        return taken
 
     # ------------------------------------------------------------------ tag
 
@@ -266,7 +290,12 @@ class Engine:
                     )
                 finally:
                     capture.close()
-        self._hook("regionvault_after_backup", region=home.name, recovery_point=point)
+        self.notify(
+            "regionvault_after_backup",
+            f"recovery point {point.id} of {inst.id} in {home.name}",
+            region=home.name,
+            recovery_point=point,
+        )
         return point
 
     def point_issues(self, point: RecoveryPoint) -> tuple[CaptureIssue, ...]:
@@ -311,8 +340,9 @@ class Engine:
             progress=progress,
         )
         if not result.existing:
-            self._hook(
+            self.notify(
                 "regionvault_after_copy",
+                f"the copy of {point.id} from {src.name} to {dst.name}",
                 source_region=src.name,
                 region=dst.name,
                 source=point,
@@ -475,8 +505,9 @@ class Engine:
                 point.id,
                 f" ({health_error})" if health_error else "",
             )
-        self._hook(
+        self.notify(
             "regionvault_after_launch",
+            f"instance {instance.id} launched in {r.name} from {point.id}",
             region=r.name,
             instance=instance,
             recovery_point=point,

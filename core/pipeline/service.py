@@ -170,23 +170,43 @@ class Service:
         ) as executor:
             yield executor
 
-    def _hook(self, tick: TickReport, name: str, about: str, **kwargs: Any) -> None:
-        """Call the plugin hook ``name``. A hook that raises does not stop the tick (its
-        other jobs still run), and does not go unseen: it is a problem of the tick."""
+    def _call(self, name: str, about: str, **kwargs: Any) -> str | None:
+        """Call the plugin hook ``name``; what it raised, in one line, or None. A hook that
+        raises does not stop the tick (its other jobs still run)."""
         try:
             getattr(self.engine.site.plugin_manager.hook, name)(**kwargs)
         except Exception as exc:
             log.exception("%s hook failed for %s", name, about)
-            tick.problems.append(f"{name} hook failed for {about}: {type(exc).__name__}: {exc}")
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def _ran(self, report: TickReport, outcomes: Iterable[JobOutcome]) -> None:
+        """Add a round's outcomes to ``report``, calling ``regionvault_after_job`` for each.
+        A raising hook does not go unseen: it is one problem of the tick per round (naming
+        the first job and how many more), with what the engine's notification hooks raised
+        in the round (:meth:`Engine.notify`)."""
+        failed: list[tuple[str, str]] = []
         for outcome in outcomes:
             report.jobs.append(outcome)
-            self._hook(report, "regionvault_after_job", f"job {outcome.key}", outcome=outcome)
+            error = self._call("regionvault_after_job", f"job {outcome.key}", outcome=outcome)
+            if error is not None:
+                failed.append((outcome.key, error))
+        if failed:
+            key, error = failed[0]
+            more = f" and {len(failed) - 1} more job(s)" if len(failed) > 1 else ""
+            report.problems.append(
+                f"regionvault_after_job hook failed for job {key}{more}: {error}"
+            )
+        report.problems.extend(self.engine.take_hook_problems())
 
     def _finish(self, report: TickReport) -> TickReport:
+        """Call ``regionvault_after_tick``; what it raises is added to the report after it
+        returned (so the report it was given does not show its own failure)."""
+        report.problems.extend(self.engine.take_hook_problems())
         where = f"the tick of {report.region}" if report.region else "the tick"
-        self._hook(report, "regionvault_after_tick", where, report=report)
+        error = self._call("regionvault_after_tick", where, report=report)
+        if error is not None:
+            report.problems.append(f"regionvault_after_tick hook failed for {where}: {error}")
         return report
 
     def _newest_slot(self, instance: Instance) -> datetime | None:
