@@ -56,8 +56,9 @@ class HookSpecs:
 
     @hookspec
     def regionvault_after_backup(self, region: str, recovery_point: RecoveryPoint) -> None:
-        """Called after a recovery point was committed to ``region``'s vault. Returns
-        nothing."""
+        """Called after a recovery point was committed to ``region``'s vault. An exception
+        is logged and made a problem of the tick; it never fails the backup, which is done.
+        Returns nothing."""
 
     # ``result``, ``outcome`` and ``report`` are values of the repository and the pipeline,
     # which sit above this module: the SPI imports nothing above it, so they are typed Any
@@ -78,7 +79,8 @@ class HookSpecs:
         :class:`~regionvault.core.repository.CopyResult` (bytes and chunks moved) for a copy
         in one call or one ``copy`` job, a :class:`~regionvault.core.repository.CommitReport`
         (batches taken in) for a ``copy-commit`` job, whose bytes crossed in the jobs before
-        it. Returns nothing."""
+        it. An exception is logged and made a problem of the tick; it never fails the copy,
+        which is committed. Returns nothing."""
 
     @hookspec(firstresult=True)
     def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
@@ -96,7 +98,8 @@ class HookSpecs:
         seconds_to_healthy: float | None,
     ) -> None:
         """Called after an instance was launched from ``recovery_point`` and health-checked;
-        ``seconds_to_healthy`` is the measured RTO, None when it never became healthy.
+        ``seconds_to_healthy`` is the measured RTO, None when it never became healthy. An
+        exception is logged (a problem of the tick, in a tick); it never fails the launch.
         Returns nothing."""
 
     @hookspec
