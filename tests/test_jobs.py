@@ -774,7 +774,7 @@ def test_a_stop_ends_a_retry_wait_at_once(tmp_path: Path) -> None:
         runner.join(timeout=60)  # bounded; without the stop it would wait for an hour
         assert not runner.is_alive(), "the retry wait did not end when stop was set"
     (outcome,) = outcomes
-    assert outcome.status is JobStatus.FAILED and outcome.attempts == 1 and handler.runs == 1
+    assert outcome.status is JobStatus.STOPPED and outcome.attempts == 1 and handler.runs == 1
     assert outcome.error is not None and outcome.error.startswith("stopped while waiting")
     assert "SlowDown" in outcome.error  # the failure it was waiting to retry
     # the runner stopped; the job did not fail: no failure record, no alert

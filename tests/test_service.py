@@ -394,11 +394,18 @@ def test_a_stop_ends_the_default_executors_retry_waits(site: Site, recorder: Rec
     assert not runner.is_alive(), "the service's stop did not reach the retry wait"
     (report,) = reports
     (east,) = [o for o in report.jobs if o.kind == TAG and o.region == "local:east"]
-    assert east.status is JobStatus.FAILED and east.attempts == 1
+    assert east.status is JobStatus.STOPPED and east.attempts == 1
+    assert east.outcome == "stopped" and not east.ok
     assert (east.error or "").startswith("stopped while waiting to retry")
-    # the runner stopped; the job did not fail: no failure record, no alert
+    # the runner stopped; the job did not fail: no failure record, no alert, and the tick is
+    # not failed (`regionvault run` exits 0), while after_job sees it stopped
     assert engine.ledger().last_failure(east.key) is None
     assert east.key not in recorder.of("failure")
+    assert report.failures() == [] and report.ok and report.outcome == "ok"
+    assert [o.outcome for o in recorder.of("job") if o.key == east.key] == ["stopped"]
+    # not done: the next run of the key runs it again
+    assert engine.ledger().record(east.key) is None
+    assert JobOutcome.from_dict(east.to_dict()) == east
 
 
 def test_an_executor_and_a_retry_policy_together_are_refused(site: Site) -> None:

@@ -55,7 +55,9 @@ class RetryPolicy:
     half that delay and all of it, so runners throttled together do not all come back at the
     same moment. A service that said how long to wait (``retry_after``) is waited for at
     least that long, still at most ``max_delay``. Any other error is never retried here.
-    ``sleep`` and ``jitter`` (a number in [0, 1)) are injectable, so tests need not wait.
+    ``sleep`` and ``jitter`` (a number in [0, 1)) are injectable, so tests need not wait;
+    a ``stop`` event cuts a wait short only with the default ``sleep`` (an injected one runs
+    whole, then the event is looked at).
     """
 
     attempts: int = 5
@@ -126,9 +128,12 @@ def execute_job(
     (and a call of the ``regionvault_on_job_failure`` hook); it is not recorded as done, so
     the next run retries it. Never raises for a failing job.
 
-    ``stop`` ends a wait before a retry at once: the outcome is ``FAILED`` with an error that
-    starts with ``stopped``, and neither a failure record nor the hook (the runner stopped;
-    the job did not fail). A lock lost during a wait gives ``BUSY`` (docs/jobs.md, Retries).
+    ``stop`` ends a wait before a retry at once: the outcome is ``STOPPED`` (its error says
+    ``stopped while waiting to retry``), with neither a failure record nor the hook (the
+    runner stopped; the job did not fail), and not done, so a later run retries the key. It
+    interrupts the wait itself only with ``retry.sleep`` left as :func:`time.sleep`: an
+    injected sleep runs whole, and ``stop`` is looked at when it returns. A lock lost during
+    a wait gives ``BUSY`` (docs/jobs.md, Retries).
     """
     recorded = ledger.record(job.key)
     if recorded is not None:
@@ -285,7 +290,7 @@ def _stopped(job: Job, started: datetime, attempts: int, error: Exception | None
         job.key,
         job.kind,
         job.region,
-        JobStatus.FAILED,
+        JobStatus.STOPPED,
         error=f"stopped while waiting to retry{last}",
         started_at=started,
         finished_at=_now(),

@@ -340,6 +340,9 @@ class JobStatus(enum.StrEnum):
     BUSY = "busy"
     #: the job ran and raised; it is not recorded as done, so a later run retries it
     FAILED = "failed"
+    #: the runner was stopped (``stop`` set) while the job waited to retry: not done, so a
+    #: later run retries it, and not a failure (no failure record, no failure hook)
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -377,11 +380,14 @@ class JobOutcome:
 
     @property
     def outcome(self) -> str:
-        """``ok``, ``incomplete``, ``failed``, or ``busy`` (another runner has it)."""
+        """``ok``, ``incomplete``, ``failed``, ``busy`` (another runner has it), or
+        ``stopped`` (the runner stopped while the job waited to retry)."""
         if self.status is JobStatus.FAILED:
             return "failed"
         if self.status is JobStatus.BUSY:
             return "busy"
+        if self.status is JobStatus.STOPPED:
+            return "stopped"
         return "incomplete" if self.incomplete else "ok"
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,7 +64,8 @@ class TickReport:
         return not self.problems and not self.failures()
 
     def failures(self) -> list[JobOutcome]:
-        # a BUSY job is not a failure: another runner is doing it right now
+        # a BUSY job is not a failure: another runner is doing it right now; nor is a STOPPED
+        # one: the runner was stopped while it waited to retry, and a later run retries it
         return [o for o in self.jobs if o.status is JobStatus.FAILED]
 
     def incomplete(self) -> list[JobOutcome]:
