@@ -117,25 +117,43 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: getaddrinfo's answers that the name has no address: a mistyped region, endpoint or proxy
+#: host, which fails every time (EAI_AGAIN, a resolver that did not answer, passes)
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, name)
+)
+
+
 def _unresolved(exc: BaseException) -> bool:
-    """Whether a host name did not resolve somewhere in ``exc``'s causes (urllib3's
-    ``NameResolutionError``, or the ``socket.gaierror`` under it)."""
+    """Whether a host name has no address, as the resolver answered, somewhere in ``exc``'s
+    causes (the ``socket.gaierror`` under urllib3's ``NameResolutionError``). A resolver
+    that could not answer (``EAI_AGAIN``: down or unreachable for a moment) is not that: it
+    may answer later."""
     seen: set[int] = set()
     todo: list[object] = [exc]
+    named = False
     while todo and len(seen) < 32:  # bounded: a chain of causes, not a graph to walk
         item = todo.pop()
         if not isinstance(item, BaseException) or id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, socket.gaierror) or type(item).__name__ == "NameResolutionError":
-            return True
+        if isinstance(item, socket.gaierror):
+            return item.errno in _NO_SUCH_NAME
+        if type(item).__name__ == "NameResolutionError":
+            named = True
         kwargs = getattr(item, "kwargs", None)
         if isinstance(kwargs, dict):
             todo.append(kwargs.get("error"))
-        todo.extend(getattr(item, name, None) for name in ("original_error", "reason", "__cause__"))
+        todo.extend(
+            getattr(item, name, None)
+            for name in ("original_error", "reason", "_reason", "__cause__")
+        )
         todo.append(item.__context__)
         todo.extend(item.args)
-    return False
+    # a resolution failure that does not say why: as before, taken for a name with no address
+    return named
 
 
 def is_transient(exc: BaseException, *, service: str = "") -> bool:
@@ -144,7 +162,8 @@ def is_transient(exc: BaseException, *, service: str = "") -> bool:
     if isinstance(exc, SSLError):
         return False
     if isinstance(exc, BotoConnectionError | HTTPClientError):
-        # botocore has retried it already (standard mode), a name that does not resolve too
+        # botocore has retried it already (standard mode), a name that does not resolve too;
+        # a name with no address is configuration, a resolver that did not answer is not
         return not _unresolved(exc)
     code = error_code(exc)
     if code in QUOTA_CODES.get(service, frozenset()):

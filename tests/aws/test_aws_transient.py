@@ -350,6 +350,53 @@ def test_a_host_name_that_does_not_resolve_is_not_transient(
     assert not isinstance(raised.value, TransientError)
 
 
+def test_a_resolver_that_does_not_answer_is_transient(
+    fake_aws: FakeAws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EAI_AGAIN: the resolver is down or unreachable for a moment (a restart outlasts
+    # botocore's second of retries); unlike a name with no address, it may pass
+    host = "rv-resolver-down.invalid"
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == host:
+            asked.append(name)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    aws, region = world(f"http://{host}:9", tmp_path, connect_timeout=2)
+    vault = aws.track(aws.provider.vault(region))
+    with pytest.raises(TransientError, match="EndpointConnectionError"):
+        vault.get("config")
+    assert asked  # the failure came from the resolver, not from elsewhere
+
+
+@pytest.mark.parametrize(
+    ("errno", "transient"),
+    [
+        (socket.EAI_NONAME, False),
+        (getattr(socket, "EAI_NODATA", socket.EAI_NONAME), False),
+        (socket.EAI_AGAIN, True),
+        (socket.EAI_FAIL, True),
+    ],
+)
+def test_a_resolution_failure_is_classed_by_its_errno(errno: int, transient: bool) -> None:
+    # as botocore and urllib3 wrap it: EndpointConnectionError(error=NameResolutionError)
+    # whose reason (and cause) is the gaierror
+    from botocore.exceptions import EndpointConnectionError
+    from regionvault.providers.aws.errors import is_transient
+    from urllib3.exceptions import NameResolutionError
+
+    gai = socket.gaierror(errno, "resolver said so")
+    try:
+        raise NameResolutionError("rv.invalid", None, gai) from gai  # type: ignore[arg-type]
+    except NameResolutionError as resolution:
+        wrapped = EndpointConnectionError(endpoint_url="http://rv.invalid", error=resolution)
+    assert is_transient(wrapped, service="s3") is transient
+
+
 def test_key_service_errors_keep_their_class_when_not_transient(
     fake_aws: FakeAws, tmp_path: Path
 ) -> None:
