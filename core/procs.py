@@ -11,6 +11,15 @@ ran in (``/proc/sys/kernel/random/boot_id``), its pid namespace (the inode of
 ``/proc/self/ns/pid``) and a hash of its machine's id (``/etc/machine-id``). The pid means
 something here only in the same boot and the same pid namespace; see
 :meth:`ProcessIdentity.alive` for the rule.
+
+The machine id is taken to be unique to a machine, as systemd means it to be. Machines
+cloned from one image without a new id (no ``systemd-firstboot``, sysprep or
+``systemd-machine-id-setup``) share it, and usually their host name too: each then reads
+the other's boot as an earlier boot of its own. So the rule "another boot of this machine:
+dead" is the caller's choice (``alive(trust_machine_id=...)``): the job ledger and the
+local compute keep it (their files are this machine's own: a ``state_dir``, a local region's
+root), the repository locks and the local vault's temporary files, which live in a vault
+that machines may share, do not (their expiry decides).
 """
 
 from __future__ import annotations
@@ -134,14 +143,15 @@ class ProcessIdentity:
             socket.gethostname(), pid, start_ticks(pid), boot_id(), pid_namespace(), machine_tag()
         )
 
-    def alive(self) -> bool | None:
+    def alive(self, *, trust_machine_id: bool = True) -> bool | None:
         """Whether it still runs; None when nobody here can tell. The rule:
 
         - another host name: None (judge it by an expiry);
         - another boot (both boot ids known, and not the same): False when both machine ids
-          are known and the same, so this is the very machine, rebooted since (no process of
-          an earlier boot runs any more); else None, as it may be another machine that
-          carries the same host name;
+          are known and the same and ``trust_machine_id``, taking it for this very machine,
+          rebooted since (no process of an earlier boot runs any more); else None, as it may
+          be another machine that carries the same host name, or a clone that carries the
+          same machine id too (see the module's note);
         - the same boot, another pid namespace (a container sharing the host name): None,
           its pid means another process here, or none;
         - otherwise the pid decides, with the start time telling a reused pid.
@@ -151,7 +161,8 @@ class ProcessIdentity:
             return None
         if _differ(self.boot, boot_id()):
             here = machine_tag()
-            return False if here is not None and self.machine == here else None
+            rebooted = trust_machine_id and here is not None and self.machine == here
+            return False if rebooted else None
         if _differ(self.pid_ns, pid_namespace()):
             return None
         return process_alive(self.pid, self.ticks)

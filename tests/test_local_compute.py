@@ -536,31 +536,51 @@ def test_instance_records_survive_a_new_compute(east: Region, tmp_path: Path) ->
     assert stat.S_ISREG(record.stat().st_mode)
 
 
-def test_a_process_of_another_boot_or_pid_namespace_is_never_signalled() -> None:
+def test_a_process_of_another_boot_or_pid_namespace_is_never_signalled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
     import subprocess
     import sys
 
+    from regionvault.core import procs
     from regionvault.core.errors import ComputeError
     from regionvault.core.procs import boot_id, pid_namespace, start_ticks
     from regionvault.providers.local import compute
 
     if boot_id() is None or pid_namespace() is None:
         pytest.skip("needs Linux's boot id and pid namespace")
+    # a machine id of our own, so the rule is checked where there is no /etc/machine-id too
+    monkeypatch.setattr(procs, "machine_tag", lambda: "5eed" * 4)
     # a live process standing for "the pid a record names": not launched by this provider
     other = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
     )
     try:
         ticks = start_ticks(other.pid)
-        here = {"pid_boot": boot_id(), "pid_ns": pid_namespace()}
+        here = {
+            "pid_host": socket.gethostname(),
+            "pid_boot": boot_id(),
+            "pid_ns": pid_namespace(),
+            "pid_machine": "5eed" * 4,
+        }
         assert compute._alive(other.pid, ticks, here) is True
-        # launched in an earlier boot: that process ended with the boot, whoever has the pid now
-        assert compute._alive(other.pid, ticks, {**here, "pid_boot": "an-earlier-boot"}) is False
-        # launched in another pid namespace: this pid is not that process, and is not touched
-        elsewhere = {**here, "pid_ns": (pid_namespace() or 0) + 1}
-        assert compute._alive(other.pid, ticks, elsewhere) is None
-        with pytest.raises(ComputeError, match="another pid namespace"):
-            compute._stop(other.pid, ticks, 1.0, elsewhere)
+        # launched in an earlier boot of this machine: it ended with the boot, whoever has
+        # the pid now; so did one of a record of an earlier version (no host, no machine)
+        earlier = {**here, "pid_boot": "an-earlier-boot"}
+        assert compute._alive(other.pid, ticks, earlier) is False
+        legacy = {"pid_boot": "an-earlier-boot", "pid_ns": pid_namespace()}
+        assert compute._alive(other.pid, ticks, legacy) is False
+        # the rule is core/procs.py's: another boot of another machine (or another host, or
+        # another pid namespace) cannot be told, and is never signalled
+        for elsewhere in (
+            {**earlier, "pid_machine": "0" * 16},
+            {**here, "pid_host": "another-host"},
+            {**here, "pid_ns": (pid_namespace() or 0) + 1},
+        ):
+            assert compute._alive(other.pid, ticks, elsewhere) is None, elsewhere
+            with pytest.raises(ComputeError, match="another pid namespace, or on another host"):
+                compute._stop(other.pid, ticks, 1.0, elsewhere)
         assert other.poll() is None  # still running: no signal reached it
     finally:
         other.kill()

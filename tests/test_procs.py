@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from regionvault.core import procs
 from regionvault.core.procs import (
     ProcessIdentity,
     boot_id,
@@ -84,15 +85,24 @@ def test_another_pid_namespace_cannot_tell() -> None:
 
 
 @needs_linux_ids
-def test_another_boot_of_this_machine_is_dead_of_another_machine_unknown() -> None:
+def test_another_boot_of_this_machine_is_dead_of_another_machine_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a machine id of our own, so the rule is checked where there is no /etc/machine-id too
+    monkeypatch.setattr(procs, "machine_tag", lambda: "5eed" * 4)
     me = ProcessIdentity.current()
+    assert me.machine == "5eed" * 4
     earlier_boot = replace(me, boot="00000000-0000-4000-8000-000000000000")
-    if me.machine is not None:
-        # this very machine, rebooted since: nothing of that boot runs, even at the same
-        # pid and start time (a deterministic boot starts the same units the same way)
-        assert earlier_boot.alive() is False
+    # this very machine, rebooted since: nothing of that boot runs, even at the same pid and
+    # start time (a deterministic boot starts the same units the same way)
+    assert earlier_boot.alive() is False
+    # unless the caller does not trust machine ids to be unique (a vault that clones share)
+    assert earlier_boot.alive(trust_machine_id=False) is None
     # the same host name on another machine (or one whose id is not known): cannot tell
     assert replace(earlier_boot, machine="0" * 16).alive() is None
+    assert replace(earlier_boot, machine=None).alive() is None
+    # and a machine with no id of its own cannot tell either
+    monkeypatch.setattr(procs, "machine_tag", lambda: None)
     assert replace(earlier_boot, machine=None).alive() is None
 
 

@@ -240,6 +240,26 @@ def test_a_dead_pid_of_another_pid_namespace_is_not_stale(east: Region, tmp_path
         repo.prune()
 
 
+def test_a_holder_of_another_boot_of_this_machine_id_is_not_stale(
+    east: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # clones of one image that kept its host name and machine id, sharing this vault: each
+    # reads the other's boot as an earlier boot of its own, so a vault's lock of another
+    # boot goes by its expiry, never broken as left over from a reboot
+    import socket
+
+    from regionvault.core import procs
+
+    monkeypatch.setattr(procs, "machine_tag", lambda: "5eed" * 4)
+    repo = quick(east)
+    me = ProcessIdentity.current()
+    foreign_lock(repo, exclusive=True, expires_in=3600, host=socket.gethostname(),
+                 pid=me.pid, boot_id="00000000-0000-4000-8000-000000000000",
+                 pid_ns=me.pid_ns, machine=me.machine)  # fmt: skip
+    with pytest.raises(LockedError, match="exclusive lock"):
+        repo.prune()
+
+
 def test_lock_objects_carry_the_identity_and_read_without_it() -> None:
     me = ProcessIdentity.current()
     now = datetime.now(UTC)

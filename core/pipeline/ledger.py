@@ -267,7 +267,8 @@ class JobLedger:
         if expires < time.time():
             return True
         # a holder nobody here can judge (another host, another pid namespace) is judged by
-        # its expiry alone (alive() is None)
+        # its expiry alone (alive() is None); one of an earlier boot of this machine id is
+        # dead: state_dir is this machine's (clones sharing one id: docs/jobs.md, Locks)
         return identity.alive() is False
 
     def holder(self, key: str) -> dict[str, Any] | None:

@@ -54,11 +54,13 @@ class LockInfo:
         if self.expires_at <= now:
             return True
         # a holder nobody here can judge (another host, another pid namespace) is judged by
-        # its expiry alone (alive() is None)
+        # its expiry alone (alive() is None); so is one of another boot: a vault may be shared
+        # by machines cloned with one machine id, and breaking a live lock there runs two
+        # prunes at once, while waiting out a rebooted holder's lock costs one lock_ttl
         holder = ProcessIdentity(
             self.host, self.pid, self.pid_ticks, self.boot_id, self.pid_ns, self.machine
         )
-        return holder.alive() is False
+        return holder.alive(trust_machine_id=False) is False
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"

@@ -233,7 +233,9 @@ def stale_temps(top: Path, older_than: timedelta) -> Iterator[Temporary]:
             except FileNotFoundError:
                 continue
             owner = temp_owner(name)
-            alive = None if owner is None else owner.alive()
+            # another boot is not taken for this machine's: the vault's directory may be
+            # shared by clones of one machine id (core/procs.py); the age decides then
+            alive = None if owner is None else owner.alive(trust_machine_id=False)
             if alive is False:
                 reason = f"its writer (pid {owner.pid}) is gone"  # type: ignore[union-attr]
             elif st.st_mtime < cutoff:

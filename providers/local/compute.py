@@ -35,6 +35,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -44,9 +45,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from regionvault.core import procs
 from regionvault.core.errors import AmbiguousName, ComputeError, EntryProblem, InstanceNotFound
 from regionvault.core.interfaces import Capture, Compute, FileCapture, FileSink, RestoreSink
-from regionvault.core.procs import boot_id, pid_namespace, process_alive, start_ticks
+from regionvault.core.procs import ProcessIdentity, start_ticks
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -113,32 +115,44 @@ def validate_tags(tags: Mapping[str, str], error: type[ComputeError] = ComputeEr
 # --------------------------------------------------------------------------- processes
 
 
+def _launched(pid: int, ticks: int | None, record: Mapping[str, Any] | None) -> ProcessIdentity:
+    """The identity of the process ``record`` launched (core/procs.py). What records of
+    earlier versions do not say is what they assumed: this host, and this machine (their
+    ``pid_boot`` was compared with this machine's boot)."""
+    record = record or {}
+    host = record.get("pid_host")
+    return ProcessIdentity(
+        host if isinstance(host, str) else socket.gethostname(),
+        pid,
+        ticks,
+        record.get("pid_boot"),
+        record.get("pid_ns"),
+        record["pid_machine"] if "pid_machine" in record else procs.machine_tag(),
+    )
+
+
 def _alive(pid: int, ticks: int | None, record: Mapping[str, Any] | None = None) -> bool | None:
-    """Whether the process ``record`` launched still runs; None when it was launched in
-    another pid namespace (its pid means another process here, or none). One launched in an
-    earlier boot (records of earlier versions do not say) has ended with that boot."""
+    """Whether the process ``record`` launched still runs, as core/procs.py's
+    :meth:`ProcessIdentity.alive` rules; None when nobody here can tell (launched in another
+    pid namespace, or on another host or machine: its pid means another process here, or
+    none). One launched in an earlier boot of this machine has ended with that boot."""
     # a child of this interpreter is asked directly: poll() also reaps it
     with _children_lock:
         child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    if record is not None:
-        boot, here = record.get("pid_boot"), boot_id()
-        if boot is not None and here is not None and boot != here:
-            return False
-        ns, here_ns = record.get("pid_ns"), pid_namespace()
-        if ns is not None and here_ns is not None and ns != here_ns:
-            return None
-    return process_alive(pid, ticks)
+    return _launched(pid, ticks, record).alive()
 
 
 def _stop(pid: int, ticks: int | None, timeout: float, record: Mapping[str, Any]) -> None:
     """SIGTERM the process group, then SIGKILL it if still there after ``timeout``. A process
-    of another pid namespace is never signalled: its pid names another process here."""
+    nobody here can tell (another pid namespace, host or machine) is never signalled: its
+    pid names another process here, or none."""
     alive = _alive(pid, ticks, record)
     if alive is None:
         raise ComputeError(
-            f"process {pid} was launched in another pid namespace: stop it from there"
+            f"process {pid} was launched in another pid namespace, or on another host or "
+            "machine: stop it from there"
         )
     if not alive:
         _reap(pid)
@@ -148,7 +162,7 @@ def _stop(pid: int, ticks: int | None, timeout: float, record: Mapping[str, Any]
             os.killpg(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid, ticks):
+            if not _alive(pid, ticks, record):
                 _reap(pid)
                 return
             time.sleep(0.02)
@@ -1072,7 +1086,9 @@ class LocalCompute(Compute):
             record["state"] = "running"
             if spec.function:
                 record["pid"], record["pid_ticks"] = self._start(record)
-                record["pid_boot"], record["pid_ns"] = boot_id(), pid_namespace()
+                me = ProcessIdentity.current()  # the child's host, boot, namespace, machine
+                record["pid_host"], record["pid_boot"] = me.host, me.boot
+                record["pid_ns"], record["pid_machine"] = me.pid_ns, me.machine
             self._write(record)
         return self._instance(record)
 
