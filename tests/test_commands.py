@@ -264,6 +264,39 @@ def test_run_a_bounded_number_of_ticks(workdir: Path, instance: str) -> None:
     assert bad.exit_code == 2 and "--interval" in bad.stderr
 
 
+def test_a_sigterm_during_a_retry_wait_ends_run_cleanly(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # east's tag job is throttled, and SIGTERM arrives as it starts to wait to retry: the
+    # runner stopped, no step failed, so `run` exits 0 (not 1, "1 step(s) failed")
+    from regionvault.core.errors import TransientError
+    from regionvault.core.pipeline import Engine
+
+    real_tag = Engine.tag
+    signalled: list[str] = []
+
+    def tag(self: Engine, region: str) -> Any:
+        if "east" not in region:
+            return real_tag(self, region)
+        if not signalled:
+            signalled.append(region)
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler sets its stop event
+        raise TransientError("throttled (test)", region=region, retry_after=3600)
+
+    monkeypatch.setattr(Engine, "tag", tag)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = run("run", "--interval", "1h")  # bounded: the default waits end by 4 min
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert signalled
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "stopped while waiting to retry" in result.stdout
+    assert "SIGTERM" in result.stderr and "stopped after 1 tick(s)" in result.stderr
+    assert "step(s) failed" not in result.stderr and "error" not in result.stderr
+
+
 @pytest.fixture
 def big_instance(workdir: Path) -> str:
     # enough data that the tick's backup takes a moment, to stop the daemon inside it
