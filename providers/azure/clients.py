@@ -1,0 +1,73 @@
+"""azure-storage-blob clients for the Azure provider (azure-core's errors: errors.py).
+
+Clients are made when a service first talks to Blob Storage, never when the provider is
+registered. A region's storage credential is its account key (``account_key_env``) or the
+provider's token credential (Azure RBAC); a sender's is only the inbox SAS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+from azure.storage.blob import BlobServiceClient, ContainerClient
+from regionvault.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from regionvault.providers.azure.settings import BlobSettings
+
+__all__ = ["BlobClients"]
+
+
+class BlobClients:
+    """Makes Blob Storage clients for a region's settings: with its account key when it
+    names one, else with ``credential`` (a TokenCredential an embedder or identity.py
+    supplies). ``options`` go to every client (a test's capturing ``transport``, say)."""
+
+    def __init__(
+        self, credential: TokenCredential | None = None, options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.token_credential = credential
+        self.options = dict(options or {})
+
+    def _common(self, settings: BlobSettings) -> dict[str, Any]:
+        return {
+            "retry_total": settings.sdk_retries,
+            "connection_timeout": settings.connect_timeout,
+            "read_timeout": settings.read_timeout,
+            "max_single_put_size": settings.single_put_limit,
+            "max_block_size": settings.block_size,
+            **self.options,
+        }
+
+    def credential(self, settings: BlobSettings) -> AzureNamedKeyCredential | TokenCredential:
+        key = settings.account_key()
+        if key is not None:
+            return AzureNamedKeyCredential(settings.account_name, key)
+        if self.token_credential is None:
+            raise ConfigError(
+                f"no credential for storage account {settings.account_name!r}: set "
+                "account_key_env, or give the azure provider a token credential",
+                key=f'regions."{settings.region}".account_key_env',
+                provider="azure",
+                region=settings.region,
+            )
+        return self.token_credential
+
+    def service(self, settings: BlobSettings) -> BlobServiceClient:
+        return BlobServiceClient(
+            settings.url, credential=self.credential(settings), **self._common(settings)
+        )
+
+    def container(self, settings: BlobSettings, name: str) -> ContainerClient:
+        return ContainerClient(
+            settings.url, name, credential=self.credential(settings), **self._common(settings)
+        )
+
+    def sas_container(self, settings: BlobSettings, name: str, sas: str) -> ContainerClient:
+        """A client of container ``name`` that holds nothing but ``sas``."""
+        return ContainerClient(
+            settings.url, name, credential=AzureSasCredential(sas), **self._common(settings)
+        )

@@ -1,0 +1,110 @@
+"""The Azure provider's support for the conformance suite: a throwaway two-region site
+(azure:east replicating to azure:west) whose vaults and inboxes are two storage accounts of
+an Azurite it starts (installing the pinned Azurite with npm on first use), stopped by its
+PID at the end::
+
+    pytest --pyargs regionvault.core.conformance --regionvault-provider=azure
+
+Only Blob Storage is built so far (issue #15): the test regions take their keys and compute
+from the local provider (``[regions."azure:east".keys] provider = "local"``), so the Vault and
+Transit tests, and the pipeline across the two regions, run on Azure's storage, while the
+KeyService and Compute tests run on the local provider's services. When the Key Vault and
+compute services land, their sub-tables go.
+
+Azurite does not implement immutability policies or legal holds, so the tests of their
+enforcement are skipped offline with that reason (:attr:`known_limits`); with
+``REGIONVAULT_AZURE_LIVE=1`` the suite needs a site of real regions
+(``REGIONVAULT_AZURE_SITE``), where they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from regionvault.core.conformance.support import ConformanceSupport
+from regionvault.core.errors import UnsupportedOperation
+from regionvault.providers.azure.azurite import AzuriteServer, environment
+
+__all__ = ["ACCOUNTS", "LIVE_ENV", "AzureConformanceSupport", "key_variable", "live_mode"]
+
+#: set to ``1`` to run the Azure tests against real Azure (a site of real regions)
+LIVE_ENV = "REGIONVAULT_AZURE_LIVE"
+#: the storage accounts of the two test regions, one per region
+ACCOUNTS = ("east", "west")
+
+#: what Azurite cannot show: Azure enforces these, Azurite answers 501 Not Implemented
+WORM_OFFLINE = (
+    "Azurite does not implement blob immutability policies or legal holds (501 "
+    "APINotImplemented); the requests and Azure's documented 409s are tested in "
+    "tests/azure/test_azure_blob.py, enforcement only live (REGIONVAULT_AZURE_LIVE=1)"
+)
+
+
+def live_mode() -> bool:
+    return os.environ.get(LIVE_ENV, "") == "1"
+
+
+def key_variable(account: str) -> str:
+    """The environment variable the test site names for ``account``'s key."""
+    return f"REGIONVAULT_AZURITE_KEY_{account.upper()}"
+
+
+def region_lines(name: str, account_url: str, root: Path) -> list[str]:
+    """site.toml lines of test region ``azure:<name>``: its vault and inbox in the account
+    at ``account_url``; its keys and compute from the local provider under ``root``."""
+    where = (root / name).as_posix()
+    return [
+        f'[regions."azure:{name}"]',
+        f'account_url = "{account_url}"',
+        f'account_key_env = "{key_variable(name)}"',
+        "create = true",
+        "immutability = true",
+        "",
+        f'[regions."azure:{name}".keys]',
+        'provider = "local"',
+        f'root = "{where}"',
+        "",
+        f'[regions."azure:{name}".compute]',
+        'provider = "local"',
+        f'root = "{where}"',
+        "",
+    ]
+
+
+class AzureConformanceSupport(ConformanceSupport):
+    def __init__(self) -> None:
+        self.known_limits: Mapping[str, str] = (
+            {}
+            if live_mode()
+            else {
+                "test_governance_retention_refuses_early_delete": WORM_OFFLINE,
+                "test_compliance_retention_refuses_delete_and_shortening": WORM_OFFLINE,
+                "test_legal_hold_refuses_delete_until_lifted": WORM_OFFLINE,
+            }
+        )
+
+    @contextlib.contextmanager
+    def test_site(self, workdir: Path) -> Iterator[Path]:
+        if live_mode():
+            raise UnsupportedOperation(
+                f"a throwaway Azure site with {LIVE_ENV}=1 (give REGIONVAULT_AZURE_SITE)",
+                provider="azure",
+            )
+        server = AzuriteServer(
+            dict.fromkeys(ACCOUNTS),
+            log=workdir / "azurite.log",
+            workdir=workdir / "azurite",
+        )
+        with server:
+            keys = {key_variable(account): server.accounts[account] for account in ACCOUNTS}
+            with environment(keys):
+                lines = ['[site]\nname = "conformance-azure"\n']
+                for account in ACCOUNTS:
+                    lines.extend(region_lines(account, server.account_url(account), workdir))
+                lines.append('[[replication]]\nfrom = "azure:east"\nto = "azure:west"\n')
+                path = workdir / "site.toml"
+                path.write_text("\n".join(lines), encoding="utf-8")
+                yield path

@@ -1,0 +1,28 @@
+"""Entry point of the Azure provider (group ``regionvault``); imports nothing from the SDK."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from regionvault.core.plugins import hookimpl
+
+if TYPE_CHECKING:
+    from regionvault.core.conformance.support import ConformanceSupport
+    from regionvault.core.plugins import ProviderRegistry
+
+
+@hookimpl
+def regionvault_register_providers(registry: ProviderRegistry) -> None:
+    from regionvault.providers.azure.provider import AzureProvider
+
+    registry.add(AzureProvider)
+
+
+# optional: the conformance suite specifies this hook, and adds it only when it runs
+@hookimpl(optionalhook=True)
+def regionvault_conformance_support(provider: str) -> ConformanceSupport | None:
+    if provider != "azure":
+        return None
+    from regionvault.providers.azure.conformance import AzureConformanceSupport
+
+    return AzureConformanceSupport()

@@ -1,0 +1,164 @@
+"""The Azure provider: builds a region's Blob Storage Vault and the inbox Transit between
+regions.
+
+Of the three Azure services only Blob Storage is built so far (issue #15): the Key Vault key
+service and the managed-disk compute land separately. Until they do, a region takes its keys
+and its compute from another provider (``[regions."azure:east".keys] provider = "..."``,
+docs/configuration.md); asking this provider for them is a configuration error that says so.
+
+Nothing here imports the Azure SDK: the service modules (which do) are imported when a
+service is first built, so the provider registers and validates settings without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+
+from regionvault.core.errors import ConfigError, RegionVaultError
+from regionvault.core.interfaces import Provider
+from regionvault.core.types import Capabilities
+from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
+
+if TYPE_CHECKING:
+    from regionvault.core.interfaces import Compute, KeyService, Sealer
+    from regionvault.core.types import RegionConfig
+    from regionvault.providers.azure.blob import AzureVault
+    from regionvault.providers.azure.clients import BlobClients
+    from regionvault.providers.azure.transit import AzureTransit
+
+__all__ = ["NEEDS_SDK", "AzureProvider"]
+
+#: the one line every command prints when the azure extra is not installed
+NEEDS_SDK = "the azure provider needs the Azure SDK: pip install 'regionvault[azure]'"
+_SDK_MODULES = frozenset({"azure", "isodate", "typing_extensions", "cryptography"})
+_MISSING = re.compile(r"No module named '([^']+)'")
+
+
+@contextlib.contextmanager
+def _needs_sdk(region: RegionConfig) -> Iterator[None]:
+    """Around the import of a service module (which imports the SDK): without the SDK, an
+    error naming the region and the extra to install, not an import traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
+        if missing.partition(".")[0] not in _SDK_MODULES:
+            raise
+        raise RegionVaultError(NEEDS_SDK, provider="azure", region=region.name) from None
+
+
+def _not_built(region: RegionConfig, service: str, what: str) -> NoReturn:
+    raise ConfigError(
+        f"the azure provider has no {what} yet (issue #15): take the region's {service} from "
+        f'another provider with [regions."{region.name}".{service}] provider = "..." '
+        "(docs/azure.md)",
+        file=region.source,
+        key=region.key(),
+        provider="azure",
+        region=region.name,
+    )
+
+
+class AzureProvider(Provider):
+    """Blob Storage, one storage account and container per region; transit through an
+    inbox container in the destination's account.
+
+    ``credential`` is a token credential (an azure-core ``TokenCredential``) used for storage
+    accounts whose settings name no account key; ``client_options`` go to every SDK client
+    (tests pass a capturing ``transport``)."""
+
+    name: ClassVar[str] = "azure"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        worm_lock=True,
+        legal_hold=True,
+        server_side_copy=False,
+        conditional_put=True,
+        ranged_get=True,
+        capture_kinds=frozenset(),
+        launch=False,
+        register_instance=False,
+        key_rotation=True,
+    )
+    required_settings: ClassVar[frozenset[str]] = REQUIRED_SETTINGS
+    optional_settings: ClassVar[frozenset[str]] = OPTIONAL_SETTINGS
+
+    def __init__(
+        self,
+        credential: Any = None,
+        *,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._credential = credential
+        self._client_options = dict(client_options or {})
+        self._clients: BlobClients | None = None
+
+    def clients(self, region: RegionConfig) -> BlobClients:
+        if self._clients is None:
+            with _needs_sdk(region):
+                from regionvault.providers.azure.clients import BlobClients
+
+            self._clients = BlobClients(self._credential, self._client_options)
+        return self._clients
+
+    def settings(self, region: RegionConfig) -> BlobSettings:
+        return BlobSettings.from_region(region)
+
+    def validate(self, region: RegionConfig) -> None:
+        BlobSettings.from_region(region)
+
+    def _vault_capabilities(self, settings: BlobSettings) -> Capabilities:
+        """A container without version-level immutability offers no WORM lock or hold."""
+        if settings.immutability:
+            return self.capabilities
+        return replace(self.capabilities, worm_lock=False, legal_hold=False)
+
+    def compute(self, region: RegionConfig) -> Compute:
+        _not_built(region, "compute", "compute (managed disks)")
+
+    def key_service(self, region: RegionConfig) -> KeyService:
+        _not_built(region, "keys", "key service (Key Vault)")
+
+    def sealer(self, region: RegionConfig) -> Sealer:
+        _not_built(region, "keys", "sealer (Key Vault)")
+
+    def vault(self, region: RegionConfig) -> AzureVault:
+        with _needs_sdk(region):
+            from regionvault.providers.azure.blob import AzureVault
+
+        settings = self.settings(region)
+        settings.need_account(region, "vault")
+        clients = self.clients(region)
+        return AzureVault(
+            region=region,
+            settings=settings,
+            container=lambda name: clients.container(settings, name),
+            capabilities=self._vault_capabilities(settings),
+        )
+
+    def transit(self, source: RegionConfig, destination: RegionConfig) -> AzureTransit:
+        with _needs_sdk(destination):
+            from regionvault.providers.azure.transit import AzureTransit
+
+        settings = self.settings(destination)
+        settings.need_account(destination, "transit inbox")
+        clients = self.clients(destination)
+        service = None
+        account_key = None
+        if settings.inbox_sas_env is None:
+            # this process holds the destination's credential: it mints the sender's SAS
+            account_key = settings.account_key()
+            service = clients.service(settings)
+        return AzureTransit(
+            source=source,
+            destination=destination,
+            settings=settings,
+            receiver=clients.container(settings, settings.inbox_container),
+            sender=lambda sas: clients.sas_container(settings, settings.inbox_container, sas),
+            service=service,
+            account_key=account_key,
+            capabilities=self._vault_capabilities(settings),
+        )
