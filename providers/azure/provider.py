@@ -156,7 +156,7 @@ class AzureProvider(Provider):
             source=source,
             destination=destination,
             settings=settings,
-            receiver=clients.container(settings, settings.inbox_container),
+            receiver=lambda: clients.container(settings, settings.inbox_container),
             sender=lambda sas: clients.sas_container(settings, settings.inbox_container, sas),
             service=service,
             account_key=account_key,

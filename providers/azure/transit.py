@@ -90,7 +90,7 @@ class AzureTransit(Transit):
         source: RegionConfig,
         destination: RegionConfig,
         settings: BlobSettings,
-        receiver: ContainerClient,
+        receiver: Callable[[], ContainerClient],
         sender: Callable[[str], ContainerClient],
         service: BlobServiceClient | None,
         account_key: str | None,
@@ -106,9 +106,10 @@ class AzureTransit(Transit):
         self._pool = ThreadPoolExecutor(
             max_workers=settings.upload_concurrency, thread_name_prefix="rv-inbox-block"
         )
-        self._recv = BlobContainer(
-            client=receiver, settings=settings, region=destination.name, error=TransitError
-        )
+        # the destination's side is made when first used: a sending process given a SAS
+        # holds no credential of the destination's
+        self._make_receiver = receiver
+        self._recv: BlobContainer | None = None
         self._make_sender = sender
         self._service = service
         self._account_key = account_key
@@ -138,14 +139,13 @@ class AzureTransit(Transit):
                         provider="azure",
                         region=self.region,
                     )
-                if self._settings.create:
-                    self._recv.ensure(create=True)
+                receiving = self._ready_recv()
                 try:
                     token, expiry = mint_inbox_sas(
                         self._service, self._settings, account_key=self._account_key
                     )
                 except AzureError as exc:
-                    raise self._recv.error(exc, "cannot make a SAS for the inbox") from None
+                    raise receiving.error(exc, "cannot make a SAS for the inbox") from None
             if self._send is not None:
                 with contextlib.suppress(AzureError):
                     self._send.client.close()
@@ -196,6 +196,13 @@ class AzureTransit(Transit):
     # ------------------------------------------------------------------ the destination's side
 
     def _ready_recv(self) -> BlobContainer:
+        if self._recv is None:
+            self._recv = BlobContainer(
+                client=self._make_receiver(),
+                settings=self._settings,
+                region=self.region,
+                error=TransitError,
+            )
         self._recv.ensure(create=self._settings.create)
         return self._recv
 
@@ -224,7 +231,7 @@ class AzureTransit(Transit):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for client in (self._send.client if self._send else None, self._recv.client):
-            if client is not None:
+        for side in (self._send, self._recv):
+            if side is not None:
                 with contextlib.suppress(AzureError):
-                    client.close()
+                    side.client.close()

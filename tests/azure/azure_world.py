@@ -1,0 +1,146 @@
+"""What an Azure test sees: a fresh provider (optionally over a scripted transport), region
+configs with container names unique to the test, the Azurite accounts' keys, and a recording
+requests adapter that can answer chosen requests with Azure's documented errors (imported by
+tests/azure)."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from regionvault.core.config import SERVICES
+from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+from regionvault.providers.azure.azurite import AzuriteServer
+from regionvault.providers.azure.conformance import key_variable
+from regionvault.providers.azure.provider import AzureProvider
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPResponse
+
+EAST = "east"
+WEST = "west"
+
+
+@dataclass
+class Seen:
+    """One request as it left the SDK."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+
+    @property
+    def query(self) -> str:
+        return self.url.partition("?")[2]
+
+    @property
+    def path(self) -> str:
+        return re.sub(r"^https?://[^/]+", "", self.url.partition("?")[0])
+
+
+@dataclass
+class Answer:
+    status: int
+    code: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Rule = Callable[[Seen], Answer | None]
+
+
+def error_answer(status: int, code: str, **headers: str) -> Answer:
+    return Answer(status, code, {"x-ms-error-code": code, **headers})
+
+
+class ScriptedAdapter(HTTPAdapter):
+    """A requests adapter that records every request and answers those a rule picks with a
+    canned response (Azure's error XML), sending the rest to the real server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Seen] = []
+        self.rules: list[Rule] = []
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        seen = Seen(str(request.method), str(request.url), dict(request.headers))
+        self.seen.append(seen)
+        for rule in self.rules:
+            answer = rule(seen)
+            if answer is not None:
+                body = b""
+                if answer.code:
+                    body = (
+                        '<?xml version="1.0" encoding="utf-8"?><Error>'
+                        f"<Code>{answer.code}</Code><Message>scripted</Message></Error>"
+                    ).encode()
+                raw = HTTPResponse(
+                    body=io.BytesIO(body),
+                    headers={
+                        "Content-Length": str(len(body)),
+                        "Content-Type": "application/xml",
+                        **answer.headers,
+                    },
+                    status=answer.status,
+                    request_method=seen.method,  # a HEAD answer has a length, not a body
+                    preload_content=False,
+                )
+                return self.build_response(request, raw)
+        return super().send(request, *args, **kwargs)
+
+
+class AzureWorld:
+    """One test's view of Azurite: region configs whose containers are unique to the test,
+    and providers that talk to Azurite (through a :class:`ScriptedAdapter` when asked)."""
+
+    def __init__(self, server: AzuriteServer, base_dir: Path) -> None:
+        self.server = server
+        self.base_dir = base_dir
+        self.tag = uuid.uuid4().hex[:10]
+        self.provider = AzureProvider()
+        self._services: list[Any] = []
+
+    def settings(self, account: str, **extra: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "account_url": self.server.account_url(account),
+            "account_key_env": key_variable(account),
+            "container": f"rv-{self.tag}",
+            "inbox_container": f"rv-{self.tag}-inbox",
+            "create": True,
+            "sdk_retries": 0,
+        }
+        settings.update(extra)
+        return {k: v for k, v in settings.items() if v is not None}
+
+    def region(self, account: str, **extra: Any) -> RegionConfig:
+        settings = self.settings(account, **extra)
+        return RegionConfig(
+            id=RegionId("azure", account),
+            settings=settings,
+            services={svc: ServiceConfig("azure", settings) for svc in SERVICES},
+            base_dir=self.base_dir,
+            source="test-site.toml",
+        )
+
+    def scripted(self) -> tuple[AzureProvider, ScriptedAdapter]:
+        """A provider whose every request goes through a new :class:`ScriptedAdapter`."""
+        from azure.core.pipeline.transport import RequestsTransport
+
+        adapter = ScriptedAdapter()
+        session = requests.Session()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        transport = RequestsTransport(session=session, session_owner=False)
+        return AzureProvider(client_options={"transport": transport}), adapter
+
+    def track(self, service: Any) -> Any:
+        self._services.append(service)
+        return service
+
+    def close(self) -> None:
+        while self._services:
+            self._services.pop().close()
