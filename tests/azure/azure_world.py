@@ -126,8 +126,9 @@ class AzureWorld:
             source="test-site.toml",
         )
 
-    def scripted(self) -> tuple[AzureProvider, ScriptedAdapter]:
-        """A provider whose every request goes through a new :class:`ScriptedAdapter`."""
+    def scripted(self, **options: Any) -> tuple[AzureProvider, ScriptedAdapter]:
+        """A provider whose every request goes through a new :class:`ScriptedAdapter`;
+        ``options`` go to its SDK clients too."""
         from azure.core.pipeline.transport import RequestsTransport
 
         adapter = ScriptedAdapter()
@@ -135,7 +136,7 @@ class AzureWorld:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         transport = RequestsTransport(session=session, session_owner=False)
-        return AzureProvider(client_options={"transport": transport}), adapter
+        return AzureProvider(client_options={"transport": transport, **options}), adapter
 
     def track(self, service: Any) -> Any:
         self._services.append(service)

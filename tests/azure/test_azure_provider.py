@@ -1,0 +1,167 @@
+"""The Azure provider registers and checks its settings without the Azure SDK, says which of
+its services are not built yet, and ships the pinned Azurite its launcher installs. None of
+these tests talks to Blob Storage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from regionvault.core.config import parse_site
+from regionvault.core.errors import ConfigError
+from regionvault.core.plugins import make_plugin_manager, registry_from
+from regionvault.providers.azure import azurite
+from regionvault.providers.azure import plugin as azure_plugin
+
+BLOCK_SDKS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "azure":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run(code: str, tmp_path: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_SDKS + textwrap.dedent(code)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    found: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return found
+
+
+def test_registers_and_validates_without_the_sdk(tmp_path: Path) -> None:
+    found = _run(
+        """
+        import json
+        from regionvault.core.config import parse_site
+        from regionvault.core.errors import RegionVaultError
+        from regionvault.core.plugins import get_plugin_manager
+        import regionvault.providers.azure.azurite
+
+        pm, registry = get_plugin_manager()
+        provider = registry.get("azure")
+        regions = {"azure:east": {"storage_account": "rveast"}}
+        site = parse_site({"regions": regions}, registry=registry)
+        region = site.region("east")
+        provider.validate(region)
+        try:
+            provider.vault(region)
+        except RegionVaultError as exc:
+            refused = str(exc)
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] == "azure")
+        print(json.dumps({"names": registry.names(), "loaded": loaded, "refused": refused}))
+        """,
+        tmp_path,
+    )
+    assert "azure" in found["names"] and found["loaded"] == []
+    assert found["refused"] == (
+        "[azure:east] the azure provider needs the Azure SDK: pip install 'regionvault[azure]'"
+    )
+
+
+def _region(settings: dict[str, Any], region: str = "azure:east") -> Any:
+    pm = make_plugin_manager(load_entry_points=False, plugins=[azure_plugin])
+    registry = registry_from(pm)
+    site = parse_site({"regions": {region: settings}}, registry=registry, source="site.toml")
+    return registry.get("azure"), site.region(region.partition(":")[2])
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "message"),
+    [
+        ({"storage_account": "Not_An_Account"}, "storage_account", "is not a storage account name"),
+        ({"account_url": "ftp://x"}, "account_url", "is not a blob endpoint"),
+        ({"container": "Bad_Name"}, "container", "is not a valid blob container name"),
+        ({"inbox_container": "regionvault"}, "inbox_container", "must differ from container"),
+        (
+            {"account_key_env": "not a variable"},
+            "account_key_env",
+            "is not an environment variable",
+        ),
+        ({"block_size": 1}, "block_size", "must be between"),
+        ({"immutability": "yes"}, "immutability", "must be true or false"),
+    ],
+)
+def test_bad_settings_name_the_key(settings: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as bad:  # the site checks every region when it loads
+        _region(settings)
+    assert f'regions."azure:east".{key}' in str(bad.value) and message in str(bad.value)
+
+
+def test_services_not_built_yet_say_so_and_how_to_go_on() -> None:
+    provider, region = _region({"storage_account": "rveast"})
+    for build, service in (
+        (provider.compute, "compute"),
+        (provider.key_service, "keys"),
+        (provider.sealer, "keys"),
+    ):
+        with pytest.raises(ConfigError) as missing:
+            build(region)
+        text = str(missing.value)
+        assert "has no" in text and "yet (issue #15)" in text
+        assert f'[regions."azure:east".{service}] provider = "..."' in text
+
+
+def test_the_vault_needs_an_account() -> None:
+    provider, region = _region({})
+    with pytest.raises(ConfigError, match=r"storage_account: missing .* for the vault"):
+        provider.vault(region)
+
+
+def test_a_missing_key_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RV_NO_SUCH_KEY", raising=False)
+    provider, region = _region({"storage_account": "rveast", "account_key_env": "RV_NO_SUCH_KEY"})
+    with pytest.raises(ConfigError, match=r"RV_NO_SUCH_KEY .* is not set"):
+        provider.vault(region)
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def test_the_pinned_azurite_ships_in_the_package() -> None:
+    manifest = json.loads((azurite.AZURITE_PACKAGE / "package.json").read_text())
+    lock = json.loads((azurite.AZURITE_PACKAGE / "package-lock.json").read_text())
+    assert azurite.azurite_version() == manifest["dependencies"]["azurite"] == "3.37.0"
+    assert lock["packages"]["node_modules/azurite"]["version"] == "3.37.0"
+    assert lock["packages"]["node_modules/azurite"]["integrity"].startswith("sha512-")
+
+
+def test_without_npm_the_launcher_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(azurite.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(azurite.AzuriteUnavailable) as missing:
+        azurite.AzuriteServer({"east": None}).start()
+    text = str(missing.value)
+    assert "\n" not in text
+    assert text.startswith("the Azure tests need npm (Node.js) to install Azurite 3.37.0 into ")
+    assert str(tmp_path / "cache") in text
+
+
+def test_the_install_is_keyed_by_the_lockfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that holds an install for this lockfile is used without npm; the directory
+    name changes with the lockfile, so a new pin never runs an old install."""
+    monkeypatch.setenv(azurite.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    target = azurite._install_dir()
+    assert target.parent == tmp_path and len(target.name) == 12
+    binary = target / "node_modules" / ".bin" / "azurite-blob"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    assert azurite.azurite_command() == [str(binary)]
