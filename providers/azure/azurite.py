@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -273,3 +274,23 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m regionvault.providers.azure.azurite install``: install the pinned Azurite
+    into the cache now (scripts/test does, so that no test waits for npm)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["install"]:
+        print("usage: python -m regionvault.providers.azure.azurite install", file=sys.stderr)
+        return 2
+    try:
+        command = azurite_command()
+    except AzuriteUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"azurite-blob {azurite_version()}: {command[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The provider conformance suite against the Azure provider, run as CI runs it and as a
+provider author would::
+
+    python -m pytest --pyargs regionvault.core.conformance --regionvault-provider=azure
+
+in a child process of its own (its own session, a bounded time), from a directory outside the
+project. The provider's conformance support starts its own Azurite (two storage accounts) on
+127.0.0.1 and stops it by its PID; this test checks that the run was self-contained (an
+Azurite of its own, nothing left running afterwards) and that it passed: pytest's exit
+status, its summary line, the Vault and Transit tests by name, and that the WORM enforcement
+tests were skipped with Azurite's reason, not passed.
+
+Only Blob Storage is Azure's so far: the test site's keys and compute are the local
+provider's (providers/azure/conformance.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from regionvault.providers.azure.azurite import azurite_command
+
+#: the suite had 44 tests that pass on this site (and 12 skipped) when this was written
+MIN_PASSED = 40
+#: seconds for the whole child run (it takes about 10 s on 2 cores once Azurite is installed)
+SUITE_TIMEOUT = 240
+MUST_PASS = (
+    "test_pipeline.py::TestPipeline::test_backup_copy_restore_launch_and_retain",
+    "test_vault.py::TestVault::test_if_absent_race_has_exactly_one_winner",
+    "test_vault.py::TestVault::test_put_is_atomic_for_concurrent_readers",
+    "test_vault.py::TestVault::test_ranged_get",
+    "test_transit.py::TestTransit::test_sealed_payload_reaches_b_and_opens_only_there",
+    "test_transit.py::TestTransit::test_resume_asks_what_already_arrived",
+)
+WORM_TESTS = (
+    "test_governance_retention_refuses_early_delete",
+    "test_compliance_retention_refuses_delete_and_shortening",
+    "test_legal_hold_refuses_delete_until_lifted",
+)
+_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b")
+
+
+def _left_running(session: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session:
+                found.append(process)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_conformance_suite_passes_with_azure_in_two_regions(tmp_path: Path) -> None:
+    pytest.importorskip("azure.storage.blob", reason="the Azure tests need azure-storage-blob")
+    azurite_command()  # installs the pinned Azurite first, outside the child's time limit
+    basetemp = tmp_path / "basetemp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "REGIONVAULT_"))}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--pyargs",
+        "regionvault.core.conformance",
+        "--regionvault-provider=azure",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rA",
+        "-W",
+        "error",
+        "--timeout=120",
+        f"--basetemp={basetemp}",
+    ]
+    child = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=SUITE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        pytest.fail(
+            f"the conformance run took over {SUITE_TIMEOUT}s; its output ended:\n"
+            + out.decode(errors="replace")[-4000:]
+        )
+    finally:
+        leftovers = _left_running(child.pid)
+        for process in leftovers:
+            process.kill()
+    text = out.decode(errors="replace")
+    tail = text[-6000:]
+    assert leftovers == [], f"the conformance run left processes behind: {leftovers}"
+    assert child.returncode == 0, f"pytest exited with {child.returncode}:\n{tail}"
+    summary = [line for line in text.splitlines() if re.search(r"\d+ passed", line)]
+    assert summary, f"no pytest summary line in the output:\n{tail}"
+    counts = {kind.rstrip("s"): int(n) for n, kind in _COUNTS.findall(summary[-1])}
+    assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, summary[-1]
+    assert counts.get("passed", 0) >= MIN_PASSED, f"too few tests passed: {summary[-1]}"
+    passed = {
+        line.split(" ", 1)[1].strip() for line in text.splitlines() if line.startswith("PASSED ")
+    }
+    missing = [name for name in MUST_PASS if not any(p.endswith(name) for p in passed)]
+    assert missing == [], f"not among the passed tests: {missing}\n{tail}"
+    for name in WORM_TESTS:
+        assert not any(name in p for p in passed), f"{name} passed against Azurite, which cannot"
+    skipped = [
+        line
+        for line in text.splitlines()
+        if line.startswith("SKIPPED") and "Azurite does not implement blob immutability" in line
+    ]
+    assert skipped, f"the WORM tests were not skipped with Azurite's reason:\n{tail}"
+    assert (
+        "regionvault conformance: tested provider azure, regions A=azure:east B=azure:west" in text
+    )
+    logs = list(basetemp.glob("*/azurite.log"))
+    assert logs, f"no Azurite log under {basetemp}: the run used another server"
