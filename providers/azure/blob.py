@@ -19,6 +19,7 @@ and the mapping, and enforcement is tested live only (docs/azure.md).
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import threading
 import uuid
@@ -446,30 +447,65 @@ class AzureVault(Vault):
             yield _info(key[cut:], item)
 
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
+        """Remove the blob. With ``immutability`` (a versioned account) remove it for good:
+        check the current version and every earlier one for a policy in force or a hold
+        (refusing the whole delete if one is protected), lift bypassed governance policies,
+        delete the blob, then each earlier version by id."""
         key = self._key(name)
         blobs = self._ready()
-        if self._settings.immutability:
-            try:
-                current = _info(name, blobs.head(key, name))
-            except ObjectNotFound:
-                return
-            why = refusal(current, bypass_governance=bypass_governance)
+        if not self._settings.immutability:
+            blobs.delete(key, name)
+            return
+        versions: builtins.list[tuple[str | None, ObjectInfo]] = []
+        with contextlib.suppress(ObjectNotFound):
+            versions.append((None, _info(name, blobs.head(key, name))))
+        versions.extend((v, _info(name, item)) for v, item in self._earlier_versions(blobs, key))
+        for version, info in versions:
+            why = refusal(info, bypass_governance=bypass_governance)
             if why is not None:
+                which = "" if version is None else f" (its version {version})"
                 raise RetentionLocked(
-                    name, f"{why}; it cannot be deleted", provider="azure", region=self.region
+                    name,
+                    f"{why}{which}; it cannot be deleted",
+                    provider="azure",
+                    region=self.region,
                 )
-            if current.retain_until is not None and current.retain_until > _now():
+        for version, info in versions:
+            if info.retain_until is not None and info.retain_until > _now():
                 # an Unlocked (governance) policy, bypassed: remove it, then the blob
-                try:
-                    blobs.blob(key).delete_immutability_policy()
-                except AzureError as exc:
-                    locked = blobs.locked(exc, name, "remove the policy of")
-                    if locked is not None:
-                        raise locked from None
-                    raise blobs.error(
-                        exc, f"cannot remove the immutability policy of {key!r}"
-                    ) from None
+                self._lift_policy(blobs, key, name, version)
         blobs.delete(key, name)
+        # deleting the current version made it an earlier one: list them again
+        for version, _item in self._earlier_versions(blobs, key):
+            try:
+                blobs.blob(key).delete_blob(version_id=version)
+            except ResourceNotFoundError:
+                continue
+            except AzureError as exc:
+                locked = blobs.locked(exc, name, "delete a version of")
+                if locked is not None:
+                    raise locked from None
+                raise blobs.error(exc, f"cannot delete version {version} of {key!r}") from None
+
+    def _earlier_versions(self, blobs: BlobContainer, key: str) -> builtins.list[tuple[str, Any]]:
+        """``(version id, properties)`` of the versions of exactly ``key`` that are not the
+        current one (none where the account keeps no versions, as in Azurite)."""
+        include = ["versions", "immutabilitypolicy", "legalhold"]
+        return [
+            (str(item.version_id), item)
+            for item in blobs.list(key, include=include)
+            if item.name == key and item.version_id and not item.is_current_version
+        ]
+
+    def _lift_policy(self, blobs: BlobContainer, key: str, name: str, version: str | None) -> None:
+        client = blobs.client.get_blob_client(key, version_id=version)
+        try:
+            client.delete_immutability_policy()
+        except AzureError as exc:
+            locked = blobs.locked(exc, name, "remove the policy of")
+            if locked is not None:
+                raise locked from None
+            raise blobs.error(exc, f"cannot remove the immutability policy of {key!r}") from None
 
     def _locking(self, operation: str) -> BlobContainer:
         if not self._settings.immutability:

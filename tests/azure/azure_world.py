@@ -48,6 +48,7 @@ class Answer:
     status: int
     code: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
 
 
 Rule = Callable[[Seen], Answer | None]
@@ -72,7 +73,7 @@ class ScriptedAdapter(HTTPAdapter):
         for rule in self.rules:
             answer = rule(seen)
             if answer is not None:
-                body = b""
+                body = answer.body
                 if answer.code:
                     body = (
                         '<?xml version="1.0" encoding="utf-8"?><Error>'

@@ -274,9 +274,62 @@ def test_the_vault_refuses_deleting_a_protected_blob_itself(azure: AzureWorld) -
             vault.delete("points/p1", bypass_governance=bypass)
         with pytest.raises(RetentionLocked, match="cannot be overwritten"):
             vault.put("points/p1", b"new")
-        assert [s.method for s in adapter.seen] == ["HEAD", "HEAD"]
+        assert not [s for s in adapter.seen if s.method in ("DELETE", "PUT")]
     head = vault.head("points/p1")
     assert head.legal_hold and head.retain_until is None
+
+
+VERSIONS = """<?xml version="1.0" encoding="utf-8"?>
+<EnumerationResults ServiceEndpoint="{endpoint}" ContainerName="{container}">
+<Prefix>points/p1</Prefix><Blobs>
+<Blob><Name>points/p1</Name><VersionId>2026-12-07T10:00:00.0000000Z</VersionId>
+<Properties><Last-Modified>Mon, 07 Dec 2026 10:00:00 GMT</Last-Modified><Etag>0x1</Etag>
+<Content-Length>4</Content-Length><BlobType>BlockBlob</BlobType>{policy}</Properties></Blob>
+<Blob><Name>points/p10</Name><VersionId>2026-12-07T10:00:01.0000000Z</VersionId>
+<Properties><Last-Modified>Mon, 07 Dec 2026 10:00:01 GMT</Last-Modified><Etag>0x2</Etag>
+<Content-Length>4</Content-Length><BlobType>BlockBlob</BlobType></Properties></Blob>
+</Blobs><NextMarker /></EnumerationResults>"""
+
+
+def _versions(azure: AzureWorld, policy: str = "") -> Callable[[Seen], Answer | None]:
+    """A listing of the blob's versions as a versioned account gives it: one earlier
+    version of points/p1 (with ``policy`` among its properties), and one of another blob."""
+    body = VERSIONS.format(
+        endpoint=azure.server.account_url(EAST), container=f"rv-{azure.tag}", policy=policy
+    ).encode()
+
+    def rule(seen: Seen) -> Answer | None:
+        if seen.method == "GET" and "include=versions" in seen.query.replace("%2C", ","):
+            return Answer(200, headers={"Content-Type": "application/xml"}, body=body)
+        if seen.method == "DELETE" and "versionid=" in seen.query:
+            return Answer(202)
+        return None
+
+    return rule
+
+
+def test_a_delete_in_a_versioned_account_removes_every_version(azure: AzureWorld) -> None:
+    vault, adapter = _worm_vault(azure)
+    adapter.rules.append(_versions(azure))
+    vault.delete("points/p1")
+    deletes = [s.query for s in adapter.seen if s.method == "DELETE"]
+    assert deletes == ["", "versionid=2026-12-07T10%3A00%3A00.0000000Z"], deletes
+    adapter.rules.clear()
+    assert not vault.exists("points/p1")
+
+
+def test_an_earlier_version_under_a_policy_refuses_the_delete(azure: AzureWorld) -> None:
+    vault, adapter = _worm_vault(azure)
+    policy = (
+        "<ImmutabilityPolicyUntilDate>Fri, 01 Jan 2100 00:00:00 GMT</ImmutabilityPolicyUntilDate>"
+        "<ImmutabilityPolicyMode>Locked</ImmutabilityPolicyMode>"
+    )
+    adapter.rules.append(_versions(azure, policy))
+    with pytest.raises(RetentionLocked, match=r"compliance retention until 2100.* \(its version"):
+        vault.delete("points/p1", bypass_governance=True)
+    assert not [s for s in adapter.seen if s.method == "DELETE"]
+    adapter.rules.clear()
+    assert vault.get("points/p1") == b"kept"
 
 
 def test_bypassing_governance_removes_the_unlocked_policy_then_the_blob(azure: AzureWorld) -> None:
@@ -289,9 +342,8 @@ def test_bypassing_governance_removes_the_unlocked_policy_then_the_blob(azure: A
         ),
     ]
     vault.delete("points/p1", bypass_governance=True)
-    sent = [(s.method, s.query) for s in adapter.seen]
-    assert sent[1] == ("DELETE", "comp=immutabilityPolicies")
-    assert sent[2][0] == "DELETE" and "comp" not in sent[2][1]
+    deletes = [s.query for s in adapter.seen if s.method == "DELETE"]
+    assert deletes == ["comp=immutabilityPolicies", ""], deletes
     adapter.rules.clear()
     with pytest.raises(ObjectNotFound):
         vault.head("points/p1")
