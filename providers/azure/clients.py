@@ -16,9 +16,26 @@ from regionvault.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
+    from azure.core.pipeline import PipelineRequest
+    from regionvault.providers.azure.metrics import BlobMetrics
     from regionvault.providers.azure.settings import BlobSettings
 
 __all__ = ["BlobClients"]
+
+
+class _Counting:
+    """A ``raw_request_hook``: the storage SDK calls it after its retry policy, so it
+    records every attempt of every request."""
+
+    def __init__(self, metrics: BlobMetrics, region: str) -> None:
+        self.metrics = metrics
+        self.region = region
+
+    def __call__(self, request: PipelineRequest[Any]) -> None:
+        http = request.http_request
+        length = http.headers.get("Content-Length")
+        size = int(length) if length and length.isdigit() else 0
+        self.metrics.record(self.region, http.method, http.url, size)
 
 
 class BlobClients:
@@ -27,13 +44,21 @@ class BlobClients:
     supplies). ``options`` go to every client (a test's capturing ``transport``, say)."""
 
     def __init__(
-        self, credential: TokenCredential | None = None, options: Mapping[str, Any] | None = None
+        self,
+        credential: TokenCredential | None = None,
+        options: Mapping[str, Any] | None = None,
+        metrics: BlobMetrics | None = None,
     ) -> None:
         self.token_credential = credential
         self.options = dict(options or {})
+        self.metrics = metrics
 
     def _common(self, settings: BlobSettings) -> dict[str, Any]:
+        hook = (
+            {"raw_request_hook": _Counting(self.metrics, settings.region)} if self.metrics else {}
+        )
         return {
+            **hook,
             "retry_total": settings.sdk_retries,
             "connection_timeout": settings.connect_timeout,
             "read_timeout": settings.read_timeout,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 from regionvault.core.errors import ConfigError, RegionVaultError
 from regionvault.core.interfaces import Provider
 from regionvault.core.types import Capabilities
+from regionvault.providers.azure.metrics import BlobMetrics
 from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
 
 if TYPE_CHECKING:
@@ -95,13 +96,15 @@ class AzureProvider(Provider):
         self._credential = credential
         self._client_options = dict(client_options or {})
         self._clients: BlobClients | None = None
+        #: every HTTP request the provider's Blob Storage clients send (metrics.py)
+        self.metrics = BlobMetrics()
 
     def clients(self, region: RegionConfig) -> BlobClients:
         if self._clients is None:
             with _needs_sdk(region):
                 from regionvault.providers.azure.clients import BlobClients
 
-            self._clients = BlobClients(self._credential, self._client_options)
+            self._clients = BlobClients(self._credential, self._client_options, self.metrics)
         return self._clients
 
     def settings(self, region: RegionConfig) -> BlobSettings:

@@ -428,3 +428,23 @@ def test_a_given_sas_is_used_as_it_is(azure: AzureWorld, monkeypatch: pytest.Mon
     assert transit.bytes_sent == 1
     assert [s.method for s in adapter.seen] == ["PUT"]
     assert token.split("sig=")[1].split("&")[0] in adapter.seen[0].query
+
+
+def test_the_provider_counts_every_request(azure: AzureWorld) -> None:
+    vault = azure.track(
+        azure.provider.vault(azure.region(EAST, single_put_limit=4 * MiB, block_size=1 * MiB))
+    )
+    vault.vault_id  # noqa: B018 - makes the container before counting
+    before = azure.provider.metrics.snapshot()
+    vault.put("packs/big", os.urandom(5 * MiB + 1), if_absent=True)
+    vault.put("index/0", b"x" * 100)
+    assert [o.name for o in vault.list()] == ["index/0", "packs/big"]
+    used = azure.provider.metrics.since(before)
+    assert used.by_operation() == {
+        "GET list": 1,
+        "PUT blob": 1,
+        "PUT block": 6,
+        "PUT blocklist": 1,
+    }
+    assert used.count(region="azure:east") == 9
+    assert used.bytes_sent(region="azure:east") >= 5 * MiB + 101
