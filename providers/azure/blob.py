@@ -185,15 +185,20 @@ class BlobContainer:
         concurrent writers of one blob never mix blocks), then one Put Block List."""
         view = memoryview(data).cast("B")
         step = self.settings.block_size
+        starts = list(range(0, size, step))
+        if len(starts) > 1 and size - starts[-1] < step // 2:
+            # a short tail rides with the block before it: a pack just over 16 MiB is two
+            # blocks, not three (a block may be up to 4000 MiB)
+            starts.pop()
+        ends = [*starts[1:], size]
         upload = uuid.uuid4().hex
         ids = [
             base64.b64encode(f"{upload}-{n:06d}".encode("ascii")).decode("ascii")
-            for n in range(-(-size // step))
+            for n in range(len(starts))
         ]
 
         def stage(index: int) -> None:
-            start = index * step
-            blob.stage_block(ids[index], bytes(view[start : start + step]))
+            blob.stage_block(ids[index], bytes(view[starts[index] : ends[index]]))
 
         if self._pool is not None and len(ids) > 1:
             list(self._pool.map(stage, range(len(ids))))
