@@ -4,12 +4,14 @@ failures are transient.
 Transient, raised as :class:`~regionvault.core.errors.TransientError` (the executor retries
 the job with backoff, docs/jobs.md), once azure-core's own retries have given up:
 
-- an answer with HTTP status 429 or 5xx (but 501 and 505), or whose error code is one of
-  :data:`TRANSIENT_CODES` (Storage's ``ServerBusy``, ``OperationTimedOut``, ``InternalError``;
-  Key Vault's and ARM's throttling codes) for an answer whose status was lost on the way;
-- no answer: azure-core's ``ServiceRequestError`` (could not connect, connect timeout) and
+- an answer with HTTP status 429, 500, 502, 503 or 504 (never 501 or 505), or whose error
+  code is one of :data:`TRANSIENT_CODES` (Storage's ``ServerBusy``, ``OperationTimedOut``,
+  ``InternalError``; Key Vault's and ARM's throttling codes) for an answer whose status was
+  lost on the way;
+- no answer: azure-core's ``ServiceRequestError`` (connection refused, connect timeout) and
   ``ServiceResponseError`` (read timeout, connection dropped, answer cut off), except a TLS
-  failure, which is a configuration problem and does not pass by waiting.
+  failure and a host name that does not resolve, which are configuration and do not pass by
+  waiting (azure-core's own retries have already waited out a resolver that was down).
 
 Everything else (denied, not found, a conflict the protocol defines, invalid) is the caller's
 error class (``VaultError``, ``TransitError``, ...) and is not retried.
@@ -17,6 +19,7 @@ error class (``VaultError``, ``TransitError``, ...) and is not retried.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from azure.core.exceptions import (
@@ -29,6 +32,7 @@ from regionvault.core.errors import RegionVaultError, TransientError
 
 __all__ = [
     "TRANSIENT_CODES",
+    "TRANSIENT_STATUSES",
     "azure_error",
     "error_code",
     "error_message",
@@ -77,39 +81,61 @@ def error_message(exc: BaseException) -> str:
     if code or status is not None:
         return f"{code or 'error'} (HTTP {status})" if status is not None else code
     if isinstance(exc, ServiceRequestError):
+        if _unresolved(exc):
+            return "the endpoint's host name does not resolve (check the site's account settings)"
         return "no connection to the service"
     if isinstance(exc, ServiceResponseError):
         return "no complete answer from the service (timeout or dropped connection)"
     return type(exc).__name__
 
 
-def _tls_failure(exc: BaseException) -> bool:
+#: HTTP statuses of a throttled call or a failure on the service's side (not 501 or 505,
+#: which an endpoint answers for a feature it lacks, every time: Azurite's immutability)
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what lies under it (azure-core's ``inner_exception``, requests' and
+    urllib3's wrapped errors), bounded: a chain of causes, not a graph to walk."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    for _depth in range(10):
-        if current is None or id(current) in seen:
-            return False
-        seen.add(id(current))
-        if "SSL" in type(current).__name__ or "Certificate" in type(current).__name__:
-            return True
-        inner = getattr(current, "inner_exception", None)
-        current = inner if isinstance(inner, BaseException) else current.__cause__
-    return False
+    found: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 32:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        found.append(item)
+        todo.extend(getattr(item, n, None) for n in ("inner_exception", "reason", "__cause__"))
+        todo.append(item.__context__)
+        todo.extend(item.args)
+    return found
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """A host name that did not resolve, somewhere under ``exc``."""
+    return any(
+        isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError"
+        for c in _causes(exc)
+    )
+
+
+def _configuration_failure(exc: BaseException) -> bool:
+    """A TLS failure, or a host name that does not resolve, somewhere under ``exc``: each
+    fails every time until someone edits the site file (docs/writing-a-provider.md)."""
+    tls = any("SSL" in type(c).__name__ or "Certificate" in type(c).__name__ for c in _causes(exc))
+    return tls or _unresolved(exc)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (from an Azure SDK call) may pass if the call is made again later."""
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return not _tls_failure(exc)
+        return not _configuration_failure(exc)
     if not isinstance(exc, HttpResponseError):
         return False
     if error_code(exc) in TRANSIENT_CODES:
         return True
-    status = error_status(exc)
-    # 501 Not Implemented and 505 are answers about the request, which waiting never changes
-    return status is not None and (
-        status == 429 or (500 <= status <= 599 and status not in (501, 505))
-    )
+    return error_status(exc) in TRANSIENT_STATUSES
 
 
 def retry_after(exc: BaseException) -> float | None:

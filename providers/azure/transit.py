@@ -27,7 +27,7 @@ from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNot
 from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 from regionvault.core.errors import ObjectNotFound, TransitError
 from regionvault.core.interfaces import Transit
-from regionvault.core.names import name_problem
+from regionvault.core.names import name_problem, prefix_problem
 from regionvault.providers.azure.blob import BlobContainer
 from regionvault.providers.azure.errors import error_code, error_status
 
@@ -207,6 +207,11 @@ class AzureTransit(Transit):
         return self._recv
 
     def inbox(self, prefix: str = "") -> Iterator[str]:
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise TransitError(
+                f"bad inbox prefix {prefix!r}: {problem}", provider="azure", region=self.region
+            )
         cut = len(self.prefix)
         for item in self._ready_recv().list(self.prefix + prefix):
             yield str(item.name)[cut:]

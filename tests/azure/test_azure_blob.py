@@ -411,6 +411,8 @@ def test_the_sender_holds_only_a_create_write_sas(azure: AzureWorld) -> None:
     transit.discard("rp1/index")
     with pytest.raises(TransitError, match="not in the inbox from azure:east"):
         transit.receive("rp1/index")
+    with pytest.raises(TransitError, match="bad inbox prefix '/abs'"):
+        list(transit.inbox("/abs"))
 
 
 def test_a_given_sas_is_used_as_it_is(azure: AzureWorld, monkeypatch: pytest.MonkeyPatch) -> None:

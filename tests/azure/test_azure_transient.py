@@ -47,6 +47,7 @@ def test_throttling_and_server_errors_are_transient(
     [
         (403, "AuthorizationPermissionMismatch"),
         (501, "APINotImplemented"),
+        (505, ""),
         (400, "InvalidHeaderValue"),
     ],
 )
@@ -60,7 +61,7 @@ def test_denials_and_bad_requests_are_not_transient(
     with pytest.raises(VaultError) as failed:
         vault.get("a")
     assert not isinstance(failed.value, TransientError)
-    assert f"{code} (HTTP {status})" in str(failed.value)
+    assert f"{code or 'error'} (HTTP {status})" in str(failed.value)
 
 
 def test_the_sdk_retries_before_the_error_is_raised(azure: AzureWorld) -> None:
@@ -119,3 +120,14 @@ def test_an_answer_that_never_comes_is_transient(azure: AzureWorld, silent_serve
         list(transit.inbox())
     assert "no complete answer" in str(failed.value)
     assert not isinstance(failed.value, TransitError)
+
+
+def test_a_host_name_that_does_not_resolve_is_configuration(azure: AzureWorld) -> None:
+    """It fails every time until the site file is edited: not transient (the SDK's own
+    retries wait out a resolver that is down for a moment)."""
+    url = "http://rv-no-such-host.invalid/east"
+    vault = azure.track(azure.provider.vault(azure.region(EAST, account_url=url, create=False)))
+    with pytest.raises(VaultError) as failed:
+        vault.get("a")
+    assert not isinstance(failed.value, TransientError)
+    assert "host name does not resolve" in str(failed.value)
