@@ -1,10 +1,9 @@
-"""The Azure provider: builds a region's Blob Storage Vault and the inbox Transit between
-regions.
+"""The Azure provider: builds a region's Key Vault KeyService, the Sealer other regions use,
+its Blob Storage Vault and the inbox Transit between regions.
 
-Of the three Azure services only Blob Storage is built so far (issue #15): the Key Vault key
-service and the managed-disk compute land separately. Until they do, a region takes its keys
-and its compute from another provider (``[regions."azure:east".keys] provider = "..."``,
-docs/configuration.md); asking this provider for them is a configuration error that says so.
+The managed-disk compute lands separately (issue #15). Until it does, a region takes its
+compute from another provider (``[regions."azure:east".compute] provider = "..."``,
+docs/configuration.md); asking this provider for it is a configuration error that says so.
 
 Nothing here imports the Azure SDK: the service modules (which do) are imported when a
 service is first built, so the provider registers and validates settings without it.
@@ -25,10 +24,12 @@ from regionvault.providers.azure.metrics import BlobMetrics
 from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
 
 if TYPE_CHECKING:
-    from regionvault.core.interfaces import Compute, KeyService, Sealer
+    from regionvault.core.interfaces import Compute
     from regionvault.core.types import RegionConfig
     from regionvault.providers.azure.blob import AzureVault
     from regionvault.providers.azure.clients import BlobClients
+    from regionvault.providers.azure.identity import CredentialSource
+    from regionvault.providers.azure.keyvault import AzureKeyService, AzureSealer
     from regionvault.providers.azure.transit import AzureTransit
 
 __all__ = ["NEEDS_SDK", "AzureProvider"]
@@ -65,12 +66,13 @@ def _not_built(region: RegionConfig, service: str, what: str) -> NoReturn:
 
 
 class AzureProvider(Provider):
-    """Blob Storage, one storage account and container per region; transit through an
-    inbox container in the destination's account.
+    """Key Vault, one key per region; Blob Storage, one storage account and container per
+    region; transit through an inbox container in the destination's account.
 
-    ``credential`` is a token credential (an azure-core ``TokenCredential``) used for storage
-    accounts whose settings name no account key; ``client_options`` go to every SDK client
-    (tests pass a capturing ``transport``)."""
+    ``credential`` is a token credential (an azure-core ``TokenCredential``) used for every
+    region's Key Vault (instead of the one its settings name) and for storage accounts whose
+    settings name no account key; ``client_options`` go to every Blob Storage client (tests
+    pass a capturing ``transport``)."""
 
     name: ClassVar[str] = "azure"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -96,6 +98,7 @@ class AzureProvider(Provider):
         self._credential = credential
         self._client_options = dict(client_options or {})
         self._clients: BlobClients | None = None
+        self._credentials: CredentialSource | None = None
         #: every HTTP request the provider's Blob Storage clients send (metrics.py)
         self.metrics = BlobMetrics()
 
@@ -122,11 +125,30 @@ class AzureProvider(Provider):
     def compute(self, region: RegionConfig) -> Compute:
         _not_built(region, "compute", "compute (managed disks)")
 
-    def key_service(self, region: RegionConfig) -> KeyService:
-        _not_built(region, "keys", "key service (Key Vault)")
+    def credentials(self, region: RegionConfig) -> CredentialSource:
+        """Every region's Key Vault credential: the embedder's, or one built from the
+        region's settings (identity.py)."""
+        if self._credentials is None:
+            with _needs_sdk(region):
+                from regionvault.providers.azure.identity import CredentialSource
 
-    def sealer(self, region: RegionConfig) -> Sealer:
-        _not_built(region, "keys", "sealer (Key Vault)")
+            self._credentials = CredentialSource(self._credential)
+        return self._credentials
+
+    def key_service(self, region: RegionConfig) -> AzureKeyService:
+        with _needs_sdk(region):
+            from regionvault.providers.azure.keyvault import AzureKeyService
+
+        return AzureKeyService(
+            region=region, credentials=self.credentials(region), capabilities=self.capabilities
+        )
+
+    def sealer(self, region: RegionConfig) -> AzureSealer:
+        """Seals with the public half of ``region``'s key: the role "get" on it, nothing else."""
+        with _needs_sdk(region):
+            from regionvault.providers.azure.keyvault import AzureSealer
+
+        return AzureSealer.for_region(region, self.credentials(region))
 
     def vault(self, region: RegionConfig) -> AzureVault:
         with _needs_sdk(region):

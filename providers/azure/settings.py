@@ -1,10 +1,10 @@
 """The Azure provider's site.toml settings for one region's storage, checked without touching
 Azure.
 
-This module holds the Blob Storage keys (the vault and the transit inbox). The Key Vault and
-compute settings belong to identity.py, keyvault.py and compute.py, which add theirs to
-:data:`OPTIONAL_SETTINGS` when they land; until then a region takes its keys and compute from
-another provider (docs/azure.md).
+This module parses the Blob Storage keys (the vault and the transit inbox). The Key Vault and
+identity keys are parsed by keyvault.py and identity.py and only named here
+(:data:`KEY_SETTINGS`); the compute keys come with compute.py. Until it lands a region takes
+its compute from another provider (docs/azure.md).
 """
 
 from __future__ import annotations
@@ -19,14 +19,36 @@ from regionvault.core.errors import ConfigError
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
 
-__all__ = ["OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "BlobSettings"]
+__all__ = ["KEY_SETTINGS", "OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "BlobSettings"]
 
 MiB = 1024 * 1024
 
 #: None is required of every service: the storage keys are needed by the vault and the
-#: transit, and each service checks its own when it is built.
+#: transit, the Key Vault ones by the keys and the sealer; each service checks its own when
+#: it is built.
 REQUIRED_SETTINGS: frozenset[str] = frozenset()
-OPTIONAL_SETTINGS = frozenset(
+#: the keys of keyvault.py (KEY_VAULT_SETTINGS) and identity.py (CREDENTIAL_SETTINGS), named
+#: here so that the provider validates a site without importing the SDK (a test checks the
+#: lists agree)
+KEY_SETTINGS = frozenset(
+    {
+        "key_vault_url",
+        "key_name",
+        "key_size",
+        "hardware_protected",
+        "verify_challenge_resource",
+        "credential",
+        "tenant_id",
+        "client_id",
+        "client_secret_env",
+        "client_secret_file",
+        "federated_token_file",
+        "authority",
+        "instance_discovery",
+        "ca_file",
+    }
+)
+OPTIONAL_SETTINGS = KEY_SETTINGS | frozenset(
     {
         "storage_account",
         "account_url",

@@ -101,18 +101,46 @@ def test_bad_settings_name_the_key(settings: dict[str, Any], key: str, message: 
     assert f'regions."azure:east".{key}' in str(bad.value) and message in str(bad.value)
 
 
-def test_services_not_built_yet_say_so_and_how_to_go_on() -> None:
+def test_compute_not_built_yet_says_so_and_how_to_go_on() -> None:
     provider, region = _region({"storage_account": "rveast"})
-    for build, service in (
-        (provider.compute, "compute"),
-        (provider.key_service, "keys"),
-        (provider.sealer, "keys"),
-    ):
-        with pytest.raises(ConfigError) as missing:
-            build(region)
-        text = str(missing.value)
-        assert "has no" in text and "yet (issue #15)" in text
-        assert f'[regions."azure:east".{service}] provider = "..."' in text
+    with pytest.raises(ConfigError) as missing:
+        provider.compute(region)
+    text = str(missing.value)
+    assert "has no compute (managed disks) yet (issue #15)" in text
+    assert '[regions."azure:east".compute] provider = "..."' in text
+
+
+def test_the_key_settings_named_here_are_the_services_own() -> None:
+    """settings.py names the Key Vault and identity keys without importing the SDK; they
+    must be the ones keyvault.py and identity.py read."""
+    from regionvault.providers.azure.identity import CREDENTIAL_SETTINGS
+    from regionvault.providers.azure.keyvault import KEY_VAULT_SETTINGS
+    from regionvault.providers.azure.settings import KEY_SETTINGS, OPTIONAL_SETTINGS
+
+    assert KEY_VAULT_SETTINGS | CREDENTIAL_SETTINGS <= OPTIONAL_SETTINGS
+    assert KEY_SETTINGS <= KEY_VAULT_SETTINGS | CREDENTIAL_SETTINGS
+
+
+def test_the_provider_builds_keys_and_a_sealer_on_key_vault(tmp_path: Path) -> None:
+    """key_service and sealer of a region whose settings point at a fake Key Vault: a data
+    key round trip, and a seal (public key only) that only that KeyService opens."""
+    from regionvault.providers.azure.fakes.keyvault import fake_key_vaults
+    from regionvault.providers.azure.keyvault import AzureKeyService, AzureSealer
+
+    with fake_key_vaults(tmp_path, ["east"], key_size=2048) as fakes:
+        settings = {"storage_account": "rveast", **fakes["east"].region_settings(key_name="rv")}
+        provider, region = _region(settings)
+        keys = provider.key_service(region)
+        try:
+            assert isinstance(keys, AzureKeyService)
+            context = {"vault": "v", "kind": "pack", "name": "p"}
+            data_key = keys.generate_data_key(context)
+            assert keys.unwrap(data_key.wrapped, context) == data_key.plaintext
+            sealer = provider.sealer(region)
+            assert isinstance(sealer, AzureSealer)
+            assert keys.unseal(sealer.seal(b"secret", context), context) == b"secret"
+        finally:
+            keys.close()
 
 
 def test_the_vault_needs_an_account() -> None:
