@@ -1,15 +1,15 @@
 """The Azure provider's support for the conformance suite: a throwaway two-region site
 (azure:east replicating to azure:west) whose vaults and inboxes are two storage accounts of
-an Azurite it starts (installing the pinned Azurite with npm on first use), stopped by its
-PID at the end::
+an Azurite it starts (installing the pinned Azurite with npm on first use), and whose keys
+are two fake Key Vaults (providers/azure/fakes/keyvault.py: HTTPS on 127.0.0.1, each its own
+tenant and CA, the real KeyClient and ClientSecretCredential against them), all stopped at
+the end::
 
     pytest --pyargs regionvault.core.conformance --regionvault-provider=azure
 
-Only Blob Storage is built so far (issue #15): the test regions take their keys and compute
-from the local provider (``[regions."azure:east".keys] provider = "local"``), so the Vault and
-Transit tests, and the pipeline across the two regions, run on Azure's storage, while the
-KeyService and Compute tests run on the local provider's services. When the Key Vault and
-compute services land, their sub-tables go.
+The managed-disk compute is not built yet (issue #15): the test regions take their compute
+from the local provider (``[regions."azure:east".compute] provider = "local"``), so the
+Compute tests run on the local provider's service; when it lands, that sub-table goes.
 
 Azurite does not implement immutability policies or legal holds, so the tests of their
 enforcement are skipped offline with that reason (:attr:`known_limits`); with
@@ -23,6 +23,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from regionvault.core.conformance.support import ConformanceSupport
 from regionvault.core.errors import UnsupportedOperation
@@ -52,26 +53,40 @@ def key_variable(account: str) -> str:
     return f"REGIONVAULT_AZURITE_KEY_{account.upper()}"
 
 
-def region_lines(name: str, account_url: str, root: Path) -> list[str]:
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def region_lines(
+    name: str, account_url: str, root: Path, *, keys: Mapping[str, Any] | None = None
+) -> list[str]:
     """site.toml lines of test region ``azure:<name>``: its vault and inbox in the account
-    at ``account_url``; its keys and compute from the local provider under ``root``."""
+    at ``account_url``; its keys on Key Vault with ``keys`` (a fake's ``region_settings``),
+    else from the local provider under ``root``; its compute from the local provider (the
+    managed-disk compute is not built yet)."""
     where = (root / name).as_posix()
-    return [
+    lines = [
         f'[regions."azure:{name}"]',
         f'account_url = "{account_url}"',
         f'account_key_env = "{key_variable(name)}"',
         "create = true",
         "immutability = true",
-        "",
-        f'[regions."azure:{name}".keys]',
-        'provider = "local"',
-        f'root = "{where}"',
-        "",
-        f'[regions."azure:{name}".compute]',
-        'provider = "local"',
-        f'root = "{where}"',
-        "",
     ]
+    if keys is not None:
+        lines.extend(f"{k} = {_toml(v)}" for k, v in keys.items() if k != "create")
+        lines.append("")
+    else:
+        lines.extend(
+            ["", f'[regions."azure:{name}".keys]', 'provider = "local"', f'root = "{where}"', ""]
+        )
+    lines.extend(
+        [f'[regions."azure:{name}".compute]', 'provider = "local"', f'root = "{where}"', ""]
+    )
+    return lines
 
 
 class AzureConformanceSupport(ConformanceSupport):
@@ -93,17 +108,21 @@ class AzureConformanceSupport(ConformanceSupport):
                 f"a throwaway Azure site with {LIVE_ENV}=1 (give REGIONVAULT_AZURE_SITE)",
                 provider="azure",
             )
+        from regionvault.providers.azure.fakes.keyvault import fake_key_vaults
+
         server = AzuriteServer(
             dict.fromkeys(ACCOUNTS),
             log=workdir / "azurite.log",
             workdir=workdir / "azurite",
         )
-        with server:
+        with server, fake_key_vaults(workdir / "keyvault", ACCOUNTS) as vaults:
             keys = {key_variable(account): server.accounts[account] for account in ACCOUNTS}
             with environment(keys):
                 lines = ['[site]\nname = "conformance-azure"\n']
                 for account in ACCOUNTS:
-                    lines.extend(region_lines(account, server.account_url(account), workdir))
+                    key_settings = vaults[account].region_settings(key_name="regionvault")
+                    url = server.account_url(account)
+                    lines.extend(region_lines(account, url, workdir, keys=key_settings))
                 lines.append('[[replication]]\nfrom = "azure:east"\nto = "azure:west"\n')
                 path = workdir / "site.toml"
                 path.write_text("\n".join(lines), encoding="utf-8")
