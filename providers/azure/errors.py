@@ -10,8 +10,9 @@ the job with backoff, docs/jobs.md), once azure-core's own retries have given up
   lost on the way;
 - no answer: azure-core's ``ServiceRequestError`` (connection refused, connect timeout) and
   ``ServiceResponseError`` (read timeout, connection dropped, answer cut off), except a TLS
-  failure and a host name that does not resolve, which are configuration and do not pass by
-  waiting (azure-core's own retries have already waited out a resolver that was down).
+  failure and a host name with no address (``EAI_NONAME``, ``EAI_NODATA``), which are
+  configuration and do not pass by waiting; a resolver that did not answer (``EAI_AGAIN``)
+  is transient.
 
 Everything else (denied, not found, a conflict the protocol defines, invalid) is the caller's
 error class (``VaultError``, ``TransitError``, ...) and is not retried.
@@ -106,18 +107,32 @@ def _causes(exc: BaseException) -> list[BaseException]:
             continue
         seen.add(id(item))
         found.append(item)
-        todo.extend(getattr(item, n, None) for n in ("inner_exception", "reason", "__cause__"))
+        todo.extend(
+            getattr(item, n, None) for n in ("inner_exception", "reason", "_reason", "__cause__")
+        )
         todo.append(item.__context__)
         todo.extend(item.args)
     return found
 
 
+#: the resolver's answers for a name with no address, which fail every time (EAI_AGAIN, a
+#: resolver that did not answer, may pass: transient)
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, name)
+)
+
+
 def _unresolved(exc: BaseException) -> bool:
-    """A host name that did not resolve, somewhere under ``exc``."""
-    return any(
-        isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError"
-        for c in _causes(exc)
-    )
+    """A host name with no address, as the resolver answered, somewhere under ``exc`` (the
+    ``socket.gaierror`` under urllib3's ``NameResolutionError``); a resolution failure that
+    does not say why is taken for one too, as in the aws provider."""
+    causes = _causes(exc)
+    for cause in causes:
+        if isinstance(cause, socket.gaierror):
+            return cause.errno in _NO_SUCH_NAME
+    return any(type(c).__name__ == "NameResolutionError" for c in causes)
 
 
 def _configuration_failure(exc: BaseException) -> bool:

@@ -131,3 +131,18 @@ def test_a_host_name_that_does_not_resolve_is_configuration(azure: AzureWorld) -
         vault.get("a")
     assert not isinstance(failed.value, TransientError)
     assert "host name does not resolve" in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    ("errno", "transient"),
+    [("EAI_AGAIN", True), ("EAI_NONAME", False), ("EAI_NODATA", False)],
+)
+def test_a_resolver_that_did_not_answer_is_transient(errno: str, transient: bool) -> None:
+    """A resolver that did not answer may answer later; a name with no address will not."""
+    from azure.core.exceptions import ServiceRequestError
+    from regionvault.providers.azure.errors import is_transient
+
+    if not hasattr(socket, errno):
+        pytest.skip(f"this platform has no socket.{errno}")
+    error = ServiceRequestError("no connection", error=socket.gaierror(getattr(socket, errno), "x"))
+    assert is_transient(error) is transient
