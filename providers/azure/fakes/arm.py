@@ -1,0 +1,887 @@
+"""A wire-level fake of Azure Resource Manager for Microsoft.Compute, on HTTPS at 127.0.0.1.
+
+The unmodified ``ComputeManagementClient`` talks to it through ``base_url`` and a
+``connection_verify`` CA bundle; the unmodified ``ClientSecretCredential`` logs in at its token
+endpoint (``authority`` pointed here, instance discovery off). What it serves:
+
+- ``/<tenant>/v2.0/.well-known/openid-configuration`` and ``/<tenant>/oauth2/v2.0/token``;
+- virtual machines (list in pages of :attr:`ArmFake.page_size` with ``nextLink``, get, put,
+  patch, delete), managed disks and snapshots (get, put, delete, ``beginGetAccess``,
+  ``endGetAccess``);
+- long-running operations with the status codes of the REST specification that the SDK
+  checks: VM PUT 201 / disk and snapshot PUT 202, each with ``Azure-AsyncOperation``; DELETE
+  202; POST actions 202 with ``Location`` (and ``Azure-AsyncOperation``); ``Retry-After: 0``.
+  An operation answers ``InProgress`` to its first poll and ``Succeeded`` after, so the
+  client's poller really polls.
+
+Disk bytes are not kept here: every disk and snapshot is a page blob in an Azurite account,
+and ``beginGetAccess`` answers with an Azurite SAS URL for it (read, or read-write for a disk
+created for upload), so disk bytes travel over a real blob server. An incremental snapshot
+copies the disk blob's written pages into a blob of its own.
+
+Nothing here enforces what Azure enforces beyond the checks named in the code (attached disks
+cannot be deleted, upload sizes are a whole number of MiB plus a 512-byte VHD footer).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import re
+import secrets
+import ssl
+import tempfile
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ArmFake", "FakeTls", "Injected"]
+
+MiB = 1024 * 1024
+#: the smallest upload disk Azure accepts: 20 MiB of data and the VHD footer
+MIN_UPLOAD_BYTES = 20 * MiB + 512
+_RG = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute"
+_KINDS = {"virtualMachines": "vm", "disks": "disk", "snapshots": "snapshot"}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+class FakeTls:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (``cryptography``)."""
+
+    def __init__(self, directory: Path) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = dt.datetime.now(dt.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regionvault ARM fake CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                        x509.DNSName("localhost"),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_path = directory / "ca.pem"
+        self.cert_path = directory / "server.pem"
+        self.key_path = directory / "server.key"
+        self.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return context
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Injected:
+    """A failure to answer instead of the real one: the next ``count`` requests whose method
+    is ``method`` and whose path matches ``path`` get ``status`` with ARM error ``code``; or,
+    with ``in_operation``, the request is accepted and its long-running operation fails."""
+
+    method: str
+    path: str
+    status: int = 500
+    code: str = "InternalServerError"
+    count: int = 1
+    in_operation: bool = False
+
+
+@dataclass
+class _Operation:
+    id: str
+    location: str
+    polls: int = 0
+    #: the operation's final (status, body) at its Location URL
+    result: tuple[int, dict[str, Any] | None] = (200, None)
+    error: dict[str, Any] | None = None
+    then: Callable[[], None] | None = None
+    done: bool = False
+
+
+@dataclass
+class _Resource:
+    kind: str
+    sub: str
+    rg: str
+    name: str
+    body: dict[str, Any]
+    blob: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        plural = {v: k for k, v in _KINDS.items()}[self.kind]
+        return (
+            f"/subscriptions/{self.sub}/resourceGroups/{self.rg}/providers/Microsoft.Compute/"
+            f"{plural}/{self.name}"
+        )
+
+
+class _Error(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# --------------------------------------------------------------------------- the fake
+
+
+class ArmFake:
+    """The fake ARM endpoint; disks live as page blobs in an Azurite account.
+
+    ``blob_endpoint`` is the account's URL (``http://127.0.0.1:P/<account>``), ``account``
+    and ``account_key`` its credentials (the fake signs SAS URLs with them).
+    """
+
+    def __init__(
+        self,
+        *,
+        blob_endpoint: str,
+        account: str,
+        account_key: str,
+        workdir: Path | None = None,
+        container: str = "arm-fake-disks",
+        page_size: int = 3,
+        tenant: str | None = None,
+    ) -> None:
+        self.blob_endpoint = blob_endpoint.rstrip("/")
+        self.account = account
+        self.account_key = account_key
+        self.container = container
+        self.page_size = page_size
+        self.tenant = tenant or str(uuid.uuid4())
+        self.client_id = str(uuid.uuid4())
+        self.client_secret = secrets.token_urlsafe(24)
+        self.subscription = str(uuid.uuid4())
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rv-arm-fake-")
+            workdir = Path(self._tmp.name)
+        self.tls = FakeTls(workdir)
+        self._lock = threading.RLock()
+        self._resources: dict[str, _Resource] = {}
+        self._operations: dict[str, _Operation] = {}
+        self._tokens: set[str] = set()
+        self._injected: list[Injected] = []
+        #: every ARM request as (method, path, query string), tokens excluded
+        self.requests: list[tuple[str, str, str]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.tls.ca_path
+
+    def start(self) -> ArmFake:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient(
+            self.blob_endpoint,
+            credential={"account_name": self.account, "account_key": self.account_key},
+        )
+        self._container = service.get_container_client(self.container)
+        with contextlib.suppress(Exception):
+            self._container.create_container()
+        fake = self
+
+        class Handler(_Handler):
+            arm = fake
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.socket = self.tls.server_context().wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="rv-arm-fake", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ArmFake:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ test controls
+
+    def inject(self, failure: Injected) -> None:
+        with self._lock:
+            self._injected.append(failure)
+
+    def resources(self, kind: str) -> list[dict[str, Any]]:
+        """Bodies of every resource of ``kind`` (``vm``, ``disk``, ``snapshot``)."""
+        with self._lock:
+            return [
+                json.loads(json.dumps(r.body)) for r in self._resources.values() if r.kind == kind
+            ]
+
+    def blob_client(self, resource_id: str) -> Any:
+        """An account-key BlobClient for the page blob behind a disk or snapshot."""
+        with self._lock:
+            resource = self._resources[resource_id.lower()]
+        return self._container.get_blob_client(str(resource.blob))
+
+    def count(self, method: str, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for m, p, _q in self.requests if m == method and rx.search(p))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _sas(self, blob: str, *, write: bool, seconds: int) -> str:
+        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+        token = generate_blob_sas(
+            self.account,
+            self.container,
+            blob,
+            account_key=self.account_key,
+            permission=BlobSasPermissions(read=True, write=write),
+            expiry=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(60, seconds)),
+        )
+        return f"{self.blob_endpoint}/{self.container}/{blob}?{token}"
+
+    def _new_blob(self, size: int) -> str:
+        name = f"{uuid.uuid4().hex}.vhd"
+        self._container.get_blob_client(name).create_page_blob(size)
+        return name
+
+    def _copy_pages(self, source: str, size: int) -> str:
+        """A new page blob holding the written pages of ``source`` (an incremental snapshot
+        or a disk made from one)."""
+        target = self._new_blob(size)
+        src = self._container.get_blob_client(source)
+        dst = self._container.get_blob_client(target)
+        for page in src.list_page_ranges():
+            if page.cleared:
+                continue
+            start, end = int(page.start or 0), int(page.end or 0) + 1
+            for offset in range(start, end, 4 * MiB):
+                length = min(4 * MiB, end - offset)
+                data = src.download_blob(offset=offset, length=length).readall()
+                dst.upload_page(data, offset=offset, length=length)
+        return target
+
+    def _operation(
+        self,
+        location: str,
+        *,
+        result: tuple[int, dict[str, Any] | None] = (200, None),
+        then: Callable[[], None] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> _Operation:
+        op = _Operation(str(uuid.uuid4()), location, result=result, then=then, error=error)
+        with self._lock:
+            self._operations[op.id] = op
+        return op
+
+    def _lro_headers(self, sub: str, op: _Operation, *, with_location: bool) -> dict[str, str]:
+        base = (
+            f"{self.endpoint}/subscriptions/{sub}/providers/Microsoft.Compute/locations/"
+            f"{op.location}"
+        )
+        headers = {
+            "Azure-AsyncOperation": f"{base}/operations/{op.id}?api-version=2026-04-01",
+            "Retry-After": "0",
+        }
+        if with_location:
+            headers["Location"] = f"{base}/operationResults/{op.id}?api-version=2026-04-01"
+        return headers
+
+    def _poll(self, op_id: str) -> _Operation:
+        with self._lock:
+            op = self._operations.get(op_id)
+            if op is None:
+                raise _Error(404, "NotFound", f"operation {op_id} not found")
+            op.polls += 1
+            if op.polls >= 2 and not op.done:
+                op.done = True
+                if op.then is not None and op.error is None:
+                    op.then()
+            return op
+
+    def _take_injected(self, method: str, path: str) -> Injected | None:
+        with self._lock:
+            for failure in self._injected:
+                if failure.method == method and re.search(failure.path, path):
+                    failure.count -= 1
+                    if failure.count <= 0:
+                        self._injected.remove(failure)
+                    return failure
+        return None
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(
+        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if path.endswith("/.well-known/openid-configuration"):
+            return self._openid(path)
+        if path.endswith("/oauth2/v2.0/token"):
+            return self._token(body)
+        auth = headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[len("Bearer ") :] not in self._tokens:
+            raise _Error(401, "AuthenticationFailed", "no valid bearer token")
+        with self._lock:
+            self.requests.append((method, path, urllib.parse.urlencode(query, doseq=True)))
+        injected = self._take_injected(method, path)
+        if injected is not None and not injected.in_operation:
+            raise _Error(injected.status, injected.code, f"injected {injected.code}")
+        error = (
+            {"code": injected.code, "message": f"injected {injected.code}"}
+            if injected is not None
+            else None
+        )
+        match = re.fullmatch(
+            r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Compute/locations/"
+            r"(?P<loc>[^/]+)/(?P<what>operations|operationResults)/(?P<op>[^/]+)",
+            path,
+        )
+        if match and method == "GET":
+            return self._operation_status(match["what"], match["op"])
+        match = re.fullmatch(_RG + r"/(?P<type>virtualMachines|disks|snapshots)", path)
+        if match and method == "GET":
+            return self._list(match["sub"], match["rg"], _KINDS[match["type"]], query)
+        match = re.fullmatch(
+            _RG + r"/(?P<type>virtualMachines|disks|snapshots)/(?P<name>[^/]+)"
+            r"(?:/(?P<action>beginGetAccess|endGetAccess))?",
+            path,
+        )
+        if not match:
+            raise _Error(404, "InvalidResourceType", f"no such path {path}")
+        kind, sub, rg, name = _KINDS[match["type"]], match["sub"], match["rg"], match["name"]
+        key = path.split("/beginGetAccess")[0].split("/endGetAccess")[0].lower()
+        doc = json.loads(body) if body else {}
+        if match["action"] == "beginGetAccess" and method == "POST":
+            return self._grant(key, sub, doc, error)
+        if match["action"] == "endGetAccess" and method == "POST":
+            return self._revoke(key, sub, error)
+        if method == "GET":
+            return 200, {}, self._get(key).encode()
+        if method == "PUT":
+            return self._put(kind, sub, rg, name, key, doc, error)
+        if method == "PATCH" and kind == "vm":
+            return self._patch_vm(key, sub, doc, headers)
+        if method == "DELETE":
+            return self._delete(key, sub, error)
+        raise _Error(405, "MethodNotAllowed", f"{method} {path}")
+
+    def _get(self, key: str) -> str:
+        with self._lock:
+            resource = self._resources.get(key)
+            if resource is None:
+                raise _Error(404, "ResourceNotFound", f"resource {key} not found")
+            return json.dumps(resource.body)
+
+    # ------------------------------------------------------------------ login
+
+    def _openid(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        base = f"{self.endpoint}/{self.tenant}"
+        doc = {
+            "issuer": f"{base}/v2.0",
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+            "jwks_uri": f"{base}/discovery/v2.0/keys",
+            "response_types_supported": ["code", "id_token", "token"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "tenant_region_scope": None,
+        }
+        return 200, {}, json.dumps(doc).encode()
+
+    def _token(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        form = urllib.parse.parse_qs(body.decode())
+        if (
+            form.get("client_id", [""])[0] != self.client_id
+            or form.get("client_secret", [""])[0] != self.client_secret
+        ):
+            denied = {"error": "invalid_client", "error_description": "AADSTS7000215: bad secret"}
+            return 401, {}, json.dumps(denied).encode()
+        token = base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
+        with self._lock:
+            self._tokens.add(token)
+        doc: dict[str, Any] = {
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "ext_expires_in": 3600,
+            "access_token": token,
+        }
+        return 200, {}, json.dumps(doc).encode()
+
+    # ------------------------------------------------------------------ operations
+
+    def _operation_status(self, what: str, op_id: str) -> tuple[int, dict[str, str], bytes]:
+        op = self._poll(op_id)
+        headers = {"Retry-After": "0"}
+        if what == "operations":
+            if not op.done:
+                doc: dict[str, Any] = {"name": op.id, "status": "InProgress"}
+            elif op.error is not None:
+                doc = {"name": op.id, "status": "Failed", "error": op.error}
+            else:
+                doc = {"name": op.id, "status": "Succeeded"}
+                if op.result[1] is not None:
+                    doc["properties"] = {"output": op.result[1]}
+            return 200, headers, json.dumps(doc).encode()
+        if not op.done:
+            return 202, {**headers, "Location": ""}, b""
+        if op.error is not None:
+            return 500, {}, json.dumps({"error": op.error}).encode()
+        status, body = op.result
+        return status, {}, (json.dumps(body).encode() if body is not None else b"")
+
+    # ------------------------------------------------------------------ collections
+
+    def _list(
+        self, sub: str, rg: str, kind: str, query: dict[str, list[str]]
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            found = sorted(
+                (
+                    r
+                    for r in self._resources.values()
+                    if r.kind == kind and r.sub == sub and r.rg.lower() == rg.lower()
+                ),
+                key=lambda r: r.name.lower(),
+            )
+            skip = int(query.get("$skiptoken", ["0"])[0] or 0)
+            page = found[skip : skip + self.page_size]
+            doc: dict[str, Any] = {"value": [json.loads(json.dumps(r.body)) for r in page]}
+        if skip + self.page_size < len(found):
+            plural = {v: k for k, v in _KINDS.items()}[kind]
+            doc["nextLink"] = (
+                f"{self.endpoint}/subscriptions/{sub}/resourceGroups/{rg}/providers/"
+                f"Microsoft.Compute/{plural}?api-version=2026-04-01"
+                f"&$skiptoken={skip + self.page_size}"
+            )
+        return 200, {}, json.dumps(doc).encode()
+
+    # ------------------------------------------------------------------ put
+
+    def _put(
+        self,
+        kind: str,
+        sub: str,
+        rg: str,
+        name: str,
+        key: str,
+        doc: dict[str, Any],
+        error: dict[str, Any] | None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        location = str(doc.get("location") or "")
+        if not location:
+            raise _Error(400, "LocationRequired", "the location property is required")
+        props = dict(doc.get("properties") or {})
+        with self._lock:
+            existing = self._resources.get(key)
+        if existing is not None and kind != "vm":
+            raise _Error(409, "Conflict", f"{kind} {name} exists (the fake does not update)")
+        resource = _Resource(kind, sub, rg, name, {})
+        if kind == "disk":
+            self._new_disk(resource, props)
+        elif kind == "snapshot":
+            self._new_snapshot(resource, props)
+        else:
+            self._new_vm(resource, props, existing)
+        final = {
+            "id": resource.id,
+            "name": name,
+            "type": f"Microsoft.Compute/{ {v: k for k, v in _KINDS.items()}[kind] }",
+            "location": location,
+            "tags": dict(doc.get("tags") or {}),
+            **({"sku": doc["sku"]} if "sku" in doc else {}),
+            "properties": {**resource.body.get("properties", {}), "provisioningState": "Succeeded"},
+        }
+        if kind == "vm":
+            final["etag"] = f'"{uuid.uuid4().hex}"'
+        pending = json.loads(json.dumps(final))
+        pending["properties"]["provisioningState"] = "Creating"
+        resource.body = pending
+
+        def finish() -> None:
+            resource.body = final
+            if kind == "vm":
+                self._attach(resource)
+
+        def fail() -> None:
+            resource.body["properties"]["provisioningState"] = "Failed"
+
+        with self._lock:
+            self._resources[key] = resource
+        op = self._operation(location, then=finish, error=error)
+        if error is not None:
+            op.then = None
+            fail()
+        status = 201 if kind == "vm" and existing is None else (200 if kind == "vm" else 202)
+        headers = self._lro_headers(sub, op, with_location=False)
+        return status, headers, json.dumps(resource.body).encode()
+
+    def _new_disk(self, resource: _Resource, props: dict[str, Any]) -> None:
+        creation = dict(props.get("creationData") or {})
+        option = str(creation.get("createOption") or "")
+        if option == "Upload":
+            size = int(creation.get("uploadSizeBytes") or 0)
+            if size < MIN_UPLOAD_BYTES or (size - 512) % MiB:
+                raise _Error(
+                    400,
+                    "InvalidParameter",
+                    f"uploadSizeBytes {size} must be at least {MIN_UPLOAD_BYTES} and a whole "
+                    "number of MiB plus 512 bytes (the VHD footer)",
+                )
+            resource.blob = self._new_blob(size)
+            resource.extra["size"] = size
+            state, data_size = "ReadyToUpload", size - 512
+        elif option in ("Copy", "Restore"):
+            source = self._resources.get(str(creation.get("sourceResourceId") or "").lower())
+            if source is None or source.blob is None:
+                raise _Error(404, "NotFound", "the source of the copy was not found")
+            size = int(source.extra["size"])
+            resource.blob = self._copy_pages(source.blob, size)
+            resource.extra["size"] = size
+            state, data_size = "Unattached", size - 512
+        elif option == "Empty":
+            gib = int(props.get("diskSizeGB") or 0)
+            if gib < 1:
+                raise _Error(400, "InvalidParameter", "diskSizeGB is required for an empty disk")
+            size = gib * 1024 * MiB + 512
+            resource.blob = self._new_blob(size)
+            resource.extra["size"] = size
+            state, data_size = "Unattached", size - 512
+        else:
+            raise _Error(400, "InvalidParameter", f"createOption {option!r} is not faked")
+        resource.body = {
+            "properties": {
+                **props,
+                "diskSizeBytes": data_size,
+                "diskSizeGB": -(-data_size // (1024 * MiB)),
+                "diskState": state,
+                "timeCreated": dt.datetime.now(dt.UTC).isoformat(),
+                "uniqueId": str(uuid.uuid4()),
+            }
+        }
+
+    def _new_snapshot(self, resource: _Resource, props: dict[str, Any]) -> None:
+        creation = dict(props.get("creationData") or {})
+        if creation.get("createOption") != "Copy":
+            raise _Error(400, "InvalidParameter", "snapshots are faked for createOption Copy")
+        source = self._resources.get(str(creation.get("sourceResourceId") or "").lower())
+        if source is None or source.blob is None:
+            raise _Error(404, "NotFound", "the snapshot's source disk was not found")
+        if source.body.get("properties", {}).get("diskState") in ("ReadyToUpload", "ActiveUpload"):
+            raise _Error(409, "OperationNotAllowed", "the disk is being uploaded")
+        size = int(source.extra["size"])
+        resource.blob = self._copy_pages(source.blob, size)
+        resource.extra["size"] = size
+        resource.body = {
+            "properties": {
+                **props,
+                "diskSizeBytes": size - 512,
+                "diskSizeGB": -(-(size - 512) // (1024 * MiB)),
+                "incremental": bool(props.get("incremental")),
+                "diskState": "Unattached",
+                "timeCreated": dt.datetime.now(dt.UTC).isoformat(),
+                "uniqueId": str(uuid.uuid4()),
+            }
+        }
+
+    def _new_vm(
+        self, resource: _Resource, props: dict[str, Any], existing: _Resource | None
+    ) -> None:
+        if existing is not None:
+            raise _Error(409, "Conflict", f"virtual machine {resource.name} exists")
+        size = (props.get("hardwareProfile") or {}).get("vmSize")
+        if not size:
+            raise _Error(400, "InvalidParameter", "hardwareProfile.vmSize is required")
+        os_disk = dict((props.get("storageProfile") or {}).get("osDisk") or {})
+        disk_id = str((os_disk.get("managedDisk") or {}).get("id") or "")
+        if os_disk.get("createOption") != "Attach" or not disk_id:
+            raise _Error(400, "InvalidParameter", "the fake attaches an existing OS disk only")
+        with self._lock:
+            disk = self._resources.get(disk_id.lower())
+        if disk is None or disk.kind != "disk":
+            raise _Error(404, "NotFound", f"disk {disk_id} not found")
+        state = disk.body["properties"].get("diskState")
+        if state != "Unattached":
+            raise _Error(409, "OperationNotAllowed", f"disk {disk_id} is {state}")
+        disk.body["properties"]["diskState"] = "Reserved"
+        resource.extra["os_disk"] = disk_id.lower()
+        resource.body = {
+            "properties": {
+                **props,
+                "vmId": str(uuid.uuid4()),
+                "timeCreated": dt.datetime.now(dt.UTC).isoformat(),
+            }
+        }
+
+    def _attach(self, vm: _Resource) -> None:
+        with self._lock:
+            disk = self._resources.get(vm.extra["os_disk"])
+            if disk is not None:
+                disk.body["properties"]["diskState"] = "Attached"
+                disk.body["managedBy"] = vm.id
+
+    # ------------------------------------------------------------------ patch, delete
+
+    def _patch_vm(
+        self, key: str, sub: str, doc: dict[str, Any], headers: Any
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            vm = self._resources.get(key)
+            if vm is None:
+                raise _Error(404, "ResourceNotFound", f"virtual machine {key} not found")
+            match = headers.get("If-Match")
+            if match and match != "*" and match != vm.body.get("etag"):
+                raise _Error(412, "PreconditionFailed", "the etag does not match")
+            if "tags" in doc:
+                vm.body["tags"] = dict(doc["tags"] or {})
+            vm.body["etag"] = f'"{uuid.uuid4().hex}"'
+            answer = json.dumps(vm.body)
+            location = vm.body["location"]
+        op = self._operation(location)
+        return 200, self._lro_headers(sub, op, with_location=False), answer.encode()
+
+    def _delete(
+        self, key: str, sub: str, error: dict[str, Any] | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            resource = self._resources.get(key)
+            if resource is None:
+                return 204, {}, b""
+            if resource.kind == "disk" and resource.body["properties"].get("diskState") in (
+                "Attached",
+                "Reserved",
+            ):
+                raise _Error(409, "OperationNotAllowed", f"disk {resource.name} is attached")
+            if resource.kind in ("disk", "snapshot") and resource.body["properties"].get(
+                "diskState"
+            ) in ("ActiveSAS", "ActiveUpload", "ActiveSASFrozen"):
+                raise _Error(
+                    409, "OperationNotAllowed", f"{resource.kind} {resource.name} has an active SAS"
+                )
+            location = resource.body["location"]
+
+        def finish() -> None:
+            with self._lock:
+                self._resources.pop(key, None)
+                if resource.kind == "vm":
+                    disk = self._resources.get(resource.extra.get("os_disk", ""))
+                    if disk is not None:
+                        disk.body["properties"]["diskState"] = "Unattached"
+                        disk.body.pop("managedBy", None)
+                        os_disk = resource.body["properties"]["storageProfile"]["osDisk"]
+                        if os_disk.get("deleteOption") == "Delete":
+                            self._resources.pop(disk.id.lower(), None)
+                            self._delete_blob(disk.blob)
+                else:
+                    self._delete_blob(resource.blob)
+
+        op = self._operation(location, then=finish, error=error, result=(200, None))
+        return 202, self._lro_headers(sub, op, with_location=True), b""
+
+    def _delete_blob(self, blob: str | None) -> None:
+        if blob:
+            with contextlib.suppress(Exception):
+                self._container.get_blob_client(blob).delete_blob()
+
+    # ------------------------------------------------------------------ access
+
+    def _grant(
+        self, key: str, sub: str, doc: dict[str, Any], error: dict[str, Any] | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        access = str(doc.get("access") or "")
+        seconds = int(doc.get("durationInSeconds") or 0)
+        with self._lock:
+            resource = self._resources.get(key)
+            if resource is None or resource.kind == "vm":
+                raise _Error(404, "ResourceNotFound", f"{key} not found")
+            props = resource.body["properties"]
+            state = props.get("diskState")
+            if access == "Write":
+                if state != "ReadyToUpload":
+                    raise _Error(
+                        409, "OperationNotAllowed", f"write access needs ReadyToUpload, not {state}"
+                    )
+                props["diskState"] = "ActiveUpload"
+            elif access == "Read":
+                if state not in ("Unattached", "ActiveSAS"):
+                    raise _Error(409, "OperationNotAllowed", f"read access on a {state} disk")
+                props["diskState"] = "ActiveSAS"
+            else:
+                raise _Error(400, "InvalidParameter", f"access {access!r}")
+            sas = self._sas(str(resource.blob), write=access == "Write", seconds=seconds)
+            location = resource.body["location"]
+        op = self._operation(location, result=(200, {"accessSAS": sas}), error=error)
+        return 202, self._lro_headers(sub, op, with_location=True), b""
+
+    def _revoke(
+        self, key: str, sub: str, error: dict[str, Any] | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            resource = self._resources.get(key)
+            if resource is None or resource.kind == "vm":
+                raise _Error(404, "ResourceNotFound", f"{key} not found")
+            location = resource.body["location"]
+
+        def finish() -> None:
+            with self._lock:
+                props = resource.body["properties"]
+                if props.get("diskState") == "ActiveUpload":
+                    props["diskState"] = "Unattached"
+                    resource.extra["footer"] = self._footer(resource)
+                elif props.get("diskState") == "ActiveSAS":
+                    props["diskState"] = "Unattached"
+
+        op = self._operation(location, then=finish, error=error)
+        return 202, self._lro_headers(sub, op, with_location=True), b""
+
+    def _footer(self, resource: _Resource) -> bytes:
+        size = int(resource.extra["size"])
+        blob = self._container.get_blob_client(str(resource.blob))
+        return bytes(blob.download_blob(offset=size - 512, length=512).readall())
+
+    def footer(self, resource_id: str) -> bytes:
+        """The last 512 bytes of an uploaded disk as they were when its upload ended."""
+        with self._lock:
+            return bytes(self._resources[resource_id.lower()].extra.get("footer", b""))
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    arm: ArmFake
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read :attr:`ArmFake.requests` instead."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parsed = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+        try:
+            status, headers, payload = self.arm.handle(
+                self.command, parsed.path, query, self.headers, body
+            )
+        except _Error as exc:
+            status, headers = exc.status, {}
+            payload = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = (
+                    f'Bearer authorization_uri="{self.arm.endpoint}/{self.arm.tenant}"'
+                )
+        except Exception as exc:  # a bug in the fake: say so to the client
+            status, headers = 500, {}
+            payload = json.dumps(
+                {"error": {"code": "FakeBug", "message": f"{type(exc).__name__}: {exc}"}}
+            ).encode()
+        self.send_response(status)
+        for key, value in headers.items():
+            if value:
+                self.send_header(key, value)
+        self.send_header("x-ms-request-id", str(uuid.uuid4()))
+        if payload or status not in (204,):
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if payload:
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = _answer
