@@ -630,7 +630,9 @@ class AzureCompute(Compute):
                 delete_on_close=not ex_keep_snapshot,
             )
         except BaseException:
-            for name in granted:
+            # a grant that failed may still have left a SAS open: revoke this snapshot's
+            # always (revoking none is harmless), the parent's if it was granted
+            for name in {snapshot, *granted}:
                 with contextlib.suppress(RegionVaultError):
                     self._revoke_snapshot(name)
             with contextlib.suppress(RegionVaultError):

@@ -796,16 +796,22 @@ class ArmFake:
                     raise _Error(
                         409, "OperationNotAllowed", f"write access needs ReadyToUpload, not {state}"
                     )
-                props["diskState"] = "ActiveUpload"
+                after = "ActiveUpload"
             elif access == "Read":
                 if state not in ("Unattached", "ActiveSAS"):
                     raise _Error(409, "OperationNotAllowed", f"read access on a {state} disk")
-                props["diskState"] = "ActiveSAS"
+                after = "ActiveSAS"
             else:
                 raise _Error(400, "InvalidParameter", f"access {access!r}")
             sas = self._sas(str(resource.blob), write=access == "Write", seconds=seconds)
             location = resource.body["location"]
-        op = self._operation(location, result=(200, {"accessSAS": sas}), error=error)
+
+        def finish() -> None:
+            with self._lock:
+                props["diskState"] = after
+
+        # the state changes when the operation succeeds (a failed grant opens no SAS)
+        op = self._operation(location, result=(200, {"accessSAS": sas}), then=finish, error=error)
         return 202, self._lro_headers(sub, op, with_location=True), b""
 
     def _revoke(
