@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from regionvault.core.errors import (
     TransientError,
     UnsupportedOperation,
 )
-from regionvault.core.types import CaptureKind, Tags
-from regionvault.providers.azure.compute import AzureBlockCapture, MiB
+from regionvault.core.types import CaptureKind, LaunchSpec, Tags
+from regionvault.providers.azure.compute import AzureBlockCapture, AzureBlockSink, MiB
 from regionvault.providers.azure.fakes.arm import ArmFake, Injected
 
 _VMS = r"/providers/Microsoft\.Compute/virtualMachines$"
@@ -312,3 +313,128 @@ def test_changed_blocks_against_a_parent_snapshot(world: ArmWorld) -> None:
     assert all(
         s["properties"]["diskState"] == "Unattached" for s in world.fake.resources("snapshot")
     )
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def _image(written: dict[int, bytes], size: int) -> bytes:
+    image = bytearray(size)
+    for offset, data in written.items():
+        image[offset : offset + len(data)] = data
+    return bytes(image)
+
+
+def _write_all(sink: AzureBlockSink, image: bytes) -> None:
+    """As the engine writes a restore: whole blocks, in order, then commit."""
+    for offset in range(0, len(image), sink.block_size):
+        sink.write(offset, image[offset : offset + sink.block_size])
+    sink.commit()
+
+
+def test_restore_to_a_new_disk_and_launch_with_the_original_size_and_tags(
+    world: ArmWorld,
+) -> None:
+    compute = world.compute()
+    written = _sparse_image()
+    vm = world.seed_vm(
+        "vdu-9", tags={"backup": "1-7", "Name": "vdu-9"}, image=written, vm_size="Standard_D4s_v5"
+    )
+    source = compute.get_instance(vm)
+    with compute.capture(vm) as capture:
+        image = _assemble(list(capture.blocks()), capture.size)
+    assert image == _image(written, 20 * MiB)
+
+    spec = LaunchSpec(
+        name="vdu-9 restored", tags=source.tags, function=source.function, source=source
+    )
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(image))
+    assert isinstance(sink, AzureBlockSink) and sink.size == 20 * MiB
+    (disk,) = [d for d in world.fake.resources("disk") if d["id"] == sink.disk_id]
+    # an empty disk created for upload: 20 MiB of data and the VHD footer
+    assert disk["properties"]["creationData"] == {
+        "createOption": "Upload",
+        "uploadSizeBytes": 20 * MiB + 512,
+    }
+    assert disk["properties"]["diskState"] == "ActiveUpload"
+    _write_all(sink, image)
+    # only blocks holding data were written (all-zero ones skipped), then the footer
+    assert sink.writes == 5 and sink.bytes_written == 4 * 512 * 1024 + 512
+    footer = world.fake.footer(sink.disk_id)
+    assert footer == vhd_footer_fields_ok(footer, 20 * MiB)
+    launched = compute.launch(spec, sink)
+    assert launched.name == "vdu-9 restored" and launched.id != vm
+    assert launched.tags == source.tags and launched.function == "Standard_D4s_v5"
+    assert launched.extra["os_disk_id"] == sink.disk_id
+    assert world.disk_bytes(sink.disk_id, 20 * MiB) == image
+    with compute.capture(launched.id) as again:
+        assert _assemble(list(again.blocks()), again.size) == image
+    listed = {i.id for i in compute.list_instances(tag_filters={"Name": "vdu-9"})}
+    assert listed == {vm, launched.id}
+
+    compute.terminate(launched.id)
+    assert launched.id.lower() not in {v["id"].lower() for v in world.fake.resources("vm")}
+    assert sink.disk_id not in {d["id"] for d in world.fake.resources("disk")}
+    sink.discard()  # a launched sink belongs to its VM: discard leaves it (and is harmless)
+
+
+def vhd_footer_fields_ok(footer: bytes, size: int) -> bytes:
+    """``footer`` when it is a valid fixed-VHD footer for ``size`` bytes (else fails)."""
+    import struct
+
+    assert len(footer) == 512 and footer[:8] == b"conectix"
+    assert struct.unpack(">Q", footer[48:56])[0] == size  # current size
+    assert struct.unpack(">I", footer[60:64])[0] == 2  # fixed disk
+    checksum = struct.unpack(">I", footer[64:68])[0]
+    assert checksum == (~sum(footer[:64] + bytes(4) + footer[68:])) & 0xFFFFFFFF
+    return footer
+
+
+def test_a_failed_launch_removes_the_vm_and_the_disk(world: ArmWorld) -> None:
+    compute = world.compute()
+    spec = LaunchSpec(name="doomed", tags=Tags({"backup": "1-7"}), function="Standard_B2s")
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=3 * MiB)
+    assert isinstance(sink, AzureBlockSink)
+    _write_all(sink, _pages(3 * MiB, 7) + bytes(17 * MiB))
+    world.fake.inject(
+        Injected("PUT", r"/virtualMachines/[^/]+$", code="AllocationFailed", in_operation=True)
+    )
+    with pytest.raises(ComputeError, match="AllocationFailed"):
+        compute.launch(spec, sink)
+    assert [v["properties"]["provisioningState"] for v in world.fake.resources("vm")] == ["Failed"]
+    sink.discard()  # what the engine does after a failed launch
+    sink.discard()
+    assert world.fake.resources("vm") == [] and world.fake.resources("disk") == []
+    with pytest.raises(ComputeError, match="discarded"):
+        compute.launch(spec, sink)
+    with pytest.raises(ComputeError, match="discarded"):
+        sink.write(0, bytes(sink.block_size))
+
+
+def test_a_restore_that_cannot_get_its_write_sas_removes_the_disk(world: ArmWorld) -> None:
+    compute = world.compute()
+    world.fake.inject(
+        Injected("POST", r"/disks/[^/]+/beginGetAccess$", status=409, code="OperationNotAllowed")
+    )
+    spec = LaunchSpec(name="nosas", tags=Tags({"a": "1"}), function="Standard_B2s")
+    with pytest.raises(ComputeError, match="write SAS"):
+        compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert world.fake.resources("disk") == []
+
+
+def test_launch_needs_a_vm_size_and_a_committed_sink(world: ArmWorld) -> None:
+    settings = replace(world.settings, vm_size=None)
+    compute = world.compute(settings=settings)
+    spec = LaunchSpec(name="sizeless", tags=Tags({"a": "1"}), function="/usr/bin/vnf")
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    try:
+        with pytest.raises(ComputeError, match="not committed"):
+            compute.launch(spec, sink)
+        _write_all(sink, _pages(MiB, 8))
+        with pytest.raises(ComputeError, match="no VM size"):
+            compute.launch(spec, sink)
+    finally:
+        sink.discard()
+    assert world.fake.resources("disk") == []
+    with pytest.raises(UnsupportedOperation):
+        compute.open_restore_sink(spec, CaptureKind.FILES)
