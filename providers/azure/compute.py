@@ -809,10 +809,12 @@ def _page_token(arm_token: str | None, skip: int) -> str:
 
 
 def _merge(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
-    """Sorted, merged ``[start, end)`` ranges, clipped to ``[0, limit)``."""
+    """Sorted, merged ``[start, end)`` ranges widened to whole blocks (:data:`BLOCK_SIZE`:
+    captures yield block-aligned offsets) and clipped to ``[0, limit)``."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
-        start, end = max(0, start), min(end, limit)
+        start = max(0, start - start % BLOCK_SIZE)
+        end = min(end + (-end % BLOCK_SIZE), limit)
         if start >= end:
             continue
         if out and start <= out[-1][1]:
@@ -938,14 +940,13 @@ class AzureBlockCapture(BlockCapture):
         return self._ordered((o, n, True) for o, n in self._pieces(ranges))
 
     def changed_blocks(self) -> Iterator[tuple[int, bytes]]:
-        """Only what differs from the parent snapshot: written ranges read, cleared ranges
-        as zeros. A range left out is *unchanged from the parent*, not zeros: only a caller
-        holding the parent's blocks can use this."""
+        """Only the blocks that differ from the parent snapshot: every block a written or a
+        cleared range touches, read from this snapshot (a cleared range reads as zeros). A
+        block left out is *unchanged from the parent*, not zeros: only a caller holding the
+        parent's blocks can use this."""
         filled, cleared = self.changed_ranges()
-        marked = sorted([(s, e, True) for s, e in filled] + [(s, e, False) for s, e in cleared])
-        return self._ordered(
-            (o, n, read) for start, end, read in marked for o, n in self._pieces([(start, end)])
-        )
+        touched = _merge(filled + cleared, self.size)
+        return self._ordered((o, n, True) for o, n in self._pieces(touched))
 
     def close(self) -> None:
         if self._closed:

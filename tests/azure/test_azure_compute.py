@@ -220,10 +220,14 @@ def test_capture_reads_only_the_page_ranges_with_data(world: ArmWorld) -> None:
     for offset, data in written.items():
         expected[offset : offset + len(data)] = data
     assert image == bytes(expected)
-    # only the written pages crossed the wire: 1 MiB + 100 KiB + 3000 bytes in 512-byte pages
-    data_bytes = MiB + 100 * 1024 + 3072
-    assert capture.bytes_read == data_bytes == sum(len(d) for _o, d in blocks)
-    assert capture.reads <= 4
+    # only the blocks holding written pages crossed the wire: 1 MiB at 0, and the one 512 KiB
+    # block around each of the two small writes; offsets are block-aligned
+    assert [(o, len(d)) for o, d in blocks] == [
+        (0, MiB),
+        (8 * MiB, 512 * 1024),
+        (15 * MiB, 512 * 1024),
+    ]
+    assert capture.bytes_read == 2 * MiB and capture.reads == 3
     # closing revoked the SAS and deleted the snapshot
     assert world.fake.count("POST", r"/snapshots/[^/]+/endGetAccess$") == 1
     assert world.fake.resources("snapshot") == []
@@ -307,7 +311,12 @@ def test_changed_blocks_against_a_parent_snapshot(world: ArmWorld) -> None:
     assert parent_sas and diff.headers["x-ms-previous-snapshot-url"] == parent_sas
     assert "sig=" in parent_sas and parent_sas.split("?")[0] not in diff.url
     # the recorded answer: written ranges read through the SAS, cleared ranges as zeros
-    assert changed == [(0, first[: 512 * 1024]), (MiB, bytes(512)), (4 * MiB, _pages(512, 5))]
+    block = 512 * 1024
+    assert changed == [
+        (0, first[:block]),
+        (MiB, bytes(block)),
+        (4 * MiB, _pages(512, 5) + bytes(block - 512)),
+    ]
     # both SAS revoked at close; the parent kept, this capture's snapshot deleted
     assert [s["name"] for s in world.fake.resources("snapshot")].count(parent_name) == 1
     assert all(
@@ -342,6 +351,7 @@ def test_restore_to_a_new_disk_and_launch_with_the_original_size_and_tags(
     )
     source = compute.get_instance(vm)
     with compute.capture(vm) as capture:
+        assert isinstance(capture, AzureBlockCapture)
         image = _assemble(list(capture.blocks()), capture.size)
     assert image == _image(written, 20 * MiB)
 
@@ -368,6 +378,7 @@ def test_restore_to_a_new_disk_and_launch_with_the_original_size_and_tags(
     assert launched.extra["os_disk_id"] == sink.disk_id
     assert world.disk_bytes(sink.disk_id, 20 * MiB) == image
     with compute.capture(launched.id) as again:
+        assert isinstance(again, AzureBlockCapture)
         assert _assemble(list(again.blocks()), again.size) == image
     listed = {i.id for i in compute.list_instances(tag_filters={"Name": "vdu-9"})}
     assert listed == {vm, launched.id}
@@ -427,6 +438,7 @@ def test_launch_needs_a_vm_size_and_a_committed_sink(world: ArmWorld) -> None:
     compute = world.compute(settings=settings)
     spec = LaunchSpec(name="sizeless", tags=Tags({"a": "1"}), function="/usr/bin/vnf")
     sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert isinstance(sink, AzureBlockSink)
     try:
         with pytest.raises(ComputeError, match="not committed"):
             compute.launch(spec, sink)
