@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -22,14 +23,23 @@ from azure_compute_world import (
     NoAzurite,
     azurite,
 )
+from regionvault.core.conformance import ComputeSuite
+from regionvault.core.conformance.fixtures import InstanceFactory, instance_factory
+from regionvault.core.conformance.support import ConformanceSupport, tar_image
 from regionvault.core.errors import (
     ComputeError,
     InstanceNotFound,
     TransientError,
     UnsupportedOperation,
 )
-from regionvault.core.types import CaptureKind, LaunchSpec, Tags
-from regionvault.providers.azure.compute import AzureBlockCapture, AzureBlockSink, MiB
+from regionvault.core.site import Region
+from regionvault.core.types import CaptureKind, Instance, LaunchSpec, Tags
+from regionvault.providers.azure.compute import (
+    AzureBlockCapture,
+    AzureBlockSink,
+    AzureCompute,
+    MiB,
+)
 from regionvault.providers.azure.fakes.arm import ArmFake, Injected
 
 _VMS = r"/providers/Microsoft\.Compute/virtualMachines$"
@@ -450,3 +460,45 @@ def test_launch_needs_a_vm_size_and_a_committed_sink(world: ArmWorld) -> None:
     assert world.fake.resources("disk") == []
     with pytest.raises(UnsupportedOperation):
         compute.open_restore_sink(spec, CaptureKind.FILES)
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+class _SeedingSupport(ConformanceSupport):
+    """Test instances for the Compute suite: VMs whose OS disk holds a tar image of the
+    test data, seeded with the plain SDK (upload disk, write SAS, VM attaching it)."""
+
+    def __init__(self, world: ArmWorld, compute: AzureCompute) -> None:
+        self.world = world
+        self.compute = compute
+
+    def make_instance(
+        self,
+        region: Region,
+        name: str,
+        *,
+        data: Mapping[str, bytes],
+        tags: Mapping[str, str],
+        workdir: Path,
+    ) -> Instance:
+        vm = self.world.seed_vm(name, tags=tags, image=tar_image(data))
+        return self.compute.get_instance(vm)
+
+    def remove_instance(self, region: Region, instance: Instance) -> None:
+        self.compute.terminate(instance.id)
+
+
+class TestAzureComputeSuite(ComputeSuite):
+    """The provider-neutral Compute suite against AzureCompute over the ARM fake."""
+
+    @pytest.fixture
+    def compute_a(self, world: ArmWorld) -> AzureCompute:
+        return world.compute()
+
+    @pytest.fixture
+    def make_instance(
+        self, world: ArmWorld, compute_a: AzureCompute, tmp_path: Path, uid: str
+    ) -> Iterator[InstanceFactory]:
+        region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
+        yield from instance_factory(_SeedingSupport(world, compute_a), region, tmp_path, uid)
