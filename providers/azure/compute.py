@@ -199,9 +199,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, HttpResponseError):
         error = getattr(exc, "error", None)
         code = getattr(error, "code", None) or getattr(exc, "error_code", None)
-        message = getattr(error, "message", None) or exc.reason or ""
+        message = getattr(error, "message", None) or exc.message or exc.reason or ""
+        first = (str(message).strip().splitlines() or [""])[0]  # not the RequestId/Time lines
         status = exc.status_code
-        text = f"{code}: {message}" if code else f"HTTP {status}: {message}"
+        text = f"{code}: {first}" if code else f"HTTP {status}: {first}"
     else:
         text = f"{type(exc).__name__}: {exc}"
     return _redact(" ".join(str(text).split()))[:400]

@@ -22,14 +22,12 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from azure.identity import ClientSecretCredential
-from azure.mgmt.compute import ComputeManagementClient, models
-from azure.storage.blob import BlobClient
+from azure.mgmt.compute import ComputeManagementClient
 from regionvault.core.types import Instance
 from regionvault.providers.azure.compute import (
     NAME_TAG,
@@ -37,9 +35,8 @@ from regionvault.providers.azure.compute import (
     AzureComputeSettings,
     MiB,
     compute_client,
-    vhd_footer,
 )
-from regionvault.providers.azure.fakes.arm import ArmFake
+from regionvault.providers.azure.fakes.arm import ArmFake, seed_disk, seed_vm
 
 RESOURCE_GROUP = "rv-test"
 LOCATION = "eastus"
@@ -219,42 +216,9 @@ class ArmWorld:
     def seed_disk(
         self, name: str, image: bytes | Mapping[int, bytes], *, size: int | None = None
     ) -> str:
-        """An upload disk holding ``image`` (bytes from offset 0, or offset -> bytes, so
-        ranges in between are never written), written through its write SAS with the plain
-        SDK; returns its resource id."""
-        pieces = {0: image} if isinstance(image, bytes) else dict(image)
-        end = max((o + len(d) for o, d in pieces.items()), default=0)
-        data_size = max(20 * MiB, -(-(size or end) // MiB) * MiB)
-        rg, loc = RESOURCE_GROUP, LOCATION
-        disk = self.client.disks.begin_create_or_update(
-            rg,
-            name,
-            models.Disk(
-                {
-                    "location": loc,
-                    "properties": {
-                        "creationData": {
-                            "createOption": "Upload",
-                            "uploadSizeBytes": data_size + 512,
-                        },
-                        "osType": "Linux",
-                    },
-                }
-            ),
-        ).result()
-        sas = self.client.disks.begin_grant_access(
-            rg, name, {"access": "Write", "durationInSeconds": 3600}
-        ).result()["accessSAS"]
-        blob = BlobClient.from_blob_url(sas)
-        for offset, data in sorted(pieces.items()):
-            padded = data + bytes(-len(data) % 512)
-            for start in range(0, len(padded), 4 * MiB):
-                piece = padded[start : start + 4 * MiB]
-                blob.upload_page(piece, offset=offset + start, length=len(piece))
-        blob.upload_page(vhd_footer(data_size), offset=data_size, length=512)
-        blob.close()
-        self.client.disks.begin_revoke_access(rg, name).result()
-        return str(disk["id"])
+        """An upload disk holding ``image``, made with the plain SDK; its resource id."""
+        pieces = image if isinstance(image, bytes) else dict(image)
+        return seed_disk(self.client, RESOURCE_GROUP, LOCATION, name, pieces, size=size)
 
     def seed_vm(
         self,
@@ -265,28 +229,16 @@ class ArmWorld:
         vm_size: str = "Standard_D2s_v5",
     ) -> str:
         """A VM whose OS disk holds ``image``; returns its resource id."""
-        disk_id = self.seed_disk(f"{name}-os-{uuid.uuid4().hex[:6]}", image or {0: b"boot"})
-        vm = self.client.virtual_machines.begin_create_or_update(
+        pieces = image if isinstance(image, bytes) else dict(image)
+        return seed_vm(
+            self.client,
             RESOURCE_GROUP,
+            LOCATION,
             name,
-            models.VirtualMachine(
-                {
-                    "location": LOCATION,
-                    "tags": dict(tags or {}),
-                    "properties": {
-                        "hardwareProfile": {"vmSize": vm_size},
-                        "storageProfile": {
-                            "osDisk": {
-                                "osType": "Linux",
-                                "createOption": "Attach",
-                                "managedDisk": {"id": disk_id},
-                            }
-                        },
-                    },
-                }
-            ),
-        ).result()
-        return str(vm["id"])
+            tags=dict(tags or {}),
+            image=pieces,
+            vm_size=vm_size,
+        )
 
     def disk_bytes(self, disk_id: str, length: int) -> bytes:
         """The first ``length`` bytes of a disk, read beside the provider (account key)."""

@@ -17,7 +17,9 @@ import pytest
 pytest.importorskip("azure.mgmt.compute", reason="the Azure tests need pip install -e '.[test]'")
 
 import requests
+from azure.core.exceptions import HttpResponseError
 from azure.core.pipeline.transport import RequestsTransport, RequestsTransportResponse
+from azure.identity import ClientSecretCredential
 from azure_compute_world import (
     ArmWorld,
     NoAzurite,
@@ -39,6 +41,8 @@ from regionvault.providers.azure.compute import (
     AzureBlockSink,
     AzureCompute,
     MiB,
+    _describe,
+    compute_client,
 )
 from regionvault.providers.azure.fakes.arm import ArmFake, Injected
 
@@ -502,3 +506,54 @@ class TestAzureComputeSuite(ComputeSuite):
     ) -> Iterator[InstanceFactory]:
         region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
         yield from instance_factory(_SeedingSupport(world, compute_a), region, tmp_path, uid)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_a_wrong_client_secret_is_one_clear_error(world: ArmWorld) -> None:
+    credential = ClientSecretCredential(
+        world.fake.tenant,
+        world.fake.client_id,
+        "not-the-secret",
+        authority=world.fake.endpoint,
+        disable_instance_discovery=True,
+        connection_verify=str(world.fake.ca_path),
+    )
+    client = compute_client(world.settings, credential, retry_total=0, polling_interval=0)
+    compute = AzureCompute(region="azure:east", settings=world.settings, client=client)
+    try:
+        with pytest.raises(
+            ComputeError, match="cannot list the VMs of resource group rv-test"
+        ) as exc:
+            list(compute.list_instances())
+        assert not isinstance(exc.value, TransientError)
+        assert "not-the-secret" not in str(exc.value) and "\n" not in str(exc.value)
+    finally:
+        compute.close()
+        credential.close()
+
+
+def test_sas_signatures_never_reach_an_error_message(world: ArmWorld) -> None:
+    compute = world.compute()
+    vm = world.seed_vm("vcu-5", image={0: b"y" * 4096})
+    with compute.capture(vm) as capture:
+        assert isinstance(capture, AzureBlockCapture)
+        # the SAS expires (or is revoked) under a reader: Azurite refuses the read
+        world.fake.blob_client(
+            next(s["id"] for s in world.fake.resources("snapshot"))
+        ).delete_blob()
+        with pytest.raises(ComputeError) as exc:
+            list(capture.blocks())
+    message = str(exc.value)
+    assert capture.snapshot_name in message and "\n" not in message
+    assert "sig=" not in message or "sig=REDACTED" in message
+    assert world.fake.account_key not in message
+
+
+def test_error_text_drops_sas_fields() -> None:
+    leaked = HttpResponseError(
+        message="Server failed to authenticate http://h/c/b.vhd?sv=2025-01-05&sp=r&sig=SECRET%3D"
+    )
+    text = _describe(leaked)
+    assert "SECRET" not in text and "sig=REDACTED" in text and "sp=REDACTED" in text

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArmFake", "FakeTls", "Injected"]
+__all__ = ["ArmFake", "FakeTls", "Injected", "seed_disk", "seed_vm"]
 
 MiB = 1024 * 1024
 #: the smallest upload disk Azure accepts: 20 MiB of data and the VHD footer
@@ -315,6 +315,22 @@ class ArmFake:
         with self._lock:
             resource = self._resources[resource_id.lower()]
         return self._container.get_blob_client(str(resource.blob))
+
+    def compute_settings(self, *, resource_group: str, location: str) -> dict[str, Any]:
+        """site.toml settings of a region whose compute is this fake: the Compute's own
+        (``AzureComputeSettings.from_region``) and the client-secret login at the fake's
+        token endpoint (``authority``, instance discovery off, the CA bundle)."""
+        return {
+            "subscription_id": self.subscription,
+            "resource_group": resource_group,
+            "location": location,
+            "arm_endpoint": self.endpoint,
+            "ca_bundle": str(self.ca_path),
+            "tenant_id": self.tenant,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "authority": self.endpoint,
+        }
 
     def count(self, method: str, pattern: str) -> int:
         rx = re.compile(pattern)
@@ -891,3 +907,101 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = _answer
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def seed_disk(
+    client: Any,
+    resource_group: str,
+    location: str,
+    name: str,
+    image: bytes | dict[int, bytes],
+    *,
+    size: int | None = None,
+    blob_client_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """A managed disk holding ``image`` (bytes from offset 0, or offset -> bytes, the ranges
+    in between never written), made through the plain SDK as on real Azure: a disk created
+    for upload, a write SAS, the pages and the fixed-VHD footer, the SAS revoked. ``client``
+    is a ComputeManagementClient. Returns the disk's resource id."""
+    from azure.mgmt.compute import models
+    from azure.storage.blob import BlobClient
+    from regionvault.providers.azure.compute import vhd_footer
+
+    pieces = {0: image} if isinstance(image, bytes) else dict(image)
+    end = max((o + len(d) for o, d in pieces.items()), default=0)
+    data_size = max(20 * MiB, -(-(size or end) // MiB) * MiB)
+    body = {
+        "location": location,
+        "properties": {
+            "creationData": {"createOption": "Upload", "uploadSizeBytes": data_size + 512},
+            "osType": "Linux",
+        },
+    }
+    disk = client.disks.begin_create_or_update(resource_group, name, models.Disk(body)).result()
+    sas = client.disks.begin_grant_access(
+        resource_group, name, {"access": "Write", "durationInSeconds": 3600}
+    ).result()["accessSAS"]
+    with BlobClient.from_blob_url(sas, **(blob_client_kwargs or {})) as blob:
+        for offset, data in sorted(pieces.items()):
+            padded = data + bytes(-len(data) % 512)
+            for start in range(0, len(padded), 4 * MiB):
+                piece = padded[start : start + 4 * MiB]
+                blob.upload_page(piece, offset=offset + start, length=len(piece))
+        blob.upload_page(vhd_footer(data_size), offset=data_size, length=512)
+    client.disks.begin_revoke_access(resource_group, name).result()
+    return str(disk["id"])
+
+
+def seed_vm(
+    client: Any,
+    resource_group: str,
+    location: str,
+    name: str,
+    *,
+    tags: dict[str, str] | None = None,
+    image: bytes | dict[int, bytes] = b"",
+    vm_size: str = "Standard_D2s_v5",
+    subnet_id: str | None = None,
+) -> str:
+    """A VM (a test instance) whose OS disk holds ``image``, made through the plain SDK
+    (:func:`seed_disk`, then a VM attaching it); returns the VM's resource id."""
+    from azure.mgmt.compute import models
+
+    disk_id = seed_disk(
+        client, resource_group, location, f"{name}-os-{uuid.uuid4().hex[:6]}", image or {0: b"boot"}
+    )
+    properties: dict[str, Any] = {
+        "hardwareProfile": {"vmSize": vm_size},
+        "storageProfile": {
+            "osDisk": {
+                "osType": "Linux",
+                "createOption": "Attach",
+                "managedDisk": {"id": disk_id},
+                "deleteOption": "Delete",
+            }
+        },
+    }
+    if subnet_id:
+        properties["networkProfile"] = {
+            "networkApiVersion": "2020-11-01",
+            "networkInterfaceConfigurations": [
+                {
+                    "name": f"{name}-nic",
+                    "properties": {
+                        "primary": True,
+                        "deleteOption": "Delete",
+                        "ipConfigurations": [
+                            {"name": "ipconfig1", "properties": {"subnet": {"id": subnet_id}}}
+                        ],
+                    },
+                }
+            ],
+        }
+    body = {"location": location, "tags": dict(tags or {}), "properties": properties}
+    vm = client.virtual_machines.begin_create_or_update(
+        resource_group, name, models.VirtualMachine(body)
+    ).result()
+    return str(vm["id"])
