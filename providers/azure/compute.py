@@ -327,6 +327,25 @@ class AzureCompute(Compute):
         #: keyword arguments for the BlobClients that read and write disks through SAS URLs
         self.blob_client_kwargs = dict(blob_client_kwargs or {})
 
+    @classmethod
+    def from_region(
+        cls,
+        region: RegionConfig,
+        credential: TokenCredential,
+        *,
+        capabilities: Capabilities = CAPABILITIES,
+        **client_kwargs: Any,
+    ) -> AzureCompute:
+        """The Compute of a region from its settings (:meth:`AzureComputeSettings.from_region`)
+        and a credential (the provider builds it from the region's identity settings)."""
+        settings = AzureComputeSettings.from_region(region)
+        return cls(
+            region=region.name,
+            settings=settings,
+            client=compute_client(settings, credential, **client_kwargs),
+            capabilities=capabilities,
+        )
+
     def close(self) -> None:
         self.client.close()
 
@@ -542,7 +561,10 @@ class AzureCompute(Compute):
             raise self._fail(f"at most {_MAX_TAGS} tags on an Azure resource")
 
         def change(current: dict[str, str]) -> dict[str, str]:
-            merged = {**current, **dict(tags)}
+            # Azure tag names are case-insensitive: a new spelling replaces the old one
+            new = {k.lower() for k in tags}
+            merged = {k: v for k, v in current.items() if k.lower() not in new}
+            merged.update(tags)
             if len(merged) > _MAX_TAGS:
                 raise self._fail(
                     f"VM {instance_id} would have {len(merged)} tags (Azure allows {_MAX_TAGS})"
@@ -554,9 +576,11 @@ class AzureCompute(Compute):
     def remove_tags(self, instance_id: str, keys: list[str]) -> Tags:
         if not all(isinstance(k, str) and k for k in keys):
             raise self._fail(f"bad tag keys {keys!r}")
-        drop = {k for k in keys if not k.startswith(INTERNAL_PREFIX)}
+        # Azure tag names are case-insensitive: removing "backup" removes "Backup" too
+        drop = {k.lower() for k in keys if not k.startswith(INTERNAL_PREFIX)}
         return self._retag(
-            instance_id, lambda current: {k: v for k, v in current.items() if k not in drop}
+            instance_id,
+            lambda current: {k: v for k, v in current.items() if k.lower() not in drop},
         )
 
     # ------------------------------------------------------------------ capture

@@ -30,16 +30,25 @@ from regionvault.core.conformance.fixtures import InstanceFactory, instance_fact
 from regionvault.core.conformance.support import ConformanceSupport, tar_image
 from regionvault.core.errors import (
     ComputeError,
+    ConfigError,
     InstanceNotFound,
     TransientError,
     UnsupportedOperation,
 )
 from regionvault.core.site import Region
-from regionvault.core.types import CaptureKind, Instance, LaunchSpec, Tags
+from regionvault.core.types import (
+    CaptureKind,
+    Instance,
+    LaunchSpec,
+    RegionConfig,
+    RegionId,
+    Tags,
+)
 from regionvault.providers.azure.compute import (
     AzureBlockCapture,
     AzureBlockSink,
     AzureCompute,
+    AzureComputeSettings,
     MiB,
     _describe,
     compute_client,
@@ -140,6 +149,10 @@ def test_tags_round_trip(world: ArmWorld) -> None:
     assert compute.remove_tags(vm, []) == Tags({"Name": "core-1", "backup": "4h-2d"})
     assert world.fake.count("PATCH", ".") == before  # nothing to change: no write
     assert compute.get_instance(vm).tags == Tags({"Name": "core-1", "backup": "4h-2d"})
+    # tag names are case-insensitive in Azure: another spelling replaces, and removes
+    assert compute.set_tags(vm, {"Backup": "1-7"}) == Tags({"Name": "core-1", "Backup": "1-7"})
+    assert compute.remove_tags(vm, ["BACKUP"]) == Tags({"Name": "core-1"})
+    assert compute.set_tags(vm, {"backup": "4h-2d"}) == Tags({"Name": "core-1", "backup": "4h-2d"})
     for bad in ("azure-backup", "Microsoft.x", "regionvault:name", "a/b", ""):
         with pytest.raises(ComputeError, match="tag"):
             compute.set_tags(vm, {bad: "1"})
@@ -609,3 +622,37 @@ def test_the_engine_backs_up_an_azure_disk_and_restores_it_to_a_new_vm(
         raise
     assert launched.function == "Standard_E2s_v5" and launched.tags == Tags({"backup": "1-7"})
     assert world.disk_bytes(sink.disk_id, 20 * MiB) == _image(written, 20 * MiB)
+
+
+def test_compute_from_site_settings(world: ArmWorld, tmp_path: Path) -> None:
+    settings = world.fake.compute_settings(resource_group="rv-test", location="eastus")
+    region = RegionConfig(
+        id=RegionId("azure", "east"),
+        settings=settings,
+        services={},
+        base_dir=tmp_path,
+        source="site.toml",
+    )
+    compute = AzureCompute.from_region(region, world.credential, polling_interval=0)
+    try:
+        vm = world.seed_vm("from-site", tags={"backup": "1-7"})
+        assert [i.id for i in compute.list_instances(tag_filters={"backup": "1-7"})] == [vm]
+        assert compute.region == "azure:east" and compute.settings.ca_bundle == str(
+            world.fake.ca_path
+        )
+    finally:
+        compute.close()
+    for key, value, says in (
+        ("resource_group", None, "missing"),
+        ("location", 3, "missing or not a string"),
+        ("vm_size", 3, "must be a string"),
+        ("compute_concurrency", 0, "positive integer"),
+    ):
+        broken = (
+            {**settings, key: value}
+            if value is not None
+            else {k: v for k, v in settings.items() if k != key}
+        )
+        with pytest.raises(ConfigError, match=says) as exc:
+            AzureComputeSettings.from_region(replace(region, settings=broken))
+        assert f'regions."azure:east".{key}' in str(exc.value)
