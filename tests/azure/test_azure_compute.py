@@ -5,6 +5,7 @@ azure-identity and azure-storage-blob clients over real 127.0.0.1 connections: t
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -656,3 +657,32 @@ def test_compute_from_site_settings(world: ArmWorld, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=says) as exc:
             AzureComputeSettings.from_region(replace(region, settings=broken))
         assert f'regions."azure:east".{key}' in str(exc.value)
+
+
+def test_long_running_operations_answer_with_the_specs_status_codes(world: ArmWorld) -> None:
+    """What the unmodified client saw: the spec's initial status per operation, then real
+    polling (``InProgress`` first) of Azure-AsyncOperation and Location URLs."""
+    compute = world.compute()
+    vm = world.seed_vm("lro-1", image={0: b"z" * 512})
+    with compute.capture(vm):
+        pass
+    compute.terminate(vm)
+
+    def first(method: str, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return next(st for m, p, st in world.fake.answers if m == method and rx.search(p))
+
+    assert first("POST", r"/oauth2/v2.0/token$") == 200  # the real login path
+    assert first("PUT", r"/disks/[^/]+$") == 202
+    assert first("PUT", r"/virtualMachines/[^/]+$") == 201
+    assert first("PUT", r"/snapshots/[^/]+$") == 202
+    assert first("POST", r"/beginGetAccess$") == 202
+    assert first("POST", r"/endGetAccess$") == 202
+    assert first("DELETE", r"/virtualMachines/[^/]+$") == 202
+    polls = [st for m, p, st in world.fake.answers if m == "GET" and "/operations/" in p]
+    results = [st for m, p, st in world.fake.answers if m == "GET" and "/operationResults/" in p]
+    assert polls and set(polls) == {200}
+    assert world.fake.count("GET", "/operations/") >= 2 * len(
+        [a for a in world.fake.answers if a[0] in ("PUT", "DELETE") and a[2] in (201, 202)]
+    )
+    assert 200 in results  # the final result of a POST action read at its Location

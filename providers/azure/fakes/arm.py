@@ -239,6 +239,8 @@ class ArmFake:
         self._injected: list[Injected] = []
         #: every ARM request as (method, path, query string), tokens excluded
         self.requests: list[tuple[str, str, str]] = []
+        #: every answer as (method, path, status), login included
+        self.answers: list[tuple[str, str, int]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -894,6 +896,8 @@ class _Handler(BaseHTTPRequestHandler):
             payload = json.dumps(
                 {"error": {"code": "FakeBug", "message": f"{type(exc).__name__}: {exc}"}}
             ).encode()
+        with self.arm._lock:
+            self.arm.answers.append((self.command, parsed.path, status))
         self.send_response(status)
         for key, value in headers.items():
             if value:
