@@ -426,10 +426,6 @@ class AzureCompute(Compute):
             "provisioning_state": state,
             "internal_tags": internal,
         }
-        if _get(vm, "properties", "hardwareProfile") is not None:
-            generation = _get(vm, "properties", "storageProfile", "osDisk", "hyperVGeneration")
-            if generation:
-                extra["hyper_v_generation"] = generation
         return Instance(
             id=str(_get(vm, "id")),
             name=internal.get(NAME_TAG) or str(_get(vm, "name")),
@@ -1021,7 +1017,9 @@ class AzureBlockSink(BlockSink):
             "creationData": {"createOption": "Upload", "uploadSizeBytes": data_size + PAGE},
             "osType": self.os_type,
         }
-        generation = spec.extra.get("hyper_v_generation") or source_extra.get("hyper_v_generation")
+        # the VM model does not carry it (the source's disk does): a Gen2 image needs
+        # spec.extra["hyper_v_generation"] = "V2"
+        generation = spec.extra.get("hyper_v_generation")
         if generation:
             properties["hyperVGeneration"] = generation
         body = {
