@@ -131,7 +131,7 @@ class AzureComputeSettings:
     location: str
     #: the ARM endpoint (``base_url``); None for the public cloud's
     arm_endpoint: str | None = None
-    #: a CA bundle for the ARM endpoint (``connection_verify``), for a private endpoint
+    #: a CA bundle for the ARM endpoint (``connection_verify``; site.toml's ``ca_file``)
     ca_bundle: str | None = None
     #: the VM size a launch uses when neither the spec nor its source names one
     vm_size: str | None = None
@@ -157,13 +157,14 @@ class AzureComputeSettings:
         concurrency = settings.get("compute_concurrency", 4)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise region.error("compute_concurrency", "must be a positive integer")
-        ca = optional("ca_bundle")
+        # the same PEM bundle the login uses (identity.py's ``ca_file``)
+        ca = optional("ca_file")
         return cls(
             subscription_id=str(settings["subscription_id"]),
             resource_group=str(settings["resource_group"]),
             location=str(settings["location"]),
             arm_endpoint=optional("arm_endpoint"),
-            ca_bundle=str(region.path("ca_bundle")) if ca else None,
+            ca_bundle=str(region.path("ca_file")) if ca else None,
             vm_size=optional("vm_size"),
             subnet_id=optional("subnet_id"),
             disk_sku=optional("disk_sku") or "StandardSSD_LRS",

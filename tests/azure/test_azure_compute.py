@@ -55,6 +55,7 @@ from regionvault.providers.azure.compute import (
     compute_client,
 )
 from regionvault.providers.azure.fakes.arm import ArmFake, Injected
+from regionvault.providers.azure.identity import CredentialSettings
 
 _VMS = r"/providers/Microsoft\.Compute/virtualMachines$"
 
@@ -634,7 +635,9 @@ def test_compute_from_site_settings(world: ArmWorld, tmp_path: Path) -> None:
         base_dir=tmp_path,
         source="site.toml",
     )
-    compute = AzureCompute.from_region(region, world.credential, polling_interval=0)
+    # the login identity.py builds from the same settings (keys' module)
+    credential = CredentialSettings.from_region(region).build()
+    compute = AzureCompute.from_region(region, credential, polling_interval=0)
     try:
         vm = world.seed_vm("from-site", tags={"backup": "1-7"})
         assert [i.id for i in compute.list_instances(tag_filters={"backup": "1-7"})] == [vm]
@@ -643,6 +646,7 @@ def test_compute_from_site_settings(world: ArmWorld, tmp_path: Path) -> None:
         )
     finally:
         compute.close()
+        credential.close()
     for key, value, says in (
         ("resource_group", None, "missing"),
         ("location", 3, "missing or not a string"),

@@ -25,14 +25,10 @@ cannot be deleted, upload sizes are a whole number of MiB plus a 512-byte VHD fo
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import ipaddress
 import json
 import re
-import secrets
-import ssl
 import tempfile
 import threading
 import urllib.parse
@@ -43,104 +39,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArmFake", "FakeTls", "Injected", "seed_disk", "seed_vm"]
+from regionvault.providers.azure.fakes.entra import FakeAnswer, FakeTenant
+from regionvault.providers.azure.fakes.tls import LocalCA
+
+__all__ = ["ARM_RESOURCE", "ArmFake", "Injected", "seed_disk", "seed_vm"]
 
 MiB = 1024 * 1024
 #: the smallest upload disk Azure accepts: 20 MiB of data and the VHD footer
 MIN_UPLOAD_BYTES = 20 * MiB + 512
 _RG = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute"
 _KINDS = {"virtualMachines": "vm", "disks": "disk", "snapshots": "snapshot"}
-
-
-# --------------------------------------------------------------------------- TLS
-
-
-class FakeTls:
-    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (``cryptography``)."""
-
-    def __init__(self, directory: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        now = dt.datetime.now(dt.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regionvault ARM fake CA")])
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-                        x509.DNSName("localhost"),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        directory.mkdir(parents=True, exist_ok=True)
-        self.ca_path = directory / "ca.pem"
-        self.cert_path = directory / "server.pem"
-        self.key_path = directory / "server.key"
-        self.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.cert_path, self.key_path)
-        return context
+#: the audience of ARM tokens (the client asks for ``<this>/.default``)
+ARM_RESOURCE = "https://management.azure.com"
 
 
 # --------------------------------------------------------------------------- state
@@ -216,26 +126,25 @@ class ArmFake:
         workdir: Path | None = None,
         container: str = "arm-fake-disks",
         page_size: int = 3,
-        tenant: str | None = None,
+        tenant: FakeTenant | None = None,
+        ca: LocalCA | None = None,
     ) -> None:
         self.blob_endpoint = blob_endpoint.rstrip("/")
         self.account = account
         self.account_key = account_key
         self.container = container
         self.page_size = page_size
-        self.tenant = tenant or str(uuid.uuid4())
-        self.client_id = str(uuid.uuid4())
-        self.client_secret = secrets.token_urlsafe(24)
-        self.subscription = str(uuid.uuid4())
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="rv-arm-fake-")
             workdir = Path(self._tmp.name)
-        self.tls = FakeTls(workdir)
+        #: the Entra tenant whose tokens this fake accepts (shareable with the other fakes)
+        self.entra = tenant or FakeTenant(workdir / "tenant")
+        self.ca = ca or LocalCA.create(workdir / "tls", name="regionvault ARM fake")
+        self.subscription = str(uuid.uuid4())
         self._lock = threading.RLock()
         self._resources: dict[str, _Resource] = {}
         self._operations: dict[str, _Operation] = {}
-        self._tokens: set[str] = set()
         self._injected: list[Injected] = []
         #: every ARM request as (method, path, query string), tokens excluded
         self.requests: list[tuple[str, str, str]] = []
@@ -253,7 +162,19 @@ class ArmFake:
 
     @property
     def ca_path(self) -> Path:
-        return self.tls.ca_path
+        return self.ca.ca_file
+
+    @property
+    def tenant(self) -> str:
+        return self.entra.tenant_id
+
+    @property
+    def client_id(self) -> str:
+        return self.entra.client_id
+
+    @property
+    def client_secret(self) -> str:
+        return self.entra.secret_file().read_text(encoding="utf-8").strip()
 
     def start(self) -> ArmFake:
         from azure.storage.blob import BlobServiceClient
@@ -272,7 +193,7 @@ class ArmFake:
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
-        server.socket = self.tls.server_context().wrap_socket(server.socket, server_side=True)
+        server.socket = self.ca.server_context().wrap_socket(server.socket, server_side=True)
         self._server = server
         self.port = int(server.server_address[1])
         self._thread = threading.Thread(
@@ -320,18 +241,19 @@ class ArmFake:
 
     def compute_settings(self, *, resource_group: str, location: str) -> dict[str, Any]:
         """site.toml settings of a region whose compute is this fake: the Compute's own
-        (``AzureComputeSettings.from_region``) and the client-secret login at the fake's
-        token endpoint (``authority``, instance discovery off, the CA bundle)."""
+        (``AzureComputeSettings.from_region``) and a client-secret login at the fake's
+        tenant (identity.py's keys: the secret in a file, ``authority`` and ``ca_file``)."""
         return {
             "subscription_id": self.subscription,
             "resource_group": resource_group,
             "location": location,
             "arm_endpoint": self.endpoint,
-            "ca_bundle": str(self.ca_path),
+            "credential": "client-secret",
             "tenant_id": self.tenant,
             "client_id": self.client_id,
-            "client_secret": self.client_secret,
+            "client_secret_file": str(self.entra.secret_file()),
             "authority": self.endpoint,
+            "ca_file": str(self.ca_path),
         }
 
     def count(self, method: str, pattern: str) -> int:
@@ -427,13 +349,21 @@ class ArmFake:
     def handle(
         self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
-        if path.endswith("/.well-known/openid-configuration"):
-            return self._openid(path)
-        if path.endswith("/oauth2/v2.0/token"):
-            return self._token(body)
-        auth = headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or auth[len("Bearer ") :] not in self._tokens:
-            raise _Error(401, "AuthenticationFailed", "no valid bearer token")
+        parts = path.strip("/").split("/")
+        if FakeTenant.is_login_path(parts):
+            try:
+                _op, _client, doc = self.entra.serve(method, parts, body, self.endpoint)
+            except FakeAnswer as exc:
+                oauth = {"error": exc.code, "error_description": exc.message}
+                return exc.status, {}, json.dumps(oauth).encode()
+            return 200, {}, json.dumps(doc).encode()
+        challenge = {
+            "WWW-Authenticate": f'Bearer authorization_uri="{self.endpoint}/{self.tenant}"'
+        }
+        try:
+            self.entra.client_of(headers.get("Authorization"), ARM_RESOURCE, challenge)
+        except FakeAnswer as exc:
+            raise _Error(exc.status, "AuthenticationFailed", exc.message) from None
         with self._lock:
             self.requests.append((method, path, urllib.parse.urlencode(query, doseq=True)))
         injected = self._take_injected(method, path)
@@ -484,42 +414,6 @@ class ArmFake:
             if resource is None:
                 raise _Error(404, "ResourceNotFound", f"resource {key} not found")
             return json.dumps(resource.body)
-
-    # ------------------------------------------------------------------ login
-
-    def _openid(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        base = f"{self.endpoint}/{self.tenant}"
-        doc = {
-            "issuer": f"{base}/v2.0",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "token_endpoint": f"{base}/oauth2/v2.0/token",
-            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-            "jwks_uri": f"{base}/discovery/v2.0/keys",
-            "response_types_supported": ["code", "id_token", "token"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "tenant_region_scope": None,
-        }
-        return 200, {}, json.dumps(doc).encode()
-
-    def _token(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        form = urllib.parse.parse_qs(body.decode())
-        if (
-            form.get("client_id", [""])[0] != self.client_id
-            or form.get("client_secret", [""])[0] != self.client_secret
-        ):
-            denied = {"error": "invalid_client", "error_description": "AADSTS7000215: bad secret"}
-            return 401, {}, json.dumps(denied).encode()
-        token = base64.urlsafe_b64encode(secrets.token_bytes(24)).decode()
-        with self._lock:
-            self._tokens.add(token)
-        doc: dict[str, Any] = {
-            "token_type": "Bearer",
-            "expires_in": 3600,
-            "ext_expires_in": 3600,
-            "access_token": token,
-        }
-        return 200, {}, json.dumps(doc).encode()
 
     # ------------------------------------------------------------------ operations
 
