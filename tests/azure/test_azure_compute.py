@@ -646,7 +646,7 @@ def test_compute_from_site_settings(world: ArmWorld, tmp_path: Path) -> None:
         )
     finally:
         compute.close()
-        credential.close()
+        credential.close()  # type: ignore[attr-defined]
     for key, value, says in (
         ("resource_group", None, "missing"),
         ("location", 3, "missing or not a string"),
