@@ -6,7 +6,7 @@ Azurite's, not Azure's.
 
     .venv/bin/python benchmarks/azure_compute_requests.py [--mib 256]
 
-Needs Azurite installed (the tests' launcher installs it) and the test extra.
+Azurite is started (and installed on first use) by the provider's launcher; needs the test extra.
 """
 
 from __future__ import annotations

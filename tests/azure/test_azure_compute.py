@@ -21,11 +21,7 @@ import requests
 from azure.core.exceptions import HttpResponseError
 from azure.core.pipeline.transport import RequestsTransport, RequestsTransportResponse
 from azure.identity import ClientSecretCredential
-from azure_compute_world import (
-    ArmWorld,
-    NoAzurite,
-    azurite,
-)
+from azure_compute_world import ArmWorld
 from regionvault.core.conformance import ComputeSuite
 from regionvault.core.conformance.fixtures import InstanceFactory, instance_factory
 from regionvault.core.conformance.support import ConformanceSupport, tar_image
@@ -45,6 +41,7 @@ from regionvault.core.types import (
     RegionId,
     Tags,
 )
+from regionvault.providers.azure.azurite import AzuriteServer
 from regionvault.providers.azure.compute import (
     AzureBlockCapture,
     AzureBlockSink,
@@ -60,15 +57,11 @@ from regionvault.providers.azure.identity import CredentialSettings
 _VMS = r"/providers/Microsoft\.Compute/virtualMachines$"
 
 
-@pytest.fixture(scope="module")
-def blob_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
-    """Azurite for the module: (account URL, account, key)."""
-    workdir = tmp_path_factory.mktemp("azurite")
-    try:
-        with azurite(workdir) as (server, account, key):
-            yield server.account_url(account), account, key
-    except NoAzurite as exc:
-        pytest.skip(str(exc))
+@pytest.fixture
+def blob_server(azurite: AzuriteServer) -> tuple[str, str, str]:
+    """The session's Azurite (tests/azure/conftest.py): (account URL, account, key)."""
+    account = sorted(azurite.accounts)[0]
+    return azurite.account_url(account), account, azurite.accounts[account]
 
 
 @pytest.fixture
