@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -64,22 +63,12 @@ log = logging.getLogger(__name__)
 
 #: where a run keeps its private directories, under the site's state directory
 HOOK_WORK_DIR = "hooks"
-#: the first 16 bytes of every SQLite database file
-SQLITE_HEADER = b"SQLite format 3\x00"
-#: the first 4 bytes of a write-ahead log (big- or little-endian checksums)
-_WAL_MAGIC = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")
-#: files SQLite keeps beside a database; their content is folded into a backup-API copy
-_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 #: how much of a hook's output is kept for the log and the error message
 _OUTPUT_TAIL = 8192
 #: how long a killed hook's process group may take to go
 _KILL_WAIT = 10.0
 #: a lock file without its run directory is someone's run starting, unless this old
 _ORPHAN_LOCK_AGE = 3600.0
-#: what SQLite says of a file that has its header but is not a database it can read
-_NOT_A_DATABASE = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
-#: SQLite's own busy wait per attempt, in seconds; attempts repeat until the deadline
-_SQLITE_BUSY_WAIT = 1.0
 
 
 # --------------------------------------------------------------------------- commands
