@@ -594,6 +594,32 @@ def test_two_copies_of_one_point_at_once_commit_one_copy(
     restore_in(west, copies[0].id, out)
 
 
+def test_a_batch_another_run_took_in_is_no_error_and_the_copy_commits(
+    engine: Engine, west: Region, instance: Instance, tmp_path: Path, dataset: Path
+) -> None:
+    """Two runs copying one point at once: the first to commit takes in what landed in the
+    inbox, the other run's batches too. The other run, finding its batch gone, goes on, and
+    its commit finds every chunk arrived (before, it failed: "not in the inbox")."""
+    point = engine.backup(instance.id)
+    sender = engine.copy_sender("local:east", "local:west")
+    mine = engine.copy_receiver("local:east", "local:west")
+    other = engine.copy_receiver("local:east", "local:west")
+    sender.offer(point.id)
+    mine.request(point.id)
+    landed: list[str] = []
+    sender.send(point.id, landed.append)
+    assert landed
+    for name in landed:  # the concurrent run takes every batch in first
+        assert other.ingest(name)
+    for name in landed:  # this run's own batches are gone: no error, nothing to take
+        assert not mine.ingest(name)
+    report = mine.commit(point.id)
+    assert report.point.lineage is not None
+    out = tmp_path / "out"
+    restore_in(west, report.point.id, out)
+    assert snapshot(out) == snapshot(dataset)
+
+
 def test_copying_to_the_same_region_is_refused(engine: Engine, instance: Instance) -> None:
     point = engine.backup(instance.id)
     with pytest.raises(RegionVaultError, match="itself"):

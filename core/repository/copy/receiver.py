@@ -139,13 +139,27 @@ class CopyReceiver(CopyHalf):
                 return p
         return None
 
-    def ingest(self, name: str) -> None:
+    def ingest(self, name: str) -> bool:
         """Take one batch from the inbox: open it, store its chunks under this region's own
-        ids and its run's data key (:attr:`run`), record the links, then discard it."""
+        ids and its run's data key (:attr:`run`), record the links, then discard it. False
+        when the batch is gone from the inbox: a concurrent copy of the same point took it
+        in (as its leftovers) or tidied it after committing. Nothing is lost by going on: a
+        commit checks that every chunk the copy needs has arrived, and asks again for any
+        that has not."""
+        try:
+            payload = self.forward.receive(name)
+        except TransitError:
+            if in_inbox(self.forward, name):
+                raise
+            log.info("batch %s was taken from %s's inbox by a concurrent copy", name, self.region)
+            with self._links_lock:
+                # that run's links are in the vault, not in this table: read them again
+                self._links = None
+            return False
         body = open_payload(
             self.repository.keys,
             name,
-            self.forward.receive(name),
+            payload,
             kind="batch",
             source=self.source,
             destination=self.region,
@@ -154,6 +168,7 @@ class CopyReceiver(CopyHalf):
         with self.locked():
             ingest_chunks(self.store, self.links, decode_chunks(name, body), name, run=self.run)
         self.forward.discard(name)
+        return True
 
     def _take_leftovers(self, point_id: str) -> int:
         # Whatever landed arrived: take it in. A damaged payload must not block every later
@@ -161,8 +176,7 @@ class CopyReceiver(CopyHalf):
         taken = 0
         for name in list(self.forward.inbox(batch_prefix(point_id))):
             try:
-                self.ingest(name)
-                taken += 1
+                taken += self.ingest(name)
             except IntegrityError as exc:
                 log.warning(
                     "copy %s: discarding a damaged payload from %s: %s", point_id, self.source, exc
