@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_SIZE",
     "CAPABILITIES",
+    "COMPUTE_SETTINGS",
     "INTERNAL_PREFIX",
     "NAME_TAG",
     "RESTORE_TAG",
@@ -115,6 +116,20 @@ _TOKEN_PREFIX = "rv1."
 _SAS_SIG = re.compile(r"(sig|se|sp|sv|sr|st|spr|skoid|sktid|skt|ske|sks|skv)=[^&\s\"']+", re.I)
 
 CAPABILITIES = Capabilities(capture_kinds=frozenset({CaptureKind.BLOCKS}), launch=True)
+#: the site.toml keys :meth:`AzureComputeSettings.from_region` reads besides identity.py's
+#: ``ca_file`` (settings.py names them without importing this module; a test checks they agree)
+COMPUTE_SETTINGS = frozenset(
+    {
+        "subscription_id",
+        "resource_group",
+        "location",
+        "arm_endpoint",
+        "vm_size",
+        "subnet_id",
+        "disk_sku",
+        "compute_concurrency",
+    }
+)
 
 T = TypeVar("T")
 

@@ -1,9 +1,6 @@
 """The Azure provider: builds a region's Key Vault KeyService, the Sealer other regions use,
-its Blob Storage Vault and the inbox Transit between regions.
-
-The managed-disk compute lands separately (issue #15). Until it does, a region takes its
-compute from another provider (``[regions."azure:east".compute] provider = "..."``,
-docs/configuration.md); asking this provider for it is a configuration error that says so.
+its Blob Storage Vault, the inbox Transit between regions and its Compute (VMs and managed
+disks of one resource group, compute.py).
 
 Nothing here imports the Azure SDK: the service modules (which do) are imported when a
 service is first built, so the provider registers and validates settings without it.
@@ -15,19 +12,19 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from regionvault.core.errors import ConfigError, RegionVaultError
+from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import Provider
-from regionvault.core.types import Capabilities
+from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.azure.metrics import BlobMetrics
 from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
 
 if TYPE_CHECKING:
-    from regionvault.core.interfaces import Compute
     from regionvault.core.types import RegionConfig
     from regionvault.providers.azure.blob import AzureVault
     from regionvault.providers.azure.clients import BlobClients
+    from regionvault.providers.azure.compute import AzureCompute
     from regionvault.providers.azure.identity import CredentialSource
     from regionvault.providers.azure.keyvault import AzureKeyService, AzureSealer
     from regionvault.providers.azure.transit import AzureTransit
@@ -53,26 +50,15 @@ def _needs_sdk(region: RegionConfig) -> Iterator[None]:
         raise RegionVaultError(NEEDS_SDK, provider="azure", region=region.name) from None
 
 
-def _not_built(region: RegionConfig, service: str, what: str) -> NoReturn:
-    raise ConfigError(
-        f"the azure provider has no {what} yet (issue #15): take the region's {service} from "
-        f'another provider with [regions."{region.name}".{service}] provider = "..." '
-        "(docs/azure.md)",
-        file=region.source,
-        key=region.key(),
-        provider="azure",
-        region=region.name,
-    )
-
-
 class AzureProvider(Provider):
     """Key Vault, one key per region; Blob Storage, one storage account and container per
-    region; transit through an inbox container in the destination's account.
+    region; transit through an inbox container in the destination's account; VMs and managed
+    disks of one resource group per region.
 
     ``credential`` is a token credential (an azure-core ``TokenCredential``) used for every
-    region's Key Vault (instead of the one its settings name) and for storage accounts whose
-    settings name no account key; ``client_options`` go to every Blob Storage client (tests
-    pass a capturing ``transport``)."""
+    region's Key Vault and Compute (instead of the one its settings name) and for storage
+    accounts whose settings name no account key; ``client_options`` go to every Blob Storage
+    client (tests pass a capturing ``transport``)."""
 
     name: ClassVar[str] = "azure"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -81,8 +67,8 @@ class AzureProvider(Provider):
         server_side_copy=False,
         conditional_put=True,
         ranged_get=True,
-        capture_kinds=frozenset(),
-        launch=False,
+        capture_kinds=frozenset({CaptureKind.BLOCKS}),
+        launch=True,
         register_instance=False,
         key_rotation=True,
     )
@@ -122,8 +108,15 @@ class AzureProvider(Provider):
             return self.capabilities
         return replace(self.capabilities, worm_lock=False, legal_hold=False)
 
-    def compute(self, region: RegionConfig) -> Compute:
-        _not_built(region, "compute", "compute (managed disks)")
+    def compute(self, region: RegionConfig) -> AzureCompute:
+        """The region's VMs and managed disks (compute.py), through the region's credential
+        (the one :meth:`credentials` gives for its identity settings)."""
+        with _needs_sdk(region):
+            from regionvault.providers.azure.compute import AzureCompute
+            from regionvault.providers.azure.identity import CredentialSettings
+
+        credential = self.credentials(region).credential(CredentialSettings.from_region(region))
+        return AzureCompute.from_region(region, credential, capabilities=self.capabilities)
 
     def credentials(self, region: RegionConfig) -> CredentialSource:
         """Every region's Key Vault credential: the embedder's, or one built from the

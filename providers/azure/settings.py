@@ -3,8 +3,8 @@ Azure.
 
 This module parses the Blob Storage keys (the vault and the transit inbox). The Key Vault and
 identity keys are parsed by keyvault.py and identity.py and only named here
-(:data:`KEY_SETTINGS`); the compute keys come with compute.py. Until it lands a region takes
-its compute from another provider (docs/azure.md).
+(:data:`KEY_SETTINGS`); the compute keys are parsed by compute.py and named here
+(:data:`COMPUTE_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from regionvault.core.errors import ConfigError
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
 
-__all__ = ["KEY_SETTINGS", "OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "BlobSettings"]
+__all__ = [
+    "COMPUTE_SETTINGS",
+    "KEY_SETTINGS",
+    "OPTIONAL_SETTINGS",
+    "REQUIRED_SETTINGS",
+    "BlobSettings",
+]
 
 MiB = 1024 * 1024
 
@@ -48,26 +54,44 @@ KEY_SETTINGS = frozenset(
         "ca_file",
     }
 )
-OPTIONAL_SETTINGS = KEY_SETTINGS | frozenset(
+#: the keys of compute.py (COMPUTE_SETTINGS): subscription_id, resource_group and location
+#: are required by the compute (checked when it is built), the others optional
+COMPUTE_SETTINGS = frozenset(
     {
-        "storage_account",
-        "account_url",
-        "account_key_env",
-        "container",
-        "prefix",
-        "inbox_container",
-        "inbox_sas_env",
-        "inbox_sas_lifetime",
-        "create",
-        "immutability",
-        "single_put_limit",
-        "block_size",
-        "upload_concurrency",
-        "list_page_size",
-        "sdk_retries",
-        "connect_timeout",
-        "read_timeout",
+        "subscription_id",
+        "resource_group",
+        "location",
+        "arm_endpoint",
+        "vm_size",
+        "subnet_id",
+        "disk_sku",
+        "compute_concurrency",
     }
+)
+OPTIONAL_SETTINGS = (
+    KEY_SETTINGS
+    | COMPUTE_SETTINGS
+    | frozenset(
+        {
+            "storage_account",
+            "account_url",
+            "account_key_env",
+            "container",
+            "prefix",
+            "inbox_container",
+            "inbox_sas_env",
+            "inbox_sas_lifetime",
+            "create",
+            "immutability",
+            "single_put_limit",
+            "block_size",
+            "upload_concurrency",
+            "list_page_size",
+            "sdk_retries",
+            "connect_timeout",
+            "read_timeout",
+        }
+    )
 )
 
 # storage account names: 3-24 lower-case letters and digits

@@ -1,6 +1,6 @@
-"""The Azure provider registers and checks its settings without the Azure SDK, says which of
-its services are not built yet, and ships the pinned Azurite its launcher installs. None of
-these tests talks to Blob Storage."""
+"""The Azure provider registers and checks its settings without the Azure SDK, says what a
+service lacks (the SDK, a setting), and ships the pinned Azurite its launcher installs. None
+of these tests talks to Blob Storage."""
 
 from __future__ import annotations
 
@@ -57,19 +57,21 @@ def test_registers_and_validates_without_the_sdk(tmp_path: Path) -> None:
         site = parse_site({"regions": regions}, registry=registry)
         region = site.region("east")
         provider.validate(region)
-        try:
-            provider.vault(region)
-        except RegionVaultError as exc:
-            refused = str(exc)
+        refused = []
+        for build in (provider.vault, provider.compute):
+            try:
+                build(region)
+            except RegionVaultError as exc:
+                refused.append(str(exc))
         loaded = sorted(m for m in sys.modules if m.partition(".")[0] == "azure")
         print(json.dumps({"names": registry.names(), "loaded": loaded, "refused": refused}))
         """,
         tmp_path,
     )
     assert "azure" in found["names"] and found["loaded"] == []
-    assert found["refused"] == (
+    assert found["refused"] == 2 * [
         "[azure:east] the azure provider needs the Azure SDK: pip install 'regionvault[azure]'"
-    )
+    ]
 
 
 def _region(settings: dict[str, Any], region: str = "azure:east") -> Any:
@@ -101,13 +103,43 @@ def test_bad_settings_name_the_key(settings: dict[str, Any], key: str, message: 
     assert f'regions."azure:east".{key}' in str(bad.value) and message in str(bad.value)
 
 
-def test_compute_not_built_yet_says_so_and_how_to_go_on() -> None:
-    provider, region = _region({"storage_account": "rveast"})
+@pytest.mark.parametrize("key", ["subscription_id", "resource_group", "location"])
+def test_compute_without_its_required_settings_names_the_key(key: str) -> None:
+    pytest.importorskip("azure.mgmt.compute", reason="the compute needs azure-mgmt-compute")
+    settings = {"subscription_id": "sub", "resource_group": "rg", "location": "eastus"}
+    del settings[key]
+    provider, region = _region(settings)
     with pytest.raises(ConfigError) as missing:
         provider.compute(region)
-    text = str(missing.value)
-    assert "has no compute (managed disks) yet (issue #15)" in text
-    assert '[regions."azure:east".compute] provider = "..."' in text
+    assert f'regions."azure:east".{key}' in str(missing.value)
+
+
+def test_the_compute_settings_named_here_are_the_computes_own() -> None:
+    """settings.py names compute.py's keys without importing the SDK; they must be the keys
+    AzureComputeSettings.from_region reads (besides identity.py's ca_file), no more, no less."""
+    pytest.importorskip("azure.mgmt.compute", reason="the compute needs azure-mgmt-compute")
+    from regionvault.providers.azure import compute
+    from regionvault.providers.azure.settings import COMPUTE_SETTINGS, OPTIONAL_SETTINGS
+
+    assert COMPUTE_SETTINGS == compute.COMPUTE_SETTINGS
+    assert COMPUTE_SETTINGS <= OPTIONAL_SETTINGS
+
+    read: set[str] = set()
+
+    class Recording(dict[str, Any]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> Any:
+            read.add(key)
+            return super().__getitem__(key)
+
+    _, region = _region({"subscription_id": "sub", "resource_group": "rg", "location": "x"})
+    every = dict.fromkeys(COMPUTE_SETTINGS, "value") | {"compute_concurrency": 2}
+    object.__setattr__(region, "settings", Recording(every))
+    compute.AzureComputeSettings.from_region(region)
+    assert read - {"ca_file"} == COMPUTE_SETTINGS
 
 
 def test_the_key_settings_named_here_are_the_services_own() -> None:
