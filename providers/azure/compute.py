@@ -128,6 +128,7 @@ COMPUTE_SETTINGS = frozenset(
         "subnet_id",
         "disk_sku",
         "compute_concurrency",
+        "poll_interval",
     }
 )
 
@@ -155,6 +156,9 @@ class AzureComputeSettings:
     disk_sku: str = "StandardSSD_LRS"
     sas_seconds: int = 3600
     concurrency: int = 4
+    #: seconds between polls of a long-running ARM operation that names no ``Retry-After``
+    #: (None: the SDK's own, 30)
+    poll_interval: float | None = None
 
     @classmethod
     def from_region(cls, region: RegionConfig) -> AzureComputeSettings:
@@ -172,6 +176,11 @@ class AzureComputeSettings:
         concurrency = settings.get("compute_concurrency", 4)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise region.error("compute_concurrency", "must be a positive integer")
+        poll = settings.get("poll_interval")
+        if poll is not None and (
+            isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 <= poll <= 300
+        ):
+            raise region.error("poll_interval", "must be a number of seconds from 0 to 300")
         # the same PEM bundle the login uses (identity.py's ``ca_file``)
         ca = optional("ca_file")
         return cls(
@@ -184,6 +193,7 @@ class AzureComputeSettings:
             subnet_id=optional("subnet_id"),
             disk_sku=optional("disk_sku") or "StandardSSD_LRS",
             concurrency=concurrency,
+            poll_interval=None if poll is None else float(poll),
         )
 
 
@@ -195,6 +205,8 @@ def compute_client(
     from azure.mgmt.compute import ComputeManagementClient
 
     kwargs: dict[str, Any] = dict(client_kwargs)
+    if settings.poll_interval is not None:
+        kwargs.setdefault("polling_interval", settings.poll_interval)
     if settings.ca_bundle:
         kwargs["connection_verify"] = settings.ca_bundle
     return ComputeManagementClient(

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from regionvault.core.conformance.support import ConformanceSupport
+from regionvault.core.conformance.support import ConformanceSupport, tar_image
 from regionvault.core.errors import UnsupportedOperation
 from regionvault.providers.azure.azurite import AzuriteServer, environment
+
+if TYPE_CHECKING:
+    from regionvault.core.site import Region
+    from regionvault.core.types import Instance
 
 __all__ = ["ACCOUNTS", "LIVE_ENV", "AzureConformanceSupport", "key_variable", "live_mode"]
 
@@ -35,6 +41,11 @@ __all__ = ["ACCOUNTS", "LIVE_ENV", "AzureConformanceSupport", "key_variable", "l
 LIVE_ENV = "REGIONVAULT_AZURE_LIVE"
 #: the storage accounts of the two test regions, one per region
 ACCOUNTS = ("east", "west")
+#: the test regions' resource group and location (the ARM fake checks neither)
+RESOURCE_GROUP = "rv-conformance"
+LOCATION = "eastus"
+#: the VM size of launches whose spec and source name none
+VM_SIZE = "Standard_B1s"
 
 #: what Azurite cannot show: Azure enforces these, Azurite answers 501 Not Implemented
 WORM_OFFLINE = (
@@ -62,12 +73,17 @@ def _toml(value: Any) -> str:
 
 
 def region_lines(
-    name: str, account_url: str, root: Path, *, keys: Mapping[str, Any] | None = None
+    name: str,
+    account_url: str,
+    root: Path,
+    *,
+    keys: Mapping[str, Any] | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """site.toml lines of test region ``azure:<name>``: its vault and inbox in the account
     at ``account_url``; its keys on Key Vault with ``keys`` (a fake's ``region_settings``),
-    else from the local provider under ``root``; its compute from the local provider (the
-    managed-disk compute is not built yet)."""
+    else from the local provider under ``root``; its compute on ARM with ``compute`` (the
+    Compute's own keys), else from the local provider under ``root``."""
     where = (root / name).as_posix()
     lines = [
         f'[regions."azure:{name}"]',
@@ -78,14 +94,17 @@ def region_lines(
     ]
     if keys is not None:
         lines.extend(f"{k} = {_toml(v)}" for k, v in keys.items() if k != "create")
-        lines.append("")
-    else:
+    if compute is not None:
+        lines.extend(f"{k} = {_toml(v)}" for k, v in compute.items())
+    lines.append("")
+    if keys is None:
         lines.extend(
-            ["", f'[regions."azure:{name}".keys]', 'provider = "local"', f'root = "{where}"', ""]
+            [f'[regions."azure:{name}".keys]', 'provider = "local"', f'root = "{where}"', ""]
         )
-    lines.extend(
-        [f'[regions."azure:{name}".compute]', 'provider = "local"', f'root = "{where}"', ""]
-    )
+    if compute is None:
+        lines.extend(
+            [f'[regions."azure:{name}".compute]', 'provider = "local"', f'root = "{where}"', ""]
+        )
     return lines
 
 
@@ -108,6 +127,7 @@ class AzureConformanceSupport(ConformanceSupport):
                 f"a throwaway Azure site with {LIVE_ENV}=1 (give REGIONVAULT_AZURE_SITE)",
                 provider="azure",
             )
+        from regionvault.providers.azure.fakes.arm import ArmFake
         from regionvault.providers.azure.fakes.keyvault import fake_key_vaults
 
         server = AzuriteServer(
@@ -115,15 +135,69 @@ class AzureConformanceSupport(ConformanceSupport):
             log=workdir / "azurite.log",
             workdir=workdir / "azurite",
         )
-        with server, fake_key_vaults(workdir / "keyvault", ACCOUNTS) as vaults:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(server)
+            vaults = stack.enter_context(fake_key_vaults(workdir / "keyvault", ACCOUNTS))
             keys = {key_variable(account): server.accounts[account] for account in ACCOUNTS}
-            with environment(keys):
-                lines = ['[site]\nname = "conformance-azure"\n']
-                for account in ACCOUNTS:
-                    key_settings = vaults[account].region_settings(key_name="regionvault")
-                    url = server.account_url(account)
-                    lines.extend(region_lines(account, url, workdir, keys=key_settings))
-                lines.append('[[replication]]\nfrom = "azure:east"\nto = "azure:west"\n')
-                path = workdir / "site.toml"
-                path.write_text("\n".join(lines), encoding="utf-8")
-                yield path
+            stack.enter_context(environment(keys))
+            lines = ['[site]\nname = "conformance-azure"\n']
+            for account in ACCOUNTS:
+                vault = vaults[account]
+                url = server.account_url(account)
+                # the region's compute: one login (the Key Vault fake's tenant) and one CA
+                arm = ArmFake(
+                    blob_endpoint=url,
+                    account=account,
+                    account_key=server.accounts[account],
+                    workdir=workdir / "arm" / account,
+                    tenant=vault.tenant,
+                    ca=vault.ca,
+                )
+                stack.enter_context(arm)
+                compute = {
+                    "subscription_id": arm.subscription,
+                    "resource_group": RESOURCE_GROUP,
+                    "location": LOCATION,
+                    "arm_endpoint": arm.endpoint,
+                    "vm_size": VM_SIZE,
+                    # the fake answers Retry-After: 0, which the SDK takes as "none given"
+                    "poll_interval": 0,
+                }
+                key_settings = vault.region_settings(key_name="regionvault")
+                lines.extend(
+                    region_lines(account, url, workdir, keys=key_settings, compute=compute)
+                )
+            lines.append('[[replication]]\nfrom = "azure:east"\nto = "azure:west"\n')
+            path = workdir / "site.toml"
+            path.write_text("\n".join(lines), encoding="utf-8")
+            yield path
+
+    def make_instance(
+        self,
+        region: Region,
+        name: str,
+        *,
+        data: Mapping[str, bytes],
+        tags: Mapping[str, str],
+        workdir: Path,
+    ) -> Instance:
+        """A VM named after ``name`` with ``tags``, whose OS disk holds ``data`` as a tar
+        archive (each file's bytes contiguous), made through the plain SDK with the region's
+        own ARM client: an upload disk, then a VM attaching it."""
+        from regionvault.providers.azure.compute import NAME_TAG, AzureCompute
+        from regionvault.providers.azure.fakes.arm import seed_vm
+
+        compute = region.compute
+        if not isinstance(compute, AzureCompute):
+            return super().make_instance(region, name, data=data, tags=tags, workdir=workdir)
+        vm_name = f"{re.sub(r'[^A-Za-z0-9-]', '-', name)[:50].strip('-')}-{uuid.uuid4().hex[:8]}"
+        vm_id = seed_vm(
+            compute.client,
+            compute.settings.resource_group,
+            compute.settings.location,
+            vm_name,
+            tags={**tags, NAME_TAG: name},
+            image=tar_image(data),
+            vm_size=VM_SIZE,
+        )
+        return compute.get_instance(vm_id)

@@ -66,6 +66,7 @@ COMPUTE_SETTINGS = frozenset(
         "subnet_id",
         "disk_sku",
         "compute_concurrency",
+        "poll_interval",
     }
 )
 OPTIONAL_SETTINGS = (

@@ -10,8 +10,9 @@ Azurite of its own, nothing left running afterwards) and that it passed: pytest'
 status, its summary line, the Vault and Transit tests by name, and that the WORM enforcement
 tests were skipped with Azurite's reason, not passed.
 
-The test site's vaults are Azurite's and its keys two fake Key Vaults; its compute is the
-local provider's until the managed-disk compute lands (providers/azure/conformance.py).
+The test site's vaults are Azurite's, its keys two fake Key Vaults and its compute two ARM
+fakes over Azurite (providers/azure/conformance.py): the Compute and pipeline tests run on
+the provider's own compute, block captures of VMs' managed disks restored into new ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ MIN_PASSED = 40
 #: seconds for the whole child run (it takes about 10 s on 2 cores once Azurite is installed)
 SUITE_TIMEOUT = 240
 MUST_PASS = (
+    "test_compute.py::TestCompute::test_list_pages_through_every_instance_once",
+    "test_compute.py::TestCompute::test_capture_holds_the_instance_data[blocks]",
+    "test_compute.py::TestCompute::test_launch_from_restored_data[blocks]",
+    "test_compute.py::TestCompute::test_a_discarded_sink_cannot_be_launched[blocks]",
     "test_pipeline.py::TestPipeline::test_backup_copy_restore_launch_and_retain",
     "test_vault.py::TestVault::test_if_absent_race_has_exactly_one_winner",
     "test_vault.py::TestVault::test_put_is_atomic_for_concurrent_readers",
@@ -132,5 +137,10 @@ def test_conformance_suite_passes_with_azure_in_two_regions(tmp_path: Path) -> N
     assert (
         "regionvault conformance: tested provider azure, regions A=azure:east B=azure:west" in text
     )
+    sites = {path.resolve() for path in basetemp.glob("*/site.toml")}
+    assert len(sites) == 1, f"not one test site under {basetemp}: {sites}"
+    site = sites.pop().read_text(encoding="utf-8")
+    assert 'provider = "local"' not in site, "a test region took a service from another provider"
+    assert site.count("arm_endpoint = ") == 2, "the test regions' compute is not ARM's"
     logs = list(basetemp.glob("*/azurite.log"))
     assert logs, f"no Azurite log under {basetemp}: the run used another server"
