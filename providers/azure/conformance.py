@@ -7,9 +7,11 @@ the end::
 
     pytest --pyargs regionvault.core.conformance --regionvault-provider=azure
 
-The managed-disk compute is not built yet (issue #15): the test regions take their compute
-from the local provider (``[regions."azure:east".compute] provider = "local"``), so the
-Compute tests run on the local provider's service; when it lands, that sub-table goes.
+Each region's compute is an ARM fake (providers/azure/fakes/arm.py: HTTPS on 127.0.0.1) that
+keeps its disks and snapshots as page blobs in the region's Azurite account and shares the
+region's Key Vault fake's tenant and CA, so the one login of the region's settings serves its
+keys and its compute; test instances are VMs seeded through the plain SDK whose OS disk is
+the test data as a tar archive (:meth:`AzureConformanceSupport.make_instance`).
 
 Azurite does not implement immutability policies or legal holds, so the tests of their
 enforcement are skipped offline with that reason (:attr:`known_limits`); with
