@@ -8,9 +8,10 @@ at the end). Not a test: request counts, not times.
 Only Blob Storage is Azure's here: the regions' keys and compute are the local provider's,
 so the instance is a directory of files (the same content mix as the AWS script's disk:
 random, log text, half-zero and repeated data) and no Key Vault calls are counted (Key Vault
-calls: azure_keyvault_calls.py; disk captures and restores: azure_compute_requests.py). The site is azure:east replicating to azure:west with ``immutability = true``
-(so deletes list versions, as in a versioned account). Containers and repositories are made
-first by a throwaway engine; the measured engine starts fresh. Two sizes separate the part
+calls: azure_keyvault_calls.py; disk captures and restores: azure_compute_requests.py).
+The site is azure:east replicating to azure:west with ``immutability = true`` (so deletes
+list versions, as in a versioned account). Containers and repositories are made first by a
+throwaway engine; the measured engine starts fresh. Two sizes separate the part
 per run from the part per GiB: count = fixed + per_GiB x size.
 """
 
