@@ -702,21 +702,27 @@ class AzureCompute(Compute):
             raise self._fail(f"snapshot {snapshot}: beginGetAccess gave no SAS")
         return str(sas)
 
-    def _revoke_snapshot(self, snapshot: str) -> None:
+    def _until_done_or_gone(self, start: Callable[[], Any], what: str) -> None:
+        """Start a long-running ARM operation on a resource and wait for its end; a resource
+        that is gone already is no error (these only revoke or delete)."""
         try:
-            self.client.snapshots.begin_revoke_access(self._rg, snapshot).result()
+            start().result()
         except ResourceNotFoundError:
             return
         except AzureError as exc:
-            raise self._error(exc, f"cannot revoke the SAS of snapshot {snapshot}") from None
+            raise self._error(exc, what) from None
+
+    def _revoke_snapshot(self, snapshot: str) -> None:
+        self._until_done_or_gone(
+            lambda: self.client.snapshots.begin_revoke_access(self._rg, snapshot),
+            f"cannot revoke the SAS of snapshot {snapshot}",
+        )
 
     def _delete_snapshot(self, snapshot: str) -> None:
-        try:
-            self.client.snapshots.begin_delete(self._rg, snapshot).result()
-        except ResourceNotFoundError:
-            return
-        except AzureError as exc:
-            raise self._error(exc, f"cannot delete snapshot {snapshot}") from None
+        self._until_done_or_gone(
+            lambda: self.client.snapshots.begin_delete(self._rg, snapshot),
+            f"cannot delete snapshot {snapshot}",
+        )
 
     def blob(self, sas_url: str) -> BlobClient:
         """A BlobClient for a disk or snapshot through its SAS URL."""
@@ -833,20 +839,16 @@ class AzureCompute(Compute):
                 self._delete_disk(disk_name)
 
     def _delete_disk(self, disk_name: str) -> None:
-        try:
-            self.client.disks.begin_delete(self._rg, disk_name).result()
-        except ResourceNotFoundError:
-            return
-        except AzureError as exc:
-            raise self._error(exc, f"cannot delete disk {disk_name}") from None
+        self._until_done_or_gone(
+            lambda: self.client.disks.begin_delete(self._rg, disk_name),
+            f"cannot delete disk {disk_name}",
+        )
 
     def _delete_vm(self, vm_name: str) -> None:
-        try:
-            self.client.virtual_machines.begin_delete(self._rg, vm_name).result()
-        except ResourceNotFoundError:
-            return
-        except AzureError as exc:
-            raise self._error(exc, f"cannot delete VM {vm_name}") from None
+        self._until_done_or_gone(
+            lambda: self.client.virtual_machines.begin_delete(self._rg, vm_name),
+            f"cannot delete VM {vm_name}",
+        )
 
 
 def _page_token(arm_token: str | None, skip: int) -> str:
