@@ -7,7 +7,7 @@ manifests) lives in the core and works on any Vault + KeyService. See docs/inter
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
@@ -18,6 +18,7 @@ from regionvault.core.types import (
     CaptureIssue,
     CaptureKind,
     DataKey,
+    Disk,
     FileEntry,
     Instance,
     InstancePage,
@@ -27,6 +28,7 @@ from regionvault.core.types import (
     RetentionMode,
     Tags,
     Temporary,
+    disk_layout,
 )
 
 if TYPE_CHECKING:
@@ -157,21 +159,69 @@ class FileCapture(Capture):
 
 
 class BlockCapture(Capture):
-    """A disk image: ``size`` bytes in blocks of ``block_size``."""
+    """A disk image: ``size`` bytes in blocks of ``block_size``, holding ``disks`` one
+    after another (one disk, the whole image, unless the provider says otherwise).
+
+    Incremental captures: a capture taken with ``keep=True`` keeps what it read from (its
+    cloud snapshots) when closed and names it in ``ref``; a later capture of the same
+    instance taken with ``since=ref`` can say, through :meth:`changed_ranges`, where its
+    image may differ from that one, so that a backup reads only those ranges and takes the
+    rest from the earlier point.
+    """
 
     kind = CaptureKind.BLOCKS
 
     def __init__(
-        self, instance: Instance, taken_at: datetime, *, size: int, block_size: int
+        self,
+        instance: Instance,
+        taken_at: datetime,
+        *,
+        size: int,
+        block_size: int,
+        disks: Sequence[Disk] | None = None,
     ) -> None:
         super().__init__(instance, taken_at)
         self.size = size
         self.block_size = block_size
+        self.disks = disk_layout(disks, size, block_size)
+        #: what this capture keeps for a later ``Compute.capture(..., since=ref)``, when it
+        #: was taken with ``keep=True`` and the provider can keep it; None otherwise. The
+        #: owner releases it with ``Compute.release_capture`` when no longer needed.
+        self.ref: str | None = None
 
     @abc.abstractmethod
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         """Yield ``(offset, data)`` in ascending offset; ranges never written may be left out
         (they restore as zeros)."""
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """``(offset, length)`` ranges, ascending and disjoint, outside of which this image is
+        byte for byte the image of the capture named by ``since`` (a range cleared since
+        counts as changed); None when the capture was taken without ``since``, or cannot
+        tell (the earlier snapshots are gone, a disk was added or resized): the caller
+        then reads the whole image. A provider must never leave out a range that changed."""
+        return None
+
+    def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """Like :meth:`blocks`, only within ``spans`` (``(offset, length)``, ascending,
+        disjoint, block-aligned): the written data there, ascending. The default filters
+        :meth:`blocks`; a provider that can read ranges directly overrides it."""
+        it = iter(spans)
+        span = next(it, None)
+        for offset, data in self.blocks():
+            end = offset + len(data)
+            while span is not None and span[0] + span[1] <= offset:
+                span = next(it, None)
+            while span is not None and span[0] < end:
+                lo = max(offset, span[0])
+                hi = min(end, span[0] + span[1])
+                if lo < hi:
+                    yield lo, data[lo - offset : hi - offset]
+                if span[0] + span[1] > end:
+                    break
+                span = next(it, None)
+            if span is None:
+                return
 
 
 class RestoreSink(abc.ABC):
@@ -205,9 +255,11 @@ class BlockSink(RestoreSink):
 
     kind = CaptureKind.BLOCKS
 
-    def __init__(self, size: int, block_size: int) -> None:
+    def __init__(self, size: int, block_size: int, disks: Sequence[Disk] | None = None) -> None:
         self.size = size
         self.block_size = block_size
+        #: the disks to make, one per :class:`Disk` of the image (offsets in the image)
+        self.disks = disk_layout(disks, size, block_size)
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes) -> None:
@@ -261,14 +313,38 @@ class Compute(Service):
         """Remove these tag keys (absent keys are ignored); return the tags afterwards."""
 
     @abc.abstractmethod
-    def capture(self, instance_id: str, *, kind: CaptureKind | None = None) -> Capture:
-        """A consistent capture of the instance's data (the instance's own kind by default)."""
+    def capture(
+        self,
+        instance_id: str,
+        *,
+        kind: CaptureKind | None = None,
+        since: str | None = None,
+        keep: bool = False,
+    ) -> Capture:
+        """A consistent capture of the instance's data (the instance's own kind by default).
+
+        For block captures: ``keep`` asks the capture to keep its snapshots when closed and
+        name them in ``BlockCapture.ref``; ``since`` is such a ref from an earlier capture
+        of this instance, for ``BlockCapture.changed_ranges``. A provider that cannot do
+        either ignores them (``ref`` stays None, ``changed_ranges`` gives None); a ``since``
+        whose snapshots are gone is no error (``changed_ranges`` gives None)."""
+
+    def release_capture(self, ref: str) -> None:
+        """Remove what a capture taken with ``keep=True`` kept (``BlockCapture.ref``).
+        Idempotent: what is already gone is no error. The default has nothing to remove."""
 
     @abc.abstractmethod
     def open_restore_sink(
-        self, spec: LaunchSpec, kind: CaptureKind, *, size: int | None = None
+        self,
+        spec: LaunchSpec,
+        kind: CaptureKind,
+        *,
+        size: int | None = None,
+        disks: Sequence[Disk] | None = None,
     ) -> RestoreSink:
-        """A place to restore data of ``kind`` into, ready for :meth:`launch`."""
+        """A place to restore data of ``kind`` into, ready for :meth:`launch`; for blocks,
+        an image of ``size`` bytes holding ``disks`` (one disk when None). A compute that
+        cannot launch ``kind`` raises :class:`UnsupportedOperation` naming the kind."""
 
     @abc.abstractmethod
     def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:

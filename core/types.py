@@ -17,6 +17,7 @@ __all__ = [
     "CaptureIssue",
     "CaptureKind",
     "DataKey",
+    "Disk",
     "FileEntry",
     "FileKind",
     "Instance",
@@ -32,6 +33,7 @@ __all__ = [
     "ServiceConfig",
     "Tags",
     "Temporary",
+    "disk_layout",
 ]
 
 _REGION_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -214,8 +216,60 @@ class LaunchSpec:
 
 
 class CaptureKind(enum.StrEnum):
+    """What a capture holds (docs/interfaces.md, "Capture kinds and image formats")."""
+
+    #: a file tree (entries with their metadata); launched by a compute that runs from files
     FILES = "files"
+    #: a raw disk image of one or more disks (:class:`Disk`): bytes at their offsets, holes
+    #: read as zeros; no VHD, VMDK or qcow2 framing in the point
     BLOCKS = "blocks"
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One disk of a block image: the image's bytes ``[offset, offset + size)``.
+
+    A block image holds its instance's disks one after another, each at an offset that is
+    a multiple of the image's block size. The first disk is the one the instance boots
+    from; the others follow in the order the instance attaches them (a LUN, a device
+    name), and a launch attaches them in that order. ``name`` says which disk it was where
+    it was captured ("os", "lun0", "/dev/xvda"); it is informative, not an address.
+    """
+
+    name: str
+    offset: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.offset < 0 or self.size <= 0:
+            raise ValueError(f"disk {self.name!r}: offset {self.offset}, size {self.size}")
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+def disk_layout(disks: Iterable[Disk] | None, size: int, block_size: int) -> tuple[Disk, ...]:
+    """``disks`` checked against an image of ``size`` bytes in blocks of ``block_size``:
+    ascending, disjoint, block-aligned and inside the image. None means one disk, "disk",
+    that is the whole image. ValueError names what is wrong."""
+    if disks is None:
+        return (Disk("disk", 0, size),)
+    layout = tuple(disks)
+    if not layout:
+        raise ValueError("a block image needs at least one disk")
+    end = 0
+    for d in layout:
+        if d.offset % block_size:
+            raise ValueError(
+                f"disk {d.name!r} starts at {d.offset}, not a multiple of {block_size}"
+            )
+        if d.offset < end:
+            raise ValueError(f"disk {d.name!r} at {d.offset} overlaps the disk before it")
+        end = d.end
+    if end > size:
+        raise ValueError(f"disk {layout[-1].name!r} ends at {end}, past the {size}-byte image")
+    return layout
 
 
 class FileKind(enum.StrEnum):

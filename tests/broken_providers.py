@@ -91,8 +91,15 @@ class MiscountingCapture(LocalFileCapture):
 
 
 class MiscountingCompute(LocalCompute):
-    def capture(self, instance_id: str, *, kind: CaptureKind | None = None) -> Capture:
-        capture = super().capture(instance_id, kind=kind)
+    def capture(
+        self,
+        instance_id: str,
+        *,
+        kind: CaptureKind | None = None,
+        since: str | None = None,
+        keep: bool = False,
+    ) -> Capture:
+        capture = super().capture(instance_id, kind=kind, since=since, keep=keep)
         assert isinstance(capture, LocalFileCapture)
         return MiscountingCapture(capture.instance, capture.taken_at, capture.root)
 

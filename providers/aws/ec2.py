@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Comput
 from regionvault.core.types import (
     Capabilities,
     CaptureKind,
+    Disk,
     Instance,
     InstancePage,
     LaunchSpec,
@@ -327,6 +328,8 @@ class AwsCompute(Compute):
         instance_id: str,
         *,
         kind: CaptureKind | None = None,
+        since: str | None = None,
+        keep: bool = False,
         ex_snapshot_id: str | None = None,
         ex_parent_snapshot_id: str | None = None,
         ex_keep_snapshot: bool = False,
@@ -433,10 +436,17 @@ class AwsCompute(Compute):
     # ------------------------------------------------------------------ restore and launch
 
     def open_restore_sink(
-        self, spec: LaunchSpec, kind: CaptureKind, *, size: int | None = None
+        self,
+        spec: LaunchSpec,
+        kind: CaptureKind,
+        *,
+        size: int | None = None,
+        disks: Sequence[Disk] | None = None,
     ) -> RestoreSink:
         if kind is not CaptureKind.BLOCKS:
             raise self.unsupported(f"open_restore_sink(kind={kind})")
+        if disks is not None and len(disks) > 1:
+            raise self.unsupported(f"a restore of {len(disks)} disks")
         if not isinstance(size, int) or size <= 0:
             raise ComputeError(
                 f"a block restore needs the disk size in bytes, got {size!r}",

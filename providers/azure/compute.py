@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +57,7 @@ from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Comput
 from regionvault.core.types import (
     Capabilities,
     CaptureKind,
+    Disk,
     Instance,
     InstancePage,
     LaunchSpec,
@@ -614,6 +615,8 @@ class AzureCompute(Compute):
         instance_id: str,
         *,
         kind: CaptureKind | None = None,
+        since: str | None = None,
+        keep: bool = False,
         ex_lun: int | None = None,
         ex_parent_snapshot: str | None = None,
         ex_keep_snapshot: bool = False,
@@ -731,10 +734,17 @@ class AzureCompute(Compute):
     # ------------------------------------------------------------------ restore and launch
 
     def open_restore_sink(
-        self, spec: LaunchSpec, kind: CaptureKind, *, size: int | None = None
+        self,
+        spec: LaunchSpec,
+        kind: CaptureKind,
+        *,
+        size: int | None = None,
+        disks: Sequence[Disk] | None = None,
     ) -> RestoreSink:
         if kind is not CaptureKind.BLOCKS:
             raise self.unsupported(f"open_restore_sink(kind={kind})")
+        if disks is not None and len(disks) > 1:
+            raise self.unsupported(f"a restore of {len(disks)} disks")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise self._fail(f"a block restore needs the disk size in bytes, got {size!r}")
         return AzureBlockSink(self, spec, size)
@@ -922,7 +932,7 @@ class AzureBlockCapture(BlockCapture):
             raise self._error(exc, "cannot list the page ranges") from None
         return _merge(found, self.size)
 
-    def changed_ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def page_range_diff(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """``(filled, cleared)``: the ranges written and the ranges cleared since the parent
         snapshot (Get Page Ranges with ``x-ms-previous-snapshot-url``, the managed-disk diff)."""
         if not self._parent_sas_url:
@@ -995,7 +1005,7 @@ class AzureBlockCapture(BlockCapture):
         cleared range touches, read from this snapshot (a cleared range reads as zeros). A
         block left out is *unchanged from the parent*, not zeros: only a caller holding the
         parent's blocks can use this."""
-        filled, cleared = self.changed_ranges()
+        filled, cleared = self.page_range_diff()
         touched = _merge(filled + cleared, self.size)
         return self._ordered((o, n, True) for o, n in self._pieces(touched))
 

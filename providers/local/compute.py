@@ -40,7 +40,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,6 +53,7 @@ from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
     CaptureKind,
+    Disk,
     FileEntry,
     FileKind,
     Instance,
@@ -1005,7 +1006,14 @@ class LocalCompute(Compute):
             self._write(record)
         return self._instance(record)
 
-    def capture(self, instance_id: str, *, kind: CaptureKind | None = None) -> Capture:
+    def capture(
+        self,
+        instance_id: str,
+        *,
+        kind: CaptureKind | None = None,
+        since: str | None = None,
+        keep: bool = False,
+    ) -> Capture:
         if kind is not None and CaptureKind(kind) is not CaptureKind.FILES:
             raise self.unsupported(f"capture of kind {kind}")
         instance = self._instance(self._live(instance_id))
@@ -1015,7 +1023,12 @@ class LocalCompute(Compute):
         return LocalFileCapture(instance, datetime.now(UTC), root)
 
     def open_restore_sink(
-        self, spec: LaunchSpec, kind: CaptureKind, *, size: int | None = None
+        self,
+        spec: LaunchSpec,
+        kind: CaptureKind,
+        *,
+        size: int | None = None,
+        disks: Sequence[Disk] | None = None,
     ) -> RestoreSink:
         if CaptureKind(kind) is not CaptureKind.FILES:
             raise self.unsupported(f"restore sink of kind {kind}")

@@ -326,7 +326,7 @@ def test_changed_blocks_against_a_parent_snapshot(world: ArmWorld) -> None:
         parent_sas = capture._parent_sas_url
     with compute.capture(vm) as lone, pytest.raises(ComputeError, match="parent"):
         assert isinstance(lone, AzureBlockCapture)
-        lone.changed_ranges()  # no parent snapshot named: refused
+        lone.page_range_diff()  # no parent snapshot named: refused
     # the request the client sends: Get Page Ranges with the parent snapshot's SAS URL
     (diff,) = transport.diffs
     assert diff.method == "GET" and "comp=pagelist" in diff.url
