@@ -37,6 +37,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import Transit, Vault
 from regionvault.core.names import name_problem, prefix_problem
+from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
 from regionvault.providers.aws.errors import aws_error, error_code, error_message, error_status
 
@@ -434,14 +435,7 @@ class S3Bucket:
 
 def _refusal(info: ObjectInfo, *, bypass_governance: bool) -> str | None:
     """Why the object behind ``info`` may not be removed or replaced now, or None."""
-    if info.legal_hold:
-        return "legal hold is on"
-    until = info.retain_until
-    locked = until is not None and until > _now()
-    if locked and (info.retention_mode is RetentionMode.COMPLIANCE or not bypass_governance):
-        mode = info.retention_mode.value if info.retention_mode else "object lock"
-        return f"{mode} retention until {until.isoformat() if until else '?'}"
-    return None
+    return Protection.of(info).refuses_removal(_now(), bypass_governance=bypass_governance)
 
 
 def _info(name: str, facts: dict[str, Any], size_key: str = "ContentLength") -> ObjectInfo:
@@ -658,30 +652,11 @@ class AwsVault(Vault):
         mode = RetentionMode(mode)
         facts = s3.head(key, name)
         current = _info(name, facts)
-        if current.retain_until is not None and current.retain_until > _now():
-            held = current.retention_mode
-            if held is RetentionMode.COMPLIANCE and (
-                until < current.retain_until or mode is RetentionMode.GOVERNANCE
-            ):
-                raise RetentionLocked(
-                    name,
-                    f"compliance retention until {current.retain_until.isoformat()} can only "
-                    "be extended",
-                    provider="aws",
-                    region=self.region,
-                )
-            if (
-                held is RetentionMode.GOVERNANCE
-                and until < current.retain_until
-                and not (bypass_governance)
-            ):
-                raise RetentionLocked(
-                    name,
-                    f"governance retention until {current.retain_until.isoformat()} can be "
-                    "shortened only with bypass_governance",
-                    provider="aws",
-                    region=self.region,
-                )
+        why = Protection.of(current).refuses_change(
+            until, mode, _now(), bypass_governance=bypass_governance
+        )
+        if why is not None:
+            raise RetentionLocked(name, why, provider="aws", region=self.region)
         kwargs: dict[str, Any] = {
             "Bucket": s3.bucket,
             "Key": key,

@@ -46,6 +46,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import Vault
 from regionvault.core.names import name_problem, prefix_problem
+from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
 from regionvault.providers.azure.errors import azure_error, error_code, error_message, error_status
 
@@ -291,15 +292,7 @@ def _info(name: str, props: Any) -> ObjectInfo:
 
 def refusal(info: ObjectInfo, *, bypass_governance: bool) -> str | None:
     """Why the blob behind ``info`` may not be removed or replaced now, or None."""
-    if info.legal_hold:
-        return "legal hold is on"
-    until = info.retain_until
-    if until is None or until <= _now():
-        return None
-    if info.retention_mode is RetentionMode.GOVERNANCE and bypass_governance:
-        return None
-    mode = info.retention_mode.value if info.retention_mode else "immutability"
-    return f"{mode} retention until {until.isoformat()}"
+    return Protection.of(info).refuses_removal(_now(), bypass_governance=bypass_governance)
 
 
 class AzureVault(Vault):
@@ -535,30 +528,11 @@ class AzureVault(Vault):
             )
         mode = RetentionMode(mode)
         current = _info(name, blobs.head(key, name))
-        if current.retain_until is not None and current.retain_until > _now():
-            held = current.retention_mode
-            if held is RetentionMode.COMPLIANCE and (
-                until < current.retain_until or mode is RetentionMode.GOVERNANCE
-            ):
-                raise RetentionLocked(
-                    name,
-                    f"compliance retention until {current.retain_until.isoformat()} can only "
-                    "be extended",
-                    provider="azure",
-                    region=self.region,
-                )
-            if (
-                held is RetentionMode.GOVERNANCE
-                and until < current.retain_until
-                and not bypass_governance
-            ):
-                raise RetentionLocked(
-                    name,
-                    f"governance retention until {current.retain_until.isoformat()} can be "
-                    "shortened only with bypass_governance",
-                    provider="azure",
-                    region=self.region,
-                )
+        why = Protection.of(current).refuses_change(
+            until, mode, _now(), bypass_governance=bypass_governance
+        )
+        if why is not None:
+            raise RetentionLocked(name, why, provider="azure", region=self.region)
         policy = ImmutabilityPolicy(
             expiry_time=until.astimezone(UTC),
             policy_mode="Locked" if mode is RetentionMode.COMPLIANCE else "Unlocked",

@@ -26,7 +26,6 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 from regionvault.core import names
 from regionvault.core.errors import ObjectExists, ObjectNotFound, RetentionLocked, VaultError
 from regionvault.core.interfaces import Vault
+from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
 from regionvault.providers.local import _fs
 
@@ -43,31 +43,13 @@ _VAULT_ID = re.compile(r"^v-[0-9a-f]{32}$")
 _NOT_THERE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
-@dataclass(frozen=True)
-class _Protection:
-    retain_until: datetime | None = None
-    mode: RetentionMode | None = None
-    legal_hold: bool = False
-
-    def refusal(self, now: datetime, *, bypass_governance: bool) -> str | None:
-        """Why a delete or overwrite is refused now, or None."""
-        if self.legal_hold:
-            return "a legal hold is on"
-        if self.retain_until is not None and self.retain_until > now:
-            until = self.retain_until.isoformat()
-            if self.mode is RetentionMode.COMPLIANCE:
-                return f"compliance retention until {until}"
-            if not bypass_governance:
-                return f"governance retention until {until} (bypass_governance overrides it)"
-        return None
-
-    def encode(self) -> bytes:
-        record: dict[str, Any] = {
-            "retain_until": None if self.retain_until is None else self.retain_until.isoformat(),
-            "mode": None if self.mode is None else self.mode.value,
-            "legal_hold": self.legal_hold,
-        }
-        return json.dumps(record, sort_keys=True).encode("utf-8")
+def _encode_protection(p: Protection) -> bytes:
+    record: dict[str, Any] = {
+        "retain_until": None if p.retain_until is None else p.retain_until.isoformat(),
+        "mode": None if p.mode is None else p.mode.value,
+        "legal_hold": p.legal_hold,
+    }
+    return json.dumps(record, sort_keys=True).encode("utf-8")
 
 
 def _modified(st: os.stat_result) -> datetime:
@@ -104,7 +86,7 @@ class LocalVault(Vault):
             raise self._error(f"bad object name {name!r}: {problem}")
         return self.objects_dir / name
 
-    def _read_protection(self, name: str) -> _Protection | None:
+    def _read_protection(self, name: str) -> Protection | None:
         try:
             raw = (self.meta_dir / name).read_bytes()
         except _NOT_THERE:
@@ -113,7 +95,7 @@ class LocalVault(Vault):
             record = json.loads(raw)
             until = record["retain_until"]
             mode = record["mode"]
-            return _Protection(
+            return Protection(
                 retain_until=None if until is None else datetime.fromisoformat(until),
                 mode=None if mode is None else RetentionMode(mode),
                 legal_hold=bool(record["legal_hold"]),
@@ -122,10 +104,10 @@ class LocalVault(Vault):
             # refuse rather than guess: a damaged record must not unlock anything
             raise self._error(f"retention record of {name!r} is malformed") from None
 
-    def _write_protection(self, name: str, protection: _Protection) -> None:
+    def _write_protection(self, name: str, protection: Protection) -> None:
         path = self.meta_dir / name
         try:
-            _fs.atomic_write(path, protection.encode())
+            _fs.atomic_write(path, _encode_protection(protection))
         except (NotADirectoryError, FileExistsError):
             raise self._error(f"cannot record retention of {name!r}: name conflict") from None
 
@@ -137,8 +119,8 @@ class LocalVault(Vault):
             return
         _fs.remove_empty_parents(path, self.meta_dir)
 
-    def _info(self, name: str, st: os.stat_result, protection: _Protection | None) -> ObjectInfo:
-        p = protection or _Protection()
+    def _info(self, name: str, st: os.stat_result, protection: Protection | None) -> ObjectInfo:
+        p = protection or Protection()
         return ObjectInfo(
             name=name,
             size=st.st_size,
@@ -197,7 +179,7 @@ class LocalVault(Vault):
             with self._lock.hold():
                 exists = path.exists()
                 if exists and not if_absent:
-                    refusal = (self._read_protection(name) or _Protection()).refusal(
+                    refusal = (self._read_protection(name) or Protection()).refuses_removal(
                         datetime.now(UTC), bypass_governance=False
                     )
                     if refusal is not None:
@@ -264,7 +246,7 @@ class LocalVault(Vault):
                 return
             if not stat.S_ISREG(st.st_mode):
                 return  # a directory of other objects' names, not an object
-            refusal = (self._read_protection(name) or _Protection()).refusal(
+            refusal = (self._read_protection(name) or Protection()).refuses_removal(
                 datetime.now(UTC), bypass_governance=bypass_governance
             )
             if refusal is not None:
@@ -295,26 +277,13 @@ class LocalVault(Vault):
         until = until.astimezone(UTC)
         with self._lock.hold():
             self._stat(name, path)
-            current = self._read_protection(name) or _Protection()
-            now = datetime.now(UTC)
-            if current.retain_until is not None and current.retain_until > now:
-                held = current.retain_until.isoformat()
-                if current.mode is RetentionMode.COMPLIANCE:
-                    if mode is not RetentionMode.COMPLIANCE:
-                        raise self._locked(
-                            name, f"compliance retention until {held} cannot become governance"
-                        )
-                    if until < current.retain_until:
-                        raise self._locked(
-                            name, f"compliance retention until {held} can only be extended"
-                        )
-                elif until < current.retain_until and not bypass_governance:
-                    raise self._locked(
-                        name,
-                        f"governance retention until {held} can only be shortened "
-                        "with bypass_governance",
-                    )
-            updated = _Protection(retain_until=until, mode=mode, legal_hold=current.legal_hold)
+            current = self._read_protection(name) or Protection()
+            refusal = current.refuses_change(
+                until, mode, datetime.now(UTC), bypass_governance=bypass_governance
+            )
+            if refusal is not None:
+                raise self._locked(name, refusal)
+            updated = Protection(retain_until=until, mode=mode, legal_hold=current.legal_hold)
             self._write_protection(name, updated)
             return self._info(name, self._stat(name, path), updated)
 
@@ -322,8 +291,8 @@ class LocalVault(Vault):
         path = self._path(name)
         with self._lock.hold():
             self._stat(name, path)
-            current = self._read_protection(name) or _Protection()
-            updated = _Protection(
+            current = self._read_protection(name) or Protection()
+            updated = Protection(
                 retain_until=current.retain_until, mode=current.mode, legal_hold=bool(on)
             )
             self._write_protection(name, updated)
