@@ -17,6 +17,13 @@ MiB plus the 512-byte VHD footer), a write SAS, the blocks written as pages (all
 skipped: the disk starts zeroed), the fixed-VHD footer written, the SAS revoked; then a VM of
 the original size with the original tags attaches the disk as its OS disk. A failed restore
 or launch removes the VM it began and the disk (:meth:`AzureBlockSink.discard`).
+
+Power state: VMs are read with their instance view (``$expand=instanceView``, with each
+listing page too), and an Instance's ``state`` is the VM's power state (``running``,
+``starting``, ``stopped``, ``deallocated``, ...) once it is provisioned. A stopped or
+deallocated VM is backed up like a running one (its disks are snapshotted either way). A
+launch returns once its VM is ``running``, and fails naming the VM and its state when the VM
+stops or does not run within ``start_timeout``.
 """
 
 from __future__ import annotations
@@ -130,8 +137,15 @@ COMPUTE_SETTINGS = frozenset(
         "disk_sku",
         "compute_concurrency",
         "poll_interval",
+        "start_timeout",
     }
 )
+#: a VM's power states (``PowerState/<state>`` in its instance view) that will not become
+#: ``running`` by themselves: a launch that sees one has failed
+_STOPPED_POWER_STATES = frozenset({"stopped", "stopping", "deallocated", "deallocating"})
+#: seconds between reads of a launched VM's instance view when the region sets no
+#: ``poll_interval``
+_START_POLL = 5.0
 
 T = TypeVar("T")
 
@@ -160,6 +174,8 @@ class AzureComputeSettings:
     #: seconds between polls of a long-running ARM operation that names no ``Retry-After``
     #: (None: the SDK's own, 30)
     poll_interval: float | None = None
+    #: seconds a launch waits for its VM's power state to become ``running``
+    start_timeout: float = 600.0
 
     @classmethod
     def from_region(cls, region: RegionConfig) -> AzureComputeSettings:
@@ -182,6 +198,9 @@ class AzureComputeSettings:
             isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 <= poll <= 300
         ):
             raise region.error("poll_interval", "must be a number of seconds from 0 to 300")
+        start = settings.get("start_timeout", 600)
+        if isinstance(start, bool) or not isinstance(start, int | float) or not 0 < start <= 7200:
+            raise region.error("start_timeout", "must be a number of seconds from 1 to 7200")
         # the same PEM bundle the login uses (identity.py's ``ca_file``)
         ca = optional("ca_file")
         return cls(
@@ -195,6 +214,7 @@ class AzureComputeSettings:
             disk_sku=optional("disk_sku") or "StandardSSD_LRS",
             concurrency=concurrency,
             poll_interval=None if poll is None else float(poll),
+            start_timeout=float(start),
         )
 
 
@@ -266,6 +286,31 @@ def _get(doc: Any, *keys: str) -> Any:
             return None
         doc = doc.get(key)
     return doc
+
+
+def power_state(vm: Any) -> str | None:
+    """The VM's power state from its instance view (``PowerState/running`` gives
+    ``running``), None when the document carries no instance view."""
+    statuses = _get(vm, "properties", "instanceView", "statuses")
+    if not isinstance(statuses, list):
+        return None
+    for status in statuses:
+        code = str(_get(status, "code") or "")
+        if code.startswith("PowerState/"):
+            return code.partition("/")[2].lower() or None
+    return None
+
+
+def _instance_state(provisioning: str, power: str | None) -> str:
+    """An Instance's state: the power state (running, starting, stopped, deallocated, ...)
+    while the VM is provisioned, else what its provisioning says (pending while it is
+    created, failed, deleting)."""
+    provisioning = provisioning.lower()
+    if provisioning in ("creating", "failed") or provisioning in _GONE_STATES:
+        return {"creating": "pending"}.get(provisioning, provisioning)
+    if power is not None:
+        return power
+    return {"succeeded": "running", "updating": "running"}.get(provisioning, provisioning)
 
 
 def _utc(text: Any) -> datetime:
@@ -424,7 +469,7 @@ class AzureCompute(Compute):
         name = self._vm_name(instance_id)
         vm = self._call(
             f"cannot read VM {name}",
-            lambda: self.client.virtual_machines.get(self._rg, name),
+            lambda: self.client.virtual_machines.get(self._rg, name, expand="instanceView"),
             instance_id,
         )
         if str(_get(vm, "properties", "provisioningState") or "").lower() in _GONE_STATES:
@@ -444,6 +489,7 @@ class AzureCompute(Compute):
         }
         os_disk_id = _get(os_disk, "managedDisk", "id")
         state = str(_get(vm, "properties", "provisioningState") or "unknown")
+        power = power_state(vm)
         extra: dict[str, Any] = {
             "vm_name": _get(vm, "name"),
             "vm_size": _get(vm, "properties", "hardwareProfile", "vmSize"),
@@ -453,6 +499,7 @@ class AzureCompute(Compute):
             "location": _get(vm, "location"),
             "resource_group": self._rg,
             "provisioning_state": state,
+            "power_state": power,
             "internal_tags": internal,
         }
         return Instance(
@@ -460,9 +507,7 @@ class AzureCompute(Compute):
             name=internal.get(NAME_TAG) or str(_get(vm, "name")),
             region=self.region,
             tags=tags,
-            state={"succeeded": "running", "creating": "pending", "updating": "running"}.get(
-                state.lower(), state.lower()
-            ),
+            state=_instance_state(state, power),
             function=extra["vm_size"],
             capture_kinds=frozenset({CaptureKind.BLOCKS}) if os_disk_id else frozenset(),
             extra=extra,
@@ -526,7 +571,10 @@ class AzureCompute(Compute):
 
     def _arm_page(self, token: str | None) -> tuple[list[Any], str | None]:
         def fetch() -> tuple[list[Any], str | None]:
-            pager = self.client.virtual_machines.list(self._rg).by_page(continuation_token=token)
+            # the instance view (power state) comes with each page: no call per VM
+            pager = self.client.virtual_machines.list(self._rg, expand="instanceView").by_page(
+                continuation_token=token
+            )
             items = list(next(pager, iter(())))
             return items, getattr(pager, "continuation_token", None) or None
 
@@ -822,9 +870,40 @@ class AzureCompute(Compute):
                 self._rg, vm_name, models.VirtualMachine(body)
             ).result(),
         )
-        instance = self._instance(vm)
+        instance = self._until_running(self._instance(vm), sink.disk_name)
         sink.launched_instance_id = instance.id
         return instance
+
+    def _until_running(self, instance: Instance, disk_name: str) -> Instance:
+        """``instance`` once its power state is ``running``, read from its instance view
+        every ``poll_interval`` seconds for at most ``start_timeout``; a VM that stops,
+        deallocates or fails instead, or is still not running then, is a ComputeError
+        naming it and its state (the caller's discard then removes the VM and its disk)."""
+        deadline = time.monotonic() + self.settings.start_timeout
+        pause = self.settings.poll_interval
+        if pause is None:
+            pause = _START_POLL
+        # bounded by the deadline; and by a count, should the clock not move
+        for _ in range(1_000_000):
+            if instance.extra.get("power_state") is None:
+                # a PUT's answer carries no instance view (ARM's neither): read it
+                instance = self.get_instance(instance.id)
+            state = instance.state
+            if state == "running":
+                return instance
+            if state in _STOPPED_POWER_STATES or state == "failed":
+                raise self._fail(
+                    f"VM {instance.extra.get('vm_name')} from disk {disk_name} did not start: "
+                    f"it is {state} (provisioning {instance.extra.get('provisioning_state')})"
+                )
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            instance = self.get_instance(instance.id)
+        raise self._fail(
+            f"VM {instance.extra.get('vm_name')} from disk {disk_name} is not running after "
+            f"{self.settings.start_timeout:g}s (start_timeout): it is {instance.state}"
+        )
 
     def terminate(self, instance_id: str) -> None:
         """Delete the VM; the OS disk a launch attached goes with it (``deleteOption``), and

@@ -67,6 +67,7 @@ COMPUTE_SETTINGS = frozenset(
         "disk_sku",
         "compute_concurrency",
         "poll_interval",
+        "start_timeout",
     }
 )
 OPTIONAL_SETTINGS = (

@@ -6,7 +6,9 @@ endpoint (``authority`` pointed here, instance discovery off). What it serves:
 
 - ``/<tenant>/v2.0/.well-known/openid-configuration`` and ``/<tenant>/oauth2/v2.0/token``;
 - virtual machines (list in pages of :attr:`ArmFake.page_size` with ``nextLink``, get, put,
-  patch, delete), managed disks and snapshots (get, put, delete, ``beginGetAccess``,
+  patch, delete; ``$expand=instanceView`` on get and list and ``/instanceView``, whose
+  ``PowerState/<state>`` status is the VM's power state; the actions ``start``, ``powerOff``
+  and ``deallocate``), managed disks and snapshots (get, put, delete, ``beginGetAccess``,
   ``endGetAccess``);
 - long-running operations with the status codes of the REST specification that the SDK
   checks: VM PUT 201 / disk and snapshot PUT 202, each with ``Azure-AsyncOperation``; DELETE
@@ -51,6 +53,8 @@ _RG = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Mic
 _KINDS = {"virtualMachines": "vm", "disks": "disk", "snapshots": "snapshot"}
 #: the audience of ARM tokens (the client asks for ``<this>/.default``)
 ARM_RESOURCE = "https://management.azure.com"
+#: the VM actions the fake serves and the power state each leaves the VM in
+_POWER_ACTIONS = {"start": "running", "powerOff": "stopped", "deallocate": "deallocated"}
 
 
 # --------------------------------------------------------------------------- state
@@ -146,6 +150,9 @@ class ArmFake:
         self._resources: dict[str, _Resource] = {}
         self._operations: dict[str, _Operation] = {}
         self._injected: list[Injected] = []
+        #: the power states a new VM's instance view shows, one per read of it, the last one
+        #: kept (``["starting", "starting", "running"]``: a VM that takes two reads to run)
+        self.start_states: list[str] = ["running"]
         #: every ARM request as (method, path, query string), tokens excluded
         self.requests: list[tuple[str, str, str]] = []
         #: every answer as (method, path, status), login included
@@ -386,19 +393,26 @@ class ArmFake:
             return self._list(match["sub"], match["rg"], _KINDS[match["type"]], query)
         match = re.fullmatch(
             _RG + r"/(?P<type>virtualMachines|disks|snapshots)/(?P<name>[^/]+)"
-            r"(?:/(?P<action>beginGetAccess|endGetAccess))?",
+            r"(?:/(?P<action>beginGetAccess|endGetAccess|instanceView|start|powerOff|"
+            r"deallocate))?",
             path,
         )
         if not match:
             raise _Error(404, "InvalidResourceType", f"no such path {path}")
         kind, sub, rg, name = _KINDS[match["type"]], match["sub"], match["rg"], match["name"]
-        key = path.split("/beginGetAccess")[0].split("/endGetAccess")[0].lower()
+        key = (path.rsplit("/", 1)[0] if match["action"] else path).lower()
         doc = json.loads(body) if body else {}
+        if kind == "vm" and match["action"] == "instanceView" and method == "GET":
+            return 200, {}, json.dumps(self._instance_view(key)).encode()
+        if kind == "vm" and match["action"] in _POWER_ACTIONS and method == "POST":
+            return self._power_action(key, sub, _POWER_ACTIONS[match["action"]], error)
         if match["action"] == "beginGetAccess" and method == "POST":
             return self._grant(key, sub, doc, error)
         if match["action"] == "endGetAccess" and method == "POST":
             return self._revoke(key, sub, error)
         if method == "GET":
+            if kind == "vm" and query.get("$expand") == ["instanceView"]:
+                return 200, {}, json.dumps(self._with_instance_view(key)).encode()
             return 200, {}, self._get(key).encode()
         if method == "PUT":
             return self._put(kind, sub, rg, name, key, doc, error)
@@ -407,6 +421,68 @@ class ArmFake:
         if method == "DELETE":
             return self._delete(key, sub, error)
         raise _Error(405, "MethodNotAllowed", f"{method} {path}")
+
+    # ------------------------------------------------------------------ power state
+
+    def power_state(self, resource_id: str) -> str:
+        """A VM's power state now (without consuming a step of :attr:`start_states`)."""
+        with self._lock:
+            vm = self._resources.get(resource_id.lower())
+            if vm is None or vm.kind != "vm":
+                raise KeyError(resource_id)
+            return str(vm.extra.get("power", ["running"])[0])
+
+    def set_power_state(self, resource_id: str, state: str) -> None:
+        """Put a VM in power state ``state`` now (a test's shortcut for what Azure does)."""
+        with self._lock:
+            vm = self._resources.get(resource_id.lower())
+            if vm is None or vm.kind != "vm":
+                raise KeyError(resource_id)
+            vm.extra["power"] = [state]
+
+    def _instance_view(self, key: str) -> dict[str, Any]:
+        """The VM's instance view as ARM shapes it; each read moves a new VM one step along
+        its :attr:`start_states`."""
+        with self._lock:
+            vm = self._resources.get(key)
+            if vm is None or vm.kind != "vm":
+                raise _Error(404, "ResourceNotFound", f"virtual machine {key} not found")
+            provisioning = str(vm.body.get("properties", {}).get("provisioningState", ""))
+            steps = vm.extra.setdefault("power", ["starting"])
+            power = steps.pop(0) if len(steps) > 1 else steps[0]
+        statuses = [
+            {
+                "code": f"ProvisioningState/{provisioning.lower()}",
+                "level": "Error" if provisioning == "Failed" else "Info",
+                "displayStatus": f"Provisioning {provisioning.lower()}",
+            }
+        ]
+        if provisioning != "Creating":
+            statuses.append(
+                {"code": f"PowerState/{power}", "level": "Info", "displayStatus": f"VM {power}"}
+            )
+        return {"computerName": vm.name, "statuses": statuses}
+
+    def _with_instance_view(self, key: str) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self._get(key))
+        doc.setdefault("properties", {})["instanceView"] = self._instance_view(key)
+        return doc
+
+    def _power_action(
+        self, key: str, sub: str, state: str, error: dict[str, Any] | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        with self._lock:
+            vm = self._resources.get(key)
+            if vm is None or vm.kind != "vm":
+                raise _Error(404, "ResourceNotFound", f"virtual machine {key} not found")
+            location = str(vm.body.get("location") or "")
+
+        def finish() -> None:
+            with self._lock:
+                vm.extra["power"] = [state]
+
+        op = self._operation(location, then=finish, error=error)
+        return 202, self._lro_headers(sub, op, with_location=True), b""
 
     def _get(self, key: str) -> str:
         with self._lock:
@@ -454,6 +530,8 @@ class ArmFake:
             skip = int(query.get("$skiptoken", ["0"])[0] or 0)
             page = found[skip : skip + self.page_size]
             doc: dict[str, Any] = {"value": [json.loads(json.dumps(r.body)) for r in page]}
+            if kind == "vm" and query.get("$expand") == ["instanceView"]:
+                doc["value"] = [self._with_instance_view(r.id.lower()) for r in page]
         if skip + self.page_size < len(found):
             plural = {v: k for k, v in _KINDS.items()}[kind]
             doc["nextLink"] = (
@@ -509,6 +587,7 @@ class ArmFake:
             resource.body = final
             if kind == "vm":
                 self._attach(resource)
+                resource.extra["power"] = list(self.start_states) or ["running"]
 
         def fail() -> None:
             resource.body["properties"]["provisioningState"] = "Failed"
