@@ -569,3 +569,10 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def transit(self, source: RegionConfig, destination: RegionConfig) -> Transit: ...
+
+    def close(self) -> None:
+        """Release what the provider holds across regions (SDK clients, sessions, login
+        credentials). Called by the provider registry when the last open :class:`Site`
+        that uses this provider closes, after the sites' services were closed; the provider
+        may be used again afterwards and then makes what it needs anew. The default holds
+        nothing and does nothing."""

@@ -133,6 +133,8 @@ class ProviderRegistry:
     def __init__(self) -> None:
         self._providers: dict[str, type[Provider]] = {}
         self._instances: dict[str, Provider] = {}
+        #: how many open sites use each provider (acquire, release)
+        self._users: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def add(self, provider: type[Provider]) -> None:
@@ -168,6 +170,31 @@ class ProviderRegistry:
             if found is None:
                 found = self._instances[name] = self.cls(name)()
             return found
+
+    def acquire(self, names: Iterable[str]) -> None:
+        """An open :class:`~regionvault.core.site.Site` uses the providers ``names``: they
+        are not closed until it :meth:`release` s them."""
+        with self._lock:
+            for name in set(names):
+                self._users[name] = self._users.get(name, 0) + 1
+
+    def release(self, names: Iterable[str]) -> None:
+        """The end of an :meth:`acquire`: each provider no open site uses any more, and that
+        was made, is closed (:meth:`Provider.close`). Providers are shared by every site of
+        the process, so one site closing never closes them under another."""
+        closing: list[Provider] = []
+        with self._lock:
+            for name in set(names):
+                left = self._users.get(name, 0) - 1
+                if left > 0:
+                    self._users[name] = left
+                    continue
+                self._users.pop(name, None)
+                found = self._instances.get(name)
+                if found is not None:
+                    closing.append(found)
+        for provider in closing:
+            provider.close()
 
 
 def make_plugin_manager(

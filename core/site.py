@@ -97,6 +97,14 @@ class Site:
         self.registry = registry
         self.plugin_manager = plugin_manager
         self._regions = {name: Region(cfg, registry) for name, cfg in config.regions.items()}
+        #: every provider a service of a region names: closed (when no other open site uses
+        #: it) when this site closes
+        self._providers = sorted(
+            {svc.provider for cfg in config.regions.values() for svc in cfg.services.values()}
+        )
+        registry.acquire(self._providers)
+        self._closed = False
+        self._close_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -155,8 +163,16 @@ class Site:
         return provider.transit(src.for_service("vault"), dst.for_service("vault"))
 
     def close(self) -> None:
+        """Close every region's services, then the providers no other open site uses
+        (:meth:`Provider.close`: their SDK clients and credentials). A second close does
+        nothing more."""
         for region in self._regions.values():
             region.close()
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.registry.release(self._providers)
 
     def __enter__(self) -> Site:
         return self

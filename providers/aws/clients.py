@@ -89,3 +89,12 @@ class ClientFactory:
             self.metrics.attach(client, where)
             self._clients[key] = client
             return client
+
+    def close(self) -> None:
+        """Close every client made (botocore closes its HTTP connection pool) and forget
+        the clients and sessions."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+            self._sessions = {}
+        for client in clients:
+            client.close()

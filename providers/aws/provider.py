@@ -81,6 +81,13 @@ class AwsProvider(Provider):
             self._factory = ClientFactory(self.metrics)
         return self._factory
 
+    def close(self) -> None:
+        """Close every boto3 client the provider made (their connection pools) and forget
+        them and their sessions; the next service built makes new ones."""
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            factory.close()
+
     def settings(self, region: RegionConfig) -> AwsSettings:
         return AwsSettings.from_region(region)
 

@@ -157,6 +157,17 @@ class AzureProvider(Provider):
             capabilities=self._vault_capabilities(settings),
         )
 
+    def close(self) -> None:
+        """Close the login credentials the provider built from site.toml (their token
+        caches and HTTP sessions go; an embedder's credential is the embedder's to close)
+        and forget the Blob Storage client factory; the next service built makes them
+        anew. Each service closes its own SDK clients (Key Vault, ARM, Blob) when its site
+        closes its regions."""
+        credentials, self._credentials = self._credentials, None
+        self._clients = None
+        if credentials is not None:
+            credentials.close()
+
     def transit(self, source: RegionConfig, destination: RegionConfig) -> AzureTransit:
         with _needs_sdk(destination):
             from regionvault.providers.azure.transit import AzureTransit
