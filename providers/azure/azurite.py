@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -155,7 +156,11 @@ class AzuriteServer:
     with one storage account per name in ``accounts`` (name -> key; keys are made when not
     given). Stopped by its PID.
 
-    ``account_url(name)`` is the account's path-style endpoint, ``http://127.0.0.1:P/name``.
+    ``account_url(name)`` is the account's path-style endpoint, ``http://127.0.0.1:P/name``
+    (``https://`` with ``tls``, a server certificate for 127.0.0.1). With ``oauth`` Azurite
+    also takes bearer tokens (``--oauth basic``, HTTPS only), checking their issuer
+    (``https://sts.windows.net/...``), audience (``https://storage.azure.com``, or the
+    account's blob endpoint), and lifetime, never their signature or any role assignment.
     """
 
     def __init__(
@@ -165,9 +170,18 @@ class AzuriteServer:
         port: int | None = None,
         log: Path | None = None,
         workdir: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+        oauth: bool = False,
     ) -> None:
         if not accounts:
             raise ValueError("Azurite needs at least one account")
+        if oauth and tls is None:
+            raise ValueError("Azurite accepts OAuth bearer tokens over HTTPS only: give tls")
+        #: (server certificate, its key, the CA that signed it), PEM files: serve HTTPS
+        self.tls = tls
+        #: accept bearer tokens (``--oauth basic``): their shape, issuer, audience and
+        #: lifetime are checked, not their signature, nor any role
+        self.oauth = oauth
         self.accounts = {name: key or new_account_key() for name, key in accounts.items()}
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
@@ -178,7 +192,8 @@ class AzuriteServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def account_url(self, account: str) -> str:
         return f"{self.endpoint}/{account}"
@@ -204,6 +219,10 @@ class AzuriteServer:
             "--loose",
             "--silent",
         ]
+        if self.tls is not None:
+            command += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
+        if self.oauth:
+            command += ["--oauth", "basic"]
         env = dict(os.environ)
         env["AZURITE_ACCOUNTS"] = ";".join(f"{n}:{k}" for n, k in self.accounts.items())
         out: IO[bytes] | int = subprocess.DEVNULL
@@ -231,8 +250,10 @@ class AzuriteServer:
     def _answers(self) -> bool:
         """Any HTTP answer (an unauthenticated listing is refused with 403) means ready."""
         account = next(iter(self.accounts))
+        context = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
+        url = f"{self.account_url(account)}?comp=list"
         try:
-            with urllib.request.urlopen(f"{self.account_url(account)}?comp=list", timeout=2):
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return True
         except urllib.error.HTTPError:
             return True

@@ -1,8 +1,11 @@
 """azure-storage-blob clients for the Azure provider (azure-core's errors: errors.py).
 
 Clients are made when a service first talks to Blob Storage, never when the provider is
-registered. A region's storage credential is its account key (``account_key_env``) or the
-provider's token credential (Azure RBAC); a sender's is only the inbox SAS.
+registered. A region's storage credential is its account key (``account_key_env``) when it
+names one, else the region's Microsoft Entra identity: the token credential site.toml names
+for it (identity.py, the same login its Key Vault uses) or the embedder's, with Azure RBAC
+deciding what it may do; a sender's is only the inbox SAS. ``ca_file`` (a PEM bundle) is
+trusted for the blob endpoint too.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ class BlobClients:
         hook = (
             {"raw_request_hook": _Counting(self.metrics, settings.region)} if self.metrics else {}
         )
+        verify = {"connection_verify": settings.ca_file} if settings.ca_file else {}
         return {
             **hook,
+            **verify,
             "retry_total": settings.sdk_retries,
             "connection_timeout": settings.connect_timeout,
             "read_timeout": settings.read_timeout,
@@ -67,28 +72,40 @@ class BlobClients:
             **self.options,
         }
 
-    def credential(self, settings: BlobSettings) -> AzureNamedKeyCredential | TokenCredential:
+    def credential(
+        self, settings: BlobSettings, login: TokenCredential | None = None
+    ) -> AzureNamedKeyCredential | TokenCredential:
+        """The account key when the settings name one, else ``login`` (the region's token
+        credential), else the one this factory was made with."""
         key = settings.account_key()
         if key is not None:
             return AzureNamedKeyCredential(settings.account_name, key)
-        if self.token_credential is None:
+        token = login or self.token_credential
+        if token is None:
             raise ConfigError(
                 f"no credential for storage account {settings.account_name!r}: set "
-                "account_key_env, or give the azure provider a token credential",
+                "account_key_env, or give the region an identity (credential = ...)",
                 key=f'regions."{settings.region}".account_key_env',
                 provider="azure",
                 region=settings.region,
             )
-        return self.token_credential
+        return token
 
-    def service(self, settings: BlobSettings) -> BlobServiceClient:
+    def service(
+        self, settings: BlobSettings, login: TokenCredential | None = None
+    ) -> BlobServiceClient:
         return BlobServiceClient(
-            settings.url, credential=self.credential(settings), **self._common(settings)
+            settings.url, credential=self.credential(settings, login), **self._common(settings)
         )
 
-    def container(self, settings: BlobSettings, name: str) -> ContainerClient:
+    def container(
+        self, settings: BlobSettings, name: str, login: TokenCredential | None = None
+    ) -> ContainerClient:
         return ContainerClient(
-            settings.url, name, credential=self.credential(settings), **self._common(settings)
+            settings.url,
+            name,
+            credential=self.credential(settings, login),
+            **self._common(settings),
         )
 
     def sas_container(self, settings: BlobSettings, name: str, sas: str) -> ContainerClient:

@@ -56,9 +56,10 @@ class AzureProvider(Provider):
     disks of one resource group per region.
 
     ``credential`` is a token credential (an azure-core ``TokenCredential``) used for every
-    region's Key Vault and Compute (instead of the one its settings name) and for storage
-    accounts whose settings name no account key; ``client_options`` go to every Blob Storage
-    client (tests pass a capturing ``transport``)."""
+    region's Key Vault, Compute and Blob Storage instead of the one its settings name; a
+    storage account whose settings name an account key (``account_key_env``) uses that key
+    instead. ``client_options`` go to every Blob Storage client (tests pass a capturing
+    ``transport``)."""
 
     name: ClassVar[str] = "azure"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -128,6 +129,17 @@ class AzureProvider(Provider):
             self._credentials = CredentialSource(self._credential)
         return self._credentials
 
+    def _storage_login(self, region: RegionConfig, settings: BlobSettings) -> Any:
+        """The token credential of ``region``'s storage account: None when its settings
+        name an account key, else the region's identity (the credential its settings name,
+        the one its Key Vault and Compute log in with; or the embedder's)."""
+        if settings.account_key_env is not None:
+            return None
+        with _needs_sdk(region):
+            from regionvault.providers.azure.identity import CredentialSettings
+
+        return self.credentials(region).credential(CredentialSettings.from_region(region))
+
     def key_service(self, region: RegionConfig) -> AzureKeyService:
         with _needs_sdk(region):
             from regionvault.providers.azure.keyvault import AzureKeyService
@@ -153,7 +165,9 @@ class AzureProvider(Provider):
         return AzureVault(
             region=region,
             settings=settings,
-            container=lambda name: clients.container(settings, name),
+            container=lambda name: clients.container(
+                settings, name, self._storage_login(region, settings)
+            ),
             capabilities=self._vault_capabilities(settings),
         )
 
@@ -179,13 +193,16 @@ class AzureProvider(Provider):
         account_key = None
         if settings.inbox_sas_env is None:
             # this process holds the destination's credential: it mints the sender's SAS
+            # (with the account key, or a user delegation key its identity fetches)
             account_key = settings.account_key()
-            service = clients.service(settings)
+            service = clients.service(settings, self._storage_login(destination, settings))
         return AzureTransit(
             source=source,
             destination=destination,
             settings=settings,
-            receiver=lambda: clients.container(settings, settings.inbox_container),
+            receiver=lambda: clients.container(
+                settings, settings.inbox_container, self._storage_login(destination, settings)
+            ),
             sender=lambda sas: clients.sas_container(settings, settings.inbox_container, sas),
             service=service,
             account_key=account_key,

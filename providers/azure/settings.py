@@ -135,6 +135,9 @@ class BlobSettings:
     sdk_retries: int = 3
     connect_timeout: int = 10
     read_timeout: int = 120
+    #: a PEM bundle to trust for the blob endpoint (identity.py's ``ca_file``, which the
+    #: login trusts too): a TLS-inspecting proxy, or a test's HTTPS Azurite
+    ca_file: str | None = None
 
     @property
     def url(self) -> str:
@@ -264,6 +267,7 @@ class BlobSettings:
             sdk_retries=integer("sdk_retries", 3, 0, 20),
             connect_timeout=integer("connect_timeout", 10, 1, 600),
             read_timeout=integer("read_timeout", 120, 1, 3600),
+            ca_file=str(region.path("ca_file")) if s.get("ca_file") is not None else None,
         )
 
     def need_account(self, region: RegionConfig, service: str) -> None:

@@ -10,10 +10,18 @@ for ``https://vault.azure.net/.default`` opens the fake Key Vault only, one for
 
     GET  /<tenant>/v2.0/.well-known/openid-configuration
     POST /<tenant>/oauth2/v2.0/token     grant_type=client_credentials, client_secret_post
+
+Access tokens are JWTs shaped as Entra ID's v1 access tokens (``iss``
+``https://sts.windows.net/<tenant>/``, ``aud`` the resource, ``iat``/``nbf``/``exp``, ``tid``,
+``appid``, ``oid``), so that Azurite's ``--oauth basic``, which checks those claims (but no
+signature), accepts a storage token; their signature is random bytes, and the fakes know a
+token by its whole text.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 import threading
 import time
@@ -133,6 +141,29 @@ class FakeTenant:
             "tenant_region_scope": "EU",
         }
 
+    def _jwt(self, client_id: str, scope: str) -> str:
+        def part(doc: Mapping[str, Any]) -> str:
+            raw = json.dumps(doc, separators=(",", ":")).encode()
+            return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+        now = int(time.time())
+        claims = {
+            "aud": scope.split("/.default")[0].rstrip("/"),
+            "iss": f"https://sts.windows.net/{self.tenant_id}/",
+            "iat": now,
+            "nbf": now - 1,
+            "exp": now + _TOKEN_LIFETIME,
+            "tid": self.tenant_id,
+            "appid": client_id,
+            "oid": client_id,
+            "sub": client_id,
+            "uti": secrets.token_urlsafe(12),
+            "ver": "1.0",
+        }
+        header = {"typ": "JWT", "alg": "RS256", "kid": "regionvault-fake"}
+        signature = base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=").decode()
+        return f"{part(header)}.{part(claims)}.{signature}"
+
     def _issue_token(self, form: Mapping[str, str]) -> dict[str, Any]:
         if form.get("grant_type") != "client_credentials":
             raise FakeAnswer(400, "unsupported_grant_type", "AADSTS70003: only client_credentials")
@@ -152,7 +183,7 @@ class FakeTenant:
                 "invalid_client",
                 f"AADSTS7000215: Invalid client secret provided for '{client_id}'.",
             )
-        token = secrets.token_urlsafe(32)
+        token = self._jwt(client_id, form.get("scope", ""))
         with self._lock:
             self._tokens[token] = (
                 client_id,
