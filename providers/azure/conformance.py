@@ -14,9 +14,15 @@ keys and its compute; test instances are VMs seeded through the plain SDK whose 
 the test data as a tar archive (:meth:`AzureConformanceSupport.make_instance`).
 
 Azurite does not implement immutability policies or legal holds, so the tests of their
-enforcement are skipped offline with that reason (:attr:`known_limits`); with
-``REGIONVAULT_AZURE_LIVE=1`` the suite needs a site of real regions
-(``REGIONVAULT_AZURE_SITE``), where they run.
+enforcement are skipped offline with that reason (:attr:`known_limits`).
+
+Live: with ``REGIONVAULT_AZURE_LIVE=1`` the throwaway site is two real regions the
+environment describes (providers/azure/testing.py: subscription, resource groups, storage
+accounts, Key Vaults, subnets, the login), reached with their identity and no account key;
+the run's containers are removed at its end and its VMs after each test. The WORM tests run
+there when the accounts give new containers version-level immutability
+(``REGIONVAULT_AZURE_IMMUTABILITY=1``), else they are skipped saying so.
+``REGIONVAULT_AZURE_SITE`` names a site file of real regions to use as it is instead.
 """
 
 from __future__ import annotations
@@ -30,17 +36,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.conformance.support import ConformanceSupport, tar_image
-from regionvault.core.errors import UnsupportedOperation
 from regionvault.providers.azure.azurite import AzuriteServer, environment
+from regionvault.providers.azure.testing import LIVE_ENV, LiveSettings, live_mode
 
 if TYPE_CHECKING:
     from regionvault.core.site import Region
     from regionvault.core.types import Instance
 
-__all__ = ["ACCOUNTS", "LIVE_ENV", "AzureConformanceSupport", "key_variable", "live_mode"]
+__all__ = [
+    "ACCOUNTS",
+    "LIVE_ENV",
+    "AzureConformanceSupport",
+    "key_variable",
+    "live_mode",
+    "live_site_text",
+]
 
-#: set to ``1`` to run the Azure tests against real Azure (a site of real regions)
-LIVE_ENV = "REGIONVAULT_AZURE_LIVE"
+#: a site file of real regions that a live run uses as it is
+SITE_ENV = "REGIONVAULT_AZURE_SITE"
 #: the storage accounts of the two test regions, one per region
 ACCOUNTS = ("east", "west")
 #: the test regions' resource group and location (the ARM fake checks neither)
@@ -55,10 +68,11 @@ WORM_OFFLINE = (
     "APINotImplemented); the requests and Azure's documented 409s are tested in "
     "tests/azure/test_azure_blob.py, enforcement only live (REGIONVAULT_AZURE_LIVE=1)"
 )
-
-
-def live_mode() -> bool:
-    return os.environ.get(LIVE_ENV, "") == "1"
+WORM_LIVE_OFF = (
+    "the live accounts' containers have no version-level immutability "
+    "(REGIONVAULT_AZURE_IMMUTABILITY is not 1): give the accounts account-level "
+    "immutability and set it to run the WORM tests"
+)
 
 
 def key_variable(account: str) -> str:
@@ -110,25 +124,41 @@ def region_lines(
     return lines
 
 
+def live_site_text(live: LiveSettings, *, tag: str) -> str:
+    """The site.toml of a live run: regions ``azure:east`` (A) and ``azure:west`` (B) from
+    ``live``, their containers named for the run (``tag``), east replicating to west."""
+    lines = ['[site]\nname = "conformance-azure-live"\n']
+    for letter, name in zip(("A", "B"), ACCOUNTS, strict=True):
+        lines.append(f'[regions."azure:{name}"]')
+        lines.extend(f"{k} = {_toml(v)}" for k, v in live.region_settings(letter, tag=tag).items())
+        lines.append("")
+    lines.append('[[replication]]\nfrom = "azure:east"\nto = "azure:west"\n')
+    return "\n".join(lines)
+
+
 class AzureConformanceSupport(ConformanceSupport):
     def __init__(self) -> None:
-        self.known_limits: Mapping[str, str] = (
-            {}
-            if live_mode()
-            else {
-                "test_governance_retention_refuses_early_delete": WORM_OFFLINE,
-                "test_compliance_retention_refuses_delete_and_shortening": WORM_OFFLINE,
-                "test_legal_hold_refuses_delete_until_lifted": WORM_OFFLINE,
-            }
+        worm = (
+            "test_governance_retention_refuses_early_delete",
+            "test_compliance_retention_refuses_delete_and_shortening",
+            "test_legal_hold_refuses_delete_until_lifted",
         )
+        reason: str | None = WORM_OFFLINE
+        if live_mode():
+            immutable = os.environ.get("REGIONVAULT_AZURE_IMMUTABILITY", "") == "1"
+            reason = None if immutable or os.environ.get(SITE_ENV) else WORM_LIVE_OFF
+        self.known_limits: Mapping[str, str] = dict.fromkeys(worm, reason) if reason else {}
 
     @contextlib.contextmanager
     def test_site(self, workdir: Path) -> Iterator[Path]:
         if live_mode():
-            raise UnsupportedOperation(
-                f"a throwaway Azure site with {LIVE_ENV}=1 (give REGIONVAULT_AZURE_SITE)",
-                provider="azure",
-            )
+            given = os.environ.get(SITE_ENV)
+            if given:
+                yield Path(given)
+                return
+            with self._live_site(workdir) as path:
+                yield path
+            return
         from regionvault.providers.azure.fakes.arm import ArmFake
         from regionvault.providers.azure.fakes.keyvault import fake_key_vaults
 
@@ -174,6 +204,18 @@ class AzureConformanceSupport(ConformanceSupport):
             path.write_text("\n".join(lines), encoding="utf-8")
             yield path
 
+    @contextlib.contextmanager
+    def _live_site(self, workdir: Path) -> Iterator[Path]:
+        """Two real regions from the environment (testing.py), containers named for this
+        run, all removed at the end."""
+        path = workdir / "site.toml"
+        text = live_site_text(LiveSettings.from_environment(), tag=uuid.uuid4().hex[:10])
+        path.write_text(text, encoding="utf-8")
+        try:
+            yield path
+        finally:
+            _remove_live_containers(path)
+
     def make_instance(
         self,
         region: Region,
@@ -200,6 +242,30 @@ class AzureConformanceSupport(ConformanceSupport):
             vm_name,
             tags={**tags, NAME_TAG: name},
             image=tar_image(data),
-            vm_size=VM_SIZE,
+            vm_size=compute.settings.vm_size or VM_SIZE,
+            subnet_id=compute.settings.subnet_id,
         )
         return compute.get_instance(vm_id)
+
+
+def _remove_live_containers(site_path: Path) -> None:
+    """Delete the containers a live run made (its vaults and inboxes), through the regions'
+    own identities; a container already gone is fine, any other failure is raised."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from regionvault.core.site import Site
+    from regionvault.providers.azure.provider import AzureProvider
+
+    with Site.load(site_path) as site:
+        for region in site.regions:
+            provider = site.registry.get(region.config.services["vault"].provider)
+            if not isinstance(provider, AzureProvider):
+                continue
+            view = region.config.for_service("vault")
+            settings = provider.settings(view)
+            service = provider.clients(view).service(
+                settings, provider._storage_login(view, settings)
+            )
+            with service:
+                for container in (settings.container, settings.inbox_container):
+                    with contextlib.suppress(ResourceNotFoundError):
+                        service.delete_container(container)

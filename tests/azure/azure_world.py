@@ -5,6 +5,7 @@ tests/azure)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import uuid
@@ -13,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from regionvault.core.config import SERVICES
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 from regionvault.providers.azure.azurite import AzuriteServer
 from regionvault.providers.azure.conformance import key_variable
 from regionvault.providers.azure.provider import AzureProvider
+from regionvault.providers.azure.settings import COMPUTE_SETTINGS
+from regionvault.providers.azure.testing import LiveSettings
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPResponse
 
@@ -96,24 +100,47 @@ class ScriptedAdapter(HTTPAdapter):
 
 class AzureWorld:
     """One test's view of Azurite: region configs whose containers are unique to the test,
-    and providers that talk to Azurite (through a :class:`ScriptedAdapter` when asked)."""
+    and providers that talk to Azurite (through a :class:`ScriptedAdapter` when asked).
 
-    def __init__(self, server: AzuriteServer, base_dir: Path) -> None:
-        self.server = server
+    Live (``live`` given, ``server`` None): the regions are the environment's two storage
+    accounts (``east`` is A, ``west`` B), reached with their identity, and :meth:`close`
+    deletes the test's containers."""
+
+    def __init__(
+        self, server: AzuriteServer | None, base_dir: Path, *, live: LiveSettings | None = None
+    ) -> None:
+        self._server = server
+        self.live = live
         self.base_dir = base_dir
         self.tag = uuid.uuid4().hex[:10]
         self.provider = AzureProvider()
         self._services: list[Any] = []
 
+    @property
+    def server(self) -> AzuriteServer:
+        """The Azurite of an offline run; a test that needs it is skipped live."""
+        if self._server is None:
+            pytest.skip("offline only: this test needs Azurite itself (its account keys)")
+        return self._server
+
     def settings(self, account: str, **extra: Any) -> dict[str, Any]:
-        settings: dict[str, Any] = {
-            "account_url": self.server.account_url(account),
-            "account_key_env": key_variable(account),
-            "container": f"rv-{self.tag}",
-            "inbox_container": f"rv-{self.tag}-inbox",
-            "create": True,
-            "sdk_retries": 0,
-        }
+        settings: dict[str, Any]
+        if self.live is not None:
+            letter = "A" if account == EAST else "B"
+            settings = {
+                k: v
+                for k, v in self.live.region_settings(letter, tag=self.tag).items()
+                if k not in COMPUTE_SETTINGS and k not in ("key_vault_url", "key_name")
+            }
+        else:
+            settings = {
+                "account_url": self.server.account_url(account),
+                "account_key_env": key_variable(account),
+                "container": f"rv-{self.tag}",
+                "inbox_container": f"rv-{self.tag}-inbox",
+                "create": True,
+                "sdk_retries": 0,
+            }
         settings.update(extra)
         return {k: v for k, v in settings.items() if v is not None}
 
@@ -146,3 +173,20 @@ class AzureWorld:
     def close(self) -> None:
         while self._services:
             self._services.pop().close()
+        if self.live is not None:
+            self._remove_live_containers()
+        self.provider.close()
+
+    def _remove_live_containers(self) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        for account in (EAST, WEST):
+            region = self.region(account)
+            settings = self.provider.settings(region)
+            service = self.provider.clients(region).service(
+                settings, self.provider._storage_login(region, settings)
+            )
+            with service:
+                for name in (settings.container, settings.inbox_container):
+                    with contextlib.suppress(ResourceNotFoundError):
+                        service.delete_container(name)
