@@ -172,8 +172,8 @@ class ProviderRegistry:
             return found
 
     def acquire(self, names: Iterable[str]) -> None:
-        """An open :class:`~regionvault.core.site.Site` uses the providers ``names``: they
-        are not closed until it :meth:`release` s them."""
+        """An open :class:`~regionvault.core.site.Site` uses the providers ``names``: none
+        of them is closed until the site gives them back (:meth:`release`)."""
         with self._lock:
             for name in set(names):
                 self._users[name] = self._users.get(name, 0) + 1
@@ -193,8 +193,15 @@ class ProviderRegistry:
                 found = self._instances.get(name)
                 if found is not None:
                     closing.append(found)
+        # every one is closed even when one fails; then the first failure is raised
+        failures: list[BaseException] = []
         for provider in closing:
-            provider.close()
+            try:
+                provider.close()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 def make_plugin_manager(

@@ -199,7 +199,7 @@ class AzureComputeSettings:
         ):
             raise region.error("poll_interval", "must be a number of seconds from 0 to 300")
         start = settings.get("start_timeout", 600)
-        if isinstance(start, bool) or not isinstance(start, int | float) or not 0 < start <= 7200:
+        if isinstance(start, bool) or not isinstance(start, int | float) or not 1 <= start <= 7200:
             raise region.error("start_timeout", "must be a number of seconds from 1 to 7200")
         # the same PEM bundle the login uses (identity.py's ``ca_file``)
         ca = optional("ca_file")

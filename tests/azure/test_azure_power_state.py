@@ -183,6 +183,6 @@ def test_start_timeout_setting_is_checked(tmp_path: Path) -> None:
 
     assert AzureComputeSettings.from_region(region()).start_timeout == 600
     assert AzureComputeSettings.from_region(region(start_timeout=90)).start_timeout == 90
-    for bad in (0, True, "60", 7201):
+    for bad in (0, 0.5, True, "60", 7201):
         with pytest.raises(ConfigError, match="start_timeout"):
             AzureComputeSettings.from_region(region(start_timeout=bad))
