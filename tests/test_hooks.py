@@ -625,7 +625,7 @@ def test_for_a_block_capture_the_afters_run_right_after_the_snapshot(tmp_path: P
     vm = Instance(id="i-0abc", name="vm", region="aws:us-east-1")
     with HookRun(["fs"], site.hooks, vm, region="aws:us-east-1", work_root=tmp_path / "w") as run:
         run.before()
-        run.captured(Snapshot(vm, datetime.now(UTC), size=0, block_size=512))
+        run.captured(Snapshot(vm, datetime.now(UTC), size=512, block_size=512))
         assert log.read_text().splitlines() == ["freeze", "thaw"]  # held only for the snapshot
         (issue,) = run.before_commit()  # the failed after still reaches the point
         assert issue.kind is IssueKind.HOOK and "exit status 1" in issue.message
