@@ -186,3 +186,53 @@ def test_start_timeout_setting_is_checked(tmp_path: Path) -> None:
     for bad in (0, 0.5, True, "60", 7201):
         with pytest.raises(ConfigError, match="start_timeout"):
             AzureComputeSettings.from_region(region(start_timeout=bad))
+
+
+def test_the_engine_backs_up_a_deallocated_vm_and_launches_a_running_copy(
+    azurite: AzuriteServer, tmp_path: Path
+) -> None:
+    """Through the provider's own conformance site (ARM fakes over Azurite, fake Key Vaults):
+    a deallocated VM is due, backed up, and its point launches as a new VM that runs, whose
+    disk holds the original's bytes; the original stays deallocated."""
+    from datetime import UTC, datetime
+
+    from regionvault.core.conformance.support import tar_image
+    from regionvault.core.pipeline import Engine
+    from regionvault.core.pipeline.scheduler import due_instances
+    from regionvault.providers.azure.compute import AzureCompute
+    from regionvault.providers.azure.conformance import AzureConformanceSupport
+    from test_azure_blob_identity import _open
+
+    support = AzureConformanceSupport()
+    (tmp_path / "site").mkdir()
+    data = {"etc/ims.conf": b"deallocated but kept " * 500}
+    with support.test_site(tmp_path / "site") as path, _open(path) as site:
+        east = site.region("azure:east")
+        compute = east.compute
+        assert isinstance(compute, AzureCompute)
+        vm = support.make_instance(
+            east, "ims-3", data=data, tags={"backup": "1-7"}, workdir=tmp_path / "w"
+        )
+        compute.client.virtual_machines.begin_deallocate(
+            compute.settings.resource_group, vm.extra["vm_name"]
+        ).result()
+        assert compute.get_instance(vm.id).state == "deallocated"
+
+        schedule = due_instances(compute, lambda _i: None, site.config, datetime.now(UTC))
+        assert [d.instance.id for d in schedule.due] == [vm.id]
+        engine = Engine(site)
+        point = engine.backup(vm.id)
+        assert point.instance_id == vm.id
+        launched = engine.restore(point.id, region="azure:east", launch=True)
+        assert launched.instance is not None and launched.healthy
+        assert launched.instance.state == "running"
+        assert compute.get_instance(vm.id).state == "deallocated"
+        with compute.capture(launched.instance.id) as capture:
+            assert isinstance(capture, AzureBlockCapture)
+            image = bytearray(capture.size)
+            for offset, block in capture.blocks():
+                image[offset : offset + len(block)] = block
+        expected = tar_image(data)
+        assert bytes(image[: len(expected)]) == expected
+        compute.terminate(launched.instance.id)
+        compute.terminate(vm.id)
