@@ -249,9 +249,10 @@ def test_a_file_replaced_between_walk_and_open_is_taken_as_replaced(
     # the tree records the new file: its bytes, size and mtime, never the walked size
     assert restored(repo, point.id, tmp_path / "out") == files(src)
     assert (tmp_path / "out" / "var/db/app.db").read_bytes() == new
-    # the walked file, then the new one, which was written as its read began: once more
-    # when settled (a write in the same clock tick would not show)
-    assert cap.opens["var/db/app.db"] == 3
+    # the walked file, then the new one; once more when that read began within SETTLE_NS
+    # of the write (a write in the same clock tick would not show), which a loaded machine
+    # may not manage: the read then settled already
+    assert cap.opens["var/db/app.db"] in (2, 3)
 
 
 def test_a_file_replaced_between_reads_is_taken_whole_never_a_mix(
