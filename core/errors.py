@@ -29,6 +29,7 @@ __all__ = [
     "RetentionLocked",
     "TransientError",
     "TransitError",
+    "UnlaunchableKind",
     "UnsupportedOperation",
     "VaultError",
 ]
@@ -90,6 +91,20 @@ class UnsupportedOperation(RegionVaultError):
             region=region,
         )
         self.operation = operation
+
+
+class UnlaunchableKind(UnsupportedOperation):
+    """A region's compute cannot launch a recovery point of this kind: the message names
+    the region, its compute, the point and where the point came from."""
+
+    def __init__(
+        self, message: str, *, provider: str | None = None, region: str | None = None
+    ) -> None:
+        RegionVaultError.__init__(self, message, provider=provider, region=region)
+        self.operation = "launch"
+
+    def __str__(self) -> str:
+        return self.message  # it names the region itself
 
 
 class KeyServiceError(RegionVaultError):

@@ -406,6 +406,14 @@ class Capabilities:
     launch: bool = False
     register_instance: bool = False
     key_rotation: bool = True
+    #: the kinds of point a compute launches from; None: those it captures, when it launches
+    launch_kinds: frozenset[CaptureKind] | None = None
+
+    def launchable_kinds(self) -> frozenset[CaptureKind]:
+        """The kinds of recovery point this compute can launch an instance from."""
+        if not self.launch:
+            return frozenset()
+        return self.capture_kinds if self.launch_kinds is None else self.launch_kinds
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ def _region_capabilities(site: Site, region: Region) -> Capabilities:
         ranged_get=vault.ranged_get,
         capture_kinds=compute.capture_kinds,
         launch=compute.launch,
+        launch_kinds=compute.launch_kinds,
         register_instance=compute.register_instance,
         key_rotation=keys.key_rotation,
     )
@@ -163,6 +164,7 @@ def _region_capabilities(site: Site, region: Region) -> Capabilities:
 def _capabilities_json(caps: Capabilities) -> dict[str, Any]:
     data = asdict(caps)
     data["capture_kinds"] = sorted(str(k) for k in caps.capture_kinds)
+    data["launch_kinds"] = sorted(str(k) for k in caps.launchable_kinds())
     return data
 
 

@@ -33,7 +33,12 @@ from regionvault.core.errors import (
 from regionvault.core.interfaces import BlockSink, FileSink
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import Job, copy_jobs_for, format_slot
-from regionvault.core.pipeline.launch import await_healthy, discard_sink, launch_name
+from regionvault.core.pipeline.launch import (
+    await_healthy,
+    check_launchable,
+    discard_sink,
+    launch_name,
+)
 from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, StateStore
@@ -462,6 +467,7 @@ class Engine:
                 seconds_to_restore=time.monotonic() - started,
                 notes=report.notes,
             )
+        check_launchable(r, point)
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
             name=launch_name(r, point, name),
@@ -469,7 +475,13 @@ class Engine:
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
-        sink = r.compute.open_restore_sink(spec, point.kind, size=manifest.image_size)
+        sink = r.compute.open_restore_sink(
+            spec,
+            point.kind,
+            size=manifest.image_size,
+            # a block image's disks, so that the sink makes one disk each (none for a tree)
+            disks=manifest.disks or None,
+        )
         try:
             if not isinstance(sink, FileSink | BlockSink):
                 raise RegionVaultError(

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from regionvault.core.errors import RegionVaultError
+from regionvault.core.errors import RegionVaultError, UnlaunchableKind
 from regionvault.core.interfaces import RestoreSink
 from regionvault.core.types import Instance, RecoveryPoint
 
@@ -15,9 +15,31 @@ if TYPE_CHECKING:
     import pluggy
     from regionvault.core.site import Region
 
-__all__ = ["await_healthy", "discard_sink", "launch_name"]
+__all__ = ["await_healthy", "check_launchable", "discard_sink", "launch_name"]
 
 log = logging.getLogger(__name__)
+
+
+def check_launchable(region: Region, point: RecoveryPoint) -> None:
+    """Refuse, before anything is made, a point whose kind ``region``'s compute cannot
+    launch (a block image in a region that runs file trees, or the reverse): one error
+    naming the region, its compute, the point and where the point came from."""
+    compute = region.compute
+    kinds = compute.capabilities.launchable_kinds()
+    if point.kind in kinds:
+        return
+    origin = (
+        f"copied from {point.lineage.source_region}"
+        if point.lineage is not None
+        else f"backed up in {point.region}"
+    )
+    launches = "+".join(sorted(str(k) for k in kinds)) or "nothing"
+    raise UnlaunchableKind(
+        f"region {region.name} ({compute.provider}) cannot launch {point.kind} point "
+        f"{point.id} of {point.instance_id} ({origin}): its compute launches {launches}",
+        provider=compute.provider,
+        region=region.name,
+    )
 
 
 def discard_sink(region: Region, sink: RestoreSink, error: BaseException) -> None:

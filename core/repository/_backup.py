@@ -72,6 +72,7 @@ from regionvault.core.repository._chunking import (
     Rechunker,
     StagingPool,
 )
+from regionvault.core.repository._disks import off_disks
 from regionvault.core.repository._index import ChunkIdSet, ChunkIndex
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._store import Store
@@ -894,6 +895,13 @@ class BackupRun:
                     )
                 if not data:
                     continue
+                stray = off_disks(capture.disks, offset, len(data))
+                if stray is not None:
+                    # a restore writes each disk apart: data between disks would be lost
+                    raise ComputeError(
+                        f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
+                        f"holds data at {stray}, which lies on none of its disks"
+                    )
                 if offset != end or record is None:
                     close()
                     cutter.begin()

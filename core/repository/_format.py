@@ -1,4 +1,4 @@
-"""The repository's on-vault format, version 2: names, binary layouts, AAD (docs/format.md).
+"""The repository's on-vault format, version 3: names, binary layouts, AAD (docs/format.md).
 
 Everything here is pure encoding and decoding: no I/O, no threads. All integers are
 big-endian. Every decode that meets something it cannot trust raises
@@ -32,6 +32,8 @@ __all__ = [
     "ENVELOPE_HEADER",
     "FLAG_ZSTD",
     "FORMAT_VERSION",
+    "FORMAT_VERSION_DISKS",
+    "FORMAT_VERSION_WITHOUT_DISKS",
     "GCM_TAG",
     "ID_SIZE",
     "INDEX_PACK",
@@ -97,8 +99,15 @@ __all__ = [
 
 #: the newest format this code writes and reads; readers refuse anything newer. Version 2
 #: changed only the tree records (a point's manifest says which version wrote it); sealed
-#: objects and packs keep their version 1 layout and say so (:data:`LAYOUT_VERSION`)
-FORMAT_VERSION = 2
+#: objects and packs keep their version 1 layout and say so (:data:`LAYOUT_VERSION`).
+#: Version 3 added the disks of a block image to the manifest: only a manifest (and a copy
+#: offer) that records disks says 3; everything else is still written as version 2
+FORMAT_VERSION = 3
+#: the version of a manifest or copy offer that records the disks of a block image
+FORMAT_VERSION_DISKS = 3
+#: what the config, and manifests and offers that record no disks, say: their content is
+#: what version 2 wrote, so a reader of version 2 still reads them
+FORMAT_VERSION_WITHOUT_DISKS = 2
 #: the version byte of sealed objects and packs: their layout is the same in formats 1 and 2,
 #: so a version 1 reader still opens them, and refuses a version 2 point at its manifest
 LAYOUT_VERSION = 1

@@ -13,6 +13,12 @@ from typing import Any
 import blake3
 from regionvault.core.errors import IntegrityError, ObjectNotFound
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._disks import (
+    decode_disks,
+    encode_disks,
+    point_format,
+    recorded_disks,
+)
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._pipeline import Fetcher
 from regionvault.core.repository._store import Store, canonical_json
@@ -21,10 +27,12 @@ from regionvault.core.repository.model import Manifest, Problem
 from regionvault.core.types import (
     CaptureIssue,
     CaptureKind,
+    Disk,
     IssueKind,
     Lineage,
     RecoveryPoint,
     Tags,
+    disk_layout,
 )
 
 __all__ = [
@@ -84,13 +92,24 @@ def encode_manifest(
     stats: Mapping[str, int],
     issues: Sequence[CaptureIssue] = (),
     issues_total: int | None = None,
+    disks: Sequence[Disk] | None = None,
 ) -> bytes:
     """The manifest's canonical body. ``issues`` (what the capture did not take whole) are
     recorded only when there are some, so a complete point's manifest is as version 1 wrote
     it; at most :data:`MAX_LISTED_ISSUES` are named, ``issues_total`` (default: how many
-    were given) counts them all."""
+    were given) counts them all. ``disks`` (a block image's) are recorded only when they
+    are not one disk that is the whole image, and then the manifest is of format version 3
+    (:func:`~regionvault.core.repository._disks.point_format`); else of version 2."""
+    recorded = None
+    if image is not None and disks is not None:
+        recorded = recorded_disks(disks, image[0], image[1])
+    image_doc: dict[str, Any] | None = None
+    if image is not None:
+        image_doc = {"size": image[0], "block_size": image[1]}
+        if recorded is not None:
+            image_doc["disks"] = encode_disks(recorded)
     doc: dict[str, Any] = {
-        "format": fmt.FORMAT_VERSION,
+        "format": point_format(recorded),
         "id": point_id,
         "vault": store.vault_id,
         "repository": store.config.repository_id,
@@ -111,7 +130,7 @@ def encode_manifest(
         },
         "parent": parent,
         "size": size,
-        "image": None if image is None else {"size": image[0], "block_size": image[1]},
+        "image": image_doc,
         "tree": {"chunks": [c.hex() for c in tree_chunks], "bytes": tree_bytes, "entries": entries},
         "stats": dict(stats),
     }
@@ -149,6 +168,16 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
         created = _dt(doc["created_at"])
         taken = _dt(doc["taken_at"])
         assert created is not None and taken is not None
+        disks: tuple[Disk, ...] = ()
+        if image is not None:
+            size, block_size = int(image["size"]), int(image["block_size"])
+            recorded = decode_disks(
+                image.get("disks"), version=int(doc["format"]), size=size, block_size=block_size
+            )
+            if recorded is not None:
+                disks = recorded
+            elif size > 0:  # an empty image (written before disks existed) has none
+                disks = disk_layout(None, size, block_size)
         issues = doc.get("issues") or {"total": 0, "listed": []}
         listed = tuple(
             CaptureIssue(str(i["path"]), IssueKind(i["kind"]), str(i["message"]))
@@ -189,6 +218,7 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
             block_size=None if image is None else int(image["block_size"]),
             stats={str(k): int(v) for k, v in doc["stats"].items()},
             issues=listed,
+            disks=disks,
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise IntegrityError(name, f"manifest is malformed ({exc!r})") from None

@@ -105,7 +105,9 @@ class Store:
         context = config_context(self.vault_id)
         data_key = self.keys.generate_data_key(context)
         body = {
-            "format": fmt.FORMAT_VERSION,
+            # the config is as version 2 wrote it: a reader of version 2 opens the
+            # repository and refuses only the points it cannot read
+            "format": fmt.FORMAT_VERSION_WITHOUT_DISKS,
             "repository": fmt.new_id(),
             "vault": self.vault_id,
             "created_at": datetime.now(UTC).isoformat(),

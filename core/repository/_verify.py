@@ -21,6 +21,7 @@ from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._links import LINK_PREFIX, decode_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
+from regionvault.core.repository._restore_blocks import extent_problem
 from regionvault.core.repository._retention import delete_unless_held
 from regionvault.core.repository._store import Store
 from regionvault.core.repository.model import (
@@ -180,14 +181,27 @@ def _verify(
             point = fmt.point_name(manifest.point.id)
             used.update(manifest.tree_chunks)
             missing = 0
+            misplaced, first_misplaced = 0, ""
+            end = 0
             try:
                 for record in tree_records(store, index, pool, manifest):
+                    if manifest.image_size is not None:
+                        # a block image's extents lie inside the image, in order, on its
+                        # disks (the holes between disks hold nothing)
+                        problem = extent_problem(record, end, manifest.image_size, manifest.disks)
+                        if problem is not None:
+                            misplaced += 1
+                            first_misplaced = first_misplaced or problem
+                        end = max(end, record.offset + record.size)
                     for chunk_id in record.chunk_ids():
                         used.add(chunk_id)
                         if chunk_id not in index:
                             missing += 1
             except IntegrityError as exc:
                 err(Problem(exc.object_name, f"{exc.reason} (tree of {point})"))
+            if misplaced:
+                more = f" (and {misplaced - 1} more)" if misplaced > 1 else ""
+                err(Problem(point, f"{first_misplaced}{more}"))
             if missing:
                 err(Problem(point, f"{missing} chunk(s) of this point are in no index"))
                 damage.unindexed = damage.unindexed or bool(leftovers)

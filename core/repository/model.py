@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from regionvault.core.types import CaptureIssue, FileKind, RecoveryPoint
+from regionvault.core.types import CaptureIssue, Disk, FileKind, RecoveryPoint
 
 __all__ = [
     "ChunkerParams",
@@ -165,6 +165,13 @@ class Manifest:
     stats: Mapping[str, int] = field(default_factory=dict)
     #: the entries the capture did not take whole, as named (``point.issues`` counts all)
     issues: tuple[CaptureIssue, ...] = ()
+    #: a block image's disks, the first the one it boots from (one disk, "disk", that is the
+    #: whole image when the manifest records none); empty for a file tree
+    disks: tuple[Disk, ...] = ()
+
+    @property
+    def several_disks(self) -> bool:
+        return len(self.disks) > 1
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from regionvault.core.repository._manifest import (
 )
 from regionvault.core.repository._pipeline import Fetcher
 from regionvault.core.repository._restore import FileRestorer, Selection
-from regionvault.core.repository._restore_blocks import BlockRestorer
+from regionvault.core.repository._restore_blocks import BlockRestorer, check_sink_disks
 from regionvault.core.repository._restore_writer import ParallelWriter, Reporter
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import to_public
@@ -253,6 +253,7 @@ class Repository:
                 entries=result.entries,
                 stats=result.stats,
                 issues=issues,
+                disks=capture.disks if isinstance(capture, BlockCapture) else None,
             )
             lock.check()
             store.put_sealed(
@@ -344,7 +345,10 @@ class Repository:
         :class:`FileSink`), with modes, mtimes, symlinks, hard links, FIFOs, device nodes,
         owners, extended attributes, empty and sparse files; a block image into a file
         (holes stay holes, fsynced) or a :class:`BlockSink` (written in block-aligned
-        pieces; committing the sink is left to its owner).
+        pieces; committing the sink is left to its owner; it must hold the image's disks
+        at their offsets). An image of several disks restores into a path as a new or empty
+        directory holding one raw image file per disk, ``disk<N>-<name>.img`` (N from 0,
+        the disk it boots from; see :func:`~regionvault.core.repository._disks.disk_file_names`).
 
         ``paths`` (file trees only) restores those entries, what lies under them, and the
         directories above them. Every chunk is authenticated and checked against its id
@@ -413,10 +417,21 @@ class Repository:
                     if isinstance(target, FileSink):
                         raise ValueError(f"{point_id} is a block image; it needs a BlockSink")
                     assert manifest.image_size is not None
+                    assert manifest.block_size is not None
                     report = Reporter(progress, None, manifest.image_size)
-                    blocks = BlockRestorer(what=name, image_size=manifest.image_size, report=report)
+                    blocks = BlockRestorer(
+                        what=name,
+                        image_size=manifest.image_size,
+                        report=report,
+                        disks=manifest.disks,
+                    )
                     if isinstance(target, BlockSink):
+                        if manifest.disks:
+                            check_sink_disks(name, manifest.disks, target)
                         blocks.to_sink(records(), target, fetcher)
+                        read = fetcher.bytes_read
+                    elif manifest.several_disks:
+                        blocks.to_disk_files(records(), Path(target), fetcher, manifest.block_size)
                         read = fetcher.bytes_read
                     else:
                         writer = self._writer(store, state.index, pool, name, zero, report)

@@ -10,12 +10,13 @@ import os
 import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import IntegrityError, ObjectExists, RegionVaultError
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._chunking import Rechunker
+from regionvault.core.repository._disks import decode_disks
 from regionvault.core.repository._links import LinkTable
 from regionvault.core.repository._manifest import decode_manifest, encode_manifest
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
@@ -27,6 +28,7 @@ from regionvault.core.repository.copy.offer import CopyOffer, encode_copied_reco
 from regionvault.core.types import (
     CaptureIssue,
     CaptureKind,
+    Disk,
     Instance,
     IssueKind,
     Lineage,
@@ -163,6 +165,7 @@ def commit_copy(
         return chunk_id
 
     p = offer.point
+    disks = None if p["image"] is None else _offered_disks(p)  # checked before any write
     try:
         tree = TreeWriter(Rechunker(store.new_chunker()), store_chunk)
         for record in offer.records(name):
@@ -217,6 +220,7 @@ def commit_copy(
         parent=None,
         size=int(p["size"]),
         image=None if image is None else (int(image["size"]), int(image["block_size"])),
+        disks=disks,
         tree_chunks=tree_chunks,
         tree_bytes=tree.bytes,
         entries=tree.entries,
@@ -250,6 +254,20 @@ def commit_copy(
         function=instance.function,
         issues=int(issues["total"]),
     )
+
+
+def _offered_disks(p: dict[str, Any]) -> tuple[Disk, ...] | None:
+    """The disks the offer of a block point carries (None: one disk, the whole image)."""
+    image = p["image"]
+    try:
+        return decode_disks(
+            image.get("disks"),
+            version=int(p.get("format", 1)),
+            size=int(image["size"]),
+            block_size=int(image["block_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"offer of {p['id']}", f"its disks are malformed ({exc!r})") from None
 
 
 def _with_ids(record: fmt.RawRecord, ids: bytes) -> fmt.RawRecord:

@@ -16,6 +16,7 @@ from typing import Any
 from regionvault.core.errors import IntegrityError
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._disks import encode_disks, point_format, recorded_disks
 from regionvault.core.repository._manifest import tree_records
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._tree import iter_records
@@ -95,13 +96,24 @@ def make_offer(store: Store, manifest: Manifest) -> CopyOffer:
     p = manifest.point
     if p.kind is CaptureKind.BLOCKS and manifest.image_size is None:
         raise IntegrityError(fmt.point_name(point_id), "block point without an image size")
+    recorded = None
+    image: dict[str, Any] | None = None
+    if manifest.image_size is not None:
+        image = {"size": manifest.image_size, "block_size": manifest.block_size}
+        if manifest.disks:
+            assert manifest.block_size is not None
+            recorded = recorded_disks(manifest.disks, manifest.image_size, manifest.block_size)
+        if recorded is not None:
+            image["disks"] = encode_disks(recorded)
     state = store.load_index()
     parts: list[bytes] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for record in tree_records(store, state.index, pool, manifest):
             parts.append(encode_copied_record(record, fmt.point_name(point_id)))
     point: dict[str, Any] = {
-        "format": fmt.FORMAT_VERSION,
+        # 3 only when it carries disks: a destination of version 2 then refuses the offer
+        # ("upgrade") rather than commit the disks as one; else 2, which it reads
+        "format": point_format(recorded),
         "id": p.id,
         "region": p.region,
         "instance": {"id": p.instance_id, "name": p.instance_name},
@@ -119,9 +131,7 @@ def make_offer(store: Store, manifest: Manifest) -> CopyOffer:
         },
         "taken_at": manifest.taken_at.isoformat(),
         "size": p.size,
-        "image": None
-        if manifest.image_size is None
-        else {"size": manifest.image_size, "block_size": manifest.block_size},
+        "image": image,
         "entries": manifest.entry_count,
         "stats": dict(manifest.stats),
     }
