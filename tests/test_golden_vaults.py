@@ -4,7 +4,10 @@ code, and today's code backs up and copies into it.
 
 golden.json names the points and, for each, the tree it must restore: every path with its
 type, permission bits, mtime (ns), size and SHA-256, symlink target, hard-link partner, and
-from format version 2 on its owner and xattrs.
+from format version 2 on its owner and xattrs. From format version 3 on it also names a
+block image of two disks (``images``: each disk's place, size and SHA-256) and the points
+holding it, and each point's own format version (a point that records no disks stays of
+version 2).
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from regionvault.core import Site
+from regionvault.core import BlockCapture, Instance, Site
 from regionvault.core.cli import cli
 from regionvault.core.repository import FORMAT_VERSION, Repository
+from regionvault.core.types import Disk
 from site_support import site_toml
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -45,6 +51,13 @@ class Golden:
     def tree(self, name: str) -> list[dict[str, Any]]:
         return list(self.spec["trees"][name])
 
+    @property
+    def block_points(self) -> list[dict[str, Any]]:
+        return [p for p in self.spec["points"] if "disks" in p]
+
+    def disks(self, name: str) -> list[dict[str, Any]]:
+        return list(self.spec["images"][name]["disks"])
+
 
 def test_every_format_version_written_has_a_golden_vault() -> None:
     versions = {json.loads((p / "golden.json").read_text())["format_version"] for p in VAULTS}
@@ -56,11 +69,24 @@ def test_every_format_version_written_has_a_golden_vault() -> None:
     )
 
 
+#: the golden vaults holding a block image of several disks (format version 3 on)
+DISK_VAULTS = [p for p in VAULTS if "images" in json.loads((p / "golden.json").read_text())]
+
+
 @pytest.fixture(params=VAULTS, ids=[p.name for p in VAULTS])
 def golden(request: pytest.FixtureRequest, tmp_path: Path) -> Golden:
     """A copy of one golden vault (the committed one is never written), opened by a
     site.toml next to it."""
-    source: Path = request.param
+    return open_golden(request.param, tmp_path)
+
+
+@pytest.fixture(params=DISK_VAULTS, ids=[p.name for p in DISK_VAULTS])
+def golden_disks(request: pytest.FixtureRequest, tmp_path: Path) -> Golden:
+    """A copy of one golden vault that holds a block image of several disks."""
+    return open_golden(request.param, tmp_path)
+
+
+def open_golden(source: Path, tmp_path: Path) -> Golden:
     root = tmp_path / "golden"
     shutil.copytree(source, root, symlinks=True)
     for keystore in root.glob("regions/*/keys/keystore.json"):
@@ -161,7 +187,10 @@ def test_its_points_are_of_the_format_version_it_stands_for(golden: Golden) -> N
         for point in golden.spec["points"]:
             region = site.region(point["region"])
             repo = Repository.init_or_open(region.vault, region.keys, region=region.name)
-            assert repo.load_manifest(point["id"]).format_version == golden.version, point
+            expected = point.get("format_version", golden.version)
+            assert repo.load_manifest(point["id"]).format_version == expected, point
+    listed = {p.get("format_version", golden.version) for p in golden.spec["points"]}
+    assert max(listed) == golden.version
 
 
 def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
@@ -180,10 +209,28 @@ def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
         assert listed[point["id"]]["lineage"] == lineage, point
 
 
+def assert_restores_disks(
+    golden: Golden, point: str, region: str, image: str, target: Path
+) -> None:
+    """A point of several disks restores into ``target`` as one raw image file per disk,
+    in order, each of its size and SHA-256."""
+    rv(golden, "restore", point, "--region", region, "--target", target)
+    disks = golden.disks(image)
+    names = [f"disk{n}-{disk['name']}.img" for n, disk in enumerate(disks)]
+    assert sorted(f.name for f in target.iterdir()) == sorted(names), f"{point} in {region}"
+    for name, disk in zip(names, disks, strict=True):
+        data = (target / name).read_bytes()
+        assert len(data) == disk["size"], name
+        assert hashlib.sha256(data).hexdigest() == disk["sha256"], f"{name} of {point}"
+
+
 def test_every_point_restores_byte_exact(golden: Golden, tmp_path: Path) -> None:
     for n, point in enumerate(golden.spec["points"]):
         target = tmp_path / f"restored-{n}"
-        assert_restores(golden, point["id"], point["region"], point["tree"], target)
+        if "disks" in point:
+            assert_restores_disks(golden, point["id"], point["region"], point["disks"], target)
+        else:
+            assert_restores(golden, point["id"], point["region"], point["tree"], target)
 
 
 def test_todays_code_backs_up_and_copies_into_an_old_vault(golden: Golden, tmp_path: Path) -> None:
@@ -211,3 +258,55 @@ def test_todays_code_backs_up_and_copies_into_an_old_vault(golden: Golden, tmp_p
     # the old points are untouched by the new ones
     first = golden.spec["points"][0]
     assert_restores(golden, first["id"], first["region"], first["tree"], tmp_path / "old-first")
+
+
+class GoldenDisks(BlockCapture):
+    """The disks a golden vault's block point restored, one file each, changed a little:
+    today's capture of the same VM."""
+
+    def __init__(self, files: list[Path], disks: list[dict[str, Any]]) -> None:
+        layout = [Disk(d["name"], d["offset"], d["size"]) for d in disks]
+        size = layout[-1].end
+        super().__init__(
+            Instance("vm-golden-disks", "golden-disks", "aws:golden"),
+            datetime.now(UTC),
+            size=size,
+            block_size=4096,
+            disks=layout,
+        )
+        self.image = bytearray(size)
+        for f, disk in zip(files, layout, strict=True):
+            self.image[disk.offset : disk.end] = f.read_bytes()
+        self.image[4096:4104] = b"today!!!"
+
+    def blocks(self) -> Iterator[tuple[int, bytes]]:
+        for offset in range(0, self.size, 64 << 10):
+            piece = bytes(self.image[offset : offset + (64 << 10)])
+            if any(piece):
+                yield offset, piece
+
+
+def test_todays_code_backs_up_an_image_of_several_disks_into_an_old_vault(
+    golden_disks: Golden, tmp_path: Path
+) -> None:
+    golden = golden_disks
+    old = golden.block_points[0]
+    restored = tmp_path / "old-image"
+    assert_restores_disks(golden, old["id"], old["region"], old["disks"], restored)
+    disks = golden.disks(old["disks"])
+    files = [restored / f"disk{n}-{disk['name']}.img" for n, disk in enumerate(disks)]
+    capture = GoldenDisks(files, disks)
+    with Site.load(golden.site) as site:
+        region = site.region(old["region"])
+        repo = Repository.init_or_open(region.vault, region.keys, region=region.name)
+        point = repo.backup(capture).id
+        assert repo.load_manifest(point).format_version == 3
+    copy = rv(golden, "copy", point, "--to", "local:west").stdout.splitlines()[-1]
+    report = json.loads(rv(golden, "verify", "--read-data", "--json").stdout)
+    assert all(row["ok"] and row["errors"] == [] for row in report), report
+    target = tmp_path / "today"
+    rv(golden, "restore", copy, "--region", "local:west", "--target", target)
+    for n, disk in enumerate(capture.disks):
+        f = target / f"disk{n}-{disk.name}.img"
+        assert f.read_bytes() == bytes(capture.image[disk.offset : disk.end]), f
+    assert_restores_disks(golden, old["id"], old["region"], old["disks"], tmp_path / "again")

@@ -106,7 +106,8 @@ def backup(state: CliState, instance: str, region: str | None) -> None:
     "--target",
     "-t",
     type=click.Path(path_type=Path),
-    help="Restore into this directory (or image file).",
+    help="Restore into this directory (or image file; a directory of one image file per "
+    "disk for an image of several disks).",
 )
 @click.option("--launch", is_flag=True, help="Launch a new instance from the restored data.")
 @click.option("--name", help="Name of the launched instance.")
