@@ -472,3 +472,27 @@ def test_the_regions_say_what_they_launch(site_file: Path) -> None:
         "local:east": ["files"],
         "local:west": ["files"],
     }
+
+
+def test_layouts_compare_by_place_and_size_not_name() -> None:
+    assert _disks.same_layout([Disk("os", 0, IMAGE_SIZE)], disk_layout(None, IMAGE_SIZE, BS))
+    assert not _disks.same_layout(DISKS, DISKS[:2])
+    assert not _disks.same_layout([Disk("a", 0, BS)], [Disk("a", 0, 2 * BS)])
+
+
+def test_a_disk_that_ends_inside_a_block_restores_to_its_own_size(
+    east: Region, tmp_path: Path
+) -> None:
+    """The sink's write that ends such a disk carries zero padding into the hole after it
+    (to the block boundary): the files take the disk's bytes only."""
+    disks = [Disk("short", 0, BS + 100), Disk("next", 2 * BS, BS)]
+    rng = random.Random(7)
+    capture = DisksCapture(
+        {0: rng.randbytes(BS + 100), 2 * BS: rng.randbytes(BS)}, disks=disks, size=3 * BS
+    )
+    repo = repo_for(east)
+    point = repo.backup(capture)
+    repo.restore(point.id, tmp_path / "out")
+    image = capture.image()
+    assert (tmp_path / "out" / "disk0-short.img").read_bytes() == image[: BS + 100]
+    assert (tmp_path / "out" / "disk1-next.img").read_bytes() == image[2 * BS :]

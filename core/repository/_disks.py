@@ -18,6 +18,7 @@ __all__ = [
     "off_disks",
     "point_format",
     "recorded_disks",
+    "same_layout",
 ]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -38,6 +39,12 @@ def point_format(disks: Sequence[Disk] | None) -> int:
     records disks, so that a reader of version 2 refuses it ("upgrade") instead of
     restoring its disks as one; 2 otherwise, which every reader since version 2 reads."""
     return fmt.FORMAT_VERSION_DISKS if disks else fmt.FORMAT_VERSION_WITHOUT_DISKS
+
+
+def same_layout(a: Sequence[Disk], b: Sequence[Disk]) -> bool:
+    """Whether two layouts put disks of the same sizes at the same offsets (names, which
+    are informative and not kept for a lone whole-image disk, do not count)."""
+    return [(d.offset, d.size) for d in a] == [(d.offset, d.size) for d in b]
 
 
 def encode_disks(disks: Sequence[Disk]) -> list[dict[str, Any]]:
