@@ -252,9 +252,9 @@ class Disk:
 def disk_layout(disks: Iterable[Disk] | None, size: int, block_size: int) -> tuple[Disk, ...]:
     """``disks`` checked against an image of ``size`` bytes in blocks of ``block_size``:
     ascending, disjoint, block-aligned and inside the image. None means one disk, "disk",
-    that is the whole image. ValueError names what is wrong."""
+    that is the whole image (none for an empty image). ValueError names what is wrong."""
     if disks is None:
-        return (Disk("disk", 0, size),)
+        return (Disk("disk", 0, size),) if size > 0 else ()
     layout = tuple(disks)
     if not layout:
         raise ValueError("a block image needs at least one disk")

@@ -496,3 +496,17 @@ def test_a_disk_that_ends_inside_a_block_restores_to_its_own_size(
     image = capture.image()
     assert (tmp_path / "out" / "disk0-short.img").read_bytes() == image[: BS + 100]
     assert (tmp_path / "out" / "disk1-next.img").read_bytes() == image[2 * BS :]
+
+
+def test_an_empty_image_has_no_disks_and_is_backed_up_as_version_2_wrote_it(
+    east: Region,
+) -> None:
+    assert disk_layout(None, 0, BS) == ()
+    repo = repo_for(east)
+    point = repo.backup(DisksCapture({}, disks=None, size=0))
+    assert manifest_doc(repo, point.id)["image"] == {"size": 0, "block_size": BS}
+    manifest = repo.load_manifest(point.id)
+    assert (manifest.format_version, manifest.disks) == (2, ())
+    sink = DiskSink(0, None)
+    repo.restore(point.id, sink)
+    assert sink.writes == []

@@ -26,8 +26,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def recorded_disks(disks: Sequence[Disk], size: int, block_size: int) -> tuple[Disk, ...] | None:
     """What a manifest records of ``disks``: None for one disk that is the whole image (a
-    one-disk point's manifest is then what format version 2 wrote, byte for byte), else
-    the layout. The name of a lone whole-image disk is not kept: it is informative only."""
+    one-disk point's manifest is then what format version 2 wrote, byte for byte) and for
+    an empty image, else the layout. The name of a lone whole-image disk is not kept: it
+    is informative only."""
+    if not disks:  # an empty image's
+        return None
     layout = disk_layout(disks, size, block_size)
     if len(layout) == 1 and layout[0].offset == 0 and layout[0].size == size:
         return None

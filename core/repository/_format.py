@@ -108,7 +108,7 @@ FORMAT_VERSION_DISKS = 3
 #: what the config, and manifests and offers that record no disks, say: their content is
 #: what version 2 wrote, so a reader of version 2 still reads them
 FORMAT_VERSION_WITHOUT_DISKS = 2
-#: the version byte of sealed objects and packs: their layout is the same in formats 1 and 2,
+#: the version byte of sealed objects and packs: their layout is the same in formats 1 to 3,
 #: so a version 1 reader still opens them, and refuses a version 2 point at its manifest
 LAYOUT_VERSION = 1
 CHUNK_ID_SIZE = 32

@@ -174,10 +174,7 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
             recorded = decode_disks(
                 image.get("disks"), version=int(doc["format"]), size=size, block_size=block_size
             )
-            if recorded is not None:
-                disks = recorded
-            elif size > 0:  # an empty image (written before disks existed) has none
-                disks = disk_layout(None, size, block_size)
+            disks = recorded or disk_layout(None, size, block_size)
         issues = doc.get("issues") or {"total": 0, "listed": []}
         listed = tuple(
             CaptureIssue(str(i["path"]), IssueKind(i["kind"]), str(i["message"]))
