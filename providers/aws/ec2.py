@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -164,15 +165,19 @@ class AwsCompute(Compute):
             "aws_region": self.settings.aws_region,
             "internal_tags": internal,
         }
+        given = {
+            key[len(CAPTURE_SNAPSHOT_TAG) + 1 :]: value
+            for key, value in internal.items()
+            if key.startswith(CAPTURE_SNAPSHOT_TAG + ":")
+        }
         if CAPTURE_SNAPSHOT_TAG in internal:
             extra["capture_snapshot_id"] = internal[CAPTURE_SNAPSHOT_TAG]
+            given[root_name or "/dev/xvda"] = internal[CAPTURE_SNAPSHOT_TAG]
+        if given:
+            extra["capture_snapshot_ids"] = given
         if raw.get("BootMode"):
             extra["boot_mode"] = raw["BootMode"]
-        kinds = (
-            frozenset({CaptureKind.BLOCKS})
-            if root_volume or CAPTURE_SNAPSHOT_TAG in internal
-            else frozenset()
-        )
+        kinds = frozenset({CaptureKind.BLOCKS}) if volumes or given else frozenset()
         return Instance(
             id=str(raw["InstanceId"]),
             name=internal.get(NAME_TAG) or tags.get("Name") or str(raw["InstanceId"]),
@@ -331,65 +336,140 @@ class AwsCompute(Compute):
         since: str | None = None,
         keep: bool = False,
         ex_snapshot_id: str | None = None,
-        ex_parent_snapshot_id: str | None = None,
-        ex_keep_snapshot: bool = False,
+        ex_snapshot_ids: Mapping[str, str] | None = None,
     ) -> Capture:
-        """A block capture of the instance's root EBS volume.
+        """A block capture of every EBS volume of the instance: the root volume first, then
+        the others by device name, one :class:`Disk` each, one after another in the image.
 
-        ``ex_snapshot_id`` (or the instance tag ``regionvault:capture-snapshot``) reads an
-        existing snapshot instead of taking one. ``ex_parent_snapshot_id`` names an earlier
-        snapshot of the same volume, for :meth:`AwsBlockCapture.changed_blocks`. A snapshot
-        the capture took itself is deleted on close unless ``ex_keep_snapshot``.
+        The volumes are snapshotted together (CreateSnapshots: crash-consistent across
+        them) before any block is read. A device can be read from an existing snapshot
+        instead: ``ex_snapshot_ids`` maps device names to snapshot ids, ``ex_snapshot_id``
+        names the root's; the instance tags ``regionvault:capture-snapshot`` (the root) and
+        ``regionvault:capture-snapshot:<device>`` do the same. Snapshots the capture took
+        are deleted on close unless ``keep``, which names them in ``ref``; ``since`` (an
+        earlier capture's ``ref``) makes :meth:`AwsBlockCapture.changed_ranges` answer.
         """
         if kind not in (None, CaptureKind.BLOCKS):
             raise self.unsupported(f"capture(kind={kind})")
         raw = self._describe(instance_id)
         instance = self._instance(raw)
-        snapshot_id = ex_snapshot_id or instance.extra.get("capture_snapshot_id")
-        created = False
-        if not snapshot_id:
-            volume = instance.extra.get("root_volume_id")
-            if not volume:
-                raise ComputeError(
-                    f"instance {instance_id} has no EBS root volume to capture",
-                    provider="aws",
-                    region=self.region,
+        devices = self._capture_devices(instance, ex_snapshot_id, ex_snapshot_ids)
+        wanted = {d: volume for d, volume, given in devices if given is None and volume}
+        created = self._snapshot_volumes(instance, wanted) if wanted else {}
+        try:
+            parts: list[_DiskSnapshot] = []
+            offset = 0
+            started: list[Any] = []
+            for device, volume, given in devices:
+                snapshot_id = given or created[device]
+                facts = self.wait_for_snapshot(snapshot_id)
+                started.append(facts.get("StartTime"))
+                size = int(facts.get("VolumeSize", 1)) * GiB
+                parts.append(
+                    _DiskSnapshot(device, volume, snapshot_id, offset, size, given is None)
                 )
+                offset += size
+            return AwsBlockCapture(
+                instance, _utc(started[0]), compute=self, parts=parts, since=since, keep=keep
+            )
+        except BaseException:
+            for snapshot_id in created.values():
+                with contextlib.suppress(RegionVaultError):
+                    self._delete_snapshot(snapshot_id)
+            raise
+
+    def _capture_devices(
+        self,
+        instance: Instance,
+        ex_snapshot_id: str | None,
+        ex_snapshot_ids: Mapping[str, str] | None,
+    ) -> list[tuple[str, str | None, str | None]]:
+        """``(device, volume id, snapshot to read instead of taking one)`` of each disk to
+        capture: the instance's attached volumes and the devices a snapshot is named for,
+        root first, then by device name."""
+        extra = instance.extra
+        root = str(extra.get("root_device_name") or "/dev/xvda")
+        volumes: dict[str, str] = dict(extra.get("volumes") or {})
+        given: dict[str, str] = dict(extra.get("capture_snapshot_ids") or {})
+        given.update(ex_snapshot_ids or {})
+        if ex_snapshot_id:
+            given[root] = ex_snapshot_id
+        names = set(volumes) | set(given)
+        if not names:
+            raise ComputeError(
+                f"instance {instance.id} has no EBS volume to capture",
+                provider="aws",
+                region=self.region,
+            )
+        return [
+            (device, volumes.get(device), given.get(device))
+            for device in sorted(names, key=lambda d: _device_order(d, root))
+        ]
+
+    def _snapshot_volumes(self, instance: Instance, wanted: Mapping[str, str]) -> dict[str, str]:
+        """Snapshot the volumes ``wanted`` (device -> volume id) of the instance; returns
+        device -> snapshot id. Several volumes are snapshotted by one CreateSnapshots call,
+        so that the snapshots are crash-consistent with one another."""
+        tags = _tag_list({"regionvault:instance": instance.id, "Name": instance.name})
+        spec = [{"ResourceType": "snapshot", "Tags": tags}]
+        description = f"regionvault capture of {instance.id}"
+        if len(wanted) == 1:
+            ((device, volume),) = wanted.items()
             try:
-                snapshot_id = str(
-                    self.ec2.create_snapshot(
-                        VolumeId=volume,
-                        Description=f"regionvault capture of {instance_id}",
-                        TagSpecifications=[
-                            {
-                                "ResourceType": "snapshot",
-                                "Tags": _tag_list(
-                                    {"regionvault:instance": instance_id, "Name": instance.name}
-                                ),
-                            }
-                        ],
-                    )["SnapshotId"]
+                answer = self.ec2.create_snapshot(
+                    VolumeId=volume, Description=description, TagSpecifications=spec
                 )
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(
-                    exc, f"cannot snapshot volume {volume} of {instance_id}"
+                    exc, f"cannot snapshot volume {volume} of {instance.id}"
                 ) from None
-            created = True
+            return {device: str(answer["SnapshotId"])}
+        every: dict[str, str] = dict(instance.extra.get("volumes") or {})
+        root = instance.extra.get("root_device_name")
+        skipped = [v for d, v in every.items() if d not in wanted and d != root]
+        specification: dict[str, Any] = {
+            "InstanceId": instance.id,
+            "ExcludeBootVolume": root not in wanted,
+        }
+        if skipped:
+            specification["ExcludeDataVolumeIds"] = skipped
         try:
-            facts = self.wait_for_snapshot(snapshot_id)
-        except BaseException:
-            if created:
+            answer = self.ec2.create_snapshots(
+                InstanceSpecification=specification,
+                Description=description,
+                TagSpecifications=spec,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"cannot snapshot the volumes of {instance.id}") from None
+        by_volume = {
+            str(s.get("VolumeId")): str(s["SnapshotId"]) for s in answer.get("Snapshots", [])
+        }
+        device_of = {volume: device for device, volume in wanted.items()}
+        taken: dict[str, str] = {}
+        for volume, snapshot_id in by_volume.items():
+            if volume in device_of:
+                taken[device_of[volume]] = snapshot_id
+            else:  # a volume asked to be left out (an existing snapshot is read instead)
                 self._delete_snapshot(snapshot_id)
-            raise
-        return AwsBlockCapture(
-            instance,
-            _utc(facts.get("StartTime")),
-            size=int(facts.get("VolumeSize", 1)) * GiB,
-            compute=self,
-            snapshot_id=snapshot_id,
-            parent_snapshot_id=ex_parent_snapshot_id,
-            delete_on_close=created and not ex_keep_snapshot,
-        )
+        missing = sorted(set(wanted) - set(taken))
+        if missing:
+            for snapshot_id in taken.values():
+                with contextlib.suppress(RegionVaultError):
+                    self._delete_snapshot(snapshot_id)
+            raise ComputeError(
+                f"CreateSnapshots of {instance.id} returned no snapshot of "
+                + ", ".join(f"{wanted[d]} ({d})" for d in missing),
+                provider="aws",
+                region=self.region,
+            )
+        return taken
+
+    def release_capture(self, ref: str) -> None:
+        """Delete the snapshots a capture taken with ``keep=True`` kept (those it took itself;
+        a snapshot it was told to read is not its to delete). Gone already is fine."""
+        for part in _parse_ref(ref, self.region):
+            if part.owned:
+                self._delete_snapshot(part.snapshot_id)
 
     def wait_for_snapshot(self, snapshot_id: str) -> Mapping[str, Any]:
         """Wait (at most ``snapshot_timeout`` seconds) until the snapshot is completed."""
@@ -424,6 +504,17 @@ class AwsCompute(Compute):
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
 
+    def _snapshots_exist(self, snapshot_ids: Sequence[str]) -> bool:
+        try:
+            found = self.ec2.describe_snapshots(SnapshotIds=list(snapshot_ids)).get("Snapshots")
+        except ClientError as exc:
+            if error_code(exc) in ("InvalidSnapshot.NotFound", "InvalidSnapshotID.Malformed"):
+                return False
+            raise self._error(exc, f"cannot describe snapshots {', '.join(snapshot_ids)}") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, f"cannot describe snapshots {', '.join(snapshot_ids)}") from None
+        return {str(f.get("SnapshotId")) for f in found or []} >= set(snapshot_ids)
+
     def _delete_snapshot(self, snapshot_id: str) -> None:
         try:
             self.ec2.delete_snapshot(SnapshotId=snapshot_id)
@@ -445,15 +536,20 @@ class AwsCompute(Compute):
     ) -> RestoreSink:
         if kind is not CaptureKind.BLOCKS:
             raise self.unsupported(f"open_restore_sink(kind={kind})")
-        if disks is not None and len(disks) > 1:
-            raise self.unsupported(f"a restore of {len(disks)} disks")
         if not isinstance(size, int) or size <= 0:
             raise ComputeError(
                 f"a block restore needs the disk size in bytes, got {size!r}",
                 provider="aws",
                 region=self.region,
             )
-        return AwsBlockSink(self, spec, size)
+        try:
+            return AwsBlockSink(self, spec, size, disks)
+        except ValueError as exc:  # a layout that does not fit EBS's 512 KiB blocks
+            raise ComputeError(
+                f"cannot restore {spec.name!r} into EBS snapshots: {exc}",
+                provider="aws",
+                region=self.region,
+            ) from None
 
     def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:
         if not isinstance(sink, AwsBlockSink) or sink.compute is not self:
@@ -516,8 +612,11 @@ class AwsCompute(Compute):
         self._check_tags(tags, self.region)
         # the launched instance's tags are exactly these; its name rides on a provider tag
         internal = {NAME_TAG: spec.name}
+        devices = _data_devices([d.name for d in sink.disks[1:]], str(root_device))
         if self.settings.capture_launched_from_snapshot:
             internal[CAPTURE_SNAPSHOT_TAG] = sink.snapshot_id
+            for device, snapshot_id in zip(devices, sink.snapshot_ids[1:], strict=True):
+                internal[f"{CAPTURE_SNAPSHOT_TAG}:{device}"] = snapshot_id
         label = re.sub(r"[^A-Za-z0-9()\[\] ./'@_-]", "-", spec.name)[:80]
         image_kwargs: dict[str, Any] = {
             "Name": f"regionvault-{label}-{uuid.uuid4().hex[:12]}",
@@ -526,13 +625,16 @@ class AwsCompute(Compute):
             "RootDeviceName": root_device,
             "BlockDeviceMappings": [
                 {
-                    "DeviceName": root_device,
+                    "DeviceName": device,
                     "Ebs": {
-                        "SnapshotId": sink.snapshot_id,
+                        "SnapshotId": snapshot_id,
                         "DeleteOnTermination": True,
                         "VolumeType": "gp3",
                     },
                 }
+                for device, snapshot_id in zip(
+                    [root_device, *devices], sink.snapshot_ids, strict=True
+                )
             ],
             "VirtualizationType": "hvm",
             "EnaSupport": True,
@@ -547,10 +649,10 @@ class AwsCompute(Compute):
         sink.image_id = image_id  # a failed launch's discard deregisters it
         try:
             # tagged apart from RegisterImage: moto ignores RegisterImage's TagSpecifications
-            self.ec2.create_tags(
-                Resources=[image_id],
-                Tags=_tag_list({RESTORE_TAG: spec.name, RESTORE_SNAPSHOT_TAG: sink.snapshot_id}),
-            )
+            image_tags = {RESTORE_TAG: spec.name, RESTORE_SNAPSHOT_TAG: sink.snapshot_id}
+            for number, snapshot_id in enumerate(sink.snapshot_ids[1:], start=1):
+                image_tags[f"{RESTORE_SNAPSHOT_TAG}:{number}"] = snapshot_id
+            self.ec2.create_tags(Resources=[image_id], Tags=_tag_list(image_tags))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"cannot tag image {image_id}") from None
         run_kwargs: dict[str, Any] = {
@@ -623,45 +725,170 @@ class AwsCompute(Compute):
                     raise self._error(exc, f"cannot deregister image {image_id}") from None
             except BotoCoreError as exc:
                 raise self._error(exc, f"cannot deregister image {image_id}") from None
-            snapshot = tags.get(RESTORE_SNAPSHOT_TAG)
-            if snapshot:
-                self._delete_snapshot(snapshot)
+            for key, snapshot in sorted(tags.items()):
+                if key == RESTORE_SNAPSHOT_TAG or key.startswith(RESTORE_SNAPSHOT_TAG + ":"):
+                    self._delete_snapshot(snapshot)
+
+
+@dataclass(frozen=True)
+class _DiskSnapshot:
+    """One disk of a capture: the snapshot it is read from, where it sits in the image."""
+
+    device: str
+    volume_id: str | None
+    snapshot_id: str
+    offset: int
+    size: int
+    #: taken by the capture (so its to delete), not named by the caller or a tag
+    owned: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def as_ref(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "volume": self.volume_id,
+            "snapshot": self.snapshot_id,
+            "size": self.size,
+            "owned": self.owned,
+        }
+
+
+_REF_VERSION = 1
+
+
+class _SnapshotGone(Exception):
+    """An earlier snapshot that ListChangedBlocks was asked about no longer exists."""
+
+
+def _parse_ref(ref: str, region: str) -> list[_DiskSnapshot]:
+    """The disks a ``BlockCapture.ref`` of this provider names; ComputeError when it is none."""
+    try:
+        doc = json.loads(ref)
+        if not isinstance(doc, dict) or doc.get("aws-ebs") != _REF_VERSION:
+            raise ValueError("not an EBS capture ref")
+        parts, offset = [], 0
+        for disk in doc["disks"]:
+            volume = disk["volume"]
+            part = _DiskSnapshot(
+                device=str(disk["device"]),
+                volume_id=None if volume is None else str(volume),
+                snapshot_id=str(disk["snapshot"]),
+                offset=offset,
+                size=int(disk["size"]),
+                owned=bool(disk["owned"]),
+            )
+            if not part.snapshot_id.startswith("snap-") or part.size <= 0:
+                raise ValueError("bad disk")
+            parts.append(part)
+            offset += part.size
+        if not parts:
+            raise ValueError("no disks")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ComputeError(
+            f"bad capture ref {ref[:60]!r}: {exc}", provider="aws", region=region
+        ) from None
+    return parts
+
+
+def _device_order(device: str, root: str) -> tuple[bool, int, str]:
+    """The root device first, then by name, shorter names first (/dev/sdz before /dev/sdba)."""
+    return device != root, len(device), device
+
+
+def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges sorted, with touching and overlapping ones joined."""
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            start, old = merged[-1]
+            merged[-1] = (start, max(old, offset + length - start))
+        else:
+            merged.append((offset, length))
+    return merged
+
+
+_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)[b-z][a-z]?$")
+
+
+def _data_devices(names: Sequence[str], root: str) -> list[str]:
+    """Device names for a launch's data disks, in the image's disk order: their captured
+    names when each is an EC2 data device name, none is the root's, and they keep that
+    order when a capture sorts them again; else /dev/sdf, /dev/sdg, ... in order."""
+    keep = (
+        all(_DEVICE_NAME.match(n) for n in names)
+        and root not in names
+        and list(names) == sorted(set(names), key=lambda d: _device_order(d, root))
+    )
+    if keep:
+        return list(names)
+    letters = [chr(c) for c in range(ord("f"), ord("z") + 1)]
+    letters += [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
+    free = [f"/dev/sd{x}" for x in letters if f"/dev/sd{x}" != root]
+    return free[: len(names)]
 
 
 class AwsBlockCapture(BlockCapture):
-    """The blocks of one EBS snapshot, read through the EBS direct APIs."""
+    """The blocks of an instance's EBS snapshots (one per disk), read through the EBS
+    direct APIs, each disk at its offset in the image."""
 
     def __init__(
         self,
         instance: Instance,
         taken_at: datetime,
         *,
-        size: int,
         compute: AwsCompute,
-        snapshot_id: str,
-        parent_snapshot_id: str | None,
-        delete_on_close: bool,
+        parts: Sequence[_DiskSnapshot],
+        since: str | None = None,
+        keep: bool = False,
     ) -> None:
-        super().__init__(instance, taken_at, size=size, block_size=EBS_BLOCK_SIZE)
+        size = parts[-1].offset + parts[-1].size
+        super().__init__(
+            instance,
+            taken_at,
+            size=size,
+            block_size=EBS_BLOCK_SIZE,
+            disks=[Disk(p.device, p.offset, p.size) for p in parts],
+        )
         self.compute = compute
-        self.snapshot_id = snapshot_id
-        self.parent_snapshot_id = parent_snapshot_id
-        self._delete_on_close = delete_on_close
+        self.parts = tuple(parts)
+        #: the root disk's snapshot (the only one of a one-disk capture)
+        self.snapshot_id = parts[0].snapshot_id
+        self.since = since
+        self._keep = keep
+        if keep:
+            doc: dict[str, Any] = {
+                "aws-ebs": _REF_VERSION,
+                "instance": instance.id,
+                "disks": [p.as_ref() for p in self.parts],
+            }
+            self.ref = json.dumps(doc, separators=(",", ":"), sort_keys=True)
+        self._changed: list[tuple[int, int]] | None = None
+        self._changed_known = False
         self._pool = ThreadPoolExecutor(
             max_workers=compute.settings.ebs_concurrency, thread_name_prefix="rv-ebs-read"
         )
         self._closed = False
 
-    def _error(self, exc: BaseException, what: str) -> RegionVaultError:
+    def _error(self, exc: BaseException, what: str, snapshot_id: str) -> RegionVaultError:
         return aws_error(
             exc,
-            f"{what} of snapshot {self.snapshot_id} through the EBS direct APIs: "
-            f"{error_message(exc)}",
+            f"{what} of snapshot {snapshot_id} through the EBS direct APIs: {error_message(exc)}",
             ComputeError,
             region=self.compute.region,
         )
 
-    def _pages(self, operation: str, kwargs: dict[str, Any], key: str) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self,
+        operation: str,
+        kwargs: dict[str, Any],
+        key: str,
+        snapshot_id: str,
+        *,
+        gone_ok: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         call = getattr(self.compute.ebs, operation)
         token: str | None = None
         for _page in range(_MAX_PAGES):
@@ -671,23 +898,27 @@ class AwsBlockCapture(BlockCapture):
             try:
                 answer = call(**args)
             except (ClientError, BotoCoreError) as exc:
-                raise self._error(exc, f"cannot list the blocks ({operation})") from None
+                if gone_ok and error_code(exc) == "ResourceNotFoundException":
+                    raise _SnapshotGone from None
+                raise self._error(
+                    exc, f"cannot list the blocks ({operation})", snapshot_id
+                ) from None
             # pages come in block order; inside one, sort (moto keeps insertion order)
             yield from sorted(answer.get(key, []), key=lambda b: int(b["BlockIndex"]))
             token = answer.get("NextToken")
             if not token:
                 return
 
-    def _read(self, index: int, token: str) -> bytes:
+    def _read(self, snapshot_id: str, index: int, token: str) -> bytes:
         try:
             answer = self.compute.ebs.get_snapshot_block(
-                SnapshotId=self.snapshot_id, BlockIndex=index, BlockToken=token
+                SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
             )
             with answer["BlockData"] as body:
                 data = bytes(body.read())
         except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, f"cannot read block {index}") from None
-        where = f"snapshot {self.snapshot_id} block {index}"
+            raise self._error(exc, f"cannot read block {index}", snapshot_id) from None
+        where = f"snapshot {snapshot_id} block {index}"
         if answer.get("DataLength") is not None and int(answer["DataLength"]) != len(data):
             raise IntegrityError(where, f"{len(data)} bytes read, {answer['DataLength']} announced")
         algorithm, checksum = answer.get("ChecksumAlgorithm"), answer.get("Checksum")
@@ -697,76 +928,173 @@ class AwsBlockCapture(BlockCapture):
             raise IntegrityError(where, "SHA-256 checksum mismatch")
         return data
 
-    def _ordered(self, entries: Iterator[tuple[int, str | None]]) -> Iterator[tuple[int, bytes]]:
-        """Read blocks with a bounded number in flight, yielding in the entries' order."""
+    def _ordered(
+        self, entries: Iterator[tuple[_DiskSnapshot, int, str]]
+    ) -> Iterator[tuple[int, bytes]]:
+        """Read blocks ``(disk, index, token)`` with a bounded number in flight, yielding
+        ``(image offset, data)`` in the entries' order; data past the disk's end is cut."""
         window = max(1, self.compute.settings.ebs_concurrency * 2)
-        pending: deque[tuple[int, Future[bytes] | None]] = deque()
-        zeros = bytes(EBS_BLOCK_SIZE)
+        pending: deque[tuple[_DiskSnapshot, int, Future[bytes]]] = deque()
+
+        def done(part: _DiskSnapshot, index: int, future: Future[bytes]) -> tuple[int, bytes]:
+            start = index * EBS_BLOCK_SIZE
+            return part.offset + start, future.result()[: max(0, part.size - start)]
+
         try:
-            for index, token in entries:
-                future = self._pool.submit(self._read, index, token) if token else None
-                pending.append((index, future))
+            for part, index, token in entries:
+                future = self._pool.submit(self._read, part.snapshot_id, index, token)
+                pending.append((part, index, future))
                 if len(pending) >= window:
-                    done_index, done = pending.popleft()
-                    yield done_index * EBS_BLOCK_SIZE, done.result() if done else zeros
+                    yield done(*pending.popleft())
             while pending:
-                done_index, done = pending.popleft()
-                yield done_index * EBS_BLOCK_SIZE, done.result() if done else zeros
+                yield done(*pending.popleft())
         finally:
-            for _index, future in pending:
-                if future is not None:
-                    future.cancel()
+            for _part, _index, future in pending:
+                future.cancel()
+
+    def _listed(self, part: _DiskSnapshot, first: int = 0) -> Iterator[tuple[int, str]]:
+        """``(block index, token)`` of the blocks a disk's snapshot holds, from ``first``
+        on (a listing may start earlier: moto ignores StartingBlockIndex)."""
+        kwargs: dict[str, Any] = {"SnapshotId": part.snapshot_id}
+        if first:
+            kwargs["StartingBlockIndex"] = first
+        last = -1
+        for block in self._pages("list_snapshot_blocks", kwargs, "Blocks", part.snapshot_id):
+            index = int(block["BlockIndex"])
+            if index < first or index * EBS_BLOCK_SIZE >= part.size:
+                continue
+            if index <= last:
+                raise IntegrityError(
+                    f"snapshot {part.snapshot_id}", f"block {index} listed out of order"
+                )
+            last = index
+            yield index, str(block["BlockToken"])
 
     def blocks(self) -> Iterator[tuple[int, bytes]]:
-        """Every block the snapshot holds (never-written blocks are left out: zeros)."""
-        entries = (
-            (int(b["BlockIndex"]), str(b["BlockToken"]))
-            for b in self._pages("list_snapshot_blocks", {"SnapshotId": self.snapshot_id}, "Blocks")
+        """Every block the disks' snapshots hold, disk after disk (never-written blocks are
+        left out: zeros)."""
+        return self._ordered(
+            (part, index, token) for part in self.parts for index, token in self._listed(part)
         )
-        return self._ordered(entries)
 
-    def changed_blocks(self) -> Iterator[tuple[int, bytes]]:
-        """Only the blocks that differ from ``parent_snapshot_id`` (ListChangedBlocks); a block
-        the parent has and this snapshot lacks comes back as zeros. Unlike :meth:`blocks`, a
-        range left out here is *unchanged from the parent*, not zeros: only a caller that
-        holds the parent's blocks can use it."""
-        if not self.parent_snapshot_id:
-            raise ComputeError(
-                "changed_blocks needs a parent snapshot (capture(..., ex_parent_snapshot_id=...))",
-                provider="aws",
-                region=self.compute.region,
+    def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """The written data within ``spans``: only the blocks there are read (a listing per
+        disk the spans touch, from the first block they touch)."""
+        wanted = _merge([(o, n) for o, n in spans if n > 0])
+
+        def entries() -> Iterator[tuple[_DiskSnapshot, int, str]]:
+            for part in self.parts:
+                mine = [
+                    (max(o, part.offset), min(o + n, part.end))
+                    for o, n in wanted
+                    if o < part.end and o + n > part.offset
+                ]
+                if not mine:
+                    continue
+                first = (mine[0][0] - part.offset) // EBS_BLOCK_SIZE
+                at = 0
+                for index, token in self._listed(part, first):
+                    lo = part.offset + index * EBS_BLOCK_SIZE
+                    hi = lo + EBS_BLOCK_SIZE
+                    while at < len(mine) and mine[at][1] <= lo:
+                        at += 1
+                    if at == len(mine):
+                        break
+                    if mine[at][0] < hi:
+                        yield part, index, token
+
+        at = 0
+        for offset, data in self._ordered(entries()):
+            end = offset + len(data)
+            while at < len(wanted) and wanted[at][0] + wanted[at][1] <= offset:
+                at += 1
+            k = at
+            while k < len(wanted) and wanted[k][0] < end:
+                lo, n = wanted[k]
+                a, b = max(lo, offset), min(lo + n, end)
+                yield a, data[a - offset : b - offset]
+                k += 1
+
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """Where the image may differ from the ``since`` capture's: per disk, the blocks
+        ListChangedBlocks names between the two snapshots (written or cleared), at the
+        disk's offset. None without ``since``, or when it cannot tell: the disks differ
+        (added, removed, resized, another volume) or an earlier snapshot is gone."""
+        if not self._changed_known:
+            self._changed = self._compute_changed()
+            self._changed_known = True
+        return None if self._changed is None else list(self._changed)
+
+    def _compute_changed(self) -> list[tuple[int, int]] | None:
+        if self.since is None:
+            return None
+        before = _parse_ref(self.since, self.compute.region)
+        shape = [(p.device, p.volume_id, p.size) for p in self.parts]
+        if [(p.device, p.volume_id, p.size) for p in before] != shape:
+            return None
+        pairs = [(old, new) for old, new in zip(before, self.parts, strict=True)]
+        earlier = [old.snapshot_id for old, new in pairs if old.snapshot_id != new.snapshot_id]
+        if earlier and not self.compute._snapshots_exist(earlier):
+            return None
+        ranges: list[tuple[int, int]] = []
+        for old, new in pairs:
+            if old.snapshot_id == new.snapshot_id:
+                continue
+            kwargs = {"FirstSnapshotId": old.snapshot_id, "SecondSnapshotId": new.snapshot_id}
+            listing = self._pages(
+                "list_changed_blocks", kwargs, "ChangedBlocks", new.snapshot_id, gone_ok=True
             )
-        kwargs = {"FirstSnapshotId": self.parent_snapshot_id, "SecondSnapshotId": self.snapshot_id}
-        entries = (
-            (int(b["BlockIndex"]), b.get("SecondBlockToken"))
-            for b in self._pages("list_changed_blocks", kwargs, "ChangedBlocks")
-        )
-        return self._ordered(entries)
+            try:
+                for block in listing:
+                    start = int(block["BlockIndex"]) * EBS_BLOCK_SIZE
+                    if start < new.size:
+                        ranges.append((new.offset + start, min(EBS_BLOCK_SIZE, new.size - start)))
+            except _SnapshotGone:  # deleted between the check and the listing
+                return None
+        return _merge(ranges)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._delete_on_close:
-            self.compute._delete_snapshot(self.snapshot_id)
+        if self._keep:
+            return
+        failed: RegionVaultError | None = None
+        for part in self.parts:
+            if part.owned:
+                try:
+                    self.compute._delete_snapshot(part.snapshot_id)
+                except RegionVaultError as exc:  # delete the others all the same
+                    failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 class AwsBlockSink(BlockSink):
-    """A new EBS snapshot in this region, written through the EBS direct APIs.
+    """New EBS snapshots in this region, one per disk of the image, written through the EBS
+    direct APIs.
 
     :meth:`discard` (a failed restore or launch) stops the writes, deregisters the image a
-    failed launch registered from the snapshot, and deletes the snapshot, completed or not.
+    failed launch registered from the snapshots, and deletes the snapshots, completed or
+    not.
     """
 
-    def __init__(self, compute: AwsCompute, spec: LaunchSpec, size: int) -> None:
-        super().__init__(size=size, block_size=EBS_BLOCK_SIZE)
+    def __init__(
+        self,
+        compute: AwsCompute,
+        spec: LaunchSpec,
+        size: int,
+        disks: Sequence[Disk] | None = None,
+    ) -> None:
+        super().__init__(size=size, block_size=EBS_BLOCK_SIZE, disks=disks)
         self.compute = compute
         self.spec = spec
         self.committed = False
         self.discarded = False
-        self.blocks_written = 0
-        #: the image a launch registered from this snapshot, and the instance it ran
+        #: blocks written into each disk's snapshot (CompleteSnapshot's ChangedBlocksCount)
+        self.blocks_written = [0] * len(self.disks)
+        #: the image a launch registered from these snapshots, and the instance it ran
         self.image_id: str | None = None
         self.launched_instance_id: str | None = None
         self._lock = threading.Lock()
@@ -775,29 +1103,45 @@ class AwsBlockSink(BlockSink):
         self._pool = ThreadPoolExecutor(
             max_workers=compute.settings.ebs_concurrency, thread_name_prefix="rv-ebs-write"
         )
-        volume_gib = max(1, math.ceil(size / GiB))
+        #: one snapshot per disk, in the image's disk order
+        self.snapshot_ids: list[str] = []
         try:
-            answer = compute.ebs.start_snapshot(
-                VolumeSize=volume_gib,
-                Description=f"regionvault restore of {spec.name}"[:255],
+            for number, disk in enumerate(self.disks):
+                self.snapshot_ids.append(self._start(spec, disk, number))
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            self.discard()
+            raise
+
+    @property
+    def snapshot_id(self) -> str:
+        """The first disk's snapshot: the one the instance boots from."""
+        return self.snapshot_ids[0]
+
+    def _start(self, spec: LaunchSpec, disk: Disk, number: int) -> str:
+        what = spec.name if number == 0 else f"{spec.name} disk {number} ({disk.name})"
+        try:
+            answer = self.compute.ebs.start_snapshot(
+                VolumeSize=max(1, math.ceil(disk.size / GiB)),
+                Description=f"regionvault restore of {what}"[:255],
                 Tags=_tag_list({RESTORE_TAG: spec.name, "Name": spec.name}),
                 ClientToken=uuid.uuid4().hex,
                 Timeout=1440,
             )
         except (ClientError, BotoCoreError) as exc:
-            self._pool.shutdown(wait=False)
             raise aws_error(
                 exc,
-                f"cannot start a snapshot for restoring {spec.name!r}: {error_message(exc)}",
+                f"cannot start a snapshot for restoring {what!r}: {error_message(exc)}",
                 ComputeError,
-                region=compute.region,
+                region=self.compute.region,
             ) from None
-        self.snapshot_id = str(answer["SnapshotId"])
+        return str(answer["SnapshotId"])
 
-    def _put(self, index: int, data: bytes) -> None:
+    def _put(self, number: int, index: int, data: bytes) -> None:
+        snapshot_id = self.snapshot_ids[number]
         try:
             self.compute.ebs.put_snapshot_block(
-                SnapshotId=self.snapshot_id,
+                SnapshotId=snapshot_id,
                 BlockIndex=index,
                 BlockData=data,
                 DataLength=len(data),
@@ -807,45 +1151,74 @@ class AwsBlockSink(BlockSink):
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(
                 exc,
-                f"cannot write block {index} of snapshot {self.snapshot_id}: {error_message(exc)}",
+                f"cannot write block {index} of snapshot {snapshot_id}: {error_message(exc)}",
                 ComputeError,
                 region=self.compute.region,
             ) from None
 
+    def _fail(self, message: str) -> ComputeError:
+        return ComputeError(message, provider="aws", region=self.compute.region)
+
     def write(self, offset: int, data: bytes) -> None:
-        """Queue ``data`` (split into 512 KiB blocks, the last one zero-padded) for writing;
-        a failed earlier write is raised here or by :meth:`commit`."""
+        """Queue ``data`` (an image offset; split at disk boundaries and into 512 KiB
+        blocks, the last one of each piece zero-padded) for writing into the disks'
+        snapshots; a failed earlier write is raised here or by :meth:`commit`. Bytes between
+        two disks (padding) must be zeros."""
         self._check_live()
         if self.committed:
-            raise ComputeError(
-                f"snapshot {self.snapshot_id} is already committed",
-                provider="aws",
-                region=self.compute.region,
-            )
+            raise self._fail(f"snapshot {self.snapshot_id} is already committed")
         if offset < 0 or offset % EBS_BLOCK_SIZE:
-            raise ComputeError(
-                f"write offset {offset} is not a multiple of {EBS_BLOCK_SIZE}",
-                provider="aws",
-                region=self.compute.region,
-            )
+            raise self._fail(f"write offset {offset} is not a multiple of {EBS_BLOCK_SIZE}")
         view = memoryview(data).cast("B")
-        if offset + len(view) > max(self.size, math.ceil(self.size / GiB) * GiB):
-            raise ComputeError(
-                f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte disk",
-                provider="aws",
-                region=self.compute.region,
+        end = offset + len(view)
+        last = self.disks[-1]
+        if end > max(self.size, last.offset + math.ceil(last.size / GiB) * GiB):
+            raise self._fail(
+                f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte image"
             )
-        for start in range(0, len(view), EBS_BLOCK_SIZE):
-            block = bytes(view[start : start + EBS_BLOCK_SIZE]).ljust(EBS_BLOCK_SIZE, b"\0")
-            index = (offset + start) // EBS_BLOCK_SIZE
+        # cut into pieces per disk and check the gaps first: nothing is queued for a
+        # write that is refused
+        pieces: list[tuple[int, int, memoryview]] = []
+        at = offset
+        for number, disk in enumerate(self.disks):
+            if number + 1 < len(self.disks):
+                # the rest of the disk's last block; past it, the gap before the next disk
+                room = min(disk.end + -disk.size % EBS_BLOCK_SIZE, self.disks[number + 1].offset)
+            else:
+                room = disk.offset + math.ceil(disk.size / GiB) * GiB  # the volume's capacity
+            if room <= at:
+                continue
+            if at < disk.offset:
+                self._check_padding(view[at - offset : min(disk.offset, end) - offset], at)
+                at = disk.offset
+            if at >= end:
+                break
+            stop = min(end, room)
+            pieces.append((number, at - disk.offset, view[at - offset : stop - offset]))
+            at = stop
+        if at < end:
+            self._check_padding(view[at - offset :], at)
+        for number, disk_offset, piece in pieces:
+            self._queue(number, disk_offset, piece)
+
+    def _check_padding(self, piece: memoryview, at: int) -> None:
+        if bytes(piece).strip(b"\0"):
+            raise self._fail(
+                f"restore of {self.spec.name!r}: data at {at}, between the image's disks"
+            )
+
+    def _queue(self, number: int, disk_offset: int, piece: memoryview) -> None:
+        for start in range(0, len(piece), EBS_BLOCK_SIZE):
+            block = bytes(piece[start : start + EBS_BLOCK_SIZE]).ljust(EBS_BLOCK_SIZE, b"\0")
+            index = (disk_offset + start) // EBS_BLOCK_SIZE
             with self._lock:
                 while len(self._in_flight) >= self._window:
                     self._in_flight.popleft().result()
-                self._in_flight.append(self._pool.submit(self._put, index, block))
-                self.blocks_written += 1
+                self._in_flight.append(self._pool.submit(self._put, number, index, block))
+                self.blocks_written[number] += 1
 
     def commit(self) -> None:
-        """Wait for every block, complete the snapshot and wait until EC2 calls it
+        """Wait for every block, complete each disk's snapshot and wait until EC2 calls them
         completed (ready to register an image from)."""
         self._check_live()
         if self.committed:
@@ -854,32 +1227,30 @@ class AwsBlockSink(BlockSink):
             while self._in_flight:
                 self._in_flight.popleft().result()
         self._pool.shutdown(wait=True)
-        try:
-            self.compute.ebs.complete_snapshot(
-                SnapshotId=self.snapshot_id, ChangedBlocksCount=self.blocks_written
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise aws_error(
-                exc,
-                f"cannot complete snapshot {self.snapshot_id}: {error_message(exc)}",
-                ComputeError,
-                region=self.compute.region,
-            ) from None
-        self.compute.wait_for_snapshot(self.snapshot_id)
+        for number, snapshot_id in enumerate(self.snapshot_ids):
+            try:
+                self.compute.ebs.complete_snapshot(
+                    SnapshotId=snapshot_id, ChangedBlocksCount=self.blocks_written[number]
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise aws_error(
+                    exc,
+                    f"cannot complete snapshot {snapshot_id}: {error_message(exc)}",
+                    ComputeError,
+                    region=self.compute.region,
+                ) from None
+        for snapshot_id in self.snapshot_ids:
+            self.compute.wait_for_snapshot(snapshot_id)
         self.committed = True
 
     def _check_live(self) -> None:
         if self.discarded:
-            raise ComputeError(
-                f"snapshot {self.snapshot_id} was discarded",
-                provider="aws",
-                region=self.compute.region,
-            )
+            raise self._fail(f"snapshot {self.snapshot_id} was discarded")
 
     def discard(self) -> None:
         """Give up on this restore: stop writing, deregister the image a failed launch
-        registered, delete the snapshot (an unfinished one too). Nothing is removed once
-        :meth:`AwsCompute.launch` ran an instance from it: terminating that instance does."""
+        registered, delete every disk's snapshot (unfinished ones too). Nothing is removed
+        once :meth:`AwsCompute.launch` ran an instance from them: terminating it does."""
         if self.launched_instance_id is not None:
             return
         self.discarded = True
@@ -898,7 +1269,14 @@ class AwsBlockSink(BlockSink):
             except BotoCoreError as exc:
                 raise self.compute._error(exc, f"cannot deregister image {self.image_id}") from None
             self.image_id = None
-        self.compute._delete_snapshot(self.snapshot_id)
+        failed: RegionVaultError | None = None
+        for snapshot_id in self.snapshot_ids:
+            try:
+                self.compute._delete_snapshot(snapshot_id)
+            except RegionVaultError as exc:  # delete the others all the same
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def abort(self) -> None:
         """Give up on this restore: :meth:`discard`."""
