@@ -1,11 +1,15 @@
-"""Compute on EC2: tag-filtered paged listings, tags, block captures of an instance's root
-EBS volume read through the EBS direct APIs, and launches from restored snapshots.
+"""Compute on EC2: tag-filtered paged listings, tags, block captures of an instance's EBS
+volumes read through the EBS direct APIs, and launches from restored snapshots.
 
-Capture: the root volume is snapshotted (or an existing snapshot is used: the
-``ex_snapshot_id`` option, or the instance's ``regionvault:capture-snapshot`` tag), then its
-blocks are read with ListSnapshotBlocks / GetSnapshotBlock, each one checked against its
-SHA-256 checksum. Restore: a new snapshot is written in the destination region with
-StartSnapshot / PutSnapshotBlock / CompleteSnapshot; launch registers an image from it and
+Capture: every EBS volume of the instance, root first, then by device name, is one disk of
+one block image. The volumes are snapshotted together (CreateSnapshots), or a disk is read
+from an existing snapshot (``ex_snapshot_id`` / ``ex_snapshot_ids``, or the instance's
+``regionvault:capture-snapshot[:<device>]`` tags); blocks are read with ListSnapshotBlocks /
+GetSnapshotBlock, each one checked against its SHA-256 checksum. ``keep`` keeps the
+snapshots and names them in ``ref``; ``since=ref`` gives the changed ranges through
+ListChangedBlocks per volume. Restore: one new snapshot per disk is written in the
+destination region with StartSnapshot / PutSnapshotBlock / CompleteSnapshot; launch
+registers an image with the first as root and the others as block device mappings, and
 runs an instance of the original's type with the original's tags.
 """
 
@@ -739,7 +743,7 @@ class _DiskSnapshot:
     snapshot_id: str
     offset: int
     size: int
-    #: taken by the capture (so its to delete), not named by the caller or a tag
+    #: taken by the capture, so it is the capture's to delete (not one a caller or tag named)
     owned: bool
 
     @property
