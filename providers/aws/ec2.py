@@ -449,23 +449,24 @@ class AwsCompute(Compute):
             str(s.get("VolumeId")): str(s["SnapshotId"]) for s in answer.get("Snapshots", [])
         }
         device_of = {volume: device for device, volume in wanted.items()}
-        taken: dict[str, str] = {}
-        for volume, snapshot_id in by_volume.items():
-            if volume in device_of:
-                taken[device_of[volume]] = snapshot_id
-            else:  # a volume asked to be left out (an existing snapshot is read instead)
-                self._delete_snapshot(snapshot_id)
-        missing = sorted(set(wanted) - set(taken))
-        if missing:
+        taken = {device_of[v]: s for v, s in by_volume.items() if v in device_of}
+        try:
+            for volume, snapshot_id in by_volume.items():
+                if volume not in device_of:  # asked to be left out: a snapshot is named for it
+                    self._delete_snapshot(snapshot_id)
+            missing = sorted(set(wanted) - set(taken))
+            if missing:
+                raise ComputeError(
+                    f"CreateSnapshots of {instance.id} returned no snapshot of "
+                    + ", ".join(f"{wanted[d]} ({d})" for d in missing),
+                    provider="aws",
+                    region=self.region,
+                )
+        except BaseException:
             for snapshot_id in taken.values():
                 with contextlib.suppress(RegionVaultError):
                     self._delete_snapshot(snapshot_id)
-            raise ComputeError(
-                f"CreateSnapshots of {instance.id} returned no snapshot of "
-                + ", ".join(f"{wanted[d]} ({d})" for d in missing),
-                provider="aws",
-                region=self.region,
-            )
+            raise
         return taken
 
     def release_capture(self, ref: str) -> None:
@@ -965,8 +966,13 @@ class AwsBlockCapture(BlockCapture):
         last = -1
         for block in self._pages("list_snapshot_blocks", kwargs, "Blocks", part.snapshot_id):
             index = int(block["BlockIndex"])
-            if index < first or index * EBS_BLOCK_SIZE >= part.size:
+            if index < first:
                 continue
+            if index * EBS_BLOCK_SIZE >= part.size:
+                raise IntegrityError(
+                    f"snapshot {part.snapshot_id}",
+                    f"block {index} lies past its {part.size}-byte volume",
+                )
             if index <= last:
                 raise IntegrityError(
                     f"snapshot {part.snapshot_id}", f"block {index} listed out of order"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from aws_world import EAST, WEST, AwsWorld
-from regionvault.core.errors import ComputeError
+from regionvault.core.errors import ComputeError, IntegrityError
 from regionvault.core.interfaces import BlockCapture
 from regionvault.core.types import CaptureKind, Disk, LaunchSpec, Tags
 from regionvault.providers.aws.ec2 import (
@@ -370,3 +370,25 @@ def test_a_failed_restore_of_several_disks_removes_all_it_made(aws: AwsWorld) ->
     assert all(_gone(aws, WEST, s) for s in sink.snapshot_ids)
     assert ec2.describe_images(ImageIds=[image])["Images"] == []
     assert [i.id for i in west.list_instances(tag_filters={"rv-run": aws.tag})] == []
+
+
+def test_bad_input_is_refused_clearly(aws: AwsWorld) -> None:
+    """A snapshot holding a block past its volume's end is an IntegrityError naming it (not
+    data left out); a disk layout that does not fit 512 KiB blocks (a point from a compute
+    with smaller blocks) is refused before any snapshot is started."""
+    compute = aws.track(aws.provider.compute(aws.region(EAST)))
+    odd = seed_snapshot(aws.client("ebs", EAST), {0: _block("a"), 2048: _block("past the end")})
+    iid = aws.run_instance(EAST, {CAPTURE_SNAPSHOT_TAG: odd})
+    with (
+        compute.capture(iid) as capture,
+        pytest.raises(IntegrityError, match=f"{odd}.*block 2048 lies past"),
+    ):
+        list(capture.blocks())
+
+    before = aws.provider.metrics.snapshot()
+    disks = [Disk("boot", 0, 64 * 1024), Disk("data", 64 * 1024, GiB)]
+    with pytest.raises(ComputeError, match=r"'unaligned'.*not a multiple of 524288"):
+        compute.open_restore_sink(
+            LaunchSpec(name="unaligned"), CaptureKind.BLOCKS, size=GiB + 64 * 1024, disks=disks
+        )
+    assert aws.provider.metrics.since(before).count(operation="StartSnapshot") == 0
