@@ -75,6 +75,7 @@ NAME_TAG = "regionvault:name"
 RESTORE_TAG = "regionvault:restore"
 #: on such an image: the restored snapshot it was registered from
 RESTORE_SNAPSHOT_TAG = "regionvault:restore-snapshot"
+_ZERO_BLOCK = bytes(EBS_BLOCK_SIZE)
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
@@ -1170,10 +1171,12 @@ class AwsBlockSink(BlockSink):
         return ComputeError(message, provider="aws", region=self.compute.region)
 
     def write(self, offset: int, data: bytes) -> None:
-        """Queue ``data`` (an image offset; split at disk boundaries and into 512 KiB
+        """Queue ``data`` (at an image offset; split at disk boundaries and into 512 KiB
         blocks, the last one of each piece zero-padded) for writing into the disks'
-        snapshots; a failed earlier write is raised here or by :meth:`commit`. Bytes between
-        two disks (padding) must be zeros."""
+        snapshots; blocks of zeros are not sent (a new snapshot reads zeros where nothing was
+        written). A failed earlier write is raised here or by :meth:`commit`. Bytes outside
+        every disk (the zeros that pad a disk's last block, a gap between disks) must be
+        zeros: they are dropped, and the write is refused whole if they are not."""
         self._check_live()
         if self.committed:
             raise self._fail(f"snapshot {self.snapshot_id} is already committed")
@@ -1186,24 +1189,20 @@ class AwsBlockSink(BlockSink):
             raise self._fail(
                 f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte image"
             )
-        # cut into pieces per disk and check the gaps first: nothing is queued for a
+        # cut into pieces per disk and check what lies outside them (zeros that pad a
+        # disk's last block, or the gap before the next) first: nothing is queued for a
         # write that is refused
         pieces: list[tuple[int, int, memoryview]] = []
         at = offset
         for number, disk in enumerate(self.disks):
-            if number + 1 < len(self.disks):
-                # the rest of the disk's last block; past it, the gap before the next disk
-                room = min(disk.end + -disk.size % EBS_BLOCK_SIZE, self.disks[number + 1].offset)
-            else:
-                room = disk.offset + math.ceil(disk.size / GiB) * GiB  # the volume's capacity
-            if room <= at:
+            if disk.end <= at:
                 continue
-            if at < disk.offset:
-                self._check_padding(view[at - offset : min(disk.offset, end) - offset], at)
-                at = disk.offset
-            if at >= end:
+            if disk.offset >= end:
                 break
-            stop = min(end, room)
+            if at < disk.offset:
+                self._check_padding(view[at - offset : disk.offset - offset], at)
+                at = disk.offset
+            stop = min(end, disk.end)
             pieces.append((number, at - disk.offset, view[at - offset : stop - offset]))
             at = stop
         if at < end:
@@ -1214,12 +1213,14 @@ class AwsBlockSink(BlockSink):
     def _check_padding(self, piece: memoryview, at: int) -> None:
         if bytes(piece).strip(b"\0"):
             raise self._fail(
-                f"restore of {self.spec.name!r}: data at {at}, between the image's disks"
+                f"restore of {self.spec.name!r}: data at {at}, outside the image's disks"
             )
 
     def _queue(self, number: int, disk_offset: int, piece: memoryview) -> None:
         for start in range(0, len(piece), EBS_BLOCK_SIZE):
             block = bytes(piece[start : start + EBS_BLOCK_SIZE]).ljust(EBS_BLOCK_SIZE, b"\0")
+            if block == _ZERO_BLOCK:
+                continue  # a new snapshot reads zeros wherever nothing was written
             index = (disk_offset + start) // EBS_BLOCK_SIZE
             with self._lock:
                 while len(self._in_flight) >= self._window:
