@@ -1121,7 +1121,8 @@ class AwsBlockSink(BlockSink):
                 self.snapshot_ids.append(self._start(spec, disk, number))
         except BaseException:
             self._pool.shutdown(wait=False)
-            self.discard()
+            with contextlib.suppress(RegionVaultError):  # the first error is the one to see
+                self.discard()
             raise
 
     @property
