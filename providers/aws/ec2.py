@@ -766,7 +766,22 @@ _REF_VERSION = 1
 
 
 class _SnapshotGone(Exception):
-    """An earlier snapshot that ListChangedBlocks was asked about no longer exists."""
+    """ListChangedBlocks cannot compare the two snapshots: the earlier one no longer
+    exists, or they are not of one volume's lineage."""
+
+
+def _cannot_compare(exc: BaseException) -> bool:
+    """Whether an EBS error says two snapshots cannot be compared (rather than a failure):
+    ``ResourceNotFoundException`` (a snapshot is gone) or ``ValidationException`` with the
+    reason ``UNRELATED_SNAPSHOTS``."""
+    code = error_code(exc)
+    if code == "ResourceNotFoundException":
+        return True
+    response = getattr(exc, "response", None)
+    if code != "ValidationException" or not isinstance(response, dict):
+        return False
+    reason = response.get("Reason") or response.get("Error", {}).get("Reason")
+    return bool(reason == "UNRELATED_SNAPSHOTS")
 
 
 def _parse_ref(ref: str, region: str) -> list[_DiskSnapshot]:
@@ -904,7 +919,7 @@ class AwsBlockCapture(BlockCapture):
             try:
                 answer = call(**args)
             except (ClientError, BotoCoreError) as exc:
-                if gone_ok and error_code(exc) == "ResourceNotFoundException":
+                if gone_ok and _cannot_compare(exc):
                     raise _SnapshotGone from None
                 raise self._error(
                     exc, f"cannot list the blocks ({operation})", snapshot_id
@@ -1030,7 +1045,8 @@ class AwsBlockCapture(BlockCapture):
         """Where the image may differ from the ``since`` capture's: per disk, the blocks
         ListChangedBlocks names between the two snapshots (written or cleared), at the
         disk's offset. None without ``since``, or when it cannot tell: the disks differ
-        (added, removed, resized, another volume) or an earlier snapshot is gone."""
+        (added, removed, resized, another volume), an earlier snapshot is gone, or EBS
+        calls the two snapshots unrelated."""
         if not self._changed_known:
             self._changed = self._compute_changed()
             self._changed_known = True
@@ -1060,7 +1076,7 @@ class AwsBlockCapture(BlockCapture):
                     start = int(block["BlockIndex"]) * EBS_BLOCK_SIZE
                     if start < new.size:
                         ranges.append((new.offset + start, min(EBS_BLOCK_SIZE, new.size - start)))
-            except _SnapshotGone:  # deleted between the check and the listing
+            except _SnapshotGone:  # deleted since the check, or not of one lineage
                 return None
         return _merge(ranges)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from aws_world import EAST, WEST, AwsWorld
+from botocore.awsrequest import AWSResponse
 from regionvault.core.errors import ComputeError, IntegrityError
 from regionvault.core.interfaces import BlockCapture
 from regionvault.core.types import CaptureKind, Disk, LaunchSpec, Tags
@@ -394,3 +395,49 @@ def test_bad_input_is_refused_clearly(aws: AwsWorld) -> None:
             LaunchSpec(name="unaligned"), CaptureKind.BLOCKS, size=GiB + 64 * 1024, disks=disks
         )
     assert aws.provider.metrics.since(before).count(operation="StartSnapshot") == 0
+
+
+class _RecordedBody:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def stream(self, **_: Any) -> Any:
+        yield self.body
+
+
+@pytest.mark.parametrize(
+    ("reason", "cannot_tell"), [("UNRELATED_SNAPSHOTS", True), ("INVALID_SNAPSHOT_ID", False)]
+)
+def test_unrelated_snapshots_mean_cannot_tell(
+    aws: AwsWorld, reason: str, cannot_tell: bool
+) -> None:
+    """AWS answers ListChangedBlocks for snapshots of different lineages with a
+    ValidationException whose reason is UNRELATED_SNAPSHOTS (moto never does): a recorded
+    answer, parsed by the real client, makes ``changed_ranges`` None (read everything);
+    any other validation failure is an error naming the snapshot."""
+    if aws.live:
+        pytest.skip("replays a recorded answer of the EBS direct APIs")
+    compute = aws.track(aws.provider.compute(aws.region(EAST)))
+    ebs = aws.client("ebs", EAST)
+    first, second = seed_snapshot(ebs, {0: _block("a")}), seed_snapshot(ebs, {0: _block("b")})
+    iid = aws.run_instance(EAST, {})
+    with compute.capture(iid, keep=True, ex_snapshot_id=first) as one:
+        ref = one.ref
+    assert ref is not None
+    body = json.dumps({"Message": "The snapshots are not related.", "Reason": reason}).encode()
+    sent: list[str] = []
+
+    def recorded(request: Any, **_: Any) -> AWSResponse:
+        sent.append(request.url)
+        headers = {"x-amzn-ErrorType": "ValidationException", "Content-Type": "application/json"}
+        return AWSResponse(request.url, 400, headers, _RecordedBody(body))
+
+    compute.ebs.meta.events.register("before-send.ebs.ListChangedBlocks", recorded)
+    with compute.capture(iid, since=ref, ex_snapshot_id=second) as two:
+        if cannot_tell:
+            assert two.changed_ranges() is None
+        else:
+            with pytest.raises(ComputeError, match=f"snapshot {second}"):
+                two.changed_ranges()
+    assert len(sent) == 1
+    assert f"firstSnapshotId={first}" in sent[0] and f"/snapshots/{second}/changedblocks" in sent[0]
