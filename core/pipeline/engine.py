@@ -30,7 +30,7 @@ from regionvault.core.errors import (
     RepositoryNotFound,
     RetentionLocked,
 )
-from regionvault.core.interfaces import BlockSink, FileSink
+from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import Job, copy_jobs_for, format_slot
 from regionvault.core.pipeline.launch import (
@@ -41,9 +41,10 @@ from regionvault.core.pipeline.launch import (
 )
 from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
-from regionvault.core.pipeline.state import DrillRecord, StateStore
+from regionvault.core.pipeline.state import DrillRecord, KeptCapture, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
 from regionvault.core.policy import instance_hooks, resolve_policy
+from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import (
     CopyProgress,
     CopyReceiver,
@@ -248,12 +249,14 @@ class Engine:
         policy = resolve_policy(inst, self.site.config)
         repo = self.repository(home.name)
         tags = dict(inst.tags)
+        points = {p.id: p for p in repo.points(inst.id)}
         if slot is not None:
             slot_text = format_slot(slot)
-            for point in repo.points(inst.id):
+            for point in points.values():
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
                     return point
             tags[SLOT_TAG] = slot_text
+        since, base = self._kept_base(home, inst.id, points)
         now = self.clock()
         expires = now + policy.retention if policy is not None else None
         hooks = HookRun(
@@ -263,38 +266,55 @@ class Engine:
             region=home.name,
             work_root=self.site.config.state_dir / HOOK_WORK_DIR,
         )
+        point_id = repo.new_point_id()
+        kept_ref: str | None = None
         self._hook("regionvault_before_capture", region=home.name, instance=inst)
-        with hooks:
-            # the site's hooks nest inside the plugins' before/after_capture: their befores
-            # run after the plugins', their afters before the plugins' (docs/hooks.md)
-            hooks.before()
-            capture = home.compute.capture(inst.id)
-            error: BaseException | None = None
-            try:
-                hooks.captured(capture)
-                point = repo.backup(
-                    hooks.wrap(capture),
-                    instance=replace(inst, tags=Tags(tags)),
-                    policy=policy.spec if policy is not None else None,
-                    expires_at=expires,
-                    progress=progress,
-                    before_commit=hooks.before_commit,
-                )
-            except BaseException as exc:
-                error = exc
-                hooks.after(failed=True)  # still inside the plugins' after_capture
-                raise
-            finally:
+        try:
+            with hooks:
+                # the site's hooks nest inside the plugins' before/after_capture: their
+                # befores run after the plugins', their afters before the plugins'
+                # (docs/hooks.md)
+                hooks.before()
+                capture = home.compute.capture(inst.id, since=since, keep=True)
+                error: BaseException | None = None
                 try:
-                    self._hook(
-                        "regionvault_after_capture",
-                        region=home.name,
-                        instance=inst,
-                        capture=capture,
-                        error=error,
+                    if isinstance(capture, BlockCapture) and capture.ref is not None:
+                        # recorded before anything is read: a run killed from here on
+                        # leaves it pending, for the next backup or tick to release
+                        kept_ref = capture.ref
+                        self._keep_pending(home.name, inst.id, kept_ref, point_id)
+                    hooks.captured(capture)
+                    point = repo.backup(
+                        hooks.wrap(capture),
+                        instance=replace(inst, tags=Tags(tags)),
+                        policy=policy.spec if policy is not None else None,
+                        expires_at=expires,
+                        progress=progress,
+                        before_commit=hooks.before_commit,
+                        base=base,
+                        point_id=point_id,
                     )
+                except BaseException as exc:
+                    error = exc
+                    hooks.after(failed=True)  # still inside the plugins' after_capture
+                    raise
                 finally:
-                    capture.close()
+                    try:
+                        self._hook(
+                            "regionvault_after_capture",
+                            region=home.name,
+                            instance=inst,
+                            capture=capture,
+                            error=error,
+                        )
+                    finally:
+                        capture.close()
+        except BaseException:
+            if kept_ref is not None:
+                self._drop_kept(home, inst.id, kept_ref)
+            raise
+        if kept_ref is not None:
+            self._keep_current(home, inst.id, kept_ref, point_id)
         self.notify(
             "regionvault_after_backup",
             f"recovery point {point.id} of {inst.id} in {home.name}",
@@ -302,6 +322,110 @@ class Engine:
             recovery_point=point,
         )
         return point
+
+    # -- kept captures: incremental block backups (docs/jobs.md) ---------------------------
+
+    def _kept_base(
+        self, home: Region, instance_id: str, points: dict[str, RecoveryPoint]
+    ) -> tuple[str | None, str | None]:
+        """``(since, base)`` for the instance's next capture: the current kept capture's
+        ref and the point made from it, when that point is still there and unexpired (else
+        none: the image is read in full). Tidies first: what crashed runs left pending."""
+        self._tidy_kept(home, instance_id, points)
+        with self.state.kept_captures(home.name, instance_id) as kept:
+            current = kept.current
+        if current is None:
+            return None, None
+        point = points.get(current.point_id)
+        if point is None or point.lineage is not None:
+            return None, None
+        if point.expires_at is not None and point.expires_at <= self.clock():
+            return None, None  # retention may forget it while this backup runs
+        return current.ref, current.point_id
+
+    def _keep_pending(self, region: str, instance_id: str, ref: str, point_id: str) -> None:
+        owner = ProcessIdentity.current().token()
+        with self.state.kept_captures(region, instance_id) as kept:
+            kept.pending.append(KeptCapture(ref, point_id, owner))
+
+    def _keep_current(self, home: Region, instance_id: str, ref: str, point_id: str) -> None:
+        """The point is committed: its capture is the one the next backup is taken since,
+        and the one before it is released."""
+        with self.state.kept_captures(home.name, instance_id) as kept:
+            kept.pending = [p for p in kept.pending if p.ref != ref]
+            if kept.current is not None and kept.current.ref != ref:
+                kept.release.append(kept.current.ref)
+            kept.current = KeptCapture(ref, point_id)
+            todo = list(kept.release)
+        self._release_kept(home, instance_id, todo)
+
+    def _drop_kept(self, home: Region, instance_id: str, ref: str) -> None:
+        """The backup failed: its own kept capture is released (the current one stays)."""
+        with self.state.kept_captures(home.name, instance_id) as kept:
+            kept.pending = [p for p in kept.pending if p.ref != ref]
+            if ref not in kept.release:
+                kept.release.append(ref)
+        self._release_kept(home, instance_id, [ref])
+
+    def _tidy_kept(self, home: Region, instance_id: str, points: dict[str, RecoveryPoint]) -> None:
+        """Settle what runs that are gone left pending (``points``: the instance's points
+        now): one whose point was committed becomes current if it is newer than the
+        current one; the others are released. A run still alive, or one on another host
+        (nobody here can tell), is left alone."""
+        with self.state.kept_captures(home.name, instance_id) as kept:
+            committed: list[KeptCapture] = []
+            for entry in list(kept.pending):
+                owner = ProcessIdentity.from_token(entry.owner) if entry.owner else None
+                if owner is not None and owner.alive() is not False:
+                    continue
+                kept.pending.remove(entry)
+                if entry.point_id in points:
+                    committed.append(entry)
+                else:
+                    kept.release.append(entry.ref)
+            committed.sort(key=lambda e: points[e.point_id].created_at)
+            for entry in committed:
+                current = kept.current
+                if (
+                    current is None
+                    or current.point_id not in points
+                    or points[current.point_id].created_at < points[entry.point_id].created_at
+                ):
+                    if current is not None:
+                        kept.release.append(current.ref)
+                    kept.current = KeptCapture(entry.ref, entry.point_id)
+                else:
+                    kept.release.append(entry.ref)
+            todo = list(kept.release)
+        self._release_kept(home, instance_id, todo)
+
+    def _release_kept(self, home: Region, instance_id: str, refs: list[str]) -> None:
+        for ref in refs:
+            try:
+                home.compute.release_capture(ref)
+            except Exception as exc:  # kept in the list: the next backup or tick tries again
+                log.warning(
+                    "%s: kept capture of %s not released yet: %s", home.name, instance_id, exc
+                )
+                continue
+            with self.state.kept_captures(home.name, instance_id) as kept:
+                kept.release = [r for r in kept.release if r != ref]
+
+    def release_kept_captures(self, region: str) -> int:
+        """Settle the kept captures of ``region``'s instances that runs killed midway left
+        (each tick's retention calls this): released, or made current when their point was
+        committed. Returns how many refs remain to release (their release failed)."""
+        r = self.region(region)
+        left = 0
+        for instance_id in self.state.kept_instances(r.name):
+            try:
+                points = {p.id: p for p in self.points(r.name, instance_id)}
+                self._tidy_kept(r, instance_id, points)
+            except RegionVaultError as exc:
+                log.warning("%s: kept captures of %s not settled: %s", r.name, instance_id, exc)
+            with self.state.kept_captures(r.name, instance_id) as kept:
+                left += len(kept.release)
+        return left
 
     def point_issues(self, point: RecoveryPoint) -> tuple[CaptureIssue, ...]:
         """What ``point`` names as not taken whole, in capture order (its manifest lists the
@@ -583,6 +707,7 @@ class Engine:
         data. WORM locks and legal holds win: a protected point stays, and is reported."""
         r = self.region(region)
         report = RetentionReport(r.name)
+        self.release_kept_captures(r.name)
         try:
             repo = self.repository(r.name, create=False)
         except RepositoryNotFound:

@@ -1,20 +1,24 @@
-"""The engine's own run state, outside any vault: restore drills and their RTO.
+"""The engine's own run state, outside any vault: restore drills and their RTO, and the
+captures kept for incremental block backups.
 
 Kept as small JSON files under the site's ``state_dir``; nothing here is secret (ids, times,
-durations), so nothing here needs encrypting.
+durations, a provider's names for its snapshots), so nothing here needs encrypting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from regionvault.core.fsutil import write_atomic
 from regionvault.core.pipeline.jobs import job_key
 
-__all__ = ["DrillRecord", "StateStore"]
+__all__ = ["DrillRecord", "KeptCapture", "KeptCaptures", "StateStore"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,59 @@ class DrillRecord:
         )
 
 
+@dataclass(frozen=True)
+class KeptCapture:
+    """A capture kept for the next incremental block backup (``BlockCapture.ref``), and
+    the recovery point made from it."""
+
+    ref: str
+    point_id: str
+    #: the run that took it (``ProcessIdentity.token``), while its point is pending
+    owner: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"ref": self.ref, "point_id": self.point_id, "owner": self.owner}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> KeptCapture:
+        return cls(str(data["ref"]), str(data["point_id"]), str(data.get("owner", "")))
+
+
+@dataclass
+class KeptCaptures:
+    """One instance's kept captures: ``current``, whose point is committed and which the
+    next backup is taken ``since``; ``pending``, taken by a backup whose point is not
+    committed yet (or was, by a run killed before it said so); ``release``, refs no longer
+    needed whose release has not succeeded yet."""
+
+    current: KeptCapture | None = None
+    pending: list[KeptCapture] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "current": None if self.current is None else self.current.to_dict(),
+            "pending": [p.to_dict() for p in self.pending],
+            "release": list(self.release),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> KeptCaptures:
+        current = data.get("current")
+        pending = data.get("pending")
+        release = data.get("release")
+        return cls(
+            current=KeptCapture.from_dict(current) if isinstance(current, dict) else None,
+            pending=[KeptCapture.from_dict(p) for p in pending]
+            if isinstance(pending, list)
+            else [],
+            release=[str(r) for r in release] if isinstance(release, list) else [],
+        )
+
+    def empty(self) -> bool:
+        return self.current is None and not self.pending and not self.release
+
+
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -76,3 +133,44 @@ class StateStore:
             return DrillRecord.from_dict(json.loads(path.read_text("utf-8")))
         except FileNotFoundError:
             return None
+
+    # -- kept captures ---------------------------------------------------------------------
+
+    def _kept_path(self, region: str, instance_id: str) -> Path:
+        name = job_key("kept", region, instance_id).replace("/", "__")
+        return self.root / "captures" / f"{name}.json"
+
+    @contextlib.contextmanager
+    def kept_captures(self, region: str, instance_id: str) -> Iterator[KeptCaptures]:
+        """The instance's kept captures, to read and change: what the block leaves in them
+        is written back (atomically) when it ends without an error. Runs of several
+        processes on this machine take turns (a lock file beside it); hold it briefly."""
+        path = self._kept_path(region, instance_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f"{path.name}.lock")
+        with lock.open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                try:
+                    kept = KeptCaptures.from_dict(json.loads(path.read_text("utf-8")))
+                except FileNotFoundError:
+                    kept = KeptCaptures()
+                before = kept.to_dict()
+                yield kept
+                if kept.to_dict() != before:
+                    doc = {**kept.to_dict(), "region": region, "instance_id": instance_id}
+                    write_atomic(path, json.dumps(doc, sort_keys=True).encode())
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def kept_instances(self, region: str) -> list[str]:
+        """The instances of ``region`` with kept captures recorded."""
+        found = []
+        for path in sorted((self.root / "captures").glob("*.json")):
+            try:
+                data = json.loads(path.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if data.get("region") == region and isinstance(data.get("instance_id"), str):
+                found.append(data["instance_id"])
+        return found

@@ -57,6 +57,7 @@ from regionvault.core.errors import ComputeError, EntryProblem
 from regionvault.core.interfaces import BlockCapture, Capture, FileCapture
 from regionvault.core.repository import _crypto
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._backup_blocks import BlockPlan
 from regionvault.core.repository._backup_walk import (
     CHECKED_KINDS,
     ParentLookup,
@@ -847,15 +848,19 @@ class BackupRun:
 
     # -- block images ----------------------------------------------------------------------
 
-    def _blocks(self, capture: BlockCapture, tree: TreeWriter) -> int:
+    def _blocks(self, capture: BlockCapture, tree: TreeWriter, plan: BlockPlan | None) -> int:
         """Cut the image's written ranges on this thread; extent records go to the tree in
-        order as their ids complete."""
+        order as their ids complete. With a ``plan``, only its spans are read (through
+        ``BlockCapture.read_ranges``) and its kept extents of the base go to the tree whole,
+        in offset order among the extents read."""
         label = capture.instance.id
         self.bytes_total = capture.size
         cutter = Cutter(self._staging, self.store.new_chunker())
         extents: deque[_Record] = deque()
         record: _Record | None = None
         end = 0
+        kept: deque[fmt.RawRecord] = deque(() if plan is None else plan.kept)
+        self.stats.update(bytes_read=0, bytes_from_base=0, extents_from_base=0)
 
         def emit(wait: bool) -> None:
             while extents and (wait or self._complete(extents[0])):
@@ -881,12 +886,31 @@ class BackupRun:
                 self._ship(cutter.block, record, group)
 
         def close() -> None:
+            nonlocal record
             if record is not None:
                 take(cutter.cut(final=True))
                 self._close(record)
+                record = None
 
+        def keep(before: int) -> None:
+            """The base's kept extents that start before ``before``, whole: the extent
+            being read ends first (a kept extent never lies in a span read)."""
+            nonlocal end
+            while kept and kept[0].offset < before:
+                base = kept.popleft()
+                close()
+                done = _Record(base.offset)
+                done.size, done.ids, done.closed = base.size, [base.ids], True
+                extents.append(done)
+                with self._cond:
+                    self.chunks += len(base.ids) // fmt.CHUNK_ID_SIZE
+                self.stats["bytes_from_base"] += base.size
+                self.stats["extents_from_base"] += 1
+                end = self.bytes_done = base.offset + base.size
+
+        source = capture.blocks() if plan is None else capture.read_ranges(plan.spans)
         try:
-            for offset, data in capture.blocks():
+            for offset, data in source:
                 if offset < end or offset < 0 or offset + len(data) > capture.size:
                     raise ComputeError(
                         f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
@@ -902,6 +926,12 @@ class BackupRun:
                         f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
                         f"holds data at {stray}, which lies on none of its disks"
                     )
+                if plan is not None and not plan.covers(offset, len(data)):
+                    raise ComputeError(
+                        f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
+                        "lies outside the ranges it was asked to read"
+                    )
+                keep(offset)
                 if offset != end or record is None:
                     close()
                     cutter.begin()
@@ -913,10 +943,12 @@ class BackupRun:
                         done += cutter.fill_from(view[done:])
                         take(cutter.cut(final=False))
                 end = offset + len(data)
+                self.stats["bytes_read"] += len(data)
                 self.bytes_done = end
                 emit(wait=False)
                 self._report()
             close()
+            keep(capture.size)
             emit(wait=True)
         finally:
             cutter.close()
@@ -975,7 +1007,11 @@ class BackupRun:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, capture: Capture, parent: ParentLookup | None) -> BackupResult:
+    def run(
+        self, capture: Capture, parent: ParentLookup | None, plan: BlockPlan | None = None
+    ) -> BackupResult:
+        """Back up ``capture``: a file capture against ``parent`` (its unchanged files
+        are not read), a block capture in full or, with ``plan``, incrementally."""
         threads = [
             threading.Thread(target=self._work, name=f"regionvault-backup-{i}", daemon=True)
             for i in range(self.workers)
@@ -989,7 +1025,7 @@ class BackupRun:
             if isinstance(capture, FileCapture):
                 size = self._files(capture, tree, parent)
             elif isinstance(capture, BlockCapture):
-                size = self._blocks(capture, tree)
+                size = self._blocks(capture, tree, plan)
             else:
                 raise TypeError(f"cannot back up a {type(capture).__name__}")
             tree_ids = tree.finish()

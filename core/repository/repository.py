@@ -31,6 +31,7 @@ from regionvault.core.interfaces import (
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository import _prune, _retention, _verify
 from regionvault.core.repository._backup import BackupRun
+from regionvault.core.repository._backup_blocks import BlockPlan, plan_incremental
 from regionvault.core.repository._backup_walk import ParentLookup
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
@@ -179,6 +180,8 @@ class Repository:
         lineage: Lineage | None = None,
         progress: ProgressCallback | None = None,
         before_commit: Callable[[], Iterable[CaptureIssue]] | None = None,
+        base: str | None = None,
+        point_id: str | None = None,
     ) -> RecoveryPoint:
         """Back up ``capture`` (a :class:`FileCapture` or :class:`BlockCapture`) as a new
         recovery point and return it once it is committed.
@@ -208,6 +211,8 @@ class Repository:
         if not isinstance(capture, FileCapture | BlockCapture):
             raise TypeError(f"cannot back up a {type(capture).__name__}")
         instance = instance or capture.instance
+        if point_id is not None:
+            fmt.parse_hex_id(point_id, "recovery point id")
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError("expires_at must be timezone-aware")
         with self._lock(exclusive=False, operation="backup") as lock:
@@ -219,15 +224,25 @@ class Repository:
             parent_manifest = self._parent(capture, instance, parent)
             with self._pool() as pool:
                 lookup = None
+                plan = None
                 if parent_manifest is not None and isinstance(capture, FileCapture):
                     records = _tolerant(tree_records(store, state.index, pool, parent_manifest))
                     lookup = ParentLookup(records)
+                elif base is not None and isinstance(capture, BlockCapture):
+                    plan = self._block_plan(store, state.index, pool, capture, instance, base)
                 run = BackupRun(store, state.index, progress=progress)
-                result = run.run(capture, lookup)
+                result = run.run(capture, lookup, plan)
             issues = list(result.issues)
             if before_commit is not None:
                 issues.extend(before_commit())
-            point_id = fmt.new_id()
+            point_id = fmt.new_id() if point_id is None else point_id
+            parent_id = (
+                plan.base_id
+                if plan is not None
+                else None
+                if parent_manifest is None
+                else parent_manifest.point.id
+            )
             created = datetime.now(UTC)
             image = (
                 (capture.size, capture.block_size) if isinstance(capture, BlockCapture) else None
@@ -245,7 +260,7 @@ class Repository:
                 taken_at=capture.taken_at,
                 expires_at=expires_at,
                 lineage=lineage,
-                parent=None if parent_manifest is None else parent_manifest.point.id,
+                parent=parent_id,
                 size=result.size,
                 image=image,
                 tree_chunks=result.tree_chunks,
@@ -274,6 +289,54 @@ class Repository:
             function=instance.function,
             issues=len(issues),
         )
+
+    @staticmethod
+    def new_point_id() -> str:
+        """A fresh recovery point id, for :meth:`backup`'s ``point_id``."""
+        return fmt.new_id()
+
+    def _block_plan(
+        self,
+        store: Store,
+        index: ChunkIndex,
+        pool: ThreadPoolExecutor,
+        capture: BlockCapture,
+        instance: Instance,
+        base: str,
+    ) -> BlockPlan | None:
+        """The incremental plan against ``base``, or None (the image is read in full)
+        when the capture gives no changed ranges or anything leaves doubt about the base."""
+        changed = capture.changed_ranges()
+        if changed is None:
+            return None
+        why: str
+        try:
+            manifest = self.load_manifest(base)
+            records = list(tree_records(store, index, pool, manifest))
+        except (ObjectNotFound, IntegrityError, RegionVaultError) as exc:
+            why = f"it cannot be read ({exc})"
+        else:
+            plan = plan_incremental(
+                base=manifest,
+                records=records,
+                instance_id=instance.id,
+                size=capture.size,
+                block_size=capture.block_size,
+                disks=capture.disks,
+                changed=changed,
+                index=index,
+            )
+            if isinstance(plan, BlockPlan):
+                return plan
+            why = plan
+        log.warning(
+            "backup of %s in %s reads the whole image, not against base %s: %s",
+            instance.id,
+            self.region,
+            base,
+            why,
+        )
+        return None
 
     def _parent(
         self, capture: Capture, instance: Instance, parent: str | Literal[False] | None
