@@ -296,7 +296,9 @@ class ImageProvider(LocalProvider):
             self._root(region),
             provider=self.name,
             region=region.name,
-            capabilities=replace(self.capabilities),
+            capabilities=replace(
+                self.capabilities, capture_kinds=frozenset({CaptureKind.BLOCKS}), launch=True
+            ),
         )
 
 

@@ -510,3 +510,23 @@ def dead_owner() -> str:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     return replace(ProcessIdentity.current(), pid=int(proc.stdout)).token()
+
+
+def test_retention_releases_what_a_killed_run_left_pending(image_site: Site) -> None:
+    """A tick's retention settles the kept captures of runs that are gone: one whose point
+    was never committed is released, and the current one stays."""
+    compute = compute_of(image_site)
+    inst = compute.make_instance("smf", 1 << 20)
+    write_at(compute, inst.id, 0, random.Random(12).randbytes(100_000))
+    engine = Engine(image_site)
+    engine.backup(inst.id)
+    current = snapshots(compute)
+    leaked = compute.capture(inst.id, keep=True)
+    leaked.close()
+    assert leaked.ref is not None and len(snapshots(compute)) == 2
+    with engine.state.kept_captures("imagefake:east", inst.id) as kept:
+        kept.pending.append(KeptCapture(leaked.ref, Repository.new_point_id(), dead_owner()))
+    engine.retain("imagefake:east")
+    assert snapshots(compute) == current
+    with engine.state.kept_captures("imagefake:east", inst.id) as kept:
+        assert not kept.pending and not kept.release and kept.current is not None

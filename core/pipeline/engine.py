@@ -55,7 +55,14 @@ from regionvault.core.repository import (
     RepositorySettings,
     copy_point,
 )
-from regionvault.core.types import CaptureIssue, Instance, LaunchSpec, RecoveryPoint, Tags
+from regionvault.core.types import (
+    CaptureIssue,
+    CaptureKind,
+    Instance,
+    LaunchSpec,
+    RecoveryPoint,
+    Tags,
+)
 
 if TYPE_CHECKING:
     from regionvault.core.repository import ProgressCallback
@@ -256,7 +263,10 @@ class Engine:
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
                     return point
             tags[SLOT_TAG] = slot_text
-        since, base = self._kept_base(home, inst.id, points)
+        # a compute that captures blocks may keep its captures for the next backup; one of
+        # files is called as before (providers written before since/keep still work)
+        blocks = CaptureKind.BLOCKS in home.compute.capabilities.capture_kinds
+        since, base = self._kept_base(home, inst.id, points) if blocks else (None, None)
         now = self.clock()
         expires = now + policy.retention if policy is not None else None
         hooks = HookRun(
@@ -275,7 +285,11 @@ class Engine:
                 # befores run after the plugins', their afters before the plugins'
                 # (docs/hooks.md)
                 hooks.before()
-                capture = home.compute.capture(inst.id, since=since, keep=True)
+                capture = (
+                    home.compute.capture(inst.id, since=since, keep=True)
+                    if blocks
+                    else home.compute.capture(inst.id)
+                )
                 error: BaseException | None = None
                 try:
                     if isinstance(capture, BlockCapture) and capture.ref is not None:
@@ -331,6 +345,8 @@ class Engine:
         """``(since, base)`` for the instance's next capture: the current kept capture's
         ref and the point made from it, when that point is still there and unexpired (else
         none: the image is read in full). Tidies first: what crashed runs left pending."""
+        if not self.state.has_kept(home.name, instance_id):
+            return None, None
         self._tidy_kept(home, instance_id, points)
         with self.state.kept_captures(home.name, instance_id) as kept:
             current = kept.current

@@ -140,6 +140,10 @@ class StateStore:
         name = job_key("kept", region, instance_id).replace("/", "__")
         return self.root / "captures" / f"{name}.json"
 
+    def has_kept(self, region: str, instance_id: str) -> bool:
+        """Whether anything was ever recorded about the instance's kept captures."""
+        return self._kept_path(region, instance_id).exists()
+
     @contextlib.contextmanager
     def kept_captures(self, region: str, instance_id: str) -> Iterator[KeptCaptures]:
         """The instance's kept captures, to read and change: what the block leaves in them

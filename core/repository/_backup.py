@@ -4,7 +4,8 @@ Why this module is longer than the others: a run is one object whose reader, wor
 uploader threads and the calling thread share its state (the records in flight, the staging
 pool, the failure that stops them all); split across modules, each piece would reach into
 that state. What is not the run's state lives apart: the parent lookup and the entries taken
-(``_backup_walk``), chunking (``_chunking``), packs (``_pipeline``), the tree (``_tree``).
+(``_backup_walk``), chunking (``_chunking``), packs (``_pipeline``), the tree (``_tree``), and
+what an incremental block backup takes from its base and reads (``_backup_blocks``).
 
     reader threads                      workers (N threads)              uploader threads
     read files back to back into    ->  BLAKE3 each chunk's id, claim   ->  vault.put(pack);
