@@ -852,8 +852,8 @@ class BackupRun:
     def _blocks(self, capture: BlockCapture, tree: TreeWriter, plan: BlockPlan | None) -> int:
         """Cut the image's written ranges on this thread; extent records go to the tree in
         order as their ids complete. With a ``plan``, only its spans are read (through
-        ``BlockCapture.read_ranges``) and its kept extents of the base go to the tree whole,
-        in offset order among the extents read."""
+        ``BlockCapture.read_ranges``) and its runs of the base's chunks go to the tree
+        whole, in offset order among the extents read."""
         label = capture.instance.id
         self.bytes_total = capture.size
         cutter = Cutter(self._staging, self.store.new_chunker())
@@ -894,8 +894,8 @@ class BackupRun:
                 record = None
 
         def keep(before: int) -> None:
-            """The base's kept extents that start before ``before``, whole: the extent
-            being read ends first (a kept extent never lies in a span read)."""
+            """The base's kept runs that start before ``before``, whole: the extent being
+            read ends first (a kept run never meets a span read)."""
             nonlocal end
             while kept and kept[0].offset < before:
                 base = kept.popleft()
@@ -909,9 +909,21 @@ class BackupRun:
                 self.stats["extents_from_base"] += 1
                 end = self.bytes_done = base.offset + base.size
 
-        source = capture.blocks() if plan is None else capture.read_ranges(plan.spans)
+        def pieces() -> Iterator[tuple[int, bytes]]:
+            if plan is None:
+                yield from capture.blocks()
+                return
+            for offset, data in capture.read_ranges(plan.reads):
+                if data and not plan.asked(offset, len(data)):
+                    raise ComputeError(
+                        f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
+                        "lies outside the ranges it was asked to read"
+                    )
+                # the rest of a block read is the base's (or zeros): its chunks stand for it
+                yield from plan.clip(offset, data)
+
         try:
-            for offset, data in source:
+            for offset, data in pieces():
                 if offset < end or offset < 0 or offset + len(data) > capture.size:
                     raise ComputeError(
                         f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
@@ -926,11 +938,6 @@ class BackupRun:
                     raise ComputeError(
                         f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
                         f"holds data at {stray}, which lies on none of its disks"
-                    )
-                if plan is not None and not plan.covers(offset, len(data)):
-                    raise ComputeError(
-                        f"capture of {label}: block at offset {offset} ({len(data)} bytes) "
-                        "lies outside the ranges it was asked to read"
                     )
                 keep(offset)
                 if offset != end or record is None:

@@ -1,26 +1,31 @@
-"""Incremental block backups: which extents of a base point a new block image can take
+"""Incremental block backups: which chunks of a base point a new block image can take
 whole, and which ranges it must read.
 
 A capture taken with ``since`` says where its image may differ from the image of that
 earlier capture (``BlockCapture.changed_ranges``); the base is the recovery point made from
 that earlier capture. Outside the changed ranges the new image is the base's image byte for
-byte, so a base extent that no changed range touches holds exactly the new image's bytes
-there, and every byte outside the base's extents and the changed ranges is a zero in both.
-The new point takes those extents whole (their chunk ids, nothing read) and reads the rest:
-the changed ranges and the base extents they touch, widened to whole blocks (the unit a
-capture reads in) until no kept extent lies in a block that is read. Restoring the point
-gives the image a full read would have given.
+byte: a chunk of the base that no changed range touches holds exactly the new image's bytes
+where it lies (its offset and length come from the base's extent records and the index),
+and every byte outside the base's extents and the changed ranges is a zero in both.
+
+So the new point takes the untouched chunks whole (runs of them within an extent become
+extent records of their own: chunk ids, nothing read), and reads the rest: the changed
+ranges and the base chunks they touch (``spans``). A capture reads whole blocks, so the
+ranges asked of it (``reads``) are the spans widened to blocks; what it yields outside the
+spans is dropped, since there the base's chunks (or zeros) already stand for it. Restoring
+the point gives the image a full read gives.
 
 Anything that leaves doubt about the base (another image size, block size or disk layout,
 an extent out of place, a chunk the index lacks, an extent whose chunks do not add up to its
-length, changed ranges that are not ascending, disjoint and inside the image) makes the plan
-None: the caller reads the image in full.
+length, changed ranges that are not ascending, disjoint and inside the image) means no plan:
+the caller reads the image in full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import bisect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._index import ChunkIndex
@@ -36,30 +41,38 @@ class BlockPlan:
 
     #: the base recovery point
     base_id: str
-    #: the base's extents taken whole, ascending (none lies in a block of ``spans``)
+    #: runs of the base's chunks taken whole, as extent records, ascending; none meets a span
     kept: tuple[fmt.RawRecord, ...]
-    #: ``(offset, length)`` to read from the capture: ascending, disjoint, block-aligned
-    #: (the last may end at the image's end), not adjacent
+    #: ``(offset, length)`` of the image the point takes from the capture: ascending,
+    #: disjoint, merged (the changed ranges and the base chunks they touch)
     spans: tuple[tuple[int, int], ...]
+    #: ``(offset, length)`` asked of ``BlockCapture.read_ranges``: the spans widened to
+    #: whole blocks (the last may end at the image's end), merged
+    reads: tuple[tuple[int, int], ...]
 
     @property
     def bytes_from_base(self) -> int:
         return sum(record.size for record in self.kept)
 
-    def covers(self, offset: int, length: int) -> bool:
-        """Whether ``[offset, offset + length)`` lies within one span (spans are merged,
-        so a piece the capture read from them lies within one)."""
-        lo, hi = 0, len(self.spans)
-        while lo < hi:  # the last span starting at or before offset
-            mid = (lo + hi) // 2
-            if self.spans[mid][0] <= offset:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo == 0:
-            return False
-        start, size = self.spans[lo - 1]
-        return offset + length <= start + size
+    def asked(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset + length)`` lies within one range of ``reads``."""
+        at = bisect.bisect_right(self.reads, (offset, _BIG)) - 1
+        return at >= 0 and offset + length <= sum(self.reads[at])
+
+    def clip(self, offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """The parts of a piece the capture read that lie within the spans."""
+        end = offset + len(data)
+        at = max(0, bisect.bisect_right(self.spans, (offset, _BIG)) - 1)
+        while at < len(self.spans) and self.spans[at][0] < end:
+            lo = max(offset, self.spans[at][0])
+            hi = min(end, sum(self.spans[at]))
+            if lo < hi:
+                yield lo, data if (lo, hi) == (offset, end) else data[lo - offset : hi - offset]
+            at += 1
+
+
+#: larger than any length: ``(offset, _BIG)`` sorts after every range starting at offset
+_BIG = 1 << 62
 
 
 def base_disks(manifest: Manifest) -> tuple[Disk, ...] | None:
@@ -71,19 +84,26 @@ def base_disks(manifest: Manifest) -> tuple[Disk, ...] | None:
     return disk_layout(recorded or None, manifest.image_size, manifest.block_size)
 
 
-def _merged(ranges: Sequence[tuple[int, int]], block: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, end)`` pairs widened to whole blocks (clipped to ``size``), sorted and
-    merged where they overlap or meet."""
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges sorted and merged where they overlap or meet."""
     out: list[tuple[int, int]] = []
-    for lo, hi in sorted(
-        (o - o % block, min(size, -(-(o + n) // block) * block)) for o, n in ranges
-    ):
-        if out and lo <= out[-1][1]:
-            if hi > out[-1][1]:
-                out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
+    for o, n in sorted(ranges):
+        if out and o <= out[-1][0] + out[-1][1]:
+            last = out[-1]
+            out[-1] = (last[0], max(last[0] + last[1], o + n) - last[0])
+        elif n > 0:
+            out.append((o, n))
     return out
+
+
+def _widened(ranges: Sequence[tuple[int, int]], block: int, size: int) -> list[tuple[int, int]]:
+    """Ranges widened to whole blocks (clipped to ``size``), merged."""
+    return _merged(
+        [
+            (o - o % block, min(size, -(-(o + n) // block) * block) - (o - o % block))
+            for o, n in ranges
+        ]
+    )
 
 
 def _changed_problem(changed: Sequence[tuple[int, int]], size: int) -> str | None:
@@ -98,7 +118,11 @@ def _changed_problem(changed: Sequence[tuple[int, int]], size: int) -> str | Non
     return None
 
 
-def _base_problem(records: Sequence[fmt.RawRecord], size: int, index: ChunkIndex) -> str | None:
+def _chunk_sizes(
+    records: Sequence[fmt.RawRecord], size: int, index: ChunkIndex
+) -> list[list[int]] | str:
+    """Each extent's chunk lengths (from the index), or what is wrong with the base."""
+    sizes: list[list[int]] = []
     end = 0
     for record in records:
         if record.tag != fmt.TAG_EXTENT:
@@ -106,15 +130,16 @@ def _base_problem(records: Sequence[fmt.RawRecord], size: int, index: ChunkIndex
         if record.offset < end or record.size <= 0 or record.offset + record.size > size:
             return f"its extent at {record.offset} is out of place"
         end = record.offset + record.size
-        total = 0
+        lengths = []
         for chunk_id in record.chunk_ids():
             where = index.get(chunk_id)
             if where is None:
                 return f"a chunk of its extent at {record.offset} is not in the index"
-            total += where.raw_length
-        if total != record.size:
+            lengths.append(where.raw_length)
+        if sum(lengths) != record.size or not all(lengths):
             return f"the chunks of its extent at {record.offset} do not add up to its length"
-    return None
+        sizes.append(lengths)
+    return sizes
 
 
 def plan_incremental(
@@ -144,30 +169,41 @@ def plan_incremental(
         )
     if base_disks(base) != tuple(disks):
         return "its image holds other disks than the capture's"
-    problem = _changed_problem(changed, size) or _base_problem(records, size, index)
+    problem = _changed_problem(changed, size)
     if problem is not None:
         return problem
-    spans = _merged(changed, block_size, size)
-    touched: set[int] = set()
-    while True:  # bounded: each round touches another extent, or ends
-        grown = False
-        j = 0
-        for lo, hi in spans:
-            while j < len(records) and records[j].offset + records[j].size <= lo:
+    sizes = _chunk_sizes(records, size, index)
+    if isinstance(sizes, str):
+        return sizes
+    kept: list[fmt.RawRecord] = []
+    spans: list[tuple[int, int]] = list(changed)
+    cid = fmt.CHUNK_ID_SIZE
+    j = 0  # the first changed range that ends after the chunk looked at
+    for record, lengths in zip(records, sizes, strict=True):
+        run_start = run_first = 0  # the run of untouched chunks: its offset, first chunk
+        at = record.offset
+        for i, length in enumerate([*lengths, 0]):
+            end = at + length
+            while j < len(changed) and changed[j][0] + changed[j][1] <= at:
                 j += 1
-            k = j
-            while k < len(records) and records[k].offset < hi:
-                if k not in touched:
-                    touched.add(k)
-                    grown = True
-                k += 1
-        if not grown:
-            break
-        spans = _merged(
-            [(o, h - o) for o, h in spans]
-            + [(records[k].offset, records[k].size) for k in touched],
-            block_size,
-            size,
-        )
-    kept = tuple(r for k, r in enumerate(records) if k not in touched)
-    return BlockPlan(point.id, kept, tuple((lo, hi - lo) for lo, hi in spans))
+            # touched: a changed range starts before the chunk ends (and ends after it
+            # starts); the sentinel (length 0, at the extent's end) closes the last run
+            touched = i == len(lengths) or (j < len(changed) and changed[j][0] < end)
+            if touched:
+                if i > run_first:
+                    kept.append(
+                        replace(
+                            record,
+                            offset=record.offset + run_start,
+                            size=at - record.offset - run_start,
+                            ids=record.ids[run_first * cid : i * cid],
+                        )
+                    )
+                if i < len(lengths):
+                    spans.append((at, length))
+                run_start, run_first = end - record.offset, i + 1
+            at = end
+    merged = _merged(spans)
+    return BlockPlan(
+        point.id, tuple(kept), tuple(merged), tuple(_widened(merged, block_size, size))
+    )
