@@ -544,3 +544,61 @@ def test_retention_releases_what_a_killed_run_left_pending(image_site: Site) -> 
     assert snapshots(compute) == current
     with engine.state.kept_captures("imagefake:east", inst.id) as kept:
         assert not kept.pending and not kept.release and kept.current is not None
+
+
+def test_a_live_runs_pending_capture_is_left_alone(image_site: Site) -> None:
+    compute = compute_of(image_site)
+    inst = compute.make_instance("amf", 1 << 20)
+    write_at(compute, inst.id, 0, random.Random(13).randbytes(100_000))
+    engine = Engine(image_site)
+    engine.backup(inst.id)
+    running = compute.capture(inst.id, keep=True)  # as another run, still going, holds it
+    running.close()
+    assert running.ref is not None
+    me = ProcessIdentity.current().token()
+    with engine.state.kept_captures("imagefake:east", inst.id) as kept:
+        kept.pending.append(KeptCapture(running.ref, Repository.new_point_id(), me))
+    engine.backup(inst.id)
+    engine.retain("imagefake:east")
+    assert running.snapshot.exists()
+    with engine.state.kept_captures("imagefake:east", inst.id) as kept:
+        assert [p.ref for p in kept.pending] == [running.ref]
+
+
+def test_a_release_that_fails_is_tried_again(
+    image_site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    compute = compute_of(image_site)
+    inst = compute.make_instance("nrf", 1 << 20)
+    write_at(compute, inst.id, 0, random.Random(14).randbytes(100_000))
+    engine = Engine(image_site)
+    engine.backup(inst.id)
+    first = snapshots(compute)
+
+    def refuse(ref: str) -> None:
+        raise OSError("snapshot service unavailable")
+
+    monkeypatch.setattr(compute, "release_capture", refuse)
+    engine.backup(inst.id)  # committed all the same
+    assert first <= snapshots(compute) and len(snapshots(compute)) == 2
+    assert "not released yet" in caplog.text
+    monkeypatch.undo()
+    assert engine.release_kept_captures("imagefake:east") == 0
+    assert len(snapshots(compute)) == 1 and not first & snapshots(compute)
+
+
+def test_a_damaged_state_file_costs_an_incremental_read_not_a_backup(
+    image_site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    compute = compute_of(image_site)
+    inst = compute.make_instance("pcf", 1 << 20)
+    write_at(compute, inst.id, 0, random.Random(15).randbytes(100_000))
+    engine = Engine(image_site)
+    engine.backup(inst.id)
+    (state_file,) = (tmp_path / "state" / "captures").glob("*.json")
+    state_file.write_text("{not json")
+    point = engine.backup(inst.id)
+    assert compute.captures[-1].changed_ranges() is None  # read in full
+    assert restore_bytes(engine, point.id, tmp_path) == compute.image(inst.id).read_bytes()
+    assert "is damaged" in caplog.text
+    assert state_file.with_name(f"{state_file.name}.damaged").exists()

@@ -328,7 +328,17 @@ class Engine:
                 self._drop_kept(home, inst.id, kept_ref)
             raise
         if kept_ref is not None:
-            self._keep_current(home, inst.id, kept_ref, point_id)
+            try:
+                self._keep_current(home, inst.id, kept_ref, point_id)
+            except Exception as exc:  # the point is committed; its pending record says so
+                log.warning(
+                    "%s: point %s of %s committed, its kept capture not recorded as current "
+                    "yet (the next backup or tick settles it): %s",
+                    home.name,
+                    point_id,
+                    inst.id,
+                    exc,
+                )
         self.notify(
             "regionvault_after_backup",
             f"recovery point {point.id} of {inst.id} in {home.name}",
@@ -376,11 +386,17 @@ class Engine:
         self._release_kept(home, instance_id, todo)
 
     def _drop_kept(self, home: Region, instance_id: str, ref: str) -> None:
-        """The backup failed: its own kept capture is released (the current one stays)."""
-        with self.state.kept_captures(home.name, instance_id) as kept:
-            kept.pending = [p for p in kept.pending if p.ref != ref]
-            if ref not in kept.release:
-                kept.release.append(ref)
+        """The backup failed: its own kept capture is released (the current one stays). A
+        failure here is logged, not raised: the backup's own error is the one to see."""
+        try:
+            with self.state.kept_captures(home.name, instance_id) as kept:
+                kept.pending = [p for p in kept.pending if p.ref != ref]
+                if ref not in kept.release:
+                    kept.release.append(ref)
+        except Exception as exc:
+            log.warning(
+                "%s: failed backup of %s: its kept capture: %s", home.name, instance_id, exc
+            )
         self._release_kept(home, instance_id, [ref])
 
     def _tidy_kept(self, home: Region, instance_id: str, points: dict[str, RecoveryPoint]) -> None:
@@ -419,13 +435,13 @@ class Engine:
         for ref in refs:
             try:
                 home.compute.release_capture(ref)
+                with self.state.kept_captures(home.name, instance_id) as kept:
+                    kept.release = [r for r in kept.release if r != ref]
+                    kept.pending = [p for p in kept.pending if p.ref != ref]
             except Exception as exc:  # kept in the list: the next backup or tick tries again
                 log.warning(
                     "%s: kept capture of %s not released yet: %s", home.name, instance_id, exc
                 )
-                continue
-            with self.state.kept_captures(home.name, instance_id) as kept:
-                kept.release = [r for r in kept.release if r != ref]
 
     def release_kept_captures(self, region: str) -> int:
         """Settle the kept captures of ``region``'s instances that runs killed midway left

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,8 @@ from regionvault.core.fsutil import write_atomic
 from regionvault.core.pipeline.jobs import job_key
 
 __all__ = ["DrillRecord", "KeptCapture", "KeptCaptures", "StateStore"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,21 @@ class StateStore:
                 try:
                     kept = KeptCaptures.from_dict(json.loads(path.read_text("utf-8")))
                 except FileNotFoundError:
+                    kept = KeptCaptures()
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    # a damaged record costs an incremental read, never a backup: set
+                    # aside (what it names may need releasing by hand) and begun afresh
+                    aside = path.with_name(f"{path.name}.damaged")
+                    path.replace(aside)
+                    log.error(
+                        "kept captures of %s in %s: %s is damaged (%s), moved to %s; the "
+                        "snapshots it names are no longer released by regionvault",
+                        instance_id,
+                        region,
+                        path,
+                        exc,
+                        aside,
+                    )
                     kept = KeptCaptures()
                 before = kept.to_dict()
                 yield kept

@@ -24,15 +24,26 @@ the caller reads the image in full.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.interfaces import BlockCapture
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._index import ChunkIndex
+from regionvault.core.repository._manifest import decode_manifest, tree_records
+from regionvault.core.repository._store import Store
 from regionvault.core.repository.model import Manifest
 from regionvault.core.types import CaptureKind, Disk, disk_layout
 
-__all__ = ["BlockPlan", "plan_incremental"]
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["BlockPlan", "block_plan", "plan_incremental"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,3 +218,48 @@ def plan_incremental(
     return BlockPlan(
         point.id, tuple(kept), tuple(merged), tuple(_widened(merged, block_size, size))
     )
+
+
+def block_plan(
+    store: Store,
+    index: ChunkIndex,
+    pool: ThreadPoolExecutor,
+    capture: BlockCapture,
+    instance_id: str,
+    base: str,
+) -> BlockPlan | None:
+    """The plan for backing up ``capture`` against the point ``base``, or None (the image
+    is read in full) when the capture gives no changed ranges or anything leaves doubt
+    about the base (logged, naming the base and why)."""
+    changed = capture.changed_ranges()
+    if changed is None:
+        return None
+    why: str
+    try:
+        name = fmt.point_name(fmt.parse_hex_id(base, "base recovery point id"))
+        manifest = decode_manifest(store, name, store.get_sealed(fmt.ObjectKind.MANIFEST, name))
+        records = list(tree_records(store, index, pool, manifest))
+    except (ValueError, RegionVaultError) as exc:
+        why = f"it cannot be read ({exc})"
+    else:
+        plan = plan_incremental(
+            base=manifest,
+            records=records,
+            instance_id=instance_id,
+            size=capture.size,
+            block_size=capture.block_size,
+            disks=capture.disks,
+            changed=changed,
+            index=index,
+        )
+        if isinstance(plan, BlockPlan):
+            return plan
+        why = plan
+    log.warning(
+        "backup of %s in %s reads the whole image, not against base %s: %s",
+        instance_id,
+        store.region,
+        base,
+        why,
+    )
+    return None

@@ -1,5 +1,10 @@
 """The repository: an encrypted, deduplicating store of recovery points in one region's Vault,
-under that region's KeyService. The format is written down in docs/format.md."""
+under that region's KeyService. The format is written down in docs/format.md.
+
+Why this module is longer than the others: it is the data plane's whole public API, a
+method per operation (backup, listing, restore, retention, verify, prune) with the
+documentation its callers read; what each does beneath it is a module of its own.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from regionvault.core.interfaces import (
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository import _prune, _retention, _verify
 from regionvault.core.repository._backup import BackupRun
-from regionvault.core.repository._backup_blocks import BlockPlan, plan_incremental
+from regionvault.core.repository._backup_blocks import block_plan
 from regionvault.core.repository._backup_walk import ParentLookup
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._locks import RepositoryLock
@@ -206,6 +211,18 @@ class Repository:
         checked once more when the capture ends, and each of these is recorded in the point
         (``RecoveryPoint.issues`` counts them; the manifest names them). The point is
         committed with what was taken; only a failure of the whole run commits nothing.
+
+        A block capture taken with ``since`` (``BlockCapture.changed_ranges`` is not None)
+        is backed up incrementally against ``base``: the point made from the capture that
+        ``since`` names (the caller knows which; the repository cannot tell). The base's
+        chunks that no changed range touches are taken whole; only the changed ranges and
+        the base chunks they touch are read. When anything leaves doubt (no ``base``, one of
+        another image size, block size or disks, a damaged base), the image is read in
+        full. The point restores the same image either way; its manifest names the base as
+        ``parent``, its stats say ``bytes_read`` and ``bytes_from_base`` (docs/jobs.md).
+
+        ``point_id`` commits the point under that id (from :meth:`new_point_id`; a fresh
+        one by default), for a caller that records the id before the point exists.
         """
         store = self._ensure_open()
         if not isinstance(capture, FileCapture | BlockCapture):
@@ -229,7 +246,7 @@ class Repository:
                     records = _tolerant(tree_records(store, state.index, pool, parent_manifest))
                     lookup = ParentLookup(records)
                 elif base is not None and isinstance(capture, BlockCapture):
-                    plan = self._block_plan(store, state.index, pool, capture, instance, base)
+                    plan = block_plan(store, state.index, pool, capture, instance.id, base)
                 run = BackupRun(store, state.index, progress=progress)
                 result = run.run(capture, lookup, plan)
             issues = list(result.issues)
@@ -294,49 +311,6 @@ class Repository:
     def new_point_id() -> str:
         """A fresh recovery point id, for :meth:`backup`'s ``point_id``."""
         return fmt.new_id()
-
-    def _block_plan(
-        self,
-        store: Store,
-        index: ChunkIndex,
-        pool: ThreadPoolExecutor,
-        capture: BlockCapture,
-        instance: Instance,
-        base: str,
-    ) -> BlockPlan | None:
-        """The incremental plan against ``base``, or None (the image is read in full)
-        when the capture gives no changed ranges or anything leaves doubt about the base."""
-        changed = capture.changed_ranges()
-        if changed is None:
-            return None
-        why: str
-        try:
-            manifest = self.load_manifest(base)
-            records = list(tree_records(store, index, pool, manifest))
-        except (ObjectNotFound, IntegrityError, RegionVaultError) as exc:
-            why = f"it cannot be read ({exc})"
-        else:
-            plan = plan_incremental(
-                base=manifest,
-                records=records,
-                instance_id=instance.id,
-                size=capture.size,
-                block_size=capture.block_size,
-                disks=capture.disks,
-                changed=changed,
-                index=index,
-            )
-            if isinstance(plan, BlockPlan):
-                return plan
-            why = plan
-        log.warning(
-            "backup of %s in %s reads the whole image, not against base %s: %s",
-            instance.id,
-            self.region,
-            base,
-            why,
-        )
-        return None
 
     def _parent(
         self, capture: Capture, instance: Instance, parent: str | Literal[False] | None
