@@ -231,16 +231,16 @@ def block_plan(
     """The plan for backing up ``capture`` against the point ``base``, or None (the image
     is read in full) when the capture gives no changed ranges or anything leaves doubt
     about the base (logged, naming the base and why)."""
-    changed = capture.changed_ranges()
-    if changed is None:
-        return None
     why: str
     try:
+        changed = capture.changed_ranges()
+        if changed is None:
+            return None
         name = fmt.point_name(fmt.parse_hex_id(base, "base recovery point id"))
         manifest = decode_manifest(store, name, store.get_sealed(fmt.ObjectKind.MANIFEST, name))
         records = list(tree_records(store, index, pool, manifest))
     except (ValueError, RegionVaultError) as exc:
-        why = f"it cannot be read ({exc})"
+        why = f"it or the capture's changed ranges cannot be read ({exc})"
     else:
         plan = plan_incremental(
             base=manifest,
