@@ -187,6 +187,22 @@ def test_untouched_extents_are_taken_whole_and_only_changes_are_read(east: Regio
     assert repo.verify(read_data=True).ok
 
 
+def test_a_lone_disk_named_by_its_provider_is_the_same_layout(east: Region) -> None:
+    """A one-disk point records no disks (its layout is the whole image): a capture naming
+    its one disk ("os") is still backed up against it."""
+    size = 16 * BS
+    image = random.Random(16).randbytes(size)
+    whole = [Disk("os", 0, size)]
+    repo = repo_for(east)
+    first = repo.backup(DiffCapture(image, written=[(0, size)], disks=whole))
+    new = bytearray(image)
+    new[5 * BS] ^= 1
+    cap = DiffCapture(bytes(new), written=[(0, size)], since=image, disks=whole)
+    point = repo.backup(cap, base=first.id)
+    assert repo.load_manifest(point.id).stats["bytes_from_base"] > 0
+    assert restored(repo, point.id, size) == bytes(new)
+
+
 def test_without_a_base_or_changed_ranges_the_image_is_read_in_full(east: Region) -> None:
     size = 16 * BS
     image = random.Random(4).randbytes(size)

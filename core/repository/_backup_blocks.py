@@ -36,7 +36,7 @@ from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._manifest import decode_manifest, tree_records
 from regionvault.core.repository._store import Store
 from regionvault.core.repository.model import Manifest
-from regionvault.core.types import CaptureKind, Disk, disk_layout
+from regionvault.core.types import CaptureKind, Disk
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -86,13 +86,19 @@ class BlockPlan:
 _BIG = 1 << 62
 
 
-def base_disks(manifest: Manifest) -> tuple[Disk, ...] | None:
-    """The disk layout of a block point's image (one disk, the whole image, for a point
+def _layout(disks: Sequence[Disk]) -> list[tuple[int, int]]:
+    """Where a layout's disks lie: names are informative (a lone whole-image disk's is not
+    even recorded), so layouts compare by offsets and sizes."""
+    return [(d.offset, d.size) for d in disks]
+
+
+def base_layout(manifest: Manifest) -> list[tuple[int, int]]:
+    """Where the disks of a block point's image lie (one disk, the whole image, for a point
     that records none)."""
-    if manifest.image_size is None or manifest.block_size is None:
-        return None
-    recorded = getattr(manifest, "disks", None)  # manifests of several disks record them
-    return disk_layout(recorded or None, manifest.image_size, manifest.block_size)
+    recorded = getattr(manifest, "disks", None)  # recorded by manifests of several disks
+    if recorded:
+        return _layout(recorded)
+    return [(0, manifest.image_size)] if manifest.image_size else []
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -178,7 +184,7 @@ def plan_incremental(
             f"its image is {base.image_size} bytes in blocks of {base.block_size}, the "
             f"capture's {size} in blocks of {block_size}"
         )
-    if base_disks(base) != tuple(disks):
+    if base_layout(base) != _layout(disks):
         return "its image holds other disks than the capture's"
     problem = _changed_problem(changed, size)
     if problem is not None:
