@@ -61,10 +61,6 @@ class BlockPlan:
     #: whole blocks (the last may end at the image's end), merged
     reads: tuple[tuple[int, int], ...]
 
-    @property
-    def bytes_from_base(self) -> int:
-        return sum(record.size for record in self.kept)
-
     def asked(self, offset: int, length: int) -> bool:
         """Whether ``[offset, offset + length)`` lies within one range of ``reads``."""
         at = bisect.bisect_right(self.reads, (offset, _BIG)) - 1
