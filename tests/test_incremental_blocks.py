@@ -102,8 +102,12 @@ def merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def restored(repo: Repository, point_id: str, size: int) -> bytes:
+def restored(
+    repo: Repository, point_id: str, size: int, disks: Sequence[Disk] | None = None
+) -> bytes:
     sink = MemorySink(size)
+    if disks is not None:
+        sink.disks = tuple(disks)
     repo.restore(point_id, sink)
     return bytes(sink.data)
 
@@ -203,6 +207,34 @@ def test_a_lone_disk_named_by_its_provider_is_the_same_layout(east: Region) -> N
     assert restored(repo, point.id, size) == bytes(new)
 
 
+def test_an_image_of_two_disks_is_backed_up_against_its_base(east: Region) -> None:
+    size = 32 * BS
+    disks = [Disk("os", 0, 12 * BS), Disk("lun0", 16 * BS, 16 * BS)]
+    written = [(0, 12 * BS), (16 * BS, 16 * BS)]
+    old = bytearray(size)
+    for o, n in written:
+        old[o : o + n] = random.Random(o).randbytes(n)
+    repo = repo_for(east)
+    first = repo.backup(DiffCapture(bytes(old), written=written, disks=disks))
+    new = bytearray(old)
+    new[20 * BS + 3] ^= 0xFF  # on the data disk
+    cap = DiffCapture(bytes(new), written=written, since=bytes(old), disks=disks)
+    point = repo.backup(cap, base=first.id)
+    manifest = repo.load_manifest(point.id)
+    assert manifest.stats["bytes_from_base"] >= 12 * BS
+    assert [(d.offset, d.size) for d in manifest.disks] == [(0, 12 * BS), (16 * BS, 16 * BS)]
+    assert restored(repo, point.id, size, cap.disks) == bytes(new)
+    # the data disk moved (another layout): read in full
+    moved = [Disk("os", 0, 12 * BS), Disk("lun0", 12 * BS, 16 * BS)]
+    other = DiffCapture(
+        bytes(new[: 12 * BS] + new[16 * BS :] + bytes(4 * BS)),
+        written=[(0, 28 * BS)],
+        changed=[(0, BS)],
+        disks=moved,
+    )
+    assert repo.load_manifest(repo.backup(other, base=point.id).id).stats["bytes_from_base"] == 0
+
+
 def test_without_a_base_or_changed_ranges_the_image_is_read_in_full(east: Region) -> None:
     size = 16 * BS
     image = random.Random(4).randbytes(size)
@@ -247,7 +279,7 @@ def test_any_doubt_about_the_base_reads_in_full(
         cap.instance = Instance(id="i-other", name="other", region="local:east")
     point = repo.backup(cap, base=base)
     assert merge(cap.read) == [(0, len(new))]
-    assert restored(repo, point.id, len(new)) == bytes(new)
+    assert restored(repo, point.id, len(new), cap.disks) == bytes(new)
     assert repo.load_manifest(point.id).stats["bytes_from_base"] == 0
     assert "reads the whole image" in caplog.text
 

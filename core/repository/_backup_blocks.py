@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import BlockCapture
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._disks import same_layout
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._manifest import decode_manifest, tree_records
 from regionvault.core.repository._store import Store
@@ -80,21 +81,6 @@ class BlockPlan:
 
 #: larger than any length: ``(offset, _BIG)`` sorts after every range starting at offset
 _BIG = 1 << 62
-
-
-def _layout(disks: Sequence[Disk]) -> list[tuple[int, int]]:
-    """Where a layout's disks lie: names are informative (a lone whole-image disk's is not
-    even recorded), so layouts compare by offsets and sizes."""
-    return [(d.offset, d.size) for d in disks]
-
-
-def base_layout(manifest: Manifest) -> list[tuple[int, int]]:
-    """Where the disks of a block point's image lie (one disk, the whole image, for a point
-    that records none)."""
-    recorded = getattr(manifest, "disks", None)  # recorded by manifests of several disks
-    if recorded:
-        return _layout(recorded)
-    return [(0, manifest.image_size)] if manifest.image_size else []
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -180,7 +166,7 @@ def plan_incremental(
             f"its image is {base.image_size} bytes in blocks of {base.block_size}, the "
             f"capture's {size} in blocks of {block_size}"
         )
-    if base_layout(base) != _layout(disks):
+    if not same_layout(base.disks, disks):
         return "its image holds other disks than the capture's"
     problem = _changed_problem(changed, size)
     if problem is not None:
