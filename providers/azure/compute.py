@@ -6,17 +6,24 @@ Listing: ``virtualMachines.list`` of the region's resource group, one ARM page p
 ``page_size``, the token saying which ARM page to go on from and how many of its matches were
 already returned.
 
-Capture: an incremental snapshot of the disk (the OS disk, or the data disk at ``ex_lun``),
-then a read SAS for it (``beginGetAccess``); its bytes are read with azure-storage-blob as a
-page blob, only the page ranges that hold data (``Get Page Ranges``); against a parent
-snapshot, only the ranges that changed (``x-ms-previous-snapshot-url``, see
-:meth:`AzureBlockCapture.changed_blocks`). Closing revokes the SAS and deletes the snapshot.
+Capture: every managed disk of the VM (the OS disk, then the data disks by LUN) into one
+block image, a :class:`Disk` each at a block-aligned offset: an incremental snapshot per disk
+(all begun before any is waited on, all made before any byte is read), a read SAS per
+snapshot (``beginGetAccess``), the bytes read with azure-storage-blob as page blobs, only the
+page ranges that hold data (``Get Page Ranges``). Closing revokes every SAS and deletes the
+snapshots, unless the capture was taken with ``keep``: then they stay and
+:attr:`AzureBlockCapture.ref` names them, and a later capture ``since`` that ref gives
+:meth:`AzureBlockCapture.changed_ranges` from the managed-disk diff of each disk against its
+earlier snapshot (``x-ms-previous-snapshot-url``); :meth:`AzureCompute.release_capture`
+deletes them.
 
-Restore: an empty managed disk created for upload (``createOption: Upload``, a whole number of
-MiB plus the 512-byte VHD footer), a write SAS, the blocks written as pages (all-zero pieces
-skipped: the disk starts zeroed), the fixed-VHD footer written, the SAS revoked; then a VM of
-the original size with the original tags attaches the disk as its OS disk. A failed restore
-or launch removes the VM it began and the disk (:meth:`AzureBlockSink.discard`).
+Restore: one empty managed disk created for upload per disk of the image (``createOption:
+Upload``, a whole number of MiB plus the 512-byte VHD footer), a write SAS each, the blocks
+routed by offset and written as pages (all-zero pieces skipped: the disks start zeroed), each
+disk's fixed-VHD footer written, the SAS revoked; then a VM of the original size with the
+original tags attaches the first disk as its OS disk and the others as data disks LUN 0, 1,
+.... A failed restore or launch removes the VM it began and every disk
+(:meth:`AzureBlockSink.discard`).
 
 Power state: VMs are read with their instance view (``$expand=instanceView``, with each
 listing page too), and an Instance's ``state`` is the VM's power state (``running``,
@@ -69,6 +76,7 @@ from regionvault.core.types import (
     InstancePage,
     LaunchSpec,
     Tags,
+    disk_layout,
 )
 
 if TYPE_CHECKING:
@@ -665,89 +673,154 @@ class AzureCompute(Compute):
         kind: CaptureKind | None = None,
         since: str | None = None,
         keep: bool = False,
-        ex_lun: int | None = None,
-        ex_parent_snapshot: str | None = None,
-        ex_keep_snapshot: bool = False,
     ) -> Capture:
-        """A block capture of the VM's OS disk (or its data disk at ``ex_lun``) through an
-        incremental snapshot and a read SAS.
+        """A block capture of every managed disk of the VM (the OS disk, then the data disks
+        by LUN) into one image, a :class:`Disk` each, through incremental snapshots and a
+        read SAS per snapshot.
 
-        ``ex_parent_snapshot`` names an earlier incremental snapshot of the same disk (in
-        this resource group), for :meth:`AzureBlockCapture.changed_blocks`. The snapshot this
-        capture takes is deleted on close unless ``ex_keep_snapshot`` (keep it to be the next
-        capture's parent); its name is :attr:`AzureBlockCapture.snapshot_name`.
+        Every snapshot is begun before any is waited on, and all are made before any byte is
+        read. ``keep``: closing the capture keeps the snapshots (their SAS revoked) and
+        :attr:`AzureBlockCapture.ref` names them. ``since``: such a ref of an earlier capture
+        of this VM; when its disks are this capture's (same disks, same sizes) and its
+        snapshots are still there, :meth:`AzureBlockCapture.changed_ranges` diffs each disk
+        against its earlier snapshot; otherwise it gives None (read everything).
         """
         if kind not in (None, CaptureKind.BLOCKS):
             raise self.unsupported(f"capture(kind={kind})")
-        instance = self._instance(self._raw_vm(instance_id))
-        if ex_lun is None:
-            disk_id = instance.extra.get("os_disk_id")
-            which = "OS disk"
-        else:
-            disk_id = instance.extra["data_disks"].get(ex_lun)
-            which = f"data disk at LUN {ex_lun}"
-        if not disk_id:
-            raise self._fail(f"VM {instance_id} has no managed {which} to capture")
-        snapshot = _resource_name(f"rv-capture-{instance.extra.get('vm_name')}", 80)
-        body = {
-            "location": self.settings.location,
-            "tags": {CAPTURE_TAG: str(instance.extra.get("vm_name"))},
-            "properties": {
-                "creationData": {"createOption": "Copy", "sourceResourceId": disk_id},
-                "incremental": True,
-            },
-        }
-        made = self._call(
-            f"cannot snapshot the {which} of VM {instance.extra.get('vm_name')}",
-            lambda: self.client.snapshots.begin_create_or_update(
-                self._rg, snapshot, models.Snapshot(body)
-            ).result(),
-        )
-        granted: list[str] = []
+        earlier = _parse_ref(since, self) if since is not None else None
+        vm = self._raw_vm(instance_id)
+        instance = self._instance(vm)
+        vm_name = str(instance.extra.get("vm_name"))
+        sources = self._managed_disks(vm, vm_name)
+        parts: list[_DiskSnapshot] = []
+        pollers: list[Any] = []
         try:
-            sas = self._grant_read(snapshot)
-            granted.append(snapshot)
-            parent_sas = None
-            if ex_parent_snapshot:
-                parent_sas = self._grant_read(ex_parent_snapshot)
-                granted.append(ex_parent_snapshot)
-            size = int(_get(made, "properties", "diskSizeBytes") or 0)
-            if size <= 0:
-                gib = int(_get(made, "properties", "diskSizeGB") or 0)
-                size = gib * GiB
-            if size <= 0:
-                raise self._fail(f"snapshot {snapshot} reports no size")
+            # begin every snapshot before waiting on any: the disks are taken as close in
+            # time as ARM allows (each is crash-consistent; together they are not atomic)
+            for label, disk_id in sources:
+                part = _DiskSnapshot(
+                    label=label,
+                    disk_id=disk_id,
+                    snapshot=_resource_name(f"rv-capture-{vm_name}-{label}", 80),
+                )
+                body = {
+                    "location": self.settings.location,
+                    "tags": {CAPTURE_TAG: vm_name},
+                    "properties": {
+                        "creationData": {"createOption": "Copy", "sourceResourceId": disk_id},
+                        "incremental": True,
+                    },
+                }
+                parts.append(part)
+                try:
+                    pollers.append(
+                        self.client.snapshots.begin_create_or_update(
+                            self._rg, part.snapshot, models.Snapshot(body)
+                        )
+                    )
+                except AzureError as exc:
+                    raise self._error(
+                        exc, f"cannot snapshot the {_which(label)} of VM {vm_name}"
+                    ) from None
+            made = [
+                self._call(
+                    f"cannot snapshot the {_which(part.label)} of VM {vm_name}", poller.result
+                )
+                for part, poller in zip(parts, pollers, strict=True)
+            ]
+            offset = 0
+            for part, snapshot in zip(parts, made, strict=True):
+                part.size = _snapshot_size(snapshot)
+                if part.size <= 0:
+                    raise self._fail(f"snapshot {part.snapshot} reports no size")
+                part.offset = offset
+                offset += part.size + (-part.size % BLOCK_SIZE)
+            usable = earlier is not None and _same_disks(earlier, parts, self._rg)
+            if usable and earlier is not None:
+                for part, before in zip(parts, earlier["disks"], strict=True):
+                    part.parent = str(before["snapshot"])
+                    part.parent_sas_url = self._grant_read(part.parent, missing_ok=True)
+                    if part.parent_sas_url is None:
+                        usable = False  # an earlier snapshot is gone: read everything
+                        break
+            for part in parts:
+                part.sas_url = self._grant_read(part.snapshot)
+            taken = min(_utc(_get(s, "properties", "timeCreated")) for s in made)
             return AzureBlockCapture(
                 instance,
-                _utc(_get(made, "properties", "timeCreated")),
-                size=size,
+                taken,
                 compute=self,
-                snapshot_name=snapshot,
-                sas_url=sas,
-                parent_snapshot=ex_parent_snapshot,
-                parent_sas_url=parent_sas,
-                revoke=granted,
-                delete_on_close=not ex_keep_snapshot,
+                parts=parts,
+                keep=keep,
+                incremental=usable,
             )
         except BaseException:
-            # a grant that failed may still have left a SAS open: revoke this snapshot's
-            # always (revoking none is harmless), the parent's if it was granted
-            for name in {snapshot, *granted}:
+            # a grant that failed may still have left a SAS open: revoke every snapshot's
+            # (revoking none is harmless), then delete the ones this capture made
+            for poller in pollers:
+                with contextlib.suppress(Exception):
+                    poller.result()
+            for part in parts:
+                for name in [part.snapshot, *([part.parent] if part.parent else [])]:
+                    with contextlib.suppress(RegionVaultError):
+                        self._revoke_snapshot(name)
+            for part in parts:  # one whose begin failed may exist all the same
                 with contextlib.suppress(RegionVaultError):
-                    self._revoke_snapshot(name)
-            with contextlib.suppress(RegionVaultError):
-                self._delete_snapshot(snapshot)
+                    self._delete_snapshot(part.snapshot)
             raise
 
-    def _grant_read(self, snapshot: str) -> str:
-        answer = self._call(
-            f"cannot get a read SAS for snapshot {snapshot}",
-            lambda: self.client.snapshots.begin_grant_access(
+    def _managed_disks(self, vm: Any, vm_name: str) -> list[tuple[str, str]]:
+        """``(label, disk id)`` of the VM's disks: its OS disk ("os"), then its data disks by
+        LUN ("lun0", ...). A disk that is not a managed disk cannot be snapshotted: refused,
+        never left out."""
+        profile = _get(vm, "properties", "storageProfile") or {}
+        os_disk = _get(profile, "osDisk", "managedDisk", "id")
+        if not os_disk:
+            raise self._fail(f"VM {vm_name} has no managed OS disk to capture")
+        found = [("os", str(os_disk))]
+        data = sorted(profile.get("dataDisks") or [], key=lambda d: int(_get(d, "lun") or 0))
+        for disk in data:
+            disk_id = _get(disk, "managedDisk", "id")
+            if not disk_id:
+                raise self._fail(
+                    f"VM {vm_name}: the data disk at LUN {_get(disk, 'lun')} is not a managed "
+                    "disk (unmanaged VHDs cannot be captured)"
+                )
+            found.append((f"lun{int(_get(disk, 'lun') or 0)}", str(disk_id)))
+        return found
+
+    def release_capture(self, ref: str) -> None:
+        """Revoke and delete the snapshots a capture kept (its ``ref``); one already gone is
+        no error. Every snapshot is tried; the first failure is raised after."""
+        kept = _parse_ref(ref, self)
+        if str(kept["rg"]).lower() != self._rg.lower():
+            raise self._fail(
+                f"capture ref of VM {kept['vm']} names resource group {kept['rg']}, not {self._rg}"
+            )
+        problems: list[RegionVaultError] = []
+        for disk in kept["disks"]:
+            try:
+                self._revoke_snapshot(str(disk["snapshot"]))
+                self._delete_snapshot(str(disk["snapshot"]))
+            except RegionVaultError as exc:
+                problems.append(exc)
+        if problems:
+            raise problems[0]
+
+    def _grant_read(self, snapshot: str, *, missing_ok: bool = False) -> str | None:
+        """A read SAS URL for ``snapshot``; None when it is gone and ``missing_ok``."""
+        try:
+            answer = self.client.snapshots.begin_grant_access(
                 self._rg,
                 snapshot,
                 {"access": "Read", "durationInSeconds": self.settings.sas_seconds},
-            ).result(),
-        )
+            ).result()
+        except ResourceNotFoundError as exc:
+            if missing_ok:
+                return None
+            raise self._error(exc, f"cannot get a read SAS for snapshot {snapshot}") from None
+        except AzureError as exc:
+            raise self._error(exc, f"cannot get a read SAS for snapshot {snapshot}") from None
         sas = _get(answer, "accessSAS")
         if not sas:
             raise self._fail(f"snapshot {snapshot}: beginGetAccess gave no SAS")
@@ -791,11 +864,9 @@ class AzureCompute(Compute):
     ) -> RestoreSink:
         if kind is not CaptureKind.BLOCKS:
             raise self.unsupported(f"open_restore_sink(kind={kind})")
-        if disks is not None and len(disks) > 1:
-            raise self.unsupported(f"a restore of {len(disks)} disks")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise self._fail(f"a block restore needs the disk size in bytes, got {size!r}")
-        return AzureBlockSink(self, spec, size)
+            raise self._fail(f"a block restore needs the image size in bytes, got {size!r}")
+        return AzureBlockSink(self, spec, size, disks)
 
     def _vm_size_for(self, spec: LaunchSpec) -> str:
         source_extra: Mapping[str, Any] = spec.source.extra if spec.source is not None else {}
@@ -838,7 +909,17 @@ class AzureCompute(Compute):
                     "createOption": "Attach",
                     "managedDisk": {"id": sink.disk_id},
                     "deleteOption": "Delete",
-                }
+                },
+                # the image's other disks in order, as LUN 0, 1, ...
+                "dataDisks": [
+                    {
+                        "lun": lun,
+                        "createOption": "Attach",
+                        "managedDisk": {"id": upload.disk_id},
+                        "deleteOption": "Delete",
+                    }
+                    for lun, upload in enumerate(sink.uploads[1:])
+                ],
             },
         }
         subnet = spec.extra.get("subnet_id") or self.settings.subnet_id
@@ -865,7 +946,8 @@ class AzureCompute(Compute):
         }
         sink.vm_name = vm_name  # a failed launch's discard deletes what was begun
         vm = self._call(
-            f"cannot create VM {vm_name} from disk {sink.disk_name}",
+            f"cannot create VM {vm_name} from disk {sink.disk_name}"
+            + (f" and {len(sink.uploads) - 1} data disks" if len(sink.uploads) > 1 else ""),
             lambda: self.client.virtual_machines.begin_create_or_update(
                 self._rg, vm_name, models.VirtualMachine(body)
             ).result(),
@@ -906,8 +988,8 @@ class AzureCompute(Compute):
         )
 
     def terminate(self, instance_id: str) -> None:
-        """Delete the VM; the OS disk a launch attached goes with it (``deleteOption``), and
-        one tagged as a restore disk is deleted too if it is still there."""
+        """Delete the VM; the disks a launch attached go with it (``deleteOption``), and any
+        of its disks tagged as a restore disk is deleted too if it is still there."""
         vm = self._raw_vm(instance_id)
         name = str(_get(vm, "name"))
         self._call(
@@ -915,13 +997,17 @@ class AzureCompute(Compute):
             lambda: self.client.virtual_machines.begin_delete(self._rg, name).result(),
             instance_id,
         )
-        disk_id = _get(vm, "properties", "storageProfile", "osDisk", "managedDisk", "id")
-        if disk_id:
+        profile = _get(vm, "properties", "storageProfile") or {}
+        disk_ids = [
+            _get(d, "managedDisk", "id")
+            for d in [profile.get("osDisk") or {}, *(profile.get("dataDisks") or [])]
+        ]
+        for disk_id in filter(None, disk_ids):
             disk_name = str(disk_id).rsplit("/", 1)[-1]
             try:
                 disk = self.client.disks.get(self._rg, disk_name)
             except ResourceNotFoundError:
-                return
+                continue
             except AzureError as exc:
                 raise self._error(exc, f"cannot read disk {disk_name}") from None
             if RESTORE_TAG in (_get(disk, "tags") or {}):
@@ -947,6 +1033,94 @@ def _page_token(arm_token: str | None, skip: int) -> str:
 
 # --------------------------------------------------------------------------- capture
 
+_SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_REF_VERSION = 1
+
+
+def _which(label: str) -> str:
+    return "OS disk" if label == "os" else f"data disk at LUN {label.removeprefix('lun')}"
+
+
+def _snapshot_size(snapshot: Any) -> int:
+    size = int(_get(snapshot, "properties", "diskSizeBytes") or 0)
+    if size <= 0:
+        size = int(_get(snapshot, "properties", "diskSizeGB") or 0) * GiB
+    return size
+
+
+@dataclass
+class _DiskSnapshot:
+    """One managed disk of a capture: its snapshot, where it lies in the image, its read SAS
+    and, for a capture ``since`` an earlier one, that capture's snapshot of the same disk."""
+
+    label: str
+    disk_id: str
+    snapshot: str
+    size: int = 0
+    offset: int = 0
+    sas_url: str | None = None
+    parent: str | None = None
+    parent_sas_url: str | None = None
+
+    @property
+    def disk(self) -> Disk:
+        return Disk(self.label, self.offset, self.size)
+
+
+def _make_ref(compute: AzureCompute, vm_name: str, parts: Sequence[_DiskSnapshot]) -> str:
+    """What a kept capture names (:attr:`AzureBlockCapture.ref`): its resource group, VM and
+    per disk the disk, its size and its snapshot. Names only: no SAS, nothing secret."""
+    doc = {
+        "v": _REF_VERSION,
+        "rg": compute.settings.resource_group,
+        "vm": vm_name,
+        "disks": [
+            {"name": p.label, "disk": p.disk_id, "size": p.size, "snapshot": p.snapshot}
+            for p in parts
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _parse_ref(ref: str, compute: AzureCompute) -> dict[str, Any]:
+    """A ref made by :func:`_make_ref`, checked; ComputeError names what is wrong."""
+    try:
+        doc = json.loads(ref)
+        if not isinstance(doc, dict) or doc.get("v") != _REF_VERSION:
+            raise ValueError("not a version-1 Azure capture ref")
+        if not isinstance(doc.get("rg"), str) or not isinstance(doc.get("vm"), str):
+            raise ValueError("no resource group or VM")
+        disks = doc.get("disks")
+        if not isinstance(disks, list) or not disks:
+            raise ValueError("no disks")
+        for disk in disks:
+            if not (
+                isinstance(disk, dict)
+                and isinstance(disk.get("name"), str)
+                and isinstance(disk.get("disk"), str)
+                and isinstance(disk.get("size"), int)
+                and isinstance(disk.get("snapshot"), str)
+                and _SNAPSHOT_NAME.match(disk["snapshot"])
+            ):
+                raise ValueError(f"bad disk entry {str(disk)[:80]}")
+    except (ValueError, TypeError) as exc:
+        raise compute._fail(f"bad capture ref {str(ref)[:60]!r}: {exc}") from None
+    return doc
+
+
+def _same_disks(earlier: Mapping[str, Any], parts: Sequence[_DiskSnapshot], rg: str) -> bool:
+    """Whether an earlier capture's disks are these, in this order and of these sizes (else
+    a diff against its snapshots would not describe this image)."""
+    disks = earlier["disks"]
+    return (
+        str(earlier["rg"]).lower() == rg.lower()
+        and len(disks) == len(parts)
+        and all(
+            d["name"] == p.label and d["disk"].lower() == p.disk_id.lower() and d["size"] == p.size
+            for d, p in zip(disks, parts, strict=True)
+        )
+    )
+
 
 def _merge(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     """Sorted, merged ``[start, end)`` ranges widened to whole blocks (:data:`BLOCK_SIZE`:
@@ -964,144 +1138,234 @@ def _merge(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     return out
 
 
+def _intersect(
+    ranges: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``[start, end)`` pieces lying in both sorted, disjoint lists."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(ranges) and j < len(spans):
+        lo, hi = max(ranges[i][0], spans[j][0]), min(ranges[i][1], spans[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if ranges[i][1] <= spans[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 class AzureBlockCapture(BlockCapture):
-    """The bytes of one incremental snapshot, read as a page blob through its read SAS."""
+    """The bytes of a VM's disks, one incremental snapshot each, read as page blobs through
+    their read SAS; the image holds the disks one after another (:attr:`disks`, each at a
+    block-aligned offset: the OS disk first, then the data disks by LUN)."""
 
     def __init__(
         self,
         instance: Instance,
         taken_at: datetime,
         *,
-        size: int,
         compute: AzureCompute,
-        snapshot_name: str,
-        sas_url: str,
-        parent_snapshot: str | None,
-        parent_sas_url: str | None,
-        revoke: list[str],
-        delete_on_close: bool,
+        parts: Sequence[_DiskSnapshot],
+        keep: bool,
+        incremental: bool,
     ) -> None:
-        super().__init__(instance, taken_at, size=size, block_size=BLOCK_SIZE)
+        layout = [p.disk for p in parts]
+        super().__init__(
+            instance, taken_at, size=layout[-1].end, block_size=BLOCK_SIZE, disks=layout
+        )
         self.compute = compute
-        self.snapshot_name = snapshot_name
-        self.parent_snapshot = parent_snapshot
-        self._sas_url = sas_url
-        self._parent_sas_url = parent_sas_url
-        self._revoke = list(revoke)
-        self._delete_on_close = delete_on_close
-        self._blob = compute.blob(sas_url)
+        self.parts = tuple(parts)
+        self._keep = keep
+        self._incremental = incremental
+        self._blobs = [compute.blob(str(p.sas_url)) for p in parts]
         self._closed = False
+        self._changed: list[tuple[int, int]] | None = None
+        if keep:
+            self.ref = _make_ref(compute, str(instance.extra.get("vm_name")), parts)
         #: bytes read through the SAS and read requests made, for the request-count figures
         self.bytes_read = 0
         self.reads = 0
         self._count_lock = threading.Lock()
 
-    def _error(self, exc: BaseException, what: str) -> RegionVaultError:
-        return self.compute._error(exc, f"{what} of snapshot {self.snapshot_name}")
+    @property
+    def snapshot_names(self) -> list[str]:
+        """The snapshots this capture took, one per disk, in image order."""
+        return [p.snapshot for p in self.parts]
 
-    def data_ranges(self) -> list[tuple[int, int]]:
-        """``[start, end)`` of every page range that holds data (Get Page Ranges, paged)."""
+    def _error(self, exc: BaseException, what: str, part: _DiskSnapshot) -> RegionVaultError:
+        return self.compute._error(exc, f"{what} of snapshot {part.snapshot}")
+
+    def _data_ranges(self, index: int) -> list[tuple[int, int]]:
+        """``[start, end)`` of the disk's page ranges that hold data, in the disk's own
+        offsets (Get Page Ranges, paged), widened to whole blocks."""
+        part = self.parts[index]
         try:
             found = [
                 (int(r.start or 0), int(r.end or 0) + 1)
-                for r in self._blob.list_page_ranges()
+                for r in self._blobs[index].list_page_ranges()
                 if not r.cleared
             ]
         except AzureError as exc:
-            raise self._error(exc, "cannot list the page ranges") from None
-        return _merge(found, self.size)
+            raise self._error(exc, "cannot list the page ranges", part) from None
+        return _merge(found, part.size)
 
-    def page_range_diff(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """``(filled, cleared)``: the ranges written and the ranges cleared since the parent
-        snapshot (Get Page Ranges with ``x-ms-previous-snapshot-url``, the managed-disk diff)."""
-        if not self._parent_sas_url:
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """``[start, end)`` in the image of every page range that holds data."""
+        return [
+            (part.offset + start, part.offset + end)
+            for index, part in enumerate(self.parts)
+            for start, end in self._data_ranges(index)
+        ]
+
+    def page_range_diff(
+        self, index: int = 0
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """``(filled, cleared)`` of the disk at ``index`` (the disk's own offsets): the ranges
+        written and the ranges cleared since the earlier capture's snapshot of it (Get Page
+        Ranges with ``x-ms-previous-snapshot-url``, the managed-disk diff)."""
+        diff = self._diff(index)
+        if diff is None:
+            part = self.parts[index]
             raise self.compute._fail(
-                "changed ranges need a parent snapshot (capture(..., ex_parent_snapshot=...))"
+                f"snapshot {part.snapshot}: the earlier snapshot {part.parent} is gone"
+            )
+        return diff
+
+    def _diff(self, index: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+        part = self.parts[index]
+        if not part.parent_sas_url:
+            raise self.compute._fail(
+                f"snapshot {part.snapshot}: changed ranges need a capture taken with since= "
+                "a kept capture of the same disks"
             )
         try:
-            filled, cleared = self._blob.get_page_range_diff_for_managed_disk(self._parent_sas_url)
+            filled, cleared = self._blobs[index].get_page_range_diff_for_managed_disk(
+                part.parent_sas_url
+            )
+        except ResourceNotFoundError:
+            return None
         except AzureError as exc:
-            raise self._error(exc, "cannot diff the page ranges against the parent") from None
+            raise self._error(exc, "cannot diff the page ranges against the parent", part) from None
         return (
-            _merge([(int(r["start"]), int(r["end"]) + 1) for r in filled], self.size),
-            _merge([(int(r["start"]), int(r["end"]) + 1) for r in cleared], self.size),
+            _merge([(int(r["start"]), int(r["end"]) + 1) for r in filled], part.size),
+            _merge([(int(r["start"]), int(r["end"]) + 1) for r in cleared], part.size),
         )
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """Where this image may differ from the ``since`` capture's: per disk the ranges
+        written or cleared since that capture's snapshot of it, shifted to the disk's offset,
+        widened to whole blocks and merged (``(offset, length)``). None without ``since``, or
+        when that capture's disks are not these or one of its snapshots is gone."""
+        if not self._incremental:
+            return None
+        if self._changed is None:
+            ranges: list[tuple[int, int]] = []
+            for index, part in enumerate(self.parts):
+                diff = self._diff(index)
+                if diff is None:
+                    return None  # the earlier snapshot went after the capture began
+                filled, cleared = diff
+                ranges.extend((part.offset + s, part.offset + e) for s, e in filled + cleared)
+            self._changed = [(s, e - s) for s, e in _merge(ranges, self.size)]
+        return list(self._changed)
+
+    def _read(self, index: int, offset: int, length: int) -> bytes:
+        part = self.parts[index]
         try:
-            data = self._blob.download_blob(offset=offset, length=length).readall()
+            data = self._blobs[index].download_blob(offset=offset, length=length).readall()
         except AzureError as exc:
-            raise self._error(exc, f"cannot read {length} bytes at {offset}") from None
+            raise self._error(exc, f"cannot read {length} bytes at {offset}", part) from None
         if len(data) != length:
             raise self.compute._fail(
-                f"snapshot {self.snapshot_name}: read {len(data)} bytes at {offset}, "
-                f"expected {length}"
+                f"snapshot {part.snapshot}: read {len(data)} bytes at {offset}, expected {length}"
             )
         with self._count_lock:
             self.bytes_read += length
             self.reads += 1
         return bytes(data)
 
-    def _pieces(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    @staticmethod
+    def _pieces(index: int, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+        """``(disk index, offset in the disk, length)`` pieces of a disk's ranges, ending on
+        :data:`PIECE` boundaries so neighbouring ranges read alike."""
         for start, end in ranges:
             offset = start
             while offset < end:
-                # pieces end on PIECE boundaries so neighbouring ranges read alike
                 stop = min(end, (offset // PIECE + 1) * PIECE)
-                yield offset, stop - offset
+                yield index, offset, stop - offset
                 offset = stop
 
-    def _ordered(self, pieces: Iterator[tuple[int, int, bool]]) -> Iterator[tuple[int, bytes]]:
-        """Read pieces with a bounded number in flight, yielding in order; a piece marked
-        ``False`` is yielded as zeros without a read."""
+    def _ordered(self, pieces: Iterator[tuple[int, int, int]]) -> Iterator[tuple[int, bytes]]:
+        """Read pieces with a bounded number in flight, yielding ``(image offset, data)`` in
+        order."""
         workers = max(1, self.compute.settings.concurrency)
         window = workers * 2
-        pending: deque[tuple[int, int, Future[bytes] | None]] = deque()
+        pending: deque[tuple[int, Future[bytes]]] = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rv-az-read") as pool:
             try:
-                for offset, length, read in pieces:
-                    future = pool.submit(self._read, offset, length) if read else None
-                    pending.append((offset, length, future))
+                for index, offset, length in pieces:
+                    future = pool.submit(self._read, index, offset, length)
+                    pending.append((self.parts[index].offset + offset, future))
                     if len(pending) >= window:
-                        done_offset, done_length, done = pending.popleft()
-                        yield done_offset, done.result() if done else bytes(done_length)
+                        done_offset, done = pending.popleft()
+                        yield done_offset, done.result()
                 while pending:
-                    done_offset, done_length, done = pending.popleft()
-                    yield done_offset, done.result() if done else bytes(done_length)
+                    done_offset, done = pending.popleft()
+                    yield done_offset, done.result()
             finally:
-                for _offset, _length, future in pending:
-                    if future is not None:
-                        future.cancel()
+                for _offset, future in pending:
+                    future.cancel()
 
     def blocks(self) -> Iterator[tuple[int, bytes]]:
-        """The bytes of every page range that holds data; ranges never written are left out
-        (zeros)."""
-        ranges = self.data_ranges()
-        return self._ordered((o, n, True) for o, n in self._pieces(ranges))
+        """The bytes of every page range that holds data, disk after disk; ranges never
+        written (and the holes between disks) are left out (zeros)."""
 
-    def changed_blocks(self) -> Iterator[tuple[int, bytes]]:
-        """Only the blocks that differ from the parent snapshot: every block a written or a
-        cleared range touches, read from this snapshot (a cleared range reads as zeros). A
-        block left out is *unchanged from the parent*, not zeros: only a caller holding the
-        parent's blocks can use this."""
-        filled, cleared = self.page_range_diff()
-        touched = _merge(filled + cleared, self.size)
-        return self._ordered((o, n, True) for o, n in self._pieces(touched))
+        def pieces() -> Iterator[tuple[int, int, int]]:
+            for index in range(len(self.parts)):
+                yield from self._pieces(index, self._data_ranges(index))
+
+        return self._ordered(pieces())
+
+    def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """The written data within ``spans`` (image offsets): only the page ranges holding
+        data that lie in a span are read, nothing else."""
+        wanted = [(o, o + n) for o, n in spans if n > 0]
+
+        def pieces() -> Iterator[tuple[int, int, int]]:
+            for index, part in enumerate(self.parts):
+                local = _intersect(
+                    [(s - part.offset, e - part.offset) for s, e in wanted],
+                    [(0, part.size)],
+                )
+                if local:
+                    yield from self._pieces(index, _intersect(self._data_ranges(index), local))
+
+        return self._ordered(pieces())
 
     def close(self) -> None:
+        """Revoke every SAS (this capture's and the earlier snapshots'); delete this
+        capture's snapshots unless kept. Every snapshot is tried; the first failure is raised
+        after."""
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            self._blob.close()
+        for blob in self._blobs:
+            with contextlib.suppress(Exception):
+                blob.close()
         problems: list[RegionVaultError] = []
-        for name in self._revoke:
+        for part in self.parts:
             try:
-                self.compute._revoke_snapshot(name)
+                self.compute._revoke_snapshot(part.snapshot)
+                if not self._keep:
+                    self.compute._delete_snapshot(part.snapshot)
             except RegionVaultError as exc:
                 problems.append(exc)
-        if self._delete_on_close and not problems:
-            self.compute._delete_snapshot(self.snapshot_name)
+            if part.parent_sas_url and part.parent:
+                try:
+                    self.compute._revoke_snapshot(part.parent)
+                except RegionVaultError as exc:
+                    problems.append(exc)
         if problems:
             raise problems[0]
 
@@ -1109,17 +1373,55 @@ class AzureBlockCapture(BlockCapture):
 # --------------------------------------------------------------------------- restore
 
 
-class AzureBlockSink(BlockSink):
-    """A new managed disk created for upload, written as a page blob through its write SAS.
+def _upload_data_size(size: int) -> int:
+    """The data bytes of an upload disk holding ``size`` bytes: a whole number of MiB, at
+    least Azure's smallest upload disk."""
+    return max(MIN_UPLOAD_DATA, math.ceil(size / MiB) * MiB)
 
-    :meth:`commit` writes the fixed-VHD footer after the data and revokes the SAS (the disk is
-    then ready to attach). :meth:`discard` deletes a VM a failed launch began, revokes the SAS
-    and deletes the disk.
+
+@dataclass
+class _UploadDisk:
+    """One managed disk a restore makes: the image bytes ``[offset, offset + size)`` go to
+    its pages from 0; its data is ``data_size`` bytes (then the VHD footer)."""
+
+    label: str
+    offset: int
+    size: int
+    data_size: int
+    disk_name: str
+    disk_id: str = ""
+    blob: BlobClient | None = None
+    sas_open: bool = False
+
+
+class AzureBlockSink(BlockSink):
+    """New managed disks created for upload, one per :class:`Disk` of the image, each
+    written as a page blob through its write SAS; a write is routed by its offset (split
+    where it crosses from one disk into the next).
+
+    :meth:`commit` writes each disk's fixed-VHD footer after its data and revokes the SAS
+    (the disks are then ready to attach: the first as the OS disk, the others as data disks
+    LUN 0, 1, ...). :meth:`discard` deletes a VM a failed launch began, revokes the SAS and
+    deletes every disk.
     """
 
-    def __init__(self, compute: AzureCompute, spec: LaunchSpec, size: int) -> None:
-        data_size = max(MIN_UPLOAD_DATA, math.ceil(size / MiB) * MiB)
-        super().__init__(size=data_size, block_size=BLOCK_SIZE)
+    def __init__(
+        self,
+        compute: AzureCompute,
+        spec: LaunchSpec,
+        size: int,
+        disks: Sequence[Disk] | None = None,
+    ) -> None:
+        try:
+            layout = disk_layout(disks, size, BLOCK_SIZE)
+        except ValueError as exc:
+            raise compute._fail(f"restore of {spec.name!r}: {exc}") from None
+        if len(layout) == 1 and layout[0].offset == 0:
+            # one disk: the image rounded up to the disk Azure makes, as before disks existed
+            data_size = _upload_data_size(max(size, layout[0].size))
+            layout = (Disk(layout[0].name, 0, data_size),)
+            size = data_size
+        super().__init__(size=size, block_size=BLOCK_SIZE, disks=layout)
         self.compute = compute
         self.spec = spec
         self.committed = False
@@ -1130,71 +1432,124 @@ class AzureBlockSink(BlockSink):
         self.writes = 0
         source_extra: Mapping[str, Any] = spec.source.extra if spec.source is not None else {}
         self.os_type = str(spec.extra.get("os_type") or source_extra.get("os_type") or "Linux")
-        self.disk_name = _resource_name(f"{spec.name}-osdisk", 80)
-        settings = compute.settings
-        properties: dict[str, Any] = {
-            "creationData": {"createOption": "Upload", "uploadSizeBytes": data_size + PAGE},
-            "osType": self.os_type,
-        }
-        # the VM model does not carry it (the source's disk does): a Gen2 image needs
-        # spec.extra["hyper_v_generation"] = "V2"
-        generation = spec.extra.get("hyper_v_generation")
-        if generation:
-            properties["hyperVGeneration"] = generation
-        body = {
-            "location": settings.location,
-            "sku": {"name": settings.disk_sku},
-            "tags": {RESTORE_TAG: spec.name[:256]},
-            "properties": properties,
-        }
-        disk = compute._call(
-            f"cannot create an upload disk for restoring {spec.name!r}",
-            lambda: compute.client.disks.begin_create_or_update(
-                compute.settings.resource_group, self.disk_name, models.Disk(body)
-            ).result(),
-        )
-        self.disk_id = str(_get(disk, "id"))
+        self.uploads = [
+            _UploadDisk(
+                label=d.name,
+                offset=d.offset,
+                size=d.size,
+                data_size=_upload_data_size(d.size),
+                disk_name=_resource_name(
+                    f"{spec.name}-osdisk" if i == 0 else f"{spec.name}-data{i - 1}", 80
+                ),
+            )
+            for i, d in enumerate(self.disks)
+        ]
         self._lock = threading.Lock()
         self._in_flight: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
-        self._sas_open = False
+        settings = compute.settings
+        pollers: list[Any] = []
         try:
-            answer = compute._call(
-                f"cannot get a write SAS for disk {self.disk_name}",
-                lambda: compute.client.disks.begin_grant_access(
-                    compute.settings.resource_group,
-                    self.disk_name,
-                    {"access": "Write", "durationInSeconds": settings.sas_seconds},
-                ).result(),
-            )
-            sas = _get(answer, "accessSAS")
-            if not sas:
-                raise compute._fail(f"disk {self.disk_name}: beginGetAccess gave no SAS")
+            # begin every disk before waiting on any
+            for index, upload in enumerate(self.uploads):
+                body = self._disk_body(upload, index)
+                try:
+                    pollers.append(
+                        compute.client.disks.begin_create_or_update(
+                            settings.resource_group, upload.disk_name, models.Disk(body)
+                        )
+                    )
+                except AzureError as exc:
+                    raise compute._error(
+                        exc, f"cannot create an upload disk for restoring {spec.name!r}"
+                    ) from None
+            for upload, poller in zip(self.uploads, pollers, strict=True):
+                disk = compute._call(
+                    f"cannot create an upload disk for restoring {spec.name!r}", poller.result
+                )
+                upload.disk_id = str(_get(disk, "id"))
+            for upload in self.uploads:
+                self._grant_write(upload)
         except BaseException:
-            with contextlib.suppress(RegionVaultError):
-                compute._delete_disk(self.disk_name)
+            for poller in pollers:
+                with contextlib.suppress(Exception):
+                    poller.result()
+            self._remove_disks(quiet=True)
             raise
-        self._sas_open = True
-        self._blob = compute.blob(str(sas))
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, settings.concurrency), thread_name_prefix="rv-az-write"
         )
         self._window = max(1, settings.concurrency) * 2
 
-    def _put(self, offset: int, data: bytes) -> None:
+    def _grant_write(self, upload: _UploadDisk) -> None:
+        upload.sas_open = True  # a grant that failed may have opened it: revoke it all the same
         try:
-            self._blob.upload_page(data, offset=offset, length=len(data))
+            answer = self.compute.client.disks.begin_grant_access(
+                self.compute.settings.resource_group,
+                upload.disk_name,
+                {"access": "Write", "durationInSeconds": self.compute.settings.sas_seconds},
+            ).result()
         except AzureError as exc:
             raise self.compute._error(
-                exc, f"cannot write {len(data)} bytes at {offset} of disk {self.disk_name}"
+                exc, f"cannot get a write SAS for disk {upload.disk_name}"
+            ) from None
+        sas = _get(answer, "accessSAS")
+        if not sas:
+            raise self.compute._fail(f"disk {upload.disk_name}: beginGetAccess gave no SAS")
+        upload.blob = self.compute.blob(str(sas))
+
+    def _disk_body(self, upload: _UploadDisk, index: int) -> dict[str, Any]:
+        properties: dict[str, Any] = {
+            "creationData": {
+                "createOption": "Upload",
+                "uploadSizeBytes": upload.data_size + PAGE,
+            },
+        }
+        if index == 0:
+            properties["osType"] = self.os_type
+            # the VM model does not carry it (the source's disk does): a Gen2 image needs
+            # spec.extra["hyper_v_generation"] = "V2"
+            generation = self.spec.extra.get("hyper_v_generation")
+            if generation:
+                properties["hyperVGeneration"] = generation
+        return {
+            "location": self.compute.settings.location,
+            "sku": {"name": self.compute.settings.disk_sku},
+            "tags": {RESTORE_TAG: self.spec.name[:256]},
+            "properties": properties,
+        }
+
+    @property
+    def disk_id(self) -> str:
+        """The OS disk's resource id (the first disk)."""
+        return self.uploads[0].disk_id
+
+    @property
+    def disk_name(self) -> str:
+        return self.uploads[0].disk_name
+
+    @property
+    def disk_ids(self) -> list[str]:
+        """Every disk's resource id, in image order (OS disk first)."""
+        return [u.disk_id for u in self.uploads]
+
+    def _put(self, upload: _UploadDisk, offset: int, data: bytes) -> None:
+        assert upload.blob is not None
+        try:
+            upload.blob.upload_page(data, offset=offset, length=len(data))
+        except AzureError as exc:
+            raise self.compute._error(
+                exc, f"cannot write {len(data)} bytes at {offset} of disk {upload.disk_name}"
             ) from None
         with self._lock:
             self.bytes_written += len(data)
             self.writes += 1
 
     def write(self, offset: int, data: bytes) -> None:
-        """Queue ``data`` for writing in pieces of up to 4 MiB; all-zero pieces are skipped
-        (the disk starts zeroed). A failed earlier write is raised here or by commit."""
+        """Route ``data`` to the disks it lies in and queue it in pieces of up to 4 MiB;
+        all-zero pieces are skipped (the disks start zeroed), and so are zeros in the holes
+        between disks (anything else there is refused). A failed earlier write is raised
+        here or by commit."""
         self._check_live()
         if self.committed:
             raise self.compute._fail(f"disk {self.disk_name} is already committed")
@@ -1203,10 +1558,29 @@ class AzureBlockSink(BlockSink):
                 f"write offset {offset} is not a multiple of {self.block_size}"
             )
         view = memoryview(data).cast("B")
-        if offset + len(view) > self.size:
+        end = offset + len(view)
+        if end > self.size:
             raise self.compute._fail(
-                f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte disk"
+                f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte image"
             )
+        position = offset
+        for upload in self.uploads:
+            lo, hi = max(offset, upload.offset), min(end, upload.offset + upload.size)
+            if lo >= hi:
+                continue
+            self._check_hole(view, offset, position, lo)
+            self._queue(upload, lo - upload.offset, view[lo - offset : hi - offset])
+            position = hi
+        self._check_hole(view, offset, position, end)
+
+    def _check_hole(self, view: memoryview, offset: int, start: int, end: int) -> None:
+        if start < end and bytes(view[start - offset : end - offset]).strip(b"\0"):
+            raise self.compute._fail(
+                f"restore of {self.spec.name!r}: data at {start}-{end} lies between the "
+                "image's disks"
+            )
+
+    def _queue(self, upload: _UploadDisk, local: int, view: memoryview) -> None:
         assert self._pool is not None
         for start in range(0, len(view), PIECE):
             piece = bytes(view[start : start + PIECE])
@@ -1217,7 +1591,9 @@ class AzureBlockSink(BlockSink):
             for _wait in range(_MAX_PAGES):
                 with self._lock:
                     if len(self._in_flight) < self._window:
-                        self._in_flight.append(self._pool.submit(self._put, offset + start, piece))
+                        self._in_flight.append(
+                            self._pool.submit(self._put, upload, local + start, piece)
+                        )
                         break
                     head = self._in_flight.popleft()
                 head.result()
@@ -1231,33 +1607,55 @@ class AzureBlockSink(BlockSink):
             head.result()
 
     def commit(self) -> None:
-        """Wait for every write, write the VHD footer, revoke the SAS: the disk is ready."""
+        """Wait for every write, write each disk's VHD footer, revoke each SAS: the disks
+        are ready."""
         self._check_live()
         if self.committed:
             return
         self._drain()
-        self._put(self.size, vhd_footer(self.size))
+        for upload in self.uploads:
+            self._put(upload, upload.data_size, vhd_footer(upload.data_size))
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        self.compute._call(
-            f"cannot end the upload of disk {self.disk_name}",
-            lambda: self.compute.client.disks.begin_revoke_access(
-                self.compute.settings.resource_group, self.disk_name
-            ).result(),
-        )
-        self._sas_open = False
-        with contextlib.suppress(Exception):
-            self._blob.close()
+        for upload in self.uploads:
+            self._end_upload(upload)
         self.committed = True
+
+    def _end_upload(self, upload: _UploadDisk) -> None:
+        self.compute._until_done_or_gone(
+            lambda: self.compute.client.disks.begin_revoke_access(
+                self.compute.settings.resource_group, upload.disk_name
+            ),
+            f"cannot end the upload of disk {upload.disk_name}",
+        )
+        upload.sas_open = False
+        if upload.blob is not None:
+            with contextlib.suppress(Exception):
+                upload.blob.close()
 
     def _check_live(self) -> None:
         if self.discarded:
             raise self.compute._fail(f"disk {self.disk_name} was discarded")
 
+    def _remove_disks(self, *, quiet: bool) -> None:
+        """Revoke each open SAS and delete every disk (one never made is no error); every
+        disk is tried, the first failure raised after unless ``quiet``."""
+        problems: list[RegionVaultError] = []
+        for upload in self.uploads:
+            if upload.sas_open:
+                with contextlib.suppress(RegionVaultError):
+                    self._end_upload(upload)
+            try:
+                self.compute._delete_disk(upload.disk_name)
+            except RegionVaultError as exc:
+                problems.append(exc)
+        if problems and not quiet:
+            raise problems[0]
+
     def discard(self) -> None:
         """Give up on this restore: stop writing, delete the VM a failed launch began,
-        revoke the SAS, delete the disk. Nothing is removed once a launch made a VM from it
-        (terminating that VM does)."""
+        revoke the SAS, delete every disk. Nothing is removed once a launch made a VM from
+        them (terminating that VM does)."""
         if self.launched_instance_id is not None:
             return
         self.discarded = True
@@ -1269,13 +1667,4 @@ class AzureBlockSink(BlockSink):
         if self.vm_name is not None:
             self.compute._delete_vm(self.vm_name)
             self.vm_name = None
-        if self._sas_open:
-            with contextlib.suppress(RegionVaultError):
-                self.compute._call(
-                    f"cannot end the upload of disk {self.disk_name}",
-                    lambda: self.compute.client.disks.begin_revoke_access(
-                        self.compute.settings.resource_group, self.disk_name
-                    ).result(),
-                )
-            self._sas_open = False
-        self.compute._delete_disk(self.disk_name)
+        self._remove_disks(quiet=False)

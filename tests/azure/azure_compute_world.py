@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,10 @@ class ArmWorld:
         tags: Mapping[str, str] | None = None,
         image: bytes | Mapping[int, bytes] = b"",
         vm_size: str = "Standard_D2s_v5",
+        data_disks: Sequence[bytes | Mapping[int, bytes]] = (),
     ) -> str:
-        """A VM whose OS disk holds ``image``; returns its resource id."""
+        """A VM whose OS disk holds ``image`` and whose data disks (LUN 0, 1, ...) hold
+        ``data_disks``; returns its resource id."""
         pieces = image if isinstance(image, bytes) else dict(image)
         return seed_vm(
             self.client,
@@ -125,6 +127,7 @@ class ArmWorld:
             tags=dict(tags or {}),
             image=pieces,
             vm_size=vm_size,
+            data_disks=[d if isinstance(d, bytes) else dict(d) for d in data_disks],
         )
 
     def disk_bytes(self, disk_id: str, length: int) -> bytes:

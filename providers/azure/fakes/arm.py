@@ -8,8 +8,11 @@ endpoint (``authority`` pointed here, instance discovery off). What it serves:
 - virtual machines (list in pages of :attr:`ArmFake.page_size` with ``nextLink``, get, put,
   patch, delete; ``$expand=instanceView`` on get and list and ``/instanceView``, whose
   ``PowerState/<state>`` status is the VM's power state; the actions ``start``, ``powerOff``
-  and ``deallocate``), managed disks and snapshots (get, put, delete, ``beginGetAccess``,
-  ``endGetAccess``);
+  and ``deallocate``) with an OS disk and data disks attached (``storageProfile.dataDisks``:
+  LUNs 0-63, each an existing managed disk; answered as ARM shapes them, each disk with its
+  ``name``, ``diskSizeGB`` and ``managedDisk.storageAccountType``; deleted with the VM when
+  its ``deleteOption`` is ``Delete``), managed disks and snapshots (get, put, delete,
+  ``beginGetAccess``, ``endGetAccess``);
 - long-running operations with the status codes of the REST specification that the SDK
   checks: VM PUT 201 / disk and snapshot PUT 202, each with ``Azure-AsyncOperation``; DELETE
   202; POST actions 202 with ``Location`` (and ``Azure-AsyncOperation``); ``Retry-After: 0``.
@@ -35,7 +38,7 @@ import tempfile
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -678,33 +681,77 @@ class ArmFake:
         size = (props.get("hardwareProfile") or {}).get("vmSize")
         if not size:
             raise _Error(400, "InvalidParameter", "hardwareProfile.vmSize is required")
-        os_disk = dict((props.get("storageProfile") or {}).get("osDisk") or {})
+        profile = dict(props.get("storageProfile") or {})
+        os_disk = dict(profile.get("osDisk") or {})
         disk_id = str((os_disk.get("managedDisk") or {}).get("id") or "")
         if os_disk.get("createOption") != "Attach" or not disk_id:
             raise _Error(400, "InvalidParameter", "the fake attaches an existing OS disk only")
+        data_disks = [dict(d) for d in profile.get("dataDisks") or []]
+        luns = [d.get("lun") for d in data_disks]
+        for lun, data_disk in zip(luns, data_disks, strict=True):
+            if isinstance(lun, bool) or not isinstance(lun, int) or not 0 <= lun <= 63:
+                raise _Error(400, "InvalidParameter", f"dataDisks: lun {lun!r} is not 0-63")
+            if data_disk.get("createOption") != "Attach" or not (
+                (data_disk.get("managedDisk") or {}).get("id")
+            ):
+                raise _Error(
+                    400, "InvalidParameter", "the fake attaches existing managed data disks only"
+                )
+        if len(set(luns)) != len(luns):
+            raise _Error(400, "InvalidParameter", f"dataDisks: duplicate LUNs in {luns}")
+        data_disks.sort(key=lambda d: int(d["lun"]))
+        ids = [disk_id.lower()] + [str(d["managedDisk"]["id"]).lower() for d in data_disks]
+        if len(set(ids)) != len(ids):
+            raise _Error(400, "InvalidParameter", "a disk is attached more than once")
         with self._lock:
-            disk = self._resources.get(disk_id.lower())
-        if disk is None or disk.kind != "disk":
-            raise _Error(404, "NotFound", f"disk {disk_id} not found")
-        state = disk.body["properties"].get("diskState")
-        if state != "Unattached":
-            raise _Error(409, "OperationNotAllowed", f"disk {disk_id} is {state}")
-        disk.body["properties"]["diskState"] = "Reserved"
-        resource.extra["os_disk"] = disk_id.lower()
+            disks = [self._resources.get(i) for i in ids]
+            for wanted, disk in zip(ids, disks, strict=True):
+                if disk is None or disk.kind != "disk":
+                    raise _Error(404, "NotFound", f"disk {wanted} not found")
+                state = disk.body["properties"].get("diskState")
+                if state != "Unattached":
+                    raise _Error(409, "OperationNotAllowed", f"disk {disk.id} is {state}")
+            for disk in disks:
+                assert disk is not None
+                disk.body["properties"]["diskState"] = "Reserved"
+        resource.extra["os_disk"] = ids[0]
+        resource.extra["data_disks"] = ids[1:]
+        # as ARM answers: each disk named, with its size and the storage account type
+        os_disk.update(self._disk_view(disks[0]))
+        shown = [
+            {"caching": "None", **d, **self._disk_view(disk)}
+            for d, disk in zip(data_disks, disks[1:], strict=True)
+        ]
         resource.body = {
             "properties": {
                 **props,
+                "storageProfile": {
+                    **profile,
+                    "osDisk": os_disk,
+                    "dataDisks": shown,
+                },
                 "vmId": str(uuid.uuid4()),
                 "timeCreated": dt.datetime.now(dt.UTC).isoformat(),
             }
         }
 
+    @staticmethod
+    def _disk_view(disk: _Resource | None) -> dict[str, Any]:
+        assert disk is not None
+        sku = (disk.body.get("sku") or {}).get("name") or "Standard_LRS"
+        return {
+            "name": disk.name,
+            "diskSizeGB": disk.body["properties"].get("diskSizeGB"),
+            "managedDisk": {"id": disk.id, "storageAccountType": sku},
+        }
+
     def _attach(self, vm: _Resource) -> None:
         with self._lock:
-            disk = self._resources.get(vm.extra["os_disk"])
-            if disk is not None:
-                disk.body["properties"]["diskState"] = "Attached"
-                disk.body["managedBy"] = vm.id
+            for key in [vm.extra["os_disk"], *vm.extra.get("data_disks", [])]:
+                disk = self._resources.get(key)
+                if disk is not None:
+                    disk.body["properties"]["diskState"] = "Attached"
+                    disk.body["managedBy"] = vm.id
 
     # ------------------------------------------------------------------ patch, delete
 
@@ -750,12 +797,22 @@ class ArmFake:
             with self._lock:
                 self._resources.pop(key, None)
                 if resource.kind == "vm":
-                    disk = self._resources.get(resource.extra.get("os_disk", ""))
-                    if disk is not None:
+                    profile = resource.body["properties"]["storageProfile"]
+                    attached = [
+                        (resource.extra.get("os_disk", ""), profile["osDisk"]),
+                        *zip(
+                            resource.extra.get("data_disks", []),
+                            sorted(profile.get("dataDisks") or [], key=lambda d: int(d["lun"])),
+                            strict=False,
+                        ),
+                    ]
+                    for disk_key, shown in attached:
+                        disk = self._resources.get(disk_key)
+                        if disk is None:
+                            continue
                         disk.body["properties"]["diskState"] = "Unattached"
                         disk.body.pop("managedBy", None)
-                        os_disk = resource.body["properties"]["storageProfile"]["osDisk"]
-                        if os_disk.get("deleteOption") == "Delete":
+                        if shown.get("deleteOption") == "Delete":
                             self._resources.pop(disk.id.lower(), None)
                             self._delete_blob(disk.blob)
                 else:
@@ -942,14 +999,20 @@ def seed_vm(
     image: bytes | dict[int, bytes] = b"",
     vm_size: str = "Standard_D2s_v5",
     subnet_id: str | None = None,
+    data_disks: Sequence[bytes | dict[int, bytes]] = (),
 ) -> str:
-    """A VM (a test instance) whose OS disk holds ``image``, made through the plain SDK
-    (:func:`seed_disk`, then a VM attaching it); returns the VM's resource id."""
+    """A VM (a test instance) whose OS disk holds ``image`` and whose data disks (LUN 0,
+    1, ...) hold ``data_disks``, made through the plain SDK (:func:`seed_disk` per disk, then
+    a VM attaching them); returns the VM's resource id."""
     from azure.mgmt.compute import models
 
     disk_id = seed_disk(
         client, resource_group, location, f"{name}-os-{uuid.uuid4().hex[:6]}", image or {0: b"boot"}
     )
+    data_ids = [
+        seed_disk(client, resource_group, location, f"{name}-lun{lun}-{uuid.uuid4().hex[:6]}", data)
+        for lun, data in enumerate(data_disks)
+    ]
     properties: dict[str, Any] = {
         "hardwareProfile": {"vmSize": vm_size},
         "storageProfile": {
@@ -958,7 +1021,16 @@ def seed_vm(
                 "createOption": "Attach",
                 "managedDisk": {"id": disk_id},
                 "deleteOption": "Delete",
-            }
+            },
+            "dataDisks": [
+                {
+                    "lun": lun,
+                    "createOption": "Attach",
+                    "managedDisk": {"id": data_id},
+                    "deleteOption": "Delete",
+                }
+                for lun, data_id in enumerate(data_ids)
+            ],
         },
     }
     if subnet_id:
