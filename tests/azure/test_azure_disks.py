@@ -189,6 +189,20 @@ def test_an_unmanaged_data_disk_is_refused_not_left_out(world: ArmWorld) -> None
         compute._managed_disks(raw, "vdu-3")
 
 
+def test_release_removes_kept_snapshots_a_crash_left_readable(world: ArmWorld) -> None:
+    """A process killed between capture and close leaves its snapshots with their SAS
+    open; releasing its ref (as the next backup does) revokes and deletes them all."""
+    compute = world.compute()
+    vm = _three_disk_vm(world, "vdu-4")
+    capture = compute.capture(vm, keep=True)  # never closed: the process died
+    assert capture.ref is not None
+    states = {s["properties"]["diskState"] for s in world.fake.resources("snapshot")}
+    assert states == {"ActiveSAS"} and len(world.fake.resources("snapshot")) == 3
+    compute.release_capture(capture.ref)
+    assert world.fake.resources("snapshot") == []
+    capture.close()  # what is gone is no error
+
+
 # --------------------------------------------------------------------------- incremental
 
 
