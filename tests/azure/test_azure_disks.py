@@ -646,8 +646,12 @@ def test_a_three_disk_vm_backed_up_and_restored_through_the_repository(
     spec = LaunchSpec(
         name="ims-1 restored", tags=source.tags, function=point.function, source=source
     )
-    # the point's own disks once the manifest records them (disks-core); the capture's here
-    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=point.size, disks=layout)
+    # the manifest records the capture's disks; the sink makes one managed disk each
+    manifest = repo.load_manifest(point.id)
+    assert manifest.disks == layout
+    sink = compute.open_restore_sink(
+        spec, CaptureKind.BLOCKS, size=point.size, disks=manifest.disks
+    )
     assert isinstance(sink, AzureBlockSink)
     try:
         repo.restore(point.id, sink)
