@@ -84,12 +84,14 @@ def _client(service: str, endpoint: str) -> Any:
     return boto3.session.Session().client(service, region_name=AWS_REGION, endpoint_url=endpoint)
 
 
-def _run_instance(endpoint: str, tags: dict[str, str]) -> str:
+def _run_instance(endpoint: str, tags: dict[str, str], devices: list[str]) -> str:
+    """An m5.large instance whose block devices are ``devices`` (the root first), 1 GiB each."""
     ec2 = _client("ec2", endpoint)
+    mappings = [{"DeviceName": d, "Ebs": {"VolumeSize": 1}} for d in devices]
     image = ec2.register_image(
         Name="rv-cross-cloud-base",
-        RootDeviceName="/dev/xvda",
-        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 1}}],
+        RootDeviceName=devices[0],
+        BlockDeviceMappings=mappings[:1],
         VirtualizationType="hvm",
         Architecture="x86_64",
     )["ImageId"]
@@ -98,6 +100,7 @@ def _run_instance(endpoint: str, tags: dict[str, str]) -> str:
         InstanceType="m5.large",
         MinCount=1,
         MaxCount=1,
+        BlockDeviceMappings=mappings,
         TagSpecifications=[
             {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
         ],
@@ -151,16 +154,31 @@ def _image(blocks: dict[int, bytes]) -> dict[int, bytes]:
     return {i: d for i, d in padded.items() if d != ZERO_BLOCK}
 
 
-def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
-    aws_endpoint: str, west: AzureRegion, tmp_path: Path
+def _volume(seed: int) -> dict[int, bytes]:
+    """6 MiB of mixed content at the start of a 1 GiB volume, and one block at its very end."""
+    blocks = mixed_disk_blocks(6 * 1024 * 1024, seed=seed)
+    blocks[LAST_BLOCK] = mixed_disk_blocks(EBS_BLOCK_SIZE, seed=seed + 1)[0]
+    return blocks
+
+
+def _launch_across_clouds(
+    aws_endpoint: str, west: AzureRegion, tmp_path: Path, devices: dict[str, dict[int, bytes]]
 ) -> None:
-    disk = mixed_disk_blocks(6 * 1024 * 1024, seed=20261207)
-    disk[LAST_BLOCK] = mixed_disk_blocks(EBS_BLOCK_SIZE, seed=7)[0]
-    seeded = seed_snapshot(_client("ebs", aws_endpoint), disk, volume_size_gib=1)
-    volume = _image(_snapshot_blocks(aws_endpoint, seeded))
-    assert volume == _image(disk) and LAST_BLOCK in volume
+    """An instance whose volumes (device -> blocks, the root first) are seeded snapshots,
+    ticked through a site of aws:us-east-1 replicating to azure:west, then launched in
+    azure:west: its OS disk must equal the root volume and its data disks (LUN 0, 1, ...)
+    the other volumes in device order, block for block."""
     tags = {"backup": "1-7", "Name": "vcu-7", "function": "vCU", "cell-site": "cs-0042"}
-    instance_id = _run_instance(aws_endpoint, {**tags, CAPTURE_SNAPSHOT_TAG: seeded})
+    ebs = _client("ebs", aws_endpoint)
+    volumes: list[dict[int, bytes]] = []
+    internal: dict[str, str] = {}
+    for n, (device, blocks) in enumerate(devices.items()):
+        seeded = seed_snapshot(ebs, blocks, volume_size_gib=1)
+        volume = _image(_snapshot_blocks(aws_endpoint, seeded))
+        assert volume == _image(blocks) and LAST_BLOCK in volume
+        volumes.append(volume)
+        internal[CAPTURE_SNAPSHOT_TAG if n == 0 else f"{CAPTURE_SNAPSHOT_TAG}:{device}"] = seeded
+    instance_id = _run_instance(aws_endpoint, {**tags, **internal}, list(devices))
 
     doc = {
         "site": {"name": "cross-cloud", "state_dir": str(tmp_path / "state")},
@@ -188,12 +206,12 @@ def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
         assert point.kind == copy.kind
         assert copy.lineage is not None and copy.lineage.source_recovery_point == point.id
         manifest = engine.repository(B).load_manifest(copy.id)
-        assert manifest.image_size == VOLUME
+        assert manifest.image_size >= VOLUME * len(devices)
         # the copy is Azure's alone: AWS's KMS key cannot open west's repository
         with pytest.raises(KeyAccessDenied):
             Repository.open(site.region(B).vault, site.region(A).keys, region=B)
 
-        # ---- launched in Azure as a VM whose managed disk is the EC2 volume
+        # ---- launched in Azure as a VM whose managed disks are the EC2 volumes
         result = engine.restore(copy.id, region=B, launch=True)
         assert result.healthy and result.instance is not None
         launched = result.instance
@@ -203,11 +221,21 @@ def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
         assert {k: v for k, v in raw.tags.items() if not k.startswith(INTERNAL_PREFIX)} == tags
         # an EC2 instance type is no Azure VM size: the region's own is taken
         assert raw.hardware_profile.vm_size == west.settings["vm_size"]
-        disk_id = str(raw.storage_profile.os_disk.managed_disk.id)
-        managed = west.world.client.disks.get(RESOURCE_GROUP, disk_id.rsplit("/", 1)[-1])
-        assert managed.disk_size_bytes == VOLUME
-        restored = _page_blob_blocks(west.arm.blob_client(disk_id), VOLUME)
-        assert _image(restored) == volume
-        # past the data: the VHD footer of a 1 GiB fixed disk, nothing else
-        footer = west.arm.footer(disk_id)
-        assert footer[:8] == b"conectix" and int.from_bytes(footer[48:56], "big") == VOLUME
+        data_disks = sorted(raw.storage_profile.data_disks or [], key=lambda d: d.lun)
+        assert [d.lun for d in data_disks] == list(range(len(devices) - 1))
+        disk_ids = [str(raw.storage_profile.os_disk.managed_disk.id)]
+        disk_ids += [str(d.managed_disk.id) for d in data_disks]
+        for disk_id, volume in zip(disk_ids, volumes, strict=True):
+            managed = west.world.client.disks.get(RESOURCE_GROUP, disk_id.rsplit("/", 1)[-1])
+            assert managed.disk_size_bytes == VOLUME
+            restored = _page_blob_blocks(west.arm.blob_client(disk_id), VOLUME)
+            assert _image(restored) == volume, disk_id
+            # past the data: the VHD footer of a 1 GiB fixed disk, nothing else
+            footer = west.arm.footer(disk_id)
+            assert footer[:8] == b"conectix" and int.from_bytes(footer[48:56], "big") == VOLUME
+
+
+def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
+    aws_endpoint: str, west: AzureRegion, tmp_path: Path
+) -> None:
+    _launch_across_clouds(aws_endpoint, west, tmp_path, {"/dev/xvda": _volume(20261207)})
