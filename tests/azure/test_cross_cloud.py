@@ -50,6 +50,7 @@ GiB = 1024**3
 VOLUME = 1 * GiB
 LAST_BLOCK = VOLUME // EBS_BLOCK_SIZE - 1
 ZERO_BLOCK = bytes(EBS_BLOCK_SIZE)
+ROOT_DEVICE = "/dev/sda1"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,10 @@ def _client(service: str, endpoint: str) -> Any:
 
 
 def _run_instance(endpoint: str, tags: dict[str, str], devices: list[str]) -> str:
-    """An m5.large instance whose block devices are ``devices`` (the root first), 1 GiB each."""
+    """An m5.large instance whose block devices are ``devices`` (the root first), 1 GiB each.
+    moto names every instance's root device ``/dev/sda1``, whatever its image says: so must
+    ``devices[0]``, or the root's seeded snapshot would name no volume of the instance."""
+    assert devices[0] == ROOT_DEVICE
     ec2 = _client("ec2", endpoint)
     mappings = [{"DeviceName": d, "Ebs": {"VolumeSize": 1}} for d in devices]
     image = ec2.register_image(
@@ -238,4 +242,4 @@ def _launch_across_clouds(
 def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
     aws_endpoint: str, west: AzureRegion, tmp_path: Path
 ) -> None:
-    _launch_across_clouds(aws_endpoint, west, tmp_path, {"/dev/xvda": _volume(20261207)})
+    _launch_across_clouds(aws_endpoint, west, tmp_path, {ROOT_DEVICE: _volume(20261207)})
