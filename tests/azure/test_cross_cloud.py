@@ -23,7 +23,7 @@ import pytest
 import tomli_w
 from azure_regions import RESOURCE_GROUP, AzureRegion, azure_regions
 from azure_world import AzureWorld
-from regionvault.core.errors import KeyAccessDenied, UnsupportedOperation
+from regionvault.core.errors import KeyAccessDenied
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.jobs import BACKUP, COPY
 from regionvault.core.plugins import make_plugin_manager, registry_from
@@ -245,12 +245,6 @@ def test_ec2_instance_backed_up_on_aws_launches_as_an_azure_vm(
     _launch_across_clouds(aws_endpoint, west, tmp_path, {ROOT_DEVICE: _volume(20261207)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnsupportedOperation,
-    reason="awaits wip/azure-blocks: Azure's open_restore_sink refuses a restore of 2 disks "
-    "until then (passed on a merge of it; remove this mark when it lands)",
-)
 def test_ec2_instance_of_two_volumes_launches_as_an_azure_vm_of_two_disks(
     aws_endpoint: str, west: AzureRegion, tmp_path: Path
 ) -> None:
