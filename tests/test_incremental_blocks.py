@@ -649,4 +649,10 @@ def test_a_damaged_state_file_costs_an_incremental_read_not_a_backup(
     assert compute.captures[-1].changed_ranges() is None  # read in full
     assert restore_bytes(engine, point.id, tmp_path) == compute.image(inst.id).read_bytes()
     assert "is damaged" in caplog.text
-    assert state_file.with_name(f"{state_file.name}.damaged").exists()
+    (aside,) = state_file.parent.glob(f"{state_file.name}.*.damaged")
+    first = aside.read_bytes()
+    # a second damage is set aside beside the first, never over it (review 15a, 9)
+    state_file.write_text("{still not json")
+    engine.backup(inst.id)
+    asides = sorted(state_file.parent.glob(f"{state_file.name}.*.damaged"))
+    assert len(asides) == 2 and first in {p.read_bytes() for p in asides}

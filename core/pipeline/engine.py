@@ -13,6 +13,7 @@ the data plane's (core/repository) or a module of its own (launch.py, hooks.py).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from regionvault.core.pipeline.launch import (
 )
 from regionvault.core.pipeline.ledger import JobLedger
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
-from regionvault.core.pipeline.state import DrillRecord, KeptCapture, StateStore
+from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
 from regionvault.core.policy import instance_hooks, resolve_policy
 from regionvault.core.procs import ProcessIdentity
@@ -68,7 +69,13 @@ if TYPE_CHECKING:
     from regionvault.core.repository import ProgressCallback
     from regionvault.core.site import Region, Site
 
-__all__ = ["DEFAULT_COPY_GRACE", "DEFAULT_HEALTH_TIMEOUT", "SLOT_TAG", "Engine"]
+__all__ = [
+    "DEFAULT_COPY_GRACE",
+    "DEFAULT_HEALTH_TIMEOUT",
+    "DEFAULT_KEPT_PENDING_LIMIT",
+    "SLOT_TAG",
+    "Engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,24 @@ SLOT_TAG = "regionvault:slot"
 DEFAULT_HEALTH_TIMEOUT = 60.0
 #: a region's own tick offers a point again when no receipt came this long after its offer
 DEFAULT_COPY_GRACE = timedelta(hours=1)
+#: a kept capture left pending by a run whose liveness nobody here can tell (another host,
+#: another pid namespace: a restarted container) is settled once it is this old
+DEFAULT_KEPT_PENDING_LIMIT = timedelta(hours=24)
+
+#: compute classes whose ``capture`` predates ``since``/``keep`` (warned about once)
+_OLD_CAPTURE_WARNED: set[type] = set()
+
+
+def _capture_takes_keep(compute: object) -> bool:
+    """Whether ``compute.capture`` accepts ``since`` and ``keep`` (a block provider written
+    before them does not: it is called the old way, and reads every backup in full)."""
+    try:
+        params = inspect.signature(compute.capture).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "since" in params and "keep" in params
 
 
 def utcnow() -> datetime:
@@ -97,7 +122,9 @@ class Engine:
     (a whole-site tick copies through the four phase jobs, each of which needs only one
     region's credentials, instead of one ``copy`` job that needs both); ``copy_grace`` (how
     long a region's own tick waits for a destination's receipt before it offers a point
-    again). See docs/jobs.md.
+    again). See docs/jobs.md. ``kept_pending_limit``: how old a kept capture left pending by
+    a run nobody here can judge (another host or container) must be before it is settled
+    (docs/jobs.md, "Incremental block backups").
     """
 
     def __init__(
@@ -110,9 +137,13 @@ class Engine:
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
         split_copies: bool = False,
         copy_grace: timedelta = DEFAULT_COPY_GRACE,
+        kept_pending_limit: timedelta = DEFAULT_KEPT_PENDING_LIMIT,
     ) -> None:
         if copy_grace <= timedelta(0):
             raise RegionVaultError(f"copy_grace must be positive, got {copy_grace}")
+        if kept_pending_limit <= timedelta(0):
+            raise RegionVaultError(f"kept_pending_limit must be positive, got {kept_pending_limit}")
+        self.kept_pending_limit = kept_pending_limit
         self.site = site
         self.split_copies = split_copies
         self.copy_grace = copy_grace
@@ -256,17 +287,24 @@ class Engine:
         policy = resolve_policy(inst, self.site.config)
         repo = self.repository(home.name)
         tags = dict(inst.tags)
-        points = {p.id: p for p in repo.points(inst.id)}
+        # a compute that captures blocks may keep its captures for the next backup; one of
+        # files is called as before (providers written before since/keep still work)
+        blocks = CaptureKind.BLOCKS in home.compute.capabilities.capture_kinds
+        kept = blocks and self.state.has_kept(home.name, inst.id)
+        # the instance's points, listed only when a slot or kept captures need them, and
+        # tolerantly: a damaged manifest (of any instance) must not stop every backup
+        points = (
+            {p.id: p for p in repo.points(inst.id, tolerant=True)}
+            if slot is not None or kept
+            else {}
+        )
         if slot is not None:
             slot_text = format_slot(slot)
             for point in points.values():
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
                     return point
             tags[SLOT_TAG] = slot_text
-        # a compute that captures blocks may keep its captures for the next backup; one of
-        # files is called as before (providers written before since/keep still work)
-        blocks = CaptureKind.BLOCKS in home.compute.capabilities.capture_kinds
-        since, base = self._kept_base(home, inst.id, points) if blocks else (None, None)
+        since, base = self._kept_base(home, inst.id, points) if kept else (None, None)
         now = self.clock()
         expires = now + policy.retention if policy is not None else None
         hooks = HookRun(
@@ -278,6 +316,7 @@ class Engine:
         )
         point_id = repo.new_point_id()
         kept_ref: str | None = None
+        intent = False
         self._hook("regionvault_before_capture", region=home.name, instance=inst)
         try:
             with hooks:
@@ -285,18 +324,24 @@ class Engine:
                 # befores run after the plugins', their afters before the plugins'
                 # (docs/hooks.md)
                 hooks.before()
-                capture = (
-                    home.compute.capture(inst.id, since=since, keep=True)
-                    if blocks
-                    else home.compute.capture(inst.id)
-                )
+                if blocks and _capture_takes_keep(home.compute):
+                    # an intent, recorded before the provider makes any snapshot: a run
+                    # killed while it does is still on record (docs/jobs.md)
+                    self._keep_pending(home.name, inst.id, None, point_id)
+                    intent = True
+                    capture = home.compute.capture(inst.id, since=since, keep=True)
+                else:
+                    if blocks:
+                        self._warn_old_capture(home)
+                    capture = home.compute.capture(inst.id)
                 error: BaseException | None = None
                 try:
-                    if isinstance(capture, BlockCapture) and capture.ref is not None:
+                    if intent:
                         # recorded before anything is read: a run killed from here on
                         # leaves it pending, for the next backup or tick to release
-                        kept_ref = capture.ref
-                        self._keep_pending(home.name, inst.id, kept_ref, point_id)
+                        ref = capture.ref if isinstance(capture, BlockCapture) else None
+                        self._keep_ref(home.name, inst.id, point_id, ref)
+                        kept_ref = ref
                     hooks.captured(capture)
                     point = repo.backup(
                         hooks.wrap(capture),
@@ -324,8 +369,8 @@ class Engine:
                     finally:
                         capture.close()
         except BaseException:
-            if kept_ref is not None:
-                self._drop_kept(home, inst.id, kept_ref)
+            if intent:
+                self._drop_kept(home, inst.id, point_id, kept_ref)
             raise
         if kept_ref is not None:
             try:
@@ -369,52 +414,104 @@ class Engine:
             return None, None  # retention may forget it while this backup runs
         return current.ref, current.point_id
 
-    def _keep_pending(self, region: str, instance_id: str, ref: str, point_id: str) -> None:
+    def _warn_old_capture(self, home: Region) -> None:
+        compute_type = type(home.compute)
+        if compute_type not in _OLD_CAPTURE_WARNED:
+            _OLD_CAPTURE_WARNED.add(compute_type)
+            log.warning(
+                "%s: compute %s.%s captures blocks but its capture() takes no since/keep "
+                "(written before them): every backup of its instances is read in full",
+                home.name,
+                compute_type.__module__,
+                compute_type.__qualname__,
+            )
+
+    def _keep_pending(self, region: str, instance_id: str, ref: str | None, point_id: str) -> None:
         owner = ProcessIdentity.current().token()
         with self.state.kept_captures(region, instance_id) as kept:
-            kept.pending.append(KeptCapture(ref, point_id, owner))
+            kept.pending.append(KeptCapture(ref, point_id, owner, at=time.time()))
+
+    def _keep_ref(self, region: str, instance_id: str, point_id: str, ref: str | None) -> None:
+        """The capture of ``point_id`` returned: its intent gets the provider's ``ref``, or
+        goes when the provider kept nothing."""
+        with self.state.kept_captures(region, instance_id) as kept:
+            kept.pending = [
+                replace(p, ref=ref) if p.point_id == point_id else p
+                for p in kept.pending
+                if ref is not None or p.point_id != point_id
+            ]
 
     def _keep_current(self, home: Region, instance_id: str, ref: str, point_id: str) -> None:
         """The point is committed: its capture is the one the next backup is taken since,
-        and the one before it is released."""
+        and the one before it is released. When a tick settled it already (it saw the
+        point committed), that stands."""
         with self.state.kept_captures(home.name, instance_id) as kept:
+            if not any(p.ref == ref for p in kept.pending):
+                return
             kept.pending = [p for p in kept.pending if p.ref != ref]
             if kept.current is not None and kept.current.ref != ref:
-                kept.release.append(kept.current.ref)
+                self._to_release(kept, kept.current.ref)
             kept.current = KeptCapture(ref, point_id)
             todo = list(kept.release)
         self._release_kept(home, instance_id, todo)
 
-    def _drop_kept(self, home: Region, instance_id: str, ref: str) -> None:
-        """The backup failed: its own kept capture is released (the current one stays). A
-        failure here is logged, not raised: the backup's own error is the one to see."""
+    @staticmethod
+    def _to_release(kept: KeptCaptures, ref: str | None) -> None:
+        if ref is not None and ref not in kept.release:
+            kept.release.append(ref)
+
+    def _drop_kept(self, home: Region, instance_id: str, point_id: str, ref: str | None) -> None:
+        """The backup failed: its own kept capture (or intent) goes and is released (the
+        current one stays). A failure here is logged, not raised: the backup's own error is
+        the one to see."""
         try:
             with self.state.kept_captures(home.name, instance_id) as kept:
-                kept.pending = [p for p in kept.pending if p.ref != ref]
-                if ref not in kept.release:
-                    kept.release.append(ref)
+                kept.pending = [p for p in kept.pending if p.point_id != point_id]
+                self._to_release(kept, ref)
         except Exception as exc:
             log.warning(
                 "%s: failed backup of %s: its kept capture: %s", home.name, instance_id, exc
             )
-        self._release_kept(home, instance_id, [ref])
+        if ref is not None:
+            self._release_kept(home, instance_id, [ref])
 
     def _tidy_kept(self, home: Region, instance_id: str, points: dict[str, RecoveryPoint]) -> None:
-        """Settle what runs that are gone left pending (``points``: the instance's points
-        now): one whose point was committed becomes current if it is newer than the
-        current one; the others are released. A run still alive, or one on another host
-        (nobody here can tell), is left alone."""
+        """Settle what runs left pending (``points``: the instance's points now, by id).
+
+        An entry whose point was committed becomes current if it is newer than the current
+        one (its run, if alive, has only that step left), else it is released. Of the others:
+        a run that is gone has its capture released; a run still alive is left alone; a run
+        nobody here can judge (another host, another pid namespace) is left alone until its
+        entry is ``kept_pending_limit`` old, then treated as gone. An intent that never got
+        a ref (a run stopped while its provider made snapshots) is dropped with a warning:
+        what the provider made then is not tracked (docs/jobs.md)."""
+        now = time.time()
+        limit = self.kept_pending_limit.total_seconds()
         with self.state.kept_captures(home.name, instance_id) as kept:
             committed: list[KeptCapture] = []
-            for entry in list(kept.pending):
-                owner = ProcessIdentity.from_token(entry.owner) if entry.owner else None
-                if owner is not None and owner.alive() is not False:
-                    continue
-                kept.pending.remove(entry)
+            waiting: list[KeptCapture] = []
+            for entry in kept.pending:
+                if entry.point_id not in points:
+                    owner = ProcessIdentity.from_token(entry.owner) if entry.owner else None
+                    alive = owner.alive() if owner is not None else None
+                    if alive is True:
+                        waiting.append(entry)
+                        continue
+                    if alive is None:
+                        if not entry.at:  # recorded before entries had a time: from now
+                            waiting.append(replace(entry, at=now))
+                            continue
+                        if now - entry.at < limit:
+                            waiting.append(entry)
+                            continue
                 if entry.point_id in points:
-                    committed.append(entry)
+                    if entry.ref is not None:
+                        committed.append(entry)
+                elif entry.ref is None:
+                    self._warn_lost_intent(home, instance_id, entry)
                 else:
-                    kept.release.append(entry.ref)
+                    self._to_release(kept, entry.ref)
+            kept.pending = waiting
             committed.sort(key=lambda e: points[e.point_id].created_at)
             for entry in committed:
                 current = kept.current
@@ -424,12 +521,72 @@ class Engine:
                     or points[current.point_id].created_at < points[entry.point_id].created_at
                 ):
                     if current is not None:
-                        kept.release.append(current.ref)
+                        self._to_release(kept, current.ref)
                     kept.current = KeptCapture(entry.ref, entry.point_id)
                 else:
-                    kept.release.append(entry.ref)
+                    self._to_release(kept, entry.ref)
             todo = list(kept.release)
         self._release_kept(home, instance_id, todo)
+
+    def _warn_lost_intent(self, home: Region, instance_id: str, entry: KeptCapture) -> None:
+        started = datetime.fromtimestamp(entry.at, UTC).isoformat() if entry.at else "unknown"
+        log.warning(
+            "%s: a backup of %s (point %s, started %s, run %s) stopped while its provider "
+            "was capturing: snapshots it made then are not tracked by regionvault; delete "
+            "those the provider tagged with the instance from that time (docs/jobs.md, "
+            "'Incremental block backups')",
+            home.name,
+            instance_id,
+            entry.point_id,
+            started,
+            entry.owner or "unknown",
+        )
+
+    def _retire_current(
+        self,
+        home: Region,
+        instance_id: str,
+        seen: KeptCapture,
+        points: dict[str, RecoveryPoint],
+        instances: Callable[[], dict[str, Instance]],
+    ) -> None:
+        """Release the current kept capture ``seen`` (read before ``points`` was listed)
+        when no backup will be taken since it: its point is gone or expired, or the
+        instance is gone or opted out."""
+        point = points.get(seen.point_id)
+        why = None
+        if point is None:
+            why = f"its point {seen.point_id} is gone"
+        elif point.expires_at is not None and point.expires_at <= self.clock():
+            why = f"its point {seen.point_id} expired"
+        else:
+            why = self._not_backed_up(home, instance_id, instances)
+        if why is None:
+            return
+        with self.state.kept_captures(home.name, instance_id) as kept:
+            if kept.current is None or kept.current.ref != seen.ref:
+                return  # a backup made another current meanwhile
+            self._to_release(kept, seen.ref)
+            kept.current = None
+            todo = list(kept.release)
+        log.info("%s: kept capture of %s released: %s", home.name, instance_id, why)
+        self._release_kept(home, instance_id, todo)
+
+    def _not_backed_up(
+        self, home: Region, instance_id: str, instances: Callable[[], dict[str, Instance]]
+    ) -> str | None:
+        """Why ``instance_id`` gets no more backups (gone, opted out), or None."""
+        inst = instances().get(instance_id)
+        if inst is None:
+            try:  # not listed: a listing may lag behind; asked by id to be sure
+                inst = home.compute.get_instance(instance_id)
+            except InstanceNotFound:
+                return "the instance is gone"
+        try:
+            policy = resolve_policy(inst, self.site.config)
+        except PolicyError:
+            return None  # a bad tag is the tagger's to report; its capture waits
+        return None if policy is not None else "the instance opted out of backups"
 
     def _release_kept(self, home: Region, instance_id: str, refs: list[str]) -> None:
         for ref in refs:
@@ -444,15 +601,42 @@ class Engine:
                 )
 
     def release_kept_captures(self, region: str) -> int:
-        """Settle the kept captures of ``region``'s instances that runs killed midway left
-        (each tick's retention calls this): released, or made current when their point was
-        committed. Returns how many refs remain to release (their release failed)."""
+        """Settle the kept captures of ``region``'s instances (each tick's retention calls
+        this): what runs killed midway left pending is released, or made current when its
+        point was committed; a current capture no backup will be taken since (its point gone
+        or expired, the instance gone or opted out) is released. The region's manifests are
+        listed once, and only when some instance has kept captures. Returns how many refs
+        remain to release (their release failed)."""
         r = self.region(region)
-        left = 0
+        seen: dict[str, KeptCaptures] = {}
         for instance_id in self.state.kept_instances(r.name):
+            with self.state.kept_captures(r.name, instance_id) as kept:
+                if not kept.empty():
+                    seen[instance_id] = replace(kept, pending=list(kept.pending))
+        if not seen:
+            return 0
+        try:
+            repo = self.repository(r.name, create=False)
+            points = {p.id: p for p in repo.points(tolerant=True)}
+        except RepositoryNotFound:
+            points = {}
+        except RegionVaultError as exc:
+            log.warning("%s: kept captures not settled: %s", r.name, exc)
+            return sum(len(k.release) for k in seen.values())
+        listed: dict[str, Instance] | None = None
+
+        def instances() -> dict[str, Instance]:
+            nonlocal listed
+            if listed is None:  # listed once, when some current capture's point is there
+                listed = {i.id: i for i in r.compute.list_instances()}
+            return listed
+
+        left = 0
+        for instance_id, before in seen.items():
             try:
-                points = {p.id: p for p in self.points(r.name, instance_id)}
                 self._tidy_kept(r, instance_id, points)
+                if before.current is not None:
+                    self._retire_current(r, instance_id, before.current, points, instances)
             except RegionVaultError as exc:
                 log.warning("%s: kept captures of %s not settled: %s", r.name, instance_id, exc)
             with self.state.kept_captures(r.name, instance_id) as kept:
@@ -635,8 +819,9 @@ class Engine:
             spec,
             point.kind,
             size=manifest.image_size,
-            # a block image's disks, so that the sink makes one disk each (none for a tree)
-            disks=manifest.disks or None,
+            # a block image's disks, so that the sink makes one disk each: passed only
+            # for several (a provider written before disks= still restores one)
+            disks=manifest.disks if len(manifest.disks) > 1 else None,
         )
         try:
             if not isinstance(sink, FileSink | BlockSink):

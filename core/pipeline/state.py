@@ -8,9 +8,13 @@ durations, a provider's names for its snapshots), so nothing here needs encrypti
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import logging
+import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -66,19 +70,31 @@ class DrillRecord:
 @dataclass(frozen=True)
 class KeptCapture:
     """A capture kept for the next incremental block backup (``BlockCapture.ref``), and
-    the recovery point made from it."""
+    the recovery point made from it. While pending, ``ref`` is None from the moment the
+    backup decides to capture until the provider's capture returns: an *intent*, so that
+    a run killed while the provider makes its snapshots is still on record."""
 
-    ref: str
+    ref: str | None
     point_id: str
     #: the run that took it (``ProcessIdentity.token``), while its point is pending
     owner: str = ""
+    #: when the pending entry was recorded (seconds since the epoch; 0: not known, as in
+    #: entries written before this was recorded)
+    at: float = 0.0
 
-    def to_dict(self) -> dict[str, str]:
-        return {"ref": self.ref, "point_id": self.point_id, "owner": self.owner}
+    def to_dict(self) -> dict[str, object]:
+        return {"ref": self.ref, "point_id": self.point_id, "owner": self.owner, "at": self.at}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> KeptCapture:
-        return cls(str(data["ref"]), str(data["point_id"]), str(data.get("owner", "")))
+        ref = data.get("ref")
+        at = data.get("at")
+        return cls(
+            None if ref is None else str(ref),
+            str(data["point_id"]),
+            str(data.get("owner", "")),
+            float(at) if isinstance(at, int | float) else 0.0,
+        )
 
 
 @dataclass
@@ -116,32 +132,69 @@ class KeptCaptures:
         return self.current is None and not self.pending and not self.release
 
 
+def _hashed_name(key: str) -> str:
+    """A file name for ``key`` of fixed length, as the job ledger names its files: an ARM
+    id of an Azure VM is longer than a file name may be (the JSON inside names region and
+    instance)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def _legacy_name(kind: str, region: str, instance_id: str) -> str:
+    """The name such files had before they were hashed (still read, then moved)."""
+    return job_key(kind, region, instance_id).replace("/", "__")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a legacy name too long to exist
+        return False
+
+
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def _drill_path(self, region: str, instance_id: str) -> Path:
-        # job_key escapes each part, so region and instance ids make safe file names
-        name = job_key("drill", region, instance_id).replace("/", "__")
+        name = _hashed_name(job_key("drill", region, instance_id))
         return self.root / "drills" / f"{name}.json"
+
+    def _legacy_drill_path(self, region: str, instance_id: str) -> Path:
+        return self.root / "drills" / f"{_legacy_name('drill', region, instance_id)}.json"
 
     def record_drill(self, record: DrillRecord) -> None:
         path = self._drill_path(record.region, record.instance_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(record.to_dict(), sort_keys=True).encode())
+        # the newer record wins: one under the old name would only mislead a reader
+        with contextlib.suppress(OSError):
+            self._legacy_drill_path(record.region, record.instance_id).unlink()
 
     def last_drill(self, region: str, instance_id: str) -> DrillRecord | None:
-        path = self._drill_path(region, instance_id)
-        try:
-            return DrillRecord.from_dict(json.loads(path.read_text("utf-8")))
-        except FileNotFoundError:
-            return None
+        for path in (
+            self._drill_path(region, instance_id),
+            self._legacy_drill_path(region, instance_id),
+        ):
+            try:
+                return DrillRecord.from_dict(json.loads(path.read_text("utf-8")))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    continue  # no legacy record can have that name
+                raise
+        return None
 
     # -- kept captures ---------------------------------------------------------------------
 
     def _kept_path(self, region: str, instance_id: str) -> Path:
-        name = job_key("kept", region, instance_id).replace("/", "__")
-        return self.root / "captures" / f"{name}.json"
+        path = self.root / "captures" / f"{_hashed_name(job_key('kept', region, instance_id))}.json"
+        legacy = path.with_name(f"{_legacy_name('kept', region, instance_id)}.json")
+        if _exists(legacy) and not path.exists():
+            # written before names were hashed: moved, so that its refs are still released
+            with contextlib.suppress(FileNotFoundError):  # another run moved it first
+                legacy.replace(path)
+        return path
 
     def has_kept(self, region: str, instance_id: str) -> bool:
         """Whether anything was ever recorded about the instance's kept captures."""
@@ -165,7 +218,10 @@ class StateStore:
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     # a damaged record costs an incremental read, never a backup: set
                     # aside (what it names may need releasing by hand) and begun afresh
-                    aside = path.with_name(f"{path.name}.damaged")
+                    # a name of its own: a later damage must not overwrite what this one
+                    # tells the operator to release by hand
+                    stamp = f"{int(time.time())}-{secrets.token_hex(4)}"
+                    aside = path.with_name(f"{path.name}.{stamp}.damaged")
                     path.replace(aside)
                     log.error(
                         "kept captures of %s in %s: %s is damaged (%s), moved to %s; the "

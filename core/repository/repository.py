@@ -331,10 +331,16 @@ class Repository:
 
     # ------------------------------------------------------------------ reading
 
-    def points(self, instance_id: str | None = None) -> list[RecoveryPoint]:
+    def points(
+        self, instance_id: str | None = None, *, tolerant: bool = False
+    ) -> list[RecoveryPoint]:
         """Every recovery point (of ``instance_id``, if given), oldest first. Listing
-        decrypts each manifest: nothing about a point is readable without the keys."""
-        manifests, _ = load_manifests(self._ensure_open())
+        decrypts each manifest: nothing about a point is readable without the keys. With
+        ``tolerant``, a manifest that cannot be read is logged (naming it) and left out
+        instead of raising :class:`IntegrityError`."""
+        manifests, problems = load_manifests(self._ensure_open(), tolerant=tolerant)
+        for problem in problems:
+            log.warning("%s: a point left out of the listing: %s", self.region, problem)
         return [
             m.point for m in manifests if instance_id is None or m.point.instance_id == instance_id
         ]
