@@ -510,3 +510,25 @@ def test_an_empty_image_has_no_disks_and_is_backed_up_as_version_2_wrote_it(
     sink = DiskSink(0, None)
     repo.restore(point.id, sink)
     assert sink.writes == []
+
+
+@pytest.mark.parametrize("where", ["short", "shifted"])
+def test_one_disk_that_is_not_the_whole_image_restores_into_a_path_as_that_disk(
+    east: Region, tmp_path: Path, where: str
+) -> None:
+    """Review 15a, 4: the file is the disk's bytes, not the image's (no padding after a
+    short disk, no leading zeros before a shifted one)."""
+    rng = random.Random(3)
+    disk = Disk("os", 0, BS + 100) if where == "short" else Disk("os", BS, BS)
+    data = rng.randbytes(disk.size)
+    capture = DisksCapture({disk.offset: data}, disks=[disk], size=3 * BS)
+    repo = repo_for(east)
+    point = repo.backup(capture)
+    manifest = repo.load_manifest(point.id)
+    assert manifest.format_version == 3 and manifest.odd_disks
+    out = tmp_path / "restored"
+    out.mkdir()
+    (out / "disk.img").write_bytes(b"an older file in the way")
+    repo.restore(point.id, out / "disk.img")
+    assert (out / "disk.img").read_bytes() == data
+    assert [p.name for p in out.iterdir()] == ["disk.img"]  # nothing staged stays

@@ -537,8 +537,9 @@ def _wait_for_pending(site: Site, instance_id: str, proc: subprocess.Popen[str])
     state = Engine(site).state
     for _ in range(1200):  # at most 2 minutes
         with state.kept_captures("imagefake:east", instance_id) as kept:
-            if kept.pending:
-                return [p.ref for p in kept.pending]
+            # an intent (ref None) first, its ref once the capture returned
+            if kept.pending and all(p.ref is not None for p in kept.pending):
+                return [str(p.ref) for p in kept.pending]
         if proc.poll() is not None:
             raise AssertionError(f"the run ended first: {proc.communicate()}")
         time.sleep(0.1)

@@ -815,14 +815,11 @@ class Engine:
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
-        sink = r.compute.open_restore_sink(
-            spec,
-            point.kind,
-            size=manifest.image_size,
-            # a block image's disks, so that the sink makes one disk each: passed only
-            # for several (a provider written before disks= still restores one)
-            disks=manifest.disks if len(manifest.disks) > 1 else None,
-        )
+        # a block image's disks, so that the sink makes one disk each: passed only when
+        # the manifest records them (several, or one not spanning the image), so that a
+        # provider written before disks= still restores the points it always could
+        layout: dict[str, Any] = {"disks": manifest.disks} if manifest.odd_disks else {}
+        sink = r.compute.open_restore_sink(spec, point.kind, size=manifest.image_size, **layout)
         try:
             if not isinstance(sink, FileSink | BlockSink):
                 raise RegionVaultError(

@@ -155,6 +155,24 @@ class BlockRestorer:
             sink.discard()
             raise
 
+    def to_disk_file(
+        self, records: Iterator[fmt.RawRecord], target: Path, fetcher: Fetcher, block_size: int
+    ) -> None:
+        """An image whose one recorded disk does not span it (shorter than the image, or
+        not at offset 0) into the file ``target``: exactly that disk's bytes, holes kept,
+        as a raw image to write to a device (the image's bytes outside the disk are only
+        padding). Staged beside ``target`` and moved there once complete and durable."""
+        (disk,) = self.disks
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            self.to_disk_files(records, staging, fetcher, block_size)
+            (staging / disk_file_names(self.disks)[0]).replace(target)
+            fsync_dir(target.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)
+
     def to_sink(self, records: Iterator[fmt.RawRecord], sink: BlockSink, fetcher: Fetcher) -> None:
         """Write the extents in order, in pieces aligned to the sink's block size (partial
         blocks at extent edges are completed with zeros: a sink starts zeroed). The caller,

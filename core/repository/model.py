@@ -173,6 +173,15 @@ class Manifest:
     def several_disks(self) -> bool:
         return len(self.disks) > 1
 
+    @property
+    def odd_disks(self) -> bool:
+        """Whether the disks are other than one disk that is the whole image: several, or
+        one shorter than the image or not at offset 0 (what a manifest records)."""
+        if self.image_size is None or not self.disks:
+            return False
+        first = self.disks[0]
+        return len(self.disks) > 1 or first.offset != 0 or first.size != self.image_size
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -476,6 +476,10 @@ class Repository:
                     elif manifest.several_disks:
                         blocks.to_disk_files(records(), Path(target), fetcher, manifest.block_size)
                         read = fetcher.bytes_read
+                    elif manifest.odd_disks:
+                        # one disk, not the whole image: the file is that disk
+                        blocks.to_disk_file(records(), Path(target), fetcher, manifest.block_size)
+                        read = fetcher.bytes_read
                     else:
                         writer = self._writer(store, state.index, pool, name, zero, report)
                         blocks.to_file(records(), Path(target), writer)
