@@ -13,11 +13,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import image_provider
 import pytest
 from image_provider import ImageCompute
 from regionvault.core import Site
@@ -28,14 +30,8 @@ from regionvault.core.pipeline.state import DrillRecord, KeptCapture, StateStore
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import Repository
 from regionvault.core.types import CaptureKind
-from test_incremental_blocks import (  # noqa: F401 (image_site: a fixture)
-    compute_of,
-    dead_owner,
-    image_site,
-    restore_bytes,
-    snapshots,
-    write_at,
-)
+from site_support import open_site, site_toml
+from test_incremental_blocks import compute_of, restore_bytes, snapshots, write_at
 
 EAST = "imagefake:east"
 ARM_ID = (
@@ -43,6 +39,18 @@ ARM_ID = (
     "rg-prod-5g-core-network-functions-westeurope-01/providers/Microsoft.Compute/"
     "virtualMachines/vm-ims-cscf-primary-westeurope-zone1-001"
 )
+
+
+@pytest.fixture
+def image_site(tmp_path: Path) -> Iterator[Site]:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        site_toml(
+            {"imagefake:east": "east"}, settings={"state_dir": tmp_path / "state"}, replicate=None
+        )
+    )
+    with open_site(path, image_provider) as site:
+        yield site
 
 
 def other_host_owner(at_pid: int | None = None) -> str:

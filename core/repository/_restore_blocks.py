@@ -162,12 +162,12 @@ class BlockRestorer:
         not at offset 0) into the file ``target``: exactly that disk's bytes, holes kept,
         as a raw image to write to a device (the image's bytes outside the disk are only
         padding). Staged beside ``target`` and moved there once complete and durable."""
-        (disk,) = self.disks
+        (name,) = disk_file_names(self.disks)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
             self.to_disk_files(records, staging, fetcher, block_size)
-            (staging / disk_file_names(self.disks)[0]).replace(target)
+            (staging / name).replace(target)
             fsync_dir(target.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
