@@ -560,7 +560,16 @@ class Engine:
         elif point.expires_at is not None and point.expires_at <= self.clock():
             why = f"its point {seen.point_id} expired"
         else:
-            why = self._not_backed_up(home, instance_id, instances)
+            try:
+                why = self._not_backed_up(home, instance_id, instances)
+            except Exception as exc:  # a compute that cannot list now: asked again next tick
+                log.warning(
+                    "%s: kept capture of %s: cannot tell whether it is still backed up: %s",
+                    home.name,
+                    instance_id,
+                    exc,
+                )
+                return
         if why is None:
             return
         with self.state.kept_captures(home.name, instance_id) as kept:
