@@ -1138,6 +1138,27 @@ def _merge(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     return out
 
 
+def _subtract(
+    ranges: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``[start, end)`` pieces of the sorted, disjoint ``ranges`` outside the sorted, disjoint
+    ``holes``."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for start, end in ranges:
+        while j < len(holes) and holes[j][1] <= start:
+            j += 1
+        k = j
+        while start < end and k < len(holes) and holes[k][0] < end:
+            if holes[k][0] > start:
+                out.append((start, holes[k][0]))
+            start = max(start, holes[k][1])
+            k += 1
+        if start < end:
+            out.append((start, end))
+    return out
+
+
 def _intersect(
     ranges: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[tuple[int, int]]:
@@ -1210,6 +1231,21 @@ class AzureBlockCapture(BlockCapture):
             raise self._error(exc, "cannot list the page ranges", part) from None
         return _merge(found, part.size)
 
+    def _parent_data_ranges(self, index: int) -> list[tuple[int, int]]:
+        """The page ranges that held data in the ``since`` capture's snapshot of the disk at
+        ``index`` (its own offsets), widened to whole blocks."""
+        part = self.parts[index]
+        assert part.parent_sas_url is not None
+        try:
+            found = [
+                (int(r.start or 0), int(r.end or 0) + 1)
+                for r in self.compute.blob(part.parent_sas_url).list_page_ranges()
+                if not r.cleared
+            ]
+        except AzureError as exc:
+            raise self._error(exc, "cannot list the earlier snapshot's page ranges", part) from None
+        return _merge(found, part.size)
+
     def data_ranges(self) -> list[tuple[int, int]]:
         """``[start, end)`` in the image of every page range that holds data."""
         return [
@@ -1266,7 +1302,13 @@ class AzureBlockCapture(BlockCapture):
                 if diff is None:
                     return None  # the earlier snapshot went after the capture began
                 filled, cleared = diff
-                ranges.extend((part.offset + s, part.offset + e) for s, e in filled + cleared)
+                # what held data in the earlier snapshot and holds none now was cleared, even
+                # when a diff answer leaves it out (Azurite answers the current page list):
+                # taking the base's bytes there would bring back what was trimmed
+                vanished = _subtract(self._parent_data_ranges(index), self._data_ranges(index))
+                ranges.extend(
+                    (part.offset + s, part.offset + e) for s, e in filled + cleared + vanished
+                )
             self._changed = [(s, e - s) for s, e in _merge(ranges, self.size)]
         return list(self._changed)
 
