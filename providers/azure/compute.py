@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
+    DecodeError,
+    DeserializationError,
     HttpResponseError,
     ResourceNotFoundError,
     ServiceRequestError,
@@ -154,6 +156,15 @@ _STOPPED_POWER_STATES = frozenset({"stopped", "stopping", "deallocated", "deallo
 #: seconds between reads of a launched VM's instance view when the region sets no
 #: ``poll_interval``
 _START_POLL = 5.0
+#: the least seconds between two reads of a launched VM's instance view, whatever
+#: ``poll_interval`` says
+START_POLL_FLOOR = 1.0
+#: the most seconds a throttled (429) power-state read backs off when ARM names no Retry-After
+_START_BACKOFF_MAX = 30.0
+#: seconds before a failed revoke of a snapshot's SAS is tried once more
+_REVOKE_PAUSE = 0.5
+#: at most this many pages of a page-range diff (10,000 ranges each) are followed
+_DIFF_PAGES_MAX = 100_000
 
 T = TypeVar("T")
 
@@ -205,7 +216,11 @@ class AzureComputeSettings:
         if poll is not None and (
             isinstance(poll, bool) or not isinstance(poll, int | float) or not 0 <= poll <= 300
         ):
-            raise region.error("poll_interval", "must be a number of seconds from 0 to 300")
+            raise region.error(
+                "poll_interval",
+                "must be a number of seconds from 0 to 300 (a launch reads its VM's power "
+                f"state at most once every {START_POLL_FLOOR:g} s whatever this says)",
+            )
         start = settings.get("start_timeout", 600)
         if isinstance(start, bool) or not isinstance(start, int | float) or not 1 <= start <= 7200:
             raise region.error("start_timeout", "must be a number of seconds from 1 to 7200")
@@ -738,6 +753,9 @@ class AzureCompute(Compute):
             usable = earlier is not None and _same_disks(earlier, parts, self._rg)
             if usable and earlier is not None:
                 for part, before in zip(parts, earlier["disks"], strict=True):
+                    if not self._made_by_capture(str(before["snapshot"]), vm_name, part.disk_id):
+                        usable = False  # gone, or not a capture's snapshot of this disk
+                        break
                     part.parent = str(before["snapshot"])
                     part.parent_sas_url = self._grant_read(part.parent, missing_ok=True)
                     if part.parent_sas_url is None:
@@ -791,21 +809,52 @@ class AzureCompute(Compute):
 
     def release_capture(self, ref: str) -> None:
         """Revoke and delete the snapshots a capture kept (its ``ref``); one already gone is
-        no error. Every snapshot is tried; the first failure is raised after."""
+        no error. Only a snapshot a capture of the ref's VM made of the ref's disk (its
+        :data:`CAPTURE_TAG` names the VM, its source is the disk) is touched: any other is
+        left alone and named in the error. Every snapshot is tried; the first failure is
+        raised after."""
         kept = _parse_ref(ref, self)
         if str(kept["rg"]).lower() != self._rg.lower():
             raise self._fail(
                 f"capture ref of VM {kept['vm']} names resource group {kept['rg']}, not {self._rg}"
             )
         problems: list[RegionVaultError] = []
+        foreign: list[str] = []
         for disk in kept["disks"]:
+            name = str(disk["snapshot"])
             try:
-                self._revoke_snapshot(str(disk["snapshot"]))
-                self._delete_snapshot(str(disk["snapshot"]))
+                made = self._made_by_capture(name, str(kept["vm"]), str(disk["disk"]))
+                if made is False:
+                    foreign.append(name)
+                    continue
+                if made is None:
+                    continue  # gone already
+                self._revoke_snapshot(name)
+                self._delete_snapshot(name)
             except RegionVaultError as exc:
                 problems.append(exc)
+        if foreign:
+            raise self._fail(
+                f"snapshot {', '.join(foreign)} was not made by a capture of VM {kept['vm']} "
+                "(no capture tag naming it, or another source disk): left alone"
+            )
         if problems:
             raise problems[0]
+
+    def _made_by_capture(self, snapshot: str, vm_name: str, disk_id: str) -> bool | None:
+        """Whether ``snapshot`` is one a capture of VM ``vm_name`` took of ``disk_id`` (its
+        :data:`CAPTURE_TAG` and its source disk say so); None when it is gone. A ref names
+        snapshots by name only: this keeps a damaged or foreign ref from touching a snapshot
+        someone else made."""
+        try:
+            found = self.client.snapshots.get(self._rg, snapshot)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise self._error(exc, f"cannot read snapshot {snapshot}") from None
+        tags = _get(found, "tags") or {}
+        source = _get(found, "properties", "creationData", "sourceResourceId")
+        return tags.get(CAPTURE_TAG) == vm_name and str(source or "").lower() == disk_id.lower()
 
     def _grant_read(self, snapshot: str, *, missing_ok: bool = False) -> str | None:
         """A read SAS URL for ``snapshot``; None when it is gone and ``missing_ok``."""
@@ -820,7 +869,14 @@ class AzureCompute(Compute):
                 return None
             raise self._error(exc, f"cannot get a read SAS for snapshot {snapshot}") from None
         except AzureError as exc:
-            raise self._error(exc, f"cannot get a read SAS for snapshot {snapshot}") from None
+            what = f"cannot get a read SAS for snapshot {snapshot}"
+            if isinstance(exc, HttpResponseError) and exc.status_code == 409:
+                # Azure opens read SAS on at most 5 snapshots of one disk at a time
+                what += (
+                    " (at most 5 snapshots of one disk may have a read SAS at a time: "
+                    "release the captures that crashed runs kept)"
+                )
+            raise self._error(exc, what) from None
         sas = _get(answer, "accessSAS")
         if not sas:
             raise self._fail(f"snapshot {snapshot}: beginGetAccess gave no SAS")
@@ -958,30 +1014,48 @@ class AzureCompute(Compute):
 
     def _until_running(self, instance: Instance, disk_name: str) -> Instance:
         """``instance`` once its power state is ``running``, read from its instance view
-        every ``poll_interval`` seconds for at most ``start_timeout``; a VM that stops,
+        every ``poll_interval`` seconds (at least :data:`START_POLL_FLOOR`; a throttled read
+        waits its ``Retry-After`` or backs off) for at most ``start_timeout``; a VM that stops,
         deallocates or fails instead, or is still not running then, is a ComputeError
         naming it and its state (the caller's discard then removes the VM and its disk)."""
         deadline = time.monotonic() + self.settings.start_timeout
         pause = self.settings.poll_interval
         if pause is None:
             pause = _START_POLL
+        # a floor whatever poll_interval says (it may be 0 to make ARM's operations quick to
+        # poll): hundreds of reads a second would be throttled well before start_timeout
+        pause = max(pause, START_POLL_FLOOR)
+        backoff = pause
+        # a PUT's answer carries no instance view (ARM's neither): read it
+        read = instance.extra.get("power_state") is None
         # bounded by the deadline; and by a count, should the clock not move
         for _ in range(1_000_000):
-            if instance.extra.get("power_state") is None:
-                # a PUT's answer carries no instance view (ARM's neither): read it
-                instance = self.get_instance(instance.id)
-            state = instance.state
-            if state == "running":
-                return instance
-            if state in _STOPPED_POWER_STATES or state == "failed":
-                raise self._fail(
-                    f"VM {instance.extra.get('vm_name')} from disk {disk_name} did not start: "
-                    f"it is {state} (provisioning {instance.extra.get('provisioning_state')})"
-                )
+            wait = pause
+            try:
+                if read:
+                    instance = self.get_instance(instance.id)
+            except TransientError as exc:
+                # throttled (429) or Azure failing: wait as told (Retry-After), or back off,
+                # and read again while the deadline allows
+                if time.monotonic() >= deadline:
+                    raise
+                backoff = min(backoff * 2, _START_BACKOFF_MAX)
+                wait = max(exc.retry_after or 0.0, backoff)
+            else:
+                state = instance.state
+                if state == "running":
+                    return instance
+                if state in _STOPPED_POWER_STATES or state == "failed":
+                    raise self._fail(
+                        f"VM {instance.extra.get('vm_name')} from disk {disk_name} did not "
+                        f"start: it is {state} (provisioning "
+                        f"{instance.extra.get('provisioning_state')})"
+                    )
+                backoff = pause
             if time.monotonic() >= deadline:
                 break
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            instance = self.get_instance(instance.id)
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            read = True
         raise self._fail(
             f"VM {instance.extra.get('vm_name')} from disk {disk_name} is not running after "
             f"{self.settings.start_timeout:g}s (start_timeout): it is {instance.state}"
@@ -1264,7 +1338,8 @@ class AzureBlockCapture(BlockCapture):
         if diff is None:
             part = self.parts[index]
             raise self.compute._fail(
-                f"snapshot {part.snapshot}: the earlier snapshot {part.parent} is gone"
+                f"snapshot {part.snapshot}: no diff against the earlier snapshot {part.parent} "
+                "(it is gone, or Azure's answer made no sense)"
             )
         return diff
 
@@ -1275,18 +1350,48 @@ class AzureBlockCapture(BlockCapture):
                 f"snapshot {part.snapshot}: changed ranges need a capture taken with since= "
                 "a kept capture of the same disks"
             )
-        try:
-            filled, cleared = self._blobs[index].get_page_range_diff_for_managed_disk(
-                part.parent_sas_url
-            )
-        except ResourceNotFoundError:
+        # Get Page Ranges answers at most 10,000 ranges a call and a NextMarker when there
+        # are more (REST api 2020-10-02+); the SDK's get_page_range_diff_for_managed_disk
+        # reads one answer only, so the pages are followed here through the generated
+        # operation. Any doubt about an answer (a range that makes no sense, a marker seen
+        # before, too many pages) gives None: the caller reads everything.
+        operations = self._blobs[index]._client.page_blob
+        filled: list[tuple[int, int]] = []
+        cleared: list[tuple[int, int]] = []
+        marker: str | None = None
+        seen: set[str] = set()
+        for _ in range(_DIFF_PAGES_MAX):
+            try:
+                page = operations.get_page_ranges_diff(
+                    prev_snapshot_url=part.parent_sas_url, marker=marker
+                )
+            except ResourceNotFoundError:
+                return None
+            except (DecodeError, DeserializationError):
+                return None  # an answer that is not a page list
+            except AzureError as exc:
+                raise self._error(
+                    exc, "cannot diff the page ranges against the parent", part
+                ) from None
+            for into, found in ((filled, page.page_range), (cleared, page.clear_range)):
+                for r in found or []:
+                    start, end = r.start, r.end
+                    if (
+                        not isinstance(start, int)
+                        or not isinstance(end, int)
+                        or not (0 <= start <= end)
+                    ):
+                        return None
+                    into.append((start, end + 1))
+            marker = page.next_marker
+            if not marker:
+                break
+            if not isinstance(marker, str) or marker in seen:
+                return None
+            seen.add(marker)
+        else:
             return None
-        except AzureError as exc:
-            raise self._error(exc, "cannot diff the page ranges against the parent", part) from None
-        return (
-            _merge([(int(r["start"]), int(r["end"]) + 1) for r in filled], part.size),
-            _merge([(int(r["start"]), int(r["end"]) + 1) for r in cleared], part.size),
-        )
+        return _merge(filled, part.size), _merge(cleared, part.size)
 
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         """Where this image may differ from the ``since`` capture's: per disk the ranges
@@ -1396,18 +1501,41 @@ class AzureBlockCapture(BlockCapture):
             with contextlib.suppress(Exception):
                 blob.close()
         problems: list[RegionVaultError] = []
+        left: list[str] = []
+        why: list[str] = []
         for part in self.parts:
+            revoked: RegionVaultError | None = None
             try:
                 self.compute._revoke_snapshot(part.snapshot)
-                if not self._keep:
-                    self.compute._delete_snapshot(part.snapshot)
             except RegionVaultError as exc:
-                problems.append(exc)
+                revoked = exc
+                if not self._keep:
+                    # Azure refuses to delete a snapshot whose SAS is open: once more
+                    time.sleep(_REVOKE_PAUSE)
+                    with contextlib.suppress(RegionVaultError):
+                        self.compute._revoke_snapshot(part.snapshot)
+                        revoked = None
+            if revoked is not None:
+                problems.append(revoked)
+            if not self._keep:
+                # the delete is tried even when the revoke failed: an unkept snapshot is
+                # named by no ref, so one left here would never be released
+                try:
+                    self.compute._delete_snapshot(part.snapshot)
+                except RegionVaultError as exc:
+                    problems.append(exc)
+                    left.append(part.snapshot)
+                    why.extend(p.message for p in (revoked, exc) if p is not None)
             if part.parent_sas_url and part.parent:
                 try:
                     self.compute._revoke_snapshot(part.parent)
                 except RegionVaultError as exc:
                     problems.append(exc)
+        if left:
+            raise self.compute._fail(
+                f"capture of VM {self.instance.extra.get('vm_name')}: snapshot "
+                f"{', '.join(left)} could not be deleted and is left behind ({'; '.join(why)})"
+            )
         if problems:
             raise problems[0]
 
@@ -1706,7 +1834,21 @@ class AzureBlockSink(BlockSink):
                 self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._in_flight.clear()
+        vm_failure: RegionVaultError | None = None
         if self.vm_name is not None:
-            self.compute._delete_vm(self.vm_name)
-            self.vm_name = None
-        self._remove_disks(quiet=False)
+            try:
+                self.compute._delete_vm(self.vm_name)
+                self.vm_name = None
+            except RegionVaultError as exc:
+                vm_failure = exc
+        if vm_failure is None:
+            self._remove_disks(quiet=False)
+            return
+        # the disks are still tried: a VM never made, or one whose delete took effect
+        # before the failure came back, holds none of them (one attached to a VM that is
+        # still there is refused by Azure, and named here)
+        try:
+            self._remove_disks(quiet=False)
+        except RegionVaultError as disk_failure:
+            raise self.compute._fail(f"{vm_failure.message}; and {disk_failure.message}") from None
+        raise vm_failure

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,20 @@ SAS_MARGIN = timedelta(minutes=5)
 _BEFORE_ANY_PAYLOAD = datetime(2000, 1, 1, tzinfo=UTC)
 
 
+#: hosts whose plain-HTTP blob endpoint (Azurite on this machine) may be used with a SAS
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def sas_protocol(url: str) -> str:
+    """The ``spr`` of an inbox SAS: HTTPS only, except for a plain-HTTP endpoint on this
+    machine (Azurite in the offline tests: ``http://127.0.0.1:<port>/<account>``), which
+    also allows HTTP. A plain-HTTP endpoint anywhere else still gets an HTTPS-only SAS."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+        return "https,http"
+    return "https"
+
+
 def mint_inbox_sas(
     service: BlobServiceClient,
     settings: BlobSettings,
@@ -66,7 +81,7 @@ def mint_inbox_sas(
             permission=permission,
             start=start,
             expiry=expiry,
-            protocol="https" if settings.url.startswith("https:") else "https,http",
+            protocol=sas_protocol(settings.url),
         )
     else:
         delegation = service.get_user_delegation_key(start, expiry)
@@ -77,6 +92,7 @@ def mint_inbox_sas(
             permission=permission,
             start=start,
             expiry=expiry,
+            protocol=sas_protocol(settings.url),
         )
     return token, expiry
 

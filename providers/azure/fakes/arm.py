@@ -52,6 +52,8 @@ __all__ = ["ARM_RESOURCE", "ArmFake", "Injected", "seed_disk", "seed_vm"]
 MiB = 1024 * 1024
 #: the smallest upload disk Azure accepts: 20 MiB of data and the VHD footer
 MIN_UPLOAD_BYTES = 20 * MiB + 512
+#: snapshots of one snapshot family (one disk's) that may have a read SAS at a time
+FAMILY_SAS_LIMIT = 5
 _RG = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.Compute"
 _KINDS = {"virtualMachines": "vm", "disks": "disk", "snapshots": "snapshot"}
 #: the audience of ARM tokens (the client asks for ``<this>/.default``)
@@ -75,6 +77,8 @@ class Injected:
     code: str = "InternalServerError"
     count: int = 1
     in_operation: bool = False
+    #: when set, the request's (URL-encoded) query must match it too
+    query: str | None = None
 
 
 @dataclass
@@ -344,10 +348,14 @@ class ArmFake:
                     op.then()
             return op
 
-    def _take_injected(self, method: str, path: str) -> Injected | None:
+    def _take_injected(self, method: str, path: str, query: str = "") -> Injected | None:
         with self._lock:
             for failure in self._injected:
-                if failure.method == method and re.search(failure.path, path):
+                if (
+                    failure.method == method
+                    and re.search(failure.path, path)
+                    and (failure.query is None or re.search(failure.query, query))
+                ):
                     failure.count -= 1
                     if failure.count <= 0:
                         self._injected.remove(failure)
@@ -376,7 +384,7 @@ class ArmFake:
             raise _Error(exc.status, "AuthenticationFailed", exc.message) from None
         with self._lock:
             self.requests.append((method, path, urllib.parse.urlencode(query, doseq=True)))
-        injected = self._take_injected(method, path)
+        injected = self._take_injected(method, path, urllib.parse.urlencode(query, doseq=True))
         if injected is not None and not injected.in_operation:
             raise _Error(injected.status, injected.code, f"injected {injected.code}")
         error = (
@@ -848,6 +856,8 @@ class ArmFake:
             elif access == "Read":
                 if state not in ("Unattached", "ActiveSAS"):
                     raise _Error(409, "OperationNotAllowed", f"read access on a {state} disk")
+                if resource.kind == "snapshot" and state != "ActiveSAS":
+                    self._check_family_sas(resource)
                 after = "ActiveSAS"
             else:
                 raise _Error(400, "InvalidParameter", f"access {access!r}")
@@ -861,6 +871,30 @@ class ArmFake:
         # the state changes when the operation succeeds (a failed grant opens no SAS)
         op = self._operation(location, result=(200, {"accessSAS": sas}), then=finish, error=error)
         return 202, self._lro_headers(sub, op, with_location=True), b""
+
+    def _check_family_sas(self, snapshot: _Resource) -> None:
+        """Azure generates SAS URIs for at most :data:`FAMILY_SAS_LIMIT` snapshots of one
+        snapshot family (the snapshots of one disk) at any time (docs: incremental
+        snapshots, restrictions): a grant past that is refused. Azure documents the limit,
+        not its error code; the fake answers 409 ``OperationNotAllowed`` as for other
+        disk-state conflicts."""
+        source = str(snapshot.body["properties"].get("creationData", {}).get("sourceResourceId"))
+        open_sas = [
+            r.name
+            for r in self._resources.values()
+            if r.kind == "snapshot"
+            and r is not snapshot
+            and r.body["properties"].get("diskState") == "ActiveSAS"
+            and str(r.body["properties"].get("creationData", {}).get("sourceResourceId")).lower()
+            == source.lower()
+        ]
+        if len(open_sas) >= FAMILY_SAS_LIMIT:
+            raise _Error(
+                409,
+                "OperationNotAllowed",
+                f"SAS URIs can be generated for at most {FAMILY_SAS_LIMIT} snapshots of a "
+                f"snapshot family at a time; {len(open_sas)} are open",
+            )
 
     def _revoke(
         self, key: str, sub: str, error: dict[str, Any] | None
