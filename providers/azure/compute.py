@@ -1733,15 +1733,20 @@ class AzureBlockSink(BlockSink):
             raise self.compute._fail(
                 f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte image"
             )
+        # every hole is checked before anything is queued: a refused write writes nothing
+        # (a part queued first would race a later write of the same bytes)
+        routed: list[tuple[_UploadDisk, int, int]] = []
         position = offset
         for upload in self.uploads:
             lo, hi = max(offset, upload.offset), min(end, upload.offset + upload.size)
             if lo >= hi:
                 continue
             self._check_hole(view, offset, position, lo)
-            self._queue(upload, lo - upload.offset, view[lo - offset : hi - offset])
+            routed.append((upload, lo, hi))
             position = hi
         self._check_hole(view, offset, position, end)
+        for upload, lo, hi in routed:
+            self._queue(upload, lo - upload.offset, view[lo - offset : hi - offset])
 
     def _check_hole(self, view: memoryview, offset: int, start: int, end: int) -> None:
         if start < end and bytes(view[start - offset : end - offset]).strip(b"\0"):
