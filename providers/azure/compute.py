@@ -1311,11 +1311,12 @@ class AzureBlockCapture(BlockCapture):
         part = self.parts[index]
         assert part.parent_sas_url is not None
         try:
-            found = [
-                (int(r.start or 0), int(r.end or 0) + 1)
-                for r in self.compute.blob(part.parent_sas_url).list_page_ranges()
-                if not r.cleared
-            ]
+            with self.compute.blob(part.parent_sas_url) as parent:
+                found = [
+                    (int(r.start or 0), int(r.end or 0) + 1)
+                    for r in parent.list_page_ranges()
+                    if not r.cleared
+                ]
         except AzureError as exc:
             raise self._error(exc, "cannot list the earlier snapshot's page ranges", part) from None
         return _merge(found, part.size)
