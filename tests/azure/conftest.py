@@ -15,14 +15,17 @@ the real vaults (test_azure_keyvault.py).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from azure_compute_world import ArmWorld
 from azure_world import AzureWorld
 from regionvault.core.errors import ConfigError
 from regionvault.providers.azure.azurite import AzuriteServer, AzuriteUnavailable
 from regionvault.providers.azure.conformance import ACCOUNTS, key_variable
+from regionvault.providers.azure.fakes.arm import ArmFake
 from regionvault.providers.azure.testing import LiveSettings, live_mode
 
 #: why a test of the offline stack does not run live
@@ -79,3 +82,24 @@ def azure(
         yield world
     finally:
         world.close()
+
+
+@pytest.fixture
+def world(azurite: AzuriteServer, tmp_path: Path) -> Iterator[ArmWorld]:
+    """An ARM fake whose disks are page blobs in the first Azurite account (a container of
+    its own), and the SDK clients a test reaches it with."""
+    account = sorted(azurite.accounts)[0]
+    url = azurite.account_url(account)
+    fake = ArmFake(
+        blob_endpoint=url,
+        account=account,
+        account_key=azurite.accounts[account],
+        workdir=tmp_path / "arm",
+        container=f"disks-{uuid.uuid4().hex[:12]}",
+    )
+    with fake:
+        arm_world = ArmWorld(fake, url)
+        try:
+            yield arm_world
+        finally:
+            arm_world.close()

@@ -14,7 +14,6 @@ import json
 import random
 import re
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from azure.mgmt.compute import models
 from azure_compute_world import LOCATION, RESOURCE_GROUP, ArmWorld
 from regionvault.core.errors import ComputeError
 from regionvault.core.types import CaptureKind, Disk, LaunchSpec, Tags
-from regionvault.providers.azure.azurite import AzuriteServer
 from regionvault.providers.azure.compute import (
     BLOCK_SIZE,
     AzureBlockCapture,
@@ -38,28 +36,9 @@ from regionvault.providers.azure.compute import (
     AzureCompute,
     MiB,
 )
-from regionvault.providers.azure.fakes.arm import ArmFake, Injected
+from regionvault.providers.azure.fakes.arm import Injected
 
 KiB = 1024
-
-
-@pytest.fixture
-def world(azurite: AzuriteServer, tmp_path: Path) -> Iterator[ArmWorld]:
-    account = sorted(azurite.accounts)[0]
-    url = azurite.account_url(account)
-    fake = ArmFake(
-        blob_endpoint=url,
-        account=account,
-        account_key=azurite.accounts[account],
-        workdir=tmp_path / "arm",
-        container=f"disks-{uuid.uuid4().hex[:12]}",
-    )
-    with fake:
-        world = ArmWorld(fake, url)
-        try:
-            yield world
-        finally:
-            world.close()
 
 
 def _bytes(length: int, seed: int) -> bytes:

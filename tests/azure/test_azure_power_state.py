@@ -6,8 +6,6 @@ azure-mgmt-compute against the ARM fake over Azurite."""
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,25 +24,6 @@ from regionvault.providers.azure.compute import (
     MiB,
 )
 from regionvault.providers.azure.fakes.arm import ArmFake
-
-
-@pytest.fixture
-def world(azurite: AzuriteServer, tmp_path: Path) -> Iterator[ArmWorld]:
-    account = sorted(azurite.accounts)[0]
-    url = azurite.account_url(account)
-    fake = ArmFake(
-        blob_endpoint=url,
-        account=account,
-        account_key=azurite.accounts[account],
-        workdir=tmp_path / "arm",
-        container=f"disks-{uuid.uuid4().hex[:12]}",
-    )
-    with fake:
-        world = ArmWorld(fake, url)
-        try:
-            yield world
-        finally:
-            world.close()
 
 
 def _written() -> dict[int, bytes]:

@@ -13,8 +13,7 @@ import base64
 import json
 import re
 import urllib.parse
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +31,6 @@ from azure.storage.blob import UserDelegationKey
 from azure_compute_world import ArmWorld
 from regionvault.core.errors import ComputeError, ConfigError, RegionVaultError
 from regionvault.core.types import CaptureKind, Disk, LaunchSpec, RegionConfig, RegionId, Tags
-from regionvault.providers.azure.azurite import AzuriteServer
 from regionvault.providers.azure.compute import (
     START_POLL_FLOOR,
     AzureBlockCapture,
@@ -42,29 +40,9 @@ from regionvault.providers.azure.compute import (
     MiB,
     compute_client,
 )
-from regionvault.providers.azure.fakes.arm import FAMILY_SAS_LIMIT, ArmFake, Injected
+from regionvault.providers.azure.fakes.arm import FAMILY_SAS_LIMIT, Injected
 from regionvault.providers.azure.transit import mint_inbox_sas
 from test_azure_disks import LUN0, LUN1, OS_DISK, _snapshot_blobs
-
-
-@pytest.fixture
-def world(azurite: AzuriteServer, tmp_path: Path) -> Iterator[ArmWorld]:
-    account = sorted(azurite.accounts)[0]
-    url = azurite.account_url(account)
-    fake = ArmFake(
-        blob_endpoint=url,
-        account=account,
-        account_key=azurite.accounts[account],
-        workdir=tmp_path / "arm",
-        container=f"disks-{uuid.uuid4().hex[:12]}",
-    )
-    with fake:
-        w = ArmWorld(fake, url)
-        try:
-            yield w
-        finally:
-            w.close()
-
 
 # --------------------------------------------------------------------------- F1: paged diffs
 
