@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import enum
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -201,6 +203,33 @@ class Instance:
 class InstancePage:
     instances: tuple[Instance, ...]
     next_token: str | None
+
+    @staticmethod
+    def token(cloud_token: str | None, skip: int) -> str:
+        """A page token of a cloud listing whose pages are cut again: the cloud's own token
+        (None: its first page) and how many of that page's instances were handed out."""
+        doc = json.dumps({"t": cloud_token, "s": skip}, separators=(",", ":"))
+        return _TOKEN_PREFIX + base64.urlsafe_b64encode(doc.encode()).decode("ascii")
+
+    @staticmethod
+    def parse_token(token: str | None) -> tuple[str | None, int]:
+        """``(cloud token, skip)`` of a :meth:`token` (None: the first page); ValueError
+        when ``token`` is not one."""
+        if not token:
+            return None, 0
+        try:
+            if not token.startswith(_TOKEN_PREFIX):
+                raise ValueError("no prefix")
+            doc = json.loads(base64.urlsafe_b64decode(token[len(_TOKEN_PREFIX) :].encode()))
+            cloud, skip = doc["t"], int(doc["s"])
+            if (cloud is not None and not isinstance(cloud, str)) or skip < 0:
+                raise ValueError("bad fields")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"bad page token {token[:40]!r}") from None
+        return cloud, skip
+
+
+_TOKEN_PREFIX = "rv1."
 
 
 @dataclass(frozen=True)

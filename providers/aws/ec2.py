@@ -94,14 +94,6 @@ def _escape_filter(value: str) -> str:
     return re.sub(r"([*?\\])", r"\\\1", value)
 
 
-_TOKEN_PREFIX = "rv1."
-
-
-def _page_token(ec2_token: str | None, skip: int) -> str:
-    doc = json.dumps({"t": ec2_token, "s": skip}, separators=(",", ":"))
-    return _TOKEN_PREFIX + base64.urlsafe_b64encode(doc.encode()).decode("ascii")
-
-
 def _checksum(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
@@ -284,27 +276,17 @@ class AwsCompute(Compute):
                     found.append(instance)
         page = found[skip : skip + page_size]
         if skip + page_size < len(found):
-            next_token: str | None = _page_token(ec2_token, skip + page_size)
+            next_token: str | None = InstancePage.token(ec2_token, skip + page_size)
         else:
             following = answer.get("NextToken") or None
-            next_token = _page_token(following, 0) if following else None
+            next_token = InstancePage.token(following, 0) if following else None
         return InstancePage(instances=tuple(page), next_token=next_token)
 
     def _parse_page_token(self, token: str | None) -> tuple[str | None, int]:
-        if not token:
-            return None, 0
         try:
-            if not token.startswith(_TOKEN_PREFIX):
-                raise ValueError("no prefix")
-            doc = json.loads(base64.urlsafe_b64decode(token[len(_TOKEN_PREFIX) :].encode()))
-            ec2_token, skip = doc["t"], int(doc["s"])
-            if (ec2_token is not None and not isinstance(ec2_token, str)) or skip < 0:
-                raise ValueError("bad fields")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ComputeError(
-                f"bad page token {token[:40]!r}", provider="aws", region=self.region
-            ) from None
-        return ec2_token, skip
+            return InstancePage.parse_token(token)
+        except ValueError as exc:
+            raise ComputeError(str(exc), provider="aws", region=self.region) from None
 
     def get_instance(self, instance_id: str) -> Instance:
         return self._instance(self._describe(instance_id))

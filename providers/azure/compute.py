@@ -35,7 +35,6 @@ stops or does not run within ``start_timeout``.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
@@ -130,7 +129,6 @@ _VM_SIZE = re.compile(r"^(Standard|Basic)_[A-Za-z0-9_]+$")
 _GONE_STATES = frozenset({"deleting", "deleted"})
 _MAX_PAGES = 1_000_000
 _TAG_RETRIES = 5
-_TOKEN_PREFIX = "rv1."
 _SAS_SIG = re.compile(r"(sig|se|sp|sv|sr|st|spr|skoid|sktid|skt|ske|sks|skv)=[^&\s\"']+", re.I)
 
 CAPABILITIES = Capabilities(capture_kinds=frozenset({CaptureKind.BLOCKS}), launch=True)
@@ -582,14 +580,14 @@ class AzureCompute(Compute):
             need = page_size - len(found)
             if len(matches) > need:
                 found.extend(matches[:need])
-                return InstancePage(tuple(found), _page_token(arm_token, skip + need))
+                return InstancePage(tuple(found), InstancePage.token(arm_token, skip + need))
             found.extend(matches)
             skip = 0
             if not following:
                 return InstancePage(tuple(found), None)
             arm_token = following
             if len(found) == page_size:
-                return InstancePage(tuple(found), _page_token(arm_token, 0))
+                return InstancePage(tuple(found), InstancePage.token(arm_token, 0))
         raise self._fail(f"listing VMs did not end after {_MAX_PAGES} pages")
 
     def _arm_page(self, token: str | None) -> tuple[list[Any], str | None]:
@@ -604,18 +602,10 @@ class AzureCompute(Compute):
         return self._call(f"cannot list the VMs of resource group {self._rg}", fetch)
 
     def _parse_page_token(self, token: str | None) -> tuple[str | None, int]:
-        if not token:
-            return None, 0
         try:
-            if not token.startswith(_TOKEN_PREFIX):
-                raise ValueError("no prefix")
-            doc = json.loads(base64.urlsafe_b64decode(token[len(_TOKEN_PREFIX) :].encode()))
-            arm, skip = doc["t"], int(doc["s"])
-            if (arm is not None and not isinstance(arm, str)) or skip < 0:
-                raise ValueError("bad fields")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise self._fail(f"bad page token {token[:40]!r}") from None
-        return arm, skip
+            return InstancePage.parse_token(token)
+        except ValueError as exc:
+            raise self._fail(str(exc)) from None
 
     def get_instance(self, instance_id: str) -> Instance:
         return self._instance(self._raw_vm(instance_id))
@@ -1098,11 +1088,6 @@ class AzureCompute(Compute):
             lambda: self.client.virtual_machines.begin_delete(self._rg, vm_name),
             f"cannot delete VM {vm_name}",
         )
-
-
-def _page_token(arm_token: str | None, skip: int) -> str:
-    doc = json.dumps({"t": arm_token, "s": skip}, separators=(",", ":"))
-    return _TOKEN_PREFIX + base64.urlsafe_b64encode(doc.encode()).decode("ascii")
 
 
 # --------------------------------------------------------------------------- capture
