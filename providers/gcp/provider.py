@@ -1,0 +1,165 @@
+"""The GCP provider: builds a region's Cloud KMS KeyService, the Sealer other regions use,
+its Cloud Storage Vault, the inbox Transit between regions and its Compute (Compute Engine
+instances and persistent disks of one zone, read and written through the region's backup
+worker).
+
+Nothing here imports the Google SDK: the service modules (which do) are imported when a
+service is first built, so the provider registers and validates settings without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.interfaces import Provider
+from regionvault.core.types import Capabilities, CaptureKind
+from regionvault.providers.gcp.metrics import GcpMetrics
+from regionvault.providers.gcp.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, GcpSettings
+
+if TYPE_CHECKING:
+    from regionvault.core.types import RegionConfig
+    from regionvault.providers.gcp.compute import GceCompute
+    from regionvault.providers.gcp.kms import GcpKeyService, GcpSealer
+    from regionvault.providers.gcp.storage import GcsVault
+    from regionvault.providers.gcp.transit import GcsTransit
+
+__all__ = ["NEEDS_SDK", "GcpProvider"]
+
+#: the one line every command prints when the gcp extra is not installed
+NEEDS_SDK = "the gcp provider needs the Google Cloud SDK: pip install 'regionvault[gcp]'"
+_SDK_MODULES = frozenset({"google", "grpc", "proto", "google_crc32c", "requests"})
+_MISSING = re.compile(r"No module named '([^']+)'")
+
+
+@contextlib.contextmanager
+def _needs_sdk(region: RegionConfig) -> Iterator[None]:
+    """Around the import of a service module (which imports the SDK): without the SDK, an
+    error naming the region and the extra to install, not an import traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
+        if missing.partition(".")[0] not in _SDK_MODULES:
+            raise
+        raise RegionVaultError(NEEDS_SDK, provider="gcp", region=region.name) from None
+
+
+class GcpProvider(Provider):
+    """Cloud KMS, one key ring per region (location); Cloud Storage, one bucket per region;
+    transit through an inbox bucket of the destination; Compute Engine instances and
+    persistent disks of one zone per region.
+
+    ``credentials`` are google-auth credentials used for every region instead of the ones
+    its settings name (an embedder's)."""
+
+    name: ClassVar[str] = "gcp"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        worm_lock=True,
+        legal_hold=True,
+        server_side_copy=False,
+        conditional_put=True,
+        ranged_get=True,
+        capture_kinds=frozenset({CaptureKind.BLOCKS}),
+        launch=True,
+        register_instance=False,
+        key_rotation=True,
+    )
+    required_settings: ClassVar[frozenset[str]] = REQUIRED_SETTINGS
+    optional_settings: ClassVar[frozenset[str]] = OPTIONAL_SETTINGS
+
+    def __init__(self, credentials: Any = None) -> None:
+        self._credentials = credentials
+        #: every Cloud Storage request and Cloud KMS call the provider's services make
+        self.metrics = GcpMetrics()
+
+    def settings(self, region: RegionConfig) -> GcpSettings:
+        return GcpSettings.from_region(region)
+
+    def validate(self, region: RegionConfig) -> None:
+        GcpSettings.from_region(region)
+
+    def credentials(self, region: RegionConfig, settings: GcpSettings, service: str) -> Any:
+        """The login of ``service`` ("storage", "kms", "compute") in ``region`` (auth.py)."""
+        with _needs_sdk(region):
+            from regionvault.providers.gcp.auth import credentials_for
+
+            return credentials_for(region, settings, service, self._credentials)
+
+    def _vault_capabilities(self, settings: GcpSettings) -> Capabilities:
+        """A bucket without object retention offers no WORM lock or hold."""
+        if settings.object_retention:
+            return self.capabilities
+        return replace(self.capabilities, worm_lock=False, legal_hold=False)
+
+    def key_service(self, region: RegionConfig) -> GcpKeyService:
+        settings = self.settings(region)
+        settings.need(region, "keys", "location")
+        with _needs_sdk(region):
+            from regionvault.providers.gcp.kms import GcpKeyService
+
+            return GcpKeyService(
+                region=region,
+                settings=settings,
+                credentials=self.credentials(region, settings, "kms"),
+                capabilities=self.capabilities,
+                metrics=self.metrics,
+            )
+
+    def sealer(self, region: RegionConfig) -> GcpSealer:
+        """Seals with the public half of ``region``'s ASYMMETRIC_DECRYPT key: the permission
+        ``cloudkms.cryptoKeyVersions.viewPublicKey`` on it, nothing else."""
+        settings = self.settings(region)
+        settings.need(region, "sealer", "location")
+        with _needs_sdk(region):
+            from regionvault.providers.gcp.kms import GcpSealer
+
+            return GcpSealer.for_region(
+                region, settings, self.credentials(region, settings, "kms"), self.metrics
+            )
+
+    def vault(self, region: RegionConfig) -> GcsVault:
+        settings = self.settings(region)
+        settings.need(region, "vault", "bucket")
+        with _needs_sdk(region):
+            from regionvault.providers.gcp.storage import GcsVault
+
+            return GcsVault(
+                region=region,
+                settings=settings,
+                credentials=self.credentials(region, settings, "storage"),
+                capabilities=self._vault_capabilities(settings),
+                metrics=self.metrics,
+            )
+
+    def transit(self, source: RegionConfig, destination: RegionConfig) -> GcsTransit:
+        settings = self.settings(destination)
+        settings.need(destination, "transit inbox", "inbox_bucket")
+        with _needs_sdk(destination):
+            from regionvault.providers.gcp.transit import GcsTransit
+
+            return GcsTransit(
+                source=source,
+                destination=destination,
+                settings=settings,
+                credentials=self.credentials(destination, settings, "storage"),
+                capabilities=self.capabilities,
+                metrics=self.metrics,
+            )
+
+    def compute(self, region: RegionConfig) -> GceCompute:
+        settings = self.settings(region)
+        settings.need(region, "compute", "zone")
+        with _needs_sdk(region):
+            from regionvault.providers.gcp.compute import GceCompute
+
+            return GceCompute(
+                region=region,
+                settings=settings,
+                credentials=self.credentials(region, settings, "compute"),
+                capabilities=self.capabilities,
+            )
