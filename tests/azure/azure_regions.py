@@ -12,21 +12,27 @@ object carries (docs/format.md), and a scan of every blob of a test's containers
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import struct
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import at_rest
 import pytest
+from at_rest import (
+    InboxObject,
+    Recorded,
+    WrappedKey,
+    leaks,
+    open_inbox_object,
+    payload_kind,
+    wrapped_keys,
+)
 from azure.storage.blob import BlobServiceClient
 from azure_compute_world import LOCATION, RESOURCE_GROUP, ArmWorld
-from regionvault.core.interfaces import KeyService, Vault
-from regionvault.core.repository import open_payload
-from regionvault.core.types import DataKey
 from regionvault.providers.azure.azurite import AzuriteServer
 from regionvault.providers.azure.conformance import key_variable
 from regionvault.providers.azure.fakes.arm import ArmFake
@@ -109,162 +115,40 @@ def azure_regions(
 # --------------------------------------------------------------------------- recording
 
 
-@dataclass(frozen=True)
-class InboxObject:
-    """One payload as it lay in an inbox container just before its destination discarded
-    it (a copy discards every payload it took in)."""
-
-    container: str
-    name: str
-    source: str
-    destination: str
-    data: bytes
-
-
-@dataclass
-class Recorded:
-    """Every plaintext key the Azure provider handed out, opened or sealed, by the region
-    whose KeyService or Sealer handled it; and every inbox payload."""
-
-    keys: dict[str, set[bytes]] = field(default_factory=dict)
-    inbox: list[InboxObject] = field(default_factory=list)
-
-    def add(self, region: str, key: bytes) -> None:
-        self.keys.setdefault(region, set()).add(bytes(key))
-
-    def every_key(self) -> set[bytes]:
-        return set().union(*self.keys.values()) if self.keys else set()
-
-    def needles(self) -> dict[str, bytes]:
-        """Each key raw, in hex and in base64: none may be found at rest."""
-        out: dict[str, bytes] = {}
-        for n, key in enumerate(sorted(self.every_key())):
-            out[f"key {n} (raw)"] = key
-            out[f"key {n} (hex)"] = key.hex().encode()
-            out[f"key {n} (base64)"] = base64.b64encode(key)
-        return out
-
-
 def record(monkeypatch: pytest.MonkeyPatch) -> Recorded:
     """Wrap the Azure KeyService, Sealer and Transit for the test so that what they handle
-    is recorded (:class:`Recorded`)."""
-    recorded = Recorded()
-    generate, unwrap = AzureKeyService.generate_data_key, AzureKeyService.unwrap
-    seal, sealer_seal = AzureKeyService.seal, AzureSealer.seal
-    discard = AzureTransit.discard
+    is recorded (tests/at_rest.py)."""
 
-    def recording_generate(self: AzureKeyService, context: Any) -> DataKey:
-        key = generate(self, context)
-        recorded.add(self.region, key.plaintext)
-        return key
+    def read_inbox(transit: AzureTransit, name: str) -> tuple[str, bytes]:
+        return transit.container_name, transit._ready_recv().get(transit._key(name), name)
 
-    def recording_unwrap(self: AzureKeyService, wrapped: bytes, context: Any) -> bytes:
-        plain = unwrap(self, wrapped, context)
-        recorded.add(self.region, plain)
-        return plain
-
-    def recording_seal(self: AzureKeyService, secret: bytes, context: Any) -> bytes:
-        recorded.add(self.region, secret)
-        return seal(self, secret, context)
-
-    def recording_sealer_seal(self: AzureSealer, secret: bytes, context: Any) -> bytes:
-        recorded.add("sealer", secret)
-        return sealer_seal(self, secret, context)
-
-    def recording_discard(self: AzureTransit, name: str) -> None:
-        data = self._ready_recv().get(self._key(name), name)
-        recorded.inbox.append(
-            InboxObject(self.container_name, name, self.source, self.region, data)
-        )
-        discard(self, name)
-
-    monkeypatch.setattr(AzureKeyService, "generate_data_key", recording_generate)
-    monkeypatch.setattr(AzureKeyService, "unwrap", recording_unwrap)
-    monkeypatch.setattr(AzureKeyService, "seal", recording_seal)
-    monkeypatch.setattr(AzureSealer, "seal", recording_sealer_seal)
-    monkeypatch.setattr(AzureTransit, "discard", recording_discard)
-    return recorded
-
-
-def payload_kind(name: str) -> str:
-    return name.rsplit("/", 1)[-1].split("-", 1)[0]
-
-
-def open_inbox_object(keys: KeyService, item: InboxObject) -> bytes:
-    return open_payload(
-        keys,
-        item.name,
-        item.data,
-        kind=payload_kind(item.name),
-        source=item.source,
-        destination=item.destination,
+    return at_rest.record(
+        monkeypatch,
+        keys=AzureKeyService,
+        sealer=AzureSealer,
+        transit=AzureTransit,
+        read_inbox=read_inbox,
     )
 
 
-# --------------------------------------------------------------------------- vault objects
-
-# docs/format.md sections 3 and 5: the cleartext headers of sealed objects and packs
-_ENVELOPE = struct.Struct(">4sBBBB32s32sH")
-_PACK = struct.Struct(">4sB3s16s32s32sH")
 #: the Azure KeyService's envelope (providers/azure/keyvault.py): magic, key version
 _AZURE_MAGIC = b"RVAZK1"
 
 
-@dataclass(frozen=True)
-class WrappedKey:
-    """A data key wrapped by a region's KeyService, as one vault object carries it, with the
-    encryption context the format binds it to."""
-
-    object_name: str
-    wrapped: bytes
-    context: dict[str, str]
-
-    @property
-    def key_version(self) -> str:
-        """The Key Vault key version the Azure envelope names."""
-        assert self.wrapped.startswith(_AZURE_MAGIC), f"{self.object_name}: not an Azure wrap"
-        n = self.wrapped[len(_AZURE_MAGIC)]
-        return self.wrapped[len(_AZURE_MAGIC) + 1 : len(_AZURE_MAGIC) + 1 + n].decode("ascii")
-
-    @property
-    def rsa_wrapped(self) -> bytes:
-        """The RSA-OAEP-256 part: what Key Vault's unwrapKey is asked to open."""
-        at = len(_AZURE_MAGIC) + 1 + self.wrapped[len(_AZURE_MAGIC)]
-        (m,) = struct.unpack_from(">H", self.wrapped, at)
-        return self.wrapped[at + 2 : at + 2 + m]
+def key_version(wrapped: WrappedKey) -> str:
+    """The Key Vault key version the Azure envelope of ``wrapped`` names."""
+    data = wrapped.wrapped
+    assert data.startswith(_AZURE_MAGIC), f"{wrapped.object_name}: not an Azure wrap"
+    n = data[len(_AZURE_MAGIC)]
+    return data[len(_AZURE_MAGIC) + 1 : len(_AZURE_MAGIC) + 1 + n].decode("ascii")
 
 
-def wrapped_keys(vault: Vault, *, repository_id: str) -> list[WrappedKey]:
-    """Every wrapped data key in ``vault``'s objects: the config's and each pack's run key.
-    Every other object is sealed under the repository's master key (inside the config)."""
-    out: list[WrappedKey] = []
-    for info in vault.list(""):
-        if info.name.startswith(".regionvault/"):
-            continue  # the vault's random id, not data
-        data = vault.get(info.name)
-        if data[:4] == b"RVPK":
-            *_, run_id, _salt, _commitment, w = _PACK.unpack_from(data)
-            context = {
-                "vault": vault.vault_id,
-                "kind": "pack",
-                "repository": repository_id,
-                "run": run_id.hex(),
-            }
-            out.append(WrappedKey(info.name, data[_PACK.size : _PACK.size + w], context))
-            continue
-        assert data[:4] == b"RVLT", f"{info.name} is neither a sealed object nor a pack"
-        _magic, _version, kind, source, _flags, _salt, _commitment, w = _ENVELOPE.unpack_from(data)
-        if info.name == "config":
-            assert (kind, source, w > 0) == (1, 1, True), f"{info.name}: not a wrapped-key config"
-            context = {
-                "vault": vault.vault_id,
-                "kind": "config",
-                "purpose": "regionvault-repository",
-            }
-            out.append(WrappedKey(info.name, data[_ENVELOPE.size : _ENVELOPE.size + w], context))
-        else:
-            assert (source, w) == (0, 0), f"{info.name}: expected a master-key object"
-    return out
+def rsa_wrapped(wrapped: WrappedKey) -> bytes:
+    """The RSA-OAEP-256 part of ``wrapped``: what Key Vault's unwrapKey is asked to open."""
+    data = wrapped.wrapped
+    at = len(_AZURE_MAGIC) + 1 + data[len(_AZURE_MAGIC)]
+    (m,) = struct.unpack_from(">H", data, at)
+    return data[at + 2 : at + 2 + m]
 
 
 # --------------------------------------------------------------------------- blobs
@@ -300,15 +184,6 @@ def containers_of(server: AzuriteServer, account: str, fragment: str) -> set[str
         return {c.name for c in service.list_containers(name_starts_with="") if fragment in c.name}
 
 
-def leaks(scanned: Mapping[str, bytes], needles: Mapping[str, bytes]) -> list[str]:
-    return [
-        f"{what} in {where}"
-        for where, data in scanned.items()
-        for what, needle in needles.items()
-        if needle in data
-    ]
-
-
 __all__ = [
     "DEFAULT_VM_SIZE",
     "RESOURCE_GROUP",
@@ -319,9 +194,11 @@ __all__ = [
     "azure_regions",
     "containers_of",
     "every_blob",
+    "key_version",
     "leaks",
     "open_inbox_object",
     "payload_kind",
     "record",
+    "rsa_wrapped",
     "wrapped_keys",
 ]

@@ -36,10 +36,12 @@ from azure_regions import (
     azure_regions,
     containers_of,
     every_blob,
+    key_version,
     leaks,
     open_inbox_object,
     payload_kind,
     record,
+    rsa_wrapped,
     wrapped_keys,
 )
 from azure_world import AzureWorld
@@ -255,8 +257,8 @@ def test_tag_schedule_backup_copy_restore_launch_across_azure_regions(
             names = [w.object_name for w in wrapped]
             assert "config" in names
             assert any(n.startswith("packs/") for n in names)
-        assert {w.key_version for w in east_wrapped} == {east_version}
-        assert {w.key_version for w in west_wrapped} == {west_version}
+        assert {key_version(w) for w in east_wrapped} == {east_version}
+        assert {key_version(w) for w in west_wrapped} == {west_version}
         west_data_keys = {west_keys.unwrap(w.wrapped, w.context) for w in west_wrapped}
         assert all(len(k) == 32 for k in west_data_keys)
         # the copy's data keys are west's own: east's KeyService never handled one of them
@@ -279,14 +281,14 @@ def test_tag_schedule_backup_copy_restore_launch_across_azure_regions(
         crypto = east_keys.client.get_cryptography_client("regionvault", key_version=east_version)
         for wrapped in west_wrapped:
             with pytest.raises(HttpResponseError) as refused:
-                crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped.rsa_wrapped)
+                crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, rsa_wrapped(wrapped))
             assert refused.value.status_code == 400, wrapped.object_name
         # ... and the same calls through west's own Key Vault open them: the refusal is the key's
         west_crypto = west_keys.client.get_cryptography_client(
             "regionvault", key_version=west_version
         )
         for wrapped in west_wrapped:
-            opened = west_crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped.rsa_wrapped)
+            opened = west_crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, rsa_wrapped(wrapped))
             assert len(opened.key) == 32, wrapped.object_name
 
         # the inbox payloads: what crossed into west opens only there, and the reverse
