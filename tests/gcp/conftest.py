@@ -1,0 +1,36 @@
+"""Fixtures shared by the GCP provider's tests: the real google-cloud-storage client against
+one gcp-storage-emulator on 127.0.0.1, started once per session by the provider's own
+launcher (providers/gcp/emulator.py) and stopped by its PID; tests keep apart by bucket
+names unique to each test. The Cloud KMS and Compute Engine fakes are cheap (threads in this
+process) and each test that needs them starts its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip(
+    "google.cloud.storage",
+    reason="the GCP tests need the Google Cloud SDK: pip install -e '.[test]'",
+)
+
+from regionvault.providers.gcp.emulator import GcsEmulator  # noqa: E402
+from regionvault.providers.gcp.testing import live_mode  # noqa: E402
+
+#: why a test of the offline stack does not run live
+OFFLINE_ONLY = (
+    "offline only (REGIONVAULT_GCP_LIVE=1): this test runs on the emulator or the fakes; "
+    "live mode covers the same through the conformance suite"
+)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """The session's gcp-storage-emulator."""
+    if live_mode():
+        pytest.skip(OFFLINE_ONLY)
+    log = tmp_path_factory.mktemp("gcs") / "gcp-storage-emulator.log"
+    with GcsEmulator(log=log) as emulator:
+        yield emulator
