@@ -13,6 +13,7 @@ very last block.
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ __all__ = [
     "launch_across",
     "seed_ec2_instance",
     "volume_blocks",
+    "zeros_beyond",
 ]
 
 AWS_REGION = "us-east-1"
@@ -217,3 +219,22 @@ def launch_across(
 def aws_source(endpoint: str) -> tuple[str, dict[str, Any]]:
     """The source region ``aws:us-east-1`` on the moto server at ``endpoint``."""
     return SOURCE, region_settings(AWS_REGION, endpoint_url=endpoint, tag=uuid.uuid4().hex[:10])
+
+
+def zeros_beyond(path: Path, start: int) -> bool:
+    """True when a (sparse) disk file holds only zeros at and after ``start``: only its data
+    ranges are read, so a mostly empty 10 GB disk costs nothing."""
+    from regionvault.providers.gcp.fakes.compute import data_extents
+
+    with path.open("rb") as f:
+        fd = f.fileno()
+        for first, end in data_extents(fd, os.fstat(fd).st_size):
+            offset = max(first, start)
+            while offset < end:
+                chunk = os.pread(fd, min(end - offset, 8 << 20), offset)
+                if not chunk:
+                    break
+                if chunk.count(0) != len(chunk):
+                    return False
+                offset += len(chunk)
+    return True

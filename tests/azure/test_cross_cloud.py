@@ -13,6 +13,8 @@ page ranges Azurite holds, so the 1 GiB of mostly zeros is never downloaded.
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from cross_cloud import (
     launch_across,
     seed_ec2_instance,
     volume_blocks,
+    zeros_beyond,
 )
 from regionvault.providers.aws.testing import MotoServer
 from regionvault.providers.azure.compute import INTERNAL_PREFIX
@@ -124,3 +127,77 @@ def test_ec2_instance_of_two_volumes_launches_as_an_azure_vm_of_two_disks(
         tmp_path,
         {ROOT_DEVICE: volume_blocks(20261207), "/dev/sdf": volume_blocks(31)},
     )
+
+
+# --------------------------------------------------------------------------- Azure to GCP
+
+MiB = 1024 * 1024
+#: the Azure VM's disks: an OS disk and a data disk of other sizes (whole MiB, above Azure's
+#: 20 MiB upload minimum), so that a swap or a truncation shows on GCE
+OS_DISK, DATA_DISK = 24 * MiB, 21 * MiB
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    pytest.importorskip("google.cloud.storage", reason="the GCP side needs the Google Cloud SDK")
+    from regionvault.providers.gcp.emulator import GcsEmulator
+
+    with GcsEmulator(log=tmp_path_factory.mktemp("gcs") / "gcs.log") as emulator:
+        yield emulator
+
+
+def _pieces(seed: int, size: int) -> dict[int, bytes]:
+    rng = random.Random(seed)
+    return {0: rng.randbytes(3 * MiB), 9 * MiB: rng.randbytes(MiB), size - MiB: rng.randbytes(MiB)}
+
+
+def _flat(pieces: dict[int, bytes], size: int) -> bytes:
+    out = bytearray(size)
+    for offset, data in pieces.items():
+        out[offset : offset + len(data)] = data
+    return bytes(out)
+
+
+def test_azure_vm_of_two_disks_backed_up_on_azure_launches_as_a_gce_instance(
+    azure: AzureWorld, gcs: Any, tmp_path: Path
+) -> None:
+    """A VM in azure:east (an OS disk and a data disk at LUN 0) is backed up under east's Key
+    Vault key, copied into gcp:west under west's Cloud KMS key and launched there as a GCE
+    instance: its boot disk holds the OS disk's bytes and its second disk the data disk's,
+    each on a persistent disk of whole GB (the rest zeros), with the VM's tags as labels and
+    the region's own machine type (an Azure VM size is none of GCE's)."""
+    from regionvault.providers.gcp.conformance import WORKER, offline_region
+
+    tags = {"backup": "1-7", "function": "vdu", "cell-site": "cs-0042"}
+    os_pieces, data_pieces = _pieces(1, OS_DISK), _pieces(2, DATA_DISK)
+    with (
+        azure_regions(azure.server, tmp_path / "fakes", ["east"]) as made,
+        offline_region(
+            "west", storage=gcs.endpoint, workdir=tmp_path / "gce", tag=os.urandom(5).hex()
+        ) as west,
+    ):
+        east = made["azure:east"]
+        vm_id = east.world.seed_vm("vdu-9", tags=tags, image=os_pieces, data_disks=[data_pieces])
+        done = launch_across(
+            tmp_path,
+            source=("azure:east", east.settings),
+            destination=("gcp:west", west.settings),
+            instance_id=vm_id,
+        )
+        launched = done.instance
+        assert launched.tags == tags
+        raw = west.gce.instance(launched.name)
+        assert raw["status"] == "RUNNING" and raw["labels"] == tags
+        assert raw["machineType"].rsplit("/", 1)[-1] == west.settings["machine_type"]
+        disks = sorted(raw["disks"], key=lambda d: (not d.get("boot"), int(d.get("index", 0))))
+        assert len(disks) == 2 and disks[0].get("boot")
+        for disk, pieces, size in zip(
+            disks, (os_pieces, data_pieces), (OS_DISK, DATA_DISK), strict=True
+        ):
+            path = west.gce.disk_path(str(disk["source"]).rsplit("/", 1)[-1])
+            total = path.stat().st_size
+            assert total >= size and total % (1 << 30) == 0
+            with path.open("rb") as f:
+                assert f.read(size) == _flat(pieces, size), disk["source"]
+            assert zeros_beyond(path, size), disk["source"]  # past the Azure disk
+        assert len(west.gce.instance(WORKER)["disks"]) == 1

@@ -16,8 +16,8 @@ pytest.importorskip(
     reason="the GCP tests need the Google Cloud SDK: pip install -e '.[test]'",
 )
 
-from regionvault.providers.gcp.emulator import GcsEmulator  # noqa: E402
-from regionvault.providers.gcp.testing import live_mode  # noqa: E402
+from regionvault.providers.gcp.emulator import GcsEmulator
+from regionvault.providers.gcp.testing import live_mode
 
 #: why a test of the offline stack does not run live
 OFFLINE_ONLY = (

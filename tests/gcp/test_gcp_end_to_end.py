@@ -33,6 +33,7 @@ import at_rest
 import pytest
 import tomli_w
 from at_rest import Recorded, leaks, open_inbox_object, payload_kind, wrapped_keys
+from cross_cloud import zeros_beyond
 from regionvault.core.errors import KeyAccessDenied
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.jobs import BACKUP, COPY, RETENTION, TAG
@@ -65,11 +66,12 @@ def disk_pieces(seed: int) -> dict[int, bytes]:
             data = rng.randbytes(MiB)
             earlier.append(data)
         elif kind == 2:
-            text = b"".join(
-                f"{n:04d} vcu: ue {rng.getrandbits(40):010x} e2e-marker-{rng.getrandbits(64):016x}\n"
-                .encode()
+            lines = (
+                f"{n:04d} vcu: ue {rng.getrandbits(40):010x} "
+                f"e2e-marker-{rng.getrandbits(64):016x}\n".encode()
                 for _ in range(MiB // 50)
             )
+            text = b"".join(lines)
             data = text[:MiB]
         elif kind == 3:
             continue
@@ -102,22 +104,6 @@ def marker_runs(image: bytes | bytearray) -> dict[str, bytes]:
 def read_disk(path: Path, length: int) -> bytes:
     with path.open("rb") as f:
         return f.read(length)
-
-
-def is_zero_beyond(path: Path, start: int) -> bool:
-    """True when the sparse disk file holds no data at or after ``start``."""
-    import os
-
-    with path.open("rb") as f:
-        try:
-            os.lseek(f.fileno(), start, os.SEEK_DATA)
-        except OSError:
-            return True  # ENXIO: no data past start
-        f.seek(start)
-        while chunk := f.read(8 * MiB):
-            if chunk.count(0) != len(chunk):
-                return False
-        return True
 
 
 def every_object(endpoint: str, buckets: list[str]) -> dict[str, bytes]:
@@ -278,7 +264,7 @@ def test_tag_schedule_backup_copy_restore_launch_across_gcp_regions(
         restored_path = west.gce.disk_path(restored_disk)
         assert restored_path.stat().st_size == original_path.stat().st_size
         assert read_disk(restored_path, DATA) == read_disk(original_path, DATA) == image
-        assert is_zero_beyond(restored_path, DATA)
+        assert zeros_beyond(restored_path, DATA)
 
         # ---- each region's points are under its own KMS key, with its own data keys
         east_keys, west_keys = site.region(A).keys, site.region(B).keys
