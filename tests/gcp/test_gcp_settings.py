@@ -505,8 +505,7 @@ def test_an_incomplete_live_environment_is_one_error_naming_every_missing_variab
         LiveSettings.from_environment({"REGIONVAULT_GCP_BUCKET_A": "rv-live-east"})
     message = str(exc.value)
     assert message.startswith(
-        "REGIONVAULT_GCP_LIVE=1 needs these environment variables (docs/gcp.md, "
-        "'Live mode'): "
+        "REGIONVAULT_GCP_LIVE=1 needs these environment variables (docs/gcp.md, 'Live mode'): "
     )
     named = message.partition("'Live mode'): ")[2].split(", ")
     assert named == sorted(
