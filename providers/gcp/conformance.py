@@ -227,6 +227,7 @@ class GcpConformanceSupport(ConformanceSupport):
         ``data`` as a tar archive (each file's bytes contiguous), made through the plain
         compute_v1 clients: a blank disk written through the region's worker
         (:func:`seed_instance`)."""
+        from regionvault.providers.gcp.auth import credentials_for
         from regionvault.providers.gcp.compute import GceCompute
 
         compute = region.compute
@@ -237,7 +238,7 @@ class GcpConformanceSupport(ConformanceSupport):
             project=settings.project,
             zone=settings.zone or "",
             endpoint=settings.compute_endpoint,
-            credentials=compute.credentials,
+            credentials=credentials_for(compute.region_config, settings, "compute"),
             worker=settings.worker_instance or WORKER,
             device_dir=Path(settings.device_dir),
             name=name,
