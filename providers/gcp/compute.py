@@ -301,9 +301,13 @@ def _unique_name(base: str) -> str:
     return f"{cleaned[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
 
 
+#: the smallest pd-standard, pd-balanced or pd-ssd disk GCE makes, in GiB (its "GB")
+MIN_DISK_GB = 10
+
+
 def _size_gb(size: int) -> int:
-    """Whole GiB holding ``size`` bytes (at least 1)."""
-    return max(1, math.ceil(size / GiB))
+    """Whole GiB holding ``size`` bytes, at least :data:`MIN_DISK_GB`."""
+    return max(MIN_DISK_GB, math.ceil(size / GiB))
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -412,9 +416,9 @@ class GceCompute(Compute):
         instance_id: str | None = None,
         idempotent: bool = False,
     ) -> T:
-        """``call()``, its SDK errors mapped; a read (``idempotent``) that failed transiently
-        is made again, ``sdk_retries`` times at most. A change is made once: a retried
-        insert could have happened already (the executor retries the job instead)."""
+        """``call()``, its SDK errors mapped; a call that may be made twice (``idempotent``: a
+        read, or a change carrying its requestId, :meth:`_start`) that failed transiently is
+        made again, ``sdk_retries`` times at most."""
         attempts = 1 + (self.settings.sdk_retries if idempotent else 0)
         for attempt in range(attempts):
             try:
@@ -508,30 +512,56 @@ class GceCompute(Compute):
             raise TransientError(text, provider="gcp", region=self.region)
         raise self._fail(text)
 
+    def _start(
+        self,
+        what: str,
+        method: Callable[..., compute_v1.Operation],
+        fields: Mapping[str, Any],
+        *,
+        instance_id: str | None = None,
+    ) -> compute_v1.Operation:
+        """Begin a change (a ``*_unary`` method with its request's ``fields``). The request
+        carries a requestId of its own, so a try that failed transiently is made again
+        safely: GCE answers a repeated requestId with the first try's operation instead of
+        doing the change twice."""
+        request = {**fields, "request_id": str(uuid.uuid4())}
+        return self._call(
+            what,
+            lambda: method(request=request, **self._options),
+            instance_id=instance_id,
+            idempotent=True,
+        )
+
+    def _start_unless_gone(
+        self, what: str, method: Callable[..., compute_v1.Operation], fields: Mapping[str, Any]
+    ) -> compute_v1.Operation | None:
+        """:meth:`_start`, None when the target is gone already (HTTP 404)."""
+        try:
+            return self._start(what, method, fields)
+        except ComputeError as exc:
+            if isinstance(exc.__cause__ or exc.__context__, api_exceptions.NotFound):
+                return None
+            raise
+
     def _run(
         self,
         what: str,
-        start: Callable[[], compute_v1.Operation],
+        method: Callable[..., compute_v1.Operation],
+        fields: Mapping[str, Any],
         *,
         instance_id: str | None = None,
-    ) -> compute_v1.Operation | None:
-        """Start an operation and wait for its end."""
-        operation = self._call(what, start, instance_id=instance_id)
-        return self._wait(operation, what, instance_id=instance_id)
+    ) -> None:
+        """Begin a change and wait for its operation's end."""
+        operation = self._start(what, method, fields, instance_id=instance_id)
+        self._wait(operation, what, instance_id=instance_id)
 
-    def _gone_ok(self, what: str, start: Callable[[], compute_v1.Operation]) -> None:
+    def _gone_ok(
+        self, what: str, method: Callable[..., compute_v1.Operation], fields: Mapping[str, Any]
+    ) -> None:
         """Run a delete or detach; a target already gone is no error."""
-        try:
-            operation = start()
-        except api_exceptions.NotFound:
-            return
-        except (
-            api_exceptions.GoogleAPICallError,
-            api_exceptions.RetryError,
-            requests.exceptions.RequestException,
-        ) as exc:
-            raise self._error(exc, what) from None
-        self._wait(operation, what, missing_ok=True)
+        operation = self._start_unless_gone(what, method, fields)
+        if operation is not None:
+            self._wait(operation, what, missing_ok=True)
 
     # ------------------------------------------------------------------ instances
 
@@ -681,13 +711,16 @@ class GceCompute(Compute):
                 labels=wanted, label_fingerprint=raw.label_fingerprint
             )
             what = f"cannot label instance {raw.name}"
+            request = {
+                "project": self.project,
+                "zone": self.zone,
+                "instance": raw.name,
+                "instances_set_labels_request_resource": body,
+                "request_id": str(uuid.uuid4()),
+            }
             try:
                 operation = self.clients.instances.set_labels_unary(
-                    project=self.project,
-                    zone=self.zone,
-                    instance=raw.name,
-                    instances_set_labels_request_resource=body,
-                    **self._options,
+                    request=request, **self._options
                 )
             except api_exceptions.PreconditionFailed:
                 continue  # the fingerprint is stale: read again
@@ -730,11 +763,10 @@ class GceCompute(Compute):
         operations = []
         for disk in disks:
             operations.append(
-                self._call(
+                self._start(
                     f"{what}: cannot create disk {disk.name}",
-                    lambda disk=disk: self.clients.disks.insert_unary(  # type: ignore[misc]
-                        project=self.project, zone=self.zone, disk_resource=disk, **self._options
-                    ),
+                    self.clients.disks.insert_unary,
+                    {"project": self.project, "zone": self.zone, "disk_resource": disk},
                 )
             )
         problems: list[RegionVaultError] = []
@@ -762,13 +794,13 @@ class GceCompute(Compute):
         what = f"cannot attach disk {disk} to the backup worker {self.worker}"
         self._run(
             what,
-            lambda: self.clients.instances.attach_disk_unary(
-                project=self.project,
-                zone=self.zone,
-                instance=self.worker,
-                attached_disk_resource=body,
-                **self._options,
-            ),
+            self.clients.instances.attach_disk_unary,
+            {
+                "project": self.project,
+                "zone": self.zone,
+                "instance": self.worker,
+                "attached_disk_resource": body,
+            },
         )
         return self._device(device_name, disk)
 
@@ -795,29 +827,27 @@ class GceCompute(Compute):
         """Detach the disk attached to the worker as ``device_name`` (gone already: fine)."""
         self._gone_ok(
             f"cannot detach device {device_name} from the backup worker {self.worker}",
-            lambda: self.clients.instances.detach_disk_unary(
-                project=self.project,
-                zone=self.zone,
-                instance=self.worker,
-                device_name=device_name,
-                **self._options,
-            ),
+            self.clients.instances.detach_disk_unary,
+            {
+                "project": self.project,
+                "zone": self.zone,
+                "instance": self.worker,
+                "device_name": device_name,
+            },
         )
 
     def delete_disk(self, disk: str) -> None:
         self._gone_ok(
             f"cannot delete disk {disk}",
-            lambda: self.clients.disks.delete_unary(
-                project=self.project, zone=self.zone, disk=disk, **self._options
-            ),
+            self.clients.disks.delete_unary,
+            {"project": self.project, "zone": self.zone, "disk": disk},
         )
 
     def delete_snapshot(self, snapshot: str) -> None:
         self._gone_ok(
             f"cannot delete snapshot {snapshot}",
-            lambda: self.clients.snapshots.delete_unary(
-                project=self.project, snapshot=snapshot, **self._options
-            ),
+            self.clients.snapshots.delete_unary,
+            {"project": self.project, "snapshot": snapshot},
         )
 
     # ------------------------------------------------------------------ capture
@@ -875,17 +905,15 @@ class GceCompute(Compute):
             for part in parts:
                 snapshot = compute_v1.Snapshot(name=part.snapshot, labels={CAPTURE_LABEL: name})
                 operations.append(
-                    self._call(
+                    self._start(
                         f"{what}: cannot snapshot disk {part.source_disk}",
-                        lambda part=part, snapshot=snapshot: (  # type: ignore[misc]
-                            self.clients.disks.create_snapshot_unary(
-                                project=self.project,
-                                zone=self.zone,
-                                disk=part.source_disk,
-                                snapshot_resource=snapshot,
-                                **self._options,
-                            )
-                        ),
+                        self.clients.disks.create_snapshot_unary,
+                        {
+                            "project": self.project,
+                            "zone": self.zone,
+                            "disk": part.source_disk,
+                            "snapshot_resource": snapshot,
+                        },
                     )
                 )
                 part.snapshotted = True
@@ -1069,9 +1097,8 @@ class GceCompute(Compute):
         try:
             self._run(
                 what,
-                lambda: self.clients.instances.insert_unary(
-                    project=self.project, zone=self.zone, instance_resource=body, **self._options
-                ),
+                self.clients.instances.insert_unary,
+                {"project": self.project, "zone": self.zone, "instance_resource": body},
             )
             instance = self._until_running(name)
         except BaseException:
@@ -1106,9 +1133,8 @@ class GceCompute(Compute):
     def _delete_instance(self, name: str) -> None:
         self._gone_ok(
             f"cannot delete instance {name}",
-            lambda: self.clients.instances.delete_unary(
-                project=self.project, zone=self.zone, instance=name, **self._options
-            ),
+            self.clients.instances.delete_unary,
+            {"project": self.project, "zone": self.zone, "instance": name},
         )
 
     def terminate(self, instance_id: str) -> None:
@@ -1116,9 +1142,8 @@ class GceCompute(Compute):
         name = self._name(instance_id)
         self._run(
             f"cannot delete instance {name}",
-            lambda: self.clients.instances.delete_unary(
-                project=self.project, zone=self.zone, instance=name, **self._options
-            ),
+            self.clients.instances.delete_unary,
+            {"project": self.project, "zone": self.zone, "instance": name},
             instance_id=instance_id,
         )
 

@@ -75,6 +75,7 @@ __all__ = [
     "MIN_DISK_GB",
     "FilterError",
     "GceFake",
+    "GiB",
     "copy_sparse",
     "data_extents",
     "label_fingerprint",
@@ -387,7 +388,7 @@ class GceFake:
         self._server = server
         self.port = int(server.server_address[1])
         self._thread = threading.Thread(
-            target=server.serve_forever, name="rv-gce-fake", daemon=True
+            target=server.serve_forever, args=(0.05,), name="rv-gce-fake", daemon=True
         )
         self._thread.start()
         return self.endpoint

@@ -1,0 +1,199 @@
+"""google-cloud-storage clients for the GCP provider, every HTTP attempt counted, and the
+one place that maps the storage SDK's errors onto regionvault's error tree.
+
+A client is the real ``google.cloud.storage.Client``, aimed at ``storage_endpoint`` when one
+is set (``client_options={"api_endpoint": ...}``), talking through a google-auth
+``AuthorizedSession`` that records every request it sends (retries included: the SDK's
+retry wrappers call the session again) as ``metrics.record(region, "storage", op, bytes)``.
+
+Transient (raised as :class:`~regionvault.core.errors.TransientError`, retried by the
+executor): HTTP 408, 429, 500, 502, 503, 504, and no answer at all (a refused or dropped
+connection, a timeout). Everything else is the caller's error class.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.auth.transport.requests import AuthorizedSession
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+from regionvault.core.errors import RegionVaultError, TransientError
+
+if TYPE_CHECKING:
+    from google.api_core.retry import Retry
+    from regionvault.providers.gcp.metrics import GcpMetrics
+    from regionvault.providers.gcp.settings import GcpSettings
+
+__all__ = [
+    "TRANSIENT_STATUSES",
+    "CountingSession",
+    "error_reason",
+    "error_status",
+    "is_transient",
+    "operation_of",
+    "sdk_retry",
+    "storage_client",
+    "storage_error",
+]
+
+#: HTTP statuses of a throttled call or a failure on the service's side
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def operation_of(method: str, url: str) -> str:
+    """The short name of one Cloud Storage JSON API request, for the metrics."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    path = parts.path
+    method = method.upper()
+    if path.startswith("/upload/"):
+        if method == "POST":
+            kind = (query.get("uploadType") or [""])[0]
+            return "POST upload-session" if kind == "resumable" else "POST upload"
+        return f"{method} upload-chunk"
+    if path.startswith("/download/") or (query.get("alt") or [""])[0] == "media":
+        return f"{method} media"
+    segments = [s for s in path.split("/") if s]
+    # storage/v1/b[/BUCKET[/o[/OBJECT]]]
+    if len(segments) >= 6 and segments[4] == "o":
+        return f"{method} object"
+    if len(segments) == 5 and segments[4] == "o":
+        return f"{method} list" if method == "GET" else f"{method} objects"
+    if len(segments) in (3, 4) and segments[2] == "b":
+        return f"{method} bucket"
+    return f"{method} other"
+
+
+def _body_size(data: Any) -> int:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return len(data)
+    if isinstance(data, str):
+        return len(data.encode("utf-8"))
+    return 0
+
+
+class CountingSession(AuthorizedSession):
+    """An AuthorizedSession that records every request it sends in ``metrics``."""
+
+    def __init__(self, credentials: Any, *, metrics: GcpMetrics | None, region: str) -> None:
+        super().__init__(credentials)
+        self._metrics = metrics
+        self._region = region
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, data: Any = None, headers: Any = None, **kwargs: Any
+    ) -> requests.Response:
+        if self._metrics is not None:
+            self._metrics.record(
+                self._region, "storage", operation_of(method, url), _body_size(data)
+            )
+        return super().request(method, url, data=data, headers=headers, **kwargs)
+
+
+def storage_client(
+    settings: GcpSettings,
+    credentials: Any,
+    *,
+    metrics: GcpMetrics | None,
+    adapter: requests.adapters.HTTPAdapter | None = None,
+) -> storage.Client:
+    """A Cloud Storage client for a region's settings. ``adapter`` (tests) is mounted on
+    its session for http and https: it sees every request the SDK sends."""
+    session = CountingSession(credentials, metrics=metrics, region=settings.region)
+    if adapter is not None:
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+    options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
+    return storage.Client(
+        project=settings.project,
+        credentials=credentials,
+        _http=session,
+        client_options=options,
+    )
+
+
+def sdk_retry(settings: GcpSettings) -> Retry | None:
+    """The retry policy of every storage call: none with ``sdk_retries = 0``, else the
+    SDK's own (exponential backoff on transient answers), given up after ``timeout``
+    seconds. google-api-core's retries are bounded by time, not by a count: a positive
+    ``sdk_retries`` turns them on."""
+    if settings.sdk_retries == 0:
+        return None
+    retry: Retry = DEFAULT_RETRY.with_timeout(float(settings.timeout))
+    return retry
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_status(exc: BaseException) -> int | None:
+    """The HTTP status of a google-api-core error (None for anything else)."""
+    code = getattr(exc, "code", None)
+    return int(code) if isinstance(code, int) else None
+
+
+def error_reason(exc: BaseException) -> str:
+    """The first ``reason`` of a Cloud Storage error answer ('' when it gave none)."""
+    errors = list(getattr(exc, "errors", None) or [])
+    if not errors:
+        # the media paths (uploads, downloads) raise with the answer, not its parsed errors
+        response = getattr(exc, "response", None)
+        try:
+            document = response.json() if response is not None else {}
+            errors = list(document.get("error", {}).get("errors", []))
+        except (ValueError, AttributeError, RuntimeError):
+            errors = []
+    for item in errors:
+        if isinstance(item, dict) and item.get("reason"):
+            return str(item["reason"])
+    return ""
+
+
+def error_message(exc: BaseException) -> str:
+    """One line about a storage error: its status and reason, or what happened on the way;
+    never the SDK's own text, which repeats the request's URL."""
+    status = error_status(exc)
+    if status is not None:
+        reason = error_reason(exc)
+        return f"{reason or type(exc).__name__} (HTTP {status})"
+    if isinstance(exc, requests.ConnectionError):
+        return "no connection to Cloud Storage"
+    if isinstance(exc, requests.Timeout):
+        return "no answer from Cloud Storage in time"
+    return type(exc).__name__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (from a storage call) may pass if the call is made again later."""
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return not any("SSL" in type(c).__name__ for c in (exc, exc.__cause__, exc.__context__))
+    if isinstance(exc, api_exceptions.RetryError):
+        return True
+    return error_status(exc) in TRANSIENT_STATUSES
+
+
+#: what a storage call may raise besides the HTTP errors
+SDK_ERRORS: tuple[type[BaseException], ...] = (
+    api_exceptions.GoogleAPIError,
+    requests.RequestException,
+)
+
+
+def storage_error(
+    exc: BaseException,
+    message: str,
+    category: Callable[..., RegionVaultError],
+    *,
+    region: str,
+) -> RegionVaultError:
+    """:class:`TransientError` when ``exc`` is transient, else ``category(message)``;
+    ``message`` names the operation and ends with :func:`error_message` of ``exc``."""
+    text = f"{message}: {error_message(exc)}"
+    if is_transient(exc):
+        return TransientError(text, provider="gcp", region=region)
+    return category(text, provider="gcp", region=region)
