@@ -173,7 +173,7 @@ def round_trip(workdir: Path) -> dict[str, Any]:
         assert keys_b.unseal(transit.receive("copy-1"), seal_context) == secret
         transit.discard("copy-1")
         assert list(transit.inbox()) == []
-        summary["bytes_sent"] = transit.bytes_sent()
+        summary["bytes_sent"] = transit.bytes_sent
 
         # compute: a server-side label filter, then a capture through the worker
         found = [i.name for i in compute_a.list_instances(tag_filters={"backup": None})]
