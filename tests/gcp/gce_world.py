@@ -113,12 +113,8 @@ class GceWorld:
         instances = set(self.fake.instance_names())
         return {
             "snapshots": self.fake.snapshot_names(),
-            "disks": [
-                d for d in self.fake.disk_names() if d.rpartition("-")[0] not in instances
-            ],
-            "worker disks": [
-                str(d["deviceName"]) for d in self.fake.instance(WORKER)["disks"][1:]
-            ],
+            "disks": [d for d in self.fake.disk_names() if d.rpartition("-")[0] not in instances],
+            "worker disks": [str(d["deviceName"]) for d in self.fake.instance(WORKER)["disks"][1:]],
             "devices": self.worker_devices(),
         }
 

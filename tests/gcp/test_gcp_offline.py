@@ -374,8 +374,37 @@ def test_the_round_trip_runs_in_a_network_namespace_with_only_the_loopback(
     ), summary["addresses"]
 
 
-def test_every_address_a_python_client_uses_is_the_loopback(tmp_path: Path) -> None:
+def _host_of(target: str) -> str:
+    """The host of a gRPC target (``127.0.0.1:P``, ``[::1]:P``, ``dns:///name:443``)."""
+    target = target.rpartition("///")[2] if "///" in target else target
+    return target.rpartition(":")[0].strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def test_every_address_a_python_client_uses_is_the_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit hook sees the HTTP clients' sockets; gRPC connects in C, so the channels'
+    targets are recorded where they are made (``grpc.insecure_channel``/``secure_channel``,
+    which the KMS transport calls)."""
     _needs_the_stack()
+    import grpc
+
+    channels: list[str] = []
+    for name in ("insecure_channel", "secure_channel"):
+        real = getattr(grpc, name)
+
+        def recording(target: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            channels.append(target)
+            return _real(target, *args, **kwargs)
+
+        monkeypatch.setattr(grpc, name, recording)
     recorder = AddressRecorder()
     with recorder:
         summary = round_trip(tmp_path / "audit")
@@ -384,6 +413,9 @@ def test_every_address_a_python_client_uses_is_the_loopback(tmp_path: Path) -> N
     connects = {a for a in recorder.addresses if a.startswith("socket.connect ")}
     assert connects, sorted(recorder.addresses)
     assert recorder.off_loopback() == [], recorder.off_loopback()
+    # both regions' KMS clients, each on its loopback fake
+    assert len(set(channels)) >= 2, channels
+    assert all(_is_loopback(_host_of(target)) for target in channels), channels
     assert summary["captured"] == len(DISK) - DISK.count(0)
 
 
