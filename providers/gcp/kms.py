@@ -422,7 +422,7 @@ def _create_key(kms: _Kms, name: str, purpose: int) -> types.CryptoKey:
     )
     for _attempt in range(2):
         try:
-            return kms.call("CreateCryptoKey", kms.client.create_crypto_key, request)
+            key = kms.call("CreateCryptoKey", kms.client.create_crypto_key, request)
         except gexc.NotFound:
             _create_key_ring(kms)  # the key ring is missing: make it, then the key
         except gexc.AlreadyExists:
@@ -436,6 +436,12 @@ def _create_key(kms: _Kms, name: str, purpose: int) -> types.CryptoKey:
                 raise kms_error(exc, f"cannot get key {path}", region=kms.region) from None
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
             raise kms_error(exc, f"cannot create key {path}", region=kms.region) from None
+        else:
+            if purpose == _Purpose.ASYMMETRIC_DECRYPT:
+                # Cloud KMS generates an asymmetric version asynchronously: the key is
+                # ready for sealers once its first version is ENABLED
+                _wait_until_enabled(kms, f"{path}/cryptoKeyVersions/1")
+            return key
     raise KeyServiceError(
         f"cannot create key {path}: its key ring {settings.key_ring_path} vanished",
         provider="gcp",
@@ -572,7 +578,6 @@ class GcpSealer(Sealer):
                 _get_or_create_key(
                     self._kms, self._settings.seal_key_name, _Purpose.ASYMMETRIC_DECRYPT
                 )
-                _wait_until_enabled(self._kms, f"{self.key_path}/cryptoKeyVersions/1")
                 found = self._newest()
             if found is None:
                 raise KeyServiceError(

@@ -103,6 +103,38 @@ def world_on(fakes: dict[str, KmsFake], base_dir: Path) -> Iterator[KmsWorld]:
         world.close()
 
 
+class LiveKmsWorld(KmsWorld):
+    """The same regions on real Cloud KMS (``REGIONVAULT_GCP_LIVE=1``, see
+    providers/gcp/testing.py): the live key ring of each location and its two keys
+    ``regionvault-conformance`` and ``-seal``, made on first use and kept (GCP never deletes
+    a key; every rotation test adds a version of each)."""
+
+    def __init__(self, live: Any, base_dir: Path) -> None:
+        super().__init__({}, base_dir)
+        self.live = live
+        self.key_ring = live.region("A").key_ring
+
+    def settings(self, name: str, **extra: Any) -> dict[str, Any]:
+        letter = "A" if name == EAST else "B"
+        full = self.live.region_settings(letter, tag="kms")
+        settings = {
+            key: full[key]
+            for key in (
+                "project",
+                "location",
+                "key_ring",
+                "key_name",
+                "seal_key_name",
+                "create",
+                "credentials",
+                "credentials_file",
+            )
+            if key in full
+        }
+        settings.update(extra)
+        return {k: v for k, v in settings.items() if v is not None}
+
+
 _SEAL_SCRIPT = """
 import json, sys
 from pathlib import Path

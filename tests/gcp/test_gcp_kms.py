@@ -8,6 +8,7 @@ permission, rotation, and the mapping of Cloud KMS's status codes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -29,7 +30,15 @@ pytest.importorskip(
 import grpc
 from google.api_core import exceptions as gexc
 from google.cloud.kms_v1 import types
-from kms_world import EAST, WEST, KmsWorld, seal_in_another_process, two_fakes, world_on
+from kms_world import (
+    EAST,
+    WEST,
+    KmsWorld,
+    LiveKmsWorld,
+    seal_in_another_process,
+    two_fakes,
+    world_on,
+)
 from regionvault.core.conformance.fixtures import SealElsewhere
 from regionvault.core.conformance.keys import KeyServiceSuite
 from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError, TransientError
@@ -98,6 +107,35 @@ class TestCloudKmsKeyService(KeyServiceSuite):
         regions' keys exist before anyone seals for them."""
         keys_a.key_id  # noqa: B018
         keys_b.key_id  # noqa: B018
+
+
+def _live_settings() -> Any:
+    """The live settings when ``REGIONVAULT_GCP_LIVE=1`` (None otherwise, or when
+    providers/gcp/testing.py is not there yet)."""
+    try:
+        testing = importlib.import_module("regionvault.providers.gcp.testing")
+    except ImportError:
+        return None
+    return testing.LiveSettings.from_environment() if testing.live_mode() else None
+
+
+@pytest.mark.skipif(
+    os.environ.get("REGIONVAULT_GCP_LIVE") != "1",
+    reason="live Cloud KMS: set REGIONVAULT_GCP_LIVE=1 and the variables of docs/gcp.md",
+)
+class TestLiveCloudKmsKeyService(TestCloudKmsKeyService):
+    """The same suite against real Cloud KMS in the live regions' locations."""
+
+    @pytest.fixture
+    def kms_world(self, tmp_path: Path) -> Iterator[KmsWorld]:
+        live = _live_settings()
+        if live is None:
+            pytest.skip("providers/gcp/testing.py (live settings) is not installed")
+        world = LiveKmsWorld(live, tmp_path)
+        try:
+            yield world
+        finally:
+            world.close()
 
 
 # ---------------------------------------------------------------------- data keys
@@ -351,6 +389,13 @@ def test_a_new_seal_key_is_waited_for_until_enabled(tmp_path: Path) -> None:
             assert keys.unseal(sealed, CTX) == b"s"
         finally:
             world.close()
+        # a KeyService that makes the keys waits too: sealers without create find version 1
+        other = KmsWorld({EAST: fake}, tmp_path)
+        try:
+            other.keys(EAST).key_id  # noqa: B018
+            assert sealed_version(other.sealer(EAST, create=False).seal(b"s", CTX)) == "1"
+        finally:
+            other.close()
 
 
 # ---------------------------------------------------------------------- rotation
