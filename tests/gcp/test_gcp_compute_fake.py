@@ -28,12 +28,14 @@ from regionvault.providers.gcp.fakes.compute import (
     copy_sparse,
     data_extents,
     parse_label_filter,
+    seed_instance_over_api,
 )
 
 PROJECT = "rv-test-project"
 ZONE = "europe-west1-b"
 DONE = compute_v1.Operation.Status.DONE
 RUNNING = compute_v1.Operation.Status.RUNNING
+PENDING = compute_v1.Operation.Status.PENDING
 
 
 @dataclass
@@ -327,7 +329,7 @@ def test_insert_from_disks_and_snapshots_then_delete(gce: Gce) -> None:
         ],
     )
     op = gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance)
-    assert op.status == RUNNING
+    assert op.status == PENDING
     with pytest.raises(gexc.NotFound):
         gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-new")
     gce.done(op)
@@ -614,7 +616,7 @@ def test_operations_stay_running_for_the_configured_polls(gce: Gce) -> None:
     op = gce.disks.insert_unary(
         project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="slow", size_gb=10)
     )
-    assert op.status == RUNNING
+    assert op.status == PENDING
     seen = []
     for _ in range(3):
         op = gce.zone_ops.get(project=PROJECT, zone=ZONE, operation=op.name)
@@ -716,6 +718,83 @@ def test_a_repeated_request_id_gets_the_first_operation(gce: Gce) -> None:
     assert again.name == first.name
     gce.done(again)
     assert gce.fake.disk_names().count("once") == 1
+
+
+def test_a_lost_answer_leaves_the_effect_and_a_request_id_finds_it(gce: Gce) -> None:
+    gce.fake.fail_next("disks.insert", 503, lose_answer=True)
+    request = compute_v1.InsertDiskRequest(
+        project=PROJECT,
+        zone=ZONE,
+        disk_resource=compute_v1.Disk(name="lost", size_gb=10),
+        request_id="0d6f3c1a-3c53-4a55-8d0e-9e4f3a2b1c0d",
+    )
+    with pytest.raises(gexc.ServiceUnavailable):
+        gce.disks.insert_unary(request=request)
+    # the retry with the same requestId is the same operation, not a 409
+    gce.done(gce.disks.insert_unary(request=request))
+    assert _disk(gce, "lost").size_gb == 10
+    inserts = [a for a in gce.fake.answers if a[0] == "disks.insert"]
+    assert inserts == [("disks.insert", 503), ("disks.insert", 200)]
+    with pytest.raises(ValueError, match="makes no operation"):
+        gce.fake.fail_next_operation("instances.list")
+
+
+def test_an_unserved_path_is_a_404_that_says_so(gce: Gce) -> None:
+    with pytest.raises(gexc.NotFound, match="does not serve"):
+        compute_v1.ImagesClient(
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": gce.fake.endpoint},
+        ).get(project=PROJECT, image="debian")
+    assert gce.fake.answers[-1] == ("?", 404)
+
+
+def test_seed_instance_over_the_api_writes_through_the_worker(gce: Gce) -> None:
+    boot = b"\x7fELF" + bytes(4096) + b"tail"
+    name = seed_instance_over_api(
+        endpoint=gce.fake.endpoint,
+        project=PROJECT,
+        zone=ZONE,
+        worker_instance=gce.fake.worker_instance,
+        device_dir=gce.fake.device_dir,
+        name="vm-seeded",
+        disks=[boot, b"data disk"],
+        labels={"rv-policy": "1-7"},
+        machine_type="n2-standard-2",
+    )
+    vm = gce.instances.get(project=PROJECT, zone=ZONE, instance=name)
+    assert vm.labels == {"rv-policy": "1-7"}
+    assert vm.machine_type.endswith("/n2-standard-2")
+    assert [(d.boot, d.source.rsplit("/", 1)[1]) for d in vm.disks] == [
+        (True, "vm-seeded-0"),
+        (False, "vm-seeded-1"),
+    ]
+    with gce.fake.disk_path("vm-seeded-0").open("rb") as f:
+        assert f.read(len(boot)) == boot
+    with gce.fake.disk_path("vm-seeded-1").open("rb") as f:
+        assert f.read(9) == b"data disk"
+    # the worker holds nothing of it any more
+    assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+    # a failure removes the disks it made
+    gce.fake.fail_next("instances.insert", 400, reason="invalid")
+    with pytest.raises(gexc.BadRequest):
+        seed_instance_over_api(
+            endpoint=gce.fake.endpoint,
+            project=PROJECT,
+            zone=ZONE,
+            worker_instance=gce.fake.worker_instance,
+            device_dir=gce.fake.device_dir,
+            name="vm-failed",
+            disks=[b"x"],
+        )
+    assert not [d for d in gce.fake.disk_names() if d.startswith("vm-failed")]
+
+
+def test_a_new_fake_removes_the_device_links_an_old_one_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "devices").mkdir(parents=True)
+    (state / "devices" / "google-old").symlink_to(tmp_path / "gone")
+    fake = GceFake(project=PROJECT, zone=ZONE, state_dir=state)
+    assert sorted(p.name for p in fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
 
 
 # --------------------------------------------------------------------------- as a process

@@ -80,6 +80,7 @@ __all__ = [
     "data_extents",
     "label_fingerprint",
     "parse_label_filter",
+    "seed_instance_over_api",
 ]
 
 GiB = 1024**3
@@ -318,6 +319,8 @@ class _Failure:
     message: str
     count: int
     in_operation: bool = False
+    #: the request takes effect and only its answer is lost (a retry sees the effect)
+    lose_answer: bool = False
 
 
 # --------------------------------------------------------------------------- the fake
@@ -359,10 +362,16 @@ class GceFake:
         self.counts: collections.Counter[str] = collections.Counter()
         #: every request as (API method, path with query)
         self.requests: list[tuple[str, str]] = []
+        #: every answer as (API method, HTTP status); "?" for a path the fake does not serve
+        self.answers: list[tuple[str, int]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         for sub in ("disks", "snapshots", "devices"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        # links a fake that used this directory before left: their disks are not this one's
+        for stale in self.device_dir.glob("google-*"):
+            if stale.is_symlink():
+                stale.unlink()
         if worker_instance:
             self.seed_instance(worker_instance, disks=[b""], labels={})
 
@@ -464,11 +473,16 @@ class GceFake:
         count: int = 1,
         reason: str = "backendError",
         message: str = "injected failure",
+        lose_answer: bool = False,
     ) -> None:
         """The next ``count`` requests of API method ``method`` ("instances.insert") are
-        answered HTTP ``status`` with GCE's error shape, and change nothing."""
+        answered HTTP ``status`` with GCE's error shape, and change nothing; with
+        ``lose_answer``, each is carried out (its operation made) and only its answer is
+        the error, as when a connection drops after GCE accepted a request."""
         with self._lock:
-            self._failures.append(_Failure(_method(method), status, reason, message, count))
+            self._failures.append(
+                _Failure(_method(method), status, reason, message, count, lose_answer=lose_answer)
+            )
 
     def fail_next_operation(
         self,
@@ -482,6 +496,8 @@ class GceFake:
         """The next ``count`` requests of ``method`` are accepted, and their operation ends
         DONE with ``error.errors[0].code == code`` (``httpErrorStatusCode`` ``status``) and
         no effect."""
+        if _method(method) not in _MUTATIONS:
+            raise ValueError(f"{method} makes no operation")
         with self._lock:
             self._failures.append(
                 _Failure(_method(method), status, code, message, count, in_operation=True)
@@ -706,7 +722,7 @@ class GceFake:
             "operationType": kind,
             "targetLink": target,
             "targetId": target_id,
-            "status": "RUNNING",
+            "status": "PENDING",
             "user": "fake@regionvault.invalid",
             "progress": 0,
             "insertTime": _now(),
@@ -751,6 +767,7 @@ class GceFake:
             )
         if not op.done:
             op.polls_left -= 1
+            op.body["status"] = "RUNNING"
             if op.polls_left <= 0:
                 self._finish(op)
         return dict(op.body)
@@ -901,6 +918,21 @@ class GceFake:
     def handle(
         self, method: str, path: str, query: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, Any]]:
+        """(status, JSON answer) of one request; :class:`_Error` for GCE's error answers."""
+        route = _route(method, path)
+        try:
+            status, answer = self._handle(method, path, query, body)
+        except _Error as exc:
+            with self._lock:
+                self.answers.append((route[0] if route else "?", exc.status))
+            raise
+        with self._lock:
+            self.answers.append((route[0] if route else "?", status))
+        return status, answer
+
+    def _handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any]]:
         route = _route(method, path)
         if route is None:
             raise _Error(
@@ -912,7 +944,7 @@ class GceFake:
             full = path + ("?" + urllib.parse.urlencode(query) if query else "")
             self.requests.append((api_method, full))
             failure = self._take_failure(api_method)
-            if failure is not None and not failure.in_operation:
+            if failure is not None and not (failure.in_operation or failure.lose_answer):
                 raise _Error(failure.status, failure.reason, failure.message)
             if params["project"] != self.project:
                 raise _Error(
@@ -933,9 +965,16 @@ class GceFake:
             handler: Callable[..., dict[str, Any]] = getattr(
                 self, "_" + api_method.replace(".", "_")
             )
-            answer = handler(params=params, query=query, doc=doc, failure=failure)
+            answer = handler(
+                params=params,
+                query=query,
+                doc=doc,
+                failure=failure if failure is not None and failure.in_operation else None,
+            )
             if answer.get("kind") == "compute#operation" and request_id:
                 self._request_ids[request_id] = answer["name"]
+            if failure is not None and failure.lose_answer:
+                raise _Error(failure.status, failure.reason, failure.message)
             return 200, answer
 
     def _take_failure(self, api_method: str) -> _Failure | None:
@@ -1637,6 +1676,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     )
 ]
 _API_METHODS = frozenset(api for _m, _rx, api in _ROUTES)
+#: the methods that answer an Operation
+_MUTATIONS = frozenset(
+    api for m, _rx, api in _ROUTES if m != "GET" and not api.endswith("Operations.wait")
+)
 
 
 def _method(name: str) -> str:
@@ -1710,6 +1753,141 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _answer
+
+
+# --------------------------------------------------------------------------- seeding over the API
+
+
+def seed_instance_over_api(
+    *,
+    endpoint: str | None,
+    project: str,
+    zone: str,
+    worker_instance: str,
+    device_dir: Path,
+    name: str,
+    disks: Sequence[bytes],
+    labels: dict[str, str] | None = None,
+    machine_type: str = "e2-standard-2",
+    network: str = "global/networks/default",
+    disk_type: str = "pd-balanced",
+    credentials: Any = None,
+    poll_interval: float = 0.0,
+    max_polls: int = 600,
+) -> str:
+    """An instance made only through the public API, as on GCE (so it works against the
+    fake, and on a real worker): per item of ``disks`` a blank disk ``<name>-<i>`` (whole GB,
+    at least 10), attached to ``worker_instance``, written through
+    ``device_dir/google-<name>-<i>``, detached; then the instance with those disks (the first
+    the boot disk, all auto-delete), ``labels`` and ``machine_type``. Every operation is
+    polled through the zone operations client of the same endpoint (never
+    ``ExtendedOperation.result()``, which polls the public endpoint). Returns the instance's
+    name; on a failure, removes the disks it made and raises RuntimeError naming the step."""
+    import importlib
+    import time
+
+    from google.cloud import compute_v1
+
+    if credentials is None:
+        if endpoint is None:
+            raise ValueError("credentials are needed for the real Compute Engine API")
+        credentials = importlib.import_module("google.auth.credentials").AnonymousCredentials()
+    options = {"api_endpoint": endpoint} if endpoint is not None else None
+    instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+    disk_client = compute_v1.DisksClient(credentials=credentials, client_options=options)
+    operations = compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options)
+
+    def wait(op: compute_v1.Operation, what: str) -> None:
+        for _ in range(max_polls):
+            if op.status == compute_v1.Operation.Status.DONE:
+                if op.error.errors:
+                    errors = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
+                    raise RuntimeError(f"{what} failed: {errors}")
+                return
+            if poll_interval:
+                time.sleep(poll_interval)
+            op = operations.wait(project=project, zone=zone, operation=op.name)
+        raise RuntimeError(f"{what} not done after {max_polls} polls")
+
+    made: list[str] = []
+    try:
+        for index, data in enumerate(disks):
+            disk = f"{name}-{index}"[:63].rstrip("-")
+            size_gb = max(MIN_DISK_GB, -(-len(data) // GiB))
+            resource = compute_v1.Disk(
+                name=disk, size_gb=size_gb, type_=f"zones/{zone}/diskTypes/{disk_type}"
+            )
+            wait(
+                disk_client.insert_unary(project=project, zone=zone, disk_resource=resource),
+                f"disks.insert {disk}",
+            )
+            made.append(disk)
+            attached = compute_v1.AttachedDisk(
+                source=f"zones/{zone}/disks/{disk}", device_name=disk
+            )
+            wait(
+                instances.attach_disk_unary(
+                    project=project,
+                    zone=zone,
+                    instance=worker_instance,
+                    attached_disk_resource=attached,
+                ),
+                f"attachDisk {disk}",
+            )
+            try:
+                device = Path(device_dir) / f"google-{disk}"
+                for _ in range(max_polls):  # on GCE, udev makes the link a moment later
+                    if device.exists():
+                        break
+                    time.sleep(max(poll_interval, 0.01))
+                fd = os.open(device, os.O_WRONLY)
+                try:
+                    view = memoryview(data)
+                    offset = 0
+                    while offset < len(data):  # each round writes at least one byte
+                        offset += os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                wait(
+                    instances.detach_disk_unary(
+                        project=project, zone=zone, instance=worker_instance, device_name=disk
+                    ),
+                    f"detachDisk {disk}",
+                )
+        instance = compute_v1.Instance(
+            name=name,
+            machine_type=f"zones/{zone}/machineTypes/{machine_type}",
+            labels=dict(labels or {}),
+            network_interfaces=[compute_v1.NetworkInterface(network=network)],
+            disks=[
+                compute_v1.AttachedDisk(
+                    boot=index == 0,
+                    auto_delete=True,
+                    source=f"zones/{zone}/disks/{disk}",
+                    device_name=f"persistent-disk-{index}",
+                )
+                for index, disk in enumerate(made)
+            ],
+        )
+        wait(
+            instances.insert_unary(project=project, zone=zone, instance_resource=instance),
+            f"instances.insert {name}",
+        )
+        return name
+    except BaseException:
+        for disk in made:
+            try:
+                op = disk_client.delete_unary(project=project, zone=zone, disk=disk)
+                wait(op, f"disks.delete {disk}")
+            except Exception:  # the first failure is the one to report
+                pass
+        raise
+    finally:
+        for client in (instances, disk_client, operations):
+            transport: Any = client.transport  # its close() is not annotated
+            transport.close()
 
 
 # --------------------------------------------------------------------------- command line
