@@ -5,6 +5,7 @@ filters and pages, fingerprints, disks refused while attached, worker device lin
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -104,14 +105,32 @@ def _snapshot_of(gce: Gce, disk: str, name: str, **labels: str) -> compute_v1.Sn
     return gce.snapshots.get(project=PROJECT, snapshot=name)
 
 
-def _attach(gce: Gce, instance: str, disk: str, device: str) -> compute_v1.Operation:
+def _attach(
+    gce: Gce, instance: str, disk: str, device: str, mode: str = "READ_WRITE"
+) -> compute_v1.Operation:
     return gce.instances.attach_disk_unary(
         project=PROJECT,
         zone=ZONE,
         instance=instance,
         attached_disk_resource=compute_v1.AttachedDisk(
-            source=f"zones/{ZONE}/disks/{disk}", device_name=device
+            source=f"zones/{ZONE}/disks/{disk}", device_name=device, mode=mode
         ),
+    )
+
+
+def _detach(gce: Gce, instance: str, device: str) -> None:
+    gce.done(
+        gce.instances.detach_disk_unary(
+            project=PROJECT, zone=ZONE, instance=instance, device_name=device
+        )
+    )
+
+
+def _blank(gce: Gce, name: str) -> None:
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name=name, size_gb=10)
+        )
     )
 
 
@@ -606,6 +625,61 @@ def test_disks_of_other_instances_make_no_device_link(gce: Gce) -> None:
     )
     gce.done(_attach(gce, "vm-a", "extra", "extra"))
     assert not (gce.fake.device_dir / "google-extra").exists()
+
+
+def test_read_only_attachments_share_a_disk_and_a_write_is_found(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-a", disks=[b"boot"])
+    gce.fake.seed_instance("vm-b", disks=[b"boot"])
+    worker = gce.fake.worker_instance
+    _blank(gce, "shared")
+    gce.done(_attach(gce, worker, "shared", "ro-1", "READ_ONLY"))
+    gce.done(_attach(gce, "vm-a", "shared", "ro-2", "READ_ONLY"))  # many readers: allowed
+    with pytest.raises(gexc.BadRequest, match="already being used by"):
+        _attach(gce, "vm-b", "shared", "rw-1")  # a writer among readers: refused
+    with pytest.raises(gexc.BadRequest, match="Disk already attached"):
+        _attach(gce, worker, "shared", "ro-again", "READ_ONLY")
+    with pytest.raises(gexc.BadRequest, match="READ_WRITE or READ_ONLY"):
+        _attach(gce, worker, "shared", "x", "SHARED")
+    assert len(_disk(gce, "shared").users) == 2
+    device = gce.fake.device_dir / "google-ro-1"
+    with device.open("rb") as f:
+        assert f.read(4) == bytes(4)
+    _detach(gce, "vm-a", "ro-2")
+    _detach(gce, worker, "ro-1")
+    assert gce.fake.read_only_writes == []
+    # root may write through a read-only device; the fake tells on detach
+    gce.done(_attach(gce, worker, "shared", "ro-3", "READ_ONLY"))
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError):
+            (gce.fake.device_dir / "google-ro-3").open("r+b")
+        gce.fake.disk_path("shared").chmod(0o644)  # as root could
+    with (gce.fake.device_dir / "google-ro-3").open("r+b") as f:
+        f.write(b"oops")
+    _detach(gce, worker, "ro-3")
+    assert gce.fake.read_only_writes == [("shared", worker, "ro-3")]
+    # a writer, then a reader: refused too
+    gce.done(_attach(gce, worker, "shared", "rw-2"))
+    with pytest.raises(gexc.BadRequest, match="already being used by"):
+        _attach(gce, "vm-a", "shared", "ro-4", "READ_ONLY")
+
+
+def test_the_device_link_may_come_after_the_attach(gce: Gce) -> None:
+    import time
+
+    worker = gce.fake.worker_instance
+    _blank(gce, "late")
+    gce.fake.device_link_delay = 3600.0
+    gce.done(_attach(gce, worker, "late", "late-1"))
+    assert not (gce.fake.device_dir / "google-late-1").exists()  # not for an hour
+    _detach(gce, worker, "late-1")
+    gce.fake.device_link_delay = 0.05
+    gce.done(_attach(gce, worker, "late", "late-2"))
+    device = gce.fake.device_dir / "google-late-2"
+    for _ in range(1000):  # at most 10 s
+        if device.exists():
+            break
+        time.sleep(0.01)
+    assert device.resolve() == gce.fake.disk_path("late").resolve()
 
 
 # --------------------------------------------------------------------------- operations

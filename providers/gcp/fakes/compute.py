@@ -97,6 +97,7 @@ EMPTY_LABEL_FINGERPRINT = "42WmSpB8rSM="
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MAX_LABELS = 64
+_MODES = ("READ_WRITE", "READ_ONLY")
 #: RFC 1035 names of instances, disks, snapshots
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _ROOTS = ("https://www.googleapis.com/compute/v1/", "https://compute.googleapis.com/compute/v1/")
@@ -281,6 +282,8 @@ class _Attached:
     boot: bool = False
     auto_delete: bool = False
     mode: str = "READ_WRITE"
+    #: the disk file's mtime when attached READ_ONLY (a write through it changes it)
+    mtime_ns: int | None = None
 
 
 @dataclass
@@ -366,6 +369,13 @@ class GceFake:
         self.answers: list[tuple[str, int]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: seconds after an attach to the worker before its device link appears (udev's
+        #: moment on GCE); 0: when the operation is done
+        self.device_link_delay = 0.0
+        self._timers: list[threading.Timer] = []
+        #: (disk, instance, device name) of each READ_ONLY attachment whose disk was written
+        #: while attached so (found on detach)
+        self.read_only_writes: list[tuple[str, str, str]] = []
         for sub in ("disks", "snapshots", "devices"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         # links a fake that used this directory before left: their disks are not this one's
@@ -403,6 +413,8 @@ class GceFake:
         return self.endpoint
 
     def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -797,10 +809,29 @@ class GceFake:
         disk = self._disks[item.disk]
         instance.disks.append(item)
         disk.users.append(instance.name)
-        if instance.name == self.worker_instance:
-            link = self._device_link(item.device_name)
-            link.unlink(missing_ok=True)
-            link.symlink_to(disk.path)
+        if item.mode == "READ_ONLY":
+            item.mtime_ns = disk.path.stat().st_mtime_ns
+        self._protect(disk)
+        if instance.name != self.worker_instance:
+            return
+        if self.device_link_delay <= 0:
+            self._make_link(instance, item)
+            return
+
+        def later() -> None:
+            with self._lock:
+                if item in instance.disks and self._instances.get(instance.name) is instance:
+                    self._make_link(instance, item)
+
+        timer = threading.Timer(self.device_link_delay, later)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _make_link(self, instance: _Instance, item: _Attached) -> None:
+        link = self._device_link(item.device_name)
+        link.unlink(missing_ok=True)
+        link.symlink_to(self._disks[item.disk].path)
 
     def _detach(self, instance: _Instance, item: _Attached) -> None:
         instance.disks.remove(item)
@@ -809,6 +840,32 @@ class GceFake:
             disk.users.remove(instance.name)
         if instance.name == self.worker_instance:
             self._device_link(item.device_name).unlink(missing_ok=True)
+        if disk is not None:
+            if item.mtime_ns is not None and disk.path.stat().st_mtime_ns != item.mtime_ns:
+                self.read_only_writes.append((disk.name, instance.name, item.device_name))
+            self._protect(disk)
+
+    def _modes(self, disk: _Disk) -> list[str]:
+        """The modes the disk is attached in, one per attachment."""
+        return [
+            a.mode
+            for user in disk.users
+            if user in self._instances
+            for a in self._instances[user].disks
+            if a.disk == disk.name
+        ]
+
+    def _conflicts(self, disk: _Disk, mode: str) -> bool:
+        """GCE's rule: a disk attached READ_WRITE is attached once; READ_ONLY ones many times."""
+        modes = self._modes(disk)
+        return bool(modes) and (mode == "READ_WRITE" or "READ_WRITE" in modes)
+
+    def _protect(self, disk: _Disk) -> None:
+        """A disk attached only READ_ONLY is not writable (for a process that is not root;
+        writes anyway are found on detach: :attr:`GceFake.read_only_writes`)."""
+        modes = self._modes(disk)
+        read_only = bool(modes) and "READ_WRITE" not in modes
+        disk.path.chmod(0o444 if read_only else 0o644)
 
     def _remove_disk(self, disk: _Disk) -> None:
         del self._disks[disk.name]
@@ -1095,6 +1152,10 @@ class GceFake:
                 raise _invalid(f"{where}.deviceName", device, "Device names must be unique.")
             devices.add(device)
             mode = spec.get("mode", "READ_WRITE")
+            if mode not in _MODES:
+                raise _invalid(f"{where}.mode", mode, "Expected READ_WRITE or READ_ONLY.")
+            if boot and mode != "READ_WRITE":
+                raise _invalid(f"{where}.mode", mode, "A boot disk is attached READ_WRITE.")
             auto_delete = bool(spec.get("autoDelete", False))
             init = spec.get("initializeParams")
             if spec.get("source") is not None:
@@ -1108,7 +1169,7 @@ class GceFake:
                 disk = self._get_disk(disk_name)
                 if disk_name in sources:
                     raise _invalid(f"{where}.source", spec["source"], "Disk attached twice.")
-                if disk.users and mode == "READ_WRITE":
+                if self._conflicts(disk, mode):
                     raise self._in_use(disk)
                 sources.add(disk_name)
                 plan.append((_Attached(disk_name, device, boot, auto_delete, mode), None))
@@ -1172,7 +1233,7 @@ class GceFake:
             for item, init in plan:
                 if init is None:
                     disk = self._get_disk(item.disk)
-                    if disk.users and item.mode == "READ_WRITE":
+                    if self._conflicts(disk, item.mode):
                         raise self._in_use(disk)
             made: list[_Disk] = []
             try:
@@ -1307,6 +1368,8 @@ class GceFake:
         self._get_disk(disk_name)
         boot = bool(doc.get("boot", False))
         mode = doc.get("mode", "READ_WRITE")
+        if mode not in _MODES:
+            raise _invalid("resource.mode", mode, "Expected READ_WRITE or READ_ONLY.")
         device = doc.get("deviceName") or f"persistent-disk-{len(instance.disks)}"
         if not isinstance(device, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9_]{0,62})", device):
             raise _invalid("resource.deviceName", device, "Bad device name.")
@@ -1321,7 +1384,7 @@ class GceFake:
                 )
             if any(a.disk == disk_name for a in current.disks):
                 raise _invalid("resource.source", doc.get("source"), "Disk already attached.")
-            if target.users and (mode == "READ_WRITE" or query.get("forceAttach") != "true"):
+            if self._conflicts(target, mode):
                 raise self._in_use(target)
             if boot and current.status != "TERMINATED":
                 raise _invalid(
