@@ -538,6 +538,27 @@ def test_snapshots_hold_the_bytes_of_when_they_were_asked_for(gce: Gce, tmp_path
         assert f.read(5) == b"first"
 
 
+def test_a_disk_from_a_snapshot_is_at_least_its_size(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-big", disks=[b"boot"], disk_size_gb=20)
+    _snapshot_of(gce, "vm-big-0", "snap-big")
+    with pytest.raises(gexc.BadRequest, match=r"smaller than the snapshot size \(20 GB\)"):
+        gce.disks.insert_unary(
+            project=PROJECT,
+            zone=ZONE,
+            disk_resource=compute_v1.Disk(
+                name="d", size_gb=15, source_snapshot="global/snapshots/snap-big"
+            ),
+        )
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT,
+            zone=ZONE,
+            disk_resource=compute_v1.Disk(name="d", source_snapshot="global/snapshots/snap-big"),
+        )
+    )
+    assert _disk(gce, "d").size_gb == 20
+
+
 def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
     if not _reports_holes(tmp_path):
         pytest.skip(f"the file system of {tmp_path} does not report holes (SEEK_DATA)")

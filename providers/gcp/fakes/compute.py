@@ -893,13 +893,37 @@ class GceFake:
             )
         return name
 
-    def _size_gb(self, value: object, field_name: str, at_least: int = MIN_DISK_GB) -> int:
+    def _size_gb(
+        self, value: object, field_name: str, disk_type: str, snapshot: _Snapshot | None = None
+    ) -> int:
+        """A disk size in GB as GCE checks it: at least the type's minimum, at least the
+        size of the snapshot it is made from."""
+        if value is None:
+            if snapshot is not None:
+                return snapshot.size_gb
+            raise _Error(
+                400,
+                "required",
+                f"Required field '{field_name}' not specified (the fake asks for the size of "
+                "a blank disk; GCE would make one of a default size)",
+            )
         try:
             size = int(str(value))
         except ValueError:
             raise _invalid(field_name, value, "Expected an integer number of GB.") from None
-        if size < at_least:
-            raise _invalid(field_name, size, f"Disk size cannot be smaller than {at_least} GB.")
+        if size < MIN_DISK_GB:
+            raise _invalid(
+                field_name,
+                size,
+                f"Disk size cannot be smaller than {MIN_DISK_GB} GB for disk type {disk_type}.",
+            )
+        if snapshot is not None and size < snapshot.size_gb:
+            raise _invalid(
+                field_name,
+                size,
+                f"Requested disk size cannot be smaller than the snapshot size "
+                f"({snapshot.size_gb} GB)",
+            )
         if size > MAX_DISK_GB:
             raise _invalid(field_name, size, f"Disk size cannot be larger than {MAX_DISK_GB} GB.")
         return size
@@ -1203,9 +1227,11 @@ class GceFake:
                     )
                 )
                 checked["sourceSnapshot"] = snapshot.name
-                size = init.get("diskSizeGb", snapshot.size_gb)
                 checked["diskSizeGb"] = self._size_gb(
-                    size, f"{where}.initializeParams.diskSizeGb", snapshot.size_gb
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
+                    snapshot,
                 )
             else:
                 if boot:
@@ -1216,7 +1242,9 @@ class GceFake:
                         "(a boot disk needs a source image or snapshot)",
                     )
                 checked["diskSizeGb"] = self._size_gb(
-                    init.get("diskSizeGb"), f"{where}.initializeParams.diskSizeGb"
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
                 )
             plan.append((_Attached(disk_name, device, boot, auto_delete, mode), checked))
         instance_id = self._new_id()
@@ -1501,13 +1529,7 @@ class GceFake:
                     doc["sourceSnapshot"], "resource.sourceSnapshot", "snapshots", zonal=False
                 )
             )
-            size = self._size_gb(
-                doc.get("sizeGb", source.size_gb), "resource.sizeGb", source.size_gb
-            )
-        else:
-            if doc.get("sizeGb") is None:
-                raise _Error(400, "required", "Required field 'resource.sizeGb' not specified")
-            size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb")
+        size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb", disk_type, source)
         disk_id = self._new_id()
         self._pending.add(("disks", name))
         # a disk made from a snapshot holds the snapshot's bytes as they are now
