@@ -419,8 +419,14 @@ def test_insert_refuses_a_disk_in_use(gce: Gce) -> None:
         network_interfaces=[compute_v1.NetworkInterface()],
         disks=[compute_v1.AttachedDisk(boot=True, source=f"zones/{ZONE}/disks/vm-src-0")],
     )
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
+    # GCE accepts the request; its operation fails
+    op = gce.wait(
         gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance)
+    )
+    assert [e.code for e in op.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+    assert "already being used by" in op.error.errors[0].message
+    assert op.http_error_status_code == 400
+    assert "vm-new" not in gce.fake.instance_names()
 
 
 def test_stop_and_start(gce: Gce) -> None:
@@ -609,8 +615,9 @@ def test_a_disk_attached_to_the_worker_appears_as_a_device_link(gce: Gce) -> Non
     )
     with pytest.raises(gexc.BadRequest, match="deviceName"):
         _attach(gce, gce.fake.worker_instance, "tmp-2", "rv-cap-1")
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
-        _attach(gce, gce.fake.worker_instance, "vm-a-1", "rv-cap-2")
+    in_use = gce.wait(_attach(gce, gce.fake.worker_instance, "vm-a-1", "rv-cap-2"))
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+    assert not (gce.fake.device_dir / "google-rv-cap-2").exists()
     with pytest.raises(gexc.BadRequest, match="already being used by") as refused:
         gce.disks.delete_unary(project=PROJECT, zone=ZONE, disk="tmp-1")
     assert refused.value.errors[0]["reason"] == "resourceInUseByAnotherResource"
@@ -655,8 +662,8 @@ def test_read_only_attachments_share_a_disk_and_a_write_is_found(gce: Gce) -> No
     _blank(gce, "shared")
     gce.done(_attach(gce, worker, "shared", "ro-1", "READ_ONLY"))
     gce.done(_attach(gce, "vm-a", "shared", "ro-2", "READ_ONLY"))  # many readers: allowed
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
-        _attach(gce, "vm-b", "shared", "rw-1")  # a writer among readers: refused
+    in_use = gce.wait(_attach(gce, "vm-b", "shared", "rw-1"))  # a writer among readers
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
     with pytest.raises(gexc.BadRequest, match="Disk already attached"):
         _attach(gce, worker, "shared", "ro-again", "READ_ONLY")
     with pytest.raises(gexc.BadRequest, match="READ_WRITE or READ_ONLY"):
@@ -680,8 +687,8 @@ def test_read_only_attachments_share_a_disk_and_a_write_is_found(gce: Gce) -> No
     assert gce.fake.read_only_writes == [("shared", worker, "ro-3")]
     # a writer, then a reader: refused too
     gce.done(_attach(gce, worker, "shared", "rw-2"))
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
-        _attach(gce, "vm-a", "shared", "ro-4", "READ_ONLY")
+    in_use = gce.wait(_attach(gce, "vm-a", "shared", "ro-4", "READ_ONLY"))
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
 
 
 def test_the_device_link_may_come_after_the_attach(gce: Gce) -> None:

@@ -1190,11 +1190,10 @@ class GceFake:
                         "Source and initializeParams are exclusive.",
                     )
                 disk_name = self._ref(spec["source"], f"{where}.source", "disks", zonal=True)
-                disk = self._get_disk(disk_name)
+                self._get_disk(disk_name)
                 if disk_name in sources:
                     raise _invalid(f"{where}.source", spec["source"], "Disk attached twice.")
-                if self._conflicts(disk, mode):
-                    raise self._in_use(disk)
+                # a disk in use is the operation's error, as for attachDisk
                 sources.add(disk_name)
                 plan.append((_Attached(disk_name, device, boot, auto_delete, mode), None))
                 continue
@@ -1412,8 +1411,6 @@ class GceFake:
                 )
             if any(a.disk == disk_name for a in current.disks):
                 raise _invalid("resource.source", doc.get("source"), "Disk already attached.")
-            if self._conflicts(target, mode):
-                raise self._in_use(target)
             if boot and current.status != "TERMINATED":
                 raise _invalid(
                     "resource.boot", boot, "Instance must be stopped to attach a boot disk."
@@ -1423,7 +1420,11 @@ class GceFake:
         check()
 
         def then() -> None:
-            current, _target = check()
+            current, target = check()
+            # GCE accepts the request and its operation fails (RESOURCE_IN_USE_BY_ANOTHER_
+            # RESOURCE): the disk's users are checked when the attach happens
+            if self._conflicts(target, mode):
+                raise self._in_use(target)
             self._attach(current, item)
 
         return self._operation(
