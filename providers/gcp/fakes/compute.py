@@ -80,6 +80,7 @@ __all__ = [
     "data_extents",
     "label_fingerprint",
     "parse_label_filter",
+    "seed_instance_over_api",
 ]
 
 GiB = 1024**3
@@ -96,6 +97,7 @@ EMPTY_LABEL_FINGERPRINT = "42WmSpB8rSM="
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MAX_LABELS = 64
+_MODES = ("READ_WRITE", "READ_ONLY")
 #: RFC 1035 names of instances, disks, snapshots
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _ROOTS = ("https://www.googleapis.com/compute/v1/", "https://compute.googleapis.com/compute/v1/")
@@ -280,6 +282,8 @@ class _Attached:
     boot: bool = False
     auto_delete: bool = False
     mode: str = "READ_WRITE"
+    #: the disk file's mtime when attached READ_ONLY (a write through it changes it)
+    mtime_ns: int | None = None
 
 
 @dataclass
@@ -318,6 +322,8 @@ class _Failure:
     message: str
     count: int
     in_operation: bool = False
+    #: the request takes effect and only its answer is lost (a retry sees the effect)
+    lose_answer: bool = False
 
 
 # --------------------------------------------------------------------------- the fake
@@ -359,10 +365,23 @@ class GceFake:
         self.counts: collections.Counter[str] = collections.Counter()
         #: every request as (API method, path with query)
         self.requests: list[tuple[str, str]] = []
+        #: every answer as (API method, HTTP status); "?" for a path the fake does not serve
+        self.answers: list[tuple[str, int]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: seconds after an attach to the worker before its device link appears (udev's
+        #: moment on GCE); 0: when the operation is done
+        self.device_link_delay = 0.0
+        self._timers: list[threading.Timer] = []
+        #: (disk, instance, device name) of each READ_ONLY attachment whose disk was written
+        #: while attached so (found on detach)
+        self.read_only_writes: list[tuple[str, str, str]] = []
         for sub in ("disks", "snapshots", "devices"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        # links a fake that used this directory before left: their disks are not this one's
+        for stale in self.device_dir.glob("google-*"):
+            if stale.is_symlink():
+                stale.unlink()
         if worker_instance:
             self.seed_instance(worker_instance, disks=[b""], labels={})
 
@@ -394,6 +413,8 @@ class GceFake:
         return self.endpoint
 
     def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -464,11 +485,16 @@ class GceFake:
         count: int = 1,
         reason: str = "backendError",
         message: str = "injected failure",
+        lose_answer: bool = False,
     ) -> None:
         """The next ``count`` requests of API method ``method`` ("instances.insert") are
-        answered HTTP ``status`` with GCE's error shape, and change nothing."""
+        answered HTTP ``status`` with GCE's error shape, and change nothing; with
+        ``lose_answer``, each is carried out (its operation made) and only its answer is
+        the error, as when a connection drops after GCE accepted a request."""
         with self._lock:
-            self._failures.append(_Failure(_method(method), status, reason, message, count))
+            self._failures.append(
+                _Failure(_method(method), status, reason, message, count, lose_answer=lose_answer)
+            )
 
     def fail_next_operation(
         self,
@@ -482,6 +508,8 @@ class GceFake:
         """The next ``count`` requests of ``method`` are accepted, and their operation ends
         DONE with ``error.errors[0].code == code`` (``httpErrorStatusCode`` ``status``) and
         no effect."""
+        if _method(method) not in _MUTATIONS:
+            raise ValueError(f"{method} makes no operation")
         with self._lock:
             self._failures.append(
                 _Failure(_method(method), status, code, message, count, in_operation=True)
@@ -706,7 +734,7 @@ class GceFake:
             "operationType": kind,
             "targetLink": target,
             "targetId": target_id,
-            "status": "RUNNING",
+            "status": "PENDING",
             "user": "fake@regionvault.invalid",
             "progress": 0,
             "insertTime": _now(),
@@ -751,6 +779,7 @@ class GceFake:
             )
         if not op.done:
             op.polls_left -= 1
+            op.body["status"] = "RUNNING"
             if op.polls_left <= 0:
                 self._finish(op)
         return dict(op.body)
@@ -780,10 +809,29 @@ class GceFake:
         disk = self._disks[item.disk]
         instance.disks.append(item)
         disk.users.append(instance.name)
-        if instance.name == self.worker_instance:
-            link = self._device_link(item.device_name)
-            link.unlink(missing_ok=True)
-            link.symlink_to(disk.path)
+        if item.mode == "READ_ONLY":
+            item.mtime_ns = disk.path.stat().st_mtime_ns
+        self._protect(disk)
+        if instance.name != self.worker_instance:
+            return
+        if self.device_link_delay <= 0:
+            self._make_link(instance, item)
+            return
+
+        def later() -> None:
+            with self._lock:
+                if item in instance.disks and self._instances.get(instance.name) is instance:
+                    self._make_link(instance, item)
+
+        timer = threading.Timer(self.device_link_delay, later)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _make_link(self, instance: _Instance, item: _Attached) -> None:
+        link = self._device_link(item.device_name)
+        link.unlink(missing_ok=True)
+        link.symlink_to(self._disks[item.disk].path)
 
     def _detach(self, instance: _Instance, item: _Attached) -> None:
         instance.disks.remove(item)
@@ -792,6 +840,32 @@ class GceFake:
             disk.users.remove(instance.name)
         if instance.name == self.worker_instance:
             self._device_link(item.device_name).unlink(missing_ok=True)
+        if disk is not None:
+            if item.mtime_ns is not None and disk.path.stat().st_mtime_ns != item.mtime_ns:
+                self.read_only_writes.append((disk.name, instance.name, item.device_name))
+            self._protect(disk)
+
+    def _modes(self, disk: _Disk) -> list[str]:
+        """The modes the disk is attached in, one per attachment."""
+        return [
+            a.mode
+            for user in disk.users
+            if user in self._instances
+            for a in self._instances[user].disks
+            if a.disk == disk.name
+        ]
+
+    def _conflicts(self, disk: _Disk, mode: str) -> bool:
+        """GCE's rule: a disk attached READ_WRITE is attached once; READ_ONLY ones many times."""
+        modes = self._modes(disk)
+        return bool(modes) and (mode == "READ_WRITE" or "READ_WRITE" in modes)
+
+    def _protect(self, disk: _Disk) -> None:
+        """A disk attached only READ_ONLY is not writable (for a process that is not root;
+        writes anyway are found on detach: :attr:`GceFake.read_only_writes`)."""
+        modes = self._modes(disk)
+        read_only = bool(modes) and "READ_WRITE" not in modes
+        disk.path.chmod(0o444 if read_only else 0o644)
 
     def _remove_disk(self, disk: _Disk) -> None:
         del self._disks[disk.name]
@@ -819,13 +893,37 @@ class GceFake:
             )
         return name
 
-    def _size_gb(self, value: object, field_name: str, at_least: int = MIN_DISK_GB) -> int:
+    def _size_gb(
+        self, value: object, field_name: str, disk_type: str, snapshot: _Snapshot | None = None
+    ) -> int:
+        """A disk size in GB as GCE checks it: at least the type's minimum, at least the
+        size of the snapshot it is made from."""
+        if value is None:
+            if snapshot is not None:
+                return snapshot.size_gb
+            raise _Error(
+                400,
+                "required",
+                f"Required field '{field_name}' not specified (the fake asks for the size of "
+                "a blank disk; GCE would make one of a default size)",
+            )
         try:
             size = int(str(value))
         except ValueError:
             raise _invalid(field_name, value, "Expected an integer number of GB.") from None
-        if size < at_least:
-            raise _invalid(field_name, size, f"Disk size cannot be smaller than {at_least} GB.")
+        if size < MIN_DISK_GB:
+            raise _invalid(
+                field_name,
+                size,
+                f"Disk size cannot be smaller than {MIN_DISK_GB} GB for disk type {disk_type}.",
+            )
+        if snapshot is not None and size < snapshot.size_gb:
+            raise _invalid(
+                field_name,
+                size,
+                f"Requested disk size cannot be smaller than the snapshot size "
+                f"({snapshot.size_gb} GB)",
+            )
         if size > MAX_DISK_GB:
             raise _invalid(field_name, size, f"Disk size cannot be larger than {MAX_DISK_GB} GB.")
         return size
@@ -901,6 +999,21 @@ class GceFake:
     def handle(
         self, method: str, path: str, query: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, Any]]:
+        """(status, JSON answer) of one request; :class:`_Error` for GCE's error answers."""
+        route = _route(method, path)
+        try:
+            status, answer = self._handle(method, path, query, body)
+        except _Error as exc:
+            with self._lock:
+                self.answers.append((route[0] if route else "?", exc.status))
+            raise
+        with self._lock:
+            self.answers.append((route[0] if route else "?", status))
+        return status, answer
+
+    def _handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any]]:
         route = _route(method, path)
         if route is None:
             raise _Error(
@@ -912,7 +1025,7 @@ class GceFake:
             full = path + ("?" + urllib.parse.urlencode(query) if query else "")
             self.requests.append((api_method, full))
             failure = self._take_failure(api_method)
-            if failure is not None and not failure.in_operation:
+            if failure is not None and not (failure.in_operation or failure.lose_answer):
                 raise _Error(failure.status, failure.reason, failure.message)
             if params["project"] != self.project:
                 raise _Error(
@@ -933,9 +1046,16 @@ class GceFake:
             handler: Callable[..., dict[str, Any]] = getattr(
                 self, "_" + api_method.replace(".", "_")
             )
-            answer = handler(params=params, query=query, doc=doc, failure=failure)
+            answer = handler(
+                params=params,
+                query=query,
+                doc=doc,
+                failure=failure if failure is not None and failure.in_operation else None,
+            )
             if answer.get("kind") == "compute#operation" and request_id:
                 self._request_ids[request_id] = answer["name"]
+            if failure is not None and failure.lose_answer:
+                raise _Error(failure.status, failure.reason, failure.message)
             return 200, answer
 
     def _take_failure(self, api_method: str) -> _Failure | None:
@@ -1056,6 +1176,10 @@ class GceFake:
                 raise _invalid(f"{where}.deviceName", device, "Device names must be unique.")
             devices.add(device)
             mode = spec.get("mode", "READ_WRITE")
+            if mode not in _MODES:
+                raise _invalid(f"{where}.mode", mode, "Expected READ_WRITE or READ_ONLY.")
+            if boot and mode != "READ_WRITE":
+                raise _invalid(f"{where}.mode", mode, "A boot disk is attached READ_WRITE.")
             auto_delete = bool(spec.get("autoDelete", False))
             init = spec.get("initializeParams")
             if spec.get("source") is not None:
@@ -1066,11 +1190,10 @@ class GceFake:
                         "Source and initializeParams are exclusive.",
                     )
                 disk_name = self._ref(spec["source"], f"{where}.source", "disks", zonal=True)
-                disk = self._get_disk(disk_name)
+                self._get_disk(disk_name)
                 if disk_name in sources:
                     raise _invalid(f"{where}.source", spec["source"], "Disk attached twice.")
-                if disk.users and mode == "READ_WRITE":
-                    raise self._in_use(disk)
+                # a disk in use is the operation's error, as for attachDisk
                 sources.add(disk_name)
                 plan.append((_Attached(disk_name, device, boot, auto_delete, mode), None))
                 continue
@@ -1103,9 +1226,11 @@ class GceFake:
                     )
                 )
                 checked["sourceSnapshot"] = snapshot.name
-                size = init.get("diskSizeGb", snapshot.size_gb)
                 checked["diskSizeGb"] = self._size_gb(
-                    size, f"{where}.initializeParams.diskSizeGb", snapshot.size_gb
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
+                    snapshot,
                 )
             else:
                 if boot:
@@ -1116,7 +1241,9 @@ class GceFake:
                         "(a boot disk needs a source image or snapshot)",
                     )
                 checked["diskSizeGb"] = self._size_gb(
-                    init.get("diskSizeGb"), f"{where}.initializeParams.diskSizeGb"
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
                 )
             plan.append((_Attached(disk_name, device, boot, auto_delete, mode), checked))
         instance_id = self._new_id()
@@ -1133,7 +1260,7 @@ class GceFake:
             for item, init in plan:
                 if init is None:
                     disk = self._get_disk(item.disk)
-                    if disk.users and item.mode == "READ_WRITE":
+                    if self._conflicts(disk, item.mode):
                         raise self._in_use(disk)
             made: list[_Disk] = []
             try:
@@ -1268,6 +1395,8 @@ class GceFake:
         self._get_disk(disk_name)
         boot = bool(doc.get("boot", False))
         mode = doc.get("mode", "READ_WRITE")
+        if mode not in _MODES:
+            raise _invalid("resource.mode", mode, "Expected READ_WRITE or READ_ONLY.")
         device = doc.get("deviceName") or f"persistent-disk-{len(instance.disks)}"
         if not isinstance(device, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9_]{0,62})", device):
             raise _invalid("resource.deviceName", device, "Bad device name.")
@@ -1282,8 +1411,6 @@ class GceFake:
                 )
             if any(a.disk == disk_name for a in current.disks):
                 raise _invalid("resource.source", doc.get("source"), "Disk already attached.")
-            if target.users and (mode == "READ_WRITE" or query.get("forceAttach") != "true"):
-                raise self._in_use(target)
             if boot and current.status != "TERMINATED":
                 raise _invalid(
                     "resource.boot", boot, "Instance must be stopped to attach a boot disk."
@@ -1293,7 +1420,11 @@ class GceFake:
         check()
 
         def then() -> None:
-            current, _target = check()
+            current, target = check()
+            # GCE accepts the request and its operation fails (RESOURCE_IN_USE_BY_ANOTHER_
+            # RESOURCE): the disk's users are checked when the attach happens
+            if self._conflicts(target, mode):
+                raise self._in_use(target)
             self._attach(current, item)
 
         return self._operation(
@@ -1399,13 +1530,7 @@ class GceFake:
                     doc["sourceSnapshot"], "resource.sourceSnapshot", "snapshots", zonal=False
                 )
             )
-            size = self._size_gb(
-                doc.get("sizeGb", source.size_gb), "resource.sizeGb", source.size_gb
-            )
-        else:
-            if doc.get("sizeGb") is None:
-                raise _Error(400, "required", "Required field 'resource.sizeGb' not specified")
-            size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb")
+        size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb", disk_type, source)
         disk_id = self._new_id()
         self._pending.add(("disks", name))
         # a disk made from a snapshot holds the snapshot's bytes as they are now
@@ -1637,6 +1762,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     )
 ]
 _API_METHODS = frozenset(api for _m, _rx, api in _ROUTES)
+#: the methods that answer an Operation
+_MUTATIONS = frozenset(
+    api for m, _rx, api in _ROUTES if m != "GET" and not api.endswith("Operations.wait")
+)
 
 
 def _method(name: str) -> str:
@@ -1710,6 +1839,141 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _answer
+
+
+# --------------------------------------------------------------------------- seeding over the API
+
+
+def seed_instance_over_api(
+    *,
+    endpoint: str | None,
+    project: str,
+    zone: str,
+    worker_instance: str,
+    device_dir: Path,
+    name: str,
+    disks: Sequence[bytes],
+    labels: dict[str, str] | None = None,
+    machine_type: str = "e2-standard-2",
+    network: str = "global/networks/default",
+    disk_type: str = "pd-balanced",
+    credentials: Any = None,
+    poll_interval: float = 0.0,
+    max_polls: int = 600,
+) -> str:
+    """An instance made only through the public API, as on GCE (so it works against the
+    fake, and on a real worker): per item of ``disks`` a blank disk ``<name>-<i>`` (whole GB,
+    at least 10), attached to ``worker_instance``, written through
+    ``device_dir/google-<name>-<i>``, detached; then the instance with those disks (the first
+    the boot disk, all auto-delete), ``labels`` and ``machine_type``. Every operation is
+    polled through the zone operations client of the same endpoint (never
+    ``ExtendedOperation.result()``, which polls the public endpoint). Returns the instance's
+    name; on a failure, removes the disks it made and raises RuntimeError naming the step."""
+    import importlib
+    import time
+
+    from google.cloud import compute_v1
+
+    if credentials is None:
+        if endpoint is None:
+            raise ValueError("credentials are needed for the real Compute Engine API")
+        credentials = importlib.import_module("google.auth.credentials").AnonymousCredentials()
+    options = {"api_endpoint": endpoint} if endpoint is not None else None
+    instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+    disk_client = compute_v1.DisksClient(credentials=credentials, client_options=options)
+    operations = compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options)
+
+    def wait(op: compute_v1.Operation, what: str) -> None:
+        for _ in range(max_polls):
+            if op.status == compute_v1.Operation.Status.DONE:
+                if op.error.errors:
+                    errors = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
+                    raise RuntimeError(f"{what} failed: {errors}")
+                return
+            if poll_interval:
+                time.sleep(poll_interval)
+            op = operations.wait(project=project, zone=zone, operation=op.name)
+        raise RuntimeError(f"{what} not done after {max_polls} polls")
+
+    made: list[str] = []
+    try:
+        for index, data in enumerate(disks):
+            disk = f"{name}-{index}"[:63].rstrip("-")
+            size_gb = max(MIN_DISK_GB, -(-len(data) // GiB))
+            resource = compute_v1.Disk(
+                name=disk, size_gb=size_gb, type_=f"zones/{zone}/diskTypes/{disk_type}"
+            )
+            wait(
+                disk_client.insert_unary(project=project, zone=zone, disk_resource=resource),
+                f"disks.insert {disk}",
+            )
+            made.append(disk)
+            attached = compute_v1.AttachedDisk(
+                source=f"zones/{zone}/disks/{disk}", device_name=disk
+            )
+            wait(
+                instances.attach_disk_unary(
+                    project=project,
+                    zone=zone,
+                    instance=worker_instance,
+                    attached_disk_resource=attached,
+                ),
+                f"attachDisk {disk}",
+            )
+            try:
+                device = Path(device_dir) / f"google-{disk}"
+                for _ in range(max_polls):  # on GCE, udev makes the link a moment later
+                    if device.exists():
+                        break
+                    time.sleep(max(poll_interval, 0.01))
+                fd = os.open(device, os.O_WRONLY)
+                try:
+                    view = memoryview(data)
+                    offset = 0
+                    while offset < len(data):  # each round writes at least one byte
+                        offset += os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                wait(
+                    instances.detach_disk_unary(
+                        project=project, zone=zone, instance=worker_instance, device_name=disk
+                    ),
+                    f"detachDisk {disk}",
+                )
+        instance = compute_v1.Instance(
+            name=name,
+            machine_type=f"zones/{zone}/machineTypes/{machine_type}",
+            labels=dict(labels or {}),
+            network_interfaces=[compute_v1.NetworkInterface(network=network)],
+            disks=[
+                compute_v1.AttachedDisk(
+                    boot=index == 0,
+                    auto_delete=True,
+                    source=f"zones/{zone}/disks/{disk}",
+                    device_name=f"persistent-disk-{index}",
+                )
+                for index, disk in enumerate(made)
+            ],
+        )
+        wait(
+            instances.insert_unary(project=project, zone=zone, instance_resource=instance),
+            f"instances.insert {name}",
+        )
+        return name
+    except BaseException:
+        for disk in made:
+            try:
+                op = disk_client.delete_unary(project=project, zone=zone, disk=disk)
+                wait(op, f"disks.delete {disk}")
+            except Exception:  # the first failure is the one to report
+                pass
+        raise
+    finally:
+        for client in (instances, disk_client, operations):
+            transport: Any = client.transport  # its close() is not annotated
+            transport.close()
 
 
 # --------------------------------------------------------------------------- command line
