@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.auth.transport.requests import AuthorizedSession
-from google.cloud import storage
+from google.cloud.storage import Client
 from google.cloud.storage.retry import DEFAULT_RETRY
 from regionvault.core.errors import RegionVaultError, TransientError
 
@@ -81,7 +81,7 @@ class CountingSession(AuthorizedSession):
     """An AuthorizedSession that records every request it sends in ``metrics``."""
 
     def __init__(self, credentials: Any, *, metrics: GcpMetrics | None, region: str) -> None:
-        super().__init__(credentials)
+        super().__init__(credentials)  # type: ignore[no-untyped-call]
         self._metrics = metrics
         self._region = region
 
@@ -92,7 +92,10 @@ class CountingSession(AuthorizedSession):
             self._metrics.record(
                 self._region, "storage", operation_of(method, url), _body_size(data)
             )
-        return super().request(method, url, data=data, headers=headers, **kwargs)
+        response: requests.Response = super().request(  # type: ignore[no-untyped-call]
+            method, url, data=data, headers=headers, **kwargs
+        )
+        return response
 
 
 def storage_client(
@@ -101,7 +104,7 @@ def storage_client(
     *,
     metrics: GcpMetrics | None,
     adapter: requests.adapters.HTTPAdapter | None = None,
-) -> storage.Client:
+) -> Client:
     """A Cloud Storage client for a region's settings. ``adapter`` (tests) is mounted on
     its session for http and https: it sees every request the SDK sends."""
     session = CountingSession(credentials, metrics=metrics, region=settings.region)
@@ -109,7 +112,7 @@ def storage_client(
         session.mount("http://", adapter)
         session.mount("https://", adapter)
     options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
-    return storage.Client(
+    return Client(
         project=settings.project,
         credentials=credentials,
         _http=session,

@@ -58,7 +58,7 @@ from regionvault.providers.gcp.clients import (
 
 if TYPE_CHECKING:
     from google.api_core.retry import Retry
-    from google.cloud import storage
+    from google.cloud.storage import Client
     from regionvault.core.types import RegionConfig
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
@@ -93,7 +93,7 @@ class GcsBucket:
     def __init__(
         self,
         *,
-        client: storage.Client,
+        client: Client,
         bucket: str,
         settings: GcpSettings,
         region: str,
@@ -140,7 +140,7 @@ class GcsBucket:
     def ensure(self, *, create: bool, object_retention: bool = False) -> None:
         """With ``create``, make the bucket once (in ``location``, with object retention
         enabled when asked)."""
-        if self._ensured or not create:
+        if not create:
             return
         with self._lock:
             if self._ensured:
