@@ -2,8 +2,8 @@
 
 The source writes ``<source provider>/<source name>/<name>`` into the destination's
 ``inbox_bucket`` (never the vault's bucket: settings.py refuses that). What a sender needs
-there is to create objects (``storage.objects.create``) and, for :meth:`GcsTransit.has`, to list names under its own
-prefix (``storage.objects.list`` with an IAM condition on
+there is to create objects (``storage.objects.create``) and, for :meth:`GcsTransit.has`,
+to list names under its own prefix (``storage.objects.list`` with an IAM condition on
 ``storage.googleapis.com/objectListPrefix``): it never reads or deletes. Every send is first
 an upload with ``ifGenerationMatch=0``, which a create-only sender may always make; only a
 payload of the same name still waiting (an offer sent again) is then replaced by a plain

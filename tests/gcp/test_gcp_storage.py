@@ -14,8 +14,14 @@ to fail.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +36,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import Vault
 from regionvault.core.types import RetentionMode
-from regionvault.providers.gcp.emulator import GcsEmulator
+from regionvault.providers.gcp.emulator import GcsEmulator, free_port
 from regionvault.providers.gcp.storage import GcsVault
 from storage_world import (
     EAST,
@@ -491,3 +497,39 @@ def test_the_provider_counts_every_request(gcs: GcsWorld) -> None:
     }
     assert used.count(region=f"gcp:{EAST}") == 10
     assert used.bytes_sent(region=f"gcp:{EAST}") >= 1 * MiB + 101
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
+    """``python -m regionvault.providers.gcp.emulator`` prints its endpoint on 127.0.0.1,
+    serves, and takes its emulator down with it on SIGTERM."""
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{line}/storage/v1/b?project=p", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _out, err = child.communicate(timeout=20)
+    assert child.returncode == 0, err
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived its launcher"
+
+
+def test_the_launcher_stops_its_child(gcs_emulator: GcsEmulator) -> None:
+    with GcsEmulator() as emulator:
+        pid = emulator.pid
+        assert pid is not None and emulator.endpoint.startswith("http://127.0.0.1:")
+    assert emulator.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
