@@ -13,24 +13,26 @@ connection, a timeout). Everything else is the caller's error class.
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import requests
 from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Client
 from google.cloud.storage.retry import DEFAULT_RETRY
 from regionvault.core.errors import RegionVaultError, TransientError
 
 if TYPE_CHECKING:
-    from google.api_core.retry import Retry
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
 
 __all__ = [
     "TRANSIENT_STATUSES",
+    "CountedRetry",
     "CountingSession",
     "error_reason",
     "error_status",
@@ -120,14 +122,60 @@ def storage_client(
     )
 
 
+class CountedRetry(Retry):
+    """The storage SDK's retry (its predicate, exponential backoff, ``timeout``) that also
+    gives up after :attr:`retries` retries of one call: google-api-core bounds retries by
+    time only. The count is a class attribute so that the SDK's ``with_*`` copies (made with
+    the base constructor's arguments) keep it; :func:`sdk_retry` makes the subclass."""
+
+    retries: ClassVar[int] = 0
+
+    def __call__(
+        self, func: Callable[..., Any], on_error: Callable[[Exception], Any] | None = None
+    ) -> Callable[..., Any]:
+        base = self._predicate
+        limit = self.retries
+
+        @functools.wraps(func)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            left = limit
+
+            def predicate(exc: Exception) -> bool:
+                nonlocal left
+                if left <= 0 or not base(exc):
+                    return False
+                left -= 1
+                return True
+
+            once = Retry(
+                predicate=predicate,
+                initial=self._initial,
+                maximum=self._maximum,
+                multiplier=self._multiplier,
+                timeout=self._timeout,
+                on_error=self._on_error,
+            )
+            return once(func, on_error)(*args, **kwargs)
+
+        return counted
+
+
 def sdk_retry(settings: GcpSettings) -> Retry | None:
     """The retry policy of every storage call: none with ``sdk_retries = 0``, else the
-    SDK's own (exponential backoff on transient answers), given up after ``timeout``
-    seconds. google-api-core's retries are bounded by time, not by a count: a positive
-    ``sdk_retries`` turns them on."""
+    SDK's own (its transient answers, exponential backoff from 1 s), at most
+    ``sdk_retries`` retries and no new one after ``timeout`` seconds."""
     if settings.sdk_retries == 0:
         return None
-    retry: Retry = DEFAULT_RETRY.with_timeout(float(settings.timeout))
+    counted = type(
+        f"Retry{settings.sdk_retries}", (CountedRetry,), {"retries": settings.sdk_retries}
+    )
+    retry: Retry = counted(
+        predicate=DEFAULT_RETRY._predicate,
+        initial=DEFAULT_RETRY._initial,
+        maximum=DEFAULT_RETRY._maximum,
+        multiplier=DEFAULT_RETRY._multiplier,
+        timeout=float(settings.timeout),
+    )
     return retry
 
 

@@ -36,6 +36,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import Vault
 from regionvault.core.types import RetentionMode
+from regionvault.providers.gcp.clients import operation_of
 from regionvault.providers.gcp.emulator import GcsEmulator, free_port
 from regionvault.providers.gcp.storage import GcsVault
 from storage_world import (
@@ -533,3 +534,19 @@ def test_the_launcher_stops_its_child(gcs_emulator: GcsEmulator) -> None:
     assert emulator.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_sdk_retries_bound_the_attempts_of_one_call(gcs: GcsWorld, retries: int) -> None:
+    """google-api-core bounds retries by time; ``sdk_retries`` bounds them by count too."""
+    adapter = RecordingAdapter()
+    vault = gcs.vault(adapter=adapter, sdk_retries=retries)
+    vault.put("a", b"x")
+    adapter.seen.clear()
+    adapter.rules.append(lambda s: gcs_error(503, "backendError"))
+    with pytest.raises(TransientError, match=r"HTTP 503"):
+        vault.get("a")
+    with pytest.raises(TransientError, match=r"HTTP 503"):
+        vault.put("b", b"y")
+    attempts = [operation_of(s.method, s.url) for s in adapter.seen]
+    assert attempts == ["GET media"] * (retries + 1) + ["POST upload"] * (retries + 1)
