@@ -23,6 +23,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Client
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 from regionvault.core.errors import RegionVaultError, TransientError
 
@@ -185,7 +186,10 @@ def sdk_retry(settings: GcpSettings) -> Retry | None:
 def error_status(exc: BaseException) -> int | None:
     """The HTTP status of a google-api-core error (None for anything else)."""
     code = getattr(exc, "code", None)
-    return int(code) if isinstance(code, int) else None
+    if isinstance(code, int):
+        return code
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return int(status) if isinstance(status, int) else None
 
 
 def error_reason(exc: BaseException) -> str:
@@ -208,6 +212,8 @@ def error_reason(exc: BaseException) -> str:
 def error_message(exc: BaseException) -> str:
     """One line about a storage error: its status and reason, or what happened on the way;
     never the SDK's own text, which repeats the request's URL."""
+    if isinstance(exc, DataCorruption):
+        return "the bytes transferred do not match their checksum"
     status = error_status(exc)
     if status is not None:
         reason = error_reason(exc)
@@ -223,8 +229,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (from a storage call) may pass if the call is made again later."""
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return not any("SSL" in type(c).__name__ for c in (exc, exc.__cause__, exc.__context__))
-    if isinstance(exc, api_exceptions.RetryError):
-        return True
+    if isinstance(exc, api_exceptions.RetryError | DataCorruption):
+        return True  # out of retries on transient answers; a transfer damaged on the way
     return error_status(exc) in TRANSIENT_STATUSES
 
 
@@ -232,6 +238,8 @@ def is_transient(exc: BaseException) -> bool:
 SDK_ERRORS: tuple[type[BaseException], ...] = (
     api_exceptions.GoogleAPIError,
     requests.RequestException,
+    DataCorruption,
+    InvalidResponse,
 )
 
 

@@ -550,3 +550,20 @@ def test_sdk_retries_bound_the_attempts_of_one_call(gcs: GcsWorld, retries: int)
         vault.put("b", b"y")
     attempts = [operation_of(s.method, s.url) for s in adapter.seen]
     assert attempts == ["GET media"] * (retries + 1) + ["POST upload"] * (retries + 1)
+
+
+def test_a_download_that_fails_its_checksum_is_transient(gcs: GcsWorld) -> None:
+    """The SDK checks a whole object's crc32c against the ``X-Goog-Hash`` of the answer: a
+    damaged transfer is an error worth retrying, never bytes handed to the data plane."""
+    adapter = RecordingAdapter()
+    vault = gcs.vault(adapter=adapter)
+    vault.put("a", b"original")
+
+    def damaged(seen: Seen) -> Answer | None:
+        if seen.query.get("alt") != "media":
+            return None
+        return Answer(200, headers={"X-Goog-Hash": "crc32c=AAAAAQ==,md5=AAAAAAAAAAAAAAAAAAAAAQ=="})
+
+    adapter.rules.append(damaged)
+    with pytest.raises(TransientError, match="do not match their checksum"):
+        vault.get("a")
