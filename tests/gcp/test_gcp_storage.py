@@ -567,3 +567,42 @@ def test_a_download_that_fails_its_checksum_is_transient(gcs: GcsWorld) -> None:
     adapter.rules.append(damaged)
     with pytest.raises(TransientError, match="do not match their checksum"):
         vault.get("a")
+
+
+# --------------------------------------------------------------------------- offline
+
+
+_CONNECTS: list[object] | None = None
+_HOOKED = False
+
+
+def _record_connects(event: str, args: tuple[object, ...]) -> None:
+    if event == "socket.connect" and _CONNECTS is not None:
+        _CONNECTS.append(args[1])
+
+
+def test_every_connection_stays_on_the_loopback(gcs: GcsWorld) -> None:
+    """A vault and a transit round trip, from building the clients on: every socket the
+    SDK opens goes to 127.0.0.1 (no metadata server, no storage.googleapis.com)."""
+    global _CONNECTS, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_record_connects)  # stays for the process: inert unless recording
+        _HOOKED = True
+    _CONNECTS = []
+    try:
+        vault = gcs.vault(object_retention=True, single_put_limit=1 * MiB)
+        vault.put("a", os.urandom(2 * MiB), if_absent=True)
+        assert len(vault.get("a", offset=5, length=5)) == 5
+        assert [o.name for o in vault.list()] == ["a"]
+        vault.set_legal_hold("a", True)
+        vault.delete("a")
+        transit = gcs.transit(EAST, WEST)
+        transit.send("p", b"sealed")
+        assert transit.has("p") and transit.receive("p") == b"sealed"
+        transit.discard("p")
+        seen = list(_CONNECTS)
+    finally:
+        _CONNECTS = None
+    assert seen, "the audit hook saw no connection at all"
+    hosts = {address[0] for address in seen if isinstance(address, tuple)}
+    assert hosts == {"127.0.0.1"}, seen
