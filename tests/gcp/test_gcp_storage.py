@@ -606,3 +606,19 @@ def test_every_connection_stays_on_the_loopback(gcs: GcsWorld) -> None:
     assert seen, "the audit hook saw no connection at all"
     hosts = {address[0] for address in seen if isinstance(address, tuple)}
     assert hosts == {"127.0.0.1"}, seen
+
+
+def test_a_pack_just_over_the_limit_is_two_chunks(gcs: GcsWorld) -> None:
+    """The data plane closes packs at 16 MiB and a bit: a session and two chunks of 8 MiB
+    and more, not two full chunks and a sliver."""
+    vault = gcs.vault()
+    vault.vault_id  # noqa: B018 - makes the bucket before counting
+    data = os.urandom(16 * MiB + 300 * 1024)
+    before = gcs.provider.metrics.snapshot()
+    vault.put("packs/just-over", data, if_absent=True)
+    used = gcs.provider.metrics.since(before)
+    assert used.by_operation("storage") == {
+        "storage POST upload-session": 1,
+        "storage PUT upload-chunk": 2,
+    }
+    assert vault.get("packs/just-over") == data
