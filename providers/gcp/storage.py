@@ -123,7 +123,10 @@ class GcsBucket:
         if whole_bucket and isinstance(exc, api_exceptions.NotFound):
             message = f"{self.label} does not exist (create it, or set create = true)"
             return self.error_class(message, provider="gcp", region=self.region)
-        return storage_error(exc, f"{what} in {self.label}", self.error_class, region=self.region)
+        error = storage_error(exc, f"{what} in {self.label}", self.error_class, region=self.region)
+        #: the HTTP status behind it, for a caller that tells a refusal from a failure
+        error.http_status = error_status(exc)  # type: ignore[attr-defined]
+        return error
 
     def locked(self, exc: BaseException, name: str, what: str) -> RetentionLocked | None:
         """Cloud Storage's refusal of ``what`` on a protected object as RetentionLocked."""

@@ -97,7 +97,7 @@ class GcsTransit(Transit):
             try:
                 inbox.put(key, name, payload, if_absent=False)
             except TransitError as exc:
-                if "HTTP 403" not in exc.message:
+                if getattr(exc, "http_status", None) != 403:
                     raise
                 raise TransitError(
                     f"payload {name!r} from {self.source} still waits in {inbox.label} and "
