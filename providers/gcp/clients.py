@@ -13,24 +13,27 @@ connection, a timeout). Everything else is the caller's error class.
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import requests
 from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry
 from google.auth.transport.requests import AuthorizedSession
-from google.cloud import storage
+from google.cloud.storage import Client
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 from regionvault.core.errors import RegionVaultError, TransientError
 
 if TYPE_CHECKING:
-    from google.api_core.retry import Retry
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
 
 __all__ = [
     "TRANSIENT_STATUSES",
+    "CountedRetry",
     "CountingSession",
     "error_reason",
     "error_status",
@@ -81,7 +84,7 @@ class CountingSession(AuthorizedSession):
     """An AuthorizedSession that records every request it sends in ``metrics``."""
 
     def __init__(self, credentials: Any, *, metrics: GcpMetrics | None, region: str) -> None:
-        super().__init__(credentials)
+        super().__init__(credentials)  # type: ignore[no-untyped-call]
         self._metrics = metrics
         self._region = region
 
@@ -92,7 +95,10 @@ class CountingSession(AuthorizedSession):
             self._metrics.record(
                 self._region, "storage", operation_of(method, url), _body_size(data)
             )
-        return super().request(method, url, data=data, headers=headers, **kwargs)
+        response: requests.Response = super().request(  # type: ignore[no-untyped-call]
+            method, url, data=data, headers=headers, **kwargs
+        )
+        return response
 
 
 def storage_client(
@@ -101,7 +107,7 @@ def storage_client(
     *,
     metrics: GcpMetrics | None,
     adapter: requests.adapters.HTTPAdapter | None = None,
-) -> storage.Client:
+) -> Client:
     """A Cloud Storage client for a region's settings. ``adapter`` (tests) is mounted on
     its session for http and https: it sees every request the SDK sends."""
     session = CountingSession(credentials, metrics=metrics, region=settings.region)
@@ -109,7 +115,7 @@ def storage_client(
         session.mount("http://", adapter)
         session.mount("https://", adapter)
     options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
-    return storage.Client(
+    return Client(
         project=settings.project,
         credentials=credentials,
         _http=session,
@@ -117,14 +123,60 @@ def storage_client(
     )
 
 
+class CountedRetry(Retry):
+    """The storage SDK's retry (its predicate, exponential backoff, ``timeout``) that also
+    gives up after :attr:`retries` retries of one call: google-api-core bounds retries by
+    time only. The count is a class attribute so that the SDK's ``with_*`` copies (made with
+    the base constructor's arguments) keep it; :func:`sdk_retry` makes the subclass."""
+
+    retries: ClassVar[int] = 0
+
+    def __call__(
+        self, func: Callable[..., Any], on_error: Callable[[Exception], Any] | None = None
+    ) -> Callable[..., Any]:
+        base = self._predicate
+        limit = self.retries
+
+        @functools.wraps(func)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            left = limit
+
+            def predicate(exc: Exception) -> bool:
+                nonlocal left
+                if left <= 0 or not base(exc):
+                    return False
+                left -= 1
+                return True
+
+            once = Retry(
+                predicate=predicate,
+                initial=self._initial,
+                maximum=self._maximum,
+                multiplier=self._multiplier,
+                timeout=self._timeout,
+                on_error=self._on_error,
+            )
+            return once(func, on_error)(*args, **kwargs)
+
+        return counted
+
+
 def sdk_retry(settings: GcpSettings) -> Retry | None:
     """The retry policy of every storage call: none with ``sdk_retries = 0``, else the
-    SDK's own (exponential backoff on transient answers), given up after ``timeout``
-    seconds. google-api-core's retries are bounded by time, not by a count: a positive
-    ``sdk_retries`` turns them on."""
+    SDK's own (its transient answers, exponential backoff from 1 s), at most
+    ``sdk_retries`` retries and no new one after ``timeout`` seconds."""
     if settings.sdk_retries == 0:
         return None
-    retry: Retry = DEFAULT_RETRY.with_timeout(float(settings.timeout))
+    counted = type(
+        f"Retry{settings.sdk_retries}", (CountedRetry,), {"retries": settings.sdk_retries}
+    )
+    retry: Retry = counted(
+        predicate=DEFAULT_RETRY._predicate,
+        initial=DEFAULT_RETRY._initial,
+        maximum=DEFAULT_RETRY._maximum,
+        multiplier=DEFAULT_RETRY._multiplier,
+        timeout=float(settings.timeout),
+    )
     return retry
 
 
@@ -134,7 +186,10 @@ def sdk_retry(settings: GcpSettings) -> Retry | None:
 def error_status(exc: BaseException) -> int | None:
     """The HTTP status of a google-api-core error (None for anything else)."""
     code = getattr(exc, "code", None)
-    return int(code) if isinstance(code, int) else None
+    if isinstance(code, int):
+        return code
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return int(status) if isinstance(status, int) else None
 
 
 def error_reason(exc: BaseException) -> str:
@@ -157,6 +212,8 @@ def error_reason(exc: BaseException) -> str:
 def error_message(exc: BaseException) -> str:
     """One line about a storage error: its status and reason, or what happened on the way;
     never the SDK's own text, which repeats the request's URL."""
+    if isinstance(exc, DataCorruption):
+        return "the bytes transferred do not match their checksum"
     status = error_status(exc)
     if status is not None:
         reason = error_reason(exc)
@@ -172,8 +229,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (from a storage call) may pass if the call is made again later."""
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return not any("SSL" in type(c).__name__ for c in (exc, exc.__cause__, exc.__context__))
-    if isinstance(exc, api_exceptions.RetryError):
-        return True
+    if isinstance(exc, api_exceptions.RetryError | DataCorruption):
+        return True  # out of retries on transient answers; a transfer damaged on the way
     return error_status(exc) in TRANSIENT_STATUSES
 
 
@@ -181,6 +238,8 @@ def is_transient(exc: BaseException) -> bool:
 SDK_ERRORS: tuple[type[BaseException], ...] = (
     api_exceptions.GoogleAPIError,
     requests.RequestException,
+    DataCorruption,
+    InvalidResponse,
 )
 
 

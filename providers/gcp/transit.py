@@ -1,10 +1,9 @@
 """Transit into an inbox bucket of the destination region.
 
 The source writes ``<source provider>/<source name>/<name>`` into the destination's
-``inbox_bucket`` (under ``.regionvault/inbox/`` when the inbox is the vault's own bucket, so
-the vault's listings never show payloads). What a sender needs there is to create objects
-(``storage.objects.create``) and, for :meth:`GcsTransit.has`, to list names under its own
-prefix (``storage.objects.list`` with an IAM condition on
+``inbox_bucket`` (never the vault's bucket: settings.py refuses that). What a sender needs
+there is to create objects (``storage.objects.create``) and, for :meth:`GcsTransit.has`,
+to list names under its own prefix (``storage.objects.list`` with an IAM condition on
 ``storage.googleapis.com/objectListPrefix``): it never reads or deletes. Every send is first
 an upload with ``ifGenerationMatch=0``, which a create-only sender may always make; only a
 payload of the same name still waiting (an offer sent again) is then replaced by a plain
@@ -29,17 +28,14 @@ from regionvault.core.errors import ObjectExists, ObjectNotFound, TransitError
 from regionvault.core.interfaces import Transit
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.providers.gcp.clients import storage_client
-from regionvault.providers.gcp.storage import RESERVED_PREFIX, GcsBucket
+from regionvault.providers.gcp.storage import GcsBucket
 
 if TYPE_CHECKING:
     from regionvault.core.types import Capabilities, RegionConfig
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
 
-__all__ = ["INBOX_IN_VAULT_PREFIX", "GcsTransit"]
-
-#: where payloads go when the inbox bucket is the vault's bucket
-INBOX_IN_VAULT_PREFIX = f"{RESERVED_PREFIX}inbox/"
+__all__ = ["GcsTransit"]
 
 
 class GcsTransit(Transit):
@@ -64,10 +60,7 @@ class GcsTransit(Transit):
         settings.need(destination, "transit inbox", "inbox_bucket")
         assert settings.inbox_bucket is not None
         self.bucket_name = settings.inbox_bucket
-        shared = settings.inbox_bucket == settings.bucket
-        self.prefix = (
-            f"{INBOX_IN_VAULT_PREFIX if shared else ''}{source.id.provider}/{source.id.name}/"
-        )
+        self.prefix = f"{source.id.provider}/{source.id.name}/"
         self._settings = settings
         self._client = storage_client(settings, credentials, metrics=metrics, adapter=adapter)
         self._inbox = GcsBucket(
@@ -104,7 +97,7 @@ class GcsTransit(Transit):
             try:
                 inbox.put(key, name, payload, if_absent=False)
             except TransitError as exc:
-                if "HTTP 403" not in exc.message:
+                if getattr(exc, "http_status", None) != 403:
                     raise
                 raise TransitError(
                     f"payload {name!r} from {self.source} still waits in {inbox.label} and "

@@ -14,8 +14,14 @@ to fail.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +36,8 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import Vault
 from regionvault.core.types import RetentionMode
-from regionvault.providers.gcp.emulator import GcsEmulator
+from regionvault.providers.gcp.clients import operation_of
+from regionvault.providers.gcp.emulator import GcsEmulator, free_port
 from regionvault.providers.gcp.storage import GcsVault
 from storage_world import (
     EAST,
@@ -276,9 +283,7 @@ def test_server_errors_are_transient(gcs: GcsWorld) -> None:
 
 
 def test_an_unreachable_endpoint_is_transient(gcs: GcsWorld) -> None:
-    with GcsEmulator() as gone:
-        endpoint = gone.endpoint
-    vault = gcs.vault(storage_endpoint=endpoint, create=False)
+    vault = gcs.vault(storage_endpoint=f"http://127.0.0.1:{free_port()}", create=False)
     with pytest.raises(TransientError, match="no connection to Cloud Storage"):
         vault.get("a")
 
@@ -491,3 +496,127 @@ def test_the_provider_counts_every_request(gcs: GcsWorld) -> None:
     }
     assert used.count(region=f"gcp:{EAST}") == 10
     assert used.bytes_sent(region=f"gcp:{EAST}") >= 1 * MiB + 101
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
+    """``python -m regionvault.providers.gcp.emulator`` prints its endpoint on 127.0.0.1,
+    serves, and takes its emulator down with it on SIGTERM."""
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{line}/storage/v1/b?project=p", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _out, err = child.communicate(timeout=20)
+    assert child.returncode == 0, err
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived its launcher"
+
+
+def test_the_launcher_stops_its_child(gcs_emulator: GcsEmulator) -> None:
+    with GcsEmulator() as emulator:
+        pid = emulator.pid
+        assert pid is not None and emulator.endpoint.startswith("http://127.0.0.1:")
+    assert emulator.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_sdk_retries_bound_the_attempts_of_one_call(gcs: GcsWorld, retries: int) -> None:
+    """google-api-core bounds retries by time; ``sdk_retries`` bounds them by count too."""
+    adapter = RecordingAdapter()
+    vault = gcs.vault(adapter=adapter, sdk_retries=retries)
+    vault.put("a", b"x")
+    adapter.seen.clear()
+    adapter.rules.append(lambda s: gcs_error(503, "backendError"))
+    with pytest.raises(TransientError, match=r"HTTP 503"):
+        vault.get("a")
+    with pytest.raises(TransientError, match=r"HTTP 503"):
+        vault.put("b", b"y")
+    attempts = [operation_of(s.method, s.url) for s in adapter.seen]
+    assert attempts == ["GET media"] * (retries + 1) + ["POST upload"] * (retries + 1)
+
+
+def test_a_download_that_fails_its_checksum_is_transient(gcs: GcsWorld) -> None:
+    """The SDK checks a whole object's crc32c against the ``X-Goog-Hash`` of the answer: a
+    damaged transfer is an error worth retrying, never bytes handed to the data plane."""
+    adapter = RecordingAdapter()
+    vault = gcs.vault(adapter=adapter)
+    vault.put("a", b"original")
+
+    def damaged(seen: Seen) -> Answer | None:
+        if seen.query.get("alt") != "media":
+            return None
+        return Answer(200, headers={"X-Goog-Hash": "crc32c=AAAAAQ==,md5=AAAAAAAAAAAAAAAAAAAAAQ=="})
+
+    adapter.rules.append(damaged)
+    with pytest.raises(TransientError, match="do not match their checksum"):
+        vault.get("a")
+
+
+# --------------------------------------------------------------------------- offline
+
+
+_CONNECTS: list[object] | None = None
+_HOOKED = False
+
+
+def _record_connects(event: str, args: tuple[object, ...]) -> None:
+    if event == "socket.connect" and _CONNECTS is not None:
+        _CONNECTS.append(args[1])
+
+
+def test_every_connection_stays_on_the_loopback(gcs: GcsWorld) -> None:
+    """A vault and a transit round trip, from building the clients on: every socket the
+    SDK opens goes to 127.0.0.1 (no metadata server, no storage.googleapis.com)."""
+    global _CONNECTS, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_record_connects)  # stays for the process: inert unless recording
+        _HOOKED = True
+    _CONNECTS = []
+    try:
+        vault = gcs.vault(object_retention=True, single_put_limit=1 * MiB)
+        vault.put("a", os.urandom(2 * MiB), if_absent=True)
+        assert len(vault.get("a", offset=5, length=5)) == 5
+        assert [o.name for o in vault.list()] == ["a"]
+        vault.set_legal_hold("a", True)
+        vault.delete("a")
+        transit = gcs.transit(EAST, WEST)
+        transit.send("p", b"sealed")
+        assert transit.has("p") and transit.receive("p") == b"sealed"
+        transit.discard("p")
+        seen = list(_CONNECTS)
+    finally:
+        _CONNECTS = None
+    assert seen, "the audit hook saw no connection at all"
+    hosts = {address[0] for address in seen if isinstance(address, tuple)}
+    assert hosts == {"127.0.0.1"}, seen
+
+
+def test_a_pack_just_over_the_limit_is_two_chunks(gcs: GcsWorld) -> None:
+    """The data plane closes packs at 16 MiB and a bit: a session and two chunks of 8 MiB
+    and more, not two full chunks and a sliver."""
+    vault = gcs.vault()
+    vault.vault_id  # noqa: B018 - makes the bucket before counting
+    data = os.urandom(16 * MiB + 300 * 1024)
+    before = gcs.provider.metrics.snapshot()
+    vault.put("packs/just-over", data, if_absent=True)
+    used = gcs.provider.metrics.since(before)
+    assert used.by_operation("storage") == {
+        "storage POST upload-session": 1,
+        "storage PUT upload-chunk": 2,
+    }
+    assert vault.get("packs/just-over") == data
