@@ -2,13 +2,13 @@
 
 One backup-like round trip drives a GcpProvider's services with the unmodified Google
 clients against the offline stack (gcp-storage-emulator, the Cloud KMS gRPC fake, the
-Compute Engine REST fake): region gcp:east wraps and unwraps a data key on its KMS key,
-stores an object encrypted under it in its bucket and reads it back (whole and a range),
+Compute Engine REST fake): region gcp:east wraps and unwraps a data key on its KMS key
+(which gcp:west's key ring refuses), stores an object encrypted under it in its bucket and reads it back (whole and a range),
 seals a secret for gcp:west with west's public key only, sends it through west's inbox,
 where west lists, receives, unseals and discards it; east lists its labelled instances with
 a server-side label filter and captures one (snapshot, a disk made from it attached to the
-worker, read through the device, everything removed: the long-running operations polled
-through operation clients of the same endpoint).
+worker, read through the device, then every snapshot and temporary disk removed: the
+long-running operations polled through operation clients of the same endpoint).
 
 It runs twice (and a third test shows the guards catch what they are for):
 
@@ -111,6 +111,7 @@ def round_trip(workdir: Path) -> dict[str, Any]:
     """Start the offline stack, run the round trip, stop everything; a summary of what was
     done and counted (the assertions that matter are here: any failure raises)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from regionvault.core.errors import KeyAccessDenied
     from regionvault.core.interfaces import BlockCapture
     from regionvault.providers.gcp.emulator import GcsEmulator
     from regionvault.providers.gcp.fakes.compute import GceFake
@@ -155,6 +156,12 @@ def round_trip(workdir: Path) -> dict[str, Any]:
         data_key = keys_a.generate_data_key(context)
         assert keys_a.unwrap(data_key.wrapped, context) == data_key.plaintext
         assert data_key.plaintext not in data_key.wrapped
+        try:  # west's key ring cannot open what east's wrapped
+            keys_b.unwrap(data_key.wrapped, context)
+        except KeyAccessDenied:
+            pass
+        else:
+            raise AssertionError("gcp:west unwrapped a data key of gcp:east")
 
         # vault: an object encrypted under it, if-absent, read whole and by range
         nonce = os.urandom(12)
@@ -195,6 +202,12 @@ def round_trip(workdir: Path) -> dict[str, Any]:
                 assert not any(data[len(expected) :]), f"bytes past the disk's data at {offset}"
                 covered += len(expected) - expected.count(0)
         summary["captured"] = covered
+        # the capture's snapshot and temporary disk are gone, nothing is left on the worker
+        assert gce.snapshot_names() == [], gce.snapshot_names()
+        assert sorted(gce.disk_names()) == ["nf-other-0", "nf-vcu-0", "rv-worker-0"]
+        assert [d["deviceName"] for d in gce.instance("rv-worker")["disks"]] == [
+            "persistent-disk-0"
+        ]
         summary["usage"] = provider.metrics.snapshot().by_operation()
         return summary
 
