@@ -182,14 +182,16 @@ def test_data_keys_are_wrapped_by_encrypt_with_the_context_and_crc32c(
 def test_create_makes_the_key_ring_and_both_keys_once(kms_world: KmsWorld) -> None:
     fake = kms_world.fakes[EAST]
     keys = kms_world.keys(EAST)
+    before = len(fake.requests)
     keys.key_id  # noqa: B018
-    assert fake.methods()[-6:] == [
-        "GetCryptoKey",
-        "CreateCryptoKey",
-        "CreateKeyRing",
-        "CreateCryptoKey",
-        "GetCryptoKey",
-        "CreateCryptoKey",
+    assert [(r.method, r.code.name) for r in fake.requests[before:]] == [
+        ("GetCryptoKey", "NOT_FOUND"),
+        ("CreateCryptoKey", "NOT_FOUND"),  # no key ring yet
+        ("CreateKeyRing", "OK"),
+        ("CreateCryptoKey", "OK"),
+        ("GetCryptoKey", "NOT_FOUND"),
+        ("CreateCryptoKey", "OK"),
+        ("GetCryptoKeyVersion", "OK"),  # the seal key's first version is ENABLED
     ]
     symmetric = keys.client.get_crypto_key(name=kms_world.key_path(EAST))
     seal = keys.client.get_crypto_key(name=kms_world.key_path(EAST, "regionvault-seal"))
