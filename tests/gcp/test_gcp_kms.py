@@ -649,16 +649,18 @@ def test_login_failures_map_like_the_calls_they_stop() -> None:
     from google.auth import exceptions as auth_exc
     from regionvault.providers.gcp.kms import kms_error
 
-    transient = kms_error(auth_exc.TransportError("no answer"), "cannot wrap", region="gcp:x")
+    transport_error = auth_exc.TransportError("no answer")  # type: ignore[no-untyped-call]
+    transient = kms_error(transport_error, "cannot wrap", region="gcp:x")
     assert isinstance(transient, TransientError) and transient.region == "gcp:x"
-    denied = kms_error(auth_exc.RefreshError("invalid_grant"), "cannot wrap", region="gcp:x")
+    refused = auth_exc.RefreshError("invalid_grant")  # type: ignore[no-untyped-call]
+    denied = kms_error(refused, "cannot wrap", region="gcp:x")
     assert isinstance(denied, KeyAccessDenied)
     assert str(denied).endswith("cannot wrap: RefreshError")
-    other = kms_error(gexc.InvalidArgument("bad"), "cannot wrap", region="gcp:x")
+    invalid = gexc.InvalidArgument("bad")  # type: ignore[no-untyped-call]
+    other = kms_error(invalid, "cannot wrap", region="gcp:x")
     assert type(other) is KeyServiceError and "INVALID_ARGUMENT: bad" in str(other)
     assert isinstance(
-        kms_error(gexc.InvalidArgument("bad"), "x", region="r", denied=(gexc.InvalidArgument,)),
-        KeyAccessDenied,
+        kms_error(invalid, "x", region="r", denied=(gexc.InvalidArgument,)), KeyAccessDenied
     )
 
 
