@@ -489,10 +489,11 @@ class GcpSealer(Sealer):
     (``GetPublicKey``), nothing else. With ``create = true`` (tests, first set-up) a seal key
     not made yet is made, as the region's own KeyService would."""
 
-    def __init__(self, *, settings: GcpSettings, kms: _Kms) -> None:
+    def __init__(self, *, settings: GcpSettings, kms: _Kms, owns_client: bool = False) -> None:
         super().__init__(region=settings.region)
         self._settings = settings
         self._kms = kms
+        self._owns_client = owns_client
         self._lock = threading.Lock()
         self._current: tuple[str, rsa.RSAPublicKey] | None = None
         self._fetched = 0.0
@@ -506,7 +507,14 @@ class GcpSealer(Sealer):
         metrics: GcpMetrics,
     ) -> GcpSealer:
         """The Sealer of ``region`` from its settings alone (``Provider.sealer``)."""
-        return cls(settings=settings, kms=_Kms(region.name, settings, credentials, metrics))
+        kms = _Kms(region.name, settings, credentials, metrics)
+        return cls(settings=settings, kms=kms, owns_client=True)
+
+    def close(self) -> None:
+        """Close the gRPC channel of a sealer made by :meth:`for_region` (one handed out by
+        a KeyService shares the KeyService's, which closes it)."""
+        if self._owns_client:
+            self._kms.close()
 
     @property
     def key_path(self) -> str:
@@ -862,6 +870,8 @@ class GcpKeyService(KeyService):
             version = self._kms.call(
                 "CreateCryptoKeyVersion", self._kms.client.create_crypto_key_version, create
             )
+            if version.state != _State.ENABLED:  # an HSM key's version may still be made
+                _wait_until_enabled(self._kms, version.name)
             number = version.name.rpartition("/")[2]
             promote = types.UpdateCryptoKeyPrimaryVersionRequest(
                 name=self.key_path, crypto_key_version_id=number

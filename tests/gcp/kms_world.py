@@ -44,7 +44,7 @@ def region_config(settings: Mapping[str, Any], name: str, base_dir: Path) -> Reg
 class KmsWorld:
     """One test's regions on the fakes. Keys are made on first use (``create = true``) in a
     key ring named for the test; the SDK does not retry (``sdk_retries = 0``) unless a test
-    says so. Every KeyService made is closed after the test, and the fakes' faults and
+    says so. Every KeyService and Sealer made is closed after the test, and the fakes' faults and
     restrictions are cleared."""
 
     def __init__(self, fakes: dict[str, KmsFake], base_dir: Path) -> None:
@@ -53,6 +53,7 @@ class KmsWorld:
         self.key_ring = f"rv-{uuid.uuid4().hex[:12]}"
         self.provider = GcpProvider()
         self._services: list[GcpKeyService] = []
+        self._sealers: list[GcpSealer] = []
 
     def settings(self, name: str, **extra: Any) -> dict[str, Any]:
         settings: dict[str, Any] = {
@@ -79,7 +80,9 @@ class KmsWorld:
         return service
 
     def sealer(self, name: str, **extra: Any) -> GcpSealer:
-        return self.provider.sealer(self.region(name, **extra))
+        sealer = self.provider.sealer(self.region(name, **extra))
+        self._sealers.append(sealer)
+        return sealer
 
     def key_path(self, name: str, key: str = "regionvault") -> str:
         return (
@@ -92,6 +95,8 @@ class KmsWorld:
             fake.clear()
         for service in self._services:
             service.close()
+        for sealer in self._sealers:
+            sealer.close()
 
 
 def world_on(fakes: dict[str, KmsFake], base_dir: Path) -> Iterator[KmsWorld]:

@@ -182,14 +182,16 @@ def test_data_keys_are_wrapped_by_encrypt_with_the_context_and_crc32c(
 def test_create_makes_the_key_ring_and_both_keys_once(kms_world: KmsWorld) -> None:
     fake = kms_world.fakes[EAST]
     keys = kms_world.keys(EAST)
+    before = len(fake.requests)
     keys.key_id  # noqa: B018
-    assert fake.methods()[-6:] == [
-        "GetCryptoKey",
-        "CreateCryptoKey",
-        "CreateKeyRing",
-        "CreateCryptoKey",
-        "GetCryptoKey",
-        "CreateCryptoKey",
+    assert [(r.method, r.code.name) for r in fake.requests[before:]] == [
+        ("GetCryptoKey", "NOT_FOUND"),
+        ("CreateCryptoKey", "NOT_FOUND"),  # no key ring yet
+        ("CreateKeyRing", "OK"),
+        ("CreateCryptoKey", "OK"),
+        ("GetCryptoKey", "NOT_FOUND"),
+        ("CreateCryptoKey", "OK"),
+        ("GetCryptoKeyVersion", "OK"),  # the seal key's first version is ENABLED
     ]
     symmetric = keys.client.get_crypto_key(name=kms_world.key_path(EAST))
     seal = keys.client.get_crypto_key(name=kms_world.key_path(EAST, "regionvault-seal"))
@@ -639,3 +641,63 @@ def test_two_fakes_on_one_port_are_refused() -> None:
         port = int(first.address.rpartition(":")[2])
         with pytest.raises(RuntimeError):
             KmsFake(port=port).start()
+
+
+def test_login_failures_map_like_the_calls_they_stop() -> None:
+    """google-auth's errors (a real login, which the offline tests cannot make): a token
+    endpoint that did not answer is transient, a refused login is denied."""
+    from google.auth import exceptions as auth_exc
+    from regionvault.providers.gcp.kms import kms_error
+
+    transport_error = auth_exc.TransportError("no answer")  # type: ignore[no-untyped-call]
+    transient = kms_error(transport_error, "cannot wrap", region="gcp:x")
+    assert isinstance(transient, TransientError) and transient.region == "gcp:x"
+    refused = auth_exc.RefreshError("invalid_grant")  # type: ignore[no-untyped-call]
+    denied = kms_error(refused, "cannot wrap", region="gcp:x")
+    assert isinstance(denied, KeyAccessDenied)
+    assert str(denied).endswith("cannot wrap: RefreshError")
+    invalid = gexc.InvalidArgument("bad")  # type: ignore[no-untyped-call]
+    other = kms_error(invalid, "cannot wrap", region="gcp:x")
+    assert type(other) is KeyServiceError and "INVALID_ARGUMENT: bad" in str(other)
+    assert isinstance(
+        kms_error(invalid, "x", region="r", denied=(gexc.InvalidArgument,)), KeyAccessDenied
+    )
+
+
+def test_a_primary_version_that_is_not_enabled_is_named(kms_world: KmsWorld) -> None:
+    keys = kms_world.keys(EAST)
+    primary = keys.key_id
+    keys.client.update_crypto_key_version(
+        crypto_key_version=types.CryptoKeyVersion(name=primary, state=_State.DISABLED),
+        update_mask={"paths": ["state"]},
+    )
+    with pytest.raises(KeyServiceError, match=r"no ENABLED primary version \(DISABLED\)"):
+        kms_world.keys(EAST, create=False).key_id  # noqa: B018
+    # a KeyService that had resolved it hears it from Encrypt
+    with pytest.raises(KeyServiceError, match=r"FAILED_PRECONDITION: .* DISABLED") as err:
+        keys.generate_data_key(CTX)
+    assert not isinstance(err.value, TransientError | KeyAccessDenied)
+
+
+def test_the_fake_lists_versions_by_state_in_pages(kms_world: KmsWorld) -> None:
+    keys = kms_world.keys(EAST)
+    keys.rotate()
+    keys.rotate()
+    keys.client.destroy_crypto_key_version(name=f"{kms_world.key_path(EAST)}/cryptoKeyVersions/1")
+    pages = keys.client.list_crypto_key_versions(
+        request={"parent": kms_world.key_path(EAST), "page_size": 1, "filter": "state=ENABLED"}
+    )
+    names = [v.name.rpartition("/")[2] for v in pages]
+    assert names == ["2", "3"]
+    everything = keys.client.list_crypto_key_versions(parent=kms_world.key_path(EAST))
+    assert [_State(v.state).name for v in everything] == [
+        "DESTROY_SCHEDULED",
+        "ENABLED",
+        "ENABLED",
+    ]
+    with pytest.raises(gexc.InvalidArgument, match="state=<STATE> only"):
+        list(
+            keys.client.list_crypto_key_versions(
+                request={"parent": kms_world.key_path(EAST), "filter": "algorithm=X"}
+            )
+        )
