@@ -434,16 +434,29 @@ def test_the_emulator_drops_retention_and_holds(gcs: GcsWorld) -> None:
     assert head.retain_until is None and not head.legal_hold
 
 
-def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(gcs: GcsWorld) -> None:
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        (
+            "forbidden",
+            "Object 'points/p1' is subject to bucket's retention policy and cannot be deleted, "
+            "overwritten or archived until 2031-05-06T07:08:09.000000-07:00",
+        ),
+        (
+            "forbidden",
+            "Object 'points/p1' is under active Temporary hold and cannot be deleted, "
+            "overwritten or archived until hold is removed.",
+        ),
+        ("retentionPolicyNotMet", "scripted"),
+    ],
+)
+def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(
+    gcs: GcsWorld, reason: str, message: str
+) -> None:
     """Cloud Storage refuses a delete or an overwrite of a protected object (say the hold
-    was set since the vault looked) with 403 ``retentionPolicyNotMet``: replayed here."""
+    was set since the vault looked) with a 403 in the words replayed here."""
     vault, adapter = _worm(gcs)
-    refusal = gcs_error(
-        403,
-        "retentionPolicyNotMet",
-        "Object 'points/p1' is under active Temporary hold and cannot be deleted, "
-        "overwritten or archived until hold is removed.",
-    )
+    refusal = gcs_error(403, reason, message)
     adapter.rules.append(
         lambda s: (
             refusal
@@ -457,10 +470,26 @@ def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(gcs: Gcs
         vault.put("points/p1", b"new")
     for refused, what in ((deleting, "delete"), (overwriting, "overwrite")):
         assert refused.value.name == "points/p1"
-        assert f"Cloud Storage refused to {what} it" in str(refused.value)
-        assert "retentionPolicyNotMet" in str(refused.value)
+        assert f"Cloud Storage refused to {what} it: it is under retention or a hold" in str(
+            refused.value
+        )
     adapter.rules.clear()
     assert vault.get("points/p1") == b"kept"
+
+
+def test_a_403_for_want_of_permission_is_not_retention(gcs: GcsWorld) -> None:
+    vault, adapter = _worm(gcs)
+    adapter.rules.append(
+        lambda s: (
+            gcs_error(403, "forbidden", "x does not have storage.objects.delete access")
+            if s.method == "DELETE"
+            else None
+        )
+    )
+    with pytest.raises(VaultError) as refused:
+        vault.delete("points/p1")
+    assert not isinstance(refused.value, RetentionLocked)
+    assert "forbidden (HTTP 403)" in str(refused.value)
 
 
 def test_worm_calls_need_object_retention(gcs: GcsWorld) -> None:
