@@ -554,7 +554,7 @@ def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived its launcher"
 
 
-def test_the_launcher_stops_its_child(gcs_emulator: GcsEmulator) -> None:
+def test_the_launcher_stops_its_child() -> None:
     with GcsEmulator() as emulator:
         pid = emulator.pid
         assert pid is not None and emulator.endpoint.startswith("http://127.0.0.1:")
