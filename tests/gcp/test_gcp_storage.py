@@ -4,11 +4,10 @@ as fixtures, then what the suite cannot see: uploads and their chunks, ranged re
 listings, the requests that set object retention and holds (the emulator drops both), Cloud
 Storage's documented refusals mapped onto ``RetentionLocked``, and the request counts.
 
-The emulator ignores ``ifGenerationMatch``: the suite's if-absent tests run through
-:class:`RecordingAdapter` with ``referee=True`` (storage_world.py), which applies Cloud
-Storage's documented precondition in front of it; a test here shows the emulator alone lets
-two if-absent puts of one name both succeed, so the referee is what makes those tests able
-to fail.
+The emulator ignores ``ifGenerationMatch``: every test reaches it through the launcher's
+precondition front (emulator.py), which applies Cloud Storage's documented rule for
+``ifGenerationMatch=0``; a test here shows the emulator alone lets two if-absent puts of one
+name both succeed, so the front is what makes the if-absent tests able to fail.
 """
 
 from __future__ import annotations
@@ -64,17 +63,17 @@ EMULATOR_DROPS_WORM = (
 
 
 class TestGcsVault(VaultSuite):
-    """The Vault suite on two buckets of one emulator (no object retention: the WORM tests
-    are skipped by capability, the refusals of undeclared WORM calls run), if-absent puts
-    refereed as Cloud Storage does (the emulator ignores the precondition)."""
+    """The Vault suite on two buckets of one emulator behind the precondition front (no
+    object retention: the WORM tests are skipped by capability, the refusals of undeclared
+    WORM calls run)."""
 
     @pytest.fixture
     def vault_a(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(EAST, adapter=RecordingAdapter(referee=True))
+        return gcs.vault(EAST)
 
     @pytest.fixture
     def vault_b(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(WEST, adapter=RecordingAdapter(referee=True))
+        return gcs.vault(WEST)
 
 
 class TestGcsRetentionVault(VaultSuite):
@@ -92,20 +91,20 @@ class TestGcsRetentionVault(VaultSuite):
 
     @pytest.fixture
     def vault_a(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(EAST, adapter=RecordingAdapter(referee=True), object_retention=True)
+        return gcs.vault(EAST, object_retention=True)
 
     @pytest.fixture
     def vault_b(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(WEST, adapter=RecordingAdapter(referee=True), object_retention=True)
+        return gcs.vault(WEST, object_retention=True)
 
 
 # --------------------------------------------------------------------------- if-absent
 
 
 def test_the_emulator_ignores_if_generation_match(gcs: GcsWorld) -> None:
-    """Why the suite's if-absent tests need the referee: without it both puts win."""
+    """Why the if-absent tests need the precondition front: without it both puts win."""
     adapter = RecordingAdapter()
-    vault = gcs.vault(adapter=adapter)
+    vault = gcs.vault(adapter=adapter, storage_endpoint=gcs.emulator.backend_endpoint)
     vault.put("taken", b"first", if_absent=True)
     vault.put("taken", b"second", if_absent=True)
     assert vault.get("taken") == b"second"
@@ -114,10 +113,13 @@ def test_the_emulator_ignores_if_generation_match(gcs: GcsWorld) -> None:
 
 
 def test_every_racing_if_absent_put_carries_the_precondition(gcs: GcsWorld) -> None:
-    adapter = RecordingAdapter(referee=True)
+    adapter = RecordingAdapter()
     vault = gcs.vault(adapter=adapter, single_put_limit=1 * MiB, upload_chunk_size=256 * 1024)
     vault.vault_id  # noqa: B018 - makes the bucket and the id before counting
     adapter.seen.clear()
+    front = gcs.emulator.front
+    assert front is not None
+    refused = front.refused
     barrier = threading.Barrier(6)
     won: list[int] = []
     lost: list[int] = []
@@ -138,6 +140,7 @@ def test_every_racing_if_absent_put_carries_the_precondition(gcs: GcsWorld) -> N
     for t in threads:
         t.join(timeout=60)
     assert len(won) == 1 and len(lost) == 5, (won, lost)
+    assert front.refused - refused == 5  # each loser was told 412 by the front
     got = vault.get("raced")
     assert got[:1] == bytes([won[0]])
     creating = [
