@@ -18,9 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -533,22 +533,46 @@ def test_the_provider_counts_every_request(gcs: GcsWorld) -> None:
 # --------------------------------------------------------------------------- the launcher
 
 
-def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
-    """``python -m regionvault.providers.gcp.emulator`` prints its endpoint on 127.0.0.1,
-    serves, and takes its emulator down with it on SIGTERM."""
+def _http(method: str, url: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        refused.close()
+        return int(refused.code)
+
+
+@pytest.mark.parametrize("front", [False, True])
+def test_the_emulator_runs_as_a_module_until_sigterm(front: bool) -> None:
+    """``python -m regionvault.providers.gcp.emulator [--preconditions]`` prints its
+    endpoint on 127.0.0.1, serves (with the front: a second ifGenerationMatch=0 upload of a
+    name is 412), and takes its emulator down with it on SIGTERM."""
     port = free_port()
+    flags = ["--preconditions"] if front else []
     child = subprocess.Popen(
-        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port)],
+        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None
-        line = child.stdout.readline().strip()
-        assert line == f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(f"{line}/storage/v1/b?project=p", timeout=5) as answer:
-            assert answer.status == 200
+        endpoint = child.stdout.readline().strip()
+        assert endpoint == f"http://127.0.0.1:{port}"
+        assert (
+            _http(
+                "POST", f"{endpoint}/storage/v1/b?project=p", b'{"name": "b"}', "application/json"
+            )
+            == 200
+        )
+        upload = f"{endpoint}/upload/storage/v1/b/b/o?uploadType=media&name=x&ifGenerationMatch=0"
+        statuses = [
+            _http("POST", upload, data, "application/octet-stream") for data in (b"1", b"2")
+        ]
+        assert statuses == ([200, 412] if front else [200, 200])
     finally:
         child.send_signal(signal.SIGTERM)
         _out, err = child.communicate(timeout=20)
