@@ -92,7 +92,7 @@ def _kind(seen: Seen) -> str:
     return seen.path
 
 
-def test_the_sender_only_creates_and_lists_its_own_names(gcs: GcsWorld) -> None:
+def test_a_send_is_one_create_only_upload_and_has_a_one_name_listing(gcs: GcsWorld) -> None:
     adapter = RecordingAdapter()
     transit = gcs.transit(EAST, WEST, adapter=adapter)
     list(transit.inbox())  # makes the inbox bucket before counting
