@@ -37,6 +37,7 @@ __all__ = [
     "CountingSession",
     "error_reason",
     "error_status",
+    "error_text",
     "is_transient",
     "operation_of",
     "sdk_retry",
@@ -207,6 +208,18 @@ def error_reason(exc: BaseException) -> str:
         if isinstance(item, dict) and item.get("reason"):
             return str(item["reason"])
     return ""
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of a Cloud Storage error answer ('' when it gave none), for matching
+    the service's documented wording; never for logs (error_message is for those)."""
+    response = getattr(exc, "response", None)
+    try:
+        document = response.json() if response is not None else {}
+        text = document.get("error", {}).get("message", "")
+    except (ValueError, AttributeError, RuntimeError):
+        text = ""
+    return str(text or getattr(exc, "message", "") or "")
 
 
 def error_message(exc: BaseException) -> str:

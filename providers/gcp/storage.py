@@ -51,6 +51,7 @@ from regionvault.providers.gcp.clients import (
     SDK_ERRORS,
     error_reason,
     error_status,
+    error_text,
     sdk_retry,
     storage_client,
     storage_error,
@@ -63,12 +64,16 @@ if TYPE_CHECKING:
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
 
-__all__ = ["LOCKED_REASON", "RESERVED_PREFIX", "GcsBucket", "GcsVault"]
+__all__ = ["LOCKED_PHRASE", "LOCKED_REASONS", "RESERVED_PREFIX", "GcsBucket", "GcsVault"]
 
 #: object names under this prefix belong to the provider (the vault id), never to vault names
 RESERVED_PREFIX = ".regionvault/"
-#: Cloud Storage's reason for a 403 on an object under retention or a hold
-LOCKED_REASON = "retentionPolicyNotMet"
+#: reasons Cloud Storage gives a 403 on an object under retention or a hold; it also answers
+#: the plain reason "forbidden" with a message holding :data:`LOCKED_PHRASE` ("Object 'x' is
+#: subject to bucket's retention policy and cannot be deleted, overwritten or archived
+#: until ...", "... is under active Temporary hold and cannot be deleted, ...")
+LOCKED_REASONS = frozenset({"retentionPolicyNotMet", "objectUnderActiveHold"})
+LOCKED_PHRASE = "cannot be deleted, overwritten or archived"
 _MAX_PAGES = 10_000_000  # a bound for pagination loops, far above any real listing
 _CONTENT_TYPE = "application/octet-stream"
 #: every chunk of a resumable upload but the last is a multiple of this (Cloud Storage's rule)
@@ -130,12 +135,15 @@ class GcsBucket:
 
     def locked(self, exc: BaseException, name: str, what: str) -> RetentionLocked | None:
         """Cloud Storage's refusal of ``what`` on a protected object as RetentionLocked."""
-        if error_status(exc) != 403 or error_reason(exc) != LOCKED_REASON:
+        if error_status(exc) != 403:
+            return None
+        reason = error_reason(exc)
+        if reason not in LOCKED_REASONS and LOCKED_PHRASE not in error_text(exc):
             return None
         return RetentionLocked(
             name,
             f"Cloud Storage refused to {what} it: it is under retention or a hold "
-            f"({LOCKED_REASON})",
+            f"({reason or 'HTTP 403'})",
             provider="gcp",
             region=self.region,
         )

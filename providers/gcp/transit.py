@@ -1,15 +1,15 @@
 """Transit into an inbox bucket of the destination region.
 
 The source writes ``<source provider>/<source name>/<name>`` into the destination's
-``inbox_bucket`` (never the vault's bucket: settings.py refuses that). What a sender needs
-there is to create objects (``storage.objects.create``) and, for :meth:`GcsTransit.has`,
-to list names under its own prefix (``storage.objects.list`` with an IAM condition on
-``storage.googleapis.com/objectListPrefix``): it never reads or deletes. Every send is first
-an upload with ``ifGenerationMatch=0``, which a create-only sender may always make; only a
-payload of the same name still waiting (an offer sent again) is then replaced by a plain
-upload, which Cloud Storage allows only with ``storage.objects.delete`` too: a sender without
-it gets one error saying so. The destination lists, reads and deletes with its own
-credentials.
+``inbox_bucket`` (never the vault's bucket: settings.py refuses that). A sender needs only
+to create objects there (``storage.objects.create``): every send is first an upload with
+``ifGenerationMatch=0``, which such a sender may always make. Only a payload of the same
+name still waiting (an offer sent again before the destination took the first) is then
+replaced by a plain upload, which Cloud Storage allows only with ``storage.objects.delete``
+too: a create-only sender gets one error saying so, and the payload that waits stays.
+:meth:`GcsTransit.has`, :meth:`~GcsTransit.inbox`, :meth:`~GcsTransit.receive` and
+:meth:`~GcsTransit.discard` are the destination's (the engine asks them with its
+credentials): a one-name listing, a listing, a read and a delete.
 
 An interrupted send leaves nothing in the inbox: an unfinished resumable upload is no
 object, and Cloud Storage offers no listing of upload sessions (it drops them after a

@@ -4,19 +4,16 @@ adapter mounted on the real client's session that can answer chosen requests wit
 Storage's documented answers (imported by tests/gcp/test_gcp_storage.py and
 test_gcp_transit.py).
 
-The emulator ignores ``ifGenerationMatch``. :class:`RecordingAdapter` with ``referee=True``
-applies Cloud Storage's documented rule for ``ifGenerationMatch=0`` in front of it: the
-request that makes an object (a multipart upload, the last chunk of a resumable one) is
-answered 412 ``conditionNotMet`` when the object exists, checked and forwarded under one
-lock, as the service does it atomically. Everything else in the SDK's path (the query it
-sends, the 412 it parses, the mapping onto ``ObjectExists``) is the real thing.
+The emulator ignores ``ifGenerationMatch``: the tests reach it through the launcher's
+precondition front (``GcsEmulator(preconditions=True)``, emulator.py), which applies Cloud
+Storage's documented rule for ``ifGenerationMatch=0``; ``emulator.backend_endpoint`` is the
+emulator alone.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import re
 import threading
 import urllib.error
 import urllib.parse
@@ -100,34 +97,15 @@ def _body(request: Any) -> bytes:
     return b"<stream>"
 
 
-def _multipart_name(body: bytes) -> str | None:
-    """The object name in the JSON part of a multipart upload's body."""
-    _head, sep, rest = body.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    document = rest.partition(b"\r\n--")[0]
-    try:
-        return str(json.loads(document)["name"])
-    except (ValueError, KeyError):
-        return None
-
-
-_FINAL_RANGE = re.compile(r"^bytes (\d+-\d+|\*)/(\d+)$")
-
-
 class RecordingAdapter(HTTPAdapter):
     """Records every request the SDK sends; answers those a rule picks with a canned
-    response; with ``referee``, applies ``ifGenerationMatch=0`` as Cloud Storage does."""
+    response (Cloud Storage's documented answers), sending the rest to the server."""
 
-    def __init__(self, *, referee: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.seen: list[Seen] = []
         self.rules: list[Rule] = []
-        self.referee = referee
-        self._lock = threading.Lock()
         self._record = threading.Lock()
-        #: resumable sessions made under ifGenerationMatch=0: upload_id -> (endpoint, object)
-        self._sessions: dict[str, tuple[str, str, str]] = {}
 
     def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
         seen = Seen(
@@ -142,8 +120,6 @@ class RecordingAdapter(HTTPAdapter):
             answer = rule(seen)
             if answer is not None:
                 return self._answer(request, seen, answer)
-        if self.referee:
-            return self._refereed(request, seen, *args, **kwargs)
         return super().send(request, *args, **kwargs)
 
     def _answer(self, request: Any, seen: Seen, answer: Answer) -> requests.Response:
@@ -160,70 +136,6 @@ class RecordingAdapter(HTTPAdapter):
             preload_content=False,
         )
         return self.build_response(request, raw)
-
-    def _refereed(self, request: Any, seen: Seen, *args: Any, **kwargs: Any) -> requests.Response:
-        query = seen.query
-        parts = urllib.parse.urlsplit(seen.url)
-        endpoint = f"{parts.scheme}://{parts.netloc}"
-        match = re.match(r"^/upload/storage/v1/b/([^/]+)/o$", seen.path)
-        if match is None:
-            return super().send(request, *args, **kwargs)
-        bucket = match.group(1)
-        kind = query.get("uploadType")
-        if seen.method == "POST" and kind == "multipart" and query.get("ifGenerationMatch") == "0":
-            name = _multipart_name(seen.body)
-            if name is not None:
-                return self._create(request, seen, endpoint, bucket, name, *args, **kwargs)
-        if seen.method == "POST" and kind == "resumable" and "upload_id" not in query:
-            response = super().send(request, *args, **kwargs)
-            if query.get("ifGenerationMatch") == "0" and response.status_code == 200:
-                location = response.headers.get("Location", "")
-                upload = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
-                name = json.loads(seen.body or b"{}").get("name") or query.get("name")
-                if upload.get("upload_id") and name:
-                    self._sessions[upload["upload_id"]] = (endpoint, bucket, str(name))
-            return response
-        session = self._sessions.get(query.get("upload_id", ""))
-        final = _FINAL_RANGE.match(seen.headers.get("Content-Range", ""))
-        if session is not None and final is not None:
-            endpoint, bucket, name = session
-            return self._create(request, seen, endpoint, bucket, name, *args, **kwargs)
-        return super().send(request, *args, **kwargs)
-
-    def _create(
-        self,
-        request: Any,
-        seen: Seen,
-        endpoint: str,
-        bucket: str,
-        name: str,
-        *args: Any,
-        **kwargs: Any,
-    ) -> requests.Response:
-        """The request that makes ``name``: 412 if it exists, else forwarded, atomically."""
-        with self._lock:
-            if _exists(endpoint, bucket, name):
-                return self._answer(
-                    request,
-                    seen,
-                    gcs_error(
-                        412,
-                        "conditionNotMet",
-                        "At least one of the pre-conditions you specified did not hold.",
-                    ),
-                )
-            return super().send(request, *args, **kwargs)
-
-
-def _exists(endpoint: str, bucket: str, name: str) -> bool:
-    url = f"{endpoint}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
-    try:
-        with urllib.request.urlopen(url, timeout=10):
-            return True
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return False
-        raise
 
 
 class GcsWorld:
@@ -321,13 +233,14 @@ class GcsWorld:
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    """One emulator per test module that asks for it, stopped by its PID afterwards."""
+    """One emulator per test module that asks for it, behind the precondition front,
+    stopped by its PID afterwards."""
     pytest.importorskip(
         "google.cloud.storage",
         reason="the GCP tests need google-cloud-storage: pip install -e '.[test]'",
     )
     workdir = tmp_path_factory.mktemp("gcs-emulator")
-    emulator = GcsEmulator(log=workdir / "emulator.log")
+    emulator = GcsEmulator(log=workdir / "emulator.log", preconditions=True)
     try:
         emulator.start()
     except EmulatorUnavailable as exc:

@@ -4,11 +4,10 @@ as fixtures, then what the suite cannot see: uploads and their chunks, ranged re
 listings, the requests that set object retention and holds (the emulator drops both), Cloud
 Storage's documented refusals mapped onto ``RetentionLocked``, and the request counts.
 
-The emulator ignores ``ifGenerationMatch``: the suite's if-absent tests run through
-:class:`RecordingAdapter` with ``referee=True`` (storage_world.py), which applies Cloud
-Storage's documented precondition in front of it; a test here shows the emulator alone lets
-two if-absent puts of one name both succeed, so the referee is what makes those tests able
-to fail.
+The emulator ignores ``ifGenerationMatch``: every test reaches it through the launcher's
+precondition front (emulator.py), which applies Cloud Storage's documented rule for
+``ifGenerationMatch=0``; a test here shows the emulator alone lets two if-absent puts of one
+name both succeed, so the front is what makes the if-absent tests able to fail.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,17 +63,17 @@ EMULATOR_DROPS_WORM = (
 
 
 class TestGcsVault(VaultSuite):
-    """The Vault suite on two buckets of one emulator (no object retention: the WORM tests
-    are skipped by capability, the refusals of undeclared WORM calls run), if-absent puts
-    refereed as Cloud Storage does (the emulator ignores the precondition)."""
+    """The Vault suite on two buckets of one emulator behind the precondition front (no
+    object retention: the WORM tests are skipped by capability, the refusals of undeclared
+    WORM calls run)."""
 
     @pytest.fixture
     def vault_a(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(EAST, adapter=RecordingAdapter(referee=True))
+        return gcs.vault(EAST)
 
     @pytest.fixture
     def vault_b(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(WEST, adapter=RecordingAdapter(referee=True))
+        return gcs.vault(WEST)
 
 
 class TestGcsRetentionVault(VaultSuite):
@@ -92,20 +91,20 @@ class TestGcsRetentionVault(VaultSuite):
 
     @pytest.fixture
     def vault_a(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(EAST, adapter=RecordingAdapter(referee=True), object_retention=True)
+        return gcs.vault(EAST, object_retention=True)
 
     @pytest.fixture
     def vault_b(self, gcs: GcsWorld) -> Vault:
-        return gcs.vault(WEST, adapter=RecordingAdapter(referee=True), object_retention=True)
+        return gcs.vault(WEST, object_retention=True)
 
 
 # --------------------------------------------------------------------------- if-absent
 
 
 def test_the_emulator_ignores_if_generation_match(gcs: GcsWorld) -> None:
-    """Why the suite's if-absent tests need the referee: without it both puts win."""
+    """Why the if-absent tests need the precondition front: without it both puts win."""
     adapter = RecordingAdapter()
-    vault = gcs.vault(adapter=adapter)
+    vault = gcs.vault(adapter=adapter, storage_endpoint=gcs.emulator.backend_endpoint)
     vault.put("taken", b"first", if_absent=True)
     vault.put("taken", b"second", if_absent=True)
     assert vault.get("taken") == b"second"
@@ -114,10 +113,13 @@ def test_the_emulator_ignores_if_generation_match(gcs: GcsWorld) -> None:
 
 
 def test_every_racing_if_absent_put_carries_the_precondition(gcs: GcsWorld) -> None:
-    adapter = RecordingAdapter(referee=True)
+    adapter = RecordingAdapter()
     vault = gcs.vault(adapter=adapter, single_put_limit=1 * MiB, upload_chunk_size=256 * 1024)
     vault.vault_id  # noqa: B018 - makes the bucket and the id before counting
     adapter.seen.clear()
+    front = gcs.emulator.front
+    assert front is not None
+    refused = front.refused
     barrier = threading.Barrier(6)
     won: list[int] = []
     lost: list[int] = []
@@ -138,6 +140,7 @@ def test_every_racing_if_absent_put_carries_the_precondition(gcs: GcsWorld) -> N
     for t in threads:
         t.join(timeout=60)
     assert len(won) == 1 and len(lost) == 5, (won, lost)
+    assert front.refused - refused == 5  # each loser was told 412 by the front
     got = vault.get("raced")
     assert got[:1] == bytes([won[0]])
     creating = [
@@ -434,16 +437,29 @@ def test_the_emulator_drops_retention_and_holds(gcs: GcsWorld) -> None:
     assert head.retain_until is None and not head.legal_hold
 
 
-def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(gcs: GcsWorld) -> None:
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        (
+            "forbidden",
+            "Object 'points/p1' is subject to bucket's retention policy and cannot be deleted, "
+            "overwritten or archived until 2031-05-06T07:08:09.000000-07:00",
+        ),
+        (
+            "forbidden",
+            "Object 'points/p1' is under active Temporary hold and cannot be deleted, "
+            "overwritten or archived until hold is removed.",
+        ),
+        ("retentionPolicyNotMet", "scripted"),
+    ],
+)
+def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(
+    gcs: GcsWorld, reason: str, message: str
+) -> None:
     """Cloud Storage refuses a delete or an overwrite of a protected object (say the hold
-    was set since the vault looked) with 403 ``retentionPolicyNotMet``: replayed here."""
+    was set since the vault looked) with a 403 in the words replayed here."""
     vault, adapter = _worm(gcs)
-    refusal = gcs_error(
-        403,
-        "retentionPolicyNotMet",
-        "Object 'points/p1' is under active Temporary hold and cannot be deleted, "
-        "overwritten or archived until hold is removed.",
-    )
+    refusal = gcs_error(403, reason, message)
     adapter.rules.append(
         lambda s: (
             refusal
@@ -457,10 +473,26 @@ def test_cloud_storages_403_on_delete_and_overwrite_is_retention_locked(gcs: Gcs
         vault.put("points/p1", b"new")
     for refused, what in ((deleting, "delete"), (overwriting, "overwrite")):
         assert refused.value.name == "points/p1"
-        assert f"Cloud Storage refused to {what} it" in str(refused.value)
-        assert "retentionPolicyNotMet" in str(refused.value)
+        assert f"Cloud Storage refused to {what} it: it is under retention or a hold" in str(
+            refused.value
+        )
     adapter.rules.clear()
     assert vault.get("points/p1") == b"kept"
+
+
+def test_a_403_for_want_of_permission_is_not_retention(gcs: GcsWorld) -> None:
+    vault, adapter = _worm(gcs)
+    adapter.rules.append(
+        lambda s: (
+            gcs_error(403, "forbidden", "x does not have storage.objects.delete access")
+            if s.method == "DELETE"
+            else None
+        )
+    )
+    with pytest.raises(VaultError) as refused:
+        vault.delete("points/p1")
+    assert not isinstance(refused.value, RetentionLocked)
+    assert "forbidden (HTTP 403)" in str(refused.value)
 
 
 def test_worm_calls_need_object_retention(gcs: GcsWorld) -> None:
@@ -501,22 +533,46 @@ def test_the_provider_counts_every_request(gcs: GcsWorld) -> None:
 # --------------------------------------------------------------------------- the launcher
 
 
-def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
-    """``python -m regionvault.providers.gcp.emulator`` prints its endpoint on 127.0.0.1,
-    serves, and takes its emulator down with it on SIGTERM."""
+def _http(method: str, url: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        refused.close()
+        return int(refused.code)
+
+
+@pytest.mark.parametrize("front", [False, True])
+def test_the_emulator_runs_as_a_module_until_sigterm(front: bool) -> None:
+    """``python -m regionvault.providers.gcp.emulator [--preconditions]`` prints its
+    endpoint on 127.0.0.1, serves (with the front: a second ifGenerationMatch=0 upload of a
+    name is 412), and takes its emulator down with it on SIGTERM."""
     port = free_port()
+    flags = ["--preconditions"] if front else []
     child = subprocess.Popen(
-        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port)],
+        [sys.executable, "-m", "regionvault.providers.gcp.emulator", "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None
-        line = child.stdout.readline().strip()
-        assert line == f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(f"{line}/storage/v1/b?project=p", timeout=5) as answer:
-            assert answer.status == 200
+        endpoint = child.stdout.readline().strip()
+        assert endpoint == f"http://127.0.0.1:{port}"
+        assert (
+            _http(
+                "POST", f"{endpoint}/storage/v1/b?project=p", b'{"name": "b"}', "application/json"
+            )
+            == 200
+        )
+        upload = f"{endpoint}/upload/storage/v1/b/b/o?uploadType=media&name=x&ifGenerationMatch=0"
+        statuses = [
+            _http("POST", upload, data, "application/octet-stream") for data in (b"1", b"2")
+        ]
+        assert statuses == ([200, 412] if front else [200, 200])
     finally:
         child.send_signal(signal.SIGTERM)
         _out, err = child.communicate(timeout=20)
@@ -525,7 +581,7 @@ def test_the_emulator_runs_as_a_module_until_sigterm(tmp_path: Path) -> None:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived its launcher"
 
 
-def test_the_launcher_stops_its_child(gcs_emulator: GcsEmulator) -> None:
+def test_the_launcher_stops_its_child() -> None:
     with GcsEmulator() as emulator:
         pid = emulator.pid
         assert pid is not None and emulator.endpoint.startswith("http://127.0.0.1:")

@@ -92,8 +92,8 @@ def _kind(seen: Seen) -> str:
     return seen.path
 
 
-def test_the_sender_only_creates_and_lists_its_own_names(gcs: GcsWorld) -> None:
-    adapter = RecordingAdapter(referee=True)
+def test_a_send_is_one_create_only_upload_and_has_a_one_name_listing(gcs: GcsWorld) -> None:
+    adapter = RecordingAdapter()
     transit = gcs.transit(EAST, WEST, adapter=adapter)
     list(transit.inbox())  # makes the inbox bucket before counting
     adapter.seen.clear()
@@ -120,8 +120,8 @@ def test_the_sender_only_creates_and_lists_its_own_names(gcs: GcsWorld) -> None:
 
 def test_a_payload_still_waiting_is_replaced(gcs: GcsWorld) -> None:
     """An offer sent again while the first still waits: the create-only upload is refused
-    (412, refereed as Cloud Storage does), then a plain upload replaces it."""
-    adapter = RecordingAdapter(referee=True)
+    (412, by the precondition front as by Cloud Storage), then a plain upload replaces it."""
+    adapter = RecordingAdapter()
     transit = gcs.transit(EAST, WEST, adapter=adapter)
     transit.send("offer", b"first offer")
     adapter.seen.clear()
@@ -136,7 +136,7 @@ def test_a_payload_still_waiting_is_replaced(gcs: GcsWorld) -> None:
 
 def test_a_create_only_sender_refused_the_replacement_is_told_why(gcs: GcsWorld) -> None:
     """Cloud Storage answers 403 to an overwrite by a sender without storage.objects.delete."""
-    adapter = RecordingAdapter(referee=True)
+    adapter = RecordingAdapter()
     transit = gcs.transit(EAST, WEST, adapter=adapter)
     transit.send("offer", b"first offer")
     adapter.rules.append(
