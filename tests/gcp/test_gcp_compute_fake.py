@@ -429,6 +429,30 @@ def test_insert_refuses_a_disk_in_use(gce: Gce) -> None:
     assert "vm-new" not in gce.fake.instance_names()
 
 
+def test_an_inserted_instance_goes_through_the_start_statuses(gce: Gce) -> None:
+    gce.fake.start_statuses = ["PROVISIONING", "STAGING", "RUNNING"]
+    gce.fake.seed_instance("vm-src", disks=[b"x"])
+    _snapshot_of(gce, "vm-src-0", "snap")
+    instance = compute_v1.Instance(
+        name="vm-new",
+        machine_type=f"zones/{ZONE}/machineTypes/e2-standard-2",
+        network_interfaces=[compute_v1.NetworkInterface()],
+        disks=[
+            compute_v1.AttachedDisk(
+                boot=True,
+                initialize_params=compute_v1.AttachedDiskInitializeParams(
+                    source_snapshot="global/snapshots/snap"
+                ),
+            )
+        ],
+    )
+    gce.done(gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance))
+    seen = [
+        gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-new").status for _ in range(4)
+    ]
+    assert seen == ["PROVISIONING", "STAGING", "RUNNING", "RUNNING"]
+
+
 def test_stop_and_start(gce: Gce) -> None:
     gce.fake.seed_instance("vm-a")
     gce.done(gce.instances.stop_unary(project=PROJECT, zone=ZONE, instance="vm-a"))
@@ -897,6 +921,49 @@ def test_a_new_fake_removes_the_device_links_an_old_one_left(tmp_path: Path) -> 
     (state / "devices" / "google-old").symlink_to(tmp_path / "gone")
     fake = GceFake(project=PROJECT, zone=ZONE, state_dir=state)
     assert sorted(p.name for p in fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+
+
+def test_concurrent_clients_see_one_consistent_zone(gce: Gce) -> None:
+    """Eight threads, each with its own clients, make, snapshot, attach, detach and delete
+    disks at once: every operation succeeds, every device link was its own disk's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(index: int) -> str:
+        options = {"api_endpoint": gce.fake.endpoint}
+        credentials = AnonymousCredentials()
+        mine = Gce(
+            gce.fake,
+            compute_v1.InstancesClient(credentials=credentials, client_options=options),
+            compute_v1.DisksClient(credentials=credentials, client_options=options),
+            compute_v1.SnapshotsClient(credentials=credentials, client_options=options),
+            compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options),
+            compute_v1.GlobalOperationsClient(credentials=credentials, client_options=options),
+        )
+        try:
+            disk, device = f"par-{index}", f"dev-{index}"
+            _blank(mine, disk)
+            mine.done(_attach(mine, gce.fake.worker_instance, disk, device))
+            with (gce.fake.device_dir / f"google-{device}").open("r+b") as f:
+                f.write(disk.encode())
+            _detach(mine, gce.fake.worker_instance, device)
+            _snapshot_of(mine, disk, f"snap-{index}")
+            mine.done(mine.disks.delete_unary(project=PROJECT, zone=ZONE, disk=disk))
+            mine.names()
+            with gce.fake.snapshot_path(f"snap-{index}").open("rb") as f:
+                return f.read(len(disk)).decode()
+        finally:
+            for client in (mine.instances, mine.disks, mine.snapshots):
+                client.transport.close()
+            mine.zone_ops.transport.close()
+            mine.global_ops.transport.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(work, range(8)))
+    assert read == [f"par-{i}" for i in range(8)]
+    assert gce.fake.snapshot_names() == sorted(f"snap-{i}" for i in range(8))
+    assert not [d for d in gce.fake.disk_names() if d.startswith("par-")]
+    assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+    assert not [status for _m, status in gce.fake.answers if status >= 400]
 
 
 # --------------------------------------------------------------------------- as a process
