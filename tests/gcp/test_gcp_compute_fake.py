@@ -277,6 +277,24 @@ def test_get_answers_the_instance_as_gce_shapes_it(gce: Gce) -> None:
         gce.instances.get(project=PROJECT, zone="us-east1-b", instance="vm-a")
 
 
+def test_seed_instance_refuses_what_gce_would(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="already exists"):
+        gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="Label keys"):
+        gce.fake.seed_instance("vm-b", labels={"Bad": "x"})
+    with pytest.raises(ValueError, match="regex"):
+        gce.fake.seed_instance("VM_C")
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="vm-d-0", size_gb=10)
+        )
+    )
+    with pytest.raises(ValueError, match="disks/vm-d-0"):
+        gce.fake.seed_instance("vm-d")
+    assert gce.fake.instance_names() == ["rv-worker", "vm-a"]
+
+
 def test_set_labels_checks_the_fingerprint(gce: Gce) -> None:
     gce.fake.seed_instance("vm-a", labels={"env": "prod"})
     vm = gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-a")
@@ -866,11 +884,14 @@ def test_a_lost_answer_leaves_the_effect_and_a_request_id_finds_it(gce: Gce) -> 
 
 
 def test_an_unserved_path_is_a_404_that_says_so(gce: Gce) -> None:
-    with pytest.raises(gexc.NotFound, match="does not serve"):
-        compute_v1.ImagesClient(
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": gce.fake.endpoint},
-        ).get(project=PROJECT, image="debian")
+    images = compute_v1.ImagesClient(
+        credentials=AnonymousCredentials(), client_options={"api_endpoint": gce.fake.endpoint}
+    )
+    try:
+        with pytest.raises(gexc.NotFound, match="does not serve"):
+            images.get(project=PROJECT, image="debian")
+    finally:
+        images.transport.close()
     assert gce.fake.answers[-1] == ("?", 404)
 
 

@@ -465,8 +465,19 @@ class GceFake:
         smallest whole number of GB (at least 10, or ``disk_size_gb``) that holds its
         bytes. Returns the instance as ``instances.get`` answers it."""
         with self._lock:
-            if name in self._instances:
-                raise ValueError(f"instance {name} exists")
+            try:
+                self._check_new_name("instances", name, "name")
+                for index in range(len(disks)):
+                    self._check_new_name("disks", f"{name}-{index}", "disk name")
+                self._labels(labels, "labels")
+                self._ref(
+                    f"zones/{self.zone}/machineTypes/{machine_type}",
+                    "machineType",
+                    "machineTypes",
+                    zonal=True,
+                )
+            except _Error as exc:
+                raise ValueError(f"seed_instance({name!r}): {exc.message}") from None
             if not disks:
                 raise ValueError("an instance needs a boot disk")
             attached = []
