@@ -987,6 +987,26 @@ def test_concurrent_clients_see_one_consistent_zone(gce: Gce) -> None:
     assert not [status for _m, status in gce.fake.answers if status >= 400]
 
 
+def test_compute_settings_are_a_valid_region(gce: Gce, tmp_path: Path) -> None:
+    from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+    from regionvault.providers.gcp.auth import credentials_for
+    from regionvault.providers.gcp.settings import GcpSettings
+
+    values = gce.fake.compute_settings()
+    region = RegionConfig(
+        id=RegionId.parse("gcp:east"),
+        settings=values,
+        services={"compute": ServiceConfig("gcp", values)},
+        base_dir=tmp_path,
+        source="site.toml",
+    )
+    settings = GcpSettings.from_region(region)
+    assert (settings.zone, settings.location) == (ZONE, "europe-west1")
+    assert settings.compute_endpoint == gce.fake.endpoint
+    assert settings.device_dir == str(gce.fake.device_dir)
+    assert type(credentials_for(region, settings, "compute")).__name__ == "AnonymousCredentials"
+
+
 # --------------------------------------------------------------------------- as a process
 
 

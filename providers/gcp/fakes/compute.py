@@ -543,6 +543,20 @@ class GceFake:
                 _Failure(_method(method), status, code, message, count, in_operation=True)
             )
 
+    def compute_settings(self) -> dict[str, Any]:
+        """site.toml settings of a region whose compute is this fake (settings.py's keys):
+        the project, its location and zone, the endpoint with no login (allowed only because
+        it is on the loopback), the worker and where its devices appear."""
+        return {
+            "project": self.project,
+            "location": self.region,
+            "zone": self.zone,
+            "credentials": "anonymous",
+            "compute_endpoint": self.endpoint,
+            "worker_instance": self.worker_instance,
+            "device_dir": str(self.device_dir),
+        }
+
     def disk_path(self, name: str) -> Path:
         """The sparse file holding disk ``name``'s bytes."""
         with self._lock:
