@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
@@ -198,6 +200,34 @@ def test_label_filters_the_fake_refuses(text: str) -> None:
         parse_label_filter(text)
 
 
+_KEYS = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+_VALUES = st.from_regex(r"[a-z0-9_-]{0,8}", fullmatch=True)
+
+
+@given(
+    st.lists(st.tuples(_KEYS, st.none() | _VALUES), min_size=1, max_size=5),
+    st.sampled_from([" AND ", " ", "  AND  "]),
+    st.booleans(),
+)
+def test_any_and_of_label_expressions_parses_back(
+    terms: list[tuple[str, str | None]], joiner: str, quoted: bool
+) -> None:
+    def render(key: str, value: str | None) -> str:
+        if value is None:
+            return f"labels.{key}:*"
+        if quoted or not value:
+            return f'labels.{key} = "{value}"'
+        return f"labels.{key}={value}"
+
+    text = joiner.join(f"({render(k, v)})" for k, v in terms)
+    assert parse_label_filter(text) == terms
+    if len(terms) == 1:
+        assert parse_label_filter(render(*terms[0])) == terms
+    else:  # the same expressions without their parentheses are refused
+        with pytest.raises(FilterError):
+            parse_label_filter(joiner.join(render(k, v) for k, v in terms))
+
+
 def test_list_filters_on_labels_over_the_wire(gce: Gce) -> None:
     gce.fake.seed_instance("vm-prod-a", labels={"env": "prod", "tier": "web"})
     gce.fake.seed_instance("vm-prod-b", labels={"env": "prod"})
@@ -237,6 +267,18 @@ def test_list_pages_with_max_results_and_page_token(gce: Gce) -> None:
         }
     )
     assert [i.name for i in rest] == ["vm-2b", "vm-3", "vm-4"]
+    # one deleted between pages is not listed, and nothing after it is skipped
+    gce.done(gce.instances.delete_unary(project=PROJECT, zone=ZONE, instance="vm-3"))
+    rest = gce.instances.list(
+        request={
+            "project": PROJECT,
+            "zone": ZONE,
+            "filter": "labels.rv:*",
+            "max_results": 3,
+            "page_token": page.next_page_token,
+        }
+    )
+    assert [i.name for i in rest] == ["vm-2b", "vm-4"]
     with pytest.raises(gexc.BadRequest, match="pageToken"):
         gce.names(page_token="not-a-token")
     with pytest.raises(gexc.BadRequest, match="maxResults"):
@@ -275,6 +317,24 @@ def test_get_answers_the_instance_as_gce_shapes_it(gce: Gce) -> None:
         gce.instances.get(project="other-project", zone=ZONE, instance="vm-a")
     with pytest.raises(gexc.BadRequest, match="zone"):
         gce.instances.get(project=PROJECT, zone="us-east1-b", instance="vm-a")
+
+
+def test_seed_instance_refuses_what_gce_would(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="already exists"):
+        gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="Label keys"):
+        gce.fake.seed_instance("vm-b", labels={"Bad": "x"})
+    with pytest.raises(ValueError, match="regex"):
+        gce.fake.seed_instance("VM_C")
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="vm-d-0", size_gb=10)
+        )
+    )
+    with pytest.raises(ValueError, match="disks/vm-d-0"):
+        gce.fake.seed_instance("vm-d")
+    assert gce.fake.instance_names() == ["rv-worker", "vm-a"]
 
 
 def test_set_labels_checks_the_fingerprint(gce: Gce) -> None:
@@ -427,6 +487,30 @@ def test_insert_refuses_a_disk_in_use(gce: Gce) -> None:
     assert "already being used by" in op.error.errors[0].message
     assert op.http_error_status_code == 400
     assert "vm-new" not in gce.fake.instance_names()
+
+
+def test_an_inserted_instance_goes_through_the_start_statuses(gce: Gce) -> None:
+    gce.fake.start_statuses = ["PROVISIONING", "STAGING", "RUNNING"]
+    gce.fake.seed_instance("vm-src", disks=[b"x"])
+    _snapshot_of(gce, "vm-src-0", "snap")
+    instance = compute_v1.Instance(
+        name="vm-new",
+        machine_type=f"zones/{ZONE}/machineTypes/e2-standard-2",
+        network_interfaces=[compute_v1.NetworkInterface()],
+        disks=[
+            compute_v1.AttachedDisk(
+                boot=True,
+                initialize_params=compute_v1.AttachedDiskInitializeParams(
+                    source_snapshot="global/snapshots/snap"
+                ),
+            )
+        ],
+    )
+    gce.done(gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance))
+    seen = [
+        gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-new").status for _ in range(4)
+    ]
+    assert seen == ["PROVISIONING", "STAGING", "RUNNING", "RUNNING"]
 
 
 def test_stop_and_start(gce: Gce) -> None:
@@ -842,11 +926,14 @@ def test_a_lost_answer_leaves_the_effect_and_a_request_id_finds_it(gce: Gce) -> 
 
 
 def test_an_unserved_path_is_a_404_that_says_so(gce: Gce) -> None:
-    with pytest.raises(gexc.NotFound, match="does not serve"):
-        compute_v1.ImagesClient(
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": gce.fake.endpoint},
-        ).get(project=PROJECT, image="debian")
+    images = compute_v1.ImagesClient(
+        credentials=AnonymousCredentials(), client_options={"api_endpoint": gce.fake.endpoint}
+    )
+    try:
+        with pytest.raises(gexc.NotFound, match="does not serve"):
+            images.get(project=PROJECT, image="debian")
+    finally:
+        images.transport.close()
     assert gce.fake.answers[-1] == ("?", 404)
 
 
@@ -897,6 +984,69 @@ def test_a_new_fake_removes_the_device_links_an_old_one_left(tmp_path: Path) -> 
     (state / "devices" / "google-old").symlink_to(tmp_path / "gone")
     fake = GceFake(project=PROJECT, zone=ZONE, state_dir=state)
     assert sorted(p.name for p in fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+
+
+def test_concurrent_clients_see_one_consistent_zone(gce: Gce) -> None:
+    """Eight threads, each with its own clients, make, snapshot, attach, detach and delete
+    disks at once: every operation succeeds, every device link was its own disk's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(index: int) -> str:
+        options = {"api_endpoint": gce.fake.endpoint}
+        credentials = AnonymousCredentials()
+        mine = Gce(
+            gce.fake,
+            compute_v1.InstancesClient(credentials=credentials, client_options=options),
+            compute_v1.DisksClient(credentials=credentials, client_options=options),
+            compute_v1.SnapshotsClient(credentials=credentials, client_options=options),
+            compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options),
+            compute_v1.GlobalOperationsClient(credentials=credentials, client_options=options),
+        )
+        try:
+            disk, device = f"par-{index}", f"dev-{index}"
+            _blank(mine, disk)
+            mine.done(_attach(mine, gce.fake.worker_instance, disk, device))
+            with (gce.fake.device_dir / f"google-{device}").open("r+b") as f:
+                f.write(disk.encode())
+            _detach(mine, gce.fake.worker_instance, device)
+            _snapshot_of(mine, disk, f"snap-{index}")
+            mine.done(mine.disks.delete_unary(project=PROJECT, zone=ZONE, disk=disk))
+            mine.names()
+            with gce.fake.snapshot_path(f"snap-{index}").open("rb") as f:
+                return f.read(len(disk)).decode()
+        finally:
+            for client in (mine.instances, mine.disks, mine.snapshots):
+                client.transport.close()
+            mine.zone_ops.transport.close()
+            mine.global_ops.transport.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(work, range(8)))
+    assert read == [f"par-{i}" for i in range(8)]
+    assert gce.fake.snapshot_names() == sorted(f"snap-{i}" for i in range(8))
+    assert not [d for d in gce.fake.disk_names() if d.startswith("par-")]
+    assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+    assert not [status for _m, status in gce.fake.answers if status >= 400]
+
+
+def test_compute_settings_are_a_valid_region(gce: Gce, tmp_path: Path) -> None:
+    from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+    from regionvault.providers.gcp.auth import credentials_for
+    from regionvault.providers.gcp.settings import GcpSettings
+
+    values = gce.fake.compute_settings()
+    region = RegionConfig(
+        id=RegionId.parse("gcp:east"),
+        settings=values,
+        services={"compute": ServiceConfig("gcp", values)},
+        base_dir=tmp_path,
+        source="site.toml",
+    )
+    settings = GcpSettings.from_region(region)
+    assert (settings.zone, settings.location) == (ZONE, "europe-west1")
+    assert settings.compute_endpoint == gce.fake.endpoint
+    assert settings.device_dir == str(gce.fake.device_dir)
+    assert type(credentials_for(region, settings, "compute")).__name__ == "AnonymousCredentials"
 
 
 # --------------------------------------------------------------------------- as a process

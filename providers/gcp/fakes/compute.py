@@ -6,41 +6,52 @@ what a backup worker needs:
 
 - instances: ``list`` (``filter`` on labels, ``maxResults`` + ``pageToken``), ``get``,
   ``insert`` (disks from an existing ``source`` disk or made by ``initializeParams`` from a
-  ``sourceSnapshot`` or blank with ``diskSizeGb``; ``machineType``; ``labels``;
-  ``networkInterfaces``), ``delete`` (auto-delete disks go with it), ``setLabels``
-  (``labelFingerprint`` checked: a stale one is 412 as on GCE), ``attachDisk``,
-  ``detachDisk`` (``deviceName``), ``start``, ``stop``;
+  ``sourceSnapshot`` or blank with ``diskSizeGb``; the first disk boots; ``machineType``;
+  ``labels``; ``networkInterfaces``), ``delete`` (auto-delete disks go with it),
+  ``setLabels`` (``labelFingerprint`` required and checked: a stale one is 412
+  conditionNotMet, as on GCE), ``attachDisk`` (``deviceName``, ``mode``), ``detachDisk``,
+  ``start``, ``stop`` (TERMINATED);
 - zonal disks: ``insert`` (blank with ``sizeGb``, or from ``sourceSnapshot``), ``get``,
-  ``list``, ``delete`` (refused while attached, as GCE does), ``createSnapshot``,
-  ``setLabels``;
+  ``list``, ``delete`` (a 400 resourceInUseByAnotherResource while attached, as GCE
+  answers), ``createSnapshot``, ``setLabels``;
 - global snapshots: ``get``, ``list`` (label filter, pages), ``delete``, ``setLabels``,
   ``insert`` (with ``sourceDisk``);
-- ``zoneOperations`` and ``globalOperations``: ``get`` and ``wait``. Every mutation answers
-  an Operation; its effect happens when the operation is DONE. An operation stays RUNNING
-  for :attr:`GceFake.operation_polls` polls (``get`` or ``wait``; each ``wait`` is one
-  poll, as GCE's wait may return before the operation ends), and may end in an error
-  (:meth:`GceFake.fail_next_operation`, or a conflict found when it completes), so a
-  client's polling is exercised. Nothing happens to an operation nobody polls, except when
-  ``operation_polls`` is 0 (then it is DONE in its first answer).
+- ``zoneOperations`` and ``globalOperations``: ``get`` and ``wait``.
 
-Label filters: the subset of GCE's list-filter grammar that label queries use, parsed as
-the real API accepts it: one expression ``labels.KEY = "VALUE"`` (or an unquoted value),
-``labels.KEY:*`` (the label is set), or several expressions each in parentheses, joined by
-whitespace or ``AND``. Anything else (OR, NOT, ``!=``, other fields, several unparenthesised
-expressions) is a 400 that says the fake does not serve it.
+Operations: every mutation answers an Operation (PENDING) and takes effect when the operation
+is DONE. It stays RUNNING for :attr:`GceFake.operation_polls` polls (``get`` or ``wait``:
+each ``wait`` is one poll, as GCE's may return before the end) and may end in an error:
+:meth:`GceFake.fail_next_operation`, or what GCE reports in the operation rather than in
+the answer (a disk in use for ``attachDisk`` and ``instances.insert``:
+RESOURCE_IN_USE_BY_ANOTHER_RESOURCE), found when the operation ends. Nothing happens to an
+operation nobody polls, unless ``operation_polls`` is 0 (DONE in its first answer). A
+repeated ``requestId`` answers the first request's operation, as GCE does.
 
-Disk bytes live as sparse files under ``state_dir/disks``; a snapshot is a copy that keeps
-the holes (``state_dir/snapshots``). A disk attached to the worker instance
-(:attr:`GceFake.worker_instance`, made when the fake is built, with a blank boot disk)
-appears as ``state_dir/devices/google-<deviceName>``, a symlink to the disk's file, as
-``/dev/disk/by-id/google-*`` is a symlink on GCE; detaching removes it. Disks smaller than
-10 GB are refused, as GCE refuses them for pd-standard, pd-balanced and pd-ssd.
+Label filters: the subset of GCE's list-filter grammar (AIP-160) that label queries use,
+parsed as the API documents it: one expression ``labels.KEY = "VALUE"`` (or an unquoted
+value), ``labels.KEY:*`` (the label is set), or several expressions each in parentheses,
+joined by whitespace or ``AND``. Anything else (OR, NOT, ``!=``, wildcards, other fields,
+several expressions without parentheses) is a 400 that says the fake does not serve it.
 
-Self links name ``https://www.googleapis.com/compute/v1/...`` as the real API does: they
-are names, nobody should fetch them. Test hooks that are not on the wire:
-:meth:`GceFake.seed_instance`, :meth:`GceFake.fail_next`,
-:meth:`GceFake.fail_next_operation`, :attr:`GceFake.counts` (requests per API method),
-:meth:`GceFake.disk_path`, :meth:`GceFake.snapshot_path`.
+Disks: bytes live as sparse files under ``state_dir/disks``; a snapshot is a copy that
+keeps the holes (``state_dir/snapshots``), made when it is asked for. Sizes are whole GB,
+at least 10 (GCE's minimum for pd-standard, pd-balanced and pd-ssd) and at least the source
+snapshot's. A disk attached to the worker instance (:attr:`GceFake.worker_instance`, made
+with the fake, with a blank boot disk) appears as ``state_dir/devices/google-<deviceName>``,
+a symlink to the disk's file as ``/dev/disk/by-id/google-*`` is a symlink on GCE (after
+:attr:`GceFake.device_link_delay` seconds, udev's moment), removed on detach. Attach modes
+follow GCE: READ_WRITE once, READ_ONLY many times, never both; a disk attached only
+READ_ONLY is made mode 0444, and a write to it while so attached is reported on detach
+(:attr:`GceFake.read_only_writes`; root ignores 0444).
+
+Self links name ``https://www.googleapis.com/compute/v1/...`` as the real API writes them:
+they are names, never fetched. Test hooks that are not on the wire:
+:meth:`GceFake.seed_instance`, :meth:`GceFake.fail_next` (an HTTP error, or with
+``lose_answer`` an answer lost after the request took effect),
+:meth:`GceFake.fail_next_operation`, :attr:`GceFake.start_statuses`, :attr:`GceFake.counts`
+(requests per API method), :attr:`GceFake.answers`, :meth:`GceFake.disk_path`,
+:meth:`GceFake.snapshot_path`. :func:`seed_instance_over_api` makes an instance with only
+the public API (blank disks written through the worker), against the fake or a real zone.
 
 ``python -m regionvault.providers.gcp.fakes.compute --project P --zone Z --state-dir D
 --port N`` runs it as a process: it prints the endpoint and serves until SIGTERM or SIGINT.
@@ -298,6 +309,8 @@ class _Instance:
     network_interfaces: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: the statuses its next reads (instances.get) show, one each
+    upcoming: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -372,6 +385,10 @@ class GceFake:
         #: seconds after an attach to the worker before its device link appears (udev's
         #: moment on GCE); 0: when the operation is done
         self.device_link_delay = 0.0
+        #: the statuses an instance made by instances.insert shows, one per instances.get,
+        #: the last one kept (``["PROVISIONING", "STAGING", "RUNNING"]``; ``["STAGING",
+        #: "TERMINATED"]``: one that stops instead of running)
+        self.start_statuses: list[str] = ["RUNNING"]
         self._timers: list[threading.Timer] = []
         #: (disk, instance, device name) of each READ_ONLY attachment whose disk was written
         #: while attached so (found on detach)
@@ -448,8 +465,19 @@ class GceFake:
         smallest whole number of GB (at least 10, or ``disk_size_gb``) that holds its
         bytes. Returns the instance as ``instances.get`` answers it."""
         with self._lock:
-            if name in self._instances:
-                raise ValueError(f"instance {name} exists")
+            try:
+                self._check_new_name("instances", name, "name")
+                for index in range(len(disks)):
+                    self._check_new_name("disks", f"{name}-{index}", "disk name")
+                self._labels(labels, "labels")
+                self._ref(
+                    f"zones/{self.zone}/machineTypes/{machine_type}",
+                    "machineType",
+                    "machineTypes",
+                    zonal=True,
+                )
+            except _Error as exc:
+                raise ValueError(f"seed_instance({name!r}): {exc.message}") from None
             if not disks:
                 raise ValueError("an instance needs a boot disk")
             attached = []
@@ -514,6 +542,20 @@ class GceFake:
             self._failures.append(
                 _Failure(_method(method), status, code, message, count, in_operation=True)
             )
+
+    def compute_settings(self) -> dict[str, Any]:
+        """site.toml settings of a region whose compute is this fake (settings.py's keys):
+        the project, its location and zone, the endpoint with no login (allowed only because
+        it is on the loopback), the worker and where its devices appear."""
+        return {
+            "project": self.project,
+            "location": self.region,
+            "zone": self.zone,
+            "credentials": "anonymous",
+            "compute_endpoint": self.endpoint,
+            "worker_instance": self.worker_instance,
+            "device_dir": str(self.device_dir),
+        }
 
     def disk_path(self, name: str) -> Path:
         """The sparse file holding disk ``name``'s bytes."""
@@ -598,14 +640,12 @@ class GceFake:
             "fingerprint": base64.b64encode(os.urandom(8)).decode(),
         }
         if network is not None:
-            nic["network"] = self._link_of(network, "networks", "network", glob=True)
+            nic["network"] = self._link_of(network, "networks", "network")
         if subnetwork is not None:
             nic["subnetwork"] = self._link_of(subnetwork, "subnetworks", "subnetwork")
         return nic
 
-    def _link_of(
-        self, value: object, collection: str, field_name: str, *, glob: bool = False
-    ) -> str:
+    def _link_of(self, value: object, collection: str, field_name: str) -> str:
         """A network or subnetwork reference as a full URL (they are not modelled here)."""
         if not isinstance(value, str) or f"/{collection}/" not in f"/{value}":
             raise _invalid(f"resource.networkInterfaces[0].{field_name}", value, "Bad URL.")
@@ -723,7 +763,6 @@ class GceFake:
         then: Callable[[], None] | None,
         undo: Callable[[], None] | None = None,
         failure: _Failure | None = None,
-        request_id: str | None = None,
     ) -> dict[str, Any]:
         name = f"operation-{self._new_id()}-{os.urandom(4).hex()}"
         link = self._zone_link if zonal else self._global_link
@@ -747,8 +786,6 @@ class GceFake:
         if failure is not None:
             op.error = _Error(failure.status, "", failure.message, failure.reason)
         self._operations[name] = op
-        if request_id:
-            self._request_ids[request_id] = name
         if op.polls_left <= 0:
             self._finish(op)
         return dict(op.body)
@@ -1131,7 +1168,11 @@ class GceFake:
         return self._page(items, query, "compute#instanceList", self._zone_link("instances"))
 
     def _instances_get(self, *, params: dict[str, str], **_: Any) -> dict[str, Any]:
-        return self._instance_body(self._get_instance(params["name"]))
+        instance = self._get_instance(params["name"])
+        body = self._instance_body(instance)
+        if instance.upcoming:
+            instance.status = instance.upcoming.pop(0)
+        return body
 
     def _instances_insert(
         self, *, doc: dict[str, Any], query: dict[str, str], failure: _Failure | None, **_: Any
@@ -1292,6 +1333,8 @@ class GceFake:
                 if isinstance(doc.get("metadata"), dict) and "items" in doc["metadata"]
                 else {},
             )
+            statuses = list(self.start_statuses) or ["RUNNING"]
+            instance.status, instance.upcoming = statuses[0], statuses[1:]
             self._instances[name] = instance
             for item, _init in plan:
                 self._attach(instance, item)
