@@ -415,14 +415,18 @@ class GceCompute(Compute):
         *,
         instance_id: str | None = None,
         idempotent: bool = False,
+        passthrough: tuple[type[BaseException], ...] = (),
     ) -> T:
         """``call()``, its SDK errors mapped; a call that may be made twice (``idempotent``: a
         read, or a change carrying its requestId, :meth:`_start`) that failed transiently is
-        made again, ``sdk_retries`` times at most."""
+        made again, ``sdk_retries`` times at most. ``passthrough`` errors are raised as they
+        are, for the caller to handle."""
         attempts = 1 + (self.settings.sdk_retries if idempotent else 0)
         for attempt in range(attempts):
             try:
                 return call()
+            except passthrough:
+                raise
             except (
                 api_exceptions.GoogleAPICallError,
                 api_exceptions.RetryError,
@@ -719,17 +723,18 @@ class GceCompute(Compute):
                 "request_id": str(uuid.uuid4()),
             }
             try:
-                operation = self.clients.instances.set_labels_unary(
-                    request=request, **self._options
+                # the requestId makes a retry after a transient failure safe
+                operation = self._call(
+                    what,
+                    lambda request=request: self.clients.instances.set_labels_unary(  # type: ignore[misc]
+                        request=request, **self._options
+                    ),
+                    instance_id=instance_id,
+                    idempotent=True,
+                    passthrough=(api_exceptions.PreconditionFailed,),
                 )
             except api_exceptions.PreconditionFailed:
                 continue  # the fingerprint is stale: read again
-            except (
-                api_exceptions.GoogleAPICallError,
-                api_exceptions.RetryError,
-                requests.exceptions.RequestException,
-            ) as exc:
-                raise self._error(exc, what, instance_id) from None
             try:
                 self._wait(operation, what, instance_id=instance_id)
             except ComputeError as exc:
@@ -822,6 +827,10 @@ class GceCompute(Compute):
             f"{self.settings.timeout}s (is this process running on the worker, with "
             "device_dir its /dev/disk/by-id?)"
         )
+
+    def worker_device_names(self) -> set[str]:
+        """The device names of the disks attached to the backup worker now."""
+        return {str(d.device_name) for d in self._raw(self.worker).disks}
 
     def detach_from_worker(self, device_name: str) -> None:
         """Detach the disk attached to the worker as ``device_name`` (gone already: fine)."""
@@ -1176,6 +1185,15 @@ def _release_parts(compute: GceCompute, parts: Sequence[_Part], *, keep: bool, w
     """Detach and delete a capture's temporary disks, and delete its snapshots unless
     ``keep``: everything is tried; one ComputeError names what is left behind."""
     problems: list[str] = []
+    if any(part.attached for part in parts):
+        # an attach that failed may or may not have happened: ask the worker
+        try:
+            present = compute.worker_device_names()
+        except RegionVaultError as exc:
+            problems.append(exc.message)
+        else:
+            for part in parts:
+                part.attached = part.attached and part.device_name in present
     for part in parts:
         if part.attached and part.device_name:
             try:
@@ -1541,6 +1559,15 @@ class GceBlockSink(BlockSink):
                 with contextlib.suppress(OSError):
                     os.close(target.fd)
                 target.fd = None
+        if any(target.attached for target in self.targets):
+            # an attach that failed may or may not have happened: ask the worker
+            try:
+                present = self.compute.worker_device_names()
+            except RegionVaultError as exc:
+                problems.append(exc.message)
+            else:
+                for target in self.targets:
+                    target.attached = target.attached and target.device_name in present
         for target in self.targets:
             if target.attached:
                 try:
