@@ -106,6 +106,10 @@ RESTORE_LABEL = "regionvault-restore"
 #: the description of an instance launched under a name GCE does not take as it is
 #: (``web 1``): the name follows, and is the Instance's name
 NAME_PREFIX = "regionvault name: "
+#: the device names of the disks captures and restores attach to the backup worker
+READ_DEVICE = "rv-read"
+WRITE_DEVICE = "rv-write"
+_OURS = (f"{READ_DEVICE}-", f"{WRITE_DEVICE}-")
 #: Compute Engine resource names (RFC 1035)
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 #: a GCE machine type (``e2-standard-2``, ``n2d-highmem-4``, ``custom-4-16384``): what a
@@ -209,6 +213,9 @@ def label_filter(wanted: Mapping[str, str | None]) -> str:
     return " AND ".join(terms)
 
 
+_REQUEST_LINE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ")
+
+
 def _status(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     return code if isinstance(code, int) and not isinstance(code, bool) else None
@@ -266,6 +273,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         reason = getattr(exc, "reason", None)
         message = (str(exc.message or "").strip().splitlines() or [""])[0]
+        # the SDK starts with the request ("POST http://.../setLabels?requestId=...: "):
+        # the operation is named by the caller's message already
+        message = _REQUEST_LINE.sub("", message)
         text = f"HTTP {exc.code}" + (f" {reason}" if reason else "") + f": {message}"
     elif isinstance(exc, requests.exceptions.Timeout):
         text = "no answer in time from the Compute Engine API"
@@ -886,9 +896,10 @@ class GceCompute(Compute):
         raw = self._raw(instance_id)
         instance = self._instance(raw)
         name = str(raw.name)
-        if name == worker:
-            raise self._fail(f"instance {name} is the backup worker: it cannot capture itself")
         attached = self._attached(raw)
+        if name == worker:
+            # the worker's own disks, not those other captures and restores attach to it
+            attached = [d for d in attached if not str(d.device_name).startswith(_OURS)]
         if not attached:
             raise self._fail(f"instance {name} has no disk to capture")
         parts: list[_Part] = []
@@ -960,7 +971,7 @@ class GceCompute(Compute):
             )
             for part in parts:
                 assert part.disk is not None
-                part.device_name = _unique_name("rv-read")
+                part.device_name = _unique_name(READ_DEVICE)
                 part.attached = True  # one whose attach failed may be attached all the same
                 part.path = self.attach_to_worker(part.disk, part.device_name, read_only=True)
             return GceBlockCapture(instance, min(taken), compute=self, parts=parts, keep=keep)
@@ -1112,11 +1123,27 @@ class GceCompute(Compute):
             instance = self._until_running(name)
         except BaseException:
             with contextlib.suppress(RegionVaultError):
-                self._delete_instance(name)
-                sink.instance_name = None
+                self.delete_launched(sink)
             raise
         sink.launched_instance_id = instance.id
         return instance
+
+    def delete_launched(self, sink: GceBlockSink) -> None:
+        """Delete the instance a failed launch from ``sink`` began, if it exists and boots
+        from the sink's disks: an instance of that name that is not the launch's (the name
+        was taken: GCE refused the insert) is left alone."""
+        name = sink.instance_name
+        if name is None:
+            return
+        try:
+            raw = self._raw(name)
+        except InstanceNotFound:
+            sink.instance_name = None
+            return
+        ours = set(sink.disk_names)
+        if any(d.source and _last(d.source) in ours for d in raw.disks):
+            self._delete_instance(name)
+        sink.instance_name = None
 
     def _until_running(self, name: str) -> Instance:
         """The launched instance once RUNNING, read every ``poll_interval`` for at most
@@ -1435,7 +1462,7 @@ class GceBlockSink(BlockSink):
                 offset=d.offset,
                 size=d.size,
                 disk=_unique_name(f"rv-{base}-{i}"),
-                device_name=_unique_name("rv-write"),
+                device_name=_unique_name(WRITE_DEVICE),
             )
             for i, d in enumerate(self.disks)
         ]
@@ -1595,12 +1622,10 @@ class GceBlockSink(BlockSink):
             return
         self.discarded = True
         problems: list[str] = []
-        if self.instance_name is not None:
-            try:
-                self.compute._delete_instance(self.instance_name)
-                self.instance_name = None
-            except RegionVaultError as exc:
-                problems.append(exc.message)
+        try:
+            self.compute.delete_launched(self)
+        except RegionVaultError as exc:
+            problems.append(exc.message)
         try:
             self._remove()
         except RegionVaultError as exc:

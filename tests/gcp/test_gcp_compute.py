@@ -363,8 +363,13 @@ def test_capture_needs_the_worker(gce: GceWorld) -> None:
     assert compute.get_instance(vm).id == vm  # listing and labels need no worker
     with pytest.raises(ConfigError, match="worker_instance"):
         compute.capture(vm)
-    with pytest.raises(ComputeError, match="backup worker"):
-        gce.compute().capture(WORKER)
+    # the worker itself is captured with its own disks, not those other captures attach
+    compute = gce.compute()
+    with compute.capture(vm) as capture, compute.capture(WORKER) as worker:
+        assert len(gce.fake.instance(WORKER)["disks"]) == 3  # boot, and one per capture
+        assert [d.name for d in worker.disks] == ["persistent-disk-0"]
+        assert [d.name for d in capture.disks] == ["persistent-disk-0"]
+    assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
 
 
 # --------------------------------------------------------------------------- restore
@@ -471,4 +476,19 @@ def test_a_restore_that_fails_while_attaching_removes_its_disks(gce: GceWorld) -
     gce.fake.fail_next("instances.attachDisk", 400, reason="invalid", message="no")
     with pytest.raises(ComputeError, match="cannot attach disk"):
         compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
+
+
+def test_a_launch_under_a_taken_name_leaves_that_instance_alone(gce: GceWorld) -> None:
+    compute = gce.compute()
+    theirs = gce.seed("vdu-12", labels={"owner": "someone-else"})
+    spec = LaunchSpec(name=theirs, tags=Tags({"backup": "1-7"}))
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert isinstance(sink, GceBlockSink)
+    _write_all(sink, b"q" * MiB)
+    with pytest.raises(ComputeError, match="HTTP 409") as refused:
+        compute.launch(spec, sink)
+    assert "POST http" not in str(refused.value)  # the operation, not the request line
+    sink.discard()
+    assert compute.get_instance(theirs).tags == Tags({"owner": "someone-else"})
     assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
