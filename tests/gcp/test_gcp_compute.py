@@ -492,3 +492,29 @@ def test_a_launch_under_a_taken_name_leaves_that_instance_alone(gce: GceWorld) -
     sink.discard()
     assert compute.get_instance(theirs).tags == Tags({"owner": "someone-else"})
     assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
+
+
+def test_a_launch_waits_for_running_and_one_that_stops_is_removed(gce: GceWorld) -> None:
+    compute = gce.compute()
+    gce.fake.start_statuses = ["PROVISIONING", "STAGING", "STAGING", "RUNNING"]
+    gce.fake.device_link_delay = 0.05  # udev's moment after the attach
+    spec = LaunchSpec(name="vdu-13", tags=Tags({"backup": "1-7"}))
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert isinstance(sink, GceBlockSink)
+    _write_all(sink, b"r" * MiB)
+    gets = gce.fake.counts["instances.get"]
+    assert compute.launch(spec, sink).state == "running"
+    assert gce.fake.counts["instances.get"] - gets >= 4
+    assert gce.fake.read_only_writes == []
+    compute.terminate("vdu-13")
+
+    gce.fake.start_statuses = ["STAGING", "TERMINATED"]
+    spec = LaunchSpec(name="vdu-14", tags=Tags({"backup": "1-7"}))
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    assert isinstance(sink, GceBlockSink)
+    _write_all(sink, b"s" * MiB)
+    with pytest.raises(ComputeError, match="did not start: it is TERMINATED"):
+        compute.launch(spec, sink)
+    assert "vdu-14" not in gce.fake.instance_names()
+    sink.discard()
+    assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
