@@ -518,3 +518,50 @@ def test_a_launch_waits_for_running_and_one_that_stops_is_removed(gce: GceWorld)
     assert "vdu-14" not in gce.fake.instance_names()
     sink.discard()
     assert gce.leftovers() == {"snapshots": [], "disks": [], "worker disks": [], "devices": []}
+
+
+def test_the_sdks_own_operation_poller_is_never_used(
+    gce: GceWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ExtendedOperation.result()`` polls through a client built without the configured
+    endpoint (the public API): every operation must be polled by the provider itself."""
+    from google.api_core import extended_operation
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("ExtendedOperation.result() would poll compute.googleapis.com")
+
+    monkeypatch.setattr(extended_operation.ExtendedOperation, "result", refuse)
+    monkeypatch.setattr(extended_operation.ExtendedOperation, "done", refuse)
+    compute = gce.compute()
+    vm = gce.seed("vcu-20", disks=[b"a" * 4096, b"b" * 4096], labels={"backup": "1-7"})
+    compute.set_tags(vm, {"role": "vcu"})
+    with compute.capture(vm, keep=True) as capture:
+        blocks = list(capture.blocks())
+    assert capture.ref is not None
+    compute.release_capture(capture.ref)
+    spec = LaunchSpec(name="vcu-20-copy", tags=Tags({"backup": "1-7"}))
+    sink = compute.open_restore_sink(
+        spec, CaptureKind.BLOCKS, size=capture.size, disks=capture.disks
+    )
+    for offset, block in blocks:
+        sink.write(offset, block)
+    sink.commit()
+    compute.terminate(compute.launch(spec, sink).id)
+    polls = gce.fake.counts["zoneOperations.get"] + gce.fake.counts["globalOperations.get"]
+    assert polls > 10 and gce.fake.pending_operations() == []
+
+
+def test_a_device_that_does_not_appear_fails_naming_it_and_cleans_up(tmp_path: Path) -> None:
+    with gce_world(tmp_path) as world:
+        world.fake.device_link_delay = 30.0  # never, within the test's timeout
+        compute = world.compute(timeout=1)
+        vm = world.seed("vcu-21", disks=[b"c" * 4096])
+        with pytest.raises(ComputeError, match="did not appear within 1s") as failed:
+            compute.capture(vm)
+        assert "device_dir" in str(failed.value)
+        assert world.leftovers() == {
+            "snapshots": [],
+            "disks": [],
+            "worker disks": [],
+            "devices": [],
+        }
