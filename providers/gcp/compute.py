@@ -106,6 +106,10 @@ RESTORE_LABEL = "regionvault-restore"
 #: the description of an instance launched under a name GCE does not take as it is
 #: (``web 1``): the name follows, and is the Instance's name
 NAME_PREFIX = "regionvault name: "
+#: the device names of the disks captures and restores attach to the backup worker
+READ_DEVICE = "rv-read"
+WRITE_DEVICE = "rv-write"
+_OURS = (f"{READ_DEVICE}-", f"{WRITE_DEVICE}-")
 #: Compute Engine resource names (RFC 1035)
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 #: a GCE machine type (``e2-standard-2``, ``n2d-highmem-4``, ``custom-4-16384``): what a
@@ -209,6 +213,9 @@ def label_filter(wanted: Mapping[str, str | None]) -> str:
     return " AND ".join(terms)
 
 
+_REQUEST_LINE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ")
+
+
 def _status(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     return code if isinstance(code, int) and not isinstance(code, bool) else None
@@ -266,6 +273,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         reason = getattr(exc, "reason", None)
         message = (str(exc.message or "").strip().splitlines() or [""])[0]
+        # the SDK starts with the request ("POST http://.../setLabels?requestId=...: "):
+        # the operation is named by the caller's message already
+        message = _REQUEST_LINE.sub("", message)
         text = f"HTTP {exc.code}" + (f" {reason}" if reason else "") + f": {message}"
     elif isinstance(exc, requests.exceptions.Timeout):
         text = "no answer in time from the Compute Engine API"
@@ -415,14 +425,18 @@ class GceCompute(Compute):
         *,
         instance_id: str | None = None,
         idempotent: bool = False,
+        passthrough: tuple[type[BaseException], ...] = (),
     ) -> T:
         """``call()``, its SDK errors mapped; a call that may be made twice (``idempotent``: a
         read, or a change carrying its requestId, :meth:`_start`) that failed transiently is
-        made again, ``sdk_retries`` times at most."""
+        made again, ``sdk_retries`` times at most. ``passthrough`` errors are raised as they
+        are, for the caller to handle."""
         attempts = 1 + (self.settings.sdk_retries if idempotent else 0)
         for attempt in range(attempts):
             try:
                 return call()
+            except passthrough:
+                raise
             except (
                 api_exceptions.GoogleAPICallError,
                 api_exceptions.RetryError,
@@ -719,17 +733,18 @@ class GceCompute(Compute):
                 "request_id": str(uuid.uuid4()),
             }
             try:
-                operation = self.clients.instances.set_labels_unary(
-                    request=request, **self._options
+                # the requestId makes a retry after a transient failure safe
+                operation = self._call(
+                    what,
+                    lambda request=request: self.clients.instances.set_labels_unary(  # type: ignore[misc]
+                        request=request, **self._options
+                    ),
+                    instance_id=instance_id,
+                    idempotent=True,
+                    passthrough=(api_exceptions.PreconditionFailed,),
                 )
             except api_exceptions.PreconditionFailed:
                 continue  # the fingerprint is stale: read again
-            except (
-                api_exceptions.GoogleAPICallError,
-                api_exceptions.RetryError,
-                requests.exceptions.RequestException,
-            ) as exc:
-                raise self._error(exc, what, instance_id) from None
             try:
                 self._wait(operation, what, instance_id=instance_id)
             except ComputeError as exc:
@@ -823,6 +838,10 @@ class GceCompute(Compute):
             "device_dir its /dev/disk/by-id?)"
         )
 
+    def worker_device_names(self) -> set[str]:
+        """The device names of the disks attached to the backup worker now."""
+        return {str(d.device_name) for d in self._raw(self.worker).disks}
+
     def detach_from_worker(self, device_name: str) -> None:
         """Detach the disk attached to the worker as ``device_name`` (gone already: fine)."""
         self._gone_ok(
@@ -877,9 +896,10 @@ class GceCompute(Compute):
         raw = self._raw(instance_id)
         instance = self._instance(raw)
         name = str(raw.name)
-        if name == worker:
-            raise self._fail(f"instance {name} is the backup worker: it cannot capture itself")
         attached = self._attached(raw)
+        if name == worker:
+            # the worker's own disks, not those other captures and restores attach to it
+            attached = [d for d in attached if not str(d.device_name).startswith(_OURS)]
         if not attached:
             raise self._fail(f"instance {name} has no disk to capture")
         parts: list[_Part] = []
@@ -951,7 +971,7 @@ class GceCompute(Compute):
             )
             for part in parts:
                 assert part.disk is not None
-                part.device_name = _unique_name("rv-read")
+                part.device_name = _unique_name(READ_DEVICE)
                 part.attached = True  # one whose attach failed may be attached all the same
                 part.path = self.attach_to_worker(part.disk, part.device_name, read_only=True)
             return GceBlockCapture(instance, min(taken), compute=self, parts=parts, keep=keep)
@@ -1103,11 +1123,27 @@ class GceCompute(Compute):
             instance = self._until_running(name)
         except BaseException:
             with contextlib.suppress(RegionVaultError):
-                self._delete_instance(name)
-                sink.instance_name = None
+                self.delete_launched(sink)
             raise
         sink.launched_instance_id = instance.id
         return instance
+
+    def delete_launched(self, sink: GceBlockSink) -> None:
+        """Delete the instance a failed launch from ``sink`` began, if it exists and boots
+        from the sink's disks: an instance of that name that is not the launch's (the name
+        was taken: GCE refused the insert) is left alone."""
+        name = sink.instance_name
+        if name is None:
+            return
+        try:
+            raw = self._raw(name)
+        except InstanceNotFound:
+            sink.instance_name = None
+            return
+        ours = set(sink.disk_names)
+        if any(d.source and _last(d.source) in ours for d in raw.disks):
+            self._delete_instance(name)
+        sink.instance_name = None
 
     def _until_running(self, name: str) -> Instance:
         """The launched instance once RUNNING, read every ``poll_interval`` for at most
@@ -1176,6 +1212,15 @@ def _release_parts(compute: GceCompute, parts: Sequence[_Part], *, keep: bool, w
     """Detach and delete a capture's temporary disks, and delete its snapshots unless
     ``keep``: everything is tried; one ComputeError names what is left behind."""
     problems: list[str] = []
+    if any(part.attached for part in parts):
+        # an attach that failed may or may not have happened: ask the worker
+        try:
+            present = compute.worker_device_names()
+        except RegionVaultError as exc:
+            problems.append(exc.message)
+        else:
+            for part in parts:
+                part.attached = part.attached and part.device_name in present
     for part in parts:
         if part.attached and part.device_name:
             try:
@@ -1417,7 +1462,7 @@ class GceBlockSink(BlockSink):
                 offset=d.offset,
                 size=d.size,
                 disk=_unique_name(f"rv-{base}-{i}"),
-                device_name=_unique_name("rv-write"),
+                device_name=_unique_name(WRITE_DEVICE),
             )
             for i, d in enumerate(self.disks)
         ]
@@ -1541,6 +1586,15 @@ class GceBlockSink(BlockSink):
                 with contextlib.suppress(OSError):
                     os.close(target.fd)
                 target.fd = None
+        if any(target.attached for target in self.targets):
+            # an attach that failed may or may not have happened: ask the worker
+            try:
+                present = self.compute.worker_device_names()
+            except RegionVaultError as exc:
+                problems.append(exc.message)
+            else:
+                for target in self.targets:
+                    target.attached = target.attached and target.device_name in present
         for target in self.targets:
             if target.attached:
                 try:
@@ -1568,12 +1622,10 @@ class GceBlockSink(BlockSink):
             return
         self.discarded = True
         problems: list[str] = []
-        if self.instance_name is not None:
-            try:
-                self.compute._delete_instance(self.instance_name)
-                self.instance_name = None
-            except RegionVaultError as exc:
-                problems.append(exc.message)
+        try:
+            self.compute.delete_launched(self)
+        except RegionVaultError as exc:
+            problems.append(exc.message)
         try:
             self._remove()
         except RegionVaultError as exc:

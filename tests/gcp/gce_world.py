@@ -104,22 +104,20 @@ class GceWorld:
             return f.read(length)
 
     def worker_devices(self) -> list[str]:
-        """The worker's device links (``google-*``) now present."""
+        """The worker's device links (``google-*``) now present, its boot disk's included."""
         return sorted(p.name for p in self.fake.device_dir.iterdir())
 
     def leftovers(self) -> dict[str, list[str]]:
         """What the provider made and did not remove: snapshots, disks other than the
         instances' own (``<instance>-<i>``), the worker's extra disks and devices."""
         instances = set(self.fake.instance_names())
+        worker_disks = self.fake.instance(WORKER)["disks"]
+        own = {f"google-{worker_disks[0]['deviceName']}"}  # the worker's boot disk
         return {
             "snapshots": self.fake.snapshot_names(),
-            "disks": [
-                d for d in self.fake.disk_names() if d.rpartition("-")[0] not in instances
-            ],
-            "worker disks": [
-                str(d["deviceName"]) for d in self.fake.instance(WORKER)["disks"][1:]
-            ],
-            "devices": self.worker_devices(),
+            "disks": [d for d in self.fake.disk_names() if d.rpartition("-")[0] not in instances],
+            "worker disks": [str(d["deviceName"]) for d in self.fake.instance(WORKER)["disks"][1:]],
+            "devices": [d for d in self.worker_devices() if d not in own],
         }
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ filters and pages, fingerprints, disks refused while attached, worker device lin
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
@@ -28,12 +31,14 @@ from regionvault.providers.gcp.fakes.compute import (
     copy_sparse,
     data_extents,
     parse_label_filter,
+    seed_instance_over_api,
 )
 
 PROJECT = "rv-test-project"
 ZONE = "europe-west1-b"
 DONE = compute_v1.Operation.Status.DONE
 RUNNING = compute_v1.Operation.Status.RUNNING
+PENDING = compute_v1.Operation.Status.PENDING
 
 
 @dataclass
@@ -102,14 +107,32 @@ def _snapshot_of(gce: Gce, disk: str, name: str, **labels: str) -> compute_v1.Sn
     return gce.snapshots.get(project=PROJECT, snapshot=name)
 
 
-def _attach(gce: Gce, instance: str, disk: str, device: str) -> compute_v1.Operation:
+def _attach(
+    gce: Gce, instance: str, disk: str, device: str, mode: str = "READ_WRITE"
+) -> compute_v1.Operation:
     return gce.instances.attach_disk_unary(
         project=PROJECT,
         zone=ZONE,
         instance=instance,
         attached_disk_resource=compute_v1.AttachedDisk(
-            source=f"zones/{ZONE}/disks/{disk}", device_name=device
+            source=f"zones/{ZONE}/disks/{disk}", device_name=device, mode=mode
         ),
+    )
+
+
+def _detach(gce: Gce, instance: str, device: str) -> None:
+    gce.done(
+        gce.instances.detach_disk_unary(
+            project=PROJECT, zone=ZONE, instance=instance, device_name=device
+        )
+    )
+
+
+def _blank(gce: Gce, name: str) -> None:
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name=name, size_gb=10)
+        )
     )
 
 
@@ -177,6 +200,34 @@ def test_label_filters_the_fake_refuses(text: str) -> None:
         parse_label_filter(text)
 
 
+_KEYS = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+_VALUES = st.from_regex(r"[a-z0-9_-]{0,8}", fullmatch=True)
+
+
+@given(
+    st.lists(st.tuples(_KEYS, st.none() | _VALUES), min_size=1, max_size=5),
+    st.sampled_from([" AND ", " ", "  AND  "]),
+    st.booleans(),
+)
+def test_any_and_of_label_expressions_parses_back(
+    terms: list[tuple[str, str | None]], joiner: str, quoted: bool
+) -> None:
+    def render(key: str, value: str | None) -> str:
+        if value is None:
+            return f"labels.{key}:*"
+        if quoted or not value:
+            return f'labels.{key} = "{value}"'
+        return f"labels.{key}={value}"
+
+    text = joiner.join(f"({render(k, v)})" for k, v in terms)
+    assert parse_label_filter(text) == terms
+    if len(terms) == 1:
+        assert parse_label_filter(render(*terms[0])) == terms
+    else:  # the same expressions without their parentheses are refused
+        with pytest.raises(FilterError):
+            parse_label_filter(joiner.join(render(k, v) for k, v in terms))
+
+
 def test_list_filters_on_labels_over_the_wire(gce: Gce) -> None:
     gce.fake.seed_instance("vm-prod-a", labels={"env": "prod", "tier": "web"})
     gce.fake.seed_instance("vm-prod-b", labels={"env": "prod"})
@@ -216,6 +267,18 @@ def test_list_pages_with_max_results_and_page_token(gce: Gce) -> None:
         }
     )
     assert [i.name for i in rest] == ["vm-2b", "vm-3", "vm-4"]
+    # one deleted between pages is not listed, and nothing after it is skipped
+    gce.done(gce.instances.delete_unary(project=PROJECT, zone=ZONE, instance="vm-3"))
+    rest = gce.instances.list(
+        request={
+            "project": PROJECT,
+            "zone": ZONE,
+            "filter": "labels.rv:*",
+            "max_results": 3,
+            "page_token": page.next_page_token,
+        }
+    )
+    assert [i.name for i in rest] == ["vm-2b", "vm-4"]
     with pytest.raises(gexc.BadRequest, match="pageToken"):
         gce.names(page_token="not-a-token")
     with pytest.raises(gexc.BadRequest, match="maxResults"):
@@ -254,6 +317,24 @@ def test_get_answers_the_instance_as_gce_shapes_it(gce: Gce) -> None:
         gce.instances.get(project="other-project", zone=ZONE, instance="vm-a")
     with pytest.raises(gexc.BadRequest, match="zone"):
         gce.instances.get(project=PROJECT, zone="us-east1-b", instance="vm-a")
+
+
+def test_seed_instance_refuses_what_gce_would(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="already exists"):
+        gce.fake.seed_instance("vm-a")
+    with pytest.raises(ValueError, match="Label keys"):
+        gce.fake.seed_instance("vm-b", labels={"Bad": "x"})
+    with pytest.raises(ValueError, match="regex"):
+        gce.fake.seed_instance("VM_C")
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="vm-d-0", size_gb=10)
+        )
+    )
+    with pytest.raises(ValueError, match="disks/vm-d-0"):
+        gce.fake.seed_instance("vm-d")
+    assert gce.fake.instance_names() == ["rv-worker", "vm-a"]
 
 
 def test_set_labels_checks_the_fingerprint(gce: Gce) -> None:
@@ -327,7 +408,7 @@ def test_insert_from_disks_and_snapshots_then_delete(gce: Gce) -> None:
         ],
     )
     op = gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance)
-    assert op.status == RUNNING
+    assert op.status == PENDING
     with pytest.raises(gexc.NotFound):
         gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-new")
     gce.done(op)
@@ -398,8 +479,38 @@ def test_insert_refuses_a_disk_in_use(gce: Gce) -> None:
         network_interfaces=[compute_v1.NetworkInterface()],
         disks=[compute_v1.AttachedDisk(boot=True, source=f"zones/{ZONE}/disks/vm-src-0")],
     )
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
+    # GCE accepts the request; its operation fails
+    op = gce.wait(
         gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance)
+    )
+    assert [e.code for e in op.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+    assert "already being used by" in op.error.errors[0].message
+    assert op.http_error_status_code == 400
+    assert "vm-new" not in gce.fake.instance_names()
+
+
+def test_an_inserted_instance_goes_through_the_start_statuses(gce: Gce) -> None:
+    gce.fake.start_statuses = ["PROVISIONING", "STAGING", "RUNNING"]
+    gce.fake.seed_instance("vm-src", disks=[b"x"])
+    _snapshot_of(gce, "vm-src-0", "snap")
+    instance = compute_v1.Instance(
+        name="vm-new",
+        machine_type=f"zones/{ZONE}/machineTypes/e2-standard-2",
+        network_interfaces=[compute_v1.NetworkInterface()],
+        disks=[
+            compute_v1.AttachedDisk(
+                boot=True,
+                initialize_params=compute_v1.AttachedDiskInitializeParams(
+                    source_snapshot="global/snapshots/snap"
+                ),
+            )
+        ],
+    )
+    gce.done(gce.instances.insert_unary(project=PROJECT, zone=ZONE, instance_resource=instance))
+    seen = [
+        gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-new").status for _ in range(4)
+    ]
+    assert seen == ["PROVISIONING", "STAGING", "RUNNING", "RUNNING"]
 
 
 def test_stop_and_start(gce: Gce) -> None:
@@ -517,6 +628,27 @@ def test_snapshots_hold_the_bytes_of_when_they_were_asked_for(gce: Gce, tmp_path
         assert f.read(5) == b"first"
 
 
+def test_a_disk_from_a_snapshot_is_at_least_its_size(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-big", disks=[b"boot"], disk_size_gb=20)
+    _snapshot_of(gce, "vm-big-0", "snap-big")
+    with pytest.raises(gexc.BadRequest, match=r"smaller than the snapshot size \(20 GB\)"):
+        gce.disks.insert_unary(
+            project=PROJECT,
+            zone=ZONE,
+            disk_resource=compute_v1.Disk(
+                name="d", size_gb=15, source_snapshot="global/snapshots/snap-big"
+            ),
+        )
+    gce.done(
+        gce.disks.insert_unary(
+            project=PROJECT,
+            zone=ZONE,
+            disk_resource=compute_v1.Disk(name="d", source_snapshot="global/snapshots/snap-big"),
+        )
+    )
+    assert _disk(gce, "d").size_gb == 20
+
+
 def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
     if not _reports_holes(tmp_path):
         pytest.skip(f"the file system of {tmp_path} does not report holes (SEEK_DATA)")
@@ -567,8 +699,9 @@ def test_a_disk_attached_to_the_worker_appears_as_a_device_link(gce: Gce) -> Non
     )
     with pytest.raises(gexc.BadRequest, match="deviceName"):
         _attach(gce, gce.fake.worker_instance, "tmp-2", "rv-cap-1")
-    with pytest.raises(gexc.BadRequest, match="already being used by"):
-        _attach(gce, gce.fake.worker_instance, "vm-a-1", "rv-cap-2")
+    in_use = gce.wait(_attach(gce, gce.fake.worker_instance, "vm-a-1", "rv-cap-2"))
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+    assert not (gce.fake.device_dir / "google-rv-cap-2").exists()
     with pytest.raises(gexc.BadRequest, match="already being used by") as refused:
         gce.disks.delete_unary(project=PROJECT, zone=ZONE, disk="tmp-1")
     assert refused.value.errors[0]["reason"] == "resourceInUseByAnotherResource"
@@ -606,6 +739,61 @@ def test_disks_of_other_instances_make_no_device_link(gce: Gce) -> None:
     assert not (gce.fake.device_dir / "google-extra").exists()
 
 
+def test_read_only_attachments_share_a_disk_and_a_write_is_found(gce: Gce) -> None:
+    gce.fake.seed_instance("vm-a", disks=[b"boot"])
+    gce.fake.seed_instance("vm-b", disks=[b"boot"])
+    worker = gce.fake.worker_instance
+    _blank(gce, "shared")
+    gce.done(_attach(gce, worker, "shared", "ro-1", "READ_ONLY"))
+    gce.done(_attach(gce, "vm-a", "shared", "ro-2", "READ_ONLY"))  # many readers: allowed
+    in_use = gce.wait(_attach(gce, "vm-b", "shared", "rw-1"))  # a writer among readers
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+    with pytest.raises(gexc.BadRequest, match="Disk already attached"):
+        _attach(gce, worker, "shared", "ro-again", "READ_ONLY")
+    with pytest.raises(gexc.BadRequest, match="READ_WRITE or READ_ONLY"):
+        _attach(gce, worker, "shared", "x", "SHARED")
+    assert len(_disk(gce, "shared").users) == 2
+    device = gce.fake.device_dir / "google-ro-1"
+    with device.open("rb") as f:
+        assert f.read(4) == bytes(4)
+    _detach(gce, "vm-a", "ro-2")
+    _detach(gce, worker, "ro-1")
+    assert gce.fake.read_only_writes == []
+    # root may write through a read-only device; the fake tells on detach
+    gce.done(_attach(gce, worker, "shared", "ro-3", "READ_ONLY"))
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError):
+            (gce.fake.device_dir / "google-ro-3").open("r+b")
+        gce.fake.disk_path("shared").chmod(0o644)  # as root could
+    with (gce.fake.device_dir / "google-ro-3").open("r+b") as f:
+        f.write(b"oops")
+    _detach(gce, worker, "ro-3")
+    assert gce.fake.read_only_writes == [("shared", worker, "ro-3")]
+    # a writer, then a reader: refused too
+    gce.done(_attach(gce, worker, "shared", "rw-2"))
+    in_use = gce.wait(_attach(gce, "vm-a", "shared", "ro-4", "READ_ONLY"))
+    assert [e.code for e in in_use.error.errors] == ["RESOURCE_IN_USE_BY_ANOTHER_RESOURCE"]
+
+
+def test_the_device_link_may_come_after_the_attach(gce: Gce) -> None:
+    import time
+
+    worker = gce.fake.worker_instance
+    _blank(gce, "late")
+    gce.fake.device_link_delay = 3600.0
+    gce.done(_attach(gce, worker, "late", "late-1"))
+    assert not (gce.fake.device_dir / "google-late-1").exists()  # not for an hour
+    _detach(gce, worker, "late-1")
+    gce.fake.device_link_delay = 0.05
+    gce.done(_attach(gce, worker, "late", "late-2"))
+    device = gce.fake.device_dir / "google-late-2"
+    for _ in range(1000):  # at most 10 s
+        if device.exists():
+            break
+        time.sleep(0.01)
+    assert device.resolve() == gce.fake.disk_path("late").resolve()
+
+
 # --------------------------------------------------------------------------- operations
 
 
@@ -614,7 +802,7 @@ def test_operations_stay_running_for_the_configured_polls(gce: Gce) -> None:
     op = gce.disks.insert_unary(
         project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="slow", size_gb=10)
     )
-    assert op.status == RUNNING
+    assert op.status == PENDING
     seen = []
     for _ in range(3):
         op = gce.zone_ops.get(project=PROJECT, zone=ZONE, operation=op.name)
@@ -716,6 +904,149 @@ def test_a_repeated_request_id_gets_the_first_operation(gce: Gce) -> None:
     assert again.name == first.name
     gce.done(again)
     assert gce.fake.disk_names().count("once") == 1
+
+
+def test_a_lost_answer_leaves_the_effect_and_a_request_id_finds_it(gce: Gce) -> None:
+    gce.fake.fail_next("disks.insert", 503, lose_answer=True)
+    request = compute_v1.InsertDiskRequest(
+        project=PROJECT,
+        zone=ZONE,
+        disk_resource=compute_v1.Disk(name="lost", size_gb=10),
+        request_id="0d6f3c1a-3c53-4a55-8d0e-9e4f3a2b1c0d",
+    )
+    with pytest.raises(gexc.ServiceUnavailable):
+        gce.disks.insert_unary(request=request)
+    # the retry with the same requestId is the same operation, not a 409
+    gce.done(gce.disks.insert_unary(request=request))
+    assert _disk(gce, "lost").size_gb == 10
+    inserts = [a for a in gce.fake.answers if a[0] == "disks.insert"]
+    assert inserts == [("disks.insert", 503), ("disks.insert", 200)]
+    with pytest.raises(ValueError, match="makes no operation"):
+        gce.fake.fail_next_operation("instances.list")
+
+
+def test_an_unserved_path_is_a_404_that_says_so(gce: Gce) -> None:
+    images = compute_v1.ImagesClient(
+        credentials=AnonymousCredentials(), client_options={"api_endpoint": gce.fake.endpoint}
+    )
+    try:
+        with pytest.raises(gexc.NotFound, match="does not serve"):
+            images.get(project=PROJECT, image="debian")
+    finally:
+        images.transport.close()
+    assert gce.fake.answers[-1] == ("?", 404)
+
+
+def test_seed_instance_over_the_api_writes_through_the_worker(gce: Gce) -> None:
+    boot = b"\x7fELF" + bytes(4096) + b"tail"
+    name = seed_instance_over_api(
+        endpoint=gce.fake.endpoint,
+        project=PROJECT,
+        zone=ZONE,
+        worker_instance=gce.fake.worker_instance,
+        device_dir=gce.fake.device_dir,
+        name="vm-seeded",
+        disks=[boot, b"data disk"],
+        labels={"rv-policy": "1-7"},
+        machine_type="n2-standard-2",
+    )
+    vm = gce.instances.get(project=PROJECT, zone=ZONE, instance=name)
+    assert vm.labels == {"rv-policy": "1-7"}
+    assert vm.machine_type.endswith("/n2-standard-2")
+    assert [(d.boot, d.source.rsplit("/", 1)[1]) for d in vm.disks] == [
+        (True, "vm-seeded-0"),
+        (False, "vm-seeded-1"),
+    ]
+    with gce.fake.disk_path("vm-seeded-0").open("rb") as f:
+        assert f.read(len(boot)) == boot
+    with gce.fake.disk_path("vm-seeded-1").open("rb") as f:
+        assert f.read(9) == b"data disk"
+    # the worker holds nothing of it any more
+    assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+    # a failure removes the disks it made
+    gce.fake.fail_next("instances.insert", 400, reason="invalid")
+    with pytest.raises(gexc.BadRequest):
+        seed_instance_over_api(
+            endpoint=gce.fake.endpoint,
+            project=PROJECT,
+            zone=ZONE,
+            worker_instance=gce.fake.worker_instance,
+            device_dir=gce.fake.device_dir,
+            name="vm-failed",
+            disks=[b"x"],
+        )
+    assert not [d for d in gce.fake.disk_names() if d.startswith("vm-failed")]
+
+
+def test_a_new_fake_removes_the_device_links_an_old_one_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "devices").mkdir(parents=True)
+    (state / "devices" / "google-old").symlink_to(tmp_path / "gone")
+    fake = GceFake(project=PROJECT, zone=ZONE, state_dir=state)
+    assert sorted(p.name for p in fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+
+
+def test_concurrent_clients_see_one_consistent_zone(gce: Gce) -> None:
+    """Eight threads, each with its own clients, make, snapshot, attach, detach and delete
+    disks at once: every operation succeeds, every device link was its own disk's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(index: int) -> str:
+        options = {"api_endpoint": gce.fake.endpoint}
+        credentials = AnonymousCredentials()
+        mine = Gce(
+            gce.fake,
+            compute_v1.InstancesClient(credentials=credentials, client_options=options),
+            compute_v1.DisksClient(credentials=credentials, client_options=options),
+            compute_v1.SnapshotsClient(credentials=credentials, client_options=options),
+            compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options),
+            compute_v1.GlobalOperationsClient(credentials=credentials, client_options=options),
+        )
+        try:
+            disk, device = f"par-{index}", f"dev-{index}"
+            _blank(mine, disk)
+            mine.done(_attach(mine, gce.fake.worker_instance, disk, device))
+            with (gce.fake.device_dir / f"google-{device}").open("r+b") as f:
+                f.write(disk.encode())
+            _detach(mine, gce.fake.worker_instance, device)
+            _snapshot_of(mine, disk, f"snap-{index}")
+            mine.done(mine.disks.delete_unary(project=PROJECT, zone=ZONE, disk=disk))
+            mine.names()
+            with gce.fake.snapshot_path(f"snap-{index}").open("rb") as f:
+                return f.read(len(disk)).decode()
+        finally:
+            for client in (mine.instances, mine.disks, mine.snapshots):
+                client.transport.close()
+            mine.zone_ops.transport.close()
+            mine.global_ops.transport.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(work, range(8)))
+    assert read == [f"par-{i}" for i in range(8)]
+    assert gce.fake.snapshot_names() == sorted(f"snap-{i}" for i in range(8))
+    assert not [d for d in gce.fake.disk_names() if d.startswith("par-")]
+    assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
+    assert not [status for _m, status in gce.fake.answers if status >= 400]
+
+
+def test_compute_settings_are_a_valid_region(gce: Gce, tmp_path: Path) -> None:
+    from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+    from regionvault.providers.gcp.auth import credentials_for
+    from regionvault.providers.gcp.settings import GcpSettings
+
+    values = gce.fake.compute_settings()
+    region = RegionConfig(
+        id=RegionId.parse("gcp:east"),
+        settings=values,
+        services={"compute": ServiceConfig("gcp", values)},
+        base_dir=tmp_path,
+        source="site.toml",
+    )
+    settings = GcpSettings.from_region(region)
+    assert (settings.zone, settings.location) == (ZONE, "europe-west1")
+    assert settings.compute_endpoint == gce.fake.endpoint
+    assert settings.device_dir == str(gce.fake.device_dir)
+    assert type(credentials_for(region, settings, "compute")).__name__ == "AnonymousCredentials"
 
 
 # --------------------------------------------------------------------------- as a process

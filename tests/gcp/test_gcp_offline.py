@@ -2,15 +2,15 @@
 
 One backup-like round trip drives a GcpProvider's services with the unmodified Google
 clients against the offline stack (gcp-storage-emulator, the Cloud KMS gRPC fake, the
-Compute Engine REST fake): region gcp:east wraps and unwraps a data key on its KMS key,
-stores an object encrypted under it in its bucket and reads it back (whole and a range),
+Compute Engine REST fake): region gcp:east wraps and unwraps a data key on its KMS key
+(which gcp:west's key ring refuses), stores an object encrypted under it in its bucket and reads it back (whole and a range),
 seals a secret for gcp:west with west's public key only, sends it through west's inbox,
 where west lists, receives, unseals and discards it; east lists its labelled instances with
 a server-side label filter and captures one (snapshot, a disk made from it attached to the
-worker, read through the device, everything removed: the long-running operations polled
-through operation clients of the same endpoint).
+worker, read through the device, then every snapshot and temporary disk removed: the
+long-running operations polled through operation clients of the same endpoint).
 
-It runs twice:
+It runs twice (and a third test shows the guards catch what they are for):
 
 - in a child process inside a network namespace of its own (``unshare -rn``: a user and
   network namespace whose only interface is the loopback, brought up first): there, any
@@ -21,10 +21,15 @@ It runs twice:
 - in this process with an audit hook (``sys.addaudithook``) on ``socket.connect``,
   ``socket.getaddrinfo``, ``socket.sendto`` and ``http.client.connect``, recording every
   address the Python-level clients (storage, compute, google-auth) resolve or connect to:
-  all must be the loopback. gRPC connects in C, below the hook: the namespace run covers it.
+  all must be the loopback. gRPC connects in C, below the hook: the targets of the channels
+  the KMS clients make are recorded where they are made, and the namespace run covers it;
+- the hazard itself, in the namespace only: the SDK's ``ExtendedOperation.result()``
+  against the Compute Engine fake polls compute.googleapis.com; it fails there and the hook
+  names the lookup. Without that, a guard that never fails would prove nothing.
 
-Run as a script (``python test_gcp_offline.py WORKDIR``) the module performs the round trip
-and prints its summary as JSON; that is what the namespace child runs.
+Run as a script (``python test_gcp_offline.py WORKDIR --isolated [--sdk-poller]``) the
+module performs the round trip (or the hazard) and prints its summary as JSON; that is what
+the namespace child runs.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ def round_trip(workdir: Path) -> dict[str, Any]:
     """Start the offline stack, run the round trip, stop everything; a summary of what was
     done and counted (the assertions that matter are here: any failure raises)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from regionvault.core.errors import KeyAccessDenied
     from regionvault.core.interfaces import BlockCapture
     from regionvault.providers.gcp.emulator import GcsEmulator
     from regionvault.providers.gcp.fakes.compute import GceFake
@@ -150,6 +156,12 @@ def round_trip(workdir: Path) -> dict[str, Any]:
         data_key = keys_a.generate_data_key(context)
         assert keys_a.unwrap(data_key.wrapped, context) == data_key.plaintext
         assert data_key.plaintext not in data_key.wrapped
+        try:  # west's key ring cannot open what east's wrapped
+            keys_b.unwrap(data_key.wrapped, context)
+        except KeyAccessDenied:
+            pass
+        else:
+            raise AssertionError("gcp:west unwrapped a data key of gcp:east")
 
         # vault: an object encrypted under it, if-absent, read whole and by range
         nonce = os.urandom(12)
@@ -173,7 +185,7 @@ def round_trip(workdir: Path) -> dict[str, Any]:
         assert keys_b.unseal(transit.receive("copy-1"), seal_context) == secret
         transit.discard("copy-1")
         assert list(transit.inbox()) == []
-        summary["bytes_sent"] = transit.bytes_sent()
+        summary["bytes_sent"] = transit.bytes_sent
 
         # compute: a server-side label filter, then a capture through the worker
         found = [i.name for i in compute_a.list_instances(tag_filters={"backup": None})]
@@ -190,6 +202,12 @@ def round_trip(workdir: Path) -> dict[str, Any]:
                 assert not any(data[len(expected) :]), f"bytes past the disk's data at {offset}"
                 covered += len(expected) - expected.count(0)
         summary["captured"] = covered
+        # the capture's snapshot and temporary disk are gone, nothing is left on the worker
+        assert gce.snapshot_names() == [], gce.snapshot_names()
+        assert sorted(gce.disk_names()) == ["nf-other-0", "nf-vcu-0", "rv-worker-0"]
+        assert [d["deviceName"] for d in gce.instance("rv-worker")["disks"]] == [
+            "persistent-disk-0"
+        ]
         summary["usage"] = provider.metrics.snapshot().by_operation()
         return summary
 
@@ -226,22 +244,73 @@ def _cut_off() -> dict[str, str]:
     return seen
 
 
+def sdk_poller(workdir: Path) -> dict[str, Any]:
+    """The hazard the guards exist for, run ONLY inside the namespace: a disk inserted with
+    the SDK's own ``DisksClient.insert`` against the Compute Engine fake, and its
+    ``ExtendedOperation.result()``, which polls through an operations client built without
+    the configured endpoint: the public API. What the call and the audit hook saw."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import compute_v1
+    from regionvault.providers.gcp.fakes.compute import GceFake
+
+    recorder = AddressRecorder()
+    gce = GceFake(project=PROJECT, zone=ZONE, state_dir=workdir / "poller", operation_polls=2)
+    endpoint = gce.start()
+    try:
+        with recorder:
+            client = compute_v1.DisksClient(
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+                client_options={"api_endpoint": endpoint},
+            )
+            operation = client.insert(
+                project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="d", size_gb=10)
+            )
+            try:
+                operation.result(timeout=30)
+                error = None
+            except Exception as exc:  # whatever the SDK raises for an unreachable host
+                error = type(exc).__name__
+    finally:
+        gce.stop()
+    return {"error": error, "off_loopback": recorder.off_loopback()}
+
+
 def _child_main(argv: list[str]) -> int:
     workdir = Path(argv[0])
     isolated = "--isolated" in argv
-    recorder = AddressRecorder()
     summary: dict[str, Any] = {}
     if isolated:
         _loopback_up()
-        summary["cut_off"] = _cut_off()
-    with recorder:
-        summary |= round_trip(workdir)
-    summary["addresses"] = sorted(recorder.addresses)
+        summary["cut_off"] = _cut_off()  # raises unless nothing beyond the loopback answers
+    if "--sdk-poller" in argv:
+        if not isolated:  # it would send a request to compute.googleapis.com
+            raise SystemExit("--sdk-poller runs only with --isolated")
+        summary["poller"] = sdk_poller(workdir)
+    else:
+        recorder = AddressRecorder()
+        with recorder:
+            summary |= round_trip(workdir)
+        summary["addresses"] = sorted(recorder.addresses)
     print(json.dumps(summary))
     return 0
 
 
 # --------------------------------------------------------------------------- the audit hook
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, ``localhost``, and 127.x as an IPv4-mapped IPv6 address
+    (``::ffff:127.0.0.1``, what a dual-stack socket such as gRPC's shows; Python 3.11's
+    ``is_loopback`` says False for it)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
 
 _RECORDERS: list[AddressRecorder] = []
 _HOOK_INSTALLED = threading.Lock()
@@ -287,18 +356,7 @@ class AddressRecorder:
         _RECORDERS.remove(self)
 
     def off_loopback(self) -> list[str]:
-        out = []
-        for entry in sorted(self.addresses):
-            host = entry.partition(" ")[2]
-            if host == "localhost":
-                continue
-            try:
-                if ipaddress.ip_address(host.strip("[]")).is_loopback:
-                    continue
-            except ValueError:
-                pass
-            out.append(entry)
-        return out
+        return [e for e in sorted(self.addresses) if not _is_loopback(e.partition(" ")[2])]
 
 
 # --------------------------------------------------------------------------- the tests
@@ -342,15 +400,13 @@ def _namespace_refusal() -> str | None:
     return None
 
 
-def test_the_round_trip_runs_in_a_network_namespace_with_only_the_loopback(
-    tmp_path: Path,
-) -> None:
-    _needs_the_stack()
+def _in_namespace(workdir: Path, *flags: str) -> dict[str, Any]:
+    """Run this module as a child in a user + network namespace of its own; its summary."""
     refusal = _namespace_refusal()
     if refusal is not None:
         pytest.skip(f"{refusal} (the audit-hook test still runs)")
     result = subprocess.run(
-        ["unshare", "-rn", sys.executable, __file__, str(tmp_path / "ns"), "--isolated"],
+        ["unshare", "-rn", sys.executable, __file__, str(workdir), "--isolated", *flags],
         capture_output=True,
         text=True,
         timeout=240,
@@ -358,24 +414,63 @@ def test_the_round_trip_runs_in_a_network_namespace_with_only_the_loopback(
         start_new_session=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads(result.stdout.splitlines()[-1])
+    summary: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
     # really cut off: no name resolves, no address beyond the loopback is routable
     assert summary["cut_off"] == {"resolve": "gaierror", "route": "ENETUNREACH"}
+    return summary
+
+
+def test_the_round_trip_runs_in_a_network_namespace_with_only_the_loopback(
+    tmp_path: Path,
+) -> None:
+    _needs_the_stack()
+    summary = _in_namespace(tmp_path / "ns")
     assert summary["captured"] == len(DISK) - DISK.count(0)
     usage = summary["usage"]
     assert usage.get("kms Encrypt", 0) >= 1 and usage.get("kms Decrypt", 0) >= 1
-    assert usage.get("kms AsymmetricDecrypt", 0) == 1
-    assert any(op.startswith("storage ") for op in usage)
+    assert usage.get("kms GetPublicKey", 0) >= 1 and usage.get("kms AsymmetricDecrypt", 0) == 1
+    assert usage.get("storage POST upload", 0) >= 2 and usage.get("storage GET media", 0) >= 2
     assert summary["bytes_sent"] > 0
     assert all("127.0.0.1" in endpoint for endpoint in summary["endpoints"]), summary
     # inside the namespace too, the Python-level clients used the loopback only
-    assert summary["addresses"] and all(
-        a.partition(" ")[2] in ("127.0.0.1", "localhost") for a in summary["addresses"]
-    ), summary["addresses"]
+    assert summary["addresses"], summary
+    assert all(_is_loopback(a.partition(" ")[2]) for a in summary["addresses"]), summary
 
 
-def test_every_address_a_python_client_uses_is_the_loopback(tmp_path: Path) -> None:
+def test_the_guards_catch_the_sdks_own_operation_poller(tmp_path: Path) -> None:
+    """Both guards can fail: the research's hazard (``ExtendedOperation.result()`` polls the
+    public Compute Engine API, whatever endpoint the client was given), run where it cannot
+    leave the machine, fails in the namespace and is seen by the audit hook."""
+    pytest.importorskip("google.cloud.compute_v1")
+    summary = _in_namespace(tmp_path / "poller", "--sdk-poller")
+    assert summary["poller"]["error"] is not None, summary
+    assert summary["poller"]["off_loopback"] == ["socket.getaddrinfo compute.googleapis.com"]
+
+
+def _host_of(target: str) -> str:
+    """The host of a gRPC target (``127.0.0.1:P``, ``[::1]:P``, ``dns:///name:443``)."""
+    target = target.rpartition("///")[2] if "///" in target else target
+    return target.rpartition(":")[0].strip("[]")
+
+
+def test_every_address_a_python_client_uses_is_the_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit hook sees the HTTP clients' sockets; gRPC connects in C, so the channels'
+    targets are recorded where they are made (``grpc.insecure_channel``/``secure_channel``,
+    which the KMS transport calls)."""
     _needs_the_stack()
+    import grpc
+
+    channels: list[str] = []
+    for name in ("insecure_channel", "secure_channel"):
+        real = getattr(grpc, name)
+
+        def recording(target: str, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            channels.append(target)
+            return _real(target, *args, **kwargs)
+
+        monkeypatch.setattr(grpc, name, recording)
     recorder = AddressRecorder()
     with recorder:
         summary = round_trip(tmp_path / "audit")
@@ -384,6 +479,9 @@ def test_every_address_a_python_client_uses_is_the_loopback(tmp_path: Path) -> N
     connects = {a for a in recorder.addresses if a.startswith("socket.connect ")}
     assert connects, sorted(recorder.addresses)
     assert recorder.off_loopback() == [], recorder.off_loopback()
+    # both regions' KMS clients, each on its loopback fake
+    assert len(set(channels)) >= 2, channels
+    assert all(_is_loopback(_host_of(target)) for target in channels), channels
     assert summary["captured"] == len(DISK) - DISK.count(0)
 
 
@@ -432,7 +530,7 @@ def test_the_stack_listens_on_the_loopback_only(tmp_path: Path) -> None:
             if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
         }
     assert {port for _ip, port in listening} == ports, listening
-    assert all(ipaddress.ip_address(ip).is_loopback for ip, _port in listening), listening
+    assert all(_is_loopback(ip) for ip, _port in listening), listening
 
 
 if __name__ == "__main__":

@@ -6,41 +6,52 @@ what a backup worker needs:
 
 - instances: ``list`` (``filter`` on labels, ``maxResults`` + ``pageToken``), ``get``,
   ``insert`` (disks from an existing ``source`` disk or made by ``initializeParams`` from a
-  ``sourceSnapshot`` or blank with ``diskSizeGb``; ``machineType``; ``labels``;
-  ``networkInterfaces``), ``delete`` (auto-delete disks go with it), ``setLabels``
-  (``labelFingerprint`` checked: a stale one is 412 as on GCE), ``attachDisk``,
-  ``detachDisk`` (``deviceName``), ``start``, ``stop``;
+  ``sourceSnapshot`` or blank with ``diskSizeGb``; the first disk boots; ``machineType``;
+  ``labels``; ``networkInterfaces``), ``delete`` (auto-delete disks go with it),
+  ``setLabels`` (``labelFingerprint`` required and checked: a stale one is 412
+  conditionNotMet, as on GCE), ``attachDisk`` (``deviceName``, ``mode``), ``detachDisk``,
+  ``start``, ``stop`` (TERMINATED);
 - zonal disks: ``insert`` (blank with ``sizeGb``, or from ``sourceSnapshot``), ``get``,
-  ``list``, ``delete`` (refused while attached, as GCE does), ``createSnapshot``,
-  ``setLabels``;
+  ``list``, ``delete`` (a 400 resourceInUseByAnotherResource while attached, as GCE
+  answers), ``createSnapshot``, ``setLabels``;
 - global snapshots: ``get``, ``list`` (label filter, pages), ``delete``, ``setLabels``,
   ``insert`` (with ``sourceDisk``);
-- ``zoneOperations`` and ``globalOperations``: ``get`` and ``wait``. Every mutation answers
-  an Operation; its effect happens when the operation is DONE. An operation stays RUNNING
-  for :attr:`GceFake.operation_polls` polls (``get`` or ``wait``; each ``wait`` is one
-  poll, as GCE's wait may return before the operation ends), and may end in an error
-  (:meth:`GceFake.fail_next_operation`, or a conflict found when it completes), so a
-  client's polling is exercised. Nothing happens to an operation nobody polls, except when
-  ``operation_polls`` is 0 (then it is DONE in its first answer).
+- ``zoneOperations`` and ``globalOperations``: ``get`` and ``wait``.
 
-Label filters: the subset of GCE's list-filter grammar that label queries use, parsed as
-the real API accepts it: one expression ``labels.KEY = "VALUE"`` (or an unquoted value),
-``labels.KEY:*`` (the label is set), or several expressions each in parentheses, joined by
-whitespace or ``AND``. Anything else (OR, NOT, ``!=``, other fields, several unparenthesised
-expressions) is a 400 that says the fake does not serve it.
+Operations: every mutation answers an Operation (PENDING) and takes effect when the operation
+is DONE. It stays RUNNING for :attr:`GceFake.operation_polls` polls (``get`` or ``wait``:
+each ``wait`` is one poll, as GCE's may return before the end) and may end in an error:
+:meth:`GceFake.fail_next_operation`, or what GCE reports in the operation rather than in
+the answer (a disk in use for ``attachDisk`` and ``instances.insert``:
+RESOURCE_IN_USE_BY_ANOTHER_RESOURCE), found when the operation ends. Nothing happens to an
+operation nobody polls, unless ``operation_polls`` is 0 (DONE in its first answer). A
+repeated ``requestId`` answers the first request's operation, as GCE does.
 
-Disk bytes live as sparse files under ``state_dir/disks``; a snapshot is a copy that keeps
-the holes (``state_dir/snapshots``). A disk attached to the worker instance
-(:attr:`GceFake.worker_instance`, made when the fake is built, with a blank boot disk)
-appears as ``state_dir/devices/google-<deviceName>``, a symlink to the disk's file, as
-``/dev/disk/by-id/google-*`` is a symlink on GCE; detaching removes it. Disks smaller than
-10 GB are refused, as GCE refuses them for pd-standard, pd-balanced and pd-ssd.
+Label filters: the subset of GCE's list-filter grammar (AIP-160) that label queries use,
+parsed as the API documents it: one expression ``labels.KEY = "VALUE"`` (or an unquoted
+value), ``labels.KEY:*`` (the label is set), or several expressions each in parentheses,
+joined by whitespace or ``AND``. Anything else (OR, NOT, ``!=``, wildcards, other fields,
+several expressions without parentheses) is a 400 that says the fake does not serve it.
 
-Self links name ``https://www.googleapis.com/compute/v1/...`` as the real API does: they
-are names, nobody should fetch them. Test hooks that are not on the wire:
-:meth:`GceFake.seed_instance`, :meth:`GceFake.fail_next`,
-:meth:`GceFake.fail_next_operation`, :attr:`GceFake.counts` (requests per API method),
-:meth:`GceFake.disk_path`, :meth:`GceFake.snapshot_path`.
+Disks: bytes live as sparse files under ``state_dir/disks``; a snapshot is a copy that
+keeps the holes (``state_dir/snapshots``), made when it is asked for. Sizes are whole GB,
+at least 10 (GCE's minimum for pd-standard, pd-balanced and pd-ssd) and at least the source
+snapshot's. A disk attached to the worker instance (:attr:`GceFake.worker_instance`, made
+with the fake, with a blank boot disk) appears as ``state_dir/devices/google-<deviceName>``,
+a symlink to the disk's file as ``/dev/disk/by-id/google-*`` is a symlink on GCE (after
+:attr:`GceFake.device_link_delay` seconds, udev's moment), removed on detach. Attach modes
+follow GCE: READ_WRITE once, READ_ONLY many times, never both; a disk attached only
+READ_ONLY is made mode 0444, and a write to it while so attached is reported on detach
+(:attr:`GceFake.read_only_writes`; root ignores 0444).
+
+Self links name ``https://www.googleapis.com/compute/v1/...`` as the real API writes them:
+they are names, never fetched. Test hooks that are not on the wire:
+:meth:`GceFake.seed_instance`, :meth:`GceFake.fail_next` (an HTTP error, or with
+``lose_answer`` an answer lost after the request took effect),
+:meth:`GceFake.fail_next_operation`, :attr:`GceFake.start_statuses`, :attr:`GceFake.counts`
+(requests per API method), :attr:`GceFake.answers`, :meth:`GceFake.disk_path`,
+:meth:`GceFake.snapshot_path`. :func:`seed_instance_over_api` makes an instance with only
+the public API (blank disks written through the worker), against the fake or a real zone.
 
 ``python -m regionvault.providers.gcp.fakes.compute --project P --zone Z --state-dir D
 --port N`` runs it as a process: it prints the endpoint and serves until SIGTERM or SIGINT.
@@ -74,12 +85,13 @@ __all__ = [
     "EMPTY_LABEL_FINGERPRINT",
     "MIN_DISK_GB",
     "FilterError",
-    "GiB",
     "GceFake",
+    "GiB",
     "copy_sparse",
     "data_extents",
     "label_fingerprint",
     "parse_label_filter",
+    "seed_instance_over_api",
 ]
 
 GiB = 1024**3
@@ -96,6 +108,7 @@ EMPTY_LABEL_FINGERPRINT = "42WmSpB8rSM="
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MAX_LABELS = 64
+_MODES = ("READ_WRITE", "READ_ONLY")
 #: RFC 1035 names of instances, disks, snapshots
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _ROOTS = ("https://www.googleapis.com/compute/v1/", "https://compute.googleapis.com/compute/v1/")
@@ -280,6 +293,8 @@ class _Attached:
     boot: bool = False
     auto_delete: bool = False
     mode: str = "READ_WRITE"
+    #: the disk file's mtime when attached READ_ONLY (a write through it changes it)
+    mtime_ns: int | None = None
 
 
 @dataclass
@@ -294,6 +309,8 @@ class _Instance:
     network_interfaces: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: the statuses its next reads (instances.get) show, one each
+    upcoming: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -318,6 +335,8 @@ class _Failure:
     message: str
     count: int
     in_operation: bool = False
+    #: the request takes effect and only its answer is lost (a retry sees the effect)
+    lose_answer: bool = False
 
 
 # --------------------------------------------------------------------------- the fake
@@ -359,10 +378,27 @@ class GceFake:
         self.counts: collections.Counter[str] = collections.Counter()
         #: every request as (API method, path with query)
         self.requests: list[tuple[str, str]] = []
+        #: every answer as (API method, HTTP status); "?" for a path the fake does not serve
+        self.answers: list[tuple[str, int]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: seconds after an attach to the worker before its device link appears (udev's
+        #: moment on GCE); 0: when the operation is done
+        self.device_link_delay = 0.0
+        #: the statuses an instance made by instances.insert shows, one per instances.get,
+        #: the last one kept (``["PROVISIONING", "STAGING", "RUNNING"]``; ``["STAGING",
+        #: "TERMINATED"]``: one that stops instead of running)
+        self.start_statuses: list[str] = ["RUNNING"]
+        self._timers: list[threading.Timer] = []
+        #: (disk, instance, device name) of each READ_ONLY attachment whose disk was written
+        #: while attached so (found on detach)
+        self.read_only_writes: list[tuple[str, str, str]] = []
         for sub in ("disks", "snapshots", "devices"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        # links a fake that used this directory before left: their disks are not this one's
+        for stale in self.device_dir.glob("google-*"):
+            if stale.is_symlink():
+                stale.unlink()
         if worker_instance:
             self.seed_instance(worker_instance, disks=[b""], labels={})
 
@@ -394,6 +430,8 @@ class GceFake:
         return self.endpoint
 
     def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -427,8 +465,19 @@ class GceFake:
         smallest whole number of GB (at least 10, or ``disk_size_gb``) that holds its
         bytes. Returns the instance as ``instances.get`` answers it."""
         with self._lock:
-            if name in self._instances:
-                raise ValueError(f"instance {name} exists")
+            try:
+                self._check_new_name("instances", name, "name")
+                for index in range(len(disks)):
+                    self._check_new_name("disks", f"{name}-{index}", "disk name")
+                self._labels(labels, "labels")
+                self._ref(
+                    f"zones/{self.zone}/machineTypes/{machine_type}",
+                    "machineType",
+                    "machineTypes",
+                    zonal=True,
+                )
+            except _Error as exc:
+                raise ValueError(f"seed_instance({name!r}): {exc.message}") from None
             if not disks:
                 raise ValueError("an instance needs a boot disk")
             attached = []
@@ -464,11 +513,16 @@ class GceFake:
         count: int = 1,
         reason: str = "backendError",
         message: str = "injected failure",
+        lose_answer: bool = False,
     ) -> None:
         """The next ``count`` requests of API method ``method`` ("instances.insert") are
-        answered HTTP ``status`` with GCE's error shape, and change nothing."""
+        answered HTTP ``status`` with GCE's error shape, and change nothing; with
+        ``lose_answer``, each is carried out (its operation made) and only its answer is
+        the error, as when a connection drops after GCE accepted a request."""
         with self._lock:
-            self._failures.append(_Failure(_method(method), status, reason, message, count))
+            self._failures.append(
+                _Failure(_method(method), status, reason, message, count, lose_answer=lose_answer)
+            )
 
     def fail_next_operation(
         self,
@@ -482,10 +536,26 @@ class GceFake:
         """The next ``count`` requests of ``method`` are accepted, and their operation ends
         DONE with ``error.errors[0].code == code`` (``httpErrorStatusCode`` ``status``) and
         no effect."""
+        if _method(method) not in _MUTATIONS:
+            raise ValueError(f"{method} makes no operation")
         with self._lock:
             self._failures.append(
                 _Failure(_method(method), status, code, message, count, in_operation=True)
             )
+
+    def compute_settings(self) -> dict[str, Any]:
+        """site.toml settings of a region whose compute is this fake (settings.py's keys):
+        the project, its location and zone, the endpoint with no login (allowed only because
+        it is on the loopback), the worker and where its devices appear."""
+        return {
+            "project": self.project,
+            "location": self.region,
+            "zone": self.zone,
+            "credentials": "anonymous",
+            "compute_endpoint": self.endpoint,
+            "worker_instance": self.worker_instance,
+            "device_dir": str(self.device_dir),
+        }
 
     def disk_path(self, name: str) -> Path:
         """The sparse file holding disk ``name``'s bytes."""
@@ -570,14 +640,12 @@ class GceFake:
             "fingerprint": base64.b64encode(os.urandom(8)).decode(),
         }
         if network is not None:
-            nic["network"] = self._link_of(network, "networks", "network", glob=True)
+            nic["network"] = self._link_of(network, "networks", "network")
         if subnetwork is not None:
             nic["subnetwork"] = self._link_of(subnetwork, "subnetworks", "subnetwork")
         return nic
 
-    def _link_of(
-        self, value: object, collection: str, field_name: str, *, glob: bool = False
-    ) -> str:
+    def _link_of(self, value: object, collection: str, field_name: str) -> str:
         """A network or subnetwork reference as a full URL (they are not modelled here)."""
         if not isinstance(value, str) or f"/{collection}/" not in f"/{value}":
             raise _invalid(f"resource.networkInterfaces[0].{field_name}", value, "Bad URL.")
@@ -695,7 +763,6 @@ class GceFake:
         then: Callable[[], None] | None,
         undo: Callable[[], None] | None = None,
         failure: _Failure | None = None,
-        request_id: str | None = None,
     ) -> dict[str, Any]:
         name = f"operation-{self._new_id()}-{os.urandom(4).hex()}"
         link = self._zone_link if zonal else self._global_link
@@ -706,7 +773,7 @@ class GceFake:
             "operationType": kind,
             "targetLink": target,
             "targetId": target_id,
-            "status": "RUNNING",
+            "status": "PENDING",
             "user": "fake@regionvault.invalid",
             "progress": 0,
             "insertTime": _now(),
@@ -719,8 +786,6 @@ class GceFake:
         if failure is not None:
             op.error = _Error(failure.status, "", failure.message, failure.reason)
         self._operations[name] = op
-        if request_id:
-            self._request_ids[request_id] = name
         if op.polls_left <= 0:
             self._finish(op)
         return dict(op.body)
@@ -751,6 +816,7 @@ class GceFake:
             )
         if not op.done:
             op.polls_left -= 1
+            op.body["status"] = "RUNNING"
             if op.polls_left <= 0:
                 self._finish(op)
         return dict(op.body)
@@ -780,10 +846,29 @@ class GceFake:
         disk = self._disks[item.disk]
         instance.disks.append(item)
         disk.users.append(instance.name)
-        if instance.name == self.worker_instance:
-            link = self._device_link(item.device_name)
-            link.unlink(missing_ok=True)
-            link.symlink_to(disk.path)
+        if item.mode == "READ_ONLY":
+            item.mtime_ns = disk.path.stat().st_mtime_ns
+        self._protect(disk)
+        if instance.name != self.worker_instance:
+            return
+        if self.device_link_delay <= 0:
+            self._make_link(instance, item)
+            return
+
+        def later() -> None:
+            with self._lock:
+                if item in instance.disks and self._instances.get(instance.name) is instance:
+                    self._make_link(instance, item)
+
+        timer = threading.Timer(self.device_link_delay, later)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _make_link(self, instance: _Instance, item: _Attached) -> None:
+        link = self._device_link(item.device_name)
+        link.unlink(missing_ok=True)
+        link.symlink_to(self._disks[item.disk].path)
 
     def _detach(self, instance: _Instance, item: _Attached) -> None:
         instance.disks.remove(item)
@@ -792,6 +877,32 @@ class GceFake:
             disk.users.remove(instance.name)
         if instance.name == self.worker_instance:
             self._device_link(item.device_name).unlink(missing_ok=True)
+        if disk is not None:
+            if item.mtime_ns is not None and disk.path.stat().st_mtime_ns != item.mtime_ns:
+                self.read_only_writes.append((disk.name, instance.name, item.device_name))
+            self._protect(disk)
+
+    def _modes(self, disk: _Disk) -> list[str]:
+        """The modes the disk is attached in, one per attachment."""
+        return [
+            a.mode
+            for user in disk.users
+            if user in self._instances
+            for a in self._instances[user].disks
+            if a.disk == disk.name
+        ]
+
+    def _conflicts(self, disk: _Disk, mode: str) -> bool:
+        """GCE's rule: a disk attached READ_WRITE is attached once; READ_ONLY ones many times."""
+        modes = self._modes(disk)
+        return bool(modes) and (mode == "READ_WRITE" or "READ_WRITE" in modes)
+
+    def _protect(self, disk: _Disk) -> None:
+        """A disk attached only READ_ONLY is not writable (for a process that is not root;
+        writes anyway are found on detach: :attr:`GceFake.read_only_writes`)."""
+        modes = self._modes(disk)
+        read_only = bool(modes) and "READ_WRITE" not in modes
+        disk.path.chmod(0o444 if read_only else 0o644)
 
     def _remove_disk(self, disk: _Disk) -> None:
         del self._disks[disk.name]
@@ -819,13 +930,37 @@ class GceFake:
             )
         return name
 
-    def _size_gb(self, value: object, field_name: str, at_least: int = MIN_DISK_GB) -> int:
+    def _size_gb(
+        self, value: object, field_name: str, disk_type: str, snapshot: _Snapshot | None = None
+    ) -> int:
+        """A disk size in GB as GCE checks it: at least the type's minimum, at least the
+        size of the snapshot it is made from."""
+        if value is None:
+            if snapshot is not None:
+                return snapshot.size_gb
+            raise _Error(
+                400,
+                "required",
+                f"Required field '{field_name}' not specified (the fake asks for the size of "
+                "a blank disk; GCE would make one of a default size)",
+            )
         try:
             size = int(str(value))
         except ValueError:
             raise _invalid(field_name, value, "Expected an integer number of GB.") from None
-        if size < at_least:
-            raise _invalid(field_name, size, f"Disk size cannot be smaller than {at_least} GB.")
+        if size < MIN_DISK_GB:
+            raise _invalid(
+                field_name,
+                size,
+                f"Disk size cannot be smaller than {MIN_DISK_GB} GB for disk type {disk_type}.",
+            )
+        if snapshot is not None and size < snapshot.size_gb:
+            raise _invalid(
+                field_name,
+                size,
+                f"Requested disk size cannot be smaller than the snapshot size "
+                f"({snapshot.size_gb} GB)",
+            )
         if size > MAX_DISK_GB:
             raise _invalid(field_name, size, f"Disk size cannot be larger than {MAX_DISK_GB} GB.")
         return size
@@ -901,6 +1036,21 @@ class GceFake:
     def handle(
         self, method: str, path: str, query: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, Any]]:
+        """(status, JSON answer) of one request; :class:`_Error` for GCE's error answers."""
+        route = _route(method, path)
+        try:
+            status, answer = self._handle(method, path, query, body)
+        except _Error as exc:
+            with self._lock:
+                self.answers.append((route[0] if route else "?", exc.status))
+            raise
+        with self._lock:
+            self.answers.append((route[0] if route else "?", status))
+        return status, answer
+
+    def _handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any]]:
         route = _route(method, path)
         if route is None:
             raise _Error(
@@ -912,7 +1062,7 @@ class GceFake:
             full = path + ("?" + urllib.parse.urlencode(query) if query else "")
             self.requests.append((api_method, full))
             failure = self._take_failure(api_method)
-            if failure is not None and not failure.in_operation:
+            if failure is not None and not (failure.in_operation or failure.lose_answer):
                 raise _Error(failure.status, failure.reason, failure.message)
             if params["project"] != self.project:
                 raise _Error(
@@ -933,9 +1083,16 @@ class GceFake:
             handler: Callable[..., dict[str, Any]] = getattr(
                 self, "_" + api_method.replace(".", "_")
             )
-            answer = handler(params=params, query=query, doc=doc, failure=failure)
+            answer = handler(
+                params=params,
+                query=query,
+                doc=doc,
+                failure=failure if failure is not None and failure.in_operation else None,
+            )
             if answer.get("kind") == "compute#operation" and request_id:
                 self._request_ids[request_id] = answer["name"]
+            if failure is not None and failure.lose_answer:
+                raise _Error(failure.status, failure.reason, failure.message)
             return 200, answer
 
     def _take_failure(self, api_method: str) -> _Failure | None:
@@ -1011,7 +1168,11 @@ class GceFake:
         return self._page(items, query, "compute#instanceList", self._zone_link("instances"))
 
     def _instances_get(self, *, params: dict[str, str], **_: Any) -> dict[str, Any]:
-        return self._instance_body(self._get_instance(params["name"]))
+        instance = self._get_instance(params["name"])
+        body = self._instance_body(instance)
+        if instance.upcoming:
+            instance.status = instance.upcoming.pop(0)
+        return body
 
     def _instances_insert(
         self, *, doc: dict[str, Any], query: dict[str, str], failure: _Failure | None, **_: Any
@@ -1056,6 +1217,10 @@ class GceFake:
                 raise _invalid(f"{where}.deviceName", device, "Device names must be unique.")
             devices.add(device)
             mode = spec.get("mode", "READ_WRITE")
+            if mode not in _MODES:
+                raise _invalid(f"{where}.mode", mode, "Expected READ_WRITE or READ_ONLY.")
+            if boot and mode != "READ_WRITE":
+                raise _invalid(f"{where}.mode", mode, "A boot disk is attached READ_WRITE.")
             auto_delete = bool(spec.get("autoDelete", False))
             init = spec.get("initializeParams")
             if spec.get("source") is not None:
@@ -1066,11 +1231,10 @@ class GceFake:
                         "Source and initializeParams are exclusive.",
                     )
                 disk_name = self._ref(spec["source"], f"{where}.source", "disks", zonal=True)
-                disk = self._get_disk(disk_name)
+                self._get_disk(disk_name)
                 if disk_name in sources:
                     raise _invalid(f"{where}.source", spec["source"], "Disk attached twice.")
-                if disk.users and mode == "READ_WRITE":
-                    raise self._in_use(disk)
+                # a disk in use is the operation's error, as for attachDisk
                 sources.add(disk_name)
                 plan.append((_Attached(disk_name, device, boot, auto_delete, mode), None))
                 continue
@@ -1103,9 +1267,11 @@ class GceFake:
                     )
                 )
                 checked["sourceSnapshot"] = snapshot.name
-                size = init.get("diskSizeGb", snapshot.size_gb)
                 checked["diskSizeGb"] = self._size_gb(
-                    size, f"{where}.initializeParams.diskSizeGb", snapshot.size_gb
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
+                    snapshot,
                 )
             else:
                 if boot:
@@ -1116,7 +1282,9 @@ class GceFake:
                         "(a boot disk needs a source image or snapshot)",
                     )
                 checked["diskSizeGb"] = self._size_gb(
-                    init.get("diskSizeGb"), f"{where}.initializeParams.diskSizeGb"
+                    init.get("diskSizeGb"),
+                    f"{where}.initializeParams.diskSizeGb",
+                    checked["diskType"],
                 )
             plan.append((_Attached(disk_name, device, boot, auto_delete, mode), checked))
         instance_id = self._new_id()
@@ -1133,7 +1301,7 @@ class GceFake:
             for item, init in plan:
                 if init is None:
                     disk = self._get_disk(item.disk)
-                    if disk.users and item.mode == "READ_WRITE":
+                    if self._conflicts(disk, item.mode):
                         raise self._in_use(disk)
             made: list[_Disk] = []
             try:
@@ -1165,6 +1333,8 @@ class GceFake:
                 if isinstance(doc.get("metadata"), dict) and "items" in doc["metadata"]
                 else {},
             )
+            statuses = list(self.start_statuses) or ["RUNNING"]
+            instance.status, instance.upcoming = statuses[0], statuses[1:]
             self._instances[name] = instance
             for item, _init in plan:
                 self._attach(instance, item)
@@ -1268,6 +1438,8 @@ class GceFake:
         self._get_disk(disk_name)
         boot = bool(doc.get("boot", False))
         mode = doc.get("mode", "READ_WRITE")
+        if mode not in _MODES:
+            raise _invalid("resource.mode", mode, "Expected READ_WRITE or READ_ONLY.")
         device = doc.get("deviceName") or f"persistent-disk-{len(instance.disks)}"
         if not isinstance(device, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9_]{0,62})", device):
             raise _invalid("resource.deviceName", device, "Bad device name.")
@@ -1282,8 +1454,6 @@ class GceFake:
                 )
             if any(a.disk == disk_name for a in current.disks):
                 raise _invalid("resource.source", doc.get("source"), "Disk already attached.")
-            if target.users and (mode == "READ_WRITE" or query.get("forceAttach") != "true"):
-                raise self._in_use(target)
             if boot and current.status != "TERMINATED":
                 raise _invalid(
                     "resource.boot", boot, "Instance must be stopped to attach a boot disk."
@@ -1293,7 +1463,11 @@ class GceFake:
         check()
 
         def then() -> None:
-            current, _target = check()
+            current, target = check()
+            # GCE accepts the request and its operation fails (RESOURCE_IN_USE_BY_ANOTHER_
+            # RESOURCE): the disk's users are checked when the attach happens
+            if self._conflicts(target, mode):
+                raise self._in_use(target)
             self._attach(current, item)
 
         return self._operation(
@@ -1399,13 +1573,7 @@ class GceFake:
                     doc["sourceSnapshot"], "resource.sourceSnapshot", "snapshots", zonal=False
                 )
             )
-            size = self._size_gb(
-                doc.get("sizeGb", source.size_gb), "resource.sizeGb", source.size_gb
-            )
-        else:
-            if doc.get("sizeGb") is None:
-                raise _Error(400, "required", "Required field 'resource.sizeGb' not specified")
-            size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb")
+        size = self._size_gb(doc.get("sizeGb"), "resource.sizeGb", disk_type, source)
         disk_id = self._new_id()
         self._pending.add(("disks", name))
         # a disk made from a snapshot holds the snapshot's bytes as they are now
@@ -1637,6 +1805,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     )
 ]
 _API_METHODS = frozenset(api for _m, _rx, api in _ROUTES)
+#: the methods that answer an Operation
+_MUTATIONS = frozenset(
+    api for m, _rx, api in _ROUTES if m != "GET" and not api.endswith("Operations.wait")
+)
 
 
 def _method(name: str) -> str:
@@ -1710,6 +1882,141 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _answer
+
+
+# --------------------------------------------------------------------------- seeding over the API
+
+
+def seed_instance_over_api(
+    *,
+    endpoint: str | None,
+    project: str,
+    zone: str,
+    worker_instance: str,
+    device_dir: Path,
+    name: str,
+    disks: Sequence[bytes],
+    labels: dict[str, str] | None = None,
+    machine_type: str = "e2-standard-2",
+    network: str = "global/networks/default",
+    disk_type: str = "pd-balanced",
+    credentials: Any = None,
+    poll_interval: float = 0.0,
+    max_polls: int = 600,
+) -> str:
+    """An instance made only through the public API, as on GCE (so it works against the
+    fake, and on a real worker): per item of ``disks`` a blank disk ``<name>-<i>`` (whole GB,
+    at least 10), attached to ``worker_instance``, written through
+    ``device_dir/google-<name>-<i>``, detached; then the instance with those disks (the first
+    the boot disk, all auto-delete), ``labels`` and ``machine_type``. Every operation is
+    polled through the zone operations client of the same endpoint (never
+    ``ExtendedOperation.result()``, which polls the public endpoint). Returns the instance's
+    name; on a failure, removes the disks it made and raises RuntimeError naming the step."""
+    import importlib
+    import time
+
+    from google.cloud import compute_v1
+
+    if credentials is None:
+        if endpoint is None:
+            raise ValueError("credentials are needed for the real Compute Engine API")
+        credentials = importlib.import_module("google.auth.credentials").AnonymousCredentials()
+    options = {"api_endpoint": endpoint} if endpoint is not None else None
+    instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+    disk_client = compute_v1.DisksClient(credentials=credentials, client_options=options)
+    operations = compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options)
+
+    def wait(op: compute_v1.Operation, what: str) -> None:
+        for _ in range(max_polls):
+            if op.status == compute_v1.Operation.Status.DONE:
+                if op.error.errors:
+                    errors = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
+                    raise RuntimeError(f"{what} failed: {errors}")
+                return
+            if poll_interval:
+                time.sleep(poll_interval)
+            op = operations.wait(project=project, zone=zone, operation=op.name)
+        raise RuntimeError(f"{what} not done after {max_polls} polls")
+
+    made: list[str] = []
+    try:
+        for index, data in enumerate(disks):
+            disk = f"{name}-{index}"[:63].rstrip("-")
+            size_gb = max(MIN_DISK_GB, -(-len(data) // GiB))
+            resource = compute_v1.Disk(
+                name=disk, size_gb=size_gb, type_=f"zones/{zone}/diskTypes/{disk_type}"
+            )
+            wait(
+                disk_client.insert_unary(project=project, zone=zone, disk_resource=resource),
+                f"disks.insert {disk}",
+            )
+            made.append(disk)
+            attached = compute_v1.AttachedDisk(
+                source=f"zones/{zone}/disks/{disk}", device_name=disk
+            )
+            wait(
+                instances.attach_disk_unary(
+                    project=project,
+                    zone=zone,
+                    instance=worker_instance,
+                    attached_disk_resource=attached,
+                ),
+                f"attachDisk {disk}",
+            )
+            try:
+                device = Path(device_dir) / f"google-{disk}"
+                for _ in range(max_polls):  # on GCE, udev makes the link a moment later
+                    if device.exists():
+                        break
+                    time.sleep(max(poll_interval, 0.01))
+                fd = os.open(device, os.O_WRONLY)
+                try:
+                    view = memoryview(data)
+                    offset = 0
+                    while offset < len(data):  # each round writes at least one byte
+                        offset += os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                wait(
+                    instances.detach_disk_unary(
+                        project=project, zone=zone, instance=worker_instance, device_name=disk
+                    ),
+                    f"detachDisk {disk}",
+                )
+        instance = compute_v1.Instance(
+            name=name,
+            machine_type=f"zones/{zone}/machineTypes/{machine_type}",
+            labels=dict(labels or {}),
+            network_interfaces=[compute_v1.NetworkInterface(network=network)],
+            disks=[
+                compute_v1.AttachedDisk(
+                    boot=index == 0,
+                    auto_delete=True,
+                    source=f"zones/{zone}/disks/{disk}",
+                    device_name=f"persistent-disk-{index}",
+                )
+                for index, disk in enumerate(made)
+            ],
+        )
+        wait(
+            instances.insert_unary(project=project, zone=zone, instance_resource=instance),
+            f"instances.insert {name}",
+        )
+        return name
+    except BaseException:
+        for disk in made:
+            try:
+                op = disk_client.delete_unary(project=project, zone=zone, disk=disk)
+                wait(op, f"disks.delete {disk}")
+            except Exception:  # the first failure is the one to report
+                pass
+        raise
+    finally:
+        for client in (instances, disk_client, operations):
+            transport: Any = client.transport  # its close() is not annotated
+            transport.close()
 
 
 # --------------------------------------------------------------------------- command line

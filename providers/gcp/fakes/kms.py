@@ -472,7 +472,7 @@ class KmsFake:
             raise _Refused(grpc.StatusCode.ALREADY_EXISTS, f"CryptoKey {name} already exists.")
         asked = request.crypto_key
         purpose = asked.purpose
-        algorithm = asked.version_template.algorithm
+        algorithm: int = asked.version_template.algorithm
         if purpose == _Purpose.ENCRYPT_DECRYPT:
             algorithm = algorithm or _Algorithm.GOOGLE_SYMMETRIC_ENCRYPTION
             supported = _Algorithm.GOOGLE_SYMMETRIC_ENCRYPTION
@@ -523,7 +523,7 @@ class KmsFake:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"the KMS fake filters on state=<STATE> only, not {request.filter!r}.",
                 )
-            wanted = _State[match.group(1)]
+            wanted = int(getattr(_State, match.group(1)))
         versions = [v for v in key.versions if wanted is None or v.state == wanted]
         start = int(request.page_token) if request.page_token.isdigit() else 0
         size = request.page_size or 1000
