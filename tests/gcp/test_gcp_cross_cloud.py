@@ -36,6 +36,8 @@ pytest.importorskip(
 )
 
 B = "gcp:west"
+#: what the worker sees of its own: its boot disk
+WORKER_DEVICES = ["google-persistent-disk-0"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def _launch_on_gce(
         assert restored == volume and LAST_BLOCK in restored, disk["source"]
     # the worker let go of every disk it wrote
     assert len(west.gce.instance(WORKER)["disks"]) == 1
-    assert list(west.gce.device_dir.iterdir()) == []
+    assert sorted(p.name for p in west.gce.device_dir.iterdir()) == WORKER_DEVICES
 
 
 def test_ec2_instance_backed_up_on_aws_launches_as_a_gce_instance(
