@@ -272,6 +272,9 @@ def describe(exc: BaseException) -> str:
     """One line about a google-cloud-compute error: its HTTP status, reason and message."""
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         reason = getattr(exc, "reason", None)
+        first = exc.errors[0] if exc.errors else None
+        if not reason and isinstance(first, Mapping):
+            reason = first.get("reason")  # GCE's own (alreadyExists, conditionNotMet, ...)
         message = (str(exc.message or "").strip().splitlines() or [""])[0]
         # the SDK starts with the request ("POST http://.../setLabels?requestId=...: "):
         # the operation is named by the caller's message already
@@ -396,12 +399,15 @@ class GceCompute(Compute):
         assert self.settings.zone is not None
         return self.settings.zone
 
-    @property
-    def worker(self) -> str:
+    def need_worker(self) -> str:
         """The backup worker's name; ConfigError naming the key when it is not set."""
         self.settings.need(self.region_config, "compute's captures and restores", "worker_instance")
         assert self.settings.worker_instance is not None
         return self.settings.worker_instance
+
+    @property
+    def worker(self) -> str:
+        return self.need_worker()
 
     def _fail(self, message: str) -> ComputeError:
         return ComputeError(message, provider="gcp", region=self.region)
@@ -1046,7 +1052,7 @@ class GceCompute(Compute):
             raise self._fail(f"a block restore needs the image size in bytes, got {size!r}")
         self._labels_for(spec)
         self._machine_type_for(spec)
-        self.worker  # noqa: B018 (ConfigError naming the key, before anything is made)
+        self.need_worker()  # ConfigError naming the key, before anything is made
         return GceBlockSink(self, spec, size, disks)
 
     def _labels_for(self, spec: LaunchSpec) -> dict[str, str]:

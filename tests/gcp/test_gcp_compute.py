@@ -486,7 +486,7 @@ def test_a_launch_under_a_taken_name_leaves_that_instance_alone(gce: GceWorld) -
     sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
     assert isinstance(sink, GceBlockSink)
     _write_all(sink, b"q" * MiB)
-    with pytest.raises(ComputeError, match="HTTP 409") as refused:
+    with pytest.raises(ComputeError, match="HTTP 409 alreadyExists") as refused:
         compute.launch(spec, sink)
     assert "POST http" not in str(refused.value)  # the operation, not the request line
     sink.discard()
