@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
@@ -198,6 +200,34 @@ def test_label_filters_the_fake_refuses(text: str) -> None:
         parse_label_filter(text)
 
 
+_KEYS = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+_VALUES = st.from_regex(r"[a-z0-9_-]{0,8}", fullmatch=True)
+
+
+@given(
+    st.lists(st.tuples(_KEYS, st.none() | _VALUES), min_size=1, max_size=5),
+    st.sampled_from([" AND ", " ", "  AND  "]),
+    st.booleans(),
+)
+def test_any_and_of_label_expressions_parses_back(
+    terms: list[tuple[str, str | None]], joiner: str, quoted: bool
+) -> None:
+    def render(key: str, value: str | None) -> str:
+        if value is None:
+            return f"labels.{key}:*"
+        if quoted or not value:
+            return f'labels.{key} = "{value}"'
+        return f"labels.{key}={value}"
+
+    text = joiner.join(f"({render(k, v)})" for k, v in terms)
+    assert parse_label_filter(text) == terms
+    if len(terms) == 1:
+        assert parse_label_filter(render(*terms[0])) == terms
+    else:  # the same expressions without their parentheses are refused
+        with pytest.raises(FilterError):
+            parse_label_filter(joiner.join(render(k, v) for k, v in terms))
+
+
 def test_list_filters_on_labels_over_the_wire(gce: Gce) -> None:
     gce.fake.seed_instance("vm-prod-a", labels={"env": "prod", "tier": "web"})
     gce.fake.seed_instance("vm-prod-b", labels={"env": "prod"})
@@ -237,6 +267,18 @@ def test_list_pages_with_max_results_and_page_token(gce: Gce) -> None:
         }
     )
     assert [i.name for i in rest] == ["vm-2b", "vm-3", "vm-4"]
+    # one deleted between pages is not listed, and nothing after it is skipped
+    gce.done(gce.instances.delete_unary(project=PROJECT, zone=ZONE, instance="vm-3"))
+    rest = gce.instances.list(
+        request={
+            "project": PROJECT,
+            "zone": ZONE,
+            "filter": "labels.rv:*",
+            "max_results": 3,
+            "page_token": page.next_page_token,
+        }
+    )
+    assert [i.name for i in rest] == ["vm-2b", "vm-4"]
     with pytest.raises(gexc.BadRequest, match="pageToken"):
         gce.names(page_token="not-a-token")
     with pytest.raises(gexc.BadRequest, match="maxResults"):
@@ -985,6 +1027,26 @@ def test_concurrent_clients_see_one_consistent_zone(gce: Gce) -> None:
     assert not [d for d in gce.fake.disk_names() if d.startswith("par-")]
     assert sorted(p.name for p in gce.fake.device_dir.iterdir()) == ["google-persistent-disk-0"]
     assert not [status for _m, status in gce.fake.answers if status >= 400]
+
+
+def test_compute_settings_are_a_valid_region(gce: Gce, tmp_path: Path) -> None:
+    from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+    from regionvault.providers.gcp.auth import credentials_for
+    from regionvault.providers.gcp.settings import GcpSettings
+
+    values = gce.fake.compute_settings()
+    region = RegionConfig(
+        id=RegionId.parse("gcp:east"),
+        settings=values,
+        services={"compute": ServiceConfig("gcp", values)},
+        base_dir=tmp_path,
+        source="site.toml",
+    )
+    settings = GcpSettings.from_region(region)
+    assert (settings.zone, settings.location) == (ZONE, "europe-west1")
+    assert settings.compute_endpoint == gce.fake.endpoint
+    assert settings.device_dir == str(gce.fake.device_dir)
+    assert type(credentials_for(region, settings, "compute")).__name__ == "AnonymousCredentials"
 
 
 # --------------------------------------------------------------------------- as a process

@@ -543,6 +543,20 @@ class GceFake:
                 _Failure(_method(method), status, code, message, count, in_operation=True)
             )
 
+    def compute_settings(self) -> dict[str, Any]:
+        """site.toml settings of a region whose compute is this fake (settings.py's keys):
+        the project, its location and zone, the endpoint with no login (allowed only because
+        it is on the loopback), the worker and where its devices appear."""
+        return {
+            "project": self.project,
+            "location": self.region,
+            "zone": self.zone,
+            "credentials": "anonymous",
+            "compute_endpoint": self.endpoint,
+            "worker_instance": self.worker_instance,
+            "device_dir": str(self.device_dir),
+        }
+
     def disk_path(self, name: str) -> Path:
         """The sparse file holding disk ``name``'s bytes."""
         with self._lock:
@@ -626,14 +640,12 @@ class GceFake:
             "fingerprint": base64.b64encode(os.urandom(8)).decode(),
         }
         if network is not None:
-            nic["network"] = self._link_of(network, "networks", "network", glob=True)
+            nic["network"] = self._link_of(network, "networks", "network")
         if subnetwork is not None:
             nic["subnetwork"] = self._link_of(subnetwork, "subnetworks", "subnetwork")
         return nic
 
-    def _link_of(
-        self, value: object, collection: str, field_name: str, *, glob: bool = False
-    ) -> str:
+    def _link_of(self, value: object, collection: str, field_name: str) -> str:
         """A network or subnetwork reference as a full URL (they are not modelled here)."""
         if not isinstance(value, str) or f"/{collection}/" not in f"/{value}":
             raise _invalid(f"resource.networkInterfaces[0].{field_name}", value, "Bad URL.")
@@ -751,7 +763,6 @@ class GceFake:
         then: Callable[[], None] | None,
         undo: Callable[[], None] | None = None,
         failure: _Failure | None = None,
-        request_id: str | None = None,
     ) -> dict[str, Any]:
         name = f"operation-{self._new_id()}-{os.urandom(4).hex()}"
         link = self._zone_link if zonal else self._global_link
@@ -775,8 +786,6 @@ class GceFake:
         if failure is not None:
             op.error = _Error(failure.status, "", failure.message, failure.reason)
         self._operations[name] = op
-        if request_id:
-            self._request_ids[request_id] = name
         if op.polls_left <= 0:
             self._finish(op)
         return dict(op.body)
