@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 PROJECT = "rv-test-project"
-LOCATION = "europe-west1"
 ZONE = "europe-west1-b"
 WORKER = "rv-worker"
 REGION = "gcp:east"
@@ -51,13 +50,8 @@ class GceWorld:
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """site.toml settings of the test region (``overrides`` win; None removes a key)."""
         settings: dict[str, Any] = {
-            "project": PROJECT,
-            "location": LOCATION,
-            "zone": ZONE,
-            "credentials": "anonymous",
-            "compute_endpoint": self.fake.endpoint,
-            "worker_instance": WORKER,
-            "device_dir": str(self.fake.device_dir),
+            # project, location, zone, no login, the endpoint, the worker and its devices
+            **self.fake.compute_settings(),
             "poll_interval": 0.01,
             "operation_timeout": 60,
             "timeout": 10,
