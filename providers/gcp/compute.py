@@ -930,6 +930,10 @@ class GceCompute(Compute):
             operations = []
             for part in parts:
                 snapshot = compute_v1.Snapshot(name=part.snapshot, labels={CAPTURE_LABEL: name})
+                if self.settings.location:
+                    # kept in the region's own location, not GCE's default multi-region
+                    # (region A's data stays in region A)
+                    snapshot.storage_locations = [self.settings.location]
                 operations.append(
                     self._start(
                         f"{what}: cannot snapshot disk {part.source_disk}",
@@ -1331,19 +1335,6 @@ class GceBlockCapture(BlockCapture):
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         for part in self.parts:
             yield from self._read(part, [(0, part.size)])
-
-    def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        for part in self.parts:
-            local = [
-                (
-                    max(start, part.offset) - part.offset,
-                    min(start + length, part.offset + part.size) - part.offset,
-                )
-                for start, length in spans
-                if start < part.offset + part.size and start + length > part.offset
-            ]
-            if local:
-                yield from self._read(part, local)
 
     def _read(self, part: _Part, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """Blocks holding data within the disk's ``[start, end)`` ranges (its own offsets),

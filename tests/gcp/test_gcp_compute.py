@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -565,3 +565,22 @@ def test_a_device_that_does_not_appear_fails_naming_it_and_cleans_up(tmp_path: P
             "worker disks": [],
             "devices": [],
         }
+
+
+def test_snapshots_stay_in_the_regions_location(gce: GceWorld) -> None:
+    compute = gce.compute()
+    sent: list[dict[str, Any]] = []
+    real = compute.clients.disks.create_snapshot_unary
+
+    def recording(request: dict[str, Any], **kwargs: Any) -> Any:
+        sent.append(request)
+        return real(request=request, **kwargs)
+
+    compute.clients.disks.create_snapshot_unary = recording  # type: ignore[method-assign]
+    vm = gce.seed("vcu-22", disks=[b"d" * 4096])
+    with compute.capture(vm):
+        pass
+    (request,) = sent
+    location = compute.settings.location
+    assert location and list(request["snapshot_resource"].storage_locations) == [location]
+    assert request["snapshot_resource"].labels["regionvault-capture"] == vm
