@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
-from gce_world import WORKER, GceWorld, SeedingSupport, gce_world
+from gce_world import WORKER, GceWorld, LaunchingSupport, SeedingSupport, gce_world
 from regionvault.core.conformance import ComputeSuite
 from regionvault.core.conformance.fixtures import InstanceFactory, instance_factory
 from regionvault.core.errors import (
@@ -60,6 +60,20 @@ class TestGceComputeSuite(ComputeSuite):
     ) -> Iterator[InstanceFactory]:
         region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
         yield from instance_factory(SeedingSupport(gce, compute_a), region, tmp_path, uid)
+
+
+class TestGceComputeSuiteThroughTheApi(TestGceComputeSuite):
+    """The same, every test instance made through the API alone (a restore through the
+    worker, then a launch), as a conformance run against a fake in another process must."""
+
+    @pytest.fixture
+    def make_instance(
+        self, gce: GceWorld, compute_a: GceCompute, tmp_path: Path, uid: str
+    ) -> Iterator[InstanceFactory]:
+        region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
+        support = LaunchingSupport(gce, compute_a)
+        yield from instance_factory(support, region, tmp_path, uid)
+        assert gce.leftovers()["worker disks"] == []
 
 
 # --------------------------------------------------------------------------- labels
