@@ -654,7 +654,8 @@ class GceCompute(Compute):
         page_token: str | None = None,
         page_size: int = 100,
     ) -> InstancePage:
-        """At most ``page_size`` instances, filtered by their labels on GCE's side."""
+        """At most ``page_size`` instances, filtered by their labels on GCE's side; never the
+        region's backup worker (``worker_instance``)."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise self._fail(f"page_size must be a positive integer, got {page_size!r}")
         wanted = dict(tag_filters or {})
@@ -670,8 +671,14 @@ class GceCompute(Compute):
         found: list[Instance] = []
         for _ in range(_MAX_PAGES):
             items, following = self._page(expression, cloud_token, page_size)
-            # GCE filtered already; checked again, so a listing never shows what it should not
-            matches = [i for i in map(self._instance, items) if i.tags.matches(wanted)][skip:]
+            # GCE filtered already; checked again, so a listing never shows what it should not.
+            # The region's backup worker is regionvault's own machinery, not a workload: it is
+            # never listed, so the tagger never gives it a policy and nothing backs it up
+            matches = [
+                i
+                for i in map(self._instance, items)
+                if i.tags.matches(wanted) and i.id != self.settings.worker_instance
+            ][skip:]
             need = page_size - len(found)
             if len(matches) > need:
                 found.extend(matches[:need])
