@@ -42,13 +42,13 @@ def credentials_for(
             )
         from google.auth.credentials import AnonymousCredentials
 
-        return AnonymousCredentials()
+        return AnonymousCredentials()  # type: ignore[no-untyped-call]
     if settings.credentials == "service-account":
         from google.oauth2 import service_account
 
         assert settings.credentials_file is not None
         try:
-            return service_account.Credentials.from_service_account_file(
+            return service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
                 settings.credentials_file, scopes=SCOPES
             )
         except (OSError, ValueError) as exc:
