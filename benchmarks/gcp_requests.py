@@ -88,7 +88,7 @@ def run(size: int, seed: int) -> dict[str, Any]:
     counts: dict[str, Usage] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rv-gcp-requests-")))
-        storage = stack.enter_context(GcsEmulator())
+        storage = stack.enter_context(GcsEmulator(preconditions=True))
         regions = {
             name: stack.enter_context(
                 offline_region(name, storage=storage.endpoint, workdir=tmp / "gce")

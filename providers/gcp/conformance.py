@@ -13,8 +13,10 @@ Test instances are made through the plain compute_v1 clients the way an operator
 a disk its bytes on GCE: a blank disk attached to the worker, written through its device,
 detached, then an instance booting from it (:meth:`GcpConformanceSupport.make_instance`).
 
-The emulator stores object retention and holds but enforces neither, so the tests of their
-enforcement are skipped offline with that reason (:attr:`known_limits`).
+The emulator drops object retention and holds, so the tests of their enforcement are skipped
+offline with that reason (:attr:`known_limits`); it ignores ``ifGenerationMatch`` too, so it
+runs behind the launcher's precondition front (``GcsEmulator(preconditions=True)``), which
+applies Cloud Storage's rule for if-absent puts.
 
 Live: with ``REGIONVAULT_GCP_LIVE=1`` the throwaway site is two real regions the environment
 describes (testing.py); ``REGIONVAULT_GCP_SITE`` names a site file of real regions to use as
@@ -71,8 +73,8 @@ MIN_DISK_GB = 10
 
 #: what the emulator cannot show: GCS enforces these, gcp-storage-emulator stores them only
 WORM_OFFLINE = (
-    "gcp-storage-emulator stores object retention and holds but enforces neither; the "
-    "requests the real client sends and GCS's documented refusals are tested in "
+    "gcp-storage-emulator drops object retention and holds (it neither stores nor enforces "
+    "them); the requests the real client sends and GCS's documented refusals are tested in "
     "tests/gcp/test_gcp_storage.py, enforcement only live (REGIONVAULT_GCP_LIVE=1)"
 )
 WORM_TESTS = (
@@ -204,7 +206,7 @@ class GcpConformanceSupport(ConformanceSupport):
         from regionvault.providers.gcp.emulator import GcsEmulator
 
         with contextlib.ExitStack() as stack:
-            storage = stack.enter_context(GcsEmulator())
+            storage = stack.enter_context(GcsEmulator(preconditions=True))
             settings = {
                 name: stack.enter_context(
                     offline_region(name, storage=storage.endpoint, workdir=workdir / "gce")

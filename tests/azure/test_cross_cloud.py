@@ -142,7 +142,9 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     pytest.importorskip("google.cloud.storage", reason="the GCP side needs the Google Cloud SDK")
     from regionvault.providers.gcp.emulator import GcsEmulator
 
-    with GcsEmulator(log=tmp_path_factory.mktemp("gcs") / "gcs.log") as emulator:
+    with GcsEmulator(
+        log=tmp_path_factory.mktemp("gcs") / "gcs.log", preconditions=True
+    ) as emulator:
         yield emulator
 
 

@@ -16,7 +16,7 @@ pytest.importorskip(
     reason="the GCP tests need the Google Cloud SDK: pip install -e '.[test]'",
 )
 
-from regionvault.providers.gcp.emulator import GcsEmulator
+from regionvault.providers.gcp.emulator import EmulatorUnavailable, GcsEmulator
 from regionvault.providers.gcp.testing import live_mode
 
 #: why a test of the offline stack does not run live
@@ -27,10 +27,19 @@ OFFLINE_ONLY = (
 
 
 @pytest.fixture(scope="session")
-def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    """The session's gcp-storage-emulator."""
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """The session's gcp-storage-emulator, behind the precondition front (emulator.py), which
+    applies Cloud Storage's ``ifGenerationMatch`` rule the emulator ignores; stopped by its
+    PID at the end."""
     if live_mode():
         pytest.skip(OFFLINE_ONLY)
-    log = tmp_path_factory.mktemp("gcs") / "gcp-storage-emulator.log"
-    with GcsEmulator(log=log) as emulator:
+    workdir = tmp_path_factory.mktemp("gcs-emulator")
+    emulator = GcsEmulator(log=workdir / "emulator.log", preconditions=True)
+    try:
+        emulator.start()
+    except EmulatorUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
         yield emulator
+    finally:
+        emulator.stop()

@@ -28,7 +28,7 @@ import pytest
 import requests
 from regionvault.core.config import SERVICES
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
-from regionvault.providers.gcp.emulator import EmulatorUnavailable, GcsEmulator
+from regionvault.providers.gcp.emulator import GcsEmulator
 from regionvault.providers.gcp.provider import GcpProvider
 from regionvault.providers.gcp.storage import GcsVault
 from regionvault.providers.gcp.transit import GcsTransit
@@ -229,26 +229,6 @@ class GcsWorld:
         while self._services:
             self._services.pop().close()
         self.provider.close()
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    """One emulator per test module that asks for it, behind the precondition front,
-    stopped by its PID afterwards."""
-    pytest.importorskip(
-        "google.cloud.storage",
-        reason="the GCP tests need google-cloud-storage: pip install -e '.[test]'",
-    )
-    workdir = tmp_path_factory.mktemp("gcs-emulator")
-    emulator = GcsEmulator(log=workdir / "emulator.log", preconditions=True)
-    try:
-        emulator.start()
-    except EmulatorUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_conformance_suite_passes_with_gcp_in_two_regions(tmp_path: Path) -> Non
     skipped = [
         line
         for line in text.splitlines()
-        if line.startswith("SKIPPED") and "gcp-storage-emulator stores object retention" in line
+        if line.startswith("SKIPPED") and "gcp-storage-emulator drops object retention" in line
     ]
     assert len(skipped) >= len(WORM_TESTS), f"the WORM tests were not skipped so:\n{tail}"
     sites = {path.resolve() for path in basetemp.glob("*/site.toml")}

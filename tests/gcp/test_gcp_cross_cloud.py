@@ -53,9 +53,11 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 @pytest.fixture
-def west(gcs: GcsEmulator, tmp_path: Path) -> Iterator[OfflineRegion]:
+def west(gcs_emulator: GcsEmulator, tmp_path: Path) -> Iterator[OfflineRegion]:
     tag = os.urandom(5).hex()
-    with offline_region("west", storage=gcs.endpoint, workdir=tmp_path / "gce", tag=tag) as made:
+    with offline_region(
+        "west", storage=gcs_emulator.endpoint, workdir=tmp_path / "gce", tag=tag
+    ) as made:
         yield made
 
 

@@ -126,11 +126,15 @@ def every_object(endpoint: str, buckets: list[str]) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def regions(gcs: GcsEmulator, tmp_path: Path) -> Iterator[dict[str, OfflineRegion]]:
+def regions(gcs_emulator: GcsEmulator, tmp_path: Path) -> Iterator[dict[str, OfflineRegion]]:
     tag = random.Random().getrandbits(40).to_bytes(5, "big").hex()
     with (
-        offline_region("east", storage=gcs.endpoint, workdir=tmp_path / "gce", tag=tag) as east,
-        offline_region("west", storage=gcs.endpoint, workdir=tmp_path / "gce", tag=tag) as west,
+        offline_region(
+            "east", storage=gcs_emulator.endpoint, workdir=tmp_path / "gce", tag=tag
+        ) as east,
+        offline_region(
+            "west", storage=gcs_emulator.endpoint, workdir=tmp_path / "gce", tag=tag
+        ) as west,
     ):
         yield {A: east, B: west}
 
@@ -174,7 +178,7 @@ def _boot_disk(instance: dict[str, Any]) -> str:
 
 
 def test_tag_schedule_backup_copy_restore_launch_across_gcp_regions(
-    gcs: GcsEmulator,
+    gcs_emulator: GcsEmulator,
     regions: dict[str, OfflineRegion],
     recorded: Recorded,
     tmp_path: Path,
@@ -305,7 +309,7 @@ def test_tag_schedule_backup_copy_restore_launch_across_gcp_regions(
             assert open_inbox_object(own, item)
         # the copies left both inboxes empty
         inboxes = [east.buckets[1], west.buckets[1]]
-        assert every_object(gcs.endpoint, inboxes) == {}
+        assert every_object(gcs_emulator.endpoint, inboxes) == {}
 
         # ---- nothing at rest is plaintext
         for name in (A, B):
@@ -317,7 +321,7 @@ def test_tag_schedule_backup_copy_restore_launch_across_gcp_regions(
         assert len(runs) >= 30
         needles = {**runs, **recorded.needles()}
         assert len(recorded.every_key()) >= 8
-        scanned = every_object(gcs.endpoint, [*east.buckets, *west.buckets])
+        scanned = every_object(gcs_emulator.endpoint, [*east.buckets, *west.buckets])
         scanned.update({f"inbox {i.container}/{i.name}": i.data for i in recorded.inbox})
         packs = {
             bucket: sum(len(d) for k, d in scanned.items() if k.startswith(f"{bucket}/packs/"))

@@ -26,11 +26,10 @@ from storage_world import (
     RecordingAdapter,
     Seen,
     gcs,
-    gcs_emulator,
     gcs_error,
 )
 
-__all__ = ["gcs", "gcs_emulator"]  # the fixtures, imported for pytest to find
+__all__ = ["gcs"]  # the fixtures, imported for pytest to find
 
 MiB = 1024 * 1024
 
