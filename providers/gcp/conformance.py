@@ -52,7 +52,6 @@ __all__ = [
     "live_mode",
     "offline_region",
     "region_settings",
-    "seed_instance",
 ]
 
 #: a site file of real regions that a live run uses as it is
@@ -67,9 +66,6 @@ PROJECT = "rv-conformance"
 WORKER = "rv-worker"
 #: the machine type of launches whose point records none of GCE's
 MACHINE_TYPE = "e2-small"
-GiB = 1 << 30
-#: the smallest persistent disk GCE makes (pd-balanced)
-MIN_DISK_GB = 10
 
 #: what the emulator cannot show: GCS enforces these, gcp-storage-emulator stores them only
 WORM_OFFLINE = (
@@ -227,123 +223,31 @@ class GcpConformanceSupport(ConformanceSupport):
     ) -> Instance:
         """An instance named ``name`` with ``tags`` as labels, booting from a disk that holds
         ``data`` as a tar archive (each file's bytes contiguous), made through the plain
-        compute_v1 clients: a blank disk written through the region's worker
-        (:func:`seed_instance`)."""
+        compute_v1 clients, as on GCE: a blank disk attached to the region's worker, written
+        through its device once udev has made the link, detached, then the instance; the disk
+        is removed if a step fails (fakes/compute.py, ``seed_instance_over_api``)."""
         from regionvault.providers.gcp.auth import credentials_for
         from regionvault.providers.gcp.compute import GceCompute
+        from regionvault.providers.gcp.fakes.compute import seed_instance_over_api
 
         compute = region.compute
         if not isinstance(compute, GceCompute):
             return super().make_instance(region, name, data=data, tags=tags, workdir=workdir)
         settings = compute.settings
-        seed_instance(
+        seed_instance_over_api(
+            endpoint=settings.compute_endpoint,
             project=settings.project,
             zone=settings.zone or "",
-            endpoint=settings.compute_endpoint,
-            credentials=credentials_for(compute.region_config, settings, "compute"),
-            worker=settings.worker_instance or WORKER,
+            worker_instance=settings.worker_instance or WORKER,
             device_dir=Path(settings.device_dir),
             name=name,
-            image=tar_image(data),
+            disks=[tar_image(data)],
             labels=dict(tags),
             machine_type=MACHINE_TYPE,
+            credentials=credentials_for(compute.region_config, settings, "compute"),
             poll_interval=settings.poll_interval,
         )
         for instance in compute.list_instances(tag_filters=dict(tags)):
             if instance.name == name:
                 return instance
         raise AssertionError(f"the instance {name} made for the test is not listed by its labels")
-
-
-def seed_instance(
-    *,
-    project: str,
-    zone: str,
-    endpoint: str | None,
-    credentials: Any,
-    worker: str,
-    device_dir: Path,
-    name: str,
-    image: bytes,
-    labels: Mapping[str, str],
-    machine_type: str,
-    poll_interval: float = 0.02,
-    timeout: float = 120.0,
-) -> None:
-    """Make instance ``name`` in ``zone`` booting from a new disk holding ``image``, through
-    the plain compute_v1 clients: a blank disk, attached to ``worker``, written through
-    ``device_dir/google-<device>``, detached, then the instance. Every operation is polled
-    with an operations client built with the same endpoint (never ``.result()``)."""
-    from google.cloud import compute_v1
-
-    options = {"api_endpoint": endpoint} if endpoint else None
-    disks = compute_v1.DisksClient(credentials=credentials, client_options=options)
-    instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
-    operations = compute_v1.ZoneOperationsClient(credentials=credentials, client_options=options)
-
-    def wait(operation: Any) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while True:
-            op = operations.get(project=project, zone=zone, operation=operation.name)
-            if op.status == compute_v1.Operation.Status.DONE:
-                if op.error and op.error.errors:
-                    raise RuntimeError(f"{op.operation_type} {op.target_link}: {op.error}")
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{op.operation_type} {op.target_link} did not finish")
-            time.sleep(poll_interval)
-
-    disk_name = f"{name}-boot"
-    size_gb = max(MIN_DISK_GB, -(-len(image) // GiB))
-    wait(
-        disks.insert_unary(
-            project=project,
-            zone=zone,
-            disk_resource=compute_v1.Disk(name=disk_name, size_gb=size_gb),
-        )
-    )
-    device = f"seed-{uuid.uuid4().hex[:12]}"
-    wait(
-        instances.attach_disk_unary(
-            project=project,
-            zone=zone,
-            instance=worker,
-            attached_disk_resource=compute_v1.AttachedDisk(
-                source=f"projects/{project}/zones/{zone}/disks/{disk_name}",
-                device_name=device,
-                mode="READ_WRITE",
-            ),
-        )
-    )
-    try:
-        with (device_dir / f"google-{device}").open("r+b") as out:
-            out.write(image)
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        wait(
-            instances.detach_disk_unary(
-                project=project, zone=zone, instance=worker, device_name=device
-            )
-        )
-    wait(
-        instances.insert_unary(
-            project=project,
-            zone=zone,
-            instance_resource=compute_v1.Instance(
-                name=name,
-                machine_type=f"zones/{zone}/machineTypes/{machine_type}",
-                labels=dict(labels),
-                disks=[
-                    compute_v1.AttachedDisk(
-                        boot=True,
-                        auto_delete=True,
-                        source=f"projects/{project}/zones/{zone}/disks/{disk_name}",
-                    )
-                ],
-                network_interfaces=[compute_v1.NetworkInterface(network="global/networks/default")],
-            ),
-        )
-    )
