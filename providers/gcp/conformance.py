@@ -162,6 +162,8 @@ def offline_region(
             project=PROJECT, zone=zone, state_dir=workdir / name, worker_instance=WORKER
         ) as gce,
     ):
+        # as on GCE, where udev makes an attached disk's link a moment after the attach
+        gce.device_link_delay = 0.02
         settings = region_settings(
             name, storage=storage, kms=kms.address, compute=gce.endpoint, device_dir=gce.device_dir
         )
