@@ -18,8 +18,10 @@ keys, through the unmodified ``KeyManagementServiceClient`` (gRPC).
   search then a bisection finds the newest in O(log n) calls; a version that is not ENABLED
   answers FAILED_PRECONDITION, one that does not exist NOT_FOUND).
 - Every request carries the CRC32C of its data and every answer's CRC32C is checked
-  (google-crc32c), as Google asks of KMS clients: an answer that fails the check, or a
-  request the service says it did not verify, is retried like a transient failure.
+  (google-crc32c), as Google asks of KMS clients: an answer that fails the check, a
+  request the service says it did not verify, or one it refuses because its checksum did
+  not match (INVALID_ARGUMENT "The checksum in field ..."), is retried like a transient
+  failure.
 - A reserved context entry, ``regionvault:purpose``, keeps wrapped data keys and sealed
   secrets apart; the context is bound as canonical JSON.
 
@@ -40,7 +42,12 @@ The client: with ``kms_plaintext`` (a fake on the loopback) through
 TLS with the region's credentials and ``client_options={"api_endpoint": kms_endpoint}``
 when one is set. The SDK's own retry is off (its default retries for up to a minute): each
 call is tried ``sdk_retries`` more times after a transient failure, with a short backoff,
-every attempt counted in the metrics as ``(region, "kms", <RPC name>)``.
+every attempt counted in the metrics as ``(region, "kms", <RPC name>)``. The one call that is
+not idempotent, ``CreateCryptoKeyVersion``, is never retried: a late answer could mean the
+version was made, and :meth:`GcpKeyService.rotate` run again promotes it instead of making
+another. Credentials that are not valid (no token yet, or expired) are refreshed in Python
+before a call, so that a refused login is :class:`KeyAccessDenied` (over gRPC, google-auth
+runs in the channel's metadata plugin, whose failure would reach us as UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -139,7 +146,13 @@ def crc32c(data: bytes) -> int:
 
 
 class _Corrupt(Exception):
-    """An answer failed its integrity check (or a request was not verified)."""
+    """An answer failed its integrity check (or a request was not verified, or the service
+    found the request's checksum did not match: it was damaged on the way)."""
+
+
+#: how Cloud KMS begins the INVALID_ARGUMENT message for a request whose CRC32C field does
+#: not match its data
+_CHECKSUM_REFUSED = "The checksum in field"
 
 
 # ---------------------------------------------------------------------- errors
@@ -168,11 +181,18 @@ def kms_error(
 ) -> RegionVaultError:
     """The error to raise for ``exc`` from the KMS client: :class:`TransientError` for
     UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, a token endpoint
-    that did not answer and answers that kept failing their CRC32C check;
-    :class:`KeyAccessDenied` for PERMISSION_DENIED, UNAUTHENTICATED, a refused login and the
+    that did not answer, a login refresh google-auth calls retryable, and answers (or
+    requests) that kept failing their CRC32C check; :class:`KeyAccessDenied` for
+    PERMISSION_DENIED, UNAUTHENTICATED, a refused login (a RefreshError that is not
+    retryable: a revoked key, a deleted service account, invalid_grant) and the
     ``denied`` errors (what "this key cannot open that" looks like for the call);
     :class:`KeyServiceError` for the rest. ``message`` names the operation and the key."""
     full = f"{message}: {_describe(exc)}"
+    if isinstance(exc, auth_exc.RefreshError):
+        full = f"{message}: login refused: {' '.join(str(exc).split())[:200]}"
+        if exc.retryable:
+            return TransientError(full, provider="gcp", region=region)
+        return KeyAccessDenied(full, provider="gcp", region=region)
     if isinstance(exc, (*_TRANSIENT, _Corrupt)):
         return TransientError(full, provider="gcp", region=region)
     if isinstance(exc, _DENIED + denied):
@@ -192,6 +212,7 @@ class _Kms:
         self._credentials = credentials
         self._metrics = metrics
         self._lock = threading.Lock()
+        self._login = threading.Lock()
         self._client: KeyManagementServiceClient | None = None
 
     @property
@@ -218,26 +239,55 @@ class _Kms:
         options = {"api_endpoint": endpoint} if endpoint else None
         return KeyManagementServiceClient(credentials=self._credentials, client_options=options)
 
+    def _refresh(self) -> None:
+        """Refresh credentials that are not valid before a call, here rather than in the
+        gRPC metadata plugin, which would turn a refused login into UNAVAILABLE. Raises
+        google-auth's RefreshError (a refused login) or TransportError (no answer)."""
+        client = self.client
+        # the transport may hold its own copy (a service account's self-signed JWT twin)
+        credentials = getattr(client.transport, "_credentials", None) or self._credentials
+        if credentials is None or credentials.valid:
+            return
+        with self._login:
+            if not credentials.valid:
+                from google.auth.transport.requests import Request
+
+                credentials.refresh(Request())
+
     def call(
         self,
         rpc: str,
         method: Callable[..., T],
         request: Any,
         check: Callable[[T], None] | None = None,
+        *,
+        idempotent: bool = True,
     ) -> T:
         """``method(request=request)``, retried ``sdk_retries`` times after a transient
-        failure or an answer failing ``check``; every attempt is recorded."""
+        failure, an answer failing ``check`` or a request the service found damaged (never
+        when not ``idempotent``: a late answer may hide a call that took effect); every
+        attempt is recorded."""
         size = type(request).pb(request).ByteSize()
-        attempts = self.settings.sdk_retries + 1
+        attempts = self.settings.sdk_retries + 1 if idempotent else 1
         for attempt in range(attempts):
-            self._metrics.record(self.region, "kms", rpc, size)
             try:
-                answer = method(request=request, retry=None, timeout=self.settings.timeout)
+                self._refresh()
+                self._metrics.record(self.region, "kms", rpc, size)
+                try:
+                    answer = method(request=request, retry=None, timeout=self.settings.timeout)
+                except gexc.InvalidArgument as exc:
+                    if not str(exc.message or "").startswith(_CHECKSUM_REFUSED):
+                        raise
+                    # the request was damaged on the way: sent again, it may pass
+                    raise _Corrupt(f"Cloud KMS refused the request: {_describe(exc)}") from exc
                 if check is not None:
                     check(answer)
                 return answer
             except (*_TRANSIENT, _Corrupt):
                 if attempt + 1 >= attempts:
+                    raise
+            except auth_exc.RefreshError as exc:
+                if not exc.retryable or attempt + 1 >= attempts:
                     raise
             time.sleep(min(_BACKOFF * 2**attempt, _BACKOFF_CAP))
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -384,6 +434,11 @@ def _get_or_create_key(kms: _Kms, name: str, purpose: int) -> types.CryptoKey:
         key = _create_key(kms, name, purpose)
     except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
         raise kms_error(exc, f"cannot get key {path}", region=kms.region) from None
+    else:
+        if settings.create and purpose == _Purpose.ASYMMETRIC_DECRYPT:
+            # another process (or gcloud) may have made it a moment ago, or our own
+            # CreateCryptoKey's answer was lost: its first version may still be generating
+            _wait_while_generating(kms, f"{path}/cryptoKeyVersions/1")
     if key.purpose != purpose:
         raise _config_error(
             settings,
@@ -426,14 +481,18 @@ def _create_key(kms: _Kms, name: str, purpose: int) -> types.CryptoKey:
         except gexc.NotFound:
             _create_key_ring(kms)  # the key ring is missing: make it, then the key
         except gexc.AlreadyExists:
+            # another process won the race (or our own lost answer made it)
             try:
-                return kms.call(
+                key = kms.call(
                     "GetCryptoKey",
                     kms.client.get_crypto_key,
                     types.GetCryptoKeyRequest(name=path),
                 )
             except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
                 raise kms_error(exc, f"cannot get key {path}", region=kms.region) from None
+            if purpose == _Purpose.ASYMMETRIC_DECRYPT:
+                _wait_while_generating(kms, f"{path}/cryptoKeyVersions/1")
+            return key
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
             raise kms_error(exc, f"cannot create key {path}", region=kms.region) from None
         else:
@@ -569,9 +628,12 @@ class GcpSealer(Sealer):
             answer = seen[number] if number in seen else self._probe(number)
             if isinstance(answer, types.PublicKey):
                 return str(number), answer
-        raise KeyServiceError(
-            f"key {self.key_path} has no ENABLED version among its newest {_MAX_WALK_DOWN} "
-            f"(newest: {low})",
+        # a sealer cannot tell a version still generating (RSA takes seconds) from a
+        # disabled one: both answer FAILED_PRECONDITION; the first passes if asked again
+        raise TransientError(
+            f"key {self.key_path} has no ENABLED version among its newest {_MAX_WALK_DOWN}: "
+            f"the newest, {low}, may still be generating (if every version is disabled, "
+            "enable one or rotate)",
             provider="gcp",
             region=self.region,
         )
@@ -635,6 +697,30 @@ def _wait_until_enabled(kms: _Kms, name: str) -> None:
     )
 
 
+def _wait_while_generating(kms: _Kms, name: str) -> None:
+    """Poll the version ``name`` while it is PENDING_GENERATION (a key made a moment ago
+    elsewhere), up to ``operation_timeout`` seconds; any other state, or a version that is
+    missing or may not be read, ends the wait (the caller's own checks name what is wrong)."""
+    request = types.GetCryptoKeyVersionRequest(name=name)
+    polls = max(1, int(kms.settings.operation_timeout / kms.settings.poll_interval))
+    for _poll in range(polls + 1):
+        try:
+            version = kms.call("GetCryptoKeyVersion", kms.client.get_crypto_key_version, request)
+        except (gexc.NotFound, gexc.PermissionDenied):
+            return
+        except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
+            raise kms_error(exc, f"cannot get key version {name}", region=kms.region) from None
+        if version.state != _State.PENDING_GENERATION:
+            return
+        time.sleep(kms.settings.poll_interval)
+    raise TransientError(
+        f"key version {name} is still PENDING_GENERATION after "
+        f"{kms.settings.operation_timeout:g} s",
+        provider="gcp",
+        region=kms.region,
+    )
+
+
 # ---------------------------------------------------------------------- the key service
 
 
@@ -657,6 +743,7 @@ class GcpKeyService(KeyService):
         self._lock = threading.Lock()
         self._resolving = threading.Lock()
         self._primary: str | None = None
+        self._checked = False
         self._sealer: GcpSealer | None = None
 
     @property
@@ -675,6 +762,70 @@ class GcpKeyService(KeyService):
     def _error(self, exc: BaseException, what: str, **kwargs: Any) -> RegionVaultError:
         return kms_error(exc, what, region=self.region, **kwargs)
 
+    def _missing(self, path: str) -> KeyServiceError:
+        return KeyServiceError(
+            f"key {path} does not exist (create it, see docs/gcp.md, or set create = true "
+            "for a test region)",
+            provider="gcp",
+            region=self.region,
+        )
+
+    def _exists(self, path: str) -> bool:
+        """Whether the CryptoKey ``path`` exists (after a NOT_FOUND that may name a version
+        only): True when it cannot be told."""
+        request = types.GetCryptoKeyRequest(name=path)
+        try:
+            self._kms.call("GetCryptoKey", self._kms.client.get_crypto_key, request)
+        except gexc.NotFound:
+            return False
+        except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt):
+            return True
+        return True
+
+    def _keys(self) -> types.CryptoKey:
+        """Both keys checked (with ``create = true`` made, with their key ring, when
+        missing); the symmetric key as Cloud KMS has it now."""
+        key = _get_or_create_key(self._kms, self.settings.key_name, _Purpose.ENCRYPT_DECRYPT)
+        _get_or_create_key(self._kms, self.settings.seal_key_name, _Purpose.ASYMMETRIC_DECRYPT)
+        return key
+
+    def _unpromoted(self, key: types.CryptoKey) -> types.CryptoKeyVersion | None:
+        """The newest version of ``key`` newer than its primary that is ENABLED or still
+        generating: one a rotation made whose answer was lost, or that stopped before
+        promoting it. None when there is none."""
+        primary = key.primary.name.rpartition("/")[2]
+        number = int(primary) if primary.isdigit() else 0
+        found: types.CryptoKeyVersion | None = None
+        for newer in range(number + 1, number + 1 + _MAX_WALK_DOWN):
+            name = f"{self.key_path}/cryptoKeyVersions/{newer}"
+            request = types.GetCryptoKeyVersionRequest(name=name)
+            try:
+                version = self._kms.call(
+                    "GetCryptoKeyVersion", self._kms.client.get_crypto_key_version, request
+                )
+            except gexc.NotFound:
+                break
+            if version.state in (_State.ENABLED, _State.PENDING_GENERATION):
+                found = version
+        return found
+
+    def _made(self) -> None:
+        """With ``create = true``, make the keys before their first use here, whatever
+        state their primary is in."""
+        if not self.settings.create or self._known():
+            return
+        with self._resolving:
+            if self._known():
+                return
+            self._keys()
+            with self._lock:
+                self._checked = True
+
+    def _known(self) -> bool:
+        """Whether the keys were checked (or made) here already."""
+        with self._lock:
+            return self._checked or self._primary is not None
+
     def _resolve(self) -> str:
         """The symmetric key's primary version; on first use both keys are checked (and
         with ``create = true`` made, with their key ring, when missing)."""
@@ -687,8 +838,7 @@ class GcpKeyService(KeyService):
             with self._lock:
                 if self._primary is not None:
                     return self._primary
-            key = _get_or_create_key(self._kms, self.settings.key_name, _Purpose.ENCRYPT_DECRYPT)
-            _get_or_create_key(self._kms, self.settings.seal_key_name, _Purpose.ASYMMETRIC_DECRYPT)
+            key = self._keys()
             if not key.primary.name or key.primary.state != _State.ENABLED:
                 state = _State(key.primary.state).name if key.primary.name else "missing"
                 raise KeyServiceError(
@@ -758,7 +908,9 @@ class GcpKeyService(KeyService):
                 region=self.region,
             )
         ciphertext = bytes(wrapped)[len(DATA_KEY_MAGIC) :]
-        self._resolve()
+        # no _resolve(): Decrypt needs no primary, and one that is not ENABLED (an
+        # administrator disabled the newest version) must not stop older versions decrypting
+        self._made()
         request = types.DecryptRequest(
             name=self.key_path,
             ciphertext=ciphertext,
@@ -773,6 +925,8 @@ class GcpKeyService(KeyService):
 
         try:
             answer = self._kms.call("Decrypt", self._kms.client.decrypt, request, check)
+        except gexc.NotFound:
+            raise self._missing(self.key_path) from None
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
             # INVALID_ARGUMENT: another key's ciphertext, altered bytes or another context;
             # FAILED_PRECONDITION: its version is disabled or destroyed
@@ -816,7 +970,8 @@ class GcpKeyService(KeyService):
                 provider="gcp",
                 region=self.region,
             )
-        self._resolve()
+        # no _resolve(), as for unwrap: AsymmetricDecrypt names its version itself
+        self._made()
         name = f"{self.seal_key_path}/cryptoKeyVersions/{envelope.version}"
         request = types.AsymmetricDecryptRequest(
             name=name,
@@ -834,6 +989,12 @@ class GcpKeyService(KeyService):
             answer = self._kms.call(
                 "AsymmetricDecrypt", self._kms.client.asymmetric_decrypt, request, check
             )
+        except gexc.NotFound as exc:
+            if not self._exists(self.seal_key_path):
+                raise self._missing(self.seal_key_path) from None
+            raise self._error(
+                exc, f"cannot unseal with key {name}", denied=(gexc.NotFound,)
+            ) from None
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
             # NOT_FOUND: this key has no such version (another region's envelope);
             # INVALID_ARGUMENT: RSA-OAEP failed (another key's, or altered);
@@ -861,15 +1022,27 @@ class GcpKeyService(KeyService):
     def rotate(self) -> str:
         """A new version of the symmetric key made primary (older versions still decrypt),
         and a new version of the seal key (sealers use it once it is ENABLED; secrets sealed
-        to older versions still open). Returns the new primary version."""
-        self._resolve()
+        to older versions still open). Returns the new primary version.
+
+        Resumable: ``CreateCryptoKeyVersion`` is not idempotent, so it is never retried; a
+        version newer than the primary that is ENABLED (or generating), left by a rotation
+        whose answer was lost or that stopped before promoting it, is promoted instead of
+        making another. A rotation that failed at the seal key, run again, makes one more
+        symmetric version."""
+        with self._resolving:
+            key = self._keys()  # as Cloud KMS has it now: another process may have rotated
         create = types.CreateCryptoKeyVersionRequest(
             parent=self.key_path, crypto_key_version=types.CryptoKeyVersion()
         )
         try:
-            version = self._kms.call(
-                "CreateCryptoKeyVersion", self._kms.client.create_crypto_key_version, create
-            )
+            version = self._unpromoted(key)
+            if version is None:
+                version = self._kms.call(
+                    "CreateCryptoKeyVersion",
+                    self._kms.client.create_crypto_key_version,
+                    create,
+                    idempotent=False,
+                )
             if version.state != _State.ENABLED:  # an HSM key's version may still be made
                 _wait_until_enabled(self._kms, version.name)
             number = version.name.rpartition("/")[2]
@@ -897,7 +1070,10 @@ class GcpKeyService(KeyService):
         )
         try:
             self._kms.call(
-                "CreateCryptoKeyVersion", self._kms.client.create_crypto_key_version, seal
+                "CreateCryptoKeyVersion",
+                self._kms.client.create_crypto_key_version,
+                seal,
+                idempotent=False,
             )
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
             raise self._error(

@@ -96,6 +96,14 @@ class GcpProvider(Provider):
             return self.capabilities
         return replace(self.capabilities, worm_lock=False, legal_hold=False)
 
+    def _kms_credentials(self, region: RegionConfig, settings: GcpSettings) -> Any:
+        """The KMS login; None with ``kms_plaintext`` (a fake on the loopback, reached over
+        an insecure channel that carries no credentials): resolving them would look for
+        Application Default Credentials, probing the metadata server."""
+        if settings.kms_plaintext:
+            return None
+        return self.credentials(region, settings, "kms")
+
     def key_service(self, region: RegionConfig) -> GcpKeyService:
         settings = self.settings(region)
         settings.need(region, "keys", "location")
@@ -105,7 +113,7 @@ class GcpProvider(Provider):
             return GcpKeyService(
                 region=region,
                 settings=settings,
-                credentials=self.credentials(region, settings, "kms"),
+                credentials=self._kms_credentials(region, settings),
                 capabilities=self.capabilities,
                 metrics=self.metrics,
             )
@@ -119,7 +127,7 @@ class GcpProvider(Provider):
             from regionvault.providers.gcp.kms import GcpSealer
 
             return GcpSealer.for_region(
-                region, settings, self.credentials(region, settings, "kms"), self.metrics
+                region, settings, self._kms_credentials(region, settings), self.metrics
             )
 
     def vault(self, region: RegionConfig) -> GcsVault:
