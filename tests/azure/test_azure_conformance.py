@@ -22,14 +22,10 @@ variables; the checks of the offline stack (Azurite's log, its WORM skips) are l
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import psutil
 import pytest
+from conformance_run import run_suite
 from regionvault.providers.azure.azurite import azurite_command
 from regionvault.providers.azure.testing import LIVE_ENV, LiveSettings, live_mode
 
@@ -60,18 +56,6 @@ WORM_TESTS = (
     "test_compliance_retention_refuses_delete_and_shortening",
     "test_legal_hold_refuses_delete_until_lifted",
 )
-_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b")
-
-
-def _left_running(session: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == session:
-                found.append(process)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return found
 
 
 def _child_env(live: bool) -> dict[str, str]:
@@ -102,73 +86,23 @@ def test_conformance_suite_passes_with_azure_in_two_regions(tmp_path: Path) -> N
         LiveSettings.from_environment()  # one line naming what is missing, before the run
     else:
         azurite_command()  # installs the pinned Azurite first, outside the child's time limit
-    basetemp = tmp_path / "basetemp"
-    env = _child_env(live)
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "--pyargs",
-        "regionvault.core.conformance",
-        "--regionvault-provider=azure",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rA",
-        "-W",
-        "error",
-        f"--timeout={1800 if live else 120}",
-        f"--basetemp={basetemp}",
-    ]
-    child = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = child.communicate(timeout=LIVE_TIMEOUT if live else SUITE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        pytest.fail(
-            f"the conformance run took over {SUITE_TIMEOUT}s; its output ended:\n"
-            + out.decode(errors="replace")[-4000:]
-        )
-    finally:
-        leftovers = _left_running(child.pid)
-        for process in leftovers:
-            process.kill()
-    text = out.decode(errors="replace")
-    tail = text[-6000:]
-    assert leftovers == [], f"the conformance run left processes behind: {leftovers}"
-    assert child.returncode == 0, f"pytest exited with {child.returncode}:\n{tail}"
-    summary = [line for line in text.splitlines() if re.search(r"\d+ passed", line)]
-    assert summary, f"no pytest summary line in the output:\n{tail}"
-    counts = {kind.rstrip("s"): int(n) for n, kind in _COUNTS.findall(summary[-1])}
-    assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, summary[-1]
-    assert counts.get("passed", 0) >= MIN_PASSED, f"too few tests passed: {summary[-1]}"
-    passed = {
-        line.split(" ", 1)[1].strip() for line in text.splitlines() if line.startswith("PASSED ")
-    }
-    missing = [name for name in MUST_PASS if not any(p.endswith(name) for p in passed)]
-    assert missing == [], f"not among the passed tests: {missing}\n{tail}"
-    assert (
-        "regionvault conformance: tested provider azure, regions A=azure:east B=azure:west" in text
+    run = run_suite(
+        "azure",
+        tmp_path,
+        env=_child_env(live),
+        timeout=LIVE_TIMEOUT if live else SUITE_TIMEOUT,
+        test_timeout=1800 if live else 120,
+        min_passed=MIN_PASSED,
+        must_pass=MUST_PASS,
+        regions=("azure:east", "azure:west"),
     )
     if live:
         return
     for name in WORM_TESTS:
-        assert not any(name in p for p in passed), f"{name} passed against Azurite, which cannot"
-    skipped = [
-        line
-        for line in text.splitlines()
-        if line.startswith("SKIPPED") and "Azurite does not implement blob immutability" in line
-    ]
-    assert skipped, f"the WORM tests were not skipped with Azurite's reason:\n{tail}"
+        assert not any(name in p for p in run.passed), f"{name} passed against Azurite"
+    skipped = run.skipped_saying("Azurite does not implement blob immutability")
+    assert skipped, f"the WORM tests were not skipped with Azurite's reason:\n{run.tail}"
+    basetemp = run.basetemp
     sites = {path.resolve() for path in basetemp.glob("*/site.toml")}
     assert len(sites) == 1, f"not one test site under {basetemp}: {sites}"
     site = sites.pop().read_text(encoding="utf-8")

@@ -19,14 +19,10 @@ variables; the checks of the offline stack are left out.
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import psutil
 import pytest
+from conformance_run import run_suite
 from regionvault.providers.gcp.conformance import WORM_TESTS
 from regionvault.providers.gcp.testing import LIVE_ENV, LiveSettings, live_mode
 
@@ -54,18 +50,6 @@ MUST_PASS = (
     "test_keys.py::TestKeyService::test_sealed_in_another_process_unseals_only_here",
     "test_keys.py::TestKeyService::test_rotation_keeps_old_material_readable",
 )
-_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)\b")
-
-
-def _left_running(session: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == session:
-                found.append(process)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return found
 
 
 def _child_env(live: bool) -> dict[str, str]:
@@ -92,73 +76,24 @@ def test_conformance_suite_passes_with_gcp_in_two_regions(tmp_path: Path) -> Non
     live = live_mode()
     if live:
         LiveSettings.from_environment()  # one line naming what is missing, before the run
-    basetemp = tmp_path / "basetemp"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "--pyargs",
-        "regionvault.core.conformance",
-        "--regionvault-provider=gcp",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rA",
-        "-W",
-        "error",
-        f"--timeout={1800 if live else 120}",
-        f"--basetemp={basetemp}",
-    ]
-    child = subprocess.Popen(
-        command,
-        cwd=tmp_path,
+    run = run_suite(
+        "gcp",
+        tmp_path,
         env=_child_env(live),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        timeout=LIVE_TIMEOUT if live else SUITE_TIMEOUT,
+        test_timeout=1800 if live else 120,
+        min_passed=MIN_PASSED,
+        must_pass=MUST_PASS,
+        regions=("gcp:east", "gcp:west"),
     )
-    limit = LIVE_TIMEOUT if live else SUITE_TIMEOUT
-    try:
-        out, _ = child.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        pytest.fail(
-            f"the conformance run took over {limit}s; its output ended:\n"
-            + out.decode(errors="replace")[-4000:]
-        )
-    finally:
-        leftovers = _left_running(child.pid)
-        for process in leftovers:
-            process.kill()
-    text = out.decode(errors="replace")
-    tail = text[-6000:]
-    assert leftovers == [], f"the conformance run left processes behind: {leftovers}"
-    assert child.returncode == 0, f"pytest exited with {child.returncode}:\n{tail}"
-    summary = [line for line in text.splitlines() if re.search(r"\d+ passed", line)]
-    assert summary, f"no pytest summary line in the output:\n{tail}"
-    counts = {kind.rstrip("s"): int(n) for n, kind in _COUNTS.findall(summary[-1])}
-    assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, summary[-1]
-    assert counts.get("passed", 0) >= MIN_PASSED, f"too few tests passed: {summary[-1]}"
-    passed = {
-        line.split(" ", 1)[1].strip() for line in text.splitlines() if line.startswith("PASSED ")
-    }
-    missing = [name for name in MUST_PASS if not any(p.endswith(name) for p in passed)]
-    assert missing == [], f"not among the passed tests: {missing}\n{tail}"
-    assert "regionvault conformance: tested provider gcp, regions A=gcp:east B=gcp:west" in text
     if live:
         return
     for name in WORM_TESTS:
-        assert not any(name in p for p in passed), f"{name} passed against the emulator"
-    skipped = [
-        line
-        for line in text.splitlines()
-        if line.startswith("SKIPPED") and "gcp-storage-emulator drops object retention" in line
-    ]
-    assert len(skipped) >= len(WORM_TESTS), f"the WORM tests were not skipped so:\n{tail}"
-    sites = {path.resolve() for path in basetemp.glob("*/site.toml")}
-    assert len(sites) == 1, f"not one test site under {basetemp}: {sites}"
+        assert not any(name in p for p in run.passed), f"{name} passed against the emulator"
+    skipped = run.skipped_saying("gcp-storage-emulator drops object retention")
+    assert len(skipped) >= len(WORM_TESTS), f"the WORM tests were not skipped so:\n{run.tail}"
+    sites = {path.resolve() for path in run.basetemp.glob("*/site.toml")}
+    assert len(sites) == 1, f"not one test site under {run.basetemp}: {sites}"
     site = sites.pop().read_text(encoding="utf-8")
     assert 'provider = "local"' not in site, "a test region took a service from another provider"
     for key in ("compute_endpoint", "kms_endpoint", "storage_endpoint"):
