@@ -6,12 +6,15 @@ plain is at rest (imported by tests/azure and tests/gcp):
   inbox payload is kept as it lay in the inbox just before its destination discarded it;
 - :func:`wrapped_keys` finds the wrapped data keys a vault's objects carry (docs/format.md);
 - :func:`leaks` scans stored bytes for needles (marker runs of the disks, the keys raw, in
-  hex and in base64).
+  hex and in base64);
+- :func:`disk_pieces`, :func:`image_of` and :func:`marker_runs` make the test disks and the
+  runs of their bytes that must be found nowhere at rest.
 """
 
 from __future__ import annotations
 
 import base64
+import random
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,10 +26,14 @@ from regionvault.core.repository import open_payload
 from regionvault.core.types import DataKey
 
 __all__ = [
+    "DISK",
     "InboxObject",
     "Recorded",
     "WrappedKey",
+    "disk_pieces",
+    "image_of",
     "leaks",
+    "marker_runs",
     "open_inbox_object",
     "payload_kind",
     "record",
@@ -187,3 +194,61 @@ def leaks(scanned: Mapping[str, bytes], needles: Mapping[str, bytes]) -> list[st
         for what, needle in needles.items()
         if needle in data
     ]
+
+
+# --------------------------------------------------------------------------- test disks
+
+MiB = 1024 * 1024
+#: the end-to-end tests' disk data: a whole number of MiB, above Azure's 20 MiB upload minimum
+DISK = 24 * MiB
+RUN = 64
+
+
+def _log_text(rng: random.Random, n: int, size: int) -> bytes:
+    lines = (
+        f"{n:04d} vcu[{rng.randrange(64)}]: ue {rng.getrandbits(40):010x} handover cell "
+        f"{rng.randrange(4096)} e2e-marker-{rng.getrandbits(64):016x}\n".encode()
+        for _ in range(size // 60 + 1)
+    )
+    return b"".join(lines)[:size]
+
+
+def disk_pieces(seed: int, size: int = DISK) -> dict[int, bytes]:
+    """A disk's first ``size`` bytes as offset -> 1 MiB piece, holes (never written) left
+    out: random, log text, half-zero and repeated MiBs."""
+    rng = random.Random(seed)
+    pieces: dict[int, bytes] = {}
+    earlier: list[bytes] = []
+    for n in range(size // MiB):
+        kind = n % 6
+        if kind in (0, 1):
+            data = rng.randbytes(MiB)
+            earlier.append(data)
+        elif kind == 2:
+            data = _log_text(rng, n, MiB)
+        elif kind == 3:
+            continue
+        elif kind == 4:
+            data = rng.randbytes(MiB // 2) + bytes(MiB // 2)
+        else:
+            data = earlier[rng.randrange(len(earlier))]
+        pieces[n * MiB] = data
+    return pieces
+
+
+def image_of(pieces: Mapping[int, bytes], size: int = DISK) -> bytearray:
+    image = bytearray(size)
+    for offset, data in pieces.items():
+        image[offset : offset + len(data)] = data
+    return image
+
+
+def marker_runs(image: bytes | bytearray, size: int = DISK) -> dict[str, bytes]:
+    """Distinctive 64-byte runs of the disk at offsets that differ from MiB to MiB."""
+    runs: dict[str, bytes] = {}
+    for n in range(size // MiB):
+        for offset in (n * MiB, n * MiB + (n * 7919 + 4096) % (MiB // 2 - RUN)):
+            run = bytes(image[offset : offset + RUN])
+            if run.count(0) < RUN // 2:
+                runs[f"offset {offset}"] = run
+    return runs

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from at_rest import DISK, disk_pieces, image_of, marker_runs
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 from azure_regions import (
@@ -56,63 +57,10 @@ from regionvault.providers.azure.keyvault import AzureKeyService
 
 A, B = "azure:east", "azure:west"
 MiB = 1024 * 1024
-#: the original disk: a whole number of MiB, above Azure's 20 MiB upload minimum
-DISK = 24 * MiB
-RUN = 64
 VM_SIZE = "Standard_D2s_v5"
 
 
 # --------------------------------------------------------------------------- the disk
-
-
-def _log_text(rng: random.Random, n: int, size: int) -> bytes:
-    lines = (
-        f"{n:04d} vcu[{rng.randrange(64)}]: ue {rng.getrandbits(40):010x} handover cell "
-        f"{rng.randrange(4096)} e2e-marker-{rng.getrandbits(64):016x}\n".encode()
-        for _ in range(size // 60 + 1)
-    )
-    return b"".join(lines)[:size]
-
-
-def disk_pieces(seed: int) -> dict[int, bytes]:
-    """The original disk as offset -> 1 MiB piece, holes (never written) left out: random,
-    log text, half-zero and repeated MiBs; the last MiB written too."""
-    rng = random.Random(seed)
-    pieces: dict[int, bytes] = {}
-    earlier: list[bytes] = []
-    for n in range(DISK // MiB):
-        kind = n % 6
-        if kind in (0, 1):
-            data = rng.randbytes(MiB)
-            earlier.append(data)
-        elif kind == 2:
-            data = _log_text(rng, n, MiB)
-        elif kind == 3:
-            continue
-        elif kind == 4:
-            data = rng.randbytes(MiB // 2) + bytes(MiB // 2)
-        else:
-            data = earlier[rng.randrange(len(earlier))]
-        pieces[n * MiB] = data
-    return pieces
-
-
-def image_of(pieces: dict[int, bytes]) -> bytearray:
-    image = bytearray(DISK)
-    for offset, data in pieces.items():
-        image[offset : offset + len(data)] = data
-    return image
-
-
-def marker_runs(image: bytes | bytearray) -> dict[str, bytes]:
-    """Distinctive 64-byte runs of the disk at offsets that differ from MiB to MiB."""
-    runs: dict[str, bytes] = {}
-    for n in range(DISK // MiB):
-        for offset in (n * MiB, n * MiB + (n * 7919 + 4096) % (MiB // 2 - RUN)):
-            run = bytes(image[offset : offset + RUN])
-            if run.count(0) < RUN // 2:
-                runs[f"offset {offset}"] = run
-    return runs
 
 
 # --------------------------------------------------------------------------- fixtures

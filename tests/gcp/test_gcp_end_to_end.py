@@ -32,7 +32,17 @@ from typing import Any
 import at_rest
 import pytest
 import tomli_w
-from at_rest import Recorded, leaks, open_inbox_object, payload_kind, wrapped_keys
+from at_rest import (
+    DISK,
+    Recorded,
+    disk_pieces,
+    image_of,
+    leaks,
+    marker_runs,
+    open_inbox_object,
+    payload_kind,
+    wrapped_keys,
+)
 from cross_cloud import zeros_beyond
 from regionvault.core.errors import KeyAccessDenied
 from regionvault.core.pipeline import Engine, Service
@@ -49,58 +59,10 @@ A, B = "gcp:east", "gcp:west"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: the original disk's data: 24 MiB at the start of a 10 GB persistent disk
-DATA = 24 * MiB
-RUN = 64
+DATA = DISK
 MACHINE_TYPE = "n2-standard-4"
 #: what the worker sees of its own: its boot disk
 WORKER_DEVICES = ["google-persistent-disk-0"]
-
-
-def disk_pieces(seed: int) -> dict[int, bytes]:
-    """The original disk's data as offset -> 1 MiB piece, holes left out: random, log
-    text, half-zero and repeated MiBs."""
-    rng = random.Random(seed)
-    pieces: dict[int, bytes] = {}
-    earlier: list[bytes] = []
-    for n in range(DATA // MiB):
-        kind = n % 6
-        if kind in (0, 1):
-            data = rng.randbytes(MiB)
-            earlier.append(data)
-        elif kind == 2:
-            lines = (
-                f"{n:04d} vcu: ue {rng.getrandbits(40):010x} "
-                f"e2e-marker-{rng.getrandbits(64):016x}\n".encode()
-                for _ in range(MiB // 50)
-            )
-            text = b"".join(lines)
-            data = text[:MiB]
-        elif kind == 3:
-            continue
-        elif kind == 4:
-            data = rng.randbytes(MiB // 2) + bytes(MiB // 2)
-        else:
-            data = earlier[rng.randrange(len(earlier))]
-        pieces[n * MiB] = data
-    return pieces
-
-
-def image_of(pieces: dict[int, bytes]) -> bytearray:
-    image = bytearray(DATA)
-    for offset, data in pieces.items():
-        image[offset : offset + len(data)] = data
-    return image
-
-
-def marker_runs(image: bytes | bytearray) -> dict[str, bytes]:
-    """Distinctive 64-byte runs of the disk at offsets that differ from MiB to MiB."""
-    runs: dict[str, bytes] = {}
-    for n in range(DATA // MiB):
-        for offset in (n * MiB, n * MiB + (n * 7919 + 4096) % (MiB // 2 - RUN)):
-            run = bytes(image[offset : offset + RUN])
-            if run.count(0) < RUN // 2:
-                runs[f"offset {offset}"] = run
-    return runs
 
 
 def read_disk(path: Path, length: int) -> bytes:
