@@ -6,8 +6,10 @@ an outside distribution's do. Every hook is documented in docs/hooks.md (a test 
 
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -15,12 +17,13 @@ from regionvault.core.errors import ProviderNotFound, RegionVaultError
 
 if TYPE_CHECKING:
     from regionvault.core.interfaces import Capture, Provider
-    from regionvault.core.types import Instance, RecoveryPoint
+    from regionvault.core.types import Instance, RecoveryPoint, RegionConfig
 
 __all__ = [
     "PROJECT",
     "HookSpecs",
     "ProviderRegistry",
+    "SdkGuard",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
@@ -30,6 +33,38 @@ __all__ = [
 PROJECT = "regionvault"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+_MISSING = re.compile(r"No module named '([^']+)'")
+
+
+class SdkGuard:
+    """Around the import of a provider's service module (which imports a cloud SDK): when
+    one of the SDK's ``modules`` is missing, one :class:`RegionVaultError` naming the
+    provider, the region and ``message`` (say, the extra to install) instead of an import
+    traceback. A provider registers and validates settings without its SDK, so that the
+    core runs where the SDK is not installed::
+
+        _needs_sdk = SdkGuard("aws", "the aws provider needs boto3: pip install ...", {"boto3"})
+        with _needs_sdk(region):
+            from my_provider.s3 import S3Vault
+    """
+
+    def __init__(self, provider: str, message: str, modules: Iterable[str]) -> None:
+        self.provider = provider
+        self.message = message
+        self.modules = frozenset(modules)
+
+    @contextlib.contextmanager
+    def __call__(self, region: RegionConfig) -> Iterator[None]:
+        try:
+            yield
+        except ModuleNotFoundError as exc:
+            missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
+            if missing.partition(".")[0] not in self.modules:
+                raise
+            raise RegionVaultError(
+                self.message, provider=self.provider, region=region.name
+            ) from None
 
 
 class HookSpecs:

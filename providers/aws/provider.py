@@ -7,13 +7,10 @@ first built, so the provider registers and validates settings without the SDK in
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
-from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import Provider
+from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.aws.metrics import AwsMetrics
 from regionvault.providers.aws.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, AwsSettings
@@ -31,20 +28,8 @@ __all__ = ["AwsProvider"]
 #: the one line every command prints when the aws extra is not installed
 NEEDS_SDK = "the aws provider needs boto3: pip install 'regionvault[aws]'"
 _SDK_MODULES = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
-_MISSING = re.compile(r"No module named '([^']+)'")
-
-
-@contextlib.contextmanager
-def _needs_sdk(region: RegionConfig) -> Iterator[None]:
-    """Around the import of a service module (which imports botocore): without the SDK, an
-    error naming the region and the extra to install, not an import traceback."""
-    try:
-        yield
-    except ModuleNotFoundError as exc:
-        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
-        if missing.partition(".")[0] not in _SDK_MODULES:
-            raise
-        raise RegionVaultError(NEEDS_SDK, provider="aws", region=region.name) from None
+#: the SDK check around the import of each service module
+_needs_sdk = SdkGuard("aws", NEEDS_SDK, _SDK_MODULES)
 
 
 class AwsProvider(Provider):

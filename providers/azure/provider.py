@@ -8,14 +8,12 @@ service is first built, so the provider registers and validates settings without
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import Provider
+from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.azure.metrics import BlobMetrics
 from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
@@ -34,20 +32,8 @@ __all__ = ["NEEDS_SDK", "AzureProvider"]
 #: the one line every command prints when the azure extra is not installed
 NEEDS_SDK = "the azure provider needs the Azure SDK: pip install 'regionvault[azure]'"
 _SDK_MODULES = frozenset({"azure", "isodate", "typing_extensions", "cryptography"})
-_MISSING = re.compile(r"No module named '([^']+)'")
-
-
-@contextlib.contextmanager
-def _needs_sdk(region: RegionConfig) -> Iterator[None]:
-    """Around the import of a service module (which imports the SDK): without the SDK, an
-    error naming the region and the extra to install, not an import traceback."""
-    try:
-        yield
-    except ModuleNotFoundError as exc:
-        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
-        if missing.partition(".")[0] not in _SDK_MODULES:
-            raise
-        raise RegionVaultError(NEEDS_SDK, provider="azure", region=region.name) from None
+#: the SDK check around the import of each service module
+_needs_sdk = SdkGuard("azure", NEEDS_SDK, _SDK_MODULES)
 
 
 class AzureProvider(Provider):

@@ -9,14 +9,11 @@ service is first built, so the provider registers and validates settings without
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from regionvault.core.errors import RegionVaultError
 from regionvault.core.interfaces import Provider
+from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.gcp.metrics import GcpMetrics
 from regionvault.providers.gcp.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, GcpSettings
@@ -33,20 +30,8 @@ __all__ = ["NEEDS_SDK", "GcpProvider"]
 #: the one line every command prints when the gcp extra is not installed
 NEEDS_SDK = "the gcp provider needs the Google Cloud SDK: pip install 'regionvault[gcp]'"
 _SDK_MODULES = frozenset({"google", "grpc", "proto", "google_crc32c", "requests"})
-_MISSING = re.compile(r"No module named '([^']+)'")
-
-
-@contextlib.contextmanager
-def _needs_sdk(region: RegionConfig) -> Iterator[None]:
-    """Around the import of a service module (which imports the SDK): without the SDK, an
-    error naming the region and the extra to install, not an import traceback."""
-    try:
-        yield
-    except ModuleNotFoundError as exc:
-        missing = exc.name or (_MISSING.findall(str(exc)) or [""])[0]
-        if missing.partition(".")[0] not in _SDK_MODULES:
-            raise
-        raise RegionVaultError(NEEDS_SDK, provider="gcp", region=region.name) from None
+#: the SDK check around the import of each service module
+_needs_sdk = SdkGuard("gcp", NEEDS_SDK, _SDK_MODULES)
 
 
 class GcpProvider(Provider):
