@@ -151,7 +151,9 @@ class GcsBucket:
         settings: GcpSettings,
         region: str,
         error: type[RegionVaultError],
+        credentials: Any = None,
     ) -> None:
+        """``credentials``: the client's, named in the error of a refused login."""
         self.client = client
         self.name = bucket
         self.bucket: Bucket = client.bucket(bucket)
@@ -162,7 +164,7 @@ class GcsBucket:
         self.timeout = float(settings.timeout)
         self.label = f"bucket {bucket!r}"
         #: whose login a refused token names
-        self.who = describe_credentials(settings, client._credentials)
+        self.who = describe_credentials(settings, credentials)
         self._lock = threading.Lock()
         self._ensured = False
 
@@ -463,6 +465,7 @@ class GcsVault(Vault):
             settings=settings,
             region=region.name,
             error=VaultError,
+            credentials=credentials,
         )
         self._vault_id: str | None = None
         self._id_lock = threading.Lock()

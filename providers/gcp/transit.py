@@ -73,6 +73,7 @@ class GcsTransit(Transit):
             settings=settings,
             region=destination.name,
             error=TransitError,
+            credentials=credentials,
         )
         self._sent = 0
         self._sent_lock = threading.Lock()
