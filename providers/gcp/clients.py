@@ -7,8 +7,10 @@ is set (``client_options={"api_endpoint": ...}``), talking through a google-auth
 retry wrappers call the session again) as ``metrics.record(region, "storage", op, bytes)``.
 
 Transient (raised as :class:`~regionvault.core.errors.TransientError`, retried by the
-executor): HTTP 408, 429, 500, 502, 503, 504, and no answer at all (a refused or dropped
-connection, a timeout). Everything else is the caller's error class.
+executor): HTTP 408, 429, 500, 502, 503, 504, no answer at all (a refused or dropped
+connection, a timeout), and no answer from the token endpoint or metadata server (google-auth's
+``TransportError``). Everything else is the caller's error class; a login refused
+(google-auth's ``RefreshError``) names the credentials.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
+from google.auth import exceptions as auth_exceptions
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Client
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
@@ -35,6 +38,7 @@ __all__ = [
     "TRANSIENT_STATUSES",
     "CountedRetry",
     "CountingSession",
+    "describe_credentials",
     "error_reason",
     "error_status",
     "error_text",
@@ -222,11 +226,32 @@ def error_text(exc: BaseException) -> str:
     return str(text or getattr(exc, "message", "") or "")
 
 
+def describe_credentials(settings: GcpSettings, credentials: Any) -> str:
+    """Which credentials a client logs in with, for an error that says they were refused:
+    the service account's e-mail when they have one, else the kind the settings name (and
+    its key file)."""
+    email = getattr(credentials, "service_account_email", None)
+    if isinstance(email, str) and "@" in email:
+        return f"service account {email}"
+    if settings.credentials_file is not None:
+        return f"{settings.credentials} credentials ({settings.credentials_file})"
+    return f"{settings.credentials} credentials"
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line[:limit] + "..." if len(line) > limit else line
+
+
 def error_message(exc: BaseException) -> str:
     """One line about a storage error: its status and reason, or what happened on the way;
     never the SDK's own text, which repeats the request's URL."""
     if isinstance(exc, DataCorruption):
         return "the bytes transferred do not match their checksum"
+    if isinstance(exc, auth_exceptions.TransportError):
+        return "no answer from the token endpoint or metadata server (TransportError)"
+    if isinstance(exc, auth_exceptions.GoogleAuthError):
+        return f"the login was refused ({type(exc).__name__}: {_first_line(str(exc))})"
     status = error_status(exc)
     if status is not None:
         reason = error_reason(exc)
@@ -242,8 +267,9 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (from a storage call) may pass if the call is made again later."""
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return not any("SSL" in type(c).__name__ for c in (exc, exc.__cause__, exc.__context__))
-    if isinstance(exc, api_exceptions.RetryError | DataCorruption):
-        return True  # out of retries on transient answers; a transfer damaged on the way
+    if isinstance(exc, api_exceptions.RetryError | DataCorruption | auth_exceptions.TransportError):
+        # out of retries on transient answers; a transfer damaged on the way; no token
+        return True
     return error_status(exc) in TRANSIENT_STATUSES
 
 
@@ -253,6 +279,7 @@ SDK_ERRORS: tuple[type[BaseException], ...] = (
     requests.RequestException,
     DataCorruption,
     InvalidResponse,
+    auth_exceptions.GoogleAuthError,  # no token: the token endpoint, or a refused login
 )
 
 
@@ -262,10 +289,14 @@ def storage_error(
     category: Callable[..., RegionVaultError],
     *,
     region: str,
+    credentials: str | None = None,
 ) -> RegionVaultError:
     """:class:`TransientError` when ``exc`` is transient, else ``category(message)``;
-    ``message`` names the operation and ends with :func:`error_message` of ``exc``."""
+    ``message`` names the operation and ends with :func:`error_message` of ``exc``; a
+    refused login names ``credentials`` (:func:`describe_credentials`)."""
     text = f"{message}: {error_message(exc)}"
+    if credentials is not None and isinstance(exc, auth_exceptions.RefreshError):
+        text = f"{message}: {credentials} cannot log in: {error_message(exc)}"
     if is_transient(exc):
         return TransientError(text, provider="gcp", region=region)
     return category(text, provider="gcp", region=region)

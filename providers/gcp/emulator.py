@@ -13,7 +13,10 @@ request to the emulator (listening on a port of its own, ``backend_endpoint``) a
 Cloud Storage's documented rule for ``ifGenerationMatch=0`` itself: the request that makes
 an object under it (a multipart or media upload, or the last chunk of a resumable one) is
 answered ``412 conditionNotMet`` when the object exists, the check and the forwarding done
-under one lock, as the service does them atomically. Only that rule: every other
+under one lock, as the service does them atomically. A resumable session that has finished
+is answered as Cloud Storage answers one ("check upload status"): any later request to it
+(the SDK resending its last chunk, a status query ``bytes */N``) gets the finished upload's
+answer again, 200 and the object, not a 412 for its own object. Only that rule: every other
 precondition passes through, ignored as before. The client, its requests and its handling
 of the 412 are the real ones; what the front shows is the vault's side of an if-absent race,
 not the service's (that runs live).
@@ -122,11 +125,15 @@ class PreconditionFront(http.server.ThreadingHTTPServer):
     def __init__(self, port: int, backend: tuple[str, int]) -> None:
         super().__init__(("127.0.0.1", port), _FrontHandler)
         self.backend = backend
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the forwarding of a creating request holds it too
         #: resumable sessions begun under ifGenerationMatch=0: upload_id -> (bucket, name)
         self.sessions: dict[str, tuple[str, str]] = {}
         #: how many requests the front answered 412 itself
         self.refused = 0
+        #: resumable sessions finished through the front: upload_id -> their answer
+        self.finished: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        #: how many requests to a finished session the front answered itself
+        self.replayed = 0
 
     def exists(self, bucket: str, name: str) -> bool:
         path = f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
@@ -153,6 +160,15 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        upload_id = self._upload_id()
+        if upload_id is not None:
+            with self.server.lock:
+                done = self.server.finished.get(upload_id)
+                if done is not None:
+                    self.server.replayed += 1
+            if done is not None:
+                self._reply(*done)
+                return
         target = self._creates()
         if target is None:
             self._forward(body)
@@ -171,6 +187,13 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
                 self._reply(412, {"Content-Type": "application/json; charset=UTF-8"}, _NOT_MET)
                 return
             self._forward(body)
+
+    def _upload_id(self) -> str | None:
+        """The session of a request to a resumable upload (a chunk or a status query)."""
+        parts = urllib.parse.urlsplit(self.path)
+        if self.command != "PUT" or _UPLOAD_PATH.match(parts.path) is None:
+            return None
+        return dict(urllib.parse.parse_qsl(parts.query)).get("upload_id")
 
     def _creates(self) -> tuple[str, str] | None:
         """(bucket, object) when this request makes an object under ifGenerationMatch=0
@@ -205,6 +228,10 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
         finally:
             connection.close()
         self._note_session(answer.status, out, body)
+        upload_id = self._upload_id()
+        if upload_id is not None and answer.status in (200, 201):
+            with self.server.lock:
+                self.server.finished[upload_id] = (answer.status, out, data)
         self._reply(answer.status, out, data)
 
     def _note_session(self, status: int, headers: dict[str, str], body: bytes) -> None:

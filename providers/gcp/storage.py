@@ -5,6 +5,10 @@ above it a resumable upload sent in one piece); larger ones are resumable upload
 ``upload_chunk_size`` chunks. Either is atomic by Cloud Storage's semantics: an object
 appears whole when its upload is finalized, or not at all. ``if_absent`` is the
 ``ifGenerationMatch=0`` precondition, which Cloud Storage checks when the object is made.
+An upload whose answer was lost is sent again by the SDK's retry; if the first attempt had
+landed, the second meets its own object and gets a 412: a 412 is therefore compared with what
+holds the name, and an object of our size and CRC32C is our own (sealed objects carry fresh
+nonces, so equal bytes are the same attempt), not :class:`ObjectExists`.
 Gets are ranged (``Range: bytes=a-b``); listings are paged (``maxResults``).
 
 A killed put leaves no object behind: an unfinished resumable upload is a session, not an
@@ -17,15 +21,20 @@ WORM (``object_retention = true``: a bucket with object retention enabled):
 :meth:`GcsVault.set_legal_hold` its temporary hold; an event-based hold set by anyone else
 counts as a legal hold too. The vault asks ``core/retention.py`` before it deletes, replaces
 or weakens anything, removes a bypassed Unlocked retention itself
-(``overrideUnlockedRetention``) before a delete, and maps Cloud Storage's own refusal (403,
-reason ``retentionPolicyNotMet``) onto ``RetentionLocked``. gcp-storage-emulator stores
-neither retention nor holds: the offline tests assert the requests, enforcement is tested
-live (docs/gcp.md).
+(``overrideUnlockedRetention``) before a delete (and puts it back if the delete then fails),
+and maps Cloud Storage's own refusal (403, reason ``retentionPolicyNotMet``) onto
+``RetentionLocked``. A plain put is first sent as an if-absent one: a fresh name (every pack)
+costs no read; only when the name is taken (a 412) does the vault read the object's
+retention and holds, refuse itself when ``core/retention.py`` says so, and overwrite.
+gcp-storage-emulator stores neither retention nor holds: the offline tests assert the
+requests, enforcement is tested live (docs/gcp.md).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import enum
 import io
 import threading
 import uuid
@@ -33,6 +42,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import requests
 from google.api_core import exceptions as api_exceptions
 from google.cloud.storage import Blob, Bucket
@@ -41,6 +51,7 @@ from regionvault.core.errors import (
     ObjectNotFound,
     RegionVaultError,
     RetentionLocked,
+    TransientError,
     VaultError,
 )
 from regionvault.core.interfaces import Vault
@@ -49,6 +60,7 @@ from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
 from regionvault.providers.gcp.clients import (
     SDK_ERRORS,
+    describe_credentials,
     error_reason,
     error_status,
     error_text,
@@ -64,7 +76,15 @@ if TYPE_CHECKING:
     from regionvault.providers.gcp.metrics import GcpMetrics
     from regionvault.providers.gcp.settings import GcpSettings
 
-__all__ = ["LOCKED_PHRASE", "LOCKED_REASONS", "RESERVED_PREFIX", "GcsBucket", "GcsVault"]
+__all__ = [
+    "LOCKED_PHRASE",
+    "LOCKED_REASONS",
+    "RESERVED_PREFIX",
+    "GcsBucket",
+    "GcsVault",
+    "Made",
+    "crc32c_of",
+]
 
 #: object names under this prefix belong to the provider (the vault id), never to vault names
 RESERVED_PREFIX = ".regionvault/"
@@ -92,6 +112,32 @@ def _size(data: bytes | memoryview) -> int:
     return data.nbytes if isinstance(data, memoryview) else len(data)
 
 
+def crc32c_of(data: bytes | memoryview) -> str:
+    """The CRC32C of ``data`` as Cloud Storage reports an object's (``crc32c``: base64 of
+    the big-endian 32-bit value)."""
+    value = int(google_crc32c.value(bytes(data)))
+    return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
+
+
+def _request_method(exc: BaseException) -> str | None:
+    """The method of the request an SDK error answered (None when unknown)."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    method = getattr(request, "method", None)
+    return str(method).upper() if method is not None else None
+
+
+class Made(enum.Enum):
+    """What an if-absent upload (:meth:`GcsBucket.create`) found."""
+
+    #: this upload made the object
+    CREATED = "created"
+    #: the name holds our bytes (size and CRC32C): an attempt of ours whose answer was lost
+    #: landed, and the SDK's resend met it (412)
+    LANDED = "landed"
+    #: another object holds the name
+    TAKEN = "taken"
+
+
 class GcsBucket:
     """The Cloud Storage primitives the vault and the transit share, for one bucket through
     one client. ``error`` is the error class raised for failures (``VaultError`` or
@@ -105,7 +151,9 @@ class GcsBucket:
         settings: GcpSettings,
         region: str,
         error: type[RegionVaultError],
+        credentials: Any = None,
     ) -> None:
+        """``credentials``: the client's, named in the error of a refused login."""
         self.client = client
         self.name = bucket
         self.bucket: Bucket = client.bucket(bucket)
@@ -115,6 +163,8 @@ class GcsBucket:
         self.retry: Retry | None = sdk_retry(settings)
         self.timeout = float(settings.timeout)
         self.label = f"bucket {bucket!r}"
+        #: whose login a refused token names
+        self.who = describe_credentials(settings, credentials)
         self._lock = threading.Lock()
         self._ensured = False
 
@@ -123,12 +173,27 @@ class GcsBucket:
     def error(
         self, exc: BaseException, what: str, *, whole_bucket: bool = False
     ) -> RegionVaultError:
-        """``whole_bucket``: a 404 can only mean that the bucket is missing (an upload,
-        a listing)."""
+        """``whole_bucket``: a 404 can only mean that the bucket is missing (a listing, the
+        first request of an upload); a 404 to a chunk of a resumable upload (a PUT to its
+        session) means the session is unknown or expired: transient, a new put starts a new
+        one."""
         if whole_bucket and isinstance(exc, api_exceptions.NotFound):
+            if _request_method(exc) == "PUT":
+                return TransientError(
+                    f"{what} in {self.label}: Cloud Storage no longer knows its resumable "
+                    "upload session (expired or cancelled; a new put starts a new one)",
+                    provider="gcp",
+                    region=self.region,
+                )
             message = f"{self.label} does not exist (create it, or set create = true)"
             return self.error_class(message, provider="gcp", region=self.region)
-        error = storage_error(exc, f"{what} in {self.label}", self.error_class, region=self.region)
+        error = storage_error(
+            exc,
+            f"{what} in {self.label}",
+            self.error_class,
+            region=self.region,
+            credentials=self.who,
+        )
         #: the HTTP status behind it, for a caller that tells a refusal from a failure
         error.http_status = error_status(exc)  # type: ignore[attr-defined]
         return error
@@ -195,7 +260,49 @@ class GcsBucket:
 
     def put(self, key: str, name: str, data: bytes | memoryview, *, if_absent: bool) -> Blob:
         """Store ``data`` at ``key`` atomically; :class:`ObjectExists` when ``if_absent``
-        finds it taken. Returns the blob as Cloud Storage reported it."""
+        finds it taken (by anything but our own landed attempt: :meth:`create`). Returns the
+        blob as Cloud Storage reported it."""
+        if not if_absent:
+            return self._upload(key, name, data, if_absent=False)
+        made, blob = self.create(key, name, data)
+        if made is Made.TAKEN or blob is None:
+            raise ObjectExists(name, provider="gcp", region=self.region)
+        return blob
+
+    def create(
+        self, key: str, name: str, data: bytes | memoryview, *, listed: bool = False
+    ) -> tuple[Made, Blob | None]:
+        """Upload ``data`` under ``ifGenerationMatch=0``. On a 412, look at what holds the
+        name (``listed``: with a one-name listing, for a caller that may list but not read):
+        our size and CRC32C is :attr:`Made.LANDED` (our own attempt, whose answer was lost
+        and whose resend met it), else :attr:`Made.TAKEN` with that blob (None when it is
+        gone again)."""
+        try:
+            return Made.CREATED, self._upload(key, name, data, if_absent=True)
+        except api_exceptions.PreconditionFailed:
+            pass
+        there = self._listed(key) if listed else self._there(key, name)
+        if there is not None and self.holds(there, data):
+            return Made.LANDED, there
+        return Made.TAKEN, there
+
+    @staticmethod
+    def holds(blob: Blob, data: bytes | memoryview) -> bool:
+        """Whether ``blob`` (its metadata) is ``data``: equal size and CRC32C."""
+        return bool(blob.size == _size(data) and blob.crc32c == crc32c_of(data))
+
+    def _there(self, key: str, name: str) -> Blob | None:
+        with contextlib.suppress(ObjectNotFound):
+            return self.head(key, name)
+        return None
+
+    def _listed(self, key: str) -> Blob | None:
+        for blob in self.list(key, page_size=1, max_results=1):
+            return blob if blob.name == key else None
+        return None
+
+    def _upload(self, key: str, name: str, data: bytes | memoryview, *, if_absent: bool) -> Blob:
+        """One upload; a 412 (``if_absent``) passes as PreconditionFailed."""
         size = _size(data)
         chunked = size > self.settings.single_put_limit
         blob = self.blob(key, chunk_size=self.chunk_size(size) if chunked else None)
@@ -213,7 +320,7 @@ class GcsBucket:
             )
         except SDK_ERRORS as exc:
             if if_absent and isinstance(exc, api_exceptions.PreconditionFailed):
-                raise ObjectExists(name, provider="gcp", region=self.region) from None
+                raise
             refusal = self.locked(exc, name, "overwrite")
             if refusal is not None:
                 raise refusal from None
@@ -358,6 +465,7 @@ class GcsVault(Vault):
             settings=settings,
             region=region.name,
             error=VaultError,
+            credentials=credentials,
         )
         self._vault_id: str | None = None
         self._id_lock = threading.Lock()
@@ -431,16 +539,31 @@ class GcsVault(Vault):
             raise self._error(f"put {name!r}: data must be bytes, got {type(data).__name__}")
         bucket = self._ready()
         if self.settings.object_retention and not if_absent:
-            # the framework promises that a locked object is not replaced either
-            with contextlib.suppress(ObjectNotFound):
-                why = refusal(_info(name, bucket.head(key, name)), bypass_governance=False)
-                if why is not None:
-                    raise RetentionLocked(
-                        name, f"{why}; it cannot be overwritten", provider="gcp", region=self.region
-                    )
-        blob = bucket.put(key, name, data, if_absent=if_absent)
+            blob = self._put_over(bucket, key, name, data)
+        else:
+            blob = bucket.put(key, name, data, if_absent=if_absent)
         info = _info(name, blob)
         return ObjectInfo(name=name, size=_size(data), modified=info.modified, etag=info.etag)
+
+    def _put_over(self, bucket: GcsBucket, key: str, name: str, data: bytes | memoryview) -> Blob:
+        """A plain put under object retention. Sent if-absent first: a fresh name (every
+        pack) needs no read, and an object there is met by Cloud Storage's 412 rather than
+        replaced. Only then is it read: the framework promises that a protected object is not
+        replaced, whatever Cloud Storage would allow (``core/retention.py`` decides), so
+        the vault refuses itself; our own landed attempt is kept; anything else is
+        overwritten (a 403 of Cloud Storage's, a hold set since, is RetentionLocked too)."""
+        made, blob = bucket.create(key, name, data)
+        if made is Made.CREATED and blob is not None:
+            return blob
+        if blob is not None:
+            why = refusal(_info(name, blob), bypass_governance=False)
+            if why is not None:
+                raise RetentionLocked(
+                    name, f"{why}; it cannot be overwritten", provider="gcp", region=self.region
+                )
+            if made is Made.LANDED:
+                return blob
+        return bucket.put(key, name, data, if_absent=False)
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
         key = self._key(name)
@@ -486,12 +609,43 @@ class GcsVault(Vault):
             raise RetentionLocked(
                 name, f"{why}; it cannot be deleted", provider="gcp", region=self.region
             )
-        if info.retain_until is not None and info.retain_until > _now():
-            # an Unlocked (governance) retention, bypassed: remove it, then the object
-            blob.retention.mode = None
-            blob.retention.retain_until_time = None
-            bucket.patch(blob, name, "remove the retention of", override_unlocked=True)
-        bucket.delete(key, name)
+        if info.retain_until is None or info.retain_until <= _now():
+            bucket.delete(key, name)
+            return
+        # an Unlocked (governance) retention, bypassed: remove it, then the object
+        until = info.retain_until
+        blob.retention.mode = None
+        blob.retention.retain_until_time = None
+        bucket.patch(blob, name, "remove the retention of", override_unlocked=True)
+        try:
+            bucket.delete(key, name)
+        except RegionVaultError as failed:
+            self._restore_retention(bucket, blob, name, until, failed)
+            raise
+
+    def _restore_retention(
+        self,
+        bucket: GcsBucket,
+        blob: Blob,
+        name: str,
+        until: datetime,
+        failed: RegionVaultError,
+    ) -> None:
+        """After a delete that failed once the Unlocked retention was removed: put the
+        retention back, so that the object is not left unprotected; when that fails too,
+        say so (VaultError naming both)."""
+        blob.retention.mode = "Unlocked"
+        blob.retention.retain_until_time = until.astimezone(UTC)
+        try:
+            bucket.patch(blob, name, "restore the retention of", override_unlocked=False)
+        except RegionVaultError as lost:
+            raise VaultError(
+                f"delete {name!r}: {failed}; its Unlocked retention until {until.isoformat()} "
+                f"had been removed for the delete and could not be put back ({lost}): "
+                "the object is unprotected until it is set again",
+                provider="gcp",
+                region=self.region,
+            ) from failed
 
     def _locking(self, operation: str) -> GcsBucket:
         if not self.settings.object_retention:

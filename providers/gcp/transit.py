@@ -2,11 +2,14 @@
 
 The source writes ``<source provider>/<source name>/<name>`` into the destination's
 ``inbox_bucket`` (never the vault's bucket: settings.py refuses that). A sender needs only
-to create objects there (``storage.objects.create``): every send is first an upload with
-``ifGenerationMatch=0``, which such a sender may always make. Only a payload of the same
-name still waiting (an offer sent again before the destination took the first) is then
+to create objects there (``storage.objects.create``), and to list its own prefix: every send
+is first an upload with ``ifGenerationMatch=0``, which such a sender may always make. On a
+412 the sender lists the one name: the same size and CRC32C is this payload, already there
+(an earlier send of it, or this upload's own first attempt whose answer was lost and which
+the SDK sent again): sent. Only a different payload of the same name still waiting is then
 replaced by a plain upload, which Cloud Storage allows only with ``storage.objects.delete``
 too: a create-only sender gets one error saying so, and the payload that waits stays.
+``bytes_sent`` counts every upload of a payload (a replaced one twice).
 :meth:`GcsTransit.has`, :meth:`~GcsTransit.inbox`, :meth:`~GcsTransit.receive` and
 :meth:`~GcsTransit.discard` are the destination's (the engine asks them with its
 credentials): a one-name listing, a listing, a read and a delete.
@@ -24,11 +27,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import requests
-from regionvault.core.errors import ObjectExists, ObjectNotFound, TransitError
+from regionvault.core.errors import ObjectNotFound, TransitError
 from regionvault.core.interfaces import Transit
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.providers.gcp.clients import storage_client
-from regionvault.providers.gcp.storage import GcsBucket
+from regionvault.providers.gcp.storage import GcsBucket, Made
 
 if TYPE_CHECKING:
     from regionvault.core.types import Capabilities, RegionConfig
@@ -70,6 +73,7 @@ class GcsTransit(Transit):
             settings=settings,
             region=destination.name,
             error=TransitError,
+            credentials=credentials,
         )
         self._sent = 0
         self._sent_lock = threading.Lock()
@@ -91,23 +95,27 @@ class GcsTransit(Transit):
     def send(self, name: str, payload: bytes | memoryview) -> None:
         key = self._key(name)
         inbox = self._ready()
-        try:
-            inbox.put(key, name, payload, if_absent=True)
-        except ObjectExists:
-            # an earlier payload of this name still waits: replacing it is an overwrite
-            try:
-                inbox.put(key, name, payload, if_absent=False)
-            except TransitError as exc:
-                if getattr(exc, "http_status", None) != 403:
-                    raise
-                raise TransitError(
-                    f"payload {name!r} from {self.source} still waits in {inbox.label} and "
-                    "replacing it needs storage.objects.delete there besides "
-                    f"storage.objects.create ({exc.message})",
-                    provider="gcp",
-                    region=self.region,
-                ) from None
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        made, _blob = inbox.create(key, name, payload, listed=True)
+        self._count(size)
+        if made is not Made.TAKEN:
+            return  # made now, or this very payload already waits (size and CRC32C)
+        # a different payload of this name still waits: replacing it is an overwrite
+        try:
+            inbox.put(key, name, payload, if_absent=False)
+        except TransitError as exc:
+            if getattr(exc, "http_status", None) != 403:
+                raise
+            raise TransitError(
+                f"payload {name!r} from {self.source} still waits in {inbox.label} and "
+                "replacing it needs storage.objects.delete there besides "
+                f"storage.objects.create ({exc.message})",
+                provider="gcp",
+                region=self.region,
+            ) from None
+        self._count(size)
+
+    def _count(self, size: int) -> None:
         with self._sent_lock:
             self._sent += size
 

@@ -97,6 +97,12 @@ def _body(request: Any) -> bytes:
     return b"<stream>"
 
 
+def _seen(request: Any) -> Seen:
+    return Seen(
+        str(request.method), str(request.url), CaseInsensitiveDict(request.headers), _body(request)
+    )
+
+
 class RecordingAdapter(HTTPAdapter):
     """Records every request the SDK sends; answers those a rule picks with a canned
     response (Cloud Storage's documented answers), sending the rest to the server."""
@@ -108,12 +114,7 @@ class RecordingAdapter(HTTPAdapter):
         self._record = threading.Lock()
 
     def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
-        seen = Seen(
-            str(request.method),
-            str(request.url),
-            CaseInsensitiveDict(request.headers),
-            _body(request),
-        )
+        seen = _seen(request)
         with self._record:
             self.seen.append(seen)
         for rule in list(self.rules):
@@ -136,6 +137,41 @@ class RecordingAdapter(HTTPAdapter):
             preload_content=False,
         )
         return self.build_response(request, raw)
+
+
+class LosingAdapter(RecordingAdapter):
+    """A RecordingAdapter that loses the answer to the first request ``lose`` picks: the
+    request reaches the server and takes effect, then the connection drops before the answer
+    is read (``requests.ConnectionError``), as when a connection is reset after an upload
+    landed. The SDK's retry (``sdk_retries`` above 0) sends it again."""
+
+    def __init__(self, lose: Callable[[Seen], bool]) -> None:
+        super().__init__()
+        self.lose = lose
+        #: the requests whose answers were lost (at most one)
+        self.lost: list[Seen] = []
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super().send(request, *args, **kwargs)
+        seen = _seen(request)
+        if not self.lost and self.lose(seen):
+            self.lost.append(seen)
+            response.close()
+            raise requests.ConnectionError("connection reset after the request was sent")
+        return response
+
+
+def creating(seen: Seen) -> bool:
+    """An if-absent upload's request that makes the object: a multipart upload, or the last
+    chunk of a resumable one (its Content-Range names the total)."""
+    if not seen.path.startswith("/upload/"):
+        return False
+    if seen.method == "POST":
+        return seen.query.get("uploadType") == "multipart" and (
+            seen.query.get("ifGenerationMatch") == "0"
+        )
+    final = seen.headers.get("Content-Range", "")
+    return seen.method == "PUT" and not final.endswith("/*") and not final.startswith("bytes */")
 
 
 class GcsWorld:

@@ -37,7 +37,7 @@ from regionvault.core.interfaces import Vault
 from regionvault.core.types import RetentionMode
 from regionvault.providers.gcp.clients import operation_of
 from regionvault.providers.gcp.emulator import GcsEmulator, free_port
-from regionvault.providers.gcp.storage import GcsVault
+from regionvault.providers.gcp.storage import GcsVault, crc32c_of
 from storage_world import (
     EAST,
     WEST,
@@ -325,14 +325,23 @@ def test_retention_sends_the_objects_retention(
 
 
 def _protected(
-    until: datetime | None, mode: str | None, *, temporary: bool = False, event: bool = False
+    until: datetime | None,
+    mode: str | None,
+    *,
+    temporary: bool = False,
+    event: bool = False,
+    data: bytes = b"kept",
+    patches: list[Answer | None] | None = None,
 ) -> Any:
-    """An object's metadata as Cloud Storage reports one under retention and/or holds."""
+    """An object's metadata as Cloud Storage reports one under retention and/or holds, its
+    size and CRC32C those of ``data``; ``patches``: the answers to the PATCHes, in turn
+    (None, and after them: the object)."""
     resource: dict[str, Any] = {
         "kind": "storage#object",
         "name": "points/p1",
         "bucket": "b",
-        "size": "4",
+        "size": str(len(data)),
+        "crc32c": crc32c_of(data),
         "generation": "1765101600000000",
         "metageneration": "2",
         "updated": "2026-12-07T10:00:00.000Z",
@@ -349,16 +358,33 @@ def _protected(
         if seen.method == "GET" and seen.path.endswith("/o/points/p1") and "alt" not in seen.query:
             return Answer(200, resource)
         if seen.method == "PATCH" and seen.path.endswith("/o/points/p1"):
-            return Answer(200, resource)
+            answer = patches.pop(0) if patches else None
+            return answer or Answer(200, resource)
         return None
 
     return rule
 
 
+def _overwriting(seen: list[Seen]) -> list[Seen]:
+    """The requests that delete or replace an object: a DELETE, or an upload without
+    ``ifGenerationMatch=0`` (an if-absent upload replaces nothing)."""
+    return [
+        s
+        for s in seen
+        if s.method == "DELETE"
+        or (
+            s.path.startswith("/upload/")
+            and "upload_id" not in s.query
+            and s.query.get("ifGenerationMatch") != "0"
+        )
+    ]
+
+
 def test_the_vault_refuses_removing_a_protected_object_itself(gcs: GcsWorld) -> None:
-    """The framework's promise does not wait for Cloud Storage: an object whose metadata
-    shows a retention in force or a hold is neither deleted (no DELETE is sent) nor
-    overwritten."""
+    """The framework's promise does not wait for Cloud Storage (nor for the emulator, which
+    would allow both): an object whose metadata shows a retention in force or a hold is
+    neither deleted (no DELETE is sent) nor overwritten (only the if-absent upload that a
+    plain put starts with is sent, and met by the 412)."""
     vault, adapter = _worm(gcs)
     soon = datetime.now(UTC) + timedelta(days=1)
     for until, mode, temporary, event, bypass, why in (
@@ -373,9 +399,114 @@ def test_the_vault_refuses_removing_a_protected_object_itself(gcs: GcsWorld) -> 
             vault.delete("points/p1", bypass_governance=bypass)
         with pytest.raises(RetentionLocked, match="cannot be overwritten"):
             vault.put("points/p1", b"new")
-        assert not [s for s in adapter.seen if s.method in ("DELETE", "POST", "PUT")]
+        assert not _overwriting(adapter.seen)
+        assert [s.query.get("ifGenerationMatch") for s in adapter.seen if s.method == "POST"] == [
+            "0"
+        ]
     adapter.rules.clear()
     assert vault.get("points/p1") == b"kept"
+
+
+def test_a_plain_put_of_a_fresh_name_under_retention_reads_nothing_first(gcs: GcsWorld) -> None:
+    """Cost (a pack is a fresh name): the put is one if-absent upload, no read of the
+    object's retention before it; Cloud Storage's 412 is what says that the name is taken."""
+    adapter = RecordingAdapter()
+    vault = gcs.vault(
+        adapter=adapter,
+        object_retention=True,
+        single_put_limit=1 * MiB,
+        upload_chunk_size=256 * 1024,
+    )
+    vault.vault_id  # noqa: B018 - makes the bucket and the id before counting
+    adapter.seen.clear()
+    vault.put("packs/ab/ab01", os.urandom(1 * MiB + 70_000))
+    vault.put("index/i1", b"index")
+    assert [(s.method, operation_of(s.method, s.url)) for s in adapter.seen] == [
+        ("POST", "POST upload-session"),
+        *[("PUT", "PUT upload-chunk")] * 5,
+        ("POST", "POST upload"),
+    ]
+    assert [s.query.get("ifGenerationMatch") for s in adapter.seen if s.method == "POST"] == [
+        "0",
+        "0",
+    ]
+
+
+def test_a_plain_put_over_an_unprotected_object_under_retention_replaces_it(
+    gcs: GcsWorld,
+) -> None:
+    vault, adapter = _worm(gcs)
+    vault.put("points/p1", b"newer")
+    assert [(s.method, s.query.get("ifGenerationMatch")) for s in adapter.seen] == [
+        ("POST", "0"),  # 412: taken
+        ("GET", None),  # its retention and holds: none
+        ("POST", None),  # the overwrite
+    ]
+    assert vault.get("points/p1") == b"newer"
+
+
+def test_the_same_bytes_over_a_protected_object_are_refused_too(gcs: GcsWorld) -> None:
+    """Equal size and CRC32C (our own landed attempt, or a copy) do not pass the vault's
+    refusal: the framework's rule comes first."""
+    vault, adapter = _worm(gcs)
+    soon = datetime.now(UTC) + timedelta(days=1)
+    adapter.rules[:] = [_protected(soon, "Locked", data=b"kept")]
+    with pytest.raises(RetentionLocked, match="compliance retention until"):
+        vault.put("points/p1", b"kept")
+    assert not _overwriting(adapter.seen)
+
+
+def test_cloud_storages_403_on_the_overwrite_itself_is_retention_locked(gcs: GcsWorld) -> None:
+    """The object looked unprotected (a hold set since, or a bucket retention policy the
+    object's metadata does not show): Cloud Storage refuses the overwrite with 403."""
+    vault, adapter = _worm(gcs)
+    adapter.rules.append(
+        lambda s: (
+            gcs_error(403, "retentionPolicyNotMet")
+            if s.path.startswith("/upload/") and s.query.get("ifGenerationMatch") != "0"
+            else None
+        )
+    )
+    with pytest.raises(RetentionLocked, match="Cloud Storage refused to overwrite it"):
+        vault.put("points/p1", b"new")
+    assert [s.method for s in _overwriting(adapter.seen)] == ["POST"]
+    adapter.rules.clear()
+    assert vault.get("points/p1") == b"kept"
+
+
+def test_a_failed_delete_puts_the_removed_unlocked_retention_back(gcs: GcsWorld) -> None:
+    """Bypassing governance removes the Unlocked retention, then deletes: when the DELETE
+    fails (transient here; an event-based hold set meanwhile is the same), the retention
+    is set again, so that the object is not left unprotected."""
+    vault, adapter = _worm(gcs)
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    adapter.rules[:] = [
+        lambda s: gcs_error(503, "backendError") if s.method == "DELETE" else None,
+        _protected(until, "Unlocked"),
+    ]
+    with pytest.raises(TransientError, match=r"backendError \(HTTP 503\)"):
+        vault.delete("points/p1", bypass_governance=True)
+    removed, restored = _patches(adapter)
+    retentions = [p.json()["retention"] for p in (removed, restored)]
+    assert [(r["mode"], r["retainUntilTime"]) for r in retentions] == [
+        (None, None),
+        ("Unlocked", until.strftime("%Y-%m-%dT%H:%M:%S.%fZ")),
+    ]
+    assert "overrideUnlockedRetention" not in restored.query
+
+
+def test_a_retention_that_cannot_be_put_back_is_said(gcs: GcsWorld) -> None:
+    vault, adapter = _worm(gcs)
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    adapter.rules[:] = [
+        lambda s: gcs_error(503, "backendError") if s.method == "DELETE" else None,
+        _protected(until, "Unlocked", patches=[None, gcs_error(503, "backendError")]),
+    ]
+    with pytest.raises(VaultError) as lost:
+        vault.delete("points/p1", bypass_governance=True)
+    text = str(lost.value)
+    assert f"its Unlocked retention until {until.isoformat()} had been removed" in text
+    assert "could not be put back" in text and "unprotected" in text
 
 
 def test_bypassing_governance_removes_the_unlocked_retention_then_deletes(gcs: GcsWorld) -> None:

@@ -119,7 +119,8 @@ def test_a_send_is_one_create_only_upload_and_has_a_one_name_listing(gcs: GcsWor
 
 def test_a_payload_still_waiting_is_replaced(gcs: GcsWorld) -> None:
     """An offer sent again while the first still waits: the create-only upload is refused
-    (412, by the precondition front as by Cloud Storage), then a plain upload replaces it."""
+    (412, by the precondition front as by Cloud Storage), the one name listed shows another
+    payload, then a plain upload replaces it. Both uploads are counted."""
     adapter = RecordingAdapter()
     transit = gcs.transit(EAST, WEST, adapter=adapter)
     transit.send("offer", b"first offer")
@@ -127,10 +128,11 @@ def test_a_payload_still_waiting_is_replaced(gcs: GcsWorld) -> None:
     transit.send("offer", b"second offer")
     assert _sender_requests(adapter) == [
         ("POST", "upload multipart ifGenerationMatch=0"),
+        ("GET", f"list prefix=gcp/{EAST}/offer maxResults=1"),
         ("POST", "upload multipart ifGenerationMatch=None"),
     ]
     assert transit.receive("offer") == b"second offer"
-    assert transit.bytes_sent == len(b"first offer") + len(b"second offer")
+    assert transit.bytes_sent == len(b"first offer") + 2 * len(b"second offer")
 
 
 def test_a_create_only_sender_refused_the_replacement_is_told_why(gcs: GcsWorld) -> None:
@@ -153,7 +155,8 @@ def test_a_create_only_sender_refused_the_replacement_is_told_why(gcs: GcsWorld)
     assert "forbidden (HTTP 403)" in text
     adapter.rules.clear()
     assert transit.receive("offer") == b"first offer"
-    assert transit.bytes_sent == len(b"first offer")
+    # the if-absent upload of the second was sent (and refused), the replacement was not made
+    assert transit.bytes_sent == len(b"first offer") + len(b"second offer")
 
 
 def test_an_interrupted_send_leaves_nothing_behind(gcs: GcsWorld) -> None:
