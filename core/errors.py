@@ -22,6 +22,7 @@ __all__ = [
     "ObjectExists",
     "ObjectNotFound",
     "PathNotFound",
+    "PayloadWaiting",
     "PolicyError",
     "ProviderNotFound",
     "RegionVaultError",
@@ -247,6 +248,11 @@ class AmbiguousName(ComputeError):
 
 class TransitError(RegionVaultError):
     """Moving a payload between regions failed."""
+
+
+class PayloadWaiting(TransitError):
+    """A different payload of this name still waits in the inbox, and this sender may only
+    create payloads, not replace one (a create-only permission, as on Cloud Storage)."""
 
 
 class HookFailed(RegionVaultError):

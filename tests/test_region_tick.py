@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from regionvault.core.cli import cli
-from regionvault.core.errors import IntegrityError, KeyAccessDenied, RegionVaultError
+from regionvault.core.errors import (
+    IntegrityError,
+    KeyAccessDenied,
+    PayloadWaiting,
+    RegionVaultError,
+)
 from regionvault.core.pipeline import DEFAULT_COPY_GRACE, Engine, Service, TickReport
 from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.jobs import (
@@ -42,6 +47,7 @@ from regionvault.core.repository import (
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Instance
 from regionvault.providers.local.keys import LocalKeyService
+from regionvault.providers.local.transit import LocalTransit
 from repository_support import snapshot
 from site_support import open_site, region_root, worker_site
 
@@ -412,3 +418,36 @@ def test_tick_region_on_the_command_line(services: Services) -> None:
         ],
     )
     assert ran_once.exit_code == 0 and "stopped after 1 tick(s)" in ran_once.stderr
+
+
+def test_an_answer_whose_receipt_still_waits_leaves_it_for_a_create_only_sender(
+    services: Services, east: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination answers again (an offer met twice) while its first receipt still
+    waits in the source's inbox, through a link that may only create payloads (as a Cloud
+    Storage sender with storage.objects.create alone): the send is refused with
+    PayloadWaiting, the waiting receipt stands, and the source takes it in."""
+    reports = alternate(services, 2)  # offer, request, send, commit: the receipt waits
+    (point_id,) = [o.result["point"] for r in reports for o in r.jobs if o.kind == BACKUP]
+    receipt_file = region_root(east) / "inbox" / WEST / "copy" / point_id / "receipt"
+    waiting = receipt_file.read_bytes()
+    original_send = LocalTransit.send
+    refused: list[str] = []
+
+    def create_only(self: LocalTransit, name: str, payload: bytes | memoryview) -> None:
+        if self.has(name):
+            refused.append(name)
+            raise PayloadWaiting(f"{name} still waits (create-only, injected)")
+        original_send(self, name, payload)
+
+    monkeypatch.setattr(LocalTransit, "send", create_only)
+    with services.engine(WEST) as engine:
+        flow = CopyFlow(engine)
+        with flow._links_closed(engine.copy_receiver(EAST, WEST)) as receiver:
+            found = flow._answer_with_receipt(receiver, point_id)
+    assert found is not None and found.id == copies_in_west(services)[0].id
+    assert refused == [receipt_name(point_id)]
+    assert receipt_file.read_bytes() == waiting  # the first receipt stands, whole
+    assert ran(services.tick(EAST)) == {COPY_RECEIPT: JobStatus.DONE}
+    assert tracker_receipt(services, point_id) is not None
+    services.keys_held_apart()

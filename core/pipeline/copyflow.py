@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from regionvault.core.errors import IntegrityError, RegionVaultError, TransitError
+from regionvault.core.errors import IntegrityError, PayloadWaiting, RegionVaultError, TransitError
 from regionvault.core.pipeline.jobs import (
     COPY_COMMIT,
     COPY_OFFER,
@@ -222,9 +222,12 @@ class CopyFlow:
         if found is None:
             return None
         receipt = CopyReceipt.of(receiver.source, point_id, found)
-        receiver.backward.send(
-            receipt_name(point_id), seal_receipt(receiver.seal_to_source, receipt)
-        )
+        # a receipt of an earlier answer may still wait for the source, and this sender may
+        # only create (as on Cloud Storage): it says the same, so it stands
+        with contextlib.suppress(PayloadWaiting):
+            receiver.backward.send(
+                receipt_name(point_id), seal_receipt(receiver.seal_to_source, receipt)
+            )
         receiver.tidy(point_id)
         return found
 

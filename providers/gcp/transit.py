@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import requests
-from regionvault.core.errors import ObjectNotFound, TransitError
+from regionvault.core.errors import ObjectNotFound, PayloadWaiting, TransitError
 from regionvault.core.interfaces import Transit
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.providers.gcp.clients import storage_client
@@ -106,7 +106,7 @@ class GcsTransit(Transit):
         except TransitError as exc:
             if getattr(exc, "http_status", None) != 403:
                 raise
-            raise TransitError(
+            raise PayloadWaiting(
                 f"payload {name!r} from {self.source} still waits in {inbox.label} and "
                 "replacing it needs storage.objects.delete there besides "
                 f"storage.objects.create ({exc.message})",
