@@ -21,6 +21,17 @@ device reports them. Closing detaches and deletes the temporary disks and, unles
 capture was taken with ``keep``, the snapshots. The image holds the disks one after another,
 a :class:`Disk` each.
 
+Cleanup: every create a capture or restore sent is waited for before anything is deleted
+(GCE carries out an operation whether or not anyone polls it: a delete sent while the create
+runs finds nothing, or is refused as resourceNotReady, and the resource appears afterwards);
+one whose answer was lost is sent again with its requestId to learn its operation. Every
+snapshot and disk a capture or restore makes is labelled with its owner (the process's
+:class:`~regionvault.core.procs.ProcessIdentity` token), the worker and the time
+(:data:`OWNER_LABEL`, :data:`WORKER_LABEL`, :data:`CREATED_LABEL`; :data:`KEEP_LABEL` on a kept
+capture's snapshots). A process killed midway cannot clean up: :meth:`GceCompute.sweep`, run
+at the start of every capture and restore, detaches the ``rv-*`` devices of dead owners from
+the worker and deletes their disks and unkept snapshots.
+
 Restore: a blank disk per disk of the image (whole GiB, ``disk_type``), attached read-write
 to the worker and written through its device; commit detaches them; launch inserts an
 instance of the original machine type with the original labels whose disks they are (the
@@ -245,6 +256,8 @@ class _Create:
     operation: compute_v1.Operation | None = None
     #: its operation was seen DONE (with or without an error)
     settled: bool = False
+    #: GCE refused the request outright (a permanent HTTP error): nothing was made
+    refused: bool = False
 
     @classmethod
     def of(
@@ -683,6 +696,9 @@ class GceCompute(Compute):
             try:
                 create.operation = self._send(create.what, create.method, create.request)
             except RegionVaultError as exc:
+                # a transient failure may have reached GCE (an answer lost): only a
+                # permanent refusal says nothing was made
+                create.refused = not isinstance(exc, TransientError)
                 problems.append(exc)
                 break
         for create in creates:
@@ -703,7 +719,7 @@ class GceCompute(Compute):
         requestId, which GCE answers with the first request's operation (or carries out
         now, when the first never arrived: what it makes is then deleted all the same).
         Failures are only logged: the delete that follows says what is left."""
-        if create is None or not create.sent or create.settled:
+        if create is None or not create.sent or create.settled or create.refused:
             return
         try:
             if create.operation is None:
