@@ -365,3 +365,17 @@ def test_a_machine_type_the_zone_lacks_is_refused_and_leaves_nothing(gce: GceWor
     sink.discard()
     assert gce.leftovers() == CLEAN
     assert "vdu-2" not in gce.fake.instance_names()
+
+
+@pytest.mark.parametrize("name", ["vdu-3", "Web Server 1"])
+def test_a_restore_disk_names_the_instance_its_launch_makes(gce: GceWorld, name: str) -> None:
+    compute = gce.compute()
+    spec = LaunchSpec(name=name, tags=Tags({"backup": "1-7"}))
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=1 << 20)
+    assert isinstance(sink, GceBlockSink)
+    label = gce.fake.disk_labels(sink.disk_names[0])[RESTORE_LABEL]
+    sink.write(0, b"w" * (1 << 20))
+    sink.commit()
+    launched = compute.launch(spec, sink)
+    assert launched.name == name
+    assert label == launched.extra["gce_name"] == launched.id
