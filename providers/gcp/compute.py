@@ -21,6 +21,17 @@ device reports them. Closing detaches and deletes the temporary disks and, unles
 capture was taken with ``keep``, the snapshots. The image holds the disks one after another,
 a :class:`Disk` each.
 
+Cleanup: every create a capture or restore sent is waited for before anything is deleted
+(GCE carries out an operation whether or not anyone polls it: a delete sent while the create
+runs finds nothing, or is refused as resourceNotReady, and the resource appears afterwards);
+one whose answer was lost is sent again with its requestId to learn its operation. Every
+snapshot and disk a capture or restore makes is labelled with its owner (the process's
+:class:`~regionvault.core.procs.ProcessIdentity` token), the worker and the time
+(:data:`OWNER_LABEL`, :data:`WORKER_LABEL`, :data:`CREATED_LABEL`; :data:`KEEP_LABEL` on a kept
+capture's snapshots). A process killed midway cannot clean up: :meth:`GceCompute.sweep`, run
+at the start of every capture and restore, detaches the ``rv-*`` devices of dead owners from
+the worker and deletes their disks and unkept snapshots.
+
 Restore: a blank disk per disk of the image (whole GiB, ``disk_type``), attached read-write
 to the worker and written through its device; commit detaches them; launch inserts an
 instance of the original machine type with the original labels whose disks they are (the
@@ -38,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -51,6 +63,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
 from google.cloud import compute_v1
 from regionvault.core.errors import (
     ComputeError,
@@ -59,6 +72,7 @@ from regionvault.core.errors import (
     TransientError,
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Compute, RestoreSink
+from regionvault.core.procs import ProcessIdentity, boot_id
 from regionvault.core.types import (
     Capabilities,
     CaptureKind,
@@ -85,8 +99,12 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_SIZE",
     "CAPTURE_LABEL",
+    "CREATED_LABEL",
+    "KEEP_LABEL",
     "NAME_PREFIX",
+    "OWNER_LABEL",
     "RESTORE_LABEL",
+    "WORKER_LABEL",
     "GceBlockCapture",
     "GceBlockSink",
     "GceClients",
@@ -101,8 +119,17 @@ BLOCK_SIZE = 1 * MiB
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 #: on the snapshots and temporary disks a capture makes: the instance captured
 CAPTURE_LABEL = "regionvault-capture"
-#: on the disks a restore makes: the GCE name of the instance they are for
+#: on the disks a restore makes: the GCE name of the instance their launch makes (the spec's
+#: name when GCE takes it as it is, else the name made from it, :data:`NAME_PREFIX`)
 RESTORE_LABEL = "regionvault-restore"
+#: on everything a capture or a restore makes: the process that made it
+#: (:meth:`ProcessIdentity.token`: host, pid, start time, boot), the backup worker it works
+#: through, and when (Unix seconds). :meth:`GceCompute.sweep` removes what a dead process left
+OWNER_LABEL = "regionvault-owner"
+WORKER_LABEL = "regionvault-worker"
+CREATED_LABEL = "regionvault-created"
+#: on the snapshots of a capture taken with ``keep`` (a ref names them): never swept
+KEEP_LABEL = "regionvault-keep"
 #: the description of an instance launched under a name GCE does not take as it is
 #: (``web 1``): the name follows, and is the Instance's name
 NAME_PREFIX = "regionvault name: "
@@ -132,6 +159,14 @@ _STATES = {
 _NOT_STARTING = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"})
 #: HTTP statuses of a throttled call or a failure on Google's side
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: reasons of an HTTP error that passes later: a rate quota exceeded (GCE answers 403
+#: rateLimitExceeded, "wait a minute then try again"), a resource still being made or
+#: changed (400 resourceNotReady)
+TRANSIENT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "resourceNotReady"})
+#: reasons GCE gives for a rate quota exceeded
+RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+#: seconds to wait after a rate-limit error without Retry-After (GCE: "wait a minute")
+RATE_LIMIT_PAUSE = 60.0
 #: error codes of a failed operation that may pass if it is started again later
 TRANSIENT_OPERATION_CODES = frozenset(
     {
@@ -153,6 +188,15 @@ _RETRY_PAUSE_MAX = 10.0
 _REF_VERSION = 1
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+#: what the SDK raises: its API errors, the HTTP library's, and google-auth's (the token
+#: endpoint did not answer: TransportError; the login was refused: RefreshError)
+_SDK_ERRORS = (
+    api_exceptions.GoogleAPICallError,
+    api_exceptions.RetryError,
+    requests.exceptions.RequestException,
+    auth_exceptions.GoogleAuthError,
+)
 
 
 # --------------------------------------------------------------------------- clients
@@ -197,6 +241,29 @@ class GceClients:
         ):
             with contextlib.suppress(Exception):
                 client.transport.close()  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class _Create:
+    """One create (a snapshot, a disk) a capture or a restore begins: its request, with the
+    requestId every try of it carries, and what is known of its operation."""
+
+    what: str
+    method: Callable[..., compute_v1.Operation]
+    request: dict[str, Any]
+    #: sent at least once (it may have reached GCE even when no answer came back)
+    sent: bool = False
+    operation: compute_v1.Operation | None = None
+    #: its operation was seen DONE (with or without an error)
+    settled: bool = False
+    #: GCE refused the request outright (a permanent HTTP error): nothing was made
+    refused: bool = False
+
+    @classmethod
+    def of(
+        cls, what: str, method: Callable[..., compute_v1.Operation], fields: Mapping[str, Any]
+    ) -> _Create:
+        return cls(what, method, {**fields, "request_id": str(uuid.uuid4())})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -245,16 +312,29 @@ def _configuration_failure(exc: BaseException) -> bool:
     return False
 
 
+def _reason(exc: BaseException) -> str | None:
+    """GCE's reason of an HTTP error (rateLimitExceeded, alreadyExists, ...): the SDK's
+    ``reason``, else that of the answer's first error."""
+    reason = getattr(exc, "reason", None)
+    if not reason and isinstance(exc, api_exceptions.GoogleAPICallError) and exc.errors:
+        first = exc.errors[0]
+        if isinstance(first, Mapping):
+            reason = first.get("reason")
+    return str(reason) if reason else None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a google-cloud-compute error may pass if the call is made again later:
-    throttling (429), a failure on Google's side (5xx), no answer in time, or no connection
-    (but not a TLS failure or a host name that does not resolve)."""
-    if isinstance(exc, api_exceptions.RetryError):
+    throttling (429, or 403 rateLimitExceeded), a resource not ready yet (400
+    resourceNotReady), a failure on Google's side (5xx), no answer in time, no connection
+    (but not a TLS failure or a host name that does not resolve), or no answer from the
+    token endpoint."""
+    if isinstance(exc, api_exceptions.RetryError | auth_exceptions.TransportError):
         return True
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
         return not _configuration_failure(exc)
     if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return _status(exc) in TRANSIENT_STATUSES
+        return _status(exc) in TRANSIENT_STATUSES or _reason(exc) in TRANSIENT_REASONS
     return False
 
 
@@ -271,15 +351,16 @@ def _retry_after(exc: BaseException) -> float | None:
 def describe(exc: BaseException) -> str:
     """One line about a google-cloud-compute error: its HTTP status, reason and message."""
     if isinstance(exc, api_exceptions.GoogleAPICallError):
-        reason = getattr(exc, "reason", None)
-        first = exc.errors[0] if exc.errors else None
-        if not reason and isinstance(first, Mapping):
-            reason = first.get("reason")  # GCE's own (alreadyExists, conditionNotMet, ...)
+        reason = _reason(exc)  # GCE's own (alreadyExists, conditionNotMet, ...)
         message = (str(exc.message or "").strip().splitlines() or [""])[0]
         # the SDK starts with the request ("POST http://.../setLabels?requestId=...: "):
         # the operation is named by the caller's message already
         message = _REQUEST_LINE.sub("", message)
         text = f"HTTP {exc.code}" + (f" {reason}" if reason else "") + f": {message}"
+    elif isinstance(exc, auth_exceptions.TransportError):
+        text = f"no answer from the token endpoint (login): {exc}"
+    elif isinstance(exc, auth_exceptions.RefreshError):
+        text = f"login failed: the credentials could not be refreshed: {exc}"
     elif isinstance(exc, requests.exceptions.Timeout):
         text = "no answer in time from the Compute Engine API"
     elif isinstance(exc, requests.exceptions.ConnectionError):
@@ -384,6 +465,10 @@ class GceCompute(Compute):
         self.clients = clients or GceClients.build(settings, credentials)
         #: the pause between tries of a read that failed transiently (tests make it 0)
         self.retry_pause = _RETRY_PAUSE
+        #: the pause a rate-limit error without Retry-After asks for (tests make it 0)
+        self.rate_limit_pause = RATE_LIMIT_PAUSE
+        #: this process: the owner of what its captures and restores make (OWNER_LABEL)
+        self.owner = _owner_identity()
 
     def close(self) -> None:
         self.clients.close()
@@ -419,8 +504,11 @@ class GceCompute(Compute):
             return InstanceNotFound(instance_id, provider="gcp", region=self.region)
         message = f"{what}: {describe(exc)}"
         if is_transient(exc):
+            retry_after = _retry_after(exc)
+            if retry_after is None and _reason(exc) in RATE_LIMIT_REASONS:
+                retry_after = self.rate_limit_pause
             return TransientError(
-                message, provider="gcp", region=self.region, retry_after=_retry_after(exc)
+                message, provider="gcp", region=self.region, retry_after=retry_after
             )
         return self._fail(message)
 
@@ -443,11 +531,7 @@ class GceCompute(Compute):
                 return call()
             except passthrough:
                 raise
-            except (
-                api_exceptions.GoogleAPICallError,
-                api_exceptions.RetryError,
-                requests.exceptions.RequestException,
-            ) as exc:
+            except _SDK_ERRORS as exc:
                 error = self._error(exc, what, instance_id)
                 if not isinstance(error, TransientError) or attempt + 1 >= attempts:
                     raise error from None
@@ -479,6 +563,11 @@ class GceCompute(Compute):
         client of its scope (zonal, else global) for at most ``operation_timeout`` seconds;
         an operation that ended in an error raises it mapped (None instead when its target
         was not found and ``missing_ok``). Not done in time: TransientError naming it."""
+        operation = self._until_done(operation, what)
+        return self._outcome(operation, what, instance_id=instance_id, missing_ok=missing_ok)
+
+    def _until_done(self, operation: compute_v1.Operation, what: str) -> compute_v1.Operation:
+        """``operation`` once DONE (see :meth:`_wait`); TransientError when not in time."""
         settings = self.settings
         deadline = time.monotonic() + settings.operation_timeout
         polls = math.ceil(settings.operation_timeout / settings.poll_interval) + 2
@@ -514,6 +603,17 @@ class GceCompute(Compute):
                 provider="gcp",
                 region=self.region,
             )
+        return operation
+
+    def _outcome(
+        self,
+        operation: compute_v1.Operation,
+        what: str,
+        *,
+        instance_id: str | None = None,
+        missing_ok: bool = False,
+    ) -> compute_v1.Operation | None:
+        """A DONE ``operation``, or the error it ended in, mapped (see :meth:`_wait`)."""
         errors = list(operation.error.errors) if operation.error else []
         if not errors:
             return operation
@@ -545,6 +645,16 @@ class GceCompute(Compute):
         safely: GCE answers a repeated requestId with the first try's operation instead of
         doing the change twice."""
         request = {**fields, "request_id": str(uuid.uuid4())}
+        return self._send(what, method, request, instance_id=instance_id)
+
+    def _send(
+        self,
+        what: str,
+        method: Callable[..., compute_v1.Operation],
+        request: Mapping[str, Any],
+        *,
+        instance_id: str | None = None,
+    ) -> compute_v1.Operation:
         return self._call(
             what,
             lambda: method(request=request, **self._options),
@@ -575,6 +685,50 @@ class GceCompute(Compute):
         operation = self._start(what, method, fields, instance_id=instance_id)
         self._wait(operation, what, instance_id=instance_id)
 
+    def _begin_all(self, creates: Sequence[_Create]) -> None:
+        """Send every create, then wait for every one that was sent, whatever fails: no
+        cleanup may run while a create is in flight (it would find nothing to delete, and
+        GCE would make the resource afterwards). A send that failed stops the sends after
+        it. The first error is raised once all are waited for."""
+        problems: list[RegionVaultError] = []
+        for create in creates:
+            create.sent = True  # a send that failed may have reached GCE all the same
+            try:
+                create.operation = self._send(create.what, create.method, create.request)
+            except RegionVaultError as exc:
+                # a transient failure may have reached GCE (an answer lost): only a
+                # permanent refusal says nothing was made
+                create.refused = not isinstance(exc, TransientError)
+                problems.append(exc)
+                break
+        for create in creates:
+            if create.operation is None:
+                continue
+            try:
+                create.operation = self._until_done(create.operation, create.what)
+                create.settled = True
+                self._outcome(create.operation, create.what)
+            except RegionVaultError as exc:
+                problems.append(exc)
+        if problems:
+            raise problems[0]
+
+    def _settle(self, create: _Create | None) -> None:
+        """Before what ``create`` made is deleted: wait for the end of a create that was
+        sent and never seen DONE. One whose answer was lost is sent again with the same
+        requestId, which GCE answers with the first request's operation (or carries out
+        now, when the first never arrived: what it makes is then deleted all the same).
+        Failures are only logged: the delete that follows says what is left."""
+        if create is None or not create.sent or create.settled or create.refused:
+            return
+        try:
+            if create.operation is None:
+                create.operation = self._send(create.what, create.method, create.request)
+            create.operation = self._until_done(create.operation, create.what)
+            create.settled = True
+        except Exception as exc:  # cleanup goes on; the delete reports
+            log.warning("%s: its end was not seen before cleanup: %s", create.what, exc)
+
     def _gone_ok(
         self, what: str, method: Callable[..., compute_v1.Operation], fields: Mapping[str, Any]
     ) -> None:
@@ -587,7 +741,7 @@ class GceCompute(Compute):
 
     def _name(self, instance_id: str) -> str:
         """The GCE name an instance id is (ids are names: unique in the zone)."""
-        if isinstance(instance_id, str) and _NAME.match(instance_id):
+        if isinstance(instance_id, str) and _NAME.fullmatch(instance_id):
             return instance_id
         raise InstanceNotFound(str(instance_id), provider="gcp", region=self.region)
 
@@ -786,25 +940,13 @@ class GceCompute(Compute):
 
     # ------------------------------------------------------------------ disks on the worker
 
-    def _insert_disks(self, disks: Sequence[compute_v1.Disk], what: str) -> None:
-        """Create ``disks``: every insert begun before any is waited on."""
-        operations = []
-        for disk in disks:
-            operations.append(
-                self._start(
-                    f"{what}: cannot create disk {disk.name}",
-                    self.clients.disks.insert_unary,
-                    {"project": self.project, "zone": self.zone, "disk_resource": disk},
-                )
-            )
-        problems: list[RegionVaultError] = []
-        for disk, operation in zip(disks, operations, strict=True):
-            try:
-                self._wait(operation, f"{what}: cannot create disk {disk.name}")
-            except RegionVaultError as exc:
-                problems.append(exc)
-        if problems:
-            raise problems[0]
+    def _disk_create(self, disk: compute_v1.Disk, what: str) -> _Create:
+        """The insert of ``disk`` (begun by :meth:`_begin_all`)."""
+        return _Create.of(
+            f"{what}: cannot create disk {disk.name}",
+            self.clients.disks.insert_unary,
+            {"project": self.project, "zone": self.zone, "disk_resource": disk},
+        )
 
     def _disk_type(self) -> str:
         return self._url("diskTypes", self.settings.disk_type)
@@ -882,6 +1024,130 @@ class GceCompute(Compute):
             {"project": self.project, "snapshot": snapshot},
         )
 
+    # ------------------------------------------------------------------ sweep
+
+    def _temporary_labels(self, label: str, value: str, *, keep: bool = False) -> dict[str, str]:
+        """The labels of a snapshot or disk a capture or restore makes: ``label`` (what it
+        is for), its owner (this process), the worker and the time; KEEP_LABEL with
+        ``keep``."""
+        labels = {
+            label: value,
+            OWNER_LABEL: self.owner.token(),
+            WORKER_LABEL: self.worker,
+            CREATED_LABEL: str(int(time.time())),
+        }
+        if keep:
+            labels[KEEP_LABEL] = "true"
+        return labels
+
+    def _ours_and_orphaned(self, labels: Mapping[str, str]) -> bool:
+        """Whether a resource is a temporary one of a capture or restore through this
+        region's worker whose owner is dead: a process of this worker's host that no
+        longer runs (a pid of this boot not alive, or its start time another), or one of
+        an earlier boot. An owner nobody here can judge (another host, another pid
+        namespace) is taken to be alive."""
+        if CAPTURE_LABEL not in labels and RESTORE_LABEL not in labels:
+            return False
+        if labels.get(WORKER_LABEL) != self.worker:
+            return False
+        owner = ProcessIdentity.from_token(labels.get(OWNER_LABEL, ""))
+        if owner is None or owner.host != self.owner.host:
+            return False
+        here = boot_id()
+        if owner.boot is not None and here is not None and owner.boot != here:
+            return True  # this worker rebooted since: no process of that boot runs
+        return owner.alive() is False
+
+    def _list_labelled(self, kind: str) -> list[Any]:
+        """The disks (of the zone) or snapshots labelled with this region's worker."""
+        expression = label_filter({WORKER_LABEL: self.worker})
+        if kind == "disks":
+            request: Any = compute_v1.ListDisksRequest(
+                project=self.project, zone=self.zone, filter=expression, max_results=_MAX_RESULTS
+            )
+            client: Any = self.clients.disks
+        else:
+            request = compute_v1.ListSnapshotsRequest(
+                project=self.project, filter=expression, max_results=_MAX_RESULTS
+            )
+            client = self.clients.snapshots
+        found: list[Any] = []
+        for _ in range(_MAX_PAGES):
+            page = self._call(
+                f"cannot list the {kind} of backup worker {self.worker}",
+                lambda request=request: next(  # type: ignore[misc]
+                    iter(client.list(request=request, **self._options).pages)
+                ),
+                idempotent=True,
+            )
+            found.extend(page.items)
+            if not page.next_page_token:
+                return found
+            request.page_token = page.next_page_token
+        return found
+
+    def sweep(self) -> list[str]:
+        """Remove what a capture or restore whose process died (kill -9, a crash, a reboot)
+        left: detach its ``rv-*`` devices from the backup worker, delete its disks and its
+        snapshots (not those of a capture taken with ``keep``: a ref names them). Only
+        resources labelled as ours (CAPTURE_LABEL or RESTORE_LABEL, this worker's
+        WORKER_LABEL) whose OWNER_LABEL names a dead process are touched, and a disk in use
+        by any instance other than the worker never is (a launch's disks are its own).
+        Each removal is logged; a failure is logged and the sweep goes on (the next one
+        tries again). What was removed, as ``kind name`` lines."""
+        removed: list[str] = []
+        try:
+            disks = [d for d in self._list_labelled("disks") if self._ours_and_orphaned(d.labels)]
+            snapshots = [
+                s
+                for s in self._list_labelled("snapshots")
+                if self._ours_and_orphaned(s.labels) and s.labels.get(KEEP_LABEL) != "true"
+            ]
+            worker_disks = list(self._raw(self.worker).disks) if disks else []
+        except RegionVaultError as exc:
+            log.warning("sweep of backup worker %s: %s", self.worker, exc.message)
+            return removed
+        worker_url = f"/instances/{self.worker}"
+        orphaned = {str(d.name) for d in disks}
+        for attached in worker_disks:
+            device = str(attached.device_name)
+            if not device.startswith(_OURS) or not attached.source:
+                continue
+            if _last(attached.source) not in orphaned:
+                continue
+            try:
+                self.detach_from_worker(device)
+            except RegionVaultError as exc:
+                log.warning("sweep: %s", exc.message)
+                continue
+            log.info(
+                "sweep: detached %s (disk %s of a dead process) from %s",
+                device,
+                _last(attached.source),
+                self.worker,
+            )
+            removed.append(f"device {device}")
+        for disk in disks:
+            users = [str(u) for u in disk.users]
+            if any(not u.endswith(worker_url) for u in users):
+                continue  # another instance's disk now (a launch's): never ours to remove
+            try:
+                self.delete_disk(str(disk.name))
+            except RegionVaultError as exc:
+                log.warning("sweep: %s", exc.message)
+                continue
+            log.info("sweep: deleted disk %s (labels %s)", disk.name, dict(disk.labels))
+            removed.append(f"disk {disk.name}")
+        for snapshot in snapshots:
+            try:
+                self.delete_snapshot(str(snapshot.name))
+            except RegionVaultError as exc:
+                log.warning("sweep: %s", exc.message)
+                continue
+            log.info("sweep: deleted snapshot %s (labels %s)", snapshot.name, dict(snapshot.labels))
+            removed.append(f"snapshot {snapshot.name}")
+        return removed
+
     # ------------------------------------------------------------------ capture
 
     def capture(
@@ -906,6 +1172,7 @@ class GceCompute(Compute):
         if since is not None:
             _parse_ref(since, self)
         worker = self.worker
+        self.sweep()
         raw = self._raw(instance_id)
         instance = self._instance(raw)
         name = str(raw.name)
@@ -934,28 +1201,28 @@ class GceCompute(Compute):
         try:
             # every snapshot begun before any is waited on: the disks are taken as close in
             # time as GCE allows (each is crash-consistent; together they are not atomic)
-            operations = []
             for part in parts:
-                snapshot = compute_v1.Snapshot(name=part.snapshot, labels={CAPTURE_LABEL: name})
+                snapshot = compute_v1.Snapshot(
+                    name=part.snapshot,
+                    labels=self._temporary_labels(CAPTURE_LABEL, name, keep=keep),
+                )
                 if self.settings.location:
                     # kept in the region's own location, not GCE's default multi-region
                     # (region A's data stays in region A)
                     snapshot.storage_locations = [self.settings.location]
-                operations.append(
-                    self._start(
-                        f"{what}: cannot snapshot disk {part.source_disk}",
-                        self.clients.disks.create_snapshot_unary,
-                        {
-                            "project": self.project,
-                            "zone": self.zone,
-                            "disk": part.source_disk,
-                            "snapshot_resource": snapshot,
-                        },
-                    )
+                part.snapshot_create = _Create.of(
+                    f"{what}: cannot snapshot disk {part.source_disk}",
+                    self.clients.disks.create_snapshot_unary,
+                    {
+                        "project": self.project,
+                        "zone": self.zone,
+                        "disk": part.source_disk,
+                        "snapshot_resource": snapshot,
+                    },
                 )
+                # set before the request: one whose answer was lost exists all the same
                 part.snapshotted = True
-            for part, operation in zip(parts, operations, strict=True):
-                self._wait(operation, f"{what}: cannot snapshot disk {part.source_disk}")
+            self._begin_all([p.snapshot_create for p in parts if p.snapshot_create])
             taken: list[datetime] = []
             offset = 0
             for part in parts:
@@ -972,20 +1239,18 @@ class GceCompute(Compute):
                 part.offset = offset
                 offset += part.size  # whole GiB: every disk starts on a block
                 taken.append(_utc(made.creation_timestamp or None))
-            for part in parts:
-                part.disk = _unique_name(f"rv-read-{name}-{parts.index(part)}")
-            self._insert_disks(
-                [
+            for index, part in enumerate(parts):
+                part.disk = _unique_name(f"rv-read-{name}-{index}")
+                part.disk_create = self._disk_create(
                     compute_v1.Disk(
                         name=part.disk,
                         source_snapshot=self._url("snapshots", part.snapshot),
                         type_=self._disk_type(),
-                        labels={CAPTURE_LABEL: name},
-                    )
-                    for part in parts
-                ],
-                what,
-            )
+                        labels=self._temporary_labels(CAPTURE_LABEL, name),
+                    ),
+                    what,
+                )
+            self._begin_all([p.disk_create for p in parts if p.disk_create])
             for part in parts:
                 assert part.disk is not None
                 part.device_name = _unique_name(READ_DEVICE)
@@ -1035,11 +1300,7 @@ class GceCompute(Compute):
             )
         except api_exceptions.NotFound:
             return None
-        except (
-            api_exceptions.GoogleAPICallError,
-            api_exceptions.RetryError,
-            requests.exceptions.RequestException,
-        ) as exc:
+        except _SDK_ERRORS as exc:
             raise self._error(exc, f"cannot read snapshot {snapshot}") from None
         source = _last(found.source_disk) if found.source_disk else ""
         return found.labels.get(CAPTURE_LABEL) == instance and source == disk
@@ -1064,6 +1325,7 @@ class GceCompute(Compute):
         self._labels_for(spec)
         self._machine_type_for(spec)
         self.need_worker()  # ConfigError naming the key, before anything is made
+        self.sweep()
         return GceBlockSink(self, spec, size, disks)
 
     def _labels_for(self, spec: LaunchSpec) -> dict[str, str]:
@@ -1075,21 +1337,23 @@ class GceCompute(Compute):
         """The machine type to launch: the spec's or its source's, the point's when it
         records a GCE one (its function), else the region's ``machine_type``."""
         source_extra: Mapping[str, Any] = spec.source.extra if spec.source is not None else {}
-        function = spec.function if spec.function and _MACHINE_TYPE.match(spec.function) else None
+        function = (
+            spec.function if spec.function and _MACHINE_TYPE.fullmatch(spec.function) else None
+        )
         chosen = (
             spec.extra.get("machine_type")
             or source_extra.get("machine_type")
             or function
             or self.settings.machine_type
         )
-        if not isinstance(chosen, str) or not _NAME.match(chosen):
+        if not isinstance(chosen, str) or not _NAME.fullmatch(chosen):
             raise self._fail(f"launch {spec.name!r}: {chosen!r} is not a GCE machine type")
         return chosen
 
     def _launch_name(self, name: str) -> tuple[str, str | None]:
         """The GCE name of a launch named ``name``, and its description: ``name`` itself
         when GCE takes it, else a name made from it and the description keeping it."""
-        if _NAME.match(name):
+        if _NAME.fullmatch(name):
             return name, None
         return _unique_name(name), f"{NAME_PREFIX}{name}"
 
@@ -1107,7 +1371,11 @@ class GceCompute(Compute):
             raise self._fail(f"disk {sink.disk_names[0]} already boots {sink.launched_instance_id}")
         labels = self._labels_for(spec)
         machine_type = self._machine_type_for(spec)
-        name, description = self._launch_name(spec.name)
+        if spec.name == sink.spec.name:
+            # the name the disks' RESTORE_LABEL gives
+            name, description = sink.launch_name, sink.launch_description
+        else:
+            name, description = self._launch_name(spec.name)
         interface = compute_v1.NetworkInterface(network=self.settings.network)
         if self.settings.subnetwork:
             interface.subnetwork = self.settings.subnetwork
@@ -1121,7 +1389,7 @@ class GceCompute(Compute):
                     boot=index == 0,
                     auto_delete=True,
                     mode="READ_WRITE",
-                    **({"device_name": target.label} if _NAME.match(target.label) else {}),
+                    **({"device_name": target.label} if _NAME.fullmatch(target.label) else {}),
                 )
                 for index, target in enumerate(sink.targets)
             ],
@@ -1219,22 +1487,49 @@ class _Part:
     device_name: str | None = None
     attached: bool = False
     path: str | None = None
+    snapshot_create: _Create | None = None
+    disk_create: _Create | None = None
 
     @property
     def layout(self) -> Disk:
         return Disk(self.label, self.offset, self.size)
 
 
+def _owner_identity() -> ProcessIdentity:
+    """This process, in a form whose token is a GCP label value (at most 63 characters)."""
+    owner = ProcessIdentity.current()
+    if len(owner.token()) > 63:
+        owner = ProcessIdentity(owner.host, owner.pid, owner.ticks, owner.boot)
+    return owner
+
+
+def _problem(exc: BaseException) -> str:
+    """One line about a cleanup step that failed (any error: every other step still runs)."""
+    if isinstance(exc, RegionVaultError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _release_parts(compute: GceCompute, parts: Sequence[_Part], *, keep: bool, what: str) -> None:
     """Detach and delete a capture's temporary disks, and delete its snapshots unless
-    ``keep``: everything is tried; one ComputeError names what is left behind."""
+    ``keep``: a create still in flight is waited for first (what it makes is deleted),
+    everything is tried whatever fails; one ComputeError names what is left behind."""
     problems: list[str] = []
+    for part in parts:
+        if part.disk_create is not None and not part.disk_create.sent:
+            part.disk = None  # never asked for
+        if part.snapshot_create is not None and not part.snapshot_create.sent:
+            part.snapshotted = False
+        if part.disk:
+            compute._settle(part.disk_create)
+        if part.snapshotted and not keep:
+            compute._settle(part.snapshot_create)
     if any(part.attached for part in parts):
         # an attach that failed may or may not have happened: ask the worker
         try:
             present = compute.worker_device_names()
-        except RegionVaultError as exc:
-            problems.append(exc.message)
+        except Exception as exc:  # every step is tried
+            problems.append(_problem(exc))
         else:
             for part in parts:
                 part.attached = part.attached and part.device_name in present
@@ -1243,15 +1538,15 @@ def _release_parts(compute: GceCompute, parts: Sequence[_Part], *, keep: bool, w
             try:
                 compute.detach_from_worker(part.device_name)
                 part.attached = False
-            except RegionVaultError as exc:
-                problems.append(exc.message)
+            except Exception as exc:  # every step is tried
+                problems.append(_problem(exc))
     for part in parts:
         if part.disk and not part.attached:
             try:
                 compute.delete_disk(part.disk)
                 part.disk = None
-            except RegionVaultError as exc:
-                problems.append(exc.message)
+            except Exception as exc:  # every step is tried
+                problems.append(_problem(exc))
         elif part.disk:
             problems.append(f"disk {part.disk} is still attached to {compute.worker}")
     if not keep:
@@ -1260,8 +1555,8 @@ def _release_parts(compute: GceCompute, parts: Sequence[_Part], *, keep: bool, w
                 try:
                     compute.delete_snapshot(part.snapshot)
                     part.snapshotted = False
-                except RegionVaultError as exc:
-                    problems.append(exc.message)
+                except Exception as exc:  # every step is tried
+                    problems.append(_problem(exc))
     if problems:
         raise compute._fail(f"{what}: left behind: {'; '.join(problems)}")
 
@@ -1290,7 +1585,7 @@ def _parse_ref(ref: str, compute: GceCompute) -> dict[str, Any]:
                 f"it names project {doc.get('project')} zone {doc.get('zone')}, not "
                 f"{compute.project} {compute.zone}"
             )
-        if not isinstance(doc.get("instance"), str) or not _NAME.match(doc["instance"]):
+        if not isinstance(doc.get("instance"), str) or not _NAME.fullmatch(doc["instance"]):
             raise ValueError("no instance")
         snapshots = doc.get("snapshots")
         if not isinstance(snapshots, list) or not snapshots:
@@ -1299,7 +1594,7 @@ def _parse_ref(ref: str, compute: GceCompute) -> dict[str, Any]:
             if not (
                 isinstance(entry, dict)
                 and isinstance(entry.get("name"), str)
-                and _NAME.match(entry["name"])
+                and _NAME.fullmatch(entry["name"])
                 and isinstance(entry.get("disk"), str)
             ):
                 raise ValueError(f"bad snapshot entry {str(entry)[:80]}")
@@ -1425,6 +1720,7 @@ class _Target:
     attached: bool = False
     path: str | None = None
     fd: int | None = None
+    create: _Create | None = None
 
 
 class GceBlockSink(BlockSink):
@@ -1470,22 +1766,23 @@ class GceBlockSink(BlockSink):
             )
             for i, d in enumerate(self.disks)
         ]
+        #: the GCE name and description of the instance the launch makes (named by the
+        #: disks' RESTORE_LABEL)
+        self.launch_name, self.launch_description = compute._launch_name(spec.name)
         what = f"restore of {spec.name!r}"
         try:
             for target in self.targets:
                 target.made = True  # an insert that failed may have made it all the same
-            compute._insert_disks(
-                [
+                target.create = compute._disk_create(
                     compute_v1.Disk(
-                        name=t.disk,
-                        size_gb=_size_gb(t.size),
+                        name=target.disk,
+                        size_gb=_size_gb(target.size),
                         type_=compute._disk_type(),
-                        labels={RESTORE_LABEL: _unique_name(base)[:63]},
-                    )
-                    for t in self.targets
-                ],
-                what,
-            )
+                        labels=compute._temporary_labels(RESTORE_LABEL, self.launch_name),
+                    ),
+                    what,
+                )
+            compute._begin_all([t.create for t in self.targets if t.create])
             for target in self.targets:
                 target.attached = True
                 target.path = compute.attach_to_worker(
@@ -1582,20 +1879,25 @@ class GceBlockSink(BlockSink):
         self.committed = True
 
     def _remove(self) -> None:
-        """Close, detach and delete every disk (one never made is no error): every disk is
-        tried, one ComputeError names what is left behind."""
+        """Close, detach and delete every disk (one never made is no error; an insert still
+        in flight is waited for first): every disk is tried whatever fails, one ComputeError
+        names what is left behind."""
         problems: list[str] = []
         for target in self.targets:
             if target.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(target.fd)
                 target.fd = None
+            if target.create is not None and not target.create.sent:
+                target.made = False  # never asked for
+            if target.made:
+                self.compute._settle(target.create)
         if any(target.attached for target in self.targets):
             # an attach that failed may or may not have happened: ask the worker
             try:
                 present = self.compute.worker_device_names()
-            except RegionVaultError as exc:
-                problems.append(exc.message)
+            except Exception as exc:  # every step is tried
+                problems.append(_problem(exc))
             else:
                 for target in self.targets:
                     target.attached = target.attached and target.device_name in present
@@ -1604,15 +1906,15 @@ class GceBlockSink(BlockSink):
                 try:
                     self.compute.detach_from_worker(target.device_name)
                     target.attached = False
-                except RegionVaultError as exc:
-                    problems.append(exc.message)
+                except Exception as exc:  # every step is tried
+                    problems.append(_problem(exc))
         for target in self.targets:
             if target.made and not target.attached:
                 try:
                     self.compute.delete_disk(target.disk)
                     target.made = False
-                except RegionVaultError as exc:
-                    problems.append(exc.message)
+                except Exception as exc:  # every step is tried
+                    problems.append(_problem(exc))
         if problems:
             raise self.compute._fail(
                 f"restore of {self.spec.name!r}: left behind: {'; '.join(problems)}"
@@ -1628,8 +1930,8 @@ class GceBlockSink(BlockSink):
         problems: list[str] = []
         try:
             self.compute.delete_launched(self)
-        except RegionVaultError as exc:
-            problems.append(exc.message)
+        except Exception as exc:  # the disks are removed all the same
+            problems.append(_problem(exc))
         try:
             self._remove()
         except RegionVaultError as exc:

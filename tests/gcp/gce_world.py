@@ -84,6 +84,7 @@ class GceWorld:
         """A GceCompute as a site builds it (``GcpProvider.compute``), closed with the world."""
         compute = self.provider.compute(self.region(**overrides))
         compute.retry_pause = 0.0
+        compute.rate_limit_pause = 0.0
         self._computes.append(compute)
         return compute
 
@@ -113,7 +114,9 @@ class GceWorld:
 
     def leftovers(self) -> dict[str, list[str]]:
         """What the provider made and did not remove: snapshots, disks other than the
-        instances' own (``<instance>-<i>``), the worker's extra disks and devices."""
+        instances' own (``<instance>-<i>``), the worker's extra disks and devices; once
+        every operation begun has ended (GCE ends them whether or not anyone polls)."""
+        self.fake.settle()
         instances = set(self.fake.instance_names())
         worker_disks = self.fake.instance(WORKER)["disks"]
         own = {f"google-{worker_disks[0]['deviceName']}"}  # the worker's boot disk

@@ -338,6 +338,7 @@ def test_seed_instance_refuses_what_gce_would(gce: Gce) -> None:
 
 
 def test_set_labels_checks_the_fingerprint(gce: Gce) -> None:
+    gce.fake.operation_polls = 3  # RUNNING through the next two requests of any method
     gce.fake.seed_instance("vm-a", labels={"env": "prod"})
     vm = gce.instances.get(project=PROJECT, zone=ZONE, instance="vm-a")
 
@@ -374,6 +375,7 @@ def test_set_labels_checks_the_fingerprint(gce: Gce) -> None:
 
 
 def test_insert_from_disks_and_snapshots_then_delete(gce: Gce) -> None:
+    gce.fake.operation_polls = 3  # RUNNING through the next two requests of any method
     gce.fake.seed_instance("vm-src", disks=[b"boot-bytes", b"data-bytes"])
     _snapshot_of(gce, "vm-src-0", "snap-boot")
     _snapshot_of(gce, "vm-src-1", "snap-data")
@@ -803,14 +805,12 @@ def test_operations_stay_running_for_the_configured_polls(gce: Gce) -> None:
         project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="slow", size_gb=10)
     )
     assert op.status == PENDING
-    seen = []
-    for _ in range(3):
-        op = gce.zone_ops.get(project=PROJECT, zone=ZONE, operation=op.name)
-        seen.append(op.status)
-        if op.status != DONE:
-            with pytest.raises(gexc.NotFound):
-                _disk(gce, "slow")
-    assert seen == [RUNNING, RUNNING, DONE]
+    # every later request moves it on, a poll or not: GCE runs operations nobody polls
+    assert gce.zone_ops.get(project=PROJECT, zone=ZONE, operation=op.name).status == RUNNING
+    with pytest.raises(gexc.NotFound):
+        _disk(gce, "slow")  # not made yet; the request is the second step
+    op = gce.zone_ops.get(project=PROJECT, zone=ZONE, operation=op.name)
+    assert op.status == DONE
     assert op.target_link.endswith("/disks/slow")
     assert op.operation_type == "insert"
     assert _disk(gce, "slow").size_gb == 10
@@ -829,6 +829,33 @@ def test_operations_stay_running_for_the_configured_polls(gce: Gce) -> None:
             project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="slow-2", size_gb=10)
         )
     gce.done(op)
+
+
+def test_an_operation_nobody_polls_takes_effect_all_the_same(gce: Gce) -> None:
+    """As on GCE: a client that never polls (it crashed, or gave up on an earlier error)
+    does not stop an operation; requests of other methods move it on, :meth:`settle` ends
+    it."""
+    gce.fake.operation_polls = 2
+    for name in ("a", "b"):
+        gce.disks.insert_unary(
+            project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name=name, size_gb=10)
+        )
+    # "a" took one step at the insert of "b", and takes its second now
+    assert "a" in [d.name for d in gce.disks.list(project=PROJECT, zone=ZONE)]
+    assert len(gce.fake.pending_operations()) == 1  # "b": one more step
+    gce.fake.operation_polls = 50
+    gce.disks.insert_unary(
+        project=PROJECT, zone=ZONE, disk_resource=compute_v1.Disk(name="c", size_gb=10)
+    )
+    # a disk being made cannot be deleted yet: 400 resourceNotReady, as GCE answers
+    with pytest.raises(gexc.BadRequest, match="is not ready") as refused:
+        gce.disks.delete_unary(project=PROJECT, zone=ZONE, disk="c")
+    assert refused.value.reason == "resourceNotReady" or "resourceNotReady" in str(
+        refused.value.errors
+    )
+    gce.fake.settle()
+    assert gce.fake.pending_operations() == []
+    assert "c" in gce.fake.disk_names()
 
 
 def test_zero_polls_answers_done_at_once(gce: Gce) -> None:
@@ -1089,3 +1116,38 @@ def test_runs_as_a_process_until_sigterm(tmp_path: Path) -> None:
             child.wait(timeout=30)
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_an_unknown_machine_type_is_refused(gce: Gce) -> None:
+    """GCE refuses a machine type its zone does not have; the fake knows the predefined
+    families and custom types, or only :attr:`GceFake.machine_types` when set."""
+    gce.fake.seed_instance("vm-src", disks=[b"boot"])
+    _snapshot_of(gce, "vm-src-0", "snap-boot")
+
+    def launch(name: str, machine_type: str) -> compute_v1.Operation:
+        return gce.instances.insert_unary(
+            project=PROJECT,
+            zone=ZONE,
+            instance_resource=compute_v1.Instance(
+                name=name,
+                machine_type=f"zones/{ZONE}/machineTypes/{machine_type}",
+                network_interfaces=[compute_v1.NetworkInterface(network="global/networks/default")],
+                disks=[
+                    compute_v1.AttachedDisk(
+                        boot=True,
+                        initialize_params=compute_v1.AttachedDiskInitializeParams(
+                            source_snapshot="global/snapshots/snap-boot"
+                        ),
+                    )
+                ],
+            ),
+        )
+
+    with pytest.raises(gexc.BadRequest, match="'n2-highmem-4x' does not exist in zone"):
+        launch("vm-a", "n2-highmem-4x")
+    gce.done(launch("vm-b", "custom-4-16384"))
+    gce.fake.machine_types = {"e2-standard-2"}
+    with pytest.raises(gexc.BadRequest, match="'n2-highmem-4' does not exist in zone"):
+        launch("vm-c", "n2-highmem-4")
+    gce.done(launch("vm-d", "e2-standard-2"))
+    assert gce.fake.instance_names() == ["rv-worker", "vm-b", "vm-d", "vm-src"]

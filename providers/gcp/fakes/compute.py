@@ -19,13 +19,16 @@ what a backup worker needs:
 - ``zoneOperations`` and ``globalOperations``: ``get`` and ``wait``.
 
 Operations: every mutation answers an Operation (PENDING) and takes effect when the operation
-is DONE. It stays RUNNING for :attr:`GceFake.operation_polls` polls (``get`` or ``wait``:
-each ``wait`` is one poll, as GCE's may return before the end) and may end in an error:
-:meth:`GceFake.fail_next_operation`, or what GCE reports in the operation rather than in
-the answer (a disk in use for ``attachDisk`` and ``instances.insert``:
-RESOURCE_IN_USE_BY_ANOTHER_RESOURCE), found when the operation ends. Nothing happens to an
-operation nobody polls, unless ``operation_polls`` is 0 (DONE in its first answer). A
-repeated ``requestId`` answers the first request's operation, as GCE does.
+is DONE. As on GCE, an operation runs whether or not anyone polls it: every later request
+(of any method, a poll included) moves every operation not DONE one step on, and one is DONE
+after :attr:`GceFake.operation_polls` steps (0: DONE in its first answer);
+:meth:`GceFake.settle` ends every one at once, as time does on GCE. An operation may end in
+an error: :meth:`GceFake.fail_next_operation`, or what GCE reports in the operation rather
+than in the answer (a disk in use for ``attachDisk`` and ``instances.insert``:
+RESOURCE_IN_USE_BY_ANOTHER_RESOURCE), found when the operation ends. While a disk or a
+snapshot is being made, a ``get`` of it is 404 here and a ``delete`` is 400 resourceNotReady
+(GCE shows it CREATING and refuses the delete the same way). A repeated ``requestId``
+answers the first request's operation, as GCE does.
 
 Label filters: the subset of GCE's list-filter grammar (AIP-160) that label queries use,
 parsed as the API documents it: one expression ``labels.KEY = "VALUE"`` (or an unquoted
@@ -83,6 +86,7 @@ from typing import Any
 __all__ = [
     "API_ROOT",
     "EMPTY_LABEL_FINGERPRINT",
+    "MACHINE_TYPE",
     "MIN_DISK_GB",
     "FilterError",
     "GceFake",
@@ -111,6 +115,13 @@ MAX_LABELS = 64
 _MODES = ("READ_WRITE", "READ_ONLY")
 #: RFC 1035 names of instances, disks, snapshots
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+#: GCE's predefined machine types (their families and shapes) and custom ones
+MACHINE_TYPE = re.compile(
+    r"(?:(?:e2|n1|n2|n2d|n4|c2|c2d|c3|c3d|c4|t2d|t2a|m1|m2|m3)"
+    r"-(?:standard|highmem|highcpu|megamem|ultramem)-[0-9]{1,3}"
+    r"|e2-(?:micro|small|medium)|f1-micro|g1-small"
+    r"|(?:(?:n2|n2d|e2)-)?custom-[0-9]{1,3}-[0-9]{3,7}(?:-ext)?)"
+)
 _ROOTS = ("https://www.googleapis.com/compute/v1/", "https://compute.googleapis.com/compute/v1/")
 
 
@@ -337,6 +348,10 @@ class _Failure:
     in_operation: bool = False
     #: the request takes effect and only its answer is lost (a retry sees the effect)
     lose_answer: bool = False
+    #: requests of the method served as usual before this failure begins
+    skip: int = 0
+    #: steps (later requests) before a failed operation ends; None: operation_polls
+    steps: int | None = None
 
 
 # --------------------------------------------------------------------------- the fake
@@ -361,7 +376,7 @@ class GceFake:
         self.region = zone.rpartition("-")[0]
         self.state_dir = Path(state_dir)
         self.worker_instance = worker_instance
-        #: polls (get or wait) an operation answers RUNNING to before it is DONE
+        #: later requests (of any method) an operation stays RUNNING for before it is DONE
         self.operation_polls = operation_polls
         self.port = port
         self._lock = threading.RLock()
@@ -390,6 +405,9 @@ class GceFake:
         #: "TERMINATED"]``: one that stops instead of running)
         self.start_statuses: list[str] = ["RUNNING"]
         self._timers: list[threading.Timer] = []
+        #: the machine types of the zone: None, GCE's predefined and custom ones
+        #: (:data:`MACHINE_TYPE`); a set, only those (a zone that lacks one refuses it)
+        self.machine_types: set[str] | None = None
         #: (disk, instance, device name) of each READ_ONLY attachment whose disk was written
         #: while attached so (found on detach)
         self.read_only_writes: list[tuple[str, str, str]] = []
@@ -514,14 +532,24 @@ class GceFake:
         reason: str = "backendError",
         message: str = "injected failure",
         lose_answer: bool = False,
+        skip: int = 0,
     ) -> None:
-        """The next ``count`` requests of API method ``method`` ("instances.insert") are
-        answered HTTP ``status`` with GCE's error shape, and change nothing; with
-        ``lose_answer``, each is carried out (its operation made) and only its answer is
-        the error, as when a connection drops after GCE accepted a request."""
+        """The next ``count`` requests of API method ``method`` ("instances.insert"), after
+        ``skip`` that are served as usual, are answered HTTP ``status`` with GCE's error
+        shape, and change nothing; with ``lose_answer``, each is carried out (its operation
+        made) and only its answer is the error, as when a connection drops after GCE
+        accepted a request."""
         with self._lock:
             self._failures.append(
-                _Failure(_method(method), status, reason, message, count, lose_answer=lose_answer)
+                _Failure(
+                    _method(method),
+                    status,
+                    reason,
+                    message,
+                    count,
+                    lose_answer=lose_answer,
+                    skip=skip,
+                )
             )
 
     def fail_next_operation(
@@ -532,15 +560,19 @@ class GceFake:
         status: int = 500,
         message: str = "injected operation failure",
         count: int = 1,
+        steps: int | None = None,
     ) -> None:
         """The next ``count`` requests of ``method`` are accepted, and their operation ends
         DONE with ``error.errors[0].code == code`` (``httpErrorStatusCode`` ``status``) and
-        no effect."""
+        no effect; after ``steps`` later requests when given (a quota refusal comes sooner
+        than a snapshot), else :attr:`operation_polls`."""
         if _method(method) not in _MUTATIONS:
             raise ValueError(f"{method} makes no operation")
         with self._lock:
             self._failures.append(
-                _Failure(_method(method), status, code, message, count, in_operation=True)
+                _Failure(
+                    _method(method), status, code, message, count, in_operation=True, steps=steps
+                )
             )
 
     def compute_settings(self) -> dict[str, Any]:
@@ -582,10 +614,76 @@ class GceFake:
         with self._lock:
             return sorted(self._instances)
 
+    def disk_labels(self, name: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._disks[name].labels)
+
+    def set_disk_labels(self, name: str, labels: dict[str, str]) -> None:
+        """Relabel a disk beside the API."""
+        with self._lock:
+            self._disks[name].labels = dict(labels)
+
+    def snapshot_labels(self, name: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._snapshots[name].labels)
+
+    def seed_disk(
+        self, name: str, *, size_gb: int = MIN_DISK_GB, labels: dict[str, str] | None = None
+    ) -> None:
+        """A blank disk of the zone, made beside the API (no operation)."""
+        with self._lock:
+            disk = self._new_disk(name, size_gb, "pd-balanced")
+            disk.labels = dict(labels or {})
+
+    def seed_snapshot(
+        self, name: str, source_disk: str, *, labels: dict[str, str] | None = None
+    ) -> None:
+        """A snapshot of ``source_disk`` as it is now, made beside the API (no operation)."""
+        with self._lock:
+            disk = self._disks[source_disk]
+            path = self.state_dir / "snapshots" / f"{name}.{self._new_id()}.img"
+            stored = copy_sparse(disk.path, path, disk.size_gb * GiB)
+            self._snapshots[name] = _Snapshot(
+                name=name,
+                id=self._new_id(),
+                size_gb=disk.size_gb,
+                path=path,
+                created=_now(),
+                source_disk=disk.name,
+                source_disk_id=disk.id,
+                storage_bytes=stored,
+                labels=dict(labels or {}),
+            )
+
+    def has_machine_type(self, name: str) -> bool:
+        if self.machine_types is not None:
+            return name in self.machine_types
+        return MACHINE_TYPE.fullmatch(name) is not None
+
     def pending_operations(self) -> list[str]:
         """Names of operations not DONE yet."""
         with self._lock:
             return sorted(n for n, op in self._operations.items() if not op.done)
+
+    def settle(self) -> None:
+        """End every operation not DONE yet, in the order they began: what GCE does to
+        them in time whether or not anyone polls them."""
+        with self._lock:
+            for _ in range(1 + len(self._operations)):  # a finish may begin nothing new
+                pending = [op for op in self._operations.values() if not op.done]
+                if not pending:
+                    return
+                for op in pending:
+                    self._finish(op)
+
+    def _advance(self) -> None:
+        """One step on for every operation not DONE (a request arrived: time passed)."""
+        for op in list(self._operations.values()):
+            if not op.done:
+                op.polls_left -= 1
+                op.body["status"] = "RUNNING"
+                if op.polls_left <= 0:
+                    self._finish(op)
 
     # ------------------------------------------------------------------ names and links
 
@@ -785,6 +883,8 @@ class GceFake:
         op = _Operation(name, body["id"], zonal, body, self.operation_polls, then, undo)
         if failure is not None:
             op.error = _Error(failure.status, "", failure.message, failure.reason)
+            if failure.steps is not None:
+                op.polls_left = failure.steps
         self._operations[name] = op
         if op.polls_left <= 0:
             self._finish(op)
@@ -814,11 +914,6 @@ class GceFake:
                 "notFound",
                 f"The resource 'projects/{self.project}/{scope}/operations/{name}' was not found",
             )
-        if not op.done:
-            op.polls_left -= 1
-            op.body["status"] = "RUNNING"
-            if op.polls_left <= 0:
-                self._finish(op)
         return dict(op.body)
 
     # ------------------------------------------------------------------ disks (state)
@@ -1058,6 +1153,7 @@ class GceFake:
             )
         api_method, params = route
         with self._lock:
+            self._advance()
             self.counts[api_method] += 1
             full = path + ("?" + urllib.parse.urlencode(query) if query else "")
             self.requests.append((api_method, full))
@@ -1098,6 +1194,9 @@ class GceFake:
     def _take_failure(self, api_method: str) -> _Failure | None:
         for failure in self._failures:
             if failure.method == api_method:
+                if failure.skip > 0:
+                    failure.skip -= 1
+                    return None
                 failure.count -= 1
                 if failure.count <= 0:
                     self._failures.remove(failure)
@@ -1183,6 +1282,12 @@ class GceFake:
         machine_type = self._ref(
             doc.get("machineType"), "resource.machineType", "machineTypes", zonal=True
         )
+        if not self.has_machine_type(machine_type):
+            raise _invalid(
+                "resource.machineType",
+                doc.get("machineType"),
+                f"Machine type with name '{machine_type}' does not exist in zone '{self.zone}'.",
+            )
         labels = self._labels(doc.get("labels"), "resource.labels")
         nics = doc.get("networkInterfaces") or []
         if not nics:
@@ -1604,9 +1709,21 @@ class GceFake:
             failure=failure,
         )
 
+    def _not_ready(self, collection: str, name: str) -> None:
+        """GCE's answer to a delete of a disk or snapshot still being made."""
+        if (collection, name) in self._pending:
+            scope = f"zones/{self.zone}" if collection != "snapshots" else "global"
+            raise _Error(
+                400,
+                "resourceNotReady",
+                f"The resource 'projects/{self.project}/{scope}/{collection}/{name}' is not ready",
+                "RESOURCE_NOT_READY",
+            )
+
     def _disks_delete(
         self, *, params: dict[str, str], failure: _Failure | None, **_: Any
     ) -> dict[str, Any]:
+        self._not_ready("disks", params["name"])
         disk = self._get_disk(params["name"])
         if disk.users:
             raise self._in_use(disk)
@@ -1711,6 +1828,7 @@ class GceFake:
     def _snapshots_delete(
         self, *, params: dict[str, str], failure: _Failure | None, **_: Any
     ) -> dict[str, Any]:
+        self._not_ready("snapshots", params["name"])
         snapshot = self._get_snapshot(params["name"])
 
         def then() -> None:
