@@ -6,7 +6,7 @@ import base64
 import enum
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ __all__ = [
     "Tags",
     "Temporary",
     "disk_layout",
+    "split_by_disk",
 ]
 
 _REGION_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -299,6 +300,41 @@ def disk_layout(disks: Iterable[Disk] | None, size: int, block_size: int) -> tup
     if end > size:
         raise ValueError(f"disk {layout[-1].name!r} ends at {end}, past the {size}-byte image")
     return layout
+
+
+def split_by_disk(
+    disks: Sequence[Disk], offset: int, data: bytes | bytearray | memoryview
+) -> list[tuple[int, int, memoryview]]:
+    """A write of ``data`` at image ``offset`` cut at the disks' bounds: ``(index of the
+    disk, offset in that disk, piece)`` for each disk it touches, in order. The bytes that
+    lie outside every disk (a gap between two disks, the padding after the last) must be
+    zeros, and are dropped; otherwise ValueError names the first offset of data outside the
+    disks, and nothing is returned: a restore sink refuses such a write whole, before it
+    writes any of it."""
+    view = memoryview(data).cast("B")
+    end = offset + len(view)
+    pieces: list[tuple[int, int, memoryview]] = []
+    at = offset
+    for index, disk in enumerate(disks):
+        if disk.end <= at:
+            continue
+        if disk.offset >= end:
+            break
+        if at < disk.offset:
+            _zeros_outside(view[at - offset : disk.offset - offset], at)
+            at = disk.offset
+        stop = min(end, disk.end)
+        pieces.append((index, at - disk.offset, view[at - offset : stop - offset]))
+        at = stop
+    if at < end:
+        _zeros_outside(view[at - offset :], at)
+    return pieces
+
+
+def _zeros_outside(piece: memoryview, at: int) -> None:
+    if bytes(piece).strip(b"\0"):
+        first = at + len(piece) - len(bytes(piece).lstrip(b"\0"))
+        raise ValueError(f"data at {first}, outside the image's disks")
 
 
 class FileKind(enum.StrEnum):

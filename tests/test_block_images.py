@@ -29,7 +29,7 @@ from regionvault.core.repository import Repository, _disks
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._restore_blocks import DiskFilesSink
 from regionvault.core.repository.copy.offer import CopyOffer, make_offer
-from regionvault.core.types import CaptureKind, Disk, LaunchSpec, disk_layout
+from regionvault.core.types import CaptureKind, Disk, LaunchSpec, disk_layout, split_by_disk
 from repository_support import SMALL, MemorySink, repo_for
 
 KiB = 1024
@@ -532,3 +532,24 @@ def test_one_disk_that_is_not_the_whole_image_restores_into_a_path_as_that_disk(
     repo.restore(point.id, out / "disk.img")
     assert (out / "disk.img").read_bytes() == data
     assert [p.name for p in out.iterdir()] == ["disk.img"]  # nothing staged stays
+
+
+def test_split_by_disk_cuts_a_write_at_the_disks_and_drops_zeros_between_them() -> None:
+    """The routing every provider's block sink uses: a write across two disks and the gap
+    between them becomes one piece per disk at its own offsets; zeros in the gap are
+    dropped; data in a gap or past the last disk refuses the write whole, naming where."""
+    disks = (Disk("os", 0, 8), Disk("data", 16, 8))
+    data = b"abcdefgh" + bytes(8) + b"ijklmnop"
+    pieces = split_by_disk(disks, 0, data)
+    assert [(i, at, bytes(p)) for i, at, p in pieces] == [(0, 0, b"abcdefgh"), (1, 0, b"ijklmnop")]
+    assert [(i, at, bytes(p)) for i, at, p in split_by_disk(disks, 4, data[4:12])] == [
+        (0, 4, b"efgh")
+    ]
+    assert [(i, at, bytes(p)) for i, at, p in split_by_disk(disks, 20, b"mnop")] == [
+        (1, 4, b"mnop")
+    ]
+    with pytest.raises(ValueError, match="data at 11, outside the image's disks"):
+        split_by_disk(disks, 0, b"abcdefgh" + b"\0\0\0x" + bytes(4) + b"ijklmnop")
+    with pytest.raises(ValueError, match="data at 25, outside the image's disks"):
+        split_by_disk(disks, 16, b"ijklmnop" + b"\0z")
+    assert split_by_disk(disks, 24, bytes(8)) == []  # zeros past the last disk: nothing

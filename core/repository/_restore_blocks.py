@@ -20,7 +20,7 @@ from regionvault.core.repository._disks import disk_file_names, off_disks
 from regionvault.core.repository._pipeline import Fetcher, Marker
 from regionvault.core.repository._restore_fs import TEMP_PREFIX
 from regionvault.core.repository._restore_writer import ParallelWriter, Reporter
-from regionvault.core.types import Disk
+from regionvault.core.types import Disk, split_by_disk
 
 __all__ = ["BlockRestorer", "DiskFilesSink", "check_sink_disks"]
 
@@ -248,15 +248,10 @@ class DiskFilesSink(BlockSink):
         self._zero = bytes(block_size)
 
     def write(self, offset: int, data: bytes) -> None:
-        end = offset + len(data)
-        view = memoryview(data)
-        for fd, disk in zip(self._fds, self.disks, strict=True):
-            lo, hi = max(offset, disk.offset), min(end, disk.end)
-            if lo >= hi:
-                continue
-            self._write_sparse(fd, lo - disk.offset, view[lo - offset : hi - offset])
         # a write past the last disk or between disks can only be padding (zeros): the
-        # restorer refused any extent that holds data there
+        # restorer refused any extent that holds data there, and split_by_disk checks again
+        for index, at, piece in split_by_disk(self.disks, offset, data):
+            self._write_sparse(self._fds[index], at, piece)
 
     def _write_sparse(self, fd: int, at: int, data: memoryview) -> None:
         """Write ``data`` at ``at`` (block-aligned), leaving zero blocks as holes."""

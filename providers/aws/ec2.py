@@ -42,6 +42,7 @@ from regionvault.core.types import (
     InstancePage,
     LaunchSpec,
     Tags,
+    split_by_disk,
 )
 from regionvault.providers.aws.errors import aws_error, error_code, error_message
 
@@ -1191,29 +1192,12 @@ class AwsBlockSink(BlockSink):
         # cut into pieces per disk and check what lies outside them (zeros that pad a
         # disk's last block, or the gap before the next) first: nothing is queued for a
         # write that is refused
-        pieces: list[tuple[int, int, memoryview]] = []
-        at = offset
-        for number, disk in enumerate(self.disks):
-            if disk.end <= at:
-                continue
-            if disk.offset >= end:
-                break
-            if at < disk.offset:
-                self._check_padding(view[at - offset : disk.offset - offset], at)
-                at = disk.offset
-            stop = min(end, disk.end)
-            pieces.append((number, at - disk.offset, view[at - offset : stop - offset]))
-            at = stop
-        if at < end:
-            self._check_padding(view[at - offset :], at)
+        try:
+            pieces = split_by_disk(self.disks, offset, view)
+        except ValueError as exc:
+            raise self._fail(f"restore of {self.spec.name!r}: {exc}") from None
         for number, disk_offset, piece in pieces:
             self._queue(number, disk_offset, piece)
-
-    def _check_padding(self, piece: memoryview, at: int) -> None:
-        if bytes(piece).strip(b"\0"):
-            raise self._fail(
-                f"restore of {self.spec.name!r}: data at {at}, outside the image's disks"
-            )
 
     def _queue(self, number: int, disk_offset: int, piece: memoryview) -> None:
         for start in range(0, len(piece), EBS_BLOCK_SIZE):

@@ -78,6 +78,7 @@ from regionvault.core.types import (
     LaunchSpec,
     Tags,
     disk_layout,
+    split_by_disk,
 )
 
 if TYPE_CHECKING:
@@ -1721,25 +1722,12 @@ class AzureBlockSink(BlockSink):
             )
         # every hole is checked before anything is queued: a refused write writes nothing
         # (a part queued first would race a later write of the same bytes)
-        routed: list[tuple[_UploadDisk, int, int]] = []
-        position = offset
-        for upload in self.uploads:
-            lo, hi = max(offset, upload.offset), min(end, upload.offset + upload.size)
-            if lo >= hi:
-                continue
-            self._check_hole(view, offset, position, lo)
-            routed.append((upload, lo, hi))
-            position = hi
-        self._check_hole(view, offset, position, end)
-        for upload, lo, hi in routed:
-            self._queue(upload, lo - upload.offset, view[lo - offset : hi - offset])
-
-    def _check_hole(self, view: memoryview, offset: int, start: int, end: int) -> None:
-        if start < end and bytes(view[start - offset : end - offset]).strip(b"\0"):
-            raise self.compute._fail(
-                f"restore of {self.spec.name!r}: data at {start}-{end} lies between the "
-                "image's disks"
-            )
+        try:
+            routed = split_by_disk(self.disks, offset, view)
+        except ValueError as exc:
+            raise self.compute._fail(f"restore of {self.spec.name!r}: {exc}") from None
+        for index, at, piece in routed:
+            self._queue(self.uploads[index], at, piece)
 
     def _queue(self, upload: _UploadDisk, local: int, view: memoryview) -> None:
         assert self._pool is not None

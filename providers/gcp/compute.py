@@ -82,6 +82,7 @@ from regionvault.core.types import (
     LaunchSpec,
     Tags,
     disk_layout,
+    split_by_disk,
 )
 from regionvault.providers.gcp.labels import (
     MAX_LABELS,
@@ -1825,38 +1826,25 @@ class GceBlockSink(BlockSink):
             raise self.compute._fail(
                 f"write of {len(view)} bytes at {offset} runs past the {self.size}-byte image"
             )
-        routed: list[tuple[_Target, int, int]] = []
-        position = offset
-        for target in self.targets:
-            lo, hi = max(offset, target.offset), min(end, target.offset + target.size)
-            if lo >= hi:
-                continue
-            self._check_hole(view, offset, position, lo)
-            routed.append((target, lo, hi))
-            position = hi
-        self._check_hole(view, offset, position, end)
-        for target, lo, hi in routed:
+        try:
+            routed = split_by_disk(self.disks, offset, view)
+        except ValueError as exc:
+            raise self.compute._fail(f"restore of {self.spec.name!r}: {exc}") from None
+        for index, at, piece in routed:
+            target = self.targets[index]
             assert target.fd is not None
-            piece = view[lo - offset : hi - offset]
             for start in range(0, len(piece), BLOCK_SIZE):
                 chunk = piece[start : start + BLOCK_SIZE]
                 if chunk == _ZERO_BLOCK[: len(chunk)]:
                     continue
                 try:
-                    _pwrite_all(target.fd, chunk, lo - target.offset + start)
+                    _pwrite_all(target.fd, chunk, at + start)
                 except OSError as exc:
                     raise self.compute._fail(
-                        f"cannot write {len(chunk)} bytes at {lo - target.offset + start} of "
+                        f"cannot write {len(chunk)} bytes at {at + start} of "
                         f"{target.path} (disk {target.disk}): {exc.strerror}"
                     ) from None
                 self.bytes_written += len(chunk)
-
-    def _check_hole(self, view: memoryview, offset: int, start: int, end: int) -> None:
-        if start < end and bytes(view[start - offset : end - offset]).strip(b"\0"):
-            raise self.compute._fail(
-                f"restore of {self.spec.name!r}: data at {start}-{end} lies between the "
-                "image's disks"
-            )
 
     def commit(self) -> None:
         """Flush every disk to its device and detach it from the worker: ready to launch."""

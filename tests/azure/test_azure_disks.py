@@ -413,7 +413,7 @@ def test_writes_are_routed_by_offset_and_holes_between_disks_stay_empty(world: A
     image = bytearray(_bytes(6 * MiB, 8))
     image[3 * MiB + 4096 : 4 * MiB] = bytes(MiB - 4096)  # the hole
     try:
-        with pytest.raises(ComputeError, match="between the image's disks"):
+        with pytest.raises(ComputeError, match="outside the image's disks"):
             sink.write(3 * MiB, b"\1" * BLOCK_SIZE * 2)
         with pytest.raises(ComputeError, match="runs past"):
             sink.write(6 * MiB, bytes(BLOCK_SIZE))
