@@ -7,12 +7,13 @@ manifests) lives in the core and works on any Vault + KeyService. See docs/inter
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
-from regionvault.core.errors import ObjectNotFound, UnsupportedOperation
+from regionvault.core.errors import KeyServiceError, ObjectNotFound, UnsupportedOperation
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
+    "PURPOSE_KEY",
     "BlockCapture",
     "BlockSink",
     "Capture",
@@ -48,9 +50,54 @@ __all__ = [
     "Service",
     "Transit",
     "Vault",
+    "context_bytes",
+    "purpose_context",
 ]
 
 EncryptionContext = Mapping[str, str]
+
+#: the encryption-context entry a cloud KeyService adds to say what a wrapped secret is for
+#: (a data key, a sealed secret), so that one can never be opened as the other
+PURPOSE_KEY = "regionvault:purpose"
+
+
+def purpose_context(
+    context: EncryptionContext, purpose: str, *, provider: str, region: str
+) -> dict[str, str]:
+    """``context`` checked (a mapping of non-empty string keys to string values, without
+    :data:`PURPOSE_KEY`) with ``PURPOSE_KEY: purpose`` added: what a KeyService binds a
+    wrap or a seal to. :class:`KeyServiceError` names a bad entry."""
+    if not isinstance(context, Mapping):
+        raise KeyServiceError(
+            f"encryption context must be a mapping, got {type(context).__name__}",
+            provider=provider,
+            region=region,
+        )
+    out: dict[str, str] = {}
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise KeyServiceError(
+                f"encryption context entry {key!r}={value!r}: keys and values must be strings",
+                provider=provider,
+                region=region,
+            )
+        if key == PURPOSE_KEY:
+            raise KeyServiceError(
+                f"encryption context key {PURPOSE_KEY!r} is reserved by the {provider} provider",
+                provider=provider,
+                region=region,
+            )
+        out[key] = value
+    out[PURPOSE_KEY] = purpose
+    return out
+
+
+def context_bytes(context: Mapping[str, str]) -> bytes:
+    """A context as canonical JSON (keys sorted, no spaces, UTF-8): the additional
+    authenticated data of a service that takes bytes rather than a context."""
+    return json.dumps(
+        dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
 
 
 class Service(abc.ABC):

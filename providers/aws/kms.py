@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError, RegionVaultError
-from regionvault.core.interfaces import KeyService, Sealer
+from regionvault.core.interfaces import (
+    PURPOSE_KEY,
+    KeyService,
+    Sealer,
+    purpose_context,
+)
 from regionvault.core.types import Capabilities, DataKey
 from regionvault.providers.aws.errors import aws_error, error_code, error_message
 
@@ -27,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["PURPOSE_KEY", "AwsKeyService", "AwsSealer"]
 
 #: reserved encryption-context key; callers' contexts may not use it
-PURPOSE_KEY = "regionvault:purpose"
 _DATA_KEY = "data-key"
 _SEAL = "seal"
 MAX_SECRET = 1024
@@ -48,25 +52,7 @@ _DENIED = frozenset(
 
 
 def _context(context: Mapping[str, str], purpose: str, region: str) -> dict[str, str]:
-    if not isinstance(context, Mapping):
-        raise KeyServiceError(
-            f"encryption context must be a mapping, got {type(context).__name__}", region=region
-        )
-    out: dict[str, str] = {}
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise KeyServiceError(
-                f"encryption context entry {key!r}={value!r}: keys and values must be strings",
-                region=region,
-            )
-        if key == PURPOSE_KEY:
-            raise KeyServiceError(
-                f"encryption context key {PURPOSE_KEY!r} is reserved by the aws provider",
-                region=region,
-            )
-        out[key] = value
-    out[PURPOSE_KEY] = purpose
-    return out
+    return purpose_context(context, purpose, provider="aws", region=region)
 
 
 class AwsSealer(Sealer):

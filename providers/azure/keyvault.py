@@ -31,7 +31,6 @@ no such key version and answers 404, or RSA fails and it answers 400).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -58,7 +57,13 @@ from regionvault.core.errors import (
     RegionVaultError,
     TransientError,
 )
-from regionvault.core.interfaces import KeyService, Sealer
+from regionvault.core.interfaces import (
+    PURPOSE_KEY,
+    KeyService,
+    Sealer,
+    context_bytes,
+    purpose_context,
+)
 from regionvault.core.types import Capabilities, DataKey
 from regionvault.providers.azure.identity import CredentialSettings, CredentialSource
 
@@ -78,7 +83,6 @@ __all__ = [
 
 MAGIC = b"RVAZK1"
 #: reserved encryption-context key; callers' contexts may not use it
-PURPOSE_KEY = "regionvault:purpose"
 _DATA_KEY = "data-key"
 _SEAL = "seal"
 MAX_SECRET = 1024
@@ -319,29 +323,7 @@ class KeyVaultSettings:
 
 
 def _context(context: Mapping[str, str], purpose: str, region: str) -> bytes:
-    if not isinstance(context, Mapping):
-        raise KeyServiceError(
-            f"encryption context must be a mapping, got {type(context).__name__}",
-            provider="azure",
-            region=region,
-        )
-    out: dict[str, str] = {}
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise KeyServiceError(
-                f"encryption context entry {key!r}={value!r}: keys and values must be strings",
-                provider="azure",
-                region=region,
-            )
-        if key == PURPOSE_KEY:
-            raise KeyServiceError(
-                f"encryption context key {PURPOSE_KEY!r} is reserved by the azure provider",
-                provider="azure",
-                region=region,
-            )
-        out[key] = value
-    out[PURPOSE_KEY] = purpose
-    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return context_bytes(purpose_context(context, purpose, provider="azure", region=region))
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,6 @@ runs in the channel's metadata plugin, whose failure would reach us as UNAVAILAB
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -77,7 +76,13 @@ from regionvault.core.errors import (
     RegionVaultError,
     TransientError,
 )
-from regionvault.core.interfaces import KeyService, Sealer
+from regionvault.core.interfaces import (
+    PURPOSE_KEY,
+    KeyService,
+    Sealer,
+    context_bytes,
+    purpose_context,
+)
 from regionvault.core.types import Capabilities, DataKey
 
 if TYPE_CHECKING:
@@ -99,7 +104,6 @@ __all__ = [
 DATA_KEY_MAGIC = b"RVGK1"
 SEAL_MAGIC = b"RVGS1"
 #: reserved encryption-context key; callers' contexts may not use it
-PURPOSE_KEY = "regionvault:purpose"
 _DATA_KEY = "data-key"
 _SEAL = "seal"
 MAX_SECRET = 1024
@@ -303,29 +307,7 @@ class _Kms:
 
 
 def _context(context: Mapping[str, str], purpose: str, region: str) -> bytes:
-    if not isinstance(context, Mapping):
-        raise KeyServiceError(
-            f"encryption context must be a mapping, got {type(context).__name__}",
-            provider="gcp",
-            region=region,
-        )
-    out: dict[str, str] = {}
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise KeyServiceError(
-                f"encryption context entry {key!r}={value!r}: keys and values must be strings",
-                provider="gcp",
-                region=region,
-            )
-        if key == PURPOSE_KEY:
-            raise KeyServiceError(
-                f"encryption context key {PURPOSE_KEY!r} is reserved by the gcp provider",
-                provider="gcp",
-                region=region,
-            )
-        out[key] = value
-    out[PURPOSE_KEY] = purpose
-    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return context_bytes(purpose_context(context, purpose, provider="gcp", region=region))
 
 
 def _secret(secret: bytes, region: str) -> bytes:
