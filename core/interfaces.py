@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
-from regionvault.core.errors import KeyServiceError, ObjectNotFound, UnsupportedOperation
+from regionvault.core.errors import (
+    KeyServiceError,
+    ObjectExists,
+    ObjectNotFound,
+    UnsupportedOperation,
+    VaultError,
+)
 from regionvault.core.types import (
     Capabilities,
     CaptureIssue,
@@ -51,6 +58,7 @@ __all__ = [
     "Transit",
     "Vault",
     "context_bytes",
+    "establish_vault_id",
     "purpose_context",
 ]
 
@@ -90,6 +98,31 @@ def purpose_context(
         out[key] = value
     out[PURPOSE_KEY] = purpose
     return out
+
+
+def establish_vault_id(
+    read: Callable[[], bytes],
+    create: Callable[[bytes], object],
+    *,
+    provider: str,
+    region: str,
+) -> str:
+    """A vault's :attr:`Vault.vault_id`, kept in the vault itself so that every process and
+    every later run sees the same one: ``read()`` it (``ObjectNotFound`` when absent), else
+    make ``<provider>-<random hex>`` and ``create`` it if-absent (``ObjectExists``: another
+    process made one between the read and the create, whose id is then read)."""
+    for _attempt in range(3):
+        try:
+            return read().decode("ascii").strip()
+        except ObjectNotFound:
+            pass
+        made = f"{provider}-{uuid.uuid4().hex}"
+        try:
+            create(made.encode("ascii"))
+            return made
+        except ObjectExists:
+            continue  # another process made it between our read and create: read theirs
+    raise VaultError("cannot establish the vault id", provider=provider, region=region)
 
 
 def context_bytes(context: Mapping[str, str]) -> bytes:

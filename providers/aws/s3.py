@@ -19,7 +19,6 @@ import builtins
 import contextlib
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -35,7 +34,7 @@ from regionvault.core.errors import (
     TransitError,
     VaultError,
 )
-from regionvault.core.interfaces import Transit, Vault
+from regionvault.core.interfaces import Transit, Vault, establish_vault_id
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode, Temporary
@@ -528,18 +527,12 @@ class AwsVault(Vault):
     def _load_vault_id(self) -> str:
         s3 = self._ready()
         key = f"{RESERVED_PREFIX}{self.prefix}vault-id"
-        for _attempt in range(3):
-            try:
-                return s3.get(key, key).decode("ascii").strip()
-            except ObjectNotFound:
-                pass
-            made = f"aws-{uuid.uuid4().hex}"
-            try:
-                s3.put(key, made.encode("ascii"), if_absent=True)
-                return made
-            except ObjectExists:
-                continue  # another process made it between our get and put: read theirs
-        raise VaultError("cannot establish the vault id", provider="aws", region=self.region)
+        return establish_vault_id(
+            lambda: s3.get(key, key),
+            lambda made: s3.put(key, made, if_absent=True),
+            provider="aws",
+            region=self.region,
+        )
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
         key = self._key(name)

@@ -44,7 +44,7 @@ from regionvault.core.errors import (
     RetentionLocked,
     VaultError,
 )
-from regionvault.core.interfaces import Vault
+from regionvault.core.interfaces import Vault, establish_vault_id
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
@@ -377,18 +377,12 @@ class AzureVault(Vault):
     def _load_vault_id(self) -> str:
         blobs = self._ready()
         key = f"{RESERVED_PREFIX}{self.prefix}vault-id"
-        for _attempt in range(3):
-            try:
-                return blobs.get(key, key).decode("ascii").strip()
-            except ObjectNotFound:
-                pass
-            made = f"azure-{uuid.uuid4().hex}"
-            try:
-                blobs.put(key, key, made.encode("ascii"), if_absent=True)
-                return made
-            except ObjectExists:
-                continue  # another process made it between our get and put: read theirs
-        raise VaultError("cannot establish the vault id", provider="azure", region=self.region)
+        return establish_vault_id(
+            lambda: blobs.get(key, key),
+            lambda made: blobs.put(key, key, made, if_absent=True),
+            provider="azure",
+            region=self.region,
+        )
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
         key = self._key(name)

@@ -37,7 +37,6 @@ import contextlib
 import enum
 import io
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,7 @@ from regionvault.core.errors import (
     TransientError,
     VaultError,
 )
-from regionvault.core.interfaces import Vault
+from regionvault.core.interfaces import Vault, establish_vault_id
 from regionvault.core.names import name_problem, prefix_problem
 from regionvault.core.retention import Protection
 from regionvault.core.types import Capabilities, ObjectInfo, RetentionMode
@@ -520,18 +519,12 @@ class GcsVault(Vault):
     def _load_vault_id(self) -> str:
         bucket = self._ready()
         key = f"{RESERVED_PREFIX}{self.prefix}vault-id"
-        for _attempt in range(3):
-            try:
-                return bucket.get(key, key).decode("ascii").strip()
-            except ObjectNotFound:
-                pass
-            made = f"gcp-{uuid.uuid4().hex}"
-            try:
-                bucket.put(key, key, made.encode("ascii"), if_absent=True)
-                return made
-            except ObjectExists:
-                continue  # another process made it between our get and put: read theirs
-        raise self._error("cannot establish the vault id")
+        return establish_vault_id(
+            lambda: bucket.get(key, key),
+            lambda made: bucket.put(key, key, made, if_absent=True),
+            provider="gcp",
+            region=self.region,
+        )
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
         key = self._key(name)
