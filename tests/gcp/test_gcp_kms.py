@@ -44,7 +44,7 @@ from regionvault.core.conformance.keys import KeyServiceSuite
 from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError, TransientError
 from regionvault.core.interfaces import KeyService, Sealer
 from regionvault.providers.gcp.fakes.kms import KmsFake, crc32c
-from regionvault.providers.gcp.kms import DATA_KEY_MAGIC, SEAL_MAGIC, GcpKeyService
+from regionvault.providers.gcp.kms import DATA_KEY_MAGIC, SEAL_MAGIC, GcpKeyService, GcpSealer
 
 CTX = {"vault": "v-1", "kind": "pack", "name": "packs/00/abc"}
 _State = types.CryptoKeyVersion.CryptoKeyVersionState
@@ -701,3 +701,44 @@ def test_the_fake_lists_versions_by_state_in_pages(kms_world: KmsWorld) -> None:
                 request={"parent": kms_world.key_path(EAST), "filter": "algorithm=X"}
             )
         )
+
+
+@pytest.mark.parametrize("newest", [0, 1, 2, 3, 5, 8, 9, 31, 64, 100, 1000])
+@pytest.mark.parametrize("unusable", [(), ("newest",), ("newest", "below"), ("1",)])
+def test_the_sealers_search_over_version_numbers(
+    kms_world: KmsWorld, newest: int, unusable: tuple[str, ...]
+) -> None:
+    """The search alone, over keys of 0 to 1000 versions some of which are not ENABLED:
+    it names the newest ENABLED version in at most 2 log2(n) + 3 questions (plus one per
+    unusable version walked past), without asking about any version twice."""
+    disabled = set()
+    if "newest" in unusable:
+        disabled.add(newest)
+    if "below" in unusable:
+        disabled.add(newest - 1)
+    if "1" in unusable:
+        disabled.add(1)
+    asked: list[int] = []
+    answer = types.PublicKey(pem="-", algorithm=types.CryptoKeyVersion.CryptoKeyVersionAlgorithm(0))
+
+    class Probed(GcpSealer):
+        def _probe(self, number: int) -> types.PublicKey | bool:
+            asked.append(number)
+            if number > newest:
+                return False
+            return True if number in disabled else answer
+
+    sealer = kms_world.sealer(EAST)
+    probed = Probed(settings=sealer._settings, kms=sealer._kms)
+    expected = max((n for n in range(1, newest + 1) if n not in disabled), default=None)
+    if newest == 0:
+        assert probed._newest() is None
+    elif expected is None:
+        with pytest.raises(KeyServiceError, match="no ENABLED version"):
+            probed._newest()
+    else:
+        found = probed._newest()
+        assert found is not None and found[0] == str(expected)
+    assert len(asked) == len(set(asked)), asked
+    bound = 2 * max(1, newest).bit_length() + 3 + len(disabled)
+    assert len(asked) <= bound, (asked, bound)
