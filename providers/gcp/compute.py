@@ -272,6 +272,9 @@ def describe(exc: BaseException) -> str:
     """One line about a google-cloud-compute error: its HTTP status, reason and message."""
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         reason = getattr(exc, "reason", None)
+        first = exc.errors[0] if exc.errors else None
+        if not reason and isinstance(first, Mapping):
+            reason = first.get("reason")  # GCE's own (alreadyExists, conditionNotMet, ...)
         message = (str(exc.message or "").strip().splitlines() or [""])[0]
         # the SDK starts with the request ("POST http://.../setLabels?requestId=...: "):
         # the operation is named by the caller's message already
@@ -396,12 +399,15 @@ class GceCompute(Compute):
         assert self.settings.zone is not None
         return self.settings.zone
 
-    @property
-    def worker(self) -> str:
+    def need_worker(self) -> str:
         """The backup worker's name; ConfigError naming the key when it is not set."""
         self.settings.need(self.region_config, "compute's captures and restores", "worker_instance")
         assert self.settings.worker_instance is not None
         return self.settings.worker_instance
+
+    @property
+    def worker(self) -> str:
+        return self.need_worker()
 
     def _fail(self, message: str) -> ComputeError:
         return ComputeError(message, provider="gcp", region=self.region)
@@ -924,6 +930,10 @@ class GceCompute(Compute):
             operations = []
             for part in parts:
                 snapshot = compute_v1.Snapshot(name=part.snapshot, labels={CAPTURE_LABEL: name})
+                if self.settings.location:
+                    # kept in the region's own location, not GCE's default multi-region
+                    # (region A's data stays in region A)
+                    snapshot.storage_locations = [self.settings.location]
                 operations.append(
                     self._start(
                         f"{what}: cannot snapshot disk {part.source_disk}",
@@ -1046,7 +1056,7 @@ class GceCompute(Compute):
             raise self._fail(f"a block restore needs the image size in bytes, got {size!r}")
         self._labels_for(spec)
         self._machine_type_for(spec)
-        self.worker  # noqa: B018 (ConfigError naming the key, before anything is made)
+        self.need_worker()  # ConfigError naming the key, before anything is made
         return GceBlockSink(self, spec, size, disks)
 
     def _labels_for(self, spec: LaunchSpec) -> dict[str, str]:
@@ -1325,19 +1335,6 @@ class GceBlockCapture(BlockCapture):
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         for part in self.parts:
             yield from self._read(part, [(0, part.size)])
-
-    def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        for part in self.parts:
-            local = [
-                (
-                    max(start, part.offset) - part.offset,
-                    min(start + length, part.offset + part.size) - part.offset,
-                )
-                for start, length in spans
-                if start < part.offset + part.size and start + length > part.offset
-            ]
-            if local:
-                yield from self._read(part, local)
 
     def _read(self, part: _Part, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """Blocks holding data within the disk's ``[start, end)`` ranges (its own offsets),

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from regionvault.core.conformance.support import ConformanceSupport, tar_image
-from regionvault.core.types import Instance, RegionConfig, RegionId, ServiceConfig
+from regionvault.core.interfaces import BlockSink
+from regionvault.core.types import (
+    CaptureKind,
+    Instance,
+    LaunchSpec,
+    RegionConfig,
+    RegionId,
+    ServiceConfig,
+    Tags,
+)
 from regionvault.providers.gcp.compute import GceCompute
 from regionvault.providers.gcp.fakes.compute import GceFake
 from regionvault.providers.gcp.provider import GcpProvider
@@ -27,13 +36,13 @@ __all__ = [
     "WORKER",
     "ZONE",
     "GceWorld",
+    "LaunchingSupport",
     "SeedingSupport",
     "gce_world",
     "tar_image",
 ]
 
 PROJECT = "rv-test-project"
-LOCATION = "europe-west1"
 ZONE = "europe-west1-b"
 WORKER = "rv-worker"
 REGION = "gcp:east"
@@ -51,13 +60,8 @@ class GceWorld:
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """site.toml settings of the test region (``overrides`` win; None removes a key)."""
         settings: dict[str, Any] = {
-            "project": PROJECT,
-            "location": LOCATION,
-            "zone": ZONE,
-            "credentials": "anonymous",
-            "compute_endpoint": self.fake.endpoint,
-            "worker_instance": WORKER,
-            "device_dir": str(self.fake.device_dir),
+            # project, location, zone, no login, the endpoint, the worker and its devices
+            **self.fake.compute_settings(),
             "poll_interval": 0.01,
             "operation_timeout": 60,
             "timeout": 10,
@@ -166,3 +170,31 @@ class SeedingSupport(ConformanceSupport):
 
     def remove_instance(self, region: Any, instance: Instance) -> None:
         self.compute.terminate(instance.id)
+
+
+class LaunchingSupport(SeedingSupport):
+    """Test instances made through the API alone, as a conformance run whose fake is another
+    process must make them: a restore of the tar image into a blank disk through the backup
+    worker, then a launch from it (GceCompute's own open_restore_sink and launch)."""
+
+    def make_instance(
+        self,
+        region: Any,
+        name: str,
+        *,
+        data: Mapping[str, bytes],
+        tags: Mapping[str, str],
+        workdir: Path,
+    ) -> Instance:
+        image = tar_image(data)
+        spec = LaunchSpec(name=name, tags=Tags(tags))
+        sink = self.compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(image))
+        assert isinstance(sink, BlockSink)
+        try:
+            for offset in range(0, len(image), sink.block_size):
+                sink.write(offset, image[offset : offset + sink.block_size])
+            sink.commit()
+            return self.compute.launch(spec, sink)
+        except BaseException:
+            sink.discard()
+            raise

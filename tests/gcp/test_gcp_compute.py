@@ -11,13 +11,13 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
-from gce_world import WORKER, GceWorld, SeedingSupport, gce_world
+from gce_world import WORKER, GceWorld, LaunchingSupport, SeedingSupport, gce_world
 from regionvault.core.conformance import ComputeSuite
 from regionvault.core.conformance.fixtures import InstanceFactory, instance_factory
 from regionvault.core.errors import (
@@ -60,6 +60,20 @@ class TestGceComputeSuite(ComputeSuite):
     ) -> Iterator[InstanceFactory]:
         region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
         yield from instance_factory(SeedingSupport(gce, compute_a), region, tmp_path, uid)
+
+
+class TestGceComputeSuiteThroughTheApi(TestGceComputeSuite):
+    """The same, every test instance made through the API alone (a restore through the
+    worker, then a launch), as a conformance run against a fake in another process must."""
+
+    @pytest.fixture
+    def make_instance(
+        self, gce: GceWorld, compute_a: GceCompute, tmp_path: Path, uid: str
+    ) -> Iterator[InstanceFactory]:
+        region = cast(Region, SimpleNamespace(name=compute_a.region, compute=compute_a))
+        support = LaunchingSupport(gce, compute_a)
+        yield from instance_factory(support, region, tmp_path, uid)
+        assert gce.leftovers()["worker disks"] == []
 
 
 # --------------------------------------------------------------------------- labels
@@ -486,7 +500,7 @@ def test_a_launch_under_a_taken_name_leaves_that_instance_alone(gce: GceWorld) -
     sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
     assert isinstance(sink, GceBlockSink)
     _write_all(sink, b"q" * MiB)
-    with pytest.raises(ComputeError, match="HTTP 409") as refused:
+    with pytest.raises(ComputeError, match="HTTP 409 alreadyExists") as refused:
         compute.launch(spec, sink)
     assert "POST http" not in str(refused.value)  # the operation, not the request line
     sink.discard()
@@ -565,3 +579,22 @@ def test_a_device_that_does_not_appear_fails_naming_it_and_cleans_up(tmp_path: P
             "worker disks": [],
             "devices": [],
         }
+
+
+def test_snapshots_stay_in_the_regions_location(gce: GceWorld) -> None:
+    compute = gce.compute()
+    sent: list[dict[str, Any]] = []
+    real = compute.clients.disks.create_snapshot_unary
+
+    def recording(request: dict[str, Any], **kwargs: Any) -> Any:
+        sent.append(request)
+        return real(request=request, **kwargs)
+
+    compute.clients.disks.create_snapshot_unary = recording  # type: ignore[method-assign]
+    vm = gce.seed("vcu-22", disks=[b"d" * 4096])
+    with compute.capture(vm):
+        pass
+    (request,) = sent
+    location = compute.settings.location
+    assert location and list(request["snapshot_resource"].storage_locations) == [location]
+    assert request["snapshot_resource"].labels["regionvault-capture"] == vm
