@@ -350,7 +350,7 @@ class GcsVault(Vault):
         assert settings.bucket is not None
         self.bucket_name = settings.bucket
         self.prefix = settings.prefix
-        self._settings = settings
+        self.settings = settings
         self._client = storage_client(settings, credentials, metrics=metrics, adapter=adapter)
         self._bucket = GcsBucket(
             client=self._client,
@@ -366,7 +366,7 @@ class GcsVault(Vault):
 
     def _ready(self) -> GcsBucket:
         self._bucket.ensure(
-            create=self._settings.create, object_retention=self._settings.object_retention
+            create=self.settings.create, object_retention=self.settings.object_retention
         )
         return self._bucket
 
@@ -430,7 +430,7 @@ class GcsVault(Vault):
         if not isinstance(data, bytes | bytearray | memoryview):
             raise self._error(f"put {name!r}: data must be bytes, got {type(data).__name__}")
         bucket = self._ready()
-        if self._settings.object_retention and not if_absent:
+        if self.settings.object_retention and not if_absent:
             # the framework promises that a locked object is not replaced either
             with contextlib.suppress(ObjectNotFound):
                 why = refusal(_info(name, bucket.head(key, name)), bypass_governance=False)
@@ -473,7 +473,7 @@ class GcsVault(Vault):
         first (``overrideUnlockedRetention``), as Cloud Storage deletes nothing under one."""
         key = self._key(name)
         bucket = self._ready()
-        if not self._settings.object_retention:
+        if not self.settings.object_retention:
             bucket.delete(key, name)
             return
         try:
@@ -494,7 +494,7 @@ class GcsVault(Vault):
         bucket.delete(key, name)
 
     def _locking(self, operation: str) -> GcsBucket:
-        if not self._settings.object_retention:
+        if not self.settings.object_retention:
             raise self.unsupported(f"{operation} (set object_retention = true for this region)")
         return self._ready()
 

@@ -61,7 +61,8 @@ class GcsTransit(Transit):
         assert settings.inbox_bucket is not None
         self.bucket_name = settings.inbox_bucket
         self.prefix = f"{source.id.provider}/{source.id.name}/"
-        self._settings = settings
+        #: the destination's settings
+        self.settings = settings
         self._client = storage_client(settings, credentials, metrics=metrics, adapter=adapter)
         self._inbox = GcsBucket(
             client=self._client,
@@ -74,7 +75,7 @@ class GcsTransit(Transit):
         self._sent_lock = threading.Lock()
 
     def _ready(self) -> GcsBucket:
-        self._inbox.ensure(create=self._settings.create)
+        self._inbox.ensure(create=self.settings.create)
         return self._inbox
 
     def _key(self, name: str) -> str:
