@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from regionvault.core.errors import ConfigError
 
 __all__ = [
@@ -184,3 +185,16 @@ class LiveSettings:
         if region.subnetwork:
             settings["subnetwork"] = region.subnetwork
         return settings
+
+    def site_text(self, *, tag: str, name: str = "conformance-gcp-live") -> str:
+        """The site.toml of a live run: regions ``gcp:east`` (A) and ``gcp:west`` (B) from
+        the environment, this run's objects under ``rv-<tag>/``, east replicating to west."""
+        site = {
+            "site": {"name": name},
+            "regions": {
+                region: self.region_settings(letter, tag=tag)
+                for letter, region in LIVE_REGIONS.items()
+            },
+            "replication": [{"from": LIVE_REGIONS["A"], "to": LIVE_REGIONS["B"]}],
+        }
+        return tomli_w.dumps(site)

@@ -3,12 +3,13 @@
 One backup-like round trip drives a GcpProvider's services with the unmodified Google
 clients against the offline stack (gcp-storage-emulator, the Cloud KMS gRPC fake, the
 Compute Engine REST fake): region gcp:east wraps and unwraps a data key on its KMS key
-(which gcp:west's key ring refuses), stores an object encrypted under it in its bucket and reads it back (whole and a range),
-seals a secret for gcp:west with west's public key only, sends it through west's inbox,
-where west lists, receives, unseals and discards it; east lists its labelled instances with
-a server-side label filter and captures one (snapshot, a disk made from it attached to the
-worker, read through the device, then every snapshot and temporary disk removed: the
-long-running operations polled through operation clients of the same endpoint).
+(which gcp:west's key ring refuses), stores an object encrypted under it in its bucket and
+reads it back (whole and a range), seals a secret for gcp:west with west's public key only,
+sends it through west's inbox, where west lists, receives, unseals and discards it; east
+lists its labelled instances with a server-side label filter and captures one (snapshot, a
+disk made from it attached to the worker, read through the device, then every snapshot and
+temporary disk removed: the long-running operations polled through operation clients of
+the same endpoint).
 
 It runs twice (and a third test shows the guards catch what they are for):
 

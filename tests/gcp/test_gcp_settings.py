@@ -544,16 +544,14 @@ def test_a_live_environment_gives_a_site_every_gcp_service_accepts(tmp_path: Pat
             "REGIONVAULT_GCP_OBJECT_RETENTION": "1",
         }
     )
-    lines = []
-    for letter, name in (("A", "gcp:east"), ("B", "gcp:west")):
-        lines.append(f'[regions."{name}"]')
-        for key, value in live.region_settings(letter, tag="run1").items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    lines.append('[[replication]]\nfrom = "gcp:east"\nto = "gcp:west"')
     path = tmp_path / "site.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(live.site_text(tag="run1"), encoding="utf-8")
     pm = make_plugin_manager(load_entry_points=False, plugins=[gcp_plugin])
     config = load_site(path, registry=registry_from(pm))  # every region validated
+    assert config.name == "conformance-gcp-live"
+    assert [(str(r.source), [str(d) for d in r.destinations]) for r in config.replication] == [
+        ("gcp:east", ["gcp:west"])
+    ]
     east = GcpSettings.from_region(config.regions["gcp:east"])
     west = GcpSettings.from_region(config.regions["gcp:west"])
     assert (east.location, east.zone, west.location, west.zone) == (
