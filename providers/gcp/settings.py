@@ -147,7 +147,8 @@ class GcpSettings:
     poll_interval: float = 2.0
     #: seconds a Compute Engine operation may take before the job fails (transiently)
     operation_timeout: int = 1800
-    #: google-api-core's own retries of one call before it fails
+    #: retries of one call before it fails (google-api-core's, counted, for Cloud Storage;
+    #: the provider's own for Compute Engine and Cloud KMS, whose SDK retries are off)
     sdk_retries: int = 3
     #: seconds one request may take
     timeout: int = 120
@@ -259,7 +260,7 @@ class GcpSettings:
         kms_endpoint = string("kms_endpoint")
         if kms_endpoint is not None:
             host, sep, port = kms_endpoint.rpartition(":")
-            if not sep or not host or not port.isdigit():
+            if not sep or not host or not port.isdigit() or "/" in kms_endpoint:
                 raise region.error(
                     "kms_endpoint", f"{kms_endpoint!r} is not host:port (127.0.0.1:9443)"
                 )

@@ -74,6 +74,7 @@ BAD_SETTINGS: list[tuple[dict[str, Any], str, str]] = [
     ({"compute_endpoint": "127.0.0.1:8080"}, "compute_endpoint", "is not an endpoint URL"),
     ({"kms_endpoint": "127.0.0.1:grpc"}, "kms_endpoint", "is not host:port"),
     ({"kms_endpoint": "127.0.0.1"}, "kms_endpoint", "is not host:port"),
+    ({"kms_endpoint": "http://127.0.0.1:9"}, "kms_endpoint", "is not host:port"),
     ({"kms_plaintext": True}, "kms_plaintext", "only with a kms_endpoint on this machine"),
     (
         {"kms_endpoint": "kms.example.com:443", "kms_plaintext": True},
