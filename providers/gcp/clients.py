@@ -29,6 +29,7 @@ from google.cloud.storage import Client
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 from regionvault.core.errors import RegionVaultError, TransientError
+from regionvault.providers.gcp.failures import configuration_failure
 
 if TYPE_CHECKING:
     from regionvault.providers.gcp.metrics import GcpMetrics
@@ -266,7 +267,8 @@ def error_message(exc: BaseException) -> str:
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (from a storage call) may pass if the call is made again later."""
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
-        return not any("SSL" in type(c).__name__ for c in (exc, exc.__cause__, exc.__context__))
+        # no answer; but a TLS failure or a name that does not resolve fails every time
+        return not configuration_failure(exc)
     if isinstance(exc, api_exceptions.RetryError | DataCorruption | auth_exceptions.TransportError):
         # out of retries on transient answers; a transfer damaged on the way; no token
         return True

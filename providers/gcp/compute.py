@@ -84,6 +84,7 @@ from regionvault.core.types import (
     disk_layout,
     split_by_disk,
 )
+from regionvault.providers.gcp.failures import configuration_failure
 from regionvault.providers.gcp.labels import (
     MAX_LABELS,
     LabelError,
@@ -289,30 +290,6 @@ def _status(exc: BaseException) -> int | None:
     return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo and len(seen) < 32:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        todo.extend([item.__cause__, item.__context__, *item.args])
-
-
-def _configuration_failure(exc: BaseException) -> bool:
-    """A TLS failure or a host name without an address: each fails every time until the
-    site file changes, so neither is transient."""
-    for cause in _causes(exc):
-        name = type(cause).__name__
-        if "SSL" in name or "Certificate" in name or name == "NameResolutionError":
-            return True
-        if isinstance(cause, OSError) and "Name or service not known" in str(cause):
-            return True
-    return False
-
-
 def _reason(exc: BaseException) -> str | None:
     """GCE's reason of an HTTP error (rateLimitExceeded, alreadyExists, ...): the SDK's
     ``reason``, else that of the answer's first error."""
@@ -333,7 +310,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, api_exceptions.RetryError | auth_exceptions.TransportError):
         return True
     if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-        return not _configuration_failure(exc)
+        return not configuration_failure(exc)
     if isinstance(exc, api_exceptions.GoogleAPICallError):
         return _status(exc) in TRANSIENT_STATUSES or _reason(exc) in TRANSIENT_REASONS
     return False
@@ -366,7 +343,7 @@ def describe(exc: BaseException) -> str:
         text = "no answer in time from the Compute Engine API"
     elif isinstance(exc, requests.exceptions.ConnectionError):
         text = "no connection to the Compute Engine API"
-        if _configuration_failure(exc):
+        if configuration_failure(exc):
             text += " (TLS failure or a host name without an address: check compute_endpoint)"
     else:
         text = f"{type(exc).__name__}: {exc}"

@@ -136,3 +136,25 @@ def test_a_404_to_an_upload_chunk_is_the_session_not_the_bucket(gcs: GcsWorld) -
         with pytest.raises(VaultError, match="does not exist") as missing:
             vault.put("packs/other", os.urandom(size))
         assert not isinstance(missing.value, TransientError)
+
+
+def test_a_name_that_does_not_resolve_or_a_tls_failure_is_not_transient() -> None:
+    """Storage and compute agree: no answer may pass later, but a host name without an
+    address or a TLS failure fails every time until the site file changes."""
+    import requests
+    import urllib3
+    from regionvault.providers.gcp.clients import is_transient
+
+    def refused(cause: BaseException) -> requests.ConnectionError:
+        try:
+            raise requests.ConnectionError("no answer") from cause
+        except requests.ConnectionError as exc:
+            return exc
+
+    resolving = urllib3.exceptions.NameResolutionError(
+        "storage.example.invalid", None, OSError("Name or service not known")
+    )
+    assert not is_transient(refused(resolving))
+    assert not is_transient(refused(requests.exceptions.SSLError("certificate verify failed")))
+    assert is_transient(refused(ConnectionRefusedError(111, "Connection refused")))
+    assert is_transient(requests.Timeout("read timed out"))
