@@ -25,14 +25,14 @@ names it, and the unsealing token finds its private key by it.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
 import struct
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pkcs11
 from cryptography.exceptions import InvalidTag
@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.mechanisms import GCMParams
 from pkcs11 import exceptions as p11
+from pkcs11.mechanisms import GCMParams
 from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError
 from regionvault.core.interfaces import KeyService
 from regionvault.core.types import Capabilities, DataKey
@@ -112,6 +112,56 @@ def load_library(settings: Pkcs11Settings) -> Any:
         return lib
 
 
+class _SharedSession:
+    """The one logged-in session of a process on one token. PKCS#11 logins are per token and
+    application, not per session: a second ``C_Login`` fails (USER_ALREADY_LOGGED_IN) and
+    closing a session logs every session of the token out; so the KeyServices of a process
+    on one token share one session, closed when the last one closes. Calls on it are
+    serialised (``lock``)."""
+
+    _open: ClassVar[dict[tuple[str, str], _SharedSession]] = {}
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, key: tuple[str, str], session: Any) -> None:
+        self.key = key
+        self.session = session
+        self.lock = threading.RLock()
+        self.users = 0
+
+    @classmethod
+    def acquire(cls, token: Any, settings: Pkcs11Settings, region: str) -> _SharedSession:
+        key = (str(settings.module), settings.token_label)
+        with cls._guard:
+            shared = cls._open.get(key)
+            if shared is None:
+                try:
+                    session = token.open(user_pin=settings.pin(), rw=True)
+                except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
+                    raise KeyAccessDenied(
+                        f"token {settings.token_label!r} refused the PIN: {type(exc).__name__}",
+                        provider="pkcs11",
+                        region=region,
+                    ) from None
+                except p11.PKCS11Error as exc:
+                    raise KeyServiceError(
+                        f"cannot open token {settings.token_label!r}: {exc!r}",
+                        provider="pkcs11",
+                        region=region,
+                    ) from None
+                shared = cls._open[key] = _SharedSession(key, session)
+            shared.users += 1
+            return shared
+
+    def release(self) -> None:
+        with self._guard:
+            self.users -= 1
+            if self.users > 0:
+                return
+            del self._open[self.key]
+        with self.lock, contextlib.suppress(p11.PKCS11Error):
+            self.session.close()
+
+
 class Pkcs11KeyService(KeyService):
     """One region's keys in one token; one logged-in session, calls serialised."""
 
@@ -121,7 +171,7 @@ class Pkcs11KeyService(KeyService):
         super().__init__(provider="pkcs11", region=region, capabilities=capabilities)
         self.settings = settings
         self._lock = threading.RLock()
-        self._session: Any = None
+        self._shared: _SharedSession | None = None
         self._keys: dict[int, Any] = {}
         lib = load_library(settings)
         try:
@@ -141,25 +191,16 @@ class Pkcs11KeyService(KeyService):
     @contextmanager
     def _open(self) -> Iterator[Any]:
         with self._lock:
-            if self._session is None:
-                try:
-                    self._session = self._token.open(user_pin=self.settings.pin(), rw=True)
-                except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
-                    raise self._denied(
-                        f"token {self.settings.token_label!r} refused the PIN: {type(exc).__name__}"
-                    ) from None
-                except p11.PKCS11Error as exc:
-                    raise KeyServiceError(
-                        f"cannot open token {self.settings.token_label!r}: {exc!r}",
-                        provider="pkcs11",
-                        region=self.region,
-                    ) from None
-            yield self._session
+            if self._shared is None:
+                self._shared = _SharedSession.acquire(self._token, self.settings, self.region)
+            with self._shared.lock:
+                yield self._shared.session
 
     def _prefix_re(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.settings.key_label_prefix)}-([1-9][0-9]{{0,8}})$")
 
-    def _load(self, session: Any) -> None:
+    def _scan(self, session: Any) -> None:
+        """The token's versions of the wrapping key (another process may have rotated)."""
         pattern = self._prefix_re()
         for key in session.get_objects(
             {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES}
@@ -167,6 +208,9 @@ class Pkcs11KeyService(KeyService):
             match = pattern.match(key.label or "")
             if match:
                 self._keys[int(match.group(1))] = key
+
+    def _load(self, session: Any) -> None:
+        self._scan(session)
         if not self._keys:
             if not self.settings.create:
                 raise ConfigError(
@@ -280,7 +324,9 @@ class Pkcs11KeyService(KeyService):
             nonce = os.urandom(_NONCE)
             try:
                 sealed = key.encrypt(
-                    plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128)
+                    plaintext,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(nonce, aad, 128),
                 )
             except p11.PKCS11Error as exc:
                 raise KeyServiceError(
@@ -307,7 +353,9 @@ class Pkcs11KeyService(KeyService):
         if version is None or len(rest) != _NONCE + 32 + _TAG:
             raise self._denied("not a data key wrapped by a pkcs11 KeyService")
         aad = _aad(header, context, _DATA_KEY, self.region)
-        with self._open():
+        with self._open() as session:
+            if version not in self._keys:
+                self._scan(session)
             key = self._keys.get(version)
             if key is None:
                 raise self._denied(
@@ -355,7 +403,9 @@ class Pkcs11KeyService(KeyService):
                     mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
                 )
             except p11.PKCS11Error as exc:
-                raise self._denied(f"the seal key refused the envelope ({type(exc).__name__})") from None
+                raise self._denied(
+                    f"the seal key refused the envelope ({type(exc).__name__})"
+                ) from None
         aad = _aad(blob[: start + m], context, _SEAL, self.region)
         try:
             return AESGCM(bytes(inner)).decrypt(nonce, ciphertext, aad)
@@ -364,15 +414,13 @@ class Pkcs11KeyService(KeyService):
 
     def rotate(self) -> str:
         with self._open() as session:
+            self._scan(session)
             version = max(self._keys) + 1
             self._keys[version] = self._make_aes(session, version)
         return self.key_id
 
     def close(self) -> None:
         with self._lock:
-            session, self._session = self._session, None
-        if session is not None:
-            try:
-                session.close()
-            except p11.PKCS11Error:
-                pass
+            shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.release()

@@ -33,8 +33,10 @@ def public_key_id(public_key: rsa.RSAPublicKey) -> bytes:
 
 
 def _aad(header: bytes, context: Mapping[str, str], purpose: str, region: str) -> bytes:
-    return header + b"\0" + context_bytes(
-        purpose_context(context, purpose, provider="pkcs11", region=region)
+    return (
+        header
+        + b"\0"
+        + context_bytes(purpose_context(context, purpose, provider="pkcs11", region=region))
     )
 
 
@@ -59,7 +61,9 @@ class Pkcs11Sealer(Sealer):
 
     def seal(self, secret: bytes, context: Mapping[str, str]) -> bytes:
         if not isinstance(secret, bytes | bytearray | memoryview):
-            raise KeyServiceError("a sealed secret must be bytes", provider="pkcs11", region=self.region)
+            raise KeyServiceError(
+                "a sealed secret must be bytes", provider="pkcs11", region=self.region
+            )
         if len(secret) > MAX_SECRET:
             raise KeyServiceError(
                 f"secret of {len(secret)} bytes is over the {MAX_SECRET}-byte seal limit",
@@ -71,5 +75,3 @@ class Pkcs11Sealer(Sealer):
         nonce = os.urandom(_NONCE)
         aad = _aad(header, context, _SEAL, self.region)
         return header + nonce + AESGCM(inner).encrypt(nonce, bytes(secret), aad)
-
-

@@ -111,8 +111,17 @@ class SoftHsm:
         util = find_util()
         assert util is not None
         subprocess.run(
-            [str(util), "--init-token", "--free", "--label", label, "--so-pin", SO_PIN]
-            + ["--pin", pin],
+            [
+                str(util),
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                SO_PIN,
+                "--pin",
+                pin,
+            ],
             check=True,
             env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
             stdout=subprocess.DEVNULL,
