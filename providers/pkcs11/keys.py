@@ -81,10 +81,10 @@ _LIBRARIES_LOCK = threading.Lock()
 _CONF: list[str] = []
 
 
-def load_library(settings: Pkcs11Settings) -> Any:
+def load_library(settings: Pkcs11Settings) -> tuple[Any, str]:
     """The PKCS#11 module the settings name (SoftHSM's by default), loaded once a process.
     ``softhsm_conf`` becomes SOFTHSM2_CONF before the first load; SoftHSM reads it once, so
-    a process cannot use two different ones."""
+    a process cannot use two different ones. Returns the module and its resolved path."""
     from regionvault.providers.pkcs11.softhsm import find_module
 
     module = settings.module or find_module()
@@ -109,7 +109,7 @@ def load_library(settings: Pkcs11Settings) -> Any:
             except (RuntimeError, OSError, p11.PKCS11Error) as exc:
                 raise settings.error("module", f"cannot load {module}: {exc}") from None
             _LIBRARIES[str(module)] = lib
-        return lib
+        return lib, str(module.resolve())
 
 
 class _SharedSession:
@@ -129,8 +129,10 @@ class _SharedSession:
         self.users = 0
 
     @classmethod
-    def acquire(cls, token: Any, settings: Pkcs11Settings, region: str) -> _SharedSession:
-        key = (str(settings.module), settings.token_label)
+    def acquire(
+        cls, token: Any, module: str, settings: Pkcs11Settings, region: str
+    ) -> _SharedSession:
+        key = (module, settings.token_label)
         with cls._guard:
             shared = cls._open.get(key)
             if shared is None:
@@ -173,7 +175,7 @@ class Pkcs11KeyService(KeyService):
         self._lock = threading.RLock()
         self._shared: _SharedSession | None = None
         self._keys: dict[int, Any] = {}
-        lib = load_library(settings)
+        lib, self._module = load_library(settings)
         try:
             self._token = lib.get_token(token_label=settings.token_label)
         except (p11.NoSuchToken, p11.MultipleTokensReturned) as exc:
@@ -192,7 +194,9 @@ class Pkcs11KeyService(KeyService):
     def _open(self) -> Iterator[Any]:
         with self._lock:
             if self._shared is None:
-                self._shared = _SharedSession.acquire(self._token, self.settings, self.region)
+                self._shared = _SharedSession.acquire(
+                    self._token, self._module, self.settings, self.region
+                )
             with self._shared.lock:
                 yield self._shared.session
 
