@@ -12,6 +12,7 @@ import pytest
 from conftest import TOKENS, Hsm
 from regionvault.core.site import Site
 from regionvault.providers.pkcs11 import softhsm
+from regionvault.providers.pkcs11.__main__ import main as export_main
 from regionvault.providers.pkcs11.keys import Pkcs11KeyService
 from regionvault.providers.pkcs11.sealing import Pkcs11Sealer
 
@@ -66,6 +67,10 @@ root = "local"
 """,
         encoding="utf-8",
     )
+    # the operator's export of the public key, through the site (main of __main__.py)
+    out = tmp_path / "exported.pem"
+    assert export_main(["export-public-key", str(site_file), "pkcs11:edge", str(out)]) == 0
+    assert out.read_bytes() == pem.read_bytes()
     with Site.load(site_file) as site:
         region = site.region("pkcs11:edge")
         assert isinstance(region.keys, Pkcs11KeyService)
