@@ -70,8 +70,9 @@ class LibcloudSettings:
     driver: str
     #: the container (bucket) of the vault
     container: str | None = None
-    #: the vault's objects are ``prefix + name`` in the container
-    prefix: str = ""
+    #: the vault's objects are ``prefix + name`` in the container ("" allowed when the inbox
+    #: has a container of its own)
+    prefix: str = "vault/"
     #: the container of the transit inbox; the vault's container when not set
     inbox_container: str | None = None
     #: the inbox's payloads are ``inbox_prefix + <source provider>/<source name>/ + name``

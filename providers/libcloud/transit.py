@@ -43,6 +43,8 @@ class LibcloudTransit(Transit):
         settings.need(destination, "transit inbox", "container")
         assert settings.inbox is not None
         self.prefix = f"{settings.inbox_prefix}{source.id.provider}/{source.id.name}/"
+        if make_driver is None:
+            settings.credentials(destination)  # named now, not at the first request
         self._inbox = Store(
             make=make_driver or functools.partial(new_driver, settings, destination),
             container=settings.inbox,

@@ -47,6 +47,8 @@ class LibcloudVault(Vault):
         assert settings.container is not None
         self.settings = settings
         self.prefix = settings.prefix
+        if make_driver is None:
+            settings.credentials(region)  # named now, not at the first request
         self._store = Store(
             make=make_driver or functools.partial(new_driver, settings, region),
             container=settings.container,
