@@ -33,6 +33,10 @@ DRIVERS: dict[str, tuple[str, bool]] = {
     "azure_blobs": ("azure_blobs", True),
 }
 
+#: the largest single PUT each protocol takes: S3's 5 GiB; Azure's Put Blob at the API
+#: version libcloud speaks (2018-11-09), 256 MiB. An if-absent put is always one PUT.
+SINGLE_PUT_MOST = {"s3": 5 * 1024 * MiB, "azure_blobs": 256 * MiB}
+
 REQUIRED_SETTINGS: frozenset[str] = frozenset({"driver"})
 OPTIONAL_SETTINGS = frozenset(
     {
@@ -200,6 +204,10 @@ class LibcloudSettings:
                 if number < low:
                     raise bad(key, f"must be at least {low}")
                 values[key] = number
+        limit = values.get("single_put_limit")
+        most = SINGLE_PUT_MOST[DRIVERS[driver][0]]
+        if limit is not None and limit > most:
+            raise bad("single_put_limit", f"is at most {most} bytes with the {driver} driver")
         if driver in ("minio", "ceph") and "host" not in values:
             raise bad("host", f"missing (the {driver} driver reaches the store at a host)")
         settings = cls(**values)

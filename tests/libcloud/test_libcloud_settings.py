@@ -47,6 +47,11 @@ BASE: dict[str, Any] = {
         ({"secret_env": "1X"}, "secret_env", "environment variable"),
         ({"single_put_limit": 0}, "single_put_limit", "at least 1"),
         ({"timeout": "slow"}, "timeout", "whole number"),
+        (
+            {"driver": "azure_blobs", "single_put_limit": 300 << 20},
+            "single_put_limit",
+            "at most 268435456 bytes",
+        ),
         ({"driver": "minio"}, "host", "reaches the store at a host"),
         ({"driver": "ceph"}, "host", "reaches the store at a host"),
         ({"secret": "hunter2"}, "secret", ""),

@@ -17,6 +17,7 @@ from conftest import build_region
 from regionvault.core.errors import (
     ObjectExists,
     ObjectNotFound,
+    TransientError,
     UnsupportedOperation,
     VaultError,
 )
@@ -139,3 +140,15 @@ def test_a_missing_object_is_object_not_found(make_vault: Callable[..., Any]) ->
     with pytest.raises(ObjectNotFound):
         vault.get("nope", offset=5, length=5)
     vault.delete("nope")
+
+
+def test_a_store_down_is_transient_a_wrong_host_is_not(make_vault: Callable[..., Any]) -> None:
+    from regionvault.providers.libcloud.testing import free_port
+
+    down = make_vault(port=free_port(), timeout=5)
+    with pytest.raises(TransientError):
+        down.head("x")
+    wrong = make_vault(host="no-such-store.invalid", timeout=5)
+    with pytest.raises(VaultError, match="check host, port and secure") as raised:
+        wrong.head("x")
+    assert not isinstance(raised.value, TransientError)
