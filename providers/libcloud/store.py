@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -114,8 +115,10 @@ class Store:
         error: type[RegionVaultError],
     ) -> None:
         self._make = make
-        self._local = threading.local()
-        self._drivers: list[Any] = []
+        #: each live thread's driver; a finished thread's goes with it
+        self._drivers: weakref.WeakKeyDictionary[threading.Thread, Any] = (
+            weakref.WeakKeyDictionary()
+        )
         self.name = container
         self.settings = settings
         self.region = region
@@ -126,11 +129,12 @@ class Store:
 
     @property
     def driver(self) -> Any:
-        driver = getattr(self._local, "driver", None)
+        thread = threading.current_thread()
+        driver = self._drivers.get(thread)
         if driver is None:
-            driver = self._local.driver = self._make()
+            driver = self._make()
             with self._lock:
-                self._drivers.append(driver)
+                self._drivers[thread] = driver
         return driver
 
     # ------------------------------------------------------------------ errors
@@ -300,8 +304,8 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
-            drivers, self._drivers = self._drivers, []
-        self._local = threading.local()
+            drivers = list(self._drivers.values())
+            self._drivers.clear()
         for driver in drivers:
             connection = getattr(driver, "connection", None)
             session = getattr(getattr(connection, "connection", None), "session", None)

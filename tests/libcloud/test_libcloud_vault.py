@@ -7,6 +7,7 @@ inbox sits beside the vault without showing in its listings; the driver's errors
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Callable
@@ -76,9 +77,12 @@ def test_many_threads_put_and_read_with_their_own_signed_requests(
 ) -> None:
     vault = make_vault()
     errors: list[BaseException] = []
+    drivers: set[int] = set()
 
     def worker(i: int) -> None:
         try:
+            # libcloud's connection signs from the request it keeps on itself: one per thread
+            drivers.add(id(vault._store.driver))
             for j in range(5):
                 name = f"t/{i:02d}/{j}"
                 vault.put(name, name.encode() * 100)
@@ -92,6 +96,10 @@ def test_many_threads_put_and_read_with_their_own_signed_requests(
     for t in threads:
         t.join(60)
     assert errors == []
+    assert len(drivers) == 8, "threads shared a libcloud driver"
+    del threads
+    gc.collect()
+    assert len(vault._store._drivers) <= 1, "finished threads' drivers were kept"
     assert len(list(vault.list("t/"))) == 40
 
 
