@@ -22,7 +22,7 @@ import ssl
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -83,12 +83,13 @@ class _Refused(Exception):
 
 
 #: libcloud's S3 and Azure responses raise LibcloudError with the status only in the text
-_STATUS_TEXT = re.compile(r"Status code: (\d{3})\b")
+_STATUS_TEXT = re.compile(r"status[ _]code[:=] ?(\d{3})\b", re.IGNORECASE)
 
 
 def _status(exc: BaseException) -> int | None:
     """The HTTP status of a failed request: BaseHTTPError's code, else the one the text of
-    libcloud's S3 and Azure errors carries ("Unknown error. Status code: 412")."""
+    libcloud's S3 and Azure errors carries ("Unknown error. Status code: 412",
+    "Error in multipart abort. status_code=404")."""
     code = getattr(exc, "code", None)
     if isinstance(code, int):
         return code
@@ -302,6 +303,40 @@ class Store:
         except ObjectDoesNotExistError:
             return
 
+    # ------------------------------------------------------------------ leftovers
+
+    def unfinished(self, prefix: str, older_than: timedelta) -> Iterator[tuple[str, str, datetime]]:
+        """(key, upload id, started) of S3 multipart uploads under ``prefix`` started more
+        than ``older_than`` ago: what a killed streamed upload leaves. Azure's uncommitted
+        blocks cannot be listed without their blob (and expire after a week): none."""
+        if self.settings.libcloud_driver != "s3":
+            return
+        container = self.container()
+        cutoff = datetime.now(UTC) - older_than
+        uploads = self._call(
+            "listing unfinished uploads",
+            lambda: self.driver.ex_iterate_multipart_uploads(container, prefix=prefix or None),
+        )
+        while True:
+            try:
+                upload = self._call("listing unfinished uploads", lambda: next(uploads))
+            except StopIteration:
+                return
+            started = _parse_time(upload.created_at)
+            if started is not None and started <= cutoff:
+                yield str(upload.key), str(upload.id), started
+
+    def abort(self, key: str, upload_id: str) -> None:
+        container = self.container()
+        try:
+            self._call(
+                f"aborting the upload of {key!r}",
+                lambda: self.driver._abort_multipart(container, key, upload_id),
+            )
+        except self.error as exc:
+            if _status(exc.__cause__ or exc) != 404:
+                raise
+
     def close(self) -> None:
         with self._lock:
             drivers = list(self._drivers.values())
@@ -338,6 +373,19 @@ def _configuration(exc: BaseException) -> bool:
         if "Name or service not known" in str(cause):
             return True
     return False
+
+
+def _parse_time(text: object) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _modified(obj: Object) -> datetime:

@@ -7,21 +7,24 @@ storage API has neither), so this vault declares neither: ``set_retention`` and
 ``set_legal_hold`` raise UnsupportedOperation.
 
 A streamed upload that a killed writer left unfinished (an S3 multipart upload, Azure
-uncommitted blocks) is no object: it is never listed or read. The store's own lifecycle
-rules remove it (S3 ``AbortIncompleteMultipartUpload``; Azure drops uncommitted blocks after
-a week); this vault reports no stale temporaries.
+uncommitted blocks) is no object: it is never listed or read. On S3 (and MinIO, Ceph) the
+vault reports the multipart uploads under its prefix older than the engine's lock expiry as
+stale temporaries, for ``verify --repair`` and ``prune`` to abort; Azure's uncommitted
+blocks cannot be listed without their blob and expire after a week.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import VaultError
 from regionvault.core.interfaces import Vault, establish_vault_id
 from regionvault.core.names import name_problem
-from regionvault.core.types import ObjectInfo
+from regionvault.core.types import ObjectInfo, Temporary
 from regionvault.providers.libcloud.store import Store, new_driver
 
 if TYPE_CHECKING:
@@ -105,6 +108,21 @@ class LibcloudVault(Vault):
 
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
         self._store.delete(self._key(name), name)
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        cut = len(self.prefix)
+        for key, upload_id, started in self._store.unfinished(self.prefix, older_than):
+            yield Temporary(
+                handle=json.dumps([key, upload_id]),
+                name=key[cut:],
+                size=None,
+                modified=started,
+                reason=f"an unfinished multipart upload started over {older_than} ago",
+            )
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        key, upload_id = json.loads(temporary.handle)
+        self._store.abort(key, upload_id)
 
     def close(self) -> None:
         self._store.close()
