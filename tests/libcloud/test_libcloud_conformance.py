@@ -51,9 +51,11 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _check(run_text_site: Path, run: object) -> None:
-    sites = {path.resolve() for path in run_text_site.glob("*/site.toml")}
-    assert len(sites) == 1, f"not one test site under {run_text_site}: {sites}"
+def _check_site(basetemp: Path) -> None:
+    """The run's one site composed the libcloud vaults with the local keys and compute, and
+    named its credentials by variable only."""
+    sites = {path.resolve() for path in basetemp.glob("*/site.toml")}
+    assert len(sites) == 1, f"not one test site under {basetemp}: {sites}"
     site = sites.pop().read_text(encoding="utf-8")
     assert site.count('provider = "local"') == 4, "keys and compute are not the local provider's"
     assert site.count('key_env = "') == 2 and "secret =" not in site
@@ -73,7 +75,7 @@ def _run(tmp_path: Path, extra: dict[str, str]) -> None:
     skipped = run.skipped_saying(NOT_DECLARED)
     assert any("worm_lock" in line for line in skipped), run.tail
     assert any("legal_hold" in line for line in skipped), run.tail
-    _check(run.basetemp, run)
+    _check_site(run.basetemp)
 
 
 @pytest.mark.slow

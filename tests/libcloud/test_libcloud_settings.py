@@ -146,3 +146,24 @@ except RegionVaultError as exc:
         env={"K": "k", "S": "s", "PATH": "/usr/bin"},
     )
     assert "pip install 'regionvault[edge]'" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_docs_example_is_a_valid_composed_region() -> None:
+    import tomllib
+
+    from regionvault.core.config import parse_site
+    from regionvault.core.plugins import make_plugin_manager, registry_from
+    from regionvault.providers.libcloud import plugin
+    from regionvault.providers.local import plugin as local_plugin
+
+    block = re.search(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    assert block is not None
+    registry = registry_from(
+        make_plugin_manager(load_entry_points=False, plugins=[plugin, local_plugin])
+    )
+    site = parse_site(tomllib.loads(block.group(1)), registry=registry, source="edge-vault.md")
+    region = site.region("edge-a")
+    assert region.services["vault"].provider == "libcloud"
+    assert region.services["keys"].provider == "local"
+    settings = registry.get("libcloud").settings(region.for_service("vault"))
+    assert (settings.driver, settings.host, settings.port) == ("minio", "minio.edge-a.lan", 9000)
