@@ -1,0 +1,169 @@
+"""The libcloud provider's settings and services, checked without a store: every bad setting
+is an error naming its key; the credentials come only from the environment variables the
+settings name (a secret in site.toml is an unknown key); the services it does not offer raise
+UnsupportedOperation naming the provider and the service; the provider registers and
+validates with apache-libcloud blocked; docs/edge-vault.md documents every key."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import build_region
+from regionvault.core.errors import ConfigError, UnsupportedOperation
+from regionvault.providers.libcloud.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "edge-vault.md"
+BASE: dict[str, Any] = {
+    "driver": "s3",
+    "container": "rv-edge",
+    "key_env": "RV_KEY",
+    "secret_env": "RV_SECRET",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "says"),
+    [
+        ({"driver": "ftp"}, "driver", "must be one of s3, minio, ceph, azure_blobs"),
+        ({"container": "Bad_Bucket"}, "container", "not a valid s3 container name"),
+        ({"driver": "azure_blobs", "container": "a.b"}, "container", "azure_blobs container"),
+        ({"inbox_container": "x"}, "inbox_container", "not a valid"),
+        ({"prefix": "vault"}, "prefix", "must end with '/'"),
+        ({"inbox_prefix": "/in/"}, "inbox_prefix", "must end with '/'"),
+        ({"prefix": "a/", "inbox_prefix": "a/b/"}, "inbox_prefix", "overlap"),
+        ({"host": "http://minio:9000"}, "host", "not a URL"),
+        ({"port": 70000}, "port", "not a port number"),
+        ({"port": True}, "port", "must be a port number"),
+        ({"secure": "no"}, "secure", "true or false"),
+        ({"create": 1}, "create", "true or false"),
+        ({"conditional_put": "yes"}, "conditional_put", "true or false"),
+        ({"s3_region": 3}, "s3_region", "a string"),
+        ({"key_env": "my key"}, "key_env", "environment variable"),
+        ({"secret_env": "1X"}, "secret_env", "environment variable"),
+        ({"single_put_limit": 0}, "single_put_limit", "at least 1"),
+        ({"timeout": "slow"}, "timeout", "whole number"),
+        (
+            {"driver": "azure_blobs", "single_put_limit": 300 << 20},
+            "single_put_limit",
+            "at most 268435456 bytes",
+        ),
+        ({"driver": "minio"}, "host", "reaches the store at a host"),
+        ({"driver": "ceph"}, "host", "reaches the store at a host"),
+        ({"secret": "hunter2"}, "secret", ""),
+        ({"key": "AKIA"}, "key", ""),
+    ],
+)
+def test_a_bad_setting_names_its_key(change: dict[str, Any], key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as bad:
+        build_region({**BASE, **change})
+    assert f'regions."libcloud:edge".{key}' in str(bad.value)
+    assert says in str(bad.value)
+
+
+def test_every_key_is_checked_and_documented() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", text, re.M))
+    assert documented == REQUIRED_SETTINGS | OPTIONAL_SETTINGS
+
+
+def test_conditional_puts_follow_the_driver_unless_set() -> None:
+    for driver, host, claimed in (("s3", None, True), ("minio", "m", True), ("ceph", "c", False)):
+        settings: dict[str, Any] = {**BASE, "driver": driver}
+        if host:
+            settings["host"] = host
+        provider, region = build_region(settings)
+        assert provider.settings(region.for_service("vault")).conditional_put is claimed
+    provider, region = build_region(
+        {**BASE, "driver": "ceph", "host": "c", "conditional_put": True}
+    )
+    assert provider.settings(region.for_service("vault")).conditional_put is True
+
+
+def test_credentials_come_from_the_named_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    provider, region = build_region(BASE)
+    view = region.for_service("vault")
+    monkeypatch.delenv("RV_KEY", raising=False)
+    with pytest.raises(ConfigError, match="RV_KEY it names is not set") as bad:
+        provider.vault(view)
+    assert 'regions."libcloud:edge".key_env' in str(bad.value)
+    monkeypatch.setenv("RV_KEY", "k")
+    monkeypatch.setenv("RV_SECRET", "s")
+    assert provider.settings(view).credentials(view) == ("k", "s")
+
+
+def test_a_vault_needs_a_container() -> None:
+    provider, region = build_region({k: v for k, v in BASE.items() if k != "container"})
+    with pytest.raises(ConfigError, match="needs container for the vault"):
+        provider.vault(region.for_service("vault"))
+
+
+def test_the_services_it_does_not_offer_name_provider_and_service() -> None:
+    provider, region = build_region(BASE)
+    for call, service in (
+        (provider.compute, "compute"),
+        (provider.key_service, "keys"),
+        (provider.sealer, "sealer"),
+    ):
+        with pytest.raises(UnsupportedOperation) as refused:
+            call(region)
+        text = str(refused.value)
+        assert "libcloud" in text and f"the {service}" in text, text
+    assert provider.capabilities.worm_lock is False
+    assert provider.capabilities.legal_hold is False
+
+
+def test_registers_and_validates_without_apache_libcloud() -> None:
+    script = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "libcloud" or name.startswith("libcloud."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from regionvault.core.config import parse_site
+from regionvault.core.errors import RegionVaultError
+from regionvault.core.plugins import make_plugin_manager, registry_from
+from regionvault.providers.libcloud import plugin
+registry = registry_from(make_plugin_manager(load_entry_points=False, plugins=[plugin]))
+site = parse_site({"regions": {"libcloud:e": {"driver": "s3", "container": "rv-e",
+    "key_env": "K", "secret_env": "S"}}}, registry=registry, source="site.toml")
+region = site.region("e")
+try:
+    registry.get("libcloud").vault(region.for_service("vault"))
+except RegionVaultError as exc:
+    print(exc)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"K": "k", "S": "s", "PATH": "/usr/bin"},
+    )
+    assert "pip install 'regionvault[edge]'" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_docs_example_is_a_valid_composed_region() -> None:
+    import tomllib
+
+    from regionvault.core.config import parse_site
+    from regionvault.core.plugins import make_plugin_manager, registry_from
+    from regionvault.providers.libcloud import plugin
+    from regionvault.providers.local import plugin as local_plugin
+
+    block = re.search(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    assert block is not None
+    registry = registry_from(
+        make_plugin_manager(load_entry_points=False, plugins=[plugin, local_plugin])
+    )
+    site = parse_site(tomllib.loads(block.group(1)), registry=registry, source="edge-vault.md")
+    region = site.region("edge-a")
+    assert region.services["vault"].provider == "libcloud"
+    assert region.services["keys"].provider == "local"
+    settings = registry.get("libcloud").settings(region.for_service("vault"))
+    assert (settings.driver, settings.host, settings.port) == ("minio", "minio.edge-a.lan", 9000)
