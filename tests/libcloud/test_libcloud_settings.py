@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import build_region
+from libcloud_world import build_region
 from regionvault.core.errors import ConfigError, UnsupportedOperation
 from regionvault.providers.libcloud.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import build_region
+from libcloud_world import build_region
 from regionvault.core.errors import (
     ObjectExists,
     ObjectNotFound,

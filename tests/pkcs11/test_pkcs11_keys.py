@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pkcs11
 import pytest
-from conftest import TOKENS, Hsm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11_world import TOKENS, Hsm
 from regionvault.core.conformance.fixtures import SealElsewhere
 from regionvault.core.conformance.keys import KeyServiceSuite
 from regionvault.core.errors import ConfigError, KeyAccessDenied, UnsupportedOperation

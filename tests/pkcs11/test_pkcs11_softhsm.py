@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TOKENS, Hsm
+from pkcs11_world import TOKENS, Hsm
 from regionvault.core.site import Site
 from regionvault.providers.pkcs11 import softhsm
 from regionvault.providers.pkcs11.__main__ import main as export_main
