@@ -8,6 +8,10 @@ traceback.
 
 from __future__ import annotations
 
+import socket
+import ssl
+from collections.abc import Iterator
+
 __all__ = [
     "AmbiguousName",
     "ComputeError",
@@ -33,6 +37,8 @@ __all__ = [
     "UnlaunchableKind",
     "UnsupportedOperation",
     "VaultError",
+    "configuration_failure",
+    "exception_chain",
 ]
 
 
@@ -285,3 +291,33 @@ class TransientError(RegionVaultError):
 
 class PolicyError(RegionVaultError):
     """A policy tag or policy definition is malformed: names the value and why."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it (``__cause__``, ``__context__``, exceptions
+    among its ``args``), each once, at most 32: where an SDK's wrapped failure says what
+    really happened."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo and len(seen) < 32:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo.extend([item.__cause__, item.__context__, *item.args])
+
+
+def configuration_failure(exc: BaseException) -> bool:
+    """A host name without an address or a TLS failure anywhere behind ``exc``: each fails
+    every time until the site file changes, so neither is transient (a refused or dropped
+    connection, a timeout, may pass)."""
+    for cause in exception_chain(exc):
+        if isinstance(cause, socket.gaierror | ssl.SSLError):
+            return True
+        name = type(cause).__name__
+        if "SSL" in name or "Certificate" in name or name == "NameResolutionError":
+            return True
+        if "Name or service not known" in str(cause):
+            return True
+    return False

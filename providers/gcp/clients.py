@@ -28,8 +28,7 @@ from google.auth.transport.requests import AuthorizedSession
 from google.cloud.storage import Client
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
-from regionvault.core.errors import RegionVaultError, TransientError
-from regionvault.providers.gcp.failures import configuration_failure
+from regionvault.core.errors import RegionVaultError, TransientError, configuration_failure
 
 if TYPE_CHECKING:
     from regionvault.providers.gcp.metrics import GcpMetrics

@@ -70,6 +70,7 @@ from regionvault.core.errors import (
     InstanceNotFound,
     RegionVaultError,
     TransientError,
+    configuration_failure,
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Compute, RestoreSink
 from regionvault.core.procs import ProcessIdentity, boot_id
@@ -84,7 +85,6 @@ from regionvault.core.types import (
     disk_layout,
     split_by_disk,
 )
-from regionvault.providers.gcp.failures import configuration_failure
 from regionvault.providers.gcp.labels import (
     MAX_LABELS,
     LabelError,

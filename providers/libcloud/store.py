@@ -17,8 +17,6 @@ Vault and the Transit share (the only module with the vault's and inbox's reques
 from __future__ import annotations
 
 import re
-import socket
-import ssl
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,6 +41,7 @@ from regionvault.core.errors import (
     RegionVaultError,
     TransientError,
     UnsupportedOperation,
+    configuration_failure,
 )
 from regionvault.core.types import ObjectInfo
 
@@ -143,7 +142,7 @@ class Store:
     def _fail(self, what: str, exc: BaseException) -> RegionVaultError:
         status = _status(exc)
         text = f"{what} in {self.label} failed: {type(exc).__name__}: {exc}"
-        if _configuration(exc):
+        if configuration_failure(exc):
             return self.error(
                 f"{text} (a host without an address or a TLS failure: check host, port and "
                 "secure in site.toml)",
@@ -346,33 +345,6 @@ class Store:
             session = getattr(getattr(connection, "connection", None), "session", None)
             if session is not None:
                 session.close()
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception behind it (cause, context, among its args), at most 32."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo and len(seen) < 32:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        todo.extend([item.__cause__, item.__context__, *item.args])
-
-
-def _configuration(exc: BaseException) -> bool:
-    """A host name without an address or a TLS failure: each fails every time until the
-    site file changes, so neither is transient (a refused or dropped connection is)."""
-    for cause in _causes(exc):
-        if isinstance(cause, socket.gaierror | ssl.SSLError):
-            return True
-        name = type(cause).__name__
-        if "SSL" in name or "Certificate" in name or name == "NameResolutionError":
-            return True
-        if "Name or service not known" in str(cause):
-            return True
-    return False
 
 
 def _parse_time(text: object) -> datetime | None:
