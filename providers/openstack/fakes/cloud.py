@@ -1,0 +1,1230 @@
+"""A wire-level fake of an OpenStack cloud: keystone v3, nova, glance v2 and cinder v3, on plain
+HTTP at 127.0.0.1.
+
+libcloud's unmodified ``OpenStack_2_NodeDriver`` talks to it with ``api_version="2.0"``,
+``ex_force_auth_url=<endpoint>/identity``, ``ex_force_auth_version="3.x_password"``,
+``ex_force_service_region=<region>``, ``ex_tenant_name=<project>``,
+``ex_domain_name="Default"`` and ``secure=False``. One project, one region, and what the
+openstack provider needs:
+
+- keystone: ``POST /identity/v3/auth/tokens`` (password method, project scope): a token in
+  ``X-Subject-Token`` and the catalog (``nova`` compute at ``/compute/v2.1``, ``glance`` image
+  at ``/image``, ``cinderv3`` volumev3 and ``block-storage`` at ``/volume/v3/<project_id>``).
+  Every other call needs a token it issued in ``X-Auth-Token`` (401 otherwise).
+- nova: servers ``list`` and ``detail`` (``limit`` + ``marker`` pages with ``servers_links``
+  ``next``, as nova pages), ``get``, ``create`` (``imageRef`` of an active glance image,
+  ``flavorRef``, ``metadata``: the server boots from a new volume made from the image, deleted
+  with it), ``delete``; metadata ``GET``/``PUT`` (replace)/``POST`` (merge), one key
+  ``GET``/``PUT``/``DELETE``; ``os-volume_attachments``; flavors ``list``/``detail``/``get``.
+- glance v2: images ``create`` (queued), ``get``, ``list``, data ``PUT`` (active) and data
+  ``GET`` with ``Range: bytes=a-b`` (206 with ``Content-Range``; 416 past the end), ``delete``.
+- cinder v3: volumes ``get``, ``list``/``detail``, ``create`` (blank, from ``snapshot_id`` or
+  ``imageRef``), ``delete`` (400 while attached or while it has snapshots, as cinder answers),
+  action ``os-volume_upload_image`` (an in-use volume needs ``force``, as in cinder; the image
+  is ``saving`` until polled, then ``active``); snapshots ``create`` (an in-use volume needs
+  ``force``), ``get``, ``list``/``detail``, ``delete``.
+
+Asynchrony: what cinder and glance make is ``creating``/``saving`` in the answer that makes it
+and for :attr:`OpenStackFake.settle_polls` ``GET`` answers of it afterwards (default 1), then
+``available``/``active``; a server is ``BUILD`` in its create answer and ``ACTIVE`` after.
+A volume being uploaded is ``uploading`` until its image is active.
+
+Bytes: image, volume and snapshot data are files under ``workdir`` (``images/``, ``volumes/``,
+``snapshots/``); state is in memory. A volume's data is the length it was made with (a
+seeded server's image bytes), where a real raw upload is the volume's whole size in GiB: the
+image's ``size`` is the data's length, which is what a reader must go by anyway. A volume's
+``size`` (GiB) is that length rounded up, at least 1.
+
+Test hooks, not on the wire: :meth:`OpenStackFake.seed_server`, :meth:`~OpenStackFake.servers`,
+:meth:`~OpenStackFake.image_bytes`, :meth:`~OpenStackFake.volume_bytes`,
+:meth:`~OpenStackFake.images`, :meth:`~OpenStackFake.volumes`,
+:meth:`~OpenStackFake.snapshots`, :meth:`~OpenStackFake.fail_next` (an HTTP error for the
+next request matching a method and a path pattern), :attr:`~OpenStackFake.counts`.
+
+``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N]`` runs it as a
+process: it prints the endpoint and serves until SIGTERM or SIGINT.
+
+Why this module is longer than the others: it is one cloud's four APIs sharing one state
+(a server's volume, a volume's snapshots and uploads, an upload's image), kept under one lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import signal
+import sys
+import threading
+import urllib.parse
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+GIB = 1 << 30
+
+#: The flavors every fake has (id: name, vcpus, ram MiB, disk GiB), as devstack's defaults.
+DEFAULT_FLAVORS: dict[str, tuple[str, int, int, int]] = {
+    "1": ("m1.tiny", 1, 512, 1),
+    "2": ("m1.small", 1, 2048, 20),
+    "3": ("m1.medium", 2, 4096, 40),
+    "4": ("m1.large", 4, 8192, 80),
+}
+
+_IMAGE_FIELDS = ("id", "name", "disk_format", "container_format")
+_METADATA_LIMIT = 255  # nova: keys and values are at most 255 characters
+
+
+class FakeError(Exception):
+    """An error answer: the HTTP status and the message the API puts in its body."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind or {
+            400: "badRequest",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "itemNotFound",
+            409: "conflictingRequest",
+            415: "unsupportedMediaType",
+            413: "overLimit",
+            416: "rangeNotSatisfiable",
+        }.get(status, "computeFault")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _gib(length: int) -> int:
+    return max(1, -(-length // GIB))
+
+
+@dataclass
+class _Image:
+    id: str
+    name: str
+    disk_format: str | None
+    container_format: str | None
+    status: str  # queued, saving, active
+    created: str
+    updated: str
+    size: int | None = None
+    checksum: str | None = None
+    polls_left: int = 0
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Volume:
+    id: str
+    name: str
+    status: str  # creating, available, in-use, uploading
+    created: str
+    length: int
+    server_id: str | None = None
+    snapshot_id: str | None = None
+    image_id: str | None = None
+    polls_left: int = 0
+    # what the status goes back to after an upload
+    resting: str = "available"
+    upload_image: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Snapshot:
+    id: str
+    name: str
+    volume_id: str
+    status: str
+    created: str
+    length: int
+    polls_left: int = 0
+
+
+@dataclass
+class _Server:
+    id: str
+    name: str
+    flavor_id: str
+    image_id: str
+    volume_id: str
+    metadata: dict[str, str]
+    created: str
+    updated: str
+    status: str = "ACTIVE"
+
+
+@dataclass
+class _Failure:
+    method: str
+    pattern: re.Pattern[str]
+    status: int
+    message: str
+
+
+class OpenStackFake:
+    """The fake cloud: :meth:`start` serves it, :meth:`stop` ends it (or use ``with``)."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        username: str = "regionvault",
+        password: str = "fake-password",
+        project: str = "edge",
+        domain: str = "Default",
+        region: str = "RegionOne",
+        port: int = 0,
+        page_size: int = 1000,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.username = username
+        self.password = password
+        self.project = project
+        self.domain = domain
+        self.region = region
+        self.port = port
+        #: nova's osapi_max_limit: the largest page a server list answers
+        self.page_size = page_size
+        #: GET answers a new volume, snapshot or uploaded image stays unfinished for
+        self.settle_polls = 1
+        self.project_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{project}.project").hex
+        self.user_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{username}.user").hex
+        #: requests per "METHOD /service/route" (ids replaced by ``{id}``)
+        self.counts: Counter[str] = Counter()
+        self.flavors: dict[str, tuple[str, int, int, int]] = dict(DEFAULT_FLAVORS)
+        self._lock = threading.RLock()
+        self._tokens: set[str] = set()
+        self._images: dict[str, _Image] = {}
+        self._volumes: dict[str, _Volume] = {}
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._servers: dict[str, _Server] = {}
+        self._failures: list[_Failure] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.endpoint = ""
+        for sub in ("images", "volumes", "snapshots"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Serve on 127.0.0.1 (``port``, or a free one) and answer the endpoint URL."""
+        if self._server is not None:
+            return self.endpoint
+        fake = self
+
+        class Handler(_Handler):
+            cloud = fake
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="openstack-fake", daemon=True
+        )
+        self._thread.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Stop serving (state and files stay until the workdir goes)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> OpenStackFake:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def auth_url(self) -> str:
+        """What libcloud's ``ex_force_auth_url`` is."""
+        return f"{self.endpoint}/identity"
+
+    # -- test hooks --------------------------------------------------------------------------
+
+    def seed_server(
+        self,
+        name: str,
+        image_bytes: bytes,
+        flavor: str = "1",
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Make an ACTIVE server whose volume holds ``image_bytes`` (from an image made for
+        it); ``flavor`` is a flavor id or name. Answers the server's id."""
+        with self._lock:
+            flavor_id = self._flavor_id(flavor)
+            image = self._new_image(f"{name}-image", "raw", "bare")
+            self._image_path(image.id).write_bytes(image_bytes)
+            self._finish_image(image, len(image_bytes))
+            return self._boot(name, flavor_id, image.id, dict(metadata or {})).id
+
+    def servers(self) -> list[dict[str, Any]]:
+        """Every server: id, name, flavor (id), flavor_name, image (id), volume (id),
+        metadata, status."""
+        with self._lock:
+            return [
+                {
+                    "id": s.id,
+                    "name": s.name,
+                    "flavor": s.flavor_id,
+                    "flavor_name": self.flavors[s.flavor_id][0],
+                    "image": s.image_id,
+                    "volume": s.volume_id,
+                    "metadata": dict(s.metadata),
+                    "status": s.status,
+                }
+                for s in self._servers.values()
+            ]
+
+    def images(self) -> list[dict[str, Any]]:
+        """Every glance image: id, name, status, size."""
+        with self._lock:
+            return [
+                {"id": i.id, "name": i.name, "status": i.status, "size": i.size}
+                for i in self._images.values()
+            ]
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """Every cinder volume: id, name, status, server (id or None), length (bytes)."""
+        with self._lock:
+            return [
+                {
+                    "id": v.id,
+                    "name": v.name,
+                    "status": v.status,
+                    "server": v.server_id,
+                    "length": v.length,
+                }
+                for v in self._volumes.values()
+            ]
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every cinder snapshot: id, name, status, volume (id)."""
+        with self._lock:
+            return [
+                {"id": s.id, "name": s.name, "status": s.status, "volume": s.volume_id}
+                for s in self._snapshots.values()
+            ]
+
+    def image_bytes(self, image_id: str) -> bytes:
+        """An image's data (KeyError if there is no such image or it has none)."""
+        with self._lock:
+            if image_id not in self._images:
+                raise KeyError(image_id)
+            path = self._image_path(image_id)
+            if not path.exists():
+                raise KeyError(image_id)
+            return path.read_bytes()
+
+    def volume_bytes(self, server_or_volume_id: str) -> bytes:
+        """A volume's data, by the volume's id or by its server's."""
+        with self._lock:
+            server = self._servers.get(server_or_volume_id)
+            volume_id = server.volume_id if server else server_or_volume_id
+            if volume_id not in self._volumes:
+                raise KeyError(server_or_volume_id)
+            return self._volume_path(volume_id).read_bytes()
+
+    def fail_next(
+        self, method: str, path_pattern: str, status: int = 500, message: str = "injected"
+    ) -> None:
+        """Answer the next ``method`` request whose path (without the query) matches
+        ``path_pattern`` (``re.search``) with ``status``, without doing it."""
+        with self._lock:
+            self._failures.append(
+                _Failure(method.upper(), re.compile(path_pattern), status, message)
+            )
+
+    # -- state helpers (under the lock) ------------------------------------------------------
+
+    def _image_path(self, image_id: str) -> Path:
+        return self.workdir / "images" / image_id
+
+    def _volume_path(self, volume_id: str) -> Path:
+        return self.workdir / "volumes" / volume_id
+
+    def _snapshot_path(self, snapshot_id: str) -> Path:
+        return self.workdir / "snapshots" / snapshot_id
+
+    def _flavor_id(self, flavor: str) -> str:
+        if flavor in self.flavors:
+            return flavor
+        for fid, spec in self.flavors.items():
+            if spec[0] == flavor:
+                return fid
+        raise FakeError(400, f"Flavor {flavor} could not be found.")
+
+    def _new_image(
+        self, name: str, disk_format: str | None, container_format: str | None
+    ) -> _Image:
+        now = _now()
+        image = _Image(str(uuid.uuid4()), name, disk_format, container_format, "queued", now, now)
+        self._images[image.id] = image
+        return image
+
+    def _finish_image(self, image: _Image, length: int) -> None:
+        data = self._image_path(image.id).read_bytes()
+        image.size = length
+        image.checksum = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        image.status = "active"
+        image.updated = _now()
+
+    def _boot(self, name: str, flavor_id: str, image_id: str, metadata: dict[str, str]) -> _Server:
+        now = _now()
+        server_id = str(uuid.uuid4())
+        volume = _Volume(
+            str(uuid.uuid4()),
+            "",
+            "in-use",
+            now,
+            self._images[image_id].size or 0,
+            server_id=server_id,
+            image_id=image_id,
+            resting="in-use",
+        )
+        shutil.copyfile(self._image_path(image_id), self._volume_path(volume.id))
+        self._volumes[volume.id] = volume
+        server = _Server(server_id, name, flavor_id, image_id, volume.id, metadata, now, now)
+        self._servers[server.id] = server
+        return server
+
+    def _poll(self, thing: _Volume | _Snapshot | _Image) -> None:
+        """A GET of something being made: one step nearer done."""
+        if thing.polls_left > 0:
+            thing.polls_left -= 1
+            if thing.polls_left == 0:
+                self._settle(thing)
+
+    def _settle(self, thing: _Volume | _Snapshot | _Image) -> None:
+        if isinstance(thing, _Image):
+            if thing.status == "saving":
+                self._finish_image(thing, self._image_path(thing.id).stat().st_size)
+                for volume in self._volumes.values():
+                    if volume.upload_image == thing.id:
+                        volume.upload_image = None
+                        volume.status = volume.resting
+        elif isinstance(thing, _Snapshot) or thing.status == "creating":
+            thing.status = "available"
+
+    def _later(self, thing: _Volume | _Snapshot | _Image) -> None:
+        thing.polls_left = self.settle_polls
+        if thing.polls_left == 0:
+            self._settle(thing)
+
+    # -- JSON views --------------------------------------------------------------------------
+
+    def _server_json(self, s: _Server, base: str) -> dict[str, Any]:
+        self_href = f"{base}/compute/v2.1/{self.project_id}/servers/{s.id}"
+        return {
+            "id": s.id,
+            "name": s.name,
+            "status": s.status,
+            "tenant_id": self.project_id,
+            "user_id": self.user_id,
+            "metadata": dict(s.metadata),
+            "hostId": hashlib.sha224(f"{self.project_id}host".encode()).hexdigest(),
+            "image": {"id": s.image_id, "links": []},
+            "flavor": {
+                "id": s.flavor_id,
+                "links": [{"rel": "bookmark", "href": f"{base}/compute/flavors/{s.flavor_id}"}],
+            },
+            "created": s.created,
+            "updated": s.updated,
+            "addresses": {},
+            "accessIPv4": "",
+            "accessIPv6": "",
+            "links": [
+                {"rel": "self", "href": self_href},
+                {"rel": "bookmark", "href": f"{base}/compute/servers/{s.id}"},
+            ],
+            "OS-DCF:diskConfig": "AUTO",
+            "OS-EXT-AZ:availability_zone": "nova",
+            "OS-EXT-STS:power_state": 1 if s.status == "ACTIVE" else 0,
+            "OS-EXT-STS:task_state": None,
+            "OS-EXT-STS:vm_state": s.status.lower(),
+            "os-extended-volumes:volumes_attached": [
+                {"id": s.volume_id, "delete_on_termination": True}
+            ],
+            "progress": 100 if s.status == "ACTIVE" else 0,
+            "config_drive": "",
+            "key_name": None,
+        }
+
+    def _flavor_json(self, fid: str, base: str) -> dict[str, Any]:
+        name, vcpus, ram, disk = self.flavors[fid]
+        return {
+            "id": fid,
+            "name": name,
+            "vcpus": vcpus,
+            "ram": ram,
+            "disk": disk,
+            "swap": "",
+            "OS-FLV-EXT-DATA:ephemeral": 0,
+            "OS-FLV-DISABLED:disabled": False,
+            "os-flavor-access:is_public": True,
+            "rxtx_factor": 1.0,
+            "links": [{"rel": "self", "href": f"{base}/compute/v2.1/flavors/{fid}"}],
+        }
+
+    def _image_json(self, i: _Image) -> dict[str, Any]:
+        return {
+            "id": i.id,
+            "name": i.name,
+            "status": i.status,
+            "visibility": "private",
+            "protected": False,
+            "owner": self.project_id,
+            "size": i.size,
+            "virtual_size": None,
+            "checksum": i.checksum,
+            "disk_format": i.disk_format,
+            "container_format": i.container_format,
+            "min_disk": 0,
+            "min_ram": 0,
+            "tags": [],
+            "created_at": i.created,
+            "updated_at": i.updated,
+            "self": f"/v2/images/{i.id}",
+            "file": f"/v2/images/{i.id}/file",
+            "schema": "/v2/schemas/image",
+            **i.properties,
+        }
+
+    def _volume_json(self, v: _Volume) -> dict[str, Any]:
+        attachments = []
+        if v.server_id is not None:
+            attachments.append(
+                {
+                    "id": v.id,
+                    "attachment_id": hashlib.md5(
+                        f"{v.id}{v.server_id}".encode(), usedforsecurity=False
+                    ).hexdigest(),
+                    "volume_id": v.id,
+                    "server_id": v.server_id,
+                    "device": "/dev/vda",
+                    "host_name": None,
+                    "attached_at": v.created,
+                }
+            )
+        return {
+            "id": v.id,
+            "name": v.name,
+            "description": None,
+            "status": v.status,
+            "size": _gib(v.length),
+            "bootable": "true" if v.image_id else "false",
+            "attachments": attachments,
+            "availability_zone": "nova",
+            "created_at": v.created,
+            "updated_at": v.created,
+            "snapshot_id": v.snapshot_id,
+            "source_volid": None,
+            "volume_type": "lvmdriver-1",
+            "metadata": dict(v.metadata),
+            "multiattach": False,
+            "encrypted": False,
+            "os-vol-tenant-attr:tenant_id": self.project_id,
+            "user_id": self.user_id,
+            "links": [],
+        }
+
+    def _snapshot_json(self, s: _Snapshot) -> dict[str, Any]:
+        return {
+            "id": s.id,
+            "name": s.name,
+            "description": None,
+            "status": s.status,
+            "volume_id": s.volume_id,
+            "size": _gib(s.length),
+            "created_at": s.created,
+            "updated_at": s.created,
+            "metadata": {},
+            "progress": "100%" if s.status == "available" else "0%",
+        }
+
+    def _nova_image_json(self, i: _Image) -> dict[str, Any]:
+        return {
+            "id": i.id,
+            "name": i.name,
+            "status": {"active": "ACTIVE", "saving": "SAVING"}.get(i.status, "UNKNOWN"),
+            "created": i.created,
+            "updated": i.updated,
+            "minDisk": 0,
+            "minRam": 0,
+            "progress": 100 if i.status == "active" else 25,
+            "metadata": {},
+            "OS-EXT-IMG-SIZE:size": i.size,
+            "links": [],
+        }
+
+    def _nova_snapshot_json(self, s: _Snapshot) -> dict[str, Any]:
+        return {
+            "id": s.id,
+            "volumeId": s.volume_id,
+            "status": s.status,
+            "size": _gib(s.length),
+            "createdAt": s.created,
+            "displayName": s.name,
+            "displayDescription": None,
+        }
+
+    def _catalog(self, base: str) -> list[dict[str, Any]]:
+        def service(kind: str, name: str, url: str) -> dict[str, Any]:
+            return {
+                "id": uuid.uuid5(uuid.NAMESPACE_URL, url).hex,
+                "type": kind,
+                "name": name,
+                "endpoints": [
+                    {
+                        "id": uuid.uuid5(uuid.NAMESPACE_URL, url + iface).hex,
+                        "interface": iface,
+                        "region": self.region,
+                        "region_id": self.region,
+                        "url": url,
+                    }
+                    for iface in ("public", "internal", "admin")
+                ],
+            }
+
+        volume = f"{base}/volume/v3/{self.project_id}"
+        return [
+            service("identity", "keystone", f"{base}/identity"),
+            service("compute", "nova", f"{base}/compute/v2.1"),
+            service("image", "glance", f"{base}/image"),
+            service("volumev3", "cinderv3", volume),
+            service("block-storage", "cinder", volume),
+        ]
+
+    # -- the API ------------------------------------------------------------------------------
+
+    def handle(
+        self, method: str, raw_path: str, headers: dict[str, str], body: bytes, base: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request: answers status, headers, body (raises FakeError for an error)."""
+        parsed = urllib.parse.urlsplit(raw_path)
+        path = parsed.path.rstrip("/") or "/"
+        query = urllib.parse.parse_qs(parsed.query)
+        route = re.sub(r"/[0-9a-f]{32}(?=/|$)|/[0-9a-f-]{36}(?=/|$)", "/{id}", path)
+        with self._lock:
+            self.counts[f"{method} {route}"] += 1
+            for failure in self._failures:
+                if failure.method == method and failure.pattern.search(path):
+                    self._failures.remove(failure)
+                    raise FakeError(failure.status, failure.message)
+            if path == "/identity/v3/auth/tokens" and method == "POST":
+                return self._auth(body, base)
+            if path in ("/identity", "/identity/v3"):
+                return _json(200, {"version": {"id": "v3.14", "status": "stable"}})
+            token = headers.get("x-auth-token", "")
+            if token not in self._tokens:
+                raise FakeError(401, "The request you have made requires authentication.")
+            parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+            if parts[:2] == ["compute", "v2.1"]:
+                rest = parts[2:]
+                if rest and rest[0] == self.project_id:
+                    rest = rest[1:]
+                return self._nova(method, rest, query, body, base)
+            if parts[:2] == ["image", "v2"]:
+                return self._glance(method, parts[2:], headers, body)
+            if parts[:3] == ["volume", "v3", self.project_id]:
+                return self._cinder(method, parts[3:], body)
+            raise FakeError(404, f"The resource could not be found: {path}")
+
+    def _auth(self, body: bytes, base: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            auth = json.loads(body)["auth"]
+            identity = auth["identity"]
+            user = identity["password"]["user"]
+            project = auth.get("scope", {}).get("project", {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise FakeError(400, f"Expecting to find auth in request body: {e}") from None
+        if "password" not in identity.get("methods", []):
+            raise FakeError(401, "The request you have made requires authentication.")
+        if (
+            user.get("name") != self.username
+            or user.get("password") != self.password
+            or user.get("domain", {}).get("name", self.domain) != self.domain
+        ):
+            raise FakeError(401, "The request you have made requires authentication.")
+        if project and project.get("name", self.project) != self.project:
+            raise FakeError(401, f"Could not find project: {project.get('name')}")
+        token = uuid.uuid4().hex
+        self._tokens.add(token)
+        now = dt.datetime.now(dt.UTC)
+        answer = {
+            "token": {
+                "methods": ["password"],
+                "expires_at": (now + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000000Z"),
+                "issued_at": now.strftime("%Y-%m-%dT%H:%M:%S.000000Z"),
+                "user": {
+                    "id": self.user_id,
+                    "name": self.username,
+                    "domain": {"id": "default", "name": self.domain},
+                },
+                "project": {
+                    "id": self.project_id,
+                    "name": self.project,
+                    "domain": {"id": "default", "name": self.domain},
+                },
+                "roles": [{"id": "member", "name": "member"}],
+                "catalog": self._catalog(base),
+            }
+        }
+        status, hdrs, data = _json(201, answer)
+        hdrs["X-Subject-Token"] = token
+        return status, hdrs, data
+
+    # nova
+
+    def _nova(
+        self, method: str, rest: list[str], query: dict[str, list[str]], body: bytes, base: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        if rest in (["servers"], ["servers", "detail"]) and method == "GET":
+            return self._list_servers(rest, query, base)
+        if rest == ["servers"] and method == "POST":
+            return self._create_server(_body(body), base)
+        if rest in (["flavors"], ["flavors", "detail"]) and method == "GET":
+            flavors = [self._flavor_json(f, base) for f in self.flavors]
+            if rest == ["flavors"]:
+                flavors = [{k: f[k] for k in ("id", "name", "links")} for f in flavors]
+            return _json(200, {"flavors": flavors})
+        if len(rest) == 2 and rest[0] == "flavors" and method == "GET":
+            if rest[1] not in self.flavors:
+                raise FakeError(404, f"Flavor {rest[1]} could not be found.")
+            return _json(200, {"flavor": self._flavor_json(rest[1], base)})
+        if len(rest) == 2 and rest[0] == "images":
+            # nova's proxy of glance images (libcloud's delete_image uses it)
+            image = self._images.get(rest[1])
+            if image is None:
+                raise FakeError(404, "Image not found.")
+            if method == "GET":
+                self._poll(image)
+                return _json(200, {"image": self._nova_image_json(image)})
+            if method == "DELETE":
+                self._delete_image(image)
+                return 204, {}, b""
+        if len(rest) == 2 and rest[0] == "os-snapshots":
+            # nova's deprecated proxy of cinder snapshots (libcloud's ex_get_snapshot uses it)
+            snap = self._snapshots.get(rest[1])
+            if snap is None:
+                raise FakeError(404, f"Snapshot {rest[1]} could not be found.")
+            if method == "GET":
+                self._poll(snap)
+                return _json(200, {"snapshot": self._nova_snapshot_json(snap)})
+            if method == "DELETE":
+                self._delete_snapshot(snap)
+                return 202, {}, b""
+        if len(rest) >= 2 and rest[0] == "servers":
+            server = self._servers.get(rest[1])
+            if server is None:
+                raise FakeError(404, f"Instance {rest[1]} could not be found.")
+            sub = rest[2:]
+            if not sub:
+                if method == "GET":
+                    return _json(200, {"server": self._server_json(server, base)})
+                if method == "DELETE":
+                    self._delete_server(server)
+                    return 204, {}, b""
+            elif sub == ["metadata"]:
+                return self._server_metadata(server, method, body)
+            elif len(sub) == 2 and sub[0] == "metadata":
+                return self._server_metadata_key(server, sub[1], method, body)
+            elif sub == ["os-volume_attachments"] and method == "GET":
+                attachments = [
+                    {
+                        "id": server.volume_id,
+                        "volumeId": server.volume_id,
+                        "serverId": server.id,
+                        "device": "/dev/vda",
+                    }
+                ]
+                return _json(200, {"volumeAttachments": attachments})
+        raise FakeError(404, f"The resource could not be found: {'/'.join(rest)}")
+
+    def _list_servers(
+        self, rest: list[str], query: dict[str, list[str]], base: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        servers = sorted(self._servers.values(), key=lambda s: (s.created, s.id))
+        marker = query.get("marker", [None])[-1]
+        if marker is not None:
+            ids = [s.id for s in servers]
+            if marker not in ids:
+                raise FakeError(400, f"marker [{marker}] not found")
+            servers = servers[ids.index(marker) + 1 :]
+        limit = self.page_size
+        if "limit" in query:
+            try:
+                limit = min(limit, int(query["limit"][-1]))
+            except ValueError:
+                raise FakeError(400, "Invalid input for field/attribute limit.") from None
+            if limit < 0:
+                raise FakeError(400, "Invalid input for field/attribute limit.")
+        page, more = servers[:limit], len(servers) > limit
+        if rest == ["servers"]:
+            items: list[dict[str, Any]] = [
+                {"id": s.id, "name": s.name, "links": self._server_json(s, base)["links"]}
+                for s in page
+            ]
+        else:
+            items = [self._server_json(s, base) for s in page]
+        answer: dict[str, Any] = {"servers": items}
+        if more and page:
+            q = urllib.parse.urlencode({"limit": limit, "marker": page[-1].id})
+            href = f"{base}/compute/v2.1/{'/'.join(rest)}?{q}"
+            answer["servers_links"] = [{"rel": "next", "href": href}]
+        return _json(200, answer)
+
+    def _create_server(self, body: dict[str, Any], base: str) -> tuple[int, dict[str, str], bytes]:
+        spec = body.get("server")
+        if not isinstance(spec, dict):
+            raise FakeError(400, "Invalid input: 'server' is a required property")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise FakeError(400, "Invalid input for field/attribute name.")
+        metadata = _metadata(spec.get("metadata", {}))
+        flavor_ref = str(spec.get("flavorRef", ""))
+        if flavor_ref not in self.flavors:
+            raise FakeError(400, f"Flavor {flavor_ref} could not be found.")
+        image_ref = str(spec.get("imageRef", ""))
+        image = self._images.get(image_ref)
+        if image is None:
+            raise FakeError(400, f"Image {image_ref} could not be found.")
+        if image.status != "active":
+            raise FakeError(400, f"Image {image_ref} is not active.")
+        server = self._boot(name, flavor_ref, image.id, metadata)
+        answer = {
+            "server": {
+                "id": server.id,
+                "links": self._server_json(server, base)["links"],
+                "adminPass": uuid.uuid4().hex[:12],
+                "OS-DCF:diskConfig": "AUTO",
+                "security_groups": [{"name": "default"}],
+            }
+        }
+        return _json(202, answer)
+
+    def _delete_server(self, server: _Server) -> None:
+        del self._servers[server.id]
+        volume = self._volumes.pop(server.volume_id, None)
+        if volume is not None:
+            self._volume_path(volume.id).unlink(missing_ok=True)
+
+    def _server_metadata(
+        self, server: _Server, method: str, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if method == "GET":
+            return _json(200, {"metadata": dict(server.metadata)})
+        if method in ("PUT", "POST"):
+            given = _body(body).get("metadata")
+            if not isinstance(given, dict):
+                raise FakeError(400, "Invalid input: 'metadata' is a required property")
+            metadata = _metadata(given)
+            if method == "PUT":
+                server.metadata = metadata
+            else:
+                server.metadata.update(metadata)
+            server.updated = _now()
+            return _json(200, {"metadata": dict(server.metadata)})
+        raise FakeError(405, "Method not allowed")
+
+    def _server_metadata_key(
+        self, server: _Server, key: str, method: str, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if method == "GET":
+            if key not in server.metadata:
+                raise FakeError(404, "Metadata item was not found")
+            return _json(200, {"meta": {key: server.metadata[key]}})
+        if method == "PUT":
+            meta = _body(body).get("meta")
+            if not isinstance(meta, dict) or len(meta) != 1:
+                raise FakeError(400, "Request body contains too many items")
+            if key not in meta:
+                raise FakeError(400, "Request body and URI mismatch")
+            server.metadata.update(_metadata(meta))
+            server.updated = _now()
+            return _json(200, {"meta": {key: server.metadata[key]}})
+        if method == "DELETE":
+            if key not in server.metadata:
+                raise FakeError(404, "Metadata item was not found")
+            del server.metadata[key]
+            server.updated = _now()
+            return 204, {}, b""
+        raise FakeError(405, "Method not allowed")
+
+    # glance
+
+    def _glance(
+        self, method: str, rest: list[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if rest == ["images"]:
+            if method == "GET":
+                images = [self._image_json(i) for i in self._images.values()]
+                return _json(200, {"images": images, "schema": "/v2/schemas/images"})
+            if method == "POST":
+                spec = _body(body)
+                name = spec.get("name")
+                image = self._new_image(
+                    name if isinstance(name, str) else "",
+                    spec.get("disk_format"),
+                    spec.get("container_format"),
+                )
+                for key, value in spec.items():
+                    if key not in _IMAGE_FIELDS and isinstance(value, str):
+                        image.properties[key] = value
+                return _json(201, self._image_json(image))
+        if len(rest) >= 2 and rest[0] == "images":
+            found = self._images.get(rest[1])
+            if found is None:
+                raise FakeError(404, f"No image found with ID {rest[1]}")
+            image = found
+            if len(rest) == 2:
+                if method == "GET":
+                    self._poll(image)
+                    return _json(200, self._image_json(image))
+                if method == "DELETE":
+                    self._delete_image(image)
+                    return 204, {}, b""
+            elif rest[2:] == ["file"]:
+                if method == "PUT":
+                    kind = headers.get("content-type", "").split(";")[0].strip()
+                    if kind != "application/octet-stream":
+                        raise FakeError(415, f"Unsupported Content-Type: {kind or 'none'}")
+                    if image.status != "queued":
+                        raise FakeError(
+                            409,
+                            f"Image status transition from {image.status} to saving is not allowed",
+                        )
+                    if not image.disk_format or not image.container_format:
+                        raise FakeError(
+                            400,
+                            "Properties disk_format, container_format must be"
+                            " set prior to saving data.",
+                        )
+                    self._image_path(image.id).write_bytes(body)
+                    self._finish_image(image, len(body))
+                    return 204, {}, b""
+                if method == "GET":
+                    return self._download(image, headers.get("range"))
+        raise FakeError(404, f"The resource could not be found: {'/'.join(rest)}")
+
+    def _delete_image(self, image: _Image) -> None:
+        del self._images[image.id]
+        self._image_path(image.id).unlink(missing_ok=True)
+        for volume in self._volumes.values():
+            if volume.upload_image == image.id:
+                volume.upload_image = None
+                volume.status = volume.resting
+
+    def _download(
+        self, image: _Image, range_header: str | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        if image.status != "active":
+            return 204, {}, b""
+        path = self._image_path(image.id)
+        size = path.stat().st_size
+        content = {"Content-Type": "application/octet-stream"}
+        if image.checksum:
+            content["Content-MD5"] = image.checksum
+        if not range_header:
+            return 200, content, path.read_bytes()
+        match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header)
+        if not match or (not match[1] and not match[2]):
+            raise FakeError(400, f"Invalid Range header: {range_header}")
+        if match[1]:
+            start = int(match[1])
+            end = int(match[2]) if match[2] else size - 1
+        else:
+            start, end = max(0, size - int(match[2])), size - 1
+        if start >= size or end < start:
+            raise FakeError(416, f"Request range not satisfiable: {range_header}")
+        end = min(end, size - 1)
+        with path.open("rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        content["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return 206, content, data
+
+    # cinder
+
+    def _cinder(
+        self, method: str, rest: list[str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if rest in (["volumes"], ["volumes", "detail"]) and method == "GET":
+            volumes = [self._volume_json(v) for v in self._volumes.values()]
+            if rest == ["volumes"]:
+                volumes = [{k: v[k] for k in ("id", "name", "links")} for v in volumes]
+            return _json(200, {"volumes": volumes})
+        if rest == ["volumes"] and method == "POST":
+            return self._create_volume(_body(body))
+        if rest in (["snapshots"], ["snapshots", "detail"]) and method == "GET":
+            snaps = [self._snapshot_json(s) for s in self._snapshots.values()]
+            return _json(200, {"snapshots": snaps})
+        if rest == ["snapshots"] and method == "POST":
+            return self._create_snapshot(_body(body))
+        if len(rest) >= 2 and rest[0] == "volumes":
+            volume = self._volumes.get(rest[1])
+            if volume is None:
+                raise FakeError(404, f"Volume {rest[1]} could not be found.")
+            if len(rest) == 2 and method == "GET":
+                self._poll(volume)
+                return _json(200, {"volume": self._volume_json(volume)})
+            if len(rest) == 2 and method == "DELETE":
+                return self._delete_volume(volume)
+            if rest[2:] == ["action"] and method == "POST":
+                return self._volume_action(volume, _body(body))
+        if len(rest) == 2 and rest[0] == "snapshots":
+            snap = self._snapshots.get(rest[1])
+            if snap is None:
+                raise FakeError(404, f"Snapshot {rest[1]} could not be found.")
+            if method == "GET":
+                self._poll(snap)
+                return _json(200, {"snapshot": self._snapshot_json(snap)})
+            if method == "DELETE":
+                self._delete_snapshot(snap)
+                return 202, {}, b""
+        raise FakeError(404, f"The resource could not be found: {'/'.join(rest)}")
+
+    def _delete_snapshot(self, snap: _Snapshot) -> None:
+        if snap.status not in ("available", "error"):
+            raise FakeError(400, "Invalid snapshot: Snapshot status must be available or error")
+        del self._snapshots[snap.id]
+        self._snapshot_path(snap.id).unlink(missing_ok=True)
+
+    def _create_volume(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        spec = body.get("volume")
+        if not isinstance(spec, dict):
+            raise FakeError(400, "Invalid input: 'volume' is a required property")
+        now = _now()
+        volume = _Volume(str(uuid.uuid4()), str(spec.get("name") or ""), "creating", now, 0)
+        path = self._volume_path(volume.id)
+        if spec.get("snapshot_id"):
+            snap = self._snapshots.get(str(spec["snapshot_id"]))
+            if snap is None:
+                raise FakeError(404, f"Snapshot {spec['snapshot_id']} could not be found.")
+            if snap.status != "available":
+                raise FakeError(400, "Originating snapshot status must be one of 'available'")
+            shutil.copyfile(self._snapshot_path(snap.id), path)
+            volume.snapshot_id, volume.length = snap.id, snap.length
+        elif spec.get("imageRef"):
+            image = self._images.get(str(spec["imageRef"]))
+            if image is None or image.status != "active":
+                raise FakeError(400, f"Image {spec['imageRef']} could not be found.")
+            shutil.copyfile(self._image_path(image.id), path)
+            volume.image_id, volume.length = image.id, image.size or 0
+        else:
+            try:
+                size = int(spec["size"])
+            except (KeyError, TypeError, ValueError):
+                raise FakeError(400, "Invalid input: 'size' is a required property") from None
+            path.write_bytes(b"")
+            volume.length = 0
+            if size < 1:
+                raise FakeError(400, "Invalid input for field/attribute size.")
+        if isinstance(spec.get("metadata"), dict):
+            volume.metadata = _metadata(spec["metadata"])
+        self._volumes[volume.id] = volume
+        self._later(volume)
+        answer = self._volume_json(volume)
+        if volume.status != "creating":
+            answer["status"] = "creating"
+        return _json(202, {"volume": answer})
+
+    def _delete_volume(self, volume: _Volume) -> tuple[int, dict[str, str], bytes]:
+        if volume.server_id is not None or volume.status not in ("available", "error"):
+            raise FakeError(
+                400,
+                "Invalid volume: Volume status must be available or error or error_restoring"
+                " or error_extending or error_managing and must not be migrating, attached,"
+                " belong to a group, have snapshots or be disassociated from snapshots after"
+                " volume transfer.",
+            )
+        if any(s.volume_id == volume.id for s in self._snapshots.values()):
+            raise FakeError(400, "Invalid volume: Volume still has dependent snapshots.")
+        del self._volumes[volume.id]
+        self._volume_path(volume.id).unlink(missing_ok=True)
+        return 202, {}, b""
+
+    def _volume_action(
+        self, volume: _Volume, body: dict[str, Any]
+    ) -> tuple[int, dict[str, str], bytes]:
+        spec = body.get("os-volume_upload_image")
+        if not isinstance(spec, dict):
+            raise FakeError(400, f"Unsupported volume action: {sorted(body)}")
+        force = str(spec.get("force", False)).lower() in ("true", "1", "yes")
+        if volume.status == "in-use" and not force:
+            raise FakeError(400, "Invalid volume: Volume status must be available (is in-use)")
+        if volume.status not in ("available", "in-use"):
+            raise FakeError(400, f"Invalid volume: Volume status is {volume.status}")
+        name = spec.get("image_name")
+        if not isinstance(name, str) or not name:
+            raise FakeError(400, "Invalid input: 'image_name' is a required property")
+        image = self._new_image(
+            name,
+            str(spec.get("disk_format") or "raw"),
+            str(spec.get("container_format") or "bare"),
+        )
+        shutil.copyfile(self._volume_path(volume.id), self._image_path(image.id))
+        image.status = "saving"
+        volume.resting = volume.status
+        volume.status = "uploading"
+        volume.upload_image = image.id
+        self._later(image)
+        answer = {
+            "os-volume_upload_image": {
+                "id": volume.id,
+                "updated_at": _now(),
+                "status": "uploading",
+                "display_description": None,
+                "size": _gib(volume.length),
+                "volume_type": {"name": "lvmdriver-1"},
+                "image_id": image.id,
+                "container_format": image.container_format,
+                "disk_format": image.disk_format,
+                "image_name": name,
+            }
+        }
+        return _json(202, answer)
+
+    def _create_snapshot(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        spec = body.get("snapshot")
+        if not isinstance(spec, dict):
+            raise FakeError(400, "Invalid input: 'snapshot' is a required property")
+        volume = self._volumes.get(str(spec.get("volume_id")))
+        if volume is None:
+            raise FakeError(404, f"Volume {spec.get('volume_id')} could not be found.")
+        force = str(spec.get("force", False)).lower() in ("true", "1", "yes")
+        if volume.status == "in-use" and not force:
+            raise FakeError(400, "Invalid volume: Volume status must be available (is in-use)")
+        if volume.status not in ("available", "in-use"):
+            raise FakeError(400, f"Invalid volume: Volume status is {volume.status}")
+        snap = _Snapshot(
+            str(uuid.uuid4()),
+            str(spec.get("name") or ""),
+            volume.id,
+            "creating",
+            _now(),
+            volume.length,
+        )
+        shutil.copyfile(self._volume_path(volume.id), self._snapshot_path(snap.id))
+        self._snapshots[snap.id] = snap
+        self._later(snap)
+        answer = self._snapshot_json(snap)
+        answer["status"] = "creating"
+        return _json(202, {"snapshot": answer})
+
+
+def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+
+def _body(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body or b"{}")
+    except ValueError:
+        raise FakeError(400, "Malformed request body") from None
+    if not isinstance(obj, dict):
+        raise FakeError(400, "Malformed request body")
+    return obj
+
+
+def _metadata(given: Any) -> dict[str, str]:
+    if not isinstance(given, dict):
+        raise FakeError(400, "Invalid input for field/attribute metadata.")
+    out: dict[str, str] = {}
+    for key, value in given.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise FakeError(400, "Invalid input for field/attribute metadata.")
+        if not key or len(key) > _METADATA_LIMIT or len(value) > _METADATA_LIMIT:
+            raise FakeError(400, "Invalid input for field/attribute metadata.")
+        out[key] = value
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    cloud: OpenStackFake
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        host = self.headers.get("Host") or f"127.0.0.1:{self.cloud.port}"
+        base = f"http://{host}"
+        try:
+            status, hdrs, data = self.cloud.handle(self.command, self.path, headers, body, base)
+        except FakeError as e:
+            key = e.kind
+            if self.path.startswith("/image"):
+                status, hdrs, data = e.status, {"Content-Type": "text/plain"}, e.message.encode()
+            elif e.status == 401:
+                err = {"error": {"code": 401, "title": "Unauthorized", "message": e.message}}
+                status, hdrs, data = _json(401, err)
+            else:
+                status, hdrs, data = _json(
+                    e.status, {key: {"code": e.status, "message": e.message}}
+                )
+        self.send_response(status)
+        for name, value in hdrs.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--username", default="regionvault")
+    parser.add_argument("--password", default="fake-password")
+    parser.add_argument("--project", default="edge")
+    parser.add_argument("--region", default="RegionOne")
+    args = parser.parse_args(argv)
+    fake = OpenStackFake(
+        args.workdir,
+        username=args.username,
+        password=args.password,
+        project=args.project,
+        region=args.region,
+        port=args.port,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    print(fake.start(), flush=True)
+    try:
+        done.wait()
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The OpenStack fake, through libcloud's unmodified OpenStack_2_NodeDriver over HTTP on
+127.0.0.1: keystone, nova, glance and cinder as the openstack provider uses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import InvalidCredsError
+from libcloud.compute.drivers.openstack import OpenStack_2_NodeDriver
+from regionvault.providers.openstack.fakes.cloud import OpenStackFake
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[OpenStackFake]:
+    with OpenStackFake(tmp_path / "cloud") as fake:
+        yield fake
+
+
+def driver(fake: OpenStackFake, password: str | None = None) -> Any:
+    return OpenStack_2_NodeDriver(
+        fake.username,
+        fake.password if password is None else password,
+        api_version="2.0",
+        ex_force_auth_url=fake.auth_url,
+        ex_force_auth_version="3.x_password",
+        ex_force_service_region=fake.region,
+        ex_tenant_name=fake.project,
+        ex_domain_name="Default",
+        secure=False,
+    )
+
+
+def upload_image(drv: Any, volume_id: str, name: str) -> str:
+    answer = (
+        drv._get_volume_connection()
+        .request(
+            f"/volumes/{volume_id}/action",
+            method="POST",
+            data={
+                "os-volume_upload_image": {
+                    "image_name": name,
+                    "force": True,
+                    "disk_format": "raw",
+                    "container_format": "bare",
+                }
+            },
+        )
+        .object
+    )
+    return str(answer["os-volume_upload_image"]["image_id"])
+
+
+def test_servers_listed_with_metadata_and_metadata_set(cloud: OpenStackFake) -> None:
+    sid = cloud.seed_server("db", b"disk" * 100, "m1.small", {"backup": "1-7"})
+    cloud.seed_server("web", b"w", "1", {})
+    drv = driver(cloud)
+    nodes = {n.name: n for n in drv.list_nodes()}
+    assert set(nodes) == {"db", "web"}
+    db = nodes["db"]
+    assert db.id == sid
+    assert db.extra["metadata"] == {"backup": "1-7"}
+    assert db.extra["flavorId"] == "2"
+    [attached] = db.extra["volumes_attached"]
+    assert drv.ex_get_volume(attached["id"]).extra["attachments"][0]["server_id"] == sid
+
+    assert drv.ex_set_metadata(db, {"backup": "1-30", "owner": "core"}) == {
+        "backup": "1-30",
+        "owner": "core",
+    }
+    conn = drv.connection
+    conn.request(f"/servers/{sid}/metadata/owner", method="DELETE")
+    assert drv.ex_get_metadata(db) == {"backup": "1-30"}
+    conn.request(f"/servers/{sid}/metadata", method="POST", data={"metadata": {"x": "y"}})
+    assert cloud.servers()[0]["metadata"] == {"backup": "1-30", "x": "y"}
+    with pytest.raises(BaseHTTPError) as bad:
+        drv.ex_set_metadata(db, {"k": "v" * 256})
+    assert bad.value.code == 400
+
+
+def test_server_list_pages(cloud: OpenStackFake) -> None:
+    cloud.page_size = 2
+    ids = {cloud.seed_server(f"s{i}", b"x") for i in range(5)}
+    drv = driver(cloud)
+    assert {n.id for n in drv.list_nodes()} == ids
+    assert cloud.counts["GET /compute/v2.1/servers/detail"] == 3
+
+
+def test_wrong_password_and_missing_token(cloud: OpenStackFake) -> None:
+    with pytest.raises(InvalidCredsError):
+        driver(cloud, password="wrong").list_nodes()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{cloud.endpoint}/compute/v2.1/servers/detail")
+    assert e.value.code == 401
+    e.value.close()
+
+
+def test_capture_path_snapshot_upload_ranged_download_cleanup(cloud: OpenStackFake) -> None:
+    data = bytes(range(256)) * 40
+    sid = cloud.seed_server("db", data, "m1.small", {"backup": "1-7"})
+    drv = driver(cloud)
+    node = drv.ex_get_node_details(sid)
+    volume = drv.ex_get_volume(node.extra["volumes_attached"][0]["id"])
+    assert volume.extra["state"] == "in-use"
+
+    with pytest.raises(BaseHTTPError):  # an in-use volume needs force, as in cinder
+        drv.create_volume_snapshot(volume, name="cap", ex_force=False)
+    snap = drv.create_volume_snapshot(volume, name="cap")
+    assert snap.extra["status"] == "creating"
+    assert drv.ex_get_snapshot(snap.id).extra["status"] == "available"
+    # the snapshot becomes a volume, that volume an image
+    temp = drv.create_volume(1, "cap-volume", snapshot=snap)
+    assert temp.extra["state"] == "creating"
+    assert drv.ex_get_volume(temp.id).extra["state"] == "available"
+    image_id = upload_image(drv, temp.id, "cap-image")
+    assert drv.ex_get_volume(temp.id).extra["state"] == "uploading"
+    assert drv.get_image(image_id).extra["status"] == "active"
+    assert drv.ex_get_volume(temp.id).extra["state"] == "available"
+    assert drv.image_connection.request(f"/v2/images/{image_id}").object["size"] == len(data)
+
+    glance = drv.image_connection
+    got = b""
+    for start in range(0, len(data), 4096):
+        answer = glance.request(
+            f"/v2/images/{image_id}/file",
+            headers={"Range": f"bytes={start}-{start + 4095}"},
+            raw=True,
+        )
+        assert answer.status == 206
+        body = b"".join(answer.iter_content(65536))
+        assert answer.headers["content-range"] == (
+            f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+        )
+        got += body
+    assert got == data == cloud.image_bytes(image_id)
+    with pytest.raises(BaseHTTPError) as past:
+        glance.request(f"/v2/images/{image_id}/file", headers={"Range": "bytes=99999-"})
+    assert past.value.code == 416
+
+    # the volume upload also works straight from the in-use volume (force)
+    direct = upload_image(drv, volume.id, "direct")
+    assert drv.get_image(direct).extra["status"] == "active"
+    assert cloud.image_bytes(direct) == data
+
+    with pytest.raises(BaseHTTPError) as attached:  # a server's volume stays
+        drv.destroy_volume(volume)
+    assert attached.value.code == 400
+    assert drv.destroy_volume(temp)
+    assert drv.destroy_volume_snapshot(snap)
+    glance.request(f"/v2/images/{image_id}", method="DELETE")
+    glance.request(f"/v2/images/{direct}", method="DELETE")
+    assert cloud.snapshots() == []
+    assert [v["server"] for v in cloud.volumes()] == [sid]
+    assert [i["name"] for i in cloud.images()] == ["db-image"]
+    assert sorted(p.name for p in (cloud.workdir / "images").iterdir()) == [
+        i["id"] for i in cloud.images()
+    ]
+
+
+def test_restore_path_upload_then_boot(cloud: OpenStackFake) -> None:
+    drv = driver(cloud)
+    glance = drv.image_connection
+    made = glance.request(
+        "/v2/images",
+        method="POST",
+        data={"name": "restored", "disk_format": "raw", "container_format": "bare"},
+    ).object
+    assert made["status"] == "queued"
+    # libcloud's image connection sends JSON only: the bytes go through its own HTTP
+    # connection (the session it authenticated), with its headers
+    headers = glance.add_default_headers({"Content-Type": "application/json"})
+    glance.connection.request(
+        "PUT", f"{glance.request_path}/v2/images/{made['id']}/file", body=b"x", headers=headers
+    )
+    assert glance.connection.getresponse().status_code == 415
+    headers["Content-Type"] = "application/octet-stream"
+    glance.connection.request(
+        "PUT",
+        f"{glance.request_path}/v2/images/{made['id']}/file",
+        body=b"restored bytes",
+        headers=headers,
+    )
+    assert glance.connection.getresponse().status_code == 204
+    image = drv.get_image(made["id"])
+    assert image.extra["status"] == "active"
+    size = drv.ex_get_size("3")
+    node = drv.create_node(name="back", size=size, image=image, ex_metadata={"backup": "1-7"})
+    assert node.extra["metadata"] == {"backup": "1-7"}
+    assert node.extra["flavorId"] == "3"
+    [server] = cloud.servers()
+    assert server["flavor_name"] == "m1.medium"
+    assert cloud.volume_bytes(node.id) == b"restored bytes"
+
+    with pytest.raises(BaseHTTPError) as bad:
+        drv.create_node(
+            name="x", size=drv.ex_get_size("1"), image=image, ex_metadata={"k": "v" * 256}
+        )
+    assert bad.value.code == 400
+
+    cloud.fail_next("POST", r"/servers$", 500)
+    with pytest.raises(BaseHTTPError) as failed:
+        drv.create_node(name="y", size=size, image=image)
+    assert failed.value.code == 500
+    assert len(cloud.servers()) == 1
+
+    assert drv.destroy_node(node)
+    assert drv.ex_get_node_details(node.id) is None
+    assert cloud.servers() == [] and cloud.volumes() == []
+    assert drv.delete_image(image)
+    assert cloud.images() == []
+
+
+def test_runs_as_a_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "regionvault.providers.openstack.fakes.cloud",
+            "--workdir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        endpoint = proc.stdout.readline().strip()
+        assert endpoint.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{endpoint}/identity/v3") as answer:
+            assert json.load(answer)["version"]["id"].startswith("v3")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
