@@ -53,6 +53,8 @@ __all__ = ["OpenStackBlockCapture", "OpenStackBlockSink", "OpenStackCompute"]
 #: the block size of captures and restores; a read covers this many bytes at most
 BLOCK_SIZE = 4096
 READ_SIZE = 4 * 1024 * 1024
+#: the names of the images a restore uploads (deleted with the last server booted from one)
+RESTORE_PREFIX = "rv-restore-"
 _GONE = {"deleted", "soft_deleted", "terminated"}
 
 
@@ -116,11 +118,11 @@ class OpenStackCompute(Compute):
         with self._image_lock:
             return self.driver.image_connection.request(path, method=method, data=data).object
 
-    def _image_upload(self, image_id: str, body: bytes) -> None:
-        """PUT the image's data through the driver's image connection, its body raw (the
-        connection encodes JSON and says so otherwise)."""
+    def _image_upload(self, image_id: str, path: Path) -> None:
+        """PUT the image's data through the driver's image connection, streamed from
+        ``path``, its body raw (the connection encodes JSON and says so otherwise)."""
         conn = self.driver.image_connection
-        with self._image_lock:
+        with self._image_lock, path.open("rb") as body:
             conn.encode_data = lambda data: data
             conn.default_content_type = "application/octet-stream"
             try:
@@ -132,11 +134,14 @@ class OpenStackCompute(Compute):
     def image_range(self, image_id: str, offset: int, length: int) -> bytes:
         """``length`` bytes of the image's data from ``offset`` (glance download, Range)."""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        with self._image_lock:
-            response = self.driver.image_connection.request(
-                f"/v2/images/{image_id}/file", headers=headers
-            )
-        data = b"".join(response.iter_content(1 << 20))
+        try:
+            with self._image_lock:
+                response = self.driver.image_connection.request(
+                    f"/v2/images/{image_id}/file", headers=headers
+                )
+            data = b"".join(response.iter_content(1 << 20))
+        except (BaseHTTPError, LibcloudError) as exc:
+            raise self._error(f"reading image {image_id} at {offset}", exc) from exc
         if response.status == 200 and len(data) > length:  # Range ignored: the whole image
             data = data[offset : offset + length]
         return data
@@ -374,12 +379,30 @@ class OpenStackCompute(Compute):
         return str(server.get("status", "unknown"))
 
     def terminate(self, instance_id: str) -> None:
+        """Delete the server, and the image a restore uploaded for it (named
+        ``rv-restore-...``) once no other server boots from it."""
         node = self._node(instance_id)
+        image_id = node.extra.get("imageId")
         try:
             self.driver.destroy_node(node)
         except (BaseHTTPError, LibcloudError) as exc:
             if _status(exc) != 404:
                 raise self._error(f"deleting server {instance_id}", exc) from exc
+        if not image_id:
+            return
+        try:
+            name = str(self._images(f"/v2/images/{image_id}").get("name", ""))
+            if not name.startswith(RESTORE_PREFIX):
+                return
+            users = [
+                n
+                for n in self.driver.list_nodes()
+                if n.id != instance_id and n.extra.get("imageId") == image_id
+            ]
+        except (BaseHTTPError, LibcloudError):
+            return  # the image is gone already, or cannot be told: leave it
+        if not users:
+            self.delete_image(image_id)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -465,13 +488,13 @@ class OpenStackBlockSink(BlockSink):
                 "/v2/images",
                 method="POST",
                 data={
-                    "name": f"rv-restore-{self.spec.name}",
+                    "name": f"{RESTORE_PREFIX}{self.spec.name}",
                     "disk_format": "raw",
                     "container_format": "bare",
                 },
             )
             self.image_id = str(image["id"])
-            compute._image_upload(self.image_id, self.path.read_bytes())
+            compute._image_upload(self.image_id, self.path)
             image_id = self.image_id
             compute._wait(f"image {image_id}", lambda: compute._image_status(image_id), "active")
         except (BaseHTTPError, LibcloudError) as exc:

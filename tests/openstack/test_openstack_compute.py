@@ -97,9 +97,34 @@ def test_capture_reads_the_volume_through_a_snapshot_image_and_cleans_up(
             read[offset : offset + len(chunk)] = chunk
         assert bytes(read) == data
         assert dict(capture.read_ranges([(4096, 8192)])) == {4096: data[4096:12288]}
-    with pytest.raises(Exception):  # noqa: B017 (the fake's own error for a deleted image)
+    with pytest.raises(KeyError):
         fake.image_bytes(image_id)
     assert [s for s in fake.servers() if s["id"] == server]
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1
+    assert len(fake.images()) == 1  # the seeded server's own
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", r"/snapshots$"),
+        ("POST", r"/volumes$"),
+        ("POST", r"/volumes/[^/]+/action$"),
+        ("GET", r"/v2/images/[^/]+/file$"),
+    ],
+)
+def test_a_failed_capture_leaves_no_temporaries(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], method: str, path: str
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("core-2", _image(3), FLAVOR, {"backup": "1-7"})
+    compute = make_compute()
+    fake.fail_next(method, path, 500)
+    with pytest.raises(RegionVaultError), compute.capture(server) as capture:
+        dict(capture.blocks())
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1 and len(fake.images()) == 1
+    with compute.capture(server) as capture:  # the next one works
+        assert capture.size == len(_image(3))
 
 
 def test_restore_boots_the_original_flavor_with_the_original_metadata(
@@ -121,6 +146,8 @@ def test_restore_boots_the_original_flavor_with_the_original_metadata(
     with compute.capture(launched.id) as capture:
         assert dict(capture.read_ranges([(0, 4096)])) == {0: data[:4096]}
     compute.terminate(launched.id)
+    with pytest.raises(KeyError):  # the restore's image went with its server
+        fake.image_bytes(launched.extra["image"])
     with pytest.raises(InstanceNotFound):
         compute.get_instance(launched.id)
     assert source_id in {i.id for i in compute.list_instances()}
@@ -141,8 +168,8 @@ def test_a_failed_restore_removes_what_it_made(
     assert fake.image_bytes(image_id)[:4096] == b"x" * 4096
     with pytest.raises(RegionVaultError):
         compute.launch(spec, sink)
-    with pytest.raises(Exception):  # noqa: B017 (the fake's own error for a deleted image)
+    with pytest.raises(KeyError):
         fake.image_bytes(image_id)
-    assert {s["id"] for s in fake.servers()} == before
+    assert {s["id"] for s in fake.servers()} == before and fake.volumes() == []
     with pytest.raises(ComputeError):
         compute.launch(spec, sink)
