@@ -104,6 +104,7 @@ def test_wrong_password_and_missing_token(cloud: OpenStackFake) -> None:
 
 
 def test_capture_path_snapshot_upload_ranged_download_cleanup(cloud: OpenStackFake) -> None:
+    cloud.settle_polls = 1  # done at the next request
     data = bytes(range(256)) * 40
     sid = cloud.seed_server("db", data, "m1.small", {"backup": "1-7"})
     drv = driver(cloud)
@@ -121,7 +122,7 @@ def test_capture_path_snapshot_upload_ranged_download_cleanup(cloud: OpenStackFa
     assert temp.extra["state"] == "creating"
     assert drv.ex_get_volume(temp.id).extra["state"] == "available"
     image_id = upload_image(drv, temp.id, "cap-image")
-    assert drv.ex_get_volume(temp.id).extra["state"] == "uploading"
+    assert [v["status"] for v in cloud.volumes() if v["id"] == temp.id] == ["uploading"]
     assert drv.get_image(image_id).extra["status"] == "active"
     assert drv.ex_get_volume(temp.id).extra["state"] == "available"
     assert drv.image_connection.request(f"/v2/images/{image_id}").object["size"] == len(data)
@@ -241,3 +242,65 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
         assert proc.wait(timeout=10) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_what_a_request_starts_goes_on_without_polls(cloud: OpenStackFake) -> None:
+    sid = cloud.seed_server("db", b"d" * 1000)
+    drv = driver(cloud)
+    volume_id = drv.ex_get_node_details(sid).extra["volumes_attached"][0]["id"]
+    image_id = upload_image(drv, volume_id, "up")
+    assert {i["id"]: i["status"] for i in cloud.images()}[image_id] == "saving"
+    drv.list_sizes()  # any request is a step of time
+    assert [v["status"] for v in cloud.volumes()] == ["uploading"]
+    assert drv.ex_get_volume(volume_id).extra["state"] == "in-use"  # the 2nd step: done
+    assert cloud.image_bytes(image_id) == b"d" * 1000
+
+    image = drv.get_image(image_id)
+    node = drv.create_node(name="n", size=drv.ex_get_size("1"), image=image)
+    assert node.extra["vm_state"] == "build"  # libcloud's GET after the POST
+    assert drv.ex_get_node_details(node.id).state == "running"
+
+    cloud.fail_next_boot()
+    cloud.fail_next_upload()
+    failed = drv.create_node(name="f", size=drv.ex_get_size("1"), image=image)
+    killed = upload_image(drv, volume_id, "killed")
+    cloud.settle()
+    node = drv.ex_get_node_details(failed.id)
+    assert node.state == "error"
+    assert "No valid host" in node.extra["fault"]["message"]
+    assert drv.get_image(killed).extra["status"] == "killed"
+    with pytest.raises(KeyError):
+        cloud.image_bytes(killed)
+    assert drv.ex_get_volume(volume_id).extra["state"] == "in-use"
+    assert drv.destroy_node(node)
+    assert drv.delete_image(drv.get_image(killed))
+
+
+def test_streamed_upload_and_metadata_quota(cloud: OpenStackFake) -> None:
+    drv = driver(cloud)
+    glance = drv.image_connection
+    made = glance.request(
+        "/v2/images",
+        method="POST",
+        data={"name": "s", "disk_format": "raw", "container_format": "bare"},
+    ).object
+    headers = glance.add_default_headers({"Content-Type": "application/octet-stream"})
+    glance.connection.request(
+        "PUT",
+        f"{glance.request_path}/v2/images/{made['id']}/file",
+        body=(bytes([i]) * 1000 for i in range(50)),  # a generator: sent chunked
+        headers=headers,
+    )
+    assert glance.connection.getresponse().status_code == 204
+    assert cloud.image_bytes(made["id"]) == b"".join(bytes([i]) * 1000 for i in range(50))
+    glance.connection.request(
+        "PUT", f"{glance.request_path}/v2/images/{made['id']}/file", body=b"x", headers=headers
+    )
+    assert glance.connection.getresponse().status_code == 409  # active: no second upload
+
+    sid = cloud.seed_server("m", b"m", metadata={f"k{i}": "v" for i in range(128)})
+    with pytest.raises(BaseHTTPError) as over:
+        drv.connection.request(
+            f"/servers/{sid}/metadata", method="POST", data={"metadata": {"one": "more"}}
+        )
+    assert over.value.code == 403

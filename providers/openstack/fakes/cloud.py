@@ -24,10 +24,24 @@ openstack provider needs:
   is ``saving`` until polled, then ``active``); snapshots ``create`` (an in-use volume needs
   ``force``), ``get``, ``list``/``detail``, ``delete``.
 
-Asynchrony: what cinder and glance make is ``creating``/``saving`` in the answer that makes it
-and for :attr:`OpenStackFake.settle_polls` ``GET`` answers of it afterwards (default 1), then
-``available``/``active``; a server is ``BUILD`` in its create answer and ``ACTIVE`` after.
-A volume being uploaded is ``uploading`` until its image is active.
+Asynchrony: as in a cloud, what a request starts goes on whether or not anyone polls it.
+A server is ``BUILD``, a volume or a snapshot ``creating``, an uploaded image ``saving`` (its
+volume ``uploading``) in the answer that makes it; every later authenticated request (of any
+kind) is one step of time, and from the :attr:`OpenStackFake.settle_polls`-th (default 2)
+on it is ``ACTIVE``, ``available`` or ``active`` (the volume back in its status).
+:meth:`OpenStackFake.settle` ends everything at once. Failures that a cloud reports in the
+resource rather than in the answer: :meth:`~OpenStackFake.fail_next_boot` (the server ends
+in ``ERROR`` with a ``fault``, as a boot nova cannot schedule), and
+:meth:`~OpenStackFake.fail_next_upload` (the image ends ``killed``, without data).
+
+Through libcloud (how the provider's calls look; the tests do each): the driver's own
+``connection`` (nova), ``image_connection`` (glance) and ``_get_volume_connection()`` (cinder)
+send JSON. Image data is not JSON: download with ``image_connection.request(path,
+headers={"Range": ...}, raw=True)`` and read ``iter_content``; upload through that
+connection's own HTTP connection (``image_connection.connection.request("PUT",
+image_connection.request_path + path, body=..., headers=image_connection.add_default_headers(
+{"Content-Type": "application/octet-stream"}))``), which the fake insists on (415 for JSON,
+as glance). A streamed (chunked) body is accepted.
 
 Bytes: image, volume and snapshot data are files under ``workdir`` (``images/``, ``volumes/``,
 ``snapshots/``); state is in memory. A volume's data is the length it was made with (a
@@ -36,6 +50,8 @@ image's ``size`` is the data's length, which is what a reader must go by anyway.
 ``size`` (GiB) is that length rounded up, at least 1.
 
 Test hooks, not on the wire: :meth:`OpenStackFake.seed_server`, :meth:`~OpenStackFake.servers`,
+:meth:`~OpenStackFake.settle`, :meth:`~OpenStackFake.fail_next_boot`,
+:meth:`~OpenStackFake.fail_next_upload`,
 :meth:`~OpenStackFake.image_bytes`, :meth:`~OpenStackFake.volume_bytes`,
 :meth:`~OpenStackFake.images`, :meth:`~OpenStackFake.volumes`,
 :meth:`~OpenStackFake.snapshots`, :meth:`~OpenStackFake.fail_next` (an HTTP error for the
@@ -79,6 +95,7 @@ DEFAULT_FLAVORS: dict[str, tuple[str, int, int, int]] = {
 
 _IMAGE_FIELDS = ("id", "name", "disk_format", "container_format")
 _METADATA_LIMIT = 255  # nova: keys and values are at most 255 characters
+_METADATA_ITEMS = 128  # nova's default metadata_items quota
 
 
 class FakeError(Exception):
@@ -121,6 +138,8 @@ class _Image:
     checksum: str | None = None
     polls_left: int = 0
     properties: dict[str, str] = field(default_factory=dict)
+    # an upload that ends in "killed" (fail_next_upload)
+    doomed: bool = False
 
 
 @dataclass
@@ -162,6 +181,10 @@ class _Server:
     created: str
     updated: str
     status: str = "ACTIVE"
+    polls_left: int = 0
+    # the status a BUILD ends in (ERROR: fail_next_boot)
+    ends: str = "ACTIVE"
+    fault: str | None = None
 
 
 @dataclass
@@ -196,8 +219,9 @@ class OpenStackFake:
         self.port = port
         #: nova's osapi_max_limit: the largest page a server list answers
         self.page_size = page_size
-        #: GET answers a new volume, snapshot or uploaded image stays unfinished for
-        self.settle_polls = 1
+        #: what a request makes (a server, a volume, a snapshot, an uploaded image) is done
+        #: from this many later requests on (of any kind): 0 is done in its first answer
+        self.settle_polls = 2
         self.project_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{project}.project").hex
         self.user_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{username}.user").hex
         #: requests per "METHOD /service/route" (ids replaced by ``{id}``)
@@ -210,6 +234,9 @@ class OpenStackFake:
         self._snapshots: dict[str, _Snapshot] = {}
         self._servers: dict[str, _Server] = {}
         self._failures: list[_Failure] = []
+        self._boot_failures = 0
+        self._boot_fault = ""
+        self._upload_failures = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
@@ -356,6 +383,19 @@ class OpenStackFake:
                 _Failure(method.upper(), re.compile(path_pattern), status, message)
             )
 
+    def fail_next_boot(self, message: str = "No valid host was found. ") -> None:
+        """The next server made through the API ends its BUILD in ERROR, with ``message`` as
+        its fault (as nova's scheduler fails a boot), rather than ACTIVE."""
+        with self._lock:
+            self._boot_failures += 1
+            self._boot_fault = message
+
+    def fail_next_upload(self) -> None:
+        """The next ``os-volume_upload_image`` ends with its image ``killed`` (as glance shows
+        an upload that failed) and the volume back in its status, rather than ``active``."""
+        with self._lock:
+            self._upload_failures += 1
+
     # -- state helpers (under the lock) ------------------------------------------------------
 
     def _image_path(self, image_id: str) -> Path:
@@ -409,17 +449,40 @@ class OpenStackFake:
         self._servers[server.id] = server
         return server
 
-    def _poll(self, thing: _Volume | _Snapshot | _Image) -> None:
-        """A GET of something being made: one step nearer done."""
-        if thing.polls_left > 0:
+    def _pending(self) -> list[_Volume | _Snapshot | _Image | _Server]:
+        things: list[_Volume | _Snapshot | _Image | _Server] = [
+            *self._servers.values(),
+            *self._volumes.values(),
+            *self._snapshots.values(),
+            *self._images.values(),
+        ]
+        return [t for t in things if t.polls_left > 0]
+
+    def _step(self) -> None:
+        """A request: everything being made is one step nearer done (as time passes)."""
+        for thing in self._pending():
             thing.polls_left -= 1
             if thing.polls_left == 0:
                 self._settle(thing)
 
-    def _settle(self, thing: _Volume | _Snapshot | _Image) -> None:
-        if isinstance(thing, _Image):
+    def settle(self) -> None:
+        """Finish everything being made now, as time does."""
+        with self._lock:
+            for thing in self._pending():
+                thing.polls_left = 0
+                self._settle(thing)
+
+    def _settle(self, thing: _Volume | _Snapshot | _Image | _Server) -> None:
+        if isinstance(thing, _Server):
+            thing.status = thing.ends
+            thing.updated = _now()
+        elif isinstance(thing, _Image):
             if thing.status == "saving":
-                self._finish_image(thing, self._image_path(thing.id).stat().st_size)
+                if thing.doomed:
+                    thing.status = "killed"
+                    self._image_path(thing.id).unlink(missing_ok=True)
+                else:
+                    self._finish_image(thing, self._image_path(thing.id).stat().st_size)
                 for volume in self._volumes.values():
                     if volume.upload_image == thing.id:
                         volume.upload_image = None
@@ -427,7 +490,7 @@ class OpenStackFake:
         elif isinstance(thing, _Snapshot) or thing.status == "creating":
             thing.status = "available"
 
-    def _later(self, thing: _Volume | _Snapshot | _Image) -> None:
+    def _later(self, thing: _Volume | _Snapshot | _Image | _Server) -> None:
         thing.polls_left = self.settle_polls
         if thing.polls_left == 0:
             self._settle(thing)
@@ -467,6 +530,7 @@ class OpenStackFake:
                 {"id": s.volume_id, "delete_on_termination": True}
             ],
             "progress": 100 if s.status == "ACTIVE" else 0,
+            **({"fault": {"code": 500, "message": s.fault}} if s.status == "ERROR" else {}),
             "config_drive": "",
             "key_name": None,
         }
@@ -567,7 +631,9 @@ class OpenStackFake:
         return {
             "id": i.id,
             "name": i.name,
-            "status": {"active": "ACTIVE", "saving": "SAVING"}.get(i.status, "UNKNOWN"),
+            "status": {"active": "ACTIVE", "saving": "SAVING", "killed": "ERROR"}.get(
+                i.status, "UNKNOWN"
+            ),
             "created": i.created,
             "updated": i.updated,
             "minDisk": 0,
@@ -639,6 +705,7 @@ class OpenStackFake:
             token = headers.get("x-auth-token", "")
             if token not in self._tokens:
                 raise FakeError(401, "The request you have made requires authentication.")
+            self._step()
             parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
             if parts[:2] == ["compute", "v2.1"]:
                 rest = parts[2:]
@@ -719,7 +786,6 @@ class OpenStackFake:
             if image is None:
                 raise FakeError(404, "Image not found.")
             if method == "GET":
-                self._poll(image)
                 return _json(200, {"image": self._nova_image_json(image)})
             if method == "DELETE":
                 self._delete_image(image)
@@ -730,7 +796,6 @@ class OpenStackFake:
             if snap is None:
                 raise FakeError(404, f"Snapshot {rest[1]} could not be found.")
             if method == "GET":
-                self._poll(snap)
                 return _json(200, {"snapshot": self._nova_snapshot_json(snap)})
             if method == "DELETE":
                 self._delete_snapshot(snap)
@@ -803,6 +868,7 @@ class OpenStackFake:
         if not isinstance(name, str) or not name:
             raise FakeError(400, "Invalid input for field/attribute name.")
         metadata = _metadata(spec.get("metadata", {}))
+        _metadata_quota(metadata)
         flavor_ref = str(spec.get("flavorRef", ""))
         if flavor_ref not in self.flavors:
             raise FakeError(400, f"Flavor {flavor_ref} could not be found.")
@@ -813,6 +879,11 @@ class OpenStackFake:
         if image.status != "active":
             raise FakeError(400, f"Image {image_ref} is not active.")
         server = self._boot(name, flavor_ref, image.id, metadata)
+        server.status = "BUILD"
+        if self._boot_failures:
+            self._boot_failures -= 1
+            server.ends, server.fault = "ERROR", self._boot_fault
+        self._later(server)
         answer = {
             "server": {
                 "id": server.id,
@@ -840,10 +911,9 @@ class OpenStackFake:
             if not isinstance(given, dict):
                 raise FakeError(400, "Invalid input: 'metadata' is a required property")
             metadata = _metadata(given)
-            if method == "PUT":
-                server.metadata = metadata
-            else:
-                server.metadata.update(metadata)
+            merged = metadata if method == "PUT" else {**server.metadata, **metadata}
+            _metadata_quota(merged)
+            server.metadata = merged
             server.updated = _now()
             return _json(200, {"metadata": dict(server.metadata)})
         raise FakeError(405, "Method not allowed")
@@ -861,7 +931,9 @@ class OpenStackFake:
                 raise FakeError(400, "Request body contains too many items")
             if key not in meta:
                 raise FakeError(400, "Request body and URI mismatch")
-            server.metadata.update(_metadata(meta))
+            merged = {**server.metadata, **_metadata(meta)}
+            _metadata_quota(merged)
+            server.metadata = merged
             server.updated = _now()
             return _json(200, {"meta": {key: server.metadata[key]}})
         if method == "DELETE":
@@ -900,7 +972,6 @@ class OpenStackFake:
             image = found
             if len(rest) == 2:
                 if method == "GET":
-                    self._poll(image)
                     return _json(200, self._image_json(image))
                 if method == "DELETE":
                     self._delete_image(image)
@@ -987,7 +1058,6 @@ class OpenStackFake:
             if volume is None:
                 raise FakeError(404, f"Volume {rest[1]} could not be found.")
             if len(rest) == 2 and method == "GET":
-                self._poll(volume)
                 return _json(200, {"volume": self._volume_json(volume)})
             if len(rest) == 2 and method == "DELETE":
                 return self._delete_volume(volume)
@@ -998,7 +1068,6 @@ class OpenStackFake:
             if snap is None:
                 raise FakeError(404, f"Snapshot {rest[1]} could not be found.")
             if method == "GET":
-                self._poll(snap)
                 return _json(200, {"snapshot": self._snapshot_json(snap)})
             if method == "DELETE":
                 self._delete_snapshot(snap)
@@ -1086,6 +1155,9 @@ class OpenStackFake:
         )
         shutil.copyfile(self._volume_path(volume.id), self._image_path(image.id))
         image.status = "saving"
+        if self._upload_failures:
+            self._upload_failures -= 1
+            image.doomed = True
         volume.resting = volume.status
         volume.status = "uploading"
         volume.upload_image = image.id
@@ -1148,6 +1220,15 @@ def _body(body: bytes) -> dict[str, Any]:
     return obj
 
 
+def _metadata_quota(metadata: dict[str, str]) -> None:
+    if len(metadata) > _METADATA_ITEMS:
+        raise FakeError(
+            403,
+            "Quota exceeded for metadata_items: Requested 1, but already used"
+            f" {len(metadata) - 1} of {_METADATA_ITEMS} metadata_items",
+        )
+
+
 def _metadata(given: Any) -> dict[str, str]:
     if not isinstance(given, dict):
         raise FakeError(400, "Invalid input for field/attribute metadata.")
@@ -1168,15 +1249,31 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _serve(self) -> None:
+    def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            # a streamed upload (requests sends a generator body chunked)
+            parts: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        return self.rfile.read(length) if length else b""
+
+    def _serve(self) -> None:
+        body = self._body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         host = self.headers.get("Host") or f"127.0.0.1:{self.cloud.port}"
         base = f"http://{host}"
         try:
             status, hdrs, data = self.cloud.handle(self.command, self.path, headers, body, base)
-        except FakeError as e:
+        except Exception as e:  # an answer for anything: a fault is a 500, as nova answers
+            if not isinstance(e, FakeError):
+                e = FakeError(500, f"Unexpected API Error: {type(e).__name__}: {e}")
             key = e.kind
             if self.path.startswith("/image"):
                 status, hdrs, data = e.status, {"Content-Type": "text/plain"}, e.message.encode()
