@@ -351,7 +351,7 @@ class OpenStackCompute(Compute):
                 region=self.region,
             )
         try:
-            size = self.driver.ex_get_size(self._flavor(spec))
+            size = self._size(self._flavor(spec))
             node = self.driver.create_node(
                 name=spec.name,
                 size=size,
@@ -373,6 +373,18 @@ class OpenStackCompute(Compute):
             raise
         sink.launched = True
         return instance
+
+    def _size(self, flavor: str) -> Any:
+        """The flavor with this id, or else with this name (``m1.large``)."""
+        try:
+            return self.driver.ex_get_size(flavor)
+        except (BaseHTTPError, LibcloudError) as exc:
+            if _status(exc) != 404:
+                raise
+        for size in self.driver.list_sizes():
+            if size.name == flavor:
+                return size
+        raise ComputeError(f"no flavor {flavor!r}", provider="openstack", region=self.region)
 
     def _server_status(self, instance_id: str) -> str:
         server = self.driver.connection.request(f"/servers/{instance_id}").object["server"]

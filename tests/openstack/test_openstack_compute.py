@@ -173,3 +173,33 @@ def test_a_failed_restore_removes_what_it_made(
     assert {s["id"] for s in fake.servers()} == before and fake.volumes() == []
     with pytest.raises(ComputeError):
         compute.launch(spec, sink)
+
+
+def test_an_upload_that_glance_kills_fails_the_capture_cleanly(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("core-3", _image(4), FLAVOR, {"backup": "1-7"})
+    compute = make_compute()
+    fake.fail_next_upload()
+    with pytest.raises(ComputeError, match="killed"):
+        compute.capture(server)
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1 and len(fake.images()) == 1
+
+
+def test_a_boot_ending_in_error_removes_the_server_and_the_image(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    compute = make_compute()
+    spec = LaunchSpec(name="unlucky", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    sink.write(0, b"y" * 4096)
+    sink.commit()
+    image_id = sink.image_id
+    fake.fail_next_boot()
+    with pytest.raises(ComputeError, match="error"):
+        compute.launch(spec, sink)
+    assert fake.servers() == [] and fake.volumes() == []
+    with pytest.raises(KeyError):
+        fake.image_bytes(image_id)
