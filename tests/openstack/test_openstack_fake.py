@@ -304,3 +304,26 @@ def test_streamed_upload_and_metadata_quota(cloud: OpenStackFake) -> None:
             f"/servers/{sid}/metadata", method="POST", data={"metadata": {"one": "more"}}
         )
     assert over.value.code == 403
+
+
+def test_range_forms(cloud: OpenStackFake) -> None:
+    data = bytes(range(100))
+    sid = cloud.seed_server("r", data)
+    image_id = next(s["image"] for s in cloud.servers() if s["id"] == sid)
+    glance = driver(cloud).image_connection
+
+    def get(range_header: str | None) -> tuple[int, bytes, str | None]:
+        headers = {"Range": range_header} if range_header else {}
+        answer = glance.request(f"/v2/images/{image_id}/file", headers=headers, raw=True)
+        return (
+            answer.status,
+            b"".join(answer.iter_content(4096)),
+            answer.headers.get("content-range"),
+        )
+
+    assert get(None) == (200, data, None)
+    assert get("bytes=90-") == (206, data[90:], "bytes 90-99/100")
+    assert get("bytes=-5") == (206, data[95:], "bytes 95-99/100")
+    assert get("bytes=98-1000") == (206, data[98:], "bytes 98-99/100")
+    for bad, code in (("bytes=100-", 416), ("bytes=5-2", 416), ("items=0-1", 400)):
+        assert get(bad)[0] == code, bad

@@ -15,13 +15,16 @@ openstack provider needs:
   ``next``, as nova pages), ``get``, ``create`` (``imageRef`` of an active glance image,
   ``flavorRef``, ``metadata``: the server boots from a new volume made from the image, deleted
   with it), ``delete``; metadata ``GET``/``PUT`` (replace)/``POST`` (merge), one key
-  ``GET``/``PUT``/``DELETE``; ``os-volume_attachments``; flavors ``list``/``detail``/``get``.
+  ``GET``/``PUT``/``DELETE``; ``os-volume_attachments``; flavors ``list``/``detail``/``get``;
+  nova's proxies that libcloud's ``get_image``-era calls use: ``images/<id>`` ``GET`` and
+  ``DELETE`` (``delete_image``), ``os-snapshots/<id>`` ``GET`` and ``DELETE``
+  (``ex_get_snapshot``).
 - glance v2: images ``create`` (queued), ``get``, ``list``, data ``PUT`` (active) and data
   ``GET`` with ``Range: bytes=a-b`` (206 with ``Content-Range``; 416 past the end), ``delete``.
 - cinder v3: volumes ``get``, ``list``/``detail``, ``create`` (blank, from ``snapshot_id`` or
   ``imageRef``), ``delete`` (400 while attached or while it has snapshots, as cinder answers),
   action ``os-volume_upload_image`` (an in-use volume needs ``force``, as in cinder; the image
-  is ``saving`` until polled, then ``active``); snapshots ``create`` (an in-use volume needs
+  is ``saving``, then ``active``); snapshots ``create`` (an in-use volume needs
   ``force``), ``get``, ``list``/``detail``, ``delete``.
 
 Asynchrony: as in a cloud, what a request starts goes on whether or not anyone polls it.
