@@ -388,7 +388,15 @@ class OpenStackCompute(Compute):
 
     def _server_status(self, instance_id: str) -> str:
         server = self.driver.connection.request(f"/servers/{instance_id}").object["server"]
-        return str(server.get("status", "unknown"))
+        status = str(server.get("status", "unknown"))
+        if status.lower() == "error":
+            fault = (server.get("fault") or {}).get("message") or "no fault given"
+            raise ComputeError(
+                f"server {instance_id} ended in ERROR: {fault}",
+                provider="openstack",
+                region=self.region,
+            )
+        return status
 
     def terminate(self, instance_id: str) -> None:
         """Delete the server, and the image a restore uploaded for it (named

@@ -197,8 +197,8 @@ def test_a_boot_ending_in_error_removes_the_server_and_the_image(
     sink.write(0, b"y" * 4096)
     sink.commit()
     image_id = sink.image_id
-    fake.fail_next_boot()
-    with pytest.raises(ComputeError, match="error"):
+    fake.fail_next_boot("No valid host was found.")
+    with pytest.raises(ComputeError, match="ERROR: No valid host was found"):
         compute.launch(spec, sink)
     assert fake.servers() == [] and fake.volumes() == []
     with pytest.raises(KeyError):
