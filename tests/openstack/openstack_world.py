@@ -5,6 +5,8 @@ provider's; the password in the environment variable the region names."""
 
 from __future__ import annotations
 
+import contextlib
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,18 @@ def make_compute(cloud: tuple[OpenStackFake, str]) -> Iterator[Callable[..., Any
     yield make
     for compute in made:
         compute.close()
+
+
+@contextlib.contextmanager
+def edge_regions(workdir: Path) -> Iterator[tuple[dict[str, dict[str, Any]], dict[str, Any]]]:
+    """Two composed edge regions (``openstack:east``, ``openstack:west``) as the provider's
+    conformance support builds them: a fake cloud each, a SoftHSM token each, libcloud vaults
+    in two buckets of one moto S3 server (``rv-east-vault``, ``rv-west-vault``). Yields
+    (region name -> settings, region short name -> its OpenStackFake); all stopped after."""
+    from regionvault.providers.openstack.conformance import OpenStackConformanceSupport
+
+    support = OpenStackConformanceSupport()
+    with support.test_site(workdir) as path:
+        with Path(path).open("rb") as f:
+            regions = tomllib.load(f)["regions"]
+        yield regions, dict(support.fakes)
