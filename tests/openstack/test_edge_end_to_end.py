@@ -72,10 +72,49 @@ def _tick(engine: Engine) -> Any:
     return report
 
 
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[Any]:
+    """Another kind of store for west's vault: Azure Blobs (Azurite), through libcloud."""
+    from regionvault.providers.azure.azurite import AzuriteServer, AzuriteUnavailable
+
+    server = AzuriteServer({"rvedge": None})
+    try:
+        server.start()
+    except AzuriteUnavailable as exc:
+        pytest.skip(f"Azurite is not available: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+#: the settings of a libcloud vault that are not about where it is
+_PLACELESS = ("provider", "container", "prefix", "inbox_container", "inbox_prefix", "create")
+
+
 def test_edge_server_backed_up_copied_and_launched_in_another_edge_region(
-    edge: tuple[dict[str, dict[str, Any]], dict[str, Any]], tmp_path: Path
+    edge: tuple[dict[str, dict[str, Any]], dict[str, Any]],
+    azurite: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """East's vault is an S3 bucket (moto); west's is another store, an Azure Blobs container
+    (Azurite), both through libcloud: the copy crosses from one kind of store to another."""
     regions, fakes = edge
+    west_vault = {k: v for k, v in regions[B]["vault"].items() if k in _PLACELESS}
+    monkeypatch.setenv("RV_EDGE_AZ_ACCOUNT", "rvedge")
+    monkeypatch.setenv("RV_EDGE_AZ_KEY", azurite.accounts["rvedge"])
+    west_vault.update(
+        driver="azure_blobs",
+        host=azurite.host,
+        port=azurite.port,
+        secure=False,
+        key_env="RV_EDGE_AZ_ACCOUNT",
+        secret_env="RV_EDGE_AZ_KEY",
+        create=True,
+    )
+    assert regions[A]["vault"]["driver"] == "s3"
+    regions = {**regions, B: {**regions[B], "vault": west_vault}}
     east, west = fakes["east"], fakes["west"]
     original = tar_image({"disk": os.urandom(3 * 1024 * 1024) + b"edge-e2e" * 4096})
     server_id = east.seed_server("vcu-1", original, FLAVOR, dict(METADATA))
@@ -108,6 +147,15 @@ def test_edge_server_backed_up_copied_and_launched_in_another_edge_region(
         assert launched["flavor_name"] == FLAVOR
         assert launched["metadata"] == METADATA
         assert west.image_bytes(launched["image"]) == original
+
+        # west's points are in Azurite's container, read beside the provider
+        from azure.storage.blob import BlobServiceClient
+
+        account = {"account_name": "rvedge", "account_key": azurite.accounts["rvedge"]}
+        with BlobServiceClient(azurite.account_url("rvedge"), credential=account) as service:
+            container = service.get_container_client(west_vault["container"])
+            stored = [b.name for b in container.list_blobs()]
+        assert any("packs/" in n for n in stored) and any("points/" in n for n in stored)
 
         # east's token cannot unwrap anything west holds
         west_vault = site.region(B).vault
