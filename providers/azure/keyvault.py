@@ -31,9 +31,7 @@ no such key version and answers 404, or RSA fails and it answers 400).
 
 from __future__ import annotations
 
-import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,8 +46,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from regionvault.core.envelope import Envelope, checked_secret, seal_envelope
 from regionvault.core.errors import (
     ConfigError,
     KeyAccessDenied,
@@ -85,9 +83,6 @@ MAGIC = b"RVAZK1"
 #: reserved encryption-context key; callers' contexts may not use it
 _DATA_KEY = "data-key"
 _SEAL = "seal"
-MAX_SECRET = 1024
-_NONCE = 12
-_TAG = 16
 _ALGORITHM = "RSA-OAEP-256"
 _KEY_OPS = ["wrapKey", "unwrapKey"]
 
@@ -326,73 +321,28 @@ def _context(context: Mapping[str, str], purpose: str, region: str) -> bytes:
     return context_bytes(purpose_context(context, purpose, provider="azure", region=region))
 
 
-@dataclass(frozen=True)
-class _Envelope:
-    version: str
-    wrapped_key: bytes
-    nonce: bytes
-    ciphertext: bytes
-
-    def header(self) -> bytes:
-        version = self.version.encode("ascii")
-        return (
-            MAGIC
-            + struct.pack(">B", len(version))
-            + version
-            + struct.pack(">H", len(self.wrapped_key))
-            + self.wrapped_key
-        )
-
-    def to_bytes(self) -> bytes:
-        return self.header() + self.nonce + self.ciphertext
-
-    @classmethod
-    def parse(cls, blob: bytes) -> _Envelope | None:
-        """The envelope in ``blob``, or None when it is not one."""
-        try:
-            if not blob.startswith(MAGIC):
-                return None
-            at = len(MAGIC)
-            (n,) = struct.unpack_from(">B", blob, at)
-            version = blob[at + 1 : at + 1 + n].decode("ascii")
-            at += 1 + n
-            (m,) = struct.unpack_from(">H", blob, at)
-            wrapped = blob[at + 2 : at + 2 + m]
-            at += 2 + m
-            nonce, ciphertext = blob[at : at + _NONCE], blob[at + _NONCE :]
-        except (struct.error, UnicodeDecodeError):
-            return None
-        if (
-            not _VERSION.match(version)
-            or len(wrapped) != m
-            or len(nonce) != _NONCE
-            or len(ciphertext) < _TAG
-        ):
-            return None
-        return cls(version, wrapped, nonce, ciphertext)
-
-
 def _seal_with(key: KeyVaultKey, payload: bytes, context: bytes) -> bytes:
     """The envelope of ``payload`` under ``key``'s public half (no Key Vault call)."""
-    inner = AESGCM.generate_key(bit_length=256)
-    wrapped = CryptographyClient.from_jwk(key.key).wrap_key(KeyWrapAlgorithm.rsa_oaep_256, inner)
-    version = str(key.properties.version)
-    envelope = _Envelope(version, wrapped.encrypted_key, os.urandom(_NONCE), b"")
-    aad = envelope.header() + b"\0" + context
-    sealed = AESGCM(inner).encrypt(envelope.nonce, payload, aad)
-    return envelope.header() + envelope.nonce + sealed
+    public = CryptographyClient.from_jwk(key.key)
+    version = str(key.properties.version).encode("ascii")
+
+    def wrap(inner: bytes) -> bytes:
+        return bytes(public.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, inner).encrypted_key)
+
+    return seal_envelope(MAGIC, version, wrap, payload, context)
 
 
 def _secret(secret: bytes, region: str) -> bytes:
-    if not isinstance(secret, bytes | bytearray | memoryview):
-        raise KeyServiceError("a sealed secret must be bytes", provider="azure", region=region)
-    if len(secret) > MAX_SECRET:
-        raise KeyServiceError(
-            f"secret of {len(secret)} bytes is over the {MAX_SECRET}-byte seal limit",
-            provider="azure",
-            region=region,
-        )
-    return bytes(secret)
+    return checked_secret(secret, provider="azure", region=region)
+
+
+def _envelope_version(envelope: Envelope) -> str | None:
+    """The key version an envelope names, None when it is not one Key Vault could have."""
+    try:
+        version = envelope.key_ref.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return version if _VERSION.match(version) else None
 
 
 def _check_key(key: KeyVaultKey, settings: KeyVaultSettings) -> None:
@@ -584,8 +534,9 @@ class AzureKeyService(KeyService):
                 provider="azure",
                 region=self.region,
             )
-        envelope = _Envelope.parse(bytes(blob))
-        if envelope is None:
+        envelope = Envelope.parse(MAGIC, blob)
+        version = None if envelope is None else _envelope_version(envelope)
+        if envelope is None or version is None:
             raise KeyAccessDenied(
                 f"cannot {what} with key {self.settings.key_path}: not an envelope of the "
                 "azure provider",
@@ -593,30 +544,27 @@ class AzureKeyService(KeyService):
                 region=self.region,
             )
         try:
-            inner = self._unwrap_key(envelope.version, envelope.wrapped_key)
+            inner = self._unwrap_key(version, envelope.wrapped_key)
         except AzureError as exc:
             # 404: no such version of this key (another region's material); 400: RSA-OAEP
             # failed (another key's, or altered): this key cannot open it
             status = _status(exc)
             err = key_vault_error(
                 exc,
-                f"cannot {what} with key {self.settings.key_path}/{envelope.version}",
+                f"cannot {what} with key {self.settings.key_path}/{version}",
                 region=self.region,
                 other=KeyAccessDenied if status in (400, 404) else KeyServiceError,
             )
             raise err from None
-        aad = envelope.header() + b"\0" + context
-        try:
-            if len(inner) != 32:
-                raise InvalidTag
-            return AESGCM(inner).decrypt(envelope.nonce, envelope.ciphertext, aad)
-        except InvalidTag:
+        opened = envelope.open(inner, context)
+        if opened is None:
             raise KeyAccessDenied(
-                f"cannot {what} with key {self.settings.key_path}/{envelope.version}: the "
+                f"cannot {what} with key {self.settings.key_path}/{version}: the "
                 "encryption context differs or the bytes were altered",
                 provider="azure",
                 region=self.region,
-            ) from None
+            )
+        return opened
 
     # ------------------------------------------------------------------ KeyService
 

@@ -52,23 +52,20 @@ runs in the channel's metadata plugin, whose failure would reach us as UNAVAILAB
 
 from __future__ import annotations
 
-import os
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import google_crc32c
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.cloud.kms_v1 import KeyManagementServiceClient, types
+from regionvault.core.envelope import MAX_SECRET, Envelope, checked_secret, seal_envelope
 from regionvault.core.errors import (
     ConfigError,
     KeyAccessDenied,
@@ -106,9 +103,6 @@ SEAL_MAGIC = b"RVGS1"
 #: reserved encryption-context key; callers' contexts may not use it
 _DATA_KEY = "data-key"
 _SEAL = "seal"
-MAX_SECRET = 1024
-_NONCE = 12
-_TAG = 16
 _RSA_BITS = 3072
 
 _Purpose = types.CryptoKey.CryptoKeyPurpose
@@ -310,67 +304,19 @@ def _context(context: Mapping[str, str], purpose: str, region: str) -> bytes:
     return context_bytes(purpose_context(context, purpose, provider="gcp", region=region))
 
 
-def _secret(secret: bytes, region: str) -> bytes:
-    if not isinstance(secret, bytes | bytearray | memoryview):
-        raise KeyServiceError("a sealed secret must be bytes", provider="gcp", region=region)
-    if len(secret) > MAX_SECRET:
-        raise KeyServiceError(
-            f"secret of {len(secret)} bytes is over the {MAX_SECRET}-byte seal limit",
-            provider="gcp",
-            region=region,
-        )
-    return bytes(secret)
-
-
-@dataclass(frozen=True)
-class _Envelope:
-    version: str
-    wrapped_key: bytes
-    nonce: bytes
-    ciphertext: bytes
-
-    def header(self) -> bytes:
-        version = self.version.encode("ascii")
-        return (
-            SEAL_MAGIC
-            + struct.pack(">B", len(version))
-            + version
-            + struct.pack(">H", len(self.wrapped_key))
-            + self.wrapped_key
-        )
-
-    @classmethod
-    def parse(cls, blob: bytes) -> _Envelope | None:
-        """The envelope in ``blob``, or None when it is not one."""
-        try:
-            if not blob.startswith(SEAL_MAGIC):
-                return None
-            at = len(SEAL_MAGIC)
-            (n,) = struct.unpack_from(">B", blob, at)
-            version = blob[at + 1 : at + 1 + n].decode("ascii")
-            at += 1 + n
-            (m,) = struct.unpack_from(">H", blob, at)
-            wrapped = blob[at + 2 : at + 2 + m]
-            at += 2 + m
-            nonce, ciphertext = blob[at : at + _NONCE], blob[at + _NONCE :]
-        except (struct.error, UnicodeDecodeError):
-            return None
-        if (
-            not _VERSION.match(version)
-            or len(wrapped) != m
-            or len(nonce) != _NONCE
-            or len(ciphertext) < _TAG
-        ):
-            return None
-        return cls(version, wrapped, nonce, ciphertext)
-
-
 def _seal_with(version: str, public_key: rsa.RSAPublicKey, secret: bytes, context: bytes) -> bytes:
-    inner = AESGCM.generate_key(bit_length=256)
-    envelope = _Envelope(version, public_key.encrypt(inner, _OAEP), os.urandom(_NONCE), b"")
-    header = envelope.header()
-    sealed = AESGCM(inner).encrypt(envelope.nonce, secret, header + b"\0" + context)
-    return header + envelope.nonce + sealed
+    return seal_envelope(
+        SEAL_MAGIC, version.encode("ascii"), lambda k: public_key.encrypt(k, _OAEP), secret, context
+    )
+
+
+def _envelope_version(envelope: Envelope) -> str | None:
+    """The version number an envelope names, None when it is none Cloud KMS could have."""
+    try:
+        version = envelope.key_ref.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return version if _VERSION.match(version) else None
 
 
 def _config_error(settings: GcpSettings, key: str, message: str) -> ConfigError:
@@ -650,7 +596,7 @@ class GcpSealer(Sealer):
 
     def seal(self, secret: bytes, context: Mapping[str, str]) -> bytes:
         aad = _context(context, _SEAL, self.region)
-        plain = _secret(secret, self.region)
+        plain = checked_secret(secret, provider="gcp", region=self.region)
         number, public_key = self.public_key()
         return _seal_with(number, public_key, plain, aad)
 
@@ -940,12 +886,9 @@ class GcpKeyService(KeyService):
 
     def unseal(self, sealed: bytes, context: Mapping[str, str]) -> bytes:
         aad = _context(context, _SEAL, self.region)
-        envelope = (
-            _Envelope.parse(bytes(sealed))
-            if isinstance(sealed, bytes | bytearray | memoryview)
-            else None
-        )
-        if envelope is None:
+        envelope = Envelope.parse(SEAL_MAGIC, sealed)
+        version = None if envelope is None else _envelope_version(envelope)
+        if envelope is None or version is None:
             raise KeyAccessDenied(
                 f"cannot unseal with key {self.seal_key_path}: not a secret sealed by the gcp "
                 "provider",
@@ -954,7 +897,7 @@ class GcpKeyService(KeyService):
             )
         # no _resolve(), as for unwrap: AsymmetricDecrypt names its version itself
         self._made()
-        name = f"{self.seal_key_path}/cryptoKeyVersions/{envelope.version}"
+        name = f"{self.seal_key_path}/cryptoKeyVersions/{version}"
         request = types.AsymmetricDecryptRequest(
             name=name,
             ciphertext=envelope.wrapped_key,
@@ -986,20 +929,15 @@ class GcpKeyService(KeyService):
                 f"cannot unseal with key {name}",
                 denied=(gexc.NotFound, gexc.InvalidArgument, gexc.FailedPrecondition),
             ) from None
-        inner = bytes(answer.plaintext)
-        try:
-            if len(inner) != 32:
-                raise InvalidTag
-            return AESGCM(inner).decrypt(
-                envelope.nonce, envelope.ciphertext, envelope.header() + b"\0" + aad
-            )
-        except InvalidTag:
+        opened = envelope.open(bytes(answer.plaintext), aad)
+        if opened is None:
             raise KeyAccessDenied(
                 f"cannot unseal with key {name}: the encryption context differs or the bytes "
                 "were altered",
                 provider="gcp",
                 region=self.region,
-            ) from None
+            )
+        return opened
 
     def rotate(self) -> str:
         """A new version of the symmetric key made primary (older versions still decrypt),

@@ -16,8 +16,7 @@ Envelopes, all lengths big-endian::
 
     wrapped data key: b"RVPK1" | u8 n | version (n ASCII digits) | nonce (12) | GCM(dk) (48)
         aad = everything before the nonce | b"\\0" | canonical JSON of context + purpose
-    sealed secret:    b"RVPS1" | key id (16) | u16 m | RSA-OAEP(K) (m) | nonce (12) | GCM
-        aad = everything before the nonce | b"\\0" | canonical JSON of context + purpose
+    sealed secret:    core/envelope.py's, magic b"RVPS2", the key reference the seal key's id
 
 The seal key's CKA_ID is the first 16 bytes of SHA-256 of its public key (DER): the envelope
 names it, and the unsealing token finds its private key by it.
@@ -35,26 +34,24 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pkcs11
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
+from regionvault.core.envelope import NONCE as _NONCE
+from regionvault.core.envelope import TAG as _TAG
+from regionvault.core.envelope import Envelope
 from regionvault.core.errors import ConfigError, KeyAccessDenied, KeyServiceError
-from regionvault.core.interfaces import KeyService
+from regionvault.core.interfaces import KeyService, context_bytes, purpose_context
 from regionvault.core.types import Capabilities, DataKey
 from regionvault.providers.pkcs11.sealing import (
     _KEY_ID,
-    _NONCE,
-    _SEAL,
-    _TAG,
     MAX_SECRET,
     SEAL_MAGIC,
     Pkcs11Sealer,
-    _aad,
     public_key_id,
+    seal_context,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +71,13 @@ DATA_KEY_MAGIC = b"RVPK1"
 _DATA_KEY = "data-key"
 _RSA_BITS = 3072
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+
+
+def _aad(header: bytes, context: Mapping[str, str], region: str) -> bytes:
+    """A wrapped data key's AAD: its header, a zero byte, the canonical context."""
+    purposed = purpose_context(context, _DATA_KEY, provider="pkcs11", region=region)
+    return header + b"\0" + context_bytes(purposed)
+
 
 #: one loaded module per path: a process initialises a PKCS#11 module once
 _LIBRARIES: dict[str, Any] = {}
@@ -323,7 +327,7 @@ class Pkcs11KeyService(KeyService):
             key = self._keys[version]
             digits = str(version).encode("ascii")
             header = DATA_KEY_MAGIC + struct.pack(">B", len(digits)) + digits
-            aad = _aad(header, context, _DATA_KEY, self.region)
+            aad = _aad(header, context, self.region)
             plaintext = bytes(session.generate_random(256))
             nonce = os.urandom(_NONCE)
             try:
@@ -356,7 +360,7 @@ class Pkcs11KeyService(KeyService):
                 header, rest = blob[: at + n], blob[at + n :]
         if version is None or len(rest) != _NONCE + 32 + _TAG:
             raise self._denied("not a data key wrapped by a pkcs11 KeyService")
-        aad = _aad(header, context, _DATA_KEY, self.region)
+        aad = _aad(header, context, self.region)
         with self._open() as session:
             if version not in self._keys:
                 self._scan(session)
@@ -383,17 +387,10 @@ class Pkcs11KeyService(KeyService):
         return Pkcs11Sealer(region=self.region, public_key=self.public_key())
 
     def unseal(self, sealed: bytes, context: Mapping[str, str]) -> bytes:
-        blob = bytes(sealed)
-        at = len(SEAL_MAGIC)
-        if not blob.startswith(SEAL_MAGIC) or len(blob) < at + _KEY_ID + 2:
+        envelope = Envelope.parse(SEAL_MAGIC, sealed)
+        if envelope is None or len(envelope.key_ref) != _KEY_ID:
             raise self._denied("not a secret sealed by a pkcs11 Sealer")
-        key_id = blob[at : at + _KEY_ID]
-        (m,) = struct.unpack_from(">H", blob, at + _KEY_ID)
-        start = at + _KEY_ID + 2
-        wrapped, nonce = blob[start : start + m], blob[start + m : start + m + _NONCE]
-        ciphertext = blob[start + m + _NONCE :]
-        if len(wrapped) != m or len(nonce) != _NONCE or len(ciphertext) < _TAG:
-            raise self._denied("a sealed secret cut short")
+        key_id = envelope.key_ref
         with self._open() as session:
             private = self._seal_private(session, key_id)
             if private is None:
@@ -402,7 +399,7 @@ class Pkcs11KeyService(KeyService):
                 )
             try:
                 inner = private.decrypt(
-                    wrapped,
+                    envelope.wrapped_key,
                     mechanism=Mechanism.RSA_PKCS_OAEP,
                     mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
                 )
@@ -410,11 +407,10 @@ class Pkcs11KeyService(KeyService):
                 raise self._denied(
                     f"the seal key refused the envelope ({type(exc).__name__})"
                 ) from None
-        aad = _aad(blob[: start + m], context, _SEAL, self.region)
-        try:
-            return AESGCM(bytes(inner)).decrypt(nonce, ciphertext, aad)
-        except (InvalidTag, ValueError):
-            raise self._denied("the sealed secret does not open under this context") from None
+        opened = envelope.open(bytes(inner), seal_context(context, self.region))
+        if opened is None:
+            raise self._denied("the sealed secret does not open under this context")
+        return opened
 
     def rotate(self) -> str:
         with self._open() as session:
