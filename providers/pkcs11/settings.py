@@ -1,5 +1,5 @@
 """The pkcs11 provider's site.toml settings for one region, checked without loading the
-PKCS#11 module. docs/edge.md describes every key.
+PKCS#11 module. docs/edge-keys.md describes every key.
 
 The PIN is never a setting: ``pin_env`` names an environment variable that holds it, or
 ``pin_file`` a file whose first line is it (a key ``pin`` is refused with that advice).
