@@ -634,6 +634,13 @@ class Provider(abc.ABC):
         The engine has already checked required and unknown keys by the class variables.
         """
 
+    def region_capabilities(self, region: RegionConfig) -> Capabilities:
+        """What ``region``'s services of this provider offer as configured, from its settings
+        alone (no request): :attr:`capabilities` less what the settings turn off, such as WORM
+        on a bucket made without object lock. ``region`` is the service's view of the region
+        (:meth:`RegionConfig.for_service`). The default is :attr:`capabilities`."""
+        return self.capabilities
+
     @abc.abstractmethod
     def compute(self, region: RegionConfig) -> Compute: ...
 

@@ -141,9 +141,12 @@ def init(state: CliState, path: Path | None, force: bool) -> None:
 
 
 def _region_capabilities(site: Site, region: Region) -> Capabilities:
-    """The region's capabilities, each taken from the provider of the service it belongs to."""
+    """The region's capabilities, each taken from the provider of the service it belongs to,
+    as that region's settings configure it."""
     caps = {
-        svc: site.registry.cls(region.config.services[svc].provider).capabilities
+        svc: site.registry.get(region.config.services[svc].provider).region_capabilities(
+            region.config.for_service(svc)
+        )
         for svc in SERVICES
     }
     vault, compute, keys = caps["vault"], caps["compute"], caps["keys"]

@@ -79,6 +79,9 @@ class AwsProvider(Provider):
     def validate(self, region: RegionConfig) -> None:
         AwsSettings.from_region(region)
 
+    def region_capabilities(self, region: RegionConfig) -> Capabilities:
+        return self._vault_capabilities(self.settings(region))
+
     def _vault_capabilities(self, settings: AwsSettings) -> Capabilities:
         """A bucket without Object Lock offers no WORM lock and no legal hold."""
         if settings.object_lock:

@@ -89,6 +89,9 @@ class AzureProvider(Provider):
     def validate(self, region: RegionConfig) -> None:
         BlobSettings.from_region(region)
 
+    def region_capabilities(self, region: RegionConfig) -> Capabilities:
+        return self._vault_capabilities(self.settings(region))
+
     def _vault_capabilities(self, settings: BlobSettings) -> Capabilities:
         """A container without version-level immutability offers no WORM lock or hold."""
         if settings.immutability:

@@ -75,6 +75,9 @@ class GcpProvider(Provider):
 
             return credentials_for(region, settings, service, self._credentials)
 
+    def region_capabilities(self, region: RegionConfig) -> Capabilities:
+        return self._vault_capabilities(self.settings(region))
+
     def _vault_capabilities(self, settings: GcpSettings) -> Capabilities:
         """A bucket without object retention offers no WORM lock or hold."""
         if settings.object_retention:

@@ -62,6 +62,9 @@ class LibcloudProvider(Provider):
     def validate(self, region: RegionConfig) -> None:
         LibcloudSettings.from_region(region)
 
+    def region_capabilities(self, region: RegionConfig) -> Capabilities:
+        return self._capabilities(self.settings(region))
+
     def _capabilities(self, settings: LibcloudSettings) -> Capabilities:
         return replace(self.capabilities, conditional_put=settings.conditional_put)
 

@@ -167,3 +167,54 @@ def test_the_docs_example_is_a_valid_composed_region() -> None:
     assert region.services["keys"].provider == "local"
     settings = registry.get("libcloud").settings(region.for_service("vault"))
     assert (settings.driver, settings.host, settings.port) == ("minio", "minio.edge-a.lan", 9000)
+
+
+def test_regions_shows_each_region_as_its_settings_configure_it(tmp_path: Path) -> None:
+    """`regionvault regions` answers per region, from its settings: a libcloud vault on a
+    store configured conditional_put = false offers no conditional put, one on S3 does;
+    an AWS bucket without Object Lock offers no WORM lock (nothing is reached to say so)."""
+    import json
+
+    from cli_support import ok
+
+    site = tmp_path / "site.toml"
+    site.write_text(
+        """
+[regions."local:ceph-edge"]
+root = "ceph-edge"
+[regions."local:ceph-edge".vault]
+provider = "libcloud"
+driver = "ceph"
+host = "rgw.edge.example"
+container = "rv-edge"
+
+[regions."local:s3-edge"]
+root = "s3-edge"
+[regions."local:s3-edge".vault]
+provider = "libcloud"
+driver = "s3"
+container = "rv-edge"
+
+[regions."aws:eu-west-1"]
+bucket = "example-rv"
+kms_key = "alias/rv"
+object_lock = false
+
+[regions."aws:eu-west-2"]
+bucket = "example-rv-2"
+kms_key = "alias/rv"
+object_lock = true
+""",
+        encoding="utf-8",
+    )
+    listed = {
+        r["id"]: r["capabilities"]
+        for r in json.loads(ok("--site", site, "regions", "--json").stdout)
+    }
+    assert listed["local:ceph-edge"]["conditional_put"] is False
+    assert listed["local:s3-edge"]["conditional_put"] is True
+    assert listed["aws:eu-west-1"]["worm_lock"] is False
+    assert listed["aws:eu-west-2"]["worm_lock"] is True
+    table = ok("--site", site, "regions").stdout
+    row = next(line for line in table.splitlines() if line.startswith("local:ceph-edge"))
+    assert "conditional_put" not in row
