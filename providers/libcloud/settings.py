@@ -46,11 +46,11 @@ DRIVERS: dict[str, tuple[str, bool]] = {
 }
 
 _S3_ALIAS = 'an AWS S3 region alias: use driver = "s3" with s3_region'
-_DEFUNCT = "a service that has closed"
 _UNPROVEN = "conditional_put = false until the store is shown to answer 412 to If-None-Match: *"
 
-#: every other name in libcloud's storage DRIVERS (3.9.1): why it is not offered and what to
-#: use instead. tests/libcloud/test_libcloud_settings.py fails when libcloud lists a name in
+#: every other name in libcloud's storage DRIVERS (3.9.1; its s3, minio, azure_blobs and
+#: openstack_swift are offered, minio as the S3 driver with host): why it is not offered and
+#: what to use instead. tests/libcloud/test_libcloud_settings.py fails when libcloud lists a name in
 #: neither table, so a libcloud upgrade's new driver gets decided, not silently refused.
 NOT_OFFERED: dict[str, str] = {
     **{
@@ -93,7 +93,6 @@ NOT_OFFERED: dict[str, str] = {
         f'OVHcloud Object Storage speaks S3: use driver = "s3" with its host, {_UNPROVEN}; or '
         'driver = "openstack_swift" against OVHcloud\'s Swift endpoint'
     ),
-    "minio": 'offered here as driver = "minio" (the S3 driver with host)',
     "google_storage": (
         "Cloud Storage: use the gcp provider, which reaches it natively with generation "
         "preconditions (ifGenerationMatch=0 for an if-absent put)"
@@ -117,9 +116,12 @@ NOT_OFFERED: dict[str, str] = {
     ),
     "local": "a directory: use the local provider's vault",
     "dummy": "libcloud's in-memory test driver: nothing is stored",
-    "ninefold": f"Ninefold's Atmos storage, {_DEFUNCT}",
-    "nimbus": f"Nimbus.io, {_DEFUNCT}",
-    "auroraobjects": f"PCextreme AuroraObjects, {_DEFUNCT}",
+    "ninefold": "Ninefold's Atmos storage, sunset in 2016",
+    "nimbus": "Nimbus.io's own API: no conditional create known, and nothing to test it against",
+    "auroraobjects": (
+        "PCextreme AuroraObjects (S3 at o.auroraobjects.eu), most likely closed "
+        '(apache/libcloud#2057); another S3 store: driver = "s3" with host'
+    ),
 }
 
 #: the largest single PUT each protocol takes: S3's 5 GiB; Azure's Put Blob at the API

@@ -170,8 +170,7 @@ class Store:
                 else "host, port and secure"
             )
             return self.error(
-                f"{text} (a host without an address or a TLS failure: check {where} in "
-                "site.toml)",
+                f"{text} (a host without an address or a TLS failure: check {where} in site.toml)",
                 provider="libcloud",
                 region=self.region,
             )

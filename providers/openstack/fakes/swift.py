@@ -60,11 +60,20 @@ _BLOCK = 64 * 1024
 
 
 class _Answer(Exception):
-    def __init__(self, status: int, text: str = "", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        text: str = "",
+        headers: dict[str, str] | None = None,
+        *,
+        body_read: bool = False,
+    ) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
         self.headers = headers or {}
+        #: the request's body was read (or given up on) before this answer
+        self.body_read = body_read
 
 
 class _Cut(Exception):
@@ -189,9 +198,10 @@ class SwiftFake:
                 None,
             )
             out.setdefault("Content-Type", "text/html; charset=UTF-8")
-            if body_pending and not _drain(handler, headers):
-                handler.close_connection = True
+            if body_pending and not answer.body_read and not _drain(handler, headers):
                 out["Connection"] = "close"
+            if out.get("Connection") == "close":
+                handler.close_connection = True
         self._send(handler, status, out, data, file)
 
     def _send(
@@ -417,7 +427,7 @@ class SwiftFake:
         sent = headers.get("etag", "").strip('"')
         if sent and sent.lower() != etag:
             tmp.unlink()
-            raise _Answer(422, "<html><h1>Unprocessable Entity</h1></html>")
+            raise _Answer(422, "<html><h1>Unprocessable Entity</h1></html>", body_read=True)
         final = self.workdir / "objects" / uuid.uuid4().hex
         tmp.replace(final)
         meta = {k[len("x-object-meta-") :]: v for k, v in headers.items()
@@ -430,7 +440,7 @@ class SwiftFake:
             objects = self._containers.get(container)
             if objects is None:
                 final.unlink()
-                raise _Answer(404, "<html><h1>Not Found</h1></html>")
+                raise _Answer(404, "<html><h1>Not Found</h1></html>", body_read=True)
             old = objects.get(name)
             if old is not None and old.timestamp > timestamp:
                 final.unlink()  # a newer PUT landed meanwhile: it stays the object
@@ -471,7 +481,9 @@ class SwiftFake:
                 raise _Cut
             got += len(data)
             if got > self.max_file_size:
-                raise _Answer(413, "Your request is too large.", {"Connection": "close"})
+                raise _Answer(
+                    413, "Your request is too large.", {"Connection": "close"}, body_read=True
+                )
             md5.update(data)
             out.write(data)  # type: ignore[attr-defined]
 
@@ -493,7 +505,9 @@ class SwiftFake:
                 try:
                     size = int(line.split(b";")[0].strip() or b"x", 16)
                 except ValueError:
-                    raise _Answer(400, "Bad chunk", {"Connection": "close"}) from None
+                    raise _Answer(
+                        400, "Bad chunk", {"Connection": "close"}, body_read=True
+                    ) from None
                 if size == 0:
                     while True:
                         trailer = rfile.readline(1024)
