@@ -21,6 +21,7 @@ Vault and the Transit share (the only module with the vault's and inbox's reques
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import weakref
@@ -256,6 +257,9 @@ class Store:
             headers["Content-Length"] = str(len(body))
         if self.settings.libcloud_driver == "azure_blobs":
             headers["x-ms-blob-type"] = "BlockBlob"
+        if swift:
+            # Swift refuses (422) a body whose MD5 is not this: nothing altered on the way lands
+            headers["ETag"] = hashlib.md5(body, usedforsecurity=False).hexdigest()
         if if_absent:
             headers["If-None-Match"] = "*"
         try:

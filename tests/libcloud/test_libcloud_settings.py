@@ -247,3 +247,25 @@ def test_the_docs_example_is_a_valid_composed_region() -> None:
     assert region.services["keys"].provider == "local"
     settings = registry.get("libcloud").settings(region.for_service("vault"))
     assert (settings.driver, settings.host, settings.port) == ("minio", "minio.edge-a.lan", 9000)
+
+
+def test_the_docs_swift_example_is_a_valid_region() -> None:
+    import tomllib
+
+    from regionvault.core.config import parse_site
+    from regionvault.core.plugins import make_plugin_manager, registry_from
+    from regionvault.providers.libcloud import plugin
+    from regionvault.providers.local import plugin as local_plugin
+
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    (block,) = [b for b in blocks if "openstack_swift" in b]
+    registry = registry_from(
+        make_plugin_manager(load_entry_points=False, plugins=[plugin, local_plugin])
+    )
+    site = parse_site(tomllib.loads(block), registry=registry, source="edge-vault.md")
+    settings = registry.get("libcloud").settings(site.region("edge-b").for_service("vault"))
+    assert (settings.driver, settings.project, settings.conditional_put) == (
+        "openstack_swift",
+        "backup",
+        False,
+    )

@@ -327,6 +327,26 @@ def test_refused_credentials_are_named(
         swift().head("x")
 
 
+def test_a_put_carries_its_md5_for_swift_to_check(
+    swift: Callable[..., Any], swift_cloud: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    vault = swift()
+    sent: list[dict[str, str]] = []
+    connection = vault._store.driver.connection
+    original = connection.request
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("method") == "PUT":
+            sent.append(dict(kwargs.get("headers") or {}))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(connection, "request", spy)
+    assert vault.put("m", b"payload").etag == hashlib.md5(b"payload").hexdigest()
+    assert sent[-1]["ETag"] == hashlib.md5(b"payload").hexdigest()
+
+
 def test_over_5_gib_is_refused_before_sending(
     swift: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, swift_cloud: Any
 ) -> None:
