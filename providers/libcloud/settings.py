@@ -3,7 +3,7 @@ store or importing apache-libcloud (docs/edge-vault.md describes every key).
 
 The credentials are never in site.toml: ``key_env`` and ``secret_env`` name the environment
 variables that hold them (the access key and secret of S3, MinIO and Ceph RGW; the account
-name and its base64 account key of Azure Blobs).
+name and its base64 account key of Azure Blobs; the keystone user and password of Swift).
 """
 
 from __future__ import annotations
