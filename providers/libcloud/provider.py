@@ -36,7 +36,8 @@ _needs_sdk = SdkGuard("libcloud", NEEDS_SDK, {"libcloud", "requests"})
 
 
 class LibcloudProvider(Provider):
-    """Vault and Transit in S3, Azure Blobs, MinIO or Ceph RGW through apache-libcloud."""
+    """Vault and Transit in S3, Azure Blobs, MinIO, Ceph RGW or OpenStack Swift through
+    apache-libcloud."""
 
     name: ClassVar[str] = "libcloud"
     #: what every driver offers through libcloud: no object lock, no legal hold, no

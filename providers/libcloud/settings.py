@@ -3,39 +3,135 @@ store or importing apache-libcloud (docs/edge-vault.md describes every key).
 
 The credentials are never in site.toml: ``key_env`` and ``secret_env`` name the environment
 variables that hold them (the access key and secret of S3, MinIO and Ceph RGW; the account
-name and its base64 account key of Azure Blobs).
+name and its base64 account key of Azure Blobs; the keystone user and password of Swift).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from regionvault.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
 
-__all__ = ["DRIVERS", "OPTIONAL_SETTINGS", "REQUIRED_SETTINGS", "LibcloudSettings"]
+__all__ = [
+    "DRIVERS",
+    "NOT_OFFERED",
+    "OPTIONAL_SETTINGS",
+    "REQUIRED_SETTINGS",
+    "LibcloudSettings",
+]
 
 MiB = 1024 * 1024
 
 #: the drivers offered: name -> (the libcloud driver, conditional puts by default). MinIO
 #: and Ceph RGW speak S3 and are reached through the S3 driver with a ``host``; AWS S3 and
 #: MinIO honour ``If-None-Match: *`` on PUT, Azure Blob Storage (and Azurite) too; Ceph RGW
-#: releases differ, so a ceph region claims it only with ``conditional_put = true``.
+#: releases differ, so a ceph region claims it only with ``conditional_put = true``. Swift
+#: checks ``If-None-Match: *`` when a PUT arrives, not when it lands (swift/obj/server.py,
+#: ``_pre_create_checks``): two PUTs in flight at once both succeed, so a Swift region claims
+#: it only with ``conditional_put = true`` (docs/edge-vault.md says when that is safe).
 DRIVERS: dict[str, tuple[str, bool]] = {
     "s3": ("s3", True),
     "minio": ("s3", True),
     "ceph": ("s3", False),
     "azure_blobs": ("azure_blobs", True),
+    "openstack_swift": ("openstack_swift", False),
+}
+
+_S3_ALIAS = 'an AWS S3 region alias: use driver = "s3" with s3_region'
+_UNPROVEN = "conditional_put = false until the store is shown to answer 412 to If-None-Match: *"
+
+#: every other name in libcloud's storage DRIVERS (3.9.1; its s3, minio, azure_blobs and
+#: openstack_swift are offered, minio as the S3 driver with host): why it is not offered and
+#: what to use instead. tests/libcloud/test_libcloud_settings.py fails when libcloud lists a name in
+#: neither table, so a libcloud upgrade's new driver gets decided, not silently refused.
+NOT_OFFERED: dict[str, str] = {
+    **{
+        name: _S3_ALIAS
+        for name in (
+            "s3_us_east_2",
+            "s3_us_west",
+            "s3_us_west_oregon",
+            "s3_us_gov_west",
+            "s3_cn_north",
+            "s3_cn_northwest",
+            "s3_eu_west",
+            "s3_eu_west_2",
+            "s3_eu_central",
+            "s3_eu_north_1",
+            "s3_ap_south",
+            "s3_ap_southeast",
+            "s3_ap_southeast2",
+            "s3_ap_northeast",
+            "s3_ap_northeast_1",
+            "s3_ap_northeast_2",
+            "s3_sa_east",
+            "s3_ca_central",
+        )
+    },
+    "s3_rgw": 'Ceph RGW\'s S3 API: use driver = "ceph" with host',
+    "s3_rgw_outscale": (
+        "Outscale's object storage through libcloud's RGW driver: use driver = \"s3\" with "
+        f"host and s3_region, {_UNPROVEN}"
+    ),
+    "digitalocean_spaces": (
+        f'Spaces speaks S3: use driver = "s3" with host = "<region>.digitaloceanspaces.com", '
+        f"{_UNPROVEN}"
+    ),
+    "scaleway": (
+        'Scaleway Object Storage speaks S3: use driver = "s3" with host = '
+        f'"s3.<region>.scw.cloud", {_UNPROVEN}'
+    ),
+    "ovh": (
+        f'OVHcloud Object Storage speaks S3: use driver = "s3" with its host, {_UNPROVEN}; or '
+        'driver = "openstack_swift" against OVHcloud\'s Swift endpoint'
+    ),
+    "google_storage": (
+        "Cloud Storage: use the gcp provider, which reaches it natively with generation "
+        "preconditions (ifGenerationMatch=0 for an if-absent put)"
+    ),
+    "backblaze_b2": (
+        "B2's native API has no conditional create: use B2's S3-compatible endpoint through "
+        'driver = "s3" with host = "s3.<region>.backblazeb2.com" and s3_region, '
+        f"{_UNPROVEN}"
+    ),
+    "aliyun_oss": (
+        "Alibaba OSS's native API: its create-if-absent is a header of its own "
+        "(x-oss-forbid-overwrite) that this provider does not send"
+    ),
+    "cloudfiles": (
+        "Rackspace Cloud Files through Rackspace's own identity service: use "
+        'driver = "openstack_swift" against a Swift endpoint with keystone v3'
+    ),
+    "ktucloud": (
+        "KT ucloud storage (Swift behind KT's own identity service): use "
+        'driver = "openstack_swift" against a Swift endpoint with keystone v3'
+    ),
+    "local": "a directory: use the local provider's vault",
+    "dummy": "libcloud's in-memory test driver: nothing is stored",
+    "ninefold": "Ninefold's Atmos storage, sunset in 2016",
+    "nimbus": "Nimbus.io's own API: no conditional create known, and nothing to test it against",
+    "auroraobjects": (
+        "PCextreme AuroraObjects (S3 at o.auroraobjects.eu), most likely closed "
+        '(apache/libcloud#2057); another S3 store: driver = "s3" with host'
+    ),
 }
 
 #: the largest single PUT each protocol takes: S3's 5 GiB; Azure's Put Blob at the API
-#: version libcloud speaks (2018-11-09), 256 MiB. An if-absent put is always one PUT.
-SINGLE_PUT_MOST = {"s3": 5 * 1024 * MiB, "azure_blobs": 256 * MiB}
+#: version libcloud speaks (2018-11-09), 256 MiB; Swift's default max_file_size (5 GiB + 2
+#: bytes). An if-absent put is always one PUT; on Swift every put is (no segments).
+SINGLE_PUT_MOST = {
+    "s3": 5 * 1024 * MiB,
+    "azure_blobs": 256 * MiB,
+    "openstack_swift": 5 * 1024 * MiB,
+}
 
 REQUIRED_SETTINGS: frozenset[str] = frozenset({"driver"})
 OPTIONAL_SETTINGS = frozenset(
@@ -54,15 +150,37 @@ OPTIONAL_SETTINGS = frozenset(
         "conditional_put",
         "single_put_limit",
         "timeout",
+        "auth_url",
+        "project",
+        "domain",
+        "service_region",
     }
 )
+
+#: the settings only the openstack_swift driver takes, and the ones it does not (its endpoint
+#: and scheme are the ones keystone's catalog lists)
+SWIFT_ONLY = frozenset({"auth_url", "project", "domain", "service_region"})
+NOT_SWIFT = frozenset({"host", "port", "secure", "s3_region"})
 
 # S3 bucket names (3-63, lower case, digits, '.', '-') and Azure container names (3-63,
 # lower case, digits, '-'): the stricter of the two is checked per driver
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _AZURE_CONTAINER = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
+# Swift: a container name is at most 256 bytes, without '/' (swift/common/constraints.py)
+_SWIFT_CONTAINER = re.compile(r"^[^/\x00-\x1f\x7f]{1,256}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -70,7 +188,7 @@ class LibcloudSettings:
     """One region's libcloud settings."""
 
     region: str
-    #: s3, minio, ceph or azure_blobs
+    #: s3, minio, ceph, azure_blobs or openstack_swift
     driver: str
     #: the container (bucket) of the vault
     container: str | None = None
@@ -97,6 +215,14 @@ class LibcloudSettings:
     single_put_limit: int = 16 * MiB
     #: seconds one request may take
     timeout: int = 120
+    #: openstack_swift: keystone v3's URL (https; plain http only to a loopback address)
+    auth_url: str | None = None
+    #: openstack_swift: the keystone project (tenant) that owns the Swift account
+    project: str | None = None
+    #: openstack_swift: the keystone domain of the user and the project
+    domain: str = "Default"
+    #: openstack_swift: the catalog region of the Swift endpoint (any, when keystone lists one)
+    service_region: str | None = None
 
     @property
     def libcloud_driver(self) -> str:
@@ -158,10 +284,26 @@ class LibcloudSettings:
             return value
 
         driver = typed("driver", str, "a string")
+        if driver in NOT_OFFERED:
+            raise bad(
+                "driver",
+                f"libcloud's {driver!r} driver is not offered: {NOT_OFFERED[driver]} "
+                f"(offered: {', '.join(DRIVERS)})",
+            )
         if driver not in DRIVERS:
             raise bad("driver", f"must be one of {', '.join(DRIVERS)}, not {driver!r}")
+        swift = driver == "openstack_swift"
+        for key in sorted((NOT_SWIFT if swift else SWIFT_ONLY) & set(s)):
+            why = (
+                "keystone's catalog gives the Swift endpoint"
+                if swift
+                else "it is an openstack_swift setting"
+            )
+            raise bad(key, f"not a setting of the {driver} driver ({why})")
         values: dict[str, Any] = {"region": region.name, "driver": driver}
-        pattern = _AZURE_CONTAINER if driver == "azure_blobs" else _S3_BUCKET
+        pattern = {"azure_blobs": _AZURE_CONTAINER, "openstack_swift": _SWIFT_CONTAINER}.get(
+            driver, _S3_BUCKET
+        )
         for key in ("container", "inbox_container"):
             name = typed(key, str, "a string")
             if name is not None:
@@ -208,6 +350,21 @@ class LibcloudSettings:
         most = SINGLE_PUT_MOST[DRIVERS[driver][0]]
         if limit is not None and limit > most:
             raise bad("single_put_limit", f"is at most {most} bytes with the {driver} driver")
+        for key in ("auth_url", "project", "domain", "service_region"):
+            text = typed(key, str, "a string")
+            if text is not None:
+                if not text.strip():
+                    raise bad(key, "must not be empty")
+                values[key] = text
+        if swift:
+            for key in ("auth_url", "project"):
+                if key not in values:
+                    raise bad(key, "missing (the openstack_swift driver logs in to keystone v3)")
+            url = urlsplit(values["auth_url"])
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise bad("auth_url", f"{values['auth_url']!r} is not an http(s) URL")
+            if url.scheme == "http" and not _loopback(url.hostname):
+                raise bad("auth_url", "plain http only to a loopback address; use https")
         if driver in ("minio", "ceph") and "host" not in values:
             raise bad("host", f"missing (the {driver} driver reaches the store at a host)")
         settings = cls(**values)

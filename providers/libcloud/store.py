@@ -10,12 +10,18 @@ Vault and the Transit share (the only module with the vault's and inbox's reques
   that does not honour it is configured ``conditional_put = false`` and the put is refused
   (UnsupportedOperation) rather than done as a racy check-then-put.
 - Ranged reads are ``download_object_range_as_stream``; listings ``iterate_container_objects``
-  with a prefix, in the store's name order (UTF-8 byte order for S3 and Azure, which is
-  code-point order).
+  with a prefix, in the store's name order (UTF-8 byte order for S3, Azure and Swift, which
+  is code-point order).
+- Swift (``openstack_swift``): every put is one PUT, atomic in Swift (a larger one streamed
+  chunked through ``upload_object_via_stream``; no segments, so nothing is left to sweep, and
+  nothing above Swift's 5 GiB). Reads go through the driver's connection with the name
+  quoted: libcloud's Swift downloads put the name in the path unquoted (a '?', '#' or '%' in
+  a name would be cut or decoded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import weakref
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import InvalidCredsError, LibcloudError
@@ -53,6 +59,8 @@ __all__ = ["Store", "new_driver"]
 
 #: parts of a streamed upload
 PART = 8 * 1024 * 1024
+#: the largest object Swift takes (its default max_file_size is 5 GiB + 2 bytes)
+SWIFT_MOST = 5 * 1024 * 1024 * 1024
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -65,6 +73,20 @@ def new_driver(settings: LibcloudSettings, region: RegionConfig) -> Any:
         kwargs["host"] = settings.host
     if settings.port is not None:
         kwargs["port"] = settings.port
+    if settings.libcloud_driver == "openstack_swift":
+        # the endpoint, its scheme and port are the ones keystone's catalog lists
+        return get_driver(Drivers.OPENSTACK_SWIFT)(
+            key,
+            secret,
+            secure=urlsplit(settings.auth_url or "").scheme != "http",
+            region=settings.service_region,
+            timeout=settings.timeout,
+            ex_force_auth_url=settings.auth_url,
+            ex_force_auth_version="3.x_password",
+            ex_force_service_region=settings.service_region,
+            ex_tenant_name=settings.project,
+            ex_domain_name=settings.domain,
+        )
     if settings.libcloud_driver == "s3":
         cls = get_driver(Drivers.S3)
         kwargs["region"] = settings.s3_region
@@ -143,13 +165,17 @@ class Store:
         status = _status(exc)
         text = f"{what} in {self.label} failed: {type(exc).__name__}: {exc}"
         if configuration_failure(exc):
+            where = (
+                "auth_url (and the endpoints keystone's catalog lists)"
+                if self.settings.libcloud_driver == "openstack_swift"
+                else "host, port and secure"
+            )
             return self.error(
-                f"{text} (a host without an address or a TLS failure: check host, port and "
-                "secure in site.toml)",
+                f"{text} (a host without an address or a TLS failure: check {where} in site.toml)",
                 provider="libcloud",
                 region=self.region,
             )
-        if isinstance(exc, InvalidCredsError):
+        if isinstance(exc, InvalidCredsError) or status == 401:
             return self.error(
                 f"{what} in {self.label} was refused (credentials from "
                 f"{self.settings.key_env}/{self.settings.secret_env}): {exc}",
@@ -213,6 +239,14 @@ class Store:
                 provider="libcloud",
                 region=self.region,
             )
+        swift = self.settings.libcloud_driver == "openstack_swift"
+        if swift and len(body) > SWIFT_MOST:
+            raise self.error(
+                f"putting {name!r} in {self.label}: {len(body)} bytes, over the {SWIFT_MOST} "
+                "bytes Swift takes in one object (this provider makes no SLO/DLO segments)",
+                provider="libcloud",
+                region=self.region,
+            )
         if len(body) > self.settings.single_put_limit and not if_absent:
             self._streamed(key, body)
             return
@@ -223,6 +257,9 @@ class Store:
             headers["Content-Length"] = str(len(body))
         if self.settings.libcloud_driver == "azure_blobs":
             headers["x-ms-blob-type"] = "BlockBlob"
+        if swift:
+            # Swift refuses (422) a body whose MD5 is not this: nothing altered on the way lands
+            headers["ETag"] = hashlib.md5(body, usedforsecurity=False).hexdigest()
         if if_absent:
             headers["If-None-Match"] = "*"
         try:
@@ -240,7 +277,10 @@ class Store:
             raise self._fail(f"putting {name!r}", exc) from exc
 
     def _streamed(self, key: str, body: bytes) -> None:
-        parts = iter([body[i : i + PART] for i in range(0, len(body), PART)])
+        parts: Iterator[bytes] = iter([body[i : i + PART] for i in range(0, len(body), PART)])
+        if self.settings.libcloud_driver == "openstack_swift":
+            # one chunked PUT; libcloud then hashes the stream it sent again to check the ETag
+            parts = _Parts(body)
         container = self.container()
         self._call(
             f"uploading {key!r}",
@@ -251,6 +291,8 @@ class Store:
         if length == 0:
             self.head(key, name)
             return b""
+        if self.settings.libcloud_driver == "openstack_swift":
+            return self._swift_get(key, name, offset, length)
         obj = self._object(key)
         try:
             if offset == 0 and length is None:
@@ -266,6 +308,25 @@ class Store:
             return b"".join(self._call(f"reading {name!r}", lambda: list(stream)))
         except ObjectDoesNotExistError:
             raise ObjectNotFound(name, provider="libcloud", region=self.region) from None
+
+    def _swift_get(self, key: str, name: str, offset: int, length: int | None) -> bytes:
+        self.container()
+        headers = {}
+        if offset or length is not None:
+            last = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{last}"
+        try:
+            response = self.driver.connection.request(
+                self._path(key), method="GET", headers=headers, raw=True
+            )
+            status = int(response.status)
+            if status == 404:
+                raise ObjectNotFound(name, provider="libcloud", region=self.region)
+            if status not in (200, 206) or (headers and status != 206):
+                raise _Refused(status, str(getattr(response, "body", "") or "")[:300])
+            return b"".join(response.iter_content(PART))
+        except (LibcloudError, BaseHTTPError, OSError, _Refused) as exc:
+            raise self._fail(f"reading {name!r}", exc) from exc
 
     def head(self, key: str, name: str) -> ObjectInfo:
         container = self.container()
@@ -345,6 +406,32 @@ class Store:
             session = getattr(getattr(connection, "connection", None), "session", None)
             if session is not None:
                 session.close()
+
+
+class _Parts:
+    """``body`` in parts, as an iterator that starts again when sought to 0: requests sends
+    it chunked (no length to find), and libcloud's Swift upload re-reads the stream it sent
+    to compare its MD5 with the ETag Swift answers."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = memoryview(body)
+        self._at = 0
+
+    def __iter__(self) -> _Parts:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._at >= len(self._body):
+            raise StopIteration
+        part = bytes(self._body[self._at : self._at + PART])
+        self._at += len(part)
+        return part
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise OSError("only a rewind to the start")
+        self._at = 0
+        return 0
 
 
 def _parse_time(text: object) -> datetime | None:

@@ -10,7 +10,8 @@ A streamed upload that a killed writer left unfinished (an S3 multipart upload, 
 uncommitted blocks) is no object: it is never listed or read. On S3 (and MinIO, Ceph) the
 vault reports the multipart uploads under its prefix older than the engine's lock expiry as
 stale temporaries, for ``verify --repair`` and ``prune`` to abort; Azure's uncommitted
-blocks cannot be listed without their blob and expire after a week.
+blocks cannot be listed without their blob and expire after a week. Swift takes every put
+in one PUT (no segments): a cut upload leaves nothing, and none are reported.
 """
 
 from __future__ import annotations

@@ -8,4 +8,5 @@ from libcloud_world import (  # noqa: F401 (fixtures and hooks, registered by be
     make_vault,
     s3_server,
     store,
+    swift_cloud,
 )

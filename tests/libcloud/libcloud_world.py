@@ -1,6 +1,7 @@
 """Fixtures of the libcloud provider's tests: one moto S3 server (the provider's own launcher,
-providers/libcloud/testing.py) and one Azurite (providers/azure/azurite.py) per session,
-stopped by their PIDs; the stores' credentials in the environment variables the test
+providers/libcloud/testing.py), one Azurite (providers/azure/azurite.py), stopped by their
+PIDs, and one OpenStack fake whose keystone lists its Swift (providers/openstack/fakes) per
+session; the stores' credentials in the environment variables the test
 regions name; a region of either store built through a parsed site, as a command builds it.
 """
 
@@ -46,10 +47,41 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
-@pytest.fixture(params=["s3", "azure_blobs"])
+@pytest.fixture(scope="session")
+def swift_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The OpenStack fake (keystone v3 and its Swift) in this process, on 127.0.0.1."""
+    from regionvault.providers.openstack.fakes.cloud import OpenStackFake
+
+    with OpenStackFake(tmp_path_factory.mktemp("swift")) as cloud:
+        yield cloud
+
+
+def swift_settings(cloud: Any, container: str) -> dict[str, Any]:
+    """A region's settings on container ``container`` of the fake's Swift; conditional puts
+    claimed (the tests put one writer at a time, or show the gap of two in flight)."""
+    return {
+        "driver": "openstack_swift",
+        "container": container,
+        "auth_url": cloud.auth_url,
+        "project": cloud.project,
+        "domain": cloud.domain,
+        "service_region": cloud.region,
+        "key_env": KEY_ENV,
+        "secret_env": SECRET_ENV,
+        "create": True,
+        "conditional_put": True,
+    }
+
+
+@pytest.fixture(params=["s3", "azure_blobs", "openstack_swift"])
 def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The settings of a region on a fresh container of moto's S3 or of Azurite."""
+    """The settings of a region on a fresh container of moto's S3, Azurite or Swift."""
     n = next(_serial)
+    if request.param == "openstack_swift":
+        cloud = request.getfixturevalue("swift_cloud")
+        monkeypatch.setenv(KEY_ENV, cloud.username)
+        monkeypatch.setenv(SECRET_ENV, cloud.password)
+        return swift_settings(cloud, f"rv-unit-{n}")
     if request.param == "s3":
         server = request.getfixturevalue("s3_server")
         monkeypatch.setenv(KEY_ENV, "testing")

@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 from libcloud_world import build_region
 from regionvault.core.errors import ConfigError, UnsupportedOperation
-from regionvault.providers.libcloud.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS
+from regionvault.providers.libcloud.settings import (
+    DRIVERS,
+    NOT_OFFERED,
+    OPTIONAL_SETTINGS,
+    REQUIRED_SETTINGS,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "edge-vault.md"
 BASE: dict[str, Any] = {
@@ -23,6 +28,12 @@ BASE: dict[str, Any] = {
     "container": "rv-edge",
     "key_env": "RV_KEY",
     "secret_env": "RV_SECRET",
+}
+SWIFT: dict[str, Any] = {
+    **BASE,
+    "driver": "openstack_swift",
+    "auth_url": "https://keystone.edge-a.lan:5000",
+    "project": "edge",
 }
 
 
@@ -63,6 +74,75 @@ def test_a_bad_setting_names_its_key(change: dict[str, Any], key: str, says: str
         build_region({**BASE, **change})
     assert f'regions."libcloud:edge".{key}' in str(bad.value)
     assert says in str(bad.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "says"),
+    [
+        ({"auth_url": None}, "auth_url", "logs in to keystone v3"),
+        ({"project": None}, "project", "logs in to keystone v3"),
+        ({"auth_url": "keystone:5000"}, "auth_url", "not an http(s) URL"),
+        ({"auth_url": "http://keystone.lan:5000"}, "auth_url", "plain http only to a loopback"),
+        ({"project": " "}, "project", "must not be empty"),
+        ({"domain": 7}, "domain", "a string"),
+        ({"host": "swift.lan"}, "host", "keystone's catalog gives the Swift endpoint"),
+        ({"port": 8080}, "port", "keystone's catalog gives the Swift endpoint"),
+        ({"secure": False}, "secure", "keystone's catalog gives the Swift endpoint"),
+        ({"s3_region": "x"}, "s3_region", "keystone's catalog gives the Swift endpoint"),
+        ({"container": "a/b"}, "container", "not a valid openstack_swift container name"),
+        ({"container": "x" * 257}, "container", "not a valid openstack_swift container"),
+        ({"single_put_limit": 6 << 30}, "single_put_limit", "at most 5368709120 bytes"),
+    ],
+)
+def test_a_bad_swift_setting_names_its_key(change: dict[str, Any], key: str, says: str) -> None:
+    settings = {k: v for k, v in {**SWIFT, **change}.items() if v is not None}
+    with pytest.raises(ConfigError) as bad:
+        build_region(settings)
+    assert f'regions."libcloud:edge".{key}' in str(bad.value)
+    assert says in str(bad.value)
+
+
+def test_swift_settings_and_their_defaults() -> None:
+    provider, region = build_region(
+        {**SWIFT, "auth_url": "http://127.0.0.1:5000/identity", "container": "Vault Ä"}
+    )
+    settings = provider.settings(region.for_service("vault"))
+    assert (settings.project, settings.domain, settings.service_region) == ("edge", "Default", None)
+    assert settings.conditional_put is False, "Swift checks If-None-Match only on arrival"
+    provider, region = build_region({**SWIFT, "conditional_put": True})
+    assert provider.settings(region.for_service("vault")).conditional_put is True
+    with pytest.raises(ConfigError, match="it is an openstack_swift setting") as bad:
+        build_region({**BASE, "project": "edge"})
+    assert 'regions."libcloud:edge".project' in str(bad.value)
+
+
+def test_every_libcloud_storage_driver_is_offered_or_refused_with_a_reason() -> None:
+    from libcloud.storage.providers import DRIVERS as LIBCLOUD_DRIVERS
+
+    names = {str(name) for name in LIBCLOUD_DRIVERS}
+    undecided = names - set(DRIVERS) - set(NOT_OFFERED)
+    assert not undecided, f"libcloud storage drivers neither offered nor refused: {undecided}"
+    assert not set(NOT_OFFERED) - names, "a refusal of a name libcloud does not list"
+    assert set(DRIVERS) - {"ceph"} <= names
+    for name, why in NOT_OFFERED.items():
+        with pytest.raises(ConfigError) as bad:
+            build_region({**BASE, "driver": name})
+        text = str(bad.value)
+        assert f"libcloud's {name!r} driver is not offered: {why}" in text, text
+        assert "offered: s3, minio, ceph, azure_blobs, openstack_swift" in text
+
+
+def test_the_docs_show_the_driver_table() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    rows = {
+        name: status
+        for status, name in re.findall(
+            r"^\| (not offered|offered) \| `([a-z0-9_]+)` \|", text, re.M
+        )
+    }
+    expected = {name: "not offered" for name in NOT_OFFERED}
+    expected.update({name: "offered" for name in DRIVERS})
+    assert rows == expected
 
 
 def test_every_key_is_checked_and_documented() -> None:
@@ -218,3 +298,25 @@ object_lock = true
     table = ok("--site", site, "regions").stdout
     row = next(line for line in table.splitlines() if line.startswith("local:ceph-edge"))
     assert "conditional_put" not in row
+
+
+def test_the_docs_swift_example_is_a_valid_region() -> None:
+    import tomllib
+
+    from regionvault.core.config import parse_site
+    from regionvault.core.plugins import make_plugin_manager, registry_from
+    from regionvault.providers.libcloud import plugin
+    from regionvault.providers.local import plugin as local_plugin
+
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    (block,) = [b for b in blocks if "openstack_swift" in b]
+    registry = registry_from(
+        make_plugin_manager(load_entry_points=False, plugins=[plugin, local_plugin])
+    )
+    site = parse_site(tomllib.loads(block), registry=registry, source="edge-vault.md")
+    settings = registry.get("libcloud").settings(site.region("edge-b").for_service("vault"))
+    assert (settings.driver, settings.project, settings.conditional_put) == (
+        "openstack_swift",
+        "backup",
+        False,
+    )

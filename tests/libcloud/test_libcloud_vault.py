@@ -150,14 +150,22 @@ def test_a_missing_object_is_object_not_found(make_vault: Callable[..., Any]) ->
     vault.delete("nope")
 
 
-def test_a_store_down_is_transient_a_wrong_host_is_not(make_vault: Callable[..., Any]) -> None:
+def test_a_store_down_is_transient_a_wrong_host_is_not(
+    make_vault: Callable[..., Any], store: dict[str, Any]
+) -> None:
     from regionvault.providers.libcloud.testing import free_port
 
-    down = make_vault(port=free_port(), timeout=5)
+    if store["driver"] == "openstack_swift":
+        down = make_vault(auth_url=f"http://127.0.0.1:{free_port()}/identity", timeout=5)
+        wrong = make_vault(auth_url="https://no-such-store.invalid/identity", timeout=5)
+        says = "check auth_url"
+    else:
+        down = make_vault(port=free_port(), timeout=5)
+        wrong = make_vault(host="no-such-store.invalid", timeout=5)
+        says = "check host, port and secure"
     with pytest.raises(TransientError):
         down.head("x")
-    wrong = make_vault(host="no-such-store.invalid", timeout=5)
-    with pytest.raises(VaultError, match="check host, port and secure") as raised:
+    with pytest.raises(VaultError, match=says) as raised:
         wrong.head("x")
     assert not isinstance(raised.value, TransientError)
 

@@ -9,7 +9,9 @@ openstack provider needs:
 
 - keystone: ``POST /identity/v3/auth/tokens`` (password method, project scope): a token in
   ``X-Subject-Token`` and the catalog (``nova`` compute at ``/compute/v2.1``, ``glance`` image
-  at ``/image``, ``cinderv3`` volumev3 and ``block-storage`` at ``/volume/v3/<project_id>``).
+  at ``/image``, ``cinderv3`` volumev3 and ``block-storage`` at ``/volume/v3/<project_id>``,
+  ``swift`` object-store at ``/object-store/v1/AUTH_<project_id>``: fakes/swift.py, its
+  hooks on :attr:`OpenStackFake.swift`).
   Every other call needs a token it issued in ``X-Auth-Token`` (401 otherwise).
 - nova: servers ``list`` and ``detail`` (``limit`` + ``marker`` pages with ``servers_links``
   ``next``, as nova pages), ``get``, ``create`` (``imageRef`` of an active glance image,
@@ -85,6 +87,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from regionvault.providers.openstack.fakes.swift import SwiftFake
 
 GIB = 1 << 30
 
@@ -243,6 +247,8 @@ class OpenStackFake:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
+        #: the object-store service (fakes/swift.py), one account: the project's
+        self.swift = SwiftFake(self.workdir / "swift", token_ok=self._token_ok)
         for sub in ("images", "volumes", "snapshots"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -290,6 +296,10 @@ class OpenStackFake:
     def auth_url(self) -> str:
         """What libcloud's ``ex_force_auth_url`` is."""
         return f"{self.endpoint}/identity"
+
+    def _token_ok(self, token: str) -> bool:
+        with self._lock:
+            return token in self._tokens
 
     # -- test hooks --------------------------------------------------------------------------
 
@@ -683,6 +693,7 @@ class OpenStackFake:
             service("image", "glance", f"{base}/image"),
             service("volumev3", "cinderv3", volume),
             service("block-storage", "cinder", volume),
+            service("object-store", "swift", f"{base}/object-store/v1/AUTH_{self.project_id}"),
         ]
 
     # -- the API ------------------------------------------------------------------------------
@@ -1268,6 +1279,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _serve(self) -> None:
+        account = f"/object-store/v1/AUTH_{self.cloud.project_id}"
+        if self.path == account or self.path.startswith((account + "/", account + "?")):
+            self.cloud.swift.serve(self, self.path[len(account) :])  # bodies streamed
+            return
         body = self._body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         host = self.headers.get("Host") or f"127.0.0.1:{self.cloud.port}"
