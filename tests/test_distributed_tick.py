@@ -405,3 +405,13 @@ def test_cli_executor_thread_runs_in_process_whatever_the_site_says(
     result = runner.invoke(cli, ["--site", str(path), "tick", "--json"])
     assert result.exit_code == 0, result.output
     assert kind.made == ["mem://"]
+
+
+def test_a_region_tick_on_a_distributed_executor_runs_that_region_alone(
+    deployment: Deployment,
+) -> None:
+    with deployment.coordinator() as (service, routed):
+        report = service.tick(region=EAST)
+    assert report.ok and report.region == EAST
+    assert worked(report) == [TAG, BACKUP, COPY_OFFER, RETENTION]
+    assert {region for _, region, _ in routed.routed} == {EAST}

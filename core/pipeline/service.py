@@ -302,9 +302,12 @@ class Service:
         slot is not done again.
 
         With ``region``, region's own tick (:meth:`region_tick`): the same for that region
-        alone, with its credentials alone. ``stop`` set ends the default executor's waits
-        before retries at once (:func:`~regionvault.core.pipeline.executor.execute_job`);
-        an executor given has its own."""
+        alone, with its credentials alone. On a distributed executor (:func:`is_distributed`)
+        every region's own tick runs, all at once, each step and each plan a job in its
+        region: this process opens no region (:meth:`_distributed_tick`). ``stop`` set ends
+        the default executor's waits before retries at once
+        (:func:`~regionvault.core.pipeline.executor.execute_job`); an executor given has its
+        own."""
         if region is not None:
             return self.region_tick(region, stop=stop)
         engine = self.engine
