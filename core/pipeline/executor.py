@@ -350,7 +350,7 @@ class Executor(Protocol):
 
     An executor that runs each job in the region
     :func:`~regionvault.core.pipeline.jobs.runs_in` names, on workers holding that region's
-    credentials alone, says so with a true ``distributed`` attribute (not part of the
+    credentials alone, says so with a ``distributed`` attribute that is True (not part of the
     protocol: an executor without it is not distributed); the service then plans its ticks
     as jobs too (docs/jobs.md, "A distributed tick")."""
 

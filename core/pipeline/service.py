@@ -64,7 +64,7 @@ def is_distributed(executor: Executor | None) -> bool:
     """Whether ``executor`` runs each job where :func:`~regionvault.core.pipeline.jobs.runs_in`
     says, on workers holding that region's credentials alone (``executor.distributed`` is
     true): then a tick plans as jobs too, and the process that ticks opens no region."""
-    return bool(getattr(executor, "distributed", False))
+    return getattr(executor, "distributed", False) is True
 
 
 def newest_slot(engine: Engine, instance: Instance) -> datetime | None:
