@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HOOK_TIMEOUT",
     "SERVICES",
+    "THREAD_EXECUTOR",
+    "ExecutorConfig",
     "HookConfig",
     "Replication",
     "SiteConfig",
@@ -67,6 +69,21 @@ class HookConfig:
     source: str = "<memory>"
 
 
+#: the built-in executor kind: jobs run in the ticking process, on threads
+THREAD_EXECUTOR = "thread"
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """The ``[executor]`` table: which kind of executor runs the site's jobs and that kind's
+    settings (``broker``, ``concurrency``, ... for ``celery``), as written. The kind checks
+    its own settings (``regionvault_executor_kinds``, core/plugins.py); ``thread`` takes
+    none."""
+
+    kind: str = THREAD_EXECUTOR
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     name: str
@@ -86,6 +103,8 @@ class SiteConfig:
     state_dir: Path = Path(".regionvault")
     #: the named hooks of ``[hooks.NAME]`` tables (the built-in ``sqlite`` is not listed)
     hooks: Mapping[str, HookConfig] = field(default_factory=dict)
+    #: ``[executor]``: what runs the jobs of ``tick`` and ``run`` (default: threads here)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     source: str = "<memory>"
 
     def region(self, ref: str) -> RegionConfig:
@@ -136,7 +155,19 @@ _SITE_KEYS = {
     "schedule_interval": str,
     "state_dir": str,
 }
-_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks"}
+_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks", "executor"}
+
+
+def parse_executor(table: Any, file: str) -> ExecutorConfig:
+    """``[executor]``: ``kind`` (a string, default ``thread``) and the kind's settings; each
+    setting a TOML value (the kind checks its own: ``validate``)."""
+    _expect(table, dict, file, "executor")
+    kind = table.get("kind", THREAD_EXECUTOR)
+    _expect(kind, str, file, "executor.kind")
+    if not kind.strip():
+        raise ConfigError("must not be empty", file=file, key="executor.kind")
+    settings = {k: v for k, v in table.items() if k != "kind"}
+    return ExecutorConfig(kind=kind, settings=settings)
 
 
 def _type_name(value: object) -> str:
@@ -292,6 +323,7 @@ def parse_site(
         policies[name] = value
 
     hooks = parse_hooks(data.get("hooks", {}), source)
+    executor = parse_executor(data.get("executor", {}), source)
 
     regions_table = data.get("regions", {})
     _expect(regions_table, dict, source, "regions")
@@ -404,6 +436,7 @@ def parse_site(
         replication=tuple(replication),
         policies=policies,
         hooks=hooks,
+        executor=executor,
         source=source,
         **site_values,
         **kwargs,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
-from regionvault.core.errors import ProviderNotFound, RegionVaultError
+from regionvault.core.errors import ConfigError, ProviderNotFound, RegionVaultError
 
 if TYPE_CHECKING:
     from regionvault.core.interfaces import Capture, Provider
@@ -21,9 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROJECT",
+    "ExecutorKind",
     "HookSpecs",
     "ProviderRegistry",
     "SdkGuard",
+    "check_executor",
+    "executor_kinds",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
@@ -65,6 +69,88 @@ class SdkGuard:
             raise RegionVaultError(
                 self.message, provider=self.provider, region=region.name
             ) from None
+
+
+@runtime_checkable
+class ExecutorKind(Protocol):
+    """A kind of executor a site may name in ``[executor] kind``, from a plugin
+    (``regionvault_executor_kinds``): ``celery`` comes from plugins/celery. The engine, the
+    executor, the site and the ledger are the pipeline's and the site's types, which sit
+    above this module, so they are ``Any`` here; each method says which."""
+
+    #: the value of ``[executor] kind`` that selects it
+    name: str
+
+    def validate(self, settings: Mapping[str, Any], source: str) -> None:
+        """Check the ``[executor]`` table's other keys (``settings``, as written in the site
+        file ``source``); raise :class:`~regionvault.core.errors.ConfigError` naming
+        ``executor.<key>``."""
+        ...
+
+    def executor(self, engine: Any, *, stop: Any) -> AbstractContextManager[Any]:
+        """A context manager giving the
+        :class:`~regionvault.core.pipeline.executor.Executor` that runs ``engine``'s
+        (a :class:`~regionvault.core.pipeline.Engine`) jobs for ``regionvault tick`` and
+        ``run``, closed at its end; ``stop`` (a :class:`threading.Event`) is set to stop
+        waiting. A distributed one says ``distributed = True`` (docs/jobs.md)."""
+        ...
+
+    def ledger(self, site: Any) -> Any:
+        """The :class:`~regionvault.core.pipeline.ledger.Ledger` this kind's runners share,
+        for ``site`` (a :class:`~regionvault.core.site.Site`): ``Engine.ledger()`` and
+        ``status`` read it."""
+        ...
+
+
+#: the extra that installs each executor kind regionvault ships as a plugin
+_KIND_EXTRAS = {"celery": "pip install 'regionvault[celery]'"}
+
+
+def executor_kinds(pm: pluggy.PluginManager) -> dict[str, ExecutorKind]:
+    """The executor kinds the plugins of ``pm`` give (``thread`` is the pipeline's own, and
+    not among them), by name; a name given twice is an error."""
+    found: dict[str, ExecutorKind] = {}
+    for kinds in pm.hook.regionvault_executor_kinds():
+        for kind in kinds or ():
+            name = getattr(kind, "name", None)
+            if not isinstance(name, str) or not name:
+                raise RegionVaultError(f"executor kind {kind!r} has no name")
+            if name == "thread" or (name in found and found[name] is not kind):
+                raise RegionVaultError(f"executor kind {name!r} is given twice")
+            found[name] = kind
+    return found
+
+
+def check_executor(
+    name: str, settings: Mapping[str, Any], source: str, pm: pluggy.PluginManager
+) -> ExecutorKind | None:
+    """A site's ``[executor]`` (``kind = name`` and its other keys, ``settings``, in the
+    site file ``source``) names a kind that is installed, with settings it takes: its
+    :class:`ExecutorKind`, or None for the built-in ``thread`` (which takes no settings).
+    :class:`~regionvault.core.errors.ConfigError` naming ``executor.kind`` or the key."""
+    if name == "thread":
+        if settings:
+            raise ConfigError(
+                "unknown key (the thread executor takes none but kind)",
+                file=source,
+                key=f"executor.{sorted(settings)[0]}",
+            )
+        return None
+    kinds = executor_kinds(pm)
+    kind = kinds.get(name)
+    if kind is None:
+        installed = ", ".join(["thread", *sorted(kinds)])
+        extras = sorted(_KIND_EXTRAS.items())
+        hints = "; ".join(f"{k}: {how}" for k, how in extras if k not in kinds)
+        raise ConfigError(
+            f"unknown executor kind {name!r} (installed: {installed}"
+            + (f"; {hints}" if hints else "")
+            + ")",
+            file=source,
+            key="executor.kind",
+        )
+    kind.validate(settings, source)
+    return kind
 
 
 class HookSpecs:
@@ -153,6 +239,13 @@ class HookSpecs:
         ``status``: done, replayed, busy or failed; ``result``, ``error``, ``started_at``,
         ``finished_at``). Count or audit here. An exception is logged and becomes a problem
         of the tick; the tick's other jobs still run. Returns nothing."""
+
+    @hookspec
+    def regionvault_executor_kinds(self) -> Iterable[ExecutorKind] | None:
+        """Called when a site is opened, to check its ``[executor]`` table, and when the
+        site's executor or ledger is wanted. Return the executor kinds this plugin gives
+        (objects with ``name``, ``validate``, ``executor`` and ``ledger``:
+        :class:`ExecutorKind`), or nothing."""
 
     @hookspec
     def regionvault_after_tick(self, report: Any) -> None:

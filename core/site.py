@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from regionvault.core.config import SiteConfig, load_site, validate_providers
 from regionvault.core.errors import AmbiguousName, InstanceNotFound
-from regionvault.core.plugins import ProviderRegistry, get_plugin_manager
+from regionvault.core.plugins import ProviderRegistry, check_executor, get_plugin_manager
 
 if TYPE_CHECKING:
     import pluggy
@@ -93,6 +93,9 @@ class Site:
             registry = registry or default_registry
             plugin_manager = plugin_manager or default_pm
         validate_providers(config, registry)
+        check_executor(
+            config.executor.kind, config.executor.settings, config.source, plugin_manager
+        )
         self.config = config
         self.registry = registry
         self.plugin_manager = plugin_manager

@@ -4,9 +4,11 @@ stopped), over every region or, with ``--region``, as that region's own service.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -27,12 +29,27 @@ if TYPE_CHECKING:
 __all__ = ["run", "tag", "tick"]
 
 
-def _service(state: CliState, **options: Any) -> Service:
-    """The service that ticks over the site's engine (``options`` go to the Engine), on
-    its default executor: this process's threads."""
+@contextlib.contextmanager
+def _service(
+    state: CliState,
+    executor: str | None,
+    stop: threading.Event | None = None,
+    **options: Any,
+) -> Iterator[Service]:
+    """The service that ticks over the site's engine (``options`` go to the Engine), on the
+    site's executor (``[executor]``), or on ``executor`` when given (``--executor``). For
+    ``thread``, this process's threads, made afresh by each tick as ever; for another kind
+    (plugins/celery), the executor it makes, closed when the command ends."""
     from regionvault.core.pipeline import Service
+    from regionvault.core.pipeline.kinds import THREAD, executor_kind
 
-    return Service(state.engine(**options))
+    engine = state.engine(**options)
+    kind = executor_kind(state.site(), executor)
+    if kind is THREAD:
+        yield Service(engine)
+        return
+    with kind.executor(engine, stop=stop) as running:
+        yield Service(engine, executor=running)
 
 
 def _region_tick_options(
@@ -56,6 +73,12 @@ _REGION_TICK = click.option(
     "-r",
     metavar="REGION",
     help="This region's own tick, with its credentials alone (one service per region).",
+)
+_EXECUTOR = click.option(
+    "--executor",
+    metavar="KIND",
+    help="Run the jobs on this executor kind, whatever the site's [executor] says "
+    "(thread: in this process).",
 )
 _COPY_GRACE = click.option(
     "--copy-grace",
@@ -101,17 +124,7 @@ def tag(state: CliState, region: str | None, as_json: bool) -> None:
 
 
 def _tick_json(report: TickReport) -> dict[str, Any]:
-    region = {"region": report.region} if report.region is not None else {}
-    return {
-        **region,
-        "at": report.at.isoformat(),
-        "ok": report.ok,
-        "outcome": report.outcome,
-        "tagged": [t.instance_id for rep in report.tagged for t in rep.tagged],
-        "schedule": [s.summary() for s in report.schedule],
-        "jobs": [o.to_dict() for o in report.jobs],
-        "problems": report.problems,
-    }
+    return report.to_dict()
 
 
 def _print_tick(report: TickReport) -> None:
@@ -151,15 +164,23 @@ def _exit_for(failed: int, incomplete: int) -> None:
 @click.command()
 @_REGION_TICK
 @_COPY_GRACE
+@_EXECUTOR
 @json_option
 @pass_state
-def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: bool) -> None:
+def tick(
+    state: CliState,
+    region: str | None,
+    copy_grace: str | None,
+    executor: str | None,
+    as_json: bool,
+) -> None:
     """One pass: tag, back up what is due, copy, apply retention (for cron).
 
     Exits 1 when a step failed, else 3 when a backup was incomplete (its point names
     entries it could not take whole), else 0."""
     name, options = _region_tick_options(state, region, copy_grace)
-    report = _service(state, **options).tick(name)
+    with _service(state, executor, **options) as service:
+        report = service.tick(name)
     if as_json:
         print_json(_tick_json(report))
     else:
@@ -174,6 +195,7 @@ def tick(state: CliState, region: str | None, copy_grace: str | None, as_json: b
 @click.option("--max-ticks", type=click.IntRange(min=1), help="Stop after this many ticks.")
 @_REGION_TICK
 @_COPY_GRACE
+@_EXECUTOR
 @pass_state
 def run(
     state: CliState,
@@ -181,6 +203,7 @@ def run(
     max_ticks: int | None,
     region: str | None,
     copy_grace: str | None,
+    executor: str | None,
 ) -> None:
     """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish.
 
@@ -201,7 +224,6 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    service = _service(state, **options)
     failed = incomplete = 0
 
     def on_tick(report: TickReport) -> None:
@@ -211,6 +233,7 @@ def run(
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
 
-    ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
+    with _service(state, executor, stop, **options) as service:
+        ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     echo_err(f"regionvault: stopped after {ticks} tick(s)")
     _exit_for(failed, incomplete)

@@ -40,10 +40,11 @@ from regionvault.core.pipeline.launch import (
     discard_sink,
     launch_name,
 )
-from regionvault.core.pipeline.ledger import JobLedger
+from regionvault.core.pipeline.ledger import JobLedger, Ledger
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
+from regionvault.core.plugins import check_executor
 from regionvault.core.policy import instance_hooks, resolve_policy
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import (
@@ -963,10 +964,19 @@ class Engine:
 
     # ------------------------------------------------------------------ jobs
 
-    def ledger(self) -> JobLedger:
-        # JobLedger keeps its files under <state_dir>/jobs, the same ledger docs/jobs.md's
-        # workers use, so their runs and this engine's see each other's locks and records
-        return JobLedger(self.site.config.state_dir)
+    def ledger(self) -> Ledger:
+        """The ledger of the site's executor kind (``[executor]``): for ``thread``, the
+        files under ``<state_dir>/jobs``, the same ledger docs/jobs.md's workers use, so
+        their runs and this engine's see each other's locks and records; for another kind,
+        the one its runners share (``ExecutorKind.ledger``)."""
+        table = self.site.config.executor
+        kind = check_executor(
+            table.kind, table.settings, self.site.config.source, self.site.plugin_manager
+        )
+        if kind is None:  # thread
+            return JobLedger(self.site.config.state_dir)
+        ledger: Ledger = kind.ledger(self.site)
+        return ledger
 
     # ------------------------------------------------------------------ status
 

@@ -346,7 +346,13 @@ def _replayed(recorded: JobOutcome) -> JobOutcome:
 @runtime_checkable
 class Executor(Protocol):
     """Runs jobs. Whatever the executor, a key runs at most once at a time and, once done,
-    never again (the ledger sees to it)."""
+    never again (the ledger sees to it).
+
+    An executor that runs each job in the region
+    :func:`~regionvault.core.pipeline.jobs.runs_in` names, on workers holding that region's
+    credentials alone, says so with a ``distributed`` attribute that is True (not part of the
+    protocol: an executor without it is not distributed); the service then plans its ticks
+    as jobs too (docs/jobs.md, "A distributed tick")."""
 
     def submit(self, job: Job) -> Future[JobOutcome]:
         """Start ``job``; the future's result is its outcome (it never raises for a failing

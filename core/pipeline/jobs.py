@@ -42,6 +42,10 @@ __all__ = [
     "COPY_REQUEST",
     "COPY_SEND",
     "LISTED_ISSUES",
+    "PLAN_BACKUPS",
+    "PLAN_INBOX",
+    "PLAN_KINDS",
+    "PLAN_OFFERS",
     "RETENTION",
     "TAG",
     "Handler",
@@ -58,7 +62,9 @@ __all__ = [
     "format_slot",
     "job_key",
     "parse_slot",
+    "plan_job",
     "retention_job",
+    "runs_in",
     "slot_of",
     "split_key",
     "tag_job",
@@ -83,6 +89,13 @@ COPY_PHASES = (COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT)
 COPY_RECEIPT = "copy-receipt"
 #: the phases that run in the source region (the others run in the destination)
 _SOURCE_PHASES = frozenset({COPY_OFFER, COPY_SEND})
+#: planning as jobs (a distributed tick, docs/jobs.md): each runs in one region and returns
+#: the jobs of the tick's next round there: its due backups; its side of every copy its inbox
+#: holds something of (two rounds); the copies it offers
+PLAN_BACKUPS = "plan-backups"
+PLAN_INBOX = "plan-inbox"
+PLAN_OFFERS = "plan-offers"
+PLAN_KINDS = (PLAN_BACKUPS, PLAN_INBOX, PLAN_OFFERS)
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _KEY = re.compile(r"[\x21-\x7e]{1,512}")  # printable ASCII, no spaces
@@ -322,6 +335,53 @@ def retention_job(region: str, slot: datetime) -> Job:
         region,
         {"slot": format_slot(slot)},
     )
+
+
+def plan_job(kind: str, region: str, at: datetime, *, step: int | None = None) -> Job:
+    """Plan ``region``'s next round of the tick that started ``at`` (``kind`` one of
+    :data:`PLAN_KINDS`); ``step`` numbers the passes of the inbox and offer rounds in one
+    tick. The tick's time is in the key, so a plan delivered twice returns the first
+    delivery's plan (the ledger's record), and every tick plans afresh.
+
+    The key is ``plan-<what>/<region>/<tick time>[/<step>]``; the payload says ``at``."""
+    if kind not in PLAN_KINDS:
+        raise RegionVaultError(f"{kind!r} is not a plan job kind (known: {', '.join(PLAN_KINDS)})")
+    at_text = format_slot(at)
+    parts = [at_text] + ([str(step)] if step is not None else [])
+    payload: dict[str, Any] = {"at": at_text}
+    if step is not None:
+        payload["step"] = step
+    return Job(job_key(kind, region, *parts), kind, region, payload)
+
+
+def _same_region(a: str, b: str) -> bool:
+    # a region may be named in full (local:east) or by its short name (east)
+    if a == b:
+        return True
+    return (":" not in a or ":" not in b) and a.rpartition(":")[2] == b.rpartition(":")[2]
+
+
+def runs_in(job: Job) -> str | None:
+    """The region whose credentials ``job`` needs, where an executor must run it (for a
+    distributed one: the queue it goes to); None for a job of no region.
+
+    A copy phase runs in its source (``copy-offer``, ``copy-send``, ``copy-receipt``) or its
+    destination (``copy-request``, ``copy-commit``), as its payload names them; every other
+    kind in ``job.region`` (``copy``, both halves in one call, needs the destination's
+    Sealer too but its source's keys: it runs in the source). A job whose ``region`` is not
+    the side its payload says it runs on is an error, so that no job is routed to the wrong
+    region's workers."""
+    if job.kind in COPY_PHASES or job.kind == COPY_RECEIPT:
+        side = "source" if job.kind in _SOURCE_PHASES or job.kind == COPY_RECEIPT else "destination"
+        named = job.payload.get(side)
+        mismatch = named is not None and job.region is not None
+        if mismatch and not _same_region(str(named), str(job.region)):
+            raise RegionVaultError(
+                f"job {job.key}: a {job.kind} job runs in its {side} {named}, "
+                f"but names {job.region}"
+            )
+        return job.region if job.region is not None else None if named is None else str(named)
+    return job.region
 
 
 # --------------------------------------------------------------------------- outcomes

@@ -4,6 +4,7 @@ region (:class:`StatusRow`). Plain values: the engine, the service and the CLI s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +82,40 @@ class TickReport:
         if not self.ok:
             return "failed"
         return "incomplete" if self.incomplete() else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The tick as plain JSON data: what ``regionvault tick --json`` prints. The
+        schedules are their summaries here; :meth:`schedule_dicts` has them whole."""
+        region = {"region": self.region} if self.region is not None else {}
+        return {
+            **region,
+            "at": self.at.isoformat(),
+            "ok": self.ok,
+            "outcome": self.outcome,
+            "tagged": [t.instance_id for rep in self.tagged for t in rep.tagged],
+            "schedule": [s.summary() for s in self.schedule],
+            "jobs": [o.to_dict() for o in self.jobs],
+            "problems": list(self.problems),
+        }
+
+    def schedule_dicts(self) -> list[dict[str, Any]]:
+        """Each schedule whole, as :meth:`ScheduleReport.to_dict` gives it."""
+        return [s.to_dict() for s in self.schedule]
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], schedules: list[Mapping[str, Any]] | None = None
+    ) -> TickReport:
+        """A report from :meth:`to_dict` (and, for whole schedules, :meth:`schedule_dicts`;
+        without them the schedules are left out: :meth:`to_dict` has their summaries
+        only). ``tagged`` is not carried: the service's ticks report tagging as jobs."""
+        return cls(
+            at=datetime.fromisoformat(data["at"]),
+            schedule=[ScheduleReport.from_dict(s) for s in schedules or ()],
+            jobs=[JobOutcome.from_dict(o) for o in data.get("jobs", ())],
+            problems=[str(p) for p in data.get("problems", ())],
+            region=data.get("region"),
+        )
 
 
 @dataclass(frozen=True)

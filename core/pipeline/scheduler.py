@@ -18,21 +18,20 @@ interval every day.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import PolicyError, RegionVaultError
-from regionvault.core.pipeline.jobs import Job, backup_job, format_slot, slot_of
+from regionvault.core.pipeline.jobs import Job, backup_job, format_slot, parse_slot, slot_of
 from regionvault.core.pipeline.tagger import InstanceNote
-from regionvault.core.policy import resolve_policy
+from regionvault.core.policy import CopyTarget, Policy, resolve_policy
+from regionvault.core.types import CaptureKind, Instance, RegionId, Tags
 
 if TYPE_CHECKING:
     from regionvault.core.config import SiteConfig
     from regionvault.core.interfaces import Compute
-    from regionvault.core.policy import Policy
-    from regionvault.core.types import Instance, RegionId
 
 __all__ = [
     "DueBackup",
@@ -139,6 +138,136 @@ class ScheduleReport:
             f"{self.region}: due {len(self.due)}, not due {len(self.not_due)}, opted out "
             f"{len(self.opted_out)}, malformed {len(self.malformed)}, failed {len(self.failed)}"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON data (what a ``plan-backups`` job returns to the tick
+        that asked, from the region it ran in). An instance keeps its id, name, region, tags,
+        state, function and capture kinds; its provider's ``extra`` facts stay behind."""
+        return {
+            "region": self.region,
+            "now": self.now.isoformat(),
+            "due": [
+                {
+                    "instance": _instance_dict(d.instance),
+                    "policy": _policy_dict(d.policy),
+                    "slot": format_slot(d.slot),
+                    "newest": _iso(d.newest),
+                }
+                for d in self.due
+            ],
+            "not_due": [
+                {
+                    "instance": _instance_dict(n.instance),
+                    "policy": _policy_dict(n.policy),
+                    "newest": n.newest.isoformat(),
+                    "next_due": n.next_due.isoformat(),
+                }
+                for n in self.not_due
+            ],
+            "opted_out": [_note_dict(n) for n in self.opted_out],
+            "malformed": [_note_dict(n) for n in self.malformed],
+            "failed": [_note_dict(n) for n in self.failed],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScheduleReport:
+        """The inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                region=str(data["region"]),
+                now=datetime.fromisoformat(data["now"]),
+                due=tuple(
+                    DueBackup(
+                        _instance_of(d["instance"]),
+                        _policy_of(d["policy"]),
+                        parse_slot(d["slot"]),
+                        _when(d.get("newest")),
+                    )
+                    for d in data.get("due", ())
+                ),
+                not_due=tuple(
+                    NotDue(
+                        _instance_of(n["instance"]),
+                        _policy_of(n["policy"]),
+                        datetime.fromisoformat(n["newest"]),
+                        datetime.fromisoformat(n["next_due"]),
+                    )
+                    for n in data.get("not_due", ())
+                ),
+                opted_out=tuple(_note_of(n) for n in data.get("opted_out", ())),
+                malformed=tuple(_note_of(n) for n in data.get("malformed", ())),
+                failed=tuple(_note_of(n) for n in data.get("failed", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegionVaultError(f"schedule report data is not valid: {exc!r}") from None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _when(text: Any) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(str(text))
+
+
+def _instance_dict(instance: Instance) -> dict[str, Any]:
+    return {
+        "id": instance.id,
+        "name": instance.name,
+        "region": instance.region,
+        "tags": dict(instance.tags),
+        "state": instance.state,
+        "function": instance.function,
+        "capture_kinds": sorted(str(k) for k in instance.capture_kinds),
+    }
+
+
+def _instance_of(data: Mapping[str, Any]) -> Instance:
+    return Instance(
+        id=str(data["id"]),
+        name=str(data["name"]),
+        region=str(data["region"]),
+        tags=Tags(data.get("tags") or {}),
+        state=str(data.get("state", "running")),
+        function=data.get("function"),
+        capture_kinds=frozenset(CaptureKind(k) for k in data.get("capture_kinds", ())),
+    )
+
+
+def _policy_dict(policy: Policy) -> dict[str, Any]:
+    return {
+        "frequency_s": policy.frequency.total_seconds(),
+        "retention_s": policy.retention.total_seconds(),
+        "source": policy.source,
+        "name": policy.name,
+        "copies": [
+            {"region": str(t.region), "retention_s": t.retention.total_seconds()}
+            for t in policy.copies
+        ],
+        "from_default": policy.from_default,
+    }
+
+
+def _policy_of(data: Mapping[str, Any]) -> Policy:
+    return Policy(
+        frequency=timedelta(seconds=float(data["frequency_s"])),
+        retention=timedelta(seconds=float(data["retention_s"])),
+        source=str(data.get("source", "")),
+        name=data.get("name"),
+        copies=tuple(
+            CopyTarget(RegionId.parse(str(c["region"])), timedelta(seconds=float(c["retention_s"])))
+            for c in data.get("copies", ())
+        ),
+        from_default=bool(data.get("from_default", False)),
+    )
+
+
+def _note_dict(note: InstanceNote) -> dict[str, str]:
+    return {"instance_id": note.instance_id, "name": note.name, "reason": note.reason}
+
+
+def _note_of(data: Mapping[str, Any]) -> InstanceNote:
+    return InstanceNote(str(data["instance_id"]), str(data["name"]), str(data["reason"]))
 
 
 def due_instances(

@@ -26,6 +26,9 @@ from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
     LISTED_ISSUES,
+    PLAN_BACKUPS,
+    PLAN_INBOX,
+    PLAN_OFFERS,
     RETENTION,
     TAG,
     Incomplete,
@@ -35,20 +38,99 @@ from regionvault.core.pipeline.jobs import (
     copy_job,
     copy_jobs_for,
     parse_slot,
+    plan_job,
     retention_job,
     slot_of,
     tag_job,
 )
 from regionvault.core.pipeline.reports import TickReport
-from regionvault.core.pipeline.scheduler import due_instances
+from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline.engine import Engine
     from regionvault.core.types import Instance
 
-__all__ = ["Service", "job_handlers", "run_chains"]
+__all__ = ["MAX_PASSES", "Service", "is_distributed", "job_handlers", "newest_slot", "run_chains"]
 
 log = logging.getLogger(__name__)
+
+#: a distributed tick repeats its inbox and offer rounds at most this often: enough for one
+#: copy to go through every phase (offer, request, send, commit, receipt) and a pass more to
+#: find nothing left; it stops sooner when a pass makes no new job
+MAX_PASSES = 6
+
+
+def is_distributed(executor: Executor | None) -> bool:
+    """Whether ``executor`` runs each job where :func:`~regionvault.core.pipeline.jobs.runs_in`
+    says, on workers holding that region's credentials alone (``executor.distributed`` is
+    true): then a tick plans as jobs too, and the process that ticks opens no region."""
+    return getattr(executor, "distributed", False) is True
+
+
+def newest_slot(engine: Engine, instance: Instance) -> datetime | None:
+    """The schedule slot of ``instance``'s newest recovery point in its home region (its
+    creation time when it has none), None when it has no point there."""
+    point = engine.newest_point(instance)
+    if point is None:
+        return None
+    slot = point.tags.get(SLOT_TAG)
+    return parse_slot(slot) if slot else point.created_at
+
+
+def _plan_handlers(engine: Engine) -> dict[str, Callable[[Job], Any]]:
+    """The plan jobs of a distributed tick: each runs in its region, calls what a region's
+    own tick calls there (the scheduler, the copy flow), and returns the jobs of the next
+    round and what the tick reports (the schedule, problems) as plain JSON data."""
+    flow = CopyFlow(engine)
+
+    def where(job: Job) -> tuple[str, datetime, datetime]:
+        here = engine.region(job.region or "").name
+        try:
+            at = parse_slot(str(job.payload["at"]))
+        except KeyError:
+            raise RegionVaultError(f"job {job.key}: payload lacks 'at'") from None
+        return here, at, slot_of(at, engine.site.config.schedule_interval)
+
+    def schedule_of(here: str, at: datetime) -> ScheduleReport:
+        region = engine.region(here)
+        return due_instances(
+            region.compute, lambda i: newest_slot(engine, i), engine.site.config, at
+        )
+
+    def plan_backups(job: Job) -> Any:
+        here, at, _ = where(job)
+        try:
+            schedule = schedule_of(here, at)
+        except RegionVaultError as exc:
+            return {"jobs": [], "schedule": None, "problems": [f"{here}: schedule: {exc}"]}
+        return {
+            "jobs": [j.to_dict() for j in schedule.jobs()],
+            "schedule": schedule.to_dict(),
+            "problems": [],
+        }
+
+    def plan_inbox(job: Job) -> Any:
+        here, at, slot = where(job)
+        scratch = TickReport(at=at, region=here)
+        first, then = flow.inbox_jobs(here, slot, scratch)
+        return {
+            "first": [j.to_dict() for j in first],
+            "then": [j.to_dict() for j in then],
+            "problems": scratch.problems,
+        }
+
+    def plan_offers(job: Job) -> Any:
+        here, at, slot = where(job)
+        scratch = TickReport(at=at, region=here)
+        try:
+            scratch.schedule.append(schedule_of(here, at))
+        except RegionVaultError as exc:
+            # the region's own tick offers nothing then either; the tick says why
+            return {"jobs": [], "problems": [f"{here}: schedule: {exc}"]}
+        jobs = flow.offer_jobs(here, slot, scratch)
+        return {"jobs": [j.to_dict() for j in jobs], "problems": scratch.problems}
+
+    return {PLAN_BACKUPS: plan_backups, PLAN_INBOX: plan_inbox, PLAN_OFFERS: plan_offers}
 
 
 def job_handlers(engine: Engine) -> JobHandlers:
@@ -93,6 +175,7 @@ def job_handlers(engine: Engine) -> JobHandlers:
             COPY: run_copy,
             RETENTION: run_retention,
             **CopyFlow(engine).handlers(),
+            **_plan_handlers(engine),
         }
     )
 
@@ -210,13 +293,8 @@ class Service:
         return report
 
     def _newest_slot(self, instance: Instance) -> datetime | None:
-        """The schedule slot of ``instance``'s newest recovery point in its home region (its
-        creation time when it has none), None when it has no point there."""
-        point = self.engine.newest_point(instance)
-        if point is None:
-            return None
-        slot = point.tags.get(SLOT_TAG)
-        return parse_slot(slot) if slot else point.created_at
+        """:func:`newest_slot` of this service's engine."""
+        return newest_slot(self.engine, instance)
 
     def tick(self, region: str | None = None, *, stop: threading.Event | None = None) -> TickReport:
         """One pass: tag every region, back up what is due, copy new points where their
@@ -224,15 +302,21 @@ class Service:
         slot is not done again.
 
         With ``region``, region's own tick (:meth:`region_tick`): the same for that region
-        alone, with its credentials alone. ``stop`` set ends the default executor's waits
-        before retries at once (:func:`~regionvault.core.pipeline.executor.execute_job`);
-        an executor given has its own."""
+        alone, with its credentials alone. On a distributed executor (:func:`is_distributed`)
+        every region's own tick runs, all at once, each step and each plan a job in its
+        region: this process opens no region (:meth:`_distributed_tick`). ``stop`` set ends
+        the default executor's waits before retries at once
+        (:func:`~regionvault.core.pipeline.executor.execute_job`); an executor given has its
+        own."""
         if region is not None:
             return self.region_tick(region, stop=stop)
         engine = self.engine
         now = engine.clock()
         report = TickReport(at=now)
         cfg = engine.site.config
+        if self.executor is not None and is_distributed(self.executor):
+            self._distributed_tick(sorted(cfg.regions), self.executor, report)
+            return self._finish(report)
         with self._executor(stop) as executor:
             tag_slot = slot_of(now, cfg.tag_interval)
             self._ran(
@@ -292,6 +376,9 @@ class Service:
         report = TickReport(at=now, region=here.name)
         cfg = self.engine.site.config
         slot = slot_of(now, cfg.schedule_interval)
+        if self.executor is not None and is_distributed(self.executor):
+            self._distributed_tick([here.name], self.executor, report)
+            return self._finish(report)
         with self._executor(stop) as executor:
             self._ran(report, executor.run([tag_job(here.name, slot_of(now, cfg.tag_interval))]))
             try:
@@ -307,6 +394,63 @@ class Service:
             self._ran(report, executor.run(self.copyflow.offer_jobs(here.name, slot, report)))
             self._ran(report, executor.run([retention_job(here.name, slot)]))
         return self._finish(report)
+
+    def _distributed_tick(self, regions: list[str], executor: Executor, report: TickReport) -> None:
+        """The tick of ``regions`` (every region's own tick, all at once) on an executor
+        that runs each job in its region (:func:`is_distributed`): planning too is a job
+        there, so this process opens no region's services. Rounds, each one job per region
+        at once: tag; ``plan-backups``, then the backups; then up to :data:`MAX_PASSES`
+        passes of ``plan-inbox`` (its first, then its second round of copy jobs) and
+        ``plan-offers`` (the offers), stopping at a pass that makes no new job, so that one
+        tick moves a copy through every phase; retention. A job already run in this tick
+        is not run again in a later pass (the next tick retries what failed)."""
+        cfg = self.engine.site.config
+        now = report.at
+        slot = slot_of(now, cfg.schedule_interval)
+        seen: set[str] = set()
+
+        def run(jobs: Iterable[Job]) -> int:
+            fresh: list[Job] = []
+            for job in jobs:
+                if job.key not in seen:
+                    seen.add(job.key)
+                    fresh.append(job)
+            if fresh:
+                self._ran(report, executor.run(fresh))
+            return len(fresh)
+
+        def plan(kind: str, step: int | None = None) -> list[dict[str, Any]]:
+            """Each region's plan (its outcome's result), in the order of ``regions``; a plan
+            that failed is a failed job of the tick, and that region sits the round out."""
+            outcomes = executor.run([plan_job(kind, r, now, step=step) for r in regions])
+            self._ran(report, outcomes)
+            results: list[dict[str, Any]] = []
+            for outcome in outcomes:
+                if not outcome.ok or not isinstance(outcome.result, dict):
+                    continue
+                for problem in outcome.result.get("problems") or ():
+                    if problem not in report.problems:
+                        report.problems.append(str(problem))
+                results.append(outcome.result)
+            return results
+
+        def jobs_of(results: list[dict[str, Any]], field: str) -> list[Job]:
+            return [Job.from_dict(data) for result in results for data in result.get(field) or ()]
+
+        run([tag_job(r, slot_of(now, cfg.tag_interval)) for r in regions])
+        planned = plan(PLAN_BACKUPS)
+        for result in planned:
+            if result.get("schedule") is not None:
+                report.schedule.append(ScheduleReport.from_dict(result["schedule"]))
+        run(jobs_of(planned, "jobs"))
+        for step in range(1, MAX_PASSES + 1):
+            inbox = plan(PLAN_INBOX, step)
+            made = run(jobs_of(inbox, "first"))
+            made += run(jobs_of(inbox, "then"))
+            made += run(jobs_of(plan(PLAN_OFFERS, step), "jobs"))
+            if not made:
+                break
+        run([retention_job(r, slot) for r in regions])
 
     def run(
         self,
