@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -45,6 +45,9 @@ from redis.retry import Retry
 from regionvault.core.errors import RegionVaultError, TransientError
 from regionvault.core.pipeline.jobs import JobOutcome
 from regionvault.core.pipeline.ledger import runner_name
+
+if TYPE_CHECKING:
+    from regionvault.core.pipeline.ledger import Ledger, LedgerLock
 from regionvault.core.procs import ProcessIdentity
 
 __all__ = ["RedisLedger", "RedisLock", "redact_url"]
@@ -456,3 +459,9 @@ class RedisLedger:
             f"releasing the lock of {lock.key}",
             lambda: self._release_script(keys=[name], args=[lock.token]),
         )
+
+
+if TYPE_CHECKING:
+
+    def _is_a_ledger(ledger: RedisLedger, lock: RedisLock) -> tuple[Ledger, LedgerLock]:
+        return ledger, lock  # mypy holds RedisLedger to the core's protocols
