@@ -107,6 +107,12 @@ def redact_url(url: str) -> str:
         return "<a Redis URL that cannot be parsed>"
 
 
+def _utc(moment: datetime, what: str) -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise RegionVaultError(f"{what} {moment.isoformat()} has no time zone (use UTC)")
+    return moment.astimezone(UTC)
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -338,11 +344,7 @@ class RedisLedger:
 
     def prune(self, older_than: datetime) -> int:
         """Drop records of jobs finished before ``older_than``; returns how many."""
-        if older_than.tzinfo is None or older_than.utcoffset() is None:
-            raise RegionVaultError(
-                f"older_than {older_than.isoformat()} has no time zone (use UTC)"
-            )
-        cutoff = older_than.astimezone(UTC).timestamp()
+        cutoff = _utc(older_than, "older_than").timestamp()
 
         def drop(sub: str, index: str) -> int:
             # the same strictly-before rule as JobLedger; a batch at a time, so a large
@@ -368,7 +370,7 @@ class RedisLedger:
     def finished(self, *, since: datetime | None = None, limit: int = 100) -> list[JobOutcome]:
         """The newest finished keys' records (at most ``limit``), newest first; only those
         finished at or after ``since`` when given. Any machine of the site reads the same."""
-        low = "-inf" if since is None else repr(since.astimezone(UTC).timestamp())
+        low = "-inf" if since is None else repr(_utc(since, "since").timestamp())
 
         def read() -> list[JobOutcome]:
             raw_keys = self.client.zrevrangebyscore(

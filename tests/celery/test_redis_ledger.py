@@ -241,3 +241,19 @@ def test_the_server_is_private_and_stopped(redis_binary: None, tmp_path: Path) -
     assert not server.running
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_finished_lists_the_newest_records_first(ledger: RedisLedger) -> None:
+    handlers = JobHandlers({"backup": lambda job: job.payload["n"]})
+    jobs = [backup_job("local:east", f"i-{n}", SLOT, {"n": n}) for n in range(5)]
+    for j in jobs:
+        execute_job(j, handlers, ledger)
+    newest = ledger.finished(limit=3)
+    assert [o.result for o in newest] == [4, 3, 2]
+    since = newest[1].finished_at
+    assert since is not None
+    assert [o.result for o in ledger.finished(since=since)] == [4, 3]
+    assert ledger.prune(since) == 3
+    assert [o.result for o in ledger.finished()] == [4, 3]
+    with pytest.raises(RegionVaultError, match="no time zone"):
+        ledger.prune(datetime(2026, 1, 1))
