@@ -113,6 +113,14 @@ def _utc(moment: datetime, what: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+def _token(body: bytes | str) -> str | None:
+    try:
+        token = json.loads(body).get("token")
+    except (ValueError, AttributeError):
+        return None
+    return token if isinstance(token, str) else None
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -419,10 +427,16 @@ class RedisLedger:
         token = secrets.token_hex(16)
         name = self._key("lock", key)
         body = self._lock_body(key, token)
-        taken = self._call(
-            f"locking {key}", lambda: self.client.set(name, body, nx=True, px=self._ttl_ms())
-        )
-        return RedisLock(self, key, token) if taken else None
+
+        def take() -> bool:
+            if self.client.set(name, body, nx=True, px=self._ttl_ms()):
+                return True
+            # A SET whose reply was lost (a timeout) is sent again by the client's retry and
+            # then finds the lock its first try took: that lock is ours all the same.
+            held = self.client.get(name)
+            return held is not None and _token(held) == token
+
+        return RedisLock(self, key, token) if self._call(f"locking {key}", take) else None
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """Who holds ``key``'s lock (host, pid, runner, ...) and until when (``expires_at``,

@@ -257,3 +257,44 @@ def test_finished_lists_the_newest_records_first(ledger: RedisLedger) -> None:
     assert [o.result for o in ledger.finished()] == [4, 3]
     with pytest.raises(RegionVaultError, match="no time zone"):
         ledger.prune(datetime(2026, 1, 1))
+
+
+def test_a_lock_whose_reply_was_lost_is_still_ours(
+    redis: RedisServer, ledger: RedisLedger, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a SET NX that took the lock, but whose reply timed out, is sent again by the client's
+    # retry: the second finds the first's lock, which carries this very token
+    from regionvault.plugins.celery import ledger as module
+
+    monkeypatch.setattr(module.secrets, "token_hex", lambda n: "t0ken")
+    raw(redis).set(f"{namespace}:lock:{KEY}", json.dumps({"key": KEY, "token": "t0ken"}), px=60000)
+    lock = ledger.acquire(KEY)
+    assert lock is not None and lock.token == "t0ken"
+    lock.release()
+    assert ledger.holder(KEY) is None
+    raw(redis).set(f"{namespace}:lock:{KEY}", json.dumps({"key": KEY, "token": "other"}), px=60000)
+    assert ledger.acquire(KEY) is None
+
+
+def test_a_redis_lost_while_the_job_runs_fails_the_job_and_the_next_run_repeats_it(
+    own_redis: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = RedisLedger(own_redis.url, namespace=namespace, timeout=1)
+    runs: list[str] = []
+
+    def handler(job: Job) -> str:
+        runs.append(job.key)
+        if len(runs) == 1:
+            own_redis.stop()  # the work is done; its record cannot be written
+        return "rp-1"
+
+    handlers = JobHandlers({"backup": handler})
+    with caplog.at_level(logging.WARNING):
+        failed = execute_job(job(), handlers, ledger)
+    assert failed.status is JobStatus.FAILED
+    assert failed.error is not None and "recording its result failed" in failed.error
+    assert "ConnectionError" in failed.error  # (the core wraps it in a RegionVaultError)
+    own_redis.start()
+    assert execute_job(job(), handlers, ledger).status is JobStatus.DONE
+    assert runs == [KEY, KEY]  # run again, as a lost record always is (handlers are idempotent)
+    ledger.close()
