@@ -721,7 +721,15 @@ class Pkcs11KeyService(KeyService):
             # instead of leaving a green backup with a data key that never unwraps.
             opened = None
             if len(sealed) == 32 + _TAG:
-                opened = self._decrypt(key.obj, Mechanism.AES_GCM, GCMParams(iv, aad, 128), sealed)
+                try:
+                    check = GCMParams(iv, aad, 128)
+                    opened = bytes(
+                        key.obj.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=check)
+                    )
+                except _LOST:
+                    raise
+                except p11.PKCS11Error:
+                    opened = None
             if opened != plaintext:
                 raise KeyServiceError(
                     f"token {self._label!r}: the wrap under {self._key_id_of(key)} does not "
