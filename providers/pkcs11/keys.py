@@ -517,59 +517,79 @@ class Pkcs11KeyService(KeyService):
                 region=self.region,
             )
 
+    @staticmethod
+    def _restricted(generate: Callable[[dict[Any, Any]], _T], mechanism: Mechanism) -> _T:
+        """``generate(extra)`` with CKA_ALLOWED_MECHANISMS limited to ``mechanism``; a token
+        that does not know the attribute (before PKCS#11 v2.40) gets the key without it: the
+        capability flags still hold, only the mechanism list is the token's default."""
+        try:
+            return generate({Attribute.ALLOWED_MECHANISMS: [mechanism]})
+        except p11.AttributeTypeInvalid:
+            return generate({})
+
     def _make_aes(self, session: Any, version: int, key_id: bytes | None = None) -> Any:
         """A wrapping key whose id is in the generating template (atomic with the key) and
         that can do AES-GCM encrypt and decrypt and nothing else."""
-        return session.generate_key(
-            KeyType.AES,
-            256,
-            id=key_id or os.urandom(_ID_BYTES),
-            label=f"{self.settings.key_label_prefix}-{version}",
-            store=True,
-            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-            template={
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.ENCRYPT: True,
-                Attribute.DECRYPT: True,
-                Attribute.WRAP: False,
-                Attribute.UNWRAP: False,
-                Attribute.SIGN: False,
-                Attribute.VERIFY: False,
-                Attribute.DERIVE: False,
-                Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_GCM],
-            },
-        )
+        new_id = key_id or os.urandom(_ID_BYTES)
+
+        def generate(extra: dict[Any, Any]) -> Any:
+            return session.generate_key(
+                KeyType.AES,
+                256,
+                id=new_id,
+                label=f"{self.settings.key_label_prefix}-{version}",
+                store=True,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.SIGN: False,
+                    Attribute.VERIFY: False,
+                    Attribute.DERIVE: False,
+                    **extra,
+                },
+            )
+
+        return self._restricted(generate, Mechanism.AES_GCM)
 
     def _seal_label(self) -> str:
         return f"{self.settings.key_label_prefix}-seal"
 
     def _make_seal_pair(self, session: Any) -> None:
         """The seal pair, one id in both templates: a crash leaves no pair or a whole one."""
-        session.generate_keypair(
-            KeyType.RSA,
-            _RSA_BITS,
-            id=os.urandom(_ID_BYTES),
-            label=self._seal_label(),
-            store=True,
-            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-            public_template={
-                Attribute.ENCRYPT: True,
-                Attribute.VERIFY: False,
-                Attribute.VERIFY_RECOVER: False,
-                Attribute.WRAP: False,
-            },
-            private_template={
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.DECRYPT: True,
-                Attribute.SIGN: False,
-                Attribute.SIGN_RECOVER: False,
-                Attribute.UNWRAP: False,
-                Attribute.DERIVE: False,
-                Attribute.ALLOWED_MECHANISMS: [Mechanism.RSA_PKCS_OAEP],
-            },
-        )
+        new_id = os.urandom(_ID_BYTES)
+
+        def generate(extra: dict[Any, Any]) -> Any:
+            return session.generate_keypair(
+                KeyType.RSA,
+                _RSA_BITS,
+                id=new_id,
+                label=self._seal_label(),
+                store=True,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                public_template={
+                    Attribute.ENCRYPT: True,
+                    Attribute.VERIFY: False,
+                    Attribute.VERIFY_RECOVER: False,
+                    Attribute.WRAP: False,
+                },
+                private_template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.DECRYPT: True,
+                    Attribute.SIGN: False,
+                    Attribute.SIGN_RECOVER: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.DERIVE: False,
+                    **extra,
+                },
+            )
+
+        self._restricted(generate, Mechanism.RSA_PKCS_OAEP)
 
     @staticmethod
     def _public_of(obj: Any) -> rsa.RSAPublicKey:

@@ -474,6 +474,19 @@ def test_the_keys_can_do_their_one_job_only(east: Pkcs11KeyService) -> None:
     assert public[Attribute.VERIFY] is False and public[Attribute.WRAP] is False
 
 
+def test_a_token_that_does_not_know_allowed_mechanisms_still_gets_its_keys() -> None:
+    asked: list[dict[Any, Any]] = []
+
+    def generate(extra: dict[Any, Any]) -> str:
+        asked.append(extra)
+        if extra:
+            raise p11.AttributeTypeInvalid()
+        return "key"
+
+    assert Pkcs11KeyService._restricted(generate, Mechanism.AES_GCM) == "key"
+    assert asked == [{Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_GCM]}, {}]
+
+
 # ------------------------------------------------------------- 10: PINs
 
 
