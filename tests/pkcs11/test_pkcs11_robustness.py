@@ -47,6 +47,13 @@ def keys(settings, name="child"):
 
 settings = json.loads(sys.argv[1])
 work = Path(sys.argv[2])
+
+def wait_for(name):
+    deadline = time.monotonic() + 30
+    while not (work / name).exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"gave up waiting for {name}")
+        time.sleep(0.05)
 """
 
 
@@ -94,13 +101,11 @@ if who == "A":  # held between its scan and its key generation until B has rotat
     made = K.Pkcs11KeyService._make_aes
     def held(self, *args):
         (work / "A-scanned").touch()
-        while not (work / "B-done").exists():
-            time.sleep(0.05)
+        wait_for("B-done")
         return made(self, *args)
     K.Pkcs11KeyService._make_aes = held
 else:
-    while not (work / "A-scanned").exists():
-        time.sleep(0.05)
+    wait_for("A-scanned")
 ks.rotate()
 if who == "B":
     (work / "B-done").touch()
@@ -113,10 +118,11 @@ ks.close()
 def test_two_processes_rotating_at_once_lose_no_data_key(hsm: Hsm, tmp_path: Path) -> None:
     hsm.keys("race").close()  # version 1 and the seal pair
     settings = hsm.settings("race")
-    a = child(_ROTATE.replace("sys.argv[3]", '"A"'), settings, tmp_path)
-    b = child(_ROTATE.replace("sys.argv[3]", '"B"'), settings, tmp_path)
-    finish(b)
-    finish(a)
+    code = _ROTATE
+    a = child(code.replace("sys.argv[3]", '"A"'), settings, tmp_path)
+    b = child(code.replace("sys.argv[3]", '"B"'), settings, tmp_path)
+    outs = [p.communicate(timeout=120)[0] for p in (a, b)]
+    assert a.returncode == b.returncode == 0, outs
     restarted = hsm.keys("race", create=False)  # a restart: a new process's view
     try:
         for who in ("A", "B"):
