@@ -8,7 +8,13 @@
   GCM additional authenticated data. Rotation makes a key ``<prefix>-<n+1>``: the wrapped key
   names its version and its key's id, so older keys, and a duplicate version that two
   processes made at once, still unwrap. Each new wrap is unwrapped once in the token before
-  it is returned: a green backup never holds a data key that the token cannot open.
+  it is returned: a green backup never holds a data key that the token cannot open. The
+  view of the token's keys is refreshed when older than ``RESCAN_SECONDS`` before a wrap,
+  and on demand (:meth:`Pkcs11KeyService.refresh`): another process's rotation is used.
+- Errors: one classifier (:meth:`Pkcs11KeyService._classify`). A lost session or device is
+  reopened once, then TransientError; a refused ciphertext is KeyAccessDenied; anything else
+  KeyServiceError naming the token and the operation. A forked child initialises the module
+  again and logs in on its own session.
 - Sealing (another region seals a secret for this one): hybrid with the region's RSA public
   key, exported from the token into a PEM file that other regions configure
   (``public_key``): a fresh 256-bit key ``K`` is RSA-OAEP-encrypted (SHA-1 and MGF1-SHA-1:
@@ -258,6 +264,8 @@ class _SharedSession:
                 shared = _SharedSession(key, lib, settings)
                 try:
                     shared.session = shared._login(token, pin, region)
+                except _LOST:
+                    raise  # the HSM is away: transient (classified by the caller)
                 except p11.PKCS11Error as exc:
                     raise KeyServiceError(
                         f"cannot open token {settings.token_label!r}: {exc!r}",
@@ -413,8 +421,8 @@ class Pkcs11KeyService(KeyService):
         detail = f"{name}: {exc}" if str(exc) else name
         if isinstance(exc, _LOST):
             return TransientError(
-                f"token {self._label!r}: {operation}: the session to the token was lost again "
-                f"after reopening it ({detail}); it may pass once the HSM is back",
+                f"token {self._label!r}: {operation}: the token's session or device is gone "
+                f"({detail}), and a new session did not help; it may pass once the HSM is back",
                 provider="pkcs11",
                 region=self.region,
             )

@@ -218,6 +218,18 @@ def test_a_session_lost_again_after_reopening_is_transient(
         keys.close()
 
 
+def test_a_token_that_is_away_at_start_is_transient(
+    hsm: Hsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def away(self: _SharedSession, *args: Any) -> Any:
+        raise p11.DeviceRemoved()
+
+    monkeypatch.setattr(_SharedSession, "_login", away)
+    with pytest.raises(TransientError, match=r"rv-t-lost.*DeviceRemoved"):
+        hsm.keys("lost")
+    assert not [k for k in _SharedSession._open if k[1] == TOKENS["lost"][0]]
+
+
 class _Failing:
     """A key object whose calls raise ``error`` (an injected token answer)."""
 
