@@ -15,6 +15,7 @@ PINs are in files (``pin_file``), never in site.toml.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from regionvault.core.conformance.support import ConformanceSupport
 from regionvault.core.errors import UnsupportedOperation
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 
-__all__ = ["REGIONS", "Pkcs11ConformanceSupport", "make_tokens"]
+__all__ = ["REGIONS", "Pkcs11ConformanceSupport", "make_tokens", "write_pin_file"]
 
 #: the test regions: site name -> (token label, PIN)
 REGIONS = {"east": ("rv-east", "4711-east"), "west": ("rv-west", "4711-west")}
@@ -30,6 +31,16 @@ REGIONS = {"east": ("rv-east", "4711-east"), "west": ("rv-west", "4711-west")}
 
 def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_pin_file(path: Path, pin: str) -> None:
+    """A PIN file readable by its owner only from its first byte (``O_CREAT`` with 0600, not
+    a chmod after the PIN is in it)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(pin + "\n")
 
 
 def make_tokens(workdir: Path) -> dict[str, dict[str, str]]:
@@ -49,8 +60,7 @@ def make_tokens(workdir: Path) -> dict[str, dict[str, str]]:
         hsm.init_token(label, pin)
     for name, (label, pin) in REGIONS.items():
         pin_file = workdir / f"{name}.pin"
-        pin_file.write_text(pin + "\n", encoding="utf-8")
-        pin_file.chmod(0o600)
+        write_pin_file(pin_file, pin)
         settings: dict[str, str] = {
             "token_label": label,
             "pin_file": pin_file.as_posix(),

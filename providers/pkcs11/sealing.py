@@ -5,6 +5,7 @@ The envelope is described in keys.py."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Mapping
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -13,9 +14,17 @@ from regionvault.core.envelope import MAX_SECRET, checked_secret, seal_envelope
 from regionvault.core.errors import KeyServiceError
 from regionvault.core.interfaces import Sealer, context_bytes, purpose_context
 
-__all__ = ["MAX_SECRET", "OAEP", "SEAL_MAGIC", "Pkcs11Sealer", "public_key_id", "seal_context"]
+__all__ = [
+    "MAX_SECRET",
+    "OAEP",
+    "SEAL_MAGIC",
+    "Pkcs11Sealer",
+    "public_key_id",
+    "region_bytes",
+    "seal_context",
+]
 
-SEAL_MAGIC = b"RVPS2"
+SEAL_MAGIC = b"RVPS3"
 _SEAL = "seal"
 _KEY_ID = 16
 #: SoftHSM 2.6 decrypts RSA-OAEP with SHA-1 (and MGF1-SHA-1) only
@@ -29,9 +38,18 @@ def public_key_id(public_key: rsa.RSAPublicKey) -> bytes:
     return hashlib.sha256(der).digest()[:_KEY_ID]
 
 
+def region_bytes(region: str) -> bytes:
+    """The region's name as the AAD carries it (``u16 length | UTF-8``): a wrap or a seal of
+    one region opens in no other, even where two regions' keys are one object."""
+    name = region.encode("utf-8")
+    return struct.pack(">H", len(name)) + name
+
+
 def seal_context(context: Mapping[str, str], region: str) -> bytes:
-    """The context bytes a sealed secret of ``region`` is bound to."""
-    return context_bytes(purpose_context(context, _SEAL, provider="pkcs11", region=region))
+    """The context bytes a sealed secret of ``region`` is bound to: the region's name, a zero
+    byte, the canonical context with ``regionvault:purpose = seal``."""
+    purposed = purpose_context(context, _SEAL, provider="pkcs11", region=region)
+    return region_bytes(region) + b"\0" + context_bytes(purposed)
 
 
 class Pkcs11Sealer(Sealer):

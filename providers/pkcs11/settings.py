@@ -2,7 +2,8 @@
 PKCS#11 module. docs/edge-keys.md describes every key.
 
 The PIN is never a setting: ``pin_env`` names an environment variable that holds it, or
-``pin_file`` a file whose first line is it (a key ``pin`` is refused with that advice).
+``pin_file`` a file whose first line is it, readable by its owner only (mode 0600: a file open
+to its group or others is refused); a key ``pin`` is refused with that advice.
 """
 
 from __future__ import annotations
@@ -102,9 +103,17 @@ class Pkcs11Settings:
             return value
         assert self.pin_file is not None
         try:
-            lines = self.pin_file.read_text(encoding="utf-8").splitlines()
+            with self.pin_file.open(encoding="utf-8") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                lines = file.read().splitlines()
         except OSError as exc:
             raise self.error("pin_file", f"cannot read {self.pin_file}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise self.error(
+                "pin_file",
+                f"{self.pin_file} is open to its group or others (mode {mode & 0o777:04o}): "
+                "a PIN file is readable by its owner only (chmod 600)",
+            )
         if not lines or not lines[0].strip():
             raise self.error("pin_file", f"{self.pin_file} is empty")
         return lines[0].strip()

@@ -110,7 +110,10 @@ class SoftHsm:
     def init_token(self, label: str, pin: str) -> Token:
         util = find_util()
         assert util is not None
-        subprocess.run(
+        # softhsm2-util reads PINs from the terminal only (not from a pipe), so they go on its
+        # command line: test tokens' PINs, never printed (a failure names the label and
+        # softhsm2-util's own message, not the command)
+        done = subprocess.run(
             [
                 str(util),
                 "--init-token",
@@ -122,11 +125,17 @@ class SoftHsm:
                 "--pin",
                 pin,
             ],
-            check=True,
+            check=False,
             env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
         )
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).decode(errors="replace").strip()
+            said = said.replace(pin, "***").replace(SO_PIN, "***")
+            raise RuntimeError(
+                f"softhsm2-util could not make token {label!r} (exit {done.returncode}): {said}"
+            )
         return Token(self, label, pin)
 
 

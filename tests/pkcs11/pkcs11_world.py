@@ -21,16 +21,25 @@ pytest.importorskip(
 )
 
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+from regionvault.providers.pkcs11.conformance import write_pin_file
 from regionvault.providers.pkcs11.keys import Pkcs11KeyService
 from regionvault.providers.pkcs11.provider import Pkcs11Provider
 from regionvault.providers.pkcs11.softhsm import SoftHsm, missing
 
-#: token name -> (label, PIN); "empty" never gets keys
+#: token name -> (label, PIN); "empty" never gets keys; the others below "made" are each one
+#: test's of test_pkcs11_robustness.py (SoftHSM lists its tokens once a process: all made here)
 TOKENS = {
     "east": ("rv-t-east", "1234-east"),
     "west": ("rv-t-west", "1234-west"),
     "empty": ("rv-t-empty", "1234-empty"),
     "made": ("rv-t-made", "1234-made"),
+    "race": ("rv-t-race", "1234-race"),
+    "noid": ("rv-t-noid", "1234-noid"),
+    "lost": ("rv-t-lost", "1234-lost"),
+    "shared": ("rv-t-shared", "1234-shared"),
+    "stale": ("rv-t-stale", "1234-stale"),
+    "fork": ("rv-t-fork", "1234-fork"),
+    "inject": ("rv-t-inject", "1234-inject"),
 }
 
 
@@ -45,7 +54,7 @@ class Hsm:
         """pkcs11 settings for ``token`` (a name of :data:`TOKENS`), its PIN in a file."""
         label, pin = TOKENS[token]
         pin_file = self.workdir / f"{token}.pin"
-        pin_file.write_text(pin + "\n", encoding="utf-8")
+        write_pin_file(pin_file, pin)
         return {
             "token_label": label,
             "pin_file": pin_file.as_posix(),

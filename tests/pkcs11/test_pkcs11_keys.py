@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pkcs11
 import pytest
@@ -96,7 +97,7 @@ class TestSoftHsmKeyService(KeyServiceSuite):
 def test_the_wrapping_key_is_aes_256_sensitive_and_never_extractable(
     east: Pkcs11KeyService,
 ) -> None:
-    with east._open() as session:  # a session on the token, as an auditor of it would open
+    def audit(session: Any) -> None:  # a session on the token, as an auditor of it would open
         found = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}))
         labels = sorted(k.label for k in found)
         assert labels and all(label.startswith("regionvault-") for label in labels), labels
@@ -106,6 +107,7 @@ def test_the_wrapping_key_is_aes_256_sensitive_and_never_extractable(
             assert key[Attribute.SENSITIVE] is True
             assert key[Attribute.EXTRACTABLE] is False
             assert key[Attribute.NEVER_EXTRACTABLE] is True
+            assert len(key[Attribute.ID]) == 16
             with pytest.raises(pkcs11.exceptions.PKCS11Error):
                 key[Attribute.VALUE]
         private = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
@@ -113,13 +115,19 @@ def test_the_wrapping_key_is_aes_256_sensitive_and_never_extractable(
         assert private[0][Attribute.EXTRACTABLE] is False
         assert private[0][Attribute.SENSITIVE] is True
 
+    east._run("audit", audit)
 
-def test_wrapped_data_key_names_its_version_and_hides_the_key(east: Pkcs11KeyService) -> None:
+
+def test_wrapped_data_key_names_its_version_and_id_and_hides_the_key(
+    east: Pkcs11KeyService,
+) -> None:
     key = east.generate_data_key(CTX)
     assert key.wrapped.startswith(DATA_KEY_MAGIC + b"\x01")
     assert key.plaintext not in key.wrapped
-    assert len(key.wrapped) == len(DATA_KEY_MAGIC) + 2 + 12 + 32 + 16
-    assert key.key_id == f"{TOKENS['east'][0]}/regionvault-{key.wrapped[6] - 48}"
+    # magic, u8 + one digit, u8 + 16-byte key id, u8 + 12-byte IV, 32 + 16
+    assert len(key.wrapped) == len(DATA_KEY_MAGIC) + 2 + 17 + 13 + 32 + 16
+    version, key_id = key.wrapped[6] - 48, key.wrapped[8:24]
+    assert key.key_id == f"{TOKENS['east'][0]}/regionvault-{version}#{key_id[:8].hex()}"
 
 
 def test_rotation_is_a_new_key_object_and_a_new_session_keeps_it(hsm: Hsm) -> None:
@@ -128,7 +136,8 @@ def test_rotation_is_a_new_key_object_and_a_new_session_keeps_it(hsm: Hsm) -> No
         old = first.generate_data_key(CTX)
         before = first.key_id
         after = first.rotate()
-        assert after != before and after.endswith(f"-{int(before.rsplit('-', 1)[1]) + 1}")
+        version = int(before.split("#")[0].rsplit("-", 1)[1])
+        assert after != before and after.split("#")[0].endswith(f"-{version + 1}")
     finally:
         first.close()
     again = hsm.keys("made", create=False)
