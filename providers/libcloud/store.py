@@ -271,7 +271,7 @@ class Store:
                 provider="libcloud",
                 region=self.region,
             )
-        if isinstance(exc, InvalidCredsError) or status == 401:
+        if isinstance(exc, InvalidCredsError) or status in (401, 403):
             return self.error(
                 f"{what} in {self.label} was refused (credentials from "
                 f"{self.settings.key_env}/{self.settings.secret_env}): {exc}",
@@ -555,19 +555,27 @@ class Store:
     def _completed(self, what: str, name: str, size: int, answer: _Answer) -> ObjectInfo:
         if not answer.ok:
             raise self._refused(f"{what} (completing)", answer)
-        found = _xml_text(answer.body, "ETag")
-        if found is None:
+        try:
+            root = ElementTree.fromstring(answer.body)
+        except ElementTree.ParseError:
+            root = ElementTree.Element("Unparsed")
+        etag = None
+        if root.tag.rpartition("}")[2] == "CompleteMultipartUploadResult":
+            etag = next((e.text for e in root if e.tag.rpartition("}")[2] == "ETag"), None)
+        if not etag:
             # S3 documents a 200 whose body is an <Error>: the upload is not complete
             message = _xml_text(answer.body, "Message") or answer.body[:200].decode(
                 "utf-8", "replace"
             )
             raise TransientError(
                 f"{what} (completing) in {self.label}: answered {answer.status} with "
-                f"{answer.error_code or 'no ETag'}: {message}",
+                f"{answer.error_code or 'no CompleteMultipartUploadResult'}: {message}",
                 provider="libcloud",
                 region=self.region,
             )
-        return ObjectInfo(name=name, size=size, modified=datetime.now(UTC), etag=found.strip('"'))
+        return ObjectInfo(
+            name=name, size=size, modified=datetime.now(UTC), etag=etag.strip().strip('"')
+        )
 
     def _landed(
         self, key: str, name: str, size: int, *, etag: str | None = None, md5: str | None = None
@@ -842,13 +850,11 @@ class Store:
             )
             if made.status in (409, 412):
                 return  # a blob was committed there since, which dropped the blocks
-            if made.status != 201:
+            etag = made.headers.get("etag")
+            if made.status != 201 or not etag:
                 raise self._refused(what, made)
             gone = self._exchange(
-                what,
-                self._path(key),
-                method="DELETE",
-                headers={"If-Match": made.headers.get("etag", "*")},
+                what, self._path(key), method="DELETE", headers={"If-Match": etag}
             )
             if not (gone.ok or gone.status in (404, 412)):
                 raise self._refused(what, gone)

@@ -178,12 +178,26 @@ def test_two_azure_uploads_of_one_name_never_mix_their_blocks(
         b.close()
 
 
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (
+            b"<Error><Code>InternalError</Code><Message>Try again.</Message></Error>",
+            "InternalError",
+        ),
+        # an answer that is no CompleteMultipartUploadResult, an ETag inside or not
+        (b"<ListPartsResult><Part><ETag>x</ETag></Part></ListPartsResult>", "no Complete"),
+    ],
+)
 def test_an_s3_complete_answered_200_with_an_error_is_transient_and_aborted(
-    make_vault: Callable[..., Any], store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    make_vault: Callable[..., Any],
+    store: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    error: bytes,
+    says: str,
 ) -> None:
     only(store, "s3")
     vault = make_vault(single_put_limit=MiB)
-    error = b"<Error><Code>InternalError</Code><Message>Please try again.</Message></Error>"
 
     def complete_fails(call: Call) -> Any:
         if call.method == "POST" and "uploadId" in call.params:
@@ -191,7 +205,7 @@ def test_an_s3_complete_answered_200_with_an_error_is_transient_and_aborted(
         return call.real()
 
     intercept(monkeypatch, vault._store, complete_fails)
-    with pytest.raises(TransientError, match="InternalError"):
+    with pytest.raises(TransientError, match=says):
         vault.put("packs/q", os.urandom(9 * MiB))
     monkeypatch.undo()
     assert not vault.exists("packs/q")
