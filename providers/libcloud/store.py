@@ -22,7 +22,8 @@ for "no such object" and a DELETE answered 409 for done):
   configured ``conditional_put = false`` is refused if-absent puts outright.
 - Ranged reads are GETs with a Range; 416 (at or past the end) is ``b''`` once a HEAD shows
   the object there, as the other providers' vaults answer; more bytes than asked is an error.
-- A HEAD is ObjectNotFound only on 404; a DELETE must answer 2xx or 404.
+- A HEAD is ObjectNotFound only on 404; a DELETE must answer 2xx or 404. A read (GET, HEAD)
+  answered 5xx is asked again twice at most; no write is.
 - Listings are ``iterate_container_objects`` with a prefix (Azure: List Blobs of 5000 names
   a page), in the store's name order (UTF-8 byte order for S3, Azure and Swift).
 - Swift (``openstack_swift``): every put is one PUT, atomic in Swift (a larger one streamed
@@ -38,6 +39,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -82,6 +84,9 @@ SWIFT_MOST = 5 * 1024 * 1024 * 1024
 #: names a page of Azure's List Blobs (the most the API gives)
 AZURE_PAGE = 5000
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: a read answered so is asked again after these pauses (seconds)
+_READ_RETRY_STATUS = frozenset({500, 502, 503, 504})
+_READ_RETRY_PAUSES = (0.05, 0.25)
 #: the libcloud S3 driver's signing region when ``s3_region`` is one libcloud does not list
 _KNOWN_S3_REGION = "us-east-1"
 
@@ -301,6 +306,33 @@ class Store:
             raise self._fail(what, exc) from exc
 
     def _exchange(
+        self,
+        what: str,
+        path: str,
+        *,
+        method: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> _Answer:
+        """One request through the driver's signed connection, and its answer whatever its
+        status; no answer at all raises ``error`` (or TransientError) saying ``what``. A read
+        (GET, HEAD) answered 500, 502, 503 or 504 is sent again, twice at most, shortly after,
+        as the AWS and Azure SDKs do (S3 documents "please try again"); nothing else is, so
+        an if-absent PUT whose answer was lost is never sent twice."""
+        for pause in (*_READ_RETRY_PAUSES, None):
+            answer = self._exchange_once(
+                what, path, method=method, params=params, headers=headers, data=data
+            )
+            if pause is None or method not in ("GET", "HEAD"):
+                return answer
+            if answer.status not in _READ_RETRY_STATUS:
+                return answer
+            _log.info("%s in %s: answered %d, asking again", what, self.label, answer.status)
+            time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _exchange_once(
         self,
         what: str,
         path: str,

@@ -453,6 +453,37 @@ def test_only_a_404_is_object_not_found_and_a_delete_must_be_done(
     vault.delete("locks/l")  # gone already
 
 
+def test_a_read_answered_5xx_is_asked_again_a_write_is_not(
+    make_vault: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vault = make_vault()
+    vault.put("o", b"whole")
+    _ = vault.vault_id
+    sent = collections.Counter[str]()
+
+    def fails(times: int) -> Callable[[Call], Any]:
+        def decide(call: Call) -> Any:
+            if call.action.endswith(("/o", "/p")):
+                sent[call.method] += 1
+                if sent[call.method] <= times:
+                    return Answer(503, b"<Error><Code>SlowDown</Code></Error>")
+            return call.real()
+
+        return decide
+
+    intercept(monkeypatch, vault._store, fails(2))
+    assert vault.get("o") == b"whole" and sent["GET"] == 3
+    monkeypatch.undo()
+    sent.clear()
+    intercept(monkeypatch, vault._store, fails(3))
+    with pytest.raises(TransientError, match="503"):
+        vault.head("o")
+    assert sent["HEAD"] == 3
+    with pytest.raises(TransientError, match="503"):
+        vault.put("p", b"x", if_absent=True)
+    assert sent["PUT"] == 1
+
+
 # ---------------------------------------------------------------- requests per call (#9)
 
 
