@@ -308,16 +308,37 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         todo.extend([item.__cause__, item.__context__, *item.args])
 
 
+#: what a resolver answers for a host name that has no address: fails every time. Its
+#: EAI_AGAIN ("temporary failure in name resolution") may pass, and so may every other.
+_NO_SUCH_HOST = frozenset(
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+)
+#: the texts of those answers where only the text is left (a wrapper re-raised without the
+#: errno: libcloud does so for EAI_NODATA; urllib3 keeps the text of its cause)
+_NO_SUCH_HOST_TEXTS = (
+    "Name or service not known",
+    "No address associated with hostname",
+    "nodename nor servname provided",
+)
+#: a certificate refused: not trusted, or not for this host name
+_CERTIFICATE_TEXTS = ("certificate verify failed", "Hostname mismatch")
+
+
 def configuration_failure(exc: BaseException) -> bool:
-    """A host name without an address or a TLS failure anywhere behind ``exc``: each fails
-    every time until the site file changes, so neither is transient (a refused or dropped
-    connection, a timeout, may pass)."""
+    """A host name without an address or a certificate refused (not trusted, or not for the
+    host name) anywhere behind ``exc``: each fails every time until the site file changes,
+    so neither is transient. A refused or dropped connection (a TLS session cut mid-way
+    included), a timeout, a resolver that could not answer now (EAI_AGAIN), may pass."""
     for cause in exception_chain(exc):
-        if isinstance(cause, socket.gaierror | ssl.SSLError):
+        if isinstance(cause, ssl.SSLCertVerificationError):
             return True
-        name = type(cause).__name__
-        if "SSL" in name or "Certificate" in name or name == "NameResolutionError":
+        if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_HOST:
             return True
-        if "Name or service not known" in str(cause):
+        if isinstance(cause, socket.gaierror) and cause.errno is not None:
+            continue  # the resolver said why, and it may pass
+        text = str(cause)
+        if any(t in text for t in _NO_SUCH_HOST_TEXTS + _CERTIFICATE_TEXTS):
+            return True
+        if "Certificate" in type(cause).__name__:
             return True
     return False

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
 
 __all__ = [
+    "AWS_S3_REGIONS",
     "DRIVERS",
     "NOT_OFFERED",
     "OPTIONAL_SETTINGS",
@@ -133,6 +134,41 @@ SINGLE_PUT_MOST = {
     "openstack_swift": 5 * 1024 * MiB,
 }
 
+#: the AWS regions libcloud 3.9.1's S3 driver knows a host of (its REGION_TO_HOST_MAP; a
+#: test fails when libcloud's list changes): without ``host``, ``s3_region`` must be one
+AWS_S3_REGIONS = frozenset(
+    {
+        "af-south-1",
+        "ap-northeast-1",
+        "ap-northeast-2",
+        "ap-northeast-3",
+        "ap-south-1",
+        "ap-southeast-1",
+        "ap-southeast-2",
+        "ca-central-1",
+        "cn-north-1",
+        "cn-northwest-1",
+        "eu-central-1",
+        "eu-north-1",
+        "eu-south-1",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "me-central-1",
+        "me-south-1",
+        "sa-east-1",
+        "sa-east-2",
+        "us-east-1",
+        "us-east-2",
+        "us-gov-east-1",
+        "us-gov-west-1",
+        "us-west-1",
+        "us-west-2",
+    }
+)
+# a signing region's name as S3 stores take it (MinIO's MINIO_SITE_REGION, a Ceph zonegroup)
+_REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
 REQUIRED_SETTINGS: frozenset[str] = frozenset({"driver"})
 OPTIONAL_SETTINGS = frozenset(
     {
@@ -202,7 +238,8 @@ class LibcloudSettings:
     host: str | None = None
     port: int | None = None
     secure: bool = True
-    #: the AWS region of an S3 bucket reached without ``host``
+    #: the region requests are signed for: an AWS region (which also gives the host when
+    #: ``host`` is not set), or with ``host`` the store's own region name (MinIO, Ceph RGW)
     s3_region: str = "us-east-1"
     #: environment variables holding the access key (Azure: the account name) and secret
     key_env: str | None = None
@@ -333,6 +370,14 @@ class LibcloudSettings:
         values.setdefault("conditional_put", DRIVERS[driver][1])
         region_name = typed("s3_region", str, "a string")
         if region_name is not None:
+            if not _REGION_NAME.match(region_name):
+                raise bad("s3_region", f"{region_name!r} is not a region name")
+            if "host" not in values and region_name not in AWS_S3_REGIONS:
+                raise bad(
+                    "s3_region",
+                    f"{region_name!r} is not an AWS region libcloud's S3 driver knows; a store "
+                    "of its own (MinIO, Ceph RGW) with its own region name needs host",
+                )
             values["s3_region"] = region_name
         for key in ("key_env", "secret_env"):
             env = typed(key, str, "an environment variable's name")

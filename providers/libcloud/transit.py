@@ -3,6 +3,9 @@ region land in the destination's inbox, ``inbox_prefix + <source provider>/<sour
 name`` in its ``inbox_container`` (the vault's container when not set), through the same
 driver as the vault. A send is one atomic put (streamed above ``single_put_limit``); a
 payload of the name already waiting is replaced, as a resumed copy sends it again whole.
+What a killed streamed send left in the inbox (an S3 multipart upload, an Azure blob of
+uncommitted blocks) is reported by ``stale_temporaries`` for the engine's inbox sweep to
+remove, as the vault reports its own.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import ObjectNotFound, TransitError
@@ -18,7 +22,7 @@ from regionvault.core.names import name_problem, prefix_problem
 from regionvault.providers.libcloud.store import Store, new_driver
 
 if TYPE_CHECKING:
-    from regionvault.core.types import Capabilities, RegionConfig
+    from regionvault.core.types import Capabilities, RegionConfig, Temporary
     from regionvault.providers.libcloud.settings import LibcloudSettings
 
 __all__ = ["LibcloudTransit"]
@@ -51,6 +55,7 @@ class LibcloudTransit(Transit):
             settings=settings,
             region=destination.name,
             error=TransitError,
+            reserved=f".regionvault/{self.prefix}",
         )
         self._sent = 0
         self._sent_lock = threading.Lock()
@@ -89,8 +94,8 @@ class LibcloudTransit(Transit):
 
     def _names(self, prefix: str) -> Iterator[str]:
         cut = len(self.prefix)
-        for obj in self._inbox.list(self.prefix + prefix):
-            yield str(obj.name)[cut:]
+        for listed in self._inbox.list(self.prefix + prefix):
+            yield listed.key[cut:]
 
     def receive(self, name: str) -> bytes:
         key = self._key(name)
@@ -105,6 +110,12 @@ class LibcloudTransit(Transit):
 
     def discard(self, name: str) -> None:
         self._inbox.delete(self._key(name), name)
+
+    def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
+        return self._inbox.temporaries(self.prefix, older_than)
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        self._inbox.remove_temporary(temporary)
 
     @property
     def bytes_sent(self) -> int:

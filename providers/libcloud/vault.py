@@ -7,17 +7,18 @@ storage API has neither), so this vault declares neither: ``set_retention`` and
 ``set_legal_hold`` raise UnsupportedOperation.
 
 A streamed upload that a killed writer left unfinished (an S3 multipart upload, Azure
-uncommitted blocks) is no object: it is never listed or read. On S3 (and MinIO, Ceph) the
-vault reports the multipart uploads under its prefix older than the engine's lock expiry as
-stale temporaries, for ``verify --repair`` and ``prune`` to abort; Azure's uncommitted
-blocks cannot be listed without their blob and expire after a week. Swift takes every put
-in one PUT (no segments): a cut upload leaves nothing, and none are reported.
+uncommitted blocks) is no object: it is never listed or read. The vault reports what such
+uploads under its prefix left, last written longer ago than the engine's lock expiry, as
+stale temporaries for ``verify --repair`` and ``prune`` to remove: S3's (and MinIO's,
+Ceph's) multipart uploads, and Azure's blobs that have uncommitted blocks only (listed with
+``include=uncommittedblobs``; the uncommitted blocks of a killed re-upload of a committed
+name are not listable apart, and Azure drops them after a week). Swift takes every put in
+one PUT (no segments): a cut upload leaves nothing, and none are reported.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ class LibcloudVault(Vault):
             settings=settings,
             region=region.name,
             error=VaultError,
+            reserved=f"{RESERVED_PREFIX}{settings.prefix}",
         )
         self._vault_id: str | None = None
 
@@ -83,9 +85,7 @@ class LibcloudVault(Vault):
         return self._vault_id
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> ObjectInfo:
-        key = self._key(name)
-        self._store.put(key, name, data, if_absent=if_absent)
-        return self._store.head(key, name)
+        return self._store.put(self._key(name), name, data, if_absent=if_absent)
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
         if offset < 0 or (length is not None and length < 0):
@@ -101,29 +101,21 @@ class LibcloudVault(Vault):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         cut = len(self.prefix)
-        for obj in self._store.list(self.prefix + prefix):
-            key = str(obj.name)
-            if key.startswith(RESERVED_PREFIX):
+        for listed in self._store.list(self.prefix + prefix):
+            if listed.key.startswith(RESERVED_PREFIX):
                 continue
-            yield self._store.info(obj, key[cut:])
+            yield ObjectInfo(
+                name=listed.key[cut:], size=listed.size, modified=listed.modified, etag=listed.etag
+            )
 
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
         self._store.delete(self._key(name), name)
 
     def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
-        cut = len(self.prefix)
-        for key, upload_id, started in self._store.unfinished(self.prefix, older_than):
-            yield Temporary(
-                handle=json.dumps([key, upload_id]),
-                name=key[cut:],
-                size=None,
-                modified=started,
-                reason=f"an unfinished multipart upload started over {older_than} ago",
-            )
+        return self._store.temporaries(self.prefix, older_than)
 
     def remove_temporary(self, temporary: Temporary) -> None:
-        key, upload_id = json.loads(temporary.handle)
-        self._store.abort(key, upload_id)
+        self._store.remove_temporary(temporary)
 
     def close(self) -> None:
         self._store.close()

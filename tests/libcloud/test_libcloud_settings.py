@@ -16,6 +16,7 @@ import pytest
 from libcloud_world import build_region
 from regionvault.core.errors import ConfigError, UnsupportedOperation
 from regionvault.providers.libcloud.settings import (
+    AWS_S3_REGIONS,
     DRIVERS,
     NOT_OFFERED,
     OPTIONAL_SETTINGS,
@@ -54,6 +55,8 @@ SWIFT: dict[str, Any] = {
         ({"create": 1}, "create", "true or false"),
         ({"conditional_put": "yes"}, "conditional_put", "true or false"),
         ({"s3_region": 3}, "s3_region", "a string"),
+        ({"s3_region": "edge-a"}, "s3_region", "not an AWS region libcloud's S3 driver knows"),
+        ({"s3_region": "edge a", "host": "minio.lan"}, "s3_region", "not a region name"),
         ({"key_env": "my key"}, "key_env", "environment variable"),
         ({"secret_env": "1X"}, "secret_env", "environment variable"),
         ({"single_put_limit": 0}, "single_put_limit", "at least 1"),
@@ -130,6 +133,17 @@ def test_every_libcloud_storage_driver_is_offered_or_refused_with_a_reason() -> 
         text = str(bad.value)
         assert f"libcloud's {name!r} driver is not offered: {why}" in text, text
         assert "offered: s3, minio, ceph, azure_blobs, openstack_swift" in text
+
+
+def test_an_s3_region_is_one_libcloud_knows_or_a_stores_own_with_host() -> None:
+    from libcloud.storage.drivers.s3 import REGION_TO_HOST_MAP
+
+    assert set(REGION_TO_HOST_MAP) == AWS_S3_REGIONS, "libcloud's S3 regions changed"
+    provider, region = build_region({**BASE, "s3_region": "eu-south-1"})
+    assert provider.settings(region.for_service("vault")).s3_region == "eu-south-1"
+    provider, region = build_region({**BASE, "driver": "minio", "host": "minio.lan",
+                                     "s3_region": "edge-a"})  # fmt: skip
+    assert provider.settings(region.for_service("vault")).s3_region == "edge-a"
 
 
 def test_the_docs_show_the_driver_table() -> None:

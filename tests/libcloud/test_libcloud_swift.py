@@ -291,8 +291,9 @@ def test_ranged_reads_at_and_past_the_end(swift: Callable[..., Any]) -> None:
     assert vault.get("r", offset=0, length=1000) == data
     assert vault.get("r", offset=500) == data[500:]
     assert vault.get("r", offset=1000, length=0) == b""
-    with pytest.raises(VaultError, match="416"):
-        vault.get("r", offset=1000, length=1)
+    # Swift answers 416: nothing there, as the other providers' vaults answer
+    assert vault.get("r", offset=1000, length=1) == b""
+    assert vault.get("r", offset=1200) == b""
     with pytest.raises(ObjectNotFound):
         vault.get("missing", offset=3, length=4)
 
