@@ -83,6 +83,10 @@ class WorkerProcess:
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name} not ready in {timeout}s:\n{self.log.read_text()}")
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         """SIGKILL, as a lost machine."""
         if self.proc.poll() is None:
