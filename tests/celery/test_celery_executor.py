@@ -140,6 +140,17 @@ def test_a_tick_runs_entirely_through_each_regions_workers(
         for outcome in report.jobs:
             assert history[outcome.key]["runner"] == outcome.runner
         assert not cluster.nowhere.exists()
+
+        # a job that fails for good comes back FAILED with its cause, run once, recorded once
+        with cluster.coordinator() as (_, executor):
+            broken = Job("custom/local:east/1", "no-such-kind", EAST)
+            (failed,) = executor.run([broken])
+            ledger = executor.ledger
+            assert failed.status is JobStatus.FAILED and failed.attempts == 1, failed
+            assert "no-such-kind" in (failed.error or "")
+            recorded = ledger.last_failure(broken.key)
+            assert recorded is not None and recorded.error == failed.error
+            assert ledger.record(broken.key) is None
     finally:
         cluster.stop_all()
 
