@@ -143,6 +143,25 @@ def test_a_tick_runs_entirely_through_each_regions_workers(
 
         # a job that fails for good comes back FAILED with its cause, run once, recorded once
         with cluster.coordinator() as (_, executor):
+            # a job sent twice (two tasks, one key) does its work once: one runs it, the
+            # other replays its record (or, finding the key held, waits and then replays)
+            twice = plan_job(PLAN_BACKUPS, EAST, datetime.now(UTC))
+            first, second = executor.run([twice, Job.from_json(twice.to_json())])
+            assert sorted([first.status, second.status]) == [JobStatus.DONE, JobStatus.REPLAYED]
+            assert first.result == second.result
+            # a delivery that finds its key held by another runner comes back when the
+            # holder's lock would expire, and runs it once the holder let go
+            held = plan_job(PLAN_BACKUPS, WEST, datetime.now(UTC))
+            lock = executor.ledger.acquire(held.key)
+            assert lock is not None
+            future = executor.submit(held)
+            time.sleep(1.0)
+            assert not future.done()
+            lock.release()
+            outcome = future.result(timeout=30)
+            assert outcome.status is JobStatus.DONE, outcome
+            assert runner_pid(outcome.runner) in cluster.pids(WEST)
+
             broken = Job("custom/local:east/1", "no-such-kind", EAST)
             (failed,) = executor.run([broken])
             ledger = executor.ledger
@@ -167,6 +186,7 @@ def test_a_tick_runs_entirely_through_each_regions_workers(
     assert snapshot(tmp_path / "restored") == snapshot(data)
 
 
+@pytest.mark.slow
 def test_a_region_whose_workers_are_all_down_delays_only_its_own_jobs(
     site: Site, east: Region, west: Region, tmp_path: Path, own_redis: RedisServer
 ) -> None:
