@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -31,10 +32,12 @@ from regionvault.core.pipeline.jobs import (
     Job,
     JobStatus,
     plan_job,
+    tag_job,
 )
 from regionvault.core.plugins import executor_kinds, make_plugin_manager
 from regionvault.core.site import Region, Site
 from regionvault.plugins.celery import plugin as celery_plugin
+from regionvault.plugins.celery.kind import CELERY
 from regionvault.plugins.celery.redis_server import RedisServer
 from regionvault.plugins.celery.settings import parse_settings
 from repository_support import snapshot
@@ -353,3 +356,24 @@ def test_the_worker_command_wants_a_celery_site_and_executor_thread_still_runs(
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["ok"] is True
+
+
+def test_stop_gives_up_at_once_on_the_jobs_no_worker_took(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        site_toml(
+            extra=f'[executor]\nkind = "celery"\nbroker = "{own_redis.url}"\n'
+            'queue_timeout = "10m"\n'
+        )
+    )
+    stop = threading.Event()
+    with open_site(path, celery_plugin) as site, CELERY.executor(Engine(site), stop=stop) as ex:
+        future = ex.submit(tag_job(EAST, datetime.now(UTC)))
+        time.sleep(0.3)
+        assert not future.done()  # no worker: it waits (up to queue_timeout)
+        stop.set()
+        outcome = future.result(timeout=10)
+    assert outcome.status is JobStatus.STOPPED, outcome
+    assert "region.local:east" in (outcome.error or "")
