@@ -41,6 +41,7 @@ BUILT_IN = {
     "tick": "regionvault.core.cli.tick:tick",
     "run": "regionvault.core.cli.tick:run",
     "demo": "regionvault.plugins.samplenf.demo:demo",
+    "worker": "regionvault.plugins.celery.worker:worker",
 }
 
 #: ``install(distribution, {module: source}, {command: "module:object"})``

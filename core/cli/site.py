@@ -307,12 +307,26 @@ def instances_add(
 
 
 @click.command()
+@click.option(
+    "--jobs",
+    "jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Instead: the N newest finished jobs from the site's job ledger (what ran where, "
+    "which runner), read from the store every runner shares; opens no region.",
+)
 @json_option
 @pass_state
-def status(state: CliState, as_json: bool) -> None:
+def status(state: CliState, jobs: int | None, as_json: bool) -> None:
     """Per instance and region: newest recovery point and its age (RPO), last copy, last
     restore drill and its RTO. A region with no recovery points (or no repository yet, which
-    status does not create) is shown once, with 0 points."""
+    status does not create) is shown once, with 0 points. With --jobs N, the newest jobs of
+    the site's job ledger instead (the shared one of its [executor], so any machine of the
+    site answers alike)."""
+    if jobs is not None:
+        _job_history(state, jobs, as_json)
+        return
     regions = state.site().regions
     rows = state.engine().status()
     held = {r.region for r in rows}
@@ -353,6 +367,41 @@ def status(state: CliState, as_json: bool) -> None:
                 f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
             ]
             for name, r in entries
+        ],
+    )
+
+
+def _job_history(state: CliState, limit: int, as_json: bool) -> None:
+    """status --jobs: the ledger's newest finished records, newest first: each job's key,
+    kind, region, outcome, when, attempts and its runner (``host:pid``: where it ran)."""
+    ledger: Any = state.engine().ledger()
+    finished = getattr(ledger, "finished", None)
+    if finished is None:
+        raise ConfigError(
+            f"the job ledger {ledger!r} keeps no history to list", key="executor.kind"
+        )
+    try:
+        outcomes = finished(limit=limit)
+    finally:
+        close = getattr(ledger, "close", None)
+        if close is not None:
+            close()
+    if as_json:
+        print_json([o.to_dict() for o in outcomes])
+        return
+    print_table(
+        ["finished", "outcome", "kind", "region", "runner", "attempts", "key"],
+        [
+            [
+                o.finished_at.strftime("%Y-%m-%d %H:%M:%S") if o.finished_at else "-",
+                o.outcome,
+                o.kind,
+                o.region or "-",
+                o.runner or "-",
+                str(o.attempts),
+                o.key,
+            ]
+            for o in outcomes
         ],
     )
 

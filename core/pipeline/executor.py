@@ -182,7 +182,9 @@ def execute_job(
             ledger.mark_done(outcome)
         except (OSError, RegionVaultError) as exc:
             # The work is done but unrecorded: a later run repeats it (jobs are idempotent).
-            error = RegionVaultError(f"job {job.key}: recording its result failed: {exc}")
+            # a Redis ledger failing for a moment stays transient (the next run may record it)
+            wrap = TransientError if isinstance(exc, TransientError) else RegionVaultError
+            error = wrap(f"job {job.key}: recording its result failed: {exc}")
             return _failed(job, error, started, ledger, plugin_manager, attempts)
         return outcome
     finally:

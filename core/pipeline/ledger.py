@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from regionvault.core.fsutil import write_atomic
 from regionvault.core.pipeline.jobs import JobOutcome, _utc
 from regionvault.core.procs import ProcessIdentity
 
-__all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock"]
+__all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock", "runner_name"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,22 @@ class JobLedger:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    def finished(self, *, since: datetime | None = None, limit: int = 100) -> list[JobOutcome]:
+        """The newest finished keys' records (at most ``limit``), newest first; only those
+        finished at or after ``since`` when given (as ``RedisLedger.finished``)."""
+        low = None if since is None else _utc(since, "since")
+        found: list[JobOutcome] = []
+        for path in (self.root / "done").glob("*.json"):
+            outcome = self._read(path, _peek_key(path))
+            if outcome is None:
+                continue
+            if low is not None and (outcome.finished_at is None or outcome.finished_at < low):
+                continue
+            found.append(outcome)
+        oldest = datetime.min.replace(tzinfo=UTC)
+        found.sort(key=lambda o: o.finished_at or oldest, reverse=True)
+        return found[: max(0, limit)]
 
     # ---- locks
 

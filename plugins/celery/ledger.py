@@ -396,6 +396,22 @@ class RedisLedger:
 
         return self._call("listing finished jobs", read)
 
+    def claim(self, name: str, value: str, *, ttl: timedelta) -> str:
+        """Set ``<ns>:claim:<name>`` to ``value`` unless it is set (``SET NX``, kept
+        ``ttl``); the value it holds afterwards: ``value`` when this call set it, else the
+        first claimer's. The Celery executor claims a task id ``started`` (a worker) or
+        ``abandoned`` (a coordinator that stopped waiting): exactly one wins."""
+        key = self._key("claim", name)
+        ms = max(1, int(ttl.total_seconds() * 1000))
+
+        def take() -> str:
+            if self.client.set(key, value, nx=True, px=ms):
+                return value
+            held = self.client.get(key)
+            return value if held is None else _text(held)
+
+        return self._call(f"claiming {name}", take)
+
     # ---- locks
 
     def _lock_body(self, key: str, token: str) -> str:

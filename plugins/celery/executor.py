@@ -1,0 +1,241 @@
+""":class:`CeleryExecutor`: the pipeline's jobs on Celery workers, one queue per region.
+
+``submit(job)`` sends task ``regionvault.run_job`` with ``job.to_dict()`` to the queue of
+the region :func:`~regionvault.core.pipeline.jobs.runs_in` names (``region.<region>``) and
+returns a future of the job's outcome. One thread of the executor polls the result backend
+for every job in flight (one ``MGET`` a round), so a tick of a thousand jobs holds one
+thread, not a thousand.
+
+A job no worker of its region has taken within ``queue_timeout`` is given up: the executor
+claims its task id ``abandoned`` (a worker that takes it later skips it) and its outcome is
+``FAILED``, naming the queue, so a region whose workers are all down fails its own jobs and
+delays no other region's. A job a worker has started is waited for (a worker that dies with
+it leaves it to be delivered again after ``visibility_timeout``). Setting ``stop`` gives up
+on every job not started yet (``STOPPED``); those already started are still waited for, as
+the thread executor lets running jobs finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import states
+from regionvault.core.pipeline.jobs import Job, JobOutcome, JobStatus, runs_in
+from regionvault.plugins.celery.app import ABANDONED, CLAIM_TTL, TASK, make_app
+from regionvault.plugins.celery.ledger import RedisLedger
+from regionvault.plugins.celery.settings import CelerySettings, queue_of
+
+__all__ = ["CeleryExecutor"]
+
+log = logging.getLogger(__name__)
+
+#: seconds between two looks at the result backend
+POLL = 0.05
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    queue: str
+    future: Future[JobOutcome]
+    deadline: float
+    started: bool = False
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CeleryExecutor:
+    """An :class:`~regionvault.core.pipeline.executor.Executor` whose jobs run on the Celery
+    workers of each job's region (``regionvault worker --region R``), over ``settings``
+    (``[executor]``); ``ledger`` is the site's shared one (for claims). ``problems`` is
+    given the hook problems a worker reports with an outcome (the coordinating engine's,
+    so that the tick reports them); ``stop`` set gives up on the jobs not started."""
+
+    distributed = True
+
+    def __init__(
+        self,
+        settings: CelerySettings,
+        ledger: RedisLedger,
+        *,
+        stop: threading.Event | None = None,
+        problems: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.stop = stop
+        self.problems = problems
+        self.app = make_app(settings)
+        self._inflight: dict[str, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"CeleryExecutor({self.ledger.where!r})"
+
+    # ---- Executor
+
+    def submit(self, job: Job) -> Future[JobOutcome]:
+        future: Future[JobOutcome] = Future()
+        try:
+            region = runs_in(job)
+        except Exception as exc:
+            future.set_result(self._given_up(job, JobStatus.FAILED, f"{type(exc).__name__}: {exc}"))
+            return future
+        if region is None:
+            future.set_result(
+                self._given_up(job, JobStatus.FAILED, "names no region, so it has no queue")
+            )
+            return future
+        queue = queue_of(region)
+        task_id = uuid.uuid4().hex
+        try:
+            self.app.send_task(
+                TASK,
+                args=[job.to_dict()],
+                queue=queue,
+                task_id=task_id,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:
+            future.set_result(
+                self._given_up(
+                    job,
+                    JobStatus.FAILED,
+                    f"could not send it to queue {queue} at {self.ledger.where}: "
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
+            return future
+        deadline = time.monotonic() + self.settings.queue_timeout.total_seconds()
+        with self._lock:
+            self._inflight[task_id] = _InFlight(job, queue, future, deadline)
+            if self._poller is None:
+                self._poller = threading.Thread(
+                    target=self._poll_loop, name="regionvault-celery-results", daemon=True
+                )
+                self._poller.start()
+        return future
+
+    def run(self, jobs: Iterable[Job]) -> list[JobOutcome]:
+        futures = [self.submit(job) for job in jobs]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._poller is not None:
+            self._poller.join()
+        with self._lock:
+            left = list(self._inflight.values())
+            self._inflight.clear()
+        for item in left:
+            if not item.future.done():
+                item.future.set_result(
+                    self._given_up(item.job, JobStatus.STOPPED, "the executor was closed")
+                )
+        self.app.close()
+
+    def __enter__(self) -> CeleryExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- results
+
+    def _given_up(self, job: Job, status: JobStatus, error: str) -> JobOutcome:
+        return JobOutcome(
+            job.key, job.kind, job.region, status, error=error, finished_at=_now(), attempts=0
+        )
+
+    def _poll_loop(self) -> None:
+        while not self._closed.wait(POLL):
+            try:
+                self._poll_once()
+            except Exception:
+                # the result backend unreachable for a moment: the next round tries again
+                log.warning("reading job outcomes from %s failed", self.ledger.where, exc_info=True)
+
+    def _poll_once(self) -> None:
+        with self._lock:
+            items = list(self._inflight.items())
+        if not items:
+            return
+        backend: Any = self.app.backend
+        keys = [backend.get_key_for_task(task_id) for task_id, _ in items]
+        values = backend.mget(keys)
+        now = time.monotonic()
+        stopping = self.stop is not None and self.stop.is_set()
+        for (task_id, item), raw in zip(items, values, strict=True):
+            meta = backend.decode_result(raw) if raw is not None else None
+            status = meta.get("status") if isinstance(meta, dict) else None
+            if status == states.SUCCESS and isinstance(meta, dict):
+                self._finish(task_id, self._outcome_of(item, meta))
+            elif status == states.FAILURE:
+                result = meta.get("result") if isinstance(meta, dict) else None
+                what = (
+                    f"{result.get('exc_type')}: {result.get('exc_message')}"
+                    if isinstance(result, dict)
+                    else str(result)
+                )
+                self._finish(
+                    task_id, self._given_up(item.job, JobStatus.FAILED, f"the task raised {what}")
+                )
+            elif status in (states.STARTED, states.RETRY):
+                item.started = True
+            elif not item.started and (stopping or now >= item.deadline):
+                self._maybe_abandon(task_id, item, stopping)
+
+    def _maybe_abandon(self, task_id: str, item: _InFlight, stopping: bool) -> None:
+        """Give up on a job no worker has started, unless one starts it first."""
+        if self.ledger.claim(task_id, ABANDONED, ttl=CLAIM_TTL) != ABANDONED:
+            item.started = True  # a worker took it just now: wait for it
+            return
+        if stopping:
+            outcome = self._given_up(
+                item.job, JobStatus.STOPPED, f"stopped before a worker of {item.queue} took it"
+            )
+        else:
+            waited = self.settings.queue_timeout
+            outcome = self._given_up(
+                item.job,
+                JobStatus.FAILED,
+                f"no worker of queue {item.queue} took it within {waited} "
+                f"(is `regionvault worker --region {item.queue.removeprefix('region.')}` "
+                "running?); not run, the next tick makes it again",
+            )
+        log.error("job %s: %s", item.job.key, outcome.error)
+        self._finish(task_id, outcome)
+
+    def _outcome_of(self, item: _InFlight, meta: dict[str, Any]) -> JobOutcome:
+        reply = meta.get("result")
+        try:
+            outcome = JobOutcome.from_dict(reply["outcome"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as exc:
+            return self._given_up(
+                item.job, JobStatus.FAILED, f"the worker's reply cannot be read: {exc}"
+            )
+        problems = reply.get("problems") if isinstance(reply, dict) else None
+        if problems and self.problems is not None:
+            worker = reply.get("worker") if isinstance(reply, dict) else None
+            self.problems([f"on worker {worker}: {p}" for p in problems])
+        return outcome
+
+    def _finish(self, task_id: str, outcome: JobOutcome) -> None:
+        with self._lock:
+            item = self._inflight.pop(task_id, None)
+        if item is not None and not item.future.done():
+            item.future.set_result(outcome)

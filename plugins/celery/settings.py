@@ -1,0 +1,160 @@
+"""The ``[executor]`` table of ``kind = "celery"``, checked without Celery installed.
+
+=====================  ===========================================================  ========
+key                    meaning                                                      default
+=====================  ===========================================================  ========
+``broker``             the Celery broker, ``redis://HOST:PORT/DB`` (``rediss://``   required
+                       for TLS, ``redis://:PASSWORD@HOST:PORT/DB``)
+``result_backend``     where outcomes come back (same form)                         broker
+``visibility_timeout`` how long a delivered job may go unacknowledged before Redis  ``6h``
+                       delivers it again (a killed worker's job comes back then)
+``lock_ttl``           how long a job's ledger lock outlives its holder's last      ``5m``
+                       renewal (a killed worker's key is free again then)
+``queue_timeout``      how long a job may wait for a worker of its region before    ``15m``
+                       the tick gives up on it (a region whose workers are all
+                       down fails its own jobs, never the others')
+``concurrency``        jobs one ``regionvault worker`` runs at once                 ``1``
+``namespace``          the prefix of the job ledger's keys in Redis (one per site)  ``regionvault``
+=====================  ===========================================================  ========
+
+Why ``6h``: Redis (kombu's transport) delivers a job again when its worker has not
+acknowledged it within ``visibility_timeout``; acknowledgement comes at the end of the job
+(``acks_late``), so the timeout must exceed the longest job, which is a copy phase moving a
+large point: a 1 TiB point over a 100 MB/s link takes about 3 h, and 6 h leaves room for a
+slow link. A job delivered again while it still runs does no harm (the second delivery finds
+the key's lock held, waits until the holder is done, and replays its record), so a shorter
+timeout only costs deliveries; a longer one only makes a killed worker's job wait longer
+before another worker of its region takes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from regionvault.core.durations import parse_duration
+from regionvault.core.errors import ConfigError
+
+__all__ = ["DEFAULTS", "EXTRA", "CelerySettings", "parse_settings", "queue_of"]
+
+#: how to install what the celery executor needs
+EXTRA = "pip install 'regionvault[celery]'"
+
+DEFAULTS: dict[str, Any] = {
+    "visibility_timeout": timedelta(hours=6),
+    "lock_ttl": timedelta(minutes=5),
+    "queue_timeout": timedelta(minutes=15),
+    "concurrency": 1,
+    "namespace": "regionvault",
+}
+
+_KEYS = frozenset(
+    {"broker", "result_backend", "visibility_timeout", "lock_ttl", "queue_timeout"}
+    | {"concurrency", "namespace"}
+)
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def queue_of(region: str) -> str:
+    """The queue of ``region``'s workers: ``region.<region>`` (``region.aws:us-east-1``)."""
+    return f"region.{region}"
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    broker: str
+    result_backend: str
+    visibility_timeout: timedelta = DEFAULTS["visibility_timeout"]
+    lock_ttl: timedelta = DEFAULTS["lock_ttl"]
+    queue_timeout: timedelta = DEFAULTS["queue_timeout"]
+    concurrency: int = 1
+    namespace: str = "regionvault"
+
+
+def _redis_url(value: Any, source: str, key: str) -> str:
+    form = "redis://HOST:PORT/DB (rediss:// for TLS)"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"must be a Redis URL, {form}", file=source, key=key)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"not a Redis URL ({exc}): use {form}", file=source, key=key) from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(
+            f"scheme {parts.scheme or '(none)'!r} is not redis or rediss: use {form}",
+            file=source,
+            key=key,
+        )
+    if not parts.hostname or port is None:
+        raise ConfigError(f"names no host and port: use {form}", file=source, key=key)
+    db = parts.path.lstrip("/")
+    if not db.isdigit():
+        raise ConfigError(f"names no database number: use {form}", file=source, key=key)
+    return value
+
+
+def _duration(value: Any, source: str, key: str) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigError("must be a duration like 90s, 30m or 6h", file=source, key=key)
+    try:
+        return parse_duration(str(value), bare_unit="s")
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=source, key=key) from None
+
+
+def parse_settings(settings: Mapping[str, Any], source: str = "<memory>") -> CelerySettings:
+    """The settings of ``[executor]`` (its keys but ``kind``) in the site file ``source``;
+    :class:`ConfigError` naming ``executor.<key>``."""
+    for key in sorted(settings):
+        if key not in _KEYS:
+            known = ", ".join(sorted(_KEYS))
+            raise ConfigError(
+                f"unknown key (the celery executor takes {known})",
+                file=source,
+                key=f"executor.{key}",
+            )
+    if "broker" not in settings:
+        raise ConfigError(
+            "missing: the celery executor needs its broker, redis://HOST:PORT/DB",
+            file=source,
+            key="executor.broker",
+        )
+    broker = _redis_url(settings["broker"], source, "executor.broker")
+    backend = _redis_url(settings.get("result_backend", broker), source, "executor.result_backend")
+    durations = {
+        key: _duration(settings[key], source, f"executor.{key}") if key in settings else default
+        for key, default in DEFAULTS.items()
+        if key in ("visibility_timeout", "lock_ttl", "queue_timeout")
+    }
+    if durations["visibility_timeout"] <= durations["lock_ttl"]:
+        raise ConfigError(
+            f"must be longer than lock_ttl ({durations['lock_ttl']}): a job delivered again "
+            "must find its killed holder's lock already expired, and well longer than the "
+            "longest copy",
+            file=source,
+            key="executor.visibility_timeout",
+        )
+    concurrency = settings.get("concurrency", 1)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(
+            f"must be a whole number of at least 1, got {concurrency!r}",
+            file=source,
+            key="executor.concurrency",
+        )
+    namespace = settings.get("namespace", "regionvault")
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ConfigError(
+            "must be 1 to 64 letters, digits or _.:-", file=source, key="executor.namespace"
+        )
+    return CelerySettings(
+        broker=broker,
+        result_backend=backend,
+        concurrency=concurrency,
+        namespace=namespace,
+        **durations,
+    )
