@@ -240,6 +240,12 @@ class Engine:
                     f"{name} hook failed for {about}: {type(exc).__name__}: {exc}"
                 )
 
+    def add_hook_problems(self, problems: Iterable[str]) -> None:
+        """Hook failures met elsewhere on this engine's behalf (a distributed executor's
+        workers), reported with the next :meth:`take_hook_problems`."""
+        with self._hook_problems_lock:
+            self._hook_problems.extend(problems)
+
     def take_hook_problems(self) -> list[str]:
         """The :meth:`notify` hook failures since the last call, oldest first (and forgets
         them)."""

@@ -73,7 +73,7 @@ LEDGER_RETRIES = 5
 
 def make_app(settings: CelerySettings) -> Celery:
     """The Celery app of ``settings``, with :data:`TASK` registered."""
-    app = Celery("regionvault", broker=settings.broker, backend=settings.result_backend)
+    app = Celery("regionvault", broker=settings.broker_url(), backend=settings.backend_url())
     visibility = int(settings.visibility_timeout.total_seconds())
     app.conf.update(
         task_acks_late=True,
@@ -130,7 +130,7 @@ class WorkerContext:
                 site = Site.load(self.site_path)
                 engine = Engine(site)
                 ledger = RedisLedger(
-                    self.settings.broker,
+                    self.settings.broker_url(),
                     namespace=self.settings.namespace,
                     lock_ttl=self.settings.lock_ttl,
                 )

@@ -58,12 +58,8 @@ class CeleryKind:
             from regionvault.plugins.celery.executor import CeleryExecutor
         ledger = self.ledger(engine.site)
 
-        def problems(found: list[str]) -> None:
-            # what the workers' hooks raised, reported with the tick's own (Engine.notify)
-            with engine._hook_problems_lock:
-                engine._hook_problems.extend(found)
-
-        executor = CeleryExecutor(settings, ledger, stop=stop, problems=problems)
+        # what the workers' hooks raised is reported with the tick's own (Engine.notify)
+        executor = CeleryExecutor(settings, ledger, stop=stop, problems=engine.add_hook_problems)
         try:
             yield executor
         finally:
@@ -75,7 +71,7 @@ class CeleryKind:
         with needs_celery():
             from regionvault.plugins.celery.ledger import RedisLedger
         return RedisLedger(
-            settings.broker, namespace=settings.namespace, lock_ttl=settings.lock_ttl
+            settings.broker_url(), namespace=settings.namespace, lock_ttl=settings.lock_ttl
         )
 
 

@@ -4,8 +4,11 @@
 key                    meaning                                                      default
 =====================  ===========================================================  ========
 ``broker``             the Celery broker, ``redis://HOST:PORT/DB`` (``rediss://``   required
-                       for TLS, ``redis://:PASSWORD@HOST:PORT/DB``)
+                       for TLS); never a password in it
 ``result_backend``     where outcomes come back (same form)                         broker
+``password_env``       the environment variable holding Redis's password (ACL       none
+                       user: ``username``)
+``username``           the Redis ACL user the password is for                       none
 ``visibility_timeout`` how long a delivered job may go unacknowledged before Redis  ``6h``
                        delivers it again (a killed worker's job comes back then)
 ``lock_ttl``           how long a job's ledger lock outlives its holder's last      ``5m``
@@ -29,12 +32,13 @@ before another worker of its region takes it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from regionvault.core.durations import parse_duration
 from regionvault.core.errors import ConfigError
@@ -54,8 +58,9 @@ DEFAULTS: dict[str, Any] = {
 
 _KEYS = frozenset(
     {"broker", "result_backend", "visibility_timeout", "lock_ttl", "queue_timeout"}
-    | {"concurrency", "namespace"}
+    | {"concurrency", "namespace", "password_env", "username"}
 )
+_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -73,6 +78,33 @@ class CelerySettings:
     queue_timeout: timedelta = DEFAULTS["queue_timeout"]
     concurrency: int = 1
     namespace: str = "regionvault"
+    #: the environment variable holding Redis's password, and the ACL user it is for
+    password_env: str | None = None
+    username: str | None = None
+    source: str = "<memory>"
+
+    def _with_login(self, url: str) -> str:
+        if self.password_env is None:
+            return url
+        password = os.environ.get(self.password_env)
+        if not password:
+            raise ConfigError(
+                f"the environment variable {self.password_env} it names is not set",
+                file=self.source,
+                key="executor.password_env",
+            )
+        parts = urlsplit(url)
+        login = quote(self.username or "", safe="") + ":" + quote(password, safe="")
+        netloc = f"{login}@{parts.hostname}:{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def broker_url(self) -> str:
+        """The broker's URL with the password from ``password_env`` (never kept here)."""
+        return self._with_login(self.broker)
+
+    def backend_url(self) -> str:
+        """The result backend's URL with the password from ``password_env``."""
+        return self._with_login(self.result_backend)
 
 
 def _redis_url(value: Any, source: str, key: str) -> str:
@@ -92,6 +124,13 @@ def _redis_url(value: Any, source: str, key: str) -> str:
         )
     if not parts.hostname or port is None:
         raise ConfigError(f"names no host and port: use {form}", file=source, key=key)
+    if parts.username or parts.password:
+        raise ConfigError(
+            "holds a login: secrets are never in site.toml; name the variable holding the "
+            "password in executor.password_env (and the ACL user in executor.username)",
+            file=source,
+            key=key,
+        )
     db = parts.path.lstrip("/")
     if not db.isdigit():
         raise ConfigError(f"names no database number: use {form}", file=source, key=key)
@@ -151,8 +190,30 @@ def parse_settings(settings: Mapping[str, Any], source: str = "<memory>") -> Cel
         raise ConfigError(
             "must be 1 to 64 letters, digits or _.:-", file=source, key="executor.namespace"
         )
+    login: dict[str, str] = {}
+    for key in ("password_env", "username"):
+        value = settings.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or (key == "password_env" and not _ENV.fullmatch(value)):
+            raise ConfigError(
+                "must be an environment variable's name" if key == "password_env" else
+                "must be a string",
+                file=source,
+                key=f"executor.{key}",
+            )  # fmt: skip
+        login[key] = value
+    if "username" in login and "password_env" not in login:
+        raise ConfigError(
+            "needs executor.password_env (the variable holding its password)",
+            file=source,
+            key="executor.username",
+        )
     return CelerySettings(
         broker=broker,
+        source=source,
+        password_env=login.get("password_env"),
+        username=login.get("username"),
         result_backend=backend,
         concurrency=concurrency,
         namespace=namespace,

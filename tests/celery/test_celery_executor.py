@@ -10,9 +10,11 @@ import random
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -385,3 +387,66 @@ def test_stop_gives_up_at_once_on_the_jobs_no_worker_took(
         outcome = future.result(timeout=10)
     assert outcome.status is JobStatus.STOPPED, outcome
     assert "region.local:east" in (outcome.error or "")
+
+
+def test_the_redis_password_comes_from_the_environment_never_the_site_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from regionvault.core.errors import ConfigError
+    from regionvault.plugins.celery.settings import parse_settings
+
+    with pytest.raises(ConfigError, match="holds a login") as refused:
+        parse_settings({"broker": "redis://:hunter2@127.0.0.1:6379/0"}, "site.toml")
+    assert refused.value.key == "executor.broker" and "hunter2" not in str(refused.value)
+    settings = parse_settings(
+        {"broker": "redis://127.0.0.1:6379/0", "password_env": "RV_TEST_REDIS", "username": "rv"},
+        "site.toml",
+    )
+    monkeypatch.delenv("RV_TEST_REDIS", raising=False)
+    with pytest.raises(ConfigError, match="RV_TEST_REDIS") as unset:
+        settings.broker_url()
+    assert unset.value.key == "executor.password_env"
+    monkeypatch.setenv("RV_TEST_REDIS", "p@ss/word")
+    assert settings.broker_url() == "redis://rv:p%40ss%2Fword@127.0.0.1:6379/0"
+    assert settings.backend_url() == settings.broker_url()
+    assert "p@ss" not in repr(settings)
+    with pytest.raises(ConfigError, match="password_env"):
+        parse_settings({"broker": "redis://127.0.0.1:6379/0", "username": "rv"}, "site.toml")
+
+
+def test_a_redis_acl_login_from_the_environment_reaches_the_ledger(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password named by password_env logs an ACL user in to a real Redis; a wrong one
+    is refused with an error that names the server but not the password."""
+    import redis as redis_py
+    from regionvault.core.errors import RegionVaultError
+    from regionvault.plugins.celery.ledger import RedisLedger
+    from regionvault.plugins.celery.settings import parse_settings
+
+    user = f"rv-{uuid.uuid4().hex[:8]}"
+    admin = redis_py.Redis.from_url(redis.url)
+    admin.execute_command("ACL", "SETUSER", user, "on", ">s3cret-pw", "~*", "&*", "+@all")
+    try:
+        settings = parse_settings(
+            {"broker": redis.url, "password_env": "RV_TEST_REDIS", "username": user}, "site.toml"
+        )
+        monkeypatch.setenv("RV_TEST_REDIS", "s3cret-pw")
+        ledger = RedisLedger(settings.broker_url(), namespace=f"acl-{user}")
+        try:
+            lock = ledger.acquire("backup/local:east/i-1/2026-12-07T00:00Z")
+            assert lock is not None
+            lock.release()
+        finally:
+            ledger.close()
+        monkeypatch.setenv("RV_TEST_REDIS", "wrong-pw")
+        wrong = RedisLedger(settings.broker_url(), namespace=f"acl-{user}")
+        try:
+            with pytest.raises(RegionVaultError) as refused:
+                wrong.record("backup/local:east/i-1/2026-12-07T00:00Z")
+            assert "wrong-pw" not in str(refused.value)
+        finally:
+            wrong.close()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
