@@ -16,7 +16,7 @@ from regionvault.core.errors import RegionVaultError
 from regionvault.core.pipeline import Engine, job_handlers
 from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.engine import SLOT_TAG
-from regionvault.core.pipeline.executor import PLAN_RECORD_TTL, execute_job
+from regionvault.core.pipeline.executor import execute_job
 from regionvault.core.pipeline.jobs import (
     PLAN_BACKUPS,
     Job,
@@ -241,7 +241,7 @@ def test_plan_records_expire_and_prune_drops_them(
     assert ledger.record(plan.key) is not None
     import time as time_module
 
-    later = time_module.time() + PLAN_RECORD_TTL.total_seconds() + 1
+    later = time_module.time() + timedelta(days=1).total_seconds() + 1
     monkeypatch.setattr("regionvault.core.pipeline.ledger.time.time", lambda: later)
     assert ledger.record(plan.key) is None  # expired: as if absent
     assert ledger.record(other.key) is not None  # kept: it has no expiry
