@@ -16,9 +16,11 @@ service lets such a region sit out the rest of its tick). A job a worker has sta
 waited for, within bounds:
 
 - a started job whose key's lock has been absent for longer than ``lock_ttl`` while it has
-  neither an outcome nor a record (its worker died and Redis lost its message: a restart
-  without persistence, a failover) is given up as ``FAILED`` ("lost"): the next tick makes
-  it again, and the ledger runs it once;
+  neither an outcome nor a record, and whose message the broker no longer holds (neither
+  queued nor unacknowledged: its worker died and Redis lost the message in a restart
+  without persistence, or a failover) is given up as ``FAILED`` ("lost"): the next tick
+  makes it again, and the ledger runs it once (a dead worker's message still held
+  unacknowledged is waited for: it is delivered again after ``visibility_timeout``);
 - every job is given up (``FAILED``) once ``run_timeout`` has passed since it was sent;
 - deadlines are checked even while the result backend cannot be read (the job then cannot
   be claimed ``abandoned``; it is idempotent, so a worker that takes it later does no harm),
@@ -42,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
+from regionvault.core.pipeline.executor import DEFAULT_RETRY
 from regionvault.core.pipeline.jobs import Job, JobOutcome, JobStatus, runs_in
 from regionvault.plugins.celery.app import ABANDONED, CLAIM_TTL, TASK, make_app
 from regionvault.plugins.celery.ledger import RedisLedger
@@ -61,6 +64,7 @@ NO_WORKER = "no-worker"
 
 @dataclass
 class _InFlight:
+    task_id: str
     job: Job
     queue: str
     future: Future[JobOutcome]
@@ -73,6 +77,8 @@ class _InFlight:
     lock_gone: float | None = None
     #: when its lock was last looked at
     looked: float = 0.0
+    #: its worker sent it again (Celery's RETRY): it may wait out a ledger backoff unlocked
+    retrying: bool = False
 
 
 def _now() -> datetime:
@@ -150,7 +156,7 @@ class CeleryExecutor:
         now = time.monotonic()
         last = now + self.settings.job_timeout.total_seconds()
         with self._lock:
-            self._inflight[task_id] = _InFlight(job, queue, future, now + wait, last)
+            self._inflight[task_id] = _InFlight(task_id, job, queue, future, now + wait, last)
             if self._poller is None:
                 self._poller = threading.Thread(
                     target=self._poll_loop, name="regionvault-celery-results", daemon=True
@@ -279,6 +285,7 @@ class CeleryExecutor:
                 self._finish(task_id, self._timed_out(item))
             elif status in (states.STARTED, states.RETRY) or item.started:
                 item.started = True
+                item.retrying = status == states.RETRY
                 self._check_lost(task_id, item, now)
             elif stopping or now >= item.deadline:
                 self._maybe_abandon(task_id, item, stopping)
@@ -296,7 +303,14 @@ class CeleryExecutor:
         if item.lock_gone is None:
             item.lock_gone = now
             return
-        if now - item.lock_gone <= ttl:
+        # a delivery sent again after the ledger failed holds no lock while it waits out its
+        # backoff (at most the retry policy's max_delay)
+        grace = ttl + (DEFAULT_RETRY.max_delay if item.retrying else 0.0)
+        if now - item.lock_gone <= grace:
+            return
+        if self.ledger.holds_message(item.task_id, item.queue):
+            # its worker died, but the broker delivers it again (visibility_timeout): wait
+            item.lock_gone = now
             return
         outcome = self._given_up(
             item.job,

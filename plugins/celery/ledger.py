@@ -464,6 +464,26 @@ class RedisLedger:
 
         return self._call(f"claiming {name}", take)
 
+    def holds_message(self, task_id: str, queue: str) -> bool:
+        """Whether the broker (kombu's Redis transport, in this same Redis) still holds
+        the message of ``task_id``: waiting in ``queue``, or delivered and not acknowledged
+        (``unacked``: a dead worker's, to be delivered again after ``visibility_timeout``).
+        It reads the whole queue and the unacked hash, so it is for the rare question of a
+        started job whose lock is gone, not for every poll."""
+        needle = task_id.encode()
+
+        def look() -> bool:
+            for _, body in self.client.hscan_iter("unacked", count=500):
+                if needle in body:
+                    return True
+            length = int(self.client.llen(queue))
+            for start in range(0, length, 500):
+                if any(needle in raw for raw in self.client.lrange(queue, start, start + 499)):
+                    return True
+            return False
+
+        return self._call(f"looking for task {task_id} in the broker", look)
+
     # ---- locks
 
     def _lock_body(self, key: str, token: str) -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_py
@@ -234,3 +235,145 @@ def test_an_ipv6_broker_keeps_its_brackets_with_a_password(
     from urllib.parse import urlsplit
 
     assert urlsplit(url).port == 6379
+
+
+# ---- the worker's task on its own (#2, #8, #9): a fake task and worker context
+
+
+class _Request:
+    def __init__(self, retries: int = 0) -> None:
+        self.id = "task-1"
+        self.retries = retries
+        self.hostname = "east-1@test"
+
+
+class _Retry(Exception):
+    pass
+
+
+class _Task:
+    def __init__(self, retries: int = 0) -> None:
+        self.request = _Request(retries)
+        self.retried: dict[str, object] = {}
+
+    def retry(self, **options: object) -> _Retry:
+        self.retried = options
+        return _Retry()
+
+
+class _Ledger:
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.refuse = refuse
+        self.failed: list[JobOutcome] = []
+
+    def claim(self, name: str, value: str, *, ttl: timedelta) -> str:
+        if self.refuse is not None:
+            raise self.refuse
+        return value
+
+    def mark_failed(self, outcome: JobOutcome) -> None:
+        self.failed.append(outcome)
+
+    def holder(self, key: str) -> None:
+        return None
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.problems = ["hook quiesce of nf-1 failed"]
+
+    def take_hook_problems(self) -> list[str]:
+        taken, self.problems = self.problems, []
+        return taken
+
+
+class _Context:
+    def __init__(self, ledger: _Ledger) -> None:
+        from types import SimpleNamespace
+
+        self.region = EAST
+        self.settings = parse_settings(
+            {"broker": "redis://h:1/0", "namespace": "siteX", "queue_timeout": "1m"}
+        )
+        self._opened = SimpleNamespace(
+            ledger=ledger,
+            engine=_Engine(),
+            handlers={},
+            site=SimpleNamespace(plugin_manager=None),
+        )
+
+    def opened(self) -> object:
+        return self._opened
+
+
+Run = Callable[..., tuple[JobOutcome, dict[str, Any]]]
+
+
+@pytest.fixture
+def worker_task(monkeypatch: pytest.MonkeyPatch) -> Iterator[Run]:
+    from regionvault.plugins.celery import app
+
+    def run(
+        ledger: _Ledger, task: _Task | None = None, **kwargs: object
+    ) -> tuple[JobOutcome, dict[str, object]]:
+        monkeypatch.setattr(app, "_worker", _Context(ledger))
+        reply = app._run_job(task or _Task(), tag_job(EAST, datetime.now(UTC)).to_dict(), **kwargs)
+        return JobOutcome.from_dict(reply["outcome"]), reply
+
+    yield run
+
+
+def test_a_worker_refuses_a_job_of_another_site(worker_task: Run) -> None:
+    outcome, _ = worker_task(_Ledger(), namespace="siteY", sent_at=time.time())
+    assert outcome.status is JobStatus.FAILED
+    assert "'siteY'" in (outcome.error or "") and "'siteX'" in (outcome.error or "")
+    outcome, _ = worker_task(_Ledger())  # an old coordinator's
+    assert outcome.status is JobStatus.FAILED
+
+
+def test_a_worker_refuses_a_stale_first_delivery(worker_task: Run) -> None:
+    outcome, _ = worker_task(_Ledger(), namespace="siteX", sent_at=time.time() - 3600)
+    assert outcome.status is JobStatus.STOPPED
+    assert "queue_timeout" in (outcome.error or "")
+
+
+def test_a_ledger_that_refuses_fails_the_job_with_its_cause(worker_task: Run) -> None:
+    from regionvault.core.errors import RegionVaultError
+
+    ledger = _Ledger(RegionVaultError("job ledger at redis://h:1/0: OOM command not allowed"))
+    outcome, _ = worker_task(ledger, namespace="siteX", sent_at=time.time())
+    assert outcome.status is JobStatus.FAILED
+    assert "OOM" in (outcome.error or "")
+    assert [o.key for o in ledger.failed] == [outcome.key]  # recorded when it can be
+
+
+def test_hook_problems_taken_by_a_busy_delivery_go_along_with_its_retry(
+    worker_task: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from regionvault.plugins.celery import app
+
+    def busy(job: Job, *args: object, **kwargs: object) -> JobOutcome:
+        return JobOutcome(job.key, job.kind, job.region, JobStatus.BUSY, attempts=0)
+
+    monkeypatch.setattr(app, "execute_job", busy)
+    task = _Task()
+    with pytest.raises(_Retry):
+        worker_task(_Ledger(), task, namespace="siteX", sent_at=time.time())
+    kwargs: dict[str, Any] = task.retried["kwargs"]  # type: ignore[assignment]
+    assert kwargs == {
+        "namespace": "siteX",
+        "sent_at": kwargs["sent_at"],
+        "problems": ["hook quiesce of nf-1 failed"],
+    }
+    assert task.retried["expires"] is None  # a retry waits for a live holder: not stale
+
+    def done(job: Job, *args: object, **kwargs: object) -> JobOutcome:
+        return JobOutcome(job.key, job.kind, job.region, JobStatus.DONE)
+
+    monkeypatch.setattr(app, "execute_job", done)
+    _, reply = worker_task(
+        _Ledger(),
+        _Task(retries=1),
+        **{**kwargs, "sent_at": time.time() - 3600},
+    )
+    assert reply["problems"][:1] == ["hook quiesce of nf-1 failed"]
