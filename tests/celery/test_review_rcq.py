@@ -377,3 +377,125 @@ def test_hook_problems_taken_by_a_busy_delivery_go_along_with_its_retry(
         **{**kwargs, "sent_at": time.time() - 3600},
     )
     assert reply["problems"][:1] == ["hook quiesce of nf-1 failed"]
+
+
+# ---- #1 and #3 through Redis and real processes (the core's fence and copy check)
+
+_RUNNER = """
+import json, os, signal, sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from regionvault.core.pipeline import Engine, job_handlers
+from regionvault.core.pipeline.executor import execute_job
+from regionvault.core.pipeline.jobs import backup_job
+from regionvault.plugins.celery.ledger import RedisLedger
+from site_support import open_site
+
+site_file, url, namespace, instance, pause = sys.argv[1:6]
+site = open_site(Path(site_file))
+engine = Engine(site)
+compute = engine.region("local:east").compute
+real = compute.capture
+
+def capture(*args, **kwargs):
+    if pause == "pause":
+        print("paused", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)  # a VM pause: no renewal while it lasts
+    return real(*args, **kwargs)
+
+compute.capture = capture
+ledger = RedisLedger(url, namespace=namespace, lock_ttl=timedelta(seconds=2))
+job = backup_job("local:east", instance, datetime(2026, 12, 7, tzinfo=UTC))
+out = execute_job(job, job_handlers(engine), ledger)
+print(json.dumps({"status": out.status.value, "result": out.result, "runner": out.runner}))
+site.close()
+"""
+
+
+def test_a_paused_holder_records_nothing_and_its_slot_has_one_point(
+    site: Site, east: Region, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Runner A stops (SIGSTOP) inside the capture for longer than lock_ttl; runner B takes
+    the key and backs the slot up; A is continued. Before the fence both committed, two
+    points for one slot, and A's record overwrote B's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = _dataset(tmp_path / "nf-data", 1, 300_000)
+    instance = east.compute.register_instance("nf-1", data, tags={"backup": "1-7"}).id
+    east.sealer()
+    site_file = Path(str(site.config.source))
+    site.close()
+    here = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def runner(mode: str) -> subprocess.Popen[str]:
+        args = [str(site_file), own_redis.url, "paused", instance, mode]
+        return subprocess.Popen(
+            [sys.executable, "-c", _RUNNER, *args], stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    a = runner("pause")
+    try:
+        assert a.stdout is not None
+        assert a.stdout.readline().strip() == "paused"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{a.pid}/stat").read_text().split()[2] not in ("T", "t"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(3)  # longer than lock_ttl: A's lock expires
+        b = runner("run")
+        b_out, _ = b.communicate(timeout=120)
+        second = json.loads(b_out.strip().splitlines()[-1])
+        assert second["status"] == "done", second
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+    a_out, _ = a.communicate(timeout=120)
+    first = json.loads(a_out.strip().splitlines()[-1])
+    assert first["status"] == "busy", first  # it lost its lock while running
+    with RedisLedger(own_redis.url, namespace="paused") as ledger:
+        record = ledger.record(backup_job_key(instance))
+    assert record is not None and record.runner == second["runner"]
+    with open_site(site_file) as again:
+        points = Engine(again).points(EAST)
+    assert [p.id for p in points] == [second["result"]["point"]]
+
+
+def backup_job_key(instance: str) -> str:
+    from regionvault.core.pipeline.jobs import backup_job
+
+    return backup_job(EAST, instance, datetime(2026, 12, 7, tzinfo=UTC)).key
+
+
+def test_a_forged_copy_on_the_queues_is_refused_by_the_source_regions_workers(
+    site: Site, east: Region, west: Region, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Replication is east -> west only. Anyone who can write to the Redis can put on west's
+    queue the jobs that copy a west point to east; west's workers refuse them, naming the
+    pair, and east receives nothing (before the check, east restored west's data)."""
+    from regionvault.core.pipeline.jobs import backup_job, copy_jobs_for
+
+    west_data = _dataset(tmp_path / "west-data", 1, 50_000, seed=7)
+    inst = west.compute.register_instance("west-nf", west_data, tags={"backup": "1-7"})
+    data = _dataset(tmp_path / "nf-data", 1, 10_000)
+    cluster = _cluster(site, east, west, tmp_path, own_redis, data)
+    try:
+        cluster.start("east-1", "west-1")
+        with cluster.coordinator() as (_, executor):
+            (backup,) = executor.run([backup_job("local:west", inst.id, datetime.now(UTC))])
+            assert backup.ok, backup.error
+            point = backup.result["point"]
+            forged = copy_jobs_for("local:west", point, EAST, expires_at=None)
+            outcomes = [executor.run([job])[0] for job in forged]
+        assert [o.status for o in outcomes] == [JobStatus.FAILED] * 4, outcomes
+        offer = outcomes[0]
+        assert "refused" in (offer.error or "") and f"local:west to {EAST}" in (offer.error or "")
+    finally:
+        cluster.stop_all()
+    with open_site(cluster.files[EAST], celery_plugin) as east_site:
+        copies = [p for p in Engine(east_site).points(EAST) if p.lineage is not None]
+    assert copies == []
