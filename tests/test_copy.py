@@ -872,8 +872,8 @@ def test_the_four_phase_jobs_copy_with_one_regions_keys_each(
 ) -> None:
     point = engine.backup(instance.id)
     west.sealer()  # west's keys exist (its KeyService made them on first use)
-    east_site = worker_site(tmp_path / "worker-east", east, west)
-    west_site = worker_site(tmp_path / "worker-west", west, east)
+    east_site = worker_site(tmp_path / "worker-east", east, west, replicate=True)
+    west_site = worker_site(tmp_path / "worker-west", west, east, replicate=True)
     recorder = CopyRecorder()
     guard = KeyGuard(monkeypatch)
     expires = datetime(2031, 1, 2, 3, 4, tzinfo=UTC)

@@ -415,3 +415,41 @@ def test_a_region_tick_on_a_distributed_executor_runs_that_region_alone(
     assert report.ok and report.region == EAST
     assert worked(report) == [TAG, BACKUP, COPY_OFFER, RETENTION]
     assert {region for _, region, _ in routed.routed} == {EAST}
+
+
+class NoWestWorkers(RoutedExecutor):
+    """West's workers are all down: its jobs come back as the executor gives them up."""
+
+    def submit(self, job: Job) -> Future[JobOutcome]:
+        if runs_in(job) != WEST:
+            return super().submit(job)
+        self.routed.append((job.kind, WEST, job.key))
+        given_up: Future[JobOutcome] = Future()
+        given_up.set_result(
+            JobOutcome(
+                job.key,
+                job.kind,
+                job.region,
+                JobStatus.FAILED,
+                result={"reason": "no-worker", "queue": "region.local:west"},
+                error="no worker took it",
+            )
+        )
+        return given_up
+
+
+def test_a_region_with_no_workers_sits_out_the_rest_of_the_tick(
+    deployment: Deployment,
+) -> None:
+    """Review rcq #5: west's first job comes back given up for lack of workers; west is
+    asked nothing more in that tick (the old code asked it every round, each waiting
+    ``queue_timeout``), the report says so once, and east's own jobs all run."""
+    with deployment.coordinator() as (service, routed):
+        service.executor = executor = NoWestWorkers(routed.workers)
+        report = service.tick()
+    west = [kind for kind, region, _ in executor.routed if region == WEST]
+    assert west == [TAG]
+    said = [p for p in report.problems if "sits out" in p]
+    assert len(said) == 1 and WEST in said[0] and "region.local:west" in said[0]
+    ran_east = {o.kind for o in report.jobs if o.region == EAST and o.ok}
+    assert {TAG, BACKUP, COPY_OFFER, RETENTION} <= ran_east

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from regionvault.core.errors import IntegrityError, PayloadWaiting, RegionVaultError, TransitError
+from regionvault.core.errors import (
+    IntegrityError,
+    PayloadWaiting,
+    PolicyError,
+    RegionVaultError,
+    TransitError,
+)
 from regionvault.core.pipeline.jobs import (
     COPY_COMMIT,
     COPY_OFFER,
@@ -29,7 +35,7 @@ from regionvault.core.pipeline.jobs import (
     copy_phase_job,
     copy_receipt_job,
 )
-from regionvault.core.policy import resolve_policy
+from regionvault.core.policy import parse_copy_to, resolve_policy
 from regionvault.core.repository import (
     CommitReport,
     CopyReceipt,
@@ -106,8 +112,68 @@ class CopyFlow:
                 except Exception as exc:
                     log.warning("closing %r failed: %s", transit, exc)
 
+    def allowed(
+        self,
+        source: str,
+        destination: str,
+        point: Callable[[], RecoveryPoint | None] | None = None,
+    ) -> str | None:
+        """Why this site copies from ``source`` to ``destination`` (None: it does not): a
+        replication pair from ``source`` to ``destination``, or the copy-to tag of the point
+        (``point()``, looked at only without a pair; None from it: the destination holds the
+        copy already) naming ``destination``. Jobs reach a worker through a store every
+        region writes, so each copy phase asks its own site (docs/jobs.md, "Who may ask for
+        a copy")."""
+        cfg = self.engine.site.config
+        src = cfg.region(source).id
+        dst = cfg.region(destination).id
+        if dst in cfg.destinations_of(src):
+            return "replication pair"
+        if point is None:
+            return None
+        seen = point()
+        if seen is None:
+            return "held already"
+        value = seen.tags.get(cfg.copy_to_tag_key)
+        if value is None:
+            return None
+        try:
+            named = parse_copy_to(value, home=src, site=cfg)
+        except PolicyError:
+            return None
+        return "copy-to tag" if dst in named else None
+
+    def check_allowed(
+        self,
+        job: Job,
+        source: str,
+        destination: str,
+        point: Callable[[], RecoveryPoint | None] | None = None,
+    ) -> None:
+        """:meth:`allowed`, or a permanent failure of ``job`` naming the pair."""
+        if self.allowed(source, destination, point) is None:
+            raise RegionVaultError(
+                f"job {job.key}: refused: this site copies nothing from {source} to "
+                f"{destination} (no replication pair, and the point's copy-to tag does not "
+                "name it)"
+            )
+
+    def _source_point(self, point_id: str, source: str) -> Callable[[], RecoveryPoint | None]:
+        return lambda: self.engine.find_point(point_id, source)
+
+    @staticmethod
+    def _offered(receiver: CopyReceiver, point_id: str) -> Callable[[], RecoveryPoint | None]:
+        def offered() -> RecoveryPoint | None:
+            # a copy held already adds nothing: it is answered as it is
+            if receiver.existing(point_id) is not None:
+                return None
+            return receiver.offered_point(point_id)
+
+        return offered
+
     def offer(self, job: Job) -> Any:
         point_id, source, destination = self._phase(job, source_side=True)
+        self.check_allowed(job, source, destination, self._source_point(point_id, source))
         with self._links_closed(self.engine.copy_sender(source, destination)) as sender:
             sent = sender.offer(point_id)
             if job.payload.get("track"):
@@ -120,6 +186,7 @@ class CopyFlow:
     def request(self, job: Job) -> Any:
         point_id, source, destination = self._phase(job, source_side=False)
         with self._links_closed(self.engine.copy_receiver(source, destination)) as receiver:
+            self.check_allowed(job, source, destination, self._offered(receiver, point_id))
             if job.payload.get("receipt"):
                 found = self._answer_with_receipt(receiver, point_id)
                 if found is not None:
@@ -142,6 +209,7 @@ class CopyFlow:
 
     def send(self, job: Job) -> Any:
         point_id, source, destination = self._phase(job, source_side=True)
+        self.check_allowed(job, source, destination, self._source_point(point_id, source))
         notified = False
         with self._links_closed(self.engine.copy_sender(source, destination)) as sender:
             report = sender.send(point_id)
@@ -187,6 +255,7 @@ class CopyFlow:
         if expires_at is not None and expires_at.utcoffset() is None:
             raise RegionVaultError(f"job {job.key}: expires_at {expiry!r} has no time zone")
         with self._links_closed(self.engine.copy_receiver(source, destination)) as receiver:
+            self.check_allowed(job, source, destination, self._offered(receiver, point_id))
             report = receiver.commit(point_id, source, expires_at)
         self._after_commit(source, destination, report)
         return {
@@ -236,6 +305,7 @@ class CopyFlow:
             found = self._answer_with_receipt(receiver, point_id)
             if found is not None:
                 return {"copy": found.id, "existing": True, "batches_ingested": 0, "receipt": True}
+            self.check_allowed(job, source, destination, self._offered(receiver, point_id))
             inbox = receiver.forward
             notice_name = sent_name(point_id)
             try:

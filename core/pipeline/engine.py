@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import (
     InstanceNotFound,
+    ObjectExists,
     ObjectNotFound,
     PolicyError,
     RegionVaultError,
@@ -82,6 +84,9 @@ log = logging.getLogger(__name__)
 
 #: recorded in a recovery point's tags: the schedule slot it was made for
 SLOT_TAG = "regionvault:slot"
+#: the tag of a scheduled block backup that keeps its capture: which run made the point (its
+#: id is the same for every run of the slot, so the kept-capture records tell them apart)
+RUN_TAG = "regionvault:run"
 #: how long a launch may take to become healthy before the restore reports it unhealthy
 DEFAULT_HEALTH_TIMEOUT = 60.0
 #: a region's own tick offers a point again when no receipt came this long after its offer
@@ -104,6 +109,23 @@ def _capture_takes_keep(compute: object) -> bool:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return True
     return "since" in params and "keep" in params
+
+
+def _same_run(entry: KeptCapture, point_id: str, run: str) -> bool:
+    """Whether a pending kept capture is the one of this run of ``point_id`` (entries of
+    earlier versions have no run: the point id alone, as then)."""
+    return entry.point_id == point_id and (not entry.run or not run or entry.run == run)
+
+
+def _made_by(entry: KeptCapture, points: dict[str, RecoveryPoint]) -> bool:
+    """Whether ``entry``'s point is committed, and by its own run: a scheduled backup's id
+    is the same for every run of its slot, and a capture must never become the base of a
+    point that another run made from another capture."""
+    point = points.get(entry.point_id)
+    if point is None:
+        return False
+    made = point.tags.get(RUN_TAG)
+    return not entry.run or made is None or made == entry.run
 
 
 def utcnow() -> datetime:
@@ -305,6 +327,7 @@ class Engine:
             if slot is not None or kept
             else {}
         )
+        slot_text: str | None = None
         if slot is not None:
             slot_text = format_slot(slot)
             for point in points.values():
@@ -321,7 +344,12 @@ class Engine:
             region=home.name,
             work_root=self.site.config.state_dir / HOOK_WORK_DIR,
         )
-        point_id = repo.new_point_id()
+        # a scheduled backup's id is fixed by its slot: of two runs that both reach the
+        # commit (one paused past its lock), the vault's if-absent put admits one
+        point_id = (
+            repo.new_point_id() if slot_text is None else repo.slot_point_id(inst.id, slot_text)
+        )
+        run = secrets.token_hex(8)
         kept_ref: str | None = None
         intent = False
         self._hook("regionvault_before_capture", region=home.name, instance=inst)
@@ -334,8 +362,10 @@ class Engine:
                 if blocks and _capture_takes_keep(home.compute):
                     # an intent, recorded before the provider makes any snapshot: a run
                     # killed while it does is still on record (docs/jobs.md)
-                    self._keep_pending(home.name, inst.id, None, point_id)
+                    self._keep_pending(home.name, inst.id, None, point_id, run)
                     intent = True
+                    if slot_text is not None:
+                        tags[RUN_TAG] = run
                     capture = home.compute.capture(inst.id, since=since, keep=True)
                 else:
                     if blocks:
@@ -347,7 +377,7 @@ class Engine:
                         # recorded before anything is read: a run killed from here on
                         # leaves it pending, for the next backup or tick to release
                         ref = capture.ref if isinstance(capture, BlockCapture) else None
-                        self._keep_ref(home.name, inst.id, point_id, ref)
+                        self._keep_ref(home.name, inst.id, point_id, ref, run)
                         kept_ref = ref
                     hooks.captured(capture)
                     point = repo.backup(
@@ -375,9 +405,25 @@ class Engine:
                         )
                     finally:
                         capture.close()
+        except ObjectExists as exc:
+            if intent:
+                self._drop_kept(home, inst.id, point_id, kept_ref, run)
+            if slot_text is None or not exc.name.endswith(point_id):
+                raise
+            # another run of this slot committed first (this one was paused past its lock):
+            # its point stands, ours is not made; what we stored is garbage for prune
+            log.warning(
+                "%s: backup of %s for slot %s: point %s was committed by another run; this "
+                "run's data is left for prune",
+                home.name,
+                inst.id,
+                slot_text,
+                point_id,
+            )
+            return repo.load_manifest(point_id).point
         except BaseException:
             if intent:
-                self._drop_kept(home, inst.id, point_id, kept_ref)
+                self._drop_kept(home, inst.id, point_id, kept_ref, run)
             raise
         if kept_ref is not None:
             try:
@@ -433,19 +479,24 @@ class Engine:
                 compute_type.__qualname__,
             )
 
-    def _keep_pending(self, region: str, instance_id: str, ref: str | None, point_id: str) -> None:
+    def _keep_pending(
+        self, region: str, instance_id: str, ref: str | None, point_id: str, run: str = ""
+    ) -> None:
         owner = ProcessIdentity.current().token()
         with self.state.kept_captures(region, instance_id) as kept:
-            kept.pending.append(KeptCapture(ref, point_id, owner, at=time.time()))
+            kept.pending.append(KeptCapture(ref, point_id, owner, at=time.time(), run=run))
 
-    def _keep_ref(self, region: str, instance_id: str, point_id: str, ref: str | None) -> None:
+    def _keep_ref(
+        self, region: str, instance_id: str, point_id: str, ref: str | None, run: str = ""
+    ) -> None:
         """The capture of ``point_id`` returned: its intent gets the provider's ``ref``, or
-        goes when the provider kept nothing."""
+        goes when the provider kept nothing. Only this run's intent (``run``): another run of
+        the same slot has the same point id."""
         with self.state.kept_captures(region, instance_id) as kept:
             kept.pending = [
-                replace(p, ref=ref) if p.point_id == point_id else p
+                replace(p, ref=ref) if _same_run(p, point_id, run) else p
                 for p in kept.pending
-                if ref is not None or p.point_id != point_id
+                if ref is not None or not _same_run(p, point_id, run)
             ]
 
     def _keep_current(self, home: Region, instance_id: str, ref: str, point_id: str) -> None:
@@ -467,13 +518,15 @@ class Engine:
         if ref is not None and ref not in kept.release:
             kept.release.append(ref)
 
-    def _drop_kept(self, home: Region, instance_id: str, point_id: str, ref: str | None) -> None:
+    def _drop_kept(
+        self, home: Region, instance_id: str, point_id: str, ref: str | None, run: str = ""
+    ) -> None:
         """The backup failed: its own kept capture (or intent) goes and is released (the
         current one stays). A failure here is logged, not raised: the backup's own error is
         the one to see."""
         try:
             with self.state.kept_captures(home.name, instance_id) as kept:
-                kept.pending = [p for p in kept.pending if p.point_id != point_id]
+                kept.pending = [p for p in kept.pending if not _same_run(p, point_id, run)]
                 self._to_release(kept, ref)
         except Exception as exc:
             log.warning(
@@ -498,7 +551,7 @@ class Engine:
             committed: list[KeptCapture] = []
             waiting: list[KeptCapture] = []
             for entry in kept.pending:
-                if entry.point_id not in points:
+                if not _made_by(entry, points):
                     owner = ProcessIdentity.from_token(entry.owner) if entry.owner else None
                     alive = owner.alive() if owner is not None else None
                     if alive is True:
@@ -511,7 +564,7 @@ class Engine:
                         if now - entry.at < limit:
                             waiting.append(entry)
                             continue
-                if entry.point_id in points:
+                if _made_by(entry, points):
                     if entry.ref is not None:
                         committed.append(entry)
                 elif entry.ref is None:

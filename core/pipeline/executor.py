@@ -5,6 +5,7 @@ protocol that any runner implements, and the default :class:`ThreadExecutor`."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import random
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from regionvault.core.errors import RegionVaultError, TransientError
@@ -178,8 +179,18 @@ def execute_job(
             issues_total=issues_total,
             attempts=attempts,
         )
+        if _held(job, lock) is False:
+            # the fence: a runner that stopped renewing past lock_ttl (paused, cut off from
+            # the ledger) lost the key, and another runner may own it now: its outcome is
+            # not ours to record (a scheduled backup's point is fenced by its id instead)
+            log.warning(
+                "job %s: lost its lock while running; another runner owns the key, nothing "
+                "recorded here",
+                job.key,
+            )
+            return _busy(job, ledger, attempts=attempts, lost=True)
         try:
-            ledger.mark_done(outcome)
+            ledger.mark_done(outcome, **_expiry(ledger, job))
         except (OSError, RegionVaultError) as exc:
             # The work is done but unrecorded: a later run repeats it (jobs are idempotent).
             # a Redis ledger failing for a moment stays transient (the next run may record it)
@@ -191,16 +202,49 @@ def execute_job(
         lock.release()
 
 
-def _busy(job: Job, ledger: Ledger, *, attempts: int) -> JobOutcome:
+def _busy(job: Job, ledger: Ledger, *, attempts: int, lost: bool = False) -> JobOutcome:
     holder = ledger.holder(job.key) or {}
     return JobOutcome(
         job.key,
         job.kind,
         job.region,
         JobStatus.BUSY,
+        error="lost its lock while running; another runner owns the key" if lost else None,
         runner=f"{holder.get('host', '?')}:{holder.get('pid', '?')}",
         attempts=attempts,
     )
+
+
+#: how long the record of a plan job (``plan-*``: a distributed tick's planning, keyed by the
+#: tick's time, never made again) is kept
+PLAN_RECORD_TTL = timedelta(days=1)
+
+#: ledger types whose ``mark_done`` takes ``expires`` (looked up once per type)
+_TAKES_EXPIRES: dict[type, bool] = {}
+
+
+def _takes_expires(ledger: Ledger) -> bool:
+    kind = type(ledger)
+    known = _TAKES_EXPIRES.get(kind)
+    if known is None:
+        try:
+            params = inspect.signature(ledger.mark_done).parameters
+        except (TypeError, ValueError):
+            known = False
+        else:
+            known = "expires" in params or any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+            )
+        _TAKES_EXPIRES[kind] = known
+    return known
+
+
+def _expiry(ledger: Ledger, job: Job) -> dict[str, timedelta]:
+    """``mark_done``'s keywords for ``job``: a plan job's record expires (a ledger written
+    before ``expires``, an older custom one, is called without it and keeps it)."""
+    if job.kind.startswith("plan-") and _takes_expires(ledger):
+        return {"expires": PLAN_RECORD_TTL}
+    return {}
 
 
 @dataclass(frozen=True)

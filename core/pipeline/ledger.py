@@ -59,7 +59,11 @@ class Ledger(Protocol):
         """Who holds the key's lock (``host``, ``pid``, ...), None if nobody."""
         ...
 
-    def mark_done(self, outcome: JobOutcome) -> None: ...
+    def mark_done(self, outcome: JobOutcome, *, expires: timedelta | None = None) -> None:
+        """Record ``outcome`` of a finished key. With ``expires``, the record vanishes that
+        long after (the executor gives it to plan jobs, whose keys are never made again); a
+        ledger written before ``expires`` existed is called without it (docs/jobs.md)."""
+        ...
 
     def mark_failed(self, outcome: JobOutcome) -> None: ...
 
@@ -168,6 +172,8 @@ class JobLedger:
     def _read(self, path: Path, key: str) -> JobOutcome | None:
         try:
             data = json.loads(path.read_bytes())
+            if _expired(data):
+                return None
             outcome = JobOutcome.from_dict(data)
         except FileNotFoundError:
             return None
@@ -184,8 +190,13 @@ class JobLedger:
     def last_failure(self, key: str) -> JobOutcome | None:
         return self._read(self._path("failed", key), key)
 
-    def mark_done(self, outcome: JobOutcome) -> None:
-        data = json.dumps(outcome.to_dict(), sort_keys=True, allow_nan=False).encode()
+    def mark_done(self, outcome: JobOutcome, *, expires: timedelta | None = None) -> None:
+        """Record a finished key; with ``expires``, the record is gone that long after (read
+        as absent, deleted by :meth:`prune`)."""
+        doc = outcome.to_dict()
+        if expires is not None:
+            doc["expires_at"] = time.time() + expires.total_seconds()
+        data = json.dumps(doc, sort_keys=True, allow_nan=False).encode()
         write_atomic(self._path("done", outcome.key), data)
         self._path("failed", outcome.key).unlink(missing_ok=True)
 
@@ -198,13 +209,26 @@ class JobLedger:
         self._path("done", key).unlink(missing_ok=True)
         self._path("failed", key).unlink(missing_ok=True)
 
-    def prune(self, older_than: datetime) -> int:
+    def prune(self, older_than: datetime, *, limit: int | None = 10_000) -> int:
         """Drop records of jobs finished before ``older_than`` (their slots are long past, so
-        the scheduler will not make those keys again); returns how many."""
+        the scheduler will not make those keys again), and records whose ``expires`` has
+        passed; returns how many. ``limit`` bounds the records dropped in one call."""
         cutoff = _utc(older_than, "older_than")
         removed = 0
         for sub in ("done", "failed"):
             for path in (self.root / sub).glob("*.json"):
+                if limit is not None and removed >= limit:
+                    return removed
+                try:
+                    data = json.loads(path.read_bytes())
+                except FileNotFoundError:
+                    continue
+                except ValueError:
+                    data = None
+                if isinstance(data, dict) and _expired(data):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                    continue
                 outcome = self._read(path, _peek_key(path))
                 if outcome and outcome.finished_at and outcome.finished_at < cutoff:
                     path.unlink(missing_ok=True)
@@ -347,6 +371,11 @@ class JobLedger:
         with self._breaker():
             if self._owns(lock):
                 lock.path.unlink(missing_ok=True)
+
+
+def _expired(data: Any) -> bool:
+    expires = data.get("expires_at") if isinstance(data, dict) else None
+    return isinstance(expires, int | float) and expires <= time.time()
 
 
 def _peek_key(path: Path) -> str:

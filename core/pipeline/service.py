@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import RegionVaultError
@@ -35,11 +35,13 @@ from regionvault.core.pipeline.jobs import (
     Job,
     JobHandlers,
     JobOutcome,
+    JobStatus,
     copy_job,
     copy_jobs_for,
     parse_slot,
     plan_job,
     retention_job,
+    runs_in,
     slot_of,
     tag_job,
 )
@@ -50,7 +52,15 @@ if TYPE_CHECKING:
     from regionvault.core.pipeline.engine import Engine
     from regionvault.core.types import Instance
 
-__all__ = ["MAX_PASSES", "Service", "is_distributed", "job_handlers", "newest_slot", "run_chains"]
+__all__ = [
+    "MAX_PASSES",
+    "NO_WORKER",
+    "Service",
+    "is_distributed",
+    "job_handlers",
+    "newest_slot",
+    "run_chains",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +143,30 @@ def _plan_handlers(engine: Engine) -> dict[str, Callable[[Job], Any]]:
     return {PLAN_BACKUPS: plan_backups, PLAN_INBOX: plan_inbox, PLAN_OFFERS: plan_offers}
 
 
+#: how long the ledger keeps a finished job's record: the retention job drops older ones
+LEDGER_KEEP = timedelta(days=30)
+
+
+def _prune_ledger(engine: Engine) -> int | str | None:
+    """Drop the ledger's records older than :data:`LEDGER_KEEP` (a ledger without ``prune``
+    is left alone: None). A failure is logged and said in the result, never the retention
+    job's failure: its vault's retention is done."""
+    try:
+        ledger = engine.ledger()
+        prune = getattr(ledger, "prune", None)
+        if prune is None:
+            return None
+        # the wall clock, as the records' times are (not the engine's clock)
+        return int(prune(older_than=datetime.now(UTC) - LEDGER_KEEP))
+    except (OSError, RegionVaultError) as exc:
+        log.warning("pruning the job ledger failed: %s", exc)
+        return f"failed: {exc}"
+
+
 def job_handlers(engine: Engine) -> JobHandlers:
     """The function that runs each kind of job over ``engine``: the thread executor uses
     these, and so does any other executor's worker (docs/jobs.md)."""
+    flow = CopyFlow(engine)
 
     def run_tag(job: Job) -> Any:
         report = engine.tag(job.region or "")
@@ -155,6 +186,10 @@ def job_handlers(engine: Engine) -> JobHandlers:
         return result
 
     def run_copy(job: Job) -> Any:
+        source = engine.region(job.region or "").name
+        destination = engine.region(str(job.payload["destination"])).name
+        point_id = str(job.payload["recovery_point"])
+        flow.check_allowed(job, source, destination, lambda: engine.find_point(point_id, source))
         result = engine.copy(
             job.payload["recovery_point"], source=job.region, to=job.payload["destination"]
         )
@@ -166,7 +201,11 @@ def job_handlers(engine: Engine) -> JobHandlers:
 
     def run_retention(job: Job) -> Any:
         report = engine.retain(job.region or "")
-        return {"forgotten": report.forgotten, "protected": report.protected}
+        result: dict[str, Any] = {"forgotten": report.forgotten, "protected": report.protected}
+        pruned = _prune_ledger(engine)
+        if pruned is not None:
+            result["ledger_pruned"] = pruned
+        return result
 
     return JobHandlers(
         {
@@ -174,10 +213,24 @@ def job_handlers(engine: Engine) -> JobHandlers:
             BACKUP: run_backup,
             COPY: run_copy,
             RETENTION: run_retention,
-            **CopyFlow(engine).handlers(),
+            **flow.handlers(),
             **_plan_handlers(engine),
         }
     )
+
+
+#: ``result["reason"]`` of a job an executor gave up because no worker of its region took it
+#: (its ``result["queue"]`` names the queue): that region sits out the rest of the tick
+NO_WORKER = "no-worker"
+
+
+def _region_of(job: Job) -> str | None:
+    """The region whose workers run ``job`` (:func:`runs_in`; its own region when that
+    cannot be told)."""
+    try:
+        return runs_in(job)
+    except RegionVaultError:
+        return job.region
 
 
 def run_chains(executor: Executor, chains: Iterable[list[Job]]) -> list[JobOutcome]:
@@ -408,22 +461,53 @@ class Service:
         now = report.at
         slot = slot_of(now, cfg.schedule_interval)
         seen: set[str] = set()
+        #: regions given up for lack of workers: each round would wait for them again
+        out: set[str] = set()
+
+        def sit_out(jobs: list[Job], outcomes: list[JobOutcome]) -> None:
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                result = outcome.result if isinstance(outcome.result, dict) else {}
+                if outcome.status is not JobStatus.FAILED or result.get("reason") != NO_WORKER:
+                    continue
+                where = _region_of(job)
+                if where is None or where in out:
+                    continue
+                out.add(where)
+                queue = result.get("queue")
+                on = f" (queue {queue})" if queue else ""
+                report.problems.append(
+                    f"{where}: no worker took its job {job.key}{on}; the region sits out the "
+                    "rest of this tick"
+                )
+                log.warning(
+                    "%s: no worker took job %s%s; it sits out this tick", where, job.key, on
+                )
+
+        def live(jobs: Iterable[Job]) -> list[Job]:
+            return [job for job in jobs if _region_of(job) not in out]
 
         def run(jobs: Iterable[Job]) -> int:
             fresh: list[Job] = []
-            for job in jobs:
+            for job in live(jobs):
                 if job.key not in seen:
                     seen.add(job.key)
                     fresh.append(job)
             if fresh:
-                self._ran(report, executor.run(fresh))
+                outcomes = executor.run(fresh)
+                self._ran(report, outcomes)
+                sit_out(fresh, outcomes)
             return len(fresh)
 
         def plan(kind: str, step: int | None = None) -> list[dict[str, Any]]:
             """Each region's plan (its outcome's result), in the order of ``regions``; a plan
-            that failed is a failed job of the tick, and that region sits the round out."""
-            outcomes = executor.run([plan_job(kind, r, now, step=step) for r in regions])
+            that failed is a failed job of the tick, and that region sits the round out (the
+            rest of the tick, when it failed for lack of workers)."""
+            jobs = live(plan_job(kind, r, now, step=step) for r in regions)
+            if not jobs:
+                return []
+            outcomes = executor.run(jobs)
             self._ran(report, outcomes)
+            sit_out(jobs, outcomes)
             results: list[dict[str, Any]] = []
             for outcome in outcomes:
                 if not outcome.ok or not isinstance(outcome.result, dict):

@@ -81,9 +81,21 @@ class KeptCapture:
     #: when the pending entry was recorded (seconds since the epoch; 0: not known, as in
     #: entries written before this was recorded)
     at: float = 0.0
+    #: the backup run that took it (a scheduled point's id is the same for every run of its
+    #: slot; its manifest's ``regionvault:run`` tag names the run that made it); "" in
+    #: entries written before this was recorded
+    run: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return {"ref": self.ref, "point_id": self.point_id, "owner": self.owner, "at": self.at}
+        data: dict[str, object] = {
+            "ref": self.ref,
+            "point_id": self.point_id,
+            "owner": self.owner,
+            "at": self.at,
+        }
+        if self.run:
+            data["run"] = self.run
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> KeptCapture:
@@ -94,6 +106,7 @@ class KeptCapture:
             str(data["point_id"]),
             str(data.get("owner", "")),
             float(at) if isinstance(at, int | float) else 0.0,
+            str(data.get("run") or ""),
         )
 
 

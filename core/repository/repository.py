@@ -39,6 +39,7 @@ from regionvault.core.repository._backup import BackupRun
 from regionvault.core.repository._backup_blocks import block_plan
 from regionvault.core.repository._backup_walk import ParentLookup
 from regionvault.core.repository._index import ChunkIndex
+from regionvault.core.repository._links import keyed_tag
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import (
     decode_manifest,
@@ -311,6 +312,14 @@ class Repository:
     def new_point_id() -> str:
         """A fresh recovery point id, for :meth:`backup`'s ``point_id``."""
         return fmt.new_id()
+
+    def slot_point_id(self, instance_id: str, slot: str) -> str:
+        """The id of the scheduled backup of ``instance_id`` for ``slot`` (its text, as the
+        slot tag holds it) in this repository: a keyed hash (the chunk-id key), so it says
+        nothing of the instance, and the same for every run of that job. The manifest is put
+        if-absent, so a second run that reaches the commit (its runner paused past its lock,
+        docs/jobs.md) gets :class:`ObjectExists` and no second point for the slot."""
+        return keyed_tag(self._ensure_open(), f"slot:{instance_id}:{slot}")
 
     def _parent(
         self, capture: Capture, instance: Instance, parent: str | Literal[False] | None

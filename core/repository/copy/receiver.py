@@ -218,6 +218,13 @@ class CopyReceiver(CopyHalf):
         batches, the source's sent notice): for a point it holds a copy of already."""
         self._tidy(point_id)
 
+    def offered_point(self, point_id: str) -> RecoveryPoint:
+        """The source's recovery point as its offer in this destination's inbox describes it
+        (its tags say where its instance's policy copies it); :class:`RegionVaultError` when
+        no offer is there."""
+        offer = self._offers.get(point_id) or self._open_offer(point_id)
+        return offer.source_point()
+
     def request(self, point_id: str, source_region: str | None = None) -> RequestReport:
         """Take in the leftovers of an interrupted run, open the offer, and send the source
         the ids of the chunks this destination lacks. When the copy exists already, the
