@@ -2,7 +2,8 @@
 
 The coordinator (``regionvault tick`` / ``run``) sends each job, as ``job.to_dict()``, to the
 queue of the region :func:`~regionvault.core.pipeline.jobs.runs_in` names
-(``region.<region>``, :func:`~regionvault.plugins.celery.settings.queue_of`); a worker of that
+(``<namespace>.region.<region>``, :func:`~regionvault.plugins.celery.settings.queue_of`), with
+the site's ``namespace`` and the time it was sent; a worker of that
 region (``regionvault worker --region R``) runs it with :func:`execute_job` over its own site
 and the site's shared :class:`~regionvault.plugins.celery.ledger.RedisLedger`, and returns
 ``{"outcome": outcome.to_dict(), "problems": [...], "worker": nodename}``.
@@ -14,6 +15,11 @@ broker's ``visibility_timeout``. Each delivery goes through the ledger, so a key
 twice does its work once: a second delivery that finds the key held waits until the
 holder's lock expires or it finishes (a Celery retry, ``countdown`` the lock's remaining
 time) and then replays the record. JSON is the only serialiser the app accepts.
+
+A worker refuses (``FAILED``, naming both) a job sent under another namespace than its own
+site's (another site sharing the Redis), and (``STOPPED``) a job first delivered longer than
+``queue_timeout`` after it was sent: its coordinator has given it up (Celery's own
+``expires`` revokes it too), and the next tick makes it again if it is still due.
 
 Each task claims its task id in Redis (``<namespace>:claim:<task id>``, ``SET NX``) before it
 runs: ``started``. A coordinator that gives up on a job no worker took (``queue_timeout``)
@@ -172,11 +178,37 @@ def _reply(task: Task[Any, Any], outcome: JobOutcome, problems: list[str]) -> di
     return {"outcome": outcome.to_dict(), "problems": problems, "worker": task.request.hostname}
 
 
-def _run_job(task: Task[Any, Any], data: dict[str, Any]) -> dict[str, Any]:
+def _run_job(
+    task: Task[Any, Any],
+    data: dict[str, Any],
+    namespace: str | None = None,
+    sent_at: float | None = None,
+    problems: list[str] | None = None,
+) -> dict[str, Any]:
     job = Job.from_dict(data)
     context = _worker
     if context is None:
         raise RegionVaultError(f"{TASK} runs in `regionvault worker` only")
+    mine = context.settings.namespace
+    if namespace != mine:
+        outcome = _outcome(
+            job,
+            JobStatus.FAILED,
+            f"RegionVaultError: job {job.key} was sent by the site of namespace "
+            f"{namespace!r}, but reached a worker of namespace {mine!r} (two sites sharing a "
+            "Redis each have their own queues; a worker runs its own site's jobs only)",
+        )
+        return _reply(task, outcome, [])
+    retries = int(task.request.retries or 0)
+    waited = time.time() - sent_at if sent_at is not None else 0.0
+    if retries == 0 and waited > context.settings.queue_timeout.total_seconds():
+        outcome = _outcome(
+            job,
+            JobStatus.STOPPED,
+            f"not run: it was sent {waited:.0f}s ago, longer than queue_timeout "
+            f"({context.settings.queue_timeout}), so its coordinator has given it up",
+        )
+        return _reply(task, outcome, [])
     region = runs_in(job)
     if region != context.region:
         outcome = _outcome(
@@ -186,7 +218,8 @@ def _run_job(task: Task[Any, Any], data: dict[str, Any]) -> dict[str, Any]:
             f"{context.region} (a worker consumes its own region's queue only)",
         )
         return _reply(task, outcome, [])
-    retries = int(task.request.retries or 0)
+    kept = list(problems or [])
+    again = {"namespace": namespace, "sent_at": sent_at}
     try:
         opened = context.opened()
         claimed = opened.ledger.claim(str(task.request.id), STARTED, ttl=CLAIM_TTL)
@@ -204,24 +237,44 @@ def _run_job(task: Task[Any, Any], data: dict[str, Any]) -> dict[str, Any]:
             plugin_manager=opened.site.plugin_manager,
             retry=DEFAULT_RETRY,
         )
-        problems = opened.engine.take_hook_problems()
+        kept += opened.engine.take_hook_problems()
         if outcome.status is JobStatus.BUSY and retries < BUSY_RETRIES:
             # another runner holds the key: come back when its lock would expire (a killed
             # holder's), or to replay its record (a live one's, done by then or renewed)
             holder = opened.ledger.holder(job.key) or {}
             left = float(holder.get("expires_at") or time.time()) - time.time()
             ttl = context.settings.lock_ttl.total_seconds()
-            raise task.retry(countdown=min(max(left + 0.2, 0.2), ttl + 1), max_retries=None)
-        return _reply(task, outcome, problems)
+            # the hook problems taken so far go along, so the last reply reports them
+            raise task.retry(
+                args=[data],
+                kwargs={**again, "problems": kept},
+                countdown=min(max(left + 0.2, 0.2), ttl + 1),
+                max_retries=None,
+                expires=None,  # a retry is no stale delivery: it waits for a live holder
+            )
+        return _reply(task, outcome, kept)
     except TransientError as exc:
         # the ledger (Redis) failed for a moment: send the job again, with backoff
         if retries < LEDGER_RETRIES:
             log.warning("job %s: the ledger failed, retrying: %s", job.key, exc)
             raise task.retry(
-                countdown=DEFAULT_RETRY.wait(retries + 1, exc), max_retries=None
+                args=[data],
+                kwargs={**again, "problems": kept},
+                countdown=DEFAULT_RETRY.wait(retries + 1, exc),
+                max_retries=None,
+                expires=None,
             ) from exc
         outcome = _outcome(job, JobStatus.FAILED, f"TransientError: {exc}")
-        return _reply(task, outcome, [])
+        return _reply(task, outcome, kept)
+    except RegionVaultError as exc:
+        # the ledger refused (credentials, a Redis out of memory): a failure with its cause,
+        # recorded when the ledger still takes a write, and reported to the coordinator
+        outcome = _outcome(job, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        try:
+            context.opened().ledger.mark_failed(outcome)
+        except RegionVaultError as unrecorded:
+            log.error("job %s: could not record its failure: %s", job.key, unrecorded)
+        return _reply(task, outcome, kept)
 
 
 def serve_region(
@@ -235,7 +288,7 @@ def serve_region(
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker of ``region`` (until it is stopped: SIGTERM finishes the jobs in
-    hand, then exits) consuming that region's queue alone."""
+    hand, then exits) consuming that region's queue of its site (``namespace``) alone."""
     from regionvault.plugins.celery.settings import queue_of
 
     global _worker
@@ -246,7 +299,7 @@ def serve_region(
             [
                 "worker",
                 "--queues",
-                queue_of(region),
+                queue_of(region, settings.namespace),
                 "--hostname",
                 name,
                 "--concurrency",

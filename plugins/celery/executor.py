@@ -1,33 +1,50 @@
 """:class:`CeleryExecutor`: the pipeline's jobs on Celery workers, one queue per region.
 
 ``submit(job)`` sends task ``regionvault.run_job`` with ``job.to_dict()`` to the queue of
-the region :func:`~regionvault.core.pipeline.jobs.runs_in` names (``region.<region>``) and
-returns a future of the job's outcome. One thread of the executor polls the result backend
+the region :func:`~regionvault.core.pipeline.jobs.runs_in` names
+(``<namespace>.region.<region>``), with ``expires`` at ``queue_timeout`` (a delivery later
+than that is revoked by Celery, and refused by the worker), and returns a future of the
+job's outcome. One thread of the executor polls the result backend
 for every job in flight (one ``MGET`` a round), so a tick of a thousand jobs holds one
 thread, not a thousand.
 
 A job no worker of its region has taken within ``queue_timeout`` is given up: the executor
 claims its task id ``abandoned`` (a worker that takes it later skips it) and its outcome is
-``FAILED``, naming the queue, so a region whose workers are all down fails its own jobs and
-delays no other region's. A job a worker has started is waited for (a worker that dies with
-it leaves it to be delivered again after ``visibility_timeout``). Setting ``stop`` gives up
-on every job not started yet (``STOPPED``); those already started are still waited for, as
-the thread executor lets running jobs finish.
+``FAILED``, naming the queue, with ``result={"reason": "no-worker", "queue": ...}``, so a
+region whose workers are all down fails its own jobs and delays no other region's (the
+service lets such a region sit out the rest of its tick). A job a worker has started is
+waited for, within bounds:
+
+- a started job whose key's lock has been absent for longer than ``lock_ttl`` while it has
+  neither an outcome nor a record, and whose message the broker no longer holds (neither
+  queued nor unacknowledged: its worker died and Redis lost the message in a restart
+  without persistence, or a failover) is given up as ``FAILED`` ("lost"): the next tick
+  makes it again, and the ledger runs it once (a dead worker's message still held
+  unacknowledged is waited for: it is delivered again after ``visibility_timeout``);
+- every job is given up (``FAILED``) once ``run_timeout`` has passed since it was sent;
+- deadlines are checked even while the result backend cannot be read (the job then cannot
+  be claimed ``abandoned``; it is idempotent, so a worker that takes it later does no harm),
+  and that failure is logged once every :data:`WARN_EVERY` seconds, not every poll.
+
+Setting ``stop`` gives up on every job not started yet (``STOPPED``); those already started
+are still waited for, as the thread executor lets running jobs finish.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
+from regionvault.core.pipeline.executor import DEFAULT_RETRY
 from regionvault.core.pipeline.jobs import Job, JobOutcome, JobStatus, runs_in
 from regionvault.plugins.celery.app import ABANDONED, CLAIM_TTL, TASK, make_app
 from regionvault.plugins.celery.ledger import RedisLedger
@@ -39,16 +56,29 @@ log = logging.getLogger(__name__)
 
 #: seconds between two looks at the result backend
 POLL = 0.05
+#: seconds between two warnings that the result backend cannot be read
+WARN_EVERY = 30.0
+#: the reason of an outcome given up because no worker of its region took the job
+NO_WORKER = "no-worker"
 
 
 @dataclass
 class _InFlight:
+    task_id: str
     job: Job
     queue: str
     future: Future[JobOutcome]
     deadline: float
+    #: when the job is given up whatever befalls it (``run_timeout``)
+    last: float
     started: bool = False
     sent_at: float = field(default_factory=time.monotonic)
+    #: since when a started job's lock has been seen absent with no record (None: present)
+    lock_gone: float | None = None
+    #: when its lock was last looked at
+    looked: float = 0.0
+    #: its worker sent it again (Celery's RETRY): it may wait out a ledger backoff unlocked
+    retrying: bool = False
 
 
 def _now() -> datetime:
@@ -99,14 +129,17 @@ class CeleryExecutor:
                 self._given_up(job, JobStatus.FAILED, "names no region, so it has no queue")
             )
             return future
-        queue = queue_of(region)
+        queue = queue_of(region, self.settings.namespace)
         task_id = uuid.uuid4().hex
+        wait = self.settings.queue_timeout.total_seconds()
         try:
             self.app.send_task(
                 TASK,
                 args=[job.to_dict()],
+                kwargs={"namespace": self.settings.namespace, "sent_at": time.time()},
                 queue=queue,
                 task_id=task_id,
+                expires=wait,
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
             )
@@ -120,9 +153,10 @@ class CeleryExecutor:
                 )
             )
             return future
-        deadline = time.monotonic() + self.settings.queue_timeout.total_seconds()
+        now = time.monotonic()
+        last = now + self.settings.job_timeout.total_seconds()
         with self._lock:
-            self._inflight[task_id] = _InFlight(job, queue, future, deadline)
+            self._inflight[task_id] = _InFlight(task_id, job, queue, future, now + wait, last)
             if self._poller is None:
                 self._poller = threading.Thread(
                     target=self._poll_loop, name="regionvault-celery-results", daemon=True
@@ -162,12 +196,63 @@ class CeleryExecutor:
         )
 
     def _poll_loop(self) -> None:
+        failing = 0
+        warned = -math.inf
         while not self._closed.wait(POLL):
             try:
                 self._poll_once()
-            except Exception:
-                # the result backend unreachable for a moment: the next round tries again
-                log.warning("reading job outcomes from %s failed", self.ledger.where, exc_info=True)
+                if failing:
+                    log.warning(
+                        "reading job outcomes from %s works again (%d rounds failed)",
+                        self.ledger.where,
+                        failing,
+                    )
+                failing = 0
+            except Exception as exc:
+                # the result backend unreachable for a moment: the next round tries again,
+                # and meanwhile the deadlines still hold
+                failing += 1
+                now = time.monotonic()
+                if now - warned >= WARN_EVERY:
+                    warned = now
+                    log.warning(
+                        "reading job outcomes from %s failed (%d rounds so far; told again "
+                        "in %.0fs at most): %s: %s",
+                        self.ledger.where,
+                        failing,
+                        WARN_EVERY,
+                        type(exc).__name__,
+                        exc,
+                    )
+                self._check_deadlines_blind(now)
+
+    def _check_deadlines_blind(self, now: float) -> None:
+        """Give up on the jobs past their deadlines while nothing can be read."""
+        stopping = self.stop is not None and self.stop.is_set()
+        with self._lock:
+            items = list(self._inflight.items())
+        for task_id, item in items:
+            if now >= item.last:
+                self._finish(task_id, self._timed_out(item))
+            elif not item.started and (stopping or now >= item.deadline):
+                try:
+                    self._maybe_abandon(task_id, item, stopping)
+                except Exception:
+                    # Redis cannot be reached to claim it: give it up all the same; should a
+                    # worker take it later, its key is idempotent (the ledger runs it once)
+                    outcome = self._no_worker(item, stopping, claimed=False)
+                    log.error("job %s: %s", item.job.key, outcome.error)
+                    self._finish(task_id, outcome)
+
+    def _timed_out(self, item: _InFlight) -> JobOutcome:
+        outcome = self._given_up(
+            item.job,
+            JobStatus.FAILED,
+            f"no outcome within run_timeout ({self.settings.job_timeout}) of sending it to "
+            f"{item.queue}; given up, the next tick makes it again",
+        )
+        log.error("job %s: %s", item.job.key, outcome.error)
+        return outcome
 
     def _poll_once(self) -> None:
         with self._lock:
@@ -194,31 +279,75 @@ class CeleryExecutor:
                 self._finish(
                     task_id, self._given_up(item.job, JobStatus.FAILED, f"the task raised {what}")
                 )
-            elif status in (states.STARTED, states.RETRY):
+            elif status == states.REVOKED:
+                self._finish(task_id, self._no_worker(item, False, claimed=False))
+            elif now >= item.last:
+                self._finish(task_id, self._timed_out(item))
+            elif status in (states.STARTED, states.RETRY) or item.started:
                 item.started = True
-            elif not item.started and (stopping or now >= item.deadline):
+                item.retrying = status == states.RETRY
+                self._check_lost(task_id, item, now)
+            elif stopping or now >= item.deadline:
                 self._maybe_abandon(task_id, item, stopping)
+
+    def _check_lost(self, task_id: str, item: _InFlight, now: float) -> None:
+        """Give up on a started job whose lock has been gone, with no record, for longer
+        than ``lock_ttl``: its worker died and its message was lost with Redis."""
+        ttl = self.settings.lock_ttl.total_seconds()
+        if now - item.looked < min(ttl / 4, 1.0):
+            return
+        item.looked = now
+        if self.ledger.holder(item.job.key) is not None or self.ledger.record(item.job.key):
+            item.lock_gone = None
+            return
+        if item.lock_gone is None:
+            item.lock_gone = now
+            return
+        # a delivery sent again after the ledger failed holds no lock while it waits out its
+        # backoff (at most the retry policy's max_delay)
+        grace = ttl + (DEFAULT_RETRY.max_delay if item.retrying else 0.0)
+        if now - item.lock_gone <= grace:
+            return
+        if self.ledger.holds_message(item.task_id, item.queue):
+            # its worker died, but the broker delivers it again (visibility_timeout): wait
+            item.lock_gone = now
+            return
+        outcome = self._given_up(
+            item.job,
+            JobStatus.FAILED,
+            f"lost: a worker of {item.queue} started it, but for longer than lock_ttl "
+            f"({self.settings.lock_ttl}) its key has had no lock, no record and no outcome "
+            "(its worker died and the queue lost the message); given up, the next tick "
+            "makes it again",
+        )
+        log.error("job %s: %s", item.job.key, outcome.error)
+        self._finish(task_id, outcome)
 
     def _maybe_abandon(self, task_id: str, item: _InFlight, stopping: bool) -> None:
         """Give up on a job no worker has started, unless one starts it first."""
         if self.ledger.claim(task_id, ABANDONED, ttl=CLAIM_TTL) != ABANDONED:
             item.started = True  # a worker took it just now: wait for it
             return
-        if stopping:
-            outcome = self._given_up(
-                item.job, JobStatus.STOPPED, f"stopped before a worker of {item.queue} took it"
-            )
-        else:
-            waited = self.settings.queue_timeout
-            outcome = self._given_up(
-                item.job,
-                JobStatus.FAILED,
-                f"no worker of queue {item.queue} took it within {waited} "
-                f"(is `regionvault worker --region {item.queue.removeprefix('region.')}` "
-                "running?); not run, the next tick makes it again",
-            )
+        outcome = self._no_worker(item, stopping, claimed=True)
         log.error("job %s: %s", item.job.key, outcome.error)
         self._finish(task_id, outcome)
+
+    def _no_worker(self, item: _InFlight, stopping: bool, *, claimed: bool) -> JobOutcome:
+        if stopping:
+            return self._given_up(
+                item.job, JobStatus.STOPPED, f"stopped before a worker of {item.queue} took it"
+            )
+        waited = self.settings.queue_timeout
+        region = item.queue.partition(".region.")[2]
+        outcome = self._given_up(
+            item.job,
+            JobStatus.FAILED,
+            f"no worker of queue {item.queue} took it within {waited} "
+            f"(is `regionvault worker --region {region}` running?); "
+            + ("not run" if claimed else "whether a worker takes it later cannot be told")
+            + ", the next tick makes it again",
+        )
+        return replace(outcome, result={"reason": NO_WORKER, "queue": item.queue})
 
     def _outcome_of(self, item: _InFlight, meta: dict[str, Any]) -> JobOutcome:
         reply = meta.get("result")

@@ -5,7 +5,10 @@ site, whatever machine it runs on (docs/jobs.md, "A shared ledger on Redis").
 ledger.JobLedger` does in files, with these keys under its ``namespace``:
 
 - ``<ns>:done:<key>``: a finished key's outcome (the JSON ``JobOutcome.to_dict()``), kept
-  until :meth:`~RedisLedger.forget` or :meth:`~RedisLedger.prune`, never expiring by itself;
+  until :meth:`~RedisLedger.forget` or :meth:`~RedisLedger.prune`, or, when marked done with
+  ``expires`` (the plan jobs' records), until then (``PEXPIRE``); the index entries of such
+  records are listed in ``<ns>:expiring`` (scored by when they expire) and dropped, a
+  bounded batch at a time, by the next :meth:`~RedisLedger.mark_done` after that;
 - ``<ns>:failed:<key>``: the last failure of a key not yet done (cleared when it is done);
 - ``<ns>:finished`` and ``<ns>:failures``: sorted sets of those keys, scored by when each
   finished, so ``prune`` (and a status report) reads the old ones without a scan;
@@ -13,7 +16,9 @@ ledger.JobLedger` does in files, with these keys under its ``namespace``:
   names the holder (host, pid, process start, boot, pid namespace, machine, runner) and a
   random token. Only the token's holder renews (``PEXPIRE``) or releases (``DEL``) it, each
   checked and done in one Lua script, so a lock that expired and was taken by another runner
-  is never pushed forward or removed by its old holder. While held, a background thread
+  is never pushed forward or removed by its old holder; a holder that finds its lock gone
+  sets the lock's ``lost`` event (the core renews once more before it records the job, and
+  records nothing if the lock is gone). While held, a background thread
   renews it every third of ``lock_ttl``, so a live holder keeps it however long the job
   runs; a holder that dies (SIGKILL, a lost machine) leaves it to expire ``lock_ttl`` after
   its last renewal: Redis alone judges, since whether a process on another machine lives
@@ -134,6 +139,8 @@ class RedisLock:
         self.key = key
         self.token = token
         self._released = threading.Event()
+        #: set once this holder finds its lock gone (expired, evicted, or taken by another)
+        self.lost = threading.Event()
         self._renewer = threading.Thread(
             target=self._renew_loop, name=f"regionvault-lock-{key[:40]}", daemon=True
         )
@@ -157,8 +164,14 @@ class RedisLock:
                 log.warning("renewing the lock of job %s failed: %s", self.key, exc)
 
     def renew(self) -> bool:
-        """Push the expiry forward by ``lock_ttl``; False if the lock is no longer ours."""
-        return self.ledger._renew(self)
+        """Push the expiry forward by ``lock_ttl``; False if the lock is no longer ours (and
+        :attr:`lost` is then set)."""
+        if self.lost.is_set():
+            return False
+        if self.ledger._renew(self):
+            return True
+        self.lost.set()
+        return False
 
     def release(self) -> None:
         """Give the lock up, if it is still ours. A release that cannot reach Redis is
@@ -312,19 +325,42 @@ class RedisLedger:
         # a record without a finish time is never old enough to prune, as in JobLedger
         return outcome.finished_at.timestamp() if outcome.finished_at else math.inf
 
-    def mark_done(self, outcome: JobOutcome) -> None:
+    def mark_done(self, outcome: JobOutcome, *, expires: timedelta | None = None) -> None:
+        """Record ``outcome`` as its key's; with ``expires``, the record vanishes after that
+        (a plan job's: only the tick that made it replays it)."""
         data = json.dumps(outcome.to_dict(), sort_keys=True, allow_nan=False)
         key = outcome.key
+        ms = None if expires is None else max(1, int(expires.total_seconds() * 1000))
 
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)
-            pipe.set(self._key("done", key), data)
+            pipe.set(self._key("done", key), data, px=ms)
             pipe.zadd(self._key("finished"), {key: self._score(outcome)})
             pipe.delete(self._key("failed", key))
             pipe.zrem(self._key("failures"), key)
+            if ms is not None:
+                pipe.zadd(self._key("expiring"), {key: time.time() + ms / 1000})
+            else:
+                pipe.zrem(self._key("expiring"), key)
             pipe.execute()
 
         self._call(f"recording {key} done", write)
+        if ms is not None:
+            self._call("dropping expired index entries", self._drop_expired)
+
+    def _drop_expired(self, batch: int = 200) -> int:
+        """Drop the index entries of records that expired (at most ``batch``); no MULTI, so
+        it works on a Redis out of memory too (DEL and ZREM are allowed there)."""
+        keys = self.client.zrangebyscore(
+            self._key("expiring"), "-inf", repr(time.time()), start=0, num=batch
+        )
+        if not keys:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(self._key("finished"), *keys)
+        pipe.zrem(self._key("expiring"), *keys)
+        pipe.execute()
+        return len(keys)
 
     def mark_failed(self, outcome: JobOutcome) -> None:
         data = json.dumps(outcome.to_dict(), sort_keys=True, default=str)
@@ -339,41 +375,57 @@ class RedisLedger:
         self._call(f"recording {key} failed", write)
 
     def forget(self, key: str) -> None:
-        """Drop a key's records, so that it runs again."""
+        """Drop a key's records, so that it runs again. No MULTI (a Redis out of memory
+        refuses it): the record goes first, then its index entries."""
 
         def drop() -> None:
-            pipe = self.client.pipeline(transaction=True)
+            pipe = self.client.pipeline(transaction=False)
             pipe.delete(self._key("done", key), self._key("failed", key))
             pipe.zrem(self._key("finished"), key)
             pipe.zrem(self._key("failures"), key)
+            pipe.zrem(self._key("expiring"), key)
             pipe.execute()
 
         self._call(f"forgetting {key}", drop)
 
-    def prune(self, older_than: datetime) -> int:
-        """Drop records of jobs finished before ``older_than``; returns how many."""
-        cutoff = _utc(older_than, "older_than").timestamp()
+    #: at most how many records one :meth:`prune` drops (a call's work stays bounded; the
+    #: next call goes on)
+    PRUNE_LIMIT = 10_000
 
-        def drop(sub: str, index: str) -> int:
+    def prune(self, older_than: datetime, *, limit: int | None = None) -> int:
+        """Drop records of jobs finished before ``older_than`` (at most ``limit``, by default
+        :attr:`PRUNE_LIMIT`, a call), and the index entries of expired ones; returns how
+        many records it dropped. It uses no MULTI, so it frees memory on a Redis that is out
+        of memory (``noeviction`` refuses MULTI there, not DEL or ZREM); a prune cut short
+        leaves at worst an index entry without its record, which the next one drops."""
+        cutoff = _utc(older_than, "older_than").timestamp()
+        budget = self.PRUNE_LIMIT if limit is None else limit
+
+        def drop(sub: str, index: str, budget: int) -> int:
             # the same strictly-before rule as JobLedger; a batch at a time, so a large
             # ledger is never read into memory at once
-            removed = 0
-            while True:
+            seen = removed = 0
+            while seen < budget:
                 keys = self.client.zrangebyscore(
-                    self._key(index), "-inf", f"({cutoff!r}", start=0, num=500
+                    self._key(index), "-inf", f"({cutoff!r}", start=0, num=min(500, budget - seen)
                 )
                 if not keys:
-                    return removed
-                pipe = self.client.pipeline(transaction=True)
+                    break
+                pipe = self.client.pipeline(transaction=False)
                 for raw in keys:
                     pipe.delete(self._key(sub, _text(raw)))
-                pipe.zrem(self._key(index), *keys)
-                results = pipe.execute()
-                removed += sum(int(n) for n in results[:-1])
+                removed += sum(int(n) for n in pipe.execute())
+                # the index entries only once their records are gone
+                self.client.zrem(self._key(index), *keys)
+                seen += len(keys)
+            return removed
 
-        return self._call(
-            "pruning old records", lambda: drop("done", "finished") + drop("failed", "failures")
-        )
+        def run() -> int:
+            self._drop_expired(batch=budget)
+            done = drop("done", "finished", budget)
+            return done + drop("failed", "failures", max(0, budget - done))
+
+        return self._call("pruning old records", run)
 
     def finished(self, *, since: datetime | None = None, limit: int = 100) -> list[JobOutcome]:
         """The newest finished keys' records (at most ``limit``), newest first; only those
@@ -411,6 +463,26 @@ class RedisLedger:
             return value if held is None else _text(held)
 
         return self._call(f"claiming {name}", take)
+
+    def holds_message(self, task_id: str, queue: str) -> bool:
+        """Whether the broker (kombu's Redis transport, in this same Redis) still holds
+        the message of ``task_id``: waiting in ``queue``, or delivered and not acknowledged
+        (``unacked``: a dead worker's, to be delivered again after ``visibility_timeout``).
+        It reads the whole queue and the unacked hash, so it is for the rare question of a
+        started job whose lock is gone, not for every poll."""
+        needle = task_id.encode()
+
+        def look() -> bool:
+            for _, body in self.client.hscan_iter("unacked", count=500):
+                if needle in body:
+                    return True
+            length = int(self.client.llen(queue))
+            for start in range(0, length, 500):
+                if any(needle in raw for raw in self.client.lrange(queue, start, start + 499)):
+                    return True
+            return False
+
+        return self._call(f"looking for task {task_id} in the broker", look)
 
     # ---- locks
 

@@ -17,7 +17,11 @@ key                    meaning                                                  
                        the tick gives up on it (a region whose workers are all
                        down fails its own jobs, never the others')
 ``concurrency``        jobs one ``regionvault worker`` runs at once                 ``1``
-``namespace``          the prefix of the job ledger's keys in Redis (one per site)  ``regionvault``
+``run_timeout``        how long the coordinator waits for any one job in all,       see below
+                       whatever befalls it (then FAILED, the next tick makes it
+                       again); default ``queue_timeout`` + 2 × ``visibility_timeout``
+``namespace``          the prefix of the job ledger's keys and of the queues'       ``regionvault``
+                       names in Redis (one per site)
 =====================  ===========================================================  ========
 
 Why ``6h``: Redis (kombu's transport) delivers a job again when its worker has not
@@ -57,16 +61,18 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _KEYS = frozenset(
-    {"broker", "result_backend", "visibility_timeout", "lock_ttl", "queue_timeout"}
+    {"broker", "result_backend", "visibility_timeout", "lock_ttl", "queue_timeout", "run_timeout"}
     | {"concurrency", "namespace", "password_env", "username"}
 )
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def queue_of(region: str) -> str:
-    """The queue of ``region``'s workers: ``region.<region>`` (``region.aws:us-east-1``)."""
-    return f"region.{region}"
+def queue_of(region: str, namespace: str) -> str:
+    """The queue of ``region``'s workers of the site whose namespace is ``namespace``:
+    ``<namespace>.region.<region>`` (``regionvault.region.aws:us-east-1``), so that two sites
+    sharing a Redis never take each other's jobs."""
+    return f"{namespace}.region.{region}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class CelerySettings:
     queue_timeout: timedelta = DEFAULTS["queue_timeout"]
     concurrency: int = 1
     namespace: str = "regionvault"
+    #: the overall bound of one job's wait; None: ``queue_timeout`` + 2 × ``visibility_timeout``
+    run_timeout: timedelta | None = None
     #: the environment variable holding Redis's password, and the ACL user it is for
     password_env: str | None = None
     username: str | None = None
@@ -95,8 +103,16 @@ class CelerySettings:
             )
         parts = urlsplit(url)
         login = quote(self.username or "", safe="") + ":" + quote(password, safe="")
-        netloc = f"{login}@{parts.hostname}:{parts.port}"
+        # the host as written (an IPv6 one keeps its brackets); a login is refused in the URL
+        netloc = f"{login}@{parts.netloc.rpartition('@')[2]}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
+    def job_timeout(self) -> timedelta:
+        """How long the coordinator waits for one job in all (``run_timeout``)."""
+        if self.run_timeout is not None:
+            return self.run_timeout
+        return self.queue_timeout + 2 * self.visibility_timeout
 
     def broker_url(self) -> str:
         """The broker's URL with the password from ``password_env`` (never kept here)."""
@@ -178,6 +194,15 @@ def parse_settings(settings: Mapping[str, Any], source: str = "<memory>") -> Cel
             file=source,
             key="executor.visibility_timeout",
         )
+    run_timeout = None
+    if "run_timeout" in settings:
+        run_timeout = _duration(settings["run_timeout"], source, "executor.run_timeout")
+        if run_timeout <= durations["queue_timeout"]:
+            raise ConfigError(
+                f"must be longer than queue_timeout ({durations['queue_timeout']})",
+                file=source,
+                key="executor.run_timeout",
+            )
     concurrency = settings.get("concurrency", 1)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigError(
@@ -217,5 +242,6 @@ def parse_settings(settings: Mapping[str, Any], source: str = "<memory>") -> Cel
         result_backend=backend,
         concurrency=concurrency,
         namespace=namespace,
+        run_timeout=run_timeout,
         **durations,
     )
