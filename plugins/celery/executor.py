@@ -46,6 +46,7 @@ from typing import Any
 from celery import states
 from regionvault.core.pipeline.executor import DEFAULT_RETRY
 from regionvault.core.pipeline.jobs import Job, JobOutcome, JobStatus, runs_in
+from regionvault.core.pipeline.service import NO_WORKER
 from regionvault.plugins.celery.app import ABANDONED, CLAIM_TTL, TASK, make_app
 from regionvault.plugins.celery.ledger import RedisLedger
 from regionvault.plugins.celery.settings import CelerySettings, queue_of
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 POLL = 0.05
 #: seconds between two warnings that the result backend cannot be read
 WARN_EVERY = 30.0
-#: the reason of an outcome given up because no worker of its region took the job
-NO_WORKER = "no-worker"
 
 
 @dataclass
