@@ -227,6 +227,19 @@ def test_prune_frees_a_redis_that_is_out_of_memory(own_redis: RedisServer) -> No
     admin.close()
 
 
+def test_a_redis_that_may_evict_is_warned_of(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = redis_py.Redis.from_url(own_redis.url)
+    with RedisLedger(own_redis.url, namespace="s") as ledger:
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        assert ledger.warn_if_evicting()
+        assert "maxmemory-policy volatile-lru" in caplog.text
+        admin.config_set("maxmemory-policy", "noeviction")
+        assert not ledger.warn_if_evicting()
+    admin.close()
+
+
 # ---- #1 (the ledger's side): a holder that loses its lock knows it
 
 
