@@ -279,7 +279,8 @@ class CeleryExecutor:
                     task_id, self._given_up(item.job, JobStatus.FAILED, f"the task raised {what}")
                 )
             elif status == states.REVOKED:
-                self._finish(task_id, self._no_worker(item, False, claimed=False))
+                # expired (``expires``) before a worker took it: not run
+                self._finish(task_id, self._no_worker(item, False, claimed=True))
             elif now >= item.last:
                 self._finish(task_id, self._timed_out(item))
             elif status in (states.STARTED, states.RETRY) or item.started:
