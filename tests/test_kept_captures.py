@@ -15,7 +15,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 from image_provider import ImageCompute
 from regionvault.core import Site
 from regionvault.core.interfaces import Capture
+from regionvault.core.pipeline import engine as engine_module
 from regionvault.core.pipeline.engine import Engine
 from regionvault.core.pipeline.jobs import job_key
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, StateStore
@@ -403,3 +404,56 @@ def test_a_block_provider_written_before_keep_and_since(
     assert result.instance is not None
     launched = compute.image(result.instance.id).read_bytes()
     assert launched == compute.image(inst.id).read_bytes()
+
+
+# -- review rcq #1: two runs of one slot (ids fixed by the slot) ---------------------------
+
+
+def test_two_runs_of_one_slot_keep_one_capture_and_never_swap_bases(
+    image_site: Site, tmp_path: Path
+) -> None:
+    """Run A is paused inside its capture while run B backs the same slot up: one point, B's
+    capture current, A's released; a tick between them leaves A's pending entry alone (its
+    point id is B's point's, but B's run made it); and an entry of a dead run whose point
+    id another run committed is released, never made the base of that point."""
+    slot = datetime(2026, 12, 7, tzinfo=UTC)
+    compute = compute_of(image_site)
+    inst = compute.make_instance("smf", 1 << 20)
+    write_at(compute, inst.id, 0, random.Random(12).randbytes(50_000))
+    engine = Engine(image_site)
+    real = compute.capture
+    paused: list[str] = []
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        if not paused:
+            paused.append("a")
+            b = engine.backup(inst.id, slot=slot)
+            paused.append(b.id)
+            engine.retain(EAST)  # a tick while A is paused
+            with engine.state.kept_captures(EAST, inst.id) as kept:
+                assert kept.current is not None and kept.current.point_id == b.id
+                (a_entry,) = kept.pending  # A's intent, left alone
+                assert a_entry.ref is None and a_entry.point_id == b.id
+        return real(*args, **kwargs)
+
+    compute.capture = capture  # type: ignore[method-assign]
+    a = engine.backup(inst.id, slot=slot)
+    (b_id,) = paused[1:]
+    assert a.id == b_id
+    (point,) = engine.points(EAST, inst.id)
+    assert point.tags[engine_module.RUN_TAG]
+    with engine.state.kept_captures(EAST, inst.id) as kept:
+        assert kept.current is not None and kept.current.point_id == b_id
+        b_ref = kept.current.ref
+        assert not kept.pending and not kept.release
+        # a dead run of another host whose point id B's run committed
+        kept.pending.append(
+            KeptCapture(
+                "snap-of-a-dead-run", b_id, other_host_owner(), time.time() - 7 * 86400, run="dead"
+            )
+        )
+    assert len(snapshots(compute)) == 1
+    engine.retain(EAST)
+    with engine.state.kept_captures(EAST, inst.id) as kept:
+        assert kept.current is not None and kept.current.ref == b_ref
+        assert not kept.pending
