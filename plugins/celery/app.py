@@ -140,6 +140,7 @@ class WorkerContext:
                     namespace=self.settings.namespace,
                     lock_ttl=self.settings.lock_ttl,
                 )
+                ledger.warn_if_evicting()
                 here = _Opened(site, engine, job_handlers(engine), ledger)
                 self._opened[os.getpid()] = here
             return here

@@ -46,6 +46,7 @@ from typing import Any
 from celery import states
 from regionvault.core.pipeline.executor import DEFAULT_RETRY
 from regionvault.core.pipeline.jobs import Job, JobOutcome, JobStatus, runs_in
+from regionvault.core.pipeline.service import NO_WORKER
 from regionvault.plugins.celery.app import ABANDONED, CLAIM_TTL, TASK, make_app
 from regionvault.plugins.celery.ledger import RedisLedger
 from regionvault.plugins.celery.settings import CelerySettings, queue_of
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 POLL = 0.05
 #: seconds between two warnings that the result backend cannot be read
 WARN_EVERY = 30.0
-#: the reason of an outcome given up because no worker of its region took the job
-NO_WORKER = "no-worker"
 
 
 @dataclass
@@ -280,7 +279,8 @@ class CeleryExecutor:
                     task_id, self._given_up(item.job, JobStatus.FAILED, f"the task raised {what}")
                 )
             elif status == states.REVOKED:
-                self._finish(task_id, self._no_worker(item, False, claimed=False))
+                # expired (``expires``) before a worker took it: not run
+                self._finish(task_id, self._no_worker(item, False, claimed=True))
             elif now >= item.last:
                 self._finish(task_id, self._timed_out(item))
             elif status in (states.STARTED, states.RETRY) or item.started:

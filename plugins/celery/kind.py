@@ -57,6 +57,7 @@ class CeleryKind:
         with needs_celery():
             from regionvault.plugins.celery.executor import CeleryExecutor
         ledger = self.ledger(engine.site)
+        ledger.warn_if_evicting()
 
         # what the workers' hooks raised is reported with the tick's own (Engine.notify)
         executor = CeleryExecutor(settings, ledger, stop=stop, problems=engine.add_hook_problems)

@@ -464,6 +464,30 @@ class RedisLedger:
 
         return self._call(f"claiming {name}", take)
 
+    def memory_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy``, None when the server will not say (a managed Redis
+        may refuse ``CONFIG``) or cannot be reached."""
+        try:
+            got = self.client.config_get("maxmemory-policy")
+        except rexc.RedisError:
+            return None
+        value = got.get("maxmemory-policy") if isinstance(got, dict) else None
+        return None if value is None else _text(value)
+
+    def warn_if_evicting(self) -> bool:
+        """Log a warning when Redis may evict keys (any policy but ``noeviction``): an evicted
+        lock lets a second runner take a key its holder still runs. True if it warned."""
+        policy = self.memory_policy()
+        if policy is None or policy == "noeviction":
+            return False
+        log.warning(
+            "the Redis at %s has maxmemory-policy %s: it may evict a running job's lock when "
+            "full; set maxmemory-policy noeviction (docs/distributed.md, Redis's memory)",
+            self.where,
+            policy,
+        )
+        return True
+
     def holds_message(self, task_id: str, queue: str) -> bool:
         """Whether the broker (kombu's Redis transport, in this same Redis) still holds
         the message of ``task_id``: waiting in ``queue``, or delivered and not acknowledged

@@ -1,8 +1,9 @@
 """``regionvault worker --region R``: a Celery worker of region R (entry point ``worker`` of
-the ``regionvault.cli`` group). It consumes R's queue alone (``region.<R>``) and runs each job
-with the site file given (``--site``), which on a worker's host holds R's credentials alone
-(docs/distributed.md); it builds only the services the jobs of R need: R's own, and of the
-other regions their seal-only handles and inboxes.
+the ``regionvault.cli`` group). It consumes R's queue of its site alone
+(``<namespace>.region.<R>``) and runs each job with the site file given (``--site``), which
+on a worker's host holds R's credentials alone (docs/distributed.md); it builds only the
+services the jobs of R need: R's own, and of the other regions their seal-only handles and
+inboxes.
 
 The pool is ``threads`` by default: one process per worker, so a worker killed (SIGKILL, a
 lost machine) takes its jobs with it, and nothing is left behind holding a lock or a

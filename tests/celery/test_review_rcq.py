@@ -119,7 +119,7 @@ def test_a_redis_that_is_down_does_not_hold_the_wait_past_its_deadline(
     assert 1 <= len(warnings) <= 3, len(warnings)  # rate-limited, not one a poll
 
 
-def test_run_timeout_is_parsed_and_bounds_every_job() -> None:
+def test_run_timeout_is_parsed() -> None:
     settings = parse_settings({"broker": "redis://h:1/0", "queue_timeout": "1m"})
     assert settings.job_timeout == timedelta(minutes=1) + 2 * settings.visibility_timeout
     settings = parse_settings({"broker": "redis://h:1/0", "run_timeout": "2h"})
@@ -128,6 +128,36 @@ def test_run_timeout_is_parsed_and_bounds_every_job() -> None:
 
     with pytest.raises(ConfigError, match=r"executor\.run_timeout"):
         parse_settings({"broker": "redis://h:1/0", "queue_timeout": "1h", "run_timeout": "30m"})
+
+
+def test_run_timeout_gives_up_a_job_that_started_and_never_ends(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """A job whose worker took it and holds its key's lock, but never answers: given up at
+    run_timeout (before, a started job was waited for without end)."""
+    path = tmp_path / "site.toml"
+    path.write_text(
+        site_toml(
+            settings={"state_dir": tmp_path / "st"},
+            extra=f'[executor]\nkind = "celery"\nbroker = "{own_redis.url}"\n'
+            'queue_timeout = "1s"\nrun_timeout = "3s"\nlock_ttl = "1s"\n'
+            'visibility_timeout = "1h"\n',
+        )
+    )
+    with open_site(path, celery_plugin) as site, CELERY.executor(Engine(site), stop=None) as ex:
+        job = tag_job(EAST, datetime.now(UTC))
+        lock = ex.ledger.acquire(job.key)  # a live holder, renewing
+        assert lock is not None
+        started = time.monotonic()
+        future = ex.submit(job)
+        for item in list(ex._inflight.values()):
+            item.started = True  # as a worker's STARTED would
+        outcome = future.result(timeout=20)
+        took = time.monotonic() - started
+        lock.release()
+    assert outcome.status is JobStatus.FAILED, outcome
+    assert "run_timeout" in (outcome.error or "")
+    assert 2.5 < took < 10, took
 
 
 def test_a_started_job_lost_with_redis_is_given_up(
@@ -194,6 +224,19 @@ def test_prune_frees_a_redis_that_is_out_of_memory(own_redis: RedisServer) -> No
         assert ledger.prune(datetime.now(UTC) + timedelta(days=1)) == 200
         admin.config_set("maxmemory", "0")
         assert admin.zcard("s:finished") == 0
+    admin.close()
+
+
+def test_a_redis_that_may_evict_is_warned_of(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = redis_py.Redis.from_url(own_redis.url)
+    with RedisLedger(own_redis.url, namespace="s") as ledger:
+        admin.config_set("maxmemory-policy", "volatile-lru")
+        assert ledger.warn_if_evicting()
+        assert "maxmemory-policy volatile-lru" in caplog.text
+        admin.config_set("maxmemory-policy", "noeviction")
+        assert not ledger.warn_if_evicting()
     admin.close()
 
 
