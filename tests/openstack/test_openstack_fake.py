@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import InvalidCredsError
 from libcloud.compute.drivers.openstack import OpenStack_2_NodeDriver
@@ -327,3 +328,50 @@ def test_range_forms(cloud: OpenStackFake) -> None:
     assert get("bytes=98-1000") == (206, data[98:], "bytes 98-99/100")
     for bad, code in (("bytes=100-", 416), ("bytes=5-2", 416), ("items=0-1", 400)):
         assert get(bad)[0] == code, bad
+
+
+def test_stop_closes_the_connections_already_open(tmp_path: Path) -> None:
+    fake = OpenStackFake(tmp_path / "cloud")
+    fake.start()
+    fake.seed_server("s", b"s")
+    drv = driver(fake)
+    assert [n.name for n in drv.list_nodes()] == ["s"]  # a keep-alive connection is open
+    fake.stop()
+    with pytest.raises(requests.exceptions.ConnectionError):  # no answer: the cloud is down
+        drv.list_nodes()
+
+
+def test_an_answer_lost_after_the_request_was_done(cloud: OpenStackFake) -> None:
+    sid = cloud.seed_server("db", b"d" * 100)
+    drv = driver(cloud)
+    volume_id = drv.ex_get_node_details(sid).extra["volumes_attached"][0]["id"]
+    cloud.fail_next("POST", r"/snapshots$", 503, after=True)
+    with pytest.raises(BaseHTTPError) as lost:
+        drv._get_volume_connection().request(
+            "/snapshots",
+            method="POST",
+            data={"snapshot": {"volume_id": volume_id, "name": "lost", "force": True}},
+        )
+    assert lost.value.code == 503
+    assert [s["name"] for s in cloud.snapshots()] == ["lost"]  # made all the same
+    assert cloud.counts["POST /volume/v3/{id}/snapshots"] == 1
+    cloud.fail_next("DELETE", r"/snapshots/", 500)  # before: not done
+    snap_id = cloud.snapshots()[0]["id"]
+    cloud.settle()
+    with pytest.raises(BaseHTTPError):
+        drv._get_volume_connection().request(f"/snapshots/{snap_id}", method="DELETE")
+    assert [s["id"] for s in cloud.snapshots()] == [snap_id]
+
+
+def test_a_store_that_ignores_range(cloud: OpenStackFake) -> None:
+    data = bytes(range(200))
+    sid = cloud.seed_server("r", data)
+    image_id = next(s["image"] for s in cloud.servers() if s["id"] == sid)
+    glance = driver(cloud).image_connection
+    cloud.ignore_range = True
+    answer = glance.request(
+        f"/v2/images/{image_id}/file", headers={"Range": "bytes=10-19"}, raw=True
+    )
+    assert answer.status == 200
+    assert b"".join(answer.iter_content(4096)) == data
+    assert "content-range" not in answer.headers

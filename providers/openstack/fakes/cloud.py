@@ -58,7 +58,11 @@ Test hooks, not on the wire: :meth:`OpenStackFake.seed_server`, :meth:`~OpenStac
 :meth:`~OpenStackFake.image_bytes`, :meth:`~OpenStackFake.volume_bytes`,
 :meth:`~OpenStackFake.images`, :meth:`~OpenStackFake.volumes`,
 :meth:`~OpenStackFake.snapshots`, :meth:`~OpenStackFake.fail_next` (an HTTP error for the
-next request matching a method and a path pattern), :attr:`~OpenStackFake.counts`.
+next request matching a method and a path pattern, instead of doing it or, ``after=True``,
+after doing it: a lost answer), :attr:`~OpenStackFake.ignore_range` (glance answers a ranged
+read 200 with the whole image, as a proxy that drops ``Range``), :attr:`~OpenStackFake.counts`.
+:meth:`~OpenStackFake.stop` also closes the connections already open, so a cloud that is
+down answers nothing, keep-alive connections included.
 
 ``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N]`` runs it as a
 process: it prints the endpoint and serves until SIGTERM or SIGINT.
@@ -70,12 +74,14 @@ Why this module is longer than the others: it is one cloud's four APIs sharing o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import urllib.parse
@@ -196,6 +202,8 @@ class _Failure:
     pattern: re.Pattern[str]
     status: int
     message: str
+    # do the request, then answer the error (an answer lost on its way back)
+    after: bool = False
 
 
 class OpenStackFake:
@@ -225,6 +233,9 @@ class OpenStackFake:
         #: what a request makes (a server, a volume, a snapshot, an uploaded image) is done
         #: from this many later requests on (of any kind): 0 is done in its first answer
         self.settle_polls = 2
+        #: glance answers a ranged download 200 with the whole image (a proxy that drops
+        #: ``Range``)
+        self.ignore_range = False
         self.project_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{project}.project").hex
         self.user_id = uuid.uuid5(uuid.NAMESPACE_DNS, f"{username}.user").hex
         #: requests per "METHOD /service/route" (ids replaced by ``{id}``)
@@ -242,6 +253,8 @@ class OpenStackFake:
         self._upload_failures = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # the sockets of the connections being served (stop closes them)
+        self._connections: set[socket.socket] = set()
         self.endpoint = ""
         for sub in ("images", "volumes", "snapshots"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -269,12 +282,20 @@ class OpenStackFake:
         return self.endpoint
 
     def stop(self) -> None:
-        """Stop serving (state and files stay until the workdir goes)."""
+        """Stop serving and close the connections already open, keep-alive ones included
+        (state and files stay until the workdir goes)."""
         server, self._server = self._server, None
         if server is None:
             return
         server.shutdown()
         server.server_close()
+        with self._lock:
+            open_now, self._connections = list(self._connections), set()
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -377,13 +398,21 @@ class OpenStackFake:
             return self._volume_path(volume_id).read_bytes()
 
     def fail_next(
-        self, method: str, path_pattern: str, status: int = 500, message: str = "injected"
+        self,
+        method: str,
+        path_pattern: str,
+        status: int = 500,
+        message: str = "injected",
+        *,
+        after: bool = False,
     ) -> None:
         """Answer the next ``method`` request whose path (without the query) matches
-        ``path_pattern`` (``re.search``) with ``status``, without doing it."""
+        ``path_pattern`` (``re.search``) with ``status``: without doing it, or with
+        ``after=True`` having done it (what it made or changed stays, as when the answer to a
+        POST is lost on its way back)."""
         with self._lock:
             self._failures.append(
-                _Failure(method.upper(), re.compile(path_pattern), status, message)
+                _Failure(method.upper(), re.compile(path_pattern), status, message, after)
             )
 
     def fail_next_boot(self, message: str = "No valid host was found. ") -> None:
@@ -697,10 +726,17 @@ class OpenStackFake:
         route = re.sub(r"/[0-9a-f]{32}(?=/|$)|/[0-9a-f-]{36}(?=/|$)", "/{id}", path)
         with self._lock:
             self.counts[f"{method} {route}"] += 1
-            for failure in self._failures:
-                if failure.method == method and failure.pattern.search(path):
-                    self._failures.remove(failure)
-                    raise FakeError(failure.status, failure.message)
+            failure = next(
+                (f for f in self._failures if f.method == method and f.pattern.search(path)),
+                None,
+            )
+            if failure is not None:
+                self._failures.remove(failure)
+                if failure.after:  # done (and counted) once, its answer lost
+                    self.counts[f"{method} {route}"] -= 1
+                    with contextlib.suppress(FakeError):
+                        self.handle(method, raw_path, headers, body, base)
+                raise FakeError(failure.status, failure.message)
             if path == "/identity/v3/auth/tokens" and method == "POST":
                 return self._auth(body, base)
             if path in ("/identity", "/identity/v3"):
@@ -1020,7 +1056,7 @@ class OpenStackFake:
         content = {"Content-Type": "application/octet-stream"}
         if image.checksum:
             content["Content-MD5"] = image.checksum
-        if not range_header:
+        if not range_header or self.ignore_range:
             return 200, content, path.read_bytes()
         match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header)
         if not match or (not match[1] and not match[2]):
@@ -1251,6 +1287,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.cloud._lock:
+            self.cloud._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.cloud._lock:
+            self.cloud._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
