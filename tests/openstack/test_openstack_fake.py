@@ -40,6 +40,20 @@ def driver(fake: OpenStackFake, password: str | None = None) -> Any:
     )
 
 
+def boot_volume(image_id: str, gib: int, delete: bool = True) -> list[dict[str, Any]]:
+    """A block_device_mapping_v2 that boots from a new volume made from the image."""
+    return [
+        {
+            "source_type": "image",
+            "uuid": image_id,
+            "destination_type": "volume",
+            "volume_size": gib,
+            "boot_index": 0,
+            "delete_on_termination": delete,
+        }
+    ]
+
+
 def upload_image(drv: Any, volume_id: str, name: str) -> str:
     answer = (
         drv._get_volume_connection()
@@ -194,7 +208,12 @@ def test_restore_path_upload_then_boot(cloud: OpenStackFake) -> None:
     image = drv.get_image(made["id"])
     assert image.extra["status"] == "active"
     size = drv.ex_get_size("3")
-    node = drv.create_node(name="back", size=size, image=image, ex_metadata={"backup": "1-7"})
+    node = drv.create_node(
+        name="back",
+        size=size,
+        ex_blockdevicemappings=boot_volume(image.id, 1),
+        ex_metadata={"backup": "1-7"},
+    )
     assert node.extra["metadata"] == {"backup": "1-7"}
     assert node.extra["flavorId"] == "3"
     [server] = cloud.servers()
@@ -214,6 +233,7 @@ def test_restore_path_upload_then_boot(cloud: OpenStackFake) -> None:
     assert len(cloud.servers()) == 1
 
     assert drv.destroy_node(node)
+    cloud.settle()  # nova deletes in the background
     assert drv.ex_get_node_details(node.id) is None
     assert cloud.servers() == [] and cloud.volumes() == []
     assert drv.delete_image(image)
@@ -375,3 +395,143 @@ def test_a_store_that_ignores_range(cloud: OpenStackFake) -> None:
     assert answer.status == 200
     assert b"".join(answer.iter_content(4096)) == data
     assert "content-range" not in answer.headers
+
+
+def make_image(drv: Any, data: bytes, **properties: Any) -> str:
+    """A glance image holding ``data``, with ``properties``; its id."""
+    glance = drv.image_connection
+    made = glance.request(
+        "/v2/images",
+        method="POST",
+        data={"name": "img", "disk_format": "raw", "container_format": "bare", **properties},
+    ).object
+    headers = glance.add_default_headers({"Content-Type": "application/octet-stream"})
+    glance.connection.request(
+        "PUT", f"{glance.request_path}/v2/images/{made['id']}/file", body=data, headers=headers
+    )
+    assert glance.connection.getresponse().status_code == 204
+    return str(made["id"])
+
+
+def cinder(drv: Any, path: str, method: str = "GET", data: Any = None) -> Any:
+    return drv._get_volume_connection().request(path, method=method, data=data).object
+
+
+def test_servers_with_several_volumes_and_encrypted_ones(cloud: OpenStackFake) -> None:
+    cloud.settle_polls = 0
+    sid = cloud.seed_server(
+        "multi", b"root", data_volumes=[b"data-1", b"data-2"], data_first=True, encrypted=True
+    )
+    drv = driver(cloud)
+    server = drv.connection.request(f"/servers/{sid}").object["server"]
+    assert server["image"] == ""  # booted from its volume
+    order = [a["id"] for a in server["os-extended-volumes:volumes_attached"]]
+    [root] = [s["volume"] for s in cloud.servers()]
+    assert order[-1] == root and len(order) == 3  # the data volumes listed first
+    volumes = {v: cinder(drv, f"/volumes/{v}")["volume"] for v in order}
+    assert [volumes[v]["bootable"] for v in order] == ["false", "false", "true"]
+    assert [volumes[v]["attachments"][0]["device"] for v in order] == [
+        "/dev/vdb",
+        "/dev/vdc",
+        "/dev/vda",
+    ]
+    assert all(v["encrypted"] is True for v in volumes.values())
+    assert [cloud.volume_bytes(v) for v in order] == [b"data-1", b"data-2", b"root"]
+    attachments = drv.connection.request(f"/servers/{sid}/os-volume_attachments").object
+    assert [a["volumeId"] for a in attachments["volumeAttachments"]] == order
+    # an encrypted volume's image is ciphertext whose key goes with the image
+    image_id = upload_image(drv, root, "enc")
+    props = (
+        cloud.image_bytes(image_id)
+        and drv.image_connection.request(f"/v2/images/{image_id}").object
+    )
+    assert props["cinder_encryption_key_deletion_policy"] == "on_image_deletion"
+    assert props["cinder_encryption_key_id"]
+
+    plain = cloud.seed_server("plain", b"p", data_volumes=[b"d"])
+    server = drv.connection.request(f"/servers/{plain}").object["server"]
+    first, second = (a["id"] for a in server["os-extended-volumes:volumes_attached"])
+    assert cinder(drv, f"/volumes/{first}")["volume"]["bootable"] == "true"  # root first
+    assert cinder(drv, f"/volumes/{second}")["volume"]["encrypted"] is False
+
+    local = cloud.seed_server("local", b"l", boot_from_volume=False, data_volumes=[b"d"])
+    server = drv.connection.request(f"/servers/{local}").object["server"]
+    assert server["image"]["id"]
+    [data] = server["os-extended-volumes:volumes_attached"]
+    assert cinder(drv, f"/volumes/{data['id']}")["volume"]["bootable"] == "false"
+
+
+def test_metadata_on_volumes_and_snapshots_and_image_properties(cloud: OpenStackFake) -> None:
+    cloud.settle_polls = 0
+    sid = cloud.seed_server("db", b"d" * 10, image_properties={"hw_disk_bus": "scsi"})
+    drv = driver(cloud)
+    root = cloud.servers()[0]["volume"]
+    owner = {"rv-owner": "host:123:abc"}
+    snap = cinder(
+        drv,
+        "/snapshots",
+        "POST",
+        {"snapshot": {"volume_id": root, "name": "s", "force": True, "metadata": owner}},
+    )["snapshot"]
+    assert snap["metadata"] == owner
+    assert cinder(drv, f"/snapshots/{snap['id']}")["snapshot"]["metadata"] == owner
+    volume = cinder(
+        drv,
+        "/volumes",
+        "POST",
+        {"volume": {"snapshot_id": snap["id"], "size": 1, "name": "v", "metadata": owner}},
+    )["volume"]
+    assert volume["metadata"] == owner
+    got = cinder(drv, f"/volumes/{volume['id']}")["volume"]
+    assert got["metadata"] == owner and got["bootable"] == "true"
+    assert got["volume_image_metadata"]["hw_disk_bus"] == "scsi"  # from the source volume
+    filtered = cinder(drv, '/volumes/detail?metadata={"rv-owner": "host:123:abc"}')
+    assert [v["id"] for v in filtered["volumes"]] == [volume["id"]]
+    assert [v["id"] for v in cinder(drv, "/volumes/detail")["volumes"]] == [root, volume["id"]]
+    filtered = cinder(drv, "/snapshots/detail?metadata={'rv-owner': 'nobody'}")
+    assert filtered["snapshots"] == []
+    assert cinder(drv, "/snapshots")["snapshots"][0]["metadata"] == owner
+    with pytest.raises(BaseHTTPError):
+        cinder(drv, "/volumes", "POST", {"volume": {"snapshot_id": snap["id"], "size": 0}})
+
+    # the upload carries the volume's image metadata (not glance's own fields) to the image
+    uploaded = upload_image(drv, volume["id"], "up")
+    image = drv.image_connection.request(f"/v2/images/{uploaded}").object
+    assert image["hw_disk_bus"] == "scsi" and image["name"] == "up"
+
+    glance = drv.image_connection
+    made = glance.request(
+        "/v2/images",
+        method="POST",
+        data={"name": "r", "disk_format": "raw", "container_format": "bare", "rv_owner": "me"},
+    ).object
+    assert made["rv_owner"] == "me"
+    assert glance.request(f"/v2/images/{made['id']}").object["rv_owner"] == "me"
+    listed = glance.request("/v2/images?rv_owner=me").object["images"]
+    assert [i["id"] for i in listed] == [made["id"]]
+    with pytest.raises(BaseHTTPError) as bad:  # glance's extra properties are strings
+        glance.request("/v2/images", method="POST", data={"name": "x", "rv_owner": 1})
+    assert bad.value.code == 400
+    # glance pages its lists (25 unasked): what libcloud's list_images follows
+    cloud.image_page_size = 2
+    first = glance.request("/v2/images").object
+    assert len(first["images"]) == 2 and "marker=" in first["next"]
+    assert {i.id for i in drv.list_images()} == {i["id"] for i in cloud.images()}
+    assert sid
+
+
+def test_flavors_by_other_ids(tmp_path: Path) -> None:
+    with (
+        OpenStackFake(tmp_path / "a", flavor_ids="uuid") as a,
+        OpenStackFake(tmp_path / "b", flavor_ids="uuid") as b,
+    ):
+        sizes_a = {s.name: s for s in driver(a).list_sizes()}
+        sizes_b = {s.name: s for s in driver(b).list_sizes()}
+        names = ["m1.tiny", "m1.small", "m1.medium", "m1.large", "m1.xlarge"]
+        assert sorted(sizes_a) == sorted(sizes_b) == sorted(names)
+        assert not {s.id for s in sizes_a.values()} & {s.id for s in sizes_b.values()}
+        assert sizes_a["m1.small"].disk == 20
+        sid = a.seed_server("s", b"s", "m1.small")
+        assert driver(a).ex_get_node_details(sid).extra["flavorId"] == sizes_a["m1.small"].id
+    with pytest.raises(ValueError, match="flavor_ids"):
+        OpenStackFake(tmp_path / "c", flavor_ids="other")
