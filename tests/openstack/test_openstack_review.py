@@ -306,3 +306,199 @@ def test_the_sweep_removes_a_dead_owners_temporaries_only(
     removed = compute.sweep()
     assert len([r for r in removed if r.startswith("image ")]) == 1
     assert [i["name"] for i in fake.images()] == [f"rv-restore-{compute.token}-0123abcd-0"]
+
+
+def test_the_sweep_removes_a_dead_owners_half_launched_server(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    compute = make_compute()
+    data = _image(5)
+    spec = LaunchSpec(name="half", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(data))
+    sink.write(0, data)
+    sink.commit()
+    (image_id,) = sink.image_ids
+    mapping = [
+        {
+            "source_type": "image",
+            "uuid": image_id,
+            "destination_type": "volume",
+            "volume_size": 1,
+            "boot_index": 0,
+            "delete_on_termination": True,
+        }
+    ]
+    for owner in (dead_token(), compute.token):
+        compute._nova(
+            "/servers",
+            method="POST",
+            data={
+                "server": {
+                    "name": f"half-{owner[:12]}",
+                    "flavorRef": "2",
+                    "block_device_mapping_v2": mapping,
+                    "metadata": {OWNER_KEY: owner, PURPOSE_KEY: "launch"},
+                }
+            },
+        )
+    assert {i.name for i in compute.list_instances()} == set()  # never listed, never tagged
+    removed = compute.sweep()
+    assert len([r for r in removed if r.startswith("server ")]) == 1
+    fake.settle()
+    assert [s["name"] for s in fake.servers()] == [f"half-{compute.token[:12]}"]
+
+
+# ---------------------------------------------------------------- 1: encrypted volumes
+
+
+def test_an_encrypted_volume_is_refused_naming_it(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("enc-1", _image(1), FLAVOR, {"backup": "1-7"}, encrypted=True)
+    (volume,) = [s["volume"] for s in fake.servers() if s["id"] == server]
+    compute = make_compute()
+    with pytest.raises(ComputeError, match=rf"{volume}.*encrypted") as caught:
+        compute.capture(server)
+    assert not isinstance(caught.value, TransientError)
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1
+
+
+# ---------------------------------------------------------------- 7: every volume
+
+
+@pytest.mark.parametrize("data_first", [False, True])
+def test_every_volume_is_a_disk_the_boot_volume_first(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], data_first: bool
+) -> None:
+    fake, _ = cloud
+    root, data = _image(1), _image(2, MiB) + b"tail"
+    server = fake.seed_server(
+        "multi", root, FLAVOR, {"backup": "1-7"}, data_volumes=[data], data_first=data_first
+    )
+    compute = make_compute()
+    with compute.capture(server) as capture:
+        assert len(capture.disks) == 2
+        boot, extra = capture.disks
+        assert boot.offset == 0 and boot.size == len(root) and boot.name == "/dev/vda"
+        assert extra.offset % 4096 == 0 and extra.size == len(data)
+        image = bytearray(capture.size)
+        for offset, chunk in capture.blocks():
+            image[offset : offset + len(chunk)] = chunk
+    assert bytes(image[: len(root)]) == root
+    assert bytes(image[extra.offset : extra.end]) == data
+    fake.settle()
+    assert fake.snapshots() == [] and len(fake.volumes()) == 2
+
+
+def test_an_image_booted_server_is_refused_not_half_captured(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("ephemeral", _image(3), FLAVOR, {}, boot_from_volume=False)
+    compute = make_compute()
+    with pytest.raises(ComputeError, match="local disk"):
+        compute.capture(server)
+    assert fake.snapshots() == []
+
+
+# ---------------------------------------------------------------- 6: boot from volume
+
+
+def test_a_restore_boots_from_a_volume_even_on_a_zero_disk_flavor(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    fake.flavors["z1"] = ("bfv.small", 1, 2048, 0)
+    compute = make_compute()
+    data = _image(6)
+    spec = LaunchSpec(name="bfv", tags=Tags({"backup": "1-7"}), function="bfv.small")
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(data))
+    sink.write(0, data)
+    sink.commit()
+    launched = compute.launch(spec, sink)
+    (server,) = [s for s in fake.servers() if s["id"] == launched.id]
+    assert launched.extra["image"] is None and server["volume"] is not None
+    assert fake.volume_bytes(launched.id)[: len(data)] == data
+    with compute.capture(launched.id) as capture:  # and it can be backed up in turn
+        assert dict(capture.read_ranges([(0, 4096)])) == {0: data[:4096]}
+
+
+# ---------------------------------------------------------------- 3: lost answers
+
+
+@pytest.mark.parametrize("path", [r"/snapshots$", r"/volumes$", r"/volumes/[^/]+/action$"])
+def test_a_create_whose_answer_was_lost_is_found_and_removed(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], path: str
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("lost-1", _image(3), FLAVOR, {"backup": "1-7"})
+    compute = make_compute()
+    fake.fail_next("POST", path, 503, after=True)
+    with pytest.raises(TransientError):
+        compute.capture(server)
+    fake.settle()
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1
+    assert [i["name"] for i in fake.images() if i["name"].startswith("rv-")] == []
+
+
+@pytest.mark.parametrize("method, path", [("POST", r"/servers$"), ("GET", r"/servers/[^/]+$")])
+def test_a_boot_whose_answer_was_lost_leaves_no_server(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], method: str, path: str
+) -> None:
+    fake, _ = cloud
+    compute = make_compute()
+    data = _image(8)
+    spec = LaunchSpec(name="vcu-restored", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(data))
+    sink.write(0, data)
+    sink.commit()
+    fake.fail_next(method, path, 503, after=True)
+    with pytest.raises(TransientError):
+        compute.launch(spec, sink)
+    fake.settle()
+    assert fake.servers() == [] and fake.volumes() == []
+    assert [i["name"] for i in fake.images() if i["name"].startswith("rv-")] == []
+
+
+# ---------------------------------------------------------------- 13: Range ignored
+
+
+def test_a_store_that_ignores_range_fails_the_read_naming_it(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("range-1", _image(4), FLAVOR, {"backup": "1-7"})
+    compute = make_compute()
+    fake.ignore_range = True
+    with pytest.raises(ComputeError, match="Range"), compute.capture(server) as capture:
+        dict(capture.blocks())
+    fake.settle()
+    assert fake.snapshots() == [] and len(fake.volumes()) == 1
+
+
+# ---------------------------------------------------------------- 16: image properties
+
+
+def test_the_boot_volumes_hw_properties_reach_the_restore_image(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    properties = {"hw_firmware_type": "uefi", "hw_disk_bus": "scsi", "os_type": "linux"}
+    server = fake.seed_server(
+        "uefi-1", _image(2), FLAVOR, {}, image_properties={**properties, "owner_note": "x"}
+    )
+    compute = make_compute()
+    instance = compute.get_instance(server)
+    assert instance.function == "m1.small?hw_disk_bus=scsi&hw_firmware_type=uefi&os_type=linux"
+    listed = [i for i in compute.list_instances() if i.id == server]
+    assert listed[0].function == instance.function
+    # the point records only the function: a spec without a source
+    spec = LaunchSpec(name="uefi-restored", tags=Tags({}), function=instance.function)
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=MiB)
+    sink.write(0, b"u" * 4096)
+    sink.commit()
+    (image,) = [i for i in fake.images() if i["id"] == sink.image_ids[0]]
+    assert {k: image["properties"].get(k) for k in properties} == properties
+    sink.discard()
