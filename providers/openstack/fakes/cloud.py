@@ -29,7 +29,8 @@ openstack provider needs:
   ``DELETE`` (``delete_image``), ``os-snapshots/<id>`` ``GET`` and ``DELETE``
   (``ex_get_snapshot``).
 - glance v2: images ``create`` (queued; any extra property, a string, kept and shown as
-  glance shows them), ``get``, ``list`` (filters by ``name``, ``status`` or any property,
+  glance shows them), ``get``, ``update`` (``PATCH``, JSON patch of properties and the name,
+  with glance's content type), ``list`` (filters by ``name``, ``status`` or any property,
   pages of 25 with ``next`` as glance), data ``PUT`` (active) and data ``GET`` with
   ``Range: bytes=a-b`` (206 with ``Content-Range``; 416 past the end), ``delete``.
 - cinder v3: volumes ``get``, ``list``/``detail`` (``metadata`` filter), ``create`` (blank,
@@ -150,6 +151,7 @@ _GLANCE_FIELDS = {
 _GLANCE_LIST_PARAMS = {"limit", "marker", "sort", "sort_key", "sort_dir", "member_status"}
 # what cinder keeps of an image on a volume made from it besides its properties
 _VOLUME_IMAGE_CORE = ("checksum", "container_format", "disk_format", "min_disk", "min_ram", "size")
+_JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 _METADATA_LIMIT = 255  # nova: keys and values are at most 255 characters
 _METADATA_ITEMS = 128  # nova's default metadata_items quota
 
@@ -264,7 +266,6 @@ class _Server:
     ends: str = "ACTIVE"
     fault: str | None = None
     deleting: bool = False
-    shows_image: bool = False
 
 
 @dataclass
@@ -751,7 +752,7 @@ class OpenStackFake:
             "metadata": dict(s.metadata),
             "hostId": hashlib.sha224(f"{self.project_id}host".encode()).hexdigest(),
             # nova shows "" for a server booted from a volume
-            "image": "" if s.root_volume and not s.shows_image else {"id": s.image_id, "links": []},
+            "image": "" if s.root_volume else {"id": s.image_id, "links": []},
             "flavor": {
                 "id": s.flavor_id,
                 "links": [{"rel": "bookmark", "href": f"{base}/compute/flavors/{s.flavor_id}"}],
@@ -1139,9 +1140,9 @@ class OpenStackFake:
             raise FakeError(400, f"Image {image_ref} could not be found.")
         if image.status != "active":
             raise FakeError(400, f"Image {image_ref} is not active.")
-        if root is None:  # (a volume all the same, until the provider boots with a BDM)
-            server = self._boot(name, flavor_ref, image, metadata, _gib(image.size or 0), True)
-            server.shows_image = True
+        if root is None:
+            self._check_image_boot(flavor_ref, image)
+            server = self._boot(name, flavor_ref, image, metadata, None, False)
         else:
             if root["volume_size"] * GIB < (image.size or 0):
                 raise FakeError(
@@ -1208,7 +1209,7 @@ class OpenStackFake:
         """Nova deletes a server in the background: it stays (task_state ``deleting``) for
         ``settle_polls`` steps."""
         server.deleting = True
-        self._settle(server)  # (synchronous until the provider waits: the next commit)
+        self._later(server)
 
     def _remove_server(self, server: _Server) -> None:
         del self._servers[server.id]
@@ -1288,6 +1289,12 @@ class OpenStackFake:
             image = found
             if len(rest) == 2:
                 if method == "GET":
+                    return _json(200, self._image_json(image))
+                if method == "PATCH":
+                    kind = headers.get("content-type", "").split(";")[0].strip()
+                    if kind != _JSON_PATCH:
+                        raise FakeError(415, f"Unsupported Content-Type: {kind or 'none'}")
+                    self._patch_image(image, body)
                     return _json(200, self._image_json(image))
                 if method == "DELETE":
                     self._delete_image(image)
@@ -1369,6 +1376,37 @@ class OpenStackFake:
         )
         image.properties, image.min_disk, image.min_ram = properties, min_disk, min_ram
         return _json(201, self._image_json(image))
+
+    def _patch_image(self, image: _Image, body: bytes) -> None:
+        """glance's JSON patch of properties (``add``, ``replace``, ``remove``) and ``name``."""
+        try:
+            ops = json.loads(body or b"[]")
+        except ValueError:
+            raise FakeError(400, "Malformed JSON in request body.") from None
+        if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+            raise FakeError(400, "Request body must be a JSON array of operation objects.")
+        properties = dict(image.properties)
+        name = image.name
+        for op in ops:
+            kind, path, value = op.get("op"), op.get("path"), op.get("value")
+            if kind not in ("add", "replace", "remove") or not isinstance(path, str):
+                raise FakeError(400, f"Invalid operation: {op}")
+            key = path.removeprefix("/")
+            if key == "name" and kind != "remove" and isinstance(value, str):
+                name = value
+                continue
+            if key in _GLANCE_FIELDS or not key or "/" in key:
+                raise FakeError(403, f"Attribute '{key}' is read-only.")
+            if kind in ("remove", "replace") and key not in properties:
+                raise FakeError(409, f"Property {key} does not exist.")
+            if kind == "remove":
+                del properties[key]
+            elif not isinstance(value, str) or len(key) > _METADATA_LIMIT:
+                raise FakeError(400, f"Provided object does not match schema 'image': {key}")
+            else:
+                properties[key] = value
+        image.properties, image.name = properties, name
+        image.updated = _now()
 
     def _delete_image(self, image: _Image) -> None:
         del self._images[image.id]
@@ -1462,7 +1500,8 @@ class OpenStackFake:
         if snap.status not in ("available", "error"):
             raise FakeError(400, "Invalid snapshot: Snapshot status must be available or error")
         snap.status = "deleting"
-        self._settle(snap)  # (synchronous until the provider waits: the next commit)
+        snap.busy = any(v.snapshot_id == snap.id for v in self._volumes.values())
+        self._later(snap)
 
     def _create_volume(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         spec = body.get("volume")
@@ -1530,7 +1569,7 @@ class OpenStackFake:
             raise FakeError(400, "Invalid volume: Volume still has dependent snapshots.")
         # in the background: ``deleting`` for settle_polls steps, then gone (404)
         volume.status = "deleting"
-        self._settle(volume)  # (synchronous until the provider waits: the next commit)
+        self._later(volume)
         return 202, {}, b""
 
     def _volume_action(
