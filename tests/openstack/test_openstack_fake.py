@@ -107,6 +107,8 @@ def test_server_list_pages(cloud: OpenStackFake) -> None:
     drv = driver(cloud)
     assert {n.id for n in drv.list_nodes()} == ids
     assert cloud.counts["GET /compute/v2.1/servers/detail"] == 3
+    named = drv.connection.request("/servers/detail?name=^s[34]$").object["servers"]
+    assert sorted(s["name"] for s in named) == ["s3", "s4"]
 
 
 def test_wrong_password_and_missing_token(cloud: OpenStackFake) -> None:
@@ -248,6 +250,10 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
             "regionvault.providers.openstack.fakes.cloud",
             "--workdir",
             str(tmp_path),
+            "--flavor-ids",
+            "uuid",
+            "--settle-polls",
+            "0",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -258,6 +264,11 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
         assert endpoint.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"{endpoint}/identity/v3") as answer:
             assert json.load(answer)["version"]["id"].startswith("v3")
+        fake = OpenStackFake(tmp_path / "unused")  # the process's credentials and names
+        fake.endpoint = endpoint
+        drv = driver(fake)
+        sizes = {s.name: s.id for s in drv.list_sizes()}
+        assert sizes["m1.small"] != "2"
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0

@@ -12,22 +12,21 @@ openstack provider needs:
   at ``/image``, ``cinderv3`` volumev3 and ``block-storage`` at ``/volume/v3/<project_id>``).
   Every other call needs a token it issued in ``X-Auth-Token`` (401 otherwise).
 - nova: servers ``list`` and ``detail`` (``limit`` + ``marker`` pages with ``servers_links``
-  ``next``, as nova pages), ``get``, ``create`` (``flavorRef``, ``metadata``, and either a
-  ``block_device_mapping_v2`` row ``{"source_type": "image", "uuid": <image>,
-  "destination_type": "volume", "volume_size": <GiB>, "boot_index": 0,
-  "delete_on_termination": ...}``: the server boots from a new bootable volume made from the
-  image, its ``image`` ""; or an ``imageRef`` alone: it boots from the image on the
-  hypervisor's disk, no volume, and as nova a zero-disk flavor is refused (403
-  BootFromVolumeRequiredForZeroDiskFlavor) and so is a flavor disk smaller than the image
-  (400 FlavorDiskSmallerThanImage)), ``delete`` (in the background: ``task_state``
-  ``deleting``, then gone, its ``delete_on_termination`` volumes with it unless they have
-  snapshots); ``volumes_attached`` and ``os-volume_attachments`` in the order nova lists
-  them; metadata ``GET``/``PUT`` (replace)/``POST`` (merge), one key
-  ``GET``/``PUT``/``DELETE``; flavors ``list``/``detail``/``get`` (devstack's m1.tiny to
-  m1.xlarge, with their ``disk``; other flavors or generated uuid ids at construction);
-  nova's proxies that libcloud's ``get_image``-era calls use: ``images/<id>`` ``GET`` and
-  ``DELETE`` (``delete_image``), ``os-snapshots/<id>`` ``GET`` and ``DELETE``
-  (``ex_get_snapshot``).
+  ``next``, as nova pages; ``name``, a regular expression, as nova filters), ``get``,
+  ``create`` (``flavorRef``, ``metadata``, and either a ``block_device_mapping_v2`` row
+  ``{"source_type": "image", "uuid": <image>, "destination_type": "volume", "volume_size":
+  <GiB>, "boot_index": 0, "delete_on_termination": ...}``: the server boots from a new bootable
+  volume made from the image, its ``image`` ""; or an ``imageRef`` alone: it boots from the
+  image on the hypervisor's disk, no volume, and as nova a zero-disk flavor is refused (403
+  BootFromVolumeRequiredForZeroDiskFlavor) and so is a flavor disk smaller than the image (400
+  FlavorDiskSmallerThanImage)), ``delete`` (in the background: ``task_state`` ``deleting``,
+  then gone, its ``delete_on_termination`` volumes with it unless they have snapshots);
+  ``volumes_attached`` and ``os-volume_attachments`` in the order nova lists them; metadata
+  ``GET``/``PUT`` (replace)/``POST`` (merge), one key ``GET``/``PUT``/``DELETE``; flavors
+  ``list``/``detail``/``get`` (devstack's m1.tiny to m1.xlarge, with their ``disk``; other
+  flavors or generated uuid ids at construction); nova's proxies that libcloud's
+  ``get_image``-era calls use: ``images/<id>`` ``GET`` and ``DELETE`` (``delete_image``),
+  ``os-snapshots/<id>`` ``GET`` and ``DELETE`` (``ex_get_snapshot``).
 - glance v2: images ``create`` (queued; any extra property, a string, kept and shown as
   glance shows them), ``get``, ``update`` (``PATCH``, JSON patch of properties and the name,
   with glance's content type), ``list`` (filters by ``name``, ``status`` or any property,
@@ -83,8 +82,9 @@ read 200 with the whole image, as a proxy that drops ``Range``), :attr:`~OpenSta
 :meth:`~OpenStackFake.stop` also closes the connections already open, so a cloud that is
 down answers nothing, keep-alive connections included.
 
-``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N]`` runs it as a
-process: it prints the endpoint and serves until SIGTERM or SIGINT.
+``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N] [--flavor-ids
+uuid] [--settle-polls N]`` runs it as a process: it prints the endpoint and serves until
+SIGTERM or SIGINT (what a killed client left is then seen through the API's lists).
 
 Why this module is longer than the others: it is one cloud's four APIs sharing one state
 (a server's volume, a volume's snapshots and uploads, an upload's image), kept under one lock.
@@ -1086,6 +1086,12 @@ class OpenStackFake:
         self, rest: list[str], query: dict[str, list[str]], base: str
     ) -> tuple[int, dict[str, str], bytes]:
         servers = sorted(self._servers.values(), key=lambda s: (s.created, s.id))
+        if "name" in query:  # nova's name filter is a regular expression
+            try:
+                pattern = re.compile(query["name"][-1])
+            except re.error:
+                raise FakeError(400, "Invalid input for field/attribute name.") from None
+            servers = [s for s in servers if pattern.search(s.name)]
         marker = query.get("marker", [None])[-1]
         if marker is not None:
             ids = [s.id for s in servers]
@@ -1782,6 +1788,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default="edge")
     parser.add_argument("--region", default="RegionOne")
     parser.add_argument("--flavor-ids", choices=("devstack", "uuid"), default="devstack")
+    parser.add_argument("--settle-polls", type=int, default=2)
     args = parser.parse_args(argv)
     fake = OpenStackFake(
         args.workdir,
@@ -1792,6 +1799,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         flavor_ids=args.flavor_ids,
     )
+    fake.settle_polls = args.settle_polls
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
