@@ -1116,7 +1116,8 @@ class OpenStackFake:
             items = [self._server_json(s, base) for s in page]
         answer: dict[str, Any] = {"servers": items}
         if more and page:
-            q = urllib.parse.urlencode({"limit": limit, "marker": page[-1].id})
+            kept = {"name": query["name"][-1]} if "name" in query else {}
+            q = urllib.parse.urlencode({**kept, "limit": limit, "marker": page[-1].id})
             href = f"{base}/compute/v2.1/{'/'.join(rest)}?{q}"
             answer["servers_links"] = [{"rel": "next", "href": href}]
         return _json(200, answer)
@@ -1335,7 +1336,7 @@ class OpenStackFake:
         wanted = {k: v[-1] for k, v in query.items() if k not in _GLANCE_LIST_PARAMS}
         found = []
         for i in sorted(self._images.values(), key=lambda i: (i.created, i.id), reverse=True):
-            fields = {"name": i.name, "status": i.status, **i.properties}
+            fields = {"name": i.name, "status": i.status, "visibility": "private", **i.properties}
             if all(fields.get(k) == v for k, v in wanted.items()):
                 found.append(i)
         marker = query.get("marker", [None])[-1]
