@@ -107,6 +107,12 @@ def test_server_list_pages(cloud: OpenStackFake) -> None:
     drv = driver(cloud)
     assert {n.id for n in drv.list_nodes()} == ids
     assert cloud.counts["GET /compute/v2.1/servers/detail"] == 3
+    named = drv.connection.request("/servers/detail?name=^s[134]$").object
+    assert len(named["servers"]) == 2  # a page of the 3 that match
+    assert "name=" in named["servers_links"][0]["href"]  # the next page keeps the filter
+    query = named["servers_links"][0]["href"].partition("?")[2]
+    rest = drv.connection.request(f"/servers/detail?{query}").object
+    assert {s["name"] for s in named["servers"] + rest["servers"]} == {"s1", "s3", "s4"}
 
 
 def test_wrong_password_and_missing_token(cloud: OpenStackFake) -> None:
@@ -248,6 +254,10 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
             "regionvault.providers.openstack.fakes.cloud",
             "--workdir",
             str(tmp_path),
+            "--flavor-ids",
+            "uuid",
+            "--settle-polls",
+            "0",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -258,6 +268,11 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
         assert endpoint.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"{endpoint}/identity/v3") as answer:
             assert json.load(answer)["version"]["id"].startswith("v3")
+        fake = OpenStackFake(tmp_path / "unused")  # the process's credentials and names
+        fake.endpoint = endpoint
+        drv = driver(fake)
+        sizes = {s.name: s.id for s in drv.list_sizes()}
+        assert sizes["m1.small"] != "2"
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
@@ -417,6 +432,83 @@ def cinder(drv: Any, path: str, method: str = "GET", data: Any = None) -> Any:
     return drv._get_volume_connection().request(path, method=method, data=data).object
 
 
+def test_boots_from_a_volume_or_from_the_image_as_nova(tmp_path: Path) -> None:
+    flavors = {"10": ("bfv.small", 1, 2048, 0), "11": ("disk.small", 1, 2048, 1)}
+    with OpenStackFake(tmp_path / "cloud", flavors=flavors) as cloud:
+        cloud.settle_polls = 0
+        drv = driver(cloud)
+        image_id = make_image(drv, b"root" * 1000, hw_firmware_type="uefi", os_type="linux")
+        image = drv.get_image(image_id)
+
+        # imageRef without a block device mapping: on the hypervisor's disk, no volume
+        node = drv.create_node(name="eph", size=drv.ex_get_size("11"), image=image)
+        got = drv.connection.request(f"/servers/{node.id}").object["server"]
+        assert got["image"]["id"] == image_id
+        assert got["os-extended-volumes:volumes_attached"] == []
+        assert cloud.volumes() == []
+        assert drv.ex_get_node_details(node.id).extra["imageId"] == image_id
+        with pytest.raises(KeyError):
+            cloud.volume_bytes(node.id)
+        # a zero-disk flavor boots from volumes only
+        with pytest.raises(BaseHTTPError) as zero:
+            drv.create_node(name="z", size=drv.ex_get_size("10"), image=image)
+        assert zero.value.code == 403
+        assert "zero disk" in str(zero.value)
+        # a flavor disk smaller than the image
+        cloud._images[image_id].size = 2 << 30  # as if the image were 2 GiB
+        with pytest.raises(BaseHTTPError) as small:
+            drv.create_node(name="s", size=drv.ex_get_size("11"), image=image)
+        assert small.value.code == 400
+        assert "Flavor's disk is too small" in str(small.value)
+        with pytest.raises(BaseHTTPError) as short:  # nor can a 1 GiB volume hold it
+            drv.create_node(
+                name="s",
+                size=drv.ex_get_size("10"),
+                ex_blockdevicemappings=boot_volume(image_id, 1),
+            )
+        assert short.value.code == 400
+        cloud._images[image_id].size = 4000
+        with pytest.raises(BaseHTTPError) as neither:  # no image, no mapping
+            drv.create_node(name="n", size=drv.ex_get_size("10"))
+        assert neither.value.code == 400
+        with pytest.raises(BaseHTTPError) as sizeless:
+            drv.create_node(
+                name="n",
+                size=drv.ex_get_size("10"),
+                ex_blockdevicemappings=boot_volume(image_id, 0),
+            )
+        assert sizeless.value.code == 400
+
+        # a block device mapping: a new bootable volume from the image, the server's image ""
+        bfv = drv.create_node(
+            name="bfv", size=drv.ex_get_size("10"), ex_blockdevicemappings=boot_volume(image_id, 3)
+        )
+        got = drv.connection.request(f"/servers/{bfv.id}").object["server"]
+        assert got["image"] == ""
+        [attached] = got["os-extended-volumes:volumes_attached"]
+        assert attached["delete_on_termination"] is True
+        volume = cinder(drv, f"/volumes/{attached['id']}")["volume"]
+        assert (volume["bootable"], volume["size"], volume["status"]) == ("true", 3, "in-use")
+        assert volume["attachments"][0]["device"] == "/dev/vda"
+        meta = volume["volume_image_metadata"]
+        assert meta["image_id"] == image_id
+        assert (meta["hw_firmware_type"], meta["os_type"]) == ("uefi", "linux")
+        assert cloud.volume_bytes(bfv.id) == b"root" * 1000
+
+        # without delete_on_termination the volume stays, detached
+        kept = drv.create_node(
+            name="kept",
+            size=drv.ex_get_size("10"),
+            ex_blockdevicemappings=boot_volume(image_id, 1, delete=False),
+        )
+        kept_volume = next(s["volume"] for s in cloud.servers() if s["id"] == kept.id)
+        for n in (node, bfv, kept):
+            assert drv.destroy_node(n)
+        assert [(v["id"], v["status"], v["server"]) for v in cloud.volumes()] == [
+            (kept_volume, "available", None)
+        ]
+
+
 def test_servers_with_several_volumes_and_encrypted_ones(cloud: OpenStackFake) -> None:
     cloud.settle_polls = 0
     sid = cloud.seed_server(
@@ -509,6 +601,34 @@ def test_metadata_on_volumes_and_snapshots_and_image_properties(cloud: OpenStack
     assert glance.request(f"/v2/images/{made['id']}").object["rv_owner"] == "me"
     listed = glance.request("/v2/images?rv_owner=me").object["images"]
     assert [i["id"] for i in listed] == [made["id"]]
+    patch = [
+        {"op": "add", "path": "/rv_done", "value": "yes"},
+        {"op": "replace", "path": "/rv_owner", "value": "you"},
+    ]
+    patched = glance.request(
+        f"/v2/images/{made['id']}",
+        method="PATCH",
+        data=patch,
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    ).object
+    assert (patched["rv_done"], patched["rv_owner"]) == ("yes", "you")
+    with pytest.raises(BaseHTTPError) as plain_json:  # glance insists on its patch type
+        glance.request(f"/v2/images/{made['id']}", method="PATCH", data=patch)
+    assert plain_json.value.code == 415
+    remove = [{"op": "remove", "path": "/rv_done"}]
+    glance.request(
+        f"/v2/images/{made['id']}",
+        method="PATCH",
+        data=remove,
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
+    assert "rv_done" not in glance.request(f"/v2/images/{made['id']}").object
+    glance.request(
+        f"/v2/images/{made['id']}",
+        method="PATCH",
+        data=[{"op": "replace", "path": "/rv_owner", "value": "me"}],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
     with pytest.raises(BaseHTTPError) as bad:  # glance's extra properties are strings
         glance.request("/v2/images", method="POST", data={"name": "x", "rv_owner": 1})
     assert bad.value.code == 400
@@ -518,6 +638,39 @@ def test_metadata_on_volumes_and_snapshots_and_image_properties(cloud: OpenStack
     assert len(first["images"]) == 2 and "marker=" in first["next"]
     assert {i.id for i in drv.list_images()} == {i["id"] for i in cloud.images()}
     assert sid
+
+
+def test_deletes_finish_in_the_background(cloud: OpenStackFake) -> None:
+    cloud.settle_polls = 2
+    sid = cloud.seed_server("db", b"d" * 10)
+    drv = driver(cloud)
+    root = cloud.servers()[0]["volume"]
+    snap = drv.create_volume_snapshot(drv.ex_get_volume(root), name="s")
+    cloud.settle()
+    clone = drv.create_volume(1, "clone", snapshot=snap)
+    cloud.settle()
+    # a volume DELETE: 202, deleting, then gone
+    assert drv.destroy_volume(clone)
+    assert {v["id"]: v["status"] for v in cloud.volumes()}[clone.id] == "deleting"
+    # the snapshot DELETE while its clone still exists: 202, then back to available
+    assert drv.destroy_volume_snapshot(snap)
+    assert [s["status"] for s in cloud.snapshots()] == ["deleting"]
+    drv.list_sizes()
+    drv.list_sizes()
+    assert [s["status"] for s in cloud.snapshots()] == ["available"]
+    with pytest.raises(BaseHTTPError) as gone:
+        cinder(drv, f"/volumes/{clone.id}")
+    assert gone.value.code == 404
+    assert drv.destroy_volume_snapshot(snap)  # no dependant now
+    assert cinder(drv, f"/snapshots/{snap.id}")["snapshot"]["status"] == "deleting"
+    drv.list_sizes()
+    assert cloud.snapshots() == []
+    # a server DELETE: still there (task_state deleting), then gone with its volume
+    assert drv.destroy_node(drv.ex_get_node_details(sid))
+    got = drv.connection.request(f"/servers/{sid}").object["server"]
+    assert got["OS-EXT-STS:task_state"] == "deleting"
+    assert drv.ex_get_node_details(sid) is None
+    assert cloud.servers() == [] and cloud.volumes() == []
 
 
 def test_flavors_by_other_ids(tmp_path: Path) -> None:

@@ -12,24 +12,24 @@ openstack provider needs:
   at ``/image``, ``cinderv3`` volumev3 and ``block-storage`` at ``/volume/v3/<project_id>``).
   Every other call needs a token it issued in ``X-Auth-Token`` (401 otherwise).
 - nova: servers ``list`` and ``detail`` (``limit`` + ``marker`` pages with ``servers_links``
-  ``next``, as nova pages), ``get``, ``create`` (``flavorRef``, ``metadata``, and either a
-  ``block_device_mapping_v2`` row ``{"source_type": "image", "uuid": <image>,
-  "destination_type": "volume", "volume_size": <GiB>, "boot_index": 0,
-  "delete_on_termination": ...}``: the server boots from a new bootable volume made from the
-  image, its ``image`` ""; or an ``imageRef`` alone: it boots from the image on the
-  hypervisor's disk, no volume, and as nova a zero-disk flavor is refused (403
-  BootFromVolumeRequiredForZeroDiskFlavor) and so is a flavor disk smaller than the image
-  (400 FlavorDiskSmallerThanImage)), ``delete`` (in the background: ``task_state``
-  ``deleting``, then gone, its ``delete_on_termination`` volumes with it unless they have
-  snapshots); ``volumes_attached`` and ``os-volume_attachments`` in the order nova lists
-  them; metadata ``GET``/``PUT`` (replace)/``POST`` (merge), one key
-  ``GET``/``PUT``/``DELETE``; flavors ``list``/``detail``/``get`` (devstack's m1.tiny to
-  m1.xlarge, with their ``disk``; other flavors or generated uuid ids at construction);
-  nova's proxies that libcloud's ``get_image``-era calls use: ``images/<id>`` ``GET`` and
-  ``DELETE`` (``delete_image``), ``os-snapshots/<id>`` ``GET`` and ``DELETE``
-  (``ex_get_snapshot``).
+  ``next``, as nova pages; ``name``, a regular expression, as nova filters), ``get``,
+  ``create`` (``flavorRef``, ``metadata``, and either a ``block_device_mapping_v2`` row
+  ``{"source_type": "image", "uuid": <image>, "destination_type": "volume", "volume_size":
+  <GiB>, "boot_index": 0, "delete_on_termination": ...}``: the server boots from a new bootable
+  volume made from the image, its ``image`` ""; or an ``imageRef`` alone: it boots from the
+  image on the hypervisor's disk, no volume, and as nova a zero-disk flavor is refused (403
+  BootFromVolumeRequiredForZeroDiskFlavor) and so is a flavor disk smaller than the image (400
+  FlavorDiskSmallerThanImage)), ``delete`` (in the background: ``task_state`` ``deleting``,
+  then gone, its ``delete_on_termination`` volumes with it unless they have snapshots);
+  ``volumes_attached`` and ``os-volume_attachments`` in the order nova lists them; metadata
+  ``GET``/``PUT`` (replace)/``POST`` (merge), one key ``GET``/``PUT``/``DELETE``; flavors
+  ``list``/``detail``/``get`` (devstack's m1.tiny to m1.xlarge, with their ``disk``; other
+  flavors or generated uuid ids at construction); nova's proxies that libcloud's
+  ``get_image``-era calls use: ``images/<id>`` ``GET`` and ``DELETE`` (``delete_image``),
+  ``os-snapshots/<id>`` ``GET`` and ``DELETE`` (``ex_get_snapshot``).
 - glance v2: images ``create`` (queued; any extra property, a string, kept and shown as
-  glance shows them), ``get``, ``list`` (filters by ``name``, ``status`` or any property,
+  glance shows them), ``get``, ``update`` (``PATCH``, JSON patch of properties and the name,
+  with glance's content type), ``list`` (filters by ``name``, ``status`` or any property,
   pages of 25 with ``next`` as glance), data ``PUT`` (active) and data ``GET`` with
   ``Range: bytes=a-b`` (206 with ``Content-Range``; 416 past the end), ``delete``.
 - cinder v3: volumes ``get``, ``list``/``detail`` (``metadata`` filter), ``create`` (blank,
@@ -82,8 +82,9 @@ read 200 with the whole image, as a proxy that drops ``Range``), :attr:`~OpenSta
 :meth:`~OpenStackFake.stop` also closes the connections already open, so a cloud that is
 down answers nothing, keep-alive connections included.
 
-``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N]`` runs it as a
-process: it prints the endpoint and serves until SIGTERM or SIGINT.
+``python -m regionvault.providers.openstack.fakes.cloud --workdir D [--port N] [--flavor-ids
+uuid] [--settle-polls N]`` runs it as a process: it prints the endpoint and serves until
+SIGTERM or SIGINT (what a killed client left is then seen through the API's lists).
 
 Why this module is longer than the others: it is one cloud's four APIs sharing one state
 (a server's volume, a volume's snapshots and uploads, an upload's image), kept under one lock.
@@ -150,6 +151,7 @@ _GLANCE_FIELDS = {
 _GLANCE_LIST_PARAMS = {"limit", "marker", "sort", "sort_key", "sort_dir", "member_status"}
 # what cinder keeps of an image on a volume made from it besides its properties
 _VOLUME_IMAGE_CORE = ("checksum", "container_format", "disk_format", "min_disk", "min_ram", "size")
+_JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 _METADATA_LIMIT = 255  # nova: keys and values are at most 255 characters
 _METADATA_ITEMS = 128  # nova's default metadata_items quota
 
@@ -264,7 +266,6 @@ class _Server:
     ends: str = "ACTIVE"
     fault: str | None = None
     deleting: bool = False
-    shows_image: bool = False
 
 
 @dataclass
@@ -751,7 +752,7 @@ class OpenStackFake:
             "metadata": dict(s.metadata),
             "hostId": hashlib.sha224(f"{self.project_id}host".encode()).hexdigest(),
             # nova shows "" for a server booted from a volume
-            "image": "" if s.root_volume and not s.shows_image else {"id": s.image_id, "links": []},
+            "image": "" if s.root_volume else {"id": s.image_id, "links": []},
             "flavor": {
                 "id": s.flavor_id,
                 "links": [{"rel": "bookmark", "href": f"{base}/compute/flavors/{s.flavor_id}"}],
@@ -1085,6 +1086,12 @@ class OpenStackFake:
         self, rest: list[str], query: dict[str, list[str]], base: str
     ) -> tuple[int, dict[str, str], bytes]:
         servers = sorted(self._servers.values(), key=lambda s: (s.created, s.id))
+        if "name" in query:  # nova's name filter is a regular expression
+            try:
+                pattern = re.compile(query["name"][-1])
+            except re.error:
+                raise FakeError(400, "Invalid input for field/attribute name.") from None
+            servers = [s for s in servers if pattern.search(s.name)]
         marker = query.get("marker", [None])[-1]
         if marker is not None:
             ids = [s.id for s in servers]
@@ -1109,7 +1116,8 @@ class OpenStackFake:
             items = [self._server_json(s, base) for s in page]
         answer: dict[str, Any] = {"servers": items}
         if more and page:
-            q = urllib.parse.urlencode({"limit": limit, "marker": page[-1].id})
+            kept = {"name": query["name"][-1]} if "name" in query else {}
+            q = urllib.parse.urlencode({**kept, "limit": limit, "marker": page[-1].id})
             href = f"{base}/compute/v2.1/{'/'.join(rest)}?{q}"
             answer["servers_links"] = [{"rel": "next", "href": href}]
         return _json(200, answer)
@@ -1139,9 +1147,9 @@ class OpenStackFake:
             raise FakeError(400, f"Image {image_ref} could not be found.")
         if image.status != "active":
             raise FakeError(400, f"Image {image_ref} is not active.")
-        if root is None:  # (a volume all the same, until the provider boots with a BDM)
-            server = self._boot(name, flavor_ref, image, metadata, _gib(image.size or 0), True)
-            server.shows_image = True
+        if root is None:
+            self._check_image_boot(flavor_ref, image)
+            server = self._boot(name, flavor_ref, image, metadata, None, False)
         else:
             if root["volume_size"] * GIB < (image.size or 0):
                 raise FakeError(
@@ -1208,7 +1216,7 @@ class OpenStackFake:
         """Nova deletes a server in the background: it stays (task_state ``deleting``) for
         ``settle_polls`` steps."""
         server.deleting = True
-        self._settle(server)  # (synchronous until the provider waits: the next commit)
+        self._later(server)
 
     def _remove_server(self, server: _Server) -> None:
         del self._servers[server.id]
@@ -1289,6 +1297,12 @@ class OpenStackFake:
             if len(rest) == 2:
                 if method == "GET":
                     return _json(200, self._image_json(image))
+                if method == "PATCH":
+                    kind = headers.get("content-type", "").split(";")[0].strip()
+                    if kind != _JSON_PATCH:
+                        raise FakeError(415, f"Unsupported Content-Type: {kind or 'none'}")
+                    self._patch_image(image, body)
+                    return _json(200, self._image_json(image))
                 if method == "DELETE":
                     self._delete_image(image)
                     return 204, {}, b""
@@ -1322,7 +1336,7 @@ class OpenStackFake:
         wanted = {k: v[-1] for k, v in query.items() if k not in _GLANCE_LIST_PARAMS}
         found = []
         for i in sorted(self._images.values(), key=lambda i: (i.created, i.id), reverse=True):
-            fields = {"name": i.name, "status": i.status, **i.properties}
+            fields = {"name": i.name, "status": i.status, "visibility": "private", **i.properties}
             if all(fields.get(k) == v for k, v in wanted.items()):
                 found.append(i)
         marker = query.get("marker", [None])[-1]
@@ -1369,6 +1383,37 @@ class OpenStackFake:
         )
         image.properties, image.min_disk, image.min_ram = properties, min_disk, min_ram
         return _json(201, self._image_json(image))
+
+    def _patch_image(self, image: _Image, body: bytes) -> None:
+        """glance's JSON patch of properties (``add``, ``replace``, ``remove``) and ``name``."""
+        try:
+            ops = json.loads(body or b"[]")
+        except ValueError:
+            raise FakeError(400, "Malformed JSON in request body.") from None
+        if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+            raise FakeError(400, "Request body must be a JSON array of operation objects.")
+        properties = dict(image.properties)
+        name = image.name
+        for op in ops:
+            kind, path, value = op.get("op"), op.get("path"), op.get("value")
+            if kind not in ("add", "replace", "remove") or not isinstance(path, str):
+                raise FakeError(400, f"Invalid operation: {op}")
+            key = path.removeprefix("/")
+            if key == "name" and kind != "remove" and isinstance(value, str):
+                name = value
+                continue
+            if key in _GLANCE_FIELDS or not key or "/" in key:
+                raise FakeError(403, f"Attribute '{key}' is read-only.")
+            if kind in ("remove", "replace") and key not in properties:
+                raise FakeError(409, f"Property {key} does not exist.")
+            if kind == "remove":
+                del properties[key]
+            elif not isinstance(value, str) or len(key) > _METADATA_LIMIT:
+                raise FakeError(400, f"Provided object does not match schema 'image': {key}")
+            else:
+                properties[key] = value
+        image.properties, image.name = properties, name
+        image.updated = _now()
 
     def _delete_image(self, image: _Image) -> None:
         del self._images[image.id]
@@ -1462,7 +1507,8 @@ class OpenStackFake:
         if snap.status not in ("available", "error"):
             raise FakeError(400, "Invalid snapshot: Snapshot status must be available or error")
         snap.status = "deleting"
-        self._settle(snap)  # (synchronous until the provider waits: the next commit)
+        snap.busy = any(v.snapshot_id == snap.id for v in self._volumes.values())
+        self._later(snap)
 
     def _create_volume(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         spec = body.get("volume")
@@ -1530,7 +1576,7 @@ class OpenStackFake:
             raise FakeError(400, "Invalid volume: Volume still has dependent snapshots.")
         # in the background: ``deleting`` for settle_polls steps, then gone (404)
         volume.status = "deleting"
-        self._settle(volume)  # (synchronous until the provider waits: the next commit)
+        self._later(volume)
         return 202, {}, b""
 
     def _volume_action(
@@ -1743,6 +1789,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default="edge")
     parser.add_argument("--region", default="RegionOne")
     parser.add_argument("--flavor-ids", choices=("devstack", "uuid"), default="devstack")
+    parser.add_argument("--settle-polls", type=int, default=2)
     args = parser.parse_args(argv)
     fake = OpenStackFake(
         args.workdir,
@@ -1753,6 +1800,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         flavor_ids=args.flavor_ids,
     )
+    fake.settle_polls = args.settle_polls
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
