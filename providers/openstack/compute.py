@@ -580,7 +580,8 @@ class OpenStackCompute(Compute):
                     ),
                     "ready",
                     gib=gib,
-                    failed=lambda s: s in ("gone", "error_deleting"),
+                    # attached: not a temporary any more, never waited for
+                    failed=lambda s: s in ("gone", "error_deleting", "in-use", "attaching"),
                 )
                 del status
                 self._cinder(f"/{kind}s/{ident}", method="DELETE", missing_ok=True)
@@ -648,7 +649,9 @@ class OpenStackCompute(Compute):
         snapshots named or marked with a dead owner of this host, and its scratch files;
         and retry the deletes of this process that failed. Failures are logged, and the
         next sweep tries again. What was removed, as ``kind id`` lines."""
-        removed = self._remove(sorted(self._leftovers))
+        with self._lock:
+            pending = sorted(self._leftovers)
+        removed = self._remove(pending)
         doomed: list[tuple[str, str]] = []
         try:
             for server in self._pages("nova", "/servers/detail", "servers"):
