@@ -502,3 +502,23 @@ def test_the_boot_volumes_hw_properties_reach_the_restore_image(
     (image,) = [i for i in fake.images() if i["id"] == sink.image_ids[0]]
     assert {k: image["properties"].get(k) for k in properties} == properties
     sink.discard()
+
+
+# ---------------------------------------------------------------- 10: deletes waited for
+
+
+def test_a_delete_that_fails_is_logged_and_retried_by_the_next_sweep(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, _ = cloud
+    server = fake.seed_server("del-1", _image(5), FLAVOR, {"backup": "1-7"})
+    compute = make_compute()
+    fake.fail_next("DELETE", r"/snapshots/[^/]+$", 500)
+    with caplog.at_level("WARNING"), compute.capture(server) as capture:
+        dict(capture.read_ranges([(0, 4096)]))
+    (left,) = fake.snapshots()
+    assert left["id"] in caplog.text and "next sweep" in caplog.text
+    # the volume made from it was gone first: the snapshot is not busy, only refused once
+    assert len(fake.volumes()) == 1
+    assert f"snapshot {left['id']}" in compute.sweep()
+    assert fake.snapshots() == []
