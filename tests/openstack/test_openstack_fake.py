@@ -577,6 +577,16 @@ def test_metadata_on_volumes_and_snapshots_and_image_properties(cloud: OpenStack
     got = cinder(drv, f"/volumes/{volume['id']}")["volume"]
     assert got["metadata"] == owner and got["bootable"] == "true"
     assert got["volume_image_metadata"]["hw_disk_bus"] == "scsi"  # from the source volume
+    merged = cinder(drv, f"/volumes/{root}/metadata", "POST", {"metadata": {"k": "v"}})
+    assert merged["metadata"] == {"k": "v"}
+    drv._get_volume_connection().request(f"/volumes/{root}/metadata/k", method="DELETE")
+    assert cinder(drv, f"/volumes/{root}/metadata")["metadata"] == {}
+    done = {"metadata": {"rv-done": "1"}}
+    assert cinder(drv, f"/snapshots/{snap['id']}/metadata", "POST", done)["metadata"] == {
+        **owner,
+        "rv-done": "1",
+    }
+    cinder(drv, f"/snapshots/{snap['id']}/metadata", "PUT", {"metadata": owner})
     filtered = cinder(drv, '/volumes/detail?metadata={"rv-owner": "host:123:abc"}')
     assert [v["id"] for v in filtered["volumes"]] == [volume["id"]]
     assert [v["id"] for v in cinder(drv, "/volumes/detail")["volumes"]] == [root, volume["id"]]

@@ -33,16 +33,16 @@ openstack provider needs:
   pages of 25 with ``next`` as glance), data ``PUT`` (active) and data ``GET`` with
   ``Range: bytes=a-b`` (206 with ``Content-Range``; 416 past the end), ``delete``.
 - cinder v3: volumes ``get``, ``list``/``detail`` (``metadata`` filter), ``create`` (blank,
-  from ``snapshot_id`` or ``imageRef``; ``metadata``), ``delete`` (400 while attached or while
-  it has snapshots, as cinder answers; then ``deleting`` in the background, then 404), action
-  ``os-volume_upload_image`` (an in-use volume needs ``force``, as in cinder; the image is
-  ``saving``, then ``active``, with the volume's image metadata as its properties, and an
+  from ``snapshot_id`` or ``imageRef``; ``metadata``), ``metadata`` (as for snapshots: ``GET``,
+  ``POST`` merge, ``PUT`` replace, one key ``GET``/``DELETE``), ``delete`` (400 while attached
+  or while it has snapshots, as cinder answers; then ``deleting`` in the background, then 404),
+  action ``os-volume_upload_image`` (an in-use volume needs ``force``, as in cinder; the image
+  is ``saving``, then ``active``, with the volume's image metadata as its properties, and an
   encrypted volume's key id); snapshots ``create`` (an in-use volume needs ``force``;
   ``metadata``), ``get``, ``list``/``detail`` (``metadata`` filter), ``delete`` (202, then
-  ``deleting`` and gone; while a volume made from it exists it goes back to ``available``,
-  as cinder on RBD when the backend says SnapshotIsBusy). Volumes show ``bootable``,
-  ``encrypted`` and, made from an image (or from a snapshot of such a volume),
-  ``volume_image_metadata``.
+  ``deleting`` and gone; while a volume made from it exists it goes back to ``available``, as
+  cinder on RBD when the backend says SnapshotIsBusy). Volumes show ``bootable``, ``encrypted``
+  and, made from an image (or from a snapshot of such a volume), ``volume_image_metadata``.
 
 Asynchrony: as in a cloud, what a request starts goes on whether or not anyone polls it.
 A server is ``BUILD``, a volume or a snapshot ``creating``, an uploaded image ``saving`` (its
@@ -1489,13 +1489,17 @@ class OpenStackFake:
                 return self._delete_volume(volume)
             if rest[2:] == ["action"] and method == "POST":
                 return self._volume_action(volume, _body(body))
-        if len(rest) == 2 and rest[0] == "snapshots":
+            if rest[2:3] == ["metadata"]:
+                return _cinder_metadata(volume, rest[3:], method, body)
+        if len(rest) >= 2 and rest[0] == "snapshots":
             snap = self._snapshots.get(rest[1])
             if snap is None:
                 raise FakeError(404, f"Snapshot {rest[1]} could not be found.")
-            if method == "GET":
+            if rest[2:3] == ["metadata"]:
+                return _cinder_metadata(snap, rest[3:], method, body)
+            if len(rest) == 2 and method == "GET":
                 return _json(200, {"snapshot": self._snapshot_json(snap)})
-            if method == "DELETE":
+            if len(rest) == 2 and method == "DELETE":
                 self._delete_snapshot(snap)
                 return 202, {}, b""
         raise FakeError(404, f"The resource could not be found: {'/'.join(rest)}")
@@ -1677,6 +1681,32 @@ def _body(body: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FakeError(400, "Malformed request body")
     return obj
+
+
+def _cinder_metadata(
+    thing: _Volume | _Snapshot, key: list[str], method: str, body: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """cinder's ``.../metadata``: ``GET``, ``POST`` (merge), ``PUT`` (replace), and one key's
+    ``GET``/``DELETE``."""
+    if not key:
+        if method == "GET":
+            return _json(200, {"metadata": dict(thing.metadata)})
+        if method in ("POST", "PUT"):
+            given = _body(body).get("metadata")
+            if not isinstance(given, dict):
+                raise FakeError(400, "Malformed request body")
+            metadata = _metadata(given)
+            thing.metadata = metadata if method == "PUT" else {**thing.metadata, **metadata}
+            return _json(200, {"metadata": dict(thing.metadata)})
+    elif len(key) == 1 and key[0] in thing.metadata:
+        if method == "GET":
+            return _json(200, {"meta": {key[0]: thing.metadata[key[0]]}})
+        if method == "DELETE":
+            del thing.metadata[key[0]]
+            return 200, {}, b""
+    elif len(key) == 1 and method in ("GET", "DELETE"):
+        raise FakeError(404, f"Metadata item was not found: {key[0]}")
+    raise FakeError(404, f"The resource could not be found: metadata/{'/'.join(key)}")
 
 
 def _metadata_filter(query: dict[str, list[str]]) -> dict[str, str]:
