@@ -40,6 +40,7 @@ for at most ``wait_timeout`` seconds plus ``wait_per_gib`` per GiB of the volume
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -258,13 +259,16 @@ class OpenStackCompute(Compute):
 
         return self._call(f"glance {method} {path}", call, missing_ok=missing_ok)
 
-    def _pages(self, service: str, path: str, key: str) -> list[dict[str, Any]]:
+    def _pages(
+        self, service: str, path: str, key: str, params: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """Every item of a nova or cinder listing, following its ``<key>_links`` pages."""
         conn = "connection" if service == "nova" else "volumev3_connection"
 
         def call() -> Any:
             driver = self.driver
-            return driver._paginated_request(path, key, getattr(driver, conn))[key]
+            found = driver._paginated_request(path, key, getattr(driver, conn), dict(params or {}))
+            return found[key]
 
         return list(self._call(f"{service} listing {path}", call))
 
@@ -573,7 +577,7 @@ class OpenStackCompute(Compute):
                 self._nova(f"/servers/{ident}", method="DELETE", missing_ok=True)
                 self._wait(f"deleting server {ident}", lambda: self._status_of(kind, ident), "gone")
             else:
-                status = self._wait(
+                self._wait(
                     f"{kind} {ident} (to delete it)",
                     lambda: (
                         "ready" if (s := self._status_of(kind, ident).lower()) in _DELETABLE else s
@@ -583,7 +587,6 @@ class OpenStackCompute(Compute):
                     # attached: not a temporary any more, never waited for
                     failed=lambda s: s in ("gone", "error_deleting", "in-use", "attaching"),
                 )
-                del status
                 self._cinder(f"/{kind}s/{ident}", method="DELETE", missing_ok=True)
                 self._wait(
                     f"deleting {kind} {ident}",
@@ -592,7 +595,7 @@ class OpenStackCompute(Compute):
                     failed=lambda s: s in _DELETABLE or s == "error_deleting",
                 )
         except ComputeError as exc:
-            if "is gone" in exc.message:
+            if exc.message.endswith(" is gone"):  # gone before its delete: done
                 self._leftovers.discard((kind, ident))
                 return True
             log.warning(
@@ -662,8 +665,10 @@ class OpenStackCompute(Compute):
                 owner = self._owner_of(image.get("name"), image)
                 if self._is_ours(image.get("name"), image) and self._dead(owner):
                     doomed.append(("image", str(image["id"])))
+            # cinder filters by metadata: only the temporaries of captures are listed
+            wanted = {"metadata": json.dumps({PURPOSE_KEY: "capture"})}
             for kind in ("volume", "snapshot"):
-                for item in self._pages("cinder", f"/{kind}s/detail", f"{kind}s"):
+                for item in self._pages("cinder", f"/{kind}s/detail", f"{kind}s", wanted):
                     marks = item.get("metadata") or {}
                     owner = self._owner_of(item.get("name"), marks)
                     if self._is_ours(item.get("name"), marks) and self._dead(owner):
