@@ -522,3 +522,31 @@ def test_a_delete_that_fails_is_logged_and_retried_by_the_next_sweep(
     assert len(fake.volumes()) == 1
     assert f"snapshot {left['id']}" in compute.sweep()
     assert fake.snapshots() == []
+
+
+def test_a_restore_of_several_disks_uploads_each_and_a_refused_boot_leaves_nothing(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Each disk becomes an image of its own, booted as one block_device_mapping_v2 row
+    each; the fake makes only the boot row (docs/edge-compute.md, Limits) and refuses the
+    request, as nova refuses a mapping it cannot make: the launch fails, nothing stays."""
+    from regionvault.core.types import Disk
+
+    fake, _ = cloud
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    compute = make_compute(scratch_dir=str(scratch))
+    disks = [Disk("/dev/vda", 0, MiB), Disk("/dev/vdb", MiB, MiB)]
+    spec = LaunchSpec(name="two", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=2 * MiB, disks=disks)
+    sink.write(0, b"a" * 4096)
+    sink.write(MiB, b"b" * 4096)
+    sink.commit()
+    assert len(sink.image_ids) == 2
+    assert [fake.image_bytes(i)[:4096] for i in sink.image_ids] == [b"a" * 4096, b"b" * 4096]
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(ComputeError, match="Block Device Mapping"):
+        compute.launch(spec, sink)
+    fake.settle()
+    assert fake.servers() == [] and fake.volumes() == []
+    assert [i for i in fake.images() if i["name"].startswith("rv-")] == []
