@@ -63,6 +63,7 @@ from regionvault.core.errors import (
     ConfigError,
     InstanceNotFound,
     RegionVaultError,
+    TransientError,
     UnsupportedOperation,
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, Compute
@@ -118,6 +119,8 @@ _PROPERTY = re.compile(r"^(?:hw|os)_[a-z0-9_]{1,64}$")
 _NAME_OWNER = re.compile(r"^rv-(?:capture|restore)-([A-Za-z0-9]+)-")
 _SCRATCH_OWNER = re.compile(rf"^{SCRATCH_PREFIX}([A-Za-z0-9]+)-")
 _GONE = {"deleted", "soft_deleted", "terminated"}
+#: how many looks in a row at something being made or deleted may fail transiently
+POLL_RETRIES = 5
 #: cinder statuses from which a volume or snapshot can be deleted
 _DELETABLE = {"available", "error", "error_restoring", "error_extending", "error_managing"}
 
@@ -299,13 +302,26 @@ class OpenStackCompute(Compute):
     ) -> str:
         """Poll until ``poll()`` says ``ready`` (or, for a wait for a delete, ``gone``);
         backing off from ``poll_interval`` to ``max_poll_interval``, for at most
-        ``wait_timeout`` plus ``wait_per_gib`` for each of ``gib`` GiB."""
+        ``wait_timeout`` plus ``wait_per_gib`` for each of ``gib`` GiB. A look that fails
+        transiently is made again (up to :data:`POLL_RETRIES` times in a row): one 503
+        must not undo a long copy that goes on in the cloud."""
         settings = self.settings
         timeout = settings.wait_timeout + gib * settings.wait_per_gib
         deadline = time.monotonic() + timeout
         delay = settings.poll_interval
+        missed = 0
         while True:
-            status = poll().lower()
+            try:
+                status = poll().lower()
+            except TransientError as exc:
+                missed += 1
+                if missed > POLL_RETRIES or time.monotonic() > deadline:
+                    raise
+                log.info("%s: %s: a look failed, looking again: %s", self.region, what, exc.message)
+                time.sleep(delay)
+                delay = min(delay * 1.5, settings.max_poll_interval)
+                continue
+            missed = 0
             if status == ready:
                 return status
             if (failed or _failed)(status):

@@ -443,9 +443,9 @@ def test_a_create_whose_answer_was_lost_is_found_and_removed(
     assert [i["name"] for i in fake.images() if i["name"].startswith("rv-")] == []
 
 
-@pytest.mark.parametrize("method, path", [("POST", r"/servers$"), ("GET", r"/servers/[^/]+$")])
+@pytest.mark.parametrize("after", [True, False])
 def test_a_boot_whose_answer_was_lost_leaves_no_server(
-    cloud: tuple[Any, str], make_compute: Callable[..., Any], method: str, path: str
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], after: bool
 ) -> None:
     fake, _ = cloud
     compute = make_compute()
@@ -454,7 +454,7 @@ def test_a_boot_whose_answer_was_lost_leaves_no_server(
     sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(data))
     sink.write(0, data)
     sink.commit()
-    fake.fail_next(method, path, 503, after=True)
+    fake.fail_next("POST", r"/servers$", 503, after=after)
     with pytest.raises(TransientError):
         compute.launch(spec, sink)
     fake.settle()
@@ -550,3 +550,36 @@ def test_a_restore_of_several_disks_uploads_each_and_a_refused_boot_leaves_nothi
     fake.settle()
     assert fake.servers() == [] and fake.volumes() == []
     assert [i for i in fake.images() if i["name"].startswith("rv-")] == []
+
+
+def test_a_look_that_fails_once_does_not_undo_a_boot(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any]
+) -> None:
+    fake, _ = cloud
+    compute = make_compute()
+    data = _image(8)
+    spec = LaunchSpec(name="vcu-restored", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=len(data))
+    sink.write(0, data)
+    sink.commit()
+    # the first look at the booting server is answered 503 (p6: a lost GET after the POST)
+    fake.fail_next("GET", r"/servers/[0-9a-f-]{36}$", 503, after=True)
+    launched = compute.launch(spec, sink)
+    (server,) = fake.servers()
+    assert server["id"] == launched.id and server["metadata"] == {"backup": "1-7"}
+
+
+def test_looks_that_keep_failing_end_the_wait(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compute = make_compute()
+    monkeypatch.setattr(compute_module.time, "sleep", lambda s: None)
+    looks: list[int] = []
+
+    def down() -> str:
+        looks.append(1)
+        raise TransientError("503", provider="openstack")
+
+    with pytest.raises(TransientError):
+        compute._wait("volume v", down, "available")
+    assert len(looks) == compute_module.POLL_RETRIES + 1
