@@ -880,7 +880,7 @@ class Engine:
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
             name=launch_name(r, point, name),
-            tags=point.tags.without([SLOT_TAG]),
+            tags=point.tags.without([SLOT_TAG, RUN_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
