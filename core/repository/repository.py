@@ -42,6 +42,7 @@ from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._links import keyed_tag
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import (
+    ManifestCache,
     decode_manifest,
     encode_manifest,
     load_manifests,
@@ -102,6 +103,9 @@ class Repository:
         self.settings = settings or RepositorySettings()
         self._store = Store(vault, keys, region=region, settings=self.settings)
         self._opened = False
+        #: the manifests this object has decrypted (immutable once written): a listing
+        #: decrypts only the new ones (:class:`ManifestCache`)
+        self._manifests = ManifestCache()
 
     # ------------------------------------------------------------------ opening
 
@@ -333,7 +337,7 @@ class Repository:
             return manifest
         candidates = [
             m
-            for m in load_manifests(self._store, tolerant=True)[0]
+            for m in load_manifests(self._store, tolerant=True, cache=self._manifests)[0]
             if m.point.instance_id == instance.id and m.point.kind is capture.kind
         ]
         return candidates[-1] if candidates else None
@@ -343,11 +347,15 @@ class Repository:
     def points(
         self, instance_id: str | None = None, *, tolerant: bool = False
     ) -> list[RecoveryPoint]:
-        """Every recovery point (of ``instance_id``, if given), oldest first. Listing
-        decrypts each manifest: nothing about a point is readable without the keys. With
-        ``tolerant``, a manifest that cannot be read is logged (naming it) and left out
-        instead of raising :class:`IntegrityError`."""
-        manifests, problems = load_manifests(self._ensure_open(), tolerant=tolerant)
+        """Every recovery point (of ``instance_id``, if given), oldest first. Each call lists
+        the vault's manifests once; a manifest is decrypted the first time this object
+        lists it and kept (immutable once written: :class:`ManifestCache`), so nothing
+        about a point is readable without the keys, and a listing costs one decryption per
+        point new since the last. With ``tolerant``, a manifest that cannot be read is
+        logged (naming it) and left out instead of raising :class:`IntegrityError`."""
+        manifests, problems = load_manifests(
+            self._ensure_open(), tolerant=tolerant, cache=self._manifests
+        )
         for problem in problems:
             log.warning("%s: a point left out of the listing: %s", self.region, problem)
         return [
@@ -552,6 +560,7 @@ class Repository:
                 )
         for name in names:
             store.vault.delete(name)
+            self._manifests.discard(name)
         return [name[len(fmt.POINT_PREFIX) :] for name in names]
 
     def forget_expired(
