@@ -7,11 +7,13 @@ import hashlib
 import os
 import stat
 import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import pytest
 from regionvault.core import (
     BlockCapture,
     BlockSink,
@@ -24,7 +26,9 @@ from regionvault.core import (
     Vault,
 )
 from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.repository._format import POINT_PREFIX
 from regionvault.providers.local.compute import LocalFileCapture
+from regionvault.providers.local.vault import LocalVault
 
 INSTANCE = Instance(id="i-test", name="test-nf", region="local:east")
 
@@ -186,3 +190,36 @@ class MemoryVault(Vault):
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
         with self._lock:
             self.objects.pop(name, None)
+
+
+class ManifestReads:
+    """Counts, per region, the manifest GETs and the listings of ``points/`` that every
+    :class:`LocalVault` makes while it is installed (``monkeypatch`` undoes it): each GET of
+    a manifest is one decryption."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gets: Counter[str] = Counter()
+        self.lists: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        get, list_ = LocalVault.get, LocalVault.list
+        reads = self
+
+        def counted_get(vault: LocalVault, name: str, **kwargs: Any) -> bytes:
+            if name.startswith(POINT_PREFIX):
+                with reads._lock:
+                    reads.gets[vault.region] += 1
+            return get(vault, name, **kwargs)
+
+        def counted_list(vault: LocalVault, prefix: str = "") -> Iterator[ObjectInfo]:
+            if prefix.startswith(POINT_PREFIX):
+                with reads._lock:
+                    reads.lists[vault.region] += 1
+            return list_(vault, prefix)
+
+        monkeypatch.setattr(LocalVault, "get", counted_get)
+        monkeypatch.setattr(LocalVault, "list", counted_list)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.gets.clear()
+            self.lists.clear()

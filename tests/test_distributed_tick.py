@@ -51,7 +51,7 @@ from regionvault.core.pipeline.scheduler import ScheduleReport
 from regionvault.core.plugins import hookimpl
 from regionvault.core.site import Region, Site
 from regionvault.providers.local.keys import LocalKeyService
-from repository_support import snapshot
+from repository_support import ManifestReads, snapshot
 from site_support import open_site, region_root, site_toml, worker_site
 
 EAST, WEST = "local:east", "local:west"
@@ -453,3 +453,40 @@ def test_a_region_with_no_workers_sits_out_the_rest_of_the_tick(
     assert len(said) == 1 and WEST in said[0] and "region.local:west" in said[0]
     ran_east = {o.kind for o in report.jobs if o.region == EAST and o.ok}
     assert {TAG, BACKUP, COPY_OFFER, RETENTION} <= ran_east
+
+
+@pytest.mark.parametrize("count", [4, 16])
+def test_a_distributed_ticks_plans_decrypt_each_manifest_about_once(
+    site: Site,
+    east: Region,
+    west: Region,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+) -> None:
+    """Issues #18, #21: each plan job lists its region once, and a worker decrypts each
+    manifest once (the old code: every instance's every plan listed and decrypted them all,
+    count² a pass, in each of six passes)."""
+    for i in range(count):
+        root = tmp_path / "data" / f"nf-{i}"
+        root.mkdir(parents=True)
+        (root / "db.bin").write_bytes(i.to_bytes(4, "big") * 256)
+        east.compute.register_instance(f"nf-{i}", root, tags={"backup": "1-7"})
+    east.sealer(), west.sealer()
+    site.close()
+    deployment = Deployment(tmp_path, east, west, monkeypatch)
+    reads = ManifestReads(monkeypatch)
+    report, _ = deployment.tick()
+    assert report.ok, (report.problems, [o.error for o in report.failures()])
+    assert worked(report).count(BACKUP) == worked(report).count(COPY_COMMIT) == count
+    assert reads.gets[EAST] <= 3 * count + 8, reads.gets
+    assert reads.gets[WEST] <= 3 * count + 8, reads.gets
+
+    # the next tick, on new workers, with nothing due: planning alone
+    reads.reset()
+    deployment.now[0] = T0.replace(second=30)
+    again, _ = deployment.tick()
+    assert again.ok and BACKUP not in worked(again) and COPY_COMMIT not in worked(again)
+    assert reads.gets[EAST] <= count and reads.gets[WEST] <= count, reads.gets
+    # plan-backups and one plan-offers pass (none makes a job), per region
+    assert reads.lists[EAST] <= 4 and reads.lists[WEST] <= 4, reads.lists

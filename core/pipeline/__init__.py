@@ -7,7 +7,7 @@ reports. Embedders import from here::
 
 from __future__ import annotations
 
-from regionvault.core.pipeline.engine import DEFAULT_COPY_GRACE, SLOT_TAG, Engine
+from regionvault.core.pipeline.engine import DEFAULT_COPY_GRACE, SLOT_TAG, Engine, PointsView
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow, TickReport
 from regionvault.core.pipeline.service import Service, job_handlers, run_chains
 
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_COPY_GRACE",
     "SLOT_TAG",
     "Engine",
+    "PointsView",
     "RestoreResult",
     "RetentionReport",
     "Service",

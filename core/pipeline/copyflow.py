@@ -54,7 +54,7 @@ from regionvault.core.repository import (
 from regionvault.core.types import RecoveryPoint
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline.engine import Engine
+    from regionvault.core.pipeline.engine import Engine, PointsView
     from regionvault.core.pipeline.reports import TickReport
 
 __all__ = ["CopyFlow"]
@@ -458,18 +458,24 @@ class CopyFlow:
                     )
         return first, then
 
-    def offer_jobs(self, region: str, slot: datetime, report: TickReport) -> list[Job]:
+    def offer_jobs(
+        self, region: str, slot: datetime, report: TickReport, view: PointsView | None = None
+    ) -> list[Job]:
         """``copy-offer`` jobs for :meth:`offers_due`, each tracked: it records when it
         offered, so that ``region`` waits ``copy_grace`` for the receipt."""
         return [
             copy_phase_job(COPY_OFFER, region, point.id, dest, slot=slot, payload={"track": True})
-            for point, dest in self.offers_due(report, report.at)
+            for point, dest in self.offers_due(report, report.at, view)
         ]
 
-    def offers_due(self, report: TickReport, now: datetime) -> list[tuple[RecoveryPoint, str]]:
+    def offers_due(
+        self, report: TickReport, now: datetime, view: PointsView | None = None
+    ) -> list[tuple[RecoveryPoint, str]]:
         """``(point, destination)`` for the newest point of each instance of the tick's
         region and each region its policy copies to, unless the region's vault holds a
-        receipt for it or it was offered less than ``copy_grace`` ago."""
+        receipt for it or it was offered less than ``copy_grace`` ago. The points are
+        ``view``'s (by default a new :meth:`Engine.points_view`: one listing per region)."""
+        view = view or self.engine.points_view()
         due: list[tuple[RecoveryPoint, str]] = []
         tracker: CopyTracker | None = None
         for schedule in report.schedule:
@@ -477,7 +483,7 @@ class CopyFlow:
             for instance in instances:
                 try:
                     policy = resolve_policy(instance, self.engine.site.config)
-                    point = self.engine.newest_point(instance)
+                    point = view.newest_point(instance)
                     if policy is None or point is None:
                         continue
                     if tracker is None:
@@ -493,17 +499,21 @@ class CopyFlow:
                     report.problems.append(f"{instance.id}: copy: {exc}")
         return due
 
-    def copies_due(self, report: TickReport) -> list[tuple[RecoveryPoint, str]]:
+    def copies_due(
+        self, report: TickReport, view: PointsView | None = None
+    ) -> list[tuple[RecoveryPoint, str]]:
         """``(point, destination)`` for every destination of every instance's newest point
         that the destination does not hold yet (new points, and copies an earlier tick did
-        not finish)."""
+        not finish). The points are ``view``'s (by default a new :meth:`Engine.points_view`,
+        taken now: it sees the backups of the tick so far), one listing per region."""
+        view = view or self.engine.points_view()
         due: list[tuple[RecoveryPoint, str]] = []
         for schedule in report.schedule:
             instances = [d.instance for d in schedule.due] + [n.instance for n in schedule.not_due]
             for instance in instances:
                 try:
                     policy = resolve_policy(instance, self.engine.site.config)
-                    point = self.engine.newest_point(instance)
+                    point = view.newest_point(instance)
                 except RegionVaultError as exc:
                     report.problems.append(f"{instance.id}: copy: {exc}")
                     continue
@@ -512,7 +522,7 @@ class CopyFlow:
                 for dest in policy.copy_to:
                     held = {
                         p.lineage.source_recovery_point
-                        for p in self.engine.points(str(dest), instance.id)
+                        for p in view.points(str(dest), instance.id)
                         if p.lineage is not None
                     }
                     if point.id not in held:

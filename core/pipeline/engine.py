@@ -78,6 +78,7 @@ __all__ = [
     "DEFAULT_KEPT_PENDING_LIMIT",
     "SLOT_TAG",
     "Engine",
+    "PointsView",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,39 @@ def _made_by(entry: KeptCapture, points: dict[str, RecoveryPoint]) -> bool:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class PointsView:
+    """The recovery points of the site's regions as one listing of each showed them, for
+    one planning step (a tick's schedule, its copy planning, one plan job): each region's
+    vault is listed once, when first asked about, however many instances ask (and its
+    manifests decrypted only when new: :meth:`Repository.points`). Take a new view for each
+    step: a point made or forgotten after its region was listed is not seen by this one.
+    A listing that fails is not kept: the next question lists again (and fails alike, for
+    a damaged manifest, as :meth:`Engine.points` does). Thread-safe."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._listed: dict[str, dict[str, list[RecoveryPoint]]] = {}
+
+    def points(self, region: str, instance_id: str) -> list[RecoveryPoint]:
+        """:meth:`Engine.points` of ``region`` and ``instance_id``, from this view's
+        listing of ``region``."""
+        name = self._engine.region(region).name
+        with self._lock:
+            listed = self._listed.get(name)
+            if listed is None:
+                listed = {}
+                for point in self._engine.points(name):
+                    listed.setdefault(point.instance_id, []).append(point)
+                self._listed[name] = listed
+        return list(listed.get(instance_id, ()))
+
+    def newest_point(self, instance: Instance) -> RecoveryPoint | None:
+        """:meth:`Engine.newest_point`, from this view's listing of the home region."""
+        points = [p for p in self.points(instance.region, instance.id) if p.lineage is None]
+        return points[-1] if points else None
 
 
 class Engine:
@@ -215,6 +249,12 @@ class Engine:
         except RepositoryNotFound:
             return []
         return repo.points(instance_id)
+
+    def points_view(self) -> PointsView:
+        """A :class:`PointsView`: one listing per region for a planning step's questions
+        about many instances (the scheduler's, the copy flow's), instead of one per
+        instance."""
+        return PointsView(self)
 
     def find_point(self, point_id: str, region: str | None = None) -> RecoveryPoint:
         """A recovery point by id (a unique prefix of at least 6 characters is enough), in

@@ -49,7 +49,7 @@ from regionvault.core.pipeline.reports import TickReport
 from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline.engine import Engine
+    from regionvault.core.pipeline.engine import Engine, PointsView
     from regionvault.core.types import Instance
 
 __all__ = [
@@ -77,10 +77,13 @@ def is_distributed(executor: Executor | None) -> bool:
     return getattr(executor, "distributed", False) is True
 
 
-def newest_slot(engine: Engine, instance: Instance) -> datetime | None:
+def newest_slot(
+    engine: Engine, instance: Instance, view: PointsView | None = None
+) -> datetime | None:
     """The schedule slot of ``instance``'s newest recovery point in its home region (its
-    creation time when it has none), None when it has no point there."""
-    point = engine.newest_point(instance)
+    creation time when it has none), None when it has no point there. With ``view`` (a
+    planning step's :meth:`Engine.points_view`), from its listing of the region."""
+    point = (view or engine).newest_point(instance)
     if point is None:
         return None
     slot = point.tags.get(SLOT_TAG)
@@ -101,16 +104,16 @@ def _plan_handlers(engine: Engine) -> dict[str, Callable[[Job], Any]]:
             raise RegionVaultError(f"job {job.key}: payload lacks 'at'") from None
         return here, at, slot_of(at, engine.site.config.schedule_interval)
 
-    def schedule_of(here: str, at: datetime) -> ScheduleReport:
+    def schedule_of(here: str, at: datetime, view: PointsView) -> ScheduleReport:
         region = engine.region(here)
         return due_instances(
-            region.compute, lambda i: newest_slot(engine, i), engine.site.config, at
+            region.compute, lambda i: newest_slot(engine, i, view), engine.site.config, at
         )
 
     def plan_backups(job: Job) -> Any:
         here, at, _ = where(job)
         try:
-            schedule = schedule_of(here, at)
+            schedule = schedule_of(here, at, engine.points_view())
         except RegionVaultError as exc:
             return {"jobs": [], "schedule": None, "problems": [f"{here}: schedule: {exc}"]}
         return {
@@ -132,12 +135,14 @@ def _plan_handlers(engine: Engine) -> dict[str, Callable[[Job], Any]]:
     def plan_offers(job: Job) -> Any:
         here, at, slot = where(job)
         scratch = TickReport(at=at, region=here)
+        # one listing of the region answers the schedule and the offers alike
+        view = engine.points_view()
         try:
-            scratch.schedule.append(schedule_of(here, at))
+            scratch.schedule.append(schedule_of(here, at, view))
         except RegionVaultError as exc:
             # the region's own tick offers nothing then either; the tick says why
             return {"jobs": [], "problems": [f"{here}: schedule: {exc}"]}
-        jobs = flow.offer_jobs(here, slot, scratch)
+        jobs = flow.offer_jobs(here, slot, scratch, view)
         return {"jobs": [j.to_dict() for j in jobs], "problems": scratch.problems}
 
     return {PLAN_BACKUPS: plan_backups, PLAN_INBOX: plan_inbox, PLAN_OFFERS: plan_offers}
@@ -345,9 +350,9 @@ class Service:
             report.problems.append(f"regionvault_after_tick hook failed for {where}: {error}")
         return report
 
-    def _newest_slot(self, instance: Instance) -> datetime | None:
-        """:func:`newest_slot` of this service's engine."""
-        return newest_slot(self.engine, instance)
+    def _newest_slot(self, view: PointsView) -> Callable[[Instance], datetime | None]:
+        """:func:`newest_slot` of this service's engine, from ``view``."""
+        return lambda instance: newest_slot(self.engine, instance, view)
 
     def tick(self, region: str | None = None, *, stop: threading.Event | None = None) -> TickReport:
         """One pass: tag every region, back up what is due, copy new points where their
@@ -376,9 +381,10 @@ class Service:
                 report, executor.run([tag_job(r.name, tag_slot) for r in engine.site.regions])
             )
             backups: list[Job] = []
+            view = engine.points_view()
             for r in engine.site.regions:
                 try:
-                    schedule = due_instances(r.compute, self._newest_slot, cfg, now)
+                    schedule = due_instances(r.compute, self._newest_slot(view), cfg, now)
                 except RegionVaultError as exc:
                     report.problems.append(f"{r.name}: schedule: {exc}")
                     continue
@@ -435,7 +441,9 @@ class Service:
         with self._executor(stop) as executor:
             self._ran(report, executor.run([tag_job(here.name, slot_of(now, cfg.tag_interval))]))
             try:
-                schedule = due_instances(here.compute, self._newest_slot, cfg, now)
+                schedule = due_instances(
+                    here.compute, self._newest_slot(self.engine.points_view()), cfg, now
+                )
             except RegionVaultError as exc:
                 report.problems.append(f"{here.name}: schedule: {exc}")
             else:

@@ -42,9 +42,10 @@ from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._links import keyed_tag
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import (
+    PointCache,
     decode_manifest,
     encode_manifest,
-    load_manifests,
+    load_points,
     tree_records,
 )
 from regionvault.core.repository._pipeline import Fetcher
@@ -102,6 +103,9 @@ class Repository:
         self.settings = settings or RepositorySettings()
         self._store = Store(vault, keys, region=region, settings=self.settings)
         self._opened = False
+        #: the points of the manifests this object has decrypted (immutable once
+        #: written): a listing decrypts only the new ones (:class:`PointCache`)
+        self._points = PointCache()
 
     # ------------------------------------------------------------------ opening
 
@@ -331,28 +335,30 @@ class Repository:
             if manifest.point.kind is not capture.kind:
                 raise ValueError(f"parent {parent} is a {manifest.point.kind} point")
             return manifest
-        candidates = [
-            m
-            for m in load_manifests(self._store, tolerant=True)[0]
-            if m.point.instance_id == instance.id and m.point.kind is capture.kind
-        ]
-        return candidates[-1] if candidates else None
+        candidates = [p for p in self.points(instance.id, tolerant=True) if p.kind is capture.kind]
+        for candidate in reversed(candidates):
+            try:
+                return self.load_manifest(candidate.id)
+            except (IntegrityError, ObjectNotFound) as exc:
+                # damaged or forgotten since it was listed: the one before will do
+                log.warning("backup in %s: parent %s not used: %s", self.region, candidate.id, exc)
+        return None
 
     # ------------------------------------------------------------------ reading
 
     def points(
         self, instance_id: str | None = None, *, tolerant: bool = False
     ) -> list[RecoveryPoint]:
-        """Every recovery point (of ``instance_id``, if given), oldest first. Listing
-        decrypts each manifest: nothing about a point is readable without the keys. With
-        ``tolerant``, a manifest that cannot be read is logged (naming it) and left out
-        instead of raising :class:`IntegrityError`."""
-        manifests, problems = load_manifests(self._ensure_open(), tolerant=tolerant)
+        """Every recovery point (of ``instance_id``, if given), oldest first. Each call lists
+        the vault's manifests once; a manifest is decrypted the first time this object
+        lists it and its point kept (immutable once written: :class:`PointCache`), so nothing
+        about a point is readable without the keys, and a listing costs one decryption per
+        point new since the last. With ``tolerant``, a manifest that cannot be read is
+        logged (naming it) and left out instead of raising :class:`IntegrityError`."""
+        points, problems = load_points(self._ensure_open(), self._points, tolerant=tolerant)
         for problem in problems:
             log.warning("%s: a point left out of the listing: %s", self.region, problem)
-        return [
-            m.point for m in manifests if instance_id is None or m.point.instance_id == instance_id
-        ]
+        return [p for p in points if instance_id is None or p.instance_id == instance_id]
 
     def load_manifest(self, point_id: str) -> Manifest:
         """The manifest of ``point_id``, authenticated; :class:`ObjectNotFound` if absent."""
@@ -552,6 +558,7 @@ class Repository:
                 )
         for name in names:
             store.vault.delete(name)
+            self._points.discard(name)
         return [name[len(fmt.POINT_PREFIX) :] for name in names]
 
     def forget_expired(
