@@ -24,7 +24,7 @@ from regionvault.core.fsutil import write_atomic
 from regionvault.core.pipeline.jobs import JobOutcome, _utc
 from regionvault.core.procs import ProcessIdentity
 
-__all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock", "runner_name"]
+__all__ = ["JobLedger", "JobLock", "Ledger", "LedgerLock", "RenewingLock", "runner_name"]
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,22 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-class JobLock:
-    """A held lock on one job key (see :meth:`JobLedger.acquire`). While held, a background
-    thread renews its expiry every third of the ledger's ``lock_ttl``."""
+class RenewingLock:
+    """A held lock on one job key that a background thread renews every third of
+    ``lock_ttl`` until it is released. A ledger's lock says how one renewal and the release
+    are done (:meth:`_renew_once`, :meth:`_release_once`); :attr:`lost` is set once a
+    renewal finds the lock no longer ours (expired and taken by another runner, or gone)."""
 
-    def __init__(self, ledger: JobLedger, key: str, path: Path, token: str) -> None:
-        self.ledger = ledger
+    #: what a failed renewal may raise that a later one may get past (logged, not raised)
+    transient: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self, key: str, token: str, lock_ttl: timedelta) -> None:
         self.key = key
-        self.path = path
         self.token = token
+        self.lock_ttl = lock_ttl
         self._released = threading.Event()
+        #: set once this holder finds its lock gone
+        self.lost = threading.Event()
         self._renewer = threading.Thread(
             target=self._renew_loop, name=f"regionvault-lock-{key[:40]}", daemon=True
         )
@@ -107,33 +113,64 @@ class JobLock:
         return self._released.is_set()
 
     def _renew_loop(self) -> None:
-        interval = self.ledger.lock_ttl.total_seconds() / 3
+        interval = self.lock_ttl.total_seconds() / 3
         while not self._released.wait(interval):
             try:
                 if not self.renew():
                     if not self.released:
-                        log.error("lost the lock of job %s (it expired and was broken)", self.key)
+                        log.error("lost the lock of job %s (it expired and was taken)", self.key)
                     return
-            except OSError as exc:
+            except self.transient as exc:
+                # the store unreachable for a moment: a later renewal may reach it; if none
+                # does within lock_ttl, the lock expires and renew() then says it is lost
                 log.warning("renewing the lock of job %s failed: %s", self.key, exc)
 
     def renew(self) -> bool:
-        """Push the expiry forward; False if the lock is no longer ours."""
-        return self.ledger._renew(self)
+        """Push the expiry forward by ``lock_ttl``; False if the lock is no longer ours (and
+        :attr:`lost` is then set)."""
+        if self.lost.is_set():
+            return False
+        if self._renew_once():
+            return True
+        self.lost.set()
+        return False
 
     def release(self) -> None:
+        """Give the lock up (once; the renewals stop first)."""
         if self._released.is_set():
             return
         self._released.set()
         if self._renewer is not threading.current_thread():
             self._renewer.join()
-        self.ledger._release(self)
+        self._release_once()
 
-    def __enter__(self) -> JobLock:
+    def _renew_once(self) -> bool:
+        raise NotImplementedError
+
+    def _release_once(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> RenewingLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class JobLock(RenewingLock):
+    """A held lock on one job key (see :meth:`JobLedger.acquire`): a lock file, renewed by a
+    background thread every third of the ledger's ``lock_ttl``."""
+
+    def __init__(self, ledger: JobLedger, key: str, path: Path, token: str) -> None:
+        self.ledger = ledger
+        self.path = path
+        super().__init__(key, token, ledger.lock_ttl)
+
+    def _renew_once(self) -> bool:
+        return self.ledger._renew(self)
+
+    def _release_once(self) -> None:
+        self.ledger._release(self)
 
 
 class JobLedger:

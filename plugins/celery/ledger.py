@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -49,7 +48,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from regionvault.core.errors import RegionVaultError, TransientError
 from regionvault.core.pipeline.jobs import JobOutcome
-from regionvault.core.pipeline.ledger import runner_name
+from regionvault.core.pipeline.ledger import RenewingLock, runner_name
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline.ledger import Ledger, LedgerLock
@@ -130,57 +129,24 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisLock:
-    """A held lock on one job key (see :meth:`RedisLedger.acquire`). While held, a
-    background thread renews its expiry every third of the ledger's ``lock_ttl``."""
+class RedisLock(RenewingLock):
+    """A held lock on one job key (see :meth:`RedisLedger.acquire`): a Redis key holding its
+    token, renewed by a background thread every third of the ledger's ``lock_ttl``
+    (:class:`~regionvault.core.pipeline.ledger.RenewingLock`)."""
+
+    #: Redis unreachable for a moment
+    transient = (RegionVaultError,)
 
     def __init__(self, ledger: RedisLedger, key: str, token: str) -> None:
         self.ledger = ledger
-        self.key = key
-        self.token = token
-        self._released = threading.Event()
-        #: set once this holder finds its lock gone (expired, evicted, or taken by another)
-        self.lost = threading.Event()
-        self._renewer = threading.Thread(
-            target=self._renew_loop, name=f"regionvault-lock-{key[:40]}", daemon=True
-        )
-        self._renewer.start()
+        super().__init__(key, token, ledger.lock_ttl)
 
-    @property
-    def released(self) -> bool:
-        return self._released.is_set()
+    def _renew_once(self) -> bool:
+        return self.ledger._renew(self)
 
-    def _renew_loop(self) -> None:
-        interval = self.ledger.lock_ttl.total_seconds() / 3
-        while not self._released.wait(interval):
-            try:
-                if not self.renew():
-                    if not self.released:
-                        log.error("lost the lock of job %s (it expired and was taken)", self.key)
-                    return
-            except RegionVaultError as exc:
-                # Redis unreachable for a moment: the next renewal may reach it; if none does
-                # before lock_ttl, the lock expires and renew() then says it is lost
-                log.warning("renewing the lock of job %s failed: %s", self.key, exc)
-
-    def renew(self) -> bool:
-        """Push the expiry forward by ``lock_ttl``; False if the lock is no longer ours (and
-        :attr:`lost` is then set)."""
-        if self.lost.is_set():
-            return False
-        if self.ledger._renew(self):
-            return True
-        self.lost.set()
-        return False
-
-    def release(self) -> None:
-        """Give the lock up, if it is still ours. A release that cannot reach Redis is
-        logged, not raised: the lock then expires ``lock_ttl`` after its last renewal."""
-        if self._released.is_set():
-            return
-        self._released.set()
-        if self._renewer is not threading.current_thread():
-            self._renewer.join()
+    def _release_once(self) -> None:
+        """A release that cannot reach Redis is logged, not raised: the lock then expires
+        ``lock_ttl`` after its last renewal."""
         try:
             self.ledger._release(self)
         except RegionVaultError as exc:
@@ -190,12 +156,6 @@ class RedisLock:
                 self.ledger.lock_ttl,
                 exc,
             )
-
-    def __enter__(self) -> RedisLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class RedisLedger:
