@@ -8,11 +8,6 @@ with no keys at all. Every worker is started in a session of its own and stopped
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +17,10 @@ from regionvault.core.pipeline import Engine, Service
 from regionvault.core.site import Region, Site
 from regionvault.plugins.celery import plugin as celery_plugin
 from regionvault.plugins.celery.kind import CELERY
+from regionvault.plugins.celery.testing import WorkerProcess
 from site_support import open_site, site_toml, worker_site
 
 EAST, WEST = "local:east", "local:west"
-#: how long a worker may take to say it is ready
-READY_TIMEOUT = 60.0
 
 
 def executor_table(broker: str, namespace: str, **settings: str) -> str:
@@ -39,68 +33,6 @@ def executor_table(broker: str, namespace: str, **settings: str) -> str:
     lines = ["[executor]", 'kind = "celery"', f'broker = "{broker}"', f'namespace = "{namespace}"']
     lines += [f'{k} = "{v}"' for k, v in values.items()]
     return "\n".join(lines) + "\n"
-
-
-class WorkerProcess:
-    def __init__(self, name: str, region: str, site_file: Path, log: Path) -> None:
-        self.name = name
-        self.region = region
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from regionvault.core.cli import main; main()",
-                    "--site",
-                    str(site_file),
-                    "worker",
-                    "--region",
-                    region,
-                    "--name",
-                    f"{name}@%h",
-                    "--loglevel",
-                    "INFO",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace")
-            if " ready." in text:
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{text}")
-            time.sleep(0.1)
-        raise AssertionError(f"worker {self.name} not ready in {timeout}s:\n{self.log.read_text()}")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a lost machine."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 class Cluster:
