@@ -47,6 +47,7 @@ from regionvault.core.pipeline.kinds import THREAD, executor_kind
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.plugins.celery import plugin as celery_plugin
 from regionvault.plugins.celery.redis_server import RedisServer
+from regionvault.plugins.celery.testing import WorkerProcess, stop_all
 from regionvault.providers.local import plugin as local_plugin
 
 HERE = Path(__file__).resolve().parent
@@ -54,8 +55,6 @@ RESULTS = HERE / "results"
 EAST, WEST = "local:east", "local:west"
 MODES = ("thread", "thread-dist", "celery-1", "celery-2")
 #: how long a worker may take to say it is ready, and to exit after SIGTERM
-READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -174,66 +173,12 @@ def own_cpu() -> float:
     return t.user + t.system
 
 
-class Worker:
-    """One ``regionvault worker --region R`` in a session of its own (as tests/celery's
-    cluster starts them), stopped by its PID (:func:`stop_all`)."""
-
-    def __init__(self, name: str, region: str, site_file: Path, log: Path) -> None:
-        self.name, self.region, self.log = name, region, log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from regionvault.core.cli import main; main()",
-                    "--site",
-                    str(site_file),
-                    "worker",
-                    "--region",
-                    region,
-                    "--name",
-                    f"{name}@%h",
-                    "--loglevel",
-                    "INFO",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if " ready." in self.log.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited {self.proc.returncode}: {self.log}")
-            time.sleep(0.1)
-        raise RuntimeError(f"worker {self.name} not ready in {READY_TIMEOUT:.0f} s: {self.log}")
-
-
-def stop_all(started: list[Worker]) -> None:
-    """SIGTERM to every worker (a worker finishes the job in hand), then SIGKILL to those
-    still running :data:`STOP_TIMEOUT` seconds later."""
-    for worker in started:
-        if worker.proc.poll() is None:
-            os.kill(worker.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for worker in started:
-        try:
-            worker.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.kill(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(10)
-
-
 @contextmanager
-def workers(specs: list[tuple[str, str, Path]], logs: Path) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
+def workers(specs: list[tuple[str, str, Path]], logs: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
     try:
         for name, region, site_file in specs:
-            started.append(Worker(name, region, site_file, logs / f"{name}.log"))
+            started.append(WorkerProcess(name, region, site_file, logs / f"{name}.log"))
         for worker in started:
             worker.wait_ready()
         yield started
