@@ -524,12 +524,12 @@ def test_a_delete_that_fails_is_logged_and_retried_by_the_next_sweep(
     assert fake.snapshots() == []
 
 
-def test_a_restore_of_several_disks_uploads_each_and_a_refused_boot_leaves_nothing(
+def test_a_restore_of_several_disks_launches_a_server_with_each_disk(
     cloud: tuple[Any, str], make_compute: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """Each disk becomes an image of its own, booted as one block_device_mapping_v2 row
-    each; the fake makes only the boot row (docs/edge-compute.md, Limits) and refuses the
-    request, as nova refuses a mapping it cannot make: the launch fails, nothing stays."""
+    """Each disk becomes an image of its own and one block_device_mapping_v2 row each (the
+    boot disk first): the server boots with every disk, each holding its bytes, and the
+    restore images are gone once it runs."""
     from regionvault.core.types import Disk
 
     fake, _ = cloud
@@ -545,7 +545,34 @@ def test_a_restore_of_several_disks_uploads_each_and_a_refused_boot_leaves_nothi
     assert len(sink.image_ids) == 2
     assert [fake.image_bytes(i)[:4096] for i in sink.image_ids] == [b"a" * 4096, b"b" * 4096]
     assert list(scratch.iterdir()) == []
-    with pytest.raises(ComputeError, match="Block Device Mapping"):
+    launched = compute.launch(spec, sink)
+    (server,) = [s for s in fake.servers() if s["id"] == launched.id]
+    assert server["status"] == "ACTIVE" and server["metadata"] == {"backup": "1-7"}
+    attached = sorted((v["device"], v["id"]) for v in fake.volumes() if v["server"] == launched.id)
+    assert [d for d, _ in attached] == ["/dev/vda", "/dev/vdb"]
+    assert [fake.volume_bytes(v)[:4096] for _, v in attached] == [b"a" * 4096, b"b" * 4096]
+    # the launched server is itself a server the provider can back up, disk by disk
+    with compute.capture(launched.id) as capture:
+        assert [d.name for d in capture.disks] == ["/dev/vda", "/dev/vdb"]
+    fake.settle()
+    assert [i for i in fake.images() if i["name"].startswith("rv-")] == []
+
+
+def test_a_refused_boot_of_several_disks_leaves_nothing(
+    cloud: tuple[Any, str], make_compute: Callable[..., Any], tmp_path: Path
+) -> None:
+    from regionvault.core.types import Disk
+
+    fake, _ = cloud
+    compute = make_compute(scratch_dir=str(tmp_path))
+    disks = [Disk("/dev/vda", 0, MiB), Disk("/dev/vdb", MiB, MiB)]
+    spec = LaunchSpec(name="two", tags=Tags({"backup": "1-7"}), extra={"flavor": FLAVOR})
+    sink = compute.open_restore_sink(spec, CaptureKind.BLOCKS, size=2 * MiB, disks=disks)
+    sink.write(0, b"a" * 4096)
+    sink.write(MiB, b"b" * 4096)
+    sink.commit()
+    fake.fail_next_boot()
+    with pytest.raises(ComputeError):
         compute.launch(spec, sink)
     fake.settle()
     assert fake.servers() == [] and fake.volumes() == []

@@ -18,7 +18,9 @@ openstack provider needs:
   ``create`` (``flavorRef``, ``metadata``, and either a ``block_device_mapping_v2`` row
   ``{"source_type": "image", "uuid": <image>, "destination_type": "volume", "volume_size":
   <GiB>, "boot_index": 0, "delete_on_termination": ...}``: the server boots from a new bootable
-  volume made from the image, its ``image`` ""; or an ``imageRef`` alone: it boots from the
+  volume made from the image, its ``image`` "" (further rows of the same kind, ``boot_index``
+  negative or none, each make a volume from their image, attached ``/dev/vdb``, ``/dev/vdc``,
+  ... in their order); or an ``imageRef`` alone: it boots from the
   image on the hypervisor's disk, no volume, and as nova a zero-disk flavor is refused (403
   BootFromVolumeRequiredForZeroDiskFlavor) and so is a flavor disk smaller than the image (400
   FlavorDiskSmallerThanImage)), ``delete`` (in the background: ``task_state`` ``deleting``,
@@ -487,8 +489,8 @@ class OpenStackFake:
             ]
 
     def volumes(self) -> list[dict[str, Any]]:
-        """Every cinder volume: id, name, status, server (id or None), length (bytes), size
-        (GiB), bootable, encrypted, metadata."""
+        """Every cinder volume: id, name, status, server (id or None), device (where it is
+        attached, or None), length (bytes), size (GiB), bootable, encrypted, metadata."""
         with self._lock:
             return [
                 {
@@ -496,6 +498,7 @@ class OpenStackFake:
                     "name": v.name,
                     "status": v.status,
                     "server": v.server_id,
+                    "device": v.device if v.server_id else None,
                     "length": v.length,
                     "size": max(v.gib, _gib(v.length)),
                     "bootable": v.bootable,
@@ -1145,8 +1148,8 @@ class OpenStackFake:
         flavor_ref = str(spec.get("flavorRef", ""))
         if flavor_ref not in self.flavors:
             raise FakeError(400, f"Flavor {flavor_ref} could not be found.")
-        root = self._root_mapping(spec.get("block_device_mapping_v2"))
-        image_ref = str(root["uuid"] if root else spec.get("imageRef") or "")
+        rows = self._mappings(spec.get("block_device_mapping_v2"))
+        image_ref = str(rows[0]["uuid"] if rows else spec.get("imageRef") or "")
         if not image_ref:
             raise FakeError(
                 400,
@@ -1158,20 +1161,26 @@ class OpenStackFake:
             raise FakeError(400, f"Image {image_ref} could not be found.")
         if image.status != "active":
             raise FakeError(400, f"Image {image_ref} is not active.")
-        if root is None:
+        if not rows:
             self._check_image_boot(flavor_ref, image)
             server = self._boot(name, flavor_ref, image, metadata, None, False)
         else:
-            if root["volume_size"] * GIB < (image.size or 0):
-                raise FakeError(
-                    400,
-                    "Volume is smaller than the minimum size specified in image metadata."
-                    f" Volume size is {root['volume_size'] * GIB} bytes, minimum size is"
-                    f" {image.size} bytes.",
-                )
+            root = rows[0]
             server = self._boot(
                 name, flavor_ref, image, metadata, root["volume_size"], root["delete"]
             )
+            for n, row in enumerate(rows[1:], start=1):
+                volume = self._volume_from_image(
+                    row["image"],
+                    "",
+                    row["volume_size"],
+                    server_id=server.id,
+                    resting="in-use",
+                    device=f"/dev/vd{chr(ord('a') + n)}",
+                    delete_on_termination=row["delete"],
+                )
+                volume.status = "in-use"
+                server.volume_ids.append(volume.id)
         server.status = "BUILD"
         if self._boot_failures:
             self._boot_failures -= 1
@@ -1188,25 +1197,38 @@ class OpenStackFake:
         }
         return _json(202, answer)
 
-    def _root_mapping(self, given: Any) -> dict[str, Any] | None:
-        """The boot row of a ``block_device_mapping_v2`` (image to a new volume: the only
-        kind the fake makes), or None without one."""
+    def _mappings(self, given: Any) -> list[dict[str, Any]]:
+        """The rows of a ``block_device_mapping_v2``, the boot row (``boot_index`` 0) first
+        and the others in their order; [] without one. Every row is an image to a new volume
+        (the only kind the fake makes); the others are not bootable (``boot_index`` negative
+        or none)."""
         if given is None:
-            return None
+            return []
         if not isinstance(given, list) or not all(isinstance(m, dict) for m in given):
             raise FakeError(400, "Invalid input for field/attribute block_device_mapping_v2.")
         boot = [m for m in given if str(m.get("boot_index")) == "0"]
-        if len(boot) != 1 or len(given) != 1:
+        others = [m for m in given if str(m.get("boot_index")) != "0"]
+        if len(boot) != 1:
             raise FakeError(
                 400,
-                "Block Device Mapping is Invalid: the fake makes one row only, the boot volume"
-                " (boot_index 0).",
+                "Block Device Mapping is Invalid: Boot sequence for the instance and image/block"
+                " device mapping combination is not valid.",
             )
-        [row] = boot
+        for row in others:
+            index = row.get("boot_index")
+            if index is not None and (not isinstance(index, int) or index >= 0):
+                raise FakeError(
+                    400,
+                    "Block Device Mapping is Invalid: Boot sequence for the instance and"
+                    " image/block device mapping combination is not valid.",
+                )
+        return [self._mapping_row(row) for row in boot + others]
+
+    def _mapping_row(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("source_type") != "image" or row.get("destination_type") != "volume":
             raise FakeError(
                 400,
-                "Block Device Mapping is Invalid: the fake boots source_type image to"
+                "Block Device Mapping is Invalid: the fake makes source_type image to"
                 " destination_type volume only.",
             )
         size = row.get("volume_size")
@@ -1221,7 +1243,18 @@ class OpenStackFake:
         delete = row.get("delete_on_termination", False)
         if not isinstance(delete, bool):
             raise FakeError(400, "Invalid input for field/attribute delete_on_termination.")
-        return {"uuid": row["uuid"], "volume_size": size, "delete": delete}
+        image = self._images.get(row["uuid"])
+        if image is None:
+            raise FakeError(400, f"Image {row['uuid']} could not be found.")
+        if image.status != "active":
+            raise FakeError(400, f"Image {row['uuid']} is not active.")
+        if size * GIB < (image.size or 0):
+            raise FakeError(
+                400,
+                "Volume is smaller than the minimum size specified in image metadata."
+                f" Volume size is {size * GIB} bytes, minimum size is {image.size} bytes.",
+            )
+        return {"uuid": row["uuid"], "volume_size": size, "delete": delete, "image": image}
 
     def _delete_server(self, server: _Server) -> None:
         """Nova deletes a server in the background: it stays (task_state ``deleting``) for
