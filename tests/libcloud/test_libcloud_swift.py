@@ -129,6 +129,34 @@ def test_the_fake_answers_as_swift(wire: Wire, swift_cloud: Any) -> None:
     assert wire.swift("PUT", f"{c}/x", b"x")[0] == 404
 
 
+def test_the_fake_serves_a_read_whole_when_the_object_is_replaced_meanwhile(
+    wire: Wire, swift_cloud: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET found the object; before its body is sent, another request replaces it and the
+    old file is gone: the read is still the old object, whole, as Swift's object server
+    serves the file it opened (the conformance suite's concurrent readers met this)."""
+    fake = swift_cloud.swift
+    c = f"/race-{os.urandom(4).hex()}"
+    assert wire.swift("PUT", c)[0] == 201
+    old, new = os.urandom(256 * 1024), os.urandom(256 * 1024)
+    assert wire.swift("PUT", f"{c}/o", old)[0] == 201
+    send = type(fake)._send
+    replaced: list[bool] = []
+
+    def replace_first(self: Any, handler: Any, *args: Any) -> None:
+        if handler.command == "GET" and not replaced:
+            replaced.append(True)
+            assert wire.swift("PUT", f"{c}/o", new)[0] == 201  # the old file is unlinked
+        send(self, handler, *args)
+
+    monkeypatch.setattr(type(fake), "_send", replace_first)
+    status, _, data = wire.swift("GET", f"{c}/o")
+    assert replaced and status == 200 and data == old
+    assert wire.swift("GET", f"{c}/o")[2] == new
+    assert wire.swift("DELETE", f"{c}/o")[0] == 204
+    assert wire.swift("DELETE", c)[0] == 204
+
+
 def test_the_fake_refuses_past_max_file_size_and_needs_a_length(wire: Wire) -> None:
     c = f"/wire-{os.urandom(4).hex()}"
     wire.swift("PUT", c)

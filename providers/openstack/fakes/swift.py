@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["MAX_FILE_SIZE", "SwiftFake"]
 
@@ -210,7 +211,7 @@ class SwiftFake:
         status: int,
         headers: dict[str, str],
         data: bytes,
-        file: tuple[Path, int, int] | None,
+        file: tuple[BinaryIO, int, int] | None,
     ) -> None:
         handler.send_response(status)
         headers.setdefault("X-Trans-Id", f"tx{uuid.uuid4().hex[:21]}-{int(time.time()):010x}")
@@ -225,8 +226,8 @@ class SwiftFake:
         if file is None:
             handler.wfile.write(data)
             return
-        path, start, length = file
-        with path.open("rb") as f:
+        reader, start, length = file
+        with reader as f:
             f.seek(start)
             while length > 0:
                 chunk = f.read(min(_BLOCK, length))
@@ -351,7 +352,7 @@ class SwiftFake:
         container: str,
         name: str,
         headers: dict[str, str],
-    ) -> tuple[int, dict[str, str], bytes, tuple[Path, int, int] | None]:
+    ) -> tuple[int, dict[str, str], bytes, tuple[BinaryIO, int, int] | None]:
         if len(name.encode()) > MAX_OBJECT_NAME:
             raise _Answer(400, f"Object name length of {len(name)} longer than 1024")
         if method == "PUT":
@@ -367,8 +368,12 @@ class SwiftFake:
                 del objects[name]  # type: ignore[union-attr]
                 found.path.unlink(missing_ok=True)
                 return 204, {}, b"", None
-        if method not in ("GET", "HEAD"):
-            raise _Answer(405, "Method Not Allowed")
+            if method not in ("GET", "HEAD"):
+                raise _Answer(405, "Method Not Allowed")
+            # opened while the object is the one found: a PUT or DELETE of the name meanwhile
+            # replaces or unlinks the file, and this read goes on from the old one, whole
+            # (as Swift's object server serves an open file)
+            reader = found.path.open("rb") if method == "GET" else None
         out = {
             "Content-Type": found.content_type,
             "ETag": found.etag,
@@ -378,12 +383,20 @@ class SwiftFake:
             **{f"X-Object-Meta-{k}": v for k, v in found.meta.items()},
         }
         size = found.size
-        span = _range(headers.get("range"), size) if method == "GET" else None
+        try:
+            span = _range(headers.get("range"), size) if method == "GET" else None
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
+        if reader is None:  # HEAD: the object's length, no body
+            out["Content-Length"] = str(size)
+            return 200, out, b"", None
         if span is None:
-            return 200, out, b"", (found.path, 0, size)
+            return 200, out, b"", (reader, 0, size)
         start, end = span
         out["Content-Range"] = f"bytes {start}-{end}/{size}"
-        return 206, out, b"", (found.path, start, end - start + 1)
+        return 206, out, b"", (reader, start, end - start + 1)
 
     def _put(
         self,
