@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from regionvault.core.durations import parse_duration
 from regionvault.core.errors import ConfigError, ProviderNotFound
+from regionvault.core.operations import OperationsConfig, check_operations_config
 from regionvault.core.policy import BUILTIN_HOOKS, check_site_policies
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 
@@ -105,6 +106,8 @@ class SiteConfig:
     hooks: Mapping[str, HookConfig] = field(default_factory=dict)
     #: ``[executor]``: what runs the jobs of ``tick`` and ``run`` (default: threads here)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    #: ``[operations]``: drills, RPO/RTO objectives, locks and holds (core/operations.py)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
     source: str = "<memory>"
 
     def region(self, ref: str) -> RegionConfig:
@@ -155,7 +158,7 @@ _SITE_KEYS = {
     "schedule_interval": str,
     "state_dir": str,
 }
-_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks", "executor"}
+_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks", "executor", "operations"}
 
 
 def parse_executor(table: Any, file: str) -> ExecutorConfig:
@@ -323,6 +326,7 @@ def parse_site(
         policies[name] = value
 
     hooks = parse_hooks(data.get("hooks", {}), source)
+    operations = parse_operations(data.get("operations", {}), source)
     executor = parse_executor(data.get("executor", {}), source)
 
     regions_table = data.get("regions", {})
@@ -437,14 +441,37 @@ def parse_site(
         policies=policies,
         hooks=hooks,
         executor=executor,
+        operations=operations,
         source=source,
         **site_values,
         **kwargs,
     )
     check_site_policies(site)
+    check_operations_config(site.operations, site.policies, source)
     if registry is not None:
         validate_providers(site, registry)
     return site
+
+
+def parse_operations(table: object, source: str) -> OperationsConfig:
+    """``[operations]``: string values are the site's defaults, tables the refinements of
+    named policies (``[operations.gold]``); the values are checked by
+    :func:`~regionvault.core.operations.check_operations_config`."""
+    _expect(table, dict, source, "operations")
+    assert isinstance(table, dict)
+    defaults: dict[str, str] = {}
+    by_policy: dict[str, dict[str, str]] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            sub: dict[str, str] = {}
+            for sub_key, sub_value in value.items():
+                _expect(sub_value, str, source, f"operations.{key}.{sub_key}")
+                sub[sub_key] = sub_value
+            by_policy[key] = sub
+        else:
+            _expect(value, str, source, f"operations.{key}")
+            defaults[key] = value
+    return OperationsConfig(defaults=defaults, by_policy=by_policy)
 
 
 def validate_providers(site: SiteConfig, registry: ProviderRegistry) -> None:

@@ -34,6 +34,7 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
+from regionvault.core.operations import Operations, resolve_operations
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import Job, copy_jobs_for, format_slot
 from regionvault.core.pipeline.launch import (
@@ -322,6 +323,21 @@ class Engine:
         return tag_region(self.region(region).compute, self.site.config)
 
     # ------------------------------------------------------------------ backup
+
+    def operations(self, instance: Instance) -> Operations:
+        """The instance's drill interval, RPO/RTO objectives, lock and hold
+        (core/operations.py): its tags, else its named policy's ``[operations.<name>]``, else
+        the site's ``[operations]``. :class:`PolicyError` names a bad value; an instance whose
+        policy tag is bad takes the site's table only."""
+        try:
+            policy = resolve_policy(instance, self.site.config)
+        except PolicyError:
+            policy = None
+        return resolve_operations(
+            instance,
+            self.site.config.operations,
+            policy_name=policy.name if policy is not None else None,
+        )
 
     def newest_point(self, instance: Instance) -> RecoveryPoint | None:
         """The instance's newest recovery point in its home region (copies excluded)."""
