@@ -327,3 +327,59 @@ def test_a_port_in_use_is_one_line(workdir: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("regionvault: error: ")
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
+def test_run_writes_the_textfile_tick_by_tick_without_counting_twice(
+    workdir: Path, instance: str
+) -> None:
+    out = workdir / "m"
+    ok("--metrics-dir", out, "run", "--max-ticks", "2", "--interval", "1s")
+    found = textfile(out)
+    # written after each tick and at the end: each write adds only what came since the last
+    assert jobs(found, "backup") == {f"{EAST}/ok": 1.0}
+    assert jobs(found, "copy") == {f"{WEST}/ok": 1.0}
+    assert sum(jobs(found, "tag").values()) == 4  # two ticks, two regions
+    assert sum(jobs(found, "retention").values()) == 4
+
+
+def test_a_usage_error_counts_nothing(workdir: Path, instance: str) -> None:
+    out = workdir / "m"
+    result = run("--metrics-dir", out, "backup", "nf1", "--no-such-option")
+    assert result.exit_code == 2
+    assert jobs(textfile(out), "backup") == {}
+
+
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from regionvault.core.pipeline.metrics import Metrics
+
+metrics = Metrics(one_shot=True)
+metrics.jobs.labels("backup", "local:east", "ok").inc(5)
+directory = Path(sys.argv[1])
+metrics.write_textfile(directory)
+metrics.jobs.labels("backup", "local:east", "ok").inc(2)
+os.rename = lambda *args: os._exit(9)  # killed after the temporary, before the rename
+metrics.write_textfile(directory)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_last_whole_file(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True
+    )
+    assert killed.returncode == 9, killed.stderr
+    leftovers = [p for p in out.iterdir() if p.name.startswith(f"{TEXTFILE}.")]
+    assert len(leftovers) == 1  # its temporary, never read: node_exporter reads *.prom
+    # the file is the first write's, whole
+    assert jobs(textfile(out), "backup") == {f"{EAST}/ok": 5.0}
+    # the next writer removes the leftover and adds its own counts to the file's
+    from regionvault.core.pipeline.metrics import Metrics
+
+    metrics = Metrics(one_shot=True)
+    metrics.jobs.labels("backup", EAST, "failed").inc()
+    metrics.write_textfile(out)
+    metrics.write_textfile(out)  # a second write adds nothing more
+    assert jobs(textfile(out), "backup") == {f"{EAST}/ok": 5.0, f"{EAST}/failed": 1.0}
+    assert sorted(p.name for p in out.iterdir()) == [".regionvault.prom.lock", TEXTFILE]

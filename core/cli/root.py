@@ -143,6 +143,8 @@ class RegionVaultGroup(click.Group):
         except RegionVaultError as exc:
             _command_failed(ctx, exc)
             raise ExpectedError(str(exc)) from exc
+        except click.UsageError:
+            raise  # the command never ran: nothing to count
         except click.ClickException as exc:
             _command_failed(ctx, exc)
             raise
@@ -219,16 +221,17 @@ class CliState:
         # runs before the site closes (callbacks run last first): the status is read then
         click.get_current_context().find_root().call_on_close(metrics.detach)
 
-    def write_metrics(self) -> None:
-        """At the end of the command: ``regionvault.prom`` in ``--metrics-dir``. A failure
-        to write fails a command that succeeded; after a failed one it is a warning."""
+    def write_metrics(self, *, final: bool = True) -> None:
+        """``regionvault.prom`` in ``--metrics-dir`` (nothing without it): at the end of the
+        command (``final``), and after each of ``run``'s ticks. A failure to write fails a
+        command that succeeded; after a failed one, or between ticks, it is a warning."""
         if self.metrics_dir is None:
             return
         try:
             _, warning = self.metrics().write_textfile(self.metrics_dir)
         except (OSError, RegionVaultError) as exc:
             message = f"metrics not written to {self.metrics_dir}: {exc}"
-            if self._failed:
+            if self._failed or not final:
                 click.echo(f"regionvault: warning: {one_line(message)}", err=True)
                 return
             raise ExpectedError(message) from exc

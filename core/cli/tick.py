@@ -264,6 +264,7 @@ def run(
         sys.stdout.flush()
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
+        state.write_metrics(final=False)  # the textfile, tick by tick (docs/metrics.md)
 
     with _service(state, executor, stop, **options) as service, _serving(metrics, address):
         ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)

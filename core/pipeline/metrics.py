@@ -128,6 +128,8 @@ _DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 3 * 3600, 12 * 3600
 
 #: (kind, region, instance) of a last success
 _SuccessKey = tuple[str, str, str]
+#: a sample's name and sorted labels
+_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class MetricsAddressError(RegionVaultError):
@@ -294,6 +296,8 @@ class Metrics:
         self._pm: pluggy.PluginManager | None = None
         self._frozen: _StatusGauges | None = None
         self._plugins_added = False
+        #: the counters' values as last written to a textfile (what is added next is the rest)
+        self._written: dict[_SampleKey, float] = {}
         self.registry.register(_StatusCollector(self))
 
     # ------------------------------------------------------------------ attach, status
@@ -498,9 +502,10 @@ class Metrics:
         return server, f"{shown}:{server.server_port}"
 
     def write_textfile(self, directory: Path) -> tuple[Path, str | None]:
-        """Write ``directory/regionvault.prom`` atomically: this process's counters added to
-        the file's (the site's running totals), its gauges over the file's. Under a lock, so
-        two commands at once lose nothing; leftovers of a killed writer are removed. The
+        """Write ``directory/regionvault.prom`` atomically: what this process counted since
+        its last write added to the file's counters (the site's running totals; a daemon
+        writes after every tick), its gauges over the file's. Under a lock, so two commands
+        at once lose nothing; leftovers of a killed writer are removed. The
         path, and a warning when the old file could not be read (it is replaced)."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TEXTFILE
@@ -523,8 +528,15 @@ class Metrics:
                 warning = f"{path}: not a metrics file ({exc}); replaced"
                 old = []
             rows_read = self.status_rows() is not None
-            merged = _merge(old, list(self.registry.collect()), fresh_rpo=rows_read)
+            live = list(self.registry.collect())
+            merged = _merge(old, live, self._written, fresh_rpo=rows_read)
             write_to_textfile(str(path), _Families(merged))
+            self._written = {
+                _sample_key(s.name, s.labels): s.value
+                for family in live
+                if family.type in _ADDED
+                for s in family.samples
+            }
         return path, warning
 
 
@@ -553,12 +565,19 @@ _NEWEST = "regionvault_last_success_timestamp_seconds"
 _RPO = "regionvault_rpo_seconds"
 
 
-def _sample_key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+def _sample_key(name: str, labels: dict[str, str]) -> _SampleKey:
     return name, tuple(sorted(labels.items()))
 
 
-def _merge(old: list[Metric], live: list[Metric], *, fresh_rpo: bool) -> list[Metric]:
-    """The families to write: counters (histograms, summaries) summed sample by sample,
+def _merge(
+    old: list[Metric],
+    live: list[Metric],
+    written: dict[_SampleKey, float],
+    *,
+    fresh_rpo: bool,
+) -> list[Metric]:
+    """The families to write: counters (histograms, summaries) summed sample by sample (the
+    old file's, plus what this process counted since it wrote ``written``),
     gauges of this process over the old file's (last success: the newer), the RPO from the
     status alone when it was read; old families this process does not have, carried.
     ``_created`` samples are left out: a sum of many processes has no one creation time."""
@@ -567,11 +586,13 @@ def _merge(old: list[Metric], live: list[Metric], *, fresh_rpo: bool) -> list[Me
     for family in live:
         previous = old_by_name.pop(family.name, None)
         out = Metric(family.name, family.documentation, family.type, family.unit)
-        values: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, dict[str, str], float]]
-        values = {}
+        values: dict[_SampleKey, tuple[str, dict[str, str], float]] = {}
+        added = family.type in _ADDED
         for s in family.samples:
             if not s.name.endswith("_created"):
-                values[_sample_key(s.name, s.labels)] = (s.name, dict(s.labels), s.value)
+                key = _sample_key(s.name, s.labels)
+                since = s.value - written.get(key, 0.0) if added else s.value
+                values[key] = (s.name, dict(s.labels), since)
         if previous is not None and previous.type == family.type:
             carry = not (family.name == _RPO and fresh_rpo)
             for s in previous.samples:
@@ -582,7 +603,7 @@ def _merge(old: list[Metric], live: list[Metric], *, fresh_rpo: bool) -> list[Me
                 if now is None:
                     if carry:
                         values[key] = (s.name, dict(s.labels), s.value)
-                elif family.type in _ADDED:
+                elif added:
                     values[key] = (now[0], now[1], now[2] + s.value)
                 elif family.name == _NEWEST:
                     values[key] = (now[0], now[1], max(now[2], s.value))
