@@ -15,16 +15,19 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_support import ok, run
-from prometheus_client import Counter
+from prometheus_client import Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from regionvault.core.pipeline.metrics import TEXTFILE, parse_metrics_addr
+from regionvault.core.pipeline import Engine, Service
+from regionvault.core.pipeline.jobs import JobOutcome, JobStatus, job_key
+from regionvault.core.pipeline.metrics import TEXTFILE, Metrics, parse_metrics_addr
 from regionvault.core.plugins import get_plugin_manager, hookimpl
+from regionvault.core.site import Site
 from repository_support import flip_bit
 from test_commands import make_data
 
@@ -375,11 +378,126 @@ def test_a_writer_killed_mid_write_leaves_the_last_whole_file(tmp_path: Path) ->
     # the file is the first write's, whole
     assert jobs(textfile(out), "backup") == {f"{EAST}/ok": 5.0}
     # the next writer removes the leftover and adds its own counts to the file's
-    from regionvault.core.pipeline.metrics import Metrics
-
     metrics = Metrics(one_shot=True)
     metrics.jobs.labels("backup", EAST, "failed").inc()
     metrics.write_textfile(out)
     metrics.write_textfile(out)  # a second write adds nothing more
     assert jobs(textfile(out), "backup") == {f"{EAST}/ok": 5.0, f"{EAST}/failed": 1.0}
     assert sorted(p.name for p in out.iterdir()) == [".regionvault.prom.lock", TEXTFILE]
+
+
+# --------------------------------------------------------------------------- the job kinds
+
+
+def _outcome(kind: str, key: str, region: str, status: JobStatus, **more: Any) -> JobOutcome:
+    started = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    return JobOutcome(
+        key=key,
+        kind=kind,
+        region=region,
+        status=status,
+        started_at=started,
+        finished_at=started + timedelta(seconds=2),
+        attempts=0 if status is JobStatus.BUSY else 1,
+        **more,
+    )
+
+
+def test_job_kinds_map_onto_the_metric_kinds() -> None:
+    metrics = Metrics(one_shot=False)
+    feed = metrics.regionvault_after_job
+    done, failed = JobStatus.DONE, JobStatus.FAILED
+    feed(_outcome("drill", job_key("drill", WEST, "i-1", "s"), WEST, done))
+    # the phases of one copy: only the commit counts, in the destination
+    for phase, where in (("copy-offer", EAST), ("copy-request", WEST), ("copy-send", EAST)):
+        key = job_key(phase, where, "p1", WEST if where == EAST else EAST)
+        feed(_outcome(phase, key, where, done, result={"bytes_sent": 100}))
+    feed(_outcome("copy-commit", job_key("copy-commit", WEST, "p1", EAST), WEST, done))
+    # a failed phase (run in the source) is a failed copy to its destination
+    feed(_outcome("copy-offer", job_key("copy-offer", EAST, "p2", WEST), EAST, failed))
+    feed(_outcome("plan-backups", job_key("plan-backups", EAST, "s"), EAST, done))
+    feed(_outcome("plan-backups", job_key("plan-backups", EAST, "s2"), EAST, failed))
+    feed(_outcome("backup", job_key("backup", EAST, "i-1", "s"), EAST, JobStatus.BUSY))
+    feed(_outcome("tag", job_key("tag", EAST, "s"), EAST, JobStatus.REPLAYED))
+    found = samples(generate_latest(metrics.registry).decode())
+    assert jobs(found, "drill") == {f"{WEST}/ok": 1.0}
+    assert jobs(found, "copy") == {f"{WEST}/ok": 1.0, f"{WEST}/failed": 1.0}
+    assert jobs(found, "backup") == {f"{EAST}/failed": 1.0, f"{EAST}/busy": 1.0}
+    assert jobs(found, "tag") == {f"{EAST}/replayed": 1.0}
+    assert not [name for name, labels in found if "plan" in str(labels)]
+    assert value(found, "regionvault_transit_bytes_total", source=EAST, destination=WEST) == 200
+    assert value(found, "regionvault_job_duration_seconds_sum", kind="drill", region=WEST) == 2
+    # a busy job ran nothing here: no duration
+    assert value(found, "regionvault_job_duration_seconds_count", kind="backup", region=EAST) == 1
+
+
+def test_an_embedded_phased_copy_counts_once_with_its_transit_bytes(
+    workdir: Path, instance: str
+) -> None:
+    site = Site.load(workdir / "site.toml")
+    try:
+        engine = Engine(site, split_copies=True)
+        metrics = Metrics(one_shot=False)
+        metrics.attach(engine)
+        try:
+            report = Service(engine).tick()
+        finally:
+            metrics.detach()
+        assert not metrics.attached and not site.plugin_manager.is_registered(metrics)
+    finally:
+        site.close()
+    assert report.ok, report.problems
+    found = samples(generate_latest(metrics.registry).decode())
+    assert jobs(found, "copy") == {f"{WEST}/ok": 1.0}
+    assert jobs(found, "backup") == {f"{EAST}/ok": 1.0}
+    sent = sum(
+        o.result["bytes_sent"] for o in report.jobs if o.kind in ("copy-request", "copy-send")
+    )
+    assert sent > 0
+    assert value(found, "regionvault_transit_bytes_total", source=EAST, destination=WEST) == sent
+    # the gauges, as read from the status when detached (the site is closed now)
+    (copy,) = [o for o in report.jobs if o.kind == "copy-commit"]
+    assert (
+        value(
+            found,
+            "regionvault_last_success_timestamp_seconds",
+            kind="copy",
+            region=WEST,
+            instance=instance,
+        )
+        is not None
+    )
+    assert copy.result["copy"]
+
+
+def test_a_launch_sets_the_drill_gauges(workdir: Path) -> None:
+    data = workdir / "nf-data"
+    data.mkdir()
+    command = f"{sys.executable} -m regionvault.plugins.samplenf"
+    ok("instances", "add", "--region", "east", "--name", "vcore", "--data", data,
+       "--command", command)  # fmt: skip
+    rp = ok("backup", "vcore").stdout.splitlines()[-1]
+    cp = ok("copy", rp, "--to", "west").stdout.splitlines()[-1]
+    out = workdir / "m"
+    launched = json.loads(
+        ok("--metrics-dir", out, "restore", cp, "--region", "west", "--launch", "--json").stdout
+    )
+    site = Site.load(workdir / "site.toml")
+    try:
+        site.region("west").compute.terminate(launched["instance"])
+    finally:
+        site.close()
+    found = textfile(out)
+    (row,) = [r for r in json.loads(ok("status", "--json").stdout) if r["region"] == WEST]
+    instance = row["instance_id"]
+    rto = value(found, "regionvault_drill_rto_seconds", region=WEST, instance=instance)
+    assert rto == pytest.approx(launched["rto_seconds"], abs=1e-3)
+    drilled = datetime.fromisoformat(row["last_drill_at"]).timestamp()
+    assert value(
+        found,
+        "regionvault_last_success_timestamp_seconds",
+        kind="drill",
+        region=WEST,
+        instance=instance,
+    ) == pytest.approx(drilled, abs=1e-3)
+    assert not [name for name, _ in found if name == "regionvault_jobs_total"]  # no job

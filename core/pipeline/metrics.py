@@ -119,6 +119,8 @@ _COUNTED_WHEN_FAILED = {
 #: kinds whose last success per instance is read from the recovery points (the status), not
 #: from the jobs: the job names no instance, and the point's own time is the one that counts
 _FROM_POINTS = frozenset({BACKUP, COPY, DRILL})
+#: the jobs of a copy, counted in its destination region whichever region ran them
+_COPY_JOBS = frozenset({COPY, COPY_OFFER, COPY_REQUEST, COPY_SEND, COPY_COMMIT, COPY_RECEIPT})
 #: the one-shot commands whose failure (before any hook counted it) is a failed job
 _COMMAND_KINDS = {"backup": BACKUP, "copy": COPY, "verify": VERIFY, "prune": RETENTION}
 
@@ -380,7 +382,7 @@ class Metrics:
         if kind is None:
             return
         region = outcome.region or ""
-        if kind == COPY and outcome.kind in (COPY, COPY_COMMIT):
+        if outcome.kind in _COPY_JOBS:
             ends = _copy_ends(outcome)
             region = ends[1] if ends is not None else region
         seconds = None
