@@ -317,9 +317,12 @@ class Metrics:
             self._plugins_added = True
             try:
                 pm.hook.regionvault_metrics(registry=self.registry)
-            except ValueError as exc:  # a name taken twice (the registry's own check)
-                self.detach()
-                raise RegionVaultError(f"a plugin's regionvault_metrics hook: {exc}") from None
+            except Exception as exc:  # ValueError: a name taken twice (the registry's check)
+                pm.unregister(self)
+                self._engine = self._pm = None
+                raise RegionVaultError(
+                    f"the regionvault_metrics hook failed: {type(exc).__name__}: {exc}"
+                ) from None
 
     @property
     def attached(self) -> bool:
