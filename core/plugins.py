@@ -254,6 +254,22 @@ class HookSpecs:
         outcome, the schedules, the problems, ``outcome``. An exception is logged and added
         to the report's problems. Returns nothing."""
 
+    @hookspec
+    def regionvault_after_verify(self, region: str, report: Any, seconds: float) -> None:
+        """Called after ``region``'s vault was verified (``regionvault verify``), whatever
+        it found: ``report`` is the :class:`~regionvault.core.repository.VerifyReport`
+        (``ok``, ``errors``, ``bytes_read``, ...), ``seconds`` how long it took. An
+        exception is logged; it never changes the verify's result. Returns nothing."""
+
+    @hookspec
+    def regionvault_metrics(self, registry: Any) -> None:
+        """Called once when a command's or daemon's Prometheus metrics are set up
+        (docs/metrics.md), before any is read: ``registry`` is their
+        :class:`prometheus_client.CollectorRegistry` (never the process-wide default one).
+        Register this plugin's own metrics or collectors in it
+        (``Counter(..., registry=registry)``, ``registry.register(collector)``) under names
+        of its own: a name the registry holds already is an error. Returns nothing."""
+
 
 class ProviderRegistry:
     """Provider classes by name; filled through ``regionvault_register_providers``."""

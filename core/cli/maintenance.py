@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -73,8 +74,16 @@ def verify(
     reports = []
     swept: dict[str, list[str]] = {}
     for name, repo in repos:
+        started = time.monotonic()
         with progress_bar(f"verify {name}") as progress:
             report = repo.verify(read_data=read_data, progress=progress, repair=repair)
+        engine.notify(
+            "regionvault_after_verify",
+            f"the verify of {name}",
+            region=name,
+            report=report,
+            seconds=time.monotonic() - started,
+        )
         reports.append((name, report))
         if repair:
             swept[name] = engine.sweep_inboxes(name)

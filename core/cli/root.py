@@ -28,6 +28,7 @@ from regionvault.core.errors import RegionVaultError
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline import Engine
+    from regionvault.core.pipeline.metrics import Metrics
     from regionvault.core.site import Site
 
 __all__ = [
@@ -140,7 +141,13 @@ class RegionVaultGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RegionVaultError as exc:
+            _command_failed(ctx, exc)
             raise ExpectedError(str(exc)) from exc
+        except click.UsageError:
+            raise  # the command never ran: nothing to count
+        except click.ClickException as exc:
+            _command_failed(ctx, exc)
+            raise
         except OSError as exc:
             # the machine said no (disk full, quota, read-only, permissions) somewhere no
             # service turned it into a RegionVaultError: still one line naming the path
@@ -159,6 +166,12 @@ class CliState:
 
     site_option: Path | None = None
     _site: Site | None = field(default=None, repr=False)
+    #: ``--metrics-dir`` / ``$REGIONVAULT_METRICS_DIR``: write ``regionvault.prom`` there
+    metrics_dir: Path | None = None
+    #: the command being run (its name), which decides how its metrics count jobs
+    command: str | None = None
+    _metrics: Metrics | None = field(default=None, repr=False)
+    _failed: bool = field(default=False, repr=False)
 
     @property
     def site_path(self) -> Path:
@@ -183,7 +196,58 @@ class CliState:
         """An :class:`Engine` over the site (``options`` go to its constructor)."""
         from regionvault.core.pipeline import Engine
 
-        return Engine(self.site(), **options)
+        engine = Engine(self.site(), **options)
+        if self.metrics_dir is not None or self._metrics is not None:
+            self._attach_metrics(engine)
+        return engine
+
+    # -- metrics (docs/metrics.md) ---------------------------------------------------------
+
+    def metrics(self) -> Metrics:
+        """This command's metrics (made on first use), attached to its engine when the
+        command makes one: ``tick`` and ``run`` count the jobs of their ticks, any other
+        command the steps it runs."""
+        if self._metrics is None:
+            from regionvault.core.pipeline.metrics import Metrics
+
+            self._metrics = Metrics(one_shot=self.command not in ("tick", "run"))
+        return self._metrics
+
+    def _attach_metrics(self, engine: Engine) -> None:
+        metrics = self.metrics()
+        if metrics.attached:
+            return  # the command's first engine is the one counted and read
+        metrics.attach(engine)
+        # runs before the site closes (callbacks run last first): the status is read then
+        click.get_current_context().find_root().call_on_close(metrics.detach)
+
+    def write_metrics(self, *, final: bool = True) -> None:
+        """``regionvault.prom`` in ``--metrics-dir`` (nothing without it): at the end of the
+        command (``final``), and after each of ``run``'s ticks. A failure to write fails a
+        command that succeeded; after a failed one, or between ticks, it is a warning."""
+        if self.metrics_dir is None:
+            return
+        try:
+            _, warning = self.metrics().write_textfile(self.metrics_dir)
+        except (OSError, RegionVaultError) as exc:
+            message = f"metrics not written to {self.metrics_dir}: {exc}"
+            if self._failed or not final:
+                click.echo(f"regionvault: warning: {one_line(message)}", err=True)
+                return
+            raise ExpectedError(message) from exc
+        if warning is not None:
+            click.echo(f"regionvault: warning: {one_line(warning)}", err=True)
+
+
+def _command_failed(ctx: click.Context, error: BaseException) -> None:
+    """A command failed: its metrics count it (docs/metrics.md) and its textfile is still
+    written."""
+    state = ctx.obj
+    if not isinstance(state, CliState):
+        return
+    state._failed = True
+    if state._metrics is not None:
+        state._metrics.command_failed(state.command, error)
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
@@ -200,9 +264,19 @@ CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_
     metavar="PATH",
     help="Site file to use. Default: $REGIONVAULT_SITE, then ./site.toml.",
 )
+@click.option(
+    "--metrics-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="REGIONVAULT_METRICS_DIR",
+    default=None,
+    metavar="DIR",
+    help="Write Prometheus metrics to DIR/regionvault.prom when the command ends (the "
+    "textfile collector's format; counters carried over from the file). "
+    "Default: $REGIONVAULT_METRICS_DIR.",
+)
 @click.version_option(package_name="regionvault", prog_name="regionvault")
 @click.pass_context
-def cli(ctx: click.Context, site_option: Path | None) -> None:
+def cli(ctx: click.Context, site_option: Path | None, metrics_dir: Path | None) -> None:
     """regionvault: encrypted, tag-driven, cross-region backups.
 
     Every command reads one site file (regions, replication pairs, policies):
@@ -211,7 +285,12 @@ def cli(ctx: click.Context, site_option: Path | None) -> None:
     Exit status: 0 ok, 1 error (one line on standard error), 2 usage error, 3 incomplete
     (a recovery point was committed that names entries it could not take whole).
     """
-    ctx.obj = CliState(site_option=site_option)
+    state = ctx.obj = CliState(
+        site_option=site_option, metrics_dir=metrics_dir, command=ctx.invoked_subcommand
+    )
+    if metrics_dir is not None:
+        state.metrics()  # made now, so that even a failure before the site loads is counted
+        ctx.call_on_close(state.write_metrics)  # runs last: after the site closed
 
 
 # --------------------------------------------------------------------------- entry point

@@ -25,6 +25,7 @@ from regionvault.core.durations import parse_duration
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline import Service, TickReport
+    from regionvault.core.pipeline.metrics import Metrics
 
 __all__ = ["run", "tag", "tick"]
 
@@ -188,6 +189,21 @@ def tick(
     _exit_for(len(report.failures()) + len(report.problems), len(report.incomplete()))
 
 
+@contextlib.contextmanager
+def _serving(metrics: Metrics | None, address: tuple[str, int] | None) -> Iterator[None]:
+    """``/metrics`` served on ``address`` while the block runs (nothing without one)."""
+    if metrics is None or address is None:
+        yield
+        return
+    server, shown = metrics.serve(*address)
+    echo_err(f"regionvault: serving metrics on http://{shown}/metrics")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @click.command()
 @click.option(
     "--interval", metavar="DURATION", help="Time between ticks (default: the site's intervals)."
@@ -196,6 +212,12 @@ def tick(
 @_REGION_TICK
 @_COPY_GRACE
 @_EXECUTOR
+@click.option(
+    "--metrics-addr",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics; :PORT or PORT alone listens "
+    "on 127.0.0.1 (another host only when named: docs/metrics.md).",
+)
 @pass_state
 def run(
     state: CliState,
@@ -204,11 +226,20 @@ def run(
     region: str | None,
     copy_grace: str | None,
     executor: str | None,
+    metrics_addr: str | None,
 ) -> None:
     """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish.
 
     Exits as one tick over all the ticks it ran: 1 when a step failed, else 3 when a backup
     was incomplete, else 0."""
+    address: tuple[str, int] | None = None
+    if metrics_addr is not None:
+        from regionvault.core.pipeline.metrics import MetricsAddressError, parse_metrics_addr
+
+        try:
+            address = parse_metrics_addr(metrics_addr)
+        except MetricsAddressError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-addr") from None
     name, options = _region_tick_options(state, region, copy_grace)
     every = None
     if interval is not None:
@@ -216,6 +247,7 @@ def run(
             every = parse_duration(interval, bare_unit="s")
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--interval") from None
+    metrics = state.metrics() if address is not None else None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -232,8 +264,9 @@ def run(
         sys.stdout.flush()
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
+        state.write_metrics(final=False)  # the textfile, tick by tick (docs/metrics.md)
 
-    with _service(state, executor, stop, **options) as service:
+    with _service(state, executor, stop, **options) as service, _serving(metrics, address):
         ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     echo_err(f"regionvault: stopped after {ticks} tick(s)")
     _exit_for(failed, incomplete)
