@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from cli_support import ok, run
 from click.testing import Result
+from regionvault.core import Instance, Site
 from regionvault.core.repository import _format as fmt
-from repository_support import snapshot
+from repository_support import capture, repo_for, snapshot
+from site_support import open_site, region_root
 
 POINT_LINE = 32  # a point id is the last line of `backup`
 
@@ -233,3 +235,40 @@ def test_rotate_keys_of_a_region_without_a_repository_rotates_nothing(workdir: P
     assert "nothing to re-wrap" in result.stderr and "Traceback" not in result.stderr
     if before is not None:
         assert keystore(workdir, "east")[1]["current_master"] == before["current_master"]
+
+
+def test_a_process_that_opened_the_keystore_before_a_rotation_wraps_under_the_new_key(
+    site: Site, site_file: Path, tmp_path: Path
+) -> None:
+    """A long-running process (a ``run`` daemon) whose KeyService read the keystore before
+    another process ran rotate-keys wraps its next backup's run key under the new key, so
+    the old one can still be removed."""
+    east = site.region("east")
+    repo = repo_for(east)
+    data = make_data(tmp_path / "data", seed=1)
+    repo.backup(capture(data))
+    old = east.keys.key_id
+    with open_site(site_file) as other:  # the administrator's process
+        repo_for(other.region("east")).rotate_keys()
+        new = other.region("east").keys.key_id
+    assert new != old
+    # another instance: its backup reads no parent's packs (whose keyring, under the new
+    # key, would make the key service read the keystore again by the way)
+    data = make_data(tmp_path / "other", seed=2, size=100_000)
+    point = repo.backup(capture(data, Instance(id="i-other", name="other", region=east.name)))
+    root = region_root(east)
+    store = json.loads((root / "keys" / "keystore.json").read_text())
+    kids = {
+        local_kid(fmt.PackHeader.parse(p.name, p.read_bytes()).wrapped_key)
+        for p in (root / "vault" / "objects" / "packs").rglob("*")
+        if p.is_file()
+    }
+    assert kids == {old, new}
+    store["master_keys"] = {new: store["master_keys"][new]}
+    (root / "keys" / "keystore.json").write_text(json.dumps(store))
+    with open_site(site_file) as later:
+        fresh = repo_for(later.region("east"))
+        out = tmp_path / "out"
+        fresh.restore(point.id, out)
+        assert snapshot(out) == snapshot(data)
+        assert fresh.verify(read_data=True).ok

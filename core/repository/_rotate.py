@@ -5,7 +5,6 @@ and one KeyService call per run whose key no keyring holds yet."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from regionvault.core.errors import ObjectExists, RegionVaultError
 from regionvault.core.repository import _crypto, _keyring
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._locks import RepositoryLock
-from regionvault.core.repository._store import Store
+from regionvault.core.repository._store import Store, canonical_json
 
 __all__ = ["RotationReport", "rotate_keys"]
 
@@ -58,7 +57,7 @@ def _write_keyring(store: Store, generation: int, runs: dict[bytes, bytes]) -> s
         vault_id=store.vault_id,
         kind=fmt.ObjectKind.KEYRING,
         name=name,
-        body=_json(body),
+        body=canonical_json(body),
         secret=data_key.plaintext,
         key_source=fmt.KEY_SOURCE_WRAPPED,
         wrapped_key=data_key.wrapped,
@@ -72,10 +71,6 @@ def _write_keyring(store: Store, generation: int, runs: dict[bytes, bytes]) -> s
             region=store.region,
         ) from None
     return data_key.key_id
-
-
-def _json(doc: dict[str, object]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _gather_runs(
