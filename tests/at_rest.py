@@ -155,8 +155,9 @@ class WrappedKey:
 
 
 def wrapped_keys(vault: Vault, *, repository_id: str) -> list[WrappedKey]:
-    """Every wrapped data key in ``vault``'s objects: the config's and each pack's run key.
-    Every other object is sealed under the repository's master key (inside the config)."""
+    """Every wrapped data key in ``vault``'s objects: the config's, each keyring's and each
+    pack's run key. Every other object is sealed under the repository's master key (inside
+    the config)."""
     out: list[WrappedKey] = []
     for info in vault.list(""):
         if info.name.startswith(".regionvault/"):
@@ -180,6 +181,15 @@ def wrapped_keys(vault: Vault, *, repository_id: str) -> list[WrappedKey]:
                 "vault": vault.vault_id,
                 "kind": "config",
                 "purpose": "regionvault-repository",
+            }
+            out.append(WrappedKey(info.name, data[_ENVELOPE.size : _ENVELOPE.size + w], context))
+        elif kind == 8:  # a keyring (format 4): its data key is wrapped like the config's
+            assert (source, w > 0) == (1, True), f"{info.name}: not a wrapped-key keyring"
+            context = {
+                "vault": vault.vault_id,
+                "kind": "keyring",
+                "repository": repository_id,
+                "generation": str(int(info.name.rsplit("/", 1)[-1], 16)),
             }
             out.append(WrappedKey(info.name, data[_ENVELOPE.size : _ENVELOPE.size + w], context))
         else:

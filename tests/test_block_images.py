@@ -245,8 +245,8 @@ def test_a_point_of_one_disk_is_written_as_version_2_wrote_it(east: Region) -> N
         assert doc["format"] == 2
         assert doc["image"] == {"size": IMAGE_SIZE, "block_size": BS}  # no "disks" key
         assert repo.load_manifest(point.id).disks == (Disk("disk", 0, IMAGE_SIZE),)
-    # a file tree's manifest, and the repository's config, are version 2's too
-    assert repo._ensure_open().config.version == 2
+    # a file tree's manifest is version 2's too (the config is version 4's: key rotation)
+    assert repo._ensure_open().config.version == fmt.FORMAT_VERSION_CONFIG == 4
 
 
 def test_a_reader_of_version_2_refuses_a_point_of_several_disks_and_reads_the_rest(
@@ -262,7 +262,9 @@ def test_a_reader_of_version_2_refuses_a_point_of_several_disks_and_reads_the_re
     with pytest.raises(IntegrityError, match=r"format version 3 is newer.*upgrade"):
         CopyOffer.decode("offer", offer)
     assert repo.load_manifest(one.id).format_version == 2
-    Repository.open(east.vault, east.keys, region=east.name)  # the config opens
+    # a repository created since format 4 (which may hold keyrings) it does not open at all
+    with pytest.raises(IntegrityError, match=r"config: format version 4 is newer.*upgrade"):
+        Repository.open(east.vault, east.keys, region=east.name)
 
 
 def test_disks_recorded_by_a_version_2_manifest_are_refused(east: Region) -> None:

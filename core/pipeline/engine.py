@@ -58,6 +58,7 @@ from regionvault.core.repository import (
     CopyTracker,
     Repository,
     RepositorySettings,
+    RotationReport,
     copy_point,
 )
 from regionvault.core.types import (
@@ -1076,6 +1077,15 @@ class Engine:
                 "skipped": [str(p) for p in pruned.skipped],
             }
         return report
+
+    def rotate_keys(
+        self, region: str, progress: Callable[[int, int], None] | None = None
+    ) -> RotationReport:
+        """Make a new master key of ``region``'s KeyService current and re-wrap its
+        repository under it, without rewriting packs, so the old key can then be disabled
+        (:meth:`Repository.rotate_keys`). Raises :class:`RepositoryNotFound` when the
+        region holds no repository: there is nothing to re-wrap, and no key is rotated."""
+        return self.repository(self.region(region).name, create=False).rotate_keys(progress)
 
     # ------------------------------------------------------------------ jobs
 

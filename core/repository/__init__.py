@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from regionvault.core.repository._format import FORMAT_VERSION
 from regionvault.core.repository._restore import MARKER_NAME as RESTORE_MARKER
+from regionvault.core.repository._rotate import RotationReport
 from regionvault.core.repository.copy import (
     CommitReport,
     CopyProgress,
@@ -71,6 +72,7 @@ __all__ = [
     "Repository",
     "RepositorySettings",
     "RestoreReport",
+    "RotationReport",
     "SentNotice",
     "TransitSession",
     "TreeEntry",

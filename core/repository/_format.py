@@ -32,12 +32,14 @@ __all__ = [
     "ENVELOPE_HEADER",
     "FLAG_ZSTD",
     "FORMAT_VERSION",
+    "FORMAT_VERSION_CONFIG",
     "FORMAT_VERSION_DISKS",
     "FORMAT_VERSION_WITHOUT_DISKS",
     "GCM_TAG",
     "ID_SIZE",
     "INDEX_PACK",
     "INDEX_PREFIX",
+    "KEYRING_PREFIX",
     "KEY_SOURCE_MASTER",
     "KEY_SOURCE_WRAPPED",
     "LAYOUT_VERSION",
@@ -85,6 +87,7 @@ __all__ = [
     "encode_record",
     "envelope_aad",
     "index_name",
+    "keyring_name",
     "lock_name",
     "new_id",
     "nonce_at",
@@ -92,6 +95,7 @@ __all__ = [
     "pack_name",
     "parse_hex_id",
     "parse_index",
+    "parse_keyring_name",
     "point_name",
     "record_problem",
     "table_aad",
@@ -102,7 +106,11 @@ __all__ = [
 #: objects and packs keep their version 1 layout and say so (:data:`LAYOUT_VERSION`).
 #: Version 3 added the disks of a block image to the manifest: only a manifest (and a copy
 #: offer) that records disks says 3; everything else is still written as version 2
-FORMAT_VERSION = 3
+#: Version 4 added key rotation: the ``keyring`` objects and a config that is rewritten under
+#: a new master key; a repository created by version 4 code says 4 in its config
+FORMAT_VERSION = 4
+#: what the config of a repository created (or rotated) by this code says
+FORMAT_VERSION_CONFIG = 4
 #: the version of a manifest or copy offer that records the disks of a block image
 FORMAT_VERSION_DISKS = 3
 #: what the config, and manifests and offers that record no disks, say: their content is
@@ -123,6 +131,8 @@ POINT_PREFIX = "points/"
 LOCK_PREFIX = "locks/"
 #: a copy source's records of points offered to, and received by, destinations
 COPIES_PREFIX = "copies/"
+#: key rotation's re-wrapped run data keys, one object per generation (section 2)
+KEYRING_PREFIX = "keyring/"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -138,6 +148,8 @@ class ObjectKind(enum.IntEnum):
     LINKS = 5
     #: a copy source's record of a point offered to, or received by, a destination
     COPIES = 6
+    #: run data keys re-wrapped under a newer master key (kind 7 is the event log's)
+    KEYRING = 8
 
 
 class BlobType(enum.IntEnum):
@@ -175,6 +187,18 @@ def point_name(point_id: str) -> str:
 
 def lock_name(lock_id: str) -> str:
     return f"{LOCK_PREFIX}{lock_id}"
+
+
+def keyring_name(generation: int) -> str:
+    return f"{KEYRING_PREFIX}{generation:08x}"
+
+
+def parse_keyring_name(name: str) -> int | None:
+    """The generation of a ``keyring/<8 hex>`` name, or None for any other name."""
+    tail = name[len(KEYRING_PREFIX) :]
+    if not name.startswith(KEYRING_PREFIX) or not re.fullmatch(r"[0-9a-f]{8}", tail):
+        return None
+    return int(tail, 16)
 
 
 def check_version(name: str, version: int) -> None:

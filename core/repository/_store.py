@@ -23,7 +23,7 @@ from regionvault.core.errors import (
     RegionVaultError,
 )
 from regionvault.core.interfaces import KeyService, Vault
-from regionvault.core.repository import _crypto
+from regionvault.core.repository import _crypto, _keyring
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository.model import ChunkerParams, RepositorySettings
@@ -46,6 +46,8 @@ class RepoConfig:
     chunker_seed: int
     chunk_id_key: bytes = field(repr=False)
     master_key: bytes = field(repr=False)
+    #: the master key the config's data key is wrapped under (format 4 configs say it)
+    key_id: str | None = None
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Store:
         self._lock = threading.Lock()
         self._data_keys: dict[bytes, bytes] = {}
         self._pack_keys: dict[tuple[str, bytes], _crypto.PackKey] = {}
+        #: run keys of the newest keyring (None: not read yet), and why it could not be read
+        self._keyring: dict[bytes, bytes] | None = None
+        self._keyring_problem: str | None = None
 
     # ------------------------------------------------------------------ config
 
@@ -105,9 +110,10 @@ class Store:
         context = config_context(self.vault_id)
         data_key = self.keys.generate_data_key(context)
         body = {
-            # the config is as version 2 wrote it: a reader of version 2 opens the
-            # repository and refuses only the points it cannot read
-            "format": fmt.FORMAT_VERSION_WITHOUT_DISKS,
+            # version 4: the config may be rewritten under a newer master key, and the
+            # repository may hold keyrings, which a reader of version 3 would not know
+            "format": fmt.FORMAT_VERSION_CONFIG,
+            "key_id": data_key.key_id,
             "repository": fmt.new_id(),
             "vault": self.vault_id,
             "created_at": datetime.now(UTC).isoformat(),
@@ -154,24 +160,8 @@ class Store:
 
     def _parse_config(self, data: bytes) -> RepoConfig:
         name = fmt.CONFIG_NAME
-        header = fmt.EnvelopeHeader.parse(name, data, fmt.ObjectKind.CONFIG)
-        if header.key_source != fmt.KEY_SOURCE_WRAPPED or not header.wrapped_key:
-            raise IntegrityError(name, "config carries no wrapped key")
+        doc = self._config_document(data)
         try:
-            secret = self.keys.unwrap(header.wrapped_key, config_context(self.vault_id))
-        except KeyAccessDenied as exc:
-            raise KeyAccessDenied(
-                f"{name}: the KeyService of {self.keys.region} cannot unwrap this repository's "
-                f"key: the vault belongs to another region or key service, or the object was "
-                f"altered ({exc.message})",
-                provider=self.keys.provider,
-                region=self.keys.region,
-            ) from None
-        body = _crypto.open_sealed(
-            vault_id=self.vault_id, name=name, data=data, header=header, secret=secret
-        )
-        try:
-            doc = json.loads(body)
             fmt.check_version(name, int(doc["format"]))
             if doc["vault"] != self.vault_id:
                 raise IntegrityError(name, f"belongs to vault {doc['vault']}, not {self.vault_id}")
@@ -191,6 +181,7 @@ class Store:
             master = bytes.fromhex(doc["master_key"])
             if len(chunk_key) != 32 or len(master) != 32:
                 raise IntegrityError(name, "a key has the wrong length")
+            key_id = doc.get("key_id")
             return RepoConfig(
                 version=int(doc["format"]),
                 repository_id=fmt.parse_hex_id(doc["repository"], "repository id"),
@@ -200,9 +191,62 @@ class Store:
                 chunker_seed=int(chunker["seed"]),
                 chunk_id_key=chunk_key,
                 master_key=master,
+                key_id=None if key_id is None else str(key_id),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(name, f"config is malformed ({exc})") from None
+
+    def _config_document(self, data: bytes) -> dict[str, Any]:
+        """The config's body, authenticated (one unwrap), as a JSON object."""
+        name = fmt.CONFIG_NAME
+        header = fmt.EnvelopeHeader.parse(name, data, fmt.ObjectKind.CONFIG)
+        if header.key_source != fmt.KEY_SOURCE_WRAPPED or not header.wrapped_key:
+            raise IntegrityError(name, "config carries no wrapped key")
+        try:
+            secret = self.keys.unwrap(header.wrapped_key, config_context(self.vault_id))
+        except KeyAccessDenied as exc:
+            raise KeyAccessDenied(
+                f"{name}: the KeyService of {self.keys.region} cannot unwrap this repository's "
+                f"key: the vault belongs to another region or key service, or the object was "
+                f"altered ({exc.message})",
+                provider=self.keys.provider,
+                region=self.keys.region,
+            ) from None
+        body = _crypto.open_sealed(
+            vault_id=self.vault_id, name=name, data=data, header=header, secret=secret
+        )
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise IntegrityError(name, f"config is malformed ({exc})") from None
+        if not isinstance(doc, dict):
+            raise IntegrityError(name, "config is malformed (not a JSON object)")
+        return doc
+
+    def rewrap_config(self) -> RepoConfig:
+        """Rewrite the config (an atomic overwrite) with the same secrets under a fresh data
+        key of the KeyService's current master key, saying format 4 and that key's id: key
+        rotation's last write (docs/format.md, "Rotate keys"). A crash leaves the old config
+        or the new one whole; either opens while the old master key is enabled."""
+        name = fmt.CONFIG_NAME
+        doc = self._config_document(self.vault.get(name))
+        data_key = self.keys.generate_data_key(config_context(self.vault_id))
+        if doc.get("repository") != self.config.repository_id:
+            raise IntegrityError(name, "config was replaced since the repository was opened")
+        doc = {**doc, "format": fmt.FORMAT_VERSION_CONFIG, "key_id": data_key.key_id}
+        sealed = _crypto.seal(
+            vault_id=self.vault_id,
+            kind=fmt.ObjectKind.CONFIG,
+            name=name,
+            body=json.dumps(doc, sort_keys=True).encode(),
+            secret=data_key.plaintext,
+            key_source=fmt.KEY_SOURCE_WRAPPED,
+            wrapped_key=data_key.wrapped,
+            compress_level=None,
+        )
+        self.vault.put(name, sealed)
+        self._config = config = self._parse_config(sealed)
+        return config
 
     # ------------------------------------------------------------------ sealed objects
 
@@ -286,17 +330,57 @@ class Store:
             found = self._data_keys.get(header.wrapped_key)
             if found is not None:
                 return found
-            # one KMS call per backup run, however many packs the run wrote
-            try:
-                secret = self.keys.unwrap(header.wrapped_key, self.data_key_context(header.run_id))
-            except KeyAccessDenied as exc:
-                raise IntegrityError(
-                    name,
-                    "its data key does not unwrap with this repository's key service: the "
-                    f"pack was altered or comes from another vault ({exc.message})",
-                ) from None
+            secret = self._run_key_locked(name, header)
             self._data_keys[header.wrapped_key] = secret
             return secret
+
+    def run_key(self, name: str, header: fmt.PackHeader) -> bytes:
+        """The data key of the run that wrote pack ``name``: from the newest keyring when it
+        holds the run, else unwrapped from the pack header (one KeyService call per run)."""
+        return self._unwrap_data_key(name, header)
+
+    def _run_key_locked(self, name: str, header: fmt.PackHeader) -> bytes:
+        ring = self._keyring_locked(reload=False)
+        found = ring.get(header.run_id)
+        if found is not None:
+            return found
+        # one KMS call per backup run, however many packs the run wrote
+        try:
+            return self.keys.unwrap(header.wrapped_key, self.data_key_context(header.run_id))
+        except KeyAccessDenied as exc:
+            denied = exc.message
+        # a rotation since the keyring was read may have re-wrapped the run (and its old
+        # master key may be gone): read the newest keyring again, once
+        found = self._keyring_locked(reload=True).get(header.run_id)
+        if found is not None:
+            return found
+        keyring = f"; {self._keyring_problem}" if self._keyring_problem else ""
+        raise IntegrityError(
+            name,
+            "its run key is in no keyring and its data key does not unwrap with this "
+            "repository's key service: the pack was altered, comes from another vault, or "
+            f"its master key was disabled before a rotation re-wrapped it ({denied}){keyring}",
+        )
+
+    def _keyring_locked(self, *, reload: bool) -> dict[bytes, bytes]:
+        """The newest keyring's run keys (empty when there is none or it cannot be read:
+        then ``_keyring_problem`` says why, and pack headers are unwrapped instead)."""
+        if self._keyring is None or reload:
+            try:
+                ring = _keyring.newest_keyring(self.vault, self.keys, self.config.repository_id)
+            except (IntegrityError, RegionVaultError) as exc:
+                self._keyring_problem = str(exc)
+                self._keyring = {}
+            else:
+                self._keyring_problem = None
+                self._keyring = dict(ring.runs) if ring is not None else {}
+        return self._keyring
+
+    def adopt_keyring(self, ring: _keyring.Keyring) -> None:
+        """Use the run keys of the keyring this process just wrote (a :class:`Keyring`)."""
+        with self._lock:
+            self._keyring = dict(ring.runs)
+            self._keyring_problem = None
 
     def decode_blob(
         self,

@@ -18,6 +18,8 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository import _keyring
+from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._links import LINK_PREFIX, decode_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
@@ -233,6 +235,7 @@ def _verify(
         else:
             report.blobs = len(index)
     _check_copy_objects(store, report, damage)
+    _check_keys(store, report, index)
     try:
         stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
     except RegionVaultError as exc:  # e.g. no permission to list uploads: only a note
@@ -281,6 +284,32 @@ def _check_copy_objects(store: Store, report: VerifyReport, damage: _Damage) -> 
                     Problem(exc.object_name, f"{exc.reason} (verify --repair removes it)")
                 )
                 found.append(info.name)
+
+
+def _check_keys(store: Store, report: VerifyReport, index: ChunkIndex) -> None:
+    """Every keyring authenticates (the newest one is what readers use), and every indexed
+    pack's run key is in the newest keyring or unwraps (one KeyService call per run at
+    most): a pack whose key is neither is named, since no point using it can restore."""
+    present = _keyring.generations(store.vault)
+    for generation in present:
+        name = fmt.keyring_name(generation)
+        try:
+            _keyring.read_keyring(store.vault, store.keys, store.config.repository_id, generation)
+        except ObjectNotFound:
+            continue
+        except IntegrityError as exc:
+            report.errors.append(Problem(exc.object_name, exc.reason))
+    seen: set[bytes] = set()
+    for pack_id, info in sorted(index.packs.items()):
+        name = fmt.pack_name(pack_id)
+        try:
+            header = fmt.PackHeader.parse(name, info.header)
+            if header.wrapped_key in seen:
+                continue
+            seen.add(header.wrapped_key)
+            store.pack_key(pack_id, info.header)
+        except IntegrityError as exc:
+            report.errors.append(Problem(exc.object_name, exc.reason))
 
 
 def _check_copy_record(name: str, body: bytes) -> None:

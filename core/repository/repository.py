@@ -34,7 +34,7 @@ from regionvault.core.interfaces import (
     Vault,
 )
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository import _prune, _retention, _verify
+from regionvault.core.repository import _prune, _retention, _rotate, _verify
 from regionvault.core.repository._backup import BackupRun
 from regionvault.core.repository._backup_blocks import block_plan
 from regionvault.core.repository._backup_walk import ParentLookup
@@ -641,6 +641,24 @@ class Repository:
         store = self._ensure_open()
         with self._lock(exclusive=True, operation="prune") as lock:
             return _prune.prune(store, lock=lock, max_unused=max_unused, progress=progress)
+
+    def rotate_keys(
+        self,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        step: Callable[[str], None] | None = None,
+    ) -> _rotate.RotationReport:
+        """Make a new master key of the KeyService current and re-wrap what the repository
+        holds under it, without rewriting a pack: a new keyring (every run's data key,
+        sealed under a data key of the new master key), then the config rewritten under the
+        new key, then older keyrings deleted. Afterwards the old master key can be disabled:
+        every point still restores. Takes the exclusive lock (no backup writes packs under
+        the old key meanwhile). A run again after a crash finishes the interrupted rotation.
+        ``progress(packs done, packs)`` while the pack headers are read; ``step`` is for
+        tests (told "rotated", "keyring", "config", "deleted" as each completes)."""
+        store = self._ensure_open()
+        with self._lock(exclusive=True, operation="rotate-keys") as lock:
+            return _rotate.rotate_keys(store, lock=lock, progress=progress, step=step)
 
     def rebuild_index(self) -> int:
         """Index every readable pack again from its own header and authenticated blob table,

@@ -9,6 +9,7 @@ never be opened as the other, and lets a key policy allow Encrypt for sealing al
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ __all__ = ["PURPOSE_KEY", "AwsKeyService", "AwsSealer"]
 
 #: reserved encryption-context key; callers' contexts may not use it
 _DATA_KEY = "data-key"
+#: tag a rotation puts on the new key, naming the key it replaced (the region's earlier keys)
+_PREVIOUS_TAG = "regionvault:previous-key"
 _SEAL = "seal"
 MAX_SECRET = 1024
 
@@ -49,6 +52,10 @@ _DENIED = frozenset(
         "DisabledException",
     }
 )
+
+
+#: KMS answers to a Decrypt naming another key than the blob's (moto says AccessDenied)
+_WRONG_KEY = frozenset({"IncorrectKeyException", "AccessDeniedException"})
 
 
 def _context(context: Mapping[str, str], purpose: str, region: str) -> dict[str, str]:
@@ -117,7 +124,8 @@ class AwsKeyService(KeyService):
         self._clients = clients
         self._lock = threading.Lock()
         self._arn: str | None = None
-        self._rotations: int | None = None
+        #: this region's earlier keys, newest first (None: not read yet)
+        self._previous: list[str] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -177,60 +185,79 @@ class AwsKeyService(KeyService):
             return str(kms.describe_key(KeyId=self._key)["KeyMetadata"]["Arn"])
         return str(made["Arn"])
 
-    def _rotation_count(self, arn: str) -> int:
-        if self._rotations is None:
-            count = 0
-            token: str | None = None
-            try:
-                for _page in range(10_000):
-                    kwargs: dict[str, Any] = {"KeyId": arn}
-                    if token:
-                        kwargs["Marker"] = token
-                    answer = self._kms.list_key_rotations(**kwargs)
-                    # the first key material may be listed too, without a RotationDate
-                    count += sum(1 for r in answer.get("Rotations", []) if r.get("RotationDate"))
-                    token = answer.get("NextMarker")
-                    if not answer.get("Truncated") or not token:
-                        break
-            except ClientError as exc:
-                if error_code(exc) != "UnsupportedOperationException":
-                    raise self._error(exc, "cannot list key rotations") from None
-            self._rotations = count
-        return self._rotations
+    def _previous_keys(self) -> list[str]:
+        """This region's earlier keys, newest first: each key a rotation made names the one
+        it replaced in its tag ``regionvault:previous-key`` (one ListResourceTags per key,
+        once per KeyService)."""
+        if self._previous is None:
+            chain: list[str] = []
+            key = self._resolve()
+            for _hop in range(1000):  # one key per rotation; bounded against a tag loop
+                try:
+                    tags = self._kms.list_resource_tags(KeyId=key).get("Tags", [])
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._error(exc, "cannot read the key's tags") from None
+                found = {t["TagKey"]: t["TagValue"] for t in tags}.get(_PREVIOUS_TAG)
+                if not found or found in chain or found == self._resolve():
+                    break
+                chain.append(found)
+                key = found
+            self._previous = chain
+        return self._previous
 
     # ------------------------------------------------------------------ KeyService
 
     @property
     def key_id(self) -> str:
-        """``<key ARN>#v<n>``: the KMS key and how many times its material was rotated."""
-        arn = self._resolve()
-        return f"{arn}#v{self._rotation_count(arn)}"
+        """The ARN of the region's current key (the one its alias names)."""
+        return self._resolve()
 
     def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         arn = self._resolve()
         ctx = _context(context, _DATA_KEY, self.region)
+        # by alias when there is one: a rotation in another process moves it, and new data
+        # keys must follow it at once (the answer names the key that was used)
+        target = self._key if self._key.startswith("alias/") else arn
         try:
             answer = self._kms.generate_data_key(
-                KeyId=arn, KeySpec="AES_256", EncryptionContext=ctx
+                KeyId=target, KeySpec="AES_256", EncryptionContext=ctx
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "cannot generate a data key") from None
+        used = str(answer.get("KeyId") or arn)
+        if used != arn:
+            with self._lock:
+                self._arn, self._previous = used, None
         return DataKey(
             plaintext=bytes(answer["Plaintext"]),
             wrapped=bytes(answer["CiphertextBlob"]),
-            key_id=self.key_id,
+            key_id=used,
         )
 
     def _decrypt(self, blob: bytes, context: dict[str, str], what: str) -> bytes:
+        """Decrypt naming the current key; a blob of an earlier key of this region (a
+        rotation's predecessor, while it is enabled) is decrypted naming that key. KeyId is
+        always given, so another region's or account's key is never used."""
         arn = self._resolve()
         if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
             raise KeyAccessDenied(f"{what}: empty or not bytes", provider="aws", region=self.region)
         try:
-            answer = self._kms.decrypt(
-                CiphertextBlob=bytes(blob), EncryptionContext=context, KeyId=arn
-            )
+            return self._decrypt_with(arn, blob, context)
         except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, f"cannot {what}") from None
+            if error_code(exc) not in _WRONG_KEY:
+                raise self._error(exc, f"cannot {what}") from None
+            first: BaseException = exc
+        # read only once the current key has refused: an earlier key of this region?
+        for key in self._previous_keys():
+            try:
+                return self._decrypt_with(key, blob, context)
+            except (ClientError, BotoCoreError) as exc:
+                if error_code(exc) not in _WRONG_KEY:
+                    raise self._error(exc, f"cannot {what} with earlier key {key}") from None
+        raise self._error(first, f"cannot {what}") from None
+
+    def _decrypt_with(self, key: str, blob: bytes, context: dict[str, str]) -> bytes:
+        answer = self._kms.decrypt(CiphertextBlob=bytes(blob), EncryptionContext=context, KeyId=key)
         return bytes(answer["Plaintext"])
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
@@ -247,13 +274,48 @@ class AwsKeyService(KeyService):
         return self._decrypt(sealed, _context(context, _SEAL, self.region), "unseal")
 
     def rotate(self) -> str:
-        """Rotate the key's material on demand (KMS keeps the old material for Decrypt)."""
-        arn = self._resolve()
-        before = self._rotation_count(arn)
+        """A new KMS key becomes current: made like the current one (description, usage,
+        spec, key policy, tags, plus ``regionvault:previous-key`` naming the current key),
+        then the region's alias is moved to it (UpdateAlias). The old key stays enabled, so
+        what it wrapped still opens until the caller has re-wrapped it (``rotate-keys``) and
+        disables it. Needs kms:CreateKey, GetKeyPolicy, ListResourceTags, TagResource and
+        UpdateAlias: an administrator's permissions, not the backup role's (docs/aws.md)."""
+        if not self._key.startswith("alias/"):
+            raise self._config.error(
+                "kms_key",
+                "rotation moves the region's alias to a new key: name the key by its "
+                "alias/<name>, not a key id or ARN",
+            )
+        old = self._resolve()
+        kms = self._kms
         try:
-            self._kms.rotate_key_on_demand(KeyId=arn)
+            meta = kms.describe_key(KeyId=old)["KeyMetadata"]
+            policy = kms.get_key_policy(KeyId=old, PolicyName="default")["Policy"]
+            tags = [
+                t
+                for t in kms.list_resource_tags(KeyId=old).get("Tags", [])
+                if t["TagKey"] != _PREVIOUS_TAG
+            ]
         except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, "cannot rotate") from None
-        # KMS rotates asynchronously; the listing may lag, so count our own rotation
-        self._rotations = before + 1
-        return self.key_id
+            raise self._error(exc, "cannot read the current key to rotate it") from None
+        try:
+            made = kms.create_key(
+                Description=meta.get("Description") or f"regionvault master key of {self.region}",
+                KeyUsage=meta.get("KeyUsage", "ENCRYPT_DECRYPT"),
+                KeySpec=meta.get("KeySpec", "SYMMETRIC_DEFAULT"),
+                Policy=policy,
+                Tags=[*tags, {"TagKey": _PREVIOUS_TAG, "TagValue": old}],
+            )["KeyMetadata"]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "cannot create the new key") from None
+        try:
+            kms.update_alias(AliasName=self._key, TargetKeyId=made["KeyId"])
+        except (ClientError, BotoCoreError) as exc:
+            # the new key is unused: retire it, the alias still names the old one
+            with contextlib.suppress(ClientError, BotoCoreError):
+                kms.schedule_key_deletion(KeyId=made["KeyId"], PendingWindowInDays=7)
+            raise self._error(exc, f"cannot move alias {self._key} to the new key") from None
+        with self._lock:
+            self._arn = str(made["Arn"])
+            self._previous = None
+        return self._arn

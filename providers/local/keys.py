@@ -298,6 +298,8 @@ class LocalKeyService(KeyService):
         self._rotation_lock = _fs.FileLock(self.keys_dir / _LOCK)
         self._lock = threading.Lock()
         self._store: _Keystore | None = None
+        #: (inode, mtime, size) of the keystore when last looked at
+        self._seen: tuple[int, int, int] | None = None
 
     # keystore access ---------------------------------------------------------------
 
@@ -305,8 +307,23 @@ class LocalKeyService(KeyService):
         with self._lock:
             if self._store is None or refresh:
                 ensure_keystore(self.keys_dir, self.region)
+                self._seen = self._stat()  # before the read: a replacement after it shows
                 self._store = _read_keystore(self._path)
             return self._store
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _keystore_replaced(self) -> bool:
+        """Whether the keystore file is another than the one last read (it is replaced
+        whole, atomically, by every rotation)."""
+        with self._lock:
+            seen = self._seen
+        return seen is not None and self._stat() != seen
 
     def _denied(self, reason: str) -> KeyAccessDenied:
         return KeyAccessDenied(reason, provider=self.provider, region=self.region)
@@ -332,7 +349,9 @@ class LocalKeyService(KeyService):
 
     def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         ctx = canonical_context(context)
-        store = self._load()
+        # another process may have rotated (rotate-keys): new data keys must be wrapped under
+        # the key now current, or the old one could not be removed (one stat per data key)
+        store = self._load(refresh=self._keystore_replaced())
         kid = store.current_master
         plaintext = os.urandom(32)
         header = _kid_header(kid)
