@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -195,6 +196,26 @@ def test_a_drill_by_tag_runs_terminates_and_waits_its_interval(
     assert drill_instances(west) == [] and len(health.launches) == 2
     newer = engine.state.last_drill(west.name, nf.id)
     assert newer is not None and newer.at == clock()
+
+
+def test_run_drills_on_its_ticks_as_the_injected_clock_moves(
+    engine: Engine, site: Site, clock: Clock, health: Health, tmp_path: Path
+) -> None:
+    add(site.region("east"), "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "1d"})
+    reports: list[TickReport] = []
+
+    def on_tick(report: TickReport) -> None:
+        reports.append(report)
+        clock.advance(hours=13)
+
+    stop = threading.Event()
+    ran = Service(engine).run(
+        stop, interval=timedelta(milliseconds=1), on_tick=on_tick, max_ticks=4
+    )
+    assert ran == 4 and all(r.ok for r in reports)
+    # at 0h a drill; at 13h none (13h < 1d); at 26h one; at 39h none
+    assert [len(drills(r)) for r in reports] == [1, 0, 1, 0]
+    assert len(health.launches) == 2 and drill_instances(site.region("west")) == []
 
 
 def test_the_launched_drill_is_marked_and_opted_out_of_backups(
