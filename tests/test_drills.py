@@ -19,11 +19,20 @@ from pathlib import Path
 
 import pytest
 from cli_support import ok, run
+from regionvault.core.errors import ComputeError
 from regionvault.core.pipeline import Engine, Service
-from regionvault.core.pipeline.drills import DRILL_RUNNER_TAG, DRILL_TAG, DRILL_UNTIL_TAG
+from regionvault.core.pipeline.drills import (
+    DRILL_RUNNER_TAG,
+    DRILL_TAG,
+    DRILL_UNTIL_TAG,
+    drill_jobs,
+    no_copy_notes,
+    sweep_drill_instances,
+)
 from regionvault.core.pipeline.jobs import DRILL, JobOutcome, JobStatus, backup_job, slot_of
 from regionvault.core.pipeline.objectives import ObjectiveState, rpo_state, rto_state
 from regionvault.core.pipeline.reports import TickReport
+from regionvault.core.pipeline.scheduler import due_instances
 from regionvault.core.pipeline.state import DrillRecord
 from regionvault.core.plugins import hookimpl
 from regionvault.core.repository import RepositorySettings
@@ -293,6 +302,79 @@ def test_a_drill_that_cannot_launch_is_a_failed_job_and_leaves_nothing(
     assert "cannot launch copy" in failed[0].error
     assert health.launches == [] and drill_instances(west) == []
     assert engine.state.last_drill(west.name, nf.id) is None
+
+
+def test_a_drill_whose_terminate_failed_is_terminated_by_the_next_tick(
+    engine: Engine,
+    site: Site,
+    clock: Clock,
+    health: Health,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    east, west = site.region("east"), site.region("west")
+    add(east, "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "1d", "backup-rto": "5m"})
+    terminate = west.compute.terminate
+
+    def refuse(instance_id: str) -> None:
+        raise ComputeError("the compute API is down")
+
+    monkeypatch.setattr(west.compute, "terminate", refuse)
+    service = Service(engine)
+    first = service.tick()
+    (drill,) = drills(first)
+    assert drill.status is JobStatus.FAILED and drill.error is not None
+    assert "could not be terminated (the compute API is down)" in drill.error
+    (left,) = drill_instances(west)
+    # its RTO is on record all the same
+    (row,) = [r for r in engine.status() if r.region == west.name]
+    assert row.last_drill_healthy is True and row.rto_state == "met"
+
+    # the same process ticks again: its drill is over, so the instance is left behind
+    monkeypatch.setattr(west.compute, "terminate", terminate)
+    clock.advance(hours=1)
+    second = service.tick()
+    assert second.ok and drills(second) == []
+    assert launched_state(west, left.id) == "terminated" and drill_instances(west) == []
+    assert any(left.id in n and "in this process is over" in n for n in second.notes)
+
+
+def test_a_running_drill_is_not_taken_for_a_leftover(
+    engine: Engine, site: Site, health: Health, tmp_path: Path
+) -> None:
+    east, west = site.region("east"), site.region("west")
+    add(east, "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "1d"})
+    swept: list[tuple[list[str], list[str]]] = []
+
+    class SweepWhileChecking:
+        @hookimpl
+        def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
+            if region == west.name and not swept:
+                swept.append(sweep_drill_instances(engine, west.name))
+            return None
+
+    site.plugin_manager.register(SweepWhileChecking())
+    report = Service(engine).tick()
+    assert report.ok
+    # another sweep in the middle of the drill (a concurrent tick) left its instance alone
+    assert swept == [([], [])]
+    (drill,) = drills(report)
+    assert drill.status is JobStatus.DONE and drill.result["healthy"] is True
+    assert launched_state(west, drill.result["launched"]) == "terminated"
+
+
+def test_no_copy_yet_is_said_for_each_destination(
+    engine: Engine, site: Site, clock: Clock, tmp_path: Path
+) -> None:
+    east = site.region("east")
+    nf = add(east, "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "1w"})
+    engine.backup(nf.id)  # backed up, not copied yet
+    report = TickReport(at=clock())
+    report.schedule.append(due_instances(east.compute, lambda i: None, site.config, clock()))
+    assert no_copy_notes(engine, report, engine.points_view()) == [
+        f"{nf.id} (vcu-1): drill every 1w: no copy in local:west yet, nothing to drill"
+    ]
+    assert drill_jobs(engine, report, ["local:west"], clock()) == []
 
 
 # --------------------------------------------------------------------------- killed

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -131,10 +132,21 @@ def drill_tags(engine: Engine, point: RecoveryPoint, drill_id: str) -> dict[str,
     return tags
 
 
+#: the drills running in this process (their :data:`DRILL_TAG` ids): one of this process's
+#: drill instances whose id is not here is left behind (its terminate failed)
+_running: set[str] = set()
+_running_lock = threading.Lock()
+
+
 def _left_behind(instance: Instance, now: float) -> str | None:
     """Why ``instance`` (carrying :data:`DRILL_TAG`) is a drill left behind, or None while
     its drill may still run."""
-    runner = ProcessIdentity.from_token(instance.tags.get(DRILL_RUNNER_TAG, ""))
+    token = instance.tags.get(DRILL_RUNNER_TAG, "")
+    if token == ProcessIdentity.current().token():
+        with _running_lock:
+            running = instance.tags.get(DRILL_TAG) in _running
+        return None if running else "its drill in this process is over"
+    runner = ProcessIdentity.from_token(token)
     if runner is not None and runner.alive() is False:
         return "its drill's process is gone"
     until = instance.tags.get(DRILL_UNTIL_TAG, "")
@@ -273,6 +285,24 @@ def run_drill(engine: Engine, job: Job) -> dict[str, Any]:
         raise DrillFailed(f"drill of {instance_id} in {here}: no copy of it there to restore")
     point = copies[-1]
     drill_id = secrets.token_hex(8)
+    with _running_lock:
+        _running.add(drill_id)
+    try:
+        return _drill(engine, here, instance_id, point, drill_id, swept, problems)
+    finally:
+        with _running_lock:
+            _running.discard(drill_id)
+
+
+def _drill(
+    engine: Engine,
+    here: str,
+    instance_id: str,
+    point: RecoveryPoint,
+    drill_id: str,
+    swept: list[str],
+    problems: list[str],
+) -> dict[str, Any]:
     try:
         result = engine.restore(
             point.id, region=here, launch=True, tags=drill_tags(engine, point, drill_id)

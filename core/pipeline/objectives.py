@@ -122,8 +122,9 @@ class StatusObjectives:
             close()
 
     def _last_backup_failed(self, instance: Instance, frequency: timedelta) -> bool:
-        """Whether the newest backup job of ``instance`` on record (this slot's, else the
-        one before) failed: a ledger that cannot be read counts as no failure (logged)."""
+        """Whether the newest backup job of ``instance`` on record in the site's job ledger
+        (this slot's, else the one before) failed: a ledger that cannot be read counts as
+        no failure (logged)."""
         if self._ledger_failed:
             return False
         try:
@@ -138,9 +139,12 @@ class StatusObjectives:
                     return False
                 if last_failure is not None and last_failure(key) is not None:
                     return True
-        except (OSError, RegionVaultError) as exc:
+        except Exception as exc:
+            # any executor kind's ledger (Redis: its own errors): status still answers
             log.warning(
-                "status: the job ledger cannot be read (%s): backup failures not shown", exc
+                "status: the job ledger cannot be read (%s: %s): backup failures not shown",
+                type(exc).__name__,
+                exc,
             )
             self._ledger_failed = True
         return False
