@@ -258,6 +258,18 @@ def test_an_instance_without_a_copy_drills_nothing_and_says_so(
     assert "notes" in report.to_dict() and report.to_dict()["notes"] == report.notes
 
 
+def test_a_malformed_drill_tag_is_said_not_drilled(
+    engine: Engine, site: Site, health: Health, tmp_path: Path
+) -> None:
+    nf = add(site.region("east"), "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "30m"})
+    report = Service(engine).tick()
+    assert report.ok and drills(report) == [] and health.launches == []
+    (note,) = [n for n in report.notes if "not drilled" in n]
+    assert note.startswith("local:west: not drilled: ")
+    assert f"instance {nf.id} (vcu-1): tag backup-drill='30m'" in note
+    assert "shorter than 1h" in note
+
+
 def test_an_unhealthy_drill_still_terminates_and_breaches_the_rto(
     engine: Engine, site: Site, clock: Clock, health: Health, tmp_path: Path
 ) -> None:
