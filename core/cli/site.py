@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from regionvault.core.cli.options import json_option, tags_callback
 from regionvault.core.cli.output import (
+    echo_err,
     format_tags,
     human_age,
     instance_json,
@@ -320,10 +321,13 @@ def instances_add(
 @pass_state
 def status(state: CliState, jobs: int | None, as_json: bool) -> None:
     """Per instance and region: newest recovery point and its age (RPO), last copy, last
-    restore drill and its RTO. A region with no recovery points (or no repository yet, which
-    status does not create) is shown once, with 0 points. With --jobs N, the newest jobs of
-    the site's job ledger instead (the shared one of its [executor], so any machine of the
-    site answers alike)."""
+    restore drill and its RTO, and whether the RPO and RTO objectives are met, at risk or
+    breached. A region with no recovery points (or no repository yet, which status does not
+    create) is shown once, with 0 points. With --jobs N, the newest jobs of the site's job
+    ledger instead (the shared one of its [executor], so any machine of the site answers
+    alike).
+
+    Exits 2 when an objective is breached (after printing everything)."""
     if jobs is not None:
         _job_history(state, jobs, as_json)
         return
@@ -336,6 +340,7 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
     entries.sort(key=lambda entry: order.get(entry[0], len(order)))
     if as_json:
         print_json([_empty_status(name) if r is None else r.to_dict() for name, r in entries])
+        _exit_if_breached(rows)
         return
 
     print_table(
@@ -349,9 +354,11 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             "last copy",
             "last drill RTO",
             "newest issues",
+            "RPO obj",
+            "RTO obj",
         ],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-", "-"]
+            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
@@ -365,10 +372,35 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
                 f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
+                _objective(r.rpo_objective_seconds, r.rpo_state),
+                _objective(r.rto_objective_seconds, r.rto_state),
             ]
             for name, r in entries
         ],
     )
+    _exit_if_breached(rows)
+
+
+#: ``status`` exits so when an objective is breached
+EXIT_BREACHED = 2
+
+_STATE_WORDS = {"met": "met", "at_risk": "at risk", "breached": "BREACHED"}
+
+
+def _objective(seconds: float | None, state: str | None) -> str:
+    """A status table's objective cell: ``<state> (<objective>)``, ``-`` with none."""
+    if seconds is None or state is None:
+        return "-"
+    return f"{_STATE_WORDS.get(state, state)} ({human_age(seconds)})"
+
+
+def _exit_if_breached(rows: list[StatusRow]) -> None:
+    breached = [r for r in rows if r.breached]
+    if breached:
+        echo_err(
+            f"regionvault: {len(breached)} instance-region row(s) breach an RPO or RTO objective"
+        )
+        raise click.exceptions.Exit(EXIT_BREACHED)
 
 
 def _job_history(state: CliState, limit: int, as_json: bool) -> None:
@@ -423,4 +455,10 @@ def _empty_status(region: str) -> dict[str, Any]:
         "last_drill_at": None,
         "last_drill_rto": None,
         "last_drill_healthy": None,
+        "drill_interval_seconds": None,
+        "rpo_objective_seconds": None,
+        "rpo_state": None,
+        "rto_objective_seconds": None,
+        "rto_state": None,
+        "last_backup_failed": None,
     }

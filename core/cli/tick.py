@@ -151,6 +151,8 @@ def _print_tick(report: TickReport) -> None:
         click.echo(line)
     for p in report.problems:
         click.echo(f"problem: {p}")
+    for n in report.notes:
+        click.echo(f"note: {n}")
 
 
 def _exit_for(failed: int, incomplete: int) -> None:

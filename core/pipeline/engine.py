@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ from regionvault.core.pipeline.launch import (
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
+from regionvault.core.pipeline.objectives import StatusObjectives
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
@@ -900,6 +901,7 @@ class Engine:
         name: str | None = None,
         progress: ProgressCallback | None = None,
         sync: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> RestoreResult:
         """Restore a recovery point held in ``region`` with ``region``'s keys alone.
         ``sync=True`` waits for a restored file tree to reach the disk
@@ -917,6 +919,9 @@ class Engine:
         not become healthy (or whose health check raised) is never removed: the result has
         ``healthy`` false and ``health_error`` saying why, the drill is recorded unhealthy,
         and the instance stays for inspection until it is terminated.
+
+        ``tags``: the launched instance's tags, instead of the point's (a scheduled drill's
+        marks: core/pipeline/drills.py).
         """
         started = time.monotonic()
         r = self.region(region)
@@ -937,7 +942,7 @@ class Engine:
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
             name=launch_name(r, point, name),
-            tags=point.tags.without([SLOT_TAG, RUN_TAG]),
+            tags=Tags(tags) if tags is not None else point.tags.without([SLOT_TAG, RUN_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
@@ -1107,9 +1112,11 @@ class Engine:
 
     def status(self) -> list[StatusRow]:
         """Per instance and region: newest recovery point and the age of its data (RPO),
-        last copy, last restore drill and its RTO."""
+        last copy, last restore drill and its RTO, the RPO and RTO objectives and whether
+        each is met, at risk or breached (core/pipeline/objectives.py)."""
         now = self.clock()
         rows: list[StatusRow] = []
+        objectives = StatusObjectives(self, now)
         for r in self.site.regions:
             try:
                 repo = self.repository(r.name, create=False)
@@ -1147,4 +1154,6 @@ class Engine:
                         last_drill_healthy=drill.healthy if drill else None,
                     )
                 )
+                rows[-1] = objectives.apply(rows[-1], newest, captured)
+        objectives.close()
         return rows

@@ -41,8 +41,10 @@ __all__ = [
     "COPY_RECEIPT",
     "COPY_REQUEST",
     "COPY_SEND",
+    "DRILL",
     "LISTED_ISSUES",
     "PLAN_BACKUPS",
+    "PLAN_DRILLS",
     "PLAN_INBOX",
     "PLAN_KINDS",
     "PLAN_OFFERS",
@@ -59,6 +61,7 @@ __all__ = [
     "copy_jobs_for",
     "copy_phase_job",
     "copy_receipt_job",
+    "drill_job",
     "format_slot",
     "job_key",
     "parse_slot",
@@ -77,6 +80,9 @@ TAG = "tag"
 BACKUP = "backup"
 COPY = "copy"
 RETENTION = "retention"
+#: a scheduled drill: restore an instance's newest copy in a region, launch, health-check,
+#: terminate (core/pipeline/drills.py)
+DRILL = "drill"
 #: a copy in four phases, each run in one region with that region's credentials alone
 #: (docs/jobs.md): the source offers, the destination requests, the source sends, the
 #: destination commits
@@ -95,7 +101,9 @@ _SOURCE_PHASES = frozenset({COPY_OFFER, COPY_SEND})
 PLAN_BACKUPS = "plan-backups"
 PLAN_INBOX = "plan-inbox"
 PLAN_OFFERS = "plan-offers"
-PLAN_KINDS = (PLAN_BACKUPS, PLAN_INBOX, PLAN_OFFERS)
+#: ... and its drills due (core/pipeline/drills.py)
+PLAN_DRILLS = "plan-drills"
+PLAN_KINDS = (PLAN_BACKUPS, PLAN_INBOX, PLAN_OFFERS, PLAN_DRILLS)
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _KEY = re.compile(r"[\x21-\x7e]{1,512}")  # printable ASCII, no spaces
@@ -335,6 +343,17 @@ def retention_job(region: str, slot: datetime) -> Job:
         region,
         {"slot": format_slot(slot)},
     )
+
+
+def drill_job(
+    region: str, instance_id: str, slot: datetime, payload: Mapping[str, Any] | None = None
+) -> Job:
+    """Drill ``instance_id``'s newest copy in ``region`` (a destination), once per drill slot
+    (``slot_of(now, drill interval)``): it runs in ``region``, with its credentials alone.
+
+    The key is ``drill/<region>/<instance>/<slot>``."""
+    data = {"instance_id": instance_id, "slot": format_slot(slot), **(payload or {})}
+    return Job(job_key(DRILL, region, instance_id, format_slot(slot)), DRILL, region, data)
 
 
 def plan_job(kind: str, region: str, at: datetime, *, step: int | None = None) -> Job:

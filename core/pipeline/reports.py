@@ -59,6 +59,9 @@ class TickReport:
     problems: list[str] = field(default_factory=list)
     #: the region of a region's own tick (``tick(region=...)``); None for a whole-site tick
     region: str | None = None
+    #: what the tick says that is no failure: an instance with a drill interval and no copy
+    #: to drill yet, a drill instance left behind that it terminated (core/pipeline/drills.py)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +99,7 @@ class TickReport:
             "schedule": [s.summary() for s in self.schedule],
             "jobs": [o.to_dict() for o in self.jobs],
             "problems": list(self.problems),
+            "notes": list(self.notes),
         }
 
     def schedule_dicts(self) -> list[dict[str, Any]]:
@@ -115,6 +119,7 @@ class TickReport:
             jobs=[JobOutcome.from_dict(o) for o in data.get("jobs", ())],
             problems=[str(p) for p in data.get("problems", ())],
             region=data.get("region"),
+            notes=[str(n) for n in data.get("notes", ())],
         )
 
 
@@ -139,6 +144,21 @@ class StatusRow:
     last_drill_at: datetime | None = None
     last_drill_rto: float | None = None
     last_drill_healthy: bool | None = None
+    #: the RPO and RTO objectives (None: none) and their states, ``met``, ``at_risk`` or
+    #: ``breached`` (None with no objective): core/pipeline/objectives.py, docs/operations.md
+    rpo_objective_seconds: float | None = None
+    rpo_state: str | None = None
+    rto_objective_seconds: float | None = None
+    rto_state: str | None = None
+    #: the drill interval (None: no scheduled drills)
+    drill_interval_seconds: float | None = None
+    #: the instance's newest backup job on record failed (judged only with an RPO objective)
+    last_backup_failed: bool = False
+
+    @property
+    def breached(self) -> bool:
+        """An objective is breached."""
+        return "breached" in (self.rpo_state, self.rto_state)
 
     def to_dict(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -158,4 +178,10 @@ class StatusRow:
             "last_drill_at": iso(self.last_drill_at),
             "last_drill_rto": self.last_drill_rto,
             "last_drill_healthy": self.last_drill_healthy,
+            "drill_interval_seconds": self.drill_interval_seconds,
+            "rpo_objective_seconds": self.rpo_objective_seconds,
+            "rpo_state": self.rpo_state,
+            "rto_objective_seconds": self.rto_objective_seconds,
+            "rto_state": self.rto_state,
+            "last_backup_failed": self.last_backup_failed,
         }

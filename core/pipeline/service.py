@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.pipeline.copyflow import CopyFlow
+from regionvault.core.pipeline.drills import drill_jobs, plan_drills, run_drill
 from regionvault.core.pipeline.engine import SLOT_TAG
 from regionvault.core.pipeline.executor import DEFAULT_RETRY, Executor, RetryPolicy, ThreadExecutor
 from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
+    DRILL,
     LISTED_ISSUES,
     PLAN_BACKUPS,
+    PLAN_DRILLS,
     PLAN_INBOX,
     PLAN_OFFERS,
     RETENTION,
@@ -145,7 +148,16 @@ def _plan_handlers(engine: Engine) -> dict[str, Callable[[Job], Any]]:
         jobs = flow.offer_jobs(here, slot, scratch, view)
         return {"jobs": [j.to_dict() for j in jobs], "problems": scratch.problems}
 
-    return {PLAN_BACKUPS: plan_backups, PLAN_INBOX: plan_inbox, PLAN_OFFERS: plan_offers}
+    def plan_region_drills(job: Job) -> Any:
+        here, at, _ = where(job)
+        return plan_drills(engine, here, at).to_dict()
+
+    return {
+        PLAN_BACKUPS: plan_backups,
+        PLAN_INBOX: plan_inbox,
+        PLAN_OFFERS: plan_offers,
+        PLAN_DRILLS: plan_region_drills,
+    }
 
 
 #: how long the ledger keeps a finished job's record: the retention job drops older ones
@@ -218,6 +230,7 @@ def job_handlers(engine: Engine) -> JobHandlers:
             BACKUP: run_backup,
             COPY: run_copy,
             RETENTION: run_retention,
+            DRILL: lambda job: run_drill(engine, job),
             **flow.handlers(),
             **_plan_handlers(engine),
         }
@@ -408,6 +421,9 @@ class Service:
             else:
                 jobs = [copy_job(point.region, point.id, dest) for point, dest in copies]
                 self._ran(report, executor.run(jobs))
+            names = [r.name for r in engine.site.regions]
+            drills = drill_jobs(engine, report, names, now, engine.points_view())
+            self._ran(report, executor.run(drills))
             retention = [retention_job(r.name, retain_slot) for r in engine.site.regions]
             self._ran(report, executor.run(retention))
         return self._finish(report)
@@ -453,6 +469,7 @@ class Service:
             self._ran(report, executor.run(first))
             self._ran(report, executor.run(then))
             self._ran(report, executor.run(self.copyflow.offer_jobs(here.name, slot, report)))
+            self._ran(report, executor.run(drill_jobs(self.engine, report, [here.name], now)))
             self._ran(report, executor.run([retention_job(here.name, slot)]))
         return self._finish(report)
 
@@ -542,6 +559,9 @@ class Service:
             made += run(jobs_of(plan(PLAN_OFFERS, step), "jobs"))
             if not made:
                 break
+        drills = plan(PLAN_DRILLS)
+        report.notes.extend(str(n) for result in drills for n in result.get("notes") or ())
+        run(jobs_of(drills, "jobs"))
         run([retention_job(r, slot) for r in regions])
 
     def run(
