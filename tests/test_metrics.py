@@ -231,6 +231,41 @@ def test_a_tick_counts_each_job_once(workdir: Path, instance: str) -> None:
     assert sum(jobs(found, "tag").values()) == 4
 
 
+def test_a_scheduled_drill_counts_as_a_drill_job_with_its_rto(workdir: Path) -> None:
+    data = make_data(workdir / "nf-data")
+    added = ok(
+        "instances",
+        "add",
+        "--region",
+        "east",
+        "--name",
+        "nf1",
+        "--data",
+        data,
+        "--tag",
+        "backup-drill=1d",
+    )
+    instance = added.stdout.splitlines()[-1]
+    out = workdir / "m"
+    tick = json.loads(ok("--metrics-dir", out, "tick", "--json").stdout)
+    (drill,) = [j for j in tick["jobs"] if j["kind"] == "drill"]
+    assert drill["status"] == "done"
+    found = textfile(out)
+    assert jobs(found, "drill") == {f"{WEST}/ok": 1.0}
+    rto = value(found, "regionvault_drill_rto_seconds", region=WEST, instance=instance)
+    assert rto is not None and rto >= 0
+    assert (
+        value(
+            found,
+            "regionvault_last_success_timestamp_seconds",
+            kind="drill",
+            region=WEST,
+            instance=instance,
+        )
+        is not None
+    )
+
+
 def test_failed_jobs_count_as_failed(workdir: Path, instance: str) -> None:
     out = workdir / "m"
     shutil.rmtree(workdir / "nf-data")  # the instance's data is gone: its capture fails

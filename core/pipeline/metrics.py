@@ -49,7 +49,9 @@ from regionvault.core.pipeline.jobs import (
     COPY_RECEIPT,
     COPY_REQUEST,
     COPY_SEND,
+    DRILL,
     PLAN_BACKUPS,
+    PLAN_DRILLS,
     PLAN_INBOX,
     PLAN_OFFERS,
     RETENTION,
@@ -82,7 +84,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: the kinds of ``regionvault_jobs_total`` that the pipeline's own jobs map onto
-DRILL = "drill"
 VERIFY = "verify"
 KINDS = (TAG, BACKUP, COPY, RETENTION, DRILL, VERIFY)
 
@@ -115,6 +116,7 @@ _COUNTED_WHEN_FAILED = {
     PLAN_BACKUPS: BACKUP,
     PLAN_INBOX: COPY,
     PLAN_OFFERS: COPY,
+    PLAN_DRILLS: DRILL,
 }
 #: kinds whose last success per instance is read from the recovery points (the status), not
 #: from the jobs: the job names no instance, and the point's own time is the one that counts
