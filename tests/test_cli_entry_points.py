@@ -37,6 +37,7 @@ BUILT_IN = {
     "verify": "regionvault.core.cli.maintenance:verify",
     "prune": "regionvault.core.cli.maintenance:prune",
     "rebuild-index": "regionvault.core.cli.maintenance:rebuild_index",
+    "audit": "regionvault.core.cli.audit:audit",
     "tag": "regionvault.core.cli.tick:tag",
     "tick": "regionvault.core.cli.tick:tick",
     "run": "regionvault.core.cli.tick:run",

@@ -72,9 +72,10 @@ def verify(
     )
     reports = []
     swept: dict[str, list[str]] = {}
-    for name, repo in repos:
+    for name, _ in repos:
         with progress_bar(f"verify {name}") as progress:
-            report = repo.verify(read_data=read_data, progress=progress, repair=repair)
+            # through the engine: the result goes into the region's event log
+            report = engine.verify(name, read_data=read_data, progress=progress, repair=repair)
         reports.append((name, report))
         if repair:
             swept[name] = engine.sweep_inboxes(name)
@@ -159,9 +160,9 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
         engine, regions, explicit=region is not None, doing="prune"
     )
     out: list[dict[str, Any]] = []
-    for name, repo in repos:
+    for name, _ in repos:
         with progress_bar(f"prune {name}") as progress:
-            rep = repo.prune(progress=progress)
+            rep = engine.prune(name, progress=progress)  # recorded in the event log
         inbox = engine.sweep_inboxes(name)
         out.append(
             {

@@ -20,6 +20,7 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
 
@@ -30,6 +31,7 @@ __all__ = [
     "ENTRY2_FLAG",
     "ENVELOPE_FLAG_ZSTD",
     "ENVELOPE_HEADER",
+    "EVENT_PREFIX",
     "FLAG_ZSTD",
     "FORMAT_VERSION",
     "FORMAT_VERSION_DISKS",
@@ -84,6 +86,7 @@ __all__ = [
     "encode_index",
     "encode_record",
     "envelope_aad",
+    "event_name",
     "index_name",
     "lock_name",
     "new_id",
@@ -123,6 +126,10 @@ POINT_PREFIX = "points/"
 LOCK_PREFIX = "locks/"
 #: a copy source's records of points offered to, and received by, destinations
 COPIES_PREFIX = "copies/"
+#: the region's event log: one sealed object per event, never rewritten (section 17)
+EVENT_PREFIX = "events/"
+#: an event name's time: UTC, to the microsecond, so that names sort in time order
+EVENT_TIME = "%Y%m%dT%H%M%S%fZ"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -138,6 +145,8 @@ class ObjectKind(enum.IntEnum):
     LINKS = 5
     #: a copy source's record of a point offered to, or received by, a destination
     COPIES = 6
+    #: one entry of the region's append-only event log (who did what, when, with what result)
+    EVENTS = 7
 
 
 class BlobType(enum.IntEnum):
@@ -175,6 +184,13 @@ def point_name(point_id: str) -> str:
 
 def lock_name(lock_id: str) -> str:
     return f"{LOCK_PREFIX}{lock_id}"
+
+
+def event_name(at: datetime, event_id: str) -> str:
+    """``events/<UTC time, YYYYMMDDTHHMMSSffffffZ>-<id>``: a listing is in time order."""
+    if at.tzinfo is None:
+        raise ValueError("an event's time must be timezone-aware")
+    return f"{EVENT_PREFIX}{at.astimezone(UTC).strftime(EVENT_TIME)}-{event_id}"
 
 
 def check_version(name: str, version: int) -> None:

@@ -1,5 +1,5 @@
 """Verify and repair: authenticate what a repository holds (its config, index, manifests,
-trees, packs, link tables and copy records), and mend what can be mended without losing
+trees, packs, link tables, copy records and event log), and mend what can be mended without losing
 data (rebuild the index from the packs, remove damaged link objects and copy records, and
 the temporaries killed writers left)."""
 
@@ -18,6 +18,7 @@ from regionvault.core.errors import (
     RetentionLocked,
 )
 from regionvault.core.repository import _format as fmt
+from regionvault.core.repository._events import check_events
 from regionvault.core.repository._links import LINK_PREFIX, decode_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
@@ -233,6 +234,14 @@ def _verify(
         else:
             report.blobs = len(index)
     _check_copy_objects(store, report, damage)
+    # the event log: every event authenticated; a damaged one is named and kept (the log
+    # is append-only: repair never removes evidence), so verify stays failed until it is
+    # looked into
+    report.events, event_problems = check_events(store)
+    report.errors.extend(
+        Problem(p.object, f"{p.message} (an event of the log: kept, never repaired away)")
+        for p in event_problems
+    )
     try:
         stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
     except RegionVaultError as exc:  # e.g. no permission to list uploads: only a note
