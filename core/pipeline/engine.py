@@ -1302,6 +1302,16 @@ class Engine:
         status, error = _result(result)
         try:
             repo = self.repository(region, create=False)
+        except RepositoryNotFound:
+            log.info("%s: no repository yet: %s event not recorded", region, action)
+            return None
+        except Exception as exc:
+            if status == EventResult.OK:
+                self._event_not_recorded(region, action, exc)
+            else:  # the vault the operation failed on: its own error says so already
+                log.info("%s: %s event not recorded: %s", region, action, exc)
+            return None
+        try:
             return repo.record_event(
                 action,
                 at=self.clock(),
@@ -1312,14 +1322,15 @@ class Engine:
                 error=error,
                 detail=detail,
             )
-        except RepositoryNotFound:
-            log.info("%s: no repository yet: %s event not recorded", region, action)
         except Exception as exc:
-            log.warning("%s: %s event not recorded: %s", region, action, exc)
-            self.add_hook_problems(
-                [f"{action} event not recorded in {region}: {type(exc).__name__}: {exc}"]
-            )
+            self._event_not_recorded(region, action, exc)
         return None
+
+    def _event_not_recorded(self, region: str, action: str, exc: Exception) -> None:
+        log.warning("%s: %s event not recorded: %s", region, action, exc)
+        self.add_hook_problems(
+            [f"{action} event not recorded in {region}: {type(exc).__name__}: {exc}"]
+        )
 
     # ------------------------------------------------------------------ jobs
 
