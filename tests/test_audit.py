@@ -328,3 +328,26 @@ def test_since_takes_a_duration_or_a_time() -> None:
     assert parse_since("2026-12-01T08:00:00+01:00", now) == datetime(2026, 12, 1, 7, tzinfo=UTC)
     with pytest.raises(ValueError, match="neither a duration"):
         parse_since("last tuesday", now)
+
+
+def test_a_tick_records_its_jobs_events_with_their_job_keys(
+    site: Site, clock: Clock, tmp_path: Path
+) -> None:
+    from regionvault.core.pipeline import Service
+
+    engine = Engine(site, clock=clock, settings=SETTINGS, split_copies=True)
+    inst = add(site.region("east"), "ticked-nf", tmp_path, 7, backup="1-7")
+    report = Service(engine).tick()
+    assert report.ok, report.failures()
+    backups = [e for e in engine.repository("east").events() if e.action == "backup"]
+    (backup,) = backups
+    assert backup.instance == inst.id and backup.result == "ok"
+    done = {o.key for o in report.jobs if o.kind == "backup"}
+    assert backup.who["job"] in done
+    west_events = engine.repository("west").events()
+    # the tick's retention job in west ran too, and found nothing to forget
+    assert sorted(e.action for e in west_events) == ["copy", "retention"]
+    (copied,) = [e for e in west_events if e.action == "copy"]
+    assert (copied.action, copied.instance, copied.detail["phased"]) == ("copy", inst.id, True)
+    assert copied.detail["source_point"] == backup.point
+    assert copied.who["job"] in {o.key for o in report.jobs if o.kind == "copy-commit"}

@@ -179,6 +179,7 @@ def write_event(
     if error is not None and len(error) > MAX_ERROR:
         error = error[:MAX_ERROR] + "..."
     checked = _check_detail(detail or {})
+    point, instance = _cut(point, "point"), _cut(instance, "instance")
     body = {
         "at": at.isoformat(),
         "action": action,
@@ -191,6 +192,16 @@ def write_event(
     name = fmt.event_name(at, fmt.new_id())
     store.put_sealed(fmt.ObjectKind.EVENTS, name, canonical_json(body), if_absent=True)
     return Event(name, at, action, dict(who), point, instance, result, error, checked)
+
+
+def _cut(value: str | None, what: str) -> str | None:
+    """A subject's id as given (a failed restore records what it was asked for), at most
+    :data:`MAX_DETAIL_TEXT` characters."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"an event's {what} is a {type(value).__name__}, not an id")
+    if value is not None and len(value) > MAX_DETAIL_TEXT:
+        return value[:MAX_DETAIL_TEXT] + "..."
+    return value
 
 
 def _after_last(vault_id: str, at: datetime) -> datetime:
