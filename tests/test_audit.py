@@ -351,3 +351,34 @@ def test_a_tick_records_its_jobs_events_with_their_job_keys(
     assert (copied.action, copied.instance, copied.detail["phased"]) == ("copy", inst.id, True)
     assert copied.detail["source_point"] == backup.point
     assert copied.who["job"] in {o.key for o in report.jobs if o.kind == "copy-commit"}
+
+
+def test_what_cannot_be_read_fails_the_audit_and_is_named(
+    engine: Engine, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from regionvault.core.errors import ComputeError
+
+    east, west = site.region("east"), site.region("west")
+    inst = add(east, "nf", tmp_path, 8, backup="1-7")
+    point = engine.backup(inst.id)
+    engine.copy(point.id, to="west")
+    for region in ("east", "west"):
+        engine.verify(region)
+    # west's config damaged (a fresh engine: nothing cached), and west's compute down
+    flip_bit(object_path(west, "config"), 120)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise ComputeError("compute API unreachable", region=west.name)
+
+    monkeypatch.setattr(west.compute, "list_instances", down)
+    fresh = Engine(site, clock=engine.clock, settings=SETTINGS)
+    report = audit(fresh)
+    assert not report.ok
+    assert any("local:west: instances cannot be listed" in p for p in report.problems)
+    assert any(p.startswith("local:west cannot be read") for p in report.problems)
+    found = controls(report.to_dict(), "nf")
+    for key in (("copied", "west"), ("retained", "west"), ("verified", "west")):
+        assert found[key]["status"] == "failed", key
+        assert "local:west cannot be read" in found[key]["why"], key
+    assert found["backed_up", "east"]["status"] == "passed"
+    assert found["verified", "east"]["status"] == "passed"

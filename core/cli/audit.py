@@ -42,8 +42,8 @@ def audit(
 
     Controls: backed_up, retained, copied, copy_encrypted, locked, drilled, verified (and
     policy, for a bad tag). Exit 0 when every control passed or does not apply, 1 when any
-    failed (docs/audit.md). With --events, list the event logs instead (exit 1 when an event
-    object does not authenticate)."""
+    failed or something could not be read (docs/audit.md). With --events, list the event
+    logs instead (exit 1 when an event object does not authenticate)."""
     # the audit (and the engine beneath it) only when the command runs: --help stays light
     from regionvault.core.pipeline.audit import audit as run_audit
     from regionvault.core.pipeline.audit import parse_since
@@ -69,6 +69,11 @@ def audit(
         raise ExpectedError(
             f"audit: {len(failed)} control(s) failed, the first: {failed[0][0].instance_name} "
             f"{failed[0][1].control} in {failed[0][1].region}"
+        )
+    if report.problems:
+        raise ExpectedError(
+            f"audit: {len(report.problems)} thing(s) could not be read, the first: "
+            f"{report.problems[0]}"
         )
 
 

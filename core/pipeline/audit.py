@@ -135,8 +135,9 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        """Every control passed or does not apply (the command's exit status 0)."""
-        return not self.failed
+        """Every control passed or does not apply, and nothing the audit needed was
+        unreadable (the command's exit status 0)."""
+        return not self.failed and not self.problems
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -241,9 +242,13 @@ class _Auditor:
 
     def instances(self) -> Iterable[Instance]:
         for r in self.engine.site.regions:
-            for inst in r.compute.list_instances():
-                if inst.state != "terminated":
-                    yield inst
+            try:
+                listed = list(r.compute.list_instances())
+            except RegionVaultError as exc:
+                # one region's compute down must not hide the others' controls
+                self.report.problems.append(f"{r.name}: instances cannot be listed: {exc}")
+                continue
+            yield from (inst for inst in listed if inst.state != "terminated")
 
     def run(self) -> AuditReport:
         for inst in sorted(self.instances(), key=lambda i: (i.region, i.name, i.id)):
