@@ -254,9 +254,10 @@ class _Auditor:
         for inst in sorted(self.instances(), key=lambda i: (i.region, i.name, i.id)):
             found = self.instance(inst)
             if found is not None:
-                found.controls = [
-                    c for c in found.controls if self.only is None or c.region == self.only
-                ]
+                found.controls = sorted(
+                    (c for c in found.controls if self.only is None or c.region == self.only),
+                    key=lambda c: (CONTROLS.index(c.control), c.region != found.home, c.region),
+                )
                 if found.controls:
                     self.report.instances.append(found)
         return self.report
@@ -275,34 +276,33 @@ class _Auditor:
             return None  # opted out (backup=none): nothing is promised, nothing to audit
         found = InstanceAudit(inst.id, inst.name, home, policy.spec)
         destinations = [self.engine.region(str(t)).name for t in policy.copy_to]
+        # with --region, the controls about other regions are not worked out at all (their
+        # vaults are not read)
+        mine = home if self.only is None or self.only == home else None
+        theirs = [d for d in destinations if self.only is None or self.only == d]
         add = found.controls.append
-        add(self.backed_up(inst, home, policy))
-        add(self.retained(inst, home, policy.retention, policy, copies=False))
-        for dst in destinations:
+        if mine:
+            add(self.backed_up(inst, home, policy))
+            add(self.retained(inst, home, policy.retention, policy, copies=False))
+            if not destinations:
+                why = f"policy {policy.spec} names no destination region"
+                add(Control("copied", home, NOT_APPLICABLE, why, {"policy": policy.spec}))
+        for dst in theirs:
             add(self.retained(inst, dst, policy.copy_retention(dst), policy, copies=True))
-        if not destinations:
-            add(
-                Control(
-                    "copied",
-                    home,
-                    NOT_APPLICABLE,
-                    f"policy {policy.spec} names no destination region",
-                    {"policy": policy.spec},
-                )
-            )
-        for dst in destinations:
             add(self.copied(inst, home, dst, policy))
             add(self.copy_encrypted(inst, home, dst))
         try:
-            operations = self.engine.operations(inst)
+            ops = self.engine.operations(inst)
         except PolicyError as exc:
-            add(Control("locked", home, FAILED, str(exc), {}))
-            add(Control("drilled", home, FAILED, str(exc), {}))
+            if mine:
+                add(Control("locked", home, FAILED, str(exc), {}))
+                add(Control("drilled", home, FAILED, str(exc), {}))
         else:
-            for where in [home, *destinations]:
-                add(self.locked(inst, where, operations.lock, operations.hold, where != home))
-            add(self.drilled(inst, [home, *destinations], operations.drill, operations.rto))
-        for where in [home, *destinations]:
+            for where in [*([home] if mine else []), *theirs]:
+                add(self.locked(inst, where, ops.lock, ops.hold, where != home))
+            # its region is the last drill's: worked out first, kept by run() if wanted
+            add(self.drilled(inst, [home, *destinations], ops.drill, ops.rto))
+        for where in [*([home] if mine else []), *theirs]:
             add(self.verified(where))
         return found
 

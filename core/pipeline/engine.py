@@ -983,6 +983,7 @@ class Engine:
         The restore (its launch, health and RTO included), or its failure, is recorded in
         ``region``'s event log (:meth:`record_event`).
         """
+        paths = None if paths is None else list(paths)  # read twice: restore, then event
         try:
             result = self._restore(
                 point_id, region=region, target=target, paths=paths, launch=launch,
@@ -1160,7 +1161,7 @@ class Engine:
             None,
             forgotten=len(report.forgotten),
             protected=len(report.protected),
-            # the first of them (each has its own forget event besides)
+            # (the first 32 of each: every point has its own forget event besides)
             forgotten_points=report.forgotten,
             protected_points=report.protected,
         )
