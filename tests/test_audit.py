@@ -382,3 +382,29 @@ def test_what_cannot_be_read_fails_the_audit_and_is_named(
         assert "local:west cannot be read" in found[key]["why"], key
     assert found["backed_up", "east"]["status"] == "passed"
     assert found["verified", "east"]["status"] == "passed"
+
+
+def test_a_destination_that_holds_nothing_yet(engine: Engine, site: Site, tmp_path: Path) -> None:
+    inst = add(site.region("east"), "first-nf", tmp_path, 9, backup="1-7",
+               **{"backup-lock": "governance-7d"})  # fmt: skip
+    engine.backup(inst.id)
+    engine.verify("east")
+    with pytest.raises(Exception, match="no repository"):
+        engine.repository("west", create=False)
+    found = controls(audit(engine).to_dict(), "first-nf")
+    assert statuses(found) == {
+        ("backed_up", "east"): "passed",
+        ("retained", "east"): "passed",
+        ("retained", "west"): "not_applicable",
+        ("copied", "west"): "failed",
+        ("copy_encrypted", "west"): "not_applicable",
+        ("locked", "east"): "failed",
+        ("locked", "west"): "not_applicable",
+        ("drilled", "east"): "not_applicable",
+        ("verified", "east"): "passed",
+        ("verified", "west"): "not_applicable",
+    }
+    assert "no repository in local:west yet" in found["verified", "west"]["why"]
+    # the audit wrote nothing: west still holds no repository
+    with pytest.raises(Exception, match="no repository"):
+        engine.repository("west", create=False)

@@ -573,9 +573,11 @@ class _Auditor:
             "hold": hold,
         }
         region = self.region(where)
-        if region.unreadable or region.repo is None:
-            why = region.unreadable or f"no repository in {where}"
-            return Control("locked", where, FAILED if not is_copy else NOT_APPLICABLE, why, asked)
+        if region.unreadable:
+            return Control("locked", where, FAILED, region.unreadable, asked)
+        if region.repo is None:
+            why = f"no repository in {where} yet"
+            return Control("locked", where, NOT_APPLICABLE if is_copy else FAILED, why, asked)
         points = region.of(inst.id, copies=is_copy)
         if not points:
             return Control(
@@ -680,6 +682,9 @@ class _Auditor:
         }
         if region.unreadable:
             return Control("verified", where, FAILED, region.unreadable, evidence)
+        if region.repo is None:
+            why = f"no repository in {where} yet: nothing stored there to verify"
+            return Control("verified", where, NOT_APPLICABLE, why, evidence)
         if log_.unreadable:
             return Control("verified", where, FAILED, f"event log: {log_.unreadable}", evidence)
         verifies = [e for e in log_.events if e.action == EventAction.VERIFY]
