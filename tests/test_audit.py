@@ -237,6 +237,15 @@ def test_the_event_log_lists_every_step_in_order(
         copy.id,
         first.id,
     )
+    # nothing of any event is readable at rest: no instance name or id, point id or user
+    needles = [inst.id, inst.name, first.id, second.id, third.id, copy.id,
+               events[0].who["user"], "backup", "retention"]  # fmt: skip
+    for region in (site.region("east"), site.region("west")):
+        stored = list((object_path(region, "events")).iterdir())
+        assert len(stored) == len(engine.repository(region.name).events())
+        for path in stored:
+            raw = path.read_bytes()
+            assert [n for n in needles if n.encode() in raw] == [], path
     # a failed step is recorded too, with its error; the operation still raises
     with pytest.raises(Exception, match="no recovery point"):
         engine.restore("f" * 32, region="east", target=tmp_path / "nowhere")
