@@ -38,6 +38,7 @@ BUILT_IN = {
     "prune": "regionvault.core.cli.maintenance:prune",
     "rebuild-index": "regionvault.core.cli.maintenance:rebuild_index",
     "rotate-keys": "regionvault.core.cli.keys:rotate_keys",
+    "audit": "regionvault.core.cli.audit:audit",
     "tag": "regionvault.core.cli.tick:tag",
     "tick": "regionvault.core.cli.tick:tick",
     "run": "regionvault.core.cli.tick:run",

@@ -11,13 +11,13 @@ exactly as a plugin's: an entry point named after the command, whose object is a
     @click.command()
     @click.argument("instance")
     @pass_state
-    def audit(state: CliState, instance: str) -> None:
-        '''Audit INSTANCE (its first line is its line in --help).'''
+    def inventory(state: CliState, instance: str) -> None:
+        '''Inventory INSTANCE (its first line is its line in --help).'''
         site = state.site()  # --site, $REGIONVAULT_SITE or ./site.toml, loaded once
 
     # the plugin distribution's pyproject.toml
     [project.entry-points."regionvault.cli"]
-    audit = "my_plugin.cli:audit"
+    inventory = "my_plugin.cli:inventory"
 
 The root group (:mod:`.root`) looks a command up only when it is used or listed
 (:mod:`.entrypoints`); a command whose entry point does not load, or a name two entry points

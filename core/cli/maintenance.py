@@ -73,10 +73,11 @@ def verify(
     )
     reports = []
     swept: dict[str, list[str]] = {}
-    for name, repo in repos:
+    for name, _ in repos:
         started = time.monotonic()
         with progress_bar(f"verify {name}") as progress:
-            report = repo.verify(read_data=read_data, progress=progress, repair=repair)
+            # through the engine: the result goes into the region's event log
+            report = engine.verify(name, read_data=read_data, progress=progress, repair=repair)
         engine.notify(
             "regionvault_after_verify",
             f"the verify of {name}",
@@ -168,9 +169,9 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
         engine, regions, explicit=region is not None, doing="prune"
     )
     out: list[dict[str, Any]] = []
-    for name, repo in repos:
+    for name, _ in repos:
         with progress_bar(f"prune {name}") as progress:
-            rep = repo.prune(progress=progress)
+            rep = engine.prune(name, progress=progress)  # recorded in the event log
         inbox = engine.sweep_inboxes(name)
         out.append(
             {

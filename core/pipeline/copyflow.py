@@ -42,6 +42,7 @@ from regionvault.core.repository import (
     CopyReceiver,
     CopySender,
     CopyTracker,
+    EventAction,
     SentNotice,
     offer_name,
     open_receipt,
@@ -268,6 +269,11 @@ class CopyFlow:
         # a phased copy's result is its commit's report: the bytes crossed in other jobs
         # (copy-request, copy-send), whose outcomes carry them
         if not report.existing and report.source is not None:
+            self.engine.record_event(
+                destination, EventAction.COPY, report.point, role="destination", source=source,
+                destination=destination, source_point=report.source.id, phased=True,
+                batches_ingested=report.batches_ingested,
+            )  # fmt: skip
             self.engine.notify(
                 "regionvault_after_copy",
                 f"the copy of {report.source.id} from {source} to {destination}",

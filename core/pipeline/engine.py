@@ -35,6 +35,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
 from regionvault.core.operations import Operations, resolve_operations
+from regionvault.core.pipeline.acting import current_job
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import Job, copy_jobs_for, format_slot
 from regionvault.core.pipeline.launch import (
@@ -57,10 +58,16 @@ from regionvault.core.repository import (
     CopyResult,
     CopySender,
     CopyTracker,
+    Event,
+    EventAction,
+    EventResult,
+    PruneReport,
     Repository,
     RepositorySettings,
     RotationReport,
+    VerifyReport,
     copy_point,
+    current_actor,
 )
 from regionvault.core.types import (
     CaptureIssue,
@@ -364,12 +371,25 @@ class Engine:
         not be read, or kept changing while it was read) is committed with what was taken,
         and its ``issues`` count what it names (:meth:`point_issues`); a failure of the whole
         backup raises and commits nothing.
+
+        A committed point, and a failed backup, are recorded in the home region's event log
+        (:meth:`record_event`); a run that finds its slot's point already there records
+        nothing (it did nothing).
         """
         inst = (
             instance
             if isinstance(instance, Instance)
             else self.site.find_instance(instance, region=region)
         )
+        try:
+            return self._backup(inst, slot=slot, progress=progress)
+        except Exception as exc:
+            self.record_event(inst.region, EventAction.BACKUP, inst, exc)
+            raise
+
+    def _backup(
+        self, inst: Instance, *, slot: datetime | None, progress: ProgressCallback | None
+    ) -> RecoveryPoint:
         home = self.region(inst.region)
         policy = resolve_policy(inst, self.site.config)
         repo = self.repository(home.name)
@@ -495,6 +515,15 @@ class Engine:
                     inst.id,
                     exc,
                 )
+        self.record_event(
+            home.name,
+            EventAction.BACKUP,
+            point,
+            bytes=point.size,
+            issues=point.issues,
+            policy=point.policy,
+            slot=slot_text,
+        )
         self.notify(
             "regionvault_after_backup",
             f"recovery point {point.id} of {inst.id} in {home.name}",
@@ -800,18 +829,27 @@ class Engine:
         dst = self.region(to)
         if src.name == dst.name:
             raise RegionVaultError(f"cannot copy {point.id} from {src.name} to itself")
-        result = copy_point(
-            source=self.repository(src.name, create=False),
-            destination=self.repository(dst.name),
-            forward=self.site.transit(src.name, dst.name),
-            backward=self.site.transit(dst.name, src.name),
-            seal_to_destination=dst.sealer(),
-            seal_to_source=src.sealer(),
-            point_id=point.id,
-            expires_at=self.copy_expiry(point, dst.name, retention),
-            progress=progress,
-        )
+        try:
+            result = copy_point(
+                source=self.repository(src.name, create=False),
+                destination=self.repository(dst.name),
+                forward=self.site.transit(src.name, dst.name),
+                backward=self.site.transit(dst.name, src.name),
+                seal_to_destination=dst.sealer(),
+                seal_to_source=src.sealer(),
+                point_id=point.id,
+                expires_at=self.copy_expiry(point, dst.name, retention),
+                progress=progress,
+            )
+        except Exception as exc:
+            for where, role in ((dst.name, "destination"), (src.name, "source")):
+                self.record_event(
+                    where, EventAction.COPY, point, exc, role=role, source=src.name,
+                    destination=dst.name,
+                )  # fmt: skip
+            raise
         if not result.existing:
+            self._record_copy(src.name, dst.name, point, result)
             self.notify(
                 "regionvault_after_copy",
                 f"the copy of {point.id} from {src.name} to {dst.name}",
@@ -822,6 +860,31 @@ class Engine:
                 result=result,
             )
         return result
+
+    def _record_copy(
+        self, source: str, destination: str, point: RecoveryPoint, result: CopyResult
+    ) -> None:
+        """A committed copy's events: the destination's (about the copy) and the
+        source's (about the point that was copied)."""
+        moved: dict[str, Any] = {
+            "source": source,
+            "destination": destination,
+            "bytes_forward": result.bytes_forward,
+            "bytes_backward": result.bytes_backward,
+            "chunks_total": result.chunks_total,
+            "chunks_sent": result.chunks_sent,
+        }
+        self.record_event(
+            destination,
+            EventAction.COPY,
+            result.point,
+            role="destination",
+            source_point=point.id,
+            **moved,
+        )
+        self.record_event(
+            source, EventAction.COPY, point, role="source", copy_point=result.point.id, **moved
+        )
 
     def copy_expiry(
         self, point: RecoveryPoint, destination: str, retention: timedelta | None = None
@@ -922,7 +985,47 @@ class Engine:
 
         ``tags``: the launched instance's tags, instead of the point's (a scheduled drill's
         marks: core/pipeline/drills.py).
+
+        The restore (its launch, health and RTO included), or its failure, is recorded in
+        ``region``'s event log (:meth:`record_event`).
         """
+        paths = None if paths is None else list(paths)  # read twice: restore, then event
+        try:
+            result = self._restore(
+                point_id, region=region, target=target, paths=paths, launch=launch,
+                name=name, progress=progress, sync=sync, tags=tags,
+            )  # fmt: skip
+        except Exception as exc:
+            subject = (point_id, None)
+            self.record_event(region, EventAction.RESTORE, subject, exc, launch=launch)
+            raise
+        rto = result.seconds_to_healthy
+        self.record_event(
+            result.region,
+            EventAction.RESTORE,
+            result.point,
+            launch=launch,
+            launched=result.instance.id if result.instance is not None else None,
+            healthy=result.healthy if launch else None,
+            rto_ms=None if rto is None else round(rto * 1000),
+            restore_ms=round(result.seconds_to_restore * 1000),
+            paths=sorted(paths) if paths is not None else None,
+        )
+        return result
+
+    def _restore(
+        self,
+        point_id: str,
+        *,
+        region: str,
+        target: Path | str | None,
+        paths: Iterable[str] | None,
+        launch: bool,
+        name: str | None,
+        progress: ProgressCallback | None,
+        sync: bool,
+        tags: Mapping[str, str] | None = None,
+    ) -> RestoreResult:
         started = time.monotonic()
         r = self.region(region)
         point = self.find_point(point_id, r.name)
@@ -1049,7 +1152,29 @@ class Engine:
 
     def retain(self, region: str) -> RetentionReport:
         """Forget ``region``'s recovery points past their retention, then collect their
-        data. WORM locks and legal holds win: a protected point stays, and is reported."""
+        data. WORM locks and legal holds win: a protected point stays, and is reported.
+
+        Each point forgotten (or refused by its lock), the prune and the retention run
+        itself are recorded in ``region``'s event log (:meth:`record_event`)."""
+        name = self.region(region).name
+        try:
+            report = self._retain(name)
+        except Exception as exc:
+            self.record_event(name, EventAction.RETENTION, None, exc)
+            raise
+        self.record_event(
+            name,
+            EventAction.RETENTION,
+            None,
+            forgotten=len(report.forgotten),
+            protected=len(report.protected),
+            # (the first 32 of each: every point has its own forget event besides)
+            forgotten_points=report.forgotten,
+            protected_points=report.protected,
+        )
+        return report
+
+    def _retain(self, region: str) -> RetentionReport:
         r = self.region(region)
         report = RetentionReport(r.name)
         self.release_kept_captures(r.name)
@@ -1064,8 +1189,10 @@ class Engine:
             try:
                 repo.forget([point.id])
                 report.forgotten.append(point.id)
-            except RetentionLocked:
+                self.record_event(r.name, EventAction.FORGET, point, expired=True)
+            except RetentionLocked as exc:
                 report.protected.append(point.id)
+                self.record_event(r.name, EventAction.FORGET, point, exc, expired=True)
             except ObjectNotFound:
                 continue  # another runner forgot it meanwhile
         if report.forgotten:
@@ -1074,7 +1201,7 @@ class Engine:
                 CopyTracker(repo).tidy({p.id for p in repo.points()})
             except RegionVaultError as exc:
                 log.warning("%s: tidying copy receipts failed: %s", r.name, exc)
-            pruned = repo.prune()
+            pruned = self.prune(r.name)
             report.prune = {
                 "packs_deleted": pruned.packs_deleted,
                 "packs_rewritten": pruned.packs_rewritten,
@@ -1091,6 +1218,136 @@ class Engine:
         (:meth:`Repository.rotate_keys`). Raises :class:`RepositoryNotFound` when the
         region holds no repository: there is nothing to re-wrap, and no key is rotated."""
         return self.repository(self.region(region).name, create=False).rotate_keys(progress)
+
+    def forget(self, region: str, point_ids: Iterable[str]) -> list[str]:
+        """Forget these recovery points in ``region`` (:meth:`Repository.forget`: all or
+        none; :class:`RetentionLocked` when a WORM lock or legal hold keeps one), recording
+        each in the event log: forgotten, or refused with why."""
+        name = self.region(region).name
+        ids = list(point_ids)
+        try:
+            forgotten = self.repository(name, create=False).forget(ids)
+        except Exception as exc:
+            for point_id in ids:
+                self.record_event(name, EventAction.FORGET, (point_id, None), exc)
+            raise
+        for point_id in forgotten:
+            self.record_event(name, EventAction.FORGET, (point_id, None))
+        return forgotten
+
+    def prune(self, region: str, progress: ProgressCallback | None = None) -> PruneReport:
+        """Prune ``region``'s repository (:meth:`Repository.prune`; never creates one), and
+        record it, or its failure, in the event log."""
+        name = self.region(region).name
+        try:
+            report = self.repository(name, create=False).prune(progress=progress)
+        except Exception as exc:
+            self.record_event(name, EventAction.PRUNE, None, exc)
+            raise
+        self.record_event(
+            name,
+            EventAction.PRUNE,
+            None,
+            packs_deleted=report.packs_deleted,
+            packs_rewritten=report.packs_rewritten,
+            bytes_freed=report.bytes_freed,
+            skipped=len(report.skipped),
+        )
+        return report
+
+    def verify(
+        self,
+        region: str,
+        *,
+        read_data: bool = False,
+        repair: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> VerifyReport:
+        """Verify ``region``'s repository (:meth:`Repository.verify`; never creates one),
+        and record the result in the event log: ``ok`` when clean, ``failed`` with the
+        number of problems (and the first) otherwise; ``audit`` reads the newest."""
+        name = self.region(region).name
+        try:
+            report = self.repository(name, create=False).verify(
+                read_data=read_data, progress=progress, repair=repair
+            )
+        except Exception as exc:
+            self.record_event(name, EventAction.VERIFY, None, exc, read_data=read_data)
+            raise
+        problems = len(report.errors)
+        verdict = (
+            EventResult.OK if report.ok else f"{problems} problem(s), the first: {report.errors[0]}"
+        )
+        self.record_event(
+            name,
+            EventAction.VERIFY,
+            None,
+            verdict,
+            read_data=read_data,
+            repair=repair,
+            problems=problems,
+            warnings=len(report.warnings),
+            repaired=len(report.repaired),
+            points=report.points,
+            packs=report.packs,
+            events=report.events,
+        )
+        return report
+
+    # ------------------------------------------------------------------ event log
+
+    def record_event(
+        self,
+        region: str,
+        action: str,
+        subject: RecoveryPoint | Instance | tuple[str | None, str | None] | None = None,
+        result: str | BaseException = EventResult.OK,
+        **detail: Any,
+    ) -> Event | None:
+        """Append an event to ``region``'s event log (docs/format.md section 17): who (this
+        user, host and process, and the job running, if any), ``action``
+        (:class:`EventAction`), the subject (a point, an instance, or ``(point id,
+        instance id)``), the result and ``detail`` (small values: counts, sizes, ids).
+
+        ``result``: ``"ok"``; an exception (a :class:`RetentionLocked` is ``refused``,
+        anything else ``failed``, its message the error); or another text, the error of a
+        ``failed`` result. This never fails the operation it records: an event that cannot
+        be written is logged and becomes a hook problem (:meth:`take_hook_problems`), and
+        ``audit`` reports the gap where it can tell. Returns the event, or None when it was
+        not written (also when ``region`` holds no repository yet: nothing to log into)."""
+        point_id, instance_id = _subject(subject)
+        status, error = _result(result)
+        try:
+            repo = self.repository(region, create=False)
+        except RepositoryNotFound:
+            log.info("%s: no repository yet: %s event not recorded", region, action)
+            return None
+        except Exception as exc:
+            if status == EventResult.OK:
+                self._event_not_recorded(region, action, exc)
+            else:  # the vault the operation failed on: its own error says so already
+                log.info("%s: %s event not recorded: %s", region, action, exc)
+            return None
+        try:
+            return repo.record_event(
+                action,
+                at=self.clock(),
+                who=current_actor(current_job()),
+                point=point_id,
+                instance=instance_id,
+                result=status,
+                error=error,
+                detail=detail,
+            )
+        except Exception as exc:
+            self._event_not_recorded(region, action, exc)
+        return None
+
+    def _event_not_recorded(self, region: str, action: str, exc: Exception) -> None:
+        log.warning("%s: %s event not recorded: %s", region, action, exc)
+        self.add_hook_problems(
+            [f"{action} event not recorded in {region}: {type(exc).__name__}: {exc}"]
+        )
 
     # ------------------------------------------------------------------ jobs
 
@@ -1157,3 +1414,28 @@ class Engine:
                 rows[-1] = objectives.apply(rows[-1], newest, captured)
         objectives.close()
         return rows
+
+
+def _subject(
+    subject: RecoveryPoint | Instance | tuple[str | None, str | None] | None,
+) -> tuple[str | None, str | None]:
+    """An event's ``(point id, instance id)``."""
+    if isinstance(subject, RecoveryPoint):
+        return subject.id, subject.instance_id
+    if isinstance(subject, Instance):
+        return None, subject.id
+    if subject is None:
+        return None, None
+    return subject
+
+
+def _result(result: str | BaseException) -> tuple[str, str | None]:
+    """An event's ``(result, error)``: refused for a lock that said no, failed for any
+    other error, with the error's one line."""
+    if isinstance(result, BaseException):
+        text = " ".join(f"{type(result).__name__}: {result}".split())
+        refused = isinstance(result, RetentionLocked)
+        return (EventResult.REFUSED if refused else EventResult.FAILED), text
+    if result in (EventResult.OK, EventResult.REFUSED):
+        return result, None
+    return EventResult.FAILED, result

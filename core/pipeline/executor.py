@@ -23,6 +23,7 @@ from regionvault.core.types import CaptureIssue
 if TYPE_CHECKING:
     import pluggy
 
+from regionvault.core.pipeline.acting import acting_for
 from regionvault.core.pipeline.jobs import (
     LISTED_ISSUES,
     Incomplete,
@@ -297,7 +298,8 @@ def _run_with_retries(
     attempt = 1
     while True:
         try:
-            return _Ran(attempt, handlers.get(job.kind)(job))
+            with acting_for(job.key):  # the events the handler records name its job
+                return _Ran(attempt, handlers.get(job.kind)(job))
         except TransientError as exc:
             if attempt >= retry.attempts:
                 return _Ran(attempt, error=exc)

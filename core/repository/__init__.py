@@ -10,6 +10,7 @@ Typical use::
 
 from __future__ import annotations
 
+from regionvault.core.repository._events import Event, EventAction, EventResult, current_actor
 from regionvault.core.repository._format import FORMAT_VERSION
 from regionvault.core.repository._restore import MARKER_NAME as RESTORE_MARKER
 from regionvault.core.repository._rotate import RotationReport
@@ -62,6 +63,9 @@ __all__ = [
     "CopyResult",
     "CopySender",
     "CopyTracker",
+    "Event",
+    "EventAction",
+    "EventResult",
     "Extent",
     "Manifest",
     "Problem",
@@ -79,6 +83,7 @@ __all__ = [
     "UnsealedKeys",
     "VerifyReport",
     "copy_point",
+    "current_actor",
     "offer_name",
     "open_payload",
     "open_receipt",

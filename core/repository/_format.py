@@ -20,6 +20,7 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
 
@@ -30,6 +31,7 @@ __all__ = [
     "ENTRY2_FLAG",
     "ENVELOPE_FLAG_ZSTD",
     "ENVELOPE_HEADER",
+    "EVENT_PREFIX",
     "FLAG_ZSTD",
     "FORMAT_VERSION",
     "FORMAT_VERSION_CONFIG",
@@ -86,6 +88,7 @@ __all__ = [
     "encode_index",
     "encode_record",
     "envelope_aad",
+    "event_name",
     "index_name",
     "keyring_name",
     "lock_name",
@@ -134,6 +137,11 @@ COPIES_PREFIX = "copies/"
 #: key rotation's re-wrapped run data keys, one object per generation (section 2)
 KEYRING_PREFIX = "keyring/"
 
+#: the region's event log: one sealed object per event, never rewritten (section 17)
+EVENT_PREFIX = "events/"
+#: an event name's time: UTC, to the microsecond, so that names sort in time order
+EVENT_TIME = "%Y%m%dT%H%M%S%fZ"
+
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -148,7 +156,9 @@ class ObjectKind(enum.IntEnum):
     LINKS = 5
     #: a copy source's record of a point offered to, or received by, a destination
     COPIES = 6
-    #: run data keys re-wrapped under a newer master key (kind 7 is the event log's)
+    #: one entry of the region's append-only event log (who did what, when, with what result)
+    EVENTS = 7
+    #: run data keys re-wrapped under a newer master key
     KEYRING = 8
 
 
@@ -199,6 +209,13 @@ def parse_keyring_name(name: str) -> int | None:
     if not name.startswith(KEYRING_PREFIX) or not re.fullmatch(r"[0-9a-f]{8}", tail):
         return None
     return int(tail, 16)
+
+
+def event_name(at: datetime, event_id: str) -> str:
+    """``events/<UTC time, YYYYMMDDTHHMMSSffffffZ>-<id>``: a listing is in time order."""
+    if at.tzinfo is None:
+        raise ValueError("an event's time must be timezone-aware")
+    return f"{EVENT_PREFIX}{at.astimezone(UTC).strftime(EVENT_TIME)}-{event_id}"
 
 
 def check_version(name: str, version: int) -> None:

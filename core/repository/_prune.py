@@ -1,6 +1,10 @@
 """Prune: remove the data no recovery point uses, in the order that makes a crash at any
 point harmless (new packs, a new index superseding the old, then deletions), skipping what a
-WORM lock or legal hold keeps; then the links of a copy destination to chunks gone."""
+WORM lock or legal hold keeps; then the links of a copy destination to chunks gone.
+
+Prune lists and deletes only packs, index objects and link objects (and the temporaries of
+killed writers): the event log (``events/``) is never listed here, so no prune ever deletes
+an event, however old (docs/format.md section 17)."""
 
 from __future__ import annotations
 

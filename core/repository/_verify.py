@@ -1,5 +1,5 @@
 """Verify and repair: authenticate what a repository holds (its config, index, manifests,
-trees, packs, link tables and copy records), and mend what can be mended without losing
+trees, packs, link tables, copy records and event log), and mend what can be mended without losing
 data (rebuild the index from the packs, remove damaged link objects and copy records, and
 the temporaries killed writers left)."""
 
@@ -19,6 +19,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository import _keyring
+from regionvault.core.repository._events import check_events
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._links import LINK_PREFIX, decode_links
 from regionvault.core.repository._locks import RepositoryLock
@@ -236,6 +237,15 @@ def _verify(
             report.blobs = len(index)
     _check_copy_objects(store, report, damage)
     _check_keys(store, report, index)
+
+    # the event log: every event authenticated; a damaged one is named and kept (the log
+    # is append-only: repair never removes evidence), so verify stays failed until it is
+    # looked into
+    report.events, event_problems = check_events(store)
+    report.errors.extend(
+        Problem(p.object, f"{p.message} (an event of the log: kept, never repaired away)")
+        for p in event_problems
+    )
     try:
         stale = list(store.vault.stale_temporaries(store.settings.lock_ttl))
     except RegionVaultError as exc:  # e.g. no permission to list uploads: only a note

@@ -208,6 +208,8 @@ class VerifyReport:
     #: link entries and copy records read and authenticated
     links: int = 0
     copy_records: int = 0
+    #: events of the event log read and authenticated
+    events: int = 0
     #: what ``verify(repair=True)`` removed or rebuilt, each naming its object
     repaired: list[Problem] = field(default_factory=list)
 

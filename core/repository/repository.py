@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from regionvault.core.errors import (
     IntegrityError,
@@ -33,11 +33,12 @@ from regionvault.core.interfaces import (
     KeyService,
     Vault,
 )
+from regionvault.core.repository import _events, _prune, _retention, _rotate, _verify
 from regionvault.core.repository import _format as fmt
-from regionvault.core.repository import _prune, _retention, _rotate, _verify
 from regionvault.core.repository._backup import BackupRun
 from regionvault.core.repository._backup_blocks import block_plan
 from regionvault.core.repository._backup_walk import ParentLookup
+from regionvault.core.repository._events import Event
 from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository._links import keyed_tag
 from regionvault.core.repository._locks import RepositoryLock
@@ -52,12 +53,13 @@ from regionvault.core.repository._pipeline import Fetcher
 from regionvault.core.repository._restore import FileRestorer, Selection
 from regionvault.core.repository._restore_blocks import BlockRestorer, check_sink_disks
 from regionvault.core.repository._restore_writer import ParallelWriter, Reporter
-from regionvault.core.repository._store import Store
+from regionvault.core.repository._store import Store, config_context
 from regionvault.core.repository._tree import to_public
 from regionvault.core.repository.model import (
     ChunkerParams,
     Extent,
     Manifest,
+    Problem,
     ProgressCallback,
     ProtectReport,
     PruneReport,
@@ -668,6 +670,55 @@ class Repository:
         store = self._ensure_open()
         with self._lock(exclusive=True, operation="rebuild-index"):
             return _verify.rebuild_index(store)
+
+    # ------------------------------------------------------------------ event log
+
+    def record_event(
+        self,
+        action: str,
+        *,
+        at: datetime,
+        who: Mapping[str, Any],
+        point: str | None = None,
+        instance: str | None = None,
+        result: str = "ok",
+        error: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """Append one event to this region's event log: a sealed ``events/<time>-<id>``
+        object, put if-absent, never rewritten; prune never deletes it (docs/format.md
+        section 17). ``action`` is an :class:`EventAction`, ``result`` an
+        :class:`EventResult`; ``detail`` a small mapping of texts, whole numbers, booleans
+        and lists of them (no secrets: it is for counts, sizes, key ids). Takes no lock:
+        the name is unique and nothing else writes it. ValueError names a bad field."""
+        return _events.write_event(
+            self._ensure_open(),
+            action,
+            at=at,
+            who=who,
+            point=point,
+            instance=instance,
+            result=result,
+            error=error,
+            detail=detail,
+        )
+
+    def events(
+        self, since: datetime | None = None, *, problems: list[Problem] | None = None
+    ) -> list[Event]:
+        """This region's events at or after ``since`` (all by default), oldest first. An
+        event object that does not authenticate raises :class:`IntegrityError` naming it;
+        with a ``problems`` list, it is added there (as a :class:`Problem`) and left out."""
+        return _events.read_events(self._ensure_open(), since, problems)
+
+    def wrapped_config_key(self) -> tuple[bytes, dict[str, str]]:
+        """The config's wrapped data key and the encryption context it is bound to, read
+        from the config's cleartext header: what an audit hands another region's KeyService
+        to see it refused (docs/audit.md)."""
+        store = self._ensure_open()
+        data = store.vault.get(fmt.CONFIG_NAME)
+        header = fmt.EnvelopeHeader.parse(fmt.CONFIG_NAME, data, fmt.ObjectKind.CONFIG)
+        return header.wrapped_key, config_context(store.vault_id)
 
 
 def _tolerant(records: Iterator[fmt.RawRecord]) -> Iterator[fmt.RawRecord]:
