@@ -37,7 +37,7 @@ from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
 from regionvault.core.operations import Operations, resolve_operations
 from regionvault.core.pipeline.acting import current_job
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
-from regionvault.core.pipeline.jobs import Job, copy_jobs_for, format_slot
+from regionvault.core.pipeline.jobs import RUN_TAG, SLOT_TAG, Job, copy_jobs_for, format_slot
 from regionvault.core.pipeline.launch import (
     await_healthy,
     check_launchable,
@@ -93,11 +93,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: recorded in a recovery point's tags: the schedule slot it was made for
-SLOT_TAG = "regionvault:slot"
-#: the tag of a scheduled block backup that keeps its capture: which run made the point (its
-#: id is the same for every run of the slot, so the kept-capture records tell them apart)
-RUN_TAG = "regionvault:run"
 #: how long a launch may take to become healthy before the restore reports it unhealthy
 DEFAULT_HEALTH_TIMEOUT = 60.0
 #: a region's own tick offers a point again when no receipt came this long after its offer

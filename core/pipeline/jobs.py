@@ -49,6 +49,8 @@ __all__ = [
     "PLAN_KINDS",
     "PLAN_OFFERS",
     "RETENTION",
+    "RUN_TAG",
+    "SLOT_TAG",
     "TAG",
     "Handler",
     "Incomplete",
@@ -82,6 +84,12 @@ COPY = "copy"
 RETENTION = "retention"
 #: a scheduled drill: restore an instance's newest copy in a region, launch, health-check,
 #: terminate (core/pipeline/drills.py)
+#: recorded in a recovery point's tags: the schedule slot it was made for
+SLOT_TAG = "regionvault:slot"
+#: the tag of a scheduled block backup that keeps its capture: which run made the point (its
+#: id is the same for every run of the slot, so the kept-capture records tell them apart)
+RUN_TAG = "regionvault:run"
+
 DRILL = "drill"
 #: a copy in four phases, each run in one region with that region's credentials alone
 #: (docs/jobs.md): the source offers, the destination requests, the source sends, the

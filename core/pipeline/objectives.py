@@ -13,18 +13,19 @@ import enum
 import logging
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from regionvault.core.errors import PolicyError, RegionVaultError
 from regionvault.core.operations import Operations
-from regionvault.core.pipeline.jobs import backup_job, parse_slot, slot_of
+from regionvault.core.pipeline.jobs import RUN_TAG, SLOT_TAG, backup_job, parse_slot, slot_of
 from regionvault.core.policy import Policy, resolve_policy
 from regionvault.core.types import Instance
 
 if TYPE_CHECKING:
-    from regionvault.core.pipeline.engine import Engine
+    from regionvault.core.pipeline.ledger import Ledger
     from regionvault.core.pipeline.reports import StatusRow
-    from regionvault.core.pipeline.state import DrillRecord
+    from regionvault.core.pipeline.state import DrillRecord, StateStore
+    from regionvault.core.site import Site
     from regionvault.core.types import RecoveryPoint
 
 __all__ = [
@@ -35,6 +36,19 @@ __all__ = [
     "rpo_state",
     "rto_state",
 ]
+
+
+class Engine(Protocol):
+    """What the objectives read of the engine (core/pipeline/engine.py imports this module,
+    so it names a protocol, not the class)."""
+
+    site: Site
+    state: StateStore
+
+    def ledger(self) -> Ledger: ...
+
+    def operations(self, instance: Instance) -> Operations: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +108,6 @@ def rto_state(
 
 def point_instance(point: RecoveryPoint) -> Instance:
     """The instance ``point`` was taken of, as its tags recorded it (in its home region)."""
-    from regionvault.core.pipeline.engine import RUN_TAG, SLOT_TAG
-
     home = point.lineage.source_region if point.lineage is not None else point.region
     return Instance(
         id=point.instance_id,
@@ -168,8 +180,6 @@ class StatusObjectives:
         at_next: timedelta | None = None
         failed = False
         if ops.rpo is not None and policy is not None:
-            from regionvault.core.pipeline.engine import SLOT_TAG
-
             slot_text = newest.tags.get(SLOT_TAG)
             try:
                 last = parse_slot(slot_text) if slot_text else captured
