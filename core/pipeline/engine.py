@@ -44,6 +44,7 @@ from regionvault.core.pipeline.launch import (
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
+from regionvault.core.pipeline.locks import LockFailed, apply_policy_lock
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
@@ -388,6 +389,7 @@ class Engine:
             slot_text = format_slot(slot)
             for point in points.values():
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
+                    apply_policy_lock(repo, point, self.operations)  # a run killed before it
                     return point
             tags[SLOT_TAG] = slot_text
         since, base = self._kept_base(home, inst.id, points) if kept else (None, None)
@@ -493,12 +495,20 @@ class Engine:
                     inst.id,
                     exc,
                 )
+        # data first: the point is committed; its policy's lock now (docs/policies.md)
+        lock_failed: LockFailed | None = None
+        try:
+            apply_policy_lock(repo, point, self.operations)
+        except LockFailed as exc:
+            lock_failed = exc
         self.notify(
             "regionvault_after_backup",
             f"recovery point {point.id} of {inst.id} in {home.name}",
             region=home.name,
             recovery_point=point,
         )
+        if lock_failed is not None:
+            raise lock_failed
         return point
 
     # -- kept captures: incremental block backups (docs/jobs.md) ---------------------------
@@ -809,6 +819,11 @@ class Engine:
             expires_at=self.copy_expiry(point, dst.name, retention),
             progress=progress,
         )
+        lock_failed: LockFailed | None = None
+        try:  # the copy carries its own lock, from its own commit (docs/policies.md)
+            apply_policy_lock(self.repository(dst.name), result.point, self.operations)
+        except LockFailed as exc:
+            lock_failed = exc
         if not result.existing:
             self.notify(
                 "regionvault_after_copy",
@@ -819,6 +834,8 @@ class Engine:
                 copy=result.point,
                 result=result,
             )
+        if lock_failed is not None:
+            raise lock_failed
         return result
 
     def copy_expiry(

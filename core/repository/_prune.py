@@ -14,10 +14,20 @@ from regionvault.core.repository._links import prune_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
-from regionvault.core.repository._retention import delete_unless_held, retention_hold
+from regionvault.core.repository._retention import (
+    delete_unless_held,
+    extend_for_protected_points,
+    retention_hold,
+)
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._verify import remove_stale_temporaries
-from regionvault.core.repository.model import Problem, Progress, ProgressCallback, PruneReport
+from regionvault.core.repository.model import (
+    Manifest,
+    Problem,
+    Progress,
+    ProgressCallback,
+    PruneReport,
+)
 
 __all__ = ["prune"]
 
@@ -163,6 +173,10 @@ def prune(
             else:
                 report.skipped.append(Problem(name, reason))
 
+    # before anything is deleted: what a locked or held point uses, as the index now maps it
+    # (the packs just written, the new index objects), is protected as long as the point
+    report.locks_extended = _extend_locks(store, manifests, now)
+
     # delete what nothing uses any more: rewritten, unused and unindexed packs
     freed = 0
     for name in [fmt.pack_name(p) for p in rewrite + drop] + leftovers:
@@ -190,3 +204,13 @@ def prune(
     if progress is not None:
         progress(Progress(operation="prune", done=True))
     return report
+
+
+def _extend_locks(store: Store, manifests: list[Manifest], now: datetime) -> int:
+    """Extend the locks and holds of the objects protected points use, up to each point's
+    own (:func:`extend_for_protected_points`); a crash after the new index and before this
+    loses nothing, since the next prune extends them again."""
+    count, names = extend_for_protected_points(store, manifests, now)
+    if count:
+        log.info("prune: locks extended on %d object(s): %s", count, ", ".join(names[:5]))
+    return count
