@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +21,6 @@ from cli_support import run
 from regionvault.core import ProviderRegistry, RegionConfig, hookimpl
 from regionvault.core.errors import RetentionLocked
 from regionvault.core.pipeline import Engine, Service
-from regionvault.core.pipeline import engine as engine_module
 from regionvault.core.pipeline.locks import (
     LockFailed,
     LockRefused,
@@ -33,6 +35,20 @@ from regionvault.providers.local import LocalProvider, LocalVault
 from site_support import open_site, site_toml
 
 SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
+
+#: a backup of argv[2] on the site argv[1] that kills its own process right after the commit
+KILLED_AFTER_COMMIT = """
+import os, signal, sys
+from regionvault.core.pipeline import Engine, engine as engine_module
+from regionvault.core.site import Site
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+engine_module.apply_policy_lock = die
+with Site.load(sys.argv[1]) as site:
+    Engine(site).backup(sys.argv[2])
+"""
 LOCK_30D = {"backup": "1-7", "backup-lock": "compliance-30d"}
 
 
@@ -184,23 +200,22 @@ def test_a_copy_carries_its_own_lock_in_the_destination(
 
 
 def test_a_kill_between_commit_and_lock_is_healed_by_the_next_tick(
-    engine: Engine, clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, clock: Clock, site_path: Path, tmp_path: Path
 ) -> None:
     east = engine.region("east")
     inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
     locked = engine.backup(inst.id)  # an older point, locked at its commit
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*args: object, **kwargs: object) -> None:
-        raise Killed  # the process dies here: after the commit, before the lock
-
-    monkeypatch.setattr(engine_module, "apply_policy_lock", killed)
     make_data(tmp_path / "data" / "hlr", 5)
-    with pytest.raises(Killed):
-        engine.backup(inst.id)
-    monkeypatch.undo()
+    # a backup in its own process, SIGKILLed the moment its point is committed, before the
+    # lock: nothing after runs (no finally, no atexit)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_COMMIT, str(site_path), inst.id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     repo = engine.repository("east")
     newest = [p for p in repo.points(inst.id) if p.id != locked.id]
     assert len(newest) == 1
