@@ -354,6 +354,30 @@ def test_prune_extends_the_locks_of_what_a_newer_locked_point_uses(
     assert [p.id for p in repo.points()] == [newer.id]
 
 
+def test_prune_gives_shared_objects_the_latest_lock_and_every_hold_in_the_mode_asked(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A point held (no lock) and a point governance-locked, sharing data: what prune writes
+    for them is held and governance-locked; a hold asks no mode, so nothing turns
+    compliance."""
+    east = engine.region("east")
+    repo = engine.repository("east")
+    held = engine.backup(add(east, "held", tmp_path, (1,), backup="1-7").id)
+    hold_point(repo, held.id)
+    locked = engine.backup(add(east, "locked", tmp_path, (1, 2), backup="1-7").id)
+    until = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+    lock_point(repo, locked.id, until, RetentionMode.GOVERNANCE)
+    gone = engine.backup(add(east, "gone", tmp_path, (9,), backup="1-7").id)
+    before = {i.name for i in repo.vault.list("index/")}
+    repo.forget([gone.id])
+    report = repo.prune()
+    written = [i for i in repo.vault.list("index/") if i.name not in before]
+    assert written and report.locks_extended >= len(written)
+    for info in written:
+        assert info.legal_hold
+        assert (info.retain_until, info.retention_mode) == (until, RetentionMode.GOVERNANCE)
+
+
 # --------------------------------------------------------------------------- by hand
 
 

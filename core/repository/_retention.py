@@ -64,19 +64,20 @@ class Need:
         until = info.retain_until if info.retain_until and info.retain_until > now else None
         if until is None and not info.legal_hold:
             return None
-        # a lock whose mode the vault does not say is held as the stricter one
+        # a lock whose mode the vault does not say is held as the stricter one; a hold alone
+        # asks no mode
         mode = (
-            RetentionMode.GOVERNANCE
-            if info.retention_mode is RetentionMode.GOVERNANCE
-            else RetentionMode.COMPLIANCE
+            RetentionMode.COMPLIANCE
+            if until is not None and info.retention_mode is not RetentionMode.GOVERNANCE
+            else RetentionMode.GOVERNANCE
         )
         return cls(until, mode, info.legal_hold)
 
     def merge(self, other: Need) -> Need:
-        untils = [u for u in (self.until, other.until) if u is not None]
-        compliance = RetentionMode.COMPLIANCE in {self.mode, other.mode} and bool(untils)
+        locks = [n for n in (self, other) if n.until is not None]
+        compliance = any(n.mode is RetentionMode.COMPLIANCE for n in locks)
         return Need(
-            max(untils) if untils else None,
+            max(n.until for n in locks if n.until is not None) if locks else None,
             RetentionMode.COMPLIANCE if compliance else RetentionMode.GOVERNANCE,
             self.legal_hold or other.legal_hold,
         )
