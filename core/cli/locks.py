@@ -109,11 +109,11 @@ def lock(
     from regionvault.core.pipeline.locks import lock_point
     from regionvault.core.types import RetentionMode
 
-    until = (
-        _parse_until(until_text)
-        if until_text is not None
-        else datetime.now(UTC) + _parse_for(for_text or "")
-    )
+    if until_text is not None:
+        until = _parse_until(until_text)
+    else:  # whole seconds, rounded up: never shorter than asked
+        until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+        until += _parse_for(for_text or "")
     repo, found = _point(state, point, region)
     report = lock_point(repo, found.id, until, RetentionMode(mode))
     out = {**_state_of(repo, found), "objects_changed": len(report.locked)}
