@@ -219,12 +219,12 @@ def job_handlers(engine: Engine) -> JobHandlers:
             }
         if healed is not None and healed.locked:
             result["locks_applied"] = healed.locked
-        if healed is not None and healed.failed:
-            # a policy asks a lock that is absent: never silent (retention itself is done)
-            raise LockFailed("; ".join(healed.failed), region=region)
         pruned = _prune_ledger(engine)
         if pruned is not None:
             result["ledger_pruned"] = pruned
+        if healed is not None and healed.failed:
+            # a policy asks a lock that is absent: never silent (retention itself is done)
+            raise LockFailed("; ".join(healed.failed), region=region)
         return result
 
     return JobHandlers(

@@ -148,6 +148,7 @@ def prune(
     ] + new_packs
     vanished = len(index.packs) - len(present)  # indexed packs no longer in the vault
     changed = bool(rewrite or drop or vanished or len(state.objects) != len(state.live))
+    extended = False
     leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
     if changed or len(state.live) > 1 or leftovers:
         lock.check()
@@ -163,6 +164,11 @@ def prune(
             store.write_index(group)
         store.write_index(groups[-1], supersedes=state.objects)
         report.indexes_written = len(groups)
+        # before anything is deleted: what a locked or held point uses, as the new index maps
+        # it (the packs just written, the index objects just written), is protected as long
+        # as the point
+        report.locks_extended = _extend_locks(store, manifests, now)
+        extended = True
         for index_id in sorted(state.objects):
             name = fmt.index_name(index_id)
             reason = retention_hold(state.objects[index_id], now)
@@ -173,9 +179,8 @@ def prune(
             else:
                 report.skipped.append(Problem(name, reason))
 
-    # before anything is deleted: what a locked or held point uses, as the index now maps it
-    # (the packs just written, the new index objects), is protected as long as the point
-    report.locks_extended = _extend_locks(store, manifests, now)
+    if not extended:  # no new index: the one there maps the same, extended all the same
+        report.locks_extended = _extend_locks(store, manifests, now)
 
     # delete what nothing uses any more: rewritten, unused and unindexed packs
     freed = 0

@@ -213,11 +213,11 @@ def release(
     name = fmt.point_name(manifest.point.id)
     info = store.vault.head(name)
     report = ReleaseReport(manifest.point.id)
-    locked = info.retain_until is not None and info.retain_until > now
-    if bypass_governance and locked and info.retention_mode is not RetentionMode.GOVERNANCE:
+    held = info.retain_until if info.retain_until and info.retain_until > now else None
+    if bypass_governance and held and info.retention_mode is not RetentionMode.GOVERNANCE:
         raise RetentionLocked(
             name,
-            f"compliance retention until {info.retain_until.isoformat(timespec='seconds')} "  # type: ignore[union-attr]
+            f"compliance retention until {held.isoformat(timespec='seconds')} "
             "cannot be lifted or shortened by anyone",
             provider=store.vault.provider,
             region=store.vault.region,
