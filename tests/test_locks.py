@@ -21,6 +21,7 @@ from cli_support import run
 from regionvault.core import ProviderRegistry, RegionConfig, hookimpl
 from regionvault.core.errors import RetentionLocked
 from regionvault.core.pipeline import Engine, Service
+from regionvault.core.pipeline import engine as engine_module
 from regionvault.core.pipeline.locks import (
     LockFailed,
     LockRefused,
@@ -235,6 +236,35 @@ def test_a_kill_between_commit_and_lock_is_healed_by_the_next_tick(
     (again,) = [o for o in later.jobs if o.kind == "retention"]
     assert again.status.value == "done"
     assert "locks_applied" not in again.result
+
+
+def test_a_copy_left_unlocked_is_healed_by_the_destinations_own_tick(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    east = engine.region("east")
+    point = engine.backup(add(east, "hlr", tmp_path, (1,), **LOCK_30D).id)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed  # the copy is committed in west; its lock never comes
+
+    monkeypatch.setattr(engine_module, "apply_policy_lock", killed)
+    with pytest.raises(Killed):
+        engine.copy(point.id, to="west")
+    monkeypatch.undo()
+    west = engine.repository("west")
+    (copy,) = west.points()
+    assert west.point_object(copy.id).retain_until is None
+
+    report = Service(engine).tick("west")  # west's own tick, west's credentials
+    assert report.ok, report.failures()
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [copy.id]
+    info = west.point_object(copy.id)
+    assert info.retain_until == info.modified + timedelta(days=30)
+    assert info.retention_mode is RetentionMode.COMPLIANCE
 
 
 # --------------------------------------------------------------------------- a vault without
