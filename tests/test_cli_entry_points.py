@@ -44,6 +44,10 @@ BUILT_IN = {
     "run": "regionvault.core.cli.tick:run",
     "demo": "regionvault.plugins.samplenf.demo:demo",
     "worker": "regionvault.plugins.celery.worker:worker",
+    "lock": "regionvault.core.cli.locks:lock",
+    "hold": "regionvault.core.cli.locks:hold",
+    "release": "regionvault.core.cli.locks:release",
+    "forget": "regionvault.core.cli.locks:forget",
 }
 
 #: ``install(distribution, {module: source}, {command: "module:object"})``

@@ -35,6 +35,7 @@ from regionvault.core.pipeline.jobs import (
     copy_phase_job,
     copy_receipt_job,
 )
+from regionvault.core.pipeline.locks import apply_policy_lock
 from regionvault.core.policy import parse_copy_to, resolve_policy
 from regionvault.core.repository import (
     CommitReport,
@@ -283,6 +284,9 @@ class CopyFlow:
                 copy=report.point,
                 result=report,
             )
+        # the copy carries its own lock, from its own commit: a failure fails the job
+        repo = self.engine.repository(destination)
+        apply_policy_lock(repo, report.point, self.engine.operations)
 
     # A region's own tick adds three small steps to the phases (docs/copy.md, "Receipts"):
     # the source's copy-send ends with a sealed *sent notice*; the destination commits on it
@@ -310,6 +314,7 @@ class CopyFlow:
         with self._links_closed(self.engine.copy_receiver(source, destination)) as receiver:
             found = self._answer_with_receipt(receiver, point_id)
             if found is not None:
+                apply_policy_lock(receiver.repository, found, self.engine.operations)
                 return {"copy": found.id, "existing": True, "batches_ingested": 0, "receipt": True}
             self.check_allowed(job, source, destination, self._offered(receiver, point_id))
             inbox = receiver.forward

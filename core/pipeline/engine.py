@@ -45,6 +45,7 @@ from regionvault.core.pipeline.launch import (
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
+from regionvault.core.pipeline.locks import LockFailed, apply_policy_lock
 from regionvault.core.pipeline.objectives import StatusObjectives
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
@@ -405,6 +406,7 @@ class Engine:
             slot_text = format_slot(slot)
             for point in points.values():
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
+                    apply_policy_lock(repo, point, self.operations)  # a run killed before it
                     return point
             tags[SLOT_TAG] = slot_text
         since, base = self._kept_base(home, inst.id, points) if kept else (None, None)
@@ -519,12 +521,20 @@ class Engine:
             policy=point.policy,
             slot=slot_text,
         )
+        # data first: the point is committed; its policy's lock now (docs/policies.md)
+        lock_failed: LockFailed | None = None
+        try:
+            apply_policy_lock(repo, point, self.operations)
+        except LockFailed as exc:
+            lock_failed = exc
         self.notify(
             "regionvault_after_backup",
             f"recovery point {point.id} of {inst.id} in {home.name}",
             region=home.name,
             recovery_point=point,
         )
+        if lock_failed is not None:
+            raise lock_failed
         return point
 
     # -- kept captures: incremental block backups (docs/jobs.md) ---------------------------
@@ -843,6 +853,11 @@ class Engine:
                     destination=dst.name,
                 )  # fmt: skip
             raise
+        lock_failed: LockFailed | None = None
+        try:  # the copy carries its own lock, from its own commit (docs/policies.md)
+            apply_policy_lock(self.repository(dst.name), result.point, self.operations)
+        except LockFailed as exc:
+            lock_failed = exc
         if not result.existing:
             self._record_copy(src.name, dst.name, point, result)
             self.notify(
@@ -854,6 +869,8 @@ class Engine:
                 copy=result.point,
                 result=result,
             )
+        if lock_failed is not None:
+            raise lock_failed
         return result
 
     def _record_copy(

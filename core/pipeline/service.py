@@ -48,6 +48,7 @@ from regionvault.core.pipeline.jobs import (
     slot_of,
     tag_job,
 )
+from regionvault.core.pipeline.locks import LockFailed, describe_protection, heal_locks
 from regionvault.core.pipeline.reports import TickReport
 from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 
@@ -217,11 +218,25 @@ def job_handlers(engine: Engine) -> JobHandlers:
         }
 
     def run_retention(job: Job) -> Any:
-        report = engine.retain(job.region or "")
+        # first, the locks a killed run left unapplied, so forget and prune see them
+        region = engine.region(job.region or "").name
+        healed = heal_locks(lambda: engine.repository(region, create=False), engine.operations)
+        report = engine.retain(region)
         result: dict[str, Any] = {"forgotten": report.forgotten, "protected": report.protected}
+        if report.protected:
+            repo = engine.repository(region, create=False)
+            result["kept"] = {
+                p: f"kept: {describe_protection(repo.point_object(p)) or 'protected'}"
+                for p in report.protected
+            }
+        if healed is not None and healed.locked:
+            result["locks_applied"] = healed.locked
         pruned = _prune_ledger(engine)
         if pruned is not None:
             result["ledger_pruned"] = pruned
+        if healed is not None and healed.failed:
+            # a policy asks a lock that is absent: never silent (retention itself is done)
+            raise LockFailed("; ".join(healed.failed), region=region)
         return result
 
     return JobHandlers(

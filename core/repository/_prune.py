@@ -18,10 +18,20 @@ from regionvault.core.repository._links import prune_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
-from regionvault.core.repository._retention import delete_unless_held, retention_hold
+from regionvault.core.repository._retention import (
+    delete_unless_held,
+    extend_for_protected_points,
+    retention_hold,
+)
 from regionvault.core.repository._store import Store
 from regionvault.core.repository._verify import remove_stale_temporaries
-from regionvault.core.repository.model import Problem, Progress, ProgressCallback, PruneReport
+from regionvault.core.repository.model import (
+    Manifest,
+    Problem,
+    Progress,
+    ProgressCallback,
+    PruneReport,
+)
 
 __all__ = ["prune"]
 
@@ -142,6 +152,7 @@ def prune(
     ] + new_packs
     vanished = len(index.packs) - len(present)  # indexed packs no longer in the vault
     changed = bool(rewrite or drop or vanished or len(state.objects) != len(state.live))
+    extended = False
     leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
     if changed or len(state.live) > 1 or leftovers:
         lock.check()
@@ -157,6 +168,11 @@ def prune(
             store.write_index(group)
         store.write_index(groups[-1], supersedes=state.objects)
         report.indexes_written = len(groups)
+        # before anything is deleted: what a locked or held point uses, as the new index maps
+        # it (the packs just written, the index objects just written), is protected as long
+        # as the point
+        report.locks_extended = _extend_locks(store, manifests, now)
+        extended = True
         for index_id in sorted(state.objects):
             name = fmt.index_name(index_id)
             reason = retention_hold(state.objects[index_id], now)
@@ -166,6 +182,9 @@ def prune(
                 report.indexes_deleted += 1
             else:
                 report.skipped.append(Problem(name, reason))
+
+    if not extended:  # no new index: the one there maps the same, extended all the same
+        report.locks_extended = _extend_locks(store, manifests, now)
 
     # delete what nothing uses any more: rewritten, unused and unindexed packs
     freed = 0
@@ -194,3 +213,13 @@ def prune(
     if progress is not None:
         progress(Progress(operation="prune", done=True))
     return report
+
+
+def _extend_locks(store: Store, manifests: list[Manifest], now: datetime) -> int:
+    """Extend the locks and holds of the objects protected points use, up to each point's
+    own (:func:`extend_for_protected_points`); a crash after the new index and before this
+    loses nothing, since the next prune extends them again."""
+    count, names = extend_for_protected_points(store, manifests, now)
+    if count:
+        log.info("prune: locks extended on %d object(s): %s", count, ", ".join(names[:5]))
+    return count

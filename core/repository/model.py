@@ -18,6 +18,7 @@ __all__ = [
     "ProgressCallback",
     "ProtectReport",
     "PruneReport",
+    "ReleaseReport",
     "RepositorySettings",
     "RestoreReport",
     "TreeEntry",
@@ -248,6 +249,8 @@ class PruneReport:
     temporaries_removed: int = 0
     #: objects prune would have deleted but a WORM lock or legal hold protects
     skipped: list[Problem] = field(default_factory=list)
+    #: objects whose lock or hold prune extended to a protected point's that uses them
+    locks_extended: int = 0
 
 
 @dataclass
@@ -259,3 +262,12 @@ class ProtectReport:
     locked: list[str] = field(default_factory=list)
     #: objects already locked at least as long
     unchanged: int = 0
+
+
+@dataclass
+class ReleaseReport:
+    point_id: str
+    #: objects whose hold was lifted or governance lock shortened
+    released: list[str] = field(default_factory=list)
+    #: objects left as they were because another protected point uses them
+    kept: list[str] = field(default_factory=list)

@@ -46,6 +46,7 @@ from regionvault.core.repository._manifest import (
     PointCache,
     decode_manifest,
     encode_manifest,
+    load_manifests,
     load_points,
     tree_records,
 )
@@ -63,6 +64,7 @@ from regionvault.core.repository.model import (
     ProgressCallback,
     ProtectReport,
     PruneReport,
+    ReleaseReport,
     RepositorySettings,
     RestoreReport,
     TreeEntry,
@@ -73,6 +75,7 @@ from regionvault.core.types import (
     CaptureKind,
     Instance,
     Lineage,
+    ObjectInfo,
     RecoveryPoint,
     RetentionMode,
 )
@@ -599,6 +602,39 @@ class Repository:
         with self._lock(exclusive=False, operation="protect"):
             return _retention.protect(
                 store, manifest, until=until, mode=mode, legal_hold=legal_hold
+            )
+
+    def point_object(self, point_id: str) -> ObjectInfo:
+        """The manifest object of ``point_id`` as the vault reports it: when it was committed
+        (``modified``) and the lock and hold it carries (:meth:`protect` locks the manifest
+        last, so a manifest that carries a lock says every object the point uses does)."""
+        return self._ensure_open().vault.head(self._point_name(point_id))
+
+    def point_objects(self) -> dict[str, ObjectInfo]:
+        """:meth:`point_object` of every point, by id, from one listing (a vault whose
+        listing does not say an object's lock reports none: ask :meth:`point_object`)."""
+        return {
+            info.name[len(fmt.POINT_PREFIX) :]: info
+            for info in self._ensure_open().vault.list(fmt.POINT_PREFIX)
+        }
+
+    def release(
+        self, point_id: str, *, legal_hold: bool = True, bypass_governance: bool = False
+    ) -> ReleaseReport:
+        """Lift a point's legal hold and, with ``bypass_governance`` (the administrator's
+        act), its governance lock, from its manifest and from each object it uses that no
+        other protected point needs (those keep what the other points ask).
+        :class:`RetentionLocked` names a compliance lock, which nobody lifts."""
+        store = self._ensure_open()
+        manifest = self.load_manifest(point_id)
+        with self._lock(exclusive=False, operation="release"):
+            others, _ = load_manifests(store)
+            return _retention.release(
+                store,
+                manifest,
+                others,
+                legal_hold=legal_hold,
+                bypass_governance=bypass_governance,
             )
 
     # ------------------------------------------------------------------ maintenance

@@ -1,0 +1,329 @@
+"""Locks by policy: the WORM lock and legal hold an instance's operations settings ask
+(``backup-lock``, ``backup-hold``, core/operations.py), put on each recovery point at its
+commit and on each copy at the copy's commit, and found again by the next tick when a crash
+came between a commit and its lock.
+
+The rule is read from the point's own tags (the instance's tags when it was backed up, which a
+copy carries), with the site's ``[operations]`` tables: the same answer in every region,
+with that region's credentials alone (a copy's commit runs in the destination, which cannot
+ask the source's compute). The lock runs from the point's commit, as its vault recorded it
+(the manifest object's time): ``until = committed + duration``, in the rule's mode; a point
+whose lock would have ended already needs none.
+
+Data first: a point is committed before it is locked. When the lock cannot be applied (a vault
+without the capability, a bad ``backup-lock`` value, a refused call) the point stays and
+:class:`LockFailed` is raised after it: the job fails, loudly, every tick, until the policy
+or the vault is fixed. See docs/policies.md, "Locks and holds".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from regionvault.core.errors import (
+    PolicyError,
+    RegionVaultError,
+    RepositoryNotFound,
+    RetentionLocked,
+)
+from regionvault.core.operations import Operations
+from regionvault.core.repository import ProtectReport, ReleaseReport, Repository
+from regionvault.core.types import Instance, ObjectInfo, RecoveryPoint, RetentionMode
+
+__all__ = [
+    "HealReport",
+    "LockFailed",
+    "LockRefused",
+    "Wanted",
+    "apply_policy_lock",
+    "carries",
+    "describe_protection",
+    "heal_locks",
+    "hold_point",
+    "lock_point",
+    "release_point",
+    "wanted_protection",
+]
+
+log = logging.getLogger(__name__)
+
+#: how an engine resolves an instance's operations settings (Engine.operations)
+OperationsOf = Callable[[Instance], Operations]
+
+
+class LockFailed(RegionVaultError):
+    """A policy asks a lock or hold that a committed point does not carry and could not be
+    given: the point is kept, the failure is the job's."""
+
+
+class LockRefused(RegionVaultError):
+    """An asked lock, hold or release that the WORM rules refuse (shortening a lock, making a
+    compliance lock governance, lifting a compliance lock), or that the region's vault cannot
+    do: nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a point's policy asks of it now: a lock until ``until`` (None: no lock, or one
+    already over) in ``mode``, and a legal hold; ``rule`` says it as the tag does."""
+
+    until: datetime | None
+    mode: RetentionMode
+    hold: bool
+    rule: str
+
+
+def _instance_of(point: RecoveryPoint) -> Instance:
+    return Instance(
+        id=point.instance_id, name=point.instance_name, region=point.region, tags=point.tags
+    )
+
+
+def wanted_protection(
+    operations: OperationsOf, point: RecoveryPoint, committed: datetime, now: datetime
+) -> Wanted | None:
+    """What ``point``'s policy asks (None: nothing now). :class:`LockFailed` when its
+    ``backup-lock`` / ``backup-hold`` value is bad: the point is there, its lock is not."""
+    try:
+        ops = operations(_instance_of(point))
+    except PolicyError as exc:
+        raise LockFailed(
+            f"point {point.id} of {point.instance_id} is not locked: {exc.message}",
+            region=point.region,
+        ) from None
+    until = None
+    mode = RetentionMode.COMPLIANCE
+    parts = []
+    if ops.lock is not None:
+        mode = RetentionMode(ops.lock.mode)
+        parts.append(f"lock {ops.lock}")
+        end = committed + ops.lock.duration
+        until = end if end > now else None
+    if ops.hold:
+        parts.append("hold on")
+    if until is None and not ops.hold:
+        return None
+    return Wanted(until, mode, ops.hold, ", ".join(parts))
+
+
+def carries(info: ObjectInfo, wanted: Wanted) -> bool:
+    """Whether a manifest (``info``) carries what is wanted: a lock at least as long and as
+    strict, and the hold."""
+    if wanted.until is not None:
+        if info.retain_until is None or info.retain_until < wanted.until:
+            return False
+        if (
+            wanted.mode is RetentionMode.COMPLIANCE
+            and info.retention_mode is RetentionMode.GOVERNANCE
+        ):
+            return False
+    return info.legal_hold or not wanted.hold
+
+
+def _has_record(info: ObjectInfo) -> bool:
+    """A manifest that carries, or once carried, a lock, or carries a hold."""
+    return info.retain_until is not None or info.legal_hold
+
+
+def describe_protection(info: ObjectInfo, now: datetime | None = None) -> str | None:
+    """``locked until ... (mode)`` and/or ``legal hold``, for a report; None when nothing
+    protects the object."""
+    now = now or datetime.now(UTC)
+    parts = []
+    if info.retain_until is not None and info.retain_until > now:
+        mode = info.retention_mode.value if info.retention_mode else "compliance"
+        parts.append(f"locked until {info.retain_until.isoformat(timespec='seconds')} ({mode})")
+    if info.legal_hold:
+        parts.append("legal hold")
+    return ", ".join(parts) or None
+
+
+def _protect(repo: Repository, point: RecoveryPoint, wanted: Wanted) -> ProtectReport:
+    try:
+        return repo.protect(point.id, until=wanted.until, mode=wanted.mode, legal_hold=wanted.hold)
+    except RegionVaultError as exc:
+        raise LockFailed(
+            f"point {point.id} of {point.instance_id} is committed but not locked as its "
+            f"policy asks ({wanted.rule}): {exc}",
+            region=repo.region,
+        ) from exc
+
+
+def apply_policy_lock(
+    repo: Repository, point: RecoveryPoint, operations: OperationsOf
+) -> ProtectReport | None:
+    """Put on ``point`` (committed in ``repo``) the lock and hold its policy asks, unless its
+    manifest carries them already (one HEAD). None when nothing was to do.
+    :class:`LockFailed` when they cannot be applied."""
+    info = repo.point_object(point.id)
+    wanted = wanted_protection(operations, point, info.modified, datetime.now(UTC))
+    if wanted is None or carries(info, wanted):
+        return None
+    report = _protect(repo, point, wanted)
+    log.info(
+        "%s: point %s locked by policy (%s): %d object(s) changed",
+        repo.region,
+        point.id,
+        wanted.rule,
+        len(report.locked),
+    )
+    return report
+
+
+@dataclass
+class HealReport:
+    region: str
+    #: points found lacking the lock or hold their policy asks, and given it now
+    locked: list[str] = field(default_factory=list)
+    #: why a point could not be given it (each a line naming the point)
+    failed: list[str] = field(default_factory=list)
+
+
+def heal_locks(repo_of: Callable[[], Repository], operations: OperationsOf) -> HealReport | None:
+    """Find the points of a region whose policy asks a lock or hold they lack (a process
+    killed between a commit and its lock) and apply it.
+
+    The check is cheap: for each instance (originals and copies apart), its points newest
+    commit first, stopping at the first whose manifest carries a lock (even one now over) or a
+    hold: everything older was locked at its commit or found here before. A point whose
+    policy asks nothing costs no request; one listing of the manifests, and one HEAD per
+    instance where the listing does not say an object's lock (S3). None when the region
+    holds no repository yet."""
+    try:
+        repo = repo_of()
+    except RepositoryNotFound:
+        return None
+    report = HealReport(repo.region)
+    now = datetime.now(UTC)
+    objects = repo.point_objects()
+    groups: dict[tuple[str, bool], list[tuple[ObjectInfo, RecoveryPoint]]] = {}
+    for point in repo.points(tolerant=True):
+        info = objects.get(point.id)
+        if info is not None:
+            groups.setdefault((point.instance_id, point.lineage is None), []).append((info, point))
+    for members in groups.values():
+        members.sort(key=lambda item: (item[0].modified, item[1].id), reverse=True)
+        for info, point in members:
+            try:
+                wanted = wanted_protection(operations, point, info.modified, now)
+            except LockFailed as exc:
+                report.failed.append(str(exc))
+                break
+            if wanted is None:
+                continue
+            current = info if _has_record(info) else repo.point_object(point.id)
+            if _has_record(current):
+                break
+            try:
+                _protect(repo, point, wanted)
+            except LockFailed as exc:
+                report.failed.append(str(exc))
+                break  # the older ones would fail the same way: one line per instance
+            report.locked.append(point.id)
+            log.warning(
+                "%s: point %s lacked the lock its policy asks (%s; a run killed after its "
+                "commit): applied now",
+                repo.region,
+                point.id,
+                wanted.rule,
+            )
+    return report
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def _when(value: datetime) -> str:
+    return value.isoformat(timespec="seconds")
+
+
+def _need(repo: Repository, capability: str, what: str) -> None:
+    if not getattr(repo.vault.capabilities, capability):
+        raise LockRefused(
+            f"the vault of {repo.region} (provider {repo.vault.provider}) cannot {what}: it "
+            f"does not offer {capability}",
+            region=repo.region,
+        )
+
+
+def lock_point(
+    repo: Repository, point_id: str, until: datetime, mode: RetentionMode
+) -> ProtectReport:
+    """Lock a point (every object it uses, its manifest last) until ``until`` in ``mode``.
+    A lock is only ever extended: :class:`LockRefused` for an ``until`` before the lock the
+    point carries, or a governance lock asked of a compliance-locked point (and for a date
+    past, or a vault without ``worm_lock``). Objects the point shares with points locked
+    longer keep their longer lock."""
+    _need(repo, "worm_lock", "lock objects (WORM)")
+    now = datetime.now(UTC)
+    if until.tzinfo is None:
+        raise LockRefused(f"lock until {until.isoformat()}: the time has no time zone")
+    if until <= now:
+        raise LockRefused(f"lock until {_when(until)}: that time has passed", region=repo.region)
+    info = repo.point_object(point_id)
+    held = info.retain_until if info.retain_until and info.retain_until > now else None
+    if held is not None:
+        compliance = info.retention_mode is not RetentionMode.GOVERNANCE
+        if until < held:
+            how = (
+                "a compliance lock can never be shortened"
+                if compliance
+                else "a lock is only extended here (release --bypass-governance lifts a "
+                "governance lock)"
+            )
+            raise LockRefused(
+                f"point {point_id} is locked until {_when(held)} "
+                f"({'compliance' if compliance else 'governance'}); {_when(until)} would "
+                f"shorten it: {how}",
+                region=repo.region,
+            )
+        if compliance and mode is RetentionMode.GOVERNANCE:
+            raise LockRefused(
+                f"point {point_id} is under a compliance lock until {_when(held)}: it cannot "
+                "become governance (lock it --mode compliance to extend it)",
+                region=repo.region,
+            )
+    return repo.protect(point_id, until=until, mode=mode)
+
+
+def hold_point(repo: Repository, point_id: str) -> ProtectReport:
+    """Place a legal hold on a point (every object it uses, its manifest last)."""
+    _need(repo, "legal_hold", "place legal holds")
+    return repo.protect(point_id, legal_hold=True)
+
+
+def release_point(
+    repo: Repository, point_id: str, *, bypass_governance: bool = False
+) -> ReleaseReport:
+    """Lift a point's legal hold and, with ``bypass_governance`` (the administrator's act),
+    its governance lock. :class:`LockRefused` names the date of a compliance lock, which
+    nobody lifts (asked to, or when there is no hold to lift), and says when there is
+    nothing to release."""
+    now = datetime.now(UTC)
+    info = repo.point_object(point_id)
+    locked = info.retain_until is not None and info.retain_until > now
+    compliance = locked and info.retention_mode is not RetentionMode.GOVERNANCE
+    if compliance and (bypass_governance or not info.legal_hold):
+        assert info.retain_until is not None
+        raise LockRefused(
+            f"point {point_id} is under a compliance lock until {_when(info.retain_until)}: "
+            "nobody can release it before then",
+            region=repo.region,
+        )
+    if not info.legal_hold and not (locked and bypass_governance):
+        what = (
+            f"a governance lock until {_when(info.retain_until)} (--bypass-governance lifts "
+            "it: the administrator's act)"
+            if locked and info.retain_until is not None
+            else "no lock and no legal hold"
+        )
+        raise LockRefused(
+            f"point {point_id} has no legal hold to release; it has {what}", region=repo.region
+        )
+    try:
+        return repo.release(point_id, legal_hold=True, bypass_governance=bypass_governance)
+    except RetentionLocked as exc:
+        raise LockRefused(f"point {point_id}: {exc.reason}", region=repo.region) from None
