@@ -26,7 +26,7 @@ wrong; bad site values are a :class:`~regionvault.core.errors.ConfigError` when 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
@@ -254,12 +254,17 @@ def check_operations_config(
 
 
 def resolve_operations(
-    instance: Instance, config: OperationsConfig, *, policy_name: str | None = None
+    instance: Instance,
+    config: OperationsConfig,
+    *,
+    policy_name: str | None = None,
+    keys: Collection[str] | None = None,
 ) -> Operations:
     """The effective operations settings of ``instance``: its tags, else the table of its
     named policy ``policy_name`` (:attr:`Policy.name <regionvault.core.policy.Policy.name>`),
     else the site's ``[operations]``. :class:`PolicyError` names the instance, the tag and what
-    is wrong."""
+    is wrong. With ``keys`` (``{"lock", "hold"}``), only those settings are read (the others
+    stay unset), so that a bad drill tag does not stop a lock."""
     where = f"instance {instance.id}" + (
         f" ({instance.name})" if instance.name and instance.name != instance.id else ""
     )
@@ -267,6 +272,8 @@ def resolve_operations(
     values: dict[str, object] = {}
     sources: dict[str, Source] = {}
     for key, tag in OPERATION_KEYS.items():
+        if keys is not None and key not in keys:
+            continue
         source: Source
         if tag in instance.tags:
             raw, source = instance.tags[tag], "tag"

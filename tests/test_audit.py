@@ -417,3 +417,62 @@ def test_a_destination_that_holds_nothing_yet(engine: Engine, site: Site, tmp_pa
     # the audit wrote nothing: west still holds no repository
     with pytest.raises(Exception, match="no repository"):
         engine.repository("west", create=False)
+
+
+def test_locks_holds_rotation_and_drills_are_in_the_event_log(
+    engine: Engine, clock: Clock, site: Site, tmp_path: Path
+) -> None:
+    """The operations other parts of #19 add record their events too: a lock by policy at
+    commit and at copy, lock / hold / release from the API the CLI uses, a refused release,
+    a key rotation with its key ids, and a scheduled drill in the copy's region."""
+    from regionvault.core.errors import RegionVaultError
+    from regionvault.core.pipeline import Service
+
+    east = site.region("east")
+    tags = {"backup-lock": "governance-1d", "backup-drill": "1d"}
+    inst = add(east, "hlr-1", tmp_path, 9, backup="1-7", **tags)
+    point = engine.backup(inst.id)
+    copy = engine.copy(point.id, to="west").point
+    until = datetime.now(UTC) + timedelta(days=3)
+    engine.lock_point(point.id, until, RetentionMode.COMPLIANCE)
+    with pytest.raises(RegionVaultError):  # shorter than it carries: refused, and recorded
+        engine.lock_point(point.id, until - timedelta(days=2), RetentionMode.COMPLIANCE)
+    engine.hold_point(point.id)
+    engine.release_point(point.id)
+    with pytest.raises(RegionVaultError):  # no hold any more: nothing to release
+        engine.release_point(point.id)
+    rotated = engine.rotate_keys("east")
+
+    east_log = [(e.action, e.result) for e in engine.repository("east").events()]
+    assert east_log == [
+        ("backup", "ok"),
+        ("lock", "ok"),  # by policy, at commit
+        ("copy", "ok"),
+        ("lock", "ok"),
+        ("lock", "refused"),  # a shorter lock: refused by the framework, nothing changed
+        ("hold", "ok"),
+        ("release", "ok"),
+        ("release", "refused"),
+        ("rotate-keys", "ok"),
+    ]
+    events = engine.repository("east").events()
+    assert events[1].detail["by"] == "policy" and events[1].point == point.id
+    assert events[3].detail["mode"] == "compliance"
+    assert (events[8].detail["old_key"], events[8].detail["new_key"]) == (
+        rotated.old_key_id,
+        rotated.new_key_id,
+    )
+    west_log = [(e.action, e.result, e.point) for e in engine.repository("west").events()]
+    assert west_log[:2] == [("copy", "ok", copy.id), ("lock", "ok", copy.id)]
+
+    # the drill its tag asks, run by a tick: its restore and its drill, in west
+    report = Service(engine).tick()
+    (drill,) = [o for o in report.jobs if o.kind == "drill"]
+    assert drill.status.value == "done", drill.error
+    west_events = engine.repository("west").events()
+    actions = [e.action for e in west_events]
+    assert actions[2:] == ["restore", "drill", "retention"], actions
+    restored, drilled = west_events[2], west_events[3]
+    assert drilled.result == "ok" and drilled.detail["terminated"] is True
+    assert drilled.detail["launched"] == restored.detail["launched"]
+    assert drilled.point == restored.point == copy.id

@@ -21,7 +21,7 @@ from cli_support import run
 from regionvault.core import ProviderRegistry, RegionConfig, hookimpl
 from regionvault.core.errors import RetentionLocked
 from regionvault.core.pipeline import Engine, Service
-from regionvault.core.pipeline import engine as engine_module
+from regionvault.core.pipeline import locks as locks_module
 from regionvault.core.pipeline.locks import (
     LockFailed,
     LockRefused,
@@ -40,13 +40,13 @@ SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
 #: a backup of argv[2] on the site argv[1] that kills its own process right after the commit
 KILLED_AFTER_COMMIT = """
 import os, signal, sys
-from regionvault.core.pipeline import Engine, engine as engine_module
+from regionvault.core.pipeline import Engine, locks as locks_module
 from regionvault.core.site import Site
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-engine_module.apply_policy_lock = die
+locks_module.apply_policy_lock = die
 with Site.load(sys.argv[1]) as site:
     Engine(site).backup(sys.argv[2])
 """
@@ -250,7 +250,7 @@ def test_a_copy_left_unlocked_is_healed_by_the_destinations_own_tick(
     def killed(*args: object, **kwargs: object) -> None:
         raise Killed  # the copy is committed in west; its lock never comes
 
-    monkeypatch.setattr(engine_module, "apply_policy_lock", killed)
+    monkeypatch.setattr(locks_module, "apply_policy_lock", killed)
     with pytest.raises(Killed):
         engine.copy(point.id, to="west")
     monkeypatch.undo()

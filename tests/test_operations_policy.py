@@ -147,3 +147,12 @@ def test_every_value_fits_gcp_label_rules() -> None:
     label = re.compile(r"[a-z0-9_-]{0,63}")
     for value in ("7d", "26h", "90s", "none", "compliance-30d", "governance-2w", "on", "off"):
         assert label.fullmatch(value)
+
+
+def test_keys_read_only_those_settings_so_a_bad_drill_tag_does_not_stop_a_lock() -> None:
+    tagged = inst(**{"backup-drill": "30m", "backup-lock": "compliance-1d"})
+    with pytest.raises(PolicyError, match="drill interval"):
+        resolve_operations(tagged, SITE)
+    ops = resolve_operations(tagged, SITE, keys={"lock", "hold"})
+    assert ops.lock == LockRule("compliance", timedelta(days=1)) and ops.drill is None
+    assert ops.rpo is None  # the site's rpo is not read either

@@ -25,12 +25,6 @@ _REGION = click.option(
 )
 
 
-def _point(state: CliState, point: str, region: str | None) -> tuple[Repository, RecoveryPoint]:
-    engine = state.engine()
-    found = engine.find_point(point, region)
-    return engine.repository(found.region, create=False), found
-
-
 def _state_of(repo: Repository, point: RecoveryPoint) -> dict[str, Any]:
     info = repo.point_object(point.id)
     now = datetime.now(UTC)
@@ -106,7 +100,6 @@ def lock(
     one than the point carries, or governance over compliance, is refused."""
     if (until_text is None) == (for_text is None):
         raise click.UsageError("give one of --until TIME or --for DURATION")
-    from regionvault.core.pipeline.locks import lock_point
     from regionvault.core.types import RetentionMode
 
     if until_text is not None:
@@ -114,8 +107,9 @@ def lock(
     else:  # whole seconds, rounded up: never shorter than asked
         until = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
         until += _parse_for(for_text or "")
-    repo, found = _point(state, point, region)
-    report = lock_point(repo, found.id, until, RetentionMode(mode))
+    engine = state.engine()
+    found, report = engine.lock_point(point, until, RetentionMode(mode), region=region)
+    repo = engine.repository(found.region, create=False)
     out = {**_state_of(repo, found), "objects_changed": len(report.locked)}
     if as_json:
         print_json(out)
@@ -131,10 +125,9 @@ def lock(
 def hold(state: CliState, point: str, region: str | None, as_json: bool) -> None:
     """Place a legal hold on recovery point POINT (every object it uses, then its manifest):
     nothing of it can be deleted until ``release`` lifts the hold."""
-    from regionvault.core.pipeline.locks import hold_point
-
-    repo, found = _point(state, point, region)
-    report = hold_point(repo, found.id)
+    engine = state.engine()
+    found, report = engine.hold_point(point, region=region)
+    repo = engine.repository(found.region, create=False)
     out = {**_state_of(repo, found), "objects_changed": len(report.locked)}
     if as_json:
         print_json(out)
@@ -159,10 +152,9 @@ def release(
     """Lift the legal hold of recovery point POINT; with --bypass-governance, its governance
     lock too. A compliance lock is refused, naming its date. Objects POINT shares with other
     protected points keep what those need."""
-    from regionvault.core.pipeline.locks import release_point
-
-    repo, found = _point(state, point, region)
-    report = release_point(repo, found.id, bypass_governance=bypass_governance)
+    engine = state.engine()
+    found, report = engine.release_point(point, region=region, bypass_governance=bypass_governance)
+    repo = engine.repository(found.region, create=False)
     out = {
         **_state_of(repo, found),
         "objects_released": len(report.released),
@@ -184,9 +176,10 @@ def forget(state: CliState, point: str, region: str | None, as_json: bool) -> No
     lock or legal hold protects it."""
     from regionvault.core.errors import RetentionLocked
 
-    repo, found = _point(state, point, region)
+    engine = state.engine()
+    found = engine.find_point(point, region)
     try:
-        repo.forget([found.id])
+        engine.forget(found.region, [found.id])
     except RetentionLocked as exc:
         raise ExpectedError(
             f"point {found.id} in {found.region} cannot be forgotten: {exc.reason}"

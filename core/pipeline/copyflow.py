@@ -35,7 +35,6 @@ from regionvault.core.pipeline.jobs import (
     copy_phase_job,
     copy_receipt_job,
 )
-from regionvault.core.pipeline.locks import apply_policy_lock
 from regionvault.core.policy import parse_copy_to, resolve_policy
 from regionvault.core.repository import (
     CommitReport,
@@ -286,7 +285,7 @@ class CopyFlow:
             )
         # the copy carries its own lock, from its own commit: a failure fails the job
         repo = self.engine.repository(destination)
-        apply_policy_lock(repo, report.point, self.engine.operations)
+        self.engine.apply_policy_lock(repo, report.point)
 
     # A region's own tick adds three small steps to the phases (docs/copy.md, "Receipts"):
     # the source's copy-send ends with a sealed *sent notice*; the destination commits on it
@@ -314,7 +313,7 @@ class CopyFlow:
         with self._links_closed(self.engine.copy_receiver(source, destination)) as receiver:
             found = self._answer_with_receipt(receiver, point_id)
             if found is not None:
-                apply_policy_lock(receiver.repository, found, self.engine.operations)
+                self.engine.apply_policy_lock(receiver.repository, found)
                 return {"copy": found.id, "existing": True, "batches_ingested": 0, "receipt": True}
             self.check_allowed(job, source, destination, self._offered(receiver, point_id))
             inbox = receiver.forward

@@ -41,6 +41,7 @@ from regionvault.core.pipeline.jobs import Job, drill_job, slot_of
 from regionvault.core.pipeline.objectives import point_instance
 from regionvault.core.policy import resolve_policy
 from regionvault.core.procs import ProcessIdentity
+from regionvault.core.repository import EventAction
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline.engine import Engine, PointsView
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the operations settings a drill reads (a bad lock or objective tag does not stop it)
+_DRILL_KEYS = frozenset({"drill"})
 
 #: on a drill's launched instance: this drill's random id (16 hex digits)
 DRILL_TAG = "regionvault-drill"
@@ -223,7 +227,7 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
             newest[point.instance_id] = point  # points come oldest first
     for instance_id, point in sorted(newest.items()):
         try:
-            interval = engine.operations(point_instance(point)).drill
+            interval = engine.operations(point_instance(point), keys=_DRILL_KEYS).drill
         except PolicyError as exc:
             # as the scheduler treats a malformed policy tag: said, not a failure of the tick
             plan.notes.append(f"{here}: not drilled: {exc}")
@@ -248,7 +252,7 @@ def no_copy_notes(engine: Engine, report: TickReport, view: PointsView) -> list[
     for schedule in report.schedule:
         for instance in [d.instance for d in schedule.due] + [n.instance for n in schedule.not_due]:
             try:
-                interval = engine.operations(instance).drill
+                interval = engine.operations(instance, keys=_DRILL_KEYS).drill
                 policy = resolve_policy(instance, engine.site.config)
             except PolicyError:
                 continue  # the schedule reports it malformed
@@ -290,7 +294,23 @@ def run_drill(engine: Engine, job: Job) -> dict[str, Any]:
     with _running_lock:
         _running.add(drill_id)
     try:
-        return _drill(engine, here, instance_id, point, drill_id, swept, problems)
+        try:
+            outcome = _drill(engine, here, instance_id, point, drill_id, swept, problems)
+        except Exception as exc:
+            # the region's event log: the drill and its result (the restore's own event,
+            # with its launch, precedes it)
+            engine.record_event(here, EventAction.DRILL, point, exc, drill=drill_id)
+            raise
+        engine.record_event(
+            here,
+            EventAction.DRILL,
+            point,
+            drill=drill_id,
+            launched=outcome["launched"],
+            rto_ms=round(float(outcome["rto_seconds"]) * 1000),
+            terminated=True,
+        )
+        return outcome
     finally:
         with _running_lock:
             _running.discard(drill_id)

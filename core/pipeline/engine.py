@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from regionvault.core.errors import (
 )
 from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
 from regionvault.core.operations import Operations, resolve_operations
+from regionvault.core.pipeline import locks as _locks
 from regionvault.core.pipeline.acting import current_job
 from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
 from regionvault.core.pipeline.jobs import RUN_TAG, SLOT_TAG, Job, copy_jobs_for, format_slot
@@ -45,7 +46,7 @@ from regionvault.core.pipeline.launch import (
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
-from regionvault.core.pipeline.locks import LockFailed, apply_policy_lock
+from regionvault.core.pipeline.locks import LockFailed
 from regionvault.core.pipeline.objectives import StatusObjectives
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
@@ -62,7 +63,9 @@ from regionvault.core.repository import (
     Event,
     EventAction,
     EventResult,
+    ProtectReport,
     PruneReport,
+    ReleaseReport,
     Repository,
     RepositorySettings,
     RotationReport,
@@ -76,6 +79,7 @@ from regionvault.core.types import (
     Instance,
     LaunchSpec,
     RecoveryPoint,
+    RetentionMode,
     Tags,
 )
 
@@ -329,11 +333,12 @@ class Engine:
 
     # ------------------------------------------------------------------ backup
 
-    def operations(self, instance: Instance) -> Operations:
+    def operations(self, instance: Instance, *, keys: Collection[str] | None = None) -> Operations:
         """The instance's drill interval, RPO/RTO objectives, lock and hold
         (core/operations.py): its tags, else its named policy's ``[operations.<name>]``, else
         the site's ``[operations]``. :class:`PolicyError` names a bad value; an instance whose
-        policy tag is bad takes the site's table only."""
+        policy tag is bad takes the site's table only. ``keys``: only those settings
+        (:func:`~regionvault.core.operations.resolve_operations`)."""
         try:
             policy = resolve_policy(instance, self.site.config)
         except PolicyError:
@@ -342,6 +347,7 @@ class Engine:
             instance,
             self.site.config.operations,
             policy_name=policy.name if policy is not None else None,
+            keys=keys,
         )
 
     def newest_point(self, instance: Instance) -> RecoveryPoint | None:
@@ -406,7 +412,7 @@ class Engine:
             slot_text = format_slot(slot)
             for point in points.values():
                 if point.lineage is None and point.tags.get(SLOT_TAG) == slot_text:
-                    apply_policy_lock(repo, point, self.operations)  # a run killed before it
+                    self.apply_policy_lock(repo, point)  # a run killed before it
                     return point
             tags[SLOT_TAG] = slot_text
         since, base = self._kept_base(home, inst.id, points) if kept else (None, None)
@@ -524,7 +530,7 @@ class Engine:
         # data first: the point is committed; its policy's lock now (docs/policies.md)
         lock_failed: LockFailed | None = None
         try:
-            apply_policy_lock(repo, point, self.operations)
+            self.apply_policy_lock(repo, point)
         except LockFailed as exc:
             lock_failed = exc
         self.notify(
@@ -853,11 +859,6 @@ class Engine:
                     destination=dst.name,
                 )  # fmt: skip
             raise
-        lock_failed: LockFailed | None = None
-        try:  # the copy carries its own lock, from its own commit (docs/policies.md)
-            apply_policy_lock(self.repository(dst.name), result.point, self.operations)
-        except LockFailed as exc:
-            lock_failed = exc
         if not result.existing:
             self._record_copy(src.name, dst.name, point, result)
             self.notify(
@@ -869,8 +870,9 @@ class Engine:
                 copy=result.point,
                 result=result,
             )
-        if lock_failed is not None:
-            raise lock_failed
+        # the copy carries its own lock, from its own commit (docs/policies.md); data first:
+        # the copy is committed and recorded whatever the lock does
+        self.apply_policy_lock(self.repository(dst.name), result.point)
         return result
 
     def _record_copy(
@@ -1229,7 +1231,24 @@ class Engine:
         repository under it, without rewriting packs, so the old key can then be disabled
         (:meth:`Repository.rotate_keys`). Raises :class:`RepositoryNotFound` when the
         region holds no repository: there is nothing to re-wrap, and no key is rotated."""
-        return self.repository(self.region(region).name, create=False).rotate_keys(progress)
+        name = self.region(region).name
+        repo = self.repository(name, create=False)
+        try:
+            report = repo.rotate_keys(progress)
+        except Exception as exc:
+            self.record_event(name, EventAction.ROTATE_KEYS, None, exc)
+            raise
+        self.record_event(
+            name,
+            EventAction.ROTATE_KEYS,
+            None,
+            old_key=report.old_key_id,
+            new_key=report.new_key_id,
+            generation=report.generation,
+            runs=report.runs,
+            resumed=report.resumed,
+        )
+        return report
 
     def forget(self, region: str, point_ids: Iterable[str]) -> list[str]:
         """Forget these recovery points in ``region`` (:meth:`Repository.forget`: all or
@@ -1307,6 +1326,86 @@ class Engine:
         return report
 
     # ------------------------------------------------------------------ event log
+
+    # ------------------------------------------------------------------ locks and holds
+
+    def apply_policy_lock(self, repo: Repository, point: RecoveryPoint) -> ProtectReport | None:
+        """Put on ``point`` the WORM lock and legal hold its policy asks
+        (core/pipeline/locks.py), recording a ``lock`` event when anything changed or it
+        failed. :class:`LockFailed` when they cannot be applied."""
+        try:
+            report = _locks.apply_policy_lock(repo, point, self.operations)
+        except LockFailed as exc:
+            self.record_event(repo.region, EventAction.LOCK, point, exc, by="policy")
+            raise
+        if report is not None:
+            self.record_event(
+                repo.region,
+                EventAction.LOCK,
+                point,
+                by="policy",
+                until=report.retain_until.isoformat() if report.retain_until else None,
+                legal_hold=report.legal_hold,
+                objects=len(report.locked),
+            )
+        return report
+
+    def lock_point(
+        self, point_id: str, until: datetime, mode: RetentionMode, *, region: str | None = None
+    ) -> tuple[RecoveryPoint, ProtectReport]:
+        """WORM-lock a recovery point until ``until`` (core/pipeline/locks.py
+        :func:`~regionvault.core.pipeline.locks.lock_point`: only ever extended), recorded
+        in the region's event log, refused or not."""
+        point = self.find_point(point_id, region)
+        repo = self.repository(point.region, create=False)
+        detail = {"until": until.isoformat(), "mode": mode.value}
+        try:
+            report = _locks.lock_point(repo, point.id, until, mode)
+        except Exception as exc:
+            self.record_event(point.region, EventAction.LOCK, point, exc, **detail)
+            raise
+        self.record_event(
+            point.region, EventAction.LOCK, point, objects=len(report.locked), **detail
+        )
+        return point, report
+
+    def hold_point(
+        self, point_id: str, *, region: str | None = None
+    ) -> tuple[RecoveryPoint, ProtectReport]:
+        """Place a legal hold on a recovery point, recorded in the region's event log."""
+        point = self.find_point(point_id, region)
+        repo = self.repository(point.region, create=False)
+        try:
+            report = _locks.hold_point(repo, point.id)
+        except Exception as exc:
+            self.record_event(point.region, EventAction.HOLD, point, exc)
+            raise
+        self.record_event(point.region, EventAction.HOLD, point, objects=len(report.locked))
+        return point, report
+
+    def release_point(
+        self, point_id: str, *, region: str | None = None, bypass_governance: bool = False
+    ) -> tuple[RecoveryPoint, ReleaseReport]:
+        """Lift a recovery point's legal hold (and with ``bypass_governance`` its governance
+        lock), recorded in the region's event log, refused or not."""
+        point = self.find_point(point_id, region)
+        repo = self.repository(point.region, create=False)
+        try:
+            report = _locks.release_point(repo, point.id, bypass_governance=bypass_governance)
+        except Exception as exc:
+            self.record_event(
+                point.region, EventAction.RELEASE, point, exc, bypass_governance=bypass_governance
+            )
+            raise
+        self.record_event(
+            point.region,
+            EventAction.RELEASE,
+            point,
+            bypass_governance=bypass_governance,
+            released=len(report.released),
+            kept=len(report.kept),
+        )
+        return point, report
 
     def record_event(
         self,
@@ -1442,11 +1541,11 @@ def _subject(
 
 
 def _result(result: str | BaseException) -> tuple[str, str | None]:
-    """An event's ``(result, error)``: refused for a lock that said no, failed for any
-    other error, with the error's one line."""
+    """An event's ``(result, error)``: refused for a lock or hold that said no (a WORM rule
+    refused it, nothing changed), failed for any other error, with the error's one line."""
     if isinstance(result, BaseException):
         text = " ".join(f"{type(result).__name__}: {result}".split())
-        refused = isinstance(result, RetentionLocked)
+        refused = isinstance(result, RetentionLocked | _locks.LockRefused)
         return (EventResult.REFUSED if refused else EventResult.FAILED), text
     if result in (EventResult.OK, EventResult.REFUSED):
         return result, None

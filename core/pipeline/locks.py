@@ -19,9 +19,10 @@ or the vault is fixed. See docs/policies.md, "Locks and holds".
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from regionvault.core.errors import (
     PolicyError,
@@ -50,8 +51,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: how an engine resolves an instance's operations settings (Engine.operations)
-OperationsOf = Callable[[Instance], Operations]
+#: the operations settings a lock reads (a bad drill or objective tag does not stop it)
+_LOCK_KEYS = frozenset({"lock", "hold"})
+
+
+class OperationsOf(Protocol):
+    """How an engine resolves an instance's operations settings (Engine.operations)."""
+
+    def __call__(
+        self, instance: Instance, *, keys: Collection[str] | None = None
+    ) -> Operations: ...
 
 
 class LockFailed(RegionVaultError):
@@ -88,7 +97,7 @@ def wanted_protection(
     """What ``point``'s policy asks (None: nothing now). :class:`LockFailed` when its
     ``backup-lock`` / ``backup-hold`` value is bad: the point is there, its lock is not."""
     try:
-        ops = operations(_instance_of(point))
+        ops = operations(_instance_of(point), keys=_LOCK_KEYS)
     except PolicyError as exc:
         raise LockFailed(
             f"point {point.id} of {point.instance_id} is not locked: {exc.message}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,10 +48,15 @@ class Engine(Protocol):
 
     def ledger(self) -> Ledger: ...
 
-    def operations(self, instance: Instance) -> Operations: ...
+    def operations(
+        self, instance: Instance, *, keys: Collection[str] | None = None
+    ) -> Operations: ...
 
 
 log = logging.getLogger(__name__)
+
+#: the operations settings the objectives read
+_OBJECTIVE_KEYS = frozenset({"rpo", "rto", "drill"})
 
 #: with no drill interval, a drill older than this puts the RTO objective at risk
 DRILL_STALE_WITHOUT_INTERVAL = timedelta(days=30)
@@ -168,7 +174,7 @@ class StatusObjectives:
         parse shows no objectives (logged)."""
         instance = point_instance(newest)
         try:
-            ops = self.engine.operations(instance)
+            ops = self.engine.operations(instance, keys=_OBJECTIVE_KEYS)
         except PolicyError as exc:
             log.warning("status: %s: %s", row.region, exc)
             ops = Operations()
