@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clock_support import clear_of_day_end
 from regionvault.core.errors import (
     ComputeError,
     IntegrityError,
@@ -225,6 +226,8 @@ def test_two_runner_processes_make_one_point_per_slot(
 ) -> None:
     instances = [add(east, f"nf-{i}", tmp_path, i, backup="1-7") for i in range(4)]
     env = {**os.environ, "REGIONVAULT_SITE": str(site_file)}
+    # the two processes read the real clock: both must plan in one daily slot
+    clear_of_day_end()
     procs = [
         subprocess.Popen(
             [str(CONSOLE_SCRIPT), "tick", "--json"],
