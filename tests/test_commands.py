@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cli_support import ok, run
 from click.testing import Result
+from clock_support import clear_of_day_end
 from regionvault.core.repository import Repository
 from regionvault.core.site import Site
 from repository_support import flip_bit, snapshot
@@ -226,6 +227,7 @@ def test_prune_collects_what_no_point_uses(workdir: Path, data: Path, point: str
 
 
 def test_tag_tick_and_status(workdir: Path, data: Path, instance: str) -> None:
+    clear_of_day_end()  # the second tick must find the first one's daily slot done
     tagged = as_json(ok("tag", "--json"))
     east = next(r for r in tagged if r["region"] == "local:east")
     assert east["tagged"] == [{"id": instance, "name": "nf1", "value": "1-7"}]

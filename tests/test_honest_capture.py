@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import pytest
 from cli_support import ok, run
 from click.testing import Result
+from clock_support import clear_of_day_end
 from regionvault.core import FileCapture, Instance
 from regionvault.core.errors import EntryProblem
 from regionvault.core.pipeline import Engine
@@ -709,6 +710,7 @@ def test_tick_and_run_report_incomplete_backups_and_exit_3(
     injected: Injected, nf_data: Path, workdir: Path
 ) -> None:
     injected.open_problems["etc/nf.conf"] = unreadable("etc/nf.conf")
+    clear_of_day_end()  # the second tick must find the first one's daily slot done
     result = run("tick", "--json")
     assert result.exit_code == 3, (result.stdout, result.stderr)
     report = json.loads(result.stdout)

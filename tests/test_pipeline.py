@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clock_support import clear_of_day_end
 from regionvault.core.errors import (
     ComputeError,
     IntegrityError,
@@ -225,6 +226,8 @@ def test_two_runner_processes_make_one_point_per_slot(
 ) -> None:
     instances = [add(east, f"nf-{i}", tmp_path, i, backup="1-7") for i in range(4)]
     env = {**os.environ, "REGIONVAULT_SITE": str(site_file)}
+    # the two processes read the real clock: both must plan in one daily slot
+    clear_of_day_end()
     procs = [
         subprocess.Popen(
             [str(CONSOLE_SCRIPT), "tick", "--json"],
@@ -751,7 +754,10 @@ def test_status_shows_rpo_last_copy_and_last_drill(
     copy = engine.copy(point.id, to="west").point
     engine.backup(other.id)
     taken = engine.repository("east").load_manifest(point.id).taken_at
-    clock.advance(hours=2)
+    # two hours after the data was taken (its real time), not after the clock's start:
+    # start_of_clock may start the clock up to two hours before the real time (late in a UTC
+    # day), or just before a taken_at that falls past midnight
+    clock.now = taken + timedelta(hours=2)
 
     rows = {(r.instance_id, r.region): r for r in engine.status()}
     assert set(rows) == {(inst.id, east.name), (inst.id, west.name), (other.id, east.name)}
@@ -759,12 +765,8 @@ def test_status_shows_rpo_last_copy_and_last_drill(
     assert (home.role, away.role) == ("home", "copy")
     assert home.newest_point == point.id and away.newest_point == copy.id
     # RPO: the age of the data, from the injected clock; the copy's data is as old as east's
-    assert home.rpo_seconds == (clock() - taken).total_seconds()
+    assert home.rpo_seconds == (clock() - taken).total_seconds() == 7200
     assert away.rpo_seconds == home.rpo_seconds
-    # (equal to the microsecond to the injected clock's reading, which the real clock has long
-    # left; no bound on its size: the fixture's clock starts at 22:00 UTC at the latest, so
-    # late in a UTC day it starts before the point's real taken_at)
-    assert home.rpo_seconds > 0
     assert home.last_copy_at is None and away.last_copy_at == copy.created_at
     assert away.last_drill_rto is None and rows[(other.id, east.name)].last_copy_at is None
 

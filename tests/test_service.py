@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clock_support import stopped_clock
 from regionvault.core.errors import RegionVaultError, TransientError
 from regionvault.core.pipeline import Engine, Service, TickReport, job_handlers
 from regionvault.core.pipeline.executor import NO_RETRY, Executor, RetryPolicy, execute_job
@@ -36,6 +37,8 @@ from regionvault.core.types import Instance, RecoveryPoint
 from repository_support import snapshot
 
 SETTINGS = RepositorySettings(pack_size=1 << 20, workers=2)
+# Every engine here ticks on a stopped clock (tests/clock_support.py): a test's second tick
+# expects the first one's work found done, which a slot boundary between them would undo.
 
 
 class SerialExecutor:
@@ -131,7 +134,7 @@ def copies_in(engine: Engine, region: str) -> list[RecoveryPoint]:
 def test_every_job_of_a_tick_goes_through_the_executor_given(
     site: Site, instance: Instance, split_copies: bool
 ) -> None:
-    engine = Engine(site, settings=SETTINGS, split_copies=split_copies)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS, split_copies=split_copies)
     executor = SerialExecutor(engine)
     assert isinstance(executor, Executor)
     report = Service(engine, executor=executor).tick()
@@ -154,7 +157,7 @@ def test_every_job_of_a_tick_goes_through_the_executor_given(
 def test_a_regions_own_ticks_run_every_phase_through_the_executor_given(
     site: Site, instance: Instance, west: Region, dataset: Path, tmp_path: Path
 ) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     executor = SerialExecutor(engine)
     service = Service(engine, executor=executor)
     reports = [service.tick(region) for region in ("east", "west", "east", "west", "east")]
@@ -176,7 +179,7 @@ def test_a_regions_own_ticks_run_every_phase_through_the_executor_given(
 def test_after_job_sees_each_outcome_then_after_tick_the_report(
     site: Site, instance: Instance, recorder: Recorder
 ) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     report = Service(engine).tick()
     assert report.ok
     # one after_job per job of the tick, with the very outcome the report holds, in order;
@@ -197,7 +200,7 @@ def test_after_job_sees_each_outcome_then_after_tick_the_report(
 def test_after_copy_receives_the_copy_result(
     site: Site, instance: Instance, recorder: Recorder
 ) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     Service(engine).tick()
     ((source_region, region, source, copy, result),) = recorder.of("copy")
     assert (source_region, region) == ("local:east", "local:west")
@@ -214,7 +217,7 @@ def test_after_copy_receives_the_copy_result(
 def test_after_copy_of_a_phased_copy_receives_the_commit_report(
     site: Site, instance: Instance, recorder: Recorder
 ) -> None:
-    engine = Engine(site, settings=SETTINGS, split_copies=True)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS, split_copies=True)
     report = Service(engine).tick()
     assert report.ok
     ((_, region, source, copy, result),) = recorder.of("copy")
@@ -246,7 +249,7 @@ def test_a_failing_hook_is_a_problem_of_the_tick_and_the_tick_goes_on(
 ) -> None:
     broken = Broken()
     site.plugin_manager.register(broken)
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     report = Service(engine).tick()
     # every job ran and did its work, the hook saw every one ...
     assert not report.failures()
@@ -287,7 +290,7 @@ def test_a_raising_notification_never_fails_the_work_it_reports(
     # the point and the copy are committed: failing their jobs would fail them for good
     # (nothing runs them again); the tick names each hook once, and is not ok
     site.plugin_manager.register(BrokenAfterWork())
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     report = Service(engine).tick()
     assert not report.failures(), [o.error for o in report.failures()]
     assert len(copies_in(engine, "west")) == 1
@@ -318,7 +321,7 @@ def test_a_raising_after_copy_in_a_regions_own_tick_keeps_the_commit_and_its_rec
     site: Site, instance: Instance
 ) -> None:
     site.plugin_manager.register(BrokenAfterWork())
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     service = Service(engine)
     reports = [service.tick(region) for region in ("east", "west", "east", "west", "east")]
     ran = [o for r in reports for o in r.jobs]
@@ -349,7 +352,7 @@ class Throttled:
 
 
 def test_the_default_executor_retries_with_the_policy_given(site: Site) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     waits: list[float] = []
     engine.tag = Throttled(engine, times=2)  # type: ignore[method-assign]
     policy = RetryPolicy(attempts=3, first_delay=0.1, max_delay=1.0, sleep=waits.append)
@@ -363,7 +366,7 @@ def test_the_default_executor_retries_with_the_policy_given(site: Site) -> None:
 
 
 def test_without_retries_a_throttled_job_fails_once_and_names_the_error(site: Site) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     engine.tag = Throttled(engine, times=1)  # type: ignore[method-assign]
     report = Service(engine, retry=NO_RETRY).tick()
     (failed,) = report.failures()
@@ -372,7 +375,7 @@ def test_without_retries_a_throttled_job_fails_once_and_names_the_error(site: Si
 
 
 def test_a_stop_ends_the_default_executors_retry_waits(site: Site, recorder: Recorder) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     stop = threading.Event()
     throttled = Throttled(engine, times=100)
 
@@ -409,6 +412,6 @@ def test_a_stop_ends_the_default_executors_retry_waits(site: Site, recorder: Rec
 
 
 def test_an_executor_and_a_retry_policy_together_are_refused(site: Site) -> None:
-    engine = Engine(site, settings=SETTINGS)
+    engine = Engine(site, clock=stopped_clock(), settings=SETTINGS)
     with pytest.raises(RegionVaultError, match="an executor or a retry policy, not both"):
         Service(engine, executor=SerialExecutor(engine), retry=NO_RETRY)
