@@ -269,7 +269,7 @@ def _prune_dry_run(
             continue
         click.echo(
             f"{row['region']}: would delete {len(row['packs_to_delete'])} packs, rewrite "
-            f"{len(row['packs_to_rewrite'])}, free about {row['bytes_to_free']:,} bytes"
+            f"{len(row['packs_to_rewrite'])}, free up to {row['bytes_to_free']:,} bytes"
             + (
                 f" ({row['unindexed_packs']} unindexed: left by a killed run, or a backup "
                 "running now)"

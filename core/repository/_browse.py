@@ -154,8 +154,8 @@ class PruneForecast:
     #: packs partly used, to be rewritten with only what points use
     packs_to_rewrite: list[str] = field(default_factory=list)
     unindexed_packs: int = 0
-    #: stored bytes of the packs to delete and rewrite, less what the rewrites keep (an
-    #: estimate: new packs add a header each)
+    #: stored bytes of the packs to delete and rewrite, less the blobs the rewrites keep:
+    #: exact when nothing is rewritten, otherwise an upper bound (a new pack adds a header)
     bytes_to_free: int = 0
     #: index objects a new index would supersede and delete
     indexes_to_replace: list[str] = field(default_factory=list)
