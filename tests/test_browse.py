@@ -161,6 +161,25 @@ def test_ls_of_an_unknown_path_or_point_is_one_line(workdir: Path, point: str) -
         assert result.stdout == ""
 
 
+def test_a_reader_that_stops_reading_ends_ls_quietly(workdir: Path, point: str) -> None:
+    """``regionvault ls P | head``: no error line, the status SIGPIPE gives (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write of the command meets a closed pipe
+    try:
+        done = subprocess.run(
+            [str(CONSOLE_SCRIPT), "ls", "-R", point],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=workdir,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if k != "REGIONVAULT_SITE"},
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 # --------------------------------------------------------------------------- diff, find
 
 
@@ -337,3 +356,34 @@ def test_retain_dry_run_says_what_retain_then_does(
     assert done["local:east"]["forgotten"] == [gone]
     assert done["local:east"]["protected"] == [kept]
     assert {p["id"] for p in json.loads(ok("points", "--json").stdout)} == {kept, young}
+
+
+# --------------------------------------------------------------------------- block images
+
+
+def test_ls_of_a_block_image_lists_its_disks(workdir: Path, point: str) -> None:
+    from regionvault.core.repository import Repository
+    from test_block_images import DISKS, IMAGE_SIZE, DisksCapture, three_disk_blocks
+
+    site = Site.load(workdir / "site.toml")
+    try:
+        east = site.region("east")
+        repo = Repository.open(east.vault, east.keys, region=east.name)
+        image = repo.backup(DisksCapture(three_disk_blocks())).id
+    finally:
+        site.close()
+    lines = good("ls", image, cwd=workdir).stdout.splitlines()
+    assert [line.split()[1:] for line in lines] == [
+        [f"{d.size:,}", "offset", f"{d.offset:,}", d.name] for d in DISKS
+    ]
+    doc = json.loads(ok("ls", "--json", image).stdout)
+    assert doc["image_size"] == IMAGE_SIZE
+    assert [(d["name"], d["offset"], d["size"]) for d in doc["disks"]] == [
+        (d.name, d.offset, d.size) for d in DISKS
+    ]
+    refused = run("ls", image, "etc")
+    assert refused.exit_code == 1 and "is a block image" in refused.stderr
+    refused = run("diff", point, image)
+    assert refused.exit_code == 1 and "is a block image" in refused.stderr
+    # find passes over it: the file tree's match is all there is
+    assert [line.split()[0] for line in ok("find", "conf.txt").stdout.splitlines()] == [point[:8]]

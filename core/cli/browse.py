@@ -11,7 +11,11 @@ from __future__ import annotations
 import base64
 import fnmatch
 import os
+import signal
 import stat
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +139,22 @@ def entry_json(entry: TreeEntry) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _piped() -> Iterator[None]:
+    """A reader that stopped reading (``regionvault ls P | head``) ends the listing quietly,
+    with the status a process killed by SIGPIPE has (141), as ``ls`` and ``find`` do, not
+    with an error line."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the interpreter flushes stdout at exit again: point it at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise click.exceptions.Exit(128 + signal.SIGPIPE) from None
+
+
 def _open(engine: Engine, point: str, region: str | None) -> tuple[Repository, Manifest]:
     found = engine.find_point(point, region)
     repo = engine.repository(found.region, create=False)
@@ -183,11 +203,12 @@ def ls(
             click.echo(f"disk  {disk.size:>16,}  offset {disk.offset:,}  {shown_name(disk.name)}")
         return
     entries = list_entries(repo, manifest, path, recursive=recursive)
-    if as_json:
-        print_json([entry_json(e) for e in entries])
-        return
-    for entry in entries:
-        click.echo(_long_line(entry))
+    with _piped():
+        if as_json:
+            print_json([entry_json(e) for e in entries])
+            return
+        for entry in entries:
+            click.echo(_long_line(entry))
 
 
 # --------------------------------------------------------------------------- find
@@ -214,8 +235,6 @@ def find(
     """Find entries whose name (or, for a PATTERN with a /, whole path) matches the glob
     PATTERN, in every file-tree point (newest first): point id, its time (UTC) and the
     path. Exits 1 when nothing matches."""
-    from regionvault.core.repository import TreeEntry
-
     engine = state.engine()
     site = state.site()
     regions = [site.region(region)] if region else site.regions
@@ -232,6 +251,23 @@ def find(
         )
     points.sort(key=lambda pr: (pr[0].created_at, pr[0].id), reverse=True)
     found: list[dict[str, Any]] = []
+    with _piped():
+        hits = _find_in(points, pattern, found, as_json)
+        if as_json:
+            print_json(found)
+    if not hits:
+        raise ExpectedError(f"no entry matches {pattern!r} in {len(points)} point(s)")
+
+
+def _find_in(
+    points: list[tuple[RecoveryPoint, Repository]],
+    pattern: str,
+    found: list[dict[str, Any]],
+    as_json: bool,
+) -> int:
+    """Print (or, with ``as_json``, collect into ``found``) the matches; their number."""
+    from regionvault.core.repository import TreeEntry
+
     hits = 0
     for point, repo in points:
         manifest = repo.load_manifest(point.id)
@@ -255,10 +291,7 @@ def find(
             else:
                 when = point.created_at.strftime("%Y-%m-%d %H:%M:%S")
                 click.echo(f"{point.id[:8]}  {when}  {point.region}  {shown_name(path)}")
-    if as_json:
-        print_json(found)
-    if not hits:
-        raise ExpectedError(f"no entry matches {pattern!r} in {len(points)} point(s)")
+    return hits
 
 
 # --------------------------------------------------------------------------- diff
@@ -305,14 +338,15 @@ def diff(state: CliState, old: str, new: str, region: str | None, as_json: bool)
                 f"recovery point {m.point.id} is a block image: diff compares files"
             )
     changes = diff_trees(repo, first, second)
-    if as_json:
-        print_json([_change_json(c) for c in changes])
-        return
     counts = dict.fromkeys(_MARK, 0)
-    for c in changes:
-        counts[c.change] += 1
-        what = f"  ({', '.join(c.what)})" if c.what else ""
-        click.echo(f"{_MARK[c.change]}  {shown_name(c.path)}{what}")
+    with _piped():
+        if as_json:
+            print_json([_change_json(c) for c in changes])
+            return
+        for c in changes:
+            counts[c.change] += 1
+            what = f"  ({', '.join(c.what)})" if c.what else ""
+            click.echo(f"{_MARK[c.change]}  {shown_name(c.path)}{what}")
     echo_err(f"{counts['added']} added, {counts['removed']} removed, {counts['changed']} changed")
 
 
