@@ -387,3 +387,25 @@ def test_ls_of_a_block_image_lists_its_disks(workdir: Path, point: str) -> None:
     assert refused.exit_code == 1 and "is a block image" in refused.stderr
     # find passes over it: the file tree's match is all there is
     assert [line.split()[0] for line in ok("find", "conf.txt").stdout.splitlines()] == [point[:8]]
+
+
+def test_prune_dry_run_names_what_locks_keep_as_prune_then_skips_it(
+    workdir: Path, tree: Path, point: str
+) -> None:
+    ok("lock", point, "--for", "1d")  # its packs and the index objects mapping them
+    _change(tree)
+    second = ok("backup", "nf1").stdout.splitlines()[-1]
+    ok("forget", second)
+    before = vault_listing(workdir)
+    plan = json.loads(ok("prune", "-n", "--json", "--region", "east").stdout)[0]
+    assert vault_listing(workdir) == before
+    assert plan["kept_by_locks"], plan
+    assert all("retained until" in line for line in plan["kept_by_locks"])
+    done = json.loads(ok("prune", "--json", "--region", "east").stdout)[0]
+    assert sorted(done["skipped"]) == sorted(plan["kept_by_locks"])
+    assert done["packs_deleted"] == len(plan["packs_to_delete"]) + len(plan["packs_to_rewrite"])
+
+
+def test_ls_dot_and_slash_are_the_top_level(workdir: Path, point: str) -> None:
+    top = ok("ls", point).stdout
+    assert top and ok("ls", point, ".").stdout == top == ok("ls", point, "/").stdout

@@ -1241,7 +1241,8 @@ class Engine:
             if point.expires_at is None or point.expires_at > now:
                 continue
             try:
-                refusal = forget_refusal(repo, point.id, now)
+                # a lock is judged as Repository.forget judges it: by the real time
+                refusal = forget_refusal(repo, point.id)
             except ObjectNotFound:
                 continue  # forgotten meanwhile
             (report.forgotten if refusal is None else report.protected).append(point.id)

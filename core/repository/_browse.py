@@ -51,6 +51,8 @@ def list_entries(
     prefix = ""
     if path is not None:
         path = path.strip("/")
+        if path == ".":
+            path = ""  # the point's top level, as ``ls .`` is the directory itself
         if path:
             problem = path_problem(path)
             if problem is not None:
