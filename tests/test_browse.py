@@ -125,7 +125,9 @@ def test_ls_lists_a_real_tree_with_odd_names(workdir: Path, point: str) -> None:
 
 
 def test_ls_json_gives_every_name_exactly(workdir: Path, point: str) -> None:
-    entries = json.loads(good("ls", "--json", point, cwd=workdir).stdout)
+    out = good("ls", "--json", point, cwd=workdir).stdout
+    entries = json.loads(out)
+    assert out == json.dumps(entries, indent=2) + "\n"  # streamed, as print_json prints
     raw = {base64.b64decode(e["path_b64"]): e for e in entries}
     assert set(raw) == {
         b"back\\slash",

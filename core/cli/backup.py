@@ -72,7 +72,7 @@ def _summary(manifest: Manifest) -> str:
     """The backup summary line, from the counters the backup recorded in the manifest:
     files new / changed / unchanged (a point without a parent has only new ones), bytes
     added after deduplication (before and after compression) and the dedup ratio (the
-    point's bytes over the new bytes it stored)."""
+    point's bytes and its tree's over the new bytes it stored)."""
     stats = manifest.stats
     size = manifest.point.size
     added = stats.get("bytes_new", 0)
@@ -85,7 +85,8 @@ def _summary(manifest: Manifest) -> str:
         changed = stats.get("files_changed", 0)
         new = max(0, files - unchanged - changed)
         what = f"files: {new:,} new, {changed:,} changed, {unchanged:,} unchanged"
-    ratio = f"{size / added:,.2f}x" if added else "nothing new stored"
+    # what the backup had to keep (file data and its tree) over what it stored anew
+    ratio = f"{(size + manifest.tree_bytes) / added:,.2f}x" if added else "nothing new stored"
     return (
         f"{what}; added {added:,} bytes ({stats.get('bytes_stored', 0):,} stored); "
         f"dedup ratio {ratio}"

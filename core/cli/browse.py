@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import json
 import os
 import signal
 import stat
 import sys
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -139,6 +141,17 @@ def entry_json(entry: TreeEntry) -> dict[str, Any]:
     return out
 
 
+def _print_json_list(items: Iterable[dict[str, Any]]) -> None:
+    """A JSON array as :func:`print_json` prints it, written item by item: a listing of a
+    million entries never lives in memory whole."""
+    first = True
+    for item in items:
+        text = textwrap.indent(json.dumps(item, indent=2, default=str), "  ")
+        click.echo(("[\n" if first else ",\n") + text, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
+
+
 @contextmanager
 def _piped() -> Iterator[None]:
     """A reader that stopped reading (``regionvault ls P | head``) ends the listing quietly,
@@ -205,7 +218,7 @@ def ls(
     entries = list_entries(repo, manifest, path, recursive=recursive)
     with _piped():
         if as_json:
-            print_json([entry_json(e) for e in entries])
+            _print_json_list(entry_json(e) for e in entries)
             return
         for entry in entries:
             click.echo(_long_line(entry))
@@ -341,7 +354,7 @@ def diff(state: CliState, old: str, new: str, region: str | None, as_json: bool)
     counts = dict.fromkeys(_MARK, 0)
     with _piped():
         if as_json:
-            print_json([_change_json(c) for c in changes])
+            _print_json_list(_change_json(c) for c in changes)
             return
         for c in changes:
             counts[c.change] += 1
