@@ -411,3 +411,18 @@ def test_prune_dry_run_names_what_locks_keep_as_prune_then_skips_it(
 def test_ls_dot_and_slash_are_the_top_level(workdir: Path, point: str) -> None:
     top = ok("ls", point).stdout
     assert top and ok("ls", point, ".").stdout == top == ok("ls", point, "/").stdout
+
+
+def test_latest_names_an_instances_newest_point(workdir: Path, tree: Path, point: str) -> None:
+    _change(tree)
+    second = ok("backup", "nf1").stdout.splitlines()[-1]
+    assert ok("ls", "latest", "--instance", "nf1").stdout == ok("ls", second).stdout
+    assert "db/new.log" in ok("ls", "-R", "latest", "-i", "nf1").stdout
+    assert ok("diff", point, "latest", "-i", "nf1").stdout == ok("diff", point, second).stdout
+    usage = run("ls", "latest")
+    assert usage.exit_code == 2 and "needs --instance" in usage.stderr
+    usage = run("ls", point, "--instance", "nf1")
+    assert usage.exit_code == 2 and "'latest' only" in usage.stderr
+    none = run("ls", "latest", "-i", "nobody")
+    assert none.exit_code == 1
+    assert none.stderr == "regionvault: error: instance 'nobody' has no recovery point\n"

@@ -48,6 +48,13 @@ _REGION = click.option(
     "--region", "-r", metavar="REGION", help="The region whose vault holds POINT (if ambiguous)."
 )
 
+_INSTANCE = click.option(
+    "--instance",
+    "-i",
+    metavar="NAME|ID",
+    help="With POINT 'latest': the instance whose newest point it is.",
+)
+
 
 def _raw(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
@@ -168,8 +175,38 @@ def _piped() -> Iterator[None]:
         raise click.exceptions.Exit(128 + signal.SIGPIPE) from None
 
 
-def _open(engine: Engine, point: str, region: str | None) -> tuple[Repository, Manifest]:
-    found = engine.find_point(point, region)
+#: the POINT that names an instance's newest point (with ``--instance``), as restic's does
+LATEST = "latest"
+
+
+def _point(engine: Engine, ref: str, region: str | None, instance: str | None) -> RecoveryPoint:
+    """The point ``ref`` names: an id or unique prefix, or ``latest``: the newest point of
+    ``instance`` (name or id as the points recorded it), in ``region`` or in any."""
+    if ref != LATEST:
+        if instance is not None:
+            raise click.UsageError("--instance goes with POINT 'latest' only")
+        return engine.find_point(ref, region)
+    if instance is None:
+        raise click.UsageError("POINT 'latest' needs --instance NAME|ID")
+    site = engine.site
+    newest: RecoveryPoint | None = None
+    for r in [site.region(region)] if region else site.regions:
+        try:
+            points = engine.repository(r.name, create=False).points()
+        except RepositoryNotFound:
+            continue
+        for p in points:
+            if instance in (p.instance_id, p.instance_name) and (
+                newest is None or (p.created_at, p.id) > (newest.created_at, newest.id)
+            ):
+                newest = p
+    if newest is None:
+        where = f" in {site.region(region).name}" if region else ""
+        raise ExpectedError(f"instance {instance!r} has no recovery point{where}")
+    return newest
+
+
+def _open(found: RecoveryPoint, engine: Engine) -> tuple[Repository, Manifest]:
     repo = engine.repository(found.region, create=False)
     return repo, repo.load_manifest(found.id)
 
@@ -184,6 +221,7 @@ def _open(engine: Engine, point: str, region: str | None) -> tuple[Repository, M
     "--recursive", "-R", is_flag=True, help="Everything below PATH, not only its entries."
 )
 @_REGION
+@_INSTANCE
 @json_option
 @pass_state
 def ls(
@@ -192,15 +230,18 @@ def ls(
     path: str | None,
     recursive: bool,
     region: str | None,
+    instance: str | None,
     as_json: bool,
 ) -> None:
     """List recovery point POINT's entries (under PATH, a directory or an entry of the
     point): type and mode, owner/group as recorded, size (major, minor for a device),
     modification time (UTC), path, and a symlink's target (->) or a hard link's first path
-    (=>). A block image lists its disks (name, offset, size)."""
+    (=>). A block image lists its disks (name, offset, size). POINT 'latest' with
+    --instance NAME|ID is that instance's newest point."""
     from regionvault.core.repository import list_entries
 
-    repo, manifest = _open(state.engine(), point, region)
+    engine = state.engine()
+    repo, manifest = _open(_point(engine, point, region, instance), engine)
     if manifest.image_size is not None:
         if path:
             raise ExpectedError(
@@ -327,17 +368,26 @@ _MARK = {"added": "+", "removed": "-", "changed": "M"}
 @click.argument("old")
 @click.argument("new")
 @_REGION
+@_INSTANCE
 @json_option
 @pass_state
-def diff(state: CliState, old: str, new: str, region: str | None, as_json: bool) -> None:
+def diff(
+    state: CliState,
+    old: str,
+    new: str,
+    region: str | None,
+    instance: str | None,
+    as_json: bool,
+) -> None:
     """What changed from point OLD to point NEW of the same region: ``+`` added, ``-``
     removed, ``M`` changed (and what: size, mode, mtime, content, target, link, owner,
-    device, xattrs). Content is compared by chunk ids, reading no file data."""
+    device, xattrs). Content is compared by chunk ids, reading no file data. NEW (or OLD)
+    'latest' with --instance NAME|ID is that instance's newest point."""
     from regionvault.core.repository import diff_trees
 
     engine = state.engine()
-    a = engine.find_point(old, region)
-    b = engine.find_point(new, region)
+    a = _point(engine, old, region, instance if old == LATEST else None)
+    b = _point(engine, new, region, instance if new == LATEST else None)
     if a.region != b.region:
         raise ExpectedError(
             f"points {a.id[:8]} ({a.region}) and {b.id[:8]} ({b.region}) are in different "
