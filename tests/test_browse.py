@@ -423,6 +423,8 @@ def test_latest_names_an_instances_newest_point(workdir: Path, tree: Path, point
     assert usage.exit_code == 2 and "needs --instance" in usage.stderr
     usage = run("ls", point, "--instance", "nf1")
     assert usage.exit_code == 2 and "'latest' only" in usage.stderr
+    usage = run("diff", point, second, "-i", "nf1")
+    assert usage.exit_code == 2 and "'latest' only" in usage.stderr
     none = run("ls", "latest", "-i", "nobody")
     assert none.exit_code == 1
     assert none.stderr == "regionvault: error: instance 'nobody' has no recovery point\n"

@@ -385,6 +385,8 @@ def diff(
     'latest' with --instance NAME|ID is that instance's newest point."""
     from regionvault.core.repository import diff_trees
 
+    if instance is not None and LATEST not in (old, new):
+        raise click.UsageError("--instance goes with POINT 'latest' only")
     engine = state.engine()
     a = _point(engine, old, region, instance if old == LATEST else None)
     b = _point(engine, new, region, instance if new == LATEST else None)
