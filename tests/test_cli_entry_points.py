@@ -48,6 +48,10 @@ BUILT_IN = {
     "hold": "regionvault.core.cli.locks:hold",
     "release": "regionvault.core.cli.locks:release",
     "forget": "regionvault.core.cli.locks:forget",
+    "ls": "regionvault.core.cli.browse:ls",
+    "find": "regionvault.core.cli.browse:find",
+    "diff": "regionvault.core.cli.browse:diff",
+    "retain": "regionvault.core.cli.browse:retain",
 }
 
 #: ``install(distribution, {module: source}, {command: "module:object"})``

@@ -23,6 +23,7 @@ from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, 
 from regionvault.core.errors import RepositoryNotFound
 
 if TYPE_CHECKING:
+    from regionvault.core.repository import Manifest
     from regionvault.core.types import RecoveryPoint
 
 __all__ = ["backup", "point_json", "points", "restore"]
@@ -67,6 +68,31 @@ def point_json(p: RecoveryPoint) -> dict[str, Any]:
     }
 
 
+def _summary(manifest: Manifest) -> str:
+    """The backup summary line, from the counters the backup recorded in the manifest:
+    files new / changed / unchanged (a point without a parent has only new ones), bytes
+    added after deduplication (before and after compression) and the dedup ratio (the
+    point's bytes and its tree's over the new bytes it stored)."""
+    stats = manifest.stats
+    size = manifest.point.size
+    added = stats.get("bytes_new", 0)
+    if manifest.image_size is not None:
+        base = stats.get("bytes_from_base", 0)
+        what = f"image: {size:,} bytes, {base:,} taken from the base"
+    else:
+        files = stats.get("files", 0)
+        unchanged = stats.get("files_unchanged", 0)
+        changed = stats.get("files_changed", 0)
+        new = max(0, files - unchanged - changed)
+        what = f"files: {new:,} new, {changed:,} changed, {unchanged:,} unchanged"
+    # what the backup had to keep (file data and its tree) over what it stored anew
+    ratio = f"{(size + manifest.tree_bytes) / added:,.2f}x" if added else "nothing new stored"
+    return (
+        f"{what}; added {added:,} bytes ({stats.get('bytes_stored', 0):,} stored); "
+        f"dedup ratio {ratio}"
+    )
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -87,11 +113,14 @@ def backup(state: CliState, instance: str, region: str | None) -> None:
     with progress_bar(f"backup {inst.name}") as progress:
         point = engine.backup(inst, progress=progress)
     done = f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes"
+    summary = _summary(engine.repository(point.region, create=False).load_manifest(point.id))
     if not point.issues:
         echo_err(done)
+        echo_err(summary)
         click.echo(point.id)
         return
     echo_err(f"{done}; incomplete: {count_entries(point.issues)} not taken whole")
+    echo_err(summary)
     warn_issues(engine.point_issues(point), point.issues)
     click.echo(point.id)
     raise click.exceptions.Exit(EXIT_INCOMPLETE)

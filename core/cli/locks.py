@@ -169,15 +169,25 @@ def release(
 @click.command()
 @click.argument("point")
 @_REGION
+@click.option(
+    "--dry-run",
+    "-n",
+    is_flag=True,
+    help="Say whether POINT would be forgotten (or refused, and why); change nothing.",
+)
 @json_option
 @pass_state
-def forget(state: CliState, point: str, region: str | None, as_json: bool) -> None:
+def forget(state: CliState, point: str, region: str | None, dry_run: bool, as_json: bool) -> None:
     """Forget recovery point POINT (its data goes at the next prune). Refused while a WORM
-    lock or legal hold protects it."""
+    lock or legal hold protects it. With --dry-run, say so and change nothing (exit 1 when
+    it would be refused, as the real run would)."""
     from regionvault.core.errors import RetentionLocked
 
     engine = state.engine()
     found = engine.find_point(point, region)
+    if dry_run:
+        _forget_dry_run(engine.repository(found.region, create=False), found, as_json)
+        return
     try:
         engine.forget(found.region, [found.id])
     except RetentionLocked as exc:
@@ -188,3 +198,15 @@ def forget(state: CliState, point: str, region: str | None, as_json: bool) -> No
         print_json({"forgotten": found.id, "region": found.region})
     else:
         click.echo(f"forgot {found.id} in {found.region}")
+
+
+def _forget_dry_run(repo: Repository, point: RecoveryPoint, as_json: bool) -> None:
+    from regionvault.core.repository import forget_refusal
+
+    refusal = forget_refusal(repo, point.id)
+    if refusal is not None:
+        raise ExpectedError(f"point {point.id} in {point.region} would not be forgotten: {refusal}")
+    if as_json:
+        print_json({"would_forget": point.id, "region": point.region, "dry_run": True})
+    else:
+        click.echo(f"would forget {point.id} in {point.region} (dry run: nothing changed)")

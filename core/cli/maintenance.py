@@ -154,9 +154,16 @@ def _no_repository(name: str, *, read_data: bool) -> dict[str, Any]:
 
 @click.command()
 @click.option("--region", "-r", metavar="REGION", help="Only this region.")
+@click.option(
+    "--dry-run",
+    "-n",
+    is_flag=True,
+    help="Say which packs would be deleted or rewritten and the bytes freed; change nothing "
+    "(and take no lock).",
+)
 @json_option
 @pass_state
-def prune(state: CliState, region: str | None, as_json: bool) -> None:
+def prune(state: CliState, region: str | None, dry_run: bool, as_json: bool) -> None:
     """Collect data no recovery point references (never what a WORM lock or legal hold
     protects).
 
@@ -168,6 +175,9 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
     repos, missing = _existing_repositories(
         engine, regions, explicit=region is not None, doing="prune"
     )
+    if dry_run:
+        _prune_dry_run(repos, missing, regions, as_json)
+        return
     out: list[dict[str, Any]] = []
     for name, _ in repos:
         with progress_bar(f"prune {name}") as progress:
@@ -210,6 +220,73 @@ def prune(state: CliState, region: str | None, as_json: bool) -> None:
             )
             + (f", {len(row['skipped'])} protected objects kept" if row["skipped"] else "")
         )
+
+
+def _prune_dry_run(
+    repos: list[tuple[str, Repository]], missing: list[str], regions: list[Region], as_json: bool
+) -> None:
+    """What ``prune`` would do in each region, from the decision prune itself makes
+    (:func:`~regionvault.core.repository.forecast_prune`); nothing is written."""
+    from regionvault.core.repository import forecast_prune
+
+    out: list[dict[str, Any]] = []
+    for name, repo in repos:
+        plan = forecast_prune(repo)
+        out.append(
+            {
+                "region": name,
+                "repository": True,
+                "dry_run": True,
+                "packs_to_delete": plan.packs_to_delete,
+                "packs_to_rewrite": plan.packs_to_rewrite,
+                "unindexed_packs": plan.unindexed_packs,
+                "indexes_to_replace": plan.indexes_to_replace,
+                "bytes_to_free": plan.bytes_to_free,
+                "kept_by_locks": [f"{obj}: {why}" for obj, why in plan.kept_by_locks],
+            }
+        )
+    out.extend(
+        {
+            "region": name,
+            "repository": False,
+            "dry_run": True,
+            "packs_to_delete": [],
+            "packs_to_rewrite": [],
+            "unindexed_packs": 0,
+            "indexes_to_replace": [],
+            "bytes_to_free": 0,
+            "kept_by_locks": [],
+        }
+        for name in missing
+    )
+    out = _in_site_order(out, regions)
+    if as_json:
+        print_json(out)
+        return
+    for row in out:
+        if not row["repository"]:
+            click.echo(f"{row['region']}: {NO_REPOSITORY}")
+            continue
+        click.echo(
+            f"{row['region']}: would delete {len(row['packs_to_delete'])} packs, rewrite "
+            f"{len(row['packs_to_rewrite'])}, free up to {row['bytes_to_free']:,} bytes"
+            + (
+                f" ({row['unindexed_packs']} unindexed: left by a killed run, or a backup "
+                "running now)"
+                if row["unindexed_packs"]
+                else ""
+            )
+            + (f", {len(row['kept_by_locks'])} kept by locks" if row["kept_by_locks"] else "")
+            + " (dry run: nothing changed)"
+        )
+        for obj in row["packs_to_delete"]:
+            click.echo(f"  delete: {obj}")
+        for obj in row["packs_to_rewrite"]:
+            click.echo(f"  rewrite: {obj}")
+        for obj in row["indexes_to_replace"]:
+            click.echo(f"  replace index: {obj}")
+        for line in row["kept_by_locks"]:
+            click.echo(f"  kept: {line}")
 
 
 @click.command("rebuild-index")

@@ -72,6 +72,7 @@ from regionvault.core.repository import (
     VerifyReport,
     copy_point,
     current_actor,
+    forget_refusal,
 )
 from regionvault.core.types import (
     CaptureIssue,
@@ -1222,6 +1223,29 @@ class Engine:
                 "bytes_freed": pruned.bytes_freed,
                 "skipped": [str(p) for p in pruned.skipped],
             }
+        return report
+
+    def retention_forecast(self, region: str) -> RetentionReport:
+        """What :meth:`retain` would do in ``region`` now, doing nothing: the expired points
+        it would forget, and those a WORM lock or legal hold would keep (``protected``).
+        Nothing is written, recorded or pruned (``prune`` stays empty: ask
+        :func:`~regionvault.core.repository.forecast_prune` after forgetting)."""
+        name = self.region(region).name
+        report = RetentionReport(name)
+        try:
+            repo = self.repository(name, create=False)
+        except RepositoryNotFound:
+            return report
+        now = self.clock()
+        for point in repo.points():
+            if point.expires_at is None or point.expires_at > now:
+                continue
+            try:
+                # a lock is judged as Repository.forget judges it: by the real time
+                refusal = forget_refusal(repo, point.id)
+            except ObjectNotFound:
+                continue  # forgotten meanwhile
+            (report.forgotten if refusal is None else report.protected).append(point.id)
         return report
 
     def rotate_keys(

@@ -10,6 +10,14 @@ Typical use::
 
 from __future__ import annotations
 
+from regionvault.core.repository._browse import (
+    EntryChange,
+    PruneForecast,
+    diff_trees,
+    forecast_prune,
+    forget_refusal,
+    list_entries,
+)
 from regionvault.core.repository._events import Event, EventAction, EventResult, current_actor
 from regionvault.core.repository._format import FORMAT_VERSION
 from regionvault.core.repository._restore import MARKER_NAME as RESTORE_MARKER
@@ -64,6 +72,7 @@ __all__ = [
     "CopyResult",
     "CopySender",
     "CopyTracker",
+    "EntryChange",
     "Event",
     "EventAction",
     "EventResult",
@@ -73,6 +82,7 @@ __all__ = [
     "Progress",
     "ProgressCallback",
     "ProtectReport",
+    "PruneForecast",
     "PruneReport",
     "ReleaseReport",
     "Repository",
@@ -86,6 +96,10 @@ __all__ = [
     "VerifyReport",
     "copy_point",
     "current_actor",
+    "diff_trees",
+    "forecast_prune",
+    "forget_refusal",
+    "list_entries",
     "offer_name",
     "open_payload",
     "open_receipt",

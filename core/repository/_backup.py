@@ -258,6 +258,7 @@ class BackupRun:
             "hardlinks": 0,
             "specials": 0,
             "files_unchanged": 0,
+            "files_changed": 0,
             "chunks": 0,
             "chunks_new": 0,
             "bytes_new": 0,
@@ -696,6 +697,8 @@ class BackupRun:
                         if entry.identity is not None:  # the parent's bytes, as walked
                             self._taken.add(path, FileKind.FILE, entry.identity)
                     else:
+                        if before is not None:  # the parent had this path: changed, not new
+                            self.stats["files_changed"] += 1
                         record = _Record()
                         self._files_q.put((entry, record))
                         pending.append((entry, path, record))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
@@ -23,7 +24,7 @@ from regionvault.core.repository._retention import (
     extend_for_protected_points,
     retention_hold,
 )
-from regionvault.core.repository._store import Store
+from regionvault.core.repository._store import IndexState, Store
 from regionvault.core.repository._verify import remove_stale_temporaries
 from regionvault.core.repository.model import (
     Manifest,
@@ -32,8 +33,9 @@ from regionvault.core.repository.model import (
     ProgressCallback,
     PruneReport,
 )
+from regionvault.core.types import ObjectInfo
 
-__all__ = ["prune"]
+__all__ = ["PrunePlan", "plan_prune", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,51 @@ log = logging.getLogger(__name__)
 _INDEX_BLOBS = 100_000
 
 
-def prune(
-    store: Store,
-    *,
-    lock: RepositoryLock,
-    max_unused: float,
-    progress: ProgressCallback | None,
-) -> PruneReport:
-    report = PruneReport(stale_locks_removed=lock.stale_removed)
+@dataclass
+class PrunePlan:
+    """What a prune would do, decided from the index, the manifests and one pack listing
+    (:func:`plan_prune`): nothing is written or deleted to make it."""
+
+    state: IndexState
+    manifests: list[Manifest]
+    #: the vault's pack objects by name
+    listing: dict[str, ObjectInfo]
+    #: each kept or rewritten pack's blobs that points use
+    live: dict[str, list[fmt.BlobEntry]]
+    keep: list[str]
+    rewrite: list[str]
+    #: packs nothing uses (those a lock or hold keeps are skipped when pruning)
+    drop: list[str]
+    #: pack objects no index names (leftovers of killed writers)
+    leftovers: list[str]
+    #: indexed packs that are in the vault
+    present: list[str]
+    now: datetime
+
+    @property
+    def writes_index(self) -> bool:
+        """Whether the prune writes a new index, superseding (and deleting) the objects of
+        the one there: when packs go, or the index is in several objects, or leftovers."""
+        index = self.state.index
+        vanished = len(index.packs) - len(self.present)  # indexed packs not in the vault
+        changed = bool(
+            self.rewrite or self.drop or vanished or len(self.state.objects) != len(self.state.live)
+        )
+        return changed or len(self.state.live) > 1 or bool(self.leftovers)
+
+    def locked(self, pack_id: str) -> str | None:
+        """Why a WORM lock or legal hold keeps ``pack_id``, or None."""
+        info = self.listing.get(fmt.pack_name(pack_id))
+        return None if info is None else retention_hold(info, self.now)
+
+
+def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
+    """Decide which packs a prune keeps, rewrites and deletes; reads only."""
     now = datetime.now(UTC)
     state = store.load_index(keep_blobs=True)
     index = state.index
     blobs_of = index.pack_blobs or {}
     manifests, _ = load_manifests(store)
-    report.points = len(manifests)
     used: set[bytes] = set()
     workers = store.settings.worker_count()
     with ThreadPoolExecutor(max_workers=workers + 1) as pool:
@@ -70,7 +103,6 @@ def prune(
             "to delete anything (run rebuild_index, then verify)",
         )
     listing = {info.name: info for info in store.vault.list(fmt.PACK_PREFIX)}
-    report.packs_before = len(listing)
     for pack_id in index.packs:
         if fmt.pack_name(pack_id) not in listing and any(
             b.chunk_id in used for b in blobs_of.get(pack_id, [])
@@ -115,6 +147,26 @@ def prune(
             rewrite.append(pack_id)
         else:
             keep.append(pack_id)
+    leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
+    return PrunePlan(state, manifests, listing, live, keep, rewrite, drop, leftovers, present, now)
+
+
+def prune(
+    store: Store,
+    *,
+    lock: RepositoryLock,
+    max_unused: float,
+    progress: ProgressCallback | None,
+) -> PruneReport:
+    report = PruneReport(stale_locks_removed=lock.stale_removed)
+    plan = plan_prune(store, max_unused=max_unused)
+    now, state, manifests, listing = plan.now, plan.state, plan.manifests, plan.listing
+    index = state.index
+    blobs_of = index.pack_blobs or {}
+    report.points = len(manifests)
+    report.packs_before = len(listing)
+    locked = plan.locked
+    live, keep, rewrite, drop = plan.live, plan.keep, plan.rewrite, plan.drop
 
     # copy the live blobs of packs being rewritten into new packs
     failure = Failure()
@@ -150,11 +202,9 @@ def prune(
         fmt.IndexPack(p, index.packs[p].size, index.packs[p].header, blobs_of.get(p, []))
         for p in keep
     ] + new_packs
-    vanished = len(index.packs) - len(present)  # indexed packs no longer in the vault
-    changed = bool(rewrite or drop or vanished or len(state.objects) != len(state.live))
     extended = False
-    leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
-    if changed or len(state.live) > 1 or leftovers:
+    leftovers = plan.leftovers
+    if plan.writes_index:
         lock.check()
         groups: list[list[fmt.IndexPack]] = [[]]
         count = 0
