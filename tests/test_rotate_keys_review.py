@@ -152,3 +152,24 @@ def test_a_damaged_index_stops_a_rotation_before_a_key_is_made(
     with pytest.raises(RegionVaultError):
         repo_for(east).rotate_keys()
     assert master_keys(east) == before
+
+
+def test_verify_warns_of_a_run_under_an_old_key_that_no_keyring_holds(
+    east: Region, tmp_path: Path
+) -> None:
+    """A run written under a master key that is no longer current, and that no keyring
+    holds (a writer that had not followed a rotation yet; here the key service rotated
+    outside rotate-keys), is named by verify with its key: that key must stay enabled. A
+    rotate-keys run puts the run in the keyring and the warning goes (review L5)."""
+    repo = repo_for(east)
+    repo.backup(capture(make_data(tmp_path / "d", seed=1)))
+    old = east.keys.key_id
+    assert repo.verify().warnings == []
+    east.keys.rotate()
+    report = repo.verify()
+    assert report.ok
+    (warning,) = report.warnings
+    assert old in warning.message and "in no keyring" in warning.message
+    assert warning.object.startswith(fmt.PACK_PREFIX)
+    repo.rotate_keys()
+    assert repo.verify(read_data=True).warnings == []

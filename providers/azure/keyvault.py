@@ -608,6 +608,15 @@ class AzureKeyService(KeyService):
         wrapped = _seal_with(key, plaintext, aad)
         return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=str(key.id))
 
+    def wrapped_key_id(self, wrapped: bytes) -> str | None:
+        """The id (as :attr:`key_id` says it) of the key version a wrapped data key names,
+        None for anything else (verify's old-key warning)."""
+        envelope = Envelope.parse(MAGIC, bytes(wrapped))
+        version = None if envelope is None else _envelope_version(envelope)
+        if version is None:
+            return None
+        return f"{str(self._current_key().id).rpartition('/')[0]}/{version}"
+
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         return self._open(wrapped, _context(context, _DATA_KEY, self.region), "unwrap")
 
