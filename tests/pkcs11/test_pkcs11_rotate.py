@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from pkcs11_world import Hsm
 from regionvault.core.repository import ChunkerParams, Repository
@@ -60,6 +61,14 @@ def test_rotate_keys_on_softhsm(hsm: Hsm, tmp_path: Path) -> None:
         config = vault.get(fmt.CONFIG_NAME)
         assert wrapped_under(config, fmt.CONFIG_NAME, fmt.ObjectKind.CONFIG, prefix) == under
     finally:
+        keys._run("remove the test's keys", lambda session: remove_keys(session, prefix))
         keys.close()
         if fresh_keys is not None:
             fresh_keys.close()
+
+
+def remove_keys(session: Any, prefix: str) -> None:
+    """Destroy this test's objects: the token's other tests audit every key on it."""
+    for obj in list(session.get_objects()):
+        if str(obj.label).startswith(prefix + "-"):
+            obj.destroy()
