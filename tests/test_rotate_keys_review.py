@@ -15,15 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from regionvault.core.errors import RegionVaultError, TransientError
+from regionvault.core.errors import RegionVaultError, TransientError, TransitError
+from regionvault.core.pipeline import Engine
 from regionvault.core.repository import Repository
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._keyring import Keyring, generations
 from regionvault.core.repository._pipeline import Failure
 from regionvault.core.repository.copy.ingest import RunKey
 from regionvault.core.site import Region
+from regionvault.core.types import Instance
 from repository_support import SMALL, capture, repo_for, snapshot
 from site_support import open_site
+from test_copy import (  # noqa: F401  (fixtures)
+    SETTINGS,
+    FlakyTransit,
+    dataset,
+    direct_copy,
+    engine,
+    files_under,
+    inbox_dir,
+    instance,
+    restore_in,
+)
 from test_rotate_keys import make_data
 
 
@@ -173,3 +186,38 @@ def test_verify_warns_of_a_run_under_an_old_key_that_no_keyring_holds(
     assert warning.object.startswith(fmt.PACK_PREFIX)
     repo.rotate_keys()
     assert repo.verify(read_data=True).warnings == []
+
+
+def test_a_leftover_payload_that_no_longer_unseals_is_dropped_and_sent_again(
+    engine: Engine,  # noqa: F811
+    east: Region,
+    west: Region,
+    instance: Instance,  # noqa: F811
+    dataset: Path,  # noqa: F811
+    site_file: Path,
+    tmp_path: Path,
+) -> None:
+    """A batch in west's inbox sealed to west's key before west rotated and dropped that key
+    no longer unseals: the next copy drops it and asks for its chunks again instead of
+    failing every retry (review M5)."""
+    point = engine.backup(instance.id)
+    flaky = FlakyTransit(
+        engine.site.transit(east.name, west.name), fail_at=1, delivered_then_fail=True
+    )
+    with pytest.raises(TransitError):
+        direct_copy(engine, point.id, forward=flaky)
+    (leftover,) = [p for p in files_under(inbox_dir(west)) if "batch-" in p.name]
+    engine.repository("west").rotate_keys()
+    path = keystore_path(west)
+    store = json.loads(path.read_text())
+    store["master_keys"] = {store["current_master"]: store["master_keys"][store["current_master"]]}
+    seal = store["current_sealing"]  # the sealing key the batch was sealed to goes too
+    store["sealing_keys"] = {seal: store["sealing_keys"][seal]}
+    path.write_text(json.dumps(store))
+    with open_site(site_file) as fresh:  # a new process: nothing unsealed is remembered
+        again = Engine(fresh, settings=SETTINGS)
+        resumed = direct_copy(again, point.id)  # before the fix: KeyAccessDenied, every retry
+        assert not resumed.existing and resumed.chunks_sent > 0
+        assert not leftover.exists()
+        restore_in(fresh.region("west"), resumed.point.id, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(dataset)
