@@ -7,7 +7,9 @@ type, permission bits, mtime (ns), size and SHA-256, symlink target, hard-link p
 from format version 2 on its owner and xattrs. From format version 3 on it also names a
 block image of two disks (``images``: each disk's place, size and SHA-256) and the points
 holding it, and each point's own format version (a point that records no disks stays of
-version 2).
+version 2). From format version 4 on, ``rotation`` says how east's key was rotated
+(rotate-keys after the copies, then a third point under the new key): its keyring is checked,
+and the vault restores with the old key gone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pytest
 from click.testing import CliRunner, Result
 from regionvault.core import BlockCapture, Instance, Site
 from regionvault.core.cli import cli
-from regionvault.core.repository import FORMAT_VERSION, Repository
+from regionvault.core.repository import FORMAT_VERSION, Repository, _keyring
 from regionvault.core.types import Disk
 from site_support import site_toml
 
@@ -190,7 +192,17 @@ def test_its_points_are_of_the_format_version_it_stands_for(golden: Golden) -> N
             expected = point.get("format_version", golden.version)
             assert repo.load_manifest(point["id"]).format_version == expected, point
     listed = {p.get("format_version", golden.version) for p in golden.spec["points"]}
-    assert max(listed) == golden.version
+    if golden.version < 4:
+        assert max(listed) == golden.version
+    else:
+        # version 4 changed the config (and added keyrings), not the manifests: the config of
+        # every region says the version
+        assert max(listed) == 3
+        with Site.load(golden.site) as site:
+            for name in golden.spec["regions"]:
+                region = site.region(name)
+                repo = Repository.open(region.vault, region.keys, region=region.name)
+                assert repo._ensure_open().read_config().version == golden.version, name
 
 
 def test_points_are_listed_with_their_lineage(golden: Golden) -> None:
@@ -310,3 +322,42 @@ def test_todays_code_backs_up_an_image_of_several_disks_into_an_old_vault(
         f = target / f"disk{n}-{disk.name}.img"
         assert f.read_bytes() == bytes(capture.image[disk.offset : disk.end]), f
     assert_restores_disks(golden, old["id"], old["region"], old["disks"], tmp_path / "again")
+
+
+#: the golden vaults whose east key was rotated by rotate-keys (format version 4 on)
+ROTATED_VAULTS = [p for p in VAULTS if "rotation" in json.loads((p / "golden.json").read_text())]
+
+
+@pytest.mark.parametrize("source", ROTATED_VAULTS, ids=[p.name for p in ROTATED_VAULTS])
+def test_a_rotated_vault_holds_its_keyring_and_restores_without_the_old_key(
+    source: Path, tmp_path: Path
+) -> None:
+    """golden.json's ``rotation``: the keyring of that generation is the only one, made
+    under the new key and holding every run key of the points before the rotation; the
+    config names the new key; with the old key gone from the keystore (as an operator
+    disables it) verify passes without a warning and every point restores."""
+    golden = open_golden(source, tmp_path)
+    rotation = golden.spec["rotation"]
+    with Site.load(golden.site) as site:
+        region = site.region(rotation["region"])
+        assert _keyring.generations(region.vault) == [rotation["generation"]]
+        repo = Repository.open(region.vault, region.keys, region=region.name)
+        ring = _keyring.read_keyring(
+            region.vault, region.keys, repo.repository_id, rotation["generation"]
+        )
+        assert ring.key_id == rotation["new_key_id"] == region.keys.key_id
+        assert len(ring.runs) == rotation["runs"] > 0
+        assert repo._ensure_open().read_config().key_id == rotation["new_key_id"]
+    keystore = golden.root / golden.spec["regions"][rotation["region"]] / "keys" / "keystore.json"
+    store = json.loads(keystore.read_text())
+    assert set(store["master_keys"]) == {rotation["old_key_id"], rotation["new_key_id"]}
+    del store["master_keys"][rotation["old_key_id"]]
+    keystore.write_text(json.dumps(store))
+    report = json.loads(rv(golden, "verify", "--read-data", "--json").stdout)
+    assert all(row["ok"] and row["errors"] == [] and row["warnings"] == [] for row in report)
+    for n, point in enumerate(golden.spec["points"]):
+        target = tmp_path / f"restored-{n}"
+        if "disks" in point:
+            assert_restores_disks(golden, point["id"], point["region"], point["disks"], target)
+        else:
+            assert_restores(golden, point["id"], point["region"], point["tree"], target)

@@ -97,11 +97,21 @@ def test_a_rotation_killed_after_each_step_leaves_a_valid_repository_and_is_fini
     keys_before = master_keys(workdir)
     generation = rotations_before + 1
 
+    old_key = keystore(workdir, "east")[1]["current_master"]
     steps = killed_rotation(workdir, at)
     assert steps[0] == "rotated"
 
     # whatever the moment, the repository is valid and every point restores
-    verified()
+    rows = json.loads(ok("verify", "--json", "--read-data", "--region", "east").stdout)
+    assert rows[0]["ok"], rows[0]["errors"]
+    if at == "rotated":
+        # the new key is current but no keyring holds the runs yet: verify says the old key
+        # must stay enabled (the newest run, at least, is under it and in no keyring)
+        assert rows[0]["warnings"], "verify does not say the old key is still needed"
+        for warning in rows[0]["warnings"]:
+            assert "in no keyring" in warning and old_key in warning, warning
+    else:
+        assert rows[0]["warnings"] == [], rows[0]["warnings"]
     for n, (point, tree) in enumerate(points):
         out = workdir / f"after-kill-{n}"
         ok("restore", point, "--region", "east", "--target", out)
@@ -180,3 +190,27 @@ def test_a_format_3_reader_refuses_a_rotated_config(
     assert "format version 4 is newer than this regionvault reads (up to 3); upgrade" in str(
         caught.value
     )
+
+
+def test_a_format_3_first_rotation_killed_after_its_new_key_is_finished(tmp_path: Path) -> None:
+    """A config of format 1-3 names no key: it is re-wrapped (naming the current key) before
+    the new key is made, so a run after a kill finishes that rotation instead of making a
+    third key, and names the real old key (the one to disable)."""
+    golden = open_golden(GOLDEN_V3, tmp_path)
+    k1 = golden_keystore(golden.root, "east")[1]["current_master"]
+    child = subprocess.run(
+        [
+            *(sys.executable, "-c", _KILLED_ROTATION, "rotated", "--site", str(golden.site)),
+            *("rotate-keys", "--region", "east"),
+        ],
+        cwd=golden.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, (child.stdout, child.stderr)
+    report = json.loads(rv(golden, "rotate-keys", "--region", "east", "--json").stdout)
+    store = golden_keystore(golden.root, "east")[1]
+    assert report["resumed"] and report["old_key_id"] == k1
+    assert report["new_key_id"] == store["current_master"] != k1
+    assert len(store["master_keys"]) == 2

@@ -13,7 +13,7 @@ both are done, the old master key can be disabled.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from regionvault.core.errors import (
@@ -36,8 +36,8 @@ class Keyring:
     generation: int
     key_id: str
     created_at: datetime
-    #: run id (16 bytes) -> that run's plaintext data key
-    runs: dict[bytes, bytes]
+    #: run id (16 bytes) -> that run's plaintext data key (kept out of repr: secrets)
+    runs: dict[bytes, bytes] = field(repr=False)
 
 
 def keyring_context(vault_id: str, repository_id: str, generation: int) -> dict[str, str]:

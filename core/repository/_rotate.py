@@ -14,7 +14,7 @@ from regionvault.core.errors import ObjectExists, RegionVaultError
 from regionvault.core.repository import _crypto, _keyring
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._locks import RepositoryLock
-from regionvault.core.repository._store import Store, canonical_json
+from regionvault.core.repository._store import Store, canonical_json, check_rotation_key
 
 __all__ = ["RotationReport", "rotate_keys"]
 
@@ -42,11 +42,13 @@ class RotationReport:
     deleted: list[str]
 
 
-def _write_keyring(store: Store, generation: int, runs: dict[bytes, bytes]) -> str:
-    """Seal and put ``keyring/<generation>`` if absent; the id of the master key it names."""
+def _write_keyring(store: Store, generation: int, runs: dict[bytes, bytes], expected: str) -> str:
+    """Seal and put ``keyring/<generation>`` if absent, under exactly the master key
+    ``expected`` (else "run again", nothing written); the id of that key."""
     name = fmt.keyring_name(generation)
     context = _keyring.keyring_context(store.vault_id, store.config.repository_id, generation)
     data_key = store.keys.generate_data_key(context)
+    check_rotation_key(store.region, name, data_key.key_id, expected)
     body = {
         "generation": generation,
         "created_at": datetime.now(UTC).isoformat(),
@@ -74,13 +76,16 @@ def _write_keyring(store: Store, generation: int, runs: dict[bytes, bytes]) -> s
 
 
 def _gather_runs(
-    store: Store, progress: Callable[[int, int], None] | None
+    store: Store,
+    progress: Callable[[int, int], None] | None,
+    known: dict[bytes, bytes] | None = None,
 ) -> tuple[dict[bytes, bytes], int]:
     """Every run's data key among the indexed packs (each distinct run unwrapped once, or
-    taken from the newest keyring), and how many packs there were."""
+    taken from the newest keyring; runs in ``known`` are not looked up again), and how many
+    packs there were."""
     state = store.load_index()
     packs = sorted(state.index.packs.items())
-    runs: dict[bytes, bytes] = {}
+    runs: dict[bytes, bytes] = dict(known or {})
     for done, (pack_id, info) in enumerate(packs, 1):
         name = fmt.pack_name(pack_id)
         header = fmt.PackHeader.parse(name, info.header)
@@ -106,6 +111,13 @@ def rotate_keys(
     configs name theirs). ``step`` (for tests) is told each step as it completes."""
     started = time.monotonic()
     config = store.read_config()
+    if config.key_id is None:
+        # a config written before format 4 names no key: re-wrap it first (under the current
+        # key) so that a rotation killed after its new key was made is seen as one to finish
+        # when run again, not begun a second time
+        config = store.rewrap_config()
+        if step is not None:
+            step("named")
     present = _keyring.generations(store.vault)
     newest = (
         _keyring.read_keyring(store.vault, store.keys, config.repository_id, present[-1])
@@ -122,24 +134,28 @@ def rotate_keys(
         resumed, old_key, new_key = True, config.key_id, current
         generation, runs, packs = newest.generation, len(newest.runs), 0
     else:
+        # every run's key first (a damaged index stops the rotation before a key is made)
+        ring, packs = _gather_runs(store, progress)
         if config.key_id is not None and config.key_id != current:
             # the key service's current key is newer than the repository's: an interrupted
             # rotation made it (or it was rotated outside); re-wrap under it
-            resumed, old_key = True, config.key_id
+            resumed, old_key, new_key = True, config.key_id, current
         else:
             resumed, old_key = False, config.key_id or current
-            store.keys.rotate()
+            new_key = store.keys.rotate()
             if step is not None:
                 step("rotated")
-        ring, packs = _gather_runs(store, progress)
+            # runs added between the gathering and the rotation (none under the exclusive
+            # lock, but an index written meanwhile is read again, cheaply)
+            ring, packs = _gather_runs(store, None, ring)
         generation = (present[-1] if present else 0) + 1
-        new_key = _write_keyring(store, generation, ring)
+        _write_keyring(store, generation, ring, new_key)
         runs = len(ring)
         store.adopt_keyring(_keyring.Keyring(generation, new_key, datetime.now(UTC), ring))
         if step is not None:
             step("keyring")
     lock.check()
-    store.rewrap_config()
+    store.rewrap_config(expect_key_id=new_key)
     if step is not None:
         step("config")
     deleted: list[str] = []

@@ -29,7 +29,7 @@ from regionvault.core.repository._index import ChunkIndex
 from regionvault.core.repository.model import ChunkerParams, RepositorySettings
 from regionvault.core.types import DataKey, ObjectInfo
 
-__all__ = ["IndexState", "RepoConfig", "Store"]
+__all__ = ["IndexState", "RepoConfig", "Store", "check_rotation_key"]
 
 _CONFIG_PURPOSE = "regionvault-repository"
 #: at most this many pack ciphers are kept (each holds an AES key schedule)
@@ -65,6 +65,19 @@ class IndexState:
 
 def config_context(vault_id: str) -> dict[str, str]:
     return {"vault": vault_id, "kind": "config", "purpose": _CONFIG_PURPOSE}
+
+
+def check_rotation_key(region: str, what: str, used: str, expected: str) -> None:
+    """A rotation's writes must be under exactly its new master key: a KeyService that
+    answered with another (a key change still propagating, or another rotation meanwhile)
+    would leave the repository under a key the operator is about to disable."""
+    if used != expected:
+        raise RegionVaultError(
+            f"rotate-keys: the key service wrapped {what} under {used}, not the new master key "
+            f"{expected} (the key change may still be propagating): nothing was lost; run "
+            "rotate-keys again",
+            region=region,
+        )
 
 
 class Store:
@@ -223,14 +236,18 @@ class Store:
             raise IntegrityError(name, "config is malformed (not a JSON object)")
         return doc
 
-    def rewrap_config(self) -> RepoConfig:
+    def rewrap_config(self, expect_key_id: str | None = None) -> RepoConfig:
         """Rewrite the config (an atomic overwrite) with the same secrets under a fresh data
         key of the KeyService's current master key, saying format 4 and that key's id: key
         rotation's last write (docs/format.md, "Rotate keys"). A crash leaves the old config
-        or the new one whole; either opens while the old master key is enabled."""
+        or the new one whole; either opens while the old master key is enabled. With
+        ``expect_key_id``, a data key under any other master key writes nothing and raises
+        "run again" (:func:`check_rotation_key`)."""
         name = fmt.CONFIG_NAME
         doc = self._config_document(self.vault.get(name))
         data_key = self.keys.generate_data_key(config_context(self.vault_id))
+        if expect_key_id is not None:
+            check_rotation_key(self.region, name, data_key.key_id, expect_key_id)
         if doc.get("repository") != self.config.repository_id:
             raise IntegrityError(name, "config was replaced since the repository was opened")
         doc = {**doc, "format": fmt.FORMAT_VERSION_CONFIG, "key_id": data_key.key_id}
@@ -363,12 +380,14 @@ class Store:
         )
 
     def _keyring_locked(self, *, reload: bool) -> dict[bytes, bytes]:
-        """The newest keyring's run keys (empty when there is none or it cannot be read:
-        then ``_keyring_problem`` says why, and pack headers are unwrapped instead)."""
+        """The newest keyring's run keys (empty when there is none or it is damaged: then
+        ``_keyring_problem`` says why, and pack headers are unwrapped instead). Any other
+        error (a KMS outage or throttle: TransientError, KeyServiceError) propagates and
+        nothing is cached, so the next call reads the keyring again."""
         if self._keyring is None or reload:
             try:
                 ring = _keyring.newest_keyring(self.vault, self.keys, self.config.repository_id)
-            except (IntegrityError, RegionVaultError) as exc:
+            except (IntegrityError, ObjectNotFound) as exc:
                 self._keyring_problem = str(exc)
                 self._keyring = {}
             else:

@@ -9,6 +9,7 @@ import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from regionvault.core.errors import (
     IntegrityError,
@@ -296,20 +297,37 @@ def _check_copy_objects(store: Store, report: VerifyReport, damage: _Damage) -> 
                 found.append(info.name)
 
 
+@runtime_checkable
+class NamesWrappedKeys(Protocol):
+    """A KeyService that can tell which of its master keys wrapped a data key, by reading
+    the wrapped form (no KMS call): local, Azure Key Vault and PKCS#11 can; AWS KMS and
+    Cloud KMS ciphertexts do not say, and their writers follow a rotation at once."""
+
+    def wrapped_key_id(self, wrapped: bytes) -> str | None:
+        """The id (as :attr:`KeyService.key_id` says it) of the master key that wrapped
+        ``wrapped``; None when the form does not say."""
+
+
 def _check_keys(store: Store, report: VerifyReport, index: ChunkIndex) -> None:
     """Every keyring authenticates (the newest one is what readers use), and every indexed
     pack's run key is in the newest keyring or unwraps (one KeyService call per run at
-    most): a pack whose key is neither is named, since no point using it can restore."""
+    most): a pack whose key is neither is named, since no point using it can restore. A
+    run in no keyring whose data key is under a master key other than the current one is a
+    warning (:func:`_old_key_warnings`): its packs need that key, so it must stay enabled."""
     present = _keyring.generations(store.vault)
+    newest: _keyring.Keyring | None = None
     for generation in present:
         name = fmt.keyring_name(generation)
         try:
-            _keyring.read_keyring(store.vault, store.keys, store.config.repository_id, generation)
+            newest = _keyring.read_keyring(
+                store.vault, store.keys, store.config.repository_id, generation
+            )
         except ObjectNotFound:
             continue
         except IntegrityError as exc:
             report.errors.append(Problem(exc.object_name, exc.reason))
     seen: set[bytes] = set()
+    unringed: dict[bytes, tuple[str, bytes]] = {}
     for pack_id, info in sorted(index.packs.items()):
         name = fmt.pack_name(pack_id)
         try:
@@ -317,9 +335,37 @@ def _check_keys(store: Store, report: VerifyReport, index: ChunkIndex) -> None:
             if header.wrapped_key in seen:
                 continue
             seen.add(header.wrapped_key)
+            if newest is None or header.run_id not in newest.runs:
+                unringed.setdefault(header.run_id, (name, header.wrapped_key))
             store.pack_key(pack_id, info.header)
         except IntegrityError as exc:
             report.errors.append(Problem(exc.object_name, exc.reason))
+    report.warnings.extend(_old_key_warnings(store, unringed))
+
+
+def _old_key_warnings(store: Store, unringed: dict[bytes, tuple[str, bytes]]) -> list[Problem]:
+    """One warning per run (``run id -> (a pack of it, its wrapped data key)``) that no
+    keyring holds and whose data key is wrapped under a master key other than the current
+    one: disabling that key would make the run's packs unreadable (a writer that had not
+    yet followed a rotation made by another process). ``rotate-keys`` puts the run in a
+    keyring."""
+    keys = store.keys
+    if not unringed or not isinstance(keys, NamesWrappedKeys):
+        return []
+    current = keys.key_id
+    warnings: list[Problem] = []
+    for run_id, (name, wrapped) in sorted(unringed.items()):
+        under = keys.wrapped_key_id(wrapped)
+        if under is not None and under != current:
+            warnings.append(
+                Problem(
+                    name,
+                    f"run {run_id.hex()} is in no keyring and its data key is wrapped under "
+                    f"master key {under}, not the current {current}: keep that key enabled "
+                    "and run rotate-keys again before disabling it",
+                )
+            )
+    return warnings
 
 
 def _check_copy_record(name: str, body: bytes) -> None:

@@ -58,6 +58,35 @@ _DENIED = frozenset(
 _WRONG_KEY = frozenset({"IncorrectKeyException", "AccessDeniedException"})
 
 
+def _arn_place(arn: str) -> tuple[str, ...] | None:
+    """``(partition, region, account)`` of a KMS key ARN, None for anything else."""
+    parts = arn.split(":", 5)
+    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "kms":
+        return None
+    if not parts[5].startswith("key/") or not all(parts[1:5:2]) or not parts[3]:
+        return None
+    return parts[1], parts[3], parts[4]
+
+
+def _same_place(arn: str, current: str) -> bool:
+    """Whether ``arn`` is a KMS key ARN of the same partition, region and account as
+    ``current``."""
+    place = _arn_place(arn)
+    return place is not None and place == _arn_place(current)
+
+
+def _unrotatable(meta: Mapping[str, Any]) -> str | None:
+    """Why a key cannot be rotated by making a new AWS_KMS key like it, or None."""
+    origin = meta.get("Origin", "AWS_KMS")
+    if origin != "AWS_KMS":
+        return f"its key material's origin is {origin} (imported or external), not AWS_KMS"
+    if meta.get("CustomKeyStoreId"):
+        return f"it lives in custom key store {meta['CustomKeyStoreId']}"
+    if meta.get("MultiRegion"):
+        return "it is a multi-Region key"
+    return None
+
+
 def _context(context: Mapping[str, str], purpose: str, region: str) -> dict[str, str]:
     return purpose_context(context, purpose, provider="aws", region=region)
 
@@ -126,6 +155,9 @@ class AwsKeyService(KeyService):
         self._arn: str | None = None
         #: this region's earlier keys, newest first (None: not read yet)
         self._previous: list[str] | None = None
+        #: keys this KeyService knows to be older than its current one (it rotated away from
+        #: them, or followed the alias past them): never made current again
+        self._older: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -200,6 +232,10 @@ class AwsKeyService(KeyService):
                 found = {t["TagKey"]: t["TagValue"] for t in tags}.get(_PREVIOUS_TAG)
                 if not found or found in chain or found == self._resolve():
                     break
+                if not _same_place(found, self._resolve()):
+                    # the tag is mutable: only a key of this account and region is ever
+                    # named as a Decrypt KeyId
+                    break
                 chain.append(found)
                 key = found
             self._previous = chain
@@ -212,6 +248,23 @@ class AwsKeyService(KeyService):
         """The ARN of the region's current key (the one its alias names)."""
         return self._resolve()
 
+    def _known_older(self, key: str) -> bool:
+        with self._lock:
+            return key in self._older or (self._previous is not None and key in self._previous)
+
+    def _follow(self, used: str) -> None:
+        """The alias named ``used``: make it current unless it is a key known to be older
+        (an alias change still propagating answers with the previous key for a while)."""
+        with self._lock:
+            old = self._arn
+            if used == old or used in self._older:
+                return
+            if self._previous is not None and used in self._previous:
+                return
+            if old is not None:
+                self._older.add(old)
+            self._arn, self._previous = used, None
+
     def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         arn = self._resolve()
         ctx = _context(context, _DATA_KEY, self.region)
@@ -222,12 +275,18 @@ class AwsKeyService(KeyService):
             answer = self._kms.generate_data_key(
                 KeyId=target, KeySpec="AES_256", EncryptionContext=ctx
             )
+            used = str(answer.get("KeyId") or arn)
+            if used != arn and self._known_older(used):
+                # the alias still resolves to a key this KeyService has moved past (KMS is
+                # eventually consistent after UpdateAlias): generate under the current key
+                answer = self._kms.generate_data_key(
+                    KeyId=arn, KeySpec="AES_256", EncryptionContext=ctx
+                )
+                used = str(answer.get("KeyId") or arn)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "cannot generate a data key") from None
-        used = str(answer.get("KeyId") or arn)
         if used != arn:
-            with self._lock:
-                self._arn, self._previous = used, None
+            self._follow(used)
         return DataKey(
             plaintext=bytes(answer["Plaintext"]),
             wrapped=bytes(answer["CiphertextBlob"]),
@@ -247,6 +306,16 @@ class AwsKeyService(KeyService):
             if error_code(exc) not in _WRONG_KEY:
                 raise self._error(exc, f"cannot {what}") from None
             first: BaseException = exc
+        # another process may have rotated since the alias was resolved here: the blob may
+        # be under the newer key the alias names now (one DescribeKey)
+        newer = self._describe_alias()
+        if newer is not None and newer != arn and not self._known_older(newer):
+            self._follow(newer)
+            try:
+                return self._decrypt_with(newer, blob, context)
+            except (ClientError, BotoCoreError) as exc:
+                if error_code(exc) not in _WRONG_KEY:
+                    raise self._error(exc, f"cannot {what}") from None
         # read only once the current key has refused: an earlier key of this region?
         for key in self._previous_keys():
             try:
@@ -255,6 +324,15 @@ class AwsKeyService(KeyService):
                 if error_code(exc) not in _WRONG_KEY:
                     raise self._error(exc, f"cannot {what} with earlier key {key}") from None
         raise self._error(first, f"cannot {what}") from None
+
+    def _describe_alias(self) -> str | None:
+        """The key the alias names now (None: no alias, or KMS cannot tell)."""
+        if not self._key.startswith("alias/"):
+            return None
+        try:
+            return str(self._kms.describe_key(KeyId=self._key)["KeyMetadata"]["Arn"])
+        except (ClientError, BotoCoreError, KeyError):
+            return None
 
     def _decrypt_with(self, key: str, blob: bytes, context: dict[str, str]) -> bytes:
         answer = self._kms.decrypt(CiphertextBlob=bytes(blob), EncryptionContext=context, KeyId=key)
@@ -298,6 +376,13 @@ class AwsKeyService(KeyService):
             ]
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "cannot read the current key to rotate it") from None
+        refused = _unrotatable(meta)
+        if refused is not None:
+            raise self._config.error(
+                "kms_key",
+                f"rotate-keys makes an AWS_KMS key like the current one and cannot copy {old}: "
+                f'{refused}; rotate it yourself (docs/aws.md, "Rotating keys")',
+            )
         try:
             made = kms.create_key(
                 Description=meta.get("Description") or f"regionvault master key of {self.region}",
@@ -316,6 +401,7 @@ class AwsKeyService(KeyService):
                 kms.schedule_key_deletion(KeyId=made["KeyId"], PendingWindowInDays=7)
             raise self._error(exc, f"cannot move alias {self._key} to the new key") from None
         with self._lock:
+            self._older.add(old)
             self._arn = str(made["Arn"])
             self._previous = None
         return self._arn

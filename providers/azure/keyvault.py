@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,11 @@ KEY_VAULT_SETTINGS = frozenset(
 )
 
 # vault.azure.net, vault.azure.cn, managedhsm.azure.net, ...: one host, no path
+#: how long a KeyService wraps under the key version it read before reading the current
+#: version again (``keys/get``): a rotation made by another process is followed within this
+#: bound (docs/azure.md, docs/commands.md "rotate-keys")
+CURRENT_SECONDS = 60.0
+
 _VAULT_URL = re.compile(r"^https://[^/\s?#]+/?$")
 _KEY_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _VERSION = re.compile(r"^[0-9A-Za-z]{1,64}$")
@@ -372,6 +378,12 @@ def _check_key(key: KeyVaultKey, settings: KeyVaultSettings) -> None:
         raise KeyServiceError(f"key {key.id} is disabled", provider="azure", region=settings.region)
 
 
+def _created(key: KeyVaultKey) -> float:
+    """When the key version was made (0 when Key Vault did not say)."""
+    created = key.properties.created_on
+    return 0.0 if created is None else created.timestamp()
+
+
 def _get_or_create(client: KeyClient, settings: KeyVaultSettings) -> KeyVaultKey:
     """The key's current version; with ``create = true`` made first when it is missing
     (two processes racing make two versions, both valid: the later one is current)."""
@@ -474,6 +486,8 @@ class AzureKeyService(KeyService):
         self._resolving = threading.Lock()
         self._client: KeyClient | None = None
         self._current: KeyVaultKey | None = None
+        #: time.monotonic() when ``_current`` was read
+        self._read_at = 0.0
         self._crypto: dict[str, CryptographyClient] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -489,25 +503,39 @@ class AzureKeyService(KeyService):
         return key_vault_error(exc, f"{what} {self.settings.key_path}", region=self.region)
 
     def _current_key(self) -> KeyVaultKey:
-        """The key's current version (its public half); with ``create = true`` the key is
-        made when the vault has none of that name."""
+        """The key's current version (its public half), read again when the one known is
+        older than ``CURRENT_SECONDS`` (another process may have rotated); with ``create =
+        true`` the key is made when the vault has none of that name."""
         with self._lock:
-            current = self._current
-        if current is not None:
+            current, read_at = self._current, self._read_at
+        if current is not None and time.monotonic() - read_at <= CURRENT_SECONDS:
             return current
-        # one first use at a time: threads racing to a missing key would each make a version
+        # one read at a time: threads racing to a missing key would each make a version
         with self._resolving:
             with self._lock:
-                current = self._current
-            if current is not None:
+                current, read_at = self._current, self._read_at
+            if current is not None and time.monotonic() - read_at <= CURRENT_SECONDS:
                 return current
             try:
                 key = _get_or_create(self.client, self.settings)
             except AzureError as exc:
+                if current is not None:
+                    # Key Vault cannot say now: the version known still wraps (it is
+                    # current or was a moment ago); asked again on the next wrap
+                    return current
                 raise self._error(exc, "cannot get or create key") from None
             _check_key(key, self.settings)
-            with self._lock:
-                self._current = key
+            return self._adopt(key)
+
+    def _adopt(self, key: KeyVaultKey) -> KeyVaultKey:
+        """Make ``key`` the current version, unless it is older than the one known (a read
+        that raced a rotation): the current version never moves back."""
+        with self._lock:
+            known = self._current
+            if known is not None and key.id != known.id and _created(key) < _created(known):
+                key = known
+            self._current = key
+            self._read_at = time.monotonic()
             return key
 
     def _unwrap_key(self, version: str, wrapped: bytes) -> bytes:
@@ -580,6 +608,15 @@ class AzureKeyService(KeyService):
         wrapped = _seal_with(key, plaintext, aad)
         return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=str(key.id))
 
+    def wrapped_key_id(self, wrapped: bytes) -> str | None:
+        """The id (as :attr:`key_id` says it) of the key version a wrapped data key names,
+        None for anything else (verify's old-key warning)."""
+        envelope = Envelope.parse(MAGIC, bytes(wrapped))
+        version = None if envelope is None else _envelope_version(envelope)
+        if version is None:
+            return None
+        return f"{str(self._current_key().id).rpartition('/')[0]}/{version}"
+
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         return self._open(wrapped, _context(context, _DATA_KEY, self.region), "unwrap")
 
@@ -603,9 +640,7 @@ class AzureKeyService(KeyService):
         except AzureError as exc:
             raise self._error(exc, "cannot rotate key") from None
         _check_key(key, self.settings)
-        with self._lock:
-            self._current = key
-        return str(key.id)
+        return str(self._adopt(key).id)
 
     def close(self) -> None:
         with self._lock:

@@ -319,6 +319,12 @@ def _envelope_version(envelope: Envelope) -> str | None:
     return version if _VERSION.match(version) else None
 
 
+def _version_number(name: str) -> int:
+    """N of ``.../cryptoKeyVersions/N`` (0 when it is not a number)."""
+    number = name.rpartition("/")[2]
+    return int(number) if number.isdigit() else 0
+
+
 def _config_error(settings: GcpSettings, key: str, message: str) -> ConfigError:
     return ConfigError(
         message, key=f'regions."{settings.region}".{key}', provider="gcp", region=settings.region
@@ -785,12 +791,33 @@ class GcpKeyService(KeyService):
         """The symmetric key's primary version, ``projects/.../cryptoKeyVersions/N``."""
         return self._resolve()
 
+    def _adopt(self, version: str) -> None:
+        """Make ``version`` the cached primary unless it is older than the cached one: an
+        Encrypt by key name may use the previous primary while a change propagates
+        (cloud.google.com/kms/docs/consistency)."""
+        with self._lock:
+            if self._primary is None or _version_number(version) > _version_number(self._primary):
+                self._primary = version
+
     def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         aad = _context(context, _DATA_KEY, self.region)
-        self._resolve()
+        primary = self._resolve()
         plaintext = AESGCM.generate_key(bit_length=256)
+        answer = self._encrypt(self.key_path, plaintext, aad)
+        if _version_number(answer.name) < _version_number(primary):
+            # Cloud KMS used a version older than the primary this KeyService knows (a
+            # primary change still propagating): encrypt with the known primary by name
+            answer = self._encrypt(primary, plaintext, aad)
+        # the version Cloud KMS used is the primary now (another process may have rotated)
+        self._adopt(answer.name)
+        return DataKey(
+            plaintext=plaintext, wrapped=DATA_KEY_MAGIC + answer.ciphertext, key_id=answer.name
+        )
+
+    def _encrypt(self, name: str, plaintext: bytes, aad: bytes) -> types.EncryptResponse:
+        """Encrypt ``plaintext`` with the key (its primary) or one version of it, by name."""
         request = types.EncryptRequest(
-            name=self.key_path,
+            name=name,
             plaintext=plaintext,
             plaintext_crc32c=crc32c(plaintext),
             additional_authenticated_data=aad,
@@ -808,19 +835,16 @@ class GcpKeyService(KeyService):
         try:
             answer = self._kms.call("Encrypt", self._kms.client.encrypt, request, check)
         except (gexc.GoogleAPICallError, auth_exc.GoogleAuthError, _Corrupt) as exc:
-            raise self._error(exc, f"cannot wrap a data key with key {self.key_path}") from None
-        if not answer.name.startswith(self.key_path + "/cryptoKeyVersions/"):
+            raise self._error(exc, f"cannot wrap a data key with key {name}") from None
+        if not answer.name.startswith(self.key_path + "/cryptoKeyVersions/") or (
+            name != self.key_path and answer.name != name
+        ):
             raise KeyServiceError(
-                f"Cloud KMS encrypted with {answer.name!r}, not a version of {self.key_path}",
+                f"Cloud KMS encrypted with {answer.name!r}, not {name}",
                 provider="gcp",
                 region=self.region,
             )
-        with self._lock:
-            # the version Cloud KMS used is the primary now (another process may have rotated)
-            self._primary = answer.name
-        return DataKey(
-            plaintext=plaintext, wrapped=DATA_KEY_MAGIC + answer.ciphertext, key_id=answer.name
-        )
+        return answer
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         aad = _context(context, _DATA_KEY, self.region)

@@ -347,6 +347,17 @@ class LocalKeyService(KeyService):
     def key_id(self) -> str:
         return self._load().current_master
 
+    def wrapped_key_id(self, wrapped: bytes) -> str | None:
+        """The master key id a wrapped data key names (``0x01 | len | kid | ...``), None
+        for anything else (verify's old-key warning: core/repository/_verify.py)."""
+        blob = bytes(wrapped)
+        if len(blob) < 2 or blob[0] != 0x01 or len(blob) < 2 + blob[1]:
+            return None
+        try:
+            return blob[2 : 2 + blob[1]].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
     def generate_data_key(self, context: Mapping[str, str]) -> DataKey:
         ctx = canonical_context(context)
         # another process may have rotated (rotate-keys): new data keys must be wrapped under

@@ -799,6 +799,15 @@ class Pkcs11KeyService(KeyService):
             return None
         return header, int(digits), key_id, iv, sealed
 
+    def wrapped_key_id(self, wrapped: bytes) -> str | None:
+        """The id (as :attr:`key_id` says it) of the key object a wrapped data key names,
+        None for anything else; no token call (verify's old-key warning)."""
+        parsed = self._parse(bytes(wrapped))
+        if parsed is None:
+            return None
+        label = f"{self.settings.key_label_prefix}-{parsed[1]}"
+        return f"{self._label}/{label}#{parsed[2][:8].hex()}"
+
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         parsed = self._parse(bytes(wrapped))
         if parsed is None:

@@ -128,3 +128,107 @@ def test_rotation_needs_the_key_named_by_its_alias(aws: AwsWorld) -> None:
     with pytest.raises(ConfigError, match=r"kms_key.*alias/<name>"):
         by_arn.rotate()
     assert by_arn.key_id == arn
+
+
+def test_a_key_service_that_resolved_the_alias_before_another_rotation_reads_after_it(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    """A long-lived KeyService (a `run` daemon's) resolved the alias before rotate-keys ran in
+    another process: on a wrong-key answer it describes the alias again and opens the new
+    config and keyring (review H2)."""
+    cfg = aws.region(EAST)
+    keys = aws.track(aws.provider.key_service(cfg))
+    vault = aws.track(aws.provider.vault(cfg))
+    repo = Repository.init_or_open(vault, keys, region=cfg.name, chunker=CHUNKER, settings=SMALL)
+    data = make_data(tmp_path / "data", 1)
+    point = repo.backup(capture(data)).id
+    daemon_keys = aws.track(aws.provider.key_service(cfg))
+    old = daemon_keys.key_id
+    repo.rotate_keys()  # the operator's, in "another process"
+    assert keys.key_id != old
+    daemon = Repository.open(
+        aws.track(aws.provider.vault(cfg)), daemon_keys, region=cfg.name, settings=SMALL
+    )
+    daemon.restore(point, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(data)
+    assert daemon_keys.key_id == keys.key_id  # it follows the alias from now on
+
+
+def test_rotate_keys_wraps_under_the_new_key_while_the_alias_still_lags(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    """KMS is eventually consistent: right after UpdateAlias, GenerateDataKey by alias may
+    still use the old key (simulated). The keyring and config are still wrapped under the new
+    key, and the KeyService never moves back to the old one (review H1)."""
+    cfg = aws.region(EAST)
+    keys = aws.track(aws.provider.key_service(cfg))
+    vault = aws.track(aws.provider.vault(cfg))
+    repo = Repository.init_or_open(vault, keys, region=cfg.name, chunker=CHUNKER, settings=SMALL)
+    repo.backup(capture(make_data(tmp_path / "data", 1)))
+    old = keys.key_id
+    alias = cfg.settings["kms_key"]
+
+    def lagging(params: dict[str, Any], **_: Any) -> None:
+        if params.get("KeyId") == alias:
+            params["KeyId"] = old  # the alias as a lagging KMS front end still resolves it
+
+    keys._kms.meta.events.register("provide-client-params.kms.GenerateDataKey", lagging)
+    report = repo.rotate_keys()
+    kms = aws.client("kms", EAST)
+    new = kms.describe_key(KeyId=alias)["KeyMetadata"]["Arn"]
+    assert report.new_key_id == new != old and keys.key_id == new
+    config_key = wrapping_key(
+        kms, vault.get("config"), "config", fmt.ObjectKind.CONFIG, config_context(vault.vault_id)
+    )
+    ring = fmt.keyring_name(report.generation)
+    ring_key = wrapping_key(
+        kms,
+        vault.get(ring),
+        ring,
+        fmt.ObjectKind.KEYRING,
+        keyring_context(vault.vault_id, repo.repository_id, report.generation),
+    )
+    assert config_key == ring_key == new
+    assert keys.generate_data_key({"k": "v"}).key_id == new
+
+
+def test_the_previous_key_chain_names_only_keys_of_this_account_and_region(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    """The previous-key tag is mutable: a key of another region (or account) named there is
+    never used as a Decrypt KeyId (review L2)."""
+    cfg = aws.region(EAST)
+    keys = aws.track(aws.provider.key_service(cfg))
+    keys.rotate()
+    kms = aws.client("kms", EAST)
+    arn = keys.key_id
+    foreign = arn.replace(f":{EAST}:", ":eu-north-1:")
+    assert foreign != arn
+    kms.tag_resource(KeyId=arn, Tags=[{"TagKey": "regionvault:previous-key", "TagValue": foreign}])
+    fresh = aws.track(aws.provider.key_service(cfg))
+    assert fresh._previous_keys() == []
+
+
+@pytest.mark.parametrize(
+    ("origin", "what"),
+    [({"Origin": "EXTERNAL"}, "origin is EXTERNAL"), ({"MultiRegion": True}, "multi-Region")],
+)
+def test_rotate_refuses_a_key_it_cannot_make_again(
+    aws: AwsWorld, origin: dict[str, Any], what: str
+) -> None:
+    """A key with imported material, in a custom key store or multi-Region is not silently
+    replaced by a plain AWS_KMS key (review L3): one line, nothing made."""
+    cfg = aws.region(EAST)
+    keys = aws.track(aws.provider.key_service(cfg))
+    old = keys.key_id
+    kms = aws.client("kms", EAST)
+    before = len(kms.list_keys()["Keys"])
+
+    def describe(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["KeyMetadata"].update(origin)
+
+    keys._kms.meta.events.register("after-call.kms.DescribeKey", describe)
+    with pytest.raises(ConfigError, match=what) as caught:
+        keys.rotate()
+    assert "\n" not in str(caught.value)
+    assert len(kms.list_keys()["Keys"]) == before and keys.key_id == old

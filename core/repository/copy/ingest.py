@@ -60,19 +60,53 @@ class RunKey:
         #: the run id: in every pack header, and the KeyService context of the data key
         self.run_id = os.urandom(16)
         self._key: DataKey | None = None
+        #: whether a pack under the key was indexed: from then on a rotation finds the run
+        #: in the index and puts its key in the keyring, so the key may outlive it
+        self._indexed = False
         self._lock = threading.Lock()
 
     def data_key(self) -> DataKey:
+        return self._current()[1]
+
+    def _current(self) -> tuple[bytes, DataKey]:
+        """``(run id, data key)``. A key no indexed pack uses yet is made again (with a new
+        run id) when the master key changed since it was made: a rotation meanwhile would
+        not have put it in the keyring, and packs under it would need the old master key."""
         with self._lock:
+            if (
+                self._key is not None
+                and not self._indexed
+                and self._key.key_id != self.store.keys.key_id
+            ):
+                self._forget_locked()
             if self._key is None:
                 self._key = self.store.new_data_key(self.run_id)
-            return self._key
+            return self.run_id, self._key
+
+    def _forget_locked(self) -> None:
+        self._key = None
+        self.run_id = os.urandom(16)
+
+    def indexed(self) -> None:
+        """A pack under the key is durable and indexed (called after a writer closed)."""
+        with self._lock:
+            if self._key is not None:
+                self._indexed = True
+
+    def aborted(self) -> None:
+        """A batch under the key was abandoned: unless a pack under it is indexed, the key
+        is forgotten, so that the repository's lock (which a rotation needs exclusively) is
+        never released with a key that no keyring will hold in use."""
+        with self._lock:
+            if not self._indexed:
+                self._forget_locked()
 
     def writer(self, store: Store, failure: Failure) -> PackWriter:
         """A pack writer whose packs carry this run's id and data key."""
         if store is not self.store:
             raise RegionVaultError("a copy run's data key belongs to another repository")
-        return PackWriter(store, failure, run_id=self.run_id, data_key=self.data_key())
+        run_id, key = self._current()
+        return PackWriter(store, failure, run_id=run_id, data_key=key)
 
 
 def missing_chunks(store: Store, links: LinkTable, offer: CopyOffer, name: str) -> list[bytes]:
@@ -119,10 +153,12 @@ def ingest_chunks(
             pairs[source_id] = mine
         if writer is not None:
             writer.close()
+            run.indexed()
     except BaseException as exc:
         failure.set(RegionVaultError("copy ingest aborted"))
         if writer is not None:
             writer.abort()
+            run.aborted()
         if isinstance(exc, Aborted) and failure.error is not None:
             raise failure.error from None  # the writer thread's error (disk full ...)
         raise
@@ -182,10 +218,12 @@ def commit_copy(
         tree_chunks = tree.finish()
         for writer in writers:
             writer.close()
+            run.indexed()
     except BaseException as exc:
         failure.set(RegionVaultError("copy commit aborted"))
         for writer in writers:
             writer.abort()
+            run.aborted()
         if isinstance(exc, Aborted) and failure.error is not None:
             raise failure.error from None  # the writer thread's error (disk full ...)
         raise

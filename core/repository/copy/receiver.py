@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from regionvault.core.errors import IntegrityError, RegionVaultError, TransitError
+from regionvault.core.errors import (
+    IntegrityError,
+    KeyAccessDenied,
+    RegionVaultError,
+    TransitError,
+)
 from regionvault.core.repository._links import LinkTable
 from regionvault.core.repository.copy.batches import decode_chunks
 from regionvault.core.repository.copy.half import CopyHalf, in_inbox, link_error
@@ -171,13 +176,14 @@ class CopyReceiver(CopyHalf):
         return True
 
     def _take_leftovers(self, point_id: str) -> int:
-        # Whatever landed arrived: take it in. A damaged payload must not block every later
-        # attempt: it is dropped, and its chunks are simply asked for again.
+        # Whatever landed arrived: take it in. A damaged payload, or one that no longer
+        # unseals (sealed to a master key since rotated and disabled), must not block every
+        # later attempt: it is dropped, and its chunks are simply asked for again.
         taken = 0
         for name in list(self.forward.inbox(batch_prefix(point_id))):
             try:
                 taken += self.ingest(name)
-            except IntegrityError as exc:
+            except (IntegrityError, KeyAccessDenied) as exc:
                 log.warning(
                     "copy %s: discarding a damaged payload from %s: %s", point_id, self.source, exc
                 )
