@@ -41,6 +41,10 @@ class DrillRecord:
     at: datetime
     healthy: bool
     rto_seconds: float | None
+    #: a scheduled drill's id and slot (``format_slot``), as its ``drill`` event records
+    #: them; None for a plain ``restore --launch``
+    drill_id: str | None = None
+    slot: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
