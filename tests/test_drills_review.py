@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from test_drills import (
     Health,
     add,
     clock,
+    drill_instances,
     drills,
     engine,
     health,
@@ -233,3 +235,28 @@ def test_a_drill_record_dated_in_the_future_is_ignored(
     assert row.last_drill_at is None and row.rto_state == "at_risk"
     assert "in the future" in caplog.text
     assert len(drills(service.tick())) == 1  # drilled in its own slot all the same
+
+
+def test_a_hung_health_check_is_bounded_and_its_instance_terminated(
+    engine: Engine, site: Site, health: Health, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    class Hung:
+        @hookimpl
+        def regionvault_health_check(self, region: str, instance: Instance) -> bool | None:
+            if region == "local:west":
+                release.wait(30)  # hangs past the engine's 0.5s health timeout
+            return None
+
+    site.plugin_manager.register(Hung())
+    west = site.region("west")
+    add(site.region("east"), "vcu-1", tmp_path, **{"backup": "1-7", "backup-drill": "1d"})
+    try:
+        (drill,) = drills(Service(engine).tick())
+    finally:
+        release.set()
+    assert drill.error is not None and "did not answer within 0.5s" in drill.error
+    ((_, launched, rto),) = health.launches
+    assert rto is None and launched_state(west, launched) == "terminated"
+    assert drill_instances(west) == []
