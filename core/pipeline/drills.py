@@ -1,26 +1,25 @@
 """Scheduled drills: restore an instance's newest copy in a destination region, launch it,
-health-check it, record the RTO, and terminate it, at most once every drill interval.
+health-check it, record the RTO, and terminate it, once per slot of the drill interval.
 
 An instance whose operations (core/operations.py) say ``drill = D`` is drilled in every
 region that holds a copy of it: each tick plans, in each region, a ``drill`` job
 (:func:`~regionvault.core.pipeline.jobs.drill_job`, key ``drill/<region>/<instance>/<slot>``,
-slot ``slot_of(now, D)``) for every instance whose last drill there is at least ``D`` old (or
-that has none). The job runs in that region with its credentials alone (it reads the
-operations from the tags the copy recorded), and calls :meth:`Engine.restore` with
-``launch=True``, which runs the health check, calls ``regionvault_after_launch`` and records
-the :class:`~regionvault.core.pipeline.state.DrillRecord`; then it terminates the instance,
-healthy or not. An unhealthy drill is a failed job (its record shows it, so the next tick
-does not drill again before the interval); so is a drill that cannot launch (no record: the
-next tick tries again).
+slot ``slot_of(now, D)``) for every instance whose current slot has no finished drill in
+the region's event log (docs/operations.md). The job runs in that region with its
+credentials alone: it records the drill's start in the region's event log, calls
+:meth:`Engine.restore` with ``launch=True`` (restore, launch, health check,
+``regionvault_after_launch``), terminates the instance, healthy or not, and records the
+drill's end there (and in this machine's state store, a cache). An unhealthy drill, or one
+that cannot launch, is a failed job whose end is on record: the slot is drilled, the next
+tick of the slot does not try again. Only a transient failure leaves the slot open.
 
 The launched instance carries three tags (docs/operations.md): :data:`DRILL_TAG` (this
-drill's own random id), :data:`DRILL_RUNNER_TAG` (the process that runs it, a
-:meth:`ProcessIdentity.token`) and :data:`DRILL_UNTIL_TAG` (a time, in seconds since the
-epoch, by which any drill is over). It is opted out of backups (the policy tag is ``none``)
-and its operations tags are dropped. A drill killed between launch and terminate leaves its
-instance running: every tick (when it plans drills) and every drill job first terminates
-each instance of the region carrying :data:`DRILL_TAG` whose runner is known dead, or whose
-``until`` time has passed (a runner on another host, whose liveness nobody here can tell).
+drill's own random id), :data:`DRILL_RUNNER_TAG` and :data:`DRILL_UNTIL_TAG`, for people
+reading the console. It is opted out of backups (the policy tag ``none``) and its operations
+tags are dropped. A drill killed between launch and terminate leaves its instance running:
+every tick (when it plans drills) and every drill job first terminates each instance of the
+region whose :data:`DRILL_TAG` names a drill whose start the region's event log holds, and
+whose drill is over (:func:`sweep_drill_instances`): never an instance on its tags alone.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from regionvault.core.operations import OPERATION_KEYS
 from regionvault.core.pipeline.jobs import Job, drill_job, format_slot, slot_of
 from regionvault.core.pipeline.objectives import (
     CLOCK_SKEW,
+    LiveInstances,
     drill_record,
     live_instance,
     newest_captured,
@@ -334,7 +334,7 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
     except RegionVaultError as exc:
         plan.problems.append(f"{here}: drills: {exc}")
         return plan
-    live: dict[str, Instance | None] = {}
+    live: LiveInstances = {}
     wanted: list[tuple[str, RecoveryPoint, timedelta, datetime]] = []
     for instance_id, point in sorted(newest.items()):
         instance = live_instance(engine, point, live)

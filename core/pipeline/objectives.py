@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from regionvault.core.errors import InstanceNotFound, PolicyError, RegionVaultError
+from regionvault.core.errors import PolicyError, RegionVaultError
 from regionvault.core.operations import Operations
 from regionvault.core.pipeline.jobs import RUN_TAG, SLOT_TAG, backup_job, parse_slot, slot_of
 from regionvault.core.pipeline.state import DrillRecord
@@ -232,33 +232,40 @@ def newest_captured(
     return best
 
 
+#: per home region: its live instances by id, or None when they cannot be listed
+LiveInstances = dict[str, "dict[str, Instance] | None"]
+
+
 def live_instance(
-    engine: Engine, point: RecoveryPoint, cache: dict[str, Instance | None] | None = None
+    engine: Engine, point: RecoveryPoint, cache: LiveInstances | None = None
 ) -> Instance | None:
     """The instance ``point`` was taken of, with its live tags when its home region's
     compute answers: None when it is opted out there (its policy resolves to none). When
-    it is gone, its live tags do not parse, or its home region cannot be read (a
-    destination worker without the home's credentials, an outage), the tags ``point``
-    recorded (:func:`point_instance`). ``cache``: by instance id,
-    for one caller's many points."""
+    it is gone (not among the home's live instances), its live tags do not parse, or its
+    home region cannot be read (a destination worker without the home's credentials, an
+    outage), the tags ``point`` recorded (:func:`point_instance`): its copies are what is
+    left of it. ``cache``: the home regions' listings, for one caller's many points (one
+    listing of each home region per call, not a call per instance)."""
     recorded = point_instance(point)
-    if cache is not None and recorded.id in cache:
-        return cache[recorded.id]
-    live: Instance | None
+    if cache is None:
+        cache = {}
+    if recorded.region not in cache:
+        try:
+            compute = engine.region(recorded.region).compute
+            cache[recorded.region] = {i.id: i for i in compute.list_instances()}
+        except Exception as exc:  # any provider's error: the recorded tags decide
+            log.info("%s: live tags not read (%s: %s)", recorded.region, type(exc).__name__, exc)
+            cache[recorded.region] = None
+    listed = cache[recorded.region]
+    found = None if listed is None else listed.get(recorded.id)
+    if found is None:
+        return recorded
+    live = replace(recorded, tags=found.tags)
     try:
-        found = engine.region(recorded.region).compute.get_instance(recorded.id)
-        live = replace(recorded, tags=found.tags)
         if resolve_policy(live, engine.site.config) is None:
-            live = None
-    except InstanceNotFound:
-        # gone from its home (deleted, or its region lost): its copies are what is left of
-        # it, judged and drilled by the tags they recorded
-        live = recorded
-    except RegionVaultError as exc:
-        log.debug("%s: live tags of %s not read (%s)", recorded.region, recorded.id, exc)
-        live = recorded
-    if cache is not None:
-        cache[recorded.id] = live
+            return None
+    except PolicyError:
+        return recorded
     return live
 
 
@@ -286,7 +293,7 @@ class StatusObjectives:
         #: per region: since when its drill events were read, and the drills found
         self._drills: dict[str, tuple[datetime, dict[str, DrillRecord]]] = {}
         #: the instances' live tags (:func:`live_instance`), by id
-        self._live: dict[str, Instance | None] = {}
+        self._live: LiveInstances = {}
 
     def close(self) -> None:
         close = getattr(self._ledger, "close", None)
