@@ -3,6 +3,7 @@ what a launch that failed before an instance existed leaves behind (nothing)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -127,7 +128,11 @@ def _bounded_check(
         except BaseException as exc:  # handed to the waiting thread
             box.append(_Raised(exc))
 
-    thread = threading.Thread(target=check, name="regionvault-health-check", daemon=True)
+    # in the caller's context: the hook sees the job it runs for (core/pipeline/acting.py)
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(check,), name="regionvault-health-check", daemon=True
+    )
     thread.start()
     thread.join(max(0.1, deadline - time.monotonic()))
     if not box:
