@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from regionvault.core.errors import VaultError
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.drills import (
     DRILL_RUNNER_TAG,
@@ -26,6 +27,7 @@ from regionvault.core.pipeline.drills import (
 from regionvault.core.pipeline.objectives import ObjectiveState, rto_state
 from regionvault.core.pipeline.state import DrillRecord
 from regionvault.core.plugins import hookimpl
+from regionvault.core.repository import Event, Repository
 from regionvault.core.site import Site
 from regionvault.core.types import Instance
 from test_drills import (
@@ -167,6 +169,13 @@ def test_another_machine_sees_the_drill_and_does_not_relaunch_it(
     service = Service(engine)
     (first,) = drills(service.tick())
     assert first.error is not None and "did not become healthy" in first.error
+    # this machine's cache names the slot: its own next plan needs no read of the log
+    cached = engine.state.last_drill(west.name, first.key.split("/")[2])
+    assert cached is not None and cached.slot == first.key.split("/")[-1] and not cached.healthy
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Repository, "events", _unreadable)
+        plan = plan_drills(engine, west.name, clock())
+    assert plan.jobs == [] and plan.problems == []
     # another worker machine of the region: no local drill record, no job ledger (as when a
     # drill interval outlives the ledger's retention of its done record)
     shutil.rmtree(engine.state.root / "drills")
@@ -184,6 +193,10 @@ def test_another_machine_sees_the_drill_and_does_not_relaunch_it(
     shutil.rmtree(engine.state.root / "drills")
     (row,) = [r for r in engine.status() if r.region == west.name]
     assert row.last_drill_healthy is True and row.rto_state == "met"
+
+
+def _unreadable(*args: object, **kwargs: object) -> list[Event]:
+    raise VaultError("the event log is not read when the cache answers")
 
 
 def test_the_drill_and_the_rpo_take_the_newest_data_not_the_last_copy(

@@ -55,6 +55,8 @@ class DrillRecord:
             "at": self.at.isoformat(),
             "healthy": self.healthy,
             "rto_seconds": self.rto_seconds,
+            "drill_id": self.drill_id,
+            "slot": self.slot,
         }
 
     @classmethod
@@ -68,6 +70,8 @@ class DrillRecord:
             at=datetime.fromisoformat(str(data["at"])),
             healthy=bool(data["healthy"]),
             rto_seconds=float(rto) if isinstance(rto, int | float) else None,
+            drill_id=str(data["drill_id"]) if data.get("drill_id") else None,
+            slot=str(data["slot"]) if data.get("slot") else None,
         )
 
 
