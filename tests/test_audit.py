@@ -471,8 +471,10 @@ def test_locks_holds_rotation_and_drills_are_in_the_event_log(
     assert drill.status.value == "done", drill.error
     west_events = engine.repository("west").events()
     actions = [e.action for e in west_events]
-    assert actions[2:] == ["restore", "drill", "retention"], actions
-    restored, drilled = west_events[2], west_events[3]
+    # the drill's start (recorded before its launch), its restore, its end
+    assert actions[2:] == ["drill", "restore", "drill", "retention"], actions
+    started, restored, drilled = west_events[2], west_events[3], west_events[4]
+    assert started.detail["phase"] == "start" and started.detail["drill"] == drilled.detail["drill"]
     assert drilled.result == "ok" and drilled.detail["terminated"] is True
     assert drilled.detail["launched"] == restored.detail["launched"]
     assert drilled.point == restored.point == copy.id

@@ -6,10 +6,12 @@ tests/test_distributed_tick.py's."""
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
-from regionvault.core.pipeline.drills import DRILL_TAG
+from regionvault.core.pipeline.drills import DRILL_TAG, plan_drills
 from regionvault.core.pipeline.jobs import DRILL, PLAN_DRILLS, JobStatus
+from regionvault.core.pipeline.objectives import last_drill
 from test_distributed_tick import EAST, WEST, Deployment, dataset, deployment
 
 __all__ = ["dataset", "deployment"]  # the fixtures this module takes from there
@@ -40,6 +42,13 @@ def test_a_distributed_tick_drills_in_the_destination_region(deployment: Deploym
         assert (
             record is not None and record.healthy and record.launched_id == drill.result["launched"]
         )
+        # another machine of west (no drill cache of its own) reads the drill from west's
+        # event log, with west's keys alone; its planner does not drill the slot again
+        shutil.rmtree(west.site.config.state_dir / "drills")
+        now = deployment.now[0]
+        seen = last_drill(west.engine, WEST, nf.id, since=now - timedelta(days=1), now=now)
+        assert seen is not None and seen.healthy and seen.launched_id == record.launched_id
+        assert plan_drills(west.engine, WEST, now).jobs == []
 
     # the next tick within the interval plans no drill; after it, one more
     deployment.now[0] += timedelta(hours=2)

@@ -1,26 +1,25 @@
 """Scheduled drills: restore an instance's newest copy in a destination region, launch it,
-health-check it, record the RTO, and terminate it, at most once every drill interval.
+health-check it, record the RTO, and terminate it, once per slot of the drill interval.
 
 An instance whose operations (core/operations.py) say ``drill = D`` is drilled in every
 region that holds a copy of it: each tick plans, in each region, a ``drill`` job
 (:func:`~regionvault.core.pipeline.jobs.drill_job`, key ``drill/<region>/<instance>/<slot>``,
-slot ``slot_of(now, D)``) for every instance whose last drill there is at least ``D`` old (or
-that has none). The job runs in that region with its credentials alone (it reads the
-operations from the tags the copy recorded), and calls :meth:`Engine.restore` with
-``launch=True``, which runs the health check, calls ``regionvault_after_launch`` and records
-the :class:`~regionvault.core.pipeline.state.DrillRecord`; then it terminates the instance,
-healthy or not. An unhealthy drill is a failed job (its record shows it, so the next tick
-does not drill again before the interval); so is a drill that cannot launch (no record: the
-next tick tries again).
+slot ``slot_of(now, D)``) for every instance whose current slot has no finished drill in
+the region's event log (docs/operations.md). The job runs in that region with its
+credentials alone: it records the drill's start in the region's event log, calls
+:meth:`Engine.restore` with ``launch=True`` (restore, launch, health check,
+``regionvault_after_launch``), terminates the instance, healthy or not, and records the
+drill's end there (and in this machine's state store, a cache). An unhealthy drill, or one
+that cannot launch, is a failed job whose end is on record: the slot is drilled, the next
+tick of the slot does not try again. Only a transient failure leaves the slot open.
 
 The launched instance carries three tags (docs/operations.md): :data:`DRILL_TAG` (this
-drill's own random id), :data:`DRILL_RUNNER_TAG` (the process that runs it, a
-:meth:`ProcessIdentity.token`) and :data:`DRILL_UNTIL_TAG` (a time, in seconds since the
-epoch, by which any drill is over). It is opted out of backups (the policy tag is ``none``)
-and its operations tags are dropped. A drill killed between launch and terminate leaves its
-instance running: every tick (when it plans drills) and every drill job first terminates
-each instance of the region carrying :data:`DRILL_TAG` whose runner is known dead, or whose
-``until`` time has passed (a runner on another host, whose liveness nobody here can tell).
+drill's own random id), :data:`DRILL_RUNNER_TAG` and :data:`DRILL_UNTIL_TAG`, for people
+reading the console. It is opted out of backups (the policy tag ``none``) and its operations
+tags are dropped. A drill killed between launch and terminate leaves its instance running:
+every tick (when it plans drills) and every drill job first terminates each instance of the
+region whose :data:`DRILL_TAG` names a drill whose start the region's event log holds, and
+whose drill is over (:func:`sweep_drill_instances`): never an instance on its tags alone.
 """
 
 from __future__ import annotations
@@ -35,13 +34,26 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.durations import format_duration
-from regionvault.core.errors import PolicyError, RegionVaultError, TransientError
+from regionvault.core.errors import (
+    PolicyError,
+    RegionVaultError,
+    RepositoryNotFound,
+    TransientError,
+)
 from regionvault.core.operations import OPERATION_KEYS
-from regionvault.core.pipeline.jobs import Job, drill_job, slot_of
-from regionvault.core.pipeline.objectives import point_instance
+from regionvault.core.pipeline.jobs import Job, drill_job, format_slot, slot_of
+from regionvault.core.pipeline.objectives import (
+    CLOCK_SKEW,
+    LiveInstances,
+    drill_record,
+    live_instance,
+    newest_captured,
+    point_instance,
+)
+from regionvault.core.pipeline.state import DrillRecord
 from regionvault.core.policy import resolve_policy
 from regionvault.core.procs import ProcessIdentity
-from regionvault.core.repository import EventAction
+from regionvault.core.repository import Event, EventAction
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline.engine import Engine, PointsView
@@ -50,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DRILL_ALLOWANCE",
+    "DRILL_RECORD_WINDOW",
     "DRILL_RUNNER_TAG",
     "DRILL_TAG",
     "DRILL_UNTIL_TAG",
@@ -57,6 +70,7 @@ __all__ = [
     "DrillPlan",
     "drill_jobs",
     "drill_tags",
+    "newest_copies",
     "no_copy_notes",
     "plan_drills",
     "run_drill",
@@ -79,11 +93,20 @@ DRILL_UNTIL_TAG = "regionvault-drill-until"
 #: launch) and its termination. A drill instance older than this whose runner nobody here can
 #: judge (another host) is taken as left behind
 DRILL_ALLOWANCE = timedelta(hours=12)
+#: how far back the sweep reads a region's event log for the drills on record: a drill
+#: instance left behind longer than this (no tick swept the region meanwhile) is no longer
+#: told from a forged one, and is left alone (said in the tick's notes)
+DRILL_RECORD_WINDOW = timedelta(days=7)
 
 
 class DrillFailed(RegionVaultError):
     """A drill that could not launch, or launched an instance that did not become healthy
-    (terminated all the same), or could not terminate it."""
+    (terminated all the same), or could not terminate it. ``detail``: what its ``drill``
+    event records besides (the launched instance, healthy, its RTO)."""
+
+    def __init__(self, message: str, *, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.detail: dict[str, Any] = dict(detail or {})
 
 
 @dataclass
@@ -123,18 +146,27 @@ class DrillPlan:
         )
 
 
-def drill_tags(engine: Engine, point: RecoveryPoint, drill_id: str) -> dict[str, str]:
+def drill_tags(
+    engine: Engine, point: RecoveryPoint, drill_id: str, until: int | None = None
+) -> dict[str, str]:
     """The tags of a drill's launched instance: the point's instance's, opted out of
-    backups and drills (the policy tag ``none``, no operations tags), with the drill's marks."""
+    backups and drills (the policy tag ``none``, no operations tags), with the drill's marks
+    (``until``: whole seconds since the epoch; by default the health timeout and
+    :data:`DRILL_ALLOWANCE` from now)."""
     tags = dict(point_instance(point).tags)
     for tag in OPERATION_KEYS.values():
         tags.pop(tag, None)
     tags[engine.site.config.tag_key] = "none"
-    until = time.time() + engine.health_timeout + DRILL_ALLOWANCE.total_seconds()
+    if until is None:
+        until = _until(engine)
     tags[DRILL_TAG] = drill_id
     tags[DRILL_RUNNER_TAG] = ProcessIdentity.current().token()
-    tags[DRILL_UNTIL_TAG] = str(int(until))
+    tags[DRILL_UNTIL_TAG] = str(until)
     return tags
+
+
+def _until(engine: Engine) -> int:
+    return int(time.time() + engine.health_timeout + DRILL_ALLOWANCE.total_seconds())
 
 
 #: the drills running in this process (their :data:`DRILL_TAG` ids): one of this process's
@@ -143,35 +175,84 @@ _running: set[str] = set()
 _running_lock = threading.Lock()
 
 
-def _left_behind(instance: Instance, now: float) -> str | None:
-    """Why ``instance`` (carrying :data:`DRILL_TAG`) is a drill left behind, or None while
-    its drill may still run."""
-    token = instance.tags.get(DRILL_RUNNER_TAG, "")
+def _drills_on_record(events: Iterable[Event]) -> tuple[dict[str, Event], dict[str, Event]]:
+    """The ``drill`` events among ``events`` by drill id: ``(started, ended)``."""
+    started: dict[str, Event] = {}
+    ended: dict[str, Event] = {}
+    for event in events:
+        if event.action != EventAction.DRILL:
+            continue
+        drill_id = event.detail.get("drill")
+        if not isinstance(drill_id, str) or not drill_id:
+            continue
+        if event.detail.get("phase") == "start":
+            started[drill_id] = event
+        else:
+            ended[drill_id] = event
+    return started, ended
+
+
+def _left_behind(
+    instance: Instance, started: dict[str, Event], ended: dict[str, Event], now: float
+) -> tuple[str | None, str | None]:
+    """``(why it is a drill left behind, why it is left alone)``: the first None while
+    its drill may still run, or when it is no drill regionvault recorded launching."""
+    drill_id = instance.tags.get(DRILL_TAG, "")
+    start = started.get(drill_id)
+    if start is None:
+        # its tags alone never terminate an instance: anyone who may tag could forge them
+        return None, f"it carries {DRILL_TAG} but no drill of that id is on record here"
+    with _running_lock:
+        if drill_id in _running:
+            return None, None
+    end = ended.get(drill_id)
+    if end is not None:
+        launched = end.detail.get("launched")
+        if isinstance(launched, str) and launched and launched != instance.id:
+            return None, f"its drill {drill_id} launched {launched}, not this instance"
+        return "its drill is over", None
+    token = str(start.detail.get("runner") or "")
     if token == ProcessIdentity.current().token():
-        with _running_lock:
-            running = instance.tags.get(DRILL_TAG) in _running
-        return None if running else "its drill in this process is over"
+        return "its drill in this process is over", None
     runner = ProcessIdentity.from_token(token)
     if runner is not None and runner.alive() is False:
-        return "its drill's process is gone"
-    until = instance.tags.get(DRILL_UNTIL_TAG, "")
-    if not until.isdigit():
-        return f"its {DRILL_UNTIL_TAG} tag {until!r} is not a time"
-    if int(until) < now:
-        return "its drill's time is over"
-    return None
+        return "its drill's process is gone", None
+    until = start.detail.get("until")
+    if isinstance(until, int) and until < now:
+        return "its drill's time is over", None
+    return None, None
 
 
 def sweep_drill_instances(engine: Engine, region: str) -> tuple[list[str], list[str]]:
     """Terminate the drill instances of ``region`` left behind (by a drill killed between
-    launch and terminate, or whose terminate failed): ``(notes, problems)``, a line each."""
+    launch and terminate, or whose terminate failed): ``(notes, problems)``, a line each.
+
+    Only a drill regionvault recorded launching is terminated: the instance's
+    :data:`DRILL_TAG` must name a drill whose start the region's event log holds (written
+    before the launch; read back :data:`DRILL_RECORD_WINDOW`), and its drill must be over:
+    its end is on record (and names this instance, when it names one), its recorded runner
+    is this process or is gone, or its recorded ``until`` has passed. The instance's own
+    tags decide nothing else. The log is read only when the region has drill-tagged
+    instances."""
     r = engine.region(region)
     notes: list[str] = []
     problems: list[str] = []
+    found = list(r.compute.list_instances(tag_filters={DRILL_TAG: None}))
+    if not found:
+        return notes, problems
+    try:
+        repo = engine.repository(r.name, create=False)
+    except RepositoryNotFound:
+        events: list[Event] = []  # nothing recorded here: no drill of ours ran here
+    else:
+        events = repo.events(engine.clock() - DRILL_RECORD_WINDOW)
+    started, ended = _drills_on_record(events)
     now = time.time()
-    for instance in list(r.compute.list_instances(tag_filters={DRILL_TAG: None})):
-        why = _left_behind(instance, now)
+    for instance in found:
+        why, alone = _left_behind(instance, started, ended, now)
         if why is None:
+            if alone is not None:
+                notes.append(f"{r.name}: {instance.id} ({instance.name}) left alone: {alone}")
             continue
         try:
             r.compute.terminate(instance.id)
@@ -206,42 +287,108 @@ def _terminate_drill(engine: Engine, region: str, drill_id: str) -> list[str]:
     return failed
 
 
+def newest_copies(engine: Engine, region: str) -> dict[str, RecoveryPoint]:
+    """Per instance, its copy in ``region`` holding the newest data (by capture time:
+    :func:`~regionvault.core.pipeline.objectives.newest_captured`)."""
+    by_instance: dict[str, list[RecoveryPoint]] = {}
+    for point in engine.points(region):
+        if point.lineage is not None:
+            by_instance.setdefault(point.instance_id, []).append(point)
+    if not by_instance:
+        return {}
+    repo = engine.repository(region, create=False)
+    newest: dict[str, RecoveryPoint] = {}
+    for instance_id, copies in by_instance.items():
+        found = newest_captured(repo, copies)
+        if found is not None:
+            newest[instance_id] = found[0]
+    return newest
+
+
+def _drilled_in_slot(record: DrillRecord, slot: datetime, interval: timedelta) -> bool:
+    if record.slot is not None:
+        return record.slot == format_slot(slot)
+    return slot_of(record.at, interval) == slot
+
+
 def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
-    """``region``'s drills due at ``now``: a job for each instance with a copy there whose
-    drill interval (read from its newest copy's tags) has passed since its last drill there,
-    after terminating the drill instances left behind (:func:`sweep_drill_instances`)."""
+    """``region``'s drills due at ``now``, after terminating the drill instances left
+    behind (:func:`sweep_drill_instances`): a job for each instance with a copy there whose
+    drill interval ``D`` (its live tags where its home region answers, else its newest
+    copy's) asks for one and whose slot ``slot_of(now, D)`` has no finished drill on record
+    in the region's event log (healthy or not, launched or not: a slot is drilled once; a
+    transient failure is retried). An instance opted out at home is not drilled.
+
+    What it reads: the region's points, the newest copy's manifest of each instance, and
+    the event log since the earliest current slot among the instances due, unless this
+    machine's state store already holds each one's drill of its slot (a cache: never the
+    reason to drill)."""
     here = engine.region(region).name
     plan = DrillPlan(here)
     try:
         plan.notes, plan.problems = sweep_drill_instances(engine, here)
     except RegionVaultError as exc:
-        plan.problems.append(f"{here}: drills: cannot list drill instances: {exc}")
+        plan.problems.append(f"{here}: drills: cannot sweep drill instances: {exc}")
     try:
-        points = engine.points(here)
+        newest = newest_copies(engine, here)
     except RegionVaultError as exc:
         plan.problems.append(f"{here}: drills: {exc}")
         return plan
-    newest: dict[str, RecoveryPoint] = {}
-    for point in points:
-        if point.lineage is not None:
-            newest[point.instance_id] = point  # points come oldest first
+    live: LiveInstances = {}
+    wanted: list[tuple[str, RecoveryPoint, timedelta, datetime]] = []
     for instance_id, point in sorted(newest.items()):
+        instance = live_instance(engine, point, live)
+        if instance is None:
+            log.info("%s: %s not drilled: opted out in its home region", here, instance_id)
+            continue
         try:
-            interval = engine.operations(point_instance(point), keys=_DRILL_KEYS).drill
+            interval = engine.operations(instance, keys=_DRILL_KEYS).drill
         except PolicyError as exc:
             # as the scheduler treats a malformed policy tag: said, not a failure of the tick
             plan.notes.append(f"{here}: not drilled: {exc}")
             continue
         if interval is None:
             continue
-        last = engine.state.last_drill(here, instance_id)
-        if last is not None and now - last.at < interval:
+        slot = slot_of(now, interval)
+        cached = engine.state.last_drill(here, instance_id)
+        if (
+            cached is not None
+            and cached.at <= now + CLOCK_SKEW
+            and cached.slot == format_slot(slot)
+        ):
+            continue
+        wanted.append((instance_id, point, interval, slot))
+    if not wanted:
+        return plan
+    try:
+        events = engine.repository(here, create=False).events(min(w[3] for w in wanted))
+    except RegionVaultError as exc:
+        plan.problems.append(f"{here}: drills: cannot read the event log: {exc}")
+        return plan
+    done: set[str] = set()
+    for event in events:
+        record = drill_record(event)
+        if record is None:
+            continue
+        if record.at > now + CLOCK_SKEW:
+            log.warning(
+                "%s: drill record of %s dated %s, in the future: ignored",
+                here,
+                record.instance_id,
+                record.at.isoformat(),
+            )
+            continue
+        for instance_id, _point, interval, slot in wanted:
+            if record.instance_id == instance_id and _drilled_in_slot(record, slot, interval):
+                done.add(instance_id)
+    for instance_id, point, interval, slot in wanted:
+        if instance_id in done:
             continue
         payload = {
             "instance_name": point.instance_name,
             "interval_s": int(interval.total_seconds()),
         }
-        plan.jobs.append(drill_job(here, instance_id, slot_of(now, interval), payload))
+        plan.jobs.append(drill_job(here, instance_id, slot, payload))
     return plan
 
 
@@ -276,44 +423,103 @@ def no_copy_notes(engine: Engine, report: TickReport, view: PointsView) -> list[
 
 
 def run_drill(engine: Engine, job: Job) -> dict[str, Any]:
-    """The ``drill`` job: terminate the region's leftovers, restore the instance's newest
-    copy there, launch it (health check, ``regionvault_after_launch``, the drill record) and
-    terminate it. Raises :class:`DrillFailed` when it cannot launch, is not healthy, or
-    cannot be terminated; a transient error as it is (the executor retries it)."""
+    """The ``drill`` job: terminate the region's leftovers, record the drill's start in the
+    region's event log (no record, no launch), restore the instance's newest copy there,
+    launch it (health check, ``regionvault_after_launch``) and terminate it, then record
+    its end there (healthy or not, launched or not: the slot is drilled) and in this
+    machine's state store (a cache). Raises :class:`DrillFailed` when it cannot launch, is
+    not healthy, or cannot be terminated; a transient error as it is (the executor retries
+    it, and its end is marked transient: the slot is not drilled yet)."""
     here = engine.region(job.region or "").name
     try:
         instance_id = str(job.payload["instance_id"])
     except KeyError:
         raise RegionVaultError(f"job {job.key}: payload lacks 'instance_id'") from None
-    swept, problems = sweep_drill_instances(engine, here)
+    slot = str(job.payload.get("slot") or "")
+    try:
+        swept, problems = sweep_drill_instances(engine, here)
+    except RegionVaultError as exc:
+        swept, problems = [], [f"{here}: drills: cannot sweep drill instances: {exc}"]
     copies = [p for p in engine.points(here, instance_id) if p.lineage is not None]
-    if not copies:
+    found = newest_captured(engine.repository(here, create=False), copies) if copies else None
+    if found is None:
         raise DrillFailed(f"drill of {instance_id} in {here}: no copy of it there to restore")
-    point = copies[-1]
+    point = found[0]
     drill_id = secrets.token_hex(8)
+    until = _until(engine)
     with _running_lock:
         _running.add(drill_id)
     try:
-        try:
-            outcome = _drill(engine, here, instance_id, point, drill_id, swept, problems)
-        except Exception as exc:
-            # the region's event log: the drill and its result (the restore's own event,
-            # with its launch, precedes it)
-            engine.record_event(here, EventAction.DRILL, point, exc, drill=drill_id)
-            raise
-        engine.record_event(
+        marks: dict[str, Any] = {"drill": drill_id, "slot": slot or None}
+        started = engine.record_event(
             here,
             EventAction.DRILL,
             point,
-            drill=drill_id,
-            launched=outcome["launched"],
-            rto_ms=round(float(outcome["rto_seconds"]) * 1000),
-            terminated=True,
+            phase="start",
+            until=until,
+            runner=ProcessIdentity.current().token(),
+            **marks,
         )
+        if started is None:
+            # unrecorded, its instance could never be told from a forged one: not launched
+            raise TransientError(
+                f"drill of {instance_id} in {here}: its start cannot be recorded in the "
+                "region's event log: not launched"
+            )
+        try:
+            outcome = _drill(engine, here, instance_id, point, drill_id, until, swept, problems)
+        except Exception as exc:
+            # the region's event log: the drill and its result (the restore's own event,
+            # with its launch, precedes it)
+            detail = dict(getattr(exc, "detail", None) or {})
+            transient = isinstance(exc, TransientError)
+            engine.record_event(
+                here, EventAction.DRILL, point, exc, transient=transient, **marks, **detail
+            )
+            if not transient:
+                _cache(engine, here, point, slot, drill_id, detail)
+            raise
+        detail = {
+            "launched": outcome["launched"],
+            "healthy": True,
+            "rto_ms": round(float(outcome["rto_seconds"]) * 1000),
+            "terminated": True,
+        }
+        engine.record_event(here, EventAction.DRILL, point, **marks, **detail)
+        _cache(engine, here, point, slot, drill_id, detail)
         return outcome
     finally:
         with _running_lock:
             _running.discard(drill_id)
+
+
+def _cache(
+    engine: Engine,
+    here: str,
+    point: RecoveryPoint,
+    slot: str,
+    drill_id: str,
+    detail: dict[str, Any],
+) -> None:
+    """This machine's copy of a finished drill (the event log holds the record)."""
+    rto_ms = detail.get("rto_ms")
+    healthy = detail.get("healthy") is True
+    try:
+        engine.state.record_drill(
+            DrillRecord(
+                region=here,
+                instance_id=point.instance_id,
+                point_id=point.id,
+                launched_id=str(detail.get("launched") or ""),
+                at=engine.clock(),
+                healthy=healthy,
+                rto_seconds=rto_ms / 1000 if healthy and isinstance(rto_ms, int) else None,
+                drill_id=drill_id,
+                slot=slot or None,
+            )
+        )
+    except OSError as exc:
+        log.warning("%s: drill %s not cached in the state store: %s", here, drill_id, exc)
 
 
 def _drill(
@@ -322,12 +528,13 @@ def _drill(
     instance_id: str,
     point: RecoveryPoint,
     drill_id: str,
+    until: int,
     swept: list[str],
     problems: list[str],
 ) -> dict[str, Any]:
     try:
         result = engine.restore(
-            point.id, region=here, launch=True, tags=drill_tags(engine, point, drill_id)
+            point.id, region=here, launch=True, tags=drill_tags(engine, point, drill_id, until)
         )
     except BaseException as exc:
         # a launch that failed after its instance existed must not leave it running
@@ -345,6 +552,13 @@ def _drill(
         engine.region(here).compute.terminate(launched.id)
     except RegionVaultError as exc:
         terminate_error = str(exc)
+    rto = result.seconds_to_healthy
+    detail: dict[str, Any] = {
+        "launched": launched.id,
+        "healthy": result.healthy,
+        "rto_ms": None if rto is None else round(rto * 1000),
+        "terminated": terminate_error is None,
+    }
     if not result.healthy:
         left = (
             f"; it could not be terminated ({terminate_error}): a later tick terminates it"
@@ -353,13 +567,15 @@ def _drill(
         )
         raise DrillFailed(
             f"drill of {instance_id} in {here}: {launched.id} ({launched.name}) launched from "
-            f"copy {point.id} did not become healthy ({result.health_error}){left}"
+            f"copy {point.id} did not become healthy ({result.health_error}){left}",
+            detail=detail,
         )
     if terminate_error is not None:
         raise DrillFailed(
             f"drill of {instance_id} in {here}: healthy in {result.seconds_to_healthy:.2f}s, "
             f"but {launched.id} could not be terminated ({terminate_error}): a later tick "
-            "terminates it"
+            "terminates it",
+            detail=detail,
         )
     return {
         "point": point.id,

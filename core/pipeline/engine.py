@@ -47,7 +47,7 @@ from regionvault.core.pipeline.launch import (
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
 from regionvault.core.pipeline.locks import LockFailed
-from regionvault.core.pipeline.objectives import StatusObjectives
+from regionvault.core.pipeline.objectives import StatusObjectives, newest_captured
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
@@ -1522,11 +1522,8 @@ class Engine:
             for p in points:
                 by_instance.setdefault(p.instance_id, []).append(p)
             for instance_id, pts in sorted(by_instance.items()):
-                newest = pts[-1]
-                try:
-                    captured = repo.load_manifest(newest.id).taken_at
-                except RegionVaultError:
-                    captured = newest.created_at
+                # the newest data (by capture, not by arrival: a late copy of an old point)
+                newest, captured = newest_captured(repo, pts) or (pts[-1], pts[-1].created_at)
                 copies = [p for p in pts if p.lineage is not None]
                 drill = self.state.last_drill(r.name, instance_id)
                 rows.append(

@@ -3,7 +3,9 @@ what a launch that failed before an instance existed leaves behind (nothing)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -91,9 +93,10 @@ def await_healthy(
     while True:
         try:
             current = region.compute.get_instance(instance.id)
-            answer = plugin_manager.hook.regionvault_health_check(
-                region=region.name, instance=current
-            )
+            answered, answer = _bounded_check(plugin_manager, region.name, current, deadline)
+            if not answered:
+                log.warning("health check of %s in %s hung", instance.id, region.name)
+                return None, f"the health check did not answer within {timeout:g}s"
         except Exception as exc:
             log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
             return None, f"health check raised {type(exc).__name__}: {exc}"
@@ -106,3 +109,40 @@ def await_healthy(
         if time.monotonic() >= deadline:
             return None, f"not healthy after {timeout:g}s (state {current.state})"
         time.sleep(0.05)
+
+
+def _bounded_check(
+    plugin_manager: pluggy.PluginManager, region: str, instance: Instance, deadline: float
+) -> tuple[bool, object]:
+    """``(answered, answer)`` of ``regionvault_health_check``, called in a daemon thread and
+    waited for until ``deadline`` (monotonic; at least a tenth of a second, so that a zero
+    timeout still asks once) at most: a hook that hangs is left to itself (``answered``
+    False), the launch's health timeout bounds it. Its error is raised here."""
+    box: list[object] = []
+
+    def check() -> None:
+        try:
+            box.append(
+                plugin_manager.hook.regionvault_health_check(region=region, instance=instance)
+            )
+        except BaseException as exc:  # handed to the waiting thread
+            box.append(_Raised(exc))
+
+    # in the caller's context: the hook sees the job it runs for (core/pipeline/acting.py)
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(check,), name="regionvault-health-check", daemon=True
+    )
+    thread.start()
+    thread.join(max(0.1, deadline - time.monotonic()))
+    if not box:
+        return False, None
+    (answer,) = box
+    if isinstance(answer, _Raised):
+        raise answer.error
+    return True, answer
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

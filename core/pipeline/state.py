@@ -41,6 +41,10 @@ class DrillRecord:
     at: datetime
     healthy: bool
     rto_seconds: float | None
+    #: a scheduled drill's id and slot (``format_slot``), as its ``drill`` event records
+    #: them; None for a plain ``restore --launch``
+    drill_id: str | None = None
+    slot: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -51,6 +55,8 @@ class DrillRecord:
             "at": self.at.isoformat(),
             "healthy": self.healthy,
             "rto_seconds": self.rto_seconds,
+            "drill_id": self.drill_id,
+            "slot": self.slot,
         }
 
     @classmethod
@@ -64,6 +70,8 @@ class DrillRecord:
             at=datetime.fromisoformat(str(data["at"])),
             healthy=bool(data["healthy"]),
             rto_seconds=float(rto) if isinstance(rto, int | float) else None,
+            drill_id=str(data["drill_id"]) if data.get("drill_id") else None,
+            slot=str(data["slot"]) if data.get("slot") else None,
         )
 
 
