@@ -86,7 +86,7 @@ def parse_since(text: str, now: datetime) -> datetime:
         return now - parse_duration(text)
     except DurationError as exc:
         if _DURATION_LIKE.fullmatch(text.strip()):
-            raise ValueError(f"--since {text!r}: {exc.reason}") from None
+            raise ValueError(f"--since: {exc}") from None
     except OverflowError:
         raise ValueError(f"--since {text!r} reaches back before the year 1") from None
     try:
@@ -239,8 +239,11 @@ def region_events(engine: Engine, region: str, since: datetime | None = None) ->
 class _Region:
     """What the audit read of one region, once."""
 
-    def __init__(self, engine: Engine, name: str, since: datetime | None) -> None:
+    def __init__(self, auditor: _Auditor, name: str) -> None:
+        engine = auditor.engine
+        self.auditor = auditor
         self.name = name
+        self._log: RegionEvents | None = None
         self.repo: Repository | None = None
         self.points: list[RecoveryPoint] = []
         self.unreadable: str | None = None
@@ -252,7 +255,19 @@ class _Region:
         except RegionVaultError as exc:
             self.unreadable = f"{name} cannot be read: {exc}"
             self.repo = None
-        self.log = region_events(engine, name, since)
+
+    @property
+    def log(self) -> RegionEvents:
+        """The region's event log from the auditor's ``log_from``: read once, when a
+        control first needs it (after run() worked out the window)."""
+        if self._log is None:
+            a = self.auditor
+            log_ = self._log = region_events(a.engine, self.name, a.log_from)
+            a.report.event_reads[self.name] = log_.reads(a.log_from)
+            if log_.unreadable and self.repo is not None and not self.unreadable:
+                a.report.problems.append(f"{self.name}: event log: {log_.unreadable}")
+            a.report.problems.extend(f"{self.name}: event log: {p}" for p in log_.problems)
+        return self._log
 
     def of(self, instance_id: str, *, copies: bool) -> list[RecoveryPoint]:
         """The instance's points here, oldest first: home points, or copies."""
@@ -281,13 +296,9 @@ class _Auditor:
     def region(self, name: str) -> _Region:
         found = self._regions.get(name)
         if found is None:
-            found = self._regions[name] = _Region(self.engine, name, self.log_from)
-            self.report.event_reads[name] = found.log.reads(self.log_from)
+            found = self._regions[name] = _Region(self, name)
             if found.unreadable:
                 self.report.problems.append(found.unreadable)
-            elif found.log.unreadable and found.repo is not None:
-                self.report.problems.append(f"{name}: event log: {found.log.unreadable}")
-            self.report.problems.extend(f"{name}: event log: {p}" for p in found.log.problems)
         return found
 
     # ----------------------------------------------------------------- instances
@@ -330,8 +341,40 @@ class _Auditor:
                 need = max(need, interval + self.tick)
         return self.now - need
 
+    def gone(self, live: list[Instance]) -> list[Instance]:
+        """Instances no compute lists any more (terminated) whose points remain: from the
+        newest point of each (its name, tags and home region); with --region, that region's
+        points only."""
+        known = {i.id for i in live}
+        newest: dict[str, RecoveryPoint] = {}
+        for r in self.engine.site.regions:
+            if self.only is not None and r.name != self.only:
+                continue
+            for p in self.region(r.name).points:
+                if p.instance_id not in known:
+                    seen = newest.get(p.instance_id)
+                    if (
+                        seen is None
+                        or (seen.lineage is not None and p.lineage is None)
+                        or (
+                            (seen.lineage is None) == (p.lineage is None)
+                            and p.created_at > seen.created_at
+                        )
+                    ):
+                        newest[p.instance_id] = p
+        found = []
+        for p in newest.values():
+            home = p.region if p.lineage is None else p.lineage.source_region
+            try:
+                home = self.engine.region(home).name
+            except RegionVaultError:
+                continue  # a copy from a region this site no longer names
+            found.append(Instance(p.instance_id, p.instance_name, home, p.tags, state="terminated"))
+        return found
+
     def run(self) -> AuditReport:
-        listed = sorted(self.instances(), key=lambda i: (i.region, i.name, i.id))
+        live = list(self.instances())
+        listed = sorted([*live, *self.gone(live)], key=lambda i: (i.region, i.name, i.id))
         if self.since is None:
             self.log_from = self.window(listed)
         for inst in listed:
