@@ -24,10 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from regionvault.core.pipeline import Engine  # noqa: E402
-from regionvault.core.pipeline.audit import audit, region_events  # noqa: E402
-from regionvault.core.repository import RepositorySettings  # noqa: E402
-from site_support import open_site, site_toml  # noqa: E402
+from regionvault.core.pipeline import Engine
+from regionvault.core.pipeline.audit import audit, region_events
+from regionvault.core.repository import RepositorySettings
+from site_support import open_site, site_toml
 
 
 def main() -> None:
