@@ -139,6 +139,7 @@ def test_a_compliant_and_a_non_compliant_instance(
     assert late["newest_point"] == stale.id and late["age_seconds"] > 3600 + 300
     copied = good_controls["copied", "west"]["evidence"]
     assert (copied["newest_copy"], copied["source_point"]) == (copy.id, point.id)
+    assert backed["unlogged"] == [] and copied["unlogged"] == []  # each has its event
     keys = good_controls["copy_encrypted", "west"]["evidence"]
     assert keys["destination_key_id"] == west.keys.key_id
     (tried,) = keys["regions_tried"]  # the only other region: the source

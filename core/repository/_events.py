@@ -256,9 +256,12 @@ def write_event(
         _TAIL[store.vault_id] = (seq, _digest(sealed))
     if store.vault.capabilities.worm_lock:
         # from the later of the writer's and this host's clock: a lock never starts past
-        store.vault.set_retention(
-            name, max(at, datetime.now(UTC)) + EVENT_RETAIN, EVENT_RETAIN_MODE
-        )
+        try:
+            store.vault.set_retention(
+                name, max(at, datetime.now(UTC)) + EVENT_RETAIN, EVENT_RETAIN_MODE
+            )
+        except RegionVaultError as exc:
+            raise EventError(f"{name} was written but could not be WORM-locked: {exc}") from exc
     return Event(name, at, action, dict(who), point, instance, result, error, checked, seq, prev)
 
 
