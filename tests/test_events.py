@@ -6,6 +6,7 @@ rebuild-index never touch them; nothing of an event is readable at rest, not eve
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from regionvault.core.repository._events import (
 )
 from regionvault.core.types import RetentionMode
 from repository_support import INSTANCE, capture, flip_bit, listing, object_path, repo_for
+from site_support import open_site
 
 T0 = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
 
@@ -306,3 +308,23 @@ def test_since_reads_only_from_the_first_event_at_or_after_it(east: Region) -> N
     # a bisection (at most 9 fetches for 200) plus the ten read and the one before them
     assert log.fetched <= 9 + 10 + 1
     assert read_event_log(repo._ensure_open()).fetched == 200
+
+
+def test_a_copy_of_the_vault_elsewhere_keeps_its_own_numbers(
+    east: Region, site_file: Path, tmp_path: Path
+) -> None:
+    repo = repo_for(east)
+    repo.record_event(EventAction.BACKUP, at=T0, who=current_actor())
+    # a copy of the whole site (the same vault id), opened in this same process
+    copied = tmp_path / "copied"
+    shutil.copytree(site_file.parent, copied, ignore=shutil.ignore_patterns("copied"))
+    with open_site(copied / site_file.name) as other_site:
+        other = other_site.region("east")
+        assert other.vault.vault_id == east.vault.vault_id
+        repo.record_event(EventAction.PRUNE, at=T0, who=current_actor())  # the original: 1
+        there = Repository.open(other.vault, other.keys, region=other.name)
+        made = there.record_event(EventAction.VERIFY, at=T0, who=current_actor())
+        assert made.seq == 1  # its own log's next, not the original's (2)
+        problems: list = []
+        assert [e.action for e in there.events(problems=problems)] == ["backup", "verify"]
+        assert problems == []

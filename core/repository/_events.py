@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -100,10 +101,11 @@ class EventResult:
 ACTIONS = frozenset(v for k, v in vars(EventAction).items() if k.isupper())
 RESULTS = frozenset((EventResult.OK, EventResult.FAILED, EventResult.REFUSED))
 
-#: the last event this process wrote or saw at the tail of each vault's log (by vault id):
-#: its sequence number and the BLAKE3 of its sealed bytes; the next write tries the number
-#: after it, and lists the log only when that number is taken
-_TAIL: dict[str, tuple[int, str]] = {}
+#: the last event this process wrote into each vault (by vault id, kept only for the vault
+#: object it went through: a copy of the vault elsewhere has the same id): that object, the
+#: event's sequence number and the BLAKE3 of its sealed bytes; the next write tries the
+#: number after it, and lists the log only when it knows none or that number is taken
+_TAIL: dict[str, tuple[weakref.ref[Any], int, str]] = {}
 _TAIL_LOCK = threading.Lock()
 
 
@@ -230,7 +232,7 @@ def write_event(
         "detail": checked,
     }
     with _TAIL_LOCK:  # one process writes its events in the order it recorded them
-        seq, prev = _TAIL.get(store.vault_id) or _read_tail(store)
+        seq, prev = _cached_tail(store) or _read_tail(store)
         for _ in range(MAX_RACE):
             seq += 1
             name = event_seq_name(seq)
@@ -253,7 +255,7 @@ def write_event(
             break
         else:
             raise EventError(f"{store.vault_id}: no free event number after {MAX_RACE} tries")
-        _TAIL[store.vault_id] = (seq, _digest(sealed))
+        _TAIL[store.vault_id] = (weakref.ref(store.vault), seq, _digest(sealed))
     if store.vault.capabilities.worm_lock:
         # from the later of the writer's and this host's clock: a lock never starts past
         try:
@@ -263,6 +265,15 @@ def write_event(
         except RegionVaultError as exc:
             raise EventError(f"{name} was written but could not be WORM-locked: {exc}") from exc
     return Event(name, at, action, dict(who), point, instance, result, error, checked, seq, prev)
+
+
+def _cached_tail(store: Store) -> tuple[int, str | None] | None:
+    """What this process wrote last into this very vault object: another object with the
+    same vault id (a copy of the vault elsewhere) must list its own log."""
+    found = _TAIL.get(store.vault_id)
+    if found is None or found[0]() is not store.vault:
+        return None
+    return found[1], found[2]
 
 
 def event_seq_name(seq: int) -> str:
