@@ -395,6 +395,10 @@ def test_what_cannot_be_read_fails_the_audit_and_is_named(
         assert "local:west cannot be read" in found[key]["why"], key
     assert found["backed_up", "east"]["status"] == "passed"
     assert found["verified", "east"]["status"] == "passed"
+    # east's compute down too: its instance is unknown, not taken for a terminated one
+    monkeypatch.setattr(east.compute, "list_instances", down)
+    blind = audit(Engine(site, clock=engine.clock, settings=SETTINGS))
+    assert blind.instances == [] and not blind.ok
 
 
 def test_a_destination_that_holds_nothing_yet(engine: Engine, site: Site, tmp_path: Path) -> None:

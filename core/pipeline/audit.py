@@ -288,6 +288,9 @@ class _Auditor:
         self.copy_lag = self.tick + engine.copy_grace
         self._regions: dict[str, _Region] = {}
         self._refusals: dict[str, Control] = {}
+        #: regions whose Compute could not list its instances (their points are not taken
+        #: for a terminated instance's)
+        self._unlisted: set[str] = set()
         self.report = AuditReport(self.now, since)
         #: where every region's event log is read from (run() works it out): ``since``, or
         #: the window the controls need
@@ -310,6 +313,7 @@ class _Auditor:
             except RegionVaultError as exc:
                 # one region's compute down must not hide the others' controls
                 self.report.problems.append(f"{r.name}: instances cannot be listed: {exc}")
+                self._unlisted.add(r.name)
                 continue
             yield from listed
 
@@ -369,6 +373,8 @@ class _Auditor:
                 home = self.engine.region(home).name
             except RegionVaultError:
                 continue  # a copy from a region this site no longer names
+            if home in self._unlisted:
+                continue  # its instances are unknown, not gone (a problem already)
             found.append(Instance(p.instance_id, p.instance_name, home, p.tags, state="terminated"))
         return found
 
