@@ -10,11 +10,12 @@ import shutil
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from regionvault.core import Region
 from regionvault.core.errors import IntegrityError, RetentionLocked
-from regionvault.core.repository import EventAction, EventResult, Repository, current_actor
+from regionvault.core.repository import EventAction, EventResult, Repository, _events, current_actor
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._events import (
     EVENT_PAD,
@@ -252,16 +253,31 @@ def test_a_replaced_event_breaks_the_chain(east: Region) -> None:
     ]
 
 
-def test_two_writers_never_share_a_number_and_keep_the_chain(east: Region) -> None:
+def test_two_writers_never_share_a_number_and_keep_the_chain(
+    east: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
     one = repo_for(east)
     other = Repository.open(east.vault, east.keys, region=east.name)
     who = current_actor()
     one.record_event(EventAction.BACKUP, at=T0, who=who)  # this process now knows seq 0
+    stale = _events._TAIL[east.vault.vault_id]
     forget_tail(east.vault.vault_id)  # the other writer is another process: it lists
     other.record_event(EventAction.COPY, at=T0, who=who)
-    # the first writer's cache is stale: it finds number 1 taken and takes 2
+    _events._TAIL[east.vault.vault_id] = stale  # back in the first process: it knows 0
+    # the first writer's cache is stale: it finds number 1 taken and takes 2, listing the
+    # log only from the taken number's block on, not from its start
+    listed: list[str] = []
+    real_list = east.vault.list
+
+    def counting_list(prefix: str = "") -> Any:
+        listed.append(prefix)
+        return real_list(prefix)
+
+    monkeypatch.setattr(east.vault, "list", counting_list)
     third = one.record_event(EventAction.PRUNE, at=T0, who=who)
+    monkeypatch.undo()
     assert third.seq == 2
+    assert listed == ["events/0000000000000", "events/0000000000001"]
     log = read_event_log(one._ensure_open())
     assert log.problems == []
     assert [(e.seq, e.action) for e in log.events] == [(0, "backup"), (1, "copy"), (2, "prune")]

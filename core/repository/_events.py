@@ -250,7 +250,7 @@ def write_event(
                 store.vault.put(name, sealed, if_absent=True)
             except ObjectExists:
                 # another writer took it: the log's tail, as it stands now, and the next
-                seq, prev = _read_tail(store)
+                seq, prev = _read_tail(store, seq)
                 continue
             break
         else:
@@ -301,13 +301,34 @@ def _padded(body: dict[str, Any]) -> bytes:
     return canonical_json({**body, "pad": " " * (-len(bare) % EVENT_PAD)})
 
 
-def _read_tail(store: Store) -> tuple[int, str | None]:
-    """The last event's number and digest as the vault lists it now ((-1, None): empty)."""
-    numbered = _listed(store)[0]
-    if not numbered:
-        return -1, None
-    seq, name = numbered[-1]
-    return seq, _digest(store.vault.get(name))
+#: event names that share all but their last 3 hex digits: one listing prefix
+_BLOCK = 16**3
+
+
+def _read_tail(store: Store, taken: int | None = None) -> tuple[int, str | None]:
+    """The last event's number and digest as the vault lists it now ((-1, None): empty).
+    With ``taken`` (a number known to exist), only the names from its block of
+    :data:`_BLOCK` on are listed, block by block until one is empty."""
+    if taken is None:
+        numbered = _listed(store)[0]
+        if not numbered:
+            return -1, None
+        seq, name = numbered[-1]
+        return seq, _digest(store.vault.get(name))
+    last = (taken, event_seq_name(taken))
+    block = taken // _BLOCK
+    width = SEQ_DIGITS - 3
+    while block < 16**width:  # ends at the first empty block: the log's end
+        listed = [
+            (n, info.name)
+            for info in store.vault.list(f"{fmt.EVENT_PREFIX}{block:0{width}x}")
+            if (n := _seq_of(info.name)) is not None
+        ]
+        if not listed:
+            break
+        last = max(last, *listed)
+        block += 1
+    return last[0], _digest(store.vault.get(last[1]))
 
 
 def _listed(store: Store) -> tuple[list[tuple[int, str]], list[str]]:
