@@ -4,13 +4,14 @@ and ``audit --events``: the regions' event logs, every event in order."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 from regionvault.core.cli.options import json_option
 from regionvault.core.cli.output import print_json, print_table
 from regionvault.core.cli.root import CliState, ExpectedError, pass_state
+from regionvault.core.errors import RegionVaultError
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline.audit import AuditReport
@@ -31,7 +32,7 @@ __all__ = ["audit"]
     "--events",
     "list_events",
     is_flag=True,
-    help="Instead: list every event of the regions' event logs, oldest first.",
+    help="Instead: list the regions' event logs (from --since, or all), in sequence order.",
 )
 @json_option
 @pass_state
@@ -43,13 +44,19 @@ def audit(
     Controls: backed_up, retained, copied, copy_encrypted, locked, drilled, verified (and
     policy, for a bad tag). Exit 0 when every control passed or does not apply, 1 when any
     failed or something could not be read (docs/audit.md). With --events, list the event
-    logs instead (exit 1 when an event object does not authenticate)."""
+    logs instead (exit 1 when a region's log cannot be read, or an event is damaged,
+    missing or replaced)."""
     # the audit (and the engine beneath it) only when the command runs: --help stays light
     from regionvault.core.pipeline.audit import audit as run_audit
     from regionvault.core.pipeline.audit import parse_since
 
     engine = state.engine()
     site = state.site()
+    if region is not None:
+        try:
+            region = site.region(region).name
+        except RegionVaultError as exc:
+            raise click.BadParameter(str(exc), param_hint="--region") from None
     now = engine.clock()
     try:
         since_at = None if since is None else parse_since(since, now)
@@ -105,10 +112,8 @@ def _events(engine: Any, regions: list[Any], since: datetime | None, *, as_json:
     from regionvault.core.pipeline.audit import region_events
 
     logs = [region_events(engine, r.name, since) for r in regions]
-    merged = sorted(
-        ((log.region, event) for log in logs for event in log.events),
-        key=lambda pair: (pair[1].at.astimezone(UTC), pair[1].name),
-    )
+    # each region's log in its own order (seq): writers' clocks do not order events
+    merged = [(log.region, event) for log in logs for event in log.events]
     problems = [f"{log.region}: {p}" for log in logs for p in log.problems]
     if as_json:
         print_json(
@@ -116,6 +121,7 @@ def _events(engine: Any, regions: list[Any], since: datetime | None, *, as_json:
                 "events": [{"region": r, **event.to_dict()} for r, event in merged],
                 "problems": problems,
                 "unreadable": {log.region: log.unreadable for log in logs if log.unreadable},
+                "read": {log.region: log.reads(since) for log in logs if not log.unreadable},
             }
         )
     else:
@@ -141,5 +147,14 @@ def _events(engine: Any, regions: list[Any], since: datetime | None, *, as_json:
                 click.echo(f"{log.region}: {log.unreadable}")
         for problem in problems:
             click.echo(f"problem: {problem}")
+    unreadable = [f"{log.region}: {log.unreadable}" for log in logs if log.unreadable and
+                  not log.missing]  # fmt: skip
+    if unreadable:
+        raise ExpectedError(
+            f"{len(unreadable)} region(s)' event log cannot be read, the first: {unreadable[0]}"
+        )
     if problems:
-        raise ExpectedError(f"{len(problems)} event object(s) do not authenticate: {problems[0]}")
+        raise ExpectedError(
+            f"{len(problems)} problem(s) in the event log (damaged, missing or replaced "
+            f"events): {problems[0]}"
+        )

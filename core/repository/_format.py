@@ -20,7 +20,6 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
 
@@ -88,7 +87,6 @@ __all__ = [
     "encode_index",
     "encode_record",
     "envelope_aad",
-    "event_name",
     "index_name",
     "keyring_name",
     "lock_name",
@@ -137,10 +135,9 @@ COPIES_PREFIX = "copies/"
 #: key rotation's re-wrapped run data keys, one object per generation (section 2)
 KEYRING_PREFIX = "keyring/"
 
-#: the region's event log: one sealed object per event, never rewritten (section 17)
+#: the region's event log: one sealed object per event, ``events/<seq>``, never rewritten
+#: (section 17; the names are _events.event_seq_name's)
 EVENT_PREFIX = "events/"
-#: an event name's time: UTC, to the microsecond, so that names sort in time order
-EVENT_TIME = "%Y%m%dT%H%M%S%fZ"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -209,13 +206,6 @@ def parse_keyring_name(name: str) -> int | None:
     if not name.startswith(KEYRING_PREFIX) or not re.fullmatch(r"[0-9a-f]{8}", tail):
         return None
     return int(tail, 16)
-
-
-def event_name(at: datetime, event_id: str) -> str:
-    """``events/<UTC time, YYYYMMDDTHHMMSSffffffZ>-<id>``: a listing is in time order."""
-    if at.tzinfo is None:
-        raise ValueError("an event's time must be timezone-aware")
-    return f"{EVENT_PREFIX}{at.astimezone(UTC).strftime(EVENT_TIME)}-{event_id}"
 
 
 def check_version(name: str, version: int) -> None:

@@ -239,8 +239,9 @@ def _verify(
     _check_copy_objects(store, report, damage)
     _check_keys(store, report, index)
 
-    # the event log: every event authenticated; a damaged one is named and kept (the log
-    # is append-only: repair never removes evidence), so verify stays failed until it is
+    # the event log: every event authenticated and the chain checked; a damaged event, a
+    # gap (a deleted one) or a broken link (a replaced one) is named and kept (the log is
+    # append-only: repair never removes evidence), so verify stays failed until it is
     # looked into
     report.events, event_problems = check_events(store)
     report.errors.extend(

@@ -721,12 +721,13 @@ class Repository:
         error: str | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> Event:
-        """Append one event to this region's event log: a sealed ``events/<time>-<id>``
-        object, put if-absent, never rewritten; prune never deletes it (docs/format.md
-        section 17). ``action`` is an :class:`EventAction`, ``result`` an
+        """Append one event to this region's event log: a sealed ``events/<seq>`` object
+        chained to the one before, put if-absent, never rewritten; prune never deletes it
+        (docs/format.md section 17). ``action`` is an :class:`EventAction`, ``result`` an
         :class:`EventResult`; ``detail`` a small mapping of texts, whole numbers, booleans
         and lists of them (no secrets: it is for counts, sizes, key ids). Takes no lock:
-        the name is unique and nothing else writes it. ValueError names a bad field."""
+        a writer that loses a number to another takes the next. EventError names a bad
+        field."""
         return _events.write_event(
             self._ensure_open(),
             action,
@@ -746,6 +747,32 @@ class Repository:
         event object that does not authenticate raises :class:`IntegrityError` naming it;
         with a ``problems`` list, it is added there (as a :class:`Problem`) and left out."""
         return _events.read_events(self._ensure_open(), since, problems)
+
+    def event_log(self, since: datetime | None = None) -> _events.EventLog:
+        """This region's event log from the first event at or after ``since`` (all by
+        default), with every problem found (a damaged event, a gap, a broken chain) and
+        what reading it cost (docs/audit.md)."""
+        return _events.read_event_log(self._ensure_open(), since)
+
+    def wrapped_pack_keys(self, limit: int) -> list[tuple[str, bytes, dict[str, str]]]:
+        """The wrapped run data keys of the ``limit`` packs the vault lists as most
+        recently written (one per run), each with its pack's name and the encryption
+        context it is bound to: read by ranged GETs of the pack headers, for an audit to
+        hand another region's KeyService (docs/audit.md)."""
+        store = self._ensure_open()
+        listed = sorted(store.vault.list(fmt.PACK_PREFIX), key=lambda i: i.modified, reverse=True)
+        found: list[tuple[str, bytes, dict[str, str]]] = []
+        runs: set[bytes] = set()
+        for info in listed:
+            if len(found) >= limit:
+                break
+            head = store.vault.get(info.name, length=fmt.PACK_HEADER.size + 4096)
+            header = fmt.PackHeader.parse(info.name, head)
+            if header.run_id in runs:
+                continue
+            runs.add(header.run_id)
+            found.append((info.name, header.wrapped_key, store.data_key_context(header.run_id)))
+        return found
 
     def wrapped_config_key(self) -> tuple[bytes, dict[str, str]]:
         """The config's wrapped data key and the encryption context it is bound to, read
