@@ -486,3 +486,20 @@ def test_locks_holds_rotation_and_drills_are_in_the_event_log(
     assert drilled.result == "ok" and drilled.detail["terminated"] is True
     assert drilled.detail["launched"] == restored.detail["launched"]
     assert drilled.point == restored.point == copy.id
+
+
+def test_a_drill_that_only_began_is_no_drill(
+    engine: Engine, clock: Clock, site: Site, tmp_path: Path
+) -> None:
+    """A drill's start event (written before its launch) says nothing of how it went: a drill
+    killed after it, with no end, must not pass the control."""
+    from regionvault.core.repository import EventAction
+
+    east = site.region("east")
+    inst = add(east, "amf-1", tmp_path, 12, backup="1-7", **{"backup-drill": "1d"})
+    copy = engine.copy(engine.backup(inst.id).id, to="west").point
+    engine.record_event(
+        "west", EventAction.DRILL, copy, phase="start", drill="0" * 16, slot="x", until=0
+    )
+    found = controls(audit(engine).to_dict(), "amf-1")
+    assert found["drilled", "east"]["status"] == "failed", found["drilled", "east"]

@@ -862,6 +862,8 @@ class _Auditor:
                 rto_ms = e.detail.get("rto_ms")
                 rto = rto_ms / 1000 if isinstance(rto_ms, int) else None
                 if e.action == EventAction.DRILL:
+                    if e.detail.get("phase") == "start":
+                        continue  # a drill begun (its end, or its absence, says how it went)
                     healthy = e.result == EventResult.OK
                 elif e.action == EventAction.RESTORE and e.detail.get("launch") is True:
                     healthy = e.result == EventResult.OK and e.detail.get("healthy") is True
