@@ -309,7 +309,7 @@ def copy_progress_bar(label: str) -> Iterator[Callable[[CopyProgress], None] | N
 def step_status(label: str) -> Iterator[Callable[[str, int], None] | None]:
     """A spinner on a terminal (standard error) naming the step running now, for a command
     made of steps (``tick``, ``run``): the callback takes the step's name and its number of
-    jobs. Nothing when not on a terminal, or under ``-q``."""
+    jobs (0: none to show). Nothing when not on a terminal, or under ``-q``."""
     if not _show_progress():
         yield None
         return
@@ -318,7 +318,8 @@ def step_status(label: str) -> Iterator[Callable[[str, int], None] | None]:
     with Console(stderr=True).status(f"{label}: starting") as status:
 
         def update(step: str, jobs: int) -> None:
-            status.update(f"{label}: {step} ({jobs} job{'' if jobs == 1 else 's'})")
+            count = f" ({jobs} job{'' if jobs == 1 else 's'})" if jobs else ""
+            status.update(f"{label}: {step}{count}")
 
         yield update
 

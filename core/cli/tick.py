@@ -319,6 +319,7 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     failed = incomplete = 0
+    shown_step: Callable[[str, int], None] | None = None  # the spinner on a terminal
 
     def on_tick(report: TickReport) -> None:
         nonlocal failed, incomplete
@@ -330,8 +331,15 @@ def run(
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
         state.write_metrics(final=False)  # the textfile, tick by tick (docs/metrics.md)
+        if shown_step is not None:
+            shown_step("waiting for the next tick", 0)
 
-    with _service(state, executor, stop, **options) as service, _serving(metrics, address):
+    with (
+        _service(state, executor, stop, **options) as service,
+        _serving(metrics, address),
+        step_status("run") as on_step,
+    ):
+        service.on_step = shown_step = on_step
         ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
     echo_err(f"{_utc_stamp()} regionvault: stopped after {ticks} tick(s)")
     _exit_for(failed, incomplete)
