@@ -371,3 +371,19 @@ def test_ctrl_c_during_backup_finishes_the_commit_and_exits_130(
         backup.text
     )
     _verified(workdir)
+
+
+def test_ctrl_c_during_copy_finishes_the_commit_and_exits_130(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "big").stdout.split()[-1]
+    copy = terminal("copy", rp, "--to", "west", cwd=workdir)
+    assert copy.read_until(f"copy {rp[:8]} to west"), copy.text
+    copy.proc.send_signal(signal.SIGINT)
+    assert copy.wait() == 130, copy.text
+    (west,) = json.loads(ok("points", "--region", "west", "--json").stdout)
+    assert west["lineage"]["source_recovery_point"] == rp
+    assert f"the copy finished first: point {west['id']} is committed in west" in copy.text
+    # the id is still the last line a script reads before the state line
+    assert copy.text.splitlines().count(west["id"]) == 1
+    _verified(workdir)
