@@ -561,8 +561,8 @@ def test_cli_status_shows_each_rpo_state_and_exits_3_on_a_breach(workdir: Path) 
     assert run("status", "--bogus").exit_code == 2
     cells = {line.split("\t")[0].split()[0]: line.split("\t") for line in table.stdout.splitlines()}
     assert cells["gone"][-2:] == ["BREACHED (1s)", "-"]
-    assert cells["risky"][-2:] == ["at risk (20.0h)", "-"]
-    assert cells["fine"][-2:] == ["met (26.0h)", "-"]
+    assert cells["risky"][-2:] == ["at risk (20h00m)", "-"]
+    assert cells["fine"][-2:] == ["met (26h)", "-"]
     assert {len(c) for c in cells.values()} == {11}
 
 

@@ -9,14 +9,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from regionvault.core.cli.interrupts import interruptible
 from regionvault.core.cli.options import json_option
 from regionvault.core.cli.output import (
     count_entries,
     echo_err,
+    echo_info,
     human_age,
+    human_size,
+    issue_json,
     print_json,
     print_table,
     progress_bar,
+    short_ids,
+    short_regions,
     warn_issues,
 )
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
@@ -29,17 +35,33 @@ if TYPE_CHECKING:
 __all__ = ["backup", "point_json", "points", "restore"]
 
 
-def _point_row(p: RecoveryPoint, now: datetime) -> list[str]:
+def _point_rows(
+    found: list[RecoveryPoint], now: datetime, *, wide: bool, raw: bool
+) -> list[list[str]]:
+    """The table's rows: ids as their shortest unique prefixes (the source point's among
+    the listed ones too) and regions by short name unless ``wide``; sizes in bytes with
+    ``raw``."""
+    sources = [p.lineage.source_recovery_point for p in found if p.lineage]
+    ids = short_ids([*(p.id for p in found), *sources], wide=wide)
+    regions = short_regions(
+        [*(p.region for p in found), *(p.lineage.source_region for p in found if p.lineage)],
+        wide=wide,
+    )
     return [
-        p.id,
-        p.region,
-        p.instance_name,
-        p.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        human_age(max(0.0, (now - p.created_at).total_seconds())),
-        p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
-        f"{p.size:,}",
-        f"{p.lineage.source_region}/{p.lineage.source_recovery_point[:8]}" if p.lineage else "",
-        f"{p.issues:,}" if p.issues else "-",
+        [
+            ids[p.id],
+            regions[p.region],
+            p.instance_name,
+            p.created_at.strftime("%Y-%m-%d %H:%M"),
+            human_age(max(0.0, (now - p.created_at).total_seconds())),
+            p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
+            human_size(p.size, raw=raw),
+            f"{regions[p.lineage.source_region]}/{ids[p.lineage.source_recovery_point]}"
+            if p.lineage
+            else "",
+            f"{p.issues:,}" if p.issues else "-",
+        ]
+        for p in found
     ]
 
 
@@ -101,29 +123,47 @@ def _summary(manifest: Manifest) -> str:
 @click.option(
     "--region", "-r", metavar="REGION", help="The instance's region (if the name is not unique)."
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the new point as JSON.")
 @pass_state
-def backup(state: CliState, instance: str, region: str | None) -> None:
+def backup(state: CliState, instance: str, region: str | None, as_json: bool) -> None:
     """Back up INSTANCE (id or unique name) into its home region's vault now.
 
-    Prints the new recovery point's id alone on the last line of standard output. Exits 3
-    (incomplete) when the point names entries it could not take whole (each is named on
-    standard error: the first few, then a count); the point is committed all the same."""
+    Prints the new recovery point's id alone on the last line of standard output (with
+    --json, one JSON document: the point, the backup's counters and the entries it could
+    not take whole). Exits 3 (incomplete) when the point names entries it could not take
+    whole (each is named on standard error: the first few, then a count); the point is
+    committed all the same. Ctrl-C lets the backup finish up to its commit and exits 130
+    (a second Ctrl-C exits at once: nothing is committed, and running it again starts
+    over)."""
     engine = state.engine()
     inst = state.site().find_instance(instance, region=region)
-    with progress_bar(f"backup {inst.name}") as progress:
+    with (
+        interruptible("the backup") as interrupted,
+        progress_bar(f"backup {inst.name}") as progress,
+    ):
         point = engine.backup(inst, progress=progress)
-    done = f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes"
-    summary = _summary(engine.repository(point.region, create=False).load_manifest(point.id))
-    if not point.issues:
-        echo_err(done)
-        echo_err(summary)
+    manifest = engine.repository(point.region, create=False).load_manifest(point.id)
+    issues = engine.point_issues(point) if point.issues else []
+    if as_json:
+        print_json(
+            {
+                **point_json(point),
+                "stats": dict(manifest.stats),
+                "issues_listed": [issue_json(i) for i in issues],
+            }
+        )
+    done = f"backed up {inst.name} ({inst.id}) in {point.region}: {human_size(point.size)}"
+    if point.issues:
+        done += f"; incomplete: {count_entries(point.issues)} not taken whole"
+    echo_info(done)
+    echo_info(_summary(manifest))
+    if point.issues:
+        warn_issues(issues, point.issues)
+    if not as_json:
         click.echo(point.id)
-        return
-    echo_err(f"{done}; incomplete: {count_entries(point.issues)} not taken whole")
-    echo_err(summary)
-    warn_issues(engine.point_issues(point), point.issues)
-    click.echo(point.id)
-    raise click.exceptions.Exit(EXIT_INCOMPLETE)
+    interrupted.exit(f"the backup finished first: point {point.id} is committed")
+    if point.issues:
+        raise click.exceptions.Exit(EXIT_INCOMPLETE)
 
 
 @click.command()
@@ -249,9 +289,22 @@ def restore(
 @click.option("--region", "-r", metavar="REGION", help="Only this region.")
 @click.option("--instance", "-i", metavar="INSTANCE", help="Only this instance's points (id).")
 @json_option
+@click.option("--wide", is_flag=True, help="Whole ids and region names (default: short).")
+@click.option("--bytes", "raw", is_flag=True, help="Sizes in bytes (default: KiB, MiB, ...).")
 @pass_state
-def points(state: CliState, region: str | None, instance: str | None, as_json: bool) -> None:
-    """List recovery points, oldest first (a region with no repository yet has none)."""
+def points(
+    state: CliState,
+    region: str | None,
+    instance: str | None,
+    as_json: bool,
+    wide: bool,
+    raw: bool,
+) -> None:
+    """List recovery points, oldest first (a region with no repository yet has none).
+
+    Ids are shown as their shortest unique prefix (8 characters at least: any command takes
+    it), regions by their short name where no other region has it; --wide shows both
+    whole."""
     engine = state.engine()
     site = state.site()
     regions = [site.region(region)] if region else site.regions
@@ -274,9 +327,11 @@ def points(state: CliState, region: str | None, instance: str | None, as_json: b
             "created (UTC)",
             "age",
             "expires",
-            "bytes",
+            "bytes" if raw else "size",
             "copy of",
             "issues",
         ],
-        [_point_row(p, now) for p in found],
+        _point_rows(found, now, wide=wide, raw=raw),
+        # whole ids do not fit 80 columns: with --wide they wrap (never cut)
+        keep=() if wide else ["id", "region", "bytes" if raw else "size", "copy of"],
     )

@@ -5,28 +5,39 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
 
 if TYPE_CHECKING:
-    from regionvault.core.repository import Progress
+    import logging
+
+    from regionvault.core.repository import CopyProgress, Progress
     from regionvault.core.types import CaptureIssue, Instance
 
 __all__ = [
     "SHOWN_ISSUES",
+    "copy_progress_bar",
     "count_entries",
     "echo_err",
+    "echo_info",
     "format_tags",
     "human_age",
+    "human_duration",
+    "human_size",
     "instance_json",
+    "issue_json",
     "issue_line",
     "print_json",
     "print_table",
     "progress_bar",
+    "set_verbosity",
+    "short_ids",
+    "short_regions",
     "shown_path",
+    "step_status",
     "warn_issues",
 ]
 
@@ -34,8 +45,58 @@ __all__ = [
 SHOWN_ISSUES = 5
 
 
+#: ``-q``: no progress, and no summary on standard error (warnings and errors still show)
+_quiet = False
+
+
+def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
+    """``-q`` / ``-v``: quiet drops progress and summaries; verbose shows the INFO logs
+    (on standard error, each line stamped in ISO 8601 UTC). Neither: as Python's default
+    (warnings and errors)."""
+    import logging
+
+    global _quiet
+    _quiet = quiet
+    root = logging.getLogger("regionvault")
+    for handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.NOTSET)
+    if verbose:
+        root.addHandler(timestamped_handler())
+
+
+#: marks the logging handler ``-v`` adds (so that the next command line removes it)
+_OURS = "regionvault_cli"
+
+
+def timestamped_handler() -> logging.Handler:
+    """A logging handler to standard error whose lines start with their time in ISO 8601
+    UTC (``2026-12-07T23:05:14Z``): ``-v``, and ``run``'s log."""
+    import logging
+    import time
+
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"
+    )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    setattr(handler, _OURS, True)
+    return handler
+
+
 def echo_err(text: str) -> None:
     click.echo(text, err=True)
+
+
+def echo_info(text: str) -> None:
+    """A summary line on standard error, left out under ``-q``."""
+    if not _quiet:
+        click.echo(text, err=True)
+
+
+def _show_progress() -> bool:
+    return not _quiet and sys.stderr.isatty()
 
 
 def print_json(data: Any) -> None:
@@ -54,10 +115,15 @@ def print_table(
     *,
     title: str | None = None,
     tty: bool | None = None,
+    keep: Collection[str] | None = None,
 ) -> None:
     """A rich table on a terminal; otherwise one line per row, cells separated by tabs,
     without a header line (tabs and line breaks inside a cell are escaped as ``\\t``,
-    ``\\n``), for ``cut`` and ``awk``."""
+    ``\\n``), for ``cut`` and ``awk``.
+
+    On a terminal too narrow for it, the columns named in ``keep`` (default: the first, the
+    row's key) stay on one line and the others wrap onto more lines: no cell is cut to an
+    ellipsis (``local:e…`` names nothing)."""
     rows = [list(r) for r in rows]
     if tty is None:
         tty = sys.stdout.isatty()
@@ -72,7 +138,18 @@ def print_table(
     if not rows:
         click.echo("(none)")
         return
-    table = Table(*headers, title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    kept = set(headers[:1] if keep is None else keep)
+    # one space between columns (the box's), none at the edges: 80 columns hold more
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        padding=(0, 0),
+        pad_edge=False,
+        show_edge=False,
+    )
+    for header in headers:
+        table.add_column(header, overflow="fold", no_wrap=header in kept)
     for row in rows:
         table.add_row(*row)
     Console(file=sys.stdout).print(table)
@@ -94,22 +171,83 @@ def instance_json(instance: Instance) -> dict[str, Any]:
     }
 
 
+def human_duration(seconds: float) -> str:
+    """One scheme for every duration shown: ``45s``, ``2m05s``, ``3h07m``, ``26h``, ``3d4h``."""
+    total = round(max(0.0, seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    if total < 172800:
+        return f"{total // 3600}h"
+    days, hours = divmod(total // 3600, 24)
+    return f"{days}d{hours}h" if hours else f"{days}d"
+
+
 def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+    """:func:`human_duration`, or ``-`` for none."""
+    return "-" if seconds is None else human_duration(seconds)
+
+
+def human_size(size: int, *, raw: bool = False) -> str:
+    """``1.5 MiB`` (binary units, 3 significant digits); the byte count itself with ``raw``
+    (``--bytes``)."""
+    if raw:
+        return str(size)
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{size} B"
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+
+
+#: the shortest prefix :func:`short_ids` gives
+SHORT_ID = 8
+
+
+def short_ids(ids: Iterable[str], *, wide: bool = False) -> dict[str, str]:
+    """Each id's shortest prefix of at least :data:`SHORT_ID` characters that no other of
+    ``ids`` starts with (the whole id with ``wide``, or when it is a prefix of another)."""
+    unique = sorted(set(ids))
+    if wide:
+        return {i: i for i in unique}
+    out: dict[str, str] = {}
+    for n, ident in enumerate(unique):
+        need = SHORT_ID
+        for other in (unique[n - 1] if n else None, unique[n + 1] if n + 1 < len(unique) else None):
+            if other is None:
+                continue
+            common = 0
+            for a, b in zip(ident, other, strict=False):
+                if a != b:
+                    break
+                common += 1
+            need = max(need, common + 1)
+        out[ident] = ident[:need]
+    return out
+
+
+def short_regions(names: Iterable[str], *, wide: bool = False) -> dict[str, str]:
+    """Each region's name without its provider (``local:east`` -> ``east``) where no other
+    region of ``names`` has the same short name; the full name otherwise, or with ``wide``."""
+    unique = sorted(set(names))
+    short = {n: n.partition(":")[2] or n for n in unique}
+    counts: dict[str, int] = {}
+    for s in short.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {n: n if wide or counts[short[n]] > 1 else short[n] for n in unique}
 
 
 @contextmanager
 def progress_bar(label: str) -> Iterator[Callable[[Progress], None] | None]:
-    """A rich progress bar on a terminal (standard error); nothing when not on one."""
-    if not sys.stderr.isatty():
+    """A rich progress bar on a terminal (standard error), in bytes; nothing when not on
+    one, or under ``-q``."""
+    if not _show_progress():
         yield None
         return
     from rich.console import Console
@@ -138,6 +276,54 @@ def progress_bar(label: str) -> Iterator[Callable[[Progress], None] | None]:
         yield update
 
 
+@contextmanager
+def copy_progress_bar(label: str) -> Iterator[Callable[[CopyProgress], None] | None]:
+    """:func:`progress_bar` for a copy: chunks sent of the chunks to send, and the bytes
+    sent so far."""
+    if not _show_progress():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "chunks, {task.fields[sent]}",
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, sent="0 B")
+
+        def update(p: CopyProgress) -> None:
+            bar.update(
+                task, completed=p.chunks_sent, total=p.chunks_total, sent=human_size(p.bytes_sent)
+            )
+
+        yield update
+
+
+@contextmanager
+def step_status(label: str) -> Iterator[Callable[[str, int], None] | None]:
+    """A spinner on a terminal (standard error) naming the step running now, for a command
+    made of steps (``tick``, ``run``): the callback takes the step's name and its number of
+    jobs (0: none to show). Nothing when not on a terminal, or under ``-q``."""
+    if not _show_progress():
+        yield None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"{label}: starting") as status:
+
+        def update(step: str, jobs: int) -> None:
+            count = f" ({jobs} job{'' if jobs == 1 else 's'})" if jobs else ""
+            status.update(f"{label}: {step}{count}")
+
+        yield update
+
+
 # --------------------------------------------------------------------------- capture issues
 
 
@@ -159,6 +345,11 @@ def count_entries(count: int) -> str:
 def issue_line(issue: CaptureIssue) -> str:
     """``<path>: <message>``; a hook's issue, about the whole capture, is its message."""
     return f"{shown_path(issue.path)}: {issue.message}" if issue.path else issue.message
+
+
+def issue_json(issue: CaptureIssue) -> dict[str, str]:
+    """An entry not taken whole, for ``--json``."""
+    return {"path": shown_path(issue.path), "kind": str(issue.kind), "message": issue.message}
 
 
 def warn_issues(issues: Sequence[CaptureIssue], total: int) -> None:

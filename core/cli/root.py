@@ -275,6 +275,22 @@ CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_
     "Default: $REGIONVAULT_METRICS_DIR.",
 )
 @click.version_option(package_name="regionvault", prog_name="regionvault")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    callback=lambda ctx, param, value: _verbosity(ctx, quiet=value),
+    expose_value=False,
+    help="No progress and no summaries on standard error: warnings and errors only.",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    callback=lambda ctx, param, value: _verbosity(ctx, verbose=value),
+    expose_value=False,
+    help="Show INFO logs on standard error (timestamped, ISO 8601 UTC).",
+)
 @click.pass_context
 def cli(ctx: click.Context, site_option: Path | None, metrics_dir: Path | None) -> None:
     """regionvault: encrypted, tag-driven, cross-region backups.
@@ -291,6 +307,23 @@ def cli(ctx: click.Context, site_option: Path | None, metrics_dir: Path | None) 
     if metrics_dir is not None:
         state.metrics()  # made now, so that even a failure before the site loads is counted
         ctx.call_on_close(state.write_metrics)  # runs last: after the site closed
+
+
+# --------------------------------------------------------------------------- -q / -v
+
+_VERBOSITY_KEY = "regionvault.cli.verbosity"
+
+
+def _verbosity(ctx: click.Context, *, quiet: bool = False, verbose: bool = False) -> None:
+    """``-q`` / ``-v`` as they are parsed: both at once is a usage error."""
+    from regionvault.core.cli.output import set_verbosity
+
+    chosen = ctx.find_root().meta.setdefault(_VERBOSITY_KEY, {})
+    chosen["quiet"] = chosen.get("quiet", False) or quiet
+    chosen["verbose"] = chosen.get("verbose", False) or verbose
+    if chosen["quiet"] and chosen["verbose"]:
+        raise click.UsageError("-q/--quiet and -v/--verbose cannot be used together")
+    set_verbosity(quiet=chosen["quiet"], verbose=chosen["verbose"])
 
 
 # --------------------------------------------------------------------------- entry point

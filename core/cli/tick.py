@@ -5,13 +5,17 @@ stopped), over every region or, with ``--region``, as that region's own service.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from regionvault.core.cli.interrupts import Interrupted, interruptible
 from regionvault.core.cli.options import json_option
 from regionvault.core.cli.output import (
     SHOWN_ISSUES,
@@ -19,6 +23,8 @@ from regionvault.core.cli.output import (
     echo_err,
     issue_line,
     print_json,
+    step_status,
+    timestamped_handler,
 )
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
 from regionvault.core.durations import parse_duration
@@ -128,31 +134,45 @@ def _tick_json(report: TickReport) -> dict[str, Any]:
     return report.to_dict()
 
 
-def _print_tick(report: TickReport) -> None:
+def _utc_stamp() -> str:
+    """Now in ISO 8601 UTC, to the second: what starts each of ``run``'s lines."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_tick(report: TickReport, *, stamped: bool = False) -> None:
+    """The tick's report on standard output; with ``stamped`` (``run``), each line starts
+    with the time it was printed (ISO 8601 UTC)."""
+    echo: Callable[[str], None] = click.echo
+    if stamped:
+        stamp = _utc_stamp()
+
+        def echo(line: str) -> None:
+            click.echo(f"{stamp} {line}")
+
     for s in report.schedule:
-        click.echo(s.summary())
+        echo(s.summary())
         for m in s.malformed:
-            click.echo(f"  malformed: {m}")
+            echo(f"  malformed: {m}")
     for o in report.jobs:
         if o.status.value == "replayed":
             continue
         if o.incomplete:
             point = o.result.get("point") if isinstance(o.result, dict) else None
             of = f" (point {point})" if point else ""
-            click.echo(f"incomplete {o.key}: {count_entries(o.issues_total)} not taken whole{of}")
+            echo(f"incomplete {o.key}: {count_entries(o.issues_total)} not taken whole{of}")
             for issue in o.issues[:SHOWN_ISSUES]:
-                click.echo(f"  {issue_line(issue)}")
+                echo(f"  {issue_line(issue)}")
             if o.issues_total > SHOWN_ISSUES:
-                click.echo(f"  ... and {o.issues_total - SHOWN_ISSUES:,} more")
+                echo(f"  ... and {o.issues_total - SHOWN_ISSUES:,} more")
             continue
         line = f"{o.status.value:8} {o.key}"
         if o.error:
             line += f": {o.error}"
-        click.echo(line)
+        echo(line)
     for p in report.problems:
-        click.echo(f"problem: {p}")
+        echo(f"problem: {p}")
     for n in report.notes:
-        click.echo(f"note: {n}")
+        echo(f"note: {n}")
 
 
 def _exit_for(failed: int, incomplete: int) -> None:
@@ -180,15 +200,46 @@ def tick(
     """One pass: tag, back up what is due, copy, apply retention (for cron).
 
     Exits 1 when a step failed, else 3 when a backup was incomplete (its point names
-    entries it could not take whole), else 0."""
+    entries it could not take whole), else 0. Ctrl-C lets the jobs running finish and runs
+    no further step: it says what was committed and what the next tick does, and exits 130
+    (a second Ctrl-C exits at once)."""
     name, options = _region_tick_options(state, region, copy_grace)
-    with _service(state, executor, **options) as service:
-        report = service.tick(name)
+    interrupted = Interrupted()
+    with (
+        interruptible("the tick", interrupted),
+        _service(state, executor, interrupted.requested, **options) as service,
+        step_status("tick") as on_step,
+    ):
+        service.halt = interrupted.requested
+        service.on_step = on_step
+        report = service.tick(name, stop=interrupted.requested)
     if as_json:
         print_json(_tick_json(report))
     else:
         _print_tick(report)
+    interrupted.exit(_stopped_state(report))
     _exit_for(len(report.failures()) + len(report.problems), len(report.incomplete()))
+
+
+def _stopped_state(report: TickReport) -> str:
+    """What a tick stopped by Ctrl-C left: the points it committed, and what it did not run
+    (the next tick runs it)."""
+    made: list[str] = []
+    for o in report.jobs:
+        if o.status.value != "done" or not isinstance(o.result, dict):
+            continue
+        if o.result.get("point"):
+            made.append(f"backup {o.result['point']}")
+        elif o.result.get("copy") and not o.result.get("existing"):
+            made.append(f"copy {o.result['copy']}")
+    committed = f"committed {', '.join(made)}" if made else "nothing new committed"
+    skipped = [n.removeprefix("stopped before ") for n in report.notes if n.startswith("stopped")]
+    left = (
+        f"not run: {'; '.join(skipped)} (the next tick runs them)"
+        if skipped
+        else "every step had run"
+    )
+    return f"{committed}; {left}"
 
 
 @contextlib.contextmanager
@@ -210,6 +261,7 @@ def _serving(metrics: Metrics | None, address: tuple[str, int] | None) -> Iterat
 @click.option(
     "--interval", metavar="DURATION", help="Time between ticks (default: the site's intervals)."
 )
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per tick, one per line.")
 @click.option("--max-ticks", type=click.IntRange(min=1), help="Stop after this many ticks.")
 @_REGION_TICK
 @_COPY_GRACE
@@ -229,11 +281,14 @@ def run(
     copy_grace: str | None,
     executor: str | None,
     metrics_addr: str | None,
+    as_json: bool,
 ) -> None:
-    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish.
+    """Tick every interval until stopped; SIGTERM or Ctrl-C lets the current tick finish
+    (as service managers expect: exit 0 then, when no step failed).
 
-    Exits as one tick over all the ticks it ran: 1 when a step failed, else 3 when a backup
-    was incomplete, else 0."""
+    Each line of a tick's report starts with its time (ISO 8601 UTC); with --json, each
+    tick is one JSON document on one line. Exits as one tick over all the ticks it ran:
+    1 when a step failed, else 3 when a backup was incomplete, else 0."""
     address: tuple[str, int] | None = None
     if metrics_addr is not None:
         from regionvault.core.pipeline.metrics import MetricsAddressError, parse_metrics_addr
@@ -253,22 +308,38 @@ def run(
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        echo_err(f"regionvault: {signal.Signals(signum).name}: stopping after the current step")
+        name = signal.Signals(signum).name
+        echo_err(f"{_utc_stamp()} regionvault: {name}: stopping after the current step")
         stop.set()
+
+    log = logging.getLogger("regionvault")
+    if not log.handlers:  # a daemon's log lines say when (-v put its own, stamped too)
+        log.addHandler(timestamped_handler())
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     failed = incomplete = 0
+    shown_step: Callable[[str, int], None] | None = None  # the spinner on a terminal
 
     def on_tick(report: TickReport) -> None:
         nonlocal failed, incomplete
-        _print_tick(report)
+        if as_json:
+            click.echo(json.dumps(_tick_json(report), default=str))
+        else:
+            _print_tick(report, stamped=True)
         sys.stdout.flush()
         failed += len(report.failures()) + len(report.problems)
         incomplete += len(report.incomplete())
         state.write_metrics(final=False)  # the textfile, tick by tick (docs/metrics.md)
+        if shown_step is not None:
+            shown_step("waiting for the next tick", 0)
 
-    with _service(state, executor, stop, **options) as service, _serving(metrics, address):
+    with (
+        _service(state, executor, stop, **options) as service,
+        _serving(metrics, address),
+        step_status("run") as on_step,
+    ):
+        service.on_step = shown_step = on_step
         ticks = service.run(stop, interval=every, on_tick=on_tick, max_ticks=max_ticks, region=name)
-    echo_err(f"regionvault: stopped after {ticks} tick(s)")
+    echo_err(f"{_utc_stamp()} regionvault: stopped after {ticks} tick(s)")
     _exit_for(failed, incomplete)

@@ -11,6 +11,7 @@ job the service calls ``regionvault_after_job(outcome)``, after each tick
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -319,6 +320,32 @@ class Service:
         self.executor = executor
         self.retry = retry if retry is not None else DEFAULT_RETRY
         self.copyflow = CopyFlow(engine)
+        #: set (by a command line's first Ctrl-C, or ``run``'s stop): each tick stops before
+        #: its next step; a step's jobs already running finish, so whatever they committed
+        #: stays whole and the next tick does the steps left (:meth:`_step`)
+        self.halt: threading.Event | None = None
+        #: called with a step's name and its number of jobs before the step runs
+        self.on_step: Callable[[str, int], None] | None = None
+
+    def _step(
+        self,
+        report: TickReport,
+        name: str,
+        jobs: Iterable[Any],
+        run: Callable[[list[Any]], list[JobOutcome]],
+    ) -> list[JobOutcome]:
+        """``run(jobs)``, one step of the tick, unless :attr:`halt` is set: then none runs
+        and the report's notes name the step as not run (the next tick runs it)."""
+        jobs = list(jobs)
+        if self.halt is not None and self.halt.is_set():
+            if jobs:
+                report.notes.append(f"stopped before {name}: {len(jobs)} job(s) not run")
+            return []
+        if jobs:
+            log.info("tick: %s: %d job(s)", name, len(jobs))
+            if self.on_step is not None:
+                self.on_step(name, len(jobs))
+        return run(jobs)
 
     def handlers(self) -> JobHandlers:
         """:func:`job_handlers` of this service's engine."""
@@ -405,9 +432,8 @@ class Service:
             return self._finish(report)
         with self._executor(stop) as executor:
             tag_slot = slot_of(now, cfg.tag_interval)
-            self._ran(
-                report, executor.run([tag_job(r.name, tag_slot) for r in engine.site.regions])
-            )
+            tags = [tag_job(r.name, tag_slot) for r in engine.site.regions]
+            self._ran(report, self._step(report, "tag", tags, executor.run))
             backups: list[Job] = []
             view = engine.points_view()
             for r in engine.site.regions:
@@ -418,7 +444,7 @@ class Service:
                     continue
                 report.schedule.append(schedule)
                 backups.extend(schedule.jobs())
-            self._ran(report, executor.run(backups))
+            self._ran(report, self._step(report, "backups", backups, executor.run))
             retain_slot = slot_of(now, cfg.schedule_interval)
             copies = self.copyflow.copies_due(report)
             if engine.split_copies:
@@ -432,15 +458,16 @@ class Service:
                     )
                     for point, dest in copies
                 ]
-                self._ran(report, run_chains(executor, chains))
+                chained = functools.partial(run_chains, executor)
+                self._ran(report, self._step(report, "copies", chains, chained))
             else:
                 jobs = [copy_job(point.region, point.id, dest) for point, dest in copies]
-                self._ran(report, executor.run(jobs))
+                self._ran(report, self._step(report, "copies", jobs, executor.run))
             names = [r.name for r in engine.site.regions]
             drills = drill_jobs(engine, report, names, now, engine.points_view())
-            self._ran(report, executor.run(drills))
+            self._ran(report, self._step(report, "drills", drills, executor.run))
             retention = [retention_job(r.name, retain_slot) for r in engine.site.regions]
-            self._ran(report, executor.run(retention))
+            self._ran(report, self._step(report, "retention", retention, executor.run))
         return self._finish(report)
 
     def region_tick(self, region: str, *, stop: threading.Event | None = None) -> TickReport:
@@ -470,7 +497,8 @@ class Service:
             self._distributed_tick([here.name], self.executor, report)
             return self._finish(report)
         with self._executor(stop) as executor:
-            self._ran(report, executor.run([tag_job(here.name, slot_of(now, cfg.tag_interval))]))
+            tags = [tag_job(here.name, slot_of(now, cfg.tag_interval))]
+            self._ran(report, self._step(report, "tag", tags, executor.run))
             try:
                 schedule = due_instances(
                     here.compute, self._newest_slot(self.engine.points_view()), cfg, now
@@ -479,13 +507,16 @@ class Service:
                 report.problems.append(f"{here.name}: schedule: {exc}")
             else:
                 report.schedule.append(schedule)
-                self._ran(report, executor.run(schedule.jobs()))
+                self._ran(report, self._step(report, "backups", schedule.jobs(), executor.run))
             first, then = self.copyflow.inbox_jobs(here.name, slot, report)
-            self._ran(report, executor.run(first))
-            self._ran(report, executor.run(then))
-            self._ran(report, executor.run(self.copyflow.offer_jobs(here.name, slot, report)))
-            self._ran(report, executor.run(drill_jobs(self.engine, report, [here.name], now)))
-            self._ran(report, executor.run([retention_job(here.name, slot)]))
+            self._ran(report, self._step(report, "inbox", first, executor.run))
+            self._ran(report, self._step(report, "inbox", then, executor.run))
+            offers = self.copyflow.offer_jobs(here.name, slot, report)
+            self._ran(report, self._step(report, "offers", offers, executor.run))
+            drills = drill_jobs(self.engine, report, [here.name], now)
+            self._ran(report, self._step(report, "drills", drills, executor.run))
+            retention = [retention_job(here.name, slot)]
+            self._ran(report, self._step(report, "retention", retention, executor.run))
         return self._finish(report)
 
     def _distributed_tick(self, regions: list[str], executor: Executor, report: TickReport) -> None:

@@ -1,0 +1,389 @@
+"""The CLI for people (issue #20, items 2 to 4): progress on a terminal and not elsewhere,
+``--json`` on backup, copy and run, ``-q`` / ``-v``, Ctrl-C during tick, backup and copy, and
+tables that fit 80 columns (short ids and regions, human sizes, ``--bytes``, ``--wide``).
+
+Terminal behaviour runs the console script in a pseudo-terminal (python's ``pty``), every
+wait bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cli_support import ok, run
+from regionvault.core.cli.output import (
+    human_age,
+    human_duration,
+    human_size,
+    short_ids,
+    short_regions,
+)
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
+POINT_ID = re.compile(r"[0-9a-f]{32}")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REGIONVAULT_SITE", "COLUMNS")}
+    env.update(extra)
+    return env
+
+
+class Terminal:
+    """The console script with standard input, output and error on one pseudo-terminal
+    (what a person at a shell has). ``read_until`` and ``wait`` are bounded."""
+
+    def __init__(self, *args: str, cwd: Path, columns: int = 100) -> None:
+        master, slave = pty.openpty()
+        self.master = master
+        self.proc = subprocess.Popen(
+            [str(CONSOLE_SCRIPT), *args],
+            cwd=cwd,
+            env=_env(COLUMNS=str(columns), TERM="xterm"),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.raw = b""
+
+    def _pump(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the child closed its side
+            return False
+        self.raw += data
+        return bool(data)
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw.decode("utf-8", "replace"))
+
+    def read_until(self, needle: str, *, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not self._pump(min(left, 0.2)) and self.proc.poll() is not None:
+                return needle in self.text
+        return True
+
+    def wait(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._pump(0.1)
+        while self._pump(0.05):  # what is left in the terminal's buffer
+            pass
+        code = self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        os.close(self.master)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+MakeTerminal = Callable[..., Terminal]
+
+
+@pytest.fixture
+def terminal() -> Iterator[MakeTerminal]:
+    """Makes :class:`Terminal` s, and kills any still running when the test ends."""
+    made: list[Terminal] = []
+
+    def make(*args: str, cwd: Path, columns: int = 100) -> Terminal:
+        made.append(Terminal(*args, cwd=cwd, columns=columns))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.kill()
+
+
+def _data(root: Path, size: int) -> Path:
+    root.mkdir(parents=True)
+    # incompressible, so that the backup takes a moment and moves every byte
+    (root / "big.bin").write_bytes(os.urandom(size))
+    (root / "conf.txt").write_text("apn = internet\n")
+    return root
+
+
+def _add(workdir: Path, name: str, size: int) -> str:
+    data = _data(workdir / f"{name}-data", size)
+    added = ok("instances", "add", "--region", "east", "--name", name, "--data", data)
+    return added.stdout.split()[-1]
+
+
+@pytest.fixture
+def small(workdir: Path) -> str:
+    return _add(workdir, "nf1", 200_000)
+
+
+@pytest.fixture
+def big(workdir: Path) -> str:
+    return _add(workdir, "big", 64 << 20)
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_one_duration_scheme() -> None:
+    assert [human_duration(s) for s in (0, 45, 125, 3600 + 7 * 60, 26 * 3600, 76 * 3600)] == [
+        "0s",
+        "45s",
+        "2m05s",
+        "1h07m",
+        "26h",
+        "3d4h",
+    ]
+    assert human_duration(3 * 86400) == "3d" and human_age(None) == "-"
+    assert human_age(84) == "1m24s"  # not "84s" beside another row's "2m"
+
+
+def test_human_sizes_and_raw_bytes() -> None:
+    assert human_size(0) == "0 B" and human_size(1023) == "1023 B"
+    assert human_size(1536) == "1.5 KiB" and human_size(3_000_000) == "2.86 MiB"
+    assert human_size(5 << 40) == "5 TiB"
+    assert human_size(3_000_000, raw=True) == "3000000"
+
+
+def test_short_ids_are_unique_prefixes_of_at_least_eight() -> None:
+    ids = ["b535243a" + "0" * 24, "b535243a9" + "1" * 23, "6953e06d" + "2" * 24]
+    short = short_ids(ids)
+    assert short[ids[2]] == "6953e06d"
+    assert short[ids[0]] == "b535243a0" and short[ids[1]] == "b535243a9"
+    assert all(ident.startswith(short[ident]) for ident in ids)
+    assert len(set(short.values())) == 3
+    assert short_ids(ids, wide=True) == {i: i for i in ids}
+
+
+def test_short_region_names_only_where_unambiguous() -> None:
+    names = ["local:east", "local:west", "aws:west"]
+    assert short_regions(names) == {
+        "local:east": "east",
+        "local:west": "local:west",
+        "aws:west": "aws:west",
+    }
+    assert short_regions(names, wide=True)["local:east"] == "local:east"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def test_points_fit_80_columns_with_short_ids_and_human_sizes(
+    workdir: Path, small: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "nf1").stdout.split()[-1]
+    cp = ok("copy", rp, "--to", "west").stdout.split()[-1]
+    term = terminal("points", cwd=workdir, columns=80)
+    assert term.wait() == 0, term.text
+    lines = term.text.splitlines()
+    assert lines and all(len(line) <= 80 for line in lines), term.text
+    assert "…" not in term.text
+    rows = [line for line in lines if line[:8] in (rp[:8], cp[:8])]
+    assert len(rows) == 2, term.text
+    home = next(r for r in rows if r.startswith(rp[:8]))
+    copy = next(r for r in rows if r.startswith(cp[:8]))
+    assert home.split()[1] == "east" and copy.split()[1] == "west"
+    assert f"east/{rp[:8]}" in copy  # the source point, short too
+    assert "KiB" in home and "200,735" not in term.text
+
+    raw = terminal("points", "--bytes", cwd=workdir, columns=80)
+    assert raw.wait() == 0, raw.text
+    size = next(p["size"] for p in json.loads(ok("points", "--json").stdout) if p["id"] == rp)
+    assert str(size) in raw.text and "KiB" not in raw.text
+
+    wide = terminal("points", "--wide", cwd=workdir, columns=200)
+    assert wide.wait() == 0, wide.text
+    assert rp in wide.text and cp in wide.text and "local:west" in wide.text
+
+    # not a terminal: the tab-separated lines keep the same columns
+    plain = ok("points").stdout.splitlines()
+    assert [line.split("\t")[0] for line in plain] == [rp[:8], cp[:8]]
+
+
+# --------------------------------------------------------------------------- --json
+
+
+def test_backup_and_copy_json_documents(workdir: Path, small: str) -> None:
+    backed = json.loads(ok("backup", "nf1", "--json").stdout)
+    assert POINT_ID.fullmatch(backed["id"]) and backed["instance_id"] == small
+    assert backed["region"] == "local:east" and backed["incomplete"] is False
+    assert backed["stats"]["files"] == 2 and backed["issues_listed"] == []
+
+    copied = json.loads(ok("copy", backed["id"], "--to", "west", "--json").stdout)
+    assert copied["region"] == "local:west" and copied["existing"] is False
+    source = {"source_region": "local:east", "source_recovery_point": backed["id"]}
+    assert copied["lineage"] == source
+    assert copied["chunks_sent"] == copied["chunks_total"] > 0
+
+    again = json.loads(ok("copy", backed["id"], "--to", "west", "--json").stdout)
+    assert again["existing"] is True and again["id"] == copied["id"]
+
+    # without --json: the id alone on the last line of standard output, as scripts expect
+    plain = ok("backup", "nf1")
+    assert POINT_ID.fullmatch(plain.stdout.strip())
+
+
+def test_run_json_is_one_document_per_tick_and_its_lines_are_stamped(
+    workdir: Path, small: str
+) -> None:
+    lines = ok("run", "--json", "--max-ticks", "2", "--interval", "1s").stdout.splitlines()
+    ticks = [json.loads(line) for line in lines]
+    assert len(ticks) == 2 and all(t["outcome"] == "ok" for t in ticks)
+    assert any(j["kind"] == "backup" and j["status"] == "done" for j in ticks[0]["jobs"])
+
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+    result = ok("run", "--max-ticks", "1", "--interval", "1s")
+    assert result.stdout and all(stamp.match(line) for line in result.stdout.splitlines())
+    assert all(stamp.match(line) for line in result.stderr.splitlines()), result.stderr
+
+
+# --------------------------------------------------------------------------- progress, -q, -v
+
+
+def test_progress_on_a_terminal_for_tick_run_and_copy_and_quiet_silences_it(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    tick = terminal("tick", cwd=workdir)
+    assert tick.read_until("tick: backups (1 job)"), tick.text
+    assert tick.wait() == 0, tick.text
+
+    daemon = terminal("run", "--max-ticks", "1", "--interval", "1s", cwd=workdir)
+    assert daemon.read_until("run: waiting for the next tick"), daemon.text
+    assert daemon.wait() == 0, daemon.text
+
+    rp = ok("backup", "big").stdout.split()[-1]
+    copy = terminal("copy", rp, "--to", "west", "--from", "east", cwd=workdir)
+    # a copy of a point whose chunks west holds already still reports them
+    assert copy.read_until(f"copy {rp[:8]} to west"), copy.text
+    assert copy.wait() == 0, copy.text
+
+    quiet = terminal("-q", "backup", "big", cwd=workdir)
+    assert quiet.wait() == 0, quiet.text
+    text = quiet.text.strip()
+    assert POINT_ID.fullmatch(text), text  # the id alone: no progress, no summary
+
+
+def test_no_progress_when_standard_error_is_not_a_terminal(workdir: Path, big: str) -> None:
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), "backup", "big"],
+        cwd=workdir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr and "backup big" not in proc.stderr
+    assert proc.stderr.startswith("backed up big")
+
+
+def test_quiet_and_verbose(workdir: Path, small: str) -> None:
+    quiet = ok("-q", "backup", "nf1")
+    assert quiet.stderr == "" and POINT_ID.fullmatch(quiet.stdout.strip())
+    verbose = ok("-v", "tick")
+    stamped_info = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO regionvault\S*: tick: tag: 2 job\(s\)$"
+    assert re.search(stamped_info, verbose.stderr, re.M), verbose.stderr
+    both = run("-q", "-v", "points")
+    assert both.exit_code == 2 and "cannot be used together" in both.stderr
+    # the next command line is as Python's default again (nothing at INFO)
+    assert " INFO " not in ok("tick").stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _verified(workdir: Path) -> None:
+    report = json.loads(ok("verify", "--json").stdout)
+    assert report and all(r["ok"] for r in report), report
+
+
+def test_one_ctrl_c_during_tick_stops_at_the_next_step_and_the_next_tick_finishes(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    tick = terminal("tick", cwd=workdir)
+    assert tick.read_until("tick: backups"), tick.text
+    tick.proc.send_signal(signal.SIGINT)
+    assert tick.wait() == 130, tick.text
+    assert "stops at its next safe point" in tick.text
+    (state,) = [line for line in tick.text.splitlines() if "regionvault: interrupted:" in line]
+    # what was committed (the backup's point), and what the next tick does (the copy)
+    (point,) = [p for p in json.loads(ok("points", "--json").stdout)]
+    assert f"committed backup {point['id']}" in state and point["region"] == "local:east"
+    assert "not run: copies: 1 job(s) not run" in state and "next tick" in state
+    assert "Traceback" not in tick.text and "Aborted" not in tick.text
+
+    done = ok("tick")
+    assert "copy" in done.stdout
+    regions = sorted(p["region"] for p in json.loads(ok("points", "--json").stdout))
+    assert regions == ["local:east", "local:west"]
+    _verified(workdir)
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_next_tick_finishes(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    tick = terminal("tick", cwd=workdir)
+    assert tick.read_until("tick: backups"), tick.text
+    tick.proc.send_signal(signal.SIGINT)
+    assert tick.read_until("stops at its next safe point", timeout=30), tick.text
+    tick.proc.send_signal(signal.SIGINT)
+    assert tick.wait(timeout=30) == 130, tick.text
+    assert "interrupted again: exiting now" in tick.text and "Traceback" not in tick.text
+    # it did not wait for the backup's commit: nothing was committed
+    assert json.loads(ok("points", "--json").stdout) == []
+
+    # the next tick takes the lock the exit left (its process is gone), does the backup
+    # and the copy, and every vault verifies
+    result = ok("tick")
+    regions = sorted(p["region"] for p in json.loads(ok("points", "--json").stdout))
+    assert regions == ["local:east", "local:west"], result.stdout
+    _verified(workdir)
+
+
+def test_ctrl_c_during_backup_finishes_the_commit_and_exits_130(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    backup = terminal("backup", "big", cwd=workdir)
+    assert backup.read_until("backup big"), backup.text  # the progress bar: under way
+    backup.proc.send_signal(signal.SIGINT)
+    assert backup.wait() == 130, backup.text
+    (point,) = json.loads(ok("points", "--json").stdout)
+    assert f"interrupted: the backup finished first: point {point['id']} is committed" in (
+        backup.text
+    )
+    _verified(workdir)
+
+
+def test_ctrl_c_during_copy_finishes_the_commit_and_exits_130(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "big").stdout.split()[-1]
+    copy = terminal("copy", rp, "--to", "west", cwd=workdir)
+    assert copy.read_until(f"copy {rp[:8]} to west"), copy.text
+    copy.proc.send_signal(signal.SIGINT)
+    assert copy.wait() == 130, copy.text
+    (west,) = json.loads(ok("points", "--region", "west", "--json").stdout)
+    assert west["lineage"]["source_recovery_point"] == rp
+    assert f"the copy finished first: point {west['id']} is committed in west" in copy.text
+    # the id is still the last line a script reads before the state line
+    assert copy.text.splitlines().count(west["id"]) == 1
+    _verified(workdir)
