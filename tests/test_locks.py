@@ -31,7 +31,7 @@ from regionvault.core.pipeline.locks import (
 )
 from regionvault.core.repository import Repository, RepositorySettings
 from regionvault.core.site import Region, Site
-from regionvault.core.types import Capabilities, Instance, ObjectInfo, RetentionMode
+from regionvault.core.types import Capabilities, Instance, ObjectInfo, RetentionMode, Tags
 from regionvault.providers.local import LocalProvider, LocalVault
 from site_support import open_site, site_toml
 
@@ -265,6 +265,100 @@ def test_a_copy_left_unlocked_is_healed_by_the_destinations_own_tick(
     info = west.point_object(copy.id)
     assert info.retain_until == info.modified + timedelta(days=30)
     assert info.retention_mode is RetentionMode.COMPLIANCE
+
+
+def _killed_backup(site_path: Path, instance_id: str) -> None:
+    """A backup in its own process, SIGKILLed the moment its point is committed."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_COMMIT, str(site_path), instance_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def test_an_older_unlocked_point_is_healed_after_a_newer_one_was_locked_at_commit(
+    engine: Engine, clock: Clock, site_path: Path, tmp_path: Path
+) -> None:
+    # review HIGH 1: the heal stopped at the newest locked point, so a point killed before
+    # its lock stayed unlocked once the next slot's backup (locked at its commit) came first
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    _killed_backup(site_path, inst.id)
+    repo = engine.repository("east")
+    (first,) = repo.points(inst.id)
+    assert repo.point_object(first.id).retain_until is None
+    # the next slot's tick: its backup commits and locks a newer point before retention
+    clock.now += timedelta(days=2)
+    make_data(tmp_path / "data" / "hlr", 7)
+    report = Service(engine).tick("east")
+    assert report.ok, report.failures()
+    assert [o.kind for o in report.jobs].index("backup") < [o.kind for o in report.jobs].index(
+        "retention"
+    )
+    newer = [p for p in repo.points(inst.id) if p.id != first.id]
+    assert len(newer) == 1 and repo.point_object(newer[0].id).retain_until is not None
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [first.id]
+    info = repo.point_object(first.id)
+    assert info.retain_until == info.modified + timedelta(days=30)
+    assert info.retention_mode is RetentionMode.COMPLIANCE
+    # past its retention, it is kept by its lock, not forgotten
+    clock.now += timedelta(days=8)
+    later = Service(engine).tick("east")
+    (again,) = [o for o in later.jobs if o.kind == "retention"]
+    assert first.id not in again.result["forgotten"]
+    assert first.id in again.result["protected"]
+
+
+def test_a_lock_rule_added_to_the_site_later_locks_new_points_only(
+    site_path: Path, tmp_path: Path
+) -> None:
+    # review HIGH 2: the rule was resolved again at each heal, from today's site.toml
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        inst = add(engine.region("east"), "hlr", tmp_path, (1,), backup="1-7")
+        old = engine.backup(inst.id)
+        assert old.tags[locks_module.RULE_TAG] == "none"
+    site_path.write_text(site_path.read_text() + '\n[operations]\nlock = "compliance-30d"\n')
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        report = Service(engine).tick("east")
+        assert report.ok, report.failures()
+        (retained,) = [o for o in report.jobs if o.kind == "retention"]
+        assert "locks_applied" not in retained.result
+        repo = engine.repository("east")
+        assert repo.point_object(old.id).retain_until is None
+        # a new point takes the new rule, recorded in its tags, and its copy carries it
+        make_data(tmp_path / "data" / "hlr", 2)
+        new = engine.backup(inst.id)
+        assert new.tags[locks_module.RULE_TAG] == "compliance-30d"
+        info = repo.point_object(new.id)
+        assert info.retain_until == info.modified + timedelta(days=30)
+        copy = engine.copy(old.id, to="west").point
+        assert copy.tags[locks_module.RULE_TAG] == "none"
+        assert engine.repository("west").point_object(copy.id).retain_until is None
+    # the rule dropped from the site again: the new point keeps its lock rule for a heal
+    site_path.write_text(site_path.read_text().replace('lock = "compliance-30d"', ""))
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        (point,) = [p for p in engine.repository("east").points(inst.id) if p.id == new.id]
+        wanted = locks_module.wanted_protection(point, info.modified, datetime.now(UTC))
+        assert wanted is not None and wanted.until == info.retain_until
+
+
+def test_a_hold_rule_is_recorded_with_the_lock_and_a_bad_recorded_rule_fails_loudly(
+    engine: Engine, tmp_path: Path
+) -> None:
+    east = engine.region("east")
+    held = engine.backup(add(east, "hlr", tmp_path, (1,), **{**LOCK_30D, "backup-hold": "on"}).id)
+    assert held.tags[locks_module.RULE_TAG] == "compliance-30d+hold"
+    assert engine.repository("east").point_object(held.id).legal_hold
+    forged = dataclasses.replace(held, tags=Tags({**held.tags, locks_module.RULE_TAG: "x"}))
+    with pytest.raises(LockFailed, match="regionvault:lock='x' is not a recorded lock rule"):
+        locks_module.wanted_protection(forged, datetime.now(UTC), datetime.now(UTC))
 
 
 # --------------------------------------------------------------------------- a vault without
