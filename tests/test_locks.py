@@ -502,6 +502,34 @@ def test_prune_gives_shared_objects_the_latest_lock_and_every_hold_in_the_mode_a
         assert (info.retain_until, info.retention_mode) == (until, RetentionMode.GOVERNANCE)
 
 
+def test_prune_does_not_extend_the_index_objects_it_replaces(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # review LOW 6: prune extended the superseded index objects up to the newest lock of a
+    # point using their packs, then could not delete them
+    east = engine.region("east")
+    repo = engine.repository("east")
+    later = (datetime.now(UTC) + timedelta(days=20)).replace(microsecond=0)
+    soon = later - timedelta(days=18)
+    point = engine.backup(add(east, "point", tmp_path, (1,), backup="1-7").id)
+    lock_point(repo, point.id, later, RetentionMode.GOVERNANCE)
+    gone = engine.backup(add(east, "gone", tmp_path, (9,), backup="1-7").id)
+    # the point's index object carries a shorter lock than the point (an administrator's
+    # bypass, or a lock the point's own grew past)
+    before = [i.name for i in repo.vault.list("index/") if i.retain_until == later]
+    assert before
+    for name in before:
+        repo.vault.set_retention(name, soon, RetentionMode.GOVERNANCE, bypass_governance=True)
+    repo.forget([gone.id])
+    report = repo.prune()
+    left = {i.name: i for i in repo.vault.list("index/")}
+    assert all(left[name].retain_until == soon for name in before if name in left)
+    written = [i for name, i in left.items() if name not in before]
+    assert written and all(i.retain_until == later for i in written)
+    assert report.indexes_written == len(written)
+    assert repo.verify(read_data=True).ok
+
+
 # --------------------------------------------------------------------------- by hand
 
 
