@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 from cli_support import run
 from regionvault.core import ProviderRegistry, RegionConfig, hookimpl
-from regionvault.core.errors import RetentionLocked
+from regionvault.core.errors import LockedError, RetentionLocked
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline import locks as locks_module
 from regionvault.core.pipeline.locks import (
@@ -30,6 +30,7 @@ from regionvault.core.pipeline.locks import (
     release_point,
 )
 from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.repository import _retention as retention_module
 from regionvault.core.site import Region, Site
 from regionvault.core.types import Capabilities, Instance, ObjectInfo, RetentionMode, Tags
 from regionvault.providers.local import LocalProvider, LocalVault
@@ -531,6 +532,39 @@ def test_prune_does_not_extend_the_index_objects_it_replaces(
 
 
 # --------------------------------------------------------------------------- by hand
+
+
+def test_release_takes_the_exclusive_lock(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review MEDIUM 4: under a shared lock, a point committed (and held) while a release ran
+    # found the shared objects held, skipped them, and the release then lifted their hold
+    east = engine.region("east")
+    repo = engine.repository("east")
+    first = engine.backup(add(east, "a", tmp_path, (1,), backup="1-7").id)
+    second = engine.backup(add(east, "b", tmp_path, (1,), backup="1-7").id)
+    hold_point(repo, first.id)
+    other = Repository.open(
+        repo.vault,
+        repo.keys,
+        region=repo.region,
+        settings=dataclasses.replace(SETTINGS, lock_wait=timedelta(0)),
+    )
+    seen: list[str] = []
+    release = retention_module.release
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        # a writer (a backup's commit and its policy hold) while the release runs
+        try:
+            other.protect(second.id, legal_hold=True)
+        except LockedError as exc:
+            seen.append(str(exc))
+        return release(*args, **kwargs)
+
+    monkeypatch.setattr(retention_module, "release", racing)
+    release_point(repo, first.id)
+    assert len(seen) == 1 and "release" in seen[0]
+    assert not repo.point_object(first.id).legal_hold
 
 
 def test_a_compliance_lock_cannot_be_shortened_nor_made_governance(

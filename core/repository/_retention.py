@@ -255,7 +255,8 @@ def release(
             and current.retention_mode is RetentionMode.GOVERNANCE
             and (keep.until is None or keep.until < current.retain_until)
         ):
-            # down to what the other points need, else to now: the lock has ended
+            # down to what the other points need, else to now: the lock is lifted (a vault
+            # removes the retention given a past time with the bypass: S3 an empty Retention)
             store.vault.set_retention(
                 object_name,
                 keep.until or now,
