@@ -362,6 +362,34 @@ def test_a_hold_rule_is_recorded_with_the_lock_and_a_bad_recorded_rule_fails_lou
         locks_module.wanted_protection(forged, datetime.now(UTC), datetime.now(UTC))
 
 
+def test_a_hold_released_by_hand_is_not_put_back_by_the_heal_on_any_host(
+    engine: Engine, clock: Clock, site_path: Path, tmp_path: Path
+) -> None:
+    # review LOW 7: a released policy hold came back at the next retention job when the
+    # point was the newest of its instance; the release (in the region's event log) stands
+    east = engine.region("east")
+    held = add(east, "held", tmp_path, (1,), **{"backup": "1-7", "backup-hold": "on"})
+    point = engine.backup(held.id)
+    repo = engine.repository("east")
+    assert repo.point_object(point.id).legal_hold
+    engine.release_point(point.id)
+    assert not repo.point_object(point.id).legal_hold
+    # and a point of another instance killed before its hold: healed in the same job
+    other = add(east, "other", tmp_path, (2,), **{"backup": "1-7", "backup-hold": "on"})
+    _killed_backup(site_path, other.id)
+    (killed,) = repo.points(other.id)
+    state = engine.state.root / "locks"
+    assert not state.exists()  # a host whose first heal looks at every point
+    report = Service(engine).tick("east")
+    assert report.ok, report.failures()
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [killed.id]
+    assert retained.result["locks_released_by_hand"] == [point.id]
+    assert not repo.point_object(point.id).legal_hold
+    assert repo.point_object(killed.id).legal_hold
+    assert state.is_dir()
+
+
 # --------------------------------------------------------------------------- a vault without
 
 

@@ -43,7 +43,13 @@ from regionvault.core.operations import (
     OperationsConfig,
     resolve_operations,
 )
-from regionvault.core.repository import ProtectReport, ReleaseReport, Repository
+from regionvault.core.repository import (
+    EventAction,
+    EventResult,
+    ProtectReport,
+    ReleaseReport,
+    Repository,
+)
 from regionvault.core.types import Instance, ObjectInfo, RecoveryPoint, RetentionMode, Tags
 
 __all__ = [
@@ -247,6 +253,9 @@ class HealReport:
     failed: list[str] = field(default_factory=list)
     #: points whose manifest was HEADed (the listing did not say their lock)
     checked: int = 0
+    #: points lacking their rule's protection because a ``release`` by hand lifted it (left
+    #: so: the event log records the release)
+    released: list[str] = field(default_factory=list)
 
 
 def heal_locks(
@@ -272,6 +281,7 @@ def heal_locks(
     report = HealReport(repo.region)
     now = datetime.now(UTC)
     objects = repo.point_objects()
+    lacking: list[tuple[ObjectInfo, RecoveryPoint, Wanted]] = []
     for point in repo.points(tolerant=True):
         info = objects.get(point.id)
         if info is None or (since is not None and info.modified < since):
@@ -284,7 +294,13 @@ def heal_locks(
         if wanted is None or carries(info, wanted):
             continue
         report.checked += 1
-        if carries(repo.point_object(point.id), wanted):
+        current = repo.point_object(point.id)
+        if not carries(current, wanted):
+            lacking.append((current, point, wanted))
+    released = _released_by_hand(repo, [info.modified for info, _p, _w in lacking])
+    for _info, point, wanted in lacking:
+        if point.id in released:
+            report.released.append(point.id)
             continue
         try:
             _protect(repo, point, wanted)
@@ -300,6 +316,22 @@ def heal_locks(
             wanted.rule,
         )
     return report
+
+
+def _released_by_hand(repo: Repository, commits: list[datetime]) -> set[str]:
+    """The points a ``release`` lifted protection from, by the region's event log (read only
+    when some point lacks its rule's protection, from :data:`HEAL_MARGIN` before the oldest
+    such commit on: an event's time is its host's clock, a commit's the vault's): the heal
+    respects an administrator's release and never puts that back."""
+    if not commits:
+        return set()
+    return {
+        event.point
+        for event in repo.events(min(commits) - HEAL_MARGIN)
+        if event.action == EventAction.RELEASE
+        and event.result == EventResult.OK
+        and event.point is not None
+    }
 
 
 def _mark_path(state_dir: Path, region: str) -> Path:

@@ -245,6 +245,8 @@ def job_handlers(engine: Engine) -> JobHandlers:
             }
         if healed is not None and healed.locked:
             result["locks_applied"] = healed.locked
+        if healed is not None and healed.released:
+            result["locks_released_by_hand"] = healed.released
         pruned = _prune_ledger(engine)
         if pruned is not None:
             result["ledger_pruned"] = pruned
