@@ -355,10 +355,14 @@ def test_a_hold_rule_is_recorded_with_the_lock_and_a_bad_recorded_rule_fails_lou
 ) -> None:
     east = engine.region("east")
     held = engine.backup(add(east, "hlr", tmp_path, (1,), **{**LOCK_30D, "backup-hold": "on"}).id)
-    assert held.tags[locks_module.RULE_TAG] == "compliance-30d+hold"
+    assert held.tags[locks_module.RULE_TAG] == "compliance-30d-hold"
     assert engine.repository("east").point_object(held.id).legal_hold
+    # the rule is the point's, not an instance's: a restore's launched instance lacks it
+    launched = engine.restore(held.id, region="east", launch=True).instance
+    assert launched is not None and locks_module.RULE_TAG not in launched.tags
+    assert launched.tags.get("backup-hold") == "on"
     forged = dataclasses.replace(held, tags=Tags({**held.tags, locks_module.RULE_TAG: "x"}))
-    with pytest.raises(LockFailed, match="regionvault:lock='x' is not a recorded lock rule"):
+    with pytest.raises(LockFailed, match="regionvault-lock='x' is not a recorded lock rule"):
         locks_module.wanted_protection(forged, datetime.now(UTC), datetime.now(UTC))
 
 

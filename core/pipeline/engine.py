@@ -1064,7 +1064,9 @@ class Engine:
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
             name=launch_name(r, point, name),
-            tags=Tags(tags) if tags is not None else point.tags.without([SLOT_TAG, RUN_TAG]),
+            tags=Tags(tags)
+            if tags is not None
+            else point.tags.without([SLOT_TAG, RUN_TAG, _locks.RULE_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )

@@ -5,7 +5,7 @@ came between a commit and its lock.
 
 The rule is resolved once, at the backup (the instance's tags, its named policy's
 ``[operations.<name>]``, the site's ``[operations]``), and recorded in the point's own tags as
-``regionvault:lock`` (:data:`RULE_TAG`), which a copy carries: a point keeps the rule it was
+``regionvault-lock`` (:data:`RULE_TAG`), which a copy carries: a point keeps the rule it was
 taken under, whatever the site says later, and every region reads the same answer with its own
 credentials alone (a copy's commit runs in the destination, which cannot ask the source's
 compute). A point taken before the tag existed reads its own ``backup-lock`` /
@@ -77,9 +77,9 @@ log = logging.getLogger(__name__)
 _LOCK_KEYS = frozenset({"lock", "hold"})
 
 #: the point tag that records the lock rule a point was taken under: ``<lock>`` or
-#: ``<lock>+hold``, ``<lock>`` a ``backup-lock`` value (``compliance-30d``, ``none``)
-RULE_TAG = "regionvault:lock"
-_HOLD_SUFFIX = "+hold"
+#: ``<lock>-hold``, ``<lock>`` a ``backup-lock`` value (``compliance-30d``, ``none``)
+RULE_TAG = "regionvault-lock"
+_HOLD_SUFFIX = "-hold"
 
 #: how far before the last complete heal's start the next heal looks again (clock skew
 #: between this host and the vault, a commit listed late)
