@@ -394,6 +394,34 @@ def test_a_hold_released_by_hand_is_not_put_back_by_the_heal_on_any_host(
     assert state.is_dir()
 
 
+def test_the_heal_looks_at_points_since_its_last_complete_run_and_every_point_on_a_new_host(
+    engine: Engine, site_path: Path, tmp_path: Path
+) -> None:
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    _killed_backup(site_path, inst.id)
+    repo = engine.repository("east")
+    (point,) = repo.points(inst.id)
+    state = tmp_path / "state-of-a-host"
+    assert locks_module.heal_since(state, "local:east") is None  # a new host: every point
+    # a host whose last complete heal started after this commit (plus the margin) skips it
+    later = repo.point_object(point.id).modified + locks_module.HEAL_MARGIN * 2
+    locks_module.record_heal(state, "local:east", later)
+    since = locks_module.heal_since(state, "local:east")
+    assert since == later - locks_module.HEAL_MARGIN
+    skipped = locks_module.heal_locks(lambda: repo, since=since)
+    assert skipped is not None and (skipped.locked, skipped.checked) == ([], 0)
+    assert repo.point_object(point.id).retain_until is None
+    healed = locks_module.heal_locks(lambda: repo, since=None)
+    assert healed is not None and healed.locked == [point.id] and healed.checked == 1
+    # once locked, the local vault's listing says so: no HEAD the next time
+    again = locks_module.heal_locks(lambda: repo, since=None)
+    assert again is not None and (again.locked, again.checked) == ([], 0)
+    # an unreadable record is no record
+    (state / "locks" / "heal-local%3Aeast.json").write_text("{")
+    assert locks_module.heal_since(state, "local:east") is None
+
+
 # --------------------------------------------------------------------------- a vault without
 
 

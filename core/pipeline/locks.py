@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from regionvault.core.errors import (
     PolicyError,
@@ -81,9 +82,9 @@ _LOCK_KEYS = frozenset({"lock", "hold"})
 RULE_TAG = "regionvault-lock"
 _HOLD_SUFFIX = "-hold"
 
-#: how far before the last complete heal's start the next heal looks again (clock skew
-#: between this host and the vault, a commit listed late)
-HEAL_MARGIN = timedelta(days=1)
+#: how far before the last complete heal's start the next heal looks again: the skew between
+#: this host's clock (the heal's start, an event's time) and the vault's (a commit's time)
+HEAL_MARGIN = timedelta(hours=1)
 
 
 class OperationsOf(Protocol):
@@ -335,7 +336,7 @@ def _released_by_hand(repo: Repository, commits: list[datetime]) -> set[str]:
 
 
 def _mark_path(state_dir: Path, region: str) -> Path:
-    return state_dir / "locks" / f"heal-{region}.json"
+    return state_dir / "locks" / f"heal-{quote(region, safe='')}.json"
 
 
 def heal_since(state_dir: Path, region: str) -> datetime | None:
