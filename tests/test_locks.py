@@ -422,6 +422,41 @@ def test_the_heal_looks_at_points_since_its_last_complete_run_and_every_point_on
     assert locks_module.heal_since(state, "local:east") is None
 
 
+def test_an_older_copy_left_unlocked_is_healed_after_a_newer_copy_was_locked(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review HIGH 1, for copies: a copy committed in west whose lock never came (killed after
+    # its receipt), then a newer copy locked at its commit: west's heal finds the older one
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    first = engine.backup(inst.id)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(locks_module, "apply_policy_lock", killed)
+    with pytest.raises(Killed):
+        engine.copy(first.id, to="west")
+    monkeypatch.undo()
+    make_data(tmp_path / "data" / "hlr", 4)
+    second = engine.backup(inst.id)
+    newer = engine.copy(second.id, to="west").point
+    west = engine.repository("west")
+    assert west.point_object(newer.id).retain_until is not None
+    (older,) = [p for p in west.points() if p.id != newer.id]
+    assert west.point_object(older.id).retain_until is None
+
+    report = Service(engine).tick("west")
+    assert report.ok, report.failures()
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [older.id]
+    info = west.point_object(older.id)
+    assert info.retain_until == info.modified + timedelta(days=30)
+
+
 # --------------------------------------------------------------------------- a vault without
 
 
