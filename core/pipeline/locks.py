@@ -47,6 +47,7 @@ from regionvault.core.operations import (
 from regionvault.core.repository import (
     EventAction,
     EventResult,
+    Problem,
     ProtectReport,
     ReleaseReport,
     Repository,
@@ -326,9 +327,10 @@ def _released_by_hand(repo: Repository, commits: list[datetime]) -> set[str]:
     respects an administrator's release and never puts that back."""
     if not commits:
         return set()
+    unreadable: list[Problem] = []  # an event that does not authenticate is left out
     return {
         event.point
-        for event in repo.events(min(commits) - HEAL_MARGIN)
+        for event in repo.events(min(commits) - HEAL_MARGIN, problems=unreadable)
         if event.action == EventAction.RELEASE
         and event.result == EventResult.OK
         and event.point is not None
@@ -355,12 +357,16 @@ def heal_since(state_dir: Path, region: str) -> datetime | None:
 
 def record_heal(state_dir: Path, region: str, started: datetime) -> None:
     """Record that a heal of ``region`` that started at ``started`` found every point it
-    looked at carrying its rule's lock (written atomically)."""
+    looked at carrying its rule's lock (written atomically; a record that cannot be written
+    is logged, and the next heal looks further back)."""
     path = _mark_path(state_dir, region)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"started": started.isoformat()}))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"started": started.isoformat()}))
+        tmp.replace(path)
+    except OSError as exc:  # the next heal looks further back: it costs requests, not locks
+        log.warning("%s: the heal's record could not be written (%s): %s", region, path, exc)
 
 
 # --------------------------------------------------------------------------- by hand
