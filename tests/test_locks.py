@@ -519,6 +519,14 @@ def test_a_vault_without_worm_commits_the_point_and_fails_the_job_loudly(
         assert retained.status.value == "failed"
         assert point.id in (retained.error or "") and "not locked" in (retained.error or "")
         assert not report.ok
+        # every point of the instance fails the same way: one line for it, the rest counted
+        make_data(tmp_path / "data" / "hlr", 2)
+        with pytest.raises(LockFailed):
+            engine.backup(inst.id)
+        healed = locks_module.heal_locks(lambda: repo)
+        assert healed is not None and len(healed.failed) == 1 and healed.locked == []
+        assert healed.failed[0].endswith(f"(and 1 more point(s) of {inst.id})")
+        assert "\n" not in healed.failed[0]
 
         with pytest.raises(LockRefused, match="does not offer worm_lock"):
             lock_point(

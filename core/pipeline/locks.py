@@ -251,8 +251,24 @@ class HealReport:
     region: str
     #: points found lacking the lock or hold their policy asks, and given it now
     locked: list[str] = field(default_factory=list)
-    #: why a point could not be given it (each a line naming the point)
+    #: why a point could not be given it: the first such point of each instance, a line
+    #: naming it (:meth:`fail`; the others of that instance are counted in it)
     failed: list[str] = field(default_factory=list)
+    #: instance id -> (its line's place in ``failed``, the line, how many more points)
+    _failures: dict[str, tuple[int, str, int]] = field(default_factory=dict, repr=False)
+
+    def fail(self, point: RecoveryPoint, error: LockFailed) -> None:
+        """Record why ``point`` could not be given its protection: one line per instance
+        (a bad tag or a vault without WORM fails every point of it the same way)."""
+        known = self._failures.get(point.instance_id)
+        if known is None:
+            self._failures[point.instance_id] = (len(self.failed), str(error), 0)
+            self.failed.append(str(error))
+            return
+        at, line, more = known
+        self._failures[point.instance_id] = (at, line, more + 1)
+        self.failed[at] = f"{line} (and {more + 1} more point(s) of {point.instance_id})"
+
     #: points whose manifest was HEADed (the listing did not say their lock)
     checked: int = 0
     #: points lacking their rule's protection because a ``release`` by hand lifted it (left
@@ -291,7 +307,7 @@ def heal_locks(
         try:
             wanted = wanted_protection(point, info.modified, now)
         except LockFailed as exc:
-            report.failed.append(str(exc))
+            report.fail(point, exc)
             continue
         if wanted is None or carries(info, wanted):
             continue
@@ -307,7 +323,7 @@ def heal_locks(
         try:
             _protect(repo, point, wanted)
         except LockFailed as exc:
-            report.failed.append(str(exc))
+            report.fail(point, exc)
             continue
         report.locked.append(point.id)
         log.warning(
