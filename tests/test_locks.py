@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 from cli_support import run
 from regionvault.core import ProviderRegistry, RegionConfig, hookimpl
-from regionvault.core.errors import RetentionLocked
+from regionvault.core.errors import LockedError, RetentionLocked
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline import locks as locks_module
 from regionvault.core.pipeline.locks import (
@@ -30,8 +30,9 @@ from regionvault.core.pipeline.locks import (
     release_point,
 )
 from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.repository import _retention as retention_module
 from regionvault.core.site import Region, Site
-from regionvault.core.types import Capabilities, Instance, ObjectInfo, RetentionMode
+from regionvault.core.types import Capabilities, Instance, ObjectInfo, RetentionMode, Tags
 from regionvault.providers.local import LocalProvider, LocalVault
 from site_support import open_site, site_toml
 
@@ -267,6 +268,195 @@ def test_a_copy_left_unlocked_is_healed_by_the_destinations_own_tick(
     assert info.retention_mode is RetentionMode.COMPLIANCE
 
 
+def _killed_backup(site_path: Path, instance_id: str) -> None:
+    """A backup in its own process, SIGKILLed the moment its point is committed."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_COMMIT, str(site_path), instance_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def test_an_older_unlocked_point_is_healed_after_a_newer_one_was_locked_at_commit(
+    engine: Engine, clock: Clock, site_path: Path, tmp_path: Path
+) -> None:
+    # review HIGH 1: the heal stopped at the newest locked point, so a point killed before
+    # its lock stayed unlocked once the next slot's backup (locked at its commit) came first
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    _killed_backup(site_path, inst.id)
+    repo = engine.repository("east")
+    (first,) = repo.points(inst.id)
+    assert repo.point_object(first.id).retain_until is None
+    # the next slot's tick: its backup commits and locks a newer point before retention
+    clock.now += timedelta(days=2)
+    make_data(tmp_path / "data" / "hlr", 7)
+    report = Service(engine).tick("east")
+    assert report.ok, report.failures()
+    assert [o.kind for o in report.jobs].index("backup") < [o.kind for o in report.jobs].index(
+        "retention"
+    )
+    newer = [p for p in repo.points(inst.id) if p.id != first.id]
+    assert len(newer) == 1 and repo.point_object(newer[0].id).retain_until is not None
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [first.id]
+    info = repo.point_object(first.id)
+    assert info.retain_until == info.modified + timedelta(days=30)
+    assert info.retention_mode is RetentionMode.COMPLIANCE
+    # past its retention, it is kept by its lock, not forgotten
+    clock.now += timedelta(days=8)
+    later = Service(engine).tick("east")
+    (again,) = [o for o in later.jobs if o.kind == "retention"]
+    assert first.id not in again.result["forgotten"]
+    assert first.id in again.result["protected"]
+
+
+def test_a_lock_rule_added_to_the_site_later_locks_new_points_only(
+    site_path: Path, tmp_path: Path
+) -> None:
+    # review HIGH 2: the rule was resolved again at each heal, from today's site.toml
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        inst = add(engine.region("east"), "hlr", tmp_path, (1,), backup="1-7")
+        old = engine.backup(inst.id)
+        assert old.tags[locks_module.RULE_TAG] == "none"
+    site_path.write_text(site_path.read_text() + '\n[operations]\nlock = "compliance-30d"\n')
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        report = Service(engine).tick("east")
+        assert report.ok, report.failures()
+        (retained,) = [o for o in report.jobs if o.kind == "retention"]
+        assert "locks_applied" not in retained.result
+        repo = engine.repository("east")
+        assert repo.point_object(old.id).retain_until is None
+        # a new point takes the new rule, recorded in its tags, and its copy carries it
+        make_data(tmp_path / "data" / "hlr", 2)
+        new = engine.backup(inst.id)
+        assert new.tags[locks_module.RULE_TAG] == "compliance-30d"
+        info = repo.point_object(new.id)
+        assert info.retain_until == info.modified + timedelta(days=30)
+        copy = engine.copy(old.id, to="west").point
+        assert copy.tags[locks_module.RULE_TAG] == "none"
+        assert engine.repository("west").point_object(copy.id).retain_until is None
+    # the rule dropped from the site again: the new point keeps its lock rule for a heal
+    site_path.write_text(site_path.read_text().replace('lock = "compliance-30d"', ""))
+    with open_site(site_path) as site:
+        engine = Engine(site, settings=SETTINGS)
+        (point,) = [p for p in engine.repository("east").points(inst.id) if p.id == new.id]
+        wanted = locks_module.wanted_protection(point, info.modified, datetime.now(UTC))
+        assert wanted is not None and wanted.until == info.retain_until
+
+
+def test_a_hold_rule_is_recorded_with_the_lock_and_a_bad_recorded_rule_fails_loudly(
+    engine: Engine, tmp_path: Path
+) -> None:
+    east = engine.region("east")
+    held = engine.backup(add(east, "hlr", tmp_path, (1,), **{**LOCK_30D, "backup-hold": "on"}).id)
+    assert held.tags[locks_module.RULE_TAG] == "compliance-30d-hold"
+    assert engine.repository("east").point_object(held.id).legal_hold
+    # the rule is the point's, not an instance's: a restore's launched instance lacks it
+    launched = engine.restore(held.id, region="east", launch=True).instance
+    assert launched is not None and locks_module.RULE_TAG not in launched.tags
+    assert launched.tags.get("backup-hold") == "on"
+    forged = dataclasses.replace(held, tags=Tags({**held.tags, locks_module.RULE_TAG: "x"}))
+    with pytest.raises(LockFailed, match="regionvault-lock='x' is not a recorded lock rule"):
+        locks_module.wanted_protection(forged, datetime.now(UTC), datetime.now(UTC))
+
+
+def test_a_hold_released_by_hand_is_not_put_back_by_the_heal_on_any_host(
+    engine: Engine, clock: Clock, site_path: Path, tmp_path: Path
+) -> None:
+    # review LOW 7: a released policy hold came back at the next retention job when the
+    # point was the newest of its instance; the release (in the region's event log) stands
+    east = engine.region("east")
+    held = add(east, "held", tmp_path, (1,), **{"backup": "1-7", "backup-hold": "on"})
+    point = engine.backup(held.id)
+    repo = engine.repository("east")
+    assert repo.point_object(point.id).legal_hold
+    engine.release_point(point.id)
+    assert not repo.point_object(point.id).legal_hold
+    # and a point of another instance killed before its hold: healed in the same job
+    other = add(east, "other", tmp_path, (2,), **{"backup": "1-7", "backup-hold": "on"})
+    _killed_backup(site_path, other.id)
+    (killed,) = repo.points(other.id)
+    state = engine.state.root / "locks"
+    assert not state.exists()  # a host whose first heal looks at every point
+    report = Service(engine).tick("east")
+    assert report.ok, report.failures()
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [killed.id]
+    assert retained.result["locks_released_by_hand"] == [point.id]
+    assert not repo.point_object(point.id).legal_hold
+    assert repo.point_object(killed.id).legal_hold
+    assert state.is_dir()
+
+
+def test_the_heal_looks_at_points_since_its_last_complete_run_and_every_point_on_a_new_host(
+    engine: Engine, site_path: Path, tmp_path: Path
+) -> None:
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    _killed_backup(site_path, inst.id)
+    repo = engine.repository("east")
+    (point,) = repo.points(inst.id)
+    state = tmp_path / "state-of-a-host"
+    assert locks_module.heal_since(state, "local:east") is None  # a new host: every point
+    # a host whose last complete heal started after this commit (plus the margin) skips it
+    later = repo.point_object(point.id).modified + locks_module.HEAL_MARGIN * 2
+    locks_module.record_heal(state, "local:east", later)
+    since = locks_module.heal_since(state, "local:east")
+    assert since == later - locks_module.HEAL_MARGIN
+    skipped = locks_module.heal_locks(lambda: repo, since=since)
+    assert skipped is not None and (skipped.locked, skipped.checked) == ([], 0)
+    assert repo.point_object(point.id).retain_until is None
+    healed = locks_module.heal_locks(lambda: repo, since=None)
+    assert healed is not None and healed.locked == [point.id] and healed.checked == 1
+    # once locked, the local vault's listing says so: no HEAD the next time
+    again = locks_module.heal_locks(lambda: repo, since=None)
+    assert again is not None and (again.locked, again.checked) == ([], 0)
+    # an unreadable record is no record
+    (state / "locks" / "heal-local%3Aeast.json").write_text("{")
+    assert locks_module.heal_since(state, "local:east") is None
+
+
+def test_an_older_copy_left_unlocked_is_healed_after_a_newer_copy_was_locked(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review HIGH 1, for copies: a copy committed in west whose lock never came (killed after
+    # its receipt), then a newer copy locked at its commit: west's heal finds the older one
+    east = engine.region("east")
+    inst = add(east, "hlr", tmp_path, (1,), **LOCK_30D)
+    first = engine.backup(inst.id)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(locks_module, "apply_policy_lock", killed)
+    with pytest.raises(Killed):
+        engine.copy(first.id, to="west")
+    monkeypatch.undo()
+    make_data(tmp_path / "data" / "hlr", 4)
+    second = engine.backup(inst.id)
+    newer = engine.copy(second.id, to="west").point
+    west = engine.repository("west")
+    assert west.point_object(newer.id).retain_until is not None
+    (older,) = [p for p in west.points() if p.id != newer.id]
+    assert west.point_object(older.id).retain_until is None
+
+    report = Service(engine).tick("west")
+    assert report.ok, report.failures()
+    (retained,) = [o for o in report.jobs if o.kind == "retention"]
+    assert retained.result["locks_applied"] == [older.id]
+    info = west.point_object(older.id)
+    assert info.retain_until == info.modified + timedelta(days=30)
+
+
 # --------------------------------------------------------------------------- a vault without
 
 
@@ -329,6 +519,14 @@ def test_a_vault_without_worm_commits_the_point_and_fails_the_job_loudly(
         assert retained.status.value == "failed"
         assert point.id in (retained.error or "") and "not locked" in (retained.error or "")
         assert not report.ok
+        # every point of the instance fails the same way: one line for it, the rest counted
+        make_data(tmp_path / "data" / "hlr", 2)
+        with pytest.raises(LockFailed):
+            engine.backup(inst.id)
+        healed = locks_module.heal_locks(lambda: repo)
+        assert healed is not None and len(healed.failed) == 1 and healed.locked == []
+        assert healed.failed[0].endswith(f"(and 1 more point(s) of {inst.id})")
+        assert "\n" not in healed.failed[0]
 
         with pytest.raises(LockRefused, match="does not offer worm_lock"):
             lock_point(
@@ -408,7 +606,68 @@ def test_prune_gives_shared_objects_the_latest_lock_and_every_hold_in_the_mode_a
         assert (info.retain_until, info.retention_mode) == (until, RetentionMode.GOVERNANCE)
 
 
+def test_prune_does_not_extend_the_index_objects_it_replaces(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # review LOW 6: prune extended the superseded index objects up to the newest lock of a
+    # point using their packs, then could not delete them
+    east = engine.region("east")
+    repo = engine.repository("east")
+    later = (datetime.now(UTC) + timedelta(days=20)).replace(microsecond=0)
+    soon = later - timedelta(days=18)
+    point = engine.backup(add(east, "point", tmp_path, (1,), backup="1-7").id)
+    lock_point(repo, point.id, later, RetentionMode.GOVERNANCE)
+    gone = engine.backup(add(east, "gone", tmp_path, (9,), backup="1-7").id)
+    # the point's index object carries a shorter lock than the point (an administrator's
+    # bypass, or a lock the point's own grew past)
+    before = [i.name for i in repo.vault.list("index/") if i.retain_until == later]
+    assert before
+    for name in before:
+        repo.vault.set_retention(name, soon, RetentionMode.GOVERNANCE, bypass_governance=True)
+    repo.forget([gone.id])
+    report = repo.prune()
+    left = {i.name: i for i in repo.vault.list("index/")}
+    assert all(left[name].retain_until == soon for name in before if name in left)
+    written = [i for name, i in left.items() if name not in before]
+    assert written and all(i.retain_until == later for i in written)
+    assert report.indexes_written == len(written)
+    assert repo.verify(read_data=True).ok
+
+
 # --------------------------------------------------------------------------- by hand
+
+
+def test_release_takes_the_exclusive_lock(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review MEDIUM 4: under a shared lock, a point committed (and held) while a release ran
+    # found the shared objects held, skipped them, and the release then lifted their hold
+    east = engine.region("east")
+    repo = engine.repository("east")
+    first = engine.backup(add(east, "a", tmp_path, (1,), backup="1-7").id)
+    second = engine.backup(add(east, "b", tmp_path, (1,), backup="1-7").id)
+    hold_point(repo, first.id)
+    other = Repository.open(
+        repo.vault,
+        repo.keys,
+        region=repo.region,
+        settings=dataclasses.replace(SETTINGS, lock_wait=timedelta(0)),
+    )
+    seen: list[str] = []
+    release = retention_module.release
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        # a writer (a backup's commit and its policy hold) while the release runs
+        try:
+            other.protect(second.id, legal_hold=True)
+        except LockedError as exc:
+            seen.append(str(exc))
+        return release(*args, **kwargs)
+
+    monkeypatch.setattr(retention_module, "release", racing)
+    release_point(repo, first.id)
+    assert len(seen) == 1 and "release" in seen[0]
+    assert not repo.point_object(first.id).legal_hold
 
 
 def test_a_compliance_lock_cannot_be_shortened_nor_made_governance(

@@ -397,6 +397,11 @@ class Engine:
         policy = resolve_policy(inst, self.site.config)
         repo = self.repository(home.name)
         tags = dict(inst.tags)
+        # the lock rule the point is taken under, kept in its tags (copies carry it)
+        tags.pop(_locks.RULE_TAG, None)
+        rule = _locks.rule_tag(self.operations, inst)
+        if rule is not None:
+            tags[_locks.RULE_TAG] = rule
         # a compute that captures blocks may keep its captures for the next backup; one of
         # files is called as before (providers written before since/keep still work)
         blocks = CaptureKind.BLOCKS in home.compute.capabilities.capture_kinds
@@ -1060,7 +1065,9 @@ class Engine:
         manifest = repo.load_manifest(point.id)
         spec = LaunchSpec(
             name=launch_name(r, point, name),
-            tags=Tags(tags) if tags is not None else point.tags.without([SLOT_TAG, RUN_TAG]),
+            tags=Tags(tags)
+            if tags is not None
+            else point.tags.without([SLOT_TAG, RUN_TAG, _locks.RULE_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
         )
@@ -1358,7 +1365,7 @@ class Engine:
         (core/pipeline/locks.py), recording a ``lock`` event when anything changed or it
         failed. :class:`LockFailed` when they cannot be applied."""
         try:
-            report = _locks.apply_policy_lock(repo, point, self.operations)
+            report = _locks.apply_policy_lock(repo, point)
         except LockFailed as exc:
             self.record_event(repo.region, EventAction.LOCK, point, exc, by="policy")
             raise

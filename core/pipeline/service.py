@@ -49,7 +49,13 @@ from regionvault.core.pipeline.jobs import (
     slot_of,
     tag_job,
 )
-from regionvault.core.pipeline.locks import LockFailed, describe_protection, heal_locks
+from regionvault.core.pipeline.locks import (
+    LockFailed,
+    describe_protection,
+    heal_locks,
+    heal_since,
+    record_heal,
+)
 from regionvault.core.pipeline.reports import TickReport
 from regionvault.core.pipeline.scheduler import ScheduleReport, due_instances
 
@@ -221,7 +227,15 @@ def job_handlers(engine: Engine) -> JobHandlers:
     def run_retention(job: Job) -> Any:
         # first, the locks a killed run left unapplied, so forget and prune see them
         region = engine.region(job.region or "").name
-        healed = heal_locks(lambda: engine.repository(region, create=False), engine.operations)
+        # (every point committed since the last complete heal, less a margin: docs/policies.md)
+        state_dir = engine.state.root
+        started = datetime.now(UTC)  # the vault's commit times are the wall clock's
+        healed = heal_locks(
+            lambda: engine.repository(region, create=False),
+            since=heal_since(state_dir, region),
+        )
+        if healed is not None and not healed.failed:
+            record_heal(state_dir, region, started)
         report = engine.retain(region)
         result: dict[str, Any] = {"forgotten": report.forgotten, "protected": report.protected}
         if report.protected:
@@ -232,6 +246,8 @@ def job_handlers(engine: Engine) -> JobHandlers:
             }
         if healed is not None and healed.locked:
             result["locks_applied"] = healed.locked
+        if healed is not None and healed.released:
+            result["locks_released_by_hand"] = healed.released
         pruned = _prune_ledger(engine)
         if pruned is not None:
             result["ledger_pruned"] = pruned

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from regionvault.core.errors import IntegrityError
+from regionvault.core.interfaces import Vault
 from regionvault.core.repository import _format as fmt
 from regionvault.core.repository._links import prune_links
 from regionvault.core.repository._locks import RepositoryLock
 from regionvault.core.repository._manifest import load_manifests, tree_records
 from regionvault.core.repository._pipeline import Aborted, Failure, PackWriter
 from regionvault.core.repository._retention import (
+    Need,
     delete_unless_held,
     extend_for_protected_points,
+    protected_points,
     retention_hold,
 )
 from regionvault.core.repository._store import IndexState, Store
@@ -63,6 +66,15 @@ class PrunePlan:
     #: indexed packs that are in the vault
     present: list[str]
     now: datetime
+    #: the locked or held points, each with what it needs (their manifests HEADed once)
+    protected: list[tuple[Manifest, Need]] = field(default_factory=list)
+    #: pack objects a locked or held point uses: never rewritten nor dropped
+    shielded: set[str] = field(default_factory=set)
+    #: the vault's own answer (a HEAD) for packs whose listing said no lock
+    heads: dict[str, str | None] = field(default_factory=dict)
+    #: whether the vault can lock at all (else no HEAD is asked)
+    can_lock: bool = False
+    vault: Vault | None = None
 
     @property
     def writes_index(self) -> bool:
@@ -76,9 +88,25 @@ class PrunePlan:
         return changed or len(self.state.live) > 1 or bool(self.leftovers)
 
     def locked(self, pack_id: str) -> str | None:
-        """Why a WORM lock or legal hold keeps ``pack_id``, or None."""
-        info = self.listing.get(fmt.pack_name(pack_id))
+        """Why a WORM lock or legal hold keeps ``pack_id``, or None: a locked or held point
+        uses it, or the listing says it is locked."""
+        name = fmt.pack_name(pack_id)
+        if name in self.shielded:
+            return "a locked or held point uses it"
+        info = self.listing.get(name)
         return None if info is None else retention_hold(info, self.now)
+
+    def locked_now(self, pack_id: str) -> str | None:
+        """:meth:`locked`, and where the listing says no lock, the vault's HEAD (asked once
+        per pack prune would rewrite or delete, only of a vault that can lock: S3's listing
+        does not say an object's lock)."""
+        reason = self.locked(pack_id)
+        if reason is not None or not self.can_lock or self.vault is None:
+            return reason
+        name = fmt.pack_name(pack_id)
+        if name not in self.heads:
+            self.heads[name] = retention_hold(self.vault.head(name), self.now)
+        return self.heads[name]
 
 
 def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
@@ -88,13 +116,22 @@ def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
     index = state.index
     blobs_of = index.pack_blobs or {}
     manifests, _ = load_manifests(store)
+    # what locked or held points use (their manifests HEADed once: a listing need not say
+    # an object's lock, S3's does not) is never rewritten nor dropped, whatever the listing
+    # says: their data never moves out of the objects their lock protects
+    protected = protected_points(store, manifests, now)
+    protected_ids = {m.point.id for m, _need in protected}
     used: set[bytes] = set()
+    shielded_chunks: set[bytes] = set()
     workers = store.settings.worker_count()
     with ThreadPoolExecutor(max_workers=workers + 1) as pool:
         for manifest in manifests:
-            used.update(manifest.tree_chunks)
+            chunks = set(manifest.tree_chunks)
             for record in tree_records(store, index, pool, manifest):
-                used.update(record.chunk_ids())
+                chunks.update(record.chunk_ids())
+            used.update(chunks)
+            if manifest.point.id in protected_ids:
+                shielded_chunks.update(chunks)
     missing = [c for c in used if c not in index]
     if missing:
         raise IntegrityError(
@@ -109,11 +146,21 @@ def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
         ):
             raise IntegrityError(fmt.pack_name(pack_id), "pack is missing, yet points use it")
 
-    def locked(pack_id: str) -> str | None:
-        info = listing.get(fmt.pack_name(pack_id))
-        return None if info is None else retention_hold(info, now)
+    shielded = {
+        fmt.pack_name(loc.pack_id)
+        for loc in (index.get(c) for c in shielded_chunks)
+        if loc is not None
+    }
+    caps = store.vault.capabilities
+    plan = PrunePlan(
+        state, manifests, listing, {}, [], [], [], [], [], now,
+        protected=protected, shielded=shielded, can_lock=caps.worm_lock or caps.legal_hold,
+        vault=store.vault,
+    )  # fmt: skip
+    locked_now = plan.locked_now
 
-    # claim each used chunk once: first from packs that are wholly used, then the rest
+    # claim each used chunk once: first from packs that are wholly used, then from the packs
+    # protected points use, then the rest
     claimed: set[bytes] = set()
     live: dict[str, list[fmt.BlobEntry]] = {}
     present = [p for p in sorted(index.packs) if fmt.pack_name(p) in listing]
@@ -122,6 +169,11 @@ def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
         live[pack_id] = list(blobs_of.get(pack_id, []))
         claimed.update(b.chunk_id for b in live[pack_id])
     keep: list[str] = list(whole)
+    for pack_id in present:
+        if pack_id not in live and fmt.pack_name(pack_id) in shielded:
+            live[pack_id] = [b for b in blobs_of.get(pack_id, []) if b.chunk_id in used]
+            claimed.update(b.chunk_id for b in live[pack_id])
+            keep.append(pack_id)
     rewrite: list[str] = []
     drop: list[str] = []
     for pack_id in present:
@@ -136,19 +188,15 @@ def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
         live[pack_id] = mine
         unused_bytes = sum(b.length for b in blobs) - sum(b.length for b in mine)
         total_bytes = sum(b.length for b in blobs) or 1
-        if locked(pack_id) is not None:
-            if mine:
-                keep.append(pack_id)
-            else:
-                drop.append(pack_id)  # skipped below, and reported
-        elif not mine:
-            drop.append(pack_id)
-        elif unused_bytes / total_bytes > max_unused:
+        if not mine:
+            drop.append(pack_id)  # a locked one is skipped below, and reported
+        elif unused_bytes / total_bytes > max_unused and locked_now(pack_id) is None:
             rewrite.append(pack_id)
         else:
             keep.append(pack_id)
-    leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
-    return PrunePlan(state, manifests, listing, live, keep, rewrite, drop, leftovers, present, now)
+    plan.live, plan.keep, plan.rewrite, plan.drop, plan.present = live, keep, rewrite, drop, present
+    plan.leftovers = sorted(set(listing) - {fmt.pack_name(p) for p in index.packs})
+    return plan
 
 
 def prune(
@@ -165,8 +213,8 @@ def prune(
     blobs_of = index.pack_blobs or {}
     report.points = len(manifests)
     report.packs_before = len(listing)
-    locked = plan.locked
     live, keep, rewrite, drop = plan.live, plan.keep, plan.rewrite, plan.drop
+    locked_now, heads, protected = plan.locked_now, plan.heads, plan.protected
 
     # copy the live blobs of packs being rewritten into new packs
     failure = Failure()
@@ -195,7 +243,7 @@ def prune(
         raise
     report.packs_rewritten = len(rewrite)
     report.packs_written = len(new_packs)
-    report.blobs_removed += sum(len(blobs_of.get(p, [])) for p in drop if locked(p) is None)
+    report.blobs_removed += sum(len(blobs_of.get(p, [])) for p in drop if locked_now(p) is None)
 
     # a new index: every kept pack and every new one; its last object supersedes the old
     entries = [
@@ -221,7 +269,10 @@ def prune(
         # before anything is deleted: what a locked or held point uses, as the new index maps
         # it (the packs just written, the index objects just written), is protected as long
         # as the point
-        report.locks_extended = _extend_locks(store, manifests, now)
+        # (the index objects about to be deleted are left as they are: extending them would
+        # keep them as long as the newest locked point)
+        superseded = {fmt.index_name(i) for i in state.objects}
+        report.locks_extended = _extend_locks(store, protected, now, skip=superseded)
         extended = True
         for index_id in sorted(state.objects):
             name = fmt.index_name(index_id)
@@ -234,13 +285,14 @@ def prune(
                 report.skipped.append(Problem(name, reason))
 
     if not extended:  # no new index: the one there maps the same, extended all the same
-        report.locks_extended = _extend_locks(store, manifests, now)
+        report.locks_extended = _extend_locks(store, protected, now)
 
     # delete what nothing uses any more: rewritten, unused and unindexed packs
     freed = 0
     for name in [fmt.pack_name(p) for p in rewrite + drop] + leftovers:
         info = listing[name]
-        reason = retention_hold(info, now) or delete_unless_held(store, name)
+        # the listing's lock, else the vault's own refusal (S3 HEADs each version first)
+        reason = retention_hold(info, now) or heads.get(name) or delete_unless_held(store, name)
         if reason is None:
             report.packs_deleted += 1
             freed += info.size
@@ -265,11 +317,19 @@ def prune(
     return report
 
 
-def _extend_locks(store: Store, manifests: list[Manifest], now: datetime) -> int:
+def _extend_locks(
+    store: Store,
+    protected: list[tuple[Manifest, Need]],
+    now: datetime,
+    *,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> int:
     """Extend the locks and holds of the objects protected points use, up to each point's
-    own (:func:`extend_for_protected_points`); a crash after the new index and before this
-    loses nothing, since the next prune extends them again."""
-    count, names = extend_for_protected_points(store, manifests, now)
+    own (:func:`extend_for_protected_points`). A crash after the new index and before this
+    leaves the index objects just written unlocked until the next prune extends them; the
+    packs a protected point uses are never rewritten (they keep their own lock), so its
+    data stays locked throughout, and a lost index object is rebuilt from the packs."""
+    count, names = extend_for_protected_points(store, protected, now, skip=skip)
     if count:
         log.info("prune: locks extended on %d object(s): %s", count, ", ".join(names[:5]))
     return count

@@ -4,7 +4,7 @@ forget, prune and the link tables' pruning), and putting them on a recovery poin
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +23,7 @@ __all__ = [
     "extend_for_protected_points",
     "objects_of",
     "protect",
+    "protected_points",
     "release",
     "retention_hold",
 ]
@@ -154,11 +155,12 @@ def protect(
     return report
 
 
-def _protected_points(
+def protected_points(
     store: Store, manifests: Iterable[Manifest], now: datetime
 ) -> list[tuple[Manifest, Need]]:
     """The points whose manifest carries a lock in force or a legal hold, with it (nothing
-    when the vault has neither capability: then no object can carry either)."""
+    when the vault has neither capability: then no object can carry either). One HEAD per
+    manifest: a listing need not say an object's lock (S3's does not)."""
     caps = store.vault.capabilities
     if not (caps.worm_lock or caps.legal_hold):
         return []
@@ -171,15 +173,20 @@ def _protected_points(
 
 
 def extend_for_protected_points(
-    store: Store, manifests: Iterable[Manifest], now: datetime
+    store: Store,
+    protected: list[tuple[Manifest, Need]],
+    now: datetime,
+    *,
+    skip: Collection[str] = (),
 ) -> tuple[int, list[str]]:
-    """Extend the lock (and hold) of every object a locked or held point uses, as the live
-    index maps it now, up to that point's own: prune calls this once its new index is
-    written, so the packs it wrote and the index objects that now map a protected point's
-    chunks are protected as long as the point, and nothing a protected point needs has a
-    shorter lock than the point (as kopia's maintenance extends object-lock retention).
+    """Extend the lock (and hold) of every object a locked or held point (``protected``,
+    :func:`protected_points`) uses, as the live index maps it now, up to that point's own:
+    prune calls this once its new index is written, so the packs it wrote and the index
+    objects that now map a protected point's chunks are protected as long as the point, and
+    nothing a protected point needs has a shorter lock than the point (as kopia's
+    maintenance extends object-lock retention). Objects named in ``skip`` (the index objects
+    prune is about to delete) are left as they are. One HEAD per object extended or not.
     Returns the count of objects extended and their names."""
-    protected = _protected_points(store, manifests, now)
     if not protected:
         return 0, []
     index = store.load_index().index
@@ -187,7 +194,8 @@ def extend_for_protected_points(
     with ThreadPoolExecutor(max_workers=store.settings.worker_count() + 1) as pool:
         for manifest, need in protected:
             for name in objects_of(store, index, pool, manifest):
-                needs[name] = needs[name].merge(need) if name in needs else need
+                if name not in skip:
+                    needs[name] = needs[name].merge(need) if name in needs else need
     extended = [
         name
         for name, need in sorted(needs.items())
@@ -226,7 +234,7 @@ def release(
     needs: dict[str, Need] = {}
     with ThreadPoolExecutor(max_workers=store.settings.worker_count() + 1) as pool:
         mine = objects_of(store, index, pool, manifest)
-        for other, need in _protected_points(
+        for other, need in protected_points(
             store, (m for m in others if m.point.id != manifest.point.id), now
         ):
             for object_name in objects_of(store, index, pool, other):
@@ -247,7 +255,8 @@ def release(
             and current.retention_mode is RetentionMode.GOVERNANCE
             and (keep.until is None or keep.until < current.retain_until)
         ):
-            # down to what the other points need, else to now: the lock has ended
+            # down to what the other points need, else to now: the lock is lifted (a vault
+            # removes the retention given a past time with the bypass: S3 an empty Retention)
             store.vault.set_retention(
                 object_name,
                 keep.until or now,

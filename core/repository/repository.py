@@ -624,10 +624,12 @@ class Repository:
         """Lift a point's legal hold and, with ``bypass_governance`` (the administrator's
         act), its governance lock, from its manifest and from each object it uses that no
         other protected point needs (those keep what the other points ask).
-        :class:`RetentionLocked` names a compliance lock, which nobody lifts."""
+        :class:`RetentionLocked` names a compliance lock, which nobody lifts. Takes the
+        exclusive lock: it lifts protection that a point committed meanwhile (under the shared
+        lock) may rely on, having found the shared objects already held."""
         store = self._ensure_open()
         manifest = self.load_manifest(point_id)
-        with self._lock(exclusive=False, operation="release"):
+        with self._lock(exclusive=True, operation="release"):
             others, _ = load_manifests(store)
             return _retention.release(
                 store,

@@ -650,10 +650,14 @@ class AwsVault(Vault):
         )
         if why is not None:
             raise RetentionLocked(name, why, provider="aws", region=self.region)
+        # a governance lock lifted (an ``until`` already past, with the bypass): S3 refuses a
+        # past RetainUntilDate (400 InvalidArgument); an empty Retention with the bypass
+        # header removes the retention, the documented way
+        lift = bypass_governance and until <= _now()
         kwargs: dict[str, Any] = {
             "Bucket": s3.bucket,
             "Key": key,
-            "Retention": {"Mode": mode.value.upper(), "RetainUntilDate": until},
+            "Retention": {} if lift else {"Mode": mode.value.upper(), "RetainUntilDate": until},
         }
         if facts.get("VersionId"):
             kwargs["VersionId"] = facts["VersionId"]
@@ -676,8 +680,8 @@ class AwsVault(Vault):
             name=name,
             size=current.size,
             modified=current.modified,
-            retain_until=_utc(until),
-            retention_mode=mode,
+            retain_until=None if lift else _utc(until),
+            retention_mode=None if lift else mode,
             legal_hold=current.legal_hold,
             etag=current.etag,
         )
