@@ -21,7 +21,11 @@ def copy(state: CliState, point: str, to: str, source: str | None) -> None:
     Prints the copy's recovery point id alone on the last line of standard output."""
     engine = state.engine()
     result = engine.copy(point, source=source, to=to)
-    if result.existing:
+    lineage = result.point.lineage
+    if result.existing and (lineage is None or not lineage.source_recovery_point.startswith(point)):
+        # a copy sent back where it came from: the original there is the answer
+        echo_err(f"{point} came from {to}: its original there is {result.point.id}")
+    elif result.existing:
         echo_err(f"{to} already holds a copy of {point}: {result.point.id}")
     else:
         echo_err(
