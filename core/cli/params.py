@@ -89,13 +89,12 @@ class RegionParam(click.types.StringParamType):
         value = super().convert(value, param, ctx)
         if not isinstance(value, str) or ctx is None or ctx.resilient_parsing:
             return value
-        from regionvault.core.cli.root import CliState
-
-        state = ctx.find_root().obj
-        if not isinstance(state, CliState):
+        # the root's CliState (not imported: root imports this module)
+        load_site = getattr(ctx.find_root().obj, "site", None)
+        if not callable(load_site):
             return value
         try:
-            site = state.site()
+            site: Site = load_site()
         except RegionVaultError:
             return value  # the command says what is wrong with the site
         try:
