@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import pytest
 from regionvault.core.cli.root import hoist_global_options
+from regionvault.core.site import Site
 
 #: the console script pip installed next to this interpreter
 CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
@@ -331,3 +332,25 @@ def test_verify_json_is_a_document_even_without_a_repository(site_toml: Path, rv
             ["local:west"] if "-r" in argv else ["local:east", "local:west"]
         )
         assert done.stderr.startswith("regionvault: error: ")
+
+
+def test_an_ambiguous_prefix_lists_the_points_it_matches(site: Site, tmp_path: Path) -> None:
+    from regionvault.core.errors import RegionVaultError
+    from regionvault.core.pipeline import Engine
+
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "f").write_text("x")
+    east = site.region("east")
+    inst = east.compute.register_instance("nf", data)
+    engine = Engine(site)
+    first = engine.backup(inst.id)
+    (data / "f").write_text("y")
+    second = engine.backup(inst.id, slot=first.created_at.replace(year=first.created_at.year + 1))
+    points = {first.id: first, second.id: second}
+    # ids are random: the branch is reached with the points a shared prefix would match
+    line = engine._point_hint("abcdef", list(points.values()), "local:east")
+    assert line.startswith("recovery point 'abcdef' is ambiguous in local:east: it matches 2")
+    assert all(p[:12] in line for p in points) and line.endswith("give more characters")
+    with pytest.raises(RegionVaultError, match=r"no recovery point 'ffffffffff' in local:east$"):
+        engine.find_point("ffffffffff", "local:east")
