@@ -445,6 +445,12 @@ class Compute(Service):
         """Adopt existing data as an instance (local and on-prem providers)."""
         raise self.unsupported("register_instance")
 
+    def unregister_instance(self, instance_id: str) -> None:
+        """Forget an instance :meth:`register_instance` adopted (its data is left where it
+        is), or the record of one already terminated; a launched instance still running is
+        refused (terminate it). Providers that register no instances do not override it."""
+        raise self.unsupported("unregister_instance")
+
 
 class Sealer(abc.ABC):
     """Seals small secrets so that only one region's KeyService can unseal them.

@@ -203,7 +203,9 @@ def test_instances_add_then_list(site_file: Path, data_dir: Path, workdir: Path)
 
 
 def test_instances_of_an_unknown_region(site_file: Path) -> None:
-    assert_one_line_error(run("instances", "--region", "north"), "unknown region 'north'")
+    result = run("instances", "--region", "north")
+    assert result.exit_code == 2  # a usage error naming the known regions (issue #20)
+    assert "unknown region 'north'; known regions: local:east, local:west" in result.stderr
 
 
 @pytest.mark.parametrize("bad", ["novalue", "=x", " k=v"])
@@ -254,9 +256,9 @@ def test_instances_add_needs_an_existing_directory(site_file: Path, workdir: Pat
 
 
 def test_instances_add_to_an_unknown_region(site_file: Path, data_dir: Path) -> None:
-    assert_one_line_error(
-        run("instances", "add", "-r", "north", "-n", "x", "--data", data_dir), "unknown region"
-    )
+    result = run("instances", "add", "-r", "north", "-n", "x", "--data", data_dir)
+    assert result.exit_code == 2
+    assert "unknown region 'north'; known regions: local:east, local:west" in result.stderr
 
 
 def test_instances_add_duplicate_name_is_an_expected_error(site_file: Path, data_dir: Path) -> None:

@@ -466,11 +466,17 @@ def test_errors_are_one_line_without_a_traceback(workdir: Path, point: str) -> N
     out = workdir / "out"
     fails(run("restore", "0" * 32, "--region", "east", "--target", out), "no recovery point")
     fails(run("restore", "nonsense", "--region", "west", "--target", out), "nonsense")
-    fails(run("restore", point, "--region", "nowhere", "--target", out), "nowhere")
-    fails(run("copy", point, "--to", "nowhere"), "nowhere")
+    for wrong_region in (
+        run("restore", point, "--region", "nowhere", "--target", out),
+        run("copy", point, "--to", "nowhere"),
+        run("points", "--region", "nowhere"),
+    ):  # a usage error naming the known regions (issue #20), not the site's
+        assert wrong_region.exit_code == 2, wrong_region.stderr
+        assert "unknown region 'nowhere'; known regions: local:east, local:west" in (
+            wrong_region.stderr
+        )
     fails(run("copy", point, "--to", "east"), "itself")
     fails(run("backup", "no-such-instance"), "no-such-instance")
-    fails(run("points", "--region", "mars"), "mars")
     full = workdir / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")

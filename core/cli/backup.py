@@ -25,6 +25,7 @@ from regionvault.core.cli.output import (
     short_regions,
     warn_issues,
 )
+from regionvault.core.cli.params import points_of, refuse_conflicts
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
 from regionvault.core.errors import RepositoryNotFound
 
@@ -208,6 +209,12 @@ def restore(
     recorded). With --sync, the restored files are on disk before it exits."""
     if not launch and target is None:
         raise click.UsageError("give --target PATH, or --launch")
+    refuse_conflicts(
+        "--target restores into a directory, --launch into a new instance",
+        target=target,
+        launch=launch,
+    )
+    refuse_conflicts("--name names the instance --launch starts", target=target, name=name)
     from regionvault.core.repository import RESTORE_MARKER
 
     # a target holding a restore's marker is left to the engine: the same restore, run
@@ -287,7 +294,9 @@ def restore(
 
 @click.command()
 @click.option("--region", "-r", metavar="REGION", help="Only this region.")
-@click.option("--instance", "-i", metavar="INSTANCE", help="Only this instance's points (id).")
+@click.option(
+    "--instance", "-i", metavar="INSTANCE", help="Only this instance's points (name or id)."
+)
 @json_option
 @click.option("--wide", is_flag=True, help="Whole ids and region names (default: short).")
 @click.option("--bytes", "raw", is_flag=True, help="Sizes in bytes (default: KiB, MiB, ...).")
@@ -314,7 +323,7 @@ def points(
             repo = engine.repository(r.name, create=False)
         except RepositoryNotFound:
             continue  # nothing backed up or copied here yet; and listing creates nothing
-        found.extend(repo.points(instance))
+        found.extend(points_of(repo.points(), instance))
     if as_json:
         print_json([point_json(p) for p in found])
         return

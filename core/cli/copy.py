@@ -47,7 +47,11 @@ def copy(state: CliState, point: str, to: str, source: str | None, as_json: bool
                 "bytes_moved": result.bytes_moved,
             }
         )
-    if result.existing:
+    lineage = result.point.lineage
+    if result.existing and (lineage is None or not lineage.source_recovery_point.startswith(point)):
+        # a copy sent back where it came from: the original there is the answer
+        echo_info(f"{point} came from {to}: its original there is {result.point.id}")
+    elif result.existing:
         echo_info(f"{to} already holds a copy of {point}: {result.point.id}")
     else:
         echo_info(

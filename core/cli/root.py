@@ -23,6 +23,7 @@ from regionvault.core.cli.entrypoints import (
     find_command_sources,
     shadowed_message,
 )
+from regionvault.core.cli.params import attach_site_types
 from regionvault.core.config import find_site_file
 from regionvault.core.errors import RegionVaultError
 
@@ -37,6 +38,7 @@ __all__ = [
     "ExpectedError",
     "RegionVaultGroup",
     "cli",
+    "hoist_global_options",
     "main",
     "one_line",
     "pass_state",
@@ -133,9 +135,16 @@ class RegionVaultGroup(click.Group):
                 cmd_name, clash_message(cmd_name, claims), f"claimed by {owners}"
             )
         try:
-            return claims[0].load()
+            command = claims[0].load()
         except CommandLoadError as exc:
             return UnavailableCommand(cmd_name, str(exc), exc.summary)
+        attach_site_types(command)
+        return command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = hoist_global_options(self, ctx, args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -155,6 +164,104 @@ class RegionVaultGroup(click.Group):
                 raise
             paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
             raise ExpectedError(": ".join([*paths, exc.strerror])) from exc
+
+
+# --------------------------------------------------------------------------- global options
+# The root group's own options (--site, --metrics-dir, -q/-v, ...) are also accepted after the
+# subcommand: they are moved before it, so the root group parses them as its own. Where a
+# token after the subcommand means is decided with that command's own options: the value of
+# one of its options (`--name --site`) is never moved, nor an option the command defines
+# itself, nor anything after `--`.
+
+
+def _root_options(group: click.Group) -> tuple[dict[str, bool], set[str]]:
+    """The root's movable options, each name mapped to whether it takes a value, and its
+    one-letter flags (``-v``), which may come combined (``-vv``). Eager options (--help,
+    --version) stay where they are: after a subcommand, --help is the subcommand's."""
+    takes_value: dict[str, bool] = {}
+    short_flags: set[str] = set()
+    for param in group.params:
+        if not isinstance(param, click.Option) or param.is_eager:
+            continue
+        flag = param.is_flag or param.count
+        for opt in (*param.opts, *param.secondary_opts):
+            takes_value[opt] = not flag
+            if flag and len(opt) == 2 and opt[0] == "-" and opt[1] != "-":
+                short_flags.add(opt[1])
+    return takes_value, short_flags
+
+
+def _command_options(command: click.Command) -> tuple[set[str], set[str]]:
+    """Every option name of ``command`` and its subcommands, and those that take a value."""
+    names: set[str] = set()
+    valued: set[str] = set()
+    todo = [command]
+    while todo:
+        cmd = todo.pop()
+        for param in cmd.params:
+            if not isinstance(param, click.Option):
+                continue
+            opts = (*param.opts, *param.secondary_opts)
+            names.update(opts)
+            if not (param.is_flag or param.count):
+                valued.update(param.opts)
+        if isinstance(cmd, click.Group):
+            todo.extend(cmd.commands.values())
+    return names, valued
+
+
+def hoist_global_options(group: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with the root's options given after the subcommand moved in front of it (in
+    their order, so that one given in both places takes the later value, as click does)."""
+    takes_value, short_flags = _root_options(group)
+    # the subcommand: the first token that is neither a root option nor its value
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--" or not token.startswith("-") or token == "-":
+            break
+        name = token.split("=", 1)[0]
+        i += 2 if takes_value.get(name) and "=" not in token else 1
+    if i >= len(args) or args[i] == "--":
+        return args
+    command = group.get_command(ctx, args[i])
+    if command is None:
+        return args  # click says the command is unknown
+    own, valued = _command_options(command)
+    head, rest = args[: i + 1], args[i + 1 :]
+    moved: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        token = rest[j]
+        if token == "--":
+            kept.extend(rest[j:])
+            break
+        name = token.split("=", 1)[0]
+        if name in own:
+            kept.append(token)
+            if name in valued and "=" not in token and j + 1 < len(rest):
+                kept.append(rest[j + 1])
+                j += 1
+        elif name in takes_value:
+            moved.append(token)
+            if takes_value[name] and "=" not in token and j + 1 < len(rest):
+                moved.append(rest[j + 1])
+                j += 1
+        elif (
+            len(token) > 2
+            and token[0] == "-"
+            and token[1] != "-"
+            and set(token[1:]) <= short_flags
+            and not any(f"-{c}" in own for c in token[1:])
+        ):
+            moved.append(token)  # combined one-letter flags: -vv
+        else:
+            kept.append(token)
+        j += 1
+    if not moved:
+        return args
+    return [*head[:-1], *moved, head[-1], *kept]
 
 
 # --------------------------------------------------------------------------- shared state

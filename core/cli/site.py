@@ -1,6 +1,6 @@
 """The site's commands: ``init`` (a starter site.toml), ``regions``, ``instances`` (and
-``instances add``) and ``status`` (per instance and region: newest point, RPO, last copy and
-drill)."""
+``instances add``, ``terminate``, ``remove``) and ``status`` (per instance and region:
+newest point, RPO, last copy and drill)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from regionvault.core.cli.output import (
     print_json,
     print_table,
 )
-from regionvault.core.cli.root import CliState, pass_state
+from regionvault.core.cli.root import CliState, one_line, pass_state
 from regionvault.core.config import SERVICES
 from regionvault.core.errors import ConfigError
 from regionvault.core.types import Capabilities, Tags
@@ -26,6 +26,7 @@ from regionvault.core.types import Capabilities, Tags
 if TYPE_CHECKING:
     from regionvault.core.pipeline import StatusRow
     from regionvault.core.site import Region, Site
+    from regionvault.core.types import Instance
 
 __all__ = ["init", "instances", "regions", "site_template", "status"]
 
@@ -232,7 +233,7 @@ def regions(state: CliState, as_json: bool) -> None:
 @pass_state
 @click.pass_context
 def instances(ctx: click.Context, state: CliState, region: str | None, as_json: bool) -> None:
-    """List instances, or add one with `instances add`.
+    """List instances; add, terminate or remove one.
 
     Lists the instances of every region, or of one with --region.
 
@@ -301,7 +302,73 @@ def instances_add(
         name, data.resolve(), function=command, tags=dict(tags)
     )
     click.echo(f"added instance {instance.name!r} to {instance.region}", err=True)
+    _warn_if_malformed(site, instance)
     click.echo(instance.id)
+
+
+def _warn_if_malformed(site: Site, instance: Instance) -> None:
+    """The warning ``instances add`` gives for tags the tagger reports as malformed (the
+    instance is added all the same: its tags are fixed with the provider's own tools, and
+    until then it is not backed up)."""
+    from regionvault.core.errors import PolicyError
+    from regionvault.core.policy import resolve_policy
+
+    try:
+        resolve_policy(instance, site.config)
+    except PolicyError as exc:
+        echo_err(
+            f"regionvault: warning: {one_line(exc.message)}; it is not backed up until "
+            "its tags are fixed"
+        )
+
+
+@instances.command("terminate")
+@click.argument("instance", metavar="ID|NAME")
+@click.option(
+    "--region", "-r", metavar="REGION", help="The instance's region (if the name is not unique)."
+)
+@pass_state
+def instances_terminate(state: CliState, instance: str, region: str | None) -> None:
+    """Stop an instance for good (by id, or name).
+
+    The provider stops it and removes what it owns: for the local provider, the process a
+    `restore --launch` started and the data restored for it (a directory `instances add`
+    adopted is never touched). It is no longer listed; its recovery points stay. Prints the
+    instance's id on standard output.
+    """
+    site = state.site()
+    found = site.find_instance(instance, region=region)
+    site.region(found.region).compute.terminate(found.id)
+    echo_err(f"terminated {found.name} ({found.id}) in {found.region}")
+    click.echo(found.id)
+
+
+@instances.command("remove")
+@click.argument("instance", metavar="ID|NAME")
+@click.option(
+    "--region", "-r", metavar="REGION", help="The instance's region (if the name is not unique)."
+)
+@pass_state
+def instances_remove(state: CliState, instance: str, region: str | None) -> None:
+    """Forget an instance `instances add` adopted (by id, or name).
+
+    Its registration goes; its data directory and its recovery points stay. An instance a
+    restore launched is refused until terminated (terminate stops it and removes its
+    restored data), and then remove forgets its record. Providers that do not register
+    instances (the clouds: their instances are the cloud's) refuse it; use terminate.
+    Prints the instance's id on standard output.
+    """
+    site = state.site()
+    found = site.find_instance(instance, region=region)
+    compute = site.region(found.region).compute
+    if not _region_capabilities(site, site.region(found.region)).register_instance:
+        raise click.UsageError(
+            f"{found.region} does not register instances, so there is no registration to "
+            f"remove: use `instances terminate {found.id}`"
+        )
+    compute.unregister_instance(found.id)
+    echo_err(f"forgot {found.name} ({found.id}) in {found.region}; its recovery points stay")
+    click.echo(found.id)
 
 
 # --------------------------------------------------------------------------- status

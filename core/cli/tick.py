@@ -52,11 +52,12 @@ def _service(
 
     engine = state.engine(**options)
     kind = executor_kind(state.site(), executor)
-    if kind is THREAD:
-        yield Service(engine)
-        return
-    with kind.executor(engine, stop=stop) as running:
-        yield Service(engine, executor=running)
+    with _failures_reported_once():
+        if kind is THREAD:
+            yield Service(engine)
+            return
+        with kind.executor(engine, stop=stop) as running:
+            yield Service(engine, executor=running)
 
 
 def _region_tick_options(
@@ -173,6 +174,45 @@ def _print_tick(report: TickReport, *, stamped: bool = False) -> None:
         echo(f"problem: {p}")
     for n in report.notes:
         echo(f"note: {n}")
+    echo(tick_summary(report))
+
+
+def tick_summary(report: TickReport) -> str:
+    """The tick's last line: what its jobs really did, each job counted once. ``failed``
+    counts the jobs that failed and the problems met outside any job (what makes the tick
+    exit 1); a job replayed from an earlier tick did nothing now and is counted apart."""
+    counts = {status: 0 for status in ("done", "incomplete", "failed", "busy", "stopped")}
+    replayed = 0
+    for o in report.jobs:
+        if o.status.value == "replayed":
+            replayed += 1
+        elif o.status.value == "done" and o.incomplete:
+            counts["incomplete"] += 1
+        elif o.status.value in counts:
+            counts[o.status.value] += 1
+    counts["failed"] += len(report.problems)
+    where = f" {report.region}" if report.region else ""
+    line = f"tick{where}: " + ", ".join(f"{status} {n}" for status, n in counts.items())
+    return line + (f" (and {replayed} done before, replayed)" if replayed else "")
+
+
+class _FailureLoggedOnce(logging.Filter):
+    """Drops the executor's log line about a failed job while a command runs that prints
+    the tick's report, which names the failure already: printed once, not twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("job %s failed after"))
+
+
+@contextlib.contextmanager
+def _failures_reported_once() -> Iterator[None]:
+    logger = logging.getLogger("regionvault.core.pipeline.executor")
+    only_once = _FailureLoggedOnce()
+    logger.addFilter(only_once)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_once)
 
 
 def _exit_for(failed: int, incomplete: int) -> None:

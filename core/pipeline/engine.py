@@ -267,6 +267,28 @@ class Engine:
         instance."""
         return PointsView(self)
 
+    def point_at_origin(self, point: RecoveryPoint, region: str) -> RecoveryPoint | None:
+        """The point in ``region`` that ``point`` is a copy of (following its lineage back,
+        through copies of copies), or None when ``point`` did not come from ``region`` or
+        the original is no longer there."""
+        current = point
+        for _ in range(len(self.site.regions)):
+            if current.lineage is None:
+                return None
+            origin = current.lineage.source_region
+            try:
+                found = [
+                    p for p in self.points(origin) if p.id == current.lineage.source_recovery_point
+                ]
+            except RegionVaultError:
+                return None  # an origin this site no longer has, or cannot read
+            if not found:
+                return None
+            if found[0].region == self.region(region).name:
+                return found[0]
+            current = found[0]
+        return None
+
     def find_point(self, point_id: str, region: str | None = None) -> RecoveryPoint:
         """A recovery point by id (a unique prefix of at least 6 characters is enough), in
         ``region`` or, when None, in whichever region holds it."""
@@ -289,11 +311,62 @@ class Engine:
                     found.append(point)
         if len(found) == 1:
             return found[0]
-        where = f" in {regions[0].name}" if region else ""
-        if not found:
-            raise RegionVaultError(f"no recovery point {point_id!r}{where}")
-        listed = ", ".join(f"{p.id} ({p.region})" for p in found[:5])
-        raise RegionVaultError(f"recovery point {point_id!r} is ambiguous{where}: {listed}")
+        where = regions[0].name if region else None
+        raise RegionVaultError(self._point_hint(point_id, found, where))
+
+    #: the shortest prefix :meth:`find_point` accepts
+    MIN_POINT_PREFIX = 6
+
+    def _point_hint(self, point_id: str, found: list[RecoveryPoint], region: str | None) -> str:
+        """Why ``point_id`` names no one point (``found``: what it matched), naming the
+        likely mistake: a prefix too short, one that matches several points, or a point of
+        another region (with its copy in ``region`` when there is one)."""
+        where = f" in {region}" if region else ""
+        if found:
+            listed = ", ".join(f"{p.id[:12]} ({p.region})" for p in found[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            return (
+                f"recovery point {point_id!r} is ambiguous{where}: it matches "
+                f"{len(found)} points: {listed}{more}; give more characters"
+            )
+        # nothing matched where it was looked for: look everywhere, any prefix length
+        everywhere: list[RecoveryPoint] = []
+        for r in self.site.regions:
+            try:
+                everywhere.extend(p for p in self.points(r.name) if p.id.startswith(point_id))
+            except RegionVaultError:
+                continue
+        if len(point_id) < self.MIN_POINT_PREFIX and point_id and everywhere:
+            return (
+                f"recovery point prefix {point_id!r} is too short: give at least "
+                f"{self.MIN_POINT_PREFIX} characters (it begins {len(everywhere)} point "
+                f"id{'' if len(everywhere) == 1 else 's'})"
+            )
+        elsewhere = [p for p in everywhere if region is not None and p.region != region]
+        if len(elsewhere) == 1 and region is not None:
+            other = elsewhere[0]
+            copies = [
+                p
+                for p in self.points(region)
+                if p.lineage is not None and p.lineage.source_recovery_point == other.id
+            ]
+            if copies:
+                return (
+                    f"no recovery point {point_id!r} in {region}: this is a point of "
+                    f"{other.region}; its copy in {region} is {copies[0].id[:12]}"
+                )
+            origin = self.point_at_origin(other, region)
+            if origin is not None:
+                return (
+                    f"no recovery point {point_id!r} in {region}: this is a copy in "
+                    f"{other.region} of {origin.id[:12]}, which {region} holds"
+                )
+            return (
+                f"no recovery point {point_id!r} in {region}: this is a point of "
+                f"{other.region}, and {region} holds no copy of it (give --region "
+                f"{other.region}, or copy it first)"
+            )
+        return f"no recovery point {point_id!r}{where}"
 
     def _hook(self, name: str, **kwargs: Any) -> Any:
         return getattr(self.site.plugin_manager.hook, name)(**kwargs)
@@ -846,6 +919,10 @@ class Engine:
         dst = self.region(to)
         if src.name == dst.name:
             raise RegionVaultError(f"cannot copy {point.id} from {src.name} to itself")
+        home = self.point_at_origin(point, dst.name)
+        if home is not None:
+            # a copy going back where it came from: the original is the answer, not a third
+            return CopyResult(home, 0, 0, 0, 0, existing=True)
         try:
             result = copy_point(
                 source=self.repository(src.name, create=False),

@@ -63,10 +63,11 @@ class Tagged:
 class TagReport:
     """What one pass of the tagger did in one region.
 
-    An instance appears in exactly one of ``tagged`` and ``skipped`` unless writing its tag
-    failed (then in ``failed``); it appears in ``malformed`` too when its tags, after the pass,
-    do not make a valid policy (for example a bad ``backup-copy-to`` next to a tag the tagger
-    just wrote).
+    An instance is counted once: in ``tagged``, ``skipped`` (left as it was, with a valid
+    policy), ``malformed`` (left as it was, its tags do not make a valid policy) or ``failed``
+    (writing its tag failed). The one exception is an instance the tagger tagged whose tags
+    still do not make a valid policy (a bad ``backup-copy-to`` next to the tag it just wrote):
+    it is in ``tagged`` and in ``malformed``, since both happened.
     """
 
     region: str
@@ -110,14 +111,13 @@ def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> T
     for instance in instances:
         current = instance.tags.get(key)
         label = _label(instance)
+        skip: InstanceNote | None = None
         if current == NONE:
-            skipped.append(InstanceNote(instance.id, label, f"opted out ({key}={NONE})"))
+            skip = InstanceNote(instance.id, label, f"opted out ({key}={NONE})")
         elif current == default:
-            skipped.append(InstanceNote(instance.id, label, "has the default policy"))
+            skip = InstanceNote(instance.id, label, "has the default policy")
         elif current is not None and not site.overwrite_tags:
-            skipped.append(
-                InstanceNote(instance.id, label, f"explicit {key}={quote_value(current)}")
-            )
+            skip = InstanceNote(instance.id, label, f"explicit {key}={quote_value(current)}")
         else:
             try:
                 tags = compute.set_tags(instance.id, {key: default})
@@ -131,6 +131,9 @@ def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> T
             resolve_policy(instance, site)
         except PolicyError as exc:
             malformed.append(InstanceNote(instance.id, label, exc.message))
+            continue  # left as it was, and malformed: counted there alone
+        if skip is not None:
+            skipped.append(skip)
     return TagReport(
         region=compute.region,
         tag_key=key,

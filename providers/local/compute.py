@@ -1006,6 +1006,32 @@ class LocalCompute(Compute):
             self._write(record)
         return self._instance(record)
 
+    def unregister_instance(self, instance_id: str) -> None:
+        """Forget the instance: its record goes, the directory :meth:`register_instance`
+        adopted is never touched. A launched instance (its data restored here) is refused
+        unless terminated: terminating it stops its process and removes that data."""
+        with self._lock.hold():
+            record = self._read(instance_id)
+            if record["state"] == "pending":
+                raise self._error(f"instance {instance_id} is a restore in progress")
+            if record["owned_data"] and record["state"] != "terminated":
+                raise self._error(
+                    f"instance {instance_id} ({record['name']}) was launched by a restore: "
+                    "terminate it (which stops it and removes its restored data)"
+                )
+            instance_dir = self.instances_dir / instance_id
+            try:
+                # the record first: a directory without one is never listed, even half-removed
+                (instance_dir / RECORD).unlink(missing_ok=True)
+                shutil.rmtree(instance_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._error(
+                    f"cannot remove the record of {instance_id} in {instance_dir}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+
     def capture(
         self,
         instance_id: str,
