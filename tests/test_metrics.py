@@ -228,6 +228,15 @@ def test_a_tick_counts_each_job_once(workdir: Path, instance: str) -> None:
     assert jobs(found, "retention") == {f"{EAST}/ok": 1.0, f"{WEST}/ok": 1.0}
     moved = copy_job["result"]["bytes_moved"]
     assert moved > 0
+    (backup_job,) = [j for j in tick["jobs"] if j["kind"] == "backup"]
+    last = value(
+        found,
+        "regionvault_last_success_timestamp_seconds",
+        kind="backup",
+        region=EAST,
+        instance=instance,
+    )
+    assert last == pytest.approx(created_at(backup_job["result"]["point"]), abs=1e-3)
     assert value(found, "regionvault_transit_bytes_total", source=EAST, destination=WEST) == moved
     # a second tick: nothing is backed up again (its tag jobs are replayed, or done again
     # when a tag slot began in between); the running totals are carried
@@ -462,7 +471,20 @@ def test_job_kinds_map_onto_the_metric_kinds() -> None:
     feed(_outcome("plan-backups", job_key("plan-backups", EAST, "s2"), EAST, failed))
     feed(_outcome("backup", job_key("backup", EAST, "i-1", "s"), EAST, JobStatus.BUSY))
     feed(_outcome("tag", job_key("tag", EAST, "s"), EAST, JobStatus.REPLAYED))
+    feed(_outcome("retention", job_key("retention", EAST, "s"), EAST, done))
     found = samples(generate_latest(metrics.registry).decode())
+    # the last success is the job's own end (its engine's clock), not when it was counted
+    ended = datetime(2026, 12, 7, 12, 0, 2, tzinfo=UTC).timestamp()
+    assert (
+        value(
+            found,
+            "regionvault_last_success_timestamp_seconds",
+            kind="retention",
+            region=EAST,
+            instance="",
+        )
+        == ended
+    )
     assert jobs(found, "drill") == {f"{WEST}/ok": 1.0}
     assert jobs(found, "copy") == {f"{WEST}/ok": 1.0, f"{WEST}/failed": 1.0}
     assert jobs(found, "backup") == {f"{EAST}/failed": 1.0, f"{EAST}/busy": 1.0}
@@ -685,6 +707,15 @@ def test_a_raw_os_error_is_counted_and_kept_when_the_metrics_write_fails_too(
     (out / ".regionvault.prom.lock").rmdir()
     assert run("--metrics-dir", out, "backup", "nf1").exit_code == 1
     assert jobs(textfile(out), "backup") == {"/failed": 1.0}
+
+    # a bug (not an error the CLI knows): still a failed backup, the bug's traceback kept
+    def buggy(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Engine, "backup", buggy)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run("--metrics-dir", out, "backup", "nf1")
+    assert jobs(textfile(out), "backup") == {"/failed": 2.0}
 
 
 def test_the_textfile_lock_wait_is_bounded_and_no_vault_is_read_under_it(

@@ -522,7 +522,8 @@ class Metrics:
             seconds = (outcome.finished_at - outcome.started_at).total_seconds()
         self._count(kind, region, _result(outcome), seconds)
         if outcome.status is JobStatus.DONE and kind not in _FROM_POINTS:
-            self._success(kind, region)
+            finished = outcome.finished_at  # the job's own (engine's) clock
+            self._success(kind, region, at=None if finished is None else finished.timestamp())
 
     # ------------------------------------------------------------------ the steps' hooks
 
