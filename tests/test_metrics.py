@@ -811,3 +811,37 @@ def test_the_textfile_is_synced_before_it_replaces_the_old_one(
     assert calls[moved].endswith(f" {tmp_path / TEXTFILE}")
     assert f"fsync {temporary}" in calls[:moved]  # the data is on disk before the rename
     assert f"fsync {tmp_path}" in calls[moved:]  # and so is the rename
+
+
+def test_a_histogram_with_other_buckets_or_a_family_of_another_type_is_reset(
+    tmp_path: Path,
+) -> None:
+    # a file another version wrote: other duration buckets, a counter now a gauge
+    tmp_path.joinpath(TEXTFILE).write_text(
+        "# TYPE regionvault_job_duration_seconds histogram\n"
+        'regionvault_job_duration_seconds_bucket{kind="backup",region="r",le="7.0"} 1.0\n'
+        'regionvault_job_duration_seconds_bucket{kind="backup",region="r",le="+Inf"} 1.0\n'
+        'regionvault_job_duration_seconds_count{kind="backup",region="r"} 1.0\n'
+        'regionvault_job_duration_seconds_sum{kind="backup",region="r"} 6.0\n'
+        "# TYPE regionvault_region_up counter\n"
+        'regionvault_region_up_total{region="r"} 5.0\n',
+        encoding="utf-8",
+    )
+    metrics = Metrics(one_shot=True)
+    metrics.durations.labels("backup", "r").observe(2)
+    _, warning = metrics.write_textfile(tmp_path)
+    assert warning is not None
+    assert "regionvault_job_duration_seconds's buckets changed: reset" in warning
+    assert "regionvault_region_up was a counter, now a gauge: reset" in warning
+    found = textfile(tmp_path)
+    name = "regionvault_job_duration_seconds"
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="7.0") is None
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="5.0") == 1
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="1.0") == 0
+    assert value(found, f"{name}_count", kind="backup", region="r") == 1
+    assert value(found, f"{name}_sum", kind="backup", region="r") == 2
+    assert not [n for n, _ in found if n.startswith("regionvault_region_up")]
+    # and the next write, of the same version, carries them as always
+    metrics.durations.labels("backup", "r").observe(2)
+    assert metrics.write_textfile(tmp_path)[1] is None
+    assert value(textfile(tmp_path), f"{name}_count", kind="backup", region="r") == 2

@@ -679,7 +679,9 @@ class Metrics:
             except Exception as exc:
                 warning = f"{path}: not a metrics file ({exc}); replaced"
                 old = []
-            merged = _merge(old, live, self._written)
+            merged, notes = _merge(old, live, self._written)
+            if notes:
+                warning = "; ".join([*([warning] if warning else []), *notes])
             write_atomic(path, generate_latest(_Families(merged)))
             self._written = {
                 _sample_key(s.name, s.labels): s.value
@@ -735,17 +737,31 @@ def _carried(family: str, sample: Any) -> bool:
     return family == _NEWEST and sample.labels.get("kind") not in _FROM_POINTS
 
 
-def _merge(old: list[Metric], live: list[Metric], written: dict[_SampleKey, float]) -> list[Metric]:
+def _merge(
+    old: list[Metric], live: list[Metric], written: dict[_SampleKey, float]
+) -> tuple[list[Metric], list[str]]:
     """The families to write, each name once: counters (histograms, summaries) summed
     sample by sample (the old file's, plus what this process counted since it wrote
     ``written``), and old counter families this process does not have (a plugin not loaded
     now) carried whole; gauges are this process's, and of the old file's only the last
     successes :func:`_carried` says (the newer of the two). ``_created`` samples are left
-    out: a sum of many processes has no one creation time."""
+    out: a sum of many processes has no one creation time. An old family of another type,
+    or a histogram with other buckets (a file of another version), is dropped (a counter
+    reset), with a note for the warning: merged, its sums would be wrong. The families and
+    the notes."""
     old_by_name = {family.name: family for family in old}
     merged: list[Metric] = []
+    notes: list[str] = []
     for family in live:
         previous = old_by_name.pop(family.name, None)
+        if previous is not None and previous.type != family.type:
+            notes.append(f"{family.name} was a {previous.type}, now a {family.type}: reset")
+            previous = None
+        if previous is not None and family.type == "histogram":
+            old_le, new_le = _buckets(previous), _buckets(family)
+            if old_le and new_le and old_le != new_le:
+                notes.append(f"{family.name}'s buckets changed: reset")
+                previous = None
         out = Metric(family.name, family.documentation, family.type, family.unit)
         values: dict[_SampleKey, tuple[str, dict[str, str], float]] = {}
         added = family.type in _ADDED
@@ -777,4 +793,9 @@ def _merge(old: list[Metric], live: list[Metric], written: dict[_SampleKey, floa
             if not s.name.endswith("_created"):
                 out.add_sample(s.name, dict(s.labels), s.value)
         merged.append(out)
-    return merged
+    return merged, notes
+
+
+def _buckets(family: Metric) -> set[str]:
+    """A histogram's bucket bounds (``le``), as written."""
+    return {s.labels.get("le", "") for s in family.samples if s.name.endswith("_bucket")}
