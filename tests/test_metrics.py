@@ -280,6 +280,16 @@ def test_a_scheduled_drill_counts_as_a_drill_job_with_its_rto(workdir: Path) -> 
         )
         is not None
     )
+    # another machine (no local drill record) reads the drill from west's event log, as
+    # status does
+    shutil.rmtree(workdir / ".regionvault" / "drills")
+    (row,) = [r for r in json.loads(ok("status", "--json").stdout) if r["region"] == WEST]
+    assert row["last_drill_rto"] is not None
+    ok("--metrics-dir", out, "points")
+    found = textfile(out)
+    assert value(found, "regionvault_drill_rto_seconds", region=WEST, instance=instance) == (
+        pytest.approx(row["last_drill_rto"], abs=1e-3)
+    )
 
 
 def test_failed_jobs_count_as_failed(workdir: Path, instance: str) -> None:

@@ -62,7 +62,8 @@ from regionvault.core.pipeline.jobs import (
     JobStatus,
     split_key,
 )
-from regionvault.core.pipeline.objectives import newest_captured
+from regionvault.core.pipeline.objectives import StatusObjectives, newest_captured
+from regionvault.core.pipeline.reports import StatusRow
 from regionvault.core.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -209,31 +210,18 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
-class _PointGauges:
-    """One instance's gauges in one region, from its recovery points and its last drill."""
-
-    region: str
-    instance: str
-    #: ``copy`` when every point there is a copy, else ``home``
-    role: str
-    newest_at: float
-    rpo_seconds: float
-    healthy_drill_at: float | None
-    drill_rto: float | None
-
-
-@dataclass(frozen=True)
 class _Reading:
     """The gauges read from the vaults at one moment: every region of the site, whether it
-    could be read (``up``), and the instances of those that were."""
+    could be read (``up``), and the status rows of those that were."""
 
     up: dict[str, bool]
-    points: list[_PointGauges]
+    rows: list[StatusRow]
 
 
-def _region_gauges(engine: Engine, region: str, now: float) -> list[_PointGauges]:
-    """The gauges of ``region``'s instances (as :meth:`Engine.status` reads them: the newest
-    data by capture, the last drill); raises what reading the region raises."""
+def _region_rows(engine: Engine, region: str, objectives: StatusObjectives) -> list[StatusRow]:
+    """``region``'s rows of :meth:`Engine.status` (its loop over one region: the newest data
+    by capture, the last drill from the event log and the objectives); raises what reading
+    the region raises."""
     try:
         repo = engine.repository(region, create=False)
         points = repo.points()
@@ -242,40 +230,43 @@ def _region_gauges(engine: Engine, region: str, now: float) -> list[_PointGauges
     by_instance: dict[str, list[RecoveryPoint]] = {}
     for p in points:
         by_instance.setdefault(p.instance_id, []).append(p)
-    out = []
+    rows = []
     for instance_id, pts in sorted(by_instance.items()):
         newest, captured = newest_captured(repo, pts) or (pts[-1], pts[-1].created_at)
         copies = [p for p in pts if p.lineage is not None]
-        drill = engine.state.last_drill(region, instance_id)
-        out.append(
-            _PointGauges(
-                region=region,
-                instance=instance_id,
-                role="copy" if copies and len(copies) == len(pts) else "home",
-                newest_at=newest.created_at.timestamp(),
-                rpo_seconds=now - captured.timestamp(),
-                healthy_drill_at=drill.at.timestamp() if drill and drill.healthy else None,
-                drill_rto=drill.rto_seconds if drill else None,
-            )
+        row = StatusRow(
+            instance_id=instance_id,
+            instance_name=newest.instance_name,
+            region=region,
+            role="copy" if copies and len(copies) == len(pts) else "home",
+            newest_point=newest.id,
+            newest_at=newest.created_at,
+            rpo_seconds=(objectives.now - captured).total_seconds(),
+            points=len(pts),
         )
-    return out
+        rows.append(objectives.apply(row, newest, captured))
+    return rows
 
 
 def _read_vaults(engine: Engine) -> _Reading:
-    """Every region's gauges, region by region: a region that cannot be read (an outage, a
-    key not to be had) is down, with a warning in the log, and the others are read."""
-    now = engine.clock().timestamp()
+    """:meth:`Engine.status`'s rows, region by region: a region that cannot be read (an
+    outage, a key not to be had) is down, with a warning in the log, and the others are
+    read all the same."""
+    objectives = StatusObjectives(engine, engine.clock())
     up: dict[str, bool] = {}
-    points: list[_PointGauges] = []
-    for region in engine.site.regions:
-        try:
-            points.extend(_region_gauges(engine, region.name, now))
-        except Exception as exc:
-            log.warning("metrics: cannot read %s for the gauges: %s", region.name, exc)
-            up[region.name] = False
-        else:
-            up[region.name] = True
-    return _Reading(up, points)
+    rows: list[StatusRow] = []
+    try:
+        for region in engine.site.regions:
+            try:
+                rows.extend(_region_rows(engine, region.name, objectives))
+            except Exception as exc:
+                log.warning("metrics: cannot read %s for the gauges: %s", region.name, exc)
+                up[region.name] = False
+            else:
+                up[region.name] = True
+    finally:
+        objectives.close()
+    return _Reading(up, rows)
 
 
 class _StatusCollector:
@@ -314,15 +305,17 @@ class _StatusCollector:
             labels=["region"],
         )
         successes, rtos = self.metrics.event_gauges()
-        for row in reading.points if reading is not None else ():
-            key = (BACKUP if row.role == "home" else COPY, row.region, row.instance)
-            successes[key] = max(successes.get(key, 0.0), row.newest_at)
-            rpo.add_metric([row.region, row.instance], row.rpo_seconds)
-            if row.healthy_drill_at is not None:
-                key = (DRILL, row.region, row.instance)
-                successes[key] = max(successes.get(key, 0.0), row.healthy_drill_at)
-            if row.drill_rto is not None:
-                rtos[(row.region, row.instance)] = row.drill_rto
+        for row in reading.rows if reading is not None else ():
+            if row.newest_at is not None:
+                key = (BACKUP if row.role == "home" else COPY, row.region, row.instance_id)
+                successes[key] = max(successes.get(key, 0.0), row.newest_at.timestamp())
+            if row.rpo_seconds is not None:
+                rpo.add_metric([row.region, row.instance_id], row.rpo_seconds)
+            if row.last_drill_at is not None and row.last_drill_healthy:
+                key = (DRILL, row.region, row.instance_id)
+                successes[key] = max(successes.get(key, 0.0), row.last_drill_at.timestamp())
+            if row.last_drill_rto is not None:
+                rtos[(row.region, row.instance_id)] = row.last_drill_rto
         for region, read in sorted(reading.up.items()) if reading is not None else ():
             up.add_metric([region], 1.0 if read else 0.0)
         for (kind, region, instance), at in sorted(successes.items()):
