@@ -237,10 +237,10 @@ class CliState:
         command (``final``), and after each of ``run``'s ticks. A failure to write fails a
         command that succeeded; after a failed one, or between ticks, or when another
         writer held the file too long, it is a warning."""
-        from regionvault.core.pipeline.metrics import MetricsBusyError
-
         if self.metrics_dir is None:
             return
+        from regionvault.core.pipeline.metrics import MetricsBusyError
+
         try:
             _, warning = self.metrics().write_textfile(self.metrics_dir)
         except (OSError, RegionVaultError) as exc:

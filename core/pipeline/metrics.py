@@ -1,9 +1,9 @@
 """Prometheus metrics of the pipeline (docs/metrics.md): a plugin that counts what the hooks
 report into its own :class:`~prometheus_client.CollectorRegistry` (never the process-wide
 default one), and a collector that reads the recovery points' gauges (last success, RPO,
-RTO) from :meth:`Engine.status` whenever the metrics are read, so that they are right after
-a restart. Each region is read on its own: one that cannot be read leaves out its own gauges
-only (``regionvault_region_up`` 0), never the others'.
+RTO) as :meth:`Engine.status` reads them whenever the metrics are read, so that they are
+right after a restart. Each region is read on its own: one that cannot be read leaves out
+its own gauges only (``regionvault_region_up`` 0), never the others'.
 
 ::
 
