@@ -268,7 +268,8 @@ class HookSpecs:
         :class:`prometheus_client.CollectorRegistry` (never the process-wide default one).
         Register this plugin's own metrics or collectors in it
         (``Counter(..., registry=registry)``, ``registry.register(collector)``) under names
-        of its own: a name the registry holds already is an error. Returns nothing."""
+        of its own. A hook that raises, or takes a name held already, leaves out this
+        plugin's metrics with a warning; the command runs. Returns nothing."""
 
 
 class ProviderRegistry:

@@ -5,6 +5,8 @@ twice, a plugin's own collector, and one-line errors."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -21,12 +23,16 @@ from typing import Any
 
 import pytest
 from cli_support import ok, run
-from prometheus_client import Counter, generate_latest
+from clock_support import clear_of_day_end
+from prometheus_client import Counter, Enum, Info, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from regionvault.core.errors import RegionVaultError
 from regionvault.core.pipeline import Engine, Service
+from regionvault.core.pipeline import metrics as metrics_module
 from regionvault.core.pipeline.jobs import JobOutcome, JobStatus, job_key
 from regionvault.core.pipeline.metrics import TEXTFILE, Metrics, parse_metrics_addr
 from regionvault.core.plugins import get_plugin_manager, hookimpl
+from regionvault.core.repository import Repository
 from regionvault.core.site import Site
 from repository_support import flip_bit
 from test_commands import make_data
@@ -212,6 +218,7 @@ def test_one_shot_commands_carry_their_counters_forward(workdir: Path, instance:
 
 def test_a_tick_counts_each_job_once(workdir: Path, instance: str) -> None:
     out = workdir / "m"
+    clear_of_day_end()  # both ticks in one daily backup slot, whatever the time of day
     tick = json.loads(ok("--metrics-dir", out, "tick", "--json").stdout)
     (copy_job,) = [j for j in tick["jobs"] if j["kind"] == "copy"]
     found = textfile(out)
@@ -221,6 +228,15 @@ def test_a_tick_counts_each_job_once(workdir: Path, instance: str) -> None:
     assert jobs(found, "retention") == {f"{EAST}/ok": 1.0, f"{WEST}/ok": 1.0}
     moved = copy_job["result"]["bytes_moved"]
     assert moved > 0
+    (backup_job,) = [j for j in tick["jobs"] if j["kind"] == "backup"]
+    last = value(
+        found,
+        "regionvault_last_success_timestamp_seconds",
+        kind="backup",
+        region=EAST,
+        instance=instance,
+    )
+    assert last == pytest.approx(created_at(backup_job["result"]["point"]), abs=1e-3)
     assert value(found, "regionvault_transit_bytes_total", source=EAST, destination=WEST) == moved
     # a second tick: nothing is backed up again (its tag jobs are replayed, or done again
     # when a tag slot began in between); the running totals are carried
@@ -263,6 +279,16 @@ def test_a_scheduled_drill_counts_as_a_drill_job_with_its_rto(workdir: Path) -> 
             instance=instance,
         )
         is not None
+    )
+    # another machine (no local drill record) reads the drill from west's event log, as
+    # status does
+    shutil.rmtree(workdir / ".regionvault" / "drills")
+    (row,) = [r for r in json.loads(ok("status", "--json").stdout) if r["region"] == WEST]
+    assert row["last_drill_rto"] is not None
+    ok("--metrics-dir", out, "points")
+    found = textfile(out)
+    assert value(found, "regionvault_drill_rto_seconds", region=WEST, instance=instance) == (
+        pytest.approx(row["last_drill_rto"], abs=1e-3)
     )
 
 
@@ -349,7 +375,7 @@ def test_metrics_addresses() -> None:
 
 
 def test_a_bad_metrics_address_is_a_usage_error(workdir: Path) -> None:
-    for bad in ("localhost", "127.0.0.1:http", ":70000", "::1:9464"):
+    for bad in ("localhost", "127.0.0.1:http", ":70000", "::1:9464", ":²", "²", "١٢"):
         result = run("run", "--max-ticks", "1", "--metrics-addr", bad)
         assert result.exit_code == 2, (bad, result.stderr)
         assert "--metrics-addr" in result.stderr and repr(bad) in result.stderr
@@ -371,6 +397,7 @@ def test_run_writes_the_textfile_tick_by_tick_without_counting_twice(
     workdir: Path, instance: str
 ) -> None:
     out = workdir / "m"
+    clear_of_day_end()  # both ticks in one daily backup slot, whatever the time of day
     ok("--metrics-dir", out, "run", "--max-ticks", "2", "--interval", "1s")
     found = textfile(out)
     # written after each tick and at the end: each write adds only what came since the last
@@ -397,7 +424,7 @@ metrics.jobs.labels("backup", "local:east", "ok").inc(5)
 directory = Path(sys.argv[1])
 metrics.write_textfile(directory)
 metrics.jobs.labels("backup", "local:east", "ok").inc(2)
-os.rename = lambda *args: os._exit(9)  # killed after the temporary, before the rename
+os.replace = lambda *args: os._exit(9)  # killed after the temporary, before the rename
 metrics.write_textfile(directory)
 """
 
@@ -408,7 +435,7 @@ def test_a_writer_killed_mid_write_leaves_the_last_whole_file(tmp_path: Path) ->
         [sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True
     )
     assert killed.returncode == 9, killed.stderr
-    leftovers = [p for p in out.iterdir() if p.name.startswith(f"{TEXTFILE}.")]
+    leftovers = [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1  # its temporary, never read: node_exporter reads *.prom
     # the file is the first write's, whole
     assert jobs(textfile(out), "backup") == {f"{EAST}/ok": 5.0}
@@ -454,7 +481,20 @@ def test_job_kinds_map_onto_the_metric_kinds() -> None:
     feed(_outcome("plan-backups", job_key("plan-backups", EAST, "s2"), EAST, failed))
     feed(_outcome("backup", job_key("backup", EAST, "i-1", "s"), EAST, JobStatus.BUSY))
     feed(_outcome("tag", job_key("tag", EAST, "s"), EAST, JobStatus.REPLAYED))
+    feed(_outcome("retention", job_key("retention", EAST, "s"), EAST, done))
     found = samples(generate_latest(metrics.registry).decode())
+    # the last success is the job's own end (its engine's clock), not when it was counted
+    ended = datetime(2026, 12, 7, 12, 0, 2, tzinfo=UTC).timestamp()
+    assert (
+        value(
+            found,
+            "regionvault_last_success_timestamp_seconds",
+            kind="retention",
+            region=EAST,
+            instance="",
+        )
+        == ended
+    )
     assert jobs(found, "drill") == {f"{WEST}/ok": 1.0}
     assert jobs(found, "copy") == {f"{WEST}/ok": 1.0, f"{WEST}/failed": 1.0}
     assert jobs(found, "backup") == {f"{EAST}/failed": 1.0, f"{EAST}/busy": 1.0}
@@ -546,16 +586,272 @@ class Squatter:
         Counter("regionvault_jobs", "Not ours.", registry=registry)
 
 
-def test_a_plugin_taking_a_core_metric_name_is_one_line(workdir: Path, instance: str) -> None:
+class Broken:
+    """A plugin whose metrics hook registers a collector, then fails."""
+
+    @hookimpl
+    def regionvault_metrics(self, registry: Any) -> None:
+        Counter("broken_things", "Half made.", registry=registry)
+        raise RuntimeError("plugin bug")
+
+
+def test_a_failing_plugin_metrics_hook_is_left_out_and_the_command_runs(
+    workdir: Path, instance: str, things: ThingsPlugin
+) -> None:
     pm, _ = get_plugin_manager()
-    squatter = Squatter()
-    pm.register(squatter, name="test-squatter")
+    plugins = {"test-squatter": Squatter(), "test-broken": Broken()}
+    for name, plugin in plugins.items():
+        pm.register(plugin, name=name)
+    out = workdir / "m"
+    clear_of_day_end()  # the tick finds the backup's daily slot done
     try:
-        result = run("--metrics-dir", workdir / "m", "points")
+        result = run("--metrics-dir", out, "backup", "nf1")
+        ticked = run("--metrics-dir", out, "tick")
     finally:
-        pm.unregister(squatter)
+        for plugin in plugins.values():
+            pm.unregister(plugin)
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads(ok("points", "--json").stdout)) >= 1  # the backup ran
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2, warnings  # one line per plugin
+    assert all(line.startswith("regionvault: warning: plugin test-") for line in warnings)
+    assert any("test-broken" in w and "RuntimeError: plugin bug" in w for w in warnings)
+    assert any("test-squatter" in w and "regionvault_jobs" in w for w in warnings)
+    assert ticked.exit_code == 0, ticked.stderr
+    found = textfile(out)
+    assert jobs(found, "backup") == {f"{EAST}/ok": 1.0}  # the squatter's counter is not ours
+    errors = {"test-squatter": 2.0, "test-broken": 2.0}
+    for name, count in errors.items():
+        assert value(found, "regionvault_metrics_plugin_errors_total", plugin=name) == count
+    assert not [name for name, _ in found if name.startswith("broken_things")]
+    # a plugin whose hook worked is not taken down with them
+    assert value(found, "samplenf_things_total", region=EAST) == 1
+    assert not [p for p in pm.get_plugins() if isinstance(p, Metrics)]  # unregistered
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def _points_failing_in(region: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Repository.points
+
+    def points(self: Repository, *args: Any, **kwargs: Any) -> Any:
+        if region in str(self.region):
+            raise RegionVaultError(f"[{region}] list: 503 SlowDown")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "points", points)
+
+
+def test_one_unreadable_region_leaves_the_other_regions_gauges(
+    workdir: Path, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point = ok("backup", "nf1").stdout.splitlines()[-1]
+    copied = ok("copy", point, "--to", "west").stdout.splitlines()[-1]
+    out = workdir / "m"
+    ok("--metrics-dir", out, "verify", "--region", "west")
+    before = textfile(out)
+    assert value(before, "regionvault_rpo_seconds", region=EAST, instance=instance) is not None
+    assert value(before, "regionvault_region_up", region=EAST) == 1
+    verified_at = value(
+        before, "regionvault_last_success_timestamp_seconds", kind="verify", region=WEST,
+        instance="",
+    )  # fmt: skip
+    assert verified_at is not None
+    copied_at = created_at(copied)
+    site = Site.load(workdir / "site.toml")
+    metrics = Metrics(one_shot=False)
+    metrics.attach(Engine(site))
+    try:
+        _points_failing_in("east", monkeypatch)
+        # /metrics: west's gauges stay, east's are gone and east is down
+        found = samples(generate_latest(metrics.registry).decode())
+        assert value(found, "regionvault_region_up", region=EAST) == 0
+        assert value(found, "regionvault_region_up", region=WEST) == 1
+        assert value(found, "regionvault_rpo_seconds", region=EAST, instance=instance) is None
+        assert (value(found, "regionvault_rpo_seconds", region=WEST, instance=instance) or -1) >= 0
+        assert value(
+            found, "regionvault_last_success_timestamp_seconds", kind="copy", region=WEST,
+            instance=instance,
+        ) == pytest.approx(copied_at, abs=1e-3)  # fmt: skip
+    finally:
+        metrics.detach()
+        site.close()
+    # the textfile: what only a verify knows is carried by a command that did not verify;
+    # the vaults' gauges are this command's reading alone (it read none)
+    ok("--metrics-dir", out, "regions")
+    found = textfile(out)
+    verify_key = {"kind": "verify", "region": WEST, "instance": ""}
+    assert value(found, "regionvault_last_success_timestamp_seconds", **verify_key) == verified_at
+    assert not [name for name, _ in found if name == "regionvault_rpo_seconds"]
+    # east's old RPO is not carried while east cannot be read
+    ok("--metrics-dir", out, "verify", "--region", "west")
+    found = textfile(out)
+    assert value(found, "regionvault_region_up", region=EAST) == 0
+    assert value(found, "regionvault_rpo_seconds", region=EAST, instance=instance) is None
+    assert value(found, "regionvault_rpo_seconds", region=WEST, instance=instance) is not None
+    assert value(
+        found, "regionvault_last_success_timestamp_seconds", kind="backup", region=EAST,
+        instance=instance,
+    ) is None  # fmt: skip
+    assert (
+        value(found, "regionvault_last_success_timestamp_seconds", **verify_key) or 0
+    ) >= verified_at
+
+
+def test_a_raw_os_error_is_counted_and_kept_when_the_metrics_write_fails_too(
+    workdir: Path, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def backup(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "state" / "x.json"))
+
+    monkeypatch.setattr(Engine, "backup", backup)
+    out = workdir / "m"
+    (out / ".regionvault.prom.lock").mkdir(parents=True)  # the metrics cannot be written
+    result = run("--metrics-dir", out, "backup", "nf1")
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "regionvault_metrics hook failed" in lines[0], lines
-    assert "regionvault_jobs" in lines[0] and "Traceback" not in result.stderr
-    assert not [p for p in pm.get_plugins() if isinstance(p, Metrics)]  # unregistered
+    assert lines[0].startswith("regionvault: warning: metrics not written"), lines
+    assert lines[1].startswith("regionvault: error: ") and "No space left" in lines[1], lines
+    (out / ".regionvault.prom.lock").rmdir()
+    assert run("--metrics-dir", out, "backup", "nf1").exit_code == 1
+    assert jobs(textfile(out), "backup") == {"/failed": 1.0}
+
+    # a bug (not an error the CLI knows): still a failed backup, the bug's traceback kept
+    def buggy(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Engine, "backup", buggy)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run("--metrics-dir", out, "backup", "nf1")
+    assert jobs(textfile(out), "backup") == {"/failed": 2.0}
+
+
+def test_the_textfile_lock_wait_is_bounded_and_no_vault_is_read_under_it(
+    workdir: Path, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = workdir / "m"
+    out.mkdir()
+    lock = out / ".regionvault.prom.lock"
+    reads_under_lock = []
+    original = Repository.points
+
+    def points(self: Repository, *args: Any, **kwargs: Any) -> Any:
+        with lock.open("a+b") as probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(probe.fileno(), fcntl.LOCK_UN)
+            except BlockingIOError:
+                reads_under_lock.append(str(self.region))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "points", points)
+    ok("--metrics-dir", out, "status")
+    assert not reads_under_lock
+    assert textfile(out)  # written
+    # another writer holds the lock (a hung one): a warning, the command's outcome kept
+    monkeypatch.setattr(metrics_module, "LOCK_TIMEOUT", 0.2)
+    with lock.open("a+b") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        before = len(json.loads(ok("points", "--json").stdout))
+        result = run("--metrics-dir", out, "backup", "nf1")
+    assert result.exit_code == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "metrics" in line]
+    assert line.startswith("regionvault: warning: metrics not written") and "0.2 s" in line
+    assert len(json.loads(ok("points", "--json").stdout)) == before + 1
+
+
+def test_a_plugins_info_and_enum_are_written_once(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    for _ in range(3):
+        metrics = Metrics(one_shot=True)
+        Info("buildx", "Build.", registry=metrics.registry).info({"version": "1"})
+        Enum("phase", "Phase.", states=["a", "b"], registry=metrics.registry).state("a")
+        metrics.jobs.labels("backup", EAST, "ok").inc()
+        metrics.write_textfile(out)
+    text = (out / TEXTFILE).read_text(encoding="utf-8")
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), types  # node_exporter drops a file with two
+    found = samples(text)
+    assert len(found) == sum(1 for line in text.splitlines() if not line.startswith("#"))
+    assert value(found, "buildx_info", version="1") == 1
+    assert value(found, "phase", phase="a") == 1 and value(found, "phase", phase="b") == 0
+    assert jobs(found, "backup") == {f"{EAST}/ok": 3.0}
+
+
+def test_a_region_that_fails_verify_after_another_verified_is_counted(
+    workdir: Path, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok("copy", ok("backup", "nf1").stdout.splitlines()[-1], "--to", "west")
+    original = Repository.verify
+
+    def verify(self: Repository, *args: Any, **kwargs: Any) -> Any:
+        if "west" in str(self.region):
+            raise RegionVaultError("[local:west] listing failed: 503 Service Unavailable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "verify", verify)
+    out = workdir / "m"
+    assert run("--metrics-dir", out, "verify").exit_code == 1
+    assert jobs(textfile(out), "verify") == {f"{EAST}/ok": 1.0, f"{WEST}/failed": 1.0}
+
+
+def test_the_textfile_is_synced_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        calls.append(f"fsync {Path(f'/proc/self/fd/{fd}').readlink()}")
+        fsync(fd)
+
+    def replaced(src: Any, dst: Any) -> None:
+        calls.append(f"replace {src} {dst}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", replaced)
+    metrics = Metrics(one_shot=True)
+    metrics.jobs.labels("backup", EAST, "ok").inc()
+    metrics.write_textfile(tmp_path)
+    (moved,) = [i for i, c in enumerate(calls) if c.startswith("replace ")]
+    temporary = calls[moved].split()[1]
+    assert calls[moved].endswith(f" {tmp_path / TEXTFILE}")
+    assert f"fsync {temporary}" in calls[:moved]  # the data is on disk before the rename
+    assert f"fsync {tmp_path}" in calls[moved:]  # and so is the rename
+
+
+def test_a_histogram_with_other_buckets_or_a_family_of_another_type_is_reset(
+    tmp_path: Path,
+) -> None:
+    # a file another version wrote: other duration buckets, a counter now a gauge
+    tmp_path.joinpath(TEXTFILE).write_text(
+        "# TYPE regionvault_job_duration_seconds histogram\n"
+        'regionvault_job_duration_seconds_bucket{kind="backup",region="r",le="7.0"} 1.0\n'
+        'regionvault_job_duration_seconds_bucket{kind="backup",region="r",le="+Inf"} 1.0\n'
+        'regionvault_job_duration_seconds_count{kind="backup",region="r"} 1.0\n'
+        'regionvault_job_duration_seconds_sum{kind="backup",region="r"} 6.0\n'
+        "# TYPE regionvault_region_up counter\n"
+        'regionvault_region_up_total{region="r"} 5.0\n',
+        encoding="utf-8",
+    )
+    metrics = Metrics(one_shot=True)
+    metrics.durations.labels("backup", "r").observe(2)
+    _, warning = metrics.write_textfile(tmp_path)
+    assert warning is not None
+    assert "regionvault_job_duration_seconds's buckets changed: reset" in warning
+    assert "regionvault_region_up was a counter, now a gauge: reset" in warning
+    found = textfile(tmp_path)
+    name = "regionvault_job_duration_seconds"
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="7.0") is None
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="5.0") == 1
+    assert value(found, f"{name}_bucket", kind="backup", region="r", le="1.0") == 0
+    assert value(found, f"{name}_count", kind="backup", region="r") == 1
+    assert value(found, f"{name}_sum", kind="backup", region="r") == 2
+    assert not [n for n, _ in found if n.startswith("regionvault_region_up")]
+    # and the next write, of the same version, carries them as always
+    metrics.durations.labels("backup", "r").observe(2)
+    assert metrics.write_textfile(tmp_path)[1] is None
+    assert value(textfile(tmp_path), f"{name}_count", kind="backup", region="r") == 2

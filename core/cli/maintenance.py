@@ -83,7 +83,11 @@ def verify(
         started = time.monotonic()
         with progress_bar(f"verify {name}") as progress:
             # through the engine: the result goes into the region's event log
-            report = engine.verify(name, read_data=read_data, progress=progress, repair=repair)
+            try:
+                report = engine.verify(name, read_data=read_data, progress=progress, repair=repair)
+            except Exception:
+                state.job_failed("verify", name)  # this region's, not the regions verified
+                raise
         engine.notify(
             "regionvault_after_verify",
             f"the verify of {name}",

@@ -160,10 +160,14 @@ class RegionVaultGroup(click.Group):
         except OSError as exc:
             # the machine said no (disk full, quota, read-only, permissions) somewhere no
             # service turned it into a RegionVaultError: still one line naming the path
+            _command_failed(ctx, exc)
             if exc.strerror is None:
                 raise
             paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
             raise ExpectedError(": ".join([*paths, exc.strerror])) from exc
+        except Exception as exc:
+            _command_failed(ctx, exc)  # a bug: still a failed command in the metrics
+            raise
 
 
 # --------------------------------------------------------------------------- global options
@@ -325,20 +329,30 @@ class CliState:
         if metrics.attached:
             return  # the command's first engine is the one counted and read
         metrics.attach(engine)
+        for warning in metrics.take_warnings():  # a plugin's metrics hook that failed
+            click.echo(f"regionvault: warning: {one_line(warning)}", err=True)
         # runs before the site closes (callbacks run last first): the status is read then
         click.get_current_context().find_root().call_on_close(metrics.detach)
+
+    def job_failed(self, kind: str, region: str) -> None:
+        """A job of this command's in ``region`` failed where no hook counts it."""
+        if self._metrics is not None:
+            self._metrics.job_failed(kind, region)
 
     def write_metrics(self, *, final: bool = True) -> None:
         """``regionvault.prom`` in ``--metrics-dir`` (nothing without it): at the end of the
         command (``final``), and after each of ``run``'s ticks. A failure to write fails a
-        command that succeeded; after a failed one, or between ticks, it is a warning."""
+        command that succeeded; after a failed one, or between ticks, or when another
+        writer held the file too long, it is a warning."""
         if self.metrics_dir is None:
             return
+        from regionvault.core.pipeline.metrics import MetricsBusyError
+
         try:
             _, warning = self.metrics().write_textfile(self.metrics_dir)
         except (OSError, RegionVaultError) as exc:
             message = f"metrics not written to {self.metrics_dir}: {exc}"
-            if self._failed or not final:
+            if self._failed or not final or isinstance(exc, MetricsBusyError):
                 click.echo(f"regionvault: warning: {one_line(message)}", err=True)
                 return
             raise ExpectedError(message) from exc

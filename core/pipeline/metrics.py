@@ -1,8 +1,9 @@
 """Prometheus metrics of the pipeline (docs/metrics.md): a plugin that counts what the hooks
 report into its own :class:`~prometheus_client.CollectorRegistry` (never the process-wide
 default one), and a collector that reads the recovery points' gauges (last success, RPO,
-RTO) from :meth:`Engine.status` whenever the metrics are read, so that they are right after
-a restart.
+RTO) as :meth:`Engine.status` reads them whenever the metrics are read, so that they are
+right after a restart. Each region is read on its own: one that cannot be read leaves out
+its own gauges only (``regionvault_region_up`` 0), never the others'.
 
 ::
 
@@ -36,11 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from prometheus_client import CollectorRegistry, Counter, Histogram, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
-from regionvault.core.errors import RegionVaultError
+from regionvault.core.errors import ObjectNotFound, RegionVaultError, RepositoryNotFound
+from regionvault.core.fsutil import write_atomic
 from regionvault.core.pipeline.jobs import (
     BACKUP,
     COPY,
@@ -60,6 +62,8 @@ from regionvault.core.pipeline.jobs import (
     JobStatus,
     split_key,
 )
+from regionvault.core.pipeline.objectives import StatusObjectives, newest_captured
+from regionvault.core.pipeline.reports import StatusRow
 from regionvault.core.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -67,7 +71,6 @@ if TYPE_CHECKING:
 
     from regionvault.core.interfaces import Capture
     from regionvault.core.pipeline.engine import Engine
-    from regionvault.core.pipeline.reports import StatusRow
     from regionvault.core.types import Instance, RecoveryPoint
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "VERIFY",
     "Metrics",
     "MetricsAddressError",
+    "MetricsBusyError",
     "metric_kind",
     "parse_metrics_addr",
 ]
@@ -92,8 +96,12 @@ TEXTFILE = "regionvault.prom"
 #: the lock around a textfile's read-add-write (a hidden name: the textfile collector reads
 #: ``*.prom`` only, and so does the clean-up of temporaries)
 _LOCK = ".regionvault.prom.lock"
-#: what :func:`prometheus_client.write_to_textfile` names its temporary (``path.pid.thread``)
-_TEMPORARY = re.compile(re.escape(TEXTFILE) + r"\.\d+\.\d+")
+#: the temporaries of a write (:func:`~regionvault.core.fsutil.write_atomic`'s hidden
+#: ``.regionvault.prom.HEX.tmp``; ``regionvault.prom.PID.THREAD``: earlier versions')
+_TEMPORARY = re.compile(rf"\.{re.escape(TEXTFILE)}\.[0-9a-f]+\.tmp|{re.escape(TEXTFILE)}\.\d+\.\d+")
+#: how long a write waits for another command's write of the same textfile
+LOCK_TIMEOUT = 10.0
+_LOCK_POLL = 0.05
 
 #: job kinds counted as one job of a metric kind
 _COUNTED = {
@@ -141,6 +149,11 @@ class MetricsAddressError(RegionVaultError):
     cannot be served (the port in use, an address not of this machine)."""
 
 
+class MetricsBusyError(RegionVaultError):
+    """The textfile's lock was held by another writer for longer than :data:`LOCK_TIMEOUT`:
+    this write was given up (a warning, never the command's failure)."""
+
+
 def metric_kind(job_kind: str, status: JobStatus) -> str | None:
     """The ``kind`` label a job of ``job_kind`` ending in ``status`` is counted under, or
     None when it is not counted (a copy phase or planning job that did not fail). A
@@ -177,7 +190,7 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6), ``:PORT`` or ``PORT`` as ``(host, port)``;
     no host means 127.0.0.1. Port 0 asks for any free port."""
     spec = text.strip()
-    if spec.isdigit():
+    if re.fullmatch(r"[0-9]+", spec):
         host, port = "", spec
     else:
         host, sep, port = spec.rpartition(":")
@@ -191,20 +204,73 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
             raise MetricsAddressError(
                 f"metrics address {text!r}: write an IPv6 host in brackets ([::1]:PORT)"
             )
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) <= 65535:
         raise MetricsAddressError(f"metrics address {text!r}: port must be a number 0-65535")
     return host or "127.0.0.1", int(port)
 
 
 @dataclass(frozen=True)
-class _StatusGauges:
-    """The gauges read from :meth:`Engine.status` (None: it could not be read)."""
+class _Reading:
+    """The gauges read from the vaults at one moment: every region of the site, whether it
+    could be read (``up``), and the status rows of those that were."""
 
-    rows: list[StatusRow] | None
+    up: dict[str, bool]
+    rows: list[StatusRow]
+
+
+def _region_rows(engine: Engine, region: str, objectives: StatusObjectives) -> list[StatusRow]:
+    """``region``'s rows of :meth:`Engine.status` (its loop over one region: the newest data
+    by capture, the last drill from the event log and the objectives); raises what reading
+    the region raises."""
+    try:
+        repo = engine.repository(region, create=False)
+        points = repo.points()
+    except (RepositoryNotFound, ObjectNotFound):
+        return []  # nothing backed up or copied here yet
+    by_instance: dict[str, list[RecoveryPoint]] = {}
+    for p in points:
+        by_instance.setdefault(p.instance_id, []).append(p)
+    rows = []
+    for instance_id, pts in sorted(by_instance.items()):
+        newest, captured = newest_captured(repo, pts) or (pts[-1], pts[-1].created_at)
+        copies = [p for p in pts if p.lineage is not None]
+        row = StatusRow(
+            instance_id=instance_id,
+            instance_name=newest.instance_name,
+            region=region,
+            role="copy" if copies and len(copies) == len(pts) else "home",
+            newest_point=newest.id,
+            newest_at=newest.created_at,
+            rpo_seconds=(objectives.now - captured).total_seconds(),
+            points=len(pts),
+        )
+        rows.append(objectives.apply(row, newest, captured))
+    return rows
+
+
+def _read_vaults(engine: Engine) -> _Reading:
+    """:meth:`Engine.status`'s rows, region by region: a region that cannot be read (an
+    outage, a key not to be had) is down, with a warning in the log, and the others are
+    read all the same."""
+    objectives = StatusObjectives(engine, engine.clock())
+    up: dict[str, bool] = {}
+    rows: list[StatusRow] = []
+    try:
+        for region in engine.site.regions:
+            try:
+                rows.extend(_region_rows(engine, region.name, objectives))
+            except Exception as exc:
+                log.warning("metrics: cannot read %s for the gauges: %s", region.name, exc)
+                up[region.name] = False
+            else:
+                up[region.name] = True
+    finally:
+        objectives.close()
+    return _Reading(up, rows)
 
 
 class _StatusCollector:
-    """The gauges derived from the engine's status each time they are collected."""
+    """The gauges read from the vaults each time they are collected."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -213,9 +279,9 @@ class _StatusCollector:
         return self._families(None)
 
     def collect(self) -> Iterable[Metric]:
-        return self._families(self.metrics.status_rows())
+        return self._families(self.metrics.reading())
 
-    def _families(self, rows: list[StatusRow] | None) -> list[Metric]:
+    def _families(self, reading: _Reading | None) -> list[Metric]:
         last = GaugeMetricFamily(
             "regionvault_last_success_timestamp_seconds",
             "Unix time of the newest success of each kind per region and instance (backup, "
@@ -232,8 +298,14 @@ class _StatusCollector:
             "Seconds from the restore request to a healthy instance, in the last drill.",
             labels=["region", "instance"],
         )
+        up = GaugeMetricFamily(
+            "regionvault_region_up",
+            "1 when the region's vault could be read for these gauges, 0 when it could not "
+            "(its gauges are then left out).",
+            labels=["region"],
+        )
         successes, rtos = self.metrics.event_gauges()
-        for row in rows or ():
+        for row in reading.rows if reading is not None else ():
             if row.newest_at is not None:
                 key = (BACKUP if row.role == "home" else COPY, row.region, row.instance_id)
                 successes[key] = max(successes.get(key, 0.0), row.newest_at.timestamp())
@@ -244,11 +316,27 @@ class _StatusCollector:
                 successes[key] = max(successes.get(key, 0.0), row.last_drill_at.timestamp())
             if row.last_drill_rto is not None:
                 rtos[(row.region, row.instance_id)] = row.last_drill_rto
+        for region, read in sorted(reading.up.items()) if reading is not None else ():
+            up.add_metric([region], 1.0 if read else 0.0)
         for (kind, region, instance), at in sorted(successes.items()):
             last.add_metric([kind, region, instance], at)
         for (region, instance), seconds in sorted(rtos.items()):
             rto.add_metric([region, instance], seconds)
-        return [last, rpo, rto]
+        return [last, rpo, rto, up]
+
+
+class _PluginRegistry(CollectorRegistry):
+    """The registry one plugin's ``regionvault_metrics`` hook is given: what it registers
+    joins the metrics' registry only when the hook returns, so a hook that fails half-way
+    adds nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[Any] = []
+
+    def register(self, collector: Any) -> None:
+        super().register(collector)
+        self.added.append(collector)
 
 
 class Metrics:
@@ -291,15 +379,24 @@ class Metrics:
             ["region"],
             registry=self.registry,
         )
+        self.plugin_errors = Counter(
+            "regionvault_metrics_plugin_errors",
+            "Plugins whose regionvault_metrics hook failed (their metrics are left out).",
+            ["plugin"],
+            registry=self.registry,
+        )
         self._lock = threading.Lock()
         self._successes: dict[_SuccessKey, float] = {}
         self._rtos: dict[tuple[str, str], float] = {}
         self._captures: dict[tuple[str, str], float] = {}
-        self._counted = 0
+        #: the kinds a failed job was counted of (a command's failure is then not counted again)
+        self._failed_kinds: set[str] = set()
         self._engine: Engine | None = None
         self._pm: pluggy.PluginManager | None = None
-        self._frozen: _StatusGauges | None = None
+        self._frozen: _Reading | None = None
         self._plugins_added = False
+        #: warnings for the command's user (a plugin's hook that failed), taken by the CLI
+        self._warnings: list[str] = []
         #: the counters' values as last written to a textfile (what is added next is the rest)
         self._written: dict[_SampleKey, float] = {}
         self.registry.register(_StatusCollector(self))
@@ -317,14 +414,44 @@ class Metrics:
         self._engine, self._pm, self._frozen = engine, pm, None
         if not self._plugins_added:
             self._plugins_added = True
+            self._add_plugin_collectors(pm)
+
+    def _add_plugin_collectors(self, pm: pluggy.PluginManager) -> None:
+        """Each plugin's ``regionvault_metrics`` hook, called on its own: one that raises, or
+        registers a name taken already (the registry's ValueError), is left out with a
+        warning and counted in ``regionvault_metrics_plugin_errors_total``; the command runs
+        (as :meth:`Engine.notify` treats a failing hook)."""
+        hook = pm.hook.regionvault_metrics
+        plugins: list[object] = []
+        for impl in hook.get_hookimpls():
+            if not any(impl.plugin is p for p in plugins):
+                plugins.append(impl.plugin)
+        for plugin in plugins:
+            name = pm.get_name(plugin) or type(plugin).__name__
+            own = _PluginRegistry()
+            added: list[Any] = []
             try:
-                pm.hook.regionvault_metrics(registry=self.registry)
-            except Exception as exc:  # ValueError: a name taken twice (the registry's check)
-                pm.unregister(self)
-                self._engine = self._pm = None
-                raise RegionVaultError(
-                    f"the regionvault_metrics hook failed: {type(exc).__name__}: {exc}"
-                ) from None
+                others = [p for p in plugins if p is not plugin]
+                pm.subset_hook_caller("regionvault_metrics", others)(registry=own)
+                for collector in own.added:
+                    self.registry.register(collector)
+                    added.append(collector)
+            except Exception as exc:
+                for collector in added:
+                    self.registry.unregister(collector)
+                self.plugin_errors.labels(name).inc()
+                message = (
+                    f"plugin {name}: its regionvault_metrics hook failed "
+                    f"({type(exc).__name__}: {exc}); its metrics are left out"
+                )
+                log.warning("%s", message, exc_info=True)
+                self._warnings.append(message)
+
+    def take_warnings(self) -> list[str]:
+        """The warnings for the command's user since the last call (a plugin's failed
+        ``regionvault_metrics`` hook): one line each."""
+        warnings, self._warnings = self._warnings, []
+        return warnings
 
     @property
     def attached(self) -> bool:
@@ -335,26 +462,18 @@ class Metrics:
         :meth:`write_textfile` (after the site is closed)."""
         if self._engine is None:
             return
-        rows = self._read_status(self._engine)
+        reading = _read_vaults(self._engine)
         if self._pm is not None and self._pm.is_registered(self):
             self._pm.unregister(self)
-        self._engine, self._pm, self._frozen = None, None, _StatusGauges(rows)
+        self._engine, self._pm, self._frozen = None, None, reading
 
-    @staticmethod
-    def _read_status(engine: Engine) -> list[StatusRow] | None:
-        try:
-            return engine.status()
-        except Exception as exc:
-            # a region that cannot be read now: its gauges are left out of this reading
-            log.warning("metrics: cannot read the status for the gauges: %s", exc)
-            return None
-
-    def status_rows(self) -> list[StatusRow] | None:
-        """The engine's status now (attached), as read at :meth:`detach`, or None."""
+    def reading(self) -> _Reading | None:
+        """The vaults' gauges read now (attached), as read at :meth:`detach`, or None (no
+        engine was attached: nothing was read)."""
         engine = self._engine
         if engine is not None:
-            return self._read_status(engine)
-        return self._frozen.rows if self._frozen is not None else None
+            return _read_vaults(engine)
+        return self._frozen
 
     def event_gauges(self) -> tuple[dict[_SuccessKey, float], dict[tuple[str, str], float]]:
         """Copies of the last successes and RTOs this process saw in events."""
@@ -369,8 +488,9 @@ class Metrics:
         self.jobs.labels(kind, region, result).inc()
         if seconds is not None and seconds >= 0:
             self.durations.labels(kind, region).observe(seconds)
-        with self._lock:
-            self._counted += 1
+        if result == "failed":
+            with self._lock:
+                self._failed_kinds.add(kind)
 
     # ------------------------------------------------------------------ ticks
 
@@ -395,7 +515,8 @@ class Metrics:
             seconds = (outcome.finished_at - outcome.started_at).total_seconds()
         self._count(kind, region, _result(outcome), seconds)
         if outcome.status is JobStatus.DONE and kind not in _FROM_POINTS:
-            self._success(kind, region)
+            finished = outcome.finished_at  # the job's own (engine's) clock
+            self._success(kind, region, at=None if finished is None else finished.timestamp())
 
     # ------------------------------------------------------------------ the steps' hooks
 
@@ -482,16 +603,23 @@ class Metrics:
 
     def command_failed(self, command: str | None, error: BaseException) -> None:
         """A one-shot ``command`` failed with ``error``: a failed job of its kind, unless a
-        hook counted one already (a backup whose capture failed, a verify that found
-        errors)."""
+        failed one was counted already (a backup whose capture failed, a verify that found
+        errors or could not read its region: :meth:`job_failed`). Jobs of the command that
+        succeeded before it failed do not hide the failure."""
         kind = _COMMAND_KINDS.get(command or "")
         if not self.one_shot or kind is None:
             return
         with self._lock:
-            if self._counted:
+            if kind in self._failed_kinds:
                 return
         region = getattr(error, "region", None)
         self._count(kind, region if isinstance(region, str) else "", "failed")
+
+    def job_failed(self, kind: str, region: str) -> None:
+        """A one-shot command's job of ``kind`` in ``region`` failed where no hook says so
+        (verify's read of one region raised): a failed job there."""
+        if self.one_shot:
+            self._count(kind, region, "failed")
 
     # ------------------------------------------------------------------ exposition
 
@@ -508,16 +636,26 @@ class Metrics:
         shown = f"[{host_text}]" if ":" in host_text else host_text
         return server, f"{shown}:{server.server_port}"
 
-    def write_textfile(self, directory: Path) -> tuple[Path, str | None]:
-        """Write ``directory/regionvault.prom`` atomically: what this process counted since
-        its last write added to the file's counters (the site's running totals; a daemon
-        writes after every tick), its gauges over the file's. Under a lock, so two commands
-        at once lose nothing; leftovers of a killed writer are removed. The
-        path, and a warning when the old file could not be read (it is replaced)."""
+    def write_textfile(
+        self, directory: Path, *, lock_timeout: float | None = None
+    ) -> tuple[Path, str | None]:
+        """Write ``directory/regionvault.prom`` atomically and durably: what this process
+        counted since its last write added to the file's counters (the site's running
+        totals; a daemon writes after every tick); the gauges are this reading's alone
+        (the vaults are read before the lock is taken), but for the last success of the
+        kinds only commands see (tag, retention, verify: the newer of the file's and this
+        process's). Under a lock, so two commands at once lose nothing; a lock held longer
+        than ``lock_timeout`` (:data:`LOCK_TIMEOUT`) raises :class:`MetricsBusyError`;
+        leftovers of a killed writer are removed. The path, and a warning when the old file
+        could not be read (it is replaced)."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TEXTFILE
         warning = None
-        with _locked(directory / _LOCK):
+        # every family by the name it is exposed under (an info's ``_info`` gauge, a
+        # stateset's gauge), as the old file is parsed: the two are merged name by name
+        live = list(text_string_to_metric_families(generate_latest(self.registry).decode()))
+        timeout = LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        with _locked(directory / _LOCK, timeout):
             for leftover in directory.iterdir():
                 if _TEMPORARY.fullmatch(leftover.name):
                     leftover.unlink(missing_ok=True)
@@ -534,10 +672,10 @@ class Metrics:
             except Exception as exc:
                 warning = f"{path}: not a metrics file ({exc}); replaced"
                 old = []
-            rows_read = self.status_rows() is not None
-            live = list(self.registry.collect())
-            merged = _merge(old, live, self._written, fresh_rpo=rows_read)
-            write_to_textfile(str(path), _Families(merged))
+            merged, notes = _merge(old, live, self._written)
+            if notes:
+                warning = "; ".join([*([warning] if warning else []), *notes])
+            write_atomic(path, generate_latest(_Families(merged)))
             self._written = {
                 _sample_key(s.name, s.labels): s.value
                 for family in live
@@ -548,9 +686,19 @@ class Metrics:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, timeout: float) -> Iterator[None]:
     with path.open("a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        for _ in range(max(1, math.ceil(timeout / _LOCK_POLL)) + 1):
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(_LOCK_POLL)
+        else:
+            raise MetricsBusyError(
+                f"{path.parent / TEXTFILE}: another writer held {path.name} for over "
+                f"{timeout:g} s; not written this time"
+            )
         try:
             yield
         finally:
@@ -558,7 +706,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 class _Families:
-    """A collector of metric families made beforehand (for :func:`write_to_textfile`)."""
+    """A collector of metric families made beforehand (for :func:`generate_latest`)."""
 
     def __init__(self, families: list[Metric]) -> None:
         self.families = families
@@ -569,29 +717,44 @@ class _Families:
 
 _ADDED = {"counter", "histogram", "summary"}
 _NEWEST = "regionvault_last_success_timestamp_seconds"
-_RPO = "regionvault_rpo_seconds"
 
 
 def _sample_key(name: str, labels: dict[str, str]) -> _SampleKey:
     return name, tuple(sorted(labels.items()))
 
 
+def _carried(family: str, sample: Any) -> bool:
+    """Whether a gauge sample of the old file is kept when this process has none like it:
+    only the last success of a kind not read from the vaults (tag, retention, verify),
+    which no later command that did not run that kind could know."""
+    return family == _NEWEST and sample.labels.get("kind") not in _FROM_POINTS
+
+
 def _merge(
-    old: list[Metric],
-    live: list[Metric],
-    written: dict[_SampleKey, float],
-    *,
-    fresh_rpo: bool,
-) -> list[Metric]:
-    """The families to write: counters (histograms, summaries) summed sample by sample (the
-    old file's, plus what this process counted since it wrote ``written``),
-    gauges of this process over the old file's (last success: the newer), the RPO from the
-    status alone when it was read; old families this process does not have, carried.
-    ``_created`` samples are left out: a sum of many processes has no one creation time."""
+    old: list[Metric], live: list[Metric], written: dict[_SampleKey, float]
+) -> tuple[list[Metric], list[str]]:
+    """The families to write, each name once: counters (histograms, summaries) summed
+    sample by sample (the old file's, plus what this process counted since it wrote
+    ``written``), and old counter families this process does not have (a plugin not loaded
+    now) carried whole; gauges are this process's, and of the old file's only the last
+    successes :func:`_carried` says (the newer of the two). ``_created`` samples are left
+    out: a sum of many processes has no one creation time. An old family of another type,
+    or a histogram with other buckets (a file of another version), is dropped (a counter
+    reset), with a note for the warning: merged, its sums would be wrong. The families and
+    the notes."""
     old_by_name = {family.name: family for family in old}
     merged: list[Metric] = []
+    notes: list[str] = []
     for family in live:
         previous = old_by_name.pop(family.name, None)
+        if previous is not None and previous.type != family.type:
+            notes.append(f"{family.name} was a {previous.type}, now a {family.type}: reset")
+            previous = None
+        if previous is not None and family.type == "histogram":
+            old_le, new_le = _buckets(previous), _buckets(family)
+            if old_le and new_le and old_le != new_le:
+                notes.append(f"{family.name}'s buckets changed: reset")
+                previous = None
         out = Metric(family.name, family.documentation, family.type, family.unit)
         values: dict[_SampleKey, tuple[str, dict[str, str], float]] = {}
         added = family.type in _ADDED
@@ -601,26 +764,31 @@ def _merge(
                 since = s.value - written.get(key, 0.0) if added else s.value
                 values[key] = (s.name, dict(s.labels), since)
         if previous is not None and previous.type == family.type:
-            carry = not (family.name == _RPO and fresh_rpo)
             for s in previous.samples:
                 if s.name.endswith("_created"):
                     continue
                 key = _sample_key(s.name, s.labels)
                 now = values.get(key)
-                if now is None:
-                    if carry:
-                        values[key] = (s.name, dict(s.labels), s.value)
-                elif added:
-                    values[key] = (now[0], now[1], now[2] + s.value)
-                elif family.name == _NEWEST:
-                    values[key] = (now[0], now[1], max(now[2], s.value))
+                if added:
+                    total = s.value + (now[2] if now is not None else 0.0)
+                    values[key] = (s.name, dict(s.labels), total)
+                elif _carried(family.name, s):
+                    at = max(s.value, now[2]) if now is not None else s.value
+                    values[key] = (s.name, dict(s.labels), at)
         for name, labels, value in values.values():
             out.add_sample(name, labels, value)
         merged.append(out)
-    for family in old_by_name.values():  # a plugin's families, when it is not loaded now
+    for family in old_by_name.values():  # a plugin's counters, when it is not loaded now
+        if family.type not in _ADDED:
+            continue
         out = Metric(family.name, family.documentation, family.type, family.unit)
         for s in family.samples:
             if not s.name.endswith("_created"):
                 out.add_sample(s.name, dict(s.labels), s.value)
         merged.append(out)
-    return merged
+    return merged, notes
+
+
+def _buckets(family: Metric) -> set[str]:
+    """A histogram's bucket bounds (``le``), as written."""
+    return {s.labels.get("le", "") for s in family.samples if s.name.endswith("_bucket")}
