@@ -143,13 +143,13 @@ def judge_home(
     try:
         policy = resolve_policy(instance, site)
     except PolicyError as exc:
-        return Judgement(ProtectionState.MALFORMED, exc.message)
+        return Judgement(ProtectionState.MALFORMED, _unnamed(exc.message, instance))
     if policy is None:
         return Judgement(ProtectionState.OPTED_OUT, f"{site.tag_key}=none")
     try:
         resolve_operations(instance, site.operations, policy_name=policy.name)
     except PolicyError as exc:
-        return Judgement(ProtectionState.MALFORMED, exc.message)
+        return Judgement(ProtectionState.MALFORMED, _unnamed(exc.message, instance))
     error = last_failure(instance, policy)
     if error is not None:
         return Judgement(ProtectionState.FAILING, f"last backup failed: {error}")
@@ -171,6 +171,15 @@ def judge_home(
             f"every {every}: backup overdue by {_ago(overdue)} (grace {format_duration(grace)})",
         )
     return Judgement(ProtectionState.DUE, f"every {every}: due {_ago(overdue)} ago")
+
+
+def _unnamed(message: str, instance: Instance) -> str:
+    """A policy error's message without the ``instance <id> (<name>): `` it starts with:
+    the row names the instance already."""
+    for prefix in (f"instance {instance.id} ({instance.name}): ", f"instance {instance.id}: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
 
 
 def judge_gone(region: str, points: list[RecoveryPoint]) -> Judgement:

@@ -1,0 +1,192 @@
+"""`status` shows what is not protected (issue #20, item 1): every instance of every region
+with its protection state, worst first, in the table and in --json, through the console
+script; it exits 1 when a row is failing, malformed or late, and 3 when an objective is
+breached, whatever else."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from regionvault.core.pipeline import Engine
+from regionvault.core.site import Site
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
+
+#: the states, worst first, as status orders them
+ORDER = [
+    "failing",
+    "malformed",
+    "late",
+    "due",
+    "not_backed_up",
+    "gone",
+    "opted_out",
+    "protected",
+]
+
+
+def rv(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "REGIONVAULT_SITE"},
+    )
+
+
+def rv_ok(*args: str | Path, cwd: Path) -> str:
+    done = rv(*args, cwd=cwd)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def add(cwd: Path, name: str, *tags: str) -> str:
+    data = cwd / f"{name}-data"
+    data.mkdir()
+    (data / "state").write_text(f"{name}\n")
+    args: list[str] = ["instances", "add", "--region", "east", "--name", name, "--data", str(data)]
+    for tag in tags:
+        args += ["--tag", tag]
+    return rv_ok(*args, cwd=cwd).splitlines()[-1]
+
+
+def backup_for_slot(cwd: Path, name: str, slot: datetime) -> None:
+    """A scheduled backup of ``name`` made for ``slot`` (as a tick's job would be), through
+    the Python API: the scheduler counts the next backup from the slot."""
+    site = Site.load(cwd / "site.toml")
+    try:
+        Engine(site).backup(name, slot=slot)
+    finally:
+        site.close()
+
+
+@pytest.fixture
+def site_in_every_state(tmp_path: Path) -> dict[str, str]:
+    """A site with one instance in each protection state (name -> id); the failing one
+    failed its backup in a real tick (its data directory removed)."""
+    cwd = tmp_path
+    rv_ok("init", cwd=cwd)
+    ids: dict[str, str] = {}
+    ids["failing"] = add(cwd, "failing", "backup=1-7")
+    ids["malformed"] = add(cwd, "malformed", "backup=banana")
+    ids["opted_out"] = add(cwd, "opted_out", "backup=none")
+    shutil.rmtree(cwd / "failing-data")
+    tick = rv("tick", cwd=cwd)
+    assert tick.returncode == 1, (tick.stdout, tick.stderr)  # the failing backup
+
+    ids["badops"] = add(cwd, "badops", "backup=1-7", "backup-rpo=soon")
+    ids["not_backed_up"] = add(cwd, "not_backed_up", "backup=1-7")
+    ids["due"] = add(cwd, "due", "backup=1h-1d")
+    ids["late"] = add(cwd, "late", "backup=1h-1d")
+    ids["protected"] = add(cwd, "protected", "backup=1-7")
+    ids["gone"] = add(cwd, "gone", "backup=1-7")
+    now = datetime.now(UTC)
+    # due one minute ago (the grace, a tick, is the site's schedule_interval: 5m)
+    backup_for_slot(cwd, "due", now - timedelta(hours=1, minutes=1))
+    # due two hours ago: late
+    backup_for_slot(cwd, "late", now - timedelta(hours=3))
+    point = rv_ok("backup", "protected", cwd=cwd).splitlines()[-1]
+    rv_ok("copy", point, "--to", "west", cwd=cwd)
+    rv_ok("backup", "gone", cwd=cwd)
+    site = Site.load(cwd / "site.toml")
+    try:
+        site.region("east").compute.terminate(ids["gone"])
+    finally:
+        site.close()
+    return ids
+
+
+def test_status_shows_every_instance_with_its_state_worst_first(
+    tmp_path: Path, site_in_every_state: dict[str, str]
+) -> None:
+    ids = site_in_every_state
+    done = rv("status", "--json", cwd=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "not protected: 1 failing, 2 malformed, 1 late" in done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    east = {r["instance_name"]: r for r in rows if r["region"] == "local:east"}
+    assert {name: r["state"] for name, r in east.items()} == {
+        "failing": "failing",
+        "malformed": "malformed",
+        "badops": "malformed",
+        "late": "late",
+        "due": "due",
+        "not_backed_up": "not_backed_up",
+        "gone": "gone",
+        "opted_out": "opted_out",
+        "protected": "protected",
+    }
+    assert all(east[name]["instance_id"] == ids[name] for name in ids)
+    # the reasons say what is wrong
+    assert (
+        "data" in east["failing"]["state_reason"] or "No such" in east["failing"]["state_reason"]
+    ), east["failing"]["state_reason"]
+    assert east["failing"]["state_reason"].startswith("last backup failed: ")
+    assert "banana" in east["malformed"]["state_reason"]
+    assert "soon" in east["badops"]["state_reason"]
+    assert "overdue" in east["late"]["state_reason"]
+    assert "never backed up" in east["not_backed_up"]["state_reason"]
+    assert "no longer an instance" in east["gone"]["state_reason"]
+    assert east["not_backed_up"]["points"] == 0 and east["not_backed_up"]["newest_point"] is None
+    assert east["protected"]["points"] == 1 and east["gone"]["points"] == 1
+    # every key status printed before is still there, with the two new ones
+    assert {"rpo_seconds", "rpo_state", "last_backup_failed", "role"} < set(rows[0])
+    assert {"state", "state_reason"} < set(rows[0])
+
+    # the region holding the copy has its own row
+    (west,) = [r for r in rows if r["region"] == "local:west"]
+    assert west["role"] == "copy" and west["instance_id"] == ids["protected"]
+    assert west["state"] == "protected"
+
+    # worst first
+    ranks = [ORDER.index(r["state"]) for r in rows]
+    assert ranks == sorted(ranks), [r["state"] for r in rows]
+
+    # the table lists the same, in the same order
+    table = rv("status", cwd=tmp_path)
+    assert table.returncode == 1
+    lines = table.stdout.splitlines()
+    assert len(lines) == len(rows)
+    cells = [line.split("\t") for line in lines]
+    assert [c[0] for c in cells] == [f"{r['instance_name']} ({r['instance_id']})" for r in rows]
+    shown = [c[-2] for c in cells]
+    assert shown == [
+        {"failing": "FAILING", "malformed": "MALFORMED", "late": "LATE"}.get(r["state"], r["state"])
+        for r in rows
+    ]
+    assert cells[0][-1].startswith("last backup failed: ")
+
+
+def test_a_breach_exits_3_over_a_late_row(tmp_path: Path) -> None:
+    """An objective breached exits 3 even when rows are late too (the precedence
+    docs/commands.md states); a site all protected exits 0."""
+    rv_ok("init", cwd=tmp_path)
+    add(tmp_path, "nf", "backup=1h-1d")
+    point = rv_ok("backup", "nf", cwd=tmp_path).splitlines()[-1]
+    status = json.loads(rv_ok("status", "--json", cwd=tmp_path))
+    assert [(r["instance_name"], r["state"]) for r in status] == [
+        ("nf", "protected"),
+        (None, None),  # local:west holds nothing
+    ]
+    assert status[0]["newest_point"] == point
+
+    # late by its slot; its data older than its RPO objective (1s) by the time status reads
+    add(tmp_path, "old", "backup=1h-1d", "backup-rpo=1s")
+    backup_for_slot(tmp_path, "old", datetime.now(UTC) - timedelta(hours=3))
+    time.sleep(1.1)
+    done = rv("status", "--json", cwd=tmp_path)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    rows = {r["instance_name"]: r for r in json.loads(done.stdout)}
+    assert rows["old"]["state"] == "late" and rows["old"]["rpo_state"] == "breached"
+    assert "not protected: 1 late" in done.stderr and "breach" in done.stderr
