@@ -352,24 +352,25 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             "region",
             "role",
             "points",
+            "state",
             "newest",
             "RPO",
             "last copy",
             "last drill RTO",
             "newest issues",
+            "why",
             "RPO obj",
             "RTO obj",
-            "state",
-            "why",
         ],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "-", "-", "no instances"]
+            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
                 r.region,
                 r.role,
                 str(r.points),
+                _STATE_CELLS.get(r.state or "", r.state or "-"),
                 (r.newest_point or "-")[:12],
                 human_age(r.rpo_seconds),
                 r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
@@ -377,10 +378,9 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
                 f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
+                r.state_reason or "-",
                 _objective(r.rpo_objective_seconds, r.rpo_state),
                 _objective(r.rto_objective_seconds, r.rto_state),
-                _STATE_CELLS.get(r.state or "", r.state or "-"),
-                r.state_reason or "-",
             ]
             for name, r in entries
         ],
