@@ -11,13 +11,19 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from regionvault.core.pipeline import Engine
+from regionvault.core.config import parse_site
+from regionvault.core.pipeline import SLOT_TAG, Engine
+from regionvault.core.pipeline.jobs import format_slot
+from regionvault.core.pipeline.protection import judge_copies, judge_home, state_rank
+from regionvault.core.policy import CopyTarget, Policy
 from regionvault.core.site import Site
+from regionvault.core.types import CaptureKind, Instance, Lineage, RecoveryPoint, RegionId, Tags
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "regionvault"
 
@@ -190,3 +196,102 @@ def test_a_breach_exits_3_over_a_late_row(tmp_path: Path) -> None:
     rows = {r["instance_name"]: r for r in json.loads(done.stdout)}
     assert rows["old"]["state"] == "late" and rows["old"]["rpo_state"] == "breached"
     assert "not protected: 1 late" in done.stderr and "breach" in done.stderr
+
+
+# --------------------------------------------------------------------- the rules, a fixed clock
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+GRACE = timedelta(minutes=5)
+
+
+def point(
+    pid: str, created: datetime, *, slot: datetime | None = None, source: str | None = None
+) -> RecoveryPoint:
+    return RecoveryPoint(
+        id=pid,
+        region="local:west" if source else "local:east",
+        instance_id="i-1",
+        instance_name="nf",
+        kind=CaptureKind.FILES,
+        created_at=created,
+        expires_at=None,
+        size=1,
+        lineage=Lineage("local:east", source) if source else None,
+        tags=Tags({SLOT_TAG: format_slot(slot)} if slot else {}),
+    )
+
+
+def judge(tags: dict[str, str], points: list[RecoveryPoint], failed: str | None = None) -> str:
+    config = parse_site(
+        tomllib.loads(
+            '[regions."local:east"]\nroot = "e"\n[regions."local:west"]\nroot = "w"\n'
+            '[[replication]]\nfrom = "local:east"\nto = ["local:west"]\n'
+        ),
+        source="site.toml",
+        base_dir=Path("/nonexistent"),
+    )
+    instance = Instance(id="i-1", name="nf", region="local:east", tags=Tags(tags))
+    judged = judge_home(
+        instance, points, site=config, now=NOW, grace=GRACE, last_failure=lambda i, p: failed
+    )
+    return f"{judged.state}: {judged.reason}"
+
+
+def test_due_and_late_count_from_the_newest_slot_and_a_ticks_grace() -> None:
+    hourly = {"backup": "1h-1d"}
+    slot = NOW - timedelta(hours=1)  # due exactly now
+    assert judge(hourly, [point("a", NOW, slot=slot)]).startswith("due: ")
+    assert judge(hourly, [point("a", NOW, slot=slot + timedelta(seconds=1))]).startswith(
+        "protected: every 1h: next backup due in 1s"
+    )
+    assert judge(hourly, [point("a", NOW, slot=slot - GRACE)]).startswith("due: ")
+    late = judge(hourly, [point("a", NOW, slot=slot - GRACE - timedelta(seconds=1))])
+    assert late == "late: every 1h: backup overdue by 5m1s (grace 5m)"
+    # no slot recorded (a manual backup): counted from its creation
+    assert judge(hourly, [point("a", NOW - timedelta(hours=2))]).startswith("late: ")
+    # the newest point by arrival decides, as the scheduler's
+    older = point("a", NOW - timedelta(hours=3), slot=NOW - timedelta(hours=3))
+    newer = point("b", NOW, slot=NOW)
+    assert judge(hourly, [older, newer]).startswith("protected: ")
+    # a failure wins over every time rule; a malformed tag over a failure
+    assert judge(hourly, [newer], failed="boom") == "failing: last backup failed: boom"
+    assert judge({"backup": "1h"}, [newer], failed="boom").startswith("malformed: tag backup=")
+    assert judge({"backup": "none"}, []) == "opted_out: backup=none"
+    assert judge({"backup": "1h-1d", "backup-drill": "often"}, []).startswith(
+        "malformed: tag backup-drill="
+    )
+    assert judge(hourly, []).startswith("not_backed_up: never backed up (every 1h)")
+
+
+def test_a_copy_region_is_late_when_the_homes_newest_backup_has_not_reached_it() -> None:
+    copy = point("c", NOW - timedelta(hours=1), source="a")
+    home_old = point("a", NOW - timedelta(hours=1))
+    home_new = point("b", NOW - GRACE - timedelta(seconds=1))
+    copying = Policy(
+        frequency=timedelta(hours=1),
+        retention=timedelta(days=1),
+        copies=(CopyTarget(RegionId.parse("local:west"), timedelta(days=1)),),
+    )
+    elsewhere = Policy(frequency=timedelta(hours=1), retention=timedelta(days=1))
+
+    def state(home: RecoveryPoint | None, policy: Policy | None, opted_out: bool = False) -> str:
+        judged = judge_copies(
+            "local:west",
+            [copy],
+            home_newest=home,
+            home_policy=policy,
+            opted_out=opted_out,
+            now=NOW,
+            grace=GRACE,
+        )
+        return f"{judged.state}: {judged.reason}"
+
+    assert state(home_old, copying) == "protected: copies of local:east, up to date"
+    assert state(home_new, copying).startswith("late: newest backup b in local:east not copied")
+    # within the grace: the tick that made it copies it
+    recent = point("b", NOW - GRACE)
+    assert state(recent, copying).startswith("protected: ")
+    assert state(home_new, elsewhere).startswith("protected: copies of local:east kept")
+    assert state(None, None).startswith("protected: ")  # home not readable: not judged
+    assert state(home_new, copying, opted_out=True).startswith("opted_out: ")
+    assert [state_rank(s) for s in ORDER] == sorted(state_rank(s) for s in ORDER)

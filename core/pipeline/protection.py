@@ -120,12 +120,16 @@ def newest_slot_of(point: RecoveryPoint) -> datetime:
 
 
 def _ago(seconds: float) -> str:
-    """A duration to the unit that reads best (``95s``, ``12m``, ``5h``, ``3d``)."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    """A duration in its two largest units (``45s``, ``5m1s``, ``2h``, ``3d4h``)."""
+    left = max(0, int(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, left = divmod(left, size)
+        if count and len(parts) < 2:
+            parts.append(f"{count}{unit}")
+        elif parts:
+            break
+    return "".join(parts) or "0s"
 
 
 def judge_home(
