@@ -104,7 +104,8 @@ def site_in_every_state(tmp_path: Path) -> dict[str, str]:
     backup_for_slot(cwd, "late", now - timedelta(hours=3))
     point = rv_ok("backup", "protected", cwd=cwd).splitlines()[-1]
     rv_ok("copy", point, "--to", "west", cwd=cwd)
-    rv_ok("backup", "gone", cwd=cwd)
+    gone = rv_ok("backup", "gone", cwd=cwd).splitlines()[-1]
+    rv_ok("copy", gone, "--to", "west", cwd=cwd)
     site = Site.load(cwd / "site.toml")
     try:
         site.region("east").compute.terminate(ids["gone"])
@@ -150,10 +151,13 @@ def test_status_shows_every_instance_with_its_state_worst_first(
     assert {"rpo_seconds", "rpo_state", "last_backup_failed", "role"} < set(rows[0])
     assert {"state", "state_reason"} < set(rows[0])
 
-    # the region holding the copy has its own row
-    (west,) = [r for r in rows if r["region"] == "local:west"]
-    assert west["role"] == "copy" and west["instance_id"] == ids["protected"]
-    assert west["state"] == "protected"
+    # the region holding the copies has rows of its own
+    west = {r["instance_name"]: r for r in rows if r["region"] == "local:west"}
+    assert {name: (r["role"], r["state"]) for name, r in west.items()} == {
+        "protected": ("copy", "protected"),
+        "gone": ("copy", "gone"),
+    }
+    assert west["gone"]["state_reason"].startswith("no longer an instance in local:east")
 
     # worst first
     ranks = [ORDER.index(r["state"]) for r in rows]

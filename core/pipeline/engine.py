@@ -1669,10 +1669,13 @@ class Engine:
     ) -> Judgement:
         """:func:`judge_copies` of an instance ``region`` holds copies of: its home's
         newest backup from ``view`` (not known when the home cannot be read), its policy
-        from its live tags at home, else the tags its newest copy recorded."""
+        from its live tags at home, else the tags its newest copy recorded; ``gone`` when
+        its home lists it no more."""
         recorded = point_instance(copies[-1])
         home_listed = live.get(recorded.region)
         found = home_listed.get(recorded.id) if home_listed is not None else None
+        if home_listed is not None and found is None:
+            return judge_gone(region, copies, home=recorded.region)
         instance = found if found is not None else recorded
         try:
             home_newest = view.newest_point(instance)

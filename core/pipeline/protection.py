@@ -186,11 +186,17 @@ def _unnamed(message: str, instance: Instance) -> str:
     return message
 
 
-def judge_gone(region: str, points: list[RecoveryPoint]) -> Judgement:
-    """An instance its home region no longer lists, of which ``points`` remain."""
+def judge_gone(region: str, points: list[RecoveryPoint], *, home: str | None = None) -> Judgement:
+    """An instance its home region (``home``, default ``region``) no longer lists, of which
+    ``points`` remain in ``region``."""
+    if home is None or home == region:
+        return Judgement(
+            ProtectionState.GONE,
+            f"no longer an instance in {region}; {len(points)} point(s) kept until retention",
+        )
     return Judgement(
         ProtectionState.GONE,
-        f"no longer an instance in {region}; {len(points)} point(s) kept until retention",
+        f"no longer an instance in {home}; {len(points)} copy(ies) kept here until retention",
     )
 
 
