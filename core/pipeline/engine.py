@@ -54,17 +54,17 @@ from regionvault.core.pipeline.objectives import (
 )
 from regionvault.core.pipeline.protection import (
     Judgement,
+    LedgerFailures,
     judge_copies,
     judge_gone,
     judge_home,
-    last_backup_error,
     state_rank,
 )
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
 from regionvault.core.plugins import check_executor
-from regionvault.core.policy import Policy, instance_hooks, resolve_policy
+from regionvault.core.policy import instance_hooks, resolve_policy
 from regionvault.core.procs import ProcessIdentity
 from regionvault.core.repository import (
     CopyProgress,
@@ -1548,7 +1548,7 @@ class Engine:
                 live[r.name] = None
                 unlisted[r.name] = " ".join(f"{type(exc).__name__}: {exc}".split())
         objectives = StatusObjectives(self, now, live=live)
-        failures = _LedgerFailures(self, now)
+        failures = LedgerFailures(self.ledger, now)
         order = {r.name: i for i, r in enumerate(self.site.regions)}
         rows: list[StatusRow] = []
         try:
@@ -1598,7 +1598,7 @@ class Engine:
         live: Mapping[str, Mapping[str, Instance] | None],
         unlisted: str | None,
         objectives: StatusObjectives,
-        failures: _LedgerFailures,
+        failures: LedgerFailures,
     ) -> StatusRow:
         """One row of :meth:`status`: ``instance`` as ``region`` lists it (None: not
         listed) and its points there (``pts``, oldest first by arrival)."""
@@ -1696,38 +1696,6 @@ class Engine:
             now=now,
             grace=grace,
         )
-
-
-class _LedgerFailures:
-    """:func:`last_backup_error` for one :meth:`Engine.status` call: the site's job ledger
-    opened once, when first asked; one that cannot be read shows no failures (logged)."""
-
-    def __init__(self, engine: Engine, now: datetime) -> None:
-        self._engine = engine
-        self._now = now
-        self._ledger: Any = None
-        self._broken = False
-
-    def __call__(self, instance: Instance, policy: Policy) -> str | None:
-        if self._broken:
-            return None
-        try:
-            if self._ledger is None:
-                self._ledger = self._engine.ledger()
-            return last_backup_error(self._ledger, instance, policy.frequency, self._now)
-        except Exception as exc:  # any executor kind's ledger: status still answers
-            log.warning(
-                "status: the job ledger cannot be read (%s: %s): backup failures not shown",
-                type(exc).__name__,
-                exc,
-            )
-            self._broken = True
-            return None
-
-    def close(self) -> None:
-        close = getattr(self._ledger, "close", None)
-        if close is not None:
-            close()
 
 
 def _subject(

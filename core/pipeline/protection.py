@@ -12,9 +12,11 @@ no I/O of its own.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from regionvault.core.config import SiteConfig
 from regionvault.core.durations import format_duration
@@ -28,6 +30,7 @@ __all__ = [
     "NOT_PROTECTED",
     "Judgement",
     "LastFailure",
+    "LedgerFailures",
     "ProtectionState",
     "judge_copies",
     "judge_gone",
@@ -36,6 +39,9 @@ __all__ = [
     "newest_slot_of",
     "state_rank",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class ProtectionState(enum.StrEnum):
@@ -105,6 +111,39 @@ def last_backup_error(
         if failure is not None:
             return " ".join(str(failure.error or "failed").split())
     return None
+
+
+class LedgerFailures:
+    """:func:`last_backup_error` for one ``status`` call, as a :data:`LastFailure`: the
+    site's job ledger (``open_ledger()``: ``Engine.ledger``) opened once, when first asked;
+    one that cannot be read shows no failures (logged)."""
+
+    def __init__(self, open_ledger: Callable[[], Any], now: datetime) -> None:
+        self._open = open_ledger
+        self._now = now
+        self._ledger: Any = None
+        self._broken = False
+
+    def __call__(self, instance: Instance, policy: Policy) -> str | None:
+        if self._broken:
+            return None
+        try:
+            if self._ledger is None:
+                self._ledger = self._open()
+            return last_backup_error(self._ledger, instance, policy.frequency, self._now)
+        except Exception as exc:  # any executor kind's ledger: status still answers
+            log.warning(
+                "status: the job ledger cannot be read (%s: %s): backup failures not shown",
+                type(exc).__name__,
+                exc,
+            )
+            self._broken = True
+            return None
+
+    def close(self) -> None:
+        close = getattr(self._ledger, "close", None)
+        if close is not None:
+            close()
 
 
 def newest_slot_of(point: RecoveryPoint) -> datetime:
