@@ -178,7 +178,7 @@ def test_restore_with_launch_starts_the_function_in_west(workdir: Path) -> None:
         launched.append(again["instance"])
         assert again["healthy"] is True and again["rto_seconds"] > 0
         status = as_json(ok("status", "--json"))
-        (row,) = [r for r in status if r["region"] == "local:west"]
+        (row,) = [r for r in status if r["region"] == "local:west" and r["role"] == "copy"]
         assert row["last_drill_healthy"] is True
         assert row["last_drill_rto"] == pytest.approx(again["rto_seconds"], abs=0.001)
     finally:

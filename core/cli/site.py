@@ -387,27 +387,30 @@ def instances_remove(state: CliState, instance: str, region: str | None) -> None
 @json_option
 @pass_state
 def status(state: CliState, jobs: int | None, as_json: bool) -> None:
-    """Per instance and region: newest recovery point and its age (RPO), last copy, last
+    """Every instance of every region with its protection state, worst first: failing (its
+    last backup job failed), malformed (a policy or operations tag that does not parse),
+    late, due, not_backed_up, gone (no longer an instance; its points remain), opted_out,
+    protected; with why, the newest recovery point and its age (RPO), last copy, last
     restore drill and its RTO, and whether the RPO and RTO objectives are met, at risk or
-    breached. A region with no recovery points (or no repository yet, which status does not
-    create) is shown once, with 0 points. With --jobs N, the newest jobs of the site's job
-    ledger instead (the shared one of its [executor], so any machine of the site answers
-    alike).
+    breached. Regions holding copies have rows of their own (role copy). A region with no
+    instances and no recovery points is shown once, with 0 points. With --jobs N, the newest
+    jobs of the site's job ledger instead (the shared one of its [executor], so any machine
+    of the site answers alike).
 
-    Exits 2 when an objective is breached (after printing everything)."""
+    Exits 3 when an objective is breached, else 1 when a row is failing, malformed or late,
+    else 0 (after printing everything)."""
     if jobs is not None:
         _job_history(state, jobs, as_json)
         return
     regions = state.site().regions
     rows = state.engine().status()
     held = {r.region for r in rows}
-    order = {r.name: i for i, r in enumerate(regions)}
+    # the engine's order (worst first), then the regions that hold nothing
     entries: list[tuple[str, StatusRow | None]] = [(r.region, r) for r in rows]
     entries.extend((r.name, None) for r in regions if r.name not in held)
-    entries.sort(key=lambda entry: order.get(entry[0], len(order)))
     if as_json:
         print_json([_empty_status(name) if r is None else r.to_dict() for name, r in entries])
-        _exit_if_breached(rows)
+        _status_exit(rows)
         return
 
     print_table(
@@ -416,22 +419,25 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             "region",
             "role",
             "points",
+            "state",
             "newest",
             "RPO",
             "last copy",
             "last drill RTO",
             "newest issues",
+            "why",
             "RPO obj",
             "RTO obj",
         ],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "-"]
+            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
                 r.region,
                 r.role,
                 str(r.points),
+                _STATE_CELLS.get(r.state or "", r.state or "-"),
                 (r.newest_point or "-")[:12],
                 human_age(r.rpo_seconds),
                 r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
@@ -439,13 +445,21 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
                 f"{r.newest_issues:,} (incomplete)" if r.newest_issues else "-",
+                r.state_reason or "-",
                 _objective(r.rpo_objective_seconds, r.rpo_state),
                 _objective(r.rto_objective_seconds, r.rto_state),
             ]
             for name, r in entries
         ],
     )
-    _exit_if_breached(rows)
+    _status_exit(rows)
+
+
+#: the states that are not protection, shouted in the table
+_STATE_CELLS = {"failing": "FAILING", "malformed": "MALFORMED", "late": "LATE"}
+
+#: ``status`` exits so when a row is failing, malformed or late (docs/commands.md)
+EXIT_NOT_PROTECTED = 1
 
 
 #: ``status`` exits so when an objective is breached: not 1 (an error) nor 2 (click's usage
@@ -462,13 +476,24 @@ def _objective(seconds: float | None, state: str | None) -> str:
     return f"{_STATE_WORDS.get(state, state)} ({human_age(seconds)})"
 
 
-def _exit_if_breached(rows: list[StatusRow]) -> None:
+def _status_exit(rows: list[StatusRow]) -> None:
+    """Exit 3 when a row breaches an objective, else 1 when a row is failing, malformed or
+    late, each with one line on standard error per cause; else return (0)."""
     breached = [r for r in rows if r.breached]
+    unprotected = [r for r in rows if r.state in _STATE_CELLS]
+    if unprotected:
+        counts: dict[str, int] = {}
+        for r in unprotected:
+            counts[str(r.state)] = counts.get(str(r.state), 0) + 1
+        listed = ", ".join(f"{n} {s}" for s, n in counts.items())
+        echo_err(f"regionvault: not protected: {listed}")
     if breached:
         echo_err(
             f"regionvault: {len(breached)} instance-region row(s) breach an RPO or RTO objective"
         )
         raise click.exceptions.Exit(EXIT_BREACHED)
+    if unprotected:
+        raise click.exceptions.Exit(EXIT_NOT_PROTECTED)
 
 
 def _job_history(state: CliState, limit: int, as_json: bool) -> None:
@@ -529,4 +554,6 @@ def _empty_status(region: str) -> dict[str, Any]:
         "rto_objective_seconds": None,
         "rto_state": None,
         "last_backup_failed": None,
+        "state": None,
+        "state_reason": "no instances and no recovery points",
     }

@@ -47,7 +47,19 @@ from regionvault.core.pipeline.launch import (
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
 from regionvault.core.pipeline.locks import LockFailed
-from regionvault.core.pipeline.objectives import StatusObjectives, newest_captured
+from regionvault.core.pipeline.objectives import (
+    StatusObjectives,
+    newest_captured,
+    point_instance,
+)
+from regionvault.core.pipeline.protection import (
+    Judgement,
+    LedgerFailures,
+    judge_copies,
+    judge_gone,
+    judge_home,
+    state_rank,
+)
 from regionvault.core.pipeline.reports import RestoreResult, RetentionReport, StatusRow
 from regionvault.core.pipeline.state import DrillRecord, KeptCapture, KeptCaptures, StateStore
 from regionvault.core.pipeline.tagger import TagReport, tag_region
@@ -170,6 +182,19 @@ class PointsView:
                     listed.setdefault(point.instance_id, []).append(point)
                 self._listed[name] = listed
         return list(listed.get(instance_id, ()))
+
+    def by_instance(self, region: str) -> dict[str, list[RecoveryPoint]]:
+        """The points of ``region`` by instance id (each oldest first), from this view's
+        listing of ``region``."""
+        name = self._engine.region(region).name
+        with self._lock:
+            listed = self._listed.get(name)
+            if listed is None:
+                listed = {}
+                for point in self._engine.points(name):
+                    listed.setdefault(point.instance_id, []).append(point)
+                self._listed[name] = listed
+        return {instance_id: list(points) for instance_id, points in listed.items()}
 
     def newest_point(self, instance: Instance) -> RecoveryPoint | None:
         """:meth:`Engine.newest_point`, from this view's listing of the home region."""
@@ -1587,49 +1612,174 @@ class Engine:
     # ------------------------------------------------------------------ status
 
     def status(self) -> list[StatusRow]:
-        """Per instance and region: newest recovery point and the age of its data (RPO),
-        last copy, last restore drill and its RTO, the RPO and RTO objectives and whether
-        each is met, at risk or breached (core/pipeline/objectives.py)."""
+        """Every instance of every region with its protection state, worst first
+        (core/pipeline/protection.py): each region's Compute listed once (paged), each
+        vault once (:meth:`points_view`). Per instance and region: the state and why, the
+        newest recovery point and the age of its data (RPO), last copy, last restore drill
+        and its RTO, the RPO and RTO objectives and whether each is met, at risk or breached
+        (core/pipeline/objectives.py). Rows for regions holding copies (role ``copy``), and
+        for instances gone from their region whose points remain."""
         now = self.clock()
-        rows: list[StatusRow] = []
-        objectives = StatusObjectives(self, now)
+        grace = self.site.config.schedule_interval
+        view = self.points_view()
+        live: dict[str, dict[str, Instance] | None] = {}
+        unlisted: dict[str, str] = {}
         for r in self.site.regions:
             try:
-                repo = self.repository(r.name, create=False)
-            except RepositoryNotFound:
-                continue  # nothing backed up or copied here yet
-            try:
-                points = repo.points()
-            except ObjectNotFound:
-                continue
-            by_instance: dict[str, list[RecoveryPoint]] = {}
-            for p in points:
-                by_instance.setdefault(p.instance_id, []).append(p)
-            for instance_id, pts in sorted(by_instance.items()):
-                # the newest data (by capture, not by arrival: a late copy of an old point)
-                newest, captured = newest_captured(repo, pts) or (pts[-1], pts[-1].created_at)
-                copies = [p for p in pts if p.lineage is not None]
-                drill = self.state.last_drill(r.name, instance_id)
-                rows.append(
-                    StatusRow(
-                        instance_id=instance_id,
-                        instance_name=newest.instance_name,
-                        region=r.name,
-                        role="copy" if copies and len(copies) == len(pts) else "home",
-                        newest_point=newest.id,
-                        newest_at=newest.created_at,
-                        rpo_seconds=(now - captured).total_seconds(),
-                        points=len(pts),
-                        last_copy_at=copies[-1].created_at if copies else None,
-                        newest_issues=newest.issues,
-                        last_drill_at=drill.at if drill else None,
-                        last_drill_rto=drill.rto_seconds if drill else None,
-                        last_drill_healthy=drill.healthy if drill else None,
+                live[r.name] = {i.id: i for i in r.compute.list_instances(page_size=100)}
+            except Exception as exc:  # any provider's error: the points still show
+                log.warning("status: %s: instances not listed: %s", r.name, exc)
+                live[r.name] = None
+                unlisted[r.name] = " ".join(f"{type(exc).__name__}: {exc}".split())
+        objectives = StatusObjectives(self, now, live=live)
+        failures = LedgerFailures(self.ledger, now)
+        order = {r.name: i for i, r in enumerate(self.site.regions)}
+        rows: list[StatusRow] = []
+        try:
+            for r in self.site.regions:
+                try:
+                    held = view.by_instance(r.name)
+                except ObjectNotFound:
+                    held = {}
+                listed = live[r.name] or {}
+                for instance_id in sorted(set(listed) | set(held)):
+                    rows.append(
+                        self._status_row(
+                            r.name,
+                            listed.get(instance_id),
+                            held.get(instance_id, []),
+                            now=now,
+                            grace=grace,
+                            view=view,
+                            live=live,
+                            unlisted=unlisted.get(r.name),
+                            objectives=objectives,
+                            failures=failures,
+                        )
                     )
-                )
-                rows[-1] = objectives.apply(rows[-1], newest, captured)
-        objectives.close()
+        finally:
+            objectives.close()
+            failures.close()
+        rows.sort(
+            key=lambda row: (
+                state_rank(row.state),
+                order.get(row.region, len(order)),
+                row.instance_name,
+                row.instance_id,
+            )
+        )
         return rows
+
+    def _status_row(
+        self,
+        region: str,
+        instance: Instance | None,
+        pts: list[RecoveryPoint],
+        *,
+        now: datetime,
+        grace: timedelta,
+        view: PointsView,
+        live: Mapping[str, Mapping[str, Instance] | None],
+        unlisted: str | None,
+        objectives: StatusObjectives,
+        failures: LedgerFailures,
+    ) -> StatusRow:
+        """One row of :meth:`status`: ``instance`` as ``region`` lists it (None: not
+        listed) and its points there (``pts``, oldest first by arrival)."""
+        cfg = self.site.config
+        home_pts = [p for p in pts if p.lineage is None]
+        copies = [p for p in pts if p.lineage is not None]
+        role = "copy" if instance is None and copies and len(copies) == len(pts) else "home"
+        if instance is not None:
+            judged = judge_home(
+                instance, home_pts, site=cfg, now=now, grace=grace, last_failure=failures
+            )
+        elif role == "copy":
+            judged = self._judge_copies(region, copies, now=now, grace=grace, view=view, live=live)
+        elif unlisted is None:
+            judged = judge_gone(region, pts)
+        else:  # the region's compute did not answer: judged by the tags its points recorded
+            recorded = point_instance(pts[-1])
+            judged = judge_home(
+                recorded, home_pts, site=cfg, now=now, grace=grace, last_failure=failures
+            )
+            judged = Judgement(judged.state, f"{judged.reason} (instances not listed: {unlisted})")
+        if not pts:
+            assert instance is not None
+            return StatusRow(
+                instance_id=instance.id,
+                instance_name=instance.name,
+                region=region,
+                role=role,
+                newest_point=None,
+                newest_at=None,
+                rpo_seconds=None,
+                points=0,
+                state=str(judged.state),
+                state_reason=judged.reason,
+            )
+        repo = self.repository(region, create=False)
+        # the newest data (by capture, not by arrival: a late copy of an old point)
+        newest, captured = newest_captured(repo, pts) or (pts[-1], pts[-1].created_at)
+        drill = self.state.last_drill(region, newest.instance_id)
+        row = StatusRow(
+            instance_id=newest.instance_id,
+            instance_name=instance.name if instance is not None else newest.instance_name,
+            region=region,
+            role=role,
+            newest_point=newest.id,
+            newest_at=newest.created_at,
+            rpo_seconds=(now - captured).total_seconds(),
+            points=len(pts),
+            last_copy_at=copies[-1].created_at if copies else None,
+            newest_issues=newest.issues,
+            last_drill_at=drill.at if drill else None,
+            last_drill_rto=drill.rto_seconds if drill else None,
+            last_drill_healthy=drill.healthy if drill else None,
+            state=str(judged.state),
+            state_reason=judged.reason,
+        )
+        return objectives.apply(row, newest, captured)
+
+    def _judge_copies(
+        self,
+        region: str,
+        copies: list[RecoveryPoint],
+        *,
+        now: datetime,
+        grace: timedelta,
+        view: PointsView,
+        live: Mapping[str, Mapping[str, Instance] | None],
+    ) -> Judgement:
+        """:func:`judge_copies` of an instance ``region`` holds copies of: its home's
+        newest backup from ``view`` (not known when the home cannot be read), its policy
+        from its live tags at home, else the tags its newest copy recorded; ``gone`` when
+        its home lists it no more."""
+        recorded = point_instance(copies[-1])
+        home_listed = live.get(recorded.region)
+        found = home_listed.get(recorded.id) if home_listed is not None else None
+        if home_listed is not None and found is None:
+            return judge_gone(region, copies, home=recorded.region)
+        instance = found if found is not None else recorded
+        try:
+            home_newest = view.newest_point(instance)
+        except Exception as exc:  # the home region's vault: any provider's error
+            log.info("status: %s: newest point not read: %s", recorded.region, exc)
+            home_newest = None
+        try:
+            policy = resolve_policy(instance, self.site.config)
+            opted_out = policy is None
+        except PolicyError:
+            policy, opted_out = None, False
+        return judge_copies(
+            region,
+            copies,
+            home_newest=home_newest,
+            home_policy=policy,
+            opted_out=opted_out,
+            now=now,
+            grace=grace,
+        )
 
 
 def _subject(

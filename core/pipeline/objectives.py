@@ -285,7 +285,7 @@ class StatusObjectives:
     """Judges ``status`` rows against their objectives at ``now``, for one ``status`` call
     (the job ledger, for the last backup job's outcome, is opened once, when first asked)."""
 
-    def __init__(self, engine: Engine, now: datetime) -> None:
+    def __init__(self, engine: Engine, now: datetime, *, live: LiveInstances | None = None) -> None:
         self.engine = engine
         self.now = now
         self._ledger: Any = None
@@ -293,7 +293,7 @@ class StatusObjectives:
         #: per region: since when its drill events were read, and the drills found
         self._drills: dict[str, tuple[datetime, dict[str, DrillRecord]]] = {}
         #: the instances' live tags (:func:`live_instance`), by id
-        self._live: LiveInstances = {}
+        self._live: LiveInstances = {} if live is None else live
 
     def close(self) -> None:
         close = getattr(self._ledger, "close", None)

@@ -154,6 +154,10 @@ class StatusRow:
     drill_interval_seconds: float | None = None
     #: the instance's newest backup job on record failed (judged only with an RPO objective)
     last_backup_failed: bool = False
+    #: the protection state (core/pipeline/protection.py: ``failing``, ``malformed``,
+    #: ``late``, ``due``, ``not_backed_up``, ``gone``, ``opted_out``, ``protected``) and why
+    state: str | None = None
+    state_reason: str | None = None
 
     @property
     def breached(self) -> bool:
@@ -184,4 +188,6 @@ class StatusRow:
             "rto_objective_seconds": self.rto_objective_seconds,
             "rto_state": self.rto_state,
             "last_backup_failed": self.last_backup_failed,
+            "state": self.state,
+            "state_reason": self.state_reason,
         }
