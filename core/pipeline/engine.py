@@ -13,12 +13,13 @@ the data plane's (core/repository) or a module of its own (launch.py, hooks.py).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1366,21 +1367,15 @@ class Engine:
         region holds no repository: there is nothing to re-wrap, and no key is rotated."""
         name = self.region(region).name
         repo = self.repository(name, create=False)
-        try:
+        with self.logged(name, EventAction.ROTATE_KEYS) as done:
             report = repo.rotate_keys(progress)
-        except Exception as exc:
-            self.record_event(name, EventAction.ROTATE_KEYS, None, exc)
-            raise
-        self.record_event(
-            name,
-            EventAction.ROTATE_KEYS,
-            None,
-            old_key=report.old_key_id,
-            new_key=report.new_key_id,
-            generation=report.generation,
-            runs=report.runs,
-            resumed=report.resumed,
-        )
+            done.update(
+                old_key=report.old_key_id,
+                new_key=report.new_key_id,
+                generation=report.generation,
+                runs=report.runs,
+                resumed=report.resumed,
+            )
         return report
 
     def forget(self, region: str, point_ids: Iterable[str]) -> list[str]:
@@ -1403,20 +1398,14 @@ class Engine:
         """Prune ``region``'s repository (:meth:`Repository.prune`; never creates one), and
         record it, or its failure, in the event log."""
         name = self.region(region).name
-        try:
+        with self.logged(name, EventAction.PRUNE) as done:
             report = self.repository(name, create=False).prune(progress=progress)
-        except Exception as exc:
-            self.record_event(name, EventAction.PRUNE, None, exc)
-            raise
-        self.record_event(
-            name,
-            EventAction.PRUNE,
-            None,
-            packs_deleted=report.packs_deleted,
-            packs_rewritten=report.packs_rewritten,
-            bytes_freed=report.bytes_freed,
-            skipped=len(report.skipped),
-        )
+            done.update(
+                packs_deleted=report.packs_deleted,
+                packs_rewritten=report.packs_rewritten,
+                bytes_freed=report.bytes_freed,
+                skipped=len(report.skipped),
+            )
         return report
 
     def verify(
@@ -1492,14 +1481,9 @@ class Engine:
         point = self.find_point(point_id, region)
         repo = self.repository(point.region, create=False)
         detail = {"until": until.isoformat(), "mode": mode.value}
-        try:
+        with self.logged(point.region, EventAction.LOCK, point, **detail) as done:
             report = _locks.lock_point(repo, point.id, until, mode)
-        except Exception as exc:
-            self.record_event(point.region, EventAction.LOCK, point, exc, **detail)
-            raise
-        self.record_event(
-            point.region, EventAction.LOCK, point, objects=len(report.locked), **detail
-        )
+            done["objects"] = len(report.locked)
         return point, report
 
     def hold_point(
@@ -1508,12 +1492,9 @@ class Engine:
         """Place a legal hold on a recovery point, recorded in the region's event log."""
         point = self.find_point(point_id, region)
         repo = self.repository(point.region, create=False)
-        try:
+        with self.logged(point.region, EventAction.HOLD, point) as done:
             report = _locks.hold_point(repo, point.id)
-        except Exception as exc:
-            self.record_event(point.region, EventAction.HOLD, point, exc)
-            raise
-        self.record_event(point.region, EventAction.HOLD, point, objects=len(report.locked))
+            done["objects"] = len(report.locked)
         return point, report
 
     def release_point(
@@ -1523,22 +1504,30 @@ class Engine:
         lock), recorded in the region's event log, refused or not."""
         point = self.find_point(point_id, region)
         repo = self.repository(point.region, create=False)
-        try:
+        bypass = {"bypass_governance": bypass_governance}
+        with self.logged(point.region, EventAction.RELEASE, point, **bypass) as done:
             report = _locks.release_point(repo, point.id, bypass_governance=bypass_governance)
-        except Exception as exc:
-            self.record_event(
-                point.region, EventAction.RELEASE, point, exc, bypass_governance=bypass_governance
-            )
-            raise
-        self.record_event(
-            point.region,
-            EventAction.RELEASE,
-            point,
-            bypass_governance=bypass_governance,
-            released=len(report.released),
-            kept=len(report.kept),
-        )
+            done.update(released=len(report.released), kept=len(report.kept))
         return point, report
+
+    @contextlib.contextmanager
+    def logged(
+        self,
+        region: str,
+        action: str,
+        subject: RecoveryPoint | Instance | tuple[str | None, str | None] | None = None,
+        **detail: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Record the operation the block runs in ``region``'s event log
+        (:meth:`record_event`): its failure, with ``detail``, then raised as it was; or its
+        success, with ``detail`` and what the block put into the dict it is given."""
+        done: dict[str, Any] = {}
+        try:
+            yield done
+        except Exception as exc:
+            self.record_event(region, action, subject, exc, **detail)
+            raise
+        self.record_event(region, action, subject, **detail, **done)
 
     def record_event(
         self,
