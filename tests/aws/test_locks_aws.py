@@ -40,7 +40,9 @@ def _point(aws: AwsWorld, tmp_path: Path, **tags: str) -> tuple[Repository, Reco
 def test_a_policy_lock_lands_as_s3_object_lock(aws: AwsWorld, tmp_path: Path) -> None:
     repo, point = _point(aws, tmp_path, **{"backup": "1-7", "backup-lock": "compliance-1d"})
     vault = repo.vault
-    report = apply_policy_lock(repo, point, lambda i: resolve_operations(i, OperationsConfig()))
+    report = apply_policy_lock(
+        repo, point, lambda i, *, keys=None: resolve_operations(i, OperationsConfig(), keys=keys)
+    )
     assert report is not None and report.locked[-1] == f"points/{point.id}"
 
     s3 = aws.client("s3", EAST)
