@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from cli_support import ok, run
+from clock_support import clear_of_day_end
 from prometheus_client import Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from regionvault.core.pipeline import Engine, Service
@@ -211,6 +212,7 @@ def test_one_shot_commands_carry_their_counters_forward(workdir: Path, instance:
 
 
 def test_a_tick_counts_each_job_once(workdir: Path, instance: str) -> None:
+    clear_of_day_end()  # the second tick must find the first one's daily slot done
     out = workdir / "m"
     tick = json.loads(ok("--metrics-dir", out, "tick", "--json").stdout)
     (copy_job,) = [j for j in tick["jobs"] if j["kind"] == "copy"]
@@ -371,6 +373,7 @@ def test_run_writes_the_textfile_tick_by_tick_without_counting_twice(
     workdir: Path, instance: str
 ) -> None:
     out = workdir / "m"
+    clear_of_day_end()  # the second tick must find the first one's daily slot done
     ok("--metrics-dir", out, "run", "--max-ticks", "2", "--interval", "1s")
     found = textfile(out)
     # written after each tick and at the end: each write adds only what came since the last
