@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import ok, run
+from clock_support import clear_of_day_end
 from regionvault.core.errors import ComputeError
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.drills import (
@@ -531,6 +532,7 @@ def add_cli(name: str, data: Path, *tags: str) -> str:
 
 
 def test_cli_tick_drills_and_status_shows_the_rto(workdir: Path) -> None:
+    clear_of_day_end()  # the second tick must find the first one's daily slot drilled
     nf = add_cli("vcu", workdir / "vcu", "backup=1-7", "backup-drill=1d", "backup-rto=10m")
     report = json.loads(ok("tick", "--json").stdout)
     (drill,) = [j for j in report["jobs"] if j["kind"] == "drill"]
