@@ -287,13 +287,19 @@ def _terminate_drill(engine: Engine, region: str, drill_id: str) -> list[str]:
     return failed
 
 
-def newest_copies(engine: Engine, region: str) -> dict[str, RecoveryPoint]:
-    """Per instance, its copy in ``region`` holding the newest data (by capture time:
-    :func:`~regionvault.core.pipeline.objectives.newest_captured`)."""
+def copies_by_instance(engine: Engine, region: str) -> dict[str, list[RecoveryPoint]]:
+    """Per instance, its copies in ``region``, oldest first by arrival (no manifest read)."""
     by_instance: dict[str, list[RecoveryPoint]] = {}
     for point in engine.points(region):
         if point.lineage is not None:
             by_instance.setdefault(point.instance_id, []).append(point)
+    return by_instance
+
+
+def newest_copies(engine: Engine, region: str) -> dict[str, RecoveryPoint]:
+    """Per instance, its copy in ``region`` holding the newest data (by capture time:
+    :func:`~regionvault.core.pipeline.objectives.newest_captured`)."""
+    by_instance = copies_by_instance(engine, region)
     if not by_instance:
         return {}
     repo = engine.repository(region, create=False)
@@ -330,14 +336,16 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
     except RegionVaultError as exc:
         plan.problems.append(f"{here}: drills: cannot sweep drill instances: {exc}")
     try:
-        newest = newest_copies(engine, here)
+        arrived = copies_by_instance(engine, here)
     except RegionVaultError as exc:
         plan.problems.append(f"{here}: drills: {exc}")
         return plan
     live: LiveInstances = {}
     wanted: list[tuple[str, RecoveryPoint, timedelta, datetime]] = []
-    for instance_id, point in sorted(newest.items()):
-        instance = live_instance(engine, point, live)
+    for instance_id, copies in sorted(arrived.items()):
+        # the interval from the newest arrival's tags (or the live ones): no manifest is
+        # read for an instance that asks no drill
+        instance = live_instance(engine, copies[-1], live)
         if instance is None:
             log.info("%s: %s not drilled: opted out in its home region", here, instance_id)
             continue
@@ -349,6 +357,14 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
             continue
         if interval is None:
             continue
+        try:
+            found = newest_captured(engine.repository(here, create=False), copies)
+        except RegionVaultError as exc:
+            plan.problems.append(f"{here}: drills: {exc}")
+            continue
+        if found is None:
+            continue
+        point = found[0]
         slot = slot_of(now, interval)
         cached = engine.state.last_drill(here, instance_id)
         if (

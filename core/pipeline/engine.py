@@ -1614,8 +1614,11 @@ class Engine:
         live: dict[str, dict[str, Instance] | None] = {}
         unlisted: dict[str, str] = {}
         for r in self.site.regions:
+            # made outside the guard: a region whose Compute cannot even be built (its
+            # provider's SDK missing, bad settings) is the site's error, not an outage
+            compute = r.compute
             try:
-                live[r.name] = {i.id: i for i in r.compute.list_instances(page_size=100)}
+                live[r.name] = {i.id: i for i in compute.list_instances(page_size=100)}
             except Exception as exc:  # any provider's error: the points still show
                 log.warning("status: %s: instances not listed: %s", r.name, exc)
                 live[r.name] = None
