@@ -138,30 +138,30 @@ def backup(state: CliState, instance: str, region: str | None, as_json: bool) ->
     over)."""
     engine = state.engine()
     inst = state.site().find_instance(instance, region=region)
-    with (
-        interruptible("the backup") as interrupted,
-        progress_bar(f"backup {inst.name}") as progress,
-    ):
-        point = engine.backup(inst, progress=progress)
-    manifest = engine.repository(point.region, create=False).load_manifest(point.id)
-    issues = engine.point_issues(point) if point.issues else []
-    if as_json:
-        print_json(
-            {
-                **point_json(point),
-                "stats": dict(manifest.stats),
-                "issues_listed": [issue_json(i) for i in issues],
-            }
-        )
-    done = f"backed up {inst.name} ({inst.id}) in {point.region}: {human_size(point.size)}"
-    if point.issues:
-        done += f"; incomplete: {count_entries(point.issues)} not taken whole"
-    echo_info(done)
-    echo_info(_summary(manifest))
-    if point.issues:
-        warn_issues(issues, point.issues)
-    if not as_json:
-        click.echo(point.id)
+    # the whole body, not only the backup: a Ctrl-C while the committed point's manifest is
+    # read back (a vault read, slow on S3) must still print its id and the state line
+    with interruptible("the backup") as interrupted:
+        with progress_bar(f"backup {inst.name}") as progress:
+            point = engine.backup(inst, progress=progress)
+        manifest = engine.repository(point.region, create=False).load_manifest(point.id)
+        issues = engine.point_issues(point) if point.issues else []
+        if as_json:
+            print_json(
+                {
+                    **point_json(point),
+                    "stats": dict(manifest.stats),
+                    "issues_listed": [issue_json(i) for i in issues],
+                }
+            )
+        done = f"backed up {inst.name} ({inst.id}) in {point.region}: {human_size(point.size)}"
+        if point.issues:
+            done += f"; incomplete: {count_entries(point.issues)} not taken whole"
+        echo_info(done)
+        echo_info(_summary(manifest))
+        if point.issues:
+            warn_issues(issues, point.issues)
+        if not as_json:
+            click.echo(point.id)
     interrupted.exit(f"the backup finished first: point {point.id} is committed")
     if point.issues:
         raise click.exceptions.Exit(EXIT_INCOMPLETE)
