@@ -500,3 +500,20 @@ def test_ctrl_c_during_copy_finishes_the_commit_and_exits_130(
     # the id is still the last line a script reads before the state line
     assert copy.text.splitlines().count(west["id"]) == 1
     _verified(workdir)
+
+
+@pytest.mark.parametrize("command", [["status"], ["points"], ["verify"]])
+def test_ctrl_c_in_any_other_command_exits_130_not_aborted(
+    workdir: Path, small: str, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    from regionvault.core.cli.root import CliState
+
+    def interrupted(self: CliState) -> None:
+        raise KeyboardInterrupt
+
+    # a Ctrl-C while the site loads (what each of them does first)
+    monkeypatch.setattr(CliState, "site", interrupted)
+    result = run(*command)
+    assert result.exit_code == 130, (result.stdout, result.stderr)
+    assert result.stderr.strip() == "regionvault: interrupted"
+    assert "Aborted" not in result.stdout + result.stderr
