@@ -25,7 +25,11 @@ from regionvault.core.cli.output import (
     short_regions,
     warn_issues,
 )
-from regionvault.core.cli.params import points_of, refuse_conflicts
+from regionvault.core.cli.params import (
+    points_of,
+    refuse_ambiguous_instance,
+    refuse_conflicts,
+)
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
 from regionvault.core.errors import RepositoryNotFound
 
@@ -324,6 +328,7 @@ def points(
         except RepositoryNotFound:
             continue  # nothing backed up or copied here yet; and listing creates nothing
         found.extend(points_of(repo.points(), instance))
+    refuse_ambiguous_instance(found, instance)
     if as_json:
         print_json([point_json(p) for p in found])
         return
