@@ -517,3 +517,17 @@ def test_ctrl_c_in_any_other_command_exits_130_not_aborted(
     assert result.exit_code == 130, (result.stdout, result.stderr)
     assert result.stderr.strip() == "regionvault: interrupted"
     assert "Aborted" not in result.stdout + result.stderr
+
+
+def test_sigterm_in_run_says_the_tick_in_progress_finishes_whole_and_it_does(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    daemon = terminal("run", "--interval", "1h", cwd=workdir)
+    assert daemon.read_until("run: backups"), daemon.text
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.text
+    assert "SIGTERM: the tick in progress finishes (all its steps), then run stops" in daemon.text
+    assert "stopped after 1 tick(s)" in daemon.text
+    # not only the backup it was in: the tick's copy ran too (run's stop is not a halt)
+    regions = sorted(p["region"] for p in json.loads(ok("points", "--json").stdout))
+    assert regions == ["local:east", "local:west"], daemon.text

@@ -363,7 +363,11 @@ def run(
 
     def on_signal(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
-        echo_err(f"{_utc_stamp()} regionvault: {name}: stopping after the current step")
+        # run's stop is not the tick's halt: the tick in progress finishes whole
+        echo_err(
+            f"{_utc_stamp()} regionvault: {name}: the tick in progress finishes (all its "
+            "steps), then run stops"
+        )
         stop.set()
 
     log = logging.getLogger("regionvault")
