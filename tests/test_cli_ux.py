@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,11 @@ def test_points_fit_80_columns_with_short_ids_and_human_sizes(
     assert home.split()[1] == "east" and copy.split()[1] == "west"
     assert f"east/{rp[:8]}" in copy  # the source point, short too
     assert "KiB" in home and "200,735" not in term.text
+    # each date whole on its row's line (month-day hour:minute), never split over two
+    for row, point in ((home, rp), (copy, cp)):
+        listed = next(p for p in json.loads(ok("points", "--json").stdout) if p["id"] == point)
+        created = datetime.fromisoformat(listed["created_at"]).strftime("%m-%d %H:%M")
+        assert created in row, term.text
 
     raw = terminal("points", "--bytes", cwd=workdir, columns=80)
     assert raw.wait() == 0, raw.text
@@ -531,3 +537,24 @@ def test_sigterm_in_run_says_the_tick_in_progress_finishes_whole_and_it_does(
     # not only the backup it was in: the tick's copy ran too (run's stop is not a halt)
     regions = sorted(p["region"] for p in json.loads(ok("points", "--json").stdout))
     assert regions == ["local:east", "local:west"], daemon.text
+
+
+def test_status_on_a_terminal_keeps_short_ids_regions_and_dates_on_one_line(
+    workdir: Path, small: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "nf1").stdout.split()[-1]
+    cp = ok("copy", rp, "--to", "west").stdout.split()[-1]
+    term = terminal("status", cwd=workdir, columns=80)
+    assert term.wait() == 0, term.text
+    lines = term.text.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in term.text, term.text
+    rows = {r["region"]: r for r in json.loads(ok("status", "--json").stdout)}
+    copied = datetime.fromisoformat(rows["local:west"]["last_copy_at"]).strftime("%m-%d %H:%M")
+    # each row's region, newest point (short) and last copy whole on the row's first line
+    home = next(line for line in lines if " east " in line and rp[:8] in line)
+    away = next(line for line in lines if " west " in line and cp[:8] in line)
+    assert rp[:12] not in home and copied in away, term.text
+    assert "local:" not in term.text
+    # not on a terminal: tab-separated whole values, for scripts
+    plain = ok("status").stdout.splitlines()
+    assert any("\tlocal:east\t" in line and rp in line for line in plain), plain

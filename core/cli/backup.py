@@ -46,6 +46,8 @@ def _point_rows(
     """The table's rows: ids as their shortest unique prefixes (the source point's among
     the listed ones too) and regions by short name unless ``wide``; sizes in bytes with
     ``raw``."""
+    # without the year (a table is read for the recent past); --wide shows it
+    when = "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M"
     sources = [p.lineage.source_recovery_point for p in found if p.lineage]
     ids = short_ids([*(p.id for p in found), *sources], wide=wide)
     regions = short_regions(
@@ -57,9 +59,9 @@ def _point_rows(
             ids[p.id],
             regions[p.region],
             p.instance_name,
-            p.created_at.strftime("%Y-%m-%d %H:%M"),
+            p.created_at.strftime(when),
             human_age(max(0.0, (now - p.created_at).total_seconds())),
-            p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
+            p.expires_at.strftime(when) if p.expires_at else "never",
             human_size(p.size, raw=raw),
             f"{regions[p.lineage.source_region]}/{ids[p.lineage.source_recovery_point]}"
             if p.lineage
@@ -347,5 +349,7 @@ def points(
         ],
         _point_rows(found, now, wide=wide, raw=raw),
         # whole ids do not fit 80 columns: with --wide they wrap (never cut)
-        keep=() if wide else ["id", "region", "bytes" if raw else "size", "copy of"],
+        keep=()
+        if wide
+        else ["id", "region", "created (UTC)", "expires", "bytes" if raw else "size", "copy of"],
     )

@@ -4,6 +4,7 @@ newest point, RPO, last copy and drill)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from regionvault.core.cli.output import (
     instance_json,
     print_json,
     print_table,
+    short_ids,
+    short_regions,
 )
 from regionvault.core.cli.root import CliState, one_line, pass_state
 from regionvault.core.config import SERVICES
@@ -413,6 +416,13 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
         _status_exit(rows)
         return
 
+    # on a terminal, short ids and region names as points shows them (any command takes
+    # the prefix) and dates without the year: the key columns stay on one line at 80
+    # columns; tab-separated lines for scripts keep whole values
+    tty = sys.stdout.isatty()
+    newest = short_ids((r.newest_point for r in rows if r.newest_point), wide=not tty)
+    short = short_regions((name for name, _ in entries), wide=not tty)
+    when = "%m-%d %H:%M" if tty else "%Y-%m-%d %H:%M"
     print_table(
         [
             "instance",
@@ -430,17 +440,17 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             "RTO obj",
         ],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
+            ["-", short[name], "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
-                r.region,
+                short[r.region],
                 r.role,
                 str(r.points),
                 _STATE_CELLS.get(r.state or "", r.state or "-"),
-                (r.newest_point or "-")[:12],
+                newest[r.newest_point] if r.newest_point else "-",
                 human_age(r.rpo_seconds),
-                r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
+                r.last_copy_at.strftime(when) if r.last_copy_at else "-",
                 "-"
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
@@ -451,6 +461,8 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             ]
             for name, r in entries
         ],
+        tty=tty,
+        keep=["region", "state", "newest", "last copy"],
     )
     _status_exit(rows)
 
