@@ -20,9 +20,10 @@ from regionvault.core.cli.output import (
     warn_issues,
 )
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
-from regionvault.core.errors import RepositoryNotFound
+from regionvault.core.errors import RegionVaultError, RepositoryNotFound
 
 if TYPE_CHECKING:
+    from regionvault.core.pipeline import Engine
     from regionvault.core.repository import Manifest
     from regionvault.core.types import RecoveryPoint
 
@@ -70,27 +71,46 @@ def point_json(p: RecoveryPoint) -> dict[str, Any]:
 
 def _summary(manifest: Manifest) -> str:
     """The backup summary line, from the counters the backup recorded in the manifest:
-    files new / changed / unchanged (a point without a parent has only new ones), bytes
-    added after deduplication (before and after compression) and the dedup ratio (the
-    point's bytes and its tree's over the new bytes it stored)."""
+    files new / changed / unchanged (a point without a parent has only new ones; files left
+    out are counted apart, as not taken), bytes added after deduplication (before and after
+    compression) and the dedup ratio: the bytes the backup read (file data, every read of
+    it; a block image's written extents, so its holes are no dedup) and its tree's records,
+    over the new bytes it stored. A point recorded before ``bytes_read`` was counted uses
+    its size instead."""
     stats = manifest.stats
     size = manifest.point.size
     added = stats.get("bytes_new", 0)
+    read = stats.get("bytes_read", size)
     if manifest.image_size is not None:
         base = stats.get("bytes_from_base", 0)
-        what = f"image: {size:,} bytes, {base:,} taken from the base"
+        what = f"image: {size:,} bytes, {read:,} read, {base:,} taken from the base"
     else:
         files = stats.get("files", 0)
         unchanged = stats.get("files_unchanged", 0)
         changed = stats.get("files_changed", 0)
+        failed = stats.get("files_failed", 0)
         new = max(0, files - unchanged - changed)
         what = f"files: {new:,} new, {changed:,} changed, {unchanged:,} unchanged"
-    # what the backup had to keep (file data and its tree) over what it stored anew
-    ratio = f"{(size + manifest.tree_bytes) / added:,.2f}x" if added else "nothing new stored"
+        if failed:
+            what += f", {failed:,} not taken"
+    # every new byte came from a read or the tree: the ratio is at least 1 (older points,
+    # whose reads were not counted, are held to that too)
+    kept = read + manifest.tree_bytes
+    ratio = f"{max(1.0, kept / added):,.2f}x" if added else "nothing new stored"
     return (
         f"{what}; added {added:,} bytes ({stats.get('bytes_stored', 0):,} stored); "
         f"dedup ratio {ratio}"
     )
+
+
+def _summary_or_warning(engine: Engine, point: RecoveryPoint) -> str | None:
+    """The summary line of ``point`` just committed; None (with a warning) when its
+    manifest cannot be read back: the backup is committed all the same."""
+    try:
+        return _summary(engine.repository(point.region, create=False).load_manifest(point.id))
+    except (RegionVaultError, OSError) as exc:
+        echo_err(f"regionvault: warning: no summary: {exc}")
+        return None
 
 
 # --------------------------------------------------------------------------- commands
@@ -113,15 +133,19 @@ def backup(state: CliState, instance: str, region: str | None) -> None:
     with progress_bar(f"backup {inst.name}") as progress:
         point = engine.backup(inst, progress=progress)
     done = f"backed up {inst.name} ({inst.id}) in {point.region}: {point.size:,} bytes"
-    summary = _summary(engine.repository(point.region, create=False).load_manifest(point.id))
     if not point.issues:
         echo_err(done)
-        echo_err(summary)
+        summary = _summary_or_warning(engine, point)
+        if summary is not None:
+            echo_err(summary)
         click.echo(point.id)
         return
     echo_err(f"{done}; incomplete: {count_entries(point.issues)} not taken whole")
-    echo_err(summary)
     warn_issues(engine.point_issues(point), point.issues)
+    # last: the warnings follow the line that says the point is incomplete
+    summary = _summary_or_warning(engine, point)
+    if summary is not None:
+        echo_err(summary)
     click.echo(point.id)
     raise click.exceptions.Exit(EXIT_INCOMPLETE)
 

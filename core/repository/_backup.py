@@ -146,6 +146,7 @@ class _Record:
     in; complete once its reader closed it and every batch of its spans is done."""
 
     __slots__ = (
+        "changed",
         "closed",
         "draining",
         "entry",
@@ -179,6 +180,8 @@ class _Record:
         #: the file changed too recently before its last read began to vouch for it (a
         #: write within the same clock tick would not show): recorded with no change token
         self.unsettled = False
+        #: the parent point held the path (the file counts as changed, not new)
+        self.changed = False
 
 
 class _HardLink(NamedTuple):
@@ -497,6 +500,7 @@ class BackupRun:
                         self._ship(cutter.block, record, spans)
                     with self._cond:
                         self.bytes_done += n
+                        self.stats["bytes_read"] += n
                     if end:
                         break
         except OSError as exc:  # the source file's own read (nothing else here does I/O)
@@ -543,6 +547,13 @@ class BackupRun:
                 self._cond.wait(_POLL)
             self.failure.check()
 
+    def _not_taken(self, record: _Record) -> None:
+        """Count a file left out of the tree as failed, not among the files taken."""
+        self.stats["files"] -= 1
+        self.stats["files_failed"] += 1
+        if record.changed:
+            self.stats["files_changed"] -= 1
+
     @staticmethod
     def _leave_out(record: _Record, entry: FileEntry, kind: IssueKind, reason: str) -> None:
         record.taken = False
@@ -551,6 +562,9 @@ class BackupRun:
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
         self._started_ns = time.time_ns()
+        # the summary's counters: the bytes of every read (a discarded one too: its new
+        # chunks are stored), and the files left out (not counted among files)
+        self.stats.update(bytes_read=0, files_failed=0)
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -624,6 +638,7 @@ class BackupRun:
                 if not record.taken:
                     assert record.issue is not None
                     self._left_out[entry.path] = record.issue
+                    self._not_taken(record)
                     self.files_done += 1
                     continue
                 assert record.entry is not None
@@ -635,6 +650,7 @@ class BackupRun:
                     issue = CaptureIssue(entry.path, IssueKind.UNREADABLE, problem)
                     self.issues.append(issue)
                     self._left_out[entry.path] = issue
+                    self._not_taken(record)
                     self.files_done += 1
                     continue
                 if entry.identity is not None and record.issue is None:
@@ -697,9 +713,10 @@ class BackupRun:
                         if entry.identity is not None:  # the parent's bytes, as walked
                             self._taken.add(path, FileKind.FILE, entry.identity)
                     else:
+                        record = _Record()
                         if before is not None:  # the parent had this path: changed, not new
                             self.stats["files_changed"] += 1
-                        record = _Record()
+                            record.changed = True
                         self._files_q.put((entry, record))
                         pending.append((entry, path, record))
                 drain(_MAX_PENDING)
