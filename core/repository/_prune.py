@@ -84,10 +84,13 @@ class PrunePlan:
 def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
     """Decide which packs a prune keeps, rewrites and deletes; reads only."""
     now = datetime.now(UTC)
+    # the manifests before the index: a backup commits its packs, then its index, then its
+    # manifest, so every point listed here has its chunks in the index read next, even
+    # when the plan is made without a lock (a dry run) while backups commit
+    manifests, _ = load_manifests(store)
     state = store.load_index(keep_blobs=True)
     index = state.index
     blobs_of = index.pack_blobs or {}
-    manifests, _ = load_manifests(store)
     used: set[bytes] = set()
     workers = store.settings.worker_count()
     with ThreadPoolExecutor(max_workers=workers + 1) as pool:
