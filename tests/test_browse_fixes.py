@@ -18,8 +18,10 @@ from regionvault.core.cli.browse import _long_line, shown_name
 from regionvault.core.repository import Repository, TreeEntry, _prune
 from regionvault.core.repository._store import Store
 from regionvault.core.types import FileKind
+from repository_support import repo_for
 from test_block_images import DisksCapture, KiB
 from test_golden_vaults import GOLDEN, open_golden, rv
+from test_honest_capture import READ_STEP, HookedCapture, settle
 
 #: a character that drives a terminal or splits a line, with how it must be shown
 HOSTILE = {
@@ -221,6 +223,32 @@ def test_summary_ratio_is_at_least_one_and_counts_reads(workdir: Path) -> None:
     line = next(x for x in ok("backup", "nf1").stderr.splitlines() if x.startswith("files:"))
     assert line.startswith("files: 2 new, 0 changed, 0 unchanged;"), line
     assert 1.9 < _ratio(line) < 2.1, line
+
+
+def test_a_file_read_again_counts_once_in_the_summary(east: Any, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    log = src / "nf.log"
+    log.write_bytes(os.urandom(1 << 20))
+    settle()
+    cap = HookedCapture(src)
+
+    def append(opened: int, offset: int) -> None:
+        if opened == 1 and offset == READ_STEP:  # the first read sees it grow: read again
+            with log.open("ab") as f:
+                f.write(b"one more line\n")
+
+    cap.after_read["nf.log"] = append
+    repo = repo_for(east)
+    point = repo.backup(cap)
+    assert cap.opens["nf.log"] >= 2 and point.issues == 0  # (3: once more, once settled)
+    manifest = repo.load_manifest(point.id)
+    line = _summary(manifest)
+    assert line.startswith("files: 1 new, 0 changed, 0 unchanged;"), line
+    # random data read twice is stored about once: no ratio of 2 (the second read counted
+    # as dedup), none below 1 (the first read's chunks counted as stored for nothing)
+    assert manifest.stats["bytes_read"] == (1 << 20) + len(b"one more line\n")
+    assert 1.0 <= _ratio(line) < 1.05, line
 
 
 # --------------------------------------------------------------------------- find

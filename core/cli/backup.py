@@ -73,10 +73,10 @@ def _summary(manifest: Manifest) -> str:
     """The backup summary line, from the counters the backup recorded in the manifest:
     files new / changed / unchanged (a point without a parent has only new ones; files left
     out are counted apart, as not taken), bytes added after deduplication (before and after
-    compression) and the dedup ratio: the bytes the backup read (file data, every read of
-    it; a block image's written extents, so its holes are no dedup) and its tree's records,
-    over the new bytes it stored. A point recorded before ``bytes_read`` was counted uses
-    its size instead."""
+    compression) and the dedup ratio: the bytes the backup read (file data, a file read
+    again once, its last read; a block image's written extents, so its holes are no dedup)
+    and its tree's records, over the new bytes they needed stored. A point recorded before
+    ``bytes_read`` was counted uses its size instead."""
     stats = manifest.stats
     size = manifest.point.size
     added = stats.get("bytes_new", 0)
@@ -94,9 +94,11 @@ def _summary(manifest: Manifest) -> str:
         if failed:
             what += f", {failed:,} not taken"
     # every new byte came from a read or the tree: the ratio is at least 1 (older points,
-    # whose reads were not counted, are held to that too)
+    # whose reads were not counted, are held to that too). A file read again counts once:
+    # its last read, and the new bytes of that read alone
     kept = read + manifest.tree_bytes
-    ratio = f"{max(1.0, kept / added):,.2f}x" if added else "nothing new stored"
+    needed = added - stats.get("bytes_discarded", 0)
+    ratio = f"{max(1.0, kept / needed):,.2f}x" if needed > 0 else "nothing new stored"
     return (
         f"{what}; added {added:,} bytes ({stats.get('bytes_stored', 0):,} stored); "
         f"dedup ratio {ratio}"

@@ -150,6 +150,7 @@ class _Record:
         "closed",
         "draining",
         "entry",
+        "fresh",
         "ids",
         "incompressible",
         "issue",
@@ -182,6 +183,9 @@ class _Record:
         self.unsettled = False
         #: the parent point held the path (the file counts as changed, not new)
         self.changed = False
+        #: the new chunks (id, bytes) the current read stored or took back from an abandoned
+        #: read (for the summary's counters)
+        self.fresh: list[tuple[bytes, int]] = []
 
 
 class _HardLink(NamedTuple):
@@ -247,6 +251,9 @@ class BackupRun:
         #: the files read as another entry than the one walked (few: replaced or changed
         #: as they were read); a hard link to one is read on its own
         self._reread: set[str] = set()
+        #: new chunks stored by reads since abandoned, that no kept read has used yet: id
+        #: -> bytes (few: only files read again have any)
+        self._orphans: dict[bytes, int] = {}
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -539,6 +546,12 @@ class BackupRun:
                 if not record.left:
                     record.draining = False
                     self.bytes_done -= record.size
+                    # the summary counts a file read again once: only its last read
+                    self.stats["bytes_read"] -= record.size
+                    for chunk_id, n in record.fresh:
+                        self._orphans[chunk_id] = n
+                        self.stats["bytes_discarded"] += n
+                    record.fresh = []
                     record.ids = []
                     record.size = 0
                     record.incompressible = False
@@ -546,6 +559,16 @@ class BackupRun:
                 record.draining = True
                 self._cond.wait(_POLL)
             self.failure.check()
+
+    def _reclaim(self, record: _Record, unknown: list[tuple[bytes, int, int]]) -> None:
+        """Count the new chunks of an abandoned read that ``record``'s read uses as its
+        own (a file read again mostly finds the chunks of its first read). Under
+        ``_cond``."""
+        for chunk_id, _, _ in unknown:
+            n = self._orphans.pop(chunk_id, None)
+            if n is not None:
+                self.stats["bytes_discarded"] -= n
+                record.fresh.append((chunk_id, n))
 
     def _not_taken(self, record: _Record) -> None:
         """Count a file left out of the tree as failed, not among the files taken."""
@@ -562,9 +585,10 @@ class BackupRun:
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
         self._started_ns = time.time_ns()
-        # the summary's counters: the bytes of every read (a discarded one too: its new
-        # chunks are stored), and the files left out (not counted among files)
-        self.stats.update(bytes_read=0, files_failed=0)
+        # the summary's counters: the bytes of the reads kept (a file read again counts
+        # once), the new bytes of the reads abandoned (stored all the same, and in
+        # bytes_new), and the files left out (not counted among files)
+        self.stats.update(bytes_read=0, bytes_discarded=0, files_failed=0)
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -1013,6 +1037,9 @@ class BackupRun:
                     fresh = [item for item in unknown if new.add(item[0])]
                     self.stats["chunks_new"] += len(fresh)
                     self.stats["bytes_new"] += sum(n for _, _, n in fresh)
+                    record.fresh.extend((c, n) for c, _, n in fresh)
+                    if self._orphans and len(fresh) < len(unknown):
+                        self._reclaim(record, unknown)
                 if fresh:
                     self.writer.add_many(
                         [
