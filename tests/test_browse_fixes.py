@@ -306,3 +306,45 @@ def test_find_json_streams_its_matches(workdir: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(browse, "_find_in", find_in)
     assert len(json.loads(ok("find", "f", "--json").stdout)) == 2
     assert reads == [0, 1]  # the first match was out before the second was found
+
+
+# --------------------------------------------------------------------------- forget
+
+
+def test_forget_takes_several_points_all_or_none(workdir: Path) -> None:
+    data = workdir / "d"
+    data.mkdir()
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    ids = []
+    for i in range(3):
+        (data / "f").write_bytes(b"v" * (i + 1))
+        ids.append(ok("backup", "nf1").stdout.splitlines()[-1])
+    copy = ok("copy", ids[0], "--to", "west").stdout.splitlines()[-1]
+
+    def listed() -> set[str]:
+        return {p["id"] for p in json.loads(ok("points", "--json").stdout)}
+
+    everything = listed()
+    ok("lock", ids[2], "--for", "1d")
+    # one of them locked: none goes, and the refusal names it
+    refused = run("forget", ids[0], copy, ids[2])
+    assert refused.exit_code == 1
+    assert f"point {ids[2]} in local:east cannot be forgotten" in refused.stderr
+    assert "(nor the 2 other(s) named)" in refused.stderr
+    assert listed() == everything
+    dry = run("forget", "-n", ids[0], ids[2])
+    assert dry.exit_code == 1 and "would not be forgotten" in dry.stderr
+    # across two regions, a prefix and a repeat: each forgotten once
+    said = ok("forget", "-n", "--json", ids[0][:8], copy, ids[0])
+    assert json.loads(said.stdout) == [
+        {"would_forget": ids[0], "region": "local:east", "dry_run": True},
+        {"would_forget": copy, "region": "local:west", "dry_run": True},
+    ]
+    assert listed() == everything
+    done = ok("forget", ids[0][:8], copy, ids[0])
+    assert done.stdout == f"forgot {ids[0]} in local:east\nforgot {copy} in local:west\n"
+    assert listed() == everything - {ids[0], copy}
+    one = json.loads(ok("forget", "--json", ids[1]).stdout)  # one POINT: one object
+    assert one == {"forgotten": ids[1], "region": "local:east"}
+    usage = run("forget")
+    assert usage.exit_code == 2
