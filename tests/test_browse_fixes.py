@@ -348,3 +348,23 @@ def test_forget_takes_several_points_all_or_none(workdir: Path) -> None:
     assert one == {"forgotten": ids[1], "region": "local:east"}
     usage = run("forget")
     assert usage.exit_code == 2
+
+
+def test_ls_and_find_take_paths_with_a_leading_slash_or_dot(workdir: Path) -> None:
+    data = workdir / "d"
+    (data / "etc").mkdir(parents=True)
+    (data / "etc" / "nf.conf").write_bytes(b"c")
+    (data / "nf.conf").write_bytes(b"top")
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    point = ok("backup", "nf1").stdout.splitlines()[-1]
+    listing = ok("ls", point, "etc").stdout
+    assert listing.rstrip().endswith("etc/nf.conf")
+    for path in ("/etc", "./etc", "./etc/", "/./etc", "././etc"):
+        assert ok("ls", point, path).stdout == listing, path
+    whole = ok("find", "etc/*").stdout
+    assert whole.rstrip().endswith("etc/nf.conf") and len(whole.splitlines()) == 1
+    assert ok("find", "/etc/*").stdout == ok("find", "./etc/*").stdout == whole
+    # a leading / keeps the pattern a whole path: only the top-level nf.conf
+    top = ok("find", "/nf.conf").stdout.splitlines()
+    assert len(top) == 1 and top[0].endswith("  nf.conf")
+    assert len(ok("find", "nf.conf").stdout.splitlines()) == 2  # a name: both

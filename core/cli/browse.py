@@ -299,11 +299,15 @@ def ls(
 # --------------------------------------------------------------------------- find
 
 
-def _matches(pattern: str, path: str) -> bool:
-    """A pattern with a ``/`` matches the whole path (``*`` crosses ``/``); without one, it
-    matches the entry's own name, as ``find -name`` does."""
-    subject = path if "/" in pattern else path.rsplit("/", 1)[-1]
-    return fnmatch.fnmatchcase(subject, pattern)
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    """A pattern with a ``/`` matches the whole path (``*`` crosses ``/``), taken as a
+    point's paths read: relative, so ``/etc/*`` and ``./etc/*`` are ``etc/*``; without
+    one, it matches the entry's own name, as ``find -name`` does."""
+    if "/" not in pattern:
+        return lambda path: fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+    while pattern.startswith(("/", "./")):
+        pattern = pattern[1:] if pattern[0] == "/" else pattern[2:]
+    return lambda path: fnmatch.fnmatchcase(path, pattern)
 
 
 @click.command()
@@ -340,7 +344,7 @@ def find(
     points.sort(key=lambda pr: (pr[0].created_at, pr[0].id), reverse=True)
     hits = [0]
     with _piped():
-        matches = _find_in(points, pattern, hits)
+        matches = _find_in(points, _matcher(pattern), hits)
         if as_json:
             _print_json_list(_match_json(point, entry) for point, entry in matches)
         else:
@@ -362,7 +366,9 @@ def _match_json(point: RecoveryPoint, entry: TreeEntry) -> dict[str, Any]:
 
 
 def _find_in(
-    points: list[tuple[RecoveryPoint, Repository, Reader]], pattern: str, hits: list[int]
+    points: list[tuple[RecoveryPoint, Repository, Reader]],
+    matches: Callable[[str], bool],
+    hits: list[int],
 ) -> Iterator[tuple[RecoveryPoint, TreeEntry]]:
     """The matches, streamed point by point (``hits[0]`` counts them)."""
     from regionvault.core.repository import TreeEntry
@@ -372,7 +378,7 @@ def _find_in(
         if manifest.image_size is not None:
             continue  # a block image has no paths
         for entry in read(manifest):
-            if isinstance(entry, TreeEntry) and _matches(pattern, entry.path):
+            if isinstance(entry, TreeEntry) and matches(entry.path):
                 hits[0] += 1
                 yield point, entry
 

@@ -63,6 +63,16 @@ def _file_entries(repo: Repository, manifest: Manifest) -> Iterator[TreeEntry]:
         yield entry
 
 
+def _relative(path: str) -> str:
+    """``path`` as the point records it: no leading ``/`` or ``./`` (``/etc``, ``./etc``
+    and ``etc`` are one path: a point's paths are relative to what was captured), no
+    trailing ``/``; ``.`` and ``/`` are the top level (``""``)."""
+    path = path.strip("/")
+    while path == "." or path.startswith("./"):
+        path = path[2:].lstrip("/")
+    return path
+
+
 def list_entries(
     repo: Repository, manifest: Manifest, path: str | None = None, *, recursive: bool = False
 ) -> Iterator[TreeEntry]:
@@ -72,9 +82,7 @@ def list_entries(
     once the tree is read: a directory recorded without entries lists nothing)."""
     prefix = ""
     if path is not None:
-        path = path.strip("/")
-        if path == ".":
-            path = ""  # the point's top level, as ``ls .`` is the directory itself
+        path = _relative(path)
         if path:
             problem = path_problem(path)
             if problem is not None:
