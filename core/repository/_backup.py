@@ -254,6 +254,8 @@ class BackupRun:
         #: new chunks stored by reads since abandoned, that no kept read has used yet: id
         #: -> bytes (few: only files read again have any)
         self._orphans: dict[bytes, int] = {}
+        #: reads can be abandoned (a file capture): records keep their new chunks' ids
+        self._rereads = False
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -589,6 +591,7 @@ class BackupRun:
         # once), the new bytes of the reads abandoned (stored all the same, and in
         # bytes_new), and the files left out (not counted among files)
         self.stats.update(bytes_read=0, bytes_discarded=0, files_failed=0)
+        self._rereads = True
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -1037,7 +1040,8 @@ class BackupRun:
                     fresh = [item for item in unknown if new.add(item[0])]
                     self.stats["chunks_new"] += len(fresh)
                     self.stats["bytes_new"] += sum(n for _, _, n in fresh)
-                    record.fresh.extend((c, n) for c, _, n in fresh)
+                    if self._rereads:  # a file capture: a read can be abandoned
+                        record.fresh.extend((c, n) for c, _, n in fresh)
                     if self._orphans and len(fresh) < len(unknown):
                         self._reclaim(record, unknown)
                 if fresh:
