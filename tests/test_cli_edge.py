@@ -393,3 +393,22 @@ def test_an_ambiguous_prefix_lists_the_points_it_matches(site: Site, tmp_path: P
     assert all(p[:12] in line for p in points) and line.endswith("give more characters")
     with pytest.raises(RegionVaultError, match=r"no recovery point 'ffffffffff' in local:east$"):
         engine.find_point("ffffffffff", "local:east")
+
+
+def test_jobs_lists_the_ledgers_history_with_how_long_each_took(
+    lab: Path, site_toml: Path, rv: Script
+) -> None:
+    add(rv, lab, "nf")
+    assert rv("tick").returncode == 0
+    history = json.loads(rv("jobs", "--json").stdout)
+    kinds = {j["kind"] for j in history}
+    assert {"tag", "backup", "copy", "retention"} <= kinds, kinds
+    assert all(j["outcome"] for j in history)
+    assert json.loads(rv("jobs", "-n", "2", "--json").stdout) == history[:2]
+    assert json.loads(rv("status", "--jobs", "2", "--json").stdout) == history[:2]
+    table = rv("jobs")
+    assert table.returncode == 0 and "Traceback" not in table.stderr
+    (backup,) = [line for line in table.stdout.splitlines() if "\tbackup\t" in line]
+    took = backup.split("\t")[4]
+    assert took != "-" and took[0].isdigit(), backup
+    assert rv("jobs", "-n", "0").returncode == 2

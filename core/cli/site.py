@@ -15,6 +15,7 @@ from regionvault.core.cli.output import (
     echo_err,
     format_tags,
     human_age,
+    human_duration,
     instance_json,
     print_json,
     print_table,
@@ -526,14 +527,21 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
     if as_json:
         print_json([o.to_dict() for o in outcomes])
         return
+
+    def took(o: Any) -> str:
+        if o.started_at is None or o.finished_at is None:
+            return "-"
+        return human_duration((o.finished_at - o.started_at).total_seconds())
+
     print_table(
-        ["finished", "outcome", "kind", "region", "runner", "attempts", "key"],
+        ["finished", "outcome", "kind", "region", "took", "runner", "attempts", "key"],
         [
             [
                 o.finished_at.strftime("%Y-%m-%d %H:%M:%S") if o.finished_at else "-",
                 o.outcome,
                 o.kind,
                 o.region or "-",
+                took(o),
                 o.runner or "-",
                 str(o.attempts),
                 o.key,
@@ -541,6 +549,25 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
             for o in outcomes
         ],
     )
+
+
+@click.command("jobs")
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many of the newest finished jobs.",
+)
+@json_option
+@pass_state
+def jobs(state: CliState, limit: int, as_json: bool) -> None:
+    """The job history: the newest finished jobs of the site's job ledger (the shared one of
+    its [executor], so any machine of the site sees every region's), newest first: when each
+    finished, its outcome, kind, region, how long it took, where it ran, its attempts and its
+    key. The same as ``status --jobs N``."""
+    _job_history(state, limit, as_json)
 
 
 def _empty_status(region: str) -> dict[str, Any]:
