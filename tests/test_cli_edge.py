@@ -253,6 +253,45 @@ def test_points_takes_an_instance_name(lab: Path, site_toml: Path, rv: Script) -
         assert [p["id"] for p in listed] == [point]
 
 
+def test_a_hint_names_no_option_the_command_lacks(lab: Path, site_toml: Path, rv: Script) -> None:
+    add(rv, lab, "nf")
+    point = ok(rv("backup", "nf"))
+    ok(rv("backup", add(rv, lab, "other", region="west")))  # west has a repository
+    # copy names the source region with --from, not --region: the hint names the region only
+    wrong = one_line_error(rv("copy", point[:8], "--from", "west", "--to", "east"))
+    assert "--region" not in wrong, wrong
+    assert (
+        f"no recovery point {point[:8]!r} in local:west: this is a point of local:east, and "
+        "local:west holds no copy of it (name local:east as its region, or copy it to "
+        "local:west first)"
+    ) in wrong
+
+
+def test_points_refuses_a_name_of_several_instances_as_backup_does(
+    lab: Path, site_toml: Path, rv: Script
+) -> None:
+    east = add(rv, lab, "nf")
+    data = lab / "west-nf-data"
+    data.mkdir()
+    (data / "state").write_text("west's nf\n")
+    west = ok(rv("instances", "add", "-r", "west", "-n", "nf", "--data", data))
+    east_point = ok(rv("backup", east))
+    ok(rv("copy", east_point, "--to", "west"))
+    west_point = ok(rv("backup", west))
+    refused = one_line_error(rv("backup", "nf"))
+    assert "'nf' matches 2 instances" in refused
+    # west holds points of both nf (its own, and the copy of east's): refused there too
+    for where in ([], ["--region", "west"]):
+        listed = one_line_error(rv("points", "--instance", "nf", *where))
+        assert "'nf' matches 2 instances" in listed and "give the id" in listed
+        assert east in listed and west in listed
+    # one instance's points by its id; a name of one instance among the listed points
+    by_id = json.loads(ok_out(rv("points", "--instance", west, "--json")))
+    assert [p["id"] for p in by_id] == [west_point]
+    in_east = json.loads(ok_out(rv("points", "--instance", "nf", "--region", "east", "--json")))
+    assert [p["id"] for p in in_east] == [east_point]
+
+
 def test_shell_completion_of_commands_regions_instances_and_points(
     lab: Path, site_toml: Path, rv: Script
 ) -> None:
@@ -354,3 +393,22 @@ def test_an_ambiguous_prefix_lists_the_points_it_matches(site: Site, tmp_path: P
     assert all(p[:12] in line for p in points) and line.endswith("give more characters")
     with pytest.raises(RegionVaultError, match=r"no recovery point 'ffffffffff' in local:east$"):
         engine.find_point("ffffffffff", "local:east")
+
+
+def test_jobs_lists_the_ledgers_history_with_how_long_each_took(
+    lab: Path, site_toml: Path, rv: Script
+) -> None:
+    add(rv, lab, "nf")
+    assert rv("tick").returncode == 0
+    history = json.loads(rv("jobs", "--json").stdout)
+    kinds = {j["kind"] for j in history}
+    assert {"tag", "backup", "copy", "retention"} <= kinds, kinds
+    assert all(j["outcome"] for j in history)
+    assert json.loads(rv("jobs", "-n", "2", "--json").stdout) == history[:2]
+    assert json.loads(rv("status", "--jobs", "2", "--json").stdout) == history[:2]
+    table = rv("jobs")
+    assert table.returncode == 0 and "Traceback" not in table.stderr
+    (backup,) = [line for line in table.stdout.splitlines() if "\tbackup\t" in line]
+    took = backup.split("\t")[4]
+    assert took != "-" and took[0].isdigit(), backup
+    assert rv("jobs", "-n", "0").returncode == 2

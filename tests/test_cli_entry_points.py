@@ -30,6 +30,7 @@ BUILT_IN = {
     "regions": "regionvault.core.cli.site:regions",
     "instances": "regionvault.core.cli.site:instances",
     "status": "regionvault.core.cli.site:status",
+    "jobs": "regionvault.core.cli.site:jobs",
     "backup": "regionvault.core.cli.backup:backup",
     "restore": "regionvault.core.cli.backup:restore",
     "points": "regionvault.core.cli.backup:points",

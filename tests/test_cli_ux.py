@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,13 @@ class Terminal:
     """The console script with standard input, output and error on one pseudo-terminal
     (what a person at a shell has). ``read_until`` and ``wait`` are bounded."""
 
-    def __init__(self, *args: str, cwd: Path, columns: int = 100) -> None:
+    def __init__(
+        self, *args: str, cwd: Path, columns: int = 100, program: list[str] | None = None
+    ) -> None:
         master, slave = pty.openpty()
         self.master = master
         self.proc = subprocess.Popen(
-            [str(CONSOLE_SCRIPT), *args],
+            [*(program or [str(CONSOLE_SCRIPT)]), *args],
             cwd=cwd,
             env=_env(COLUMNS=str(columns), TERM="xterm"),
             stdin=slave,
@@ -108,8 +111,10 @@ def terminal() -> Iterator[MakeTerminal]:
     """Makes :class:`Terminal` s, and kills any still running when the test ends."""
     made: list[Terminal] = []
 
-    def make(*args: str, cwd: Path, columns: int = 100) -> Terminal:
-        made.append(Terminal(*args, cwd=cwd, columns=columns))
+    def make(
+        *args: str, cwd: Path, columns: int = 100, program: list[str] | None = None
+    ) -> Terminal:
+        made.append(Terminal(*args, cwd=cwd, columns=columns, program=program))
         return made[-1]
 
     yield make
@@ -160,8 +165,29 @@ def test_one_duration_scheme() -> None:
 def test_human_sizes_and_raw_bytes() -> None:
     assert human_size(0) == "0 B" and human_size(1023) == "1023 B"
     assert human_size(1536) == "1.5 KiB" and human_size(3_000_000) == "2.86 MiB"
-    assert human_size(5 << 40) == "5 TiB"
+    assert human_size(5 << 40) == "5.0 TiB"
     assert human_size(3_000_000, raw=True) == "3000000"
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (int(9.996 * 1024), "10 KiB"),  # rounds to 10: no "10.0"
+        (int(999.4 * 1024), "999 KiB"),
+        (int(999.6 * 1024), "0.976 MiB"),  # was "1e+03 KiB"
+        (1023576, "0.976 MiB"),
+        ((1 << 20) - 100, "1.0 MiB"),  # 1023.9 KiB: was "1024 KiB"
+        (1 << 20, "1.0 MiB"),
+        (1048261427, "0.976 GiB"),  # was "1e+03 MiB"
+        ((1 << 40) - 1, "1.0 TiB"),
+        (2000 << 40, "2000 TiB"),  # the last unit grows, in whole units
+    ],
+)
+def test_human_size_at_the_unit_boundaries(size: int, shown: str) -> None:
+    assert human_size(size) == shown
+    assert "e+" not in human_size(size)
 
 
 def test_short_ids_are_unique_prefixes_of_at_least_eight() -> None:
@@ -204,6 +230,11 @@ def test_points_fit_80_columns_with_short_ids_and_human_sizes(
     assert home.split()[1] == "east" and copy.split()[1] == "west"
     assert f"east/{rp[:8]}" in copy  # the source point, short too
     assert "KiB" in home and "200,735" not in term.text
+    # each date whole on its row's line (month-day hour:minute), never split over two
+    for row, point in ((home, rp), (copy, cp)):
+        listed = next(p for p in json.loads(ok("points", "--json").stdout) if p["id"] == point)
+        created = datetime.fromisoformat(listed["created_at"]).strftime("%m-%d %H:%M")
+        assert created in row, term.text
 
     raw = terminal("points", "--bytes", cwd=workdir, columns=80)
     assert raw.wait() == 0, raw.text
@@ -348,8 +379,13 @@ def test_a_second_ctrl_c_exits_at_once_and_the_next_tick_finishes(
     tick.proc.send_signal(signal.SIGINT)
     assert tick.wait(timeout=30) == 130, tick.text
     assert "interrupted again: exiting now" in tick.text and "Traceback" not in tick.text
-    # it did not wait for the backup's commit: nothing was committed
-    assert json.loads(ok("points", "--json").stdout) == []
+    # the progress display hid the cursor; the exit at once shows it again
+    raw = tick.raw.decode("utf-8", "replace")
+    assert "\x1b[?25l" in raw and raw.rindex("\x1b[?25h") > raw.rindex("\x1b[?25l"), raw
+    # it did not wait for the backup's commit (under load the backup may still have
+    # committed before the second Ctrl-C arrived: never more than that one point, and
+    # nothing torn, which the next tick and the verify below show)
+    assert len(json.loads(ok("points", "--json").stdout)) <= 1
 
     # the next tick takes the lock the exit left (its process is gone), does the backup
     # and the copy, and every vault verifies
@@ -373,6 +409,91 @@ def test_ctrl_c_during_backup_finishes_the_commit_and_exits_130(
     _verified(workdir)
 
 
+def test_the_stopped_state_names_each_job_by_its_kind() -> None:
+    from datetime import UTC, datetime
+
+    from regionvault.core.cli.tick import _stopped_state
+    from regionvault.core.pipeline.jobs import JobOutcome, JobStatus
+    from regionvault.core.pipeline.reports import TickReport
+
+    done = JobStatus.DONE
+    report = TickReport(at=datetime.now(UTC), notes=["stopped before retention: 2 job(s) not run"])
+    report.jobs += [
+        JobOutcome("b", "backup", "local:east", done, result={"point": "b" * 32}),
+        # a drill's result names the copy it drilled, and commits nothing
+        JobOutcome("d", "drill", "local:west", done, result={"point": "d" * 32, "launched": "i-9"}),
+        # a receipt records a copy another region's tick made
+        JobOutcome(
+            "r", "copy-receipt", "local:east", done, result={"copy": "r" * 32, "recorded": True}
+        ),
+        JobOutcome(
+            "x", "copy-receipt", "local:east", done, result={"copy": None, "recorded": False}
+        ),
+        JobOutcome(
+            "c", "copy-commit", "local:west", done, result={"copy": "c" * 32, "existing": False}
+        ),
+        JobOutcome("e", "copy", "local:west", done, result={"copy": "e" * 32, "existing": True}),
+        # the request phase may name the copy already there: not a commit either
+        JobOutcome("q", "copy-request", "local:west", done, result={"existing": "q" * 32}),
+    ]
+    state = _stopped_state(report)
+    assert state == (
+        f"committed backup {'b' * 32}, copy {'c' * 32}; "
+        f"done drill of {'d' * 32}, receipt of copy {'r' * 32}; "
+        "not run: retention: 2 job(s) not run (the next tick runs them)"
+    )
+    assert "backup " + "d" * 32 not in state and "q" * 32 not in state and "e" * 32 not in state
+
+
+# the CLI with a slow vault read after the backup's commit (what S3 latency looks like): the
+# manifest's read back waits, bounded, until the test creates the file RELEASE names
+_SLOW_READ = """
+import os, sys, time
+from regionvault.core.pipeline import engine
+from regionvault.core.repository import repository
+committed = []
+backup = engine.Engine.backup
+def slow_backup(self, *a, **k):
+    point = backup(self, *a, **k)
+    committed.append(point)
+    return point
+engine.Engine.backup = slow_backup
+load = repository.Repository.load_manifest
+def slow_load(self, *a, **k):
+    if committed:
+        sys.stderr.write("SLOW READ\\n")
+        sys.stderr.flush()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return load(self, *a, **k)
+repository.Repository.load_manifest = slow_load
+from regionvault.core.cli import main
+sys.argv[0] = "regionvault"
+main()
+"""
+
+
+def test_ctrl_c_after_the_backups_commit_still_prints_its_id_and_exits_130(
+    workdir: Path, big: str, terminal: MakeTerminal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = workdir / "slow_read.py"
+    script.write_text(_SLOW_READ)
+    release = workdir / "release"
+    monkeypatch.setenv("RELEASE", str(release))
+    backup = terminal("backup", "big", cwd=workdir, program=[sys.executable, str(script)])
+    assert backup.read_until("SLOW READ"), backup.text  # committed; its manifest is read back
+    backup.proc.send_signal(signal.SIGINT)
+    assert backup.read_until("stops at its next safe point", timeout=30), backup.text
+    release.touch()
+    assert backup.wait() == 130, backup.text
+    (point,) = json.loads(ok("points", "--json").stdout)
+    lines = backup.text.splitlines()
+    assert point["id"] in lines, backup.text  # the id alone on its line, as without Ctrl-C
+    assert f"the backup finished first: point {point['id']} is committed" in backup.text
+    assert "Aborted" not in backup.text
+
+
 def test_ctrl_c_during_copy_finishes_the_commit_and_exits_130(
     workdir: Path, big: str, terminal: MakeTerminal
 ) -> None:
@@ -387,3 +508,55 @@ def test_ctrl_c_during_copy_finishes_the_commit_and_exits_130(
     # the id is still the last line a script reads before the state line
     assert copy.text.splitlines().count(west["id"]) == 1
     _verified(workdir)
+
+
+@pytest.mark.parametrize("command", [["status"], ["points"], ["verify"]])
+def test_ctrl_c_in_any_other_command_exits_130_not_aborted(
+    workdir: Path, small: str, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    from regionvault.core.cli.root import CliState
+
+    def interrupted(self: CliState) -> None:
+        raise KeyboardInterrupt
+
+    # a Ctrl-C while the site loads (what each of them does first)
+    monkeypatch.setattr(CliState, "site", interrupted)
+    result = run(*command)
+    assert result.exit_code == 130, (result.stdout, result.stderr)
+    assert result.stderr.strip() == "regionvault: interrupted"
+    assert "Aborted" not in result.stdout + result.stderr
+
+
+def test_sigterm_in_run_says_the_tick_in_progress_finishes_whole_and_it_does(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    daemon = terminal("run", "--interval", "1h", cwd=workdir)
+    assert daemon.read_until("run: backups"), daemon.text
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.text
+    assert "SIGTERM: the tick in progress finishes (all its steps), then run stops" in daemon.text
+    assert "stopped after 1 tick(s)" in daemon.text
+    # not only the backup it was in: the tick's copy ran too (run's stop is not a halt)
+    regions = sorted(p["region"] for p in json.loads(ok("points", "--json").stdout))
+    assert regions == ["local:east", "local:west"], daemon.text
+
+
+def test_status_on_a_terminal_keeps_short_ids_regions_and_dates_on_one_line(
+    workdir: Path, small: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "nf1").stdout.split()[-1]
+    cp = ok("copy", rp, "--to", "west").stdout.split()[-1]
+    term = terminal("status", cwd=workdir, columns=80)
+    assert term.wait() == 0, term.text
+    lines = term.text.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in term.text, term.text
+    rows = {r["region"]: r for r in json.loads(ok("status", "--json").stdout)}
+    copied = datetime.fromisoformat(rows["local:west"]["last_copy_at"]).strftime("%m-%d %H:%M")
+    # each row's region, newest point (short) and last copy whole on the row's first line
+    home = next(line for line in lines if " east " in line and rp[:8] in line)
+    away = next(line for line in lines if " west " in line and cp[:8] in line)
+    assert rp[:12] not in home and copied in away, term.text
+    assert "local:" not in term.text
+    # not on a terminal: tab-separated whole values, for scripts
+    plain = ok("status").stdout.splitlines()
+    assert any("\tlocal:east\t" in line and rp in line for line in plain), plain

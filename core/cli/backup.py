@@ -25,11 +25,16 @@ from regionvault.core.cli.output import (
     short_regions,
     warn_issues,
 )
-from regionvault.core.cli.params import points_of, refuse_conflicts
+from regionvault.core.cli.params import (
+    points_of,
+    refuse_ambiguous_instance,
+    refuse_conflicts,
+)
 from regionvault.core.cli.root import EXIT_INCOMPLETE, CliState, ExpectedError, pass_state
-from regionvault.core.errors import RepositoryNotFound
+from regionvault.core.errors import RegionVaultError, RepositoryNotFound
 
 if TYPE_CHECKING:
+    from regionvault.core.pipeline import Engine
     from regionvault.core.repository import Manifest
     from regionvault.core.types import RecoveryPoint
 
@@ -42,6 +47,8 @@ def _point_rows(
     """The table's rows: ids as their shortest unique prefixes (the source point's among
     the listed ones too) and regions by short name unless ``wide``; sizes in bytes with
     ``raw``."""
+    # without the year (a table is read for the recent past); --wide shows it
+    when = "%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M"
     sources = [p.lineage.source_recovery_point for p in found if p.lineage]
     ids = short_ids([*(p.id for p in found), *sources], wide=wide)
     regions = short_regions(
@@ -53,9 +60,9 @@ def _point_rows(
             ids[p.id],
             regions[p.region],
             p.instance_name,
-            p.created_at.strftime("%Y-%m-%d %H:%M"),
+            p.created_at.strftime(when),
             human_age(max(0.0, (now - p.created_at).total_seconds())),
-            p.expires_at.strftime("%Y-%m-%d %H:%M") if p.expires_at else "never",
+            p.expires_at.strftime(when) if p.expires_at else "never",
             human_size(p.size, raw=raw),
             f"{regions[p.lineage.source_region]}/{ids[p.lineage.source_recovery_point]}"
             if p.lineage
@@ -93,27 +100,48 @@ def point_json(p: RecoveryPoint) -> dict[str, Any]:
 
 def _summary(manifest: Manifest) -> str:
     """The backup summary line, from the counters the backup recorded in the manifest:
-    files new / changed / unchanged (a point without a parent has only new ones), bytes
-    added after deduplication (before and after compression) and the dedup ratio (the
-    point's bytes and its tree's over the new bytes it stored)."""
+    files new / changed / unchanged (a point without a parent has only new ones; files left
+    out are counted apart, as not taken), bytes added after deduplication (before and after
+    compression) and the dedup ratio: the bytes the backup read (file data, a file read
+    again once, its last read; a block image's written extents, so its holes are no dedup)
+    and its tree's records, over the new bytes they needed stored. A point recorded before
+    ``bytes_read`` was counted uses its size instead."""
     stats = manifest.stats
     size = manifest.point.size
     added = stats.get("bytes_new", 0)
+    read = stats.get("bytes_read", size)
     if manifest.image_size is not None:
         base = stats.get("bytes_from_base", 0)
-        what = f"image: {size:,} bytes, {base:,} taken from the base"
+        what = f"image: {size:,} bytes, {read:,} read, {base:,} taken from the base"
     else:
         files = stats.get("files", 0)
         unchanged = stats.get("files_unchanged", 0)
         changed = stats.get("files_changed", 0)
+        failed = stats.get("files_failed", 0)
         new = max(0, files - unchanged - changed)
         what = f"files: {new:,} new, {changed:,} changed, {unchanged:,} unchanged"
-    # what the backup had to keep (file data and its tree) over what it stored anew
-    ratio = f"{(size + manifest.tree_bytes) / added:,.2f}x" if added else "nothing new stored"
+        if failed:
+            what += f", {failed:,} not taken"
+    # every new byte came from a read or the tree: the ratio is at least 1 (older points,
+    # whose reads were not counted, are held to that too). A file read again counts once:
+    # its last read, and the new bytes of that read alone
+    kept = read + manifest.tree_bytes
+    needed = added - stats.get("bytes_discarded", 0)
+    ratio = f"{max(1.0, kept / needed):,.2f}x" if needed > 0 else "nothing new stored"
     return (
         f"{what}; added {added:,} bytes ({stats.get('bytes_stored', 0):,} stored); "
         f"dedup ratio {ratio}"
     )
+
+
+def _manifest_or_warning(engine: Engine, point: RecoveryPoint) -> Manifest | None:
+    """The manifest of ``point`` just committed, for its summary line; None (with a warning)
+    when it cannot be read back: the backup is committed all the same."""
+    try:
+        return engine.repository(point.region, create=False).load_manifest(point.id)
+    except (RegionVaultError, OSError) as exc:
+        echo_err(f"regionvault: warning: no summary: {exc}")
+        return None
 
 
 # --------------------------------------------------------------------------- commands
@@ -138,30 +166,33 @@ def backup(state: CliState, instance: str, region: str | None, as_json: bool) ->
     over)."""
     engine = state.engine()
     inst = state.site().find_instance(instance, region=region)
-    with (
-        interruptible("the backup") as interrupted,
-        progress_bar(f"backup {inst.name}") as progress,
-    ):
-        point = engine.backup(inst, progress=progress)
-    manifest = engine.repository(point.region, create=False).load_manifest(point.id)
-    issues = engine.point_issues(point) if point.issues else []
-    if as_json:
-        print_json(
-            {
-                **point_json(point),
-                "stats": dict(manifest.stats),
-                "issues_listed": [issue_json(i) for i in issues],
-            }
-        )
-    done = f"backed up {inst.name} ({inst.id}) in {point.region}: {human_size(point.size)}"
-    if point.issues:
-        done += f"; incomplete: {count_entries(point.issues)} not taken whole"
-    echo_info(done)
-    echo_info(_summary(manifest))
-    if point.issues:
-        warn_issues(issues, point.issues)
-    if not as_json:
-        click.echo(point.id)
+    # the whole body, not only the backup: a Ctrl-C while the committed point's manifest is
+    # read back (a vault read, slow on S3) must still print its id and the state line
+    with interruptible("the backup") as interrupted:
+        with progress_bar(f"backup {inst.name}") as progress:
+            point = engine.backup(inst, progress=progress)
+        manifest = _manifest_or_warning(engine, point)
+        issues = engine.point_issues(point) if point.issues else []
+        if as_json:
+            print_json(
+                {
+                    **point_json(point),
+                    "stats": dict(manifest.stats) if manifest is not None else None,
+                    "issues_listed": [issue_json(i) for i in issues],
+                }
+            )
+        done = f"backed up {inst.name} ({inst.id}) in {point.region}: {human_size(point.size)}"
+        if point.issues:
+            done += f"; incomplete: {count_entries(point.issues)} not taken whole"
+        echo_info(done)
+        if point.issues:
+            warn_issues(issues, point.issues)
+        if manifest is not None:
+            # last on standard error: the warnings follow the line that says the point is
+            # incomplete
+            echo_info(_summary(manifest))
+        if not as_json:
+            click.echo(point.id)
     interrupted.exit(f"the backup finished first: point {point.id} is committed")
     if point.issues:
         raise click.exceptions.Exit(EXIT_INCOMPLETE)
@@ -324,6 +355,7 @@ def points(
         except RepositoryNotFound:
             continue  # nothing backed up or copied here yet; and listing creates nothing
         found.extend(points_of(repo.points(), instance))
+    refuse_ambiguous_instance(found, instance)
     if as_json:
         print_json([point_json(p) for p in found])
         return
@@ -342,5 +374,7 @@ def points(
         ],
         _point_rows(found, now, wide=wide, raw=raw),
         # whole ids do not fit 80 columns: with --wide they wrap (never cut)
-        keep=() if wide else ["id", "region", "bytes" if raw else "size", "copy of"],
+        keep=()
+        if wide
+        else ["id", "region", "created (UTC)", "expires", "bytes" if raw else "size", "copy of"],
     )

@@ -2,9 +2,10 @@
 entries, long listing), ``find`` (paths matching a glob across points, newest first),
 ``diff`` (what changed between two points) and ``retain`` (forget what retention would, or
 with ``--dry-run`` say what). POINT is an id or a unique prefix of at least 6 characters,
-as everywhere. Names are shown as ``ls -b`` shows them: bytes that are not UTF-8 as
-``\\xNN``, control characters and backslashes escaped; in ``--json`` each name is also given
-exactly, as the base64 of its bytes (``path_b64``, ``target_b64``, ``link_b64``)."""
+as everywhere. Names are shown escaped (:func:`shown_name`): bytes that are not UTF-8 as
+``\\xNN``, control, invisible and bidi characters and backslashes escaped; in ``--json``
+each name is also given exactly, as the base64 of its bytes (``path_b64``, ``target_b64``,
+``link_b64``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import signal
 import stat
 import sys
 import textwrap
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,16 @@ from regionvault.core.types import FileKind
 
 if TYPE_CHECKING:
     from regionvault.core.pipeline import Engine
-    from regionvault.core.repository import EntryChange, Manifest, Repository, TreeEntry
+    from regionvault.core.repository import (
+        EntryChange,
+        Extent,
+        Manifest,
+        Repository,
+        TreeEntry,
+    )
     from regionvault.core.types import RecoveryPoint
+
+    Reader = Callable[[Manifest], Iterator[TreeEntry | Extent]]
 
 __all__ = ["diff", "entry_json", "find", "ls", "retain", "shown_name"]
 
@@ -60,9 +69,18 @@ def _raw(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
+#: characters that reorder or hide text around them without being controls: bidi
+#: embeddings, overrides and isolates, and the marks (a name can look like another)
+_BIDI = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
 def shown_name(name: str) -> str:
     """``name`` as one unambiguous printable line: a byte that is not UTF-8 as ``\\xNN``,
-    ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` escaped, other control characters as ``\\xNN``."""
+    ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` escaped, other C0 controls and DEL as ``\\xNN``
+    (their byte), and every other character that is not printable (C1 controls such as
+    U+009B, an 8-bit CSI, and U+0085; U+2028, U+2029; format characters) or that reorders
+    the text around it (bidi controls such as U+202E) as ``\\uNNNN``: a name can neither
+    drive the terminal, end the line nor reorder what follows it. A space stays a space."""
     out = []
     for ch in name:
         code = ord(ch)
@@ -78,6 +96,8 @@ def shown_name(name: str) -> str:
             out.append("\\r")
         elif code < 0x20 or code == 0x7F:
             out.append(f"\\x{code:02x}")
+        elif code in _BIDI or not (ch.isprintable() or ch == " "):
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
         else:
             out.append(ch)
     return "".join(out)
@@ -103,7 +123,9 @@ def _mode_text(entry: TreeEntry) -> str:
 def _owner(entry: TreeEntry) -> str:
     user = entry.user if entry.user is not None else entry.uid
     group = entry.group if entry.group is not None else entry.gid
-    return f"{'-' if user is None else user}/{'-' if group is None else group}"
+    user_text = "-" if user is None else shown_name(str(user))
+    group_text = "-" if group is None else shown_name(str(group))
+    return f"{user_text}/{group_text}"
 
 
 def _time(mtime_ns: int) -> datetime:
@@ -180,8 +202,14 @@ LATEST = "latest"
 
 
 def _point(engine: Engine, ref: str, region: str | None, instance: str | None) -> RecoveryPoint:
-    """The point ``ref`` names: an id or unique prefix, or ``latest``: the newest point of
-    ``instance`` (name or id as the points recorded it), in ``region`` or in any."""
+    """The point ``ref`` names: an id or unique prefix, or ``latest``: the point of
+    ``instance`` (name or id as the points recorded it) holding the newest data, in
+    ``region`` or in any. The newest data is the latest capture (a copy's is its source's,
+    ``taken_at``), not the latest arrival: a copy of an old point made today is old data.
+    When a copy holds the same capture as its source, the source (in the instance's home
+    region) is the one named."""
+    from regionvault.core.pipeline.objectives import newest_captured
+
     if ref != LATEST:
         if instance is not None:
             raise click.UsageError("--instance goes with POINT 'latest' only")
@@ -189,21 +217,24 @@ def _point(engine: Engine, ref: str, region: str | None, instance: str | None) -
     if instance is None:
         raise click.UsageError("POINT 'latest' needs --instance NAME|ID")
     site = engine.site
-    newest: RecoveryPoint | None = None
+    best: tuple[datetime, bool, datetime, RecoveryPoint] | None = None
     for r in [site.region(region)] if region else site.regions:
         try:
-            points = engine.repository(r.name, create=False).points()
+            repo = engine.repository(r.name, create=False)
+            points = [p for p in repo.points() if instance in (p.instance_id, p.instance_name)]
         except RepositoryNotFound:
             continue
-        for p in points:
-            if instance in (p.instance_id, p.instance_name) and (
-                newest is None or (p.created_at, p.id) > (newest.created_at, newest.id)
-            ):
-                newest = p
-    if newest is None:
+        found = newest_captured(repo, points)  # points are oldest (by arrival) first
+        if found is None:
+            continue
+        p, taken = found
+        key = (taken, p.lineage is None, p.created_at, p)
+        if best is None or key[:3] > best[:3]:
+            best = key
+    if best is None:
         where = f" in {site.region(region).name}" if region else ""
         raise ExpectedError(f"instance {instance!r} has no recovery point{where}")
-    return newest
+    return best[3]
 
 
 def _open(found: RecoveryPoint, engine: Engine) -> tuple[Repository, Manifest]:
@@ -268,11 +299,15 @@ def ls(
 # --------------------------------------------------------------------------- find
 
 
-def _matches(pattern: str, path: str) -> bool:
-    """A pattern with a ``/`` matches the whole path (``*`` crosses ``/``); without one, it
-    matches the entry's own name, as ``find -name`` does."""
-    subject = path if "/" in pattern else path.rsplit("/", 1)[-1]
-    return fnmatch.fnmatchcase(subject, pattern)
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    """A pattern with a ``/`` matches the whole path (``*`` crosses ``/``), taken as a
+    point's paths read: relative, so ``/etc/*`` and ``./etc/*`` are ``etc/*``; without
+    one, it matches the entry's own name, as ``find -name`` does."""
+    if "/" not in pattern:
+        return lambda path: fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+    while pattern.startswith(("/", "./")):
+        pattern = pattern[1:] if pattern[0] == "/" else pattern[2:]
+    return lambda path: fnmatch.fnmatchcase(path, pattern)
 
 
 @click.command()
@@ -289,63 +324,63 @@ def find(
     """Find entries whose name (or, for a PATTERN with a /, whole path) matches the glob
     PATTERN, in every file-tree point (newest first): point id, its time (UTC) and the
     path. Exits 1 when nothing matches."""
+    from regionvault.core.repository import tree_reader
+
     engine = state.engine()
     site = state.site()
     regions = [site.region(region)] if region else site.regions
-    points: list[tuple[RecoveryPoint, Repository]] = []
+    points: list[tuple[RecoveryPoint, Repository, Reader]] = []
     for r in regions:
         try:
             repo = engine.repository(r.name, create=False)
         except RepositoryNotFound:
             continue
+        read = tree_reader(repo)  # one index load for all of this region's points
         points.extend(
-            (p, repo)
+            (p, repo, read)
             for p in repo.points()
             if instance is None or instance in (p.instance_id, p.instance_name)
         )
     points.sort(key=lambda pr: (pr[0].created_at, pr[0].id), reverse=True)
-    found: list[dict[str, Any]] = []
+    hits = [0]
     with _piped():
-        hits = _find_in(points, pattern, found, as_json)
+        matches = _find_in(points, _matcher(pattern), hits)
         if as_json:
-            print_json(found)
-    if not hits:
+            _print_json_list(_match_json(point, entry) for point, entry in matches)
+        else:
+            for point, entry in matches:
+                when = point.created_at.strftime("%Y-%m-%d %H:%M:%S")
+                click.echo(f"{point.id[:8]}  {when}  {point.region}  {shown_name(entry.path)}")
+    if not hits[0]:
         raise ExpectedError(f"no entry matches {pattern!r} in {len(points)} point(s)")
 
 
+def _match_json(point: RecoveryPoint, entry: TreeEntry) -> dict[str, Any]:
+    return {
+        "point": point.id,
+        "region": point.region,
+        "instance_name": point.instance_name,
+        "created_at": point.created_at.isoformat(),
+        **entry_json(entry),
+    }
+
+
 def _find_in(
-    points: list[tuple[RecoveryPoint, Repository]],
-    pattern: str,
-    found: list[dict[str, Any]],
-    as_json: bool,
-) -> int:
-    """Print (or, with ``as_json``, collect into ``found``) the matches; their number."""
+    points: list[tuple[RecoveryPoint, Repository, Reader]],
+    matches: Callable[[str], bool],
+    hits: list[int],
+) -> Iterator[tuple[RecoveryPoint, TreeEntry]]:
+    """The matches, streamed point by point (``hits[0]`` counts them)."""
     from regionvault.core.repository import TreeEntry
 
-    hits = 0
-    for point, repo in points:
+    for point, repo, read in points:
         manifest = repo.load_manifest(point.id)
         if manifest.image_size is not None:
             continue  # a block image has no paths
-        for entry in repo.entries(manifest):
-            if not isinstance(entry, TreeEntry) or not _matches(pattern, entry.path):
-                continue
-            path = entry.path
-            hits += 1
-            if as_json:
-                found.append(
-                    {
-                        "point": point.id,
-                        "region": point.region,
-                        "instance_name": point.instance_name,
-                        "created_at": point.created_at.isoformat(),
-                        **entry_json(entry),
-                    }
-                )
-            else:
-                when = point.created_at.strftime("%Y-%m-%d %H:%M:%S")
-                click.echo(f"{point.id[:8]}  {when}  {point.region}  {shown_name(path)}")
-    return hits
+        for entry in read(manifest):
+            if isinstance(entry, TreeEntry) and matches(entry.path):
+                hits[0] += 1
+                yield point, entry
 
 
 # --------------------------------------------------------------------------- diff
@@ -361,7 +396,7 @@ def _change_json(change: EntryChange) -> dict[str, Any]:
     }
 
 
-_MARK = {"added": "+", "removed": "-", "changed": "M"}
+_MARK = {"added": "+", "removed": "-", "changed": "M", "unknown": "?"}
 
 
 @click.command()
@@ -381,15 +416,25 @@ def diff(
 ) -> None:
     """What changed from point OLD to point NEW of the same region: ``+`` added, ``-``
     removed, ``M`` changed (and what: size, mode, mtime, content, target, link, owner,
-    device, xattrs). Content is compared by chunk ids, reading no file data. NEW (or OLD)
-    'latest' with --instance NAME|ID is that instance's newest point."""
+    device, xattrs), ``?`` content unknown. Content is compared by chunk ids, reading no
+    file data: a copy's ids differ from a native point's for the same bytes, so there
+    they say 'content unknown'. NEW (or OLD) 'latest' with --instance NAME|ID is that
+    instance's point with the newest data, in the other point's region unless told."""
     from regionvault.core.repository import diff_trees
 
     if instance is not None and LATEST not in (old, new):
         raise click.UsageError("--instance goes with POINT 'latest' only")
     engine = state.engine()
-    a = _point(engine, old, region, instance if old == LATEST else None)
-    b = _point(engine, new, region, instance if new == LATEST else None)
+    # 'latest' beside a named point is looked for in that point's region, unless told
+    if old == LATEST and new != LATEST:
+        b = _point(engine, new, region, None)
+        a = _point(engine, old, region or b.region, instance)
+    else:
+        a = _point(engine, old, region, instance if old == LATEST else None)
+        if new == LATEST:
+            b = _point(engine, new, region or a.region, instance)
+        else:
+            b = _point(engine, new, region, None)
     if a.region != b.region:
         raise ExpectedError(
             f"points {a.id[:8]} ({a.region}) and {b.id[:8]} ({b.region}) are in different "
@@ -412,7 +457,11 @@ def diff(
             counts[c.change] += 1
             what = f"  ({', '.join(c.what)})" if c.what else ""
             click.echo(f"{_MARK[c.change]}  {shown_name(c.path)}{what}")
-    echo_err(f"{counts['added']} added, {counts['removed']} removed, {counts['changed']} changed")
+    unknown = f", {counts['unknown']} content unknown" if counts["unknown"] else ""
+    echo_err(
+        f"{counts['added']} added, {counts['removed']} removed, {counts['changed']} changed"
+        + unknown
+    )
 
 
 # --------------------------------------------------------------------------- retain

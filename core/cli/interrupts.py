@@ -56,6 +56,10 @@ def interruptible(doing: str, interrupted: Interrupted | None = None) -> Iterato
         if interrupted.requested.is_set():
             sys.stderr.write("\nregionvault: interrupted again: exiting now\n")
             sys.stderr.flush()
+            # os._exit skips rich's Live stop: show the cursor a progress display hid (on
+            # the descriptor itself: a Live's sys.stderr proxy says no tty and strips codes)
+            if os.isatty(2):
+                os.write(2, b"\x1b[?25h")
             os._exit(EXIT_INTERRUPTED)
         interrupted.requested.set()
         sys.stderr.write(

@@ -167,46 +167,63 @@ def release(
 
 
 @click.command()
-@click.argument("point")
+@click.argument("points", metavar="POINT...", nargs=-1, required=True)
 @_REGION
 @click.option(
     "--dry-run",
     "-n",
     is_flag=True,
-    help="Say whether POINT would be forgotten (or refused, and why); change nothing.",
+    help="Say whether the points would be forgotten (or refused, and why); change nothing.",
 )
 @json_option
 @pass_state
-def forget(state: CliState, point: str, region: str | None, dry_run: bool, as_json: bool) -> None:
-    """Forget recovery point POINT (its data goes at the next prune). Refused while a WORM
-    lock or legal hold protects it. With --dry-run, say so and change nothing (exit 1 when
-    it would be refused, as the real run would)."""
+def forget(
+    state: CliState, points: tuple[str, ...], region: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Forget recovery points POINT... (their data goes at the next prune): all or none.
+    Refused, forgetting none, while a WORM lock or legal hold protects any of them. With
+    --dry-run, say so and change nothing (exit 1 when it would be refused, as the real run
+    would)."""
     from regionvault.core.errors import RetentionLocked
-
-    engine = state.engine()
-    found = engine.find_point(point, region)
-    if dry_run:
-        _forget_dry_run(engine.repository(found.region, create=False), found, as_json)
-        return
-    try:
-        engine.forget(found.region, [found.id])
-    except RetentionLocked as exc:
-        raise ExpectedError(
-            f"point {found.id} in {found.region} cannot be forgotten: {exc.reason}"
-        ) from None
-    if as_json:
-        print_json({"forgotten": found.id, "region": found.region})
-    else:
-        click.echo(f"forgot {found.id} in {found.region}")
-
-
-def _forget_dry_run(repo: Repository, point: RecoveryPoint, as_json: bool) -> None:
     from regionvault.core.repository import forget_refusal
 
-    refusal = forget_refusal(repo, point.id)
-    if refusal is not None:
-        raise ExpectedError(f"point {point.id} in {point.region} would not be forgotten: {refusal}")
+    engine = state.engine()
+    found: dict[str, RecoveryPoint] = {}
+    for ref in points:
+        p = engine.find_point(ref, region)
+        found.setdefault(p.id, p)  # a point named twice is forgotten once
+    chosen = list(found.values())
+    by_region: dict[str, list[RecoveryPoint]] = {}
+    for p in chosen:
+        by_region.setdefault(p.region, []).append(p)
+    # all or none: every refusal is known before anything is deleted (Engine.forget is all
+    # or none within a region, and checks again)
+    for name, group in by_region.items():
+        repo = engine.repository(name, create=False)
+        for p in group:
+            refusal = forget_refusal(repo, p.id)
+            if refusal is not None:
+                verb = "would not be forgotten" if dry_run else "cannot be forgotten"
+                rest = f" (nor the {len(chosen) - 1} other(s) named)" if len(chosen) > 1 else ""
+                raise ExpectedError(f"point {p.id} in {p.region} {verb}: {refusal}{rest}")
+    if not dry_run:
+        for name, group in by_region.items():
+            try:
+                engine.forget(name, [p.id for p in group])
+            except RetentionLocked as exc:  # protected since it was checked
+                raise ExpectedError(
+                    f"points {', '.join(p.id[:8] for p in group)} in {name} cannot be "
+                    f"forgotten: {exc.reason}"
+                ) from None
+    key = "would_forget" if dry_run else "forgotten"
+    rows = [
+        {key: p.id, "region": p.region, **({"dry_run": True} if dry_run else {})} for p in chosen
+    ]
     if as_json:
-        print_json({"would_forget": point.id, "region": point.region, "dry_run": True})
-    else:
-        click.echo(f"would forget {point.id} in {point.region} (dry run: nothing changed)")
+        print_json(rows[0] if len(points) == 1 else rows)
+        return
+    for p in chosen:
+        if dry_run:
+            click.echo(f"would forget {p.id} in {p.region} (dry run: nothing changed)")
+        else:
+            click.echo(f"forgot {p.id} in {p.region}")

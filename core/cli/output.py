@@ -192,18 +192,26 @@ def human_age(seconds: float | None) -> str:
 
 
 def human_size(size: int, *, raw: bool = False) -> str:
-    """``1.5 MiB`` (binary units, 3 significant digits); the byte count itself with ``raw``
-    (``--bytes``)."""
+    """``1.5 MiB`` (binary units, 3 significant digits, at least one decimal under 10:
+    ``1.0 MiB``); the byte count itself with ``raw`` (``--bytes``). A value that rounds to
+    1000 or more of a unit is shown in the next one (``0.977 MiB``, never ``1e+03 KiB`` nor
+    ``1024 KiB``); only TiB grows past it, in whole units."""
     if raw:
         return str(size)
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
     value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
+    n = 0
+    while n < len(units) - 1 and (abs(value) >= 1024 or (n and float(f"{value:.3g}") >= 1000)):
         value /= 1024
-    if unit == "B":
+        n += 1
+    if n == 0:
         return f"{size} B"
-    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    if abs(value) >= 1000:  # TiB only
+        return f"{value:.0f} {units[n]}"
+    text = f"{value:.3g}"
+    if "." not in text and abs(float(text)) < 10:
+        text += ".0"
+    return f"{text} {units[n]}"
 
 
 #: the shortest prefix :func:`short_ids` gives

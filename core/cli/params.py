@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from click.shell_completion import CompletionItem
-from regionvault.core.errors import ConfigError, RegionVaultError
+from regionvault.core.errors import AmbiguousName, ConfigError, RegionVaultError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -33,6 +33,7 @@ __all__ = [
     "attach_site_types",
     "known_regions",
     "points_of",
+    "refuse_ambiguous_instance",
     "refuse_conflicts",
 ]
 
@@ -235,3 +236,24 @@ def points_of(points: Iterable[RecoveryPoint], instance: str | None) -> list[Rec
     """The points of ``instance`` (its id or its name, as the points recorded them, so an
     instance since terminated or removed is still found), or all of them."""
     return [p for p in points if instance is None or instance in (p.instance_id, p.instance_name)]
+
+
+def refuse_ambiguous_instance(points: Iterable[RecoveryPoint], instance: str | None) -> None:
+    """:class:`AmbiguousName` when ``instance`` is no point's instance id but the name of
+    several instances among ``points`` (one name in two regions: a copy keeps its source's
+    instance), listing their ids, as ``backup NAME`` refuses it: never a silent merge."""
+    if instance is None:
+        return
+    points = list(points)
+    if any(p.instance_id == instance for p in points):
+        return
+    named: dict[str, set[str]] = {}
+    for p in points:
+        if p.instance_name == instance:
+            named.setdefault(p.instance_id, set()).add(p.region)
+    if len(named) > 1:
+        listed = ", ".join(
+            f"{ident} (points in {', '.join(sorted(regions))})"
+            for ident, regions in sorted(named.items())
+        )
+        raise AmbiguousName(f"{instance!r} matches {len(named)} instances: {listed}; give the id")

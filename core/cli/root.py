@@ -23,6 +23,7 @@ from regionvault.core.cli.entrypoints import (
     find_command_sources,
     shadowed_message,
 )
+from regionvault.core.cli.interrupts import EXIT_INTERRUPTED
 from regionvault.core.cli.params import attach_site_types
 from regionvault.core.config import find_site_file
 from regionvault.core.errors import RegionVaultError
@@ -168,6 +169,12 @@ class RegionVaultGroup(click.Group):
         except Exception as exc:
             _command_failed(ctx, exc)  # a bug: still a failed command in the metrics
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C outside a command's own handling (restore, verify, status, a site's
+            # load): 130 as shells expect, not click's "Aborted!" and 1; every vault is
+            # made to survive a stop at any point (docs/format.md)
+            click.echo("\nregionvault: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 # --------------------------------------------------------------------------- global options

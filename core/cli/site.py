@@ -4,6 +4,7 @@ newest point, RPO, last copy and drill)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,9 +15,12 @@ from regionvault.core.cli.output import (
     echo_err,
     format_tags,
     human_age,
+    human_duration,
     instance_json,
     print_json,
     print_table,
+    short_ids,
+    short_regions,
 )
 from regionvault.core.cli.root import CliState, one_line, pass_state
 from regionvault.core.config import SERVICES
@@ -413,6 +417,13 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
         _status_exit(rows)
         return
 
+    # on a terminal, short ids and region names as points shows them (any command takes
+    # the prefix) and dates without the year: the key columns stay on one line at 80
+    # columns; tab-separated lines for scripts keep whole values
+    tty = sys.stdout.isatty()
+    newest = short_ids((r.newest_point for r in rows if r.newest_point), wide=not tty)
+    short = short_regions((name for name, _ in entries), wide=not tty)
+    when = "%m-%d %H:%M" if tty else "%Y-%m-%d %H:%M"
     print_table(
         [
             "instance",
@@ -430,17 +441,17 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             "RTO obj",
         ],
         [
-            ["-", name, "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
+            ["-", short[name], "-", "0", "-", "-", "-", "-", "-", "-", "no instances", "-", "-"]
             if r is None
             else [
                 f"{r.instance_name} ({r.instance_id})",
-                r.region,
+                short[r.region],
                 r.role,
                 str(r.points),
                 _STATE_CELLS.get(r.state or "", r.state or "-"),
-                (r.newest_point or "-")[:12],
+                newest[r.newest_point] if r.newest_point else "-",
                 human_age(r.rpo_seconds),
-                r.last_copy_at.strftime("%Y-%m-%d %H:%M") if r.last_copy_at else "-",
+                r.last_copy_at.strftime(when) if r.last_copy_at else "-",
                 "-"
                 if r.last_drill_at is None
                 else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
@@ -451,6 +462,8 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
             ]
             for name, r in entries
         ],
+        tty=tty,
+        keep=["region", "state", "newest", "last copy"],
     )
     _status_exit(rows)
 
@@ -514,14 +527,21 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
     if as_json:
         print_json([o.to_dict() for o in outcomes])
         return
+
+    def took(o: Any) -> str:
+        if o.started_at is None or o.finished_at is None:
+            return "-"
+        return human_duration((o.finished_at - o.started_at).total_seconds())
+
     print_table(
-        ["finished", "outcome", "kind", "region", "runner", "attempts", "key"],
+        ["finished", "outcome", "kind", "region", "took", "runner", "attempts", "key"],
         [
             [
                 o.finished_at.strftime("%Y-%m-%d %H:%M:%S") if o.finished_at else "-",
                 o.outcome,
                 o.kind,
                 o.region or "-",
+                took(o),
                 o.runner or "-",
                 str(o.attempts),
                 o.key,
@@ -529,6 +549,25 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
             for o in outcomes
         ],
     )
+
+
+@click.command("jobs")
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many of the newest finished jobs.",
+)
+@json_option
+@pass_state
+def jobs(state: CliState, limit: int, as_json: bool) -> None:
+    """The job history: the newest finished jobs of the site's job ledger (the shared one of
+    its [executor], so any machine of the site sees every region's), newest first: when each
+    finished, its outcome, kind, region, how long it took, where it ran, its attempts and its
+    key. The same as ``status --jobs N``."""
+    _job_history(state, limit, as_json)
 
 
 def _empty_status(region: str) -> dict[str, Any]:

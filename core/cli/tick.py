@@ -245,34 +245,48 @@ def tick(
     (a second Ctrl-C exits at once)."""
     name, options = _region_tick_options(state, region, copy_grace)
     interrupted = Interrupted()
-    with (
-        interruptible("the tick", interrupted),
-        _service(state, executor, interrupted.requested, **options) as service,
-        step_status("tick") as on_step,
-    ):
-        service.halt = interrupted.requested
-        service.on_step = on_step
-        report = service.tick(name, stop=interrupted.requested)
-    if as_json:
-        print_json(_tick_json(report))
-    else:
-        _print_tick(report)
+    # the whole body: a Ctrl-C while the report is printed still prints it, then the state
+    with interruptible("the tick", interrupted):
+        with (
+            _service(state, executor, interrupted.requested, **options) as service,
+            step_status("tick") as on_step,
+        ):
+            service.halt = interrupted.requested
+            service.on_step = on_step
+            report = service.tick(name, stop=interrupted.requested)
+        if as_json:
+            print_json(_tick_json(report))
+        else:
+            _print_tick(report)
     interrupted.exit(_stopped_state(report))
     _exit_for(len(report.failures()) + len(report.problems), len(report.incomplete()))
 
 
 def _stopped_state(report: TickReport) -> str:
-    """What a tick stopped by Ctrl-C left: the points it committed, and what it did not run
-    (the next tick runs it)."""
+    """What a tick stopped by Ctrl-C left: the points it committed (a backup's, a copy's
+    that was not there already), the other jobs it finished (drills, receipts recorded), and
+    what it did not run (the next tick runs it). Each job is named by its kind, not by the
+    fields of its result (a drill's result names the point it drilled, a receipt's the copy
+    another region made)."""
+    from regionvault.core.pipeline.jobs import BACKUP, COPY, COPY_COMMIT, COPY_RECEIPT, DRILL
+
     made: list[str] = []
+    other: list[str] = []
     for o in report.jobs:
         if o.status.value != "done" or not isinstance(o.result, dict):
             continue
-        if o.result.get("point"):
+        if o.kind == BACKUP and o.result.get("point"):
             made.append(f"backup {o.result['point']}")
-        elif o.result.get("copy") and not o.result.get("existing"):
-            made.append(f"copy {o.result['copy']}")
+        elif o.kind in (COPY, COPY_COMMIT) and o.result.get("copy"):
+            if not o.result.get("existing"):
+                made.append(f"copy {o.result['copy']}")
+        elif o.kind == DRILL and o.result.get("point"):
+            other.append(f"drill of {o.result['point']}")
+        elif o.kind == COPY_RECEIPT and o.result.get("copy") and o.result.get("recorded"):
+            other.append(f"receipt of copy {o.result['copy']}")
     committed = f"committed {', '.join(made)}" if made else "nothing new committed"
+    if other:
+        committed += f"; done {', '.join(other)}"
     skipped = [n.removeprefix("stopped before ") for n in report.notes if n.startswith("stopped")]
     left = (
         f"not run: {'; '.join(skipped)} (the next tick runs them)"
@@ -349,7 +363,11 @@ def run(
 
     def on_signal(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
-        echo_err(f"{_utc_stamp()} regionvault: {name}: stopping after the current step")
+        # run's stop is not the tick's halt: the tick in progress finishes whole
+        echo_err(
+            f"{_utc_stamp()} regionvault: {name}: the tick in progress finishes (all its "
+            "steps), then run stops"
+        )
         stop.set()
 
     log = logging.getLogger("regionvault")

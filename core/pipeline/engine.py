@@ -389,8 +389,8 @@ class Engine:
                 )
             return (
                 f"no recovery point {point_id!r} in {region}: this is a point of "
-                f"{other.region}, and {region} holds no copy of it (give --region "
-                f"{other.region}, or copy it first)"
+                f"{other.region}, and {region} holds no copy of it (name "
+                f"{other.region} as its region, or copy it to {region} first)"
             )
         return f"no recovery point {point_id!r}{where}"
 

@@ -336,9 +336,11 @@ class Service:
         self.executor = executor
         self.retry = retry if retry is not None else DEFAULT_RETRY
         self.copyflow = CopyFlow(engine)
-        #: set (by a command line's first Ctrl-C, or ``run``'s stop): each tick stops before
-        #: its next step; a step's jobs already running finish, so whatever they committed
-        #: stays whole and the next tick does the steps left (:meth:`_step`)
+        #: set (by ``tick``'s first Ctrl-C): each tick stops before its next step; a step's
+        #: jobs already running finish, so whatever they committed stays whole and the next
+        #: tick does the steps left (:meth:`_step`). :meth:`run`'s ``stop`` does not set it:
+        #: there the tick in progress finishes whole (its copies, drills and retention too)
+        #: and no next one starts. A plugin executor's distributed tick does not look at it.
         self.halt: threading.Event | None = None
         #: called with a step's name and its number of jobs before the step runs
         self.on_step: Callable[[str, int], None] | None = None

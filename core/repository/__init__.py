@@ -17,6 +17,7 @@ from regionvault.core.repository._browse import (
     forecast_prune,
     forget_refusal,
     list_entries,
+    tree_reader,
 )
 from regionvault.core.repository._events import Event, EventAction, EventResult, current_actor
 from regionvault.core.repository._format import FORMAT_VERSION
@@ -109,4 +110,5 @@ __all__ = [
     "seal_receipt",
     "seal_sent_notice",
     "sent_name",
+    "tree_reader",
 ]

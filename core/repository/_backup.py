@@ -146,9 +146,11 @@ class _Record:
     in; complete once its reader closed it and every batch of its spans is done."""
 
     __slots__ = (
+        "changed",
         "closed",
         "draining",
         "entry",
+        "fresh",
         "ids",
         "incompressible",
         "issue",
@@ -179,6 +181,11 @@ class _Record:
         #: the file changed too recently before its last read began to vouch for it (a
         #: write within the same clock tick would not show): recorded with no change token
         self.unsettled = False
+        #: the parent point held the path (the file counts as changed, not new)
+        self.changed = False
+        #: the new chunks (id, bytes) the current read stored or took back from an abandoned
+        #: read (for the summary's counters)
+        self.fresh: list[tuple[bytes, int]] = []
 
 
 class _HardLink(NamedTuple):
@@ -244,6 +251,11 @@ class BackupRun:
         #: the files read as another entry than the one walked (few: replaced or changed
         #: as they were read); a hard link to one is read on its own
         self._reread: set[str] = set()
+        #: new chunks stored by reads since abandoned, that no kept read has used yet: id
+        #: -> bytes (few: only files read again have any)
+        self._orphans: dict[bytes, int] = {}
+        #: reads can be abandoned (a file capture): records keep their new chunks' ids
+        self._rereads = False
         self._progress = progress
         self._last_report = 0.0
         self.files_done = 0
@@ -497,6 +509,7 @@ class BackupRun:
                         self._ship(cutter.block, record, spans)
                     with self._cond:
                         self.bytes_done += n
+                        self.stats["bytes_read"] += n
                     if end:
                         break
         except OSError as exc:  # the source file's own read (nothing else here does I/O)
@@ -535,6 +548,12 @@ class BackupRun:
                 if not record.left:
                     record.draining = False
                     self.bytes_done -= record.size
+                    # the summary counts a file read again once: only its last read
+                    self.stats["bytes_read"] -= record.size
+                    for chunk_id, n in record.fresh:
+                        self._orphans[chunk_id] = n
+                        self.stats["bytes_discarded"] += n
+                    record.fresh = []
                     record.ids = []
                     record.size = 0
                     record.incompressible = False
@@ -542,6 +561,23 @@ class BackupRun:
                 record.draining = True
                 self._cond.wait(_POLL)
             self.failure.check()
+
+    def _reclaim(self, record: _Record, unknown: list[tuple[bytes, int, int]]) -> None:
+        """Count the new chunks of an abandoned read that ``record``'s read uses as its
+        own (a file read again mostly finds the chunks of its first read). Under
+        ``_cond``."""
+        for chunk_id, _, _ in unknown:
+            n = self._orphans.pop(chunk_id, None)
+            if n is not None:
+                self.stats["bytes_discarded"] -= n
+                record.fresh.append((chunk_id, n))
+
+    def _not_taken(self, record: _Record) -> None:
+        """Count a file left out of the tree as failed, not among the files taken."""
+        self.stats["files"] -= 1
+        self.stats["files_failed"] += 1
+        if record.changed:
+            self.stats["files_changed"] -= 1
 
     @staticmethod
     def _leave_out(record: _Record, entry: FileEntry, kind: IssueKind, reason: str) -> None:
@@ -551,6 +587,11 @@ class BackupRun:
     def _files(self, capture: FileCapture, tree: TreeWriter, parent: ParentLookup | None) -> int:
         label = capture.instance.id
         self._started_ns = time.time_ns()
+        # the summary's counters: the bytes of the reads kept (a file read again counts
+        # once), the new bytes of the reads abandoned (stored all the same, and in
+        # bytes_new), and the files left out (not counted among files)
+        self.stats.update(bytes_read=0, bytes_discarded=0, files_failed=0)
+        self._rereads = True
         # records in capture order: ready bytes, a file being read and hashed, or an issue
         # the walk met (so issues are recorded in capture order too)
         pending: deque[bytes | CaptureIssue | _HardLink | tuple[FileEntry, bytes, _Record]]
@@ -624,6 +665,7 @@ class BackupRun:
                 if not record.taken:
                     assert record.issue is not None
                     self._left_out[entry.path] = record.issue
+                    self._not_taken(record)
                     self.files_done += 1
                     continue
                 assert record.entry is not None
@@ -635,6 +677,7 @@ class BackupRun:
                     issue = CaptureIssue(entry.path, IssueKind.UNREADABLE, problem)
                     self.issues.append(issue)
                     self._left_out[entry.path] = issue
+                    self._not_taken(record)
                     self.files_done += 1
                     continue
                 if entry.identity is not None and record.issue is None:
@@ -697,9 +740,10 @@ class BackupRun:
                         if entry.identity is not None:  # the parent's bytes, as walked
                             self._taken.add(path, FileKind.FILE, entry.identity)
                     else:
+                        record = _Record()
                         if before is not None:  # the parent had this path: changed, not new
                             self.stats["files_changed"] += 1
-                        record = _Record()
+                            record.changed = True
                         self._files_q.put((entry, record))
                         pending.append((entry, path, record))
                 drain(_MAX_PENDING)
@@ -996,6 +1040,10 @@ class BackupRun:
                     fresh = [item for item in unknown if new.add(item[0])]
                     self.stats["chunks_new"] += len(fresh)
                     self.stats["bytes_new"] += sum(n for _, _, n in fresh)
+                    if self._rereads:  # a file capture: a read can be abandoned
+                        record.fresh.extend((c, n) for c, _, n in fresh)
+                    if self._orphans and len(fresh) < len(unknown):
+                        self._reclaim(record, unknown)
                 if fresh:
                     self.writer.add_many(
                         [

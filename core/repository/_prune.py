@@ -112,10 +112,13 @@ class PrunePlan:
 def plan_prune(store: Store, *, max_unused: float) -> PrunePlan:
     """Decide which packs a prune keeps, rewrites and deletes; reads only."""
     now = datetime.now(UTC)
+    # the manifests before the index: a backup commits its packs, then its index, then its
+    # manifest, so every point listed here has its chunks in the index read next, even
+    # when the plan is made without a lock (a dry run) while backups commit
+    manifests, _ = load_manifests(store)
     state = store.load_index(keep_blobs=True)
     index = state.index
     blobs_of = index.pack_blobs or {}
-    manifests, _ = load_manifests(store)
     # what locked or held points use (their manifests HEADed once: a listing need not say
     # an object's lock, S3's does not) is never rewritten nor dropped, whatever the listing
     # says: their data never moves out of the objects their lock protects
