@@ -245,9 +245,9 @@ def test_points_fit_80_columns_with_short_ids_and_human_sizes(
     assert wide.wait() == 0, wide.text
     assert rp in wide.text and cp in wide.text and "local:west" in wide.text
 
-    # not a terminal: the tab-separated lines keep the same columns
-    plain = ok("points").stdout.splitlines()
-    assert [line.split("\t")[0] for line in plain] == [rp[:8], cp[:8]]
+    # not a terminal: the tab-separated lines for scripts keep every value whole
+    plain = [line.split("\t") for line in ok("points").stdout.splitlines()]
+    assert [(cells[0], cells[1]) for cells in plain] == [(rp, "local:east"), (cp, "local:west")]
 
 
 # --------------------------------------------------------------------------- --json

@@ -4,6 +4,7 @@ region's vault now), ``restore`` (into a directory, or launched as a new instanc
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -342,9 +343,10 @@ def points(
 ) -> None:
     """List recovery points, oldest first (a region with no repository yet has none).
 
-    Ids are shown as their shortest unique prefix (8 characters at least: any command takes
-    it), regions by their short name where no other region has it; --wide shows both
-    whole."""
+    On a terminal, ids are shown as their shortest unique prefix (8 characters at least:
+    any command takes it), regions by their short name where no other region has it; --wide
+    shows both whole, as the tab-separated lines printed when standard output is not a
+    terminal always do."""
     engine = state.engine()
     site = state.site()
     regions = [site.region(region)] if region else site.regions
@@ -360,6 +362,8 @@ def points(
         print_json([point_json(p) for p in found])
         return
     now = datetime.now(UTC)
+    # scripts reading the tab-separated lines (no terminal) get every value whole
+    wide = wide or not sys.stdout.isatty()
     print_table(
         [
             "id",
