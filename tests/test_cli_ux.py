@@ -313,6 +313,29 @@ def test_progress_on_a_terminal_for_tick_run_and_copy_and_quiet_silences_it(
     assert POINT_ID.fullmatch(text), text  # the id alone: no progress, no summary
 
 
+#: a byte count as the progress bars show it: binary units, as every table
+BINARY_SIZE = r"\d+(?:\.\d+)? (?:B|KiB|MiB|GiB)"
+
+
+def test_backup_restore_and_verify_bars_speak_binary_units_as_the_tables(
+    workdir: Path, big: str, terminal: MakeTerminal
+) -> None:
+    done_of_total = re.compile(rf"{BINARY_SIZE}/{BINARY_SIZE}")
+    decimal = re.compile(r"\d (?:kB|MB|GB)\b")
+    backup = terminal("backup", "big", cwd=workdir)
+    assert backup.wait() == 0, backup.text
+    point = backup.text.split()[-1]
+    assert POINT_ID.fullmatch(point), backup.text
+    restore = terminal("restore", point, "-r", "east", "-t", str(workdir / "out"), cwd=workdir)
+    assert restore.wait() == 0, restore.text
+    verify = terminal("verify", "--read-data", "-r", "east", cwd=workdir)
+    assert verify.wait() == 0, verify.text
+    for term in (backup, restore, verify):
+        assert done_of_total.search(term.text), term.text  # the bar was drawn, in KiB/MiB
+        assert not decimal.search(term.text), term.text  # never kB or MB beside them
+    assert re.search(rf"{BINARY_SIZE}/64 MiB", backup.text), backup.text  # not 67.1 MB
+
+
 def test_no_progress_when_standard_error_is_not_a_terminal(workdir: Path, big: str) -> None:
     proc = subprocess.run(
         [str(CONSOLE_SCRIPT), "backup", "big"],

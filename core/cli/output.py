@@ -253,25 +253,35 @@ def short_regions(names: Iterable[str], *, wide: bool = False) -> dict[str, str]
 
 @contextmanager
 def progress_bar(label: str) -> Iterator[Callable[[Progress], None] | None]:
-    """A rich progress bar on a terminal (standard error), in bytes; nothing when not on
-    one, or under ``-q``."""
+    """A rich progress bar on a terminal (standard error), in bytes (binary units, as
+    :func:`human_size`: ``12.3 MiB/64.0 MiB``, ``31.5 MiB/s``); nothing when not on one, or
+    under ``-q``."""
     if not _show_progress():
         yield None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+    from rich.text import Text
+
+    # rich's DownloadColumn and TransferSpeedColumn speak kB and MB; every table, summary
+    # and the copy bar speak KiB and MiB (human_size): one scheme on the screen
+    class Transferred(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            done = human_size(int(task.completed))
+            total = "?" if task.total is None else human_size(int(task.total))
+            return Text(f"{done}/{total}", style="progress.download")
+
+    class Speed(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            shown = "?" if speed is None else f"{human_size(int(speed))}/s"
+            return Text(shown, style="progress.data.speed")
 
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        Transferred(),
+        Speed(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
