@@ -564,7 +564,7 @@ def test_sigterm_in_run_says_the_tick_in_progress_finishes_whole_and_it_does(
     assert regions == ["local:east", "local:west"], daemon.text
 
 
-def test_status_on_a_terminal_keeps_short_ids_regions_and_dates_on_one_line(
+def test_status_on_a_terminal_keeps_short_ids_regions_and_ages_on_one_line(
     workdir: Path, small: str, terminal: MakeTerminal
 ) -> None:
     rp = ok("backup", "nf1").stdout.split()[-1]
@@ -573,13 +573,19 @@ def test_status_on_a_terminal_keeps_short_ids_regions_and_dates_on_one_line(
     assert term.wait() == 0, term.text
     lines = term.text.splitlines()
     assert all(len(line) <= 80 for line in lines) and "…" not in term.text, term.text
-    rows = {r["region"]: r for r in json.loads(ok("status", "--json").stdout)}
-    copied = datetime.fromisoformat(rows["local:west"]["last_copy_at"]).strftime("%m-%d %H:%M")
-    # each row's region, newest point (short) and last copy whole on the row's first line
+    # each row's name, region, state and newest point (short) whole on one line, and the
+    # copy's age in the one duration scheme
     home = next(line for line in lines if " east " in line and rp[:8] in line)
     away = next(line for line in lines if " west " in line and cp[:8] in line)
-    assert rp[:12] not in home and copied in away, term.text
-    assert "local:" not in term.text
-    # not on a terminal: tab-separated whole values, for scripts
+    assert home.split()[:3] == ["nf1", "east", "protected"], term.text
+    assert away.split()[:3] == ["nf1", "west", "protected"], term.text
+    assert rp[:12] not in home and re.search(r" \d+(?:s|m\d\ds) ago ", away), term.text
+    assert "local:" not in term.text and small not in term.text
+    # --wide: every column, whole
+    wide = terminal("status", "--wide", cwd=workdir, columns=300)
+    assert wide.wait() == 0, wide.text
+    assert f"nf1 ({small})" in wide.text and rp in wide.text and "local:west" in wide.text
+    # not on a terminal: tab-separated whole values, for scripts, the 13 columns of old
     plain = ok("status").stdout.splitlines()
     assert any("\tlocal:east\t" in line and rp in line for line in plain), plain
+    assert all(len(line.split("\t")) == 13 for line in plain), plain

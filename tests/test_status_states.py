@@ -299,3 +299,73 @@ def test_a_copy_region_is_late_when_the_homes_newest_backup_has_not_reached_it()
     assert state(None, None).startswith("protected: ")  # home not readable: not judged
     assert state(home_new, copying, opted_out=True).startswith("opted_out: ")
     assert [state_rank(s) for s in ORDER] == sorted(state_rank(s) for s in ORDER)
+
+
+def test_status_on_an_80_column_terminal_fits_and_wide_shows_every_column(
+    tmp_path: Path, site_in_every_state: dict[str, str]
+) -> None:
+    from test_cli_ux import Terminal
+
+    rows: list[dict[str, Any]] = json.loads(rv("status", "--json", cwd=tmp_path).stdout)
+    term = Terminal("status", cwd=tmp_path, columns=80)
+    assert term.wait() == 1, term.text
+    lines = term.text.splitlines()
+    assert lines and all(len(line) <= 80 for line in lines), term.text
+    assert "…" not in term.text
+    # one line per row, in the same order, each with its name, region and state word whole
+    header = next(n for n, line in enumerate(lines) if line.startswith("instance"))
+    body = lines[header + 2 : header + 2 + len(rows)]
+    for line, row in zip(body, rows, strict=True):
+        cells = line.split()
+        state = {"failing": "FAILING", "malformed": "MALFORMED", "late": "LATE"}.get(
+            row["state"], row["state"]
+        )
+        assert cells[:3] == [row["instance_name"], row["region"].split(":")[1], state], line
+        if row["newest_point"]:
+            assert cells[3] == row["newest_point"][:8], line
+    # why, under the table, for each row that is failing, malformed or late
+    notes = "\n".join(lines[header + 2 + len(rows) :])
+    assert "failing (east): last backup failed: " in notes, term.text
+    assert "banana" in notes and "soon" in notes and "overdue" in notes, term.text
+    assert "never backed up" not in notes  # not_backed_up is not an alarm
+
+    wide = Terminal("status", "--wide", cwd=tmp_path, columns=400)
+    assert wide.wait() == 1, wide.text
+    assert all(f"{r['instance_name']} ({r['instance_id']})" in wide.text for r in rows)
+    assert "local:west" in wide.text and "never backed up" in wide.text
+
+
+def test_jobs_on_an_80_column_terminal_name_the_job_and_wide_keeps_its_key(
+    tmp_path: Path,
+) -> None:
+    from test_cli_ux import Terminal
+
+    rv_ok("init", cwd=tmp_path)
+    add(tmp_path, "a-long-instance-name", "backup=1-7")
+    rv_ok("tick", cwd=tmp_path)
+    history = json.loads(rv("jobs", "--json", cwd=tmp_path).stdout)
+    (backup,) = (j for j in history if j["kind"] == "backup")
+    (copy,) = (j for j in history if j["kind"] == "copy")
+    slot = datetime.fromisoformat(backup["key"].rsplit("/", 1)[1])
+    for args in (["jobs"], ["status", "--jobs", "20"]):
+        term = Terminal(*args, cwd=tmp_path, columns=80)
+        assert term.wait() == 0, term.text
+        lines = term.text.splitlines()
+        assert lines and all(len(line) <= 80 for line in lines), term.text
+        assert "i-" not in term.text and "local:" not in term.text, term.text
+        # the backup by its instance's name and slot, the copy by its short point and
+        # region, each on one line
+        assert any(
+            "backup" in line and f"{slot:%m-%d %H:%M} a-long-instance-name" in line
+            for line in lines
+        ), term.text
+        point = backup["result"]["point"]
+        assert any("copy" in line and f"{point[:8]} west" in line for line in lines), term.text
+    assert copy["key"].split("/")[2] == point
+
+    wide = Terminal("jobs", "--wide", cwd=tmp_path, columns=400)
+    assert wide.wait() == 0, wide.text
+    assert all(j["key"] in wide.text for j in history), wide.text
+    # not a terminal: every column, the whole key last
+    plain = [line.split("\t") for line in rv_ok("jobs", cwd=tmp_path).splitlines()]
+    assert [cells[-1] for cells in plain] == [j["key"] for j in history]

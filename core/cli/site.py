@@ -386,11 +386,18 @@ def instances_remove(state: CliState, instance: str, region: str | None) -> None
     default=None,
     metavar="N",
     help="Instead: the N newest finished jobs from the site's job ledger (what ran where, "
-    "which runner), read from the store every runner shares; opens no region.",
+    "which runner), read from the store every runner shares (on a terminal, instance names "
+    "come from the regions that can be listed).",
 )
 @json_option
+@click.option(
+    "--wide",
+    is_flag=True,
+    help="On a terminal, every column with whole ids and region names (default: the columns "
+    "that fit 80 columns).",
+)
 @pass_state
-def status(state: CliState, jobs: int | None, as_json: bool) -> None:
+def status(state: CliState, jobs: int | None, as_json: bool, wide: bool) -> None:
     """Every instance of every region with its protection state, worst first: failing (its
     last backup job failed), malformed (a policy or operations tag that does not parse),
     late, due, not_backed_up, gone (no longer an instance; its points remain), opted_out,
@@ -401,10 +408,15 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
     jobs of the site's job ledger instead (the shared one of its [executor], so any machine
     of the site answers alike).
 
+    On a terminal the table keeps to the columns that fit 80 (instance name, region, state,
+    newest point, RPO, last copy's age, drill RTO, objectives) and says why under it for the
+    rows that are failing, malformed or late; --wide shows every column, whole. Without a
+    terminal (tab-separated, for scripts) every column, whole.
+
     Exits 3 when an objective is breached, else 1 when a row is failing, malformed or late,
     else 0 (after printing everything)."""
     if jobs is not None:
-        _job_history(state, jobs, as_json)
+        _job_history(state, jobs, as_json, wide=wide)
         return
     regions = state.site().regions
     rows = state.engine().status()
@@ -417,13 +429,14 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
         _status_exit(rows)
         return
 
-    # on a terminal, short ids and region names as points shows them (any command takes
-    # the prefix) and dates without the year: the key columns stay on one line at 80
-    # columns; tab-separated lines for scripts keep whole values
     tty = sys.stdout.isatty()
-    newest = short_ids((r.newest_point for r in rows if r.newest_point), wide=not tty)
-    short = short_regions((name for name, _ in entries), wide=not tty)
-    when = "%m-%d %H:%M" if tty else "%Y-%m-%d %H:%M"
+    if tty and not wide:
+        _narrow_status(entries)
+        _status_exit(rows)
+        return
+    newest = short_ids((r.newest_point for r in rows if r.newest_point), wide=True)
+    short = short_regions((name for name, _ in entries), wide=True)
+    when = "%Y-%m-%d %H:%M"
     print_table(
         [
             "instance",
@@ -468,6 +481,76 @@ def status(state: CliState, jobs: int | None, as_json: bool) -> None:
     _status_exit(rows)
 
 
+#: a narrow status table's objective words (``at risk`` without its space: one word)
+_NARROW_OBJECTIVES = {"met": "met", "at_risk": "risk", "breached": "BREACHED"}
+
+
+def _narrow_status(entries: list[tuple[str, StatusRow | None]]) -> None:
+    """``status`` on a terminal without --wide: the columns that fit 80, each value on one
+    line (names, short ids and regions as ``points`` shows them, ages in the one duration
+    scheme, the objectives as ``RPO/RTO`` words), then why, one note per row that is
+    failing, malformed or late (prose, wrapped at the terminal's width)."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    rows = [r for _, r in entries if r is not None]
+    newest = short_ids(r.newest_point for r in rows if r.newest_point)
+    short = short_regions(name for name, _ in entries)
+    now = datetime.now(UTC)
+
+    def objectives(r: StatusRow) -> str:
+        if r.rpo_state is None and r.rto_state is None:
+            return "-"
+        words = (_NARROW_OBJECTIVES.get(s, s) if s else "-" for s in (r.rpo_state, r.rto_state))
+        return "/".join(words)
+
+    headers = ["instance", "region", "state", "newest", "RPO", "copied", "drill", "RPO/RTO"]
+    print_table(
+        headers,
+        [
+            [
+                "-",
+                short[name],
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+            ]
+            if r is None
+            else [
+                r.instance_name,
+                short[r.region],
+                _STATE_CELLS.get(r.state or "", r.state or "-"),
+                newest[r.newest_point] if r.newest_point else "-",
+                human_age(r.rpo_seconds),
+                "-"
+                if r.last_copy_at is None
+                else human_age((now - r.last_copy_at).total_seconds()) + " ago",
+                "-"
+                if r.last_drill_at is None
+                else (f"{r.last_drill_rto:.2f}s" if r.last_drill_rto is not None else "unhealthy"),
+                objectives(r),
+            ]
+            for name, r in entries
+        ],
+        tty=True,
+        # only a name too long for the terminal wraps; every other value stays whole
+        keep=headers[1:],
+    )
+    console = Console(file=sys.stdout)
+    for r in rows:
+        if r.state in _STATE_CELLS and r.state_reason:
+            console.print(
+                f"{r.instance_name} ({short[r.region]}): {r.state_reason}",
+                markup=False,
+                highlight=False,
+                overflow="fold",
+            )
+
+
 #: the states that are not protection, shouted in the table
 _STATE_CELLS = {"failing": "FAILING", "malformed": "MALFORMED", "late": "LATE"}
 
@@ -509,9 +592,11 @@ def _status_exit(rows: list[StatusRow]) -> None:
         raise click.exceptions.Exit(EXIT_NOT_PROTECTED)
 
 
-def _job_history(state: CliState, limit: int, as_json: bool) -> None:
+def _job_history(state: CliState, limit: int, as_json: bool, *, wide: bool = False) -> None:
     """status --jobs: the ledger's newest finished records, newest first: each job's key,
-    kind, region, outcome, when, attempts and its runner (``host:pid``: where it ran)."""
+    kind, region, outcome, when, attempts and its runner (``host:pid``: where it ran). On a
+    terminal without ``wide``: when, outcome, kind, region (short), how long and the job
+    (:func:`_short_job`)."""
     ledger: Any = state.engine().ledger()
     finished = getattr(ledger, "finished", None)
     if finished is None:
@@ -533,6 +618,28 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
             return "-"
         return human_duration((o.finished_at - o.started_at).total_seconds())
 
+    if sys.stdout.isatty() and not wide:
+        jobs_of = _short_jobs(state, outcomes)
+        regions_of = short_regions(o.region for o in outcomes if o.region)
+        print_table(
+            ["finished", "outcome", "kind", "region", "took", "slot", "job"],
+            [
+                [
+                    o.finished_at.strftime("%m-%d %H:%M") if o.finished_at else "-",
+                    o.outcome,
+                    o.kind,
+                    regions_of[o.region] if o.region else "-",
+                    took(o),
+                    jobs_of[o.key][1],
+                    jobs_of[o.key][0],
+                ]
+                for o in outcomes
+            ],
+            tty=True,
+            # only a name too long for the terminal wraps
+            keep=["finished", "outcome", "kind", "region", "took", "slot"],
+        )
+        return
     print_table(
         ["finished", "outcome", "kind", "region", "took", "runner", "attempts", "key"],
         [
@@ -551,6 +658,49 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
     )
 
 
+def _short_jobs(state: CliState, outcomes: list[Any]) -> dict[str, tuple[str, str]]:
+    """Each job key as a terminal shows it, as ``jobs``' job and slot columns: its parts
+    after the kind and the region, an instance id as the instance's name, a point id as its
+    short id, a region by its short name; its slot as ``12-07 23:00`` (``-``: none). Names
+    come from the instances the site's regions list now; an instance no region lists
+    (terminated; or its region cannot be opened here) keeps its id."""
+    from datetime import datetime
+
+    from regionvault.core.errors import RegionVaultError
+    from regionvault.core.pipeline.jobs import split_key
+
+    parts = {o.key: split_key(o.key)[2:] for o in outcomes}
+    words = {w for ws in parts.values() for w in ws}
+    site = state.site()
+    regions = short_regions(r.name for r in site.regions)
+    names: dict[str, str] = {}
+    wanted = {o.region for o in outcomes if o.region and o.region in regions}
+    for region in sorted(wanted):
+        try:
+            names.update((i.id, i.name) for i in site.region(region).compute.list_instances())
+        except (RegionVaultError, OSError):
+            continue  # the ids stand
+    points = short_ids(w for w in words if len(w) == 32 and all(c in "0123456789abcdef" for c in w))
+
+    def slot(word: str) -> str | None:
+        if not word.endswith("Z"):
+            return None
+        try:
+            return datetime.fromisoformat(word).strftime("%m-%d %H:%M")
+        except ValueError:
+            return None
+
+    def shown(words: list[str]) -> tuple[str, str]:
+        slots = [slot(w) for w in words]
+        what = [names.get(w) or points.get(w) or regions.get(w) or w for w in words]
+        return (
+            " ".join(w for w, s in zip(what, slots, strict=True) if s is None) or "-",
+            next((s for s in slots if s is not None), "-"),
+        )
+
+    return {key: shown(ws) for key, ws in parts.items()}
+
+
 @click.command("jobs")
 @click.option(
     "-n",
@@ -561,13 +711,15 @@ def _job_history(state: CliState, limit: int, as_json: bool) -> None:
     help="How many of the newest finished jobs.",
 )
 @json_option
+@click.option("--wide", is_flag=True, help="On a terminal, every column and each job's whole key.")
 @pass_state
-def jobs(state: CliState, limit: int, as_json: bool) -> None:
+def jobs(state: CliState, limit: int, as_json: bool, wide: bool) -> None:
     """The job history: the newest finished jobs of the site's job ledger (the shared one of
     its [executor], so any machine of the site sees every region's), newest first: when each
     finished, its outcome, kind, region, how long it took, where it ran, its attempts and its
-    key. The same as ``status --jobs N``."""
-    _job_history(state, limit, as_json)
+    key. On a terminal, the job by its instance's name, short ids and slot instead of its
+    key, and no runner nor attempts, unless --wide. The same as ``status --jobs N``."""
+    _job_history(state, limit, as_json, wide=wide)
 
 
 def _empty_status(region: str) -> dict[str, Any]:
