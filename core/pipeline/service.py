@@ -340,7 +340,8 @@ class Service:
         #: jobs already running finish, so whatever they committed stays whole and the next
         #: tick does the steps left (:meth:`_step`). :meth:`run`'s ``stop`` does not set it:
         #: there the tick in progress finishes whole (its copies, drills and retention too)
-        #: and no next one starts. A plugin executor's distributed tick does not look at it.
+        #: and no next one starts. A distributed tick (:meth:`_distributed_tick`) looks at it
+        #: between its rounds alike: no plan job nor round starts once it is set.
         self.halt: threading.Event | None = None
         #: called with a step's name and its number of jobs before the step runs
         self.on_step: Callable[[str, int], None] | None = None
@@ -575,24 +576,24 @@ class Service:
         def live(jobs: Iterable[Job]) -> list[Job]:
             return [job for job in jobs if _region_of(job) not in out]
 
-        def run(jobs: Iterable[Job]) -> int:
-            fresh: list[Job] = []
-            for job in live(jobs):
-                if job.key not in seen:
-                    seen.add(job.key)
-                    fresh.append(job)
-            if fresh:
-                outcomes = executor.run(fresh)
+        def run(name: str, jobs: Iterable[Job]) -> int:
+            """The round's jobs not run yet in this tick, as the step ``name`` (none once
+            :attr:`halt` is set: :meth:`_step` notes them as not run)."""
+            fresh = [job for job in live(jobs) if job.key not in seen]
+            outcomes = self._step(report, name, fresh, executor.run)
+            seen.update(job.key for job in fresh)
+            if outcomes:
                 self._ran(report, outcomes)
                 sit_out(fresh, outcomes)
-            return len(fresh)
+            return len(outcomes)
 
         def plan(kind: str, step: int | None = None) -> list[dict[str, Any]]:
             """Each region's plan (its outcome's result), in the order of ``regions``; a plan
             that failed is a failed job of the tick, and that region sits the round out (the
-            rest of the tick, when it failed for lack of workers)."""
+            rest of the tick, when it failed for lack of workers). None once :attr:`halt` is
+            set (its jobs, planned by nobody, are the next tick's)."""
             jobs = live(plan_job(kind, r, now, step=step) for r in regions)
-            if not jobs:
+            if not jobs or (self.halt is not None and self.halt.is_set()):
                 return []
             outcomes = executor.run(jobs)
             self._ran(report, outcomes)
@@ -610,23 +611,23 @@ class Service:
         def jobs_of(results: list[dict[str, Any]], field: str) -> list[Job]:
             return [Job.from_dict(data) for result in results for data in result.get(field) or ()]
 
-        run([tag_job(r, slot_of(now, cfg.tag_interval)) for r in regions])
+        run("tag", [tag_job(r, slot_of(now, cfg.tag_interval)) for r in regions])
         planned = plan(PLAN_BACKUPS)
         for result in planned:
             if result.get("schedule") is not None:
                 report.schedule.append(ScheduleReport.from_dict(result["schedule"]))
-        run(jobs_of(planned, "jobs"))
+        run("backups", jobs_of(planned, "jobs"))
         for step in range(1, MAX_PASSES + 1):
             inbox = plan(PLAN_INBOX, step)
-            made = run(jobs_of(inbox, "first"))
-            made += run(jobs_of(inbox, "then"))
-            made += run(jobs_of(plan(PLAN_OFFERS, step), "jobs"))
+            made = run("inbox", jobs_of(inbox, "first"))
+            made += run("inbox", jobs_of(inbox, "then"))
+            made += run("offers", jobs_of(plan(PLAN_OFFERS, step), "jobs"))
             if not made:
                 break
         drills = plan(PLAN_DRILLS)
         report.notes.extend(str(n) for result in drills for n in result.get("notes") or ())
-        run(jobs_of(drills, "jobs"))
-        run([retention_job(r, slot) for r in regions])
+        run("drills", jobs_of(drills, "jobs"))
+        run("retention", [retention_job(r, slot) for r in regions])
 
     def run(
         self,
