@@ -589,3 +589,26 @@ def test_status_on_a_terminal_keeps_short_ids_regions_and_ages_on_one_line(
     plain = ok("status").stdout.splitlines()
     assert any("\tlocal:east\t" in line and rp in line for line in plain), plain
     assert all(len(line.split("\t")) == 13 for line in plain), plain
+
+
+def test_audit_on_a_terminal_shows_short_ids_and_regions_and_wide_the_whole(
+    workdir: Path, small: str, terminal: MakeTerminal
+) -> None:
+    rp = ok("backup", "nf1").stdout.split()[-1]
+    term = terminal("audit", cwd=workdir, columns=80)
+    term.wait()
+    # the table's lines (not the closing error line: this site has no copy yet)
+    lines = [line for line in term.text.splitlines() if not line.startswith("regionvault:")]
+    assert all(len(line) <= 80 for line in lines) and "…" not in term.text, [
+        line for line in lines if len(line) > 80
+    ]
+    backed_up = next(line for line in lines if " backed_up " in line)
+    assert backed_up.split()[:4] == ["nf1", "east", "backed_up", "passed"], term.text
+    assert rp[:8] in backed_up and rp not in term.text
+    wide = terminal("audit", "--wide", cwd=workdir, columns=300)
+    wide.wait()
+    assert rp in wide.text and "local:east" in wide.text, wide.text
+    # not on a terminal: whole values for scripts
+    plain = run("audit").stdout.splitlines()
+    assert any(line.startswith("nf1\tlocal:east\tbacked_up\tpassed\t") and rp in line
+               for line in plain), plain  # fmt: skip

@@ -4,12 +4,14 @@ and ``audit --events``: the regions' event logs, every event in order."""
 
 from __future__ import annotations
 
+import re
+import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 from regionvault.core.cli.options import json_option
-from regionvault.core.cli.output import print_json, print_table
+from regionvault.core.cli.output import print_json, print_table, short_regions
 from regionvault.core.cli.root import CliState, ExpectedError, pass_state
 from regionvault.core.errors import RegionVaultError
 
@@ -34,10 +36,18 @@ __all__ = ["audit"]
     is_flag=True,
     help="Instead: list the regions' event logs (from --since, or all), in sequence order.",
 )
+@click.option(
+    "--wide", is_flag=True, help="Whole ids and region names in the table (as --json has)."
+)
 @json_option
 @pass_state
 def audit(
-    state: CliState, since: str | None, region: str | None, list_events: bool, as_json: bool
+    state: CliState,
+    since: str | None,
+    region: str | None,
+    list_events: bool,
+    wide: bool,
+    as_json: bool,
 ) -> None:
     """Audit every instance's backups against its policy, with evidence.
 
@@ -70,7 +80,7 @@ def audit(
     if as_json:
         print_json(report.to_dict())
     else:
-        _print_report(report)
+        _print_report(report, wide=wide)
     failed = report.failed
     if failed:
         raise ExpectedError(
@@ -84,23 +94,33 @@ def audit(
         )
 
 
-def _print_report(report: AuditReport) -> None:
+#: a recovery point's id or another 32-hex id inside a control's reason
+_HEX_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def _print_report(report: AuditReport, *, wide: bool = False) -> None:
+    """The controls as a table. On a terminal (without ``wide``) regions by their short name
+    and the 32-hex ids inside the reasons as their first 8 characters (the evidence in
+    ``--json`` keeps them whole), so that 80 columns hold it; the tab-separated lines for
+    scripts keep every value whole."""
+    wide = wide or not sys.stdout.isatty()
+    controls = [(inst, c) for inst in report.instances for c in inst.controls]
+    regions = short_regions((c.region for _inst, c in controls), wide=wide)
     rows = [
         (
             inst.instance_name,
-            control.region,
+            regions[control.region],
             control.control,
             control.status.replace("_", " "),
-            control.why,
+            control.why if wide else _HEX_ID.sub(lambda m: m.group(0)[:8], control.why),
         )
-        for inst in report.instances
-        for control in inst.controls
+        for inst, control in controls
     ]
     print_table(
         ("INSTANCE", "REGION", "CONTROL", "STATUS", "WHY"),
         rows,
-        title=f"audit at {report.at.isoformat()}"
-        + (f", since {report.since.isoformat()}" if report.since else ""),
+        title=f"audit at {report.at.isoformat(timespec='seconds')}"
+        + (f", since {report.since.isoformat(timespec='seconds')}" if report.since else ""),
     )
     for problem in report.problems:
         click.echo(f"problem: {problem}")
