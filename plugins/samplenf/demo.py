@@ -1,10 +1,11 @@
 """``regionvault demo``: the patent's system end to end on one machine, in a minute or less.
 
-Two local regions in a temporary directory; a sample network function (subscriber state on
-disk, a health check on loopback) launched in east; the tagger tags it; east backs it up
-under east's keys; the copy crosses to west under west's keys; east's keys fail on west's
-copy; west restores and launches the function, which serves the same state; then RPO, RTO and
-the bytes moved over transit, and everything is cleaned up.
+Two local regions in a temporary directory; a network function launched in east (Osmocom's
+HLR, plugins/osmohlr, when osmo-hlr is installed, else the sample network function:
+subscriber state on disk, a health check on loopback; a line says which); the tagger tags
+it; east backs it up under east's keys; the copy crosses to west under west's keys; east's
+keys fail on west's copy; west restores and launches the function, which serves the same
+state; then RPO, RTO and the bytes moved over transit, and everything is cleaned up.
 
 The command registers like any plugin's, through the ``regionvault.cli`` entry-point group
 (``demo = "regionvault.plugins.samplenf.demo:demo"``): the core never names it.
@@ -25,7 +26,7 @@ from typing import Any
 import click
 from regionvault.core.cli import ExpectedError
 
-__all__ = ["run_demo"]
+__all__ = ["SampleFunction", "pick_function", "run_demo"]
 
 SITE = """\
 [site]
@@ -64,16 +65,66 @@ def _post(url: str) -> dict[str, Any]:
         return data
 
 
-def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
-    """Run the demo in ``workdir`` (which must be empty or absent); return its figures."""
+class SampleFunction:
+    """The demo's network function when osmo-hlr is not installed: the sample function.
+
+    Any object with these members will do (``regionvault.plugins.osmohlr.demo`` gives
+    osmo-hlr's): ``label``, ``function`` (the command line), ``tags`` (the instance's own),
+    ``ready(instance)`` (None until it serves, then a handle), ``where(handle)`` (where it
+    serves, in words), ``provision(handle, count)`` and ``state(handle)`` (the number of
+    subscribers and a digest of what it serves)."""
+
+    label = "the sample network function (regionvault.plugins.samplenf)"
+    tags: dict[str, str] = {}  # noqa: RUF012 (read only)
+
+    def __init__(self) -> None:
+        self.function = f"{shlex.quote(sys.executable)} -m regionvault.plugins.samplenf"
+
+    def ready(self, instance: Any) -> str | None:
+        from regionvault.plugins.samplenf.plugin import endpoint
+
+        return endpoint(instance)
+
+    def where(self, base: str) -> str:
+        return base
+
+    def provision(self, base: str, count: int) -> None:
+        for i in range(count):
+            _post(f"{base}/attach?imsi=00101{i:010d}")
+
+    def state(self, base: str) -> tuple[int, str]:
+        state = _get(f"{base}/state")
+        return len(state["subscribers"]), str(state["digest"])
+
+
+def pick_function() -> tuple[Any, str]:
+    """osmo-hlr's demo function when osmo-hlr is installed, else the sample function; and
+    one line saying which, and why."""
+    from regionvault.plugins.osmohlr.demo import OsmoHlrFunction
+    from regionvault.plugins.osmohlr.package import missing
+
+    reason = missing()
+    if reason is None:
+        function: Any = OsmoHlrFunction()
+        return function, f"network function: {function.label}"
+    sample = SampleFunction()
+    return sample, f"network function: {sample.label}, since {reason}"
+
+
+def run_demo(workdir: Path, say: Any = print, function: Any = None) -> dict[str, Any]:
+    """Run the demo in ``workdir`` (which must be empty or absent); return its figures.
+    ``function``: the network function (:class:`SampleFunction`'s members); by default
+    osmo-hlr when it is installed, else the sample function (:func:`pick_function`)."""
     from regionvault.core.errors import KeyAccessDenied, RegionVaultError
     from regionvault.core.interfaces import FileSink
     from regionvault.core.pipeline import Engine
     from regionvault.core.repository import Repository
     from regionvault.core.site import Site
-    from regionvault.core.types import CaptureKind, LaunchSpec
-    from regionvault.plugins.samplenf.plugin import endpoint
+    from regionvault.core.types import CaptureKind, LaunchSpec, Tags
 
+    if function is None:
+        function, which = pick_function()
+        say(which)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "site.toml").write_text(SITE, encoding="utf-8")
     site = Site.load(workdir / "site.toml")
@@ -82,8 +133,7 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
     launched: list[tuple[Any, str]] = []
     try:
         say(f"1. two regions in {workdir}: {east.name} and {west.name}, each with its own keys")
-        function = f"{shlex.quote(sys.executable)} -m regionvault.plugins.samplenf"
-        spec = LaunchSpec(name="vcore-1", function=function)
+        spec = LaunchSpec(name="vcore-1", function=function.function, tags=Tags(function.tags))
         sink = east.compute.open_restore_sink(spec, CaptureKind.FILES)
         assert isinstance(sink, FileSink)
         started = time.monotonic()
@@ -91,16 +141,16 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
         launched.append((east, nf.id))
         base = None
         while base is None and time.monotonic() - started < 20:
-            base = endpoint(east.compute.get_instance(nf.id))
+            base = function.ready(east.compute.get_instance(nf.id))
             time.sleep(0.05)
         if base is None:
-            raise RegionVaultError("the sample network function did not start in east")
-        for i in range(SUBSCRIBERS):
-            _post(f"{base}/attach?imsi=00101{i:010d}")
-        east_state = _get(f"{base}/state")
+            raise RegionVaultError(f"{function.label} did not start in east")
+        function.provision(base, SUBSCRIBERS)
+        east_count, east_digest = function.state(base)
         say(
-            f"2. launched network function {nf.name} ({nf.id}) in east: "
-            f"{len(east_state['subscribers'])} subscribers, state {east_state['digest'][:12]}"
+            f"2. launched network function {nf.name} ({nf.id}) in east on "
+            f"{function.where(base)}: "
+            f"{east_count} subscribers, state {east_digest[:12]}"
         )
 
         report = engine.tag(east.name)
@@ -132,15 +182,15 @@ def run_demo(workdir: Path, say: Any = print) -> dict[str, Any]:
             launched.append((west, restored.instance.id))  # terminated below, healthy or not
         if restored.instance is None or not restored.healthy:
             raise RegionVaultError("the restored network function did not become healthy in west")
-        west_base = endpoint(restored.instance)
+        west_base = function.ready(restored.instance)
         if west_base is None:
             raise RegionVaultError("the restored network function has no endpoint")
-        west_state = _get(f"{west_base}/state")
-        same = west_state["digest"] == east_state["digest"]
+        west_count, west_digest = function.state(west_base)
+        same = west_digest == east_digest
         say(
-            f"7. launched {restored.instance.name} ({restored.instance.id}) in west from the "
-            f"copy: healthy, {len(west_state['subscribers'])} subscribers, state "
-            f"{west_state['digest'][:12]} ({'same' if same else 'DIFFERENT'} as east)"
+            f"7. launched {restored.instance.name} ({restored.instance.id}) in west on "
+            f"{function.where(west_base)} from the copy: healthy, {west_count} subscribers, state "
+            f"{west_digest[:12]} ({'same' if same else 'DIFFERENT'} as east)"
         )
         if not same:
             raise RegionVaultError("the function in west serves different state than east")

@@ -1,0 +1,109 @@
+"""Debian's ``osmo-hlr``: find it, and install it when missing::
+
+    python -m regionvault.plugins.osmohlr.package install
+
+``install`` runs ``apt-get install osmo-hlr`` when the binary is missing and this is root with
+apt-get; otherwise it prints one line saying why not, and the tests and the demo that need it
+skip it with that line (:func:`missing`). The package's own system service (osmo-hlr.service,
+on 127.0.0.1) is never used: while apt-get runs, a ``policy-rc.d`` that refuses every start is
+put in place when the machine has none, so installing starts nothing; each instance runs its
+own osmo-hlr with its own configuration, database and loopback address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["find_binary", "install", "missing"]
+
+#: Debian's service gate: invoke-rc.d and deb-systemd-invoke ask it before starting a service
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+_REFUSE_STARTS = "#!/bin/sh\n# regionvault: no service starts while osmo-hlr installs\nexit 101\n"
+
+
+def find_binary() -> Path | None:
+    """The ``osmo-hlr`` binary, or None."""
+    found = shutil.which("osmo-hlr") or next(
+        (p for p in ("/usr/bin/osmo-hlr", "/usr/local/bin/osmo-hlr") if Path(p).is_file()), None
+    )
+    return Path(found) if found else None
+
+
+def missing() -> str | None:
+    """None when osmo-hlr is here, else one line saying what is missing and how to get it."""
+    if find_binary() is None:
+        return (
+            "osmo-hlr is not installed: python -m regionvault.plugins.osmohlr.package install, "
+            "or apt-get install osmo-hlr"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _no_service_starts(policy: Path = POLICY_RC_D) -> Iterator[None]:
+    """A ``policy-rc.d`` refusing every start while the block runs, removed afterwards; a
+    machine's own policy-rc.d is left as it is."""
+    if policy.exists():
+        yield
+        return
+    tmp = policy.with_name(f".{policy.name}.regionvault")
+    tmp.write_text(_REFUSE_STARTS, encoding="ascii")
+    tmp.chmod(0o755)
+    tmp.replace(policy)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if policy.read_text(encoding="ascii", errors="replace") == _REFUSE_STARTS:
+                policy.unlink()
+
+
+def install() -> str:
+    """Install Debian's osmo-hlr when it is missing; the one line to print."""
+    if missing() is None:
+        return f"osmo-hlr: {find_binary()}"
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return "osmo-hlr is missing and there is no apt-get here: install osmo-hlr by hand"
+    if os.geteuid() != 0:
+        return "osmo-hlr is missing and installing it needs root: apt-get install osmo-hlr"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt_get(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [apt, "-o", "DPkg::Lock::Timeout=300", *args],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+
+    with _no_service_starts():
+        done = apt_get("install", "-y", "-q", "osmo-hlr")
+        if done.returncode != 0:
+            apt_get("update", "-q")
+            done = apt_get("install", "-y", "-q", "osmo-hlr")
+    if done.returncode != 0 or missing() is not None:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"osmo-hlr: apt-get install osmo-hlr failed: {tail[0]}"
+    return f"osmo-hlr installed: {find_binary()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["install"]:
+        print("usage: python -m regionvault.plugins.osmohlr.package install", file=sys.stderr)
+        return 2
+    # a missing osmo-hlr is not a failure: its tests skip with the line printed here
+    print(install())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
