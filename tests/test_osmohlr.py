@@ -33,7 +33,8 @@ from regionvault.plugins.osmohlr.plugin import Endpoint, endpoint, healthy
 from regionvault.plugins.osmohlr.vty import Vty, VtyError
 from site_support import open_site, site_toml
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+#: the tests that run osmo-hlr (the package's refusals and the demo's fallback run anyway)
+needs_hlr = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
 HLR = f"exec {shlex.quote(sys.executable)} -m regionvault.plugins.osmohlr"
 #: subscribers provisioned before the writer starts
@@ -162,6 +163,7 @@ def serving(region: Region, instance: Instance, timeout: float = 20.0) -> Endpoi
     raise AssertionError(f"osmo-hlr did not serve within {timeout}s:\n{log.read_text()[-2000:]}")
 
 
+@needs_hlr
 def test_an_hlr_backed_up_under_writes_serves_in_west_every_subscriber_committed_before(
     hlr_site: tuple[Site, CaptureWatch, list[tuple[Region, str]]],
 ) -> None:
@@ -222,6 +224,7 @@ def test_an_hlr_backed_up_under_writes_serves_in_west_every_subscriber_committed
     assert len(in_west) - SEEDED >= len(before)
 
 
+@needs_hlr
 def test_the_health_check_asks_the_instances_own_hlr(
     hlr_site: tuple[Site, CaptureWatch, list[tuple[Region, str]]], tmp_path: Path
 ) -> None:
@@ -273,6 +276,7 @@ def test_the_health_check_asks_the_instances_own_hlr(
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+@needs_hlr
 def test_the_vty_client_names_what_osmo_hlr_refused(
     hlr_site: tuple[Site, CaptureWatch, list[tuple[Region, str]]],
 ) -> None:
@@ -299,6 +303,7 @@ def test_the_vty_client_names_what_osmo_hlr_refused(
         Vty("127.0.0.1", 1, timeout=1.0)
 
 
+@needs_hlr
 def test_the_launcher_says_in_one_line_when_its_address_is_taken(
     hlr_site: tuple[Site, CaptureWatch, list[tuple[Region, str]]], tmp_path: Path
 ) -> None:
@@ -352,29 +357,58 @@ def test_package_install_refuses_in_one_line_without_root_or_apt(
     assert policy.read_text() == "#!/bin/sh\nexit 0\n"
 
 
-def test_the_demo_uses_osmo_hlr_when_installed_else_says_why_not(
+def test_the_demo_falls_back_to_the_sample_function_saying_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from regionvault.plugins.osmohlr import package
-    from regionvault.plugins.samplenf.demo import SampleFunction, pick_function, run_demo
+    from regionvault.plugins.samplenf.demo import SampleFunction, run_demo
 
-    with monkeypatch.context() as patch:
-        patch.setattr(package, "missing", lambda: "osmo-hlr is not installed: (reason)")
-        fallback, why = pick_function()
-    assert isinstance(fallback, SampleFunction)
-    assert why == (
-        "network function: the sample network function (regionvault.plugins.samplenf), "
-        "since osmo-hlr is not installed: (reason)"
-    )
-
-    function, which = pick_function()
-    assert which == "network function: osmo-hlr, Osmocom's HLR (regionvault.plugins.osmohlr)"
+    monkeypatch.setattr(package, "missing", lambda: "osmo-hlr is not installed: (reason)")
     lines: list[str] = []
     try:
-        figures = run_demo(tmp_path / "demo", say=lines.append, function=function)
+        figures = run_demo(tmp_path / "demo", say=lines.append)
+    finally:
+        leftovers = stop_sample_functions(tmp_path)
+    assert leftovers == []
+    assert lines[0] == (
+        f"network function: {SampleFunction.label}, since osmo-hlr is not installed: (reason)"
+    )
+    assert figures["same_state"] is True
+    (step2,) = [ln for ln in lines if ln.startswith("2. ")]
+    assert " in east on http://127.0.0.1:" in step2 and ": 40 subscribers" in step2
+
+
+def stop_sample_functions(under: Path) -> list[int]:
+    """Sample functions still running from ``under`` 10 s after the demo ended (its
+    terminate signals their process group, and waits for the shell that runs them only)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "regionvault.plugins.samplenf" in " ".join(proc.info["cmdline"] or []) and (
+                proc.cwd().startswith(str(under))
+            ):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    _, alive = psutil.wait_procs(found, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return [proc.pid for proc in alive]
+
+
+@needs_hlr
+def test_the_demo_uses_osmo_hlr_when_installed(tmp_path: Path) -> None:
+    from regionvault.plugins.samplenf.demo import run_demo
+
+    lines: list[str] = []
+    try:
+        figures = run_demo(tmp_path / "demo", say=lines.append)
     finally:
         leftovers = stop_leftovers(tmp_path)
     assert leftovers == []
+    assert lines[0] == "network function: osmo-hlr, Osmocom's HLR (regionvault.plugins.osmohlr)"
     assert figures["same_state"] is True
     (step2,) = [ln for ln in lines if ln.startswith("2. ")]
     (step7,) = [ln for ln in lines if ln.startswith("7. ")]
