@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from regionvault.core.errors import RegionVaultError
 from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import hookimpl
@@ -28,6 +29,7 @@ from regionvault.core.types import CaptureKind, Instance, LaunchSpec, Tags
 from regionvault.plugins.osmohlr import ENDPOINT_FILE, hostname_for
 from regionvault.plugins.osmohlr import plugin as osmohlr_plugin
 from regionvault.plugins.osmohlr.demo import demo_subscriber
+from regionvault.plugins.osmohlr.gsup import Gsup, GsupError
 from regionvault.plugins.osmohlr.package import missing
 from regionvault.plugins.osmohlr.plugin import Endpoint, endpoint, healthy
 from regionvault.plugins.osmohlr.vty import Vty, VtyError
@@ -43,6 +45,35 @@ SEEDED = 30
 DURING = 20
 #: the most the writer creates (it stops when told, well before)
 WRITER_LIMIT = 20_000
+
+
+def milenage_res_ck_ik(k: bytes, opc: bytes, rand: bytes) -> tuple[bytes, bytes, bytes]:
+    """3GPP TS 35.206's f2 (RES), f3 (CK) and f4 (IK): what an authentication vector of a
+    subscriber with these K and OPc must hold for ``rand``, whatever its SQN."""
+    encrypt = Cipher(algorithms.AES(k), modes.ECB()).encryptor().update
+
+    def xor(a: bytes, b: bytes) -> bytes:
+        return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+    temp = encrypt(xor(rand, opc))
+
+    def out(rotate: int, constant: int) -> bytes:
+        rotated = xor(temp, opc)
+        rotated = rotated[rotate:] + rotated[:rotate]
+        return xor(encrypt(xor(rotated, constant.to_bytes(16, "big"))), opc)
+
+    return out(0, 1)[8:16], out(4, 2), out(8, 4)
+
+
+def test_milenage_of_the_test_matches_3gpp_ts_35_207_test_set_1() -> None:
+    res, ck, ik = milenage_res_ck_ik(
+        bytes.fromhex("465b5ce8b199b49faa5f0a2ee238a6bc"),
+        bytes.fromhex("cd63cb71954a9f4e48a5994e37a02baf"),
+        bytes.fromhex("23553cbe9637a89d218ae64dae47bf35"),
+    )
+    assert res.hex() == "a54211d5e3ba50bf"
+    assert ck.hex() == "b40ba9a3c58b2a05bbf0d987b21bf8cb"
+    assert ik.hex() == "f769bcd751044604127672711c6d3441"
 
 
 class CaptureWatch:
@@ -216,6 +247,16 @@ def test_an_hlr_backed_up_under_writes_serves_in_west_every_subscriber_committed
             assert shown["MSISDN"] == demo_subscriber(int(imsi[5:]))[1]
             assert shown.get("3G auth") == "MILENAGE"
         in_west = [imsi for imsi, _ in vty.subscribers()]
+    # and over GSUP, as west's MSC would ask: vectors computed from the restored K and OPc
+    with Gsup(west_at.address, west_at.gsup_port, name="MSC-west", timeout=10.0) as gsup:
+        for imsi in seeded + before:
+            _, _, k, opc = demo_subscriber(int(imsi[5:]))
+            vectors = gsup.send_auth_info(imsi)
+            assert len(vectors) == 5
+            for v in vectors:
+                assert (v.res, v.ck, v.ik) == milenage_res_ck_ik(
+                    bytes.fromhex(k), bytes.fromhex(opc), v.rand
+                )
     # a consistent copy: the seeded ones and a prefix of the writer's, in order, no gaps, no
     # subscriber the writer never made
     written = [demo_subscriber(SEEDED + i)[0] for i in range(len(after) + 1)]
@@ -299,6 +340,17 @@ def test_the_vty_client_names_what_osmo_hlr_refused(
         assert opc not in str(err.value)  # key material is never quoted
         assert vty.show_subscriber(demo_subscriber(8)[0]) is None  # refused before sending
         assert vty.subscribers() == [(imsi, msisdn)]
+    with Gsup(where.address, where.gsup_port) as gsup:
+        (first, *_) = gsup.send_auth_info(imsi)
+        assert (first.res, first.ck, first.ik) == milenage_res_ck_ik(
+            bytes.fromhex(k), bytes.fromhex(opc), first.rand
+        )
+        assert k not in repr(first) and first.res is not None and first.res.hex() not in repr(first)
+        unknown = demo_subscriber(9)[0]
+        with pytest.raises(GsupError, match=rf"SendAuthInfo for {unknown}: IMSI unknown in HLR$"):
+            gsup.send_auth_info(unknown)
+        # the connection still serves after an error
+        assert len(gsup.send_auth_info(imsi)) == 5
     with pytest.raises(OSError):
         Vty("127.0.0.1", 1, timeout=1.0)
 
