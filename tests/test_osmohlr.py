@@ -314,7 +314,14 @@ def test_the_health_check_asks_the_instances_own_hlr(
     pids = json.loads((data / ENDPOINT_FILE).read_text())
     east.compute.terminate(hlr.id)
     for pid in (pids["pid"], pids["hlr_pid"]):
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert gone(pid), f"process {pid} still runs after terminate"
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @needs_hlr
@@ -353,6 +360,17 @@ def test_the_vty_client_names_what_osmo_hlr_refused(
         assert len(gsup.send_auth_info(imsi)) == 5
     with pytest.raises(OSError):
         Vty("127.0.0.1", 1, timeout=1.0)
+
+
+def test_an_error_osmo_hlr_quotes_keys_in_is_told_without_them() -> None:
+    vty = Vty.__new__(Vty)
+    vty.address, vty.port = "127.0.0.1", 4258
+    k, opc = "000102030405060708090a0b0c0d0e0f", "101112131415161718191A1B1C1D1E1F"
+    output = f"subscriber imsi 001010000000001 update aud3g milenage k {k} opc {opc}\n% bad {k}"
+    error = vty._fail("update aud3g", output, (k, opc.lower()))
+    assert str(error) == "osmo-hlr VTY at 127.0.0.1:4258: update aud3g: % bad <hidden>"
+    error = vty._fail("update aud3g", output.split("\n")[0], (k, opc.lower()))
+    assert k not in str(error) and opc not in str(error) and "<hidden>" in str(error)
 
 
 @needs_hlr

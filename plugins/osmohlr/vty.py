@@ -106,8 +106,11 @@ class Vty:
         # the last line is the prompt
         return "\n".join(lines[:-1]).strip("\n")
 
-    def _fail(self, what: str, output: str) -> VtyError:
+    def _fail(self, what: str, output: str, hide: tuple[str, ...] = ()) -> VtyError:
         message = next((ln for ln in output.splitlines() if ln.startswith("%")), output.strip())
+        message = " ".join(message.split())  # one line
+        for secret in hide:  # key material osmo-hlr might quote back
+            message = re.sub(re.escape(secret), "<hidden>", message, flags=re.IGNORECASE)
         return VtyError(f"{self._where()}: {what}: {message or 'no answer'}")
 
     def enable(self) -> None:
@@ -173,7 +176,7 @@ class Vty:
         if k is not None and opc is not None:
             output = self.command(f"subscriber imsi {imsi} update aud3g milenage k {k} opc {opc}")
             if output.strip():  # silent on success
-                raise self._fail(f"subscriber imsi {imsi} update aud3g", output)
+                raise self._fail(f"subscriber imsi {imsi} update aud3g", output, (k, opc))
 
     def subscribers(self) -> list[tuple[str, str | None]]:
         """Every subscriber as ``(imsi, msisdn or None)``, in osmo-hlr's order (its ids)."""
