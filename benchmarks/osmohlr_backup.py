@@ -33,22 +33,7 @@ from regionvault.plugins.osmohlr.demo import demo_subscriber
 from regionvault.plugins.osmohlr.package import missing
 from regionvault.plugins.osmohlr.plugin import Endpoint, endpoint, healthy
 from regionvault.plugins.osmohlr.vty import Vty
-
-SITE = """\
-[site]
-name = "hlr-bench"
-state_dir = "state"
-
-[regions."local:east"]
-root = "east"
-
-[regions."local:west"]
-root = "west"
-
-[[replication]]
-from = "local:east"
-to = ["local:west"]
-"""
+from regionvault.plugins.samplenf.demo import SITE  # the demo's two regions
 
 
 def serving(site: Site, region: str, instance_id: str, timeout: float = 30.0) -> Endpoint:

@@ -9,7 +9,8 @@ subscribers. This plugin gives it to regionvault:
   instance's data directory;
 - :mod:`.plugin`: the health check, a VTY query for a subscriber the database holds;
 - :mod:`.vty`: a VTY client (provisioning and queries);
-- :mod:`.gsup`: a GSUP client (``SendAuthInfo``, as an MSC or SGSN asks);
+- :mod:`.gsup`: a GSUP client (``SendAuthInfo``, as an MSC or SGSN asks); both clients
+  read with deadlines (:mod:`.connection`);
 - :mod:`.package`: finding and installing Debian's package;
 - :mod:`.demo`: the demo's network function when osmo-hlr is installed.
 

@@ -12,13 +12,12 @@ any MSC's would. Every read is bounded by the client's timeout.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from regionvault.core.errors import RegionVaultError
+from regionvault.plugins.osmohlr.connection import Connection
 from regionvault.plugins.osmohlr.layout import GSUP_PORT
 from regionvault.plugins.osmohlr.vty import check_imsi
 
@@ -85,9 +84,12 @@ def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
     return items
 
 
-class Gsup:
+class Gsup(Connection):
     """One GSUP connection to an osmo-hlr, as the peer ``name`` (an MSC's or SGSN's name in
     osmo-hlr's log): ``with Gsup("127.0.0.2") as gsup: gsup.send_auth_info(imsi)``."""
+
+    protocol = "GSUP"
+    error = GsupError
 
     def __init__(
         self,
@@ -99,13 +101,13 @@ class Gsup:
     ) -> None:
         if not name.isprintable() or not name or len(name) > 64:
             raise GsupError(f"GSUP peer name {name!r} must be 1 to 64 printable characters")
-        self.address, self.port, self.name, self.timeout = address, port, name, timeout
+        self.name = name
         self._buffer = b""
-        self._sock = socket.create_connection((address, port), timeout=timeout)
+        super().__init__(address, port, timeout=timeout)
         try:
             self._identify(time.monotonic() + timeout)
         except BaseException:
-            self._sock.close()
+            self.close()
             raise
 
     def _identify(self, deadline: float) -> None:
@@ -117,23 +119,6 @@ class Gsup:
                 return
             if proto == _IPA_CCM and payload[:1] == bytes([_CCM_PING]):
                 self._send(_IPA_CCM, bytes([_CCM_PONG]))
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Gsup:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _where(self) -> str:
-        return f"osmo-hlr GSUP at {self.address}:{self.port}"
 
     def _send(self, proto: int, payload: bytes) -> None:
         self._sock.sendall(struct.pack(">HB", len(payload), proto) + payload)
@@ -159,17 +144,7 @@ class Gsup:
                     proto, payload = self._buffer[2], self._buffer[3 : 3 + length]
                     self._buffer = self._buffer[3 + length :]
                     return proto, payload
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GsupError(f"{self._where()}: no answer within {self.timeout:g}s")
-            self._sock.settimeout(left)
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                raise GsupError(f"{self._where()}: closed the connection")
-            self._buffer += data
+            self._buffer += self._recv(deadline, "answer")
 
     def _gsup(self, deadline: float) -> bytes:
         """The next GSUP message, answering osmo-hlr's CCM requests on the way."""

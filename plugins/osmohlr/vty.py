@@ -10,11 +10,10 @@ an error, never a hang. K and OPc are sent but never put in an error message.
 from __future__ import annotations
 
 import re
-import socket
 import time
-from types import TracebackType
 
 from regionvault.core.errors import RegionVaultError
+from regionvault.plugins.osmohlr.connection import Connection
 from regionvault.plugins.osmohlr.layout import VTY_PORT
 
 __all__ = ["Vty", "VtyError", "check_imsi"]
@@ -41,36 +40,19 @@ def check_imsi(imsi: str) -> str:
     return imsi
 
 
-class Vty:
+class Vty(Connection):
     """One VTY session with an osmo-hlr: ``with Vty("127.0.0.2") as vty: vty.enable() ...``."""
 
+    protocol = "VTY"
+    error = VtyError
+
     def __init__(self, address: str, port: int = VTY_PORT, *, timeout: float = 2.0) -> None:
-        self.address = address
-        self.port = port
-        self.timeout = timeout
-        self._sock = socket.create_connection((address, port), timeout=timeout)
+        super().__init__(address, port, timeout=timeout)
         try:
             self._read_reply()  # the banner, up to the first prompt
         except BaseException:
-            self._sock.close()
+            self.close()
             raise
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Vty:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _where(self) -> str:
-        return f"osmo-hlr VTY at {self.address}:{self.port}"
 
     def _read_reply(self) -> str:
         deadline = time.monotonic() + self.timeout
@@ -79,17 +61,7 @@ class Vty:
             text = _TELNET.sub(b"", raw)
             if _PROMPT.search(text):
                 return text.decode("utf-8", errors="replace")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise VtyError(f"{self._where()}: no prompt within {self.timeout:g}s")
-            self._sock.settimeout(left)
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                raise VtyError(f"{self._where()}: closed the connection")
-            raw += data
+            raw += self._recv(deadline, "prompt")
             if len(raw) > _MAX_REPLY:
                 raise VtyError(f"{self._where()}: a reply longer than {_MAX_REPLY} bytes")
 
