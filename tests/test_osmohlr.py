@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -396,6 +397,40 @@ def test_the_launcher_says_in_one_line_when_its_address_is_taken(
         "osmo-hlr (0 started, none answered)"
     ]
     assert not (data / ENDPOINT_FILE).exists()
+
+
+@needs_hlr
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_osmo_hlr_ends_with_its_launcher_signalled_alone(tmp_path: Path, sig: int) -> None:
+    """SIGTERM to the launcher alone is passed to osmo-hlr (exit 0); SIGKILL takes osmo-hlr
+    along through its parent-death signal."""
+    import subprocess
+
+    data = tmp_path / "data"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "regionvault.plugins.osmohlr", "--data", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (data / ENDPOINT_FILE).exists() and time.monotonic() < deadline:
+            assert launcher.poll() is None, "the launcher exited before osmo-hlr served"
+            time.sleep(0.05)
+        hlr_pid = json.loads((data / ENDPOINT_FILE).read_text())["hlr_pid"]
+        assert not gone(hlr_pid)
+        launcher.send_signal(sig)
+        code = launcher.wait(timeout=20)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not gone(hlr_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(hlr_pid), f"osmo-hlr {hlr_pid} outlived its launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=20)
+        assert stop_leftovers(tmp_path) == []
 
 
 def test_package_install_refuses_in_one_line_without_root_or_apt(
