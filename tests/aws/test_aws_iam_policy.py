@@ -15,7 +15,12 @@ item 4): no IAM evaluator, a static reading of the documents and one recorded ru
   never sends (CreateKey, UpdateAlias, ...) must not be in the backup role.
 - No statement allows Decrypt, ReEncrypt or GenerateDataKey on a key outside the role's own
   region; every statement allowing a destructive EC2/EBS action carries a resource-tag
-  condition, and each resource the run destroyed carried the tags that condition asks.
+  condition.
+- The tag conditions hold for the run: each instance, image, snapshot the provider launched,
+  registered, wrote, tagged or destroyed, as it was just before the call (read with a raw
+  client) and with the tags the request asked, meets the ``aws:ResourceTag``,
+  ``aws:RequestTag`` and ``aws:TagKeys`` conditions of a statement that allows the call on
+  that type of resource. (Conditions on other keys are AWS's to evaluate.)
 """
 
 from __future__ import annotations
@@ -248,26 +253,63 @@ def _resource_tag_conditions(statement: Mapping[str, Any]) -> list[tuple[str, st
     return out
 
 
-def _tags_satisfy(statement: Mapping[str, Any], tags: Mapping[str, str]) -> bool:
-    """Whether a resource with ``tags`` meets every aws:ResourceTag condition of the
-    statement (StringEquals, StringLike, Null: the operators the document uses)."""
-    for operator, key, values in _resource_tag_conditions(statement):
-        if operator == "Null":
-            present = key in tags
-            if any((v == "false") != present for v in values):
-                return False
-        elif operator == "StringEquals":
-            if tags.get(key) not in values:
-                return False
-        elif operator == "StringLike":
-            if key not in tags or not any(fnmatch.fnmatchcase(tags[key], v) for v in values):
-                return False
-        else:
-            pytest.fail(f"statement {statement.get('Sid')}: operator {operator} not understood")
+def _matches(operator: str, value: str | None, wanted: list[str]) -> bool:
+    if operator == "Null":
+        return all((w == "false") == (value is not None) for w in wanted)
+    if value is None:
+        return False
+    if operator == "StringEquals":
+        return value in wanted
+    if operator == "StringLike":
+        return any(fnmatch.fnmatchcase(value, w) for w in wanted)
+    pytest.fail(f"condition operator {operator} not understood by this test")
+
+
+def _conditions_hold(statement: Mapping[str, Any], target: Target) -> bool:
+    """Whether the statement's tag conditions hold for one resource of a call: its tags
+    (``aws:ResourceTag``), the request's tags (``aws:RequestTag``, ``aws:TagKeys``) and the
+    creating action (``ec2:CreateAction``); other condition keys (region, KMS, S3) are not
+    about tags and are left to AWS."""
+    for operator, tests in (statement.get("Condition") or {}).items():
+        for key, values in tests.items():
+            wanted, name = _list(values), key.lower()
+            if name.startswith(("aws:resourcetag/", "ec2:resourcetag/")):
+                tag = key.split("/", 1)[1]
+                value = None if target.tags is None else target.tags.get(tag)
+                if not _matches(operator, value, wanted):
+                    return False
+            elif name.startswith("aws:requesttag/"):
+                value = target.request_tags.get(key.split("/", 1)[1])
+                if not _matches(operator, value, wanted):
+                    return False
+            elif name == "aws:tagkeys":
+                assert operator == "ForAllValues:StringLike", (statement.get("Sid"), operator)
+                if not all(_matches("StringLike", k, wanted) for k in target.request_tags):
+                    return False
+            elif name == "ec2:createaction":
+                return False  # the calls checked here are never a tag-on-create
     return True
 
 
+def _covers(statement: Mapping[str, Any], kind: str) -> bool:
+    """Whether one of the statement's resources is of this EC2 resource type."""
+    return any(r == "*" or f":{kind}/" in r for r in _list(statement.get("Resource")))
+
+
 # --------------------------------------------------------------------------- the recording
+
+
+@dataclass(frozen=True)
+class Target:
+    """One EC2 resource a call acts on or creates: its type, its tags just before the call
+    (None when the call creates it) and the tags the request puts on it."""
+
+    kind: str
+    tags: Mapping[str, str] | None
+    request_tags: Mapping[str, str] = field(default_factory=dict)
+
+
+_KINDS = {"i-": "instance", "ami-": "image", "snap-": "snapshot", "vol-": "volume"}
 
 
 @dataclass(frozen=True)
@@ -277,8 +319,8 @@ class Call:
     service: str
     operation: str
     params: Mapping[str, Any]
-    #: the tags of the resource a destructive call acts on, read just before it
-    target_tags: Mapping[str, str] | None = None
+    #: the EC2 resources whose tags the backup role's conditions look at
+    targets: tuple[Target, ...] = ()
 
     def actions(self) -> list[str]:
         """The IAM actions this call needs."""
@@ -310,28 +352,62 @@ class Recorder:
     aws: AwsWorld
     phase: str = "setup"
     calls: list[Call] = field(default_factory=list)
+    _snapshot_tags: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def of(self, *phases: str) -> list[Call]:
         return [c for c in self.calls if c.phase in phases]
 
-    def target_tags(self, region: str, operation: str, params: Mapping[str, Any]) -> Any:
-        """What the resource of a destructive call is tagged with, read with a raw client."""
+    def tags_of(self, region: str, resource_id: str) -> dict[str, str]:
+        """A resource's tags now, read with a raw client (outside the recording)."""
         ec2 = self.aws.client("ec2", region)
-        if operation == "TerminateInstances":
-            (reservation,) = ec2.describe_instances(InstanceIds=params["InstanceIds"])[
-                "Reservations"
-            ]
-            found = reservation["Instances"]
-        elif operation == "DeleteSnapshot":
-            found = ec2.describe_snapshots(SnapshotIds=[params["SnapshotId"]])["Snapshots"]
-        elif operation == "DeregisterImage":
-            found = ec2.describe_images(ImageIds=[params["ImageId"]])["Images"]
-        elif operation in ("DeleteVolume", "DetachVolume"):
-            found = ec2.describe_volumes(VolumeIds=[params["VolumeId"]])["Volumes"]
+        kind = next(k for prefix, k in _KINDS.items() if resource_id.startswith(prefix))
+        if kind == "instance":
+            (reservation,) = ec2.describe_instances(InstanceIds=[resource_id])["Reservations"]
+            (found,) = reservation["Instances"]
+        elif kind == "image":
+            (found,) = ec2.describe_images(ImageIds=[resource_id])["Images"]
+        elif kind == "snapshot":
+            (found,) = ec2.describe_snapshots(SnapshotIds=[resource_id])["Snapshots"]
         else:
-            return None
-        (resource,) = found
-        return {t["Key"]: t["Value"] for t in resource.get("Tags") or []}
+            (found,) = ec2.describe_volumes(VolumeIds=[resource_id])["Volumes"]
+        return {t["Key"]: t["Value"] for t in found.get("Tags") or []}
+
+    def targets(self, region: str, operation: str, p: Mapping[str, Any]) -> tuple[Target, ...]:
+        """The resources of the calls whose statements carry tag conditions."""
+
+        def spec_tags(kind: str) -> dict[str, str]:
+            return {
+                t["Key"]: t["Value"]
+                for spec in p.get("TagSpecifications") or []
+                if spec.get("ResourceType") == kind
+                for t in spec.get("Tags") or []
+            }
+
+        def kind_of(resource_id: str) -> str:
+            return next(k for prefix, k in _KINDS.items() if resource_id.startswith(prefix))
+
+        if operation in ("TerminateInstances", "DeleteSnapshot", "DeregisterImage"):
+            ids = p.get("InstanceIds") or [p.get("SnapshotId") or p.get("ImageId")]
+            return tuple(Target(kind_of(i), self.tags_of(region, i)) for i in ids)
+        if operation in ("DeleteVolume", "DetachVolume"):
+            return (Target("volume", self.tags_of(region, p["VolumeId"])),)
+        if operation == "RunInstances":
+            image = Target("image", self.tags_of(region, p["ImageId"]))
+            return (image, Target("instance", None, spec_tags("instance")))
+        if operation in ("CreateSnapshot", "CreateSnapshots"):
+            return (Target("snapshot", None, spec_tags("snapshot")),)
+        if operation in ("CreateTags", "DeleteTags"):
+            asked = {t["Key"]: t.get("Value", "") for t in p.get("Tags") or []}
+            return tuple(Target(kind_of(r), None, asked) for r in p["Resources"])
+        if operation == "StartSnapshot":
+            asked = {t["Key"]: t["Value"] for t in p.get("Tags") or []}
+            return (Target("snapshot", None, asked),)
+        if operation in ("PutSnapshotBlock", "CompleteSnapshot"):
+            snapshot = p["SnapshotId"]
+            if snapshot not in self._snapshot_tags:
+                self._snapshot_tags[snapshot] = self.tags_of(region, snapshot)
+            return (Target("snapshot", self._snapshot_tags[snapshot]),)
+        return ()
 
 
 @pytest.fixture
@@ -347,11 +423,11 @@ def recorder(aws: AwsWorld, monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorde
 
         def on_call(params: Any = None, model: Any = None, **_: Any) -> None:
             operation = str(model.name)
-            tags = None
-            if f"ec2:{operation}" in DESTRUCTIVE:
-                tags = recorder.target_tags(region, operation, params or {})
+            targets = ()
+            if service in ("ec2", "ebs") and recorder.phase == "pipeline":
+                targets = recorder.targets(region, operation, params or {})
             recorder.calls.append(
-                Call(recorder.phase, region, service, operation, dict(params or {}), tags)
+                Call(recorder.phase, region, service, operation, dict(params or {}), targets)
             )
 
         client.meta.events.register("before-parameter-build", on_call)
@@ -440,7 +516,7 @@ def test_every_operation_the_provider_sends_is_in_the_right_policy(
     for key in keys:
         tags = {t["TagKey"]: t["TagValue"] for t in kms.list_resource_tags(KeyId=key)["Tags"]}
         statements = admin.allowing("kms:GetKeyPolicy")
-        assert any(_tags_satisfy(s, tags) for s in statements), (key, tags)
+        assert any(_conditions_hold(s, Target("key", tags)) for s in statements), (key, tags)
     # and the backup role reads what was wrapped before and after the rotation
     recorder.phase = "pipeline"
     with _load(_site(aws, tmp_path, create=False)) as site:
@@ -479,17 +555,23 @@ def test_every_operation_the_provider_sends_is_in_the_right_policy(
     granted = [a for a in admin_only if backup_role.allowing(a)]
     assert not granted, f"the backup role allows what only the administrator does: {granted}"
 
-    # ---- each destructive call hit a resource whose tags its statement's condition asks
-    destroyed = [c for c in pipeline if c.target_tags is not None]
-    assert {c.operation for c in destroyed} >= {
+    # ---- the tag conditions hold for every resource the run made, tagged or destroyed
+    checked = [c for c in pipeline if c.targets]
+    assert {c.operation for c in checked} >= {
         "TerminateInstances",
         "DeregisterImage",
         "DeleteSnapshot",
+        "RunInstances",
+        "CreateTags",
+        "StartSnapshot",
+        "PutSnapshotBlock",
     }
-    for call in destroyed:
+    for call in checked:
         (action,) = call.actions()
-        statements = backup_role.allowing(action)
-        assert any(_tags_satisfy(s, call.target_tags or {}) for s in statements), (
-            f"{call} acted on a resource tagged {call.target_tags}, which no tag condition "
-            f"of the backup role's statements {[s.get('Sid') for s in statements]} allows"
-        )
+        for target in call.targets:
+            statements = [s for s in backup_role.allowing(action) if _covers(s, target.kind)]
+            assert any(_conditions_hold(s, target) for s in statements), (
+                f"{call} on {target.kind} tagged {target.tags}, asking tags "
+                f"{dict(target.request_tags)}: no tag condition of the backup role's "
+                f"statements {[s.get('Sid') for s in statements]} allows it"
+            )
