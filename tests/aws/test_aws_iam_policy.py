@@ -113,6 +113,9 @@ KEY_USE = (
     "kms:GenerateDataKeyPair",
     "kms:GenerateDataKeyPairWithoutPlaintext",
 )
+#: what rotate-keys reads that the backup role reads too, though not in this run: the chain
+#: of a rotated key's predecessors (providers/aws/kms.py, ``_previous_keys``)
+BACKUP_READS = {"kms:ListResourceTags"}
 #: what only an administrator does (rotate-keys, create = true)
 ADMIN_ONLY = (
     "kms:CreateKey",
@@ -545,12 +548,7 @@ def test_every_operation_the_provider_sends_is_in_the_right_policy(
     )
     assert not missing, "docs/aws.md's admin policy lacks:\n" + "\n".join(missing)
     needed = {a for c in pipeline for a in c.actions()}
-    changes = {
-        a
-        for c in admin_calls
-        for a in c.actions()
-        if a not in needed and not a.split(":")[1].startswith(("Describe", "Get", "List"))
-    }
+    changes = {a for c in admin_calls for a in c.actions() if a not in needed | BACKUP_READS}
     admin_only = sorted(changes | set(ADMIN_ONLY))
     granted = [a for a in admin_only if backup_role.allowing(a)]
     assert not granted, f"the backup role allows what only the administrator does: {granted}"
