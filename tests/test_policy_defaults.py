@@ -17,7 +17,7 @@ from cli_support import ok
 from regionvault.core import Region, Site
 from regionvault.core.config import SiteConfig, parse_site
 from regionvault.core.errors import ConfigError, PolicyError
-from regionvault.core.pipeline import Engine, Service
+from regionvault.core.pipeline import SLOT_TAG, Engine, Service
 from regionvault.core.pipeline.jobs import slot_of
 from regionvault.core.pipeline.tagger import tag_region
 from regionvault.core.policy import parse_policy, resolve_policy
@@ -296,3 +296,25 @@ def test_the_tag_command_prints_what_it_completed(workdir: Path) -> None:
     assert east["completed"] == [
         {"id": instance_id, "name": "vcu-1", "value": "1-", "completed": "1-7"}
     ]
+
+
+def test_a_changed_default_applies_to_the_next_point_and_not_to_those_made(
+    tick_site: Site, tmp_path: Path
+) -> None:
+    now = slot_of(datetime.now(UTC), D) + timedelta(hours=1)
+    settings = RepositorySettings(pack_size=1 << 20)
+    east = tick_site.region("east")
+    daily = add(east, tmp_path, "vcu-1", {"backup": "1-"})
+    assert Service(Engine(tick_site, clock=lambda: now, settings=settings)).tick().ok
+
+    # the site's retention becomes 30 days: the tag "1-" follows it, the point made keeps 3
+    path = tmp_path / "site" / "site.toml"
+    path.write_text(site_toml(name="defaults", settings={"default_policy": "1-30"}))
+    later = now + D
+    with open_site(path) as site:
+        engine = Engine(site, clock=lambda: later, settings=settings)
+        assert Service(engine).tick().ok
+        points = [p for p in engine.repository("east").points(daily) if p.lineage is None]
+    first, second = sorted(points, key=lambda p: p.tags[SLOT_TAG])  # by the day made for
+    assert east.compute.get_instance(daily).tags["backup"] == "1-"
+    assert (first.expires_at, second.expires_at) == (now + 3 * D, later + 30 * D)
