@@ -7,6 +7,13 @@ A policy tag (key ``backup`` by default, :attr:`SiteConfig.tag_key`) holds one o
     an optional unit ``m`` (minutes), ``h`` (hours), ``d`` (days) or ``w`` (weeks); a bare
     number is days, so the classic ``1-7`` is "daily, keep 7 days". ``12h-2d``, ``30m-6h``,
     ``1d-4w``.
+``F-``, ``-R``, ``F``
+    a partial policy: the missing side comes from the site's default policy (``1-`` is daily
+    with the default's retention, ``-7`` the default's frequency with 7 days, and a bare
+    ``1`` or ``12h`` is a frequency, so ``1`` is ``1-``). The tag is left as written, so a
+    later change of the default applies to it; :attr:`Policy.completed` says what it
+    completed to. A site whose default is ``none`` has no part to give: an error naming the
+    missing part.
 a policy name
     a name from site.toml ``[policies]`` (``gold = "4h-30d"``); a named policy is itself an
     ``F-R`` string, checked when the site is loaded.
@@ -154,6 +161,21 @@ def _check_spec(frequency: timedelta, retention: timedelta) -> None:
         raise _Invalid(f"retention {format_duration(retention)} is longer than 100 years")
 
 
+def _partial_sides(text: object) -> tuple[str, str] | None:
+    """The written sides of a partial value (``F-``, ``-R``, a bare ``F``), the missing one
+    empty; None when ``text`` is not partial (whole, ``-`` alone, or malformed otherwise)."""
+    if not isinstance(text, str) or not text or not text.isascii():
+        return None
+    if any(ch.isspace() for ch in text) or _NAME.fullmatch(text):
+        return None  # a name (``gold``, ``none``) is never partial
+    frequency, dash, retention = text.partition("-")
+    if not dash:
+        return text, ""
+    if "-" in retention or bool(frequency) == bool(retention):
+        return None
+    return frequency, retention
+
+
 def _spec(text: str) -> tuple[timedelta, timedelta]:
     if not isinstance(text, str):
         raise _Invalid(f"must be a string, got {type(text).__name__}")
@@ -230,6 +252,10 @@ class Policy:
     copies: tuple[CopyTarget, ...] = ()
     #: True when the instance had no policy tag and the site's default applied
     from_default: bool = False
+    #: the whole ``F-R`` value a partial tag was completed to with the missing side of the
+    #: site's default policy (``"1-7"`` for ``"1-"`` under the default ``1-7``); None when
+    #: the value was whole
+    completed: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -246,6 +272,14 @@ class Policy:
     def spec(self) -> str:
         """The canonical ``F-R`` form (``1d-1w``), whatever form it was written in."""
         return f"{format_duration(self.frequency)}-{format_duration(self.retention)}"
+
+    @property
+    def completed_part(self) -> str | None:
+        """``"frequency"`` or ``"retention"``: the side a partial tag took from the site's
+        default policy; None when the value was whole."""
+        if self.completed is None:
+            return None
+        return "frequency" if self.source.startswith("-") else "retention"
 
     @property
     def copy_to(self) -> tuple[RegionId, ...]:
@@ -283,25 +317,81 @@ def _named(value: str, policies: Mapping[str, str]) -> Policy:
     return Policy(frequency, retention, source=value, name=value)
 
 
-def _policy(value: str, policies: Mapping[str, str]) -> Policy | None:
+def _completed(
+    value: str, sides: tuple[str, str], policies: Mapping[str, str], default: str | None
+) -> Policy:
+    """The policy of a partial value, its missing side taken from the site's ``default``."""
+    written_frequency, written_retention = sides
+    # the written side is checked first: its own error says more than a missing default
+    if written_frequency:
+        _duration(written_frequency, "frequency")
+    else:
+        _duration(written_retention, "retention")
+    missing = "retention" if written_frequency else "frequency"
+    if default is None:
+        raise _Invalid(
+            f"{missing} is missing (a partial value takes it from the site's default_policy, "
+            "and there is none here)"
+        )
+    if default == NONE:
+        raise _Invalid(
+            f"{missing} is missing, and the site's default_policy is {NONE!r}: there is no "
+            f"default {missing} to complete it with (write both sides, like 1-7)"
+        )
+    if _NAME.fullmatch(default) and default not in policies:
+        raise _Invalid(
+            f"{missing} is missing, and the site's default_policy {quote_value(default)} "
+            "names no policy of [policies]"
+        )
+    default_spec = policies.get(default, default)
+    try:
+        _spec(default_spec)
+    except _Invalid as exc:
+        raise _Invalid(
+            f"{missing} is missing, and the site's default_policy {quote_value(default)} is "
+            f"invalid: {exc.reason}"
+        ) from None
+    default_frequency, default_retention = default_spec.split("-")
+    whole_frequency = written_frequency or default_frequency
+    whole_retention = written_retention or default_retention
+    whole = f"{whole_frequency}-{whole_retention}"
+    frequency = _duration(whole_frequency, "frequency")
+    retention = _duration(whole_retention, "retention")
+    try:
+        _check_spec(frequency, retention)
+    except _Invalid as exc:
+        raise _Invalid(
+            f"completes to {whole} with the {missing} of default_policy "
+            f"{quote_value(default)}, and then {exc.reason}"
+        ) from None
+    return Policy(frequency, retention, source=value, completed=whole)
+
+
+def _policy(value: str, policies: Mapping[str, str], default: str | None = None) -> Policy | None:
     if value == NONE:
         return None
     if isinstance(value, str) and value.lower() == NONE:
         raise _Invalid(f"write {NONE!r} in lower case to opt out")
     if isinstance(value, str) and _NAME.fullmatch(value):
         return _named(value, policies)
+    sides = _partial_sides(value)
+    if sides is not None:
+        return _completed(value, sides, policies, default)
     frequency, retention = _spec(value)
     return Policy(frequency, retention, source=value)
 
 
-def parse_policy(value: str, *, policies: Mapping[str, str] | None = None) -> Policy | None:
+def parse_policy(
+    value: str, *, policies: Mapping[str, str] | None = None, default: str | None = None
+) -> Policy | None:
     """A policy tag value as a :class:`Policy` without copies, ``None`` for ``none``.
 
-    ``policies`` are the site's named policies. :class:`PolicyError` quotes the value and
-    says what is wrong.
+    ``policies`` are the site's named policies; ``default`` the site's default policy, which
+    completes a partial value (``1-``, ``-7``, ``1``; without it, a partial value is an
+    error). :class:`PolicyError` quotes the value and says what is wrong.
     """
     try:
-        return _policy(value, policies or {})
+        return _policy(value, policies or {}, default)
     except _Invalid as exc:
         raise PolicyError(f"policy {quote_value(value)}{_join(exc.reason)}") from None
 
@@ -384,7 +474,8 @@ def parse_copy_retention(value: str, *, frequency: timedelta | None = None) -> t
 def resolve_policy(instance: Instance, site: PolicySite) -> Policy | None:
     """The effective policy of ``instance`` under ``site``, ``None`` if it opted out.
 
-    Missing parts come from the site: no policy tag means ``site.default_policy``; no copy-to
+    Missing parts come from the site: no policy tag means ``site.default_policy``, and a
+    partial one (``1-``, ``-7``, ``1``) takes its missing side from it; no copy-to
     tag means the destinations of the site's replication pairs from the instance's region; no
     copy-keep tag means the pair's ``copy_retention``, else the policy's own retention.
     :class:`PolicyError` names the instance, the tag and what is wrong.
@@ -399,7 +490,8 @@ def resolve_policy(instance: Instance, site: PolicySite) -> Policy | None:
     if value is None:
         value = site.default_policy
     try:
-        base = _policy(value, site.policies)
+        # the default itself must be whole (the site check says so); a tag may be partial
+        base = _policy(value, site.policies, None if from_default else site.default_policy)
     except _Invalid as exc:
         if from_default:
             raise PolicyError(
@@ -447,6 +539,7 @@ def resolve_policy(instance: Instance, site: PolicySite) -> Policy | None:
         name=base.name,
         copies=copies,
         from_default=from_default,
+        completed=base.completed,
     )
 
 
@@ -526,6 +619,13 @@ def check_site_policies(site: PolicySite) -> None:
                 file=site.source,
                 key=key,
             ) from None
+    if _partial_sides(site.default_policy) is not None:
+        raise ConfigError(
+            f"{quote_value(site.default_policy)} is partial: the default gives partial tags "
+            "their missing side, so it must be whole (F-R like 1-7, a name, or none)",
+            file=site.source,
+            key="site.default_policy",
+        )
     try:
         _policy(site.default_policy, site.policies)
     except _Invalid as exc:

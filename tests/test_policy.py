@@ -102,7 +102,7 @@ def test_none_opts_out() -> None:
         ("-7", "frequency is missing"),
         ("1-", "retention is missing"),
         ("-", "frequency is missing"),
-        ("7", "has no '-'"),
+        ("7", "retention is missing"),  # a bare frequency, and no default to complete it
         ("1-7-30", "expected exactly one"),
         (" 1-7", "whitespace"),
         ("1-7 ", "whitespace"),

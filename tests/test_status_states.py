@@ -259,7 +259,7 @@ def test_due_and_late_count_from_the_newest_slot_and_a_ticks_grace() -> None:
     assert judge(hourly, [older, newer]).startswith("protected: ")
     # a failure wins over every time rule; a malformed tag over a failure
     assert judge(hourly, [newer], failed="boom") == "failing: last backup failed: boom"
-    assert judge({"backup": "1h"}, [newer], failed="boom").startswith("malformed: tag backup=")
+    assert judge({"backup": "1h-x"}, [newer], failed="boom").startswith("malformed: tag backup=")
     assert judge({"backup": "none"}, []) == "opted_out: backup=none"
     assert judge({"backup": "1h-1d", "backup-drill": "often"}, []).startswith(
         "malformed: tag backup-drill="

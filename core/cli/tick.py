@@ -114,6 +114,15 @@ def tag(state: CliState, region: str | None, as_json: bool) -> None:
                         {"id": t.instance_id, "name": t.name, "value": t.value} for t in rep.tagged
                     ],
                     "skipped": [str(n) for n in rep.skipped],
+                    "completed": [
+                        {
+                            "id": c.instance_id,
+                            "name": c.name,
+                            "value": c.value,
+                            "completed": c.completed,
+                        }
+                        for c in rep.completed
+                    ],
                     "malformed": [str(n) for n in rep.malformed],
                     "failed": [str(n) for n in rep.failed],
                 }
@@ -125,6 +134,8 @@ def tag(state: CliState, region: str | None, as_json: bool) -> None:
         click.echo(rep.summary())
         for t in rep.tagged:
             click.echo(f"  tagged {t}")
+        for c in rep.completed:
+            click.echo(f"  completed {c}")
         for n in rep.malformed:
             click.echo(f"  malformed: {n}")
         for n in rep.failed:

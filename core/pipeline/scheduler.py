@@ -245,6 +245,7 @@ def _policy_dict(policy: Policy) -> dict[str, Any]:
             for t in policy.copies
         ],
         "from_default": policy.from_default,
+        "completed": policy.completed,
     }
 
 
@@ -259,6 +260,7 @@ def _policy_of(data: Mapping[str, Any]) -> Policy:
             for c in data.get("copies", ())
         ),
         from_default=bool(data.get("from_default", False)),
+        completed=data.get("completed"),
     )
 
 

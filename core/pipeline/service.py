@@ -198,6 +198,7 @@ def job_handlers(engine: Engine) -> JobHandlers:
         return {
             "tagged": [t.instance_id for t in report.tagged],
             "malformed": [str(m) for m in report.malformed],
+            "completed": [str(c) for c in report.completed],
         }
 
     def run_backup(job: Job) -> Any:

@@ -7,6 +7,10 @@ One pass over a region (:func:`tag_region`):
   with the default policy (an instance tagged ``none`` is always left alone: opting out wins);
 - every instance's resulting tags are checked with :func:`resolve_policy`, and a malformed
   value is reported with the instance and the reason, never raised;
+- a partial policy tag (``1-``, ``-7``, ``1``) is reported as *completed*, with the whole
+  value it completed to from the site's default policy, and left as written: the scheduler
+  completes it the same way on every pass, so a later change of the default applies to it
+  (docs/policies.md says why it is not rewritten);
 - a failure to write one instance's tags is reported and the pass goes on.
 
 A second pass over an unchanged region tags nothing.
@@ -27,7 +31,7 @@ if TYPE_CHECKING:
     from regionvault.core.interfaces import Compute
     from regionvault.core.types import Instance
 
-__all__ = ["InstanceNote", "TagReport", "Tagged", "tag_region"]
+__all__ = ["Completed", "InstanceNote", "TagReport", "Tagged", "tag_region"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,35 @@ class Tagged:
 
 
 @dataclass(frozen=True)
+class Completed:
+    """An instance whose partial policy tag the site's default policy completes (the tag is
+    left as written)."""
+
+    instance_id: str
+    name: str
+    #: the tag as written (``"1-"``)
+    value: str
+    #: the whole value it completed to (``"1-7"``)
+    completed: str
+    #: the side taken from the default: ``"frequency"`` or ``"retention"``
+    part: str
+    #: the site's default policy it came from
+    default: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.instance_id} ({self.name}): {self.value} -> {self.completed} "
+            f"({self.part} from default_policy {quote_value(self.default)})"
+        )
+
+
+@dataclass(frozen=True)
 class TagReport:
     """What one pass of the tagger did in one region.
 
     An instance is counted once: in ``tagged``, ``skipped`` (left as it was, with a valid
-    policy), ``malformed`` (left as it was, its tags do not make a valid policy) or ``failed``
+    policy), ``completed`` (left as it was, a partial policy tag the default completes),
+    ``malformed`` (left as it was, its tags do not make a valid policy) or ``failed``
     (writing its tag failed). The one exception is an instance the tagger tagged whose tags
     still do not make a valid policy (a bad ``backup-copy-to`` next to the tag it just wrote):
     it is in ``tagged`` and in ``malformed``, since both happened.
@@ -76,15 +104,18 @@ class TagReport:
     skipped: tuple[InstanceNote, ...] = ()
     malformed: tuple[InstanceNote, ...] = ()
     failed: tuple[InstanceNote, ...] = ()
+    completed: tuple[Completed, ...] = ()
 
     @property
     def ok(self) -> bool:
         return not self.malformed and not self.failed
 
     def summary(self) -> str:
+        # "completed N" only when there are any, so that the line stays as it was otherwise
+        completed = f"completed {len(self.completed)}, " if self.completed else ""
         return (
             f"{self.region}: tagged {len(self.tagged)}, skipped {len(self.skipped)}, "
-            f"malformed {len(self.malformed)}, failed {len(self.failed)}"
+            f"{completed}malformed {len(self.malformed)}, failed {len(self.failed)}"
         )
 
 
@@ -105,6 +136,7 @@ def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> T
     skipped: list[InstanceNote] = []
     malformed: list[InstanceNote] = []
     failed: list[InstanceNote] = []
+    completed: list[Completed] = []
 
     # Listed in full before any tag is written, so that writes cannot disturb pagination.
     instances = list(compute.list_instances(page_size=page_size))
@@ -128,11 +160,16 @@ def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> T
             instance = replace(instance, tags=tags)
             tagged.append(Tagged(instance.id, label, default, current))
         try:
-            resolve_policy(instance, site)
+            policy = resolve_policy(instance, site)
         except PolicyError as exc:
             malformed.append(InstanceNote(instance.id, label, exc.message))
             continue  # left as it was, and malformed: counted there alone
-        if skip is not None:
+        if skip is not None and policy is not None and policy.completed is not None:
+            part = policy.completed_part or ""
+            completed.append(
+                Completed(instance.id, label, policy.source, policy.completed, part, default)
+            )
+        elif skip is not None:
             skipped.append(skip)
     return TagReport(
         region=compute.region,
@@ -141,4 +178,5 @@ def tag_region(compute: Compute, site: SiteConfig, *, page_size: int = 100) -> T
         skipped=tuple(skipped),
         malformed=tuple(malformed),
         failed=tuple(failed),
+        completed=tuple(completed),
     )
