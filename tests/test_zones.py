@@ -5,7 +5,9 @@ repository, one inbox or one key, and the tick's refusal of an instance two regi
 
 from __future__ import annotations
 
+import tomllib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,3 +309,12 @@ def test_disjoint_regions_are_left_as_they_are(registry: ProviderRegistry) -> No
     schedules[1] = ScheduleReport(region="aws:us-east-1b", now=NOW, due=schedules[1].due)
     refused, problems = refuse_claimed_twice(schedules, site)
     assert problems == [] and refused == schedules
+
+
+def test_the_zone_example_of_docs_aws_md_is_a_valid_site(registry: ProviderRegistry) -> None:
+    text = (Path(__file__).parents[1] / "docs" / "aws.md").read_text()
+    section = text.split("## Availability zones as regions", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    site = parse_site(tomllib.loads(block), source="aws.md", registry=registry)
+    zones = {n: AwsSettings.from_region(r).availability_zone for n, r in site.regions.items()}
+    assert zones == {"aws:us-east-1a": "us-east-1a", "aws:edge-b": "us-east-1b"}
