@@ -544,8 +544,7 @@ def check_region_claims(site: SiteConfig, registry: ProviderRegistry) -> None:
                             f'regions "{other.name}" and "{region.name}" share one '
                             f"{label if label == other_label else f'{other_label}/{label}'} "
                             f"({min(space, held, key=len).rstrip('#')}): every region needs "
-                            "its own repository, inbox and key (give each its own bucket or "
-                            "prefix, inbox prefix and key)",
+                            "its own repository, inbox and key",
                             file=site.source,
                             key=region.key(),
                             region=region.name,

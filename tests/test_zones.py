@@ -199,8 +199,7 @@ def test_two_regions_on_one_repository_or_inbox_are_refused(
         )
     assert str(caught.value) == (
         'site.toml: regions."aws:us-east-1b": regions "aws:us-east-1a" and "aws:us-east-1b" '
-        f"share one {what}: every region needs its own repository, inbox and key (give each "
-        "its own bucket or prefix, inbox prefix and key)"
+        f"share one {what}: every region needs its own repository, inbox and key"
     )
 
 
