@@ -23,6 +23,7 @@ from regionvault.core.policy import BUILTIN_HOOKS, check_site_policies
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 
 if TYPE_CHECKING:
+    from regionvault.core.interfaces import ComputeScope
     from regionvault.core.plugins import ProviderRegistry
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "HookConfig",
     "Replication",
     "SiteConfig",
+    "check_region_claims",
     "find_site_file",
     "load_site",
     "parse_hooks",
@@ -508,6 +510,46 @@ def validate_providers(site: SiteConfig, registry: ProviderRegistry) -> None:
                         region=region.name,
                     )
             registry.get(cfg.provider).validate(region.for_service(svc))
+    check_region_claims(site, registry)
+
+
+def check_region_claims(site: SiteConfig, registry: ProviderRegistry) -> None:
+    """No two regions of ``site`` claim one thing: the instances of one zone (two regions on
+    one cloud region, one of them whole or both on one zone, would both back up each of its
+    instances), one repository, inbox or key (:meth:`Provider.exclusive_spaces`).
+    :class:`ConfigError` names both regions, on one line."""
+    scopes: list[tuple[RegionConfig, ComputeScope]] = []
+    spaces: list[tuple[RegionConfig, str, str]] = []
+    for region in site.regions.values():
+        view = region.for_service("compute")
+        scope = registry.get(region.services["compute"].provider).compute_scope(view)
+        if scope is not None:
+            for other, claimed in scopes:
+                if scope.overlaps(claimed):
+                    raise ConfigError(
+                        f'regions "{other.name}" and "{region.name}" both list the instances '
+                        f"of {scope if scope.zone else claimed}: each instance would be "
+                        "backed up twice (give each region its own availability zone)",
+                        file=site.source,
+                        key=region.key(),
+                        region=region.name,
+                    )
+            scopes.append((region, scope))
+        for svc in ("vault", "keys"):
+            provider = registry.get(region.services[svc].provider)
+            for label, space in provider.exclusive_spaces(region.for_service(svc), svc).items():
+                for other, other_label, held in spaces:
+                    if other is not region and (space.startswith(held) or held.startswith(space)):
+                        raise ConfigError(
+                            f'regions "{other.name}" and "{region.name}" share one '
+                            f"{label if label == other_label else f'{other_label}/{label}'} "
+                            f"({min(space, held, key=len).rstrip('#')}): every region needs "
+                            "its own repository, inbox and key",
+                            file=site.source,
+                            key=region.key(),
+                            region=region.name,
+                        )
+                spaces.append((region, label, space))
 
 
 def find_site_file(explicit: str | os.PathLike[str] | None = None) -> Path:

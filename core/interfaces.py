@@ -10,6 +10,7 @@ import abc
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
@@ -48,6 +49,7 @@ __all__ = [
     "BlockSink",
     "Capture",
     "Compute",
+    "ComputeScope",
     "FileCapture",
     "FileSink",
     "KeyService",
@@ -621,6 +623,32 @@ class Transit(Service):
 # --------------------------------------------------------------------------- provider
 
 
+@dataclass(frozen=True)
+class ComputeScope:
+    """Which instances a region's Compute lists, from its settings alone: those of ``account``
+    (what names an account, project or subscription statically) in cloud region
+    ``location``, of zone ``zone`` only, or of every zone there when ``zone`` is None. Two
+    regions of a site whose scopes overlap would both claim an instance; the site refuses
+    them (:func:`~regionvault.core.config.check_region_claims`)."""
+
+    provider: str
+    account: str
+    location: str
+    zone: str | None = None
+
+    def overlaps(self, other: ComputeScope) -> bool:
+        same_place = (self.provider, self.account, self.location) == (
+            other.provider,
+            other.account,
+            other.location,
+        )
+        return same_place and (self.zone is None or other.zone is None or self.zone == other.zone)
+
+    def __str__(self) -> str:
+        where = f"zone {self.zone}" if self.zone else f"every zone of {self.location}"
+        return f"{where} ({self.provider} {self.account})"
+
+
 class Provider(abc.ABC):
     """Builds one region's services from its configuration, and Transit between regions.
 
@@ -669,3 +697,18 @@ class Provider(abc.ABC):
         that uses this provider closes, after the sites' services were closed; the provider
         may be used again afterwards and then makes what it needs anew. The default holds
         nothing and does nothing."""
+
+    def compute_scope(self, region: RegionConfig) -> ComputeScope | None:
+        """Which instances ``region``'s Compute (its compute view, :meth:`RegionConfig.
+        for_service`) lists, from its settings alone; None (the default) when the provider
+        cannot say, and then only the tick's check of listed ids applies."""
+        return None
+
+    def exclusive_spaces(self, region: RegionConfig, service: str) -> Mapping[str, str]:
+        """What ``region``'s ``service`` (``vault``: its objects and its transit inbox;
+        ``keys``: its key) holds alone, from its settings: a label per space (``vault``,
+        ``inbox``, ``key``) and the space as a location string. No space of one region of a
+        site may begin with a space of another (one repository, one inbox, one key per
+        region); a whole-name space ends with ``#`` so it matches only itself. The default
+        claims nothing."""
+        return {}

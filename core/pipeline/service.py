@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import RegionVaultError
+from regionvault.core.pipeline.claims import refuse_claimed_twice, without_refused
 from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.drills import drill_jobs, plan_drills, run_drill
 from regionvault.core.pipeline.engine import SLOT_TAG
@@ -464,6 +465,7 @@ class Service:
                     continue
                 report.schedule.append(schedule)
                 backups.extend(schedule.jobs())
+            backups = self._refuse_claimed_twice(report, backups)
             self._ran(report, self._step(report, "backups", backups, executor.run))
             retain_slot = slot_of(now, cfg.schedule_interval)
             copies = self.copyflow.copies_due(report)
@@ -489,6 +491,18 @@ class Service:
             retention = [retention_job(r.name, retain_slot) for r in engine.site.regions]
             self._ran(report, self._step(report, "retention", retention, executor.run))
         return self._finish(report)
+
+    def _refuse_claimed_twice(self, report: TickReport, backups: list[Job]) -> list[Job]:
+        """``backups`` less those of an instance two regions listed (core/pipeline/claims.py):
+        the schedules report it failed, the problems name it."""
+        schedules, problems = refuse_claimed_twice(report.schedule, self.engine.site.config)
+        if not problems:
+            return backups
+        report.schedule[:] = schedules
+        report.problems.extend(problems)
+        for problem in problems:
+            log.warning("%s", problem)
+        return without_refused(backups, schedules)
 
     def region_tick(self, region: str, *, stop: threading.Event | None = None) -> TickReport:
         """Region ``region``'s own tick, for a backup service running in that region with
@@ -617,7 +631,7 @@ class Service:
         for result in planned:
             if result.get("schedule") is not None:
                 report.schedule.append(ScheduleReport.from_dict(result["schedule"]))
-        run("backups", jobs_of(planned, "jobs"))
+        run("backups", self._refuse_claimed_twice(report, jobs_of(planned, "jobs")))
         for step in range(1, MAX_PASSES + 1):
             inbox = plan(PLAN_INBOX, step)
             made = run("inbox", jobs_of(inbox, "first"))

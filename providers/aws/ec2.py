@@ -197,7 +197,10 @@ class AwsCompute(Compute):
         for reservation in answer.get("Reservations", []):
             for raw in reservation.get("Instances", []):
                 if raw.get("InstanceId") == instance_id:
-                    if (raw.get("State") or {}).get("Name") in _GONE_STATES:
+                    zone = (raw.get("Placement") or {}).get("AvailabilityZone")
+                    if (raw.get("State") or {}).get("Name") in _GONE_STATES or (
+                        self.settings.availability_zone not in (None, zone)
+                    ):  # another zone's instance is another region's
                         break
                     return dict(raw)
         raise InstanceNotFound(instance_id, provider="aws", region=self.region)
@@ -247,6 +250,10 @@ class AwsCompute(Compute):
             )
         wanted = dict(tag_filters or {})
         filters: list[dict[str, Any]] = [{"Name": "instance-state-name", "Values": _LIVE_STATES}]
+        if self.settings.availability_zone:  # a zone region lists its zone's instances alone
+            filters.append(
+                {"Name": "availability-zone", "Values": [self.settings.availability_zone]}
+            )
         for key, value in wanted.items():
             if (
                 not isinstance(key, str)
@@ -657,6 +664,8 @@ class AwsCompute(Compute):
         subnet = spec.extra.get("subnet_id") or self.settings.subnet_id
         if subnet:
             run_kwargs["SubnetId"] = subnet
+        if self.settings.availability_zone:  # the subnet, if any, must lie in it: EC2 checks
+            run_kwargs["Placement"] = {"AvailabilityZone": self.settings.availability_zone}
         groups = spec.extra.get("security_group_ids") or list(self.settings.security_group_ids)
         if groups:
             run_kwargs["SecurityGroupIds"] = list(groups)

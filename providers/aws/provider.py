@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from regionvault.core.interfaces import Provider
+from regionvault.core.interfaces import ComputeScope, Provider
 from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.aws.metrics import AwsMetrics
 from regionvault.providers.aws.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, AwsSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from regionvault.core.types import RegionConfig
     from regionvault.providers.aws.clients import ClientFactory
     from regionvault.providers.aws.ec2 import AwsCompute
@@ -81,6 +83,17 @@ class AwsProvider(Provider):
 
     def region_capabilities(self, region: RegionConfig) -> Capabilities:
         return self._vault_capabilities(self.settings(region))
+
+    def compute_scope(self, region: RegionConfig) -> ComputeScope:
+        """The region's AWS region, or its availability zone of it (docs/aws.md, "Zones")."""
+        settings = self.settings(region)
+        return ComputeScope(
+            "aws", settings.account, settings.aws_region, settings.availability_zone
+        )
+
+    def exclusive_spaces(self, region: RegionConfig, service: str) -> Mapping[str, str]:
+        settings = self.settings(region)
+        return settings.vault_spaces() if service == "vault" else settings.key_spaces()
 
     def _vault_capabilities(self, settings: AwsSettings) -> Capabilities:
         """A bucket without Object Lock offers no WORM lock and no legal hold."""

@@ -21,6 +21,7 @@ REQUIRED_SETTINGS: frozenset[str] = frozenset()
 OPTIONAL_SETTINGS = frozenset(
     {
         "aws_region",
+        "availability_zone",
         "profile",
         "endpoint_url",
         "create",
@@ -47,6 +48,9 @@ OPTIONAL_SETTINGS = frozenset(
 )
 
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+#: an availability zone's name: its region's and a letter (``us-east-1a``); a Local Zone's
+#: has a place between them (``us-east-1-bos-1a``)
+_ZONE_SUFFIX = re.compile(r"^(-[a-z]+-\d+)?[a-z]$")
 # S3 bucket names: 3-63 of lower-case letters, digits, '.', '-', starting and ending alnum
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _KMS_ARN = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/.+$")
@@ -61,6 +65,9 @@ class AwsSettings:
 
     region: str
     aws_region: str
+    #: the one availability zone whose instances the region lists, captures and launches;
+    #: None: every zone of ``aws_region``
+    availability_zone: str | None = None
     profile: str | None = None
     endpoint_url: str | None = None
     create: bool = False
@@ -121,6 +128,12 @@ class AwsSettings:
             return value
 
         aws_region = string("aws_region")
+        zone = string("availability_zone")
+        if aws_region is None and zone is None and region.id.provider == "aws":
+            # a region named after a zone (aws:us-east-1a) is that zone of its AWS region
+            inferred = _zone_region(region.id.name)
+            if inferred is not None:
+                aws_region, zone = inferred, region.id.name
         if aws_region is None:
             if region.id.provider != "aws":
                 raise region.error(
@@ -136,6 +149,14 @@ class AwsSettings:
                 file=region.source,
                 key=region.key(),
                 region=region.name,
+            )
+
+        if zone is not None and (
+            not zone.startswith(aws_region) or not _ZONE_SUFFIX.match(zone[len(aws_region) :])
+        ):
+            raise region.error(
+                "availability_zone",
+                f"{zone!r} is not an availability zone of {aws_region} (like {aws_region}a)",
             )
 
         endpoint_url = string("endpoint_url")
@@ -187,6 +208,7 @@ class AwsSettings:
         return cls(
             region=region.name,
             aws_region=aws_region,
+            availability_zone=zone,
             profile=string("profile"),
             endpoint_url=endpoint_url.rstrip("/") if endpoint_url else None,
             create=boolean("create", False),
@@ -221,3 +243,38 @@ class AwsSettings:
                 region=region.name,
             )
         return str(value)
+
+    @property
+    def account(self) -> str:
+        """What names the account statically: the profile, and the endpoint when one is set
+        (two profiles may still reach one account: the tick checks listed ids too)."""
+        who = f"profile {self.profile}" if self.profile else "default credentials"
+        return f"{who} at {self.endpoint_url}" if self.endpoint_url else who
+
+    def vault_spaces(self) -> dict[str, str]:
+        """The S3 key spaces the region's vault and inbox hold alone (bucket names are global,
+        so the account is not part of them)."""
+        if not self.bucket:
+            return {}
+        host = self.endpoint_url or "aws"
+        inbox = self.inbox_bucket_name or self.bucket
+        return {
+            "vault": f"s3://{host}/{self.bucket}/{self.prefix}",
+            "inbox": f"s3://{host}/{inbox}/{self.inbox_prefix}",
+        }
+
+    def key_spaces(self) -> dict[str, str]:
+        """The KMS key the region's KeyService holds alone: an ARN names it everywhere; an id
+        or alias within the account and AWS region."""
+        if not self.kms_key:
+            return {}
+        if self.kms_key.startswith("arn:"):
+            return {"key": f"kms:{self.kms_key}#"}
+        host = self.endpoint_url or "aws"
+        return {"key": f"kms://{host}/{self.aws_region}/{self.account}/{self.kms_key}#"}
+
+
+def _zone_region(name: str) -> str | None:
+    """The AWS region of a zone-shaped name (``us-east-1a`` is a zone of ``us-east-1``)."""
+    match = re.match(r"^([a-z]{2}(?:-[a-z]+)+-\d{1,2})(-[a-z]+-\d+)?[a-z]$", name)
+    return match.group(1) if match else None

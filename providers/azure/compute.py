@@ -80,6 +80,7 @@ from regionvault.core.types import (
     disk_layout,
     split_by_disk,
 )
+from regionvault.providers.azure.settings import availability_zone, location_name
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -140,6 +141,7 @@ COMPUTE_SETTINGS = frozenset(
         "subscription_id",
         "resource_group",
         "location",
+        "availability_zone",
         "arm_endpoint",
         "vm_size",
         "subnet_id",
@@ -178,6 +180,9 @@ class AzureComputeSettings:
     subscription_id: str
     resource_group: str
     location: str
+    #: the one zone (``"1"``-``"3"``) whose VMs of ``location`` the region lists, captures and
+    #: launches into; None: every VM of the resource group
+    availability_zone: str | None = None
     #: the ARM endpoint (``base_url``); None for the public cloud's
     arm_endpoint: str | None = None
     #: a CA bundle for the ARM endpoint (``connection_verify``; site.toml's ``ca_file``)
@@ -229,6 +234,7 @@ class AzureComputeSettings:
             subscription_id=str(settings["subscription_id"]),
             resource_group=str(settings["resource_group"]),
             location=str(settings["location"]),
+            availability_zone=availability_zone(region),
             arm_endpoint=optional("arm_endpoint"),
             ca_bundle=str(region.path("ca_file")) if ca else None,
             vm_size=optional("vm_size"),
@@ -496,7 +502,19 @@ class AzureCompute(Compute):
         )
         if str(_get(vm, "properties", "provisioningState") or "").lower() in _GONE_STATES:
             raise InstanceNotFound(instance_id, provider="azure", region=self.region)
+        if not self._in_zone(vm):  # another zone's VM is another region's
+            raise InstanceNotFound(instance_id, provider="azure", region=self.region)
         return vm
+
+    def _in_zone(self, vm: Any) -> bool:
+        """The VM is one this region lists: any, or one of its zone of its location."""
+        zone = self.settings.availability_zone
+        if zone is None:
+            return True
+        here = location_name(str(_get(vm, "location") or "")) == location_name(
+            self.settings.location
+        )
+        return here and zone in [str(z) for z in _get(vm, "zones") or []]
 
     def _instance(self, vm: Any) -> Instance:
         every = {str(k): str(v) for k, v in (_get(vm, "tags") or {}).items()}
@@ -519,6 +537,7 @@ class AzureCompute(Compute):
             "os_type": _get(os_disk, "osType"),
             "data_disks": disks,
             "location": _get(vm, "location"),
+            "zones": [str(z) for z in _get(vm, "zones") or []],
             "resource_group": self._rg,
             "provisioning_state": state,
             "power_state": power,
@@ -575,7 +594,7 @@ class AzureCompute(Compute):
             items, following = self._arm_page(arm_token)
             matches = [
                 instance
-                for instance in map(self._instance, items)
+                for instance in map(self._instance, filter(self._in_zone, items))
                 if instance.state not in _GONE_STATES and instance.tags.matches(wanted)
             ][skip:]
             need = page_size - len(found)
@@ -986,11 +1005,13 @@ class AzureCompute(Compute):
                     }
                 ],
             }
-        body = {
+        body: dict[str, Any] = {
             "location": self.settings.location,
             "tags": {**tags, NAME_TAG: spec.name},
             "properties": properties,
         }
+        if self.settings.availability_zone:  # its disks were made in the zone (_disk_body)
+            body["zones"] = [self.settings.availability_zone]
         sink.vm_name = vm_name  # a failed launch's discard deletes what was begun
         vm = self._call(
             f"cannot create VM {vm_name} from disk {sink.disk_name}"
@@ -1669,12 +1690,16 @@ class AzureBlockSink(BlockSink):
             generation = self.spec.extra.get("hyper_v_generation")
             if generation:
                 properties["hyperVGeneration"] = generation
-        return {
+        body: dict[str, Any] = {
             "location": self.compute.settings.location,
             "sku": {"name": self.compute.settings.disk_sku},
             "tags": {RESTORE_TAG: self.spec.name[:256]},
             "properties": properties,
         }
+        zone = self.compute.settings.availability_zone
+        if zone:  # a zonal VM attaches only disks of its zone
+            body["zones"] = [zone]
+        return body
 
     @property
     def disk_id(self) -> str:

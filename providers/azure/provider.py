@@ -16,9 +16,17 @@ from regionvault.core.interfaces import Provider
 from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.azure.metrics import BlobMetrics
-from regionvault.providers.azure.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, BlobSettings
+from regionvault.providers.azure.settings import (
+    OPTIONAL_SETTINGS,
+    REQUIRED_SETTINGS,
+    BlobSettings,
+    availability_zone,
+    compute_scope,
+    exclusive_spaces,
+)
 
 if TYPE_CHECKING:
+    from regionvault.core.interfaces import ComputeScope
     from regionvault.core.types import RegionConfig
     from regionvault.providers.azure.blob import AzureVault
     from regionvault.providers.azure.clients import BlobClients
@@ -88,6 +96,14 @@ class AzureProvider(Provider):
 
     def validate(self, region: RegionConfig) -> None:
         BlobSettings.from_region(region)
+        availability_zone(region)
+
+    def compute_scope(self, region: RegionConfig) -> ComputeScope | None:
+        """The VMs of the region's resource group, or of its zone (docs/azure.md)."""
+        return compute_scope(region)
+
+    def exclusive_spaces(self, region: RegionConfig, service: str) -> Mapping[str, str]:
+        return exclusive_spaces(region, service)
 
     def region_capabilities(self, region: RegionConfig) -> Capabilities:
         return self._vault_capabilities(self.settings(region))

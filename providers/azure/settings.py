@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from regionvault.core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from regionvault.core.interfaces import ComputeScope
     from regionvault.core.types import RegionConfig
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "OPTIONAL_SETTINGS",
     "REQUIRED_SETTINGS",
     "BlobSettings",
+    "availability_zone",
+    "compute_scope",
+    "exclusive_spaces",
 ]
 
 MiB = 1024 * 1024
@@ -61,6 +65,7 @@ COMPUTE_SETTINGS = frozenset(
         "subscription_id",
         "resource_group",
         "location",
+        "availability_zone",
         "arm_endpoint",
         "vm_size",
         "subnet_id",
@@ -280,3 +285,74 @@ class BlobSettings:
                 key=region.key("storage_account"),
                 region=region.name,
             )
+
+
+# --------------------------------------------------------------------------- zones and claims
+
+#: Azure's logical availability zones of a location
+ZONES = ("1", "2", "3")
+
+
+def availability_zone(region: RegionConfig) -> str | None:
+    """The compute's ``availability_zone`` (``"1"``, ``"2"`` or ``"3"``; an integer is taken
+    too), or None: every VM of the resource group."""
+    value = region.settings.get("availability_zone")
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if text not in ZONES:
+        raise region.error(
+            "availability_zone", f"must be one of Azure's zones 1, 2 or 3, got {value!r}"
+        )
+    return str(text)
+
+
+def location_name(location: str) -> str:
+    """A location as ARM answers it (``East US`` and ``eastus`` are one)."""
+    return location.replace(" ", "").lower()
+
+
+def compute_scope(region: RegionConfig) -> ComputeScope | None:
+    """What a region's compute lists: the VMs of its resource group, or (with
+    ``availability_zone``) those of that zone of its location. None when the compute keys
+    are missing (building the compute names them)."""
+    from regionvault.core.interfaces import ComputeScope
+
+    s = region.settings
+    keys = ("subscription_id", "resource_group", "location")
+    if not all(isinstance(s.get(k), str) and s.get(k) for k in keys):
+        return None
+    zone = availability_zone(region)
+    where = f" at {s['arm_endpoint']}" if isinstance(s.get("arm_endpoint"), str) else ""
+    account = (
+        f"subscription {str(s['subscription_id']).lower()}, resource group "
+        f"{str(s['resource_group']).lower()}{where}"
+    )
+    # a whole region lists its group's VMs of every location; a zone region those of one zone
+    # of its location, which the zone names
+    return ComputeScope(
+        "azure",
+        account,
+        "any location",
+        None if zone is None else f"{zone} of {location_name(str(s['location']))}",
+    )
+
+
+def exclusive_spaces(region: RegionConfig, service: str) -> dict[str, str]:
+    """The blob spaces a region's vault and inbox hold alone (an inbox is its whole container:
+    sources write under ``<provider>/<name>/`` of it), or its Key Vault key."""
+    s = region.settings
+    if service == "keys":
+        url = s.get("key_vault_url")
+        if not isinstance(url, str) or not url:
+            return {}
+        name = s.get("key_name", "regionvault")
+        return {"key": f"{url.rstrip('/').lower()}/keys/{name}#"}
+    settings = BlobSettings.from_region(region)
+    if settings.storage_account is None and settings.account_url is None:
+        return {}
+    account = settings.url.rstrip("/").lower()
+    return {
+        "vault": f"{account}/{settings.container}/{settings.prefix}",
+        "inbox": f"{account}/{settings.inbox_container}/",
+    }

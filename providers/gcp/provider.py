@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from regionvault.core.interfaces import Provider
+from regionvault.core.interfaces import ComputeScope, Provider
 from regionvault.core.plugins import SdkGuard
 from regionvault.core.types import Capabilities, CaptureKind
 from regionvault.providers.gcp.metrics import GcpMetrics
 from regionvault.providers.gcp.settings import OPTIONAL_SETTINGS, REQUIRED_SETTINGS, GcpSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from regionvault.core.types import RegionConfig
     from regionvault.providers.gcp.compute import GceCompute
     from regionvault.providers.gcp.kms import GcpKeyService, GcpSealer
@@ -67,6 +69,18 @@ class GcpProvider(Provider):
 
     def validate(self, region: RegionConfig) -> None:
         GcpSettings.from_region(region)
+
+    def compute_scope(self, region: RegionConfig) -> ComputeScope | None:
+        """GCE instances are zonal: a region lists those of its ``zone`` (docs/gcp.md)."""
+        settings = self.settings(region)
+        if settings.zone is None:
+            return None  # no compute (building it would fail naming the key)
+        location = settings.zone.rsplit("-", 1)[0]
+        return ComputeScope("gcp", settings.account, location, settings.zone)
+
+    def exclusive_spaces(self, region: RegionConfig, service: str) -> Mapping[str, str]:
+        settings = self.settings(region)
+        return settings.vault_spaces() if service == "vault" else settings.key_spaces()
 
     def credentials(self, region: RegionConfig, settings: GcpSettings, service: str) -> Any:
         """The login of ``service`` ("storage", "kms", "compute") in ``region`` (auth.py)."""

@@ -190,6 +190,34 @@ class GcpSettings:
     def key_path(self, name: str) -> str:
         return f"{self.key_ring_path}/cryptoKeys/{name}"
 
+    @property
+    def account(self) -> str:
+        """The project, and the Compute Engine endpoint when one is set."""
+        where = f" at {self.compute_endpoint}" if self.compute_endpoint else ""
+        return f"project {self.project}{where}"
+
+    def vault_spaces(self) -> dict[str, str]:
+        """The Cloud Storage names the region's vault and inbox hold alone (a source writes
+        under ``<provider>/<name>/`` of the whole inbox bucket, so two regions' inboxes in one
+        bucket would mix)."""
+        host = self.storage_endpoint or "gcs"
+        spaces = {}
+        if self.bucket:
+            spaces["vault"] = f"gs://{host}/{self.bucket}/{self.prefix}"
+        if self.inbox_bucket:
+            spaces["inbox"] = f"gs://{host}/{self.inbox_bucket}/"
+        return spaces
+
+    def key_spaces(self) -> dict[str, str]:
+        """The Cloud KMS keys the region's KeyService holds alone."""
+        if self.location is None:
+            return {}
+        host = self.kms_endpoint or "cloudkms"
+        return {
+            "key": f"kms://{host}/{self.key_path(self.key_name)}#",
+            "seal key": f"kms://{host}/{self.key_path(self.seal_key_name)}#",
+        }
+
     @classmethod
     def from_region(cls, region: RegionConfig) -> GcpSettings:
         """Parse and check ``region.settings``; :class:`ConfigError` names the bad key."""
@@ -296,8 +324,7 @@ class GcpSettings:
         settings = cls(
             region=region.name,
             project=project,
-            location=string("location", _LOCATION, "a GCP location such as europe-west1"),
-            zone=string("zone", _ZONE, "a GCP zone such as europe-west1-b"),
+            **_zone_and_location(region, string),
             credentials=credentials,
             credentials_file=credentials_file,
             storage_endpoint=endpoint("storage_endpoint"),
@@ -341,3 +368,19 @@ class GcpSettings:
                 "zone", f"{settings.zone!r} is not a zone of location {settings.location!r}"
             )
         return settings
+
+
+def _zone_and_location(region: RegionConfig, string: Any) -> dict[str, str | None]:
+    """``zone`` and ``location`` as set; a region named after a zone (``gcp:europe-west1-b``)
+    that sets neither is that zone of its location."""
+    location = string("location", _LOCATION, "a GCP location such as europe-west1")
+    zone = string("zone", _ZONE, "a GCP zone such as europe-west1-b")
+    if (
+        zone is None
+        and location is None
+        and region.id.provider == "gcp"
+        and _ZONE.match(region.id.name)
+    ):
+        zone = region.id.name
+        location = zone.rsplit("-", 1)[0]
+    return {"location": location, "zone": zone}

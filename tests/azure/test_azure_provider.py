@@ -138,6 +138,7 @@ def test_the_compute_settings_named_here_are_the_computes_own() -> None:
     _, region = _region({"subscription_id": "sub", "resource_group": "rg", "location": "x"})
     every: dict[str, Any] = dict.fromkeys(COMPUTE_SETTINGS, "value")
     every |= {"compute_concurrency": 2, "poll_interval": 1, "start_timeout": 60}
+    every["availability_zone"] = "1"
     object.__setattr__(region, "settings", Recording(every))
     compute.AzureComputeSettings.from_region(region)
     assert read - {"ca_file"} == COMPUTE_SETTINGS

@@ -578,7 +578,7 @@ class ArmFake:
         elif kind == "snapshot":
             self._new_snapshot(resource, props)
         else:
-            self._new_vm(resource, props, existing)
+            self._new_vm(resource, props, existing, zones=list(doc.get("zones") or []))
         final = {
             "id": resource.id,
             "name": name,
@@ -586,6 +586,7 @@ class ArmFake:
             "location": location,
             "tags": dict(doc.get("tags") or {}),
             **({"sku": doc["sku"]} if "sku" in doc else {}),
+            **({"zones": list(doc["zones"])} if doc.get("zones") else {}),
             "properties": {**resource.body.get("properties", {}), "provisioningState": "Succeeded"},
         }
         if kind == "vm":
@@ -682,7 +683,12 @@ class ArmFake:
         }
 
     def _new_vm(
-        self, resource: _Resource, props: dict[str, Any], existing: _Resource | None
+        self,
+        resource: _Resource,
+        props: dict[str, Any],
+        existing: _Resource | None,
+        *,
+        zones: Sequence[str] = (),
     ) -> None:
         if existing is not None:
             raise _Error(409, "Conflict", f"virtual machine {resource.name} exists")
@@ -719,6 +725,15 @@ class ArmFake:
                 state = disk.body["properties"].get("diskState")
                 if state != "Unattached":
                     raise _Error(409, "OperationNotAllowed", f"disk {disk.id} is {state}")
+                if list(disk.body.get("zones") or []) != list(zones):
+                    # Azure's rule: a zonal VM attaches disks of its zone, a regional VM
+                    # regional disks
+                    raise _Error(
+                        400,
+                        "BadRequest",
+                        f"disk {disk.id} is in zones {disk.body.get('zones') or []}, the VM in "
+                        f"{list(zones)}",
+                    )
             for disk in disks:
                 assert disk is not None
                 disk.body["properties"]["diskState"] = "Reserved"
@@ -989,6 +1004,7 @@ def seed_disk(
     *,
     size: int | None = None,
     blob_client_kwargs: dict[str, Any] | None = None,
+    zones: Sequence[str] = (),
 ) -> str:
     """A managed disk holding ``image`` (bytes from offset 0, or offset -> bytes, the ranges
     in between never written), made through the plain SDK as on real Azure: a disk created
@@ -1001,13 +1017,15 @@ def seed_disk(
     pieces = {0: image} if isinstance(image, bytes) else dict(image)
     end = max((o + len(d) for o, d in pieces.items()), default=0)
     data_size = max(20 * MiB, -(-(size or end) // MiB) * MiB)
-    body = {
+    body: dict[str, Any] = {
         "location": location,
         "properties": {
             "creationData": {"createOption": "Upload", "uploadSizeBytes": data_size + 512},
             "osType": "Linux",
         },
     }
+    if zones:
+        body["zones"] = list(zones)
     disk = client.disks.begin_create_or_update(resource_group, name, models.Disk(body)).result()
     sas = client.disks.begin_grant_access(
         resource_group, name, {"access": "Write", "durationInSeconds": 3600}
@@ -1034,6 +1052,7 @@ def seed_vm(
     vm_size: str = "Standard_D2s_v5",
     subnet_id: str | None = None,
     data_disks: Sequence[bytes | dict[int, bytes]] = (),
+    zones: Sequence[str] = (),
 ) -> str:
     """A VM (a test instance) whose OS disk holds ``image`` and whose data disks (LUN 0,
     1, ...) hold ``data_disks``, made through the plain SDK (:func:`seed_disk` per disk, then
@@ -1041,10 +1060,22 @@ def seed_vm(
     from azure.mgmt.compute import models
 
     disk_id = seed_disk(
-        client, resource_group, location, f"{name}-os-{uuid.uuid4().hex[:6]}", image or {0: b"boot"}
+        client,
+        resource_group,
+        location,
+        f"{name}-os-{uuid.uuid4().hex[:6]}",
+        image or {0: b"boot"},
+        zones=zones,
     )
     data_ids = [
-        seed_disk(client, resource_group, location, f"{name}-lun{lun}-{uuid.uuid4().hex[:6]}", data)
+        seed_disk(
+            client,
+            resource_group,
+            location,
+            f"{name}-lun{lun}-{uuid.uuid4().hex[:6]}",
+            data,
+            zones=zones,
+        )
         for lun, data in enumerate(data_disks)
     ]
     properties: dict[str, Any] = {
@@ -1084,6 +1115,8 @@ def seed_vm(
             ],
         }
     body = {"location": location, "tags": dict(tags or {}), "properties": properties}
+    if zones:
+        body["zones"] = list(zones)
     vm = client.virtual_machines.begin_create_or_update(
         resource_group, name, models.VirtualMachine(body)
     ).result()
