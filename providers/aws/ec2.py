@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -119,6 +119,9 @@ class AwsCompute(Compute):
         super().__init__(provider="aws", region=region.name, capabilities=capabilities)
         self.settings = settings
         self._clients = clients
+        #: what snapshot waits read the time with and sleep by (tests give fakes)
+        self._clock: Callable[[], float] = time.monotonic
+        self._sleep: Callable[[float], None] = time.sleep
 
     # ------------------------------------------------------------------ helpers
 
@@ -461,37 +464,31 @@ class AwsCompute(Compute):
                 self._delete_snapshot(part.snapshot_id)
 
     def wait_for_snapshot(self, snapshot_id: str) -> Mapping[str, Any]:
-        """Wait (at most ``snapshot_timeout`` seconds) until the snapshot is completed."""
-        deadline = time.monotonic() + self.settings.snapshot_timeout
-        delay = 0.5
-        while True:
+        """Wait until the snapshot is completed and return what DescribeSnapshots says of
+        it. However long a large snapshot takes is waited for while its ``Progress`` moves;
+        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds, or the
+        snapshot is in state error."""
+
+        def describe() -> Mapping[str, Any]:
             try:
-                found = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id]).get("Snapshots", [])
+                answer = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id])
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, f"cannot describe snapshot {snapshot_id}") from None
+            found = answer.get("Snapshots") or []
             if not found:
                 raise ComputeError(
                     f"snapshot {snapshot_id} not found", provider="aws", region=self.region
                 )
-            state = found[0].get("State")
-            if state == "completed":
-                return dict(found[0])
-            if state in ("error", "recoverable"):
-                why = found[0].get("StateMessage", "")
-                raise ComputeError(
-                    f"snapshot {snapshot_id} is in state {state}: {why}",
-                    provider="aws",
-                    region=self.region,
-                )
-            if time.monotonic() + delay > deadline:
-                raise ComputeError(
-                    f"snapshot {snapshot_id} not completed after {self.settings.snapshot_timeout}s "
-                    f"(state {state})",
-                    provider="aws",
-                    region=self.region,
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            return dict(found[0])
+
+        return follow_snapshot(
+            describe,
+            snapshot_id,
+            stall_timeout=self.settings.snapshot_stall_timeout,
+            region=self.region,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     def _snapshots_exist(self, snapshot_ids: Sequence[str]) -> bool:
         try:
@@ -717,6 +714,69 @@ class AwsCompute(Compute):
             for key, snapshot in sorted(tags.items()):
                 if key == RESTORE_SNAPSHOT_TAG or key.startswith(RESTORE_SNAPSHOT_TAG + ":"):
                     self._delete_snapshot(snapshot)
+
+
+#: the longest pause between two looks at a snapshot being waited for
+_WAIT_MAX_DELAY = 15.0
+
+
+def _progress(facts: Mapping[str, Any]) -> float | None:
+    """DescribeSnapshots' ``Progress`` ("42%") as a number, or None when it says none."""
+    text = str(facts.get("Progress") or "").strip().rstrip("%")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def follow_snapshot(
+    describe: Callable[[], Mapping[str, Any]],
+    snapshot_id: str,
+    *,
+    stall_timeout: float,
+    region: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Look at a snapshot (``describe``: what DescribeSnapshots says of it) until it is
+    completed, and return that. Its ``Progress`` (or a change of state) restarts the
+    ``stall_timeout`` window: the wait fails only when the snapshot stops moving for that
+    long, never because a large one is slow. States error and recoverable fail at once.
+    Pauses grow from 0.5 s to 15 s (and never past the window's end)."""
+    delay = 0.5
+    seen: tuple[str | None, float | None] | None = None
+    moved_at = clock()
+    for _look in range(_MAX_PAGES):
+        facts = dict(describe())
+        state = facts.get("State")
+        if state == "completed":
+            return facts
+        if state in ("error", "recoverable"):
+            why = facts.get("StateMessage", "")
+            raise ComputeError(
+                f"snapshot {snapshot_id} is in state {state}: {why}",
+                provider="aws",
+                region=region,
+            )
+        progress = _progress(facts)
+        now = clock()
+        if seen is None or state != seen[0] or (progress or 0.0) > (seen[1] or 0.0):
+            if seen is not None:
+                delay = 0.5  # it moves: look again soon
+            seen, moved_at = (state, progress), now
+        elif now - moved_at >= stall_timeout:
+            where = "no progress reported" if progress is None else f"at {progress:g}%"
+            raise ComputeError(
+                f"snapshot {snapshot_id} made no progress for {now - moved_at:.0f} s "
+                f"(state {state}, {where}; snapshot_stall_timeout is {stall_timeout:g} s)",
+                provider="aws",
+                region=region,
+            )
+        sleep(max(0.0, min(delay, moved_at + stall_timeout - now)))
+        delay = min(delay * 2, _WAIT_MAX_DELAY)
+    raise ComputeError(  # pragma: no cover - ten million looks
+        f"snapshot {snapshot_id} not completed", provider="aws", region=region
+    )
 
 
 @dataclass(frozen=True)
