@@ -81,6 +81,8 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _MAX_PAGES = 10_000_000
+#: a role that may not call an EC2 action
+_DENIED = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 #: an EC2 instance type: family, generation and options, a dot, a size (m5.large,
 #: c7gn.16xlarge, u-6tb1.metal, mac2-m2pro.metal)
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
@@ -122,6 +124,9 @@ class AwsCompute(Compute):
         #: what snapshot waits read the time with and sleep by (tests give fakes)
         self._clock: Callable[[], float] = time.monotonic
         self._sleep: Callable[[float], None] = time.sleep
+        #: GetEbsEncryptionByDefault's answer, once asked (restore_encryption)
+        self._encrypted_by_default: bool | None = None
+        self._encryption_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
 
@@ -509,6 +514,30 @@ class AwsCompute(Compute):
                 raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
+
+    def restore_encryption(self) -> dict[str, Any]:
+        """StartSnapshot's encryption parameters for the snapshots a restore writes: the
+        region's ``ebs_kms_key`` when set; else, when the account encrypts new EBS volumes
+        and snapshots by default (GetEbsEncryptionByDefault, asked once), ``Encrypted``
+        without a key, so EBS uses the account's default key (GetEbsDefaultKmsKeyId, or
+        aws/ebs); else none (an unencrypted snapshot, as the account makes them). A role
+        that may not ask is answered as "not by default": EBS still encrypts if it is.
+        Volumes launched from these snapshots are encrypted with the same key."""
+        if self.settings.ebs_kms_key:
+            return {"Encrypted": True, "KmsKeyArn": self.settings.ebs_kms_key}
+        with self._encryption_lock:
+            if self._encrypted_by_default is None:
+                try:
+                    answer = self.ec2.get_ebs_encryption_by_default()
+                    self._encrypted_by_default = bool(answer.get("EbsEncryptionByDefault"))
+                except ClientError as exc:
+                    if error_code(exc) not in _DENIED:
+                        raise self._error(exc, "cannot ask for EBS encryption by default") from None
+                    self._encrypted_by_default = False
+                except BotoCoreError as exc:
+                    raise self._error(exc, "cannot ask for EBS encryption by default") from None
+            by_default = self._encrypted_by_default
+        return {"Encrypted": True} if by_default else {}
 
     # ------------------------------------------------------------------ restore and launch
 
@@ -1176,6 +1205,8 @@ class AwsBlockSink(BlockSink):
         #: one snapshot per disk, in the image's disk order
         self.snapshot_ids: list[str] = []
         try:
+            #: StartSnapshot's encryption parameters (:meth:`AwsCompute.restore_encryption`)
+            self.encryption = compute.restore_encryption()
             for number, disk in enumerate(self.disks):
                 self.snapshot_ids.append(self._start(spec, disk, number))
         except BaseException:
@@ -1198,6 +1229,7 @@ class AwsBlockSink(BlockSink):
                 Tags=_tag_list({RESTORE_TAG: spec.name, "Name": spec.name}),
                 ClientToken=uuid.uuid4().hex,
                 Timeout=1440,
+                **self.encryption,
             )
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(
