@@ -55,6 +55,7 @@ __all__ = [
     "CAPTURE_SNAPSHOT_TAG",
     "EBS_BLOCK_SIZE",
     "INTERNAL_PREFIX",
+    "KEPT_TAG",
     "NAME_TAG",
     "AwsBlockCapture",
     "AwsBlockSink",
@@ -72,6 +73,9 @@ INTERNAL_PREFIX = "regionvault:"
 CAPTURE_SNAPSHOT_TAG = "regionvault:capture-snapshot"
 #: the name an instance was launched or made under, when no Name tag should carry it
 NAME_TAG = "regionvault:name"
+#: on snapshots a capture keeps after it closes, as the parent of the next incremental
+#: backup (deleted by ``release_capture`` once the next capture replaces it)
+KEPT_TAG = "regionvault:kept"
 #: on images and snapshots the provider made for a launch (cleaned up on terminate)
 RESTORE_TAG = "regionvault:restore"
 #: on such an image: the restored snapshot it was registered from
@@ -351,7 +355,7 @@ class AwsCompute(Compute):
         instance = self._instance(raw)
         devices = self._capture_devices(instance, ex_snapshot_id, ex_snapshot_ids)
         wanted = {d: volume for d, volume, given in devices if given is None and volume}
-        created = self._snapshot_volumes(instance, wanted) if wanted else {}
+        created = self._snapshot_volumes(instance, wanted, keep=keep) if wanted else {}
         try:
             parts: list[_DiskSnapshot] = []
             offset = 0
@@ -402,11 +406,17 @@ class AwsCompute(Compute):
             for device in sorted(names, key=lambda d: _device_order(d, root))
         ]
 
-    def _snapshot_volumes(self, instance: Instance, wanted: Mapping[str, str]) -> dict[str, str]:
+    def _snapshot_volumes(
+        self, instance: Instance, wanted: Mapping[str, str], *, keep: bool = False
+    ) -> dict[str, str]:
         """Snapshot the volumes ``wanted`` (device -> volume id) of the instance; returns
         device -> snapshot id. Several volumes are snapshotted by one CreateSnapshots call,
-        so that the snapshots are crash-consistent with one another."""
-        tags = _tag_list({"regionvault:instance": instance.id, "Name": instance.name})
+        so that the snapshots are crash-consistent with one another. Those of a capture
+        that keeps them (the parent of the next incremental backup) are tagged so."""
+        names = {"regionvault:instance": instance.id, "Name": instance.name}
+        if keep:
+            names[KEPT_TAG] = "incremental-parent"
+        tags = _tag_list(names)
         spec = [{"ResourceType": "snapshot", "Tags": tags}]
         description = f"regionvault capture of {instance.id}"
         if len(wanted) == 1:

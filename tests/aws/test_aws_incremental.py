@@ -31,7 +31,7 @@ from aws_world import EAST, AwsWorld
 from regionvault.core.pipeline import Engine
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.core.site import Site
-from regionvault.providers.aws.ec2 import AwsCompute
+from regionvault.providers.aws.ec2 import KEPT_TAG, AwsCompute
 from regionvault.providers.aws.metrics import AwsMetrics
 from regionvault.providers.aws.provider import AwsProvider
 from regionvault.providers.aws.testing import EBS_BLOCK_SIZE, seed_snapshot
@@ -176,7 +176,10 @@ def test_an_incremental_backup_reads_only_the_changed_blocks(
     full = metrics.since(before)
     assert full.count(operation="GetSnapshotBlock") == len(WRITTEN) == 56
     assert full.count(operation="ListChangedBlocks") == 0
-    (kept_first,) = _taken_of(aws, iid)  # kept for the next backup
+    (kept_first,) = _taken_of(aws, iid)  # kept for the next backup, and tagged so
+    described = aws.client("ec2", EAST).describe_snapshots(SnapshotIds=[kept_first])
+    tags = {t["Key"]: t["Value"] for t in described["Snapshots"][0]["Tags"]}
+    assert tags[KEPT_TAG] == "incremental-parent" and tags["regionvault:instance"] == iid
 
     changed = {WRITTEN[7]: rng.randbytes(BS), WRITTEN[30]: rng.randbytes(BS)}
     volume.write(changed)
@@ -221,8 +224,8 @@ def test_a_gone_parent_snapshot_means_a_full_read_still_correct(
 
 
 def test_the_kept_snapshot_goes_with_its_point_or_its_instance(aws: AwsWorld, site: Site) -> None:
-    """Retention's settling (each tick runs it) deletes a kept snapshot whose point was
-    forgotten, and one whose instance was terminated."""
+    """Retention (each tick runs it) deletes a kept snapshot whose point was forgotten,
+    and one whose instance was terminated."""
     engine = Engine(site)
     rng = random.Random(24)
     forgotten, volume_a = _volume(aws, site, {"backup": "1-7"})
@@ -236,5 +239,8 @@ def test_the_kept_snapshot_goes_with_its_point_or_its_instance(aws: AwsWorld, si
 
     engine.forget(REGION, [point.id])
     aws.client("ec2", EAST).terminate_instances(InstanceIds=[gone])
-    assert engine.release_kept_captures(REGION) == 0
+    assert all(_exists(aws, s) for s in kept)  # until retention settles them
+    report = engine.retain(REGION)
+    assert report.forgotten == []  # nothing expired: only the kept captures were settled
     assert not any(_exists(aws, s) for s in kept)
+    assert engine.release_kept_captures(REGION) == 0  # nothing left to release
