@@ -61,15 +61,25 @@ def _restore(compute: AwsCompute, name: str) -> AwsBlockSink:
 
 
 def test_a_restore_encrypts_with_the_regions_ebs_kms_key(aws: AwsWorld) -> None:
-    key = aws.client("kms", EAST).create_key(Description="ebs")["KeyMetadata"]["Arn"]
+    kms = aws.client("kms", EAST)
+    key = kms.create_key(Description=f"rv-test-ebs-{aws.tag}")["KeyMetadata"]["Arn"]
     compute = aws.track(aws.provider.compute(aws.region(EAST, ebs_kms_key=key)))
     sent = _sent_start_snapshots(compute)
     before = aws.provider.metrics.snapshot()
     sink = _restore(compute, f"keyed-{aws.tag}")
-    assert [(b.get("Encrypted"), b.get("KmsKeyArn")) for b in sent] == [(True, key), (True, key)]
-    # the key is named: the account's default is not asked
-    assert aws.provider.metrics.since(before).count(operation="GetEbsEncryptionByDefault") == 0
-    sink.discard()
+    try:
+        assert [(b.get("Encrypted"), b.get("KmsKeyArn")) for b in sent] == [(True, key)] * 2
+        # the key is named: the account's default is not asked
+        used = aws.provider.metrics.since(before)
+        assert used.count(operation="GetEbsEncryptionByDefault") == 0
+        if aws.live:  # moto's StartSnapshot ignores both parameters
+            ec2 = aws.client("ec2", EAST)
+            made = ec2.describe_snapshots(SnapshotIds=sink.snapshot_ids)["Snapshots"]
+            assert {(m["Encrypted"], m.get("KmsKeyId")) for m in made} == {(True, key)}
+    finally:
+        sink.discard()
+        if aws.live:
+            kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
 
 
 @pytest.mark.parametrize("by_default", [True, False])
