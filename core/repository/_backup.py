@@ -904,6 +904,7 @@ class BackupRun:
         label = capture.instance.id
         self.bytes_total = capture.size
         cutter = Cutter(self._staging, self.store.new_chunker())
+        window = _cut_window(capture.block_size, self._max_chunk)
         extents: deque[_Record] = deque()
         record: _Record | None = None
         end = 0
@@ -995,8 +996,12 @@ class BackupRun:
                 with memoryview(data) as view:
                     done = 0
                     while done < len(view):
-                        done += cutter.fill_from(view[done:])
-                        take(cutter.cut(final=False))
+                        # a chunk never spans a cut window: a changed block then touches
+                        # only its own window's chunks, and an incremental backup reads
+                        # just that window again (docs/format.md, section 9)
+                        room = window - (offset + done) % window
+                        done += cutter.fill_from(view[done : done + room])
+                        take(cutter.cut(final=(offset + done) % window == 0))
                 end = offset + len(data)
                 self.stats["bytes_read"] += len(data)
                 self.bytes_done = end
@@ -1110,3 +1115,10 @@ class BackupRun:
         return BackupResult(
             tree_ids, tree.bytes, tree.entries, size, dict(self.stats), list(self.issues)
         )
+
+
+def _cut_window(block_size: int, max_chunk: int) -> int:
+    """The span of a block image that no chunk crosses: the capture's block size times the
+    fewest blocks that hold a largest chunk (one 512 KiB EBS block; 128 blocks of 4 KiB).
+    Chunks stay content-defined inside a window; windows start at image offset 0."""
+    return block_size * max(1, -(-max_chunk // block_size))

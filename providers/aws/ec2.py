@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +55,7 @@ __all__ = [
     "CAPTURE_SNAPSHOT_TAG",
     "EBS_BLOCK_SIZE",
     "INTERNAL_PREFIX",
+    "KEPT_TAG",
     "NAME_TAG",
     "AwsBlockCapture",
     "AwsBlockSink",
@@ -72,6 +73,9 @@ INTERNAL_PREFIX = "regionvault:"
 CAPTURE_SNAPSHOT_TAG = "regionvault:capture-snapshot"
 #: the name an instance was launched or made under, when no Name tag should carry it
 NAME_TAG = "regionvault:name"
+#: on snapshots a capture keeps after it closes, as the parent of the next incremental
+#: backup (deleted by ``release_capture`` once the next capture replaces it)
+KEPT_TAG = "regionvault:kept"
 #: on images and snapshots the provider made for a launch (cleaned up on terminate)
 RESTORE_TAG = "regionvault:restore"
 #: on such an image: the restored snapshot it was registered from
@@ -81,6 +85,8 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _MAX_PAGES = 10_000_000
+#: a role that may not call an EC2 action
+_DENIED = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 #: an EC2 instance type: family, generation and options, a dot, a size (m5.large,
 #: c7gn.16xlarge, u-6tb1.metal, mac2-m2pro.metal)
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
@@ -119,6 +125,12 @@ class AwsCompute(Compute):
         super().__init__(provider="aws", region=region.name, capabilities=capabilities)
         self.settings = settings
         self._clients = clients
+        #: what snapshot waits read the time with and sleep by (tests give fakes)
+        self._clock: Callable[[], float] = time.monotonic
+        self._sleep: Callable[[float], None] = time.sleep
+        #: GetEbsEncryptionByDefault's answer, once asked (restore_encryption)
+        self._encrypted_by_default: bool | None = None
+        self._encryption_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
 
@@ -350,7 +362,7 @@ class AwsCompute(Compute):
         instance = self._instance(raw)
         devices = self._capture_devices(instance, ex_snapshot_id, ex_snapshot_ids)
         wanted = {d: volume for d, volume, given in devices if given is None and volume}
-        created = self._snapshot_volumes(instance, wanted) if wanted else {}
+        created = self._snapshot_volumes(instance, wanted, keep=keep) if wanted else {}
         try:
             parts: list[_DiskSnapshot] = []
             offset = 0
@@ -401,11 +413,17 @@ class AwsCompute(Compute):
             for device in sorted(names, key=lambda d: _device_order(d, root))
         ]
 
-    def _snapshot_volumes(self, instance: Instance, wanted: Mapping[str, str]) -> dict[str, str]:
+    def _snapshot_volumes(
+        self, instance: Instance, wanted: Mapping[str, str], *, keep: bool = False
+    ) -> dict[str, str]:
         """Snapshot the volumes ``wanted`` (device -> volume id) of the instance; returns
         device -> snapshot id. Several volumes are snapshotted by one CreateSnapshots call,
-        so that the snapshots are crash-consistent with one another."""
-        tags = _tag_list({"regionvault:instance": instance.id, "Name": instance.name})
+        so that the snapshots are crash-consistent with one another. Those of a capture
+        that keeps them (the parent of the next incremental backup) are tagged so."""
+        names = {"regionvault:instance": instance.id, "Name": instance.name}
+        if keep:
+            names[KEPT_TAG] = "incremental-parent"
+        tags = _tag_list(names)
         spec = [{"ResourceType": "snapshot", "Tags": tags}]
         description = f"regionvault capture of {instance.id}"
         if len(wanted) == 1:
@@ -468,37 +486,31 @@ class AwsCompute(Compute):
                 self._delete_snapshot(part.snapshot_id)
 
     def wait_for_snapshot(self, snapshot_id: str) -> Mapping[str, Any]:
-        """Wait (at most ``snapshot_timeout`` seconds) until the snapshot is completed."""
-        deadline = time.monotonic() + self.settings.snapshot_timeout
-        delay = 0.5
-        while True:
+        """Wait until the snapshot is completed and return what DescribeSnapshots says of
+        it. However long a large snapshot takes is waited for while its ``Progress`` moves;
+        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds, or the
+        snapshot is in state error."""
+
+        def describe() -> Mapping[str, Any]:
             try:
-                found = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id]).get("Snapshots", [])
+                answer = self.ec2.describe_snapshots(SnapshotIds=[snapshot_id])
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, f"cannot describe snapshot {snapshot_id}") from None
+            found = answer.get("Snapshots") or []
             if not found:
                 raise ComputeError(
                     f"snapshot {snapshot_id} not found", provider="aws", region=self.region
                 )
-            state = found[0].get("State")
-            if state == "completed":
-                return dict(found[0])
-            if state in ("error", "recoverable"):
-                why = found[0].get("StateMessage", "")
-                raise ComputeError(
-                    f"snapshot {snapshot_id} is in state {state}: {why}",
-                    provider="aws",
-                    region=self.region,
-                )
-            if time.monotonic() + delay > deadline:
-                raise ComputeError(
-                    f"snapshot {snapshot_id} not completed after {self.settings.snapshot_timeout}s "
-                    f"(state {state})",
-                    provider="aws",
-                    region=self.region,
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            return dict(found[0])
+
+        return follow_snapshot(
+            describe,
+            snapshot_id,
+            stall_timeout=self.settings.snapshot_stall_timeout,
+            region=self.region,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     def _snapshots_exist(self, snapshot_ids: Sequence[str]) -> bool:
         try:
@@ -519,6 +531,30 @@ class AwsCompute(Compute):
                 raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
         except BotoCoreError as exc:
             raise self._error(exc, f"cannot delete snapshot {snapshot_id}") from None
+
+    def restore_encryption(self) -> dict[str, Any]:
+        """StartSnapshot's encryption parameters for the snapshots a restore writes: the
+        region's ``ebs_kms_key`` when set; else, when the account encrypts new EBS volumes
+        and snapshots by default (GetEbsEncryptionByDefault, asked once), ``Encrypted``
+        without a key, so EBS uses the account's default key (GetEbsDefaultKmsKeyId, or
+        aws/ebs); else none (an unencrypted snapshot, as the account makes them). A role
+        that may not ask is answered as "not by default": EBS still encrypts if it is.
+        Volumes launched from these snapshots are encrypted with the same key."""
+        if self.settings.ebs_kms_key:
+            return {"Encrypted": True, "KmsKeyArn": self.settings.ebs_kms_key}
+        with self._encryption_lock:
+            if self._encrypted_by_default is None:
+                try:
+                    answer = self.ec2.get_ebs_encryption_by_default()
+                    self._encrypted_by_default = bool(answer.get("EbsEncryptionByDefault"))
+                except ClientError as exc:
+                    if error_code(exc) not in _DENIED:
+                        raise self._error(exc, "cannot ask for EBS encryption by default") from None
+                    self._encrypted_by_default = False
+                except BotoCoreError as exc:
+                    raise self._error(exc, "cannot ask for EBS encryption by default") from None
+            by_default = self._encrypted_by_default
+        return {"Encrypted": True} if by_default else {}
 
     # ------------------------------------------------------------------ restore and launch
 
@@ -726,6 +762,69 @@ class AwsCompute(Compute):
             for key, snapshot in sorted(tags.items()):
                 if key == RESTORE_SNAPSHOT_TAG or key.startswith(RESTORE_SNAPSHOT_TAG + ":"):
                     self._delete_snapshot(snapshot)
+
+
+#: the longest pause between two looks at a snapshot being waited for
+_WAIT_MAX_DELAY = 15.0
+
+
+def _progress(facts: Mapping[str, Any]) -> float | None:
+    """DescribeSnapshots' ``Progress`` ("42%") as a number, or None when it says none."""
+    text = str(facts.get("Progress") or "").strip().rstrip("%")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def follow_snapshot(
+    describe: Callable[[], Mapping[str, Any]],
+    snapshot_id: str,
+    *,
+    stall_timeout: float,
+    region: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Look at a snapshot (``describe``: what DescribeSnapshots says of it) until it is
+    completed, and return that. Its ``Progress`` (or a change of state) restarts the
+    ``stall_timeout`` window: the wait fails only when the snapshot stops moving for that
+    long, never because a large one is slow. States error and recoverable fail at once.
+    Pauses grow from 0.5 s to 15 s (and never past the window's end)."""
+    delay = 0.5
+    seen: tuple[str | None, float | None] | None = None
+    moved_at = clock()
+    for _look in range(_MAX_PAGES):
+        facts = dict(describe())
+        state = facts.get("State")
+        if state == "completed":
+            return facts
+        if state in ("error", "recoverable"):
+            why = facts.get("StateMessage", "")
+            raise ComputeError(
+                f"snapshot {snapshot_id} is in state {state}: {why}",
+                provider="aws",
+                region=region,
+            )
+        progress = _progress(facts)
+        now = clock()
+        if seen is None or state != seen[0] or (progress or 0.0) > (seen[1] or 0.0):
+            if seen is not None:
+                delay = 0.5  # it moves: look again soon
+            seen, moved_at = (state, progress), now
+        elif now - moved_at >= stall_timeout:
+            where = "no progress reported" if progress is None else f"at {progress:g}%"
+            raise ComputeError(
+                f"snapshot {snapshot_id} made no progress for {now - moved_at:.0f} s "
+                f"(state {state}, {where}; snapshot_stall_timeout is {stall_timeout:g} s)",
+                provider="aws",
+                region=region,
+            )
+        sleep(max(0.0, min(delay, moved_at + stall_timeout - now)))
+        delay = min(delay * 2, _WAIT_MAX_DELAY)
+    raise ComputeError(  # pragma: no cover - ten million looks
+        f"snapshot {snapshot_id} not completed", provider="aws", region=region
+    )
 
 
 @dataclass(frozen=True)
@@ -1125,6 +1224,8 @@ class AwsBlockSink(BlockSink):
         #: one snapshot per disk, in the image's disk order
         self.snapshot_ids: list[str] = []
         try:
+            #: StartSnapshot's encryption parameters (:meth:`AwsCompute.restore_encryption`)
+            self.encryption = compute.restore_encryption()
             for number, disk in enumerate(self.disks):
                 self.snapshot_ids.append(self._start(spec, disk, number))
         except BaseException:
@@ -1147,6 +1248,7 @@ class AwsBlockSink(BlockSink):
                 Tags=_tag_list({RESTORE_TAG: spec.name, "Name": spec.name}),
                 ClientToken=uuid.uuid4().hex,
                 Timeout=1440,
+                **self.encryption,
             )
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ OPTIONAL_SETTINGS = frozenset(
         "sdk_retries",
         "connect_timeout",
         "read_timeout",
+        "snapshot_stall_timeout",
+        "ebs_kms_key",
     }
 )
 
@@ -95,6 +98,13 @@ class AwsSettings:
     #: seconds to wait for a connection, and for each read of an answer
     connect_timeout: int = 10
     read_timeout: int = 120
+    #: seconds a snapshot may go without progress (DescribeSnapshots' Progress) before a
+    #: wait for it fails; a large snapshot that keeps moving is waited for however long it
+    #: takes. ``snapshot_timeout`` is its older name (read into both fields)
+    snapshot_stall_timeout: int = 1800
+    #: the KMS key (a key ARN in this region) the snapshots a restore writes are encrypted
+    #: with; None: the account's EBS default (encrypted when the account encrypts by default)
+    ebs_kms_key: str | None = None
 
     @property
     def inbox_bucket_name(self) -> str | None:
@@ -201,6 +211,9 @@ class AwsSettings:
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise region.error("security_group_ids", "must be an array of security group ids")
 
+        stall = _snapshot_stall_timeout(region, integer)
+        ebs_kms_key = _ebs_kms_key(region, string("ebs_kms_key"), aws_region)
+
         part = integer("multipart_part_size", 8 * MiB, 5 * MiB, 5 * 1024 * MiB)
         threshold = integer("multipart_threshold", 16 * MiB, 5 * MiB, 5 * 1024 * MiB)
         if threshold < part:
@@ -225,12 +238,14 @@ class AwsSettings:
             instance_type=string("instance_type"),
             subnet_id=string("subnet_id"),
             security_group_ids=tuple(groups),
-            snapshot_timeout=integer("snapshot_timeout", 1800, 1, 24 * 3600),
+            snapshot_timeout=stall,
             ebs_concurrency=integer("ebs_concurrency", 8, 1, 64),
             capture_launched_from_snapshot=boolean("capture_launched_from_snapshot", False),
             sdk_retries=integer("sdk_retries", 5, 0, 20),
             connect_timeout=integer("connect_timeout", 10, 1, 600),
             read_timeout=integer("read_timeout", 120, 1, 3600),
+            snapshot_stall_timeout=stall,
+            ebs_kms_key=ebs_kms_key,
         )
 
     def need(self, region: RegionConfig, key: str, service: str) -> str:
@@ -278,3 +293,39 @@ def _zone_region(name: str) -> str | None:
     """The AWS region of a zone-shaped name (``us-east-1a`` is a zone of ``us-east-1``)."""
     match = re.match(r"^([a-z]{2}(?:-[a-z]+)+-\d{1,2})(-[a-z]+-\d+)?[a-z]$", name)
     return match.group(1) if match else None
+
+
+#: a KMS key's ARN (not an alias's): what StartSnapshot's KmsKeyArn takes
+_KMS_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:key/[A-Za-z0-9-]+$")
+
+
+def _snapshot_stall_timeout(region: RegionConfig, integer: Callable[..., int]) -> int:
+    """``snapshot_stall_timeout``, or ``snapshot_timeout`` (its older name: a fixed limit
+    then, a limit on time without progress now, which only waits longer); not both."""
+    given = [k for k in ("snapshot_stall_timeout", "snapshot_timeout") if k in region.settings]
+    if len(given) == 2:
+        raise region.error(
+            "snapshot_timeout",
+            "give snapshot_stall_timeout only (snapshot_timeout is its older name)",
+        )
+    key = given[0] if given else "snapshot_stall_timeout"
+    return integer(key, 1800, 1, 24 * 3600)
+
+
+def _ebs_kms_key(region: RegionConfig, value: str | None, aws_region: str) -> str | None:
+    """``ebs_kms_key``: a KMS key ARN in the region's AWS region (StartSnapshot takes no
+    alias or bare key id)."""
+    if value is None:
+        return None
+    arn = _KMS_KEY_ARN.match(value)
+    if arn is None:
+        raise region.error(
+            "ebs_kms_key",
+            f"{value!r} is not a KMS key ARN (arn:aws:kms:<region>:<account>:key/<id>; "
+            "EBS StartSnapshot takes no alias or bare key id)",
+        )
+    if arn.group(1) != aws_region:
+        raise region.error(
+            "ebs_kms_key", f"the key's ARN is in {arn.group(1)}, the region is in {aws_region}"
+        )
+    return value

@@ -1,0 +1,170 @@
+"""Snapshot waits follow the snapshot's progress: a large snapshot that keeps moving is
+waited for however long it takes; one that stops moving for ``snapshot_stall_timeout``
+seconds fails, naming it and where it stopped. A fake clock that the fake sleep advances
+stands in for time: nothing here sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_world import EAST, AwsWorld
+from regionvault.core.errors import ComputeError, ConfigError
+from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
+from regionvault.providers.aws.ec2 import follow_snapshot
+from regionvault.providers.aws.settings import AwsSettings
+from regionvault.providers.aws.testing import seed_snapshot
+
+
+class FakeTime:
+    """A monotonic clock that only the fake sleep moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _moving(
+    fake: FakeTime, *, seconds_per_percent: float, stop_at: float | None = None, step: int = 1
+) -> Any:
+    """What DescribeSnapshots says of a snapshot that gains ``step`` percent every ``step *
+    seconds_per_percent`` seconds from the fake clock's start (and stops gaining at
+    ``stop_at`` percent)."""
+    start = fake.now
+
+    def describe() -> Mapping[str, Any]:
+        steps = (fake.now - start) // (seconds_per_percent * step)
+        done = min(100.0, steps * step)
+        if stop_at is not None:
+            done = min(done, stop_at)
+        if done >= 100:
+            return {"SnapshotId": "snap-1", "State": "completed", "Progress": "100%"}
+        return {"SnapshotId": "snap-1", "State": "pending", "Progress": f"{done:g}%"}
+
+    return describe
+
+
+def test_a_slow_snapshot_that_keeps_moving_is_waited_for() -> None:
+    """1% every 25 minutes: 41 hours in all, each step well inside a 30-minute stall
+    window, so the wait never fails (the old fixed 1,800 s limit would have)."""
+    fake = FakeTime()
+    describe = _moving(fake, seconds_per_percent=1500)
+    facts = follow_snapshot(
+        describe,
+        "snap-1",
+        stall_timeout=1800,
+        region="aws:us-east-1",
+        clock=fake.clock,
+        sleep=fake.sleep,
+    )
+    assert facts["State"] == "completed"
+    assert fake.now - 1000.0 >= 100 * 1500
+    assert max(fake.sleeps) <= 15.0  # looks at least every 15 s
+
+
+def test_a_snapshot_that_stops_moving_fails_after_the_stall_window() -> None:
+    fake = FakeTime()
+    describe = _moving(fake, seconds_per_percent=60, stop_at=42)
+    with pytest.raises(ComputeError, match=r"snap-1 made no progress .*at 42%") as caught:
+        follow_snapshot(
+            describe,
+            "snap-1",
+            stall_timeout=600,
+            region="aws:us-east-1",
+            clock=fake.clock,
+            sleep=fake.sleep,
+        )
+    assert "snapshot_stall_timeout is 600 s" in str(caught.value)
+    stalled_from = 1000.0 + 42 * 60  # when it reached 42% (give or take one look)
+    assert stalled_from + 600 <= fake.now <= stalled_from + 600 + 15
+
+
+def test_no_progress_reported_and_the_error_state() -> None:
+    fake = FakeTime()
+    with pytest.raises(ComputeError, match="no progress reported"):
+        follow_snapshot(
+            lambda: {"State": "pending"},
+            "snap-2",
+            stall_timeout=30,
+            region="aws:us-east-1",
+            clock=fake.clock,
+            sleep=fake.sleep,
+        )
+    assert 1030.0 <= fake.now <= 1030.0 + 15
+    fake = FakeTime()
+    with pytest.raises(ComputeError, match="snap-3 is in state error: copy failed"):
+        follow_snapshot(
+            lambda: {"State": "error", "StateMessage": "copy failed"},
+            "snap-3",
+            stall_timeout=30,
+            region="aws:us-east-1",
+            clock=fake.clock,
+            sleep=fake.sleep,
+        )
+    assert fake.sleeps == []
+
+
+def test_the_provider_follows_describe_snapshots_progress(aws: AwsWorld) -> None:
+    """Through the real client against moto (whose snapshots are completed at once): a
+    response hook reports the snapshot pending at a progress that moves with the fake
+    clock, then stalls; the provider's wait follows it and fails only on the stall."""
+    if aws.live:
+        pytest.skip("rewrites moto's DescribeSnapshots answers")
+    compute = aws.track(aws.provider.compute(aws.region(EAST, snapshot_stall_timeout=300)))
+    snapshot = seed_snapshot(aws.client("ebs", EAST), {0: b"x"})
+    fake = FakeTime()
+    compute._clock, compute._sleep = fake.clock, fake.sleep
+    # 25% every 250 s: 1,000 s in all, more than three stall windows of 300 s
+    progress = _moving(fake, seconds_per_percent=10, step=25)
+    looks = 0
+
+    def pending(parsed: dict[str, Any], **_: Any) -> None:
+        nonlocal looks
+        looks += 1
+        for found in parsed.get("Snapshots", []):
+            seen = progress()
+            found["State"], found["Progress"] = seen["State"], seen["Progress"]
+
+    compute.ec2.meta.events.register("after-call.ec2.DescribeSnapshots", pending)
+    facts = compute.wait_for_snapshot(snapshot)
+    assert facts["State"] == "completed" and facts["SnapshotId"] == snapshot
+    assert fake.now - 1000.0 >= 1000
+    assert looks > 4
+
+    progress = _moving(fake, seconds_per_percent=10, step=25, stop_at=50)
+    with pytest.raises(ComputeError, match=rf"{snapshot} made no progress .*at 50%"):
+        compute.wait_for_snapshot(snapshot)
+
+
+def _settings(**settings: Any) -> AwsSettings:
+    region = RegionConfig(
+        id=RegionId("aws", "us-east-1"),
+        settings=settings,
+        services={"compute": ServiceConfig("aws", settings)},
+        base_dir=Path(),
+        source="site.toml",
+    )
+    return AwsSettings.from_region(region)
+
+
+def test_stall_timeout_settings_and_the_older_name() -> None:
+    assert _settings().snapshot_stall_timeout == 1800
+    assert _settings(snapshot_stall_timeout=7200).snapshot_stall_timeout == 7200
+    # snapshot_timeout, the older name, is read as the stall window
+    assert _settings(snapshot_timeout=900).snapshot_stall_timeout == 900
+    with pytest.raises(ConfigError, match="give snapshot_stall_timeout only"):
+        _settings(snapshot_timeout=900, snapshot_stall_timeout=600)
+    with pytest.raises(ConfigError, match=r"snapshot_stall_timeout.*between 1 and 86400"):
+        _settings(snapshot_stall_timeout=0)
+    with pytest.raises(ConfigError, match=r"snapshot_timeout.*must be an integer"):
+        _settings(snapshot_timeout="30m")
