@@ -14,7 +14,7 @@ import base64
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 from regionvault.core.errors import ComputeError, RegionVaultError
@@ -23,7 +23,21 @@ from regionvault.providers.aws.errors import aws_error, error_code, error_messag
 
 if TYPE_CHECKING:
     from regionvault.core.types import Instance, LaunchSpec
-    from regionvault.providers.aws.ec2 import AwsCompute
+    from regionvault.providers.aws.clients import ClientFactory
+    from regionvault.providers.aws.settings import AwsSettings
+
+
+class AwsCompute(Protocol):
+    """What these functions use of providers/aws/ec2.py's AwsCompute (which imports this
+    module, so it is named here by its shape)."""
+
+    region: str
+    settings: AwsSettings
+    _clients: ClientFactory
+
+    @property
+    def ec2(self) -> Any: ...
+
 
 __all__ = [
     "GROUP_TAG",
