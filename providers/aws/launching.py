@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 from regionvault.core.errors import ComputeError, RegionVaultError
 from regionvault.core.interfaces import CloudHealth
-from regionvault.providers.aws.errors import aws_error, error_code, error_message
+from regionvault.providers.aws.errors import aws_error, error_code, error_message, is_transient
 
 if TYPE_CHECKING:
     from regionvault.core.types import Instance, LaunchSpec
@@ -94,13 +94,17 @@ def capture_facts(compute: AwsCompute, instance: Instance) -> dict[str, Any]:
         if value:
             facts["user_data"] = str(value)  # base64, as EC2 gives it
     except (ClientError, BotoCoreError) as exc:
+        if is_transient(exc, service="ec2"):  # the job is retried, not recorded without it
+            raise _call_error(exc, f"cannot read the user data of {instance.id}", compute) from None
         facts["user_data_unknown"] = f"{error_code(exc) or type(exc).__name__}"
     image_id = extra.get("image_id")
     if image_id:
         facts["billing"]["image_id"] = image_id
         try:
             images = compute.ec2.describe_images(ImageIds=[image_id]).get("Images") or []
-        except (ClientError, BotoCoreError):
+        except (ClientError, BotoCoreError) as exc:
+            if is_transient(exc, service="ec2"):
+                raise _call_error(exc, f"cannot describe image {image_id}", compute) from None
             images = []  # deregistered, or another account's: the instance's own say it
         for image in images[:1]:
             facts["billing"]["image"] = _billing_of(image)

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import tomli_w
 from aws_world import EAST, WEST, AwsWorld
-from regionvault.core.errors import ComputeError, ConfigError
+from botocore.awsrequest import AWSResponse
+from regionvault.core.errors import ComputeError, ConfigError, TransientError
 from regionvault.core.pipeline.launch import await_healthy
 from regionvault.core.plugins import hookimpl, make_plugin_manager, registry_from
 from regionvault.core.site import Site
@@ -264,3 +265,34 @@ def test_healthy_needs_the_status_checks_and_the_plugins_check(
         rto, why = check()
         assert rto is not None
         west.terminate(launched.id)
+
+
+def test_user_data_that_cannot_be_read_at_capture_is_listed_not_lost(aws: AwsWorld) -> None:
+    """DescribeInstanceAttribute denied (a role without it): the backup goes on, the facts
+    say the user data is unknown and why, and the launch lists it as not carried over; a
+    throttled call fails the capture's facts (the job is retried) rather than record that."""
+    east = aws.track(aws.provider.compute(aws.region(EAST)))
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    seeded = seed_snapshot(aws.client("ebs", EAST), {0: b"boot".ljust(BS, b"\0")})
+    iid = aws.run_instance(EAST, {CAPTURE_SNAPSHOT_TAG: seeded}, instance_type=OFFERED)
+    code = "UnauthorizedOperation"
+
+    def refused(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        error = {"Code": code, "Message": "You are not authorized to perform this operation."}
+        status = 403 if code == "UnauthorizedOperation" else 503
+        answer = AWSResponse("https://ec2.invalid/", status, {}, None)
+        return answer, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+    east.ec2.meta.events.register("before-call.ec2.DescribeInstanceAttribute", refused)
+    with east.capture(iid) as capture:
+        facts = capture.launch_facts()
+        assert "user_data" not in facts and facts["user_data_unknown"] == code
+        code = "RequestLimitExceeded"
+        with pytest.raises(TransientError, match=f"cannot read the user data of {iid}"):
+            capture.launch_facts()
+    spec = LaunchSpec(name=f"nodata-{aws.tag}", launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    assert launched.not_carried == (
+        "user data: could not be read at capture (UnauthorizedOperation)",
+    )
+    west.terminate(launched.id)
