@@ -21,6 +21,9 @@ __all__ = ["await_healthy", "check_launchable", "discard_sink", "launch_name"]
 
 log = logging.getLogger(__name__)
 
+#: the longest wait between two health checks of a launched instance, in seconds
+_MAX_HEALTH_DELAY = 2.0
+
 
 def check_launchable(region: Region, point: RecoveryPoint) -> None:
     """Refuse, before anything is made, a point whose kind ``region``'s compute cannot
@@ -92,6 +95,9 @@ def await_healthy(
     no answer, the instance is running) and so do the cloud's own checks, where the
     compute has some (``Compute.cloud_health``: EC2's status checks)."""
     deadline = time.monotonic() + timeout
+    # asked often at first (a local instance serves within a second), then less and less:
+    # a cloud's describe calls are rate-limited, and its status checks take minutes
+    delay = 0.05
     while True:
         try:
             current = region.compute.get_instance(instance.id)
@@ -117,7 +123,8 @@ def await_healthy(
             if plugin_said_no:
                 why += "; the plugin's health check says not yet"
             return None, f"not healthy after {timeout:g}s ({why})"
-        time.sleep(0.05)
+        time.sleep(max(0.01, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 1.5, _MAX_HEALTH_DELAY)
 
 
 def _bounded_check(

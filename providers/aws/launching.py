@@ -413,6 +413,9 @@ def billing_not_carried(
     usage = _source_usage(facts)
     platform = billing.get("platform_details") or source_image.get("platform_details")
     lines: list[str] = []
+    codes = billing.get("product_codes") or source_image.get("product_codes") or []
+    if not codes and (not usage or usage == "RunInstances"):
+        return lines  # Linux/UNIX without product codes: what every such image has
     try:
         images = compute.ec2.describe_images(ImageIds=[image_id]).get("Images") or []
     except (ClientError, BotoCoreError) as exc:
@@ -429,7 +432,6 @@ def billing_not_carried(
             f"image {image_id} reports {now.get('platform_details') or 'no platform'} "
             f"({now.get('usage_operation') or 'no usage operation'})"
         )
-    codes = billing.get("product_codes") or source_image.get("product_codes") or []
     kept = {c.get("code") for c in now.get("product_codes") or []}
     lost = [c for c in codes if c.get("code") not in kept]
     if lost:
