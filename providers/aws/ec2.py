@@ -60,9 +60,9 @@ from regionvault.providers.aws.launching import (
     capture_facts,
     instance_extra,
     instance_health,
+    launch_subnet,
     map_launch,
     offered_type,
-    subnet_place,
 )
 
 if TYPE_CHECKING:
@@ -612,8 +612,7 @@ class AwsCompute(Compute):
                 provider="aws",
                 region=self.region,
             )
-        subnet = spec.extra.get("subnet_id") or self.settings.subnet_id
-        vpc_id, zone = subnet_place(self, str(subnet)) if subnet else (None, None)
+        subnet, vpc_id, zone, subnet_line = launch_subnet(self, spec, facts)
         zone = getattr(self.settings, "availability_zone", None) or zone
         instance_type, type_line = offered_type(self, str(instance_type), zone, spec.name)
         root_device = _root_device(spec, facts, sink.disks[0].name)
@@ -633,6 +632,8 @@ class AwsCompute(Compute):
         mapping = map_launch(self, spec, facts, subnet=subnet, vpc_id=vpc_id)
         if type_line:
             mapping.not_carried.insert(0, type_line)
+        if subnet_line:
+            mapping.not_carried.insert(0, subnet_line)
         if reserved:
             mapping.not_carried.append(
                 f"tags {', '.join(reserved)}: the aws: prefix is AWS's to set"

@@ -47,6 +47,7 @@ __all__ = [
     "capture_facts",
     "instance_extra",
     "instance_health",
+    "launch_subnet",
     "map_launch",
     "offered_type",
     "subnet_place",
@@ -81,6 +82,7 @@ def capture_facts(compute: AwsCompute, instance: Instance) -> dict[str, Any]:
         "architecture": extra.get("architecture"),
         "root_device_name": extra.get("root_device_name"),
         "boot_mode": extra.get("boot_mode"),
+        "subnet_id": extra.get("subnet_id"),
         "key_name": extra.get("key_name"),
         "instance_profile_arn": extra.get("instance_profile_arn"),
         "security_groups": [dict(g) for g in extra.get("security_groups") or []],
@@ -317,22 +319,54 @@ def _default_vpc(compute: AwsCompute) -> str | None:
     return str(vpcs[0]["VpcId"]) if vpcs else None
 
 
+def launch_subnet(
+    compute: AwsCompute, spec: LaunchSpec, facts: Mapping[str, Any]
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """``(subnet, its VPC, its zone, a not-carried line or None)`` of a launch: the
+    launch's or the region's ``subnet_id`` (one that does not exist fails the launch);
+    else, in the source's own AWS region, the source's subnet (a restore in place lands
+    where the instance was), or the default VPC when that subnet is gone or another
+    account's; else (another region) the default VPC."""
+    given = spec.extra.get("subnet_id") or compute.settings.subnet_id
+    if given:
+        vpc_id, zone = subnet_place(compute, str(given))
+        return str(given), vpc_id, zone, None
+    source_region = facts.get("source_region") or facts.get("aws_region")
+    source_subnet = facts.get("subnet_id")
+    if not source_subnet or source_region != compute.settings.aws_region:
+        return None, None, None, None
+    place = _subnet(compute, str(source_subnet))
+    if place is None:
+        gone = f"subnet {source_subnet}: not in this account's {compute.settings.aws_region}"
+        return None, None, None, f"{gone}; launched into the default VPC"
+    return str(source_subnet), place[0], place[1], None
+
+
 def subnet_place(compute: AwsCompute, subnet: str) -> tuple[str | None, str | None]:
-    """``(VPC id, availability zone)`` of the subnet a launch goes into."""
+    """``(VPC id, availability zone)`` of the subnet a launch goes into; a ComputeError
+    naming it when it does not exist."""
+    place = _subnet(compute, subnet)
+    if place is None:
+        raise ComputeError(
+            f"subnet {subnet} does not exist in {compute.settings.aws_region}",
+            provider="aws",
+            region=compute.region,
+        )
+    return place
+
+
+def _subnet(compute: AwsCompute, subnet: str) -> tuple[str | None, str | None] | None:
+    """``(VPC id, availability zone)`` of the subnet, None when there is no such subnet."""
     try:
         found = compute.ec2.describe_subnets(SubnetIds=[subnet]).get("Subnets") or []
     except ClientError as exc:
         if error_code(exc) in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
-            raise ComputeError(
-                f"subnet {subnet} does not exist in {compute.settings.aws_region}",
-                provider="aws",
-                region=compute.region,
-            ) from None
+            return None
         raise _call_error(exc, f"cannot describe subnet {subnet}", compute) from None
     except BotoCoreError as exc:
         raise _call_error(exc, f"cannot describe subnet {subnet}", compute) from None
     if not found:
-        return None, None
+        return None
     return found[0].get("VpcId"), found[0].get("AvailabilityZone")
 
 

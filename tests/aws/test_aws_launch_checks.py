@@ -296,3 +296,51 @@ def test_user_data_that_cannot_be_read_at_capture_is_listed_not_lost(aws: AwsWor
         "user data: could not be read at capture (UnauthorizedOperation)",
     )
     west.terminate(launched.id)
+
+
+def test_a_restore_in_place_lands_in_the_source_subnet_with_its_groups(aws: AwsWorld) -> None:
+    """In the source's own region, with no subnet_id given, the launch goes into the
+    source's subnet (a VPC of its own, not the default one) and its security groups are
+    found in that VPC; a source subnet that is gone (another account) is listed and the
+    launch goes into the default VPC."""
+    east = aws.track(aws.provider.compute(aws.region(EAST)))
+    ec2 = aws.client("ec2", EAST)
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="vdu", Description="vdu", VpcId=vpc)["GroupId"]
+    # a group of the same name in the default VPC must not be the one chosen
+    ec2.create_security_group(GroupName="vdu", Description="elsewhere")
+    seeded = seed_snapshot(aws.client("ebs", EAST), {0: b"boot".ljust(BS, b"\0")})
+    source = ec2.run_instances(
+        ImageId=aws.base_image(EAST),
+        InstanceType=OFFERED,
+        MinCount=1,
+        MaxCount=1,
+        SubnetId=subnet,
+        SecurityGroupIds=[group],
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": CAPTURE_SNAPSHOT_TAG, "Value": seeded}]}
+        ],
+    )["Instances"][0]["InstanceId"]
+    aws.instances.append((EAST, source))
+    with east.capture(source) as capture:
+        facts = capture.launch_facts()
+    assert facts["subnet_id"] == subnet and facts["source_region"] == EAST
+
+    sent = _recorder(east)
+    spec = LaunchSpec(name=f"in-place-{aws.tag}", launch_facts=facts)
+    launched = east.launch(spec, _sink(east, spec))
+    assert sent["RunInstances"]["SubnetId"] == subnet
+    assert sent["RunInstances"]["SecurityGroupIds"] == [group]
+    assert launched.not_carried == ()
+    east.terminate(launched.id)
+
+    gone = {**facts, "subnet_id": "subnet-0deadbeef0000000"}
+    spec = LaunchSpec(name=f"elsewhere-{aws.tag}", launch_facts=gone)
+    launched = east.launch(spec, _sink(east, spec))
+    assert "SubnetId" not in sent["RunInstances"]
+    assert launched.not_carried[0] == (
+        f"subnet subnet-0deadbeef0000000: not in this account's {EAST}; "
+        "launched into the default VPC"
+    )
+    east.terminate(launched.id)
