@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from regionvault.core.errors import (
     KeyServiceError,
@@ -48,6 +48,7 @@ __all__ = [
     "BlockCapture",
     "BlockSink",
     "Capture",
+    "CloudHealth",
     "Compute",
     "ComputeScope",
     "FileCapture",
@@ -167,6 +168,15 @@ class Capture(abc.ABC):
 
     def close(self) -> None:
         """Release the snapshot (temporary copies, cloud snapshots) behind this capture."""
+
+    def launch_facts(self) -> Mapping[str, Any]:
+        """What a launch elsewhere needs to know of the captured instance beyond its data
+        and tags (EC2: key pair, instance profile, security groups, user data, billing
+        details), as JSON values. Called once by a backup, after the data is read; recorded
+        in the point's sealed manifest (``launch``), carried to its copies, and handed to
+        :meth:`Compute.launch` as ``LaunchSpec.launch_facts``. It may hold secrets (user
+        data): never put it in tags or logs. The default records nothing."""
+        return {}
 
     def __enter__(self) -> Capture:
         return self
@@ -436,6 +446,13 @@ class Compute(Service):
     def terminate(self, instance_id: str) -> None:
         """Stop the instance for good; it no longer appears in listings."""
 
+    def cloud_health(self, instance: Instance) -> CloudHealth | None:
+        """The cloud's own checks of a launched instance (EC2: the instance and system
+        status checks), asked after a launch until healthy, together with the plugins'
+        ``regionvault_health_check``: both must pass. None (the default): the cloud has no
+        such checks, and a running instance counts when no plugin answers."""
+        return None
+
     def register_instance(
         self,
         name: str,
@@ -452,6 +469,15 @@ class Compute(Service):
         is), or the record of one already terminated; a launched instance still running is
         refused (terminate it). Providers that register no instances do not override it."""
         raise self.unsupported("unregister_instance")
+
+
+@dataclass(frozen=True)
+class CloudHealth:
+    """What a cloud's own checks say of an instance: ``ok``, and ``detail`` for the reader
+    when not ("instance status initializing, system status ok")."""
+
+    ok: bool
+    detail: str = ""
 
 
 class Sealer(abc.ABC):

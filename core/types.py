@@ -198,6 +198,9 @@ class Instance:
     capture_kinds: frozenset[CaptureKind] = frozenset()
     #: provider-specific facts (instance type, volume ids, data directory, ...)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: on the instance :meth:`Compute.launch` returns: what of the source it could not carry
+    #: over (a key pair the destination lacks, billing codes an image loses), one line each
+    not_carried: tuple[str, ...] = field(default=(), compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,11 @@ class LaunchSpec:
     #: the instance this launch replaces or copies, when known
     source: Instance | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: what the capture recorded for a launch (``Capture.launch_facts``), from the point's
+    #: sealed manifest; may hold secrets (user data)
+    launch_facts: Mapping[str, Any] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
 
 class CaptureKind(enum.StrEnum):

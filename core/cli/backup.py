@@ -295,6 +295,10 @@ def restore(
             health_error=result.health_error,
         )
     out["notes"] = list(result.notes)
+    out["not_carried"] = list(result.not_carried)
+    for line in result.not_carried:
+        # launched all the same: what the source had and this one lacks is a warning
+        echo_err(f"regionvault: warning: not carried over: {line}")
     for note in result.notes:
         # the data is whole: what this machine could not apply is a warning, not a failure
         echo_err(f"regionvault: warning: {note}")

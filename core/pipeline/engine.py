@@ -1133,6 +1133,7 @@ class Engine:
             rto_ms=None if rto is None else round(rto * 1000),
             restore_ms=round(result.seconds_to_restore * 1000),
             paths=sorted(paths) if paths is not None else None,
+            not_carried=list(result.not_carried) or None,
         )
         return result
 
@@ -1173,6 +1174,7 @@ class Engine:
             else point.tags.without([SLOT_TAG, RUN_TAG, _locks.RULE_TAG]),
             function=point.function,
             extra={"source_point": point.id, "source_instance": point.instance_id},
+            launch_facts=manifest.launch,
         )
         # a block image's disks, so that the sink makes one disk each: passed only when
         # the manifest records them (several, or one not spanning the image), so that a
@@ -1193,6 +1195,12 @@ class Engine:
             # no instance holds the restored data: it must not stay behind
             discard_sink(r, sink, exc)
             raise
+        not_carried = instance.not_carried
+        if not_carried:  # names what was left out, never a value (user data may be secret)
+            log.warning(
+                "instance %s launched in %s from %s lacks what was not carried over: %s",
+                instance.id, r.name, point.id, "; ".join(not_carried),
+            )  # fmt: skip
         rto, health_error = await_healthy(
             r,
             instance,
@@ -1243,6 +1251,7 @@ class Engine:
             restored,
             health_error=health_error,
             notes=report.notes,
+            not_carried=not_carried,
         )
 
     # ------------------------------------------------------------------ retention

@@ -21,6 +21,9 @@ __all__ = ["await_healthy", "check_launchable", "discard_sink", "launch_name"]
 
 log = logging.getLogger(__name__)
 
+#: the longest wait between two health checks of a launched instance, in seconds
+_MAX_HEALTH_DELAY = 2.0
+
 
 def check_launchable(region: Region, point: RecoveryPoint) -> None:
     """Refuse, before anything is made, a point whose kind ``region``'s compute cannot
@@ -88,11 +91,17 @@ def await_healthy(
 ) -> tuple[float | None, str | None]:
     """``(seconds from started to healthy, None)``, or ``(None, why)`` when the instance
     did not become healthy in time or its health check raised (the instance exists
-    either way: this is reported, never raised)."""
+    either way: this is reported, never raised). Healthy: the plugins' check passes (with
+    no answer, the instance is running) and so do the cloud's own checks, where the
+    compute has some (``Compute.cloud_health``: EC2's status checks)."""
     deadline = time.monotonic() + timeout
+    # asked often at first (a local instance serves within a second), then less and less:
+    # a cloud's describe calls are rate-limited, and its status checks take minutes
+    delay = 0.05
     while True:
         try:
             current = region.compute.get_instance(instance.id)
+            cloud = region.compute.cloud_health(current)
             answered, answer = _bounded_check(plugin_manager, region.name, current, deadline)
             if not answered:
                 log.warning("health check of %s in %s hung", instance.id, region.name)
@@ -100,15 +109,22 @@ def await_healthy(
         except Exception as exc:
             log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
             return None, f"health check raised {type(exc).__name__}: {exc}"
+        plugin_said_no = answer is not None and not answer
         if answer is None:
             answer = current.state == "running"
-        if answer:
+        if answer and (cloud is None or cloud.ok):
             return time.monotonic() - started, None
         if current.state == "terminated":
             return None, "the instance terminated"
         if time.monotonic() >= deadline:
-            return None, f"not healthy after {timeout:g}s (state {current.state})"
-        time.sleep(0.05)
+            why = f"state {current.state}"
+            if cloud is not None and not cloud.ok:
+                why += f"; {cloud.detail or 'the cloud status checks fail'}"
+            if plugin_said_no:
+                why += "; the plugin's health check says not yet"
+            return None, f"not healthy after {timeout:g}s ({why})"
+        time.sleep(max(0.01, min(delay, deadline - time.monotonic())))
+        delay = min(delay * 1.5, _MAX_HEALTH_DELAY)
 
 
 def _bounded_check(

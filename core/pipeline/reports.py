@@ -34,6 +34,9 @@ class RestoreResult:
     #: what the restore could not apply (owners and device nodes when not root, sockets,
     #: extended attributes the target refuses), one line per kind; the data is whole
     notes: tuple[str, ...] = ()
+    #: what of the source instance the launch could not carry over (a key pair or security
+    #: group the region lacks, billing details the image lost), one line each
+    not_carried: tuple[str, ...] = ()
 
     @property
     def healthy(self) -> bool:

@@ -96,6 +96,7 @@ def encode_manifest(
     issues: Sequence[CaptureIssue] = (),
     issues_total: int | None = None,
     disks: Sequence[Disk] | None = None,
+    launch: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The manifest's canonical body. ``issues`` (what the capture did not take whole) are
     recorded only when there are some, so a complete point's manifest is as version 1 wrote
@@ -146,6 +147,8 @@ def encode_manifest(
                 for i in issues[:MAX_LISTED_ISSUES]
             ],
         }
+    if launch:  # recorded only when the capture gave some: other manifests stay as they were
+        doc["launch"] = dict(launch)
     doc["root_hash"] = root_hash(store, doc)
     return canonical_json(doc)
 
@@ -219,9 +222,18 @@ def decode_manifest(store: Store, name: str, body: bytes) -> Manifest:
             stats={str(k): int(v) for k, v in doc["stats"].items()},
             issues=listed,
             disks=disks,
+            launch=_launch(doc.get("launch")),
         )
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise IntegrityError(name, f"manifest is malformed ({exc!r})") from None
+
+
+def _launch(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("launch is not an object")
+    return value
 
 
 def tree_records(

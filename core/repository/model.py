@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from regionvault.core.types import CaptureIssue, Disk, FileKind, RecoveryPoint
 
@@ -169,6 +170,9 @@ class Manifest:
     #: a block image's disks, the first the one it boots from (one disk, "disk", that is the
     #: whole image when the manifest records none); empty for a file tree
     disks: tuple[Disk, ...] = ()
+    #: what the capture recorded for a launch (``Capture.launch_facts``): key pair, security
+    #: groups, user data...; may hold secrets, kept only inside this sealed manifest
+    launch: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def several_disks(self) -> bool:

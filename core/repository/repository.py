@@ -296,6 +296,7 @@ class Repository:
                 stats=result.stats,
                 issues=issues,
                 disks=capture.disks if isinstance(capture, BlockCapture) else None,
+                launch=capture.launch_facts(),
             )
             lock.check()
             store.put_sealed(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from regionvault.core.errors import ComputeError, InstanceNotFound, IntegrityError, RegionVaultError
-from regionvault.core.interfaces import BlockCapture, BlockSink, Capture, Compute, RestoreSink
+from regionvault.core.interfaces import (
+    BlockCapture,
+    BlockSink,
+    Capture,
+    CloudHealth,
+    Compute,
+    RestoreSink,
+)
 from regionvault.core.types import (
     Capabilities,
     CaptureKind,
@@ -45,6 +53,17 @@ from regionvault.core.types import (
     split_by_disk,
 )
 from regionvault.providers.aws.errors import aws_error, error_code, error_message
+from regionvault.providers.aws.launching import (
+    LaunchMapping,
+    billing_not_carried,
+    billing_products,
+    capture_facts,
+    instance_extra,
+    instance_health,
+    launch_subnet,
+    map_launch,
+    offered_type,
+)
 
 if TYPE_CHECKING:
     from regionvault.core.types import RegionConfig
@@ -187,6 +206,8 @@ class AwsCompute(Compute):
             extra["capture_snapshot_ids"] = given
         if raw.get("BootMode"):
             extra["boot_mode"] = raw["BootMode"]
+        # key pair, instance profile, security groups, billing: what a launch carries over
+        extra.update(instance_extra(raw))
         kinds = frozenset({CaptureKind.BLOCKS}) if volumes or given else frozenset()
         return Instance(
             id=str(raw["InstanceId"]),
@@ -584,6 +605,12 @@ class AwsCompute(Compute):
             ) from None
 
     def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:
+        """Register an image from the sink's snapshots (the first disk as root, every other
+        at its own device name) and run one instance of it, carrying over what the
+        destination has of the source: instance type (checked against the offerings,
+        ``fallback_instance_types``), key pair, instance profile, security groups (mapped
+        by tag or name), user data and tags. The instance returned lists in
+        ``not_carried`` what could not be carried over (docs/aws.md, "Whole instances")."""
         if not isinstance(sink, AwsBlockSink) or sink.compute is not self:
             raise ComputeError(
                 "launch needs a sink made by this region's open_restore_sink",
@@ -604,6 +631,9 @@ class AwsCompute(Compute):
             )
         source = spec.source
         source_extra: Mapping[str, Any] = source.extra if source is not None else {}
+        # what the capture recorded (the point's manifest), else what the source instance
+        # (given to a direct launch) tells
+        facts: dict[str, Any] = {**source_extra, **spec.launch_facts}
         # a recovery point made by this provider records the instance type as its function
         # (Instance.function), so a restore from the point alone launches the same type
         function_type = (
@@ -613,7 +643,7 @@ class AwsCompute(Compute):
         )
         instance_type = (
             spec.extra.get("instance_type")
-            or source_extra.get("instance_type")
+            or facts.get("instance_type")
             or function_type
             or self.settings.instance_type
         )
@@ -625,14 +655,13 @@ class AwsCompute(Compute):
                 provider="aws",
                 region=self.region,
             )
-        root_device = (
-            spec.extra.get("root_device_name")
-            or source_extra.get("root_device_name")
-            or "/dev/xvda"
-        )
+        subnet, vpc_id, zone, subnet_line = launch_subnet(self, spec, facts)
+        zone = getattr(self.settings, "availability_zone", None) or zone
+        instance_type, type_line = offered_type(self, str(instance_type), zone, spec.name)
+        root_device = _root_device(spec, facts, sink.disks[0].name)
         architecture = (
             spec.extra.get("architecture")
-            or source_extra.get("architecture")
+            or facts.get("architecture")
             or self._architecture_of(str(instance_type))
         )
         base = dict(spec.tags) if spec.tags else (dict(source.tags) if source is not None else {})
@@ -641,7 +670,17 @@ class AwsCompute(Compute):
             for k, v in base.items()
             if not k.lower().startswith("aws:") and not k.startswith(INTERNAL_PREFIX)
         }
+        reserved = sorted(k for k in base if k.lower().startswith("aws:"))
         self._check_tags(tags, self.region)
+        mapping = map_launch(self, spec, facts, subnet=subnet, vpc_id=vpc_id)
+        if type_line:
+            mapping.not_carried.insert(0, type_line)
+        if subnet_line:
+            mapping.not_carried.insert(0, subnet_line)
+        if reserved:
+            mapping.not_carried.append(
+                f"tags {', '.join(reserved)}: the aws: prefix is AWS's to set"
+            )
         # the launched instance's tags are exactly these; its name rides on a provider tag
         internal = {NAME_TAG: spec.name}
         devices = _data_devices([d.name for d in sink.disks[1:]], str(root_device))
@@ -671,9 +710,12 @@ class AwsCompute(Compute):
             "VirtualizationType": "hvm",
             "EnaSupport": True,
         }
-        boot_mode = spec.extra.get("boot_mode") or source_extra.get("boot_mode")
+        boot_mode = spec.extra.get("boot_mode") or facts.get("boot_mode")
         if boot_mode:
             image_kwargs["BootMode"] = boot_mode
+        products = billing_products(self, facts)
+        if products:
+            image_kwargs["BillingProducts"] = products
         try:
             image_id = str(self.ec2.register_image(**image_kwargs)["ImageId"])
         except (ClientError, BotoCoreError) as exc:
@@ -687,34 +729,45 @@ class AwsCompute(Compute):
             self.ec2.create_tags(Resources=[image_id], Tags=_tag_list(image_tags))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, f"cannot tag image {image_id}") from None
+        mapping.not_carried.extend(billing_not_carried(self, image_id, facts, products))
+        return self._run(spec, sink, image_id, str(instance_type), {**tags, **internal}, mapping)
+
+    def _run(
+        self,
+        spec: LaunchSpec,
+        sink: AwsBlockSink,
+        image_id: str,
+        instance_type: str,
+        tags: Mapping[str, str],
+        mapping: LaunchMapping,
+    ) -> Instance:
         run_kwargs: dict[str, Any] = {
             "ImageId": image_id,
             "InstanceType": instance_type,
             "MinCount": 1,
             "MaxCount": 1,
             "ClientToken": uuid.uuid4().hex,
-            "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": _tag_list({**tags, **internal})}
-            ],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": _tag_list(tags)}],
+            **mapping.run,
         }
-        subnet = spec.extra.get("subnet_id") or self.settings.subnet_id
-        if subnet:
-            run_kwargs["SubnetId"] = subnet
         if self.settings.availability_zone:  # the subnet, if any, must lie in it: EC2 checks
             run_kwargs["Placement"] = {"AvailabilityZone": self.settings.availability_zone}
-        groups = spec.extra.get("security_group_ids") or list(self.settings.security_group_ids)
-        if groups:
-            run_kwargs["SecurityGroupIds"] = list(groups)
         try:
             answer = self.ec2.run_instances(**run_kwargs)
         except (ClientError, BotoCoreError) as exc:
+            # the message never holds the user data: EC2 names parameters, not values
             raise self._error(exc, f"cannot run an instance from image {image_id}") from None
         raw = dict(answer["Instances"][0])
         # from here the image and snapshot belong to the instance: terminate removes them
         sink.launched_instance_id = str(raw.get("InstanceId") or "") or None
         if not raw.get("Tags"):
-            raw["Tags"] = _tag_list({**tags, **internal})
-        return self._instance(raw)
+            raw["Tags"] = _tag_list(tags)
+        return dataclasses.replace(self._instance(raw), not_carried=tuple(mapping.not_carried))
+
+    def cloud_health(self, instance: Instance) -> CloudHealth | None:
+        """EC2's status checks (DescribeInstanceStatus): running, instance and system
+        status ``ok``."""
+        return instance_health(self, instance.id)
 
     def _architecture_of(self, instance_type: str) -> str:
         """The image architecture an instance type runs (DescribeInstanceTypes): arm64 for
@@ -923,23 +976,35 @@ def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 _DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)[b-z][a-z]?$")
+_ROOT_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)a1?$")
+
+
+def _root_device(spec: LaunchSpec, facts: Mapping[str, Any], first_disk: str) -> str:
+    """The root device of the image: the one recorded (the launch's extra, the capture's
+    facts), else the first disk's captured name when it is an EC2 root device name, else
+    /dev/xvda."""
+    recorded = spec.extra.get("root_device_name") or facts.get("root_device_name")
+    if recorded:
+        return str(recorded)
+    return first_disk if _ROOT_DEVICE_NAME.match(first_disk) else "/dev/xvda"
 
 
 def _data_devices(names: Sequence[str], root: str) -> list[str]:
-    """Device names for a launch's data disks, in the image's disk order: their captured
-    names when each is an EC2 data device name, none is the root's, and they keep that
-    order when a capture sorts them again; else /dev/sdf, /dev/sdg, ... in order."""
-    keep = (
-        all(_DEVICE_NAME.match(n) for n in names)
-        and root not in names
-        and list(names) == sorted(set(names), key=lambda d: _device_order(d, root))
-    )
-    if keep:
-        return list(names)
+    """Device names for a launch's data disks, in the image's disk order: each keeps its
+    captured name when that is an EC2 data device name, not the root's and not already
+    taken; any other (a disk from another cloud: "lun0") gets the first free of /dev/sdf,
+    /dev/sdg, ... (so a volume is attached where the instance had it, whatever the order)."""
+    kept = {n for n in names if _DEVICE_NAME.match(n) and n != root}
     letters = [chr(c) for c in range(ord("f"), ord("z") + 1)]
     letters += [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
-    free = [f"/dev/sd{x}" for x in letters if f"/dev/sd{x}" != root]
-    return free[: len(names)]
+    free = iter(d for d in (f"/dev/sd{x}" for x in letters) if d != root and d not in kept)
+    out: list[str] = []
+    for name in names:
+        if name in kept and name not in out:
+            out.append(name)
+        else:
+            out.append(next(free))
+    return out
 
 
 class AwsBlockCapture(BlockCapture):
@@ -1170,6 +1235,11 @@ class AwsBlockCapture(BlockCapture):
             except _SnapshotGone:  # deleted since the check, or not of one lineage
                 return None
         return _merge(ranges)
+
+    def launch_facts(self) -> Mapping[str, Any]:
+        """Key pair, instance profile, security groups, user data and billing details of
+        the captured instance (providers/aws/launching.py), for the sealed manifest."""
+        return capture_facts(self.compute, self.instance)
 
     def close(self) -> None:
         if self._closed:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import ConfigError
@@ -47,6 +47,8 @@ OPTIONAL_SETTINGS = frozenset(
         "read_timeout",
         "snapshot_stall_timeout",
         "ebs_kms_key",
+        "fallback_instance_types",
+        "billing_products",
     }
 )
 
@@ -105,6 +107,13 @@ class AwsSettings:
     #: the KMS key (a key ARN in this region) the snapshots a restore writes are encrypted
     #: with; None: the account's EBS default (encrypted when the account encrypts by default)
     ebs_kms_key: str | None = None
+
+    #: launch: the instance types to launch instead, in this order, when the destination
+    #: (its zone, or the region) does not offer the source's; none: such a launch fails
+    fallback_instance_types: tuple[str, ...] = ()
+    #: launch: RegisterImage's BillingProducts by the source's usage operation
+    #: ("RunInstances:0002" = ["bp-..."]); only accounts AWS authorised may pass them
+    billing_products: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     @property
     def inbox_bucket_name(self) -> str | None:
@@ -246,6 +255,8 @@ class AwsSettings:
             read_timeout=integer("read_timeout", 120, 1, 3600),
             snapshot_stall_timeout=stall,
             ebs_kms_key=ebs_kms_key,
+            fallback_instance_types=_fallback_instance_types(region),
+            billing_products=_billing_products(region),
         )
 
     def need(self, region: RegionConfig, key: str, service: str) -> str:
@@ -329,3 +340,41 @@ def _ebs_kms_key(region: RegionConfig, value: str | None, aws_region: str) -> st
             "ebs_kms_key", f"the key's ARN is in {arn.group(1)}, the region is in {aws_region}"
         )
     return value
+
+
+#: an EC2 instance type: family, generation and options, a dot, a size
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+_USAGE_OPERATION = re.compile(r"^RunInstances(:[0-9a-zA-Z]{4})?$")
+_BILLING_PRODUCT = re.compile(r"^bp-[0-9a-f]{8,}$")
+
+
+def _fallback_instance_types(region: RegionConfig) -> tuple[str, ...]:
+    value = region.settings.get("fallback_instance_types", [])
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise region.error("fallback_instance_types", "must be an array of instance types")
+    for name in value:
+        if not _INSTANCE_TYPE.match(name):
+            raise region.error(
+                "fallback_instance_types", f"{name!r} is not an EC2 instance type like m5.large"
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def _billing_products(region: RegionConfig) -> dict[str, tuple[str, ...]]:
+    value = region.settings.get("billing_products", {})
+    if not isinstance(value, dict):
+        raise region.error("billing_products", 'must be a table: usage operation = ["bp-...", ...]')
+    out: dict[str, tuple[str, ...]] = {}
+    for usage, codes in value.items():
+        if not _USAGE_OPERATION.match(usage):
+            raise region.error(
+                "billing_products", f"{usage!r} is not a usage operation like RunInstances:0002"
+            )
+        if not isinstance(codes, list) or not all(
+            isinstance(c, str) and _BILLING_PRODUCT.match(c) for c in codes
+        ):
+            raise region.error(
+                "billing_products", f"{usage}: must be an array of billing product codes bp-..."
+            )
+        out[usage] = tuple(codes)
+    return out

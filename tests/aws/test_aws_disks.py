@@ -89,10 +89,12 @@ def test_device_order_and_launch_device_names() -> None:
         "/dev/sdz",
         "/dev/sdba",
     ]
-    # EC2 names captured in capture order are kept; anything else gets sdf, sdg, ... in order
+    # each EC2 name is kept, in any order; anything else gets the first free of sdf, sdg, ...
     assert _data_devices(["/dev/sdf", "/dev/sdh"], "/dev/xvda") == ["/dev/sdf", "/dev/sdh"]
     assert _data_devices(["lun0", "lun1"], "/dev/xvda") == ["/dev/sdf", "/dev/sdg"]
-    assert _data_devices(["/dev/sdh", "/dev/sdf"], "/dev/xvda") == ["/dev/sdf", "/dev/sdg"]
+    assert _data_devices(["/dev/sdh", "/dev/sdf"], "/dev/xvda") == ["/dev/sdh", "/dev/sdf"]
+    assert _data_devices(["lun0", "/dev/sdf"], "/dev/xvda") == ["/dev/sdg", "/dev/sdf"]
+    assert _data_devices(["/dev/sdf", "/dev/sdf"], "/dev/xvda") == ["/dev/sdf", "/dev/sdg"]
     assert _data_devices(["/dev/sdf"], "/dev/sdf") == ["/dev/sdg"]
 
 
@@ -333,7 +335,8 @@ def test_a_failed_restore_of_several_disks_removes_all_it_made(aws: AwsWorld) ->
     """Three disks: a StartSnapshot that fails for the third deletes the two already
     started; a launch EC2 refuses, then discard, removes the image and every snapshot; data
     between two disks (where the image holds none) is refused, not dropped."""
-    cfg = aws.region(WEST, instance_type="t3.small", subnet_id="subnet-0badc0ffee0000000")
+    # a security group EC2 does not know: RunInstances fails after the image is registered
+    cfg = aws.region(WEST, instance_type="t3.small", security_group_ids=["sg-0badc0ffee0000000"])
     west = aws.track(aws.provider.compute(cfg))
     disks = [Disk("os", 0, GiB), Disk("lun0", GiB, 4 * BS), Disk("lun1", GiB + 8 * BS, GiB)]
     size = GiB + 8 * BS + GiB

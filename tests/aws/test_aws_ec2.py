@@ -316,7 +316,7 @@ def test_discarding_an_unfinished_restore_deletes_its_snapshot(aws: AwsWorld) ->
 def test_a_failed_launch_is_discarded_with_its_image_and_snapshot(aws: AwsWorld) -> None:
     """run_instances fails after the image was registered: discarding the sink deregisters
     that image and deletes the snapshot; nothing the launch made stays behind."""
-    cfg = aws.region(WEST, instance_type="t3.small", subnet_id="subnet-0badc0ffee0000000")
+    cfg = aws.region(WEST, instance_type="t3.small", security_group_ids=["sg-0badc0ffee0000000"])
     west = aws.track(aws.provider.compute(cfg))
     spec = LaunchSpec(name="never-runs", tags=Tags({"rv-run": aws.tag}))
     sink = west.open_restore_sink(spec, CaptureKind.BLOCKS, size=EBS_BLOCK_SIZE)

@@ -47,7 +47,7 @@ def test_a_failed_launch_deletes_the_restored_snapshot(aws: AwsWorld, tmp_path: 
     seeded = seed_snapshot(aws.client("ebs", EAST), disk, volume_size_gib=1)
     tags = {"backup": "1-7", "Name": "vcu-1", CAPTURE_SNAPSHOT_TAG: seeded}
     instance_id = aws.run_instance(EAST, tags, instance_type="m5.large")
-    settings = aws.settings(EAST, subnet_id="subnet-0badc0ffee0000000")
+    settings = aws.settings(EAST, security_group_ids=["sg-0badc0ffee0000000"])
     doc = {
         "site": {"name": "failed-restore", "state_dir": str(tmp_path / "state")},
         "regions": {A: settings},

@@ -269,6 +269,7 @@ def commit_copy(
             for i in issues["listed"]
         ],
         issues_total=int(issues["total"]),
+        launch=p.get("launch"),
     )
     try:
         store.put_sealed(fmt.ObjectKind.MANIFEST, fmt.point_name(point_id), body, if_absent=True)

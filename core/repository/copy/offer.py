@@ -135,6 +135,8 @@ def make_offer(store: Store, manifest: Manifest) -> CopyOffer:
         "entries": manifest.entry_count,
         "stats": dict(manifest.stats),
     }
+    if manifest.launch:  # the offer is sealed for the destination alone, as its manifest
+        point["launch"] = dict(manifest.launch)
     if p.issues:  # a copy is as complete as its source, and says so
         point["issues"] = {
             "total": p.issues,
