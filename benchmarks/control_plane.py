@@ -25,6 +25,7 @@ control plane at scale", says what they mean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -196,13 +197,14 @@ def profile(root: Path, name: str, args: list[str], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        main(["--site", str(root / "site.toml"), *args])
-    except SystemExit:
-        pass
-    finally:
-        profiler.disable()
+    with Path(os.devnull).open("w") as devnull, contextlib.redirect_stdout(devnull):
+        profiler.enable()
+        try:
+            main(["--site", str(root / "site.toml"), *args])
+        except SystemExit:
+            pass
+        finally:
+            profiler.disable()
     profiler.dump_stats(out / f"{name}.prof")
 
 

@@ -287,10 +287,11 @@ class InstanceIndex:
         self,
         after: tuple[str, str] | None,
         size: int,
-        keep: Callable[[dict[str, Any]], bool],
+        keep: Callable[[dict[str, Any]], bool] | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Up to ``size`` records of listed instances that ``keep`` accepts, in (name, id)
-        order after ``after``; and whether there are more."""
+        """Up to ``size`` records of listed instances that ``keep`` accepts (all without
+        it), in (name, id) order after ``after``; and whether there are more. Without
+        ``keep`` the query is limited to ``size + 1`` rows."""
         self.ready()
         self.stats.queries += 1
         where = "state NOT IN (?, ?)"
@@ -298,9 +299,13 @@ class InstanceIndex:
         if after is not None:
             where += " AND (name, id) > (?, ?)"
             args += list(after)
+        limit = ""
+        if keep is None:
+            limit = " LIMIT ?"
+            args.append(size + 1)
         with self._failing():
             cursor = self._connect().execute(
-                f"SELECT record FROM instances WHERE {where} ORDER BY name, id", args
+                f"SELECT record FROM instances WHERE {where} ORDER BY name, id{limit}", args
             )
         found: list[dict[str, Any]] = []
         try:
@@ -311,7 +316,7 @@ class InstanceIndex:
                     return found, False
                 for (text,) in rows:
                     record = json.loads(text)
-                    if not keep(record):
+                    if keep is not None and not keep(record):
                         continue
                     if len(found) == size:
                         return found, True

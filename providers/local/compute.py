@@ -780,6 +780,7 @@ class LocalCompute(Compute):
         super().__init__(provider=provider, region=region, capabilities=capabilities)
         self.compute_dir = root / "compute"
         self.instances_dir = self.compute_dir / "instances"
+        self._instances_str = str(self.instances_dir)
         self.terminate_timeout = terminate_timeout
         self._lock = _fs.FileLock(self.compute_dir / "compute.lock")
         #: whether this thread holds ``_lock`` (a second hold would wait on the first)
@@ -894,7 +895,8 @@ class LocalCompute(Compute):
                 "data_dir": record["data_dir"],
                 "pid": pid,
                 "created": record["created"],
-                "log": str(self.instances_dir / record["id"] / LOG),
+                # a string join, not two pathlib joins: this runs once per listed instance
+                "log": f"{self._instances_str}/{record['id']}/{LOG}",
                 "owned_data": record["owned_data"],
             },
         )
@@ -971,7 +973,9 @@ class LocalCompute(Compute):
         filters = dict(tag_filters or {})
         # one index query per page, in (name, id) order from the token on (no record read)
         page, more = self.index.page(
-            after, page_size, lambda record: Tags(record["tags"]).matches(filters)
+            after,
+            page_size,
+            (lambda record: Tags(record["tags"]).matches(filters)) if filters else None,
         )
         token = self._encode_token(page[-1]["name"], page[-1]["id"]) if more else None
         return InstancePage(tuple(self._instance(r) for r in page), token)
