@@ -111,6 +111,10 @@ def test_listing_makes_one_index_query_per_page_and_reads_no_record(
     assert tagged == ["nf-00003"] + [f"nf-{i:05d}" for i in range(250, 260)]
     assert calls.counts["list_instances_page"] == math.ceil(11 / 4)
     assert calls.counts["_read"] == 0
+    # a key alone, and a key with another value
+    assert [i.name for i in opened.list_instances(tag_filters={"x": None})] == tagged
+    assert list(opened.list_instances(tag_filters={"x": "2"})) == []
+    assert len(list(opened.list_instances(tag_filters={"backup": "1-7"}))) == 250
 
 
 def test_a_page_token_resumes_after_its_instance_and_a_forged_one_is_refused(

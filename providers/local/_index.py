@@ -39,7 +39,7 @@ __all__ = ["INDEX", "InstanceIndex", "Stats"]
 #: the index file, in the compute directory (SQLite adds ``-wal`` and ``-shm`` beside it)
 INDEX = "index.sqlite"
 #: the layout of the tables below; another value is rebuilt
-SCHEMA = "1"
+SCHEMA = "2"
 #: states whose instances are not listed and do not hold their name
 HIDDEN = ("terminated", "pending")
 #: rows fetched from SQLite at a time while a filtered page is filled
@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS instances (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_name ON instances (name, id);
+CREATE TABLE IF NOT EXISTS tags (
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (id, key)
+);
 CREATE TABLE IF NOT EXISTS dirty (id TEXT PRIMARY KEY);
 """
 
@@ -172,10 +178,12 @@ class InstanceIndex:
         try:
             db = self._connect()
             self.stats.queries += 1
-            meta = self._meta(db)
-            if meta.get("schema") != SCHEMA or meta.get("built") != "1":
-                return False
-            return db.execute("SELECT 1 FROM dirty LIMIT 1").fetchone() is None
+            row = db.execute(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema'),"
+                " (SELECT value FROM meta WHERE key = 'built'),"
+                " EXISTS (SELECT 1 FROM dirty)"
+            ).fetchone()
+            return bool(row == (SCHEMA, "1", 0))
         except sqlite3.DatabaseError:
             return False
 
@@ -225,6 +233,7 @@ class InstanceIndex:
         self.stats.rebuilds += 1
         with self._transaction(db):
             db.execute("DELETE FROM instances")
+            db.execute("DELETE FROM tags")
             db.execute("DELETE FROM dirty")
             db.execute("DELETE FROM meta")
             for instance_id in self._list_ids():
@@ -239,12 +248,17 @@ class InstanceIndex:
     @staticmethod
     def _put(db: sqlite3.Connection, instance_id: str, record: Mapping[str, Any] | None) -> None:
         db.execute("DELETE FROM dirty WHERE id = ?", (instance_id,))
+        db.execute("DELETE FROM tags WHERE id = ?", (instance_id,))
         if record is None:
             db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
         else:
             db.execute(
                 "INSERT OR REPLACE INTO instances (id, name, state, record) VALUES (?, ?, ?, ?)",
                 (instance_id, record["name"], record["state"], json.dumps(record)),
+            )
+            db.executemany(
+                "INSERT INTO tags (id, key, value) VALUES (?, ?, ?)",
+                [(instance_id, key, value) for key, value in record["tags"].items()],
             )
 
     @contextlib.contextmanager
@@ -287,11 +301,11 @@ class InstanceIndex:
         self,
         after: tuple[str, str] | None,
         size: int,
-        keep: Callable[[dict[str, Any]], bool] | None = None,
+        filters: Mapping[str, str | None] | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Up to ``size`` records of listed instances that ``keep`` accepts (all without
-        it), in (name, id) order after ``after``; and whether there are more. Without
-        ``keep`` the query is limited to ``size + 1`` rows."""
+        """Up to ``size`` records of listed instances whose tags match ``filters`` (each
+        key present and, where a value is given, equal: :meth:`Tags.matches`), in (name,
+        id) order after ``after``; and whether there are more. One query, in SQL whole."""
         self.ready()
         self.stats.queries += 1
         where = "state NOT IN (?, ?)"
@@ -299,13 +313,22 @@ class InstanceIndex:
         if after is not None:
             where += " AND (name, id) > (?, ?)"
             args += list(after)
-        limit = ""
-        if keep is None:
-            limit = " LIMIT ?"
-            args.append(size + 1)
+        for key, value in (filters or {}).items():
+            if value is None:
+                where += (
+                    " AND EXISTS (SELECT 1 FROM tags t WHERE t.id = instances.id AND t.key = ?)"
+                )
+                args.append(key)
+            else:
+                where += (
+                    " AND EXISTS (SELECT 1 FROM tags t WHERE t.id = instances.id"
+                    " AND t.key = ? AND t.value = ?)"
+                )
+                args += [key, value]
+        args.append(size + 1)
         with self._failing():
             cursor = self._connect().execute(
-                f"SELECT record FROM instances WHERE {where} ORDER BY name, id{limit}", args
+                f"SELECT record FROM instances WHERE {where} ORDER BY name, id LIMIT ?", args
             )
         found: list[dict[str, Any]] = []
         try:
@@ -315,11 +338,8 @@ class InstanceIndex:
                 if not rows:
                     return found, False
                 for (text,) in rows:
-                    record = json.loads(text)
-                    if keep is not None and not keep(record):
-                        continue
                     if len(found) == size:
                         return found, True
-                    found.append(record)
+                    found.append(json.loads(text))
         finally:
             cursor.close()

@@ -972,11 +972,7 @@ class LocalCompute(Compute):
         after = self._decode_token(page_token) if page_token is not None else None
         filters = dict(tag_filters or {})
         # one index query per page, in (name, id) order from the token on (no record read)
-        page, more = self.index.page(
-            after,
-            page_size,
-            (lambda record: Tags(record["tags"]).matches(filters)) if filters else None,
-        )
+        page, more = self.index.page(after, page_size, filters)
         token = self._encode_token(page[-1]["name"], page[-1]["id"]) if more else None
         return InstancePage(tuple(self._instance(r) for r in page), token)
 
