@@ -30,11 +30,13 @@ site made by an earlier run (``--keep``) reuses it: setup is skipped.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import cProfile
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import regionvault.core
 from regionvault.core import Site, load_site
 from regionvault.core.plugins import make_plugin_manager, registry_from
 from regionvault.providers.local import plugin as local_plugin
@@ -164,6 +167,7 @@ def register_more(root: Path, instances: int, count: int = 100) -> dict[str, Any
         for instance_id in made:
             compute.unregister_instance(instance_id)
     return {
+        f"register_{count}_more_median_ms": round(statistics.median(times) * 1000, 2),
         f"register_{count}_more_mean_ms": round(statistics.mean(times) * 1000, 2),
         f"register_{count}_more_max_ms": round(max(times) * 1000, 2),
     }
@@ -185,16 +189,20 @@ def register_one_more(root: Path, instances: int) -> dict[str, Any]:
     return {"register_one_more_ms": round(took * 1000, 2), **counted}
 
 
-def run_cli(root: Path, args: list[str]) -> tuple[float, int, int]:
-    """Wall time, exit status and output lines of ``regionvault --site ... <args>``."""
+def run_cli(root: Path, args: list[str]) -> tuple[float, float, int, int]:
+    """Wall time, CPU time (user + system: what a busy machine inflates least), exit status
+    and output lines of ``regionvault --site ... <args>``."""
     script = Path(sys.executable).parent / "regionvault"
     command = [str(script), "--site", str(root / "site.toml")]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command + args, capture_output=True, text=True, check=False)
     took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode not in (0, 3):
         print(done.stderr, file=sys.stderr)
-    return took, done.returncode, len(done.stdout.splitlines())
+    return took, cpu, done.returncode, len(done.stdout.splitlines())
 
 
 def profile(root: Path, name: str, args: list[str], out: Path) -> None:
@@ -248,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.instances < 1:
         parser.error("--instances must be at least 1")
     work = args.work or Path(tempfile.mkdtemp(prefix="rv-control-plane-"))
+    # each command is timed as an installed package runs it: from compiled modules (where
+    # PYTHONDONTWRITEBYTECODE is set, every run would otherwise compile them all, ~1 s)
+    compileall.compile_dir(Path(regionvault.core.__file__).parent.parent, quiet=1)
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "instances": args.instances,
@@ -267,19 +278,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_tick:
             commands.pop("tick")
         elif not (work / "state" / "ticked").exists():
-            took, status, _ = run_cli(work, ["tick"])
+            took, cpu, status, _ = run_cli(work, ["tick"])
             result["first_tick_s"] = round(took, 2)
+            result["first_tick_cpu_s"] = round(cpu, 2)
             result["first_tick_status"] = status
             (work / "state" / "ticked").write_text(str(status))
         for name, cli_args in commands.items():
-            took, status, lines = run_cli(work, cli_args)
+            took, cpu, status, lines = run_cli(work, cli_args)
             result[f"{name}_s"] = round(took, 2)
+            result[f"{name}_cpu_s"] = round(cpu, 2)
             result[f"{name}_status"] = status
             result[f"{name}_lines"] = lines
             if args.profile:
                 profile(work, name, cli_args, args.profile)
-        took, _, _ = run_cli(work, ["--help"])
+        took, cpu, _, _ = run_cli(work, ["--help"])
         result["startup_s"] = round(took, 2)
+        result["startup_cpu_s"] = round(cpu, 2)
+        result["load_average"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
