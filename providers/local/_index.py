@@ -122,6 +122,9 @@ class InstanceIndex:
         self._holding = holding
         self._error = error
         self._local = threading.local()
+        #: every connection this process opened (one per thread), for :meth:`close_all`
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
         self.stats = Stats()
 
     # -- connections ------------------------------------------------------------------------
@@ -130,9 +133,13 @@ class InstanceIndex:
         """This thread's connection (a new one after a fork: a connection never crosses one)."""
         held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "db", None)
         if held is not None and held[0] == os.getpid():
-            return held[1]
+            with self._opened_lock:
+                open_still = held[1] in self._opened  # not closed by close_all
+            if open_still:
+                return held[1]
         _fs.ensure_dir(self.path.parent)
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        # used by its own thread alone; check_same_thread=False only lets close_all close it
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -141,6 +148,8 @@ class InstanceIndex:
             db.close()
             raise
         self._local.db = (os.getpid(), db)
+        with self._opened_lock:
+            self._opened.append(db)
         return db
 
     @contextlib.contextmanager
@@ -152,11 +161,22 @@ class InstanceIndex:
             raise self._error(f"instance index {self.path}: {exc}") from None
 
     def close(self) -> None:
+        """Close this thread's connection (the next use opens another)."""
         held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "db", None)
         if held is not None:
             self._local.db = None
             if held[0] == os.getpid():
+                with self._opened_lock:
+                    if held[1] in self._opened:
+                        self._opened.remove(held[1])
                 held[1].close()
+
+    def close_all(self) -> None:
+        """Close every connection this process opened; a thread's next use opens another."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for db in opened:
+            db.close()
 
     @contextlib.contextmanager
     def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:

@@ -809,6 +809,10 @@ class LocalCompute(Compute):
     def _holding(self) -> bool:
         return bool(getattr(self._held, "on", False))
 
+    def close(self) -> None:
+        """Close the index's connections (the next use opens new ones)."""
+        self.index.close_all()
+
     # records -----------------------------------------------------------------------
 
     def _error(self, message: str) -> ComputeError:
