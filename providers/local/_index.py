@@ -233,8 +233,10 @@ class InstanceIndex:
                 self.stats.repaired.append(instance_id)
                 with self._transaction(db):
                     self._put(db, instance_id, record)
-        except sqlite3.DatabaseError:
-            self.rebuild()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise  # locked, or cannot be opened: rebuilding would not help
+            self.rebuild()  # not a database (damaged): made anew from the records
 
     def rebuild(self) -> None:
         """Under the compute lock: build the index anew from every record on disk (an
