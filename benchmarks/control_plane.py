@@ -173,20 +173,31 @@ def register_more(root: Path, instances: int, count: int = 100) -> dict[str, Any
     }
 
 
-def register_one_more(root: Path, instances: int) -> dict[str, Any]:
-    """Register instance N+1 in a fresh process's first Compute (index opened cold), then
-    remove it; its time and what the index did for it."""
-    with open_site(root / "site.toml") as site:
-        compute = east_compute(site)
-        data = root / "data" / "one-more"
-        data.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        inst = compute.register_instance(f"nf-{instances:05d}", data, tags={"backup": "1-7"})
-        took = time.perf_counter() - start
-        stats = compute.index.stats
-        counted = {"index_queries": stats.queries, "records_read": stats.records_read}
-        compute.unregister_instance(inst.id)
-    return {"register_one_more_ms": round(took * 1000, 2), **counted}
+def register_one_more(root: Path, instances: int, tries: int = 5) -> dict[str, Any]:
+    """Register instance N+1 with a Compute opened afresh (its index connection cold), then
+    remove it; ``tries`` times: the median and worst time, and what the index did for the
+    first (a single registration's time on a shared machine is mostly its fsyncs' wait)."""
+    times: list[float] = []
+    counted: dict[str, int] = {}
+    data = root / "data" / "one-more"
+    data.mkdir(parents=True, exist_ok=True)
+    for _ in range(tries):
+        with open_site(root / "site.toml") as site:
+            compute = east_compute(site)
+            start = time.perf_counter()
+            inst = compute.register_instance(f"nf-{instances:05d}", data, tags={"backup": "1-7"})
+            times.append(time.perf_counter() - start)
+            stats = compute.index.stats
+            counted = counted or {
+                "index_queries": stats.queries,
+                "records_read": stats.records_read,
+            }
+            compute.unregister_instance(inst.id)
+    return {
+        "register_one_more_median_ms": round(statistics.median(times) * 1000, 2),
+        "register_one_more_max_ms": round(max(times) * 1000, 2),
+        **counted,
+    }
 
 
 def run_cli(root: Path, args: list[str]) -> tuple[float, float, int, int]:
