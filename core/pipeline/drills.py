@@ -382,6 +382,7 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
         plan.problems.append(f"{here}: drills: cannot read the event log: {exc}")
         return plan
     done: set[str] = set()
+    slots = {instance_id: (interval, slot) for instance_id, _point, interval, slot in wanted}
     for event in events:
         record = drill_record(event)
         if record is None:
@@ -394,9 +395,9 @@ def plan_drills(engine: Engine, region: str, now: datetime) -> DrillPlan:
                 record.at.isoformat(),
             )
             continue
-        for instance_id, _point, interval, slot in wanted:
-            if record.instance_id == instance_id and _drilled_in_slot(record, slot, interval):
-                done.add(instance_id)
+        asked = slots.get(record.instance_id)  # one look-up per event, not one per instance
+        if asked is not None and _drilled_in_slot(record, asked[1], asked[0]):
+            done.add(record.instance_id)
     for instance_id, point, interval, slot in wanted:
         if instance_id in done:
             continue

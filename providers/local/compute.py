@@ -12,6 +12,10 @@ On disk, under ``<root>/compute/``:
     the launched process's stdout and stderr.
 ``compute.lock``
     serialises record changes (unique names, tags, state) between threads and processes.
+``index.sqlite``
+    the index of the records, by id and by name (providers/local/_index.py): what listing,
+    name checks and registration read; rebuilt from the records whenever it is missing
+    or was left behind by a crash.
 
 States: ``pending`` (a restore sink not launched yet; not listed), ``running``, ``stopped``
 (its process has exited; still listed), ``terminated`` (not listed, record kept). A pending
@@ -63,6 +67,7 @@ from regionvault.core.types import (
     Tags,
 )
 from regionvault.providers.local import _fs
+from regionvault.providers.local._index import InstanceIndex
 
 __all__ = [
     "MAX_DIR_FDS",
@@ -775,8 +780,38 @@ class LocalCompute(Compute):
         super().__init__(provider=provider, region=region, capabilities=capabilities)
         self.compute_dir = root / "compute"
         self.instances_dir = self.compute_dir / "instances"
+        self._instances_str = str(self.instances_dir)
         self.terminate_timeout = terminate_timeout
         self._lock = _fs.FileLock(self.compute_dir / "compute.lock")
+        #: whether this thread holds ``_lock`` (a second hold would wait on the first)
+        self._held = threading.local()
+        self.index = InstanceIndex(
+            self.compute_dir,
+            read_record=self._read_or_none,
+            list_ids=self._ids,
+            lock=self._locked,
+            holding=self._holding,
+            error=self._error,
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The compute lock, for record changes; the index is repaired first if a crash left
+        it behind (providers/local/_index.py)."""
+        with self._lock.hold():
+            self._held.on = True
+            try:
+                self.index.repair()
+                yield
+            finally:
+                self._held.on = False
+
+    def _holding(self) -> bool:
+        return bool(getattr(self._held, "on", False))
+
+    def close(self) -> None:
+        """Close the index's connections (the next use opens new ones)."""
+        self.index.close_all()
 
     # records -----------------------------------------------------------------------
 
@@ -801,21 +836,46 @@ class LocalCompute(Compute):
             raise self._error(f"record of instance {instance_id} is malformed") from None
         return record
 
-    def _write(self, record: Mapping[str, Any]) -> None:
-        path = self.instances_dir / record["id"] / RECORD
-        _fs.atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
-
-    def _records(self) -> Iterator[dict[str, Any]]:
+    def _read_or_none(self, instance_id: str) -> dict[str, Any] | None:
         try:
-            names = [path.name for path in self.instances_dir.iterdir()]
+            return self._read(instance_id)
+        except InstanceNotFound:
+            return None  # a directory being created or a sink without a record yet
+
+    def _write(self, record: Mapping[str, Any], *, new_dir: bool = False) -> None:
+        """Under the lock: write ``record`` (making its directory first, with ``new_dir``)
+        and index it."""
+        instance_dir = self.instances_dir / record["id"]
+        with self.index.changing(record["id"]) as change:
+            if new_dir:
+                _fs.ensure_dir(instance_dir)
+            data = json.dumps(record, indent=1, sort_keys=True).encode("utf-8")
+            _fs.atomic_write(instance_dir / RECORD, data)
+            change.stored(record)
+
+    def _remove(self, instance_id: str, what: str) -> None:
+        """Under the lock: remove the instance's record, then its directory, and its row."""
+        instance_dir = self.instances_dir / instance_id
+        with self.index.changing(instance_id) as change:
+            try:
+                # the record first: a directory without one is never listed, even half-removed
+                (instance_dir / RECORD).unlink(missing_ok=True)
+                change.removed()
+                shutil.rmtree(instance_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._error(
+                    f"cannot remove {what} of {instance_id} in {instance_dir}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+
+    def _ids(self) -> list[str]:
+        """The ids of the instance directories on disk (what the index is rebuilt from)."""
+        try:
+            return [p.name for p in self.instances_dir.iterdir() if _ID.match(p.name)]
         except FileNotFoundError:
-            return
-        for name in names:
-            if _ID.match(name):
-                try:
-                    yield self._read(name)
-                except InstanceNotFound:
-                    continue  # a directory being created or a sink without a record yet
+            return []
 
     def _instance(self, record: Mapping[str, Any]) -> Instance:
         state = record["state"]
@@ -839,7 +899,8 @@ class LocalCompute(Compute):
                 "data_dir": record["data_dir"],
                 "pid": pid,
                 "created": record["created"],
-                "log": str(self.instances_dir / record["id"] / LOG),
+                # a string join, not two pathlib joins: this runs once per listed instance
+                "log": f"{self._instances_str}/{record['id']}/{LOG}",
                 "owned_data": record["owned_data"],
             },
         )
@@ -854,14 +915,14 @@ class LocalCompute(Compute):
             )
         if _ID.match(name):
             raise self._error(f"instance name {name!r} looks like an instance id")
-        for record in self._records():
-            if record["name"] == name and record["state"] not in ("terminated", "pending"):
-                raise AmbiguousName(
-                    f"an instance named {name!r} already exists ({record['id']}); "
-                    "instance names are unique per region",
-                    provider=self.provider,
-                    region=self.region,
-                )
+        holder = self.index.holder(name)
+        if holder is not None:
+            raise AmbiguousName(
+                f"an instance named {name!r} already exists ({holder}); "
+                "instance names are unique per region",
+                provider=self.provider,
+                region=self.region,
+            )
 
     def _tags(self, tags: Mapping[str, str] | None) -> Tags:
         try:
@@ -914,22 +975,10 @@ class LocalCompute(Compute):
             raise self._error(f"page_size must be a positive integer, got {page_size!r}")
         after = self._decode_token(page_token) if page_token is not None else None
         filters = dict(tag_filters or {})
-        live = sorted(
-            (
-                (record["name"], record["id"], record)
-                for record in self._records()
-                if record["state"] not in ("terminated", "pending")
-                and Tags(record["tags"]).matches(filters)
-            ),
-            key=lambda item: (item[0], item[1]),
-        )
-        if after is not None:
-            live = [item for item in live if (item[0], item[1]) > after]
-        page = live[:page_size]
-        token = None
-        if len(live) > page_size:
-            token = self._encode_token(page[-1][0], page[-1][1])
-        return InstancePage(tuple(self._instance(r) for _, _, r in page), token)
+        # one index query per page, in (name, id) order from the token on (no record read)
+        page, more = self.index.page(after, page_size, filters)
+        token = self._encode_token(page[-1]["name"], page[-1]["id"]) if more else None
+        return InstancePage(tuple(self._instance(r) for r in page), token)
 
     @staticmethod
     def _encode_token(name: str, instance_id: str) -> str:
@@ -950,7 +999,7 @@ class LocalCompute(Compute):
 
     def set_tags(self, instance_id: str, tags: Mapping[str, str]) -> Tags:
         updates = self._tags(tags)
-        with self._lock.hold():
+        with self._locked():
             record = self._live(instance_id)
             merged = Tags(record["tags"]).merged(updates)
             self._tags(merged)
@@ -962,7 +1011,7 @@ class LocalCompute(Compute):
         given: object = keys
         if isinstance(given, str) or not all(isinstance(k, str) for k in keys):
             raise self._error(f"remove_tags wants a list of tag keys, got {keys!r}")
-        with self._lock.hold():
+        with self._locked():
             record = self._live(instance_id)
             remaining = Tags(record["tags"]).without(keys)
             record["tags"] = dict(remaining)
@@ -991,7 +1040,7 @@ class LocalCompute(Compute):
         data_dir = Path(data).expanduser().resolve()
         if not data_dir.is_dir():
             raise self._error(f"cannot register {name!r}: {data} is not a directory")
-        with self._lock.hold():
+        with self._locked():
             self._check_name(name)
             record = self._new_record(
                 self._new_id(),
@@ -1002,15 +1051,14 @@ class LocalCompute(Compute):
                 owned=False,
                 state="running",
             )
-            _fs.ensure_dir(self.instances_dir / record["id"])
-            self._write(record)
+            self._write(record, new_dir=True)
         return self._instance(record)
 
     def unregister_instance(self, instance_id: str) -> None:
         """Forget the instance: its record goes, the directory :meth:`register_instance`
         adopted is never touched. A launched instance (its data restored here) is refused
         unless terminated: terminating it stops its process and removes that data."""
-        with self._lock.hold():
+        with self._locked():
             record = self._read(instance_id)
             if record["state"] == "pending":
                 raise self._error(f"instance {instance_id} is a restore in progress")
@@ -1019,18 +1067,7 @@ class LocalCompute(Compute):
                     f"instance {instance_id} ({record['name']}) was launched by a restore: "
                     "terminate it (which stops it and removes its restored data)"
                 )
-            instance_dir = self.instances_dir / instance_id
-            try:
-                # the record first: a directory without one is never listed, even half-removed
-                (instance_dir / RECORD).unlink(missing_ok=True)
-                shutil.rmtree(instance_dir)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._error(
-                    f"cannot remove the record of {instance_id} in {instance_dir}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+            self._remove(instance_id, "the record")
 
     def capture(
         self,
@@ -1072,7 +1109,8 @@ class LocalCompute(Compute):
             owned=True,
             state="pending",
         )
-        self._write(record)
+        with self._locked():
+            self._write(record)
         return LocalFileSink(data_dir, instance_id, compute=self)
 
     def _discard_sink(self, sink: LocalFileSink) -> bool:
@@ -1081,7 +1119,7 @@ class LocalCompute(Compute):
         instance_dir = self.instances_dir / sink.instance_id
         if not _ID.match(sink.instance_id) or sink.root != instance_dir / DATA:
             raise self._error(f"cannot discard {sink.root}: not a sink of this Compute")
-        with self._lock.hold():
+        with self._locked():
             try:
                 record: dict[str, Any] | None = self._read(sink.instance_id)
             except InstanceNotFound:
@@ -1089,17 +1127,7 @@ class LocalCompute(Compute):
             if record is not None and record["state"] != "pending":
                 log.info("sink %s was launched from: its data stays", sink.instance_id)
                 return False
-            try:
-                # the record first: a directory without one is never listed, even half-removed
-                (instance_dir / RECORD).unlink(missing_ok=True)
-                shutil.rmtree(instance_dir)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._error(
-                    f"cannot remove the restored data of {sink.instance_id} in {instance_dir}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+            self._remove(sink.instance_id, "the restored data")
         return True
 
     def launch(self, spec: LaunchSpec, sink: RestoreSink) -> Instance:
@@ -1109,7 +1137,7 @@ class LocalCompute(Compute):
             raise self._error(f"sink {sink.instance_id} was discarded: restore again to launch")
         tags = self._tags(spec.tags)
         self._check_function(spec.function)
-        with self._lock.hold():
+        with self._locked():
             try:
                 record = self._read(sink.instance_id)
             except InstanceNotFound:
@@ -1164,7 +1192,7 @@ class LocalCompute(Compute):
         """Stop the process (SIGTERM to its group, SIGKILL after ``terminate_timeout``),
         remove data this provider restored (a registered directory is never touched) and
         mark the instance terminated."""
-        with self._lock.hold():
+        with self._locked():
             record = self._read(instance_id)
             if record["state"] == "terminated":
                 return
