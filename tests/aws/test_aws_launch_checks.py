@@ -306,7 +306,11 @@ def test_a_restore_in_place_lands_in_the_source_subnet_with_its_groups(aws: AwsW
     east = aws.track(aws.provider.compute(aws.region(EAST)))
     ec2 = aws.client("ec2", EAST)
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24")["Subnet"]["SubnetId"]
+    # a zone moto's offerings list the type in (without one, moto picks any zone, and
+    # us-east-1e offers no m5.large)
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24", AvailabilityZone=f"{EAST}a")[
+        "Subnet"
+    ]["SubnetId"]
     group = ec2.create_security_group(GroupName="vdu", Description="vdu", VpcId=vpc)["GroupId"]
     # a group of the same name in the default VPC must not be the one chosen
     ec2.create_security_group(GroupName="vdu", Description="elsewhere")
