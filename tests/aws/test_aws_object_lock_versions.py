@@ -22,8 +22,11 @@ from regionvault.providers.local.compute import LocalFileCapture
 SMALL = RepositorySettings(workers=2, pack_size=64 << 10)
 
 
-def _locked_point(aws: AwsWorld, tmp_path: Path) -> tuple[Repository, str, dict[str, bytes]]:
-    """A point of a few packs in an Object Lock vault, COMPLIANCE-locked for a day."""
+def _locked_point(
+    aws: AwsWorld, tmp_path: Path
+) -> tuple[AwsVault, str, dict[str, bytes], list[str]]:
+    """A point of a few packs in an Object Lock vault, COMPLIANCE-locked for a day: the
+    vault, the point's id, its files and its packs."""
     cfg = aws.region(EAST)
     repo = Repository.init_or_open(
         aws.track(aws.provider.vault(cfg)),
@@ -39,7 +42,11 @@ def _locked_point(aws: AwsWorld, tmp_path: Path) -> tuple[Repository, str, dict[
     inst = Instance(id="i-1", name="hlr", region=cfg.name, tags=Tags({"backup": "1-7"}))
     point = repo.backup(LocalFileCapture(inst, datetime.now(UTC), data), instance=inst)
     lock_point(repo, point.id, datetime.now(UTC) + timedelta(days=1), RetentionMode.COMPLIANCE)
-    return repo, point.id, files
+    vault = repo.vault
+    assert isinstance(vault, AwsVault)
+    packs = sorted(info.name for info in vault.list("packs/"))
+    assert len(packs) >= 3
+    return vault, point.id, files, packs
 
 
 def _fresh(aws: AwsWorld) -> tuple[Repository, AwsVault]:
@@ -58,11 +65,7 @@ def _restored(repo: Repository, point_id: str, out: Path) -> dict[str, bytes]:
 def test_a_newer_version_over_a_locked_pack_is_tampering_and_restore_reads_the_locked_one(
     aws: AwsWorld, tmp_path: Path
 ) -> None:
-    repo, point_id, files = _locked_point(aws, tmp_path)
-    vault = repo.vault
-    assert isinstance(vault, AwsVault)
-    packs = sorted(info.name for info in vault.list("packs/"))
-    assert len(packs) >= 3
+    vault, point_id, files, packs = _locked_point(aws, tmp_path)
     victim = packs[1]
     s3 = aws.client("s3", EAST)
     key = vault._key(victim)
@@ -89,10 +92,8 @@ def test_a_newer_version_over_a_locked_pack_is_tampering_and_restore_reads_the_l
 def test_a_delete_marker_over_locked_objects_is_tampering_and_restore_succeeds(
     aws: AwsWorld, tmp_path: Path
 ) -> None:
-    repo, point_id, files = _locked_point(aws, tmp_path)
-    vault = repo.vault
-    assert isinstance(vault, AwsVault)
-    pack = sorted(info.name for info in vault.list("packs/"))[0]
+    vault, point_id, files, packs = _locked_point(aws, tmp_path)
+    pack = packs[0]
     manifest = f"points/{point_id}"
     s3 = aws.client("s3", EAST)
     for name in (pack, manifest):
