@@ -748,6 +748,14 @@ class AwsVault(Vault):
             answer = s3.put(key, data, if_absent=if_absent)
         except ObjectExists:
             raise ObjectExists(name, provider="aws", region=self.region) from None
+        if self._settings.object_lock:
+            # what this process just wrote is the newest version, and reads of it need no
+            # listing: an overwriting put found no lock above; an if-absent one found no
+            # object (a locked version behind a delete marker would hold the same name's
+            # bytes, which the framework writes once)
+            with self._pins_lock:
+                if key not in self._pins:
+                    self._plain.add(key)
         return ObjectInfo(name=name, size=size, modified=_now(), etag=_etag(answer.get("ETag")))
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
