@@ -1,6 +1,7 @@
 """What the AWS provider asks of AWS per GiB: KMS calls, S3 requests and EBS direct API calls
-for a full backup, a copy to another region, an unchanged re-backup and its copy, and a
-restore with launch, counted with ``AwsProvider.metrics`` against a moto server this script
+for a full backup, a copy to another region, an unchanged re-backup and its copy, a backup
+after a change (a sixteenth of the written blocks rewritten) and its copy, and a restore with
+launch, counted with ``AwsProvider.metrics`` against a moto server this script
 starts (on 127.0.0.1, stopped by its PID at the end). Not a test: request counts, not times.
 
     .venv/bin/python benchmarks/aws_requests.py [--sizes 64,256] [--seed 1] [--json PATH]
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import json
 import math
+import random
 import sys
 import tempfile
 import time
@@ -53,7 +55,17 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 EAST, WEST = "us-east-1", "eu-west-1"
 A, B = f"aws:{EAST}", f"aws:{WEST}"
-PHASES = ("backup", "copy", "backup again (unchanged)", "copy again", "restore + launch")
+PHASES = (
+    "backup",
+    "copy",
+    "backup again (unchanged)",
+    "copy again",
+    "backup (1/16 changed)",
+    "copy (1/16 changed)",
+    "restore + launch",
+)
+#: every CHANGE_EVERY-th written block is rewritten for the "changed" phases
+CHANGE_EVERY = 16
 SERVICES = ("kms", "s3", "ebs", "ec2")
 
 
@@ -133,6 +145,15 @@ def run_size(server: MotoServer, size: int, seed: int) -> dict[str, Any]:
         ],
     )["Instances"][0]["InstanceId"]
 
+    # the same disk a while later: a sixteenth of its written blocks rewritten
+    changed = dict(blocks)
+    rng = random.Random(seed + 1)
+    for index in sorted(blocks)[::CHANGE_EVERY]:
+        changed[index] = rng.randbytes(len(blocks[index]))
+    snapshot2 = seed_snapshot(
+        raw("ebs", EAST), changed, volume_size_gib=max(1, math.ceil(size / GiB))
+    )
+
     counts: dict[str, MetricsSnapshot] = {}
     with tempfile.TemporaryDirectory(prefix="rv-aws-requests-") as scratch:
         tmp = Path(scratch)
@@ -155,9 +176,16 @@ def run_size(server: MotoServer, size: int, seed: int) -> dict[str, Any]:
                 point2 = engine.backup(instance_id, region=A)
             with _measure(provider, counts, PHASES[3]):
                 copied2 = engine.copy(point2.id, to=B)
+            ec2.create_tags(
+                Resources=[instance_id], Tags=[{"Key": CAPTURE_SNAPSHOT_TAG, "Value": snapshot2}]
+            )
             with _measure(provider, counts, PHASES[4]):
+                point3 = engine.backup(instance_id, region=A)
+            with _measure(provider, counts, PHASES[5]):
+                copied3 = engine.copy(point3.id, to=B)
+            with _measure(provider, counts, PHASES[6]):
                 restored = engine.restore(copied.point.id, region=B, launch=True)
-            assert restored.healthy and copied2.chunks_sent == 0
+            assert restored.healthy and copied2.chunks_sent == 0 < copied3.chunks_sent
             stats = engine.repository(A).load_manifest(point.id).stats
     return {
         "size": size,

@@ -595,6 +595,14 @@ class Vault(Service):
         """Remove one of :meth:`stale_temporaries` (gone already is not an error)."""
         raise self.unsupported("remove_temporary")
 
+    def versions_over_locks(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+        """``(name, what lies over it)`` for each object under ``prefix`` whose WORM-locked
+        version has a newer version or a delete marker in front of it, which a versioned
+        store (S3) lets anyone with write access add: never the framework's doing, so
+        ``verify`` reports each as tampering. :meth:`get` and :meth:`head` still use the
+        locked version. The default, for a store without versions: none."""
+        return iter(())
+
 
 class Transit(Service):
     """A one-way link from a source region into a destination region's inbox.

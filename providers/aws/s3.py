@@ -11,6 +11,19 @@ version in place, so :meth:`AwsVault.delete` removes an object by deleting each 
 versions by id, after checking every version's retention and legal hold, so that "delete
 refused while locked" holds whatever S3 itself would have allowed (moto, for one, lets a
 COMPLIANCE lock be shortened; the vault does not).
+
+Versions over a lock: S3 lets anyone with ``s3:PutObject`` write a new version over a locked
+object (or a delete marker in front of it); the locked version stays, but a plain GET reads
+the newest. In an Object Lock vault every read therefore reads *the version the lock
+protects*: the oldest version under a retention date in the future or a legal hold, when the
+key has one; else the newest (an object nobody locked, which the framework may replace). The
+version is learnt from the key's own listing (``ListObjectVersions``, then ``HeadObject`` of
+at most :data:`_VERSION_HEADS` versions when the key has more than one), once per key and
+process, and pinned: a read of a pinned key is a GET of that version id; a lock this
+process sets pins the version it locked. Nothing is recorded in the vault, so the format is
+unchanged and a new process finds the same version. :meth:`AwsVault.versions_over_locks`
+names every newer version or delete marker over a locked one (``verify`` reports each as
+tampering), and :meth:`AwsVault.list` still lists a locked object hidden by a delete marker.
 """
 
 from __future__ import annotations
@@ -53,6 +66,9 @@ _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 _CONFLICT_RETRIES = 3
 _MAX_PART = 5 * 1024**3  # S3's largest part
 _MAX_PAGES = 10_000_000  # a bound for pagination loops, far above any real listing
+#: versions of one key read (HeadObject, oldest first) to find the locked one: the framework
+#: locks the version it wrote, the oldest; later ones are another writer's
+_VERSION_HEADS = 4
 
 
 def _utc(value: datetime) -> datetime:
@@ -259,8 +275,18 @@ class S3Bucket:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
 
-    def get(self, key: str, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
+    def get(
+        self,
+        key: str,
+        name: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        version_id: str | None = None,
+    ) -> bytes:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id is not None:
+            kwargs["VersionId"] = version_id
         if length is not None:
             kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset:
@@ -378,8 +404,50 @@ class S3Bucket:
                 kwargs["VersionIdMarker"] = answer.get("NextVersionIdMarker", "")
         except (ClientError, BotoCoreError) as exc:
             raise self.error(exc, f"cannot list versions of {key!r}") from None
-        found.sort(key=lambda v: _utc(v["LastModified"]), reverse=True)
-        return found
+        return _newest_first(found)
+
+    def version_groups(self, prefix: str) -> Iterator[builtins.list[dict[str, Any]]]:
+        """Every key under ``prefix`` with all its versions and delete markers (``marker``
+        True), newest first (the latest, ``IsLatest``, leads), one list per key in key
+        order: one ``ListObjectVersions`` per 1,000 versions."""
+        paginator = self.client.get_paginator("list_object_versions")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=prefix,
+            PaginationConfig={"PageSize": self.settings.list_page_size},
+        )
+        group: builtins.list[dict[str, Any]] = []
+        try:
+            for page in pages:
+                entries = [{**v, "marker": False} for v in page.get("Versions", [])]
+                entries += [{**m, "marker": True} for m in page.get("DeleteMarkers", [])]
+                # a key's entries may continue on the next page: hold the last key back
+                entries.sort(key=lambda e: str(e["Key"]))
+                for entry in entries:
+                    if group and group[0]["Key"] != entry["Key"]:
+                        yield _newest_first(group)
+                        group = []
+                    group.append(entry)
+        except (ClientError, BotoCoreError) as exc:
+            raise self.error(exc, f"cannot list versions under {prefix!r}") from None
+        if group:
+            yield _newest_first(group)
+
+    def locked_version(
+        self, key: str, name: str, group: builtins.list[dict[str, Any]]
+    ) -> tuple[str, dict[str, Any]] | None:
+        """``(version id, its HeadObject answer)`` of the version of ``key`` a lock protects
+        now (retention in the future or a legal hold), the oldest such among the oldest
+        :data:`_VERSION_HEADS` versions of ``group`` (newest first); None when none is."""
+        versions = [e for e in reversed(group) if not e["marker"]]
+        for entry in versions[:_VERSION_HEADS]:
+            try:
+                facts = self.head(key, name, version_id=str(entry["VersionId"]))
+            except ObjectNotFound:
+                continue
+            if _refusal(_info(name, facts), bypass_governance=False) is not None:
+                return str(entry["VersionId"]), facts
+        return None
 
     def delete(self, key: str, name: str, *, bypass_governance: bool, check_locks: bool) -> None:
         """Remove ``key`` for good: in a versioned bucket every version by id, after checking
@@ -430,6 +498,13 @@ class S3Bucket:
             raise RetentionLocked(
                 name, f"{refusal}; it cannot be deleted", provider="aws", region=self.region
             )
+
+
+def _newest_first(group: builtins.list[dict[str, Any]]) -> builtins.list[dict[str, Any]]:
+    """One key's versions and delete markers, the latest first, then newest to oldest (S3
+    lists a key's versions newest first; a sort by time keeps that order on equal times)."""
+    group.sort(key=lambda e: (bool(e.get("IsLatest")), _utc(e["LastModified"])), reverse=True)
+    return group
 
 
 def _refusal(info: ObjectInfo, *, bypass_governance: bool) -> str | None:
@@ -483,6 +558,11 @@ class AwsVault(Vault):
         self._reserved = tuple(reserved)
         self._vault_id: str | None = None
         self._id_lock = threading.Lock()
+        # Object Lock vaults: the version each key's reads use (module docstring), learnt
+        # once per key: pinned (the locked version's id) or plain (the newest)
+        self._pins: dict[str, str] = {}
+        self._plain: set[str] = set()
+        self._pins_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
 
@@ -511,6 +591,118 @@ class AwsVault(Vault):
                 region=self.region,
             )
         return key
+
+    # ------------------------------------------------------------------ versions
+
+    def _version(self, s3: S3Bucket, key: str, name: str) -> str | None:
+        """The version id reads of ``key`` use: the locked version's in an Object Lock vault
+        whose key has one (learnt once per key, then pinned), else None (the newest)."""
+        if not self._settings.object_lock:
+            return None
+        with self._pins_lock:
+            if key in self._pins:
+                return self._pins[key]
+            if key in self._plain:
+                return None
+        return self._learn(s3, key, name, s3.versions(key))
+
+    def _learn(
+        self, s3: S3Bucket, key: str, name: str, group: builtins.list[dict[str, Any]]
+    ) -> str | None:
+        """Pin the locked version among ``group`` (the key's versions, newest first), or
+        mark the key plain; returns the pinned version id."""
+        found: str | None = None
+        # one version (the common case) is the one to read, whether locked or not
+        if len(group) > 1 or (group and group[0]["marker"]):
+            locked = s3.locked_version(key, name, group)
+            found = None if locked is None else locked[0]
+        self._remember(key, found)
+        return found
+
+    def _remember(self, key: str, version_id: str | None) -> None:
+        with self._pins_lock:
+            if version_id is None:
+                self._pins.pop(key, None)
+                self._plain.add(key)
+            else:
+                self._pins[key] = version_id
+                self._plain.discard(key)
+
+    def _forget(self, key: str) -> None:
+        with self._pins_lock:
+            self._pins.pop(key, None)
+            self._plain.discard(key)
+
+    def _head(self, s3: S3Bucket, key: str, name: str) -> dict[str, Any]:
+        """HeadObject of the version reads use; a pinned version gone (deleted once its lock
+        ran out) is looked for again, once."""
+        version = self._version(s3, key, name)
+        try:
+            return s3.head(key, name, version_id=version)
+        except ObjectNotFound:
+            if version is None:
+                raise
+        self._forget(key)
+        return s3.head(key, name, version_id=self._version(s3, key, name))
+
+    def _overwrite_refusal(self, s3: S3Bucket, key: str, name: str) -> str | None:
+        """Why a put may not replace ``key`` (a lock on any version reads use), or None. A
+        key with no version yet costs one request, as a HeadObject did."""
+        with self._pins_lock:
+            known = key in self._pins or key in self._plain
+        if not known:
+            group = s3.versions(key)
+            self._learn(s3, key, name, group)
+            if not group:
+                return None
+        try:
+            facts = self._head(s3, key, name)
+        except ObjectNotFound:
+            return None
+        return _refusal(_info(name, facts), bypass_governance=False)
+
+    def versions_over_locks(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+        """``(name, what)`` for every object under ``prefix`` whose locked version has a
+        newer version or a delete marker in front of it (S3 allows both): another writer's
+        doing, never the framework's, which reads the locked version all the same. One
+        ``ListObjectVersions`` per 1,000 versions, and HeadObject only of keys with more than
+        one. None in a vault without Object Lock."""
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise VaultError(
+                f"bad list prefix {prefix!r}: {problem}", provider="aws", region=self.region
+            )
+        if not self._settings.object_lock:
+            return
+        s3 = self._ready()
+        cut = len(self.prefix)
+        for group in s3.version_groups(self.prefix + prefix):
+            key = str(group[0]["Key"])
+            if len(group) < 2 or key.startswith(self._reserved):
+                continue
+            name = key[cut:]
+            locked = s3.locked_version(key, name, group)
+            if locked is None:
+                continue
+            version_id, _facts = locked
+            self._remember(key, version_id)
+            at = next(n for n, e in enumerate(group) if e["VersionId"] == version_id)
+            newer = group[:at]
+            if not newer:
+                continue
+            markers = sum(1 for e in newer if e["marker"])
+            parts = []
+            if len(newer) - markers:
+                parts.append(f"{len(newer) - markers} newer version(s)")
+            if markers:
+                parts.append(f"{markers} delete marker(s)")
+            latest = newer[0]
+            yield (
+                name,
+                f"{' and '.join(parts)} over its locked version {version_id} (the latest, "
+                f"{latest['VersionId']}, written {_utc(latest['LastModified']).isoformat()}): "
+                "not written by regionvault; reads use the locked version",
+            )
 
     # ------------------------------------------------------------------ Vault
 
@@ -547,23 +739,23 @@ class AwsVault(Vault):
         if self._settings.object_lock and not if_absent:
             # S3 would keep the locked version and put a new one in front of it; the framework
             # promises more: a locked object is not replaced either
-            try:
-                current = s3.head(key, name)
-            except ObjectNotFound:
-                pass
-            else:
-                refusal = _refusal(_info(name, current), bypass_governance=False)
-                if refusal is not None:
-                    raise RetentionLocked(
-                        name,
-                        f"{refusal}; it cannot be overwritten",
-                        provider="aws",
-                        region=self.region,
-                    )
+            refusal = self._overwrite_refusal(s3, key, name)
+            if refusal is not None:
+                raise RetentionLocked(
+                    name, f"{refusal}; it cannot be overwritten", provider="aws", region=self.region
+                )
         try:
             answer = s3.put(key, data, if_absent=if_absent)
         except ObjectExists:
             raise ObjectExists(name, provider="aws", region=self.region) from None
+        if self._settings.object_lock:
+            # what this process just wrote is the newest version, and reads of it need no
+            # listing: an overwriting put found no lock above; an if-absent one found no
+            # object (a locked version behind a delete marker would hold the same name's
+            # bytes, which the framework writes once)
+            with self._pins_lock:
+                if key not in self._pins:
+                    self._plain.add(key)
         return ObjectInfo(name=name, size=size, modified=_now(), etag=_etag(answer.get("ETag")))
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
@@ -579,10 +771,21 @@ class AwsVault(Vault):
         if length == 0:
             self.head(name)
             return b""
-        return self._ready().get(key, name, offset=offset, length=length)
+        s3 = self._ready()
+        version = self._version(s3, key, name)
+        try:
+            return s3.get(key, name, offset=offset, length=length, version_id=version)
+        except ObjectNotFound:
+            if version is None:
+                raise
+        # the pinned version is gone (deleted once its lock ran out): look again, once
+        self._forget(key)
+        version = self._version(s3, key, name)
+        return s3.get(key, name, offset=offset, length=length, version_id=version)
 
     def head(self, name: str) -> ObjectInfo:
-        return _info(name, self._ready().head(self._key(name), name))
+        key = self._key(name)
+        return _info(name, self._head(self._ready(), key, name))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         problem = prefix_problem(prefix)
@@ -592,17 +795,46 @@ class AwsVault(Vault):
             )
         s3 = self._ready()
         cut = len(self.prefix)
+        if self._settings.object_lock:
+            yield from self._list_versions(s3, prefix, cut)
+            return
         for item in s3.list(self.prefix + prefix):
             key = item["Key"]
             if key.startswith(self._reserved):
                 continue
             yield _info(key[cut:], item, size_key="Size")
 
+    def _list_versions(self, s3: S3Bucket, prefix: str, cut: int) -> Iterator[ObjectInfo]:
+        """An Object Lock vault's listing, from its versions: each object as reads see it
+        (the locked version's facts where another version or a delete marker lies over it),
+        and a locked object behind a delete marker still listed."""
+        for group in s3.version_groups(self.prefix + prefix):
+            key = str(group[0]["Key"])
+            if key.startswith(self._reserved):
+                continue
+            name = key[cut:]
+            if len(group) == 1:
+                if not group[0]["marker"]:
+                    yield _info(name, group[0], size_key="Size")
+                continue
+            locked = s3.locked_version(key, name, group)
+            if locked is not None:
+                self._remember(key, locked[0])
+                yield _info(name, locked[1])
+            elif not group[0]["marker"]:
+                yield _info(name, group[0], size_key="Size")
+
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
         key = self._key(name)
-        self._ready().delete(
-            key, name, bypass_governance=bypass_governance, check_locks=self._settings.object_lock
-        )
+        try:
+            self._ready().delete(
+                key,
+                name,
+                bypass_governance=bypass_governance,
+                check_locks=self._settings.object_lock,
+            )
+        finally:
+            self._forget(key)
 
     def stale_temporaries(self, older_than: timedelta) -> Iterator[Temporary]:
         """Incomplete multipart uploads of this vault's puts begun more than ``older_than``
@@ -643,7 +875,7 @@ class AwsVault(Vault):
                 region=self.region,
             )
         mode = RetentionMode(mode)
-        facts = s3.head(key, name)
+        facts = self._head(s3, key, name)
         current = _info(name, facts)
         why = Protection.of(current).refuses_change(
             until, mode, _now(), bypass_governance=bypass_governance
@@ -676,6 +908,11 @@ class AwsVault(Vault):
             raise s3.error(exc, f"cannot set retention on {key!r}") from None
         except BotoCoreError as exc:
             raise s3.error(exc, f"cannot set retention on {key!r}") from None
+        if facts.get("VersionId"):
+            if lift:
+                self._forget(key)
+            else:
+                self._remember(key, str(facts["VersionId"]))  # reads keep to what is locked
         return ObjectInfo(
             name=name,
             size=current.size,
@@ -689,7 +926,7 @@ class AwsVault(Vault):
     def set_legal_hold(self, name: str, on: bool) -> ObjectInfo:
         s3 = self._locking("set_legal_hold")
         key = self._key(name)
-        facts = s3.head(key, name)
+        facts = self._head(s3, key, name)
         kwargs: dict[str, Any] = {
             "Bucket": s3.bucket,
             "Key": key,
@@ -701,6 +938,11 @@ class AwsVault(Vault):
             s3.client.put_object_legal_hold(**kwargs)
         except (ClientError, BotoCoreError) as exc:
             raise s3.error(exc, f"cannot set the legal hold on {key!r}") from None
+        if facts.get("VersionId"):
+            if on:
+                self._remember(key, str(facts["VersionId"]))
+            else:
+                self._forget(key)  # a retention may still protect it: learnt again
         current = _info(name, facts)
         return ObjectInfo(
             name=name,

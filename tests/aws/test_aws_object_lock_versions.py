@@ -1,0 +1,146 @@
+"""Object Lock done right (issue #22 item 5), against the moto server: S3 lets anyone with
+``s3:PutObject`` write a new version over a locked object, or a delete marker in front of
+it. The locked version stays; the vault reads it (a fresh process too, learning it from the
+key's versions), verify names each newer version or delete marker as tampering, and a
+restore of the locked point still succeeds."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aws_world import EAST, AwsWorld
+from regionvault.core.errors import RetentionLocked
+from regionvault.core.pipeline.locks import lock_point
+from regionvault.core.repository import Repository, RepositorySettings
+from regionvault.core.types import Instance, RetentionMode, Tags
+from regionvault.providers.aws.s3 import AwsVault
+from regionvault.providers.local.compute import LocalFileCapture
+
+SMALL = RepositorySettings(workers=2, pack_size=64 << 10)
+
+
+def _locked_point(
+    aws: AwsWorld, tmp_path: Path
+) -> tuple[AwsVault, str, dict[str, bytes], list[str]]:
+    """A point of a few packs in an Object Lock vault, COMPLIANCE-locked for a day: the
+    vault, the point's id, its files and its packs."""
+    cfg = aws.region(EAST)
+    repo = Repository.init_or_open(
+        aws.track(aws.provider.vault(cfg)),
+        aws.track(aws.provider.key_service(cfg)),
+        region=cfg.name,
+        settings=SMALL,
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    files = {f"f{n}.bin": os.urandom(96 << 10) for n in range(3)}
+    for name, body in files.items():
+        (data / name).write_bytes(body)
+    inst = Instance(id="i-1", name="hlr", region=cfg.name, tags=Tags({"backup": "1-7"}))
+    point = repo.backup(LocalFileCapture(inst, datetime.now(UTC), data), instance=inst)
+    lock_point(repo, point.id, datetime.now(UTC) + timedelta(days=1), RetentionMode.COMPLIANCE)
+    vault = repo.vault
+    assert isinstance(vault, AwsVault)
+    packs = sorted(info.name for info in vault.list("packs/"))
+    assert len(packs) >= 3
+    return vault, point.id, files, packs
+
+
+def _fresh(aws: AwsWorld) -> tuple[Repository, AwsVault]:
+    """The repository as a new process sees it: nothing learnt yet."""
+    cfg = aws.region(EAST)
+    vault = aws.track(aws.provider.vault(cfg))
+    keys = aws.track(aws.provider.key_service(cfg))
+    return Repository.open(vault, keys, region=cfg.name, settings=SMALL), vault
+
+
+def _restored(repo: Repository, point_id: str, out: Path) -> dict[str, bytes]:
+    repo.restore(point_id, out)
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_newer_version_over_a_locked_pack_is_tampering_and_restore_reads_the_locked_one(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    vault, point_id, files, packs = _locked_point(aws, tmp_path)
+    victim = packs[1]
+    s3 = aws.client("s3", EAST)
+    key = vault._key(victim)
+    original = s3.get_object(Bucket=vault.bucket_name, Key=key)["Body"].read()
+    # what real S3 allows whatever the lock: a new version in front of the locked one
+    s3.put_object(Bucket=vault.bucket_name, Key=key, Body=b"x" * len(original))
+    assert s3.get_object(Bucket=vault.bucket_name, Key=key)["Body"].read() != original
+
+    fresh, fresh_vault = _fresh(aws)
+    assert fresh_vault.get(victim) == original
+    assert fresh_vault.head(victim).retain_until is not None  # the locked version's facts
+    report = fresh.verify(read_data=True)
+    assert not report.ok
+    assert [p.object for p in report.errors] == [victim], report.errors
+    assert "1 newer version(s) over its locked version" in report.errors[0].message
+    assert "tampering" in report.errors[0].message
+    assert _restored(fresh, point_id, tmp_path / "out") == files
+
+    # the framework itself still refuses to replace the locked object
+    with pytest.raises(RetentionLocked, match="cannot be overwritten"):
+        fresh_vault.put(victim, original)
+
+
+def test_a_delete_marker_over_locked_objects_is_tampering_and_restore_succeeds(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    vault, point_id, files, packs = _locked_point(aws, tmp_path)
+    pack = packs[0]
+    manifest = f"points/{point_id}"
+    s3 = aws.client("s3", EAST)
+    for name in (pack, manifest):
+        # a plain DELETE in a versioned bucket: a delete marker hides the locked version
+        s3.delete_object(Bucket=vault.bucket_name, Key=vault._key(name))
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=vault.bucket_name)["Contents"]}
+    assert vault._key(pack) not in listed and vault._key(manifest) not in listed
+
+    fresh, fresh_vault = _fresh(aws)
+    assert {pack, manifest} <= {info.name for info in fresh_vault.list()}
+    assert [p.id for p in fresh.points()] == [point_id]
+    report = fresh.verify(read_data=True)
+    assert sorted(p.object for p in report.errors) == sorted([pack, manifest]), report.errors
+    assert all("1 delete marker(s) over its locked version" in p.message for p in report.errors)
+    assert _restored(fresh, point_id, tmp_path / "out") == files
+
+
+def test_objects_nobody_locked_read_their_newest_version(aws: AwsWorld) -> None:
+    """The framework replaces objects it never locks (locks, copy records): in an Object
+    Lock vault a read of one is of its newest version, in this process and a fresh one."""
+    vault = aws.track(aws.provider.vault(aws.region(EAST)))
+    vault.put("locks/a", b"first")
+    assert vault.get("locks/a") == b"first"
+    vault.put("locks/a", b"second")
+    assert vault.get("locks/a") == b"second"
+    fresh = aws.track(aws.provider.vault(aws.region(EAST)))
+    assert fresh.get("locks/a") == b"second"
+    assert [i.name for i in fresh.list("locks/")] == ["locks/a"]
+    assert fresh.head("locks/a").size == len(b"second")
+    assert list(fresh.versions_over_locks()) == []
+    fresh.delete("locks/a")
+    assert list(fresh.list("locks/")) == []
+
+
+def test_a_lock_pins_the_version_it_locked(aws: AwsWorld) -> None:
+    """The version a lock protects is the one this process reads from then on, even when
+    another writer puts a newer one without the vault listing anything again."""
+    vault = aws.track(aws.provider.vault(aws.region(EAST)))
+    vault.put("packs/00/kept", b"locked bytes")
+    vault.get("packs/00/kept")  # learnt: one version, read as the newest
+    vault.set_retention("packs/00/kept", datetime.now(UTC) + timedelta(days=1))
+    s3 = aws.client("s3", EAST)
+    s3.put_object(Bucket=vault.bucket_name, Key=vault._key("packs/00/kept"), Body=b"other")
+    metrics = aws.provider.metrics
+    before = metrics.snapshot()
+    assert vault.get("packs/00/kept") == b"locked bytes"
+    used = metrics.since(before)
+    assert used.count(service="s3") == 1 and used.count(operation="GetObject") == 1
+    (name, what), *rest = list(vault.versions_over_locks("packs/"))
+    assert name == "packs/00/kept" and "1 newer version(s)" in what and not rest
