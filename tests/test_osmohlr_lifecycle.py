@@ -230,3 +230,36 @@ def test_the_demo_stops_waiting_when_the_function_exits_and_says_why(tmp_path: P
         "a function that exits did not start in east (its process exited): "
         "osmohlr: no loopback address free (0 started)"
     )
+
+
+@needs_hlr
+def test_osmo_hlr_without_its_ctrl_port_is_stopped_and_not_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """osmo-hlr keeps running when another process holds CTRL (bound after ports_free
+    looked): the launcher stops it rather than announce a CTRL port that is not its own."""
+    import socket
+
+    from regionvault.plugins.osmohlr import launcher
+
+    address = next(a for a in launcher.loopback_addresses() if launcher.ports_free(a))
+    binary = package.find_binary()
+    assert binary is not None
+    data = tmp_path / "data"
+    data.mkdir()
+    spawned: list[subprocess.Popen[bytes]] = []
+    with socket.socket() as holder:
+        holder.bind((address, launcher.CTRL_PORT))
+        holder.listen()
+        try:
+            child = launcher._start(binary, data, address, "hlr-ctrl", 20.0, spawned.append)
+        finally:
+            for proc in spawned:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=20)
+    assert child is None
+    assert f"osmohlr: CTRL {address}:4259 is not osmo-hlr's (taken): stopping it" in (
+        capsys.readouterr().out
+    )
+    assert spawned[0].returncode is not None

@@ -136,6 +136,9 @@ def _write_atomic(path: Path, text: str) -> None:
 #: ``<pid>:<start ticks>`` of a process whose end ends this launcher (the demo, a test): set
 #: only by what owns the instance; an ordinary instance outlives the command that launched it
 OWNER_ENV = "REGIONVAULT_OSMOHLR_OWNER"
+#: how long, in seconds, osmo-hlr may take to listen on CTRL once its VTY answers
+CTRL_WAIT = 2.0
+_TCP_LISTEN = "0A"
 #: how often, in seconds, the launcher looks whether its owner is still there
 OWNER_POLL = 1.0
 
@@ -177,6 +180,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _listening(pid: int, address: str, port: int) -> bool | None:
+    """Whether process ``pid`` listens on ``address``:``port`` (TCP), from /proc: one of its
+    sockets is the listening one in its network namespace's table; None when /proc cannot
+    tell (not Linux)."""
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text(encoding="ascii").splitlines()[1:]
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    except OSError:
+        return None
+    local = f"{int.from_bytes(socket.inet_aton(address), sys.byteorder):08X}:{port:04X}"
+    for line in table:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == local and fields[3] == _TCP_LISTEN:
+            return fields[9] in inodes
+    return False
+
+
 def _answers(address: str, hostname: str) -> bool:
     try:
         with Vty(address, timeout=1.0) as vty:
@@ -210,12 +235,26 @@ def _start(
             print(f"osmohlr: osmo-hlr on {address} exited with {child.returncode}", flush=True)
             return None
         if _answers(address, hostname):
-            return child
+            break
         if time.monotonic() >= deadline:
             child.kill()
             child.wait()
             raise TimeoutError(f"osmo-hlr on {address} did not answer within {ready_timeout:g}s")
         time.sleep(0.02)
+    # osmo-hlr keeps running when its CTRL port is taken (by a process that bound it after
+    # ports_free looked): then another address is tried
+    ctrl_by = time.monotonic() + CTRL_WAIT
+    while _listening(child.pid, address, CTRL_PORT) is False:
+        if child.poll() is not None or time.monotonic() >= ctrl_by:
+            print(
+                f"osmohlr: CTRL {address}:{CTRL_PORT} is not osmo-hlr's (taken): stopping it",
+                flush=True,
+            )
+            child.terminate()
+            child.wait()
+            return None
+        time.sleep(0.02)
+    return child
 
 
 def main(argv: list[str] | None = None) -> int:
