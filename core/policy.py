@@ -146,12 +146,16 @@ def _duration(text: str, what: str) -> timedelta:
         raise _Invalid(exc.reason) from None
 
 
-def _check_spec(frequency: timedelta, retention: timedelta) -> None:
+def _check_frequency(frequency: timedelta) -> None:
     if frequency < MIN_FREQUENCY:
         raise _Invalid(
             f"frequency {format_duration(frequency)} is shorter than the minimum "
             f"{format_duration(MIN_FREQUENCY)}"
         )
+
+
+def _check_spec(frequency: timedelta, retention: timedelta) -> None:
+    _check_frequency(frequency)
     if retention < frequency:
         raise _Invalid(
             f"retention {format_duration(retention)} is shorter than the frequency "
@@ -324,7 +328,8 @@ def _completed(
     written_frequency, written_retention = sides
     # the written side is checked first: its own error says more than a missing default
     if written_frequency:
-        _duration(written_frequency, "frequency")
+        # the default plays no part in a frequency below the minimum: said as for a whole value
+        _check_frequency(_duration(written_frequency, "frequency"))
     else:
         _duration(written_retention, "retention")
     missing = "retention" if written_frequency else "frequency"

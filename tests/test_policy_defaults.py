@@ -136,6 +136,21 @@ def test_truly_malformed_tags_stay_errors_naming_the_instance(value: str, says: 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("value", ["1m", "4m-"])
+@pytest.mark.parametrize("default", ["1-7", "none"])
+def test_a_written_frequency_below_the_minimum_blames_the_written_side(
+    value: str, default: str
+) -> None:
+    # the default plays no part: the message is a whole value's, with no completion in it
+    with pytest.raises(PolicyError) as info:
+        resolve_policy(vm(value), make_site(default))
+    frequency = value.rstrip("-")
+    assert info.value.message == (
+        f"instance i-0123456789abcdef (vcu-1): tag backup={value!r}: frequency {frequency} is "
+        "shorter than the minimum 5m"
+    )
+
+
 def test_a_completed_policy_breaking_a_rule_says_which() -> None:
     with pytest.raises(PolicyError, match="retention 3d is shorter than the frequency 2w"):
         resolve_policy(vm("2w-"), make_site("12h-3d"))

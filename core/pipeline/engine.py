@@ -38,7 +38,7 @@ from regionvault.core.interfaces import BlockCapture, BlockSink, FileSink
 from regionvault.core.operations import Operations, resolve_operations
 from regionvault.core.pipeline import locks as _locks
 from regionvault.core.pipeline.acting import current_job
-from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun
+from regionvault.core.pipeline.hooks import HOOK_WORK_DIR, HookRun, remove_stale_runs
 from regionvault.core.pipeline.jobs import RUN_TAG, SLOT_TAG, Job, copy_jobs_for, format_slot
 from regionvault.core.pipeline.launch import (
     await_healthy,
@@ -246,6 +246,8 @@ class Engine:
         self.workers = workers
         self.health_timeout = health_timeout
         self.state = StateStore(site.config.state_dir)
+        # hook copies a killed run left (plain text: a database's copy) go before anything runs
+        remove_stale_runs(site.config.state_dir / HOOK_WORK_DIR)
         self._repos: dict[str, Repository] = {}
         self._repo_lock = threading.Lock()
         self._hook_problems: list[str] = []

@@ -181,11 +181,15 @@ class _RunDir:
 
 def remove_stale_runs(root: Path) -> list[Path]:
     """Remove the run directories under ``root`` whose run is gone (killed before it could
-    remove them: its lock is free). Returns what was removed."""
+    remove them: its lock is free). Returns what was removed. Called when an Engine opens
+    the site's state directory (every command and backup) and when a hook run starts."""
     removed: list[Path] = []
     try:
         paths = sorted(root.iterdir())
     except FileNotFoundError:
+        return removed
+    except OSError as exc:  # unreadable: the next run that can read it removes them
+        log.warning("cannot look for stale hook runs in %s: %s", root, exc.strerror)
         return removed
     for path in paths:
         name = path.name

@@ -16,6 +16,13 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
+from regionvault.plugins.osmohlr.launcher import (
+    OWNER_ENV,
+    loopback_addresses,
+    owner_value,
+    ports_free,
+)
+from regionvault.plugins.osmohlr.layout import CTRL_PORT, GSUP_PORT, VTY_PORT
 from regionvault.plugins.osmohlr.plugin import Endpoint, endpoint, healthy
 from regionvault.plugins.osmohlr.vty import Vty
 
@@ -44,8 +51,12 @@ class OsmoHlrFunction:
 
     def __init__(self) -> None:
         # exec: the launcher is the instance's process, so a terminate waits for it (and it
-        # for osmo-hlr) rather than for a shell that runs it
-        self.function = f"exec {shlex.quote(sys.executable)} -m regionvault.plugins.osmohlr"
+        # for osmo-hlr) rather than for a shell that runs it. The demo owns its instances:
+        # their launchers stop when this process is gone, even killed with SIGKILL
+        self.function = (
+            f"exec env {OWNER_ENV}={owner_value()} "
+            f"{shlex.quote(sys.executable)} -m regionvault.plugins.osmohlr"
+        )
         self.tags = {"backup-hook": "sqlite"}
 
     def ready(self, instance: Instance) -> Endpoint | None:
@@ -68,3 +79,17 @@ class OsmoHlrFunction:
             rows = vty.subscribers()
         canonical = "\n".join(f"{imsi} {msisdn or '-'}" for imsi, msisdn in sorted(rows))
         return len(rows), hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def ports_taken() -> str | None:
+    """None when two loopback addresses have osmo-hlr's ports free (east's instance and
+    west's), else the line saying so: the demo then runs the sample function."""
+    free = 0
+    for address in loopback_addresses():
+        free += ports_free(address)
+        if free >= 2:
+            return None
+    return (
+        f"osmo-hlr is installed but ports {GSUP_PORT}/{VTY_PORT}/{CTRL_PORT} are taken "
+        "on every loopback address but at most one"
+    )

@@ -36,7 +36,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,43 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+#: ``<pid>:<start ticks>`` of a process whose end ends this launcher (the demo, a test): set
+#: only by what owns the instance; an ordinary instance outlives the command that launched it
+OWNER_ENV = "REGIONVAULT_OSMOHLR_OWNER"
+#: how long, in seconds, osmo-hlr may take to listen on CTRL once its VTY answers
+CTRL_WAIT = 2.0
+_TCP_LISTEN = "0A"
+#: how often, in seconds, the launcher looks whether its owner is still there
+OWNER_POLL = 1.0
+
+
+def _start_ticks(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22), which
+    tells it from a later process that reuses its pid; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def owner_value(pid: int | None = None) -> str:
+    """The value of :data:`OWNER_ENV` naming ``pid`` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_ticks(pid) or ''}"
+
+
+def _owner_from_env() -> tuple[int, str] | None:
+    value = os.environ.get(OWNER_ENV, "")
+    pid, _, ticks = value.partition(":")
+    return (int(pid), ticks) if pid.isdigit() and ticks else None
+
+
+def _alive(owner: tuple[int, str]) -> bool:
+    return _start_ticks(owner[0]) == owner[1]
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the launcher dies (Linux prctl; elsewhere the
     process group still carries the local provider's terminate)."""
@@ -141,6 +178,28 @@ def _die_with_parent() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _listening(pid: int, address: str, port: int) -> bool | None:
+    """Whether process ``pid`` listens on ``address``:``port`` (TCP), from /proc: one of its
+    sockets is the listening one in its network namespace's table; None when /proc cannot
+    tell (not Linux)."""
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text(encoding="ascii").splitlines()[1:]
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    except OSError:
+        return None
+    local = f"{int.from_bytes(socket.inet_aton(address), sys.byteorder):08X}:{port:04X}"
+    for line in table:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == local and fields[3] == _TCP_LISTEN:
+            return fields[9] in inodes
+    return False
 
 
 def _answers(address: str, hostname: str) -> bool:
@@ -153,9 +212,15 @@ def _answers(address: str, hostname: str) -> bool:
 
 
 def _start(
-    binary: Path, data: Path, address: str, hostname: str, ready_timeout: float
+    binary: Path,
+    data: Path,
+    address: str,
+    hostname: str,
+    ready_timeout: float,
+    spawned: Callable[[subprocess.Popen[bytes]], None] = lambda child: None,
 ) -> subprocess.Popen[bytes] | None:
-    """osmo-hlr serving on ``address``, or None when it exited before it answered."""
+    """osmo-hlr serving on ``address``, or None when it exited before it answered;
+    ``spawned`` is told of the child as soon as it runs (so a signal can reach it)."""
     _write_atomic(data / CONFIG_FILE, render_config(address, hostname))
     child = subprocess.Popen(
         [str(binary), "-c", str(CONFIG_FILE), "-l", str(DATABASE)],
@@ -163,18 +228,33 @@ def _start(
         stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,  # the launcher runs no threads: preexec_fn is safe
     )
+    spawned(child)
     deadline = time.monotonic() + ready_timeout
     while True:
         if child.poll() is not None:
             print(f"osmohlr: osmo-hlr on {address} exited with {child.returncode}", flush=True)
             return None
         if _answers(address, hostname):
-            return child
+            break
         if time.monotonic() >= deadline:
             child.kill()
             child.wait()
             raise TimeoutError(f"osmo-hlr on {address} did not answer within {ready_timeout:g}s")
         time.sleep(0.02)
+    # osmo-hlr keeps running when its CTRL port is taken (by a process that bound it after
+    # ports_free looked): then another address is tried
+    ctrl_by = time.monotonic() + CTRL_WAIT
+    while _listening(child.pid, address, CTRL_PORT) is False:
+        if child.poll() is not None or time.monotonic() >= ctrl_by:
+            print(
+                f"osmohlr: CTRL {address}:{CTRL_PORT} is not osmo-hlr's (taken): stopping it",
+                flush=True,
+            )
+            child.terminate()
+            child.wait()
+            return None
+        time.sleep(0.02)
+    return child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
 
     child: subprocess.Popen[bytes] | None = None
     stopping = False
+    owner = _owner_from_env()
+
+    def is_stopping() -> bool:  # set by the handler, whatever mypy narrowed it to
+        return stopping
+
+    def spawned(started: subprocess.Popen[bytes]) -> None:
+        nonlocal child
+        child = started
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -223,13 +311,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             starts += 1
             try:
-                child = _start(binary, data, address, hostname, args.ready_timeout)
+                child = _start(binary, data, address, hostname, args.ready_timeout, spawned)
             except TimeoutError as exc:
                 print(f"osmohlr: {exc}", file=sys.stderr)
                 return 1
-            if child is not None:
+            if child is not None and child.poll() is None:
                 break
-        if child is None:
+            child = None
+        if child is None or stopping:
+            if child is not None:
+                child.send_signal(signal.SIGTERM)
+                child.wait()
             if not stopping:
                 where = f"address {args.address}" if args.address != "auto" else "loopback address"
                 print(
@@ -255,13 +347,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{probe or 'none'}",
             flush=True,
         )
-        if stopping:  # a signal between the start and here
+        if is_stopping():  # a signal between the start and here
             child.send_signal(signal.SIGTERM)
-        code = child.wait()
-        return 0 if stopping else (code if code >= 0 else 128 - code)
+        while True:
+            try:
+                code = child.wait(timeout=OWNER_POLL if owner else None)
+                break
+            except subprocess.TimeoutExpired:
+                if owner and not is_stopping() and not _alive(owner):
+                    print(f"osmohlr: owner {owner[0]} is gone: stopping osmo-hlr", flush=True)
+                    stopping = True
+                    child.send_signal(signal.SIGTERM)
+        return 0 if is_stopping() else (code if code >= 0 else 128 - code)
     finally:
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
+        with contextlib.suppress(OSError):
+            (data / ENDPOINT_FILE).unlink()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,22 +48,54 @@ def missing() -> str | None:
 
 
 @contextlib.contextmanager
-def _no_service_starts(policy: Path = POLICY_RC_D) -> Iterator[None]:
-    """A ``policy-rc.d`` refusing every start while the block runs, removed afterwards; a
-    machine's own policy-rc.d is left as it is."""
-    if policy.exists():
+def _raise_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit while the block runs, so that its ``finally`` runs
+    (their default action ends the process at once); only in the main thread, where Python
+    can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    tmp = policy.with_name(f".{policy.name}.regionvault")
-    tmp.write_text(_REFUSE_STARTS, encoding="ascii")
-    tmp.chmod(0o755)
-    tmp.replace(policy)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            if policy.read_text(encoding="ascii", errors="replace") == _REFUSE_STARTS:
-                policy.unlink()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _is_ours(policy: Path) -> bool:
+    """Whether ``policy`` is the refusing policy-rc.d this module writes (by its content)."""
+    try:
+        return policy.read_text(encoding="ascii", errors="replace") == _REFUSE_STARTS
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _no_service_starts(policy: Path = POLICY_RC_D) -> Iterator[None]:
+    """A ``policy-rc.d`` refusing every start while the block runs, removed afterwards, also
+    when the process is sent SIGTERM or SIGHUP; a machine's own policy-rc.d is left as it is.
+    A file with exactly our content is a leftover of ours (a run killed with SIGKILL): it is
+    reused and removed afterwards like a fresh one."""
+    with _raise_on_termination():
+        if policy.exists() and not _is_ours(policy):
+            yield
+            return
+        try:
+            if not policy.exists():
+                tmp = policy.with_name(f".{policy.name}.regionvault")
+                tmp.write_text(_REFUSE_STARTS, encoding="ascii")
+                tmp.chmod(0o755)
+                tmp.replace(policy)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if _is_ours(policy):
+                    policy.unlink()
 
 
 def install() -> str:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -100,15 +101,26 @@ class SampleFunction:
 def pick_function() -> tuple[Any, str]:
     """osmo-hlr's demo function when osmo-hlr is installed, else the sample function; and
     one line saying which, and why."""
-    from regionvault.plugins.osmohlr.demo import OsmoHlrFunction
+    from regionvault.plugins.osmohlr.demo import OsmoHlrFunction, ports_taken
     from regionvault.plugins.osmohlr.package import missing
 
-    reason = missing()
+    reason = missing() or ports_taken()
     if reason is None:
         function: Any = OsmoHlrFunction()
         return function, f"network function: {function.label}"
     sample = SampleFunction()
     return sample, f"network function: {sample.label}, since {reason}"
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of an instance's output log ("" when there is none)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 def run_demo(workdir: Path, say: Any = print, function: Any = None) -> dict[str, Any]:
@@ -140,11 +152,19 @@ def run_demo(workdir: Path, say: Any = print, function: Any = None) -> dict[str,
         nf = east.compute.launch(spec, sink)
         launched.append((east, nf.id))
         base = None
-        while base is None and time.monotonic() - started < 20:
-            base = function.ready(east.compute.get_instance(nf.id))
+        exited = False
+        while base is None and not exited and time.monotonic() - started < 20:
+            current = east.compute.get_instance(nf.id)
+            exited = current.state != "running"  # its process is gone: it will not answer
+            base = function.ready(current)
             time.sleep(0.05)
         if base is None:
-            raise RegionVaultError(f"{function.label} did not start in east")
+            why = _last_line(Path(str(current.extra.get("log", ""))))
+            raise RegionVaultError(
+                f"{function.label} did not start in east"
+                + (" (its process exited)" if exited else "")
+                + (f": {why}" if why else "")
+            )
         function.provision(base, SUBSCRIBERS)
         east_count, east_digest = function.state(base)
         say(
@@ -227,6 +247,12 @@ def demo(keep: bool, directory: Path | None) -> None:
     if directory is not None and directory.exists() and any(directory.iterdir()):
         raise ExpectedError(f"{directory} is not empty")
     started = time.monotonic()
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # so that the cleanup below runs
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         run_demo(workdir, say=click.echo)
     finally:
