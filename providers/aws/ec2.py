@@ -1044,6 +1044,8 @@ class AwsBlockCapture(BlockCapture):
             self.ref = json.dumps(doc, separators=(",", ":"), sort_keys=True)
         self._changed: list[tuple[int, int]] | None = None
         self._changed_known = False
+        #: per disk (by number), the changed blocks' tokens ListChangedBlocks gave
+        self._tokens: dict[int, dict[int, str | None]] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=compute.settings.ebs_concurrency, thread_name_prefix="rv-ebs-read"
         )
@@ -1160,18 +1162,26 @@ class AwsBlockCapture(BlockCapture):
         )
 
     def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        """The written data within ``spans``: only the blocks there are read (a listing per
-        disk the spans touch, from the first block they touch)."""
+        """The written data within ``spans``: only the blocks there are read. A block
+        ListChangedBlocks named (:meth:`changed_ranges`) is read with the token it gave, or
+        is a hole when it gave none (cleared); the other blocks of a span are listed by one
+        ListSnapshotBlocks from the span's first such block, stopped at the span's end. A
+        disk with no such tokens is listed once, from the first block the spans touch."""
         wanted = _merge([(o, n) for o, n in spans if n > 0])
 
         def entries() -> Iterator[tuple[_DiskSnapshot, int, str]]:
-            for part in self.parts:
+            for number, part in enumerate(self.parts):
                 mine = [
                     (max(o, part.offset), min(o + n, part.end))
                     for o, n in wanted
                     if o < part.end and o + n > part.offset
                 ]
                 if not mine:
+                    continue
+                tokens = self._tokens.get(number)
+                if tokens is not None:
+                    for lo, hi in mine:
+                        yield from self._span_entries(part, tokens, lo, hi)
                     continue
                 first = (mine[0][0] - part.offset) // EBS_BLOCK_SIZE
                 at = 0
@@ -1197,6 +1207,26 @@ class AwsBlockCapture(BlockCapture):
                 yield a, data[a - offset : b - offset]
                 k += 1
 
+    def _span_entries(
+        self, part: _DiskSnapshot, tokens: Mapping[int, str | None], lo: int, hi: int
+    ) -> Iterator[tuple[_DiskSnapshot, int, str]]:
+        """``(disk, index, token)`` of the written blocks of the disk's image bytes
+        ``[lo, hi)``, in block order: the changed ones from ``tokens``, the others from one
+        ListSnapshotBlocks starting at the first of them and stopped past ``hi``."""
+        first = (lo - part.offset) // EBS_BLOCK_SIZE
+        stop = (hi - part.offset + EBS_BLOCK_SIZE - 1) // EBS_BLOCK_SIZE
+        found: dict[int, str] = {}
+        others = [i for i in range(first, stop) if i not in tokens]
+        if others:
+            for index, token in self._listed(part, others[0]):
+                if index >= stop:
+                    break
+                found[index] = token
+        for index in range(first, stop):
+            known = tokens[index] if index in tokens else found.get(index)
+            if known is not None:
+                yield part, index, known
+
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         """Where the image may differ from the ``since`` capture's: per disk, the blocks
         ListChangedBlocks names between the two snapshots (written or cleared), at the
@@ -1220,20 +1250,29 @@ class AwsBlockCapture(BlockCapture):
         if earlier and not self.compute._snapshots_exist(earlier):
             return None
         ranges: list[tuple[int, int]] = []
-        for old, new in pairs:
+        #: per disk read from a new snapshot: block index -> SecondBlockToken (None: cleared)
+        found: dict[int, dict[int, str | None]] = {}
+        for number, (old, new) in enumerate(pairs):
             if old.snapshot_id == new.snapshot_id:
+                found[number] = {}  # the same snapshot: nothing changed, nothing to list
                 continue
             kwargs = {"FirstSnapshotId": old.snapshot_id, "SecondSnapshotId": new.snapshot_id}
             listing = self._pages(
                 "list_changed_blocks", kwargs, "ChangedBlocks", new.snapshot_id, gone_ok=True
             )
+            tokens: dict[int, str | None] = {}
             try:
                 for block in listing:
-                    start = int(block["BlockIndex"]) * EBS_BLOCK_SIZE
+                    index = int(block["BlockIndex"])
+                    start = index * EBS_BLOCK_SIZE
                     if start < new.size:
                         ranges.append((new.offset + start, min(EBS_BLOCK_SIZE, new.size - start)))
+                        second = block.get("SecondBlockToken")
+                        tokens[index] = str(second) if second else None
             except _SnapshotGone:  # deleted since the check, or not of one lineage
                 return None
+            found[number] = tokens
+        self._tokens = found
         return _merge(ranges)
 
     def launch_facts(self) -> Mapping[str, Any]:
