@@ -393,8 +393,11 @@ class AwsCompute(Compute):
                 facts = self.wait_for_snapshot(snapshot_id)
                 started.append(facts.get("StartTime"))
                 size = int(facts.get("VolumeSize", 1)) * GiB
+                encrypted = bool(facts.get("Encrypted"))
                 parts.append(
-                    _DiskSnapshot(device, volume, snapshot_id, offset, size, given is None)
+                    _DiskSnapshot(
+                        device, volume, snapshot_id, offset, size, given is None, encrypted
+                    )
                 )
                 offset += size
             return AwsBlockCapture(
@@ -821,6 +824,10 @@ class AwsCompute(Compute):
 _WAIT_MAX_DELAY = 15.0
 
 
+#: ``launch_facts`` key: the devices whose captured snapshot was encrypted
+ENCRYPTED_DEVICES = "encrypted_devices"
+
+
 def _progress(facts: Mapping[str, Any]) -> float | None:
     """DescribeSnapshots' ``Progress`` ("42%") as a number, or None when it says none."""
     text = str(facts.get("Progress") or "").strip().rstrip("%")
@@ -891,6 +898,8 @@ class _DiskSnapshot:
     size: int
     #: taken by the capture, so it is the capture's to delete (not one a caller or tag named)
     owned: bool
+    #: the snapshot is encrypted (DescribeSnapshots' Encrypted): a restore of it must be too
+    encrypted: bool = False
 
     @property
     def end(self) -> int:
@@ -1277,8 +1286,12 @@ class AwsBlockCapture(BlockCapture):
 
     def launch_facts(self) -> Mapping[str, Any]:
         """Key pair, instance profile, security groups, user data and billing details of
-        the captured instance (providers/aws/launching.py), for the sealed manifest."""
-        return capture_facts(self.compute, self.instance)
+        the captured instance (providers/aws/launching.py), for the sealed manifest, and
+        ``encrypted_devices``: the disks whose snapshot was encrypted, which a restore
+        encrypts whatever the account's default (:meth:`AwsBlockSink._start`)."""
+        facts = dict(capture_facts(self.compute, self.instance))
+        facts[ENCRYPTED_DEVICES] = [p.device for p in self.parts if p.encrypted]
+        return facts
 
     def close(self) -> None:
         if self._closed:
@@ -1350,6 +1363,12 @@ class AwsBlockSink(BlockSink):
 
     def _start(self, spec: LaunchSpec, disk: Disk, number: int) -> str:
         what = spec.name if number == 0 else f"{spec.name} disk {number} ({disk.name})"
+        encryption = dict(self.encryption)
+        source_encrypted = spec.launch_facts.get(ENCRYPTED_DEVICES) or ()
+        if disk.name in source_encrypted and not encryption.get("Encrypted"):
+            # the source disk was encrypted: never restore it in plaintext (EBS then uses
+            # the account's default key, GetEbsDefaultKmsKeyId, or aws/ebs)
+            encryption["Encrypted"] = True
         try:
             answer = self.compute.ebs.start_snapshot(
                 VolumeSize=max(1, math.ceil(disk.size / GiB)),
@@ -1357,7 +1376,7 @@ class AwsBlockSink(BlockSink):
                 Tags=_tag_list({RESTORE_TAG: spec.name, "Name": spec.name}),
                 ClientToken=uuid.uuid4().hex,
                 Timeout=1440,
-                **self.encryption,
+                **encryption,
             )
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(
