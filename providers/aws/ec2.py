@@ -512,7 +512,8 @@ class AwsCompute(Compute):
     def wait_for_snapshot(self, snapshot_id: str) -> Mapping[str, Any]:
         """Wait until the snapshot is completed and return what DescribeSnapshots says of
         it. However long a large snapshot takes is waited for while its ``Progress`` moves;
-        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds, or the
+        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds (a
+        snapshot still queued at 0%: ``snapshot_queue_timeout``), or the
         snapshot is in state error."""
 
         def describe() -> Mapping[str, Any]:
@@ -531,6 +532,7 @@ class AwsCompute(Compute):
             describe,
             snapshot_id,
             stall_timeout=self.settings.snapshot_stall_timeout,
+            queue_timeout=self.settings.snapshot_queue_timeout,
             region=self.region,
             clock=self._clock,
             sleep=self._sleep,
@@ -845,14 +847,20 @@ def follow_snapshot(
     region: str,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    queue_timeout: float = 0.0,
 ) -> dict[str, Any]:
     """Look at a snapshot (``describe``: what DescribeSnapshots says of it) until it is
-    completed, and return that. Its ``Progress`` (or a change of state) restarts the
-    ``stall_timeout`` window: the wait fails only when the snapshot stops moving for that
-    long, never because a large one is slow. States error and recoverable fail at once.
-    Pauses grow from 0.5 s to 15 s (and never past the window's end)."""
+    completed, and return that. Any change of its ``Progress`` (up or down: AWS reports it
+    coarsely and not always forwards) or of its state restarts the ``stall_timeout``
+    window: the wait fails only when the snapshot stops moving for that long, never because
+    a large one is slow. A snapshot that has not moved at all since the wait began and
+    shows no progress (pending at 0%, or no ``Progress``: queued behind another snapshot of
+    its volume) has the longer ``queue_timeout`` window instead. States error and
+    recoverable fail at once. Pauses grow from 0.5 s to 15 s (and never past the window's
+    end)."""
     delay = 0.5
     seen: tuple[str | None, float | None] | None = None
+    moved = False  # it has moved since the first look
     moved_at = clock()
     for _look in range(_MAX_PAGES):
         facts = dict(describe())
@@ -868,19 +876,27 @@ def follow_snapshot(
             )
         progress = _progress(facts)
         now = clock()
-        if seen is None or state != seen[0] or (progress or 0.0) > (seen[1] or 0.0):
+        queued = not moved and not progress
+        window = max(stall_timeout, queue_timeout) if queued else stall_timeout
+        if seen is None or (state, progress) != seen:
             if seen is not None:
                 delay = 0.5  # it moves: look again soon
+                moved = True
             seen, moved_at = (state, progress), now
-        elif now - moved_at >= stall_timeout:
+        elif now - moved_at >= window:
             where = "no progress reported" if progress is None else f"at {progress:g}%"
+            setting = (
+                "snapshot_queue_timeout"
+                if queued and window > stall_timeout
+                else ("snapshot_stall_timeout")
+            )
             raise ComputeError(
                 f"snapshot {snapshot_id} made no progress for {now - moved_at:.0f} s "
-                f"(state {state}, {where}; snapshot_stall_timeout is {stall_timeout:g} s)",
+                f"(state {state}, {where}; {setting} is {window:g} s)",
                 provider="aws",
                 region=region,
             )
-        sleep(max(0.0, min(delay, moved_at + stall_timeout - now)))
+        sleep(max(0.0, min(delay, moved_at + window - now)))
         delay = min(delay * 2, _WAIT_MAX_DELAY)
     raise ComputeError(  # pragma: no cover - ten million looks
         f"snapshot {snapshot_id} not completed", provider="aws", region=region

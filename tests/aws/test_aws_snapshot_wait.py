@@ -168,3 +168,79 @@ def test_stall_timeout_settings_and_the_older_name() -> None:
         _settings(snapshot_stall_timeout=0)
     with pytest.raises(ConfigError, match=r"snapshot_timeout.*must be an integer"):
         _settings(snapshot_timeout="30m")
+
+
+def _scripted(fake: FakeTime, script: list[tuple[float, str | None]]) -> Any:
+    """DescribeSnapshots of a snapshot whose Progress is ``script``'s last entry at or
+    before the fake clock's time since the start (None: no Progress); "100%" completes."""
+    start = fake.now
+
+    def describe() -> Mapping[str, Any]:
+        now = fake.now - start
+        shown = [p for t, p in script if t <= now][-1]
+        if shown == "100%":
+            return {"SnapshotId": "snap-q", "State": "completed", "Progress": shown}
+        facts: dict[str, Any] = {"SnapshotId": "snap-q", "State": "pending"}
+        if shown is not None:
+            facts["Progress"] = shown
+        return facts
+
+    return describe
+
+
+def _follow(fake: FakeTime, describe: Any, *, stall: float, queue: float) -> Mapping[str, Any]:
+    return follow_snapshot(
+        describe,
+        "snap-q",
+        stall_timeout=stall,
+        queue_timeout=queue,
+        region="aws:us-east-1",
+        clock=fake.clock,
+        sleep=fake.sleep,
+    )
+
+
+@pytest.mark.parametrize("queued", ["0%", None])
+def test_a_queued_snapshot_has_the_longer_queue_window(queued: str | None) -> None:
+    """Pending at 0% (or with no Progress) for 2.5 hours, then done at once, as AWS shows a
+    snapshot queued behind another of its volume: not a stall within the queue window
+    (6 hours by default), although far past the 30-minute stall window."""
+    fake = FakeTime()
+    script = [(0.0, queued), (9000.0, "100%")]
+    facts = _follow(fake, _scripted(fake, script), stall=1800, queue=6 * 3600)
+    assert facts["State"] == "completed" and fake.now - 1000.0 >= 9000
+    # past a shorter queue window it fails, naming that setting
+    fake = FakeTime()
+    with pytest.raises(ComputeError, match=r"snapshot_queue_timeout is 3600 s") as caught:
+        _follow(fake, _scripted(fake, script), stall=1800, queue=3600)
+    assert "made no progress for 3600 s" in str(caught.value)
+    assert 1000.0 + 3600 <= fake.now <= 1000.0 + 3600 + 15
+
+
+def test_once_it_moved_the_stall_window_applies_again() -> None:
+    """Moved from 0% to 5% and then stuck at 5% (or back at 0%): the stall window, not the
+    queue window."""
+    for stuck in ("5%", "0%"):
+        fake = FakeTime()
+        script = [(0.0, "0%"), (100.0, "5%"), (200.0, stuck), (90000.0, "100%")]
+        with pytest.raises(ComputeError, match=r"snapshot_stall_timeout is 600 s"):
+            _follow(fake, _scripted(fake, script), stall=600, queue=6 * 3600)
+        assert fake.now - 1000.0 <= 200 + 600 + 15 + 15
+
+
+def test_progress_going_down_and_up_again_is_progress() -> None:
+    """50%, then 10%, then 1% more every minute: each change is movement, so it is waited
+    for to the end, although it stays below its old 50% for 40 minutes (> the window)."""
+    fake = FakeTime()
+    script: list[tuple[float, str | None]] = [(0.0, "50%"), (60.0, "10%")]
+    script += [(60.0 + 60 * k, f"{10 + k}%") for k in range(1, 90)]
+    script.append((60.0 + 60 * 90, "100%"))
+    facts = _follow(fake, _scripted(fake, script), stall=1800, queue=6 * 3600)
+    assert facts["State"] == "completed" and fake.now - 1000.0 >= 60 + 60 * 90
+
+
+def test_queue_timeout_setting() -> None:
+    assert _settings().snapshot_queue_timeout == 6 * 3600
+    assert _settings(snapshot_queue_timeout=600).snapshot_queue_timeout == 600
+    with pytest.raises(ConfigError, match=r"snapshot_queue_timeout.*between 1 and 172800"):
+        _settings(snapshot_queue_timeout=0)
