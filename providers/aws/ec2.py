@@ -385,12 +385,16 @@ class AwsCompute(Compute):
         wanted = {d: volume for d, volume, given in devices if given is None and volume}
         created = self._snapshot_volumes(instance, wanted, keep=keep) if wanted else {}
         try:
+            # the snapshots it took are described, not waited for: the capture (and its
+            # ref) is returned at once, so that the engine records the ref before the
+            # possibly hours-long wait, which the first read does (AwsBlockCapture._complete)
+            taken = self._described(list(created.values())) if created else {}
             parts: list[_DiskSnapshot] = []
             offset = 0
             started: list[Any] = []
             for device, volume, given in devices:
                 snapshot_id = given or created[device]
-                facts = self.wait_for_snapshot(snapshot_id)
+                facts = taken[snapshot_id] if given is None else self.wait_for_snapshot(given)
                 started.append(facts.get("StartTime"))
                 size = int(facts.get("VolumeSize", 1)) * GiB
                 encrypted = bool(facts.get("Encrypted"))
@@ -537,6 +541,22 @@ class AwsCompute(Compute):
             clock=self._clock,
             sleep=self._sleep,
         )
+
+    def _described(self, snapshot_ids: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+        """What DescribeSnapshots says now of each of the snapshots (completed or not)."""
+        try:
+            answer = self.ec2.describe_snapshots(SnapshotIds=list(snapshot_ids))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"cannot describe snapshots {', '.join(snapshot_ids)}") from None
+        found: dict[str, Mapping[str, Any]] = {
+            str(f.get("SnapshotId")): dict(f) for f in answer.get("Snapshots") or []
+        }
+        missing = [s for s in snapshot_ids if s not in found]
+        if missing:
+            raise ComputeError(
+                f"snapshot {', '.join(missing)} not found", provider="aws", region=self.region
+            )
+        return found
 
     def _snapshots_exist(self, snapshot_ids: Sequence[str]) -> bool:
         try:
@@ -1069,6 +1089,9 @@ class AwsBlockCapture(BlockCapture):
             self.ref = json.dumps(doc, separators=(",", ":"), sort_keys=True)
         self._changed: list[tuple[int, int]] | None = None
         self._changed_known = False
+        #: the snapshots the capture took, still to be waited for before the first read
+        self._incomplete = [p.snapshot_id for p in self.parts if p.owned]
+        self._wait_lock = threading.Lock()
         #: per disk (by number), the changed blocks' tokens ListChangedBlocks gave
         self._tokens: dict[int, dict[int, str | None]] = {}
         self._pool = ThreadPoolExecutor(
@@ -1179,9 +1202,18 @@ class AwsBlockCapture(BlockCapture):
             last = index
             yield index, str(block["BlockToken"])
 
+    def _complete(self) -> None:
+        """Wait for the snapshots the capture took to be completed (once; the EBS direct
+        APIs read only completed snapshots): the first read or comparison does."""
+        with self._wait_lock:
+            while self._incomplete:
+                self.compute.wait_for_snapshot(self._incomplete[0])
+                self._incomplete.pop(0)
+
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         """Every block the disks' snapshots hold, disk after disk (never-written blocks are
         left out: zeros)."""
+        self._complete()
         return self._ordered(
             (part, index, token) for part in self.parts for index, token in self._listed(part)
         )
@@ -1192,6 +1224,7 @@ class AwsBlockCapture(BlockCapture):
         is a hole when it gave none (cleared); the other blocks of a span are listed by one
         ListSnapshotBlocks from the span's first such block, stopped at the span's end. A
         disk with no such tokens is listed once, from the first block the spans touch."""
+        self._complete()
         wanted = _merge([(o, n) for o, n in spans if n > 0])
 
         def entries() -> Iterator[tuple[_DiskSnapshot, int, str]]:
@@ -1259,6 +1292,8 @@ class AwsBlockCapture(BlockCapture):
         (added, removed, resized, another volume), an earlier snapshot is gone, or EBS
         calls the two snapshots unrelated."""
         if not self._changed_known:
+            if self.since is not None:
+                self._complete()
             self._changed = self._compute_changed()
             self._changed_known = True
         return None if self._changed is None else list(self._changed)

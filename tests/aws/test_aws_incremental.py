@@ -313,6 +313,7 @@ def _paging_capture(ebs: _PagingEbs, gib: int) -> Any:
         region=REGION,
         settings=SimpleNamespace(ebs_concurrency=4),
         _snapshots_exist=lambda ids: True,
+        wait_for_snapshot=lambda snapshot_id: {"State": "completed"},
     )
     old = _DiskSnapshot("/dev/xvda", "vol-1", "snap-old", 0, gib << 30, True)
     new = _DiskSnapshot("/dev/xvda", "vol-1", "snap-new", 0, gib << 30, True)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aws_world import EAST, AwsWorld
 from regionvault.core.errors import ComputeError, ConfigError
+from regionvault.core.interfaces import BlockCapture
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 from regionvault.providers.aws.ec2 import follow_snapshot
 from regionvault.providers.aws.settings import AwsSettings
@@ -244,3 +245,36 @@ def test_queue_timeout_setting() -> None:
     assert _settings(snapshot_queue_timeout=600).snapshot_queue_timeout == 600
     with pytest.raises(ConfigError, match=r"snapshot_queue_timeout.*between 1 and 172800"):
         _settings(snapshot_queue_timeout=0)
+
+
+def test_a_capture_returns_its_ref_before_waiting_for_its_snapshot(aws: AwsWorld) -> None:
+    """The capture is returned (with its ref, for the engine to record) as soon as
+    CreateSnapshot answers, not after the snapshot completes: a run killed during the wait
+    leaves a ref on record to release. The first read waits, and fails on a stall."""
+    if aws.live:
+        pytest.skip("rewrites moto's DescribeSnapshots answers")
+    compute = aws.track(aws.provider.compute(aws.region(EAST, snapshot_stall_timeout=300)))
+    fake = FakeTime()
+    compute._clock, compute._sleep = fake.clock, fake.sleep
+
+    def pending(parsed: dict[str, Any], **_: Any) -> None:
+        for found in parsed.get("Snapshots", []):
+            found["State"], found["Progress"] = "pending", "42%"
+
+    compute.ec2.meta.events.register("after-call.ec2.DescribeSnapshots", pending)
+    iid = aws.run_instance(EAST, {})
+    capture = compute.capture(iid, keep=True)
+    try:
+        assert fake.sleeps == []  # nothing waited for yet
+        assert isinstance(capture, BlockCapture) and capture.ref is not None
+        snapshot = capture.parts[0].snapshot_id  # type: ignore[attr-defined]
+        assert snapshot in capture.ref
+        with pytest.raises(ComputeError, match=rf"{snapshot} made no progress .*at 42%"):
+            list(capture.blocks())
+        assert 1000.0 + 300 <= fake.now <= 1000.0 + 300 + 15
+    finally:
+        capture.close()
+        compute.release_capture(capture.ref or "")
+    ec2 = aws.client("ec2", EAST)
+    left = ec2.describe_snapshots(Filters=[{"Name": "tag:regionvault:instance", "Values": [iid]}])
+    assert left["Snapshots"] == []
