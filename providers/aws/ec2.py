@@ -385,16 +385,23 @@ class AwsCompute(Compute):
         wanted = {d: volume for d, volume, given in devices if given is None and volume}
         created = self._snapshot_volumes(instance, wanted, keep=keep) if wanted else {}
         try:
+            # the snapshots it took are described, not waited for: the capture (and its
+            # ref) is returned at once, so that the engine records the ref before the
+            # possibly hours-long wait, which the first read does (AwsBlockCapture._complete)
+            taken = self._described(list(created.values())) if created else {}
             parts: list[_DiskSnapshot] = []
             offset = 0
             started: list[Any] = []
             for device, volume, given in devices:
                 snapshot_id = given or created[device]
-                facts = self.wait_for_snapshot(snapshot_id)
+                facts = taken[snapshot_id] if given is None else self.wait_for_snapshot(given)
                 started.append(facts.get("StartTime"))
                 size = int(facts.get("VolumeSize", 1)) * GiB
+                encrypted = bool(facts.get("Encrypted"))
                 parts.append(
-                    _DiskSnapshot(device, volume, snapshot_id, offset, size, given is None)
+                    _DiskSnapshot(
+                        device, volume, snapshot_id, offset, size, given is None, encrypted
+                    )
                 )
                 offset += size
             return AwsBlockCapture(
@@ -509,7 +516,8 @@ class AwsCompute(Compute):
     def wait_for_snapshot(self, snapshot_id: str) -> Mapping[str, Any]:
         """Wait until the snapshot is completed and return what DescribeSnapshots says of
         it. However long a large snapshot takes is waited for while its ``Progress`` moves;
-        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds, or the
+        the wait fails when it has not moved for ``snapshot_stall_timeout`` seconds (a
+        snapshot still queued at 0%: ``snapshot_queue_timeout``), or the
         snapshot is in state error."""
 
         def describe() -> Mapping[str, Any]:
@@ -528,10 +536,27 @@ class AwsCompute(Compute):
             describe,
             snapshot_id,
             stall_timeout=self.settings.snapshot_stall_timeout,
+            queue_timeout=self.settings.snapshot_queue_timeout,
             region=self.region,
             clock=self._clock,
             sleep=self._sleep,
         )
+
+    def _described(self, snapshot_ids: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+        """What DescribeSnapshots says now of each of the snapshots (completed or not)."""
+        try:
+            answer = self.ec2.describe_snapshots(SnapshotIds=list(snapshot_ids))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, f"cannot describe snapshots {', '.join(snapshot_ids)}") from None
+        found: dict[str, Mapping[str, Any]] = {
+            str(f.get("SnapshotId")): dict(f) for f in answer.get("Snapshots") or []
+        }
+        missing = [s for s in snapshot_ids if s not in found]
+        if missing:
+            raise ComputeError(
+                f"snapshot {', '.join(missing)} not found", provider="aws", region=self.region
+            )
+        return found
 
     def _snapshots_exist(self, snapshot_ids: Sequence[str]) -> bool:
         try:
@@ -821,6 +846,10 @@ class AwsCompute(Compute):
 _WAIT_MAX_DELAY = 15.0
 
 
+#: ``launch_facts`` key: the devices whose captured snapshot was encrypted
+ENCRYPTED_DEVICES = "encrypted_devices"
+
+
 def _progress(facts: Mapping[str, Any]) -> float | None:
     """DescribeSnapshots' ``Progress`` ("42%") as a number, or None when it says none."""
     text = str(facts.get("Progress") or "").strip().rstrip("%")
@@ -838,14 +867,20 @@ def follow_snapshot(
     region: str,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    queue_timeout: float = 0.0,
 ) -> dict[str, Any]:
     """Look at a snapshot (``describe``: what DescribeSnapshots says of it) until it is
-    completed, and return that. Its ``Progress`` (or a change of state) restarts the
-    ``stall_timeout`` window: the wait fails only when the snapshot stops moving for that
-    long, never because a large one is slow. States error and recoverable fail at once.
-    Pauses grow from 0.5 s to 15 s (and never past the window's end)."""
+    completed, and return that. Any change of its ``Progress`` (up or down: AWS reports it
+    coarsely and not always forwards) or of its state restarts the ``stall_timeout``
+    window: the wait fails only when the snapshot stops moving for that long, never because
+    a large one is slow. A snapshot that has not moved at all since the wait began and
+    shows no progress (pending at 0%, or no ``Progress``: queued behind another snapshot of
+    its volume) has the longer ``queue_timeout`` window instead. States error and
+    recoverable fail at once. Pauses grow from 0.5 s to 15 s (and never past the window's
+    end)."""
     delay = 0.5
     seen: tuple[str | None, float | None] | None = None
+    moved = False  # it has moved since the first look
     moved_at = clock()
     for _look in range(_MAX_PAGES):
         facts = dict(describe())
@@ -861,19 +896,27 @@ def follow_snapshot(
             )
         progress = _progress(facts)
         now = clock()
-        if seen is None or state != seen[0] or (progress or 0.0) > (seen[1] or 0.0):
+        queued = not moved and not progress
+        window = max(stall_timeout, queue_timeout) if queued else stall_timeout
+        if seen is None or (state, progress) != seen:
             if seen is not None:
                 delay = 0.5  # it moves: look again soon
+                moved = True
             seen, moved_at = (state, progress), now
-        elif now - moved_at >= stall_timeout:
+        elif now - moved_at >= window:
             where = "no progress reported" if progress is None else f"at {progress:g}%"
+            setting = (
+                "snapshot_queue_timeout"
+                if queued and window > stall_timeout
+                else ("snapshot_stall_timeout")
+            )
             raise ComputeError(
                 f"snapshot {snapshot_id} made no progress for {now - moved_at:.0f} s "
-                f"(state {state}, {where}; snapshot_stall_timeout is {stall_timeout:g} s)",
+                f"(state {state}, {where}; {setting} is {window:g} s)",
                 provider="aws",
                 region=region,
             )
-        sleep(max(0.0, min(delay, moved_at + stall_timeout - now)))
+        sleep(max(0.0, min(delay, moved_at + window - now)))
         delay = min(delay * 2, _WAIT_MAX_DELAY)
     raise ComputeError(  # pragma: no cover - ten million looks
         f"snapshot {snapshot_id} not completed", provider="aws", region=region
@@ -891,6 +934,8 @@ class _DiskSnapshot:
     size: int
     #: taken by the capture, so it is the capture's to delete (not one a caller or tag named)
     owned: bool
+    #: the snapshot is encrypted (DescribeSnapshots' Encrypted): a restore of it must be too
+    encrypted: bool = False
 
     @property
     def end(self) -> int:
@@ -1044,6 +1089,11 @@ class AwsBlockCapture(BlockCapture):
             self.ref = json.dumps(doc, separators=(",", ":"), sort_keys=True)
         self._changed: list[tuple[int, int]] | None = None
         self._changed_known = False
+        #: the snapshots the capture took, still to be waited for before the first read
+        self._incomplete = [p.snapshot_id for p in self.parts if p.owned]
+        self._wait_lock = threading.Lock()
+        #: per disk (by number), the changed blocks' tokens ListChangedBlocks gave
+        self._tokens: dict[int, dict[int, str | None]] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=compute.settings.ebs_concurrency, thread_name_prefix="rv-ebs-read"
         )
@@ -1152,26 +1202,44 @@ class AwsBlockCapture(BlockCapture):
             last = index
             yield index, str(block["BlockToken"])
 
+    def _complete(self) -> None:
+        """Wait for the snapshots the capture took to be completed (once; the EBS direct
+        APIs read only completed snapshots): the first read or comparison does."""
+        with self._wait_lock:
+            while self._incomplete:
+                self.compute.wait_for_snapshot(self._incomplete[0])
+                self._incomplete.pop(0)
+
     def blocks(self) -> Iterator[tuple[int, bytes]]:
         """Every block the disks' snapshots hold, disk after disk (never-written blocks are
         left out: zeros)."""
+        self._complete()
         return self._ordered(
             (part, index, token) for part in self.parts for index, token in self._listed(part)
         )
 
     def read_ranges(self, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        """The written data within ``spans``: only the blocks there are read (a listing per
-        disk the spans touch, from the first block they touch)."""
+        """The written data within ``spans``: only the blocks there are read. A block
+        ListChangedBlocks named (:meth:`changed_ranges`) is read with the token it gave, or
+        is a hole when it gave none (cleared); the other blocks of a span are listed by one
+        ListSnapshotBlocks from the span's first such block, stopped at the span's end. A
+        disk with no such tokens is listed once, from the first block the spans touch."""
+        self._complete()
         wanted = _merge([(o, n) for o, n in spans if n > 0])
 
         def entries() -> Iterator[tuple[_DiskSnapshot, int, str]]:
-            for part in self.parts:
+            for number, part in enumerate(self.parts):
                 mine = [
                     (max(o, part.offset), min(o + n, part.end))
                     for o, n in wanted
                     if o < part.end and o + n > part.offset
                 ]
                 if not mine:
+                    continue
+                tokens = self._tokens.get(number)
+                if tokens is not None:
+                    for lo, hi in mine:
+                        yield from self._span_entries(part, tokens, lo, hi)
                     continue
                 first = (mine[0][0] - part.offset) // EBS_BLOCK_SIZE
                 at = 0
@@ -1197,6 +1265,26 @@ class AwsBlockCapture(BlockCapture):
                 yield a, data[a - offset : b - offset]
                 k += 1
 
+    def _span_entries(
+        self, part: _DiskSnapshot, tokens: Mapping[int, str | None], lo: int, hi: int
+    ) -> Iterator[tuple[_DiskSnapshot, int, str]]:
+        """``(disk, index, token)`` of the written blocks of the disk's image bytes
+        ``[lo, hi)``, in block order: the changed ones from ``tokens``, the others from one
+        ListSnapshotBlocks starting at the first of them and stopped past ``hi``."""
+        first = (lo - part.offset) // EBS_BLOCK_SIZE
+        stop = (hi - part.offset + EBS_BLOCK_SIZE - 1) // EBS_BLOCK_SIZE
+        found: dict[int, str] = {}
+        others = [i for i in range(first, stop) if i not in tokens]
+        if others:
+            for index, token in self._listed(part, others[0]):
+                if index >= stop:
+                    break
+                found[index] = token
+        for index in range(first, stop):
+            known = tokens[index] if index in tokens else found.get(index)
+            if known is not None:
+                yield part, index, known
+
     def changed_ranges(self) -> list[tuple[int, int]] | None:
         """Where the image may differ from the ``since`` capture's: per disk, the blocks
         ListChangedBlocks names between the two snapshots (written or cleared), at the
@@ -1204,6 +1292,8 @@ class AwsBlockCapture(BlockCapture):
         (added, removed, resized, another volume), an earlier snapshot is gone, or EBS
         calls the two snapshots unrelated."""
         if not self._changed_known:
+            if self.since is not None:
+                self._complete()
             self._changed = self._compute_changed()
             self._changed_known = True
         return None if self._changed is None else list(self._changed)
@@ -1220,26 +1310,39 @@ class AwsBlockCapture(BlockCapture):
         if earlier and not self.compute._snapshots_exist(earlier):
             return None
         ranges: list[tuple[int, int]] = []
-        for old, new in pairs:
+        #: per disk read from a new snapshot: block index -> SecondBlockToken (None: cleared)
+        found: dict[int, dict[int, str | None]] = {}
+        for number, (old, new) in enumerate(pairs):
             if old.snapshot_id == new.snapshot_id:
+                found[number] = {}  # the same snapshot: nothing changed, nothing to list
                 continue
             kwargs = {"FirstSnapshotId": old.snapshot_id, "SecondSnapshotId": new.snapshot_id}
             listing = self._pages(
                 "list_changed_blocks", kwargs, "ChangedBlocks", new.snapshot_id, gone_ok=True
             )
+            tokens: dict[int, str | None] = {}
             try:
                 for block in listing:
-                    start = int(block["BlockIndex"]) * EBS_BLOCK_SIZE
+                    index = int(block["BlockIndex"])
+                    start = index * EBS_BLOCK_SIZE
                     if start < new.size:
                         ranges.append((new.offset + start, min(EBS_BLOCK_SIZE, new.size - start)))
+                        second = block.get("SecondBlockToken")
+                        tokens[index] = str(second) if second else None
             except _SnapshotGone:  # deleted since the check, or not of one lineage
                 return None
+            found[number] = tokens
+        self._tokens = found
         return _merge(ranges)
 
     def launch_facts(self) -> Mapping[str, Any]:
         """Key pair, instance profile, security groups, user data and billing details of
-        the captured instance (providers/aws/launching.py), for the sealed manifest."""
-        return capture_facts(self.compute, self.instance)
+        the captured instance (providers/aws/launching.py), for the sealed manifest, and
+        ``encrypted_devices``: the disks whose snapshot was encrypted, which a restore
+        encrypts whatever the account's default (:meth:`AwsBlockSink._start`)."""
+        facts = dict(capture_facts(self.compute, self.instance))
+        facts[ENCRYPTED_DEVICES] = [p.device for p in self.parts if p.encrypted]
+        return facts
 
     def close(self) -> None:
         if self._closed:
@@ -1311,6 +1414,12 @@ class AwsBlockSink(BlockSink):
 
     def _start(self, spec: LaunchSpec, disk: Disk, number: int) -> str:
         what = spec.name if number == 0 else f"{spec.name} disk {number} ({disk.name})"
+        encryption = dict(self.encryption)
+        source_encrypted = spec.launch_facts.get(ENCRYPTED_DEVICES) or ()
+        if disk.name in source_encrypted and not encryption.get("Encrypted"):
+            # the source disk was encrypted: never restore it in plaintext (EBS then uses
+            # the account's default key, GetEbsDefaultKmsKeyId, or aws/ebs)
+            encryption["Encrypted"] = True
         try:
             answer = self.compute.ebs.start_snapshot(
                 VolumeSize=max(1, math.ceil(disk.size / GiB)),
@@ -1318,7 +1427,7 @@ class AwsBlockSink(BlockSink):
                 Tags=_tag_list({RESTORE_TAG: spec.name, "Name": spec.name}),
                 ClientToken=uuid.uuid4().hex,
                 Timeout=1440,
-                **self.encryption,
+                **encryption,
             )
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(

@@ -46,6 +46,7 @@ OPTIONAL_SETTINGS = frozenset(
         "connect_timeout",
         "read_timeout",
         "snapshot_stall_timeout",
+        "snapshot_queue_timeout",
         "ebs_kms_key",
         "fallback_instance_types",
         "billing_products",
@@ -104,6 +105,10 @@ class AwsSettings:
     #: wait for it fails; a large snapshot that keeps moving is waited for however long it
     #: takes. ``snapshot_timeout`` is its older name (read into both fields)
     snapshot_stall_timeout: int = 1800
+    #: seconds a snapshot that has shown no progress at all since the wait began (pending
+    #: at 0%, or no Progress: queued behind another snapshot of its volume) may stay so
+    #: before the wait fails; once it moves, ``snapshot_stall_timeout`` applies
+    snapshot_queue_timeout: int = 6 * 3600
     #: the KMS key (a key ARN in this region) the snapshots a restore writes are encrypted
     #: with; None: the account's EBS default (encrypted when the account encrypts by default)
     ebs_kms_key: str | None = None
@@ -254,6 +259,7 @@ class AwsSettings:
             connect_timeout=integer("connect_timeout", 10, 1, 600),
             read_timeout=integer("read_timeout", 120, 1, 3600),
             snapshot_stall_timeout=stall,
+            snapshot_queue_timeout=integer("snapshot_queue_timeout", 6 * 3600, 1, 48 * 3600),
             ebs_kms_key=ebs_kms_key,
             fallback_instance_types=_fallback_instance_types(region),
             billing_products=_billing_products(region),

@@ -167,6 +167,38 @@ def test_a_capture_of_an_encrypted_volume_is_encrypted_with_its_key(aws: AwsWorl
     compute.release_capture(ref)
 
 
+def test_an_encrypted_source_disk_never_restores_unencrypted(aws: AwsWorld) -> None:
+    """The account does not encrypt by default and no ebs_kms_key is set: the disk whose
+    snapshot was encrypted at capture (recorded in the launch facts) is restored with
+    Encrypted (the account's default key); the plain one as the account makes it."""
+    if aws.live:
+        pytest.skip("turns the account's EBS encryption by default off")
+    ec2 = aws.client("ec2", EAST)
+    ec2.disable_ebs_encryption_by_default()
+    key = aws.client("kms", EAST).create_key(Description="volume")["KeyMetadata"]["Arn"]
+    compute = aws.track(aws.provider.compute(aws.region(EAST)))
+    iid = aws.run_instance(EAST, {})
+    zone = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0][
+        "Placement"
+    ]["AvailabilityZone"]
+    volume = ec2.create_volume(Size=1, AvailabilityZone=zone, Encrypted=True, KmsKeyId=key)
+    ec2.attach_volume(VolumeId=volume["VolumeId"], InstanceId=iid, Device="/dev/sdf")
+    with compute.capture(iid) as capture:
+        facts = dict(capture.launch_facts())
+    assert facts["encrypted_devices"] == ["/dev/sdf"]
+    sent = _sent_start_snapshots(compute)
+    sink = compute.open_restore_sink(
+        LaunchSpec(name="enc", launch_facts=facts), CaptureKind.BLOCKS, size=2 * GiB, disks=DISKS
+    )
+    try:
+        assert [{k: b[k] for k in ("Encrypted", "KmsKeyArn") if k in b} for b in sent] == [
+            {},
+            {"Encrypted": True},
+        ]
+    finally:
+        sink.discard()
+
+
 def _settings(**settings: Any) -> AwsSettings:
     region = RegionConfig(
         id=RegionId("aws", "us-east-1"),

@@ -188,7 +188,7 @@ def test_an_incremental_backup_reads_only_the_changed_blocks(
     used = metrics.since(before)
     assert used.count(operation="ListChangedBlocks") == 1
     assert used.count(operation="GetSnapshotBlock") == 2
-    assert used.count(operation="ListSnapshotBlocks") == 1  # one listing of the one disk
+    assert used.count(operation="ListSnapshotBlocks") == 0  # ListChangedBlocks gave the tokens
     manifest = engine.repository(REGION).load_manifest(second.id)
     assert manifest.stats["bytes_from_base"] >= (len(WRITTEN) - 2 * 3) * BS
 
@@ -244,3 +244,121 @@ def test_the_kept_snapshot_goes_with_its_point_or_its_instance(aws: AwsWorld, si
     assert report.forgotten == []  # nothing expired: only the kept captures were settled
     assert not any(_exists(aws, s) for s in kept)
     assert engine.release_kept_captures(REGION) == 0  # nothing left to release
+
+
+class _PagingEbs:
+    """EBS direct APIs as AWS pages them (moto answers every listing in one page): at most
+    ``MaxResults`` blocks a page, from ``StartingBlockIndex``. The new snapshot holds every
+    block but ``cleared``; ListChangedBlocks names ``changed`` (with no SecondBlockToken for
+    a cleared one)."""
+
+    def __init__(self, blocks: int, changed: list[int], cleared: set[int]) -> None:
+        self.blocks, self.changed, self.cleared = blocks, changed, cleared
+        self.calls: dict[str, int] = {}
+        self.listed_from: list[int] = []
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def list_snapshot_blocks(self, **kw: Any) -> dict[str, Any]:
+        self._count("ListSnapshotBlocks")
+        start = (
+            int(kw["NextToken"]) if kw.get("NextToken") else int(kw.get("StartingBlockIndex", 0))
+        )
+        self.listed_from.append(start)
+        stop = min(self.blocks, start + min(int(kw["MaxResults"]), 10000))
+        page = [i for i in range(start, stop) if i not in self.cleared]
+        out: dict[str, Any] = {"Blocks": [{"BlockIndex": i, "BlockToken": f"n{i}"} for i in page]}
+        if stop < self.blocks:
+            out["NextToken"] = str(stop)
+        return out
+
+    def list_changed_blocks(self, **kw: Any) -> dict[str, Any]:
+        self._count("ListChangedBlocks")
+        out = []
+        for i in self.changed:
+            block: dict[str, Any] = {"BlockIndex": i, "FirstBlockToken": f"o{i}"}
+            if i not in self.cleared:
+                block["SecondBlockToken"] = f"n{i}"
+            out.append(block)
+        return {"ChangedBlocks": out}
+
+    def get_snapshot_block(self, **kw: Any) -> dict[str, Any]:
+        import io
+
+        from regionvault.providers.aws.ec2 import _checksum
+
+        self._count("GetSnapshotBlock")
+        index = int(kw["BlockIndex"])
+        assert kw["BlockToken"] == f"n{index}", "a block read with another block's token"
+        data = bytes([index % 251 + 1]) * BS
+        return {
+            "BlockData": io.BytesIO(data),
+            "DataLength": BS,
+            "Checksum": _checksum(data),
+            "ChecksumAlgorithm": "SHA256",
+        }
+
+
+def _paging_capture(ebs: _PagingEbs, gib: int) -> Any:
+    import json
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from regionvault.core.types import Instance
+    from regionvault.providers.aws.ec2 import AwsBlockCapture, _DiskSnapshot
+
+    compute = SimpleNamespace(
+        ebs=ebs,
+        region=REGION,
+        settings=SimpleNamespace(ebs_concurrency=4),
+        _snapshots_exist=lambda ids: True,
+        wait_for_snapshot=lambda snapshot_id: {"State": "completed"},
+    )
+    old = _DiskSnapshot("/dev/xvda", "vol-1", "snap-old", 0, gib << 30, True)
+    new = _DiskSnapshot("/dev/xvda", "vol-1", "snap-new", 0, gib << 30, True)
+    since = json.dumps({"aws-ebs": 1, "instance": "i-1", "disks": [old.as_ref()]})
+    return AwsBlockCapture(
+        Instance(id="i-1", name="n", region=REGION),
+        datetime(2026, 1, 1, tzinfo=UTC),
+        compute=compute,  # type: ignore[arg-type]
+        parts=[new],
+        since=since,
+        keep=True,  # nothing to delete in this stand-in
+    )
+
+
+def test_changed_blocks_are_read_with_listchangedblocks_tokens_not_a_listing() -> None:
+    """Blocks at both ends of a 100 GiB volume changed (one cleared): AWS pages
+    ListSnapshotBlocks by 10,000 blocks, so listing up to the last change cost 21 calls;
+    the tokens ListChangedBlocks gave cost none."""
+    blocks = (100 << 30) // BS
+    changed = [0, 7, blocks // 2, blocks - 1]
+    ebs = _PagingEbs(blocks, changed, cleared={7})
+    capture = _paging_capture(ebs, 100)
+    try:
+        ranges = capture.changed_ranges()
+        assert ranges is not None and sum(n for _, n in ranges) == 4 * BS
+        read = dict(capture.read_ranges(ranges))
+    finally:
+        capture.close()
+    assert ebs.calls == {"ListChangedBlocks": 1, "GetSnapshotBlock": 3}
+    assert sorted(read) == [0, (blocks // 2) * BS, (blocks - 1) * BS]  # block 7: a hole
+    assert read[(blocks - 1) * BS] == bytes([(blocks - 1) % 251 + 1]) * BS
+
+
+def test_a_span_wider_than_its_changes_lists_only_that_span() -> None:
+    """A span reaching past its changed block (an old base's chunk) lists the other blocks
+    with one call starting in the span, not from the volume's start."""
+    blocks = (100 << 30) // BS
+    ebs = _PagingEbs(blocks, [blocks - 3], cleared=set())
+    capture = _paging_capture(ebs, 100)
+    try:
+        assert capture.changed_ranges() == [((blocks - 3) * BS, BS)]
+        span = [((blocks - 5) * BS, 4 * BS)]
+        read = dict(capture.read_ranges(span))
+    finally:
+        capture.close()
+    assert ebs.calls == {"ListChangedBlocks": 1, "ListSnapshotBlocks": 1, "GetSnapshotBlock": 4}
+    assert ebs.listed_from == [blocks - 5]
+    assert sorted(read) == [i * BS for i in range(blocks - 5, blocks - 1)]

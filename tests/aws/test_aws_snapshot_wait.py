@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aws_world import EAST, AwsWorld
 from regionvault.core.errors import ComputeError, ConfigError
+from regionvault.core.interfaces import BlockCapture
 from regionvault.core.types import RegionConfig, RegionId, ServiceConfig
 from regionvault.providers.aws.ec2 import follow_snapshot
 from regionvault.providers.aws.settings import AwsSettings
@@ -168,3 +169,112 @@ def test_stall_timeout_settings_and_the_older_name() -> None:
         _settings(snapshot_stall_timeout=0)
     with pytest.raises(ConfigError, match=r"snapshot_timeout.*must be an integer"):
         _settings(snapshot_timeout="30m")
+
+
+def _scripted(fake: FakeTime, script: list[tuple[float, str | None]]) -> Any:
+    """DescribeSnapshots of a snapshot whose Progress is ``script``'s last entry at or
+    before the fake clock's time since the start (None: no Progress); "100%" completes."""
+    start = fake.now
+
+    def describe() -> Mapping[str, Any]:
+        now = fake.now - start
+        shown = [p for t, p in script if t <= now][-1]
+        if shown == "100%":
+            return {"SnapshotId": "snap-q", "State": "completed", "Progress": shown}
+        facts: dict[str, Any] = {"SnapshotId": "snap-q", "State": "pending"}
+        if shown is not None:
+            facts["Progress"] = shown
+        return facts
+
+    return describe
+
+
+def _follow(fake: FakeTime, describe: Any, *, stall: float, queue: float) -> Mapping[str, Any]:
+    return follow_snapshot(
+        describe,
+        "snap-q",
+        stall_timeout=stall,
+        queue_timeout=queue,
+        region="aws:us-east-1",
+        clock=fake.clock,
+        sleep=fake.sleep,
+    )
+
+
+@pytest.mark.parametrize("queued", ["0%", None])
+def test_a_queued_snapshot_has_the_longer_queue_window(queued: str | None) -> None:
+    """Pending at 0% (or with no Progress) for 2.5 hours, then done at once, as AWS shows a
+    snapshot queued behind another of its volume: not a stall within the queue window
+    (6 hours by default), although far past the 30-minute stall window."""
+    fake = FakeTime()
+    script = [(0.0, queued), (9000.0, "100%")]
+    facts = _follow(fake, _scripted(fake, script), stall=1800, queue=6 * 3600)
+    assert facts["State"] == "completed" and fake.now - 1000.0 >= 9000
+    # past a shorter queue window it fails, naming that setting
+    fake = FakeTime()
+    with pytest.raises(ComputeError, match=r"snapshot_queue_timeout is 3600 s") as caught:
+        _follow(fake, _scripted(fake, script), stall=1800, queue=3600)
+    assert "made no progress for 3600 s" in str(caught.value)
+    assert 1000.0 + 3600 <= fake.now <= 1000.0 + 3600 + 15
+
+
+def test_once_it_moved_the_stall_window_applies_again() -> None:
+    """Moved from 0% to 5% and then stuck at 5% (or back at 0%): the stall window, not the
+    queue window."""
+    for stuck in ("5%", "0%"):
+        fake = FakeTime()
+        script = [(0.0, "0%"), (100.0, "5%"), (200.0, stuck), (90000.0, "100%")]
+        with pytest.raises(ComputeError, match=r"snapshot_stall_timeout is 600 s"):
+            _follow(fake, _scripted(fake, script), stall=600, queue=6 * 3600)
+        assert fake.now - 1000.0 <= 200 + 600 + 15 + 15
+
+
+def test_progress_going_down_and_up_again_is_progress() -> None:
+    """50%, then 10%, then 1% more every minute: each change is movement, so it is waited
+    for to the end, although it stays below its old 50% for 40 minutes (> the window)."""
+    fake = FakeTime()
+    script: list[tuple[float, str | None]] = [(0.0, "50%"), (60.0, "10%")]
+    script += [(60.0 + 60 * k, f"{10 + k}%") for k in range(1, 90)]
+    script.append((60.0 + 60 * 90, "100%"))
+    facts = _follow(fake, _scripted(fake, script), stall=1800, queue=6 * 3600)
+    assert facts["State"] == "completed" and fake.now - 1000.0 >= 60 + 60 * 90
+
+
+def test_queue_timeout_setting() -> None:
+    assert _settings().snapshot_queue_timeout == 6 * 3600
+    assert _settings(snapshot_queue_timeout=600).snapshot_queue_timeout == 600
+    with pytest.raises(ConfigError, match=r"snapshot_queue_timeout.*between 1 and 172800"):
+        _settings(snapshot_queue_timeout=0)
+
+
+def test_a_capture_returns_its_ref_before_waiting_for_its_snapshot(aws: AwsWorld) -> None:
+    """The capture is returned (with its ref, for the engine to record) as soon as
+    CreateSnapshot answers, not after the snapshot completes: a run killed during the wait
+    leaves a ref on record to release. The first read waits, and fails on a stall."""
+    if aws.live:
+        pytest.skip("rewrites moto's DescribeSnapshots answers")
+    compute = aws.track(aws.provider.compute(aws.region(EAST, snapshot_stall_timeout=300)))
+    fake = FakeTime()
+    compute._clock, compute._sleep = fake.clock, fake.sleep
+
+    def pending(parsed: dict[str, Any], **_: Any) -> None:
+        for found in parsed.get("Snapshots", []):
+            found["State"], found["Progress"] = "pending", "42%"
+
+    compute.ec2.meta.events.register("after-call.ec2.DescribeSnapshots", pending)
+    iid = aws.run_instance(EAST, {})
+    capture = compute.capture(iid, keep=True)
+    try:
+        assert fake.sleeps == []  # nothing waited for yet
+        assert isinstance(capture, BlockCapture) and capture.ref is not None
+        snapshot = capture.parts[0].snapshot_id  # type: ignore[attr-defined]
+        assert snapshot in capture.ref
+        with pytest.raises(ComputeError, match=rf"{snapshot} made no progress .*at 42%"):
+            list(capture.blocks())
+        assert 1000.0 + 300 <= fake.now <= 1000.0 + 300 + 15
+    finally:
+        capture.close()
+        compute.release_capture(capture.ref or "")
+    ec2 = aws.client("ec2", EAST)
+    left = ec2.describe_snapshots(Filters=[{"Name": "tag:regionvault:instance", "Values": [iid]}])
+    assert left["Snapshots"] == []
