@@ -481,6 +481,9 @@ class Capabilities:
     key_rotation: bool = True
     #: the kinds of point a compute launches from; None: those it captures, when it launches
     launch_kinds: frozenset[CaptureKind] | None = None
+    #: how long, in seconds, a launch here usually needs to become healthy (EC2's status
+    #: checks take minutes); None: the engine's default. site.toml's ``[launch]`` overrides
+    launch_health_timeout: float | None = None
 
     def launchable_kinds(self) -> frozenset[CaptureKind]:
         """The kinds of recovery point this compute can launch an instance from."""

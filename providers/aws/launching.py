@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
-from regionvault.core.errors import ComputeError, RegionVaultError
+from regionvault.core.errors import ComputeError, InstanceNotFound, RegionVaultError
 from regionvault.core.interfaces import CloudHealth
 from regionvault.providers.aws.errors import aws_error, error_code, error_message, is_transient
 
@@ -501,6 +501,8 @@ def instance_health(compute: AwsCompute, instance_id: str) -> CloudHealth:
             InstanceIds=[instance_id], IncludeAllInstances=True
         )
     except (ClientError, BotoCoreError) as exc:
+        if error_code(exc) == "InvalidInstanceID.NotFound":  # not yet listed after a launch
+            raise InstanceNotFound(instance_id, provider="aws", region=compute.region) from None
         raise _call_error(exc, f"cannot read the status checks of {instance_id}", compute) from None
     found = [s for s in answer.get("InstanceStatuses", []) if s.get("InstanceId") == instance_id]
     if not found:
@@ -513,6 +515,10 @@ def instance_health(compute: AwsCompute, instance_id: str) -> CloudHealth:
     ]
     if status.get("AttachedEbsStatus"):
         checks.append(("attached EBS", status["AttachedEbsStatus"].get("Status", "unknown")))
-    ok = state == "running" and all(value == "ok" for _, value in checks)
+    # an instance with no attached EBS status check to run is told "not-applicable"
+    ok = state == "running" and all(
+        value == "ok" or (what == "attached EBS" and value == "not-applicable")
+        for what, value in checks
+    )
     detail = f"state {state}, " + ", ".join(f"{what} status {value}" for what, value in checks)
     return CloudHealth(ok, "" if ok else f"EC2 status checks: {detail}")
