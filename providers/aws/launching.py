@@ -323,13 +323,24 @@ def launch_subnet(
     compute: AwsCompute, spec: LaunchSpec, facts: Mapping[str, Any]
 ) -> tuple[str | None, str | None, str | None, str | None]:
     """``(subnet, its VPC, its zone, a not-carried line or None)`` of a launch: the
-    launch's or the region's ``subnet_id`` (one that does not exist fails the launch);
+    launch's or the region's ``subnet_id`` (one that does not exist, or lies outside a zone
+    region's zone, fails the launch before anything is made);
     else, in the source's own AWS region, the source's subnet (a restore in place lands
     where the instance was), or the default VPC when that subnet is gone or another
     account's; else (another region) the default VPC."""
     given = spec.extra.get("subnet_id") or compute.settings.subnet_id
     if given:
         vpc_id, zone = subnet_place(compute, str(given))
+        own = getattr(compute.settings, "availability_zone", None)
+        if own and zone and zone != own:
+            # a zone region lists only its zone's instances: one launched elsewhere would be
+            # beyond its sight (never health-checked, never terminated)
+            raise ComputeError(
+                f"subnet {given} is in {zone}, not this region's zone {own}: give a subnet_id "
+                f"in {own}",
+                provider="aws",
+                region=compute.region,
+            )
         return str(given), vpc_id, zone, None
     source_region = facts.get("source_region") or facts.get("aws_region")
     source_subnet = facts.get("subnet_id")

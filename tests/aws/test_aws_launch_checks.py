@@ -348,3 +348,80 @@ def test_a_restore_in_place_lands_in_the_source_subnet_with_its_groups(aws: AwsW
         "launched into the default VPC"
     )
     east.terminate(launched.id)
+
+
+# ---------------------------------------------------------------- review rev5 (fix4)
+
+
+def test_a_zone_region_refuses_a_given_subnet_of_another_zone(aws: AwsWorld) -> None:
+    ec2 = aws.client("ec2", WEST)
+    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+    other = next(s for s in subnets["Subnets"] if s["AvailabilityZone"] != WEST + "a")
+    region = aws.region(WEST, availability_zone=WEST + "a", subnet_id=other["SubnetId"])
+    west = aws.track(aws.provider.compute(region))
+    sent = _recorder(west)
+    spec = LaunchSpec(name=f"zs-{aws.tag}", extra={"instance_type": OFFERED})
+    sink = _sink(west, spec)
+    with pytest.raises(
+        ComputeError,
+        match=rf"subnet {other['SubnetId']} is in {other['AvailabilityZone']}, not this "
+        rf"region's zone {WEST}a",
+    ):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
+    assert _restore_leftovers(aws, spec.name) == []
+
+
+def test_status_not_found_right_after_launch_is_not_yet(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(name=f"eventual-{aws.tag}", extra={"instance_type": OFFERED})
+    launched = west.launch(spec, _sink(west, spec))
+    calls = {"n": 0}
+
+    def not_yet(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return None
+        error = {"Code": "InvalidInstanceID.NotFound", "Message": "does not exist"}
+        answer = AWSResponse("https://ec2.invalid/", 400, {}, None)  # type: ignore[arg-type]
+        return answer, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    west.ec2.meta.events.register("before-call.ec2.DescribeInstanceStatus", not_yet)
+    region: Any = type("R", (), {"name": "aws:" + WEST, "compute": west})
+    pm = make_plugin_manager(load_entry_points=False)
+    try:
+        rto, why = await_healthy(region, launched, time.monotonic(), timeout=30, plugin_manager=pm)
+    finally:
+        west.terminate(launched.id)
+    assert why is None and rto is not None
+    assert calls["n"] >= 2
+
+
+def test_attached_ebs_not_applicable_counts_as_ok(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(name=f"na-{aws.tag}", extra={"instance_type": OFFERED})
+    launched = west.launch(spec, _sink(west, spec))
+
+    def status(value: str) -> Any:
+        def rewrite(parsed: dict[str, Any], **_: Any) -> None:
+            for found in parsed.get("InstanceStatuses", []):
+                found["AttachedEbsStatus"] = {"Status": value}
+
+        return rewrite
+
+    try:
+        west.ec2.meta.events.register(
+            "after-call.ec2.DescribeInstanceStatus", status("not-applicable"), unique_id="ebs"
+        )
+        health = west.cloud_health(launched)
+        assert health is not None and health.ok, health
+        west.ec2.meta.events.unregister("after-call.ec2.DescribeInstanceStatus", unique_id="ebs")
+        west.ec2.meta.events.register(
+            "after-call.ec2.DescribeInstanceStatus", status("insufficient-data"), unique_id="ebs2"
+        )
+        health = west.cloud_health(launched)
+        assert health is not None and not health.ok
+        assert "attached EBS status insufficient-data" in health.detail
+    finally:
+        west.terminate(launched.id)
