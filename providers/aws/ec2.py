@@ -58,6 +58,7 @@ from regionvault.providers.aws.launching import (
     billing_not_carried,
     billing_products,
     capture_facts,
+    checked_facts,
     instance_extra,
     instance_health,
     launch_subnet,
@@ -633,7 +634,7 @@ class AwsCompute(Compute):
         source_extra: Mapping[str, Any] = source.extra if source is not None else {}
         # what the capture recorded (the point's manifest), else what the source instance
         # (given to a direct launch) tells
-        facts: dict[str, Any] = {**source_extra, **spec.launch_facts}
+        facts, fact_lines = checked_facts({**source_extra, **spec.launch_facts})
         # a recovery point made by this provider records the instance type as its function
         # (Instance.function), so a restore from the point alone launches the same type
         function_type = (
@@ -677,6 +678,7 @@ class AwsCompute(Compute):
             mapping.not_carried.insert(0, type_line)
         if subnet_line:
             mapping.not_carried.insert(0, subnet_line)
+        mapping.not_carried[:0] = fact_lines
         if reserved:
             mapping.not_carried.append(
                 f"tags {', '.join(reserved)}: the aws: prefix is AWS's to set"

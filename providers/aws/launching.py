@@ -45,6 +45,7 @@ __all__ = [
     "billing_not_carried",
     "billing_products",
     "capture_facts",
+    "checked_facts",
     "instance_extra",
     "instance_health",
     "launch_subnet",
@@ -63,6 +64,71 @@ _MAX_PAGES = 1000
 
 def _call_error(exc: BaseException, what: str, compute: AwsCompute) -> RegionVaultError:
     return aws_error(exc, f"{what}: {error_message(exc)}", ComputeError, region=compute.region)
+
+
+# ---------------------------------------------------------------------- reading them
+
+#: the launch facts read as text (a point's manifest may hold anything: checked first)
+_TEXT_FACTS = (
+    "source_region", "aws_region", "instance_type", "architecture", "root_device_name",
+    "boot_mode", "subnet_id", "key_name", "instance_profile_arn", "user_data",
+    "user_data_unknown",
+)  # fmt: skip
+_BILLING_TEXT = ("platform_details", "usage_operation", "platform", "image_id")
+
+
+def checked_facts(facts: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(facts a launch may use, not-carried lines)``: each known member of the wrong type
+    is left out and named (``launch fact security_groups: not a list of groups; not
+    applied``), never its value; facts of a newer layout than :data:`_FACTS_VERSION` are
+    not applied at all. Unknown members pass (a reader ignores them)."""
+    version = facts.get("aws", _FACTS_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return {}, ["launch facts: their version is not a positive integer; not applied"]
+    if version > _FACTS_VERSION:
+        return {}, [
+            f"launch facts of version {version} (this version reads {_FACTS_VERSION}): "
+            "not applied; upgrade regionvault"
+        ]
+    kept = dict(facts)
+    lines: list[str] = []
+
+    def drop(member: str, what: str) -> None:
+        kept.pop(member, None)
+        lines.append(f"launch fact {member}: not {what}; not applied")
+
+    for member in _TEXT_FACTS:
+        if member in kept and kept[member] is not None and not isinstance(kept[member], str):
+            drop(member, "a string")
+    groups = kept.get("security_groups")
+    if groups is not None and not (
+        isinstance(groups, list)
+        and all(
+            isinstance(g, Mapping) and all(isinstance(v, str) for v in g.values()) for g in groups
+        )
+    ):
+        drop("security_groups", "a list of groups")
+    billing = kept.get("billing")
+    if billing is not None and not _billing_ok(billing, nested=True):
+        drop("billing", "a table of billing details")
+    return kept, lines
+
+
+def _billing_ok(billing: object, *, nested: bool) -> bool:
+    if not isinstance(billing, Mapping):
+        return False
+    if any(billing.get(k) is not None and not isinstance(billing[k], str) for k in _BILLING_TEXT):
+        return False
+    codes = billing.get("product_codes")
+    if codes is not None and not (
+        isinstance(codes, list)
+        and all(
+            isinstance(c, Mapping) and all(isinstance(v, str) for v in c.values()) for c in codes
+        )
+    ):
+        return False
+    image = billing.get("image")
+    return image is None or (nested and _billing_ok(image, nested=False))
 
 
 # ---------------------------------------------------------------------- at capture

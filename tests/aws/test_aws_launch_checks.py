@@ -425,3 +425,47 @@ def test_attached_ebs_not_applicable_counts_as_ok(aws: AwsWorld) -> None:
         assert "attached EBS status insufficient-data" in health.detail
     finally:
         west.terminate(launched.id)
+
+
+@pytest.mark.parametrize(
+    ("facts", "member"),
+    [
+        ({"security_groups": "sg-1"}, "security_groups"),
+        ({"security_groups": [1, 2]}, "security_groups"),
+        ({"billing": "x"}, "billing"),
+        ({"billing": {"usage_operation": "RunInstances:0002", "product_codes": ["x"]}}, "billing"),
+        ({"key_name": ["a"]}, "key_name"),
+        ({"user_data": 7}, "user_data"),
+        ({"root_device_name": 7}, "root_device_name"),
+    ],
+)
+def test_launch_facts_of_the_wrong_type_are_named_not_applied(
+    aws: AwsWorld, facts: dict[str, Any], member: str
+) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(
+        name=f"hostile-{aws.tag}",
+        extra={"instance_type": OFFERED},
+        launch_facts={"aws": 1, "instance_type": OFFERED, **facts},
+    )
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert f"launch fact {member}: not " in "\n".join(launched.not_carried)
+        assert all(str(v) not in line for v in facts.values() for line in launched.not_carried)
+    finally:
+        west.terminate(launched.id)
+
+
+def test_launch_facts_of_a_newer_version_are_not_applied(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    sent = _recorder(west)
+    facts = {"aws": 2, "instance_type": OFFERED, "user_data": "aGVsbG8=", "key_name": "ops"}
+    spec = LaunchSpec(name=f"newer-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert launched.not_carried[0].startswith(
+            "launch facts of version 2 (this version reads 1)"
+        )
+        assert "UserData" not in sent["RunInstances"] and "KeyName" not in sent["RunInstances"]
+    finally:
+        west.terminate(launched.id)
