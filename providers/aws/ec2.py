@@ -658,7 +658,13 @@ class AwsCompute(Compute):
             )
         subnet, vpc_id, zone, subnet_line = launch_subnet(self, spec, facts)
         zone = getattr(self.settings, "availability_zone", None) or zone
-        instance_type, type_line = offered_type(self, str(instance_type), zone, spec.name)
+        instance_type, type_line = offered_type(
+            self,
+            str(instance_type),
+            zone,
+            spec.name,
+            spec.extra.get("architecture") or facts.get("architecture"),
+        )
         root_device = _root_device(spec, facts, sink.disks[0].name)
         architecture = (
             spec.extra.get("architecture")

@@ -460,12 +460,18 @@ def _subnet(compute: AwsCompute, subnet: str) -> tuple[str | None, str | None] |
 
 
 def offered_type(
-    compute: AwsCompute, wanted: str, zone: str | None, name: str
+    compute: AwsCompute,
+    wanted: str,
+    zone: str | None,
+    name: str,
+    architecture: str | None = None,
 ) -> tuple[str, str | None]:
     """``(instance type to launch, a not-carried line or None)``: ``wanted`` when
     DescribeInstanceTypeOfferings says the region (or ``zone``, where the launch goes)
-    offers it, else the first of the region's ``fallback_instance_types`` that is offered;
-    a ComputeError naming the type and the place when none is."""
+    offers it, else the first of the region's ``fallback_instance_types`` that is offered
+    and, when the source's ``architecture`` is known, runs it (DescribeInstanceTypes: the
+    image keeps the source's architecture; the others are skipped and named); a
+    ComputeError naming the type, the place (and the architecture) when none is."""
     fallbacks = [t for t in compute.settings.fallback_instance_types if t != wanted]
     candidates = [wanted, *fallbacks]
     where = zone or compute.settings.aws_region
@@ -490,16 +496,27 @@ def offered_type(
         token = answer.get("NextToken")
         if not token:
             break
-    for candidate in candidates:
-        if candidate in offered:
-            if candidate == wanted:
-                return wanted, None
-            return candidate, (
-                f"instance type {wanted}: not offered in {where}; launched as {candidate} "
-                "(fallback_instance_types)"
-            )
+    if wanted in offered:
+        return wanted, None
+    usable = [t for t in fallbacks if t in offered]
+    skipped: list[str] = []
+    if architecture and usable:
+        runs = _architectures(compute, usable, name)
+        skipped = [f"{t} ({'+'.join(sorted(runs.get(t, ()))) or '?'})" for t in usable
+                   if architecture not in runs.get(t, ())]  # fmt: skip
+        usable = [t for t in usable if architecture in runs.get(t, ())]
+    skip_note = (
+        f"; skipped {', '.join(skipped)}: not {architecture}, the source's architecture"
+        if skipped
+        else ""
+    )
+    if usable:
+        return usable[0], (
+            f"instance type {wanted}: not offered in {where}; launched as {usable[0]} "
+            f"(fallback_instance_types){skip_note}"
+        )
     tail = (
-        f", nor is any of fallback_instance_types ({', '.join(fallbacks)})"
+        f", nor is any of fallback_instance_types ({', '.join(fallbacks)}){skip_note}"
         if fallbacks
         else " (set fallback_instance_types to launch another type instead)"
     )
@@ -508,6 +525,22 @@ def offered_type(
         provider="aws",
         region=compute.region,
     )
+
+
+def _architectures(compute: AwsCompute, types: list[str], name: str) -> dict[str, set[str]]:
+    """The architectures each of ``types`` runs (DescribeInstanceTypes)."""
+    try:
+        answer = compute.ec2.describe_instance_types(InstanceTypes=types)
+    except (ClientError, BotoCoreError) as exc:
+        raise _call_error(
+            exc, f"launch {name!r}: cannot read the architectures of {', '.join(types)}", compute
+        ) from None
+    return {
+        str(t.get("InstanceType")): {
+            str(a) for a in (t.get("ProcessorInfo") or {}).get("SupportedArchitectures") or []
+        }
+        for t in answer.get("InstanceTypes", [])
+    }
 
 
 def billing_products(compute: AwsCompute, facts: Mapping[str, Any]) -> list[str]:

@@ -469,3 +469,32 @@ def test_launch_facts_of_a_newer_version_are_not_applied(aws: AwsWorld) -> None:
         assert "UserData" not in sent["RunInstances"] and "KeyName" not in sent["RunInstances"]
     finally:
         west.terminate(launched.id)
+
+
+def test_a_fallback_of_another_architecture_is_skipped_and_named(aws: AwsWorld) -> None:
+    region = aws.region(WEST, fallback_instance_types=["m6g.large", "m6i.large"])
+    west = aws.track(aws.provider.compute(region))
+    sent = _recorder(west)
+    facts = {"aws": 1, "instance_type": NOT_OFFERED, "architecture": "x86_64"}
+    spec = LaunchSpec(name=f"arch-{aws.tag}", launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert sent["RunInstances"]["InstanceType"] == "m6i.large"
+        assert sent["RegisterImage"]["Architecture"] == "x86_64"
+        line = next(x for x in launched.not_carried if x.startswith("instance type"))
+        assert "launched as m6i.large" in line
+        assert "skipped m6g.large (arm64): not x86_64" in line
+    finally:
+        west.terminate(launched.id)
+
+
+def test_no_fallback_of_the_source_architecture_fails_before_registering(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST, fallback_instance_types=["m6g.large"])))
+    sent = _recorder(west)
+    facts = {"aws": 1, "instance_type": NOT_OFFERED, "architecture": "x86_64"}
+    spec = LaunchSpec(name=f"arch2-{aws.tag}", launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(ComputeError, match=r"skipped m6g\.large \(arm64\): not x86_64"):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
