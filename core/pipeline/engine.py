@@ -44,6 +44,7 @@ from regionvault.core.pipeline.launch import (
     await_healthy,
     check_launchable,
     discard_sink,
+    ignored_facts,
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
@@ -1211,7 +1212,7 @@ class Engine:
             # no instance holds the restored data: it must not stay behind
             discard_sink(r, sink, exc)
             raise
-        not_carried = instance.not_carried
+        not_carried = instance.not_carried + ignored_facts(r, manifest.launch)
         if not_carried:  # names what was left out, never a value (user data may be secret)
             log.warning(
                 "instance %s launched in %s from %s lacks what was not carried over: %s",

@@ -7,7 +7,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from regionvault.core.errors import (
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from regionvault.core.interfaces import CloudHealth
     from regionvault.core.site import Region
 
-__all__ = ["await_healthy", "check_launchable", "discard_sink", "launch_name"]
+__all__ = ["await_healthy", "check_launchable", "discard_sink", "ignored_facts", "launch_name"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,26 @@ def check_launchable(region: Region, point: RecoveryPoint) -> None:
         f"{point.id} of {point.instance_id} ({origin}): its compute launches {launches}",
         provider=compute.provider,
         region=region.name,
+    )
+
+
+def ignored_facts(region: Region, facts: Mapping[str, object]) -> tuple[str, ...]:
+    """The not-carried line of launch facts the point records and ``region``'s compute does
+    not apply (``Capabilities.launch_facts_of``: a point captured on AWS launched into
+    another cloud or a local region), naming the members, never their values; () when it
+    applies them or there are none."""
+    if not facts:
+        return ()
+    compute = region.compute
+    applies = compute.capabilities.launch_facts_of
+    if applies is not None and applies in facts:
+        return ()
+    version = {k for k, v in facts.items() if isinstance(v, int) and not isinstance(v, bool)}
+    writer = "+".join(sorted(version)) or "another provider"
+    names = ", ".join(sorted(k for k in facts if k not in version))
+    return (
+        f"launch facts recorded by {writer} at capture ({names}): not applied by "
+        f"{compute.provider}",
     )
 
 
