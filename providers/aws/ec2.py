@@ -55,6 +55,7 @@ from regionvault.core.types import (
 from regionvault.providers.aws.errors import aws_error, error_code, error_message
 from regionvault.providers.aws.launching import (
     LaunchMapping,
+    _profile_name,
     billing_not_carried,
     billing_products,
     capture_facts,
@@ -103,6 +104,8 @@ RESTORE_SNAPSHOT_TAG = "regionvault:restore-snapshot"
 _ZERO_BLOCK = bytes(EBS_BLOCK_SIZE)
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
+#: RunInstances refused for want of a permission (with a profile: iam:PassRole)
+_REFUSED = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _MAX_PAGES = 10_000_000
 #: a role that may not call an EC2 action
@@ -760,10 +763,31 @@ class AwsCompute(Compute):
         }
         if self.settings.availability_zone:  # the subnet, if any, must lie in it: EC2 checks
             run_kwargs["Placement"] = {"AvailabilityZone": self.settings.availability_zone}
+        profile = run_kwargs.get("IamInstanceProfile")
         try:
             answer = self.ec2.run_instances(**run_kwargs)
-        except (ClientError, BotoCoreError) as exc:
-            # the message never holds the user data: EC2 names parameters, not values
+        except ClientError as exc:
+            if profile is None or error_code(exc) not in _REFUSED:
+                # the message never holds the user data: EC2 names parameters, not values
+                raise self._error(exc, f"cannot run an instance from image {image_id}") from None
+            # most likely iam:PassRole on the profile's role: an instance without its
+            # profile is a finding for the operator, not a reason to have no instance
+            name = _profile_name(str(profile.get("Arn") or profile.get("Name") or ""))
+            del run_kwargs["IamInstanceProfile"]
+            run_kwargs["ClientToken"] = uuid.uuid4().hex
+            try:
+                answer = self.ec2.run_instances(**run_kwargs)
+            except (ClientError, BotoCoreError) as again:
+                raise self._error(
+                    again,
+                    f"cannot run an instance from image {image_id} (refused with instance "
+                    f"profile {name}, then without it)",
+                ) from None
+            mapping.not_carried.append(
+                f"instance profile {name}: not passed (RunInstances refused it, "
+                f"{error_code(exc)}: the launch role may lack iam:PassRole on its role)"
+            )
+        except BotoCoreError as exc:
             raise self._error(exc, f"cannot run an instance from image {image_id}") from None
         raw = dict(answer["Instances"][0])
         # from here the image and snapshot belong to the instance: terminate removes them

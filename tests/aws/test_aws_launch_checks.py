@@ -498,3 +498,44 @@ def test_no_fallback_of_the_source_architecture_fails_before_registering(aws: Aw
         west.launch(spec, sink)
     assert "RegisterImage" not in sent and "RunInstances" not in sent
     sink.discard()
+
+
+def _refuse_run_with_profile(west: AwsCompute, always: bool = False) -> None:
+    def refused(params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if not always and "IamInstanceProfile" not in str(params.get("body")):
+            return None
+        error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized"}
+        answer = AWSResponse("https://ec2.invalid/", 403, {}, None)  # type: ignore[arg-type]
+        return answer, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    west.ec2.meta.events.register("before-call.ec2.RunInstances", refused)
+
+
+def test_a_refused_pass_role_launches_without_the_profile_and_says_so(aws: AwsWorld) -> None:
+    aws.client("iam", WEST).create_instance_profile(InstanceProfileName=f"prof-{aws.tag}")
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    _refuse_run_with_profile(west)
+    arn = f"arn:aws:iam::123456789012:instance-profile/prof-{aws.tag}"
+    facts = {"aws": 1, "instance_profile_arn": arn}
+    spec = LaunchSpec(name=f"pr-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert (
+            f"instance profile prof-{aws.tag}: not passed (RunInstances refused it, "
+            "UnauthorizedOperation: the launch role may lack iam:PassRole on its role)"
+        ) in launched.not_carried
+    finally:
+        west.terminate(launched.id)
+
+
+def test_a_launch_refused_without_the_profile_too_names_it(aws: AwsWorld) -> None:
+    aws.client("iam", WEST).create_instance_profile(InstanceProfileName=f"prof2-{aws.tag}")
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    _refuse_run_with_profile(west, always=True)
+    arn = f"arn:aws:iam::123456789012:instance-profile/prof2-{aws.tag}"
+    facts = {"aws": 1, "instance_profile_arn": arn}
+    spec = LaunchSpec(name=f"pr2-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(ComputeError, match=f"refused with instance profile prof2-{aws.tag}"):
+        west.launch(spec, sink)
+    sink.discard()
