@@ -335,10 +335,18 @@ def _map_groups(
     """The destination's group ids for the source's ``groups``, and the groups not found:
     a group tagged ``regionvault:security-group`` with the source group's id or name, else
     one of the same name, in the VPC the instance launches into (``vpc_id``; else the
-    default VPC)."""
+    default VPC; with none, a ComputeError before anything is made)."""
     if vpc_id is None:
         vpc_id = _default_vpc(compute)
-    filters = [{"Name": "vpc-id", "Values": [vpc_id]}] if vpc_id else []
+    if vpc_id is None:
+        # never a group of the same name from any VPC: EC2 would refuse it (and, with no
+        # default VPC, an instance without a subnet) only after the image is registered
+        raise ComputeError(
+            f"no default VPC in {compute.settings.aws_region} to launch into: set subnet_id",
+            provider="aws",
+            region=compute.region,
+        )
+    filters = [{"Name": "vpc-id", "Values": [vpc_id]}]
     candidates: list[Mapping[str, Any]] = []
     token: str | None = None
     for _page in range(_MAX_PAGES):

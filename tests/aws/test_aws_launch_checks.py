@@ -539,3 +539,25 @@ def test_a_launch_refused_without_the_profile_too_names_it(aws: AwsWorld) -> Non
     with pytest.raises(ComputeError, match=f"refused with instance profile prof2-{aws.tag}"):
         west.launch(spec, sink)
     sink.discard()
+
+
+def test_groups_with_no_subnet_and_no_default_vpc_fail_before_registering(aws: AwsWorld) -> None:
+    ec2 = aws.client("ec2", WEST)
+    vpc = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    ec2.create_security_group(GroupName="vdu", Description="another VPC's", VpcId=vpc)
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+
+    def no_default(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Vpcs"] = []
+
+    west.ec2.meta.events.register("after-call.ec2.DescribeVpcs", no_default)
+    sent = _recorder(west)
+    facts = {"aws": 1, "security_groups": [{"id": "sg-0src", "name": "vdu"}]}
+    spec = LaunchSpec(name=f"novpc-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(
+        ComputeError, match=f"no default VPC in {WEST} to launch into: set subnet_id"
+    ):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
