@@ -1007,7 +1007,8 @@ def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)[b-z][a-z]?$")
+#: EC2's HVM data device names: /dev/sd[b-z], /dev/xvd[b-z], /dev/xvd[b-c][a-z]
+_DEVICE_NAME = re.compile(r"^/dev/(sd[b-z]|xvd[b-z]|xvd[b-c][a-z])$")
 _ROOT_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)a1?$")
 
 
@@ -1023,20 +1024,42 @@ def _root_device(spec: LaunchSpec, facts: Mapping[str, Any], first_disk: str) ->
 
 def _data_devices(names: Sequence[str], root: str) -> list[str]:
     """Device names for a launch's data disks, in the image's disk order: each keeps its
-    captured name when that is an EC2 data device name, not the root's and not already
-    taken; any other (a disk from another cloud: "lun0") gets the first free of /dev/sdf,
-    /dev/sdg, ... (so a volume is attached where the instance had it, whatever the order)."""
-    kept = {n for n in names if _DEVICE_NAME.match(n) and n != root}
-    letters = [chr(c) for c in range(ord("f"), ord("z") + 1)]
-    letters += [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
-    free = iter(d for d in (f"/dev/sd{x}" for x in letters) if d != root and d not in kept)
+    captured name when that is an EC2 data device name, not the root's slot and its slot not
+    already taken (``/dev/sdf`` and ``/dev/xvdf`` are one slot: Xen renames one to the
+    other); any other (a disk from another cloud: "lun0") gets the first free of
+    /dev/sdf ... /dev/sdz, then /dev/xvdba ... /dev/xvdcz (EC2's HVM names), so a volume is
+    attached where the instance had it, whatever the order. More disks than names: a
+    ComputeError."""
+    root_slot = _slot(root)
+    kept = {_slot(n) for n in names if _DEVICE_NAME.match(n)} - {root_slot}
+    singles = [chr(c) for c in range(ord("f"), ord("z") + 1)]
+    doubles = [a + b for a in "bc" for b in "abcdefghijklmnopqrstuvwxyz"]
+    free = iter(
+        [f"/dev/sd{x}" for x in singles if x not in kept and x != root_slot]
+        + [f"/dev/xvd{x}" for x in doubles if x not in kept]
+    )
     out: list[str] = []
+    used: set[str] = set()
     for name in names:
-        if name in kept and name not in out:
+        slot = _slot(name) if _DEVICE_NAME.match(name) else None
+        if slot is not None and slot in kept and slot not in used:
             out.append(name)
-        else:
-            out.append(next(free))
+            used.add(slot)
+            continue
+        device = next(free, None)
+        if device is None:
+            raise ComputeError(
+                f"{len(names)} data disks: more than EC2 has device names for", provider="aws"
+            )
+        out.append(device)
     return out
+
+
+def _slot(device: str) -> str:
+    """``/dev/sdf`` and ``/dev/xvdf`` -> ``f``, ``/dev/sda1`` -> ``a``: the letters that
+    name one attachment point whichever prefix the kernel gives it."""
+    match = re.match(r"^/dev/(?:sd|xvd)([a-z]{1,2})\d*$", device)
+    return match.group(1) if match else device
 
 
 class AwsBlockCapture(BlockCapture):

@@ -561,3 +561,17 @@ def test_groups_with_no_subnet_and_no_default_vpc_fail_before_registering(aws: A
         west.launch(spec, sink)
     assert "RegisterImage" not in sent and "RunInstances" not in sent
     sink.discard()
+
+
+def test_data_device_names_are_slots_and_stay_in_ec2_range() -> None:
+    from regionvault.providers.aws.ec2 import _data_devices
+
+    # sdf and xvdf are one attachment point (Xen renames one to the other)
+    assert _data_devices(["/dev/xvdf", "lun1"], "/dev/xvda") == ["/dev/xvdf", "/dev/sdg"]
+    assert _data_devices(["/dev/sdf", "/dev/xvdf"], "/dev/sda1") == ["/dev/sdf", "/dev/sdg"]
+    # after /dev/sdz come /dev/xvdba.. (never /dev/sdaa, which EC2 does not take)
+    many = _data_devices([f"lun{i}" for i in range(23)], "/dev/xvda")
+    assert many[20:] == ["/dev/sdz", "/dev/xvdba", "/dev/xvdbb"]
+    assert _data_devices(["/dev/sdaa"], "/dev/xvda") == ["/dev/sdf"]
+    with pytest.raises(ComputeError, match="more than EC2 has device names for"):
+        _data_devices([f"lun{i}" for i in range(80)], "/dev/xvda")
