@@ -186,3 +186,43 @@ def test_timedelta_config_is_seconds() -> None:
     config = LaunchConfig(timedelta(minutes=15), {WEST: timedelta(seconds=30)})
     assert config.health_timeout_of(WEST) == timedelta(seconds=30)
     assert config.health_timeout_of(EAST) == timedelta(minutes=15)
+
+
+# ---------------------------------------------------------------------- ignored facts
+
+
+def _facts_region(provider: str, applies: str | None) -> Any:
+    caps = Capabilities(launch_facts_of=applies)
+    return SimpleNamespace(
+        name=f"{provider}:x", compute=SimpleNamespace(provider=provider, capabilities=caps)
+    )
+
+
+def test_launch_facts_ignored_by_the_compute_are_named() -> None:
+    from regionvault.core.pipeline.launch import ignored_facts
+
+    facts = {"aws": 1, "key_name": "ops", "user_data": "c2VjcmV0"}
+    (line,) = ignored_facts(_facts_region("azure", None), facts)
+    assert (
+        line
+        == "launch facts recorded by aws at capture (key_name, user_data): not applied by azure"
+    )
+    assert "ops" not in line and "c2VjcmV0" not in line
+    assert ignored_facts(_facts_region("aws", "aws"), facts) == ()
+    # another version's key: the AWS compute does not claim facts it cannot read
+    assert ignored_facts(_facts_region("gcp", "gcp"), facts) != ()
+
+
+def test_a_point_of_the_compute_s_own_provider_recording_no_facts_says_so() -> None:
+    from regionvault.core.pipeline.launch import ignored_facts
+
+    old: Any = SimpleNamespace(region="aws:eu-west-1", lineage=None)
+    (line,) = ignored_facts(_facts_region("aws", "aws"), {}, old)
+    assert line.startswith("launch facts: the point records none")
+    copied: Any = SimpleNamespace(
+        region="local:west", lineage=SimpleNamespace(source_region="aws:us-east-1")
+    )
+    assert ignored_facts(_facts_region("aws", "aws"), {}, copied) != ()
+    assert ignored_facts(_facts_region("local", None), {}, old) == ()
+    local_point: Any = SimpleNamespace(region="local:east", lineage=None)
+    assert ignored_facts(_facts_region("aws", "aws"), {}, local_point) == ()

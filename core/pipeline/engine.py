@@ -1212,7 +1212,7 @@ class Engine:
             # no instance holds the restored data: it must not stay behind
             discard_sink(r, sink, exc)
             raise
-        not_carried = instance.not_carried + ignored_facts(r, manifest.launch)
+        not_carried = instance.not_carried + ignored_facts(r, manifest.launch, point)
         if not_carried:  # names what was left out, never a value (user data may be secret)
             log.warning(
                 "instance %s launched in %s from %s lacks what was not carried over: %s",

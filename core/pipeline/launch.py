@@ -57,15 +57,25 @@ def check_launchable(region: Region, point: RecoveryPoint) -> None:
     )
 
 
-def ignored_facts(region: Region, facts: Mapping[str, object]) -> tuple[str, ...]:
+def ignored_facts(
+    region: Region, facts: Mapping[str, object], point: RecoveryPoint | None = None
+) -> tuple[str, ...]:
     """The not-carried line of launch facts the point records and ``region``'s compute does
     not apply (``Capabilities.launch_facts_of``: a point captured on AWS launched into
-    another cloud or a local region), naming the members, never their values; () when it
-    applies them or there are none."""
-    if not facts:
-        return ()
+    another cloud or a local region), naming the members, never their values. With none
+    recorded where the compute applies them and the ``point`` came from its own provider
+    (a point made before its captures recorded them), that is said instead. () otherwise."""
     compute = region.compute
     applies = compute.capabilities.launch_facts_of
+    if not facts:
+        origin = point.lineage.source_region if point and point.lineage else None
+        origin = origin or (point.region if point else None)
+        if applies is not None and origin and origin.split(":", 1)[0] == compute.provider:
+            return (
+                "launch facts: the point records none (made before its capture recorded "
+                "them): only its disks and the region's settings were applied",
+            )
+        return ()
     if applies is not None and applies in facts:
         return ()
     version = {k for k, v in facts.items() if isinstance(v, int) and not isinstance(v, bool)}
