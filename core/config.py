@@ -32,6 +32,7 @@ __all__ = [
     "THREAD_EXECUTOR",
     "ExecutorConfig",
     "HookConfig",
+    "LaunchConfig",
     "Replication",
     "SiteConfig",
     "check_region_claims",
@@ -88,6 +89,19 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """``[launch]``: ``health_timeout`` for every region, ``[launch.regions."<region>"]``
+    for one; None where unset (the region's compute then gives its default)."""
+
+    health_timeout: timedelta | None = None
+    region_health_timeouts: Mapping[str, timedelta] = field(default_factory=dict)
+
+    def health_timeout_of(self, region: str) -> timedelta | None:
+        """The configured health timeout of ``region`` (its full id), if any."""
+        return self.region_health_timeouts.get(region, self.health_timeout)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     regions: Mapping[str, RegionConfig]
@@ -110,6 +124,8 @@ class SiteConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     #: ``[operations]``: drills, RPO/RTO objectives, locks and holds (core/operations.py)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
+    #: ``[launch]``: how long a launched instance may take to become healthy
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = "<memory>"
 
     def region(self, ref: str) -> RegionConfig:
@@ -160,7 +176,9 @@ _SITE_KEYS = {
     "schedule_interval": str,
     "state_dir": str,
 }
-_TOP_KEYS = {"site", "regions", "replication", "policies", "hooks", "executor", "operations"}
+_TOP_KEYS = {
+    "site", "regions", "replication", "policies", "hooks", "executor", "operations", "launch",
+}  # fmt: skip
 
 
 def parse_executor(table: Any, file: str) -> ExecutorConfig:
@@ -444,6 +462,7 @@ def parse_site(
         hooks=hooks,
         executor=executor,
         operations=operations,
+        launch=parse_launch(data.get("launch", {}), regions, source),
         source=source,
         **site_values,
         **kwargs,
@@ -453,6 +472,48 @@ def parse_site(
     if registry is not None:
         validate_providers(site, registry)
     return site
+
+
+def _health_timeout(value: Any, source: str, key: str) -> timedelta:
+    _expect(value, str, source, key)
+    try:
+        timeout = parse_duration(value, bare_unit="s")
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=source, key=key) from None
+    return timeout
+
+
+def parse_launch(table: Any, regions: Mapping[str, RegionConfig], source: str) -> LaunchConfig:
+    """``[launch]``: ``health_timeout`` (a duration, ``"15m"``), and per region
+    ``[launch.regions."<region>"] health_timeout``."""
+    _expect(table, dict, source, "launch")
+    for key in table:
+        if key not in ("health_timeout", "regions"):
+            raise ConfigError(
+                "unknown key (expected health_timeout, regions)", file=source, key=f"launch.{key}"
+            )
+    default = (
+        _health_timeout(table["health_timeout"], source, "launch.health_timeout")
+        if "health_timeout" in table
+        else None
+    )
+    by_region: dict[str, timedelta] = {}
+    regions_table = table.get("regions", {})
+    _expect(regions_table, dict, source, "launch.regions")
+    for ref, body in regions_table.items():
+        key = f'launch.regions."{ref}"'
+        rid = _region_ref(ref, regions, source, key)
+        _expect(body, dict, source, key)
+        for k in body:
+            if k != "health_timeout":
+                raise ConfigError(
+                    "unknown key (expected health_timeout)", file=source, key=f"{key}.{k}"
+                )
+        if "health_timeout" in body:
+            by_region[str(rid)] = _health_timeout(
+                body["health_timeout"], source, f"{key}.health_timeout"
+            )
+    return LaunchConfig(health_timeout=default, region_health_timeouts=by_region)
 
 
 def parse_operations(table: object, source: str) -> OperationsConfig:

@@ -481,6 +481,13 @@ class Capabilities:
     key_rotation: bool = True
     #: the kinds of point a compute launches from; None: those it captures, when it launches
     launch_kinds: frozenset[CaptureKind] | None = None
+    #: how long, in seconds, a launch here usually needs to become healthy (EC2's status
+    #: checks take minutes); None: the engine's default. site.toml's ``[launch]`` overrides
+    launch_health_timeout: float | None = None
+    #: the launch facts a compute applies: those whose top-level member of this name (the
+    #: facts' version) its provider's captures record ("aws"); None: it applies none, and a
+    #: launch lists the recorded facts it ignored (core/pipeline/launch.py)
+    launch_facts_of: str | None = None
 
     def launchable_kinds(self) -> frozenset[CaptureKind]:
         """The kinds of recovery point this compute can launch an instance from."""

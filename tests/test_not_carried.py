@@ -66,3 +66,41 @@ def test_what_was_not_carried_over_is_said_and_recorded(
         site.region("east").compute.terminate(json.loads(again.stdout)["instance"])
     finally:
         site.close()
+
+
+def test_launch_facts_a_compute_does_not_apply_are_listed_by_name(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A point whose capture recorded AWS launch facts, launched by a compute that applies
+    none (local here; azure, gcp, openstack alike): the facts are listed, never a value."""
+    import base64
+
+    from regionvault.providers.local.compute import LocalFileCapture
+
+    secret = b"#!/bin/sh\nexport TOKEN=s3cr3t-0123456789"
+    facts: dict[str, Any] = {
+        "aws": 1,
+        "key_name": "ops-key",
+        "security_groups": [{"id": "sg-1", "name": "vdu"}],
+        "user_data": base64.b64encode(secret).decode(),
+    }
+    monkeypatch.setattr(LocalFileCapture, "launch_facts", lambda self: facts, raising=False)
+    data = workdir / "nf-data"
+    data.mkdir()
+    (data / "db").write_bytes(b"x" * 1000)
+    ok("instances", "add", "--region", "east", "--name", "nf1", "--data", data)
+    point = ok("backup", "nf1").stdout.strip().splitlines()[-1]
+    result = ok("restore", point, "--region", "east", "--launch", "--json")
+    report = json.loads(result.stdout)
+    assert report["not_carried"] == [
+        "launch facts recorded by aws at capture (key_name, security_groups, user_data): "
+        "not applied by local"
+    ]
+    assert "not applied by local" in result.stderr
+    for value in ("ops-key", "sg-1", facts["user_data"], "s3cr3t"):
+        assert value not in result.stdout and value not in result.stderr
+    site = Site.load(workdir / "site.toml")
+    try:
+        site.region("east").compute.terminate(report["instance"])
+    finally:
+        site.close()

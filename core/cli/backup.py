@@ -214,6 +214,12 @@ def backup(state: CliState, instance: str, region: str | None, as_json: bool) ->
 @click.option("--launch", is_flag=True, help="Launch a new instance from the restored data.")
 @click.option("--name", help="Name of the launched instance.")
 @click.option(
+    "--health-timeout",
+    metavar="DURATION",
+    help="How long the launched instance may take to become healthy (90s, 15m; default: "
+    "site.toml's [launch] health_timeout, else the provider's: 15m on AWS, 60s elsewhere).",
+)
+@click.option(
     "--path", "paths", multiple=True, metavar="PATH", help="Restore only this path (repeat)."
 )
 @click.option(
@@ -232,6 +238,7 @@ def restore(
     target: Path | None,
     launch: bool,
     name: str | None,
+    health_timeout: str | None,
     paths: tuple[str, ...],
     sync: bool,
     as_json: bool,
@@ -247,6 +254,12 @@ def restore(
         launch=launch,
     )
     refuse_conflicts("--name names the instance --launch starts", target=target, name=name)
+    refuse_conflicts(
+        "--health-timeout bounds the health wait of --launch",
+        target=target,
+        health_timeout=health_timeout,
+    )
+    engine_options = _health_timeout_option(health_timeout)
     from regionvault.core.repository import RESTORE_MARKER
 
     # a target holding a restore's marker is left to the engine: the same restore, run
@@ -262,7 +275,7 @@ def restore(
         raise ExpectedError(
             f"target {target} is an existing file: restore into a new path or an empty directory"
         )
-    engine = state.engine()
+    engine = state.engine(**engine_options)
     try:
         with progress_bar(f"restore {point[:8]}") as progress:
             result = engine.restore(
@@ -386,3 +399,16 @@ def points(
         if wide
         else ["id", "region", "created (UTC)", "expires", "bytes" if raw else "size", "copy of"],
     )
+
+
+def _health_timeout_option(value: str | None) -> dict[str, Any]:
+    """The Engine options of ``restore --health-timeout`` (a duration above zero)."""
+    if value is None:
+        return {}
+    from regionvault.core.durations import parse_duration
+
+    try:
+        timeout = parse_duration(value, bare_unit="s")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--health-timeout") from None
+    return {"health_timeout": timeout.total_seconds()}

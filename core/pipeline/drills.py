@@ -158,15 +158,16 @@ def drill_tags(
         tags.pop(tag, None)
     tags[engine.site.config.tag_key] = "none"
     if until is None:
-        until = _until(engine)
+        until = _until(engine, point.region)
     tags[DRILL_TAG] = drill_id
     tags[DRILL_RUNNER_TAG] = ProcessIdentity.current().token()
     tags[DRILL_UNTIL_TAG] = str(until)
     return tags
 
 
-def _until(engine: Engine) -> int:
-    return int(time.time() + engine.health_timeout + DRILL_ALLOWANCE.total_seconds())
+def _until(engine: Engine, region: str) -> int:
+    timeout = engine.health_timeout_of(region)
+    return int(time.time() + timeout + DRILL_ALLOWANCE.total_seconds())
 
 
 #: the drills running in this process (their :data:`DRILL_TAG` ids): one of this process's
@@ -463,7 +464,7 @@ def run_drill(engine: Engine, job: Job) -> dict[str, Any]:
         raise DrillFailed(f"drill of {instance_id} in {here}: no copy of it there to restore")
     point = found[0]
     drill_id = secrets.token_hex(8)
-    until = _until(engine)
+    until = _until(engine, here)
     with _running_lock:
         _running.add(drill_id)
     try:

@@ -44,6 +44,7 @@ from regionvault.core.pipeline.launch import (
     await_healthy,
     check_launchable,
     discard_sink,
+    ignored_facts,
     launch_name,
 )
 from regionvault.core.pipeline.ledger import JobLedger, Ledger
@@ -228,7 +229,7 @@ class Engine:
         clock: Callable[[], datetime] = utcnow,
         settings: RepositorySettings | None = None,
         workers: int = 2,
-        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        health_timeout: float | None = None,
         split_copies: bool = False,
         copy_grace: timedelta = DEFAULT_COPY_GRACE,
         kept_pending_limit: timedelta = DEFAULT_KEPT_PENDING_LIMIT,
@@ -244,6 +245,7 @@ class Engine:
         self.clock = clock
         self.settings = settings
         self.workers = workers
+        #: the health timeout of every launch, overriding the site's and the computes'
         self.health_timeout = health_timeout
         self.state = StateStore(site.config.state_dir)
         # hook copies a killed run left (plain text: a database's copy) go before anything runs
@@ -257,6 +259,21 @@ class Engine:
 
     def region(self, ref: str) -> Region:
         return self.site.region(ref)
+
+    def health_timeout_of(self, region: Region | str) -> float:
+        """How long, in seconds, a launch in ``region`` may take to become healthy: the
+        engine's ``health_timeout`` when given (``restore --health-timeout``), else
+        site.toml's (``[launch.regions."<region>"]``, then ``[launch]``), else what the
+        region's compute declares (``Capabilities.launch_health_timeout``: AWS 15 min),
+        else :data:`DEFAULT_HEALTH_TIMEOUT`."""
+        if self.health_timeout is not None:
+            return self.health_timeout
+        r = self.region(region) if isinstance(region, str) else region
+        configured = self.site.config.launch.health_timeout_of(r.name)
+        if configured is not None:
+            return configured.total_seconds()
+        declared = r.compute.capabilities.launch_health_timeout
+        return DEFAULT_HEALTH_TIMEOUT if declared is None else declared
 
     def repository(self, region: str, *, create: bool = True) -> Repository:
         """The recovery-point repository in ``region``'s vault, under its own KeyService.
@@ -1197,7 +1214,7 @@ class Engine:
             # no instance holds the restored data: it must not stay behind
             discard_sink(r, sink, exc)
             raise
-        not_carried = instance.not_carried
+        not_carried = instance.not_carried + ignored_facts(r, manifest.launch, point)
         if not_carried:  # names what was left out, never a value (user data may be secret)
             log.warning(
                 "instance %s launched in %s from %s lacks what was not carried over: %s",
@@ -1207,7 +1224,7 @@ class Engine:
             r,
             instance,
             started,
-            timeout=self.health_timeout,
+            timeout=self.health_timeout_of(r),
             plugin_manager=self.site.plugin_manager,
         )
         try:

@@ -7,22 +7,32 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from regionvault.core.errors import RegionVaultError, UnlaunchableKind
+from regionvault.core.errors import (
+    InstanceNotFound,
+    RegionVaultError,
+    TransientError,
+    UnlaunchableKind,
+)
 from regionvault.core.interfaces import RestoreSink
 from regionvault.core.types import Instance, RecoveryPoint
 
 if TYPE_CHECKING:
     import pluggy
+    from regionvault.core.interfaces import CloudHealth
     from regionvault.core.site import Region
 
-__all__ = ["await_healthy", "check_launchable", "discard_sink", "launch_name"]
+__all__ = ["await_healthy", "check_launchable", "discard_sink", "ignored_facts", "launch_name"]
 
 log = logging.getLogger(__name__)
 
 #: the longest wait between two health checks of a launched instance, in seconds
 _MAX_HEALTH_DELAY = 2.0
+#: how long after the health wait begins a cloud may still say it knows no such instance
+#: (EC2 is eventually consistent: InvalidInstanceID.NotFound right after RunInstances)
+_NOT_FOUND_GRACE = 60.0
 
 
 def check_launchable(region: Region, point: RecoveryPoint) -> None:
@@ -44,6 +54,36 @@ def check_launchable(region: Region, point: RecoveryPoint) -> None:
         f"{point.id} of {point.instance_id} ({origin}): its compute launches {launches}",
         provider=compute.provider,
         region=region.name,
+    )
+
+
+def ignored_facts(
+    region: Region, facts: Mapping[str, object], point: RecoveryPoint | None = None
+) -> tuple[str, ...]:
+    """The not-carried line of launch facts the point records and ``region``'s compute does
+    not apply (``Capabilities.launch_facts_of``: a point captured on AWS launched into
+    another cloud or a local region), naming the members, never their values. With none
+    recorded where the compute applies them and the ``point`` came from its own provider
+    (a point made before its captures recorded them), that is said instead. () otherwise."""
+    compute = region.compute
+    applies = compute.capabilities.launch_facts_of
+    if not facts:
+        origin = point.lineage.source_region if point and point.lineage else None
+        origin = origin or (point.region if point else None)
+        if applies is not None and origin and origin.split(":", 1)[0] == compute.provider:
+            return (
+                "launch facts: the point records none (made before its capture recorded "
+                "them): only its disks and the region's settings were applied",
+            )
+        return ()
+    if applies is not None and applies in facts:
+        return ()
+    version = {k for k, v in facts.items() if isinstance(v, int) and not isinstance(v, bool)}
+    writer = "+".join(sorted(version)) or "another provider"
+    names = ", ".join(sorted(k for k in facts if k not in version))
+    return (
+        f"launch facts recorded by {writer} at capture ({names}): not applied by "
+        f"{compute.provider}",
     )
 
 
@@ -93,26 +133,54 @@ def await_healthy(
     did not become healthy in time or its health check raised (the instance exists
     either way: this is reported, never raised). Healthy: the plugins' check passes (with
     no answer, the instance is running) and so do the cloud's own checks, where the
-    compute has some (``Compute.cloud_health``: EC2's status checks)."""
-    deadline = time.monotonic() + timeout
+    compute has some (``Compute.cloud_health``: EC2's status checks).
+
+    Every call is bounded by the deadline: one that has not answered by then counts as
+    not healthy in time. A :class:`TransientError` (throttling), and for the first
+    :data:`_NOT_FOUND_GRACE` seconds an :class:`InstanceNotFound` (a cloud that lists a
+    new instance only after a while), is "not yet": the wait goes on. Any other error
+    ends it."""
+    begun = time.monotonic()
+    deadline = begun + timeout
     # asked often at first (a local instance serves within a second), then less and less:
     # a cloud's describe calls are rate-limited, and its status checks take minutes
     delay = 0.05
+    last_error: str | None = None
     while True:
         try:
-            current = region.compute.get_instance(instance.id)
-            cloud = region.compute.cloud_health(current)
-            answered, answer = _bounded_check(plugin_manager, region.name, current, deadline)
-            if not answered:
-                log.warning("health check of %s in %s hung", instance.id, region.name)
-                return None, f"the health check did not answer within {timeout:g}s"
+            answered, got = _bounded(
+                lambda: _cloud_view(region, instance.id), "cloud-health", deadline
+            )
+            if answered:
+                assert isinstance(got, tuple)
+                current: Instance = got[0]
+                cloud: CloudHealth | None = got[1]
+                answered, answer = _bounded_check(plugin_manager, region.name, current, deadline)
+                if not answered:
+                    log.warning("health check of %s in %s hung", instance.id, region.name)
+                    return None, f"the health check did not answer within {timeout:g}s"
+            else:
+                log.warning("%s's cloud did not answer of %s in time", region.name, instance.id)
+                return None, f"the cloud did not answer within {timeout:g}s"
+        except (TransientError, InstanceNotFound) as exc:
+            if isinstance(exc, InstanceNotFound) and time.monotonic() - begun > _NOT_FOUND_GRACE:
+                log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
+                return None, f"health check raised {type(exc).__name__}: {exc}"
+            log.info("health check of %s in %s, not yet: %s", instance.id, region.name, exc)
+            last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                return None, f"not healthy after {timeout:g}s (last: {last_error})"
+            time.sleep(max(0.01, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, _MAX_HEALTH_DELAY)
+            continue
         except Exception as exc:
             log.warning("health check of %s in %s raised: %r", instance.id, region.name, exc)
             return None, f"health check raised {type(exc).__name__}: {exc}"
         plugin_said_no = answer is not None and not answer
         if answer is None:
             answer = current.state == "running"
-        if answer and (cloud is None or cloud.ok):
+        late = time.monotonic() > deadline
+        if answer and (cloud is None or cloud.ok) and not late:
             return time.monotonic() - started, None
         if current.state == "terminated":
             return None, "the instance terminated"
@@ -122,32 +190,47 @@ def await_healthy(
                 why += f"; {cloud.detail or 'the cloud status checks fail'}"
             if plugin_said_no:
                 why += "; the plugin's health check says not yet"
+            if late and answer and (cloud is None or cloud.ok):
+                why += "; healthy only after the deadline"
             return None, f"not healthy after {timeout:g}s ({why})"
         time.sleep(max(0.01, min(delay, deadline - time.monotonic())))
         delay = min(delay * 1.5, _MAX_HEALTH_DELAY)
 
 
+def _cloud_view(region: Region, instance_id: str) -> tuple[Instance, CloudHealth | None]:
+    current = region.compute.get_instance(instance_id)
+    return current, region.compute.cloud_health(current)
+
+
 def _bounded_check(
     plugin_manager: pluggy.PluginManager, region: str, instance: Instance, deadline: float
 ) -> tuple[bool, object]:
-    """``(answered, answer)`` of ``regionvault_health_check``, called in a daemon thread and
-    waited for until ``deadline`` (monotonic; at least a tenth of a second, so that a zero
-    timeout still asks once) at most: a hook that hangs is left to itself (``answered``
-    False), the launch's health timeout bounds it. Its error is raised here."""
+    """``(answered, answer)`` of ``regionvault_health_check``, waited for until
+    ``deadline`` at most (:func:`_bounded`)."""
+    return _bounded(
+        lambda: plugin_manager.hook.regionvault_health_check(region=region, instance=instance),
+        "check",
+        deadline,
+    )
+
+
+def _bounded(call: Callable[[], object], what: str, deadline: float) -> tuple[bool, object]:
+    """``(answered, answer)`` of ``call``, called in a daemon thread and waited for until
+    ``deadline`` (monotonic; at least a tenth of a second, so that a zero timeout still
+    asks once) at most: a call that hangs is left to itself (``answered`` False), the
+    launch's health timeout bounds it. Its error is raised here."""
     box: list[object] = []
 
-    def check() -> None:
+    def run() -> None:
         try:
-            box.append(
-                plugin_manager.hook.regionvault_health_check(region=region, instance=instance)
-            )
+            box.append(call())
         except BaseException as exc:  # handed to the waiting thread
             box.append(_Raised(exc))
 
     # in the caller's context: the hook sees the job it runs for (core/pipeline/acting.py)
     context = contextvars.copy_context()
     thread = threading.Thread(
-        target=context.run, args=(check,), name="regionvault-health-check", daemon=True
+        target=context.run, args=(run,), name=f"regionvault-health-{what}", daemon=True
     )
     thread.start()
     thread.join(max(0.1, deadline - time.monotonic()))

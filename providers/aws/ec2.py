@@ -55,9 +55,11 @@ from regionvault.core.types import (
 from regionvault.providers.aws.errors import aws_error, error_code, error_message
 from regionvault.providers.aws.launching import (
     LaunchMapping,
+    _profile_name,
     billing_not_carried,
     billing_products,
     capture_facts,
+    checked_facts,
     instance_extra,
     instance_health,
     launch_subnet,
@@ -102,6 +104,8 @@ RESTORE_SNAPSHOT_TAG = "regionvault:restore-snapshot"
 _ZERO_BLOCK = bytes(EBS_BLOCK_SIZE)
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 _GONE_STATES = frozenset({"shutting-down", "terminated"})
+#: RunInstances refused for want of a permission (with a profile: iam:PassRole)
+_REFUSED = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
 _NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _MAX_PAGES = 10_000_000
 #: a role that may not call an EC2 action
@@ -658,7 +662,7 @@ class AwsCompute(Compute):
         source_extra: Mapping[str, Any] = source.extra if source is not None else {}
         # what the capture recorded (the point's manifest), else what the source instance
         # (given to a direct launch) tells
-        facts: dict[str, Any] = {**source_extra, **spec.launch_facts}
+        facts, fact_lines = checked_facts({**source_extra, **spec.launch_facts})
         # a recovery point made by this provider records the instance type as its function
         # (Instance.function), so a restore from the point alone launches the same type
         function_type = (
@@ -682,7 +686,13 @@ class AwsCompute(Compute):
             )
         subnet, vpc_id, zone, subnet_line = launch_subnet(self, spec, facts)
         zone = getattr(self.settings, "availability_zone", None) or zone
-        instance_type, type_line = offered_type(self, str(instance_type), zone, spec.name)
+        instance_type, type_line = offered_type(
+            self,
+            str(instance_type),
+            zone,
+            spec.name,
+            spec.extra.get("architecture") or facts.get("architecture"),
+        )
         root_device = _root_device(spec, facts, sink.disks[0].name)
         architecture = (
             spec.extra.get("architecture")
@@ -702,6 +712,7 @@ class AwsCompute(Compute):
             mapping.not_carried.insert(0, type_line)
         if subnet_line:
             mapping.not_carried.insert(0, subnet_line)
+        mapping.not_carried[:0] = fact_lines
         if reserved:
             mapping.not_carried.append(
                 f"tags {', '.join(reserved)}: the aws: prefix is AWS's to set"
@@ -777,10 +788,31 @@ class AwsCompute(Compute):
         }
         if self.settings.availability_zone:  # the subnet, if any, must lie in it: EC2 checks
             run_kwargs["Placement"] = {"AvailabilityZone": self.settings.availability_zone}
+        profile = run_kwargs.get("IamInstanceProfile")
         try:
             answer = self.ec2.run_instances(**run_kwargs)
-        except (ClientError, BotoCoreError) as exc:
-            # the message never holds the user data: EC2 names parameters, not values
+        except ClientError as exc:
+            if profile is None or error_code(exc) not in _REFUSED:
+                # the message never holds the user data: EC2 names parameters, not values
+                raise self._error(exc, f"cannot run an instance from image {image_id}") from None
+            # most likely iam:PassRole on the profile's role: an instance without its
+            # profile is a finding for the operator, not a reason to have no instance
+            name = _profile_name(str(profile.get("Arn") or profile.get("Name") or ""))
+            del run_kwargs["IamInstanceProfile"]
+            run_kwargs["ClientToken"] = uuid.uuid4().hex
+            try:
+                answer = self.ec2.run_instances(**run_kwargs)
+            except (ClientError, BotoCoreError) as again:
+                raise self._error(
+                    again,
+                    f"cannot run an instance from image {image_id} (refused with instance "
+                    f"profile {name}, then without it)",
+                ) from None
+            mapping.not_carried.append(
+                f"instance profile {name}: not passed (RunInstances refused it, "
+                f"{error_code(exc)}: the launch role may lack iam:PassRole on its role)"
+            )
+        except BotoCoreError as exc:
             raise self._error(exc, f"cannot run an instance from image {image_id}") from None
         raw = dict(answer["Instances"][0])
         # from here the image and snapshot belong to the instance: terminate removes them
@@ -1020,7 +1052,8 @@ def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)[b-z][a-z]?$")
+#: EC2's HVM data device names: /dev/sd[b-z], /dev/xvd[b-z], /dev/xvd[b-c][a-z]
+_DEVICE_NAME = re.compile(r"^/dev/(sd[b-z]|xvd[b-z]|xvd[b-c][a-z])$")
 _ROOT_DEVICE_NAME = re.compile(r"^/dev/(sd|xvd)a1?$")
 
 
@@ -1036,20 +1069,42 @@ def _root_device(spec: LaunchSpec, facts: Mapping[str, Any], first_disk: str) ->
 
 def _data_devices(names: Sequence[str], root: str) -> list[str]:
     """Device names for a launch's data disks, in the image's disk order: each keeps its
-    captured name when that is an EC2 data device name, not the root's and not already
-    taken; any other (a disk from another cloud: "lun0") gets the first free of /dev/sdf,
-    /dev/sdg, ... (so a volume is attached where the instance had it, whatever the order)."""
-    kept = {n for n in names if _DEVICE_NAME.match(n) and n != root}
-    letters = [chr(c) for c in range(ord("f"), ord("z") + 1)]
-    letters += [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
-    free = iter(d for d in (f"/dev/sd{x}" for x in letters) if d != root and d not in kept)
+    captured name when that is an EC2 data device name, not the root's slot and its slot not
+    already taken (``/dev/sdf`` and ``/dev/xvdf`` are one slot: Xen renames one to the
+    other); any other (a disk from another cloud: "lun0") gets the first free of
+    /dev/sdf ... /dev/sdz, then /dev/xvdba ... /dev/xvdcz (EC2's HVM names), so a volume is
+    attached where the instance had it, whatever the order. More disks than names: a
+    ComputeError."""
+    root_slot = _slot(root)
+    kept = {_slot(n) for n in names if _DEVICE_NAME.match(n)} - {root_slot}
+    singles = [chr(c) for c in range(ord("f"), ord("z") + 1)]
+    doubles = [a + b for a in "bc" for b in "abcdefghijklmnopqrstuvwxyz"]
+    free = iter(
+        [f"/dev/sd{x}" for x in singles if x not in kept and x != root_slot]
+        + [f"/dev/xvd{x}" for x in doubles if x not in kept]
+    )
     out: list[str] = []
+    used: set[str] = set()
     for name in names:
-        if name in kept and name not in out:
+        slot = _slot(name) if _DEVICE_NAME.match(name) else None
+        if slot is not None and slot in kept and slot not in used:
             out.append(name)
-        else:
-            out.append(next(free))
+            used.add(slot)
+            continue
+        device = next(free, None)
+        if device is None:
+            raise ComputeError(
+                f"{len(names)} data disks: more than EC2 has device names for", provider="aws"
+            )
+        out.append(device)
     return out
+
+
+def _slot(device: str) -> str:
+    """``/dev/sdf`` and ``/dev/xvdf`` -> ``f``, ``/dev/sda1`` -> ``a``: the letters that
+    name one attachment point whichever prefix the kernel gives it."""
+    match = re.match(r"^/dev/(?:sd|xvd)([a-z]{1,2})\d*$", device)
+    return match.group(1) if match else device
 
 
 class AwsBlockCapture(BlockCapture):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
-from regionvault.core.errors import ComputeError, RegionVaultError
+from regionvault.core.errors import ComputeError, InstanceNotFound, RegionVaultError
 from regionvault.core.interfaces import CloudHealth
 from regionvault.providers.aws.errors import aws_error, error_code, error_message, is_transient
 
@@ -45,6 +45,7 @@ __all__ = [
     "billing_not_carried",
     "billing_products",
     "capture_facts",
+    "checked_facts",
     "instance_extra",
     "instance_health",
     "launch_subnet",
@@ -63,6 +64,71 @@ _MAX_PAGES = 1000
 
 def _call_error(exc: BaseException, what: str, compute: AwsCompute) -> RegionVaultError:
     return aws_error(exc, f"{what}: {error_message(exc)}", ComputeError, region=compute.region)
+
+
+# ---------------------------------------------------------------------- reading them
+
+#: the launch facts read as text (a point's manifest may hold anything: checked first)
+_TEXT_FACTS = (
+    "source_region", "aws_region", "instance_type", "architecture", "root_device_name",
+    "boot_mode", "subnet_id", "key_name", "instance_profile_arn", "user_data",
+    "user_data_unknown",
+)  # fmt: skip
+_BILLING_TEXT = ("platform_details", "usage_operation", "platform", "image_id")
+
+
+def checked_facts(facts: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(facts a launch may use, not-carried lines)``: each known member of the wrong type
+    is left out and named (``launch fact security_groups: not a list of groups; not
+    applied``), never its value; facts of a newer layout than :data:`_FACTS_VERSION` are
+    not applied at all. Unknown members pass (a reader ignores them)."""
+    version = facts.get("aws", _FACTS_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return {}, ["launch facts: their version is not a positive integer; not applied"]
+    if version > _FACTS_VERSION:
+        return {}, [
+            f"launch facts of version {version} (this version reads {_FACTS_VERSION}): "
+            "not applied; upgrade regionvault"
+        ]
+    kept = dict(facts)
+    lines: list[str] = []
+
+    def drop(member: str, what: str) -> None:
+        kept.pop(member, None)
+        lines.append(f"launch fact {member}: not {what}; not applied")
+
+    for member in _TEXT_FACTS:
+        if member in kept and kept[member] is not None and not isinstance(kept[member], str):
+            drop(member, "a string")
+    groups = kept.get("security_groups")
+    if groups is not None and not (
+        isinstance(groups, list)
+        and all(
+            isinstance(g, Mapping) and all(isinstance(v, str) for v in g.values()) for g in groups
+        )
+    ):
+        drop("security_groups", "a list of groups")
+    billing = kept.get("billing")
+    if billing is not None and not _billing_ok(billing, nested=True):
+        drop("billing", "a table of billing details")
+    return kept, lines
+
+
+def _billing_ok(billing: object, *, nested: bool) -> bool:
+    if not isinstance(billing, Mapping):
+        return False
+    if any(billing.get(k) is not None and not isinstance(billing[k], str) for k in _BILLING_TEXT):
+        return False
+    codes = billing.get("product_codes")
+    if codes is not None and not (
+        isinstance(codes, list)
+        and all(
+            isinstance(c, Mapping) and all(isinstance(v, str) for v in c.values()) for c in codes
+        )
+    ):
+        return False
+    image = billing.get("image")
+    return image is None or (nested and _billing_ok(image, nested=False))
 
 
 # ---------------------------------------------------------------------- at capture
@@ -269,10 +335,18 @@ def _map_groups(
     """The destination's group ids for the source's ``groups``, and the groups not found:
     a group tagged ``regionvault:security-group`` with the source group's id or name, else
     one of the same name, in the VPC the instance launches into (``vpc_id``; else the
-    default VPC)."""
+    default VPC; with none, a ComputeError before anything is made)."""
     if vpc_id is None:
         vpc_id = _default_vpc(compute)
-    filters = [{"Name": "vpc-id", "Values": [vpc_id]}] if vpc_id else []
+    if vpc_id is None:
+        # never a group of the same name from any VPC: EC2 would refuse it (and, with no
+        # default VPC, an instance without a subnet) only after the image is registered
+        raise ComputeError(
+            f"no default VPC in {compute.settings.aws_region} to launch into: set subnet_id",
+            provider="aws",
+            region=compute.region,
+        )
+    filters = [{"Name": "vpc-id", "Values": [vpc_id]}]
     candidates: list[Mapping[str, Any]] = []
     token: str | None = None
     for _page in range(_MAX_PAGES):
@@ -323,13 +397,24 @@ def launch_subnet(
     compute: AwsCompute, spec: LaunchSpec, facts: Mapping[str, Any]
 ) -> tuple[str | None, str | None, str | None, str | None]:
     """``(subnet, its VPC, its zone, a not-carried line or None)`` of a launch: the
-    launch's or the region's ``subnet_id`` (one that does not exist fails the launch);
+    launch's or the region's ``subnet_id`` (one that does not exist, or lies outside a zone
+    region's zone, fails the launch before anything is made);
     else, in the source's own AWS region, the source's subnet (a restore in place lands
     where the instance was), or the default VPC when that subnet is gone or another
     account's; else (another region) the default VPC."""
     given = spec.extra.get("subnet_id") or compute.settings.subnet_id
     if given:
         vpc_id, zone = subnet_place(compute, str(given))
+        own = getattr(compute.settings, "availability_zone", None)
+        if own and zone and zone != own:
+            # a zone region lists only its zone's instances: one launched elsewhere would be
+            # beyond its sight (never health-checked, never terminated)
+            raise ComputeError(
+                f"subnet {given} is in {zone}, not this region's zone {own}: give a subnet_id "
+                f"in {own}",
+                provider="aws",
+                region=compute.region,
+            )
         return str(given), vpc_id, zone, None
     source_region = facts.get("source_region") or facts.get("aws_region")
     source_subnet = facts.get("subnet_id")
@@ -383,12 +468,18 @@ def _subnet(compute: AwsCompute, subnet: str) -> tuple[str | None, str | None] |
 
 
 def offered_type(
-    compute: AwsCompute, wanted: str, zone: str | None, name: str
+    compute: AwsCompute,
+    wanted: str,
+    zone: str | None,
+    name: str,
+    architecture: str | None = None,
 ) -> tuple[str, str | None]:
     """``(instance type to launch, a not-carried line or None)``: ``wanted`` when
     DescribeInstanceTypeOfferings says the region (or ``zone``, where the launch goes)
-    offers it, else the first of the region's ``fallback_instance_types`` that is offered;
-    a ComputeError naming the type and the place when none is."""
+    offers it, else the first of the region's ``fallback_instance_types`` that is offered
+    and, when the source's ``architecture`` is known, runs it (DescribeInstanceTypes: the
+    image keeps the source's architecture; the others are skipped and named); a
+    ComputeError naming the type, the place (and the architecture) when none is."""
     fallbacks = [t for t in compute.settings.fallback_instance_types if t != wanted]
     candidates = [wanted, *fallbacks]
     where = zone or compute.settings.aws_region
@@ -413,16 +504,27 @@ def offered_type(
         token = answer.get("NextToken")
         if not token:
             break
-    for candidate in candidates:
-        if candidate in offered:
-            if candidate == wanted:
-                return wanted, None
-            return candidate, (
-                f"instance type {wanted}: not offered in {where}; launched as {candidate} "
-                "(fallback_instance_types)"
-            )
+    if wanted in offered:
+        return wanted, None
+    usable = [t for t in fallbacks if t in offered]
+    skipped: list[str] = []
+    if architecture and usable:
+        runs = _architectures(compute, usable, name)
+        skipped = [f"{t} ({'+'.join(sorted(runs.get(t, ()))) or '?'})" for t in usable
+                   if architecture not in runs.get(t, ())]  # fmt: skip
+        usable = [t for t in usable if architecture in runs.get(t, ())]
+    skip_note = (
+        f"; skipped {', '.join(skipped)}: not {architecture}, the source's architecture"
+        if skipped
+        else ""
+    )
+    if usable:
+        return usable[0], (
+            f"instance type {wanted}: not offered in {where}; launched as {usable[0]} "
+            f"(fallback_instance_types){skip_note}"
+        )
     tail = (
-        f", nor is any of fallback_instance_types ({', '.join(fallbacks)})"
+        f", nor is any of fallback_instance_types ({', '.join(fallbacks)}){skip_note}"
         if fallbacks
         else " (set fallback_instance_types to launch another type instead)"
     )
@@ -431,6 +533,22 @@ def offered_type(
         provider="aws",
         region=compute.region,
     )
+
+
+def _architectures(compute: AwsCompute, types: list[str], name: str) -> dict[str, set[str]]:
+    """The architectures each of ``types`` runs (DescribeInstanceTypes)."""
+    try:
+        answer = compute.ec2.describe_instance_types(InstanceTypes=types)
+    except (ClientError, BotoCoreError) as exc:
+        raise _call_error(
+            exc, f"launch {name!r}: cannot read the architectures of {', '.join(types)}", compute
+        ) from None
+    return {
+        str(t.get("InstanceType")): {
+            str(a) for a in (t.get("ProcessorInfo") or {}).get("SupportedArchitectures") or []
+        }
+        for t in answer.get("InstanceTypes", [])
+    }
 
 
 def billing_products(compute: AwsCompute, facts: Mapping[str, Any]) -> list[str]:
@@ -501,6 +619,8 @@ def instance_health(compute: AwsCompute, instance_id: str) -> CloudHealth:
             InstanceIds=[instance_id], IncludeAllInstances=True
         )
     except (ClientError, BotoCoreError) as exc:
+        if error_code(exc) == "InvalidInstanceID.NotFound":  # not yet listed after a launch
+            raise InstanceNotFound(instance_id, provider="aws", region=compute.region) from None
         raise _call_error(exc, f"cannot read the status checks of {instance_id}", compute) from None
     found = [s for s in answer.get("InstanceStatuses", []) if s.get("InstanceId") == instance_id]
     if not found:
@@ -513,6 +633,10 @@ def instance_health(compute: AwsCompute, instance_id: str) -> CloudHealth:
     ]
     if status.get("AttachedEbsStatus"):
         checks.append(("attached EBS", status["AttachedEbsStatus"].get("Status", "unknown")))
-    ok = state == "running" and all(value == "ok" for _, value in checks)
+    # an instance with no attached EBS status check to run is told "not-applicable"
+    ok = state == "running" and all(
+        value == "ok" or (what == "attached EBS" and value == "not-applicable")
+        for what, value in checks
+    )
     detail = f"state {state}, " + ", ".join(f"{what} status {value}" for what, value in checks)
     return CloudHealth(ok, "" if ok else f"EC2 status checks: {detail}")

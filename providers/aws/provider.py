@@ -52,6 +52,9 @@ class AwsProvider(Provider):
         launch=True,
         register_instance=False,
         key_rotation=True,
+        # EC2's instance and system status checks take minutes to pass
+        launch_health_timeout=900.0,
+        launch_facts_of="aws",
     )
     required_settings: ClassVar[frozenset[str]] = REQUIRED_SETTINGS
     optional_settings: ClassVar[frozenset[str]] = OPTIONAL_SETTINGS

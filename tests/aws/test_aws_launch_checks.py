@@ -348,3 +348,230 @@ def test_a_restore_in_place_lands_in_the_source_subnet_with_its_groups(aws: AwsW
         "launched into the default VPC"
     )
     east.terminate(launched.id)
+
+
+# ---------------------------------------------------------------- review rev5 (fix4)
+
+
+def test_a_zone_region_refuses_a_given_subnet_of_another_zone(aws: AwsWorld) -> None:
+    ec2 = aws.client("ec2", WEST)
+    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+    other = next(s for s in subnets["Subnets"] if s["AvailabilityZone"] != WEST + "a")
+    region = aws.region(WEST, availability_zone=WEST + "a", subnet_id=other["SubnetId"])
+    west = aws.track(aws.provider.compute(region))
+    sent = _recorder(west)
+    spec = LaunchSpec(name=f"zs-{aws.tag}", extra={"instance_type": OFFERED})
+    sink = _sink(west, spec)
+    with pytest.raises(
+        ComputeError,
+        match=rf"subnet {other['SubnetId']} is in {other['AvailabilityZone']}, not this "
+        rf"region's zone {WEST}a",
+    ):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
+    assert _restore_leftovers(aws, spec.name) == []
+
+
+def test_status_not_found_right_after_launch_is_not_yet(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(name=f"eventual-{aws.tag}", extra={"instance_type": OFFERED})
+    launched = west.launch(spec, _sink(west, spec))
+    calls = {"n": 0}
+
+    def not_yet(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return None
+        error = {"Code": "InvalidInstanceID.NotFound", "Message": "does not exist"}
+        answer = AWSResponse("https://ec2.invalid/", 400, {}, None)  # type: ignore[arg-type]
+        return answer, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    west.ec2.meta.events.register("before-call.ec2.DescribeInstanceStatus", not_yet)
+    region: Any = type("R", (), {"name": "aws:" + WEST, "compute": west})
+    pm = make_plugin_manager(load_entry_points=False)
+    try:
+        rto, why = await_healthy(region, launched, time.monotonic(), timeout=30, plugin_manager=pm)
+    finally:
+        west.terminate(launched.id)
+    assert why is None and rto is not None
+    assert calls["n"] >= 2
+
+
+def test_attached_ebs_not_applicable_counts_as_ok(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(name=f"na-{aws.tag}", extra={"instance_type": OFFERED})
+    launched = west.launch(spec, _sink(west, spec))
+
+    def status(value: str) -> Any:
+        def rewrite(parsed: dict[str, Any], **_: Any) -> None:
+            for found in parsed.get("InstanceStatuses", []):
+                found["AttachedEbsStatus"] = {"Status": value}
+
+        return rewrite
+
+    try:
+        west.ec2.meta.events.register(
+            "after-call.ec2.DescribeInstanceStatus", status("not-applicable"), unique_id="ebs"
+        )
+        health = west.cloud_health(launched)
+        assert health is not None and health.ok, health
+        west.ec2.meta.events.unregister("after-call.ec2.DescribeInstanceStatus", unique_id="ebs")
+        west.ec2.meta.events.register(
+            "after-call.ec2.DescribeInstanceStatus", status("insufficient-data"), unique_id="ebs2"
+        )
+        health = west.cloud_health(launched)
+        assert health is not None and not health.ok
+        assert "attached EBS status insufficient-data" in health.detail
+    finally:
+        west.terminate(launched.id)
+
+
+@pytest.mark.parametrize(
+    ("facts", "member"),
+    [
+        ({"security_groups": "sg-1"}, "security_groups"),
+        ({"security_groups": [1, 2]}, "security_groups"),
+        ({"billing": "x"}, "billing"),
+        ({"billing": {"usage_operation": "RunInstances:0002", "product_codes": ["x"]}}, "billing"),
+        ({"key_name": ["a"]}, "key_name"),
+        ({"user_data": 7}, "user_data"),
+        ({"root_device_name": 7}, "root_device_name"),
+    ],
+)
+def test_launch_facts_of_the_wrong_type_are_named_not_applied(
+    aws: AwsWorld, facts: dict[str, Any], member: str
+) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    spec = LaunchSpec(
+        name=f"hostile-{aws.tag}",
+        extra={"instance_type": OFFERED},
+        launch_facts={"aws": 1, "instance_type": OFFERED, **facts},
+    )
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert f"launch fact {member}: not " in "\n".join(launched.not_carried)
+        assert all(str(v) not in line for v in facts.values() for line in launched.not_carried)
+    finally:
+        west.terminate(launched.id)
+
+
+def test_launch_facts_of_a_newer_version_are_not_applied(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    sent = _recorder(west)
+    facts = {"aws": 2, "instance_type": OFFERED, "user_data": "aGVsbG8=", "key_name": "ops"}
+    spec = LaunchSpec(name=f"newer-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert launched.not_carried[0].startswith(
+            "launch facts of version 2 (this version reads 1)"
+        )
+        assert "UserData" not in sent["RunInstances"] and "KeyName" not in sent["RunInstances"]
+    finally:
+        west.terminate(launched.id)
+
+
+def test_a_fallback_of_another_architecture_is_skipped_and_named(aws: AwsWorld) -> None:
+    region = aws.region(WEST, fallback_instance_types=["m6g.large", "m6i.large"])
+    west = aws.track(aws.provider.compute(region))
+    sent = _recorder(west)
+    facts = {"aws": 1, "instance_type": NOT_OFFERED, "architecture": "x86_64"}
+    spec = LaunchSpec(name=f"arch-{aws.tag}", launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert sent["RunInstances"]["InstanceType"] == "m6i.large"
+        assert sent["RegisterImage"]["Architecture"] == "x86_64"
+        line = next(x for x in launched.not_carried if x.startswith("instance type"))
+        assert "launched as m6i.large" in line
+        assert "skipped m6g.large (arm64): not x86_64" in line
+    finally:
+        west.terminate(launched.id)
+
+
+def test_no_fallback_of_the_source_architecture_fails_before_registering(aws: AwsWorld) -> None:
+    west = aws.track(aws.provider.compute(aws.region(WEST, fallback_instance_types=["m6g.large"])))
+    sent = _recorder(west)
+    facts = {"aws": 1, "instance_type": NOT_OFFERED, "architecture": "x86_64"}
+    spec = LaunchSpec(name=f"arch2-{aws.tag}", launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(ComputeError, match=r"skipped m6g\.large \(arm64\): not x86_64"):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
+
+
+def _refuse_run_with_profile(west: AwsCompute, always: bool = False) -> None:
+    def refused(params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if not always and "IamInstanceProfile" not in str(params.get("body")):
+            return None
+        error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized"}
+        answer = AWSResponse("https://ec2.invalid/", 403, {}, None)  # type: ignore[arg-type]
+        return answer, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    west.ec2.meta.events.register("before-call.ec2.RunInstances", refused)
+
+
+def test_a_refused_pass_role_launches_without_the_profile_and_says_so(aws: AwsWorld) -> None:
+    aws.client("iam", WEST).create_instance_profile(InstanceProfileName=f"prof-{aws.tag}")
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    _refuse_run_with_profile(west)
+    arn = f"arn:aws:iam::123456789012:instance-profile/prof-{aws.tag}"
+    facts = {"aws": 1, "instance_profile_arn": arn}
+    spec = LaunchSpec(name=f"pr-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    launched = west.launch(spec, _sink(west, spec))
+    try:
+        assert (
+            f"instance profile prof-{aws.tag}: not passed (RunInstances refused it, "
+            "UnauthorizedOperation: the launch role may lack iam:PassRole on its role)"
+        ) in launched.not_carried
+    finally:
+        west.terminate(launched.id)
+
+
+def test_a_launch_refused_without_the_profile_too_names_it(aws: AwsWorld) -> None:
+    aws.client("iam", WEST).create_instance_profile(InstanceProfileName=f"prof2-{aws.tag}")
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+    _refuse_run_with_profile(west, always=True)
+    arn = f"arn:aws:iam::123456789012:instance-profile/prof2-{aws.tag}"
+    facts = {"aws": 1, "instance_profile_arn": arn}
+    spec = LaunchSpec(name=f"pr2-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(ComputeError, match=f"refused with instance profile prof2-{aws.tag}"):
+        west.launch(spec, sink)
+    sink.discard()
+
+
+def test_groups_with_no_subnet_and_no_default_vpc_fail_before_registering(aws: AwsWorld) -> None:
+    ec2 = aws.client("ec2", WEST)
+    vpc = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    ec2.create_security_group(GroupName="vdu", Description="another VPC's", VpcId=vpc)
+    west = aws.track(aws.provider.compute(aws.region(WEST)))
+
+    def no_default(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Vpcs"] = []
+
+    west.ec2.meta.events.register("after-call.ec2.DescribeVpcs", no_default)
+    sent = _recorder(west)
+    facts = {"aws": 1, "security_groups": [{"id": "sg-0src", "name": "vdu"}]}
+    spec = LaunchSpec(name=f"novpc-{aws.tag}", extra={"instance_type": OFFERED}, launch_facts=facts)
+    sink = _sink(west, spec)
+    with pytest.raises(
+        ComputeError, match=f"no default VPC in {WEST} to launch into: set subnet_id"
+    ):
+        west.launch(spec, sink)
+    assert "RegisterImage" not in sent and "RunInstances" not in sent
+    sink.discard()
+
+
+def test_data_device_names_are_slots_and_stay_in_ec2_range() -> None:
+    from regionvault.providers.aws.ec2 import _data_devices
+
+    # sdf and xvdf are one attachment point (Xen renames one to the other)
+    assert _data_devices(["/dev/xvdf", "lun1"], "/dev/xvda") == ["/dev/xvdf", "/dev/sdg"]
+    assert _data_devices(["/dev/sdf", "/dev/xvdf"], "/dev/sda1") == ["/dev/sdf", "/dev/sdg"]
+    # after /dev/sdz come /dev/xvdba.. (never /dev/sdaa, which EC2 does not take)
+    many = _data_devices([f"lun{i}" for i in range(23)], "/dev/xvda")
+    assert many[20:] == ["/dev/sdz", "/dev/xvdba", "/dev/xvdbb"]
+    assert _data_devices(["/dev/sdaa"], "/dev/xvda") == ["/dev/sdf"]
+    with pytest.raises(ComputeError, match="more than EC2 has device names for"):
+        _data_devices([f"lun{i}" for i in range(80)], "/dev/xvda")
