@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 from regionvault.core.config import parse_site
 from regionvault.core.errors import ConfigError
-from regionvault.core.pipeline.claims import claimed_twice, refuse_claimed_twice, without_refused
+from regionvault.core.pipeline.claims import (
+    claimed_twice,
+    compute_scopes,
+    refuse_claimed_twice,
+    without_refused,
+)
 from regionvault.core.pipeline.jobs import backup_job, tag_job
 from regionvault.core.pipeline.scheduler import DueBackup, NotDue, ScheduleReport
 from regionvault.core.pipeline.tagger import InstanceNote
@@ -266,15 +271,16 @@ def test_an_instance_two_regions_listed_is_backed_up_by_neither(
         _schedule("aws:east", ["i-a", "i-both"], ("i-both-waiting",)),
         _schedule("aws:partner", ["i-b", "i-both"], ("i-both-waiting",)),
     ]
-    assert claimed_twice(schedules, site) == {
+    assert claimed_twice(schedules, site, compute_scopes(site, registry)) == {
         "i-both": ["aws:east", "aws:partner"],
         "i-both-waiting": ["aws:east", "aws:partner"],
         "i-out": ["aws:east", "aws:partner"],
     }
-    refused, problems = refuse_claimed_twice(schedules, site)
+    refused, problems = refuse_claimed_twice(schedules, site, compute_scopes(site, registry))
     assert problems[0] == (
         "instance i-both is listed by regions aws:east and aws:partner: not backed up until one "
-        "region stops listing it (give each region its own availability zone)"
+        "region stops listing it (make the regions list disjoint instances: their own zone, cloud "
+        "region, project/account or credentials, or merge them)"
     )
     assert len(problems) == 3
     east, partner = refused
@@ -306,7 +312,7 @@ def test_disjoint_regions_are_left_as_they_are(registry: ProviderRegistry) -> No
     )
     schedules = [_schedule("aws:us-east-1a", ["i-a"]), _schedule("aws:us-east-1b", ["i-b"])]
     schedules[1] = ScheduleReport(region="aws:us-east-1b", now=NOW, due=schedules[1].due)
-    refused, problems = refuse_claimed_twice(schedules, site)
+    refused, problems = refuse_claimed_twice(schedules, site, compute_scopes(site, registry))
     assert problems == [] and refused == schedules
 
 
@@ -317,3 +323,38 @@ def test_the_zone_example_of_docs_aws_md_is_a_valid_site(registry: ProviderRegis
     site = parse_site(tomllib.loads(block), source="aws.md", registry=registry)
     zones = {n: AwsSettings.from_region(r).availability_zone for n, r in site.regions.items()}
     assert zones == {"aws:us-east-1a": "us-east-1a", "aws:edge-b": "us-east-1b"}
+
+
+def test_regions_that_cannot_list_one_instance_may_list_one_id(
+    registry: ProviderRegistry,
+) -> None:
+    """Ids equal across zones or cloud regions (GCE names) are distinct instances: only regions
+    whose scopes could reach one instance (same location, compatible zones, any account) are
+    compared."""
+    site = _site(
+        {
+            "aws:us-east-1a": _aws("b-a", "ka"),
+            "aws:us-east-1b": _aws("b-b", "kb"),
+            "aws:whole": _aws("b-w", "kw", aws_region="us-east-1", profile="partner"),
+            "aws:us-west-2": _aws("b-2", "k2"),
+        },
+        registry,
+    )
+    names = ["aws:us-east-1a", "aws:us-east-1b", "aws:whole", "aws:us-west-2"]
+    scopes = compute_scopes(site, registry)
+    schedules = [_schedule(name, ["db-1"]) for name in names]
+    assert claimed_twice(schedules[:2] + schedules[3:], site, scopes) == {}
+    assert claimed_twice(schedules, site, scopes)["db-1"] == names[:3]
+    refused, problems = refuse_claimed_twice(schedules, site, scopes)
+    assert [p.split(": not")[0] for p in problems if "db-1" in p] == [
+        "instance db-1 is listed by regions aws:us-east-1a and aws:us-east-1b and aws:whole"
+    ]
+    reasons = {s.region: [(n.instance_id, n.reason) for n in s.failed] for s in refused}
+    assert reasons["aws:us-east-1a"] == [
+        ("db-1", "also listed by aws:whole: not backed up by either region")
+    ]
+    assert reasons["aws:whole"] == [
+        ("db-1", "also listed by aws:us-east-1a, aws:us-east-1b: not backed up by either region")
+    ]
+    assert reasons["aws:us-west-2"] == []
+    assert [d.instance.id for d in refused[3].due] == ["db-1"]
