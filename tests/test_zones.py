@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from regionvault.core.config import parse_site
+from cli_support import run
+from regionvault.core.config import check_region_claims, compute_overlaps, parse_site
 from regionvault.core.errors import ConfigError
 from regionvault.core.pipeline.claims import (
     claimed_twice,
@@ -101,22 +102,27 @@ def test_a_bad_availability_zone_is_named(
 
 # --------------------------------------------------------------------------- instances
 
+ZONE = "give each region its own availability zone"
+WIDE = "give each region its own availability zone, cloud region or credentials, or merge them"
+
 
 @pytest.mark.parametrize(
-    ("first", "second", "claimed"),
+    ("first", "second", "claimed", "advice"),
     [
         # the whole region and one of its zones
-        ("aws:us-east-1", "aws:us-east-1a", "zone us-east-1a (aws default credentials)"),
-        ("aws:us-east-1a", "aws:us-east-1", "zone us-east-1a (aws default credentials)"),
+        ("aws:us-east-1", "aws:us-east-1a", "zone us-east-1a (aws default credentials)", WIDE),
+        ("aws:us-east-1a", "aws:us-east-1", "zone us-east-1a (aws default credentials)", WIDE),
         # two regions on one zone, under other names
-        ("aws:us-east-1a", "aws:edge-a", "zone us-east-1a (aws default credentials)"),
-        # two regions on one whole AWS region
-        ("aws:us-east-1", "aws:east", "every zone of us-east-1 (aws default credentials)"),
+        ("aws:us-east-1a", "aws:edge-a", "zone us-east-1a (aws default credentials)", ZONE),
+        # two regions on one whole AWS region (a site that loaded before zone regions)
+        ("aws:us-east-1", "aws:east", "every zone of us-east-1 (aws default credentials)", WIDE),
     ],
 )
 def test_two_regions_claiming_one_instance_are_refused_naming_both(
-    registry: ProviderRegistry, first: str, second: str, claimed: str
+    registry: ProviderRegistry, first: str, second: str, claimed: str, advice: str
 ) -> None:
+    """Refused for the commands that back up (:data:`CLAIMING_COMMANDS`); the site still
+    loads, so that status, points and restore keep working on a site that loaded before."""
     named = {
         "aws:edge-a": {"aws_region": "us-east-1", "availability_zone": "us-east-1a"},
         "aws:east": {"aws_region": "us-east-1"},
@@ -125,14 +131,15 @@ def test_two_regions_claiming_one_instance_are_refused_naming_both(
         first: _aws("b-one", "k-one", **named.get(first, {})),
         second: _aws("b-two", "k-two", **named.get(second, {})),
     }
+    site = _site(regions, registry)
     with pytest.raises(ConfigError) as caught:
-        _site(regions, registry)
+        check_region_claims(site, registry)
     text = str(caught.value)
     assert text == (
         f'site.toml: regions."{second}": regions "{first}" and "{second}" both list the '
-        f"instances of {claimed}: each instance would be backed up twice (give each region "
-        "its own availability zone)"
+        f"instances of {claimed}: each instance would be backed up twice ({advice})"
     )
+    assert [str(e) for e in compute_overlaps(site, registry)] == [text]
     assert "\n" not in text
 
 
@@ -358,3 +365,30 @@ def test_regions_that_cannot_list_one_instance_may_list_one_id(
     ]
     assert reasons["aws:us-west-2"] == []
     assert [d.instance.id for d in refused[3].due] == ["db-1"]
+
+
+def test_a_site_of_two_whole_regions_on_one_aws_region_still_loads_but_does_not_back_up(
+    tmp_path: Path,
+) -> None:
+    """Such a site loaded before zone regions: read and restore commands keep working with a
+    warning line; tick, run, backup and tag refuse it, naming both regions."""
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[regions."aws:us-east-1"]\nbucket = "b-east"\nkms_key = "alias/k-east"\n'
+        '[regions."aws:east-legacy"]\naws_region = "us-east-1"\nbucket = "b-legacy"\n'
+        'kms_key = "alias/k-legacy"\n'
+    )
+    line = (
+        'regions "aws:us-east-1" and "aws:east-legacy" both list the instances of every zone '
+        "of us-east-1 (aws default credentials): each instance would be backed up twice "
+        f"({WIDE})"
+    )
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    listed = run("--site", site, "regions", env=env)
+    assert listed.exit_code == 0, listed.output
+    assert listed.stderr.startswith("regionvault: warning: ") and line in listed.stderr
+    assert "aws:east-legacy" in listed.stdout
+    for command in (["tick"], ["run", "--max-ticks", "1"], ["backup", "i-1"], ["tag"]):
+        refused = run("--site", site, *command, env=env)
+        assert refused.exit_code == 1, (command, refused.output)
+        assert "regionvault: error: " in refused.stderr and line in refused.stderr

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
 from gce_world import PROJECT, WORKER
-from regionvault.core.config import parse_site
+from regionvault.core.config import check_region_claims, parse_site
 from regionvault.core.errors import ConfigError, InstanceNotFound
 from regionvault.core.pipeline import Engine, Service
 from regionvault.core.pipeline.jobs import BACKUP
@@ -41,7 +41,7 @@ def _site(regions: dict[str, dict[str, Any]], registry: ProviderRegistry) -> Any
 
 def _refusal(regions: dict[str, dict[str, Any]], registry: ProviderRegistry) -> str:
     with pytest.raises(ConfigError) as caught:
-        _site(regions, registry)
+        check_region_claims(_site(regions, registry), registry)
     text = str(caught.value)
     assert "\n" not in text
     return text
