@@ -5,6 +5,7 @@ repository, one inbox or one key, and the tick's refusal of an instance two regi
 
 from __future__ import annotations
 
+import json
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -392,3 +393,40 @@ def test_a_site_of_two_whole_regions_on_one_aws_region_still_loads_but_does_not_
         refused = run("--site", site, *command, env=env)
         assert refused.exit_code == 1, (command, refused.output)
         assert "regionvault: error: " in refused.stderr and line in refused.stderr
+
+
+def test_status_shows_an_instance_two_regions_list_as_failing(tmp_path: Path) -> None:
+    """West's compute is east's (what settings cannot tell): the tick backs the instance up in
+    neither region, and status says so, failing in both rows, exit 1."""
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[regions."local:east"]\nroot = "east"\n[regions."local:west"]\nroot = "west"\n'
+        '[regions."local:west".compute]\nprovider = "local"\nroot = "east"\n'
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f.txt").write_text("x")
+    added = run(
+        "--site",
+        site,
+        "instances",
+        "add",
+        "-r",
+        "local:east",
+        "-n",
+        "db-1",
+        "--data",
+        tmp_path / "data",
+        "--tag",
+        "backup=1-7",
+    )
+    assert added.exit_code == 0, added.output
+    status = run("--site", site, "status", "--json")
+    assert status.exit_code == 1, status.output
+    rows = {row["region"]: row for row in json.loads(status.stdout)}
+    assert {r: (row["instance_name"], row["state"]) for r, row in rows.items()} == {
+        "local:east": ("db-1", "failing"),
+        "local:west": ("db-1", "failing"),
+    }
+    assert rows["local:east"]["state_reason"] == (
+        "also listed by local:west: not backed up by either region"
+    )

@@ -34,6 +34,7 @@ __all__ = [
     "CLAIM_ADVICE",
     "claimed_twice",
     "compute_scopes",
+    "listed_twice",
     "refuse_claimed_twice",
     "without_refused",
 ]
@@ -72,19 +73,20 @@ def _may_share(a: ComputeScope | None, b: ComputeScope | None) -> bool:
     )
 
 
-def _claims(
-    schedules: Sequence[ScheduleReport],
+def listed_twice(
+    listings: Mapping[str, Iterable[str]],
     site: SiteConfig,
     scopes: Mapping[str, ComputeScope | None],
 ) -> dict[str, dict[str, list[str]]]:
-    """Each instance id two regions that may share instances listed: for each such region,
-    the other regions (sorted) that listed it too."""
+    """Each instance id that two regions that may share instances listed (``listings``: the
+    ids each region listed): for each such region, the other regions (sorted) that listed it
+    too."""
     listed: dict[tuple[str, str], set[str]] = {}
-    for schedule in schedules:
-        region = site.regions.get(schedule.region)
+    for name, ids in listings.items():
+        region = site.regions.get(name)
         provider = region.services["compute"].provider if region is not None else ""
-        for instance_id in _listed(schedule):
-            listed.setdefault((provider, instance_id), set()).add(schedule.region)
+        for instance_id in ids:
+            listed.setdefault((provider, instance_id), set()).add(name)
     out: dict[str, dict[str, list[str]]] = {}
     for (_provider, instance_id), regions in sorted(listed.items()):
         if len(regions) < 2:
@@ -99,6 +101,17 @@ def _claims(
             if partners:
                 out.setdefault(instance_id, {})[name] = partners
     return out
+
+
+def _claims(
+    schedules: Sequence[ScheduleReport],
+    site: SiteConfig,
+    scopes: Mapping[str, ComputeScope | None],
+) -> dict[str, dict[str, list[str]]]:
+    listings: dict[str, list[str]] = {}
+    for schedule in schedules:
+        listings.setdefault(schedule.region, []).extend(_listed(schedule))
+    return listed_twice(listings, site, scopes)
 
 
 def claimed_twice(
