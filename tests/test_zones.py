@@ -430,3 +430,28 @@ def test_status_shows_an_instance_two_regions_list_as_failing(tmp_path: Path) ->
     assert rows["local:east"]["state_reason"] == (
         "also listed by local:west: not backed up by either region"
     )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"aws_region": "us-east-1", "availability_zone": "us-east-1b"},
+        {"availability_zone": "us-east-1b"},
+    ],
+)
+def test_a_zone_named_region_whose_availability_zone_disagrees_is_refused(
+    registry: ProviderRegistry, settings: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _site({"aws:us-east-1a": _aws("b-1a", "k", **settings)}, registry)
+    assert str(caught.value) == (
+        "site.toml: regions.\"aws:us-east-1a\".availability_zone: 'us-east-1b' disagrees with "
+        "the region name us-east-1a, itself a zone of us-east-1 (name the region after its "
+        "zone, or drop availability_zone)"
+    )
+
+
+def test_a_zone_named_region_may_repeat_its_zone(registry: ProviderRegistry) -> None:
+    site = _site({"aws:us-east-1a": _aws("b-1a", "k", availability_zone="us-east-1a")}, registry)
+    settings = AwsSettings.from_region(site.regions["aws:us-east-1a"])
+    assert (settings.aws_region, settings.availability_zone) == ("us-east-1", "us-east-1a")

@@ -207,3 +207,11 @@ def test_same_named_vms_of_two_zones_are_each_backed_up(
     for schedule in report.schedule:
         assert [n.instance_id for n in schedule.failed] == [], schedule.region
     assert sorted(o.region or "" for o in report.jobs if o.kind == BACKUP) == sorted(names.values())
+
+
+def test_a_zone_named_region_whose_zone_disagrees_is_refused(registry: ProviderRegistry) -> None:
+    text = _refusal({B: {"project": PROJECT, "key_ring": "ring-b", "zone": ZONE_C}}, registry)
+    assert text == (
+        f"site.toml: regions.\"{B}\".zone: '{ZONE_C}' disagrees with the region name {ZONE_B}, "
+        "itself a zone (name the region after its zone, or drop zone)"
+    )
