@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from regionvault.core.plugins import ProviderRegistry
 
 __all__ = [
+    "CLAIMING_COMMANDS",
     "DEFAULT_HOOK_TIMEOUT",
     "SERVICES",
     "THREAD_EXECUTOR",
@@ -36,6 +37,7 @@ __all__ = [
     "Replication",
     "SiteConfig",
     "check_region_claims",
+    "compute_overlaps",
     "find_site_file",
     "load_site",
     "parse_hooks",
@@ -571,31 +573,63 @@ def validate_providers(site: SiteConfig, registry: ProviderRegistry) -> None:
                         region=region.name,
                     )
             registry.get(cfg.provider).validate(region.for_service(svc))
-    check_region_claims(site, registry)
+    check_region_claims(site, registry, compute=False)
 
 
-def check_region_claims(site: SiteConfig, registry: ProviderRegistry) -> None:
-    """No two regions of ``site`` claim one thing: the instances of one zone (two regions on
-    one cloud region, one of them whole or both on one zone, would both back up each of its
-    instances), one repository, inbox or key (:meth:`Provider.exclusive_spaces`).
-    :class:`ConfigError` names both regions, on one line."""
+#: the commands that back up or label instances: a site whose regions' settings say they list
+#: the same instances is refused for these (:func:`check_region_claims`), and loads with a
+#: warning line for every other command (status, points, restore, ...)
+CLAIMING_COMMANDS = frozenset({"tick", "run", "backup", "tag"})
+
+
+def compute_overlaps(site: SiteConfig, registry: ProviderRegistry) -> list[ConfigError]:
+    """One error per pair of regions of ``site`` whose :class:`ComputeScope` overlap (two
+    regions on one cloud region, one of them whole or both on one zone: each would back up
+    each instance there), naming both on one line, in site order."""
     scopes: list[tuple[RegionConfig, ComputeScope]] = []
-    spaces: list[tuple[RegionConfig, str, str]] = []
+    found: list[ConfigError] = []
     for region in site.regions.values():
         view = region.for_service("compute")
         scope = registry.get(region.services["compute"].provider).compute_scope(view)
-        if scope is not None:
-            for other, claimed in scopes:
-                if scope.overlaps(claimed):
-                    raise ConfigError(
+        if scope is None:
+            continue
+        for other, claimed in scopes:
+            if scope.overlaps(claimed):
+                advice = (
+                    "give each region its own availability zone"
+                    if scope.zone and claimed.zone
+                    else "give each region its own availability zone, cloud region or "
+                    "credentials, or merge them"
+                )
+                found.append(
+                    ConfigError(
                         f'regions "{other.name}" and "{region.name}" both list the instances '
                         f"of {scope if scope.zone else claimed}: each instance would be "
-                        "backed up twice (give each region its own availability zone)",
+                        f"backed up twice ({advice})",
                         file=site.source,
                         key=region.key(),
                         region=region.name,
                     )
-            scopes.append((region, scope))
+                )
+        scopes.append((region, scope))
+    return found
+
+
+def check_region_claims(
+    site: SiteConfig, registry: ProviderRegistry, *, compute: bool = True
+) -> None:
+    """No two regions of ``site`` claim one thing: one repository, inbox or key
+    (:meth:`Provider.exclusive_spaces`), and with ``compute`` the instances of one zone
+    (:func:`compute_overlaps`). :class:`ConfigError` names both regions, on one line.
+
+    Loading a site checks the spaces alone (a site that loaded before zone regions existed
+    still loads); the commands of :data:`CLAIMING_COMMANDS` check the instances too."""
+    if compute:
+        overlaps = compute_overlaps(site, registry)
+        if overlaps:
+            raise overlaps[0]
+    spaces: list[tuple[RegionConfig, str, str]] = []
+    for region in site.regions.values():
         for svc in ("vault", "keys"):
             provider = registry.get(region.services[svc].provider)
             for label, space in provider.exclusive_spaces(region.for_service(svc), svc).items():

@@ -5,15 +5,22 @@ repository, one inbox or one key, and the tick's refusal of an instance two regi
 
 from __future__ import annotations
 
+import json
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from regionvault.core.config import parse_site
+from cli_support import run
+from regionvault.core.config import check_region_claims, compute_overlaps, parse_site
 from regionvault.core.errors import ConfigError
-from regionvault.core.pipeline.claims import claimed_twice, refuse_claimed_twice, without_refused
+from regionvault.core.pipeline.claims import (
+    claimed_twice,
+    compute_scopes,
+    refuse_claimed_twice,
+    without_refused,
+)
 from regionvault.core.pipeline.jobs import backup_job, tag_job
 from regionvault.core.pipeline.scheduler import DueBackup, NotDue, ScheduleReport
 from regionvault.core.pipeline.tagger import InstanceNote
@@ -96,22 +103,27 @@ def test_a_bad_availability_zone_is_named(
 
 # --------------------------------------------------------------------------- instances
 
+ZONE = "give each region its own availability zone"
+WIDE = "give each region its own availability zone, cloud region or credentials, or merge them"
+
 
 @pytest.mark.parametrize(
-    ("first", "second", "claimed"),
+    ("first", "second", "claimed", "advice"),
     [
         # the whole region and one of its zones
-        ("aws:us-east-1", "aws:us-east-1a", "zone us-east-1a (aws default credentials)"),
-        ("aws:us-east-1a", "aws:us-east-1", "zone us-east-1a (aws default credentials)"),
+        ("aws:us-east-1", "aws:us-east-1a", "zone us-east-1a (aws default credentials)", WIDE),
+        ("aws:us-east-1a", "aws:us-east-1", "zone us-east-1a (aws default credentials)", WIDE),
         # two regions on one zone, under other names
-        ("aws:us-east-1a", "aws:edge-a", "zone us-east-1a (aws default credentials)"),
-        # two regions on one whole AWS region
-        ("aws:us-east-1", "aws:east", "every zone of us-east-1 (aws default credentials)"),
+        ("aws:us-east-1a", "aws:edge-a", "zone us-east-1a (aws default credentials)", ZONE),
+        # two regions on one whole AWS region (a site that loaded before zone regions)
+        ("aws:us-east-1", "aws:east", "every zone of us-east-1 (aws default credentials)", WIDE),
     ],
 )
 def test_two_regions_claiming_one_instance_are_refused_naming_both(
-    registry: ProviderRegistry, first: str, second: str, claimed: str
+    registry: ProviderRegistry, first: str, second: str, claimed: str, advice: str
 ) -> None:
+    """Refused for the commands that back up (:data:`CLAIMING_COMMANDS`); the site still
+    loads, so that status, points and restore keep working on a site that loaded before."""
     named = {
         "aws:edge-a": {"aws_region": "us-east-1", "availability_zone": "us-east-1a"},
         "aws:east": {"aws_region": "us-east-1"},
@@ -120,14 +132,15 @@ def test_two_regions_claiming_one_instance_are_refused_naming_both(
         first: _aws("b-one", "k-one", **named.get(first, {})),
         second: _aws("b-two", "k-two", **named.get(second, {})),
     }
+    site = _site(regions, registry)
     with pytest.raises(ConfigError) as caught:
-        _site(regions, registry)
+        check_region_claims(site, registry)
     text = str(caught.value)
     assert text == (
         f'site.toml: regions."{second}": regions "{first}" and "{second}" both list the '
-        f"instances of {claimed}: each instance would be backed up twice (give each region "
-        "its own availability zone)"
+        f"instances of {claimed}: each instance would be backed up twice ({advice})"
     )
+    assert [str(e) for e in compute_overlaps(site, registry)] == [text]
     assert "\n" not in text
 
 
@@ -266,15 +279,16 @@ def test_an_instance_two_regions_listed_is_backed_up_by_neither(
         _schedule("aws:east", ["i-a", "i-both"], ("i-both-waiting",)),
         _schedule("aws:partner", ["i-b", "i-both"], ("i-both-waiting",)),
     ]
-    assert claimed_twice(schedules, site) == {
+    assert claimed_twice(schedules, site, compute_scopes(site, registry)) == {
         "i-both": ["aws:east", "aws:partner"],
         "i-both-waiting": ["aws:east", "aws:partner"],
         "i-out": ["aws:east", "aws:partner"],
     }
-    refused, problems = refuse_claimed_twice(schedules, site)
+    refused, problems = refuse_claimed_twice(schedules, site, compute_scopes(site, registry))
     assert problems[0] == (
         "instance i-both is listed by regions aws:east and aws:partner: not backed up until one "
-        "region stops listing it (give each region its own availability zone)"
+        "region stops listing it (make the regions list disjoint instances: their own zone, cloud "
+        "region, project/account or credentials, or merge them)"
     )
     assert len(problems) == 3
     east, partner = refused
@@ -306,7 +320,7 @@ def test_disjoint_regions_are_left_as_they_are(registry: ProviderRegistry) -> No
     )
     schedules = [_schedule("aws:us-east-1a", ["i-a"]), _schedule("aws:us-east-1b", ["i-b"])]
     schedules[1] = ScheduleReport(region="aws:us-east-1b", now=NOW, due=schedules[1].due)
-    refused, problems = refuse_claimed_twice(schedules, site)
+    refused, problems = refuse_claimed_twice(schedules, site, compute_scopes(site, registry))
     assert problems == [] and refused == schedules
 
 
@@ -317,3 +331,127 @@ def test_the_zone_example_of_docs_aws_md_is_a_valid_site(registry: ProviderRegis
     site = parse_site(tomllib.loads(block), source="aws.md", registry=registry)
     zones = {n: AwsSettings.from_region(r).availability_zone for n, r in site.regions.items()}
     assert zones == {"aws:us-east-1a": "us-east-1a", "aws:edge-b": "us-east-1b"}
+
+
+def test_regions_that_cannot_list_one_instance_may_list_one_id(
+    registry: ProviderRegistry,
+) -> None:
+    """Ids equal across zones or cloud regions (GCE names) are distinct instances: only regions
+    whose scopes could reach one instance (same location, compatible zones, any account) are
+    compared."""
+    site = _site(
+        {
+            "aws:us-east-1a": _aws("b-a", "ka"),
+            "aws:us-east-1b": _aws("b-b", "kb"),
+            "aws:whole": _aws("b-w", "kw", aws_region="us-east-1", profile="partner"),
+            "aws:us-west-2": _aws("b-2", "k2"),
+        },
+        registry,
+    )
+    names = ["aws:us-east-1a", "aws:us-east-1b", "aws:whole", "aws:us-west-2"]
+    scopes = compute_scopes(site, registry)
+    schedules = [_schedule(name, ["db-1"]) for name in names]
+    assert claimed_twice(schedules[:2] + schedules[3:], site, scopes) == {}
+    assert claimed_twice(schedules, site, scopes)["db-1"] == names[:3]
+    refused, problems = refuse_claimed_twice(schedules, site, scopes)
+    assert [p.split(": not")[0] for p in problems if "db-1" in p] == [
+        "instance db-1 is listed by regions aws:us-east-1a and aws:us-east-1b and aws:whole"
+    ]
+    reasons = {s.region: [(n.instance_id, n.reason) for n in s.failed] for s in refused}
+    assert reasons["aws:us-east-1a"] == [
+        ("db-1", "also listed by aws:whole: not backed up by either region")
+    ]
+    assert reasons["aws:whole"] == [
+        ("db-1", "also listed by aws:us-east-1a, aws:us-east-1b: not backed up by either region")
+    ]
+    assert reasons["aws:us-west-2"] == []
+    assert [d.instance.id for d in refused[3].due] == ["db-1"]
+
+
+def test_a_site_of_two_whole_regions_on_one_aws_region_still_loads_but_does_not_back_up(
+    tmp_path: Path,
+) -> None:
+    """Such a site loaded before zone regions: read and restore commands keep working with a
+    warning line; tick, run, backup and tag refuse it, naming both regions."""
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[regions."aws:us-east-1"]\nbucket = "b-east"\nkms_key = "alias/k-east"\n'
+        '[regions."aws:east-legacy"]\naws_region = "us-east-1"\nbucket = "b-legacy"\n'
+        'kms_key = "alias/k-legacy"\n'
+    )
+    line = (
+        'regions "aws:us-east-1" and "aws:east-legacy" both list the instances of every zone '
+        "of us-east-1 (aws default credentials): each instance would be backed up twice "
+        f"({WIDE})"
+    )
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    listed = run("--site", site, "regions", env=env)
+    assert listed.exit_code == 0, listed.output
+    assert listed.stderr.startswith("regionvault: warning: ") and line in listed.stderr
+    assert "aws:east-legacy" in listed.stdout
+    for command in (["tick"], ["run", "--max-ticks", "1"], ["backup", "i-1"], ["tag"]):
+        refused = run("--site", site, *command, env=env)
+        assert refused.exit_code == 1, (command, refused.output)
+        assert "regionvault: error: " in refused.stderr and line in refused.stderr
+
+
+def test_status_shows_an_instance_two_regions_list_as_failing(tmp_path: Path) -> None:
+    """West's compute is east's (what settings cannot tell): the tick backs the instance up in
+    neither region, and status says so, failing in both rows, exit 1."""
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[regions."local:east"]\nroot = "east"\n[regions."local:west"]\nroot = "west"\n'
+        '[regions."local:west".compute]\nprovider = "local"\nroot = "east"\n'
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f.txt").write_text("x")
+    added = run(
+        "--site",
+        site,
+        "instances",
+        "add",
+        "-r",
+        "local:east",
+        "-n",
+        "db-1",
+        "--data",
+        tmp_path / "data",
+        "--tag",
+        "backup=1-7",
+    )
+    assert added.exit_code == 0, added.output
+    status = run("--site", site, "status", "--json")
+    assert status.exit_code == 1, status.output
+    rows = {row["region"]: row for row in json.loads(status.stdout)}
+    assert {r: (row["instance_name"], row["state"]) for r, row in rows.items()} == {
+        "local:east": ("db-1", "failing"),
+        "local:west": ("db-1", "failing"),
+    }
+    assert rows["local:east"]["state_reason"] == (
+        "also listed by local:west: not backed up by either region"
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"aws_region": "us-east-1", "availability_zone": "us-east-1b"},
+        {"availability_zone": "us-east-1b"},
+    ],
+)
+def test_a_zone_named_region_whose_availability_zone_disagrees_is_refused(
+    registry: ProviderRegistry, settings: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _site({"aws:us-east-1a": _aws("b-1a", "k", **settings)}, registry)
+    assert str(caught.value) == (
+        "site.toml: regions.\"aws:us-east-1a\".availability_zone: 'us-east-1b' disagrees with "
+        "the region name us-east-1a, itself a zone of us-east-1 (name the region after its "
+        "zone, or drop availability_zone)"
+    )
+
+
+def test_a_zone_named_region_may_repeat_its_zone(registry: ProviderRegistry) -> None:
+    site = _site({"aws:us-east-1a": _aws("b-1a", "k", availability_zone="us-east-1a")}, registry)
+    settings = AwsSettings.from_region(site.regions["aws:us-east-1a"])
+    assert (settings.aws_region, settings.availability_zone) == ("us-east-1", "us-east-1a")

@@ -303,12 +303,25 @@ class CliState:
 
             self._site = Site.load(self.site_path)
             click.get_current_context().find_root().call_on_close(self._site.close)
+            self._check_claims(self._site)
             if _freeze_after_load:
                 # What start-up made (modules, classes, the site just loaded) lives until the
                 # process ends: keep the collector from walking it again in every later
                 # collection, and in the several at exit (20 to 40 ms off a 1.2 s restore).
                 gc.freeze()
         return self._site
+
+    def _check_claims(self, site: Site) -> None:
+        """Two regions whose settings say they list the same instances: refused for the
+        commands that back up (:data:`~regionvault.core.config.CLAIMING_COMMANDS`), a warning
+        line for the others, so that a site that loaded before zone regions still loads."""
+        from regionvault.core.config import CLAIMING_COMMANDS, compute_overlaps
+
+        overlaps = compute_overlaps(site.config, site.registry)
+        if overlaps and self.command in CLAIMING_COMMANDS:
+            raise overlaps[0]
+        for overlap in overlaps:
+            click.echo(f"regionvault: warning: {one_line(str(overlap))}", err=True)
 
     def engine(self, **options: Any) -> Engine:
         """An :class:`Engine` over the site (``options`` go to its constructor)."""

@@ -57,6 +57,7 @@ from regionvault.core.pipeline.objectives import (
 from regionvault.core.pipeline.protection import (
     Judgement,
     LedgerFailures,
+    ProtectionState,
     judge_copies,
     judge_gone,
     judge_home,
@@ -1653,6 +1654,7 @@ class Engine:
                 unlisted[r.name] = " ".join(f"{type(exc).__name__}: {exc}".split())
         objectives = StatusObjectives(self, now, live=live)
         failures = LedgerFailures(self.ledger, now)
+        twice = self._listed_twice(live)
         order = {r.name: i for i, r in enumerate(self.site.regions)}
         rows: list[StatusRow] = []
         try:
@@ -1663,20 +1665,29 @@ class Engine:
                     held = {}
                 listed = live[r.name] or {}
                 for instance_id in sorted(set(listed) | set(held)):
-                    rows.append(
-                        self._status_row(
-                            r.name,
-                            listed.get(instance_id),
-                            held.get(instance_id, []),
-                            now=now,
-                            grace=grace,
-                            view=view,
-                            live=live,
-                            unlisted=unlisted.get(r.name),
-                            objectives=objectives,
-                            failures=failures,
-                        )
+                    row = self._status_row(
+                        r.name,
+                        listed.get(instance_id),
+                        held.get(instance_id, []),
+                        now=now,
+                        grace=grace,
+                        view=view,
+                        live=live,
+                        unlisted=unlisted.get(r.name),
+                        objectives=objectives,
+                        failures=failures,
                     )
+                    others = (
+                        twice.get(instance_id, {}).get(r.name) if instance_id in listed else None
+                    )
+                    if others:  # the tick backs it up in neither region (pipeline/claims.py)
+                        row = replace(
+                            row,
+                            state=str(ProtectionState.FAILING),
+                            state_reason=f"also listed by {', '.join(others)}: not backed up "
+                            "by either region",
+                        )
+                    rows.append(row)
         finally:
             objectives.close()
             failures.close()
@@ -1689,6 +1700,17 @@ class Engine:
             )
         )
         return rows
+
+    def _listed_twice(
+        self, live: Mapping[str, Mapping[str, Instance] | None]
+    ) -> dict[str, dict[str, list[str]]]:
+        """The instances two regions that may share instances list (core/pipeline/claims.py),
+        for :meth:`status` to show failing as the tick refuses them."""
+        from regionvault.core.pipeline.claims import compute_scopes, listed_twice
+
+        site = self.site
+        listings = {name: ids for name, ids in live.items() if ids}
+        return listed_twice(listings, site.config, compute_scopes(site.config, site.registry))
 
     def _status_row(
         self,

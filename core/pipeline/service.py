@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from regionvault.core.errors import RegionVaultError
-from regionvault.core.pipeline.claims import refuse_claimed_twice, without_refused
+from regionvault.core.pipeline.claims import compute_scopes, refuse_claimed_twice, without_refused
 from regionvault.core.pipeline.copyflow import CopyFlow
 from regionvault.core.pipeline.drills import drill_jobs, plan_drills, run_drill
 from regionvault.core.pipeline.engine import SLOT_TAG
@@ -495,7 +495,10 @@ class Service:
     def _refuse_claimed_twice(self, report: TickReport, backups: list[Job]) -> list[Job]:
         """``backups`` less those of an instance two regions listed (core/pipeline/claims.py):
         the schedules report it failed, the problems name it."""
-        schedules, problems = refuse_claimed_twice(report.schedule, self.engine.site.config)
+        site = self.engine.site
+        schedules, problems = refuse_claimed_twice(
+            report.schedule, site.config, compute_scopes(site.config, site.registry)
+        )
         if not problems:
             return backups
         report.schedule[:] = schedules

@@ -153,11 +153,19 @@ class AwsSettings:
 
         aws_region = string("aws_region")
         zone = string("availability_zone")
-        if aws_region is None and zone is None and region.id.provider == "aws":
+        named = _zone_region(region.id.name) if region.id.provider == "aws" else None
+        if named is not None and zone is not None:
+            # a region named after a zone says its zone: availability_zone may only repeat it
+            if zone != region.id.name:
+                raise region.error(
+                    "availability_zone",
+                    f"{zone!r} disagrees with the region name {region.id.name}, itself a zone "
+                    f"of {named} (name the region after its zone, or drop availability_zone)",
+                )
+            aws_region = aws_region or named
+        if aws_region is None and zone is None and named is not None:
             # a region named after a zone (aws:us-east-1a) is that zone of its AWS region
-            inferred = _zone_region(region.id.name)
-            if inferred is not None:
-                aws_region, zone = inferred, region.id.name
+            aws_region, zone = named, region.id.name
         if aws_region is None:
             if region.id.provider != "aws":
                 raise region.error(

@@ -375,6 +375,14 @@ def _zone_and_location(region: RegionConfig, string: Any) -> dict[str, str | Non
     that sets neither is that zone of its location."""
     location = string("location", _LOCATION, "a GCP location such as europe-west1")
     zone = string("zone", _ZONE, "a GCP zone such as europe-west1-b")
+    named = region.id.provider == "gcp" and _ZONE.match(region.id.name) is not None
+    if named and zone is not None and zone != region.id.name:
+        # a region named after a zone says its zone: ``zone`` may only repeat it
+        raise region.error(
+            "zone",
+            f"{zone!r} disagrees with the region name {region.id.name}, itself a zone "
+            "(name the region after its zone, or drop zone)",
+        )
     if (
         zone is None
         and location is None

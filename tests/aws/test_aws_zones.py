@@ -175,7 +175,8 @@ def test_an_instance_two_profiles_reach_is_backed_up_by_neither_region(
         report = Service(engine).tick()
         line = (
             f"instance {shared} is listed by regions aws:east and aws:partner: not backed up "
-            "until one region stops listing it (give each region its own availability zone)"
+            "until one region stops listing it (make the regions list disjoint instances: their "
+            "own zone, cloud region, project/account or credentials, or merge them)"
         )
         assert line in report.problems and not report.ok
         assert [o for o in report.jobs if o.kind == BACKUP] == []

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("azure.mgmt.compute", reason="the Azure tests need pip install -e '.[test]'")
 
 from azure_compute_world import LOCATION, RESOURCE_GROUP, ArmWorld
-from regionvault.core.config import parse_site
+from regionvault.core.config import check_region_claims, parse_site
 from regionvault.core.errors import ConfigError, InstanceNotFound
 from regionvault.core.plugins import ProviderRegistry, make_plugin_manager, registry_from
 from regionvault.core.types import CaptureKind, LaunchSpec
@@ -41,7 +41,9 @@ def _compute(rg: str = "rv-east", **more: Any) -> dict[str, Any]:
 
 def _refusal(regions: dict[str, dict[str, Any]], registry: ProviderRegistry) -> str:
     with pytest.raises(ConfigError) as caught:
-        parse_site({"regions": regions}, source="site.toml", registry=registry)
+        check_region_claims(
+            parse_site({"regions": regions}, source="site.toml", registry=registry), registry
+        )
     text = str(caught.value)
     assert "\n" not in text
     return text
@@ -69,7 +71,8 @@ def test_two_regions_claiming_one_vm_are_refused_naming_both(registry: ProviderR
         'site.toml: regions."azure:east-1": regions "azure:east" and "azure:east-1" both list '
         f"the instances of zone 1 of eastus (azure subscription {SUB}, resource group rv-east): "
         "each instance would be "
-        "backed up twice (give each region its own availability zone)"
+        "backed up twice (give each region its own availability zone, cloud region or "
+        "credentials, or merge them)"
     )
     same_zone = _refusal(
         {

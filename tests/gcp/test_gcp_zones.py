@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("google.cloud.compute_v1", reason="the GCP tests need pip install -e '.[test]'")
 
 from gce_world import PROJECT, WORKER
-from regionvault.core.config import parse_site
+from regionvault.core.config import check_region_claims, parse_site
 from regionvault.core.errors import ConfigError, InstanceNotFound
+from regionvault.core.pipeline import Engine, Service
+from regionvault.core.pipeline.jobs import BACKUP
 from regionvault.core.plugins import ProviderRegistry, make_plugin_manager, registry_from
 from regionvault.core.site import Site
 from regionvault.providers.gcp.fakes.compute import GceFake
@@ -39,7 +41,7 @@ def _site(regions: dict[str, dict[str, Any]], registry: ProviderRegistry) -> Any
 
 def _refusal(regions: dict[str, dict[str, Any]], registry: ProviderRegistry) -> str:
     with pytest.raises(ConfigError) as caught:
-        _site(regions, registry)
+        check_region_claims(_site(regions, registry), registry)
     text = str(caught.value)
     assert "\n" not in text
     return text
@@ -169,3 +171,47 @@ def test_the_zone_example_of_docs_gcp_md_is_a_valid_site(registry: ProviderRegis
     site = parse_site(tomllib.loads(block), source="gcp.md", registry=registry)
     zones = {n: GcpSettings.from_region(r).zone for n, r in site.regions.items()}
     assert zones == {B: ZONE_B, C: ZONE_C}
+
+
+@pytest.mark.parametrize("named", ["zones", "existing"])
+def test_same_named_vms_of_two_zones_are_each_backed_up(
+    fakes: dict[str, GceFake], tmp_path: Path, named: str
+) -> None:
+    """A GCE name is unique per project and zone only: ``db-1`` in zone b and ``db-1`` in zone
+    c are two VMs, and each region's tick backs its own up (regions named after the zones, and
+    ``gcp:east``/``gcp:west`` with explicit zones, as sites before zone regions wrote them)."""
+    names = {ZONE_B: B, ZONE_C: C} if named == "zones" else {ZONE_B: "gcp:east", ZONE_C: "gcp:west"}
+    regions: dict[str, Any] = {}
+    for zone, name in names.items():
+        settings = fakes[zone].compute_settings()
+        if named == "zones":
+            del settings["zone"], settings["location"]
+        root = str(tmp_path / f"root-{zone[-1]}")
+        regions[name] = {
+            **settings,
+            "key_ring": f"ring-{zone[-1]}",
+            "timeout": 10,
+            "vault": {"provider": "local", "root": root},
+            "keys": {"provider": "local", "root": root},
+        }
+        fakes[zone].seed_instance("db-1", labels={"backup": "1-7"})
+    config = parse_site(
+        {"site": {"state_dir": str(tmp_path / "state")}, "regions": regions},
+        source="site.toml",
+        base_dir=tmp_path,
+    )
+    pm = make_plugin_manager()
+    with Site(config, registry=registry_from(pm), plugin_manager=pm) as site:
+        report = Service(Engine(site)).tick()
+    assert not [p for p in report.problems if "listed by regions" in p]
+    for schedule in report.schedule:
+        assert [n.instance_id for n in schedule.failed] == [], schedule.region
+    assert sorted(o.region or "" for o in report.jobs if o.kind == BACKUP) == sorted(names.values())
+
+
+def test_a_zone_named_region_whose_zone_disagrees_is_refused(registry: ProviderRegistry) -> None:
+    text = _refusal({B: {"project": PROJECT, "key_ring": "ring-b", "zone": ZONE_C}}, registry)
+    assert text == (
+        f"site.toml: regions.\"{B}\".zone: '{ZONE_C}' disagrees with the region name {ZONE_B}, "
+        "itself a zone (name the region after its zone, or drop zone)"
+    )
