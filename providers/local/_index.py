@@ -153,6 +153,8 @@ class InstanceIndex:
         self._holding = holding
         self._error = error
         self._local = threading.local()
+        #: ``instances/``'s entries as the index last found them in step (read by _usable)
+        self._stored_entries: str | None = None
         #: every connection this process opened (one per thread), for :meth:`close_all`
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
@@ -243,6 +245,22 @@ class InstanceIndex:
             ) from None
         return f"{st.st_dev}:{st.st_ino}:{os.path.realpath(self._instances_str)}"
 
+    def _entries(self) -> str:
+        """The state of ``instances/``'s entries: its (mtime_ns, nlink), one ``stat`` (both
+        change when an instance directory is made or removed)."""
+        try:
+            st = os.stat(self._instances_str)  # noqa: PTH116
+        except OSError:
+            return "none"
+        return f"{st.st_mtime_ns}:{st.st_nlink}"
+
+    def _in_step(self, db: sqlite3.Connection, stored: str | None) -> bool:
+        """Whether the index holds every directory of ``instances/``: yes when the entries
+        are as ``stored`` (as last found in step), else counted (one scan)."""
+        if stored is not None and stored == self._entries():
+            return True
+        return self._counts_match(db, self._list_ids())
+
     def _counts_match(self, db: sqlite3.Connection, ids: list[str]) -> bool:
         """Whether the index holds as many ids (rows and bare directories) as ``ids``."""
         self.stats.queries += 1
@@ -265,9 +283,11 @@ class InstanceIndex:
                 "SELECT (SELECT value FROM meta WHERE key = 'schema'),"
                 " (SELECT value FROM meta WHERE key = 'built'),"
                 " (SELECT value FROM meta WHERE key = 'dir'),"
-                " EXISTS (SELECT 1 FROM dirty)"
+                " EXISTS (SELECT 1 FROM dirty),"
+                " (SELECT value FROM meta WHERE key = 'entries')"
             ).fetchone()
-            return bool(row == (SCHEMA, "1", self._dir_key(), 0))
+            self._stored_entries = row[4]
+            return bool(row[:4] == (SCHEMA, "1", self._dir_key(), 0))
         except sqlite3.DatabaseError:
             return False
 
@@ -279,7 +299,7 @@ class InstanceIndex:
             if self._holding():
                 self._repair()
             elif not self._usable() or (
-                count and not self._counts_match(self._connect(), self._list_ids())
+                count and not self._in_step(self._connect(), self._stored_entries)
             ):
                 with self._lock():
                     self._repair()
@@ -304,6 +324,9 @@ class InstanceIndex:
                 return
             dirty = [row[0] for row in db.execute("SELECT id FROM dirty").fetchall()]
             self._refresh(db, dirty)
+            entries = self._entries()  # before the scan: a change during it differs next time
+            if meta.get("entries") == entries:
+                return
             ids = self._list_ids()
             if not self._counts_match(db, ids):
                 known = {
@@ -312,6 +335,8 @@ class InstanceIndex:
                 }
                 on_disk = set(ids)
                 self._refresh(db, sorted(on_disk.symmetric_difference(known)))
+            with self._transaction(db):
+                self._set_entries(db, entries)
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise  # locked, full, or cannot be opened: rebuilding would not help
@@ -346,7 +371,7 @@ class InstanceIndex:
                     Path(f"{self.path}{suffix}").unlink()
             db = self._connect()
         self.stats.rebuilds += 1
-        directory = self._dir_key()
+        directory, entries = self._dir_key(), self._entries()
         with self._transaction(db):
             for table in ("instances", "tags", "dirty", "bare", "meta"):
                 db.execute(f"DELETE FROM {table}")
@@ -358,6 +383,12 @@ class InstanceIndex:
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
                 [("schema", SCHEMA), ("built", "1"), ("dir", directory)],
             )
+            self._set_entries(db, entries)
+
+    @staticmethod
+    def _set_entries(db: sqlite3.Connection, entries: str) -> None:
+        """``instances/``'s entries as they were when the index was last found in step."""
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('entries', ?)", (entries,))
 
     def _put(
         self,
@@ -398,6 +429,9 @@ class InstanceIndex:
             db = self._connect()  # repaired when the lock was taken
             with self._transaction(db):
                 db.execute("INSERT OR IGNORE INTO dirty (id) VALUES (?)", (instance_id,))
+                row = db.execute("SELECT value FROM meta WHERE key = 'entries'").fetchone()
+            # in step before this change (found so when the lock was taken): then so after it
+            in_step = row is not None and row[0] == self._entries()
         change = _Change()
         try:
             yield change
@@ -412,6 +446,8 @@ class InstanceIndex:
                 try:
                     with self._transaction(db):
                         self._put(db, instance_id, change.record, stamp)
+                        if in_step:
+                            self._set_entries(db, self._entries())
                 finally:
                     db.execute("PRAGMA synchronous=FULL")
             except (sqlite3.Error, ComputeError) as exc:
