@@ -27,8 +27,10 @@ mtime_ns, size) as they were indexed, and every row a page or a name check retur
 checked against one ``stat`` of its record (a row whose record differs or is gone is read
 again from disk, under the lock, and the query asked again); and the number of rows is
 compared with one scan of ``instances/`` at the first page of each listing and by every
-holder of the lock (a directory added or removed behind the index's back: the two are
-brought in step). An SQLite error is a ComputeError naming the index, never a raw one.
+holder of the lock, whenever ``instances/``'s (mtime_ns, nlink) are not those the index was
+last found in step with (a directory added or removed behind the index's back: the ids that
+differ are brought in step; a change under the lock keeps the index in step). An SQLite
+error is a ComputeError naming the index, never a raw one.
 """
 
 from __future__ import annotations
