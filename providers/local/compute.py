@@ -787,6 +787,8 @@ class LocalCompute(Compute):
         self._held = threading.local()
         self.index = InstanceIndex(
             self.compute_dir,
+            instances_dir=self.instances_dir,
+            record_name=RECORD,
             read_record=self._read_or_none,
             list_ids=self._ids,
             lock=self._locked,
@@ -873,7 +875,8 @@ class LocalCompute(Compute):
     def _ids(self) -> list[str]:
         """The ids of the instance directories on disk (what the index is rebuilt from)."""
         try:
-            return [p.name for p in self.instances_dir.iterdir() if _ID.match(p.name)]
+            with os.scandir(self.instances_dir) as entries:
+                return [e.name for e in entries if _ID.match(e.name)]
         except FileNotFoundError:
             return []
 
