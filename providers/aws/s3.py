@@ -613,7 +613,7 @@ class AwsVault(Vault):
         self._plain: set[str] = set()
         self._pins_lock = threading.Lock()
         self._pages: set[str] = set()  # listing prefixes learnt whole (_LEARN_BY_PAGE)
-        self._pages_lock = threading.Lock()
+        self._page_locks: dict[str, threading.Lock] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -659,7 +659,9 @@ class AwsVault(Vault):
                 return None
         page = self._page(key, name)
         if page is not None and page not in self._pages:
-            with self._pages_lock:  # one thread lists a page; the others wait for it
+            with self._pins_lock:
+                page_lock = self._page_locks.setdefault(page, threading.Lock())
+            with page_lock:  # one thread lists a page; others wanting it wait, not the rest
                 if page not in self._pages:
                     for group in s3.version_groups(page):
                         gkey = str(group[0]["Key"])
@@ -703,6 +705,13 @@ class AwsVault(Vault):
             else:
                 self._pins[key] = version_id
                 self._plain.discard(key)
+
+    def _remember_plain(self, key: str) -> None:
+        """Mark ``key`` plain (read as the newest) unless this process knows better already
+        (a pin: the version it put or locked)."""
+        with self._pins_lock:
+            if key not in self._pins:
+                self._plain.add(key)
 
     def _forget(self, key: str) -> None:
         with self._pins_lock:
@@ -899,6 +908,7 @@ class AwsVault(Vault):
             name = key[cut:]
             if len(group) == 1:
                 if not group[0]["marker"]:
+                    self._remember_plain(key)  # its reads need no listing of their own
                     yield _info(name, group[0], size_key="Size")
                 continue
             locked = s3.framework_version(key, name, group, write_once=name.startswith(_WRITE_ONCE))
@@ -906,6 +916,7 @@ class AwsVault(Vault):
                 self._remember(key, locked[0])
                 yield _info(name, locked[1])
             elif not group[0]["marker"]:
+                self._remember_plain(key)
                 yield _info(name, group[0], size_key="Size")
 
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:

@@ -280,3 +280,20 @@ def test_a_fresh_process_learns_versions_a_page_at_a_time(aws: AwsWorld) -> None
     used = metrics.since(before)
     assert used.count(operation="ListObjectVersions") == 1
     assert used.count(operation="GetObject") == len(names)
+
+
+def test_a_fresh_process_restore_lists_versions_per_shard_not_per_pack(
+    aws: AwsWorld, tmp_path: Path
+) -> None:
+    """F4: a restore in a process that did not write the packs lists each pack shard's
+    versions once (and the index once), not each pack's."""
+    _vault, point_id, files, packs = _locked_point(aws, tmp_path)
+    shards = {name.rsplit("/", 1)[0] for name in packs}
+    fresh, _fresh_vault = _fresh(aws)
+    metrics = aws.provider.metrics
+    before = metrics.snapshot()
+    assert _restored(fresh, point_id, tmp_path / "out") == files
+    used = metrics.since(before)
+    # the shards, and 7 more: config, the point, the keyring and the index (a listing
+    # each), the repository lock (put, two listings of locks/, delete)
+    assert used.count(operation="ListObjectVersions") <= len(shards) + 7
