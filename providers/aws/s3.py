@@ -665,7 +665,9 @@ class AwsVault(Vault):
                 if page not in self._pages:
                     for group in s3.version_groups(page):
                         gkey = str(group[0]["Key"])
-                        if not gkey.startswith(self._reserved):
+                        with self._pins_lock:  # what this process put or locked stays
+                            known = gkey in self._pins or gkey in self._plain
+                        if not known and not gkey.startswith(self._reserved):
                             self._learn(s3, gkey, gkey[len(self.prefix) :], group)
                     self._pages.add(page)
             with self._pins_lock:

@@ -297,3 +297,18 @@ def test_a_fresh_process_restore_lists_versions_per_shard_not_per_pack(
     # the shards, and 7 more: config, the point, the keyring and the index (a listing
     # each), the repository lock (put, two listings of locks/, delete)
     assert used.count(operation="ListObjectVersions") <= len(shards) + 7
+
+
+def test_a_page_learnt_later_keeps_the_version_this_process_put(aws: AwsWorld) -> None:
+    """A pack this process put stays read at its own version when another writer puts over
+    it and a read of another pack of the shard then learns the shard."""
+    vault = aws.track(aws.provider.vault(aws.region(EAST)))
+    mine, other = "packs/00/" + "a" * 32, "packs/00/" + "b" * 32
+    vault.put(mine, b"framework")
+    aws.track(aws.provider.vault(aws.region(EAST))).put(other, b"other process")
+    _over(aws, vault, mine, b"attacker")
+    assert vault.get(other) == b"other process"  # learns packs/00/
+    assert vault.get(mine) == b"framework"
+    (name, what), *rest = list(vault.versions_over_locks("packs/"))
+    assert name == mine and "2 version(s) under a name regionvault writes once" in what
+    assert not rest
