@@ -312,3 +312,28 @@ def test_a_page_learnt_later_keeps_the_version_this_process_put(aws: AwsWorld) -
     (name, what), *rest = list(vault.versions_over_locks("packs/"))
     assert name == mine and "2 version(s) under a name regionvault writes once" in what
     assert not rest
+
+
+def test_relocking_after_the_lock_ran_out_locks_the_framework_version(
+    aws: AwsWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """F5, the other side: with junk seeded under a write-once name and nothing over the
+    framework's version, a fresh process re-locks the framework's version once the first lock
+    ran out (not the oldest, not the newest)."""
+    vault = aws.track(aws.provider.vault(aws.region(EAST)))
+    s3 = aws.client("s3", EAST)
+    vault.put("warm", b"w")  # the bucket
+    key = vault._key("events/y")
+    for n in range(2):
+        s3.put_object(Bucket=vault.bucket_name, Key=key, Body=b"junk%d" % n)
+    s3.delete_object(Bucket=vault.bucket_name, Key=key)
+    vault.put("events/y", b"framework", if_absent=True)
+    vault.set_retention("events/y", datetime.now(UTC) + timedelta(days=1))
+    later = _run_out(monkeypatch)
+    fresh = aws.track(aws.provider.vault(aws.region(EAST)))
+    info = fresh.set_retention("events/y", later + timedelta(days=30))
+    assert info.size == len(b"framework")
+    retention = _retention(aws, vault, "events/y")
+    until = retention[len(b"framework")][0]
+    assert isinstance(until, datetime) and until > later + timedelta(days=29)
+    assert retention[len(b"junk0")][0] is None  # the junk stays unlocked
