@@ -276,8 +276,9 @@ def _verify(
 
 def _check_versions(store: Store, report: VerifyReport) -> None:
     """Versions over a lock (a versioned store): a newer version or a delete marker written
-    over a WORM-locked object is tampering, named; reads still use the locked version,
-    which the rest of the check authenticates."""
+    over a WORM-locked object (or over one written once whose lock ran out), and any other
+    version of a name written once, is tampering, named with its version ids; reads still
+    use the framework's version, which the rest of the check authenticates."""
     try:
         found = list(store.vault.versions_over_locks())
     except RegionVaultError as exc:  # e.g. no permission to list versions: only a note

@@ -16,13 +16,18 @@ Versions over a lock: S3 lets anyone with ``s3:PutObject`` write a new version o
 object (or a delete marker in front of it); the locked version stays, but a plain GET reads
 the newest. In an Object Lock vault every read therefore reads *the version the lock
 protects*: the oldest version under a retention date in the future or a legal hold, when the
-key has one; else the newest (an object nobody locked, which the framework may replace). The
-version is learnt from the key's own listing (``ListObjectVersions``, then ``HeadObject`` of
-at most :data:`_VERSION_HEADS` versions when the key has more than one), once per key and
+key has one; else the newest (an object nobody locked, which the framework may replace). For
+a name the framework writes once (:data:`_WRITE_ONCE`) whose lock has run out, reads keep
+to the version that carried it, and a version this process put is the one it reads. The
+version is learnt from the key's listing (``ListObjectVersions`` of the key, or of its whole
+page for packs and indexes, :data:`_LEARN_BY_PAGE`; then ``HeadObject`` of its versions,
+oldest first up to the first locked one, when the key has more than one), once per key and
 process, and pinned: a read of a pinned key is a GET of that version id; a lock this
-process sets pins the version it locked. Nothing is recorded in the vault, so the format is
-unchanged and a new process finds the same version. :meth:`AwsVault.versions_over_locks`
-names every newer version or delete marker over a locked one (``verify`` reports each as
+process sets pins the version it locked, and a lock is set on the framework's version only,
+never on another writer's newer one (refused as tampering). Nothing is recorded in the
+vault, so the format is unchanged and a new process finds the same version.
+:meth:`AwsVault.versions_over_locks` names every newer version or delete marker over a
+locked one, and any other version of a name written once (``verify`` reports each as
 tampering), and :meth:`AwsVault.list` still lists a locked object hidden by a delete marker.
 """
 
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from regionvault.core.errors import (
     ConfigError,
+    IntegrityError,
     ObjectExists,
     ObjectNotFound,
     RegionVaultError,
@@ -66,9 +72,13 @@ _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
 _CONFLICT_RETRIES = 3
 _MAX_PART = 5 * 1024**3  # S3's largest part
 _MAX_PAGES = 10_000_000  # a bound for pagination loops, far above any real listing
-#: versions of one key read (HeadObject, oldest first) to find the locked one: the framework
-#: locks the version it wrote, the oldest; later ones are another writer's
-_VERSION_HEADS = 4
+#: names the framework writes once and never replaces (docs/format.md section 1): in an
+#: Object Lock vault any other version of one (other bytes, or a delete marker) is another
+#: writer's
+_WRITE_ONCE = ("packs/", "index/", "points/", "events/", "keyring/")
+#: prefixes whose versions a fresh process learns a page at a time on its first read of a
+#: key there (a pack's shard ``packs/<h2>/``, the whole ``index/``), not key by key
+_LEARN_BY_PAGE = ("packs/", "index/")
 
 
 def _utc(value: datetime) -> datetime:
@@ -433,21 +443,30 @@ class S3Bucket:
         if group:
             yield _newest_first(group)
 
-    def locked_version(
-        self, key: str, name: str, group: builtins.list[dict[str, Any]]
-    ) -> tuple[str, dict[str, Any]] | None:
-        """``(version id, its HeadObject answer)`` of the version of ``key`` a lock protects
-        now (retention in the future or a legal hold), the oldest such among the oldest
-        :data:`_VERSION_HEADS` versions of ``group`` (newest first); None when none is."""
-        versions = [e for e in reversed(group) if not e["marker"]]
-        for entry in versions[:_VERSION_HEADS]:
+    def framework_version(
+        self, key: str, name: str, group: builtins.list[dict[str, Any]], *, write_once: bool
+    ) -> tuple[str, dict[str, Any], bool] | None:
+        """``(version id, its HeadObject answer, live)`` of the version of ``key`` the
+        framework wrote and locked, from ``group`` (the key's versions, newest first): the
+        oldest under a live lock (retention in the future or a legal hold; ``live`` True);
+        for a name the framework writes once, else the oldest that ever carried a retention
+        date (its lock ran out; ``live`` False). None when there is neither. Every version
+        is headed, oldest first, up to the first locked one: junk versions cost requests
+        but never hide a lock (only keys with several versions are asked at all)."""
+        ever: tuple[str, dict[str, Any]] | None = None
+        for entry in reversed(group):
+            if entry["marker"]:
+                continue
             try:
                 facts = self.head(key, name, version_id=str(entry["VersionId"]))
             except ObjectNotFound:
                 continue
-            if _refusal(_info(name, facts), bypass_governance=False) is not None:
-                return str(entry["VersionId"]), facts
-        return None
+            info = _info(name, facts)
+            if _refusal(info, bypass_governance=False) is not None:
+                return str(entry["VersionId"]), facts, True
+            if ever is None and write_once and info.retain_until is not None:
+                ever = (str(entry["VersionId"]), facts)
+        return None if ever is None else (ever[0], ever[1], False)
 
     def delete(self, key: str, name: str, *, bypass_governance: bool, check_locks: bool) -> None:
         """Remove ``key`` for good: in a versioned bucket every version by id, after checking
@@ -526,6 +545,36 @@ def _info(name: str, facts: dict[str, Any], size_key: str = "ContentLength") -> 
     )
 
 
+def _foreign(
+    entries: builtins.list[dict[str, Any]], etag: str | None
+) -> builtins.list[dict[str, Any]]:
+    """Of a write-once name's ``entries``, those not the framework's: delete markers, and
+    versions whose bytes differ from its version's (``etag``; a retried put of the same
+    bytes is not foreign). With ``etag`` None: all of them unless every one is a version
+    of the same bytes."""
+    if etag is None:
+        tags = {_etag(e.get("ETag")) for e in entries if not e["marker"]}
+        if len(tags) <= 1 and not any(e["marker"] for e in entries):
+            return []
+        return entries
+    return [e for e in entries if e["marker"] or _etag(e.get("ETag")) != etag]
+
+
+def _count(entries: builtins.list[dict[str, Any]], which: str = "") -> str:
+    markers = sum(1 for e in entries if e["marker"])
+    parts = []
+    if len(entries) - markers:
+        parts.append(f"{len(entries) - markers} {which}version(s)")
+    if markers:
+        parts.append(f"{markers} delete marker(s)")
+    return " and ".join(parts)
+
+
+def _latest(entries: builtins.list[dict[str, Any]]) -> str:
+    latest = entries[0]
+    return f"the latest, {latest['VersionId']}, written {_utc(latest['LastModified']).isoformat()}"
+
+
 class AwsVault(Vault):
     """One region's S3 bucket (under an optional key prefix)."""
 
@@ -563,6 +612,8 @@ class AwsVault(Vault):
         self._pins: dict[str, str] = {}
         self._plain: set[str] = set()
         self._pins_lock = threading.Lock()
+        self._pages: set[str] = set()  # listing prefixes learnt whole (_LEARN_BY_PAGE)
+        self._page_locks: dict[str, threading.Lock] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -595,8 +646,10 @@ class AwsVault(Vault):
     # ------------------------------------------------------------------ versions
 
     def _version(self, s3: S3Bucket, key: str, name: str) -> str | None:
-        """The version id reads of ``key`` use: the locked version's in an Object Lock vault
-        whose key has one (learnt once per key, then pinned), else None (the newest)."""
+        """The version id reads of ``key`` use: the framework's locked version's in an Object
+        Lock vault whose key has one (learnt once per key, then pinned), else None (the
+        newest). A key under :data:`_LEARN_BY_PAGE` is learnt with its whole page (a pack's
+        shard, the index): one ``ListObjectVersions`` per 1,000 versions there, once."""
         if not self._settings.object_lock:
             return None
         with self._pins_lock:
@@ -604,18 +657,45 @@ class AwsVault(Vault):
                 return self._pins[key]
             if key in self._plain:
                 return None
+        page = self._page(key, name)
+        if page is not None and page not in self._pages:
+            with self._pins_lock:
+                page_lock = self._page_locks.setdefault(page, threading.Lock())
+            with page_lock:  # one thread lists a page; others wanting it wait, not the rest
+                if page not in self._pages:
+                    for group in s3.version_groups(page):
+                        gkey = str(group[0]["Key"])
+                        with self._pins_lock:  # what this process put or locked stays
+                            known = gkey in self._pins or gkey in self._plain
+                        if not known and not gkey.startswith(self._reserved):
+                            self._learn(s3, gkey, gkey[len(self.prefix) :], group)
+                    self._pages.add(page)
+            with self._pins_lock:
+                if key in self._pins:
+                    return self._pins[key]
+                if key in self._plain:
+                    return None
+        # not in its page (written since the page was listed), or no page: the key alone
         return self._learn(s3, key, name, s3.versions(key))
+
+    def _page(self, key: str, name: str) -> str | None:
+        """The listing prefix ``key`` is learnt with, or None (learnt alone)."""
+        if not name.startswith(_LEARN_BY_PAGE) or "/" not in name:
+            return None
+        return key[: key.rindex("/") + 1]
 
     def _learn(
         self, s3: S3Bucket, key: str, name: str, group: builtins.list[dict[str, Any]]
     ) -> str | None:
-        """Pin the locked version among ``group`` (the key's versions, newest first), or
-        mark the key plain; returns the pinned version id."""
+        """Pin the framework's version among ``group`` (the key's versions, newest first),
+        or mark the key plain; returns the pinned version id."""
         found: str | None = None
         # one version (the common case) is the one to read, whether locked or not
         if len(group) > 1 or (group and group[0]["marker"]):
-            locked = s3.locked_version(key, name, group)
-            found = None if locked is None else locked[0]
+            framework = s3.framework_version(
+                key, name, group, write_once=name.startswith(_WRITE_ONCE)
+            )
+            found = None if framework is None else framework[0]
         self._remember(key, found)
         return found
 
@@ -627,6 +707,13 @@ class AwsVault(Vault):
             else:
                 self._pins[key] = version_id
                 self._plain.discard(key)
+
+    def _remember_plain(self, key: str) -> None:
+        """Mark ``key`` plain (read as the newest) unless this process knows better already
+        (a pin: the version it put or locked)."""
+        with self._pins_lock:
+            if key not in self._pins:
+                self._plain.add(key)
 
     def _forget(self, key: str) -> None:
         with self._pins_lock:
@@ -662,11 +749,13 @@ class AwsVault(Vault):
         return _refusal(_info(name, facts), bypass_governance=False)
 
     def versions_over_locks(self, prefix: str = "") -> Iterator[tuple[str, str]]:
-        """``(name, what)`` for every object under ``prefix`` whose locked version has a
-        newer version or a delete marker in front of it (S3 allows both): another writer's
-        doing, never the framework's, which reads the locked version all the same. One
-        ``ListObjectVersions`` per 1,000 versions, and HeadObject only of keys with more than
-        one. None in a vault without Object Lock."""
+        """``(name, what)`` for every object under ``prefix`` with versions another writer
+        put (S3 allows them whatever the lock): a newer version or a delete marker over the
+        framework's locked version (its lock live, or run out, for a name written once);
+        for a name written once also any older version, or several versions none of them
+        locked. Reads use the framework's version where there is one. One
+        ``ListObjectVersions`` per 1,000 versions, and HeadObject only of keys with more
+        than one. None in a vault without Object Lock."""
         problem = prefix_problem(prefix)
         if problem is not None:
             raise VaultError(
@@ -681,28 +770,36 @@ class AwsVault(Vault):
             if len(group) < 2 or key.startswith(self._reserved):
                 continue
             name = key[cut:]
-            locked = s3.locked_version(key, name, group)
-            if locked is None:
+            write_once = name.startswith(_WRITE_ONCE)
+            found = s3.framework_version(key, name, group, write_once=write_once)
+            if found is None:
+                foreign = _foreign(group, None) if write_once else []
+                if foreign:
+                    yield (
+                        name,
+                        (
+                            f"{_count(foreign)} under a name regionvault writes once, none of "
+                            f"them locked ({_latest(group)}): not all written by regionvault"
+                        ),
+                    )
                 continue
-            version_id, _facts = locked
+            version_id, facts, live = found
             self._remember(key, version_id)
             at = next(n for n, e in enumerate(group) if e["VersionId"] == version_id)
-            newer = group[:at]
-            if not newer:
+            etag = _etag(facts.get("ETag"))
+            newer = _foreign(group[:at], etag) if write_once else group[:at]
+            older = _foreign(group[at + 1 :], etag) if write_once else []
+            if not newer and not older:
                 continue
-            markers = sum(1 for e in newer if e["marker"])
+            what = "locked version" if live else "version (its lock has run out)"
             parts = []
-            if len(newer) - markers:
-                parts.append(f"{len(newer) - markers} newer version(s)")
-            if markers:
-                parts.append(f"{markers} delete marker(s)")
-            latest = newer[0]
-            yield (
-                name,
-                f"{' and '.join(parts)} over its locked version {version_id} (the latest, "
-                f"{latest['VersionId']}, written {_utc(latest['LastModified']).isoformat()}): "
-                "not written by regionvault; reads use the locked version",
-            )
+            if newer:
+                parts.append(
+                    f"{_count(newer, 'newer ')} over its {what} {version_id} ({_latest(newer)})"
+                )
+            if older:
+                parts.append(f"{_count(older, 'older ')} under it ({_latest(older)})")
+            yield name, (f"{'; '.join(parts)}: not written by regionvault; reads use the {what}")
 
     # ------------------------------------------------------------------ Vault
 
@@ -749,13 +846,11 @@ class AwsVault(Vault):
         except ObjectExists:
             raise ObjectExists(name, provider="aws", region=self.region) from None
         if self._settings.object_lock:
-            # what this process just wrote is the newest version, and reads of it need no
-            # listing: an overwriting put found no lock above; an if-absent one found no
-            # object (a locked version behind a delete marker would hold the same name's
-            # bytes, which the framework writes once)
-            with self._pins_lock:
-                if key not in self._pins:
-                    self._plain.add(key)
+            # what this process just wrote is what it reads from now on, with no listing: an
+            # overwriting put found no live lock on the version read before (a pin of it is
+            # over); a name written once keeps to this very version whatever is put over it
+            version = answer.get("VersionId")
+            self._remember(key, str(version) if version and name.startswith(_WRITE_ONCE) else None)
         return ObjectInfo(name=name, size=size, modified=_now(), etag=_etag(answer.get("ETag")))
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
@@ -815,13 +910,15 @@ class AwsVault(Vault):
             name = key[cut:]
             if len(group) == 1:
                 if not group[0]["marker"]:
+                    self._remember_plain(key)  # its reads need no listing of their own
                     yield _info(name, group[0], size_key="Size")
                 continue
-            locked = s3.locked_version(key, name, group)
+            locked = s3.framework_version(key, name, group, write_once=name.startswith(_WRITE_ONCE))
             if locked is not None:
                 self._remember(key, locked[0])
                 yield _info(name, locked[1])
             elif not group[0]["marker"]:
+                self._remember_plain(key)
                 yield _info(name, group[0], size_key="Size")
 
     def delete(self, name: str, *, bypass_governance: bool = False) -> None:
@@ -853,6 +950,50 @@ class AwsVault(Vault):
             )
         self._ready().abort_upload(temporary.handle, self.prefix)
 
+    def _lock_target(
+        self, s3: S3Bucket, key: str, name: str, *, locking: bool = True
+    ) -> dict[str, Any]:
+        """HeadObject of the version a retention or legal hold goes on, from the key's
+        versions listed now: for a name written once the framework's (the one this process
+        wrote or pinned, else the locked one, live or run out, else the oldest), refused as
+        tampering when other bytes or a delete marker lie over it; else the version under a
+        live lock, or the newest. Never the newest merely because it is the newest."""
+        group = s3.versions(key)
+        versions = [e for e in group if not e["marker"]]
+        if not versions:
+            raise ObjectNotFound(name, provider="aws", region=self.region)
+        if not name.startswith(_WRITE_ONCE):
+            found = s3.framework_version(key, name, group, write_once=False)
+            if found is not None:
+                return found[1]
+            if group[0]["marker"]:
+                raise ObjectNotFound(name, provider="aws", region=self.region)
+            return s3.head(key, name, version_id=str(versions[0]["VersionId"]))
+        with self._pins_lock:
+            pinned = self._pins.get(key)
+        ids = [str(e["VersionId"]) for e in versions]
+        if pinned in ids:
+            assert pinned is not None
+            facts = s3.head(key, name, version_id=pinned)
+        elif len(group) == 1:
+            facts = s3.head(key, name, version_id=ids[0])
+        else:
+            found = s3.framework_version(key, name, group, write_once=True)
+            oldest = ids[-1]
+            facts = found[1] if found else s3.head(key, name, version_id=oldest)
+        version_id = str(facts["VersionId"])
+        at = next(n for n, e in enumerate(group) if e["VersionId"] == version_id)
+        over = _foreign(group[:at], _etag(facts.get("ETag")))
+        if over and locking:  # releasing a lock on the framework's version stays allowed
+            raise IntegrityError(
+                name,
+                f"tampering: {_count(over, 'newer ')} over the version regionvault wrote, "
+                f"{version_id} ({_latest(over)}); not locked, as verify reports",
+                provider="aws",
+                region=self.region,
+            )
+        return facts
+
     def _locking(self, operation: str) -> S3Bucket:
         if not self._settings.object_lock:
             raise self.unsupported(f"{operation} (set object_lock = true for this region)")
@@ -875,7 +1016,8 @@ class AwsVault(Vault):
                 region=self.region,
             )
         mode = RetentionMode(mode)
-        facts = self._head(s3, key, name)
+        lift = bypass_governance and until <= _now()
+        facts = self._lock_target(s3, key, name, locking=not lift)
         current = _info(name, facts)
         why = Protection.of(current).refuses_change(
             until, mode, _now(), bypass_governance=bypass_governance
@@ -884,8 +1026,7 @@ class AwsVault(Vault):
             raise RetentionLocked(name, why, provider="aws", region=self.region)
         # a governance lock lifted (an ``until`` already past, with the bypass): S3 refuses a
         # past RetainUntilDate (400 InvalidArgument); an empty Retention with the bypass
-        # header removes the retention, the documented way
-        lift = bypass_governance and until <= _now()
+        # header removes the retention, the documented way (``lift`` above)
         kwargs: dict[str, Any] = {
             "Bucket": s3.bucket,
             "Key": key,
@@ -926,7 +1067,7 @@ class AwsVault(Vault):
     def set_legal_hold(self, name: str, on: bool) -> ObjectInfo:
         s3 = self._locking("set_legal_hold")
         key = self._key(name)
-        facts = self._head(s3, key, name)
+        facts = self._lock_target(s3, key, name, locking=on)
         kwargs: dict[str, Any] = {
             "Bucket": s3.bucket,
             "Key": key,
