@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from regionvault.core.procs import start_ticks
 from regionvault.plugins.osmohlr.layout import (
     CONFIG_FILE,
     CTRL_PORT,
@@ -143,21 +144,11 @@ _TCP_LISTEN = "0A"
 OWNER_POLL = 1.0
 
 
-def _start_ticks(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22), which
-    tells it from a later process that reuses its pid; None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
-
-
 def owner_value(pid: int | None = None) -> str:
     """The value of :data:`OWNER_ENV` naming ``pid`` (default: this process)."""
     pid = os.getpid() if pid is None else pid
-    return f"{pid}:{_start_ticks(pid) or ''}"
+    ticks = start_ticks(pid)
+    return f"{pid}:{ticks if ticks is not None and ticks >= 0 else ''}"
 
 
 def _owner_from_env() -> tuple[int, str] | None:
@@ -167,7 +158,8 @@ def _owner_from_env() -> tuple[int, str] | None:
 
 
 def _alive(owner: tuple[int, str]) -> bool:
-    return _start_ticks(owner[0]) == owner[1]
+    """The owner still runs: its pid has the start time it had (a zombie has exited)."""
+    return str(start_ticks(owner[0])) == owner[1]
 
 
 def _die_with_parent() -> None:
