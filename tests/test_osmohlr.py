@@ -452,15 +452,16 @@ def test_osmo_hlr_ends_with_its_launcher_signalled_alone(tmp_path: Path, sig: in
 def test_package_install_refuses_in_one_line_without_root_or_apt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from regionvault.core import debian
     from regionvault.plugins.osmohlr import package
 
     monkeypatch.setattr(package, "find_binary", lambda: None)
-    monkeypatch.setattr(package.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     assert package.install() == (
         "osmo-hlr is missing and there is no apt-get here: install osmo-hlr by hand"
     )
-    monkeypatch.setattr(package.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(package.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
     assert package.install() == (
         "osmo-hlr is missing and installing it needs root: apt-get install osmo-hlr"
     )

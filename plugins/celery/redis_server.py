@@ -19,7 +19,6 @@ plugin and its launcher load without the ``celery`` extra.
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import signal
 import socket
@@ -29,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+
+from regionvault.core.debian import apt_install
 
 __all__ = ["RedisServer", "find_server", "install", "missing"]
 
@@ -63,25 +64,11 @@ def install() -> str:
     """Install Debian's redis-server when it is missing; the one line to print."""
     if missing() is None:
         return f"redis-server: {find_server()}"
-    apt = shutil.which("apt-get")
-    if apt is None:
-        return "redis-server is missing and there is no apt-get here: install redis-server by hand"
-    if os.geteuid() != 0:
-        return "redis-server is missing and installing it needs root: apt-get install redis-server"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def apt_get(*args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [apt, *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-        )
-
-    done = apt_get("install", "-y", "-q", "redis-server")
-    if done.returncode != 0:
-        apt_get("update", "-q")
-        done = apt_get("install", "-y", "-q", "redis-server")
-    if done.returncode != 0 or missing() is not None:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return f"redis-server: apt-get install redis-server failed: {tail[0]}"
+    failed = apt_install("redis-server", "redis-server")
+    if failed is not None:
+        return failed
+    if missing() is not None:
+        return f"redis-server: apt-get install redis-server finished, but {missing()}"
     return f"redis-server installed: {find_server()}"
 
 

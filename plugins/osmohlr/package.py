@@ -13,14 +13,14 @@ own osmo-hlr with its own configuration, database and loopback address.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from regionvault.core.debian import apt_install
 
 __all__ = ["find_binary", "install", "missing"]
 
@@ -102,30 +102,11 @@ def install() -> str:
     """Install Debian's osmo-hlr when it is missing; the one line to print."""
     if missing() is None:
         return f"osmo-hlr: {find_binary()}"
-    apt = shutil.which("apt-get")
-    if apt is None:
-        return "osmo-hlr is missing and there is no apt-get here: install osmo-hlr by hand"
-    if os.geteuid() != 0:
-        return "osmo-hlr is missing and installing it needs root: apt-get install osmo-hlr"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def apt_get(*args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [apt, "-o", "DPkg::Lock::Timeout=300", *args],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-
-    with _no_service_starts():
-        done = apt_get("install", "-y", "-q", "osmo-hlr")
-        if done.returncode != 0:
-            apt_get("update", "-q")
-            done = apt_get("install", "-y", "-q", "osmo-hlr")
-    if done.returncode != 0 or missing() is not None:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return f"osmo-hlr: apt-get install osmo-hlr failed: {tail[0]}"
+    failed = apt_install("osmo-hlr", "osmo-hlr", guard=_no_service_starts())
+    if failed is not None:
+        return failed
+    if missing() is not None:
+        return f"osmo-hlr: apt-get install osmo-hlr finished, but {missing()}"
     return f"osmo-hlr installed: {find_binary()}"
 
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from regionvault.core.debian import apt_install
+
 __all__ = ["MODULE_PATHS", "SoftHsm", "Token", "find_module", "find_util", "install", "missing"]
 
 #: where Debian, Ubuntu, Fedora and Homebrew put SoftHSM's PKCS#11 module
@@ -61,20 +63,11 @@ def install() -> str:
     """Install Debian's softhsm2 when it is missing; the one line to print."""
     if missing() is None:
         return f"SoftHSMv2: {find_util()} and {find_module()}"
-    apt = shutil.which("apt-get")
-    if apt is None:
-        return "SoftHSMv2 is missing and there is no apt-get here: install softhsm2 by hand"
-    if os.geteuid() != 0:
-        return "SoftHSMv2 is missing and installing it needs root: apt-get install softhsm2"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "env": env}
-    done = subprocess.run([apt, "install", "-y", "-q", "softhsm2"], check=False, **quiet)  # type: ignore[call-overload]
-    if done.returncode != 0:
-        subprocess.run([apt, "update", "-q"], check=False, **quiet)  # type: ignore[call-overload]
-        done = subprocess.run([apt, "install", "-y", "-q", "softhsm2"], check=False, **quiet)  # type: ignore[call-overload]
-    if done.returncode != 0 or missing() is not None:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return f"SoftHSMv2: apt-get install softhsm2 failed: {tail[0]}"
+    failed = apt_install("softhsm2", "SoftHSMv2")
+    if failed is not None:
+        return failed
+    if missing() is not None:
+        return f"SoftHSMv2: apt-get install softhsm2 finished, but {missing()}"
     return f"SoftHSMv2 installed: {find_util()} and {find_module()}"
 
 
