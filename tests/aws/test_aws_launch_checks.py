@@ -237,7 +237,9 @@ def test_healthy_needs_the_status_checks_and_the_plugins_check(
         health = west.cloud_health(launched)
         assert health is not None and health.ok  # moto: running, both checks ok
 
-        def check(timeout: float = 0.3) -> tuple[float | None, str | None]:
+        # long enough for moto to answer on a loaded machine (a check that never turns
+        # healthy waits all of it: 3 s each, twice)
+        def check(timeout: float = 3.0) -> tuple[float | None, str | None]:
             return await_healthy(
                 region, launched, time.monotonic(), timeout=timeout, plugin_manager=pm
             )
